@@ -1,0 +1,65 @@
+#include "cpu/cpu_features.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+namespace fedmpq::cpu {
+
+bool avx2_available() {
+#if defined(FEDMPQ_HAVE_X86) && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+namespace {
+Isa best_isa() {
+  // FEDMPQ_CPU_ISA=portable forces the portable path (e.g. to compare the two).
+  const char* env = std::getenv("FEDMPQ_CPU_ISA");
+  if (env && std::string(env) == "portable") return Isa::Portable;
+  return avx2_available() ? Isa::Avx2 : Isa::Portable;
+}
+std::atomic<int> g_isa{static_cast<int>(best_isa())};
+}  // namespace
+
+Isa active_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
+
+void set_isa(const std::string& name) {
+  if (name == "portable") {
+    g_isa = static_cast<int>(Isa::Portable);
+  } else if (name == "avx2") {
+    if (!avx2_available()) throw std::invalid_argument("set_cpu_isa: AVX2/FMA is not available on this CPU or build");
+    g_isa = static_cast<int>(Isa::Avx2);
+  } else {
+    throw std::invalid_argument("set_cpu_isa: unknown ISA '" + name + "' (expected 'portable' or 'avx2')");
+  }
+}
+
+const char* isa_name(Isa isa) { return isa == Isa::Avx2 ? "avx2" : "portable"; }
+
+std::string cpu_features() {
+  std::string s;
+#if defined(FEDMPQ_HAVE_X86) && (defined(__GNUC__) || defined(__clang__))
+  const char* names[] = {"sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"};
+  bool have[] = {(bool)__builtin_cpu_supports("sse4.2"), (bool)__builtin_cpu_supports("avx"),
+                 (bool)__builtin_cpu_supports("avx2"),   (bool)__builtin_cpu_supports("fma"),
+                 (bool)__builtin_cpu_supports("f16c"),   (bool)__builtin_cpu_supports("avx512f"),
+                 (bool)__builtin_cpu_supports("avx512bw")};
+  for (int i = 0; i < 7; ++i)
+    if (have[i]) s += (s.empty() ? "" : ",") + std::string(names[i]);
+#endif
+  return s.empty() ? "none detected" : s;
+}
+
+int threads_for(int requested, int64_t work) {
+  constexpr int64_t kMinPerThread = 1 << 15;  // ~32K floats: below this a fork/join dominates
+  if (requested < 1) requested = 1;
+  int64_t useful = work / kMinPerThread;
+  if (useful < 1) useful = 1;
+  return static_cast<int>(useful < requested ? useful : requested);
+}
+
+}  // namespace fedmpq::cpu

@@ -1,0 +1,27 @@
+// Run-time CPU feature detection and the instruction-set choice for the CPU kernels.
+// The build never uses -march=native: AVX2 code lives in its own translation units and
+// is selected here, so one binary runs on any x86-64 (or other) CPU.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace fedmpq::cpu {
+
+enum class Isa : int { Portable = 0, Avx2 = 1 };
+
+// What this CPU and this build can run.
+bool avx2_available();
+// The ISA the kernels use now (the best available unless overridden).
+Isa active_isa();
+// Override (tests use it to run every path). Throws std::invalid_argument for an ISA
+// this CPU or build cannot run.
+void set_isa(const std::string& name);
+const char* isa_name(Isa isa);
+// Comma-separated list of detected features relevant to the kernels.
+std::string cpu_features();
+
+// Threads to use for `work` elements when the caller allows `requested`: small tensors
+// stay on one thread, where a parallel region costs more than it saves.
+int threads_for(int requested, int64_t work);
+
+}  // namespace fedmpq::cpu

@@ -1,0 +1,120 @@
+#include "cpu/fake_quant.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
+
+namespace fedmpq::cpu {
+
+namespace portable {
+
+static inline uint32_t abs_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return b & 0x7fffffffu;
+}
+
+// max over |x| bit patterns: for non-negative floats integer order is float order, and
+// every NaN pattern sorts above +inf, so NaN propagates without a branch.
+uint32_t absmax_bits(const float* x, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t b = abs_bits(x[i]);
+    m = b > m ? b : m;
+  }
+  return m;
+}
+
+void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi) {
+  for (int64_t w = 0; w * 32 < n; ++w) {
+    const int64_t i0 = w * 32;
+    const int64_t cnt = n - i0 < 32 ? n - i0 : 32;
+    uint32_t pw = 0, hw = 0;
+    for (int64_t k = 0; k < cnt; ++k) {
+      const float v = x[i0 + k];
+      float a = std::fabs(v);
+      a = std::isnan(a) ? a : (a < c.scale ? a : c.scale);  // NaN propagates, like torch.minimum
+      const float t = a * c.inv;
+      const float q = std::nearbyint(t);  // default rounding mode: half to even
+      y[i0 + k] = std::copysign(q * c.step, v);
+      const bool h = v > c.scale, l = v < -c.scale;
+      pw |= static_cast<uint32_t>(!(h || l)) << k;
+      hw |= static_cast<uint32_t>(h) << k;
+    }
+    if (pass) pass[w] = pw;
+    if (hi) hi[w] = hw;
+  }
+}
+
+double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi) {
+  double acc = 0.0;
+  for (int64_t w = 0; w * 32 < n; ++w) {
+    const int64_t i0 = w * 32;
+    const int64_t cnt = n - i0 < 32 ? n - i0 : 32;
+    const uint32_t pw = pass[w];
+    for (int64_t k = 0; k < cnt; ++k) gx[i0 + k] = ((pw >> k) & 1u) ? g[i0 + k] : 0.0f;
+    if (hi) {
+      const uint32_t hw = hi[w];
+      for (int64_t k = 0; k < cnt; ++k)
+        if (!((pw >> k) & 1u)) acc += ((hw >> k) & 1u) ? g[i0 + k] : -static_cast<double>(g[i0 + k]);
+    }
+  }
+  return acc;
+}
+
+}  // namespace portable
+
+namespace {
+inline bool use_avx2() {
+#if defined(FEDMPQ_HAVE_X86)
+  return active_isa() == Isa::Avx2;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
+float absmax_f32(const float* x, int64_t n, int nthreads) {
+  const bool v = use_avx2();
+  uint32_t m = parallel_reduce_words<uint32_t>(
+      n, threads_for(nthreads, n), 0u,
+      [&](int64_t b, int64_t e) {
+        return v ? avx2::absmax_bits(x + b, e - b) : portable::absmax_bits(x + b, e - b);
+      },
+      [](uint32_t a, uint32_t b) { return a > b ? a : b; });
+  float s;
+  std::memcpy(&s, &m, 4);
+  return s;
+}
+
+void fake_quant_fwd_f32(const float* x, float* y, int64_t n, int bits, float scale,
+                        uint32_t* pass, uint32_t* hi, int nthreads) {
+  const float L = static_cast<float>((1u << bits) - 1u);
+  FqConsts c{scale, scale > 0.0f ? L / scale : 0.0f, scale / L};
+  const bool v = use_avx2();
+  parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {
+    uint32_t* p = pass ? pass + b / 32 : nullptr;
+    uint32_t* h = hi ? hi + b / 32 : nullptr;
+    if (v)
+      avx2::fq_fwd(x + b, y + b, e - b, c, p, h);
+    else
+      portable::fq_fwd(x + b, y + b, e - b, c, p, h);
+  });
+}
+
+double fake_quant_bwd_f32(const float* g, float* gx, int64_t n, const uint32_t* pass,
+                          const uint32_t* hi, int nthreads) {
+  const bool v = use_avx2();
+  return parallel_reduce_words<double>(
+      n, threads_for(nthreads, n), 0.0,
+      [&](int64_t b, int64_t e) {
+        const uint32_t* p = pass + b / 32;
+        const uint32_t* h = hi ? hi + b / 32 : nullptr;
+        return v ? avx2::fq_bwd(g + b, gx + b, e - b, p, h) : portable::fq_bwd(g + b, gx + b, e - b, p, h);
+      },
+      [](double a, double b) { return a + b; });
+}
+
+}  // namespace fedmpq::cpu

@@ -1,0 +1,43 @@
+// Fake-quant (FedMPQ's sign-magnitude symmetric quantizer), CPU kernels.
+//
+//   y = copysign(round(min(|x|, S) * inv) * step, x),  inv = S > 0 ? L / S : 0,  step = S / L
+//   L = 2^bits - 1, rounding half to even, every product rounded to float32 on its own.
+//
+// Bitmaps are little-endian uint32 words, bit i of word w = element 32*w + i; bits past
+// n are zero. pass = !(x > S) && !(x < -S) (so NaN passes); hi = x > S.
+#pragma once
+#include <cstdint>
+
+namespace fedmpq::cpu {
+
+// Number of uint32 words in a bitmap of n elements.
+inline int64_t bitmap_words(int64_t n) { return (n + 31) / 32; }
+
+// Max of |x| over n floats, NaN-propagating (a NaN anywhere gives NaN). n may be 0 (gives 0).
+float absmax_f32(const float* x, int64_t n, int nthreads);
+
+// Forward on n contiguous floats. pass/hi may be null (not produced).
+void fake_quant_fwd_f32(const float* x, float* y, int64_t n, int bits, float scale,
+                        uint32_t* pass, uint32_t* hi, int nthreads);
+
+// Clipped-STE backward: gx = pass ? g : 0. If hi is non-null, returns
+// sum over clipped elements of (hi ? g : -g) (the scale gradient); else returns 0.
+double fake_quant_bwd_f32(const float* g, float* gx, int64_t n, const uint32_t* pass,
+                          const uint32_t* hi, int nthreads);
+
+// ---- serial chunk kernels, one per ISA (chunk starts at a multiple of 32 elements) ----
+struct FqConsts {
+  float scale, inv, step;
+};
+namespace portable {
+uint32_t absmax_bits(const float* x, int64_t n);
+void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi);
+double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi);
+}  // namespace portable
+namespace avx2 {
+uint32_t absmax_bits(const float* x, int64_t n);
+void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi);
+double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi);
+}  // namespace avx2
+
+}  // namespace fedmpq::cpu

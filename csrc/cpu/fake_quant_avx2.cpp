@@ -1,0 +1,130 @@
+// AVX2/FMA variants of the fake-quant chunk kernels. Compiled with -mavx2 -mfma in this
+// translation unit only and called only when the CPU reports both (cpu_features.cpp).
+// No FMA is used on the value path: the sequence of roundings must match the reference.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "cpu/fake_quant.h"
+
+namespace fedmpq::cpu::avx2 {
+
+uint32_t absmax_bits(const float* x, int64_t n) {
+  const __m256i absmask = _mm256_set1_epi32(0x7fffffff);
+  __m256i m0 = _mm256_setzero_si256(), m1 = m0, m2 = m0, m3 = m0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    m0 = _mm256_max_epu32(m0, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(x + i)), absmask));
+    m1 = _mm256_max_epu32(m1, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(x + i + 8)), absmask));
+    m2 = _mm256_max_epu32(m2, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(x + i + 16)), absmask));
+    m3 = _mm256_max_epu32(m3, _mm256_and_si256(_mm256_loadu_si256((const __m256i*)(x + i + 24)), absmask));
+  }
+  m0 = _mm256_max_epu32(_mm256_max_epu32(m0, m1), _mm256_max_epu32(m2, m3));
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256((__m256i*)lanes, m0);
+  uint32_t m = 0;
+  for (uint32_t v : lanes) m = v > m ? v : m;
+  for (; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, x + i, 4);
+    b &= 0x7fffffffu;
+    m = b > m ? b : m;
+  }
+  return m;
+}
+
+namespace {
+struct Vec {
+  __m256 scale, nscale, inv, step, absmask, signmask;
+  explicit Vec(const FqConsts& c)
+      : scale(_mm256_set1_ps(c.scale)),
+        nscale(_mm256_set1_ps(-c.scale)),
+        inv(_mm256_set1_ps(c.inv)),
+        step(_mm256_set1_ps(c.step)),
+        absmask(_mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))),
+        signmask(_mm256_set1_ps(-0.0f)) {}
+};
+
+// 8 elements: stores y, returns (pass byte) | (hi byte << 8).
+inline uint32_t fwd8(const Vec& k, const float* x, float* y) {
+  const __m256 v = _mm256_loadu_ps(x);
+  __m256 a = _mm256_and_ps(v, k.absmask);
+  a = _mm256_min_ps(k.scale, a);  // min_ps returns its 2nd operand when either is NaN: NaN |x| propagates
+  const __m256 q = _mm256_round_ps(_mm256_mul_ps(a, k.inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  _mm256_storeu_ps(y, _mm256_or_ps(_mm256_mul_ps(q, k.step), _mm256_and_ps(v, k.signmask)));
+  const __m256 h = _mm256_cmp_ps(v, k.scale, _CMP_GT_OQ);
+  const __m256 l = _mm256_cmp_ps(v, k.nscale, _CMP_LT_OQ);
+  const uint32_t clipped = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_or_ps(h, l)));
+  const uint32_t hb = static_cast<uint32_t>(_mm256_movemask_ps(h));
+  return ((~clipped) & 0xffu) | (hb << 8);
+}
+}  // namespace
+
+void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi) {
+  const Vec k(c);
+  const int64_t full = n / 32;
+  if (pass || hi) {
+    for (int64_t w = 0; w < full; ++w) {
+      const float* xs = x + w * 32;
+      float* ys = y + w * 32;
+      const uint32_t r0 = fwd8(k, xs, ys), r1 = fwd8(k, xs + 8, ys + 8);
+      const uint32_t r2 = fwd8(k, xs + 16, ys + 16), r3 = fwd8(k, xs + 24, ys + 24);
+      if (pass) pass[w] = (r0 & 0xff) | (r1 & 0xff) << 8 | (r2 & 0xff) << 16 | (r3 & 0xff) << 24;
+      if (hi) hi[w] = (r0 >> 8) | (r1 >> 8) << 8 | (r2 >> 8) << 16 | (r3 >> 8) << 24;
+    }
+  } else {
+    // Identity STE keeps no bitmap: the plain value loop.
+    for (int64_t i = 0; i < full * 32; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      __m256 a = _mm256_min_ps(k.scale, _mm256_and_ps(v, k.absmask));
+      const __m256 q = _mm256_round_ps(_mm256_mul_ps(a, k.inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm256_storeu_ps(y + i, _mm256_or_ps(_mm256_mul_ps(q, k.step), _mm256_and_ps(v, k.signmask)));
+    }
+  }
+  if (full * 32 < n)
+    portable::fq_fwd(x + full * 32, y + full * 32, n - full * 32, c, pass ? pass + full : nullptr,
+                     hi ? hi + full : nullptr);
+}
+
+double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi) {
+  // Lane j of a byte-broadcast selects bit j.
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 signmask = _mm256_set1_ps(-0.0f);
+  const int64_t full = n / 32;
+  double acc = 0.0;
+  __m256 facc = _mm256_setzero_ps();  // flushed to double every 32 words to bound the error
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t pw = pass[w];
+    const uint32_t cw = hi ? ~pw : 0u;
+    const uint32_t hw = hi ? hi[w] : 0u;
+    for (int j = 0; j < 4; ++j) {
+      const float* gs = g + w * 32 + j * 8;
+      const __m256 gv = _mm256_loadu_ps(gs);
+      const __m256i pm = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((pw >> (8 * j)) & 0xff), sel), sel);
+      _mm256_storeu_ps(gx + w * 32 + j * 8, _mm256_and_ps(gv, _mm256_castsi256_ps(pm)));
+      if (cw) {
+        const __m256i cm = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((cw >> (8 * j)) & 0xff), sel), sel);
+        const __m256i hm = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((hw >> (8 * j)) & 0xff), sel), sel);
+        // +g where hi, -g where lo: flip the sign bit of the lanes that are not hi.
+        const __m256 signed_g = _mm256_xor_ps(gv, _mm256_andnot_ps(_mm256_castsi256_ps(hm), signmask));
+        facc = _mm256_add_ps(facc, _mm256_and_ps(signed_g, _mm256_castsi256_ps(cm)));
+      }
+    }
+    if (hi && (w & 31) == 31) {
+      alignas(32) float l[8];
+      _mm256_store_ps(l, facc);
+      for (float v : l) acc += v;
+      facc = _mm256_setzero_ps();
+    }
+  }
+  if (hi) {
+    alignas(32) float l[8];
+    _mm256_store_ps(l, facc);
+    for (float v : l) acc += v;
+  }
+  if (full * 32 < n)
+    acc += portable::fq_bwd(g + full * 32, gx + full * 32, n - full * 32, pass + full, hi ? hi + full : nullptr);
+  return acc;
+}
+
+}  // namespace fedmpq::cpu::avx2

@@ -1,0 +1,68 @@
+"""CPU backend: adapters from tensors to the C++ kernels in csrc/cpu (OpenMP + AVX2).
+
+The kernels work on contiguous float32; other float dtypes are converted here and the
+result converted back. Thread count follows ``torch.get_num_threads()``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._checks import bitmap_nbytes
+from ._native import native, native_error
+
+Tensor = torch.Tensor
+_EMPTY = torch.empty(0, dtype=torch.uint8)
+
+
+def available() -> Tuple[bool, str]:
+    """(True, "") when the C++ kernels loaded, else (False, the import error)."""
+    return (True, "") if native is not None else (False, native_error)
+
+
+def _bitmap(n: int, wanted: bool) -> Tensor:
+    return torch.empty(bitmap_nbytes(n), dtype=torch.uint8) if wanted else _EMPTY.new_empty(0)
+
+
+def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """See :func:`fedmpq_kernels.reference.fake_quant_forward`. x: CPU float tensor, any
+    strides; scale: None or 0-dim CPU tensor (already checked finite and > 0)."""
+    xc = x.contiguous()
+    if xc.dtype != torch.float32:
+        xc = xc.float()
+    n = xc.numel()
+    y = torch.empty(x.shape, dtype=torch.float32)
+    p = _bitmap(n, mode >= 1)
+    h = _bitmap(n, mode == 2)
+    native.fake_quant_fwd_f32(
+        xc.data_ptr(), n, y.data_ptr(), y.numel(), bits,
+        0.0 if scale is None else float(scale), scale is None,
+        p.data_ptr() if mode >= 1 else 0, p.numel(),
+        h.data_ptr() if mode == 2 else 0, h.numel(),
+        torch.get_num_threads(),
+    )
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y, p, h
+
+
+def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
+    """See :func:`fedmpq_kernels.reference.fake_quant_backward`. grad: CPU float tensor."""
+    g = grad.contiguous()
+    if g.dtype != torch.float32:
+        g = g.float()
+    n = g.numel()
+    gx = torch.empty(grad.shape, dtype=torch.float32)
+    hb = hi_bits if scale_grad else _EMPTY
+    pb = pass_bits.contiguous()
+    hb = hb.contiguous()
+    gs = native.fake_quant_bwd_f32(
+        g.data_ptr(), n, gx.data_ptr(), gx.numel(),
+        pb.data_ptr() if pb.numel() else 0, pb.numel(),
+        hb.data_ptr() if hb.numel() else 0, hb.numel(),
+        torch.get_num_threads(),
+    )
+    if grad.dtype != torch.float32:
+        gx = gx.to(grad.dtype)
+    return gx, torch.tensor(gs, dtype=torch.float32)

@@ -1,0 +1,56 @@
+"""``python -m fedmpq_kernels.info``: what was built, what loaded, what runs where.
+
+Prints the package, torch and triton versions; whether the native module loaded (and
+the exact reason if not); the CPU features and the kernel ISA in use; the CUDA
+architectures compiled; each backend's availability; and the backend each op runs on
+for CPU and CUDA tensors.
+"""
+from __future__ import annotations
+
+import sys
+from typing import List
+
+
+def report() -> List[str]:
+    import torch
+
+    from . import __version__, registry
+    from ._native import native, native_error
+
+    lines = [f"fedmpq_kernels {__version__}", f"python         {sys.version.split()[0]}", f"torch          {torch.__version__}"]
+    try:
+        import triton
+
+        lines.append(f"triton         {triton.__version__}")
+    except Exception as e:  # triton is optional
+        lines.append(f"triton         not importable ({type(e).__name__}: {e})")
+    if native is None:
+        lines.append(f"native module  NOT LOADED: {native_error}")
+    else:
+        lines.append(f"native module  loaded from {native.__file__}")
+        lines.append(f"cpu features   {native.cpu_features()}")
+        lines.append(f"cpu kernels    isa={native.cpu_isa()} openmp={'yes' if native.has_openmp() else 'no'} threads={torch.get_num_threads()}")
+        if native.with_cuda:
+            lines.append(f"cuda kernels   compiled for sm {native.cuda_archs()}; devices visible: {native.cuda_device_count()}")
+        else:
+            lines.append("cuda kernels   not compiled (no nvcc at build time, or FEDMPQ_CUDA=0)")
+    lines.append(f"torch cuda     {'available: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not available'}")
+    lines.append("backends:")
+    lines += ["  " + line for line in registry.explain()]
+    lines.append("ops (backend per device):")
+    for dev in ("cpu", "cuda"):
+        try:
+            name = registry.backend_for(dev)
+        except RuntimeError as e:
+            name = f"ERROR: {e}"
+        lines.append(f"  fake_quant      {dev:5s} -> {name}")
+    return lines
+
+
+def main() -> int:
+    print("\n".join(report()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""Every public op: torch.library schema, fake (meta) impl, autograd, and the Python API.
+
+Ops are defined with ``torch.library.Library(...).define/.impl`` rather than
+``custom_op``: the call costs a few microseconds instead of tens (ARCHITECTURE.md), and
+a client step makes about a hundred of them. The device impl asks the registry which
+backend runs (reference / cpu / cuda / triton).
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Union
+
+import torch
+
+from . import registry
+from ._checks import bitmap_nbytes, check_bits, check_float_tensor, check_scale_value, check_ste
+
+Tensor = torch.Tensor
+
+_lib = torch.library.Library("fedmpq", "DEF")
+
+# mode: 0 = identity STE (no bitmaps), 1 = clipped STE (pass bitmap),
+#       2 = clipped STE with a scale gradient (pass and hi bitmaps).
+_lib.define("fake_quant(Tensor x, int bits, Tensor? scale, int mode) -> (Tensor, Tensor, Tensor)")
+_lib.define("fake_quant_backward(Tensor grad, Tensor pass_bits, Tensor hi_bits, bool scale_grad) -> (Tensor, Tensor)")
+
+
+def _fake_quant_impl(x: Tensor, bits: int, scale: Optional[Tensor], mode: int):
+    if scale is not None and scale.device.type == "cpu":
+        # Free to read on the CPU; a device scale is checked by the kernels (NaN output)
+        # so that no call synchronizes.
+        check_scale_value(float(scale))
+    return registry.get("fake_quant_forward", x.device.type)(x, bits, scale, mode)
+
+
+def _fake_quant_backward_impl(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool):
+    return registry.get("fake_quant_backward", grad.device.type)(grad, pass_bits, hi_bits, scale_grad)
+
+
+_lib.impl("fake_quant", _fake_quant_impl, "CompositeExplicitAutograd")
+_lib.impl("fake_quant_backward", _fake_quant_backward_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fedmpq::fake_quant")
+def _fake_quant_fake(x, bits, scale, mode):
+    nb = bitmap_nbytes(x.numel())
+    return (
+        x.new_empty(x.shape),
+        x.new_empty((nb if mode >= 1 else 0,), dtype=torch.uint8),
+        x.new_empty((nb if mode == 2 else 0,), dtype=torch.uint8),
+    )
+
+
+@torch.library.register_fake("fedmpq::fake_quant_backward")
+def _fake_quant_backward_fake(grad, pass_bits, hi_bits, scale_grad):
+    return grad.new_empty(grad.shape), grad.new_empty((), dtype=torch.float32)
+
+
+def _fq_setup_context(ctx, inputs, output):
+    _, _, _, mode = inputs
+    _, pass_bits, hi_bits = output
+    ctx.mode = mode
+    if mode:
+        ctx.save_for_backward(pass_bits, hi_bits)
+
+
+def _fq_backward(ctx, grad_y, _grad_pass, _grad_hi):
+    if ctx.mode == 0:  # identity STE: the incoming gradient, unchanged
+        return grad_y, None, None, None
+    pass_bits, hi_bits = ctx.saved_tensors
+    grad_x, grad_scale = torch.ops.fedmpq.fake_quant_backward(grad_y, pass_bits, hi_bits, ctx.mode == 2)
+    return grad_x, None, (grad_scale if ctx.mode == 2 else None), None
+
+
+torch.library.register_autograd("fedmpq::fake_quant", _fq_backward, setup_context=_fq_setup_context, lib=_lib)
+
+
+def _scale_tensor(scale, x: Tensor) -> Optional[Tensor]:
+    if scale is None:
+        return None
+    if isinstance(scale, Tensor):
+        if not scale.is_floating_point():
+            raise TypeError(f"scale must be a floating-point tensor, got {scale.dtype}")
+        if scale.numel() != 1:
+            raise ValueError(f"scale must hold one value (a 0-dim tensor), got shape {tuple(scale.shape)}")
+        if scale.device != x.device:
+            raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
+        return scale.reshape(()).to(torch.float32)  # differentiable: grads flow back to the caller's tensor
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be None, a float or a 0-dim tensor, got {type(scale).__name__}")
+    check_scale_value(float(scale))
+    return torch.full((), float(scale), dtype=torch.float32, device=x.device)
+
+
+def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *, ste: str = "identity") -> Tensor:
+    """FedMPQ's sign-magnitude symmetric fake-quantizer (ALGORITHM.md, "Activations").
+
+    ``y = S * round(|x| * (2^b - 1) / S) / (2^b - 1) * sign(x)``, rounding half to even,
+    with ``S = max|x|`` over the whole tensor when ``scale`` is None (S = 0 gives zeros),
+    else ``S = scale`` and ``|x|`` clamped to S first. Computed in float32.
+
+    Args:
+        x: float32 tensor of any shape and strides (float16/bfloat16 are computed in
+            float32 and returned in their dtype); empty tensors work; NaN propagates
+            (a NaN anywhere makes a dynamic S, hence every output, NaN).
+        bits: 1..8, or 16 for float-like evaluation.
+        scale: None (dynamic), a Python float > 0, or a one-element floating tensor on
+            x's device (finite, > 0; a CUDA scale is not read on the host, which would
+            synchronize: a bad value there gives NaN outputs instead of an exception).
+        ste: gradient rule.
+            ``"identity"``: ``dL/dx = dL/dy`` (FedMPQ's rule); the scale gets no gradient.
+            ``"clipped"``: ``dL/dx = dL/dy * [-S <= x <= S]`` (NaN counts as not clipped),
+            from a 1-bit-per-element mask kept for backward; a scale tensor that requires
+            grad receives PACT's clip-value gradient
+            ``dL/dS = sum(dL/dy where x > S) - sum(dL/dy where x < -S)``
+            (rounding is straight-through, so unclipped elements contribute nothing), for
+            which a second bitmap (which side clipped) is kept. With a dynamic scale
+            nothing is clipped and ``"clipped"`` equals ``"identity"``.
+
+    Returns:
+        Tensor of x's shape and dtype (contiguous).
+
+    Raises:
+        TypeError: x not a float tensor, bits not an int, scale of a wrong type.
+        ValueError: bits outside 1..8/16, scale <= 0 / NaN / inf / not one value / on
+            another device, unknown ``ste``.
+    """
+    check_float_tensor(x)
+    bits = check_bits(bits)
+    check_ste(ste)
+    s = _scale_tensor(scale, x)
+    mode = 0
+    if ste == "clipped" and s is not None and torch.is_grad_enabled():
+        if s.requires_grad:
+            mode = 2
+        elif x.requires_grad:
+            mode = 1
+    return torch.ops.fedmpq.fake_quant(x, bits, s, mode)[0]

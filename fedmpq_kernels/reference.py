@@ -1,0 +1,132 @@
+"""Pure-torch implementation of every fedmpq op: the test oracle and the fallback backend.
+
+Fake-quant (FedMPQ's sign-magnitude symmetric quantizer, ALGORITHM.md "Activations"),
+computed in float32 whatever the input dtype, in exactly this order (the native and
+Triton kernels follow it, so every backend agrees bit for bit)::
+
+    L    = 2**bits - 1
+    S    = max|x|            (dynamic)   or the given scale
+    inv  = L / S if S > 0 else 0         (float32 division)
+    step = S / L
+    a    = minimum(|x|, S)               (the clamp to [-S, S]; NaN propagates)
+    y    = copysign(round_half_even(a * inv) * step, x)
+
+Bitmaps (clipped STE): little-endian uint32 words stored as uint8, 4 * ceil(n / 32)
+bytes; bit i of word w is element 32 * w + i of the flattened (C-order) input; bits past n
+are zero. ``pass = not (x > S) and not (x < -S)`` (NaN passes, like the identity STE) and
+``hi = x > S``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._checks import bitmap_nbytes, levels
+
+Tensor = torch.Tensor
+
+_BIT_WEIGHTS = {}
+
+
+def _weights(device: torch.device) -> Tensor:
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:
+        w = _BIT_WEIGHTS[device] = (2 ** torch.arange(8, device=device, dtype=torch.int32)).to(torch.uint8)
+    return w
+
+
+def pack_bitmap(mask: Tensor) -> Tensor:
+    """Pack a bool tensor (flattened in C order) into the bitmap layout above.
+
+    Returns uint8 of 4 * ceil(numel / 32) bytes on mask's device.
+    """
+    flat = mask.reshape(-1)
+    n = flat.numel()
+    padded = torch.zeros(bitmap_nbytes(n) * 8, dtype=torch.uint8, device=flat.device)
+    padded[:n] = flat.to(torch.uint8)
+    return (padded.view(-1, 8) * _weights(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bitmap(bits: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_bitmap`: uint8 bitmap -> bool tensor of n elements."""
+    if bits.numel() < bitmap_nbytes(n):
+        raise ValueError(f"bitmap has {bits.numel()} bytes, {bitmap_nbytes(n)} needed for {n} elements")
+    b = bits.reshape(-1)[: (n + 7) // 8]
+    return ((b.view(-1, 1) & _weights(b.device)) != 0).reshape(-1)[:n]
+
+
+def fake_quant_values(x: Tensor, bits: int, scale: Optional[Tensor]) -> Tensor:
+    """The quantized values, float32, x's shape. scale: None (dynamic) or 0-dim tensor."""
+    xf = x.float()
+    return _quantize(xf, bits, _effective_scale(xf, scale))
+
+
+def _effective_scale(xf: Tensor, scale: Optional[Tensor]) -> Tensor:
+    if scale is None:
+        return xf.abs().amax() if xf.numel() else xf.new_zeros(())
+    s = scale.reshape(()).float()
+    # A bad scale on a device is never read on the host (that would synchronize):
+    # it turns every output into NaN instead, as the GPU kernels do.
+    return torch.where((s > 0) & torch.isfinite(s), s, torch.full_like(s, float("nan")))
+
+
+def _quantize(xf: Tensor, bits: int, s: Tensor) -> Tensor:
+    L = float(levels(bits))
+    inv = torch.where(s > 0, torch.full_like(s, L) / s, torch.zeros_like(s))
+    step = s / L
+    a = torch.minimum(xf.abs(), s)
+    return torch.copysign(torch.round(a * inv) * step, xf)
+
+
+def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backend forward: y (x's shape and dtype, contiguous), pass bitmap, hi bitmap.
+
+    mode 0: no bitmaps (empty uint8); 1: pass bitmap; 2: pass and hi bitmaps.
+    """
+    xf = x.float()
+    s = _effective_scale(xf, scale)
+    y = _quantize(xf, bits, s).to(x.dtype).contiguous()
+    empty = torch.empty(0, dtype=torch.uint8, device=x.device)
+    if mode == 0:
+        return y, empty, empty.clone()
+    hi = xf > s
+    lo = xf < -s
+    pass_bits = pack_bitmap(~(hi | lo))
+    hi_bits = pack_bitmap(hi) if mode == 2 else empty.clone()
+    return y, pass_bits, hi_bits
+
+
+def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Clipped-STE backward: grad_x = grad where pass else 0; grad_scale (0-dim float32) =
+    sum over clipped elements of (+grad where hi, -grad where lo), or 0 if not scale_grad."""
+    n = grad.numel()
+    passed = unpack_bitmap(pass_bits, n).view(grad.shape)
+    gx = torch.where(passed, grad, torch.zeros_like(grad)).contiguous()
+    if not scale_grad:
+        return gx, torch.zeros((), dtype=torch.float32, device=grad.device)
+    hi = unpack_bitmap(hi_bits, n).view(grad.shape)
+    g = grad.float()
+    signed = torch.where(hi, g, -g)
+    gs = torch.where(passed, torch.zeros_like(g), signed).sum(dtype=torch.float32)
+    return gx, gs
+
+
+def fake_quant_autograd(x: Tensor, bits: int, scale=None, ste: str = "identity") -> Tensor:
+    """Independent autograd oracle for gradients: the quantizer written with
+    differentiable torch ops, its rounding detached (straight-through).
+
+    identity: d y / d x = 1.  clipped: x is clamped to [-s, s] with ``torch.where``, so
+    autograd gives d y / d x = [x not clipped] and d y / d s = +1 where x > s, -1 where
+    x < -s (PACT's rule for the clip value); the rounding passes gradients unchanged.
+    Forward values equal :func:`fake_quant_values` wherever x is finite.
+    """
+    s = None
+    if scale is not None:
+        s = scale if isinstance(scale, Tensor) else torch.tensor(float(scale), device=x.device)
+    yq = fake_quant_values(x.detach(), bits, None if s is None else s.detach()).to(x.dtype)
+    if ste == "identity" or s is None:
+        return yq + (x - x.detach())
+    s0 = s.reshape(()).to(x.dtype)
+    xc = torch.where(x > s0, s0, torch.where(x < -s0, -s0, x))
+    return yq + (xc - xc.detach())

@@ -1,0 +1,141 @@
+"""Every fake-quant backend against the pure-torch reference: values and bitmaps bit
+for bit, gradients against the reference's autograd, on odd sizes, every bit-width,
+contiguous and strided inputs, dynamic and given scales, both STE modes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels import reference as R
+
+ALL_BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
+SIZES = [0, 1, 7, 8, 9, 1023, (1 << 20) + 3]
+
+
+def exact(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def make_input(numel: int, layout: str, device: str, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    """numel elements with specials mixed in; 'strided' is a non-contiguous view."""
+    g = torch.Generator().manual_seed(seed + numel)
+    x = torch.randn(numel, 2, generator=g) * 2
+    if numel >= 9:
+        x[3] = 0.0
+        x[4] = -0.0  # signed zeros
+    x = x.to(device=device, dtype=dtype)
+    # 'strided': every other element (stride 2, storage offset 1)
+    x = x[:, 0].contiguous() if layout == "contiguous" else x[:, 1]
+    assert layout == "contiguous" or numel <= 1 or not x.is_contiguous()
+    return x
+
+
+def given_scale(x: torch.Tensor) -> torch.Tensor:
+    """A scale below max|x| so that both sides clip."""
+    m = x.float().abs().amax().item() if x.numel() else 1.0
+    return torch.tensor(max(0.6 * m, 0.1), device=x.device)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["dynamic", "given"])
+def test_forward_and_backward_kernels_match_reference(backend, bits, numel, layout, scaled):
+    backend.skip_if_too_big(numel)
+    x = make_input(numel, layout, backend.device)
+    s = given_scale(x) if scaled else None
+    g = make_input(numel, "strided" if layout == "contiguous" else "contiguous", backend.device, seed=7)
+    with backend.active():
+        for mode in (0, 1, 2):
+            y, p, h = backend.module.fake_quant_forward(x, bits, s, mode)
+            ry, rp, rh = R.fake_quant_forward(x, bits, s, mode)
+            assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
+            exact(y, ry)
+            assert torch.equal(p.cpu(), rp.cpu()), f"pass bitmap differs (mode {mode})"
+            assert torch.equal(h.cpu(), rh.cpu()), f"hi bitmap differs (mode {mode})"
+            if mode == 0:
+                assert p.numel() == 0 and h.numel() == 0
+                continue
+            gx, gs = backend.module.fake_quant_backward(g, p, h, mode == 2)
+            rgx, rgs = R.fake_quant_backward(g, rp, rh, mode == 2)
+            assert gx.shape == g.shape and gx.dtype == g.dtype
+            exact(gx, rgx)
+            assert gs.shape == () and gs.dtype == torch.float32
+            torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-5, atol=1e-5 * max(1.0, g.abs().sum().item()) ** 0.5)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["dynamic", "given"])
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+def test_public_op_gradients_match_reference_autograd(backend, bits, numel, layout, scaled, ste):
+    backend.skip_if_too_big(numel)
+    x0 = make_input(numel, layout, backend.device)
+    s0 = given_scale(x0) if scaled else None
+    g = make_input(numel, "contiguous", backend.device, seed=3)
+
+    def run(fn):
+        x = x0.detach().clone().requires_grad_(True)
+        s = s0.detach().clone().requires_grad_(True) if s0 is not None else None
+        y = fn(x, bits, s, ste=ste)
+        y.backward(g)
+        return y.detach(), x.grad, (s.grad if s is not None else None)
+
+    with backend.active():
+        y, gx, gs = run(fk.fake_quant)
+    ry, rgx, rgs = run(R.fake_quant_autograd)
+    exact(y, R.fake_quant_values(x0, bits, s0))
+    exact(gx, rgx)
+    if rgs is None:
+        assert gs is None
+    else:
+        torch.testing.assert_close(gs, rgs, rtol=1e-5, atol=1e-5 * max(1.0, g.abs().sum().item()) ** 0.5)
+        if scaled and ste == "clipped" and numel >= 9:
+            assert rgs.abs().item() > 0, "the test input must clip on some element"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_computed_in_float32(backend, dtype):
+    if backend.name == "triton" and backend.device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16")
+    x = make_input(1023, "strided", backend.device, dtype=dtype)
+    s = given_scale(x)
+    with backend.active():
+        for scale in (None, s):
+            y = fk.fake_quant(x, 3, scale)
+            assert y.dtype == dtype
+            exact(y, R.fake_quant_values(x, 3, scale).to(dtype))
+            xr = x.detach().clone().requires_grad_(True)
+            fk.fake_quant(xr, 3, s, ste="clipped").backward(torch.ones_like(xr))
+            passed = (xr.detach().float().abs() <= s.float()).to(dtype)
+            exact(xr.grad, passed)
+
+
+def test_empty_and_multidimensional_shapes(backend):
+    with backend.active():
+        for shape in [(0,), (3, 0, 2), (2, 3, 5), (1,)]:
+            x = torch.randn(shape, device=backend.device)
+            for scale in (None, 0.5):
+                y = fk.fake_quant(x, 4, scale, ste="clipped")
+                assert y.shape == x.shape
+                exact(y, R.fake_quant_values(x, 4, None if scale is None else torch.tensor(scale, device=backend.device)))
+
+
+def test_nan_and_inf(backend):
+    x = torch.tensor([1.0, float("nan"), -2.0, float("inf"), float("-inf"), 0.25], device=backend.device)
+    with backend.active():
+        # dynamic: a NaN anywhere makes S NaN, hence every output
+        assert torch.isnan(fk.fake_quant(x, 4)).all()
+        # given scale: NaN stays NaN, infinities clip to +-S
+        y = fk.fake_quant(x, 2, 1.5)
+        exact(y, torch.tensor([1.0, float("nan"), -1.5, 1.5, -1.5, 0.0], device=backend.device))
+        # clipped STE: NaN passes the gradient, clipped elements do not; the scale gets
+        # +g for x > S and -g for x < -S
+        xr = x.clone().requires_grad_(True)
+        s = torch.tensor(1.5, device=backend.device, requires_grad=True)
+        gy = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0], device=backend.device)
+        fk.fake_quant(xr, 2, s, ste="clipped").backward(gy)
+        exact(xr.grad, torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0, 32.0], device=backend.device))
+        exact(s.grad, torch.tensor(8.0 - 4.0 - 16.0, device=backend.device))
