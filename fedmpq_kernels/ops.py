@@ -57,9 +57,10 @@ def _fake_quant_backward_fake(grad, pass_bits, hi_bits, scale_grad):
 
 
 def _fq_setup_context(ctx, inputs, output):
-    _, _, _, mode = inputs
+    _, _, scale, mode = inputs
     _, pass_bits, hi_bits = output
     ctx.mode = mode
+    ctx.scale_grad = mode == 2 and scale is not None
     if mode:
         ctx.save_for_backward(pass_bits, hi_bits)
 
@@ -68,8 +69,8 @@ def _fq_backward(ctx, grad_y, _grad_pass, _grad_hi):
     if ctx.mode == 0:  # identity STE: the incoming gradient, unchanged
         return grad_y, None, None, None
     pass_bits, hi_bits = ctx.saved_tensors
-    grad_x, grad_scale = torch.ops.fedmpq.fake_quant_backward(grad_y, pass_bits, hi_bits, ctx.mode == 2)
-    return grad_x, None, (grad_scale if ctx.mode == 2 else None), None
+    grad_x, grad_scale = torch.ops.fedmpq.fake_quant_backward(grad_y, pass_bits, hi_bits, ctx.scale_grad)
+    return grad_x, None, (grad_scale if ctx.scale_grad else None), None
 
 
 torch.library.register_autograd("fedmpq::fake_quant", _fq_backward, setup_context=_fq_setup_context, lib=_lib)

@@ -1,0 +1,131 @@
+"""fake_quant forward and forward+backward against torch's anchors.
+
+Candidates: ``fedmpq[<backend>]`` for each backend available on the device (the
+reference included). Anchors: ``copy_`` (read + write into a preallocated tensor: the
+memory-bandwidth floor), ``torch_fq`` (``torch.fake_quantize_per_tensor_affine``; a
+given scale only, torch has no dynamic form) and ``eager_composite`` (round/clamp/mul
+with a straight-through estimator, as a user would write it).
+
+forward+backward: identity STE for the dynamic scale (FedMPQ's activations), clipped
+STE with a learnable scale for the given one (both bitmaps kept and read back).
+Run: ``pytest benches/ --benchmark-only``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels import registry
+
+from conftest import sync
+
+BITS = 4
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+IMPLS = ["copy_", "torch_fq", "eager_composite"] + [f"fedmpq[{b}]" for b in registry.BACKENDS]
+
+
+def _skip_unless_runs(impl: str, device: str, scaled: bool):
+    if impl.startswith("fedmpq["):
+        name = impl[7:-1]
+        if not registry.supports(name, device) or (name == "triton" and device == "cpu"):
+            pytest.skip(f"{name} does not run on {device} tensors")
+        ok, why = registry.available(name)
+        if not ok:
+            pytest.skip(f"{name} unavailable: {why}")
+    if impl == "torch_fq" and not scaled:
+        pytest.skip("torch's fake-quant has no dynamic-scale form")
+
+
+def _composite(x, scale, clipped):
+    L = 2**BITS - 1
+    s = x.detach().abs().amax() if scale is None else scale
+    xc = torch.clamp(x, -s, s) if clipped else x
+    q = torch.round(xc.abs() * (L / s)) * (s / L) * torch.sign(xc)
+    return xc + (q - xc).detach()
+
+
+def _setup(numel, device, scaled, need_grad):
+    torch.manual_seed(0)
+    x = torch.randn(numel, device=device)
+    if need_grad:
+        x.requires_grad_(True)
+    scale = torch.tensor(2.0, device=device, requires_grad=need_grad) if scaled else None
+    return x, scale
+
+
+def _record(benchmark, op, numel, scaled, device, impl, bytes_moved):
+    benchmark.extra_info.update(
+        group_key=(op, numel, "given" if scaled else "dynamic", device), name=impl, bytes=bytes_moved,
+    )
+    benchmark.group = f"{op} {numel} {'given' if scaled else 'dynamic'} {device}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scaled", [False, True], ids=["dynamic", "given"])
+@pytest.mark.parametrize("impl", IMPLS)
+def bench_forward(benchmark, impl, scaled, device, numel):
+    _skip_unless_runs(impl, device, scaled)
+    x, scale = _setup(numel, device, scaled, need_grad=False)
+    out = torch.empty_like(x)
+    sf = 2.0
+    if impl == "copy_":
+        fn = lambda: out.copy_(x)  # noqa: E731
+    elif impl == "torch_fq":
+        fn = lambda: torch.fake_quantize_per_tensor_affine(x, sf / 7.5, 0, -7, 7)  # noqa: E731
+    elif impl == "eager_composite":
+        fn = lambda: _composite(x, scale, clipped=True)  # noqa: E731
+    else:
+        backend = impl[7:-1]
+
+        def fn():
+            with registry.use_backend(backend):
+                return fk.fake_quant(x, BITS, scale)
+
+    def run():
+        r = fn()
+        sync(device)
+        return r
+
+    _record(benchmark, "forward", numel, scaled, device, impl, 8 * numel)
+    benchmark(run)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scaled", [False, True], ids=["dynamic", "given"])
+@pytest.mark.parametrize("impl", IMPLS)
+def bench_forward_backward(benchmark, impl, scaled, device, numel):
+    _skip_unless_runs(impl, device, scaled)
+    x, scale = _setup(numel, device, scaled, need_grad=impl != "copy_")
+    grad = torch.randn(numel, device=device)
+    out = torch.empty_like(x)
+    sf = 2.0
+
+    if impl == "copy_":
+        def fn():
+            out.copy_(x)
+    else:
+        if impl == "torch_fq":
+            fwd = lambda: torch.fake_quantize_per_tensor_affine(x, sf / 7.5, 0, -7, 7)  # noqa: E731
+        elif impl == "eager_composite":
+            fwd = lambda: _composite(x, scale, clipped=scaled)  # noqa: E731
+        else:
+            backend = impl[7:-1]
+
+            def fwd():
+                with registry.use_backend(backend):
+                    return fk.fake_quant(x, BITS, scale, ste="clipped" if scaled else "identity")
+
+        def fn():
+            fwd().backward(grad)
+            x.grad = None
+            if scale is not None:
+                scale.grad = None
+
+    def run():
+        fn()
+        sync(device)
+
+    # x and grad read, y and grad_x written; copy_ is the one-pass floor it is compared with
+    _record(benchmark, "forward+backward", numel, scaled, device, impl, 16 * numel if impl != "copy_" else 8 * numel)
+    benchmark(run)

@@ -1,0 +1,100 @@
+"""Benchmark plumbing: sizes, devices, and the ratio table printed at the end.
+
+Every benchmark stores ``extra_info`` with its group key (op, size, scale mode, device),
+the bytes it must move at least, and its role (``anchor`` or ``candidate``). At the end of
+the session the medians are turned into ratios against the anchors measured in the same
+run (``Tensor.copy_`` and torch's own fake-quant), printed, and with
+``--fedmpq-md PATH`` written as a Markdown table (docs/BENCHMARKS.md quotes it).
+"""
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+DEFAULT_SIZES = "1048576,4194304,16777216"
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("fedmpq")
+    g.addoption("--fedmpq-sizes", default=DEFAULT_SIZES, help="comma-separated element counts (default 2^20,2^22,2^24)")
+    g.addoption("--fedmpq-md", default=None, help="write the ratio table as Markdown to this path")
+
+
+def pytest_generate_tests(metafunc):
+    if "numel" in metafunc.fixturenames:
+        sizes = [int(s) for s in metafunc.config.getoption("--fedmpq-sizes").split(",") if s]
+        metafunc.parametrize("numel", sizes, ids=[_size_id(n) for n in sizes])
+
+
+def _size_id(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else str(n)
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {torch.get_num_threads()} threads{gpu}, torch {torch.__version__}"
+
+
+def _rows(benchmarks):
+    by_group = {}
+    for b in benchmarks:
+        info = b.extra_info
+        if "group_key" not in info or b.stats is None:
+            continue
+        by_group.setdefault(info["group_key"], []).append((info["name"], info, b.stats.median))
+    rows = []
+    for key in sorted(by_group, key=lambda k: (k[0], k[3], k[1], k[2])):
+        entries = by_group[key]
+        copy_t = next((t for n, i, t in entries if n == "copy_"), None)
+        torch_t = next((t for n, i, t in entries if n == "torch_fq"), None)
+        for name, info, t in sorted(entries, key=lambda e: e[2]):
+            rows.append(dict(
+                op=key[0], size=_size_id(key[1]), scale=key[2], device=key[3], name=name,
+                median_ms=t * 1e3, gbs=info["bytes"] / t / 1e9,
+                x_copy=(t / copy_t) if copy_t else None,
+                speedup_vs_torch=(torch_t / t) if torch_t else None,
+            ))
+    return rows
+
+
+def _fmt(rows):
+    head = "| op | size | scale | device | implementation | median ms | GB/s | × copy_ | speed-up vs torch fq |"
+    out = [head, "|" + "---|" * 9]
+    for r in rows:
+        xc = f"{r['x_copy']:.2f}" if r["x_copy"] is not None else "–"
+        sp = f"{r['speedup_vs_torch']:.1f}×" if r["speedup_vs_torch"] is not None else "–"
+        out.append(f"| {r['op']} | {r['size']} | {r['scale']} | {r['device']} | {r['name']} | {r['median_ms']:.3f} | {r['gbs']:.1f} | {xc} | {sp} |")
+    return out
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None or getattr(bs, "disabled", True) or not bs.benchmarks:
+        return
+    rows = _rows(bs.benchmarks)
+    if not rows:
+        return
+    lines = [f"machine: {machine()}", ""] + _fmt(rows)
+    terminalreporter.write_sep("=", "fedmpq ratios (medians, same run)")
+    for line in lines:
+        terminalreporter.write_line(line)
+    path = config.getoption("--fedmpq-md")
+    if path:
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")

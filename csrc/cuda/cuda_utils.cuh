@@ -1,0 +1,42 @@
+// Internal helpers shared by the CUDA translation units: error checks and device/stream
+// plumbing. Not part of the public interface (fake_quant.h is).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace fedmpq::cuda::detail {
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* expr, const char* file, int line) {
+  throw std::runtime_error(std::string("CUDA error: ") + cudaGetErrorString(err) + " (" + cudaGetErrorName(err) +
+                           ") in " + expr + " at " + file + ":" + std::to_string(line));
+}
+
+// The module links cudart statically, so its notion of the "current device" is separate
+// from torch's: every launcher selects the caller's device itself (cheap when unchanged).
+// The previous device is not restored because nothing else in this module relies on it.
+void set_device(int device);
+
+// A torch stream handle (an integer) as a runtime stream. Stream handles are driver
+// CUstream values, so they are valid across the static and torch's shared cudart.
+inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+// Number of SMs of `device`, cached per device (grid sizes must be a deterministic
+// function of n and the device, see fake_quant_bwd_partials).
+int sm_count(int device);
+
+}  // namespace fedmpq::cuda::detail
+
+// Throws std::runtime_error (a Python RuntimeError through pybind11) when expr fails.
+#define FEDMPQ_CUDA_CHECK(expr)                                                        \
+  do {                                                                                 \
+    const cudaError_t fedmpq_err_ = (expr);                                            \
+    if (fedmpq_err_ != cudaSuccess)                                                    \
+      ::fedmpq::cuda::detail::throw_cuda_error(fedmpq_err_, #expr, __FILE__, __LINE__); \
+  } while (0)
+
+// After a <<<...>>> launch: reports bad configurations and missing kernel images now
+// rather than at the next synchronizing call.
+#define FEDMPQ_CUDA_CHECK_LAUNCH() FEDMPQ_CUDA_CHECK(cudaGetLastError())

@@ -1,0 +1,403 @@
+// Fake-quant CUDA kernels: absmax, forward (values + pass/hi bitmaps) and clipped-STE
+// backward. The math mirrors cpu/fake_quant.cpp and fedmpq_kernels/reference.py bit for
+// bit in float32: every product is rounded on its own (__fmul_rn, and the module is built
+// with --fmad=false), divisions are IEEE (__fdiv_rn), rounding is half to even (rintf),
+// and 16-bit inputs are widened to float32 exactly and narrowed with round-to-nearest-even.
+//
+// Layout of the work. A "tile" is 32 * V consecutive elements (V = elements per 16-byte
+// vector: 4 for float32, 8 for float16/bfloat16): lane l of a warp owns elements
+// [V*l, V*l + V) of the tile, so one warp-wide load is 512 contiguous bytes. The tile
+// covers V bitmap words; word w is built from the V-bit masks of lanes
+// [w*32/V, (w+1)*32/V), each shifted to its position and OR-ed together with shuffles.
+// Warps stride over tiles (grid-stride loop); the elements after the last whole tile
+// (fewer than 32 * V), and every element when a pointer is not 16-byte aligned, go
+// through a scalar path in which lane j handles element 32*w + j of word w and the word
+// is one __ballot_sync. All indexing is int64.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/cuda_utils.cuh"
+#include "cuda/fake_quant.h"
+
+namespace fedmpq::cuda {
+
+namespace {
+
+constexpr int kBlock = 256;  // threads per block
+constexpr int kWarps = kBlock / 32;
+// 8 blocks of 256 threads = 2048 resident threads per SM on sm_80/sm_90 (the maximum):
+// at one 16-byte load in flight per thread that is 32 KiB per SM, enough to cover the
+// memory latency at full bandwidth. __launch_bounds__ holds the kernels to 32 registers
+// so that the whole grid is resident at once (no second, partial wave); the 16-bit
+// vector kernels then spill a few loop-invariant bytes, stored before and reloaded after
+// the vector loop only (checked in the SASS for sm_80 and sm_90).
+constexpr int kBlocksPerSm = 8;
+// The backward grid depends on n and the device only (not on the dtype), because
+// fake_quant_bwd_partials does not know the dtype: kBwdElemsPerThread elements per
+// thread before the grid is capped at kBlocksPerSm blocks per SM.
+constexpr int64_t kBwdElemsPerThread = 8;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- element types ------------------------------------------------------------------
+// Raw is the storage type; kernels move raw bits and convert only for the math.
+struct F32 {
+  using Raw = uint32_t;
+  static __device__ __forceinline__ float to_float(Raw r) { return __uint_as_float(r); }
+  static __device__ __forceinline__ Raw from_float(float f) { return __float_as_uint(f); }
+};
+struct F16 {
+  using Raw = uint16_t;
+  static __device__ __forceinline__ float to_float(Raw r) { return __half2float(__ushort_as_half(r)); }
+  static __device__ __forceinline__ Raw from_float(float f) { return __half_as_ushort(__float2half_rn(f)); }
+};
+struct BF16 {
+  using Raw = uint16_t;
+  static __device__ __forceinline__ float to_float(Raw r) { return __bfloat162float(__ushort_as_bfloat16(r)); }
+  static __device__ __forceinline__ Raw from_float(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
+};
+
+// One 16-byte vector of raw elements.
+template <class E>
+union Vec16 {
+  static constexpr int kN = 16 / sizeof(typename E::Raw);
+  uint4 u;
+  typename E::Raw r[kN];
+};
+
+template <class E>
+__device__ __forceinline__ Vec16<E> load16(const typename E::Raw* p) {
+  Vec16<E> v;
+  v.u = __ldg(reinterpret_cast<const uint4*>(p));
+  return v;
+}
+
+template <class E>
+__device__ __forceinline__ void store16(typename E::Raw* p, const Vec16<E>& v) {
+  *reinterpret_cast<uint4*>(p) = v.u;
+}
+
+// ---- the math -----------------------------------------------------------------------
+struct FqParams {
+  float s, inv, step;
+};
+
+// S from the device (never read on the host: that would synchronize). A given scale that
+// is not finite and > 0 becomes NaN, so every output is NaN. In dynamic mode S is max|x|
+// as is (the reference does not validate it either).
+__device__ __forceinline__ FqParams load_params(const float* scale, bool scale_given, float levels) {
+  float s = __ldg(scale);
+  if (scale_given && !(s > 0.0f && s <= FLT_MAX)) s = __int_as_float(0x7fc00000);
+  FqParams c;
+  c.s = s;
+  c.inv = s > 0.0f ? __fdiv_rn(levels, s) : 0.0f;
+  c.step = __fdiv_rn(s, levels);
+  return c;
+}
+
+__device__ __forceinline__ float fq_value(float v, const FqParams& c) {
+  float a = fabsf(v);
+  a = isnan(a) ? a : (a < c.s ? a : c.s);  // torch.minimum: a NaN on either side propagates
+  const float q = rintf(__fmul_rn(a, c.inv));  // round half to even
+  return copysignf(__fmul_rn(q, c.step), v);
+}
+
+// pass = !(v > S) && !(v < -S), written as !(|v| > S): the same for every v and S
+// (negation is exact, and every comparison with a NaN is false, so NaN passes like the
+// identity STE), with one comparison and no -S register.
+__device__ __forceinline__ bool fq_pass(float v, const FqParams& c) { return !(fabsf(v) > c.s); }
+__device__ __forceinline__ bool fq_hi(float v, const FqParams& c) { return v > c.s; }
+
+// ORs `bits` over the aligned group of kLanes lanes (xor offsets below kLanes stay inside
+// the group). Every lane of the warp must call it.
+template <int kLanes>
+__device__ __forceinline__ uint32_t or_over_lanes(uint32_t bits) {
+#pragma unroll
+  for (int off = 1; off < kLanes; off <<= 1) bits |= __shfl_xor_sync(kFullMask, bits, off);
+  return bits;
+}
+
+__device__ __forceinline__ uint32_t umax(uint32_t a, uint32_t b) { return a > b ? a : b; }
+
+// |v| as bits: for non-negative floats integer order is float order and every NaN
+// pattern sorts above +inf, so an integer max propagates NaN.
+__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
+__device__ __forceinline__ int64_t global_thread() {
+  return static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
+}
+__device__ __forceinline__ int64_t total_threads() { return static_cast<int64_t>(gridDim.x) * kBlock; }
+
+// ---- kernels ------------------------------------------------------------------------
+
+// max over |x| bit patterns; one atomicMax per block into *out (zero on entry).
+template <class E, bool kVec>
+__global__ void __launch_bounds__(kBlock, kBlocksPerSm)
+    absmax_kernel(const typename E::Raw* __restrict__ x, int64_t n, uint32_t* __restrict__ out) {
+  constexpr int V = Vec16<E>::kN;
+  const int64_t t0 = global_thread(), nt = total_threads();
+  uint32_t m = 0;
+  int64_t tail = 0;
+  if constexpr (kVec) {
+    const int64_t nvec = n / V;
+    for (int64_t i = t0; i < nvec; i += nt) {
+      const Vec16<E> v = load16<E>(x + i * V);
+#pragma unroll
+      for (int k = 0; k < V; ++k) m = umax(m, abs_bits(E::to_float(v.r[k])));
+    }
+    tail = nvec * V;
+  }
+  for (int64_t i = tail + t0; i < n; i += nt) m = umax(m, abs_bits(E::to_float(x[i])));
+
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) m = umax(m, __shfl_xor_sync(kFullMask, m, off));
+  __shared__ uint32_t warp_max[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_max[warp] = m;
+  __syncthreads();
+  if (warp == 0) {
+    m = lane < kWarps ? warp_max[lane] : 0u;
+#pragma unroll
+    for (int off = kWarps / 2; off > 0; off >>= 1) m = umax(m, __shfl_xor_sync(kFullMask, m, off));
+    if (lane == 0) atomicMax(out, m);
+  }
+}
+
+// y = fake-quant(x); pass/hi bitmaps when non-null (warp-uniform branches).
+template <class E, bool kVec>
+__global__ void __launch_bounds__(kBlock, kBlocksPerSm)
+    fq_fwd_kernel(const typename E::Raw* __restrict__ x, typename E::Raw* __restrict__ y, int64_t n,
+                  float levels, const float* __restrict__ scale, bool scale_given, uint32_t* __restrict__ pass,
+                  uint32_t* __restrict__ hi) {
+  const FqParams c = load_params(scale, scale_given, levels);
+  const int lane = threadIdx.x & 31;
+  // Loops below run per warp (the trip count depends on the warp only), so the whole warp
+  // reaches every shuffle and ballot.
+  const int64_t warp = global_thread() >> 5, nwarps = total_threads() >> 5;
+  int64_t word0 = 0;
+  if constexpr (kVec) {
+    constexpr int V = Vec16<E>::kN;      // elements per lane per tile = words per tile
+    constexpr int kLanesPerWord = 32 / V;
+    constexpr int64_t kTile = 32 * V;
+    const int64_t ntiles = n / kTile;
+    const int shift = V * (lane % kLanesPerWord);  // this lane's bit position in its word
+    for (int64_t t = warp; t < ntiles; t += nwarps) {
+      const int64_t e0 = t * kTile + static_cast<int64_t>(lane) * V;
+      const Vec16<E> in = load16<E>(x + e0);
+      Vec16<E> out;
+      uint32_t pm = 0, hm = 0;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float v = E::to_float(in.r[k]);
+        out.r[k] = E::from_float(fq_value(v, c));
+        pm |= static_cast<uint32_t>(fq_pass(v, c)) << k;
+        hm |= static_cast<uint32_t>(fq_hi(v, c)) << k;
+      }
+      store16<E>(y + e0, out);
+      const int64_t word = t * V + lane / kLanesPerWord;
+      if (pass != nullptr) {
+        const uint32_t w = or_over_lanes<kLanesPerWord>(pm << shift);
+        if (shift == 0) pass[word] = w;
+      }
+      if (hi != nullptr) {
+        const uint32_t w = or_over_lanes<kLanesPerWord>(hm << shift);
+        if (shift == 0) hi[word] = w;
+      }
+    }
+    word0 = ntiles * V;
+  }
+  // Scalar path: one 32-element word per warp step; lanes past n load nothing and vote 0,
+  // which keeps the bits past n zero.
+  const int64_t nwords = (n + 31) / 32;
+  for (int64_t w = word0 + warp; w < nwords; w += nwarps) {
+    const int64_t i = w * 32 + lane;
+    const bool in_range = i < n;
+    bool p = false, h = false;
+    if (in_range) {
+      const float v = E::to_float(x[i]);
+      y[i] = E::from_float(fq_value(v, c));
+      p = fq_pass(v, c);
+      h = fq_hi(v, c);
+    }
+    const uint32_t pw = __ballot_sync(kFullMask, p), hw = __ballot_sync(kFullMask, h);
+    if (lane == 0) {
+      if (pass != nullptr) pass[w] = pw;
+      if (hi != nullptr) hi[w] = hw;
+    }
+  }
+}
+
+// gx = pass ? g : 0 (raw bits, so g is copied exactly). When hi is non-null, block b
+// writes partials[b] = sum over its clipped elements of (hi ? g : -g), in float32.
+template <class E, bool kVec>
+__global__ void __launch_bounds__(kBlock, kBlocksPerSm)
+    fq_bwd_kernel(const typename E::Raw* __restrict__ g, typename E::Raw* __restrict__ gx, int64_t n,
+                  const uint32_t* __restrict__ pass, const uint32_t* __restrict__ hi, float* __restrict__ partials) {
+  using Raw = typename E::Raw;
+  const int lane = threadIdx.x & 31;
+  float acc = 0.0f;
+  int64_t tail = 0;
+  if constexpr (kVec) {
+    constexpr int V = Vec16<E>::kN;
+    constexpr int kLanesPerWord = 32 / V;
+    constexpr int64_t kTile = 32 * V;
+    const int64_t warp = global_thread() >> 5, nwarps = total_threads() >> 5;
+    const int64_t ntiles = n / kTile;
+    const int shift = V * (lane % kLanesPerWord);
+    for (int64_t t = warp; t < ntiles; t += nwarps) {
+      const int64_t e0 = t * kTile + static_cast<int64_t>(lane) * V;
+      const int64_t word = t * V + lane / kLanesPerWord;  // lanes of one word read the same address
+      const uint32_t pb = __ldg(pass + word) >> shift;
+      const Vec16<E> in = load16<E>(g + e0);
+      Vec16<E> out;
+#pragma unroll
+      for (int k = 0; k < V; ++k) out.r[k] = ((pb >> k) & 1u) ? in.r[k] : Raw(0);
+      store16<E>(gx + e0, out);
+      if (hi != nullptr) {
+        const uint32_t hb = __ldg(hi + word) >> shift;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          if (!((pb >> k) & 1u)) {
+            const float v = E::to_float(in.r[k]);
+            acc += ((hb >> k) & 1u) ? v : -v;
+          }
+        }
+      }
+    }
+    tail = ntiles * kTile;
+  }
+  // Scalar path: element i is bit i % 32 of word i / 32; only i < n is visited, so the
+  // zero bits past n are never counted as clipped.
+  const int64_t nt = total_threads();
+  for (int64_t i = tail + global_thread(); i < n; i += nt) {
+    const Raw r = g[i];
+    const uint32_t bit = static_cast<uint32_t>(i & 31);
+    const bool p = (__ldg(pass + (i >> 5)) >> bit) & 1u;
+    gx[i] = p ? r : Raw(0);
+    if (hi != nullptr && !p) {
+      const float v = E::to_float(r);
+      acc += ((__ldg(hi + (i >> 5)) >> bit) & 1u) ? v : -v;
+    }
+  }
+
+  if (hi != nullptr) {  // uniform over the block, so the barrier below is safe
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(kFullMask, acc, off);
+    __shared__ float warp_sum[kWarps];
+    const int warp_in_block = threadIdx.x >> 5;
+    if (lane == 0) warp_sum[warp_in_block] = acc;
+    __syncthreads();
+    if (warp_in_block == 0) {
+      float s = lane < kWarps ? warp_sum[lane] : 0.0f;
+#pragma unroll
+      for (int off = kWarps / 2; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
+      if (lane == 0) partials[blockIdx.x] = s;  // every block writes its slot, even 0
+    }
+  }
+}
+
+// ---- host side ----------------------------------------------------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Grid for `threads` threads of work, capped so the whole grid is resident at once.
+inline unsigned grid_blocks(int64_t threads, int device) {
+  const int64_t cap = static_cast<int64_t>(detail::sm_count(device)) * kBlocksPerSm;
+  int64_t b = ceil_div(threads, kBlock);
+  if (b > cap) b = cap;
+  if (b < 1) b = 1;
+  return static_cast<unsigned>(b);
+}
+
+[[noreturn]] void bad_dtype(int dtype) {
+  throw std::invalid_argument("unknown dtype code " + std::to_string(dtype) +
+                              " (0 float32, 1 float16, 2 bfloat16)");
+}
+
+// Calls f(E{}) with the element type of a dtype code.
+template <class F>
+void dispatch(int dtype, F&& f) {
+  switch (dtype) {
+    case kFloat32: f(F32{}); break;
+    case kFloat16: f(F16{}); break;
+    case kBFloat16: f(BF16{}); break;
+    default: bad_dtype(dtype);
+  }
+}
+
+}  // namespace
+
+void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, int device, uintptr_t stream) {
+  if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
+  if (n <= 0) return;
+  detail::set_device(device);
+  const cudaStream_t st = detail::as_stream(stream);
+  dispatch(dtype, [&](auto e) {
+    using E = decltype(e);
+    using Raw = typename E::Raw;
+    const Raw* xp = static_cast<const Raw*>(x);
+    const unsigned blocks = grid_blocks(ceil_div(n, Vec16<E>::kN), device);
+    if (aligned16(x))
+      absmax_kernel<E, true><<<blocks, kBlock, 0, st>>>(xp, n, out_bits);
+    else
+      absmax_kernel<E, false><<<blocks, kBlock, 0, st>>>(xp, n, out_bits);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void fake_quant_fwd(const void* x, void* y, int dtype, int64_t n, int bits, const float* scale,
+                    bool scale_given, uint32_t* pass, uint32_t* hi, int device, uintptr_t stream) {
+  if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
+  if (!((bits >= 1 && bits <= 8) || bits == 16))
+    throw std::invalid_argument("bits must be in 1..8 or 16, got " + std::to_string(bits));
+  if (n <= 0) return;
+  detail::set_device(device);
+  const cudaStream_t st = detail::as_stream(stream);
+  const float levels = static_cast<float>((1u << bits) - 1u);  // exact: at most 65535
+  dispatch(dtype, [&](auto e) {
+    using E = decltype(e);
+    using Raw = typename E::Raw;
+    const Raw* xp = static_cast<const Raw*>(x);
+    Raw* yp = static_cast<Raw*>(y);
+    const unsigned blocks = grid_blocks(ceil_div(n, Vec16<E>::kN), device);
+    if (aligned16(x) && aligned16(y))
+      fq_fwd_kernel<E, true><<<blocks, kBlock, 0, st>>>(xp, yp, n, levels, scale, scale_given, pass, hi);
+    else
+      fq_fwd_kernel<E, false><<<blocks, kBlock, 0, st>>>(xp, yp, n, levels, scale, scale_given, pass, hi);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+  });
+}
+
+int64_t fake_quant_bwd_partials(int64_t n, int device) {
+  if (n <= 0) return 1;  // nothing is launched for n == 0; keep the "at least 1" contract
+  return grid_blocks(ceil_div(n, kBwdElemsPerThread), device);
+}
+
+void fake_quant_bwd(const void* g, void* gx, int dtype, int64_t n, const uint32_t* pass, const uint32_t* hi,
+                    float* partials, int device, uintptr_t stream) {
+  if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
+  if (n <= 0) return;
+  detail::set_device(device);
+  const cudaStream_t st = detail::as_stream(stream);
+  const unsigned blocks = static_cast<unsigned>(fake_quant_bwd_partials(n, device));
+  dispatch(dtype, [&](auto e) {
+    using E = decltype(e);
+    using Raw = typename E::Raw;
+    const Raw* gp = static_cast<const Raw*>(g);
+    Raw* gxp = static_cast<Raw*>(gx);
+    if (aligned16(g) && aligned16(gx))
+      fq_bwd_kernel<E, true><<<blocks, kBlock, 0, st>>>(gp, gxp, n, pass, hi, partials);
+    else
+      fq_bwd_kernel<E, false><<<blocks, kBlock, 0, st>>>(gp, gxp, n, pass, hi, partials);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace fedmpq::cuda

@@ -1,0 +1,181 @@
+"""CUDA backend: adapters from tensors to the CUDA kernels in csrc/cuda.
+
+The kernels read float32, float16 and bfloat16 directly (the math is float32, see
+:mod:`fedmpq_kernels.reference`), run on the tensor's device and on torch's current
+stream there, and never synchronize: a dynamic scale (max|x|) and a given device scale
+stay on the device. Inputs of any strides are made contiguous here first.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._checks import bitmap_nbytes
+
+Tensor = torch.Tensor
+
+# Dtype codes of csrc/cuda/fake_quant.h (enum DType).
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _native():
+    # Imported lazily so that this module imports (and available() answers) even when
+    # the native module is missing or was built without CUDA.
+    from ._native import native
+
+    return native
+
+
+def available() -> Tuple[bool, str]:
+    """(True, "") when the CUDA kernels can run here, else (False, the exact reason)."""
+    from ._native import native, native_error
+
+    if native is None:
+        return False, f"the native module fedmpq_kernels._C did not load: {native_error}"
+    if not getattr(native, "with_cuda", False):
+        return False, "fedmpq_kernels._C was built without CUDA (no nvcc at build time, or FEDMPQ_CUDA=0)"
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
+    torch_count = torch.cuda.device_count()
+    if torch_count == 0:
+        return False, "torch sees no CUDA device"
+    native_count = native.cuda_device_count()
+    if native_count == 0:
+        # The module links the CUDA runtime statically: it needs a driver new enough
+        # for the toolkit it was built with, even when torch's own runtime works.
+        return False, (
+            f"fedmpq_kernels._C's CUDA runtime sees no device although torch sees {torch_count} "
+            f"(is the NVIDIA driver older than the CUDA toolkit the module was built with? "
+            f"compiled for sm {native.cuda_archs()})"
+        )
+    return True, ""
+
+
+def _dtype_code(t: Tensor, name: str) -> int:
+    code = _DTYPE_CODES.get(t.dtype)
+    if code is None:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    return code
+
+
+def _require_cuda(t: Tensor, name: str) -> None:
+    if t.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got one on {t.device}")
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _bitmap_out(n: int, wanted: bool, device: torch.device) -> Tensor:
+    """A bitmap to fill: uint8 of 4 * ceil(n / 32) bytes, or an empty one."""
+    return torch.empty(bitmap_nbytes(n) if wanted else 0, dtype=torch.uint8, device=device)
+
+
+def _bitmap_in(bits: Tensor, n: int, device: torch.device, name: str) -> Tensor:
+    """A bitmap to read: on `device`, contiguous, holding all words of n elements."""
+    if bits.device != device:
+        raise ValueError(f"{name} is on {bits.device} but grad is on {device}")
+    bits = bits.contiguous()
+    nbytes = bits.numel() * bits.element_size()
+    if nbytes < bitmap_nbytes(n):
+        raise ValueError(f"{name} has {nbytes} bytes, {bitmap_nbytes(n)} needed for {n} elements")
+    return bits
+
+
+def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """See :func:`fedmpq_kernels.reference.fake_quant_forward`.
+
+    Args:
+        x: float32/float16/bfloat16 CUDA tensor, any shape and strides.
+        bits: 1..8 or 16 (already validated).
+        scale: None (dynamic: S = max|x|, computed on the device) or a one-element
+            floating tensor (made 0-dim float32 on x's device; a value that is not finite
+            and > 0 makes every output NaN, it is never read on the host).
+        mode: 0 no bitmaps, 1 pass bitmap, 2 pass and hi bitmaps.
+
+    Returns:
+        (y, pass_bits, hi_bits): y of x's shape and dtype, contiguous; the bitmaps uint8
+        of 4 * ceil(numel / 32) bytes on x's device, or empty (0 bytes) when not asked for.
+    """
+    code = _dtype_code(x, "x")
+    _require_cuda(x, "x")
+    if mode not in (0, 1, 2):
+        raise ValueError(f"mode must be 0, 1 or 2, got {mode}")
+    dev = x.device
+    xc = x.contiguous()
+    n = xc.numel()
+    y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    pass_bits = _bitmap_out(n, mode >= 1, dev)
+    hi_bits = _bitmap_out(n, mode == 2, dev)
+    if n == 0:
+        return y, pass_bits, hi_bits
+    native = _native()
+    stream = _stream(dev)
+    if scale is None:
+        # max|x| as float32 bits, reduced with atomicMax: the buffer must start at 0.
+        # The forward kernel reads it on the same stream, so no host round trip.
+        s = torch.zeros(1, dtype=torch.int32, device=dev)
+        native.cuda_absmax(xc.data_ptr(), code, n, s.data_ptr(), dev.index, stream)
+        scale_given = False
+    else:
+        if scale.numel() != 1:
+            raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
+        s = scale.detach().reshape(()).to(device=dev, dtype=torch.float32).contiguous()
+        scale_given = True
+    native.cuda_fake_quant_fwd(
+        xc.data_ptr(), y.data_ptr(), code, n, y.numel(), bits, s.data_ptr(), scale_given,
+        pass_bits.data_ptr() if mode >= 1 else 0, pass_bits.numel(),
+        hi_bits.data_ptr() if mode == 2 else 0, hi_bits.numel(),
+        dev.index, stream,
+    )
+    # The temporaries (xc, s) may be freed now: the caching allocator only reuses their
+    # memory for work queued after these kernels on the same stream.
+    return y, pass_bits, hi_bits
+
+
+def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
+    """See :func:`fedmpq_kernels.reference.fake_quant_backward`.
+
+    Args:
+        grad: float32/float16/bfloat16 CUDA tensor, any shape and strides.
+        pass_bits: uint8 bitmap from the forward (4 * ceil(numel / 32) bytes), grad's device.
+        hi_bits: the forward's hi bitmap; read only when scale_grad.
+        scale_grad: whether to compute the scale gradient.
+
+    Returns:
+        (grad_x, grad_scale): grad_x of grad's shape and dtype, contiguous (grad where the
+        pass bit is set, else 0); grad_scale a 0-dim float32 tensor on grad's device: the
+        sum over clipped elements of (+grad where hi, -grad otherwise), or 0 when not
+        scale_grad.
+    """
+    code = _dtype_code(grad, "grad")
+    _require_cuda(grad, "grad")
+    dev = grad.device
+    g = grad.contiguous()
+    n = g.numel()
+    gx = torch.empty(grad.shape, dtype=grad.dtype, device=dev)
+    if n == 0:
+        return gx, torch.zeros((), dtype=torch.float32, device=dev)
+    pb = _bitmap_in(pass_bits, n, dev, "pass_bits")
+    native = _native()
+    stream = _stream(dev)
+    if not scale_grad:
+        native.cuda_fake_quant_bwd(
+            g.data_ptr(), gx.data_ptr(), code, n, gx.numel(),
+            pb.data_ptr(), pb.numel() * pb.element_size(), 0, 0, 0, 0, dev.index, stream,
+        )
+        return gx, torch.zeros((), dtype=torch.float32, device=dev)
+    hb = _bitmap_in(hi_bits, n, dev, "hi_bits")
+    # One float per block of the kernel's grid, every slot written: summed here, on the
+    # device, so nothing synchronizes.
+    nparts = native.cuda_fake_quant_bwd_partials(n, dev.index)
+    partials = torch.empty(nparts, dtype=torch.float32, device=dev)
+    native.cuda_fake_quant_bwd(
+        g.data_ptr(), gx.data_ptr(), code, n, gx.numel(),
+        pb.data_ptr(), pb.numel() * pb.element_size(),
+        hb.data_ptr(), hb.numel() * hb.element_size(),
+        partials.data_ptr(), nparts, dev.index, stream,
+    )
+    return gx, partials.sum()

@@ -1,0 +1,111 @@
+"""The op layer: torch.library registration (opcheck), torch.compile without graph
+breaks, and the errors bad input gets."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels import reference as R
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("scaled", [False, True], ids=["dynamic", "given"])
+def test_opcheck(backend, mode, scaled):
+    x = torch.randn(3, 37, device=backend.device)
+    s = torch.tensor(0.8, device=backend.device, requires_grad=mode == 2) if scaled else None
+    with backend.active():
+        torch.library.opcheck(torch.ops.fedmpq.fake_quant.default, (x.requires_grad_(mode > 0), 4, s, mode))
+        _, p, h = torch.ops.fedmpq.fake_quant(x.detach(), 4, s.detach() if s is not None else None, 2)
+        if scaled:
+            torch.library.opcheck(torch.ops.fedmpq.fake_quant_backward.default, (torch.randn(3, 37, device=backend.device), p, h, True))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_has_no_graph_break(compile_backend):
+    torch._dynamo.reset()
+
+    def f(x, s):
+        return fk.fake_quant(x * 2, 4, s, ste="clipped").sum() + fk.fake_quant(x, 3).square().sum()
+
+    cf = torch.compile(f, fullgraph=True, backend=compile_backend)  # fullgraph: a graph break raises
+    x = torch.randn(5, 33, requires_grad=True)
+    s = torch.tensor(1.1, requires_grad=True)
+    out = cf(x, s)
+    out.backward()
+    x2, s2 = x.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
+    ref = R.fake_quant_autograd(x2 * 2, 4, s2, "clipped").sum() + R.fake_quant_autograd(x2, 3).square().sum()
+    ref.backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(s.grad, s2.grad)
+
+
+def test_no_grad_keeps_no_bitmaps(monkeypatch):
+    seen = []
+    orig = torch.ops.fedmpq.fake_quant
+
+    class Spy:
+        def __call__(self, *a):
+            seen.append(a[3])
+            return orig(*a)
+
+    monkeypatch.setattr(torch.ops.fedmpq, "fake_quant", Spy())
+    x = torch.randn(64, requires_grad=True)
+    with torch.no_grad():
+        fk.fake_quant(x, 4, 1.0, ste="clipped")
+    fk.fake_quant(x.detach(), 4, 1.0, ste="clipped")
+    fk.fake_quant(x, 4, 1.0, ste="clipped")
+    fk.fake_quant(x, 4, torch.tensor(1.0, requires_grad=True), ste="clipped")
+    fk.fake_quant(x, 4, None, ste="clipped")  # dynamic: nothing can clip
+    assert seen == [0, 0, 1, 2, 0]
+
+
+def test_scale_gradient_flows_to_any_float_scale_tensor():
+    x = torch.tensor([3.0, -3.0, 0.1])
+    s = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    fk.fake_quant(x, 4, s, ste="clipped").backward(torch.tensor([1.0, 10.0, 100.0]))
+    assert s.grad.dtype == torch.float64 and s.grad.shape == (1,)
+    assert s.grad.item() == 1.0 - 10.0
+
+
+def test_identity_ste_gives_scale_no_gradient():
+    x = torch.randn(10, requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    fk.fake_quant(x, 4, s).sum().backward()
+    assert s.grad is None
+    assert torch.equal(x.grad, torch.ones(10))
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(x=torch.arange(4)), TypeError, "float32, float16 or bfloat16"),
+        (dict(x=torch.ones(4, dtype=torch.float64)), TypeError, "float64"),
+        (dict(x=[1.0, 2.0]), TypeError, "torch.Tensor"),
+        (dict(bits=0), ValueError, "bits must be one of"),
+        (dict(bits=9), ValueError, "bits must be one of"),
+        (dict(bits=32), ValueError, "bits must be one of"),
+        (dict(bits=4.0), TypeError, "bits must be an int"),
+        (dict(bits=True), TypeError, "bits must be an int"),
+        (dict(scale=0.0), ValueError, "finite and > 0"),
+        (dict(scale=-1.0), ValueError, "finite and > 0"),
+        (dict(scale=float("nan")), ValueError, "finite and > 0"),
+        (dict(scale=float("inf")), ValueError, "finite and > 0"),
+        (dict(scale=torch.tensor(0.0)), ValueError, "finite and > 0"),
+        (dict(scale=torch.tensor(-2.0)), ValueError, "finite and > 0"),
+        (dict(scale=torch.tensor(float("nan"))), ValueError, "finite and > 0"),
+        (dict(scale=torch.tensor(float("inf"))), ValueError, "finite and > 0"),
+        (dict(scale=torch.tensor([1.0, 2.0])), ValueError, "one value"),
+        (dict(scale=torch.tensor(1)), TypeError, "floating-point"),
+        (dict(scale=torch.tensor(1.0, device="meta")), ValueError, "on meta but x is on cpu"),
+        (dict(scale="1.0"), TypeError, "scale must be None, a float"),
+        (dict(scale=True), TypeError, "scale must be None, a float"),
+        (dict(ste="pact"), ValueError, "ste must be"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(kwargs, exc, match):
+    args = dict(x=torch.randn(8), bits=4, scale=None, ste="identity")
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        fk.fake_quant(args["x"], args["bits"], args["scale"], ste=args["ste"])

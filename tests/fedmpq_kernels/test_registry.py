@@ -1,0 +1,49 @@
+"""Backend selection: defaults, overrides, and loud failure when a forced backend is missing."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fedmpq_kernels import registry
+from fedmpq_kernels._native import native
+
+
+def test_defaults_per_device():
+    assert registry.backend_for("cpu") == ("cpu" if native is not None else "reference")
+    assert registry.backend_for("meta") == "reference"
+
+
+def test_override_applies_only_where_supported():
+    with registry.use_backend("reference"):
+        assert registry.backend_for("cpu") == "reference"
+    with registry.use_backend("cuda"):  # CUDA C++ cannot take CPU tensors: CPU keeps its default
+        assert registry.backend_for("cpu") == registry.backend_for("cpu")
+        assert registry.backend_for("cpu") != "cuda"
+    assert registry.backend_for("cpu") == ("cpu" if native is not None else "reference")
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        registry.set_backend("fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_forcing_an_unavailable_backend_fails_loudly():
+    with registry.use_backend("cuda"):
+        with pytest.raises(RuntimeError, match="'cuda' was requested but is not available"):
+            registry.backend_for("cuda")
+
+
+def test_env_override_and_info_command():
+    env = dict(os.environ, FEDMPQ_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-m", "fedmpq_kernels.info"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "fake_quant      cpu   -> reference" in out
+    assert "torch          " + torch.__version__ in out
+    out = subprocess.run([sys.executable, "-m", "fedmpq_kernels.info"], capture_output=True, text=True, check=True).stdout
+    if native is not None:
+        assert "native module  loaded from" in out and f"isa={native.cpu_isa()}" in out
+        assert "fake_quant      cpu   -> cpu" in out
+    else:
+        assert "native module  NOT LOADED:" in out
