@@ -1,0 +1,247 @@
+"""Triton kernels for fake-quant forward and clipped-STE backward.
+
+Same contract and the same float32 math, bit for bit, as
+:func:`fedmpq_kernels.reference.fake_quant_forward` / ``fake_quant_backward`` (see that
+module's docstring for the formulas and the bitmap layout).
+
+Design
+------
+* Every kernel works on a ``[BLOCK // 32, 32]`` tile of the flattened (C-order) tensor:
+  row r of program p covers elements ``p * BLOCK + 32 * r + (0..31)``, i.e. exactly one
+  bitmap word, so bitmaps are packed with a per-row int32 sum of ``pred << col`` (distinct
+  powers of two: the sum is the OR; bit 31 wraps to the right pattern) and unpacked with
+  ``(word >> col) & 1``. Offsets are int64. Programs whose block lies wholly inside
+  the tensor take an unmasked path (a mask ``offs < n`` with n not a multiple of 16
+  would stop Triton from vectorizing the loads/stores); only the last block is masked.
+* The scale is never read on the host: the kernels load it through a pointer. A given
+  scale that is not finite and > 0 becomes NaN in the kernel (``CHECK_SCALE``).
+* Dynamic scale: ``_absmax_partial_kernel`` writes one partial max per program of the
+  float32 bit patterns of |x| as int32 (for non-negative floats integer order is float
+  order, and NaN patterns sort above +inf, so a NaN propagates); torch's ``max`` of the
+  partials, reinterpreted as float32, is the scale, all on the device.
+* Rounding: half-to-even via ``(t + 2**23) - 2**23`` (0 <= t < 2**23 here, NaN/inf pass
+  through). Every kernel is launched with ``enable_fp_fusion=False`` so that no add is
+  fused with the preceding multiply into an FMA (which would change the rounding).
+  ``L / S`` and ``S / L`` use ``div_rn`` (Triton's plain fp32 ``/`` is not correctly
+  rounded on NVIDIA GPUs; torch's is).
+* copysign is done on the bit patterns, so -0.0 and the sign of NaN follow x.
+* Backward: ``grad_scale`` partial sums, one float32 per program, summed by torch
+  (deterministic, no atomics).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+# Elements per program (multiple of 32) and warps. Fixed (no autotune: it needs a GPU
+# at import / first call, and these are memory-bound streaming kernels).
+BLOCK = 4096
+NUM_WARPS = 8
+
+
+@triton.jit
+def _absmax_partial_kernel(x_ptr, part_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    if start + BLOCK <= n:  # full block: unmasked, vectorizable loads
+        x = tl.load(x_ptr + offs).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| bits; NaN sorts above +inf
+    tl.store(part_ptr + pid, tl.max(ab, axis=0))
+
+
+@triton.jit
+def _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step,
+                     MODE: tl.constexpr, MASKED: tl.constexpr):
+    offs = word[:, None] * 32 + col[None, :]  # [ROWS, 32] element index
+    if MASKED:
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_ptr + offs).to(tl.float32)
+    xb = x.to(tl.int32, bitcast=True)
+    axb = xb & 0x7FFFFFFF
+    ax = axb.to(tl.float32, bitcast=True)
+    # minimum(|x|, S) with a NaN |x| kept (explicit: tl.minimum's NaN rule differs on GPU);
+    # a NaN S gives inv = 0 and step = NaN, so y is NaN anyway.
+    a = tl.where(ax > S, S, ax)
+    t = a * inv
+    q = (t + 8388608.0) - 8388608.0  # round half to even, 0 <= t < 2**23 (no FMA: fusion off)
+    m = q * step
+    yb = m.to(tl.int32, bitcast=True) | (xb ^ axb)  # copysign(m, x): m >= 0 or NaN
+    y = yb.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(y_ptr + offs, y, mask=mask)
+    else:
+        tl.store(y_ptr + offs, y)
+
+    if MODE >= 1:
+        hi = x > S
+        ok = ~(hi | (x < -S))  # NaN passes
+        if MASKED:
+            ok = ok & mask
+            hi = hi & mask
+        # distinct powers of two: the int32 sum is the OR (bit 31 wraps to its pattern)
+        pw = tl.sum(ok.to(tl.int32) << col[None, :], axis=1)
+        if MASKED:
+            tl.store(pass_ptr + word, pw, mask=word < nwords)
+        else:
+            tl.store(pass_ptr + word, pw)
+        if MODE >= 2:
+            hw = tl.sum(hi.to(tl.int32) << col[None, :], axis=1)
+            if MASKED:
+                tl.store(hi_ptr + word, hw, mask=word < nwords)
+            else:
+                tl.store(hi_ptr + word, hw)
+
+
+@triton.jit
+def _fq_forward_kernel(
+    x_ptr, y_ptr, scale_ptr, pass_ptr, hi_ptr, n, nwords, L,
+    CHECK_SCALE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    ROWS: tl.constexpr = BLOCK // 32
+    pid = tl.program_id(0)
+    word = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS] bitmap word index
+    col = tl.arange(0, 32)
+
+    S = tl.load(scale_ptr)
+    if CHECK_SCALE:  # a given scale must be finite and > 0, else NaN (no host check)
+        nan = (S - S) * float("inf")  # 0 * inf or NaN: NaN, float32
+        S = tl.where((S > 0.0) & (S < float("inf")), S, nan)
+    inv = tl.where(S > 0.0, tl.math.div_rn(L, S), 0.0)  # div_rn: IEEE division like torch
+    step = tl.math.div_rn(S, L)
+
+    if (pid.to(tl.int64) + 1) * BLOCK <= n:
+        _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step,
+                         MODE=MODE, MASKED=False)
+    else:
+        _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step,
+                         MODE=MODE, MASKED=True)
+
+
+@triton.jit
+def _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, pid, word, col, n, nwords,
+                      SCALE_GRAD: tl.constexpr, MASKED: tl.constexpr):
+    offs = word[:, None] * 32 + col[None, :]
+    if MASKED:
+        mask = offs < n
+        wmask = word < nwords
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+        pw = tl.load(pass_ptr + word, mask=wmask, other=0)
+    else:
+        g = tl.load(g_ptr + offs)
+        pw = tl.load(pass_ptr + word)
+    ok = ((pw[:, None] >> col[None, :]) & 1) != 0
+    gx = tl.where(ok, g, 0.0).to(gx_ptr.dtype.element_ty)
+    if MASKED:
+        tl.store(gx_ptr + offs, gx, mask=mask)
+    else:
+        tl.store(gx_ptr + offs, gx)
+
+    if SCALE_GRAD:
+        if MASKED:
+            hw = tl.load(hi_ptr + word, mask=wmask, other=0)
+        else:
+            hw = tl.load(hi_ptr + word)
+        hi = ((hw[:, None] >> col[None, :]) & 1) != 0
+        gf = g.to(tl.float32)
+        signed = tl.where(hi, gf, -gf)
+        clipped = ~ok
+        if MASKED:
+            clipped = clipped & mask
+        contrib = tl.where(clipped, signed, 0.0)
+        tl.store(part_ptr + pid, tl.sum(tl.sum(contrib, axis=1), axis=0))
+
+
+@triton.jit
+def _fq_backward_kernel(
+    g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, n, nwords,
+    SCALE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    ROWS: tl.constexpr = BLOCK // 32
+    pid = tl.program_id(0)
+    word = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    col = tl.arange(0, 32)
+    if (pid.to(tl.int64) + 1) * BLOCK <= n:
+        _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, pid, word, col, n, nwords,
+                          SCALE_GRAD=SCALE_GRAD, MASKED=False)
+    else:
+        _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, pid, word, col, n, nwords,
+                          SCALE_GRAD=SCALE_GRAD, MASKED=True)
+
+
+def _bitmap_nbytes(n: int) -> int:
+    return 4 * ((n + 31) // 32)
+
+
+def _as_words(bits: Tensor, n: int, name: str) -> Tensor:
+    """A uint8 bitmap (>= 4*ceil(n/32) bytes) as int32 words, without copying when it can."""
+    nbytes = _bitmap_nbytes(n)
+    if bits.dtype != torch.uint8:
+        raise TypeError(f"{name} must be uint8, got {bits.dtype}")
+    if bits.numel() < nbytes:
+        raise ValueError(f"{name} has {bits.numel()} bytes, {nbytes} needed for {n} elements")
+    b = bits.reshape(-1)[:nbytes]
+    if not b.is_contiguous() or b.data_ptr() % 4 != 0:
+        b = b.clone(memory_format=torch.contiguous_format)
+    return b.view(torch.int32)
+
+
+def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """y (x's shape and dtype, contiguous), pass bitmap, hi bitmap (uint8; empty below mode)."""
+    xc = x.contiguous()
+    n = xc.numel()
+    dev = x.device
+    y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    nbytes = _bitmap_nbytes(n)
+    pass_bits = torch.empty(nbytes if mode >= 1 else 0, dtype=torch.uint8, device=dev)
+    hi_bits = torch.empty(nbytes if mode >= 2 else 0, dtype=torch.uint8, device=dev)
+    if n == 0:
+        return y, pass_bits, hi_bits
+    grid = (triton.cdiv(n, BLOCK),)
+    if scale is None:
+        part = torch.empty(grid[0], dtype=torch.int32, device=dev)
+        _absmax_partial_kernel[grid](xc, part, n, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        s = part.max().view(torch.float32).reshape(1)
+        check = False
+    else:
+        s = scale.reshape(1).to(device=dev, dtype=torch.float32)
+        check = True
+    nwords = nbytes // 4
+    pw = pass_bits.view(torch.int32) if mode >= 1 else y
+    hw = hi_bits.view(torch.int32) if mode >= 2 else y
+    _fq_forward_kernel[grid](
+        xc, y, s, pw, hw, n, nwords, float((1 << bits) - 1),
+        CHECK_SCALE=check, MODE=mode, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
+    return y, pass_bits, hi_bits
+
+
+def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
+    """grad_x = grad where pass else 0 (grad's shape/dtype, contiguous); grad_scale (0-dim
+    float32) = sum over clipped elements of (+g where hi, -g otherwise), or 0."""
+    gc = grad.contiguous()
+    n = gc.numel()
+    dev = grad.device
+    gx = torch.empty(grad.shape, dtype=grad.dtype, device=dev)
+    pw = _as_words(pass_bits, n, "pass_bits")
+    hw = _as_words(hi_bits, n, "hi_bits") if scale_grad else pw
+    if n == 0:
+        return gx, torch.zeros((), dtype=torch.float32, device=dev)
+    grid = (triton.cdiv(n, BLOCK),)
+    part = torch.empty(grid[0] if scale_grad else 1, dtype=torch.float32, device=dev)
+    _fq_backward_kernel[grid](
+        gc, gx, pw, hw, part, n, _bitmap_nbytes(n) // 4,
+        SCALE_GRAD=bool(scale_grad), BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )
+    if not scale_grad:
+        return gx, torch.zeros((), dtype=torch.float32, device=dev)
+    return gx, part.sum()
