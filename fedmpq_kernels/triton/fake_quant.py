@@ -114,8 +114,7 @@ def _fq_forward_kernel(
 
     S = tl.load(scale_ptr)
     if CHECK_SCALE:  # a given scale must be finite and > 0, else NaN (no host check)
-        nan = (S - S) * float("inf")  # 0 * inf or NaN: NaN, float32
-        S = tl.where((S > 0.0) & (S < float("inf")), S, nan)
+        S = tl.where((S > 0.0) & (S < float("inf")), S, float("nan"))
     inv = tl.where(S > 0.0, tl.math.div_rn(L, S), 0.0)  # div_rn: IEEE division like torch
     step = tl.math.div_rn(S, L)
 
