@@ -94,11 +94,12 @@ void fake_quant_fwd_f32(const float* x, float* y, int64_t n, int bits, float sca
   const float L = static_cast<float>((1u << bits) - 1u);
   FqConsts c{scale, scale > 0.0f ? L / scale : 0.0f, scale / L};
   const bool v = use_avx2();
+  const bool stream = n * int64_t(sizeof(float)) >= kStreamBytes;
   parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {
     uint32_t* p = pass ? pass + b / 32 : nullptr;
     uint32_t* h = hi ? hi + b / 32 : nullptr;
     if (v)
-      avx2::fq_fwd(x + b, y + b, e - b, c, p, h);
+      avx2::fq_fwd(x + b, y + b, e - b, c, p, h, stream);
     else
       portable::fq_fwd(x + b, y + b, e - b, c, p, h);
   });
@@ -107,12 +108,13 @@ void fake_quant_fwd_f32(const float* x, float* y, int64_t n, int bits, float sca
 double fake_quant_bwd_f32(const float* g, float* gx, int64_t n, const uint32_t* pass,
                           const uint32_t* hi, int nthreads) {
   const bool v = use_avx2();
+  const bool stream = n * int64_t(sizeof(float)) >= kStreamBytes;
   return parallel_reduce_words<double>(
       n, threads_for(nthreads, n), 0.0,
       [&](int64_t b, int64_t e) {
         const uint32_t* p = pass + b / 32;
         const uint32_t* h = hi ? hi + b / 32 : nullptr;
-        return v ? avx2::fq_bwd(g + b, gx + b, e - b, p, h) : portable::fq_bwd(g + b, gx + b, e - b, p, h);
+        return v ? avx2::fq_bwd(g + b, gx + b, e - b, p, h, stream) : portable::fq_bwd(g + b, gx + b, e - b, p, h);
       },
       [](double a, double b) { return a + b; });
 }

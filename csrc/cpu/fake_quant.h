@@ -25,6 +25,10 @@ void fake_quant_fwd_f32(const float* x, float* y, int64_t n, int bits, float sca
 double fake_quant_bwd_f32(const float* g, float* gx, int64_t n, const uint32_t* pass,
                           const uint32_t* hi, int nthreads);
 
+// Outputs at least this large are written with non-temporal stores: they cannot stay in
+// the last-level cache with their input, so bypassing it saves the read-for-ownership.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
 // ---- serial chunk kernels, one per ISA (chunk starts at a multiple of 32 elements) ----
 struct FqConsts {
   float scale, inv, step;
@@ -35,9 +39,10 @@ void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uin
 double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi);
 }  // namespace portable
 namespace avx2 {
+// stream: use non-temporal stores for the float output (when it is 32-byte aligned).
 uint32_t absmax_bits(const float* x, int64_t n);
-void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi);
-double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi);
+void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi, bool stream);
+double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi, bool stream);
 }  // namespace avx2
 
 }  // namespace fedmpq::cpu

@@ -45,13 +45,28 @@ struct Vec {
         signmask(_mm256_set1_ps(-0.0f)) {}
 };
 
-// 8 elements: stores y, returns (pass byte) | (hi byte << 8).
-inline uint32_t fwd8(const Vec& k, const float* x, float* y) {
-  const __m256 v = _mm256_loadu_ps(x);
+// Non-temporal stores (no read-for-ownership of the destination) for outputs too large
+// to stay in cache anyway: a third less memory traffic. y must then be 32-byte aligned.
+template <bool kStream>
+inline void store8(float* p, __m256 v) {
+  if constexpr (kStream)
+    _mm256_stream_ps(p, v);
+  else
+    _mm256_storeu_ps(p, v);
+}
+
+inline __m256 quant8(const Vec& k, __m256 v) {
   __m256 a = _mm256_and_ps(v, k.absmask);
   a = _mm256_min_ps(k.scale, a);  // min_ps returns its 2nd operand when either is NaN: NaN |x| propagates
   const __m256 q = _mm256_round_ps(_mm256_mul_ps(a, k.inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  _mm256_storeu_ps(y, _mm256_or_ps(_mm256_mul_ps(q, k.step), _mm256_and_ps(v, k.signmask)));
+  return _mm256_or_ps(_mm256_mul_ps(q, k.step), _mm256_and_ps(v, k.signmask));
+}
+
+// 8 elements: stores y, returns (pass byte) | (hi byte << 8).
+template <bool kStream>
+inline uint32_t fwd8(const Vec& k, const float* x, float* y) {
+  const __m256 v = _mm256_loadu_ps(x);
+  store8<kStream>(y, quant8(k, v));
   const __m256 h = _mm256_cmp_ps(v, k.scale, _CMP_GT_OQ);
   const __m256 l = _mm256_cmp_ps(v, k.nscale, _CMP_LT_OQ);
   const uint32_t clipped = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_or_ps(h, l)));
@@ -60,33 +75,41 @@ inline uint32_t fwd8(const Vec& k, const float* x, float* y) {
 }
 }  // namespace
 
-void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi) {
-  const Vec k(c);
-  const int64_t full = n / 32;
+namespace {
+template <bool kStream>
+void fq_fwd_words(const Vec& k, const float* x, float* y, int64_t full, uint32_t* pass, uint32_t* hi) {
   if (pass || hi) {
     for (int64_t w = 0; w < full; ++w) {
       const float* xs = x + w * 32;
       float* ys = y + w * 32;
-      const uint32_t r0 = fwd8(k, xs, ys), r1 = fwd8(k, xs + 8, ys + 8);
-      const uint32_t r2 = fwd8(k, xs + 16, ys + 16), r3 = fwd8(k, xs + 24, ys + 24);
+      const uint32_t r0 = fwd8<kStream>(k, xs, ys), r1 = fwd8<kStream>(k, xs + 8, ys + 8);
+      const uint32_t r2 = fwd8<kStream>(k, xs + 16, ys + 16), r3 = fwd8<kStream>(k, xs + 24, ys + 24);
       if (pass) pass[w] = (r0 & 0xff) | (r1 & 0xff) << 8 | (r2 & 0xff) << 16 | (r3 & 0xff) << 24;
       if (hi) hi[w] = (r0 >> 8) | (r1 >> 8) << 8 | (r2 >> 8) << 16 | (r3 >> 8) << 24;
     }
   } else {
     // Identity STE keeps no bitmap: the plain value loop.
-    for (int64_t i = 0; i < full * 32; i += 8) {
-      const __m256 v = _mm256_loadu_ps(x + i);
-      __m256 a = _mm256_min_ps(k.scale, _mm256_and_ps(v, k.absmask));
-      const __m256 q = _mm256_round_ps(_mm256_mul_ps(a, k.inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      _mm256_storeu_ps(y + i, _mm256_or_ps(_mm256_mul_ps(q, k.step), _mm256_and_ps(v, k.signmask)));
-    }
+    for (int64_t i = 0; i < full * 32; i += 8) store8<kStream>(y + i, quant8(k, _mm256_loadu_ps(x + i)));
   }
+  if (kStream) _mm_sfence();  // order the streamed stores before the caller's next use
+}
+}  // namespace
+
+void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi, bool stream) {
+  const Vec k(c);
+  const int64_t full = n / 32;
+  if (stream && reinterpret_cast<uintptr_t>(y) % 32 == 0)
+    fq_fwd_words<true>(k, x, y, full, pass, hi);
+  else
+    fq_fwd_words<false>(k, x, y, full, pass, hi);
   if (full * 32 < n)
     portable::fq_fwd(x + full * 32, y + full * 32, n - full * 32, c, pass ? pass + full : nullptr,
                      hi ? hi + full : nullptr);
 }
 
-double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi) {
+namespace {
+template <bool kStream>
+double fq_bwd_impl(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi) {
   // Lane j of a byte-broadcast selects bit j.
   const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256 signmask = _mm256_set1_ps(-0.0f);
@@ -101,7 +124,7 @@ double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const 
       const float* gs = g + w * 32 + j * 8;
       const __m256 gv = _mm256_loadu_ps(gs);
       const __m256i pm = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((pw >> (8 * j)) & 0xff), sel), sel);
-      _mm256_storeu_ps(gx + w * 32 + j * 8, _mm256_and_ps(gv, _mm256_castsi256_ps(pm)));
+      store8<kStream>(gx + w * 32 + j * 8, _mm256_and_ps(gv, _mm256_castsi256_ps(pm)));
       if (cw) {
         const __m256i cm = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((cw >> (8 * j)) & 0xff), sel), sel);
         const __m256i hm = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((hw >> (8 * j)) & 0xff), sel), sel);
@@ -122,9 +145,16 @@ double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const 
     _mm256_store_ps(l, facc);
     for (float v : l) acc += v;
   }
+  if (kStream) _mm_sfence();
   if (full * 32 < n)
     acc += portable::fq_bwd(g + full * 32, gx + full * 32, n - full * 32, pass + full, hi ? hi + full : nullptr);
   return acc;
+}
+}  // namespace
+
+double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi, bool stream) {
+  if (stream && reinterpret_cast<uintptr_t>(gx) % 32 == 0) return fq_bwd_impl<true>(g, gx, n, pass, hi);
+  return fq_bwd_impl<false>(g, gx, n, pass, hi);
 }
 
 }  // namespace fedmpq::cpu::avx2

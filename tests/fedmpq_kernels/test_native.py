@@ -64,3 +64,30 @@ def test_threaded_and_serial_results_agree():
         outs.append((y, p))
     for y, p in outs[1:]:
         assert torch.equal(y, outs[0][0]) and torch.equal(p, outs[0][1])
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_streaming_store_path_matches_reference(isa):
+    """Outputs of >= 8 MiB take the non-temporal-store path (base[1:] is an input that
+    is not 32-byte aligned)."""
+    from fedmpq_kernels import cpu as C
+    from fedmpq_kernels import reference as R
+
+    if isa == "avx2" and not native.avx2_available():
+        pytest.skip("no AVX2")
+    prev = native.cpu_isa()
+    native.set_cpu_isa(isa)
+    try:
+        base = torch.randn((8 << 20) // 4 + 77)
+        for x in (base, base[1:]):
+            s = torch.tensor(1.7)
+            y, p, h = C.fake_quant_forward(x, 5, s, 2)
+            ry, rp, rh = R.fake_quant_forward(x, 5, s, 2)
+            assert torch.equal(y, ry) and torch.equal(p, rp) and torch.equal(h, rh)
+            g = torch.randn(x.numel())
+            gx, gs = C.fake_quant_backward(g, p, h, True)
+            rgx, rgs = R.fake_quant_backward(g, rp, rh, True)
+            assert torch.equal(gx, rgx)
+            torch.testing.assert_close(gs, rgs, rtol=1e-5, atol=1e-2)
+    finally:
+        native.set_cpu_isa(prev)
