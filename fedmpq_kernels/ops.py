@@ -112,6 +112,8 @@ def _scale_tensor(scale, x: Tensor) -> Optional[Tensor]:
             raise ValueError(f"scale must hold one value (a 0-dim tensor), got shape {tuple(scale.shape)}")
         if scale.device != x.device:
             raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
+        if scale.dim() == 0 and scale.dtype == torch.float32:
+            return scale  # the common case: no reshape/convert nodes per call
         return scale.reshape(()).to(torch.float32)  # differentiable: grads flow back to the caller's tensor
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be None, a float or a 0-dim tensor, got {type(scale).__name__}")
