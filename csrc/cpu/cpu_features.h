@@ -1,6 +1,6 @@
 // Run-time CPU feature detection and the instruction-set choice for the CPU kernels.
-// The build never uses -march=native: AVX2 code lives in its own translation units and
-// is selected here, so one binary runs on any x86-64 (or other) CPU.
+// The build never targets the build machine's CPU (no native-arch flag): AVX2 code lives
+// in its own translation units and is selected here, so one binary runs on any CPU.
 #pragma once
 #include <cstdint>
 #include <string>
