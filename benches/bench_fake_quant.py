@@ -66,6 +66,15 @@ def _record(benchmark, op, numel, scaled, device, impl, bytes_moved):
     benchmark.group = f"{op} {numel} {'given' if scaled else 'dynamic'} {device}"
 
 
+def _measure(benchmark, run, impl):
+    """Time ``run`` with the backend selected, then store GB/s (from the median) in extra_info."""
+    with _backend(impl):
+        benchmark(run)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and stats.stats.median > 0:
+        benchmark.extra_info["gb_per_s"] = benchmark.extra_info["bytes"] / stats.stats.median / 1e9
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("scaled", [False, True], ids=["dynamic", "given"])
 @pytest.mark.parametrize("impl", IMPLS)
@@ -89,8 +98,7 @@ def bench_forward(benchmark, impl, scaled, device, numel):
         return r
 
     _record(benchmark, "forward", numel, scaled, device, impl, 8 * numel)
-    with _backend(impl):
-        benchmark(run)
+    _measure(benchmark, run, impl)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -126,5 +134,4 @@ def bench_forward_backward(benchmark, impl, scaled, device, numel):
 
     # x and grad read, y and grad_x written; copy_ is the one-pass floor it is compared with
     _record(benchmark, "forward+backward", numel, scaled, device, impl, 16 * numel if impl != "copy_" else 8 * numel)
-    with _backend(impl):
-        benchmark(run)
+    _measure(benchmark, run, impl)
