@@ -22,7 +22,7 @@ def available() -> Tuple[bool, str]:
 
 
 def _bitmap(n: int, wanted: bool) -> Tensor:
-    return torch.empty(bitmap_nbytes(n), dtype=torch.uint8) if wanted else _EMPTY.new_empty(0)
+    return torch.empty(bitmap_nbytes(n) if wanted else 0, dtype=torch.uint8)
 
 
 def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:

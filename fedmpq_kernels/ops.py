@@ -65,12 +65,17 @@ def _fq_setup_context(ctx, inputs, output):
         ctx.save_for_backward(pass_bits, hi_bits)
 
 
-def _fq_backward(ctx, grad_y, _grad_pass, _grad_hi):
+def _fq_grads(ctx, grad_y, backward):
+    """The gradient rule, shared by both autograd paths; ``backward`` runs the kernel."""
     if ctx.mode == 0:  # identity STE: the incoming gradient, unchanged
         return grad_y, None, None, None
     pass_bits, hi_bits = ctx.saved_tensors
-    grad_x, grad_scale = torch.ops.fedmpq.fake_quant_backward(grad_y, pass_bits, hi_bits, ctx.scale_grad)
+    grad_x, grad_scale = backward(grad_y, pass_bits, hi_bits, ctx.scale_grad)
     return grad_x, None, (grad_scale if ctx.scale_grad else None), None
+
+
+def _fq_backward(ctx, grad_y, _grad_pass, _grad_hi):
+    return _fq_grads(ctx, grad_y, torch.ops.fedmpq.fake_quant_backward)
 
 
 torch.library.register_autograd("fedmpq::fake_quant", _fq_backward, setup_context=_fq_setup_context, lib=_lib)
@@ -91,11 +96,7 @@ class _FakeQuantEager(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y, grad_pass, grad_hi):
-        if ctx.mode == 0:
-            return grad_y, None, None, None
-        pass_bits, hi_bits = ctx.saved_tensors
-        grad_x, grad_scale = _fake_quant_backward_impl(grad_y, pass_bits, hi_bits, ctx.scale_grad)
-        return grad_x, None, (grad_scale if ctx.scale_grad else None), None
+        return _fq_grads(ctx, grad_y, _fake_quant_backward_impl)
 
 
 def _eager(x: Tensor) -> bool:

@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .._checks import bitmap_nbytes
+
 Tensor = torch.Tensor
 
 # Elements per program (multiple of 32) and warps. Fixed (no autotune: it needs a GPU
@@ -177,13 +179,9 @@ def _fq_backward_kernel(
                           SCALE_GRAD=SCALE_GRAD, MASKED=True)
 
 
-def _bitmap_nbytes(n: int) -> int:
-    return 4 * ((n + 31) // 32)
-
-
 def _as_words(bits: Tensor, n: int, name: str) -> Tensor:
     """A uint8 bitmap (>= 4*ceil(n/32) bytes) as int32 words, without copying when it can."""
-    nbytes = _bitmap_nbytes(n)
+    nbytes = bitmap_nbytes(n)
     if bits.dtype != torch.uint8:
         raise TypeError(f"{name} must be uint8, got {bits.dtype}")
     if bits.numel() < nbytes:
@@ -200,7 +198,7 @@ def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int)
     n = xc.numel()
     dev = x.device
     y = torch.empty(x.shape, dtype=x.dtype, device=dev)
-    nbytes = _bitmap_nbytes(n)
+    nbytes = bitmap_nbytes(n)
     pass_bits = torch.empty(nbytes if mode >= 1 else 0, dtype=torch.uint8, device=dev)
     hi_bits = torch.empty(nbytes if mode >= 2 else 0, dtype=torch.uint8, device=dev)
     if n == 0:
@@ -238,7 +236,7 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     grid = (triton.cdiv(n, BLOCK),)
     part = torch.empty(grid[0] if scale_grad else 1, dtype=torch.float32, device=dev)
     _fq_backward_kernel[grid](
-        gc, gx, pw, hw, part, n, _bitmap_nbytes(n) // 4,
+        gc, gx, pw, hw, part, n, bitmap_nbytes(n) // 4,
         SCALE_GRAD=bool(scale_grad), BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     if not scale_grad:
