@@ -8,6 +8,11 @@ with a straight-through estimator, as a user would write it).
 
 forward+backward: identity STE for the dynamic scale (FedMPQ's activations), clipped
 STE with a learnable scale for the given one (both bitmaps kept and read back).
+
+``sliced``: the input (and the incoming gradient) is ``t[1:]`` of a contiguous tensor, 4 bytes
+past an aligned address; its groups are named ``... x[1:]`` and compare the kernels with
+``copy_`` of the same slice (the CUDA kernels read it with shifted vector loads, so it should
+cost what an aligned tensor costs). torch's fake-quant and the composite are not rerun there.
 Run: ``pytest benches/ --benchmark-only``.
 """
 from __future__ import annotations
@@ -50,16 +55,17 @@ def _composite(x, scale, clipped):
     return xc + (q - xc).detach()
 
 
-def _setup(numel, device, scaled, need_grad):
+def _setup(numel, device, scaled, need_grad, sliced=False):
     torch.manual_seed(0)
-    x = torch.randn(numel, device=device)
+    x = torch.randn(numel + 1, device=device)[1:] if sliced else torch.randn(numel, device=device)
     if need_grad:
         x.requires_grad_(True)
     scale = torch.tensor(2.0, device=device, requires_grad=need_grad) if scaled else None
     return x, scale
 
 
-def _record(benchmark, op, numel, scaled, device, impl, bytes_moved):
+def _record(benchmark, op, numel, scaled, device, impl, bytes_moved, sliced=False):
+    op = op + " x[1:]" if sliced else op
     benchmark.extra_info.update(
         group_key=(op, numel, "given" if scaled else "dynamic", device), name=impl, bytes=bytes_moved,
     )
@@ -75,12 +81,19 @@ def _measure(benchmark, run, impl):
         benchmark.extra_info["gb_per_s"] = benchmark.extra_info["bytes"] / stats.stats.median / 1e9
 
 
+def _skip_sliced(impl: str, sliced: bool):
+    if sliced and impl in ("torch_fq", "eager_composite"):
+        pytest.skip("the sliced groups compare the kernels with copy_ only")
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sliced", [False, True], ids=["aligned", "sliced"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["dynamic", "given"])
 @pytest.mark.parametrize("impl", IMPLS)
-def bench_forward(benchmark, impl, scaled, device, numel):
+def bench_forward(benchmark, impl, scaled, sliced, device, numel):
     _skip_unless_runs(impl, device, scaled)
-    x, scale = _setup(numel, device, scaled, need_grad=False)
+    _skip_sliced(impl, sliced)
+    x, scale = _setup(numel, device, scaled, need_grad=False, sliced=sliced)
     out = torch.empty_like(x)
     sf = 2.0
     if impl == "copy_":
@@ -97,17 +110,19 @@ def bench_forward(benchmark, impl, scaled, device, numel):
         sync(device)
         return r
 
-    _record(benchmark, "forward", numel, scaled, device, impl, 8 * numel)
+    _record(benchmark, "forward", numel, scaled, device, impl, 8 * numel, sliced)
     _measure(benchmark, run, impl)
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sliced", [False, True], ids=["aligned", "sliced"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["dynamic", "given"])
 @pytest.mark.parametrize("impl", IMPLS)
-def bench_forward_backward(benchmark, impl, scaled, device, numel):
+def bench_forward_backward(benchmark, impl, scaled, sliced, device, numel):
     _skip_unless_runs(impl, device, scaled)
-    x, scale = _setup(numel, device, scaled, need_grad=impl != "copy_")
-    grad = torch.randn(numel, device=device)
+    _skip_sliced(impl, sliced)
+    x, scale = _setup(numel, device, scaled, need_grad=impl != "copy_", sliced=sliced)
+    grad = torch.randn(numel + 1, device=device)[1:] if sliced else torch.randn(numel, device=device)
     out = torch.empty_like(x)
     sf = 2.0
 
@@ -133,5 +148,5 @@ def bench_forward_backward(benchmark, impl, scaled, device, numel):
         sync(device)
 
     # x and grad read, y and grad_x written; copy_ is the one-pass floor it is compared with
-    _record(benchmark, "forward+backward", numel, scaled, device, impl, 16 * numel if impl != "copy_" else 8 * numel)
+    _record(benchmark, "forward+backward", numel, scaled, device, impl, 16 * numel if impl != "copy_" else 8 * numel, sliced)
     _measure(benchmark, run, impl)

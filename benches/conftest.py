@@ -3,7 +3,8 @@
 Every benchmark stores ``extra_info`` with its group key (op, size, scale mode, device),
 the bytes it must move at least, and its role (``anchor`` or ``candidate``). At the end of
 the session the medians are turned into ratios against the anchors measured in the same
-run (``Tensor.copy_`` and torch's own fake-quant), printed, and with
+run (``Tensor.copy_`` and torch's own fake-quant) and the share of copy_'s bandwidth
+each reaches (GB/s counted over the bytes each must move), printed, and with
 ``--fedmpq-md PATH`` written as a Markdown table (docs/BENCHMARKS.md quotes it).
 """
 from __future__ import annotations
@@ -61,25 +62,29 @@ def _rows(benchmarks):
     rows = []
     for key in sorted(by_group, key=lambda k: (k[0], k[3], k[1], k[2])):
         entries = by_group[key]
-        copy_t = next((t for n, i, t in entries if n == "copy_"), None)
+        copy = next(((i, t) for n, i, t in entries if n == "copy_"), None)
+        copy_t = copy[1] if copy else None
+        copy_gbs = copy[0]["bytes"] / copy[1] / 1e9 if copy else None
         torch_t = next((t for n, i, t in entries if n == "torch_fq"), None)
         for name, info, t in sorted(entries, key=lambda e: e[2]):
             rows.append(dict(
                 op=key[0], size=_size_id(key[1]), scale=key[2], device=key[3], name=name,
                 median_ms=t * 1e3, gbs=info["bytes"] / t / 1e9,
                 x_copy=(t / copy_t) if copy_t else None,
+                pct_copy_bw=(100 * info["bytes"] / t / 1e9 / copy_gbs) if copy_gbs else None,
                 speedup_vs_torch=(torch_t / t) if torch_t else None,
             ))
     return rows
 
 
 def _fmt(rows):
-    head = "| op | size | scale | device | implementation | median ms | GB/s | × copy_ | speed-up vs torch fq |"
-    out = [head, "|" + "---|" * 9]
+    head = "| op | size | scale | device | implementation | median ms | GB/s | % of copy_ GB/s | × copy_ | speed-up vs torch fq |"
+    out = [head, "|" + "---|" * 10]
     for r in rows:
         xc = f"{r['x_copy']:.2f}" if r["x_copy"] is not None else "–"
+        bw = f"{r['pct_copy_bw']:.0f} %" if r["pct_copy_bw"] is not None else "–"
         sp = f"{r['speedup_vs_torch']:.1f}×" if r["speedup_vs_torch"] is not None else "–"
-        out.append(f"| {r['op']} | {r['size']} | {r['scale']} | {r['device']} | {r['name']} | {r['median_ms']:.3f} | {r['gbs']:.1f} | {xc} | {sp} |")
+        out.append(f"| {r['op']} | {r['size']} | {r['scale']} | {r['device']} | {r['name']} | {r['median_ms']:.3f} | {r['gbs']:.1f} | {bw} | {xc} | {sp} |")
     return out
 
 

@@ -31,7 +31,15 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-// A bitmap argument: null (0) with 0 bytes, or a buffer holding all words of n elements.
+// An element count: bounded once here, so that no size computed from it can overflow.
+void check_count(const char* what, int64_t n) {
+  require(n >= 0, std::string(what) + ": negative element count");
+  require(n <= fedmpq::cpu::kMaxElems, std::string(what) + ": " + std::to_string(n) + " elements is more than the " +
+                                           std::to_string(fedmpq::cpu::kMaxElems) + " any kernel accepts");
+}
+
+// A bitmap argument: null (0) with 0 bytes, or a 4-byte-aligned buffer holding all words
+// of n elements (n already checked by check_count).
 void check_bitmap(const char* name, uintptr_t p, int64_t nbytes, int64_t n, bool required) {
   if (p == 0) {
     require(!required, std::string(name) + " bitmap is required");
@@ -42,10 +50,30 @@ void check_bitmap(const char* name, uintptr_t p, int64_t nbytes, int64_t n, bool
   require(p % 4 == 0, std::string(name) + " bitmap must be 4-byte aligned");
 }
 
-void check_elems(const char* what, uintptr_t p, int64_t n, int64_t cap) {
-  require(n >= 0, std::string(what) + ": negative element count");
+// A buffer of `cap` elements of `elem_size` bytes that must hold n: not null when n > 0,
+// and aligned to its element size (a misaligned float load is undefined behaviour).
+void check_elems(const char* what, uintptr_t p, int64_t n, int64_t cap, int64_t elem_size) {
+  check_count(what, n);
   require(cap >= n, std::string(what) + ": buffer holds " + std::to_string(cap) + " elements, needs " + std::to_string(n));
   require(n == 0 || p != 0, std::string(what) + ": null data pointer");
+  require(p % static_cast<uintptr_t>(elem_size) == 0,
+          std::string(what) + ": data pointer is not " + std::to_string(elem_size) + "-byte aligned");
+}
+
+// An input and an output of n elements each: the same buffer (in place) or disjoint. A
+// partial overlap would let the kernel read what it already wrote.
+void check_no_partial_overlap(const char* in, uintptr_t a, const char* out, uintptr_t b, int64_t n,
+                              int64_t elem_size) {
+  if (n == 0 || a == b) return;
+  const uintptr_t bytes = static_cast<uintptr_t>(n) * static_cast<uintptr_t>(elem_size);  // n <= kMaxElems
+  require(a + bytes <= b || b + bytes <= a,
+          std::string(in) + " and " + std::string(out) + " overlap without being the same buffer");
+}
+
+// Bytes per element of a CUDA dtype code (0 float32, 1 float16, 2 bfloat16).
+int64_t dtype_size(int dtype) {
+  require(dtype >= 0 && dtype <= 2, "unknown dtype code " + std::to_string(dtype));
+  return dtype == 0 ? 4 : 2;
 }
 
 }  // namespace
@@ -70,7 +98,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "absmax_f32",
       [](uintptr_t x, int64_t n, int nthreads) {
-        check_elems("x", x, n, n);
+        check_elems("x", x, n, n, 4);
         py::gil_scoped_release nogil;
         return fedmpq::cpu::absmax_f32(ptr<const float>(x), n, nthreads);
       },
@@ -80,8 +108,9 @@ PYBIND11_MODULE(_C, m) {
       "fake_quant_fwd_f32",
       [](uintptr_t x, int64_t n, uintptr_t y, int64_t y_cap, int bits, double scale, bool dynamic,
          uintptr_t pass, int64_t pass_nbytes, uintptr_t hi, int64_t hi_nbytes, int nthreads) {
-        check_elems("x", x, n, n);
-        check_elems("y", y, n, y_cap);
+        check_elems("x", x, n, n, 4);
+        check_elems("y", y, n, y_cap, 4);
+        check_no_partial_overlap("x", x, "y", y, n, 4);
         check_bits(bits);
         check_bitmap("pass", pass, pass_nbytes, n, false);
         check_bitmap("hi", hi, hi_nbytes, n, false);
@@ -104,8 +133,9 @@ PYBIND11_MODULE(_C, m) {
       "fake_quant_bwd_f32",
       [](uintptr_t g, int64_t n, uintptr_t gx, int64_t gx_cap, uintptr_t pass, int64_t pass_nbytes, uintptr_t hi,
          int64_t hi_nbytes, int nthreads) {
-        check_elems("grad", g, n, n);
-        check_elems("grad_x", gx, n, gx_cap);
+        check_elems("grad", g, n, n, 4);
+        check_elems("grad_x", gx, n, gx_cap, 4);
+        check_no_partial_overlap("grad", g, "grad_x", gx, n, 4);
         check_bitmap("pass", pass, pass_nbytes, n, n > 0);
         check_bitmap("hi", hi, hi_nbytes, n, false);
         py::gil_scoped_release nogil;
@@ -124,8 +154,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cuda_absmax",
       [](uintptr_t x, int dtype, int64_t n, uintptr_t out_bits, int device, uintptr_t stream) {
-        check_elems("x", x, n, n);
-        require(out_bits != 0, "absmax output is null");
+        check_elems("x", x, n, n, dtype_size(dtype));
+        require(out_bits != 0 && out_bits % 4 == 0, "absmax output is null or not 4-byte aligned");
         fedmpq::cuda::absmax(ptr<const void>(x), dtype, n, ptr<uint32_t>(out_bits), device, stream);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("out_bits"), py::arg("device"), py::arg("stream"));
@@ -133,11 +163,12 @@ PYBIND11_MODULE(_C, m) {
       "cuda_fake_quant_fwd",
       [](uintptr_t x, uintptr_t y, int dtype, int64_t n, int64_t y_cap, int bits, uintptr_t scale, bool scale_given,
          uintptr_t pass, int64_t pass_nbytes, uintptr_t hi, int64_t hi_nbytes, int device, uintptr_t stream) {
-        check_elems("x", x, n, n);
-        check_elems("y", y, n, y_cap);
+        const int64_t es = dtype_size(dtype);
+        check_elems("x", x, n, n, es);
+        check_elems("y", y, n, y_cap, es);
+        check_no_partial_overlap("x", x, "y", y, n, es);
         check_bits(bits);
-        require(dtype >= 0 && dtype <= 2, "unknown dtype code");
-        require(scale != 0, "scale pointer is null");
+        require(scale != 0 && scale % 4 == 0, "scale pointer is null or not 4-byte aligned");
         check_bitmap("pass", pass, pass_nbytes, n, false);
         check_bitmap("hi", hi, hi_nbytes, n, false);
         fedmpq::cuda::fake_quant_fwd(ptr<const void>(x), ptr<void>(y), dtype, n, bits, ptr<const float>(scale),
@@ -146,19 +177,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("n"), py::arg("y_cap"), py::arg("bits"),
       py::arg("scale"), py::arg("scale_given"), py::arg("pass_bits"), py::arg("pass_nbytes"), py::arg("hi_bits"),
       py::arg("hi_nbytes"), py::arg("device"), py::arg("stream"));
-  m.def("cuda_fake_quant_bwd_partials", &fedmpq::cuda::fake_quant_bwd_partials, py::arg("n"), py::arg("device"));
+  m.def(
+      "cuda_fake_quant_bwd_partials",
+      [](int64_t n, int device) {
+        check_count("n", n);
+        return fedmpq::cuda::fake_quant_bwd_partials(n, device);
+      },
+      py::arg("n"), py::arg("device"));
   m.def(
       "cuda_fake_quant_bwd",
       [](uintptr_t g, uintptr_t gx, int dtype, int64_t n, int64_t gx_cap, uintptr_t pass, int64_t pass_nbytes,
          uintptr_t hi, int64_t hi_nbytes, uintptr_t partials, int64_t partials_len, int device, uintptr_t stream) {
-        check_elems("grad", g, n, n);
-        check_elems("grad_x", gx, n, gx_cap);
-        require(dtype >= 0 && dtype <= 2, "unknown dtype code");
+        const int64_t es = dtype_size(dtype);
+        check_elems("grad", g, n, n, es);
+        check_elems("grad_x", gx, n, gx_cap, es);
+        check_no_partial_overlap("grad", g, "grad_x", gx, n, es);
         check_bitmap("pass", pass, pass_nbytes, n, n > 0);
         check_bitmap("hi", hi, hi_nbytes, n, false);
         if (hi != 0 && n > 0)
-          require(partials != 0 && partials_len >= fedmpq::cuda::fake_quant_bwd_partials(n, device),
-                  "partials buffer too small");
+          require(partials != 0 && partials % 4 == 0 &&
+                      partials_len >= fedmpq::cuda::fake_quant_bwd_partials(n, device),
+                  "partials buffer is null, not 4-byte aligned or too small");
         fedmpq::cuda::fake_quant_bwd(ptr<const void>(g), ptr<void>(gx), dtype, n, ptr<const uint32_t>(pass),
                                      ptr<const uint32_t>(hi), ptr<float>(partials), device, stream);
       },

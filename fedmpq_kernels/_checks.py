@@ -21,6 +21,29 @@ def bitmap_nbytes(n: int) -> int:
     return 4 * ((n + 31) // 32)
 
 
+def bitmap_arg(bits, n: int, device: torch.device, name: str) -> torch.Tensor:
+    """A bitmap handed to a backward kernel, as every backend takes it: uint8 on ``device``
+    with at least :func:`bitmap_nbytes` (n) bytes. Returned contiguous and 4-byte aligned
+    (the kernels read whole uint32 words), copied only when it is not already (a bitmap
+    from the forward always is: it costs n/8 bytes to copy otherwise).
+
+    Raises:
+        TypeError: not a uint8 tensor.
+        ValueError: on another device, or too short for n elements.
+    """
+    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.uint8:
+        got = bits.dtype if isinstance(bits, torch.Tensor) else type(bits).__name__
+        raise TypeError(f"{name} must be a uint8 tensor, got {got}")
+    if bits.device != device:
+        raise ValueError(f"{name} is on {bits.device} but grad is on {device}")
+    need = bitmap_nbytes(n)
+    if bits.numel() < need:
+        raise ValueError(f"{name} has {bits.numel()} bytes, {need} needed for {n} elements")
+    if not bits.is_contiguous() or bits.data_ptr() % 4 != 0:
+        bits = bits.clone(memory_format=torch.contiguous_format)  # fresh storage: aligned
+    return bits
+
+
 def check_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise TypeError(f"bits must be an int, got {type(bits).__name__}")

@@ -1,7 +1,9 @@
 """CPU backend: adapters from tensors to the C++ kernels in csrc/cpu (OpenMP + AVX2).
 
-The kernels work on contiguous float32; other float dtypes are converted here and the
-result converted back. Thread count follows ``torch.get_num_threads()``.
+The kernels work on contiguous, 4-byte-aligned float32; other float dtypes are converted
+here and the result converted back, and the rare misaligned float32 tensor (one made by
+``torch.frombuffer`` at an odd offset) is copied first. Thread count follows
+``torch.get_num_threads()`` (capped by the native side at the cores available).
 """
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import bitmap_nbytes
+from ._checks import bitmap_arg, bitmap_nbytes
 from ._native import native, native_error
 
 Tensor = torch.Tensor
-_EMPTY = torch.empty(0, dtype=torch.uint8)
+_CPU = torch.device("cpu")
 
 
 def available() -> Tuple[bool, str]:
@@ -25,12 +27,20 @@ def _bitmap(n: int, wanted: bool) -> Tensor:
     return torch.empty(bitmap_nbytes(n) if wanted else 0, dtype=torch.uint8)
 
 
+def _f32(t: Tensor) -> Tensor:
+    """t as contiguous, 4-byte-aligned float32 (no copy when it already is)."""
+    t = t.contiguous()
+    if t.dtype != torch.float32:
+        return t.float()
+    if t.data_ptr() % 4 != 0:
+        return t.clone()  # fresh storage is aligned
+    return t
+
+
 def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
     """See :func:`fedmpq_kernels.reference.fake_quant_forward`. x: CPU float tensor, any
     strides; scale: None or 0-dim CPU tensor (already checked finite and > 0)."""
-    xc = x.contiguous()
-    if xc.dtype != torch.float32:
-        xc = xc.float()
+    xc = _f32(x)
     n = xc.numel()
     y = torch.empty(x.shape, dtype=torch.float32)
     p = _bitmap(n, mode >= 1)
@@ -48,19 +58,17 @@ def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int)
 
 
 def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
-    """See :func:`fedmpq_kernels.reference.fake_quant_backward`. grad: CPU float tensor."""
-    g = grad.contiguous()
-    if g.dtype != torch.float32:
-        g = g.float()
+    """See :func:`fedmpq_kernels.reference.fake_quant_backward`. grad: CPU float tensor;
+    the bitmaps as :func:`fedmpq_kernels._checks.bitmap_arg` takes them."""
+    g = _f32(grad)
     n = g.numel()
     gx = torch.empty(grad.shape, dtype=torch.float32)
-    hb = hi_bits if scale_grad else _EMPTY
-    pb = pass_bits.contiguous()
-    hb = hb.contiguous()
+    pb = bitmap_arg(pass_bits, n, _CPU, "pass_bits")
+    hb = bitmap_arg(hi_bits, n, _CPU, "hi_bits") if scale_grad else None
     gs = native.fake_quant_bwd_f32(
         g.data_ptr(), n, gx.data_ptr(), gx.numel(),
-        pb.data_ptr() if pb.numel() else 0, pb.numel(),
-        hb.data_ptr() if hb.numel() else 0, hb.numel(),
+        pb.data_ptr() if n else 0, pb.numel(),
+        hb.data_ptr() if hb is not None and n else 0, hb.numel() if hb is not None else 0,
         torch.get_num_threads(),
     )
     if grad.dtype != torch.float32:

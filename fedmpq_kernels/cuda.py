@@ -3,7 +3,10 @@
 The kernels read float32, float16 and bfloat16 directly (the math is float32, see
 :mod:`fedmpq_kernels.reference`), run on the tensor's device and on torch's current
 stream there, and never synchronize: a dynamic scale (max|x|) and a given device scale
-stay on the device. Inputs of any strides are made contiguous here first.
+stay on the device. Inputs of any strides are made contiguous here first; a contiguous
+input at any element offset (a slice such as ``x[1:]``) is read in place. The native
+launchers select the tensor's device for the launch and restore the caller's current
+device afterwards, so an op on ``cuda:1`` never changes what ``device="cuda"`` means.
 """
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import bitmap_nbytes
+from ._checks import bitmap_arg, bitmap_nbytes
+from ._device import on_device
 
 Tensor = torch.Tensor
 
@@ -73,17 +77,6 @@ def _bitmap_out(n: int, wanted: bool, device: torch.device) -> Tensor:
     return torch.empty(bitmap_nbytes(n) if wanted else 0, dtype=torch.uint8, device=device)
 
 
-def _bitmap_in(bits: Tensor, n: int, device: torch.device, name: str) -> Tensor:
-    """A bitmap to read: on `device`, contiguous, holding all words of n elements."""
-    if bits.device != device:
-        raise ValueError(f"{name} is on {bits.device} but grad is on {device}")
-    bits = bits.contiguous()
-    nbytes = bits.numel() * bits.element_size()
-    if nbytes < bitmap_nbytes(n):
-        raise ValueError(f"{name} has {nbytes} bytes, {bitmap_nbytes(n)} needed for {n} elements")
-    return bits
-
-
 def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
     """See :func:`fedmpq_kernels.reference.fake_quant_forward`.
 
@@ -113,23 +106,24 @@ def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int)
         return y, pass_bits, hi_bits
     native = _native()
     stream = _stream(dev)
-    if scale is None:
-        # max|x| as float32 bits, reduced with atomicMax: the buffer must start at 0.
-        # The forward kernel reads it on the same stream, so no host round trip.
-        s = torch.zeros(1, dtype=torch.int32, device=dev)
-        native.cuda_absmax(xc.data_ptr(), code, n, s.data_ptr(), dev.index, stream)
-        scale_given = False
-    else:
-        if scale.numel() != 1:
-            raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
-        s = scale.detach().reshape(()).to(device=dev, dtype=torch.float32).contiguous()
-        scale_given = True
-    native.cuda_fake_quant_fwd(
-        xc.data_ptr(), y.data_ptr(), code, n, y.numel(), bits, s.data_ptr(), scale_given,
-        pass_bits.data_ptr() if mode >= 1 else 0, pass_bits.numel(),
-        hi_bits.data_ptr() if mode == 2 else 0, hi_bits.numel(),
-        dev.index, stream,
-    )
+    with on_device(dev):
+        if scale is None:
+            # max|x| as float32 bits, reduced with atomicMax: the buffer must start at 0.
+            # The forward kernel reads it on the same stream, so no host round trip.
+            s = torch.zeros(1, dtype=torch.int32, device=dev)
+            native.cuda_absmax(xc.data_ptr(), code, n, s.data_ptr(), dev.index, stream)
+            scale_given = False
+        else:
+            if scale.numel() != 1:
+                raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
+            s = scale.detach().reshape(()).to(device=dev, dtype=torch.float32).contiguous()
+            scale_given = True
+        native.cuda_fake_quant_fwd(
+            xc.data_ptr(), y.data_ptr(), code, n, y.numel(), bits, s.data_ptr(), scale_given,
+            pass_bits.data_ptr() if mode >= 1 else 0, pass_bits.numel(),
+            hi_bits.data_ptr() if mode == 2 else 0, hi_bits.numel(),
+            dev.index, stream,
+        )
     # The temporaries (xc, s) may be freed now: the caching allocator only reuses their
     # memory for work queued after these kernels on the same stream.
     return y, pass_bits, hi_bits
@@ -140,7 +134,9 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
 
     Args:
         grad: float32/float16/bfloat16 CUDA tensor, any shape and strides.
-        pass_bits: uint8 bitmap from the forward (4 * ceil(numel / 32) bytes), grad's device.
+        pass_bits: uint8 bitmap from the forward (4 * ceil(numel / 32) bytes), grad's device
+            (copied first if it is not contiguous and 4-byte aligned; see
+            :func:`fedmpq_kernels._checks.bitmap_arg` for the errors).
         hi_bits: the forward's hi bitmap; read only when scale_grad.
         scale_grad: whether to compute the scale gradient.
 
@@ -156,26 +152,27 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     g = grad.contiguous()
     n = g.numel()
     gx = torch.empty(grad.shape, dtype=grad.dtype, device=dev)
+    pb = bitmap_arg(pass_bits, n, dev, "pass_bits")
+    hb = bitmap_arg(hi_bits, n, dev, "hi_bits") if scale_grad else None
     if n == 0:
         return gx, torch.zeros((), dtype=torch.float32, device=dev)
-    pb = _bitmap_in(pass_bits, n, dev, "pass_bits")
     native = _native()
     stream = _stream(dev)
-    if not scale_grad:
+    with on_device(dev):
+        if not scale_grad:
+            native.cuda_fake_quant_bwd(
+                g.data_ptr(), gx.data_ptr(), code, n, gx.numel(),
+                pb.data_ptr(), pb.numel(), 0, 0, 0, 0, dev.index, stream,
+            )
+            return gx, torch.zeros((), dtype=torch.float32, device=dev)
+        # One float per block of the kernel's grid, every slot written: summed here, on the
+        # device, so nothing synchronizes.
+        nparts = native.cuda_fake_quant_bwd_partials(n, dev.index)
+        partials = torch.empty(nparts, dtype=torch.float32, device=dev)
         native.cuda_fake_quant_bwd(
             g.data_ptr(), gx.data_ptr(), code, n, gx.numel(),
-            pb.data_ptr(), pb.numel() * pb.element_size(), 0, 0, 0, 0, dev.index, stream,
+            pb.data_ptr(), pb.numel(),
+            hb.data_ptr(), hb.numel(),
+            partials.data_ptr(), nparts, dev.index, stream,
         )
-        return gx, torch.zeros((), dtype=torch.float32, device=dev)
-    hb = _bitmap_in(hi_bits, n, dev, "hi_bits")
-    # One float per block of the kernel's grid, every slot written: summed here, on the
-    # device, so nothing synchronizes.
-    nparts = native.cuda_fake_quant_bwd_partials(n, dev.index)
-    partials = torch.empty(nparts, dtype=torch.float32, device=dev)
-    native.cuda_fake_quant_bwd(
-        g.data_ptr(), gx.data_ptr(), code, n, gx.numel(),
-        pb.data_ptr(), pb.numel() * pb.element_size(),
-        hb.data_ptr(), hb.numel() * hb.element_size(),
-        partials.data_ptr(), nparts, dev.index, stream,
-    )
-    return gx, partials.sum()
+        return gx, partials.sum()

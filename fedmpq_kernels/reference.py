@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import bitmap_nbytes, levels
+from ._checks import bitmap_arg, bitmap_nbytes, levels
 
 Tensor = torch.Tensor
 
@@ -101,6 +101,9 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     """Clipped-STE backward: grad_x = grad where pass else 0; grad_scale (0-dim float32) =
     sum over clipped elements of (+grad where hi, -grad where lo), or 0 if not scale_grad."""
     n = grad.numel()
+    pass_bits = bitmap_arg(pass_bits, n, grad.device, "pass_bits")
+    if scale_grad:
+        hi_bits = bitmap_arg(hi_bits, n, grad.device, "hi_bits")
     passed = unpack_bitmap(pass_bits, n).view(grad.shape)
     gx = torch.where(passed, grad, torch.zeros_like(grad)).contiguous()
     if not scale_grad:

@@ -1,20 +1,110 @@
 #!/usr/bin/env bash
-# The GPU check: one call on a lent H100/H200, whose image has python3 with torch+cu130,
-# triton, nvcc, pybind11, cmake, ninja and pytest-benchmark, and no internet. Builds for the
-# card in hand, runs the CUDA and Triton tests and the GPU benchmarks, and leaves full logs
-# in $OUT (the device tool returns that folder). About 5 minutes; run with timeout_s >= 480.
-set -uo pipefail
+# The GPU check: one call on a lent H100/H200 (an image with python3, torch+cu130, triton,
+# nvcc, pybind11, cmake, ninja, pytest-benchmark; no internet). Run from anywhere:
+#
+#   OUT=/some/dir tools/gpu_check.sh        # the device tool sets $OUT
+#
+# 1. prerequisites (nvcc, Python.h of this python, torch sees a GPU, triton), printed;
+# 2. build with FEDMPQ_CUDA=1, so a build that did not find nvcc fails instead of quietly
+#    falling back to the CPU; the native module must see the GPU;
+# 3. the tests of each GPU backend on their own (cuda, triton-cuda, reference-cuda), without
+#    -x, each under its own time limit (FEDMPQ_TEST_BACKENDS makes a backend that cannot run
+#    fail instead of skip), so one failing backend does not hide the others;
+# 4. the GPU benchmarks: bandwidth of every kernel against device-to-device copy_ and speed
+#    against torch's fake-quant, aligned and sliced (x[1:]) inputs.
+# Steps 1-2 stop the script at the first failure; 3-4 always all run. It writes
+# $OUT/summary.md (pass/fail per step with the test counts, then the benchmark table: what
+# docs/BENCHMARKS.md takes as is) and full logs beside it, and exits non-zero when any step
+# failed. Budget: the step limits add up to 470 s; run with timeout_s >= 500.
+#
+# Kernels covered: fake-quant forward (absmax, values, bitmaps) and backward, CUDA C++ and
+# Triton, every dtype. Later kernel families add their test files and benches here.
+set -euo pipefail
 OUT=${OUT:-/tmp/fedmpq_gpu}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
-export FEDMPQ_CUDA_ARCHS=${FEDMPQ_CUDA_ARCHS:-90}
-{ time $PY -m pip install -e . --no-build-isolation --no-deps -q; } 2>&1 | tee "$OUT/build.txt"
-$PY -m fedmpq_kernels.info 2>&1 | tee "$OUT/info.txt"
-# Test ids carry the backend: reference-cuda, cuda, triton-cuda.
-timeout 240 $PY -m pytest tests/fedmpq_kernels -q -x -k "cuda" -p no:cacheprovider 2>&1 | tee "$OUT/tests.txt" | tail -25
-timeout 180 $PY -m pytest benches/ --benchmark-only -q -k "cuda" -p no:cacheprovider \
-  --benchmark-min-rounds=20 --fedmpq-md "$OUT/bench_gpu.md" > "$OUT/bench_log.txt" 2>&1
-cat "$OUT/bench_gpu.md" 2>/dev/null || tail -40 "$OUT/bench_log.txt"
+SUMMARY="$OUT/summary.md"
+failed=0
+
+say() { echo "$*" >> "$SUMMARY"; }  # the summary is printed whole at the end
+: > "$SUMMARY"
+say "# fedmpq GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+say ""
+
+# ---- 1. prerequisites (fail fast) ---------------------------------------------------
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>&1 ||
+  { say "FAIL prerequisites: nvidia-smi failed: $(head -c 300 "$OUT/gpu.txt")"; cat "$SUMMARY"; exit 1; }
+command -v nvcc >/dev/null || { say "FAIL prerequisites: nvcc not on PATH"; cat "$SUMMARY"; exit 1; }
+inc=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+[ -f "$inc/Python.h" ] || { say "FAIL prerequisites: $inc/Python.h missing (Python headers)"; cat "$SUMMARY"; exit 1; }
+$PY - > "$OUT/prereq.txt" 2>&1 <<'EOF' || { say "FAIL prerequisites: $(tail -n1 "$OUT/prereq.txt")"; cat "$SUMMARY"; exit 1; }
+import torch, triton, pybind11
+assert torch.cuda.is_available(), "torch.cuda.is_available() is False"
+print(f"gpu      {torch.cuda.get_device_name(0)} (sm_{''.join(map(str, torch.cuda.get_device_capability(0)))}, {torch.cuda.device_count()} visible)")
+print(f"torch    {torch.__version__} (CUDA {torch.version.cuda})")
+print(f"triton   {triton.__version__}")
+print(f"pybind11 {pybind11.__version__}")
+EOF
+say "- GPU: $(head -n1 "$OUT/gpu.txt")"
+say "- nvcc: $(nvcc --version | tail -n1); Python.h: $inc"
+sed 's/^/- /' "$OUT/prereq.txt" >> "$SUMMARY"
+
+# ---- 2. build (fail fast) -------------------------------------------------------------
+cap=$($PY -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability(0))))")
+export FEDMPQ_CUDA=1 FEDMPQ_CUDA_ARCHS=${FEDMPQ_CUDA_ARCHS:-$cap}
+start=$(date +%s)
+if ! timeout 120 $PY -m pip install -e . --no-build-isolation --no-deps -q > "$OUT/build.txt" 2>&1; then
+  tail -30 "$OUT/build.txt"; say "FAIL build (log: build.txt)"; cat "$SUMMARY"; exit 1
+fi
+say "- build: $(( $(date +%s) - start )) s for sm_$FEDMPQ_CUDA_ARCHS"
+$PY -m fedmpq_kernels.info > "$OUT/info.txt" 2>&1
+cat "$OUT/info.txt"
+$PY -c "
+from fedmpq_kernels._native import native, native_error
+assert native is not None, native_error
+assert native.with_cuda, 'built without CUDA'
+assert native.cuda_device_count() > 0, 'the module sees no GPU (driver older than the toolkit?)'
+" || { say "FAIL build: the native module has no usable CUDA (info.txt)"; cat "$SUMMARY"; exit 1; }
+
+# ---- 3. tests, one backend per step (all run) ----------------------------------------
+say ""
+say "| step | result | tests | seconds |"
+say "|---|---|---|---|"
+run_step() {  # name, limit (s), command...
+  local name=$1 limit=$2; shift 2
+  local log="$OUT/$name.txt" t0 rc counts
+  t0=$(date +%s)
+  echo "== $name (limit ${limit} s)"
+  set +e
+  timeout "$limit" "$@" > "$log" 2>&1
+  rc=$?
+  set -e
+  counts=$(grep -Eo '[0-9]+ (passed|failed|error|errors|skipped|deselected)' "$log" | tail -n 5 | paste -sd, - || true)
+  if [ "$rc" -eq 0 ]; then
+    say "| $name | pass | ${counts:-none} | $(( $(date +%s) - t0 )) |"
+  else
+    failed=1
+    [ "$rc" -eq 124 ] && counts="timed out after ${limit} s; ${counts}"
+    say "| $name | **FAIL** (rc $rc) | ${counts:-see $name.txt} | $(( $(date +%s) - t0 )) |"
+    grep -E '^(FAILED|ERROR)' "$log" | head -n 15 | sed 's/^/    /' >> "$SUMMARY" || true
+  fi
+}
+for b in cuda:90 triton-cuda:120 reference-cuda:50; do
+  name=${b%%:*}
+  run_step "tests-$name" "${b##*:}" env FEDMPQ_TEST_BACKENDS="$name" \
+    $PY -m pytest tests/fedmpq_kernels -q -p no:cacheprovider -rfE
+done
+
+# ---- 4. benchmarks (GPU rows only) -------------------------------------------------------
+run_step bench 90 $PY -m pytest benches/ --benchmark-only -q -p no:cacheprovider -k "cuda" \
+  --fedmpq-sizes=1048576,16777216,67108864 --benchmark-max-time=0.25 --benchmark-min-rounds=10 \
+  --benchmark-warmup=on --fedmpq-md "$OUT/bench_gpu.md"
+say ""
+if [ -s "$OUT/bench_gpu.md" ]; then cat "$OUT/bench_gpu.md" >> "$SUMMARY"; else say "(no benchmark table: see bench.txt)"; fi
+
+say ""
+if [ "$failed" -ne 0 ]; then say "RESULT: FAIL"; else say "RESULT: PASS"; fi
+cat "$SUMMARY"
+exit "$failed"

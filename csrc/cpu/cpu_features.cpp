@@ -4,6 +4,10 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace fedmpq::cpu {
 
 bool avx2_available() {
@@ -54,9 +58,21 @@ std::string cpu_features() {
   return s.empty() ? "none detected" : s;
 }
 
+int max_threads() {
+#ifdef _OPENMP
+  // The cores this process may use. A larger request (torch.set_num_threads(10**9), say)
+  // would make libgomp fail to create its threads and exit the whole process.
+  static const int cores = omp_get_num_procs() > 0 ? omp_get_num_procs() : 1;
+  return cores;
+#else
+  return 1;
+#endif
+}
+
 int threads_for(int requested, int64_t work) {
   constexpr int64_t kMinPerThread = 1 << 15;  // ~32K floats: below this a fork/join dominates
   if (requested < 1) requested = 1;
+  if (requested > max_threads()) requested = max_threads();
   int64_t useful = work / kMinPerThread;
   if (useful < 1) useful = 1;
   return static_cast<int>(useful < requested ? useful : requested);

@@ -20,8 +20,12 @@ const char* isa_name(Isa isa);
 // Comma-separated list of detected features relevant to the kernels.
 std::string cpu_features();
 
+// The most threads any kernel uses: the cores available to this process.
+int max_threads();
+
 // Threads to use for `work` elements when the caller allows `requested`: small tensors
-// stay on one thread, where a parallel region costs more than it saves.
+// stay on one thread, where a parallel region costs more than it saves; never more than
+// max_threads(). Every CPU kernel takes its thread count from here (the one cap).
 int threads_for(int requested, int64_t work);
 
 }  // namespace fedmpq::cpu

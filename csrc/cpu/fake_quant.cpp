@@ -54,11 +54,12 @@ double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const 
     const int64_t i0 = w * 32;
     const int64_t cnt = n - i0 < 32 ? n - i0 : 32;
     const uint32_t pw = pass[w];
-    for (int64_t k = 0; k < cnt; ++k) gx[i0 + k] = ((pw >> k) & 1u) ? g[i0 + k] : 0.0f;
-    if (hi) {
-      const uint32_t hw = hi[w];
-      for (int64_t k = 0; k < cnt; ++k)
-        if (!((pw >> k) & 1u)) acc += ((hw >> k) & 1u) ? g[i0 + k] : -static_cast<double>(g[i0 + k]);
+    const uint32_t hw = hi ? hi[w] : 0u;
+    for (int64_t k = 0; k < cnt; ++k) {
+      const float v = g[i0 + k];  // read once, before gx is written: gx may be g
+      const bool p = (pw >> k) & 1u;
+      if (hi && !p) acc += ((hw >> k) & 1u) ? static_cast<double>(v) : -static_cast<double>(v);
+      gx[i0 + k] = p ? v : 0.0f;
     }
   }
   return acc;
@@ -94,7 +95,7 @@ void fake_quant_fwd_f32(const float* x, float* y, int64_t n, int bits, float sca
   const float L = static_cast<float>((1u << bits) - 1u);
   FqConsts c{scale, scale > 0.0f ? L / scale : 0.0f, scale / L};
   const bool v = use_avx2();
-  const bool stream = n * int64_t(sizeof(float)) >= kStreamBytes;
+  const bool stream = n >= kStreamBytes / int64_t(sizeof(float));
   parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {
     uint32_t* p = pass ? pass + b / 32 : nullptr;
     uint32_t* h = hi ? hi + b / 32 : nullptr;
@@ -108,7 +109,7 @@ void fake_quant_fwd_f32(const float* x, float* y, int64_t n, int bits, float sca
 double fake_quant_bwd_f32(const float* g, float* gx, int64_t n, const uint32_t* pass,
                           const uint32_t* hi, int nthreads) {
   const bool v = use_avx2();
-  const bool stream = n * int64_t(sizeof(float)) >= kStreamBytes;
+  const bool stream = n >= kStreamBytes / int64_t(sizeof(float));
   return parallel_reduce_words<double>(
       n, threads_for(nthreads, n), 0.0,
       [&](int64_t b, int64_t e) {

@@ -1,6 +1,8 @@
 // Runtime facts (device count, compiled architectures) and the per-device helpers
 // declared in cuda_utils.cuh.
 #include <atomic>
+#include <stdexcept>
+#include <string>
 
 #include "cuda/cuda_utils.cuh"
 #include "cuda/fake_quant.h"
@@ -13,7 +15,14 @@ namespace fedmpq::cuda {
 
 namespace detail {
 
-void set_device(int device) { FEDMPQ_CUDA_CHECK(cudaSetDevice(device)); }
+void require_current_device(int device) {
+  int cur = -1;
+  FEDMPQ_CUDA_CHECK(cudaGetDevice(&cur));
+  if (cur != device)
+    throw std::invalid_argument("the current CUDA device is " + std::to_string(cur) + " but the tensors are on cuda:" +
+                                std::to_string(device) + "; launch under torch.cuda.device(" +
+                                std::to_string(device) + ")");
+}
 
 namespace {
 constexpr int kMaxCachedDevices = 64;

@@ -14,10 +14,14 @@ namespace fedmpq::cuda::detail {
                            ") in " + expr + " at " + file + ":" + std::to_string(line));
 }
 
-// The module links cudart statically, so its notion of the "current device" is separate
-// from torch's: every launcher selects the caller's device itself (cheap when unchanged).
-// The previous device is not restored because nothing else in this module relies on it.
-void set_device(int device);
+// Launchers never change the current device. The module links cudart statically, but the
+// current device is the driver's per-thread current context, shared with torch's runtime:
+// a cudaSetDevice here would silently move torch's current device too (after one op on a
+// cuda:1 tensor, device="cuda" would mean cuda:1). The Python adapters launch inside
+// torch.cuda.device(tensor.device), which selects and restores the device exactly as torch
+// does; this check turns a caller that did not into a clear error instead of a launch on
+// the wrong GPU.
+void require_current_device(int device);
 
 // A torch stream handle (an integer) as a runtime stream. Stream handles are driver
 // CUstream values, so they are valid across the static and torch's shared cudart.

@@ -10,9 +10,18 @@
 // covers V bitmap words; word w is built from the V-bit masks of lanes
 // [w*32/V, (w+1)*32/V), each shifted to its position and OR-ed together with shuffles.
 // Warps stride over tiles (grid-stride loop); the elements after the last whole tile
-// (fewer than 32 * V), and every element when a pointer is not 16-byte aligned, go
-// through a scalar path in which lane j handles element 32*w + j of word w and the word
-// is one __ballot_sync. All indexing is int64.
+// (fewer than 32 * V) go through a scalar path in which lane j handles element 32*w + j of
+// word w and the word is one __ballot_sync. All indexing is int64.
+//
+// Misaligned inputs. The outputs are always fresh (16-byte aligned), but an input may be a
+// contiguous slice such as x[1:], which starts `shift` elements (0 < shift < V) past a
+// 16-byte boundary. Path::kShifted keeps the vector path for it: each lane loads the
+// aligned vector below its elements and takes the last `shift` elements from the next
+// lane's vector with shuffles (lane 31 loads the vector after the tile itself), so a slice
+// moves the same bytes as an aligned tensor. Every aligned 16-byte vector it loads holds at
+// least one element of the tensor, so it lies inside the tensor's allocation. Pointers
+// that are not even element-aligned (never the case for torch tensors) take the scalar
+// path for everything.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -21,6 +30,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "cuda/cuda_utils.cuh"
 #include "cuda/fake_quant.h"
@@ -82,6 +92,56 @@ __device__ __forceinline__ void store16(typename E::Raw* p, const Vec16<E>& v) {
   *reinterpret_cast<uint4*>(p) = v.u;
 }
 
+// How a kernel reads its input: kVector (16-byte aligned), kShifted (element-aligned, a
+// runtime `shift` of elements past a 16-byte boundary), kScalar (one element per lane).
+enum class Path { kScalar, kVector, kShifted };
+
+// Word j (0..7, j - i uniform and small) of the 8 words a0..a3, b0..b3, as selects on
+// registers (a runtime index into a register array would go to local memory).
+__device__ __forceinline__ uint32_t word_at(const uint4& a, const uint4& b, int j) {
+  switch (j) {
+    case 0: return a.x;
+    case 1: return a.y;
+    case 2: return a.z;
+    case 3: return a.w;
+    case 4: return b.x;
+    case 5: return b.y;
+    case 6: return b.z;
+    default: return b.w;
+  }
+}
+
+// Elements [e, e + V) of the input, e = this lane's first element of a whole tile (e is a
+// multiple of V; the tile ends at or before n). kVector: one aligned load. kShifted: `xa`
+// is the input pointer moved back by `shift` elements to a 16-byte boundary, so
+// x[e .. e+V) = xa[e+shift .. e+shift+V): the tail of the aligned vector xa[e .. e+V) and
+// the head of xa[e+V .. e+2V), which is the next lane's vector (lane 31: the first vector
+// of the next tile, holding x[e+V-shift] with e+V-shift < n). Every lane of the warp calls
+// this (shuffles).
+template <class E, Path kPath>
+__device__ __forceinline__ Vec16<E> load_elems(const typename E::Raw* xa, int64_t e, int lane, int shift_bytes) {
+  Vec16<E> own = load16<E>(xa + e);
+  if constexpr (kPath == Path::kVector) {
+    return own;
+  } else {
+    uint4 nxt;
+    nxt.x = __shfl_down_sync(kFullMask, own.u.x, 1);
+    nxt.y = __shfl_down_sync(kFullMask, own.u.y, 1);
+    nxt.z = __shfl_down_sync(kFullMask, own.u.z, 1);
+    nxt.w = __shfl_down_sync(kFullMask, own.u.w, 1);
+    if (lane == 31) nxt = load16<E>(xa + e + Vec16<E>::kN).u;
+    // Byte shift 0 < shift_bytes < 16, a multiple of the element size: whole words, then
+    // a 16-bit funnel shift for half-word element types.
+    const int ws = shift_bytes >> 2, bs = (shift_bytes & 3) * 8;
+    Vec16<E> out;
+    out.u.x = __funnelshift_r(word_at(own.u, nxt, ws), word_at(own.u, nxt, ws + 1), bs);
+    out.u.y = __funnelshift_r(word_at(own.u, nxt, ws + 1), word_at(own.u, nxt, ws + 2), bs);
+    out.u.z = __funnelshift_r(word_at(own.u, nxt, ws + 2), word_at(own.u, nxt, ws + 3), bs);
+    out.u.w = __funnelshift_r(word_at(own.u, nxt, ws + 3), word_at(own.u, nxt, ws + 4), bs);
+    return out;
+  }
+}
+
 // ---- the math -----------------------------------------------------------------------
 struct FqParams {
   float s, inv, step;
@@ -136,21 +196,25 @@ __device__ __forceinline__ int64_t total_threads() { return static_cast<int64_t>
 // ---- kernels ------------------------------------------------------------------------
 
 // max over |x| bit patterns; one atomicMax per block into *out (zero on entry).
-template <class E, bool kVec>
+// kShifted: x lies `shift` elements past the 16-byte boundary xa = x - shift; the aligned
+// vectors of xa are read whole and the `shift` elements before x are left out.
+template <class E, Path kPath>
 __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
-    absmax_kernel(const typename E::Raw* __restrict__ x, int64_t n, uint32_t* __restrict__ out) {
+    absmax_kernel(const typename E::Raw* __restrict__ x, int64_t n, int shift, uint32_t* __restrict__ out) {
   constexpr int V = Vec16<E>::kN;
   const int64_t t0 = global_thread(), nt = total_threads();
   uint32_t m = 0;
   int64_t tail = 0;
-  if constexpr (kVec) {
-    const int64_t nvec = n / V;
+  if constexpr (kPath != Path::kScalar) {
+    const typename E::Raw* xa = x - shift;  // shift == 0 for kVector
+    const int64_t nvec = (n + shift) / V;
     for (int64_t i = t0; i < nvec; i += nt) {
-      const Vec16<E> v = load16<E>(x + i * V);
+      const Vec16<E> v = load16<E>(xa + i * V);
 #pragma unroll
-      for (int k = 0; k < V; ++k) m = umax(m, abs_bits(E::to_float(v.r[k])));
+      for (int k = 0; k < V; ++k)
+        if (kPath == Path::kVector || i > 0 || k >= shift) m = umax(m, abs_bits(E::to_float(v.r[k])));
     }
-    tail = nvec * V;
+    tail = nvec > 0 ? nvec * V - shift : 0;
   }
   for (int64_t i = tail + t0; i < n; i += nt) m = umax(m, abs_bits(E::to_float(x[i])));
 
@@ -169,26 +233,30 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
 }
 
 // y = fake-quant(x); pass/hi bitmaps when non-null (warp-uniform branches).
-template <class E, bool kVec>
+// y must be 16-byte aligned unless kPath is kScalar; x as load_elems takes it. y may be x
+// itself (in place) on the kVector and kScalar paths, as in fq_bwd_kernel.
+template <class E, Path kPath>
 __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
-    fq_fwd_kernel(const typename E::Raw* __restrict__ x, typename E::Raw* __restrict__ y, int64_t n,
+    fq_fwd_kernel(const typename E::Raw* x, typename E::Raw* y, int64_t n,
                   float levels, const float* __restrict__ scale, bool scale_given, uint32_t* __restrict__ pass,
-                  uint32_t* __restrict__ hi) {
+                  uint32_t* __restrict__ hi, int shift) {
   const FqParams c = load_params(scale, scale_given, levels);
   const int lane = threadIdx.x & 31;
   // Loops below run per warp (the trip count depends on the warp only), so the whole warp
   // reaches every shuffle and ballot.
   const int64_t warp = global_thread() >> 5, nwarps = total_threads() >> 5;
   int64_t word0 = 0;
-  if constexpr (kVec) {
+  if constexpr (kPath != Path::kScalar) {
     constexpr int V = Vec16<E>::kN;      // elements per lane per tile = words per tile
     constexpr int kLanesPerWord = 32 / V;
     constexpr int64_t kTile = 32 * V;
     const int64_t ntiles = n / kTile;
-    const int shift = V * (lane % kLanesPerWord);  // this lane's bit position in its word
+    const int bitpos = V * (lane % kLanesPerWord);  // this lane's bit position in its word
+    const typename E::Raw* xa = x - shift;
+    const int shift_bytes = shift * static_cast<int>(sizeof(typename E::Raw));
     for (int64_t t = warp; t < ntiles; t += nwarps) {
       const int64_t e0 = t * kTile + static_cast<int64_t>(lane) * V;
-      const Vec16<E> in = load16<E>(x + e0);
+      const Vec16<E> in = load_elems<E, kPath>(xa, e0, lane, shift_bytes);
       Vec16<E> out;
       uint32_t pm = 0, hm = 0;
 #pragma unroll
@@ -201,12 +269,12 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
       store16<E>(y + e0, out);
       const int64_t word = t * V + lane / kLanesPerWord;
       if (pass != nullptr) {
-        const uint32_t w = or_over_lanes<kLanesPerWord>(pm << shift);
-        if (shift == 0) pass[word] = w;
+        const uint32_t w = or_over_lanes<kLanesPerWord>(pm << bitpos);
+        if (bitpos == 0) pass[word] = w;
       }
       if (hi != nullptr) {
-        const uint32_t w = or_over_lanes<kLanesPerWord>(hm << shift);
-        if (shift == 0) hi[word] = w;
+        const uint32_t w = or_over_lanes<kLanesPerWord>(hm << bitpos);
+        if (bitpos == 0) hi[word] = w;
       }
     }
     word0 = ntiles * V;
@@ -234,32 +302,38 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
 
 // gx = pass ? g : 0 (raw bits, so g is copied exactly). When hi is non-null, block b
 // writes partials[b] = sum over its clipped elements of (hi ? g : -g), in float32.
-template <class E, bool kVec>
+// gx must be 16-byte aligned unless kPath is kScalar; g as load_elems takes it. gx may be
+// g itself only on the kVector and kScalar paths (each element is read before it is
+// written, by the same thread); kShifted reads a neighbour's elements, and never sees
+// g == gx because gx is aligned and g is not.
+template <class E, Path kPath>
 __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
-    fq_bwd_kernel(const typename E::Raw* __restrict__ g, typename E::Raw* __restrict__ gx, int64_t n,
-                  const uint32_t* __restrict__ pass, const uint32_t* __restrict__ hi, float* __restrict__ partials) {
+    fq_bwd_kernel(const typename E::Raw* g, typename E::Raw* gx, int64_t n, const uint32_t* __restrict__ pass,
+                  const uint32_t* __restrict__ hi, float* __restrict__ partials, int shift) {
   using Raw = typename E::Raw;
   const int lane = threadIdx.x & 31;
   float acc = 0.0f;
   int64_t tail = 0;
-  if constexpr (kVec) {
+  if constexpr (kPath != Path::kScalar) {
     constexpr int V = Vec16<E>::kN;
     constexpr int kLanesPerWord = 32 / V;
     constexpr int64_t kTile = 32 * V;
     const int64_t warp = global_thread() >> 5, nwarps = total_threads() >> 5;
     const int64_t ntiles = n / kTile;
-    const int shift = V * (lane % kLanesPerWord);
+    const int bitpos = V * (lane % kLanesPerWord);
+    const Raw* ga = g - shift;
+    const int shift_bytes = shift * static_cast<int>(sizeof(Raw));
     for (int64_t t = warp; t < ntiles; t += nwarps) {
       const int64_t e0 = t * kTile + static_cast<int64_t>(lane) * V;
       const int64_t word = t * V + lane / kLanesPerWord;  // lanes of one word read the same address
-      const uint32_t pb = __ldg(pass + word) >> shift;
-      const Vec16<E> in = load16<E>(g + e0);
+      const uint32_t pb = __ldg(pass + word) >> bitpos;
+      const Vec16<E> in = load_elems<E, kPath>(ga, e0, lane, shift_bytes);
       Vec16<E> out;
 #pragma unroll
       for (int k = 0; k < V; ++k) out.r[k] = ((pb >> k) & 1u) ? in.r[k] : Raw(0);
       store16<E>(gx + e0, out);
       if (hi != nullptr) {
-        const uint32_t hb = __ldg(hi + word) >> shift;
+        const uint32_t hb = __ldg(hi + word) >> bitpos;
 #pragma unroll
         for (int k = 0; k < V; ++k) {
           if (!((pb >> k) & 1u)) {
@@ -316,6 +390,30 @@ inline unsigned grid_blocks(int64_t threads, int device) {
   return static_cast<unsigned>(b);
 }
 
+// The read path for input `in`, and its shift (elements past a 16-byte boundary; 0 unless
+// kShifted). out_aligned: whether the output, written with 16-byte stores on the vector
+// paths, is 16-byte aligned (true when there is no element output).
+template <class E>
+Path choose_path(const void* in, bool out_aligned, int* shift) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(in);
+  *shift = 0;
+  if (!out_aligned) return Path::kScalar;
+  if ((a & 15u) == 0) return Path::kVector;
+  if (a % sizeof(typename E::Raw) != 0) return Path::kScalar;
+  *shift = static_cast<int>((a & 15u) / sizeof(typename E::Raw));
+  return Path::kShifted;
+}
+
+// Calls f(std::integral_constant<Path, p>{}) so that a kernel can be instantiated per path.
+template <class F>
+void with_path(Path p, F&& f) {
+  switch (p) {
+    case Path::kVector: f(std::integral_constant<Path, Path::kVector>{}); break;
+    case Path::kShifted: f(std::integral_constant<Path, Path::kShifted>{}); break;
+    default: f(std::integral_constant<Path, Path::kScalar>{});
+  }
+}
+
 [[noreturn]] void bad_dtype(int dtype) {
   throw std::invalid_argument("unknown dtype code " + std::to_string(dtype) +
                               " (0 float32, 1 float16, 2 bfloat16)");
@@ -337,17 +435,17 @@ void dispatch(int dtype, F&& f) {
 void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, int device, uintptr_t stream) {
   if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
   if (n <= 0) return;
-  detail::set_device(device);
+  detail::require_current_device(device);
   const cudaStream_t st = detail::as_stream(stream);
   dispatch(dtype, [&](auto e) {
     using E = decltype(e);
     using Raw = typename E::Raw;
     const Raw* xp = static_cast<const Raw*>(x);
     const unsigned blocks = grid_blocks(ceil_div(n, Vec16<E>::kN), device);
-    if (aligned16(x))
-      absmax_kernel<E, true><<<blocks, kBlock, 0, st>>>(xp, n, out_bits);
-    else
-      absmax_kernel<E, false><<<blocks, kBlock, 0, st>>>(xp, n, out_bits);
+    int shift = 0;
+    with_path(choose_path<E>(x, true, &shift), [&](auto p) {
+      absmax_kernel<E, decltype(p)::value><<<blocks, kBlock, 0, st>>>(xp, n, shift, out_bits);
+    });
     FEDMPQ_CUDA_CHECK_LAUNCH();
   });
 }
@@ -358,7 +456,7 @@ void fake_quant_fwd(const void* x, void* y, int dtype, int64_t n, int bits, cons
   if (!((bits >= 1 && bits <= 8) || bits == 16))
     throw std::invalid_argument("bits must be in 1..8 or 16, got " + std::to_string(bits));
   if (n <= 0) return;
-  detail::set_device(device);
+  detail::require_current_device(device);
   const cudaStream_t st = detail::as_stream(stream);
   const float levels = static_cast<float>((1u << bits) - 1u);  // exact: at most 65535
   dispatch(dtype, [&](auto e) {
@@ -367,10 +465,11 @@ void fake_quant_fwd(const void* x, void* y, int dtype, int64_t n, int bits, cons
     const Raw* xp = static_cast<const Raw*>(x);
     Raw* yp = static_cast<Raw*>(y);
     const unsigned blocks = grid_blocks(ceil_div(n, Vec16<E>::kN), device);
-    if (aligned16(x) && aligned16(y))
-      fq_fwd_kernel<E, true><<<blocks, kBlock, 0, st>>>(xp, yp, n, levels, scale, scale_given, pass, hi);
-    else
-      fq_fwd_kernel<E, false><<<blocks, kBlock, 0, st>>>(xp, yp, n, levels, scale, scale_given, pass, hi);
+    int shift = 0;
+    with_path(choose_path<E>(x, aligned16(y), &shift), [&](auto p) {
+      fq_fwd_kernel<E, decltype(p)::value>
+          <<<blocks, kBlock, 0, st>>>(xp, yp, n, levels, scale, scale_given, pass, hi, shift);
+    });
     FEDMPQ_CUDA_CHECK_LAUNCH();
   });
 }
@@ -384,7 +483,7 @@ void fake_quant_bwd(const void* g, void* gx, int dtype, int64_t n, const uint32_
                     float* partials, int device, uintptr_t stream) {
   if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
   if (n <= 0) return;
-  detail::set_device(device);
+  detail::require_current_device(device);
   const cudaStream_t st = detail::as_stream(stream);
   const unsigned blocks = static_cast<unsigned>(fake_quant_bwd_partials(n, device));
   dispatch(dtype, [&](auto e) {
@@ -392,10 +491,10 @@ void fake_quant_bwd(const void* g, void* gx, int dtype, int64_t n, const uint32_
     using Raw = typename E::Raw;
     const Raw* gp = static_cast<const Raw*>(g);
     Raw* gxp = static_cast<Raw*>(gx);
-    if (aligned16(g) && aligned16(gx))
-      fq_bwd_kernel<E, true><<<blocks, kBlock, 0, st>>>(gp, gxp, n, pass, hi, partials);
-    else
-      fq_bwd_kernel<E, false><<<blocks, kBlock, 0, st>>>(gp, gxp, n, pass, hi, partials);
+    int shift = 0;
+    with_path(choose_path<E>(g, aligned16(gx), &shift), [&](auto p) {
+      fq_bwd_kernel<E, decltype(p)::value><<<blocks, kBlock, 0, st>>>(gp, gxp, n, pass, hi, partials, shift);
+    });
     FEDMPQ_CUDA_CHECK_LAUNCH();
   });
 }

@@ -1,7 +1,12 @@
 // Fake-quant CUDA kernels: the same math, bitmaps and NaN rules as cpu/fake_quant.h.
 // Every pointer is a device pointer owned by the caller (the Python adapter allocates
 // with torch); `stream` is a cudaStream_t passed as an integer. Launchers are
-// asynchronous and never synchronize the device.
+// asynchronous and never synchronize the device. `device` must be the current device
+// (the adapter launches under torch.cuda.device(...)): a launcher never switches devices,
+// which would change torch's current device too, and throws std::invalid_argument when
+// it is not. Inputs may start at any element offset (a slice x[k:]); outputs y/gx are
+// fastest 16-byte aligned (fresh torch allocations are). An output may be its input (in
+// place) but must not overlap it otherwise.
 #pragma once
 #include <cstdint>
 

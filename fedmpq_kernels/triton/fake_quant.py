@@ -13,6 +13,8 @@ Design
   ``(word >> col) & 1``. Offsets are int64. Programs whose block lies wholly inside
   the tensor take an unmasked path (a mask ``offs < n`` with n not a multiple of 16
   would stop Triton from vectorizing the loads/stores); only the last block is masked.
+* Launches run under ``torch.cuda.device(x.device)`` (:func:`fedmpq_kernels._device.on_device`):
+  Triton launches on the current device and its current stream, not the tensor's.
 * The scale is never read on the host: the kernels load it through a pointer. A given
   scale that is not finite and > 0 becomes NaN in the kernel (``CHECK_SCALE``).
 * Dynamic scale: ``_absmax_partial_kernel`` writes one partial max per program of the
@@ -36,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import bitmap_nbytes
+from .._checks import bitmap_arg, bitmap_nbytes
+from .._device import on_device
 
 Tensor = torch.Tensor
 
@@ -179,17 +182,9 @@ def _fq_backward_kernel(
                           SCALE_GRAD=SCALE_GRAD, MASKED=True)
 
 
-def _as_words(bits: Tensor, n: int, name: str) -> Tensor:
-    """A uint8 bitmap (>= 4*ceil(n/32) bytes) as int32 words, without copying when it can."""
-    nbytes = bitmap_nbytes(n)
-    if bits.dtype != torch.uint8:
-        raise TypeError(f"{name} must be uint8, got {bits.dtype}")
-    if bits.numel() < nbytes:
-        raise ValueError(f"{name} has {bits.numel()} bytes, {nbytes} needed for {n} elements")
-    b = bits.reshape(-1)[:nbytes]
-    if not b.is_contiguous() or b.data_ptr() % 4 != 0:
-        b = b.clone(memory_format=torch.contiguous_format)
-    return b.view(torch.int32)
+def _as_words(bits: Tensor, n: int, device: torch.device, name: str) -> Tensor:
+    """A uint8 bitmap as int32 words (checked and, if needed, copied by ``bitmap_arg``)."""
+    return bitmap_arg(bits, n, device, name)[: bitmap_nbytes(n)].view(torch.int32)
 
 
 def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -204,21 +199,22 @@ def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int)
     if n == 0:
         return y, pass_bits, hi_bits
     grid = (triton.cdiv(n, BLOCK),)
-    if scale is None:
-        part = torch.empty(grid[0], dtype=torch.int32, device=dev)
-        _absmax_partial_kernel[grid](xc, part, n, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
-        s = part.max().view(torch.float32).reshape(1)
-        check = False
-    else:
-        s = scale.reshape(1).to(device=dev, dtype=torch.float32)
-        check = True
-    nwords = nbytes // 4
-    pw = pass_bits.view(torch.int32) if mode >= 1 else y
-    hw = hi_bits.view(torch.int32) if mode >= 2 else y
-    _fq_forward_kernel[grid](
-        xc, y, s, pw, hw, n, nwords, float((1 << bits) - 1),
-        CHECK_SCALE=check, MODE=mode, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
-    )
+    with on_device(dev):
+        if scale is None:
+            part = torch.empty(grid[0], dtype=torch.int32, device=dev)
+            _absmax_partial_kernel[grid](xc, part, n, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+            s = part.max().view(torch.float32).reshape(1)
+            check = False
+        else:
+            s = scale.reshape(1).to(device=dev, dtype=torch.float32)
+            check = True
+        nwords = nbytes // 4
+        pw = pass_bits.view(torch.int32) if mode >= 1 else y
+        hw = hi_bits.view(torch.int32) if mode >= 2 else y
+        _fq_forward_kernel[grid](
+            xc, y, s, pw, hw, n, nwords, float((1 << bits) - 1),
+            CHECK_SCALE=check, MODE=mode, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )
     return y, pass_bits, hi_bits
 
 
@@ -229,16 +225,17 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     n = gc.numel()
     dev = grad.device
     gx = torch.empty(grad.shape, dtype=grad.dtype, device=dev)
-    pw = _as_words(pass_bits, n, "pass_bits")
-    hw = _as_words(hi_bits, n, "hi_bits") if scale_grad else pw
+    pw = _as_words(pass_bits, n, dev, "pass_bits")
+    hw = _as_words(hi_bits, n, dev, "hi_bits") if scale_grad else pw
     if n == 0:
         return gx, torch.zeros((), dtype=torch.float32, device=dev)
     grid = (triton.cdiv(n, BLOCK),)
     part = torch.empty(grid[0] if scale_grad else 1, dtype=torch.float32, device=dev)
-    _fq_backward_kernel[grid](
-        gc, gx, pw, hw, part, n, bitmap_nbytes(n) // 4,
-        SCALE_GRAD=bool(scale_grad), BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
-    )
+    with on_device(dev):
+        _fq_backward_kernel[grid](
+            gc, gx, pw, hw, part, n, bitmap_nbytes(n) // 4,
+            SCALE_GRAD=bool(scale_grad), BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        )
     if not scale_grad:
         return gx, torch.zeros((), dtype=torch.float32, device=dev)
     return gx, part.sum()

@@ -42,31 +42,59 @@ class Backend:
             pytest.skip(f"{self.name} on {self.device} runs in the Triton interpreter: sizes <= {self.max_numel} only")
 
 
+# FEDMPQ_TEST_BACKENDS=cuda,triton-cuda (case ids below): run only the tests of those
+# backend cases, and fail rather than skip where one of them cannot run (tools/gpu_check.sh
+# runs each GPU backend on its own this way, so a missing one cannot pass as skipped).
+_ONLY = {s.strip() for s in os.environ.get("FEDMPQ_TEST_BACKENDS", "").split(",") if s.strip()}
+
+
 def _cases():
     cuda = torch.cuda.is_available()
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     avx2 = native is not None and native.avx2_available()
-    cases = [
-        pytest.param(Backend("reference", "cpu"), id="reference-cpu"),
-        pytest.param(Backend("cpu", "cpu", "avx2"), id="cpu-avx2",
-                     marks=pytest.mark.skipif(not avx2, reason="no AVX2/FMA on this CPU or no native module")),
-        pytest.param(Backend("cpu", "cpu", "portable"), id="cpu-portable",
-                     marks=pytest.mark.skipif(native is None, reason="native module not built")),
-        pytest.param(Backend("triton", "cpu", max_numel=4096), id="triton-interpreter",
-                     marks=pytest.mark.skipif(not interp, reason="TRITON_INTERPRET is not 1")),
-        pytest.param(Backend("reference", "cuda"), id="reference-cuda",
-                     marks=pytest.mark.skipif(not cuda, reason="no CUDA device")),
-        pytest.param(Backend("cuda", "cuda"), id="cuda",
-                     marks=pytest.mark.skipif(not cuda, reason="no CUDA device")),
-        pytest.param(Backend("triton", "cuda"), id="triton-cuda",
-                     marks=pytest.mark.skipif(not cuda or interp, reason="no CUDA device (or interpreter forced)")),
+    table = [
+        (Backend("reference", "cpu"), "reference-cpu", False, ""),
+        (Backend("cpu", "cpu", "avx2"), "cpu-avx2", not avx2, "no AVX2/FMA on this CPU or no native module"),
+        (Backend("cpu", "cpu", "portable"), "cpu-portable", native is None, "native module not built"),
+        (Backend("triton", "cpu", max_numel=4096), "triton-interpreter", not interp, "TRITON_INTERPRET is not 1"),
+        (Backend("reference", "cuda"), "reference-cuda", not cuda, "no CUDA device"),
+        (Backend("cuda", "cuda"), "cuda", not cuda, "no CUDA device"),
+        (Backend("triton", "cuda"), "triton-cuda", not cuda or interp, "no CUDA device (or interpreter forced)"),
     ]
+    unknown = _ONLY - {t[1] for t in table}
+    if unknown:
+        raise pytest.UsageError(f"FEDMPQ_TEST_BACKENDS names unknown cases {sorted(unknown)}")
+    cases = []
+    for b, cid, skip, why in table:
+        if _ONLY and cid not in _ONLY:
+            continue
+        if _ONLY and skip:  # asked for by name: a case that cannot run is a failure
+            cases.append(pytest.param(_Unrunnable(cid, why), id=cid))
+            continue
+        cases.append(pytest.param(b, id=cid, marks=pytest.mark.skipif(skip, reason=why)))
     return cases
+
+
+def pytest_collection_modifyitems(config, items):
+    """With FEDMPQ_TEST_BACKENDS set, only tests that run on a backend case are kept."""
+    if not _ONLY:
+        return
+    keep = [it for it in items if "backend" in getattr(it, "fixturenames", ())]
+    config.hook.pytest_deselected(items=[it for it in items if it not in keep])
+    items[:] = keep
+
+
+@dataclass(frozen=True)
+class _Unrunnable:
+    case: str
+    why: str
 
 
 @pytest.fixture(params=_cases())
 def backend(request) -> Backend:
-    b: Backend = request.param
+    b = request.param
+    if isinstance(b, _Unrunnable):
+        pytest.fail(f"FEDMPQ_TEST_BACKENDS asks for {b.case}, which cannot run here: {b.why}")
     ok, why = registry.available(b.name)
     if not ok:
         pytest.fail(f"backend {b.name} should run here but is unavailable: {why}")

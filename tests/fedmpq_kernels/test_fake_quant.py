@@ -139,3 +139,85 @@ def test_nan_and_inf(backend):
         fk.fake_quant(xr, 2, s, ste="clipped").backward(gy)
         exact(xr.grad, torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0, 32.0], device=backend.device))
         exact(s.grad, torch.tensor(8.0 - 4.0 - 16.0, device=backend.device))
+
+
+# Sizes where a GPU kernel's grid-stride loops run several trips (at 2^20+3 a 132-SM GPU
+# covers the tensor in one), and 16-byte vectors meet odd tails.
+GPU_SIZES = [(1 << 23) + 5]
+SLICE_SIZES = [1023, 4099, (1 << 16) + 3]
+
+
+def _check_against_reference(backend, x, s, g):
+    """Every forward mode and the backward of ``backend`` against the reference, bit for bit."""
+    for mode in (0, 1, 2):
+        y, p, h = backend.module.fake_quant_forward(x, 5, s, mode)
+        ry, rp, rh = R.fake_quant_forward(x, 5, s, mode)
+        exact(y, ry)
+        assert torch.equal(p.cpu(), rp.cpu()) and torch.equal(h.cpu(), rh.cpu()), f"bitmaps differ (mode {mode})"
+        if mode:
+            gx, gs = backend.module.fake_quant_backward(g, p, h, mode == 2)
+            rgx, rgs = R.fake_quant_backward(g, rp, rh, mode == 2)
+            exact(gx, rgx)
+            torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-4, atol=1e-3 * max(1.0, g.float().abs().sum().item()) ** 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+@pytest.mark.parametrize("numel", SLICE_SIZES + GPU_SIZES)
+def test_contiguous_slices_at_every_offset_match_reference(backend, numel, dtype):
+    """x[k:] of a contiguous tensor starts k elements past an aligned address: every offset
+    below one 16-byte vector (the CUDA kernels' shifted-load path), on sizes with whole
+    vector tiles and odd tails, input and incoming gradient both sliced."""
+    if numel in GPU_SIZES and backend.device != "cuda":
+        pytest.skip("sizes for GPU grid-stride loops")
+    backend.skip_if_too_big(numel)
+    if backend.name == "triton" and backend.device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16")
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(numel)
+    base = (torch.randn(numel + vec, generator=gen) * 2).to(device=backend.device, dtype=dtype)
+    gbase = torch.randn(numel + vec, generator=gen).to(device=backend.device, dtype=dtype)
+    offsets = range(vec) if numel <= 4099 or backend.device == "cuda" else (0, 1, vec - 1)
+    with backend.active():
+        for off in offsets:
+            x = base[off:off + numel]
+            g = gbase[vec - off:vec - off + numel]  # another misalignment than x
+            assert x.is_contiguous() and x.storage_offset() == off
+            s = given_scale(x)
+            _check_against_reference(backend, x, None, g)
+            _check_against_reference(backend, x, s, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["f32", "f16", "bf16"])
+def test_large_odd_sizes_on_gpu(backend, dtype):
+    """Several grid-stride trips, 16-bit dtypes included, through the public op."""
+    if backend.device != "cuda":
+        pytest.skip("GPU sizes")
+    x = make_input(GPU_SIZES[0], "contiguous", backend.device, dtype=dtype)
+    g = make_input(GPU_SIZES[0], "contiguous", backend.device, dtype=dtype, seed=5)
+    with backend.active():
+        _check_against_reference(backend, x, None, g)
+        _check_against_reference(backend, x, given_scale(x), g)
+        exact(fk.fake_quant(x, 4), R.fake_quant_values(x, 4, None).to(dtype))
+
+
+def test_backward_takes_bitmaps_by_one_rule(backend):
+    """Every backend: a bitmap must be uint8 on grad's device and long enough (clear
+    errors otherwise); a misaligned or strided one is copied, never misread."""
+    n = 1000
+    x = make_input(n, "contiguous", backend.device)
+    g = make_input(n, "contiguous", backend.device, seed=9)
+    s = given_scale(x)
+    with backend.active():
+        _, p, h = backend.module.fake_quant_forward(x, 3, s, 2)
+        rgx, rgs = R.fake_quant_backward(g, p, h, True)
+        with pytest.raises(TypeError, match="pass_bits must be a uint8 tensor"):
+            backend.module.fake_quant_backward(g, p.view(torch.int32), h, True)
+        with pytest.raises(ValueError, match="hi_bits has 4 bytes, 128 needed for 1000 elements"):
+            backend.module.fake_quant_backward(g, p, h[:4], True)
+        buf = torch.zeros(p.numel() + 1, dtype=torch.uint8, device=backend.device)
+        buf[1:] = p
+        strided = torch.stack([h, torch.zeros_like(h)], dim=1)[:, 0]  # stride 2
+        assert buf[1:].data_ptr() % 4 != 0 and not strided.is_contiguous()
+        gx, gs = backend.module.fake_quant_backward(g, buf[1:], strided, True)
+        exact(gx, rgx)
+        torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-5, atol=1e-4)

@@ -1,5 +1,8 @@
 """The native boundary re-checks every size it is given: a wrong size from Python is a
 ValueError, never an out-of-bounds access."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -89,5 +92,117 @@ def test_streaming_store_path_matches_reference(isa):
             rgx, rgs = R.fake_quant_backward(g, rp, rh, True)
             assert torch.equal(gx, rgx)
             torch.testing.assert_close(gs, rgs, rtol=1e-5, atol=1e-2)
+    finally:
+        native.set_cpu_isa(prev)
+
+
+def test_huge_thread_counts_are_capped():
+    """libgomp exits the whole process when it cannot create the threads asked for: the
+    native side caps every request at the cores available (in a subprocess, so that a
+    regression fails this test instead of killing the run)."""
+    code = (
+        "import torch\n"
+        "from fedmpq_kernels._native import native\n"
+        "from fedmpq_kernels import reference as R\n"
+        "x = torch.randn(1 << 20); y = torch.empty_like(x)\n"
+        "native.fake_quant_fwd_f32(x.data_ptr(), x.numel(), y.data_ptr(), y.numel(), 4, 0.0, True, 0, 0, 0, 0, 2**31 - 1)\n"
+        "assert torch.equal(y, R.fake_quant_values(x, 4, None))\n"
+        "torch.get_num_threads = lambda: 2**31 - 1  # torch itself crashes at set_num_threads(10**5)\n"
+        "import fedmpq_kernels as fk\n"
+        "assert torch.equal(fk.fake_quant(x, 3), R.fake_quant_values(x, 3, None))\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def _misaligned(n: int) -> torch.Tensor:
+    buf = bytearray(4 * n + 4)
+    t = torch.frombuffer(buf, dtype=torch.float32, offset=1, count=n)
+    t.copy_(torch.randn(n) * 2)
+    assert t.data_ptr() % 4 != 0
+    return t
+
+
+def test_misaligned_float_pointers_are_rejected():
+    x = _misaligned(100)
+    y = torch.empty(100)
+    with pytest.raises(ValueError, match="x: data pointer is not 4-byte aligned"):
+        native.fake_quant_fwd_f32(x.data_ptr(), 100, y.data_ptr(), 100, 4, 0.0, True, 0, 0, 0, 0, 1)
+    with pytest.raises(ValueError, match="grad_x: data pointer is not 4-byte aligned"):
+        p = torch.zeros(16, dtype=torch.uint8)
+        native.fake_quant_bwd_f32(y.data_ptr(), 100, x.data_ptr(), 100, p.data_ptr(), 16, 0, 0, 1)
+    with pytest.raises(ValueError, match="x: data pointer is not 4-byte aligned"):
+        native.absmax_f32(x.data_ptr(), 100, 1)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_misaligned_tensors_work_through_the_op(isa):
+    """The CPU adapter copies the rare misaligned float32 tensor (torch.frombuffer at an
+    odd offset) instead of handing the kernels a misaligned pointer."""
+    import fedmpq_kernels as fk
+    from fedmpq_kernels import reference as R
+
+    if isa == "avx2" and not native.avx2_available():
+        pytest.skip("no AVX2")
+    prev = native.cpu_isa()
+    native.set_cpu_isa(isa)
+    try:
+        x = _misaligned(4099)
+        assert torch.equal(fk.fake_quant(x, 4), R.fake_quant_values(x, 4, None))
+        g = _misaligned(4099)
+        xr = x.detach().requires_grad_(True)  # still the misaligned storage
+        s = torch.tensor(1.5, requires_grad=True)
+        fk.fake_quant(xr, 4, s, ste="clipped").backward(g)
+        xo = x.clone().requires_grad_(True)
+        so = torch.tensor(1.5, requires_grad=True)
+        R.fake_quant_autograd(xo, 4, so, "clipped").backward(g.clone())
+        assert torch.equal(xr.grad, xo.grad)
+        torch.testing.assert_close(s.grad, so.grad)
+    finally:
+        native.set_cpu_isa(prev)
+
+
+@pytest.mark.parametrize("n", [2**63 - 1, 2**62, (1 << 56) + 1])
+def test_element_counts_are_bounded_before_any_size_arithmetic(n):
+    """n + 31 and 4 * n overflow near 2^63: a count past the bound is rejected first, so a
+    small bitmap can never pass a wrapped-around size check."""
+    x = torch.randn(64)
+    p = torch.zeros(8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="any kernel accepts"):
+        native.fake_quant_fwd_f32(x.data_ptr(), n, x.data_ptr(), n, 4, 0.0, True, p.data_ptr(), 8, 0, 0, 1)
+    with pytest.raises(ValueError, match="any kernel accepts"):
+        native.fake_quant_bwd_f32(x.data_ptr(), n, x.data_ptr(), n, p.data_ptr(), 8, 0, 0, 1)
+    with pytest.raises(ValueError, match="any kernel accepts"):
+        native.absmax_f32(x.data_ptr(), n, 1)
+
+
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+@pytest.mark.parametrize("n", [5, 1000, (1 << 16) + 7])
+def test_backward_in_place_gives_the_same_result(isa, n):
+    """grad_x may be grad itself: each element is read before it is written, so the scale
+    gradient is the same as out of place. A partial overlap is rejected."""
+    if isa == "avx2" and not native.avx2_available():
+        pytest.skip("no AVX2")
+    prev = native.cpu_isa()
+    native.set_cpu_isa(isa)
+    try:
+        x = torch.randn(n) * 2
+        y = torch.empty(n)
+        nb = 4 * ((n + 31) // 32)
+        p = torch.empty(nb, dtype=torch.uint8)
+        h = torch.empty(nb, dtype=torch.uint8)
+        native.fake_quant_fwd_f32(x.data_ptr(), n, y.data_ptr(), n, 3, 1.0, False, p.data_ptr(), nb, h.data_ptr(), nb, 2)
+        g = torch.randn(n)
+        gx = torch.empty(n)
+        out_of_place = native.fake_quant_bwd_f32(g.data_ptr(), n, gx.data_ptr(), n, p.data_ptr(), nb, h.data_ptr(), nb, 2)
+        gi = g.clone()
+        in_place = native.fake_quant_bwd_f32(gi.data_ptr(), n, gi.data_ptr(), n, p.data_ptr(), nb, h.data_ptr(), nb, 2)
+        assert in_place == out_of_place and torch.equal(gi, gx)
+        big = torch.randn(n + 1)
+        with pytest.raises(ValueError, match="overlap without being the same buffer"):
+            native.fake_quant_bwd_f32(big.data_ptr(), n, big[1:].data_ptr(), n, p.data_ptr(), nb, 0, 0, 1)
+        with pytest.raises(ValueError, match="overlap without being the same buffer"):
+            native.fake_quant_fwd_f32(big[1:].data_ptr(), n, big.data_ptr(), n, 3, 1.0, False, 0, 0, 0, 0, 1)
     finally:
         native.set_cpu_isa(prev)
