@@ -3,7 +3,11 @@
 Environment:
   FEDMPQ_CUDA=0          skip the CUDA sources even when nvcc is found
   FEDMPQ_CUDA_ARCHS=...  CUDA architectures, CMake syntax (default "80;90")
-  FEDMPQ_BUILD_TYPE=...  CMake build type (default Release)
+  FEDMPQ_BUILD_TYPE=...  CMake build type (default Release; RelWithDebInfo with FEDMPQ_SANITIZE=1)
+  FEDMPQ_SANITIZE=1      build the C++ sources with AddressSanitizer + UndefinedBehaviorSanitizer
+                         (-DFEDMPQ_SANITIZE=ON; off by default). For debugging only: the module
+                         then loads only with libasan and libstdc++ preloaded, see
+                         tools/sanitize.sh, which builds a copy with it and runs the tests.
 """
 import os
 import shutil
@@ -29,7 +33,8 @@ class CMakeBuild(build_ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
-        cfg = os.environ.get("FEDMPQ_BUILD_TYPE", "Release")
+        sanitize = os.environ.get("FEDMPQ_SANITIZE", "0").strip().upper() in ("1", "ON", "TRUE", "YES")
+        cfg = os.environ.get("FEDMPQ_BUILD_TYPE", "RelWithDebInfo" if sanitize else "Release")
         args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}{os.sep}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -37,6 +42,7 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-DFEDMPQ_CUDA={os.environ.get('FEDMPQ_CUDA', 'AUTO')}",
             f"-DFEDMPQ_CUDA_ARCHS={os.environ.get('FEDMPQ_CUDA_ARCHS', '80;90')}",
+            f"-DFEDMPQ_SANITIZE={'ON' if sanitize else 'OFF'}",
         ]
         if shutil.which("ninja") or _has_ninja_module():
             args.append("-GNinja")
