@@ -96,8 +96,9 @@ __device__ __forceinline__ void store16(typename E::Raw* p, const Vec16<E>& v) {
 // runtime `shift` of elements past a 16-byte boundary), kScalar (one element per lane).
 enum class Path { kScalar, kVector, kShifted };
 
-// Word j (0..7, j - i uniform and small) of the 8 words a0..a3, b0..b3, as selects on
-// registers (a runtime index into a register array would go to local memory).
+// Word j (0..7) of the 8 words a.x..a.w, b.x..b.w. j is the same for the whole kernel, so
+// this compiles to selects on registers (a runtime index into a register array would put
+// the array in local memory).
 __device__ __forceinline__ uint32_t word_at(const uint4& a, const uint4& b, int j) {
   switch (j) {
     case 0: return a.x;
