@@ -4,11 +4,12 @@ Public API::
 
     fake_quant(x, bits, scale=None, *, ste="identity") -> Tensor
 
-Backends per device are chosen by :mod:`fedmpq_kernels.registry`; ``python -m
-fedmpq_kernels.info`` prints what runs where and why.
+One package per op family (``fakequant/``); backends per device are chosen by
+:mod:`fedmpq_kernels.registry`; ``python -m fedmpq_kernels.info`` prints what runs where
+and why.
 """
 from . import registry
-from .ops import fake_quant
+from .fakequant import fake_quant
 from .registry import use_backend
 
 __version__ = "0.1.0"

@@ -2,11 +2,12 @@
 
 Prints the package, torch and triton versions; whether the native module loaded (and
 the exact reason if not); the CPU features and the kernel ISA in use; the CUDA
-architectures compiled; each backend's availability; and the backend each op runs on
-for CPU and CUDA tensors.
+architectures compiled; each backend's availability; and, per op family, the backend its
+public ops run on for CPU and CUDA tensors.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import List
 
@@ -38,12 +39,14 @@ def report() -> List[str]:
     lines.append("backends:")
     lines += ["  " + line for line in registry.explain()]
     lines.append("ops (backend per device):")
-    for dev in ("cpu", "cuda"):
-        try:
-            name = registry.backend_for(dev)
-        except RuntimeError as e:
-            name = f"ERROR: {e}"
-        lines.append(f"  fake_quant      {dev:5s} -> {name}")
+    for family in registry.FAMILIES:
+        ops = importlib.import_module(f"{__package__}.{family}").__all__  # its public functions
+        for dev in ("cpu", "cuda"):
+            try:
+                name = registry.backend_for(dev, family)
+            except RuntimeError as e:
+                name = f"ERROR: {e}"
+            lines += [f"  {op:15s} {dev:5s} -> {name}" for op in ops]
     return lines
 
 

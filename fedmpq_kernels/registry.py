@@ -1,29 +1,32 @@
-"""Which backend runs each op, per device type.
+"""Which backend runs each op family, per device type. Knows no op names.
+
+An op family is a package ``fedmpq_kernels.<family>`` (one of :data:`FAMILIES`) with one
+module per backend it has: ``reference.py`` always, ``cpu.py``, ``cuda.py``, ``triton.py``
+where it has them, each defining one function per op, named as the op's schema.
 
 Defaults: CPU tensors -> ``cpu`` (C++), CUDA tensors -> ``cuda`` (CUDA C++) then
 ``triton``, any other device -> ``reference``; a backend that is not available is skipped,
-and :func:`explain` says why. ``FEDMPQ_BACKEND=reference|cpu|cuda|triton`` (read at
-import) or :func:`use_backend` override the choice on the devices that backend supports;
+and :func:`explain` says why; one that a family does not have is skipped for that family.
+``FEDMPQ_BACKEND=reference|cpu|cuda|triton`` (read at import) or :func:`use_backend`
+override the choice on the devices that backend supports, for the families that have it;
 forcing an unavailable backend raises ``RuntimeError`` with the reason on first use.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+import torch
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
+FAMILIES = ("fakequant",)
 _DEFAULT_ORDER = {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "reference"]}
-_MODULES = {
-    "reference": "fedmpq_kernels.reference",
-    "cpu": "fedmpq_kernels.cpu",
-    "cuda": "fedmpq_kernels.cuda",
-    "triton": "fedmpq_kernels.triton.fake_quant",
-}
 
 _override: Optional[str] = None
-_cache: Dict[Tuple[str, str], Callable] = {}
+_cache: Dict[Tuple[str, str, str], Callable] = {}
 
 
 def _check_name(name: str) -> str:
@@ -44,45 +47,96 @@ def supports(name: str, device_type: str) -> bool:
     return device_type == "cuda" or (device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def _cpu_available() -> Tuple[bool, str]:
+    from ._native import native, native_error
+
+    return (True, "") if native is not None else (False, native_error)
+
+
+def _cuda_available() -> Tuple[bool, str]:
+    from ._native import native, native_error
+
+    if native is None:
+        return False, f"the native module fedmpq_kernels._C did not load: {native_error}"
+    if not getattr(native, "with_cuda", False):
+        return False, "fedmpq_kernels._C was built without CUDA (no nvcc at build time, or FEDMPQ_CUDA=0)"
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
+    torch_count = torch.cuda.device_count()
+    if torch_count == 0:
+        return False, "torch sees no CUDA device"
+    native_count = native.cuda_device_count()
+    if native_count == 0:
+        # The module links the CUDA runtime statically: it needs a driver new enough
+        # for the toolkit it was built with, even when torch's own runtime works.
+        return False, (
+            f"fedmpq_kernels._C's CUDA runtime sees no device although torch sees {torch_count} "
+            f"(is the NVIDIA driver older than the CUDA toolkit the module was built with? "
+            f"compiled for sm {native.cuda_archs()})"
+        )
+    return True, ""
+
+
+def _triton_available() -> Tuple[bool, str]:
+    # Triton kernels run on a CUDA device, or in the interpreter with TRITON_INTERPRET=1
+    # set before triton is imported.
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return False, f"import triton failed: {type(exc).__name__}: {exc}"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, ""
+    try:
+        if torch.cuda.is_available():
+            return True, ""
+    except Exception as exc:
+        return False, f"torch.cuda.is_available() failed: {type(exc).__name__}: {exc}"
+    return False, "no CUDA device (torch.cuda.is_available() is False) and TRITON_INTERPRET is not '1'"
+
+
+_AVAILABLE = {"cpu": _cpu_available, "cuda": _cuda_available, "triton": _triton_available}
+
+
 def available(name: str) -> Tuple[bool, str]:
     """(True, "") if backend ``name`` can run here, else (False, the exact reason)."""
     _check_name(name)
     if name == "reference":
         return True, ""
     try:
-        if name == "triton":
-            from .triton import available as triton_available
-
-            return triton_available()
-        return importlib.import_module(_MODULES[name]).available()
-    except Exception as e:  # an import error is a reason, not a crash
+        return _AVAILABLE[name]()
+    except Exception as e:  # a failing check is a reason, not a crash
         return False, f"{type(e).__name__}: {e}"
 
 
-def module(name: str):
-    """The Python module implementing backend ``name`` (its functions take tensors)."""
-    return importlib.import_module(_MODULES[_check_name(name)])
+def has(family: str, name: str) -> bool:
+    """Whether op family ``family`` has backend ``name`` (a module ``<family>/<name>.py``)."""
+    return importlib.util.find_spec(f"fedmpq_kernels.{family}.{_check_name(name)}") is not None
 
 
-def backend_for(device_type: str) -> str:
-    """The backend name that runs ops on ``device_type`` now."""
-    if _override is not None and supports(_override, device_type):
+def module(family: str, name: str):
+    """The Python module implementing backend ``name`` of ``family`` (its functions take tensors)."""
+    return importlib.import_module(f"fedmpq_kernels.{family}.{_check_name(name)}")
+
+
+def backend_for(device_type: str, family: Optional[str] = None) -> str:
+    """The backend name that runs ops on ``device_type`` now (of ``family``, when given)."""
+    if _override is not None and supports(_override, device_type) and (family is None or has(family, _override)):
         ok, why = available(_override)
         if not ok:
             raise RuntimeError(f"fedmpq backend {_override!r} was requested but is not available: {why}")
         return _override
     for name in _DEFAULT_ORDER.get(device_type, ["reference"]):
-        if available(name)[0]:
+        if (family is None or has(family, name)) and available(name)[0]:
             return name
     return "reference"
 
 
-def get(op: str, device_type: str) -> Callable:
-    """The implementation of backend function ``op`` (e.g. ``fake_quant_forward``) for ``device_type``."""
-    key = (op, device_type)
+def get(family: str, op: str, device_type: str) -> Callable:
+    """The implementation of ``op`` (e.g. ``fake_quant``) of ``family`` for ``device_type``."""
+    key = (family, op, device_type)
     fn = _cache.get(key)
     if fn is None:
-        fn = _cache[key] = getattr(module(backend_for(device_type)), op)
+        fn = _cache[key] = getattr(module(family, backend_for(device_type, family)), op)
     return fn
 
 

@@ -18,7 +18,8 @@
 # failed. Budget: the step limits add up to 470 s; run with timeout_s >= 500.
 #
 # Kernels covered: fake-quant forward (absmax, values, bitmaps) and backward, CUDA C++ and
-# Triton, every dtype. Later kernel families add their test files and benches here.
+# Triton, every dtype. Later kernel families' tests (tests/fedmpq_kernels/<family>/) and
+# benches (benches/bench_<family>.py) are picked up by the same steps.
 set -euo pipefail
 OUT=${OUT:-/tmp/fedmpq_gpu}
 mkdir -p "$OUT"

@@ -77,7 +77,7 @@ inline bool use_avx2() {
 }
 }  // namespace
 
-float absmax_f32(const float* x, int64_t n, int nthreads) {
+float absmax(const float* x, int64_t n, int nthreads) {
   const bool v = use_avx2();
   uint32_t m = parallel_reduce_words<uint32_t>(
       n, threads_for(nthreads, n), 0u,
@@ -90,8 +90,8 @@ float absmax_f32(const float* x, int64_t n, int nthreads) {
   return s;
 }
 
-void fake_quant_fwd_f32(const float* x, float* y, int64_t n, int bits, float scale,
-                        uint32_t* pass, uint32_t* hi, int nthreads) {
+void fake_quant(const float* x, float* y, int64_t n, int bits, float scale, uint32_t* pass, uint32_t* hi,
+                int nthreads) {
   const float L = static_cast<float>((1u << bits) - 1u);
   FqConsts c{scale, scale > 0.0f ? L / scale : 0.0f, scale / L};
   const bool v = use_avx2();
@@ -106,8 +106,8 @@ void fake_quant_fwd_f32(const float* x, float* y, int64_t n, int bits, float sca
   });
 }
 
-double fake_quant_bwd_f32(const float* g, float* gx, int64_t n, const uint32_t* pass,
-                          const uint32_t* hi, int nthreads) {
+double fake_quant_backward(const float* g, float* gx, int64_t n, const uint32_t* pass,
+                           const uint32_t* hi, int nthreads) {
   const bool v = use_avx2();
   const bool stream = n >= kStreamBytes / int64_t(sizeof(float));
   return parallel_reduce_words<double>(

@@ -13,23 +13,23 @@ namespace fedmpq::cpu {
 // Number of uint32 words in a bitmap of n >= 0 elements (no n + 31: it cannot overflow).
 inline int64_t bitmap_words(int64_t n) { return n / 32 + (n % 32 != 0); }
 
-// The most elements any kernel accepts (bindings.cpp checks it once): byte counts of float
+// The most elements any kernel accepts (the bindings check it once): byte counts of float
 // buffers and bitmaps, and every index computed from n, then stay far from int64 overflow.
 constexpr int64_t kMaxElems = int64_t(1) << 56;
 
 // Max of |x| over n floats, NaN-propagating (a NaN anywhere gives NaN). n may be 0 (gives 0).
-float absmax_f32(const float* x, int64_t n, int nthreads);
+float absmax(const float* x, int64_t n, int nthreads);
 
 // Forward on n contiguous floats. pass/hi may be null (not produced).
-void fake_quant_fwd_f32(const float* x, float* y, int64_t n, int bits, float scale,
-                        uint32_t* pass, uint32_t* hi, int nthreads);
+void fake_quant(const float* x, float* y, int64_t n, int bits, float scale, uint32_t* pass, uint32_t* hi,
+                int nthreads);
 
 // Clipped-STE backward: gx = pass ? g : 0. If hi is non-null, returns
 // sum over clipped elements of (hi ? g : -g) (the scale gradient); else returns 0.
 // gx may be g itself (each element is read before it is written); partial overlap is not
-// allowed (bindings.cpp rejects it). The same holds for x and y in the forward.
-double fake_quant_bwd_f32(const float* g, float* gx, int64_t n, const uint32_t* pass,
-                          const uint32_t* hi, int nthreads);
+// allowed (the bindings reject it). The same holds for x and y in the forward.
+double fake_quant_backward(const float* g, float* gx, int64_t n, const uint32_t* pass,
+                           const uint32_t* hi, int nthreads);
 
 // Outputs at least this large are written with non-temporal stores: they cannot stay in
 // the last-level cache with their input, so bypassing it saves the read-for-ownership.

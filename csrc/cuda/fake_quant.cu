@@ -1,8 +1,9 @@
 // Fake-quant CUDA kernels: absmax, forward (values + pass/hi bitmaps) and clipped-STE
-// backward. The math mirrors cpu/fake_quant.cpp and fedmpq_kernels/reference.py bit for
-// bit in float32: every product is rounded on its own (__fmul_rn, and the module is built
-// with --fmad=false), divisions are IEEE (__fdiv_rn), rounding is half to even (rintf),
-// and 16-bit inputs are widened to float32 exactly and narrowed with round-to-nearest-even.
+// backward. The math mirrors cpu/fake_quant.cpp and fedmpq_kernels/fakequant/reference.py
+// bit for bit in float32: every product is rounded on its own (__fmul_rn, and the module is
+// built with --fmad=false), divisions are IEEE (__fdiv_rn), rounding is half to even
+// (rintf), and 16-bit inputs are widened to float32 exactly and narrowed with
+// round-to-nearest-even.
 //
 // Layout of the work. A "tile" is 32 * V consecutive elements (V = elements per 16-byte
 // vector: 4 for float32, 8 for float16/bfloat16): lane l of a warp owns elements
@@ -49,7 +50,7 @@ constexpr int kWarps = kBlock / 32;
 // the vector loop only (checked in the SASS for sm_80 and sm_90).
 constexpr int kBlocksPerSm = 8;
 // The backward grid depends on n and the device only (not on the dtype), because
-// fake_quant_bwd_partials does not know the dtype: kBwdElemsPerThread elements per
+// fake_quant_backward_partials does not know the dtype: kBwdElemsPerThread elements per
 // thread before the grid is capped at kBlocksPerSm blocks per SM.
 constexpr int64_t kBwdElemsPerThread = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -451,8 +452,8 @@ void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, int device,
   });
 }
 
-void fake_quant_fwd(const void* x, void* y, int dtype, int64_t n, int bits, const float* scale,
-                    bool scale_given, uint32_t* pass, uint32_t* hi, int device, uintptr_t stream) {
+void fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, const float* scale, bool scale_given,
+                uint32_t* pass, uint32_t* hi, int device, uintptr_t stream) {
   if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
   if (!((bits >= 1 && bits <= 8) || bits == 16))
     throw std::invalid_argument("bits must be in 1..8 or 16, got " + std::to_string(bits));
@@ -475,18 +476,18 @@ void fake_quant_fwd(const void* x, void* y, int dtype, int64_t n, int bits, cons
   });
 }
 
-int64_t fake_quant_bwd_partials(int64_t n, int device) {
+int64_t fake_quant_backward_partials(int64_t n, int device) {
   if (n <= 0) return 1;  // nothing is launched for n == 0; keep the "at least 1" contract
   return grid_blocks(ceil_div(n, kBwdElemsPerThread), device);
 }
 
-void fake_quant_bwd(const void* g, void* gx, int dtype, int64_t n, const uint32_t* pass, const uint32_t* hi,
-                    float* partials, int device, uintptr_t stream) {
+void fake_quant_backward(const void* g, void* gx, int dtype, int64_t n, const uint32_t* pass, const uint32_t* hi,
+                         float* partials, int device, uintptr_t stream) {
   if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
   if (n <= 0) return;
   detail::require_current_device(device);
   const cudaStream_t st = detail::as_stream(stream);
-  const unsigned blocks = static_cast<unsigned>(fake_quant_bwd_partials(n, device));
+  const unsigned blocks = static_cast<unsigned>(fake_quant_backward_partials(n, device));
   dispatch(dtype, [&](auto e) {
     using E = decltype(e);
     using Raw = typename E::Raw;

@@ -22,16 +22,16 @@ void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, int device,
 // absmax result reinterpreted). When scale_given and the value is not finite and > 0,
 // every output is NaN (the value is never read on the host, which would synchronize).
 // pass/hi may be null; when set they hold (n + 31) / 32 words.
-void fake_quant_fwd(const void* x, void* y, int dtype, int64_t n, int bits, const float* scale,
-                    bool scale_given, uint32_t* pass, uint32_t* hi, int device, uintptr_t stream);
+void fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, const float* scale, bool scale_given,
+                uint32_t* pass, uint32_t* hi, int device, uintptr_t stream);
 
-// Number of float partials fake_quant_bwd writes for n elements (its grid size).
-int64_t fake_quant_bwd_partials(int64_t n, int device);
+// Number of float partials fake_quant_backward writes for n elements (its grid size).
+int64_t fake_quant_backward_partials(int64_t n, int device);
 
-// gx = pass ? g : 0. When hi is non-null, partials[0 .. fake_quant_bwd_partials(n))
+// gx = pass ? g : 0. When hi is non-null, partials[0 .. fake_quant_backward_partials(n))
 // receive per-block sums of (hi ? g : -g) over clipped elements (summed by the caller).
-void fake_quant_bwd(const void* g, void* gx, int dtype, int64_t n, const uint32_t* pass,
-                    const uint32_t* hi, float* partials, int device, uintptr_t stream);
+void fake_quant_backward(const void* g, void* gx, int dtype, int64_t n, const uint32_t* pass,
+                         const uint32_t* hi, float* partials, int device, uintptr_t stream);
 
 // Runtime facts for fedmpq_kernels.info.
 int device_count();

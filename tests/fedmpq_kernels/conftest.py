@@ -1,5 +1,6 @@
-"""The backend matrix: every test that takes ``backend`` runs once per backend and
-device, skipped (with the reason) where that backend cannot run here."""
+"""The backend matrix, shared by every op family's tests: every test that takes
+``backend`` runs once per backend and device, skipped (with the reason) where that
+backend cannot run here."""
 from __future__ import annotations
 
 import contextlib
@@ -20,9 +21,9 @@ class Backend:
     isa: str | None = None  # CPU instruction set forced for the native kernels
     max_numel: int | None = None  # the Triton interpreter is slow: small sizes only
 
-    @property
-    def module(self):
-        return registry.module(self.name)
+    def module(self, family: str):
+        """This backend's module of op family ``family`` (e.g. ``"fakequant"``)."""
+        return registry.module(family, self.name)
 
     @contextlib.contextmanager
     def active(self):

@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+import fedmpq_kernels
 from fedmpq_kernels import registry
 from fedmpq_kernels._native import native
 
@@ -22,6 +23,32 @@ def test_override_applies_only_where_supported():
         assert registry.backend_for("cpu") == registry.backend_for("cpu")
         assert registry.backend_for("cpu") != "cuda"
     assert registry.backend_for("cpu") == ("cpu" if native is not None else "reference")
+
+
+@pytest.fixture
+def reference_only_family(tmp_path, monkeypatch):
+    """A family ``fedmpq_kernels.refonly`` with a reference.py only."""
+    pkg = tmp_path / "refonly"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "reference.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.setattr(fedmpq_kernels, "__path__", [*fedmpq_kernels.__path__, str(tmp_path)])
+    monkeypatch.setattr(registry, "_cache", {})
+    yield "refonly"
+    for name in [m for m in sys.modules if m.startswith("fedmpq_kernels.refonly")]:
+        del sys.modules[name]
+
+
+def test_a_backend_a_family_lacks_is_skipped(reference_only_family):
+    fam = reference_only_family
+    assert registry.has(fam, "reference") and not registry.has(fam, "cpu")
+    assert all(registry.has("fakequant", b) for b in registry.BACKENDS)
+    assert registry.backend_for("cpu", fam) == "reference"
+    assert registry.get(fam, "twice", "cpu")(3) == 6
+    assert registry.get(fam, "twice", "cpu") is registry.get(fam, "twice", "cpu")
+    with registry.use_backend("cpu"):  # forced, but this family has no cpu.py: its defaults
+        assert registry.backend_for("cpu", fam) == "reference"
+        assert registry.backend_for("cpu", "fakequant") == ("cpu" if native is not None else "reference")
 
 
 def test_unknown_backend_is_rejected():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fedmpq_kernels as fk
-from fedmpq_kernels import reference as R
+from fedmpq_kernels.fakequant import reference as R
 
 ngpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -77,8 +77,8 @@ def test_native_launcher_refuses_a_device_that_is_not_current(backend):
     s = torch.ones(1, device="cuda")
     other = (torch.cuda.current_device() + 1) % max(ngpus, 2)
     with pytest.raises(ValueError, match=f"current CUDA device is .* but the tensors are on cuda:{other}"):
-        native.cuda_fake_quant_fwd(x.data_ptr(), y.data_ptr(), 0, 64, 64, 4, s.data_ptr(), True, 0, 0, 0, 0,
-                                   other, torch.cuda.current_stream().cuda_stream)
+        native.cuda.fake_quant(x.data_ptr(), y.data_ptr(), 0, 64, 64, 4, s.data_ptr(), True, 0, 0, 0, 0,
+                                  other, torch.cuda.current_stream().cuda_stream)
 
 
 @pytest.mark.skipif(ngpus < 2, reason="needs two GPUs")

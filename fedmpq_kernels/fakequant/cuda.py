@@ -1,12 +1,13 @@
-"""CUDA backend: adapters from tensors to the CUDA kernels in csrc/cuda.
+"""Fake-quant's CUDA backend: adapters from tensors to the CUDA kernels in
+csrc/cuda/fake_quant.cu, through ``fedmpq_kernels._C.cuda``.
 
 The kernels read float32, float16 and bfloat16 directly (the math is float32, see
-:mod:`fedmpq_kernels.reference`), run on the tensor's device and on torch's current
-stream there, and never synchronize: a dynamic scale (max|x|) and a given device scale
-stay on the device. Inputs of any strides are made contiguous here first; a contiguous
-input at any element offset (a slice such as ``x[1:]``) is read in place. The native
-launchers select the tensor's device for the launch and restore the caller's current
-device afterwards, so an op on ``cuda:1`` never changes what ``device="cuda"`` means.
+:mod:`fedmpq_kernels.fakequant.reference`), run on the tensor's device and on torch's
+current stream there, and never synchronize: a dynamic scale (max|x|) and a given device
+scale stay on the device. Inputs of any strides are made contiguous here first; a
+contiguous input at any element offset (a slice such as ``x[1:]``) is read in place.
+Launches run inside :func:`fedmpq_kernels._device.on_device` (the native launchers never
+switch devices), so an op on ``cuda:1`` never changes what ``device="cuda"`` means.
 """
 from __future__ import annotations
 
@@ -14,46 +15,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import bitmap_arg, bitmap_nbytes
-from ._device import on_device
+from .._checks import bitmap_arg, bitmap_nbytes
+from .._device import on_device
+from .._native import native
 
 Tensor = torch.Tensor
 
 # Dtype codes of csrc/cuda/fake_quant.h (enum DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-
-
-def _native():
-    # Imported lazily so that this module imports (and available() answers) even when
-    # the native module is missing or was built without CUDA.
-    from ._native import native
-
-    return native
-
-
-def available() -> Tuple[bool, str]:
-    """(True, "") when the CUDA kernels can run here, else (False, the exact reason)."""
-    from ._native import native, native_error
-
-    if native is None:
-        return False, f"the native module fedmpq_kernels._C did not load: {native_error}"
-    if not getattr(native, "with_cuda", False):
-        return False, "fedmpq_kernels._C was built without CUDA (no nvcc at build time, or FEDMPQ_CUDA=0)"
-    if not torch.cuda.is_available():
-        return False, "torch.cuda.is_available() is False"
-    torch_count = torch.cuda.device_count()
-    if torch_count == 0:
-        return False, "torch sees no CUDA device"
-    native_count = native.cuda_device_count()
-    if native_count == 0:
-        # The module links the CUDA runtime statically: it needs a driver new enough
-        # for the toolkit it was built with, even when torch's own runtime works.
-        return False, (
-            f"fedmpq_kernels._C's CUDA runtime sees no device although torch sees {torch_count} "
-            f"(is the NVIDIA driver older than the CUDA toolkit the module was built with? "
-            f"compiled for sm {native.cuda_archs()})"
-        )
-    return True, ""
 
 
 def _dtype_code(t: Tensor, name: str) -> int:
@@ -77,8 +46,8 @@ def _bitmap_out(n: int, wanted: bool, device: torch.device) -> Tensor:
     return torch.empty(bitmap_nbytes(n) if wanted else 0, dtype=torch.uint8, device=device)
 
 
-def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """See :func:`fedmpq_kernels.reference.fake_quant_forward`.
+def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """See :func:`fedmpq_kernels.fakequant.reference.fake_quant`.
 
     Args:
         x: float32/float16/bfloat16 CUDA tensor, any shape and strides.
@@ -104,21 +73,20 @@ def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int)
     hi_bits = _bitmap_out(n, mode == 2, dev)
     if n == 0:
         return y, pass_bits, hi_bits
-    native = _native()
     stream = _stream(dev)
     with on_device(dev):
         if scale is None:
             # max|x| as float32 bits, reduced with atomicMax: the buffer must start at 0.
             # The forward kernel reads it on the same stream, so no host round trip.
             s = torch.zeros(1, dtype=torch.int32, device=dev)
-            native.cuda_absmax(xc.data_ptr(), code, n, s.data_ptr(), dev.index, stream)
+            native.cuda.absmax(xc.data_ptr(), code, n, s.data_ptr(), dev.index, stream)
             scale_given = False
         else:
             if scale.numel() != 1:
                 raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
             s = scale.detach().reshape(()).to(device=dev, dtype=torch.float32).contiguous()
             scale_given = True
-        native.cuda_fake_quant_fwd(
+        native.cuda.fake_quant(
             xc.data_ptr(), y.data_ptr(), code, n, y.numel(), bits, s.data_ptr(), scale_given,
             pass_bits.data_ptr() if mode >= 1 else 0, pass_bits.numel(),
             hi_bits.data_ptr() if mode == 2 else 0, hi_bits.numel(),
@@ -130,7 +98,7 @@ def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int)
 
 
 def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
-    """See :func:`fedmpq_kernels.reference.fake_quant_backward`.
+    """See :func:`fedmpq_kernels.fakequant.reference.fake_quant_backward`.
 
     Args:
         grad: float32/float16/bfloat16 CUDA tensor, any shape and strides.
@@ -156,20 +124,19 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     hb = bitmap_arg(hi_bits, n, dev, "hi_bits") if scale_grad else None
     if n == 0:
         return gx, torch.zeros((), dtype=torch.float32, device=dev)
-    native = _native()
     stream = _stream(dev)
     with on_device(dev):
         if not scale_grad:
-            native.cuda_fake_quant_bwd(
+            native.cuda.fake_quant_backward(
                 g.data_ptr(), gx.data_ptr(), code, n, gx.numel(),
                 pb.data_ptr(), pb.numel(), 0, 0, 0, 0, dev.index, stream,
             )
             return gx, torch.zeros((), dtype=torch.float32, device=dev)
         # One float per block of the kernel's grid, every slot written: summed here, on the
         # device, so nothing synchronizes.
-        nparts = native.cuda_fake_quant_bwd_partials(n, dev.index)
+        nparts = native.cuda.fake_quant_backward_partials(n, dev.index)
         partials = torch.empty(nparts, dtype=torch.float32, device=dev)
-        native.cuda_fake_quant_bwd(
+        native.cuda.fake_quant_backward(
             g.data_ptr(), gx.data_ptr(), code, n, gx.numel(),
             pb.data_ptr(), pb.numel(),
             hb.data_ptr(), hb.numel(),

@@ -38,17 +38,17 @@ def _args(**over):
 def test_forward_rejects_inconsistent_sizes(over, match):
     a, keep = _args(**over)
     with pytest.raises(ValueError, match=match):
-        native.fake_quant_fwd_f32(**a)
+        native.cpu.fake_quant(**a)
 
 
 def test_backward_requires_the_pass_bitmap():
     g = torch.randn(40)
     gx = torch.empty(40)
     with pytest.raises(ValueError, match="pass bitmap is required"):
-        native.fake_quant_bwd_f32(g.data_ptr(), 40, gx.data_ptr(), 40, 0, 0, 0, 0, 1)
+        native.cpu.fake_quant_backward(g.data_ptr(), 40, gx.data_ptr(), 40, 0, 0, 0, 0, 1)
     p = torch.empty(4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="needs 8"):
-        native.fake_quant_bwd_f32(g.data_ptr(), 40, gx.data_ptr(), 40, p.data_ptr(), 4, 0, 0, 1)
+        native.cpu.fake_quant_backward(g.data_ptr(), 40, gx.data_ptr(), 40, p.data_ptr(), 4, 0, 0, 1)
 
 
 def test_isa_override_rejects_unknown_names():
@@ -62,8 +62,8 @@ def test_threaded_and_serial_results_agree():
     for nt in (1, 2, 3):
         y = torch.empty_like(x)
         p = torch.empty(4 * ((x.numel() + 31) // 32), dtype=torch.uint8)
-        native.fake_quant_fwd_f32(x.data_ptr(), x.numel(), y.data_ptr(), y.numel(), 3, 0.0, True,
-                                  p.data_ptr(), p.numel(), 0, 0, nt)
+        native.cpu.fake_quant(x.data_ptr(), x.numel(), y.data_ptr(), y.numel(), 3, 0.0, True,
+                              p.data_ptr(), p.numel(), 0, 0, nt)
         outs.append((y, p))
     for y, p in outs[1:]:
         assert torch.equal(y, outs[0][0]) and torch.equal(p, outs[0][1])
@@ -73,8 +73,8 @@ def test_threaded_and_serial_results_agree():
 def test_streaming_store_path_matches_reference(isa):
     """Outputs of >= 8 MiB take the non-temporal-store path (base[1:] is an input that
     is not 32-byte aligned)."""
-    from fedmpq_kernels import cpu as C
-    from fedmpq_kernels import reference as R
+    from fedmpq_kernels.fakequant import cpu as C
+    from fedmpq_kernels.fakequant import reference as R
 
     if isa == "avx2" and not native.avx2_available():
         pytest.skip("no AVX2")
@@ -84,8 +84,8 @@ def test_streaming_store_path_matches_reference(isa):
         base = torch.randn((8 << 20) // 4 + 77)
         for x in (base, base[1:]):
             s = torch.tensor(1.7)
-            y, p, h = C.fake_quant_forward(x, 5, s, 2)
-            ry, rp, rh = R.fake_quant_forward(x, 5, s, 2)
+            y, p, h = C.fake_quant(x, 5, s, 2)
+            ry, rp, rh = R.fake_quant(x, 5, s, 2)
             assert torch.equal(y, ry) and torch.equal(p, rp) and torch.equal(h, rh)
             g = torch.randn(x.numel())
             gx, gs = C.fake_quant_backward(g, p, h, True)
@@ -103,9 +103,9 @@ def test_huge_thread_counts_are_capped():
     code = (
         "import torch\n"
         "from fedmpq_kernels._native import native\n"
-        "from fedmpq_kernels import reference as R\n"
+        "from fedmpq_kernels.fakequant import reference as R\n"
         "x = torch.randn(1 << 20); y = torch.empty_like(x)\n"
-        "native.fake_quant_fwd_f32(x.data_ptr(), x.numel(), y.data_ptr(), y.numel(), 4, 0.0, True, 0, 0, 0, 0, 2**31 - 1)\n"
+        "native.cpu.fake_quant(x.data_ptr(), x.numel(), y.data_ptr(), y.numel(), 4, 0.0, True, 0, 0, 0, 0, 2**31 - 1)\n"
         "assert torch.equal(y, R.fake_quant_values(x, 4, None))\n"
         "torch.get_num_threads = lambda: 2**31 - 1  # torch itself crashes at set_num_threads(10**5)\n"
         "import fedmpq_kernels as fk\n"
@@ -128,12 +128,12 @@ def test_misaligned_float_pointers_are_rejected():
     x = _misaligned(100)
     y = torch.empty(100)
     with pytest.raises(ValueError, match="x: data pointer is not 4-byte aligned"):
-        native.fake_quant_fwd_f32(x.data_ptr(), 100, y.data_ptr(), 100, 4, 0.0, True, 0, 0, 0, 0, 1)
+        native.cpu.fake_quant(x.data_ptr(), 100, y.data_ptr(), 100, 4, 0.0, True, 0, 0, 0, 0, 1)
     with pytest.raises(ValueError, match="grad_x: data pointer is not 4-byte aligned"):
         p = torch.zeros(16, dtype=torch.uint8)
-        native.fake_quant_bwd_f32(y.data_ptr(), 100, x.data_ptr(), 100, p.data_ptr(), 16, 0, 0, 1)
+        native.cpu.fake_quant_backward(y.data_ptr(), 100, x.data_ptr(), 100, p.data_ptr(), 16, 0, 0, 1)
     with pytest.raises(ValueError, match="x: data pointer is not 4-byte aligned"):
-        native.absmax_f32(x.data_ptr(), 100, 1)
+        native.cpu.absmax(x.data_ptr(), 100, 1)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
@@ -141,7 +141,7 @@ def test_misaligned_tensors_work_through_the_op(isa):
     """The CPU adapter copies the rare misaligned float32 tensor (torch.frombuffer at an
     odd offset) instead of handing the kernels a misaligned pointer."""
     import fedmpq_kernels as fk
-    from fedmpq_kernels import reference as R
+    from fedmpq_kernels.fakequant import reference as R
 
     if isa == "avx2" and not native.avx2_available():
         pytest.skip("no AVX2")
@@ -170,11 +170,11 @@ def test_element_counts_are_bounded_before_any_size_arithmetic(n):
     x = torch.randn(64)
     p = torch.zeros(8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="any kernel accepts"):
-        native.fake_quant_fwd_f32(x.data_ptr(), n, x.data_ptr(), n, 4, 0.0, True, p.data_ptr(), 8, 0, 0, 1)
+        native.cpu.fake_quant(x.data_ptr(), n, x.data_ptr(), n, 4, 0.0, True, p.data_ptr(), 8, 0, 0, 1)
     with pytest.raises(ValueError, match="any kernel accepts"):
-        native.fake_quant_bwd_f32(x.data_ptr(), n, x.data_ptr(), n, p.data_ptr(), 8, 0, 0, 1)
+        native.cpu.fake_quant_backward(x.data_ptr(), n, x.data_ptr(), n, p.data_ptr(), 8, 0, 0, 1)
     with pytest.raises(ValueError, match="any kernel accepts"):
-        native.absmax_f32(x.data_ptr(), n, 1)
+        native.cpu.absmax(x.data_ptr(), n, 1)
 
 
 @pytest.mark.parametrize("isa", ["avx2", "portable"])
@@ -192,17 +192,17 @@ def test_backward_in_place_gives_the_same_result(isa, n):
         nb = 4 * ((n + 31) // 32)
         p = torch.empty(nb, dtype=torch.uint8)
         h = torch.empty(nb, dtype=torch.uint8)
-        native.fake_quant_fwd_f32(x.data_ptr(), n, y.data_ptr(), n, 3, 1.0, False, p.data_ptr(), nb, h.data_ptr(), nb, 2)
+        native.cpu.fake_quant(x.data_ptr(), n, y.data_ptr(), n, 3, 1.0, False, p.data_ptr(), nb, h.data_ptr(), nb, 2)
         g = torch.randn(n)
         gx = torch.empty(n)
-        out_of_place = native.fake_quant_bwd_f32(g.data_ptr(), n, gx.data_ptr(), n, p.data_ptr(), nb, h.data_ptr(), nb, 2)
+        out_of_place = native.cpu.fake_quant_backward(g.data_ptr(), n, gx.data_ptr(), n, p.data_ptr(), nb, h.data_ptr(), nb, 2)
         gi = g.clone()
-        in_place = native.fake_quant_bwd_f32(gi.data_ptr(), n, gi.data_ptr(), n, p.data_ptr(), nb, h.data_ptr(), nb, 2)
+        in_place = native.cpu.fake_quant_backward(gi.data_ptr(), n, gi.data_ptr(), n, p.data_ptr(), nb, h.data_ptr(), nb, 2)
         assert in_place == out_of_place and torch.equal(gi, gx)
         big = torch.randn(n + 1)
         with pytest.raises(ValueError, match="overlap without being the same buffer"):
-            native.fake_quant_bwd_f32(big.data_ptr(), n, big[1:].data_ptr(), n, p.data_ptr(), nb, 0, 0, 1)
+            native.cpu.fake_quant_backward(big.data_ptr(), n, big[1:].data_ptr(), n, p.data_ptr(), nb, 0, 0, 1)
         with pytest.raises(ValueError, match="overlap without being the same buffer"):
-            native.fake_quant_fwd_f32(big[1:].data_ptr(), n, big.data_ptr(), n, 3, 1.0, False, 0, 0, 0, 0, 1)
+            native.cpu.fake_quant(big[1:].data_ptr(), n, big.data_ptr(), n, 3, 1.0, False, 0, 0, 0, 0, 1)
     finally:
         native.set_cpu_isa(prev)

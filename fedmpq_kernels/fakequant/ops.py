@@ -1,9 +1,6 @@
-"""Every public op: torch.library schema, fake (meta) impl, autograd, and the Python API.
-
-Ops are defined with ``torch.library.Library(...).define/.impl`` rather than
-``custom_op``: the call costs a few microseconds instead of tens (ARCHITECTURE.md), and
-a client step makes about a hundred of them. The device impl asks the registry which
-backend runs (reference / cpu / cuda / triton).
+"""Fake-quant's ops: torch.library schemas, fake (meta) impls, autograd, and the public
+:func:`fake_quant`. The math and bitmap layout are in :mod:`.reference`. The device impl
+asks the registry which backend runs (reference / cpu / cuda / triton).
 """
 from __future__ import annotations
 
@@ -12,17 +9,16 @@ from typing import Optional, Union
 
 import torch
 
-from . import registry
-from ._checks import bitmap_nbytes, check_bits, check_float_tensor, check_scale_value, check_ste
+from .. import registry
+from .._checks import bitmap_nbytes, check_bits, check_float_tensor, check_scale_value, check_ste
+from .._library import _eager, lib
 
 Tensor = torch.Tensor
 
-_lib = torch.library.Library("fedmpq", "DEF")
-
 # mode: 0 = identity STE (no bitmaps), 1 = clipped STE (pass bitmap),
 #       2 = clipped STE with a scale gradient (pass and hi bitmaps).
-_lib.define("fake_quant(Tensor x, int bits, Tensor? scale, int mode) -> (Tensor, Tensor, Tensor)")
-_lib.define("fake_quant_backward(Tensor grad, Tensor pass_bits, Tensor hi_bits, bool scale_grad) -> (Tensor, Tensor)")
+lib.define("fake_quant(Tensor x, int bits, Tensor? scale, int mode) -> (Tensor, Tensor, Tensor)")
+lib.define("fake_quant_backward(Tensor grad, Tensor pass_bits, Tensor hi_bits, bool scale_grad) -> (Tensor, Tensor)")
 
 
 def _fake_quant_impl(x: Tensor, bits: int, scale: Optional[Tensor], mode: int):
@@ -30,15 +26,15 @@ def _fake_quant_impl(x: Tensor, bits: int, scale: Optional[Tensor], mode: int):
         # Free to read on the CPU; a device scale is checked by the kernels (NaN output)
         # so that no call synchronizes.
         check_scale_value(float(scale))
-    return registry.get("fake_quant_forward", x.device.type)(x, bits, scale, mode)
+    return registry.get("fakequant", "fake_quant", x.device.type)(x, bits, scale, mode)
 
 
 def _fake_quant_backward_impl(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool):
-    return registry.get("fake_quant_backward", grad.device.type)(grad, pass_bits, hi_bits, scale_grad)
+    return registry.get("fakequant", "fake_quant_backward", grad.device.type)(grad, pass_bits, hi_bits, scale_grad)
 
 
-_lib.impl("fake_quant", _fake_quant_impl, "CompositeExplicitAutograd")
-_lib.impl("fake_quant_backward", _fake_quant_backward_impl, "CompositeExplicitAutograd")
+lib.impl("fake_quant", _fake_quant_impl, "CompositeExplicitAutograd")
+lib.impl("fake_quant_backward", _fake_quant_backward_impl, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fedmpq::fake_quant")
@@ -78,7 +74,7 @@ def _fq_backward(ctx, grad_y, _grad_pass, _grad_hi):
     return _fq_grads(ctx, grad_y, torch.ops.fedmpq.fake_quant_backward)
 
 
-torch.library.register_autograd("fedmpq::fake_quant", _fq_backward, setup_context=_fq_setup_context, lib=_lib)
+torch.library.register_autograd("fedmpq::fake_quant", _fq_backward, setup_context=_fq_setup_context, lib=lib)
 
 
 class _FakeQuantEager(torch.autograd.Function):
@@ -97,10 +93,6 @@ class _FakeQuantEager(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_pass, grad_hi):
         return _fq_grads(ctx, grad_y, _fake_quant_backward_impl)
-
-
-def _eager(x: Tensor) -> bool:
-    return type(x) is Tensor and not torch.compiler.is_compiling()
 
 
 def _scale_tensor(scale, x: Tensor) -> Optional[Tensor]:

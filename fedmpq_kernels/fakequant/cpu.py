@@ -1,4 +1,5 @@
-"""CPU backend: adapters from tensors to the C++ kernels in csrc/cpu (OpenMP + AVX2).
+"""Fake-quant's CPU backend: adapters from tensors to the C++ kernels in
+csrc/cpu/fake_quant* (OpenMP + AVX2), through ``fedmpq_kernels._C.cpu``.
 
 The kernels work on contiguous, 4-byte-aligned float32; other float dtypes are converted
 here and the result converted back, and the rare misaligned float32 tensor (one made by
@@ -11,16 +12,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import bitmap_arg, bitmap_nbytes
-from ._native import native, native_error
+from .._checks import bitmap_arg, bitmap_nbytes
+from .._native import native
 
 Tensor = torch.Tensor
 _CPU = torch.device("cpu")
-
-
-def available() -> Tuple[bool, str]:
-    """(True, "") when the C++ kernels loaded, else (False, the import error)."""
-    return (True, "") if native is not None else (False, native_error)
 
 
 def _bitmap(n: int, wanted: bool) -> Tensor:
@@ -37,15 +33,15 @@ def _f32(t: Tensor) -> Tensor:
     return t
 
 
-def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """See :func:`fedmpq_kernels.reference.fake_quant_forward`. x: CPU float tensor, any
-    strides; scale: None or 0-dim CPU tensor (already checked finite and > 0)."""
+def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """See :func:`fedmpq_kernels.fakequant.reference.fake_quant`. x: CPU float tensor,
+    any strides; scale: None or 0-dim CPU tensor (already checked finite and > 0)."""
     xc = _f32(x)
     n = xc.numel()
     y = torch.empty(x.shape, dtype=torch.float32)
     p = _bitmap(n, mode >= 1)
     h = _bitmap(n, mode == 2)
-    native.fake_quant_fwd_f32(
+    native.cpu.fake_quant(
         xc.data_ptr(), n, y.data_ptr(), y.numel(), bits,
         0.0 if scale is None else float(scale), scale is None,
         p.data_ptr() if mode >= 1 else 0, p.numel(),
@@ -58,14 +54,14 @@ def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int)
 
 
 def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
-    """See :func:`fedmpq_kernels.reference.fake_quant_backward`. grad: CPU float tensor;
-    the bitmaps as :func:`fedmpq_kernels._checks.bitmap_arg` takes them."""
+    """See :func:`fedmpq_kernels.fakequant.reference.fake_quant_backward`. grad: CPU
+    float tensor; the bitmaps as :func:`fedmpq_kernels._checks.bitmap_arg` takes them."""
     g = _f32(grad)
     n = g.numel()
     gx = torch.empty(grad.shape, dtype=torch.float32)
     pb = bitmap_arg(pass_bits, n, _CPU, "pass_bits")
     hb = bitmap_arg(hi_bits, n, _CPU, "hi_bits") if scale_grad else None
-    gs = native.fake_quant_bwd_f32(
+    gs = native.cpu.fake_quant_backward(
         g.data_ptr(), n, gx.data_ptr(), gx.numel(),
         pb.data_ptr() if n else 0, pb.numel(),
         hb.data_ptr() if hb is not None and n else 0, hb.numel() if hb is not None else 0,

@@ -1,7 +1,7 @@
-"""Triton kernels for fake-quant forward and clipped-STE backward.
+"""Fake-quant's Triton backend: kernels for the forward and the clipped-STE backward.
 
 Same contract and the same float32 math, bit for bit, as
-:func:`fedmpq_kernels.reference.fake_quant_forward` / ``fake_quant_backward`` (see that
+:func:`fedmpq_kernels.fakequant.reference.fake_quant` / ``fake_quant_backward`` (see that
 module's docstring for the formulas and the bitmap layout).
 
 Design
@@ -187,7 +187,7 @@ def _as_words(bits: Tensor, n: int, device: torch.device, name: str) -> Tensor:
     return bitmap_arg(bits, n, device, name)[: bitmap_nbytes(n)].view(torch.int32)
 
 
-def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
+def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
     """y (x's shape and dtype, contiguous), pass bitmap, hi bitmap (uint8; empty below mode)."""
     xc = x.contiguous()
     n = xc.numel()

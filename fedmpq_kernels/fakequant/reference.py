@@ -1,8 +1,9 @@
-"""Pure-torch implementation of every fedmpq op: the test oracle and the fallback backend.
+"""Fake-quant in pure torch: the test oracle, the fallback backend, and the one full
+statement of the math and the bitmap layout.
 
-Fake-quant (FedMPQ's sign-magnitude symmetric quantizer, ALGORITHM.md "Activations"),
-computed in float32 whatever the input dtype, in exactly this order (the native and
-Triton kernels follow it, so every backend agrees bit for bit)::
+FedMPQ's sign-magnitude symmetric quantizer (ALGORITHM.md "Activations"), computed in
+float32 whatever the input dtype, in exactly this order (the native and Triton kernels
+follow it, so every backend agrees bit for bit)::
 
     L    = 2**bits - 1
     S    = max|x|            (dynamic)   or the given scale
@@ -22,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._checks import bitmap_arg, bitmap_nbytes, levels
+from .._checks import bitmap_arg, bitmap_nbytes, levels
 
 Tensor = torch.Tensor
 
@@ -79,7 +80,7 @@ def _quantize(xf: Tensor, bits: int, s: Tensor) -> Tensor:
     return torch.copysign(torch.round(a * inv) * step, xf)
 
 
-def fake_quant_forward(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
+def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Backend forward: y (x's shape and dtype, contiguous), pass bitmap, hi bitmap.
 
     mode 0: no bitmaps (empty uint8); 1: pass bitmap; 2: pass and hi bitmaps.

@@ -1,0 +1,69 @@
+// Checks shared by every family's bindings (csrc/bindings/<family>.cpp). Tensors cross the
+// boundary as data pointers, element counts and buffer sizes; these re-check them before
+// any kernel runs and throw std::invalid_argument (ValueError in Python).
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/fake_quant.h"  // kMaxElems, bitmap_words
+
+namespace fedmpq::bindings {
+
+using fedmpq::cpu::bitmap_words;
+
+inline void require(bool ok, const std::string& msg) {
+  if (!ok) throw std::invalid_argument(msg);
+}
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+// An element count: bounded once here, so that no size computed from it can overflow.
+inline void check_count(const char* what, int64_t n) {
+  require(n >= 0, std::string(what) + ": negative element count");
+  require(n <= fedmpq::cpu::kMaxElems, std::string(what) + ": " + std::to_string(n) + " elements is more than the " +
+                                           std::to_string(fedmpq::cpu::kMaxElems) + " any kernel accepts");
+}
+
+// A bitmap argument: null (0) with 0 bytes, or a 4-byte-aligned buffer holding all words
+// of n elements (n already checked by check_count).
+inline void check_bitmap(const char* name, uintptr_t p, int64_t nbytes, int64_t n, bool required) {
+  if (p == 0) {
+    require(!required, std::string(name) + " bitmap is required");
+    return;
+  }
+  require(nbytes >= 4 * bitmap_words(n), std::string(name) + " bitmap has " + std::to_string(nbytes) +
+                                             " bytes, needs " + std::to_string(4 * bitmap_words(n)));
+  require(p % 4 == 0, std::string(name) + " bitmap must be 4-byte aligned");
+}
+
+// A buffer of `cap` elements of `elem_size` bytes that must hold n: not null when n > 0,
+// and aligned to its element size (a misaligned float load is undefined behaviour).
+inline void check_elems(const char* what, uintptr_t p, int64_t n, int64_t cap, int64_t elem_size) {
+  check_count(what, n);
+  require(cap >= n, std::string(what) + ": buffer holds " + std::to_string(cap) + " elements, needs " + std::to_string(n));
+  require(n == 0 || p != 0, std::string(what) + ": null data pointer");
+  require(p % static_cast<uintptr_t>(elem_size) == 0,
+          std::string(what) + ": data pointer is not " + std::to_string(elem_size) + "-byte aligned");
+}
+
+// An input and an output of n elements each: the same buffer (in place) or disjoint. A
+// partial overlap would let the kernel read what it already wrote.
+inline void check_no_partial_overlap(const char* in, uintptr_t a, const char* out, uintptr_t b, int64_t n,
+                                     int64_t elem_size) {
+  if (n == 0 || a == b) return;
+  const uintptr_t bytes = static_cast<uintptr_t>(n) * static_cast<uintptr_t>(elem_size);  // n <= kMaxElems
+  require(a + bytes <= b || b + bytes <= a,
+          std::string(in) + " and " + std::string(out) + " overlap without being the same buffer");
+}
+
+// Bytes per element of a CUDA dtype code (0 float32, 1 float16, 2 bfloat16).
+inline int64_t dtype_size(int dtype) {
+  require(dtype >= 0 && dtype <= 2, "unknown dtype code " + std::to_string(dtype));
+  return dtype == 0 ? 4 : 2;
+}
+
+}  // namespace fedmpq::bindings

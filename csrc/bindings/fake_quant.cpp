@@ -1,0 +1,138 @@
+// Fake-quant's bindings: _C.cpu.{absmax, fake_quant, fake_quant_backward} and, when built
+// with CUDA, _C.cuda.{absmax, fake_quant, fake_quant_backward, fake_quant_backward_partials}.
+// Each re-checks every size and pointer it is given (bindings/common.h).
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings/common.h"
+#include "cpu/fake_quant.h"
+#ifdef FEDMPQ_WITH_CUDA
+#include "cuda/fake_quant.h"
+#endif
+
+namespace py = pybind11;
+
+namespace fedmpq::bindings {
+
+namespace {
+void check_bits(int bits) {
+  require((bits >= 1 && bits <= 8) || bits == 16, "bits must be in 1..8 or 16, got " + std::to_string(bits));
+}
+}  // namespace
+
+void bind_fake_quant(py::module_& m) {
+  // ---- CPU, float32 ----
+  py::module_ cpu = m.def_submodule("cpu");  // the submodule bindings.cpp made
+  cpu.def(
+      "absmax",
+      [](uintptr_t x, int64_t n, int nthreads) {
+        check_elems("x", x, n, n, 4);
+        py::gil_scoped_release nogil;
+        return fedmpq::cpu::absmax(ptr<const float>(x), n, nthreads);
+      },
+      py::arg("x"), py::arg("n"), py::arg("nthreads"));
+
+  cpu.def(
+      "fake_quant",
+      [](uintptr_t x, int64_t n, uintptr_t y, int64_t y_cap, int bits, double scale, bool dynamic,
+         uintptr_t pass, int64_t pass_nbytes, uintptr_t hi, int64_t hi_nbytes, int nthreads) {
+        check_elems("x", x, n, n, 4);
+        check_elems("y", y, n, y_cap, 4);
+        check_no_partial_overlap("x", x, "y", y, n, 4);
+        check_bits(bits);
+        check_bitmap("pass", pass, pass_nbytes, n, false);
+        check_bitmap("hi", hi, hi_nbytes, n, false);
+        if (!dynamic) require(scale > 0.0 && scale < 3.4028234663852886e38, "scale must be finite and > 0");
+        float s = static_cast<float>(scale);
+        {
+          py::gil_scoped_release nogil;
+          if (dynamic) s = fedmpq::cpu::absmax(ptr<const float>(x), n, nthreads);
+          fedmpq::cpu::fake_quant(ptr<const float>(x), ptr<float>(y), n, bits, s, ptr<uint32_t>(pass),
+                                  ptr<uint32_t>(hi), nthreads);
+        }
+        return s;
+      },
+      py::arg("x"), py::arg("n"), py::arg("y"), py::arg("y_cap"), py::arg("bits"), py::arg("scale"),
+      py::arg("dynamic"), py::arg("pass_bits"), py::arg("pass_nbytes"), py::arg("hi_bits"), py::arg("hi_nbytes"),
+      py::arg("nthreads"),
+      "Fake-quant forward on n contiguous float32; returns the scale used (max|x| when dynamic).");
+
+  cpu.def(
+      "fake_quant_backward",
+      [](uintptr_t g, int64_t n, uintptr_t gx, int64_t gx_cap, uintptr_t pass, int64_t pass_nbytes, uintptr_t hi,
+         int64_t hi_nbytes, int nthreads) {
+        check_elems("grad", g, n, n, 4);
+        check_elems("grad_x", gx, n, gx_cap, 4);
+        check_no_partial_overlap("grad", g, "grad_x", gx, n, 4);
+        check_bitmap("pass", pass, pass_nbytes, n, n > 0);
+        check_bitmap("hi", hi, hi_nbytes, n, false);
+        py::gil_scoped_release nogil;
+        return fedmpq::cpu::fake_quant_backward(ptr<const float>(g), ptr<float>(gx), n, ptr<const uint32_t>(pass),
+                                                ptr<const uint32_t>(hi), nthreads);
+      },
+      py::arg("grad"), py::arg("n"), py::arg("grad_x"), py::arg("gx_cap"), py::arg("pass_bits"),
+      py::arg("pass_nbytes"), py::arg("hi_bits"), py::arg("hi_nbytes"), py::arg("nthreads"),
+      "Clipped-STE backward; returns the scale gradient (0 when hi_bits is null).");
+
+#ifdef FEDMPQ_WITH_CUDA
+  // ---- CUDA: float32, float16, bfloat16 (dtype codes of cuda/fake_quant.h) ----
+  py::module_ cuda = m.def_submodule("cuda");
+  cuda.def(
+      "absmax",
+      [](uintptr_t x, int dtype, int64_t n, uintptr_t out_bits, int device, uintptr_t stream) {
+        check_elems("x", x, n, n, dtype_size(dtype));
+        require(out_bits != 0 && out_bits % 4 == 0, "absmax output is null or not 4-byte aligned");
+        fedmpq::cuda::absmax(ptr<const void>(x), dtype, n, ptr<uint32_t>(out_bits), device, stream);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("out_bits"), py::arg("device"), py::arg("stream"));
+  cuda.def(
+      "fake_quant",
+      [](uintptr_t x, uintptr_t y, int dtype, int64_t n, int64_t y_cap, int bits, uintptr_t scale, bool scale_given,
+         uintptr_t pass, int64_t pass_nbytes, uintptr_t hi, int64_t hi_nbytes, int device, uintptr_t stream) {
+        const int64_t es = dtype_size(dtype);
+        check_elems("x", x, n, n, es);
+        check_elems("y", y, n, y_cap, es);
+        check_no_partial_overlap("x", x, "y", y, n, es);
+        check_bits(bits);
+        require(scale != 0 && scale % 4 == 0, "scale pointer is null or not 4-byte aligned");
+        check_bitmap("pass", pass, pass_nbytes, n, false);
+        check_bitmap("hi", hi, hi_nbytes, n, false);
+        fedmpq::cuda::fake_quant(ptr<const void>(x), ptr<void>(y), dtype, n, bits, ptr<const float>(scale),
+                                 scale_given, ptr<uint32_t>(pass), ptr<uint32_t>(hi), device, stream);
+      },
+      py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("n"), py::arg("y_cap"), py::arg("bits"),
+      py::arg("scale"), py::arg("scale_given"), py::arg("pass_bits"), py::arg("pass_nbytes"), py::arg("hi_bits"),
+      py::arg("hi_nbytes"), py::arg("device"), py::arg("stream"));
+  cuda.def(
+      "fake_quant_backward_partials",
+      [](int64_t n, int device) {
+        check_count("n", n);
+        return fedmpq::cuda::fake_quant_backward_partials(n, device);
+      },
+      py::arg("n"), py::arg("device"));
+  cuda.def(
+      "fake_quant_backward",
+      [](uintptr_t g, uintptr_t gx, int dtype, int64_t n, int64_t gx_cap, uintptr_t pass, int64_t pass_nbytes,
+         uintptr_t hi, int64_t hi_nbytes, uintptr_t partials, int64_t partials_len, int device, uintptr_t stream) {
+        const int64_t es = dtype_size(dtype);
+        check_elems("grad", g, n, n, es);
+        check_elems("grad_x", gx, n, gx_cap, es);
+        check_no_partial_overlap("grad", g, "grad_x", gx, n, es);
+        check_bitmap("pass", pass, pass_nbytes, n, n > 0);
+        check_bitmap("hi", hi, hi_nbytes, n, false);
+        if (hi != 0 && n > 0)
+          require(partials != 0 && partials % 4 == 0 &&
+                      partials_len >= fedmpq::cuda::fake_quant_backward_partials(n, device),
+                  "partials buffer is null, not 4-byte aligned or too small");
+        fedmpq::cuda::fake_quant_backward(ptr<const void>(g), ptr<void>(gx), dtype, n, ptr<const uint32_t>(pass),
+                                          ptr<const uint32_t>(hi), ptr<float>(partials), device, stream);
+      },
+      py::arg("grad"), py::arg("grad_x"), py::arg("dtype"), py::arg("n"), py::arg("gx_cap"), py::arg("pass_bits"),
+      py::arg("pass_nbytes"), py::arg("hi_bits"), py::arg("hi_nbytes"), py::arg("partials"),
+      py::arg("partials_len"), py::arg("device"), py::arg("stream"));
+#endif
+}
+
+}  // namespace fedmpq::bindings
