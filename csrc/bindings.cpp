@@ -16,6 +16,7 @@ namespace py = pybind11;
 
 namespace fedmpq::bindings {
 void bind_fake_quant(py::module_& m);
+void bind_pack(py::module_& m);
 }  // namespace fedmpq::bindings
 
 PYBIND11_MODULE(_C, m) {
@@ -46,4 +47,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
   fedmpq::bindings::bind_fake_quant(m);
+  fedmpq::bindings::bind_pack(m);
 }

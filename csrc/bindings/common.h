@@ -6,11 +6,11 @@
 #include <stdexcept>
 #include <string>
 
-#include "cpu/fake_quant.h"  // kMaxElems, bitmap_words
+#include "common/bitmap.h"
 
 namespace fedmpq::bindings {
 
-using fedmpq::cpu::bitmap_words;
+using fedmpq::bitmap_words;
 
 inline void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);
@@ -24,8 +24,8 @@ T* ptr(uintptr_t p) {
 // An element count: bounded once here, so that no size computed from it can overflow.
 inline void check_count(const char* what, int64_t n) {
   require(n >= 0, std::string(what) + ": negative element count");
-  require(n <= fedmpq::cpu::kMaxElems, std::string(what) + ": " + std::to_string(n) + " elements is more than the " +
-                                           std::to_string(fedmpq::cpu::kMaxElems) + " any kernel accepts");
+  require(n <= fedmpq::kMaxElems, std::string(what) + ": " + std::to_string(n) + " elements is more than the " +
+                                           std::to_string(fedmpq::kMaxElems) + " any kernel accepts");
 }
 
 // A bitmap argument: null (0) with 0 bytes, or a 4-byte-aligned buffer holding all words

@@ -13,6 +13,14 @@ enum class Isa : int { Portable = 0, Avx2 = 1 };
 bool avx2_available();
 // The ISA the kernels use now (the best available unless overridden).
 Isa active_isa();
+// Whether the kernels take their AVX2 path now (false on builds without x86 kernels).
+inline bool use_avx2() {
+#if defined(FEDMPQ_HAVE_X86)
+  return active_isa() == Isa::Avx2;
+#else
+  return false;
+#endif
+}
 // Override (tests use it to run every path). Throws std::invalid_argument for an ISA
 // this CPU or build cannot run.
 void set_isa(const std::string& name);

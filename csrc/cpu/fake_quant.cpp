@@ -67,15 +67,6 @@ double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const 
 
 }  // namespace portable
 
-namespace {
-inline bool use_avx2() {
-#if defined(FEDMPQ_HAVE_X86)
-  return active_isa() == Isa::Avx2;
-#else
-  return false;
-#endif
-}
-}  // namespace
 
 float absmax(const float* x, int64_t n, int nthreads) {
   const bool v = use_avx2();

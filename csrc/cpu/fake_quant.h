@@ -8,14 +8,11 @@
 #pragma once
 #include <cstdint>
 
+#include "common/bitmap.h"
+
 namespace fedmpq::cpu {
 
-// Number of uint32 words in a bitmap of n >= 0 elements (no n + 31: it cannot overflow).
-inline int64_t bitmap_words(int64_t n) { return n / 32 + (n % 32 != 0); }
-
-// The most elements any kernel accepts (the bindings check it once): byte counts of float
-// buffers and bitmaps, and every index computed from n, then stay far from int64 overflow.
-constexpr int64_t kMaxElems = int64_t(1) << 56;
+using fedmpq::bitmap_words;
 
 // Max of |x| over n floats, NaN-propagating (a NaN anywhere gives NaN). n may be 0 (gives 0).
 float absmax(const float* x, int64_t n, int nthreads);

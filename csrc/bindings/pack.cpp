@@ -1,0 +1,81 @@
+// Packing's bindings: _C.cpu.{pack_codes, unpack_codes, dequant_accumulate}. Each re-checks
+// every size and pointer it is given (bindings/common.h) before a kernel runs.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "bindings/common.h"
+#include "cpu/pack.h"
+
+namespace py = pybind11;
+
+namespace fedmpq::bindings {
+
+namespace {
+void check_code_bits(int bits) {
+  require(bits >= 1 && bits <= 8, "bits must be in 1..8, got " + std::to_string(bits));
+}
+
+// `bits` bit planes of n elements: 4-byte aligned, nbytes >= bits * 4 * words(n).
+void check_planes(const char* what, uintptr_t p, int64_t nbytes, int64_t n, int bits) {
+  const int64_t need = int64_t(bits) * 4 * bitmap_words(n);  // n <= kMaxElems: no overflow
+  require(nbytes >= need, std::string(what) + " have " + std::to_string(nbytes) + " bytes, need " +
+                              std::to_string(need) + " for " + std::to_string(n) + " codes of " +
+                              std::to_string(bits) + " bits");
+  require(n == 0 || p != 0, std::string(what) + ": null data pointer");
+  require(p % 4 == 0, std::string(what) + " must be 4-byte aligned");
+}
+}  // namespace
+
+void bind_pack(py::module_& m) {
+  py::module_ cpu = m.def_submodule("cpu");
+  cpu.def(
+      "pack_codes",
+      [](uintptr_t codes, int64_t n, int bits, uintptr_t planes, int64_t planes_nbytes, int nthreads) {
+        check_elems("codes", codes, n, n, 1);
+        check_code_bits(bits);
+        check_planes("planes", planes, planes_nbytes, n, bits);
+        uint32_t seen;
+        {
+          py::gil_scoped_release nogil;
+          seen = fedmpq::cpu::pack_codes(ptr<const uint8_t>(codes), n, bits, ptr<uint32_t>(planes), nthreads);
+        }
+        return seen;
+      },
+      py::arg("codes"), py::arg("n"), py::arg("bits"), py::arg("planes"), py::arg("planes_nbytes"),
+      py::arg("nthreads"),
+      "Packs n uint8 codes into `bits` bit planes; returns the OR of all codes (the caller rejects "
+      "codes >= 2^bits).");
+  cpu.def(
+      "unpack_codes",
+      [](uintptr_t planes, int64_t planes_nbytes, int64_t n, int bits, uintptr_t codes, int64_t codes_cap,
+         int nthreads) {
+        check_elems("codes", codes, n, codes_cap, 1);
+        check_code_bits(bits);
+        check_planes("planes", planes, planes_nbytes, n, bits);
+        py::gil_scoped_release nogil;
+        fedmpq::cpu::unpack_codes(ptr<const uint32_t>(planes), n, bits, ptr<uint8_t>(codes), nthreads);
+      },
+      py::arg("planes"), py::arg("planes_nbytes"), py::arg("n"), py::arg("bits"), py::arg("codes"),
+      py::arg("codes_cap"), py::arg("nthreads"));
+  cpu.def(
+      "dequant_accumulate",
+      [](uintptr_t acc, int64_t n, uintptr_t planes, int64_t planes_nbytes, uintptr_t signs, int64_t signs_nbytes,
+         int bits, double coef, int nthreads) {
+        check_elems("acc", acc, n, n, 4);
+        check_code_bits(bits);
+        check_planes("planes", planes, planes_nbytes, n, bits);
+        check_bitmap("signs", signs, signs_nbytes, n, false);
+        require(coef == coef && coef > -3.4028234663852886e38 && coef < 3.4028234663852886e38,
+                "coef must be a finite float32 value");
+        py::gil_scoped_release nogil;
+        fedmpq::cpu::dequant_accumulate(ptr<float>(acc), n, ptr<const uint32_t>(planes), ptr<const uint32_t>(signs),
+                                        bits, static_cast<float>(coef), nthreads);
+      },
+      py::arg("acc"), py::arg("n"), py::arg("planes"), py::arg("planes_nbytes"), py::arg("signs"),
+      py::arg("signs_nbytes"), py::arg("bits"), py::arg("coef"), py::arg("nthreads"),
+      "acc[j] += (sign bit j ? -1 : 1) * (coef * q_j) on n contiguous float32, in place.");
+}
+
+}  // namespace fedmpq::bindings

@@ -1,0 +1,91 @@
+#include "cpu/pack.h"
+
+#include "common/bitmap.h"
+
+#include "cpu/cpu_features.h"
+#include "cpu/parallel.h"
+
+namespace fedmpq::cpu {
+
+namespace portable {
+
+uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words) {
+  uint32_t seen = 0;
+  for (int64_t w = 0; w * 32 < n; ++w) {
+    const int64_t i0 = w * 32, cnt = n - i0 < 32 ? n - i0 : 32;
+    for (int p = 0; p < bits; ++p) {
+      const int bit = bits - 1 - p;
+      uint32_t word = 0;
+      for (int64_t k = 0; k < cnt; ++k) word |= static_cast<uint32_t>((codes[i0 + k] >> bit) & 1u) << k;
+      planes[p * words + w] = word;
+    }
+    for (int64_t k = 0; k < cnt; ++k) seen |= codes[i0 + k];
+  }
+  return seen;
+}
+
+void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes) {
+  for (int64_t w = 0; w * 32 < n; ++w) {
+    const int64_t i0 = w * 32, cnt = n - i0 < 32 ? n - i0 : 32;
+    for (int64_t k = 0; k < cnt; ++k) {
+      uint32_t q = 0;
+      for (int p = 0; p < bits; ++p) q = (q << 1) | ((planes[p * words + w] >> k) & 1u);
+      codes[i0 + k] = static_cast<uint8_t>(q);
+    }
+  }
+}
+
+void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
+                        int bits, float coef) {
+  for (int64_t w = 0; w * 32 < n; ++w) {
+    const int64_t i0 = w * 32, cnt = n - i0 < 32 ? n - i0 : 32;
+    const uint32_t sw = signs ? signs[w] : 0u;
+    for (int64_t k = 0; k < cnt; ++k) {
+      uint32_t q = 0;
+      for (int p = 0; p < bits; ++p) q = (q << 1) | ((planes[p * words + w] >> k) & 1u);
+      const float v = coef * static_cast<float>(q);
+      acc[i0 + k] += ((sw >> k) & 1u) ? -v : v;
+    }
+  }
+}
+
+}  // namespace portable
+
+
+uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int nthreads) {
+  const bool v = use_avx2();
+  const int64_t words = bitmap_words(n);
+  return parallel_reduce_words<uint32_t>(
+      n, threads_for(nthreads, n), 0u,
+      [&](int64_t b, int64_t e) {
+        return v ? avx2::pack_codes(codes + b, e - b, bits, planes + b / 32, words)
+                 : portable::pack_codes(codes + b, e - b, bits, planes + b / 32, words);
+      },
+      [](uint32_t a, uint32_t b) { return a | b; });
+}
+
+void unpack_codes(const uint32_t* planes, int64_t n, int bits, uint8_t* codes, int nthreads) {
+  const bool v = use_avx2();
+  const int64_t words = bitmap_words(n);
+  parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {
+    if (v)
+      avx2::unpack_codes(planes + b / 32, words, e - b, bits, codes + b);
+    else
+      portable::unpack_codes(planes + b / 32, words, e - b, bits, codes + b);
+  });
+}
+
+void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, const uint32_t* signs, int bits,
+                        float coef, int nthreads) {
+  const bool v = use_avx2();
+  const int64_t words = bitmap_words(n);
+  parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {
+    const uint32_t* s = signs ? signs + b / 32 : nullptr;
+    if (v)
+      avx2::dequant_accumulate(acc + b, e - b, planes + b / 32, words, s, bits, coef);
+    else
+      portable::dequant_accumulate(acc + b, e - b, planes + b / 32, words, s, bits, coef);
+  });
+}
+
+}  // namespace fedmpq::cpu

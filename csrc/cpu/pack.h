@@ -1,0 +1,40 @@
+// Bit-plane packing, CPU kernels. The layout (fedmpq_kernels/pack/reference.py states it in
+// full): a bitmap of n elements is ceil(n/32) little-endian uint32 words, bit i%32 of word
+// i/32 is element i, bits past n are zero. b-bit codes (b = 1..8) are stored as b such
+// bitmaps one after the other, most significant bit first: plane p holds bit b-1-p of every
+// code. A sign map is the 1-bit case (bit set = negative).
+#pragma once
+#include <cstdint>
+
+namespace fedmpq::cpu {
+
+// codes[0..n) (one byte each, each < 2^bits) -> planes[bits * words], words = ceil(n/32).
+// Returns the OR of all codes, so the caller can reject a code that does not fit in `bits`
+// without a second pass (the planes are then meaningless).
+uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int nthreads);
+
+// planes[bits * words] -> codes[0..n).
+void unpack_codes(const uint32_t* planes, int64_t n, int bits, uint8_t* codes, int nthreads);
+
+// acc[j] += (signs bit j ? -1 : 1) * (coef * q_j), q_j the code in `planes`, float32,
+// every product rounded on its own (the reference's order). signs may be null (all
+// positive). coef = weight * scale / (2^bits - 1), computed by the caller in float32.
+void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, const uint32_t* signs, int bits,
+                        float coef, int nthreads);
+
+// ---- serial chunk kernels, per ISA (a chunk starts at a multiple of 32 elements;
+// `words` is the plane stride in words, planes/signs already point at the chunk's first word) ----
+namespace portable {
+uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words);
+void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes);
+void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
+                        int bits, float coef);
+}  // namespace portable
+namespace avx2 {
+uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words);
+void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes);
+void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
+                        int bits, float coef);
+}  // namespace avx2
+
+}  // namespace fedmpq::cpu

@@ -1,0 +1,508 @@
+"""What travels between a device and the server: packed, checked, pickle-free payloads.
+
+Three payloads, each ``encode_*(...) -> bytes`` and ``decode_*(data) -> ...``:
+
+* **Upload** (client -> server): per quantized layer its name, shape, bit-width N, scale,
+  sign map and N bit planes (N + 1 bits per weight) and its Delta; the float tensors as they
+  are (BatchNorm parameters and statistics, shortcut convs, biases); client id, round,
+  sample count and budget.
+* **Download** (server -> client): the client's layers already binarized at the bit-width
+  it trains with next (:meth:`QuantizedTensor.from_float`), the float tensors, round and
+  client id; the assignment is each layer's ``bits``.
+* **Model**: every tensor of a model in float32 (or float16), for evaluation and baselines.
+
+The byte layout is documented byte by byte in ``docs/FORMAT.md``; the bit layout of planes
+and sign maps in :mod:`fedmpq_kernels.pack.reference`. Decoding trusts nothing: every
+count, length, shape, bit-width, name and the checksum is checked before anything is
+allocated, and every failure is a :class:`WireFormatError` naming what is wrong. No pickle
+anywhere (``torch.load`` on untrusted bytes can run code).
+"""
+from __future__ import annotations
+
+import math
+import struct
+import sys
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+import fedmpq_kernels as fk
+
+Tensor = torch.Tensor
+
+MAGIC = b"FMPQ"
+VERSION = 1
+KIND_UPLOAD, KIND_DOWNLOAD, KIND_MODEL = 1, 2, 3
+_KIND_NAMES = {KIND_UPLOAD: "upload", KIND_DOWNLOAD: "download", KIND_MODEL: "model"}
+
+# Entry dtypes (the "dtype" byte of an index record).
+DT_QUANTIZED, DT_FLOAT32, DT_FLOAT16, DT_INT64 = 1, 2, 3, 4
+_TORCH_DTYPES = {DT_FLOAT32: torch.float32, DT_FLOAT16: torch.float16, DT_INT64: torch.int64}
+_DT_OF = {v: k for k, v in _TORCH_DTYPES.items()}
+_ITEMSIZE = {DT_FLOAT32: 4, DT_FLOAT16: 2, DT_INT64: 8}
+
+_HEADER = struct.Struct("<4sHBBQIIII")  # magic, version, kind, flags, total, crc32, entries, index_zlen, index_len
+_META = {
+    KIND_UPLOAD: struct.Struct("<QQIf"),  # client_id, num_samples, round, budget
+    KIND_DOWNLOAD: struct.Struct("<QI4x"),  # client_id, round
+    KIND_MODEL: struct.Struct("<I4x"),  # round
+}
+# One index record per entry: dtype, bits, delta, ndim, scale, dims[8].
+_RECORD = np.dtype([("dtype", "u1"), ("bits", "u1"), ("delta", "u1"), ("ndim", "u1"), ("scale", "<f4"), ("dims", "<u4", (8,))])
+assert _HEADER.size == 32 and _RECORD.itemsize == 40
+
+MAX_DIMS = 8
+MAX_NAME_BYTES = 1024
+MAX_ENTRIES = 1 << 20
+MAX_INDEX_BYTES = 64 << 20  # uncompressed index: far above any model's, far below harm
+
+
+if sys.byteorder != "little":  # tensors and bitmap words are read in place, in host order
+    raise ImportError("fedmpq.wire supports little-endian hosts only")
+
+
+class WireFormatError(ValueError):
+    """A payload that does not decode: truncated, corrupted, of another kind or version,
+    inconsistent, or out of bounds. The message names what is wrong."""
+
+
+def _align4(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def _bitmap_nbytes(n: int) -> int:
+    return 4 * ((n + 31) // 32)
+
+
+# ---- one quantized layer ---------------------------------------------------------------
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A quantized layer as it travels: ``W = scale * sigma * q / (2**bits - 1)``.
+
+    Attributes:
+        shape: the layer's weight shape.
+        bits: N, 1..8.
+        scale: s >= 0, finite (0 gives an all-zero layer).
+        planes: uint8 tensor of ``bits * bitmap_nbytes(numel)`` bytes, the codes' bit planes
+            (plane 0 the most significant), layout of :mod:`fedmpq_kernels.pack.reference`.
+        signs: uint8 bitmap of ``bitmap_nbytes(numel)`` bytes, bit set = negative.
+    """
+
+    shape: Tuple[int, ...]
+    bits: int
+    scale: float
+    planes: Tensor
+    signs: Tensor
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @staticmethod
+    def from_codes(codes: Tensor, negative: Tensor, bits: int, scale: float) -> "QuantizedTensor":
+        """Pack uint8 codes (each < 2**bits) and a bool ``negative`` of the same shape."""
+        if not isinstance(codes, Tensor) or codes.dtype != torch.uint8:
+            raise TypeError("codes must be a uint8 tensor")
+        if not isinstance(negative, Tensor) or negative.shape != codes.shape:
+            raise ValueError("negative must be a tensor of the codes' shape")
+        scale = float(scale)
+        if not (math.isfinite(scale) and scale >= 0):
+            raise ValueError(f"scale must be finite and >= 0, got {scale}")
+        codes = codes.detach().cpu()
+        return QuantizedTensor(
+            tuple(codes.shape), int(bits), scale,
+            fk.pack_codes(codes, bits), fk.pack_codes(negative.detach().cpu().to(torch.uint8), 1),
+        )
+
+    @staticmethod
+    def from_float(w: Tensor, bits: int) -> "QuantizedTensor":
+        """Binarize a float tensor into ``bits`` bits (ALGORITHM.md, "Local representation"):
+        ``s = max|W|``, ``q = round(|W| * ((2**bits - 1) / s))`` (half to even, float32, the
+        same product order as fake-quant), ``sigma = sign(W)`` with 0 -> -1."""
+        if not isinstance(w, Tensor) or not w.is_floating_point():
+            raise TypeError("w must be a floating-point tensor")
+        if bits not in range(1, 9):
+            raise ValueError(f"bits must be in 1..8, got {bits}")
+        wf = w.detach().float().cpu()
+        if not bool(torch.isfinite(wf).all()):
+            raise ValueError("w holds NaN or inf: it cannot be binarized")
+        a = wf.abs()
+        s = a.amax() if wf.numel() else torch.zeros(())
+        levels = float((1 << bits) - 1)
+        inv = (torch.tensor(levels) / s) if s > 0 else torch.zeros(())
+        q = torch.round(a * inv).clamp_(0, levels).to(torch.uint8)
+        return QuantizedTensor.from_codes(q, ~(wf > 0), bits, float(s))
+
+    def codes(self) -> Tensor:
+        """The uint8 codes, in ``shape``."""
+        return fk.unpack_codes(self.planes, self.bits, self.numel).reshape(self.shape)
+
+    def negative(self) -> Tensor:
+        """The sign map as a bool tensor in ``shape`` (True = negative)."""
+        return fk.unpack_codes(self.signs, 1, self.numel).reshape(self.shape).bool()
+
+    def dequantize(self) -> Tensor:
+        """The float32 weight ``scale * sigma * q / (2**bits - 1)``, in ``shape``."""
+        out = torch.zeros(self.numel, dtype=torch.float32)
+        fk.dequant_accumulate(out, self.planes, self.signs, self.bits, self.scale)
+        return out.reshape(self.shape)
+
+
+# ---- payloads ----------------------------------------------------------------------------
+@dataclass
+class Upload:
+    """Client -> server. ``deltas[name]`` is Delta of quantized layer ``name`` (0..7)."""
+
+    client_id: int
+    round: int
+    num_samples: int
+    budget: float
+    layers: Dict[str, QuantizedTensor]
+    deltas: Dict[str, int]
+    floats: Dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class Download:
+    """Server -> client: its layers at its next assignment, and the float tensors."""
+
+    client_id: int
+    round: int
+    layers: Dict[str, QuantizedTensor]
+    floats: Dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def assignment(self) -> Dict[str, int]:
+        return {name: q.bits for name, q in self.layers.items()}
+
+
+@dataclass
+class Model:
+    """A whole model's tensors (float32, float16 or int64), e.g. the global model."""
+
+    round: int
+    tensors: Dict[str, Tensor]
+
+
+# ---- encoding ----------------------------------------------------------------------------
+def _check_name(name) -> bytes:
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+    raw = name.encode("utf-8")
+    if len(raw) > MAX_NAME_BYTES:
+        raise ValueError(f"name {name[:40]!r}... is longer than {MAX_NAME_BYTES} bytes")
+    return raw
+
+
+def _dims(shape) -> List[int]:
+    dims = [int(d) for d in shape]
+    if len(dims) > MAX_DIMS:
+        raise ValueError(f"at most {MAX_DIMS} dimensions, got shape {tuple(dims)}")
+    if any(d < 0 or d >= 1 << 32 for d in dims):
+        raise ValueError(f"every dimension must be in 0..2^32-1, got shape {tuple(dims)}")
+    return dims
+
+
+def _encode(kind: int, meta: bytes, entries: List[Tuple[str, int, int, int, float, Tuple[int, ...], List[bytes]]]) -> bytes:
+    """entries: (name, dtype, bits, delta, scale, shape, data chunks)."""
+    if len(entries) > MAX_ENTRIES:
+        raise ValueError(f"at most {MAX_ENTRIES} tensors per payload")
+    records = np.zeros(len(entries), dtype=_RECORD)
+    names, lens, chunks = [], [], []
+    seen = set()
+    for i, (name, dt, bits, delta, scale, shape, data) in enumerate(entries):
+        raw = _check_name(name)
+        if name in seen:
+            raise ValueError(f"duplicate tensor name {name!r}")
+        seen.add(name)
+        dims = _dims(shape)
+        rec = records[i]
+        rec["dtype"], rec["bits"], rec["delta"], rec["ndim"], rec["scale"] = dt, bits, delta, len(dims), scale
+        rec["dims"][: len(dims)] = dims
+        names.append(raw)
+        lens.append(len(raw))
+        size = sum(len(c) for c in data)
+        chunks.extend(data)
+        if size % 4:
+            chunks.append(b"\0" * (4 - size % 4))
+    index = records.tobytes() + np.asarray(lens, dtype="<u2").tobytes() + b"".join(names)
+    zindex = zlib.compress(index, 9)  # names and shapes are repetitive: ~6x smaller
+    body = b"".join([meta, zindex, b"\0" * (_align4(len(zindex)) - len(zindex))] + chunks)
+    total = _HEADER.size + len(body)
+    fields = (MAGIC, VERSION, kind, 0, total)
+    counts = (len(entries), len(zindex), len(index))
+    crc = _crc(_HEADER.pack(*fields, 0, *counts), body)
+    return _HEADER.pack(*fields, crc, *counts) + body
+
+
+def _crc(header: bytes, body) -> int:
+    """CRC-32 of everything but the CRC field itself (header bytes 16..19)."""
+    return zlib.crc32(body, zlib.crc32(header[20:32], zlib.crc32(header[:16])))
+
+
+def _tensor_bytes(t: Tensor, dt: int) -> bytes:
+    return t.detach().to(device="cpu", dtype=_TORCH_DTYPES[dt]).contiguous().numpy().tobytes()
+
+
+def _float_entries(floats: Mapping[str, Tensor], cast: Optional[torch.dtype] = None):
+    out = []
+    for name, t in floats.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+        dtype = t.dtype
+        if cast is not None and t.is_floating_point():
+            dtype = cast
+        dt = _DT_OF.get(dtype)
+        if dt is None:
+            raise TypeError(f"{name}: dtype {t.dtype} cannot travel (float32, float16 or int64)")
+        out.append((name, dt, 0, 0, 0.0, tuple(t.shape), [_tensor_bytes(t, dt)]))
+    # float32 first, then float16, then int64: one contiguous float32 run for the server
+    return sorted(out, key=lambda e: {DT_FLOAT32: 0, DT_FLOAT16: 1, DT_INT64: 2}[e[1]])
+
+
+def _quant_entries(layers: Mapping[str, QuantizedTensor], deltas: Mapping[str, int]):
+    out = []
+    for name, q in layers.items():
+        if not isinstance(q, QuantizedTensor):
+            raise TypeError(f"{name}: expected a QuantizedTensor, got {type(q).__name__}")
+        if q.bits not in range(1, 9):
+            raise ValueError(f"{name}: bits must be in 1..8, got {q.bits}")
+        if not (math.isfinite(q.scale) and q.scale >= 0):
+            raise ValueError(f"{name}: scale must be finite and >= 0, got {q.scale}")
+        delta = int(deltas.get(name, 0))
+        if not 0 <= delta <= 7:
+            raise ValueError(f"{name}: delta must be in 0..7, got {delta}")
+        nb = _bitmap_nbytes(q.numel)
+        for what, t, want in (("planes", q.planes, q.bits * nb), ("signs", q.signs, nb)):
+            if not isinstance(t, Tensor) or t.dtype != torch.uint8 or t.numel() != want:
+                raise ValueError(f"{name}: {what} must be {want} uint8 bytes for shape {q.shape} at {q.bits} bits")
+        out.append((name, DT_QUANTIZED, q.bits, delta, q.scale, q.shape,
+                    [q.planes.contiguous().cpu().numpy().tobytes(), q.signs.contiguous().cpu().numpy().tobytes()]))
+    return out
+
+
+def _check_overlap(a: Iterable[str], b: Iterable[str]) -> None:
+    both = set(a) & set(b)
+    if both:
+        raise ValueError(f"names both quantized and float: {sorted(both)[:5]}")
+
+
+def encode_upload(u: Upload) -> bytes:
+    """The upload as bytes (docs/FORMAT.md)."""
+    if set(u.deltas) - set(u.layers):
+        raise ValueError(f"deltas for layers that are not uploaded: {sorted(set(u.deltas) - set(u.layers))[:5]}")
+    _check_overlap(u.layers, u.floats)
+    budget = float(u.budget)
+    if not (math.isfinite(budget) and 0 < budget <= 32):
+        raise ValueError(f"budget must be in (0, 32], got {budget}")
+    meta = _META[KIND_UPLOAD].pack(_u64(u.client_id, "client_id"), _u64(u.num_samples, "num_samples"),
+                                   _u32(u.round, "round"), budget)
+    return _encode(KIND_UPLOAD, meta, _quant_entries(u.layers, u.deltas) + _float_entries(u.floats))
+
+
+def encode_download(d: Download) -> bytes:
+    """The download as bytes: quantized layers at the client's assignment, float tensors."""
+    _check_overlap(d.layers, d.floats)
+    meta = _META[KIND_DOWNLOAD].pack(_u64(d.client_id, "client_id"), _u32(d.round, "round"))
+    return _encode(KIND_DOWNLOAD, meta, _quant_entries(d.layers, {}) + _float_entries(d.floats))
+
+
+def encode_model(m: Model, dtype: torch.dtype = torch.float32) -> bytes:
+    """Every tensor of a model; floating tensors travel as ``dtype`` (float32 or float16)."""
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    meta = _META[KIND_MODEL].pack(_u32(m.round, "round"))
+    return _encode(KIND_MODEL, meta, _float_entries(m.tensors, cast=dtype))
+
+
+def _u64(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 1 << 64:
+        raise ValueError(f"{what} must be an integer in 0..2^64-1, got {v!r}")
+    return int(v)
+
+
+def _u32(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not 0 <= int(v) < 1 << 32:
+        raise ValueError(f"{what} must be an integer in 0..2^32-1, got {v!r}")
+    return int(v)
+
+
+# ---- decoding ----------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    name: str
+    dtype: int
+    bits: int
+    delta: int
+    scale: float
+    shape: Tuple[int, ...]
+    numel: int
+    offset: int  # into the payload
+    nbytes: int  # without padding
+
+
+@dataclass
+class _Parsed:
+    kind: int
+    meta: tuple
+    entries: List[_Entry]
+    data: bytes
+
+
+def _fail(msg: str):
+    raise WireFormatError(msg)
+
+
+def _parse(data, want_kind: int) -> _Parsed:
+    """Every check, before anything is allocated beyond the bounded index."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireFormatError(f"payload must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    size = len(data)
+    if size < _HEADER.size:
+        _fail(f"truncated: {size} bytes, the header alone is {_HEADER.size}")
+    magic, version, kind, flags, total, crc, n, zlen, ilen = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        _fail(f"not a fedmpq payload (magic {magic!r}, expected {MAGIC!r})")
+    if version != VERSION:
+        _fail(f"unsupported format version {version} (this build reads version {VERSION})")
+    if kind != want_kind:
+        _fail(f"payload is a {_KIND_NAMES.get(kind, f'kind {kind}')}, expected a {_KIND_NAMES[want_kind]}")
+    if flags != 0:
+        _fail(f"unknown flags {flags:#x}")
+    if total != size:
+        _fail(f"length field says {total} bytes but the payload has {size} (truncated or padded)")
+    if _crc(data[:_HEADER.size], memoryview(data)[_HEADER.size:]) != crc:
+        _fail("checksum mismatch: the payload is corrupted")
+    meta_s = _META[kind]
+    pos = _HEADER.size
+    if size < pos + meta_s.size:
+        _fail("truncated: no room for the metadata")
+    meta = meta_s.unpack_from(data, pos)
+    pos += meta_s.size
+    if n > MAX_ENTRIES:
+        _fail(f"{n} entries exceed the limit of {MAX_ENTRIES}")
+    if zlen > size - pos:
+        _fail(f"index claims {zlen} bytes, only {size - pos} remain")
+    if not (n * (_RECORD.itemsize + 2) <= ilen <= min(MAX_INDEX_BYTES, n * (_RECORD.itemsize + 2 + MAX_NAME_BYTES))):
+        _fail(f"index length {ilen} is impossible for {n} entries")
+    try:
+        dec = zlib.decompressobj()
+        index = dec.decompress(data[pos:pos + zlen], ilen + 1)  # bounded: never more than ilen + 1
+        if not dec.eof or dec.unused_data or dec.unconsumed_tail:
+            _fail("index is not one complete compressed block of the stated length")
+    except zlib.error as e:
+        _fail(f"index does not decompress: {e}")
+    if len(index) != ilen:
+        _fail(f"index decompresses to {len(index)} bytes, header says {ilen}")
+    pos += _align4(zlen)
+    if pos > size:
+        _fail("truncated after the index")
+    recs = np.frombuffer(index, dtype=_RECORD, count=n)
+    lens = np.frombuffer(index, dtype="<u2", count=n, offset=n * _RECORD.itemsize)
+    names_at = n * (_RECORD.itemsize + 2)
+    if names_at + int(lens.sum(dtype=np.int64)) != ilen:
+        _fail("name lengths do not add up to the index length")
+
+    entries: List[_Entry] = []
+    seen = set()
+    off = pos
+    npos = names_at
+    for i in range(n):
+        r = recs[i]
+        ln = int(lens[i])
+        raw = index[npos:npos + ln]
+        npos += ln
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            _fail(f"entry {i}: name is not valid UTF-8")
+        where = f"entry {i} ({name[:60]!r})"
+        if not name or ln > MAX_NAME_BYTES:
+            _fail(f"{where}: empty or too long name")
+        if name in seen:
+            _fail(f"{where}: duplicate name")
+        seen.add(name)
+        dt, bits, delta, ndim = int(r["dtype"]), int(r["bits"]), int(r["delta"]), int(r["ndim"])
+        if ndim > MAX_DIMS:
+            _fail(f"{where}: {ndim} dimensions (at most {MAX_DIMS})")
+        dims = r["dims"]
+        if any(int(d) for d in dims[ndim:]):
+            _fail(f"{where}: nonzero unused dimensions")
+        shape = tuple(int(d) for d in dims[:ndim])
+        numel = math.prod(shape)  # Python int: no overflow
+        scale = float(r["scale"])
+        if dt == DT_QUANTIZED:
+            if want_kind == KIND_MODEL:
+                _fail(f"{where}: a model payload holds no quantized layers")
+            if not 1 <= bits <= 8:
+                _fail(f"{where}: bit-width {bits} outside 1..8")
+            if not (math.isfinite(scale) and scale >= 0):
+                _fail(f"{where}: scale {scale} is not finite and >= 0")
+            if delta > 7 or (want_kind != KIND_UPLOAD and delta):
+                _fail(f"{where}: delta {delta} out of range")
+            nbytes = (bits + 1) * _bitmap_nbytes(numel)
+        elif dt in _ITEMSIZE:
+            if bits or delta or scale != 0.0:
+                _fail(f"{where}: a float tensor with quantization fields set")
+            nbytes = numel * _ITEMSIZE[dt]
+        else:
+            _fail(f"{where}: unknown dtype code {dt}")
+        if nbytes > size - off:  # checked before any allocation: a claim of 2^40 elements stops here
+            _fail(f"{where}: needs {nbytes} bytes of data, only {size - off} remain")
+        entries.append(_Entry(name, dt, bits, delta, scale, shape, numel, off, nbytes))
+        off += _align4(nbytes)
+    if off != size:
+        _fail(f"{size - off} bytes of data left over after the last entry" if off < size else "truncated data")
+    return _Parsed(kind, meta, entries, data)
+
+
+def _view(buf: bytearray, off: int, count: int, dtype: torch.dtype) -> Tensor:
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
+    t = torch.frombuffer(buf, dtype=dtype, count=count, offset=off)
+    return t if t.data_ptr() % t.element_size() == 0 else t.clone()
+
+
+def _materialize(p: _Parsed):
+    """Tensors over one private copy of the payload (no per-tensor copies)."""
+    buf = bytearray(p.data)
+    layers, deltas, floats = {}, {}, {}
+    for e in p.entries:
+        if e.dtype == DT_QUANTIZED:
+            nb = _bitmap_nbytes(e.numel)
+            planes = _view(buf, e.offset, e.bits * nb, torch.uint8)
+            signs = _view(buf, e.offset + e.bits * nb, nb, torch.uint8)
+            layers[e.name] = QuantizedTensor(e.shape, e.bits, e.scale, planes, signs)
+            deltas[e.name] = e.delta
+        else:
+            floats[e.name] = _view(buf, e.offset, e.numel, _TORCH_DTYPES[e.dtype]).reshape(e.shape)
+    return layers, deltas, floats
+
+
+def decode_upload(data) -> Upload:
+    """Bytes -> :class:`Upload`. Raises :class:`WireFormatError` on anything wrong."""
+    p = _parse(data, KIND_UPLOAD)
+    client_id, num_samples, rnd, budget = p.meta
+    if not (math.isfinite(budget) and 0 < budget <= 32):
+        _fail(f"budget {budget} outside (0, 32]")
+    layers, deltas, floats = _materialize(p)
+    return Upload(client_id, rnd, num_samples, float(budget), layers, deltas, floats)
+
+
+def decode_download(data) -> Download:
+    """Bytes -> :class:`Download`. Raises :class:`WireFormatError` on anything wrong."""
+    p = _parse(data, KIND_DOWNLOAD)
+    client_id, rnd = p.meta
+    layers, _, floats = _materialize(p)
+    return Download(client_id, rnd, layers, floats)
+
+
+def decode_model(data) -> Model:
+    """Bytes -> :class:`Model`. Raises :class:`WireFormatError` on anything wrong."""
+    p = _parse(data, KIND_MODEL)
+    _, _, floats = _materialize(p)
+    return Model(p.meta[0], floats)

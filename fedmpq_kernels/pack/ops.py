@@ -1,0 +1,164 @@
+"""Packing's ops: torch.library schemas, fake (meta) impls and the public functions
+:func:`pack_codes`, :func:`unpack_codes`, :func:`dequant_accumulate`. The layout and the
+exact arithmetic are stated in :mod:`.reference`. None of them is differentiable: they move
+integer codes, or accumulate into a buffer the server owns.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import registry
+from .._checks import bitmap_nbytes
+from .._library import _eager, lib
+
+Tensor = torch.Tensor
+
+lib.define("pack_codes(Tensor codes, int bits) -> Tensor")
+lib.define("unpack_codes(Tensor planes, int bits, int n) -> Tensor")
+lib.define("dequant_accumulate(Tensor(a!) acc, Tensor planes, Tensor? signs, int bits, float coef) -> ()")
+
+
+def _pack_codes_impl(codes: Tensor, bits: int) -> Tensor:
+    return registry.get("pack", "pack_codes", codes.device.type)(codes, bits)
+
+
+def _unpack_codes_impl(planes: Tensor, bits: int, n: int) -> Tensor:
+    return registry.get("pack", "unpack_codes", planes.device.type)(planes, bits, n)
+
+
+def _dequant_accumulate_impl(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bits: int, coef: float) -> None:
+    registry.get("pack", "dequant_accumulate", acc.device.type)(acc, planes, signs, bits, coef)
+
+
+lib.impl("pack_codes", _pack_codes_impl, "CompositeExplicitAutograd")
+lib.impl("unpack_codes", _unpack_codes_impl, "CompositeExplicitAutograd")
+lib.impl("dequant_accumulate", _dequant_accumulate_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fedmpq::pack_codes")
+def _pack_codes_fake(codes, bits):
+    return codes.new_empty((bits * bitmap_nbytes(codes.numel()),), dtype=torch.uint8)
+
+
+@torch.library.register_fake("fedmpq::unpack_codes")
+def _unpack_codes_fake(planes, bits, n):
+    return planes.new_empty((n,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("fedmpq::dequant_accumulate")
+def _dequant_accumulate_fake(acc, planes, signs, bits, coef):
+    return None
+
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+    if not 1 <= int(bits) <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return int(bits)
+
+
+def _check_u8(t, name: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.uint8:
+        raise TypeError(f"{name} must be uint8, got {t.dtype}")
+
+
+def _check_planes(planes, bits: int, n: int, device: torch.device, name: str = "planes") -> None:
+    _check_u8(planes, name)
+    if planes.device != device:
+        raise ValueError(f"{name} is on {planes.device}, expected {device}")
+    need = bits * bitmap_nbytes(n)
+    if planes.numel() < need:
+        raise ValueError(f"{name} has {planes.numel()} bytes, {need} needed for {n} codes of {bits} bits")
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Pack b-bit codes into b bit planes (layout: :mod:`fedmpq_kernels.pack.reference`).
+
+    Args:
+        codes: uint8 tensor, any shape and strides (flattened in C order), every value
+            < 2**bits.
+        bits: b, 1..8 (1 packs a mask, e.g. a sign map: nonzero bytes are not allowed then,
+            pass 0/1).
+
+    Returns:
+        uint8 tensor of shape ``(bits * 4 * ceil(n / 32),)`` on codes' device: plane 0 (the
+        most significant bit of every code) first.
+
+    Raises:
+        TypeError: codes not a uint8 tensor, bits not an int.
+        ValueError: bits outside 1..8, or a code >= 2**bits.
+    """
+    _check_u8(codes, "codes")
+    bits = _check_bits(bits)
+    if _eager(codes):
+        return _pack_codes_impl(codes, bits)
+    return torch.ops.fedmpq.pack_codes(codes, bits)
+
+
+def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: the first ``bits * 4 * ceil(n / 32)`` bytes of
+    ``planes`` (uint8, any strides) -> uint8 codes of shape ``(n,)``.
+
+    Raises:
+        TypeError / ValueError: planes not uint8 or too short, bits outside 1..8, n < 0.
+    """
+    bits = _check_bits(bits)
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    _check_u8(planes, "planes")
+    _check_planes(planes, bits, int(n), planes.device)
+    if _eager(planes):
+        return _unpack_codes_impl(planes, bits, int(n))
+    return torch.ops.fedmpq.unpack_codes(planes, bits, int(n))
+
+
+def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bits: int, scale: float,
+                       weight: float = 1.0) -> Tensor:
+    """``acc += weight * W`` in place, ``W = scale * sigma * q / (2**bits - 1)`` de-quantized
+    straight from the packed planes and sign map (the server's aggregation step; the exact
+    float32 order is in :mod:`fedmpq_kernels.pack.reference`).
+
+    Args:
+        acc: contiguous float32 tensor of n elements (any shape), updated in place.
+        planes: uint8, ``bits * 4 * ceil(n / 32)`` bytes or more, acc's device.
+        signs: uint8 sign map of n elements (bit set = negative), or None (all positive).
+        bits: 1..8.
+        scale: finite, >= 0.  weight: finite.
+
+    Returns:
+        acc.
+
+    Raises:
+        TypeError / ValueError naming the bad argument.
+    """
+    if not isinstance(acc, Tensor) or acc.dtype != torch.float32:
+        raise TypeError(f"acc must be a float32 tensor, got {getattr(acc, 'dtype', type(acc).__name__)}")
+    if not acc.is_contiguous():
+        raise ValueError("acc must be contiguous (it is updated in place)")
+    bits = _check_bits(bits)
+    n = acc.numel()
+    _check_planes(planes, bits, n, acc.device)
+    if signs is not None:
+        _check_planes(signs, 1, n, acc.device, "signs")
+    scale, weight = float(scale), float(weight)
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"scale must be finite and >= 0, got {scale}")
+    if not math.isfinite(weight):
+        raise ValueError(f"weight must be finite, got {weight}")
+    levels = (1 << bits) - 1
+    if abs(weight) * scale / levels > 3.0e38:  # before the float32 product, which would overflow
+        raise ValueError(f"weight * scale overflows float32 ({weight} * {scale})")
+    coef = float(np.float32(weight) * (np.float32(scale) / np.float32(levels)))
+    if _eager(acc):
+        _dequant_accumulate_impl(acc, planes, signs, bits, coef)
+    else:
+        torch.ops.fedmpq.dequant_accumulate(acc, planes, signs, bits, coef)
+    return acc

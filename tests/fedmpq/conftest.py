@@ -1,0 +1,50 @@
+"""Shared makers for the federated system's tests: random quantized layers and uploads."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fedmpq import wire
+
+
+def make_layer(shape, bits: int, gen: torch.Generator, scale: float | None = None) -> wire.QuantizedTensor:
+    n = math.prod(shape)
+    codes = torch.randint(0, 1 << bits, (n,), generator=gen, dtype=torch.int32).to(torch.uint8).reshape(shape)
+    neg = torch.rand(shape, generator=gen) < 0.5
+    s = float(torch.rand((), generator=gen)) * 3 + 0.01 if scale is None else scale
+    return wire.QuantizedTensor.from_codes(codes, neg, bits, s)
+
+
+# A small model's layout: quantized convs/linear (odd sizes, one empty), float BN/bias/shortcut.
+SHAPES = {
+    "conv1.weight": (4, 3, 3, 3),
+    "layer1.conv.weight": (5, 4, 3, 3),
+    "empty.weight": (0, 3),
+    "fc.weight": (7, 33),
+}
+FLOATS = {
+    "bn1.weight": (4,),
+    "bn1.bias": (4,),
+    "bn1.running_mean": (4,),
+    "bn1.running_var": (4,),
+    "shortcut.weight": (5, 4, 1, 1),
+    "fc.bias": (7,),
+}
+
+
+def make_upload(seed: int = 0, bits=None, client_id: int = 3, num_samples: int = 120) -> wire.Upload:
+    gen = torch.Generator().manual_seed(seed)
+    bits = bits or {name: 1 + (i + seed) % 8 for i, name in enumerate(SHAPES)}
+    layers = {name: make_layer(shape, bits[name], gen) for name, shape in SHAPES.items()}
+    floats = {name: torch.randn(shape, generator=gen) for name, shape in FLOATS.items()}
+    floats["bn1.num_batches_tracked"] = torch.tensor(17 + seed, dtype=torch.int64)
+    floats["half.weight"] = torch.randn(3, 5, generator=gen).half()
+    deltas = {name: (i * 3 + seed) % 8 for i, name in enumerate(SHAPES)}
+    return wire.Upload(client_id, 5, num_samples, 4.0, layers, deltas, floats)
+
+
+@pytest.fixture
+def upload():
+    return make_upload()

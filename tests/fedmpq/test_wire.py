@@ -1,0 +1,353 @@
+"""The wire format: round trips, hand-computed binarization, the size bound, and decoding
+that raises WireFormatError (and nothing else) on every hostile input, fuzzed."""
+from __future__ import annotations
+
+import math
+import os
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fedmpq import layouts, wire
+from fedmpq_kernels.pack import reference as PR
+
+from conftest import make_layer, make_upload
+
+# FEDMPQ_FUZZ_EXAMPLES=100000 for the long run (docs/BENCHMARKS.md records its result).
+FUZZ = int(os.environ.get("FEDMPQ_FUZZ_EXAMPLES", "300"))
+fuzz = settings(max_examples=FUZZ, deadline=None, suppress_health_check=list(HealthCheck), derandomize=FUZZ <= 300)
+
+
+def assert_same_upload(a: wire.Upload, b: wire.Upload):
+    assert (a.client_id, a.round, a.num_samples) == (b.client_id, b.round, b.num_samples)
+    assert a.budget == pytest.approx(b.budget)
+    assert list(a.layers) == list(b.layers) and a.deltas == b.deltas
+    for name, q in a.layers.items():
+        r = b.layers[name]
+        assert (q.shape, q.bits) == (r.shape, r.bits) and np.float32(q.scale) == np.float32(r.scale)
+        assert torch.equal(q.planes, r.planes) and torch.equal(q.signs, r.signs)
+    assert set(a.floats) == set(b.floats)
+    for name, t in a.floats.items():
+        assert b.floats[name].dtype == t.dtype and torch.equal(b.floats[name], t)
+
+
+def test_upload_round_trip(upload):
+    data = wire.encode_upload(upload)
+    assert isinstance(data, bytes) and data[:4] == b"FMPQ"
+    back = wire.decode_upload(data)
+    assert_same_upload(upload, back)
+    for name, q in upload.layers.items():  # and the codes behind the planes
+        assert torch.equal(back.layers[name].codes(), q.codes())
+        assert torch.equal(back.layers[name].negative(), q.negative())
+    assert wire.encode_upload(back) == data  # canonical: re-encoding gives the same bytes
+
+
+def test_download_and_model_round_trip(upload):
+    d = wire.Download(9, 6, upload.layers, upload.floats)
+    back = wire.decode_download(wire.encode_download(d))
+    assert (back.client_id, back.round) == (9, 6)
+    assert back.assignment == {n: q.bits for n, q in upload.layers.items()}
+    for name, q in upload.layers.items():
+        assert torch.equal(back.layers[name].dequantize(), q.dequantize())
+    state = {n: q.dequantize() for n, q in upload.layers.items()} | upload.floats
+    m = wire.decode_model(wire.encode_model(wire.Model(6, state)))
+    assert m.round == 6 and all(torch.equal(m.tensors[n], t) for n, t in state.items())
+    h = wire.decode_model(wire.encode_model(wire.Model(6, state), dtype=torch.float16))
+    for n, t in state.items():
+        want = t.half() if t.is_floating_point() else t
+        assert torch.equal(h.tensors[n], want)
+
+
+def test_binarize_hand_computed():
+    # bits 2: L = 3, s = max|W| = 1, q = round(|W| * 3): 1.5 -> 2 (half to even), 0.78 -> 1;
+    # sign(0) = -1 (harmless: q = 0)
+    w = torch.tensor([0.5, -1.0, 0.0, 0.26])
+    q = wire.QuantizedTensor.from_float(w, 2)
+    assert q.scale == 1.0 and q.bits == 2
+    assert q.codes().tolist() == [2, 3, 0, 1]
+    assert q.negative().tolist() == [False, True, True, False]
+    assert q.dequantize().tolist() == pytest.approx([2 / 3, -1.0, 0.0, 1 / 3])
+    zero = wire.QuantizedTensor.from_float(torch.zeros(5), 3)
+    assert zero.scale == 0.0 and zero.dequantize().abs().sum() == 0
+    with pytest.raises(ValueError, match="NaN or inf"):
+        wire.QuantizedTensor.from_float(torch.tensor([1.0, float("nan")]), 4)
+
+
+def test_quantized_layer_dequantizes_as_the_algorithm_states():
+    gen = torch.Generator().manual_seed(1)
+    for bits in range(1, 9):
+        q = make_layer((3, 37), bits, gen)
+        w = q.scale * torch.where(q.negative(), -1.0, 1.0) * q.codes().float() / ((1 << bits) - 1)
+        torch.testing.assert_close(q.dequantize(), w, rtol=1e-6, atol=1e-7)
+        assert q.planes.numel() == bits * 4 * math.ceil(111 / 32)
+
+
+def test_planes_are_the_documented_bit_planes():
+    """Plane 0 is the MSB, bitmaps are numpy.packbits(bitorder='little') padded to words."""
+    codes = torch.tensor([5, 2, 7, 0, 1], dtype=torch.uint8)  # 3 bits
+    q = wire.QuantizedTensor.from_codes(codes, torch.zeros(5, dtype=torch.bool), 3, 1.0)
+    planes = q.planes.view(3, 4)
+    for p in range(3):
+        bits = ((codes.numpy() >> (2 - p)) & 1).astype(np.uint8)
+        want = np.concatenate([np.packbits(bits, bitorder="little"), np.zeros(3, np.uint8)])
+        assert planes[p].tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("budget", [2, 4, 6, 8])
+def test_resnet20_upload_size_bound(budget):
+    """At most sum n_l (N_l + 1) / 8 + 4 * (float values) + 1% + 1 KiB (docs/BENCHMARKS.md
+    reports the numbers against the float32 state dict)."""
+    qshapes, fshapes = layouts.cifar_resnet(20)
+    gen = torch.Generator().manual_seed(0)
+    layers = {n: make_layer(s, budget, gen) for n, s in qshapes.items()}
+    floats = {n: (torch.zeros(s, dtype=torch.int64) if n.endswith("num_batches_tracked") else torch.randn(s, generator=gen))
+              for n, s in fshapes.items()}
+    data = wire.encode_upload(wire.Upload(0, 1, 500, budget, layers, {n: 0 for n in layers}, floats))
+    bits_part = sum(math.prod(s) * (budget + 1) / 8 for s in qshapes.values())
+    float_part = 4 * sum(math.prod(s) for n, s in fshapes.items() if not n.endswith("num_batches_tracked"))
+    bound = (bits_part + float_part) * 1.01 + 1024
+    assert len(data) <= bound, (len(data), bound)
+
+
+def test_encode_rejects_bad_input(upload):
+    with pytest.raises(ValueError, match="duplicate|both quantized and float"):
+        wire.encode_upload(wire.Upload(0, 0, 1, 4.0, upload.layers, {}, {"fc.weight": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="delta must be in 0..7"):
+        wire.encode_upload(wire.Upload(0, 0, 1, 4.0, upload.layers, {"fc.weight": 9}, {}))
+    with pytest.raises(ValueError, match="budget"):
+        wire.encode_upload(wire.Upload(0, 0, 1, float("nan"), upload.layers, {}, {}))
+    with pytest.raises(TypeError, match="cannot travel"):
+        wire.encode_upload(wire.Upload(0, 0, 1, 4.0, {}, {}, {"x": torch.zeros(2, dtype=torch.float64)}))
+    with pytest.raises(ValueError, match="client_id"):
+        wire.encode_upload(wire.Upload(-1, 0, 1, 4.0, {}, {}, {}))
+    with pytest.raises(ValueError, match="non-empty"):
+        wire.encode_upload(wire.Upload(0, 0, 1, 4.0, {}, {}, {"": torch.zeros(1)}))
+    with pytest.raises(ValueError, match="code .* does not fit|codes must be"):
+        wire.QuantizedTensor.from_codes(torch.tensor([4], dtype=torch.uint8), torch.tensor([False]), 2, 1.0)
+
+
+# ---- hostile input -------------------------------------------------------------------------
+def reseal(data: bytes) -> bytes:
+    """Recompute length and checksum, so a mutation gets past them to the deeper checks."""
+    b = bytearray(data)
+    struct.pack_into("<Q", b, 8, len(b))
+    struct.pack_into("<I", b, 16, wire._crc(bytes(b[:32]), memoryview(bytes(b))[32:]))
+    return bytes(b)
+
+
+def with_index(data: bytes, mutate) -> bytes:
+    """The payload with its (decompressed) index changed by ``mutate(bytearray)``, resealed."""
+    magic, ver, kind, flags, total, crc, n, zlen, ilen = wire._HEADER.unpack_from(data)
+    meta = wire._META[kind].size
+    start = 32 + meta
+    index = bytearray(zlib.decompress(data[start:start + zlen]))
+    mutate(index, n)
+    z = zlib.compress(bytes(index))
+    rest = data[start + wire._align4(zlen):]
+    head = wire._HEADER.pack(magic, ver, kind, flags, 0, 0, n, len(z), len(index))
+    return reseal(head + data[32:start] + z + b"\0" * (wire._align4(len(z)) - len(z)) + rest)
+
+
+def expect_error(data: bytes, match: str):
+    with pytest.raises(wire.WireFormatError, match=match):
+        wire.decode_upload(data)
+
+
+def test_every_truncation_and_extension_is_rejected():
+    data = wire.encode_upload(make_upload(seed=2))
+    for cut in range(len(data)):
+        with pytest.raises(wire.WireFormatError):
+            wire.decode_upload(data[:cut])
+    expect_error(data + b"\0", "length field")
+    expect_error(reseal(data + b"\0\0\0\0"), "left over")
+
+
+def test_header_fields_are_checked(upload):
+    data = wire.encode_upload(upload)
+    expect_error(b"XXXX" + data[4:], "not a fedmpq payload")
+    expect_error(reseal(data[:4] + struct.pack("<H", 2) + data[6:]), "unsupported format version 2")
+    expect_error(reseal(data[:6] + b"\x02" + data[7:]), "is a download, expected a upload")
+    expect_error(reseal(data[:7] + b"\x01" + data[8:]), "unknown flags")
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0x10
+    expect_error(bytes(flipped), "checksum mismatch")
+    with pytest.raises(wire.WireFormatError, match="is a upload, expected a model"):
+        wire.decode_model(data)
+    with pytest.raises(wire.WireFormatError, match="must be bytes"):
+        wire.decode_upload("FMPQ")
+
+
+def test_huge_claims_are_rejected_before_allocating(upload):
+    data = wire.encode_upload(upload)
+
+    def huge_dims(index, n):
+        rec = np.frombuffer(index, dtype=wire._RECORD, count=n).copy()
+        rec[0]["ndim"] = 4
+        rec[0]["dims"][:4] = [2**32 - 1] * 4  # ~2^128 elements
+        index[: rec.nbytes] = rec.tobytes()
+
+    expect_error(with_index(data, huge_dims), "needs .* bytes of data, only")
+
+    b = bytearray(data)
+    struct.pack_into("<I", b, 20, 2**32 - 1)  # entries
+    expect_error(reseal(bytes(b)), "entries exceed the limit")
+    b = bytearray(data)
+    struct.pack_into("<I", b, 28, 2**32 - 1)  # uncompressed index length
+    expect_error(reseal(bytes(b)), "index length .* is impossible")
+    b = bytearray(data)
+    struct.pack_into("<I", b, 24, 2**32 - 1)  # compressed index length
+    expect_error(reseal(bytes(b)), "index claims")
+
+
+def test_index_fields_are_checked(upload):
+    data = wire.encode_upload(upload)
+
+    def field(name, value, i=0):
+        def m(index, n):
+            rec = np.frombuffer(index, dtype=wire._RECORD, count=n).copy()
+            rec[i][name] = value
+            index[: rec.nbytes] = rec.tobytes()
+        return m
+
+    expect_error(with_index(data, field("bits", 9)), "bit-width 9 outside 1..8")
+    expect_error(with_index(data, field("bits", 0)), "bit-width 0 outside 1..8")
+    expect_error(with_index(data, field("scale", float("nan"))), "scale nan")
+    expect_error(with_index(data, field("scale", -1.0)), "scale -1.0")
+    expect_error(with_index(data, field("delta", 8)), "delta 8")
+    expect_error(with_index(data, field("dtype", 9)), "unknown dtype code 9")
+    expect_error(with_index(data, field("ndim", 9)), "9 dimensions")
+    last = len(upload.layers) + len(upload.floats) - 1
+    expect_error(with_index(data, field("bits", 3, i=last)), "quantization fields set")
+
+    def dup_name(index, n):  # the second name ("b.weight") becomes the first ("a.weight")
+        lens = np.frombuffer(index, dtype="<u2", count=n, offset=n * 40)
+        at = n * 42
+        assert lens[0] == lens[1]
+        index[at + lens[0]:at + 2 * lens[0]] = index[at:at + lens[0]]
+
+    u = make_upload()
+    u.layers = {"a.weight": u.layers["conv1.weight"], "b.weight": u.layers["fc.weight"]}
+    u.deltas = {}
+    expect_error(with_index(wire.encode_upload(u), dup_name), "duplicate name")
+
+    def bad_utf8(index, n):
+        index[n * 42] = 0xFF
+
+    expect_error(with_index(data, bad_utf8), "not valid UTF-8")
+
+    def bad_lengths(index, n):
+        struct.pack_into("<H", index, n * 40, struct.unpack_from("<H", index, n * 40)[0] + 1)
+
+    expect_error(with_index(data, bad_lengths), "name lengths do not add up|index length")
+
+
+def test_decoding_never_raises_anything_else_on_random_bytes():
+    rng = np.random.default_rng(0)
+    good = wire.encode_upload(make_upload())
+    for i in range(300):
+        blob = rng.integers(0, 256, rng.integers(0, 400), dtype=np.uint8).tobytes()
+        if i % 3 == 0:
+            blob = good[:32] + blob  # a valid header on junk
+        for decode in (wire.decode_upload, wire.decode_download, wire.decode_model):
+            with pytest.raises(wire.WireFormatError):
+                decode(blob)
+
+
+def _decode_or_wire_error(data: bytes):
+    try:
+        wire.decode_upload(data)
+    except wire.WireFormatError:
+        pass  # anything else escapes and fails the test
+
+
+_GOOD = None
+
+
+def _good() -> bytes:
+    global _GOOD
+    if _GOOD is None:
+        _GOOD = wire.encode_upload(make_upload(seed=4))
+    return _GOOD
+
+
+@fuzz
+@given(st.data())
+def test_fuzz_mutated_payloads(data):
+    """Truncations, bit flips, spliced and duplicated regions, overwritten header and index
+    fields; each resealed half of the time so that it reaches the checks behind the checksum."""
+    good = bytearray(_good())
+    op = data.draw(st.sampled_from(["truncate", "flip", "splice", "duplicate", "header", "index"]))
+    if op == "truncate":
+        good = good[: data.draw(st.integers(0, len(good)))]
+    elif op == "flip":
+        for _ in range(data.draw(st.integers(1, 8))):
+            i = data.draw(st.integers(0, len(good) - 1))
+            good[i] ^= 1 << data.draw(st.integers(0, 7))
+    elif op in ("splice", "duplicate"):
+        a = data.draw(st.integers(0, len(good)))
+        b = data.draw(st.integers(a, min(len(good), a + 512)))
+        chunk = good[a:b] if op == "duplicate" else data.draw(st.binary(max_size=64))
+        at = data.draw(st.integers(0, len(good)))
+        good = good[:at] + chunk + good[at:]
+    elif op == "header":
+        off = data.draw(st.sampled_from([4, 6, 7, 8, 20, 24, 28, 32, 40, 48]))
+        fmt = data.draw(st.sampled_from(["<B", "<H", "<I", "<Q"]))
+        if off + struct.calcsize(fmt) <= len(good):
+            val = data.draw(st.sampled_from([0, 1, 2, 255, 2**31, 2**32 - 1, 2**40, 2**63]))
+            struct.pack_into(fmt, good, off, val % (1 << (8 * struct.calcsize(fmt))))
+    else:
+        pos = data.draw(st.integers(0, 400))
+        val = data.draw(st.integers(0, 255))
+
+        def m(index, n):
+            if index:
+                index[pos % len(index)] = val
+
+        good = bytearray(with_index(bytes(good), m))
+    blob = bytes(good)
+    if op != "index" and len(blob) >= 32 and data.draw(st.booleans()):
+        blob = reseal(blob)
+    _decode_or_wire_error(blob)
+
+
+@fuzz
+@given(st.binary(max_size=600))
+def test_fuzz_arbitrary_bytes(blob):
+    _decode_or_wire_error(blob)
+    _decode_or_wire_error(_good()[:32] + blob)
+    if len(blob) >= 32:
+        _decode_or_wire_error(reseal(b"FMPQ\x01\x00\x01\x00" + blob[8:]))
+
+
+@fuzz
+@given(st.data())
+def test_fuzz_valid_payloads_round_trip(data):
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    layers = {}
+    for i in range(data.draw(st.integers(0, 4))):
+        shape = tuple(data.draw(st.lists(st.integers(0, 9), max_size=3)))
+        layers[f"l{i}.weight"] = make_layer(shape, data.draw(st.integers(1, 8)), gen)
+    floats = {f"f{i}": torch.randn(data.draw(st.integers(0, 7)), generator=gen) for i in range(data.draw(st.integers(0, 3)))}
+    u = wire.Upload(data.draw(st.integers(0, 2**64 - 1)), data.draw(st.integers(0, 2**32 - 1)),
+                    data.draw(st.integers(0, 2**64 - 1)), data.draw(st.floats(0.5, 8.0)), layers,
+                    {n: data.draw(st.integers(0, 7)) for n in layers}, floats)
+    assert_same_upload(u, wire.decode_upload(wire.encode_upload(u)))
+
+
+def test_pack_reference_agrees_with_numpy_packbits():
+    """The layout oracle against numpy's packbits (an independent implementation)."""
+    rng = np.random.default_rng(3)
+    for bits in range(1, 9):
+        for n in (0, 1, 31, 32, 33, 257):
+            codes = rng.integers(0, 1 << bits, n, dtype=np.uint8)
+            planes = PR.pack_codes(torch.from_numpy(codes), bits).numpy()
+            nb = 4 * math.ceil(n / 32)
+            for p in range(bits):
+                want = np.packbits((codes >> (bits - 1 - p)) & 1, bitorder="little")
+                assert planes[p * nb:p * nb + want.size].tolist() == want.tolist()
+                assert not planes[p * nb + want.size:(p + 1) * nb].any()

@@ -1,0 +1,143 @@
+"""Every packing backend against the pure-torch reference (itself checked against
+numpy.packbits and hand-computed planes): every bit-width, odd and empty sizes, strided and
+misaligned inputs, the dequantize-accumulate arithmetic bit for bit, and the errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels.pack import reference as R
+
+ALL_BITS = range(1, 9)
+SIZES = [0, 1, 7, 31, 32, 33, 1023, (1 << 20) + 3]
+
+
+def nbytes(n: int) -> int:
+    return 4 * ((n + 31) // 32)
+
+
+def codes_for(n: int, bits: int, device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 131 + n * 7 + bits)
+    return torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.int32).to(torch.uint8).to(device)
+
+
+def test_reference_hand_computed_planes():
+    # codes 5 = 101b, 2 = 010b, 7 = 111b at 3 bits: plane 0 (MSB) = [1,0,1] -> byte 0b101 = 5,
+    # plane 1 = [0,1,1] -> 0b110 = 6, plane 2 (LSB) = [1,0,1] -> 5; each padded to 4 bytes.
+    p = R.pack_codes(torch.tensor([5, 2, 7], dtype=torch.uint8), 3)
+    assert p.tolist() == [5, 0, 0, 0, 6, 0, 0, 0, 5, 0, 0, 0]
+    assert R.unpack_codes(p, 3, 3).tolist() == [5, 2, 7]
+    acc = torch.tensor([1.0, 1.0, 1.0])
+    signs = R.pack_codes(torch.tensor([0, 1, 0], dtype=torch.uint8), 1)
+    R.dequant_accumulate(acc, p, signs, 3, 0.5)  # acc += sign * 0.5 * q
+    assert acc.tolist() == [3.5, 0.0, 4.5]
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("numel", SIZES)
+def test_pack_and_unpack_match_reference(backend, bits, numel):
+    backend.skip_if_too_big(numel)
+    codes = codes_for(numel, bits, backend.device)
+    with backend.active():
+        planes = fk.pack_codes(codes, bits)
+        want = R.pack_codes(codes.cpu(), bits)
+        assert planes.dtype == torch.uint8 and planes.shape == (bits * nbytes(numel),)
+        assert torch.equal(planes.cpu(), want)
+        back = fk.unpack_codes(planes, bits, numel)
+        assert back.dtype == torch.uint8 and back.shape == (numel,)
+        assert torch.equal(back, codes)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_strided_codes_and_misaligned_planes(backend, bits):
+    n = 1000
+    with backend.active():
+        wide = codes_for(2 * n, bits, backend.device).view(n, 2)
+        codes = wide[:, 1]  # stride 2
+        assert not codes.is_contiguous()
+        planes = fk.pack_codes(codes, bits)
+        assert torch.equal(planes.cpu(), R.pack_codes(codes.contiguous().cpu(), bits))
+        buf = torch.zeros(planes.numel() + 1, dtype=torch.uint8, device=backend.device)
+        buf[1:] = planes
+        assert buf[1:].data_ptr() % 4
+        assert torch.equal(fk.unpack_codes(buf[1:], bits, n), codes)
+        longer = torch.cat([planes, torch.full((9,), 255, dtype=torch.uint8, device=backend.device)])
+        assert torch.equal(fk.unpack_codes(longer, bits, n), codes)  # extra bytes are ignored
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("numel", [0, 1, 33, 1023, (1 << 18) + 5])
+def test_dequant_accumulate_matches_reference_bit_for_bit(backend, bits, numel):
+    backend.skip_if_too_big(numel)
+    dev = backend.device
+    codes = codes_for(numel, bits, dev)
+    neg = codes_for(numel, 1, dev, seed=1)
+    planes, signs = R.pack_codes(codes.cpu(), bits).to(dev), R.pack_codes(neg.cpu(), 1).to(dev)
+    g = torch.Generator().manual_seed(numel)
+    acc0 = torch.randn(numel, generator=g).to(dev)
+    with backend.active():
+        for scale, weight, sg in [(0.37, 1.0, signs), (2.5, 120.0, signs), (0.0, 3.0, signs), (1.0, -0.5, None)]:
+            acc = acc0.clone()
+            out = fk.dequant_accumulate(acc, planes, sg, bits, scale, weight)
+            assert out is acc
+            want = acc0.cpu().clone()
+            coef = float(np.float32(weight) * (np.float32(scale) / np.float32((1 << bits) - 1)))
+            R.dequant_accumulate(want, planes.cpu(), None if sg is None else sg.cpu(), bits, coef)
+            torch.testing.assert_close(acc.cpu(), want, rtol=0, atol=0)
+            # and the algorithm's formula, independently of the reference's code
+            w = scale * torch.where(neg.cpu().bool() & (sg is not None), -1.0, 1.0) * codes.cpu().float() / ((1 << bits) - 1)
+            torch.testing.assert_close(acc.cpu(), acc0.cpu() + weight * w, rtol=1e-5, atol=1e-5)
+
+
+def test_dequant_accumulate_takes_any_shape_of_acc(backend):
+    with backend.active():
+        acc = torch.zeros(3, 5, 7, device=backend.device)
+        codes = codes_for(105, 4, backend.device)
+        fk.dequant_accumulate(acc, fk.pack_codes(codes, 4), None, 4, 15.0)
+        assert torch.equal(acc.reshape(-1), codes.float())
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda d: fk.pack_codes(torch.tensor([4], dtype=torch.uint8, device=d), 2), ValueError, "does not fit in 2 bits"),
+        (lambda d: fk.pack_codes(torch.tensor([255, 0], dtype=torch.uint8, device=d), 7), ValueError, "does not fit in 7 bits"),
+        (lambda d: fk.pack_codes(torch.tensor([1], dtype=torch.int32, device=d), 2), TypeError, "codes must be uint8"),
+        (lambda d: fk.pack_codes([1, 2], 2), TypeError, "must be a torch.Tensor"),
+        (lambda d: fk.pack_codes(torch.zeros(3, dtype=torch.uint8, device=d), 0), ValueError, "bits must be in 1..8"),
+        (lambda d: fk.pack_codes(torch.zeros(3, dtype=torch.uint8, device=d), 9), ValueError, "bits must be in 1..8"),
+        (lambda d: fk.pack_codes(torch.zeros(3, dtype=torch.uint8, device=d), 2.0), TypeError, "bits must be an int"),
+        (lambda d: fk.unpack_codes(torch.zeros(7, dtype=torch.uint8, device=d), 2, 33), ValueError, "has 7 bytes, 16 needed"),
+        (lambda d: fk.unpack_codes(torch.zeros(8, dtype=torch.uint8, device=d), 2, -1), ValueError, "n must be an int >= 0"),
+        (lambda d: fk.unpack_codes(torch.zeros(8, dtype=torch.float32, device=d), 2, 1), TypeError, "planes must be uint8"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, dtype=torch.float64, device=d), torch.zeros(4, dtype=torch.uint8), None, 1, 1.0),
+         TypeError, "acc must be a float32"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(8, 2, device=d)[:, 0], torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 1.0),
+         ValueError, "acc must be contiguous"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(40, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 1.0),
+         ValueError, "planes has 4 bytes, 8 needed"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d),
+                                         torch.zeros(2, dtype=torch.uint8, device=d), 1, 1.0), ValueError, "signs has 2 bytes"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, float("nan")),
+         ValueError, "scale must be finite"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, -1.0),
+         ValueError, "scale must be finite and >= 0"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 1.0, float("inf")),
+         ValueError, "weight must be finite"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 3e38, 1e10),
+         ValueError, "overflows float32"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(backend, call, exc, match):
+    with backend.active(), pytest.raises(exc, match=match):
+        call(backend.device)
+
+
+def test_ops_are_registered_and_pass_opcheck():
+    codes = codes_for(77, 5, "cpu")
+    planes = torch.ops.fedmpq.pack_codes(codes, 5)
+    torch.library.opcheck(torch.ops.fedmpq.pack_codes.default, (codes, 5))
+    torch.library.opcheck(torch.ops.fedmpq.unpack_codes.default, (planes, 5, 77))
+    torch.library.opcheck(torch.ops.fedmpq.dequant_accumulate.default, (torch.zeros(77), planes, None, 5, 0.25))
