@@ -1,5 +1,7 @@
-// Packing's bindings: _C.cpu.{pack_codes, unpack_codes, dequant_accumulate}. Each re-checks
-// every size and pointer it is given (bindings/common.h) before a kernel runs.
+// Packing's bindings: _C.cpu.{pack_codes, unpack_codes, dequant_accumulate} and, when built
+// with CUDA, _C.cuda.{pack_codes, unpack_codes, dequant_accumulate}. Each re-checks every
+// size and pointer it is given (bindings/common.h, and the per-op checks below, the same for
+// both devices) before a kernel runs.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -7,6 +9,9 @@
 
 #include "bindings/common.h"
 #include "cpu/pack.h"
+#ifdef FEDMPQ_WITH_CUDA
+#include "cuda/pack.h"
+#endif
 
 namespace py = pybind11;
 
@@ -26,6 +31,29 @@ void check_planes(const char* what, uintptr_t p, int64_t nbytes, int64_t n, int 
   require(n == 0 || p != 0, std::string(what) + ": null data pointer");
   require(p % 4 == 0, std::string(what) + " must be 4-byte aligned");
 }
+
+// The arguments of each op, checked in this order on every device.
+void check_pack(uintptr_t codes, int64_t n, int bits, uintptr_t planes, int64_t planes_nbytes) {
+  check_elems("codes", codes, n, n, 1);
+  check_code_bits(bits);
+  check_planes("planes", planes, planes_nbytes, n, bits);
+}
+
+void check_unpack(uintptr_t planes, int64_t planes_nbytes, int64_t n, int bits, uintptr_t codes, int64_t codes_cap) {
+  check_elems("codes", codes, n, codes_cap, 1);
+  check_code_bits(bits);
+  check_planes("planes", planes, planes_nbytes, n, bits);
+}
+
+void check_dequant(uintptr_t acc, int64_t n, uintptr_t planes, int64_t planes_nbytes, uintptr_t signs,
+                   int64_t signs_nbytes, int bits, double coef) {
+  check_elems("acc", acc, n, n, 4);
+  check_code_bits(bits);
+  check_planes("planes", planes, planes_nbytes, n, bits);
+  check_bitmap("signs", signs, signs_nbytes, n, false);
+  require(coef == coef && coef > -3.4028234663852886e38 && coef < 3.4028234663852886e38,
+          "coef must be a finite float32 value");
+}
 }  // namespace
 
 void bind_pack(py::module_& m) {
@@ -33,9 +61,7 @@ void bind_pack(py::module_& m) {
   cpu.def(
       "pack_codes",
       [](uintptr_t codes, int64_t n, int bits, uintptr_t planes, int64_t planes_nbytes, int nthreads) {
-        check_elems("codes", codes, n, n, 1);
-        check_code_bits(bits);
-        check_planes("planes", planes, planes_nbytes, n, bits);
+        check_pack(codes, n, bits, planes, planes_nbytes);
         uint32_t seen;
         {
           py::gil_scoped_release nogil;
@@ -51,9 +77,7 @@ void bind_pack(py::module_& m) {
       "unpack_codes",
       [](uintptr_t planes, int64_t planes_nbytes, int64_t n, int bits, uintptr_t codes, int64_t codes_cap,
          int nthreads) {
-        check_elems("codes", codes, n, codes_cap, 1);
-        check_code_bits(bits);
-        check_planes("planes", planes, planes_nbytes, n, bits);
+        check_unpack(planes, planes_nbytes, n, bits, codes, codes_cap);
         py::gil_scoped_release nogil;
         fedmpq::cpu::unpack_codes(ptr<const uint32_t>(planes), n, bits, ptr<uint8_t>(codes), nthreads);
       },
@@ -63,12 +87,7 @@ void bind_pack(py::module_& m) {
       "dequant_accumulate",
       [](uintptr_t acc, int64_t n, uintptr_t planes, int64_t planes_nbytes, uintptr_t signs, int64_t signs_nbytes,
          int bits, double coef, int nthreads) {
-        check_elems("acc", acc, n, n, 4);
-        check_code_bits(bits);
-        check_planes("planes", planes, planes_nbytes, n, bits);
-        check_bitmap("signs", signs, signs_nbytes, n, false);
-        require(coef == coef && coef > -3.4028234663852886e38 && coef < 3.4028234663852886e38,
-                "coef must be a finite float32 value");
+        check_dequant(acc, n, planes, planes_nbytes, signs, signs_nbytes, bits, coef);
         py::gil_scoped_release nogil;
         fedmpq::cpu::dequant_accumulate(ptr<float>(acc), n, ptr<const uint32_t>(planes), ptr<const uint32_t>(signs),
                                         bits, static_cast<float>(coef), nthreads);
@@ -76,6 +95,44 @@ void bind_pack(py::module_& m) {
       py::arg("acc"), py::arg("n"), py::arg("planes"), py::arg("planes_nbytes"), py::arg("signs"),
       py::arg("signs_nbytes"), py::arg("bits"), py::arg("coef"), py::arg("nthreads"),
       "acc[j] += (sign bit j ? -1 : 1) * (coef * q_j) on n contiguous float32, in place.");
+
+#ifdef FEDMPQ_WITH_CUDA
+  // ---- CUDA: launched on `stream` of `device`, which must be current; never synchronizes ----
+  py::module_ cuda = m.def_submodule("cuda");
+  cuda.def(
+      "pack_codes",
+      [](uintptr_t codes, int64_t n, int bits, uintptr_t planes, int64_t planes_nbytes, uintptr_t seen, int device,
+         uintptr_t stream) {
+        check_pack(codes, n, bits, planes, planes_nbytes);
+        require(seen != 0 && seen % 4 == 0, "seen pointer is null or not 4-byte aligned");
+        fedmpq::cuda::pack_codes(ptr<const uint8_t>(codes), n, bits, ptr<uint32_t>(planes), ptr<uint32_t>(seen),
+                                 device, stream);
+      },
+      py::arg("codes"), py::arg("n"), py::arg("bits"), py::arg("planes"), py::arg("planes_nbytes"),
+      py::arg("seen"), py::arg("device"), py::arg("stream"),
+      "Packs n uint8 codes into `bits` bit planes and ORs every code into the uint32 at `seen` "
+      "(zeroed by the caller, read after the kernel to reject codes >= 2^bits).");
+  cuda.def(
+      "unpack_codes",
+      [](uintptr_t planes, int64_t planes_nbytes, int64_t n, int bits, uintptr_t codes, int64_t codes_cap, int device,
+         uintptr_t stream) {
+        check_unpack(planes, planes_nbytes, n, bits, codes, codes_cap);
+        fedmpq::cuda::unpack_codes(ptr<const uint32_t>(planes), n, bits, ptr<uint8_t>(codes), device, stream);
+      },
+      py::arg("planes"), py::arg("planes_nbytes"), py::arg("n"), py::arg("bits"), py::arg("codes"),
+      py::arg("codes_cap"), py::arg("device"), py::arg("stream"));
+  cuda.def(
+      "dequant_accumulate",
+      [](uintptr_t acc, int64_t n, uintptr_t planes, int64_t planes_nbytes, uintptr_t signs, int64_t signs_nbytes,
+         int bits, double coef, int device, uintptr_t stream) {
+        check_dequant(acc, n, planes, planes_nbytes, signs, signs_nbytes, bits, coef);
+        fedmpq::cuda::dequant_accumulate(ptr<float>(acc), n, ptr<const uint32_t>(planes), ptr<const uint32_t>(signs),
+                                         bits, static_cast<float>(coef), device, stream);
+      },
+      py::arg("acc"), py::arg("n"), py::arg("planes"), py::arg("planes_nbytes"), py::arg("signs"),
+      py::arg("signs_nbytes"), py::arg("bits"), py::arg("coef"), py::arg("device"), py::arg("stream"),
+      "acc[j] += (sign bit j ? -1 : 1) * (coef * q_j) on n contiguous float32, in place.");
+#endif
 }
 
 }  // namespace fedmpq::bindings

@@ -141,3 +141,90 @@ def test_ops_are_registered_and_pass_opcheck():
     torch.library.opcheck(torch.ops.fedmpq.pack_codes.default, (codes, 5))
     torch.library.opcheck(torch.ops.fedmpq.unpack_codes.default, (planes, 5, 77))
     torch.library.opcheck(torch.ops.fedmpq.dequant_accumulate.default, (torch.zeros(77), planes, None, 5, 0.25))
+
+
+# ---- every tile path: slices at odd offsets, tails, several programs / grid-stride trips ----
+
+TILED = 3 * 512 + 37  # whole 512-code tiles of the CUDA kernels, then a 37-code tail
+
+
+def coef_of(scale: float, weight: float, bits: int) -> float:
+    return float(np.float32(weight) * (np.float32(scale) / np.float32((1 << bits) - 1)))
+
+
+def check_all_ops(backend, n: int, bits: int, offset: int, ref_device) -> None:
+    """pack/unpack of codes that are a contiguous slice at `offset` (not 16-byte aligned
+    unless 0: the CUDA kernels' scalar path), dequant_accumulate into an acc slice at
+    `offset` (the elements around it must stay as they were), against the reference
+    computed on `ref_device`."""
+    dev = backend.device
+    codes = codes_for(n + offset, bits, dev, seed=5)[offset:]
+    assert codes.is_contiguous()
+    signs = R.pack_codes(codes_for(n, 1, dev, seed=6).to(ref_device), 1)
+    g = torch.Generator().manual_seed(n + offset)
+    acc_full = torch.randn(offset + n + 3, generator=g).to(dev)
+    want_planes = R.pack_codes(codes.to(ref_device), bits)
+    want_acc = acc_full.to(ref_device, copy=True)
+    R.dequant_accumulate(want_acc[offset:offset + n], want_planes, signs, bits, coef_of(0.37, -2.5, bits))
+    with backend.active():
+        planes = fk.pack_codes(codes, bits)
+        assert torch.equal(planes.to(ref_device), want_planes)
+        assert torch.equal(fk.unpack_codes(planes, bits, n), codes)
+        acc = acc_full.clone()
+        fk.dequant_accumulate(acc[offset:offset + n], planes, signs.to(dev), bits, 0.37, -2.5)
+        assert torch.equal(acc.to(ref_device), want_acc)
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+@pytest.mark.parametrize("offset", [0, 1, 5])
+def test_slices_at_any_offset_and_tails(backend, bits, offset):
+    check_all_ops(backend, TILED, bits, offset, "cpu")
+
+
+@pytest.mark.parametrize("where", [0, 700, TILED - 1])
+def test_a_code_that_does_not_fit_is_found_anywhere(backend, where):
+    codes = torch.zeros(TILED, dtype=torch.uint8, device=backend.device)
+    codes[where] = 8
+    # the kernels report the OR of all codes (the reference only the width)
+    said = "" if backend.name == "reference" else r" .* OR-ed together are 0x8\)"
+    with backend.active():
+        with pytest.raises(ValueError, match="does not fit in 3 bits" + said):
+            fk.pack_codes(codes, 3)
+        with pytest.raises(ValueError, match="does not fit in 3 bits"):
+            fk.pack_codes(codes[1:] if where else codes, 3)  # the scalar path
+        assert torch.equal(fk.pack_codes(codes, 4).cpu(), R.pack_codes(codes.cpu(), 4))
+
+
+def test_triton_runs_several_programs_in_the_interpreter(backend, monkeypatch):
+    """The interpreter only takes sizes up to one 4096-element block: with a 64-element
+    block the same sizes run many programs, full blocks unmasked and a masked last one."""
+    if backend.name != "triton" or backend.device != "cpu":
+        pytest.skip("the Triton interpreter case")
+    monkeypatch.setattr(backend.module("pack"), "BLOCK", 64)
+    for n in (64, 65, 200, 1000):
+        for bits in (1, 4, 8):
+            check_all_ops(backend, n, bits, n % 3, "cpu")
+
+
+GPU_BIG = (1 << 23) + 5  # several grid-stride trips of the CUDA kernels (grids are capped)
+
+
+@pytest.mark.parametrize("bits", [1, 5, 8])
+@pytest.mark.parametrize("offset", [0, 1])
+def test_gpu_sizes_take_several_grid_stride_trips(backend, bits, offset):
+    if backend.device != "cuda":
+        pytest.skip("GPU only (2^23 elements)")
+    check_all_ops(backend, GPU_BIG, bits, offset, backend.device)  # reference on the GPU: fast
+
+
+@pytest.mark.parametrize("where", [5, 3 << 21, GPU_BIG - 1])
+def test_gpu_a_code_that_does_not_fit_is_found_in_any_block(backend, where):
+    if backend.device != "cuda":
+        pytest.skip("GPU only (2^23 elements)")
+    codes = torch.zeros(GPU_BIG + 1, dtype=torch.uint8, device=backend.device)
+    codes[where] = 1 << 5
+    said = "" if backend.name == "reference" else r" .* OR-ed together are 0x20\)"
+    with backend.active():
+        for c in (codes[:GPU_BIG], codes[1:]):
+            with pytest.raises(ValueError, match="does not fit in 5 bits" + said):
+                fk.pack_codes(c, 5)

@@ -1,0 +1,89 @@
+"""Packing, CUDA backend: adapters to the CUDA kernels in csrc/cuda/pack.cu, through
+``fedmpq_kernels._C.cuda``. Contracts: :mod:`fedmpq_kernels.pack.reference`.
+
+Outputs are allocated on the tensors' device; launches run inside
+:func:`fedmpq_kernels._device.on_device` (the native launchers never switch devices) on
+torch's current stream there. Codes of any strides are made contiguous; plane and sign
+buffers are made contiguous and 4-byte aligned (the kernels read uint32 words) as the CPU
+adapter does. A contiguous codes or acc tensor at an odd offset (a slice) is used in place:
+the kernels take their scalar path for it.
+
+pack_codes is the one op that synchronizes: it reads back, with ``.item()``, the OR of all
+codes that the kernel accumulates on the device, to reject a code >= 2**bits. That costs one
+device round trip per call, acceptable here because the packed planes go to the host next
+anyway (they are the upload).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._checks import bitmap_nbytes
+from .._device import on_device
+from .._native import native
+from .cpu import _words
+
+Tensor = torch.Tensor
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def check_seen(seen: int, bits: int) -> None:
+    """Raise the CPU adapter's ValueError when the OR of all codes has a bit >= 2**bits."""
+    if seen >> bits:
+        raise ValueError(f"a code does not fit in {bits} bits (codes must be < {1 << bits}; "
+                         f"the bits of all codes OR-ed together are {seen:#x})")
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    dev = codes.device
+    c = codes.contiguous()
+    n = c.numel()
+    planes = torch.empty(bits * bitmap_nbytes(n), dtype=torch.uint8, device=dev)
+    if n == 0:
+        return planes
+    seen = torch.zeros(1, dtype=torch.int32, device=dev)  # the kernel ORs into it
+    with on_device(dev):
+        native.cuda.pack_codes(c.data_ptr(), n, bits, planes.data_ptr(), planes.numel(), seen.data_ptr(),
+                               dev.index, _stream(dev))
+    check_seen(int(seen.item()), bits)  # the one synchronization (see the module docstring)
+    return planes
+
+
+def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:
+    dev = planes.device
+    p = _words(planes, bits * bitmap_nbytes(n))
+    codes = torch.empty(n, dtype=torch.uint8, device=dev)
+    if n == 0:
+        return codes
+    with on_device(dev):
+        native.cuda.unpack_codes(p.data_ptr(), p.numel(), n, bits, codes.data_ptr(), n, dev.index, _stream(dev))
+    return codes
+
+
+def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bits: int, coef: float) -> None:
+    dev = acc.device
+    n = acc.numel()
+    if n == 0:
+        return
+    p = _words(planes, bits * bitmap_nbytes(n))
+    s = _words(signs, bitmap_nbytes(n)) if signs is not None else None
+    with on_device(dev):
+        native.cuda.dequant_accumulate(acc.data_ptr(), n, p.data_ptr(), p.numel(),
+                                       s.data_ptr() if s is not None else 0, s.numel() if s is not None else 0,
+                                       bits, coef, dev.index, _stream(dev))
+
+
+def __getattr__(name: str):
+    """An op of this family without a kernel here runs the reference's torch code (on the
+    tensors' device) instead of failing: the registry takes every op of a family from the
+    first backend module the family has, so an op added to the family later (a batched
+    dequant_accumulate, say) must not break on CUDA tensors. triton.py shares this."""
+    from . import reference
+
+    if not name.startswith("_") and callable(getattr(reference, name, None)):
+        return getattr(reference, name)
+    raise AttributeError(f"pack backend has no attribute {name!r}")
