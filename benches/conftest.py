@@ -1,9 +1,10 @@
 """Benchmark plumbing: sizes, devices, and the ratio table printed at the end.
 
-Every benchmark stores ``extra_info`` with its group key (op, size, scale mode, device),
-the bytes it must move at least, and its role (``anchor`` or ``candidate``). At the end of
+Every benchmark stores ``extra_info`` with its group key (op, size, variant, device), its
+implementation name and the bytes it must move at least; ``torch_anchor`` names the group's
+"torch way" to compare with (default ``torch_fq``: torch's own fake-quant). At the end of
 the session the medians are turned into ratios against the anchors measured in the same
-run (``Tensor.copy_`` and torch's own fake-quant) and the share of copy_'s bandwidth
+run (``copy_`` and the torch way) and the share of copy_'s bandwidth
 each reaches (GB/s counted over the bytes each must move), printed, and with
 ``--fedmpq-md PATH`` written as a Markdown table (docs/BENCHMARKS.md quotes it).
 """
@@ -65,7 +66,10 @@ def _rows(benchmarks):
         copy = next(((i, t) for n, i, t in entries if n == "copy_"), None)
         copy_t = copy[1] if copy else None
         copy_gbs = copy[0]["bytes"] / copy[1] / 1e9 if copy else None
-        torch_t = next((t for n, i, t in entries if n == "torch_fq"), None)
+        # The group's "torch way" (torch's fake-quant, torch.save, a torch sum...), named by
+        # the benchmarks in extra_info["torch_anchor"].
+        anchor = next((i.get("torch_anchor") for n, i, t in entries if i.get("torch_anchor")), "torch_fq")
+        torch_t = next((t for n, i, t in entries if n == anchor), None)
         for name, info, t in sorted(entries, key=lambda e: e[2]):
             rows.append(dict(
                 op=key[0], size=_size_id(key[1]), scale=key[2], device=key[3], name=name,
@@ -78,7 +82,7 @@ def _rows(benchmarks):
 
 
 def _fmt(rows):
-    head = "| op | size | scale | device | implementation | median ms | GB/s | % of copy_ GB/s | × copy_ | speed-up vs torch fq |"
+    head = "| op | size | variant | device | implementation | median ms | GB/s | % of copy_ GB/s | × copy_ | speed-up vs torch's way |"
     out = [head, "|" + "---|" * 10]
     for r in rows:
         xc = f"{r['x_copy']:.2f}" if r["x_copy"] is not None else "–"

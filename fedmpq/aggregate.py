@@ -2,19 +2,20 @@
 
 ALGORITHM.md, "Server round", step 1: decode each upload, de-quantize, average every state
 entry over the clients that reported (unweighted, as the authors do, or weighted by sample
-count). Each upload is checked whole (format, checksum, and that it has the model's tensors
-with the model's shapes) before anything is added, so a bad upload leaves the sum as it was;
-it is then added layer by layer with one fused de-quantize-and-accumulate per quantized layer
-(``fedmpq_kernels.dequant_accumulate``, reading the packed planes) and one add per run of
-float tensors: no float copy of a client's model is ever made. The statistics the server
-needs for bit reassignment (each client's N and Delta per layer, its samples and budget) come
-out of the same pass.
+count). Each upload is checked whole (format, checksum, and that it holds the model's
+tensors with the model's shapes) before anything is added, so a bad upload leaves the sum as
+it was. It is then added with one fused de-quantize-and-accumulate call for all its
+quantized layers (``fedmpq_kernels.dequant_accumulate_layers``, reading the packed planes
+in place) and one add per run of float tensors: no float copy of a client's model is ever
+made. The statistics the server needs for bit reassignment (each client's N and Delta per
+layer, its samples and budget) come out of the same pass.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 import fedmpq_kernels as fk
@@ -37,6 +38,40 @@ class ClientStats:
     deltas: Dict[str, int]  # Delta per quantized layer
 
 
+@dataclass
+class _Layout:
+    """The model as the first upload laid it out: entry order, dtypes, shapes, and where each
+    entry sits in the flat accumulators (quantized layers in one float32 buffer; each run of
+    same-dtype float entries that are contiguous in the payload in one buffer)."""
+
+    names: List[str]
+    dtype: np.ndarray
+    dims: np.ndarray
+    ndim: np.ndarray
+    quant: np.ndarray  # row indices of quantized entries, in order
+    qoff: np.ndarray  # their offsets in the quantized accumulator
+    segments: List[Tuple[int, int, int]]  # (first row, last row + 1, dtype) of float runs
+
+
+def _layout(p: "wire._Parsed") -> _Layout:
+    quant = np.flatnonzero(p.dtype == wire.DT_QUANTIZED)
+    qn = p.numel[quant]
+    qoff = np.concatenate([[0], np.cumsum(qn)[:-1]]).astype(np.int64) if len(quant) else np.zeros(0, np.int64)
+    segments = []
+    i, n = 0, len(p.names)
+    while i < n:
+        if p.dtype[i] == wire.DT_QUANTIZED:
+            i += 1
+            continue
+        j = i + 1
+        while (j < n and p.dtype[j] == p.dtype[i] and p.dtype[i] != wire.DT_FLOAT16
+               and p.offset[j] == p.offset[j - 1] + p.nbytes[j - 1]):
+            j += 1
+        segments.append((i, j, int(p.dtype[i])))
+        i = j
+    return _Layout(list(p.names), p.dtype.copy(), p.dims.copy(), p.ndim.copy(), quant, qoff, segments)
+
+
 class Aggregator:
     """Sum of K uploads, then their mean.
 
@@ -44,8 +79,10 @@ class Aggregator:
         weighting: ``"mean"``: every upload counts once (the authors' rule);
             ``"samples"``: weighted by its sample count |D_k|.
 
-    The first upload fixes the model's layout (names, which are quantized, shapes, float
-    dtypes); every later one must match it exactly, else :class:`fedmpq.wire.WireFormatError`.
+    The first upload fixes the model's layout (names and their order, which are quantized,
+    shapes, float dtypes); every later one must have the same tensors with the same shapes,
+    else :class:`fedmpq.wire.WireFormatError` (uploads that list them in another order are
+    accepted, on a slower path).
     """
 
     def __init__(self, weighting: str = "mean") -> None:
@@ -53,8 +90,9 @@ class Aggregator:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         self.weighting = weighting
         self.stats: List[ClientStats] = []
-        self._layout: Optional[Dict[str, Tuple[int, Tuple[int, ...]]]] = None
-        self._acc: Dict[str, Tensor] = {}
+        self._lay: Optional[_Layout] = None
+        self._qacc: Optional[Tensor] = None
+        self._facc: List[Tensor] = []
         self._total = 0.0
 
     def add(self, data) -> ClientStats:
@@ -69,49 +107,70 @@ class Aggregator:
         w = 1.0 if self.weighting == "mean" else float(num_samples)
         if w <= 0:
             raise wire.WireFormatError(f"upload of client {client_id} reports {num_samples} samples: it cannot be weighted by them")
-        layout = {e.name: (e.dtype, e.shape) for e in p.entries}
-        if self._layout is None:
-            self._layout = layout
-            self._acc = {
-                e.name: torch.zeros(e.numel, dtype=torch.float64 if e.dtype == wire.DT_INT64 else torch.float32)
-                for e in p.entries
-            }
-        elif layout != self._layout:
-            raise wire.WireFormatError(f"upload of client {client_id} does not match the model: {_diff(self._layout, layout)}")
-
-        buf = bytearray(p.data)  # one private copy: the tensors below are views into it
-        bits, deltas = {}, {}
-        run = []  # consecutive float32 entries, added as one view
-        for e in p.entries:
-            if e.dtype == wire.DT_FLOAT32 and e.numel and (not run or run[-1].offset + run[-1].nbytes == e.offset):
-                run.append(e)
-                continue
-            self._add_run(buf, run, w)
-            run = [e] if e.dtype == wire.DT_FLOAT32 and e.numel else []
-            if e.dtype == wire.DT_QUANTIZED:
-                nb = wire._bitmap_nbytes(e.numel)
-                planes = wire._view(buf, e.offset, e.bits * nb, torch.uint8)
-                signs = wire._view(buf, e.offset + e.bits * nb, nb, torch.uint8)
-                fk.dequant_accumulate(self._acc[e.name], planes, signs, e.bits, e.scale, w)
-                bits[e.name], deltas[e.name] = e.bits, e.delta
-            elif e.dtype in (wire.DT_FLOAT16, wire.DT_INT64):
-                acc = self._acc[e.name]
-                acc.add_(wire._view(buf, e.offset, e.numel, wire._TORCH_DTYPES[e.dtype]).to(acc.dtype), alpha=w)
-        self._add_run(buf, run, w)
+        lay = self._lay or _layout(p)
+        order = self._order(lay, p, client_id)
+        if self._lay is None:
+            self._lay = lay
+            self._qacc = torch.zeros(int(p.numel[lay.quant].sum()), dtype=torch.float32)
+            self._facc = [
+                torch.zeros(int(p.numel[a:b].sum()), dtype=torch.float64 if dt == wire.DT_INT64 else torch.float32)
+                for a, b, dt in lay.segments
+            ]
+        buf = torch.frombuffer(bytearray(p.data), dtype=torch.uint8)  # one private, aligned copy
+        if buf.data_ptr() % 4:
+            buf = buf.clone()
+        rows = lay.quant if order is None else order[lay.quant]
+        # Quantized layers: one call, straight from the packed planes.
+        table = np.stack([lay.qoff, p.numel[rows], p.bits[rows].astype(np.int64), p.offset[rows]], axis=1)
+        coefs = fk.layer_coefs(p.scale[rows], p.bits[rows], w)
+        fk.dequant_accumulate_layers(self._qacc, buf, torch.from_numpy(table), coefs)
+        # Float runs: one add each (or per entry, when this upload orders them differently).
+        for (a, b, dt), acc in zip(lay.segments, self._facc):
+            if order is None:
+                chunks = [self._floats(buf, p, a, b, dt)]
+            else:
+                chunks = [self._floats(buf, p, int(r), int(r) + 1, dt) for r in order[a:b]]
+            acc.add_(torch.cat(chunks) if len(chunks) > 1 else chunks[0], alpha=w)
         self._total += w
-        st = ClientStats(client_id, rnd, num_samples, float(budget), bits, deltas)
+        names = [lay.names[i] for i in lay.quant]
+        st = ClientStats(client_id, rnd, num_samples, float(budget), dict(zip(names, p.bits[rows].tolist())),
+                         dict(zip(names, p.delta[rows].tolist())))
         self.stats.append(st)
         return st
 
-    def _add_run(self, buf: bytearray, run, w: float) -> None:
-        if not run:
-            return
-        total = sum(e.numel for e in run)
-        view = wire._view(buf, run[0].offset, total, torch.float32)
-        at = 0
-        for e in run:  # each a slice of the one view: no copies
-            self._acc[e.name].add_(view[at:at + e.numel], alpha=w)
-            at += e.numel
+    @staticmethod
+    def _floats(buf: Tensor, p, a: int, b: int, dt: int) -> Tensor:
+        """Rows a..b-1 (contiguous in the payload) as one tensor in the accumulator's dtype."""
+        n = int(p.numel[a:b].sum())
+        start = int(p.offset[a])
+        raw = buf[start:start + n * wire._ITEMSIZE[dt]]
+        if dt == wire.DT_FLOAT32:
+            return raw.view(torch.float32)  # entries sit at 4-byte-aligned offsets
+        # int64 entries need 8-byte alignment to be viewed: copy the (few) bytes first
+        return raw.clone().view(wire._TORCH_DTYPES[dt]).to(torch.float64 if dt == wire.DT_INT64 else torch.float32)
+
+    @staticmethod
+    def _order(lay: _Layout, p, client_id) -> Optional[np.ndarray]:
+        """None when the upload lists the layout's entries in its order; else, per layout
+        row, the upload's row. Raises when the tensors or their shapes differ."""
+        if (p.names == lay.names and np.array_equal(p.dtype, lay.dtype) and np.array_equal(p.ndim, lay.ndim)
+                and np.array_equal(p.dims, lay.dims)):
+            return None
+        where = {nm: i for i, nm in enumerate(p.names)}
+        missing = [nm for nm in lay.names if nm not in where]
+        extra = sorted(set(p.names) - set(lay.names))
+        if missing or extra:
+            raise wire.WireFormatError(f"upload of client {client_id} does not match the model: "
+                                       f"missing {missing[:3]}, unexpected {extra[:3]}")
+        order = np.array([where[nm] for nm in lay.names], dtype=np.int64)
+        bad = np.flatnonzero((p.dtype[order] != lay.dtype) | (p.ndim[order] != lay.ndim)
+                             | (p.dims[order] != lay.dims).any(axis=1))
+        if len(bad):
+            i, r = int(bad[0]), int(order[bad[0]])
+            raise wire.WireFormatError(
+                f"upload of client {client_id} does not match the model: {lay.names[i]}: expected "
+                f"{_kind(lay.dtype[i])} {_shape(lay, i)}, got {_kind(p.dtype[r])} {tuple(p.dims[r][:p.ndim[r]].tolist())}")
+        return order
 
     @property
     def count(self) -> int:
@@ -125,21 +184,31 @@ class Aggregator:
         Raises:
             RuntimeError: no upload was added.
         """
-        if self._layout is None or self._total <= 0:
+        lay = self._lay
+        if lay is None or self._total <= 0:
             raise RuntimeError("no upload was added: there is nothing to average")
         out = {}
-        for name, (dt, shape) in self._layout.items():
-            mean = self._acc[name] / self._total
-            out[name] = (mean.round().to(torch.int64) if dt == wire.DT_INT64 else mean).reshape(shape)
-        return out
+        q = self._qacc / self._total
+        for row, off in zip(lay.quant.tolist(), lay.qoff.tolist()):
+            shape = _shape(lay, row)
+            n = int(np.prod(shape, dtype=np.int64))
+            out[lay.names[row]] = q[off:off + n].reshape(shape)
+        for (a, b, dt), acc in zip(lay.segments, self._facc):
+            mean = acc / self._total
+            at = 0
+            for row in range(a, b):
+                shape = _shape(lay, row)
+                n = int(np.prod(shape, dtype=np.int64))
+                t = mean[at:at + n].reshape(shape)
+                out[lay.names[row]] = t.round().to(torch.int64) if dt == wire.DT_INT64 else t
+                at += n
+        return {nm: out[nm] for nm in lay.names}
 
 
-def _diff(want: Dict[str, tuple], got: Dict[str, tuple]) -> str:
-    missing = sorted(set(want) - set(got))
-    extra = sorted(set(got) - set(want))
-    if missing or extra:
-        return f"missing {missing[:3]}, unexpected {extra[:3]}"
-    bad = [n for n in want if want[n] != got[n]]
-    n = bad[0]
-    kinds = {wire.DT_QUANTIZED: "quantized", wire.DT_FLOAT32: "float32", wire.DT_FLOAT16: "float16", wire.DT_INT64: "int64"}
-    return f"{n}: expected {kinds[want[n][0]]} {want[n][1]}, got {kinds[got[n][0]]} {got[n][1]}"
+def _shape(lay: _Layout, row: int) -> Tuple[int, ...]:
+    return tuple(lay.dims[row][: int(lay.ndim[row])].tolist())
+
+
+def _kind(dt) -> str:
+    return {wire.DT_QUANTIZED: "quantized", wire.DT_FLOAT32: "float32", wire.DT_FLOAT16: "float16",
+            wire.DT_INT64: "int64"}[int(dt)]

@@ -331,7 +331,7 @@ def _u32(v, what: str) -> int:
 
 
 # ---- decoding ----------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class _Entry:
     name: str
     dtype: int
@@ -346,18 +346,40 @@ class _Entry:
 
 @dataclass
 class _Parsed:
+    """A checked payload, column by column (numpy arrays, one row per entry, in order)."""
+
     kind: int
     meta: tuple
-    entries: List[_Entry]
+    names: List[str]
+    dtype: np.ndarray  # uint8
+    bits: np.ndarray  # uint8
+    delta: np.ndarray  # uint8
+    scale: np.ndarray  # float32
+    dims: np.ndarray  # uint32 (n, 8), unused dimensions zero
+    ndim: np.ndarray  # uint8
+    numel: np.ndarray  # int64
+    offset: np.ndarray  # int64, into data
+    nbytes: np.ndarray  # int64, without padding
     data: bytes
+
+    def entries(self) -> List[_Entry]:
+        cols = zip(self.names, self.dtype.tolist(), self.bits.tolist(), self.delta.tolist(), self.scale.tolist(),
+                   self.dims.tolist(), self.ndim.tolist(), self.numel.tolist(), self.offset.tolist(), self.nbytes.tolist())
+        return [_Entry(nm, dt, b, d, sc, tuple(dm[:nd]), ne, off, nb) for nm, dt, b, d, sc, dm, nd, ne, off, nb in cols]
 
 
 def _fail(msg: str):
     raise WireFormatError(msg)
 
 
+_ITEMSIZE_OF = np.zeros(256, dtype=np.int64)
+for _dt, _sz in _ITEMSIZE.items():
+    _ITEMSIZE_OF[_dt] = _sz
+
+
 def _parse(data, want_kind: int) -> _Parsed:
-    """Every check, before anything is allocated beyond the bounded index."""
+    """Every check, before anything is allocated beyond the bounded index. Vectorized over
+    the entries: the server parses every upload of every round."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireFormatError(f"payload must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -407,57 +429,74 @@ def _parse(data, want_kind: int) -> _Parsed:
     if names_at + int(lens.sum(dtype=np.int64)) != ilen:
         _fail("name lengths do not add up to the index length")
 
-    entries: List[_Entry] = []
-    seen = set()
-    off = pos
-    npos = names_at
-    for i in range(n):
-        r = recs[i]
-        ln = int(lens[i])
-        raw = index[npos:npos + ln]
-        npos += ln
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            _fail(f"entry {i}: name is not valid UTF-8")
-        where = f"entry {i} ({name[:60]!r})"
-        if not name or ln > MAX_NAME_BYTES:
-            _fail(f"{where}: empty or too long name")
-        if name in seen:
-            _fail(f"{where}: duplicate name")
-        seen.add(name)
-        dt, bits, delta, ndim = int(r["dtype"]), int(r["bits"]), int(r["delta"]), int(r["ndim"])
-        if ndim > MAX_DIMS:
-            _fail(f"{where}: {ndim} dimensions (at most {MAX_DIMS})")
-        dims = r["dims"]
-        if any(int(d) for d in dims[ndim:]):
-            _fail(f"{where}: nonzero unused dimensions")
-        shape = tuple(int(d) for d in dims[:ndim])
-        numel = math.prod(shape)  # Python int: no overflow
-        scale = float(r["scale"])
-        if dt == DT_QUANTIZED:
-            if want_kind == KIND_MODEL:
-                _fail(f"{where}: a model payload holds no quantized layers")
-            if not 1 <= bits <= 8:
-                _fail(f"{where}: bit-width {bits} outside 1..8")
-            if not (math.isfinite(scale) and scale >= 0):
-                _fail(f"{where}: scale {scale} is not finite and >= 0")
-            if delta > 7 or (want_kind != KIND_UPLOAD and delta):
-                _fail(f"{where}: delta {delta} out of range")
-            nbytes = (bits + 1) * _bitmap_nbytes(numel)
-        elif dt in _ITEMSIZE:
-            if bits or delta or scale != 0.0:
-                _fail(f"{where}: a float tensor with quantization fields set")
-            nbytes = numel * _ITEMSIZE[dt]
-        else:
-            _fail(f"{where}: unknown dtype code {dt}")
-        if nbytes > size - off:  # checked before any allocation: a claim of 2^40 elements stops here
-            _fail(f"{where}: needs {nbytes} bytes of data, only {size - off} remain")
-        entries.append(_Entry(name, dt, bits, delta, scale, shape, numel, off, nbytes))
-        off += _align4(nbytes)
-    if off != size:
-        _fail(f"{size - off} bytes of data left over after the last entry" if off < size else "truncated data")
-    return _Parsed(kind, meta, entries, data)
+    # Names: one decode when they are ASCII (the usual case), else one per name.
+    blob = index[names_at:]
+    cuts = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).tolist()
+    if blob.isascii():
+        text = blob.decode("ascii")
+        names = [text[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+    else:
+        names = []
+        for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+            try:
+                names.append(blob[a:b].decode("utf-8"))
+            except UnicodeDecodeError:
+                _fail(f"entry {i}: name is not valid UTF-8")
+
+    def where(i: int) -> str:
+        return f"entry {i} ({names[i][:60]!r})"
+
+    def first(mask: np.ndarray) -> Optional[int]:
+        return int(np.argmax(mask)) if mask.any() else None
+
+    if len(names) != n:  # cannot happen after the length check; kept for clarity of `where`
+        _fail("name table is inconsistent")
+    dt, bits, delta, ndim = recs["dtype"], recs["bits"], recs["delta"], recs["ndim"]
+    scale, dims = recs["scale"], recs["dims"]
+    quant = dt == DT_QUANTIZED
+    unused = np.arange(MAX_DIMS)[None, :] >= ndim[:, None]
+    with np.errstate(invalid="ignore"):
+        # every per-entry rule at once; which one failed is worked out only on failure
+        rules = [
+            ((lens == 0) | (lens > MAX_NAME_BYTES), lambda i: "empty or too long name"),
+            ((dt < 1) | (dt > 4), lambda i: f"unknown dtype code {dt[i]}"),
+            (ndim > MAX_DIMS, lambda i: f"{ndim[i]} dimensions (at most {MAX_DIMS})"),
+            ((unused & (dims != 0)).any(axis=1), lambda i: "nonzero unused dimensions"),
+            (quant & (want_kind == KIND_MODEL), lambda i: "a model payload holds no quantized layers"),
+            (quant & ((bits < 1) | (bits > 8)), lambda i: f"bit-width {bits[i]} outside 1..8"),
+            (quant & ~(np.isfinite(scale) & (scale >= 0)), lambda i: f"scale {scale[i]} is not finite and >= 0"),
+            (quant & ((delta > 7) | ((delta != 0) & (want_kind != KIND_UPLOAD))), lambda i: f"delta {delta[i]} out of range"),
+            (~quant & ((bits != 0) | (delta != 0) | (scale != 0)), lambda i: "a float tensor with quantization fields set"),
+        ]
+        bad = np.logical_or.reduce([m for m, _ in rules]) if n else np.zeros(0, bool)
+    if bad.any():
+        i = int(np.argmax(bad))
+        _fail(f"{where(i)}: " + next(msg(i) for m, msg in rules if m[i]))
+    if len(set(names)) != n:
+        seen = set()
+        for i, nm in enumerate(names):
+            if nm in seen:
+                _fail(f"{where(i)}: duplicate name")
+            seen.add(nm)
+
+    # Sizes: the element counts are exact in int64 once the float product shows they are
+    # small (a huge claim stops here, before any allocation).
+    used = np.where(unused, 1, dims)
+    approx = used.astype(np.float64).prod(axis=1)
+    limit = float(size)  # no entry can hold more elements than the payload has bytes * 8
+    if (i := first(approx > 8 * limit)) is not None:
+        _fail(f"{where(i)}: needs about {approx[i]:.3g} elements' worth of bytes of data, only {size - pos} remain")
+    numel = used.astype(np.int64).prod(axis=1)
+    nbytes = np.where(quant, (bits.astype(np.int64) + 1) * 4 * ((numel + 31) // 32), numel * _ITEMSIZE_OF[dt])
+    padded = (nbytes + 3) & ~3
+    ends = pos + np.cumsum(padded)
+    offset = ends - padded
+    if (i := first(ends > size)) is not None:
+        _fail(f"{where(i)}: needs {nbytes[i]} bytes of data, only {size - offset[i]} remain")
+    end = int(ends[-1]) if n else pos
+    if end != size:
+        _fail(f"{size - end} bytes of data left over after the last entry")
+    return _Parsed(kind, meta, names, dt, bits, delta, scale, dims, ndim, numel, offset, nbytes, data)
 
 
 def _view(buf: bytearray, off: int, count: int, dtype: torch.dtype) -> Tensor:
@@ -471,7 +510,7 @@ def _materialize(p: _Parsed):
     """Tensors over one private copy of the payload (no per-tensor copies)."""
     buf = bytearray(p.data)
     layers, deltas, floats = {}, {}, {}
-    for e in p.entries:
+    for e in p.entries():
         if e.dtype == DT_QUANTIZED:
             nb = _bitmap_nbytes(e.numel)
             planes = _view(buf, e.offset, e.bits * nb, torch.uint8)

@@ -132,11 +132,24 @@ def backend_for(device_type: str, family: Optional[str] = None) -> str:
 
 
 def get(family: str, op: str, device_type: str) -> Callable:
-    """The implementation of ``op`` (e.g. ``fake_quant``) of ``family`` for ``device_type``."""
+    """The implementation of ``op`` (e.g. ``fake_quant``) of ``family`` for ``device_type``:
+    from the backend :func:`backend_for` picks, or, when that backend's module has no such
+    function (an op a backend does not implement yet), from the next one in the device's
+    order that has it, ending with ``reference``, which has every op."""
     key = (family, op, device_type)
     fn = _cache.get(key)
     if fn is None:
-        fn = _cache[key] = getattr(module(family, backend_for(device_type, family)), op)
+        first = backend_for(device_type, family)
+        order = _DEFAULT_ORDER.get(device_type, ["reference"])
+        names = [first] + [b for b in order[order.index(first) + 1 if first in order else len(order):]] + ["reference"]
+        for name in names:
+            if has(family, name) and (name == first or available(name)[0]):
+                fn = getattr(module(family, name), op, None)
+                if fn is not None:
+                    break
+        if fn is None:
+            raise AttributeError(f"op {op!r} of family {family!r} has no implementation, not even in reference.py")
+        _cache[key] = fn
     return fn
 
 

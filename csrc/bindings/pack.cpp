@@ -96,6 +96,46 @@ void bind_pack(py::module_& m) {
       py::arg("signs_nbytes"), py::arg("bits"), py::arg("coef"), py::arg("nthreads"),
       "acc[j] += (sign bit j ? -1 : 1) * (coef * q_j) on n contiguous float32, in place.");
 
+  cpu.def(
+      "dequant_accumulate_layers",
+      [](uintptr_t acc, int64_t acc_n, uintptr_t payload, int64_t payload_nbytes, uintptr_t table, int64_t nrows,
+         int64_t table_nbytes, uintptr_t coefs, int64_t coefs_len, int nthreads) {
+        check_elems("acc", acc, acc_n, acc_n, 4);
+        check_count("payload", payload_nbytes);
+        require(payload_nbytes == 0 || payload != 0, "payload: null data pointer");
+        require(payload % 4 == 0, "payload must be 4-byte aligned");
+        check_count("rows", nrows);
+        require(nrows == 0 || (table != 0 && table % 8 == 0), "table: null or not 8-byte aligned");
+        require(table_nbytes >= 0 && table_nbytes / int64_t(sizeof(fedmpq::cpu::LayerRow)) >= nrows,
+                "table holds " + std::to_string(table_nbytes) + " bytes, fewer than " + std::to_string(nrows) + " rows");
+        require(nrows == 0 || (coefs != 0 && coefs % 4 == 0), "coefs: null or not 4-byte aligned");
+        require(coefs_len >= nrows, "coefs holds " + std::to_string(coefs_len) + " values, fewer than the rows");
+        const auto* rows = ptr<const fedmpq::cpu::LayerRow>(table);
+        const auto* cf = ptr<const float>(coefs);
+        int64_t prev_end = 0;
+        for (int64_t r = 0; r < nrows; ++r) {  // every row, before any kernel runs
+          const auto& L = rows[r];
+          const std::string at = "row " + std::to_string(r) + ": ";
+          check_count((at + "n").c_str(), L.n);
+          require(L.bits >= 1 && L.bits <= 8, at + "bits must be in 1..8, got " + std::to_string(L.bits));
+          require(L.acc_off >= prev_end && L.acc_off <= acc_n && L.n <= acc_n - L.acc_off,
+                  at + "accumulator range out of bounds, overlapping or not ascending");
+          prev_end = L.acc_off + L.n;
+          const int64_t need = (L.bits + 1) * 4 * bitmap_words(L.n);  // n <= kMaxElems: no overflow
+          require(L.data_off >= 0 && L.data_off % 4 == 0 && L.data_off <= payload_nbytes &&
+                      need <= payload_nbytes - L.data_off,
+                  at + "planes and sign map out of the payload or misaligned");
+          require(cf[r] == cf[r] && cf[r] - cf[r] == 0.0f, at + "coef must be finite");
+        }
+        py::gil_scoped_release nogil;
+        fedmpq::cpu::dequant_accumulate_layers(ptr<float>(acc), ptr<const uint8_t>(payload), rows, nrows, cf,
+                                               nthreads);
+      },
+      py::arg("acc"), py::arg("acc_n"), py::arg("payload"), py::arg("payload_nbytes"), py::arg("table"),
+      py::arg("nrows"), py::arg("table_nbytes"), py::arg("coefs"), py::arg("coefs_len"), py::arg("nthreads"),
+      "dequant_accumulate for many layers of one payload: table is int64 (nrows, 4) rows "
+      "(acc_off, n, bits, data_off), coefs float32 (nrows,).");
+
 #ifdef FEDMPQ_WITH_CUDA
   // ---- CUDA: launched on `stream` of `device`, which must be current; never synchronizes ----
   py::module_ cuda = m.def_submodule("cuda");

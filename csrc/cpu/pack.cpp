@@ -1,5 +1,7 @@
 #include "cpu/pack.h"
 
+#include <vector>
+
 #include "common/bitmap.h"
 
 #include "cpu/cpu_features.h"
@@ -86,6 +88,41 @@ void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, const uin
     else
       portable::dequant_accumulate(acc + b, e - b, planes + b / 32, words, s, bits, coef);
   });
+}
+
+void dequant_accumulate_layers(float* acc, const uint8_t* payload, const LayerRow* rows, int64_t nrows,
+                               const float* coefs, int nthreads) {
+  // Chunks of whole words, so threads never share a word, and large enough (64K elements)
+  // that scheduling costs nothing; one list over all layers balances big and small ones.
+  constexpr int64_t kChunk = int64_t(1) << 16;
+  struct Chunk {
+    int64_t row, begin, end;
+  };
+  std::vector<Chunk> chunks;
+  int64_t total = 0;
+  for (int64_t r = 0; r < nrows; ++r) {
+    for (int64_t b = 0; b < rows[r].n; b += kChunk) chunks.push_back({r, b, b + kChunk < rows[r].n ? b + kChunk : rows[r].n});
+    total += rows[r].n;
+  }
+  const bool v = use_avx2();
+  auto run = [&](const Chunk& c) {
+    const LayerRow& L = rows[c.row];
+    const int64_t words = bitmap_words(L.n);
+    const uint32_t* planes = reinterpret_cast<const uint32_t*>(payload + L.data_off);
+    const uint32_t* signs = planes + L.bits * words;
+    float* a = acc + L.acc_off + c.begin;
+    const int64_t w0 = c.begin / 32, cnt = c.end - c.begin;
+    if (v)
+      avx2::dequant_accumulate(a, cnt, planes + w0, words, signs + w0, static_cast<int>(L.bits), coefs[c.row]);
+    else
+      portable::dequant_accumulate(a, cnt, planes + w0, words, signs + w0, static_cast<int>(L.bits), coefs[c.row]);
+  };
+  const int nt = threads_for(nthreads, total);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size());
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+#endif
+  for (int64_t i = 0; i < nchunks; ++i) run(chunks[i]);
 }
 
 }  // namespace fedmpq::cpu

@@ -22,6 +22,20 @@ void unpack_codes(const uint32_t* planes, int64_t n, int bits, uint8_t* codes, i
 void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, const uint32_t* signs, int bits,
                         float coef, int nthreads);
 
+// One row of a layer table for dequant_accumulate_layers: layer r adds into
+// acc[acc_off, acc_off + n), from planes at byte data_off of the payload (its sign map right
+// after them, bits * 4 * words(n) bytes on), with coefs[r].
+struct LayerRow {
+  int64_t acc_off, n, bits, data_off;
+};
+static_assert(sizeof(LayerRow) == 32, "rows are an int64 (nrows, 4) tensor");
+
+// dequant_accumulate for many layers of one payload in one call (the server's aggregation
+// of an upload): rows checked by the caller (disjoint, ascending acc ranges; planes in the
+// payload; 4-byte-aligned offsets). Work is split over threads across layers.
+void dequant_accumulate_layers(float* acc, const uint8_t* payload, const LayerRow* rows, int64_t nrows,
+                               const float* coefs, int nthreads);
+
 // ---- serial chunk kernels, per ISA (a chunk starts at a multiple of 32 elements;
 // `words` is the plane stride in words, planes/signs already point at the chunk's first word) ----
 namespace portable {

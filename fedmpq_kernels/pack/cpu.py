@@ -46,3 +46,9 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     native.cpu.dequant_accumulate(acc.data_ptr(), n, p.data_ptr(), p.numel(),
                                   s.data_ptr() if s is not None else 0, s.numel() if s is not None else 0,
                                   bits, coef, torch.get_num_threads())
+
+
+def dequant_accumulate_layers(acc: Tensor, payload: Tensor, table: Tensor, coefs: Tensor) -> None:
+    native.cpu.dequant_accumulate_layers(acc.data_ptr(), acc.numel(), payload.data_ptr(), payload.numel(),
+                                         table.data_ptr(), table.shape[0], table.numel() * 8,
+                                         coefs.data_ptr(), coefs.numel(), torch.get_num_threads())

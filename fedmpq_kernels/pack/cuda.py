@@ -76,14 +76,3 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
                                        s.data_ptr() if s is not None else 0, s.numel() if s is not None else 0,
                                        bits, coef, dev.index, _stream(dev))
 
-
-def __getattr__(name: str):
-    """An op of this family without a kernel here runs the reference's torch code (on the
-    tensors' device) instead of failing: the registry takes every op of a family from the
-    first backend module the family has, so an op added to the family later (a batched
-    dequant_accumulate, say) must not break on CUDA tensors. triton.py shares this."""
-    from . import reference
-
-    if not name.startswith("_") and callable(getattr(reference, name, None)):
-        return getattr(reference, name)
-    raise AttributeError(f"pack backend has no attribute {name!r}")

@@ -21,6 +21,7 @@ Tensor = torch.Tensor
 lib.define("pack_codes(Tensor codes, int bits) -> Tensor")
 lib.define("unpack_codes(Tensor planes, int bits, int n) -> Tensor")
 lib.define("dequant_accumulate(Tensor(a!) acc, Tensor planes, Tensor? signs, int bits, float coef) -> ()")
+lib.define("dequant_accumulate_layers(Tensor(a!) acc, Tensor payload, Tensor table, Tensor coefs) -> ()")
 
 
 def _pack_codes_impl(codes: Tensor, bits: int) -> Tensor:
@@ -35,6 +36,11 @@ def _dequant_accumulate_impl(acc: Tensor, planes: Tensor, signs: Optional[Tensor
     registry.get("pack", "dequant_accumulate", acc.device.type)(acc, planes, signs, bits, coef)
 
 
+def _dequant_accumulate_layers_impl(acc: Tensor, payload: Tensor, table: Tensor, coefs: Tensor) -> None:
+    registry.get("pack", "dequant_accumulate_layers", acc.device.type)(acc, payload, table, coefs)
+
+
+lib.impl("dequant_accumulate_layers", _dequant_accumulate_layers_impl, "CompositeExplicitAutograd")
 lib.impl("pack_codes", _pack_codes_impl, "CompositeExplicitAutograd")
 lib.impl("unpack_codes", _unpack_codes_impl, "CompositeExplicitAutograd")
 lib.impl("dequant_accumulate", _dequant_accumulate_impl, "CompositeExplicitAutograd")
@@ -52,6 +58,11 @@ def _unpack_codes_fake(planes, bits, n):
 
 @torch.library.register_fake("fedmpq::dequant_accumulate")
 def _dequant_accumulate_fake(acc, planes, signs, bits, coef):
+    return None
+
+
+@torch.library.register_fake("fedmpq::dequant_accumulate_layers")
+def _dequant_accumulate_layers_fake(acc, payload, table, coefs):
     return None
 
 
@@ -162,3 +173,75 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     else:
         torch.ops.fedmpq.dequant_accumulate(acc, planes, signs, bits, coef)
     return acc
+
+
+def layer_coefs(scales, bits, weight: float = 1.0) -> Tensor:
+    """float32 ``weight * scale / (2**bits - 1)`` per layer, in the float32 order of
+    :func:`dequant_accumulate` (for :func:`dequant_accumulate_layers`)."""
+    s = np.asarray(scales, dtype=np.float32)
+    levels = np.float32(2.0) ** np.asarray(bits, dtype=np.float32) - np.float32(1.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        c = np.float32(weight) * (s / levels)
+    return torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
+
+
+def dequant_accumulate_layers(acc: Tensor, payload: Tensor, table: Tensor, coefs: Tensor) -> Tensor:
+    """:func:`dequant_accumulate` for many layers of one payload in one call: for row r of
+    ``table`` = (acc_off, n, bits, data_off), ``acc[acc_off : acc_off + n] += coefs[r] * sign * q``
+    with the codes' planes at byte ``data_off`` of ``payload`` and the sign map right after
+    them (``bits * 4 * ceil(n / 32)`` bytes on): the layout of a quantized entry of
+    ``fedmpq.wire``. The server adds a whole upload with it.
+
+    Args:
+        acc: contiguous float32 accumulator (any shape; addressed flat), updated in place.
+        payload: contiguous uint8 tensor on acc's device, 4-byte aligned.
+        table: int64 CPU tensor (nrows, 4); rows in ascending, disjoint accumulator ranges;
+            data offsets 4-byte aligned, planes and sign map inside the payload.
+        coefs: float32 CPU tensor (nrows,), finite (see :func:`layer_coefs`).
+
+    Returns:
+        acc.
+
+    Raises:
+        TypeError / ValueError naming the bad argument or table row.
+    """
+    if not isinstance(acc, Tensor) or acc.dtype != torch.float32:
+        raise TypeError(f"acc must be a float32 tensor, got {getattr(acc, 'dtype', type(acc).__name__)}")
+    if not acc.is_contiguous():
+        raise ValueError("acc must be contiguous (it is updated in place)")
+    _check_u8(payload, "payload")
+    if payload.device != acc.device or not payload.is_contiguous() or payload.dim() != 1 or payload.data_ptr() % 4:
+        raise ValueError("payload must be a contiguous, 4-byte-aligned 1-D uint8 tensor on acc's device")
+    if not isinstance(table, Tensor) or table.dtype != torch.int64 or table.dim() != 2 or table.shape[1] != 4:
+        raise TypeError("table must be an int64 tensor of shape (nrows, 4)")
+    if not isinstance(coefs, Tensor) or coefs.dtype != torch.float32 or coefs.shape != (table.shape[0],):
+        raise TypeError("coefs must be a float32 tensor of shape (nrows,)")
+    if table.device.type != "cpu" or coefs.device.type != "cpu":
+        raise ValueError("table and coefs must be CPU tensors (they describe the work)")
+    # Rows are checked by the backend: the C++ binding itself, the others with check_layer_table.
+    table, coefs = table.contiguous(), coefs.contiguous()
+    if _eager(acc):
+        _dequant_accumulate_layers_impl(acc, payload, table, coefs)
+    else:
+        torch.ops.fedmpq.dequant_accumulate_layers(acc, payload, table, coefs)
+    return acc
+
+
+def check_layer_table(t: np.ndarray, coefs: np.ndarray, acc_n: int, payload_n: int) -> None:
+    """The rules of :func:`dequant_accumulate_layers`' table, for backends without a native check."""
+    if not len(t):
+        return
+    acc_off, n, bits, data_off = (t[:, k] for k in range(4))
+    ends = acc_off + n
+    need = (bits + 1) * 4 * ((n + 31) // 32)
+    bad = (
+        (n < 0) | (n > 1 << 56) | (bits < 1) | (bits > 8) | (acc_off < 0) | (ends > acc_n)
+        | (data_off < 0) | (data_off % 4 != 0) | (data_off > payload_n) | (need > payload_n - data_off)
+        | ~np.isfinite(coefs)
+    )
+    bad[1:] |= acc_off[1:] < ends[:-1]
+    if bad.any():
+        r = int(np.argmax(bad))
+        raise ValueError(f"table row {r} {t[r].tolist()} (coef {coefs[r]}) is invalid: bits 1..8, accumulator ranges "
+                         f"ascending, disjoint and inside acc ({acc_n}), planes + sign map inside the payload "
+                         f"({payload_n} bytes) at a 4-byte-aligned offset, finite coef")

@@ -88,3 +88,17 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
         neg = _unpack_bits(signs.reshape(-1).unsqueeze(0), n)[0].bool()
         v = torch.where(neg, -v, v)
     acc.view(-1).add_(v)
+
+
+def dequant_accumulate_layers(acc: Tensor, payload: Tensor, table: Tensor, coefs: Tensor) -> None:
+    """:func:`dequant_accumulate` for each row (acc_off, n, bits, data_off) of ``table``:
+    planes at byte data_off of ``payload``, the sign map right after them."""
+    from .ops import check_layer_table  # the op's rules (ops imports nothing from here)
+
+    check_layer_table(table.numpy(), coefs.numpy(), acc.numel(), payload.numel())
+    flat = acc.view(-1)
+    for (acc_off, n, bits, data_off), coef in zip(table.tolist(), coefs.tolist()):
+        nb = bitmap_nbytes(n)
+        planes = payload[data_off:data_off + bits * nb]
+        signs = payload[data_off + bits * nb:data_off + (bits + 1) * nb]
+        dequant_accumulate(flat[acc_off:acc_off + n], planes, signs, bits, coef)

@@ -37,7 +37,6 @@ import triton.language as tl
 from .._checks import bitmap_nbytes
 from .._device import on_device
 from .cpu import _words
-from .cuda import __getattr__  # noqa: F401  (ops without a kernel here: the reference's)
 from .cuda import check_seen
 
 Tensor = torch.Tensor

@@ -85,3 +85,23 @@ def test_errors():
     agg = aggregate.Aggregator("samples")
     with pytest.raises(wire.WireFormatError, match="0 samples"):
         agg.add(wire.encode_upload(make_upload(num_samples=0)))
+
+
+def test_uploads_listing_tensors_in_another_order_are_added_by_name():
+    a = make_upload(seed=0)
+    b = make_upload(seed=1)
+    b.layers = dict(reversed(list(b.layers.items())))
+    b.floats = dict(reversed(list(b.floats.items())))
+    agg = aggregate.Aggregator()
+    agg.add(wire.encode_upload(a))
+    agg.add(wire.encode_upload(b))
+    got = agg.result()
+    first = wire.decode_upload(wire.encode_upload(a))
+    assert list(got) == list(first.layers) + list(first.floats)  # the first upload's order
+    da, db = dense(a), dense(b)
+    for name in da:
+        want = (da[name] + db[name]) / 2
+        if got[name].dtype == torch.int64:
+            assert torch.equal(got[name], want.round().long())
+        else:
+            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedmpq import layouts, wire
+from fedmpq import aggregate, layouts, wire
 from fedmpq_kernels.pack import reference as PR
 
 from conftest import make_layer, make_upload
@@ -259,10 +259,18 @@ def test_decoding_never_raises_anything_else_on_random_bytes():
 
 
 def _decode_or_wire_error(data: bytes):
+    """Decode; a payload that decodes is used the way the server and client use it (its
+    planes read by the native kernels), so fuzzing reaches the native decoding paths too."""
     try:
-        wire.decode_upload(data)
+        u = wire.decode_upload(data)
     except wire.WireFormatError:
-        pass  # anything else escapes and fails the test
+        return  # anything else escapes and fails the test
+    for q in u.layers.values():
+        assert q.codes().shape == q.shape and q.negative().shape == q.shape
+        assert q.dequantize().shape == q.shape
+    agg = aggregate.Aggregator()
+    agg.add(data)
+    agg.result()
 
 
 _GOOD = None

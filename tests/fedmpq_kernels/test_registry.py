@@ -51,6 +51,18 @@ def test_a_backend_a_family_lacks_is_skipped(reference_only_family):
         assert registry.backend_for("cpu", "fakequant") == ("cpu" if native is not None else "reference")
 
 
+@pytest.mark.skipif(native is None, reason="native module not built")
+def test_an_op_a_backend_lacks_falls_back_to_the_next_that_has_it(reference_only_family, tmp_path):
+    """cpu.py implements only some ops: the others come from the reference, per op."""
+    (tmp_path / "refonly" / "reference.py").write_text("def twice(x):\n    return 2 * x\n\ndef thrice(x):\n    return 3 * x\n")
+    (tmp_path / "refonly" / "cpu.py").write_text("def twice(x):\n    return ('cpu', 2 * x)\n")
+    fam = reference_only_family
+    assert registry.get(fam, "twice", "cpu")(3) == ("cpu", 6)
+    assert registry.get(fam, "thrice", "cpu")(3) == 9
+    with pytest.raises(AttributeError, match="no implementation"):
+        registry.get(fam, "nothing", "cpu")
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         registry.set_backend("fast")

@@ -1,0 +1,154 @@
+"""Bit-plane packing against what a user would otherwise call, and against copy_.
+
+Groups ``pack`` / ``unpack`` per size and bit-width. Candidates: ``fedmpq[<backend>]``.
+Anchors: ``copy_`` (a uint8 copy of the codes into a preallocated tensor: the target is
+4-bit pack and unpack within 3.5x of it), ``numpy_packbits`` (the same plane layout with
+numpy: one ``packbits`` / ``unpackbits`` per plane) and ``torch_shift_or`` (torch's usual
+dense packing, ``8 / b`` codes per byte with shifts and ORs, b in 1, 2, 4, 8: a different
+layout, the torch way a user would write). Bytes moved: the codes (n) plus the planes
+(n * b / 8); copy_ moves 2n.
+
+``dequant_accumulate`` group: the server's fused de-quantize-and-accumulate of one 4-bit
+layer, against the torch way (unpack to float, multiply, add) and against ``copy_`` of the
+float32 accumulator.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels import registry
+
+from conftest import sync
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BITS = [1, 4, 8]
+IMPLS = ["copy_", "numpy_packbits", "torch_shift_or"] + [f"fedmpq[{b}]" for b in registry.BACKENDS]
+
+
+def _skip(impl: str, device: str, bits: int):
+    if impl.startswith("fedmpq["):
+        name = impl[7:-1]
+        if not registry.supports(name, device) or not registry.has("pack", name) or (name == "triton" and device == "cpu"):
+            pytest.skip(f"{name} does not run pack on {device} tensors")
+        ok, why = registry.available(name)
+        if not ok:
+            pytest.skip(f"{name} unavailable: {why}")
+    elif impl == "numpy_packbits" and device != "cpu":
+        pytest.skip("numpy runs on the CPU")
+    elif bits != 4 and impl != "copy_":
+        pytest.skip("anchors at 4 bits only")
+
+
+def _record(benchmark, op, numel, bits, device, impl, nbytes, anchor="torch_shift_or"):
+    benchmark.extra_info.update(group_key=(op, numel, f"{bits}-bit", device), name=impl, bytes=nbytes, torch_anchor=anchor)
+    benchmark.group = f"{op} {numel} {bits}-bit {device}"
+
+
+def _run(benchmark, impl, fn, device):
+    def run():
+        r = fn()
+        sync(device)
+        return r
+
+    with registry.use_backend(impl[7:-1] if impl.startswith("fedmpq[") else None):
+        benchmark(run)
+
+
+def _codes(numel, bits, device):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 1 << bits, (numel,), generator=g, dtype=torch.int32).to(torch.uint8).to(device)
+
+
+def _np_pack(c: np.ndarray, bits: int) -> list:
+    return [np.packbits((c >> (bits - 1 - p)) & 1, bitorder="little") for p in range(bits)]
+
+
+def _np_unpack(planes: list, bits: int, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.uint8)
+    for p in range(bits):
+        out |= np.unpackbits(planes[p], count=n, bitorder="little") << (bits - 1 - p)
+    return out
+
+
+def _torch_pack(c: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 8 // bits
+    if c.numel() % per:  # pad to whole bytes
+        c = torch.cat([c, c.new_zeros(per - c.numel() % per)])
+    v = c.view(-1, per)
+    out = v[:, 0].clone()
+    for k in range(1, per):
+        out |= v[:, k] << (bits * k)
+    return out
+
+
+def _torch_unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> (bits * k)) & mask for k in range(per)], dim=1).view(-1)
+
+
+def _pack_fn(impl, codes, bits):
+    if impl == "numpy_packbits":
+        c = codes.numpy()
+        return lambda: _np_pack(c, bits)
+    if impl == "torch_shift_or":
+        return lambda: _torch_pack(codes, bits)
+    return lambda: fk.pack_codes(codes, bits)
+
+
+def _unpack_fn(impl, codes, bits):
+    n = codes.numel()
+    if impl == "numpy_packbits":
+        planes = _np_pack(codes.numpy(), bits)
+        return lambda: _np_unpack(planes, bits, n)
+    if impl == "torch_shift_or":
+        packed = _torch_pack(codes, bits)
+        return lambda: _torch_unpack(packed, bits)
+    planes = fk.pack_codes(codes, bits)
+    return lambda: fk.unpack_codes(planes, bits, n)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("op", ["pack", "unpack"])
+def bench_pack_unpack(benchmark, op, impl, bits, device, numel):
+    _skip(impl, device, bits)
+    codes = _codes(numel, bits, device)
+    if impl == "copy_":
+        out = torch.empty_like(codes)
+        fn = lambda: out.copy_(codes)  # noqa: E731
+    else:
+        fn = (_pack_fn if op == "pack" else _unpack_fn)(impl, codes, bits)
+    _record(benchmark, op, numel, bits, device, impl, 2 * numel if impl == "copy_" else numel + numel * bits // 8)
+    _run(benchmark, impl, fn, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["copy_", "torch_dequant_add"] + [f"fedmpq[{b}]" for b in registry.BACKENDS])
+def bench_dequant_accumulate(benchmark, impl, device, numel):
+    bits = 4
+    if impl.startswith("fedmpq["):
+        _skip(impl, device, bits)
+    codes = _codes(numel, bits, device)
+    neg = _codes(numel, 1, device)
+    planes, signs = fk.pack_codes(codes, bits), fk.pack_codes(neg, 1)
+    acc = torch.zeros(numel, device=device)
+    if impl == "copy_":
+        src = torch.ones(numel, device=device)
+        fn = lambda: acc.copy_(src)  # noqa: E731
+    elif impl == "torch_dequant_add":
+        # what torch code does with a decoded layer: codes and signs to float, scale, add
+        sign = 1.0 - 2.0 * neg.float()
+
+        def fn():
+            return acc.add_(codes.float() * sign, alpha=0.37 / 15)
+    else:
+        fn = lambda: fk.dequant_accumulate(acc, planes, signs, bits, 0.37, 1.0)  # noqa: E731
+    # read and write the accumulator, read the planes and the sign map
+    moved = 8 * numel if impl == "copy_" else 8 * numel + numel * (bits + 1) // 8
+    _record(benchmark, "dequant_accumulate", numel, bits, device, impl, moved, anchor="torch_dequant_add")
+    _run(benchmark, impl, fn, device)

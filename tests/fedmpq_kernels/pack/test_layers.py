@@ -1,0 +1,139 @@
+"""dequant_accumulate_layers: many layers of one payload in one call, against one
+dequant_accumulate per layer (itself checked against the reference); its table rules on
+every backend; and the native binding fuzzed with hostile tables (always ValueError, never
+an out-of-bounds access: tools/sanitize.sh runs this under ASan/UBSan)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fedmpq_kernels as fk
+from fedmpq_kernels._native import native
+
+FUZZ = int(os.environ.get("FEDMPQ_FUZZ_EXAMPLES", "300"))
+
+
+def nbytes(n: int) -> int:
+    return 4 * ((n + 31) // 32)
+
+
+def make_payload(sizes, bits, device, seed=0):
+    """A payload holding, per layer, its planes then its sign map (4-byte aligned, with a
+    gap of 8 bytes between layers), and the table rows for it."""
+    g = torch.Generator().manual_seed(seed)
+    chunks, rows, data_off, acc_off = [torch.zeros(8, dtype=torch.uint8)], [], 8, 0
+    codes_all, neg_all = [], []
+    for n, b in zip(sizes, bits):
+        codes = torch.randint(0, 1 << b, (n,), generator=g, dtype=torch.int32).to(torch.uint8)
+        neg = torch.randint(0, 2, (n,), generator=g, dtype=torch.int32).to(torch.uint8)
+        chunk = torch.cat([fk.pack_codes(codes, b), fk.pack_codes(neg, 1), torch.zeros(8, dtype=torch.uint8)])
+        rows.append([acc_off, n, b, data_off])
+        chunks.append(chunk)
+        data_off += chunk.numel()
+        acc_off += n + 3  # gaps in the accumulator too
+        codes_all.append(codes)
+        neg_all.append(neg)
+    payload = torch.cat(chunks).to(device)
+    return payload, torch.tensor(rows, dtype=torch.int64).reshape(-1, 4), acc_off, codes_all, neg_all
+
+
+@pytest.mark.parametrize("weight", [1.0, 37.0])
+def test_layers_equal_one_call_per_layer(backend, weight):
+    sizes, bits = [0, 1, 33, 1000, 4099, 70000], [1, 8, 3, 4, 5, 2]
+    backend.skip_if_too_big(max(sizes))
+    dev = backend.device
+    payload, table, acc_n, _, _ = make_payload(sizes, bits, dev)
+    scales = [0.5, 2.0, 0.0, 1.25, 3.0, 0.1]
+    coefs = fk.layer_coefs(scales, bits, weight)
+    acc0 = torch.randn(acc_n, generator=torch.Generator().manual_seed(9)).to(dev)
+    with backend.active():
+        got = fk.dequant_accumulate_layers(acc0.clone(), payload, table, coefs)
+        want = acc0.clone()
+        for (acc_off, n, b, off), s in zip(table.tolist(), scales):
+            nb = nbytes(n)
+            fk.dequant_accumulate(want[acc_off:acc_off + n], payload[off:off + b * nb], payload[off + b * nb:off + (b + 1) * nb],
+                                  b, s, weight)
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+
+
+def test_layer_coefs_are_the_float32_products():
+    c = fk.layer_coefs([0.3, 2.0], [4, 1], 7.0)
+    assert c.dtype == torch.float32
+    assert c.tolist() == [float(np.float32(7.0) * (np.float32(0.3) / np.float32(15))), 14.0]
+
+
+@pytest.mark.parametrize(
+    "row, match",
+    [
+        ([0, 10, 9, 8], "bits must be in 1..8|is invalid"),
+        ([0, 10, 0, 8], "bits must be in 1..8|is invalid"),
+        ([-1, 10, 2, 8], "accumulator range|is invalid"),
+        ([95, 10, 2, 8], "accumulator range|is invalid"),
+        ([0, 10, 2, 6], "misaligned|is invalid"),
+        ([0, 10, 2, 2**40], "out of the payload|is invalid"),
+        ([0, 10**9, 2, 8], "accumulator range|out of the payload|is invalid"),
+        ([0, -5, 2, 8], "negative element count|is invalid"),
+        ([0, 2**62, 2, 8], "any kernel accepts|is invalid"),
+    ],
+)
+def test_bad_table_rows_raise(backend, row, match):
+    dev = backend.device
+    payload = torch.zeros(64, dtype=torch.uint8, device=dev)
+    acc = torch.zeros(100, device=dev)
+    with backend.active(), pytest.raises(ValueError, match=match):
+        fk.dequant_accumulate_layers(acc, payload, torch.tensor([row]), torch.ones(1))
+    assert not acc.any()
+
+
+def test_overlapping_rows_and_bad_coefs_raise(backend):
+    dev = backend.device
+    payload = torch.zeros(64, dtype=torch.uint8, device=dev)
+    acc = torch.zeros(100, device=dev)
+    with backend.active():
+        with pytest.raises(ValueError, match="overlapping|is invalid"):
+            fk.dequant_accumulate_layers(acc, payload, torch.tensor([[10, 20, 1, 8], [25, 5, 1, 16]]), torch.ones(2))
+        with pytest.raises(ValueError, match="coef must be finite|is invalid"):
+            fk.dequant_accumulate_layers(acc, payload, torch.tensor([[0, 20, 1, 8]]), torch.tensor([float("inf")]))
+    with pytest.raises(TypeError, match="table must be an int64"):
+        fk.dequant_accumulate_layers(acc, payload, torch.zeros(1, 3, dtype=torch.int64), torch.ones(1))
+    with pytest.raises(TypeError, match="coefs must be a float32"):
+        fk.dequant_accumulate_layers(acc, payload, torch.zeros(1, 4, dtype=torch.int64), torch.ones(2))
+    with pytest.raises(ValueError, match="4-byte-aligned"):
+        fk.dequant_accumulate_layers(acc, torch.zeros(65, dtype=torch.uint8, device=dev)[1:], torch.zeros(0, 4, dtype=torch.int64),
+                                     torch.ones(0))
+
+
+@pytest.mark.skipif(native is None, reason="native module not built")
+@settings(max_examples=FUZZ, deadline=None, suppress_health_check=list(HealthCheck), derandomize=FUZZ <= 300)
+@given(st.data())
+def test_native_binding_fuzzed(data):
+    """Hostile tables and sizes straight into the C++ binding: it runs only what fits, and
+    raises ValueError on everything else."""
+    payload = torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(1), dtype=torch.int32).to(torch.uint8)
+    acc = torch.zeros(300)
+    nrows = data.draw(st.integers(0, 6))
+    big = st.sampled_from([0, 1, 3, 4, 8, 31, 32, 33, 64, 200, 255, 256, 300, 2**31, 2**56, 2**62, -1, -(2**63)])
+    rows = [[data.draw(big), data.draw(big), data.draw(st.integers(-2, 10)), data.draw(big)] for _ in range(nrows)]
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+    coefs = torch.tensor([data.draw(st.sampled_from([1.0, 0.0, -2.5, float("nan"), float("inf")])) for _ in range(nrows)],
+                         dtype=torch.float32)
+    # Buffer sizes the caller declares are the truth or less (the binding cannot know more);
+    # everything else is hostile.
+    acc_n = data.draw(st.sampled_from([0, 1, 100, 300]))
+    pay_n = data.draw(st.sampled_from([0, 64, 256]))
+    table_nbytes = data.draw(st.sampled_from([table.numel() * 8, max(table.numel() * 8 - 8, 0), 0]))
+    coefs_len = data.draw(st.sampled_from([nrows, max(nrows - 1, 0)]))
+    before = acc.clone()
+    try:
+        native.cpu.dequant_accumulate_layers(acc.data_ptr(), acc_n, payload.data_ptr(), pay_n,
+                                             table.data_ptr() if nrows else 0, nrows, table_nbytes,
+                                             coefs.data_ptr() if nrows else 0, coefs_len, 2)
+    except ValueError:
+        assert torch.equal(acc, before)  # refused before any kernel ran
+        return
+    assert torch.equal(acc[acc_n:], before[acc_n:])  # nothing written past the declared end
