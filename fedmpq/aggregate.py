@@ -51,6 +51,7 @@ class _Layout:
     quant: np.ndarray  # row indices of quantized entries, in order
     qoff: np.ndarray  # their offsets in the quantized accumulator
     segments: List[Tuple[int, int, int]]  # (first row, last row + 1, dtype) of float runs
+    table: np.ndarray  # int64 (quantized layers, 4): the dequant_accumulate_layers rows, reused
 
 
 def _layout(p: "wire._Parsed") -> _Layout:
@@ -69,7 +70,9 @@ def _layout(p: "wire._Parsed") -> _Layout:
             j += 1
         segments.append((i, j, int(p.dtype[i])))
         i = j
-    return _Layout(list(p.names), p.dtype.copy(), p.dims.copy(), p.ndim.copy(), quant, qoff, segments)
+    table = np.zeros((len(quant), 4), dtype=np.int64)
+    table[:, 0], table[:, 1] = qoff, p.numel[quant]
+    return _Layout(list(p.names), p.dtype.copy(), p.dims.copy(), p.ndim.copy(), quant, qoff, segments, table)
 
 
 class Aggregator:
@@ -91,6 +94,7 @@ class Aggregator:
         self.weighting = weighting
         self.stats: List[ClientStats] = []
         self._lay: Optional[_Layout] = None
+        self._known: Optional["wire._Parsed"] = None  # the first upload: later ones parse faster against it
         self._qacc: Optional[Tensor] = None
         self._facc: List[Tensor] = []
         self._total = 0.0
@@ -102,15 +106,15 @@ class Aggregator:
             fedmpq.wire.WireFormatError: the bytes do not decode, or do not match the
                 layout of the uploads added before (nothing is added then).
         """
-        p = wire._parse(data, wire.KIND_UPLOAD)
+        p = wire._parse(data, wire.KIND_UPLOAD, self._known)
         client_id, num_samples, rnd, budget = p.meta
         w = 1.0 if self.weighting == "mean" else float(num_samples)
         if w <= 0:
             raise wire.WireFormatError(f"upload of client {client_id} reports {num_samples} samples: it cannot be weighted by them")
         lay = self._lay or _layout(p)
-        order = self._order(lay, p, client_id)
+        order = None if p.same_layout else self._order(lay, p, client_id)
         if self._lay is None:
-            self._lay = lay
+            self._lay, self._known = lay, p
             self._qacc = torch.zeros(int(p.numel[lay.quant].sum()), dtype=torch.float32)
             self._facc = [
                 torch.zeros(int(p.numel[a:b].sum()), dtype=torch.float64 if dt == wire.DT_INT64 else torch.float32)
@@ -121,7 +125,9 @@ class Aggregator:
             buf = buf.clone()
         rows = lay.quant if order is None else order[lay.quant]
         # Quantized layers: one call, straight from the packed planes.
-        table = np.stack([lay.qoff, p.numel[rows], p.bits[rows].astype(np.int64), p.offset[rows]], axis=1)
+        table = lay.table  # acc offsets and sizes are the layout's; bits and offsets this upload's
+        table[:, 2] = p.bits[rows]
+        table[:, 3] = p.offset[rows]
         coefs = fk.layer_coefs(p.scale[rows], p.bits[rows], w)
         fk.dequant_accumulate_layers(self._qacc, buf, torch.from_numpy(table), coefs)
         # Float runs: one add each (or per entry, when this upload orders them differently).

@@ -51,8 +51,13 @@ _META = {
     KIND_MODEL: struct.Struct("<I4x"),  # round
 }
 # One index record per entry: dtype, bits, delta, ndim, scale, dims[8].
-_RECORD = np.dtype([("dtype", "u1"), ("bits", "u1"), ("delta", "u1"), ("ndim", "u1"), ("scale", "<f4"), ("dims", "<u4", (8,))])
-assert _HEADER.size == 32 and _RECORD.itemsize == 40
+# The index (compressed) says what the tensors are: one record per entry, then the name
+# lengths and names. It depends on the model only, so every upload of a model carries the
+# same index bytes (the server recognizes the layout without decompressing it again).
+_RECORD = np.dtype([("dtype", "u1"), ("ndim", "u1"), ("reserved", "<u2"), ("dims", "<u4", (8,))])
+# The quantization parameters of each quantized entry, in entry order, uncompressed.
+_PARAMS = np.dtype([("bits", "u1"), ("delta", "u1"), ("reserved", "<u2"), ("scale", "<f4")])
+assert _HEADER.size == 32 and _RECORD.itemsize == 36 and _PARAMS.itemsize == 8
 
 MAX_DIMS = 8
 MAX_NAME_BYTES = 1024
@@ -211,8 +216,10 @@ def _encode(kind: int, meta: bytes, entries: List[Tuple[str, int, int, int, floa
     if len(entries) > MAX_ENTRIES:
         raise ValueError(f"at most {MAX_ENTRIES} tensors per payload")
     records = np.zeros(len(entries), dtype=_RECORD)
+    params = np.zeros(sum(e[1] == DT_QUANTIZED for e in entries), dtype=_PARAMS)
     names, lens, chunks = [], [], []
     seen = set()
+    q = 0
     for i, (name, dt, bits, delta, scale, shape, data) in enumerate(entries):
         raw = _check_name(name)
         if name in seen:
@@ -220,8 +227,11 @@ def _encode(kind: int, meta: bytes, entries: List[Tuple[str, int, int, int, floa
         seen.add(name)
         dims = _dims(shape)
         rec = records[i]
-        rec["dtype"], rec["bits"], rec["delta"], rec["ndim"], rec["scale"] = dt, bits, delta, len(dims), scale
+        rec["dtype"], rec["ndim"] = dt, len(dims)
         rec["dims"][: len(dims)] = dims
+        if dt == DT_QUANTIZED:
+            params[q]["bits"], params[q]["delta"], params[q]["scale"] = bits, delta, scale
+            q += 1
         names.append(raw)
         lens.append(len(raw))
         size = sum(len(c) for c in data)
@@ -229,8 +239,8 @@ def _encode(kind: int, meta: bytes, entries: List[Tuple[str, int, int, int, floa
         if size % 4:
             chunks.append(b"\0" * (4 - size % 4))
     index = records.tobytes() + np.asarray(lens, dtype="<u2").tobytes() + b"".join(names)
-    zindex = zlib.compress(index, 9)  # names and shapes are repetitive: ~6x smaller
-    body = b"".join([meta, zindex, b"\0" * (_align4(len(zindex)) - len(zindex))] + chunks)
+    zindex = zlib.compress(index, 9)  # names and shapes are repetitive: ~10x smaller
+    body = b"".join([meta, zindex, b"\0" * (_align4(len(zindex)) - len(zindex)), params.tobytes()] + chunks)
     total = _HEADER.size + len(body)
     fields = (MAGIC, VERSION, kind, 0, total)
     counts = (len(entries), len(zindex), len(index))
@@ -361,6 +371,9 @@ class _Parsed:
     offset: np.ndarray  # int64, into data
     nbytes: np.ndarray  # int64, without padding
     data: bytes
+    names_blob: bytes = b""  # the index's names
+    zindex: bytes = b""  # the compressed index, to recognize the same layout
+    same_layout: bool = False  # parsed against `known` and found to have its layout
 
     def entries(self) -> List[_Entry]:
         cols = zip(self.names, self.dtype.tolist(), self.bits.tolist(), self.delta.tolist(), self.scale.tolist(),
@@ -377,9 +390,13 @@ for _dt, _sz in _ITEMSIZE.items():
     _ITEMSIZE_OF[_dt] = _sz
 
 
-def _parse(data, want_kind: int) -> _Parsed:
+def _parse(data, want_kind: int, known: Optional[_Parsed] = None) -> _Parsed:
     """Every check, before anything is allocated beyond the bounded index. Vectorized over
-    the entries: the server parses every upload of every round."""
+    the entries: the server parses every upload of every round.
+
+    ``known``: a payload parsed before. When this one has the same names, dtypes and shapes
+    (the server's case: every client has the model's layout), the checks of those columns
+    and the element counts are taken from it; the rest is checked as always."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireFormatError(f"payload must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -411,26 +428,33 @@ def _parse(data, want_kind: int) -> _Parsed:
         _fail(f"index claims {zlen} bytes, only {size - pos} remain")
     if not (n * (_RECORD.itemsize + 2) <= ilen <= min(MAX_INDEX_BYTES, n * (_RECORD.itemsize + 2 + MAX_NAME_BYTES))):
         _fail(f"index length {ilen} is impossible for {n} entries")
+    zindex = data[pos:pos + zlen]
+    pos += _align4(zlen)
+    if pos > size:
+        _fail("truncated after the index")
+    if (known is not None and zindex == known.zindex and n == len(known.names)
+            and ilen == len(known.names_blob) + n * (_RECORD.itemsize + 2)):
+        # The same index bytes as a payload checked before: the same names, dtypes, shapes.
+        return _with_params(kind, want_kind, meta, known.names, known.dtype, known.dims, known.ndim, known.numel,
+                            pos, data, known.names_blob, zindex, same_layout=True)
     try:
         dec = zlib.decompressobj()
-        index = dec.decompress(data[pos:pos + zlen], ilen + 1)  # bounded: never more than ilen + 1
+        index = dec.decompress(zindex, ilen + 1)  # bounded: never more than ilen + 1
         if not dec.eof or dec.unused_data or dec.unconsumed_tail:
             _fail("index is not one complete compressed block of the stated length")
     except zlib.error as e:
         _fail(f"index does not decompress: {e}")
     if len(index) != ilen:
         _fail(f"index decompresses to {len(index)} bytes, header says {ilen}")
-    pos += _align4(zlen)
-    if pos > size:
-        _fail("truncated after the index")
     recs = np.frombuffer(index, dtype=_RECORD, count=n)
     lens = np.frombuffer(index, dtype="<u2", count=n, offset=n * _RECORD.itemsize)
     names_at = n * (_RECORD.itemsize + 2)
     if names_at + int(lens.sum(dtype=np.int64)) != ilen:
         _fail("name lengths do not add up to the index length")
+    blob = index[names_at:]
+    dt, ndim, dims = recs["dtype"], recs["ndim"], recs["dims"]
 
     # Names: one decode when they are ASCII (the usual case), else one per name.
-    blob = index[names_at:]
     cuts = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).tolist()
     if blob.isascii():
         text = blob.decode("ascii")
@@ -449,26 +473,18 @@ def _parse(data, want_kind: int) -> _Parsed:
     def first(mask: np.ndarray) -> Optional[int]:
         return int(np.argmax(mask)) if mask.any() else None
 
-    if len(names) != n:  # cannot happen after the length check; kept for clarity of `where`
-        _fail("name table is inconsistent")
-    dt, bits, delta, ndim = recs["dtype"], recs["bits"], recs["delta"], recs["ndim"]
-    scale, dims = recs["scale"], recs["dims"]
-    quant = dt == DT_QUANTIZED
     unused = np.arange(MAX_DIMS)[None, :] >= ndim[:, None]
-    with np.errstate(invalid="ignore"):
-        # every per-entry rule at once; which one failed is worked out only on failure
-        rules = [
-            ((lens == 0) | (lens > MAX_NAME_BYTES), lambda i: "empty or too long name"),
-            ((dt < 1) | (dt > 4), lambda i: f"unknown dtype code {dt[i]}"),
-            (ndim > MAX_DIMS, lambda i: f"{ndim[i]} dimensions (at most {MAX_DIMS})"),
-            ((unused & (dims != 0)).any(axis=1), lambda i: "nonzero unused dimensions"),
-            (quant & (want_kind == KIND_MODEL), lambda i: "a model payload holds no quantized layers"),
-            (quant & ((bits < 1) | (bits > 8)), lambda i: f"bit-width {bits[i]} outside 1..8"),
-            (quant & ~(np.isfinite(scale) & (scale >= 0)), lambda i: f"scale {scale[i]} is not finite and >= 0"),
-            (quant & ((delta > 7) | ((delta != 0) & (want_kind != KIND_UPLOAD))), lambda i: f"delta {delta[i]} out of range"),
-            (~quant & ((bits != 0) | (delta != 0) | (scale != 0)), lambda i: "a float tensor with quantization fields set"),
-        ]
-        bad = np.logical_or.reduce([m for m, _ in rules]) if n else np.zeros(0, bool)
+    quant = dt == DT_QUANTIZED
+    # every per-entry rule of the index at once; which one failed is worked out on failure
+    rules = [
+        ((lens == 0) | (lens > MAX_NAME_BYTES), lambda i: "empty or too long name"),
+        ((dt < 1) | (dt > 4), lambda i: f"unknown dtype code {dt[i]}"),
+        (ndim > MAX_DIMS, lambda i: f"{ndim[i]} dimensions (at most {MAX_DIMS})"),
+        ((unused & (dims != 0)).any(axis=1), lambda i: "nonzero unused dimensions"),
+        (recs["reserved"] != 0, lambda i: "reserved bytes are not zero"),
+        (quant & (want_kind == KIND_MODEL), lambda i: "a model payload holds no quantized layers"),
+    ]
+    bad = np.logical_or.reduce([m for m, _ in rules]) if n else np.zeros(0, bool)
     if bad.any():
         i = int(np.argmax(bad))
         _fail(f"{where(i)}: " + next(msg(i) for m, msg in rules if m[i]))
@@ -478,25 +494,59 @@ def _parse(data, want_kind: int) -> _Parsed:
             if nm in seen:
                 _fail(f"{where(i)}: duplicate name")
             seen.add(nm)
-
-    # Sizes: the element counts are exact in int64 once the float product shows they are
-    # small (a huge claim stops here, before any allocation).
+    # Element counts: exact in int64 once the float product shows they are small (a claim of
+    # 2^40 elements stops here, before any allocation).
     used = np.where(unused, 1, dims)
     approx = used.astype(np.float64).prod(axis=1)
-    limit = float(size)  # no entry can hold more elements than the payload has bytes * 8
-    if (i := first(approx > 8 * limit)) is not None:
+    if (i := first(approx > 8.0 * size)) is not None:  # no entry holds more elements than 8 per payload byte
         _fail(f"{where(i)}: needs about {approx[i]:.3g} elements' worth of bytes of data, only {size - pos} remain")
     numel = used.astype(np.int64).prod(axis=1)
+    return _with_params(kind, want_kind, meta, names, dt, dims, ndim, numel, pos, data, blob, zindex)
+
+
+def _with_params(kind, want_kind, meta, names, dt, dims, ndim, numel, pos, data, blob, zindex,
+                 same_layout: bool = False) -> _Parsed:
+    """The quantization parameters (after the index), then the entry sizes and offsets; the
+    data must be exactly their sum."""
+    size = len(data)
+    quant = dt == DT_QUANTIZED
+    nq = int(np.count_nonzero(quant))
+    if _PARAMS.itemsize * nq > size - pos:
+        _fail(f"truncated: the parameters of {nq} quantized layers need {_PARAMS.itemsize * nq} bytes")
+    prm = np.frombuffer(data, dtype=_PARAMS, count=nq, offset=pos)
+    pos += _PARAMS.itemsize * nq
+    qb, qd, qs = prm["bits"], prm["delta"], prm["scale"]
+    with np.errstate(invalid="ignore"):
+        rules = [
+            ((qb < 1) | (qb > 8), lambda j: f"bit-width {qb[j]} outside 1..8"),
+            (~(np.isfinite(qs) & (qs >= 0)), lambda j: f"scale {qs[j]} is not finite and >= 0"),
+            ((qd > 7) | ((qd != 0) & (want_kind != KIND_UPLOAD)), lambda j: f"delta {qd[j]} out of range"),
+            (prm["reserved"] != 0, lambda j: "reserved bytes are not zero"),
+        ]
+        bad = np.logical_or.reduce([m for m, _ in rules]) if nq else np.zeros(0, bool)
+    rows = np.flatnonzero(quant)
+    if bad.any():
+        j = int(np.argmax(bad))
+        i = int(rows[j])
+        _fail(f"entry {i} ({names[i][:60]!r}): " + next(msg(j) for m, msg in rules if m[j]))
+    n = len(names)
+    bits = np.zeros(n, np.uint8)
+    delta = np.zeros(n, np.uint8)
+    scale = np.zeros(n, np.float32)
+    bits[rows], delta[rows], scale[rows] = qb, qd, qs
     nbytes = np.where(quant, (bits.astype(np.int64) + 1) * 4 * ((numel + 31) // 32), numel * _ITEMSIZE_OF[dt])
     padded = (nbytes + 3) & ~3
     ends = pos + np.cumsum(padded)
     offset = ends - padded
-    if (i := first(ends > size)) is not None:
-        _fail(f"{where(i)}: needs {nbytes[i]} bytes of data, only {size - offset[i]} remain")
+    over = ends > size
+    if over.any():
+        i = int(np.argmax(over))
+        _fail(f"entry {i} ({names[i][:60]!r}): needs {nbytes[i]} bytes of data, only {size - offset[i]} remain")
     end = int(ends[-1]) if n else pos
     if end != size:
         _fail(f"{size - end} bytes of data left over after the last entry")
-    return _Parsed(kind, meta, names, dt, bits, delta, scale, dims, ndim, numel, offset, nbytes, data)
+    return _Parsed(kind, meta, names, dt, bits, delta, scale, dims, ndim, numel, offset, nbytes, data, blob, zindex,
+                   same_layout)
 
 
 def _view(buf: bytearray, off: int, count: int, dtype: torch.dtype) -> Tensor:

@@ -191,6 +191,14 @@ def test_huge_claims_are_rejected_before_allocating(upload):
         rec[0]["dims"][:4] = [2**32 - 1] * 4  # ~2^128 elements
         index[: rec.nbytes] = rec.tobytes()
 
+    expect_error(with_index(data, huge_dims), "needs about .* bytes of data, only")
+
+    def large_dims(index, n):  # 2^40 elements: small enough for exact counts, still too many
+        rec = np.frombuffer(index, dtype=wire._RECORD, count=n).copy()
+        rec[0]["ndim"] = 2
+        rec[0]["dims"][:2] = [2**20, 2**20]
+        index[: rec.nbytes] = rec.tobytes()
+
     expect_error(with_index(data, huge_dims), "needs .* bytes of data, only")
 
     b = bytearray(data)
@@ -204,7 +212,16 @@ def test_huge_claims_are_rejected_before_allocating(upload):
     expect_error(reseal(bytes(b)), "index claims")
 
 
-def test_index_fields_are_checked(upload):
+def with_params(data: bytes, i: int, name: str, value) -> bytes:
+    """The payload with field ``name`` of quantized layer i's parameter record set, resealed."""
+    _, _, kind, _, _, _, n, zlen, _ = wire._HEADER.unpack_from(data)
+    at = 32 + wire._META[kind].size + wire._align4(zlen) + 8 * i
+    rec = np.frombuffer(data, dtype=wire._PARAMS, count=1, offset=at).copy()
+    rec[0][name] = value
+    return reseal(data[:at] + rec.tobytes() + data[at + 8:])
+
+
+def test_index_and_parameter_fields_are_checked(upload):
     data = wire.encode_upload(upload)
 
     def field(name, value, i=0):
@@ -214,19 +231,27 @@ def test_index_fields_are_checked(upload):
             index[: rec.nbytes] = rec.tobytes()
         return m
 
-    expect_error(with_index(data, field("bits", 9)), "bit-width 9 outside 1..8")
-    expect_error(with_index(data, field("bits", 0)), "bit-width 0 outside 1..8")
-    expect_error(with_index(data, field("scale", float("nan"))), "scale nan")
-    expect_error(with_index(data, field("scale", -1.0)), "scale -1.0")
-    expect_error(with_index(data, field("delta", 8)), "delta 8")
+    expect_error(with_params(data, 0, "bits", 9), "bit-width 9 outside 1..8")
+    expect_error(with_params(data, 1, "bits", 0), "bit-width 0 outside 1..8")
+    expect_error(with_params(data, 0, "scale", float("nan")), "scale nan")
+    expect_error(with_params(data, 2, "scale", -1.0), "scale -1.0")
+    expect_error(with_params(data, 0, "delta", 8), "delta 8")
+    expect_error(with_params(data, 0, "reserved", 1), "reserved bytes")
+    d = wire.encode_download(wire.Download(1, 1, upload.layers, upload.floats))
+    with pytest.raises(wire.WireFormatError, match="delta 1 out of range"):
+        wire.decode_download(with_params(d, 0, "delta", 1))
     expect_error(with_index(data, field("dtype", 9)), "unknown dtype code 9")
+    expect_error(with_index(data, field("dtype", 0)), "unknown dtype code 0")
     expect_error(with_index(data, field("ndim", 9)), "9 dimensions")
+    expect_error(with_index(data, field("reserved", 3)), "reserved bytes")
+    # a float entry turned quantized: its parameters are missing and the data does not add up
     last = len(upload.layers) + len(upload.floats) - 1
-    expect_error(with_index(data, field("bits", 3, i=last)), "quantization fields set")
+    with pytest.raises(wire.WireFormatError):
+        wire.decode_upload(with_index(data, field("dtype", 1, i=last)))
 
     def dup_name(index, n):  # the second name ("b.weight") becomes the first ("a.weight")
-        lens = np.frombuffer(index, dtype="<u2", count=n, offset=n * 40)
-        at = n * 42
+        lens = np.frombuffer(index, dtype="<u2", count=n, offset=n * 36)
+        at = n * 38
         assert lens[0] == lens[1]
         index[at + lens[0]:at + 2 * lens[0]] = index[at:at + lens[0]]
 
@@ -236,14 +261,29 @@ def test_index_fields_are_checked(upload):
     expect_error(with_index(wire.encode_upload(u), dup_name), "duplicate name")
 
     def bad_utf8(index, n):
-        index[n * 42] = 0xFF
+        index[n * 38] = 0xFF
 
     expect_error(with_index(data, bad_utf8), "not valid UTF-8")
 
     def bad_lengths(index, n):
-        struct.pack_into("<H", index, n * 40, struct.unpack_from("<H", index, n * 40)[0] + 1)
+        struct.pack_into("<H", index, n * 36, struct.unpack_from("<H", index, n * 36)[0] + 1)
 
     expect_error(with_index(data, bad_lengths), "name lengths do not add up|index length")
+
+
+def test_the_index_is_the_same_for_every_upload_of_a_model():
+    """It holds the layout only (the per-layer parameters sit outside it), so the server can
+    recognize a known layout by its bytes; a known layout is still checked in full."""
+    a, b = wire.encode_upload(make_upload(seed=0)), wire.encode_upload(make_upload(seed=0, bits={
+        n: 8 for n in make_upload().layers}))
+    za = a[56:56 + wire._HEADER.unpack_from(a)[7]]
+    zb = b[56:56 + wire._HEADER.unpack_from(b)[7]]
+    assert za == zb
+    known = wire._parse(a, wire.KIND_UPLOAD)
+    p = wire._parse(b, wire.KIND_UPLOAD, known)
+    assert p.same_layout and p.names == known.names and p.bits.tolist() != known.bits.tolist()
+    with pytest.raises(wire.WireFormatError, match="bit-width 9"):
+        wire._parse(with_params(b, 1, "bits", 9), wire.KIND_UPLOAD, known)
 
 
 def test_decoding_never_raises_anything_else_on_random_bytes():
