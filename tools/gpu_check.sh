@@ -105,7 +105,7 @@ done
 
 # ---- 4. benchmarks (GPU rows only) -------------------------------------------------------
 run_step bench 90 $PY -m pytest benches/ --benchmark-only -q -p no:cacheprovider -k "cuda" \
-  --fedmpq-sizes=1048576,16777216,67108864 --benchmark-max-time=0.25 --benchmark-min-rounds=10 \
+  --fedmpq-sizes=1048576,16777216 --benchmark-max-time=0.25 --benchmark-min-rounds=10 \
   --benchmark-warmup=on --fedmpq-md "$OUT/bench_gpu.md"
 say ""
 if [ -s "$OUT/bench_gpu.md" ]; then cat "$OUT/bench_gpu.md" >> "$SUMMARY"; else say "(no benchmark table: see bench.txt)"; fi

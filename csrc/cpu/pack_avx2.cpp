@@ -3,6 +3,8 @@
 // plane one shift + movemask to pack, or a byte shuffle + compare to unpack.
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "cpu/pack.h"
 
 namespace fedmpq::cpu::avx2 {
@@ -22,12 +24,30 @@ inline __m256i expand32(uint32_t word) {
   return _mm256_cmpeq_epi8(b, bit_of_byte);
 }
 
-// The 32 codes of word w, one byte each (plane 0 is the most significant bit).
-inline __m256i codes32(const uint32_t* planes, int64_t words, int64_t w, int bits) {
+// The 32 codes of word w, one byte each (plane 0 is the most significant bit). B is a
+// template argument so the plane loop unrolls (each kernel below is instantiated per B).
+template <int B>
+inline __m256i codes32(const uint32_t* planes, int64_t words, int64_t w) {
   __m256i r = _mm256_setzero_si256();
-  for (int p = 0; p < bits; ++p)  // r = 2r + bit (a set bit is -1 in the mask)
+#pragma GCC unroll 8
+  for (int p = 0; p < B; ++p)  // r = 2r + bit (a set bit is -1 in the mask)
     r = _mm256_sub_epi8(_mm256_add_epi8(r, r), expand32(planes[p * words + w]));
   return r;
+}
+
+// Calls f(std::integral_constant<int, bits>{}) for bits in 1..8.
+template <class F>
+inline auto with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
 }
 
 inline uint32_t or_bytes(__m256i v) {
@@ -39,19 +59,28 @@ inline uint32_t or_bytes(__m256i v) {
 }
 }  // namespace
 
-uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words) {
-  const int64_t full = n / 32;
+namespace {
+template <int B>
+__m256i pack_words(const uint8_t* codes, int64_t full, uint32_t* planes, int64_t words) {
   __m256i seen = _mm256_setzero_si256();
   for (int64_t w = 0; w < full; ++w) {
     const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + w * 32));
     seen = _mm256_or_si256(seen, c);
-    for (int p = 0; p < bits; ++p) {
-      // Bit (bits-1-p) of every byte to the byte's top bit: a 16-bit shift by at most 7
-      // puts bit 7-s of each byte at its bit 7, whatever moves in from the low byte.
-      const __m256i t = _mm256_sll_epi16(c, _mm_cvtsi32_si128(7 - (bits - 1 - p)));
+#pragma GCC unroll 8
+    for (int p = 0; p < B; ++p) {
+      // Bit (B-1-p) of every byte to the byte's top bit: a 16-bit shift by at most 7 puts
+      // bit 7-s of each byte at its bit 7, whatever moves in from the low byte.
+      const __m256i t = _mm256_slli_epi16(c, 7 - (B - 1 - p));
       planes[p * words + w] = static_cast<uint32_t>(_mm256_movemask_epi8(t));
     }
   }
+  return seen;
+}
+}  // namespace
+
+uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words) {
+  const int64_t full = n / 32;
+  const __m256i seen = with_bits(bits, [&](auto b) { return pack_words<decltype(b)::value>(codes, full, planes, words); });
   uint32_t r = or_bytes(seen);
   if (full * 32 < n) r |= portable::pack_codes(codes + full * 32, n - full * 32, bits, planes + full, words);
   return r;
@@ -59,18 +88,22 @@ uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes,
 
 void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes) {
   const int64_t full = n / 32;
-  for (int64_t w = 0; w < full; ++w)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + w * 32), codes32(planes, words, w, bits));
+  with_bits(bits, [&](auto b) {
+    for (int64_t w = 0; w < full; ++w)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + w * 32), codes32<decltype(b)::value>(planes, words, w));
+    return 0;
+  });
   if (full * 32 < n) portable::unpack_codes(planes + full, words, n - full * 32, bits, codes + full * 32);
 }
 
-void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
-                        int bits, float coef) {
-  const int64_t full = n / 32;
+namespace {
+template <int B>
+void dequant_words(float* acc, int64_t full, const uint32_t* planes, int64_t words, const uint32_t* signs,
+                   float coef) {
   const __m256 c = _mm256_set1_ps(coef);
   const __m256i signbit = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   for (int64_t w = 0; w < full; ++w) {
-    const __m256i q = codes32(planes, words, w, bits);
+    const __m256i q = codes32<B>(planes, words, w);
     const __m256i s = signs ? expand32(signs[w]) : _mm256_setzero_si256();
     const __m128i qh[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
     const __m128i sh[2] = {_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1)};
@@ -84,6 +117,16 @@ void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t w
       _mm256_storeu_ps(a, _mm256_add_ps(_mm256_loadu_ps(a), sv));
     }
   }
+}
+}  // namespace
+
+void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
+                        int bits, float coef) {
+  const int64_t full = n / 32;
+  with_bits(bits, [&](auto b) {
+    dequant_words<decltype(b)::value>(acc, full, planes, words, signs, coef);
+    return 0;
+  });
   if (full * 32 < n)
     portable::dequant_accumulate(acc + full * 32, n - full * 32, planes + full, words, signs ? signs + full : nullptr,
                                  bits, coef);

@@ -301,6 +301,12 @@ def test_decoding_never_raises_anything_else_on_random_bytes():
 def _decode_or_wire_error(data: bytes):
     """Decode; a payload that decodes is used the way the server and client use it (its
     planes read by the native kernels), so fuzzing reaches the native decoding paths too."""
+    known = aggregate.Aggregator()  # holds a good upload: `data` meets the known-layout path
+    known.add(_good())
+    try:
+        known.add(data)
+    except wire.WireFormatError:
+        pass
     try:
         u = wire.decode_upload(data)
     except wire.WireFormatError:
