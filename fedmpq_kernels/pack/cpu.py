@@ -9,16 +9,9 @@ import torch
 
 from .._checks import bitmap_nbytes
 from .._native import native
+from ._common import check_seen, words
 
 Tensor = torch.Tensor
-
-
-def _words(t: Tensor, nbytes: int) -> Tensor:
-    """The first nbytes of a uint8 tensor, contiguous and 4-byte aligned (copied if not)."""
-    t = t.reshape(-1)[:nbytes]
-    if not t.is_contiguous() or t.data_ptr() % 4:
-        t = t.clone(memory_format=torch.contiguous_format)
-    return t
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -26,14 +19,12 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     n = c.numel()
     planes = torch.empty(bits * bitmap_nbytes(n), dtype=torch.uint8)
     seen = native.cpu.pack_codes(c.data_ptr(), n, bits, planes.data_ptr(), planes.numel(), torch.get_num_threads())
-    if seen >> bits:
-        raise ValueError(f"a code does not fit in {bits} bits (codes must be < {1 << bits}; "
-                         f"the bits of all codes OR-ed together are {seen:#x})")
+    check_seen(seen, bits)
     return planes
 
 
 def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:
-    p = _words(planes, bits * bitmap_nbytes(n))
+    p = words(planes, bits * bitmap_nbytes(n))
     codes = torch.empty(n, dtype=torch.uint8)
     native.cpu.unpack_codes(p.data_ptr(), p.numel(), n, bits, codes.data_ptr(), n, torch.get_num_threads())
     return codes
@@ -41,8 +32,8 @@ def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:
 
 def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bits: int, coef: float) -> None:
     n = acc.numel()
-    p = _words(planes, bits * bitmap_nbytes(n))
-    s = _words(signs, bitmap_nbytes(n)) if signs is not None else None
+    p = words(planes, bits * bitmap_nbytes(n))
+    s = words(signs, bitmap_nbytes(n)) if signs is not None else None
     native.cpu.dequant_accumulate(acc.data_ptr(), n, p.data_ptr(), p.numel(),
                                   s.data_ptr() if s is not None else 0, s.numel() if s is not None else 0,
                                   bits, coef, torch.get_num_threads())

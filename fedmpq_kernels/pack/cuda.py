@@ -22,20 +22,13 @@ import torch
 from .._checks import bitmap_nbytes
 from .._device import on_device
 from .._native import native
-from .cpu import _words
+from ._common import check_seen, words
 
 Tensor = torch.Tensor
 
 
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
-
-
-def check_seen(seen: int, bits: int) -> None:
-    """Raise the CPU adapter's ValueError when the OR of all codes has a bit >= 2**bits."""
-    if seen >> bits:
-        raise ValueError(f"a code does not fit in {bits} bits (codes must be < {1 << bits}; "
-                         f"the bits of all codes OR-ed together are {seen:#x})")
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -55,7 +48,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:
     dev = planes.device
-    p = _words(planes, bits * bitmap_nbytes(n))
+    p = words(planes, bits * bitmap_nbytes(n))
     codes = torch.empty(n, dtype=torch.uint8, device=dev)
     if n == 0:
         return codes
@@ -69,8 +62,8 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     n = acc.numel()
     if n == 0:
         return
-    p = _words(planes, bits * bitmap_nbytes(n))
-    s = _words(signs, bitmap_nbytes(n)) if signs is not None else None
+    p = words(planes, bits * bitmap_nbytes(n))
+    s = words(signs, bitmap_nbytes(n)) if signs is not None else None
     with on_device(dev):
         native.cuda.dequant_accumulate(acc.data_ptr(), n, p.data_ptr(), p.numel(),
                                        s.data_ptr() if s is not None else 0, s.numel() if s is not None else 0,

@@ -36,8 +36,7 @@ import triton.language as tl
 
 from .._checks import bitmap_nbytes
 from .._device import on_device
-from .cpu import _words
-from .cuda import check_seen
+from ._common import check_seen, words
 
 Tensor = torch.Tensor
 
@@ -170,7 +169,7 @@ def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:
     codes = torch.empty(n, dtype=torch.uint8, device=dev)
     if n == 0:
         return codes
-    p = _words(planes, bits * nbytes).view(torch.int32)
+    p = words(planes, bits * nbytes).view(torch.int32)
     with on_device(dev):
         _unpack_kernel[(triton.cdiv(n, BLOCK),)](p, codes, n, nbytes // 4, BITS=bits, BLOCK=BLOCK,
                                                  num_warps=NUM_WARPS, enable_fp_fusion=False)
@@ -183,8 +182,8 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
         return
     dev = acc.device
     nbytes = bitmap_nbytes(n)
-    p = _words(planes, bits * nbytes).view(torch.int32)
-    s = _words(signs, nbytes).view(torch.int32) if signs is not None else p
+    p = words(planes, bits * nbytes).view(torch.int32)
+    s = words(signs, nbytes).view(torch.int32) if signs is not None else p
     with on_device(dev):
         _dequant_kernel[(triton.cdiv(n, BLOCK),)](acc, p, s, n, nbytes // 4, coef, BITS=bits,
                                                   HAS_SIGNS=signs is not None, BLOCK=BLOCK,
