@@ -470,9 +470,6 @@ def _parse(data, want_kind: int, known: Optional[_Parsed] = None) -> _Parsed:
     def where(i: int) -> str:
         return f"entry {i} ({names[i][:60]!r})"
 
-    def first(mask: np.ndarray) -> Optional[int]:
-        return int(np.argmax(mask)) if mask.any() else None
-
     unused = np.arange(MAX_DIMS)[None, :] >= ndim[:, None]
     quant = dt == DT_QUANTIZED
     # every per-entry rule of the index at once; which one failed is worked out on failure
@@ -498,7 +495,9 @@ def _parse(data, want_kind: int, known: Optional[_Parsed] = None) -> _Parsed:
     # 2^40 elements stops here, before any allocation).
     used = np.where(unused, 1, dims)
     approx = used.astype(np.float64).prod(axis=1)
-    if (i := first(approx > 8.0 * size)) is not None:  # no entry holds more elements than 8 per payload byte
+    huge = approx > 8.0 * size  # no entry holds more elements than 8 per payload byte
+    if huge.any():
+        i = int(np.argmax(huge))
         _fail(f"{where(i)}: needs about {approx[i]:.3g} elements' worth of bytes of data, only {size - pos} remain")
     numel = used.astype(np.int64).prod(axis=1)
     return _with_params(kind, want_kind, meta, names, dt, dims, ndim, numel, pos, data, blob, zindex)
