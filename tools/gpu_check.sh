@@ -97,10 +97,14 @@ run_step() {  # name, limit (s), command...
     grep -E '^(FAILED|ERROR)' "$log" | head -n 15 | sed 's/^/    /' >> "$SUMMARY" || true
   fi
 }
+# pytest-xdist (in the device image) spreads each step over 8 workers: Triton's JIT
+# compiles, the slowest part on a fresh machine, then run in parallel.
+par=()
+$PY -c "import xdist" 2>/dev/null && par=(-n 8)
 for b in cuda:90 triton-cuda:150 reference-cuda:50; do
   name=${b%%:*}
   run_step "tests-$name" "${b##*:}" env FEDMPQ_TEST_BACKENDS="$name" \
-    $PY -m pytest tests/fedmpq_kernels -q -p no:cacheprovider -rfE
+    $PY -m pytest tests/fedmpq_kernels -q -p no:cacheprovider -rfE "${par[@]}"
 done
 
 # ---- 4. benchmarks (GPU rows only) -------------------------------------------------------
