@@ -74,8 +74,11 @@ def _effective_scale(xf: Tensor, scale: Optional[Tensor]) -> Tensor:
 
 def _quantize(xf: Tensor, bits: int, s: Tensor) -> Tensor:
     L = float(levels(bits))
-    inv = torch.where(s > 0, torch.full_like(s, L) / s, torch.zeros_like(s))
-    step = s / L
+    Lt = torch.full_like(s, L)
+    inv = torch.where(s > 0, Lt / s, torch.zeros_like(s))
+    # Tensor / tensor, never tensor / Python number: on CUDA torch turns ``t / c`` into
+    # ``t * (1 / c)``, one ulp off the kernels' true division (seen on an H200).
+    step = s / Lt
     a = torch.minimum(xf.abs(), s)
     return torch.copysign(torch.round(a * inv) * step, xf)
 
