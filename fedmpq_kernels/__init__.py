@@ -3,23 +3,33 @@
 Public API::
 
     fake_quant(x, bits, scale=None, *, ste="identity") -> Tensor      # fakequant/
+    relu6_fake_quant(x, bits=4) -> Tensor
     pack_codes(codes, bits) -> Tensor                                # pack/
     unpack_codes(planes, bits, n) -> Tensor
     dequant_accumulate(acc, planes, signs, bits, scale, weight=1.0) -> Tensor (acc, in place)
     dequant_accumulate_layers(acc, payload, table, coefs) -> Tensor (acc, in place; many layers)
     layer_coefs(scales, bits, weight=1.0) -> Tensor (float32 coefficients for the above)
+    binarize(w, bits) -> (codes, sign, scale)                        # bitplane/
+    dequantize(codes, sign, scale, bits, sink) -> Tensor (differentiable in scale and sink)
+    sink_like(shape, device=None) -> Tensor;  plane_popcounts(codes, bits) -> Tensor
+    group_lasso(popcounts, n, bits) -> (R, coef);  step_key(seed, step, layer) -> int
+    bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key) -> g_s
+    precision_reduction(codes, scale, bits, theta) -> (bits, codes, scale)
 
-One package per op family (``fakequant/``, ``pack/``); backends per device are chosen by
+One package per op family (``fakequant/``, ``pack/``, ``bitplane/``); backends per device are chosen by
 :mod:`fedmpq_kernels.registry`; ``python -m fedmpq_kernels.info`` prints what runs where
 and why.
 """
 from . import registry
-from .fakequant import fake_quant
+from .bitplane import (binarize, bitplane_step, dequantize, group_lasso, plane_popcounts, precision_reduction,
+                       sink_like, step_key)
+from .fakequant import fake_quant, relu6_fake_quant
 from .pack import dequant_accumulate, dequant_accumulate_layers, layer_coefs, pack_codes, unpack_codes
 from .registry import use_backend
 
 __version__ = "0.1.0"
 __all__ = [
-    "fake_quant", "pack_codes", "unpack_codes", "dequant_accumulate", "dequant_accumulate_layers", "layer_coefs",
+    "fake_quant", "relu6_fake_quant", "binarize", "dequantize", "sink_like", "plane_popcounts", "group_lasso",
+    "bitplane_step", "precision_reduction", "step_key", "pack_codes", "unpack_codes", "dequant_accumulate", "dequant_accumulate_layers", "layer_coefs",
     "registry", "use_backend", "__version__",
 ]

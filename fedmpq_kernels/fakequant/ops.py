@@ -160,3 +160,71 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
             return _fake_quant_impl(x, bits, s, 0)[0]
         return _FakeQuantEager.apply(x, bits, s, mode)[0]
     return torch.ops.fedmpq.fake_quant(x, bits, s, mode)[0]
+
+
+# ---- ReLU6 fused with the dynamic-scale quantizer (the activations of a quantized model) ----
+lib.define("relu6_fake_quant(Tensor x, int bits) -> (Tensor, Tensor)")
+
+
+def _relu6_fake_quant_impl(x: Tensor, bits: int):
+    return registry.get("fakequant", "relu6_fake_quant", x.device.type)(x, bits)
+
+
+lib.impl("relu6_fake_quant", _relu6_fake_quant_impl, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fedmpq::relu6_fake_quant")
+def _relu6_fake_quant_fake(x, bits):
+    return x.new_empty(x.shape), x.new_empty((bitmap_nbytes(x.numel()),), dtype=torch.uint8)
+
+
+def _r6_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _r6_backward(ctx, grad_y, _grad_mask):
+    (mask,) = ctx.saved_tensors
+    return torch.ops.fedmpq.fake_quant_backward(grad_y, mask, mask, False)[0], None
+
+
+torch.library.register_autograd("fedmpq::relu6_fake_quant", _r6_backward, setup_context=_r6_setup_context, lib=lib)
+
+
+class _Relu6FakeQuantEager(torch.autograd.Function):
+    """The registered op's autograd rule for plain eager tensors (see _FakeQuantEager)."""
+
+    @staticmethod
+    def forward(ctx, x, bits):
+        y, mask = _relu6_fake_quant_impl(x, bits)
+        ctx.save_for_backward(mask)
+        ctx.mark_non_differentiable(mask)
+        return y, mask
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mask):
+        (mask,) = ctx.saved_tensors
+        return _fake_quant_backward_impl(grad_y, mask, mask, False)[0], None
+
+
+def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
+    """ReLU6 then FedMPQ's dynamic-scale activation quantizer, in one pass each way.
+
+    Forward: ``a = clamp(x, 0, 6)``, ``S = max a``, ``y = S * round(a * (2^b - 1) / S) /
+    (2^b - 1)`` (float32 math, S = 0 gives zeros, NaN propagates). Backward: ReLU6's mask
+    and the quantizer's identity STE, ``dL/dx = dL/dy * [0 < x < 6]``, from a 1-bit-per-
+    element mask kept by the forward (:func:`fedmpq_kernels.fakequant.reference.relu6_fake_quant`).
+
+    Args:
+        x: float32/float16/bfloat16 tensor, any shape and strides.
+        bits: 1..8, or 16 (float in all but name, the server's evaluation).
+
+    Returns:
+        Tensor of x's shape and dtype (contiguous).
+    """
+    check_float_tensor(x)
+    bits = check_bits(bits)
+    if _eager(x):
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _Relu6FakeQuantEager.apply(x, bits)[0]
+        return _relu6_fake_quant_impl(x, bits)[0]
+    return torch.ops.fedmpq.relu6_fake_quant(x, bits)[0]

@@ -119,6 +119,24 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     return gx, gs
 
 
+def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+    """ReLU6 fused with the dynamic-scale quantizer (FedMPQ's activations): y (x's shape and
+    dtype, contiguous) and the gradient mask bitmap.
+
+    ``a = min(x, 6)`` where ``x > 0``, NaN where x is NaN, else +0; ``S = max a`` (NaN
+    anywhere makes every output NaN; S = 0 gives zeros); ``y = round(a * inv) * step`` with
+    inv and step as :func:`fake_quant` (a >= 0, so no clamp and no sign). The mask is
+    ``0 < x < 6`` (ReLU6's derivative, 0 at both ends and for NaN), in the pass-bitmap
+    layout, so the backward is ``fake_quant_backward(grad, mask, -, False)``.
+    """
+    xf = x.float()
+    six = torch.full((), 6.0, dtype=torch.float32, device=x.device)
+    a = torch.where(xf > 0, torch.minimum(xf, six), torch.where(torch.isnan(xf), xf, torch.zeros_like(xf)))
+    s = a.amax() if a.numel() else a.new_zeros(())
+    y = _quantize(a, bits, s).to(x.dtype).contiguous()
+    return y, pack_bitmap((xf > 0) & (xf < 6))
+
+
 def fake_quant_autograd(x: Tensor, bits: int, scale=None, ste: str = "identity") -> Tensor:
     """Independent autograd oracle for gradients: the quantizer written with
     differentiable torch ops, its rounding detached (straight-through).

@@ -1,0 +1,302 @@
+"""Bit-plane training's ops: torch.library schemas, fake (meta) impls, the autograd of
+:func:`dequantize`, and the public functions. The math, the storage and the float32 order of
+every step are stated in :mod:`.reference`.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Tuple
+
+import torch
+
+from .. import registry
+from .._checks import bitmap_nbytes
+from .._library import _eager, lib
+from . import reference as _ref
+
+Tensor = torch.Tensor
+
+lib.define("binarize(Tensor w, int bits) -> (Tensor, Tensor, Tensor)")
+lib.define("dequantize(Tensor codes, Tensor sign, Tensor scale, int bits, Tensor sink) -> Tensor")
+lib.define("dequantize_backward(Tensor grad, Tensor codes, Tensor sign, int bits) -> Tensor")
+lib.define("plane_popcounts(Tensor codes, int bits) -> Tensor")
+lib.define(
+    "bitplane_step(Tensor(a!) codes, Tensor(b!) sign, Tensor(c!) mom, Tensor(d!) gs, Tensor grad, Tensor coef, "
+    "Tensor scale, int bits, float lr, float momentum, int key) -> Tensor"
+)
+
+
+def _get(op: str, t: Tensor):
+    return registry.get("bitplane", op, t.device.type)
+
+
+def _binarize_impl(w: Tensor, bits: int):
+    return _get("binarize", w)(w, bits)
+
+
+def _dequantize_impl(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tensor) -> Tensor:
+    return _get("dequantize", codes)(codes, sign, scale, bits).view(sink.shape)
+
+
+def _dequantize_backward_impl(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
+    return _get("dequantize_backward", codes)(grad, codes, sign, bits)
+
+
+def _plane_popcounts_impl(codes: Tensor, bits: int) -> Tensor:
+    return _get("plane_popcounts", codes)(codes, bits)
+
+
+def _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key) -> Tensor:
+    return _get("bitplane_step", codes)(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key)
+
+
+for _name, _fn in [("binarize", _binarize_impl), ("dequantize", _dequantize_impl),
+                   ("dequantize_backward", _dequantize_backward_impl), ("plane_popcounts", _plane_popcounts_impl),
+                   ("bitplane_step", _bitplane_step_impl)]:
+    lib.impl(_name, _fn, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fedmpq::binarize")
+def _binarize_fake(w, bits):
+    n = w.numel()
+    return (w.new_empty((n,), dtype=torch.uint8), w.new_empty((bitmap_nbytes(n),), dtype=torch.uint8),
+            w.new_empty((), dtype=torch.float32))
+
+
+@torch.library.register_fake("fedmpq::dequantize")
+def _dequantize_fake(codes, sign, scale, bits, sink):
+    return sink.new_empty(sink.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("fedmpq::dequantize_backward")
+def _dequantize_backward_fake(grad, codes, sign, bits):
+    return grad.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("fedmpq::plane_popcounts")
+def _plane_popcounts_fake(codes, bits):
+    return codes.new_empty((bits,), dtype=torch.int64)
+
+
+@torch.library.register_fake("fedmpq::bitplane_step")
+def _bitplane_step_fake(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key):
+    return grad.new_empty((), dtype=torch.float32)
+
+
+# ---- autograd of dequantize: the scale's gradient and the weight gradient G for the sink --
+def _dq_setup_context(ctx, inputs, output):
+    codes, sign, _scale, bits, _sink = inputs
+    ctx.bits = bits
+    ctx.save_for_backward(codes, sign)
+
+
+def _dq_grads(ctx, grad_w, backward):
+    codes, sign = ctx.saved_tensors
+    gscale = backward(grad_w.reshape(-1), codes, sign, ctx.bits) if ctx.needs_input_grad[2] else None
+    # The sink's gradient is G itself: the optimizer forms the per-plane gradients from it
+    # in closed form (no N float plane-gradients are ever made).
+    return None, None, gscale, None, (grad_w if ctx.needs_input_grad[4] else None)
+
+
+def _dq_backward(ctx, grad_w):
+    return _dq_grads(ctx, grad_w, torch.ops.fedmpq.dequantize_backward)
+
+
+torch.library.register_autograd("fedmpq::dequantize", _dq_backward, setup_context=_dq_setup_context, lib=lib)
+
+
+class _DequantizeEager(torch.autograd.Function):
+    """The registered op's autograd rule for plain eager tensors, without the dispatcher
+    round trip (see fakequant/ops.py)."""
+
+    @staticmethod
+    def forward(ctx, codes, sign, scale, bits, sink):
+        w = _dequantize_impl(codes, sign, scale, bits, sink)
+        _dq_setup_context(ctx, (codes, sign, scale, bits, sink), w)
+        return w
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        return _dq_grads(ctx, grad_w, _dequantize_backward_impl)
+
+
+# ---- argument checks ---------------------------------------------------------------------
+def _bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+    if not 1 <= int(bits) <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return int(bits)
+
+
+def _tensor(t, name: str, dtype=None, device=None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    return t
+
+
+def _state(codes, sign, bits) -> Tuple[int, int]:
+    """Checks the (codes, sign) pair of one layer; returns (n, bits)."""
+    _tensor(codes, "codes", torch.uint8)
+    bits = _bits(bits)
+    n = codes.numel()
+    _tensor(sign, "sign", torch.uint8, codes.device)
+    if sign.numel() < bitmap_nbytes(n):
+        raise ValueError(f"sign has {sign.numel()} bytes, {bitmap_nbytes(n)} needed for {n} weights")
+    return n, bits
+
+
+def _scale(scale, device) -> Tensor:
+    _tensor(scale, "scale", device=device)
+    if scale.dtype != torch.float32 or scale.numel() != 1:
+        raise TypeError(f"scale must be a one-element float32 tensor, got {scale.dtype} of shape {tuple(scale.shape)}")
+    return scale
+
+
+# ---- public functions ----------------------------------------------------------------------
+def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """Binarize a float weight into ``bits`` bits (ALGORITHM.md, "Local representation").
+
+    Args:
+        w: float tensor (float32/16/bf16, any shape and strides), finite.
+        bits: N, 1..8.
+
+    Returns:
+        (codes uint8 (n,), sign bitmap uint8 (4*ceil(n/32),) with bit set = negative, scale
+        float32 0-dim = max|w|), on w's device. Bit for bit
+        :meth:`fedmpq.wire.QuantizedTensor.from_float`.
+
+    Raises:
+        TypeError / ValueError: w not a float tensor, bits outside 1..8, w not finite.
+    """
+    _tensor(w, "w")
+    if not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
+    bits = _bits(bits)
+    if w.numel() and not bool(torch.isfinite(w).all()):
+        raise ValueError("w holds NaN or inf: it cannot be binarized")
+    if _eager(w):
+        return _binarize_impl(w, bits)
+    return torch.ops.fedmpq.binarize(w, bits)
+
+
+def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tensor) -> Tensor:
+    """The effective weight ``W = sigma * q * (s / (2^N - 1))``, float32, in ``sink``'s shape.
+
+    Differentiable in ``scale`` (``dL/ds = sum sigma q G / (2^N - 1)``) and in ``sink``,
+    whose gradient is G = dL/dW itself: a bit-plane layer passes a zero-stride
+    ``sink`` parameter (4 bytes, :func:`sink_like`) and the optimizer reads ``sink.grad``.
+
+    Args:
+        codes: uint8 (n,), values < 2^N.  sign: sign bitmap (bit set = negative).
+        scale: float32 one-element tensor.  bits: N, 1..8.  sink: float32, n elements.
+    """
+    n, bits = _state(codes, sign, bits)
+    _scale(scale, codes.device)
+    _tensor(sink, "sink", device=codes.device)
+    if sink.numel() != n:
+        raise ValueError(f"sink has {sink.numel()} elements, codes {n}")
+    if _eager(codes) and type(scale) is Tensor and type(sink) is Tensor:
+        if torch.is_grad_enabled() and (scale.requires_grad or sink.requires_grad):
+            return _DequantizeEager.apply(codes, sign, scale, bits, sink)
+        return _dequantize_impl(codes, sign, scale, bits, sink)
+    return torch.ops.fedmpq.dequantize(codes, sign, scale, bits, sink)
+
+
+def sink_like(shape, device=None) -> Tensor:
+    """A float32 tensor of ``shape`` that stores one number (zero strides): the gradient
+    sink of a bit-plane layer (see :func:`dequantize`)."""
+    return torch.zeros((), dtype=torch.float32, device=device).expand(tuple(shape))
+
+
+def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
+    """Set bits of each plane, int64 (bits,), plane 0 = MSB."""
+    _tensor(codes, "codes", torch.uint8)
+    bits = _bits(bits)
+    if _eager(codes):
+        return _plane_popcounts_impl(codes, bits)
+    return torch.ops.fedmpq.plane_popcounts(codes, bits)
+
+
+def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
+    """The layer's group-lasso term and its per-plane gradient coefficient (ALGORITHM.md,
+    "Local objective"): ``R_l = n*N * sum_i sqrt(eps + popcount_i)`` (float32 0-dim) and
+    ``n*N / sqrt(eps + popcount_i)`` (float32 (bits,)), the derivative of R_l in a set bit."""
+    return _ref.group_lasso(popcounts, n, _bits(bits))
+
+
+def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
+                  scale: Tensor, bits: int, lr: float, momentum: float, key: int) -> Tensor:
+    """One fused bit-plane optimizer step with re-quantization (ALGORITHM.md steps 1-7), in
+    place on ``codes``, ``sign``, ``mom`` and ``gs``; the exact rule is in
+    :mod:`fedmpq_kernels.bitplane.reference`.
+
+    Args:
+        codes: uint8 (n,).  sign: sign bitmap.  mom: uint8 (bits, n), the last step's update
+            codes (zeros at the start of a round).  gs: float32 (1,), the last step's g_s
+            (zero at the start).  grad: G = dL/dW, float32, n elements.
+        coef: float32 (bits,), the regularizer's coefficient per plane for a set bit
+            (``lambda / T * n*N / sqrt(eps + popcount_i)``; zeros for none).
+        scale: float32 one-element tensor, s.  bits: N.  lr, momentum: finite floats,
+            lr > 0, 0 <= momentum < 1.  key: :func:`step_key` (seed, step, layer).
+
+    Returns:
+        float32 0-dim: this step's g_s. Not finite when grad or scale held NaN/inf: the
+        step was skipped and nothing changed (never corrupted codes).
+    """
+    n, bits = _state(codes, sign, bits)
+    dev = codes.device
+    _tensor(mom, "mom", torch.uint8, dev)
+    if mom.numel() != bits * n or not mom.is_contiguous():
+        raise ValueError(f"mom must be a contiguous uint8 tensor of {bits}*{n} elements, got {tuple(mom.shape)}")
+    _tensor(gs, "gs", torch.float32, dev)
+    if gs.numel() != 1:
+        raise ValueError("gs must hold one float32")
+    _tensor(grad, "grad", device=dev)
+    if grad.numel() != n:
+        raise ValueError(f"grad has {grad.numel()} elements, codes {n}")
+    _tensor(coef, "coef", device=dev)
+    if coef.numel() != bits:
+        raise ValueError(f"coef must hold {bits} values (one per plane), got {coef.numel()}")
+    _scale(scale, dev)
+    for name, v in (("lr", lr), ("momentum", momentum)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key <= 0xFFFFFFFF:
+        raise ValueError(f"key must be a uint32 (see step_key), got {key!r}")
+    if n >= 1 << 32:
+        raise ValueError("a layer of 2^32 weights or more is not supported (the generator counts in 32 bits)")
+    grad = grad.reshape(-1)
+    if grad.dtype != torch.float32:
+        grad = grad.float()
+    coef = coef.reshape(-1).float()
+    if _eager(codes):
+        return _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, float(lr), float(momentum), int(key))
+    return torch.ops.fedmpq.bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, float(lr), float(momentum),
+                                          int(key))
+
+
+def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -> Tuple[int, Tensor, Tensor]:
+    """Precision reduction after local training (ALGORITHM.md) with threshold ``theta`` in
+    percent: (new N, new codes uint8 (n,), new scale float32 0-dim); signs are unchanged.
+    Pure torch on any device (once per round; the rule is in the reference)."""
+    _tensor(codes, "codes", torch.uint8)
+    bits = _bits(bits)
+    _scale(scale, codes.device)
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not math.isfinite(theta) or theta < 0:
+        raise ValueError(f"theta must be a finite number >= 0 (percent), got {theta!r}")
+    if codes.numel() and int(codes.max()) >= (1 << bits):
+        raise ValueError(f"a code is >= 2^{bits}")
+    return _ref.precision_reduction(codes, scale, bits, float(theta))
+
+
+step_key = _ref.step_key
