@@ -12,7 +12,7 @@ Public API::
     binarize(w, bits) -> (codes, sign, scale)                        # bitplane/
     dequantize(codes, sign, scale, bits, sink) -> Tensor (differentiable in scale and sink)
     sink_like(shape, device=None) -> Tensor;  plane_popcounts(codes, bits) -> Tensor
-    group_lasso(popcounts, n, bits) -> (R, coef);  step_key(seed, step, layer) -> int
+    group_lasso(popcounts, n, bits) -> (R, coef);  step_key(seed, step, layer) -> int;  uniform(key, n)
     bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key) -> g_s
     precision_reduction(codes, scale, bits, theta) -> (bits, codes, scale)
 
@@ -22,7 +22,7 @@ and why.
 """
 from . import registry
 from .bitplane import (binarize, bitplane_step, dequantize, group_lasso, plane_popcounts, precision_reduction,
-                       sink_like, step_key)
+                       sink_like, step_key, uniform)
 from .fakequant import fake_quant, relu6_fake_quant
 from .pack import dequant_accumulate, dequant_accumulate_layers, layer_coefs, pack_codes, unpack_codes
 from .registry import use_backend
@@ -30,6 +30,6 @@ from .registry import use_backend
 __version__ = "0.1.0"
 __all__ = [
     "fake_quant", "relu6_fake_quant", "binarize", "dequantize", "sink_like", "plane_popcounts", "group_lasso",
-    "bitplane_step", "precision_reduction", "step_key", "pack_codes", "unpack_codes", "dequant_accumulate", "dequant_accumulate_layers", "layer_coefs",
+    "bitplane_step", "precision_reduction", "step_key", "uniform", "pack_codes", "unpack_codes", "dequant_accumulate", "dequant_accumulate_layers", "layer_coefs",
     "registry", "use_backend", "__version__",
 ]

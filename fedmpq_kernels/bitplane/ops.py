@@ -300,3 +300,11 @@ def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -
 
 
 step_key = _ref.step_key
+
+
+def uniform(key: int, n: int, device=None) -> Tensor:
+    """The generator's draws u_j in [0, 1) for elements 0..n-1 under ``key``
+    (:func:`step_key`): float32 (n,), the numbers :func:`bitplane_step` compares with p_j."""
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key <= 0xFFFFFFFF:
+        raise ValueError(f"key must be a uint32, got {key!r}")
+    return _ref.uniform(int(key), int(n), device)

@@ -1,0 +1,162 @@
+"""Bit-plane layers (ALGORITHM.md, "Local representation") and the activation quantizer.
+
+A quantized layer of n weights at N bits keeps, between steps, only what the method needs:
+``codes`` (uint8 magnitudes, one byte per weight), ``sign`` (a bitmap, bit set = negative),
+``scale`` (one float32 parameter) and ``sink``: a zero-stride float32 parameter of the
+weight's shape (4 bytes in all) whose ``.grad`` receives G = dL/dW in backward, from which
+:class:`fedmpq.nn.BitPlaneOptimizer` forms the per-plane gradients in closed form. No float
+planes, no float plane-gradients.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fedmpq_kernels as fk
+
+Tensor = torch.Tensor
+
+
+def _bitmap_nbytes(n: int) -> int:
+    return 4 * ((n + 31) // 32)
+
+
+class _BitWeight(nn.Module):
+    """The weight of a bit-plane layer: state, binarization and de-quantization."""
+
+    def _init_weight(self, shape: Sequence[int], bits: int) -> None:
+        n = math.prod(shape)
+        self.weight_shape = tuple(int(s) for s in shape)
+        self.bits = _check_bits(bits)
+        self.register_buffer("codes", torch.zeros(n, dtype=torch.uint8))
+        self.register_buffer("sign", torch.zeros(_bitmap_nbytes(n), dtype=torch.uint8))
+        self.scale = nn.Parameter(torch.zeros((), dtype=torch.float32))
+        self.sink = nn.Parameter(fk.sink_like(self.weight_shape))
+        w = torch.empty(self.weight_shape)
+        nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # torch's default init of the float layer
+        self.load_float(w, bits)
+
+    @property
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    @torch.no_grad()
+    def load_float(self, w: Tensor, bits: int) -> None:
+        """Binarize a float weight of this layer's shape into ``bits`` bits (1..8)."""
+        bits = _check_bits(bits)
+        if tuple(w.shape) != self.weight_shape:
+            raise ValueError(f"weight of shape {tuple(w.shape)} does not fit a layer of shape {self.weight_shape}")
+        codes, sign, scale = fk.binarize(w.to(self.codes.device), bits)
+        self.codes.copy_(codes)
+        self.sign.copy_(sign)
+        self.scale.copy_(scale)
+        self.bits = bits
+
+    @torch.no_grad()
+    def load_codes(self, codes: Tensor, negative: Tensor, scale: float, bits: int) -> None:
+        """Set the state directly: codes (n values < 2^bits), negative (bool, n), scale."""
+        bits = _check_bits(bits)
+        codes = codes.reshape(-1).to(device=self.codes.device, dtype=torch.uint8)
+        if codes.numel() != self.numel or negative.numel() != self.numel:
+            raise ValueError(f"expected {self.numel} codes and signs")
+        if codes.numel() and int(codes.max()) >= (1 << bits):
+            raise ValueError(f"a code is >= 2^{bits}")
+        self.codes.copy_(codes)
+        self.sign.copy_(fk.pack_codes(negative.reshape(-1).to(device=self.codes.device, dtype=torch.uint8), 1))
+        self.scale.fill_(float(scale))
+        self.bits = bits
+
+    def quantized_weight(self) -> Tensor:
+        """The effective weight ``s * sigma * q / (2^N - 1)`` (float32, the layer's shape),
+        differentiable in ``scale`` and ``sink``."""
+        return fk.dequantize(self.codes, self.sign, self.scale, self.bits, self.sink)
+
+    @torch.no_grad()
+    def float_weight(self) -> Tensor:
+        """The de-quantized weight, a plain float32 tensor of the layer's shape."""
+        return fk.dequantize(self.codes, self.sign, self.scale.detach(), self.bits,
+                             fk.sink_like(self.weight_shape, self.codes.device)).clone()
+
+    def state_bytes(self) -> int:
+        """Bytes this layer keeps between steps (codes, sign bitmap, scale, the sink's one float)."""
+        return self.codes.numel() + self.sign.numel() + 4 + 4
+
+    def _apply(self, fn, recurse=True):
+        # Module.to()/cuda() copy parameters with the preserve-format rule, which would turn
+        # the zero-stride sink into n floats: make it again on the new device.
+        super()._apply(fn, recurse)
+        if self.sink.numel() and any(s != 0 for s in self.sink.stride()):
+            self.sink = nn.Parameter(fk.sink_like(self.weight_shape, self.sink.device))
+        return self
+
+
+class BitConv2d(_BitWeight):
+    """A conv2d whose weight is a bit-plane weight of ``bits`` bits (no bias: BatchNorm follows)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 bits: int = 8):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self._init_weight((out_channels, in_channels, kernel_size, kernel_size), bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.quantized_weight(), None, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, bits={self.bits}")
+
+
+class BitLinear(_BitWeight):
+    """A linear layer whose weight is a bit-plane weight; the bias stays float
+    (**deviation**: the authors keep it as bit planes too; ALGORITHM.md)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_weight((out_features, in_features), bits)
+        if bias:
+            bound = 1 / math.sqrt(in_features)
+            self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}"
+
+
+class ActQuant(nn.Module):
+    """ReLU6 fused with the dynamic-scale activation quantizer of ``bits`` bits (4 on
+    clients, 16 for the server's evaluation); ``bits=None`` is a plain ReLU (float models)."""
+
+    def __init__(self, bits: Optional[int] = 4):
+        super().__init__()
+        self.bits = None if bits is None else int(bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.bits is None:
+            return F.relu(x)
+        return fk.relu6_fake_quant(x, self.bits)
+
+    def extra_repr(self) -> str:
+        return "relu" if self.bits is None else f"relu6, bits={self.bits}"
+
+
+def bit_layers(model: nn.Module):
+    """(name, layer) of every bit-plane layer of ``model``, in module order (the layer
+    index l of ALGORITHM.md)."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _BitWeight)]
+
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
+    return bits

@@ -1,0 +1,175 @@
+"""The models: CIFAR-style ResNets (``resnet20``, ``resnet44``) and a small CNN for 28x28
+(Fashion-MNIST) and 8x8 (scikit-learn digits) inputs, each float or quantized.
+
+Quantized form (ALGORITHM.md, "Setting" and "Activations"): every 3x3 conv (the stem's
+included) and the classifier are bit-plane layers; BatchNorm, 1x1 shortcut convs and biases
+stay float; both activations of every basic block are ReLU6 + the ``act_bits`` quantizer,
+the stem's is a plain ReLU. Float form: the same modules with float weights, plain ReLUs
+(``act_bits=None``) or ReLU6 + an ``act_bits`` quantizer (16 for the server's evaluation).
+State-dict names of the float form are those of :func:`fedmpq.layouts.cifar_resnet`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import ActQuant, BitConv2d, BitLinear
+
+Bits = Union[int, Sequence[int]]
+
+
+class _Factory:
+    """Makes the layers of one model, float or bit-plane; bit-widths per quantized layer in
+    creation order (an int: the same for all)."""
+
+    def __init__(self, quantized: bool, bits: Bits, act_bits: Optional[int]):
+        self.quantized = quantized
+        self.bits = bits
+        self.act_bits = act_bits
+        self.count = 0
+
+    def _next_bits(self) -> int:
+        if isinstance(self.bits, int):
+            b = self.bits
+        else:
+            if self.count >= len(self.bits):
+                raise ValueError(f"{len(self.bits)} bit-widths given, the model has more quantized layers")
+            b = int(self.bits[self.count])
+        self.count += 1
+        return b
+
+    def conv3x3(self, cin: int, cout: int, stride: int = 1) -> nn.Module:
+        if self.quantized:
+            return BitConv2d(cin, cout, 3, stride, 1, bits=self._next_bits())
+        self.count += 1
+        return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+    def linear(self, cin: int, cout: int) -> nn.Module:
+        if self.quantized:
+            return BitLinear(cin, cout, bits=self._next_bits())
+        self.count += 1
+        return nn.Linear(cin, cout)
+
+    def act(self) -> nn.Module:
+        return ActQuant(self.act_bits)
+
+    def done(self) -> None:
+        if not isinstance(self.bits, int) and self.quantized and self.count != len(self.bits):
+            raise ValueError(f"{len(self.bits)} bit-widths given for {self.count} quantized layers")
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, f: _Factory, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = f.conv3x3(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.act1 = f.act()
+        self.conv2 = f.conv3x3(cout, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act2 = f.act()
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet of depth 6k+2 for 32x32 inputs: 16/32/64 channels, 3 stages of k blocks."""
+
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, quantized: bool = False,
+                 bits: Bits = 8, act_bits: Optional[int] = None):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6k + 2 >= 8, got {depth}")
+        _check_arch(num_classes, in_channels)
+        if quantized and act_bits is None:
+            act_bits = 4
+        f = _Factory(quantized, bits, act_bits)
+        k = (depth - 2) // 6
+        self.conv1 = f.conv3x3(in_channels, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        cin = 16
+        for stage, (cout, stride) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
+            blocks = []
+            for b in range(k):
+                blocks.append(BasicBlock(f, cin, cout, stride if b == 0 else 1))
+                cin = cout
+            setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+        self.linear = f.linear(64, num_classes)
+        f.done()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))  # the stem: plain ReLU, not quantized
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        return self.linear(out)
+
+
+class SmallCNN(nn.Module):
+    """conv3x3(16)-BN-act-maxpool, conv3x3(32)-BN-act-maxpool, linear: for 28x28 (Fashion-
+    MNIST) or 8x8 (digits) single-channel images (``image_size``)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, quantized: bool = False,
+                 bits: Bits = 8, act_bits: Optional[int] = None):
+        super().__init__()
+        _check_arch(num_classes, in_channels)
+        if image_size < 4 or image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4 (two 2x2 poolings), got {image_size}")
+        if quantized and act_bits is None:
+            act_bits = 4
+        f = _Factory(quantized, bits, act_bits)
+        self.conv1 = f.conv3x3(in_channels, 16)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.act1 = f.act()
+        self.conv2 = f.conv3x3(16, 32)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.act2 = f.act()
+        self.linear = f.linear(32 * (image_size // 4) ** 2, num_classes)
+        f.done()
+
+    def forward(self, x):
+        out = F.max_pool2d(self.act1(self.bn1(self.conv1(x))), 2)
+        out = F.max_pool2d(self.act2(self.bn2(self.conv2(out))), 2)
+        return self.linear(out.flatten(1))
+
+
+def _check_arch(num_classes: int, in_channels: int) -> None:
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be an int >= 1, got {in_channels!r}")
+
+
+def resnet20(**kw) -> CifarResNet:
+    """ResNet-20 (19 quantizable layers + classifier = 20 quantized layers when quantized)."""
+    return CifarResNet(depth=20, **kw)
+
+
+def resnet44(**kw) -> CifarResNet:
+    return CifarResNet(depth=44, **kw)
+
+
+def small_cnn(**kw) -> SmallCNN:
+    return SmallCNN(**kw)
+
+
+MODELS = {"resnet20": resnet20, "resnet44": resnet44, "small_cnn": small_cnn}
+
+
+def build(name: str, **kw) -> nn.Module:
+    """A model by name (``resnet20``, ``resnet44``, ``small_cnn``) with its keyword
+    arguments (``num_classes``, ``in_channels``, ``quantized``, ``bits``, ``act_bits``,
+    ``image_size`` for the CNN)."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+    return MODELS[name](**kw)

@@ -1,0 +1,109 @@
+"""The client's optimizers (ALGORITHM.md, "Local objective" and "Bit-plane optimizer"):
+:class:`BitPlaneOptimizer` for the bit-plane weights (group lasso, momentum whose buffer
+keeps the last update, power-of-two updates with stochastic LSB rounding, re-quantization,
+all in one fused kernel per layer), and SGD with momentum for the float parameters (scale,
+BatchNorm, shortcuts, biases) through :func:`float_parameters`.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+import fedmpq_kernels as fk
+
+from .layers import bit_layers
+
+
+def float_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Every parameter that plain SGD trains: all but the bit-plane layers' sinks."""
+    sinks = {id(m.sink) for _, m in bit_layers(model)}
+    return [p for p in model.parameters() if id(p) not in sinks]
+
+
+class BitPlaneOptimizer:
+    """One fused step per bit-plane layer (:func:`fedmpq_kernels.bitplane_step`).
+
+    The step of layer l uses G = ``layer.sink.grad`` from the last backward, the group-lasso
+    coefficient ``lam / T * n_l * N_l / sqrt(eps + popcount_i)`` (T = the quantized weights
+    of the model) and the forward's scale, so call it *before* the float optimizer updates
+    the scales. State per layer: ``mom`` (N_l bytes per weight: the last update's codes) and
+    ``gs`` (one float). Built anew each round, as the authors do.
+
+    Args:
+        model: a quantized model (its bit-plane layers are found by :func:`bit_layers`).
+        lr: eta > 0.  momentum: mu in [0, 1).  lam: lambda >= 0 (0: no regularizer).
+        seed: the generator's seed; the key of each draw is (seed, step, layer, element).
+    """
+
+    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, lam: float = 1e-3, seed: int = 0):
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not lam >= 0:
+            raise ValueError(f"lambda must be >= 0, got {lam}")
+        self.layers = [m for _, m in bit_layers(model)]
+        if not self.layers:
+            raise ValueError("the model has no bit-plane layers (is it quantized?)")
+        self.lr, self.momentum, self.lam, self.seed = float(lr), float(momentum), float(lam), int(seed)
+        self.total = sum(m.numel for m in self.layers)
+        self.steps = 0
+        self.skipped = 0  # layer steps skipped for a non-finite gradient or scale
+        self.state: Dict[int, dict] = {}
+
+    def _layer_state(self, l: int, layer) -> dict:
+        st = self.state.get(l)
+        n, N = layer.numel, layer.bits
+        if st is None or st["mom"].shape != (N, n) or st["mom"].device != layer.codes.device:
+            st = self.state[l] = {"mom": torch.zeros((N, n), dtype=torch.uint8, device=layer.codes.device),
+                                  "gs": torch.zeros(1, dtype=torch.float32, device=layer.codes.device)}
+        return st
+
+    def coefficients(self, layer) -> torch.Tensor:
+        """The per-plane regularizer coefficient of ``layer`` for a set bit, float32 (N,)."""
+        if self.lam == 0:
+            return torch.zeros(layer.bits, dtype=torch.float32, device=layer.codes.device)
+        pc = fk.plane_popcounts(layer.codes, layer.bits)
+        _, c = fk.group_lasso(pc, layer.numel, layer.bits)
+        return c * (self.lam / self.total)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        statuses = []
+        for l, layer in enumerate(self.layers):
+            g = layer.sink.grad
+            if g is None:
+                continue
+            st = self._layer_state(l, layer)
+            key = fk.step_key(self.seed, self.steps, l)
+            statuses.append(fk.bitplane_step(layer.codes, layer.sign, st["mom"], st["gs"], g, self.coefficients(layer),
+                                             layer.scale.detach(), layer.bits, self.lr, self.momentum, key))
+        if statuses and statuses[0].device.type == "cpu":  # free to read on the CPU; no sync on a GPU
+            self.skipped += sum(0 if torch.isfinite(s) else 1 for s in statuses)
+        self.steps += 1
+
+    def zero_grad(self) -> None:
+        for layer in self.layers:
+            layer.sink.grad = None
+
+    def state_bytes(self) -> int:
+        """Bytes this optimizer keeps between steps."""
+        return sum(st["mom"].numel() + 4 for st in self.state.values())
+
+
+def regularizer(model: nn.Module) -> torch.Tensor:
+    """``R / T`` of ALGORITHM.md for reporting (float32 0-dim): the loss adds ``lambda * R / T``;
+    its gradient reaches the planes through :class:`BitPlaneOptimizer`, not autograd."""
+    layers = [m for _, m in bit_layers(model)]
+    total = sum(m.numel for m in layers)
+    r = sum(fk.group_lasso(fk.plane_popcounts(m.codes, m.bits), m.numel, m.bits)[0] for m in layers)
+    return r / total if layers else torch.zeros(())
+
+
+def state_bytes_per_weight(model: nn.Module, optimizer: BitPlaneOptimizer) -> float:
+    """Training state kept between steps, per quantized weight: codes, sign bitmaps, scales,
+    sinks and the optimizer's buffers."""
+    layers = [m for _, m in bit_layers(model)]
+    return (sum(m.state_bytes() for m in layers) + optimizer.state_bytes()) / sum(m.numel for m in layers)
