@@ -1,0 +1,227 @@
+"""fedmpq.nn: the models' layouts, conversions both ways, training state, the optimizer's
+behaviour on a real (small) problem, torch.compile, and clear errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fedmpq_kernels as fk
+from fedmpq import layouts
+from fedmpq import nn as qn
+
+
+def _codes(model):
+    return [(m.codes.clone(), m.sign.clone(), m.scale.detach().clone(), m.bits) for _, m in qn.bit_layers(model)]
+
+
+@pytest.mark.parametrize("depth", [20, 44])
+def test_resnet_state_dicts_match_the_layouts(depth):
+    qshapes, fshapes = layouts.cifar_resnet(depth)
+    fsd = qn.build(f"resnet{depth}").state_dict()
+    assert {k: tuple(v.shape) for k, v in fsd.items()} == {**qshapes, **fshapes}
+    qm = qn.build(f"resnet{depth}", quantized=True, bits=4)
+    qsd = qn.to_float_state_dict(qm)
+    assert {k: tuple(v.shape) for k, v in qsd.items()} == {**qshapes, **fshapes}
+    assert [n for n, _ in qn.bit_layers(qm)] == [k[: -len(".weight")] for k in qshapes]  # layer order
+
+
+@pytest.mark.parametrize("name,kw,shape", [
+    ("resnet20", dict(num_classes=100), (2, 3, 32, 32)),
+    ("resnet20", dict(in_channels=1), (2, 1, 32, 32)),
+    ("small_cnn", dict(image_size=28), (3, 1, 28, 28)),
+    ("small_cnn", dict(image_size=8, num_classes=7, in_channels=2), (3, 2, 8, 8)),
+])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_models_run_in_both_forms(name, kw, shape, quantized):
+    m = qn.build(name, quantized=quantized, **kw)
+    y = m(torch.randn(shape))
+    assert y.shape == (shape[0], kw.get("num_classes", 10))
+    assert bool(torch.isfinite(y).all())
+    assert (len(qn.bit_layers(m)) > 0) == quantized
+
+
+def test_quantized_forward_equals_float_model_with_dequantized_weights():
+    """The quantized model computes what the float model (ReLU6 + the same quantizer) does
+    with the de-quantized weights: the conversion is exact."""
+    torch.manual_seed(0)
+    qm = qn.small_cnn(quantized=True, bits=[3, 5, 2], image_size=8).eval()
+    fm = qn.small_cnn(image_size=8, act_bits=4).eval()
+    fm.load_state_dict(qn.to_float_state_dict(qm))
+    x = torch.randn(4, 1, 8, 8)
+    torch.testing.assert_close(qm(x), fm(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_float_to_quantized_to_float_round_trip(bits):
+    torch.manual_seed(bits)
+    fm = qn.resnet20()
+    sd = fm.state_dict()
+    qm = qn.load_float_state_dict(qn.resnet20(quantized=True, bits=8), sd, bits)
+    assert qn.bit_assignment(qm) == [bits] * 20
+    back = qn.to_float_state_dict(qm)
+    for name, layer in qn.bit_layers(qm):
+        w = sd[f"{name}.weight"]
+        codes, sign, scale = fk.binarize(w, bits)
+        assert torch.equal(layer.codes, codes) and torch.equal(layer.sign, sign)
+        # de-quantized: within half a step of the float weight
+        step = float(scale) / (2**bits - 1)
+        assert float((back[f"{name}.weight"] - w).abs().max()) <= step / 2 + 1e-6 * float(scale)
+    for k, v in sd.items():
+        if not any(k == f"{n}.weight" for n, _ in qn.bit_layers(qm)):
+            assert torch.equal(back[k], v), k
+    # quantized -> float -> quantized at the same bit-widths is the identity on the codes,
+    # and on the signs of non-zero codes (a zero weight binarizes as negative: ALGORITHM.md)
+    qm2 = qn.load_float_state_dict(qn.resnet20(quantized=True, bits=2), back, qn.bit_assignment(qm))
+    for (name, m), a, b in zip(qn.bit_layers(qm), _codes(qm), _codes(qm2)):
+        assert torch.equal(a[0], b[0]), name
+        n = m.numel
+        neg_a = fk.unpack_codes(a[1], 1, n).bool()
+        neg_b = fk.unpack_codes(b[1], 1, n).bool()
+        nz = a[0] != 0
+        assert torch.equal(neg_a[nz], neg_b[nz]), name
+
+
+def test_per_layer_bits_and_conversion_errors():
+    bits = list(range(1, 9)) * 2 + [4, 4, 4, 4]
+    qm = qn.resnet20(quantized=True, bits=bits)
+    assert qn.bit_assignment(qm) == bits
+    with pytest.raises(ValueError, match="bit-widths"):
+        qn.resnet20(quantized=True, bits=[4] * 19)
+    with pytest.raises(ValueError, match="bits"):
+        qn.resnet20(quantized=True, bits=9)
+    sd = qn.to_float_state_dict(qm)
+    with pytest.raises(ValueError, match="bit-widths"):
+        qn.load_float_state_dict(qm, sd, [4] * 3)
+    missing = dict(sd)
+    del missing["layer2.0.bn1.running_mean"]
+    with pytest.raises(ValueError, match="running_mean"):
+        qn.load_float_state_dict(qm, missing, 4)
+    extra = dict(sd, bogus=torch.zeros(1))
+    with pytest.raises(ValueError, match="bogus"):
+        qn.load_float_state_dict(qm, extra, 4)
+    with pytest.raises(ValueError, match="shape"):
+        qn.bit_layers(qm)[0][1].load_float(torch.zeros(3, 3), 4)
+    with pytest.raises(ValueError, match="depth"):
+        qn.resnet20.__wrapped__ if False else qn.CifarResNet(depth=21)
+    with pytest.raises(ValueError, match="unknown model"):
+        qn.build("vgg")
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_training_state_is_at_most_1_5_plus_n_bytes_per_weight(bits):
+    qm = qn.small_cnn(quantized=True, bits=bits, image_size=8)
+    opt = qn.BitPlaneOptimizer(qm, lr=0.1)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    F.cross_entropy(qm(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    per_weight = qn.state_bytes_per_weight(qm, opt)
+    assert per_weight <= 1.5 + bits
+    # nothing float of the weights' size persists: integer buffers, a zero-stride sink, no grads
+    for _, m in qn.bit_layers(qm):
+        assert m.codes.dtype == torch.uint8 and m.sign.dtype == torch.uint8
+        assert all(s == 0 for s in m.sink.stride()) and m.sink.grad is None
+    for st in opt.state.values():
+        assert st["mom"].dtype == torch.uint8 and st["gs"].numel() == 1
+
+
+def test_sink_stays_one_float_after_moving_the_model():
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8).to(torch.float32).to("cpu")
+    for _, m in qn.bit_layers(qm):
+        assert all(s == 0 for s in m.sink.stride())
+
+
+def test_a_quantized_model_learns_digits():
+    """Ten epochs of 4-bit training (cross-entropy + group lasso, the bit-plane optimizer and
+    SGD for the float parameters) on scikit-learn's digits: the loss falls and held-out
+    accuracy is far above chance (0.1)."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target)
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    opt = qn.BitPlaneOptimizer(qm, lr=0.1, lam=1e-3, seed=1)
+    sgd = torch.optim.SGD(qn.float_parameters(qm), lr=0.1, momentum=0.9)
+    first = None
+    for epoch in range(10):
+        total = 0.0
+        for i in range(0, 1536, 64):
+            loss = F.cross_entropy(qm(x[i:i + 64]), y[i:i + 64])
+            opt.zero_grad()
+            sgd.zero_grad()
+            loss.backward()
+            opt.step()
+            sgd.step()
+            total += float(loss.detach())
+        first = total if first is None else first
+    assert opt.skipped == 0
+    assert total < 0.75 * first
+    acc = (qm.eval()(x[1536:]).argmax(1) == y[1536:]).float().mean()
+    assert acc > 0.35
+
+
+def test_a_non_finite_gradient_skips_the_step_and_keeps_the_codes():
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    opt = qn.BitPlaneOptimizer(qm, lr=0.1)
+    before = _codes(qm)
+    F.cross_entropy(qm(torch.randn(4, 1, 8, 8)), torch.randint(0, 10, (4,))).backward()
+    layer = qn.bit_layers(qm)[1][1]
+    layer.sink.grad[0, 0, 0, 0] = float("nan")
+    opt.step()
+    assert opt.skipped == 1
+    after = _codes(qm)
+    assert torch.equal(before[1][0], after[1][0]) and torch.equal(before[1][1], after[1][1])
+    assert float(opt.state[0]["gs"]) > 0 and float(opt.state[2]["gs"]) > 0  # the other layers stepped
+    assert 1 not in opt.state or float(opt.state[1]["gs"]) == 0
+
+
+def test_optimizer_rejects_bad_settings():
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    with pytest.raises(ValueError, match="lr"):
+        qn.BitPlaneOptimizer(qm, lr=0.0)
+    with pytest.raises(ValueError, match="momentum"):
+        qn.BitPlaneOptimizer(qm, lr=0.1, momentum=1.0)
+    with pytest.raises(ValueError, match="lambda"):
+        qn.BitPlaneOptimizer(qm, lr=0.1, lam=-1.0)
+    with pytest.raises(ValueError, match="no bit-plane layers"):
+        qn.BitPlaneOptimizer(qn.small_cnn(image_size=8), lr=0.1)
+
+
+def test_regularizer_matches_the_definition():
+    qm = qn.small_cnn(quantized=True, bits=[2, 3, 4], image_size=8)
+    total, r = 0, 0.0
+    for _, m in qn.bit_layers(qm):
+        q = m.codes.to(torch.int64)
+        for i in range(m.bits):
+            r += m.numel * m.bits * float(torch.sqrt(((q >> (m.bits - 1 - i)) & 1).sum().double() + 1e-8))
+        total += m.numel
+    assert float(qn.regularizer(qm)) == pytest.approx(r / total, rel=1e-6)
+
+
+def test_compiled_forward_and_backward_match_eager():
+    """A quantized model runs under torch.compile(fullgraph=True): the forward and the
+    compiled backward give eager's loss, G for every layer, and the scale gradients."""
+    torch.manual_seed(0)
+    qm = qn.small_cnn(quantized=True, bits=[3, 4, 5], image_size=8)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+
+    def grads():
+        out = [(m.sink.grad.clone(), m.scale.grad.clone()) for _, m in qn.bit_layers(qm)]
+        qm.zero_grad(set_to_none=True)
+        return out
+
+    loss = F.cross_entropy(qm(x), y)
+    loss.backward()
+    eager = grads()
+    compiled = torch.compile(qm, fullgraph=True)
+    closs = F.cross_entropy(compiled(x), y)
+    closs.backward()
+    comp = grads()
+    torch.testing.assert_close(closs.detach(), loss.detach(), rtol=1e-5, atol=1e-6)
+    for (g0, s0), (g1, s1) in zip(eager, comp):
+        torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+        # the scale gradient is a sum of many terms that cancel: compare against their size
+        assert abs(float(s1 - s0)) <= 1e-4 * float(g0.abs().sum()) + 1e-6
