@@ -15,16 +15,20 @@
 # Steps 1-2 stop the script at the first failure; 3-4 always all run. It writes
 # $OUT/summary.md (pass/fail per step with the test counts, then the benchmark table: what
 # docs/BENCHMARKS.md takes as is) and full logs beside it, and exits non-zero when any step
-# failed. Budget: the step limits add up to 470 s; run with timeout_s >= 500. (The build,
-# 15 s from scratch for one architecture on 2 CPU cores, gave 30 s of its limit to
-# triton-cuda, which JIT-compiles every kernel of every family on a fresh machine.)
+# failed. Budget: the step limits add up to 350 s, plus up to 90 s for a build that takes
+# about 20 s on the device's 16 cores; run with timeout_s >= 390. Test steps run on 8
+# pytest-xdist workers where the image has xdist (Triton's JIT compiles in parallel).
 #
 # Kernels covered, CUDA C++ and Triton: fake-quant forward (absmax, values, bitmaps) and
-# backward, every dtype; packing (pack_codes with its range check, unpack_codes,
-# dequant_accumulate), every bit-width, aligned and sliced inputs, 2^23-element cases that
-# take several grid-stride trips, device/stream rules. Later kernel families' tests
-# (tests/fedmpq_kernels/<family>/) and benches (benches/bench_<family>.py) are picked up by
-# the same steps.
+# backward, every dtype, and relu6_fake_quant; packing (pack_codes with its range check,
+# unpack_codes, dequant_accumulate), every bit-width, aligned and sliced inputs, 2^23-element
+# cases that take several grid-stride trips, device/stream rules; bit-plane training
+# (binarize, dequantize and its backward, popcounts, the fused optimizer step: Triton; the
+# registry falls back per op where a backend has no kernel). Benchmarks: every kernel at 2^24
+# elements against copy_ and the torch way, the client step of ResNet-20 (groups
+# client-step-b32/b128), and benches/client_step_split.py's time split. Later families'
+# tests (tests/fedmpq_kernels/<family>/) and benches (benches/bench_<family>.py) are picked up
+# by the same steps.
 set -euo pipefail
 OUT=${OUT:-/tmp/fedmpq_gpu}
 mkdir -p "$OUT"
@@ -101,19 +105,25 @@ run_step() {  # name, limit (s), command...
 # compiles, the slowest part on a fresh machine, then run in parallel.
 par=()
 $PY -c "import xdist" 2>/dev/null && par=(-n 8)
-for b in cuda:90 triton-cuda:150 reference-cuda:50; do
+for b in cuda:50 triton-cuda:110 reference-cuda:35; do
   name=${b%%:*}
   run_step "tests-$name" "${b##*:}" env FEDMPQ_TEST_BACKENDS="$name" \
     $PY -m pytest tests/fedmpq_kernels -q -p no:cacheprovider -rfE "${par[@]}"
 done
 
 # ---- 4. benchmarks (GPU rows only) -------------------------------------------------------
-# GPU rows of the compiled backends and the anchors (the pure-torch reference is not timed).
-run_step bench 120 $PY -m pytest benches/ --benchmark-only -q -p no:cacheprovider -k "cuda and not reference" \
-  --fedmpq-sizes=1048576,16777216 --benchmark-max-time=0.25 --benchmark-min-rounds=10 \
+# GPU rows of the compiled backends and the anchors (the pure-torch reference is not timed):
+# every kernel at 2^24 elements, and the client step (ResNet-20, batch 32 and 128).
+run_step bench 130 $PY -m pytest benches/ --benchmark-only -q -p no:cacheprovider -k "cuda and not reference" \
+  --fedmpq-sizes=16777216 --benchmark-max-time=0.2 --benchmark-min-rounds=10 \
   --benchmark-warmup=on --fedmpq-md "$OUT/bench_gpu.md"
+# where a 4-bit client step's time goes on the GPU
+run_step split 25 sh -c "$PY benches/client_step_split.py --device cuda --batch 32 --reps 20 > $OUT/split.md && \
+  $PY benches/client_step_split.py --device cuda --batch 128 --reps 20 >> $OUT/split.md"
 say ""
 if [ -s "$OUT/bench_gpu.md" ]; then cat "$OUT/bench_gpu.md" >> "$SUMMARY"; else say "(no benchmark table: see bench.txt)"; fi
+say ""
+if [ -s "$OUT/split.md" ]; then cat "$OUT/split.md" >> "$SUMMARY"; fi
 
 say ""
 if [ "$failed" -ne 0 ]; then say "RESULT: FAIL"; else say "RESULT: PASS"; fi

@@ -23,8 +23,18 @@ class Backend:
     max_numel: int | None = None  # the Triton interpreter is slow: small sizes only
 
     def module(self, family: str):
-        """This backend's module of op family ``family`` (e.g. ``"fakequant"``)."""
+        """This backend's module of op family ``family`` (e.g. ``"fakequant"``); skips the
+        test where this backend has no such family (the registry falls back to another)."""
+        if not registry.has(family, self.name):
+            pytest.skip(f"{self.name} has no {family} kernels (the registry falls back to the next backend)")
         return registry.module(family, self.name)
+
+    def op(self, family: str, name: str):
+        """This backend's function for op ``name`` of ``family``; skips where it has none."""
+        fn = getattr(self.module(family), name, None)
+        if fn is None:
+            pytest.skip(f"{self.name} has no {name} kernel (the registry falls back to the next backend)")
+        return fn
 
     @contextlib.contextmanager
     def active(self):

@@ -1,0 +1,123 @@
+"""Bit-plane training's kernels against the torch way and against copy_.
+
+Groups, per size (``--fedmpq-sizes``) and device; candidates ``fedmpq[<backend>]``:
+
+* ``relu6_fake_quant fwd+bwd`` (4 bits): the fused activation against ``torch_relu`` (the
+  float model's ReLU forward + backward, the anchor: the target is about its cost),
+  ``relu6+fake_quant`` (``F.relu6`` then ``fedmpq_kernels.fake_quant``, unfused) and
+  ``copy_``. Bytes: 16 per element (read x, write y; read the gradient, write grad_x).
+* ``bitplane_step`` (4 bits, a layer of n weights): the fused optimizer step against
+  ``torch_sgd`` (``torch.optim.SGD`` with momentum on n float32 weights, what a float client
+  pays per step, the anchor) and ``copy_``. Bytes: what the step must move at least: read G
+  (4n) and the codes, sign and momentum codes, write them back: (4 + 2 (1 + 1/8 + N)) n.
+* ``dequantize`` fwd (4 bits): codes and sign bitmap to float32 weights, against copy_ of
+  the float32 weight. Bytes: n + n/8 read, 4n written.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fedmpq_kernels as fk
+from fedmpq_kernels import registry
+
+from conftest import sync
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BITS = 4
+BACKENDS = [f"fedmpq[{b}]" for b in registry.BACKENDS]
+
+
+def _skip(impl: str, device: str, family: str, op: str):
+    if impl.startswith("fedmpq["):
+        name = impl[7:-1]
+        if not registry.supports(name, device) or (name == "triton" and device == "cpu"):
+            pytest.skip(f"{name} does not run on {device} tensors")
+        if not registry.has(family, name) or not hasattr(registry.module(family, name), op):
+            pytest.skip(f"{name} has no {op} kernel (the registry falls back to another backend)")
+        ok, why = registry.available(name)
+        if not ok:
+            pytest.skip(f"{name} unavailable: {why}")
+
+
+def _record(benchmark, op, numel, device, impl, nbytes, anchor):
+    benchmark.extra_info.update(group_key=(op, numel, f"{BITS}-bit", device), name=impl, bytes=nbytes,
+                                torch_anchor=anchor)
+    benchmark.group = f"{op} {numel} {device}"
+
+
+def _run(benchmark, impl, fn, device):
+    def run():
+        fn()
+        sync(device)
+
+    with registry.use_backend(impl[7:-1] if impl.startswith("fedmpq[") else None):
+        run()
+        benchmark(run)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["copy_", "torch_relu", "relu6+fake_quant"] + BACKENDS)
+def bench_relu6_fake_quant(benchmark, impl, device, numel):
+    _skip(impl, device, "fakequant", "relu6_fake_quant")
+    torch.manual_seed(0)
+    x = (torch.randn(numel, device=device) * 3).requires_grad_()
+    g = torch.randn(numel, device=device)
+    if impl == "copy_":
+        out = torch.empty(numel, device=device)
+        fn = lambda: out.copy_(g)  # noqa: E731
+    elif impl == "torch_relu":
+        fn = lambda: F.relu(x).backward(g)  # noqa: E731
+    elif impl == "relu6+fake_quant":
+        fn = lambda: fk.fake_quant(F.relu6(x), BITS).backward(g)  # noqa: E731
+    else:
+        fn = lambda: fk.relu6_fake_quant(x, BITS).backward(g)  # noqa: E731
+    _record(benchmark, "relu6_fake_quant fwd+bwd", numel, device, impl, 16 * numel, "torch_relu")
+    _run(benchmark, impl, fn, device)
+
+
+def _layer(numel, device):
+    torch.manual_seed(0)
+    codes, sign, scale = fk.binarize(torch.randn(numel, device=device), BITS)
+    mom = torch.zeros((BITS, numel), dtype=torch.uint8, device=device)
+    gs = torch.zeros(1, device=device)
+    grad = torch.randn(numel, device=device) * 1e-2
+    coef = torch.full((BITS,), 1e-6, device=device)
+    return codes, sign, scale, mom, gs, grad, coef
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["copy_", "torch_sgd"] + BACKENDS)
+def bench_bitplane_step(benchmark, impl, device, numel):
+    _skip(impl, device, "bitplane", "bitplane_step")
+    codes, sign, scale, mom, gs, grad, coef = _layer(numel, device)
+    if impl == "copy_":
+        out = torch.empty(numel, device=device)
+        fn = lambda: out.copy_(grad)  # noqa: E731
+    elif impl == "torch_sgd":
+        w = torch.nn.Parameter(torch.randn(numel, device=device))
+        w.grad = grad.clone()
+        opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+        fn = opt.step
+    else:
+        fn = lambda: fk.bitplane_step(codes, sign, mom, gs, grad, coef, scale, BITS, 0.1, 0.9, 12345)  # noqa: E731
+    nbytes = int((4 + 2 * (1 + 1 / 8 + BITS)) * numel)
+    _record(benchmark, "bitplane_step", numel, device, impl, nbytes, "torch_sgd")
+    _run(benchmark, impl, fn, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["copy_"] + BACKENDS)
+def bench_dequantize(benchmark, impl, device, numel):
+    _skip(impl, device, "bitplane", "dequantize")
+    codes, sign, scale, *_ = _layer(numel, device)
+    sink = fk.sink_like((numel,), device)
+    if impl == "copy_":
+        src = torch.randn(numel, device=device)
+        out = torch.empty(numel, device=device)
+        fn = lambda: out.copy_(src)  # noqa: E731
+    else:
+        fn = lambda: fk.dequantize(codes, sign, scale, BITS, sink)  # noqa: E731
+    _record(benchmark, "dequantize", numel, device, impl, int(5.125 * numel), "copy_")
+    _run(benchmark, impl, fn, device)

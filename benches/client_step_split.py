@@ -1,0 +1,118 @@
+"""Where one quantized client step's time goes (ResNet-20, 3x32x32, N bits, 4-bit
+activations): ``python benches/client_step_split.py [--batch 32] [--bits 4] [--device cpu]``.
+
+Each part is timed on its own, on the step's real shapes (medians of repeated runs):
+* weight dequantize: every bit-plane layer's ``dequantize`` forward and its backward;
+* activation quantizer: ``relu6_fake_quant`` forward + backward on every activation the
+  model quantizes, minus a plain ReLU's forward + backward on the same tensors (what the
+  float model pays anyway);
+* optimizer and re-quantization: ``BitPlaneOptimizer.step`` (popcounts, group lasso, the
+  fused step) and the float parameters' SGD step;
+* model compute: the whole step minus the parts above.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fedmpq_kernels as fk
+from fedmpq import nn as qn
+
+
+def median_ms(fn, reps: int, device: str) -> float:
+    fn()
+    ts = []
+    for _ in range(reps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+    dev = a.device
+    torch.manual_seed(0)
+    x = torch.randn(a.batch, 3, 32, 32, device=dev)
+    y = torch.randint(0, 10, (a.batch,), device=dev)
+    model = qn.resnet20(quantized=True, bits=a.bits).to(dev)
+    bit_opt = qn.BitPlaneOptimizer(model, lr=0.1, lam=1e-3)
+    sgd = torch.optim.SGD(qn.float_parameters(model), lr=0.1, momentum=0.9)
+    acts = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: acts.append(inp[0].detach().clone()))
+             for m in model.modules() if isinstance(m, qn.ActQuant)]
+
+    def step():
+        loss = F.cross_entropy(model(x), y)
+        bit_opt.zero_grad()
+        sgd.zero_grad(set_to_none=True)
+        loss.backward()
+        bit_opt.step()
+        sgd.step()
+
+    step()
+    for h in hooks:
+        h.remove()
+    whole = median_ms(step, a.reps, dev)
+    float_model = qn.resnet20().to(dev)
+    fopt = torch.optim.SGD(float_model.parameters(), lr=0.1, momentum=0.9)
+
+    def float_step():
+        loss = F.cross_entropy(float_model(x), y)
+        fopt.zero_grad(set_to_none=True)
+        loss.backward()
+        fopt.step()
+
+    float_ms = median_ms(float_step, a.reps, dev)
+    layers = [m for _, m in qn.bit_layers(model)]
+    grads = [torch.randn(m.weight_shape, device=dev) for m in layers]
+
+    def dequant():
+        for m, g in zip(layers, grads):
+            w = fk.dequantize(m.codes, m.sign, m.scale, m.bits, m.sink)
+            w.backward(g)
+
+    acts_g = [a_.clone().requires_grad_() for a_ in acts]
+    ones = [torch.ones_like(a_) for a_ in acts]
+
+    def act_quant():
+        for t, g in zip(acts_g, ones):
+            fk.relu6_fake_quant(t, 4).backward(g)
+
+    def relu():
+        for t, g in zip(acts_g, ones):
+            F.relu(t).backward(g)
+
+    # the optimizer needs the last backward's G: make one, then time the steps on it
+    F.cross_entropy(model(x), y).backward()
+    t_dq = median_ms(dequant, a.reps, dev)
+    t_act = median_ms(act_quant, a.reps, dev) - median_ms(relu, a.reps, dev)
+    t_opt = median_ms(bit_opt.step, a.reps, dev)
+    t_sgd = median_ms(sgd.step, a.reps, dev)
+    parts = [("model compute (the rest)", whole - t_dq - t_act - t_opt - t_sgd),
+             ("activation quantizer (beyond ReLU)", t_act), ("weight dequantize (fwd + bwd)", t_dq),
+             ("bit-plane optimizer + re-quantization", t_opt), ("SGD on the float parameters", t_sgd)]
+    print(f"ResNet-20, batch {a.batch}, {a.bits}-bit weights, 4-bit activations, {dev}, "
+          f"{torch.get_num_threads()} threads; medians of {a.reps}")
+    print(f"| part | ms | share |\n|---|---|---|")
+    for name, t in parts:
+        print(f"| {name} | {t:.2f} | {100 * t / whole:.0f} % |")
+    print(f"| **whole step** | {whole:.2f} | 100 % |")
+    print(f"| float ResNet-20 step (SGD) | {float_ms:.2f} | ratio {whole / float_ms:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
