@@ -31,7 +31,8 @@ The step (:func:`bitplane_step`), per layer, float32, each operation rounded on 
 1. m_ij = f32(r_ij) * gs_prev;  d_ij = (mu * m_ij) + g_ij.
 2. g_s = max_ij |d_ij| / L (tensor division). Not finite (a NaN/inf gradient or scale):
    the step is **skipped** (codes, sign, mom, gs untouched) and the returned status is
-   that non-finite g_s. g_s == 0: codes and sign unchanged, mom <- 0, gs <- 0.
+   that non-finite g_s. g_s == 0: codes and sign unchanged, mom <- 0, gs <- 0. g_s finite
+   but lr * g_s overflowing float32: skipped too, status +inf.
 3. x = (|d_ij| / g_s) * lr. x < 2^-100 (zero or tiny): no contribution. Else
    k = round(log2 x), computed exactly from the float32 bits (x normal):
    k = E + (mantissa field >= 0x3504F4), E the unbiased exponent (x >= sqrt 2 * 2^E,
@@ -165,7 +166,7 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
     n = codes.numel()
     g = grad.reshape(-1).double() * codes.reshape(-1).double()
     g = torch.where(negative_mask(sign, n), -g, g)
-    return (g.sum() / float((1 << bits) - 1)).float()
+    return (g.sum() / torch.tensor(float((1 << bits) - 1), dtype=torch.float64, device=g.device)).float()
 
 
 def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
@@ -218,6 +219,9 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         mom.zero_()
         gs.zero_()
         return g_s
+    step = lr_t * g_s
+    if not bool(torch.isfinite(step)):  # lr * g_s overflows float32: skipped as well
+        return torch.full((), float("inf"), dtype=torch.float32, device=dev)
     x = (d.abs() / g_s) * lr_t
     valid = x >= TINY
     kk = round_log2(torch.where(valid, x, torch.ones_like(x)))
@@ -238,13 +242,13 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     R = torch.zeros(n, dtype=torch.int32, device=dev)
     for i in range(N):
         R = R + r[i] * (1 << (N - 1 - i))
-    step = lr_t * g_s
     v = q.float() - R.float() * step
     qn = torch.round(v)
     flip = qn < 0
     qn = torch.minimum(qn.abs(), L)
     codes.copy_(qn.to(torch.uint8).reshape(codes.shape))
-    sign.copy_(pack_bitmap(neg ^ flip)[: sign.numel()].reshape(sign.shape))
+    nb = bitmap_nbytes(n)  # sign may be longer than its n bits' words: the rest is left alone
+    sign.reshape(-1)[:nb].copy_(pack_bitmap(neg ^ flip))
     stoch_all = torch.zeros_like(det)
     stoch_all[N - 1] = stoch
     mom.copy_(encode_r(det, stoch_all).reshape(mom.shape))

@@ -29,9 +29,14 @@ Design
 * copysign is done on the bit patterns, so -0.0 and the sign of NaN follow x.
 * Backward: ``grad_scale`` partial sums, one float32 per program, summed by torch
   (deterministic, no atomics).
+* ``relu6_fake_quant`` reuses both forward kernels with the ``RELU6`` flag: each maps x to
+  ``a = relu6(x)`` right after the load (the partial maxima of a give S; a >= +0 or NaN,
+  so the clamp and the copysign change nothing) and the forward writes the mask
+  ``0 < x < 6`` as its pass bitmap (MODE 1).
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -47,10 +52,19 @@ Tensor = torch.Tensor
 # at import / first call, and these are memory-bound streaming kernels).
 BLOCK = 4096
 NUM_WARPS = 8
+# The Triton interpreter (CPU tensors, the CI path) has no bfloat16: relu6_fake_quant
+# computes a bfloat16 input as float32 there (the same values) and converts y back.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _absmax_partial_kernel(x_ptr, part_ptr, n, BLOCK: tl.constexpr):
+def _relu6(x):
+    """relu6_fake_quant's ``a``: min(x, 6) where x > 0, x where x is NaN, else +0."""
+    return tl.where(x > 0.0, tl.where(x < 6.0, x, 6.0), tl.where(x != x, x, 0.0))
+
+
+@triton.jit
+def _absmax_partial_kernel(x_ptr, part_ptr, n, BLOCK: tl.constexpr, RELU6: tl.constexpr = False):
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -58,19 +72,24 @@ def _absmax_partial_kernel(x_ptr, part_ptr, n, BLOCK: tl.constexpr):
         x = tl.load(x_ptr + offs).to(tl.float32)
     else:
         x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    if RELU6:  # max of a = relu6(x) (>= +0, or NaN)
+        x = _relu6(x)
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| bits; NaN sorts above +inf
     tl.store(part_ptr + pid, tl.max(ab, axis=0))
 
 
 @triton.jit
 def _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step,
-                     MODE: tl.constexpr, MASKED: tl.constexpr):
+                     MODE: tl.constexpr, MASKED: tl.constexpr, RELU6: tl.constexpr):
     offs = word[:, None] * 32 + col[None, :]  # [ROWS, 32] element index
     if MASKED:
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         x = tl.load(x_ptr + offs).to(tl.float32)
+    if RELU6:  # quantize a = relu6(x) (>= +0 or NaN: the clamp and copysign are no-ops)
+        xin = x
+        x = _relu6(x)
     xb = x.to(tl.int32, bitcast=True)
     axb = xb & 0x7FFFFFFF
     ax = axb.to(tl.float32, bitcast=True)
@@ -88,8 +107,12 @@ def _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, in
         tl.store(y_ptr + offs, y)
 
     if MODE >= 1:
-        hi = x > S
-        ok = ~(hi | (x < -S))  # NaN passes
+        if RELU6:  # the mask: ReLU6's derivative, 0 < x < 6 (false for NaN)
+            ok = (xin > 0.0) & (xin < 6.0)
+            hi = ok  # unused (MODE 1)
+        else:
+            hi = x > S
+            ok = ~(hi | (x < -S))  # NaN passes
         if MASKED:
             ok = ok & mask
             hi = hi & mask
@@ -110,7 +133,7 @@ def _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, in
 @triton.jit
 def _fq_forward_kernel(
     x_ptr, y_ptr, scale_ptr, pass_ptr, hi_ptr, n, nwords, L,
-    CHECK_SCALE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr,
+    CHECK_SCALE: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr, RELU6: tl.constexpr = False,
 ):
     ROWS: tl.constexpr = BLOCK // 32
     pid = tl.program_id(0)
@@ -125,10 +148,10 @@ def _fq_forward_kernel(
 
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
         _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step,
-                         MODE=MODE, MASKED=False)
+                         MODE=MODE, MASKED=False, RELU6=RELU6)
     else:
         _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step,
-                         MODE=MODE, MASKED=True)
+                         MODE=MODE, MASKED=True, RELU6=RELU6)
 
 
 @triton.jit
@@ -239,3 +262,33 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     if not scale_grad:
         return gx, torch.zeros((), dtype=torch.float32, device=dev)
     return gx, part.sum()
+
+
+def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+    """ReLU6 fused with the dynamic-scale quantizer: y (x's shape and dtype, contiguous) and
+    the mask bitmap ``0 < x < 6`` (pass-bitmap layout), as
+    :func:`fedmpq_kernels.fakequant.reference.relu6_fake_quant`. Two passes: the partial
+    maxima of ``a = relu6(x)`` (``_absmax_partial_kernel`` with ``RELU6``), then the
+    forward kernel quantizing ``a`` with that scale (``RELU6``, ``MODE`` 1: the mask)."""
+    out_dtype = x.dtype
+    if x.dtype == torch.bfloat16 and _INTERPRET:  # the interpreter has no bfloat16
+        x = x.float()
+    xc = x.contiguous()
+    n = xc.numel()
+    dev = x.device
+    y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    mask = torch.empty(bitmap_nbytes(n), dtype=torch.uint8, device=dev)
+    if n:
+        grid = (triton.cdiv(n, BLOCK),)
+        with on_device(dev):
+            part = torch.empty(grid[0], dtype=torch.int32, device=dev)
+            _absmax_partial_kernel[grid](xc, part, n, BLOCK=BLOCK, RELU6=True, num_warps=NUM_WARPS,
+                                         enable_fp_fusion=False)
+            s = part.max().view(torch.float32).reshape(1)
+            _fq_forward_kernel[grid](
+                xc, y, s, mask.view(torch.int32), y, n, mask.numel() // 4, float((1 << bits) - 1),
+                CHECK_SCALE=False, MODE=1, BLOCK=BLOCK, RELU6=True, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            )
+    if y.dtype != out_dtype:
+        y = y.to(out_dtype)
+    return y, mask
