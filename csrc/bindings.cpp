@@ -17,6 +17,7 @@ namespace py = pybind11;
 namespace fedmpq::bindings {
 void bind_fake_quant(py::module_& m);
 void bind_pack(py::module_& m);
+void bind_bitplane(py::module_& m);
 }  // namespace fedmpq::bindings
 
 PYBIND11_MODULE(_C, m) {
@@ -48,4 +49,5 @@ PYBIND11_MODULE(_C, m) {
 
   fedmpq::bindings::bind_fake_quant(m);
   fedmpq::bindings::bind_pack(m);
+  fedmpq::bindings::bind_bitplane(m);
 }

@@ -1,4 +1,4 @@
-// Fake-quant's bindings: _C.cpu.{absmax, fake_quant, fake_quant_backward} and, when built
+// Fake-quant's bindings: _C.cpu.{absmax, fake_quant, relu6_fake_quant, fake_quant_backward} and, when built
 // with CUDA, _C.cuda.{absmax, fake_quant, fake_quant_backward, fake_quant_backward_partials}.
 // Each re-checks every size and pointer it is given (bindings/common.h).
 #include <pybind11/pybind11.h>
@@ -58,6 +58,29 @@ void bind_fake_quant(py::module_& m) {
       py::arg("dynamic"), py::arg("pass_bits"), py::arg("pass_nbytes"), py::arg("hi_bits"), py::arg("hi_nbytes"),
       py::arg("nthreads"),
       "Fake-quant forward on n contiguous float32; returns the scale used (max|x| when dynamic).");
+
+  cpu.def(
+      "relu6_fake_quant",
+      [](uintptr_t x, int64_t n, uintptr_t y, int64_t y_cap, int bits, uintptr_t mask, int64_t mask_nbytes,
+         int nthreads) {
+        check_elems("x", x, n, n, 4);
+        check_elems("y", y, n, y_cap, 4);
+        check_no_partial_overlap("x", x, "y", y, n, 4);
+        check_bits(bits);
+        check_bitmap("mask", mask, mask_nbytes, n, false);
+        float s;
+        {
+          py::gil_scoped_release nogil;
+          s = fedmpq::cpu::relu6_max(ptr<const float>(x), n, nthreads);
+          fedmpq::cpu::relu6_fake_quant(ptr<const float>(x), ptr<float>(y), n, bits, s, ptr<uint32_t>(mask),
+                                        nthreads);
+        }
+        return s;
+      },
+      py::arg("x"), py::arg("n"), py::arg("y"), py::arg("y_cap"), py::arg("bits"), py::arg("mask"),
+      py::arg("mask_nbytes"), py::arg("nthreads"),
+      "ReLU6 fused with the dynamic-scale fake-quant on n contiguous float32, mask bit = 0 < x < 6; "
+      "returns the scale used (max of min(relu(x), 6)).");
 
   cpu.def(
       "fake_quant_backward",

@@ -65,20 +65,67 @@ double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const 
   return acc;
 }
 
+// ReLU6's a = x > 0 ? min(x, 6) : (x is NaN ? x : +0), as the bit pattern of |a|: the max
+// of these over a tensor is S (NaN-propagating as absmax_bits).
+static constexpr uint32_t kSixBits = 0x40C00000u;  // 6.0f
+
+static inline uint32_t relu6_abs_bits(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  const uint32_t ab = b & 0x7fffffffu;
+  if (ab > 0x7f800000u) return ab;  // NaN
+  if (b >> 31) return 0u;           // x <= -0: a = +0
+  return b < kSixBits ? b : kSixBits;
+}
+
+uint32_t relu6_max_bits(const float* x, int64_t n) {
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = relu6_abs_bits(x[i]);
+    m = b > m ? b : m;
+  }
+  return m;
+}
+
+void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask) {
+  for (int64_t w = 0; w * 32 < n; ++w) {
+    const int64_t i0 = w * 32;
+    const int64_t cnt = n - i0 < 32 ? n - i0 : 32;
+    uint32_t mw = 0;
+    for (int64_t k = 0; k < cnt; ++k) {
+      const float v = x[i0 + k];
+      const float r = v > 0.0f ? (v < 6.0f ? v : 6.0f) : (std::isnan(v) ? v : 0.0f);
+      float a = std::fabs(r);
+      a = std::isnan(a) ? a : (a < c.scale ? a : c.scale);  // NaN propagates, like torch.minimum
+      const float q = std::nearbyint(a * c.inv);            // default rounding mode: half to even
+      y[i0 + k] = std::copysign(q * c.step, r);
+      mw |= static_cast<uint32_t>(v > 0.0f && v < 6.0f) << k;
+    }
+    if (mask) mask[w] = mw;
+  }
+}
+
 }  // namespace portable
 
 
-float absmax(const float* x, int64_t n, int nthreads) {
+namespace {
+// The max of a per-chunk bit-pattern reduction (patterns of non-negative floats order as the
+// floats do, NaN above inf), on the ISA picked at run time.
+template <class Avx2, class Portable>
+float max_of_bits(const float* x, int64_t n, int nthreads, Avx2 avx2_fn, Portable portable_fn) {
   const bool v = use_avx2();
   uint32_t m = parallel_reduce_words<uint32_t>(
       n, threads_for(nthreads, n), 0u,
-      [&](int64_t b, int64_t e) {
-        return v ? avx2::absmax_bits(x + b, e - b) : portable::absmax_bits(x + b, e - b);
-      },
+      [&](int64_t b, int64_t e) { return v ? avx2_fn(x + b, e - b) : portable_fn(x + b, e - b); },
       [](uint32_t a, uint32_t b) { return a > b ? a : b; });
   float s;
   std::memcpy(&s, &m, 4);
   return s;
+}
+}  // namespace
+
+float absmax(const float* x, int64_t n, int nthreads) {
+  return max_of_bits(x, n, nthreads, avx2::absmax_bits, portable::absmax_bits);
 }
 
 void fake_quant(const float* x, float* y, int64_t n, int bits, float scale, uint32_t* pass, uint32_t* hi,
@@ -94,6 +141,24 @@ void fake_quant(const float* x, float* y, int64_t n, int bits, float scale, uint
       avx2::fq_fwd(x + b, y + b, e - b, c, p, h, stream);
     else
       portable::fq_fwd(x + b, y + b, e - b, c, p, h);
+  });
+}
+
+float relu6_max(const float* x, int64_t n, int nthreads) {
+  return max_of_bits(x, n, nthreads, avx2::relu6_max_bits, portable::relu6_max_bits);
+}
+
+void relu6_fake_quant(const float* x, float* y, int64_t n, int bits, float scale, uint32_t* mask, int nthreads) {
+  const float L = static_cast<float>((1u << bits) - 1u);
+  FqConsts c{scale, scale > 0.0f ? L / scale : 0.0f, scale / L};
+  const bool v = use_avx2();
+  const bool stream = n >= kStreamBytes / int64_t(sizeof(float));
+  parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {
+    uint32_t* mk = mask ? mask + b / 32 : nullptr;
+    if (v)
+      avx2::r6_fwd(x + b, y + b, e - b, c, mk, stream);
+    else
+      portable::r6_fwd(x + b, y + b, e - b, c, mk);
   });
 }
 

@@ -28,6 +28,13 @@ void fake_quant(const float* x, float* y, int64_t n, int bits, float scale, uint
 double fake_quant_backward(const float* g, float* gx, int64_t n, const uint32_t* pass,
                            const uint32_t* hi, int nthreads);
 
+// ReLU6 fused with the dynamic-scale quantizer (fakequant/reference.py relu6_fake_quant):
+// a = x > 0 ? min(x, 6) : (x is NaN ? x : +0), S = max a, y = copysign(round(min(|a|, S) * inv)
+// * step, a) with inv and step as fake_quant, mask bit = 0 < x < 6 (pass-bitmap layout).
+// relu6_max: S over n floats, NaN-propagating (0 for n = 0). mask may be null. y may be x.
+float relu6_max(const float* x, int64_t n, int nthreads);
+void relu6_fake_quant(const float* x, float* y, int64_t n, int bits, float scale, uint32_t* mask, int nthreads);
+
 // Outputs at least this large are written with non-temporal stores: they cannot stay in
 // the last-level cache with their input, so bypassing it saves the read-for-ownership.
 constexpr int64_t kStreamBytes = int64_t(8) << 20;
@@ -40,12 +47,16 @@ namespace portable {
 uint32_t absmax_bits(const float* x, int64_t n);
 void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi);
 double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi);
+uint32_t relu6_max_bits(const float* x, int64_t n);
+void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask);
 }  // namespace portable
 namespace avx2 {
 // stream: use non-temporal stores for the float output (when it is 32-byte aligned).
 uint32_t absmax_bits(const float* x, int64_t n);
 void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi, bool stream);
 double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi, bool stream);
+uint32_t relu6_max_bits(const float* x, int64_t n);
+void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask, bool stream);
 }  // namespace avx2
 
 }  // namespace fedmpq::cpu

@@ -107,6 +107,72 @@ void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uin
                      hi ? hi + full : nullptr);
 }
 
+// ---- ReLU6 fused with the dynamic-scale quantizer ----
+namespace {
+// |a| bit patterns of ReLU6's a (see portable::relu6_max_bits) for 8 elements.
+inline __m256i relu6_bits8(__m256i b) {
+  const __m256i ab = _mm256_and_si256(b, _mm256_set1_epi32(0x7fffffff));
+  const __m256i nan = _mm256_cmpgt_epi32(ab, _mm256_set1_epi32(0x7f800000));  // signed: ab <= 0x7fffffff
+  const __m256i pos = _mm256_cmpgt_epi32(b, _mm256_set1_epi32(-1));           // sign bit clear
+  const __m256i r = _mm256_and_si256(_mm256_min_epu32(b, _mm256_set1_epi32(0x40C00000)), pos);
+  return _mm256_blendv_epi8(r, ab, nan);
+}
+}  // namespace
+
+uint32_t relu6_max_bits(const float* x, int64_t n) {
+  __m256i m0 = _mm256_setzero_si256(), m1 = m0, m2 = m0, m3 = m0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    m0 = _mm256_max_epu32(m0, relu6_bits8(_mm256_loadu_si256((const __m256i*)(x + i))));
+    m1 = _mm256_max_epu32(m1, relu6_bits8(_mm256_loadu_si256((const __m256i*)(x + i + 8))));
+    m2 = _mm256_max_epu32(m2, relu6_bits8(_mm256_loadu_si256((const __m256i*)(x + i + 16))));
+    m3 = _mm256_max_epu32(m3, relu6_bits8(_mm256_loadu_si256((const __m256i*)(x + i + 24))));
+  }
+  m0 = _mm256_max_epu32(_mm256_max_epu32(m0, m1), _mm256_max_epu32(m2, m3));
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256((__m256i*)lanes, m0);
+  uint32_t m = 0;
+  for (uint32_t v : lanes) m = v > m ? v : m;
+  const uint32_t t = portable::relu6_max_bits(x + i, n - i);
+  return t > m ? t : m;
+}
+
+namespace {
+// 8 elements: stores y, returns the mask byte (0 < x < 6).
+template <bool kStream>
+inline uint32_t r6_fwd8(const Vec& k, const float* x, float* y) {
+  const __m256 v = _mm256_loadu_ps(x);
+  const __m256 six = _mm256_set1_ps(6.0f);
+  const __m256 gt0 = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ);
+  __m256 r = _mm256_and_ps(_mm256_min_ps(v, six), gt0);              // x > 0 ? min(x, 6) : +0
+  r = _mm256_blendv_ps(r, v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));    // NaN stays NaN
+  store8<kStream>(y, quant8(k, r));
+  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_and_ps(gt0, _mm256_cmp_ps(v, six, _CMP_LT_OQ))));
+}
+
+template <bool kStream>
+void r6_fwd_words(const Vec& k, const float* x, float* y, int64_t full, uint32_t* mask) {
+  for (int64_t w = 0; w < full; ++w) {
+    const float* xs = x + w * 32;
+    float* ys = y + w * 32;
+    const uint32_t r0 = r6_fwd8<kStream>(k, xs, ys), r1 = r6_fwd8<kStream>(k, xs + 8, ys + 8);
+    const uint32_t r2 = r6_fwd8<kStream>(k, xs + 16, ys + 16), r3 = r6_fwd8<kStream>(k, xs + 24, ys + 24);
+    if (mask) mask[w] = r0 | r1 << 8 | r2 << 16 | r3 << 24;
+  }
+  if (kStream) _mm_sfence();
+}
+}  // namespace
+
+void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask, bool stream) {
+  const Vec k(c);
+  const int64_t full = n / 32;
+  if (stream && reinterpret_cast<uintptr_t>(y) % 32 == 0)
+    r6_fwd_words<true>(k, x, y, full, mask);
+  else
+    r6_fwd_words<false>(k, x, y, full, mask);
+  if (full * 32 < n) portable::r6_fwd(x + full * 32, y + full * 32, n - full * 32, c, mask ? mask + full : nullptr);
+}
+
 namespace {
 template <bool kStream>
 double fq_bwd_impl(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi) {

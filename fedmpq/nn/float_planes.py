@@ -42,9 +42,11 @@ The optimizer step of one layer (authors' ``QuantOptimizer.step`` + ``quant()``)
 5. ``B <- B - lr * Delta``;  buf <- Delta (the authors' buffer keeps the update just applied).
 6. re-quantization (``quant()``): ``v = sum_i B_i * exps_i``; ``q = round(v * L)``; planes from
    floor division of q by 2^(N-1-i), MSB first.
-Then the float parameters (scale, BatchNorm, biases, shortcuts) take ``torch.optim.SGD`` with
-momentum and no weight decay. The plane step needs no scale (the gradient already holds it), so
-the order matches ours: every layer's plane step, then SGD.
+Then the float parameters (scale, BatchNorm, biases, shortcuts: :func:`float_parameters`) take
+``torch.optim.SGD`` with momentum and no weight decay, built and stepped by the caller after
+this optimizer, as with ours (:class:`fedmpq.nn.BitPlaneOptimizer` and
+:func:`fedmpq.nn.float_parameters`). The plane step needs no scale (the gradient already holds
+it), so the order matches ours: every layer's plane step, then SGD.
 
 Where it differs from the authors' code (exactly our documented deviations, ALGORITHM.md)
 -----------------------------------------------------------------------------------------
@@ -57,15 +59,30 @@ Where it differs from the authors' code (exactly our documented deviations, ALGO
   plane into their *original* lower planes and keep the counts taken before the loop;
 * biases stay float (the authors keep the classifier's bias as bit planes);
 * edge cases the authors' code turns into NaN: g_s = 0 makes no update (buffer <- 0), a
-  non-finite g_s skips the layer's step; as :func:`fedmpq_kernels.bitplane_step`.
+  non-finite g_s or lr * g_s skips the layer's step; as :func:`fedmpq_kernels.bitplane_step`.
 Float rounding differs from our fused step (e.g. ``(q / L) * s`` against ``q * (s / L)``,
-``torch.log2`` against our exact bit test near sqrt 2, the float-plane sum before ``round``),
-so results agree except for values within float rounding of a decision boundary.
+``torch.log2`` against our exact bit test near sqrt 2, the float-plane sum before ``round``, a
+G near float32 underflow whose product is 0 on one side and not the other), so results agree
+except for values within float rounding of a decision boundary. Two more float differences
+with our reference, kept here as the authors have them: an x below 2^-100 still adds its tiny
+2^e to p (ours ignores it: a hit then needs a draw of exactly 0, probability 2^-24), and the
+scale gradient is torch's float32 sum (ours accumulates in float64; with cancellation the two
+can differ in the first digits, so trajectories that each compute their own scale gradient
+drift apart: compare them with the same gradients, as ``tests/fedmpq/test_fidelity.py`` does).
+
+Usage::
+
+    twin = FloatPlaneModel.from_quantized(qmodel)        # qmodel untouched
+    opt = FloatPlaneOptimizer(twin, lr=0.1, momentum=0.9, lam=1e-3, seed=0)
+    sgd = torch.optim.SGD(float_parameters(twin), lr=0.1, momentum=0.9)
+    F.cross_entropy(twin(x), y).backward(); opt.step(); sgd.step()   # planes first, then SGD
+    opt.zero_grad(); sgd.zero_grad()
+    layer = twin.layers()[0]; layer.codes(), layer.negative(), layer.scale   # uint8, bool, float32
+    new_bits = twin.precision_reduction(2.0)             # then build a new optimizer
 """
 from __future__ import annotations
 
 import copy
-import math
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -82,7 +99,7 @@ Tensor = torch.Tensor
 EPS = 1e-8
 
 __all__ = ["FloatPlaneConv2d", "FloatPlaneLinear", "FloatPlaneModel", "FloatPlaneOptimizer", "bit_ste",
-           "float_plane_layers"]
+           "float_parameters", "float_plane_layers"]
 
 
 class _BitSTE(torch.autograd.Function):
@@ -249,6 +266,13 @@ def float_plane_layers(model: nn.Module):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _FloatPlaneWeight)]
 
 
+def float_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """Every parameter of ``model`` (a :class:`FloatPlaneModel` or the module it wraps) that plain
+    SGD trains: all but the float planes (scales, BatchNorm, shortcuts, biases)."""
+    planes = {id(m.planes) for _, m in float_plane_layers(model)}
+    return [p for p in model.parameters() if id(p) not in planes]
+
+
 class FloatPlaneModel(nn.Module):
     """A quantized model's float-plane twin: the same module tree and float parameters, every
     bit-plane layer replaced by its float-plane layer holding the same codes, signs and scale.
@@ -294,8 +318,7 @@ class FloatPlaneModel(nn.Module):
 
     def float_parameters(self) -> List[nn.Parameter]:
         """Every parameter that plain SGD trains: all but the planes."""
-        planes = {id(m.planes) for m in self.layers()}
-        return [p for p in self.parameters() if id(p) not in planes]
+        return float_parameters(self)
 
     def bit_assignment(self) -> List[int]:
         return [m.bits for m in self.layers()]
@@ -308,17 +331,20 @@ class FloatPlaneModel(nn.Module):
 
 
 class FloatPlaneOptimizer:
-    """The authors' optimizer on float planes (module docstring, steps 1-6), plus
-    ``torch.optim.SGD`` (momentum, no weight decay) for the float parameters, our generator for
-    the Bernoulli draws, and the regularizer's gradient added at the start of each step.
+    """The authors' optimizer on float planes (module docstring, steps 1-6), with our generator
+    for the Bernoulli draws and the regularizer's gradient added at the start of each step;
+    the float parameters take a separate ``torch.optim.SGD`` over :func:`float_parameters`,
+    stepped after this one, exactly as ours.
 
-    Usage as ours: ``loss = CE; loss.backward(); opt.step(); opt.zero_grad()``. Per layer state:
-    ``buf`` float32 (*S, N), the last step's Delta (None at the start of a round).
+    Usage as ours: ``loss = CE; loss.backward(); opt.step(); sgd.step()``. Per layer l:
+    ``buffers[l]`` float32 (*S, N), the last step's Delta (absent at the start of a round), and,
+    for inspection only (the authors keep no such state), ``gs[l]``, that step's g_s (float32
+    0-dim), so that ``buffers[l] / gs[l]`` is the update r compared with ours.
 
     Args:
-        model: a :class:`FloatPlaneModel`.  lr: eta > 0 (planes and float parameters).
-        momentum: mu in [0, 1).  lam: lambda >= 0.  seed: the generator's seed; the key of each
-            draw is (seed, step, layer), element j = the weight's flat index.
+        model: a :class:`FloatPlaneModel`.  lr: eta > 0 (the attribute ``lr`` may be changed
+            between steps).  momentum: mu in [0, 1).  lam: lambda >= 0.  seed: the generator's
+            seed; the key of each draw is (seed, step, layer), element j = the weight's flat index.
     """
 
     def __init__(self, model: FloatPlaneModel, lr: float, momentum: float = 0.9, lam: float = 1e-3, seed: int = 0):
@@ -331,22 +357,11 @@ class FloatPlaneOptimizer:
         self.model = model
         self.layers = model.layers()
         self.total = model.total_weights()
-        self.momentum, self.lam, self.seed = float(momentum), float(lam), int(seed)
-        self.sgd = torch.optim.SGD(model.float_parameters(), lr=float(lr), momentum=float(momentum))
-        self._lr = float(lr)
+        self.lr, self.momentum, self.lam, self.seed = float(lr), float(momentum), float(lam), int(seed)
         self.steps = 0
         self.skipped = 0
         self.buffers: Dict[int, Optional[Tensor]] = {}
-
-    @property
-    def lr(self) -> float:
-        return self._lr
-
-    @lr.setter
-    def lr(self, value: float) -> None:
-        self._lr = float(value)
-        for group in self.sgd.param_groups:
-            group["lr"] = self._lr
+        self.gs: Dict[int, Tensor] = {}
 
     def _add_regularizer_grads(self) -> None:
         if self.lam == 0:
@@ -365,7 +380,7 @@ class FloatPlaneOptimizer:
     def _plane_step(self, l: int, layer: _FloatPlaneWeight) -> None:
         N = layer.bits
         L = 2 ** N - 1
-        lr = self._lr
+        lr = self.lr
         B = layer.planes
         g = B.grad
         buf = self.buffers.get(l)
@@ -374,9 +389,10 @@ class FloatPlaneOptimizer:
         else:
             d = buf * self.momentum + g
         g_s = torch.max(torch.abs(d)) / torch.tensor(L)
-        if not bool(torch.isfinite(g_s)):
-            self.skipped += 1
+        if not bool(torch.isfinite(g_s)) or (bool(g_s > 0) and not bool(torch.isfinite(g_s * lr))):
+            self.skipped += 1                                 # as ours: a non-finite g_s or lr * g_s
             return
+        self.gs[l] = g_s
         if not bool(g_s > 0):
             self.buffers[l] = torch.zeros_like(B)
             return
@@ -420,10 +436,8 @@ class FloatPlaneOptimizer:
         for l, layer in enumerate(self.layers):
             if layer.planes.grad is not None:
                 self._plane_step(l, layer)
-        self.sgd.step()
         self.steps += 1
 
     def zero_grad(self) -> None:
         for layer in self.layers:
             layer.planes.grad = None
-        self.sgd.zero_grad(set_to_none=True)

@@ -70,3 +70,17 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     if grad.dtype != torch.float32:
         gx = gx.to(grad.dtype)
     return gx, torch.tensor(gs, dtype=torch.float32)
+
+
+def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+    """See :func:`fedmpq_kernels.fakequant.reference.relu6_fake_quant`. x: CPU float tensor,
+    any strides: y (x's shape and dtype, contiguous) and the mask bitmap (0 < x < 6)."""
+    xc = _f32(x)
+    n = xc.numel()
+    y = torch.empty(x.shape, dtype=torch.float32)
+    mask = _bitmap(n, True)
+    native.cpu.relu6_fake_quant(xc.data_ptr(), n, y.data_ptr(), y.numel(), bits, mask.data_ptr(), mask.numel(),
+                                torch.get_num_threads())
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y, mask

@@ -116,10 +116,10 @@ def test_huge_thread_counts_are_capped():
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
-def _misaligned(n: int) -> torch.Tensor:
+def _misaligned(n: int, seed: int = 0) -> torch.Tensor:
     buf = bytearray(4 * n + 4)
     t = torch.frombuffer(buf, dtype=torch.float32, offset=1, count=n)
-    t.copy_(torch.randn(n) * 2)
+    t.copy_(torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 2)
     assert t.data_ptr() % 4 != 0
     return t
 
@@ -150,7 +150,7 @@ def test_misaligned_tensors_work_through_the_op(isa):
     try:
         x = _misaligned(4099)
         assert torch.equal(fk.fake_quant(x, 4), R.fake_quant_values(x, 4, None))
-        g = _misaligned(4099)
+        g = _misaligned(4099, seed=1)
         xr = x.detach().requires_grad_(True)  # still the misaligned storage
         s = torch.tensor(1.5, requires_grad=True)
         fk.fake_quant(xr, 4, s, ste="clipped").backward(g)
@@ -158,7 +158,9 @@ def test_misaligned_tensors_work_through_the_op(isa):
         so = torch.tensor(1.5, requires_grad=True)
         R.fake_quant_autograd(xo, 4, so, "clipped").backward(g.clone())
         assert torch.equal(xr.grad, xo.grad)
-        torch.testing.assert_close(s.grad, so.grad)
+        # a sum of +-g over the clipped elements: the kernel adds in float64, the autograd
+        # oracle in float32, so compare against the size of what cancels
+        assert abs(float(s.grad - so.grad)) <= 1e-6 * float(g.abs().sum())
     finally:
         native.set_cpu_isa(prev)
 

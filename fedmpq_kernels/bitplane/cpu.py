@@ -1,0 +1,106 @@
+"""Bit-plane training, CPU backend: adapters to the C++ kernels in csrc/cpu/bitplane*
+(OpenMP), through ``fedmpq_kernels._C.cpu``. Contracts: :mod:`fedmpq_kernels.bitplane.reference`
+(same signatures, same results bit for bit).
+
+The kernels take contiguous buffers, float32 and bitmaps 4-byte aligned: inputs of any
+strides, dtypes or alignment are copied here first; a state tensor updated in place
+(codes, sign, gs) that is not usable as it is gets a working copy, written back after the
+kernel. Thread count follows ``torch.get_num_threads()`` (capped natively at the cores).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .._checks import bitmap_arg, bitmap_nbytes
+from .._native import native
+
+Tensor = torch.Tensor
+_CPU = torch.device("cpu")
+
+
+def _f32(t: Tensor) -> Tensor:
+    """t flattened as contiguous, 4-byte-aligned float32 (no copy when it already is)."""
+    t = t.reshape(-1)
+    if t.dtype != torch.float32:
+        t = t.float()
+    t = t.contiguous()
+    if t.data_ptr() % 4 != 0:
+        return t.clone()  # fresh storage is aligned
+    return t
+
+
+def _bytes(t: Tensor) -> Tensor:
+    """A uint8 tensor flattened and contiguous (no copy when it already is)."""
+    return t.reshape(-1).contiguous()
+
+
+def _words(t: Tensor) -> Tensor:
+    """A uint8 bitmap, flattened, contiguous and 4-byte aligned (no copy when it already is)."""
+    t = t.reshape(-1)
+    if not t.is_contiguous() or t.data_ptr() % 4 != 0:
+        t = t.clone(memory_format=torch.contiguous_format)  # fresh storage: aligned
+    return t
+
+
+def _scalar(t: Tensor) -> float:
+    return float(t.reshape(()))
+
+
+def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
+    x = _f32(w.detach())
+    n = x.numel()
+    codes = torch.empty(n, dtype=torch.uint8)
+    sign = torch.empty(bitmap_nbytes(n), dtype=torch.uint8)
+    s = native.cpu.binarize(x.data_ptr(), n, bits, codes.data_ptr(), n, sign.data_ptr(), sign.numel(),
+                            torch.get_num_threads())
+    return codes, sign, torch.tensor(s, dtype=torch.float32)
+
+
+def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
+    c = _bytes(codes)
+    n = c.numel()
+    sg = bitmap_arg(sign, n, _CPU, "sign")
+    out = torch.empty(n, dtype=torch.float32)
+    native.cpu.dequantize(c.data_ptr(), n, sg.data_ptr(), sg.numel(), _scalar(scale), bits, out.data_ptr(), n,
+                          torch.get_num_threads())
+    return out
+
+
+def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
+    c = _bytes(codes)
+    n = c.numel()
+    g = _f32(grad)
+    if g.numel() != n:
+        raise ValueError(f"grad has {g.numel()} elements, codes {n}")
+    sg = bitmap_arg(sign, n, _CPU, "sign")
+    r = native.cpu.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sg.data_ptr(), sg.numel(), bits,
+                                       torch.get_num_threads())
+    return torch.tensor(r, dtype=torch.float32)
+
+
+def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
+    c = _bytes(codes)
+    out = torch.empty(bits, dtype=torch.int64)
+    native.cpu.plane_popcounts(c.data_ptr(), c.numel(), bits, out.data_ptr(), bits, torch.get_num_threads())
+    return out
+
+
+def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
+                  scale: Tensor, bits: int, lr: float, momentum: float, key: int) -> Tensor:
+    n = codes.numel()
+    # Working copies of the in-place state where the kernel cannot use it as it is.
+    c = codes if codes.is_contiguous() else codes.contiguous()
+    sg = sign if sign.is_contiguous() and sign.data_ptr() % 4 == 0 else sign.clone(memory_format=torch.contiguous_format)
+    m = mom if mom.is_contiguous() else mom.contiguous()
+    g_state = gs if gs.is_contiguous() and gs.data_ptr() % 4 == 0 else gs.clone(memory_format=torch.contiguous_format)
+    g = _f32(grad)
+    cf = _f32(coef)
+    r = native.cpu.bitplane_step(c.data_ptr(), n, sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(),
+                                 g_state.data_ptr(), g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale), bits,
+                                 float(lr), float(momentum), int(key), torch.get_num_threads())
+    for work, state in ((c, codes), (sg, sign), (m, mom), (g_state, gs)):
+        if work is not state:
+            state.copy_(work.view(state.shape))
+    return torch.tensor(r, dtype=torch.float32)

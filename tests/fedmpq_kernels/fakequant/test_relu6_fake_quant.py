@@ -1,0 +1,201 @@
+"""relu6_fake_quant (ReLU6 fused with the dynamic-scale activation quantizer) on every
+backend against the reference, bit for bit: every bit-width, float32/16/bf16, odd and empty
+sizes, strided inputs, NaN, all-non-positive inputs, the mask and the gradient through the
+public function, opcheck, the errors, and the native kernel's threading and streaming paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels._native import native
+from fedmpq_kernels.fakequant import reference as R
+
+BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SIZES = [0, 1, 7, 31, 33, 1000, 4097, 300_001]
+
+
+def nbytes(n: int) -> int:
+    return 4 * ((n + 31) // 32)
+
+
+def inputs(n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 7919 + n)
+    x = torch.randn(n, generator=g) * 4 + 1
+    specials = torch.tensor([0.0, -0.0, 6.0, -6.0, 5.9999995, 6.0000005, 1e-30, -1e-30, 100.0, 3.0])
+    k = min(n, specials.numel())
+    x[:k] = specials[:k]
+    return x.to(dtype)
+
+
+def kernel(backend):
+    """The backend's relu6_fake_quant (skips a backend without one: the registry would fall
+    back to another, tested in its own case)."""
+    return backend.op("fakequant", "relu6_fake_quant")
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (NaN == NaN, -0 != +0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a, b = a.cpu().contiguous(), b.cpu().contiguous()
+    view = torch.int16 if a.dtype in (torch.float16, torch.bfloat16) else torch.int32
+    return torch.equal(a.view(view), b.view(view))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("numel", SIZES)
+def test_matches_reference(backend, numel, bits, dtype):
+    fn = kernel(backend)
+    backend.skip_if_too_big(numel)
+    if numel == SIZES[-1] and (dtype != torch.float32 or bits not in (1, 4, 8, 16)):
+        pytest.skip("the large size: float32 and a few bit-widths only")
+    x = inputs(numel, dtype)
+    want_y, want_mask = R.relu6_fake_quant(x, bits)
+    with backend.active():
+        y = fk.relu6_fake_quant(x.to(backend.device), bits)
+        y2, mask = torch.ops.fedmpq.relu6_fake_quant(x.to(backend.device), bits)
+        y3, mask3 = fn(x.to(backend.device), bits)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
+    assert same(y, want_y) and same(y2, want_y) and same(y3, want_y)
+    assert torch.equal(mask3.cpu(), want_mask)
+    assert mask.dtype == torch.uint8 and mask.shape == (nbytes(numel),)
+    assert torch.equal(mask.cpu(), want_mask)
+
+
+def test_reference_hand_computed():
+    # a = clamp(x, 0, 6) = 0, 0, 1, 2.5, 3, 6, 6; S = 6, L = 3: inv = 0.5, step = 2;
+    # a * inv = 0, 0, 0.5, 1.25, 1.5, 3, 3 -> half to even 0, 0, 0, 1, 2, 3, 3 -> times 2.
+    x = torch.tensor([-1.0, 0.0, 1.0, 2.5, 3.0, 7.0, 6.0])
+    y, mask = R.relu6_fake_quant(x, 2)
+    assert y.tolist() == [0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 6.0]
+    assert mask.tolist() == [0b0011100, 0, 0, 0]  # 0 < x < 6: 1, 2.5, 3
+
+
+def test_nan_propagates(backend):
+    kernel(backend)
+    x = inputs(1000)
+    x[500] = float("nan")
+    want_y, want_mask = R.relu6_fake_quant(x, 4)
+    with backend.active():
+        y, mask = torch.ops.fedmpq.relu6_fake_quant(x.to(backend.device), 4)
+        y_pub = fk.relu6_fake_quant(x.to(backend.device), 4)
+    assert torch.isnan(y).all() and torch.isnan(y_pub).all() and torch.isnan(want_y).all()
+    assert torch.equal(mask.cpu(), want_mask)
+    assert not (mask.cpu()[500 // 8] >> (500 % 8)) & 1  # NaN is not in (0, 6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_positive_input_gives_zeros(backend, dtype):
+    kernel(backend)
+    x = -torch.rand(77).to(dtype)
+    x[3] = 0.0
+    x[4] = -0.0
+    with backend.active():
+        y, mask = torch.ops.fedmpq.relu6_fake_quant(x.to(backend.device), 5)
+    assert same(y, torch.zeros(77, dtype=dtype))  # +0 everywhere (S = 0)
+    assert int(mask.count_nonzero()) == 0
+
+
+def test_empty_and_strided(backend):
+    kernel(backend)
+    dev = backend.device
+    with backend.active():
+        e = fk.relu6_fake_quant(torch.empty(0, 5, device=dev), 4)
+        assert e.shape == (0, 5)
+        x = (torch.randn(33, 70, generator=torch.Generator().manual_seed(1)) * 4).to(dev)
+        xt = x.t()
+        assert not xt.is_contiguous()
+        y, mask = torch.ops.fedmpq.relu6_fake_quant(xt, 3)
+    want_y, want_mask = R.relu6_fake_quant(xt.cpu(), 3)
+    assert y.shape == (70, 33) and y.is_contiguous()
+    assert same(y, want_y) and torch.equal(mask.cpu(), want_mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradient_is_relu6_mask(backend, dtype):
+    kernel(backend)
+    dev = backend.device
+    x0 = inputs(1000, dtype, seed=2)
+    g = torch.randn(1000, generator=torch.Generator().manual_seed(3)).to(dtype)
+    want = torch.where((x0 > 0) & (x0 < 6), g, torch.zeros_like(g))
+    with backend.active():
+        for via_op in (False, True):
+            x = x0.clone().to(dev).requires_grad_(True)
+            y = torch.ops.fedmpq.relu6_fake_quant(x, 4)[0] if via_op else fk.relu6_fake_quant(x, 4)
+            y.backward(g.to(dev))
+            assert x.grad.dtype == dtype
+            assert same(x.grad, want)
+
+
+def test_opcheck(backend):
+    kernel(backend)
+    x = (torch.randn(3, 37) * 4).to(backend.device)
+    with backend.active():
+        torch.library.opcheck(torch.ops.fedmpq.relu6_fake_quant.default, (x.requires_grad_(True), 4))
+        torch.library.opcheck(torch.ops.fedmpq.relu6_fake_quant.default, (x.detach(), 16))
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: fk.relu6_fake_quant(torch.randn(5), 0), ValueError, "bits must be one of 1..8 or 16"),
+        (lambda: fk.relu6_fake_quant(torch.randn(5), 9), ValueError, "bits must be one of 1..8 or 16"),
+        (lambda: fk.relu6_fake_quant(torch.randn(5), 2.5), TypeError, "bits must be an int"),
+        (lambda: fk.relu6_fake_quant(torch.arange(5), 4), TypeError, "x must be float32, float16 or bfloat16"),
+        (lambda: fk.relu6_fake_quant(torch.randn(5, dtype=torch.float64), 4), TypeError, "x must be float32"),
+        (lambda: fk.relu6_fake_quant([1.0], 4), TypeError, "must be a torch.Tensor"),
+    ],
+)
+def test_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ---- the native kernel ------------------------------------------------------------------
+needs_native = pytest.mark.skipif(native is None, reason="native module not built")
+
+
+@needs_native
+def test_native_rejects_inconsistent_sizes():
+    x, y, m = torch.randn(100), torch.empty(100), torch.empty(16, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="buffer holds 99 elements, needs 100"):
+        native.cpu.relu6_fake_quant(x.data_ptr(), 100, y.data_ptr(), 99, 4, m.data_ptr(), 16, 1)
+    with pytest.raises(ValueError, match="mask bitmap has 12 bytes, needs 16"):
+        native.cpu.relu6_fake_quant(x.data_ptr(), 100, y.data_ptr(), 100, 4, m.data_ptr(), 12, 1)
+    with pytest.raises(ValueError, match="bits must be in 1..8 or 16"):
+        native.cpu.relu6_fake_quant(x.data_ptr(), 100, y.data_ptr(), 100, 9, m.data_ptr(), 16, 1)
+    with pytest.raises(ValueError, match="overlap"):
+        native.cpu.relu6_fake_quant(x.data_ptr(), 50, x.data_ptr() + 8, 50, 4, m.data_ptr(), 16, 1)
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["avx2", "portable"])
+def test_native_threads_in_place_and_streaming(isa):
+    """Serial, threaded and in-place runs agree with the reference; 2^21 + 5 floats (8 MiB)
+    take the non-temporal-store path, a misaligned output the plain one."""
+    if isa == "avx2" and not native.avx2_available():
+        pytest.skip("no AVX2")
+    prev = native.cpu_isa()
+    native.set_cpu_isa(isa)
+    try:
+        n = (1 << 21) + 5
+        x = torch.randn(n, generator=torch.Generator().manual_seed(4)) * 5
+        want_y, want_mask = R.relu6_fake_quant(x, 4)
+        for nt in (1, 2, 3):
+            y = torch.empty(n + 8)[8:]  # 32-byte aligned
+            m = torch.empty(nbytes(n), dtype=torch.uint8)
+            s = native.cpu.relu6_fake_quant(x.data_ptr(), n, y.data_ptr(), n, 4, m.data_ptr(), m.numel(), nt)
+            assert s == 6.0
+            assert same(y, want_y) and torch.equal(m, want_mask)
+        base = torch.empty(n + 1)
+        y = base[1:]  # 4 bytes past alignment
+        native.cpu.relu6_fake_quant(x.data_ptr(), n, y.data_ptr(), n, 4, 0, 0, 2)  # no mask
+        assert same(y, want_y)
+        xi = x.clone()
+        native.cpu.relu6_fake_quant(xi.data_ptr(), n, xi.data_ptr(), n, 4, 0, 0, 2)  # in place
+        assert same(xi, want_y)
+    finally:
+        native.set_cpu_isa(prev)
