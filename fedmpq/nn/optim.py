@@ -6,14 +6,18 @@ BatchNorm, shortcuts, biases) through :func:`float_parameters`.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
+import numpy as np
 import torch
 from torch import nn
 
 import fedmpq_kernels as fk
 
 from .layers import bit_layers
+
+_EPS = 1e-8  # the group lasso's epsilon (ALGORITHM.md, "Local objective")
 
 
 def float_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -66,6 +70,12 @@ class BitPlaneOptimizer:
         if self.lam == 0:
             return torch.zeros(layer.bits, dtype=torch.float32, device=layer.codes.device)
         pc = fk.plane_popcounts(layer.codes, layer.bits)
+        if pc.device.type == "cpu":
+            # N <= 8 numbers: plain float32 arithmetic beats a handful of tiny torch ops, with
+            # group_lasso's exact rounding (float32(n*N / sqrt(eps + pc)) * float32(lam / T)).
+            nN, f = layer.numel * layer.bits, np.float32(self.lam / self.total)
+            return torch.tensor([float(np.float32(nN / math.sqrt(c + _EPS)) * f) for c in pc.tolist()],
+                                dtype=torch.float32)
         _, c = fk.group_lasso(pc, layer.numel, layer.bits)
         return c * (self.lam / self.total)
 
