@@ -1,0 +1,201 @@
+"""A FedMPQ client, transport-free: a download payload (bytes) and the client's data in, an
+upload payload (bytes) out (ALGORITHM.md: "Local objective", "Bit-plane optimizer",
+"Precision reduction", "What a client sends").
+
+Algorithms: ``fedmpq`` (bit-plane training, then precision reduction with threshold θ: the
+upload carries the pruned bit-widths and Δ per layer), ``aqfl`` and ``fp8`` (the same
+training at fixed bit-widths: no pruning, Δ = 0) and ``fp`` (float FedAvg: SGD with momentum
+and weight decay on a float model; download and upload are float32 ``Model`` payloads).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import fedmpq_kernels as fk
+
+from . import nn as qn
+from . import wire
+
+Tensor = torch.Tensor
+ALGORITHMS = ("fedmpq", "aqfl", "fp8", "fp")
+
+
+@dataclass
+class TrainConfig:
+    """The local training settings (the paper's keys)."""
+
+    alg: str = "fedmpq"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4  # fp only: the bit-plane optimizer ignores it, as the authors'
+    lam: float = 1e-3
+    threshold: float = 2.0
+    local_epochs: int = 1
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass
+class LocalResult:
+    """What a client reports beside its upload (for logs; never needed by the server)."""
+
+    upload: bytes
+    train_accuracy: float
+    train_loss: float
+    seconds: float
+    quant_seconds: float  # decode, precision reduction and encode
+
+
+def _batches(n: int, batch_size: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size]
+
+
+def float_state(model: torch.nn.Module) -> Dict[str, Tensor]:
+    """The state entries that travel as float tensors: all but the bit-plane layers' own
+    (codes, sign, scale, sink); a BitLinear's bias is one of them."""
+    own = {n for n, _ in qn.bit_layers(model)}
+    out = {}
+    for k, v in model.state_dict().items():
+        owner, _, leaf = k.rpartition(".")
+        if owner in own and leaf in ("codes", "sign", "scale", "sink"):
+            continue
+        out[k] = v
+    return out
+
+
+def load_download(model: torch.nn.Module, d: wire.Download) -> None:
+    """Put a decoded download into a quantized model: every bit-plane layer from its
+    ``<layer>.weight`` entry (codes, signs, scale, bits), every other state entry from the
+    floats. Raises ``ValueError`` naming a missing or unexpected entry."""
+    layers = qn.bit_layers(model)
+    names = {f"{n}.weight" for n, _ in layers}
+    for name, layer in layers:
+        qt = d.layers.get(f"{name}.weight")
+        if qt is None:
+            raise ValueError(f"the download has no quantized entry {name}.weight")
+        if tuple(qt.shape) != layer.weight_shape:
+            raise ValueError(f"{name}.weight has shape {qt.shape}, the model {layer.weight_shape}")
+        layer.load_codes(fk.unpack_codes(qt.planes, qt.bits, qt.numel), fk.unpack_codes(qt.signs, 1, qt.numel).bool(),
+                         qt.scale, qt.bits)
+    extra = set(d.layers) - names
+    if extra:
+        raise ValueError(f"the download has quantized entries the model lacks: {sorted(extra)[:3]}")
+    own = set(float_state(model))
+    missing = own - set(d.floats)
+    if missing:
+        raise ValueError(f"the download lacks {sorted(missing)[:3]}")
+    unexpected = set(d.floats) - own
+    if unexpected:
+        raise ValueError(f"the download has entries the model lacks: {sorted(unexpected)[:3]}")
+    model.load_state_dict(dict(d.floats), strict=False)
+
+
+def make_upload(model: torch.nn.Module, client_id: int, round_: int, num_samples: int, budget: float,
+                deltas: Dict[str, int]) -> wire.Upload:
+    """The model's state as an upload: quantized layers packed (N + 1 bits per weight), the
+    rest as float tensors."""
+    layers = qn.bit_layers(model)
+    q = {}
+    for name, layer in layers:
+        n = layer.numel
+        neg = fk.unpack_codes(layer.sign, 1, n).bool().reshape(layer.weight_shape)
+        scale = float(layer.scale.detach())
+        if scale < 0:  # SGD may take the scale below 0: W = s*sigma*q/L = |s|*(-sigma)*q/L
+            neg, scale = ~neg, -scale
+        q[f"{name}.weight"] = wire.QuantizedTensor.from_codes(layer.codes.reshape(layer.weight_shape), neg, layer.bits,
+                                                              scale)
+    floats = {k: v.detach().cpu() for k, v in float_state(model).items()}
+    return wire.Upload(client_id, round_, num_samples, float(budget), q, deltas, floats)
+
+
+def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, client_id: int, round_: int,
+                quantized: bool) -> Tuple[float, float]:
+    """``cfg.local_epochs`` epochs of local training; returns (train accuracy, mean loss) of
+    the last epoch. Batches and draws are seeded by (seed, round, client)."""
+    model.train()
+    if quantized:
+        bit_opt = qn.BitPlaneOptimizer(model, lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam,
+                                       seed=fk.step_key(cfg.seed, round_, client_id))
+        sgd = torch.optim.SGD(qn.float_parameters(model), lr=cfg.lr, momentum=cfg.momentum)
+    else:
+        bit_opt = None
+        sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    correct = total = 0
+    loss_sum = 0.0
+    for epoch in range(cfg.local_epochs):
+        correct = total = 0
+        loss_sum = 0.0
+        for idx in _batches(len(y), cfg.batch_size, fk.step_key(cfg.seed, round_ * 1000 + epoch, client_id)):
+            xb, yb = x[idx], y[idx]
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            if bit_opt is not None:
+                bit_opt.zero_grad()
+            sgd.zero_grad(set_to_none=True)
+            loss.backward()
+            if bit_opt is not None:
+                bit_opt.step()  # before SGD moves the scales
+            sgd.step()
+            loss_sum += float(loss.detach()) * len(yb)
+            correct += int((out.detach().argmax(1) == yb).sum())
+            total += len(yb)
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError("the local loss is not finite")
+    return correct / max(total, 1), loss_sum / max(total, 1)
+
+
+def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., torch.nn.Module], cfg: TrainConfig,
+                  client_id: int, round_: int, budget: float) -> LocalResult:
+    """One round of one client: decode the download, train, (fedmpq) prune, encode.
+
+    Args:
+        download: a ``Download`` payload (``Model`` for ``fp``).
+        x, y: the client's training data, float32 (N, C, H, W) and int64 (N,).
+        builder: makes the model: ``builder(quantized=..., bits=[...])``.
+        cfg: :class:`TrainConfig`.  budget: β_k (reported in the upload).
+
+    Returns:
+        :class:`LocalResult` with the upload payload (``Upload``; ``Model`` for ``fp``).
+    """
+    t0 = time.perf_counter()
+    if cfg.alg not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {cfg.alg!r}; expected one of {', '.join(ALGORITHMS)}")
+    if cfg.alg == "fp":
+        m = wire.decode_model(download)
+        model = builder(quantized=False)
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in m.tensors.items()})
+        q0 = time.perf_counter() - t0
+        acc, loss = train_local(model, x, y, cfg, client_id, round_, quantized=False)
+        t1 = time.perf_counter()
+        up = wire.encode_model(wire.Model(round_, {k: v.detach() for k, v in model.state_dict().items()}))
+        return LocalResult(up, acc, loss, time.perf_counter() - t0, q0 + time.perf_counter() - t1)
+    d = wire.decode_download(download)
+    if d.client_id != client_id or d.round != round_:
+        raise ValueError(f"the download is for client {d.client_id} round {d.round}, not {client_id} round {round_}")
+    names = [n for n, _ in qn.bit_layers(builder(quantized=True, bits=1))]
+    assigned = [d.layers[f"{n}.weight"].bits if f"{n}.weight" in d.layers else 1 for n in names]
+    model = builder(quantized=True, bits=assigned)
+    load_download(model, d)
+    q0 = time.perf_counter() - t0
+    acc, loss = train_local(model, x, y, cfg, client_id, round_, quantized=True)
+    t1 = time.perf_counter()
+    deltas = {}
+    for (name, layer), a in zip(qn.bit_layers(model), assigned):
+        if cfg.alg == "fedmpq":
+            bits, codes, scale = fk.precision_reduction(layer.codes, layer.scale.detach(), layer.bits, cfg.threshold)
+            with torch.no_grad():
+                layer.codes.copy_(codes)
+                layer.scale.copy_(scale)
+            layer.bits = bits
+        deltas[f"{name}.weight"] = a - layer.bits
+    up = wire.encode_upload(make_upload(model, client_id, round_, len(y), budget, deltas))
+    return LocalResult(up, acc, loss, time.perf_counter() - t0, q0 + time.perf_counter() - t1)

@@ -1,0 +1,79 @@
+"""fedmpq.client: a download in, an upload out, through the wire payloads only."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from fedmpq import client, wire
+from fedmpq import nn as qn
+
+BUILD = functools.partial(qn.small_cnn, image_size=8, in_channels=1, num_classes=10)
+
+
+def _download(bits, client_id=3, round_=1, seed=0):
+    torch.manual_seed(seed)
+    sd = BUILD(quantized=False).state_dict()
+    names = [n for n, _ in qn.bit_layers(BUILD(quantized=True, bits=1))]
+    layers = {f"{n}.weight": wire.QuantizedTensor.from_float(sd[f"{n}.weight"], b) for n, b in zip(names, bits)}
+    floats = {k: v for k, v in sd.items() if k not in layers}
+    return wire.encode_download(wire.Download(client_id, round_, layers, floats)), layers
+
+
+def _data(n=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    x = torch.randn(n, 1, 8, 8, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() / 5
+    return x, y
+
+
+@pytest.mark.parametrize("alg", ["fedmpq", "aqfl"])
+def test_client_turns_a_download_into_an_upload(alg):
+    dl, layers = _download([4, 2, 6])
+    x, y = _data()
+    cfg = client.TrainConfig(alg=alg, local_epochs=1, threshold=2.0)
+    r = client.client_update(dl, x, y, BUILD, cfg, 3, 1, 4.0)
+    up = wire.decode_upload(r.upload)
+    assert (up.client_id, up.round, up.num_samples, up.budget) == (3, 1, 256, 4.0)
+    assert set(up.layers) == set(layers)
+    for k, q in up.layers.items():
+        assigned = layers[k].bits
+        assert 1 <= q.bits <= assigned
+        assert up.deltas[k] == assigned - q.bits
+        if alg == "aqfl":
+            assert q.bits == assigned and up.deltas[k] == 0
+        assert q.scale >= 0
+    assert "linear.bias" in up.floats and "bn1.running_mean" in up.floats
+    assert 0.0 <= r.train_accuracy <= 1.0
+
+
+def test_the_same_seed_gives_the_same_upload():
+    dl, _ = _download([3, 3, 3])
+    x, y = _data()
+    cfg = client.TrainConfig(local_epochs=1, seed=5)
+    a = client.client_update(dl, x, y, BUILD, cfg, 3, 1, 3.0).upload
+    b = client.client_update(dl, x, y, BUILD, cfg, 3, 1, 3.0).upload
+    assert a == b
+
+
+def test_a_download_for_someone_else_or_malformed_is_refused():
+    dl, _ = _download([4, 4, 4], client_id=2)
+    x, y = _data(64)
+    with pytest.raises(ValueError, match="client 2"):
+        client.client_update(dl, x, y, BUILD, client.TrainConfig(), 3, 1, 4.0)
+    with pytest.raises(wire.WireFormatError):
+        client.client_update(dl[:-3], x, y, BUILD, client.TrainConfig(), 2, 1, 4.0)
+    with pytest.raises(ValueError, match="unknown algorithm"):
+        client.client_update(dl, x, y, BUILD, client.TrainConfig(alg="sgd"), 2, 1, 4.0)
+
+
+def test_fp_client_trains_a_float_model():
+    torch.manual_seed(0)
+    sd = BUILD(quantized=False).state_dict()
+    dl = wire.encode_model(wire.Model(1, sd))
+    x, y = _data()
+    r = client.client_update(dl, x, y, BUILD, client.TrainConfig(alg="fp"), 0, 1, 32.0)
+    m = wire.decode_model(r.upload)
+    assert set(m.tensors) == set(sd)
+    assert not torch.equal(m.tensors["conv1.weight"], sd["conv1.weight"])
