@@ -1,0 +1,331 @@
+"""``fedmpq simulate``: a whole federation in one process, client and server talking only
+through wire payloads (bytes), with a checkpoint after every round.
+
+The configuration (YAML or JSON, each key also a flag) holds the paper's keys; see
+:data:`DEFAULTS`. Results: ``results.json`` (``{"config": {...}, "rounds": [{"round",
+"accuracy", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "bits": {client:
+[per layer]}, "mean_bits": {client: x}, "seconds", "quant_seconds", "reported"}, ...]}``),
+``rounds.csv`` and, where matplotlib is installed, ``accuracy.png`` and ``bits.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import client as client_mod
+from . import data as data_mod
+from . import nn as qn
+from . import server as server_mod
+
+log = logging.getLogger("fedmpq")
+
+PAPER_BUDGETS = [2, 2, 4, 4, 4, 6, 6, 6, 8, 8]
+DEFAULTS: Dict[str, Any] = dict(
+    alg="fedmpq", dataset="digits", data_dir=None, model="small_cnn", alpha=0.5, n_clients=10,
+    budgets=PAPER_BUDGETS, rounds=30, local_epochs=2, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
+    **{"lambda": 1e-3}, threshold=2.0, sampling_rate=1.0, act_bits=4, seed=0,
+)
+ALGS = client_mod.ALGORITHMS
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message is one line naming the problem."""
+
+
+def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Complete ``cfg`` with :data:`DEFAULTS` and check every key; raises :class:`ConfigError`."""
+    unknown = sorted(set(cfg) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r} (known: {', '.join(DEFAULTS)})")
+    c = dict(DEFAULTS)
+    c.update({k: v for k, v in cfg.items() if v is not None or k == "alpha"})
+    if c["alg"] not in ALGS:
+        raise ConfigError(f"alg must be one of {', '.join(ALGS)}, got {c['alg']!r}")
+    if c["dataset"] not in data_mod.DATASETS:
+        raise ConfigError(f"dataset must be one of {', '.join(data_mod.DATASETS)}, got {c['dataset']!r}")
+    if c["model"] not in qn.models.MODELS:
+        raise ConfigError(f"model must be one of {', '.join(qn.models.MODELS)}, got {c['model']!r}")
+    for key in ("n_clients", "rounds", "local_epochs", "batch_size"):
+        if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
+            raise ConfigError(f"{key} must be an integer >= 1, got {c[key]!r}")
+    if c["alpha"] is not None and not (isinstance(c["alpha"], (int, float)) and c["alpha"] > 0):
+        raise ConfigError(f"alpha must be > 0 (or null for iid), got {c['alpha']!r}")
+    budgets = c["budgets"]
+    if isinstance(budgets, (int, float)):
+        budgets = [budgets] * c["n_clients"]
+    if not isinstance(budgets, list) or len(budgets) != c["n_clients"]:
+        raise ConfigError(f"budgets must list one budget per client ({c['n_clients']}), got {budgets!r}")
+    for b in budgets:
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 1 <= b <= 8:
+            raise ConfigError(f"every budget must be in 1..8, got {b!r}")
+    c["budgets"] = list(budgets)
+    for key in ("lr", "lambda", "threshold", "weight_decay"):
+        if not isinstance(c[key], (int, float)) or c[key] < 0 or not math.isfinite(c[key]):
+            raise ConfigError(f"{key} must be a finite number >= 0, got {c[key]!r}")
+    if c["lr"] <= 0:
+        raise ConfigError(f"lr must be > 0, got {c['lr']!r}")
+    if not 0 <= c["momentum"] < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {c['momentum']!r}")
+    if not 0 < c["sampling_rate"] <= 1:
+        raise ConfigError(f"sampling_rate must be in (0, 1], got {c['sampling_rate']!r}")
+    if c["act_bits"] not in (1, 2, 3, 4, 5, 6, 7, 8, 16):
+        raise ConfigError(f"act_bits must be 1..8 or 16, got {c['act_bits']!r}")
+    return c
+
+
+def load_config_file(path: str) -> Dict[str, Any]:
+    """A YAML (``.yaml``/``.yml``, needs PyYAML) or JSON config file as a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:
+            raise ConfigError("a YAML config needs PyYAML (pip install pyyaml); or use JSON") from e
+        cfg = yaml.safe_load(text)
+    else:
+        cfg = json.loads(text)
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return cfg
+
+
+def _builder(c: Dict[str, Any], ds: data_mod.Dataset):
+    kw = dict(num_classes=ds.num_classes, in_channels=ds.in_channels)
+    if c["model"] == "small_cnn":
+        kw["image_size"] = ds.image_size
+
+    def build(quantized: bool, bits=8, act_bits: Optional[int] = None):
+        if quantized:
+            return qn.build(c["model"], quantized=True, bits=bits, act_bits=act_bits or c["act_bits"], **kw)
+        return qn.build(c["model"], quantized=False, act_bits=act_bits, **kw)
+
+    return build
+
+
+def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Run a federation (see the module docstring); returns the results dict."""
+    c = check_config(cfg)
+    ds = data_mod.load(c["dataset"], c["data_dir"])  # MissingDatasetError before any training
+    torch.manual_seed(c["seed"])
+    parts = data_mod.partition(ds.train_y, c["n_clients"], c["alpha"], c["seed"])
+    build = _builder(c, ds)
+    srv = server_mod.Server(c["alg"], build, budgets=dict(enumerate(c["budgets"])),
+                            num_samples={k: len(p) for k, p in enumerate(parts)}, seed=c["seed"])
+    tcfg = client_mod.TrainConfig(alg=c["alg"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
+                                  lam=c["lambda"], threshold=c["threshold"], local_epochs=c["local_epochs"],
+                                  batch_size=c["batch_size"], seed=c["seed"])
+    results: Dict[str, Any] = {"config": c, "rounds": []}
+    start = 1
+    outdir = Path(out) if out else None
+    if outdir is not None:
+        outdir.mkdir(parents=True, exist_ok=True)
+        ck = outdir / "checkpoint.pt"
+        if resume and ck.exists():
+            state = torch.load(ck, weights_only=True)
+            if state["config"] != json.loads(json.dumps(c)):
+                raise ConfigError(f"{ck} was written with another configuration")
+            srv.load_state(state["server"])
+            results["rounds"] = json.loads(state["rounds"])
+            start = len(results["rounds"]) + 1
+    rounds = range(start, c["rounds"] + 1)
+    bar = _progress(rounds, progress, "rounds")
+    for r in bar:
+        t0 = time.perf_counter()
+        g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + r)
+        m = max(1, round(c["sampling_rate"] * c["n_clients"]))
+        sampled = sorted(torch.randperm(c["n_clients"], generator=g)[:m].tolist())
+        downloads = srv.downloads(r, sampled)
+        uploads, train_acc, quant = {}, [], 0.0
+        for k in _progress(sampled, progress, f"round {r} clients", leave=False):
+            idx = parts[k]
+            try:
+                res = client_mod.client_update(downloads[k], ds.train_x[idx], ds.train_y[idx], build, tcfg, k, r,
+                                               c["budgets"][k])
+            except Exception as e:  # a failing client is left out of the round, with the reason
+                log.warning("round %d: client %d failed and is left out: %s", r, k, e)
+                continue
+            uploads[k] = res.upload
+            train_acc.append(res.train_accuracy)
+            quant += res.quant_seconds
+        report = srv.aggregate(r, uploads)
+        acc = srv.evaluate(ds.test_x, ds.test_y)
+        row = dict(round=r, accuracy=acc, train_accuracy=(sum(train_acc) / len(train_acc)) if train_acc else None,
+                   bytes_up=sum(len(u) for u in uploads.values()), bytes_down=sum(len(d) for d in downloads.values()),
+                   float32_bytes=srv.float32_bytes() * (len(uploads) + len(downloads)),
+                   bits={str(k): v for k, v in report["bits"].items()},
+                   mean_bits={str(k): v for k, v in report["mean_bits"].items()},
+                   reported=sorted(uploads), seconds=time.perf_counter() - t0,
+                   quant_seconds=quant + report["seconds"])
+        results["rounds"].append(row)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(acc=f"{acc:.3f}")
+        elif not progress:
+            pass
+        log.info("round %d: accuracy %.4f, up %d B, down %d B, %.1f s", r, acc, row["bytes_up"], row["bytes_down"],
+                 row["seconds"])
+        if outdir is not None:
+            tmp = outdir / "checkpoint.pt.tmp"
+            torch.save({"config": json.loads(json.dumps(c)), "server": srv.state(),
+                        "rounds": json.dumps(results["rounds"])}, tmp)
+            os.replace(tmp, outdir / "checkpoint.pt")  # atomic: a kill never leaves half a checkpoint
+            write_results(results, outdir)
+    return results
+
+
+def _progress(it, enabled: bool, desc: str, leave: bool = True):
+    if not enabled or not sys.stderr.isatty():
+        return it
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return it
+    return tqdm(it, desc=desc, leave=leave)
+
+
+def write_results(results: Dict[str, Any], outdir: Path) -> None:
+    """results.json, rounds.csv and (with matplotlib) the plots."""
+    (outdir / "results.json").write_text(json.dumps(results, indent=1))
+    cols = ["round", "accuracy", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "seconds", "quant_seconds"]
+    lines = [",".join(cols)] + [",".join("" if r.get(k) is None else str(r[k]) for k in cols) for r in results["rounds"]]
+    (outdir / "rounds.csv").write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rs = results["rounds"]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["round"] for r in rs], [r["accuracy"] for r in rs], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test accuracy")
+    ax.set_title(f"{results['config']['alg']} on {results['config']['dataset']}")
+    fig.tight_layout()
+    fig.savefig(outdir / "accuracy.png", dpi=120)
+    plt.close(fig)
+    clients = sorted({k for r in rs for k in r["bits"]}, key=int)
+    if clients and rs and rs[-1]["bits"]:
+        nl = len(next(iter(rs[-1]["bits"].values())))
+        grid = [[sum(r["bits"].get(k, [0] * nl)) / nl for r in rs] for k in clients]
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=1, vmax=8)
+        ax.set_xlabel("round")
+        ax.set_ylabel("client")
+        ax.set_title("mean bits per layer")
+        fig.colorbar(im)
+        fig.tight_layout()
+        fig.savefig(outdir / "bits.png", dpi=120)
+        plt.close(fig)
+
+
+def compare(dirs: List[str], out: Optional[str] = None) -> str:
+    """A table of the final accuracies and bytes of several runs (and a plot with matplotlib)."""
+    rows = []
+    runs = []
+    for d in dirs:
+        p = Path(d) / "results.json"
+        if not p.is_file():
+            raise ConfigError(f"{p} does not exist")
+        res = json.loads(p.read_text())
+        runs.append((d, res))
+        last = res["rounds"][-1] if res["rounds"] else {}
+        rows.append(f"| {d} | {res['config']['alg']} | {len(res['rounds'])} | {last.get('accuracy', float('nan')):.4f} | "
+                    f"{sum(r['bytes_up'] for r in res['rounds'])} |")
+    table = "| run | alg | rounds | final accuracy | bytes up |\n|---|---|---|---|---|\n" + "\n".join(rows)
+    if out:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            for d, res in runs:
+                ax.plot([r["round"] for r in res["rounds"]], [r["accuracy"] for r in res["rounds"]], label=d)
+            ax.set_xlabel("round")
+            ax.set_ylabel("accuracy")
+            ax.legend()
+            fig.tight_layout()
+            fig.savefig(out, dpi=120)
+            plt.close(fig)
+        except ImportError:
+            pass
+    return table
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("simulate", "compare", "-h", "--help"):
+        argv = ["simulate"] + argv  # `fedmpq` alone runs the built-in default federation
+    ap = argparse.ArgumentParser(prog="fedmpq", description="FedMPQ: mixed-precision quantized federated learning")
+    sub = ap.add_subparsers(dest="cmd")
+    sim = sub.add_parser("simulate", help="run a federation in one process")
+    sim.add_argument("--config", help="YAML or JSON file with config keys")
+    sim.add_argument("--out", help="results folder (results.json, rounds.csv, plots, checkpoint)")
+    sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    sim.add_argument("-q", "--quiet", action="store_true")
+    for k, v in DEFAULTS.items():
+        flag = "--" + k.replace("_", "-")
+        if k == "budgets":
+            sim.add_argument(flag, type=lambda s: [float(b) if "." in b else int(b) for b in s.split(",")])
+        elif k == "alpha":
+            sim.add_argument(flag, type=lambda s: None if s in ("none", "iid") else float(s))
+        elif isinstance(v, bool) or v is None:
+            sim.add_argument(flag, dest=k)
+        else:
+            sim.add_argument(flag, dest=k, type=type(v))
+    cmp_ = sub.add_parser("compare", help="compare the results of several runs")
+    cmp_.add_argument("dirs", nargs="+")
+    cmp_.add_argument("--plot", help="write the accuracy curves to this PNG")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.cmd == "compare":
+            print(compare(args.dirs, args.plot))
+            return 0
+        cfg: Dict[str, Any] = {}
+        if args.resume:
+            ck = Path(args.resume) / "checkpoint.pt"
+            if not ck.exists():
+                raise ConfigError(f"nothing to resume: {ck} does not exist")
+            cfg = torch.load(ck, weights_only=True)["config"]
+            out = args.resume
+        else:
+            if args.config:
+                cfg.update(load_config_file(args.config))
+            out = args.out
+        for k in DEFAULTS:
+            v = getattr(args, k, None)
+            if v is not None:
+                cfg[k] = v
+        cfg = check_config(cfg)
+        if not args.quiet:
+            logging.getLogger("fedmpq").setLevel(logging.INFO)
+        res = run(cfg, out=out, resume=bool(args.resume), progress=not args.quiet)
+        last = res["rounds"][-1] if res["rounds"] else None
+        if last:
+            print(f"final accuracy {last['accuracy']:.4f} after {last['round']} rounds"
+                  + (f"; results in {out}" if out else ""))
+        return 0
+    except (ConfigError, data_mod.MissingDatasetError) as e:
+        print(f"fedmpq: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
