@@ -49,7 +49,7 @@ class LocalResult:
     train_accuracy: float
     train_loss: float
     seconds: float
-    quant_seconds: float  # decode, precision reduction and encode
+    quant_seconds: float  # decode, the bit-plane optimizer, precision reduction and encode
 
 
 def _batches(n: int, batch_size: int, seed: int):
@@ -118,9 +118,10 @@ def make_upload(model: torch.nn.Module, client_id: int, round_: int, num_samples
 
 
 def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, client_id: int, round_: int,
-                quantized: bool) -> Tuple[float, float]:
+                quantized: bool) -> Tuple[float, float, float]:
     """``cfg.local_epochs`` epochs of local training; returns (train accuracy, mean loss) of
-    the last epoch. Batches and draws are seeded by (seed, round, client)."""
+    the last epoch and the seconds spent in the bit-plane optimizer. Batches and draws are
+    seeded by (seed, round, client)."""
     model.train()
     if quantized:
         bit_opt = qn.BitPlaneOptimizer(model, lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam,
@@ -130,7 +131,7 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
         bit_opt = None
         sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     correct = total = 0
-    loss_sum = 0.0
+    loss_sum = opt_seconds = 0.0
     for epoch in range(cfg.local_epochs):
         correct = total = 0
         loss_sum = 0.0
@@ -143,14 +144,16 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
             sgd.zero_grad(set_to_none=True)
             loss.backward()
             if bit_opt is not None:
+                t = time.perf_counter()
                 bit_opt.step()  # before SGD moves the scales
+                opt_seconds += time.perf_counter() - t
             sgd.step()
             loss_sum += float(loss.detach()) * len(yb)
             correct += int((out.detach().argmax(1) == yb).sum())
             total += len(yb)
     if not math.isfinite(loss_sum):
         raise FloatingPointError("the local loss is not finite")
-    return correct / max(total, 1), loss_sum / max(total, 1)
+    return correct / max(total, 1), loss_sum / max(total, 1), opt_seconds
 
 
 def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., torch.nn.Module], cfg: TrainConfig,
@@ -174,7 +177,7 @@ def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., 
         model = builder(quantized=False)
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in m.tensors.items()})
         q0 = time.perf_counter() - t0
-        acc, loss = train_local(model, x, y, cfg, client_id, round_, quantized=False)
+        acc, loss, _ = train_local(model, x, y, cfg, client_id, round_, quantized=False)
         t1 = time.perf_counter()
         up = wire.encode_model(wire.Model(round_, {k: v.detach() for k, v in model.state_dict().items()}))
         return LocalResult(up, acc, loss, time.perf_counter() - t0, q0 + time.perf_counter() - t1)
@@ -186,8 +189,8 @@ def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., 
     model = builder(quantized=True, bits=assigned)
     load_download(model, d)
     q0 = time.perf_counter() - t0
-    acc, loss = train_local(model, x, y, cfg, client_id, round_, quantized=True)
-    t1 = time.perf_counter()
+    acc, loss, opt_s = train_local(model, x, y, cfg, client_id, round_, quantized=True)
+    t1 = time.perf_counter() - opt_s
     deltas = {}
     for (name, layer), a in zip(qn.bit_layers(model), assigned):
         if cfg.alg == "fedmpq":
