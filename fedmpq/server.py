@@ -483,6 +483,25 @@ class Server:
                 correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
         return correct / max(len(y), 1)
 
+    def evaluate_train_mode(self, x, y, batch_size: int = 128, seed: int = 0) -> float:
+        """The authors' evaluation: BatchNorm in train mode (each test batch normalized by its
+        own statistics), over a shuffled order, averaging the per-batch accuracy; reported
+        beside :meth:`evaluate` so results compare with the paper's."""
+        import torch
+
+        model = self.build(quantized=False, act_bits=None if self.alg == "fp" else 16)
+        model.load_state_dict(self.global_state)
+        model.train()
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        accs = []
+        with torch.no_grad():
+            for i in range(0, len(y), batch_size):
+                idx = order[i:i + batch_size]
+                if len(idx) < 2:
+                    continue  # BatchNorm in train mode needs two samples
+                accs.append(float((model(x[idx]).argmax(1) == y[idx]).float().mean()))
+        return sum(accs) / max(len(accs), 1)
+
     def float32_bytes(self) -> int:
         """Bytes of the model as float32 (what float FedAvg sends each way per client)."""
         return 4 * sum(v.numel() for v in self.global_state.values())

@@ -3,7 +3,7 @@ through wire payloads (bytes), with a checkpoint after every round.
 
 The configuration (YAML or JSON, each key also a flag) holds the paper's keys; see
 :data:`DEFAULTS`. Results: ``results.json`` (``{"config": {...}, "rounds": [{"round",
-"accuracy", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "bits": {client:
+"accuracy", "accuracy_train_mode", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "bits": {client:
 [per layer]}, "mean_bits": {client: x}, "seconds", "quant_seconds", "reported"}, ...]}``;
 ``quant_seconds``: the round's quantization work: binarize and encode the downloads, decode,
 the bit-plane optimizer, precision reduction and encode on the clients, aggregation),
@@ -167,7 +167,8 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
             quant += res.quant_seconds
         report = srv.aggregate(r, uploads)
         acc = srv.evaluate(ds.test_x, ds.test_y)
-        row = dict(round=r, accuracy=acc, train_accuracy=(sum(train_acc) / len(train_acc)) if train_acc else None,
+        row = dict(round=r, accuracy=acc, accuracy_train_mode=srv.evaluate_train_mode(ds.test_x, ds.test_y, seed=r),
+                   train_accuracy=(sum(train_acc) / len(train_acc)) if train_acc else None,
                    bytes_up=sum(len(u) for u in uploads.values()), bytes_down=sum(len(d) for d in downloads.values()),
                    float32_bytes=srv.float32_bytes() * (len(uploads) + len(downloads)),
                    bits={str(k): v for k, v in report["bits"].items()},
@@ -203,7 +204,7 @@ def _progress(it, enabled: bool, desc: str, leave: bool = True):
 def write_results(results: Dict[str, Any], outdir: Path) -> None:
     """results.json, rounds.csv and (with matplotlib) the plots."""
     (outdir / "results.json").write_text(json.dumps(results, indent=1))
-    cols = ["round", "accuracy", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "seconds", "quant_seconds"]
+    cols = ["round", "accuracy", "accuracy_train_mode", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "seconds", "quant_seconds"]
     lines = [",".join(cols)] + [",".join("" if r.get(k) is None else str(r[k]) for k in cols) for r in results["rounds"]]
     (outdir / "rounds.csv").write_text("\n".join(lines) + "\n")
     try:
