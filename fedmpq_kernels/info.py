@@ -41,12 +41,18 @@ def report() -> List[str]:
     lines.append("ops (backend per device):")
     for family in registry.FAMILIES:
         ops = importlib.import_module(f"{__package__}.{family}").__all__  # its public functions
+        ref = registry.module(family, "reference")
         for dev in ("cpu", "cuda"):
-            try:
-                name = registry.backend_for(dev, family)
-            except RuntimeError as e:
-                name = f"ERROR: {e}"
-            lines += [f"  {op:15s} {dev:5s} -> {name}" for op in ops]
+            for op in ops:
+                if not hasattr(ref, op) or not hasattr(torch.ops.fedmpq, op):
+                    if dev == "cpu":
+                        lines.append(f"  {op:15s} any   -> no kernel (Python and torch ops)")
+                    continue
+                try:  # the backend that runs it, after the registry's per-op fallback
+                    name = registry.get(family, op, dev).__module__.rsplit(".", 1)[-1]
+                except RuntimeError as e:
+                    name = f"ERROR: {e}"
+                lines.append(f"  {op:15s} {dev:5s} -> {name}")
     return lines
 
 
