@@ -30,7 +30,7 @@ def _data(n=256, seed=0):
 
 @pytest.mark.parametrize("alg", ["fedmpq", "aqfl"])
 def test_client_turns_a_download_into_an_upload(alg):
-    dl, layers = _download([4, 2, 6])
+    dl, layers = _download([4, 2, 6, 3])
     x, y = _data()
     cfg = client.TrainConfig(alg=alg, local_epochs=1, threshold=2.0)
     r = client.client_update(dl, x, y, BUILD, cfg, 3, 1, 4.0)
@@ -49,7 +49,7 @@ def test_client_turns_a_download_into_an_upload(alg):
 
 
 def test_the_same_seed_gives_the_same_upload():
-    dl, _ = _download([3, 3, 3])
+    dl, _ = _download([3, 3, 3, 3])
     x, y = _data()
     cfg = client.TrainConfig(local_epochs=1, seed=5)
     a = client.client_update(dl, x, y, BUILD, cfg, 3, 1, 3.0).upload
@@ -58,7 +58,7 @@ def test_the_same_seed_gives_the_same_upload():
 
 
 def test_a_download_for_someone_else_or_malformed_is_refused():
-    dl, _ = _download([4, 4, 4], client_id=2)
+    dl, _ = _download([4, 4, 4, 4], client_id=2)
     x, y = _data(64)
     with pytest.raises(ValueError, match="client 2"):
         client.client_update(dl, x, y, BUILD, client.TrainConfig(), 3, 1, 4.0)

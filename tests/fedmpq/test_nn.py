@@ -45,7 +45,7 @@ def test_quantized_forward_equals_float_model_with_dequantized_weights():
     """The quantized model computes what the float model (ReLU6 + the same quantizer) does
     with the de-quantized weights: the conversion is exact."""
     torch.manual_seed(0)
-    qm = qn.small_cnn(quantized=True, bits=[3, 5, 2], image_size=8).eval()
+    qm = qn.small_cnn(quantized=True, bits=[3, 5, 2, 4], image_size=8).eval()
     fm = qn.small_cnn(image_size=8, act_bits=4).eval()
     fm.load_state_dict(qn.to_float_state_dict(qm))
     x = torch.randn(4, 1, 8, 8)
@@ -191,7 +191,7 @@ def test_optimizer_rejects_bad_settings():
 
 
 def test_regularizer_matches_the_definition():
-    qm = qn.small_cnn(quantized=True, bits=[2, 3, 4], image_size=8)
+    qm = qn.small_cnn(quantized=True, bits=[2, 3, 4, 5], image_size=8)
     total, r = 0, 0.0
     for _, m in qn.bit_layers(qm):
         q = m.codes.to(torch.int64)
@@ -205,7 +205,7 @@ def test_compiled_forward_and_backward_match_eager():
     """A quantized model runs under torch.compile(fullgraph=True): the forward and the
     compiled backward give eager's loss, G for every layer, and the scale gradients."""
     torch.manual_seed(0)
-    qm = qn.small_cnn(quantized=True, bits=[3, 4, 5], image_size=8)
+    qm = qn.small_cnn(quantized=True, bits=[3, 4, 5, 6], image_size=8)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
 
     def grads():
