@@ -59,19 +59,6 @@ def _batches(n: int, batch_size: int, seed: int):
         yield order[i:i + batch_size]
 
 
-def float_state(model: torch.nn.Module) -> Dict[str, Tensor]:
-    """The state entries that travel as float tensors: all but the bit-plane layers' own
-    (codes, sign, scale, sink); a BitLinear's bias is one of them."""
-    own = {n for n, _ in qn.bit_layers(model)}
-    out = {}
-    for k, v in model.state_dict().items():
-        owner, _, leaf = k.rpartition(".")
-        if owner in own and leaf in ("codes", "sign", "scale", "sink"):
-            continue
-        out[k] = v
-    return out
-
-
 def load_download(model: torch.nn.Module, d: wire.Download) -> None:
     """Put a decoded download into a quantized model: every bit-plane layer from its
     ``<layer>.weight`` entry (codes, signs, scale, bits), every other state entry from the
@@ -89,7 +76,7 @@ def load_download(model: torch.nn.Module, d: wire.Download) -> None:
     extra = set(d.layers) - names
     if extra:
         raise ValueError(f"the download has quantized entries the model lacks: {sorted(extra)[:3]}")
-    own = set(float_state(model))
+    own = set(qn.float_state(model))
     missing = own - set(d.floats)
     if missing:
         raise ValueError(f"the download lacks {sorted(missing)[:3]}")
@@ -113,7 +100,7 @@ def make_upload(model: torch.nn.Module, client_id: int, round_: int, num_samples
             neg, scale = ~neg, -scale
         q[f"{name}.weight"] = wire.QuantizedTensor.from_codes(layer.codes.reshape(layer.weight_shape), neg, layer.bits,
                                                               scale)
-    floats = {k: v.detach().cpu() for k, v in float_state(model).items()}
+    floats = {k: v.detach().cpu() for k, v in qn.float_state(model).items()}
     return wire.Upload(client_id, round_, num_samples, float(budget), q, deltas, floats)
 
 
@@ -184,10 +171,9 @@ def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., 
     d = wire.decode_download(download)
     if d.client_id != client_id or d.round != round_:
         raise ValueError(f"the download is for client {d.client_id} round {d.round}, not {client_id} round {round_}")
-    names = [n for n, _ in qn.bit_layers(builder(quantized=True, bits=1))]
-    assigned = [d.layers[f"{n}.weight"].bits if f"{n}.weight" in d.layers else 1 for n in names]
-    model = builder(quantized=True, bits=assigned)
-    load_download(model, d)
+    model = builder(quantized=True, bits=1)
+    load_download(model, d)  # sets every layer's bit-width from the download
+    assigned = [layer.bits for _, layer in qn.bit_layers(model)]
     q0 = time.perf_counter() - t0
     acc, loss, opt_s = train_local(model, x, y, cfg, client_id, round_, quantized=True)
     t1 = time.perf_counter() - opt_s

@@ -178,8 +178,6 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
         results["rounds"].append(row)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(acc=f"{acc:.3f}")
-        elif not progress:
-            pass
         log.info("round %d: accuracy %.4f, up %d B, down %d B, %.1f s", r, acc, row["bytes_up"], row["bytes_down"],
                  row["seconds"])
         if outdir is not None:

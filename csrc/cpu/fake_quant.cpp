@@ -122,6 +122,12 @@ float max_of_bits(const float* x, int64_t n, int nthreads, Avx2 avx2_fn, Portabl
   std::memcpy(&s, &m, 4);
   return s;
 }
+
+// inv = L / S (0 when S = 0) and step = S / L, each a float32 division (the reference's order).
+FqConsts fq_consts(int bits, float scale) {
+  const float L = static_cast<float>((1u << bits) - 1u);
+  return FqConsts{scale, scale > 0.0f ? L / scale : 0.0f, scale / L};
+}
 }  // namespace
 
 float absmax(const float* x, int64_t n, int nthreads) {
@@ -130,8 +136,7 @@ float absmax(const float* x, int64_t n, int nthreads) {
 
 void fake_quant(const float* x, float* y, int64_t n, int bits, float scale, uint32_t* pass, uint32_t* hi,
                 int nthreads) {
-  const float L = static_cast<float>((1u << bits) - 1u);
-  FqConsts c{scale, scale > 0.0f ? L / scale : 0.0f, scale / L};
+  const FqConsts c = fq_consts(bits, scale);
   const bool v = use_avx2();
   const bool stream = n >= kStreamBytes / int64_t(sizeof(float));
   parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {
@@ -149,8 +154,7 @@ float relu6_max(const float* x, int64_t n, int nthreads) {
 }
 
 void relu6_fake_quant(const float* x, float* y, int64_t n, int bits, float scale, uint32_t* mask, int nthreads) {
-  const float L = static_cast<float>((1u << bits) - 1u);
-  FqConsts c{scale, scale > 0.0f ? L / scale : 0.0f, scale / L};
+  const FqConsts c = fq_consts(bits, scale);
   const bool v = use_avx2();
   const bool stream = n >= kStreamBytes / int64_t(sizeof(float));
   parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {

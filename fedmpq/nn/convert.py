@@ -19,6 +19,14 @@ def bit_assignment(model: nn.Module) -> List[int]:
     return [m.bits for _, m in bit_layers(model)]
 
 
+def float_state(model: nn.Module) -> Dict[str, Tensor]:
+    """The state entries that stay float (BatchNorm, shortcuts, biases, a BitLinear's bias
+    included): all but the bit-plane layers' own ``codes``, ``sign``, ``scale`` and ``sink``."""
+    own = {n for n, _ in bit_layers(model)}
+    return {k: v for k, v in model.state_dict().items()
+            if not (k.rpartition(".")[0] in own and k.rpartition(".")[2] in _OWN)}
+
+
 def to_float_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     """The quantized model as the float model's state dict: ``<layer>.weight`` de-quantized
     (float32) for each bit-plane layer, every other entry (BatchNorm, shortcuts, biases) as is."""
@@ -45,7 +53,7 @@ def load_float_state_dict(model: nn.Module, state: Mapping[str, Tensor], bits: U
     bits = list(bits)
     if len(bits) != len(layers):
         raise ValueError(f"{len(bits)} bit-widths for {len(layers)} quantized layers")
-    own = dict(model.state_dict())
+    own = float_state(model)
     rest: Dict[str, Tensor] = {}
     used = set()
     for (name, layer), b in zip(layers, bits):
@@ -54,8 +62,6 @@ def load_float_state_dict(model: nn.Module, state: Mapping[str, Tensor], bits: U
             raise ValueError(f"the state dict has no {key!r}")
         layer.load_float(state[key].float(), int(b))
         used.add(key)
-        for leaf in _OWN:
-            own.pop(f"{name}.{leaf}", None)
     for key in own:
         if key not in state:
             raise ValueError(f"the state dict has no {key!r}")

@@ -93,6 +93,7 @@ from torch import nn
 import fedmpq_kernels as fk
 
 from .layers import BitConv2d, BitLinear, bit_layers
+from .optim import check_settings
 
 Tensor = torch.Tensor
 
@@ -348,12 +349,7 @@ class FloatPlaneOptimizer:
     """
 
     def __init__(self, model: FloatPlaneModel, lr: float, momentum: float = 0.9, lam: float = 1e-3, seed: int = 0):
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if not lam >= 0:
-            raise ValueError(f"lambda must be >= 0, got {lam}")
+        check_settings(lr, momentum, lam)
         self.model = model
         self.layers = model.layers()
         self.total = model.total_weights()

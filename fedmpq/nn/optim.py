@@ -20,6 +20,16 @@ from .layers import bit_layers
 _EPS = 1e-8  # the group lasso's epsilon (ALGORITHM.md, "Local objective")
 
 
+def check_settings(lr: float, momentum: float, lam: float) -> None:
+    """A bit-plane optimizer's settings: lr > 0, momentum in [0, 1), lambda >= 0."""
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if not lam >= 0:
+        raise ValueError(f"lambda must be >= 0, got {lam}")
+
+
 def float_parameters(model: nn.Module) -> List[nn.Parameter]:
     """Every parameter that plain SGD trains: all but the bit-plane layers' sinks."""
     sinks = {id(m.sink) for _, m in bit_layers(model)}
@@ -42,12 +52,7 @@ class BitPlaneOptimizer:
     """
 
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, lam: float = 1e-3, seed: int = 0):
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if not lam >= 0:
-            raise ValueError(f"lambda must be >= 0, got {lam}")
+        check_settings(lr, momentum, lam)
         self.layers = [m for _, m in bit_layers(model)]
         if not self.layers:
             raise ValueError("the model has no bit-plane layers (is it quantized?)")

@@ -37,7 +37,8 @@ def _bytes(t: Tensor) -> Tensor:
 
 
 def _words(t: Tensor) -> Tensor:
-    """A uint8 bitmap, flattened, contiguous and 4-byte aligned (no copy when it already is)."""
+    """t flattened, contiguous and 4-byte aligned (no copy when it already is): a bitmap the
+    kernels read as uint32 words, or the one-float gs."""
     t = t.reshape(-1)
     if not t.is_contiguous() or t.data_ptr() % 4 != 0:
         t = t.clone(memory_format=torch.contiguous_format)  # fresh storage: aligned
@@ -91,16 +92,16 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
                   scale: Tensor, bits: int, lr: float, momentum: float, key: int) -> Tensor:
     n = codes.numel()
     # Working copies of the in-place state where the kernel cannot use it as it is.
-    c = codes if codes.is_contiguous() else codes.contiguous()
-    sg = sign if sign.is_contiguous() and sign.data_ptr() % 4 == 0 else sign.clone(memory_format=torch.contiguous_format)
-    m = mom if mom.is_contiguous() else mom.contiguous()
-    g_state = gs if gs.is_contiguous() and gs.data_ptr() % 4 == 0 else gs.clone(memory_format=torch.contiguous_format)
+    c = _bytes(codes)
+    sg = _words(sign)
+    m = _bytes(mom)
+    g_state = _words(gs)
     g = _f32(grad)
     cf = _f32(coef)
     r = native.cpu.bitplane_step(c.data_ptr(), n, sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(),
                                  g_state.data_ptr(), g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale), bits,
                                  float(lr), float(momentum), int(key), torch.get_num_threads())
     for work, state in ((c, codes), (sg, sign), (m, mom), (g_state, gs)):
-        if work is not state:
+        if work.data_ptr() != state.data_ptr():  # a working copy: write it back
             state.copy_(work.view(state.shape))
     return torch.tensor(r, dtype=torch.float32)

@@ -109,24 +109,31 @@ def _store_words(ptr, word, bits, col, nwords, MASKED: tl.constexpr):
         tl.store(ptr + word, w)
 
 
-# ---- binarize --------------------------------------------------------------------------------
 @triton.jit
-def _binarize_tile(w_ptr, codes_ptr, sign_ptr, word, col, n, nwords, inv, L, MASKED: tl.constexpr):
-    offs = word[:, None] * 32 + col[None, :]
-    if MASKED:
-        mask = offs < n
-        x = tl.load(w_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-    else:
-        x = tl.load(w_ptr + offs).to(tl.float32)
-    q = _round_half_even(tl.abs(x) * inv)
-    q = tl.where(q > L, L, q)  # minimum(q, L)
-    neg = tl.where(x > 0.0, 0, 1)  # not (W > 0)
+def _store_codes_signs(codes_ptr, sign_ptr, offs, mask, q, neg, word, col, nwords, MASKED: tl.constexpr):
+    """Store a [ROWS, 32] tile of codes (float q, integral, 0..L) and its sign words (neg
+    0/1; zero past n, so a partial last word has no stray bits)."""
     if MASKED:
         tl.store(codes_ptr + offs, q.to(tl.int32).to(tl.uint8), mask=mask)
         neg = tl.where(mask, neg, 0)
     else:
         tl.store(codes_ptr + offs, q.to(tl.int32).to(tl.uint8))
     _store_words(sign_ptr, word, neg, col, nwords, MASKED=MASKED)
+
+
+# ---- binarize --------------------------------------------------------------------------------
+@triton.jit
+def _binarize_tile(w_ptr, codes_ptr, sign_ptr, word, col, n, nwords, inv, L, MASKED: tl.constexpr):
+    offs = word[:, None] * 32 + col[None, :]
+    mask = offs < n  # used on the masked path only
+    if MASKED:
+        x = tl.load(w_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    else:
+        x = tl.load(w_ptr + offs).to(tl.float32)
+    q = _round_half_even(tl.abs(x) * inv)
+    q = tl.where(q > L, L, q)  # minimum(q, L)
+    neg = tl.where(x > 0.0, 0, 1)  # not (W > 0)
+    _store_codes_signs(codes_ptr, sign_ptr, offs, mask, q, neg, word, col, nwords, MASKED=MASKED)
 
 
 @triton.jit(do_not_specialize=["n", "nwords"])
@@ -351,13 +358,7 @@ def _step_update_tile(grad_ptr, codes_ptr, sign_ptr, mom_ptr, coef_ptr, word, co
     flip = tl.where(qn < 0.0, 1, 0)
     qa = tl.abs(qn)
     qa = tl.where(qa > L, L, qa)  # minimum(|q|, L)
-    newneg = neg ^ flip
-    if MASKED:
-        tl.store(codes_ptr + offs, qa.to(tl.int32).to(tl.uint8), mask=mask)
-        newneg = tl.where(mask, newneg, 0)
-    else:
-        tl.store(codes_ptr + offs, qa.to(tl.int32).to(tl.uint8))
-    _store_words(sign_ptr, word, newneg, col, nwords, MASKED=MASKED)
+    _store_codes_signs(codes_ptr, sign_ptr, offs, mask, qa, neg ^ flip, word, col, nwords, MASKED=MASKED)
 
 
 @triton.jit
