@@ -77,3 +77,12 @@ def test_fp_client_trains_a_float_model():
     m = wire.decode_model(r.upload)
     assert set(m.tensors) == set(sd)
     assert not torch.equal(m.tensors["conv1.weight"], sd["conv1.weight"])
+
+
+@pytest.mark.parametrize("n,bs,sizes", [(65, 32, [32, 33]), (80, 32, [32, 32, 16]), (75, 32, [32, 43]), (64, 32, [32, 32]), (5, 32, [5]),
+                                        (1, 32, [1]), (3, 2, [3]), (4, 2, [2, 2]), (0, 8, [])])
+def test_batches_cover_every_sample_once_and_never_leave_a_tiny_remainder(n, bs, sizes):
+    # A batch of one made train-mode BatchNorm epsilon-dominated and sent a scale through zero.
+    batches = list(client._batches(n, bs, seed=3))
+    assert [len(b) for b in batches] == sizes
+    assert sorted(torch.cat(batches).tolist() if batches else []) == list(range(n))
