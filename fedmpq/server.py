@@ -402,7 +402,9 @@ class Server:
         """Aggregate one round's uploads; a payload that does not decode, or claims another
         client or round, is left out with a logged reason. Nobody left: the previous model
         is kept (and said so). Returns ``{"bits": {client: [N per layer]}, "mean_bits":
-        {client: size-weighted mean}, "reported": [...], "seconds": quantization work}``."""
+        {client: size-weighted mean}, "assigned_mean_bits": {client: size-weighted mean of the
+        bit-widths it gets next round}, "reported": [...], "seconds": quantization work}``
+        (``assigned_mean_bits`` is absent for ``fp`` and when nobody reported)."""
         import logging
         import time
 
@@ -465,6 +467,8 @@ class Server:
         report["reported"] = [st.client_id for st in agg.stats]
         if self.alg == "fedmpq":
             self.assignments = next_assignments(agg.stats, self.budgets, self.layer_sizes)
+        report["assigned_mean_bits"] = {k: sum(x * s for x, s in zip(b, sizes)) / sum(sizes)
+                                        for k, b in sorted(self.assignments.items())}
         report["seconds"] = time.perf_counter() - t0
         return report
 

@@ -4,7 +4,10 @@ through wire payloads (bytes), with a checkpoint after every round.
 The configuration (YAML or JSON, each key also a flag) holds the paper's keys; see
 :data:`DEFAULTS`. Results: ``results.json`` (``{"config": {...}, "rounds": [{"round",
 "accuracy", "accuracy_train_mode", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "bits": {client:
-[per layer]}, "mean_bits": {client: x}, "seconds", "quant_seconds", "reported"}, ...]}``;
+[per layer]}, "mean_bits": {client: x}, "assigned_mean_bits": {client: x}, "seconds", "quant_seconds",
+"reported"}, ...]}``; ``bits``/``mean_bits``: what each client uploaded (after its precision
+reduction); ``assigned_mean_bits``: the mean bit-width each client is given for the next
+round (after reassignment; empty for ``fp``);
 ``quant_seconds``: the round's quantization work: binarize and encode the downloads, decode,
 the bit-plane optimizer, precision reduction and encode on the clients, aggregation),
 ``rounds.csv`` and, where matplotlib is installed, ``accuracy.png`` and ``bits.png``.
@@ -35,7 +38,7 @@ log = logging.getLogger("fedmpq")
 PAPER_BUDGETS = [2, 2, 4, 4, 4, 6, 6, 6, 8, 8]
 DEFAULTS: Dict[str, Any] = dict(
     alg="fedmpq", dataset="digits", data_dir=None, model="small_cnn", alpha=0.5, n_clients=10,
-    budgets=PAPER_BUDGETS, rounds=30, local_epochs=2, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
+    budgets=PAPER_BUDGETS, rounds=30, local_epochs=5, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
     **{"lambda": 1e-3}, threshold=2.0, sampling_rate=1.0, act_bits=4, seed=0,
 )
 ALGS = client_mod.ALGORITHMS
@@ -173,6 +176,7 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
                    float32_bytes=srv.float32_bytes() * (len(uploads) + len(downloads)),
                    bits={str(k): v for k, v in report["bits"].items()},
                    mean_bits={str(k): v for k, v in report["mean_bits"].items()},
+                   assigned_mean_bits={str(k): v for k, v in report.get("assigned_mean_bits", {}).items()},
                    reported=sorted(uploads), seconds=time.perf_counter() - t0,
                    quant_seconds=quant + report["seconds"] + td)
         results["rounds"].append(row)
@@ -236,38 +240,67 @@ def write_results(results: Dict[str, Any], outdir: Path) -> None:
         plt.close(fig)
 
 
-def compare(dirs: List[str], out: Optional[str] = None) -> str:
-    """A table of the final accuracies and bytes of several runs (and a plot with matplotlib)."""
-    rows = []
-    runs = []
+def _group_key(cfg: Dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in cfg.items() if k != "seed"}, sort_keys=True)
+
+
+def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
+    """Compare several runs: runs whose configurations differ only in the seed form one group.
+
+    Returns a Markdown table, one row per group: algorithm, seeds, rounds, the final accuracy
+    (mean, and min..max over seeds), the mean accuracy over the ``last`` rounds (the same
+    statistics), the best round, and the bytes uploaded per run. With ``out`` and matplotlib,
+    writes the accuracy curves to that PNG: each group's mean over seeds with its min..max band.
+    Raises :class:`ConfigError` for a folder without ``results.json`` or a run with no rounds."""
+    if last < 1:
+        raise ConfigError(f"last must be >= 1, got {last}")
+    groups: Dict[str, List[Any]] = {}
     for d in dirs:
         p = Path(d) / "results.json"
         if not p.is_file():
             raise ConfigError(f"{p} does not exist")
         res = json.loads(p.read_text())
-        runs.append((d, res))
-        last = res["rounds"][-1] if res["rounds"] else {}
-        rows.append(f"| {d} | {res['config']['alg']} | {len(res['rounds'])} | {last.get('accuracy', float('nan')):.4f} | "
-                    f"{sum(r['bytes_up'] for r in res['rounds'])} |")
-    table = "| run | alg | rounds | final accuracy | bytes up |\n|---|---|---|---|---|\n" + "\n".join(rows)
+        if not res.get("rounds"):
+            raise ConfigError(f"{p} has no rounds")
+        groups.setdefault(_group_key(res["config"]), []).append((d, res))
+
+    def stat(xs: List[float]) -> str:
+        return f"{sum(xs) / len(xs):.4f} ({min(xs):.4f}..{max(xs):.4f})" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+    rows, curves = [], []
+    for runs in groups.values():
+        cfg = runs[0][1]["config"]
+        n = min(len(res["rounds"]) for _, res in runs)  # rounds every seed has
+        accs = [[r["accuracy"] for r in res["rounds"][:n]] for _, res in runs]
+        k = min(last, n)
+        label = f"{cfg['alg']} ({cfg['dataset']})"
+        rows.append(f"| {label} | {','.join(str(res['config']['seed']) for _, res in runs)} | {n} | "
+                    f"{stat([a[-1] for a in accs])} | {stat([sum(a[-k:]) / k for a in accs])} | "
+                    f"{max(max(a) for a in accs):.4f} | {sum(sum(r['bytes_up'] for r in res['rounds'][:n]) for _, res in runs) // len(runs)} |")
+        curves.append((label, accs))
+    table = (f"| runs | seeds | rounds | final accuracy | mean of last {last} | best | bytes up per run |\n"
+             "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
     if out:
         try:
             import matplotlib
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(5, 3.2))
-            for d, res in runs:
-                ax.plot([r["round"] for r in res["rounds"]], [r["accuracy"] for r in res["rounds"]], label=d)
-            ax.set_xlabel("round")
-            ax.set_ylabel("accuracy")
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(out, dpi=120)
-            plt.close(fig)
         except ImportError:
-            pass
+            return table
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for label, accs in curves:
+            xs = list(range(1, len(accs[0]) + 1))
+            cols = list(zip(*accs))
+            ax.plot(xs, [sum(c) / len(c) for c in cols], label=f"{label}, {len(accs)} seed(s)")
+            if len(accs) > 1:
+                ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], alpha=0.2)
+        ax.set_xlabel("round")
+        ax.set_ylabel("global test accuracy")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
     return table
 
 
@@ -294,12 +327,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             sim.add_argument(flag, dest=k, type=type(v))
     cmp_ = sub.add_parser("compare", help="compare the results of several runs")
     cmp_.add_argument("dirs", nargs="+")
-    cmp_.add_argument("--plot", help="write the accuracy curves to this PNG")
+    cmp_.add_argument("--plot", help="write the accuracy curves (mean and min..max over seeds) to this PNG")
+    cmp_.add_argument("--last", type=int, default=5, help="average the accuracy over this many last rounds")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         if args.cmd == "compare":
-            print(compare(args.dirs, args.plot))
+            print(compare(args.dirs, args.plot, args.last))
             return 0
         cfg: Dict[str, Any] = {}
         if args.resume:

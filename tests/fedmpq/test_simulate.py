@@ -25,8 +25,13 @@ def test_a_small_federation_runs_and_writes_its_results(alg, tmp_path):
         assert 0.0 <= r["accuracy"] <= 1.0 and r["reported"] == [0, 1, 2]
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
         if alg == "fp":
-            assert r["bits"] == {}
+            assert r["bits"] == {} and r["assigned_mean_bits"] == {}
         else:
+            assigned = {int(k): v for k, v in r["assigned_mean_bits"].items()}
+            budgets = [8, 8, 8] if alg == "fp8" else [2, 4, 8]
+            assert sorted(assigned) == [0, 1, 2]
+            for k, b in enumerate(budgets):  # reassignment ends at or above the budget, never above 8
+                assert (assigned[k] == b) if alg != "fedmpq" else (b <= assigned[k] <= 8)
             assert r["bytes_up"] < r["float32_bytes"] / 2  # packed: N + 1 bits per weight
             assert set(r["bits"]) == {"0", "1", "2"}
             if alg == "fp8":
@@ -135,3 +140,30 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_model(tmp_path):
     ra = json.loads((whole / "results.json").read_text())["rounds"]
     rb = json.loads((killed / "results.json").read_text())["rounds"]
     assert [r["accuracy"] for r in ra] == [r["accuracy"] for r in rb]
+
+
+def _fake_run(path, alg, seed, accs, up=100):
+    path.mkdir()
+    cfg = simulate.check_config(dict(alg=alg, seed=seed))
+    rounds = [dict(round=i + 1, accuracy=a, bytes_up=up) for i, a in enumerate(accs)]
+    (path / "results.json").write_text(json.dumps({"config": cfg, "rounds": rounds}))
+    return str(path)
+
+
+def test_compare_groups_seeds_and_reports_mean_and_spread(tmp_path, capsys):
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5, 0.6, 0.7])
+    a1 = _fake_run(tmp_path / "a1", "fedmpq", 1, [0.2, 0.3, 0.8, 0.9], up=300)
+    b0 = _fake_run(tmp_path / "b0", "aqfl", 0, [0.4, 0.4, 0.4, 0.4])
+    table = simulate.compare([a0, a1, b0], out=str(tmp_path / "cmp.png"), last=2)
+    rows = [r for r in table.splitlines() if r.startswith("| fedmpq") or r.startswith("| aqfl")]
+    assert len(rows) == 2  # the two seeds of fedmpq are one group
+    # final: mean(0.7, 0.9) = 0.8; last 2: mean(0.65, 0.85) = 0.75; best 0.9; bytes (400+1200)/2
+    assert rows[0] == "| fedmpq (digits) | 0,1 | 4 | 0.8000 (0.7000..0.9000) | 0.7500 (0.6500..0.8500) | 0.9000 | 800 |"
+    assert rows[1] == "| aqfl (digits) | 0 | 4 | 0.4000 | 0.4000 | 0.4000 | 400 |"
+    assert (tmp_path / "cmp.png").stat().st_size > 0
+    assert simulate.main(["compare", a0, b0, "--last", "1"]) == 0
+    assert "| aqfl (digits) | 0 | 4 | 0.4000 |" in capsys.readouterr().out
+    with pytest.raises(simulate.ConfigError, match="does not exist"):
+        simulate.compare([a0, str(tmp_path / "missing")])
+    with pytest.raises(simulate.ConfigError, match="last must be"):
+        simulate.compare([a0], last=0)
