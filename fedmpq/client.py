@@ -24,6 +24,7 @@ from . import wire
 
 Tensor = torch.Tensor
 ALGORITHMS = ("fedmpq", "aqfl", "fp8", "fp")
+SCALE_LR_RULES = ("lsq", "sgd")  # see scale_param_groups
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TrainConfig:
     local_epochs: int = 1
     batch_size: int = 32
     seed: int = 0
+    scale_lr: str = "lsq"  # "lsq": lr / sqrt(n (2^N - 1)) per scale; "sgd": lr (the authors')
 
 
 @dataclass
@@ -113,15 +115,20 @@ def make_upload(model: torch.nn.Module, client_id: int, round_: int, num_samples
     return wire.Upload(client_id, round_, num_samples, float(budget), q, deltas, floats)
 
 
-def scale_param_groups(model: torch.nn.Module, lr: float) -> list:
-    """SGD parameter groups for a quantized model's float parameters: each bit-plane layer's
-    scale at ``lr / sqrt(n_l * (2^N_l - 1))`` (LSQ's step-size gradient scale, Esser et al.
-    2020), everything else at ``lr``.
+def scale_param_groups(model: torch.nn.Module, lr: float, rule: str = "lsq") -> list:
+    """SGD parameter groups for a quantized model's float parameters. ``rule="lsq"``: each
+    bit-plane layer's scale at ``lr / sqrt(n_l * (2^N_l - 1))`` (LSQ's step-size gradient
+    scale, Esser et al. 2020), everything else at ``lr``; ``rule="sgd"``: everything at ``lr``
+    (the authors' code). Raises ``ValueError`` for another rule.
 
     Why (a deviation, DESIGN.md): the scale's gradient sums over the layer's n weights, so a
     plain SGD step moves every weight about n·E[(q/L)^2] times further than the weights' own
     steps. At the authors' lr the classifier's scale crossed zero every step or two and a
     mirrored layer in one client's upload dominated the server's mean."""
+    if rule not in SCALE_LR_RULES:
+        raise ValueError(f"scale_lr must be one of {', '.join(SCALE_LR_RULES)}, got {rule!r}")
+    if rule == "sgd":
+        return [{"params": qn.float_parameters(model), "lr": lr}]
     layers = qn.bit_layers(model)
     scales = {id(layer.scale) for _, layer in layers}
     rest = [p for p in qn.float_parameters(model) if id(p) not in scales]
@@ -138,7 +145,7 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
     if quantized:
         bit_opt = qn.BitPlaneOptimizer(model, lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam,
                                        seed=fk.step_key(cfg.seed, round_, client_id))
-        sgd = torch.optim.SGD(scale_param_groups(model, cfg.lr), lr=cfg.lr, momentum=cfg.momentum)
+        sgd = torch.optim.SGD(scale_param_groups(model, cfg.lr, cfg.scale_lr), lr=cfg.lr, momentum=cfg.momentum)
     else:
         bit_opt = None
         sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)

@@ -39,7 +39,7 @@ PAPER_BUDGETS = [2, 2, 4, 4, 4, 6, 6, 6, 8, 8]
 DEFAULTS: Dict[str, Any] = dict(
     alg="fedmpq", dataset="digits", data_dir=None, model="small_cnn", alpha=0.5, n_clients=10,
     budgets=PAPER_BUDGETS, rounds=30, local_epochs=5, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
-    **{"lambda": 1e-3}, threshold=2.0, sampling_rate=1.0, act_bits=4, seed=0,
+    **{"lambda": 1e-3}, threshold=2.0, sampling_rate=1.0, act_bits=4, scale_lr="lsq", seed=0,
 )
 ALGS = client_mod.ALGORITHMS
 
@@ -84,6 +84,8 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"momentum must be in [0, 1), got {c['momentum']!r}")
     if not 0 < c["sampling_rate"] <= 1:
         raise ConfigError(f"sampling_rate must be in (0, 1], got {c['sampling_rate']!r}")
+    if c["scale_lr"] not in client_mod.SCALE_LR_RULES:
+        raise ConfigError(f"scale_lr must be one of {', '.join(client_mod.SCALE_LR_RULES)}, got {c['scale_lr']!r}")
     if c["act_bits"] not in (1, 2, 3, 4, 5, 6, 7, 8, 16):
         raise ConfigError(f"act_bits must be 1..8 or 16, got {c['act_bits']!r}")
     return c
@@ -131,7 +133,7 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
     srv = server_mod.Server(c["alg"], build, budgets=dict(enumerate(c["budgets"])),
                             num_samples={k: len(p) for k, p in enumerate(parts)}, seed=c["seed"])
     tcfg = client_mod.TrainConfig(alg=c["alg"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
-                                  lam=c["lambda"], threshold=c["threshold"], local_epochs=c["local_epochs"],
+                                  lam=c["lambda"], threshold=c["threshold"], local_epochs=c["local_epochs"], scale_lr=c["scale_lr"],
                                   batch_size=c["batch_size"], seed=c["seed"])
     results: Dict[str, Any] = {"config": c, "rounds": []}
     start = 1

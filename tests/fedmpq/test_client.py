@@ -86,3 +86,19 @@ def test_batches_cover_every_sample_once_and_never_leave_a_tiny_remainder(n, bs,
     batches = list(client._batches(n, bs, seed=3))
     assert [len(b) for b in batches] == sizes
     assert sorted(torch.cat(batches).tolist() if batches else []) == list(range(n))
+
+
+def test_scale_learning_rates_follow_the_rule():
+    import math
+    model = BUILD(quantized=True, bits=[2, 4, 6, 8])
+    layers = [layer for _, layer in qn.bit_layers(model)]
+    groups = client.scale_param_groups(model, 0.1, "lsq")
+    by_param = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert len(by_param) == len(qn.float_parameters(model))  # every float parameter exactly once
+    for layer in layers:  # e.g. the classifier: 640 weights at 8 bits -> 0.1 / sqrt(640 * 255)
+        assert by_param[id(layer.scale)] == pytest.approx(0.1 / math.sqrt(layer.numel * (2 ** layer.bits - 1)))
+    scales = {id(layer.scale) for layer in layers}
+    assert all(lr == 0.1 for pid, lr in by_param.items() if pid not in scales)
+    assert [g["lr"] for g in client.scale_param_groups(model, 0.1, "sgd")] == [0.1]
+    with pytest.raises(ValueError, match="scale_lr must be one of"):
+        client.scale_param_groups(model, 0.1, "adam")

@@ -59,6 +59,7 @@ def test_the_same_seed_gives_the_same_run():
     (dict(alg="sgd"), "alg must be one of"),
     (dict(rounds=0), "rounds must be an integer >= 1"),
     (dict(dataset="mnist"), "dataset must be one of"),
+    (dict(scale_lr="adam"), "scale_lr must be one of"),
 ])
 def test_bad_configs_stop_before_training_with_one_line(bad, msg, capsys):
     with pytest.raises(simulate.ConfigError, match=msg):
