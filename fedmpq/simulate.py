@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -123,18 +123,63 @@ def _builder(c: Dict[str, Any], ds: data_mod.Dataset):
     return build
 
 
+# A transport trains the sampled clients of one round: (round, {client: download bytes}) ->
+# ({client: upload bytes}, [train accuracy per reporter], client-side quantization seconds).
+# A client that fails is left out of the uploads (the transport logs why).
+Transport = Callable[[int, Dict[int, bytes]], Tuple[Dict[int, bytes], List[float], float]]
+
+
 def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, progress: bool = True) -> Dict[str, Any]:
-    """Run a federation (see the module docstring); returns the results dict."""
+    """Run a federation in this process (see the module docstring); returns the results dict."""
     c = check_config(cfg)
     ds = data_mod.load(c["dataset"], c["data_dir"])  # MissingDatasetError before any training
-    torch.manual_seed(c["seed"])
     parts = data_mod.partition(ds.train_y, c["n_clients"], c["alpha"], c["seed"])
     build = _builder(c, ds)
-    srv = server_mod.Server(c["alg"], build, budgets=dict(enumerate(c["budgets"])),
-                            num_samples={k: len(p) for k, p in enumerate(parts)}, seed=c["seed"])
-    tcfg = client_mod.TrainConfig(alg=c["alg"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
-                                  lam=c["lambda"], threshold=c["threshold"], local_epochs=c["local_epochs"], scale_lr=c["scale_lr"],
-                                  batch_size=c["batch_size"], seed=c["seed"])
+    tcfg = train_config(c)
+
+    def local(r: int, downloads: Dict[int, bytes]):
+        uploads, train_acc, quant = {}, [], 0.0
+        for k in _progress(sorted(downloads), progress, f"round {r} clients", leave=False):
+            idx = parts[k]
+            try:
+                res = client_mod.client_update(downloads[k], ds.train_x[idx], ds.train_y[idx], build, tcfg, k, r,
+                                               c["budgets"][k])
+            except Exception as e:  # a failing client is left out of the round, with the reason
+                log.warning("round %d: client %d failed and is left out: %s", r, k, e)
+                continue
+            uploads[k] = res.upload
+            train_acc.append(res.train_accuracy)
+            quant += res.quant_seconds
+        return uploads, train_acc, quant
+
+    return federate(c, ds, {k: len(p) for k, p in enumerate(parts)}, dict(enumerate(c["budgets"])), local,
+                    out=out, resume=resume, progress=progress)
+
+
+def train_config(c: Dict[str, Any]) -> client_mod.TrainConfig:
+    """The clients' :class:`fedmpq.client.TrainConfig` of a checked configuration."""
+    return client_mod.TrainConfig(alg=c["alg"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
+                                  lam=c["lambda"], threshold=c["threshold"], local_epochs=c["local_epochs"],
+                                  scale_lr=c["scale_lr"], batch_size=c["batch_size"], seed=c["seed"])
+
+
+def sample_clients(c: Dict[str, Any], round_: int) -> List[int]:
+    """The clients sampled in ``round_`` (seeded by the config's seed and the round)."""
+    g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + round_)
+    m = max(1, round(c["sampling_rate"] * c["n_clients"]))
+    return sorted(torch.randperm(c["n_clients"], generator=g)[:m].tolist())
+
+
+def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int], budgets: Dict[int, float],
+             transport: Transport, out: Optional[str] = None, resume: bool = False,
+             progress: bool = True) -> Dict[str, Any]:
+    """The server's round loop, whatever carries the payloads: sample, prepare the downloads,
+    let ``transport`` train the clients, aggregate, evaluate on ``ds``'s test set, record the
+    round and checkpoint it. ``num_samples``/``budgets``: |D_k| and beta_k of every client
+    0..n_clients-1. Used by :func:`run` (in-process) and by the Flower app."""
+    torch.manual_seed(c["seed"])  # the global model's initialization
+    build = _builder(c, ds)
+    srv = server_mod.Server(c["alg"], build, budgets=budgets, num_samples=num_samples, seed=c["seed"])
     results: Dict[str, Any] = {"config": c, "rounds": []}
     start = 1
     outdir = Path(out) if out else None
@@ -152,24 +197,11 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
     bar = _progress(rounds, progress, "rounds")
     for r in bar:
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(c["seed"] * 1_000_003 + r)
-        m = max(1, round(c["sampling_rate"] * c["n_clients"]))
-        sampled = sorted(torch.randperm(c["n_clients"], generator=g)[:m].tolist())
+        sampled = sample_clients(c, r)
         td = time.perf_counter()
         downloads = srv.downloads(r, sampled)  # binarize + encode
         td = time.perf_counter() - td
-        uploads, train_acc, quant = {}, [], 0.0
-        for k in _progress(sampled, progress, f"round {r} clients", leave=False):
-            idx = parts[k]
-            try:
-                res = client_mod.client_update(downloads[k], ds.train_x[idx], ds.train_y[idx], build, tcfg, k, r,
-                                               c["budgets"][k])
-            except Exception as e:  # a failing client is left out of the round, with the reason
-                log.warning("round %d: client %d failed and is left out: %s", r, k, e)
-                continue
-            uploads[k] = res.upload
-            train_acc.append(res.train_accuracy)
-            quant += res.quant_seconds
+        uploads, train_acc, quant = transport(r, downloads)
         report = srv.aggregate(r, uploads)
         acc = srv.evaluate(ds.test_x, ds.test_y)
         row = dict(round=r, accuracy=acc, accuracy_train_mode=srv.evaluate_train_mode(ds.test_x, ds.test_y, seed=r),
