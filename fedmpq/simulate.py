@@ -110,7 +110,8 @@ def load_config_file(path: str) -> Dict[str, Any]:
     return cfg
 
 
-def _builder(c: Dict[str, Any], ds: data_mod.Dataset):
+def model_builder(c: Dict[str, Any], ds: data_mod.Dataset):
+    """``build(quantized, bits=8, act_bits=None)`` for the config's model on ``ds``'s inputs."""
     kw = dict(num_classes=ds.num_classes, in_channels=ds.in_channels)
     if c["model"] == "small_cnn":
         kw["image_size"] = ds.image_size
@@ -134,7 +135,7 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
     c = check_config(cfg)
     ds = data_mod.load(c["dataset"], c["data_dir"])  # MissingDatasetError before any training
     parts = data_mod.partition(ds.train_y, c["n_clients"], c["alpha"], c["seed"])
-    build = _builder(c, ds)
+    build = model_builder(c, ds)
     tcfg = train_config(c)
 
     def local(r: int, downloads: Dict[int, bytes]):
@@ -178,7 +179,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
     round and checkpoint it. ``num_samples``/``budgets``: |D_k| and beta_k of every client
     0..n_clients-1. Used by :func:`run` (in-process) and by the Flower app."""
     torch.manual_seed(c["seed"])  # the global model's initialization
-    build = _builder(c, ds)
+    build = model_builder(c, ds)
     srv = server_mod.Server(c["alg"], build, budgets=budgets, num_samples=num_samples, seed=c["seed"])
     results: Dict[str, Any] = {"config": c, "rounds": []}
     start = 1
@@ -338,27 +339,41 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
     return table
 
 
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML or JSON file with config keys")
+    p.add_argument("--out", help="results folder (results.json, rounds.csv, plots, checkpoint)")
+    p.add_argument("-q", "--quiet", action="store_true")
+    for k, v in DEFAULTS.items():
+        flag = "--" + k.replace("_", "-")
+        kw: Dict[str, Any] = dict(dest=k, default=argparse.SUPPRESS)  # absent: not in args at all
+        if k == "budgets":
+            kw["type"] = lambda s: [float(b) if "." in b else int(b) for b in s.split(",")]
+        elif k == "alpha":
+            kw["type"] = lambda s: None if s in ("none", "iid") else float(s)
+        elif not (isinstance(v, bool) or v is None):
+            kw["type"] = type(v)
+        p.add_argument(flag, **kw)
+
+
+def _flag_config(args: argparse.Namespace) -> Dict[str, Any]:
+    cfg: Dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
+    cfg.update({k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)})
+    return cfg
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("simulate", "compare", "-h", "--help"):
+    if not argv or argv[0] not in ("simulate", "compare", "flower", "-h", "--help"):
         argv = ["simulate"] + argv  # `fedmpq` alone runs the built-in default federation
     ap = argparse.ArgumentParser(prog="fedmpq", description="FedMPQ: mixed-precision quantized federated learning")
     sub = ap.add_subparsers(dest="cmd")
     sim = sub.add_parser("simulate", help="run a federation in one process")
-    sim.add_argument("--config", help="YAML or JSON file with config keys")
-    sim.add_argument("--out", help="results folder (results.json, rounds.csv, plots, checkpoint)")
+    _config_flags(sim)
     sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
-    sim.add_argument("-q", "--quiet", action="store_true")
-    for k, v in DEFAULTS.items():
-        flag = "--" + k.replace("_", "-")
-        if k == "budgets":
-            sim.add_argument(flag, type=lambda s: [float(b) if "." in b else int(b) for b in s.split(",")])
-        elif k == "alpha":
-            sim.add_argument(flag, type=lambda s: None if s in ("none", "iid") else float(s))
-        elif isinstance(v, bool) or v is None:
-            sim.add_argument(flag, dest=k)
-        else:
-            sim.add_argument(flag, dest=k, type=type(v))
+    fl = sub.add_parser("flower", help="run the same federation through Flower's simulation engine "
+                                       "(needs the flower extra)")
+    _config_flags(fl)
+    fl.add_argument("--cpus", type=int, default=1, help="CPUs for Flower's Ray workers (default 1)")
     cmp_ = sub.add_parser("compare", help="compare the results of several runs")
     cmp_.add_argument("dirs", nargs="+")
     cmp_.add_argument("--plot", help="write the accuracy curves (mean and min..max over seeds) to this PNG")
@@ -369,29 +384,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.cmd == "compare":
             print(compare(args.dirs, args.plot, args.last))
             return 0
-        cfg: Dict[str, Any] = {}
-        if args.resume:
-            ck = Path(args.resume) / "checkpoint.pt"
-            if not ck.exists():
-                raise ConfigError(f"nothing to resume: {ck} does not exist")
-            cfg = torch.load(ck, weights_only=True)["config"]
-            out = args.resume
+        if args.cmd == "flower":
+            try:
+                from .flower import simulation as flower_sim
+            except ImportError as e:
+                raise ConfigError(f"fedmpq flower needs Flower: pip install -e \".[flower]\" ({e})") from None
+            if args.cpus < 1:
+                raise ConfigError(f"cpus must be >= 1, got {args.cpus}")
+            cfg = check_config(_flag_config(args))
+            data_mod.load(cfg["dataset"], cfg["data_dir"])  # a missing dataset stops here, not in Flower
+            res = flower_sim.run(cfg, out=args.out, cpus=args.cpus)
         else:
-            if args.config:
-                cfg.update(load_config_file(args.config))
-            out = args.out
-        for k in DEFAULTS:
-            v = getattr(args, k, None)
-            if v is not None:
-                cfg[k] = v
-        cfg = check_config(cfg)
-        if not args.quiet:
-            logging.getLogger("fedmpq").setLevel(logging.INFO)
-        res = run(cfg, out=out, resume=bool(args.resume), progress=not args.quiet)
+            if args.resume:
+                ck = Path(args.resume) / "checkpoint.pt"
+                if not ck.exists():
+                    raise ConfigError(f"nothing to resume: {ck} does not exist")
+                cfg = torch.load(ck, weights_only=True)["config"]
+                cfg.update({k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)})
+                out = args.resume
+            else:
+                cfg = _flag_config(args)
+                out = args.out
+            cfg = check_config(cfg)
+            if not args.quiet:
+                logging.getLogger("fedmpq").setLevel(logging.INFO)
+            res = run(cfg, out=out, resume=bool(args.resume), progress=not args.quiet)
         last = res["rounds"][-1] if res["rounds"] else None
         if last:
             print(f"final accuracy {last['accuracy']:.4f} after {last['round']} rounds"
-                  + (f"; results in {out}" if out else ""))
+                  + (f"; results in {args.out or getattr(args, 'resume', None)}" if (args.out or getattr(args, "resume", None)) else ""))
         return 0
     except (ConfigError, data_mod.MissingDatasetError) as e:
         print(f"fedmpq: {e}", file=sys.stderr)

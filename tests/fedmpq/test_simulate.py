@@ -168,3 +168,12 @@ def test_compare_groups_seeds_and_reports_mean_and_spread(tmp_path, capsys):
         simulate.compare([a0, str(tmp_path / "missing")])
     with pytest.raises(simulate.ConfigError, match="last must be"):
         simulate.compare([a0], last=0)
+
+
+def test_flags_override_the_config_file_and_alpha_iid_reaches_the_run(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(dict(SMALL, rounds=5, alpha=0.3)))
+    assert simulate.main(["simulate", "--config", str(cfg), "--rounds", "1", "--alpha", "iid", "-q",
+                          "--out", str(tmp_path / "o")]) == 0
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())["config"]
+    assert saved["alpha"] is None and saved["rounds"] == 1 and saved["budgets"] == [2, 4, 8]

@@ -1,0 +1,96 @@
+"""The FedMPQ ``ClientApp``: a node's train handler decodes the server's download, trains
+with :func:`fedmpq.client.client_update` and replies with the upload bytes, unchanged.
+
+Which client a node is comes from its node config: ``partition-id`` (its part of the
+seeded Dirichlet/iid split of the dataset, the same split ``fedmpq simulate`` makes) and
+``num-partitions`` (must equal the run's ``n_clients``); ``budget`` (optional) overrides the
+run's ``budgets[partition-id]``. Flower's simulation sets the first two itself; a SuperNode
+gets them with ``--node-config "partition-id=0 num-partitions=3 budget=4"``.
+
+Messages (record names are the protocol):
+- ``query.info`` -> ``info``: ``{"client", "budget", "num_samples"}``.
+- ``train``: ``fedmpq``: ``{"download": bytes, "round", "client"}`` -> ``fedmpq``:
+  ``{"upload": bytes, "client"}`` and ``metrics``: ``{"train_accuracy", "train_loss",
+  "seconds", "quant_seconds"}``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .. import client as client_mod
+from .. import data as data_mod
+from .. import simulate
+from .config import from_run_config
+
+
+
+@functools.lru_cache(maxsize=2)
+def _data(dataset: str, data_dir, n_clients: int, alpha, seed: int):
+    # Cached per process: Flower's simulation keeps its workers, so a node loads its data once.
+    ds = data_mod.load(dataset, data_dir)
+    return ds, data_mod.partition(ds.train_y, n_clients, alpha, seed)
+
+
+def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int, float]:
+    """(client id, budget) of a node from its node config; raises ``ValueError`` naming the
+    problem (missing or out-of-range partition-id, num-partitions other than n_clients, a
+    budget outside 1..8)."""
+    if "partition-id" not in node_config:
+        raise ValueError("the node config has no partition-id (flower-supernode --node-config "
+                         "\"partition-id=0 num-partitions=N\")")
+    k = int(node_config["partition-id"])
+    n = int(node_config.get("num-partitions", c["n_clients"]))
+    if n != c["n_clients"]:
+        raise ValueError(f"the node config says num-partitions={n}, the run has n_clients={c['n_clients']}")
+    if not 0 <= k < n:
+        raise ValueError(f"partition-id {k} is outside 0..{n - 1}")
+    budget = node_config.get("budget", c["budgets"][k])
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1 <= budget <= 8:
+        raise ValueError(f"the node's budget must be in 1..8, got {budget!r}")
+    return k, budget
+
+
+def _setup(context: Context, overrides: Optional[Mapping[str, Any]]):
+    c, _ = from_run_config({**dict(context.run_config), **dict(overrides or {})})
+    k, budget = node_client(context.node_config, c)
+    ds, parts = _data(c["dataset"], c["data_dir"], c["n_clients"], c["alpha"], c["seed"])
+    return c, k, budget, ds, parts[k]
+
+
+def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ClientApp:
+    """A ClientApp for the run config's federation; ``run_config`` entries override Flower's."""
+    app = ClientApp()
+
+    @app.query("info")
+    def info(msg: Message, context: Context) -> Message:
+        """Tell the server which client this node is, its budget and its number of samples."""
+        c, k, budget, _, idx = _setup(context, run_config)
+        return Message(RecordDict({"info": ConfigRecord({"client": k, "budget": float(budget),
+                                                          "num_samples": int(len(idx))})}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        """One round of this client: download bytes in, upload bytes out."""
+        c, k, budget, ds, idx = _setup(context, run_config)
+        rec = msg.content["fedmpq"]
+        if int(rec["client"]) != k:
+            raise ValueError(f"a download for client {rec['client']} reached the node of client {k}")
+        download = rec["download"]
+        if not isinstance(download, bytes):
+            raise ValueError("the train message carries no download bytes")
+        res = client_mod.client_update(download, ds.train_x[idx], ds.train_y[idx], simulate.model_builder(c, ds),
+                                       simulate.train_config(c), k, int(rec["round"]), budget)
+        return Message(RecordDict({
+            "fedmpq": ConfigRecord({"upload": res.upload, "client": k}),
+            "metrics": MetricRecord({"train_accuracy": res.train_accuracy, "train_loss": res.train_loss,
+                                     "seconds": res.seconds, "quant_seconds": res.quant_seconds}),
+        }), reply_to=msg)
+
+    return app
+
+
+app = make_app()  # what `flwr run` loads (flower/pyproject.toml)

@@ -1,0 +1,44 @@
+"""The Flower app's configuration: Flower's run config (``[tool.flwr.app.config]``,
+``flwr run --run-config``) holds the same keys as ``fedmpq simulate``, with ``-`` or ``_``,
+plus the app's own keys below. Flower's values are scalars only, so ``budgets`` is a
+comma-separated string (``"2,2,4,4,4,6,6,6,8,8"``), ``alpha`` may be ``"iid"`` and an empty
+``data_dir`` means the dataset's default location."""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Tuple
+
+from .. import simulate
+
+# The app's own keys: where results go, how long a round and the wait for nodes may take,
+# and a config file (JSON or YAML) read first, the run config's keys overriding it.
+APP_DEFAULTS: Dict[str, Any] = {"out": "", "round_timeout": 600.0, "node_timeout": 120.0, "config": ""}
+
+
+def _value(key: str, v: Any) -> Any:
+    if key == "budgets" and isinstance(v, str):
+        try:
+            return [float(b) if "." in b else int(b) for b in v.replace(" ", "").split(",") if b]
+        except ValueError:
+            raise simulate.ConfigError(f"budgets must be comma-separated numbers, got {v!r}") from None
+    if key == "alpha" and isinstance(v, str) and v.lower() in ("iid", "none", ""):
+        return None
+    if key == "data_dir" and v == "":
+        return None
+    return v
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(the federation's checked config, the app's settings) from a Flower run config.
+
+    Raises :class:`fedmpq.simulate.ConfigError` naming the first bad or unknown key."""
+    raw = {k.replace("-", "_"): v for k, v in dict(run_config).items()}
+    app = dict(APP_DEFAULTS)
+    for k in APP_DEFAULTS:
+        if k in raw:
+            app[k] = raw.pop(k)
+    for k in ("round_timeout", "node_timeout"):
+        if isinstance(app[k], bool) or not isinstance(app[k], (int, float)) or not app[k] > 0:
+            raise simulate.ConfigError(f"{k.replace('_', '-')} must be a number of seconds > 0, got {app[k]!r}")
+    cfg: Dict[str, Any] = simulate.load_config_file(app["config"]) if app["config"] else {}
+    cfg.update({k: _value(k, v) for k, v in raw.items()})
+    return simulate.check_config(cfg), app

@@ -1,0 +1,135 @@
+"""The FedMPQ ``ServerApp``: the round loop of ``fedmpq simulate`` (:func:`fedmpq.simulate.federate`:
+the same sampling, downloads, aggregation, bit reassignment, evaluation, ``results.json``
+and checkpoints) with Flower carrying the payloads: one train message per sampled node,
+holding that client's own download (its layers at its bit assignment) as bytes.
+
+Flower's built-in strategies send one message to all nodes and aggregate arrays; FedMPQ
+needs a different payload per client and its own aggregation, so the loop talks to the
+``Grid`` directly, as the strategies themselves do inside.
+
+A node that is offline, raises, does not answer within ``round-timeout`` seconds, or
+replies without an upload is left out of that round with a logged reason; an upload that
+does not decode is left out by the server's aggregation. The run goes on with the rest.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from .. import data as data_mod
+from .. import simulate
+from .config import from_run_config
+
+log = logging.getLogger("fedmpq")
+
+
+def wait_for_nodes(grid: Grid, n: int, timeout: float, poll: float = 0.5) -> List[int]:
+    """The ids of the connected nodes once at least ``n`` are; ``TimeoutError`` after
+    ``timeout`` seconds. (Flower's own ``sample_nodes`` waits without a limit.)"""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = sorted(grid.get_node_ids())
+        if len(ids) >= n:
+            return ids
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(ids)} of the {n} nodes the run needs connected within {timeout:g} s")
+        time.sleep(poll)
+
+
+def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -> Tuple[Dict[int, int], Dict[int, float],
+                                                                                        Dict[int, int]]:
+    """Ask every node which client it is: ({client: node id}, {client: budget}, {client:
+    samples}). Raises ``RuntimeError`` when the nodes do not cover clients 0..n_clients-1
+    exactly once (naming the gap or the duplicate)."""
+    msgs = [Message(RecordDict({}), dst_node_id=nid, message_type=MessageType.QUERY + ".info") for nid in ids]
+    node_of, budgets, samples = {}, {}, {}
+    for rep in grid.send_and_receive(msgs, timeout=timeout):
+        nid = rep.metadata.src_node_id
+        if rep.has_error():
+            log.warning("node %d could not say which client it is: %s", nid, rep.error.reason)
+            continue
+        rec = rep.content["info"]
+        k = int(rec["client"])
+        if k in node_of:
+            raise RuntimeError(f"nodes {node_of[k]} and {nid} both say they are client {k} (partition-id)")
+        b = float(rec["budget"])
+        node_of[k], budgets[k], samples[k] = nid, int(b) if b.is_integer() else b, int(rec["num_samples"])
+    missing = sorted(set(range(n_clients)) - set(node_of))
+    if missing:
+        raise RuntimeError(f"no node is client {missing[0]} (of 0..{n_clients - 1}); {len(node_of)} of "
+                           f"{n_clients} nodes identified themselves")
+    return node_of, budgets, samples
+
+
+def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float) -> simulate.Transport:
+    """A :data:`fedmpq.simulate.Transport` over Flower: one train message per sampled client
+    to its node, the replies' upload bytes back."""
+    client_of = {nid: k for k, nid in node_of.items()}
+
+    def train(r: int, downloads: Dict[int, bytes]):
+        online = set(grid.get_node_ids())
+        msgs = []
+        for k, blob in sorted(downloads.items()):
+            if node_of[k] not in online:
+                log.warning("round %d: the node of client %d is offline; left out", r, k)
+                continue
+            content = RecordDict({"fedmpq": ConfigRecord({"download": blob, "round": r, "client": k})})
+            msgs.append(Message(content, dst_node_id=node_of[k], message_type=MessageType.TRAIN, group_id=str(r)))
+        asked = {client_of[m.metadata.dst_node_id] for m in msgs}
+        uploads, train_acc, quant, answered = {}, [], 0.0, set()
+        for rep in grid.send_and_receive(msgs, timeout=timeout):
+            k = client_of.get(rep.metadata.src_node_id)
+            if k is None or k not in asked:
+                continue
+            answered.add(k)
+            if rep.has_error():
+                log.warning("round %d: client %d failed and is left out: %s", r, k, rep.error.reason)
+                continue
+            try:
+                up = rep.content["fedmpq"]["upload"]
+                m = rep.content["metrics"]
+                if not isinstance(up, bytes):
+                    raise TypeError("upload is not bytes")
+                acc, qs = float(m["train_accuracy"]), float(m["quant_seconds"])
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("round %d: client %d replied without an upload and is left out: %s", r, k, e)
+                continue
+            uploads[k] = up
+            train_acc.append(acc)
+            quant += qs
+        for k in sorted(asked - answered):
+            log.warning("round %d: client %d did not reply within %g s and is left out", r, k, timeout)
+        return uploads, train_acc, quant
+
+    return train
+
+
+def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
+    """A ServerApp running the federation its run config describes (:mod:`fedmpq.flower.config`);
+    ``run_config`` entries override Flower's (``run_simulation`` passes none)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        logging.getLogger("fedmpq").setLevel(logging.INFO)
+        c, opts = from_run_config({**dict(context.run_config), **dict(run_config or {})})
+        ds = data_mod.load(c["dataset"], c["data_dir"])  # the server's held-out test set
+        ids = wait_for_nodes(grid, c["n_clients"], opts["node_timeout"])
+        node_of, budgets, samples = identify_nodes(grid, ids, c["n_clients"], opts["node_timeout"])
+        c = dict(c, budgets=[budgets[k] for k in range(c["n_clients"])])  # the nodes' own budgets
+        res = simulate.federate(c, ds, samples, budgets, grid_transport(grid, node_of, opts["round_timeout"]),
+                                out=opts["out"] or None, progress=False)
+        last = res["rounds"][-1] if res["rounds"] else None
+        if last:
+            log.info("final accuracy %.4f after %d rounds%s", last["accuracy"], last["round"],
+                     f"; results in {opts['out']}" if opts["out"] else "")
+
+    return app
+
+
+app = make_app()  # what `flwr run` loads (flower/pyproject.toml)
