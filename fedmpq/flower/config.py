@@ -9,9 +9,9 @@ from typing import Any, Dict, Mapping, Tuple
 
 from .. import simulate
 
-# The app's own keys: where results go, how long a round and the wait for nodes may take,
-# and a config file (JSON or YAML) read first, the run config's keys overriding it.
-APP_DEFAULTS: Dict[str, Any] = {"out": "", "round_timeout": 600.0, "node_timeout": 120.0, "config": ""}
+# The app's own keys: where results go ("" = nowhere), how long a round and the wait for the
+# nodes may take (seconds).
+APP_DEFAULTS: Dict[str, Any] = {"out": "", "round_timeout": 600.0, "node_timeout": 120.0}
 
 
 def _value(key: str, v: Any) -> Any:
@@ -39,6 +39,6 @@ def from_run_config(run_config: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict
     for k in ("round_timeout", "node_timeout"):
         if isinstance(app[k], bool) or not isinstance(app[k], (int, float)) or not app[k] > 0:
             raise simulate.ConfigError(f"{k.replace('_', '-')} must be a number of seconds > 0, got {app[k]!r}")
-    cfg: Dict[str, Any] = simulate.load_config_file(app["config"]) if app["config"] else {}
-    cfg.update({k: _value(k, v) for k, v in raw.items()})
-    return simulate.check_config(cfg), app
+    if not isinstance(app["out"], str):
+        raise simulate.ConfigError(f"out must be a folder path (a string), got {app['out']!r}")
+    return simulate.check_config({k: _value(k, v) for k, v in raw.items()}), app

@@ -1,0 +1,278 @@
+"""The Flower app: its configuration, the node/client mapping, the Grid transport's handling of
+failing, silent and malformed nodes (against a stand-in Grid), Flower's in-process simulation
+against ``fedmpq simulate``, and a real deployment on 127.0.0.1 (a SuperLink and three
+SuperNodes as processes, one killed mid-run)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+flwr = pytest.importorskip("flwr", reason="the flower extra is not installed")
+
+from fedmpq import simulate  # noqa: E402
+from fedmpq.flower import client_app, config, server_app  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_epochs=1, batch_size=64, alpha=0.5)
+
+
+@pytest.fixture(autouse=True)
+def _flower_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr_home"))
+
+
+# --- configuration -------------------------------------------------------------------------
+
+def test_run_config_takes_simulate_keys_flower_style():
+    c, app = config.from_run_config({"n-clients": 3, "budgets": "2, 4,8", "alpha": "iid", "data-dir": "",
+                                     "round-timeout": 5, "out": "/tmp/x"})
+    assert c == simulate.check_config(dict(n_clients=3, budgets=[2, 4, 8], alpha=None))
+    assert app == {"out": "/tmp/x", "round_timeout": 5, "node_timeout": 120.0}
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"bogus": 1}, "unknown config key 'bogus'"),
+    ({"budgets": "2,x,8", "n-clients": 3}, "budgets must be comma-separated numbers"),
+    ({"budgets": "2,4,9", "n-clients": 3}, "every budget must be in 1..8"),
+    ({"round-timeout": 0}, "round-timeout must be a number of seconds > 0"),
+    ({"node-timeout": "soon"}, "node-timeout must be a number of seconds > 0"),
+    ({"out": 3}, "out must be a folder path"),
+])
+def test_bad_run_configs_are_refused_by_name(bad, msg):
+    with pytest.raises(simulate.ConfigError, match=msg):
+        config.from_run_config(bad)
+
+
+def test_the_apps_pyproject_holds_simulates_defaults():
+    import tomllib
+
+    table = tomllib.loads((ROOT / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    c, app = config.from_run_config(table)
+    assert c == simulate.check_config({})
+    assert app == config.APP_DEFAULTS
+
+
+@pytest.mark.parametrize("node,expect", [
+    ({"partition-id": 1, "num-partitions": 3}, (1, 4)),
+    ({"partition-id": 2, "num-partitions": 3, "budget": 3.5}, (2, 3.5)),
+    ({"partition-id": 0}, (0, 2)),
+    ({}, "no partition-id"),
+    ({"partition-id": 1, "num-partitions": 4}, "num-partitions=4, the run has n_clients=3"),
+    ({"partition-id": 3, "num-partitions": 3}, "partition-id 3 is outside 0..2"),
+    ({"partition-id": 0, "budget": 9}, "budget must be in 1..8"),
+])
+def test_a_node_config_names_its_client_and_budget(node, expect):
+    c = simulate.check_config(SMALL)
+    if isinstance(expect, str):
+        with pytest.raises(ValueError, match=expect):
+            client_app.node_client(node, c)
+    else:
+        assert client_app.node_client(node, c) == expect
+
+
+# --- the transport against a stand-in Grid -------------------------------------------------------
+
+class _Msg:
+    """Stands in for flwr's Message (which needs a running app to be built)."""
+
+    def __init__(self, content, dst_node_id, message_type, group_id=None):
+        self.content, self.metadata = content, SimpleNamespace(dst_node_id=dst_node_id, src_node_id=dst_node_id)
+        self.message_type = message_type
+
+    def has_error(self):
+        return False
+
+
+class _Reply:
+    def __init__(self, src, content=None, error=None):
+        self.metadata = SimpleNamespace(src_node_id=src)
+        self._content, self._error = content, error
+
+    @property
+    def content(self):
+        if self._content is None:
+            raise ValueError("no content")
+        return self._content
+
+    @property
+    def error(self):
+        return self._error
+
+    def has_error(self):
+        return self._error is not None
+
+
+class _Grid:
+    def __init__(self, online, answer):
+        self.online, self.answer, self.sent = online, answer, []
+
+    def get_node_ids(self):
+        return list(self.online)
+
+    def send_and_receive(self, msgs, timeout=None):
+        self.sent = list(msgs)
+        return [r for m in self.sent if (r := self.answer(m)) is not None]
+
+
+def test_the_transport_leaves_out_failing_silent_malformed_and_offline_nodes(monkeypatch, caplog):
+    monkeypatch.setattr(server_app, "Message", _Msg)
+    node_of = {0: 100, 1: 101, 2: 102, 3: 103, 4: 104}
+
+    def answer(m):
+        nid, rec = m.metadata.dst_node_id, m.content["fedmpq"]
+        up = {"fedmpq": {"upload": b"UP" + rec["download"], "client": rec["client"]},
+              "metrics": {"train_accuracy": 0.5 + rec["client"] / 10, "quant_seconds": 0.25}}
+        if nid == 101:
+            return _Reply(nid, error=SimpleNamespace(code=2, reason="boom in the ClientApp"))
+        if nid == 102:
+            return None  # never answers
+        if nid == 103:
+            return _Reply(nid, content={"fedmpq": {"client": 3}, "metrics": {}})
+        return _Reply(nid, content=up)
+
+    grid = _Grid(online=[100, 101, 102, 103], answer=answer)  # 104 is offline
+    caplog.set_level(logging.WARNING, logger="fedmpq")
+    train = server_app.grid_transport(grid, node_of, timeout=7)
+    uploads, acc, quant = train(3, {k: bytes([k]) for k in range(5)})
+    assert uploads == {0: b"UP\x00"} and acc == [0.5] and quant == 0.25
+    assert sorted(m.metadata.dst_node_id for m in grid.sent) == [100, 101, 102, 103]
+    assert all(m.content["fedmpq"]["round"] == 3 for m in grid.sent)
+    log = caplog.text
+    assert "client 1 failed and is left out: boom in the ClientApp" in log
+    assert "client 2 did not reply within 7 s" in log
+    assert "client 3 replied without an upload" in log
+    assert "the node of client 4 is offline" in log
+
+
+def test_nodes_that_do_not_cover_the_clients_are_refused(monkeypatch):
+    monkeypatch.setattr(server_app, "Message", _Msg)
+
+    def grid_of(clients):
+        info = {100 + i: k for i, k in enumerate(clients)}
+        return _Grid(list(info), lambda m: _Reply(m.metadata.dst_node_id, content={"info": {
+            "client": info[m.metadata.dst_node_id], "budget": 4.0, "num_samples": 10}}))
+
+    node_of, budgets, samples = server_app.identify_nodes(grid_of([2, 0, 1]), [100, 101, 102], 3, 5)
+    assert node_of == {2: 100, 0: 101, 1: 102} and budgets == {0: 4, 1: 4, 2: 4} and samples[0] == 10
+    with pytest.raises(RuntimeError, match="both say they are client 0"):
+        server_app.identify_nodes(grid_of([0, 0, 1]), [100, 101, 102], 3, 5)
+    with pytest.raises(RuntimeError, match="no node is client 2"):
+        server_app.identify_nodes(grid_of([0, 1]), [100, 101], 3, 5)
+    with pytest.raises(TimeoutError, match="only 2 of the 3 nodes"):
+        server_app.wait_for_nodes(grid_of([0, 1]), 3, timeout=0.2, poll=0.05)
+
+
+# --- Flower's in-process simulation against fedmpq simulate --------------------------------------
+
+def test_flower_simulation_gives_the_same_model_as_fedmpq_simulate(tmp_path):
+    from fedmpq.flower import simulation
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # Flower's Ray workers run clients on one thread: the same float sums
+    try:
+        a = simulation.run(SMALL, out=str(tmp_path / "flower"), round_timeout=300)
+        b = simulate.run(SMALL, out=str(tmp_path / "sim"), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    keys = ("accuracy", "bytes_up", "bytes_down", "bits", "assigned_mean_bits", "reported")
+    assert [{k: r[k] for k in keys} for r in a["rounds"]] == [{k: r[k] for k in keys} for r in b["rounds"]]
+    ga = torch.load(tmp_path / "flower" / "checkpoint.pt", weights_only=True)["server"]
+    gb = torch.load(tmp_path / "sim" / "checkpoint.pt", weights_only=True)["server"]
+    assert ga["assignments"] == gb["assignments"]
+    for k, v in gb["global_state"].items():
+        assert torch.equal(ga["global_state"][k], v), k
+    assert simulate.compare([str(tmp_path / "flower"), str(tmp_path / "sim")]).count("| fedmpq (digits) |") == 1
+
+
+# --- a deployment on 127.0.0.1 ------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _healthy(port):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's command-line tools are missing")
+def test_a_deployment_finishes_when_a_supernode_dies_mid_run(tmp_path):
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    procs = []
+
+    def spawn(cmd, name):
+        log = open(tmp_path / f"{name}.log", "w")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        return procs[-1]
+
+    out = tmp_path / "results"
+    try:
+        spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+               "--disable-runtime-dependency-installation"], "superlink")
+        _wait(lambda: _healthy(port), 60, "the SuperLink")
+        nodes = [spawn(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
+                        str(_free_port()), "--max-wait-time", "120",
+                        "--node-config", f"partition-id={i} num-partitions=3"], f"supernode{i}") for i in range(3)]
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                          f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+        run_cfg = (f"rounds=2 n-clients=3 budgets='2,4,8' local-epochs=1 batch-size=64 round-timeout=25.0 "
+                   f"out='{out}'")
+        flwr_run = spawn(["flwr", "run", str(ROOT / "flower"), "local", "--run-config", run_cfg, "--stream"], "flwr_run")
+        # Kill client 2's SuperNode (its whole process group) once round 1 is recorded.
+        _wait(lambda: (out / "results.json").exists() and json.loads((out / "results.json").read_text())["rounds"],
+              240, "round 1")
+        os.killpg(nodes[2].pid, signal.SIGKILL)
+        _wait(lambda: len(json.loads((out / "results.json").read_text())["rounds"]) == 2, 240, "round 2")
+        flwr_run.wait(timeout=60)
+        rounds = json.loads((out / "results.json").read_text())["rounds"]
+        assert rounds[0]["reported"] == [0, 1, 2]
+        assert rounds[-1]["reported"] == [0, 1]  # the run finished with the others
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in rounds)
+        assert "client 2 did not reply" in (tmp_path / "flwr_run.log").read_text() + _logs(tmp_path)
+    finally:
+        for p in reversed(procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _logs(tmp_path: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
