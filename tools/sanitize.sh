@@ -103,5 +103,7 @@ esac
 # --capture=sys: pytest's default fd capture would swallow a report written to fd 2 by a
 # process the sanitizer then ends; with sys capture it reaches the terminal.
 rc=0
-"$PY" -m pytest tests -q -p no:cacheprovider --capture=sys "$@" || rc=$?
+# Flower's tests start Ray and Flower's own servers as subprocesses, which would inherit the
+# preloaded sanitizer runtime; the native code they reach is tested by the rest of the suite.
+"$PY" -m pytest tests -q -p no:cacheprovider --capture=sys --ignore=tests/fedmpq/test_flower.py "$@" || rc=$?
 exit "$rc"

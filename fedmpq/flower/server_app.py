@@ -108,6 +108,17 @@ def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float) -> simul
     return train
 
 
+def _log_to_stderr() -> None:
+    # fedmpq's round lines only (the root logger at INFO would also print every HTTP request);
+    # through the root's handlers where somebody configured them, else a handler of its own.
+    if not logging.getLogger().handlers and not any(getattr(h, "_fedmpq", False) for h in log.handlers):
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._fedmpq = True  # type: ignore[attr-defined]
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+
+
 def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
     """A ServerApp running the federation its run config describes (:mod:`fedmpq.flower.config`);
     ``run_config`` entries override Flower's (``run_simulation`` passes none)."""
@@ -115,8 +126,7 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-        logging.getLogger("fedmpq").setLevel(logging.INFO)
+        _log_to_stderr()
         c, opts = from_run_config({**dict(context.run_config), **dict(run_config or {})})
         ds = data_mod.load(c["dataset"], c["data_dir"])  # the server's held-out test set
         ids = wait_for_nodes(grid, c["n_clients"], opts["node_timeout"])
