@@ -1,0 +1,127 @@
+"""Flower against ``fedmpq simulate``: the same federation run in-process, through Flower's
+simulation engine and (``--deployment``) through a SuperLink and one SuperNode per client on
+127.0.0.1; the median round time of each from its ``results.json``, and the bytes Flower puts
+on the wire per round for fedmpq's packed payloads against float32 FedAvg (``fp``).
+
+    python tools/flower_bench.py --rounds 5 --deployment
+
+Wire bytes: each train message and reply as Flower 1.42 sends it, the serialized objects it
+is split into (message, record dict, records) measured with Flower's own ``deflate``, HTTP
+headers not counted. Used for docs/BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wire_bytes(payload: int, upload: bool) -> int:
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    if upload:
+        rd = RecordDict({"fedmpq": ConfigRecord({"upload": b"\0" * payload, "client": 7}),
+                         "metrics": MetricRecord({"train_accuracy": 0.5, "train_loss": 0.5, "seconds": 1.0,
+                                                  "quant_seconds": 0.1})})
+    else:
+        rd = RecordDict({"fedmpq": ConfigRecord({"download": b"\0" * payload, "round": 3, "client": 7})})
+    return sum(len(o.deflate()) for o in get_all_nested_objects(rd).values())
+
+
+def _median_round(res) -> float:
+    return statistics.median(r["seconds"] for r in res["rounds"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _deployment(cfg, out: Path) -> dict:
+    home = Path(tempfile.mkdtemp())
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(home),
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    port, procs = _free_port(), []
+    try:
+        procs.append(subprocess.Popen(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
+                                       "--disable-runtime-dependency-installation"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        n = cfg["n_clients"]
+        for i in range(n):
+            procs.append(subprocess.Popen(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                                           "--port", str(_free_port()), "--node-config",
+                                           f"partition-id={i} num-partitions={n}"], env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))
+        (home / "config.toml").write_text(f'[superlink.b]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
+        budgets = ",".join(map(str, cfg["budgets"]))
+        rc = (f"alg='{cfg['alg']}' rounds={cfg['rounds']} n-clients={n} budgets='{budgets}' "
+              f"local-epochs={cfg['local_epochs']} out='{out}'")
+        subprocess.run(["flwr", "run", str(ROOT / "flower"), "b", "--run-config", rc, "--stream"], env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
+        return json.loads((out / "results.json").read_text())
+    finally:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--deployment", action="store_true", help="also run a SuperLink and SuperNodes on 127.0.0.1")
+    args = ap.parse_args()
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    from fedmpq import simulate
+    from fedmpq.flower import simulation
+
+    tmp = Path(tempfile.mkdtemp())
+    rows = []
+    for alg in ("fedmpq", "fp"):
+        cfg = simulate.check_config(dict(alg=alg, rounds=args.rounds))
+        runs = {"fedmpq simulate": simulate.run(cfg, out=str(tmp / f"sim_{alg}"), progress=False),
+                "Flower simulation": simulation.run(cfg, out=str(tmp / f"flower_{alg}"))}
+        if args.deployment:
+            runs["Flower deployment"] = _deployment(cfg, tmp / f"deploy_{alg}")
+        for how, res in runs.items():
+            last = res["rounds"][-1]
+            n_up, n_down = len(last["reported"]), len(last["bits"]) or len(last["reported"])
+            up, down = last["bytes_up"], last["bytes_down"]
+            wire = n_up * _wire_bytes(up // max(n_up, 1), True) + n_down * _wire_bytes(down // max(n_down, 1), False)
+            rows.append((alg, how, _median_round(res), up + down, wire, last["float32_bytes"]))
+    print(f"digits, {cfg['n_clients']} clients, {args.rounds} rounds; {sys.platform}, torch threads "
+          f"{__import__('torch').get_num_threads()}")
+    print("| alg | how | median round (s) | payload bytes per round | on Flower's wire | float32 equivalent |")
+    print("|---|---|---|---|---|---|")
+    for alg, how, sec, payload, wire, f32 in rows:
+        print(f"| {alg} | {how} | {sec:.3f} | {payload:,} | {wire:,} | {f32:,} |")
+
+
+if __name__ == "__main__":
+    main()
