@@ -96,6 +96,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--deployment", action="store_true", help="also run a SuperLink and SuperNodes on 127.0.0.1")
+    ap.add_argument("--algs", default="fedmpq,fp", help="comma-separated algorithms (default fedmpq,fp)")
+    ap.add_argument("--skip-simulations", action="store_true", help="only the deployment (with --deployment)")
     args = ap.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from fedmpq import simulate
@@ -103,10 +105,12 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp())
     rows = []
-    for alg in ("fedmpq", "fp"):
+    for alg in args.algs.split(","):
         cfg = simulate.check_config(dict(alg=alg, rounds=args.rounds))
-        runs = {"fedmpq simulate": simulate.run(cfg, out=str(tmp / f"sim_{alg}"), progress=False),
-                "Flower simulation": simulation.run(cfg, out=str(tmp / f"flower_{alg}"))}
+        runs = {}
+        if not args.skip_simulations:
+            runs["fedmpq simulate"] = simulate.run(cfg, out=str(tmp / f"sim_{alg}"), progress=False)
+            runs["Flower simulation"] = simulation.run(cfg, out=str(tmp / f"flower_{alg}"))
         if args.deployment:
             runs["Flower deployment"] = _deployment(cfg, tmp / f"deploy_{alg}")
         for how, res in runs.items():
@@ -115,6 +119,7 @@ def main() -> None:
             up, down = last["bytes_up"], last["bytes_down"]
             wire = n_up * _wire_bytes(up // max(n_up, 1), True) + n_down * _wire_bytes(down // max(n_down, 1), False)
             rows.append((alg, how, _median_round(res), up + down, wire, last["float32_bytes"]))
+            print(f"{alg}, {how}: rounds {[round(r['seconds'], 2) for r in res['rounds']]} s", flush=True)
     print(f"digits, {cfg['n_clients']} clients, {args.rounds} rounds; {sys.platform}, torch threads "
           f"{__import__('torch').get_num_threads()}")
     print("| alg | how | median round (s) | payload bytes per round | on Flower's wire | float32 equivalent |")
