@@ -203,6 +203,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
         downloads = srv.downloads(r, sampled)  # binarize + encode
         td = time.perf_counter() - td
         uploads, train_acc, quant = transport(r, downloads)
+        uploads = dict(sorted(uploads.items()))  # aggregate in client order, whatever order replies came in
         report = srv.aggregate(r, uploads)
         acc = srv.evaluate(ds.test_x, ds.test_y)
         row = dict(round=r, accuracy=acc, accuracy_train_mode=srv.evaluate_train_mode(ds.test_x, ds.test_y, seed=r),

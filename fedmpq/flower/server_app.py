@@ -80,7 +80,7 @@ def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float) -> simul
             content = RecordDict({"fedmpq": ConfigRecord({"download": blob, "round": r, "client": k})})
             msgs.append(Message(content, dst_node_id=node_of[k], message_type=MessageType.TRAIN, group_id=str(r)))
         asked = {client_of[m.metadata.dst_node_id] for m in msgs}
-        uploads, train_acc, quant, answered = {}, [], 0.0, set()
+        uploads, acc_of, quant, answered = {}, {}, 0.0, set()
         for rep in grid.send_and_receive(msgs, timeout=timeout):
             k = client_of.get(rep.metadata.src_node_id)
             if k is None or k not in asked:
@@ -99,11 +99,12 @@ def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float) -> simul
                 log.warning("round %d: client %d replied without an upload and is left out: %s", r, k, e)
                 continue
             uploads[k] = up
-            train_acc.append(acc)
+            acc_of[k] = acc
             quant += qs
         for k in sorted(asked - answered):
             log.warning("round %d: client %d did not reply within %g s and is left out", r, k, timeout)
-        return uploads, train_acc, quant
+        # in client order: replies arrive in any order, and float sums depend on it
+        return dict(sorted(uploads.items())), [acc_of[k] for k in sorted(acc_of)], quant
 
     return train
 
