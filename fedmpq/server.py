@@ -408,8 +408,6 @@ class Server:
         import logging
         import time
 
-        import torch
-
         from . import aggregate as agg_mod
         from . import wire
 
@@ -460,15 +458,18 @@ class Server:
         self.global_state = {k: result[k].to(v.dtype) for k, v in self.global_state.items()}
         names = list(self.layer_sizes)
         sizes = list(self.layer_sizes.values())
+
+        def mean_bits(b: List[int]) -> float:  # weighted by each layer's weights
+            return sum(x * s for x, s in zip(b, sizes)) / sum(sizes)
+
         for st in agg.stats:
             b = [st.bits[n] for n in names]
             report["bits"][st.client_id] = b
-            report["mean_bits"][st.client_id] = sum(x * s for x, s in zip(b, sizes)) / sum(sizes)
+            report["mean_bits"][st.client_id] = mean_bits(b)
         report["reported"] = [st.client_id for st in agg.stats]
         if self.alg == "fedmpq":
             self.assignments = next_assignments(agg.stats, self.budgets, self.layer_sizes)
-        report["assigned_mean_bits"] = {k: sum(x * s for x, s in zip(b, sizes)) / sum(sizes)
-                                        for k, b in sorted(self.assignments.items())}
+        report["assigned_mean_bits"] = {k: mean_bits(b) for k, b in sorted(self.assignments.items())}
         report["seconds"] = time.perf_counter() - t0
         return report
 

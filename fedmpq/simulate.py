@@ -15,8 +15,6 @@ the bit-plane optimizer, precision reduction and encode on the clients, aggregat
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import logging
 import math
@@ -340,6 +338,25 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
     return table
 
 
+def parse_budgets(text: str) -> List[Any]:
+    """``"2,4,8"`` -> ``[2, 4, 8]`` (``"2.5"`` stays a float); raises :class:`ConfigError`."""
+    try:
+        return [float(b) if "." in b else int(b) for b in text.replace(" ", "").split(",") if b]
+    except ValueError:
+        raise ConfigError(f"budgets must be comma-separated numbers, got {text!r}") from None
+
+
+def parse_alpha(text: str) -> Optional[float]:
+    """``"iid"``/``"none"`` (or empty) -> None (no Dirichlet split), else the number; raises
+    :class:`ConfigError`."""
+    if text.strip().lower() in ("iid", "none", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"alpha must be a number or iid, got {text!r}") from None
+
+
 def _config_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML or JSON file with config keys")
     p.add_argument("--out", help="results folder (results.json, rounds.csv, plots, checkpoint)")
@@ -348,17 +365,22 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
         flag = "--" + k.replace("_", "-")
         kw: Dict[str, Any] = dict(dest=k, default=argparse.SUPPRESS)  # absent: not in args at all
         if k == "budgets":
-            kw["type"] = lambda s: [float(b) if "." in b else int(b) for b in s.split(",")]
+            kw["type"] = parse_budgets
         elif k == "alpha":
-            kw["type"] = lambda s: None if s in ("none", "iid") else float(s)
+            kw["type"] = parse_alpha
         elif not (isinstance(v, bool) or v is None):
             kw["type"] = type(v)
         p.add_argument(flag, **kw)
 
 
+def _flags(args: argparse.Namespace) -> Dict[str, Any]:
+    """The config keys given as flags (absent flags are not in ``args``)."""
+    return {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
+
+
 def _flag_config(args: argparse.Namespace) -> Dict[str, Any]:
     cfg: Dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
-    cfg.update({k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)})
+    cfg.update(_flags(args))
     return cfg
 
 
@@ -401,7 +423,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 if not ck.exists():
                     raise ConfigError(f"nothing to resume: {ck} does not exist")
                 cfg = torch.load(ck, weights_only=True)["config"]
-                cfg.update({k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)})
+                cfg.update(_flags(args))
                 out = args.resume
             else:
                 cfg = _flag_config(args)

@@ -14,14 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,52 +39,16 @@ def _median_round(res) -> float:
     return statistics.median(r["seconds"] for r in res["rounds"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _deployment(cfg, out: Path) -> dict:
-    home = Path(tempfile.mkdtemp())
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(home),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    port, procs = _free_port(), []
-    try:
-        procs.append(subprocess.Popen(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-                                       "--disable-runtime-dependency-installation"], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        for _ in range(300):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        n = cfg["n_clients"]
-        for i in range(n):
-            procs.append(subprocess.Popen(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                           "--port", str(_free_port()), "--node-config",
-                                           f"partition-id={i} num-partitions={n}"], env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          start_new_session=True))
-        (home / "config.toml").write_text(f'[superlink.b]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-        budgets = ",".join(map(str, cfg["budgets"]))
-        rc = (f"alg='{cfg['alg']}' rounds={cfg['rounds']} n-clients={n} budgets='{budgets}' "
-              f"local-epochs={cfg['local_epochs']} out='{out}'")
-        subprocess.run(["flwr", "run", str(ROOT / "flower"), "b", "--run-config", rc, "--stream"], env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=3600)
-        return json.loads((out / "results.json").read_text())
-    finally:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+    from fedmpq.flower.local import LocalFederation
+
+    n = cfg["n_clients"]
+    budgets = ",".join(map(str, cfg["budgets"]))
+    rc = (f"alg='{cfg['alg']}' rounds={cfg['rounds']} n-clients={n} budgets='{budgets}' "
+          f"local-epochs={cfg['local_epochs']} out='{out}'")
+    with LocalFederation(n, home=Path(tempfile.mkdtemp())) as fed:
+        fed.flwr_run(ROOT / "flower", rc).wait(timeout=3600)
+    return json.loads((out / "results.json").read_text())
 
 
 def main() -> None:

@@ -16,12 +16,9 @@ APP_DEFAULTS: Dict[str, Any] = {"out": "", "round_timeout": 600.0, "node_timeout
 
 def _value(key: str, v: Any) -> Any:
     if key == "budgets" and isinstance(v, str):
-        try:
-            return [float(b) if "." in b else int(b) for b in v.replace(" ", "").split(",") if b]
-        except ValueError:
-            raise simulate.ConfigError(f"budgets must be comma-separated numbers, got {v!r}") from None
-    if key == "alpha" and isinstance(v, str) and v.lower() in ("iid", "none", ""):
-        return None
+        return simulate.parse_budgets(v)
+    if key == "alpha" and isinstance(v, str):
+        return simulate.parse_alpha(v)
     if key == "data_dir" and v == "":
         return None
     return v

@@ -8,11 +8,7 @@ import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -205,80 +201,12 @@ def test_flower_simulation_gives_the_same_model_as_fedmpq_simulate(tmp_path):
 
 # --- a deployment on 127.0.0.1 ------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait(cond, timeout, what):
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.2)
-
-
-def _healthy(port):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's command-line tools are missing")
-def test_a_deployment_finishes_when_a_supernode_dies_mid_run(tmp_path):
-    home = tmp_path / "flwr_home"
-    home.mkdir()
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_HOME": str(home),
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "OMP_NUM_THREADS": "1"}
-    port = _free_port()
-    procs = []
-
-    def spawn(cmd, name):
-        log = open(tmp_path / f"{name}.log", "w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        return procs[-1]
-
-    out = tmp_path / "results"
-    try:
-        spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(port),
-               "--disable-runtime-dependency-installation"], "superlink")
-        _wait(lambda: _healthy(port), 60, "the SuperLink")
-        nodes = [spawn(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{port}", "--port",
-                        str(_free_port()), "--max-wait-time", "120",
-                        "--node-config", f"partition-id={i} num-partitions=3"], f"supernode{i}") for i in range(3)]
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
-                                          f'address = "127.0.0.1:{port}"\ninsecure = true\n')
-        run_cfg = (f"rounds=2 n-clients=3 budgets='2,4,8' local-epochs=1 batch-size=64 round-timeout=25.0 "
-                   f"out='{out}'")
-        flwr_run = spawn(["flwr", "run", str(ROOT / "flower"), "local", "--run-config", run_cfg, "--stream"], "flwr_run")
-        # Kill client 2's SuperNode (its whole process group) once round 1 is recorded.
-        try:
-            _wait(lambda: len(_rounds(out)) >= 1, 240, "round 1")
-            os.killpg(nodes[2].pid, signal.SIGKILL)
-            _wait(lambda: len(_rounds(out)) == 2, 240, "round 2")
-        except AssertionError as e:
-            raise AssertionError(f"{e}; the processes' logs end with:\n{_logs(tmp_path)[-3000:]}") from None
-        flwr_run.wait(timeout=60)
-        rounds = json.loads((out / "results.json").read_text())["rounds"]
-        assert rounds[0]["reported"] == [0, 1, 2]
-        assert rounds[-1]["reported"] == [0, 1]  # the run finished with the others
-        assert all(0.0 <= r["accuracy"] <= 1.0 for r in rounds)
-        assert "client 2 did not reply" in (tmp_path / "flwr_run.log").read_text() + _logs(tmp_path)
-    finally:
-        for p in reversed(procs):
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
 
 
 def _rounds(out: Path) -> list:
@@ -288,8 +216,28 @@ def _rounds(out: Path) -> list:
         return []
 
 
-def _logs(tmp_path: Path) -> str:
-    return "".join(p.read_text(errors="replace") for p in tmp_path.glob("*.log"))
+@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's command-line tools are missing")
+def test_a_deployment_finishes_when_a_supernode_dies_mid_run(tmp_path):
+    from fedmpq.flower.local import LocalFederation
+
+    out = tmp_path / "results"
+    with LocalFederation(3, home=tmp_path / "flwr_home", log_dir=tmp_path, env={"OMP_NUM_THREADS": "1"}) as fed:
+        run_cfg = (f"rounds=2 n-clients=3 budgets='2,4,8' local-epochs=1 batch-size=64 round-timeout=25.0 "
+                   f"out='{out}'")
+        flwr_run = fed.flwr_run(ROOT / "flower", run_cfg)
+        # Kill client 2's SuperNode (its whole process group) once round 1 is recorded.
+        try:
+            _wait(lambda: len(_rounds(out)) >= 1, 240, "round 1")
+            fed.kill_node(2)
+            _wait(lambda: len(_rounds(out)) == 2, 240, "round 2")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the processes' logs end with:\n{fed.logs()[-3000:]}") from None
+        flwr_run.wait(timeout=60)
+        rounds = json.loads((out / "results.json").read_text())["rounds"]
+        assert rounds[0]["reported"] == [0, 1, 2]
+        assert rounds[-1]["reported"] == [0, 1]  # the run finished with the others
+        assert all(0.0 <= r["accuracy"] <= 1.0 for r in rounds)
+        assert "client 2 did not reply" in fed.logs()
 
 
 def test_fedmpq_flower_refuses_a_bad_config_before_flower_starts(capsys, tmp_path):

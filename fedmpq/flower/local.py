@@ -1,0 +1,115 @@
+"""A Flower deployment on this machine: one SuperLink and ``n`` SuperNodes on 127.0.0.1 as
+processes, insecure (loopback only), for the deployment test and ``tools/flower_bench.py``.
+
+    with LocalFederation(3, home=tmp / "flwr_home", log_dir=tmp) as fed:
+        run = fed.flwr_run(app_dir, "rounds=2 n-clients=3 budgets='2,4,8'")
+        run.wait()
+
+Every process runs in its own session; leaving the ``with`` block stops each one's whole
+process group (SIGTERM, then SIGKILL after 15 s), also when the block raised.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalFederation:
+    """``n_nodes`` SuperNodes (``partition-id=i num-partitions=n_nodes``) and their SuperLink.
+
+    Args:
+        n_nodes: SuperNodes to start.  home: ``FLWR_HOME`` for every process (the connection
+            ``connection`` is written into its ``config.toml``).  log_dir: where each process's
+            output goes (``<name>.log``); None discards it.  env: extra environment variables.
+        startup_timeout: seconds the SuperLink may take to answer its health check.
+    """
+
+    def __init__(self, n_nodes: int, home: Path, log_dir: Optional[Path] = None,
+                 env: Optional[Dict[str, str]] = None, connection: str = "local", startup_timeout: float = 60.0):
+        self.n_nodes, self.home, self.log_dir, self.connection = n_nodes, Path(home), log_dir, connection
+        self.startup_timeout = startup_timeout
+        self.env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                    "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **(env or {})}
+        self.port = free_port()
+        self.procs: List[subprocess.Popen] = []
+        self.nodes: List[subprocess.Popen] = []
+
+    def spawn(self, cmd: List[str], name: str) -> subprocess.Popen:
+        """Start ``cmd`` in its own session with this federation's environment; stopped at exit."""
+        out = open(Path(self.log_dir) / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL
+        self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+        return self.procs[-1]
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def __enter__(self) -> "LocalFederation":
+        self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            self.spawn(["flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+                        "--disable-runtime-dependency-installation"], "superlink")
+            deadline = time.monotonic() + self.startup_timeout
+            while not self._healthy():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the SuperLink on 127.0.0.1:{self.port} did not start within "
+                                       f"{self.startup_timeout:g} s")
+                time.sleep(0.2)
+            self.nodes = [self.spawn(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                                      "--port", str(free_port()), "--max-wait-time", "120", "--node-config",
+                                      f"partition-id={i} num-partitions={self.n_nodes}"], f"supernode{i}")
+                          for i in range(self.n_nodes)]
+            (self.home / "config.toml").write_text(
+                f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
+                f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def flwr_run(self, app_dir: Path, run_config: str, name: str = "flwr_run") -> subprocess.Popen:
+        """``flwr run APP_DIR <connection> --run-config RUN_CONFIG --stream`` as a process."""
+        return self.spawn(["flwr", "run", str(app_dir), self.connection, "--run-config", run_config, "--stream"], name)
+
+    def kill_node(self, i: int) -> None:
+        """SIGKILL SuperNode ``i`` and everything it started."""
+        os.killpg(self.nodes[i].pid, signal.SIGKILL)
+
+    def logs(self) -> str:
+        """Every process's output so far (empty without ``log_dir``)."""
+        if not self.log_dir:
+            return ""
+        return "".join(p.read_text(errors="replace") for p in sorted(Path(self.log_dir).glob("*.log")))
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
