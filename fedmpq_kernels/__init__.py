@@ -15,12 +15,14 @@ Public API::
     group_lasso(popcounts, n, bits) -> (R, coef);  step_key(seed, step, layer) -> int;  uniform(key, n)
     bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key) -> g_s
     precision_reduction(codes, scale, bits, theta) -> (bits, codes, scale)
+    MIN_BITS, MAX_BITS; check_bits(bits, what="bits", float_ok=False) -> int; bitmap_nbytes(n) -> int
 
 One package per op family (``fakequant/``, ``pack/``, ``bitplane/``); backends per device are chosen by
 :mod:`fedmpq_kernels.registry`; ``python -m fedmpq_kernels.info`` prints what runs where
 and why.
 """
 from . import registry
+from ._checks import MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits
 from .bitplane import (binarize, bitplane_step, dequantize, group_lasso, plane_popcounts, precision_reduction,
                        sink_like, step_key, uniform)
 from .fakequant import fake_quant, relu6_fake_quant
@@ -31,5 +33,5 @@ __version__ = "0.1.0"
 __all__ = [
     "fake_quant", "relu6_fake_quant", "binarize", "dequantize", "sink_like", "plane_popcounts", "group_lasso",
     "bitplane_step", "precision_reduction", "step_key", "uniform", "pack_codes", "unpack_codes", "dequant_accumulate", "dequant_accumulate_layers", "layer_coefs",
-    "registry", "use_backend", "__version__",
+    "registry", "use_backend", "__version__", "MIN_BITS", "MAX_BITS", "check_bits", "bitmap_nbytes",
 ]

@@ -6,7 +6,9 @@ import numbers
 
 import torch
 
-ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+MIN_BITS, MAX_BITS = 1, 8  # the bit-widths a weight or code may have
+FLOAT_BITS = 16  # fake_quant's "float in all but name" width (the server's evaluation)
+ALLOWED_BITS = tuple(range(MIN_BITS, MAX_BITS + 1)) + (FLOAT_BITS,)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 STE_MODES = ("identity", "clipped")
 
@@ -44,11 +46,18 @@ def bitmap_arg(bits, n: int, device: torch.device, name: str) -> torch.Tensor:
     return bits
 
 
-def check_bits(bits) -> int:
+def check_bits(bits, what: str = "bits", float_ok: bool = False) -> int:
+    """``bits`` as an int in MIN_BITS..MAX_BITS (1..8), or also 16 with ``float_ok``.
+
+    The one statement of the rule for every op, the wire and the layers. Raises
+    ``TypeError`` (not an integer; bool refused) or ``ValueError`` naming ``what``."""
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
-    if int(bits) not in ALLOWED_BITS:
-        raise ValueError(f"bits must be one of 1..8 or 16, got {bits}")
+        raise TypeError(f"{what} must be an int, got {type(bits).__name__}")
+    if float_ok:
+        if int(bits) not in ALLOWED_BITS:
+            raise ValueError(f"{what} must be one of {MIN_BITS}..{MAX_BITS} or {FLOAT_BITS}, got {bits}")
+    elif not MIN_BITS <= int(bits) <= MAX_BITS:
+        raise ValueError(f"{what} must be in {MIN_BITS}..{MAX_BITS}, got {bits}")
     return int(bits)
 
 

@@ -148,7 +148,7 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
             another device, unknown ``ste``.
     """
     check_float_tensor(x)
-    bits = check_bits(bits)
+    bits = check_bits(bits, float_ok=True)
     check_ste(ste)
     s = _scale_tensor(scale, x)
     grad = torch.is_grad_enabled() and (x.requires_grad or (s is not None and s.requires_grad))
@@ -222,7 +222,7 @@ def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
         Tensor of x's shape and dtype (contiguous).
     """
     check_float_tensor(x)
-    bits = check_bits(bits)
+    bits = check_bits(bits, float_ok=True)
     if _eager(x):
         if torch.is_grad_enabled() and x.requires_grad:
             return _Relu6FakeQuantEager.apply(x, bits)[0]
