@@ -60,7 +60,7 @@ def _run(benchmark, impl, fn, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["copy_", "torch_relu", "relu6+fake_quant"] + BACKENDS)
 def bench_relu6_fake_quant(benchmark, impl, device, numel):
-    _skip(impl, device, "fakequant", "relu6_fake_quant")
+    _skip(impl, device, "fake_quant", "relu6_fake_quant")
     torch.manual_seed(0)
     x = (torch.randn(numel, device=device) * 3).requires_grad_()
     g = torch.randn(numel, device=device)

@@ -2,7 +2,7 @@
 
 Public API::
 
-    fake_quant(x, bits, scale=None, *, ste="identity") -> Tensor      # fakequant/
+    fake_quant(x, bits, scale=None, *, ste="identity") -> Tensor      # fake_quant/
     relu6_fake_quant(x, bits=4) -> Tensor
     pack_codes(codes, bits) -> Tensor                                # pack/
     unpack_codes(planes, bits, n) -> Tensor
@@ -17,7 +17,7 @@ Public API::
     precision_reduction(codes, scale, bits, theta) -> (bits, codes, scale)
     MIN_BITS, MAX_BITS; check_bits(bits, what="bits", float_ok=False) -> int; bitmap_nbytes(n) -> int
 
-One package per op family (``fakequant/``, ``pack/``, ``bitplane/``); backends per device are chosen by
+One package per op family (``fake_quant/``, ``pack/``, ``bitplane/``); backends per device are chosen by
 :mod:`fedmpq_kernels.registry`; ``python -m fedmpq_kernels.info`` prints what runs where
 and why.
 """
@@ -25,7 +25,7 @@ from . import registry
 from ._checks import MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits
 from .bitplane import (binarize, bitplane_step, dequantize, group_lasso, plane_popcounts, precision_reduction,
                        sink_like, step_key, uniform)
-from .fakequant import fake_quant, relu6_fake_quant
+from .fake_quant import fake_quant, relu6_fake_quant
 from .pack import dequant_accumulate, dequant_accumulate_layers, layer_coefs, pack_codes, unpack_codes
 from .registry import use_backend
 

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
-FAMILIES = ("fakequant", "pack", "bitplane")
+FAMILIES = ("fake_quant", "pack", "bitplane")
 _DEFAULT_ORDER = {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "reference"]}
 
 _override: Optional[str] = None

@@ -108,7 +108,7 @@ torch.library.register_autograd("fedmpq::dequantize", _dq_backward, setup_contex
 
 class _DequantizeEager(torch.autograd.Function):
     """The registered op's autograd rule for plain eager tensors, without the dispatcher
-    round trip (see fakequant/ops.py)."""
+    round trip (see fake_quant/ops.py)."""
 
     @staticmethod
     def forward(ctx, codes, sign, scale, bits, sink):

@@ -58,7 +58,7 @@ from typing import Tuple
 import torch
 
 from .._checks import bitmap_nbytes
-from ..fakequant.reference import pack_bitmap, unpack_bitmap
+from ..fake_quant.reference import pack_bitmap, unpack_bitmap
 
 Tensor = torch.Tensor
 

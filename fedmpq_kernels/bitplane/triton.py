@@ -4,7 +4,7 @@ plane_popcounts and the fused optimizer step, bit for bit as
 every step are stated there; ``dequantize_backward`` sums in float64 in another order,
 within 1e-6 relative).
 
-Design (the tricks of :mod:`fedmpq_kernels.fakequant.triton` and ``pack.triton``)
+Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton` and ``pack.triton``)
 --------------------------------------------------------------------------------
 * Every kernel works on a ``[BLOCK // 32, 32]`` tile of the flattened layer: row r of
   program p is elements ``p * BLOCK + 32 * r + (0..31)``, exactly one sign-bitmap word, so
@@ -51,7 +51,7 @@ import triton.language as tl
 
 from .._checks import bitmap_nbytes
 from .._device import on_device
-from ..fakequant.triton import _absmax_partial_kernel
+from ..fake_quant.triton import _absmax_partial_kernel
 
 Tensor = torch.Tensor
 

@@ -1,7 +1,7 @@
 """Packing, Triton backend: pack_codes, unpack_codes, dequant_accumulate, bit for bit as
 :mod:`fedmpq_kernels.pack.reference` (the layout and the float32 order are stated there).
 
-Design (the tricks of :mod:`fedmpq_kernels.fakequant.triton`)
+Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton`)
 -------------------------------------------------------------
 * Every kernel works on a ``[BLOCK // 32, 32]`` tile of the flattened codes / acc: row r of
   program p is elements ``p * BLOCK + 32 * r + (0..31)``, exactly one bitmap word, so the

@@ -23,7 +23,7 @@ class Backend:
     max_numel: int | None = None  # the Triton interpreter is slow: small sizes only
 
     def module(self, family: str):
-        """This backend's module of op family ``family`` (e.g. ``"fakequant"``); skips the
+        """This backend's module of op family ``family`` (e.g. ``"fake_quant"``); skips the
         test where this backend has no such family (the registry falls back to another)."""
         if not registry.has(family, self.name):
             pytest.skip(f"{self.name} has no {family} kernels (the registry falls back to the next backend)")

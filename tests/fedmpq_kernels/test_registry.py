@@ -42,13 +42,13 @@ def reference_only_family(tmp_path, monkeypatch):
 def test_a_backend_a_family_lacks_is_skipped(reference_only_family):
     fam = reference_only_family
     assert registry.has(fam, "reference") and not registry.has(fam, "cpu")
-    assert all(registry.has("fakequant", b) for b in registry.BACKENDS)
+    assert all(registry.has("fake_quant", b) for b in registry.BACKENDS)
     assert registry.backend_for("cpu", fam) == "reference"
     assert registry.get(fam, "twice", "cpu")(3) == 6
     assert registry.get(fam, "twice", "cpu") is registry.get(fam, "twice", "cpu")
     with registry.use_backend("cpu"):  # forced, but this family has no cpu.py: its defaults
         assert registry.backend_for("cpu", fam) == "reference"
-        assert registry.backend_for("cpu", "fakequant") == ("cpu" if native is not None else "reference")
+        assert registry.backend_for("cpu", "fake_quant") == ("cpu" if native is not None else "reference")
 
 
 @pytest.mark.skipif(native is None, reason="native module not built")

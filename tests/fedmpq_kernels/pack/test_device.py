@@ -1,6 +1,6 @@
 """Packing on the GPU: every op runs on its tensors' device and on torch's current stream
 there, and leaves the caller's current device and stream as they were (the rules of
-tests/fedmpq_kernels/fakequant/test_device.py). Skipped without a GPU; the multi-GPU case
+tests/fedmpq_kernels/fake_quant/test_device.py). Skipped without a GPU; the multi-GPU case
 needs two."""
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 csrc/cuda/fake_quant.cu, through ``fedmpq_kernels._C.cuda``.
 
 The kernels read float32, float16 and bfloat16 directly (the math is float32, see
-:mod:`fedmpq_kernels.fakequant.reference`), run on the tensor's device and on torch's
+:mod:`fedmpq_kernels.fake_quant.reference`), run on the tensor's device and on torch's
 current stream there, and never synchronize: a dynamic scale (max|x|) and a given device
 scale stay on the device. Inputs of any strides are made contiguous here first; a
 contiguous input at any element offset (a slice such as ``x[1:]``) is read in place.
@@ -47,7 +47,7 @@ def _bitmap_out(n: int, wanted: bool, device: torch.device) -> Tensor:
 
 
 def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """See :func:`fedmpq_kernels.fakequant.reference.fake_quant`.
+    """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant`.
 
     Args:
         x: float32/float16/bfloat16 CUDA tensor, any shape and strides.
@@ -98,7 +98,7 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
 
 
 def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
-    """See :func:`fedmpq_kernels.fakequant.reference.fake_quant_backward`.
+    """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant_backward`.
 
     Args:
         grad: float32/float16/bfloat16 CUDA tensor, any shape and strides.

@@ -26,11 +26,11 @@ def _fake_quant_impl(x: Tensor, bits: int, scale: Optional[Tensor], mode: int):
         # Free to read on the CPU; a device scale is checked by the kernels (NaN output)
         # so that no call synchronizes.
         check_scale_value(float(scale))
-    return registry.get("fakequant", "fake_quant", x.device.type)(x, bits, scale, mode)
+    return registry.get("fake_quant", "fake_quant", x.device.type)(x, bits, scale, mode)
 
 
 def _fake_quant_backward_impl(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool):
-    return registry.get("fakequant", "fake_quant_backward", grad.device.type)(grad, pass_bits, hi_bits, scale_grad)
+    return registry.get("fake_quant", "fake_quant_backward", grad.device.type)(grad, pass_bits, hi_bits, scale_grad)
 
 
 lib.impl("fake_quant", _fake_quant_impl, "CompositeExplicitAutograd")
@@ -167,7 +167,7 @@ lib.define("relu6_fake_quant(Tensor x, int bits) -> (Tensor, Tensor)")
 
 
 def _relu6_fake_quant_impl(x: Tensor, bits: int):
-    return registry.get("fakequant", "relu6_fake_quant", x.device.type)(x, bits)
+    return registry.get("fake_quant", "relu6_fake_quant", x.device.type)(x, bits)
 
 
 lib.impl("relu6_fake_quant", _relu6_fake_quant_impl, "CompositeExplicitAutograd")
@@ -212,7 +212,7 @@ def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
     Forward: ``a = clamp(x, 0, 6)``, ``S = max a``, ``y = S * round(a * (2^b - 1) / S) /
     (2^b - 1)`` (float32 math, S = 0 gives zeros, NaN propagates). Backward: ReLU6's mask
     and the quantizer's identity STE, ``dL/dx = dL/dy * [0 < x < 6]``, from a 1-bit-per-
-    element mask kept by the forward (:func:`fedmpq_kernels.fakequant.reference.relu6_fake_quant`).
+    element mask kept by the forward (:func:`fedmpq_kernels.fake_quant.reference.relu6_fake_quant`).
 
     Args:
         x: float32/float16/bfloat16 tensor, any shape and strides.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fedmpq_kernels as fk
-from fedmpq_kernels.fakequant import reference as R
+from fedmpq_kernels.fake_quant import reference as R
 
 
 @pytest.mark.parametrize("mode", [0, 1, 2])
@@ -61,7 +61,7 @@ def test_torch_compile_has_no_graph_break(compile_backend):
 
 
 def test_no_grad_keeps_no_bitmaps(monkeypatch):
-    from fedmpq_kernels.fakequant import ops
+    from fedmpq_kernels.fake_quant import ops
 
     seen = []
     orig = ops._fake_quant_impl

@@ -73,8 +73,8 @@ def test_threaded_and_serial_results_agree():
 def test_streaming_store_path_matches_reference(isa):
     """Outputs of >= 8 MiB take the non-temporal-store path (base[1:] is an input that
     is not 32-byte aligned)."""
-    from fedmpq_kernels.fakequant import cpu as C
-    from fedmpq_kernels.fakequant import reference as R
+    from fedmpq_kernels.fake_quant import cpu as C
+    from fedmpq_kernels.fake_quant import reference as R
 
     if isa == "avx2" and not native.avx2_available():
         pytest.skip("no AVX2")
@@ -103,7 +103,7 @@ def test_huge_thread_counts_are_capped():
     code = (
         "import torch\n"
         "from fedmpq_kernels._native import native\n"
-        "from fedmpq_kernels.fakequant import reference as R\n"
+        "from fedmpq_kernels.fake_quant import reference as R\n"
         "x = torch.randn(1 << 20); y = torch.empty_like(x)\n"
         "native.cpu.fake_quant(x.data_ptr(), x.numel(), y.data_ptr(), y.numel(), 4, 0.0, True, 0, 0, 0, 0, 2**31 - 1)\n"
         "assert torch.equal(y, R.fake_quant_values(x, 4, None))\n"
@@ -141,7 +141,7 @@ def test_misaligned_tensors_work_through_the_op(isa):
     """The CPU adapter copies the rare misaligned float32 tensor (torch.frombuffer at an
     odd offset) instead of handing the kernels a misaligned pointer."""
     import fedmpq_kernels as fk
-    from fedmpq_kernels.fakequant import reference as R
+    from fedmpq_kernels.fake_quant import reference as R
 
     if isa == "avx2" and not native.avx2_available():
         pytest.skip("no AVX2")

@@ -9,7 +9,7 @@ import torch
 
 import fedmpq_kernels as fk
 from fedmpq_kernels._native import native
-from fedmpq_kernels.fakequant import reference as R
+from fedmpq_kernels.fake_quant import reference as R
 
 BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -32,7 +32,7 @@ def inputs(n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
 def kernel(backend):
     """The backend's relu6_fake_quant (skips a backend without one: the registry would fall
     back to another, tested in its own case)."""
-    return backend.op("fakequant", "relu6_fake_quant")
+    return backend.op("fake_quant", "relu6_fake_quant")
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:

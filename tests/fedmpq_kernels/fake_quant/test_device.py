@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fedmpq_kernels as fk
-from fedmpq_kernels.fakequant import reference as R
+from fedmpq_kernels.fake_quant import reference as R
 
 ngpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fedmpq_kernels as fk
-from fedmpq_kernels.fakequant import reference as R
+from fedmpq_kernels.fake_quant import reference as R
 
 ALL_BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
 SIZES = [0, 1, 7, 8, 9, 1023, (1 << 20) + 3]
@@ -48,7 +48,7 @@ def test_forward_and_backward_kernels_match_reference(backend, bits, numel, layo
     g = make_input(numel, "strided" if layout == "contiguous" else "contiguous", backend.device, seed=7)
     with backend.active():
         for mode in (0, 1, 2):
-            y, p, h = backend.module("fakequant").fake_quant(x, bits, s, mode)
+            y, p, h = backend.module("fake_quant").fake_quant(x, bits, s, mode)
             ry, rp, rh = R.fake_quant(x, bits, s, mode)
             assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
             exact(y, ry)
@@ -57,7 +57,7 @@ def test_forward_and_backward_kernels_match_reference(backend, bits, numel, layo
             if mode == 0:
                 assert p.numel() == 0 and h.numel() == 0
                 continue
-            gx, gs = backend.module("fakequant").fake_quant_backward(g, p, h, mode == 2)
+            gx, gs = backend.module("fake_quant").fake_quant_backward(g, p, h, mode == 2)
             rgx, rgs = R.fake_quant_backward(g, rp, rh, mode == 2)
             assert gx.shape == g.shape and gx.dtype == g.dtype
             exact(gx, rgx)
@@ -150,12 +150,12 @@ SLICE_SIZES = [1023, 4099, (1 << 16) + 3]
 def _check_against_reference(backend, x, s, g):
     """Every forward mode and the backward of ``backend`` against the reference, bit for bit."""
     for mode in (0, 1, 2):
-        y, p, h = backend.module("fakequant").fake_quant(x, 5, s, mode)
+        y, p, h = backend.module("fake_quant").fake_quant(x, 5, s, mode)
         ry, rp, rh = R.fake_quant(x, 5, s, mode)
         exact(y, ry)
         assert torch.equal(p.cpu(), rp.cpu()) and torch.equal(h.cpu(), rh.cpu()), f"bitmaps differ (mode {mode})"
         if mode:
-            gx, gs = backend.module("fakequant").fake_quant_backward(g, p, h, mode == 2)
+            gx, gs = backend.module("fake_quant").fake_quant_backward(g, p, h, mode == 2)
             rgx, rgs = R.fake_quant_backward(g, rp, rh, mode == 2)
             exact(gx, rgx)
             torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-4, atol=1e-3 * max(1.0, g.float().abs().sum().item()) ** 0.5)
@@ -208,16 +208,16 @@ def test_backward_takes_bitmaps_by_one_rule(backend):
     g = make_input(n, "contiguous", backend.device, seed=9)
     s = given_scale(x)
     with backend.active():
-        _, p, h = backend.module("fakequant").fake_quant(x, 3, s, 2)
+        _, p, h = backend.module("fake_quant").fake_quant(x, 3, s, 2)
         rgx, rgs = R.fake_quant_backward(g, p, h, True)
         with pytest.raises(TypeError, match="pass_bits must be a uint8 tensor"):
-            backend.module("fakequant").fake_quant_backward(g, p.view(torch.int32), h, True)
+            backend.module("fake_quant").fake_quant_backward(g, p.view(torch.int32), h, True)
         with pytest.raises(ValueError, match="hi_bits has 4 bytes, 128 needed for 1000 elements"):
-            backend.module("fakequant").fake_quant_backward(g, p, h[:4], True)
+            backend.module("fake_quant").fake_quant_backward(g, p, h[:4], True)
         buf = torch.zeros(p.numel() + 1, dtype=torch.uint8, device=backend.device)
         buf[1:] = p
         strided = torch.stack([h, torch.zeros_like(h)], dim=1)[:, 0]  # stride 2
         assert buf[1:].data_ptr() % 4 != 0 and not strided.is_contiguous()
-        gx, gs = backend.module("fakequant").fake_quant_backward(g, buf[1:], strided, True)
+        gx, gs = backend.module("fake_quant").fake_quant_backward(g, buf[1:], strided, True)
         exact(gx, rgx)
         torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-5, atol=1e-4)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fedmpq_kernels.fakequant import reference as R
+from fedmpq_kernels.fake_quant import reference as R
 
 
 def test_hand_computed_two_bit_values_round_half_to_even():

@@ -1,7 +1,7 @@
 """Fake-quant's Triton backend: kernels for the forward and the clipped-STE backward.
 
 Same contract and the same float32 math, bit for bit, as
-:func:`fedmpq_kernels.fakequant.reference.fake_quant` / ``fake_quant_backward`` (see that
+:func:`fedmpq_kernels.fake_quant.reference.fake_quant` / ``fake_quant_backward`` (see that
 module's docstring for the formulas and the bitmap layout).
 
 Design
@@ -267,7 +267,7 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
 def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     """ReLU6 fused with the dynamic-scale quantizer: y (x's shape and dtype, contiguous) and
     the mask bitmap ``0 < x < 6`` (pass-bitmap layout), as
-    :func:`fedmpq_kernels.fakequant.reference.relu6_fake_quant`. Two passes: the partial
+    :func:`fedmpq_kernels.fake_quant.reference.relu6_fake_quant`. Two passes: the partial
     maxima of ``a = relu6(x)`` (``_absmax_partial_kernel`` with ``RELU6``), then the
     forward kernel quantizing ``a`` with that scale (``RELU6``, ``MODE`` 1: the mask)."""
     out_dtype = x.dtype

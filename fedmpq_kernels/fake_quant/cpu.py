@@ -34,7 +34,7 @@ def _f32(t: Tensor) -> Tensor:
 
 
 def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """See :func:`fedmpq_kernels.fakequant.reference.fake_quant`. x: CPU float tensor,
+    """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant`. x: CPU float tensor,
     any strides; scale: None or 0-dim CPU tensor (already checked finite and > 0)."""
     xc = _f32(x)
     n = xc.numel()
@@ -54,7 +54,7 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
 
 
 def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
-    """See :func:`fedmpq_kernels.fakequant.reference.fake_quant_backward`. grad: CPU
+    """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant_backward`. grad: CPU
     float tensor; the bitmaps as :func:`fedmpq_kernels._checks.bitmap_arg` takes them."""
     g = _f32(grad)
     n = g.numel()
@@ -73,7 +73,7 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
 
 
 def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
-    """See :func:`fedmpq_kernels.fakequant.reference.relu6_fake_quant`. x: CPU float tensor,
+    """See :func:`fedmpq_kernels.fake_quant.reference.relu6_fake_quant`. x: CPU float tensor,
     any strides: y (x's shape and dtype, contiguous) and the mask bitmap (0 < x < 6)."""
     xc = _f32(x)
     n = xc.numel()
