@@ -11,7 +11,7 @@ from typing import Tuple
 import torch
 
 from .. import registry
-from .._checks import bitmap_nbytes
+from .._checks import bitmap_nbytes, check_bits
 from .._library import _eager, lib
 from . import reference as _ref
 
@@ -122,14 +122,6 @@ class _DequantizeEager(torch.autograd.Function):
 
 
 # ---- argument checks ---------------------------------------------------------------------
-def _bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
-    if not 1 <= int(bits) <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
-    return int(bits)
-
-
 def _tensor(t, name: str, dtype=None, device=None) -> Tensor:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -143,7 +135,7 @@ def _tensor(t, name: str, dtype=None, device=None) -> Tensor:
 def _state(codes, sign, bits) -> Tuple[int, int]:
     """Checks the (codes, sign) pair of one layer; returns (n, bits)."""
     _tensor(codes, "codes", torch.uint8)
-    bits = _bits(bits)
+    bits = check_bits(bits)
     n = codes.numel()
     _tensor(sign, "sign", torch.uint8, codes.device)
     if sign.numel() < bitmap_nbytes(n):
@@ -177,7 +169,7 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
     _tensor(w, "w")
     if not w.is_floating_point():
         raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
-    bits = _bits(bits)
+    bits = check_bits(bits)
     if w.numel() and not bool(torch.isfinite(w).all()):
         raise ValueError("w holds NaN or inf: it cannot be binarized")
     if _eager(w):
@@ -217,7 +209,7 @@ def sink_like(shape, device=None) -> Tensor:
 def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     """Set bits of each plane, int64 (bits,), plane 0 = MSB."""
     _tensor(codes, "codes", torch.uint8)
-    bits = _bits(bits)
+    bits = check_bits(bits)
     if _eager(codes):
         return _plane_popcounts_impl(codes, bits)
     return torch.ops.fedmpq.plane_popcounts(codes, bits)
@@ -227,7 +219,7 @@ def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
     """The layer's group-lasso term and its per-plane gradient coefficient (ALGORITHM.md,
     "Local objective"): ``R_l = n*N * sum_i sqrt(eps + popcount_i)`` (float32 0-dim) and
     ``n*N / sqrt(eps + popcount_i)`` (float32 (bits,)), the derivative of R_l in a set bit."""
-    return _ref.group_lasso(popcounts, n, _bits(bits))
+    return _ref.group_lasso(popcounts, n, check_bits(bits))
 
 
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
@@ -290,7 +282,7 @@ def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -
     percent: (new N, new codes uint8 (n,), new scale float32 0-dim); signs are unchanged.
     Pure torch on any device (once per round; the rule is in the reference)."""
     _tensor(codes, "codes", torch.uint8)
-    bits = _bits(bits)
+    bits = check_bits(bits)
     _scale(scale, codes.device)
     if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not math.isfinite(theta) or theta < 0:
         raise ValueError(f"theta must be a finite number >= 0 (percent), got {theta!r}")

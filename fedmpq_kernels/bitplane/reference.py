@@ -292,7 +292,3 @@ def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -
             break
     s = (s * float((1 << N) - 1)) / torch.tensor(float((1 << N0) - 1), dtype=torch.float32, device=s.device)
     return N, q.to(torch.uint8), s
-
-
-def sign_nbytes(n: int) -> int:
-    return bitmap_nbytes(n)

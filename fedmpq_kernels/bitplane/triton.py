@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import bitmap_nbytes
+from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes
 from .._device import on_device
 from ..fake_quant.triton import _absmax_partial_kernel
 
@@ -60,7 +60,7 @@ NUM_WARPS = 8
 # The step's kernels keep more state per element (and are compute-bound at large N):
 # (elements per program, warps) by bit-width. (256, 4) was the fastest or within 7% of it of
 # six configurations at N = 2, 4, 6, 8 on an H200 (2^22 weights, CUDA-graph timing).
-STEP_CONFIG = {N: (256, 4) for N in range(1, 9)}
+STEP_CONFIG = {N: (256, 4) for N in range(MIN_BITS, MAX_BITS + 1)}
 FINISH_BLOCK = 1024  # partials reduced per iteration by the one-program finish kernel
 
 # The Triton interpreter (CPU tensors, the CI path) has no bfloat16.

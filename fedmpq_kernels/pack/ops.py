@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import registry
-from .._checks import bitmap_nbytes
+from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits
 from .._library import _eager, lib
 
 Tensor = torch.Tensor
@@ -66,14 +66,6 @@ def _dequant_accumulate_layers_fake(acc, payload, table, coefs):
     return None
 
 
-def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
-    if not 1 <= int(bits) <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
-    return int(bits)
-
-
 def _check_u8(t, name: str) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -108,7 +100,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
         ValueError: bits outside 1..8, or a code >= 2**bits.
     """
     _check_u8(codes, "codes")
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     if _eager(codes):
         return _pack_codes_impl(codes, bits)
     return torch.ops.fedmpq.pack_codes(codes, bits)
@@ -121,7 +113,7 @@ def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:
     Raises:
         TypeError / ValueError: planes not uint8 or too short, bits outside 1..8, n < 0.
     """
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     _check_u8(planes, "planes")
@@ -154,7 +146,7 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
         raise TypeError(f"acc must be a float32 tensor, got {getattr(acc, 'dtype', type(acc).__name__)}")
     if not acc.is_contiguous():
         raise ValueError("acc must be contiguous (it is updated in place)")
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     n = acc.numel()
     _check_planes(planes, bits, n, acc.device)
     if signs is not None:
@@ -233,15 +225,15 @@ def check_layer_table(t: np.ndarray, coefs: np.ndarray, acc_n: int, payload_n: i
         return
     acc_off, n, bits, data_off = (t[:, k] for k in range(4))
     ends = acc_off + n
-    need = (bits + 1) * 4 * ((n + 31) // 32)
+    need = (bits + 1) * bitmap_nbytes(n)  # planes + sign map
     bad = (
-        (n < 0) | (n > 1 << 56) | (bits < 1) | (bits > 8) | (acc_off < 0) | (ends > acc_n)
+        (n < 0) | (n > 1 << 56) | (bits < MIN_BITS) | (bits > MAX_BITS) | (acc_off < 0) | (ends > acc_n)
         | (data_off < 0) | (data_off % 4 != 0) | (data_off > payload_n) | (need > payload_n - data_off)
         | ~np.isfinite(coefs)
     )
     bad[1:] |= acc_off[1:] < ends[:-1]
     if bad.any():
         r = int(np.argmax(bad))
-        raise ValueError(f"table row {r} {t[r].tolist()} (coef {coefs[r]}) is invalid: bits 1..8, accumulator ranges "
-                         f"ascending, disjoint and inside acc ({acc_n}), planes + sign map inside the payload "
-                         f"({payload_n} bytes) at a 4-byte-aligned offset, finite coef")
+        raise ValueError(f"table row {r} {t[r].tolist()} (coef {coefs[r]}) is invalid: bits {MIN_BITS}..{MAX_BITS}, "
+                         f"accumulator ranges ascending, disjoint and inside acc ({acc_n}), planes + sign map "
+                         f"inside the payload ({payload_n} bytes) at a 4-byte-aligned offset, finite coef")
