@@ -8,8 +8,9 @@ Storage of a quantized layer of n weights at N bits (1..8)
 -----------------------------------------------------------
 * ``codes``: uint8 (n,), the magnitude q_j in 0..2^N-1; bit N-1-i of q_j is plane B^(i)_j
   (i = 0 is the MSB plane). Never float planes.
-* ``sign``: a bitmap (the fake-quant/pack layout: 4*ceil(n/32) uint8 bytes, little-endian
-  uint32 words, bit j%32 of word j//32), bit set = sigma_j = -1 (negative).
+* ``sign``: a bitmap (the layout of :mod:`fedmpq_kernels.pack.reference`: 4*ceil(n/32)
+  uint8 bytes, little-endian uint32 words, bit j%32 of word j//32), bit set = sigma_j = -1
+  (negative).
 * ``scale``: float32 0-dim, s.  W_j = sigma_j * (q_j * k) with k = s / L, L = 2^N - 1.
 * optimizer state: ``mom`` uint8 (N, n), plane-major, the code of r_ij = Delta_ij / g_s of
   the last step (:func:`encode_r`), and ``gs`` float32 (1,), that step's g_s; zeros at the
@@ -58,7 +59,7 @@ from typing import Tuple
 import torch
 
 from .._checks import bitmap_nbytes
-from ..fake_quant.reference import pack_bitmap, unpack_bitmap
+from ..pack.reference import pack_bitmap, unpack_bitmap
 
 Tensor = torch.Tensor
 

@@ -1,5 +1,5 @@
 """Fake-quant in pure torch: the test oracle, the fallback backend, and the one full
-statement of the math and the bitmap layout.
+statement of the math and of what the clipping masks hold.
 
 FedMPQ's sign-magnitude symmetric quantizer (ALGORITHM.md "Activations"), computed in
 float32 whatever the input dtype, in exactly this order (the native and Triton kernels
@@ -12,9 +12,9 @@ follow it, so every backend agrees bit for bit)::
     a    = minimum(|x|, S)               (the clamp to [-S, S]; NaN propagates)
     y    = copysign(round_half_even(a * inv) * step, x)
 
-Bitmaps (clipped STE): little-endian uint32 words stored as uint8, 4 * ceil(n / 32)
-bytes; bit i of word w is element 32 * w + i of the flattened (C-order) input; bits past n
-are zero. ``pass = not (x > S) and not (x < -S)`` (NaN passes, like the identity STE) and
+Bitmaps (clipped STE): one bit per element of the flattened (C-order) input, in the layout
+stated in :mod:`fedmpq_kernels.pack.reference` (4 * ceil(n / 32) bytes, bits past n zero).
+``pass = not (x > S) and not (x < -S)`` (NaN passes, like the identity STE) and
 ``hi = x > S``.
 """
 from __future__ import annotations
@@ -23,39 +23,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import bitmap_arg, bitmap_nbytes, levels
+from .._checks import bitmap_arg, levels
+from ..pack.reference import pack_bitmap, unpack_bitmap
 
 Tensor = torch.Tensor
-
-_BIT_WEIGHTS = {}
-
-
-def _weights(device: torch.device) -> Tensor:
-    w = _BIT_WEIGHTS.get(device)
-    if w is None:
-        w = _BIT_WEIGHTS[device] = (2 ** torch.arange(8, device=device, dtype=torch.int32)).to(torch.uint8)
-    return w
-
-
-def pack_bitmap(mask: Tensor) -> Tensor:
-    """Pack a bool tensor (flattened in C order) into the bitmap layout above.
-
-    Returns uint8 of 4 * ceil(numel / 32) bytes on mask's device.
-    """
-    flat = mask.reshape(-1)
-    n = flat.numel()
-    padded = torch.zeros(bitmap_nbytes(n) * 8, dtype=torch.uint8, device=flat.device)
-    padded[:n] = flat.to(torch.uint8)
-    return (padded.view(-1, 8) * _weights(flat.device)).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bitmap(bits: Tensor, n: int) -> Tensor:
-    """Inverse of :func:`pack_bitmap`: uint8 bitmap -> bool tensor of n elements."""
-    if bits.numel() < bitmap_nbytes(n):
-        raise ValueError(f"bitmap has {bits.numel()} bytes, {bitmap_nbytes(n)} needed for {n} elements")
-    b = bits.reshape(-1)[: (n + 7) // 8]
-    return ((b.view(-1, 1) & _weights(b.device)) != 0).reshape(-1)[:n]
-
 
 def fake_quant_values(x: Tensor, bits: int, scale: Optional[Tensor]) -> Tensor:
     """The quantized values, float32, x's shape. scale: None (dynamic) or 0-dim tensor."""

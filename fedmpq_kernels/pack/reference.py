@@ -7,7 +7,8 @@ Layout
   ``4 * ceil(n / 32)`` uint8 bytes: element i is bit ``i % 32`` of word ``i // 32``, which
   is the same as bit ``i % 8`` of byte ``i // 8`` (``numpy.packbits(..., bitorder="little")``
   padded with zero bytes to a multiple of 4). Bits past n are zero. This is also the layout of
-  fake-quant's clipping masks.
+  fake-quant's clipping masks and bit-plane training's sign maps (:func:`pack_bitmap`,
+  :func:`unpack_bitmap`).
 * **b-bit codes** (b = 1..8, one uint8 per element, each < 2**b) are stored as b bitmaps one
   after the other, **most significant bit first**: plane p (p = 0 .. b-1) holds bit
   ``b - 1 - p`` of every code, so ``q = sum_p plane_p * 2**(b-1-p)`` exactly as FedMPQ's bit
@@ -34,12 +35,19 @@ from .._checks import bitmap_nbytes
 Tensor = torch.Tensor
 
 
+_BYTE_WEIGHTS = {}
+
+
 def _byte_weights(device) -> Tensor:
-    return (2 ** torch.arange(8, device=device, dtype=torch.int32)).to(torch.uint8)
+    """uint8 [1, 2, 4, ..., 128] on ``device`` (cached: the bitmaps of every step use it)."""
+    w = _BYTE_WEIGHTS.get(device)
+    if w is None:
+        w = _BYTE_WEIGHTS[device] = (2 ** torch.arange(8, device=device, dtype=torch.int32)).to(torch.uint8)
+    return w
 
 
 def _pack_bits(bits01: Tensor, n: int) -> Tensor:
-    """(k, n) tensor of 0/1 -> (k, bitmap_nbytes(n)) uint8, the bitmap layout per row."""
+    """(k, n) tensor of 0/1 (or bool) -> (k, bitmap_nbytes(n)) uint8, the bitmap layout per row."""
     k = bits01.shape[0]
     nb = bitmap_nbytes(n)
     padded = torch.zeros(k, nb * 8, dtype=torch.uint8, device=bits01.device)
@@ -48,10 +56,26 @@ def _pack_bits(bits01: Tensor, n: int) -> Tensor:
 
 
 def _unpack_bits(packed: Tensor, n: int) -> Tensor:
-    """(k, >= bitmap_nbytes(n)) uint8 -> (k, n) uint8 of 0/1."""
+    """(k, >= bitmap_nbytes(n)) uint8 -> (k, n) bool."""
     k = packed.shape[0]
     b = packed[:, : (n + 7) // 8]
-    return ((b.unsqueeze(2) & _byte_weights(packed.device)) != 0).reshape(k, -1)[:, :n].to(torch.uint8)
+    return ((b.unsqueeze(2) & _byte_weights(packed.device)) != 0).reshape(k, -1)[:, :n]
+
+
+def pack_bitmap(mask: Tensor) -> Tensor:
+    """Pack a bool tensor (flattened in C order) into one bitmap (the layout above):
+    uint8 of ``bitmap_nbytes(mask.numel())`` bytes on mask's device. Fake-quant's clipping
+    masks and bit-plane training's sign maps are made with it."""
+    flat = mask.reshape(-1)
+    return _pack_bits(flat.unsqueeze(0), flat.numel())[0]
+
+
+def unpack_bitmap(bits: Tensor, n: int) -> Tensor:
+    """Inverse of :func:`pack_bitmap`: uint8 bitmap (at least ``bitmap_nbytes(n)`` bytes)
+    -> bool tensor of n elements. Raises ValueError when it is shorter."""
+    if bits.numel() < bitmap_nbytes(n):
+        raise ValueError(f"bitmap has {bits.numel()} bytes, {bitmap_nbytes(n)} needed for {n} elements")
+    return _unpack_bits(bits.reshape(-1).unsqueeze(0), n)[0]
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -85,7 +109,7 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     q = unpack_codes(planes, bits, n).to(torch.float32)
     v = torch.tensor(coef, dtype=torch.float32, device=acc.device) * q
     if signs is not None:
-        neg = _unpack_bits(signs.reshape(-1).unsqueeze(0), n)[0].bool()
+        neg = unpack_bitmap(signs, n)
         v = torch.where(neg, -v, v)
     acc.view(-1).add_(v)
 

@@ -1,5 +1,4 @@
 """The oracle itself, against hand-computed values (so it cannot drift with the kernels)."""
-import pytest
 import torch
 
 from fedmpq_kernels.fake_quant import reference as R
@@ -24,17 +23,6 @@ def test_sixteen_bits_is_nearly_lossless():
     x = torch.linspace(-1, 1, 1001)
     y = R.fake_quant_values(x, 16, None)
     assert (y - x).abs().max().item() <= 0.5 / 65535 + 1e-7
-
-
-def test_bitmap_pack_layout_and_roundtrip():
-    mask = torch.zeros(40, dtype=torch.bool)
-    mask[[0, 3, 8, 31, 32, 39]] = True
-    b = R.pack_bitmap(mask)
-    assert b.dtype == torch.uint8 and b.numel() == 8  # two uint32 words
-    assert b.tolist() == [0b1001, 0b1, 0, 0b10000000, 0b10000001, 0, 0, 0]
-    assert torch.equal(R.unpack_bitmap(b, 40), mask)
-    with pytest.raises(ValueError, match="bitmap has"):
-        R.unpack_bitmap(b[:4], 40)
 
 
 def test_reference_backward_hand_case():

@@ -35,6 +35,17 @@ def test_reference_hand_computed_planes():
     assert acc.tolist() == [3.5, 0.0, 4.5]
 
 
+def test_bitmap_pack_layout_and_roundtrip():
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[[0, 3, 8, 31, 32, 39]] = True
+    b = R.pack_bitmap(mask)
+    assert b.dtype == torch.uint8 and b.numel() == 8  # two uint32 words
+    assert b.tolist() == [0b1001, 0b1, 0, 0b10000000, 0b10000001, 0, 0, 0]
+    assert torch.equal(R.unpack_bitmap(b, 40), mask)
+    with pytest.raises(ValueError, match="bitmap has"):
+        R.unpack_bitmap(b[:4], 40)
+
+
 @pytest.mark.parametrize("bits", ALL_BITS)
 @pytest.mark.parametrize("numel", SIZES)
 def test_pack_and_unpack_match_reference(backend, bits, numel):
