@@ -8,10 +8,10 @@ Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton` and ``pack.triton`
 --------------------------------------------------------------------------------
 * Every kernel works on a ``[BLOCK // 32, 32]`` tile of the flattened layer: row r of
   program p is elements ``p * BLOCK + 32 * r + (0..31)``, exactly one sign-bitmap word, so
-  no two programs share a word (the step rewrites the words without atomics). Packing is a
-  per-row int32 sum of ``bit << col`` (distinct powers of two: the sum is the OR; bit 31
-  wraps to the right pattern); unpacking is ``(word >> col) & 1``. The momentum codes of
-  plane i sit at ``i * n + j`` (uint8, plane-major).
+  no two programs share a word (the step rewrites the words without atomics). The words are
+  packed and unpacked with :mod:`fedmpq_kernels._triton_common`'s ``store_words`` and
+  ``load_bits``; binarize's scale is its ``absmax``. The momentum codes of plane i sit at
+  ``i * n + j`` (uint8, plane-major).
 * Offsets are int64. Programs whose block lies wholly inside the layer take an unmasked
   path (vectorizable); only the last block is masked. ``n``, ``nwords`` and the generator
   key are not specialized: one compile per bit-width.
@@ -42,7 +42,6 @@ and on an H200 (Triton 3.6, a throwaway script, layers up to 2^20 + 3 weights, e
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
@@ -51,7 +50,7 @@ import triton.language as tl
 
 from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes
 from .._device import on_device
-from ..fake_quant.triton import _absmax_partial_kernel
+from .._triton_common import INTERPRET, absmax, load_bits, store_words
 
 Tensor = torch.Tensor
 
@@ -63,10 +62,9 @@ NUM_WARPS = 8
 STEP_CONFIG = {N: (256, 4) for N in range(MIN_BITS, MAX_BITS + 1)}
 FINISH_BLOCK = 1024  # partials reduced per iteration by the one-program finish kernel
 
-# The Triton interpreter (CPU tensors, the CI path) has no bfloat16.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# dtypes the kernels load as they are (others are converted to float32 first, exactly)
-_W_DTYPES = (torch.float32, torch.float16) + (() if _INTERPRET else (torch.bfloat16,))
+# dtypes the kernels load as they are (others are converted to float32 first, exactly; the
+# interpreter has no bfloat16)
+_W_DTYPES = (torch.float32, torch.float16) + (() if INTERPRET else (torch.bfloat16,))
 _GRAD_DTYPES = _W_DTYPES + (torch.float64,)
 
 
@@ -90,26 +88,6 @@ def _mix32(x):
 
 
 @triton.jit
-def _sign_bits(sign_ptr, word, col, nwords, MASKED: tl.constexpr):
-    """[ROWS, 32] int32 0/1: the sign bit of each element (1 = negative)."""
-    if MASKED:
-        w = tl.load(sign_ptr + word, mask=word < nwords, other=0)
-    else:
-        w = tl.load(sign_ptr + word)
-    return (w[:, None] >> col[None, :]) & 1
-
-
-@triton.jit
-def _store_words(ptr, word, bits, col, nwords, MASKED: tl.constexpr):
-    """Pack [ROWS, 32] 0/1 int32 (0 past n) into one int32 word per row."""
-    w = tl.sum(bits << col[None, :], axis=1)  # distinct powers of two: the sum is the OR
-    if MASKED:
-        tl.store(ptr + word, w, mask=word < nwords)
-    else:
-        tl.store(ptr + word, w)
-
-
-@triton.jit
 def _store_codes_signs(codes_ptr, sign_ptr, offs, mask, q, neg, word, col, nwords, MASKED: tl.constexpr):
     """Store a [ROWS, 32] tile of codes (float q, integral, 0..L) and its sign words (neg
     0/1; zero past n, so a partial last word has no stray bits)."""
@@ -118,7 +96,7 @@ def _store_codes_signs(codes_ptr, sign_ptr, offs, mask, q, neg, word, col, nword
         neg = tl.where(mask, neg, 0)
     else:
         tl.store(codes_ptr + offs, q.to(tl.int32).to(tl.uint8))
-    _store_words(sign_ptr, word, neg, col, nwords, MASKED=MASKED)
+    store_words(sign_ptr, word, neg, col, nwords, MASKED=MASKED)
 
 
 # ---- binarize --------------------------------------------------------------------------------
@@ -162,7 +140,7 @@ def _dequantize_tile(codes_ptr, sign_ptr, out_ptr, word, col, n, nwords, k, MASK
     w = q.to(tl.int32).to(tl.float32) * k
     # negate where the sign bit is set, on the bit pattern (exactly torch's -w, -0.0 included,
     # which a select of -w and w need not keep once the compiler rewrites it)
-    sb = _sign_bits(sign_ptr, word, col, nwords, MASKED=MASKED)
+    sb = load_bits(sign_ptr, word, col, nwords, MASKED=MASKED)
     w = (w.to(tl.int32, bitcast=True) ^ (sb << 31)).to(tl.float32, bitcast=True)
     if MASKED:
         tl.store(out_ptr + offs, w, mask=mask)
@@ -194,7 +172,7 @@ def _dq_backward_tile(grad_ptr, codes_ptr, sign_ptr, part_ptr, pid, word, col, n
         g = tl.load(grad_ptr + offs)
         q = tl.load(codes_ptr + offs)
     v = g.to(tl.float64) * q.to(tl.int32).to(tl.float64)
-    v = tl.where(_sign_bits(sign_ptr, word, col, nwords, MASKED=MASKED) != 0, -v, v)
+    v = tl.where(load_bits(sign_ptr, word, col, nwords, MASKED=MASKED) != 0, -v, v)
     tl.store(part_ptr + pid, tl.sum(tl.sum(v, axis=1), axis=0))
 
 
@@ -237,7 +215,7 @@ def _step_inputs(grad_ptr, codes_ptr, sign_ptr, word, col, n, nwords, k, MASKED:
         mask = offs < n  # unused on this path
         g = tl.load(grad_ptr + offs)
         q = tl.load(codes_ptr + offs).to(tl.int32)
-    neg = _sign_bits(sign_ptr, word, col, nwords, MASKED=MASKED)
+    neg = load_bits(sign_ptr, word, col, nwords, MASKED=MASKED)
     a = g * k
     a = tl.where(neg != 0, -a, a)
     return offs, mask, q, neg, a
@@ -431,10 +409,7 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
         return codes, sign, torch.zeros((), dtype=torch.float32, device=dev)
     grid = (triton.cdiv(n, BLOCK),)
     with on_device(dev):
-        part = torch.empty(grid[0], dtype=torch.int32, device=dev)
-        _absmax_partial_kernel[grid](wf, part, n, BLOCK=BLOCK, RELU6=False, num_warps=NUM_WARPS,
-                                     enable_fp_fusion=False)
-        s = part.max().view(torch.float32)
+        s = absmax(wf, n, BLOCK, NUM_WARPS)
         _binarize_kernel[grid](wf, s, codes, sign.view(torch.int32), n, nbytes // 4, _L(bits), BLOCK=BLOCK,
                                num_warps=NUM_WARPS, enable_fp_fusion=False)
     return codes, sign, s

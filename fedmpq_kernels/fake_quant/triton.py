@@ -6,21 +6,17 @@ module's docstring for the formulas and the bitmap layout).
 
 Design
 ------
-* Every kernel works on a ``[BLOCK // 32, 32]`` tile of the flattened (C-order) tensor:
-  row r of program p covers elements ``p * BLOCK + 32 * r + (0..31)``, i.e. exactly one
-  bitmap word, so bitmaps are packed with a per-row int32 sum of ``pred << col`` (distinct
-  powers of two: the sum is the OR; bit 31 wraps to the right pattern) and unpacked with
-  ``(word >> col) & 1``. Offsets are int64. Programs whose block lies wholly inside
-  the tensor take an unmasked path (a mask ``offs < n`` with n not a multiple of 16
-  would stop Triton from vectorizing the loads/stores); only the last block is masked.
+* Every kernel works on a ``[BLOCK // 32, 32]`` tile of the flattened (C-order) tensor,
+  one bitmap word per row, packed and unpacked with the helpers of
+  :mod:`fedmpq_kernels._triton_common`. Offsets are int64. Programs whose block lies
+  wholly inside the tensor take an unmasked path (a mask ``offs < n`` with n not a multiple
+  of 16 would stop Triton from vectorizing the loads/stores); only the last block is masked.
 * Launches run under ``torch.cuda.device(x.device)`` (:func:`fedmpq_kernels._device.on_device`):
   Triton launches on the current device and its current stream, not the tensor's.
 * The scale is never read on the host: the kernels load it through a pointer. A given
   scale that is not finite and > 0 becomes NaN in the kernel (``CHECK_SCALE``).
-* Dynamic scale: ``_absmax_partial_kernel`` writes one partial max per program of the
-  float32 bit patterns of |x| as int32 (for non-negative floats integer order is float
-  order, and NaN patterns sort above +inf, so a NaN propagates); torch's ``max`` of the
-  partials, reinterpreted as float32, is the scale, all on the device.
+* Dynamic scale: :func:`fedmpq_kernels._triton_common.absmax` (partial maxima of the bit
+  patterns of |x|, reduced on the device; a NaN propagates).
 * Rounding: half-to-even via ``(t + 2**23) - 2**23`` (0 <= t < 2**23 here, NaN/inf pass
   through). Every kernel is launched with ``enable_fp_fusion=False`` so that no add is
   fused with the preceding multiply into an FMA (which would change the rounding).
@@ -36,7 +32,6 @@ Design
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -45,6 +40,7 @@ import triton.language as tl
 
 from .._checks import bitmap_arg, bitmap_nbytes
 from .._device import on_device
+from .._triton_common import INTERPRET, absmax, load_bits, relu6, store_words
 
 Tensor = torch.Tensor
 
@@ -52,30 +48,6 @@ Tensor = torch.Tensor
 # at import / first call, and these are memory-bound streaming kernels).
 BLOCK = 4096
 NUM_WARPS = 8
-# The Triton interpreter (CPU tensors, the CI path) has no bfloat16: relu6_fake_quant
-# computes a bfloat16 input as float32 there (the same values) and converts y back.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _relu6(x):
-    """relu6_fake_quant's ``a``: min(x, 6) where x > 0, x where x is NaN, else +0."""
-    return tl.where(x > 0.0, tl.where(x < 6.0, x, 6.0), tl.where(x != x, x, 0.0))
-
-
-@triton.jit
-def _absmax_partial_kernel(x_ptr, part_ptr, n, BLOCK: tl.constexpr, RELU6: tl.constexpr = False):
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    if start + BLOCK <= n:  # full block: unmasked, vectorizable loads
-        x = tl.load(x_ptr + offs).to(tl.float32)
-    else:
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-    if RELU6:  # max of a = relu6(x) (>= +0, or NaN)
-        x = _relu6(x)
-    ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| bits; NaN sorts above +inf
-    tl.store(part_ptr + pid, tl.max(ab, axis=0))
 
 
 @triton.jit
@@ -89,7 +61,7 @@ def _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, in
         x = tl.load(x_ptr + offs).to(tl.float32)
     if RELU6:  # quantize a = relu6(x) (>= +0 or NaN: the clamp and copysign are no-ops)
         xin = x
-        x = _relu6(x)
+        x = relu6(x)
     xb = x.to(tl.int32, bitcast=True)
     axb = xb & 0x7FFFFFFF
     ax = axb.to(tl.float32, bitcast=True)
@@ -116,18 +88,9 @@ def _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, in
         if MASKED:
             ok = ok & mask
             hi = hi & mask
-        # distinct powers of two: the int32 sum is the OR (bit 31 wraps to its pattern)
-        pw = tl.sum(ok.to(tl.int32) << col[None, :], axis=1)
-        if MASKED:
-            tl.store(pass_ptr + word, pw, mask=word < nwords)
-        else:
-            tl.store(pass_ptr + word, pw)
+        store_words(pass_ptr, word, ok.to(tl.int32), col, nwords, MASKED=MASKED)
         if MODE >= 2:
-            hw = tl.sum(hi.to(tl.int32) << col[None, :], axis=1)
-            if MASKED:
-                tl.store(hi_ptr + word, hw, mask=word < nwords)
-            else:
-                tl.store(hi_ptr + word, hw)
+            store_words(hi_ptr, word, hi.to(tl.int32), col, nwords, MASKED=MASKED)
 
 
 @triton.jit
@@ -160,13 +123,10 @@ def _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, pid, word, col,
     offs = word[:, None] * 32 + col[None, :]
     if MASKED:
         mask = offs < n
-        wmask = word < nwords
         g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-        pw = tl.load(pass_ptr + word, mask=wmask, other=0)
     else:
         g = tl.load(g_ptr + offs)
-        pw = tl.load(pass_ptr + word)
-    ok = ((pw[:, None] >> col[None, :]) & 1) != 0
+    ok = load_bits(pass_ptr, word, col, nwords, MASKED=MASKED) != 0
     gx = tl.where(ok, g, 0.0).to(gx_ptr.dtype.element_ty)
     if MASKED:
         tl.store(gx_ptr + offs, gx, mask=mask)
@@ -174,11 +134,7 @@ def _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, pid, word, col,
         tl.store(gx_ptr + offs, gx)
 
     if SCALE_GRAD:
-        if MASKED:
-            hw = tl.load(hi_ptr + word, mask=wmask, other=0)
-        else:
-            hw = tl.load(hi_ptr + word)
-        hi = ((hw[:, None] >> col[None, :]) & 1) != 0
+        hi = load_bits(hi_ptr, word, col, nwords, MASKED=MASKED) != 0
         gf = g.to(tl.float32)
         signed = tl.where(hi, gf, -gf)
         clipped = ~ok
@@ -224,9 +180,7 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
     grid = (triton.cdiv(n, BLOCK),)
     with on_device(dev):
         if scale is None:
-            part = torch.empty(grid[0], dtype=torch.int32, device=dev)
-            _absmax_partial_kernel[grid](xc, part, n, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
-            s = part.max().view(torch.float32).reshape(1)
+            s = absmax(xc, n, BLOCK, NUM_WARPS).reshape(1)
             check = False
         else:
             s = scale.reshape(1).to(device=dev, dtype=torch.float32)
@@ -267,11 +221,12 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
 def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     """ReLU6 fused with the dynamic-scale quantizer: y (x's shape and dtype, contiguous) and
     the mask bitmap ``0 < x < 6`` (pass-bitmap layout), as
-    :func:`fedmpq_kernels.fake_quant.reference.relu6_fake_quant`. Two passes: the partial
-    maxima of ``a = relu6(x)`` (``_absmax_partial_kernel`` with ``RELU6``), then the
+    :func:`fedmpq_kernels.fake_quant.reference.relu6_fake_quant`. Two passes: the maximum
+    of ``a = relu6(x)`` (:func:`fedmpq_kernels._triton_common.absmax` with ``relu6``), then the
     forward kernel quantizing ``a`` with that scale (``RELU6``, ``MODE`` 1: the mask)."""
     out_dtype = x.dtype
-    if x.dtype == torch.bfloat16 and _INTERPRET:  # the interpreter has no bfloat16
+    # The interpreter has no bfloat16: computed as float32 there (the same values), y converted back.
+    if x.dtype == torch.bfloat16 and INTERPRET:
         x = x.float()
     xc = x.contiguous()
     n = xc.numel()
@@ -281,10 +236,7 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     if n:
         grid = (triton.cdiv(n, BLOCK),)
         with on_device(dev):
-            part = torch.empty(grid[0], dtype=torch.int32, device=dev)
-            _absmax_partial_kernel[grid](xc, part, n, BLOCK=BLOCK, RELU6=True, num_warps=NUM_WARPS,
-                                         enable_fp_fusion=False)
-            s = part.max().view(torch.float32).reshape(1)
+            s = absmax(xc, n, BLOCK, NUM_WARPS, relu6=True).reshape(1)
             _fq_forward_kernel[grid](
                 xc, y, s, mask.view(torch.int32), y, n, mask.numel() // 4, float((1 << bits) - 1),
                 CHECK_SCALE=False, MODE=1, BLOCK=BLOCK, RELU6=True, num_warps=NUM_WARPS, enable_fp_fusion=False,

@@ -5,9 +5,9 @@ Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton`)
 -------------------------------------------------------------
 * Every kernel works on a ``[BLOCK // 32, 32]`` tile of the flattened codes / acc: row r of
   program p is elements ``p * BLOCK + 32 * r + (0..31)``, exactly one bitmap word, so the
-  word of plane q sits at ``q * nwords + row`` for every plane. Packing is a per-row int32
-  sum of ``bit << col`` (distinct powers of two: the sum is the OR; bit 31 wraps to the
-  right pattern); unpacking is ``(word >> col) & 1``, MSB plane first: ``q = 2 q + bit``.
+  word of plane q sits at ``q * nwords + row`` for every plane. The words are packed and
+  unpacked with :mod:`fedmpq_kernels._triton_common`'s ``store_words`` and ``load_bits``,
+  MSB plane first: ``q = 2 q + bit``.
 * Offsets are int64. Programs whose block lies wholly inside the tensor take an unmasked
   path (vectorizable); only the last block is masked (codes past n load as 0, so the bits
   past n stay zero).
@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .._checks import bitmap_nbytes
 from .._device import on_device
+from .._triton_common import load_bits, store_words
 from ._common import check_seen, words
 
 Tensor = torch.Tensor
@@ -59,11 +60,7 @@ def _pack_tile(codes_ptr, planes_ptr, part_ptr, pid, word, col, n, nwords, BITS:
         c = tl.load(codes_ptr + offs).to(tl.int32)
     for p in tl.static_range(BITS):
         bit = (c >> (BITS - 1 - p)) & 1
-        w = tl.sum(bit << col[None, :], axis=1)  # distinct powers of two: the sum is the OR
-        if MASKED:
-            tl.store(planes_ptr + word + p * nwords.to(tl.int64), w, mask=word < nwords)
-        else:
-            tl.store(planes_ptr + word + p * nwords.to(tl.int64), w)
+        store_words(planes_ptr + p * nwords.to(tl.int64), word, bit, col, nwords, MASKED=MASKED)
     tl.store(part_ptr + pid, tl.reduce(tl.reduce(c, 1, _bit_or), 0, _bit_or))
 
 
@@ -84,11 +81,7 @@ def _codes_tile(planes_ptr, word, col, nwords, BITS: tl.constexpr, ROWS: tl.cons
     """The [ROWS, 32] int32 codes of the tile's words, MSB plane first."""
     q = tl.zeros((ROWS, 32), dtype=tl.int32)
     for p in tl.static_range(BITS):
-        if MASKED:
-            w = tl.load(planes_ptr + word + p * nwords.to(tl.int64), mask=word < nwords, other=0)
-        else:
-            w = tl.load(planes_ptr + word + p * nwords.to(tl.int64))
-        q = q * 2 + ((w[:, None] >> col[None, :]) & 1)
+        q = q * 2 + load_bits(planes_ptr + p * nwords.to(tl.int64), word, col, nwords, MASKED=MASKED)
     return q
 
 
@@ -113,11 +106,7 @@ def _dequant_tile(acc_ptr, planes_ptr, signs_ptr, word, col, n, nwords, coef, BI
     offs = word[:, None] * 32 + col[None, :]
     v = coef * _codes_tile(planes_ptr, word, col, nwords, BITS=BITS, ROWS=ROWS, MASKED=MASKED).to(tl.float32)
     if HAS_SIGNS:
-        if MASKED:
-            s = tl.load(signs_ptr + word, mask=word < nwords, other=0)
-        else:
-            s = tl.load(signs_ptr + word)
-        v = tl.where(((s[:, None] >> col[None, :]) & 1) != 0, -v, v)
+        v = tl.where(load_bits(signs_ptr, word, col, nwords, MASKED=MASKED) != 0, -v, v)
     if MASKED:
         mask = offs < n
         tl.store(acc_ptr + offs, tl.load(acc_ptr + offs, mask=mask, other=0.0) + v, mask=mask)
