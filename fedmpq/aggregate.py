@@ -54,7 +54,7 @@ class _Layout:
     table: np.ndarray  # int64 (quantized layers, 4): the dequant_accumulate_layers rows, reused
 
 
-def _layout(p: "wire._Parsed") -> _Layout:
+def _layout(p: wire.Parsed) -> _Layout:
     quant = np.flatnonzero(p.dtype == wire.DT_QUANTIZED)
     qn = p.numel[quant]
     qoff = np.concatenate([[0], np.cumsum(qn)[:-1]]).astype(np.int64) if len(quant) else np.zeros(0, np.int64)
@@ -94,20 +94,28 @@ class Aggregator:
         self.weighting = weighting
         self.stats: List[ClientStats] = []
         self._lay: Optional[_Layout] = None
-        self._known: Optional["wire._Parsed"] = None  # the first upload: later ones parse faster against it
+        self._known: Optional[wire.Parsed] = None  # the first upload: later ones parse faster against it
         self._qacc: Optional[Tensor] = None
         self._facc: List[Tensor] = []
         self._total = 0.0
 
-    def add(self, data) -> ClientStats:
+    def add(self, data, client_id: Optional[int] = None, round_: Optional[int] = None) -> ClientStats:
         """Check one upload's bytes whole, then add it. Returns its statistics.
 
+        ``client_id``/``round_``: when given, the upload must say it is that client's upload
+        of that round (a client that claims to be another is refused before anything is added).
+
         Raises:
-            fedmpq.wire.WireFormatError: the bytes do not decode, or do not match the
-                layout of the uploads added before (nothing is added then).
+            fedmpq.wire.WireFormatError: the bytes do not decode, claim another client or
+                round, or do not match the layout of the uploads added before (nothing is
+                added then).
         """
-        p = wire._parse(data, wire.KIND_UPLOAD, self._known)
-        client_id, num_samples, rnd, budget = p.meta
+        p = wire.parse(data, wire.KIND_UPLOAD, self._known)
+        meta_client, num_samples, rnd, budget = p.meta
+        if (client_id is not None and meta_client != client_id) or (round_ is not None and rnd != round_):
+            raise wire.WireFormatError(f"the upload says it is client {meta_client}'s of round {rnd}, "
+                                       f"expected client {client_id}'s of round {round_}")
+        client_id = meta_client
         w = 1.0 if self.weighting == "mean" else float(num_samples)
         if w <= 0:
             raise wire.WireFormatError(f"upload of client {client_id} reports {num_samples} samples: it cannot be weighted by them")
@@ -149,11 +157,11 @@ class Aggregator:
         """Rows a..b-1 (contiguous in the payload) as one tensor in the accumulator's dtype."""
         n = int(p.numel[a:b].sum())
         start = int(p.offset[a])
-        raw = buf[start:start + n * wire._ITEMSIZE[dt]]
+        raw = buf[start:start + n * wire.ITEMSIZE[dt]]
         if dt == wire.DT_FLOAT32:
             return raw.view(torch.float32)  # entries sit at 4-byte-aligned offsets
         # int64 entries need 8-byte alignment to be viewed: copy the (few) bytes first
-        return raw.clone().view(wire._TORCH_DTYPES[dt]).to(torch.float64 if dt == wire.DT_INT64 else torch.float32)
+        return raw.clone().view(wire.TORCH_DTYPES[dt]).to(torch.float64 if dt == wire.DT_INT64 else torch.float32)
 
     @staticmethod
     def _order(lay: _Layout, p, client_id) -> Optional[np.ndarray]:

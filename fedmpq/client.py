@@ -82,8 +82,7 @@ def load_download(model: torch.nn.Module, d: wire.Download) -> None:
             raise ValueError(f"the download has no quantized entry {name}.weight")
         if tuple(qt.shape) != layer.weight_shape:
             raise ValueError(f"{name}.weight has shape {qt.shape}, the model {layer.weight_shape}")
-        layer.load_codes(fk.unpack_codes(qt.planes, qt.bits, qt.numel), fk.unpack_codes(qt.signs, 1, qt.numel).bool(),
-                         qt.scale, qt.bits)
+        layer.load_packed(fk.unpack_codes(qt.planes, qt.bits, qt.numel), qt.signs, qt.scale, qt.bits)
     extra = set(d.layers) - names
     if extra:
         raise ValueError(f"the download has quantized entries the model lacks: {sorted(extra)[:3]}")
@@ -104,15 +103,25 @@ def make_upload(model: torch.nn.Module, client_id: int, round_: int, num_samples
     layers = qn.bit_layers(model)
     q = {}
     for name, layer in layers:
-        n = layer.numel
-        neg = fk.unpack_codes(layer.sign, 1, n).bool().reshape(layer.weight_shape)
+        sign = layer.sign.detach().cpu().clone()  # the layer's bitmap is the wire's: no unpack/pack
         scale = float(layer.scale.detach())
         if scale < 0:  # SGD may take the scale below 0: W = s*sigma*q/L = |s|*(-sigma)*q/L
-            neg, scale = ~neg, -scale
-        q[f"{name}.weight"] = wire.QuantizedTensor.from_codes(layer.codes.reshape(layer.weight_shape), neg, layer.bits,
-                                                              scale)
+            sign, scale = _flip_signs(sign, layer.numel), -scale
+        q[f"{name}.weight"] = wire.QuantizedTensor(layer.weight_shape, layer.bits, scale,
+                                                   fk.pack_codes(layer.codes.detach().cpu(), layer.bits), sign)
     floats = {k: v.detach().cpu() for k, v in qn.float_state(model).items()}
     return wire.Upload(client_id, round_, num_samples, float(budget), q, deltas, floats)
+
+
+def _flip_signs(sign: Tensor, n: int) -> Tensor:
+    """A sign bitmap of n elements with every sign flipped, in place; the padding bits past
+    element n stay 0 (the pack layout: little-endian uint32 words, bit j%32 of word j//32)."""
+    sign.bitwise_not_()
+    if n % 32:
+        word = sign[(n // 32) * 4:(n // 32) * 4 + 4]
+        keep = (1 << (n % 32)) - 1
+        word.bitwise_and_(torch.tensor(list(keep.to_bytes(4, "little")), dtype=torch.uint8))
+    return sign
 
 
 def scale_param_groups(model: torch.nn.Module, lr: float, rule: str = "lsq") -> list:

@@ -40,9 +40,9 @@ _KIND_NAMES = {KIND_UPLOAD: "upload", KIND_DOWNLOAD: "download", KIND_MODEL: "mo
 
 # Entry dtypes (the "dtype" byte of an index record).
 DT_QUANTIZED, DT_FLOAT32, DT_FLOAT16, DT_INT64 = 1, 2, 3, 4
-_TORCH_DTYPES = {DT_FLOAT32: torch.float32, DT_FLOAT16: torch.float16, DT_INT64: torch.int64}
-_DT_OF = {v: k for k, v in _TORCH_DTYPES.items()}
-_ITEMSIZE = {DT_FLOAT32: 4, DT_FLOAT16: 2, DT_INT64: 8}
+TORCH_DTYPES = {DT_FLOAT32: torch.float32, DT_FLOAT16: torch.float16, DT_INT64: torch.int64}  # of a float entry
+_DT_OF = {v: k for k, v in TORCH_DTYPES.items()}
+ITEMSIZE = {DT_FLOAT32: 4, DT_FLOAT16: 2, DT_INT64: 8}  # bytes per element of a float entry
 
 _HEADER = struct.Struct("<4sHBBQIIII")  # magic, version, kind, flags, total, crc32, entries, index_zlen, index_len
 _META = {
@@ -76,10 +76,6 @@ class WireFormatError(ValueError):
 
 def _align4(n: int) -> int:
     return (n + 3) & ~3
-
-
-def _bitmap_nbytes(n: int) -> int:
-    return 4 * ((n + 31) // 32)
 
 
 # ---- one quantized layer ---------------------------------------------------------------
@@ -125,21 +121,13 @@ class QuantizedTensor:
     @staticmethod
     def from_float(w: Tensor, bits: int) -> "QuantizedTensor":
         """Binarize a float tensor into ``bits`` bits (ALGORITHM.md, "Local representation"):
-        ``s = max|W|``, ``q = round(|W| * ((2**bits - 1) / s))`` (half to even, float32, the
-        same product order as fake-quant), ``sigma = sign(W)`` with 0 -> -1."""
-        if not isinstance(w, Tensor) or not w.is_floating_point():
-            raise TypeError("w must be a floating-point tensor")
-        if bits not in range(1, 9):
-            raise ValueError(f"bits must be in 1..8, got {bits}")
-        wf = w.detach().float().cpu()
-        if not bool(torch.isfinite(wf).all()):
-            raise ValueError("w holds NaN or inf: it cannot be binarized")
-        a = wf.abs()
-        s = a.amax() if wf.numel() else torch.zeros(())
-        levels = float((1 << bits) - 1)
-        inv = (torch.tensor(levels) / s) if s > 0 else torch.zeros(())
-        q = torch.round(a * inv).clamp_(0, levels).to(torch.uint8)
-        return QuantizedTensor.from_codes(q, ~(wf > 0), bits, float(s))
+        :func:`fedmpq_kernels.binarize` (``s = max|W|``, ``q = round(|W| * ((2**bits - 1) / s))``,
+        ``sigma = sign(W)`` with 0 -> -1), its codes packed into planes, its sign bitmap as it is
+        (the wire's sign layout is the layers')."""
+        if not isinstance(w, Tensor):
+            raise TypeError(f"w must be a floating-point tensor, got {type(w).__name__}")
+        codes, sign, scale = fk.binarize(w.detach().cpu(), bits)
+        return QuantizedTensor(tuple(w.shape), fk.check_bits(bits), float(scale), fk.pack_codes(codes, bits), sign)
 
     def codes(self) -> Tensor:
         """The uint8 codes, in ``shape``."""
@@ -254,7 +242,7 @@ def _crc(header: bytes, body) -> int:
 
 
 def _tensor_bytes(t: Tensor, dt: int) -> bytes:
-    return t.detach().to(device="cpu", dtype=_TORCH_DTYPES[dt]).contiguous().numpy().tobytes()
+    return t.detach().to(device="cpu", dtype=TORCH_DTYPES[dt]).contiguous().numpy().tobytes()
 
 
 def _float_entries(floats: Mapping[str, Tensor], cast: Optional[torch.dtype] = None):
@@ -278,14 +266,13 @@ def _quant_entries(layers: Mapping[str, QuantizedTensor], deltas: Mapping[str, i
     for name, q in layers.items():
         if not isinstance(q, QuantizedTensor):
             raise TypeError(f"{name}: expected a QuantizedTensor, got {type(q).__name__}")
-        if q.bits not in range(1, 9):
-            raise ValueError(f"{name}: bits must be in 1..8, got {q.bits}")
+        fk.check_bits(q.bits, f"{name}: bits")
         if not (math.isfinite(q.scale) and q.scale >= 0):
             raise ValueError(f"{name}: scale must be finite and >= 0, got {q.scale}")
         delta = int(deltas.get(name, 0))
         if not 0 <= delta <= 7:
             raise ValueError(f"{name}: delta must be in 0..7, got {delta}")
-        nb = _bitmap_nbytes(q.numel)
+        nb = fk.bitmap_nbytes(q.numel)
         for what, t, want in (("planes", q.planes, q.bits * nb), ("signs", q.signs, nb)):
             if not isinstance(t, Tensor) or t.dtype != torch.uint8 or t.numel() != want:
                 raise ValueError(f"{name}: {what} must be {want} uint8 bytes for shape {q.shape} at {q.bits} bits")
@@ -355,8 +342,13 @@ class _Entry:
 
 
 @dataclass
-class _Parsed:
-    """A checked payload, column by column (numpy arrays, one row per entry, in order)."""
+class Parsed:
+    """A checked payload's layout, column by column (numpy arrays, one row per entry, in
+    payload order), for readers that work on the bytes in place (the server's aggregation).
+    ``meta`` is the kind's metadata tuple (an upload's: client_id, num_samples, round,
+    budget); entry i's data is ``data[offset[i]:offset[i] + nbytes[i]]``: for a quantized
+    entry its ``bits`` planes then its sign bitmap, each ``fedmpq_kernels.bitmap_nbytes(numel)``
+    bytes; for a float entry ``numel`` elements of ``TORCH_DTYPES[dtype]``."""
 
     kind: int
     meta: tuple
@@ -386,12 +378,15 @@ def _fail(msg: str):
 
 
 _ITEMSIZE_OF = np.zeros(256, dtype=np.int64)
-for _dt, _sz in _ITEMSIZE.items():
+for _dt, _sz in ITEMSIZE.items():
     _ITEMSIZE_OF[_dt] = _sz
 
 
-def _parse(data, want_kind: int, known: Optional[_Parsed] = None) -> _Parsed:
-    """Every check, before anything is allocated beyond the bounded index. Vectorized over
+def parse(data, want_kind: int, known: Optional[Parsed] = None) -> Parsed:
+    """Check a payload of kind ``want_kind`` (``KIND_UPLOAD``...) whole and return its
+    :class:`Parsed` layout; raises :class:`WireFormatError` naming what is wrong.
+
+    Every check comes before anything is allocated beyond the bounded index. Vectorized over
     the entries: the server parses every upload of every round.
 
     ``known``: a payload parsed before. When this one has the same names, dtypes and shapes
@@ -504,7 +499,7 @@ def _parse(data, want_kind: int, known: Optional[_Parsed] = None) -> _Parsed:
 
 
 def _with_params(kind, want_kind, meta, names, dt, dims, ndim, numel, pos, data, blob, zindex,
-                 same_layout: bool = False) -> _Parsed:
+                 same_layout: bool = False) -> Parsed:
     """The quantization parameters (after the index), then the entry sizes and offsets; the
     data must be exactly their sum."""
     size = len(data)
@@ -517,7 +512,7 @@ def _with_params(kind, want_kind, meta, names, dt, dims, ndim, numel, pos, data,
     qb, qd, qs = prm["bits"], prm["delta"], prm["scale"]
     with np.errstate(invalid="ignore"):
         rules = [
-            ((qb < 1) | (qb > 8), lambda j: f"bit-width {qb[j]} outside 1..8"),
+            ((qb < fk.MIN_BITS) | (qb > fk.MAX_BITS), lambda j: f"bit-width {qb[j]} outside {fk.MIN_BITS}..{fk.MAX_BITS}"),
             (~(np.isfinite(qs) & (qs >= 0)), lambda j: f"scale {qs[j]} is not finite and >= 0"),
             ((qd > 7) | ((qd != 0) & (want_kind != KIND_UPLOAD)), lambda j: f"delta {qd[j]} out of range"),
             (prm["reserved"] != 0, lambda j: "reserved bytes are not zero"),
@@ -544,7 +539,7 @@ def _with_params(kind, want_kind, meta, names, dt, dims, ndim, numel, pos, data,
     end = int(ends[-1]) if n else pos
     if end != size:
         _fail(f"{size - end} bytes of data left over after the last entry")
-    return _Parsed(kind, meta, names, dt, bits, delta, scale, dims, ndim, numel, offset, nbytes, data, blob, zindex,
+    return Parsed(kind, meta, names, dt, bits, delta, scale, dims, ndim, numel, offset, nbytes, data, blob, zindex,
                    same_layout)
 
 
@@ -555,25 +550,25 @@ def _view(buf: bytearray, off: int, count: int, dtype: torch.dtype) -> Tensor:
     return t if t.data_ptr() % t.element_size() == 0 else t.clone()
 
 
-def _materialize(p: _Parsed):
+def _materialize(p: Parsed):
     """Tensors over one private copy of the payload (no per-tensor copies)."""
     buf = bytearray(p.data)
     layers, deltas, floats = {}, {}, {}
     for e in p.entries():
         if e.dtype == DT_QUANTIZED:
-            nb = _bitmap_nbytes(e.numel)
+            nb = fk.bitmap_nbytes(e.numel)
             planes = _view(buf, e.offset, e.bits * nb, torch.uint8)
             signs = _view(buf, e.offset + e.bits * nb, nb, torch.uint8)
             layers[e.name] = QuantizedTensor(e.shape, e.bits, e.scale, planes, signs)
             deltas[e.name] = e.delta
         else:
-            floats[e.name] = _view(buf, e.offset, e.numel, _TORCH_DTYPES[e.dtype]).reshape(e.shape)
+            floats[e.name] = _view(buf, e.offset, e.numel, TORCH_DTYPES[e.dtype]).reshape(e.shape)
     return layers, deltas, floats
 
 
 def decode_upload(data) -> Upload:
     """Bytes -> :class:`Upload`. Raises :class:`WireFormatError` on anything wrong."""
-    p = _parse(data, KIND_UPLOAD)
+    p = parse(data, KIND_UPLOAD)
     client_id, num_samples, rnd, budget = p.meta
     if not (math.isfinite(budget) and 0 < budget <= 32):
         _fail(f"budget {budget} outside (0, 32]")
@@ -583,7 +578,7 @@ def decode_upload(data) -> Upload:
 
 def decode_download(data) -> Download:
     """Bytes -> :class:`Download`. Raises :class:`WireFormatError` on anything wrong."""
-    p = _parse(data, KIND_DOWNLOAD)
+    p = parse(data, KIND_DOWNLOAD)
     client_id, rnd = p.meta
     layers, _, floats = _materialize(p)
     return Download(client_id, rnd, layers, floats)
@@ -591,6 +586,6 @@ def decode_download(data) -> Download:
 
 def decode_model(data) -> Model:
     """Bytes -> :class:`Model`. Raises :class:`WireFormatError` on anything wrong."""
-    p = _parse(data, KIND_MODEL)
+    p = parse(data, KIND_MODEL)
     _, _, floats = _materialize(p)
     return Model(p.meta[0], floats)

@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from fedmpq import client as client_mod
-from fedmpq import simulate, wire
+from fedmpq import config, simulate, wire
 
 
 def _weights(blob: bytes, kind: str, names=None):
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    cfg = {**simulate.load_config_file(args.config), "rounds": args.rounds, "seed": args.seed}
+    cfg = {**config.load_config_file(args.config), "rounds": args.rounds, "seed": args.seed}
     fp = cfg.get("alg") == "fp"
     stats = []
     update = client_mod.client_update

@@ -59,13 +59,13 @@ def main() -> None:
     ap.add_argument("--skip-simulations", action="store_true", help="only the deployment (with --deployment)")
     args = ap.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    from fedmpq import simulate
+    from fedmpq import config, simulate
     from fedmpq.flower import simulation
 
     tmp = Path(tempfile.mkdtemp())
     rows = []
     for alg in args.algs.split(","):
-        cfg = simulate.check_config(dict(alg=alg, rounds=args.rounds))
+        cfg = config.check_config(dict(alg=alg, rounds=args.rounds))
         runs = {}
         if not args.skip_simulations:
             runs["fedmpq simulate"] = simulate.run(cfg, out=str(tmp / f"sim_{alg}"), progress=False)

@@ -23,7 +23,7 @@ from flwr.clientapp import ClientApp
 
 from .. import client as client_mod
 from .. import data as data_mod
-from .. import simulate
+from .. import config as config_mod
 from .config import from_run_config
 
 
@@ -82,8 +82,8 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ClientApp:
         download = rec["download"]
         if not isinstance(download, bytes):
             raise ValueError("the train message carries no download bytes")
-        res = client_mod.client_update(download, ds.train_x[idx], ds.train_y[idx], simulate.model_builder(c, ds),
-                                       simulate.train_config(c), k, int(rec["round"]), budget)
+        res = client_mod.client_update(download, ds.train_x[idx], ds.train_y[idx], config_mod.model_builder(c, ds),
+                                       config_mod.train_config(c), k, int(rec["round"]), budget)
         return Message(RecordDict({
             "fedmpq": ConfigRecord({"upload": res.upload, "client": k}),
             "metrics": MetricRecord({"train_accuracy": res.train_accuracy, "train_loss": res.train_loss,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Tuple
 
-from .. import simulate
+from .. import config as config_mod
+from ..config import ConfigError
 
 # The app's own keys: where results go ("" = nowhere), how long a round and the wait for the
 # nodes may take (seconds).
@@ -16,9 +17,9 @@ APP_DEFAULTS: Dict[str, Any] = {"out": "", "round_timeout": 600.0, "node_timeout
 
 def _value(key: str, v: Any) -> Any:
     if key == "budgets" and isinstance(v, str):
-        return simulate.parse_budgets(v)
+        return config_mod.parse_budgets(v)
     if key == "alpha" and isinstance(v, str):
-        return simulate.parse_alpha(v)
+        return config_mod.parse_alpha(v)
     if key == "data_dir" and v == "":
         return None
     return v
@@ -27,7 +28,7 @@ def _value(key: str, v: Any) -> Any:
 def from_run_config(run_config: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(the federation's checked config, the app's settings) from a Flower run config.
 
-    Raises :class:`fedmpq.simulate.ConfigError` naming the first bad or unknown key."""
+    Raises :class:`fedmpq.config.ConfigError` naming the first bad or unknown key."""
     raw = {k.replace("-", "_"): v for k, v in dict(run_config).items()}
     app = dict(APP_DEFAULTS)
     for k in APP_DEFAULTS:
@@ -35,7 +36,7 @@ def from_run_config(run_config: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict
             app[k] = raw.pop(k)
     for k in ("round_timeout", "node_timeout"):
         if isinstance(app[k], bool) or not isinstance(app[k], (int, float)) or not app[k] > 0:
-            raise simulate.ConfigError(f"{k.replace('_', '-')} must be a number of seconds > 0, got {app[k]!r}")
+            raise ConfigError(f"{k.replace('_', '-')} must be a number of seconds > 0, got {app[k]!r}")
     if not isinstance(app["out"], str):
-        raise simulate.ConfigError(f"out must be a folder path (a string), got {app['out']!r}")
-    return simulate.check_config({k: _value(k, v) for k, v in raw.items()}), app
+        raise ConfigError(f"out must be a folder path (a string), got {app['out']!r}")
+    return config_mod.check_config({k: _value(k, v) for k, v in raw.items()}), app

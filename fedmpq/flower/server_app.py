@@ -1,4 +1,4 @@
-"""The FedMPQ ``ServerApp``: the round loop of ``fedmpq simulate`` (:func:`fedmpq.simulate.federate`:
+"""The FedMPQ ``ServerApp``: the round loop of ``fedmpq simulate`` (:func:`fedmpq.federation.federate`:
 the same sampling, downloads, aggregation, bit reassignment, evaluation, ``results.json``
 and checkpoints) with Flower carrying the payloads: one train message per sampled node,
 holding that client's own download (its layers at its bit assignment) as bytes.
@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from .. import data as data_mod
-from .. import simulate
+from .. import federation
 from .config import from_run_config
 
 log = logging.getLogger("fedmpq")
@@ -65,8 +65,8 @@ def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -
     return node_of, budgets, samples
 
 
-def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float) -> simulate.Transport:
-    """A :data:`fedmpq.simulate.Transport` over Flower: one train message per sampled client
+def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float) -> federation.Transport:
+    """A :data:`fedmpq.federation.Transport` over Flower: one train message per sampled client
     to its node, the replies' upload bytes back."""
     client_of = {nid: k for k, nid in node_of.items()}
 
@@ -133,7 +133,7 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
         ids = wait_for_nodes(grid, c["n_clients"], opts["node_timeout"])
         node_of, budgets, samples = identify_nodes(grid, ids, c["n_clients"], opts["node_timeout"])
         c = dict(c, budgets=[budgets[k] for k in range(c["n_clients"])])  # the nodes' own budgets
-        res = simulate.federate(c, ds, samples, budgets, grid_transport(grid, node_of, opts["round_timeout"]),
+        res = federation.federate(c, ds, samples, budgets, grid_transport(grid, node_of, opts["round_timeout"]),
                                 out=opts["out"] or None, progress=False)
         last = res["rounds"][-1] if res["rounds"] else None
         if last:

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from .. import simulate
+from ..config import check_config
 from . import client_app, server_app
 
 
@@ -18,8 +18,8 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, cpus: int = 1, round_tim
     engine; returns the results dict (also in ``out``/results.json when given).
 
     ``cpus``: Ray's CPUs, one client at a time each. Raises
-    :class:`fedmpq.simulate.ConfigError` for a bad config before Flower starts."""
-    c = simulate.check_config(cfg)
+    :class:`fedmpq.config.ConfigError` for a bad config before Flower starts."""
+    c = check_config(cfg)
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

@@ -21,19 +21,15 @@ import fedmpq_kernels as fk
 Tensor = torch.Tensor
 
 
-def _bitmap_nbytes(n: int) -> int:
-    return 4 * ((n + 31) // 32)
-
-
 class _BitWeight(nn.Module):
     """The weight of a bit-plane layer: state, binarization and de-quantization."""
 
     def _init_weight(self, shape: Sequence[int], bits: int) -> None:
         n = math.prod(shape)
         self.weight_shape = tuple(int(s) for s in shape)
-        self.bits = _check_bits(bits)
+        self.bits = fk.check_bits(bits)
         self.register_buffer("codes", torch.zeros(n, dtype=torch.uint8))
-        self.register_buffer("sign", torch.zeros(_bitmap_nbytes(n), dtype=torch.uint8))
+        self.register_buffer("sign", torch.zeros(fk.bitmap_nbytes(n), dtype=torch.uint8))
         self.scale = nn.Parameter(torch.zeros((), dtype=torch.float32))
         self.sink = nn.Parameter(fk.sink_like(self.weight_shape))
         w = torch.empty(self.weight_shape)
@@ -47,7 +43,7 @@ class _BitWeight(nn.Module):
     @torch.no_grad()
     def load_float(self, w: Tensor, bits: int) -> None:
         """Binarize a float weight of this layer's shape into ``bits`` bits (1..8)."""
-        bits = _check_bits(bits)
+        bits = fk.check_bits(bits)
         if tuple(w.shape) != self.weight_shape:
             raise ValueError(f"weight of shape {tuple(w.shape)} does not fit a layer of shape {self.weight_shape}")
         codes, sign, scale = fk.binarize(w.to(self.codes.device), bits)
@@ -59,14 +55,27 @@ class _BitWeight(nn.Module):
     @torch.no_grad()
     def load_codes(self, codes: Tensor, negative: Tensor, scale: float, bits: int) -> None:
         """Set the state directly: codes (n values < 2^bits), negative (bool, n), scale."""
-        bits = _check_bits(bits)
+        if negative.numel() != self.numel:
+            raise ValueError(f"expected {self.numel} signs, got {negative.numel()}")
+        self.load_packed(codes, fk.pack_codes(negative.reshape(-1).to(device=self.codes.device, dtype=torch.uint8), 1),
+                         scale, bits)
+
+    @torch.no_grad()
+    def load_packed(self, codes: Tensor, sign: Tensor, scale: float, bits: int) -> None:
+        """Set the state from codes (n uint8 values < 2^bits) and a sign bitmap as the wire
+        carries it (``fedmpq_kernels.bitmap_nbytes(n)`` uint8 bytes, bit set = negative): the
+        bitmap is this layer's own layout, so it is copied, not unpacked and packed again."""
+        bits = fk.check_bits(bits)
         codes = codes.reshape(-1).to(device=self.codes.device, dtype=torch.uint8)
-        if codes.numel() != self.numel or negative.numel() != self.numel:
-            raise ValueError(f"expected {self.numel} codes and signs")
+        if codes.numel() != self.numel:
+            raise ValueError(f"expected {self.numel} codes, got {codes.numel()}")
+        if sign.dtype != torch.uint8 or sign.numel() != self.sign.numel():
+            raise ValueError(f"expected a uint8 sign bitmap of {self.sign.numel()} bytes, got {sign.dtype} "
+                             f"of {sign.numel()}")
         if codes.numel() and int(codes.max()) >= (1 << bits):
             raise ValueError(f"a code is >= 2^{bits}")
         self.codes.copy_(codes)
-        self.sign.copy_(fk.pack_codes(negative.reshape(-1).to(device=self.codes.device, dtype=torch.uint8), 1))
+        self.sign.copy_(sign.reshape(-1))
         self.scale.fill_(float(scale))
         self.bits = bits
 
@@ -155,8 +164,3 @@ def bit_layers(model: nn.Module):
     index l of ALGORITHM.md)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BitWeight)]
 
-
-def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
-    return bits

@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import pytest
 
-from fedmpq import server
+from fedmpq import allocation
 from fedmpq.aggregate import ClientStats
 
 SIZES4 = [10, 20, 30, 40]  # S = 100, w = [0.1, 0.2, 0.3, 0.4]
@@ -25,7 +25,7 @@ def test_pruning_then_growing_back():
     #   layer1 (n 20): 4->3 (380), 3->2 (360), 2->1 (340); at 1: skipped from now on.
     #   layer2 (n 30): 4->3 (310), 3->2 (280) <= 300: stop. b = [4,1,2,4], avg 2.8 < 3.
     # growing (lowest priority first: layer0 0.1): layer0 (n 10): 4->5 (290), 5->6 (300): stop.
-    got = server.allocate_bits([4, 4, 4, 4], [0.1, 0.4, 0.3, 0.2], SIZES4, 3)
+    got = allocation.allocate_bits([4, 4, 4, 4], [0.1, 0.4, 0.3, 0.2], SIZES4, 3)
     assert got == [6, 1, 2, 4]
     assert sum(n * b for n, b in zip(SIZES4, got)) == 300  # avg exactly 3.0
 
@@ -35,41 +35,41 @@ def test_growing_skips_layers_at_8_and_ties_to_lowest_index():
     # growing order layer1 (0.1, tie with layer2: lowest index first), layer2, layer0, layer3.
     #   layer1 (n 20): 2->8 adds 6*20 = 120 -> 320; at 8: skipped.
     #   layer2 (n 30): 2->3 -> 350 >= 350: stop.
-    assert server.allocate_bits([2, 2, 2, 2], [0.3, 0.1, 0.1, 0.4], SIZES4, 3.5) == [2, 8, 3, 2]
+    assert allocation.allocate_bits([2, 2, 2, 2], [0.3, 0.1, 0.1, 0.4], SIZES4, 3.5) == [2, 8, 3, 2]
 
 
 def test_pruning_ties_to_lowest_index():
     # equal sizes and priorities, b = [3,3,3]: cur 9, beta 2 -> target 6.
     # layer0: 3->2 (8), 2->1 (7); layer1: 3->2 (6): stop.
-    assert server.allocate_bits([3, 3, 3], [1.0, 1.0, 1.0], [1, 1, 1], 2) == [1, 2, 3]
+    assert allocation.allocate_bits([3, 3, 3], [1.0, 1.0, 1.0], [1, 1, 1], 2) == [1, 2, 3]
     # growing, same ties: b = [3,3,3] -> target 12: layer0 3->6.
-    assert server.allocate_bits([3, 3, 3], [1.0, 1.0, 1.0], [1, 1, 1], 4) == [6, 3, 3]
+    assert allocation.allocate_bits([3, 3, 3], [1.0, 1.0, 1.0], [1, 1, 1], 4) == [6, 3, 3]
 
 
 def test_pruning_skips_layers_at_1():
     # b = [1,5,5], priorities [9,2,1], n = 1 each: cur 11, beta 2 -> target 6.
     # layer0 has the highest priority but is at 1: skipped. layer1: 5->1 (7); layer2: 5->4 (6).
-    assert server.allocate_bits([1, 5, 5], [9, 2, 1], [1, 1, 1], 2) == [1, 1, 4]
+    assert allocation.allocate_bits([1, 5, 5], [9, 2, 1], [1, 1, 1], 2) == [1, 1, 4]
 
 
 def test_growing_skips_layers_at_8():
     # b = [8,2,2], priorities [0,1,2], n = 1 each: cur 12, beta 5 -> target 15.
     # layer0 has the lowest priority but is at 8: skipped. layer1: 2->5 (15).
-    assert server.allocate_bits([8, 2, 2], [0, 1, 2], [1, 1, 1], 5) == [8, 5, 2]
+    assert allocation.allocate_bits([8, 2, 2], [0, 1, 2], [1, 1, 1], 5) == [8, 5, 2]
 
 
 def test_everything_exhausted():
     # beta 1: every layer pruned down to 1 (cur = S = target); beta 8: every layer up to 8.
-    assert server.allocate_bits([8, 3, 5, 1], [0.4, 0.3, 0.2, 0.1], SIZES4, 1) == [1, 1, 1, 1]
-    assert server.allocate_bits([1, 3, 5, 8], [0.4, 0.3, 0.2, 0.1], SIZES4, 8) == [8, 8, 8, 8]
-    assert server.allocate_bits([8, 8, 8, 8], [0.4, 0.3, 0.2, 0.1], SIZES4, 8.0) == [8, 8, 8, 8]
-    assert server.allocate_bits([1, 1, 1, 1], [0.4, 0.3, 0.2, 0.1], SIZES4, 1.0) == [1, 1, 1, 1]
+    assert allocation.allocate_bits([8, 3, 5, 1], [0.4, 0.3, 0.2, 0.1], SIZES4, 1) == [1, 1, 1, 1]
+    assert allocation.allocate_bits([1, 3, 5, 8], [0.4, 0.3, 0.2, 0.1], SIZES4, 8) == [8, 8, 8, 8]
+    assert allocation.allocate_bits([8, 8, 8, 8], [0.4, 0.3, 0.2, 0.1], SIZES4, 8.0) == [8, 8, 8, 8]
+    assert allocation.allocate_bits([1, 1, 1, 1], [0.4, 0.3, 0.2, 0.1], SIZES4, 1.0) == [1, 1, 1, 1]
 
 
 def test_overshoot_by_less_than_one_layer_share():
     # b = [3,3,3,3]: cur 300, beta 3.05 -> target ~305. Priorities [0.4,0.3,0.2,0.1]: growing
     # takes layer3 (n 40): 3->4 -> 340 >= 305: stop. avg 3.4, over by 0.35 < w_3 = 0.4.
-    got = server.allocate_bits([3, 3, 3, 3], [0.4, 0.3, 0.2, 0.1], SIZES4, 3.05)
+    got = allocation.allocate_bits([3, 3, 3, 3], [0.4, 0.3, 0.2, 0.1], SIZES4, 3.05)
     assert got == [3, 3, 3, 4]
     avg = Fraction(sum(n * b for n, b in zip(SIZES4, got)), 100)
     assert 0 <= avg - Fraction(3.05) < Fraction(40, 100)
@@ -77,25 +77,25 @@ def test_overshoot_by_less_than_one_layer_share():
 
 def test_budget_already_met_changes_nothing():
     # b = [2,4,6,8]: cur 20 + 80 + 180 + 320 = 600, beta 6: neither loop runs.
-    assert server.allocate_bits([2, 4, 6, 8], [0.1, 0.2, 0.3, 0.4], SIZES4, 6) == [2, 4, 6, 8]
+    assert allocation.allocate_bits([2, 4, 6, 8], [0.1, 0.2, 0.3, 0.4], SIZES4, 6) == [2, 4, 6, 8]
 
 
 def test_exact_comparison_where_a_float_sum_is_off():
     # n = [1,1,1], b = [8,6,7]: avg is exactly 7, but (1/3)*8 + (1/3)*6 + (1/3)*7 in floats
     # is 6.999999999999999 < 7, which would grow a bit. Exactly: the budget is met.
     assert sum((1 / 3) * b for b in [8, 6, 7]) < 7  # the float trap this guards against
-    assert server.allocate_bits([8, 6, 7], [0.1, 0.2, 0.3], [1, 1, 1], 7) == [8, 6, 7]
+    assert allocation.allocate_bits([8, 6, 7], [0.1, 0.2, 0.3], [1, 1, 1], 7) == [8, 6, 7]
     # n = [7,6,2], b = [8,4,5]: cur 90, S 15, avg exactly 6; the float sum is 6.000000000000001
     # > 6, which would prune a bit (and then grow another back elsewhere).
     assert sum((n / 15) * b for n, b in zip([7, 6, 2], [8, 4, 5])) > 6
-    assert server.allocate_bits([8, 4, 5], [0.3, 0.2, 0.1], [7, 6, 2], 6) == [8, 4, 5]
+    assert allocation.allocate_bits([8, 4, 5], [0.3, 0.2, 0.1], [7, 6, 2], 6) == [8, 4, 5]
 
 
 def test_accepts_integral_floats_and_numpy_like_values():
     np = pytest.importorskip("numpy")
-    got = server.allocate_bits(np.array([4, 4, 4, 4]), np.array([0.1, 0.4, 0.3, 0.2]), np.array(SIZES4), np.float32(3))
+    got = allocation.allocate_bits(np.array([4, 4, 4, 4]), np.array([0.1, 0.4, 0.3, 0.2]), np.array(SIZES4), np.float32(3))
     assert got == [6, 1, 2, 4] and all(type(b) is int for b in got)
-    assert server.allocate_bits([4.0, 4.0, 4.0, 4.0], [0.1, 0.4, 0.3, 0.2], SIZES4, 3) == [6, 1, 2, 4]
+    assert allocation.allocate_bits([4.0, 4.0, 4.0, 4.0], [0.1, 0.4, 0.3, 0.2], SIZES4, 3) == [6, 1, 2, 4]
 
 
 @pytest.mark.parametrize("args, match", [
@@ -118,7 +118,7 @@ def test_accepts_integral_floats_and_numpy_like_values():
 ])
 def test_allocate_bits_invalid(args, match):
     with pytest.raises(ValueError, match=match):
-        server.allocate_bits(*args)
+        allocation.allocate_bits(*args)
 
 
 # ---- allocate_bits against the rule stated literally ------------------------------------
@@ -153,7 +153,7 @@ def test_random_cases_match_the_literal_rule_and_bounds():
         b = [rng.randint(1, 8) for _ in range(L)]
         prio = [rng.choice([0.1, 0.2, 0.5, 1.0]) for _ in range(L)]  # many ties
         beta = rng.choice([1, 2, 4, 6, 8, 2.5, 3.25, rng.uniform(1, 8)])
-        got = server.allocate_bits(b, prio, sizes, beta)
+        got = allocation.allocate_bits(b, prio, sizes, beta)
         assert got == _literal(b, prio, sizes, beta)
         assert all(1 <= x <= 8 for x in got)
         over = Fraction(sum(n * x for n, x in zip(sizes, got)), sum(sizes)) - Fraction(beta)
@@ -167,10 +167,10 @@ def test_random_cases_match_the_literal_rule_and_bounds():
 def test_client_weights_over_the_reporters():
     # samples 100, 300 and budgets 2, 6: |D| beta = 200, 1800 -> 0.1, 0.9.
     # Client 2 (budget 8) did not report: it is not in the sum.
-    w = server.client_weights({0: 100, 1: 300}, {0: 2, 1: 6, 2: 8})
+    w = allocation.client_weights({0: 100, 1: 300}, {0: 2, 1: 6, 2: 8})
     assert w == {0: 0.1, 1: 0.9}
     # all three reporting: 200, 1800, 8 * 500 = 4000 -> /6000
-    w = server.client_weights({0: 100, 1: 300, 2: 500}, {0: 2, 1: 6, 2: 8})
+    w = allocation.client_weights({0: 100, 1: 300, 2: 500}, {0: 2, 1: 6, 2: 8})
     assert w == pytest.approx({0: 1 / 30, 1: 0.3, 2: 2 / 3})
     assert w[2] == 2 / 3 and w[1] == 0.3  # each weight rounded once from the exact ratio
 
@@ -185,7 +185,7 @@ def test_client_weights_over_the_reporters():
 ])
 def test_client_weights_invalid(samples, budgets, match):
     with pytest.raises(ValueError, match=match):
-        server.client_weights(samples, budgets)
+        allocation.client_weights(samples, budgets)
 
 
 # ---- round_statistics -----------------------------------------------------------------
@@ -199,15 +199,15 @@ def test_round_statistics_half_to_even_and_renormalized_weights():
     # delta_bar: (0+1)/2+1 = 1.5 -> 2, (1+2)/2+1 = 2.5 -> 2, (2+5)/2+1 = 4.5 -> 4, 4+1 = 5
     # priority = n * delta_bar / 100 = [0.2, 0.4, 1.2, 2.0]
     want = ([2, 4, 4, 4], [2, 2, 4, 5], [0.2, 0.4, 1.2, 2.0])
-    w = server.client_weights({0: 300, 1: 100}, {0: 2, 1: 6})
+    w = allocation.client_weights({0: 300, 1: 100}, {0: 2, 1: 6})
     assert w == {0: 0.5, 1: 0.5}
-    assert server.round_statistics(BITS, DELTAS, w, SIZES4) == want
+    assert allocation.round_statistics(BITS, DELTAS, w, SIZES4) == want
     # Weights of all three clients (client 2: 500 samples at budget 8 -> 4000, not reporting):
     # renormalized over the reporters, the same result. Without renormalization
     # (the authors' rule) omega = 600/5200 each and b_bar_0 = round(5 * 600/5200) = 1.
-    assert server.round_statistics(BITS, DELTAS, {0: 600, 1: 600, 2: 4000}, SIZES4) == want
-    w_all = server.client_weights({0: 300, 1: 100, 2: 500}, {0: 2, 1: 6, 2: 8})
-    assert server.round_statistics(BITS, DELTAS, w_all, SIZES4) == want
+    assert allocation.round_statistics(BITS, DELTAS, {0: 600, 1: 600, 2: 4000}, SIZES4) == want
+    w_all = allocation.client_weights({0: 300, 1: 100, 2: 500}, {0: 2, 1: 6, 2: 8})
+    assert allocation.round_statistics(BITS, DELTAS, w_all, SIZES4) == want
     assert round(5 * 600 / 5200) == 1
 
 
@@ -216,7 +216,7 @@ def test_round_statistics_exact_half_where_the_float_sum_is_below():
     # 1/2 + 2/3 + 1/3 = 3/2 exactly -> round to even: 2. The float sum is
     # 1.4999999999999998, which rounds to 1.
     assert sum((r / 6) * n for r, n in zip([3, 2, 1], [1, 2, 2])) < 1.5
-    b_bar, delta_bar, prio = server.round_statistics({0: [1], 1: [2], 2: [2]}, {0: [0], 1: [0], 2: [0]},
+    b_bar, delta_bar, prio = allocation.round_statistics({0: [1], 1: [2], 2: [2]}, {0: [0], 1: [0], 2: [0]},
                                                      {0: 3, 1: 2, 2: 1}, [5])
     assert (b_bar, delta_bar, prio) == ([2], [1], [1.0])
 
@@ -224,7 +224,7 @@ def test_round_statistics_exact_half_where_the_float_sum_is_below():
 def test_round_statistics_priority_ties_are_exact():
     # n = [3, 1], delta_bar = [1, 3]: p = 3*1/4 = 1*3/4 -> equal floats (a tie), where
     # (3/4)*1 and (1/4)*3 would also agree here, but n*delta/S is one rounding in general.
-    b_bar, delta_bar, prio = server.round_statistics({0: [4, 4]}, {0: [0, 2]}, {0: 1.0}, [3, 1])
+    b_bar, delta_bar, prio = allocation.round_statistics({0: [4, 4]}, {0: [0, 2]}, {0: 1.0}, [3, 1])
     assert delta_bar == [1, 3] and prio[0] == prio[1] == 0.75
 
 
@@ -242,7 +242,7 @@ def test_round_statistics_priority_ties_are_exact():
 ])
 def test_round_statistics_invalid(bits, deltas, weights, match):
     with pytest.raises(ValueError, match=match):
-        server.round_statistics(bits, deltas, weights, SIZES4)
+        allocation.round_statistics(bits, deltas, weights, SIZES4)
 
 
 # ---- next_assignments -----------------------------------------------------------------
@@ -266,17 +266,17 @@ def test_next_assignments_every_client():
     stats = [_stats(0, 300, 2, BITS[0], DELTAS[0]), _stats(1, 100, 6, BITS[1], DELTAS[1])]
     budgets = {0: 2, 1: 6, 2: 8, 3: 4}
     want = {0: [2, 4, 2, 1], 1: [8, 8, 7, 4], 2: [8, 8, 8, 8], 3: [4, 4, 4, 4]}
-    got = server.next_assignments(stats, budgets, LAYERS)
+    got = allocation.next_assignments(stats, budgets, LAYERS)
     assert got == want and list(got) == [0, 1, 2, 3]
     # the statistics in any order, or as a mapping, give the same
-    assert server.next_assignments(stats[::-1], budgets, LAYERS) == want
-    assert server.next_assignments({s.client_id: s for s in stats}, budgets, LAYERS) == want
+    assert allocation.next_assignments(stats[::-1], budgets, LAYERS) == want
+    assert allocation.next_assignments({s.client_id: s for s in stats}, budgets, LAYERS) == want
 
 
 def test_next_assignments_follows_layer_order_of_layer_sizes():
     stats = [_stats(0, 300, 2, BITS[0], DELTAS[0]), _stats(1, 100, 6, BITS[1], DELTAS[1])]
     rev = dict(reversed(list(LAYERS.items())))
-    got = server.next_assignments(stats, {0: 2, 1: 6, 3: 4}, rev)
+    got = allocation.next_assignments(stats, {0: 2, 1: 6, 3: 4}, rev)
     assert got == {0: [1, 2, 4, 2], 1: [4, 7, 8, 8], 3: [4, 4, 4, 4]}
 
 
@@ -287,7 +287,7 @@ def test_next_assignments_float32_budget_from_the_wire():
     stats = [_stats(0, 50, b32, [3, 3, 3, 3], [0, 0, 0, 0])]
     # b_bar = [3,3,3,3], priorities w_l; target 230 (just under): prune layer3 (n 40) 3->2 (260),
     # 2->1 (220); then grow layer0 (n 10) 3->4 (230 >= 229.99...).
-    assert server.next_assignments(stats, {0: 2.3}, LAYERS) == {0: [4, 3, 3, 1]}
+    assert allocation.next_assignments(stats, {0: 2.3}, LAYERS) == {0: [4, 3, 3, 1]}
 
 
 @pytest.mark.parametrize("stats, budgets, match", [
@@ -302,21 +302,21 @@ def test_next_assignments_float32_budget_from_the_wire():
 ])
 def test_next_assignments_invalid(stats, budgets, match):
     with pytest.raises(ValueError, match=match):
-        server.next_assignments(stats, budgets, LAYERS)
+        allocation.next_assignments(stats, budgets, LAYERS)
 
 
 # ---- round 1 --------------------------------------------------------------------------
 def test_initial_assignment():
-    assert server.initial_assignment(4, 3) == [4, 4, 4]
-    assert server.initial_assignment(2.0, 2) == [2, 2]
-    assert all(type(b) is int for b in server.initial_assignment(6.0, 2))
-    assert server.initial_assignment(8, 1, [7]) == [8]
+    assert allocation.initial_assignment(4, 3) == [4, 4, 4]
+    assert allocation.initial_assignment(2.0, 2) == [2, 2]
+    assert all(type(b) is int for b in allocation.initial_assignment(6.0, 2))
+    assert allocation.initial_assignment(8, 1, [7]) == [8]
     # beta 2.5 over four equal layers: start at round(2.5) = 2 (half to even), cur 8, target 10;
     # priorities w_l all equal: grow layer0 2->4. -> [4,2,2,2]
-    assert server.initial_assignment(2.5, 4, [9, 9, 9, 9]) == [4, 2, 2, 2]
+    assert allocation.initial_assignment(2.5, 4, [9, 9, 9, 9]) == [4, 2, 2, 2]
     # beta 3.5, sizes [10,20,30,40]: start at round(3.5) = 4 (cur 400, target 350); priorities
     # w_l: prune layer3 (n 40) 4->3 (360), 3->2 (320); grow layer0 (n 10) 4->7 (350). -> [7,4,4,2]
-    assert server.initial_assignment(3.5, 4, SIZES4) == [7, 4, 4, 2]
+    assert allocation.initial_assignment(3.5, 4, SIZES4) == [7, 4, 4, 2]
 
 
 @pytest.mark.parametrize("args, match", [
@@ -330,4 +330,4 @@ def test_initial_assignment():
 ])
 def test_initial_assignment_invalid(args, match):
     with pytest.raises(ValueError, match=match):
-        server.initial_assignment(*args)
+        allocation.initial_assignment(*args)

@@ -22,7 +22,7 @@ except ImportError:
         raise
     pytest.skip("the flower extra is not installed (pip install -e \".[flower]\")", allow_module_level=True)
 
-from fedmpq import simulate  # noqa: E402
+from fedmpq import cli, config as config_mod, results, simulate  # noqa: E402
 from fedmpq.flower import client_app, config, server_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +41,7 @@ def _flower_env(tmp_path, monkeypatch):
 def test_run_config_takes_simulate_keys_flower_style():
     c, app = config.from_run_config({"n-clients": 3, "budgets": "2, 4,8", "alpha": "iid", "data-dir": "",
                                      "round-timeout": 5, "out": "/tmp/x"})
-    assert c == simulate.check_config(dict(n_clients=3, budgets=[2, 4, 8], alpha=None))
+    assert c == config_mod.check_config(dict(n_clients=3, budgets=[2, 4, 8], alpha=None))
     assert app == {"out": "/tmp/x", "round_timeout": 5, "node_timeout": 120.0}
 
 
@@ -54,7 +54,7 @@ def test_run_config_takes_simulate_keys_flower_style():
     ({"out": 3}, "out must be a folder path"),
 ])
 def test_bad_run_configs_are_refused_by_name(bad, msg):
-    with pytest.raises(simulate.ConfigError, match=msg):
+    with pytest.raises(config_mod.ConfigError, match=msg):
         config.from_run_config(bad)
 
 
@@ -63,7 +63,7 @@ def test_the_apps_pyproject_holds_simulates_defaults():
 
     table = tomllib.loads((ROOT / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     c, app = config.from_run_config(table)
-    assert c == simulate.check_config({})
+    assert c == config_mod.check_config({})
     assert app == config.APP_DEFAULTS
 
 
@@ -77,7 +77,7 @@ def test_the_apps_pyproject_holds_simulates_defaults():
     ({"partition-id": 0, "budget": 9}, "budget must be in 1..8"),
 ])
 def test_a_node_config_names_its_client_and_budget(node, expect):
-    c = simulate.check_config(SMALL)
+    c = config_mod.check_config(SMALL)
     if isinstance(expect, str):
         with pytest.raises(ValueError, match=expect):
             client_app.node_client(node, c)
@@ -196,7 +196,7 @@ def test_flower_simulation_gives_the_same_model_as_fedmpq_simulate(tmp_path):
     assert ga["assignments"] == gb["assignments"]
     for k, v in gb["global_state"].items():
         assert torch.equal(ga["global_state"][k], v), k
-    assert simulate.compare([str(tmp_path / "flower"), str(tmp_path / "sim")]).count("| fedmpq (digits) |") == 1
+    assert results.compare([str(tmp_path / "flower"), str(tmp_path / "sim")]).count("| fedmpq (digits) |") == 1
 
 
 # --- a deployment on 127.0.0.1 ------------------------------------------------------------------
@@ -241,8 +241,8 @@ def test_a_deployment_finishes_when_a_supernode_dies_mid_run(tmp_path):
 
 
 def test_fedmpq_flower_refuses_a_bad_config_before_flower_starts(capsys, tmp_path):
-    assert simulate.main(["flower", "--n-clients", "3", "--budgets", "2,4,9"]) == 2
+    assert cli.main(["flower", "--n-clients", "3", "--budgets", "2,4,9"]) == 2
     assert capsys.readouterr().err.strip() == "fedmpq: every budget must be in 1..8, got 9"
-    assert simulate.main(["flower", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)]) == 2
+    assert cli.main(["flower", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)]) == 2
     assert "fashion-mnist" in capsys.readouterr().err
-    assert simulate.main(["flower", "--cpus", "0"]) == 2
+    assert cli.main(["flower", "--cpus", "0"]) == 2

@@ -279,11 +279,11 @@ def test_the_index_is_the_same_for_every_upload_of_a_model():
     za = a[56:56 + wire._HEADER.unpack_from(a)[7]]
     zb = b[56:56 + wire._HEADER.unpack_from(b)[7]]
     assert za == zb
-    known = wire._parse(a, wire.KIND_UPLOAD)
-    p = wire._parse(b, wire.KIND_UPLOAD, known)
+    known = wire.parse(a, wire.KIND_UPLOAD)
+    p = wire.parse(b, wire.KIND_UPLOAD, known)
     assert p.same_layout and p.names == known.names and p.bits.tolist() != known.bits.tolist()
     with pytest.raises(wire.WireFormatError, match="bit-width 9"):
-        wire._parse(with_params(b, 1, "bits", 9), wire.KIND_UPLOAD, known)
+        wire.parse(with_params(b, 1, "bits", 9), wire.KIND_UPLOAD, known)
 
 
 def test_decoding_never_raises_anything_else_on_random_bytes():

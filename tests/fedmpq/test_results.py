@@ -1,0 +1,48 @@
+"""A run's results on disk and fedmpq compare."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedmpq import cli, config, results
+from tests.extras import optional
+
+SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_epochs=1, batch_size=64, alpha=0.5)
+
+
+def _fake_run(path, alg, seed, accs, up=100):
+    path.mkdir()
+    cfg = config.check_config(dict(alg=alg, seed=seed))
+    rounds = [dict(round=i + 1, accuracy=a, bytes_up=up) for i, a in enumerate(accs)]
+    (path / "results.json").write_text(json.dumps({"config": cfg, "rounds": rounds}))
+    return str(path)
+
+
+def test_compare_groups_seeds_and_reports_mean_and_spread(tmp_path, capsys):
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5, 0.6, 0.7])
+    a1 = _fake_run(tmp_path / "a1", "fedmpq", 1, [0.2, 0.3, 0.8, 0.9], up=300)
+    b0 = _fake_run(tmp_path / "b0", "aqfl", 0, [0.4, 0.4, 0.4, 0.4])
+    table = results.compare([a0, a1, b0], last=2)
+    rows = [r for r in table.splitlines() if r.startswith("| fedmpq") or r.startswith("| aqfl")]
+    assert len(rows) == 2  # the two seeds of fedmpq are one group
+    # final: mean(0.7, 0.9) = 0.8; last 2: mean(0.65, 0.85) = 0.75; best 0.9; bytes (400+1200)/2
+    assert rows[0] == "| fedmpq (digits) | 0,1 | 4 | 0.8000 (0.7000..0.9000) | 0.7500 (0.6500..0.8500) | 0.9000 | 800 |"
+    assert rows[1] == "| aqfl (digits) | 0 | 4 | 0.4000 | 0.4000 | 0.4000 | 400 |"
+    assert cli.main(["compare", a0, b0, "--last", "1"]) == 0
+    assert "| aqfl (digits) | 0 | 4 | 0.4000 |" in capsys.readouterr().out
+    with pytest.raises(config.ConfigError, match="does not exist"):
+        results.compare([a0, str(tmp_path / "missing")])
+    with pytest.raises(config.ConfigError, match="last must be"):
+        results.compare([a0], last=0)
+
+
+def test_plots_are_written_with_matplotlib(tmp_path):
+    optional("matplotlib", "plots")
+    res = {"config": config.check_config(dict(SMALL)),
+           "rounds": [dict(round=r, accuracy=0.1 * r, bits={"0": [2, 4], "1": [8, 8]}) for r in (1, 2, 3)]}
+    results.write_results(res, tmp_path)
+    assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "bits.png").stat().st_size > 0
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
+    results.compare([a0], out=str(tmp_path / "cmp.png"))
+    assert (tmp_path / "cmp.png").stat().st_size > 0
