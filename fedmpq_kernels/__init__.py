@@ -22,7 +22,7 @@ One package per op family (``fake_quant/``, ``pack/``, ``bitplane/``); backends 
 and why.
 """
 from . import registry
-from ._checks import MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits
+from ._checks import ALLOWED_BITS, FLOAT_BITS, MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits
 from .bitplane import (binarize, bitplane_step, dequantize, group_lasso, plane_popcounts, precision_reduction,
                        sink_like, step_key, uniform)
 from .fake_quant import fake_quant, relu6_fake_quant
@@ -33,5 +33,5 @@ __version__ = "0.1.0"
 __all__ = [
     "fake_quant", "relu6_fake_quant", "binarize", "dequantize", "sink_like", "plane_popcounts", "group_lasso",
     "bitplane_step", "precision_reduction", "step_key", "uniform", "pack_codes", "unpack_codes", "dequant_accumulate", "dequant_accumulate_layers", "layer_coefs",
-    "registry", "use_backend", "__version__", "MIN_BITS", "MAX_BITS", "check_bits", "bitmap_nbytes",
+    "registry", "use_backend", "__version__", "MIN_BITS", "MAX_BITS", "FLOAT_BITS", "ALLOWED_BITS", "check_bits", "bitmap_nbytes",
 ]
