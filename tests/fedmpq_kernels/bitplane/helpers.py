@@ -1,0 +1,70 @@
+"""Helpers the bit-plane tests share: sizes, random layers from the reference, bit-exact
+comparisons, and the reference's cached step trajectory."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fedmpq_kernels.bitplane import reference as R
+
+ALL_BITS = range(1, 9)
+SIZES = [0, 1, 7, 31, 33, 1000, 4097]
+BIG = 300_001
+STEPS = 5
+
+
+def nbytes(n: int) -> int:
+    return 4 * ((n + 31) // 32)
+
+
+def weights(n: int, bits: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + n * 17 + bits)
+    return torch.randn(n, generator=g)
+
+
+def layer(n: int, bits: int, seed: int = 0):
+    """(codes, sign, scale) of a random layer, from the reference."""
+    return R.binarize(weights(n, bits, seed), bits)
+
+
+def bits_of(t: torch.Tensor) -> torch.Tensor:
+    """float32 as its bit patterns (so that -0.0 != +0.0 and NaN == NaN)."""
+    return t.detach().cpu().contiguous().view(torch.int32)
+
+
+def assert_state_equal(got, want, where: str):
+    for name, a, b in zip(("codes", "sign", "mom", "gs"), got, want):
+        a = a.cpu()
+        if a.dtype == torch.float32:
+            a, b = bits_of(a), bits_of(b)
+        assert torch.equal(a, b), f"{where}: {name} differs at {(a != b).nonzero()[:8].flatten().tolist()}"
+
+
+def kernels(backend):
+    """The backend's bitplane module (skips the backends that have none: the registry would
+    only fall back to another one, tested in its own case)."""
+    return backend.module("bitplane")
+
+
+def fresh_state(n: int, bits: int, device, seed: int = 0):
+    codes, sign, scale = layer(n, bits, seed)
+    mom = torch.zeros(bits, n, dtype=torch.uint8)
+    gs = torch.zeros(1)
+    return [t.to(device) for t in (codes, sign, mom, gs)], scale.to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def reference_run(n: int, bits: int, lr: float, momentum: float, steps: int = STEPS):
+    """The reference's trajectory from a fresh state: per step (grad, coef, key, state after,
+    returned g_s). Cached: the same oracle serves every backend case."""
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, "cpu")
+    g = torch.Generator().manual_seed(n * 31 + bits)
+    out = []
+    for t in range(steps):
+        grad = torch.randn(n, generator=g) * 0.1
+        coef = R.group_lasso(R.plane_popcounts(codes, bits), n, bits)[1] * 1e-4
+        key = R.step_key(1234, t, 5)
+        g_s = R.bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key)
+        out.append((grad, coef, key, (codes.clone(), sign.clone(), mom.clone(), gs.clone()), g_s.clone()))
+    return tuple(out)

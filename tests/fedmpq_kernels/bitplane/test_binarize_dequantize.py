@@ -1,0 +1,119 @@
+"""Every bit-plane backend against the pure-torch reference, bit for bit: binarize,
+dequantize (+ the scale gradient) and plane popcounts, on odd and empty sizes, every
+bit-width, any dtype, strided and misaligned inputs, and through autograd."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels.bitplane import reference as R
+
+from .helpers import ALL_BITS, BIG, SIZES, bits_of, kernels, layer, nbytes, weights
+
+
+# ---- binarize, dequantize, popcounts -----------------------------------------------------
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("numel", SIZES + [BIG])
+def test_binarize_dequantize_popcounts_match_reference(backend, bits, numel):
+    backend.skip_if_too_big(numel)
+    bp = kernels(backend)
+    dev = backend.device
+    w = weights(numel, bits)
+    rq, rs, rsc = R.binarize(w, bits)
+    g = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    with backend.active():
+        q, s, sc = fk.binarize(w.to(dev), bits)
+        assert q.dtype == torch.uint8 and q.shape == (numel,)
+        assert s.dtype == torch.uint8 and s.shape == (nbytes(numel),)
+        assert sc.dtype == torch.float32 and sc.shape == ()
+        assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(bits_of(sc), bits_of(rsc))
+
+        want = R.dequantize(rq, rs, rsc, bits)
+        got = fk.dequantize(q, s, sc, bits, fk.sink_like((numel,), device=dev))
+        assert got.dtype == torch.float32 and got.shape == (numel,)
+        assert torch.equal(bits_of(got), bits_of(want))
+
+        assert torch.equal(bits_of(bp.dequantize(q, s, sc, bits)), bits_of(want))
+
+        want_gs = R.dequantize_backward(g, rq, rs, bits)
+        for gsc in (torch.ops.fedmpq.dequantize_backward(g.to(dev), q, s, bits),
+                    bp.dequantize_backward(g.to(dev), q, s, bits)):
+            assert gsc.dtype == torch.float32 and gsc.shape == ()
+            torch.testing.assert_close(gsc.cpu(), want_gs, rtol=1e-6, atol=0)
+
+        pc = fk.plane_popcounts(q, bits)
+        assert pc.dtype == torch.int64 and pc.shape == (bits,)
+        assert torch.equal(pc.cpu(), R.plane_popcounts(rq, bits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_binarize_any_dtype_shape_and_strides(backend, dtype):
+    kernels(backend)
+    w = (torch.randn(37, 29, generator=torch.Generator().manual_seed(3)) * 3).to(dtype).to(backend.device).t()
+    assert not w.is_contiguous()
+    rq, rs, rsc = R.binarize(w.cpu(), 5)
+    with backend.active():
+        q, s, sc = fk.binarize(w, 5)
+    assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(sc.cpu(), rsc)
+    # the flattening is C order of the (transposed) view
+    assert torch.equal(rq, R.binarize(w.cpu().contiguous().reshape(-1), 5)[0])
+
+
+def test_binarize_edge_values(backend):
+    kernels(backend)
+    dev = backend.device
+    w = torch.tensor([0.0, -0.0, 1e-30, -3.0, 3.0, 1.5, -1.4999999], device=dev)
+    with backend.active():
+        for bits in (1, 4, 8):
+            q, s, sc = fk.binarize(w, bits)
+            rq, rs, rsc = R.binarize(w.cpu(), bits)
+            assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and float(sc) == 3.0
+            assert int(q[4]) == (1 << bits) - 1 and int(q[3]) == (1 << bits) - 1
+        q, s, sc = fk.binarize(torch.zeros(40, device=dev), 3)  # s = 0: every code 0, all "negative"
+        assert int(q.abs().sum()) == 0 and float(sc) == 0.0
+        assert s.cpu().tolist() == [255] * 5 + [0] * 3
+
+
+def test_dequantize_strided_codes_and_misaligned_sign(backend):
+    kernels(backend)
+    dev = backend.device
+    n, bits = 1000, 6
+    q, s, sc = layer(n, bits)
+    wide = torch.zeros(n, 2, dtype=torch.uint8)
+    wide[:, 1] = q
+    qs = wide.to(dev)[:, 1]
+    buf = torch.zeros(s.numel() + 1, dtype=torch.uint8, device=dev)
+    buf[1:] = s.to(dev)
+    sm = buf[1:]
+    assert not qs.is_contiguous() and sm.data_ptr() % 4
+    g = torch.randn(n, 3)[:, 1]
+    with backend.active():
+        got = fk.dequantize(qs, sm, sc.to(dev), bits, fk.sink_like((10, 100), device=dev))
+        assert got.shape == (10, 100)
+        assert torch.equal(bits_of(got).reshape(-1), bits_of(R.dequantize(q, s, sc, bits)))
+        gsc = torch.ops.fedmpq.dequantize_backward(g.to(dev), qs, sm, bits)
+        torch.testing.assert_close(gsc.cpu(), R.dequantize_backward(g, q, s, bits), rtol=1e-6, atol=0)
+        assert torch.equal(fk.plane_popcounts(qs, bits).cpu(), R.plane_popcounts(q, bits))
+
+
+@pytest.mark.parametrize("bits", [1, 3, 8])
+def test_dequantize_autograd(backend, bits):
+    """dL/ds = sum sigma q G / L, and the sink receives G itself, through the public function."""
+    kernels(backend)
+    dev = backend.device
+    n = 333
+    q, s, sc = layer(n, bits)
+    G = torch.randn(n, generator=torch.Generator().manual_seed(bits))
+    with backend.active():
+        scale = sc.clone().to(dev).requires_grad_(True)
+        sink = fk.sink_like((9, 37), device=dev).clone().requires_grad_(True)
+        w = fk.dequantize(q.to(dev), s.to(dev), scale, bits, sink)
+        w.backward(G.reshape(9, 37).to(dev))
+    torch.testing.assert_close(scale.grad.cpu(), R.dequantize_backward(G, q, s, bits), rtol=1e-6, atol=0)
+    assert torch.equal(sink.grad.cpu().reshape(-1), G)
+    sigma = torch.where(R.negative_mask(s, n), -1.0, 1.0).double()
+    want = float((sigma * q.double() * G.double()).sum() / ((1 << bits) - 1))
+    assert math.isclose(float(scale.grad), want, rel_tol=1e-6)

@@ -1,0 +1,115 @@
+"""The bit-plane op layer: the registry's routing, torch.library registration (opcheck),
+and the errors the public functions give bad input (leaving the state untouched)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels import registry
+from fedmpq_kernels._native import native
+from fedmpq_kernels.bitplane import reference as R
+
+from .helpers import kernels
+
+OPS = ("binarize", "dequantize", "dequantize_backward", "plane_popcounts", "bitplane_step")
+
+
+def test_registry_routes_to_the_cpu_backend():
+    if native is None:
+        pytest.skip("native module not built")
+    from fedmpq_kernels.bitplane import cpu as C
+
+    with registry.use_backend("cpu"):
+        for op in OPS:
+            assert registry.get("bitplane", op, "cpu") is getattr(C, op)
+
+
+def test_opcheck(backend):
+    kernels(backend)
+    dev = backend.device
+    n, bits = 77, 4
+    w = torch.randn(n, device=dev)
+    with backend.active():
+        q, s, sc = fk.binarize(w, bits)
+        torch.library.opcheck(torch.ops.fedmpq.binarize.default, (w, bits))
+        torch.library.opcheck(torch.ops.fedmpq.dequantize.default,
+                              (q, s, sc.clone().requires_grad_(), bits, torch.zeros(7, 11, device=dev, requires_grad=True)))
+        torch.library.opcheck(torch.ops.fedmpq.dequantize_backward.default, (torch.randn(n, device=dev), q, s, bits))
+        torch.library.opcheck(torch.ops.fedmpq.plane_popcounts.default, (q, bits))
+        torch.library.opcheck(torch.ops.fedmpq.bitplane_step.default,
+                              (q.clone(), s.clone(), torch.zeros(bits, n, dtype=torch.uint8, device=dev),
+                               torch.zeros(1, device=dev), torch.randn(n, device=dev), torch.rand(bits, device=dev), sc,
+                               bits, 0.5, 0.9, R.step_key(1, 2, 3)))
+
+
+def _step_args(**over):
+    n, bits = 40, 3
+    a = dict(codes=torch.zeros(n, dtype=torch.uint8), sign=torch.zeros(8, dtype=torch.uint8),
+             mom=torch.zeros(bits, n, dtype=torch.uint8), gs=torch.zeros(1), grad=torch.zeros(n), coef=torch.zeros(bits),
+             scale=torch.tensor(1.0), bits=bits, lr=0.1, momentum=0.9, key=5)
+    a.update(over)
+    return a
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: fk.binarize(torch.randn(5), 0), ValueError, "bits must be in 1..8"),
+        (lambda: fk.binarize(torch.randn(5), 9), ValueError, "bits must be in 1..8"),
+        (lambda: fk.binarize(torch.randn(5), 2.0), TypeError, "bits must be an int"),
+        (lambda: fk.binarize(torch.randn(5), True), TypeError, "bits must be an int"),
+        (lambda: fk.binarize(torch.arange(5), 4), TypeError, "w must be a floating-point"),
+        (lambda: fk.binarize([1.0], 4), TypeError, "must be a torch.Tensor"),
+        (lambda: fk.binarize(torch.tensor([1.0, float("nan")]), 4), ValueError, "NaN or inf"),
+        (lambda: fk.binarize(torch.tensor([float("inf")]), 4), ValueError, "NaN or inf"),
+        (lambda: fk.dequantize(torch.zeros(5, dtype=torch.int32), torch.zeros(4, dtype=torch.uint8), torch.tensor(1.0), 3,
+                               fk.sink_like((5,))), TypeError, "codes must be torch.uint8"),
+        (lambda: fk.dequantize(torch.zeros(33, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8), torch.tensor(1.0), 3,
+                               fk.sink_like((33,))), ValueError, "sign has 4 bytes, 8 needed"),
+        (lambda: fk.dequantize(torch.zeros(5, dtype=torch.uint8), torch.zeros(4, dtype=torch.float32), torch.tensor(1.0), 3,
+                               fk.sink_like((5,))), TypeError, "sign must be torch.uint8"),
+        (lambda: fk.dequantize(torch.zeros(5, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8),
+                               torch.tensor(1.0, dtype=torch.float64), 3, fk.sink_like((5,))), TypeError, "scale must be"),
+        (lambda: fk.dequantize(torch.zeros(5, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8), torch.ones(2), 3,
+                               fk.sink_like((5,))), TypeError, "scale must be a one-element"),
+        (lambda: fk.dequantize(torch.zeros(5, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8), torch.tensor(1.0), 3,
+                               fk.sink_like((6,))), ValueError, "sink has 6 elements, codes 5"),
+        (lambda: fk.dequantize(torch.zeros(5, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8), torch.tensor(1.0), 9,
+                               fk.sink_like((5,))), ValueError, "bits must be in 1..8"),
+        (lambda: fk.plane_popcounts(torch.zeros(5, dtype=torch.uint8), 0), ValueError, "bits must be in 1..8"),
+        (lambda: fk.plane_popcounts(torch.zeros(5), 3), TypeError, "codes must be torch.uint8"),
+        (lambda: fk.bitplane_step(**_step_args(bits=0)), ValueError, "bits must be in 1..8"),
+        (lambda: fk.bitplane_step(**_step_args(bits=9)), ValueError, "bits must be in 1..8"),
+        (lambda: fk.bitplane_step(**_step_args(codes=torch.zeros(40))), TypeError, "codes must be torch.uint8"),
+        (lambda: fk.bitplane_step(**_step_args(sign=torch.zeros(4, dtype=torch.uint8))), ValueError, "sign has 4 bytes"),
+        (lambda: fk.bitplane_step(**_step_args(mom=torch.zeros(2, 40, dtype=torch.uint8))), ValueError, "mom must be"),
+        (lambda: fk.bitplane_step(**_step_args(mom=torch.zeros(40, 3, dtype=torch.uint8).t())), ValueError, "contiguous"),
+        (lambda: fk.bitplane_step(**_step_args(mom=torch.zeros(3, 40))), TypeError, "mom must be torch.uint8"),
+        (lambda: fk.bitplane_step(**_step_args(gs=torch.zeros(2))), ValueError, "gs must hold one float32"),
+        (lambda: fk.bitplane_step(**_step_args(gs=torch.zeros(1, dtype=torch.float64))), TypeError, "gs must be torch.float32"),
+        (lambda: fk.bitplane_step(**_step_args(grad=torch.zeros(41))), ValueError, "grad has 41 elements, codes 40"),
+        (lambda: fk.bitplane_step(**_step_args(coef=torch.zeros(2))), ValueError, "coef must hold 3 values"),
+        (lambda: fk.bitplane_step(**_step_args(scale=torch.ones(2))), TypeError, "scale must be a one-element"),
+        (lambda: fk.bitplane_step(**_step_args(lr=0.0)), ValueError, "lr must be > 0"),
+        (lambda: fk.bitplane_step(**_step_args(lr=-1.0)), ValueError, "lr must be > 0"),
+        (lambda: fk.bitplane_step(**_step_args(lr=float("nan"))), ValueError, "lr must be a finite number"),
+        (lambda: fk.bitplane_step(**_step_args(lr=float("inf"))), ValueError, "lr must be a finite number"),
+        (lambda: fk.bitplane_step(**_step_args(momentum=1.0)), ValueError, r"momentum must be in \[0, 1\)"),
+        (lambda: fk.bitplane_step(**_step_args(momentum=-0.1)), ValueError, r"momentum must be in \[0, 1\)"),
+        (lambda: fk.bitplane_step(**_step_args(key=-1)), ValueError, "key must be a uint32"),
+        (lambda: fk.bitplane_step(**_step_args(key=2**32)), ValueError, "key must be a uint32"),
+        (lambda: fk.bitplane_step(**_step_args(key=1.0)), ValueError, "key must be a uint32"),
+        (lambda: fk.bitplane_step(**_step_args(key=True)), ValueError, "key must be a uint32"),
+    ],
+)
+def test_public_functions_raise_clear_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_public_errors_leave_the_state_untouched():
+    a = _step_args(codes=torch.full((40,), 3, dtype=torch.uint8), momentum=1.5)
+    with pytest.raises(ValueError):
+        fk.bitplane_step(**a)
+    assert int(a["codes"].min()) == 3 and int(a["mom"].count_nonzero()) == 0

@@ -1,0 +1,302 @@
+"""The fused optimizer step of every bit-plane backend against the pure-torch reference, bit
+for bit (codes, sign bytes, momentum codes, gs and the returned g_s after each of several
+steps), on odd and empty sizes and every bit-width; its special cases (g_s = 0, non-finite
+gradients, lr overflow, sign flips, saturation, strided and misaligned state); hand-computed
+cases of the rounding rule and of one whole step; the stochastic part against the generator."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels.bitplane import reference as R
+
+from .helpers import (ALL_BITS, BIG, SIZES, STEPS, assert_state_equal, bits_of, fresh_state, kernels, layer, nbytes,
+                      reference_run)
+
+
+def _replay(backend, n, bits, lr, momentum, steps=STEPS):
+    kernels(backend)
+    dev = backend.device
+    traj = reference_run(n, bits, lr, momentum, steps)
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, dev)
+    with backend.active():
+        for t, (grad, coef, key, want, want_gs) in enumerate(traj):
+            pc = fk.plane_popcounts(codes, bits)
+            c = fk.group_lasso(pc, n, bits)[1].cpu() * 1e-4
+            assert torch.equal(c, coef), f"step {t}: the group-lasso coefficients differ"
+            got_gs = fk.bitplane_step(codes, sign, mom, gs, grad.to(dev), coef.to(dev), scale, bits, lr, momentum, key)
+            assert got_gs.dtype == torch.float32 and got_gs.shape == ()
+            assert torch.equal(bits_of(got_gs), bits_of(want_gs)), f"step {t}: g_s {float(got_gs)} != {float(want_gs)}"
+            assert_state_equal((codes, sign, mom, gs), want, f"n={n} bits={bits} lr={lr} step {t}")
+    return traj
+
+
+@pytest.mark.parametrize("lr, momentum", [(0.05, 0.9), (0.5, 0.9), (2.0, 0.0)])
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("numel", SIZES)
+def test_steps_match_reference_bit_for_bit(backend, numel, bits, lr, momentum):
+    backend.skip_if_too_big(numel)
+    traj = _replay(backend, numel, bits, lr, momentum)
+    if numel >= 1000 and lr >= 0.5:  # the trajectory really moves: codes, signs and momentum change
+        c0, s0, _ = layer(numel, bits)
+        codes, sign, mom, gs = traj[-1][3]
+        assert (codes != c0).any() and int(mom.count_nonzero()) > 0 and float(gs) > 0
+        if bits >= 2:
+            assert (R.negative_mask(sign, numel) != R.negative_mask(s0, numel)).any()
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_steps_match_reference_on_a_large_layer(backend, bits):
+    """Many threads' chunks (the reference's own run there costs seconds a step: 3 steps,
+    and no reference-against-itself case)."""
+    backend.skip_if_too_big(BIG)
+    if backend.name == "reference":
+        pytest.skip("the reference against itself, at a size where it costs seconds a step")
+    _replay(backend, BIG, bits, 0.5, 0.9, steps=3)
+
+
+def _one_step(backend, state, scale, grad, coef, bits, lr, momentum, key):
+    """Runs one step on the backend and on CPU copies with the reference; returns both
+    (state, g_s) pairs."""
+    dev = backend.device
+    ref_state = [t.detach().cpu().clone() for t in state]
+    want = R.bitplane_step(*ref_state, grad.cpu().reshape(-1).float(), coef.cpu(), scale.cpu(), bits, lr, momentum, key)
+    with backend.active():
+        got = fk.bitplane_step(*state, grad.to(dev), coef.to(dev), scale.to(dev), bits, lr, momentum, key)
+    return (state, got), (ref_state, want)
+
+
+def test_step_gs_zero_zeroes_momentum_and_keeps_codes(backend):
+    kernels(backend)
+    dev = backend.device
+    n, bits = 1000, 4
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, dev)
+    g = torch.Generator().manual_seed(1)
+    mom.copy_(torch.randint(0, 256, (bits, n), generator=g, dtype=torch.int32).to(torch.uint8))
+    gs.fill_(0.7)
+    c0, s0 = codes.clone(), sign.clone()
+    # momentum 0, grad 0, coef 0: every d is 0 (mu * m = 0 * m), so g_s = 0
+    (state, got), (ref_state, want) = _one_step(backend, [codes, sign, mom, gs], scale, torch.zeros(n),
+                                                torch.zeros(bits), bits, 0.5, 0.0, 7)
+    assert float(got) == 0.0 and float(want) == 0.0
+    assert torch.equal(codes, c0) and torch.equal(sign, s0)
+    assert int(mom.count_nonzero()) == 0 and float(gs) == 0.0
+    assert_state_equal(state, ref_state, "g_s = 0")
+
+
+@pytest.mark.parametrize("bad", ["nan_grad", "inf_grad", "nan_scale", "inf_scale", "nan_coef"])
+def test_step_non_finite_is_skipped(backend, bad):
+    kernels(backend)
+    dev = backend.device
+    n, bits = 777, 5
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, dev)
+    mom.copy_(torch.randint(0, 256, (bits, n), dtype=torch.int32, generator=torch.Generator().manual_seed(2)).to(torch.uint8))
+    gs.fill_(0.01)
+    grad = torch.randn(n) * 0.1
+    coef = torch.full((bits,), 0.02)
+    if bad == "nan_grad":
+        grad[123] = float("nan")
+    elif bad == "inf_grad":
+        grad[-1] = float("-inf")
+    elif bad == "nan_scale":
+        scale = torch.tensor(float("nan"))
+    elif bad == "inf_scale":
+        scale = torch.tensor(float("inf"))
+    else:
+        coef[0] = float("nan")  # the MSB plane of some code is set, so a d is NaN
+    before = [t.clone() for t in (codes, sign, mom, gs)]
+    (state, got), (ref_state, want) = _one_step(backend, [codes, sign, mom, gs], scale, grad, coef, bits, 0.5, 0.9, 3)
+    assert not math.isfinite(float(got)) and not math.isfinite(float(want))
+    if bad.startswith("nan"):
+        assert math.isnan(float(got)) and math.isnan(float(want))
+    assert_state_equal(state, [t.cpu() for t in before], "skipped step")
+    assert_state_equal(state, ref_state, "skipped step vs reference")
+
+
+@pytest.mark.parametrize("lr, grad_scale", [(1e39, 0.1), (1e10, 1e30)], ids=["lr_beyond_float32", "lr_times_gs_overflows"])
+def test_step_lr_overflow_is_skipped(backend, lr, grad_scale):
+    """g_s finite but lr * g_s overflowing float32 (lr itself beyond float32 included): the
+    step is skipped too, status +inf."""
+    kernels(backend)
+    dev = backend.device
+    n, bits = 300, 4
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, dev)
+    mom.fill_(0x18)
+    gs.fill_(0.5)
+    before = [t.clone() for t in (codes, sign, mom, gs)]
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(6)) * grad_scale
+    (state, got), (ref_state, want) = _one_step(backend, [codes, sign, mom, gs], scale, grad, torch.zeros(bits), bits,
+                                                lr, 0.9, 3)
+    assert float(got) == float("inf") and float(want) == float("inf")
+    assert_state_equal(state, [t.cpu() for t in before], "lr overflow")
+    assert_state_equal(state, ref_state, "lr overflow vs reference")
+
+
+def test_step_keeps_the_tail_of_a_longer_sign_buffer(backend):
+    """sign may hold more bytes than n needs: those are left alone (the bits past n in the
+    last word needed are rewritten as zeros, as the packed bitmap has them)."""
+    kernels(backend)
+    dev = backend.device
+    n, bits = 40, 3
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, dev)
+    long_sign = torch.full((16,), 0xA5, dtype=torch.uint8, device=dev)
+    long_sign[:8] = sign
+    (state, got), (ref_state, want) = _one_step(backend, [codes, long_sign, mom, gs], scale, torch.randn(n) * 0.5,
+                                                torch.zeros(bits), bits, 1.0, 0.9, 4)
+    assert_state_equal(state, ref_state, "longer sign")
+    assert long_sign.cpu()[8:].tolist() == [0xA5] * 8
+
+
+def test_step_flips_signs_of_small_codes(backend):
+    """A large positive gradient on small positive codes pushes them through zero."""
+    kernels(backend)
+    dev = backend.device
+    n, bits = 200, 4
+    codes = torch.ones(n, dtype=torch.uint8).to(dev)
+    codes[::2] = 2
+    sign = torch.zeros(nbytes(n), dtype=torch.uint8).to(dev)
+    mom = torch.zeros(bits, n, dtype=torch.uint8).to(dev)
+    gs = torch.zeros(1).to(dev)
+    grad = 10.0 + torch.rand(n, generator=torch.Generator().manual_seed(4))
+    (state, got), (ref_state, want) = _one_step(backend, [codes, sign, mom, gs], torch.tensor(1.5), grad,
+                                                torch.zeros(bits), bits, 1 / 15, 0.9, 11)
+    assert_state_equal(state, ref_state, "sign flips")
+    neg = R.negative_mask(sign.cpu(), n)
+    assert int(neg.sum()) >= n // 2  # most flipped to negative
+    assert int(codes.cpu()[neg].min()) >= 1
+
+
+def test_step_saturates_at_the_top_code(backend):
+    kernels(backend)
+    dev = backend.device
+    n = 300
+    for bits in (1, 3, 8):
+        L = (1 << bits) - 1
+        codes = torch.full((n,), L, dtype=torch.uint8).to(dev)
+        codes[1::3] = max(L - 1, 0)
+        sign = torch.zeros(nbytes(n), dtype=torch.uint8)
+        sign[:4] = 0b10101010  # a few negative weights: their magnitude grows with a positive grad
+        sign = sign.to(dev)
+        mom = torch.zeros(bits, n, dtype=torch.uint8).to(dev)
+        gs = torch.zeros(1).to(dev)
+        grad = -5.0 - torch.rand(n, generator=torch.Generator().manual_seed(bits))
+        grad[1:32:2] *= -1.0
+        (state, got), (ref_state, want) = _one_step(backend, [codes, sign, mom, gs], torch.tensor(2.0), grad,
+                                                    torch.zeros(bits), bits, 1.0, 0.9, 5)
+        assert_state_equal(state, ref_state, f"saturation, bits {bits}")
+        assert int(codes.max()) == L and int((codes.cpu() == L).sum()) >= n // 2
+
+
+def test_step_takes_strided_grad_and_strided_misaligned_state(backend):
+    kernels(backend)
+    dev = backend.device
+    n, bits = 1000, 5
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, dev)
+    grad_wide = (torch.randn(n, 3, generator=torch.Generator().manual_seed(5)) * 0.1).to(dev)
+    grad = grad_wide[:, 2]
+    assert not grad.is_contiguous()
+    coef = torch.rand(bits) * 0.01
+    # the same state, stored strided (codes), misaligned (sign, gs) and as another shape (grad)
+    cbuf = torch.zeros(n, 2, dtype=torch.uint8, device=dev)
+    cbuf[:, 0] = codes
+    c_view = cbuf[:, 0]
+    sbuf = torch.zeros(sign.numel() + 1, dtype=torch.uint8, device=dev)
+    sbuf[1:] = sign
+    s_view = sbuf[1:]
+    gbuf = torch.zeros(2, device=dev)
+    g_view = gbuf[1:]
+    assert not c_view.is_contiguous() and s_view.data_ptr() % 4
+    ref = [t.cpu().clone() for t in (codes, sign, mom, gs)]
+    key = R.step_key(9, 1, 0)
+    want = R.bitplane_step(*ref, grad.cpu().contiguous(), coef, scale.cpu(), bits, 0.7, 0.9, key)
+    with backend.active():
+        got = fk.bitplane_step(c_view, s_view, mom, g_view, grad, coef.to(dev), scale, bits, 0.7, 0.9, key)
+    assert torch.equal(bits_of(got), bits_of(want))
+    assert_state_equal((c_view, s_view, mom, g_view), ref, "strided state")
+    assert torch.equal(cbuf[:, 1].cpu(), torch.zeros(n, dtype=torch.uint8))  # the other column untouched
+    assert int(sbuf[0]) == 0 and float(gbuf[0]) == 0.0
+
+
+def test_step_hand_computed(backend):
+    """n = 1, N = 4, q = 1 positive, s = 1.5 (k = 0.1), G = 10 (a = 1), no momentum state,
+    lr = 1/15. d = (8, 4, 2, 1), g_s = 8/15, x = d / g_s * lr = (1, 1/2, 1/4, 1/8) (to a few
+    ulps) -> round(log2 x) = (0, -1, -2, -3), e = (3, 1, -1, -3): r = (+8, +2, 0, 0) and
+    p = 2^-1 + 2^-3 = 0.625. R = 8*8 + 2*4 (+1 if u < p) = 72 or 73, step = lr * g_s = 8/225,
+    v = 1 - R * step = -1.56 or -1.60 -> -2: the sign flips and q = 2. mom codes: 8 = 2^3 ->
+    c = 4 -> 0x20, 2 = 2^1 -> c = 2 -> 0x10, the LSB plane 1 (+1) when the coin hits."""
+    kernels(backend)
+    dev = backend.device
+    lr = float(np.float32(1 / 15))
+    for seed, hit in ((0, False), (2, True)):
+        key = R.step_key(seed, 0, 0)
+        assert bool(R.uniform(key, 1)[0] < 0.625) == hit
+        codes = torch.tensor([1], dtype=torch.uint8, device=dev)
+        sign = torch.zeros(4, dtype=torch.uint8, device=dev)
+        mom = torch.zeros(4, 1, dtype=torch.uint8, device=dev)
+        gs = torch.zeros(1, device=dev)
+        with backend.active():
+            g_s = fk.bitplane_step(codes, sign, mom, gs, torch.tensor([10.0], device=dev), torch.zeros(4, device=dev),
+                                   torch.tensor(1.5, device=dev), 4, lr, 0.9, key)
+        want_gs = float(np.float32(8.0) / np.float32(15.0))
+        assert float(g_s) == want_gs and float(gs) == want_gs
+        assert codes.tolist() == [2] and sign.tolist() == [1, 0, 0, 0]
+        assert mom.reshape(-1).tolist() == [0x20, 0x10, 0, 1 if hit else 0]
+
+
+@pytest.mark.parametrize(
+    "lr_bits, code",
+    [
+        (0x3FB504F3, 1 << 3),  # just below sqrt 2: round(log2) = 0 -> r = +1 (c = 1)
+        (0x3FB504F4, 2 << 3),  # just above sqrt 2: 1 -> r = +2 (c = 2)
+        (0x3F800000, 1 << 3),  # 1: 0
+        (0x3F3504F4, 1 << 3),  # just above sqrt 2 / 2: 0
+        (0x3F3504F3, None),  # just below sqrt 2 / 2: -1 -> p = 1/2 (stochastic)
+        (0x403504F4, 0),  # just above 2 sqrt 2: 2 > N = 1 -> no update
+        (0x403504F3, 2 << 3),  # just below 2 sqrt 2: 1
+    ],
+)
+def test_step_power_of_two_rule(backend, lr_bits, code):
+    """With N = 1, one element, no momentum: d = a, g_s = |a|, so x = lr exactly and the
+    update's exponent is round(log2 lr), exactly at the float32 neighbours of sqrt(2) * 2^k."""
+    kernels(backend)
+    dev = backend.device
+    lr = float(np.array(lr_bits, dtype=np.uint32).view(np.float32))
+    key = R.step_key(0, 0, 0)
+    for q0 in (0, 1):
+        state = [torch.tensor([q0], dtype=torch.uint8, device=dev), torch.zeros(4, dtype=torch.uint8, device=dev),
+                 torch.zeros(1, 1, dtype=torch.uint8, device=dev), torch.zeros(1, device=dev)]
+        (state, got), (ref_state, want) = _one_step(backend, state, torch.tensor(1.0), torch.tensor([0.75]),
+                                                    torch.zeros(1), 1, lr, 0.5, key)
+        assert_state_equal(state, ref_state, f"lr {lr!r}")
+        m = int(state[2].reshape(-1)[0])
+        if code is None:
+            assert m in (0, 1) and (m == 1) == bool(R.uniform(key, 1)[0] < 0.5)
+        else:
+            assert m == code
+
+
+@pytest.mark.parametrize("lr_exp", [-1, -3])
+def test_step_stochastic_part_follows_the_generator(backend, lr_exp):
+    """N = 1, all d equal and positive: x = lr = 2^lr_exp -> p = 2^lr_exp, and the LSB
+    update is +1 exactly where uniform(key, j) < p."""
+    kernels(backend)
+    dev = backend.device
+    n = 4000
+    p = 2.0**lr_exp
+    key = R.step_key(5, 6, 7)
+    codes = torch.zeros(n, dtype=torch.uint8, device=dev)
+    sign = torch.zeros(nbytes(n), dtype=torch.uint8, device=dev)
+    mom = torch.zeros(1, n, dtype=torch.uint8, device=dev)
+    gs = torch.zeros(1, device=dev)
+    with backend.active():
+        fk.bitplane_step(codes, sign, mom, gs, torch.ones(n, device=dev), torch.zeros(1, device=dev),
+                         torch.tensor(1.0, device=dev), 1, p, 0.0, key)
+    hit = R.uniform(key, n) < p
+    assert torch.equal(mom.cpu().reshape(-1), hit.to(torch.uint8))
+    assert abs(float(hit.float().mean()) - p) < 4 * math.sqrt(p * (1 - p) / n)
+    # v = 0 - 1 * (p * 1): rounds to -0 for p <= 1/2, so no flip and no code change
+    assert int(codes.count_nonzero()) == 0 and int(sign.count_nonzero()) == 0
