@@ -8,6 +8,7 @@
 #include <string>
 
 #include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
 #ifdef FEDMPQ_WITH_CUDA
 #include "cuda/fake_quant.h"  // compiled_archs, device_count
 #endif
@@ -28,16 +29,23 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_cpu_isa", &fedmpq::cpu::set_isa, py::arg("name"));
   m.def("avx2_available", &fedmpq::cpu::avx2_available);
   m.def("cpu_features", &fedmpq::cpu::cpu_features);
-  m.def("has_openmp", [] {
-#ifdef _OPENMP
-    return true;
-#else
-    return false;
-#endif
+  // How the CPU kernels run in parallel (fedmpq_kernels.info prints it): the module's own
+  // blocking pool, no OpenMP (csrc/cpu/thread_pool.h says why).
+  m.def("threading", [] {
+    const fedmpq::cpu::PoolStats s = fedmpq::cpu::pool_stats();
+    py::dict d;
+    d["kind"] = "own pool";
+    d["wait"] = s.spin_us > 0 ? "blocking after a " + std::to_string(s.spin_us) + " us spin" : std::string("blocking");
+    d["max_threads"] = fedmpq::cpu::max_threads();
+    d["grain"] = fedmpq::cpu::kGrain;
+    d["workers"] = s.workers;
+    d["jobs"] = s.jobs;
+    d["busy_serial"] = s.busy_serial;
+    return d;
   });
 
   // Family binders add to these (def_submodule returns the existing submodule).
-  m.def_submodule("cpu", "CPU kernels: contiguous float32, OpenMP, AVX2 or portable.");
+  m.def_submodule("cpu", "CPU kernels: contiguous float32, own thread pool, AVX2 or portable.");
 #ifdef FEDMPQ_WITH_CUDA
   m.attr("with_cuda") = true;
   m.def("cuda_archs", [] { return std::string(fedmpq::cuda::compiled_archs()); });

@@ -1,7 +1,8 @@
 """``python -m fedmpq_kernels.info``: what was built, what loaded, what runs where.
 
 Prints the package, torch and triton versions; whether the native module loaded (and
-the exact reason if not); the CPU features and the kernel ISA in use; the CUDA
+the exact reason if not); the CPU features, the kernel ISA in use and the kernels' threading
+(their own blocking pool, no OpenMP) with the thread count; the CUDA
 architectures compiled; each backend's availability; and, per op family, the backend its
 public ops run on for CPU and CUDA tensors.
 """
@@ -30,7 +31,7 @@ def report() -> List[str]:
     else:
         lines.append(f"native module  loaded from {native.__file__}")
         lines.append(f"cpu features   {native.cpu_features()}")
-        lines.append(f"cpu kernels    isa={native.cpu_isa()} openmp={'yes' if native.has_openmp() else 'no'} threads={torch.get_num_threads()}")
+        lines.append(f"cpu kernels    isa={native.cpu_isa()} {_threading(native, torch.get_num_threads())}")
         if native.with_cuda:
             lines.append(f"cuda kernels   compiled for sm {native.cuda_archs()}; devices visible: {native.cuda_device_count()}")
         else:
@@ -54,6 +55,18 @@ def report() -> List[str]:
                     name = f"ERROR: {e}"
                 lines.append(f"  {op:15s} {dev:5s} -> {name}")
     return lines
+
+
+def _threading(native, requested: int) -> str:
+    """How the CPU kernels run in parallel: ``threading=own pool (blocking), threads=2 (of 2
+    cores), grain=32768`` (threads: torch.get_num_threads(), which each call passes, capped at
+    the cores; a tensor uses one thread per grain elements at most, one below 2 grains)."""
+    t = getattr(native, "threading", None)
+    if t is None:  # a module built before the pool (it used OpenMP)
+        return f"threading=openmp threads={requested}"
+    t = t()
+    return (f"threading={t['kind']} ({t['wait']}), threads={min(requested, t['max_threads'])} "
+            f"(of {t['max_threads']} cores), grain={t['grain']}")
 
 
 def main() -> int:

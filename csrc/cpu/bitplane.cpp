@@ -1,5 +1,6 @@
 #include "cpu/bitplane.h"
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstring>
@@ -275,6 +276,9 @@ float bitplane_step(uint8_t* codes, uint32_t* sign, uint8_t* mom, float* gs, con
   c.key = key;
   for (int i = 0; i < bits; ++i) c.coef[i] = coef[i];
   const int nt = threads_for(nthreads, n * bits);
+  // Work grows with bits: tasks of ~kGrain element-planes (whole words; the result does not
+  // depend on the split: a max and element-wise updates).
+  const int64_t grain = std::max<int64_t>(32, (kGrain / bits) & ~int64_t(31));
   const bool v = use_avx2();
 
   // Pass 1: g_s = max |d| / L.
@@ -284,7 +288,7 @@ float bitplane_step(uint8_t* codes, uint32_t* sign, uint8_t* mom, float* gs, con
         return v ? avx2::step_max_bits(c, grad, codes, sign, mom, b, e)
                  : portable::step_max_bits(c, grad, codes, sign, mom, b, e);
       },
-      [](uint32_t x, uint32_t y) { return x > y ? x : y; });
+      [](uint32_t x, uint32_t y) { return x > y ? x : y; }, grain);
   const float g_s = u2f(mb) / c.L;
   if (!std::isfinite(g_s)) return g_s;  // skipped: nothing written
   if (!(g_s > 0.0f)) {                    // g_s == 0: codes and sign unchanged, mom <- 0, gs <- 0
@@ -303,7 +307,7 @@ float bitplane_step(uint8_t* codes, uint32_t* sign, uint8_t* mom, float* gs, con
       avx2::step_update(c, grad, codes, sign, mom, b, e);
     else
       portable::step_update(c, grad, codes, sign, mom, b, e);
-  });
+  }, grain);
   *gs = g_s;
   return g_s;
 }

@@ -1,12 +1,13 @@
 #include "cpu/cpu_features.h"
 
+#include <sched.h>
+
 #include <atomic>
 #include <cstdlib>
 #include <stdexcept>
+#include <thread>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "cpu/thread_pool.h"  // kGrain
 
 namespace fedmpq::cpu {
 
@@ -59,18 +60,22 @@ std::string cpu_features() {
 }
 
 int max_threads() {
-#ifdef _OPENMP
-  // The cores this process may use. A larger request (torch.set_num_threads(10**9), say)
-  // would make libgomp fail to create its threads and exit the whole process.
-  static const int cores = omp_get_num_procs() > 0 ? omp_get_num_procs() : 1;
-  return cores;
-#else
-  return 1;
+  // The cores this process may use (its affinity mask, as taskset or a container's cpuset
+  // set it): more threads than that only take turns.
+  static const int cores = [] {
+#ifdef __linux__
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
 #endif
+    const unsigned h = std::thread::hardware_concurrency();  // > 1024 CPUs, or not Linux
+    return h > 0 ? static_cast<int>(h) : 1;
+  }();
+  return cores;
 }
 
 int threads_for(int requested, int64_t work) {
-  constexpr int64_t kMinPerThread = 1 << 15;  // ~32K floats: below this a fork/join dominates
+  constexpr int64_t kMinPerThread = kGrain;  // ~32K floats: below this a wake-up and join dominate
   if (requested < 1) requested = 1;
   if (requested > max_threads()) requested = max_threads();
   int64_t useful = work / kMinPerThread;

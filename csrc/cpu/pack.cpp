@@ -117,12 +117,8 @@ void dequant_accumulate_layers(float* acc, const uint8_t* payload, const LayerRo
     else
       portable::dequant_accumulate(a, cnt, planes + w0, words, signs + w0, static_cast<int>(L.bits), coefs[c.row]);
   };
-  const int nt = threads_for(nthreads, total);
-  const int64_t nchunks = static_cast<int64_t>(chunks.size());
-#ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-#endif
-  for (int64_t i = 0; i < nchunks; ++i) run(chunks[i]);
+  auto task = [&](int64_t i) { run(chunks[static_cast<size_t>(i)]); };
+  run_tasks(static_cast<int64_t>(chunks.size()), threads_for(nthreads, total), task);
 }
 
 }  // namespace fedmpq::cpu
