@@ -22,23 +22,11 @@ import torch.nn.functional as F
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import sync
+from conftest import run_timed, skip_unless_runs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BITS = 4
 BACKENDS = [f"fedmpq[{b}]" for b in registry.BACKENDS]
-
-
-def _skip(impl: str, device: str, family: str, op: str):
-    if impl.startswith("fedmpq["):
-        name = impl[7:-1]
-        if not registry.supports(name, device) or (name == "triton" and device == "cpu"):
-            pytest.skip(f"{name} does not run on {device} tensors")
-        if not registry.has(family, name) or not hasattr(registry.module(family, name), op):
-            pytest.skip(f"{name} has no {op} kernel (the registry falls back to another backend)")
-        ok, why = registry.available(name)
-        if not ok:
-            pytest.skip(f"{name} unavailable: {why}")
 
 
 def _record(benchmark, op, numel, device, impl, nbytes, anchor):
@@ -47,20 +35,10 @@ def _record(benchmark, op, numel, device, impl, nbytes, anchor):
     benchmark.group = f"{op} {numel} {device}"
 
 
-def _run(benchmark, impl, fn, device):
-    def run():
-        fn()
-        sync(device)
-
-    with registry.use_backend(impl[7:-1] if impl.startswith("fedmpq[") else None):
-        run()
-        benchmark(run)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["copy_", "torch_relu", "relu6+fake_quant"] + BACKENDS)
 def bench_relu6_fake_quant(benchmark, impl, device, numel):
-    _skip(impl, device, "fake_quant", "relu6_fake_quant")
+    skip_unless_runs(impl, device, "fake_quant", "relu6_fake_quant")
     torch.manual_seed(0)
     x = (torch.randn(numel, device=device) * 3).requires_grad_()
     g = torch.randn(numel, device=device)
@@ -74,7 +52,7 @@ def bench_relu6_fake_quant(benchmark, impl, device, numel):
     else:
         fn = lambda: fk.relu6_fake_quant(x, BITS).backward(g)  # noqa: E731
     _record(benchmark, "relu6_fake_quant fwd+bwd", numel, device, impl, 16 * numel, "torch_relu")
-    _run(benchmark, impl, fn, device)
+    run_timed(benchmark, impl, fn, device, warmup=True)
 
 
 def _layer(numel, device):
@@ -90,7 +68,7 @@ def _layer(numel, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["copy_", "torch_sgd"] + BACKENDS)
 def bench_bitplane_step(benchmark, impl, device, numel):
-    _skip(impl, device, "bitplane", "bitplane_step")
+    skip_unless_runs(impl, device, "bitplane", "bitplane_step")
     codes, sign, scale, mom, gs, grad, coef = _layer(numel, device)
     if impl == "copy_":
         out = torch.empty(numel, device=device)
@@ -104,13 +82,13 @@ def bench_bitplane_step(benchmark, impl, device, numel):
         fn = lambda: fk.bitplane_step(codes, sign, mom, gs, grad, coef, scale, BITS, 0.1, 0.9, 12345)  # noqa: E731
     nbytes = int((4 + 2 * (1 + 1 / 8 + BITS)) * numel)
     _record(benchmark, "bitplane_step", numel, device, impl, nbytes, "torch_sgd")
-    _run(benchmark, impl, fn, device)
+    run_timed(benchmark, impl, fn, device, warmup=True)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["copy_"] + BACKENDS)
 def bench_dequantize(benchmark, impl, device, numel):
-    _skip(impl, device, "bitplane", "dequantize")
+    skip_unless_runs(impl, device, "bitplane", "dequantize")
     codes, sign, scale, *_ = _layer(numel, device)
     sink = fk.sink_like((numel,), device)
     if impl == "copy_":
@@ -120,4 +98,4 @@ def bench_dequantize(benchmark, impl, device, numel):
     else:
         fn = lambda: fk.dequantize(codes, sign, scale, BITS, sink)  # noqa: E731
     _record(benchmark, "dequantize", numel, device, impl, int(5.125 * numel), "copy_")
-    _run(benchmark, impl, fn, device)
+    run_timed(benchmark, impl, fn, device, warmup=True)

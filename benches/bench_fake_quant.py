@@ -23,7 +23,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import sync
+from conftest import run_timed, skip_unless_runs
 
 BITS = 4
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -31,20 +31,9 @@ IMPLS = ["copy_", "torch_fq", "eager_composite"] + [f"fedmpq[{b}]" for b in regi
 
 
 def _skip_unless_runs(impl: str, device: str, scaled: bool):
-    if impl.startswith("fedmpq["):
-        name = impl[7:-1]
-        if not registry.supports(name, device) or (name == "triton" and device == "cpu"):
-            pytest.skip(f"{name} does not run on {device} tensors")
-        ok, why = registry.available(name)
-        if not ok:
-            pytest.skip(f"{name} unavailable: {why}")
+    skip_unless_runs(impl, device, "fake_quant")
     if impl == "torch_fq" and not scaled:
         pytest.skip("torch's fake-quant has no dynamic-scale form")
-
-
-def _backend(impl: str):
-    """Select the backend once, outside the timed calls (selection is not free)."""
-    return registry.use_backend(impl[7:-1] if impl.startswith("fedmpq[") else None)
 
 
 def _composite(x, scale, clipped):
@@ -72,10 +61,9 @@ def _record(benchmark, op, numel, scaled, device, impl, bytes_moved, sliced=Fals
     benchmark.group = f"{op} {numel} {'given' if scaled else 'dynamic'} {device}"
 
 
-def _measure(benchmark, run, impl):
-    """Time ``run`` with the backend selected, then store GB/s (from the median) in extra_info."""
-    with _backend(impl):
-        benchmark(run)
+def _measure(benchmark, impl, fn, device):
+    """Time ``fn`` with the backend selected, then store GB/s (from the median) in extra_info."""
+    run_timed(benchmark, impl, fn, device)
     stats = getattr(benchmark, "stats", None)
     if stats is not None and stats.stats.median > 0:
         benchmark.extra_info["gb_per_s"] = benchmark.extra_info["bytes"] / stats.stats.median / 1e9
@@ -105,13 +93,8 @@ def bench_forward(benchmark, impl, scaled, sliced, device, numel):
     else:
         fn = lambda: fk.fake_quant(x, BITS, scale)  # noqa: E731
 
-    def run():
-        r = fn()
-        sync(device)
-        return r
-
     _record(benchmark, "forward", numel, scaled, device, impl, 8 * numel, sliced)
-    _measure(benchmark, run, impl)
+    _measure(benchmark, impl, fn, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,10 +126,6 @@ def bench_forward_backward(benchmark, impl, scaled, sliced, device, numel):
             if scale is not None:
                 scale.grad = None
 
-    def run():
-        fn()
-        sync(device)
-
     # x and grad read, y and grad_x written; copy_ is the one-pass floor it is compared with
     _record(benchmark, "forward+backward", numel, scaled, device, impl, 16 * numel if impl != "copy_" else 8 * numel, sliced)
-    _measure(benchmark, run, impl)
+    _measure(benchmark, impl, fn, device)

@@ -21,7 +21,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import sync
+from conftest import backend_of, run_timed, skip_unless_runs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BITS = [1, 4, 8]
@@ -29,13 +29,8 @@ IMPLS = ["copy_", "numpy_packbits", "torch_shift_or"] + [f"fedmpq[{b}]" for b in
 
 
 def _skip(impl: str, device: str, bits: int):
-    if impl.startswith("fedmpq["):
-        name = impl[7:-1]
-        if not registry.supports(name, device) or not registry.has("pack", name) or (name == "triton" and device == "cpu"):
-            pytest.skip(f"{name} does not run pack on {device} tensors")
-        ok, why = registry.available(name)
-        if not ok:
-            pytest.skip(f"{name} unavailable: {why}")
+    if backend_of(impl) is not None:
+        skip_unless_runs(impl, device, "pack")
     elif impl == "numpy_packbits" and device != "cpu":
         pytest.skip("numpy runs on the CPU")
     elif bits != 4 and impl != "copy_":
@@ -45,16 +40,6 @@ def _skip(impl: str, device: str, bits: int):
 def _record(benchmark, op, numel, bits, device, impl, nbytes, anchor="torch_shift_or"):
     benchmark.extra_info.update(group_key=(op, numel, f"{bits}-bit", device), name=impl, bytes=nbytes, torch_anchor=anchor)
     benchmark.group = f"{op} {numel} {bits}-bit {device}"
-
-
-def _run(benchmark, impl, fn, device):
-    def run():
-        r = fn()
-        sync(device)
-        return r
-
-    with registry.use_backend(impl[7:-1] if impl.startswith("fedmpq[") else None):
-        benchmark(run)
 
 
 def _codes(numel, bits, device):
@@ -124,7 +109,7 @@ def bench_pack_unpack(benchmark, op, impl, bits, device, numel):
     else:
         fn = (_pack_fn if op == "pack" else _unpack_fn)(impl, codes, bits)
     _record(benchmark, op, numel, bits, device, impl, 2 * numel if impl == "copy_" else numel + numel * bits // 8)
-    _run(benchmark, impl, fn, device)
+    run_timed(benchmark, impl, fn, device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -151,4 +136,4 @@ def bench_dequant_accumulate(benchmark, impl, device, numel):
     # read and write the accumulator, read the planes and the sign map
     moved = 8 * numel if impl == "copy_" else 8 * numel + numel * (bits + 1) // 8
     _record(benchmark, "dequant_accumulate", numel, bits, device, impl, moved, anchor="torch_dequant_add")
-    _run(benchmark, impl, fn, device)
+    run_timed(benchmark, impl, fn, device)

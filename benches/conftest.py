@@ -11,9 +11,12 @@ each reaches (GB/s counted over the bytes each must move), printed, and with
 from __future__ import annotations
 
 import platform
+from typing import Optional
 
 import pytest
 import torch
+
+from fedmpq_kernels import registry
 
 DEFAULT_SIZES = "1048576,4194304,16777216"
 
@@ -37,6 +40,40 @@ def _size_id(n: int) -> str:
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+def backend_of(impl: str) -> Optional[str]:
+    """The registry backend of a candidate named ``fedmpq[<backend>]``; None for an anchor."""
+    return impl[7:-1] if impl.startswith("fedmpq[") else None
+
+
+def skip_unless_runs(impl: str, device: str, family: str, op: Optional[str] = None) -> None:
+    """Skip a ``fedmpq[<backend>]`` candidate that cannot run op ``op`` of ``family`` (any of
+    its ops when None) on ``device`` tensors here; anchors always run."""
+    name = backend_of(impl)
+    if name is None:
+        return
+    if not registry.supports(name, device) or (name == "triton" and device == "cpu"):
+        pytest.skip(f"{name} does not run on {device} tensors")
+    if not registry.has(family, name) or (op is not None and not hasattr(registry.module(family, name), op)):
+        pytest.skip(f"{name} has no {op or family} kernel (the registry falls back to another backend)")
+    ok, why = registry.available(name)
+    if not ok:
+        pytest.skip(f"{name} unavailable: {why}")
+
+
+def run_timed(benchmark, impl: str, fn, device: str, warmup: bool = False) -> None:
+    """Time ``fn`` (then a device synchronization) with ``impl``'s backend selected once,
+    outside the timed calls (selection is not free); ``warmup`` runs it once untimed first."""
+    def run():
+        r = fn()
+        sync(device)
+        return r
+
+    with registry.use_backend(backend_of(impl)):
+        if warmup:
+            run()
+        benchmark(run)
 
 
 def machine() -> str:

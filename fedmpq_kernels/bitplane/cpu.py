@@ -13,6 +13,7 @@ from typing import Tuple
 
 import torch
 
+from .._buffers import words
 from .._checks import bitmap_arg, bitmap_nbytes
 from .._native import native
 
@@ -34,15 +35,6 @@ def _f32(t: Tensor) -> Tensor:
 def _bytes(t: Tensor) -> Tensor:
     """A uint8 tensor flattened and contiguous (no copy when it already is)."""
     return t.reshape(-1).contiguous()
-
-
-def _words(t: Tensor) -> Tensor:
-    """t flattened, contiguous and 4-byte aligned (no copy when it already is): a bitmap the
-    kernels read as uint32 words, or the one-float gs."""
-    t = t.reshape(-1)
-    if not t.is_contiguous() or t.data_ptr() % 4 != 0:
-        t = t.clone(memory_format=torch.contiguous_format)  # fresh storage: aligned
-    return t
 
 
 def _scalar(t: Tensor) -> float:
@@ -93,9 +85,9 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     n = codes.numel()
     # Working copies of the in-place state where the kernel cannot use it as it is.
     c = _bytes(codes)
-    sg = _words(sign)
+    sg = words(sign)
     m = _bytes(mom)
-    g_state = _words(gs)
+    g_state = words(gs)  # the one float32, read and written as a word
     g = _f32(grad)
     cf = _f32(coef)
     r = native.cpu.bitplane_step(c.data_ptr(), n, sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(),

@@ -132,6 +132,13 @@ def _tensor(t, name: str, dtype=None, device=None) -> Tensor:
     return t
 
 
+def _key(key, hint: str = "") -> int:
+    """A generator key (:func:`step_key`): an int in 0..2^32-1."""
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key <= 0xFFFFFFFF:
+        raise ValueError(f"key must be a uint32{hint}, got {key!r}")
+    return int(key)
+
+
 def _state(codes, sign, bits) -> Tuple[int, int]:
     """Checks the (codes, sign) pair of one layer; returns (n, bits)."""
     _tensor(codes, "codes", torch.uint8)
@@ -263,8 +270,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         raise ValueError(f"lr must be > 0, got {lr}")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key <= 0xFFFFFFFF:
-        raise ValueError(f"key must be a uint32 (see step_key), got {key!r}")
+    key = _key(key, " (see step_key)")
     if n >= 1 << 32:
         raise ValueError("a layer of 2^32 weights or more is not supported (the generator counts in 32 bits)")
     grad = grad.reshape(-1)
@@ -297,6 +303,4 @@ step_key = _ref.step_key
 def uniform(key: int, n: int, device=None) -> Tensor:
     """The generator's draws u_j in [0, 1) for elements 0..n-1 under ``key``
     (:func:`step_key`): float32 (n,), the numbers :func:`bitplane_step` compares with p_j."""
-    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key <= 0xFFFFFFFF:
-        raise ValueError(f"key must be a uint32, got {key!r}")
-    return _ref.uniform(int(key), int(n), device)
+    return _ref.uniform(_key(key), int(n), device)

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._buffers import words
 from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes
 from .._device import on_device
 from .._triton_common import INTERPRET, absmax, load_bits, store_words
@@ -383,13 +384,6 @@ def _L(bits: int) -> float:
     return float((1 << bits) - 1)
 
 
-def _words(t: Tensor) -> Tuple[Tensor, bool]:
-    """(t flattened, contiguous, 4-byte aligned; whether that is a copy to write back)."""
-    if t.is_contiguous() and t.data_ptr() % 4 == 0:
-        return t.reshape(-1), False
-    return t.reshape(-1).clone(memory_format=torch.contiguous_format), True  # fresh storage: aligned
-
-
 def _scalar(t: Tensor) -> Tensor:
     """A one-element tensor as float32 (1,) readable through a pointer."""
     return t.reshape(1).to(torch.float32).contiguous()
@@ -423,7 +417,7 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
     if n == 0:
         return out
     nbytes = bitmap_nbytes(n)
-    sw, _ = _words(sign.reshape(-1)[:nbytes])
+    sw = words(sign, nbytes)
     with on_device(dev):
         _dequantize_kernel[(triton.cdiv(n, BLOCK),)](c, sw.view(torch.int32), _scalar(scale), out, n, nbytes // 4,
                                                      _L(bits), BLOCK=BLOCK, num_warps=NUM_WARPS,
@@ -442,7 +436,7 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
     if n == 0:
         return torch.zeros((), dtype=torch.float32, device=dev)
     nbytes = bitmap_nbytes(n)
-    sw, _ = _words(sign.reshape(-1)[:nbytes])
+    sw = words(sign, nbytes)
     grid = (triton.cdiv(n, BLOCK),)
     part = torch.empty(grid[0], dtype=torch.float64, device=dev)
     with on_device(dev):
@@ -473,7 +467,8 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         return torch.zeros((), dtype=torch.float32, device=dev)
     nbytes = bitmap_nbytes(n)
     cw = codes if codes.is_contiguous() else codes.contiguous()
-    sw, sign_copied = _words(sign)
+    sw = words(sign)
+    sign_copied = sw.data_ptr() != sign.data_ptr()  # a working copy: written back below
     mw = mom.reshape(-1) if mom.is_contiguous() else mom.contiguous().reshape(-1)  # the public function checks
     gsw = gs.reshape(-1)  # one float32
     g = grad.reshape(-1)

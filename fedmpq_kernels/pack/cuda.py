@@ -19,10 +19,11 @@ from typing import Optional
 
 import torch
 
+from .._buffers import words
 from .._checks import bitmap_nbytes
 from .._device import on_device
 from .._native import native
-from ._common import check_seen, words
+from ._common import check_seen
 
 Tensor = torch.Tensor
 

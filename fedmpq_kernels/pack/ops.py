@@ -73,6 +73,13 @@ def _check_u8(t, name: str) -> None:
         raise TypeError(f"{name} must be uint8, got {t.dtype}")
 
 
+def _check_acc(acc) -> None:
+    if not isinstance(acc, Tensor) or acc.dtype != torch.float32:
+        raise TypeError(f"acc must be a float32 tensor, got {getattr(acc, 'dtype', type(acc).__name__)}")
+    if not acc.is_contiguous():
+        raise ValueError("acc must be contiguous (it is updated in place)")
+
+
 def _check_planes(planes, bits: int, n: int, device: torch.device, name: str = "planes") -> None:
     _check_u8(planes, name)
     if planes.device != device:
@@ -142,10 +149,7 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     Raises:
         TypeError / ValueError naming the bad argument.
     """
-    if not isinstance(acc, Tensor) or acc.dtype != torch.float32:
-        raise TypeError(f"acc must be a float32 tensor, got {getattr(acc, 'dtype', type(acc).__name__)}")
-    if not acc.is_contiguous():
-        raise ValueError("acc must be contiguous (it is updated in place)")
+    _check_acc(acc)
     bits = check_bits(bits)
     n = acc.numel()
     _check_planes(planes, bits, n, acc.device)
@@ -197,10 +201,7 @@ def dequant_accumulate_layers(acc: Tensor, payload: Tensor, table: Tensor, coefs
     Raises:
         TypeError / ValueError naming the bad argument or table row.
     """
-    if not isinstance(acc, Tensor) or acc.dtype != torch.float32:
-        raise TypeError(f"acc must be a float32 tensor, got {getattr(acc, 'dtype', type(acc).__name__)}")
-    if not acc.is_contiguous():
-        raise ValueError("acc must be contiguous (it is updated in place)")
+    _check_acc(acc)
     _check_u8(payload, "payload")
     if payload.device != acc.device or not payload.is_contiguous() or payload.dim() != 1 or payload.data_ptr() % 4:
         raise ValueError("payload must be a contiguous, 4-byte-aligned 1-D uint8 tensor on acc's device")

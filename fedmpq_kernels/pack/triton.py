@@ -34,10 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .._buffers import words
 from .._checks import bitmap_nbytes
 from .._device import on_device
 from .._triton_common import load_bits, store_words
-from ._common import check_seen, words
+from ._common import check_seen
 
 Tensor = torch.Tensor
 

@@ -14,10 +14,6 @@ BIG = 300_001
 STEPS = 5
 
 
-def nbytes(n: int) -> int:
-    return 4 * ((n + 31) // 32)
-
-
 def weights(n: int, bits: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + n * 17 + bits)
     return torch.randn(n, generator=g)

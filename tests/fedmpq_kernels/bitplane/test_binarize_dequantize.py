@@ -11,7 +11,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels.bitplane import reference as R
 
-from .helpers import ALL_BITS, BIG, SIZES, bits_of, kernels, layer, nbytes, weights
+from .helpers import ALL_BITS, BIG, SIZES, bits_of, kernels, layer, weights
 
 
 # ---- binarize, dequantize, popcounts -----------------------------------------------------
@@ -27,7 +27,7 @@ def test_binarize_dequantize_popcounts_match_reference(backend, bits, numel):
     with backend.active():
         q, s, sc = fk.binarize(w.to(dev), bits)
         assert q.dtype == torch.uint8 and q.shape == (numel,)
-        assert s.dtype == torch.uint8 and s.shape == (nbytes(numel),)
+        assert s.dtype == torch.uint8 and s.shape == (fk.bitmap_nbytes(numel),)
         assert sc.dtype == torch.float32 and sc.shape == ()
         assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(bits_of(sc), bits_of(rsc))
 

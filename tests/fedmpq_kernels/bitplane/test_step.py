@@ -14,7 +14,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels.bitplane import reference as R
 
-from .helpers import (ALL_BITS, BIG, SIZES, STEPS, assert_state_equal, bits_of, fresh_state, kernels, layer, nbytes,
+from .helpers import (ALL_BITS, BIG, SIZES, STEPS, assert_state_equal, bits_of, fresh_state, kernels, layer,
                       reference_run)
 
 
@@ -158,7 +158,7 @@ def test_step_flips_signs_of_small_codes(backend):
     n, bits = 200, 4
     codes = torch.ones(n, dtype=torch.uint8).to(dev)
     codes[::2] = 2
-    sign = torch.zeros(nbytes(n), dtype=torch.uint8).to(dev)
+    sign = torch.zeros(fk.bitmap_nbytes(n), dtype=torch.uint8).to(dev)
     mom = torch.zeros(bits, n, dtype=torch.uint8).to(dev)
     gs = torch.zeros(1).to(dev)
     grad = 10.0 + torch.rand(n, generator=torch.Generator().manual_seed(4))
@@ -178,7 +178,7 @@ def test_step_saturates_at_the_top_code(backend):
         L = (1 << bits) - 1
         codes = torch.full((n,), L, dtype=torch.uint8).to(dev)
         codes[1::3] = max(L - 1, 0)
-        sign = torch.zeros(nbytes(n), dtype=torch.uint8)
+        sign = torch.zeros(fk.bitmap_nbytes(n), dtype=torch.uint8)
         sign[:4] = 0b10101010  # a few negative weights: their magnitude grows with a positive grad
         sign = sign.to(dev)
         mom = torch.zeros(bits, n, dtype=torch.uint8).to(dev)
@@ -289,7 +289,7 @@ def test_step_stochastic_part_follows_the_generator(backend, lr_exp):
     p = 2.0**lr_exp
     key = R.step_key(5, 6, 7)
     codes = torch.zeros(n, dtype=torch.uint8, device=dev)
-    sign = torch.zeros(nbytes(n), dtype=torch.uint8, device=dev)
+    sign = torch.zeros(fk.bitmap_nbytes(n), dtype=torch.uint8, device=dev)
     mom = torch.zeros(1, n, dtype=torch.uint8, device=dev)
     gs = torch.zeros(1, device=dev)
     with backend.active():

@@ -16,10 +16,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 7, 31, 33, 1000, 4097, 300_001]
 
 
-def nbytes(n: int) -> int:
-    return 4 * ((n + 31) // 32)
-
-
 def inputs(n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 7919 + n)
     x = torch.randn(n, generator=g) * 4 + 1
@@ -61,7 +57,7 @@ def test_matches_reference(backend, numel, bits, dtype):
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous()
     assert same(y, want_y) and same(y2, want_y) and same(y3, want_y)
     assert torch.equal(mask3.cpu(), want_mask)
-    assert mask.dtype == torch.uint8 and mask.shape == (nbytes(numel),)
+    assert mask.dtype == torch.uint8 and mask.shape == (fk.bitmap_nbytes(numel),)
     assert torch.equal(mask.cpu(), want_mask)
 
 
@@ -186,7 +182,7 @@ def test_native_threads_in_place_and_streaming(isa):
         want_y, want_mask = R.relu6_fake_quant(x, 4)
         for nt in (1, 2, 3):
             y = torch.empty(n + 8)[8:]  # 32-byte aligned
-            m = torch.empty(nbytes(n), dtype=torch.uint8)
+            m = torch.empty(fk.bitmap_nbytes(n), dtype=torch.uint8)
             s = native.cpu.relu6_fake_quant(x.data_ptr(), n, y.data_ptr(), n, 4, m.data_ptr(), m.numel(), nt)
             assert s == 6.0
             assert same(y, want_y) and torch.equal(m, want_mask)

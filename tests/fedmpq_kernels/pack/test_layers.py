@@ -18,10 +18,6 @@ from fedmpq_kernels._native import native
 FUZZ = int(os.environ.get("FEDMPQ_FUZZ_EXAMPLES", "300"))
 
 
-def nbytes(n: int) -> int:
-    return 4 * ((n + 31) // 32)
-
-
 def make_payload(sizes, bits, device, seed=0):
     """A payload holding, per layer, its planes then its sign map (4-byte aligned, with a
     gap of 8 bytes between layers), and the table rows for it."""
@@ -55,7 +51,7 @@ def test_layers_equal_one_call_per_layer(backend, weight):
         got = fk.dequant_accumulate_layers(acc0.clone(), payload, table, coefs)
         want = acc0.clone()
         for (acc_off, n, b, off), s in zip(table.tolist(), scales):
-            nb = nbytes(n)
+            nb = fk.bitmap_nbytes(n)
             fk.dequant_accumulate(want[acc_off:acc_off + n], payload[off:off + b * nb], payload[off + b * nb:off + (b + 1) * nb],
                                   b, s, weight)
     torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)

@@ -14,10 +14,6 @@ ALL_BITS = range(1, 9)
 SIZES = [0, 1, 7, 31, 32, 33, 1023, (1 << 20) + 3]
 
 
-def nbytes(n: int) -> int:
-    return 4 * ((n + 31) // 32)
-
-
 def codes_for(n: int, bits: int, device, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 131 + n * 7 + bits)
     return torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.int32).to(torch.uint8).to(device)
@@ -54,7 +50,7 @@ def test_pack_and_unpack_match_reference(backend, bits, numel):
     with backend.active():
         planes = fk.pack_codes(codes, bits)
         want = R.pack_codes(codes.cpu(), bits)
-        assert planes.dtype == torch.uint8 and planes.shape == (bits * nbytes(numel),)
+        assert planes.dtype == torch.uint8 and planes.shape == (bits * fk.bitmap_nbytes(numel),)
         assert torch.equal(planes.cpu(), want)
         back = fk.unpack_codes(planes, bits, numel)
         assert back.dtype == torch.uint8 and back.shape == (numel,)

@@ -1,0 +1,21 @@
+"""How backend adapters hand host tensors to kernels that read whole uint32 words."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def words(t: Tensor, n: Optional[int] = None) -> Tensor:
+    """The first ``n`` elements of ``t`` (all when None), flattened, contiguous and 4-byte
+    aligned: copied only when they are not already. The kernels read bitmaps, planes and
+    sign maps as uint32 words. A caller updating ``t`` in place through the result writes it
+    back when the data pointers differ."""
+    t = t.reshape(-1)
+    if n is not None:
+        t = t[:n]
+    if not t.is_contiguous() or t.data_ptr() % 4:
+        t = t.clone(memory_format=torch.contiguous_format)  # fresh storage: aligned
+    return t
