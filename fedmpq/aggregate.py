@@ -12,6 +12,7 @@ layer, its samples and budget) come out of the same pass.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -24,6 +25,11 @@ from . import wire
 
 Tensor = torch.Tensor
 WEIGHTINGS = ("mean", "samples")
+# Coordinate-wise rules: the (weighted) mean, streamed; the median and the trimmed mean (cuts
+# trim_count(K) values at each end; as Flower's FedMedian and FedTrimmedAvg) keep
+# every upload's de-quantized values until the round ends.
+RULES = ("mean", "median", "trimmed_mean")
+TRIM = 0.2
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,37 @@ class _Layout:
     table: np.ndarray  # int64 (quantized layers, 4): the dequant_accumulate_layers rows, reused
 
 
+@dataclass
+class ModelLayout:
+    """What every upload must hold: the model's entries (names), each quantized or of a float
+    dtype, and their shapes. The server makes it from its model (:func:`model_layout`), so a
+    faulty first upload cannot set the layout the honest ones are held to."""
+
+    names: List[str]
+    dtype: np.ndarray
+    dims: np.ndarray
+    ndim: np.ndarray
+
+
+def model_layout(state: Dict[str, Tensor], quantized) -> ModelLayout:
+    """The :class:`ModelLayout` of a model's state dict; ``quantized``: the names of its
+    quantized (bit-plane) weights. Float entries travel as float32 or int64."""
+    names = list(state)
+    q = set(quantized)
+    missing = q - set(names)
+    if missing:
+        raise ValueError(f"quantized entries not in the state: {sorted(missing)[:3]}")
+    dtype = np.array([wire.DT_QUANTIZED if nm in q else wire.DT_INT64 if state[nm].dtype == torch.int64
+                      else wire.DT_FLOAT32 for nm in names], dtype=np.uint8)
+    dims = np.zeros((len(names), wire.MAX_DIMS), dtype=np.uint32)
+    ndim = np.zeros(len(names), dtype=np.uint8)
+    for i, nm in enumerate(names):
+        shape = tuple(state[nm].shape)
+        ndim[i] = len(shape)
+        dims[i, :len(shape)] = shape
+    return ModelLayout(names, dtype, dims, ndim)
+
+
 def _layout(p: wire.Parsed) -> _Layout:
     quant = np.flatnonzero(p.dtype == wire.DT_QUANTIZED)
     qn = p.numel[quant]
@@ -76,27 +113,35 @@ def _layout(p: wire.Parsed) -> _Layout:
 
 
 class Aggregator:
-    """Sum of K uploads, then their mean.
+    """Sum of K uploads, then their mean (or another coordinate-wise rule).
 
     Args:
         weighting: ``"mean"``: every upload counts once (the authors' rule);
-            ``"samples"``: weighted by its sample count |D_k|.
+            ``"samples"``: weighted by its sample count |D_k| (``rule="mean"`` only).
+        rule: one of :data:`RULES`.
+        expected: the model's :class:`ModelLayout`; every upload must hold exactly its
+            entries with their shapes (in any order), else it is refused. Without it, the
+            first upload fixes the layout the later ones are held to.
 
-    The first upload fixes the model's layout (names and their order, which are quantized,
-    shapes, float dtypes); every later one must have the same tensors with the same shapes,
-    else :class:`fedmpq.wire.WireFormatError` (uploads that list them in another order are
-    accepted, on a slower path).
+    Every upload is checked whole before anything of it is added: format, checksum, the
+    client and round it claims, the layout, and that its float tensors are finite (a scale
+    that is not finite never decodes). A refused upload leaves the aggregate as it was.
     """
 
-    def __init__(self, weighting: str = "mean") -> None:
+    def __init__(self, weighting: str = "mean", rule: str = "mean", expected: Optional[ModelLayout] = None) -> None:
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        self.weighting = weighting
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if rule != "mean" and weighting != "mean":
+            raise ValueError(f"the {rule} rule is unweighted: use weighting='mean'")
+        self.weighting, self.rule, self.expected = weighting, rule, expected
         self.stats: List[ClientStats] = []
         self._lay: Optional[_Layout] = None
         self._known: Optional[wire.Parsed] = None  # the first upload: later ones parse faster against it
         self._qacc: Optional[Tensor] = None
         self._facc: List[Tensor] = []
+        self._kept: List[List[Tensor]] = []  # robust rules: each upload's values, per accumulator
         self._total = 0.0
 
     def add(self, data, client_id: Optional[int] = None, round_: Optional[int] = None) -> ClientStats:
@@ -107,8 +152,8 @@ class Aggregator:
 
         Raises:
             fedmpq.wire.WireFormatError: the bytes do not decode, claim another client or
-                round, or do not match the layout of the uploads added before (nothing is
-                added then).
+                round, do not match the model's layout (or the first upload's), or hold a
+                float value that is not finite (nothing is added then).
         """
         p = wire.parse(data, wire.KIND_UPLOAD, self._known)
         meta_client, num_samples, rnd, budget = p.meta
@@ -119,8 +164,32 @@ class Aggregator:
         w = 1.0 if self.weighting == "mean" else float(num_samples)
         if w <= 0:
             raise wire.WireFormatError(f"upload of client {client_id} reports {num_samples} samples: it cannot be weighted by them")
-        lay = self._lay or _layout(p)
-        order = None if p.same_layout else self._order(lay, p, client_id)
+        if self._lay is None:
+            if self.expected is not None:
+                order = self._order(self.expected, p, client_id)  # raises when it is not the model
+                if order is not None:  # lay the accumulators out in the model's order
+                    p = _reordered(p, order)
+            lay = _layout(p)
+        else:
+            lay = self._lay
+        order = None if (p.same_layout or lay is not self._lay) else self._order(lay, p, client_id)
+        buf = torch.frombuffer(bytearray(p.data), dtype=torch.uint8)  # one private, aligned copy
+        if buf.data_ptr() % 4:
+            buf = buf.clone()
+        # Float runs, checked finite before anything is added (one add each later, or per
+        # entry when this upload orders them differently).
+        floats = []
+        for a, b, dt in lay.segments:
+            if order is None:
+                chunks = [self._floats(buf, p, a, b, dt)]
+            else:
+                chunks = [self._floats(buf, p, int(r), int(r) + 1, dt) for r in order[a:b]]
+            f = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+            if dt != wire.DT_INT64 and not bool(torch.isfinite(f).all()):
+                bad = next(lay.names[r] for r in range(a, b)
+                           if not bool(torch.isfinite(self._floats(buf, p, *self._row(order, r), dt)).all()))
+                raise wire.WireFormatError(f"upload of client {client_id}: {bad} holds NaN or inf")
+            floats.append(f)
         if self._lay is None:
             self._lay, self._known = lay, p
             self._qacc = torch.zeros(int(p.numel[lay.quant].sum()), dtype=torch.float32)
@@ -128,29 +197,31 @@ class Aggregator:
                 torch.zeros(int(p.numel[a:b].sum()), dtype=torch.float64 if dt == wire.DT_INT64 else torch.float32)
                 for a, b, dt in lay.segments
             ]
-        buf = torch.frombuffer(bytearray(p.data), dtype=torch.uint8)  # one private, aligned copy
-        if buf.data_ptr() % 4:
-            buf = buf.clone()
         rows = lay.quant if order is None else order[lay.quant]
         # Quantized layers: one call, straight from the packed planes.
         table = lay.table  # acc offsets and sizes are the layout's; bits and offsets this upload's
         table[:, 2] = p.bits[rows]
         table[:, 3] = p.offset[rows]
         coefs = fk.layer_coefs(p.scale[rows], p.bits[rows], w)
-        fk.dequant_accumulate_layers(self._qacc, buf, torch.from_numpy(table), coefs)
-        # Float runs: one add each (or per entry, when this upload orders them differently).
-        for (a, b, dt), acc in zip(lay.segments, self._facc):
-            if order is None:
-                chunks = [self._floats(buf, p, a, b, dt)]
-            else:
-                chunks = [self._floats(buf, p, int(r), int(r) + 1, dt) for r in order[a:b]]
-            acc.add_(torch.cat(chunks) if len(chunks) > 1 else chunks[0], alpha=w)
+        if self.rule == "mean":
+            fk.dequant_accumulate_layers(self._qacc, buf, torch.from_numpy(table), coefs)
+            for f, acc in zip(floats, self._facc):
+                acc.add_(f, alpha=w)
+        else:
+            q = torch.zeros_like(self._qacc)
+            fk.dequant_accumulate_layers(q, buf, torch.from_numpy(table), coefs)
+            self._kept.append([q] + [f.to(acc.dtype) for f, acc in zip(floats, self._facc)])
         self._total += w
         names = [lay.names[i] for i in lay.quant]
         st = ClientStats(client_id, rnd, num_samples, float(budget), dict(zip(names, p.bits[rows].tolist())),
                          dict(zip(names, p.delta[rows].tolist())))
         self.stats.append(st)
         return st
+
+    @staticmethod
+    def _row(order: Optional[np.ndarray], r: int) -> Tuple[int, int]:
+        i = r if order is None else int(order[r])
+        return i, i + 1
 
     @staticmethod
     def _floats(buf: Tensor, p, a: int, b: int, dt: int) -> Tensor:
@@ -164,7 +235,7 @@ class Aggregator:
         return raw.clone().view(wire.TORCH_DTYPES[dt]).to(torch.float64 if dt == wire.DT_INT64 else torch.float32)
 
     @staticmethod
-    def _order(lay: _Layout, p, client_id) -> Optional[np.ndarray]:
+    def _order(lay, p, client_id) -> Optional[np.ndarray]:
         """None when the upload lists the layout's entries in its order; else, per layout
         row, the upload's row. Raises when the tensors or their shapes differ."""
         if (p.names == lay.names and np.array_equal(p.dtype, lay.dtype) and np.array_equal(p.ndim, lay.ndim)
@@ -201,14 +272,17 @@ class Aggregator:
         lay = self._lay
         if lay is None or self._total <= 0:
             raise RuntimeError("no upload was added: there is nothing to average")
+        if self.rule == "mean":
+            q = self._qacc / self._total
+            fmeans = [acc / self._total for acc in self._facc]
+        else:
+            q, *fmeans = [robust(torch.stack(vals), self.rule) for vals in zip(*self._kept)]
         out = {}
-        q = self._qacc / self._total
         for row, off in zip(lay.quant.tolist(), lay.qoff.tolist()):
             shape = _shape(lay, row)
             n = int(np.prod(shape, dtype=np.int64))
             out[lay.names[row]] = q[off:off + n].reshape(shape)
-        for (a, b, dt), acc in zip(lay.segments, self._facc):
-            mean = acc / self._total
+        for (a, b, dt), mean in zip(lay.segments, fmeans):
             at = 0
             for row in range(a, b):
                 shape = _shape(lay, row)
@@ -217,6 +291,30 @@ class Aggregator:
                 out[lay.names[row]] = t.round().to(torch.int64) if dt == wire.DT_INT64 else t
                 at += n
         return {nm: out[nm] for nm in lay.names}
+
+
+def robust(x: Tensor, rule: str) -> Tensor:
+    """``x``: (K, ...) values of K uploads. The coordinate-wise median (the mean of the two
+    middle values for an even count, as numpy's) or trimmed mean (:func:`trim_count` values
+    cut at each end) of x's rows."""
+    k = x.shape[0]
+    s = x.sort(dim=0).values
+    if rule == "median":
+        return s[(k - 1) // 2] if k % 2 else (s[k // 2 - 1] + s[k // 2]) / 2
+    return s[trim_count(k):k - trim_count(k)].mean(dim=0)
+
+
+def trim_count(k: int) -> int:
+    """Values the trimmed mean cuts at each end of k: ``int(TRIM * k)`` as Flower's
+    FedTrimmedAvg, but at least one from 3 values on (Flower's rule trims nothing below 5)."""
+    return max(int(TRIM * k), 1 if k >= 3 else 0)
+
+
+def _reordered(p: wire.Parsed, order: np.ndarray) -> wire.Parsed:
+    """``p``'s columns in the model's order (the payload bytes stay as they are)."""
+    cols = {f: getattr(p, f)[order] for f in ("dtype", "bits", "delta", "scale", "dims", "ndim", "numel", "offset",
+                                               "nbytes")}
+    return dataclasses.replace(p, names=[p.names[i] for i in order], same_layout=False, zindex=b"", **cols)
 
 
 def _shape(lay: _Layout, row: int) -> Tuple[int, ...]:

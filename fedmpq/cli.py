@@ -6,31 +6,66 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import torch
-
 from . import data as data_mod
 from . import simulate
-from .config import DEFAULTS, ConfigError, check_config, load_config_file, parse_alpha, parse_budgets
+from .config import (DEFAULTS, HELP, ConfigError, check_config, load_config_file, parse_alpha, parse_budgets,
+                     parse_optional_int)
+from .federation import read_checkpoint
+from .progress import log_through_bars
 from .results import compare
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag answered in one line (no usage block) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"fedmpq: {message} (see {self.prog} --help)\n")
+
+
+def _flag_type(key: str, parse):
+    """A flag parser whose error names the flag and what it may be (argparse would name the
+    parsing function instead)."""
+    def typed(text: str):
+        try:
+            return parse(text)
+        except (ConfigError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; {key}: {HELP[key]}") from None
+    typed.__name__ = key
+    return typed
+
+
+def _default_text(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)
+
+
 def _config_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML or JSON file with config keys")
-    p.add_argument("--out", help="results folder (results.json, rounds.csv, plots, checkpoint)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys (flags override it)")
+    p.add_argument("--out", metavar="DIR", help="results folder: results.json, rounds.csv, plots, checkpoint.pt "
+                                                "(default: runs/<date>-<time>)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no per-round lines")
     for k, v in DEFAULTS.items():
         flag = "--" + k.replace("_", "-")
-        kw: Dict[str, Any] = dict(dest=k, default=argparse.SUPPRESS)  # absent: not in args at all
         if k == "budgets":
-            kw["type"] = parse_budgets
+            parse = parse_budgets
         elif k == "alpha":
-            kw["type"] = parse_alpha
-        elif not (isinstance(v, bool) or v is None):
-            kw["type"] = type(v)
-        p.add_argument(flag, **kw)
+            parse = parse_alpha
+        elif k in ("train_samples", "threads"):
+            parse = parse_optional_int(k)
+        elif k == "data_dir":
+            parse = str
+        else:
+            parse = type(v)
+        # absent flags are not in args at all (default=SUPPRESS): a config file's value stays
+        p.add_argument(flag, dest=k, default=argparse.SUPPRESS, type=_flag_type(k, parse), metavar=k.upper(),
+                       help=f"{HELP[k]} (default: {_default_text(v)})")
 
 
 def _flags(args: argparse.Namespace) -> Dict[str, Any]:
@@ -44,25 +79,46 @@ def _flag_config(args: argparse.Namespace) -> Dict[str, Any]:
     return cfg
 
 
+def _default_out() -> str:
+    return time.strftime("runs/%Y%m%d-%H%M%S")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """The ``fedmpq`` command; returns its exit status (2: a bad flag, config or dataset)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("simulate", "compare", "flower", "-h", "--help"):
         argv = ["simulate"] + argv  # `fedmpq` alone runs the built-in default federation
-    ap = argparse.ArgumentParser(prog="fedmpq", description="FedMPQ: mixed-precision quantized federated learning")
-    sub = ap.add_subparsers(dest="cmd")
-    sim = sub.add_parser("simulate", help="run a federation in one process")
+    ap = _Parser(prog="fedmpq", description="FedMPQ: mixed-precision quantized federated learning. "
+                                            "`fedmpq` alone runs `fedmpq simulate` on its built-in default.")
+    sub = ap.add_subparsers(dest="cmd", parser_class=_Parser)
+    sim = sub.add_parser("simulate", help="run a federation in one process",
+                         description="Run a federation in one process; every config key is also a flag.")
     _config_flags(sim)
-    sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint; flags may "
+                                                     "raise rounds (to extend it), device, threads and data-dir")
     fl = sub.add_parser("flower", help="run the same federation through Flower's simulation engine "
-                                       "(needs the flower extra)")
+                                       "(needs the flower extra)",
+                        description="Run the federation on Flower's simulation engine (Ray); the same keys.")
     _config_flags(fl)
-    fl.add_argument("--cpus", type=int, default=1, help="CPUs for Flower's Ray workers (default 1)")
-    cmp_ = sub.add_parser("compare", help="compare the results of several runs")
-    cmp_.add_argument("dirs", nargs="+")
-    cmp_.add_argument("--plot", help="write the accuracy curves (mean and min..max over seeds) to this PNG")
-    cmp_.add_argument("--last", type=int, default=5, help="average the accuracy over this many last rounds")
-    args = ap.parse_args(argv)
+    fl.add_argument("--cpus", type=_flag_type("cpus", int), default=None, metavar="N",
+                    help="CPUs Ray may use; cpus // threads clients train at once (default: the cores this "
+                         "process may use)")
+    cmp_ = sub.add_parser("compare", help="compare the results of several runs",
+                          description="Compare runs: runs that differ only in the seed form one group.")
+    cmp_.add_argument("dirs", nargs="+", metavar="DIR", help="run folders holding results.json")
+    cmp_.add_argument("--plot", metavar="PNG", help="write the accuracy curves (mean and min..max over seeds) "
+                                                    "to this PNG (needs matplotlib)")
+    cmp_.add_argument("--last", type=int, default=5, metavar="N",
+                      help="average the accuracy over this many last rounds (default: 5)")
+    try:
+        args = ap.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad flag (2, already said in one line)
+        return int(e.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.cmd == "simulate" and args.resume and args.out and Path(args.out) != Path(args.resume):
+        print(f"fedmpq: --resume {args.resume} continues the run in that folder; leave out --out "
+              f"(or give the same folder)", file=sys.stderr)
+        return 2
     try:
         if args.cmd == "compare":
             print(compare(args.dirs, args.plot, args.last))
@@ -72,30 +128,28 @@ def main(argv: Optional[List[str]] = None) -> int:
                 from .flower import simulation as flower_sim
             except ImportError as e:
                 raise ConfigError(f"fedmpq flower needs Flower: pip install -e \".[flower]\" ({e})") from None
-            if args.cpus < 1:
-                raise ConfigError(f"cpus must be >= 1, got {args.cpus}")
             cfg = check_config(_flag_config(args))
-            data_mod.load(cfg["dataset"], cfg["data_dir"])  # a missing dataset stops here, not in Flower
-            res = flower_sim.run(cfg, out=args.out, cpus=args.cpus)
+            out = args.out or _default_out()
+            flower_sim.check(cfg, args.cpus)  # a missing dataset or CUDA stops here, not in Flower
+            print(f"fedmpq: results in {out}", file=sys.stderr)
+            res = flower_sim.run(cfg, out=out, cpus=args.cpus)
         else:
             if args.resume:
-                ck = Path(args.resume) / "checkpoint.pt"
-                if not ck.exists():
-                    raise ConfigError(f"nothing to resume: {ck} does not exist")
-                cfg = torch.load(ck, weights_only=True)["config"]
-                cfg.update(_flags(args))
+                saved = read_checkpoint(Path(args.resume) / "checkpoint.pt")["config"]
+                cfg = {**saved, **_flags(args)}
                 out = args.resume
             else:
                 cfg = _flag_config(args)
-                out = args.out
+                out = args.out or _default_out()
             cfg = check_config(cfg)
             if not args.quiet:
                 logging.getLogger("fedmpq").setLevel(logging.INFO)
+                log_through_bars(logging.getLogger("fedmpq"))
+                print(f"fedmpq: results in {out}", file=sys.stderr)
             res = simulate.run(cfg, out=out, resume=bool(args.resume), progress=not args.quiet)
         last = res["rounds"][-1] if res["rounds"] else None
         if last:
-            print(f"final accuracy {last['accuracy']:.4f} after {last['round']} rounds"
-                  + (f"; results in {args.out or getattr(args, 'resume', None)}" if (args.out or getattr(args, "resume", None)) else ""))
+            print(f"final accuracy {last['accuracy']:.4f} after {last['round']} rounds; results in {out}")
         return 0
     except (ConfigError, data_mod.MissingDatasetError) as e:
         print(f"fedmpq: {e}", file=sys.stderr)

@@ -41,6 +41,7 @@ class TrainConfig:
     batch_size: int = 32
     seed: int = 0
     scale_lr: str = "lsq"  # "lsq": lr / sqrt(n (2^N - 1)) per scale; "sgd": lr (the authors')
+    device: str = "cpu"  # where the model trains; the data moves there once per round
 
 
 @dataclass
@@ -54,14 +55,14 @@ class LocalResult:
     quant_seconds: float  # decode, the bit-plane optimizer, precision reduction and encode
 
 
-def _batches(n: int, batch_size: int, seed: int):
+def _batches(n: int, batch_size: int, seed: int, device=None):
     """A seeded shuffle of range(n) cut into batches of ``batch_size``; a remainder smaller
     than half a batch (or than 2) joins the last full batch. Why: train-mode BatchNorm on a
     batch of one is dominated by its epsilon, and the scale gradient it gives took a conv's
     scale through zero in one step (0.009 -> -0.36 on digits), which the server's mean of
     mirrored layers then turned into a collapse of the global model."""
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g)
+    order = torch.randperm(n, generator=g).to(device)  # drawn on the CPU: the same batches on every device
     starts = list(range(0, n, batch_size))
     if len(starts) > 1 and n - starts[-1] < max(2, batch_size // 2):
         starts.pop()
@@ -163,7 +164,7 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
     for epoch in range(cfg.local_epochs):
         correct = total = 0
         loss_sum = 0.0
-        for idx in _batches(len(y), cfg.batch_size, fk.step_key(cfg.seed, round_ * 1000 + epoch, client_id)):
+        for idx in _batches(len(y), cfg.batch_size, fk.step_key(cfg.seed, round_ * 1000 + epoch, client_id), x.device):
             xb, yb = x[idx], y[idx]
             out = model(xb)
             loss = F.cross_entropy(out, yb)
@@ -176,9 +177,11 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
                 bit_opt.step()  # before SGD moves the scales
                 opt_seconds += time.perf_counter() - t
             sgd.step()
-            loss_sum += float(loss.detach()) * len(yb)
-            correct += int((out.detach().argmax(1) == yb).sum())
+            # on the device, summed in float64 as the Python floats were: no sync per batch
+            loss_sum = loss_sum + loss.detach().double() * len(yb)
+            correct = correct + (out.detach().argmax(1) == yb).sum()
             total += len(yb)
+    loss_sum, correct = float(loss_sum), int(correct)
     if not math.isfinite(loss_sum):
         raise FloatingPointError("the local loss is not finite")
     return correct / max(total, 1), loss_sum / max(total, 1), opt_seconds
@@ -200,10 +203,13 @@ def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., 
     t0 = time.perf_counter()
     if cfg.alg not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {cfg.alg!r}; expected one of {', '.join(ALGORITHMS)}")
+    dev = torch.device(cfg.device)
+    x, y = x.to(dev), y.to(dev)  # once per round; batches are cut on the device
     if cfg.alg == "fp":
         m = wire.decode_model(download)
         model = builder(quantized=False)
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in m.tensors.items()})
+        model.to(dev)
         q0 = time.perf_counter() - t0
         acc, loss, _ = train_local(model, x, y, cfg, client_id, round_, quantized=False)
         t1 = time.perf_counter()
@@ -214,6 +220,7 @@ def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., 
         raise ValueError(f"the download is for client {d.client_id} round {d.round}, not {client_id} round {round_}")
     model = builder(quantized=True, bits=1)
     load_download(model, d)  # sets every layer's bit-width from the download
+    model.to(dev)
     assigned = [layer.bits for _, layer in qn.bit_layers(model)]
     q0 = time.perf_counter() - t0
     acc, loss, opt_s = train_local(model, x, y, cfg, client_id, round_, quantized=True)

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import os
+import re
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch
+
+import fedmpq_kernels as fk
+
+from . import aggregate as agg_mod
 from . import client as client_mod
 from . import data as data_mod
 from . import nn as qn
@@ -21,7 +29,11 @@ DEFAULTS: Dict[str, Any] = dict(
     alg="fedmpq", dataset="digits", data_dir=None, model="small_cnn", alpha=0.5, n_clients=10,
     budgets=PAPER_BUDGETS, rounds=30, local_epochs=5, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
     **{"lambda": 1e-3}, threshold=2.0, sampling_rate=1.0, act_bits=4, scale_lr="lsq", seed=0,
+    train_samples=None, aggregation="mean", device="cpu", threads=None,
 )
+# Keys that only say where or how fast a run executes: a resumed run may change them, and
+# runs that differ only in them are the same experiment.
+EXECUTION_KEYS = ("device", "threads", "data_dir")
 ALGS = client_mod.ALGORITHMS
 
 # One line per key for --help and the docs: what it is and what it may be (the default is
@@ -47,6 +59,13 @@ HELP: Dict[str, str] = {
     "scale_lr": f"scale learning-rate rule: {', '.join(client_mod.SCALE_LR_RULES)} "
                 "(lsq: lr/sqrt(n(2^N-1)) per layer; sgd: lr, the authors')",
     "seed": "seed of the split, the model's initialization, sampling and training, an integer >= 0",
+    "train_samples": "use a fixed subset of this many training samples (the same for every algorithm and seed); "
+                     "none: the whole training set",
+    "aggregation": f"server aggregation rule: {', '.join(agg_mod.RULES)} (coordinate-wise; median and "
+                   f"trimmed_mean resist outlying clients)",
+    "device": "where clients train and the server evaluates: cpu, cuda or cuda:N",
+    "threads": "threads of one training process; none: the cores this process may use divided among "
+               "the clients that train at the same time",
 }
 assert set(HELP) == set(DEFAULTS)
 
@@ -55,85 +74,189 @@ class ConfigError(ValueError):
     """A bad configuration: the message is one line naming the problem."""
 
 
+def _number(c: Dict[str, Any], key: str, lo: float, hi: float = math.inf, lo_open: bool = False,
+            hi_open: bool = False, what: str = "") -> None:
+    v = c[key]
+    ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    if not ok:
+        raise ConfigError(f"{key} must be {what}, got {v!r}")
+
+
+def _integer(c: Dict[str, Any], key: str, lo: int, what: str, optional: bool = False) -> None:
+    v = c[key]
+    if optional and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or v >= 1 << 63:
+        raise ConfigError(f"{key} must be {what}, got {v!r}")
+    c[key] = int(v)
+
+
 def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """Complete ``cfg`` with :data:`DEFAULTS` and check every key; raises :class:`ConfigError`."""
-    unknown = sorted(set(cfg) - set(DEFAULTS))
+    """Complete ``cfg`` with :data:`DEFAULTS` and check every key; raises :class:`ConfigError`
+    (one line naming the key and what it may be)."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"a configuration is a mapping of keys, got {type(cfg).__name__}")
+    unknown = sorted(set(cfg) - set(DEFAULTS), key=str)
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r} (known: {', '.join(DEFAULTS)})")
     c = dict(DEFAULTS)
-    c.update({k: v for k, v in cfg.items() if v is not None or k == "alpha"})
-    if c["alg"] not in ALGS:
-        raise ConfigError(f"alg must be one of {', '.join(ALGS)}, got {c['alg']!r}")
-    if c["dataset"] not in data_mod.DATASETS:
-        raise ConfigError(f"dataset must be one of {', '.join(data_mod.DATASETS)}, got {c['dataset']!r}")
-    if c["model"] not in qn.models.MODELS:
-        raise ConfigError(f"model must be one of {', '.join(qn.models.MODELS)}, got {c['model']!r}")
+    c.update({k: v for k, v in cfg.items() if v is not None or k in ("alpha", "train_samples", "threads")})
+    for key, choices in (("alg", ALGS), ("dataset", data_mod.DATASETS), ("model", qn.models.MODELS),
+                         ("scale_lr", client_mod.SCALE_LR_RULES), ("aggregation", agg_mod.RULES)):
+        if not isinstance(c[key], str) or c[key] not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {c[key]!r}")
+    if c["data_dir"] is not None and not isinstance(c["data_dir"], str):
+        raise ConfigError(f"data_dir must be a folder path (a string), got {c['data_dir']!r}")
     for key in ("n_clients", "rounds", "local_epochs", "batch_size"):
-        if isinstance(c[key], bool) or not isinstance(c[key], int) or c[key] < 1:
-            raise ConfigError(f"{key} must be an integer >= 1, got {c[key]!r}")
-    if c["alpha"] is not None and not (isinstance(c["alpha"], (int, float)) and c["alpha"] > 0):
-        raise ConfigError(f"alpha must be > 0 (or null for iid), got {c['alpha']!r}")
+        _integer(c, key, 1, "an integer >= 1")
+    _integer(c, "seed", 0, "an integer >= 0")
+    _integer(c, "train_samples", 1, "an integer >= 1, or null for the whole training set", optional=True)
+    _integer(c, "threads", 1, "an integer >= 1, or null for the default", optional=True)
+    if c["alpha"] is not None:
+        _number(c, "alpha", 0, lo_open=True, what="a finite number > 0 (or iid/null for an iid split)")
     budgets = c["budgets"]
-    if isinstance(budgets, (int, float)):
+    if isinstance(budgets, numbers.Real) and not isinstance(budgets, bool):
         budgets = [budgets] * c["n_clients"]
     if not isinstance(budgets, list) or len(budgets) != c["n_clients"]:
         raise ConfigError(f"budgets must list one budget per client ({c['n_clients']}), got {budgets!r}")
     for b in budgets:
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 1 <= b <= 8:
-            raise ConfigError(f"every budget must be in 1..8, got {b!r}")
+        if (isinstance(b, bool) or not isinstance(b, numbers.Real) or not math.isfinite(b)
+                or not fk.MIN_BITS <= b <= fk.MAX_BITS):
+            raise ConfigError(f"every budget must be in {fk.MIN_BITS}..{fk.MAX_BITS}, got {b!r}")
     c["budgets"] = list(budgets)
-    for key in ("lr", "lambda", "threshold", "weight_decay"):
-        if not isinstance(c[key], (int, float)) or c[key] < 0 or not math.isfinite(c[key]):
-            raise ConfigError(f"{key} must be a finite number >= 0, got {c[key]!r}")
-    if c["lr"] <= 0:
-        raise ConfigError(f"lr must be > 0, got {c['lr']!r}")
-    if not 0 <= c["momentum"] < 1:
-        raise ConfigError(f"momentum must be in [0, 1), got {c['momentum']!r}")
-    if not 0 < c["sampling_rate"] <= 1:
-        raise ConfigError(f"sampling_rate must be in (0, 1], got {c['sampling_rate']!r}")
-    if c["scale_lr"] not in client_mod.SCALE_LR_RULES:
-        raise ConfigError(f"scale_lr must be one of {', '.join(client_mod.SCALE_LR_RULES)}, got {c['scale_lr']!r}")
-    if c["act_bits"] not in (1, 2, 3, 4, 5, 6, 7, 8, 16):
-        raise ConfigError(f"act_bits must be 1..8 or 16, got {c['act_bits']!r}")
+    for key in ("lambda", "threshold", "weight_decay"):
+        _number(c, key, 0, what="a finite number >= 0")
+    _number(c, "lr", 0, lo_open=True, what="a finite number > 0")
+    _number(c, "momentum", 0, 1, hi_open=True, what="a number in [0, 1)")
+    _number(c, "sampling_rate", 0, 1, lo_open=True, what="a number in (0, 1]")
+    if isinstance(c["act_bits"], bool) or c["act_bits"] not in fk.ALLOWED_BITS:
+        raise ConfigError(f"act_bits must be {fk.MIN_BITS}..{fk.MAX_BITS} or {fk.FLOAT_BITS}, got {c['act_bits']!r}")
+    if not isinstance(c["device"], str) or not re.fullmatch(r"cpu|cuda(:\d+)?", c["device"]):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {c['device']!r}")
     return c
 
 
+def resolve_device(c: Dict[str, Any]) -> torch.device:
+    """The torch device of a checked config; :class:`ConfigError` when it does not exist here
+    (before any training)."""
+    dev = torch.device(c["device"])
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {c['device']} was asked for, but this torch ({torch.__version__}) sees no "
+                              "CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {c['device']} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's core count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(c: Dict[str, Any], parallel: int = 1) -> int:
+    """Threads for one training process: the config's ``threads``, else the cores this
+    process may use divided among the ``parallel`` clients that train at the same time."""
+    if c["threads"] is not None:
+        return c["threads"]
+    return max(1, available_cores() // max(1, parallel))
+
+
+def load_data(c: Dict[str, Any]) -> Tuple[data_mod.Dataset, List[torch.Tensor]]:
+    """The dataset of a checked config (its ``train_samples`` subset) and the clients' parts
+    of it. Raises :class:`fedmpq.data.MissingDatasetError`, or :class:`ConfigError` when its
+    files are not what they should be or it cannot be split as asked (e.g. more clients than
+    samples)."""
+    try:
+        ds = data_mod.load(c["dataset"], c["data_dir"])
+    except data_mod.MissingDatasetError:
+        raise
+    except (ValueError, OSError) as e:  # files that are there but are not the dataset
+        raise ConfigError(f"dataset {c['dataset']}: {e}") from None
+    try:
+        ds = data_mod.subset(ds, c["train_samples"])
+        parts = data_mod.partition(ds.train_y, c["n_clients"], c["alpha"], c["seed"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return ds, parts
+
+
 def load_config_file(path: str) -> Dict[str, Any]:
-    """A YAML (``.yaml``/``.yml``, needs PyYAML) or JSON config file as a dict."""
+    """A YAML (``.yaml``/``.yml``, needs PyYAML) or JSON config file as a dict; a file that
+    is missing, not a file, unreadable or not a mapping raises :class:`ConfigError` naming it."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = p.read_text()
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a directory")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml
-        except ImportError as e:
-            raise ConfigError("a YAML config needs PyYAML (pip install pyyaml); or use JSON") from e
-        cfg = yaml.safe_load(text)
+        except ImportError:
+            raise ConfigError("a YAML config needs PyYAML (pip install pyyaml); or use JSON") from None
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            raise ConfigError(f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     else:
-        cfg = json.loads(text)
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
     if not isinstance(cfg, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys")
+        raise ConfigError(f"config file {path} must hold a mapping of config keys, got {type(cfg).__name__}")
     return cfg
 
 
 def parse_budgets(text: str) -> List[Any]:
     """``"2,4,8"`` -> ``[2, 4, 8]`` (``"2.5"`` stays a float); raises :class:`ConfigError`."""
-    try:
-        return [float(b) if "." in b else int(b) for b in text.replace(" ", "").split(",") if b]
-    except ValueError:
-        raise ConfigError(f"budgets must be comma-separated numbers, got {text!r}") from None
+    out = []
+    for b in text.replace(" ", "").split(","):
+        if not b:
+            continue
+        try:
+            v = float(b) if any(ch in b for ch in ".eEn") else int(b)
+        except ValueError:
+            raise ConfigError(f"budgets must be comma-separated numbers, got {text!r}") from None
+        if not math.isfinite(v):
+            raise ConfigError(f"every budget must be in {fk.MIN_BITS}..{fk.MAX_BITS}, got {b!r}")
+        out.append(v)
+    return out
 
 
 def parse_alpha(text: str) -> Optional[float]:
     """``"iid"``/``"none"`` (or empty) -> None (no Dirichlet split), else the number; raises
     :class:`ConfigError`."""
-    if text.strip().lower() in ("iid", "none", ""):
+    if text.strip().lower() in ("iid", "none", "null", ""):
         return None
     try:
         return float(text)
     except ValueError:
         raise ConfigError(f"alpha must be a number or iid, got {text!r}") from None
+
+
+def parse_optional_int(key: str):
+    """A flag parser for an integer key that may be ``none`` (-> None)."""
+    def parse(text: str) -> Optional[int]:
+        if text.strip().lower() in ("none", "null", "auto", ""):
+            return None
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer or none, got {text!r}") from None
+    return parse
 
 
 def model_builder(c: Dict[str, Any], ds: data_mod.Dataset) -> Callable[..., Any]:
@@ -154,4 +277,5 @@ def train_config(c: Dict[str, Any]) -> client_mod.TrainConfig:
     """The clients' :class:`fedmpq.client.TrainConfig` of a checked configuration."""
     return client_mod.TrainConfig(alg=c["alg"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
                                   lam=c["lambda"], threshold=c["threshold"], local_epochs=c["local_epochs"],
-                                  scale_lr=c["scale_lr"], batch_size=c["batch_size"], seed=c["seed"])
+                                  scale_lr=c["scale_lr"], batch_size=c["batch_size"], seed=c["seed"],
+                                  device=c["device"])

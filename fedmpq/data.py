@@ -29,8 +29,10 @@ partition on every platform.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
+import math
 import os
 import pickle
 import struct
@@ -228,7 +230,7 @@ def read_idx(path: PathLike) -> np.ndarray:
     if ndim == 0 or len(data) < head:
         raise ValueError(f"{path}: truncated IDX header")
     dims = struct.unpack(f">{ndim}I", data[4:head])
-    count = int(np.prod(dims, dtype=np.int64))
+    count = math.prod(dims)  # Python ints: an int64 product of 2^31 x 2^31 x 4 wraps to 0
     if len(data) - head != count:
         raise ValueError(f"{path}: IDX header says {dims} ({count} bytes), the file holds {len(data) - head}")
     return np.frombuffer(data, np.uint8, count, head).reshape(dims)
@@ -415,6 +417,24 @@ def _load_cifar(key: str, data_dir: Optional[PathLike]) -> Dataset:
 
 # --------------------------------------------------------------------------------------------
 # Partitions
+
+
+SUBSET_SEED = 20240617  # train_samples: one fixed subset, whatever the run's seed or algorithm
+
+
+def subset(ds: Dataset, n: Optional[int]) -> Dataset:
+    """``ds`` with a fixed, seeded subset of ``n`` training samples (sorted indices; the
+    same for every algorithm and seed: seeded by :data:`SUBSET_SEED`, not the run's seed).
+    The test set and the standardization constants are the whole dataset's. ``n=None``:
+    ``ds`` itself. ``ValueError`` for ``n`` outside 1..len(train)."""
+    if n is None:
+        return ds
+    total = len(ds.train_y)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= total:
+        raise ValueError(f"train_samples must be an integer in 1..{total} (the {ds.name} training set), got {n!r}")
+    keep = np.sort(np.random.default_rng(SUBSET_SEED).permutation(total)[:int(n)])
+    idx = torch.from_numpy(keep)
+    return dataclasses.replace(ds, train_x=ds.train_x[idx].contiguous(), train_y=ds.train_y[idx].contiguous())
 
 
 def partition(labels: Union[Tensor, np.ndarray, Sequence[int]], n_clients: int, alpha: Optional[float],

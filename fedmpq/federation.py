@@ -6,7 +6,9 @@ round and checkpoint it. :mod:`fedmpq.simulate` carries the payloads in this pro
 Results: ``results.json`` (``{"config": {...}, "rounds": [{"round", "accuracy",
 "accuracy_train_mode", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "bits":
 {client: [per layer]}, "mean_bits": {client: x}, "assigned_mean_bits": {client: x},
-"seconds", "quant_seconds", "reported"}, ...]}``); ``bits``/``mean_bits``: what each client
+"seconds", "quant_seconds", "reported", "aggregated"}, ...], "threads": n}``); ``reported``:
+the clients whose uploads arrived, ``aggregated``: those of them the server aggregated (the
+rest were refused, with a logged reason); ``bits``/``mean_bits``: what each aggregated client
 uploaded (after its precision reduction); ``assigned_mean_bits``: the mean bit-width each
 client is given for the next round (after reassignment; empty for ``fp``);
 ``quant_seconds``: the round's quantization work (binarize and encode the downloads,
@@ -26,7 +28,7 @@ import torch
 
 from . import data as data_mod
 from . import server as server_mod
-from .config import ConfigError, model_builder
+from .config import EXECUTION_KEYS, ConfigError, model_builder, resolve_device
 from .progress import progress as _progress
 from .results import write_results
 
@@ -45,29 +47,83 @@ def sample_clients(c: Dict[str, Any], round_: int) -> List[int]:
     return sorted(torch.randperm(c["n_clients"], generator=g)[:m].tolist())
 
 
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """A checkpoint written by :func:`federate`; :class:`ConfigError` naming the file when it
+    is missing, truncated or not one (never torch's advice to unpickle it unsafely)."""
+    if not path.is_file():
+        raise ConfigError(f"nothing to resume: {path} does not exist")
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # truncated, random bytes, another pickle: all one answer
+        kind = "truncated or corrupted" if isinstance(e, (OSError, EOFError, RuntimeError)) else "not readable"
+        raise ConfigError(f"{path} is not a fedmpq checkpoint ({kind}: {type(e).__name__})") from None
+    if not (isinstance(state, dict) and {"config", "server", "rounds"} <= set(state)
+            and isinstance(state["config"], dict)):
+        raise ConfigError(f"{path} is not a fedmpq checkpoint (it lacks config, server or rounds)")
+    return state
+
+
+def resumable(saved: Dict[str, Any], c: Dict[str, Any], done: int, where: Path) -> None:
+    """Refuse to resume a run of config ``saved`` (``done`` rounds recorded) as ``c``: only
+    ``rounds`` (not below ``done``) and the execution keys may change. The error names the key."""
+    for k in c:
+        if k in EXECUTION_KEYS or k == "rounds":
+            continue
+        if k not in saved or saved[k] != json.loads(json.dumps(c[k])):
+            raise ConfigError(f"{where} was written with {k}={saved.get(k)!r}, this run asks for {k}={c[k]!r}: "
+                              f"a resumed run may change only rounds, {', '.join(EXECUTION_KEYS)}")
+    if c["rounds"] < done:
+        raise ConfigError(f"{where} already holds {done} rounds; rounds={c['rounds']} cannot resume it "
+                          f"(give rounds >= {done} to extend it)")
+
+
+def prepare_out(out: Optional[str]) -> Optional[Path]:
+    """Create the results folder (and its parents) before any training; :class:`ConfigError`
+    when it is a file, lies under a file, or cannot be created or written."""
+    if not out:
+        return None
+    outdir = Path(out)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        probe = outdir / ".fedmpq-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError:
+        raise ConfigError(f"--out {out} is a file, not a folder") from None
+    except NotADirectoryError:
+        raise ConfigError(f"--out {out} lies under a file, not a folder") from None
+    except OSError as e:
+        raise ConfigError(f"--out {out} cannot be created or written: {e.strerror or e}") from None
+    return outdir
+
+
 def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int], budgets: Dict[int, float],
              transport: Transport, out: Optional[str] = None, resume: bool = False,
-             progress: bool = True) -> Dict[str, Any]:
+             progress: bool = True, threads: Optional[int] = None) -> Dict[str, Any]:
     """The server's round loop, whatever carries the payloads: sample, prepare the downloads,
     let ``transport`` train the clients, aggregate, evaluate on ``ds``'s test set, record the
     round and checkpoint it. ``num_samples``/``budgets``: |D_k| and beta_k of every client
-    0..n_clients-1. Used by :func:`fedmpq.simulate.run` (in-process) and by the Flower app."""
+    0..n_clients-1; ``threads``: what each training process uses (recorded in the results).
+    ``resume``: continue ``out``'s checkpoint (only ``rounds``, to extend it, and the
+    execution keys may differ). Used by :func:`fedmpq.simulate.run` (in-process) and by the
+    Flower app."""
+    device = resolve_device(c)
+    outdir = prepare_out(out)
+    state = None
+    if resume and outdir is not None and (outdir / "checkpoint.pt").exists():
+        state = read_checkpoint(outdir / "checkpoint.pt")
+        resumable(state["config"], c, len(json.loads(state["rounds"])), outdir / "checkpoint.pt")
     torch.manual_seed(c["seed"])  # the global model's initialization
     build = model_builder(c, ds)
-    srv = server_mod.Server(c["alg"], build, budgets=budgets, num_samples=num_samples, seed=c["seed"])
-    results: Dict[str, Any] = {"config": c, "rounds": []}
+    srv = server_mod.Server(c["alg"], build, budgets=budgets, num_samples=num_samples, seed=c["seed"],
+                            rule=c["aggregation"], device=device)
+    results: Dict[str, Any] = {"config": c, "threads": threads, "rounds": []}
     start = 1
-    outdir = Path(out) if out else None
-    if outdir is not None:
-        outdir.mkdir(parents=True, exist_ok=True)
-        ck = outdir / "checkpoint.pt"
-        if resume and ck.exists():
-            state = torch.load(ck, weights_only=True)
-            if state["config"] != json.loads(json.dumps(c)):
-                raise ConfigError(f"{ck} was written with another configuration")
-            srv.load_state(state["server"])
-            results["rounds"] = json.loads(state["rounds"])
-            start = len(results["rounds"]) + 1
+    if state is not None:
+        srv.load_state(state["server"])
+        results["rounds"] = json.loads(state["rounds"])
+        start = len(results["rounds"]) + 1
+    test_x, test_y = ds.test_x.to(device), ds.test_y.to(device)  # once, not per round
     rounds = range(start, c["rounds"] + 1)
     bar = _progress(rounds, progress, "rounds")
     for r in bar:
@@ -79,16 +135,16 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
         uploads, train_acc, quant = transport(r, downloads)
         uploads = dict(sorted(uploads.items()))  # aggregate in client order, whatever order replies came in
         report = srv.aggregate(r, uploads)
-        acc = srv.evaluate(ds.test_x, ds.test_y)
-        row = dict(round=r, accuracy=acc, accuracy_train_mode=srv.evaluate_train_mode(ds.test_x, ds.test_y, seed=r),
+        acc = srv.evaluate(test_x, test_y)
+        row = dict(round=r, accuracy=acc, accuracy_train_mode=srv.evaluate_train_mode(test_x, test_y, seed=r),
                    train_accuracy=(sum(train_acc) / len(train_acc)) if train_acc else None,
                    bytes_up=sum(len(u) for u in uploads.values()), bytes_down=sum(len(d) for d in downloads.values()),
                    float32_bytes=srv.float32_bytes() * (len(uploads) + len(downloads)),
                    bits={str(k): v for k, v in report["bits"].items()},
                    mean_bits={str(k): v for k, v in report["mean_bits"].items()},
                    assigned_mean_bits={str(k): v for k, v in report.get("assigned_mean_bits", {}).items()},
-                   reported=sorted(uploads), seconds=time.perf_counter() - t0,
-                   quant_seconds=quant + report["seconds"] + td)
+                   reported=sorted(uploads), aggregated=sorted(report["reported"]),
+                   seconds=time.perf_counter() - t0, quant_seconds=quant + report["seconds"] + td)
         results["rounds"].append(row)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(acc=f"{acc:.3f}")

@@ -29,19 +29,30 @@ class Server:
         budgets: beta_k per client id.  num_samples: |D_k| per client id.
         seed: seeds the global model's initialization.
         weighting: ``"mean"`` (the authors' unweighted mean) or ``"samples"``.
+        rule: the aggregation rule, one of :data:`fedmpq.aggregate.RULES` (``median`` and
+            ``trimmed_mean`` are unweighted).
+
+    A faulty client cannot stop a round: an upload that does not decode, claims another
+    client or round, does not hold exactly the model's entries and shapes (the layout comes
+    from this server's model, not from the first upload), or carries a value that is not
+    finite is left out with a logged reason, and the others are aggregated. A round with no
+    valid upload keeps the model and the bit-widths.
     """
 
     def __init__(self, alg: str, build, budgets: Mapping[int, float], num_samples: Mapping[int, int], seed: int = 0,
-                 weighting: str = "mean"):
+                 weighting: str = "mean", rule: str = "mean", device="cpu"):
         if alg not in ("fedmpq", "aqfl", "fp8", "fp"):
             raise ValueError(f"unknown algorithm {alg!r}")
-        self.alg, self.build, self.weighting = alg, build, weighting
+        agg_mod.Aggregator(weighting, rule)  # refuses a bad weighting or rule now, not in round 1
+        self.alg, self.build, self.weighting, self.rule = alg, build, weighting, rule
+        self.device = torch.device(device)
         self.budgets = {int(k): (8 if alg == "fp8" else v) for k, v in budgets.items()}
         self.num_samples = dict(num_samples)
         torch.manual_seed(seed)
         self.global_state = {k: v.detach().clone() for k, v in build(quantized=False).state_dict().items()}
         qm = build(quantized=True, bits=1)
         self.layer_sizes = {f"{n}.weight": m.numel for n, m in qn.bit_layers(qm)}
+        self.layout = agg_mod.model_layout(self.global_state, self.layer_sizes if alg != "fp" else ())
         sizes = list(self.layer_sizes.values())
         self.assignments: Dict[int, List[int]] = {}
         if alg != "fp":
@@ -75,8 +86,7 @@ class Server:
             for k, data in uploads.items():
                 try:
                     m = wire.decode_model(data)
-                    if set(m.tensors) != set(self.global_state):
-                        raise wire.WireFormatError("the model's entries differ from the global model's")
+                    self._check_model(m)
                 except (wire.WireFormatError, ValueError) as e:
                     log.warning("round %d: the upload of client %d is left out: %s", round_, k, e)
                     continue
@@ -84,17 +94,11 @@ class Server:
             if not states:
                 log.warning("round %d: no client reported; the global model is unchanged", round_)
             else:
-                total = sum(self.num_samples[k] for k, _ in states) if self.weighting == "samples" else len(states)
-                new = {}
-                for name, ref in self.global_state.items():
-                    acc = sum((s[name].double() * (self.num_samples[k] if self.weighting == "samples" else 1))
-                              for k, s in states) / total
-                    new[name] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
-                self.global_state = new
+                self.global_state = self._combine_models(states)
                 report["reported"] = [k for k, _ in states]
             report["seconds"] = time.perf_counter() - t0
             return report
-        agg = agg_mod.Aggregator(self.weighting)
+        agg = agg_mod.Aggregator(self.weighting, self.rule, expected=self.layout)
         for k, data in uploads.items():
             try:
                 agg.add(data, client_id=k, round_=round_)  # checked whole before anything is added
@@ -123,35 +127,69 @@ class Server:
         report["seconds"] = time.perf_counter() - t0
         return report
 
+    def _check_model(self, m: wire.Model) -> None:
+        """A float upload (``fp``) must hold the global model's entries, shapes and dtypes,
+        all finite; raises :class:`fedmpq.wire.WireFormatError` naming the first that is not."""
+        missing = sorted(set(self.global_state) - set(m.tensors))
+        extra = sorted(set(m.tensors) - set(self.global_state))
+        if missing or extra:
+            raise wire.WireFormatError(f"the model's entries differ from the global model's: missing {missing[:3]}, "
+                                       f"unexpected {extra[:3]}")
+        for name, ref in self.global_state.items():
+            t = m.tensors[name]
+            if t.shape != ref.shape or t.is_floating_point() != ref.is_floating_point():
+                raise wire.WireFormatError(f"{name}: expected {ref.dtype} {tuple(ref.shape)}, got {t.dtype} "
+                                           f"{tuple(t.shape)}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise wire.WireFormatError(f"{name} holds NaN or inf")
+
+    def _combine_models(self, states) -> Dict[str, torch.Tensor]:
+        """The aggregation rule over float models ``[(client, state)]``, in float64."""
+        new = {}
+        for name, ref in self.global_state.items():
+            if self.rule == "mean":
+                wts = [self.num_samples[k] if self.weighting == "samples" else 1 for k, _ in states]
+                acc = sum(s[name].double() * w for (_, s), w in zip(states, wts)) / sum(wts)
+            else:
+                acc = agg_mod.robust(torch.stack([s[name].double() for _, s in states]), self.rule)
+            new[name] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+        return new
+
     def evaluate(self, x, y, batch_size: int = 1000) -> float:
         """Global test accuracy: the float model with the global weights, in eval mode with
         the aggregated BatchNorm statistics (**deviation**: the authors test in train mode);
         quantized algorithms use ReLU6 and 16-bit activations, as the authors' server does."""
-        model = self.build(quantized=False, act_bits=None if self.alg == "fp" else 16)
-        model.load_state_dict(self.global_state)
+        model = self._eval_model()
         model.eval()
-        correct = 0
+        x, y = x.to(self.device), y.to(self.device)  # no copy when the caller moved them once
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         with torch.no_grad():
             for i in range(0, len(y), batch_size):
-                correct += int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-        return correct / max(len(y), 1)
+                correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum()
+        return int(correct) / max(len(y), 1)
 
     def evaluate_train_mode(self, x, y, batch_size: int = 128, seed: int = 0) -> float:
         """The authors' evaluation: BatchNorm in train mode (each test batch normalized by its
         own statistics), over a shuffled order, averaging the per-batch accuracy; reported
         beside :meth:`evaluate` so results compare with the paper's."""
-        model = self.build(quantized=False, act_bits=None if self.alg == "fp" else 16)
-        model.load_state_dict(self.global_state)
+        model = self._eval_model()
         model.train()
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        x, y = x.to(self.device), y.to(self.device)
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).to(self.device)
         accs = []
         with torch.no_grad():
             for i in range(0, len(y), batch_size):
                 idx = order[i:i + batch_size]
                 if len(idx) < 2:
                     continue  # BatchNorm in train mode needs two samples
-                accs.append(float((model(x[idx]).argmax(1) == y[idx]).float().mean()))
-        return sum(accs) / max(len(accs), 1)
+                accs.append((model(x[idx]).argmax(1) == y[idx]).float().mean())
+        return sum(float(a) for a in accs) / max(len(accs), 1)  # one sync per batch only at the end
+
+    def _eval_model(self) -> torch.nn.Module:
+        # quantized algorithms: ReLU6 and 16-bit activations, as the authors' server
+        model = self.build(quantized=False, act_bits=None if self.alg == "fp" else 16)
+        model.load_state_dict(self.global_state)
+        return model.to(self.device)
 
     def float32_bytes(self) -> int:
         """Bytes of the model as float32 (what float FedAvg sends each way per client)."""

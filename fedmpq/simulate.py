@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional
 
+import torch
+
 from . import client as client_mod
-from . import data as data_mod
-from .config import check_config, model_builder, train_config
+from .config import check_config, load_data, model_builder, resolve_device, resolve_threads, train_config
 from .federation import federate
 from .progress import progress as _progress
 
@@ -18,12 +19,16 @@ log = logging.getLogger("fedmpq")
 
 def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, progress: bool = True) -> Dict[str, Any]:
     """Run the federation ``cfg`` in this process; returns the results dict (and writes it
-    with checkpoints to ``out``). ``resume``: continue from ``out``'s checkpoint."""
+    with checkpoints to ``out``). ``resume``: continue from ``out``'s checkpoint.
+
+    One client trains at a time, with the config's ``threads`` (default: every core this
+    process may use) as torch's thread count for the run (restored afterwards)."""
     c = check_config(cfg)
-    ds = data_mod.load(c["dataset"], c["data_dir"])  # MissingDatasetError before any training
-    parts = data_mod.partition(ds.train_y, c["n_clients"], c["alpha"], c["seed"])
+    resolve_device(c)  # no CUDA here: one line before the data loads
+    ds, parts = load_data(c)  # MissingDatasetError before any training
     build = model_builder(c, ds)
     tcfg = train_config(c)
+    threads = resolve_threads(c, parallel=1)
 
     def local(r: int, downloads: Dict[int, bytes]):
         uploads, train_acc, quant = {}, [], 0.0
@@ -40,5 +45,10 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
             quant += res.quant_seconds
         return uploads, train_acc, quant
 
-    return federate(c, ds, {k: len(p) for k, p in enumerate(parts)}, dict(enumerate(c["budgets"])), local,
-                    out=out, resume=resume, progress=progress)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return federate(c, ds, {k: len(p) for k, p in enumerate(parts)}, dict(enumerate(c["budgets"])), local,
+                        out=out, resume=resume, progress=progress, threads=threads)
+    finally:
+        torch.set_num_threads(before)

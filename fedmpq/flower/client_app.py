@@ -4,8 +4,10 @@ with :func:`fedmpq.client.client_update` and replies with the upload bytes, unch
 Which client a node is comes from its node config: ``partition-id`` (its part of the
 seeded Dirichlet/iid split of the dataset, the same split ``fedmpq simulate`` makes) and
 ``num-partitions`` (must equal the run's ``n_clients``); ``budget`` (optional) overrides the
-run's ``budgets[partition-id]``. Flower's simulation sets the first two itself; a SuperNode
-gets them with ``--node-config "partition-id=0 num-partitions=3 budget=4"``.
+run's ``budgets[partition-id]``; ``device`` and ``threads`` (optional) are this machine's:
+where the node trains and with how many threads (several SuperNodes on one machine should
+share its cores: threads = cores / nodes). Flower's simulation sets the first two itself; a
+SuperNode gets them with ``--node-config "partition-id=0 num-partitions=3 budget=4 threads=1"``.
 
 Messages (record names are the protocol):
 - ``query.info`` -> ``info``: ``{"client", "budget", "num_samples"}``.
@@ -16,29 +18,32 @@ Messages (record names are the protocol):
 from __future__ import annotations
 
 import functools
+import json
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+import fedmpq_kernels as fk
+
 from .. import client as client_mod
-from .. import data as data_mod
 from .. import config as config_mod
 from .config import from_run_config
 
 
 
 @functools.lru_cache(maxsize=2)
-def _data(dataset: str, data_dir, n_clients: int, alpha, seed: int):
+def _data(key: str):
     # Cached per process: Flower's simulation keeps its workers, so a node loads its data once.
-    ds = data_mod.load(dataset, data_dir)
-    return ds, data_mod.partition(ds.train_y, n_clients, alpha, seed)
+    return config_mod.load_data(json.loads(key))
 
 
-def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int, float]:
-    """(client id, budget) of a node from its node config; raises ``ValueError`` naming the
-    problem (missing or out-of-range partition-id, num-partitions other than n_clients, a
-    budget outside 1..8)."""
+def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int, float, Dict[str, Any]]:
+    """(client id, budget, the node's config) of a node from its node config; raises
+    ``ValueError`` naming the problem (missing or out-of-range partition-id, num-partitions
+    other than n_clients, a budget outside 1..8, a bad device or threads). The node config's
+    ``device`` and ``threads`` (this machine's) override the run's."""
     if "partition-id" not in node_config:
         raise ValueError("the node config has no partition-id (flower-supernode --node-config "
                          "\"partition-id=0 num-partitions=N\")")
@@ -49,15 +54,19 @@ def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int,
     if not 0 <= k < n:
         raise ValueError(f"partition-id {k} is outside 0..{n - 1}")
     budget = node_config.get("budget", c["budgets"][k])
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 1 <= budget <= 8:
-        raise ValueError(f"the node's budget must be in 1..8, got {budget!r}")
-    return k, budget
+    if (isinstance(budget, bool) or not isinstance(budget, (int, float))
+            or not fk.MIN_BITS <= budget <= fk.MAX_BITS):
+        raise ValueError(f"the node's budget must be in {fk.MIN_BITS}..{fk.MAX_BITS}, got {budget!r}")
+    own = {key: node_config[key] for key in ("device", "threads") if key in node_config}
+    if isinstance(own.get("threads"), str):
+        own["threads"] = config_mod.parse_optional_int("threads")(own["threads"])
+    return k, budget, config_mod.check_config({**c, **own})
 
 
 def _setup(context: Context, overrides: Optional[Mapping[str, Any]]):
     c, _ = from_run_config({**dict(context.run_config), **dict(overrides or {})})
-    k, budget = node_client(context.node_config, c)
-    ds, parts = _data(c["dataset"], c["data_dir"], c["n_clients"], c["alpha"], c["seed"])
+    k, budget, c = node_client(context.node_config, c)
+    ds, parts = _data(json.dumps({key: v for key, v in c.items() if key not in ("device", "threads")}, sort_keys=True))
     return c, k, budget, ds, parts[k]
 
 
@@ -76,6 +85,8 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         """One round of this client: download bytes in, upload bytes out."""
         c, k, budget, ds, idx = _setup(context, run_config)
+        config_mod.resolve_device(c)
+        torch.set_num_threads(config_mod.resolve_threads(c))  # this process trains one client at a time
         rec = msg.content["fedmpq"]
         if int(rec["client"]) != k:
             raise ValueError(f"a download for client {rec['client']} reached the node of client {k}")

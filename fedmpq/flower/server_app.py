@@ -134,7 +134,8 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
         node_of, budgets, samples = identify_nodes(grid, ids, c["n_clients"], opts["node_timeout"])
         c = dict(c, budgets=[budgets[k] for k in range(c["n_clients"])])  # the nodes' own budgets
         res = federation.federate(c, ds, samples, budgets, grid_transport(grid, node_of, opts["round_timeout"]),
-                                out=opts["out"] or None, progress=False)
+                                out=opts["out"] or None, progress=False,
+                                threads=c["threads"])  # the run's; a node's own node config may differ
         last = res["rounds"][-1] if res["rounds"] else None
         if last:
             log.info("final accuracy %.4f after %d rounds%s", last["accuracy"], last["round"],

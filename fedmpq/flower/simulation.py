@@ -9,27 +9,49 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ..config import check_config
+from ..config import ConfigError, available_cores, check_config, load_data, resolve_device, resolve_threads
 from . import client_app, server_app
 
 
-def run(cfg: Dict[str, Any], out: Optional[str] = None, cpus: int = 1, round_timeout: float = 600.0) -> Dict[str, Any]:
+def check(c: Dict[str, Any], cpus: Optional[int] = None) -> int:
+    """Everything that can stop a run before Flower starts: the dataset, the device, the CPUs.
+    Returns Ray's CPU count. Raises :class:`fedmpq.config.ConfigError` (or
+    :class:`fedmpq.data.MissingDatasetError`)."""
+    resolve_device(c)
+    load_data(c)
+    cpus = available_cores() if cpus is None else cpus
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise ConfigError(f"cpus must be an integer >= 1, got {cpus!r}")
+    threads = resolve_threads(c)
+    if threads > cpus:
+        raise ConfigError(f"threads={threads} per client does not fit in cpus={cpus}: give --cpus >= {threads} "
+                          f"or --threads <= {cpus}")
+    return cpus
+
+
+def run(cfg: Dict[str, Any], out: Optional[str] = None, cpus: Optional[int] = None,
+        round_timeout: float = 600.0) -> Dict[str, Any]:
     """Run the federation ``cfg`` (``fedmpq simulate``'s keys) through Flower's simulation
     engine; returns the results dict (also in ``out``/results.json when given).
 
-    ``cpus``: Ray's CPUs, one client at a time each. Raises
+    ``cpus``: Ray's CPUs (default: the cores this process may use); each client takes
+    ``threads`` of them (default: as ``fedmpq simulate``, every core), so ``cpus // threads``
+    clients train at once. With the same threads both give the same results. Raises
     :class:`fedmpq.config.ConfigError` for a bad config before Flower starts."""
     c = check_config(cfg)
+    cpus = check(c, cpus)
+    threads = resolve_threads(c)
     from flwr.simulation import run_simulation
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     with tempfile.TemporaryDirectory() as tmp:
         outdir = out or tmp
-        rc = {**{k: _flat(k, v) for k, v in c.items()}, "out": str(outdir), "round_timeout": float(round_timeout)}
+        rc = {**{k: _flat(k, v) for k, v in c.items()}, "out": str(outdir), "round_timeout": float(round_timeout),
+              "threads": threads}
         run_simulation(server_app=server_app.make_app(rc), client_app=client_app.make_app(rc),
                        num_supernodes=c["n_clients"],
                        backend_config={"init_args": {"num_cpus": cpus, "num_gpus": 0},
-                                       "client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+                                       "client_resources": {"num_cpus": threads, "num_gpus": 0.0}})
         p = Path(outdir) / "results.json"
         if not p.is_file():
             raise RuntimeError("the Flower run wrote no results (see its log above)")
@@ -41,5 +63,5 @@ def _flat(key: str, v: Any) -> Any:
     if key == "budgets":
         return ",".join(str(b) for b in v)
     if v is None:
-        return "iid" if key == "alpha" else ""
+        return "iid" if key == "alpha" else "none" if key in ("train_samples", "threads") else ""
     return v

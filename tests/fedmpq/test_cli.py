@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from fedmpq import cli
 
 SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_epochs=1, batch_size=64, alpha=0.5)
@@ -20,3 +22,98 @@ def test_flags_override_the_config_file_and_alpha_iid_reaches_the_run(tmp_path):
                           "--out", str(tmp_path / "o")]) == 0
     saved = json.loads((tmp_path / "o" / "results.json").read_text())["config"]
     assert saved["alpha"] is None and saved["rounds"] == 1 and saved["budgets"] == [2, 4, 8]
+
+
+def _args(cfg):
+    out = []
+    for k, v in cfg.items():
+        out += [f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+    return out
+
+
+def test_bare_runs_write_to_a_dated_folder_and_say_where(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(_args(dict(SMALL, rounds=1))) == 0
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "results.json").is_file()
+    captured = capsys.readouterr()
+    where = f"runs/{runs[0].name}"
+    assert f"results in {where}" in captured.err and f"results in {where}" in captured.out
+
+
+def test_resume_extends_a_finished_run_and_refuses_other_changes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(run)] + _args(dict(SMALL, rounds=2))) == 0
+    assert cli.main(["simulate", "-q", "--resume", str(run), "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "lr=0.1" in err and "lr=0.5" in err and err.count("\n") == 1
+    assert cli.main(["simulate", "-q", "--resume", str(run), "--out", str(tmp_path / "other")]) == 2
+    assert "leave out --out" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert cli.main(["simulate", "-q", "--resume", str(run), "--rounds", "1"]) == 2
+    assert "already holds 2 rounds" in capsys.readouterr().err
+    assert cli.main(["simulate", "-q", "--resume", str(run), "--rounds", "3", "--threads", "1"]) == 0
+    whole = tmp_path / "whole"
+    assert cli.main(["simulate", "-q", "--out", str(whole), "--threads", "1"] + _args(dict(SMALL, rounds=3))) == 0
+    a = json.loads((run / "results.json").read_text())
+    b = json.loads((whole / "results.json").read_text())
+    assert [r["round"] for r in a["rounds"]] == [1, 2, 3] and a["threads"] == 1
+    assert [r["accuracy"] for r in a["rounds"]][2] == [r["accuracy"] for r in b["rounds"]][2]
+
+
+@pytest.mark.parametrize("content,msg", [
+    (None, "truncated or corrupted"),  # half of a real checkpoint
+    (b"\x80\x02random bytes, not a zip" * 10, "is not a fedmpq checkpoint"),
+])
+def test_a_bad_checkpoint_is_named_without_unsafe_advice(content, msg, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(run)] + _args(dict(SMALL, rounds=1))) == 0
+    ck = run / "checkpoint.pt"
+    data = ck.read_bytes()
+    ck.write_bytes(data[: len(data) // 2] if content is None else content)
+    assert cli.main(["simulate", "-q", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert str(ck) in err and msg in err and err.count("\n") == 1
+    assert "weights_only" not in err and "Traceback" not in err
+
+
+def test_a_bad_out_folder_stops_before_training(tmp_path, capsys):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    for out, msg in ((afile, "is a file"), (afile / "below", "lies under a file"), ("/proc/fedmpq-x", "cannot be")):
+        assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 2
+        err = capsys.readouterr().err
+        assert msg in err and err.count("\n") == 1, err
+    assert afile.read_text() == "x"
+
+
+def test_cuda_where_there_is_none_stops_with_one_line(capsys, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert cli.main(["simulate", "-q", "--device", "cuda", "--out", str(tmp_path / "o")] + _args(SMALL)) == 2
+    err = capsys.readouterr().err
+    assert "sees no CUDA device" in err and err.count("\n") == 1 and not (tmp_path / "o").exists()
+
+
+def test_threads_and_train_samples_are_applied_and_recorded(tmp_path, monkeypatch):
+    import torch
+
+    from fedmpq import client as client_mod
+
+    seen = []
+    real = client_mod.client_update
+
+    def spy(download, x, y, *a, **k):
+        seen.append((torch.get_num_threads(), len(y)))
+        return real(download, x, y, *a, **k)
+
+    monkeypatch.setattr(client_mod, "client_update", spy)
+    before = torch.get_num_threads()
+    out = tmp_path / "o"
+    assert cli.main(["simulate", "-q", "--out", str(out), "--threads", "1", "--train-samples", "300"]
+                    + _args(dict(SMALL, rounds=1))) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["threads"] == 1 and res["config"]["train_samples"] == 300
+    assert {t for t, _ in seen} == {1} and sum(n for _, n in seen) == 300
+    assert torch.get_num_threads() == before  # restored after the run

@@ -12,11 +12,23 @@ SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_e
     (dict(bogus=1), "unknown config key 'bogus'"),
     (dict(budgets=[2, 4, 9]), "every budget must be in 1..8"),
     (dict(budgets=[2, 4]), "one budget per client"),
-    (dict(alpha=0.0), "alpha must be > 0"),
+    (dict(alpha=0.0), "alpha must be a finite number > 0"),
     (dict(alg="sgd"), "alg must be one of"),
     (dict(rounds=0), "rounds must be an integer >= 1"),
     (dict(dataset="mnist"), "dataset must be one of"),
     (dict(scale_lr="adam"), "scale_lr must be one of"),
+    (dict(momentum="0.9"), "momentum must be a number in \\[0, 1\\)"),
+    (dict(sampling_rate="1"), "sampling_rate must be a number in \\(0, 1\\]"),
+    (dict(seed=-5), "seed must be an integer >= 0"),
+    (dict(seed=1.5), "seed must be an integer >= 0"),
+    (dict(alpha=float("inf")), "alpha must be a finite number > 0"),
+    (dict(alpha=True), "alpha must be a finite number > 0"),
+    (dict(budgets=[2, 4, float("nan")]), "every budget must be in 1..8"),
+    (dict(train_samples=0), "train_samples must be an integer >= 1"),
+    (dict(threads=0), "threads must be an integer >= 1"),
+    (dict(device="gpu"), "device must be cpu, cuda or cuda:N"),
+    (dict(aggregation="max"), "aggregation must be one of mean, median, trimmed_mean"),
+    (dict(act_bits=True), "act_bits must be 1..8 or 16"),
 ])
 def test_bad_configs_stop_before_training_with_one_line(bad, msg, capsys):
     with pytest.raises(config.ConfigError, match=msg):
@@ -24,8 +36,57 @@ def test_bad_configs_stop_before_training_with_one_line(bad, msg, capsys):
     args = []
     for k, v in bad.items():
         args += [f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
-    if "bogus" in bad:
-        return  # not a flag: argparse itself refuses it
+    if "bogus" in bad or any(isinstance(v, (str, bool)) for v in bad.values()) and "alg" not in bad and \
+            "dataset" not in bad and "scale_lr" not in bad and "device" not in bad and "aggregation" not in bad:
+        return  # a JSON-only mistake (a string or bool where a number belongs): the flag parses its text
     assert cli.main(["simulate", "--n-clients", "3", "--budgets", "2,4,8"] + args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("fedmpq: ")
+
+
+@pytest.mark.parametrize("flag,value,names", [
+    ("--seed", "abc", "seed"), ("--seed", "1.5", "seed"), ("--seed", "-5", "seed must be an integer >= 0"),
+    ("--alpha", "inf", "alpha must be a finite number > 0"), ("--budgets", "nan,4,8", "budgets: average-bit budget per client"),
+    ("--budgets", "2,x,8", "budgets"), ("--rounds", "two", "rounds"), ("--lr", "fast", "lr"),
+    ("--threads", "many", "threads"), ("--train-samples", "0", "train_samples must be an integer >= 1"),
+])
+def test_a_bad_flag_gets_one_line_naming_it(flag, value, names, capsys, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "--n-clients", "3", "--budgets", "2,4,8", "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("fedmpq: ") and names in err, err
+    assert "parse_" not in err and "Traceback" not in err
+    assert not out.exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("name,content,msg", [
+    ("bad.yaml", b"alg: [fedmpq\n", "is not valid YAML at line"),
+    ("empty.json", b"", "is not valid JSON"),
+    ("latin1.json", '{"alg": "fédmpq"}'.encode("latin-1"), "is not UTF-8 text"),
+    ("list.json", b"[1, 2]", "must hold a mapping of config keys, got list"),
+    ("momentum.json", b'{"momentum": "0.9"}', "momentum must be a number"),
+    ("alpha.json", b'{"alpha": true}', "alpha must be a finite number > 0"),
+    ("seed.json", b'{"seed": -5}', "seed must be an integer >= 0"),
+])
+def test_a_bad_config_file_gets_one_line_naming_it(name, content, msg, tmp_path, capsys):
+    pytest.importorskip("yaml") if name.endswith(".yaml") else None
+    f = tmp_path / name
+    f.write_bytes(content)
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "--config", str(f), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and msg in err, err
+    assert not out.exists()
+
+
+def test_a_config_path_that_is_a_directory_says_so(tmp_path, capsys):
+    assert cli.main(["simulate", "--config", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"fedmpq: config file {tmp_path} is a directory"
+
+
+def test_the_help_describes_every_option_with_its_default(capsys):
+    assert cli.main(["simulate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for k, v in config.DEFAULTS.items():
+        assert f"--{k.replace('_', '-')} {k.upper()} {' '.join(config.HELP[k].split())}" in text, k
+    assert "(default: fedmpq)" in text and "(default: 2,2,4,4,4,6,6,6,8,8)" in text

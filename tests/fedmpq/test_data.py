@@ -138,6 +138,35 @@ def test_idx_reader_rejects_bad_files(tmp_path):
     g.write_bytes(gzip.compress(_idx_bytes(np.arange(4, dtype=np.uint8)))[:-6])
     with pytest.raises(ValueError, match="cannot read"):
         data.read_idx(g)
+    # 2^31 x 2^31 x 4 wraps to 0 in int64: the header must not pass the size check
+    p.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 1 << 31, 1 << 31, 4))
+    with pytest.raises(ValueError, match=f"{p}: IDX header says .*the file holds 0"):
+        data.read_idx(p)
+
+
+def test_a_bad_fashion_mnist_file_stops_the_command_with_one_line(tmp_path, capsys):
+    from fedmpq import cli
+
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (tmp_path / stem).write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 1 << 31, 1 << 31, 4))
+    assert cli.main(["simulate", "-q", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path),
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "IDX header says" in err and str(tmp_path) in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_samples_is_one_fixed_subset_whatever_the_seed():
+    ds = data.load("digits")
+    a, b = data.subset(ds, 200), data.subset(ds, 200)
+    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.train_y, b.train_y) and len(a.train_y) == 200
+    assert torch.equal(a.test_x, ds.test_x) and data.subset(ds, None) is ds
+    rows = {tuple(r) for r in ds.train_x.reshape(len(ds.train_y), -1).tolist()}
+    assert all(tuple(r) in rows for r in a.train_x.reshape(200, -1).tolist())
+    for bad in (0, len(ds.train_y) + 1, 1.5, True):
+        with pytest.raises(ValueError, match="train_samples must be an integer in 1.."):
+            data.subset(ds, bad)
 
 
 def test_missing_fashion_mnist_names_the_paths(tmp_path):

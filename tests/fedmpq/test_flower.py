@@ -75,14 +75,24 @@ def test_the_apps_pyproject_holds_simulates_defaults():
     ({"partition-id": 1, "num-partitions": 4}, "num-partitions=4, the run has n_clients=3"),
     ({"partition-id": 3, "num-partitions": 3}, "partition-id 3 is outside 0..2"),
     ({"partition-id": 0, "budget": 9}, "budget must be in 1..8"),
+    ({"partition-id": 0, "threads": 0}, "threads must be an integer >= 1"),
+    ({"partition-id": 0, "device": "gpu"}, "device must be cpu, cuda or cuda:N"),
 ])
 def test_a_node_config_names_its_client_and_budget(node, expect):
+    """...and its own device and threads, which override the run's."""
     c = config_mod.check_config(SMALL)
     if isinstance(expect, str):
         with pytest.raises(ValueError, match=expect):
             client_app.node_client(node, c)
     else:
-        assert client_app.node_client(node, c) == expect
+        k, budget, own = client_app.node_client(node, c)
+        assert (k, budget) == expect and own == c
+
+
+def test_a_node_config_sets_its_own_threads():
+    c = config_mod.check_config(SMALL)
+    _, _, own = client_app.node_client({"partition-id": 0, "threads": "2", "device": "cpu"}, c)
+    assert own["threads"] == 2 and config_mod.resolve_threads(own) == 2
 
 
 # --- the transport against a stand-in Grid -------------------------------------------------------
@@ -182,13 +192,11 @@ def test_nodes_that_do_not_cover_the_clients_are_refused(monkeypatch):
 def test_flower_simulation_gives_the_same_model_as_fedmpq_simulate(tmp_path):
     from fedmpq.flower import simulation
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # Flower's Ray workers run clients on one thread: the same float sums
-    try:
-        a = simulation.run(SMALL, out=str(tmp_path / "flower"), round_timeout=300)
-        b = simulate.run(SMALL, out=str(tmp_path / "sim"), progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    # No thread setting: by default both train each client with the same thread count (the
+    # cores this process may use), so torch's CPU reductions add up the same way.
+    a = simulation.run(SMALL, out=str(tmp_path / "flower"), round_timeout=300)
+    b = simulate.run(SMALL, out=str(tmp_path / "sim"), progress=False)
+    assert a["threads"] == b["threads"] == config_mod.resolve_threads(config_mod.check_config(SMALL))
     keys = ("accuracy", "bytes_up", "bytes_down", "bits", "assigned_mean_bits", "reported")
     assert [{k: r[k] for k in keys} for r in a["rounds"]] == [{k: r[k] for k in keys} for r in b["rounds"]]
     ga = torch.load(tmp_path / "flower" / "checkpoint.pt", weights_only=True)["server"]

@@ -11,9 +11,9 @@ from tests.extras import optional
 SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_epochs=1, batch_size=64, alpha=0.5)
 
 
-def _fake_run(path, alg, seed, accs, up=100):
+def _fake_run(path, alg, seed, accs, up=100, **keys):
     path.mkdir()
-    cfg = config.check_config(dict(alg=alg, seed=seed))
+    cfg = config.check_config(dict(alg=alg, seed=seed, **keys))
     rounds = [dict(round=i + 1, accuracy=a, bytes_up=up) for i, a in enumerate(accs)]
     (path / "results.json").write_text(json.dumps({"config": cfg, "rounds": rounds}))
     return str(path)
@@ -40,9 +40,25 @@ def test_compare_groups_seeds_and_reports_mean_and_spread(tmp_path, capsys):
 def test_plots_are_written_with_matplotlib(tmp_path):
     optional("matplotlib", "plots")
     res = {"config": config.check_config(dict(SMALL)),
-           "rounds": [dict(round=r, accuracy=0.1 * r, bits={"0": [2, 4], "1": [8, 8]}) for r in (1, 2, 3)]}
+           "rounds": [dict(round=r, accuracy=0.1 * r, bits={"0": [2, 4], "1": [8, 8]}, mean_bits={"0": 2.004, "1": 8.0})
+                      for r in (1, 2, 3)]}
     results.write_results(res, tmp_path)
     assert (tmp_path / "accuracy.png").stat().st_size > 0 and (tmp_path / "bits.png").stat().st_size > 0
     a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
     results.compare([a0], out=str(tmp_path / "cmp.png"))
     assert (tmp_path / "cmp.png").stat().st_size > 0
+
+
+def test_compare_labels_groups_by_the_keys_they_differ_in(tmp_path):
+    a = _fake_run(tmp_path / "a", "fedmpq", 0, [0.5], lr=0.1)
+    b = _fake_run(tmp_path / "b", "fedmpq", 0, [0.6], lr=0.25, threads=1)
+    c = _fake_run(tmp_path / "c", "fedmpq", 1, [0.7], lr=0.25, device="cpu", threads=2)  # b's setting, another seed
+    rows = [r.split(" | ")[0] for r in results.compare([a, b, c]).splitlines()[2:]]
+    assert rows == ["| fedmpq (digits), lr=0.1", "| fedmpq (digits), lr=0.25"]
+
+
+def test_compare_refuses_what_is_not_a_results_file(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "results.json").write_text("{half")
+    with pytest.raises(config.ConfigError, match="is not a readable results file"):
+        results.compare([str(tmp_path / "x")])

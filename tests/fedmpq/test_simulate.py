@@ -113,3 +113,13 @@ def test_resume_after_sigkill_ends_with_the_uninterrupted_model(tmp_path):
     ra = json.loads((whole / "results.json").read_text())["rounds"]
     rb = json.loads((killed / "results.json").read_text())["rounds"]
     assert [r["accuracy"] for r in ra] == [r["accuracy"] for r in rb]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("alg", ["fedmpq", "fp"])
+def test_a_federation_on_cuda_sends_payloads_of_the_cpu_layout(alg, tmp_path):
+    gpu = simulate.run(dict(SMALL, alg=alg, rounds=1, device="cuda"), progress=False)
+    cpu = simulate.run(dict(SMALL, alg=alg, rounds=1), progress=False)
+    for key in ("bytes_up", "bytes_down", "reported", "aggregated"):
+        assert gpu["rounds"][0][key] == cpu["rounds"][0][key], key
+    assert abs(gpu["rounds"][0]["accuracy"] - cpu["rounds"][0]["accuracy"]) < 0.1
