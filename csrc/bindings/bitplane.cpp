@@ -46,7 +46,7 @@ void bind_bitplane(py::module_& m) {
         check_disjoint("w", w, 4 * n, "codes", codes, n);
         check_disjoint("w", w, 4 * n, "sign", sign, 4 * bitmap_words(n));
         check_disjoint("codes", codes, n, "sign", sign, 4 * bitmap_words(n));
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         return fedmpq::cpu::binarize(ptr<const float>(w), n, bits, ptr<uint8_t>(codes), ptr<uint32_t>(sign), nthreads);
       },
       py::arg("w"), py::arg("n"), py::arg("bits"), py::arg("codes"), py::arg("codes_cap"), py::arg("sign"),
@@ -64,7 +64,7 @@ void bind_bitplane(py::module_& m) {
         check_disjoint("codes", codes, n, "out", out, 4 * n);
         check_disjoint("sign", sign, 4 * bitmap_words(n), "out", out, 4 * n);
         const float s = static_cast<float>(scale);  // a float32 value handed over as a double: exact
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         fedmpq::cpu::dequantize(ptr<const uint8_t>(codes), ptr<const uint32_t>(sign), n, bits, s, ptr<float>(out),
                                 nthreads);
       },
@@ -79,7 +79,7 @@ void bind_bitplane(py::module_& m) {
         check_elems("codes", codes, n, n, 1);
         check_sign(sign, sign_nbytes, n);
         check_code_bits(bits);
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         return fedmpq::cpu::dequantize_backward(ptr<const float>(grad), ptr<const uint8_t>(codes),
                                                 ptr<const uint32_t>(sign), n, bits, nthreads);
       },
@@ -92,7 +92,7 @@ void bind_bitplane(py::module_& m) {
         check_elems("codes", codes, n, n, 1);
         check_code_bits(bits);
         check_elems("out", out, bits, out_len, 8);
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         fedmpq::cpu::plane_popcounts(ptr<const uint8_t>(codes), n, bits, ptr<int64_t>(out), nthreads);
       },
       py::arg("codes"), py::arg("n"), py::arg("bits"), py::arg("out"), py::arg("out_len"), py::arg("nthreads"),
@@ -133,7 +133,7 @@ void bind_bitplane(py::module_& m) {
         // half an ulp rounds to +inf (spelled out: that conversion is undefined in C++)
         const float lr32 = lr >= 0x1.ffffffp127 ? std::numeric_limits<float>::infinity() : static_cast<float>(lr);
         const float mu32 = static_cast<float>(momentum);
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         return fedmpq::cpu::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
                                           ptr<const float>(grad), ptr<const float>(coef), s, n, bits, lr32, mu32,
                                           static_cast<uint32_t>(key), nthreads);

@@ -2,6 +2,8 @@
 // boundary as data pointers, element counts and buffer sizes; these re-check them before
 // any kernel runs and throw std::invalid_argument (ValueError in Python).
 #pragma once
+#include <Python.h>
+
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -11,6 +13,22 @@
 namespace fedmpq::bindings {
 
 using fedmpq::bitmap_words;
+
+// Releases the GIL around a kernel call, like py::gil_scoped_release but with a destructor
+// that may throw. At interpreter exit CPython ends a daemon thread that asks for the GIL back
+// with pthread_exit(); its forced unwind through pybind11's noexcept destructor called
+// std::terminate (the process aborted, exit status 134). Here the unwind passes on, and
+// pybind11's dispatcher rethrows it, so the thread just ends.
+class NoGil {
+ public:
+  NoGil() : state_(PyEval_SaveThread()) {}
+  ~NoGil() noexcept(false) { PyEval_RestoreThread(state_); }
+  NoGil(const NoGil&) = delete;
+  NoGil& operator=(const NoGil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
 
 inline void require(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument(msg);

@@ -1,5 +1,5 @@
 // Fake-quant's bindings: _C.cpu.{absmax, fake_quant, relu6_fake_quant, fake_quant_backward} and, when built
-// with CUDA, _C.cuda.{absmax, fake_quant, fake_quant_backward, fake_quant_backward_partials}.
+// with CUDA, _C.cuda.{workspace_words, absmax, fake_quant, fake_quant_backward}.
 // Each re-checks every size and pointer it is given (bindings/common.h).
 #include <pybind11/pybind11.h>
 
@@ -29,7 +29,7 @@ void bind_fake_quant(py::module_& m) {
       "absmax",
       [](uintptr_t x, int64_t n, int nthreads) {
         check_elems("x", x, n, n, 4);
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         return fedmpq::cpu::absmax(ptr<const float>(x), n, nthreads);
       },
       py::arg("x"), py::arg("n"), py::arg("nthreads"));
@@ -47,7 +47,7 @@ void bind_fake_quant(py::module_& m) {
         if (!dynamic) require(scale > 0.0 && scale < 3.4028234663852886e38, "scale must be finite and > 0");
         float s = static_cast<float>(scale);
         {
-          py::gil_scoped_release nogil;
+          NoGil nogil;
           if (dynamic) s = fedmpq::cpu::absmax(ptr<const float>(x), n, nthreads);
           fedmpq::cpu::fake_quant(ptr<const float>(x), ptr<float>(y), n, bits, s, ptr<uint32_t>(pass),
                                   ptr<uint32_t>(hi), nthreads);
@@ -70,7 +70,7 @@ void bind_fake_quant(py::module_& m) {
         check_bitmap("mask", mask, mask_nbytes, n, false);
         float s;
         {
-          py::gil_scoped_release nogil;
+          NoGil nogil;
           s = fedmpq::cpu::relu6_max(ptr<const float>(x), n, nthreads);
           fedmpq::cpu::relu6_fake_quant(ptr<const float>(x), ptr<float>(y), n, bits, s, ptr<uint32_t>(mask),
                                         nthreads);
@@ -91,7 +91,7 @@ void bind_fake_quant(py::module_& m) {
         check_no_partial_overlap("grad", g, "grad_x", gx, n, 4);
         check_bitmap("pass", pass, pass_nbytes, n, n > 0);
         check_bitmap("hi", hi, hi_nbytes, n, false);
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         return fedmpq::cpu::fake_quant_backward(ptr<const float>(g), ptr<float>(gx), n, ptr<const uint32_t>(pass),
                                                 ptr<const uint32_t>(hi), nthreads);
       },
@@ -102,14 +102,27 @@ void bind_fake_quant(py::module_& m) {
 #ifdef FEDMPQ_WITH_CUDA
   // ---- CUDA: float32, float16, bfloat16 (dtype codes of cuda/fake_quant.h) ----
   py::module_ cuda = m.def_submodule("cuda");
+  // A reduction workspace (cuda/fake_quant.h): at least workspace_words(device) 4-byte words
+  // on the device, checked for null, alignment and length.
+  auto check_workspace = [](uintptr_t ws, int64_t ws_words, int device) {
+    require(ws != 0 && ws % 4 == 0, "reduction workspace pointer is null or not 4-byte aligned");
+    require(ws_words >= fedmpq::cuda::workspace_words(device), "reduction workspace is too small");
+  };
+  cuda.def(
+      "workspace_words",
+      [](int device) { return fedmpq::cuda::workspace_words(device); }, py::arg("device"),
+      "4-byte words of a reduction workspace on `device` (zero-filled once; every kernel leaves it zero).");
   cuda.def(
       "absmax",
-      [](uintptr_t x, int dtype, int64_t n, uintptr_t out_bits, int device, uintptr_t stream) {
+      [=](uintptr_t x, int dtype, int64_t n, uintptr_t out_bits, uintptr_t ws, int64_t ws_words, int device,
+          uintptr_t stream) {
         check_elems("x", x, n, n, dtype_size(dtype));
         require(out_bits != 0 && out_bits % 4 == 0, "absmax output is null or not 4-byte aligned");
-        fedmpq::cuda::absmax(ptr<const void>(x), dtype, n, ptr<uint32_t>(out_bits), device, stream);
+        if (n > 0) check_workspace(ws, ws_words, device);
+        fedmpq::cuda::absmax(ptr<const void>(x), dtype, n, ptr<uint32_t>(out_bits), ptr<unsigned>(ws), device, stream);
       },
-      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("out_bits"), py::arg("device"), py::arg("stream"));
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("out_bits"), py::arg("workspace"), py::arg("workspace_words"),
+      py::arg("device"), py::arg("stream"));
   cuda.def(
       "fake_quant",
       [](uintptr_t x, uintptr_t y, int dtype, int64_t n, int64_t y_cap, int bits, uintptr_t scale, bool scale_given,
@@ -129,32 +142,28 @@ void bind_fake_quant(py::module_& m) {
       py::arg("scale"), py::arg("scale_given"), py::arg("pass_bits"), py::arg("pass_nbytes"), py::arg("hi_bits"),
       py::arg("hi_nbytes"), py::arg("device"), py::arg("stream"));
   cuda.def(
-      "fake_quant_backward_partials",
-      [](int64_t n, int device) {
-        check_count("n", n);
-        return fedmpq::cuda::fake_quant_backward_partials(n, device);
-      },
-      py::arg("n"), py::arg("device"));
-  cuda.def(
       "fake_quant_backward",
-      [](uintptr_t g, uintptr_t gx, int dtype, int64_t n, int64_t gx_cap, uintptr_t pass, int64_t pass_nbytes,
-         uintptr_t hi, int64_t hi_nbytes, uintptr_t partials, int64_t partials_len, int device, uintptr_t stream) {
+      [=](uintptr_t g, uintptr_t gx, int dtype, int64_t n, int64_t gx_cap, uintptr_t pass, int64_t pass_nbytes,
+          uintptr_t hi, int64_t hi_nbytes, uintptr_t ws, int64_t ws_words, uintptr_t grad_scale, int device,
+          uintptr_t stream) {
         const int64_t es = dtype_size(dtype);
         check_elems("grad", g, n, n, es);
         check_elems("grad_x", gx, n, gx_cap, es);
         check_no_partial_overlap("grad", g, "grad_x", gx, n, es);
         check_bitmap("pass", pass, pass_nbytes, n, n > 0);
         check_bitmap("hi", hi, hi_nbytes, n, false);
-        if (hi != 0 && n > 0)
-          require(partials != 0 && partials % 4 == 0 &&
-                      partials_len >= fedmpq::cuda::fake_quant_backward_partials(n, device),
-                  "partials buffer is null, not 4-byte aligned or too small");
+        if (hi != 0 && n > 0) {
+          check_workspace(ws, ws_words, device);
+          require(grad_scale != 0 && grad_scale % 4 == 0, "grad_scale pointer is null or not 4-byte aligned");
+        }
         fedmpq::cuda::fake_quant_backward(ptr<const void>(g), ptr<void>(gx), dtype, n, ptr<const uint32_t>(pass),
-                                          ptr<const uint32_t>(hi), ptr<float>(partials), device, stream);
+                                          ptr<const uint32_t>(hi), ptr<unsigned>(ws), ptr<float>(grad_scale), device,
+                                          stream);
       },
       py::arg("grad"), py::arg("grad_x"), py::arg("dtype"), py::arg("n"), py::arg("gx_cap"), py::arg("pass_bits"),
-      py::arg("pass_nbytes"), py::arg("hi_bits"), py::arg("hi_nbytes"), py::arg("partials"),
-      py::arg("partials_len"), py::arg("device"), py::arg("stream"));
+      py::arg("pass_nbytes"), py::arg("hi_bits"), py::arg("hi_nbytes"), py::arg("workspace"),
+      py::arg("workspace_words"), py::arg("grad_scale"), py::arg("device"), py::arg("stream"),
+      "Clipped-STE backward; with hi_bits, writes the scale gradient to *grad_scale (one float32 on the device).");
 #endif
 }
 

@@ -64,7 +64,7 @@ void bind_pack(py::module_& m) {
         check_pack(codes, n, bits, planes, planes_nbytes);
         uint32_t seen;
         {
-          py::gil_scoped_release nogil;
+          NoGil nogil;
           seen = fedmpq::cpu::pack_codes(ptr<const uint8_t>(codes), n, bits, ptr<uint32_t>(planes), nthreads);
         }
         return seen;
@@ -78,7 +78,7 @@ void bind_pack(py::module_& m) {
       [](uintptr_t planes, int64_t planes_nbytes, int64_t n, int bits, uintptr_t codes, int64_t codes_cap,
          int nthreads) {
         check_unpack(planes, planes_nbytes, n, bits, codes, codes_cap);
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         fedmpq::cpu::unpack_codes(ptr<const uint32_t>(planes), n, bits, ptr<uint8_t>(codes), nthreads);
       },
       py::arg("planes"), py::arg("planes_nbytes"), py::arg("n"), py::arg("bits"), py::arg("codes"),
@@ -88,7 +88,7 @@ void bind_pack(py::module_& m) {
       [](uintptr_t acc, int64_t n, uintptr_t planes, int64_t planes_nbytes, uintptr_t signs, int64_t signs_nbytes,
          int bits, double coef, int nthreads) {
         check_dequant(acc, n, planes, planes_nbytes, signs, signs_nbytes, bits, coef);
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         fedmpq::cpu::dequant_accumulate(ptr<float>(acc), n, ptr<const uint32_t>(planes), ptr<const uint32_t>(signs),
                                         bits, static_cast<float>(coef), nthreads);
       },
@@ -127,7 +127,7 @@ void bind_pack(py::module_& m) {
                   at + "planes and sign map out of the payload or misaligned");
           require(cf[r] == cf[r] && cf[r] - cf[r] == 0.0f, at + "coef must be finite");
         }
-        py::gil_scoped_release nogil;
+        NoGil nogil;
         fedmpq::cpu::dequant_accumulate_layers(ptr<float>(acc), ptr<const uint8_t>(payload), rows, nrows, cf,
                                                nthreads);
       },

@@ -1,0 +1,219 @@
+"""The CPU kernels' own thread pool (csrc/cpu/thread_pool.h), through the public API:
+results that do not depend on the thread count, several Python threads in kernels at once,
+a forked child that runs threaded kernels, and interpreter exit with a kernel running.
+
+Sizes on both sides of the grain: below two grains a kernel stays on the calling thread,
+above it the pool takes part (where the machine has two cores or more)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels import registry
+from fedmpq_kernels._native import native
+
+pytestmark = pytest.mark.skipif(native is None or not registry.available("cpu")[0],
+                                reason="the native CPU kernels are not built")
+
+GRAIN = native.threading()["grain"] if native is not None else 1 << 15
+SIZES = [1000, GRAIN + 5, 3 * GRAIN + 77, 9 * GRAIN + 3]  # one thread, one thread, pool, pool
+BITS = 5
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def run_ops(n: int, seed: int) -> dict:
+    """Every CPU kernel family once on n elements: outputs, gradients (the float sums of the
+    scale gradients are the reductions a thread split could reorder) and a bit-plane step."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 3
+    gy = torch.randn(n, generator=g)
+    out = {}
+    with registry.use_backend("cpu"):
+        out["fake_quant"] = fk.fake_quant(x, 4)
+        xs, s = x.clone().requires_grad_(True), torch.tensor(2.0, requires_grad=True)
+        fk.fake_quant(xs, 3, s, ste="clipped").backward(gy)
+        out["fake_quant dx"], out["fake_quant dS"] = xs.grad, s.grad
+        out["relu6_fake_quant"] = fk.relu6_fake_quant(x, 4)
+        codes, sign, scale = fk.binarize(x, BITS)
+        out.update({"codes": codes, "sign": sign, "scale": scale})
+        planes = fk.pack_codes(codes, BITS)
+        out["planes"] = planes
+        out["unpacked"] = fk.unpack_codes(planes, BITS, n)
+        acc = gy.clone()
+        out["dequant_accumulate"] = fk.dequant_accumulate(acc, planes, sign, BITS, float(scale), 0.5)
+        out["plane_popcounts"] = fk.plane_popcounts(codes, BITS)
+        sc = scale.clone().requires_grad_(True)
+        w = fk.dequantize(codes, sign, sc, BITS, fk.sink_like((n,)))
+        w.backward(gy)
+        out["dequantize"], out["dequantize ds"] = w.detach(), sc.grad
+        c2, s2 = codes.clone(), sign.clone()
+        mom, gs = torch.zeros((BITS, n), dtype=torch.uint8), torch.zeros(1)
+        coef = torch.full((BITS,), 1e-4)
+        g_s = fk.bitplane_step(c2, s2, mom, gs, gy, coef, scale, BITS, 0.5, 0.9, fk.step_key(seed, 0, 0))
+        out.update({"step g_s": g_s, "step codes": c2, "step sign": s2, "step mom": mom, "step gs": gs})
+    return out
+
+
+def bits_of(t: torch.Tensor) -> bytes:
+    # numpy, not torch: no torch op (torch's OpenMP cannot run in a forked child, see below)
+    return t.detach().contiguous().reshape(-1).numpy().tobytes()
+
+
+def mismatches(got: dict, want: dict) -> list:
+    return [k for k in want if bits_of(got[k]) != bits_of(want[k])]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_thread_count_does_not_change_results(n):
+    """Fixed tasks and task-ordered reductions: 1, 2 and 3 threads give the same bits
+    (the scale gradients are float sums, where a per-thread split used to show)."""
+    with num_threads(1):
+        want = run_ops(n, seed=n)
+    for nt in (2, 3):
+        with num_threads(nt):
+            assert mismatches(run_ops(n, seed=n), want) == [], f"{nt} threads"
+
+
+def test_many_python_threads_at_once():
+    """Six Python threads in kernels at the same time (the GIL is released in them), each over
+    every size in its own order: the pool serves one at a time, the others run on their own
+    thread, and every result equals the one-thread result."""
+    cases = [(n, seed) for n in SIZES for seed in (1, 2)]
+    with num_threads(1):
+        want = {c: run_ops(*c) for c in cases}
+    jobs_before = native.threading()["jobs"]
+    errors = []
+    start = threading.Barrier(6)
+
+    def worker(k: int):
+        try:
+            start.wait()
+            for rep in range(2):
+                for c in cases[k % len(cases):] + cases[:k % len(cases)]:
+                    bad = mismatches(run_ops(*c), want[c])
+                    if bad:
+                        errors.append(f"thread {k} case {c}: {bad}")
+        except Exception as e:  # reported below, not lost in the thread
+            errors.append(f"thread {k}: {type(e).__name__}: {e}")
+
+    with num_threads(2):
+        threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a kernel call did not return (deadlock?)"
+    assert errors == []
+    if native.threading()["max_threads"] >= 2:
+        assert native.threading()["jobs"] > jobs_before, "the pool never ran a job"
+
+
+def _wait_or_kill(pid: int, timeout: float) -> int | None:
+    """The child's exit status, or None (the child killed) when it did not end in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork() here")
+def test_forked_child_runs_threaded_kernels():
+    """fork() while another thread is inside a kernel (so the parent's pool may be busy) and
+    after the pool's workers started: the child, where those workers do not exist, still runs
+    threaded kernels (a fresh pool), with the same results.
+
+    The child calls no torch op that torch itself would run on several threads: torch's own
+    OpenMP pool deadlocks in a child forked after the parent used it (torch 2.13, libgomp),
+    whatever this project does; the comparisons go through numpy."""
+    n = 9 * GRAIN + 3
+    x = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    with num_threads(2):
+        want_y = bits_of(fk.fake_quant(x, 4))
+        codes, sign, _ = fk.binarize(x, BITS)
+        want_planes = bits_of(fk.pack_codes(codes, BITS))
+        stop = threading.Event()
+
+        def busy():
+            while not stop.is_set():
+                fk.fake_quant(x, 3)
+
+        bg = threading.Thread(target=busy, daemon=True)
+        bg.start()
+        time.sleep(0.05)
+        r, w = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads (3.12+)
+            pid = os.fork()
+        if pid == 0:  # the child: report through the pipe, never return into pytest
+            msg = b"?"
+            try:
+                jobs = native.threading()["jobs"]
+                ok = bits_of(fk.fake_quant(x, 4)) == want_y and bits_of(fk.pack_codes(codes, BITS)) == want_planes
+                t = native.threading()
+                used = t["max_threads"] < 2 or (t["jobs"] > jobs and t["workers"] >= 1)
+                msg = b"ok" if ok and used else f"results equal: {ok}; pool: {t}".encode()
+            except BaseException as e:  # noqa: BLE001 -- anything, reported to the parent
+                msg = f"{type(e).__name__}: {e}".encode()
+            finally:
+                os.write(w, msg[:4000])
+                os._exit(0)
+        os.close(w)
+        stop.set()
+        bg.join(timeout=60)
+        status = _wait_or_kill(pid, timeout=120)
+        out = os.read(r, 4096)
+        os.close(r)
+    assert status is not None, "the forked child hung in a kernel (killed after 120 s)"
+    assert out == b"ok", out.decode(errors="replace")
+
+
+def test_interpreter_exit_with_a_kernel_running():
+    """Exit while a daemon thread is inside threaded kernels: the pool is never torn down,
+    and the bindings let CPython end that thread when it asks for the GIL back (with
+    pybind11's gil_scoped_release this aborted: exit status 134). The loop calls the native
+    module directly: torch's own ops (torch.empty in every adapter) have the same abort at
+    exit on CPython < 3.14, which no code here can change."""
+    n = 9 * GRAIN + 3
+    code = (
+        "import threading, time, torch\n"
+        "from fedmpq_kernels._native import native\n"
+        f"n = {n}\n"
+        "x = torch.randn(n); y = torch.empty_like(x)\n"
+        "codes = torch.randint(0, 32, (n,), dtype=torch.uint8)\n"
+        "planes = torch.empty(5 * 4 * ((n + 31) // 32), dtype=torch.uint8)\n"
+        "def loop():\n"
+        "    while True:\n"
+        "        native.cpu.fake_quant(x.data_ptr(), n, y.data_ptr(), n, 4, 0.0, True, 0, 0, 0, 0, 2)\n"
+        "        native.cpu.pack_codes(codes.data_ptr(), n, 5, planes.data_ptr(), planes.numel(), 2)\n"
+        "for _ in range(2):\n"
+        "    threading.Thread(target=loop, daemon=True).start()\n"
+        "time.sleep(0.3)\n"
+        "print('exiting', flush=True)\n"
+    )
+    for _ in range(3):  # the exit lands at a different point of the loop each time
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "exiting", (r.returncode, r.stderr[-2000:])
