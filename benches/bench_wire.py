@@ -9,6 +9,8 @@ Groups:
   float32 state dicts already in memory with torch (``float_sum``: the floor a float server
   pays after deserializing; the target is fedmpq no slower than that), and against the naive
   path (``decode_dequantize_sum``: decode, de-quantize every layer to a float tensor, add).
+  ``fedmpq_median`` / ``fedmpq_trimmed_mean``: the robust rules (every upload de-quantized
+  and kept, then a coordinate-wise sort), against the streamed mean.
   uploads/s = K / median.
 """
 from __future__ import annotations
@@ -111,14 +113,19 @@ def bench_decode(benchmark, impl, payloads):
 
 
 @pytest.mark.parametrize("k", [10, 100])
-@pytest.mark.parametrize("impl", ["fedmpq", "float_sum", "decode_dequantize_sum"])
+@pytest.mark.parametrize("impl", ["fedmpq", "fedmpq_median", "fedmpq_trimmed_mean", "float_sum",
+                                  "decode_dequantize_sum"])
 def bench_aggregate(benchmark, impl, k, payloads):
     ups, datas, states = payloads
     datas = [datas[i % len(datas)] for i in range(k)]
     states = [states[i % len(states)] for i in range(k)]
-    if impl == "fedmpq":
+    if impl.startswith("fedmpq"):
+        rule = impl[len("fedmpq_"):] or "mean"
+        # as the server does it: every upload held to the model's layout
+        layout = aggregate.model_layout({n: t for n, t in states[0].items()}, ups[0].layers)
+
         def fn():
-            agg = aggregate.Aggregator()
+            agg = aggregate.Aggregator(rule=rule, expected=layout)
             for d in datas:
                 agg.add(d)
             return agg.result()

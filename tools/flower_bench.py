@@ -39,14 +39,14 @@ def _median_round(res) -> float:
     return statistics.median(r["seconds"] for r in res["rounds"])
 
 
-def _deployment(cfg, out: Path) -> dict:
+def _deployment(cfg, out: Path, warm: bool) -> dict:
     from fedmpq.flower.local import LocalFederation
 
     n = cfg["n_clients"]
     budgets = ",".join(map(str, cfg["budgets"]))
     rc = (f"alg='{cfg['alg']}' rounds={cfg['rounds']} n-clients={n} budgets='{budgets}' "
           f"local-epochs={cfg['local_epochs']} out='{out}'")
-    with LocalFederation(n, home=Path(tempfile.mkdtemp())) as fed:
+    with LocalFederation(n, home=Path(tempfile.mkdtemp()), warm=warm) as fed:
         fed.flwr_run(ROOT / "flower", rc).wait(timeout=3600)
     return json.loads((out / "results.json").read_text())
 
@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--deployment", action="store_true", help="also run a SuperLink and SuperNodes on 127.0.0.1")
     ap.add_argument("--algs", default="fedmpq,fp", help="comma-separated algorithms (default fedmpq,fp)")
     ap.add_argument("--skip-simulations", action="store_true", help="only the deployment (with --deployment)")
+    ap.add_argument("--cold", action="store_true", help="also the deployment as Flower runs it by default: a fresh "
+                                                        "ClientApp process per message")
     args = ap.parse_args()
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from fedmpq import config, simulate
@@ -71,7 +73,9 @@ def main() -> None:
             runs["fedmpq simulate"] = simulate.run(cfg, out=str(tmp / f"sim_{alg}"), progress=False)
             runs["Flower simulation"] = simulation.run(cfg, out=str(tmp / f"flower_{alg}"))
         if args.deployment:
-            runs["Flower deployment"] = _deployment(cfg, tmp / f"deploy_{alg}")
+            runs["Flower deployment, warm SuperExec"] = _deployment(cfg, tmp / f"deploy_{alg}", warm=True)
+            if args.cold:
+                runs["Flower deployment, a process per message"] = _deployment(cfg, tmp / f"cold_{alg}", warm=False)
         for how, res in runs.items():
             last = res["rounds"][-1]
             n_up, n_down = len(last["reported"]), len(last["bits"]) or len(last["reported"])

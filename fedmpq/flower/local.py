@@ -14,10 +14,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from ..config import available_cores
 
 
 def free_port() -> int:
@@ -35,12 +38,18 @@ class LocalFederation:
             ``connection`` is written into its ``config.toml``).  log_dir: where each process's
             output goes (``<name>.log``); None discards it.  env: extra environment variables.
         startup_timeout: seconds the SuperLink may take to answer its health check.
+        warm: each SuperNode with ``--isolation process`` and a warm SuperExec
+            (:mod:`fedmpq.flower.superexec`) instead of a fresh ClientApp process per message.
+        threads: each node's ``threads`` (node config); default: this machine's cores / n_nodes.
     """
 
     def __init__(self, n_nodes: int, home: Path, log_dir: Optional[Path] = None,
-                 env: Optional[Dict[str, str]] = None, connection: str = "local", startup_timeout: float = 60.0):
+                 env: Optional[Dict[str, str]] = None, connection: str = "local", startup_timeout: float = 60.0,
+                 warm: bool = True, threads: Optional[int] = None):
         self.n_nodes, self.home, self.log_dir, self.connection = n_nodes, Path(home), log_dir, connection
-        self.startup_timeout = startup_timeout
+        self.startup_timeout, self.warm = startup_timeout, warm
+        # the nodes share this machine's cores: each trains with its share (node config)
+        self.threads = threads if threads is not None else max(1, available_cores() // n_nodes)
         self.env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **(env or {})}
         self.port = free_port()
@@ -72,10 +81,17 @@ class LocalFederation:
                     raise TimeoutError(f"the SuperLink on 127.0.0.1:{self.port} did not start within "
                                        f"{self.startup_timeout:g} s")
                 time.sleep(0.2)
-            self.nodes = [self.spawn(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                                      "--port", str(free_port()), "--max-wait-time", "120", "--node-config",
-                                      f"partition-id={i} num-partitions={self.n_nodes}"], f"supernode{i}")
-                          for i in range(self.n_nodes)]
+            self.nodes = []
+            for i in range(self.n_nodes):
+                port = free_port()
+                self.nodes.append(self.spawn(
+                    ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
+                     "--max-wait-time", "120", "--isolation", "process" if self.warm else "subprocess",
+                     "--node-config", f"partition-id={i} num-partitions={self.n_nodes} threads={self.threads}"],
+                    f"supernode{i}"))
+                if self.warm:  # the node's ClientApps fork from a process that imported everything once
+                    self.spawn([sys.executable, "-m", "fedmpq.flower.superexec", "--insecure",
+                                "--runtime-api-address", f"127.0.0.1:{port}"], f"superexec{i}")
             (self.home / "config.toml").write_text(
                 f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
                 f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
@@ -89,8 +105,10 @@ class LocalFederation:
         return self.spawn(["flwr", "run", str(app_dir), self.connection, "--run-config", run_config, "--stream"], name)
 
     def kill_node(self, i: int) -> None:
-        """SIGKILL SuperNode ``i`` and everything it started."""
+        """SIGKILL SuperNode ``i`` and everything it started (its warm SuperExec too)."""
         os.killpg(self.nodes[i].pid, signal.SIGKILL)
+        if self.warm:
+            os.killpg(self.procs[self.procs.index(self.nodes[i]) + 1].pid, signal.SIGKILL)
 
     def logs(self) -> str:
         """Every process's output so far (empty without ``log_dir``)."""
