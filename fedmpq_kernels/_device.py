@@ -1,19 +1,57 @@
-"""The device a kernel launch runs on."""
+"""The device, stream and scratch memory a kernel launch runs with, at the least host cost
+per call (a client step makes about a hundred launches)."""
 from __future__ import annotations
 
 import contextlib
+from typing import Dict, Tuple
 
 import torch
+
+Tensor = torch.Tensor
+_NOTHING = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 def on_device(device: torch.device):
     """Context for launching kernels on ``device``'s tensors.
 
-    CUDA: ``torch.cuda.device(device)``. Native and Triton launches run on the *current*
-    device (and Triton on its current stream), which need not be the tensor's; torch's
-    context selects the tensor's device and restores the caller's on exit, with torch's own
-    rules (it never creates a context on a GPU the process has not used), so an op on
-    ``cuda:1`` leaves ``torch.cuda.current_device()`` as it was. Other devices (CPU, the
-    Triton interpreter): nothing to select.
+    CUDA: ``torch.cuda.device(device)`` when ``device`` is not the current device. Native and
+    Triton launches run on the *current* device (and Triton on its current stream), which
+    need not be the tensor's; torch's context selects the tensor's device and restores the
+    caller's on exit, with torch's own rules (it never creates a context on a GPU the process
+    has not used), so an op on ``cuda:1`` leaves ``torch.cuda.current_device()`` as it was.
+    When the tensor's device is already current (nearly always) nothing is entered: torch's
+    context costs microseconds per launch. Other devices (CPU, the Triton interpreter):
+    nothing to select.
     """
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type != "cuda" or torch._C._cuda_getDevice() == device.index:
+        return _NOTHING
+    return torch.cuda.device(device)
+
+
+def raw_stream(device: torch.device) -> int:
+    """The ``cudaStream_t`` of torch's current stream on ``device``, as an int, without
+    building a ``torch.cuda.Stream`` object (``current_stream(d).cuda_stream`` costs several
+    times more)."""
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+_WORKSPACES: Dict[Tuple[int, int], Tensor] = {}
+
+
+def workspace(device: torch.device, stream: int, words: int) -> Tensor:
+    """A zero-filled int32 tensor of at least ``words`` elements on ``device`` for kernels
+    that finish a reduction in their last block (a ticket and one slot per block; every
+    such kernel leaves it zero again). One per (device, stream), kept between calls: launches
+    on one stream run in order, so they can share it, and no zero fill is launched per call.
+    Under CUDA-graph capture a fresh one is made every call (its zero fill is captured with
+    the kernels), so a graph never shares a workspace with eager work on another stream.
+    Call it under :func:`on_device` (the capture check looks at the current device)."""
+    if torch._C._cuda_isCurrentStreamCapturing():
+        return torch.zeros(words, dtype=torch.int32, device=device)
+    key = (device.index, stream)
+    ws = _WORKSPACES.get(key)
+    if ws is None or ws.numel() < words:
+        # Freeing a smaller one is safe: the caching allocator hands its memory only to work
+        # queued after the kernels that used it on this stream.
+        ws = _WORKSPACES[key] = torch.zeros(max(words, 1024), dtype=torch.int32, device=device)
+    return ws

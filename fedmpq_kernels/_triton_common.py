@@ -6,10 +6,13 @@
   ``(word >> col) & 1``; :func:`store_words` packs 0/1 with a per-row int32 sum of
   ``bit << col`` (distinct powers of two: the sum is the OR; bit 31 wraps to the right
   pattern). ``MASKED`` is the last, partial block's path (``word < nwords``).
-* :func:`absmax_partial_kernel`: one partial max per program of the float32 bit patterns of
-  |x| as int32 (for non-negative floats integer order is float order, and NaN patterns sort
-  above +inf, so a NaN propagates); :func:`absmax` reduces them on the device, with no host
-  synchronization.
+* :func:`finish_in_last_program`: a grid-wide reduction finished in the same launch by the
+  program that arrives last (a ticket taken with an atomic add), over one partial result per
+  program kept in a workspace (:func:`fedmpq_kernels._device.workspace`), in a fixed order:
+  deterministic, no second launch, no host work.
+* :func:`absmax_kernel`: the max of the float32 bit patterns of |x| as int32 (for
+  non-negative floats integer order is float order, and NaN patterns sort above +inf, so a
+  NaN propagates), one launch; :func:`absmax` calls it, with no host synchronization.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ._device import raw_stream, workspace
 
 Tensor = torch.Tensor
 
@@ -51,10 +56,51 @@ def relu6(x):
     return tl.where(x > 0.0, tl.where(x < 6.0, x, 6.0), tl.where(x != x, x, 0.0))
 
 
+FINISH = 1024  # partial results the last program combines per step
+
+
 @triton.jit
-def absmax_partial_kernel(x_ptr, part_ptr, n, BLOCK: tl.constexpr, RELU6: tl.constexpr = False):
-    """part[pid] = the int32 bit pattern of max |x| over the program's block (of relu6(x)
-    with ``RELU6``)."""
+def finish_in_last_program(value, ws_ptr, out_ptr, IS_MAX: tl.constexpr, FINISH: tl.constexpr):
+    """The grid-wide sum (float32 ``value``) or max (int32 ``value``, ``IS_MAX``) of one
+    value per program, stored at ``out_ptr`` by the program that arrives last.
+
+    ``ws_ptr``: int32 workspace, ``ws[0]`` a ticket (zero on entry, zero again on exit),
+    ``ws[1 + p]`` program p's value (float bits for a sum). The last program combines the
+    slots in a fixed order (lane j of a FINISH-wide vector takes slots j, j + FINISH, ... in
+    turn, then one tree reduction), so the result depends on the grid size only, never on
+    which program arrived last."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    if IS_MAX:
+        tl.store(ws_ptr + 1 + pid, value)
+    else:
+        tl.store(ws_ptr + 1 + pid, value.to(tl.int32, bitcast=True))
+    tl.debug_barrier()  # the slot is written before the ticket (acq_rel: visible to the last program)
+    ticket = tl.atomic_add(ws_ptr, 1, sem="acq_rel")
+    if ticket == nprog - 1:
+        if IS_MAX:
+            acc = tl.zeros((FINISH,), dtype=tl.int32)
+        else:
+            acc = tl.zeros((FINISH,), dtype=tl.float32)
+        for start in range(0, nprog, FINISH):
+            offs = start + tl.arange(0, FINISH)
+            v = tl.load(ws_ptr + 1 + offs, mask=offs < nprog, other=0, cache_modifier=".cg")  # L2, not L1
+            if IS_MAX:
+                acc = tl.maximum(acc, v)
+            else:
+                acc += v.to(tl.float32, bitcast=True)
+        if IS_MAX:
+            tl.store(out_ptr, tl.max(acc, axis=0))
+        else:
+            tl.store(out_ptr, tl.sum(acc, axis=0))
+        tl.atomic_xchg(ws_ptr, 0)  # ready for the next launch on the stream
+
+
+@triton.jit
+def absmax_kernel(x_ptr, ws_ptr, out_ptr, n, BLOCK: tl.constexpr, FINISH: tl.constexpr,
+                  RELU6: tl.constexpr = False):
+    """*out = the int32 bit pattern of max |x| (of relu6(x) with ``RELU6``): each program
+    reduces its block, :func:`finish_in_last_program` the programs' maxima."""
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -65,14 +111,26 @@ def absmax_partial_kernel(x_ptr, part_ptr, n, BLOCK: tl.constexpr, RELU6: tl.con
     if RELU6:  # max of a = relu6(x) (>= +0, or NaN)
         x = relu6(x)
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| bits; NaN sorts above +inf
-    tl.store(part_ptr + pid, tl.max(ab, axis=0))
+    finish_in_last_program(tl.max(ab, axis=0), ws_ptr, out_ptr, IS_MAX=True, FINISH=FINISH)
+
+
+def reduction_workspace(device: torch.device, nprog: int) -> Tensor:
+    """The int32 workspace of :func:`finish_in_last_program` for a grid of ``nprog`` programs:
+    the current stream's (kept zero between launches) on a GPU; a fresh one in the
+    interpreter (CPU tensors, tests only). Call it under
+    :func:`fedmpq_kernels._device.on_device`."""
+    if device.type != "cuda":
+        return torch.zeros(nprog + 1, dtype=torch.int32, device=device)
+    return workspace(device, raw_stream(device), nprog + 1)
 
 
 def absmax(x: Tensor, n: int, block: int, num_warps: int, relu6: bool = False) -> Tensor:
     """max |x| (of relu6(x) with ``relu6``) of a contiguous tensor of n > 0 elements, as a
-    float32 0-dim tensor on x's device, computed there. Call it under
+    float32 0-dim tensor on x's device, computed there in one launch. Call it under
     :func:`fedmpq_kernels._device.on_device`."""
     grid = (triton.cdiv(n, block),)
-    part = torch.empty(grid[0], dtype=torch.int32, device=x.device)
-    absmax_partial_kernel[grid](x, part, n, BLOCK=block, RELU6=relu6, num_warps=num_warps, enable_fp_fusion=False)
-    return part.max().view(torch.float32)
+    out = torch.empty((), dtype=torch.int32, device=x.device)
+    ws = reduction_workspace(x.device, grid[0])
+    absmax_kernel[grid](x, ws, out, n, BLOCK=block, FINISH=FINISH, RELU6=relu6, num_warps=num_warps,
+                        enable_fp_fusion=False)
+    return out.view(torch.float32)

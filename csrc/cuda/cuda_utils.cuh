@@ -28,7 +28,7 @@ void require_current_device(int device);
 inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
 // Number of SMs of `device`, cached per device (grid sizes must be a deterministic
-// function of n and the device, see fake_quant_backward_partials).
+// function of n and the device: the reductions' order, see workspace_words).
 int sm_count(int device);
 
 }  // namespace fedmpq::cuda::detail

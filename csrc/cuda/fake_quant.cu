@@ -1,5 +1,5 @@
 // Fake-quant CUDA kernels: absmax, forward (values + pass/hi bitmaps) and clipped-STE
-// backward. The math mirrors cpu/fake_quant.cpp and fedmpq_kernels/fakequant/reference.py
+// backward. The math mirrors cpu/fake_quant.cpp and fedmpq_kernels/fake_quant/reference.py
 // bit for bit in float32: every product is rounded on its own (__fmul_rn, and the module is
 // built with --fmad=false), divisions are IEEE (__fdiv_rn), rounding is half to even
 // (rintf), and 16-bit inputs are widened to float32 exactly and narrowed with
@@ -49,9 +49,9 @@ constexpr int kWarps = kBlock / 32;
 // vector kernels then spill a few loop-invariant bytes, stored before and reloaded after
 // the vector loop only (checked in the SASS for sm_80 and sm_90).
 constexpr int kBlocksPerSm = 8;
-// The backward grid depends on n and the device only (not on the dtype), because
-// fake_quant_backward_partials does not know the dtype: kBwdElemsPerThread elements per
-// thread before the grid is capped at kBlocksPerSm blocks per SM.
+// The backward grid: kBwdElemsPerThread elements per thread before the grid is capped at
+// kBlocksPerSm blocks per SM (workspace_words: no grid is larger). It depends on n and the
+// device only, never on the dtype, so dL/dS sums in the same order for every dtype.
 constexpr int64_t kBwdElemsPerThread = 8;
 constexpr unsigned kFullMask = 0xffffffffu;
 
@@ -195,14 +195,75 @@ __device__ __forceinline__ int64_t global_thread() {
 }
 __device__ __forceinline__ int64_t total_threads() { return static_cast<int64_t>(gridDim.x) * kBlock; }
 
+struct SumOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ __forceinline__ uint32_t operator()(uint32_t a, uint32_t b) const { return umax(a, b); }
+};
+
+// The block's reduction of one value per thread, in a fixed order (xor shuffles within each
+// warp, then warp 0 over the warps' results): the result is valid in thread 0. Every thread
+// of the block must call it; it ends with the shared slots free for reuse after a barrier.
+template <class T, class Op>
+__device__ __forceinline__ T block_reduce(T v, T identity, Op op) {
+  __shared__ T warp_val[kWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, off));
+  if (lane == 0) warp_val[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? warp_val[lane] : identity;
+#pragma unroll
+    for (int off = kWarps / 2; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, off));
+  }
+  return v;
+}
+
+// A grid-wide reduction finished by the last block to arrive, so no second launch and no
+// host work. The workspace `ws` is one ticket (ws[0], zero on entry) and then one slot per
+// block: block b stores its value (`v`, valid in thread 0) in slot b and takes a ticket; the
+// block holding ticket gridDim.x - 1 combines slots 0 .. gridDim.x - 1 in a fixed order
+// (thread t takes t, t + kBlock, ... in turn, then block_reduce) into *out and sets the
+// ticket back to 0 for the next launch on the stream (the workspace is reused). The result
+// depends on the grid size only, never on which block arrived last: deterministic. One
+// pointer for ticket and slots, and a call rather than inlined code (it runs once per block,
+// after the loops), keep the kernels within their 32 registers: no spill that the kernels
+// did not have before (ptxas -v, sm_80 and sm_90). Every thread of the block must call it.
+template <class T, class Op>
+__device__ __noinline__ void finish_in_last_block(T v, T identity, Op op, unsigned* __restrict__ ws,
+                                                     T* __restrict__ out) {
+  static_assert(sizeof(T) == sizeof(unsigned), "one 4-byte slot per block");
+  T* partials = reinterpret_cast<T*>(ws + 1);
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = v;
+    __threadfence();  // the partial is visible device-wide before the ticket says so
+    last = atomicAdd(ws, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // every other block's partial is visible now (they fenced before their ticket)
+  T acc = identity;
+  for (unsigned i = threadIdx.x; i < gridDim.x; i += kBlock) acc = op(acc, __ldcg(partials + i));  // L2, not a stale L1
+  acc = block_reduce(acc, identity, op);
+  if (threadIdx.x == 0) {
+    *out = acc;
+    *ws = 0u;
+  }
+}
+
 // ---- kernels ------------------------------------------------------------------------
 
-// max over |x| bit patterns; one atomicMax per block into *out (zero on entry).
+// max over |x| bit patterns into *out (finish_in_last_block; ws: the workspace; *out needs
+// no initial value).
 // kShifted: x lies `shift` elements past the 16-byte boundary xa = x - shift; the aligned
 // vectors of xa are read whole and the `shift` elements before x are left out.
 template <class E, Path kPath>
 __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
-    absmax_kernel(const typename E::Raw* __restrict__ x, int64_t n, int shift, uint32_t* __restrict__ out) {
+    absmax_kernel(const typename E::Raw* __restrict__ x, int64_t n, int shift, unsigned* __restrict__ ws,
+                  uint32_t* __restrict__ out) {
   constexpr int V = Vec16<E>::kN;
   const int64_t t0 = global_thread(), nt = total_threads();
   uint32_t m = 0;
@@ -220,18 +281,8 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
   }
   for (int64_t i = tail + t0; i < n; i += nt) m = umax(m, abs_bits(E::to_float(x[i])));
 
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) m = umax(m, __shfl_xor_sync(kFullMask, m, off));
-  __shared__ uint32_t warp_max[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_max[warp] = m;
-  __syncthreads();
-  if (warp == 0) {
-    m = lane < kWarps ? warp_max[lane] : 0u;
-#pragma unroll
-    for (int off = kWarps / 2; off > 0; off >>= 1) m = umax(m, __shfl_xor_sync(kFullMask, m, off));
-    if (lane == 0) atomicMax(out, m);
-  }
+  m = block_reduce(m, 0u, MaxOp{});
+  finish_in_last_block(m, 0u, MaxOp{}, ws, out);
 }
 
 // y = fake-quant(x); pass/hi bitmaps when non-null (warp-uniform branches).
@@ -302,8 +353,10 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
   }
 }
 
-// gx = pass ? g : 0 (raw bits, so g is copied exactly). When hi is non-null, block b
-// writes partials[b] = sum over its clipped elements of (hi ? g : -g), in float32.
+// gx = pass ? g : 0 (raw bits, so g is copied exactly). When hi is non-null, *grad_scale =
+// the sum over clipped elements of (hi ? g : -g), in float32: each block sums its elements
+// (in a fixed order), and finish_in_last_block adds the blocks' sums (ws: the workspace) in
+// the same launch.
 // gx must be 16-byte aligned unless kPath is kScalar; g as load_elems takes it. gx may be
 // g itself only on the kVector and kScalar paths (each element is read before it is
 // written, by the same thread); kShifted reads a neighbour's elements, and never sees
@@ -311,7 +364,8 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
 template <class E, Path kPath>
 __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     fq_bwd_kernel(const typename E::Raw* g, typename E::Raw* gx, int64_t n, const uint32_t* __restrict__ pass,
-                  const uint32_t* __restrict__ hi, float* __restrict__ partials, int shift) {
+                  const uint32_t* __restrict__ hi, unsigned* __restrict__ ws, float* __restrict__ grad_scale,
+                  int shift) {
   using Raw = typename E::Raw;
   const int lane = threadIdx.x & 31;
   float acc = 0.0f;
@@ -361,19 +415,9 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     }
   }
 
-  if (hi != nullptr) {  // uniform over the block, so the barrier below is safe
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(kFullMask, acc, off);
-    __shared__ float warp_sum[kWarps];
-    const int warp_in_block = threadIdx.x >> 5;
-    if (lane == 0) warp_sum[warp_in_block] = acc;
-    __syncthreads();
-    if (warp_in_block == 0) {
-      float s = lane < kWarps ? warp_sum[lane] : 0.0f;
-#pragma unroll
-      for (int off = kWarps / 2; off > 0; off >>= 1) s += __shfl_xor_sync(kFullMask, s, off);
-      if (lane == 0) partials[blockIdx.x] = s;  // every block writes its slot, even 0
-    }
+  if (hi != nullptr) {  // uniform over the grid, so the barriers inside are safe
+    acc = block_reduce(acc, 0.0f, SumOp{});
+    finish_in_last_block(acc, 0.0f, SumOp{}, ws, grad_scale);  // every block writes its slot, even 0
   }
 }
 
@@ -434,7 +478,10 @@ void dispatch(int dtype, F&& f) {
 
 }  // namespace
 
-void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, int device, uintptr_t stream) {
+int64_t workspace_words(int device) { return 1 + static_cast<int64_t>(detail::sm_count(device)) * kBlocksPerSm; }
+
+void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, unsigned* workspace, int device,
+            uintptr_t stream) {
   if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
   if (n <= 0) return;
   detail::require_current_device(device);
@@ -446,7 +493,7 @@ void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, int device,
     const unsigned blocks = grid_blocks(ceil_div(n, Vec16<E>::kN), device);
     int shift = 0;
     with_path(choose_path<E>(x, true, &shift), [&](auto p) {
-      absmax_kernel<E, decltype(p)::value><<<blocks, kBlock, 0, st>>>(xp, n, shift, out_bits);
+      absmax_kernel<E, decltype(p)::value><<<blocks, kBlock, 0, st>>>(xp, n, shift, workspace, out_bits);
     });
     FEDMPQ_CUDA_CHECK_LAUNCH();
   });
@@ -476,18 +523,13 @@ void fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, const fl
   });
 }
 
-int64_t fake_quant_backward_partials(int64_t n, int device) {
-  if (n <= 0) return 1;  // nothing is launched for n == 0; keep the "at least 1" contract
-  return grid_blocks(ceil_div(n, kBwdElemsPerThread), device);
-}
-
 void fake_quant_backward(const void* g, void* gx, int dtype, int64_t n, const uint32_t* pass, const uint32_t* hi,
-                         float* partials, int device, uintptr_t stream) {
+                         unsigned* workspace, float* grad_scale, int device, uintptr_t stream) {
   if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
   if (n <= 0) return;
   detail::require_current_device(device);
   const cudaStream_t st = detail::as_stream(stream);
-  const unsigned blocks = static_cast<unsigned>(fake_quant_backward_partials(n, device));
+  const unsigned blocks = grid_blocks(ceil_div(n, kBwdElemsPerThread), device);
   dispatch(dtype, [&](auto e) {
     using E = decltype(e);
     using Raw = typename E::Raw;
@@ -495,7 +537,8 @@ void fake_quant_backward(const void* g, void* gx, int dtype, int64_t n, const ui
     Raw* gxp = static_cast<Raw*>(gx);
     int shift = 0;
     with_path(choose_path<E>(g, aligned16(gx), &shift), [&](auto p) {
-      fq_bwd_kernel<E, decltype(p)::value><<<blocks, kBlock, 0, st>>>(gp, gxp, n, pass, hi, partials, shift);
+      fq_bwd_kernel<E, decltype(p)::value>
+          <<<blocks, kBlock, 0, st>>>(gp, gxp, n, pass, hi, workspace, grad_scale, shift);
     });
     FEDMPQ_CUDA_CHECK_LAUNCH();
   });

@@ -14,9 +14,17 @@ namespace fedmpq::cuda {
 
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Writes the bit pattern of max|x| (NaN-propagating) into *out_bits with atomicMax.
-// *out_bits must be zero on entry. n == 0 launches nothing.
-void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, int device, uintptr_t stream);
+// The 4-byte words of a reduction workspace on `device`: one ticket (word 0) and a slot per
+// block of the largest grid of any kernel below (8 blocks per SM). Zero before its first
+// launch; every launch leaves it zero again (the last block to finish reduces the blocks'
+// partial results and resets the ticket, so a reduction costs no second launch). Launches
+// sharing a workspace must be ordered (one stream).
+int64_t workspace_words(int device);
+
+// Writes the bit pattern of max|x| (NaN-propagating) into *out_bits (no initial value
+// needed). n == 0 launches nothing.
+void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, unsigned* workspace, int device,
+            uintptr_t stream);
 
 // y = fake-quant(x); scale points at one float32 on the device (a given scale, or the
 // absmax result reinterpreted). When scale_given and the value is not finite and > 0,
@@ -25,13 +33,12 @@ void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, int device,
 void fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, const float* scale, bool scale_given,
                 uint32_t* pass, uint32_t* hi, int device, uintptr_t stream);
 
-// Number of float partials fake_quant_backward writes for n elements (its grid size).
-int64_t fake_quant_backward_partials(int64_t n, int device);
-
-// gx = pass ? g : 0. When hi is non-null, partials[0 .. fake_quant_backward_partials(n))
-// receive per-block sums of (hi ? g : -g) over clipped elements (summed by the caller).
+// gx = pass ? g : 0. When hi is non-null, *grad_scale = the sum of (hi ? g : -g) over the
+// clipped elements, float32, in an order fixed by n and the device (deterministic), reduced
+// in the same launch (workspace: see workspace_words). n == 0 launches nothing (the caller
+// writes 0).
 void fake_quant_backward(const void* g, void* gx, int dtype, int64_t n, const uint32_t* pass,
-                         const uint32_t* hi, float* partials, int device, uintptr_t stream);
+                         const uint32_t* hi, unsigned* workspace, float* grad_scale, int device, uintptr_t stream);
 
 // Runtime facts for fedmpq_kernels.info.
 int device_count();

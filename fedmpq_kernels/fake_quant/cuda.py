@@ -4,25 +4,29 @@ csrc/cuda/fake_quant.cu, through ``fedmpq_kernels._C.cuda``.
 The kernels read float32, float16 and bfloat16 directly (the math is float32, see
 :mod:`fedmpq_kernels.fake_quant.reference`), run on the tensor's device and on torch's
 current stream there, and never synchronize: a dynamic scale (max|x|) and a given device
-scale stay on the device. Inputs of any strides are made contiguous here first; a
+scale stay on the device. Reductions (max|x|, dL/dS) finish in the kernel's last block, in a
+per-stream workspace (:func:`fedmpq_kernels._device.workspace`): one launch each, no zero
+fill, no separate sum. Inputs of any strides are made contiguous here first; a
 contiguous input at any element offset (a slice such as ``x[1:]``) is read in place.
 Launches run inside :func:`fedmpq_kernels._device.on_device` (the native launchers never
 switch devices), so an op on ``cuda:1`` never changes what ``device="cuda"`` means.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from .._checks import bitmap_arg, bitmap_nbytes
-from .._device import on_device
+from .._device import on_device, raw_stream, workspace
 from .._native import native
 
 Tensor = torch.Tensor
 
 # Dtype codes of csrc/cuda/fake_quant.h (enum DType).
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_F32, _U8 = torch.float32, torch.uint8
+_WS_WORDS: Dict[int, int] = {}  # device index -> workspace_words (the SM count does not change)
 
 
 def _dtype_code(t: Tensor, name: str) -> int:
@@ -33,17 +37,16 @@ def _dtype_code(t: Tensor, name: str) -> int:
 
 
 def _require_cuda(t: Tensor, name: str) -> None:
-    if t.device.type != "cuda":
+    if not t.is_cuda:
         raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got one on {t.device}")
 
 
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
-
-
-def _bitmap_out(n: int, wanted: bool, device: torch.device) -> Tensor:
-    """A bitmap to fill: uint8 of 4 * ceil(n / 32) bytes, or an empty one."""
-    return torch.empty(bitmap_nbytes(n) if wanted else 0, dtype=torch.uint8, device=device)
+def _workspace(dev: torch.device, stream: int) -> Tuple[int, int]:
+    """(pointer, words) of the reduction workspace for ``stream`` (csrc/cuda/fake_quant.h)."""
+    words = _WS_WORDS.get(dev.index)
+    if words is None:
+        words = _WS_WORDS[dev.index] = native.cuda.workspace_words(dev.index)
+    return workspace(dev, stream, words).data_ptr(), words
 
 
 def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -60,6 +63,8 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
     Returns:
         (y, pass_bits, hi_bits): y of x's shape and dtype, contiguous; the bitmaps uint8
         of 4 * ceil(numel / 32) bytes on x's device, or empty (0 bytes) when not asked for.
+        One launch for a given scale, two for a dynamic one (absmax writing S on the device,
+        then the quantizer reading it there); no host synchronization.
     """
     code = _dtype_code(x, "x")
     _require_cuda(x, "x")
@@ -68,32 +73,40 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
     dev = x.device
     xc = x.contiguous()
     n = xc.numel()
-    y = torch.empty(x.shape, dtype=x.dtype, device=dev)
-    pass_bits = _bitmap_out(n, mode >= 1, dev)
-    hi_bits = _bitmap_out(n, mode == 2, dev)
+    y = torch.empty_like(xc)  # contiguous, x's dtype and shape
+    nb = bitmap_nbytes(n)
+    pass_bits = torch.empty(nb if mode >= 1 else 0, dtype=_U8, device=dev)
+    hi_bits = torch.empty(nb if mode == 2 else 0, dtype=_U8, device=dev)
     if n == 0:
         return y, pass_bits, hi_bits
-    stream = _stream(dev)
     with on_device(dev):
+        stream = raw_stream(dev)
         if scale is None:
-            # max|x| as float32 bits, reduced with atomicMax: the buffer must start at 0.
-            # The forward kernel reads it on the same stream, so no host round trip.
-            s = torch.zeros(1, dtype=torch.int32, device=dev)
-            native.cuda.absmax(xc.data_ptr(), code, n, s.data_ptr(), dev.index, stream)
+            # max|x| as float32 bits, written by absmax's last block (no zero fill needed)
+            # and read by the quantizer on the same stream. A tensor of its own, not a word
+            # of the shared workspace: another thread's absmax on this stream could land
+            # between the two launches.
+            s = torch.empty((), dtype=_F32, device=dev)
+            s_ptr = s.data_ptr()
+            ws, words = _workspace(dev, stream)
+            native.cuda.absmax(xc.data_ptr(), code, n, s_ptr, ws, words, dev.index, stream)
             scale_given = False
         else:
-            if scale.numel() != 1:
-                raise ValueError(f"scale must hold one value, got shape {tuple(scale.shape)}")
-            s = scale.detach().reshape(()).to(device=dev, dtype=torch.float32).contiguous()
+            s = scale
+            if s.dtype is not _F32 or s.dim() != 0 or not s.is_cuda or s.get_device() != dev.index:
+                if s.numel() != 1:
+                    raise ValueError(f"scale must hold one value, got shape {tuple(s.shape)}")
+                s = s.detach().reshape(()).to(device=dev, dtype=_F32)
+            s_ptr = s.data_ptr()
             scale_given = True
         native.cuda.fake_quant(
-            xc.data_ptr(), y.data_ptr(), code, n, y.numel(), bits, s.data_ptr(), scale_given,
+            xc.data_ptr(), y.data_ptr(), code, n, n, bits, s_ptr, scale_given,
             pass_bits.data_ptr() if mode >= 1 else 0, pass_bits.numel(),
             hi_bits.data_ptr() if mode == 2 else 0, hi_bits.numel(),
             dev.index, stream,
         )
-    # The temporaries (xc, s) may be freed now: the caching allocator only reuses their
-    # memory for work queued after these kernels on the same stream.
+    # The temporaries (xc, a converted s) may be freed now: the caching allocator only
+    # reuses their memory for work queued after these kernels on the same stream.
     return y, pass_bits, hi_bits
 
 
@@ -112,34 +125,29 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
         (grad_x, grad_scale): grad_x of grad's shape and dtype, contiguous (grad where the
         pass bit is set, else 0); grad_scale a 0-dim float32 tensor on grad's device: the
         sum over clipped elements of (+grad where hi, -grad otherwise), or 0 when not
-        scale_grad.
+        scale_grad. One launch: the kernel's last block adds the blocks' sums (in a fixed
+        order: deterministic) straight into grad_scale.
     """
     code = _dtype_code(grad, "grad")
     _require_cuda(grad, "grad")
     dev = grad.device
     g = grad.contiguous()
     n = g.numel()
-    gx = torch.empty(grad.shape, dtype=grad.dtype, device=dev)
+    gx = torch.empty_like(g)
     pb = bitmap_arg(pass_bits, n, dev, "pass_bits")
     hb = bitmap_arg(hi_bits, n, dev, "hi_bits") if scale_grad else None
-    if n == 0:
-        return gx, torch.zeros((), dtype=torch.float32, device=dev)
-    stream = _stream(dev)
+    if n == 0 or hb is None:
+        gs = torch.zeros((), dtype=_F32, device=dev)
+        if n == 0:
+            return gx, gs
+    else:
+        gs = torch.empty((), dtype=_F32, device=dev)  # written by the kernel's last block
     with on_device(dev):
-        if not scale_grad:
-            native.cuda.fake_quant_backward(
-                g.data_ptr(), gx.data_ptr(), code, n, gx.numel(),
-                pb.data_ptr(), pb.numel(), 0, 0, 0, 0, dev.index, stream,
-            )
-            return gx, torch.zeros((), dtype=torch.float32, device=dev)
-        # One float per block of the kernel's grid, every slot written: summed here, on the
-        # device, so nothing synchronizes.
-        nparts = native.cuda.fake_quant_backward_partials(n, dev.index)
-        partials = torch.empty(nparts, dtype=torch.float32, device=dev)
+        stream = raw_stream(dev)
+        ws, words = _workspace(dev, stream) if hb is not None else (0, 0)
         native.cuda.fake_quant_backward(
-            g.data_ptr(), gx.data_ptr(), code, n, gx.numel(),
-            pb.data_ptr(), pb.numel(),
-            hb.data_ptr(), hb.numel(),
-            partials.data_ptr(), nparts, dev.index, stream,
+            g.data_ptr(), gx.data_ptr(), code, n, n, pb.data_ptr(), pb.numel(),
+            hb.data_ptr() if hb is not None else 0, hb.numel() if hb is not None else 0,
+            ws, words, gs.data_ptr(), dev.index, stream,
         )
-        return gx, partials.sum()
+    return gx, gs

@@ -15,16 +15,18 @@ Design
   Triton launches on the current device and its current stream, not the tensor's.
 * The scale is never read on the host: the kernels load it through a pointer. A given
   scale that is not finite and > 0 becomes NaN in the kernel (``CHECK_SCALE``).
-* Dynamic scale: :func:`fedmpq_kernels._triton_common.absmax` (partial maxima of the bit
-  patterns of |x|, reduced on the device; a NaN propagates).
+* Dynamic scale: :func:`fedmpq_kernels._triton_common.absmax` (the maximum of the bit
+  patterns of |x|, reduced on the device in one launch; a NaN propagates).
 * Rounding: half-to-even via ``(t + 2**23) - 2**23`` (0 <= t < 2**23 here, NaN/inf pass
   through). Every kernel is launched with ``enable_fp_fusion=False`` so that no add is
   fused with the preceding multiply into an FMA (which would change the rounding).
   ``L / S`` and ``S / L`` use ``div_rn`` (Triton's plain fp32 ``/`` is not correctly
   rounded on NVIDIA GPUs; torch's is).
 * copysign is done on the bit patterns, so -0.0 and the sign of NaN follow x.
-* Backward: ``grad_scale`` partial sums, one float32 per program, summed by torch
-  (deterministic, no atomics).
+* Backward: ``grad_scale`` in the same launch: one float32 sum per program, added by the
+  program that finishes last in a fixed order
+  (:func:`fedmpq_kernels._triton_common.finish_in_last_program`: deterministic, no second
+  launch, no host work).
 * ``relu6_fake_quant`` reuses both forward kernels with the ``RELU6`` flag: each maps x to
   ``a = relu6(x)`` right after the load (the partial maxima of a give S; a >= +0 or NaN,
   so the clamp and the copysign change nothing) and the forward writes the mask
@@ -40,7 +42,8 @@ import triton.language as tl
 
 from .._checks import bitmap_arg, bitmap_nbytes
 from .._device import on_device
-from .._triton_common import INTERPRET, absmax, load_bits, relu6, store_words
+from .._triton_common import (FINISH, INTERPRET, absmax, finish_in_last_program, load_bits,
+                              reduction_workspace, relu6, store_words)
 
 Tensor = torch.Tensor
 
@@ -118,8 +121,9 @@ def _fq_forward_kernel(
 
 
 @triton.jit
-def _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, pid, word, col, n, nwords,
+def _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, word, col, n, nwords,
                       SCALE_GRAD: tl.constexpr, MASKED: tl.constexpr):
+    """Writes the tile's grad_x; returns its share of dL/dS (0.0 without SCALE_GRAD)."""
     offs = word[:, None] * 32 + col[None, :]
     if MASKED:
         mask = offs < n
@@ -133,6 +137,7 @@ def _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, pid, word, col,
     else:
         tl.store(gx_ptr + offs, gx)
 
+    part = 0.0
     if SCALE_GRAD:
         hi = load_bits(hi_ptr, word, col, nwords, MASKED=MASKED) != 0
         gf = g.to(tl.float32)
@@ -141,24 +146,27 @@ def _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, pid, word, col,
         if MASKED:
             clipped = clipped & mask
         contrib = tl.where(clipped, signed, 0.0)
-        tl.store(part_ptr + pid, tl.sum(tl.sum(contrib, axis=1), axis=0))
+        part = tl.sum(tl.sum(contrib, axis=1), axis=0)
+    return part
 
 
 @triton.jit
 def _fq_backward_kernel(
-    g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, n, nwords,
-    SCALE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+    g_ptr, gx_ptr, pass_ptr, hi_ptr, ws_ptr, gs_ptr, n, nwords,
+    SCALE_GRAD: tl.constexpr, BLOCK: tl.constexpr, FINISH: tl.constexpr,
 ):
     ROWS: tl.constexpr = BLOCK // 32
     pid = tl.program_id(0)
     word = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     col = tl.arange(0, 32)
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, pid, word, col, n, nwords,
-                          SCALE_GRAD=SCALE_GRAD, MASKED=False)
+        part = _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, word, col, n, nwords,
+                                 SCALE_GRAD=SCALE_GRAD, MASKED=False)
     else:
-        _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, part_ptr, pid, word, col, n, nwords,
-                          SCALE_GRAD=SCALE_GRAD, MASKED=True)
+        part = _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, word, col, n, nwords,
+                                 SCALE_GRAD=SCALE_GRAD, MASKED=True)
+    if SCALE_GRAD:  # dL/dS in this launch: the last program adds the programs' sums
+        finish_in_last_program(part, ws_ptr, gs_ptr, IS_MAX=False, FINISH=FINISH)
 
 
 def _as_words(bits: Tensor, n: int, device: torch.device, name: str) -> Tensor:
@@ -171,7 +179,7 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
     xc = x.contiguous()
     n = xc.numel()
     dev = x.device
-    y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    y = torch.empty_like(xc)  # contiguous, x's shape and dtype
     nbytes = bitmap_nbytes(n)
     pass_bits = torch.empty(nbytes if mode >= 1 else 0, dtype=torch.uint8, device=dev)
     hi_bits = torch.empty(nbytes if mode >= 2 else 0, dtype=torch.uint8, device=dev)
@@ -180,10 +188,10 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
     grid = (triton.cdiv(n, BLOCK),)
     with on_device(dev):
         if scale is None:
-            s = absmax(xc, n, BLOCK, NUM_WARPS).reshape(1)
+            s = absmax(xc, n, BLOCK, NUM_WARPS)  # 0-dim: the kernel loads it through its pointer
             check = False
         else:
-            s = scale.reshape(1).to(device=dev, dtype=torch.float32)
+            s = scale if scale.dtype is torch.float32 else scale.to(torch.float32)  # one value (checked)
             check = True
         nwords = nbytes // 4
         pw = pass_bits.view(torch.int32) if mode >= 1 else y
@@ -197,25 +205,28 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
 
 def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
     """grad_x = grad where pass else 0 (grad's shape/dtype, contiguous); grad_scale (0-dim
-    float32) = sum over clipped elements of (+g where hi, -g otherwise), or 0."""
+    float32) = sum over clipped elements of (+g where hi, -g otherwise), or 0. One launch:
+    the last program adds the programs' sums (fixed order) straight into grad_scale."""
     gc = grad.contiguous()
     n = gc.numel()
     dev = grad.device
-    gx = torch.empty(grad.shape, dtype=grad.dtype, device=dev)
+    gx = torch.empty_like(gc)
     pw = _as_words(pass_bits, n, dev, "pass_bits")
     hw = _as_words(hi_bits, n, dev, "hi_bits") if scale_grad else pw
-    if n == 0:
-        return gx, torch.zeros((), dtype=torch.float32, device=dev)
+    if n == 0 or not scale_grad:
+        gs = torch.zeros((), dtype=torch.float32, device=dev)
+        if n == 0:
+            return gx, gs
+    else:
+        gs = torch.empty((), dtype=torch.float32, device=dev)  # written by the last program
     grid = (triton.cdiv(n, BLOCK),)
-    part = torch.empty(grid[0] if scale_grad else 1, dtype=torch.float32, device=dev)
     with on_device(dev):
+        ws = reduction_workspace(dev, grid[0]) if scale_grad else gs
         _fq_backward_kernel[grid](
-            gc, gx, pw, hw, part, n, bitmap_nbytes(n) // 4,
-            SCALE_GRAD=bool(scale_grad), BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            gc, gx, pw, hw, ws, gs, n, bitmap_nbytes(n) // 4,
+            SCALE_GRAD=bool(scale_grad), BLOCK=BLOCK, FINISH=FINISH, num_warps=NUM_WARPS, enable_fp_fusion=False,
         )
-    if not scale_grad:
-        return gx, torch.zeros((), dtype=torch.float32, device=dev)
-    return gx, part.sum()
+    return gx, gs
 
 
 def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
@@ -231,12 +242,12 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     xc = x.contiguous()
     n = xc.numel()
     dev = x.device
-    y = torch.empty(x.shape, dtype=x.dtype, device=dev)
+    y = torch.empty_like(xc)
     mask = torch.empty(bitmap_nbytes(n), dtype=torch.uint8, device=dev)
     if n:
         grid = (triton.cdiv(n, BLOCK),)
         with on_device(dev):
-            s = absmax(xc, n, BLOCK, NUM_WARPS, relu6=True).reshape(1)
+            s = absmax(xc, n, BLOCK, NUM_WARPS, relu6=True)
             _fq_forward_kernel[grid](
                 xc, y, s, mask.view(torch.int32), y, n, mask.numel() // 4, float((1 << bits) - 1),
                 CHECK_SCALE=False, MODE=1, BLOCK=BLOCK, RELU6=True, num_warps=NUM_WARPS, enable_fp_fusion=False,

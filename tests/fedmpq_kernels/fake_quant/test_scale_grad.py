@@ -1,0 +1,123 @@
+"""dL/dS, reduced inside the backward kernel (CUDA: the last block; Triton: the last
+program; CPU: the kernel's own sum): every backend against the reference.
+
+The reference sums with ``torch.sum``, whose order is torch's own, so on arbitrary floats
+backends agree to rounding only (test_fake_quant.py checks that). Here the incoming
+gradients are small integers: every partial sum is exact in float32 whatever the order, so
+the fused reduction must give the reference's value bit for bit: each clipped element
+counted once, with its side's sign, no program's or block's share lost or counted twice.
+And the same call twice gives the same bits (a fixed order, no float atomics)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels.fake_quant import reference as R
+
+SIZES = [1, 31, 33, 1000, 4096, 4099, (1 << 20) + 3]
+
+
+def _inputs(numel: int, device, dtype=torch.float32, seed: int = 0):
+    """x with both sides clipping at S = 1, and integer gradients in -8..8 (exact sums up to
+    2^24 / 8 elements)."""
+    gen = torch.Generator().manual_seed(seed + numel)
+    x = (torch.randn(numel, generator=gen) * 1.5).to(device=device, dtype=dtype)
+    g = torch.randint(-8, 9, (numel,), generator=gen).to(device=device, dtype=dtype)
+    return x, torch.tensor(1.0, device=device), g
+
+
+def _exact_scale_grad(x, s, g) -> float:
+    xf, gf = x.double().cpu(), g.double().cpu()
+    sv = float(s)
+    return float(gf[xf > sv].sum() - gf[xf < -sv].sum())
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_fused_scale_gradient_equals_reference_bit_for_bit(backend, numel, dtype):
+    backend.skip_if_too_big(numel)
+    x, s, g = _inputs(numel, backend.device, dtype)
+    mod = backend.module("fake_quant")
+    _, p, h = mod.fake_quant(x, 4, s, 2)
+    gx, gs = mod.fake_quant_backward(g, p, h, True)
+    rgx, rgs = R.fake_quant_backward(g, p, h, True)
+    assert torch.equal(gx.cpu(), rgx.cpu())
+    assert gs.dtype == torch.float32 and gs.shape == ()
+    assert gs.item() == rgs.item() == _exact_scale_grad(x, s, g)
+    # and through the public op and autograd
+    with backend.active():
+        xr, sr = x.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        fk.fake_quant(xr, 4, sr, ste="clipped").backward(g)
+    assert sr.grad.item() == rgs.item()
+
+
+@pytest.mark.parametrize("numel", [4099, (1 << 20) + 3])
+def test_fused_scale_gradient_is_deterministic(backend, numel):
+    """Arbitrary floats: the same bits on every call (and every block/program count the
+    kernel picks for this size)."""
+    backend.skip_if_too_big(numel)
+    gen = torch.Generator().manual_seed(numel)
+    x = (torch.randn(numel, generator=gen) * 2).to(backend.device)
+    g = torch.randn(numel, generator=gen).to(backend.device)
+    mod = backend.module("fake_quant")
+    _, p, h = mod.fake_quant(x, 4, torch.tensor(0.7, device=backend.device), 2)
+    first = mod.fake_quant_backward(g, p, h, True)[1].item()
+    for _ in range(3):
+        assert mod.fake_quant_backward(g, p, h, True)[1].item() == first
+
+
+def test_triton_last_program_reduces_many_programs(backend, monkeypatch):
+    """The interpreter takes small sizes only: with 64-element programs and a 4-slot finish
+    step the same sizes run up to 63 programs, so the last program's loop takes several
+    steps, over full and partial slot vectors; the dynamic scale's max takes the same path."""
+    if backend.name != "triton" or backend.device != "cpu":
+        pytest.skip("the Triton interpreter case")
+    from fedmpq_kernels import _triton_common
+    mod = backend.module("fake_quant")
+    monkeypatch.setattr(mod, "BLOCK", 64)
+    monkeypatch.setattr(mod, "FINISH", 4)
+    monkeypatch.setattr(_triton_common, "FINISH", 4)
+    for numel in (64, 65, 4 * 64, 4 * 64 + 1, 4000):
+        x, s, g = _inputs(numel, "cpu", seed=numel)
+        _, p, h = mod.fake_quant(x, 4, s, 2)
+        assert torch.equal(p, R.fake_quant(x, 4, s, 2)[1]) and torch.equal(h, R.fake_quant(x, 4, s, 2)[2])
+        gx, gs = mod.fake_quant_backward(g, p, h, True)
+        assert gs.item() == _exact_scale_grad(x, s, g)
+        assert torch.equal(gx, R.fake_quant_backward(g, p, h, True)[0])
+        # dynamic scale: S = max|x| from absmax's last program
+        y = mod.fake_quant(x, 3, None, 0)[0]
+        assert torch.equal(y, R.fake_quant(x, 3, None, 0)[0])
+        x[numel // 2] = float("nan")  # the max propagates a NaN from any program
+        assert torch.isnan(mod.fake_quant(x, 3, None, 0)[0]).all()
+
+
+def test_gpu_workspace_is_left_zero_and_graph_capture_works(backend):
+    """The per-stream workspace is zero between launches (each kernel's last block resets
+    its ticket), and under CUDA-graph capture a call gets a captured workspace of its own:
+    replays give the eager results."""
+    if backend.device != "cuda" or backend.name == "reference":
+        pytest.skip("GPU kernel backends only")
+    from fedmpq_kernels import _device
+    mod = backend.module("fake_quant")
+    x, s, g = _inputs((1 << 20) + 3, "cuda")
+    want = [mod.fake_quant(x, 4, None, 0)[0]]
+    _, p, h = mod.fake_quant(x, 4, s, 2)
+    want += list(mod.fake_quant_backward(g, p, h, True))
+    torch.cuda.synchronize()
+    for ws in _device._WORKSPACES.values():
+        assert int(ws.count_nonzero()) == 0
+    stream = torch.cuda.Stream()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):  # warm-up on the capture stream, as torch recommends
+        mod.fake_quant(x, 4, None, 0)
+        mod.fake_quant_backward(g, p, h, True)
+    stream.synchronize()
+    with torch.cuda.graph(graph, stream=stream):
+        got = [mod.fake_quant(x, 4, None, 0)[0]]
+        got += list(mod.fake_quant_backward(g, p, h, True))
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
