@@ -10,8 +10,21 @@ import torch
 
 lib = torch.library.Library("fedmpq", "DEF")
 
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_functorch_active = torch._C._are_functorch_transforms_active
+
 
 def _eager(x: torch.Tensor) -> bool:
     """Whether a public function may skip the dispatcher: a plain tensor, not being traced
-    (anything traced, fake or a subclass must take the registered ``torch.ops.fedmpq`` op)."""
-    return type(x) is torch.Tensor and not torch.compiler.is_compiling()
+    (anything traced, fake or a subclass must take the registered ``torch.ops.fedmpq`` op),
+    and no functorch transform around it or left over in it (vmap/grad/jvp take the
+    registered op too)."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not _functorch_active()
+            and not _is_wrapped(x))
+
+
+def direct_apply(fn_cls):
+    """``fn_cls.apply`` without ``torch.autograd.Function.apply``'s Python wrapper, which
+    binds default arguments and looks for functorch transforms and dead wrappers on every
+    call (1-2 µs). Only for calls :func:`_eager` admitted (its checks are those)."""
+    return torch._C._FunctionBase.__dict__["apply"].__get__(None, fn_cls)

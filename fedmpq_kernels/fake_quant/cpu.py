@@ -19,12 +19,16 @@ Tensor = torch.Tensor
 _CPU = torch.device("cpu")
 
 
-def _bitmap(n: int, wanted: bool) -> Tensor:
-    return torch.empty(bitmap_nbytes(n) if wanted else 0, dtype=torch.uint8)
+_F32, _U8 = torch.float32, torch.uint8
+# mode 0's two bitmaps: one shared zero-size tensor (nothing is ever written to it), so the
+# inference path allocates only y; the registered op hands out fresh ones (ops.py).
+NO_BITMAP = torch.empty(0, dtype=_U8)
 
 
 def _f32(t: Tensor) -> Tensor:
     """t as contiguous, 4-byte-aligned float32 (no copy when it already is)."""
+    if t.dtype is _F32 and t.is_contiguous() and not t.data_ptr() & 3:
+        return t  # the common case, in the fewest calls
     t = t.contiguous()
     if t.dtype != torch.float32:
         return t.float()
@@ -33,22 +37,37 @@ def _f32(t: Tensor) -> Tensor:
     return t
 
 
+def _bitmap_in(bits, n: int, name: str) -> Tensor:
+    """A backward's bitmap: the forward's own passes the cheap test; anything else gets the
+    full checks and copy of :func:`fedmpq_kernels._checks.bitmap_arg` (same errors)."""
+    if (type(bits) is Tensor and bits.dtype is _U8 and bits.is_cpu and bits.numel() >= bitmap_nbytes(n)
+            and bits.is_contiguous() and not bits.data_ptr() & 3):
+        return bits
+    return bitmap_arg(bits, n, _CPU, name)
+
+
 def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant`. x: CPU float tensor,
-    any strides; scale: None or 0-dim CPU tensor (already checked finite and > 0)."""
+    any strides; scale: None or 0-dim CPU tensor (already checked finite and > 0).
+    Mode 0's bitmaps are :data:`NO_BITMAP` (shared, empty)."""
     xc = _f32(x)
     n = xc.numel()
-    y = torch.empty(x.shape, dtype=torch.float32)
-    p = _bitmap(n, mode >= 1)
-    h = _bitmap(n, mode == 2)
-    native.cpu.fake_quant(
-        xc.data_ptr(), n, y.data_ptr(), y.numel(), bits,
-        0.0 if scale is None else float(scale), scale is None,
-        p.data_ptr() if mode >= 1 else 0, p.numel(),
-        h.data_ptr() if mode == 2 else 0, h.numel(),
+    y = torch.empty_like(xc)  # contiguous float32 of x's shape (empty_like: the cheapest allocation call)
+    p = h = NO_BITMAP
+    nb = 0
+    if mode:
+        nb = bitmap_nbytes(n)
+        p = torch.empty(nb, dtype=_U8)
+        if mode == 2:
+            h = torch.empty(nb, dtype=_U8)
+    _fake_quant(
+        xc.data_ptr(), n, y.data_ptr(), n, bits,
+        0.0 if scale is None else scale.item(), scale is None,
+        p.data_ptr() if mode else 0, nb,
+        h.data_ptr() if mode == 2 else 0, nb if mode == 2 else 0,
         torch.get_num_threads(),
     )
-    if x.dtype != torch.float32:
+    if x.dtype is not _F32:
         y = y.to(x.dtype)
     return y, p, h
 
@@ -58,18 +77,19 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     float tensor; the bitmaps as :func:`fedmpq_kernels._checks.bitmap_arg` takes them."""
     g = _f32(grad)
     n = g.numel()
-    gx = torch.empty(grad.shape, dtype=torch.float32)
-    pb = bitmap_arg(pass_bits, n, _CPU, "pass_bits")
-    hb = bitmap_arg(hi_bits, n, _CPU, "hi_bits") if scale_grad else None
-    gs = native.cpu.fake_quant_backward(
-        g.data_ptr(), n, gx.data_ptr(), gx.numel(),
+    gx = torch.empty_like(g)
+    pb = _bitmap_in(pass_bits, n, "pass_bits")
+    hb = _bitmap_in(hi_bits, n, "hi_bits") if scale_grad else None
+    gs = _fake_quant_backward(
+        g.data_ptr(), n, gx.data_ptr(), n,
         pb.data_ptr() if n else 0, pb.numel(),
         hb.data_ptr() if hb is not None and n else 0, hb.numel() if hb is not None else 0,
         torch.get_num_threads(),
     )
-    if grad.dtype != torch.float32:
+    if grad.dtype is not _F32:
         gx = gx.to(grad.dtype)
-    return gx, torch.tensor(gs, dtype=torch.float32)
+    # The kernel's dL/dS, already reduced (in float64: one rounding to float32 here).
+    return gx, torch.scalar_tensor(gs, dtype=_F32)
 
 
 def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
@@ -77,10 +97,15 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     any strides: y (x's shape and dtype, contiguous) and the mask bitmap (0 < x < 6)."""
     xc = _f32(x)
     n = xc.numel()
-    y = torch.empty(x.shape, dtype=torch.float32)
-    mask = _bitmap(n, True)
-    native.cpu.relu6_fake_quant(xc.data_ptr(), n, y.data_ptr(), y.numel(), bits, mask.data_ptr(), mask.numel(),
+    y = torch.empty_like(xc)
+    mask = torch.empty(bitmap_nbytes(n), dtype=_U8)
+    native.cpu.relu6_fake_quant(xc.data_ptr(), n, y.data_ptr(), n, bits, mask.data_ptr(), mask.numel(),
                                 torch.get_num_threads())
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
     return y, mask
+
+
+# The bound native functions, looked up once (attribute lookups on every call add up).
+_fake_quant = native.cpu.fake_quant if native is not None else None
+_fake_quant_backward = native.cpu.fake_quant_backward if native is not None else None

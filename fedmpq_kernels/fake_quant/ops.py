@@ -4,14 +4,16 @@ asks the registry which backend runs (reference / cpu / cuda / triton).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Union
 
 import torch
 
 from .. import registry
-from .._checks import bitmap_nbytes, check_bits, check_float_tensor, check_scale_value, check_ste
-from .._library import _eager, lib
+from .._checks import (ALLOWED_BITS, FLOAT_DTYPES, STE_MODES, bitmap_nbytes, check_bits, check_float_tensor,
+                       check_scale_value, check_ste)
+from .._library import _eager, _is_wrapped, direct_apply, lib
 
 Tensor = torch.Tensor
 
@@ -26,7 +28,10 @@ def _fake_quant_impl(x: Tensor, bits: int, scale: Optional[Tensor], mode: int):
         # Free to read on the CPU; a device scale is checked by the kernels (NaN output)
         # so that no call synchronizes.
         check_scale_value(float(scale))
-    return registry.get("fake_quant", "fake_quant", x.device.type)(x, bits, scale, mode)
+    y, pass_bits, hi_bits = registry.get("fake_quant", "fake_quant", x.device.type)(x, bits, scale, mode)
+    if mode == 0:  # a backend may share one empty tensor for them; an op's outputs are fresh
+        pass_bits, hi_bits = x.new_empty(0, dtype=torch.uint8), x.new_empty(0, dtype=torch.uint8)
+    return y, pass_bits, hi_bits
 
 
 def _fake_quant_backward_impl(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool):
@@ -55,6 +60,8 @@ def _fake_quant_backward_fake(grad, pass_bits, hi_bits, scale_grad):
 def _fq_setup_context(ctx, inputs, output):
     _, _, scale, mode = inputs
     _, pass_bits, hi_bits = output
+    # The bitmaps are uint8 outputs without a gradient: no zero-filled tensors made for them.
+    ctx.set_materialize_grads(False)
     ctx.mode = mode
     ctx.scale_grad = mode == 2 and scale is not None
     if mode:
@@ -62,8 +69,9 @@ def _fq_setup_context(ctx, inputs, output):
 
 
 def _fq_grads(ctx, grad_y, backward):
-    """The gradient rule, shared by both autograd paths; ``backward`` runs the kernel."""
-    if ctx.mode == 0:  # identity STE: the incoming gradient, unchanged
+    """The gradient rule, shared by both autograd paths; ``backward`` runs the kernel.
+    grad_y is None when y was not used (grads are not materialized)."""
+    if grad_y is None or ctx.mode == 0:  # identity STE: the incoming gradient, unchanged
         return grad_y, None, None, None
     pass_bits, hi_bits = ctx.saved_tensors
     grad_x, grad_scale = backward(grad_y, pass_bits, hi_bits, ctx.scale_grad)
@@ -78,21 +86,34 @@ torch.library.register_autograd("fedmpq::fake_quant", _fq_backward, setup_contex
 
 
 class _FakeQuantEager(torch.autograd.Function):
-    """The same autograd rule as the registered op, for plain eager tensors: it skips the
-    dispatcher round trip and torch.library's generic autograd wrapper, which cost about
-    a hundred microseconds a call (a client step makes ~100 calls). Anything traced
-    (torch.compile, fake or subclass tensors) goes through ``torch.ops.fedmpq``."""
+    """The same autograd rule as the registered op, for plain eager tensors, at the least
+    host cost per call (a client step makes ~100 calls): no dispatcher round trip and no
+    torch.library autograd wrapper; one output (the bitmaps stay inside, so autograd has
+    no uint8 outputs to materialize zero gradients for); the backend functions are chosen
+    once, in the forward, and handed over (``fwd``, ``bwd``). Anything traced
+    (torch.compile, fake or subclass tensors, functorch) goes through ``torch.ops.fedmpq``."""
 
     @staticmethod
-    def forward(ctx, x, bits, scale, mode):
-        y, pass_bits, hi_bits = _fake_quant_impl(x, bits, scale, mode)
-        _fq_setup_context(ctx, (x, bits, scale, mode), (y, pass_bits, hi_bits))
-        ctx.mark_non_differentiable(pass_bits, hi_bits)
-        return y, pass_bits, hi_bits
+    def forward(ctx, x, scale, bits, mode, fwd, bwd):
+        y, pass_bits, hi_bits = fwd(x, bits, scale, mode)
+        ctx.bwd = bwd  # None for the identity STE (mode 0)
+        if mode:
+            ctx.scale_grad = mode == 2
+            ctx.save_for_backward(pass_bits, hi_bits)
+        return y
 
     @staticmethod
-    def backward(ctx, grad_y, grad_pass, grad_hi):
-        return _fq_grads(ctx, grad_y, _fake_quant_backward_impl)
+    def backward(ctx, grad_y):
+        # One output, so grad_y is always a tensor (nothing to materialize).
+        if ctx.bwd is None:  # identity STE: the incoming gradient, unchanged
+            return grad_y, None, None, None, None, None
+        pass_bits, hi_bits = ctx.saved_tensors
+        grad_x, grad_scale = ctx.bwd(grad_y, pass_bits, hi_bits, ctx.scale_grad)
+        return grad_x, (grad_scale if ctx.scale_grad else None), None, None, None, None
+
+
+_fq_apply = direct_apply(_FakeQuantEager)
+_BITS_OK = frozenset(ALLOWED_BITS)
 
 
 def _scale_tensor(scale, x: Tensor) -> Optional[Tensor]:
@@ -103,7 +124,7 @@ def _scale_tensor(scale, x: Tensor) -> Optional[Tensor]:
             raise TypeError(f"scale must be a floating-point tensor, got {scale.dtype}")
         if scale.numel() != 1:
             raise ValueError(f"scale must hold one value (a 0-dim tensor), got shape {tuple(scale.shape)}")
-        if scale.device != x.device:
+        if not (scale.is_cpu and x.is_cpu) and scale.device != x.device:  # is_cpu: no device objects
             raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
         if scale.dim() == 0 and scale.dtype == torch.float32:
             return scale  # the common case: no reshape/convert nodes per call
@@ -147,18 +168,34 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
         ValueError: bits outside 1..8/16, scale <= 0 / NaN / inf / not one value / on
             another device, unknown ``ste``.
     """
-    check_float_tensor(x)
-    bits = check_bits(bits, float_ok=True)
-    check_ste(ste)
-    s = _scale_tensor(scale, x)
+    # The checks of the common case first, in their cheapest form (the full ones, with
+    # their messages, run whenever the cheap one does not pass).
+    if type(x) is not Tensor or x.dtype not in FLOAT_DTYPES:
+        check_float_tensor(x)
+    if type(bits) is not int or bits not in _BITS_OK:
+        bits = check_bits(bits, float_ok=True)
+    if ste not in STE_MODES:
+        check_ste(ste)
+    if type(scale) is Tensor and scale.dtype is torch.float32 and scale.dim() == 0 and (
+            (scale.is_cpu and x.is_cpu) or scale.device == x.device):
+        s = scale  # the common case of _scale_tensor
+    else:
+        s = _scale_tensor(scale, x)
     grad = torch.is_grad_enabled() and (x.requires_grad or (s is not None and s.requires_grad))
     mode = 0
     if grad and ste == "clipped" and s is not None:
         mode = 2 if s.requires_grad else 1
-    if _eager(x):
+    if _eager(x) and (s is None or not _is_wrapped(s)):
+        device_type = "cpu" if x.is_cpu else x.device.type
+        fwd = registry.get("fake_quant", "fake_quant", device_type)
+        if s is not None and s.is_cpu:
+            v = s.item()  # free on the CPU (see _fake_quant_impl); item(), not float(): no warning
+            if not 0.0 < v < math.inf:  # False for NaN too
+                check_scale_value(v)
         if not grad:
-            return _fake_quant_impl(x, bits, s, 0)[0]
-        return _FakeQuantEager.apply(x, bits, s, mode)[0]
+            return fwd(x, bits, s, 0)[0]
+        bwd = registry.get("fake_quant", "fake_quant_backward", device_type) if mode else None
+        return _fq_apply(x, s, bits, mode, fwd, bwd)
     return torch.ops.fedmpq.fake_quant(x, bits, s, mode)[0]
 
 
@@ -179,10 +216,13 @@ def _relu6_fake_quant_fake(x, bits):
 
 
 def _r6_setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for the uint8 mask
     ctx.save_for_backward(output[1])
 
 
 def _r6_backward(ctx, grad_y, _grad_mask):
+    if grad_y is None:
+        return None, None
     (mask,) = ctx.saved_tensors
     return torch.ops.fedmpq.fake_quant_backward(grad_y, mask, mask, False)[0], None
 
@@ -191,19 +231,25 @@ torch.library.register_autograd("fedmpq::relu6_fake_quant", _r6_backward, setup_
 
 
 class _Relu6FakeQuantEager(torch.autograd.Function):
-    """The registered op's autograd rule for plain eager tensors (see _FakeQuantEager)."""
+    """The registered op's autograd rule for plain eager tensors (see _FakeQuantEager): one
+    output, the mask kept inside."""
 
     @staticmethod
-    def forward(ctx, x, bits):
-        y, mask = _relu6_fake_quant_impl(x, bits)
+    def forward(ctx, x, bits, fwd, bwd):
+        y, mask = fwd(x, bits)
+        ctx.bwd = bwd
         ctx.save_for_backward(mask)
-        ctx.mark_non_differentiable(mask)
-        return y, mask
+        return y
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_mask):
+    def backward(ctx, grad_y):
+        if grad_y is None:
+            return None, None, None, None
         (mask,) = ctx.saved_tensors
-        return _fake_quant_backward_impl(grad_y, mask, mask, False)[0], None
+        return ctx.bwd(grad_y, mask, mask, False)[0], None, None, None
+
+
+_r6_apply = direct_apply(_Relu6FakeQuantEager)
 
 
 def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
@@ -221,10 +267,14 @@ def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
     Returns:
         Tensor of x's shape and dtype (contiguous).
     """
-    check_float_tensor(x)
-    bits = check_bits(bits, float_ok=True)
+    if type(x) is not Tensor or x.dtype not in FLOAT_DTYPES:
+        check_float_tensor(x)
+    if type(bits) is not int or bits not in _BITS_OK:
+        bits = check_bits(bits, float_ok=True)
     if _eager(x):
+        device_type = "cpu" if x.is_cpu else x.device.type
+        fwd = registry.get("fake_quant", "relu6_fake_quant", device_type)
         if torch.is_grad_enabled() and x.requires_grad:
-            return _Relu6FakeQuantEager.apply(x, bits)[0]
-        return _relu6_fake_quant_impl(x, bits)[0]
+            return _r6_apply(x, bits, fwd, registry.get("fake_quant", "fake_quant_backward", device_type))
+        return fwd(x, bits)[0]
     return torch.ops.fedmpq.relu6_fake_quant(x, bits)[0]

@@ -61,16 +61,23 @@ def test_torch_compile_has_no_graph_break(compile_backend):
 
 
 def test_no_grad_keeps_no_bitmaps(monkeypatch):
-    from fedmpq_kernels.fake_quant import ops
+    from fedmpq_kernels import registry
 
     seen = []
-    orig = ops._fake_quant_impl
+    orig_get = registry.get
 
-    def spy(*a):
-        seen.append(a[3])
-        return orig(*a)
+    def get(family, op, device_type):
+        fn = orig_get(family, op, device_type)
+        if op != "fake_quant":
+            return fn
 
-    monkeypatch.setattr(ops, "_fake_quant_impl", spy)
+        def spy(*a):
+            seen.append(a[3])
+            return fn(*a)
+
+        return spy
+
+    monkeypatch.setattr(registry, "get", get)
     x = torch.randn(64, requires_grad=True)
     with torch.no_grad():
         fk.fake_quant(x, 4, 1.0, ste="clipped")

@@ -1,0 +1,74 @@
+"""The autograd layer's host work: no zero-filled gradients for the uint8 bitmaps (neither
+the registered op nor the eager path makes any), and a backward that works with only the
+float output used."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fedmpq_kernels as fk
+from fedmpq_kernels.fake_quant import reference as R
+
+
+class _Recorder(TorchDispatchMode):
+    """The aten ops run inside the block (below autograd: what the backward pass executes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []  # (op, dtypes of its outputs)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        self.made.append((str(func), [o.dtype for o in outs if isinstance(o, torch.Tensor)]))
+        return out
+
+
+def _uint8_made(rec: _Recorder):
+    return [op for op, dtypes in rec.made if torch.uint8 in dtypes]
+
+
+@pytest.mark.parametrize("path", ["eager", "registered"])
+def test_no_zero_gradients_are_made_for_the_bitmaps(path):
+    """Autograd used to fill one zero uint8 tensor per bitmap output before every backward."""
+    x = (torch.randn(300) * 2).requires_grad_(True)
+    s = torch.tensor(1.1, requires_grad=True)
+    g = torch.randn(300)
+    if path == "eager":
+        y = fk.fake_quant(x, 4, s, ste="clipped")
+    else:
+        y, p, h = torch.ops.fedmpq.fake_quant(x, 4, s, 2)
+        assert not p.requires_grad and not h.requires_grad  # uint8: no gradient
+    with _Recorder() as rec:
+        y.backward(g)
+    assert _uint8_made(rec) == [], rec.made
+    x2, s2 = x.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
+    R.fake_quant_autograd(x2, 4, s2, "clipped").backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=0, atol=0)
+    torch.testing.assert_close(s.grad, s2.grad)
+
+
+@pytest.mark.parametrize("path", ["eager", "registered"])
+def test_relu6_makes_no_zero_gradient_for_its_mask(path):
+    x = (torch.randn(300) * 4).requires_grad_(True)
+    y = fk.relu6_fake_quant(x, 4) if path == "eager" else torch.ops.fedmpq.relu6_fake_quant(x, 4)[0]
+    with _Recorder() as rec:
+        y.sum().backward()
+    assert _uint8_made(rec) == [], rec.made
+    assert torch.equal(x.grad, ((x > 0) & (x < 6)).float())
+
+
+def test_only_the_float_output_used():
+    """The registered op's bitmaps are outputs nobody differentiates: a loss on y alone
+    backpropagates, the bitmaps get no .grad, and a second use of y adds up."""
+    x = torch.randn(70, requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+    y, p, h = torch.ops.fedmpq.fake_quant(x, 3, s, 2)
+    (y.sum() + (2 * y).sum()).backward()
+    assert p.grad is None and h.grad is None
+    inside = (x.detach().abs() <= 0.5).float()
+    assert torch.equal(x.grad, 3 * inside)
+    want = 3 * ((x.detach() > 0.5).sum() - (x.detach() < -0.5).sum()).float()
+    assert s.grad.item() == want.item()
+
