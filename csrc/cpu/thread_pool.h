@@ -5,6 +5,7 @@
 //
 // - Idle workers block on a condition variable (an optional bounded spin first:
 //   FEDMPQ_POOL_SPIN_US, default 0): no thread burns a core while the caller runs torch.
+//   Only the caller spins, briefly (<= 50 us), while a worker finishes its last task.
 // - Work is a list of tasks claimed from one atomic counter; the calling thread claims them
 //   too, so a worker that the OS has not scheduled yet (a loaded machine) holds up nothing:
 //   the caller then simply does every task itself.
@@ -34,7 +35,7 @@ void run_tasks(int64_t ntasks, int nthreads, F& body) {
 
 struct PoolStats {
   int workers;            // worker threads started in this process (after a fork: in the child)
-  int spin_us;            // bounded spin before blocking (FEDMPQ_POOL_SPIN_US)
+  int spin_us;            // an idle worker's bounded spin before it sleeps (FEDMPQ_POOL_SPIN_US)
   int64_t jobs;           // parallel jobs run on the pool
   int64_t busy_serial;    // calls that found the pool busy and ran on their own thread
 };
