@@ -4,7 +4,8 @@ Public API::
 
     fake_quant(x, bits, scale=None, *, ste="identity") -> Tensor      # fake_quant/
     relu6_fake_quant(x, bits=4) -> Tensor
-    pack_codes(codes, bits) -> Tensor                                # pack/
+    pack_codes(codes, bits, *, validate=None) -> Tensor              # pack/
+    check_packed(device=None)   (a GPU pack_codes' deferred range check: raises ValueError)
     unpack_codes(planes, bits, n) -> Tensor
     dequant_accumulate(acc, planes, signs, bits, scale, weight=1.0) -> Tensor (acc, in place)
     dequant_accumulate_layers(acc, payload, table, coefs) -> Tensor (acc, in place; many layers)
@@ -26,12 +27,12 @@ from ._checks import ALLOWED_BITS, FLOAT_BITS, MAX_BITS, MIN_BITS, bitmap_nbytes
 from .bitplane import (binarize, bitplane_step, dequantize, group_lasso, plane_popcounts, precision_reduction,
                        sink_like, step_key, uniform)
 from .fake_quant import fake_quant, relu6_fake_quant
-from .pack import dequant_accumulate, dequant_accumulate_layers, layer_coefs, pack_codes, unpack_codes
+from .pack import check_packed, dequant_accumulate, dequant_accumulate_layers, layer_coefs, pack_codes, unpack_codes
 from .registry import use_backend
 
 __version__ = "0.1.0"
 __all__ = [
     "fake_quant", "relu6_fake_quant", "binarize", "dequantize", "sink_like", "plane_popcounts", "group_lasso",
-    "bitplane_step", "precision_reduction", "step_key", "uniform", "pack_codes", "unpack_codes", "dequant_accumulate", "dequant_accumulate_layers", "layer_coefs",
+    "bitplane_step", "precision_reduction", "step_key", "uniform", "pack_codes", "check_packed", "unpack_codes", "dequant_accumulate", "dequant_accumulate_layers", "layer_coefs",
     "registry", "use_backend", "__version__", "MIN_BITS", "MAX_BITS", "FLOAT_BITS", "ALLOWED_BITS", "check_bits", "bitmap_nbytes",
 ]

@@ -13,9 +13,10 @@
 namespace fedmpq::cuda {
 
 // codes[0..n) (one byte each) -> planes[bits * words], words = ceil(n/32). ORs every code
-// into *seen with atomicOr (only nonzero ORs are written; the caller zeroes it first), so
-// the caller can reject a code >= 2^bits after the kernel (the planes are then
-// meaningless) without a second pass.
+// into *seen with atomicOr (only nonzero ORs are written), so the caller can reject a code
+// >= 2^bits after the kernel (the planes are then meaningless) without a second pass. *seen
+// may hold earlier calls' ORs (the adapter keeps one word per bit-width and device and
+// clears it when it reads it: fedmpq_kernels.check_packed).
 void pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, uint32_t* seen, int device,
                 uintptr_t stream);
 

@@ -1,5 +1,15 @@
-"""Helpers every pack backend adapter shares (the word-aligned buffers: ``.._buffers``)."""
+"""Helpers every pack backend adapter shares (the word-aligned buffers: ``.._buffers``), and
+pack_codes' range check on a device: the per-device status words the kernels OR codes into,
+read only at a sync point the caller chooses (:func:`check_packed`)."""
 from __future__ import annotations
+
+from typing import Dict, Optional, Union
+
+import torch
+
+from .._checks import MAX_BITS
+
+Tensor = torch.Tensor
 
 
 def check_seen(seen: int, bits: int) -> None:
@@ -8,3 +18,64 @@ def check_seen(seen: int, bits: int) -> None:
     if seen >> bits:
         raise ValueError(f"a code does not fit in {bits} bits (codes must be < {1 << bits}; "
                          f"the bits of all codes OR-ed together are {seen:#x})")
+
+
+# One int32 word per bit-width b = 1..8 (word b - 1) per device: every GPU (and Triton
+# interpreter) pack_codes call ORs its codes into the word of its bit-width, with atomics, so
+# the call reads nothing back and never synchronizes. A word with a bit at or above b means
+# some code did not fit since the last check.
+_STATUS: Dict[torch.device, Tensor] = {}
+
+
+def status_words(device: torch.device) -> Tensor:
+    """The status words of ``device`` (int32 (8,), zero-filled at the first call there)."""
+    st = _STATUS.get(device)
+    if st is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A zero fill launched now would be captured, not run: the words would be garbage.
+            raise RuntimeError(f"pack_codes on {device} needs one call outside CUDA-graph capture first "
+                               "(it sets up the device's range-check words)")
+        st = _STATUS[device] = torch.zeros(MAX_BITS, dtype=torch.int32, device=device)
+    return st
+
+
+def check_packed(device: Union[None, str, torch.device] = None) -> None:
+    """Raise for a code that did not fit in a GPU ``pack_codes`` call made since the last check.
+
+    On a GPU ``pack_codes`` does not synchronize to check its codes: its kernel records
+    them on the device, and this reads the record (one synchronization: call it where the
+    caller synchronizes anyway, e.g. after copying the planes to the host) and clears it.
+    CPU calls are checked in the call itself and never need this.
+
+    Args:
+        device: the device to check; None: every device pack_codes has run on.
+
+    Raises:
+        ValueError: naming the bit-widths whose codes did not fit (those calls' planes are
+            meaningless).
+    """
+    devs = list(_STATUS) if device is None else [torch.device(device)]
+    bad = []
+    for dev in devs:
+        st = _STATUS.get(dev)
+        if st is None:
+            continue
+        seen = st.tolist()  # the synchronization
+        if any(seen):
+            st.zero_()
+        bad += [f"{b} bits on {dev} (the bits of its codes OR-ed together are {seen[b - 1]:#x})"
+                for b in range(1, MAX_BITS + 1) if seen[b - 1] >> b]
+    if bad:
+        raise ValueError("a code does not fit in " + "; in ".join(bad) + " in a pack_codes call since the last "
+                         "check: codes must be < 2**bits, and the planes of that call are meaningless")
+
+
+def status_word_ptr(device: torch.device, bits: int) -> int:
+    """The address of the status word of ``bits`` on ``device`` (for the CUDA kernel)."""
+    return status_words(device).data_ptr() + 4 * (bits - 1)
+
+
+def pending_check(validate: Optional[bool], device: torch.device) -> bool:
+    """Whether pack_codes reads its status now: asked to (``validate``), or by default where
+    reading is free (CPU tensors: the Triton interpreter)."""
+    return bool(validate) if validate is not None else device.type == "cpu"

@@ -8,10 +8,10 @@ buffers are made contiguous and 4-byte aligned (the kernels read uint32 words) a
 adapter does. A contiguous codes or acc tensor at an odd offset (a slice) is used in place:
 the kernels take their scalar path for it.
 
-pack_codes is the one op that synchronizes: it reads back, with ``.item()``, the OR of all
-codes that the kernel accumulates on the device, to reject a code >= 2**bits. That costs one
-device round trip per call, acceptable here because the packed planes go to the host next
-anyway (they are the upload).
+No op synchronizes. pack_codes' range check (a code >= 2**bits) rides along in the kernel,
+which ORs the codes into the device's status word for that bit-width
+(:func:`fedmpq_kernels.pack._common.status_words`); :func:`fedmpq_kernels.check_packed` (or
+``pack_codes(..., validate=True)``) reads it at a sync point the caller chooses.
 """
 from __future__ import annotations
 
@@ -21,15 +21,11 @@ import torch
 
 from .._buffers import words
 from .._checks import bitmap_nbytes
-from .._device import on_device
+from .._device import on_device, raw_stream
 from .._native import native
-from ._common import check_seen
+from ._common import status_word_ptr
 
 Tensor = torch.Tensor
-
-
-def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
 
 
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
@@ -39,11 +35,10 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     planes = torch.empty(bits * bitmap_nbytes(n), dtype=torch.uint8, device=dev)
     if n == 0:
         return planes
-    seen = torch.zeros(1, dtype=torch.int32, device=dev)  # the kernel ORs into it
     with on_device(dev):
-        native.cuda.pack_codes(c.data_ptr(), n, bits, planes.data_ptr(), planes.numel(), seen.data_ptr(),
-                               dev.index, _stream(dev))
-    check_seen(int(seen.item()), bits)  # the one synchronization (see the module docstring)
+        # The kernel ORs the codes into the status word (no zero fill, no read-back here).
+        native.cuda.pack_codes(c.data_ptr(), n, bits, planes.data_ptr(), planes.numel(), status_word_ptr(dev, bits),
+                               dev.index, raw_stream(dev))
     return planes
 
 
@@ -54,7 +49,7 @@ def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:
     if n == 0:
         return codes
     with on_device(dev):
-        native.cuda.unpack_codes(p.data_ptr(), p.numel(), n, bits, codes.data_ptr(), n, dev.index, _stream(dev))
+        native.cuda.unpack_codes(p.data_ptr(), p.numel(), n, bits, codes.data_ptr(), n, dev.index, raw_stream(dev))
     return codes
 
 
@@ -68,5 +63,5 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     with on_device(dev):
         native.cuda.dequant_accumulate(acc.data_ptr(), n, p.data_ptr(), p.numel(),
                                        s.data_ptr() if s is not None else 0, s.numel() if s is not None else 0,
-                                       bits, coef, dev.index, _stream(dev))
+                                       bits, coef, dev.index, raw_stream(dev))
 

@@ -15,6 +15,7 @@ import torch
 from .. import registry
 from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits
 from .._library import _eager, lib
+from ._common import check_packed, pending_check
 
 Tensor = torch.Tensor
 
@@ -89,7 +90,7 @@ def _check_planes(planes, bits: int, n: int, device: torch.device, name: str = "
         raise ValueError(f"{name} has {planes.numel()} bytes, {need} needed for {n} codes of {bits} bits")
 
 
-def pack_codes(codes: Tensor, bits: int) -> Tensor:
+def pack_codes(codes: Tensor, bits: int, *, validate: Optional[bool] = None) -> Tensor:
     """Pack b-bit codes into b bit planes (layout: :mod:`fedmpq_kernels.pack.reference`).
 
     Args:
@@ -97,6 +98,12 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
             < 2**bits.
         bits: b, 1..8 (1 packs a mask, e.g. a sign map: nonzero bytes are not allowed then,
             pass 0/1).
+        validate: when to check that every code fits. CPU tensors are always checked in
+            the call (it is free there). On a GPU the check would synchronize the device:
+            by default (None or False) the kernel records the codes on the device and
+            :func:`fedmpq_kernels.check_packed` raises for them later, at a sync point the
+            caller has anyway (after copying the planes to the host, say); True checks in
+            the call (one synchronization).
 
     Returns:
         uint8 tensor of shape ``(bits * 4 * ceil(n / 32),)`` on codes' device: plane 0 (the
@@ -104,13 +111,18 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
     Raises:
         TypeError: codes not a uint8 tensor, bits not an int.
-        ValueError: bits outside 1..8, or a code >= 2**bits.
+        ValueError: bits outside 1..8, or a code >= 2**bits (on a GPU: with ``validate``,
+            else from :func:`fedmpq_kernels.check_packed`).
     """
     _check_u8(codes, "codes")
     bits = check_bits(bits)
     if _eager(codes):
-        return _pack_codes_impl(codes, bits)
-    return torch.ops.fedmpq.pack_codes(codes, bits)
+        planes = _pack_codes_impl(codes, bits)
+    else:
+        planes = torch.ops.fedmpq.pack_codes(codes, bits)
+    if pending_check(validate, codes.device):
+        check_packed(codes.device)
+    return planes
 
 
 def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:

@@ -11,10 +11,10 @@ Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton`)
 * Offsets are int64. Programs whose block lies wholly inside the tensor take an unmasked
   path (vectorizable); only the last block is masked (codes past n load as 0, so the bits
   past n stay zero).
-* pack_codes checks the range without a second pass: each program writes the OR of its
-  codes (``tl.reduce`` with ``|``) to one int32 of a small buffer, torch ORs those on the
-  device, and one ``.item()`` reads the result: a synchronization, acceptable because the
-  planes go to the host next anyway (they are the upload).
+* pack_codes checks the range without a second pass and without reading anything back:
+  each program ORs its codes (``tl.reduce`` with ``|``) into the device's status word for
+  the bit-width with one ``atomic_or`` (:func:`fedmpq_kernels.pack._common.status_words`),
+  read at a sync point the caller chooses (:func:`fedmpq_kernels.check_packed`).
 * dequant_accumulate: ``v = coef * float(q)``, then ``acc + (neg ? -v : v)``, launched with
   ``enable_fp_fusion=False`` so that the add is not fused with the multiply into an FMA.
 * Launches run under :func:`fedmpq_kernels._device.on_device` (Triton launches on the
@@ -38,7 +38,7 @@ from .._buffers import words
 from .._checks import bitmap_nbytes
 from .._device import on_device
 from .._triton_common import load_bits, store_words
-from ._common import check_seen
+from ._common import status_words
 
 Tensor = torch.Tensor
 
@@ -52,7 +52,7 @@ def _bit_or(a, b):
 
 
 @triton.jit
-def _pack_tile(codes_ptr, planes_ptr, part_ptr, pid, word, col, n, nwords, BITS: tl.constexpr,
+def _pack_tile(codes_ptr, planes_ptr, status_ptr, word, col, n, nwords, BITS: tl.constexpr,
                MASKED: tl.constexpr):
     offs = word[:, None] * 32 + col[None, :]
     if MASKED:
@@ -62,19 +62,20 @@ def _pack_tile(codes_ptr, planes_ptr, part_ptr, pid, word, col, n, nwords, BITS:
     for p in tl.static_range(BITS):
         bit = (c >> (BITS - 1 - p)) & 1
         store_words(planes_ptr + p * nwords.to(tl.int64), word, bit, col, nwords, MASKED=MASKED)
-    tl.store(part_ptr + pid, tl.reduce(tl.reduce(c, 1, _bit_or), 0, _bit_or))
+    seen = tl.reduce(tl.reduce(c, 1, _bit_or), 0, _bit_or)
+    tl.atomic_or(status_ptr + (BITS - 1), seen, mask=seen != 0)  # valid codes only: harmless
 
 
 @triton.jit(do_not_specialize=["n", "nwords"])
-def _pack_kernel(codes_ptr, planes_ptr, part_ptr, n, nwords, BITS: tl.constexpr, BLOCK: tl.constexpr):
+def _pack_kernel(codes_ptr, planes_ptr, status_ptr, n, nwords, BITS: tl.constexpr, BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // 32
     pid = tl.program_id(0)
     word = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     col = tl.arange(0, 32)
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _pack_tile(codes_ptr, planes_ptr, part_ptr, pid, word, col, n, nwords, BITS=BITS, MASKED=False)
+        _pack_tile(codes_ptr, planes_ptr, status_ptr, word, col, n, nwords, BITS=BITS, MASKED=False)
     else:
-        _pack_tile(codes_ptr, planes_ptr, part_ptr, pid, word, col, n, nwords, BITS=BITS, MASKED=True)
+        _pack_tile(codes_ptr, planes_ptr, status_ptr, word, col, n, nwords, BITS=BITS, MASKED=True)
 
 
 @triton.jit
@@ -130,12 +131,6 @@ def _dequant_kernel(acc_ptr, planes_ptr, signs_ptr, n, nwords, coef, BITS: tl.co
                       ROWS=ROWS, MASKED=True)
 
 
-def _or_all(part: Tensor) -> int:
-    """The OR of int32 values in 0..255, on their device, read with one ``.item()``."""
-    bit = torch.arange(8, dtype=torch.int32, device=part.device)
-    return int((((part[:, None] >> bit) & 1).amax(dim=0) << bit).sum().item())
-
-
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
     c = codes.contiguous()
     n = c.numel()
@@ -145,11 +140,9 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     if n == 0:
         return planes
     grid = (triton.cdiv(n, BLOCK),)
-    part = torch.empty(grid[0], dtype=torch.int32, device=dev)
     with on_device(dev):
-        _pack_kernel[grid](c, planes.view(torch.int32), part, n, nbytes // 4, BITS=bits, BLOCK=BLOCK,
+        _pack_kernel[grid](c, planes.view(torch.int32), status_words(dev), n, nbytes // 4, BITS=bits, BLOCK=BLOCK,
                            num_warps=NUM_WARPS, enable_fp_fusion=False)
-    check_seen(_or_all(part), bits)
     return planes
 
 

@@ -109,8 +109,10 @@ def test_dequant_accumulate_takes_any_shape_of_acc(backend):
 @pytest.mark.parametrize(
     "call, exc, match",
     [
-        (lambda d: fk.pack_codes(torch.tensor([4], dtype=torch.uint8, device=d), 2), ValueError, "does not fit in 2 bits"),
-        (lambda d: fk.pack_codes(torch.tensor([255, 0], dtype=torch.uint8, device=d), 7), ValueError, "does not fit in 7 bits"),
+        (lambda d: fk.pack_codes(torch.tensor([4], dtype=torch.uint8, device=d), 2, validate=True), ValueError,
+         "does not fit in 2 bits"),
+        (lambda d: fk.pack_codes(torch.tensor([255, 0], dtype=torch.uint8, device=d), 7, validate=True), ValueError,
+         "does not fit in 7 bits"),
         (lambda d: fk.pack_codes(torch.tensor([1], dtype=torch.int32, device=d), 2), TypeError, "codes must be uint8"),
         (lambda d: fk.pack_codes([1, 2], 2), TypeError, "must be a torch.Tensor"),
         (lambda d: fk.pack_codes(torch.zeros(3, dtype=torch.uint8, device=d), 0), ValueError, "bits must be in 1..8"),
@@ -196,10 +198,36 @@ def test_a_code_that_does_not_fit_is_found_anywhere(backend, where):
     said = "" if backend.name == "reference" else r" .* OR-ed together are 0x8\)"
     with backend.active():
         with pytest.raises(ValueError, match="does not fit in 3 bits" + said):
-            fk.pack_codes(codes, 3)
+            fk.pack_codes(codes, 3, validate=True)
         with pytest.raises(ValueError, match="does not fit in 3 bits"):
             fk.pack_codes(codes[1:] if where else codes, 3)  # the scalar path
+            fk.check_packed(codes.device)  # a GPU reports it here, where the caller synchronizes
         assert torch.equal(fk.pack_codes(codes, 4).cpu(), R.pack_codes(codes.cpu(), 4))
+        fk.check_packed()  # nothing left over
+
+
+def test_a_bad_code_on_a_gpu_is_reported_at_the_check_not_in_the_call(backend):
+    """The GPU kernels (and Triton's, in the interpreter with validate=False) record the
+    codes on the device instead of reading them back: pack_codes returns, check_packed
+    raises for every bit-width that had a bad code since the last check, then forgets it.
+    The CPU kernels and the reference raise in the call whatever validate says."""
+    dev = backend.device
+    bad = torch.tensor([0, 3, 5, 1] * 20, dtype=torch.uint8, device=dev)  # 5 needs 3 bits
+    with backend.active():
+        if backend.name in ("cpu", "reference"):
+            with pytest.raises(ValueError, match="does not fit in 2 bits"):
+                fk.pack_codes(bad, 2, validate=False)
+            return
+        fk.check_packed(dev)  # start clean
+        planes = fk.pack_codes(bad, 2, validate=False)  # no synchronization, no error yet
+        assert planes.numel() == 2 * 4 * 3
+        assert torch.equal(fk.pack_codes(bad, 3, validate=False).cpu(), R.pack_codes(bad.cpu(), 3))  # fits
+        with pytest.raises(ValueError, match=r"does not fit in 2 bits on .* are 0x7\)"):
+            fk.check_packed(dev)
+        fk.check_packed(dev)  # cleared: the 3-bit call was fine, and the 2-bit one is reported once
+        fk.pack_codes(bad, 1, validate=False)
+        with pytest.raises(ValueError, match="does not fit in 1 bits"):
+            fk.check_packed()  # every device
 
 
 def test_triton_runs_several_programs_in_the_interpreter(backend, monkeypatch):
@@ -234,4 +262,7 @@ def test_gpu_a_code_that_does_not_fit_is_found_in_any_block(backend, where):
     with backend.active():
         for c in (codes[:GPU_BIG], codes[1:]):
             with pytest.raises(ValueError, match="does not fit in 5 bits" + said):
+                fk.pack_codes(c, 5, validate=True)
+            with pytest.raises(ValueError, match="does not fit in 5 bits" + said):
                 fk.pack_codes(c, 5)
+                fk.check_packed(c.device)
