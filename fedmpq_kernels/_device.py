@@ -47,11 +47,12 @@ def workspace(device: torch.device, stream: int, words: int) -> Tensor:
     the kernels), so a graph never shares a workspace with eager work on another stream.
     Call it under :func:`on_device` (the capture check looks at the current device)."""
     if torch._C._cuda_isCurrentStreamCapturing():
-        return torch.zeros(words, dtype=torch.int32, device=device)
+        return torch.zeros(words + (words & 1), dtype=torch.int32, device=device)
     key = (device.index, stream)
     ws = _WORKSPACES.get(key)
     if ws is None or ws.numel() < words:
         # Freeing a smaller one is safe: the caching allocator hands its memory only to work
         # queued after the kernels that used it on this stream.
-        ws = _WORKSPACES[key] = torch.zeros(max(words, 1024), dtype=torch.int32, device=device)
+        # An even size (a multiple of 256 words), so that it views as int64 slots too.
+        ws = _WORKSPACES[key] = torch.zeros(max(-(-words // 256) * 256, 1024), dtype=torch.int32, device=device)
     return ws

@@ -59,40 +59,55 @@ def relu6(x):
 FINISH = 1024  # partial results the last program combines per step
 
 
-@triton.jit
-def finish_in_last_program(value, ws_ptr, out_ptr, IS_MAX: tl.constexpr, FINISH: tl.constexpr):
-    """The grid-wide sum (float32 ``value``) or max (int32 ``value``, ``IS_MAX``) of one
-    value per program, stored at ``out_ptr`` by the program that arrives last.
+SUM_F32, MAX_I32, SUM_F64_DIV = 0, 1, 2  # finish_in_last_program's KIND
 
-    ``ws_ptr``: int32 workspace, ``ws[0]`` a ticket (zero on entry, zero again on exit),
-    ``ws[1 + p]`` program p's value (float bits for a sum). The last program combines the
-    slots in a fixed order (lane j of a FINISH-wide vector takes slots j, j + FINISH, ... in
-    turn, then one tree reduction), so the result depends on the grid size only, never on
-    which program arrived last."""
+
+@triton.jit
+def finish_in_last_program(value, ws_ptr, slot_ptr, out_ptr, divisor, KIND: tl.constexpr, FINISH: tl.constexpr):
+    """The grid-wide reduction of one ``value`` per program, stored at ``out_ptr`` by the
+    program that arrives last. KIND ``SUM_F32``: float32 sum; ``MAX_I32``: int32 max;
+    ``SUM_F64_DIV``: float64 sum, then ``/ divisor`` (float64 division), stored
+    as float32.
+
+    ``ws_ptr``: the int32 workspace, ``ws[0]`` a ticket (zero on entry, zero again on exit);
+    ``slot_ptr``: the same memory as int32 (32-bit kinds) or int64 (``SUM_F64_DIV``), slot
+    ``1 + p`` holding program p's value (its bits). The last program combines the slots in a
+    fixed order (lane j of a FINISH-wide vector takes slots j, j + FINISH, ... in turn, then
+    one tree reduction), so the result depends on the grid size only, never on which
+    program arrived last."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    if IS_MAX:
-        tl.store(ws_ptr + 1 + pid, value)
+    if KIND == 1:
+        tl.store(slot_ptr + 1 + pid, value)
+    elif KIND == 0:
+        tl.store(slot_ptr + 1 + pid, value.to(tl.int32, bitcast=True))
     else:
-        tl.store(ws_ptr + 1 + pid, value.to(tl.int32, bitcast=True))
+        tl.store(slot_ptr + 1 + pid, value.to(tl.int64, bitcast=True))
     tl.debug_barrier()  # the slot is written before the ticket (acq_rel: visible to the last program)
     ticket = tl.atomic_add(ws_ptr, 1, sem="acq_rel")
     if ticket == nprog - 1:
-        if IS_MAX:
+        if KIND == 1:
             acc = tl.zeros((FINISH,), dtype=tl.int32)
-        else:
+        elif KIND == 0:
             acc = tl.zeros((FINISH,), dtype=tl.float32)
+        else:
+            acc = tl.zeros((FINISH,), dtype=tl.float64)
         for start in range(0, nprog, FINISH):
             offs = start + tl.arange(0, FINISH)
-            v = tl.load(ws_ptr + 1 + offs, mask=offs < nprog, other=0, cache_modifier=".cg")  # L2, not L1
-            if IS_MAX:
+            v = tl.load(slot_ptr + 1 + offs, mask=offs < nprog, other=0, cache_modifier=".cg")  # L2, not L1
+            if KIND == 1:
                 acc = tl.maximum(acc, v)
-            else:
+            elif KIND == 0:
                 acc += v.to(tl.float32, bitcast=True)
-        if IS_MAX:
+            else:
+                acc += v.to(tl.float64, bitcast=True)
+        if KIND == 1:
             tl.store(out_ptr, tl.max(acc, axis=0))
-        else:
+        elif KIND == 0:
             tl.store(out_ptr, tl.sum(acc, axis=0))
+        else:
+            # float64 '/' is IEEE division on NVIDIA (div.rn.f64); div_rn is float32 only
+            tl.store(out_ptr, (tl.sum(acc, axis=0) / tl.cast(divisor, tl.float64)).to(tl.float32))
         tl.atomic_xchg(ws_ptr, 0)  # ready for the next launch on the stream
 
 
@@ -111,17 +126,19 @@ def absmax_kernel(x_ptr, ws_ptr, out_ptr, n, BLOCK: tl.constexpr, FINISH: tl.con
     if RELU6:  # max of a = relu6(x) (>= +0, or NaN)
         x = relu6(x)
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| bits; NaN sorts above +inf
-    finish_in_last_program(tl.max(ab, axis=0), ws_ptr, out_ptr, IS_MAX=True, FINISH=FINISH)
+    finish_in_last_program(tl.max(ab, axis=0), ws_ptr, ws_ptr, out_ptr, 1.0, KIND=1, FINISH=FINISH)
 
 
-def reduction_workspace(device: torch.device, nprog: int) -> Tensor:
-    """The int32 workspace of :func:`finish_in_last_program` for a grid of ``nprog`` programs:
-    the current stream's (kept zero between launches) on a GPU; a fresh one in the
-    interpreter (CPU tensors, tests only). Call it under
+def reduction_workspace(device: torch.device, nprog: int, wide: bool = False) -> Tensor:
+    """The int32 workspace of :func:`finish_in_last_program` for a grid of ``nprog``
+    programs (``wide``: 8-byte slots, for ``SUM_F64_DIV``; pass ``ws.view(torch.int64)`` as
+    its slots): the current stream's (kept zero between launches) on a GPU; a fresh one in
+    the interpreter (CPU tensors, tests only). Call it under
     :func:`fedmpq_kernels._device.on_device`."""
+    words = 2 * (nprog + 1) if wide else nprog + 1
     if device.type != "cuda":
-        return torch.zeros(nprog + 1, dtype=torch.int32, device=device)
-    return workspace(device, raw_stream(device), nprog + 1)
+        return torch.zeros(words, dtype=torch.int32, device=device)
+    return workspace(device, raw_stream(device), words)
 
 
 def absmax(x: Tensor, n: int, block: int, num_warps: int, relu6: bool = False) -> Tensor:

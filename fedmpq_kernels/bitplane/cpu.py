@@ -48,7 +48,7 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
     sign = torch.empty(bitmap_nbytes(n), dtype=torch.uint8)
     s = native.cpu.binarize(x.data_ptr(), n, bits, codes.data_ptr(), n, sign.data_ptr(), sign.numel(),
                             torch.get_num_threads())
-    return codes, sign, torch.tensor(s, dtype=torch.float32)
+    return codes, sign, torch.scalar_tensor(s, dtype=torch.float32)
 
 
 def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
@@ -70,7 +70,7 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
     sg = bitmap_arg(sign, n, _CPU, "sign")
     r = native.cpu.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sg.data_ptr(), sg.numel(), bits,
                                        torch.get_num_threads())
-    return torch.tensor(r, dtype=torch.float32)
+    return torch.scalar_tensor(r, dtype=torch.float32)  # cheaper than torch.tensor
 
 
 def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
@@ -96,4 +96,4 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     for work, state in ((c, codes), (sg, sign), (m, mom), (g_state, gs)):
         if work.data_ptr() != state.data_ptr():  # a working copy: write it back
             state.copy_(work.view(state.shape))
-    return torch.tensor(r, dtype=torch.float32)
+    return torch.scalar_tensor(r, dtype=torch.float32)  # cheaper than torch.tensor

@@ -12,7 +12,7 @@ import torch
 
 from .. import registry
 from .._checks import bitmap_nbytes, check_bits
-from .._library import _eager, lib
+from .._library import _eager, _is_wrapped, direct_apply, lib
 from . import reference as _ref
 
 Tensor = torch.Tensor
@@ -121,6 +121,9 @@ class _DequantizeEager(torch.autograd.Function):
         return _dq_grads(ctx, grad_w, _dequantize_backward_impl)
 
 
+_dq_apply = direct_apply(_DequantizeEager)  # without Function.apply's wrapper (see _library)
+
+
 # ---- argument checks ---------------------------------------------------------------------
 def _tensor(t, name: str, dtype=None, device=None) -> Tensor:
     if not isinstance(t, Tensor):
@@ -200,9 +203,10 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tens
     _tensor(sink, "sink", device=codes.device)
     if sink.numel() != n:
         raise ValueError(f"sink has {sink.numel()} elements, codes {n}")
-    if _eager(codes) and type(scale) is Tensor and type(sink) is Tensor:
+    if (_eager(codes) and type(scale) is Tensor and type(sink) is Tensor and not _is_wrapped(scale)
+            and not _is_wrapped(sink)):
         if torch.is_grad_enabled() and (scale.requires_grad or sink.requires_grad):
-            return _DequantizeEager.apply(codes, sign, scale, bits, sink)
+            return _dq_apply(codes, sign, scale, bits, sink)
         return _dequantize_impl(codes, sign, scale, bits, sink)
     return torch.ops.fedmpq.dequantize(codes, sign, scale, bits, sink)
 

@@ -34,6 +34,10 @@ Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton` and ``pack.triton`
   The key is passed as an int32 bit pattern.
 * Launches run under :func:`fedmpq_kernels._device.on_device`. Fixed block sizes, no
   autotune (it needs a GPU at the first call).
+* dequantize_backward finishes in one launch: each program's float64 sum, added (in a fixed
+  order), divided by L and rounded to float32 by the program that arrives last
+  (:func:`fedmpq_kernels._triton_common.finish_in_last_program`; checked in the interpreter
+  only, not yet on a GPU).
 * dequantize negates on the bit pattern (``w ^ (sign << 31)``): a ``where(neg, -w, w)``
   lost the -0.0 of a zero code with its sign bit set on an H200 (the reference keeps it).
 
@@ -51,7 +55,8 @@ import triton.language as tl
 from .._buffers import words
 from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes
 from .._device import on_device
-from .._triton_common import INTERPRET, absmax, load_bits, store_words
+from .._triton_common import (FINISH, INTERPRET, absmax, finish_in_last_program, load_bits,
+                              reduction_workspace, store_words)
 
 Tensor = torch.Tensor
 
@@ -163,7 +168,8 @@ def _dequantize_kernel(codes_ptr, sign_ptr, scale_ptr, out_ptr, n, nwords, L, BL
 
 
 @triton.jit
-def _dq_backward_tile(grad_ptr, codes_ptr, sign_ptr, part_ptr, pid, word, col, n, nwords, MASKED: tl.constexpr):
+def _dq_backward_tile(grad_ptr, codes_ptr, sign_ptr, word, col, n, nwords, MASKED: tl.constexpr):
+    """The tile's sum of sigma_j q_j G_j, float64."""
     offs = word[:, None] * 32 + col[None, :]
     if MASKED:
         mask = offs < n
@@ -174,19 +180,23 @@ def _dq_backward_tile(grad_ptr, codes_ptr, sign_ptr, part_ptr, pid, word, col, n
         q = tl.load(codes_ptr + offs)
     v = g.to(tl.float64) * q.to(tl.int32).to(tl.float64)
     v = tl.where(load_bits(sign_ptr, word, col, nwords, MASKED=MASKED) != 0, -v, v)
-    tl.store(part_ptr + pid, tl.sum(tl.sum(v, axis=1), axis=0))
+    return tl.sum(tl.sum(v, axis=1), axis=0)
 
 
 @triton.jit(do_not_specialize=["n", "nwords"])
-def _dq_backward_kernel(grad_ptr, codes_ptr, sign_ptr, part_ptr, n, nwords, BLOCK: tl.constexpr):
+def _dq_backward_kernel(grad_ptr, codes_ptr, sign_ptr, ws_ptr, slot_ptr, out_ptr, n, nwords, L,
+                        BLOCK: tl.constexpr, FINISH: tl.constexpr):
+    """*out = (sum_j sigma_j q_j G_j in float64) / L as float32, in one launch: the last
+    program adds the programs' float64 sums (finish_in_last_program, SUM_F64_DIV)."""
     ROWS: tl.constexpr = BLOCK // 32
     pid = tl.program_id(0)
     word = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     col = tl.arange(0, 32)
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _dq_backward_tile(grad_ptr, codes_ptr, sign_ptr, part_ptr, pid, word, col, n, nwords, MASKED=False)
+        part = _dq_backward_tile(grad_ptr, codes_ptr, sign_ptr, word, col, n, nwords, MASKED=False)
     else:
-        _dq_backward_tile(grad_ptr, codes_ptr, sign_ptr, part_ptr, pid, word, col, n, nwords, MASKED=True)
+        part = _dq_backward_tile(grad_ptr, codes_ptr, sign_ptr, word, col, n, nwords, MASKED=True)
+    finish_in_last_program(part, ws_ptr, slot_ptr, out_ptr, L, KIND=2, FINISH=FINISH)
 
 
 # ---- popcounts -------------------------------------------------------------------------------
@@ -438,11 +448,13 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
     nbytes = bitmap_nbytes(n)
     sw = words(sign, nbytes)
     grid = (triton.cdiv(n, BLOCK),)
-    part = torch.empty(grid[0], dtype=torch.float64, device=dev)
+    out = torch.empty((), dtype=torch.float32, device=dev)
     with on_device(dev):
-        _dq_backward_kernel[grid](g, c, sw.view(torch.int32), part, n, nbytes // 4, BLOCK=BLOCK,
-                                  num_warps=NUM_WARPS, enable_fp_fusion=False)
-    return (part.sum() / _L(bits)).float()
+        ws = reduction_workspace(dev, grid[0], wide=True)
+        _dq_backward_kernel[grid](g, c, sw.view(torch.int32), ws, ws.view(torch.int64), out, n, nbytes // 4,
+                                  float(_L(bits)), BLOCK=BLOCK, FINISH=FINISH, num_warps=NUM_WARPS,
+                                  enable_fp_fusion=False)
+    return out
 
 
 def plane_popcounts(codes: Tensor, bits: int) -> Tensor:

@@ -166,7 +166,7 @@ def _fq_backward_kernel(
         part = _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, word, col, n, nwords,
                                  SCALE_GRAD=SCALE_GRAD, MASKED=True)
     if SCALE_GRAD:  # dL/dS in this launch: the last program adds the programs' sums
-        finish_in_last_program(part, ws_ptr, gs_ptr, IS_MAX=False, FINISH=FINISH)
+        finish_in_last_program(part, ws_ptr, ws_ptr, gs_ptr, 1.0, KIND=0, FINISH=FINISH)
 
 
 def _as_words(bits: Tensor, n: int, device: torch.device, name: str) -> Tensor:
