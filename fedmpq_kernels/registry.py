@@ -153,6 +153,16 @@ def get(family: str, op: str, device_type: str) -> Callable:
     return fn
 
 
+def get_many(family: str, ops: Tuple[str, ...], device_type: str) -> Tuple[Callable, ...]:
+    """:func:`get` of several ops of ``family`` at once (an op's forward and backward, say),
+    cached as one entry: one dict lookup per call on a hot path."""
+    key = (family, ops, device_type)
+    fns = _cache.get(key)
+    if fns is None:
+        fns = _cache[key] = tuple(get(family, op, device_type) for op in ops)
+    return fns
+
+
 def set_backend(name: Optional[str]) -> None:
     """Force backend ``name`` on the devices it supports (None restores the defaults)."""
     global _override

@@ -37,15 +37,6 @@ def _f32(t: Tensor) -> Tensor:
     return t
 
 
-def _bitmap_in(bits, n: int, name: str) -> Tensor:
-    """A backward's bitmap: the forward's own passes the cheap test; anything else gets the
-    full checks and copy of :func:`fedmpq_kernels._checks.bitmap_arg` (same errors)."""
-    if (type(bits) is Tensor and bits.dtype is _U8 and bits.is_cpu and bits.numel() >= bitmap_nbytes(n)
-            and bits.is_contiguous() and not bits.data_ptr() & 3):
-        return bits
-    return bitmap_arg(bits, n, _CPU, name)
-
-
 def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant`. x: CPU float tensor,
     any strides; scale: None or 0-dim CPU tensor (already checked finite and > 0).
@@ -78,8 +69,17 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     g = _f32(grad)
     n = g.numel()
     gx = torch.empty_like(g)
-    pb = _bitmap_in(pass_bits, n, "pass_bits")
-    hb = _bitmap_in(hi_bits, n, "hi_bits") if scale_grad else None
+    nb = bitmap_nbytes(n)
+    # The forward's own bitmaps pass this test inline; anything else gets bitmap_arg's full
+    # checks (and a copy if strided or misaligned) with its errors.
+    pb = pass_bits
+    if not (type(pb) is Tensor and pb.dtype is _U8 and pb.is_cpu and pb.numel() >= nb and pb.is_contiguous()
+            and not pb.data_ptr() & 3):
+        pb = bitmap_arg(pass_bits, n, _CPU, "pass_bits")
+    hb = hi_bits if scale_grad else None
+    if scale_grad and not (type(hb) is Tensor and hb.dtype is _U8 and hb.is_cpu and hb.numel() >= nb
+                           and hb.is_contiguous() and not hb.data_ptr() & 3):
+        hb = bitmap_arg(hi_bits, n, _CPU, "hi_bits")
     gs = _fake_quant_backward(
         g.data_ptr(), n, gx.data_ptr(), n,
         pb.data_ptr() if n else 0, pb.numel(),

@@ -11,9 +11,9 @@ from typing import Optional, Union
 import torch
 
 from .. import registry
-from .._checks import (ALLOWED_BITS, FLOAT_DTYPES, STE_MODES, bitmap_nbytes, check_bits, check_float_tensor,
+from .._checks import (ALLOWED_BITS, FLOAT_DTYPES, bitmap_nbytes, check_bits, check_float_tensor,
                        check_scale_value, check_ste)
-from .._library import _eager, _is_wrapped, direct_apply, lib
+from .._library import _eager, _functorch_active, _is_wrapped, direct_apply, lib
 
 Tensor = torch.Tensor
 
@@ -113,7 +113,12 @@ class _FakeQuantEager(torch.autograd.Function):
 
 
 _fq_apply = direct_apply(_FakeQuantEager)
+_FQ_OPS = ("fake_quant", "fake_quant_backward")
 _BITS_OK = frozenset(ALLOWED_BITS)
+_FLOAT_SET = frozenset(FLOAT_DTYPES)
+_F32 = torch.float32
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
 
 
 def _scale_tensor(scale, x: Tensor) -> Optional[Tensor]:
@@ -168,34 +173,48 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
         ValueError: bits outside 1..8/16, scale <= 0 / NaN / inf / not one value / on
             another device, unknown ``ste``.
     """
-    # The checks of the common case first, in their cheapest form (the full ones, with
-    # their messages, run whenever the cheap one does not pass).
-    if type(x) is not Tensor or x.dtype not in FLOAT_DTYPES:
-        check_float_tensor(x)
-    if type(bits) is not int or bits not in _BITS_OK:
-        bits = check_bits(bits, float_ok=True)
-    if ste not in STE_MODES:
-        check_ste(ste)
-    if type(scale) is Tensor and scale.dtype is torch.float32 and scale.dim() == 0 and (
-            (scale.is_cpu and x.is_cpu) or scale.device == x.device):
-        s = scale  # the common case of _scale_tensor
-    else:
-        s = _scale_tensor(scale, x)
+    # The common case first: plain eager tensors (not traced, no functorch), a 0-dim
+    # float32 scale tensor on x's device or None, its checks in their cheapest form. Anything
+    # else takes the general path below, with the full checks and their messages.
+    if (type(x) is Tensor and x.dtype in _FLOAT_SET and type(bits) is int and bits in _BITS_OK
+            and (ste == "identity" or ste == "clipped") and not _is_compiling() and not _functorch_active()
+            and not _is_wrapped(x)):
+        if scale is None:
+            s = None
+            grad = x.requires_grad and _grad_enabled()
+        elif (type(scale) is Tensor and scale.dtype is _F32 and scale.dim() == 0 and not _is_wrapped(scale)
+              and ((scale.is_cpu and x.is_cpu) or scale.device == x.device)):
+            s = scale
+            if s.is_cpu:
+                v = s.item()  # free on the CPU (see _fake_quant_impl); item(), not float(): no warning
+                if not 0.0 < v < math.inf:  # False for NaN too
+                    check_scale_value(v)
+            grad = (x.requires_grad or s.requires_grad) and _grad_enabled()
+        else:
+            s = False  # not the common case
+        if s is not False:
+            fwd, bwd = registry.get_many("fake_quant", _FQ_OPS, "cpu" if x.is_cpu else x.device.type)
+            if not grad:
+                return fwd(x, bits, s, 0)[0]
+            if ste == "identity" or s is None:
+                return _fq_apply(x, s, bits, 0, fwd, None)
+            return _fq_apply(x, s, bits, 2 if s.requires_grad else 1, fwd, bwd)
+
+    check_float_tensor(x)
+    bits = check_bits(bits, float_ok=True)
+    check_ste(ste)
+    s = _scale_tensor(scale, x)
     grad = torch.is_grad_enabled() and (x.requires_grad or (s is not None and s.requires_grad))
     mode = 0
     if grad and ste == "clipped" and s is not None:
         mode = 2 if s.requires_grad else 1
     if _eager(x) and (s is None or not _is_wrapped(s)):
-        device_type = "cpu" if x.is_cpu else x.device.type
-        fwd = registry.get("fake_quant", "fake_quant", device_type)
+        fwd, bwd = registry.get_many("fake_quant", _FQ_OPS, x.device.type)
         if s is not None and s.is_cpu:
-            v = s.item()  # free on the CPU (see _fake_quant_impl); item(), not float(): no warning
-            if not 0.0 < v < math.inf:  # False for NaN too
-                check_scale_value(v)
+            check_scale_value(s.item())
         if not grad:
             return fwd(x, bits, s, 0)[0]
-        bwd = registry.get("fake_quant", "fake_quant_backward", device_type) if mode else None
-        return _fq_apply(x, s, bits, mode, fwd, bwd)
+        return _fq_apply(x, s, bits, mode, fwd, bwd if mode else None)
     return torch.ops.fedmpq.fake_quant(x, bits, s, mode)[0]
 
 

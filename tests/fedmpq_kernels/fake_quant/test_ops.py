@@ -64,20 +64,19 @@ def test_no_grad_keeps_no_bitmaps(monkeypatch):
     from fedmpq_kernels import registry
 
     seen = []
-    orig_get = registry.get
+    orig_get_many = registry.get_many
 
-    def get(family, op, device_type):
-        fn = orig_get(family, op, device_type)
-        if op != "fake_quant":
-            return fn
+    def get_many(family, ops, device_type):
+        fwd, *rest = orig_get_many(family, ops, device_type)
+        assert ops[0] == "fake_quant"
 
         def spy(*a):
             seen.append(a[3])
-            return fn(*a)
+            return fwd(*a)
 
-        return spy
+        return (spy, *rest)
 
-    monkeypatch.setattr(registry, "get", get)
+    monkeypatch.setattr(registry, "get_many", get_many)
     x = torch.randn(64, requires_grad=True)
     with torch.no_grad():
         fk.fake_quant(x, 4, 1.0, ste="clipped")
