@@ -21,7 +21,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import backend_of, run_timed, skip_unless_runs
+from conftest import CALLS, VARIANTS, backend_of, run_timed, run_variant, skip_unless_runs, variant_label
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BITS = [1, 4, 8]
@@ -37,9 +37,11 @@ def _skip(impl: str, device: str, bits: int):
         pytest.skip("anchors at 4 bits only")
 
 
-def _record(benchmark, op, numel, bits, device, impl, nbytes, anchor="torch_shift_or"):
-    benchmark.extra_info.update(group_key=(op, numel, f"{bits}-bit", device), name=impl, bytes=nbytes, torch_anchor=anchor)
-    benchmark.group = f"{op} {numel} {bits}-bit {device}"
+def _record(benchmark, op, numel, bits, device, impl, nbytes, anchor="torch_shift_or", variant="latency"):
+    label = f"{bits}-bit" + variant_label(variant)
+    nbytes *= 1 if variant == "latency" else CALLS
+    benchmark.extra_info.update(group_key=(op, numel, label, device), name=impl, bytes=nbytes, torch_anchor=anchor)
+    benchmark.group = f"{op} {numel} {label} {device}"
 
 
 def _codes(numel, bits, device):
@@ -96,20 +98,26 @@ def _unpack_fn(impl, codes, bits):
     return lambda: fk.unpack_codes(planes, bits, n)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("op", ["pack", "unpack"])
-def bench_pack_unpack(benchmark, op, impl, bits, device, numel):
+def bench_pack_unpack(benchmark, op, impl, bits, device, variant, numel):
+    """``variant``: see benches/conftest.py (throughput and graph: CUDA, 4 bits; pack_codes
+    no longer synchronizes, so it can be captured)."""
     _skip(impl, device, bits)
+    if variant != "latency" and (bits != 4 or impl == "numpy_packbits"):
+        pytest.skip("the throughput and graph variants: 4 bits, GPU implementations")
     codes = _codes(numel, bits, device)
     if impl == "copy_":
         out = torch.empty_like(codes)
         fn = lambda: out.copy_(codes)  # noqa: E731
     else:
         fn = (_pack_fn if op == "pack" else _unpack_fn)(impl, codes, bits)
-    _record(benchmark, op, numel, bits, device, impl, 2 * numel if impl == "copy_" else numel + numel * bits // 8)
-    run_timed(benchmark, impl, fn, device)
+    _record(benchmark, op, numel, bits, device, impl, 2 * numel if impl == "copy_" else numel + numel * bits // 8,
+            variant=variant)
+    run_variant(benchmark, impl, fn, device, variant)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -76,6 +76,59 @@ def run_timed(benchmark, impl: str, fn, device: str, warmup: bool = False) -> No
         benchmark(run)
 
 
+CALLS = 20  # calls per timed sample in the throughput and CUDA-graph variants
+VARIANTS = ["latency", "throughput", "graph"]
+
+
+def variant_label(variant: str) -> str:
+    """How a variant shows in the tables: ``latency`` (one call, then a synchronization:
+    host cost and launch latency included), ``throughput`` (CALLS calls, one
+    synchronization: launches overlap the kernels), ``graph`` (the CALLS calls captured in
+    one CUDA graph, replayed, one synchronization: no host work per call)."""
+    return {"latency": "", "throughput": f", {CALLS} calls/sync", "graph": f", graph of {CALLS}"}[variant]
+
+
+def run_variant(benchmark, impl: str, fn, device: str, variant: str) -> None:
+    """Time ``fn`` in ``variant`` (see :func:`variant_label`) with ``impl``'s backend selected.
+    The throughput and graph variants are CUDA-only and time CALLS calls per sample (scale
+    the group's bytes by CALLS); graph skips an op that cannot be captured, with the reason."""
+    if variant == "latency":
+        run_timed(benchmark, impl, fn, device)
+        return
+    if device != "cuda":
+        pytest.skip(f"the {variant} variant is for CUDA")
+    with registry.use_backend(backend_of(impl)):
+        def many():
+            for _ in range(CALLS):
+                fn()
+
+        # Warm-up on a side stream (Triton's JIT, lazy workspaces, allocator pools), as
+        # torch's CUDA-graph documentation asks before a capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            many()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        if variant == "throughput":
+            def run():
+                many()
+                torch.cuda.synchronize()
+        else:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    many()
+            except Exception as exc:  # a synchronizing or otherwise uncapturable op
+                torch.cuda.synchronize()
+                pytest.skip(f"{impl} cannot be captured in a CUDA graph: {type(exc).__name__}: {exc}")
+
+            def run():
+                graph.replay()
+                torch.cuda.synchronize()
+        benchmark(run)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

@@ -1,0 +1,106 @@
+"""Per-call host cost of fake_quant on a 1-element CPU tensor against torch's own op, measured
+interleaved in one run (the numbers docs/BENCHMARKS.md quotes; bench_host_cost.py is the
+pytest-benchmark form of the same cases).
+
+Cases (targets of issue 17):
+* forward+backward, clipped STE with a learnable scale: ``fk.fake_quant(x, 4, s,
+  ste="clipped").backward(g)`` against ``torch._fake_quantize_learnable_per_tensor_affine``
+  (a scale tensor that gets a gradient) forward+backward: at most 1.15x.
+* inference forward (no gradient): ``fk.fake_quant(x, 4, s)`` against
+  ``torch.fake_quantize_per_tensor_affine``: at most 2.5x.
+* ``bound``: the least a Python autograd.Function costs for the same work here (the two
+  native kernel calls and five allocations fedmpq's needs, no argument checks, no dispatch):
+  how close the first target can be got without a C++ autograd node.
+
+Each round times ``--batch`` calls of every case in a shuffled order; medians (and minima)
+over ``--rounds`` rounds, in microseconds per call, with the machine's load average.
+Run: ``OMP_NUM_THREADS=1 python benches/host_cost.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import time
+
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels._library import direct_apply
+from fedmpq_kernels._native import native
+
+
+def cases():
+    x = torch.randn(1, requires_grad=True)
+    g = torch.ones(1)
+    s = torch.tensor(0.5, requires_grad=True)
+    st = torch.tensor([0.5], requires_grad=True)
+    zp = torch.tensor([0.0])
+    xi, si = torch.randn(1), torch.tensor(0.5)
+    nf, nb = native.cpu.fake_quant, native.cpu.fake_quant_backward
+    u8, f32 = torch.uint8, torch.float32
+
+    class Bound(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, s):
+            y = torch.empty_like(x)
+            p, h = torch.empty(4, dtype=u8), torch.empty(4, dtype=u8)
+            nf(x.data_ptr(), 1, y.data_ptr(), 1, 4, s.item(), False, p.data_ptr(), 4, h.data_ptr(), 4, 1)
+            ctx.save_for_backward(p, h)
+            return y
+
+        @staticmethod
+        def backward(ctx, gy):
+            p, h = ctx.saved_tensors
+            gx = torch.empty_like(gy)
+            r = nb(gy.data_ptr(), 1, gx.data_ptr(), 1, p.data_ptr(), 4, h.data_ptr(), 4, 1)
+            return gx, torch.scalar_tensor(r, dtype=f32)
+
+    bound = direct_apply(Bound)
+    return {
+        "fwd+bwd fedmpq": lambda: fk.fake_quant(x, 4, s, ste="clipped").backward(g),
+        "fwd+bwd torch learnable": lambda: torch._fake_quantize_learnable_per_tensor_affine(x, st, zp, -7, 7, 1.0).backward(g),
+        "fwd+bwd bound": lambda: bound(x, s).backward(g),
+        "forward fedmpq": lambda: fk.fake_quant(xi, 4, si),
+        "forward torch": lambda: torch.fake_quantize_per_tensor_affine(xi, 0.5, 0, -7, 7),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=50)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    fns = cases()
+    for f in fns.values():  # warm up
+        for _ in range(200):
+            f()
+    times = {k: [] for k in fns}
+    items = list(fns.items())
+    load0 = os.getloadavg()
+    for _ in range(args.rounds):
+        random.shuffle(items)
+        for k, f in items:
+            t0 = time.perf_counter_ns()
+            for _ in range(args.batch):
+                f()
+            times[k].append((time.perf_counter_ns() - t0) / args.batch / 1e3)
+    load1 = os.getloadavg()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    low = {k: min(v) for k, v in times.items()}
+    print(f"load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end; {args.rounds} rounds x "
+          f"{args.batch} calls, 1 thread, torch {torch.__version__}")
+    print()
+    print("| case | median µs | min µs | median ratio | min ratio | target |")
+    print("|---|---|---|---|---|---|")
+    rows = [("fwd+bwd fedmpq", "fwd+bwd torch learnable", "≤ 1.15"), ("fwd+bwd bound", "fwd+bwd torch learnable", "–"),
+            ("fwd+bwd torch learnable", "fwd+bwd torch learnable", ""), ("forward fedmpq", "forward torch", "≤ 2.5"),
+            ("forward torch", "forward torch", "")]
+    for k, ref, target in rows:
+        print(f"| {k} | {med[k]:.2f} | {low[k]:.2f} | {med[k] / med[ref]:.2f} | {low[k] / low[ref]:.2f} | {target} |")
+
+
+if __name__ == "__main__":
+    main()
