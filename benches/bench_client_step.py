@@ -11,6 +11,11 @@ Groups ``client-step-b32`` and ``client-step-b128``; ids end in:
 * ``float-planes-4bit``: the pure-torch float-plane implementation of the authors' method
   (fedmpq.nn.float_planes), the slow reference.
 
+``compile`` ids (CUDA only, groups ``client-step-b32 compiled`` / ``-b128 compiled``): the
+same steps with the model under ``torch.compile`` (default mode; fedmpq's ops are
+torch.library ops, so the graph has no breaks), against the compiled float model; the
+bit-plane optimizer and SGD run eagerly in both. The first call compiles (untimed).
+
 Target: fedmpq-4bit at batch 32 within 1.15x of float (the ``speed-up vs torch's way``
 column reads float's median over each row's; 0.87 is 1.15x). ``python
 benches/client_step_split.py`` prints where a 4-bit step's time goes.
@@ -27,20 +32,24 @@ from conftest import sync
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IMPLS = ["float", "fedmpq-2bit", "fedmpq-4bit", "fedmpq-8bit", "float-planes-4bit"]
-CASES = [(b, d, i) for b in (32, 128) for d in DEVICES for i in IMPLS]
+CASES = [(b, d, i, "eager") for b in (32, 128) for d in DEVICES for i in IMPLS]
+# torch.compile on the GPU (the float-plane reference is not a candidate there)
+CASES += [(b, "cuda", i, "compile") for b in (32, 128) for i in IMPLS[:4] if "cuda" in DEVICES]
 
 
-def make_step(impl: str, batch: int, device: str):
-    """A closure running one local step, and the model's training-state bytes per weight."""
+def make_step(impl: str, batch: int, device: str, compiled: bool = False):
+    """A closure running one local step, and the model's training-state bytes per weight
+    (``compiled``: the model's forward and backward under ``torch.compile``)."""
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     if impl == "float":
         model = qn.resnet20().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        run = torch.compile(model) if compiled else model
 
         def step():
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(run(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -58,8 +67,10 @@ def make_step(impl: str, batch: int, device: str):
         bit_opt = qn.BitPlaneOptimizer(model, lr=0.1, momentum=0.9, lam=1e-3, seed=0)
         sgd = torch.optim.SGD(qn.float_parameters(model), lr=0.1, momentum=0.9)
 
+    run = torch.compile(model) if compiled else model
+
     def step():
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(run(x), y)
         bit_opt.zero_grad()
         sgd.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,16 +83,20 @@ def make_step(impl: str, batch: int, device: str):
     return step, per_weight
 
 
-@pytest.mark.parametrize("batch,device,impl", CASES, ids=[f"b{b}-{d}-{i}" for b, d, i in CASES])
-def bench_client_step(benchmark, batch, device, impl):
-    step, per_weight = make_step(impl, batch, device)
-    benchmark.group = f"client-step-b{batch}"
-    benchmark.extra_info.update(group_key=("client-step", batch, "resnet20", device), name=impl, bytes=0,
+@pytest.mark.parametrize("batch,device,impl,mode", CASES,
+                         ids=[f"b{b}-{d}-{i}" + ("-compile" if m == "compile" else "") for b, d, i, m in CASES])
+def bench_client_step(benchmark, batch, device, impl, mode):
+    compiled = mode == "compile"
+    step, per_weight = make_step(impl, batch, device, compiled)
+    label = "resnet20" + (", compiled" if compiled else "")
+    benchmark.group = f"client-step-b{batch}" + (" compiled" if compiled else "")
+    benchmark.extra_info.update(group_key=("client-step", batch, label, device), name=impl, bytes=0,
                                 torch_anchor="float", state_bytes_per_weight=per_weight)
 
     def run():
         step()
         sync(device)
 
-    run()
-    benchmark.pedantic(run, rounds=15 if device == "cpu" else 50, warmup_rounds=2)
+    run()  # compiles, for the compiled cases
+    rounds = 15 if device == "cpu" else (20 if compiled else 50)
+    benchmark.pedantic(run, rounds=rounds, warmup_rounds=2)
