@@ -41,6 +41,19 @@ def _require_cuda(t: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a CUDA tensor for the cuda backend, got one on {t.device}")
 
 
+_NO_BITMAPS: Dict[torch.device, Tensor] = {}
+
+
+def _no_bitmap(dev: torch.device) -> Tensor:
+    """A bitmap not asked for: one shared zero-size tensor per device (nothing is ever
+    written to it; the registered op hands out fresh ones, see ops.py), so the inference
+    path allocates only y."""
+    t = _NO_BITMAPS.get(dev)
+    if t is None:
+        t = _NO_BITMAPS[dev] = torch.empty(0, dtype=_U8, device=dev)
+    return t
+
+
 def _workspace(dev: torch.device, stream: int) -> Tuple[int, int]:
     """(pointer, words) of the reduction workspace for ``stream`` (csrc/cuda/fake_quant.h)."""
     words = _WS_WORDS.get(dev.index)
@@ -62,7 +75,8 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
 
     Returns:
         (y, pass_bits, hi_bits): y of x's shape and dtype, contiguous; the bitmaps uint8
-        of 4 * ceil(numel / 32) bytes on x's device, or empty (0 bytes) when not asked for.
+        of 4 * ceil(numel / 32) bytes on x's device, or empty (0 bytes, shared) when not
+        asked for.
         One launch for a given scale, two for a dynamic one (absmax writing S on the device,
         then the quantizer reading it there); no host synchronization.
     """
@@ -75,8 +89,8 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
     n = xc.numel()
     y = torch.empty_like(xc)  # contiguous, x's dtype and shape
     nb = bitmap_nbytes(n)
-    pass_bits = torch.empty(nb if mode >= 1 else 0, dtype=_U8, device=dev)
-    hi_bits = torch.empty(nb if mode == 2 else 0, dtype=_U8, device=dev)
+    pass_bits = torch.empty(nb, dtype=_U8, device=dev) if mode >= 1 else _no_bitmap(dev)
+    hi_bits = torch.empty(nb, dtype=_U8, device=dev) if mode == 2 else _no_bitmap(dev)
     if n == 0:
         return y, pass_bits, hi_bits
     with on_device(dev):
