@@ -1,6 +1,8 @@
-"""fedmpq: FedMPQ mixed-precision quantized federated learning, built on fedmpq_kernels.
+"""fedmpq: FedMPQ mixed-precision quantized federated learning, built on fedmpq_kernels'
+public API only (never a backend).
 
-Only the package exists so far: the quantized layers, client, server, wire format,
-simulation, `fedmpq` command and Flower app arrive with their own issues
-(see ARCHITECTURE.md). It uses fedmpq_kernels' public API only, never a backend.
+The ``fedmpq`` command (:mod:`fedmpq.cli`) runs a federation in one process
+(:mod:`fedmpq.simulate`) or over Flower (:mod:`fedmpq.flower`); both carry the payloads of
+:mod:`fedmpq.wire` between :mod:`fedmpq.client` and :mod:`fedmpq.server` through the round
+loop of :mod:`fedmpq.federation`. docs/DESIGN.md lists every file's job.
 """

@@ -6,7 +6,8 @@ round and checkpoint it. :mod:`fedmpq.simulate` carries the payloads in this pro
 Results: ``results.json`` (``{"config": {...}, "rounds": [{"round", "accuracy",
 "accuracy_train_mode", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "bits":
 {client: [per layer]}, "mean_bits": {client: x}, "assigned_mean_bits": {client: x},
-"seconds", "quant_seconds", "reported", "aggregated"}, ...], "threads": n}``); ``reported``:
+"seconds", "quant_seconds", "reported", "aggregated", "threads"}, ...], "threads": n}``);
+``threads``: the torch threads of the training (at the start, and per round); ``reported``:
 the clients whose uploads arrived, ``aggregated``: those of them the server aggregated (the
 rest were refused, with a logged reason); ``bits``/``mean_bits``: what each aggregated client
 uploaded (after its precision reduction); ``assigned_mean_bits``: the mean bit-width each
@@ -99,11 +100,12 @@ def prepare_out(out: Optional[str]) -> Optional[Path]:
 
 def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int], budgets: Dict[int, float],
              transport: Transport, out: Optional[str] = None, resume: bool = False,
-             progress: bool = True, threads: Optional[int] = None) -> Dict[str, Any]:
+             progress: bool = True, threads=None) -> Dict[str, Any]:
     """The server's round loop, whatever carries the payloads: sample, prepare the downloads,
     let ``transport`` train the clients, aggregate, evaluate on ``ds``'s test set, record the
     round and checkpoint it. ``num_samples``/``budgets``: |D_k| and beta_k of every client
-    0..n_clients-1; ``threads``: what each training process uses (recorded in the results).
+    0..n_clients-1; ``threads``: the threads each training process uses, an int or a
+    function giving this round's (recorded in the results, per round when a function).
     ``resume``: continue ``out``'s checkpoint (only ``rounds``, to extend it, and the
     execution keys may differ). Used by :func:`fedmpq.simulate.run` (in-process) and by the
     Flower app."""
@@ -117,7 +119,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
     build = model_builder(c, ds)
     srv = server_mod.Server(c["alg"], build, budgets=budgets, num_samples=num_samples, seed=c["seed"],
                             rule=c["aggregation"], device=device)
-    results: Dict[str, Any] = {"config": c, "threads": threads, "rounds": []}
+    results: Dict[str, Any] = {"config": c, "threads": threads() if callable(threads) else threads, "rounds": []}
     start = 1
     if state is not None:
         srv.load_state(state["server"])
@@ -133,6 +135,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
         downloads = srv.downloads(r, sampled)  # binarize + encode
         td = time.perf_counter() - td
         uploads, train_acc, quant = transport(r, downloads)
+        used = threads() if callable(threads) else threads
         uploads = dict(sorted(uploads.items()))  # aggregate in client order, whatever order replies came in
         report = srv.aggregate(r, uploads)
         acc = srv.evaluate(test_x, test_y)
@@ -143,7 +146,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
                    bits={str(k): v for k, v in report["bits"].items()},
                    mean_bits={str(k): v for k, v in report["mean_bits"].items()},
                    assigned_mean_bits={str(k): v for k, v in report.get("assigned_mean_bits", {}).items()},
-                   reported=sorted(uploads), aggregated=sorted(report["reported"]),
+                   reported=sorted(uploads), aggregated=sorted(report["reported"]), threads=used,
                    seconds=time.perf_counter() - t0, quant_seconds=quant + report["seconds"] + td)
         results["rounds"].append(row)
         if hasattr(bar, "set_postfix"):

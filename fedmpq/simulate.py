@@ -12,6 +12,7 @@ import torch
 from . import client as client_mod
 from .config import check_config, load_data, model_builder, resolve_device, resolve_threads, train_config
 from .federation import federate
+from .trainers import Registry
 from .progress import progress as _progress
 
 log = logging.getLogger("fedmpq")
@@ -21,16 +22,22 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
     """Run the federation ``cfg`` in this process; returns the results dict (and writes it
     with checkpoints to ``out``). ``resume``: continue from ``out``'s checkpoint.
 
-    One client trains at a time, with the config's ``threads`` (default: every core this
-    process may use) as torch's thread count for the run (restored afterwards)."""
+    One client trains at a time, with the config's ``threads`` as torch's thread count for
+    the run (restored afterwards); without it, the cores this process may use divided among
+    the fedmpq runs training on this machine now (:mod:`fedmpq.trainers`), counted every round."""
     c = check_config(cfg)
     resolve_device(c)  # no CUDA here: one line before the data loads
     ds, parts = load_data(c)  # MissingDatasetError before any training
     build = model_builder(c, ds)
     tcfg = train_config(c)
-    threads = resolve_threads(c, parallel=1)
+    registry = Registry()
+
+    def threads_now() -> int:
+        # the setting, else this process's cores shared with the runs training beside it now
+        return resolve_threads(c, parallel=1 if c["threads"] is not None else registry.count())
 
     def local(r: int, downloads: Dict[int, bytes]):
+        torch.set_num_threads(threads_now())
         uploads, train_acc, quant = {}, [], 0.0
         for k in _progress(sorted(downloads), progress, f"round {r} clients", leave=False):
             idx = parts[k]
@@ -46,9 +53,10 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
         return uploads, train_acc, quant
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        return federate(c, ds, {k: len(p) for k, p in enumerate(parts)}, dict(enumerate(c["budgets"])), local,
-                        out=out, resume=resume, progress=progress, threads=threads)
+        with registry:
+            torch.set_num_threads(threads_now())
+            return federate(c, ds, {k: len(p) for k, p in enumerate(parts)}, dict(enumerate(c["budgets"])), local,
+                            out=out, resume=resume, progress=progress, threads=threads_now)
     finally:
         torch.set_num_threads(before)

@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="threads per run (default: fedmpq's own default)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
+    load = os.getloadavg()[0]
     rows = []
     for k in (int(x) for x in args.k.split(",")):
         cmds = [_cmd(tmp / f"k{k}_seq{i}", args.rounds, args.threads, i) for i in range(k)]
@@ -59,7 +60,7 @@ def main() -> None:
         print(f"K={k}: in a row {seq:.1f} s, at once {par:.1f} s", flush=True)
     cores = len(os.sched_getaffinity(0))
     print(f"\n{args.rounds}-round default federations, {cores} cores, threads "
-          f"{args.threads or 'default'}; load before: {os.getloadavg()[0]:.2f}")
+          f"{args.threads or 'default'}; load average before: {load:.2f}")
     print("| K runs | in a row (s) | at once (s) | at once / in a row |")
     print("|---|---|---|---|")
     for k, seq, par in rows:
