@@ -1,5 +1,5 @@
 """Bit-plane training, CPU backend: adapters to the C++ kernels in csrc/cpu/bitplane*
-(OpenMP), through ``fedmpq_kernels._C.cpu``. Contracts: :mod:`fedmpq_kernels.bitplane.reference`
+(their own thread pool), through ``fedmpq_kernels._C.cpu``. Contracts: :mod:`fedmpq_kernels.bitplane.reference`
 (same signatures, same results bit for bit).
 
 The kernels take contiguous buffers, float32 and bitmaps 4-byte aligned: inputs of any

@@ -1,5 +1,5 @@
 """Fake-quant's CPU backend: adapters from tensors to the C++ kernels in
-csrc/cpu/fake_quant* (OpenMP + AVX2), through ``fedmpq_kernels._C.cpu``.
+csrc/cpu/fake_quant* (their own thread pool + AVX2), through ``fedmpq_kernels._C.cpu``.
 
 The kernels work on contiguous, 4-byte-aligned float32; other float dtypes are converted
 here and the result converted back, and the rare misaligned float32 tensor (one made by

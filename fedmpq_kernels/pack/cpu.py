@@ -1,4 +1,4 @@
-"""Packing, CPU backend: adapters to the C++ kernels in csrc/cpu/pack* (OpenMP + AVX2).
+"""Packing, CPU backend: adapters to the C++ kernels in csrc/cpu/pack* (their own thread pool + AVX2).
 Contracts: :mod:`fedmpq_kernels.pack.reference`. Inputs of any strides are made contiguous
 (and 4-byte aligned where the kernels read uint32 words) here."""
 from __future__ import annotations
