@@ -16,7 +16,7 @@ from .config import (DEFAULTS, HELP, ConfigError, check_config, load_config_file
                      parse_optional_int)
 from .federation import read_checkpoint
 from .progress import log_through_bars
-from .results import compare
+from .results import bits_table, compare
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,6 +110,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                     "to this PNG (needs matplotlib)")
     cmp_.add_argument("--last", type=int, default=5, metavar="N",
                       help="average the accuracy over this many last rounds (default: 5)")
+    cmp_.add_argument("--bits", action="store_true",
+                      help="also print the bits per layer each budget's clients trained with in the last round")
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad flag (2, already said in one line)
@@ -122,6 +124,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.cmd == "compare":
             print(compare(args.dirs, args.plot, args.last))
+            if args.bits:
+                print()
+                print(bits_table(args.dirs))
             return 0
         if args.cmd == "flower":
             try:

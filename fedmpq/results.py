@@ -77,16 +77,13 @@ def _text(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
-def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
-    """Compare several runs: runs whose configurations differ only in the seed form one group.
+def _median(xs: List[float]) -> float:
+    s = sorted(xs)
+    return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
 
-    Returns a Markdown table, one row per group: algorithm, seeds, rounds, the final accuracy
-    (mean, and min..max over seeds), the mean accuracy over the ``last`` rounds (the same
-    statistics), the best round, and the bytes uploaded per run. With ``out`` and matplotlib,
-    writes the accuracy curves to that PNG: each group's mean over seeds with its min..max band.
-    Raises :class:`ConfigError` for a folder without ``results.json`` or a run with no rounds."""
-    if last < 1:
-        raise ConfigError(f"last must be >= 1, got {last}")
+
+def _load(dirs: List[str]) -> Dict[str, List[Any]]:
+    """results.json of each folder, grouped by setting (runs that differ only in the seed)."""
     groups: Dict[str, List[Any]] = {}
     for d in dirs:
         p = Path(d) / "results.json"
@@ -101,22 +98,62 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
         if not res.get("rounds"):
             raise ConfigError(f"{p} has no rounds")
         groups.setdefault(_group_key(res["config"]), []).append((d, res))
+    return groups
+
+
+def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
+    """Compare several runs: runs whose configurations differ only in the seed form one group.
+
+    Returns a Markdown table, one row per group, over the rounds every seed of the group has:
+    the final accuracy and the mean accuracy over the ``last`` rounds (mean over seeds, and
+    min..max), both evaluations (eval mode with the aggregated BatchNorm statistics, and
+    ``train mode``, the authors'); ``trend``: the mean of the ``last`` rounds minus the mean of
+    the ``last`` rounds before them (near 0 when the curve has levelled off; ``-`` when the
+    run is shorter than 2·``last`` rounds); the best round; the median seconds per round and
+    the share of it spent on quantization work (``quant_seconds``); bytes uploaded per run and
+    how many times fewer bytes both ways take than float32 (``-`` where a run did not record
+    it). With ``out`` and matplotlib, writes the accuracy curves to that PNG: each group's mean
+    over seeds with its min..max band.
+    Raises :class:`ConfigError` for a folder without ``results.json`` or a run with no rounds."""
+    if last < 1:
+        raise ConfigError(f"last must be >= 1, got {last}")
+    groups = _load(dirs)
 
     def stat(xs: List[float]) -> str:
         return f"{sum(xs) / len(xs):.4f} ({min(xs):.4f}..{max(xs):.4f})" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+    def column(runs, n, key):  # per seed, the rounds' values; None when a round lacks them
+        cols = [[r.get(key) for r in res["rounds"][:n]] for _, res in runs]
+        return None if any(v is None for c in cols for v in c) else cols
 
     rows, curves = [], []
     labels = _labels([runs[0][1]["config"] for runs in groups.values()])
     for runs, label in zip(groups.values(), labels):
         n = min(len(res["rounds"]) for _, res in runs)  # rounds every seed has
-        accs = [[r["accuracy"] for r in res["rounds"][:n]] for _, res in runs]
+        accs = column(runs, n, "accuracy")
+        if accs is None:
+            raise ConfigError(f"{runs[0][0]}: a round without an accuracy")
         k = min(last, n)
-        rows.append(f"| {label} | {','.join(str(res['config']['seed']) for _, res in runs)} | {n} | "
-                    f"{stat([a[-1] for a in accs])} | {stat([sum(a[-k:]) / k for a in accs])} | "
-                    f"{max(max(a) for a in accs):.4f} | {sum(sum(r['bytes_up'] for r in res['rounds'][:n]) for _, res in runs) // len(runs)} |")
+        cells = [label, ",".join(str(res["config"]["seed"]) for _, res in runs), str(n),
+                 stat([a[-1] for a in accs]), stat([sum(a[-k:]) / k for a in accs])]
+        cells.append(f"{sum(sum(a[-k:]) / k - sum(a[-2 * k:-k]) / k for a in accs) / len(accs):+.4f}"
+                     if n >= 2 * k else "-")
+        tm = column(runs, n, "accuracy_train_mode")
+        cells += [stat([a[-1] for a in tm]), stat([sum(a[-k:]) / k for a in tm])] if tm else ["-", "-"]
+        cells.append(f"{max(max(a) for a in accs):.4f}")
+        secs, quant = column(runs, n, "seconds"), column(runs, n, "quant_seconds")
+        cells.append(f"{_median([s for c in secs for s in c]):.1f}" if secs else "-")
+        cells.append(f"{sum(map(sum, quant)) / sum(map(sum, secs)):.1%}" if secs and quant and sum(map(sum, secs)) > 0
+                     else "-")
+        ups, downs, f32 = column(runs, n, "bytes_up"), column(runs, n, "bytes_down"), column(runs, n, "float32_bytes")
+        cells.append(str(sum(map(sum, ups)) // len(runs)) if ups else "-")
+        both = sum(map(sum, ups)) + sum(map(sum, downs)) if ups and downs else 0
+        cells.append(f"{sum(map(sum, f32)) / both:.1f}x" if f32 and both else "-")
+        rows.append("| " + " | ".join(cells) + " |")
         curves.append((label, accs))
-    table = (f"| runs | seeds | rounds | final accuracy | mean of last {last} | best | bytes up per run |\n"
-             "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    table = (f"| runs | seeds | rounds | final accuracy | mean of last {last} | trend | final, train mode | "
+             f"mean of last {last}, train mode | best | s/round | quant share | bytes up per run | "
+             "float32 / bytes |\n|" + "---|" * 13 + "\n" + "\n".join(rows))
     if out:
         try:
             import matplotlib
@@ -139,3 +176,34 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
         fig.savefig(out, dpi=120)
         plt.close(fig)
     return table
+
+
+def bits_table(dirs: List[str]) -> str:
+    """The bit-widths clients trained with in their last round, per budget: a Markdown table,
+    one row per setting and budget, with the size-weighted mean bits per weight (mean over the
+    clients of that budget and the seeds, and min..max) and each layer's bits in model order
+    (the mean over those clients, to one decimal where they differ). These are the bits of the
+    uploads of the last round: the server's reassignment from the round before, less what
+    precision reduction dropped. Runs without per-client bits (``fp``) are left out."""
+    groups = _load(dirs)
+    labels = _labels([runs[0][1]["config"] for runs in groups.values()])
+    rows = []
+    for runs, label in zip(groups.values(), labels):
+        per_budget: Dict[float, List[Any]] = {}
+        for _, res in runs:
+            budgets = res["config"].get("budgets") or []
+            last_round = res["rounds"][-1]
+            for client, bits in sorted(last_round.get("bits", {}).items(), key=lambda kv: int(kv[0])):
+                if int(client) < len(budgets):
+                    per_budget.setdefault(float(budgets[int(client)]), []).append(
+                        (bits, last_round.get("mean_bits", {}).get(client)))
+        for budget in sorted(per_budget):
+            got = per_budget[budget]
+            layers = [sum(c) / len(c) for c in zip(*(b for b, _ in got))]
+            means = [m for _, m in got if m is not None]
+            mean = (f"{sum(means) / len(means):.2f}" + (f" ({min(means):.2f}..{max(means):.2f})" if len(means) > 1 else "")
+                    if means else "-")
+            rows.append(f"| {label} | {budget:g} | {len(got)} | {mean} | "
+                        + " ".join(f"{v:.0f}" if v == int(v) else f"{v:.1f}" for v in layers) + " |")
+    return ("| runs | budget | clients x seeds | mean bits per weight | bits per layer (model order) |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows))

@@ -11,10 +11,10 @@ from tests.extras import optional
 SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_epochs=1, batch_size=64, alpha=0.5)
 
 
-def _fake_run(path, alg, seed, accs, up=100, **keys):
+def _fake_run(path, alg, seed, accs, up=100, extra=None, **keys):
     path.mkdir()
     cfg = config.check_config(dict(alg=alg, seed=seed, **keys))
-    rounds = [dict(round=i + 1, accuracy=a, bytes_up=up) for i, a in enumerate(accs)]
+    rounds = [dict(round=i + 1, accuracy=a, bytes_up=up, **(extra[i] if extra else {})) for i, a in enumerate(accs)]
     (path / "results.json").write_text(json.dumps({"config": cfg, "rounds": rounds}))
     return str(path)
 
@@ -27,14 +27,43 @@ def test_compare_groups_seeds_and_reports_mean_and_spread(tmp_path, capsys):
     rows = [r for r in table.splitlines() if r.startswith("| fedmpq") or r.startswith("| aqfl")]
     assert len(rows) == 2  # the two seeds of fedmpq are one group
     # final: mean(0.7, 0.9) = 0.8; last 2: mean(0.65, 0.85) = 0.75; best 0.9; bytes (400+1200)/2
-    assert rows[0] == "| fedmpq (digits) | 0,1 | 4 | 0.8000 (0.7000..0.9000) | 0.7500 (0.6500..0.8500) | 0.9000 | 800 |"
-    assert rows[1] == "| aqfl (digits) | 0 | 4 | 0.4000 | 0.4000 | 0.4000 | 400 |"
+    # trend: last 2 minus the 2 before: seed 0 0.65 - 0.3, seed 1 0.85 - 0.25, mean 0.475
+    # runs that recorded no train-mode accuracy, seconds or float32 bytes get "-" there
+    assert rows[0] == ("| fedmpq (digits) | 0,1 | 4 | 0.8000 (0.7000..0.9000) | 0.7500 (0.6500..0.8500) | +0.4750 "
+                       "| - | - | 0.9000 | - | - | 800 | - |")
+    assert rows[1] == "| aqfl (digits) | 0 | 4 | 0.4000 | 0.4000 | +0.0000 | - | - | 0.4000 | - | - | 400 | - |"
+    assert table.splitlines()[1] == "|" + "---|" * 13
     assert cli.main(["compare", a0, b0, "--last", "1"]) == 0
-    assert "| aqfl (digits) | 0 | 4 | 0.4000 |" in capsys.readouterr().out
+    assert "| aqfl (digits) | 0 | 4 | 0.4000 | 0.4000 | +0.0000 |" in capsys.readouterr().out
     with pytest.raises(config.ConfigError, match="does not exist"):
         results.compare([a0, str(tmp_path / "missing")])
     with pytest.raises(config.ConfigError, match="last must be"):
         results.compare([a0], last=0)
+
+
+def test_compare_reports_train_mode_cost_and_bytes(tmp_path):
+    ex = [dict(accuracy_train_mode=t, seconds=s, quant_seconds=q, bytes_down=50, float32_bytes=600)
+          for t, s, q in [(0.2, 10.0, 1.0), (0.3, 30.0, 2.0), (0.5, 20.0, 3.0)]]
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.4, 0.6], extra=ex)
+    a1 = _fake_run(tmp_path / "a1", "fedmpq", 1, [0.2, 0.4, 0.8], extra=ex[:2] + [dict(ex[2], accuracy_train_mode=0.7)])
+    row = results.compare([a0, a1], last=1).splitlines()[2]
+    # train mode: final (0.5, 0.7); trend: (0.6 - 0.4 + 0.8 - 0.4) / 2; median of 10,30,20,10,30,20 = 20 s;
+    # quant share 12/120; float32 6*600 against (100 + 50) * 6 bytes: 4x
+    assert row == ("| fedmpq (digits) | 0,1 | 3 | 0.7000 (0.6000..0.8000) | 0.7000 (0.6000..0.8000) | +0.3000 | "
+                   "0.6000 (0.5000..0.7000) | 0.6000 (0.5000..0.7000) | 0.8000 | 20.0 | 10.0% | 300 | 4.0x |")
+    # a run too short for the trend says so instead of comparing with nothing
+    assert results.compare([a0], last=2).splitlines()[2].split(" | ")[5] == "-"
+
+
+def test_bits_table_groups_clients_by_budget(tmp_path, capsys):
+    ex = [dict(bits={"0": [8, 2, 2], "1": [8, 4, 2], "2": [8, 4, 4]}, mean_bits={"0": 2.1, "1": 3.0, "2": 4.2})]
+    a = _fake_run(tmp_path / "a", "fedmpq", 0, [0.5], extra=ex, budgets=[2, 2, 4], n_clients=3)
+    f = _fake_run(tmp_path / "f", "fp", 0, [0.6], budgets=[2, 2, 4], n_clients=3)
+    rows = results.bits_table([a, f]).splitlines()[2:]
+    assert rows == ["| fedmpq (digits) | 2 | 2 | 2.55 (2.10..3.00) | 8 3 2 |",
+                    "| fedmpq (digits) | 4 | 1 | 4.20 | 8 4 4 |"]
+    assert cli.main(["compare", a, "--bits"]) == 0
+    assert "| fedmpq (digits) | 4 | 1 | 4.20 | 8 4 4 |" in capsys.readouterr().out
 
 
 def test_plots_are_written_with_matplotlib(tmp_path):
