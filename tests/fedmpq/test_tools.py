@@ -1,0 +1,37 @@
+"""The study tools under tools/ that docs/RESULTS.md quotes: their arithmetic on hand-made
+states (the tools are scripts, loaded from their files)."""
+import importlib.util
+import math
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_weight_stats_groups_and_shares():
+    ws = _load("weight_stats")
+    state = {
+        "conv1.weight": torch.tensor([[1.0, -0.5, 0.25, 0.0]]),
+        "bn1.weight": torch.ones(4),  # 1-d: not a quantized weight
+        "layer3.2.conv2.weight": torch.tensor([[[-2.0, 2.0], [1.0, 0.9]]]),
+        "layer3.0.conv1.weight": torch.zeros(2, 2),  # all zero: no max to divide by, left out
+        "linear.weight": torch.tensor([[3.0, -3.0, 3.0, -3.0]]),
+    }
+    st = ws._stats(state)
+    assert set(st) == {"stem", "layer3", "classifier"}
+    rms, half, sat = st["stem"][0]
+    assert math.isclose(rms, math.sqrt((1 + 0.25 + 0.0625) / 4), rel_tol=1e-6)
+    assert (half, sat) == (0.5, 0.25)
+    rms, half, sat = st["layer3"][0]
+    assert math.isclose(rms, math.sqrt((4 + 4 + 1 + 0.81) / 4) / 2, rel_tol=1e-6)
+    assert (half, sat) == (0.75, 0.5)
+    assert st["classifier"] == [(1.0, 1.0, 1.0)]  # sign times scale
+    assert ws._rng([0.25, 0.5], pct=True) == "25.0 %..50.0 %" and ws._rng([0.211, 0.214]) == "0.21"

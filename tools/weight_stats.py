@@ -1,0 +1,87 @@
+"""How the global model's quantized weights are spread, per layer group, after a run: for
+each run folder's checkpoint (the global model after its last round) and for the model the
+run started from (its seed's initialization), per group of layers (the stem, each stage,
+the classifier; min..max over the group's layers):
+
+* rms/max: rms(W) / max|W|, 0.58 for a uniform spread, 1 for a sign-times-scale matrix;
+* the share of weights with |W| >= max|W|/2 (a 1-bit upload keeps exactly these);
+* the share with |W| >= 0.9 max|W| (saturated, as docs/RESULTS.md counts it).
+
+    python tools/weight_stats.py runs/r20/fedmpq_s0 runs/r20/aqfl_s0
+
+Used for docs/RESULTS.md (ResNet-20: classifier drift and stage-3 shrinkage). Reads only.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from fedmpq import config, server as server_mod
+from fedmpq.federation import read_checkpoint
+
+
+def _group(name: str) -> str:
+    m = re.match(r"(layer\d+)\.", name)
+    if m:
+        return m.group(1)
+    return "stem" if name.startswith("conv") else "classifier"
+
+
+def _stats(state: dict) -> dict:
+    """Per group: lists of (rms/max, share >= max/2, share >= 0.9 max), one per layer."""
+    out: dict = {}
+    for name, w in state.items():
+        if not name.endswith(".weight") or w.dim() < 2:  # BatchNorm and biases are not quantized
+            continue
+        w = w.detach().double().abs().flatten()
+        top = float(w.max())
+        if top == 0:
+            continue
+        row = (float(w.pow(2).mean().sqrt()) / top, float((w >= top / 2).double().mean()),
+               float((w >= 0.9 * top).double().mean()))
+        out.setdefault(_group(name), []).append(row)
+    return out
+
+
+def _rng(xs, pct=False) -> str:
+    f = (lambda v: f"{100 * v:.1f} %") if pct else (lambda v: f"{v:.2f}")
+    lo, hi = min(xs), max(xs)
+    return f(lo) if f(lo) == f(hi) else f"{f(lo)}..{f(hi)}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", help="run folders holding checkpoint.pt")
+    args = ap.parse_args(argv)
+    rows = []
+    for run in args.runs:
+        state = read_checkpoint(Path(run) / "checkpoint.pt")
+        c = config.check_config(state["config"])
+        done = len(json.loads(state["rounds"]))
+        label = f"{c['alg']} seed {c['seed']}, scale_lr {c['scale_lr']}"
+        torch.manual_seed(c["seed"])  # the initialization, as the federation does
+        ds, parts = config.load_data(c)
+        srv = server_mod.Server(c["alg"], config.model_builder(c, ds), budgets=dict(enumerate(c["budgets"])),
+                                num_samples={k: len(p) for k, p in enumerate(parts)}, seed=c["seed"],
+                                rule=c["aggregation"])
+        rows.append((f"{label}: initialization", _stats(srv.global_state)))
+        rows.append((f"{label}: after round {done}", _stats(state["server"]["global_state"])))
+    groups = list(dict.fromkeys(g for _, st in rows for g in st))
+    for title, k, pct in (("rms/max", 0, False), ("share of weights with |W| >= max/2", 1, True),
+                          ("share of weights with |W| >= 0.9 max", 2, True)):
+        print(f"{title} (min..max over a group's layers)\n")
+        print("| global model | " + " | ".join(groups) + " |\n|" + "---|" * (len(groups) + 1))
+        for label, st in rows:
+            print(f"| {label} | " + " | ".join(_rng([r[k] for r in st[g]], pct) if g in st else "-" for g in groups)
+                  + " |")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
