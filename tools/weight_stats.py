@@ -1,7 +1,7 @@
 """How the global model's quantized weights are spread, per layer group, after a run: for
 each run folder's checkpoint (the global model after its last round) and for the model the
-run started from (its seed's initialization), per group of layers (the stem, each stage,
-the classifier; min..max over the group's layers):
+run started from (its seed's initialization), per group of layers (each ResNet stage, and
+every other layer on its own; min..max over a group's layers):
 
 * rms/max: rms(W) / max|W|, 0.58 for a uniform spread, 1 for a sign-times-scale matrix;
 * the share of weights with |W| >= max|W|/2 (a 1-bit upload keeps exactly these);
@@ -26,10 +26,9 @@ from fedmpq.federation import read_checkpoint
 
 
 def _group(name: str) -> str:
+    """A ResNet stage (``layer2``) for its layers, else the layer's own name."""
     m = re.match(r"(layer\d+)\.", name)
-    if m:
-        return m.group(1)
-    return "stem" if name.startswith("conv") else "classifier"
+    return m.group(1) if m else name.rsplit(".", 1)[0]
 
 
 def _stats(state: dict) -> dict:

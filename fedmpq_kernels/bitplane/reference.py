@@ -54,7 +54,7 @@ integer hash ``x ^= x>>16; x *= 0x21F0AAAD; x ^= x>>15; x *= 0x735A2D97; x ^= x>
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -187,11 +187,17 @@ def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
 
 
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
-                  scale: Tensor, bits: int, lr: float, momentum: float, key: int) -> Tensor:
+                  scale: Tensor, bits: int, lr: float, momentum: float, key: int,
+                  pre: Optional[Tensor] = None) -> Tensor:
     """One fused bit-plane optimizer step with re-quantization, in place on codes, sign,
     mom and gs (the module docstring states every operation). grad: G float32 (n,);
-    coef: c float32 (bits,). Returns the step's g_s, float32 0-dim (non-finite: skipped)."""
+    coef: c float32 (bits,). Returns the step's g_s, float32 0-dim (non-finite: skipped).
+    ``pre``: float32 (n,), receives the re-quantized value before the sign fold and the
+    saturation (v = q - R*step, in the old sign's orientation; q itself when the step is
+    skipped): the authors' unclamped value, for tools/unclamped_upload.py."""
     n = codes.numel()
+    if pre is not None:
+        pre.copy_(codes.reshape(-1).float())
     N = bits
     dev = codes.device
     L = _L(bits, codes)
@@ -244,6 +250,8 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     for i in range(N):
         R = R + r[i] * (1 << (N - 1 - i))
     v = q.float() - R.float() * step
+    if pre is not None:
+        pre.copy_(v)
     qn = torch.round(v)
     flip = qn < 0
     qn = torch.minimum(qn.abs(), L)

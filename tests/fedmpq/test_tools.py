@@ -26,12 +26,12 @@ def test_weight_stats_groups_and_shares():
         "linear.weight": torch.tensor([[3.0, -3.0, 3.0, -3.0]]),
     }
     st = ws._stats(state)
-    assert set(st) == {"stem", "layer3", "classifier"}
-    rms, half, sat = st["stem"][0]
+    assert set(st) == {"conv1", "layer3", "linear"}
+    rms, half, sat = st["conv1"][0]
     assert math.isclose(rms, math.sqrt((1 + 0.25 + 0.0625) / 4), rel_tol=1e-6)
     assert (half, sat) == (0.5, 0.25)
     rms, half, sat = st["layer3"][0]
     assert math.isclose(rms, math.sqrt((4 + 4 + 1 + 0.81) / 4) / 2, rel_tol=1e-6)
     assert (half, sat) == (0.75, 0.5)
-    assert st["classifier"] == [(1.0, 1.0, 1.0)]  # sign times scale
+    assert st["linear"] == [(1.0, 1.0, 1.0)]  # sign times scale
     assert ws._rng([0.25, 0.5], pct=True) == "25.0 %..50.0 %" and ws._rng([0.211, 0.214]) == "0.21"

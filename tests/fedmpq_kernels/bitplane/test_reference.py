@@ -70,3 +70,36 @@ def test_generator_hand_computed_and_statistics():
         for j in range(i + 1, 8):
             assert (streams[i] != streams[j]).float().mean() > 0.99
     assert R.step_key(1, 2, 3) == R.step_key(1 + 2**32, 2, 3)  # each taken mod 2^32
+
+
+def test_reference_step_hands_out_the_pre_clamp_value():
+    """``pre`` (tools/unclamped_upload.py) is v = q - R*step before the sign fold and the
+    saturation. The hand-computed case of test_step.py: q = 1, R = 72 (73 when the coin
+    hits), step = lr * g_s = 8/225, so v = 1 - 72*8/225 = -1.56 (or 1 - 73*8/225), and the
+    step folds it to sign 1, q = 2. Then a saturating step: v beyond L, codes at L."""
+    lr = float(np.float32(1 / 15))
+    for seed, r in ((0, 72), (2, 73)):
+        codes, sign = torch.tensor([1], dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8)
+        mom, gs, pre = torch.zeros(4, 1, dtype=torch.uint8), torch.zeros(1), torch.full((1,), float("nan"))
+        R.bitplane_step(codes, sign, mom, gs, torch.tensor([10.0]), torch.zeros(4), torch.tensor(1.5), 4, lr, 0.9,
+                        R.step_key(seed, 0, 0), pre=pre)
+        step = np.float32(lr) * np.float32(np.float32(8.0) / np.float32(15.0))
+        assert abs(float(pre) - (1 - r * float(step))) < 1e-5 and codes.tolist() == [2] and sign[0] == 1
+    # 8 bits, every code at 254 or 255 and a negative gradient: the codes grow past L = 255
+    n, bits = 64, 8
+    codes = torch.full((n,), 255, dtype=torch.uint8)
+    codes[::2] = 254
+    sign, mom, gs = torch.zeros(R.bitmap_nbytes(n), dtype=torch.uint8), torch.zeros(bits, n, dtype=torch.uint8), \
+        torch.zeros(1)
+    pre = torch.empty(n)
+    before = codes.clone()
+    R.bitplane_step(codes, sign, mom, gs, -torch.linspace(1, 2, n), torch.zeros(bits), torch.tensor(2.0), bits, 1.0,
+                    0.9, 5, pre=pre)
+    assert bool((pre > 255.5).any())
+    assert torch.equal(codes, torch.round(pre).abs().clamp(max=255).to(torch.uint8))  # fold and saturate
+    # a skipped step (g_s = 0: zero gradient, coefficients and momentum) hands out q itself
+    mom.zero_()
+    gs.zero_()
+    R.bitplane_step(codes, sign, mom, gs, torch.zeros(n), torch.zeros(bits), torch.tensor(2.0), bits, 1.0, 0.9, 6,
+                    pre=pre)
+    assert torch.equal(pre, codes.float()) and not torch.equal(before, codes)
