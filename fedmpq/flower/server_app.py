@@ -61,7 +61,7 @@ def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -
     missing = sorted(set(range(n_clients)) - set(node_of))
     if missing:
         raise RuntimeError(f"no node is client {missing[0]} (of 0..{n_clients - 1}); {len(node_of)} of "
-                           f"{n_clients} nodes identified themselves")
+                           f"{n_clients} nodes identified themselves within {timeout:g} s (node-timeout)")
     return node_of, budgets, samples
 
 

@@ -36,7 +36,9 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, cpus: Optional[int] = No
 
     ``cpus``: Ray's CPUs (default: the cores this process may use); each client takes
     ``threads`` of them (default: as ``fedmpq simulate``, every core), so ``cpus // threads``
-    clients train at once. With the same threads both give the same results. Raises
+    clients train at once. With the same threads both give the same results.
+    ``round_timeout``: seconds a round's replies may take, and the nodes' first answer
+    (which starts their workers). Raises
     :class:`fedmpq.config.ConfigError` for a bad config before Flower starts."""
     c = check_config(cfg)
     cpus = check(c, cpus)
@@ -47,7 +49,9 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, cpus: Optional[int] = No
     with tempfile.TemporaryDirectory() as tmp:
         outdir = out or tmp
         rc = {**{k: _flat(k, v) for k, v in c.items()}, "out": str(outdir), "round_timeout": float(round_timeout),
-              "threads": threads}
+              # the first query starts the virtual nodes' workers (each imports torch): on a
+              # loaded machine that takes as long as a round may, not the deployment's 120 s
+              "node_timeout": float(round_timeout), "threads": threads}
         run_simulation(server_app=server_app.make_app(rc), client_app=client_app.make_app(rc),
                        num_supernodes=c["n_clients"],
                        backend_config={"init_args": {"num_cpus": cpus, "num_gpus": 0},

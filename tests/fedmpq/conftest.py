@@ -48,3 +48,11 @@ def make_upload(seed: int = 0, bits=None, client_id: int = 3, num_samples: int =
 @pytest.fixture
 def upload():
     return make_upload()
+
+
+@pytest.fixture(autouse=True)
+def _own_trainer_registry(tmp_path_factory, monkeypatch):
+    """Every test sees only its own fedmpq runs: a default-threads ``fedmpq simulate`` shares
+    the cores with the runs registered on the machine (fedmpq.trainers), so a study running
+    beside the tests would change the threads, and the results, that tests compare."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
