@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
 import fedmpq_kernels as fk
+from _study import initial_server, read_run
 from fedmpq import client as client_mod
-from fedmpq import config, nn as qn, server as server_mod
-from fedmpq.federation import read_checkpoint
+from fedmpq import config, nn as qn
 
 
 def _state(layer) -> dict:
@@ -101,10 +100,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.run:
-        state = read_checkpoint(Path(args.run) / "checkpoint.pt")
-        c = config.check_config(state["config"])
-        import json
-        round_ = len(json.loads(state["rounds"])) + 1
+        state, c, done = read_run(args.run)
+        round_ = done + 1
     else:
         state, c, round_ = None, config.check_config(config.load_config_file(args.config)), 1
     if c["alg"] == "fp":
@@ -115,10 +112,7 @@ def main(argv=None) -> int:
     if any(not 0 <= k < c["n_clients"] for k in clients):
         print(f"--clients must be in 0..{c['n_clients'] - 1}", file=sys.stderr)
         return 2
-    torch.manual_seed(c["seed"])  # the global model's initialization, as the federation does
-    build = config.model_builder(c, ds)
-    srv = server_mod.Server(c["alg"], build, budgets=dict(enumerate(c["budgets"])),
-                            num_samples={k: len(p) for k, p in enumerate(parts)}, seed=c["seed"], rule=c["aggregation"])
+    srv = initial_server(c, ds, parts)
     if state is not None:
         srv.load_state(state["server"])
     print(f"{c['alg']}, {c['model']} on {c['dataset']}, alpha {c['alpha']}, seed {c['seed']}: round {round_}, "

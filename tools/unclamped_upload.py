@@ -27,26 +27,24 @@ Used for docs/RESULTS.md (ResNet-20: "Saturation").
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
 import fedmpq_kernels as fk
+from _study import group, initial_server, read_run
 from fedmpq import client as client_mod
-from fedmpq import config, nn as qn, server as server_mod
-from fedmpq.federation import read_checkpoint
+from fedmpq import config, nn as qn
 from fedmpq_kernels.bitplane import reference as ref
 
 
-def _group(name: str) -> str:
-    """A ResNet stage (``layer2``) for its layers, else the layer's own name."""
-    return name.split(".")[0] if name.startswith("layer") else name
+def _sign(sign, n):
+    """The weights' signs, +-1 float64 (n,) (a negative zero code counts as -1, as the step folds it)."""
+    return torch.where(ref.negative_mask(sign, n), -1.0, 1.0).double()
 
 
 def _signed(codes, sign, n):
-    return torch.where(ref.negative_mask(sign, n), -1.0, 1.0).double() * codes.reshape(-1).double()
+    return _sign(sign, n) * codes.reshape(-1).double()
 
 
 def run_round(c, ds, parts, srv, round_):
@@ -61,7 +59,7 @@ def run_round(c, ds, parts, srv, round_):
     def step(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key):
         n = codes.numel()
         q0 = codes.reshape(-1).double()
-        s0 = torch.where(ref.negative_mask(sign, n), -1.0, 1.0).double()
+        s0 = _sign(sign, n)
         t = shadow.setdefault(codes.data_ptr(), s0 * q0)
         pre = torch.empty(n, dtype=torch.float32)
         out = ref.bitplane_step(codes, sign, mom, gs, grad.reshape(-1).float(), coef.reshape(-1).float(), scale,
@@ -79,7 +77,7 @@ def run_round(c, ds, parts, srv, round_):
             t = shadow.get(layer.codes.data_ptr(), o)
             s = float(layer.scale.detach())
             d[name + ".weight"] = (s * (t - o) / L).float()
-            rows.append((_group(name), n, float((o.abs() == L).sum()), float((t != o).sum()),
+            rows.append((group(name), n, float((o.abs() == L).sum()), float((t != o).sum()),
                          float((t.clamp(-L, L) != o).sum())))
         deltas.append(d)
         return out
@@ -100,16 +98,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    state = read_checkpoint(Path(args.run) / "checkpoint.pt")
-    c = config.check_config(state["config"])
+    state, c, done = read_run(args.run)
     if c["alg"] == "fp":
         print("fp has no quantized layers", file=sys.stderr)
         return 2
-    round_ = len(json.loads(state["rounds"])) + 1
+    round_ = done + 1
     ds, parts = config.load_data(c)
-    torch.manual_seed(c["seed"])
-    srv = server_mod.Server(c["alg"], config.model_builder(c, ds), budgets=dict(enumerate(c["budgets"])),
-                            num_samples={k: len(p) for k, p in enumerate(parts)}, seed=c["seed"], rule=c["aggregation"])
+    srv = initial_server(c, ds, parts)
     srv.load_state(state["server"])
     uploads, deltas, rows = run_round(c, ds, parts, srv, round_)
     srv.aggregate(round_, uploads)
@@ -129,7 +124,7 @@ def main(argv=None) -> int:
     for g in groups:
         rs = [r for r in rows if r[0] == g]
         n = sum(r[1] for r in rs)
-        keys = [k for k in rel if _group(k[: -len(".weight")]) == g]
+        keys = [k for k in rel if group(k) == g]
         print(f"| {g} | {100 * sum(r[2] for r in rs) / n:.2f} % | {100 * sum(r[3] for r in rs) / n:.2f} % | "
               f"{100 * sum(r[4] for r in rs) / n:.3f} % | {min(rel[k] for k in keys):.2e}..{max(rel[k] for k in keys):.2e} |")
     print(f"\nglobal accuracy after round {round_}: ours {acc[0]:.4f} (train mode {acc[1]:.4f}), with the authors' "

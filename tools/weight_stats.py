@@ -14,21 +14,10 @@ Used for docs/RESULTS.md (ResNet-20: classifier drift and stage-3 shrinkage). Re
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
-from pathlib import Path
 
-import torch
-
-from fedmpq import config, server as server_mod
-from fedmpq.federation import read_checkpoint
-
-
-def _group(name: str) -> str:
-    """A ResNet stage (``layer2``) for its layers, else the layer's own name."""
-    m = re.match(r"(layer\d+)\.", name)
-    return m.group(1) if m else name.rsplit(".", 1)[0]
+from _study import group, initial_server, read_run
+from fedmpq import config
 
 
 def _stats(state: dict) -> dict:
@@ -43,7 +32,7 @@ def _stats(state: dict) -> dict:
             continue
         row = (float(w.pow(2).mean().sqrt()) / top, float((w >= top / 2).double().mean()),
                float((w >= 0.9 * top).double().mean()))
-        out.setdefault(_group(name), []).append(row)
+        out.setdefault(group(name), []).append(row)
     return out
 
 
@@ -59,15 +48,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = []
     for run in args.runs:
-        state = read_checkpoint(Path(run) / "checkpoint.pt")
-        c = config.check_config(state["config"])
-        done = len(json.loads(state["rounds"]))
+        state, c, done = read_run(run)
         label = f"{c['alg']} seed {c['seed']}, scale_lr {c['scale_lr']}"
-        torch.manual_seed(c["seed"])  # the initialization, as the federation does
-        ds, parts = config.load_data(c)
-        srv = server_mod.Server(c["alg"], config.model_builder(c, ds), budgets=dict(enumerate(c["budgets"])),
-                                num_samples={k: len(p) for k, p in enumerate(parts)}, seed=c["seed"],
-                                rule=c["aggregation"])
+        srv = initial_server(c, *config.load_data(c))
         rows.append((f"{label}: initialization", _stats(srv.global_state)))
         rows.append((f"{label}: after round {done}", _stats(state["server"]["global_state"])))
     groups = list(dict.fromkeys(g for _, st in rows for g in st))

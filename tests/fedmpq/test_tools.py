@@ -2,6 +2,7 @@
 states (the tools are scripts, loaded from their files)."""
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -10,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load(name):
+    if str(ROOT / "tools") not in sys.path:  # as `python tools/x.py` runs them: their shared _study
+        sys.path.insert(0, str(ROOT / "tools"))
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
