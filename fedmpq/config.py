@@ -28,13 +28,14 @@ PAPER_BUDGETS = [2, 2, 4, 4, 4, 6, 6, 6, 8, 8]
 DEFAULTS: Dict[str, Any] = dict(
     alg="fedmpq", dataset="digits", data_dir=None, model="small_cnn", alpha=0.5, n_clients=10,
     budgets=PAPER_BUDGETS, rounds=30, local_epochs=5, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
-    **{"lambda": 1e-3}, threshold=2.0, sampling_rate=1.0, act_bits=4, scale_lr="lsq", seed=0,
-    train_samples=None, aggregation="mean", device="cpu", threads=None,
+    **{"lambda": 1e-3}, threshold=2.0, sampling_rate=1.0, act_bits=4, scale_lr="lsq", classifier="quantized",
+    seed=0, train_samples=None, aggregation="mean", device="cpu", threads=None,
 )
 # Keys that only say where or how fast a run executes: a resumed run may change them, and
 # runs that differ only in them are the same experiment.
 EXECUTION_KEYS = ("device", "threads", "data_dir")
 ALGS = client_mod.ALGORITHMS
+CLASSIFIERS = ("quantized", "float")
 
 # One line per key for --help and the docs: what it is and what it may be (the default is
 # added from DEFAULTS).
@@ -58,6 +59,8 @@ HELP: Dict[str, str] = {
     "act_bits": "activation bits on the clients: 1..8 or 16",
     "scale_lr": f"scale learning-rate rule: {', '.join(client_mod.SCALE_LR_RULES)} "
                 "(lsq: lr/sqrt(n(2^N-1)) per layer; sgd: lr, the authors')",
+    "classifier": f"the quantized clients' classifier: {', '.join(CLASSIFIERS)} (quantized: bit planes, the paper's; "
+                  "float: a float layer trained by SGD and sent as float32, against its saturation)",
     "seed": "seed of the split, the model's initialization, sampling and training, an integer >= 0",
     "train_samples": "use a fixed subset of this many training samples (the same for every algorithm and seed); "
                      "none: the whole training set",
@@ -68,6 +71,13 @@ HELP: Dict[str, str] = {
                "the clients that train at the same time",
 }
 assert set(HELP) == set(DEFAULTS)
+
+
+def with_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A config saved by an earlier version (results.json, checkpoint.pt) with :data:`DEFAULTS`
+    for the keys it lacks: a key is only ever added with a default that keeps the behaviour
+    from before it, so the saved run is the one these values describe."""
+    return {**DEFAULTS, **saved}
 
 
 class ConfigError(ValueError):
@@ -103,7 +113,8 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     c = dict(DEFAULTS)
     c.update({k: v for k, v in cfg.items() if v is not None or k in ("alpha", "train_samples", "threads")})
     for key, choices in (("alg", ALGS), ("dataset", data_mod.DATASETS), ("model", qn.models.MODELS),
-                         ("scale_lr", client_mod.SCALE_LR_RULES), ("aggregation", agg_mod.RULES)):
+                         ("scale_lr", client_mod.SCALE_LR_RULES), ("aggregation", agg_mod.RULES),
+                         ("classifier", CLASSIFIERS)):
         if not isinstance(c[key], str) or c[key] not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {c[key]!r}")
     if c["data_dir"] is not None and not isinstance(c["data_dir"], str):
@@ -267,7 +278,8 @@ def model_builder(c: Dict[str, Any], ds: data_mod.Dataset) -> Callable[..., Any]
 
     def build(quantized: bool, bits=8, act_bits: Optional[int] = None):
         if quantized:
-            return qn.build(c["model"], quantized=True, bits=bits, act_bits=act_bits or c["act_bits"], **kw)
+            return qn.build(c["model"], quantized=True, bits=bits, act_bits=act_bits or c["act_bits"],
+                            float_classifier=c["classifier"] == "float", **kw)
         return qn.build(c["model"], quantized=False, act_bits=act_bits, **kw)
 
     return build

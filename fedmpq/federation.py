@@ -29,7 +29,7 @@ import torch
 
 from . import data as data_mod
 from . import server as server_mod
-from .config import EXECUTION_KEYS, ConfigError, model_builder, resolve_device
+from .config import EXECUTION_KEYS, ConfigError, model_builder, resolve_device, with_defaults
 from .progress import progress as _progress
 from .results import write_results
 
@@ -66,7 +66,9 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
 
 def resumable(saved: Dict[str, Any], c: Dict[str, Any], done: int, where: Path) -> None:
     """Refuse to resume a run of config ``saved`` (``done`` rounds recorded) as ``c``: only
-    ``rounds`` (not below ``done``) and the execution keys may change. The error names the key."""
+    ``rounds`` (not below ``done``) and the execution keys may change; a key ``saved`` lacks
+    (added since) counts as its default. The error names the key."""
+    saved = with_defaults(saved)
     for k in c:
         if k in EXECUTION_KEYS or k == "rounds":
             continue

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .config import EXECUTION_KEYS, ConfigError
+from .config import EXECUTION_KEYS, ConfigError, with_defaults
 
 
 def write_results(results: Dict[str, Any], outdir: Path) -> None:
@@ -97,6 +97,7 @@ def _load(dirs: List[str]) -> Dict[str, List[Any]]:
             raise ConfigError(f"{p} is not a fedmpq results file (no config)")
         if not res.get("rounds"):
             raise ConfigError(f"{p} has no rounds")
+        res["config"] = with_defaults(res["config"])  # runs from before a key group with its default
         groups.setdefault(_group_key(res["config"]), []).append((d, res))
     return groups
 

@@ -2,7 +2,8 @@
 (Fashion-MNIST) and 8x8 (scikit-learn digits) inputs, each float or quantized.
 
 Quantized form (ALGORITHM.md, "Setting" and "Activations"): every 3x3 conv (the stem's
-included) and the classifier are bit-plane layers; BatchNorm, 1x1 shortcut convs and biases
+included) and the classifier are bit-plane layers (``float_classifier=True`` keeps the
+classifier a float ``nn.Linear``: a deviation, DESIGN.md); BatchNorm, 1x1 shortcut convs and biases
 stay float; both activations of every basic block are ReLU6 + the ``act_bits`` quantizer,
 the stem's is a plain ReLU. Float form: the same modules with float weights, plain ReLUs
 (``act_bits=None``) or ReLU6 + an ``act_bits`` quantizer (16 for the server's evaluation).
@@ -23,10 +24,14 @@ Bits = Union[int, Sequence[int]]
 
 class _Factory:
     """Makes the layers of one model, float or bit-plane; bit-widths per quantized layer in
-    creation order (an int: the same for all)."""
+    creation order (an int: the same for all). ``float_classifier``: the quantized model's
+    classifier is a float ``nn.Linear`` and takes no bit-width."""
 
-    def __init__(self, quantized: bool, bits: Bits, act_bits: Optional[int]):
+    def __init__(self, quantized: bool, bits: Bits, act_bits: Optional[int], float_classifier: bool = False):
+        if not isinstance(float_classifier, bool):
+            raise TypeError(f"float_classifier must be a bool, got {type(float_classifier).__name__}")
         self.quantized = quantized
+        self.float_classifier = float_classifier
         self.bits = bits
         self.act_bits = act_bits
         self.count = 0
@@ -48,9 +53,10 @@ class _Factory:
         return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
 
     def linear(self, cin: int, cout: int) -> nn.Module:
-        if self.quantized:
+        if self.quantized and not self.float_classifier:
             return BitLinear(cin, cout, bits=self._next_bits())
-        self.count += 1
+        if not self.quantized:
+            self.count += 1
         return nn.Linear(cin, cout)
 
     def act(self) -> nn.Module:
@@ -84,14 +90,14 @@ class CifarResNet(nn.Module):
     """ResNet of depth 6k+2 for 32x32 inputs: 16/32/64 channels, 3 stages of k blocks."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, quantized: bool = False,
-                 bits: Bits = 8, act_bits: Optional[int] = None):
+                 bits: Bits = 8, act_bits: Optional[int] = None, float_classifier: bool = False):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6k + 2 >= 8, got {depth}")
         _check_arch(num_classes, in_channels)
         if quantized and act_bits is None:
             act_bits = 4
-        f = _Factory(quantized, bits, act_bits)
+        f = _Factory(quantized, bits, act_bits, float_classifier)
         k = (depth - 2) // 6
         self.conv1 = f.conv3x3(in_channels, 16)
         self.bn1 = nn.BatchNorm2d(16)
@@ -118,19 +124,20 @@ class CifarResNet(nn.Module):
 class SmallCNN(nn.Module):
     """conv3x3(16)-BN-act-maxpool, conv3x3(32)-BN-act-maxpool, conv3x3(64)-BN-act, global
     average pooling, linear: for 28x28 (Fashion-MNIST) or 8x8 (digits) single-channel images
-    (``image_size``). Four quantized layers. The classifier sees 64 pooled features, as in the
-    CIFAR ResNets: a wide classifier (a flattened feature map) gives its scale a gradient
-    summed over many thousands of weights, which SGD at the paper's learning rates blows up."""
+    (``image_size``). Four quantized layers (three with ``float_classifier``). The classifier
+    sees 64 pooled features, as in the CIFAR ResNets: a wide classifier (a flattened feature
+    map) gives its scale a gradient summed over many thousands of weights, which SGD at the
+    paper's learning rates blows up."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, quantized: bool = False,
-                 bits: Bits = 8, act_bits: Optional[int] = None):
+                 bits: Bits = 8, act_bits: Optional[int] = None, float_classifier: bool = False):
         super().__init__()
         _check_arch(num_classes, in_channels)
         if image_size < 4 or image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4 (two 2x2 poolings), got {image_size}")
         if quantized and act_bits is None:
             act_bits = 4
-        f = _Factory(quantized, bits, act_bits)
+        f = _Factory(quantized, bits, act_bits, float_classifier)
         self.conv1 = f.conv3x3(in_channels, 16)
         self.bn1 = nn.BatchNorm2d(16)
         self.act1 = f.act()
@@ -158,7 +165,8 @@ def _check_arch(num_classes: int, in_channels: int) -> None:
 
 
 def resnet20(**kw) -> CifarResNet:
-    """ResNet-20 (19 quantizable layers + classifier = 20 quantized layers when quantized)."""
+    """ResNet-20 (19 quantizable layers + classifier = 20 quantized layers when quantized, 19
+    with ``float_classifier``)."""
     return CifarResNet(depth=20, **kw)
 
 
@@ -176,7 +184,7 @@ MODELS = {"resnet20": resnet20, "resnet44": resnet44, "small_cnn": small_cnn}
 def build(name: str, **kw) -> nn.Module:
     """A model by name (``resnet20``, ``resnet44``, ``small_cnn``) with its keyword
     arguments (``num_classes``, ``in_channels``, ``quantized``, ``bits``, ``act_bits``,
-    ``image_size`` for the CNN)."""
+    ``float_classifier``, ``image_size`` for the CNN)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     return MODELS[name](**kw)

@@ -30,6 +30,8 @@ SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_e
     (dict(device="gpu"), "device must be cpu, cuda or cuda:N"),
     (dict(aggregation="max"), "aggregation must be one of mean, median, trimmed_mean"),
     (dict(act_bits=True), "act_bits must be 1..8 or 16"),
+    (dict(classifier="fp32"), "classifier must be one of quantized, float"),
+    (dict(classifier=False), "classifier must be one of quantized, float"),
 ])
 def test_bad_configs_stop_before_training_with_one_line(bad, msg, capsys):
     with pytest.raises(config.ConfigError, match=msg):
@@ -37,8 +39,9 @@ def test_bad_configs_stop_before_training_with_one_line(bad, msg, capsys):
     args = []
     for k, v in bad.items():
         args += [f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
-    if "bogus" in bad or any(isinstance(v, (str, bool)) for v in bad.values()) and "alg" not in bad and \
-            "dataset" not in bad and "scale_lr" not in bad and "device" not in bad and "aggregation" not in bad:
+    choice_keys = ("alg", "dataset", "scale_lr", "device", "aggregation", "classifier")
+    if "bogus" in bad or any(isinstance(v, (str, bool)) for v in bad.values()) and not any(
+            k in bad and isinstance(bad[k], str) for k in choice_keys):
         return  # a JSON-only mistake (a string or bool where a number belongs): the flag parses its text
     assert cli.main(["simulate", "--n-clients", "3", "--budgets", "2,4,8"] + args) == 2
     err = capsys.readouterr().err.strip()

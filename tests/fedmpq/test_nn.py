@@ -108,6 +108,28 @@ def test_per_layer_bits_and_conversion_errors():
         qn.build("vgg")
 
 
+@pytest.mark.parametrize("name,kw,nq", [("resnet20", {}, 19), ("small_cnn", dict(image_size=8), 3)])
+def test_a_float_classifier_is_a_float_layer_with_the_float_models_name(name, kw, nq):
+    """float_classifier: the classifier leaves the bit-plane layers, takes no bit-width, and its
+    weight travels in the float state under the name the float model gives it."""
+    torch.manual_seed(0)
+    qm = qn.build(name, quantized=True, bits=[3] * nq, float_classifier=True, **kw)
+    assert len(qn.bit_layers(qm)) == nq and "linear" not in dict(qn.bit_layers(qm))
+    assert type(qm.linear) is torch.nn.Linear
+    assert {"linear.weight", "linear.bias"} <= set(qn.float_state(qm))
+    with pytest.raises(ValueError, match="bit-widths"):
+        qn.build(name, quantized=True, bits=[3] * (nq + 1), float_classifier=True, **kw)
+    with pytest.raises(TypeError, match="float_classifier must be a bool"):
+        qn.build(name, quantized=True, bits=3, float_classifier="yes", **kw)
+    # the float model's state loads into it and comes back exactly for the classifier
+    fm = qn.build(name, **kw)
+    qn.load_float_state_dict(qm, fm.state_dict(), 4)
+    back = qn.to_float_state_dict(qm)
+    assert set(back) == set(fm.state_dict())
+    assert torch.equal(back["linear.weight"], fm.state_dict()["linear.weight"])
+    assert not torch.equal(back["conv1.weight"], fm.state_dict()["conv1.weight"])  # still quantized
+
+
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_training_state_is_at_most_1_5_plus_n_bytes_per_weight(bits):
     qm = qn.small_cnn(quantized=True, bits=bits, image_size=8)

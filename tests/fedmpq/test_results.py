@@ -86,6 +86,25 @@ def test_compare_labels_groups_by_the_keys_they_differ_in(tmp_path):
     assert rows == ["| fedmpq (digits), lr=0.1", "| fedmpq (digits), lr=0.25"]
 
 
+def test_runs_from_before_a_key_group_with_runs_at_its_default(tmp_path):
+    """A results file written before ``classifier`` existed is a run with the default."""
+    old = _fake_run(tmp_path / "old", "fedmpq", 0, [0.5])
+    saved = json.loads((tmp_path / "old" / "results.json").read_text())
+    del saved["config"]["classifier"]
+    (tmp_path / "old" / "results.json").write_text(json.dumps(saved))
+    new = _fake_run(tmp_path / "new", "fedmpq", 1, [0.7])
+    flt = _fake_run(tmp_path / "flt", "fedmpq", 2, [0.6], classifier="float")
+    rows = [r.split(" | ")[:2] for r in results.compare([old, new, flt]).splitlines()[2:]]
+    assert rows == [["| fedmpq (digits), classifier=quantized", "0,1"], ["| fedmpq (digits), classifier=float", "2"]]
+    # and a checkpoint from before the key resumes as the default, not as a changed setting
+    from fedmpq.federation import resumable
+    c = config.check_config(dict(alg="fedmpq"))
+    resumable({k: v for k, v in c.items() if k != "classifier"}, c, 0, tmp_path / "checkpoint.pt")
+    with pytest.raises(config.ConfigError, match="classifier"):
+        resumable({k: v for k, v in c.items() if k != "classifier"}, dict(c, classifier="float"), 0,
+                  tmp_path / "checkpoint.pt")
+
+
 def test_compare_refuses_what_is_not_a_results_file(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "results.json").write_text("{half")

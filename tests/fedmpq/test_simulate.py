@@ -44,6 +44,37 @@ def test_a_small_federation_runs_and_writes_its_results(alg, tmp_path):
     assert (tmp_path / "rounds.csv").read_text().count("\n") == 3
 
 
+def test_a_float_classifier_travels_and_averages_as_float(tmp_path):
+    """classifier=float: the clients' classifier is a float layer, sent as float32 and averaged
+    as such (the unweighted mean of the uploads, the authors' rule); the rest is the quantized
+    federation."""
+    from fedmpq import client as client_mod
+    from fedmpq import wire
+    ups = []
+    real = client_mod.client_update
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        ups.append(wire.decode_upload(r.upload))
+        return r
+
+    import unittest.mock
+    with unittest.mock.patch.object(client_mod, "client_update", spy):
+        res = simulate.run(dict(SMALL, rounds=1, classifier="float"), out=str(tmp_path), progress=False)
+    r = res["rounds"][0]
+    assert res["config"]["classifier"] == "float" and r["reported"] == [0, 1, 2]
+    assert all(len(bits) == 3 for bits in r["bits"].values())  # conv1..conv3; no classifier bits
+    assert len(ups) == 3
+    for up in ups:
+        assert "linear.weight" in up.floats and "linear.weight" not in up.layers
+        assert up.floats["linear.weight"].dtype == torch.float32
+    mean = sum(u.floats["linear.weight"].double() for u in ups) / 3
+    glob = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["server"]["global_state"]["linear.weight"]
+    torch.testing.assert_close(glob, mean.float(), rtol=1e-6, atol=1e-7)
+    default = simulate.run(dict(SMALL, rounds=1), progress=False)["rounds"][0]
+    assert all(len(bits) == 4 for bits in default["bits"].values())
+
+
 def test_the_same_seed_gives_the_same_run():
     a = simulate.run(dict(SMALL, rounds=1), progress=False)
     b = simulate.run(dict(SMALL, rounds=1), progress=False)
