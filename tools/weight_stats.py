@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     for run in args.runs:
         state, c, done = read_run(run)
         label = f"{c['alg']} seed {c['seed']}, scale_lr {c['scale_lr']}"
-        if c.get("classifier") == "float":
+        if c["classifier"] == "float":
             label += ", float classifier"
         srv = initial_server(c, *config.load_data(c))
         rows.append((f"{label}: initialization", _stats(srv.global_state)))

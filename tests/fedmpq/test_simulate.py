@@ -44,7 +44,7 @@ def test_a_small_federation_runs_and_writes_its_results(alg, tmp_path):
     assert (tmp_path / "rounds.csv").read_text().count("\n") == 3
 
 
-def test_a_float_classifier_travels_and_averages_as_float(tmp_path):
+def test_a_float_classifier_travels_and_averages_as_float(monkeypatch, tmp_path):
     """classifier=float: the clients' classifier is a float layer, sent as float32 and averaged
     as such (the unweighted mean of the uploads, the authors' rule); the rest is the quantized
     federation."""
@@ -58,9 +58,9 @@ def test_a_float_classifier_travels_and_averages_as_float(tmp_path):
         ups.append(wire.decode_upload(r.upload))
         return r
 
-    import unittest.mock
-    with unittest.mock.patch.object(client_mod, "client_update", spy):
-        res = simulate.run(dict(SMALL, rounds=1, classifier="float"), out=str(tmp_path), progress=False)
+    monkeypatch.setattr(client_mod, "client_update", spy)
+    res = simulate.run(dict(SMALL, rounds=1, classifier="float"), out=str(tmp_path), progress=False)
+    monkeypatch.undo()
     r = res["rounds"][0]
     assert res["config"]["classifier"] == "float" and r["reported"] == [0, 1, 2]
     assert all(len(bits) == 3 for bits in r["bits"].values())  # conv1..conv3; no classifier bits
