@@ -23,11 +23,12 @@ def bitmap_nbytes(n: int) -> int:
     return 4 * ((n + 31) // 32)
 
 
-def bitmap_arg(bits, n: int, device: torch.device, name: str) -> torch.Tensor:
+def bitmap_arg(bits, n: int, device: torch.device, name: str, count: int = 1) -> torch.Tensor:
     """A bitmap handed to a backward kernel, as every backend takes it: uint8 on ``device``
-    with at least :func:`bitmap_nbytes` (n) bytes. Returned contiguous and 4-byte aligned
-    (the kernels read whole uint32 words), copied only when it is not already (a bitmap
-    from the forward always is: it costs n/8 bytes to copy otherwise).
+    with at least ``count`` * :func:`bitmap_nbytes` (n) bytes (``count`` bitmaps of n
+    elements back to back, as fake-quant's forward returns them). Returned contiguous and
+    4-byte aligned (the kernels read whole uint32 words), copied only when it is not already
+    (a bitmap from the forward always is: it costs n/8 bytes per bitmap to copy otherwise).
 
     Raises:
         TypeError: not a uint8 tensor.
@@ -38,9 +39,10 @@ def bitmap_arg(bits, n: int, device: torch.device, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a uint8 tensor, got {got}")
     if not (bits.is_cpu and device.type == "cpu") and bits.device != device:  # is_cpu: no device object
         raise ValueError(f"{name} is on {bits.device} but grad is on {device}")
-    need = bitmap_nbytes(n)
+    need = count * bitmap_nbytes(n)
     if bits.numel() < need:
-        raise ValueError(f"{name} has {bits.numel()} bytes, {need} needed for {n} elements")
+        what = f"{count} bitmaps of {n} elements" if count > 1 else f"{n} elements"
+        raise ValueError(f"{name} has {bits.numel()} bytes, {need} needed for {what}")
     if not bits.is_contiguous() or bits.data_ptr() % 4 != 0:
         bits = bits.clone(memory_format=torch.contiguous_format)  # fresh storage: aligned
     return bits

@@ -20,7 +20,7 @@ _CPU = torch.device("cpu")
 
 
 _F32, _U8 = torch.float32, torch.uint8
-# mode 0's two bitmaps: one shared zero-size tensor (nothing is ever written to it), so the
+# mode 0's bitmaps: one shared zero-size tensor (nothing is ever written to it), so the
 # inference path allocates only y; the registered op hands out fresh ones (ops.py).
 NO_BITMAP = torch.empty(0, dtype=_U8)
 
@@ -37,33 +37,31 @@ def _f32(t: Tensor) -> Tensor:
     return t
 
 
-def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
+def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant`. x: CPU float tensor,
     any strides; scale: None or 0-dim CPU tensor (already checked finite and > 0).
-    Mode 0's bitmaps are :data:`NO_BITMAP` (shared, empty)."""
+    Mode 0's bitmaps are :data:`NO_BITMAP` (shared, empty); mode 2's two are one allocation."""
     xc = _f32(x)
     n = xc.numel()
     y = torch.empty_like(xc)  # contiguous float32 of x's shape (empty_like: the cheapest allocation call)
-    p = h = NO_BITMAP
-    nb = 0
     if mode:
         nb = bitmap_nbytes(n)
-        p = torch.empty(nb, dtype=_U8)
-        if mode == 2:
-            h = torch.empty(nb, dtype=_U8)
+        b = torch.empty(nb * mode, dtype=_U8)  # pass, then (mode 2) hi
+        p = b.data_ptr()
+    else:
+        nb, b, p = 0, NO_BITMAP, 0
     _fake_quant(
         xc.data_ptr(), n, y.data_ptr(), n, bits,
         0.0 if scale is None else scale.item(), scale is None,
-        p.data_ptr() if mode else 0, nb,
-        h.data_ptr() if mode == 2 else 0, nb if mode == 2 else 0,
+        p, nb, p + nb if mode == 2 else 0, nb if mode == 2 else 0,
         torch.get_num_threads(),
     )
     if x.dtype is not _F32:
         y = y.to(x.dtype)
-    return y, p, h
+    return y, b
 
 
-def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
+def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant_backward`. grad: CPU
     float tensor; the bitmaps as :func:`fedmpq_kernels._checks.bitmap_arg` takes them."""
     g = _f32(grad)
@@ -72,18 +70,14 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     nb = bitmap_nbytes(n)
     # The forward's own bitmaps pass this test inline; anything else gets bitmap_arg's full
     # checks (and a copy if strided or misaligned) with its errors.
-    pb = pass_bits
-    if not (type(pb) is Tensor and pb.dtype is _U8 and pb.is_cpu and pb.numel() >= nb and pb.is_contiguous()
-            and not pb.data_ptr() & 3):
-        pb = bitmap_arg(pass_bits, n, _CPU, "pass_bits")
-    hb = hi_bits if scale_grad else None
-    if scale_grad and not (type(hb) is Tensor and hb.dtype is _U8 and hb.is_cpu and hb.numel() >= nb
-                           and hb.is_contiguous() and not hb.data_ptr() & 3):
-        hb = bitmap_arg(hi_bits, n, _CPU, "hi_bits")
+    b = bitmaps
+    if not (type(b) is Tensor and b.dtype is _U8 and b.is_cpu and b.numel() >= (nb + nb if scale_grad else nb)
+            and b.is_contiguous() and not b.data_ptr() & 3):
+        b = bitmap_arg(bitmaps, n, _CPU, "bitmaps", 2 if scale_grad else 1)
+    p = b.data_ptr() if n else 0
     gs = _fake_quant_backward(
-        g.data_ptr(), n, gx.data_ptr(), n,
-        pb.data_ptr() if n else 0, pb.numel(),
-        hb.data_ptr() if hb is not None and n else 0, hb.numel() if hb is not None else 0,
+        g.data_ptr(), n, gx.data_ptr(), n, p, nb,
+        p + nb if scale_grad and n else 0, nb if scale_grad else 0,
         torch.get_num_threads(),
     )
     if grad.dtype is not _F32:

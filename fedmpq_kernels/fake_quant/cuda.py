@@ -62,7 +62,7 @@ def _workspace(dev: torch.device, stream: int) -> Tuple[int, int]:
     return workspace(dev, stream, words).data_ptr(), words
 
 
-def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
+def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant`.
 
     Args:
@@ -74,9 +74,9 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
         mode: 0 no bitmaps, 1 pass bitmap, 2 pass and hi bitmaps.
 
     Returns:
-        (y, pass_bits, hi_bits): y of x's shape and dtype, contiguous; the bitmaps uint8
-        of 4 * ceil(numel / 32) bytes on x's device, or empty (0 bytes, shared) when not
-        asked for.
+        (y, bitmaps): y of x's shape and dtype, contiguous; the bitmaps uint8 on x's
+        device, ``mode`` * 4 * ceil(numel / 32) bytes (the pass bitmap, then the hi
+        bitmap: one allocation), or empty (0 bytes, shared) for mode 0.
         One launch for a given scale, two for a dynamic one (absmax writing S on the device,
         then the quantizer reading it there); no host synchronization.
     """
@@ -89,10 +89,9 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
     n = xc.numel()
     y = torch.empty_like(xc)  # contiguous, x's dtype and shape
     nb = bitmap_nbytes(n)
-    pass_bits = torch.empty(nb, dtype=_U8, device=dev) if mode >= 1 else _no_bitmap(dev)
-    hi_bits = torch.empty(nb, dtype=_U8, device=dev) if mode == 2 else _no_bitmap(dev)
+    bitmaps = torch.empty(nb * mode, dtype=_U8, device=dev) if mode else _no_bitmap(dev)
     if n == 0:
-        return y, pass_bits, hi_bits
+        return y, bitmaps
     with on_device(dev):
         stream = raw_stream(dev)
         if scale is None:
@@ -115,24 +114,24 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
             scale_given = True
         native.cuda.fake_quant(
             xc.data_ptr(), y.data_ptr(), code, n, n, bits, s_ptr, scale_given,
-            pass_bits.data_ptr() if mode >= 1 else 0, pass_bits.numel(),
-            hi_bits.data_ptr() if mode == 2 else 0, hi_bits.numel(),
+            bitmaps.data_ptr() if mode else 0, nb if mode else 0,
+            bitmaps.data_ptr() + nb if mode == 2 else 0, nb if mode == 2 else 0,
             dev.index, stream,
         )
     # The temporaries (xc, a converted s) may be freed now: the caching allocator only
     # reuses their memory for work queued after these kernels on the same stream.
-    return y, pass_bits, hi_bits
+    return y, bitmaps
 
 
-def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
+def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant_backward`.
 
     Args:
         grad: float32/float16/bfloat16 CUDA tensor, any shape and strides.
-        pass_bits: uint8 bitmap from the forward (4 * ceil(numel / 32) bytes), grad's device
-            (copied first if it is not contiguous and 4-byte aligned; see
+        bitmaps: the forward's uint8 bitmaps on grad's device: the pass bitmap (4 *
+            ceil(numel / 32) bytes), then the hi bitmap, read only when scale_grad (copied
+            first if not contiguous and 4-byte aligned; see
             :func:`fedmpq_kernels._checks.bitmap_arg` for the errors).
-        hi_bits: the forward's hi bitmap; read only when scale_grad.
         scale_grad: whether to compute the scale gradient.
 
     Returns:
@@ -148,9 +147,9 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     g = grad.contiguous()
     n = g.numel()
     gx = torch.empty_like(g)
-    pb = bitmap_arg(pass_bits, n, dev, "pass_bits")
-    hb = bitmap_arg(hi_bits, n, dev, "hi_bits") if scale_grad else None
-    if n == 0 or hb is None:
+    nb = bitmap_nbytes(n)
+    b = bitmap_arg(bitmaps, n, dev, "bitmaps", 2 if scale_grad else 1)
+    if n == 0 or not scale_grad:
         gs = torch.zeros((), dtype=_F32, device=dev)
         if n == 0:
             return gx, gs
@@ -158,10 +157,11 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
         gs = torch.empty((), dtype=_F32, device=dev)  # written by the kernel's last block
     with on_device(dev):
         stream = raw_stream(dev)
-        ws, words = _workspace(dev, stream) if hb is not None else (0, 0)
+        ws, words = _workspace(dev, stream) if scale_grad else (0, 0)
+        p = b.data_ptr()
         native.cuda.fake_quant_backward(
-            g.data_ptr(), gx.data_ptr(), code, n, n, pb.data_ptr(), pb.numel(),
-            hb.data_ptr() if hb is not None else 0, hb.numel() if hb is not None else 0,
+            g.data_ptr(), gx.data_ptr(), code, n, n, p, nb,
+            p + nb if scale_grad else 0, nb if scale_grad else 0,
             ws, words, gs.data_ptr(), dev.index, stream,
         )
     return gx, gs

@@ -19,8 +19,10 @@ Tensor = torch.Tensor
 
 # mode: 0 = identity STE (no bitmaps), 1 = clipped STE (pass bitmap),
 #       2 = clipped STE with a scale gradient (pass and hi bitmaps).
-lib.define("fake_quant(Tensor x, int bits, Tensor? scale, int mode) -> (Tensor, Tensor, Tensor)")
-lib.define("fake_quant_backward(Tensor grad, Tensor pass_bits, Tensor hi_bits, bool scale_grad) -> (Tensor, Tensor)")
+# The forward returns (y, bitmaps): `mode` bitmaps of bitmap_nbytes(n) bytes back to back in
+# one uint8 tensor (the pass bitmap, then the hi bitmap), one allocation and one saved tensor.
+lib.define("fake_quant(Tensor x, int bits, Tensor? scale, int mode) -> (Tensor, Tensor)")
+lib.define("fake_quant_backward(Tensor grad, Tensor bitmaps, bool scale_grad) -> (Tensor, Tensor)")
 
 
 def _fake_quant_impl(x: Tensor, bits: int, scale: Optional[Tensor], mode: int):
@@ -28,14 +30,14 @@ def _fake_quant_impl(x: Tensor, bits: int, scale: Optional[Tensor], mode: int):
         # Free to read on the CPU; a device scale is checked by the kernels (NaN output)
         # so that no call synchronizes.
         check_scale_value(float(scale))
-    y, pass_bits, hi_bits = registry.get("fake_quant", "fake_quant", x.device.type)(x, bits, scale, mode)
+    y, bitmaps = registry.get("fake_quant", "fake_quant", x.device.type)(x, bits, scale, mode)
     if mode == 0:  # a backend may share one empty tensor for them; an op's outputs are fresh
-        pass_bits, hi_bits = x.new_empty(0, dtype=torch.uint8), x.new_empty(0, dtype=torch.uint8)
-    return y, pass_bits, hi_bits
+        bitmaps = x.new_empty(0, dtype=torch.uint8)
+    return y, bitmaps
 
 
-def _fake_quant_backward_impl(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool):
-    return registry.get("fake_quant", "fake_quant_backward", grad.device.type)(grad, pass_bits, hi_bits, scale_grad)
+def _fake_quant_backward_impl(grad: Tensor, bitmaps: Tensor, scale_grad: bool):
+    return registry.get("fake_quant", "fake_quant_backward", grad.device.type)(grad, bitmaps, scale_grad)
 
 
 lib.impl("fake_quant", _fake_quant_impl, "CompositeExplicitAutograd")
@@ -44,28 +46,22 @@ lib.impl("fake_quant_backward", _fake_quant_backward_impl, "CompositeExplicitAut
 
 @torch.library.register_fake("fedmpq::fake_quant")
 def _fake_quant_fake(x, bits, scale, mode):
-    nb = bitmap_nbytes(x.numel())
-    return (
-        x.new_empty(x.shape),
-        x.new_empty((nb if mode >= 1 else 0,), dtype=torch.uint8),
-        x.new_empty((nb if mode == 2 else 0,), dtype=torch.uint8),
-    )
+    return x.new_empty(x.shape), x.new_empty((bitmap_nbytes(x.numel()) * mode,), dtype=torch.uint8)
 
 
 @torch.library.register_fake("fedmpq::fake_quant_backward")
-def _fake_quant_backward_fake(grad, pass_bits, hi_bits, scale_grad):
+def _fake_quant_backward_fake(grad, bitmaps, scale_grad):
     return grad.new_empty(grad.shape), grad.new_empty((), dtype=torch.float32)
 
 
 def _fq_setup_context(ctx, inputs, output):
     _, _, scale, mode = inputs
-    _, pass_bits, hi_bits = output
-    # The bitmaps are uint8 outputs without a gradient: no zero-filled tensors made for them.
+    # The bitmaps are a uint8 output without a gradient: no zero-filled tensor made for it.
     ctx.set_materialize_grads(False)
     ctx.mode = mode
     ctx.scale_grad = mode == 2 and scale is not None
     if mode:
-        ctx.save_for_backward(pass_bits, hi_bits)
+        ctx.save_for_backward(output[1])
 
 
 def _fq_grads(ctx, grad_y, backward):
@@ -73,12 +69,12 @@ def _fq_grads(ctx, grad_y, backward):
     grad_y is None when y was not used (grads are not materialized)."""
     if grad_y is None or ctx.mode == 0:  # identity STE: the incoming gradient, unchanged
         return grad_y, None, None, None
-    pass_bits, hi_bits = ctx.saved_tensors
-    grad_x, grad_scale = backward(grad_y, pass_bits, hi_bits, ctx.scale_grad)
+    (bitmaps,) = ctx.saved_tensors
+    grad_x, grad_scale = backward(grad_y, bitmaps, ctx.scale_grad)
     return grad_x, None, (grad_scale if ctx.scale_grad else None), None
 
 
-def _fq_backward(ctx, grad_y, _grad_pass, _grad_hi):
+def _fq_backward(ctx, grad_y, _grad_bitmaps):
     return _fq_grads(ctx, grad_y, torch.ops.fedmpq.fake_quant_backward)
 
 
@@ -95,11 +91,11 @@ class _FakeQuantEager(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, bits, mode, fwd, bwd):
-        y, pass_bits, hi_bits = fwd(x, bits, scale, mode)
+        y, bitmaps = fwd(x, bits, scale, mode)
         ctx.bwd = bwd  # None for the identity STE (mode 0)
         if mode:
             ctx.scale_grad = mode == 2
-            ctx.save_for_backward(pass_bits, hi_bits)
+            ctx.save_for_backward(bitmaps)
         return y
 
     @staticmethod
@@ -107,8 +103,8 @@ class _FakeQuantEager(torch.autograd.Function):
         # One output, so grad_y is always a tensor (nothing to materialize).
         if ctx.bwd is None:  # identity STE: the incoming gradient, unchanged
             return grad_y, None, None, None, None, None
-        pass_bits, hi_bits = ctx.saved_tensors
-        grad_x, grad_scale = ctx.bwd(grad_y, pass_bits, hi_bits, ctx.scale_grad)
+        (bitmaps,) = ctx.saved_tensors
+        grad_x, grad_scale = ctx.bwd(grad_y, bitmaps, ctx.scale_grad)
         return grad_x, (grad_scale if ctx.scale_grad else None), None, None, None, None
 
 
@@ -243,7 +239,7 @@ def _r6_backward(ctx, grad_y, _grad_mask):
     if grad_y is None:
         return None, None
     (mask,) = ctx.saved_tensors
-    return torch.ops.fedmpq.fake_quant_backward(grad_y, mask, mask, False)[0], None
+    return torch.ops.fedmpq.fake_quant_backward(grad_y, mask, False)[0], None
 
 
 torch.library.register_autograd("fedmpq::relu6_fake_quant", _r6_backward, setup_context=_r6_setup_context, lib=lib)
@@ -265,7 +261,7 @@ class _Relu6FakeQuantEager(torch.autograd.Function):
         if grad_y is None:
             return None, None, None, None
         (mask,) = ctx.saved_tensors
-        return ctx.bwd(grad_y, mask, mask, False)[0], None, None, None
+        return ctx.bwd(grad_y, mask, False)[0], None, None, None
 
 
 _r6_apply = direct_apply(_Relu6FakeQuantEager)

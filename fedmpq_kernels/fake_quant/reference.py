@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._checks import bitmap_arg, levels
+from .._checks import bitmap_arg, bitmap_nbytes, levels
 from ..pack.reference import pack_bitmap, unpack_bitmap
 
 Tensor = torch.Tensor
@@ -54,36 +54,40 @@ def _quantize(xf: Tensor, bits: int, s: Tensor) -> Tensor:
     return torch.copysign(torch.round(a * inv) * step, xf)
 
 
-def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Backend forward: y (x's shape and dtype, contiguous), pass bitmap, hi bitmap.
+def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor]:
+    """Backend forward: y (x's shape and dtype, contiguous) and the bitmaps, uint8.
 
-    mode 0: no bitmaps (empty uint8); 1: pass bitmap; 2: pass and hi bitmaps.
+    The bitmaps by mode: 0, none (0 bytes); 1, the pass bitmap; 2, the pass bitmap then the
+    hi bitmap, ``bitmap_nbytes(n)`` bytes each, back to back in one tensor (one allocation
+    and one saved tensor per call).
     """
     xf = x.float()
     s = _effective_scale(xf, scale)
     y = _quantize(xf, bits, s).to(x.dtype).contiguous()
-    empty = torch.empty(0, dtype=torch.uint8, device=x.device)
     if mode == 0:
-        return y, empty, empty.clone()
+        return y, torch.empty(0, dtype=torch.uint8, device=x.device)
     hi = xf > s
     lo = xf < -s
-    pass_bits = pack_bitmap(~(hi | lo))
-    hi_bits = pack_bitmap(hi) if mode == 2 else empty.clone()
-    return y, pass_bits, hi_bits
+    bitmaps = pack_bitmap(~(hi | lo))
+    if mode == 2:
+        bitmaps = torch.cat([bitmaps, pack_bitmap(hi)])
+    return y, bitmaps
 
 
-def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
+def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
     """Clipped-STE backward: grad_x = grad where pass else 0; grad_scale (0-dim float32) =
-    sum over clipped elements of (+grad where hi, -grad where lo), or 0 if not scale_grad."""
+    sum over clipped elements of (+grad where hi, -grad where lo), or 0 if not scale_grad.
+
+    bitmaps: the forward's (uint8): the pass bitmap, then, read only when scale_grad, the
+    hi bitmap (``bitmap_nbytes(n)`` bytes each); longer is allowed."""
     n = grad.numel()
-    pass_bits = bitmap_arg(pass_bits, n, grad.device, "pass_bits")
-    if scale_grad:
-        hi_bits = bitmap_arg(hi_bits, n, grad.device, "hi_bits")
-    passed = unpack_bitmap(pass_bits, n).view(grad.shape)
+    nb = bitmap_nbytes(n)
+    bitmaps = bitmap_arg(bitmaps, n, grad.device, "bitmaps", 2 if scale_grad else 1)
+    passed = unpack_bitmap(bitmaps[:nb], n).view(grad.shape)
     gx = torch.where(passed, grad, torch.zeros_like(grad)).contiguous()
     if not scale_grad:
         return gx, torch.zeros((), dtype=torch.float32, device=grad.device)
-    hi = unpack_bitmap(hi_bits, n).view(grad.shape)
+    hi = unpack_bitmap(bitmaps[nb:2 * nb], n).view(grad.shape)
     g = grad.float()
     signed = torch.where(hi, g, -g)
     gs = torch.where(passed, torch.zeros_like(g), signed).sum(dtype=torch.float32)
@@ -98,7 +102,7 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     anywhere makes every output NaN; S = 0 gives zeros); ``y = round(a * inv) * step`` with
     inv and step as :func:`fake_quant` (a >= 0, so no clamp and no sign). The mask is
     ``0 < x < 6`` (ReLU6's derivative, 0 at both ends and for NaN), in the pass-bitmap
-    layout, so the backward is ``fake_quant_backward(grad, mask, -, False)``.
+    layout, so the backward is ``fake_quant_backward(grad, mask, False)``.
     """
     xf = x.float()
     six = torch.full((), 6.0, dtype=torch.float32, device=x.device)

@@ -169,22 +169,17 @@ def _fq_backward_kernel(
         finish_in_last_program(part, ws_ptr, ws_ptr, gs_ptr, 1.0, KIND=0, FINISH=FINISH)
 
 
-def _as_words(bits: Tensor, n: int, device: torch.device, name: str) -> Tensor:
-    """A uint8 bitmap as int32 words (checked and, if needed, copied by ``bitmap_arg``)."""
-    return bitmap_arg(bits, n, device, name)[: bitmap_nbytes(n)].view(torch.int32)
-
-
-def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """y (x's shape and dtype, contiguous), pass bitmap, hi bitmap (uint8; empty below mode)."""
+def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor]:
+    """y (x's shape and dtype, contiguous) and the bitmaps (uint8, ``mode`` bitmaps back to
+    back: the pass bitmap, then the hi bitmap; empty for mode 0)."""
     xc = x.contiguous()
     n = xc.numel()
     dev = x.device
     y = torch.empty_like(xc)  # contiguous, x's shape and dtype
     nbytes = bitmap_nbytes(n)
-    pass_bits = torch.empty(nbytes if mode >= 1 else 0, dtype=torch.uint8, device=dev)
-    hi_bits = torch.empty(nbytes if mode >= 2 else 0, dtype=torch.uint8, device=dev)
+    bitmaps = torch.empty(nbytes * mode, dtype=torch.uint8, device=dev)
     if n == 0:
-        return y, pass_bits, hi_bits
+        return y, bitmaps
     grid = (triton.cdiv(n, BLOCK),)
     with on_device(dev):
         if scale is None:
@@ -194,25 +189,29 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
             s = scale if scale.dtype is torch.float32 else scale.to(torch.float32)  # one value (checked)
             check = True
         nwords = nbytes // 4
-        pw = pass_bits.view(torch.int32) if mode >= 1 else y
-        hw = hi_bits.view(torch.int32) if mode >= 2 else y
+        words = bitmaps.view(torch.int32)
+        pw = words if mode >= 1 else y
+        hw = words[nwords:] if mode >= 2 else y
         _fq_forward_kernel[grid](
             xc, y, s, pw, hw, n, nwords, float((1 << bits) - 1),
             CHECK_SCALE=check, MODE=mode, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
         )
-    return y, pass_bits, hi_bits
+    return y, bitmaps
 
 
-def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
+def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
     """grad_x = grad where pass else 0 (grad's shape/dtype, contiguous); grad_scale (0-dim
-    float32) = sum over clipped elements of (+g where hi, -g otherwise), or 0. One launch:
+    float32) = sum over clipped elements of (+g where hi, -g otherwise), or 0. bitmaps: the
+    forward's (the pass bitmap, then the hi bitmap, read only when scale_grad). One launch:
     the last program adds the programs' sums (fixed order) straight into grad_scale."""
     gc = grad.contiguous()
     n = gc.numel()
     dev = grad.device
     gx = torch.empty_like(gc)
-    pw = _as_words(pass_bits, n, dev, "pass_bits")
-    hw = _as_words(hi_bits, n, dev, "hi_bits") if scale_grad else pw
+    nwords = bitmap_nbytes(n) // 4
+    words = bitmap_arg(bitmaps, n, dev, "bitmaps", 2 if scale_grad else 1).view(torch.int32)
+    pw = words[:nwords]
+    hw = words[nwords:2 * nwords] if scale_grad else pw
     if n == 0 or not scale_grad:
         gs = torch.zeros((), dtype=torch.float32, device=dev)
         if n == 0:
@@ -223,7 +222,7 @@ def fake_quant_backward(grad: Tensor, pass_bits: Tensor, hi_bits: Tensor, scale_
     with on_device(dev):
         ws = reduction_workspace(dev, grid[0]) if scale_grad else gs
         _fq_backward_kernel[grid](
-            gc, gx, pw, hw, ws, gs, n, bitmap_nbytes(n) // 4,
+            gc, gx, pw, hw, ws, gs, n, nwords,
             SCALE_GRAD=bool(scale_grad), BLOCK=BLOCK, FINISH=FINISH, num_warps=NUM_WARPS, enable_fp_fusion=False,
         )
     return gx, gs

@@ -48,17 +48,17 @@ def test_forward_and_backward_kernels_match_reference(backend, bits, numel, layo
     g = make_input(numel, "strided" if layout == "contiguous" else "contiguous", backend.device, seed=7)
     with backend.active():
         for mode in (0, 1, 2):
-            y, p, h = backend.module("fake_quant").fake_quant(x, bits, s, mode)
-            ry, rp, rh = R.fake_quant(x, bits, s, mode)
+            y, b = backend.module("fake_quant").fake_quant(x, bits, s, mode)
+            ry, rb = R.fake_quant(x, bits, s, mode)
             assert y.shape == x.shape and y.dtype == x.dtype and y.is_contiguous()
             exact(y, ry)
-            assert torch.equal(p.cpu(), rp.cpu()), f"pass bitmap differs (mode {mode})"
-            assert torch.equal(h.cpu(), rh.cpu()), f"hi bitmap differs (mode {mode})"
+            # mode bitmaps of 4 * ceil(n / 32) bytes back to back: pass, then hi
+            assert b.dtype == torch.uint8 and b.numel() == mode * 4 * ((numel + 31) // 32)
+            assert torch.equal(b.cpu(), rb.cpu()), f"bitmaps differ (mode {mode})"
             if mode == 0:
-                assert p.numel() == 0 and h.numel() == 0
                 continue
-            gx, gs = backend.module("fake_quant").fake_quant_backward(g, p, h, mode == 2)
-            rgx, rgs = R.fake_quant_backward(g, rp, rh, mode == 2)
+            gx, gs = backend.module("fake_quant").fake_quant_backward(g, b, mode == 2)
+            rgx, rgs = R.fake_quant_backward(g, rb, mode == 2)
             assert gx.shape == g.shape and gx.dtype == g.dtype
             exact(gx, rgx)
             assert gs.shape == () and gs.dtype == torch.float32
@@ -150,13 +150,13 @@ SLICE_SIZES = [1023, 4099, (1 << 16) + 3]
 def _check_against_reference(backend, x, s, g):
     """Every forward mode and the backward of ``backend`` against the reference, bit for bit."""
     for mode in (0, 1, 2):
-        y, p, h = backend.module("fake_quant").fake_quant(x, 5, s, mode)
-        ry, rp, rh = R.fake_quant(x, 5, s, mode)
+        y, b = backend.module("fake_quant").fake_quant(x, 5, s, mode)
+        ry, rb = R.fake_quant(x, 5, s, mode)
         exact(y, ry)
-        assert torch.equal(p.cpu(), rp.cpu()) and torch.equal(h.cpu(), rh.cpu()), f"bitmaps differ (mode {mode})"
+        assert torch.equal(b.cpu(), rb.cpu()), f"bitmaps differ (mode {mode})"
         if mode:
-            gx, gs = backend.module("fake_quant").fake_quant_backward(g, p, h, mode == 2)
-            rgx, rgs = R.fake_quant_backward(g, rp, rh, mode == 2)
+            gx, gs = backend.module("fake_quant").fake_quant_backward(g, b, mode == 2)
+            rgx, rgs = R.fake_quant_backward(g, rb, mode == 2)
             exact(gx, rgx)
             torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-4, atol=1e-3 * max(1.0, g.float().abs().sum().item()) ** 0.5)
 
@@ -201,23 +201,31 @@ def test_large_odd_sizes_on_gpu(backend, dtype):
 
 
 def test_backward_takes_bitmaps_by_one_rule(backend):
-    """Every backend: a bitmap must be uint8 on grad's device and long enough (clear
-    errors otherwise); a misaligned or strided one is copied, never misread."""
+    """Every backend: the bitmaps must be uint8 on grad's device and long enough for the
+    bitmaps read (clear errors otherwise); misaligned or strided ones are copied, never
+    misread."""
     n = 1000
     x = make_input(n, "contiguous", backend.device)
     g = make_input(n, "contiguous", backend.device, seed=9)
     s = given_scale(x)
+    mod = backend.module("fake_quant")
     with backend.active():
-        _, p, h = backend.module("fake_quant").fake_quant(x, 3, s, 2)
-        rgx, rgs = R.fake_quant_backward(g, p, h, True)
-        with pytest.raises(TypeError, match="pass_bits must be a uint8 tensor"):
-            backend.module("fake_quant").fake_quant_backward(g, p.view(torch.int32), h, True)
-        with pytest.raises(ValueError, match="hi_bits has 4 bytes, 128 needed for 1000 elements"):
-            backend.module("fake_quant").fake_quant_backward(g, p, h[:4], True)
-        buf = torch.zeros(p.numel() + 1, dtype=torch.uint8, device=backend.device)
-        buf[1:] = p
-        strided = torch.stack([h, torch.zeros_like(h)], dim=1)[:, 0]  # stride 2
+        _, b = mod.fake_quant(x, 3, s, 2)
+        assert b.numel() == 256  # two bitmaps of 128 bytes
+        rgx, rgs = R.fake_quant_backward(g, b, True)
+        with pytest.raises(TypeError, match="bitmaps must be a uint8 tensor"):
+            mod.fake_quant_backward(g, b.view(torch.int32), True)
+        # the pass bitmap alone is enough without a scale gradient, not with one
+        with pytest.raises(ValueError, match="bitmaps has 128 bytes, 256 needed for 2 bitmaps of 1000 elements"):
+            mod.fake_quant_backward(g, b[:128], True)
+        with pytest.raises(ValueError, match="bitmaps has 4 bytes, 128 needed for 1000 elements"):
+            mod.fake_quant_backward(g, b[:4], False)
+        exact(mod.fake_quant_backward(g, b[:128], False)[0], rgx)
+        buf = torch.zeros(b.numel() + 1, dtype=torch.uint8, device=backend.device)
+        buf[1:] = b
+        strided = torch.stack([b, torch.zeros_like(b)], dim=1)[:, 0]  # stride 2
         assert buf[1:].data_ptr() % 4 != 0 and not strided.is_contiguous()
-        gx, gs = backend.module("fake_quant").fake_quant_backward(g, buf[1:], strided, True)
-        exact(gx, rgx)
-        torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-5, atol=1e-4)
+        for odd in (buf[1:], strided):
+            gx, gs = mod.fake_quant_backward(g, odd, True)
+            exact(gx, rgx)
+            torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-5, atol=1e-4)

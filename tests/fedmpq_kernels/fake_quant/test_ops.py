@@ -16,9 +16,9 @@ def test_opcheck(backend, mode, scaled):
     s = torch.tensor(0.8, device=backend.device, requires_grad=mode == 2) if scaled else None
     with backend.active():
         torch.library.opcheck(torch.ops.fedmpq.fake_quant.default, (x.requires_grad_(mode > 0), 4, s, mode))
-        _, p, h = torch.ops.fedmpq.fake_quant(x.detach(), 4, s.detach() if s is not None else None, 2)
+        _, b = torch.ops.fedmpq.fake_quant(x.detach(), 4, s.detach() if s is not None else None, 2)
         if scaled:
-            torch.library.opcheck(torch.ops.fedmpq.fake_quant_backward.default, (torch.randn(3, 37, device=backend.device), p, h, True))
+            torch.library.opcheck(torch.ops.fedmpq.fake_quant_backward.default, (torch.randn(3, 37, device=backend.device), b, True))
 
 
 def test_eager_fast_path_and_registered_op_agree():

@@ -27,8 +27,10 @@ def test_sixteen_bits_is_nearly_lossless():
 
 def test_reference_backward_hand_case():
     x = torch.tensor([-3.0, -1.0, 0.0, 2.0, 0.5])
-    _, p, h = R.fake_quant(x, 4, torch.tensor(1.0), 2)
+    _, b = R.fake_quant(x, 4, torch.tensor(1.0), 2)
+    # two 4-byte bitmaps, element i at bit i: pass = -1, 0, 0.5 (bits 1, 2, 4); hi = 2 (bit 3)
+    assert b.tolist() == [0b10110, 0, 0, 0, 0b01000, 0, 0, 0]
     g = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
-    gx, gs = R.fake_quant_backward(g, p, h, True)
+    gx, gs = R.fake_quant_backward(g, b, True)
     assert gx.tolist() == [0.0, 2.0, 4.0, 0.0, 16.0]
     assert gs.item() == 8.0 - 1.0

@@ -39,9 +39,9 @@ def test_fused_scale_gradient_equals_reference_bit_for_bit(backend, numel, dtype
     backend.skip_if_too_big(numel)
     x, s, g = _inputs(numel, backend.device, dtype)
     mod = backend.module("fake_quant")
-    _, p, h = mod.fake_quant(x, 4, s, 2)
-    gx, gs = mod.fake_quant_backward(g, p, h, True)
-    rgx, rgs = R.fake_quant_backward(g, p, h, True)
+    _, b = mod.fake_quant(x, 4, s, 2)
+    gx, gs = mod.fake_quant_backward(g, b, True)
+    rgx, rgs = R.fake_quant_backward(g, b, True)
     assert torch.equal(gx.cpu(), rgx.cpu())
     assert gs.dtype == torch.float32 and gs.shape == ()
     assert gs.item() == rgs.item() == _exact_scale_grad(x, s, g)
@@ -61,10 +61,10 @@ def test_fused_scale_gradient_is_deterministic(backend, numel):
     x = (torch.randn(numel, generator=gen) * 2).to(backend.device)
     g = torch.randn(numel, generator=gen).to(backend.device)
     mod = backend.module("fake_quant")
-    _, p, h = mod.fake_quant(x, 4, torch.tensor(0.7, device=backend.device), 2)
-    first = mod.fake_quant_backward(g, p, h, True)[1].item()
+    _, b = mod.fake_quant(x, 4, torch.tensor(0.7, device=backend.device), 2)
+    first = mod.fake_quant_backward(g, b, True)[1].item()
     for _ in range(3):
-        assert mod.fake_quant_backward(g, p, h, True)[1].item() == first
+        assert mod.fake_quant_backward(g, b, True)[1].item() == first
 
 
 def test_triton_last_program_reduces_many_programs(backend, monkeypatch):
@@ -80,11 +80,11 @@ def test_triton_last_program_reduces_many_programs(backend, monkeypatch):
     monkeypatch.setattr(_triton_common, "FINISH", 4)
     for numel in (64, 65, 4 * 64, 4 * 64 + 1, 4000):
         x, s, g = _inputs(numel, "cpu", seed=numel)
-        _, p, h = mod.fake_quant(x, 4, s, 2)
-        assert torch.equal(p, R.fake_quant(x, 4, s, 2)[1]) and torch.equal(h, R.fake_quant(x, 4, s, 2)[2])
-        gx, gs = mod.fake_quant_backward(g, p, h, True)
+        _, b = mod.fake_quant(x, 4, s, 2)
+        assert torch.equal(b, R.fake_quant(x, 4, s, 2)[1])
+        gx, gs = mod.fake_quant_backward(g, b, True)
         assert gs.item() == _exact_scale_grad(x, s, g)
-        assert torch.equal(gx, R.fake_quant_backward(g, p, h, True)[0])
+        assert torch.equal(gx, R.fake_quant_backward(g, b, True)[0])
         # dynamic scale: S = max|x| from absmax's last program
         y = mod.fake_quant(x, 3, None, 0)[0]
         assert torch.equal(y, R.fake_quant(x, 3, None, 0)[0])
@@ -102,8 +102,8 @@ def test_gpu_workspace_is_left_zero_and_graph_capture_works(backend):
     mod = backend.module("fake_quant")
     x, s, g = _inputs((1 << 20) + 3, "cuda")
     want = [mod.fake_quant(x, 4, None, 0)[0]]
-    _, p, h = mod.fake_quant(x, 4, s, 2)
-    want += list(mod.fake_quant_backward(g, p, h, True))
+    _, b = mod.fake_quant(x, 4, s, 2)
+    want += list(mod.fake_quant_backward(g, b, True))
     torch.cuda.synchronize()
     for ws in _device._WORKSPACES.values():
         assert int(ws.count_nonzero()) == 0
@@ -111,11 +111,11 @@ def test_gpu_workspace_is_left_zero_and_graph_capture_works(backend):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):  # warm-up on the capture stream, as torch recommends
         mod.fake_quant(x, 4, None, 0)
-        mod.fake_quant_backward(g, p, h, True)
+        mod.fake_quant_backward(g, b, True)
     stream.synchronize()
     with torch.cuda.graph(graph, stream=stream):
         got = [mod.fake_quant(x, 4, None, 0)[0]]
-        got += list(mod.fake_quant_backward(g, p, h, True))
+        got += list(mod.fake_quant_backward(g, b, True))
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
