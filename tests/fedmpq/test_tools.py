@@ -38,3 +38,22 @@ def test_weight_stats_groups_and_shares():
     assert (half, sat) == (0.75, 0.5)
     assert st["linear"] == [(1.0, 1.0, 1.0)]  # sign times scale
     assert ws._rng([0.25, 0.5], pct=True) == "25.0 %..50.0 %" and ws._rng([0.211, 0.214]) == "0.21"
+
+
+def test_authors_code_parse_reads_their_round_lines(tmp_path):
+    """Their log counts rounds from 0 and prints percent; client lines and other text are
+    not rounds."""
+    ac = _load("authors_code")
+    log = tmp_path / "run.log"
+    log.write_text(
+        " | Global Training Round : 1 |\n"
+        "Client 2 Training Top 1 Acc at global round 0 : 70.2\n"
+        "Top 1 accuracy: 10.050000190734863, Top 5 accuracy: 51.17  at global round 0.\n"
+        "[8.0, 6.0, 1.0]\n"
+        "Top 1 accuracy: 23.5, Top 5 accuracy: 60.8  at global round 1.\n"
+    )
+    out = tmp_path / "rounds.csv"
+    assert ac.parse(str(log), str(out)) == 2
+    lines = out.read_text().splitlines()
+    assert lines[0] == "round,accuracy_train_mode"
+    assert [(int(r), round(float(a), 6)) for r, a in (x.split(",") for x in lines[1:])] == [(1, 0.1005), (2, 0.235)]
