@@ -1,8 +1,22 @@
 """Test-wide setup. Without a GPU, Triton kernels run in its interpreter: the variable
 must be set before anything imports triton."""
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
-import torch
+# torch.compile's caches know an op by its name, not by its schema or autograd rule
+# (pytorch/pytorch#144344): after a change to fedmpq's ops, a warm cache replays graphs of
+# the old ops. The tests' compile cache is keyed on the files that define them.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _kernels = Path(__file__).resolve().parents[1] / "fedmpq_kernels"
+    _key = hashlib.sha256()
+    for _f in sorted(_kernels.glob("*/ops.py")) + [_kernels / "_library.py"]:
+        _key.update(_f.read_bytes())
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"fedmpq-tests-inductor-{_key.hexdigest()[:16]}")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
