@@ -19,7 +19,9 @@ evaluation (the global model in train mode: BatchNorm on each test batch's stati
     python tools/authors_code.py run --src PATH --alg FedMPQ --alpha 0.1 --seed 0 --rounds 40 > run.log
     python tools/authors_code.py parse run.log rounds.csv
 
-``parse`` writes ``round,accuracy_train_mode`` (0..1) from their log's per-round line.
+``parse`` writes ``round,accuracy_train_mode`` (0..1) from their log's per-round line, and
+prints the bits per layer that their last round assigned to each client (their layer order:
+stem, the 18 convs of stages 1-3, the classifier, as fedmpq's).
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ import sys
 import types
 
 _ROUND = re.compile(r"Top 1 accuracy: ([0-9.]+), Top 5 accuracy: [0-9.]+\s+at global round (\d+)\.")
+_CLIENT = re.compile(r"^Client (\d+) Training Top 1 Acc", re.M)
+_BITS = re.compile(r"^\[((?:\d+\.0, )*\d+\.0)\]$", re.M)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -80,6 +84,23 @@ def parse(log: str, out: str) -> int:
     return len(rows)
 
 
+def last_bits(text: str) -> dict:
+    """{client: [bits per layer]} of the last finished round: their trainer prints one list
+    per client after the round's accuracy line, in the order the clients trained that round
+    (shuffled every round), which the round's "Client k Training" lines give."""
+    blocks = text.split("| Global Training Round :")
+    for block in reversed(blocks[1:]):
+        order = [int(c) for c in _CLIENT.findall(block)]
+        tail = block.split("Top 1 accuracy:", 1)
+        if len(tail) < 2:
+            continue  # the round did not finish
+        lists = [[int(float(b)) for b in m.split(", ")] for m in _BITS.findall(tail[1])]
+        if len(lists) != len(order):
+            raise ValueError(f"{len(lists)} bit lists for {len(order)} clients in the last round")
+        return dict(sorted(zip(order, lists)))
+    return {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -99,6 +120,9 @@ def main() -> None:
         run(args)
     else:
         print(f"{parse(args.log, args.out)} rounds -> {args.out}")
+        with open(args.log) as f:
+            for client, bits in last_bits(f.read()).items():
+                print(f"client {client}: {' '.join(map(str, bits))}")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,21 @@ def test_authors_code_parse_reads_their_round_lines(tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0] == "round,accuracy_train_mode"
     assert [(int(r), round(float(a), 6)) for r, a in (x.split(",") for x in lines[1:])] == [(1, 0.1005), (2, 0.235)]
+
+
+def test_authors_code_last_bits_follow_the_rounds_client_order():
+    """Their lists come in the order the clients trained in that round; an unfinished last
+    round is skipped."""
+    ac = _load("authors_code")
+    text = (
+        " | Global Training Round : 1 |\n"
+        "Client 1 Training Top 1 Acc at global round 0 : 50.0\n"
+        "Client 0 Training Top 1 Acc at global round 0 : 60.0\n"
+        "Top 1 accuracy: 10.0, Top 5 accuracy: 50.0  at global round 0.\n"
+        "[8.0, 1.0, 2.0]\n"
+        "[8.0, 8.0, 8.0]\n"
+        "\n | Global Training Round : 2 |\n"
+        "Client 0 Training Top 1 Acc at global round 1 : 70.0\n"
+    )
+    assert ac.last_bits(text) == {0: [8, 8, 8], 1: [8, 1, 2]}
+    assert ac.last_bits("no rounds") == {}
