@@ -75,3 +75,17 @@ def test_authors_code_last_bits_follow_the_rounds_client_order():
     )
     assert ac.last_bits(text) == {0: [8, 8, 8], 1: [8, 1, 2]}
     assert ac.last_bits("no rounds") == {}
+
+
+def test_synthetic_cifar_loads_as_cifar10(tmp_path):
+    """The stand-in has CIFAR-10's layout: the project's own loader reads it, every image and
+    label accounted for (13 training images over five batches: 3, 3, 3, 2, 2)."""
+    from fedmpq import data
+
+    sc = _load("synthetic_cifar")
+    folder = sc.write(tmp_path, train=13, test=4)
+    assert sorted(p.name for p in folder.iterdir()) == [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    assert [len(data.read_cifar_batch(folder / f"data_batch_{i}")[1]) for i in range(1, 6)] == [3, 3, 3, 2, 2]
+    ds = data.load("cifar10", tmp_path)
+    assert tuple(ds.train_x.shape) == (13, 3, 32, 32) and tuple(ds.test_x.shape) == (4, 3, 32, 32)
+    assert ds.num_classes == 10 and int(ds.train_y.max()) < 10
