@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import run_timed, skip_unless_runs
+from conftest import randn, run_timed, skip_unless_runs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BITS = 4
@@ -40,8 +40,8 @@ def _record(benchmark, op, numel, device, impl, nbytes, anchor):
 def bench_relu6_fake_quant(benchmark, impl, device, numel):
     skip_unless_runs(impl, device, "fake_quant", "relu6_fake_quant")
     torch.manual_seed(0)
-    x = (torch.randn(numel, device=device) * 3).requires_grad_()
-    g = torch.randn(numel, device=device)
+    x = (randn(numel, device=device) * 3).requires_grad_()
+    g = randn(numel, device=device)
     if impl == "copy_":
         out = torch.empty(numel, device=device)
         fn = lambda: out.copy_(g)  # noqa: E731
@@ -57,10 +57,10 @@ def bench_relu6_fake_quant(benchmark, impl, device, numel):
 
 def _layer(numel, device):
     torch.manual_seed(0)
-    codes, sign, scale = fk.binarize(torch.randn(numel, device=device), BITS)
+    codes, sign, scale = fk.binarize(randn(numel, device=device), BITS)
     mom = torch.zeros((BITS, numel), dtype=torch.uint8, device=device)
     gs = torch.zeros(1, device=device)
-    grad = torch.randn(numel, device=device) * 1e-2
+    grad = randn(numel, device=device) * 1e-2
     coef = torch.full((BITS,), 1e-6, device=device)
     return codes, sign, scale, mom, gs, grad, coef
 
@@ -74,7 +74,7 @@ def bench_bitplane_step(benchmark, impl, device, numel):
         out = torch.empty(numel, device=device)
         fn = lambda: out.copy_(grad)  # noqa: E731
     elif impl == "torch_sgd":
-        w = torch.nn.Parameter(torch.randn(numel, device=device))
+        w = torch.nn.Parameter(randn(numel, device=device))
         w.grad = grad.clone()
         opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
         fn = opt.step
@@ -92,7 +92,7 @@ def bench_dequantize(benchmark, impl, device, numel):
     codes, sign, scale, *_ = _layer(numel, device)
     sink = fk.sink_like((numel,), device)
     if impl == "copy_":
-        src = torch.randn(numel, device=device)
+        src = randn(numel, device=device)
         out = torch.empty(numel, device=device)
         fn = lambda: out.copy_(src)  # noqa: E731
     else:

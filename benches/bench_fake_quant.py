@@ -31,7 +31,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import CALLS, VARIANTS, run_variant, skip_unless_runs, variant_label
+from conftest import CALLS, VARIANTS, randn, run_variant, skip_unless_runs, variant_label
 
 BITS = 4
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -54,7 +54,7 @@ def _composite(x, scale, clipped):
 
 def _setup(numel, device, scaled, need_grad, sliced=False):
     torch.manual_seed(0)
-    x = torch.randn(numel + 1, device=device)[1:] if sliced else torch.randn(numel, device=device)
+    x = randn(numel + 1, device=device)[1:] if sliced else randn(numel, device=device)
     if need_grad:
         x.requires_grad_(True)
     scale = torch.tensor(2.0, device=device, requires_grad=need_grad) if scaled else None
@@ -120,8 +120,11 @@ def bench_forward(benchmark, impl, scaled, sliced, device, variant, numel):
 def bench_forward_backward(benchmark, impl, scaled, sliced, device, variant, numel):
     _skip_unless_runs(impl, device, scaled)
     _skip_sliced(impl, sliced, variant)
+    if impl == "torch_fq_learnable" and variant == "graph" and device == "cuda":
+        # ATen's learnable fake-quant reads the scale with .item(), a host sync: a capture fails
+        pytest.skip("torch's learnable fake-quant synchronizes (scale.item()): not capturable")
     x, scale = _setup(numel, device, scaled, need_grad=impl != "copy_", sliced=sliced)
-    grad = torch.randn(numel + 1, device=device)[1:] if sliced else torch.randn(numel, device=device)
+    grad = randn(numel + 1, device=device)[1:] if sliced else randn(numel, device=device)
     out = torch.empty_like(x)
     sf = 2.0
 

@@ -9,6 +9,10 @@ Each part is timed on its own, on the step's real shapes (medians of repeated ru
 * optimizer and re-quantization: ``BitPlaneOptimizer.step`` (popcounts, group lasso, the
   fused step) and the float parameters' SGD step;
 * model compute: the whole step minus the parts above.
+
+``--profile N`` then profiles N whole steps with torch.profiler and prints, per step, the
+host time and the kernel launches, and the ops that take the most host time: on a GPU a
+step that waits on the host shows it there, not in the kernels.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N whole steps (default: none)")
     a = ap.parse_args()
     dev = a.device
     torch.manual_seed(0)
@@ -112,6 +117,27 @@ def main() -> None:
         print(f"| {name} | {t:.2f} | {100 * t / whole:.0f} % |")
     print(f"| **whole step** | {whole:.2f} | 100 % |")
     print(f"| float ResNet-20 step (SGD) | {float_ms:.2f} | ratio {whole / float_ms:.2f}x |")
+    if a.profile:
+        profile_steps(step, a.profile, dev)
+
+
+def profile_steps(step, n: int, dev: str) -> None:
+    """Print what ``n`` calls of ``step`` cost the host, per step: launches, and the ops
+    with the most self host time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+    avg = prof.key_averages()
+    launches = sum(e.count for e in avg if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                      "cudaLaunchKernelExC"))
+    host_us = sum(e.self_cpu_time_total for e in avg)
+    print(f"\nprofile of {n} steps: {host_us / n / 1e3:.2f} ms of host time and {launches / n:.0f} kernel launches per step")
+    print(avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
 
 
 if __name__ == "__main__":

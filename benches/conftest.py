@@ -42,6 +42,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def randn(*shape: int, device: str) -> torch.Tensor:
+    """Standard-normal float32 of ``shape`` drawn on the CPU (seeded by the caller's
+    ``torch.manual_seed``) and moved to ``device``: the same inputs on every device, and none
+    drawn from the CUDA generator, which a failed graph capture leaves unusable for the rest
+    of the process ("Offset increment outside graph capture", first H200 run 2026-12-04)."""
+    return torch.randn(*shape).to(device)
+
+
 def backend_of(impl: str) -> Optional[str]:
     """The registry backend of a candidate named ``fedmpq[<backend>]``; None for an anchor."""
     return impl[7:-1] if impl.startswith("fedmpq[") else None
@@ -120,6 +128,7 @@ def run_variant(benchmark, impl: str, fn, device: str, variant: str) -> None:
                 with torch.cuda.graph(graph):
                     many()
             except Exception as exc:  # a synchronizing or otherwise uncapturable op
+                # (benches draw inputs with randn() above: the CUDA generator is broken now)
                 torch.cuda.synchronize()
                 pytest.skip(f"{impl} cannot be captured in a CUDA graph: {type(exc).__name__}: {exc}")
 

@@ -41,7 +41,8 @@ _WORKSPACES: Dict[Tuple[int, int], Tensor] = {}
 def workspace(device: torch.device, stream: int, words: int) -> Tensor:
     """A zero-filled int32 tensor of at least ``words`` elements on ``device`` for kernels
     that finish a reduction in their last block (a ticket and one slot per block; every
-    such kernel leaves it zero again). One per (device, stream), kept between calls: launches
+    such kernel resets its ticket, word 0, and writes a slot before it reads it, so the slots'
+    stale values are never read). One per (device, stream), kept between calls: launches
     on one stream run in order, so they can share it, and no zero fill is launched per call.
     Under CUDA-graph capture a fresh one is made every call (its zero fill is captured with
     the kernels), so a graph never shares a workspace with eager work on another stream.

@@ -132,7 +132,7 @@ def absmax_kernel(x_ptr, ws_ptr, out_ptr, n, BLOCK: tl.constexpr, FINISH: tl.con
 def reduction_workspace(device: torch.device, nprog: int, wide: bool = False) -> Tensor:
     """The int32 workspace of :func:`finish_in_last_program` for a grid of ``nprog``
     programs (``wide``: 8-byte slots, for ``SUM_F64_DIV``; pass ``ws.view(torch.int64)`` as
-    its slots): the current stream's (kept zero between launches) on a GPU; a fresh one in
+    its slots): the current stream's (its ticket back at zero after each launch) on a GPU; a fresh one in
     the interpreter (CPU tensors, tests only). Call it under
     :func:`fedmpq_kernels._device.on_device`."""
     words = 2 * (nprog + 1) if wide else nprog + 1

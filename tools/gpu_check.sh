@@ -22,9 +22,9 @@
 # Steps 1-2 stop the script at the first failure; 3-5 always all run. It writes
 # $OUT/summary.md (pass/fail per step with the test counts, then the benchmark tables: what
 # docs/BENCHMARKS.md takes as is) and full logs beside it, and exits non-zero when any step
-# failed. Budget (10 minutes): the step limits add up to 565 s, plus a build of about 20 s on
-# the device's 16 cores (limit 90 s); run with timeout_s 600: the summary is written step by
-# step, so a cut-off run still returns what it did. Test steps run on 8
+# failed. Budget (10 minutes): the steps took 475 s on an H200 on 2026-12-04 (the build 19 s);
+# their limits add up to 610 s, plus 90 s for the build. Run with timeout_s 600: the summary
+# is written step by step, so a cut-off run still returns what it did. Test steps run on 8
 # pytest-xdist workers where the image has xdist (Triton's JIT compiles in parallel).
 #
 # Kernels covered, CUDA C++ and Triton: fake-quant forward (absmax, values, bitmaps) and
@@ -112,7 +112,7 @@ run_step() {  # name, limit (s), command...
 # compiles, the slowest part on a fresh machine, then run in parallel.
 par=()
 $PY -c "import xdist" 2>/dev/null && par=(-n 8)
-for b in cuda:50 triton-cuda:110 reference-cuda:35; do
+for b in cuda:60 triton-cuda:100 reference-cuda:60; do
   name=${b%%:*}
   run_step "tests-$name" "${b##*:}" env FEDMPQ_TEST_BACKENDS="$name" \
     $PY -m pytest tests/fedmpq_kernels -q -p no:cacheprovider -rfE "${par[@]}"
@@ -131,16 +131,16 @@ run_step bench-kernels 90 $PY -m pytest benches/bench_fake_quant.py benches/benc
 run_step client-step 80 $PY -m pytest benches/bench_client_step.py --benchmark-only -q -p no:cacheprovider \
   -k "cuda and (not compile or (b32 and (float- or 4bit)))" --fedmpq-md "$OUT/bench_client_step.md"
 # where a 4-bit client step's time goes on the GPU
-run_step split 20 sh -c "$PY benches/client_step_split.py --device cuda --batch 32 --reps 20 > $OUT/split.md && \
+run_step split 30 sh -c "$PY benches/client_step_split.py --device cuda --batch 32 --reps 20 > $OUT/split.md && \
   $PY benches/client_step_split.py --device cuda --batch 128 --reps 20 >> $OUT/split.md"
 
 # ---- 5. a federation on the GPU ---------------------------------------------------------
-run_step federation 60 $PY -m fedmpq simulate --device cuda --rounds 2 -q --out "$OUT/fed"
+run_step federation 40 $PY -m fedmpq simulate --device cuda --rounds 2 -q --out "$OUT/fed"
 # ---- 6. the paper's CIFAR-10 round on the GPU -------------------------------------------
 # ResNet-20, 10 clients, 5 local epochs at batch 128 (configs/cifar10_fedmpq_a0.1.json) on a
 # CIFAR-10-shaped stand-in (random pixels: the machine cannot fetch CIFAR; the same samples,
 # so the same steps per round). Two rounds: the second is free of first-call costs.
-run_step cifar-round 120 sh -c "$PY tools/synthetic_cifar.py /tmp/fedmpq_cifar > /dev/null && \
+run_step cifar-round 150 sh -c "$PY tools/synthetic_cifar.py /tmp/fedmpq_cifar > /dev/null && \
   $PY -m fedmpq simulate --config configs/cifar10_fedmpq_a0.1.json --data-dir /tmp/fedmpq_cifar \
   --device cuda --rounds 2 -q --out $OUT/cifar"
 say ""

@@ -111,7 +111,7 @@ void bind_fake_quant(py::module_& m) {
   cuda.def(
       "workspace_words",
       [](int device) { return fedmpq::cuda::workspace_words(device); }, py::arg("device"),
-      "4-byte words of a reduction workspace on `device` (zero-filled once; every kernel leaves it zero).");
+      "4-byte words of a reduction workspace on `device` (zero-filled once; every kernel leaves its ticket, word 0, zero).");
   cuda.def(
       "absmax",
       [=](uintptr_t x, int dtype, int64_t n, uintptr_t out_bits, uintptr_t ws, int64_t ws_words, int device,

@@ -16,9 +16,11 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // The 4-byte words of a reduction workspace on `device`: one ticket (word 0) and a slot per
 // block of the largest grid of any kernel below (8 blocks per SM). Zero before its first
-// launch; every launch leaves it zero again (the last block to finish reduces the blocks'
-// partial results and resets the ticket, so a reduction costs no second launch). Launches
-// sharing a workspace must be ordered (one stream).
+// launch; every launch leaves the ticket zero again (the last block to finish reduces the
+// blocks' partial results and resets the ticket, so a reduction costs no second launch). The
+// slots keep the last launch's partials: each block writes its slot before it takes a ticket,
+// so no launch reads a value it did not write. Launches sharing a workspace must be ordered
+// (one stream).
 int64_t workspace_words(int device);
 
 // Writes the bit pattern of max|x| (NaN-propagating) into *out_bits (no initial value

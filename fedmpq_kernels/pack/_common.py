@@ -48,13 +48,14 @@ def check_packed(device: Union[None, str, torch.device] = None) -> None:
     CPU calls are checked in the call itself and never need this.
 
     Args:
-        device: the device to check; None: every device pack_codes has run on.
+        device: the device to check (``"cuda"``: the current CUDA device); None: every device
+            pack_codes has run on.
 
     Raises:
         ValueError: naming the bit-widths whose codes did not fit (those calls' planes are
             meaningless).
     """
-    devs = list(_STATUS) if device is None else [torch.device(device)]
+    devs = list(_STATUS) if device is None else [_indexed(torch.device(device))]
     bad = []
     for dev in devs:
         st = _STATUS.get(dev)
@@ -68,6 +69,14 @@ def check_packed(device: Union[None, str, torch.device] = None) -> None:
     if bad:
         raise ValueError("a code does not fit in " + "; in ".join(bad) + " in a pack_codes call since the last "
                          "check: codes must be < 2**bits, and the planes of that call are meaningless")
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as the tensors' own ``cuda:N`` (the current device): the status words are
+    keyed by a tensor's device, which always has an index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def status_word_ptr(device: torch.device, bits: int) -> int:
