@@ -14,12 +14,18 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
+# Plain tensors: a Parameter is one too (its __torch_function__ is disabled), and the
+# layers' scales and sinks are Parameters; before 2026-12-04 they sent every bit-plane
+# layer's dequantize through the dispatcher and torch.library's autograd wrapper.
+PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _eager(x: torch.Tensor) -> bool:
-    """Whether a public function may skip the dispatcher: a plain tensor, not being traced
+    """Whether a public function may skip the dispatcher: a plain tensor (or Parameter), not being traced
     (anything traced, fake or a subclass must take the registered ``torch.ops.fedmpq`` op),
     and no functorch transform around it or left over in it (vmap/grad/jvp take the
     registered op too)."""
-    return (type(x) is torch.Tensor and not torch.compiler.is_compiling() and not _functorch_active()
+    return (type(x) in PLAIN and not torch.compiler.is_compiling() and not _functorch_active()
             and not _is_wrapped(x))
 
 

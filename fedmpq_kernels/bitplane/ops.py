@@ -12,7 +12,7 @@ import torch
 
 from .. import registry
 from .._checks import bitmap_nbytes, check_bits
-from .._library import _eager, _is_wrapped, direct_apply, lib
+from .._library import PLAIN, _eager, _is_wrapped, direct_apply, lib
 from . import reference as _ref
 
 Tensor = torch.Tensor
@@ -203,7 +203,7 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tens
     _tensor(sink, "sink", device=codes.device)
     if sink.numel() != n:
         raise ValueError(f"sink has {sink.numel()} elements, codes {n}")
-    if (_eager(codes) and type(scale) is Tensor and type(sink) is Tensor and not _is_wrapped(scale)
+    if (_eager(codes) and type(scale) in PLAIN and type(sink) in PLAIN and not _is_wrapped(scale)
             and not _is_wrapped(sink)):
         if torch.is_grad_enabled() and (scale.requires_grad or sink.requires_grad):
             return _dq_apply(codes, sign, scale, bits, sink)

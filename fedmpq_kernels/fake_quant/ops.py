@@ -13,7 +13,7 @@ import torch
 from .. import registry
 from .._checks import (ALLOWED_BITS, FLOAT_DTYPES, bitmap_nbytes, check_bits, check_float_tensor,
                        check_scale_value, check_ste)
-from .._library import _eager, _functorch_active, _is_wrapped, direct_apply, lib
+from .._library import PLAIN, _eager, _functorch_active, _is_wrapped, direct_apply, lib
 
 Tensor = torch.Tensor
 
@@ -172,13 +172,13 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
     # The common case first: plain eager tensors (not traced, no functorch), a 0-dim
     # float32 scale tensor on x's device or None, its checks in their cheapest form. Anything
     # else takes the general path below, with the full checks and their messages.
-    if (type(x) is Tensor and x.dtype in _FLOAT_SET and type(bits) is int and bits in _BITS_OK
+    if (type(x) in PLAIN and x.dtype in _FLOAT_SET and type(bits) is int and bits in _BITS_OK
             and (ste == "identity" or ste == "clipped") and not _is_compiling() and not _functorch_active()
             and not _is_wrapped(x)):
         if scale is None:
             s = None
             grad = x.requires_grad and _grad_enabled()
-        elif (type(scale) is Tensor and scale.dtype is _F32 and scale.dim() == 0 and not _is_wrapped(scale)
+        elif (type(scale) in PLAIN and scale.dtype is _F32 and scale.dim() == 0 and not _is_wrapped(scale)
               and ((scale.is_cpu and x.is_cpu) or scale.device == x.device)):
             s = scale
             if s.is_cpu:

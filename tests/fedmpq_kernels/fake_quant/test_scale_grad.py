@@ -92,44 +92,58 @@ def test_triton_last_program_reduces_many_programs(backend, monkeypatch):
         assert torch.isnan(mod.fake_quant(x, 3, None, 0)[0]).all()
 
 
-def test_gpu_workspace_ticket_is_reset_and_graph_capture_works(backend):
-    """The per-stream workspace's ticket (word 0) is zero between launches (each kernel's
-    last block resets it); its slots may hold anything, since every block writes its slot
-    before reading any (stale slots poisoned with NaN bits change nothing). Under CUDA-graph
-    capture a call gets a captured workspace of its own: replays give the eager results."""
+def _gpu_calls(backend):
+    """The three reductions under test on one input: (module, the calls, their eager results
+    as [dynamic-scale y, grad_x, grad_scale])."""
     if backend.device != "cuda" or backend.name == "reference":
         pytest.skip("GPU kernel backends only")
-    from fedmpq_kernels import _device
     mod = backend.module("fake_quant")
     x, s, g = _inputs((1 << 20) + 3, "cuda")
-    want = [mod.fake_quant(x, 4, None, 0)[0]]
     _, b = mod.fake_quant(x, 4, s, 2)
-    want += list(mod.fake_quant_backward(g, b, True))
+
+    def calls():
+        return [mod.fake_quant(x, 4, None, 0)[0], *mod.fake_quant_backward(g, b, True)]
+
+    return calls, calls()
+
+
+def _same(got, want, when: str) -> None:
+    names = ["dynamic-scale y", "grad_x", "grad_scale"]
+    bad = [f"{n} (NaN: {bool(torch.isnan(a).any())}, max |diff| {float((a.float() - w.float()).abs().max())})"
+           for n, a, w in zip(names, got, want) if not torch.equal(a, w)]
+    assert not bad, f"{when}: differs from the eager results in " + ", ".join(bad)
+
+
+def test_gpu_workspace_ticket_is_reset_and_stale_slots_are_never_read(backend):
+    """The per-stream workspace's ticket (word 0) is zero between launches (each kernel's
+    last block resets it); its slots may hold anything, since every block writes its slot
+    before the last one reads them: slots poisoned with NaN bits change no result."""
+    from fedmpq_kernels import _device
+    calls, want = _gpu_calls(backend)
     torch.cuda.synchronize()
-    assert _device._WORKSPACES
-    for ws in _device._WORKSPACES.values():
-        assert int(ws[0]) == 0
-        ws[1:] = 0x7FC00000  # float NaN, int32 max-ish: a stale slot read would show
-    again = [mod.fake_quant(x, 4, None, 0)[0]]
-    _, b2 = mod.fake_quant(x, 4, s, 2)
-    assert torch.equal(b2, b)
-    again += list(mod.fake_quant_backward(g, b, True))
-    for a, w in zip(again, want):
-        assert torch.equal(a, w)
+    assert _device._WORKSPACES, "the GPU reductions used no per-stream workspace"
+    for key, ws in _device._WORKSPACES.items():
+        assert int(ws[0]) == 0, f"workspace {key}: ticket {int(ws[0])} left after the launches"
+        ws[1:] = 0x7FC00000  # float NaN bits, and above every |x| bit pattern for the max
+    _same(calls(), want, "after poisoning the slots")
     torch.cuda.synchronize()
-    for ws in _device._WORKSPACES.values():
-        assert int(ws[0]) == 0
+    for key, ws in _device._WORKSPACES.items():
+        assert int(ws[0]) == 0, f"workspace {key}: ticket {int(ws[0])} left after the launches"
+
+
+def test_gpu_reductions_replay_from_a_cuda_graph(backend):
+    """Under CUDA-graph capture a call gets a captured workspace of its own: replays give the
+    eager results."""
+    calls, want = _gpu_calls(backend)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):  # warm-up on the capture stream, as torch recommends
-        mod.fake_quant(x, 4, None, 0)
-        mod.fake_quant_backward(g, b, True)
+        calls()
     stream.synchronize()
     with torch.cuda.graph(graph, stream=stream):
-        got = [mod.fake_quant(x, 4, None, 0)[0]]
-        got += list(mod.fake_quant_backward(g, b, True))
-    for _ in range(3):
+        got = calls()
+    for i in range(3):
         graph.replay()
         torch.cuda.synchronize()
-        for a, b in zip(got, want):
-            assert torch.equal(a, b)
+        _same(got, want, f"replay {i + 1}")
