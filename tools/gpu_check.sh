@@ -19,11 +19,12 @@
 # 5. a 2-round federation on the GPU: fedmpq simulate --device cuda --rounds 2;
 # 6. two rounds of the paper's CIFAR-10 setting (ResNet-20, 10 clients, 5 local epochs) on the
 #    GPU, on a CIFAR-10-shaped stand-in (tools/synthetic_cifar.py), and from it 50 rounds' time.
+# The b32 time split ends with a torch.profiler table of 5 steps (launches, host time per op).
 # Steps 1-2 stop the script at the first failure; 3-5 always all run. It writes
 # $OUT/summary.md (pass/fail per step with the test counts, then the benchmark tables: what
 # docs/BENCHMARKS.md takes as is) and full logs beside it, and exits non-zero when any step
 # failed. Budget (10 minutes): the steps took 475 s on an H200 on 2026-12-04 (the build 19 s);
-# their limits add up to 610 s, plus 90 s for the build. Run with timeout_s 600: the summary
+# their limits add up to 620 s, plus 90 s for the build. Run with timeout_s 600: the summary
 # is written step by step, so a cut-off run still returns what it did. Test steps run on 8
 # pytest-xdist workers where the image has xdist (Triton's JIT compiles in parallel).
 #
@@ -131,7 +132,7 @@ run_step bench-kernels 90 $PY -m pytest benches/bench_fake_quant.py benches/benc
 run_step client-step 80 $PY -m pytest benches/bench_client_step.py --benchmark-only -q -p no:cacheprovider \
   -k "cuda and (not compile or (b32 and (float- or 4bit)))" --fedmpq-md "$OUT/bench_client_step.md"
 # where a 4-bit client step's time goes on the GPU
-run_step split 30 sh -c "$PY benches/client_step_split.py --device cuda --batch 32 --reps 20 > $OUT/split.md && \
+run_step split 40 sh -c "$PY benches/client_step_split.py --device cuda --batch 32 --reps 20 --profile 5 > $OUT/split.md && \
   $PY benches/client_step_split.py --device cuda --batch 128 --reps 20 >> $OUT/split.md"
 
 # ---- 5. a federation on the GPU ---------------------------------------------------------
