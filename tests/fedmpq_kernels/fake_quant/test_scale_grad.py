@@ -92,6 +92,34 @@ def test_triton_last_program_reduces_many_programs(backend, monkeypatch):
         assert torch.isnan(mod.fake_quant(x, 3, None, 0)[0]).all()
 
 
+def test_triton_last_program_never_reads_a_stale_slot(backend, monkeypatch):
+    """On a GPU the workspace is kept between launches and its slots hold the last launch's
+    partials; the interpreter makes a fresh one per call. Here every call gets one whose
+    slots are poisoned with NaN bits (the ticket zero, as the kernels leave it): the last
+    program must read only slots written in the same launch, so results are unchanged."""
+    if backend.name != "triton" or backend.device != "cpu":
+        pytest.skip("the Triton interpreter case")
+    from fedmpq_kernels import _triton_common
+    mod = backend.module("fake_quant")
+    monkeypatch.setattr(mod, "BLOCK", 64)
+
+    def poisoned(device, nprog, wide=False):
+        ws = torch.full((2 * (nprog + 1) + 64,), 0x7FC00000, dtype=torch.int32, device=device)
+        ws[0] = 0
+        return ws
+
+    monkeypatch.setattr(_triton_common, "reduction_workspace", poisoned)
+    if hasattr(mod, "reduction_workspace"):
+        monkeypatch.setattr(mod, "reduction_workspace", poisoned)
+    for numel in (1, 65, 4000):
+        x, s, g = _inputs(numel, "cpu", seed=numel)
+        assert torch.equal(mod.fake_quant(x, 3, None, 0)[0], R.fake_quant(x, 3, None, 0)[0])
+        _, b = mod.fake_quant(x, 4, s, 2)
+        gx, gs = mod.fake_quant_backward(g, b, True)
+        assert torch.equal(gx, R.fake_quant_backward(g, b, True)[0])
+        assert gs.item() == _exact_scale_grad(x, s, g)
+
+
 def _gpu_calls(backend):
     """The three reductions under test on one input: (module, the calls, their eager results
     as [dynamic-scale y, grad_x, grad_scale])."""
