@@ -121,8 +121,8 @@ def test_triton_last_program_never_reads_a_stale_slot(backend, monkeypatch):
 
 
 def _gpu_calls(backend):
-    """The three reductions under test on one input: (module, the calls, their eager results
-    as [dynamic-scale y, grad_x, grad_scale])."""
+    """The three reductions under test on one input: (a function making the calls, their
+    eager results as [dynamic-scale y, grad_x, grad_scale])."""
     if backend.device != "cuda" or backend.name == "reference":
         pytest.skip("GPU kernel backends only")
     mod = backend.module("fake_quant")
