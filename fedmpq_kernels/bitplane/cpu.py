@@ -9,7 +9,7 @@ kernel. Thread count follows ``torch.get_num_threads()`` (capped natively at the
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -81,8 +81,11 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
 
 
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
-                  scale: Tensor, bits: int, lr: float, momentum: float, key: int) -> Tensor:
+                  scale: Tensor, bits: int, lr: float, momentum: float, key: int,
+                  key_tensor: Optional[Tensor] = None) -> Tensor:
     n = codes.numel()
+    if key_tensor is not None:  # a CPU tensor: reading it is free
+        key = int(key_tensor.reshape(())) & 0xFFFFFFFF
     # Working copies of the in-place state where the kernel cannot use it as it is.
     c = _bytes(codes)
     sg = words(sign)

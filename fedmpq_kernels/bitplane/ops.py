@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -21,9 +21,11 @@ lib.define("binarize(Tensor w, int bits) -> (Tensor, Tensor, Tensor)")
 lib.define("dequantize(Tensor codes, Tensor sign, Tensor scale, int bits, Tensor sink) -> Tensor")
 lib.define("dequantize_backward(Tensor grad, Tensor codes, Tensor sign, int bits) -> Tensor")
 lib.define("plane_popcounts(Tensor codes, int bits) -> Tensor")
+# key_tensor: the key on the device (a one-element int64 tensor, its low 32 bits); when
+# given, the int key is ignored (the public function passes 0).
 lib.define(
     "bitplane_step(Tensor(a!) codes, Tensor(b!) sign, Tensor(c!) mom, Tensor(d!) gs, Tensor grad, Tensor coef, "
-    "Tensor scale, int bits, float lr, float momentum, int key) -> Tensor"
+    "Tensor scale, int bits, float lr, float momentum, int key, Tensor? key_tensor=None) -> Tensor"
 )
 
 
@@ -47,8 +49,8 @@ def _plane_popcounts_impl(codes: Tensor, bits: int) -> Tensor:
     return _get("plane_popcounts", codes)(codes, bits)
 
 
-def _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key) -> Tensor:
-    return _get("bitplane_step", codes)(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key)
+def _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key, key_tensor=None) -> Tensor:
+    return _get("bitplane_step", codes)(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key, key_tensor)
 
 
 for _name, _fn in [("binarize", _binarize_impl), ("dequantize", _dequantize_impl),
@@ -80,7 +82,7 @@ def _plane_popcounts_fake(codes, bits):
 
 
 @torch.library.register_fake("fedmpq::bitplane_step")
-def _bitplane_step_fake(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key):
+def _bitplane_step_fake(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key, key_tensor=None):
     return grad.new_empty((), dtype=torch.float32)
 
 
@@ -140,6 +142,19 @@ def _key(key, hint: str = "") -> int:
     if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key <= 0xFFFFFFFF:
         raise ValueError(f"key must be a uint32{hint}, got {key!r}")
     return int(key)
+
+
+def _step_key(key, device) -> Tuple[int, Optional[Tensor]]:
+    """bitplane_step's key: (the int key, None) or, for a key on the device, (0, the tensor)."""
+    if isinstance(key, Tensor):
+        if key.dtype != torch.int64:
+            raise TypeError(f"key must be an int or a one-element torch.int64 tensor, got a tensor of {key.dtype}")
+        if key.device != device:
+            raise ValueError(f"key is on {key.device}, expected {device} (codes' device)")
+        if key.numel() != 1:
+            raise ValueError(f"key must be a one-element tensor, got shape {tuple(key.shape)}")
+        return 0, key
+    return _key(key, " (see step_key)"), None
 
 
 def _state(codes, sign, bits) -> Tuple[int, int]:
@@ -234,7 +249,7 @@ def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
 
 
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
-                  scale: Tensor, bits: int, lr: float, momentum: float, key: int) -> Tensor:
+                  scale: Tensor, bits: int, lr: float, momentum: float, key: Union[int, Tensor]) -> Tensor:
     """One fused bit-plane optimizer step with re-quantization (ALGORITHM.md steps 1-7), in
     place on ``codes``, ``sign``, ``mom`` and ``gs``; the exact rule is in
     :mod:`fedmpq_kernels.bitplane.reference`.
@@ -246,11 +261,22 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         coef: float32 (bits,), the regularizer's coefficient per plane for a set bit
             (``lambda / T * n*N / sqrt(eps + popcount_i)``; zeros for none).
         scale: float32 one-element tensor, s.  bits: N.  lr, momentum: finite floats,
-            lr > 0, 0 <= momentum < 1.  key: :func:`step_key` (seed, step, layer).
+            lr > 0, 0 <= momentum < 1.
+        key: the generator's key, :func:`step_key` (seed, step, layer): an int in
+            0..2^32-1, or a one-element int64 tensor on ``codes``' device (0-dim or (1,),
+            any strides: e.g. ``step_keys(seed, step, layers)[l]``) whose low 32 bits are
+            the key. Neither this function nor the Triton backend reads a tensor key's
+            value on the host (a step with one can be captured in a CUDA graph and draws
+            new numbers on every replay), so it is not range-checked: its value is taken
+            mod 2^32. Same key, same result either way.
 
     Returns:
         float32 0-dim: this step's g_s. Not finite when grad or scale held NaN/inf: the
         step was skipped and nothing changed (never corrupted codes).
+
+    Raises:
+        TypeError / ValueError: bad arguments; a key tensor not int64 (TypeError), not on
+        codes' device or not of one element (ValueError).
     """
     n, bits = _state(codes, sign, bits)
     dev = codes.device
@@ -274,17 +300,18 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         raise ValueError(f"lr must be > 0, got {lr}")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    key = _key(key, " (see step_key)")
+    key, key_t = _step_key(key, dev)
     if n >= 1 << 32:
         raise ValueError("a layer of 2^32 weights or more is not supported (the generator counts in 32 bits)")
     grad = grad.reshape(-1)
     if grad.dtype != torch.float32:
         grad = grad.float()
     coef = coef.reshape(-1).float()
-    if _eager(codes):
-        return _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, float(lr), float(momentum), int(key))
+    if _eager(codes) and (key_t is None or (type(key_t) in PLAIN and not _is_wrapped(key_t))):
+        return _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, float(lr), float(momentum), key,
+                                   key_t)
     return torch.ops.fedmpq.bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, float(lr), float(momentum),
-                                          int(key))
+                                          key, key_t)
 
 
 def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -> Tuple[int, Tensor, Tensor]:
@@ -302,6 +329,25 @@ def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -
 
 
 step_key = _ref.step_key
+
+
+def step_keys(seed: int, step: Tensor, layers: int) -> Tensor:
+    """The keys of one step for layers 0..layers-1, computed on ``step``'s device: int64
+    (layers,) whose element l is ``step_key(seed, s, l)``, s the value of ``step`` (a
+    one-element int64 tensor, taken mod 2^32). Torch ops only, no host read of ``step``: a
+    step counter kept on the GPU and advanced there gives new keys on every replay of a
+    captured CUDA graph. Pass ``keys[l]`` as :func:`bitplane_step`'s key."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    _tensor(step, "step", torch.int64)
+    if step.numel() != 1:
+        raise ValueError(f"step must be a one-element tensor, got shape {tuple(step.shape)}")
+    if isinstance(layers, bool) or not isinstance(layers, numbers.Integral):
+        raise TypeError(f"layers must be an int, got {type(layers).__name__}")
+    if layers < 0:
+        raise ValueError(f"layers must be >= 0, got {layers}")
+    k = _ref._mix32((step.reshape(()) & _ref.M32) ^ _ref.mix32_int((int(seed) & _ref.M32) ^ 0x9E3779B9))
+    return _ref._mix32(k ^ (torch.arange(int(layers), dtype=torch.int64, device=step.device) & _ref.M32))
 
 
 def uniform(key: int, n: int, device=None) -> Tensor:

@@ -51,6 +51,9 @@ Randomness: a counter-based generator keyed by (seed, step, layer, element):
 ``key = mix32(mix32(mix32(seed ^ 0x9E3779B9) ^ step) ^ layer)`` (each taken mod 2^32),
 ``u_j = (mix32(key ^ mix32(j ^ 0x85EBCA6B)) >> 8) * 2^-24``, with mix32 the 32-bit
 integer hash ``x ^= x>>16; x *= 0x21F0AAAD; x ^= x>>15; x *= 0x735A2D97; x ^= x>>15``.
+The key is a uint32 computed on the host (:func:`step_key`) or an int64 tensor on the device
+whose low 32 bits are used (``fedmpq_kernels.step_keys`` derives it from a step count kept
+there, for a step captured in a CUDA graph): the same key gives the same draws either way.
 """
 from __future__ import annotations
 
@@ -188,14 +191,18 @@ def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
 
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
                   scale: Tensor, bits: int, lr: float, momentum: float, key: int,
-                  pre: Optional[Tensor] = None) -> Tensor:
+                  key_tensor: Optional[Tensor] = None, pre: Optional[Tensor] = None) -> Tensor:
     """One fused bit-plane optimizer step with re-quantization, in place on codes, sign,
     mom and gs (the module docstring states every operation). grad: G float32 (n,);
     coef: c float32 (bits,). Returns the step's g_s, float32 0-dim (non-finite: skipped).
+    ``key_tensor``: a one-element int64 tensor; when given, its value mod 2^32 is the key
+    (read on the host here: this is the oracle) and ``key`` is ignored.
     ``pre``: float32 (n,), receives the re-quantized value before the sign fold and the
     saturation (v = q - R*step, in the old sign's orientation; q itself when the step is
     skipped): the authors' unclamped value, for tools/unclamped_upload.py."""
     n = codes.numel()
+    if key_tensor is not None:
+        key = int(key_tensor.reshape(())) & M32
     if pre is not None:
         pre.copy_(codes.reshape(-1).float())
     N = bits

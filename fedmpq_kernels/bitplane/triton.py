@@ -14,7 +14,8 @@ Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton` and ``pack.triton`
   ``i * n + j`` (uint8, plane-major).
 * Offsets are int64. Programs whose block lies wholly inside the layer take an unmasked
   path (vectorizable); only the last block is masked. ``n``, ``nwords`` and the generator
-  key are not specialized: one compile per bit-width.
+  key (its value, or its pointer's alignment) are not specialized: one compile per
+  bit-width and kind of key.
 * Every launch has ``enable_fp_fusion=False`` (no multiply-add contracted into an FMA);
   ``s / L``, ``L / s`` and ``|d| / g_s`` use ``div_rn`` (Triton's plain fp32 ``/`` is not
   correctly rounded on NVIDIA GPUs; torch's is). Rounding half to even: ``(t + 2^23) - 2^23``
@@ -31,7 +32,10 @@ Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton` and ``pack.triton`
      is skipped); 0: writes zero momentum codes only; else steps 3-7 per element,
      recomputing d, and writes the codes, the sign words and the momentum codes.
 * The generator: mix32 on uint32 tensors (multiplies wrap mod 2^32, shifts are logical).
-  The key is passed as an int32 bit pattern.
+  The key is passed as an int32 bit pattern, or (``KEY_IN_MEM``) loaded by the update
+  kernel from a one-element int64 tensor on the device, its low 32 bits taken: never read
+  on the host, so a step with a device key can be captured in a CUDA graph (checked in
+  the interpreter; the graph test in tests/.../test_device_key.py not yet run on a GPU).
 * Launches run under :func:`fedmpq_kernels._device.on_device`. Fixed block sizes, no
   autotune (it needs a GPU at the first call).
 * dequantize_backward finishes in one launch: each program's float64 sum, added (in a fixed
@@ -46,7 +50,7 @@ and on an H200 (Triton 3.6, a throwaway script, layers up to 2^20 + 3 weights, e
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -361,9 +365,12 @@ def _step_zero_mom(mom_ptr, word, col, n, N: tl.constexpr, MASKED: tl.constexpr)
             tl.store(mom_ptr + i * n + offs, z)
 
 
-@triton.jit(do_not_specialize=["n", "nwords", "key"])
+@triton.jit(do_not_specialize=["n", "nwords", "key", "key_ptr"])
 def _step_update_kernel(grad_ptr, codes_ptr, sign_ptr, mom_ptr, prev_ptr, coef_ptr, scale_ptr, gs_new_ptr, n,
-                        nwords, L, lr, mu, key, N: tl.constexpr, BLOCK: tl.constexpr):
+                        nwords, L, lr, mu, key, key_ptr, N: tl.constexpr, BLOCK: tl.constexpr,
+                        KEY_IN_MEM: tl.constexpr):
+    """key: the generator key's int32 bit pattern; with KEY_IN_MEM, key_ptr points to an
+    int64 whose low 32 bits are the key instead (key is then unused)."""
     ROWS: tl.constexpr = BLOCK // 32
     pid = tl.program_id(0)
     word = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -374,7 +381,10 @@ def _step_update_kernel(grad_ptr, codes_ptr, sign_ptr, mom_ptr, prev_ptr, coef_p
         if g_s < float("inf"):
             k = tl.math.div_rn(tl.load(scale_ptr), L)
             gsp = tl.load(prev_ptr)
-            ukey = key.to(tl.uint32, bitcast=True)
+            if KEY_IN_MEM:
+                ukey = (tl.load(key_ptr) & 0xFFFFFFFF).to(tl.uint32)  # in 0..2^32-1: the cast is exact
+            else:
+                ukey = key.to(tl.uint32, bitcast=True)
             if full:
                 _step_update_tile(grad_ptr, codes_ptr, sign_ptr, mom_ptr, coef_ptr, word, col, n, nwords, k, gsp,
                                   g_s, L, lr, mu, ukey, N=N, MASKED=False)
@@ -471,7 +481,10 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
 
 
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
-                  scale: Tensor, bits: int, lr: float, momentum: float, key: int) -> Tensor:
+                  scale: Tensor, bits: int, lr: float, momentum: float, key: int,
+                  key_tensor: Optional[Tensor] = None) -> Tensor:
+    """``key_tensor`` (a one-element int64 tensor on codes' device): the kernel loads the key
+    from it (no host read, capturable in a CUDA graph) and ``key`` is ignored."""
     dev = codes.device
     n = codes.numel()
     if n == 0:  # the reference: max over nothing is 0, so g_s = 0 (mom is empty)
@@ -490,8 +503,12 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     cf = coef.reshape(-1).to(torch.float32).contiguous()
     sc = _scalar(scale)
     L = _L(bits)
-    key32 = int(key) & 0xFFFFFFFF
-    key32 = key32 - (1 << 32) if key32 >= 1 << 31 else key32  # its int32 bit pattern
+    if key_tensor is None:
+        key32 = int(key) & 0xFFFFFFFF
+        key32 = key32 - (1 << 32) if key32 >= 1 << 31 else key32  # its int32 bit pattern
+        key_ptr = sc  # any valid pointer: not read
+    else:
+        key32, key_ptr = 0, key_tensor  # its data pointer is the element's, whatever the strides
     sign32 = sw[:nbytes].view(torch.int32)
     step_block, step_warps = STEP_CONFIG[bits]
     grid = (triton.cdiv(n, step_block),)
@@ -504,8 +521,8 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         _step_finish_kernel[(1,)](part, grid[0], gsw, g_s, prev, L, float(lr), BLOCK=FINISH_BLOCK, num_warps=4,
                                   enable_fp_fusion=False)
         _step_update_kernel[grid](g, cw, sign32, mw, prev, cf, sc, g_s, n, nbytes // 4, L, float(lr),
-                                  float(momentum), key32, N=bits, BLOCK=step_block, num_warps=step_warps,
-                                  enable_fp_fusion=False)
+                                  float(momentum), key32, key_ptr, N=bits, BLOCK=step_block, num_warps=step_warps,
+                                  KEY_IN_MEM=key_tensor is not None, enable_fp_fusion=False)
     if cw is not codes:
         codes.copy_(cw.reshape(codes.shape))
     if sign_copied:
