@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from . import data as data_mod
 from . import simulate
-from .config import (DEFAULTS, HELP, ConfigError, check_config, load_config_file, parse_alpha, parse_budgets,
-                     parse_optional_int)
+from .config import (DEFAULTS, HELP, ConfigError, check_config, load_config_file, parse_alpha, parse_bool,
+                     parse_budgets, parse_optional_int)
 from .federation import read_checkpoint
 from .progress import log_through_bars
 from .results import bits_table, compare
@@ -61,6 +61,8 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
             parse = parse_optional_int(k)
         elif k == "data_dir":
             parse = str
+        elif isinstance(v, bool):
+            parse = parse_bool(k)
         else:
             parse = type(v)
         # absent flags are not in args at all (default=SUPPRESS): a config file's value stays
@@ -95,7 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          description="Run a federation in one process; every config key is also a flag.")
     _config_flags(sim)
     sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint; flags may "
-                                                     "raise rounds (to extend it), device, threads and data-dir")
+                                                     "raise rounds (to extend it), device, cuda-graph, threads and "
+                                                     "data-dir")
     fl = sub.add_parser("flower", help="run the same federation through Flower's simulation engine "
                                        "(needs the flower extra)",
                         description="Run the federation on Flower's simulation engine (Ray); the same keys.")

@@ -21,6 +21,7 @@ import fedmpq_kernels as fk
 
 from . import nn as qn
 from . import wire
+from .step_graph import StepGraph
 
 Tensor = torch.Tensor
 ALGORITHMS = ("fedmpq", "aqfl", "fp8", "fp")
@@ -42,6 +43,7 @@ class TrainConfig:
     seed: int = 0
     scale_lr: str = "lsq"  # "lsq": lr / sqrt(n (2^N - 1)) per scale; "sgd": lr (the authors')
     device: str = "cpu"  # where the model trains; the data moves there once per round
+    cuda_graph: bool = False  # replay the local step from a CUDA graph (device cuda only)
 
 
 @dataclass
@@ -150,41 +152,51 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
                 quantized: bool) -> Tuple[float, float, float]:
     """``cfg.local_epochs`` epochs of local training; returns (train accuracy, mean loss) of
     the last epoch and the seconds spent in the bit-plane optimizer. Batches and draws are
-    seeded by (seed, round, client)."""
+    seeded by (seed, round, client). With ``cfg.cuda_graph`` the steps of the batch size
+    replay one CUDA graph (:class:`fedmpq.step_graph.StepGraph`); the optimizer's seconds
+    then count its eager steps only (a replayed step's share is not timed apart)."""
     model.train()
     if quantized:
         bit_opt = qn.BitPlaneOptimizer(model, lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam,
-                                       seed=fk.step_key(cfg.seed, round_, client_id))
+                                       seed=fk.step_key(cfg.seed, round_, client_id), device_keys=cfg.cuda_graph)
         sgd = torch.optim.SGD(scale_param_groups(model, cfg.lr, cfg.scale_lr), lr=cfg.lr, momentum=cfg.momentum)
     else:
         bit_opt = None
         sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    correct = total = 0
-    loss_sum = opt_seconds = 0.0
+    # on the device, summed in float64 as Python floats would be: no sync per batch
+    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
+    correct = torch.zeros((), dtype=torch.int64, device=x.device)
+    opt_seconds = 0.0
+
+    def step(xb: Tensor, yb: Tensor) -> None:  # in place only: a CUDA graph may replay it
+        nonlocal opt_seconds
+        out = model(xb)
+        loss = F.cross_entropy(out, yb)
+        if bit_opt is not None:
+            bit_opt.zero_grad()
+        sgd.zero_grad(set_to_none=True)
+        loss.backward()
+        if bit_opt is not None:
+            t = time.perf_counter()
+            bit_opt.step()  # before SGD moves the scales
+            opt_seconds += time.perf_counter() - t
+        sgd.step()
+        loss_sum.add_(loss.detach().double() * len(yb))
+        correct.add_((out.detach().argmax(1) == yb).sum())
+
+    run = (lambda idx: step(x[idx], y[idx])) if not cfg.cuda_graph else StepGraph(step, x, y, cfg.batch_size)
+    total = 0
     for epoch in range(cfg.local_epochs):
-        correct = total = 0
-        loss_sum = 0.0
+        loss_sum.zero_()
+        correct.zero_()
+        total = 0
         for idx in _batches(len(y), cfg.batch_size, fk.step_key(cfg.seed, round_ * 1000 + epoch, client_id), x.device):
-            xb, yb = x[idx], y[idx]
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
-            if bit_opt is not None:
-                bit_opt.zero_grad()
-            sgd.zero_grad(set_to_none=True)
-            loss.backward()
-            if bit_opt is not None:
-                t = time.perf_counter()
-                bit_opt.step()  # before SGD moves the scales
-                opt_seconds += time.perf_counter() - t
-            sgd.step()
-            # on the device, summed in float64 as the Python floats were: no sync per batch
-            loss_sum = loss_sum + loss.detach().double() * len(yb)
-            correct = correct + (out.detach().argmax(1) == yb).sum()
-            total += len(yb)
-    loss_sum, correct = float(loss_sum), int(correct)
-    if not math.isfinite(loss_sum):
+            run(idx)
+            total += len(idx)
+    loss_total, n_correct = float(loss_sum), int(correct)
+    if not math.isfinite(loss_total):
         raise FloatingPointError("the local loss is not finite")
-    return correct / max(total, 1), loss_sum / max(total, 1), opt_seconds
+    return n_correct / max(total, 1), loss_total / max(total, 1), opt_seconds
 
 
 def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., torch.nn.Module], cfg: TrainConfig,

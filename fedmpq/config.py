@@ -29,11 +29,11 @@ DEFAULTS: Dict[str, Any] = dict(
     alg="fedmpq", dataset="digits", data_dir=None, model="small_cnn", alpha=0.5, n_clients=10,
     budgets=PAPER_BUDGETS, rounds=30, local_epochs=5, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
     **{"lambda": 1e-3}, threshold=2.0, sampling_rate=1.0, act_bits=4, scale_lr="lsq", classifier="quantized",
-    seed=0, train_samples=None, aggregation="mean", device="cpu", threads=None,
+    seed=0, train_samples=None, aggregation="mean", device="cpu", cuda_graph=False, threads=None,
 )
 # Keys that only say where or how fast a run executes: a resumed run may change them, and
 # runs that differ only in them are the same experiment.
-EXECUTION_KEYS = ("device", "threads", "data_dir")
+EXECUTION_KEYS = ("device", "cuda_graph", "threads", "data_dir")
 ALGS = client_mod.ALGORITHMS
 CLASSIFIERS = ("quantized", "float")
 
@@ -67,6 +67,8 @@ HELP: Dict[str, str] = {
     "aggregation": f"server aggregation rule: {', '.join(agg_mod.RULES)} (coordinate-wise; median and "
                    f"trimmed_mean resist outlying clients)",
     "device": "where clients train and the server evaluates: cpu, cuda or cuda:N",
+    "cuda_graph": "true: replay each client's local step from a CUDA graph captured per round (device cuda only; "
+                  "a batch of another size runs eagerly); false: every step eagerly",
     "threads": "threads of one training process; none: the cores this process may use divided among "
                "the clients that train at the same time",
 }
@@ -145,6 +147,10 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"act_bits must be {fk.MIN_BITS}..{fk.MAX_BITS} or {fk.FLOAT_BITS}, got {c['act_bits']!r}")
     if not isinstance(c["device"], str) or not re.fullmatch(r"cpu|cuda(:\d+)?", c["device"]):
         raise ConfigError(f"device must be cpu, cuda or cuda:N, got {c['device']!r}")
+    if not isinstance(c["cuda_graph"], bool):
+        raise ConfigError(f"cuda_graph must be true or false, got {c['cuda_graph']!r}")
+    if c["cuda_graph"] and not c["device"].startswith("cuda"):
+        raise ConfigError(f"cuda_graph needs a CUDA device (device cuda or cuda:N), got device {c['device']}")
     return c
 
 
@@ -258,6 +264,18 @@ def parse_alpha(text: str) -> Optional[float]:
         raise ConfigError(f"alpha must be a number or iid, got {text!r}") from None
 
 
+def parse_bool(key: str):
+    """A flag parser for a true/false key (true/false, yes/no, on/off, 1/0, any case)."""
+    def parse(text: str) -> bool:
+        t = text.strip().lower()
+        if t in ("true", "yes", "on", "1"):
+            return True
+        if t in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(f"{key} must be true or false, got {text!r}")
+    return parse
+
+
 def parse_optional_int(key: str):
     """A flag parser for an integer key that may be ``none`` (-> None)."""
     def parse(text: str) -> Optional[int]:
@@ -290,4 +308,4 @@ def train_config(c: Dict[str, Any]) -> client_mod.TrainConfig:
     return client_mod.TrainConfig(alg=c["alg"], lr=c["lr"], momentum=c["momentum"], weight_decay=c["weight_decay"],
                                   lam=c["lambda"], threshold=c["threshold"], local_epochs=c["local_epochs"],
                                   scale_lr=c["scale_lr"], batch_size=c["batch_size"], seed=c["seed"],
-                                  device=c["device"])
+                                  device=c["device"], cuda_graph=c["cuda_graph"])

@@ -10,22 +10,27 @@
 # 3. the tests of each GPU backend on their own (cuda, triton-cuda, reference-cuda), without
 #    -x, each under its own time limit (FEDMPQ_TEST_BACKENDS makes a backend that cannot run
 #    fail instead of skip), so one failing backend does not hide the others: every family,
-#    the bit-plane training kernels included (tests/fedmpq_kernels/<family>/);
+#    the bit-plane training kernels included (tests/fedmpq_kernels/<family>/); then the
+#    client's GPU tests (a round replayed from a CUDA graph uploads the eager round's bytes;
+#    a federation on CUDA sends the CPU's payload layout);
 # 4. the GPU benchmarks: every kernel (fake-quant, packing, bit-plane training) at 2^24
 #    against device-to-device copy_ and the torch way, per call with a synchronization,
 #    20 calls per synchronization, and 20 calls replayed from one CUDA graph; the ResNet-20
-#    client step on CUDA (eager, and float and fedmpq-4bit at batch 32 under torch.compile)
-#    and its time split;
-# 5. a 2-round federation on the GPU: fedmpq simulate --device cuda --rounds 2;
+#    client step on CUDA (eager, replayed from a CUDA graph as cuda_graph does, and float
+#    and fedmpq-4bit at batch 32 under torch.compile) and its time split;
+# 5. a 2-round federation on the GPU: fedmpq simulate --device cuda --cuda-graph true --rounds 2;
 # 6. two rounds of the paper's CIFAR-10 setting (ResNet-20, 10 clients, 5 local epochs) on the
-#    GPU, on a CIFAR-10-shaped stand-in (tools/synthetic_cifar.py), and from it 50 rounds' time.
+#    GPU with --cuda-graph true, on a CIFAR-10-shaped stand-in (tools/synthetic_cifar.py), and
+#    from it 50 rounds' time (the eager round took 68.8 s on 2026-12-04: docs/BENCHMARKS.md).
 # The b32 time split ends with a torch.profiler table of 5 steps (launches, host time per op).
-# Steps 1-2 stop the script at the first failure; 3-5 always all run. It writes
+# Steps 1-2 stop the script at the first failure; 3-6 always all run. It writes
 # $OUT/summary.md (pass/fail per step with the test counts, then the benchmark tables: what
 # docs/BENCHMARKS.md takes as is) and full logs beside it, and exits non-zero when any step
-# failed. Budget (10 minutes): the steps took 475 s on an H200 on 2026-12-04 (the build 19 s);
-# their limits add up to 620 s, plus 90 s for the build. Run with timeout_s 600: the summary
-# is written step by step, so a cut-off run still returns what it did. Test steps run on 8
+# failed. Budget (10 minutes): the steps took 475 s on an H200 on 2026-12-04 (the build 19 s;
+# since then a client-test step, the graph benchmarks and the graphed CIFAR round were added);
+# their limits add up to 710 s, plus 90 s for the build, against 10 minutes a call: the
+# limits are ceilings, and the graphed CIFAR round comes last. Run with timeout_s 600: the
+# summary is written step by step, so a cut-off run still returns what it did. Test steps run on 8
 # pytest-xdist workers where the image has xdist (Triton's JIT compiles in parallel).
 #
 # Kernels covered, CUDA C++ and Triton: fake-quant forward (absmax, values, bitmaps) and
@@ -118,6 +123,9 @@ for b in cuda:60 triton-cuda:100 reference-cuda:60; do
   run_step "tests-$name" "${b##*:}" env FEDMPQ_TEST_BACKENDS="$name" \
     $PY -m pytest tests/fedmpq_kernels -q -p no:cacheprovider -rfE "${par[@]}"
 done
+# the client and the federation on CUDA (graph replay against eager, byte for byte)
+run_step tests-client-cuda 60 $PY -m pytest tests/fedmpq/test_client.py tests/fedmpq/test_simulate.py -k cuda \
+  -q -p no:cacheprovider -rfE
 
 # ---- 4. benchmarks (GPU rows only) -------------------------------------------------------
 # GPU rows of the compiled backends and the anchors (the pure-torch reference is not timed):
@@ -126,24 +134,24 @@ run_step bench-kernels 90 $PY -m pytest benches/bench_fake_quant.py benches/benc
   --benchmark-only -q -p no:cacheprovider -k "cuda and not reference" \
   --fedmpq-sizes=16777216 --benchmark-max-time=0.1 --benchmark-min-rounds=5 \
   --benchmark-warmup=on --fedmpq-md "$OUT/bench_gpu.md"
-# the client step (ResNet-20, batch 32 and 128) on the GPU: eager, and under torch.compile
-# for float and fedmpq-4bit at batch 32 (each compile takes tens of seconds: the other
-# compiled cases of benches/bench_client_step.py run outside this check's budget)
-run_step client-step 80 $PY -m pytest benches/bench_client_step.py --benchmark-only -q -p no:cacheprovider \
+# the client step (ResNet-20, batch 32 and 128) on the GPU: eager, replayed from a CUDA graph,
+# and under torch.compile for float and fedmpq-4bit at batch 32 (each compile takes tens of
+# seconds: the other compiled cases of benches/bench_client_step.py run outside this budget)
+run_step client-step 110 $PY -m pytest benches/bench_client_step.py --benchmark-only -q -p no:cacheprovider \
   -k "cuda and (not compile or (b32 and (float- or 4bit)))" --fedmpq-md "$OUT/bench_client_step.md"
 # where a 4-bit client step's time goes on the GPU
 run_step split 40 sh -c "$PY benches/client_step_split.py --device cuda --batch 32 --reps 20 --profile 5 > $OUT/split.md && \
   $PY benches/client_step_split.py --device cuda --batch 128 --reps 20 >> $OUT/split.md"
 
 # ---- 5. a federation on the GPU ---------------------------------------------------------
-run_step federation 40 $PY -m fedmpq simulate --device cuda --rounds 2 -q --out "$OUT/fed"
+run_step federation 40 $PY -m fedmpq simulate --device cuda --cuda-graph true --rounds 2 -q --out "$OUT/fed"
 # ---- 6. the paper's CIFAR-10 round on the GPU -------------------------------------------
 # ResNet-20, 10 clients, 5 local epochs at batch 128 (configs/cifar10_fedmpq_a0.1.json) on a
 # CIFAR-10-shaped stand-in (random pixels: the machine cannot fetch CIFAR; the same samples,
 # so the same steps per round). Two rounds: the second is free of first-call costs.
 run_step cifar-round 150 sh -c "$PY tools/synthetic_cifar.py /tmp/fedmpq_cifar > /dev/null && \
   $PY -m fedmpq simulate --config configs/cifar10_fedmpq_a0.1.json --data-dir /tmp/fedmpq_cifar \
-  --device cuda --rounds 2 -q --out $OUT/cifar"
+  --device cuda --cuda-graph true --rounds 2 -q --out $OUT/cifar"
 say ""
 if [ -s "$OUT/bench_gpu.md" ]; then cat "$OUT/bench_gpu.md" >> "$SUMMARY"; else say "(no kernel benchmark table: see bench-kernels.txt)"; fi
 say ""
@@ -158,7 +166,7 @@ r = json.load(open(sys.argv[1]))
 rounds = r.get("rounds", [])
 acc = [x.get("accuracy") for x in rounds if isinstance(x, dict)]
 sec = [round(x.get("seconds", 0.0), 2) for x in rounds if isinstance(x, dict)]
-print(f"federation on cuda (fedmpq simulate --device cuda --rounds 2): accuracy per round {acc}, seconds per round {sec}")
+print(f"federation on cuda (fedmpq simulate --device cuda --cuda-graph true --rounds 2): accuracy per round {acc}, seconds per round {sec}")
 EOF2
 fi
 
@@ -168,7 +176,7 @@ import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 sec = [float(r["seconds"]) for r in rows]
 q = [float(r["quant_seconds"]) for r in rows]
-print(f"ResNet-20 CIFAR-10-shaped round on cuda (configs/cifar10_fedmpq_a0.1.json, 10 clients x 5 local "
+print(f"ResNet-20 CIFAR-10-shaped round on cuda with --cuda-graph true (configs/cifar10_fedmpq_a0.1.json, 10 clients x 5 local "
       f"epochs, b128): seconds per round {[round(s, 1) for s in sec]}, quantization seconds {[round(x, 2) for x in q]}; "
       f"50 rounds at the last round's pace: {50 * sec[-1] / 60:.1f} min")
 EOF3

@@ -4,9 +4,9 @@ with :func:`fedmpq.client.client_update` and replies with the upload bytes, unch
 Which client a node is comes from its node config: ``partition-id`` (its part of the
 seeded Dirichlet/iid split of the dataset, the same split ``fedmpq simulate`` makes) and
 ``num-partitions`` (must equal the run's ``n_clients``); ``budget`` (optional) overrides the
-run's ``budgets[partition-id]``; ``device`` and ``threads`` (optional) are this machine's:
-where the node trains and with how many threads (several SuperNodes on one machine should
-share its cores: threads = cores / nodes). Flower's simulation sets the first two itself; a
+run's ``budgets[partition-id]``; ``device``, ``cuda-graph`` and ``threads`` (optional) are this
+machine's: where the node trains, whether its steps replay from a CUDA graph, and with how
+many threads (several SuperNodes on one machine should share its cores: threads = cores / nodes). Flower's simulation sets the first two itself; a
 SuperNode gets them with ``--node-config "partition-id=0 num-partitions=3 budget=4 threads=1"``.
 
 Messages (record names are the protocol):
@@ -42,8 +42,8 @@ def _data(key: str):
 def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int, float, Dict[str, Any]]:
     """(client id, budget, the node's config) of a node from its node config; raises
     ``ValueError`` naming the problem (missing or out-of-range partition-id, num-partitions
-    other than n_clients, a budget outside 1..8, a bad device or threads). The node config's
-    ``device`` and ``threads`` (this machine's) override the run's."""
+    other than n_clients, a budget outside 1..8, a bad device, cuda-graph or threads). The node
+    config's ``device``, ``cuda-graph`` and ``threads`` (this machine's) override the run's."""
     if "partition-id" not in node_config:
         raise ValueError("the node config has no partition-id (flower-supernode --node-config "
                          "\"partition-id=0 num-partitions=N\")")
@@ -57,16 +57,20 @@ def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int,
     if (isinstance(budget, bool) or not isinstance(budget, (int, float))
             or not fk.MIN_BITS <= budget <= fk.MAX_BITS):
         raise ValueError(f"the node's budget must be in {fk.MIN_BITS}..{fk.MAX_BITS}, got {budget!r}")
-    own = {key: node_config[key] for key in ("device", "threads") if key in node_config}
+    own = {key.replace("-", "_"): node_config[key] for key in ("device", "threads", "cuda-graph", "cuda_graph")
+           if key in node_config}
     if isinstance(own.get("threads"), str):
         own["threads"] = config_mod.parse_optional_int("threads")(own["threads"])
+    if isinstance(own.get("cuda_graph"), str):
+        own["cuda_graph"] = config_mod.parse_bool("cuda_graph")(own["cuda_graph"])
     return k, budget, config_mod.check_config({**c, **own})
 
 
 def _setup(context: Context, overrides: Optional[Mapping[str, Any]]):
     c, _ = from_run_config({**dict(context.run_config), **dict(overrides or {})})
     k, budget, c = node_client(context.node_config, c)
-    ds, parts = _data(json.dumps({key: v for key, v in c.items() if key not in ("device", "threads")}, sort_keys=True))
+    ds, parts = _data(json.dumps({key: v for key, v in c.items() if key not in ("device", "threads", "cuda_graph")},
+                             sort_keys=True))
     return c, k, budget, ds, parts[k]
 
 

@@ -22,6 +22,8 @@ def _value(key: str, v: Any) -> Any:
         return config_mod.parse_alpha(v)
     if key == "data_dir" and v == "":
         return None
+    if key == "cuda_graph" and isinstance(v, str):
+        return config_mod.parse_bool(key)(v)
     if key in ("train_samples", "threads") and isinstance(v, str):
         return config_mod.parse_optional_int(key)(v)
     return v

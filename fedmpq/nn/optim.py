@@ -49,9 +49,15 @@ class BitPlaneOptimizer:
         model: a quantized model (its bit-plane layers are found by :func:`bit_layers`).
         lr: eta > 0.  momentum: mu in [0, 1).  lam: lambda >= 0 (0: no regularizer).
         seed: the generator's seed; the key of each draw is (seed, step, layer, element).
+        device_keys: keep the step count on the layers' device and derive the layers' keys
+            there (:func:`fedmpq_kernels.step_keys`), so that a step captured in a CUDA
+            graph draws new numbers on every replay; the same draws as with host keys.
+            ``steps`` then counts the host's calls only (a replay makes none); the device
+            count is :attr:`device_step`.
     """
 
-    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, lam: float = 1e-3, seed: int = 0):
+    def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, lam: float = 1e-3, seed: int = 0,
+                 device_keys: bool = False):
         check_settings(lr, momentum, lam)
         self.layers = [m for _, m in bit_layers(model)]
         if not self.layers:
@@ -59,6 +65,9 @@ class BitPlaneOptimizer:
         self.lr, self.momentum, self.lam, self.seed = float(lr), float(momentum), float(lam), int(seed)
         self.total = sum(m.numel for m in self.layers)
         self.steps = 0
+        self.device_keys = bool(device_keys)
+        # int64 0-dim on the layers' device, advanced in place by every step (device_keys)
+        self.device_step = torch.zeros((), dtype=torch.int64, device=self.layers[0].codes.device) if device_keys else None
         self.skipped = 0  # layer steps skipped for a non-finite gradient or scale
         self.state: Dict[int, dict] = {}
 
@@ -87,16 +96,23 @@ class BitPlaneOptimizer:
     @torch.no_grad()
     def step(self) -> None:
         statuses = []
+        keys = None
+        if self.device_keys:
+            if self.device_step.device != self.layers[0].codes.device:  # the model moved
+                self.device_step = self.device_step.to(self.layers[0].codes.device)
+            keys = fk.step_keys(self.seed, self.device_step, len(self.layers))
         for l, layer in enumerate(self.layers):
             g = layer.sink.grad
             if g is None:
                 continue
             st = self._layer_state(l, layer)
-            key = fk.step_key(self.seed, self.steps, l)
+            key = keys[l] if keys is not None else fk.step_key(self.seed, self.steps, l)
             statuses.append(fk.bitplane_step(layer.codes, layer.sign, st["mom"], st["gs"], g, self.coefficients(layer),
                                              layer.scale.detach(), layer.bits, self.lr, self.momentum, key))
         if statuses and statuses[0].device.type == "cpu":  # free to read on the CPU; no sync on a GPU
             self.skipped += sum(0 if torch.isfinite(s) else 1 for s in statuses)
+        if self.device_keys:
+            self.device_step.add_(1)
         self.steps += 1
 
     def zero_grad(self) -> None:

@@ -102,3 +102,47 @@ def test_scale_learning_rates_follow_the_rule():
     assert [g["lr"] for g in client.scale_param_groups(model, 0.1, "sgd")] == [0.1]
     with pytest.raises(ValueError, match="scale_lr must be one of"):
         client.scale_param_groups(model, 0.1, "adam")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("alg", ["fedmpq", "aqfl", "fp"])
+def test_a_round_replayed_from_a_cuda_graph_uploads_the_eager_rounds_bytes(alg, monkeypatch):
+    """cuda_graph: 2 warm-up steps, one capture, replays, and the eager remainder batch of
+    each epoch (100 samples at batch 32: 32, 32, 36): the same upload, byte for byte, as
+    every step run eagerly (deterministic cuDNN, so that both make the same convolutions)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    graphs = []
+
+    class Recorded(client.StepGraph):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            graphs.append(self)
+
+    monkeypatch.setattr(client, "StepGraph", Recorded)
+    if alg == "fp":
+        torch.manual_seed(0)
+        dl = wire.encode_model(wire.Model(1, BUILD(quantized=False).state_dict()))
+        cid = 0
+    else:
+        dl, _ = _download([4, 2, 6, 3])
+        cid = 3
+    x, y = _data(100)
+    ups = {}
+    for graphed in (False, True):
+        cfg = client.TrainConfig(alg=alg, local_epochs=3, device="cuda", cuda_graph=graphed, seed=1)
+        r = client.client_update(dl, x, y, BUILD, cfg, cid, 1, 4.0)
+        ups[graphed] = r
+    assert len(graphs) == 1
+    g = graphs[0]
+    # epoch 1: 2 warm-up steps, then the remainder; epochs 2 and 3: the capture on the first
+    # batch, 2 replays each, and the remainder
+    assert (g.eager, g.replays) == (2 + 3, 4), (g.eager, g.replays)
+    assert ups[True].upload == ups[False].upload
+    assert ups[True].train_loss == ups[False].train_loss and ups[True].train_accuracy == ups[False].train_accuracy
+
+
+def test_a_step_graph_needs_the_data_on_a_cuda_device():
+    x, y = _data(8)
+    with pytest.raises(ValueError, match="needs the data on one CUDA device"):
+        client.StepGraph(lambda xb, yb: None, x, y, 4)

@@ -28,6 +28,9 @@ SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_e
     (dict(train_samples=0), "train_samples must be an integer >= 1"),
     (dict(threads=0), "threads must be an integer >= 1"),
     (dict(device="gpu"), "device must be cpu, cuda or cuda:N"),
+    (dict(cuda_graph="yes"), "cuda_graph must be true or false"),
+    (dict(cuda_graph=1), "cuda_graph must be true or false"),
+    (dict(cuda_graph=True), "cuda_graph needs a CUDA device .* got device cpu"),
     (dict(aggregation="max"), "aggregation must be one of mean, median, trimmed_mean"),
     (dict(act_bits=True), "act_bits must be 1..8 or 16"),
     (dict(classifier="fp32"), "classifier must be one of quantized, float"),
@@ -53,6 +56,7 @@ def test_bad_configs_stop_before_training_with_one_line(bad, msg, capsys):
     ("--alpha", "inf", "alpha must be a finite number > 0"), ("--budgets", "nan,4,8", "budgets: average-bit budget per client"),
     ("--budgets", "2,x,8", "budgets"), ("--rounds", "two", "rounds"), ("--lr", "fast", "lr"),
     ("--threads", "many", "threads"), ("--train-samples", "0", "train_samples must be an integer >= 1"),
+    ("--cuda-graph", "maybe", "cuda_graph"), ("--cuda-graph", "true", "cuda_graph needs a CUDA device"),
 ])
 def test_a_bad_flag_gets_one_line_naming_it(flag, value, names, capsys, tmp_path):
     out = tmp_path / "run"
@@ -95,3 +99,14 @@ def test_the_help_describes_every_option_with_its_default(capsys):
     for k, v in config.DEFAULTS.items():
         assert f"--{k.replace('_', '-')} {k.upper()} {' '.join(config.HELP[k].split())}" in text, k
     assert "(default: fedmpq)" in text and "(default: 2,2,4,4,4,6,6,6,8,8)" in text
+
+
+@pytest.mark.parametrize("text,value", [("true", True), ("False", False), ("on", True), ("0", False), ("YES", True)])
+def test_cuda_graph_flag_reads_true_and_false(text, value):
+    assert config.parse_bool("cuda_graph")(text) is value
+    ns = cli._Parser()
+    cli._config_flags(ns)
+    assert ns.parse_args(["--cuda-graph", text]).cuda_graph is value
+    c = config.check_config(dict(SMALL, device="cuda", cuda_graph=value))  # checked, not resolved: no GPU needed
+    assert c["cuda_graph"] is value and config.train_config(c).cuda_graph is value
+    assert "cuda_graph" in config.EXECUTION_KEYS  # the same experiment with and without

@@ -77,6 +77,8 @@ def test_the_apps_pyproject_holds_simulates_defaults():
     ({"partition-id": 0, "budget": 9}, "budget must be in 1..8"),
     ({"partition-id": 0, "threads": 0}, "threads must be an integer >= 1"),
     ({"partition-id": 0, "device": "gpu"}, "device must be cpu, cuda or cuda:N"),
+    ({"partition-id": 0, "cuda-graph": "perhaps"}, "cuda_graph must be true or false"),
+    ({"partition-id": 0, "cuda-graph": "true"}, "cuda_graph needs a CUDA device"),
 ])
 def test_a_node_config_names_its_client_and_budget(node, expect):
     """...and its own device and threads, which override the run's."""
@@ -93,6 +95,8 @@ def test_a_node_config_sets_its_own_threads():
     c = config_mod.check_config(SMALL)
     _, _, own = client_app.node_client({"partition-id": 0, "threads": "2", "device": "cpu"}, c)
     assert own["threads"] == 2 and config_mod.resolve_threads(own) == 2
+    _, _, own = client_app.node_client({"partition-id": 0, "device": "cuda", "cuda-graph": "true"}, c)
+    assert own["device"] == "cuda" and own["cuda_graph"] is True
 
 
 # --- the transport against a stand-in Grid -------------------------------------------------------

@@ -185,6 +185,44 @@ def test_a_quantized_model_learns_digits():
     assert acc > 0.35
 
 
+def test_device_keys_draw_what_host_keys_draw(monkeypatch):
+    """BitPlaneOptimizer(device_keys=True), whose keys come from a step count on the layers'
+    device (what a CUDA graph replays), trains bit for bit as the host-keyed optimizer over
+    several steps, and the count advances once per step."""
+    torch.manual_seed(3)
+    x, y = torch.randn(4, 16, 1, 8, 8).mul(0.7), torch.randint(0, 10, (4, 16))
+    runs = []
+    for device_keys in (False, True):
+        torch.manual_seed(0)
+        qm = qn.small_cnn(quantized=True, bits=3, image_size=8)
+        opt = qn.BitPlaneOptimizer(qm, lr=0.5, lam=1e-3, seed=77, device_keys=device_keys)
+        for i in range(4):
+            opt.zero_grad()
+            F.cross_entropy(qm(x[i]), y[i]).backward()
+            opt.step()
+        runs.append((_codes(qm), opt))
+    (a, _), (b, opt) = runs
+    assert int(opt.device_step) == 4 and opt.steps == 4
+    for (ca, sa, *_), (cb, sb, *_) in zip(a, b):
+        assert torch.equal(ca, cb) and torch.equal(sa, sb)
+    # and the keys handed to the kernel are step_key(seed, step, layer), step by step
+    seen = []
+    real = qn.optim.fk.bitplane_step
+
+    def record(*args):
+        assert isinstance(args[-1], torch.Tensor)  # from the device count, not the host's
+        seen.append(int(args[-1]))
+        return real(*args)
+
+    monkeypatch.setattr(qn.optim.fk, "bitplane_step", record)
+    for i in range(2):
+        opt.zero_grad()
+        F.cross_entropy(qm(x[i]), y[i]).backward()
+        opt.step()
+    L = len(opt.layers)
+    assert seen == [fk.step_key(77, s, l) for s in (4, 5) for l in range(L)]
+
+
 def test_a_non_finite_gradient_skips_the_step_and_keeps_the_codes():
     qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
     opt = qn.BitPlaneOptimizer(qm, lr=0.1)

@@ -64,3 +64,15 @@ def reference_run(n: int, bits: int, lr: float, momentum: float, steps: int = ST
         g_s = R.bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key)
         out.append((grad, coef, key, (codes.clone(), sign.clone(), mom.clone(), gs.clone()), g_s.clone()))
     return tuple(out)
+
+
+def step_args(**over) -> dict:
+    """Valid keyword arguments of ``fk.bitplane_step`` for a 40-weight 3-bit layer (zero
+    codes, gradient and momentum; key 5), with ``over`` replacing any of them: the base of
+    the argument-check tests."""
+    n, bits = 40, 3
+    a = dict(codes=torch.zeros(n, dtype=torch.uint8), sign=torch.zeros(8, dtype=torch.uint8),
+             mom=torch.zeros(bits, n, dtype=torch.uint8), gs=torch.zeros(1), grad=torch.zeros(n), coef=torch.zeros(bits),
+             scale=torch.tensor(1.0), bits=bits, lr=0.1, momentum=0.9, key=5)
+    a.update(over)
+    return a

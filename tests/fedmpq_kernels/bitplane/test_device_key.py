@@ -10,7 +10,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels.bitplane import reference as R
 
-from .helpers import assert_state_equal, bits_of, fresh_state, kernels
+from .helpers import assert_state_equal, bits_of, fresh_state, kernels, step_args
 
 K_HIGH = 0xDEADBEEF  # >= 2^31: the int32 bit pattern is negative
 
@@ -122,15 +122,6 @@ def test_step_keys_drive_bitplane_step(backend):
                       f"step {s} layer {layer}")
 
 
-def _step_args(**over):
-    n, bits = 40, 3
-    a = dict(codes=torch.full((n,), 3, dtype=torch.uint8), sign=torch.zeros(8, dtype=torch.uint8),
-             mom=torch.zeros(bits, n, dtype=torch.uint8), gs=torch.zeros(1), grad=torch.ones(n), coef=torch.zeros(bits),
-             scale=torch.tensor(1.0), bits=bits, lr=0.1, momentum=0.9, key=5)
-    a.update(over)
-    return a
-
-
 @pytest.mark.parametrize(
     "key, exc, match",
     [
@@ -148,7 +139,7 @@ def _step_args(**over):
     ids=["float32", "int32", "uint8", "bool-tensor", "meta", "numel-2", "numel-0", "expanded", "bool", "int-2^32"],
 )
 def test_bad_key_tensors_raise_and_leave_the_state_untouched(key, exc, match):
-    a = _step_args(key=key)
+    a = step_args(codes=torch.full((40,), 3, dtype=torch.uint8), grad=torch.ones(40), key=key)
     before = [a[k].clone() for k in ("codes", "sign", "mom", "gs")]
     with pytest.raises(exc, match=match):
         fk.bitplane_step(**a)

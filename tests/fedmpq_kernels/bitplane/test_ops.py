@@ -10,7 +10,7 @@ from fedmpq_kernels import registry
 from fedmpq_kernels._native import native
 from fedmpq_kernels.bitplane import reference as R
 
-from .helpers import kernels
+from .helpers import kernels, step_args as _step_args
 
 OPS = ("binarize", "dequantize", "dequantize_backward", "plane_popcounts", "bitplane_step")
 
@@ -41,15 +41,6 @@ def test_opcheck(backend):
                               (q.clone(), s.clone(), torch.zeros(bits, n, dtype=torch.uint8, device=dev),
                                torch.zeros(1, device=dev), torch.randn(n, device=dev), torch.rand(bits, device=dev), sc,
                                bits, 0.5, 0.9, R.step_key(1, 2, 3)))
-
-
-def _step_args(**over):
-    n, bits = 40, 3
-    a = dict(codes=torch.zeros(n, dtype=torch.uint8), sign=torch.zeros(8, dtype=torch.uint8),
-             mom=torch.zeros(bits, n, dtype=torch.uint8), gs=torch.zeros(1), grad=torch.zeros(n), coef=torch.zeros(bits),
-             scale=torch.tensor(1.0), bits=bits, lr=0.1, momentum=0.9, key=5)
-    a.update(over)
-    return a
 
 
 @pytest.mark.parametrize(

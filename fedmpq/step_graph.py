@@ -1,0 +1,104 @@
+"""A client's local step replayed from a CUDA graph (the ``cuda_graph`` config key).
+
+Why: on a GPU a quantized ResNet-20 step is host-bound. It makes about 700 kernel launches,
+and the GPU works 2.3 of its 18 ms (docs/BENCHMARKS.md, "Where a GPU client step goes"). A
+replayed graph launches them all in one call. Within a round everything a step touches
+keeps its address:
+- the model's codes, signs, scales and BatchNorm statistics;
+- the optimizers' states;
+- the client's data, already on the device.
+
+No op in the step synchronizes with the host, and the bit-plane optimizer's keys come from
+a count kept on the device (``BitPlaneOptimizer(device_keys=True)``). So one capture per
+client per round serves every batch of the round's batch size.
+
+The pattern is torch's whole-network capture (``torch.cuda.graphs``):
+1. the first ``warmup`` batches run eagerly on a side stream; they are real steps, and they
+   create the optimizers' states and compile every Triton kernel;
+2. the next batch is captured, with the gradients set to None first, so that the backward
+   allocates them in the graph's pool;
+3. that batch and every later one of the same size replay the graph, after their indices
+   are copied into the graph's input.
+
+Any other batch (the last one of an epoch, which takes in the remainder) runs eagerly. Its
+updates are in place on the same tensors, so eager and replayed steps mix freely.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class StepGraph:
+    """Runs ``step(xb, yb)`` for the batches ``x[idx], y[idx]``, replaying one CUDA graph for
+    every batch of ``batch`` indices.
+
+    Args:
+        step: one local step on a batch (forward, backward, the optimizers). It updates
+            state only in place, and it must not synchronize with the host. It receives the
+            batch as fresh tensors, so it may not keep them.
+        x, y: the client's data on one CUDA device (inputs and labels; the first dimension
+            indexes samples).
+        batch: the batch size that is replayed; other sizes run eagerly.
+        warmup: eager steps on a side stream before the capture (torch recommends a few).
+
+    Raises:
+        ValueError: x or y is not on a CUDA device, or batch < 1.
+        RuntimeError: the capture failed (an op in the step that cannot run in a graph); the
+            message names the cause and the way out (``cuda_graph false``).
+    """
+
+    def __init__(self, step: Callable[[Tensor, Tensor], None], x: Tensor, y: Tensor, batch: int, warmup: int = 2):
+        if x.device.type != "cuda" or y.device != x.device:
+            raise ValueError(f"a CUDA graph needs the data on one CUDA device, got x on {x.device}, y on {y.device}")
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        self.step, self.x, self.y, self.batch, self.warmup = step, x, y, int(batch), int(warmup)
+        self.idx = torch.zeros(self.batch, dtype=torch.int64, device=x.device)  # the graph's input
+        self.graph = None
+        self.replays = 0  # steps run from the graph
+        self.eager = 0  # steps run eagerly (warm-up and other batch sizes)
+        self._side = torch.cuda.Stream(device=x.device)
+
+    def __call__(self, idx: Tensor) -> None:
+        """One step on the samples ``idx`` (int64 indices on the data's device)."""
+        if idx.numel() != self.batch:
+            self._eager(idx)
+        elif self.graph is None and self.eager < self.warmup:
+            self._warm(idx)
+        else:
+            if self.graph is None:
+                self._capture()
+            self.idx.copy_(idx)
+            self.graph.replay()
+            self.replays += 1
+
+    def _eager(self, idx: Tensor) -> None:
+        self.step(self.x[idx], self.y[idx])
+        self.eager += 1
+
+    def _warm(self, idx: Tensor) -> None:
+        cur = torch.cuda.current_stream(self.x.device)
+        self._side.wait_stream(cur)
+        with torch.cuda.stream(self._side):
+            self._eager(idx)
+        cur.wait_stream(self._side)
+
+    def _capture(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.x.device)
+        try:
+            with torch.cuda.graph(graph):
+                self.step(self.x.index_select(0, self.idx), self.y.index_select(0, self.idx))
+        except RuntimeError as e:
+            raise RuntimeError(f"capturing the local step in a CUDA graph failed ({e}); run with cuda_graph "
+                               f"false (--cuda-graph false)") from e
+        self.graph = graph
+
+    def reset(self) -> None:
+        """Drop the graph and its memory pool. Call it when the step's tensors change
+        (a new model or new optimizers)."""
+        self.graph = None
