@@ -1,5 +1,5 @@
 // Fake-quant's bindings: _C.cpu.{absmax, fake_quant, relu6_fake_quant, fake_quant_backward} and, when built
-// with CUDA, _C.cuda.{workspace_words, absmax, fake_quant, fake_quant_backward}.
+// with CUDA, _C.cuda.{workspace_words, absmax, fake_quant, relu6_fake_quant, fake_quant_backward}.
 // Each re-checks every size and pointer it is given (bindings/common.h).
 #include <pybind11/pybind11.h>
 
@@ -108,6 +108,16 @@ void bind_fake_quant(py::module_& m) {
     require(ws != 0 && ws % 4 == 0, "reduction workspace pointer is null or not 4-byte aligned");
     require(ws_words >= fedmpq::cuda::workspace_words(device), "reduction workspace is too small");
   };
+  // A forward's input x and output y (n elements of the dtype each, y_cap for y: the same
+  // buffer or disjoint), its bits and its scale pointer (4-byte aligned, not null).
+  auto check_forward = [](uintptr_t x, uintptr_t y, int dtype, int64_t n, int64_t y_cap, int bits, uintptr_t scale) {
+    const int64_t es = dtype_size(dtype);
+    check_elems("x", x, n, n, es);
+    check_elems("y", y, n, y_cap, es);
+    check_no_partial_overlap("x", x, "y", y, n, es);
+    check_bits(bits);
+    require(scale != 0 && scale % 4 == 0, "scale pointer is null or not 4-byte aligned");
+  };
   cuda.def(
       "workspace_words",
       [](int device) { return fedmpq::cuda::workspace_words(device); }, py::arg("device"),
@@ -125,14 +135,9 @@ void bind_fake_quant(py::module_& m) {
       py::arg("device"), py::arg("stream"));
   cuda.def(
       "fake_quant",
-      [](uintptr_t x, uintptr_t y, int dtype, int64_t n, int64_t y_cap, int bits, uintptr_t scale, bool scale_given,
-         uintptr_t pass, int64_t pass_nbytes, uintptr_t hi, int64_t hi_nbytes, int device, uintptr_t stream) {
-        const int64_t es = dtype_size(dtype);
-        check_elems("x", x, n, n, es);
-        check_elems("y", y, n, y_cap, es);
-        check_no_partial_overlap("x", x, "y", y, n, es);
-        check_bits(bits);
-        require(scale != 0 && scale % 4 == 0, "scale pointer is null or not 4-byte aligned");
+      [=](uintptr_t x, uintptr_t y, int dtype, int64_t n, int64_t y_cap, int bits, uintptr_t scale, bool scale_given,
+          uintptr_t pass, int64_t pass_nbytes, uintptr_t hi, int64_t hi_nbytes, int device, uintptr_t stream) {
+        check_forward(x, y, dtype, n, y_cap, bits, scale);
         check_bitmap("pass", pass, pass_nbytes, n, false);
         check_bitmap("hi", hi, hi_nbytes, n, false);
         fedmpq::cuda::fake_quant(ptr<const void>(x), ptr<void>(y), dtype, n, bits, ptr<const float>(scale),
@@ -141,6 +146,23 @@ void bind_fake_quant(py::module_& m) {
       py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("n"), py::arg("y_cap"), py::arg("bits"),
       py::arg("scale"), py::arg("scale_given"), py::arg("pass_bits"), py::arg("pass_nbytes"), py::arg("hi_bits"),
       py::arg("hi_nbytes"), py::arg("device"), py::arg("stream"));
+  // relu6_fake_quant: x, y, bits and the mask as fake_quant checks them; `scale` receives S
+  // (one float32 on the device, written by the first launch and read by the second).
+  cuda.def(
+      "relu6_fake_quant",
+      [=](uintptr_t x, uintptr_t y, int dtype, int64_t n, int64_t y_cap, int bits, uintptr_t scale, uintptr_t mask,
+          int64_t mask_nbytes, uintptr_t ws, int64_t ws_words, int device, uintptr_t stream) {
+        check_forward(x, y, dtype, n, y_cap, bits, scale);
+        check_bitmap("mask", mask, mask_nbytes, n, false);
+        if (n > 0) check_workspace(ws, ws_words, device);
+        fedmpq::cuda::relu6_fake_quant(ptr<const void>(x), ptr<void>(y), dtype, n, bits, ptr<float>(scale),
+                                       ptr<uint32_t>(mask), ptr<unsigned>(ws), device, stream);
+      },
+      py::arg("x"), py::arg("y"), py::arg("dtype"), py::arg("n"), py::arg("y_cap"), py::arg("bits"),
+      py::arg("scale"), py::arg("mask"), py::arg("mask_nbytes"), py::arg("workspace"), py::arg("workspace_words"),
+      py::arg("device"), py::arg("stream"),
+      "ReLU6 fused with the dynamic-scale fake-quant, mask bit = 0 < x < 6: two launches (S = max relu6(x) into "
+      "*scale, then the quantizer reading it), no host synchronization.");
   cuda.def(
       "fake_quant_backward",
       [=](uintptr_t g, uintptr_t gx, int dtype, int64_t n, int64_t gx_cap, uintptr_t pass, int64_t pass_nbytes,

@@ -1,5 +1,12 @@
 // Fake-quant CUDA kernels: absmax, forward (values + pass/hi bitmaps) and clipped-STE
-// backward. The math mirrors cpu/fake_quant.cpp and fedmpq_kernels/fake_quant/reference.py
+// backward; relu6_fake_quant is absmax and the forward again, instantiated with kRelu6
+// (the quantizer sees relu6(x); the pass bitmap is ReLU6's mask), as the Triton backend's
+// RELU6 flag. The kRelu6 kernels are compiled for sm_80 and sm_90 (ptxas -v: at most 32
+// registers, no spills; the kRelu6 = false kernels' SASS unchanged by the flag) and were run
+// on the host under an emulation of the warp intrinsics against reference.py (every dtype,
+// bit-width, offset and path), but have NOT yet run on a GPU: tools/gpu_check.sh runs their
+// tests (test_relu6_fake_quant.py, backend case cuda).
+// The math mirrors cpu/fake_quant.cpp and fedmpq_kernels/fake_quant/reference.py
 // bit for bit in float32: every product is rounded on its own (__fmul_rn, and the module is
 // built with --fmad=false), divisions are IEEE (__fdiv_rn), rounding is half to even
 // (rintf), and 16-bit inputs are widened to float32 exactly and narrowed with
@@ -47,7 +54,8 @@ constexpr int kWarps = kBlock / 32;
 // memory latency at full bandwidth. __launch_bounds__ holds the kernels to 32 registers
 // so that the whole grid is resident at once (no second, partial wave); the 16-bit
 // vector kernels then spill a few loop-invariant bytes, stored before and reloaded after
-// the vector loop only (checked in the SASS for sm_80 and sm_90).
+// the vector loop only (checked in the SASS for sm_80 and sm_90). The kRelu6 forward, with
+// no hi bitmap, spills nothing.
 constexpr int kBlocksPerSm = 8;
 // The backward grid: kBwdElemsPerThread elements per thread before the grid is capped at
 // kBlocksPerSm blocks per SM (workspace_words: no grid is larger). It depends on n and the
@@ -175,6 +183,14 @@ __device__ __forceinline__ float fq_value(float v, const FqParams& c) {
 __device__ __forceinline__ bool fq_pass(float v, const FqParams& c) { return !(fabsf(v) > c.s); }
 __device__ __forceinline__ bool fq_hi(float v, const FqParams& c) { return v > c.s; }
 
+// relu6_fake_quant (kRelu6 instantiations of absmax_kernel and fq_fwd_kernel): the quantizer
+// sees a = relu6(v) = min(v, 6) where v > 0, v where v is NaN, else +0 (so -0 gives +0), as
+// reference.relu6_fake_quant and cpu/fake_quant.cpp's r6_fwd. a >= +0 or NaN, so max |a| is
+// S and fq_value's clamp and copysign change nothing. The mask is ReLU6's derivative,
+// 0 < v < 6 (false for NaN), written as the pass bitmap.
+__device__ __forceinline__ float relu6(float v) { return v > 0.0f ? (v < 6.0f ? v : 6.0f) : (isnan(v) ? v : 0.0f); }
+__device__ __forceinline__ bool relu6_mask(float v) { return v > 0.0f && v < 6.0f; }
+
 // ORs `bits` over the aligned group of kLanes lanes (xor offsets below kLanes stay inside
 // the group). Every lane of the warp must call it.
 template <int kLanes>
@@ -256,16 +272,18 @@ __device__ __noinline__ void finish_in_last_block(T v, T identity, Op op, unsign
 
 // ---- kernels ------------------------------------------------------------------------
 
-// max over |x| bit patterns into *out (finish_in_last_block; ws: the workspace; *out needs
-// no initial value).
+// max over |x| bit patterns (kRelu6: over relu6(x)) into *out (finish_in_last_block; ws:
+// the workspace; *out needs no initial value).
 // kShifted: x lies `shift` elements past the 16-byte boundary xa = x - shift; the aligned
 // vectors of xa are read whole and the `shift` elements before x are left out.
-template <class E, Path kPath>
+template <class E, Path kPath, bool kRelu6>
 __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     absmax_kernel(const typename E::Raw* __restrict__ x, int64_t n, int shift, unsigned* __restrict__ ws,
                   uint32_t* __restrict__ out) {
   constexpr int V = Vec16<E>::kN;
   const int64_t t0 = global_thread(), nt = total_threads();
+  // |v| (kRelu6: |relu6(v)|) as bits.
+  const auto key = [](float v) { return abs_bits(kRelu6 ? relu6(v) : v); };
   uint32_t m = 0;
   int64_t tail = 0;
   if constexpr (kPath != Path::kScalar) {
@@ -275,20 +293,22 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
       const Vec16<E> v = load16<E>(xa + i * V);
 #pragma unroll
       for (int k = 0; k < V; ++k)
-        if (kPath == Path::kVector || i > 0 || k >= shift) m = umax(m, abs_bits(E::to_float(v.r[k])));
+        if (kPath == Path::kVector || i > 0 || k >= shift) m = umax(m, key(E::to_float(v.r[k])));
     }
     tail = nvec > 0 ? nvec * V - shift : 0;
   }
-  for (int64_t i = tail + t0; i < n; i += nt) m = umax(m, abs_bits(E::to_float(x[i])));
+  for (int64_t i = tail + t0; i < n; i += nt) m = umax(m, key(E::to_float(x[i])));
 
   m = block_reduce(m, 0u, MaxOp{});
   finish_in_last_block(m, 0u, MaxOp{}, ws, out);
 }
 
 // y = fake-quant(x); pass/hi bitmaps when non-null (warp-uniform branches).
+// kRelu6: y = fake-quant(relu6(x)) and `pass` gets ReLU6's mask 0 < x < 6 (see relu6); `hi`
+// is not written (its code is not compiled in).
 // y must be 16-byte aligned unless kPath is kScalar; x as load_elems takes it. y may be x
 // itself (in place) on the kVector and kScalar paths, as in fq_bwd_kernel.
-template <class E, Path kPath>
+template <class E, Path kPath, bool kRelu6>
 __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     fq_fwd_kernel(const typename E::Raw* x, typename E::Raw* y, int64_t n,
                   float levels, const float* __restrict__ scale, bool scale_given, uint32_t* __restrict__ pass,
@@ -315,9 +335,9 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
 #pragma unroll
       for (int k = 0; k < V; ++k) {
         const float v = E::to_float(in.r[k]);
-        out.r[k] = E::from_float(fq_value(v, c));
-        pm |= static_cast<uint32_t>(fq_pass(v, c)) << k;
-        hm |= static_cast<uint32_t>(fq_hi(v, c)) << k;
+        out.r[k] = E::from_float(fq_value(kRelu6 ? relu6(v) : v, c));
+        pm |= static_cast<uint32_t>(kRelu6 ? relu6_mask(v) : fq_pass(v, c)) << k;
+        if constexpr (!kRelu6) hm |= static_cast<uint32_t>(fq_hi(v, c)) << k;
       }
       store16<E>(y + e0, out);
       const int64_t word = t * V + lane / kLanesPerWord;
@@ -325,7 +345,7 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
         const uint32_t w = or_over_lanes<kLanesPerWord>(pm << bitpos);
         if (bitpos == 0) pass[word] = w;
       }
-      if (hi != nullptr) {
+      if (!kRelu6 && hi != nullptr) {
         const uint32_t w = or_over_lanes<kLanesPerWord>(hm << bitpos);
         if (bitpos == 0) hi[word] = w;
       }
@@ -341,14 +361,14 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     bool p = false, h = false;
     if (in_range) {
       const float v = E::to_float(x[i]);
-      y[i] = E::from_float(fq_value(v, c));
-      p = fq_pass(v, c);
-      h = fq_hi(v, c);
+      y[i] = E::from_float(fq_value(kRelu6 ? relu6(v) : v, c));
+      p = kRelu6 ? relu6_mask(v) : fq_pass(v, c);
+      h = !kRelu6 && fq_hi(v, c);
     }
-    const uint32_t pw = __ballot_sync(kFullMask, p), hw = __ballot_sync(kFullMask, h);
+    const uint32_t pw = __ballot_sync(kFullMask, p), hw = kRelu6 ? 0u : __ballot_sync(kFullMask, h);
     if (lane == 0) {
       if (pass != nullptr) pass[w] = pw;
-      if (hi != nullptr) hi[w] = hw;
+      if (!kRelu6 && hi != nullptr) hi[w] = hw;
     }
   }
 }
@@ -465,6 +485,17 @@ void with_path(Path p, F&& f) {
                               " (0 float32, 1 float16, 2 bfloat16)");
 }
 
+void check_dtype(int dtype) {
+  if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
+}
+
+// L = 2^bits - 1 as float32 (exact: at most 65535), after checking bits.
+float levels_of(int bits) {
+  if (!((bits >= 1 && bits <= 8) || bits == 16))
+    throw std::invalid_argument("bits must be in 1..8 or 16, got " + std::to_string(bits));
+  return static_cast<float>((1u << bits) - 1u);
+}
+
 // Calls f(E{}) with the element type of a dtype code.
 template <class F>
 void dispatch(int dtype, F&& f) {
@@ -476,38 +507,26 @@ void dispatch(int dtype, F&& f) {
   }
 }
 
-}  // namespace
-
-int64_t workspace_words(int device) { return 1 + static_cast<int64_t>(detail::sm_count(device)) * kBlocksPerSm; }
-
-void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, unsigned* workspace, int device,
-            uintptr_t stream) {
-  if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
-  if (n <= 0) return;
-  detail::require_current_device(device);
-  const cudaStream_t st = detail::as_stream(stream);
+// The launches behind absmax / fake_quant (kRelu6 false) and relu6_fake_quant (true), for
+// n > 0 elements on the current device (checked by the caller).
+template <bool kRelu6>
+void launch_absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, unsigned* workspace, int device,
+                   cudaStream_t st) {
   dispatch(dtype, [&](auto e) {
     using E = decltype(e);
-    using Raw = typename E::Raw;
-    const Raw* xp = static_cast<const Raw*>(x);
+    const auto* xp = static_cast<const typename E::Raw*>(x);
     const unsigned blocks = grid_blocks(ceil_div(n, Vec16<E>::kN), device);
     int shift = 0;
     with_path(choose_path<E>(x, true, &shift), [&](auto p) {
-      absmax_kernel<E, decltype(p)::value><<<blocks, kBlock, 0, st>>>(xp, n, shift, workspace, out_bits);
+      absmax_kernel<E, decltype(p)::value, kRelu6><<<blocks, kBlock, 0, st>>>(xp, n, shift, workspace, out_bits);
     });
     FEDMPQ_CUDA_CHECK_LAUNCH();
   });
 }
 
-void fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, const float* scale, bool scale_given,
-                uint32_t* pass, uint32_t* hi, int device, uintptr_t stream) {
-  if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
-  if (!((bits >= 1 && bits <= 8) || bits == 16))
-    throw std::invalid_argument("bits must be in 1..8 or 16, got " + std::to_string(bits));
-  if (n <= 0) return;
-  detail::require_current_device(device);
-  const cudaStream_t st = detail::as_stream(stream);
-  const float levels = static_cast<float>((1u << bits) - 1u);  // exact: at most 65535
+template <bool kRelu6>
+void launch_fwd(const void* x, void* y, int dtype, int64_t n, float levels, const float* scale, bool scale_given,
+                uint32_t* pass, uint32_t* hi, int device, cudaStream_t st) {
   dispatch(dtype, [&](auto e) {
     using E = decltype(e);
     using Raw = typename E::Raw;
@@ -516,16 +535,50 @@ void fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, const fl
     const unsigned blocks = grid_blocks(ceil_div(n, Vec16<E>::kN), device);
     int shift = 0;
     with_path(choose_path<E>(x, aligned16(y), &shift), [&](auto p) {
-      fq_fwd_kernel<E, decltype(p)::value>
+      fq_fwd_kernel<E, decltype(p)::value, kRelu6>
           <<<blocks, kBlock, 0, st>>>(xp, yp, n, levels, scale, scale_given, pass, hi, shift);
     });
     FEDMPQ_CUDA_CHECK_LAUNCH();
   });
 }
 
+}  // namespace
+
+int64_t workspace_words(int device) { return 1 + static_cast<int64_t>(detail::sm_count(device)) * kBlocksPerSm; }
+
+void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, unsigned* workspace, int device,
+            uintptr_t stream) {
+  check_dtype(dtype);
+  if (n <= 0) return;
+  detail::require_current_device(device);
+  launch_absmax<false>(x, dtype, n, out_bits, workspace, device, detail::as_stream(stream));
+}
+
+void fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, const float* scale, bool scale_given,
+                uint32_t* pass, uint32_t* hi, int device, uintptr_t stream) {
+  check_dtype(dtype);
+  const float levels = levels_of(bits);
+  if (n <= 0) return;
+  detail::require_current_device(device);
+  launch_fwd<false>(x, y, dtype, n, levels, scale, scale_given, pass, hi, device, detail::as_stream(stream));
+}
+
+void relu6_fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, float* scale, uint32_t* mask,
+                      unsigned* workspace, int device, uintptr_t stream) {
+  check_dtype(dtype);
+  const float levels = levels_of(bits);
+  if (n <= 0) return;
+  detail::require_current_device(device);
+  const cudaStream_t st = detail::as_stream(stream);
+  // S = max relu6(x) as float32 bits into *scale, then the quantizer reads it there (same
+  // stream: ordered, no host synchronization).
+  launch_absmax<true>(x, dtype, n, reinterpret_cast<uint32_t*>(scale), workspace, device, st);
+  launch_fwd<true>(x, y, dtype, n, levels, scale, false, mask, nullptr, device, st);
+}
+
 void fake_quant_backward(const void* g, void* gx, int dtype, int64_t n, const uint32_t* pass, const uint32_t* hi,
                          unsigned* workspace, float* grad_scale, int device, uintptr_t stream) {
-  if (dtype < kFloat32 || dtype > kBFloat16) bad_dtype(dtype);
+  check_dtype(dtype);
   if (n <= 0) return;
   detail::require_current_device(device);
   const cudaStream_t st = detail::as_stream(stream);

@@ -35,6 +35,18 @@ void absmax(const void* x, int dtype, int64_t n, uint32_t* out_bits, unsigned* w
 void fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, const float* scale, bool scale_given,
                 uint32_t* pass, uint32_t* hi, int device, uintptr_t stream);
 
+// ReLU6 fused with the dynamic-scale quantizer (reference.relu6_fake_quant, as
+// cpu/fake_quant.h's relu6_fake_quant): a = x > 0 ? min(x, 6) : (x is NaN ? x : +0),
+// S = max a, y = fake-quant(a) with S, mask bit = 0 < x < 6 (pass-bitmap layout; mask may
+// be null, else (n + 31) / 32 words). Two launches on `stream`: the max of a, reduced in
+// the kernel's last block (workspace: see workspace_words) into *scale (one float32 on the
+// device, no initial value needed; it holds S afterwards), then the quantizer reading S
+// there; no host synchronization. n == 0 launches nothing.
+// Compiled for sm_80/sm_90 and run on the host under an emulation of the warp intrinsics,
+// but NOT yet run on a GPU (tools/gpu_check.sh runs its tests).
+void relu6_fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, float* scale, uint32_t* mask,
+                      unsigned* workspace, int device, uintptr_t stream);
+
 // gx = pass ? g : 0. When hi is non-null, *grad_scale = the sum of (hi ? g : -g) over the
 // clipped elements, float32, in an order fixed by n and the device (deterministic), reduced
 // in the same launch (workspace: see workspace_words). n == 0 launches nothing (the caller

@@ -10,6 +10,13 @@ fill, no separate sum. Inputs of any strides are made contiguous here first; a
 contiguous input at any element offset (a slice such as ``x[1:]``) is read in place.
 Launches run inside :func:`fedmpq_kernels._device.on_device` (the native launchers never
 switch devices), so an op on ``cuda:1`` never changes what ``device="cuda"`` means.
+
+Ops: ``fake_quant``, ``fake_quant_backward`` and ``relu6_fake_quant`` (the same absmax and
+forward kernels instantiated with ReLU6, as the Triton backend's ``RELU6`` flag; one native
+call, two launches). ``relu6_fake_quant``'s kernels are compiled for sm_80/sm_90 and were
+run on the host under an emulation of the warp intrinsics, but have NOT yet run on a GPU:
+``tools/gpu_check.sh`` runs their tests
+(tests/fedmpq_kernels/fake_quant/test_relu6_fake_quant.py, backend case ``cuda``).
 """
 from __future__ import annotations
 
@@ -62,6 +69,17 @@ def _workspace(dev: torch.device, stream: int) -> Tuple[int, int]:
     return workspace(dev, stream, words).data_ptr(), words
 
 
+def _elementwise(t: Tensor, name: str) -> Tuple[int, torch.device, Tensor, int, Tensor, int]:
+    """The common start of every op: t checked (float32/float16/bfloat16, on a CUDA device);
+    returns its dtype code, its device, t made contiguous, its element count n, a fresh
+    contiguous output of t's shape and dtype, and the bytes of one bitmap of n elements."""
+    code = _dtype_code(t, name)
+    _require_cuda(t, name)
+    tc = t.contiguous()
+    n = tc.numel()
+    return code, t.device, tc, n, torch.empty_like(tc), bitmap_nbytes(n)
+
+
 def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant`.
 
@@ -80,15 +98,9 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
         One launch for a given scale, two for a dynamic one (absmax writing S on the device,
         then the quantizer reading it there); no host synchronization.
     """
-    code = _dtype_code(x, "x")
-    _require_cuda(x, "x")
+    code, dev, xc, n, y, nb = _elementwise(x, "x")
     if mode not in (0, 1, 2):
         raise ValueError(f"mode must be 0, 1 or 2, got {mode}")
-    dev = x.device
-    xc = x.contiguous()
-    n = xc.numel()
-    y = torch.empty_like(xc)  # contiguous, x's dtype and shape
-    nb = bitmap_nbytes(n)
     bitmaps = torch.empty(nb * mode, dtype=_U8, device=dev) if mode else _no_bitmap(dev)
     if n == 0:
         return y, bitmaps
@@ -141,13 +153,7 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
         scale_grad. One launch: the kernel's last block adds the blocks' sums (in a fixed
         order: deterministic) straight into grad_scale.
     """
-    code = _dtype_code(grad, "grad")
-    _require_cuda(grad, "grad")
-    dev = grad.device
-    g = grad.contiguous()
-    n = g.numel()
-    gx = torch.empty_like(g)
-    nb = bitmap_nbytes(n)
+    code, dev, g, n, gx, nb = _elementwise(grad, "grad")
     b = bitmap_arg(bitmaps, n, dev, "bitmaps", 2 if scale_grad else 1)
     if n == 0 or not scale_grad:
         gs = torch.zeros((), dtype=_F32, device=dev)
@@ -165,3 +171,30 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
             ws, words, gs.data_ptr(), dev.index, stream,
         )
     return gx, gs
+
+
+def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
+    """See :func:`fedmpq_kernels.fake_quant.reference.relu6_fake_quant`.
+
+    Args:
+        x: float32/float16/bfloat16 CUDA tensor, any shape and strides.
+        bits: 1..8 or 16 (already validated).
+
+    Returns:
+        (y, mask): y of x's shape and dtype, contiguous; the mask ``0 < x < 6``, uint8 on
+        x's device, 4 * ceil(numel / 32) bytes (the pass-bitmap layout, so the backward is
+        :func:`fake_quant_backward` with ``scale_grad=False``). One native call, two launches
+        (the max of relu6(x) writing S on the device, then the quantizer reading it there);
+        no host synchronization.
+    """
+    code, dev, xc, n, y, nb = _elementwise(x, "x")
+    mask = torch.empty(nb, dtype=_U8, device=dev)
+    if n == 0:
+        return y, mask
+    with on_device(dev):
+        stream = raw_stream(dev)
+        s = torch.empty((), dtype=_F32, device=dev)  # S, its own tensor (see fake_quant)
+        ws, words = _workspace(dev, stream)
+        native.cuda.relu6_fake_quant(xc.data_ptr(), y.data_ptr(), code, n, n, bits, s.data_ptr(),
+                                     mask.data_ptr(), nb, ws, words, dev.index, stream)
+    return y, mask

@@ -18,26 +18,32 @@ def _gpu_case(backend):
 
 
 def _every_op(x: torch.Tensor):
-    """Forward (dynamic and given scale) and backward of every kernel; returns the results
-    and the reference's."""
+    """Forward (dynamic and given scale) and backward of every kernel, relu6_fake_quant's
+    included; returns the results and the reference's (the scale gradient last)."""
     s = torch.tensor(1.0, device=x.device, requires_grad=True)
     xr = x.detach().clone().requires_grad_(True)
     y_dyn = fk.fake_quant(x, 4)
     y = fk.fake_quant(xr, 3, s, ste="clipped")
     g = torch.linspace(-1, 1, x.numel(), device=x.device).reshape(x.shape)
     y.backward(g)
+    x6 = x.detach().clone().requires_grad_(True)
+    y6 = fk.relu6_fake_quant(x6, 4)
+    y6.backward(g)
+    xc = x.detach().cpu()
+    want6 = (R.relu6_fake_quant(xc, 4)[0], torch.where((xc > 0) & (xc < 6), g.cpu(), torch.zeros_like(xc)))
     xo = x.detach().cpu().requires_grad_(True)
     so = torch.tensor(1.0, requires_grad=True)
     R.fake_quant_autograd(xo, 3, so, "clipped").backward(g.cpu())
-    got = (y_dyn, y.detach(), xr.grad, s.grad)
-    want = (R.fake_quant_values(x.cpu(), 4, None), R.fake_quant_values(x.cpu(), 3, torch.tensor(1.0)), xo.grad, so.grad)
+    got = (y_dyn, y.detach(), xr.grad, y6.detach(), x6.grad, s.grad)
+    want = (R.fake_quant_values(x.cpu(), 4, None), R.fake_quant_values(x.cpu(), 3, torch.tensor(1.0)), xo.grad,
+            *want6, so.grad)
     return got, want
 
 
 def _assert_results(got, want):
-    for a, b in zip(got[:3], want[:3]):
+    for a, b in zip(got[:-1], want[:-1]):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)
-    torch.testing.assert_close(got[3].cpu(), want[3], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[-1].cpu(), want[-1], rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(ngpus < 1, reason="no CUDA device")

@@ -9,6 +9,8 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels.fake_quant import reference as R
 
+from .helpers import GPU_SIZES, SLICE_SIZES, slice_offsets
+
 ALL_BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
 SIZES = [0, 1, 7, 8, 9, 1023, (1 << 20) + 3]
 
@@ -141,12 +143,6 @@ def test_nan_and_inf(backend):
         exact(s.grad, torch.tensor(8.0 - 4.0 - 16.0, device=backend.device))
 
 
-# Sizes where a GPU kernel's grid-stride loops run several trips (at 2^20+3 a 132-SM GPU
-# covers the tensor in one), and 16-byte vectors meet odd tails.
-GPU_SIZES = [(1 << 23) + 5]
-SLICE_SIZES = [1023, 4099, (1 << 16) + 3]
-
-
 def _check_against_reference(backend, x, s, g):
     """Every forward mode and the backward of ``backend`` against the reference, bit for bit."""
     for mode in (0, 1, 2):
@@ -167,16 +163,10 @@ def test_contiguous_slices_at_every_offset_match_reference(backend, numel, dtype
     """x[k:] of a contiguous tensor starts k elements past an aligned address: every offset
     below one 16-byte vector (the CUDA kernels' shifted-load path), on sizes with whole
     vector tiles and odd tails, input and incoming gradient both sliced."""
-    if numel in GPU_SIZES and backend.device != "cuda":
-        pytest.skip("sizes for GPU grid-stride loops")
-    backend.skip_if_too_big(numel)
-    if backend.name == "triton" and backend.device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter has no bfloat16")
-    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    vec, offsets = slice_offsets(backend, numel, dtype)
     gen = torch.Generator().manual_seed(numel)
     base = (torch.randn(numel + vec, generator=gen) * 2).to(device=backend.device, dtype=dtype)
     gbase = torch.randn(numel + vec, generator=gen).to(device=backend.device, dtype=dtype)
-    offsets = range(vec) if numel <= 4099 or backend.device == "cuda" else (0, 1, vec - 1)
     with backend.active():
         for off in offsets:
             x = base[off:off + numel]

@@ -1,19 +1,26 @@
 """relu6_fake_quant (ReLU6 fused with the dynamic-scale activation quantizer) on every
 backend against the reference, bit for bit: every bit-width, float32/16/bf16, odd and empty
-sizes, strided inputs, NaN, all-non-positive inputs, the mask and the gradient through the
-public function, opcheck, the errors, and the native kernel's threading and streaming paths."""
+sizes, strided inputs, contiguous slices at every offset (the CUDA kernels' shifted loads),
+GPU sizes of several grid-stride trips, NaN, all-non-positive inputs, the mask and the
+gradient through the public function, opcheck, the errors, the CPU kernel's threading and
+streaming paths and both native bindings' refusals. The CUDA C++ kernel's cases (backend
+``cuda``) skip without a GPU; tools/gpu_check.sh runs them."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fedmpq_kernels as fk
+from fedmpq_kernels import registry
 from fedmpq_kernels._native import native
 from fedmpq_kernels.fake_quant import reference as R
+
+from .helpers import GPU_SIZES, SLICE_SIZES, slice_offsets
 
 BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 7, 31, 33, 1000, 4097, 300_001]
+SLICE_SIZES = [1, 33] + SLICE_SIZES  # whole 16-byte-vector tiles and odd tails
 
 
 def inputs(n: int, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
@@ -126,6 +133,36 @@ def test_gradient_is_relu6_mask(backend, dtype):
             assert same(x.grad, want)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", SLICE_SIZES + GPU_SIZES)
+def test_contiguous_slices_at_every_offset(backend, numel, dtype):
+    """x[k:] of a contiguous tensor, k below one 16-byte vector: on CUDA the shifted-load
+    path of both kernels (the max of relu6(x) and the quantizer); the backend's own function
+    and the public op against the reference, bit for bit."""
+    fn = kernel(backend)
+    vec, offsets = slice_offsets(backend, numel, dtype)
+    base = inputs(numel + vec, dtype, seed=5).to(backend.device)
+    with backend.active():
+        for off in offsets:
+            x = base[off:off + numel]
+            assert x.is_contiguous() and x.storage_offset() == off
+            want_y, want_mask = R.relu6_fake_quant(x.cpu(), 4)
+            y, mask = fn(x, 4)
+            assert same(y, want_y) and torch.equal(mask.cpu(), want_mask), f"offset {off}"
+            assert same(fk.relu6_fake_quant(x, 8), R.relu6_fake_quant(x.cpu(), 8)[0]), f"offset {off}"
+
+
+def test_cuda_backend_runs_its_own_kernel():
+    """On a GPU the default order gives relu6_fake_quant to the CUDA C++ backend's own
+    function (no fallback to Triton); the cuda backend module defines it everywhere."""
+    mod = registry.module("fake_quant", "cuda")
+    assert callable(getattr(mod, "relu6_fake_quant", None))
+    if not registry.available("cuda")[0]:
+        pytest.skip(f"cuda backend unavailable here: {registry.available('cuda')[1]}")
+    assert registry.backend_for("cuda", "fake_quant") == "cuda"
+    assert registry.get("fake_quant", "relu6_fake_quant", "cuda") is mod.relu6_fake_quant
+
+
 def test_opcheck(backend):
     kernel(backend)
     x = (torch.randn(3, 37) * 4).to(backend.device)
@@ -195,3 +232,72 @@ def test_native_threads_in_place_and_streaming(isa):
         assert same(xi, want_y)
     finally:
         native.set_cpu_isa(prev)
+
+
+# ---- the CUDA binding: its refusals need no GPU (device -1: a call that passed every check
+# would fail on that device in the workspace check, never launch) --------------------------
+needs_cuda_build = pytest.mark.skipif(native is None or not getattr(native, "with_cuda", False),
+                                      reason="native module not built with CUDA")
+_P = 1 << 20  # fake device addresses: never dereferenced (every call below is refused first)
+
+
+def _cuda_r6_args(**over):
+    a = dict(x=_P, y=2 * _P, dtype=0, n=100, y_cap=100, bits=4, scale=3 * _P, mask=4 * _P, mask_nbytes=16,
+             workspace=5 * _P, workspace_words=1 << 20, device=-1, stream=0)
+    a.update(over)
+    return a
+
+
+@needs_cuda_build
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (dict(y_cap=99), "y: buffer holds 99 elements, needs 100"),
+        (dict(n=-1, y_cap=-1), "negative element count"),
+        (dict(x=0), "x: null data pointer"),
+        (dict(dtype=1, x=_P + 1), "x: data pointer is not 2-byte aligned"),
+        (dict(dtype=0, y=2 * _P + 2), "y: data pointer is not 4-byte aligned"),
+        (dict(dtype=3), "unknown dtype code 3"),
+        (dict(y=_P + 8), "overlap"),
+        (dict(bits=9), "bits must be in 1..8 or 16"),
+        (dict(bits=0), "bits must be in 1..8 or 16"),
+        (dict(scale=0), "scale pointer is null or not 4-byte aligned"),
+        (dict(scale=3 * _P + 2), "scale pointer is null or not 4-byte aligned"),
+        (dict(mask_nbytes=12), "mask bitmap has 12 bytes, needs 16"),
+        (dict(mask=4 * _P + 2), "mask bitmap must be 4-byte aligned"),
+        (dict(workspace=0), "reduction workspace pointer is null"),
+        (dict(n=(1 << 56) + 1, y_cap=(1 << 56) + 1), "more than the"),
+    ],
+)
+def test_cuda_binding_rejects_inconsistent_sizes(over, match):
+    with pytest.raises(ValueError, match=match):
+        native.cuda.relu6_fake_quant(**_cuda_r6_args(**over))
+
+
+@needs_cuda_build
+def test_cuda_binding_launches_nothing_for_no_elements():
+    # n = 0: no workspace or device needed, nothing launched (no GPU touched).
+    assert native.cuda.relu6_fake_quant(**_cuda_r6_args(n=0, y_cap=0, mask=0, mask_nbytes=0, workspace=0,
+                                                          workspace_words=0)) is None
+
+
+@needs_cuda_build
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_binding_rejects_a_short_workspace_and_a_device_not_current():
+    """The workspace's length is checked against the device's; a device that is not the
+    current one is refused (the launchers never switch devices). The second part needs two
+    GPUs: the workspace check asks the CUDA runtime about the device first."""
+    dev = torch.cuda.current_device()
+    with pytest.raises(ValueError, match="reduction workspace is too small"):
+        native.cuda.relu6_fake_quant(**_cuda_r6_args(device=dev, workspace_words=1))
+    if torch.cuda.device_count() < 2:
+        return
+    other = (dev + 1) % torch.cuda.device_count()
+    x = torch.randn(64, device="cuda")
+    y, s = torch.empty_like(x), torch.empty((), device="cuda")
+    m = torch.empty(8, dtype=torch.uint8, device="cuda")
+    words = max(native.cuda.workspace_words(dev), native.cuda.workspace_words(other))
+    ws = torch.zeros(words, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=f"current CUDA device is .* but the tensors are on cuda:{other}"):
+        native.cuda.relu6_fake_quant(x.data_ptr(), y.data_ptr(), 0, 64, 64, 4, s.data_ptr(), m.data_ptr(), 8,
+                                     ws.data_ptr(), words, other, torch.cuda.current_stream().cuda_stream)

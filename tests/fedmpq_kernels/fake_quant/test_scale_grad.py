@@ -121,8 +121,9 @@ def test_triton_last_program_never_reads_a_stale_slot(backend, monkeypatch):
 
 
 def _gpu_calls(backend):
-    """The three reductions under test on one input: (a function making the calls, their
-    eager results as [dynamic-scale y, grad_x, grad_scale])."""
+    """The reductions under test on one input: (a function making the calls, their eager
+    results as [dynamic-scale y, grad_x, grad_scale, relu6 y, relu6 mask]; relu6_fake_quant's
+    scale is the max of relu6(x), reduced as max|x| is)."""
     if backend.device != "cuda" or backend.name == "reference":
         pytest.skip("GPU kernel backends only")
     mod = backend.module("fake_quant")
@@ -130,13 +131,13 @@ def _gpu_calls(backend):
     _, b = mod.fake_quant(x, 4, s, 2)
 
     def calls():
-        return [mod.fake_quant(x, 4, None, 0)[0], *mod.fake_quant_backward(g, b, True)]
+        return [mod.fake_quant(x, 4, None, 0)[0], *mod.fake_quant_backward(g, b, True), *mod.relu6_fake_quant(x, 4)]
 
     return calls, calls()
 
 
 def _same(got, want, when: str) -> None:
-    names = ["dynamic-scale y", "grad_x", "grad_scale"]
+    names = ["dynamic-scale y", "grad_x", "grad_scale", "relu6 y", "relu6 mask"]
     bad = [f"{n} (NaN: {bool(torch.isnan(a).any())}, max |diff| {float((a.float() - w.float()).abs().max())})"
            for n, a, w in zip(names, got, want) if not torch.equal(a, w)]
     assert not bad, f"{when}: differs from the eager results in " + ", ".join(bad)

@@ -1,0 +1,24 @@
+"""Shared by this folder's tests: the sizes and offsets of the contiguous-slice cases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+# Sizes where a GPU kernel's grid-stride loops run several trips (at 2^20+3 a 132-SM GPU
+# covers the tensor in one), and 16-byte vectors meet odd tails.
+GPU_SIZES = [(1 << 23) + 5]
+SLICE_SIZES = [1023, 4099, (1 << 16) + 3]
+
+
+def slice_offsets(backend, numel: int, dtype: torch.dtype):
+    """For a test of contiguous slices x[k:]: skips what ``backend`` cannot run (GPU sizes off
+    a GPU, large sizes in the Triton interpreter, bfloat16 there); returns (vec, the offsets
+    k): vec elements of dtype make one 16-byte vector, and k takes every value below it (the
+    CUDA kernels' shifted-load path), or 0, 1 and vec - 1 on large CPU sizes."""
+    if numel in GPU_SIZES and backend.device != "cuda":
+        pytest.skip("sizes for GPU grid-stride loops")
+    backend.skip_if_too_big(numel)
+    if backend.name == "triton" and backend.device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bfloat16")
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    return vec, (range(vec) if numel <= 4099 or backend.device == "cuda" else (0, 1, vec - 1))
