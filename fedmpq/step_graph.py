@@ -89,16 +89,10 @@ class StepGraph:
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(self.x.device)
-        try:
+        try:  # torch.cuda.graph synchronizes the device on entry
             with torch.cuda.graph(graph):
                 self.step(self.x.index_select(0, self.idx), self.y.index_select(0, self.idx))
         except RuntimeError as e:
             raise RuntimeError(f"capturing the local step in a CUDA graph failed ({e}); run with cuda_graph "
                                f"false (--cuda-graph false)") from e
         self.graph = graph
-
-    def reset(self) -> None:
-        """Drop the graph and its memory pool. Call it when the step's tensors change
-        (a new model or new optimizers)."""
-        self.graph = None

@@ -346,8 +346,7 @@ def step_keys(seed: int, step: Tensor, layers: int) -> Tensor:
         raise TypeError(f"layers must be an int, got {type(layers).__name__}")
     if layers < 0:
         raise ValueError(f"layers must be >= 0, got {layers}")
-    k = _ref._mix32((step.reshape(()) & _ref.M32) ^ _ref.mix32_int((int(seed) & _ref.M32) ^ 0x9E3779B9))
-    return _ref._mix32(k ^ (torch.arange(int(layers), dtype=torch.int64, device=step.device) & _ref.M32))
+    return _ref.step_keys(int(seed), step, int(layers))
 
 
 def uniform(key: int, n: int, device=None) -> Tensor:

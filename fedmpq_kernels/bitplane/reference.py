@@ -91,6 +91,13 @@ def step_key(seed: int, step: int, layer: int) -> int:
     return mix32_int(k ^ (layer & M32))
 
 
+def step_keys(seed: int, step: Tensor, layers: int) -> Tensor:
+    """:func:`step_key` of layers 0..layers-1 with the step a one-element int64 tensor, on its
+    device and without reading it: int64 (layers,) holding the uint32 keys."""
+    k = _mix32(mix32_int((seed & M32) ^ 0x9E3779B9) ^ (step.reshape(()) & M32))
+    return _mix32(k ^ torch.arange(layers, dtype=torch.int64, device=step.device))
+
+
 def _mix32(x: Tensor) -> Tensor:
     """mix32 on int64 tensors holding uint32 values (products stay below 2^63)."""
     x = x ^ (x >> 16)
