@@ -26,7 +26,8 @@
 # Steps 1-2 stop the script at the first failure; 3-6 always all run. It writes
 # $OUT/summary.md (pass/fail per step with the test counts, then the benchmark tables: what
 # docs/BENCHMARKS.md takes as is) and full logs beside it, and exits non-zero when any step
-# failed. Budget (10 minutes): the steps took 475 s on an H200 on 2026-12-04 (the build 19 s;
+# failed. Each table also goes to $OUT/details.md as soon as its step ends, so a run cut off
+# by the call's limit still brings back what it measured. Budget (10 minutes): the steps took 475 s on an H200 on 2026-12-04 (the build 19 s;
 # since then a client-test step, the graph benchmarks and the graphed CIFAR round were added);
 # their limits add up to 710 s, plus 90 s for the build, against 10 minutes a call: the
 # limits are ceilings, and the graphed CIFAR round comes last. Run with timeout_s 600: the
@@ -52,7 +53,16 @@ SUMMARY="$OUT/summary.md"
 failed=0
 
 say() { echo "$*" >> "$SUMMARY"; }  # the summary is printed whole at the end
+# The measurements, each written to $DETAILS as soon as its step ends (a run cut off by the
+# call's limit keeps them there), and appended to the summary after the step table.
+DETAILS="$OUT/details.md"
+detail() { echo "$*" >> "$DETAILS"; }
+table() {  # file, what to say when it is missing
+  if [ -s "$1" ]; then cat "$1" >> "$DETAILS"; else detail "($2)"; fi
+  detail ""
+}
 : > "$SUMMARY"
+: > "$DETAILS"
 say "# fedmpq GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 say ""
 
@@ -134,33 +144,22 @@ run_step bench-kernels 90 $PY -m pytest benches/bench_fake_quant.py benches/benc
   --benchmark-only -q -p no:cacheprovider -k "cuda and not reference" \
   --fedmpq-sizes=16777216 --benchmark-max-time=0.1 --benchmark-min-rounds=5 \
   --benchmark-warmup=on --fedmpq-md "$OUT/bench_gpu.md"
+table "$OUT/bench_gpu.md" "no kernel benchmark table: see bench-kernels.txt"
 # the client step (ResNet-20, batch 32 and 128) on the GPU: eager, replayed from a CUDA graph,
 # and under torch.compile for float and fedmpq-4bit at batch 32 (each compile takes tens of
 # seconds: the other compiled cases of benches/bench_client_step.py run outside this budget)
 run_step client-step 110 $PY -m pytest benches/bench_client_step.py --benchmark-only -q -p no:cacheprovider \
   -k "cuda and (not compile or (b32 and (float- or 4bit)))" --fedmpq-md "$OUT/bench_client_step.md"
+table "$OUT/bench_client_step.md" "no client-step table: see client-step.txt"
 # where a 4-bit client step's time goes on the GPU
 run_step split 40 sh -c "$PY benches/client_step_split.py --device cuda --batch 32 --reps 20 --profile 5 > $OUT/split.md && \
   $PY benches/client_step_split.py --device cuda --batch 128 --reps 20 >> $OUT/split.md"
+table "$OUT/split.md" "no time split: see split.txt"
 
 # ---- 5. a federation on the GPU ---------------------------------------------------------
 run_step federation 40 $PY -m fedmpq simulate --device cuda --cuda-graph true --rounds 2 -q --out "$OUT/fed"
-# ---- 6. the paper's CIFAR-10 round on the GPU -------------------------------------------
-# ResNet-20, 10 clients, 5 local epochs at batch 128 (configs/cifar10_fedmpq_a0.1.json) on a
-# CIFAR-10-shaped stand-in (random pixels: the machine cannot fetch CIFAR; the same samples,
-# so the same steps per round). Two rounds: the second is free of first-call costs.
-run_step cifar-round 150 sh -c "$PY tools/synthetic_cifar.py /tmp/fedmpq_cifar > /dev/null && \
-  $PY -m fedmpq simulate --config configs/cifar10_fedmpq_a0.1.json --data-dir /tmp/fedmpq_cifar \
-  --device cuda --cuda-graph true --rounds 2 -q --out $OUT/cifar"
-say ""
-if [ -s "$OUT/bench_gpu.md" ]; then cat "$OUT/bench_gpu.md" >> "$SUMMARY"; else say "(no kernel benchmark table: see bench-kernels.txt)"; fi
-say ""
-if [ -s "$OUT/bench_client_step.md" ]; then cat "$OUT/bench_client_step.md" >> "$SUMMARY"; else say "(no client-step table: see client-step.txt)"; fi
-say ""
-if [ -s "$OUT/split.md" ]; then cat "$OUT/split.md" >> "$SUMMARY"; fi
-say ""
 if [ -s "$OUT/fed/results.json" ]; then
-  $PY - "$OUT/fed/results.json" >> "$SUMMARY" 2>&1 <<'EOF2' || say "(results.json unreadable)"
+  $PY - "$OUT/fed/results.json" >> "$DETAILS" 2>&1 <<'EOF2' || detail "(results.json unreadable)"
 import json, sys
 r = json.load(open(sys.argv[1]))
 rounds = r.get("rounds", [])
@@ -170,8 +169,15 @@ print(f"federation on cuda (fedmpq simulate --device cuda --cuda-graph true --ro
 EOF2
 fi
 
+# ---- 6. the paper's CIFAR-10 round on the GPU -------------------------------------------
+# ResNet-20, 10 clients, 5 local epochs at batch 128 (configs/cifar10_fedmpq_a0.1.json) on a
+# CIFAR-10-shaped stand-in (random pixels: the machine cannot fetch CIFAR; the same samples,
+# so the same steps per round). Two rounds: the second is free of first-call costs.
+run_step cifar-round 150 sh -c "$PY tools/synthetic_cifar.py /tmp/fedmpq_cifar > /dev/null && \
+  $PY -m fedmpq simulate --config configs/cifar10_fedmpq_a0.1.json --data-dir /tmp/fedmpq_cifar \
+  --device cuda --cuda-graph true --rounds 2 -q --out $OUT/cifar"
 if [ -s "$OUT/cifar/rounds.csv" ]; then
-  $PY - "$OUT/cifar/rounds.csv" >> "$SUMMARY" 2>&1 <<'EOF3' || say "(cifar rounds.csv unreadable)"
+  $PY - "$OUT/cifar/rounds.csv" >> "$DETAILS" 2>&1 <<'EOF3' || detail "(cifar rounds.csv unreadable)"
 import csv, sys
 rows = list(csv.DictReader(open(sys.argv[1])))
 sec = [float(r["seconds"]) for r in rows]
@@ -183,6 +189,7 @@ EOF3
 fi
 
 say ""
+cat "$DETAILS" >> "$SUMMARY"
 if [ "$failed" -ne 0 ]; then say "RESULT: FAIL"; else say "RESULT: PASS"; fi
 cat "$SUMMARY"
 exit "$failed"
