@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -65,10 +65,17 @@ class Server:
             data = wire.encode_model(wire.Model(round_, self.global_state))
             return {k: data for k in clients}
         floats = {k: v for k, v in self.global_state.items() if k not in self.layer_sizes}
+        # A layer binarized once per bit-width, whoever gets it: the clients share a handful of
+        # widths, so this does a few of the K binarizations (read-only: encoding never writes it).
+        binarized: Dict[Tuple[str, int], wire.QuantizedTensor] = {}
         out = {}
         for k in clients:
-            layers = {name: wire.QuantizedTensor.from_float(self.global_state[name], b)
-                      for name, b in zip(self.layer_sizes, self.assignments[k])}
+            layers = {}
+            for name, b in zip(self.layer_sizes, self.assignments[k]):
+                q = binarized.get((name, b))
+                if q is None:
+                    q = binarized[(name, b)] = wire.QuantizedTensor.from_float(self.global_state[name], b)
+                layers[name] = q
             out[k] = wire.encode_download(wire.Download(k, round_, layers, floats))
         return out
 

@@ -166,3 +166,27 @@ def test_a_robust_server_shrugs_off_an_outlying_client(rule):
 def test_a_bad_rule_is_refused_when_the_server_is_made():
     with pytest.raises(ValueError, match="rule must be one of"):
         _server(rule="max")
+
+
+def test_each_download_holds_the_model_at_its_clients_bit_widths():
+    """Clients that share a layer's bit-width share its binarization (the server makes it
+    once): every download still decodes to the global model binarized at that client's own
+    widths, built here one client at a time."""
+    srv = _server()
+    layers = len(srv.layer_sizes)
+    assert layers >= 3
+    widths = [[2, 4] * layers, [2] * layers, [8, 4, 1] * layers, [2, 4] * layers]  # shared and distinct
+    srv.assignments = {k: w[:layers] for k, w in enumerate(widths)}
+    downloads = srv.downloads(3, [0, 1, 2, 3])
+    g = srv.global_state
+    for k, data in downloads.items():
+        d = wire.decode_download(data)
+        assert (d.client_id, d.round) == (k, 3)
+        for name, b in zip(srv.layer_sizes, srv.assignments[k]):
+            want = wire.QuantizedTensor.from_float(g[name], b)
+            got = d.layers[name]
+            assert got.bits == b and got.scale == want.scale
+            assert torch.equal(got.planes, want.planes) and torch.equal(got.signs, want.signs)
+    # clients 0 and 3 have the same widths: the same layers
+    d0, d3 = wire.decode_download(downloads[0]), wire.decode_download(downloads[3])
+    assert all(torch.equal(d0.layers[n].planes, d3.layers[n].planes) for n in srv.layer_sizes)
