@@ -133,9 +133,10 @@ for b in cuda:60 triton-cuda:100 reference-cuda:60; do
   run_step "tests-$name" "${b##*:}" env FEDMPQ_TEST_BACKENDS="$name" \
     $PY -m pytest tests/fedmpq_kernels -q -p no:cacheprovider -rfE "${par[@]}"
 done
-# the client and the federation on CUDA (graph replay against eager, byte for byte)
-run_step tests-client-cuda 60 $PY -m pytest tests/fedmpq/test_client.py tests/fedmpq/test_simulate.py -k cuda \
-  -q -p no:cacheprovider -rfE
+# the client and the federation on CUDA (graph replay against eager, byte for byte; the
+# optimizer's batched coefficients against the CPU's)
+run_step tests-client-cuda 60 $PY -m pytest tests/fedmpq/test_client.py tests/fedmpq/test_simulate.py \
+  tests/fedmpq/test_nn.py -k "cuda or gpu" -q -p no:cacheprovider -rfE
 
 # ---- 4. benchmarks (GPU rows only) -------------------------------------------------------
 # GPU rows of the compiled backends and the anchors (the pure-torch reference is not timed):

@@ -223,6 +223,66 @@ def test_device_keys_draw_what_host_keys_draw(monkeypatch):
     assert seen == [fk.step_key(77, s, l) for s in (4, 5) for l in range(L)]
 
 
+def _mixed_resnet(device="cpu"):
+    """A quantized ResNet-20 with every width 1..8 among its layers and random codes, one
+    layer all zeros and one all at the top code (popcounts 0 and n)."""
+    torch.manual_seed(5)
+    qm = qn.resnet20(quantized=True, bits=[1 + i % 8 for i in range(20)]).to(device)
+    layers = [m for _, m in qn.bit_layers(qm)]
+    with torch.no_grad():
+        for i, m in enumerate(layers):
+            m.codes.copy_(torch.randint(0, 1 << m.bits, (m.numel,), dtype=torch.uint8))
+        layers[3].codes.zero_()
+        layers[4].codes.fill_((1 << layers[4].bits) - 1)
+    return qm, layers
+
+
+@pytest.mark.parametrize("lam", [1e-3, 3.7e-4])
+def test_all_coefficients_at_once_are_the_per_layer_ones_bit_for_bit(lam):
+    """The batched coefficients (one formula over every layer's popcounts: a GPU's way) give
+    each layer's coefficients bit for bit: the CPU's Python floats and group_lasso's torch
+    ops, times lam / T; and again after a layer changes its width (the kept weights follow)."""
+    qm, layers = _mixed_resnet()
+    opt = qn.BitPlaneOptimizer(qm, lr=0.1, lam=lam)
+    for _ in range(2):
+        got = opt.all_coefficients(batched=True)
+        assert len(got) == len(layers)
+        for m, c in zip(layers, got):
+            want = fk.group_lasso(fk.plane_popcounts(m.codes, m.bits), m.numel, m.bits)[1] * (lam / opt.total)
+            assert c.dtype == torch.float32 and c.shape == (m.bits,)
+            assert torch.equal(c, want) and torch.equal(c, opt.coefficients(m))
+        layers[7].load_float(torch.randn(layers[7].weight_shape), 9 - layers[7].bits)  # 8 -> 1, then 1 -> 8
+    assert opt.all_coefficients(batched=False)[7].shape == (layers[7].bits,)
+    zero = qn.BitPlaneOptimizer(qm, lr=0.1, lam=0.0).all_coefficients(batched=True)
+    assert all(torch.equal(c, torch.zeros(m.bits)) for m, c in zip(layers, zero))
+
+
+def test_steps_with_batched_coefficients_train_as_per_layer_ones(monkeypatch):
+    """The optimizer hands layer l its own coefficients when they come all at once."""
+    x, y = torch.randn(3, 8, 3, 32, 32), torch.randint(0, 10, (3, 8))
+    runs = []
+    for batched in (False, True):
+        qm, _ = _mixed_resnet()
+        opt = qn.BitPlaneOptimizer(qm, lr=0.5, lam=1e-2, seed=3)
+        monkeypatch.setattr(opt, "all_coefficients", lambda b=batched, f=opt.all_coefficients: f(batched=b))
+        for i in range(3):
+            opt.zero_grad()
+            F.cross_entropy(qm(x[i]), y[i]).backward()
+            opt.step()
+        runs.append(_codes(qm))
+    for (ca, sa, *_), (cb, sb, *_) in zip(*runs):
+        assert torch.equal(ca, cb) and torch.equal(sa, sb)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_all_coefficients_on_a_gpu_are_the_cpus():
+    qm, layers = _mixed_resnet()
+    want = qn.BitPlaneOptimizer(qm, lr=0.1, lam=1e-3).all_coefficients()
+    qm.cuda()
+    got = qn.BitPlaneOptimizer(qm, lr=0.1, lam=1e-3).all_coefficients()
+    assert all(g.is_cuda and torch.equal(g.cpu(), w) for g, w in zip(got, want))
+
+
 def test_a_non_finite_gradient_skips_the_step_and_keeps_the_codes():
     qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
     opt = qn.BitPlaneOptimizer(qm, lr=0.1)
