@@ -176,8 +176,9 @@ void bind_fake_quant(py::module_& m) {
         check_bitmap("hi", hi, hi_nbytes, n, false);
         if (hi != 0 && n > 0) {
           check_workspace(ws, ws_words, device);
-          require(grad_scale != 0 && grad_scale % 4 == 0, "grad_scale pointer is null or not 4-byte aligned");
+          require(grad_scale != 0, "grad_scale pointer is null");
         }
+        require(grad_scale % 4 == 0, "grad_scale pointer is not 4-byte aligned");  // written (0) even without hi
         fedmpq::cuda::fake_quant_backward(ptr<const void>(g), ptr<void>(gx), dtype, n, ptr<const uint32_t>(pass),
                                           ptr<const uint32_t>(hi), ptr<unsigned>(ws), ptr<float>(grad_scale), device,
                                           stream);
@@ -185,7 +186,8 @@ void bind_fake_quant(py::module_& m) {
       py::arg("grad"), py::arg("grad_x"), py::arg("dtype"), py::arg("n"), py::arg("gx_cap"), py::arg("pass_bits"),
       py::arg("pass_nbytes"), py::arg("hi_bits"), py::arg("hi_nbytes"), py::arg("workspace"),
       py::arg("workspace_words"), py::arg("grad_scale"), py::arg("device"), py::arg("stream"),
-      "Clipped-STE backward; with hi_bits, writes the scale gradient to *grad_scale (one float32 on the device).");
+      "Clipped-STE backward; with hi_bits, writes the scale gradient to *grad_scale (one float32 on the device), "
+      "without them 0 there when grad_scale is not null.");
 #endif
 }
 

@@ -376,7 +376,7 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
 // gx = pass ? g : 0 (raw bits, so g is copied exactly). When hi is non-null, *grad_scale =
 // the sum over clipped elements of (hi ? g : -g), in float32: each block sums its elements
 // (in a fixed order), and finish_in_last_block adds the blocks' sums (ws: the workspace) in
-// the same launch.
+// the same launch. Without hi, a non-null grad_scale gets 0 from block 0.
 // gx must be 16-byte aligned unless kPath is kScalar; g as load_elems takes it. gx may be
 // g itself only on the kVector and kScalar paths (each element is read before it is
 // written, by the same thread); kShifted reads a neighbour's elements, and never sees
@@ -438,6 +438,8 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
   if (hi != nullptr) {  // uniform over the grid, so the barriers inside are safe
     acc = block_reduce(acc, 0.0f, SumOp{});
     finish_in_last_block(acc, 0.0f, SumOp{}, ws, grad_scale);  // every block writes its slot, even 0
+  } else if (grad_scale != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
+    *grad_scale = 0.0f;  // no scale gradient: its 0 written here, not by a zero-fill launch
   }
 }
 

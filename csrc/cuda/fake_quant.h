@@ -49,8 +49,8 @@ void relu6_fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, fl
 
 // gx = pass ? g : 0. When hi is non-null, *grad_scale = the sum of (hi ? g : -g) over the
 // clipped elements, float32, in an order fixed by n and the device (deterministic), reduced
-// in the same launch (workspace: see workspace_words). n == 0 launches nothing (the caller
-// writes 0).
+// in the same launch (workspace: see workspace_words); without hi, a non-null grad_scale
+// gets 0 in the same launch. n == 0 launches nothing (the caller writes 0).
 void fake_quant_backward(const void* g, void* gx, int dtype, int64_t n, const uint32_t* pass,
                          const uint32_t* hi, unsigned* workspace, float* grad_scale, int device, uintptr_t stream);
 

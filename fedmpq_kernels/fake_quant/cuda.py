@@ -151,16 +151,16 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
         pass bit is set, else 0); grad_scale a 0-dim float32 tensor on grad's device: the
         sum over clipped elements of (+grad where hi, -grad otherwise), or 0 when not
         scale_grad. One launch: the kernel's last block adds the blocks' sums (in a fixed
-        order: deterministic) straight into grad_scale.
+        order: deterministic) straight into grad_scale; without scale_grad block 0 writes
+        its 0.
     """
     code, dev, g, n, gx, nb = _elementwise(grad, "grad")
     b = bitmap_arg(bitmaps, n, dev, "bitmaps", 2 if scale_grad else 1)
-    if n == 0 or not scale_grad:
-        gs = torch.zeros((), dtype=_F32, device=dev)
-        if n == 0:
-            return gx, gs
-    else:
-        gs = torch.empty((), dtype=_F32, device=dev)  # written by the kernel's last block
+    if n == 0:
+        return gx, torch.zeros((), dtype=_F32, device=dev)
+    # Written by the kernel: the last block's sum, or block 0's 0 without scale_grad (no zero
+    # fill launched for a ReLU6 or given-scale backward, whose dL/dS nobody reads).
+    gs = torch.empty((), dtype=_F32, device=dev)
     with on_device(dev):
         stream = raw_stream(dev)
         ws, words = _workspace(dev, stream) if scale_grad else (0, 0)

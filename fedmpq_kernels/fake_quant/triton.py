@@ -167,6 +167,8 @@ def _fq_backward_kernel(
                                  SCALE_GRAD=SCALE_GRAD, MASKED=True)
     if SCALE_GRAD:  # dL/dS in this launch: the last program adds the programs' sums
         finish_in_last_program(part, ws_ptr, ws_ptr, gs_ptr, 1.0, KIND=0, FINISH=FINISH)
+    elif pid == 0:  # dL/dS = 0, written here: no zero fill launched for it
+        tl.store(gs_ptr, 0.0)
 
 
 def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor]:
@@ -203,7 +205,8 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
     """grad_x = grad where pass else 0 (grad's shape/dtype, contiguous); grad_scale (0-dim
     float32) = sum over clipped elements of (+g where hi, -g otherwise), or 0. bitmaps: the
     forward's (the pass bitmap, then the hi bitmap, read only when scale_grad). One launch:
-    the last program adds the programs' sums (fixed order) straight into grad_scale."""
+    the last program adds the programs' sums (fixed order) straight into grad_scale, or
+    program 0 writes its 0 (a ReLU6 or given-scale backward: no zero fill launched)."""
     gc = grad.contiguous()
     n = gc.numel()
     dev = grad.device
@@ -212,12 +215,9 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
     words = bitmap_arg(bitmaps, n, dev, "bitmaps", 2 if scale_grad else 1).view(torch.int32)
     pw = words[:nwords]
     hw = words[nwords:2 * nwords] if scale_grad else pw
-    if n == 0 or not scale_grad:
-        gs = torch.zeros((), dtype=torch.float32, device=dev)
-        if n == 0:
-            return gx, gs
-    else:
-        gs = torch.empty((), dtype=torch.float32, device=dev)  # written by the last program
+    if n == 0:
+        return gx, torch.zeros((), dtype=torch.float32, device=dev)
+    gs = torch.empty((), dtype=torch.float32, device=dev)  # written by the kernel (0 without scale_grad)
     grid = (triton.cdiv(n, BLOCK),)
     with on_device(dev):
         ws = reduction_workspace(dev, grid[0]) if scale_grad else gs

@@ -52,6 +52,31 @@ def test_fused_scale_gradient_equals_reference_bit_for_bit(backend, numel, dtype
     assert sr.grad.item() == rgs.item()
 
 
+@pytest.mark.parametrize("numel", [1, 4099])
+def test_without_a_scale_gradient_the_backward_writes_its_zero(backend, numel, monkeypatch):
+    """A backward without dL/dS (ReLU6's, a given scale's) still returns grad_scale = 0. The
+    GPU kernels write that 0 themselves (no zero-fill launch), so here every 0-dim float32
+    tensor torch hands out starts as NaN: a backend that left it unwritten would return NaN."""
+    backend.skip_if_too_big(numel)
+    real = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if t.dim() == 0 and t.dtype == torch.float32:
+            t.fill_(float("nan"))
+        return t
+
+    mod = backend.module("fake_quant")
+    x, s, g = _inputs(numel, backend.device)
+    _, b = mod.fake_quant(x, 4, s, 1)
+    _, mask = mod.relu6_fake_quant(x, 4)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    for bitmaps in (b, mask):
+        gx, gs = mod.fake_quant_backward(g, bitmaps, False)
+        assert gs.dtype == torch.float32 and gs.shape == () and gs.item() == 0.0
+        assert torch.equal(gx.cpu(), R.fake_quant_backward(g, bitmaps, False)[0].cpu())
+
+
 @pytest.mark.parametrize("numel", [4099, (1 << 20) + 3])
 def test_fused_scale_gradient_is_deterministic(backend, numel):
     """Arbitrary floats: the same bits on every call (and every block/program count the
