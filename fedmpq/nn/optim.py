@@ -70,7 +70,7 @@ class BitPlaneOptimizer:
         self.device_step = torch.zeros((), dtype=torch.int64, device=self.layers[0].codes.device) if device_keys else None
         self.skipped = 0  # layer steps skipped for a non-finite gradient or scale
         self.state: Dict[int, dict] = {}
-        self._weights = None  # (layout, float64 n_l*N_l per plane) of all_coefficients, kept between steps
+        self._weights = None  # (key, float64 n_l*N_l per plane, or lam == 0's zeros) of all_coefficients
 
     def _layer_state(self, l: int, layer) -> dict:
         st = self.state.get(l)
@@ -111,15 +111,24 @@ class BitPlaneOptimizer:
         dev = layers[0].codes.device
         if batched is None:
             batched = dev.type != "cpu"
-        if self.lam == 0 or not batched or any(m.codes.device != dev for m in layers):
+        if not batched or any(m.codes.device != dev for m in layers):
             return [self.coefficients(m) for m in layers]
         layout = tuple((m.numel, m.bits) for m in layers)
-        if self._weights is None or self._weights[0] != (layout, dev):
-            w = [float(n * b) for n, b in layout for _ in range(b)]
-            self._weights = ((layout, dev), torch.tensor(w, dtype=torch.float64, device=dev))
+        key = (layout, dev, self.lam == 0)
+        if self._weights is None or self._weights[0] != key:
+            planes = sum(b for _, b in layout)
+            if self.lam == 0:  # no regularizer: zeros, made once (the kernels only read them)
+                vec = torch.zeros(planes, dtype=torch.float32, device=dev)
+            else:
+                vec = torch.tensor([float(n * b) for n, b in layout for _ in range(b)], dtype=torch.float64,
+                                   device=dev)
+            self._weights = (key, vec)
+        splits = [b for _, b in layout]
+        if self.lam == 0:
+            return list(self._weights[1].split(splits))
         pc = torch.cat([fk.plane_popcounts(m.codes, m.bits) for m in layers])
         c = (self._weights[1] / torch.sqrt(pc.to(torch.float64) + _EPS)).float() * (self.lam / self.total)
-        return list(c.split([b for _, b in layout]))
+        return list(c.split(splits))
 
     @torch.no_grad()
     def step(self) -> None:

@@ -253,8 +253,11 @@ def test_all_coefficients_at_once_are_the_per_layer_ones_bit_for_bit(lam):
             assert torch.equal(c, want) and torch.equal(c, opt.coefficients(m))
         layers[7].load_float(torch.randn(layers[7].weight_shape), 9 - layers[7].bits)  # 8 -> 1, then 1 -> 8
     assert opt.all_coefficients(batched=False)[7].shape == (layers[7].bits,)
-    zero = qn.BitPlaneOptimizer(qm, lr=0.1, lam=0.0).all_coefficients(batched=True)
+    zero_opt = qn.BitPlaneOptimizer(qm, lr=0.1, lam=0.0)
+    zero = zero_opt.all_coefficients(batched=True)
     assert all(torch.equal(c, torch.zeros(m.bits)) for m, c in zip(layers, zero))
+    zero_opt.lam = lam  # the kept zeros are not taken for weights
+    assert all(torch.equal(c, zero_opt.coefficients(m)) for m, c in zip(layers, zero_opt.all_coefficients(batched=True)))
 
 
 def test_steps_with_batched_coefficients_train_as_per_layer_ones(monkeypatch):
