@@ -3,6 +3,11 @@
 # nvcc, pybind11, cmake, ninja, pytest-benchmark; no internet). Run from anywhere:
 #
 #   OUT=/some/dir tools/gpu_check.sh        # the device tool sets $OUT
+#   STEPS="tests-cuda split" tools/gpu_check.sh   # a recheck: only these steps after the build
+#
+# Steps (for STEPS): tests-cuda tests-triton-cuda tests-reference-cuda tests-client-cuda
+# bench-kernels client-step split federation cifar-round. An unknown name stops the script
+# before the build.
 #
 # 1. prerequisites (nvcc, Python.h of this python, torch sees a GPU, triton), printed;
 # 2. build with FEDMPQ_CUDA=1, so a build that did not find nvcc fails instead of quietly
@@ -51,19 +56,23 @@ export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 SUMMARY="$OUT/summary.md"
 failed=0
+ALL_STEPS="tests-cuda tests-triton-cuda tests-reference-cuda tests-client-cuda bench-kernels client-step split federation cifar-round"
+for st in ${STEPS:-}; do
+  [[ " $ALL_STEPS " == *" $st "* ]] || { echo "gpu_check: unknown step '$st' in STEPS (steps: $ALL_STEPS)" >&2; exit 2; }
+done
 
 say() { echo "$*" >> "$SUMMARY"; }  # the summary is printed whole at the end
 # The measurements, each written to $DETAILS as soon as its step ends (a run cut off by the
 # call's limit keeps them there), and appended to the summary after the step table.
 DETAILS="$OUT/details.md"
 detail() { echo "$*" >> "$DETAILS"; }
-table() {  # file, what to say when it is missing
-  if [ -s "$1" ]; then cat "$1" >> "$DETAILS"; else detail "($2)"; fi
-  detail ""
+table() {  # file, what to say when it is missing (nothing when STEPS left its step out)
+  if [ -s "$1" ]; then cat "$1" >> "$DETAILS"; detail ""
+  elif [ -z "${STEPS:-}" ]; then detail "($2)"; detail ""; fi
 }
 : > "$SUMMARY"
 : > "$DETAILS"
-say "# fedmpq GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+say "# fedmpq GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)${STEPS:+, steps: $STEPS}"
 say ""
 
 # ---- 1. prerequisites (fail fast) ---------------------------------------------------
@@ -108,6 +117,10 @@ say "|---|---|---|---|"
 run_step() {  # name, limit (s), command...
   local name=$1 limit=$2; shift 2
   local log="$OUT/$name.txt" t0 rc counts
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then
+    say "| $name | not run (STEPS) | | |"
+    return 0
+  fi
   t0=$(date +%s)
   echo "== $name (limit ${limit} s)"
   set +e
