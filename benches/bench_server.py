@@ -55,12 +55,18 @@ def _uploads(alg: str, downloads):
 
 @pytest.fixture(scope="module")
 def servers():
-    torch.set_num_threads(1)  # the server's work is serial; one thread, as the clients' runs beside it take the rest
-    out = {}
-    for alg in ("fedmpq", "fp"):
-        srv = _server(alg)
-        out[alg] = (srv, _uploads(alg, srv.downloads(1, CLIENTS)))
-    return out
+    # The server's work is serial: one thread, as the clients training beside it take the
+    # rest; the session's thread count is restored for the benchmarks after these.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for alg in ("fedmpq", "fp"):
+            srv = _server(alg)
+            out[alg] = (srv, _uploads(alg, srv.downloads(1, CLIENTS)))
+        yield out
+    finally:
+        torch.set_num_threads(before)
 
 
 def _record(benchmark, op: str, impl: str, nbytes: int) -> None:
