@@ -12,7 +12,7 @@
 # 1. prerequisites (nvcc, Python.h of this python, torch sees a GPU, triton), printed;
 # 2. build with FEDMPQ_CUDA=1, so a build that did not find nvcc fails instead of quietly
 #    falling back to the CPU; the native module must see the GPU;
-# 3. the tests of each GPU backend on their own (cuda, triton-cuda, reference-cuda), without
+# 3. the tests of each GPU backend on their own (cuda, triton-cuda; reference-cuda last), without
 #    -x, each under its own time limit (FEDMPQ_TEST_BACKENDS makes a backend that cannot run
 #    fail instead of skip), so one failing backend does not hide the others: every family,
 #    the bit-plane training kernels included (tests/fedmpq_kernels/<family>/); then the
@@ -26,9 +26,11 @@
 # 5. a 2-round federation on the GPU: fedmpq simulate --device cuda --cuda-graph true --rounds 2;
 # 6. two rounds of the paper's CIFAR-10 setting (ResNet-20, 10 clients, 5 local epochs) on the
 #    GPU with --cuda-graph true, on a CIFAR-10-shaped stand-in (tools/synthetic_cifar.py), and
-#    from it 50 rounds' time (the eager round took 68.8 s on 2026-12-04: docs/BENCHMARKS.md).
+#    from it 50 rounds' time (the eager round took 68.8 s on 2026-12-04: docs/BENCHMARKS.md);
+# 7. the reference backend's tests on the GPU (reference-cuda), last: they passed on
+#    2026-12-04, so a run cut off by the call's limit loses them first.
 # The b32 time split ends with a torch.profiler table of 5 steps (launches, host time per op).
-# Steps 1-2 stop the script at the first failure; 3-6 always all run. It writes
+# Steps 1-2 stop the script at the first failure; 3-7 always all run. It writes
 # $OUT/summary.md (pass/fail per step with the test counts, then the benchmark tables: what
 # docs/BENCHMARKS.md takes as is) and full logs beside it, and exits non-zero when any step
 # failed. Each table also goes to $OUT/details.md as soon as its step ends, so a run cut off
@@ -141,11 +143,12 @@ run_step() {  # name, limit (s), command...
 # compiles, the slowest part on a fresh machine, then run in parallel.
 par=()
 $PY -c "import xdist" 2>/dev/null && par=(-n 8)
-for b in cuda:60 triton-cuda:100 reference-cuda:60; do
-  name=${b%%:*}
-  run_step "tests-$name" "${b##*:}" env FEDMPQ_TEST_BACKENDS="$name" \
+backend_tests() {  # backend, limit (s)
+  run_step "tests-$1" "$2" env FEDMPQ_TEST_BACKENDS="$1" \
     $PY -m pytest tests/fedmpq_kernels -q -p no:cacheprovider -rfE "${par[@]}"
-done
+}
+backend_tests cuda 60
+backend_tests triton-cuda 100
 # the client and the federation on CUDA (graph replay against eager, byte for byte; the
 # optimizer's batched coefficients against the CPU's)
 run_step tests-client-cuda 60 $PY -m pytest tests/fedmpq/test_client.py tests/fedmpq/test_simulate.py \
@@ -201,6 +204,10 @@ print(f"ResNet-20 CIFAR-10-shaped round on cuda with --cuda-graph true (configs/
       f"50 rounds at the last round's pace: {50 * sec[-1] / 60:.1f} min")
 EOF3
 fi
+
+# ---- 7. the pure-torch reference on the GPU: last, as the least likely to find anything new
+# (it passed on 2026-12-04), so a run cut off by the call's limit loses it first
+backend_tests reference-cuda 60
 
 say ""
 cat "$DETAILS" >> "$SUMMARY"
