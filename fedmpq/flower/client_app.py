@@ -6,8 +6,9 @@ seeded Dirichlet/iid split of the dataset, the same split ``fedmpq simulate`` ma
 ``num-partitions`` (must equal the run's ``n_clients``); ``budget`` (optional) overrides the
 run's ``budgets[partition-id]``; ``device``, ``cuda-graph`` and ``threads`` (optional) are this
 machine's: where the node trains, whether its steps replay from a CUDA graph, and with how
-many threads (several SuperNodes on one machine should share its cores: threads = cores / nodes). Flower's simulation sets the first two itself; a
-SuperNode gets them with ``--node-config "partition-id=0 num-partitions=3 budget=4 threads=1"``.
+many threads (several SuperNodes on one machine should share its cores: threads = cores /
+nodes). Flower's simulation sets the first two itself; a SuperNode gets them with
+``--node-config "partition-id=0 num-partitions=3 budget=4 threads=1"``.
 
 Messages (record names are the protocol):
 - ``query.info`` -> ``info``: ``{"client", "budget", "num_samples"}``.
@@ -69,8 +70,9 @@ def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int,
 def _setup(context: Context, overrides: Optional[Mapping[str, Any]]):
     c, _ = from_run_config({**dict(context.run_config), **dict(overrides or {})})
     k, budget, c = node_client(context.node_config, c)
-    ds, parts = _data(json.dumps({key: v for key, v in c.items() if key not in ("device", "threads", "cuda_graph")},
-                             sort_keys=True))
+    # The data depend on every key but how the node runs (data_dir stays: it says where they come from).
+    how = set(config_mod.EXECUTION_KEYS) - {"data_dir"}
+    ds, parts = _data(json.dumps({key: v for key, v in c.items() if key not in how}, sort_keys=True))
     return c, k, budget, ds, parts[k]
 
 
