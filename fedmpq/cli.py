@@ -14,7 +14,7 @@ from . import data as data_mod
 from . import simulate
 from .config import (DEFAULTS, HELP, ConfigError, check_config, load_config_file, parse_alpha, parse_bool,
                      parse_budgets, parse_optional_int)
-from .federation import read_checkpoint
+from .federation import prepare_out, read_checkpoint
 from .progress import log_through_bars
 from .results import bits_table, compare
 
@@ -139,6 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = check_config(_flag_config(args))
             out = args.out or _default_out()
             flower_sim.check(cfg, args.cpus)  # a missing dataset or CUDA stops here, not in Flower
+            prepare_out(out)  # and a results folder that cannot be written
             print(f"fedmpq: results in {out}", file=sys.stderr)
             res = flower_sim.run(cfg, out=out, cpus=args.cpus)
         else:
@@ -150,11 +151,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 cfg = _flag_config(args)
                 out = args.out or _default_out()
             cfg = check_config(cfg)
+            ready = None
             if not args.quiet:
                 logging.getLogger("fedmpq").setLevel(logging.INFO)
                 log_through_bars(logging.getLogger("fedmpq"))
-                print(f"fedmpq: results in {out}", file=sys.stderr)
-            res = simulate.run(cfg, out=out, resume=bool(args.resume), progress=not args.quiet)
+
+                def ready():  # said once nothing can stop the run before training (one line if it is stopped)
+                    print(f"fedmpq: results in {out}", file=sys.stderr)
+            res = simulate.run(cfg, out=out, resume=bool(args.resume), progress=not args.quiet, ready=ready)
         last = res["rounds"][-1] if res["rounds"] else None
         if last:
             print(f"final accuracy {last['accuracy']:.4f} after {last['round']} rounds; results in {out}")

@@ -102,21 +102,25 @@ def prepare_out(out: Optional[str]) -> Optional[Path]:
 
 def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int], budgets: Dict[int, float],
              transport: Transport, out: Optional[str] = None, resume: bool = False,
-             progress: bool = True, threads=None) -> Dict[str, Any]:
+             progress: bool = True, threads=None, ready: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """The server's round loop, whatever carries the payloads: sample, prepare the downloads,
     let ``transport`` train the clients, aggregate, evaluate on ``ds``'s test set, record the
     round and checkpoint it. ``num_samples``/``budgets``: |D_k| and beta_k of every client
     0..n_clients-1; ``threads``: the threads each training process uses, an int or a
     function giving this round's (recorded in the results, per round when a function).
     ``resume``: continue ``out``'s checkpoint (only ``rounds``, to extend it, and the
-    execution keys may differ). Used by :func:`fedmpq.simulate.run` (in-process) and by the
-    Flower app."""
+    execution keys may differ). ``ready``: called once every check has passed (the device, the
+    results folder, the checkpoint to resume), before the first round; ``fedmpq simulate``
+    says there where the results go. Used by :func:`fedmpq.simulate.run` (in-process) and by
+    the Flower app."""
     device = resolve_device(c)
     outdir = prepare_out(out)
     state = None
     if resume and outdir is not None and (outdir / "checkpoint.pt").exists():
         state = read_checkpoint(outdir / "checkpoint.pt")
         resumable(state["config"], c, len(json.loads(state["rounds"])), outdir / "checkpoint.pt")
+    if ready is not None:
+        ready()
     torch.manual_seed(c["seed"])  # the global model's initialization
     build = model_builder(c, ds)
     srv = server_mod.Server(c["alg"], build, budgets=budgets, num_samples=num_samples, seed=c["seed"],

@@ -5,7 +5,7 @@ sampled clients one after another. Configuration: :mod:`fedmpq.config`."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -18,9 +18,12 @@ from .progress import progress as _progress
 log = logging.getLogger("fedmpq")
 
 
-def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, progress: bool = True) -> Dict[str, Any]:
+def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, progress: bool = True,
+        ready: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """Run the federation ``cfg`` in this process; returns the results dict (and writes it
-    with checkpoints to ``out``). ``resume``: continue from ``out``'s checkpoint.
+    with checkpoints to ``out``). ``resume``: continue from ``out``'s checkpoint. ``ready``:
+    called once every check has passed (config, device, data, results folder, checkpoint),
+    before any training.
 
     One client trains at a time, with the config's ``threads`` as torch's thread count for
     the run (restored afterwards); without it, the cores this process may use divided among
@@ -57,6 +60,6 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
         with registry:
             torch.set_num_threads(threads_now())
             return federate(c, ds, {k: len(p) for k, p in enumerate(parts)}, dict(enumerate(c["budgets"])), local,
-                            out=out, resume=resume, progress=progress, threads=threads_now)
+                            out=out, resume=resume, progress=progress, threads=threads_now, ready=ready)
     finally:
         torch.set_num_threads(before)

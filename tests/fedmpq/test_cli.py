@@ -117,3 +117,27 @@ def test_threads_and_train_samples_are_applied_and_recorded(tmp_path, monkeypatc
     assert res["threads"] == 1 and res["config"]["train_samples"] == 300
     assert {t for t, _ in seen} == {1} and sum(n for _, n in seen) == 300
     assert torch.get_num_threads() == before  # restored after the run
+
+
+def test_a_run_stopped_by_a_check_says_one_line_and_no_results_folder(tmp_path, capsys, monkeypatch):
+    """Without -q too: the "results in" line comes only once nothing can stop the run before
+    training, so a stopped run prints its reason alone, not a folder that holds nothing."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(run)] + _args(dict(SMALL, rounds=1))) == 0
+    capsys.readouterr()
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    cases = [(["--dataset", "cifar10", "--data-dir", str(tmp_path)], str(tmp_path)),
+             (["--out", str(afile)] + _args(SMALL), "is a file"),
+             (["--resume", str(run), "--lr", "0.5"], "lr=0.5")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"] + _args(SMALL), "sees no CUDA device"))
+    for argv, msg in cases:
+        assert cli.main(["simulate"] + argv) == 2, argv
+        captured = capsys.readouterr()
+        assert msg in captured.err and captured.err.count("\n") == 1, (argv, captured.err)
+        assert "results in" not in captured.err + captured.out, argv
+    assert not (tmp_path / "runs").exists()  # no dated folder was made for the stopped runs
