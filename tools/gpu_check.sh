@@ -24,7 +24,7 @@
 #    client step on CUDA (eager, replayed from a CUDA graph as cuda_graph does, and float
 #    and fedmpq-4bit at batch 32 under torch.compile) and its time split;
 # 5. a 2-round federation on the GPU: fedmpq simulate --device cuda --cuda-graph true --rounds 2;
-# 6. two rounds of the paper's CIFAR-10 setting (ResNet-20, 10 clients, 5 local epochs) on the
+# 6. one round of the paper's CIFAR-10 setting (ResNet-20, 10 clients, 5 local epochs) on the
 #    GPU with --cuda-graph true, on a CIFAR-10-shaped stand-in (tools/synthetic_cifar.py), and
 #    from it 50 rounds' time (the eager round took 68.8 s on 2026-12-04: docs/BENCHMARKS.md);
 # 7. the reference backend's tests on the GPU (reference-cuda), last: they passed on
@@ -34,11 +34,14 @@
 # $OUT/summary.md (pass/fail per step with the test counts, then the benchmark tables: what
 # docs/BENCHMARKS.md takes as is) and full logs beside it, and exits non-zero when any step
 # failed. Each table also goes to $OUT/details.md as soon as its step ends, so a run cut off
-# by the call's limit still brings back what it measured. Budget (10 minutes): the steps took 475 s on an H200 on 2026-12-04 (the build 19 s;
-# since then a client-test step, the graph benchmarks and the graphed CIFAR round were added);
-# their limits add up to 710 s, plus 90 s for the build, against 10 minutes a call: the
-# limits are ceilings, and the graphed CIFAR round comes last. Run with timeout_s 600: the
-# summary is written step by step, so a cut-off run still returns what it did. Test steps run on 8
+# by the call's limit still brings back what it measured.
+# Budget (issue 17 asks for 8 minutes; a call may take 10): on the H200 on 2026-12-04 the build
+# took 19 s, the test steps 42 (cuda), 65 (triton-cuda) and 41 s (reference-cuda), the kernel
+# benchmarks 51, the client step 58, the split 19 and the federation 20 s. Since then came the
+# client's GPU tests, the graph benchmarks and one graphed CIFAR round (the eager round: 69 s),
+# so about 7-8 minutes are expected. The limits (680 s, plus 90 s for the build) are
+# ceilings, and the step least likely to find anything new comes last. Run with timeout_s
+# 600: the summary is written step by step, so a cut-off run still returns what it did. Test steps run on 8
 # pytest-xdist workers where the image has xdist (Triton's JIT compiles in parallel).
 #
 # Kernels covered, CUDA C++ and Triton: fake-quant forward (absmax, values, bitmaps) and
@@ -189,10 +192,12 @@ fi
 # ---- 6. the paper's CIFAR-10 round on the GPU -------------------------------------------
 # ResNet-20, 10 clients, 5 local epochs at batch 128 (configs/cifar10_fedmpq_a0.1.json) on a
 # CIFAR-10-shaped stand-in (random pixels: the machine cannot fetch CIFAR; the same samples,
-# so the same steps per round). Two rounds: the second is free of first-call costs.
-run_step cifar-round 150 sh -c "$PY tools/synthetic_cifar.py /tmp/fedmpq_cifar > /dev/null && \
+# so the same steps per round). One round: every client captures its own graph in every
+# round, and the Triton kernels were compiled (and cached on disk) by the steps before, so
+# a first round costs what a later one does; a second would take a minute of the budget.
+run_step cifar-round 120 sh -c "$PY tools/synthetic_cifar.py /tmp/fedmpq_cifar > /dev/null && \
   $PY -m fedmpq simulate --config configs/cifar10_fedmpq_a0.1.json --data-dir /tmp/fedmpq_cifar \
-  --device cuda --cuda-graph true --rounds 2 -q --out $OUT/cifar"
+  --device cuda --cuda-graph true --rounds 1 -q --out $OUT/cifar"
 if [ -s "$OUT/cifar/rounds.csv" ]; then
   $PY - "$OUT/cifar/rounds.csv" >> "$DETAILS" 2>&1 <<'EOF3' || detail "(cifar rounds.csv unreadable)"
 import csv, sys
@@ -201,7 +206,7 @@ sec = [float(r["seconds"]) for r in rows]
 q = [float(r["quant_seconds"]) for r in rows]
 print(f"ResNet-20 CIFAR-10-shaped round on cuda with --cuda-graph true (configs/cifar10_fedmpq_a0.1.json, 10 clients x 5 local "
       f"epochs, b128): seconds per round {[round(s, 1) for s in sec]}, quantization seconds {[round(x, 2) for x in q]}; "
-      f"50 rounds at the last round's pace: {50 * sec[-1] / 60:.1f} min")
+      f"50 rounds at that pace: {50 * sec[-1] / 60:.1f} min")
 EOF3
 fi
 
