@@ -148,7 +148,7 @@ class BitPlaneOptimizer:
             statuses.append(fk.bitplane_step(layer.codes, layer.sign, st["mom"], st["gs"], g, coefs[l],
                                              layer.scale.detach(), layer.bits, self.lr, self.momentum, key))
         if statuses and statuses[0].device.type == "cpu":  # free to read on the CPU; no sync on a GPU
-            self.skipped += sum(0 if torch.isfinite(s) else 1 for s in statuses)
+            self.skipped += sum(not math.isfinite(s.item()) for s in statuses)  # no torch op per layer
         if self.device_keys:
             self.device_step.add_(1)
         self.steps += 1
