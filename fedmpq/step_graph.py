@@ -52,16 +52,15 @@ class StepGraph:
     """
 
     def __init__(self, step: Callable[[Tensor, Tensor], None], x: Tensor, y: Tensor, batch: int, warmup: int = 2):
-        if x.device.type != "cuda" or y.device != x.device:
-            raise ValueError(f"a CUDA graph needs the data on one CUDA device, got x on {x.device}, y on {y.device}")
+        self.step, self.x, self.y = step, x, y
+        self._open()
         if batch < 1:
             raise ValueError(f"batch must be >= 1, got {batch}")
-        self.step, self.x, self.y, self.batch, self.warmup = step, x, y, int(batch), int(warmup)
+        self.batch, self.warmup = int(batch), int(warmup)
         self.idx = torch.zeros(self.batch, dtype=torch.int64, device=x.device)  # the graph's input
         self.graph = None
         self.replays = 0  # steps run from the graph
         self.eager = 0  # steps run eagerly (warm-up and other batch sizes)
-        self._side = torch.cuda.Stream(device=x.device)
 
     def __call__(self, idx: Tensor) -> None:
         """One step on the samples ``idx`` (int64 indices on the data's device)."""
@@ -80,6 +79,15 @@ class StepGraph:
         self.step(self.x[idx], self.y[idx])
         self.eager += 1
 
+    # The CUDA mechanics are these three methods (tests/fedmpq/test_step_graph.py emulates
+    # them on the CPU to check the step's graph safety without a GPU).
+    def _open(self) -> None:
+        """Checks the data's device; makes the warm-up's side stream."""
+        x, y = self.x, self.y
+        if x.device.type != "cuda" or y.device != x.device:
+            raise ValueError(f"a CUDA graph needs the data on one CUDA device, got x on {x.device}, y on {y.device}")
+        self._side = torch.cuda.Stream(device=x.device)
+
     def _warm(self, idx: Tensor) -> None:
         cur = torch.cuda.current_stream(self.x.device)
         self._side.wait_stream(cur)
@@ -91,8 +99,12 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         try:  # torch.cuda.graph synchronizes the device on entry
             with torch.cuda.graph(graph):
-                self.step(self.x.index_select(0, self.idx), self.y.index_select(0, self.idx))
+                self._captured_step()
         except RuntimeError as e:
             raise RuntimeError(f"capturing the local step in a CUDA graph failed ({e}); run with cuda_graph "
                                f"false (--cuda-graph false)") from e
         self.graph = graph
+
+    def _captured_step(self) -> None:
+        """The step the graph holds: its batch is gathered from the data by ``self.idx``."""
+        self.step(self.x.index_select(0, self.idx), self.y.index_select(0, self.idx))

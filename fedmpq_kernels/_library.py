@@ -12,6 +12,8 @@ lib = torch.library.Library("fedmpq", "DEF")
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _functorch_active = torch._C._are_functorch_transforms_active
+# TorchDispatchModes in force (FlopCounterMode, a logging or recording mode): ~40 ns a call
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 # Plain tensors: a Parameter is one too (its __torch_function__ is disabled), and the
@@ -23,10 +25,12 @@ PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _eager(x: torch.Tensor) -> bool:
     """Whether a public function may skip the dispatcher: a plain tensor (or Parameter), not being traced
     (anything traced, fake or a subclass must take the registered ``torch.ops.fedmpq`` op),
-    and no functorch transform around it or left over in it (vmap/grad/jvp take the
-    registered op too)."""
-    return (type(x) in PLAIN and not torch.compiler.is_compiling() and not _functorch_active()
-            and not _is_wrapped(x))
+    no functorch transform around it or left over in it (vmap/grad/jvp take the registered
+    op too), and no TorchDispatchMode in force (a mode sees every op as ``fedmpq.<name>``,
+    as it would see an aten op, not the native kernels' work unseen)."""
+    # is_compiling first: dynamo cannot trace the dispatch-mode count
+    return (type(x) in PLAIN and not torch.compiler.is_compiling() and not _dispatch_modes()
+            and not _functorch_active() and not _is_wrapped(x))
 
 
 def direct_apply(fn_cls):

@@ -20,6 +20,14 @@ from .layers import bit_layers
 _EPS = 1e-8  # the group lasso's epsilon (ALGORITHM.md, "Local objective")
 
 
+def host_reads_free(device: torch.device) -> bool:
+    """Whether reading a tensor's value on the host costs nothing (the CPU). There the step
+    takes a few Python shortcuts; on a GPU, and in a step captured in a CUDA graph, it reads
+    no value on the host (tests/fedmpq/test_step_graph.py turns this off on the CPU to run
+    the GPU's way under a capture emulator)."""
+    return device.type == "cpu"
+
+
 def check_settings(lr: float, momentum: float, lam: float) -> None:
     """A bit-plane optimizer's settings: lr > 0, momentum in [0, 1), lambda >= 0."""
     if not lr > 0:
@@ -110,7 +118,7 @@ class BitPlaneOptimizer:
         layers = self.layers
         dev = layers[0].codes.device
         if batched is None:
-            batched = dev.type != "cpu"
+            batched = not host_reads_free(dev)
         if not batched or any(m.codes.device != dev for m in layers):
             return [self.coefficients(m) for m in layers]
         layout = tuple((m.numel, m.bits) for m in layers)
@@ -147,7 +155,7 @@ class BitPlaneOptimizer:
             key = keys[l] if keys is not None else fk.step_key(self.seed, self.steps, l)
             statuses.append(fk.bitplane_step(layer.codes, layer.sign, st["mom"], st["gs"], g, coefs[l],
                                              layer.scale.detach(), layer.bits, self.lr, self.momentum, key))
-        if statuses and statuses[0].device.type == "cpu":  # free to read on the CPU; no sync on a GPU
+        if statuses and host_reads_free(statuses[0].device):  # no sync on a GPU
             self.skipped += sum(not math.isfinite(s.item()) for s in statuses)  # no torch op per layer
         if self.device_keys:
             self.device_step.add_(1)

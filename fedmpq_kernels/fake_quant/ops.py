@@ -13,7 +13,7 @@ import torch
 from .. import registry
 from .._checks import (ALLOWED_BITS, FLOAT_DTYPES, bitmap_nbytes, check_bits, check_float_tensor,
                        check_scale_value, check_ste)
-from .._library import PLAIN, _eager, _functorch_active, _is_wrapped, direct_apply, lib
+from .._library import PLAIN, _dispatch_modes, _eager, _functorch_active, _is_wrapped, direct_apply, lib
 
 Tensor = torch.Tensor
 
@@ -169,12 +169,12 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
         ValueError: bits outside 1..8/16, scale <= 0 / NaN / inf / not one value / on
             another device, unknown ``ste``.
     """
-    # The common case first: plain eager tensors (not traced, no functorch), a 0-dim
+    # The common case first: plain eager tensors (not traced, no functorch or dispatch mode), a 0-dim
     # float32 scale tensor on x's device or None, its checks in their cheapest form. Anything
     # else takes the general path below, with the full checks and their messages.
     if (type(x) in PLAIN and x.dtype in _FLOAT_SET and type(bits) is int and bits in _BITS_OK
-            and (ste == "identity" or ste == "clipped") and not _is_compiling() and not _functorch_active()
-            and not _is_wrapped(x)):
+            and (ste == "identity" or ste == "clipped") and not _is_compiling() and not _dispatch_modes()
+            and not _functorch_active() and not _is_wrapped(x)):
         if scale is None:
             s = None
             grad = x.requires_grad and _grad_enabled()
