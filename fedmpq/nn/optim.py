@@ -93,7 +93,7 @@ class BitPlaneOptimizer:
         if self.lam == 0:
             return torch.zeros(layer.bits, dtype=torch.float32, device=layer.codes.device)
         pc = fk.plane_popcounts(layer.codes, layer.bits)
-        if pc.device.type == "cpu":
+        if host_reads_free(pc.device):
             # N <= 8 numbers: plain float32 arithmetic beats a handful of tiny torch ops, with
             # group_lasso's exact rounding (float32(n*N / sqrt(eps + pc)) * float32(lam / T)).
             nN, f = layer.numel * layer.bits, np.float32(self.lam / self.total)

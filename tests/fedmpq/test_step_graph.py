@@ -227,13 +227,13 @@ def _optimizer_states(device_keys, graphed, monkeypatch):
         loss.backward()
         opt.step()
 
-    with monkeypatch.context() as m:
-        m.setattr(optim, "host_reads_free", lambda device: not graphed)
+    with monkeypatch.context() as patch:
+        patch.setattr(optim, "host_reads_free", lambda device: not graphed)
         run = EmulatedStepGraph(step, x, y, 16) if graphed else (lambda idx: step(x[idx], y[idx]))
         for i in range(8):
             run(torch.arange(i * 16, i * 16 + 16) % 52 if i != 3 else torch.arange(48, 52))
-    layers = [m for _, m in qn.bit_layers(model)]
-    return ([t.clone() for m in layers for t in (m.codes, m.sign)],
+    layers = [layer for _, layer in qn.bit_layers(model)]
+    return ([t.clone() for layer in layers for t in (layer.codes, layer.sign)],
             [t.clone() for st in opt.state.values() for t in (st["mom"], st["gs"])])
 
 
