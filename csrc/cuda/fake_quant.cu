@@ -2,10 +2,10 @@
 // backward; relu6_fake_quant is absmax and the forward again, instantiated with kRelu6
 // (the quantizer sees relu6(x); the pass bitmap is ReLU6's mask), as the Triton backend's
 // RELU6 flag. The kRelu6 kernels are compiled for sm_80 and sm_90 (ptxas -v: at most 32
-// registers, no spills; the kRelu6 = false kernels' SASS unchanged by the flag) and were run
-// on the host under an emulation of the warp intrinsics against reference.py (every dtype,
-// bit-width, offset and path), but have NOT yet run on a GPU: tools/gpu_check.sh runs their
-// tests (test_relu6_fake_quant.py, backend case cuda).
+// registers, no spills; the kRelu6 = false kernels' SASS unchanged by the flag) and pass
+// their tests on the host, in CI, under tests/cuda_emu (test_cuda_emulated.py: every dtype,
+// bit-width, offset and path against reference.py), but have NOT yet run on a GPU:
+// tools/gpu_check.sh runs their tests (test_relu6_fake_quant.py, backend case cuda).
 // The math mirrors cpu/fake_quant.cpp and fedmpq_kernels/fake_quant/reference.py
 // bit for bit in float32: every product is rounded on its own (__fmul_rn, and the module is
 // built with --fmad=false), divisions are IEEE (__fdiv_rn), rounding is half to even

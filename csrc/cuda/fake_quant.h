@@ -42,8 +42,8 @@ void fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, const fl
 // the kernel's last block (workspace: see workspace_words) into *scale (one float32 on the
 // device, no initial value needed; it holds S afterwards), then the quantizer reading S
 // there; no host synchronization. n == 0 launches nothing.
-// Compiled for sm_80/sm_90 and run on the host under an emulation of the warp intrinsics,
-// but NOT yet run on a GPU (tools/gpu_check.sh runs its tests).
+// Compiled for sm_80/sm_90 and tested on the host under tests/cuda_emu, but NOT yet run on
+// a GPU (tools/gpu_check.sh runs its tests).
 void relu6_fake_quant(const void* x, void* y, int dtype, int64_t n, int bits, float* scale, uint32_t* mask,
                       unsigned* workspace, int device, uintptr_t stream);
 

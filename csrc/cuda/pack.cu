@@ -23,14 +23,13 @@
 // All indexing is int64.
 //
 // pack_codes reports codes >= 2^bits through *seen: every thread ORs the codes it reads,
-// each block reduces and does one atomicOr (only when nonzero); the host reads it after the
-// kernel (the adapter's one synchronization).
+// each block reduces and does one atomicOr (only when nonzero); the host reads it when the
+// caller asks (fedmpq_kernels.check_packed), never in the call.
 //
-// Verified so far, without a GPU: compiled for sm_80 and sm_90 (ptxas -v: at most 32
-// registers, no spills; no FFMA in the SASS); the bit helpers checked on the host, and the
-// kernels run on the host under an emulation of the warp intrinsics (a thread per CUDA
-// thread; every width, tails, misaligned inputs, several grid-stride trips). Not yet run on
-// a GPU (tools/gpu_check.sh does).
+// Verified: compiled for sm_80 and sm_90 (ptxas -v: at most 32 registers, no spills; no FFMA
+// in the SASS); tested on the host in CI under tests/cuda_emu (pack/test_cuda_emulated.py:
+// every width, tails, misaligned inputs, several grid-stride trips, a bad code anywhere);
+// run on an H200 by tools/gpu_check.sh (docs/BENCHMARKS.md).
 #include <cuda_runtime.h>
 
 #include <cstdint>

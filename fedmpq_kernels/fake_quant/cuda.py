@@ -13,8 +13,8 @@ switch devices), so an op on ``cuda:1`` never changes what ``device="cuda"`` mea
 
 Ops: ``fake_quant``, ``fake_quant_backward`` and ``relu6_fake_quant`` (the same absmax and
 forward kernels instantiated with ReLU6, as the Triton backend's ``RELU6`` flag; one native
-call, two launches). ``relu6_fake_quant``'s kernels are compiled for sm_80/sm_90 and were
-run on the host under an emulation of the warp intrinsics, but have NOT yet run on a GPU:
+call, two launches). ``relu6_fake_quant``'s kernels are compiled for sm_80/sm_90 and pass
+their tests on the host under tests/cuda_emu (CI), but have NOT yet run on a GPU:
 ``tools/gpu_check.sh`` runs their tests
 (tests/fedmpq_kernels/fake_quant/test_relu6_fake_quant.py, backend case ``cuda``).
 """

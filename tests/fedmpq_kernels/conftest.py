@@ -123,3 +123,22 @@ def backend(request) -> Backend:
     if not ok:
         pytest.fail(f"backend {b.name} should run here but is unavailable: {why}")
     return b
+
+
+@pytest.fixture(scope="session")
+def cuda_emu():
+    """The CUDA C++ kernels compiled for the host and run under tests/cuda_emu (no GPU
+    needed; built once per source state, about 5 s). A build failure is a test error."""
+    from tests import cuda_emu as emu
+
+    return emu.load()
+
+
+@pytest.fixture
+def emu(cuda_emu):
+    """:func:`cuda_emu` with its defaults back for each test (one SM, blocks in order)."""
+    cuda_emu.sm_count(1)
+    cuda_emu.block_order(0)
+    yield cuda_emu
+    cuda_emu.sm_count(1)
+    cuda_emu.block_order(0)

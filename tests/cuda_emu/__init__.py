@@ -1,0 +1,201 @@
+"""The CUDA C++ kernels (csrc/cuda/fake_quant.cu, pack.cu) run on the CPU, so CI tests their
+logic against the reference without a GPU.
+
+:func:`load` compiles those files unchanged as host C++ against ``emu.h`` (the CUDA
+keywords, intrinsics and types they use; one fiber per CUDA thread, a block at a time; see
+emu.h for what it models and what it cannot) and returns an :class:`Emu` that calls their
+launchers on CPU tensors. The only change made to the sources is the launch syntax:
+``kernel<<<grid, block, shmem, stream>>>(args)`` becomes ``emu::launch(kernel, grid, block,
+shmem, stream, args)``. The library is cached in the temporary directory, keyed on every
+file it is built from."""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+CSRC = HERE.parents[1] / "csrc"
+SOURCES = ["fake_quant.cu", "pack.cu"]
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# kernel<...>   <<<config>>>(   ->   ::emu::launch(kernel<...>, config,
+_LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+
+
+def rewrite_launches(text: str) -> str:
+    """``k<<<g, b, s, st>>>(a...)`` -> ``::emu::launch(k, g, b, s, st, a...)``."""
+    out = _LAUNCH.sub(lambda m: f"::emu::launch({m.group(1)}, {m.group(2)}, ", text)
+    if "<<<" in out:
+        raise RuntimeError("a kernel launch the emulator's rewrite did not recognize is left")
+    return out
+
+
+def _inputs() -> list[Path]:
+    cuda = CSRC / "cuda"
+    return sorted([*cuda.glob("*.cu"), *cuda.glob("*.h"), *cuda.glob("*.cuh"), *HERE.glob("*.h"), *HERE.glob("*.cpp"),
+                   *(HERE / "include").glob("*.h"), Path(__file__)])
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the emulated kernels (once per source state) and return the library's path.
+    Raises RuntimeError with the compiler's output when the build fails."""
+    key = hashlib.sha256()
+    for f in _inputs():
+        key.update(f.name.encode())
+        key.update(f.read_bytes())
+    out_dir = Path(tempfile.gettempdir()) / f"fedmpq-cuda-emu-{key.hexdigest()[:16]}"
+    lib = out_dir / "libfedmpq_cuda_emu.so"
+    if lib.exists():
+        return lib
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) to build the CUDA emulator")
+    work = Path(tempfile.mkdtemp(prefix="fedmpq-cuda-emu-build-"))
+    try:
+        srcs = []
+        for name in SOURCES:
+            dst = work / (name[:-3] + "_emu.cpp")
+            dst.write_text(rewrite_launches((CSRC / "cuda" / name).read_text()))
+            srcs.append(str(dst))
+        tmp_lib = work / lib.name
+        # -ffp-contract=off: no fused multiply-add, as the module's --fmad=false.
+        cmd = [cxx, "-std=c++17", "-O1", "-g0", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
+               "-Wno-unknown-pragmas", f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}", *srcs, str(HERE / "emu.cpp"),
+               "-o", str(tmp_lib)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError("building the CUDA emulator failed:\n" + " ".join(cmd) + "\n" + res.stderr[-6000:])
+        if verbose:
+            print(res.stderr)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        staged = out_dir / f"{lib.name}.{os.getpid()}"
+        shutil.copy2(tmp_lib, staged)
+        os.replace(staged, lib)  # atomic: concurrent test workers never load a half-written file
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return lib
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+class EmuError(RuntimeError):
+    pass
+
+
+class Emu:
+    """The launchers of csrc/cuda/fake_quant.h and pack.h on CPU tensors (the caller sizes
+    and allocates every buffer, as the Python adapters do). ``buffers`` registers the
+    tensors loads may read (each call registers its own inputs unless given ``ranges``)."""
+
+    def __init__(self, path: Path):
+        self.lib = ctypes.CDLL(str(path))
+        L = self.lib
+        vp, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
+        L.emu_message.restype = ctypes.c_char_p
+        L.emu_workspace_words.restype = ll
+        L.emu_workspace_words.argtypes = [i]
+        L.emu_set_sm_count.argtypes = [i]
+        L.emu_set_block_order.argtypes = [ctypes.c_uint]
+        L.emu_add_range.argtypes = [vp, ctypes.c_size_t]
+        sigs = {
+            "emu_absmax": [vp, i, ll, vp, vp, i],
+            "emu_fake_quant": [vp, vp, i, ll, i, vp, i, vp, vp, i],
+            "emu_relu6_fake_quant": [vp, vp, i, ll, i, vp, vp, vp, i],
+            "emu_fake_quant_backward": [vp, vp, i, ll, vp, vp, vp, vp, i],
+            "emu_pack_codes": [vp, ll, i, vp, vp, i],
+            "emu_unpack_codes": [vp, ll, i, vp, i],
+            "emu_dequant_accumulate": [vp, ll, vp, vp, i, f, i],
+        }
+        for name, argtypes in sigs.items():
+            getattr(L, name).argtypes = argtypes
+            getattr(L, name).restype = i
+        self.sm_count(1)
+        self.block_order(0)
+
+    def sm_count(self, n: int) -> None:
+        """The SM count the launchers size grids with (8 blocks of 256 threads per SM)."""
+        self.lib.emu_set_sm_count(n)
+
+    def block_order(self, seed: int) -> None:
+        """Run each grid's blocks in index order (0) or in an order shuffled with ``seed``."""
+        self.lib.emu_set_block_order(seed)
+
+    def workspace(self) -> torch.Tensor:
+        """A zeroed reduction workspace: ``workspace_words`` int32 words."""
+        return torch.zeros(int(self.lib.emu_workspace_words(0)), dtype=torch.int32)
+
+    def _call(self, name: str, reads: Iterable[Optional[torch.Tensor]], *args) -> None:
+        self.lib.emu_clear_ranges()
+        for t in reads:
+            if t is not None:
+                self.lib.emu_add_range(t.data_ptr(), t.numel() * t.element_size())
+        rc = getattr(self.lib, name)(*args)
+        if rc == 1:
+            raise ValueError(self.lib.emu_message().decode())
+        if rc != 0:
+            raise EmuError(self.lib.emu_message().decode())
+
+    # fake_quant.h
+    def absmax(self, x, out_bits, ws, device=0):
+        self._call("emu_absmax", [x, ws], _ptr(x), DTYPE_CODES[x.dtype], x.numel(), _ptr(out_bits), _ptr(ws), device)
+
+    def fake_quant(self, x, y, bits, scale, scale_given, pass_=None, hi=None, device=0, dtype=None):
+        code = DTYPE_CODES[x.dtype] if dtype is None else dtype
+        self._call("emu_fake_quant", [x, scale], _ptr(x), _ptr(y), code, x.numel(), bits, _ptr(scale),
+                   int(scale_given), _ptr(pass_), _ptr(hi), device)
+
+    def relu6_fake_quant(self, x, y, bits, scale, mask, ws, device=0):
+        self._call("emu_relu6_fake_quant", [x, scale, ws], _ptr(x), _ptr(y), DTYPE_CODES[x.dtype], x.numel(), bits,
+                   _ptr(scale), _ptr(mask), _ptr(ws), device)
+
+    def fake_quant_backward(self, g, gx, pass_, hi, ws, grad_scale, device=0):
+        self._call("emu_fake_quant_backward", [g, pass_, hi, ws], _ptr(g), _ptr(gx), DTYPE_CODES[g.dtype], g.numel(),
+                   _ptr(pass_), _ptr(hi), _ptr(ws), _ptr(grad_scale), device)
+
+    # pack.h
+    def pack_codes(self, codes, bits, planes, seen, device=0):
+        self._call("emu_pack_codes", [codes], _ptr(codes), codes.numel(), bits, _ptr(planes), _ptr(seen), device)
+
+    def unpack_codes(self, planes, n, bits, codes, device=0):
+        self._call("emu_unpack_codes", [planes], _ptr(planes), n, bits, _ptr(codes), device)
+
+    def dequant_accumulate(self, acc, planes, signs, bits, coef, device=0):
+        self._call("emu_dequant_accumulate", [acc, planes, signs], _ptr(acc), acc.numel(), _ptr(planes), _ptr(signs),
+                   bits, coef, device)
+
+
+def load() -> Emu:
+    return Emu(build())
+
+
+class Guarded:
+    """``n`` elements of ``dtype`` at element ``offset`` past a 64-byte boundary, inside a
+    larger buffer whose every byte starts as ``fill``: :meth:`check` finds a store outside
+    the ``n`` elements (the emulator checks loads, not stores)."""
+
+    def __init__(self, n: int, dtype: torch.dtype, offset: int = 0, fill: int = 0xA5, pad_bytes: int = 64):
+        self.es = torch.empty((), dtype=dtype).element_size()
+        pad = pad_bytes // self.es
+        self.n, self.fill = n, fill
+        self.base = torch.empty(pad + offset + n + pad, dtype=dtype)
+        self.base.view(torch.uint8).fill_(fill)
+        self.lo = pad + offset
+        self.t = self.base[self.lo:self.lo + n]
+
+    def check(self, name: str = "buffer") -> None:
+        raw = self.base.view(torch.uint8)
+        lo, hi = self.lo * self.es, (self.lo + self.n) * self.es
+        bad = torch.cat([(raw[:lo] != self.fill).nonzero().flatten() - lo,
+                         (raw[hi:] != self.fill).nonzero().flatten() + (hi - lo)])
+        assert bad.numel() == 0, f"{name}: bytes written outside it, at byte offsets {bad[:8].tolist()}"

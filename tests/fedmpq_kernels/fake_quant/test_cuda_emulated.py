@@ -1,0 +1,277 @@
+"""The CUDA C++ fake-quant kernels (csrc/cuda/fake_quant.cu) run on the CPU under the emulator
+of tests/cuda_emu (one fiber per CUDA thread, shuffles and ballots as warp-wide meeting
+points): every read path (16-byte vectors; a slice's shifted vectors; the scalar words), dtype
+and bit-width against the reference, bit for bit. Loads are checked against the buffers
+(inside the 16-byte span of one, aligned), and a canary around every output catches a stray
+store. CI has no GPU: this is where the CUDA backend's logic is tested there. It cannot show
+memory ordering between blocks or speed: tools/gpu_check.sh runs the same kernels on a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmpq_kernels.fake_quant import reference as R
+from tests.cuda_emu import EmuError, Guarded
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = ["f32", "f16", "bf16"]
+BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
+# With one SM a grid holds 64 warps: 20011 float32 elements take the vector loop's grid
+# stride twice, and leave a tail for the scalar words.
+SIZES = [1, 31, 33, 257, 1000, 4099, 20011]
+# Elements past a 16-byte boundary: 0 takes the vector path, 1 and 3 the shifted one (x[k:]).
+OFFSETS = [0, 1, 3]
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+def _words(n: int) -> int:
+    return (n + 31) // 32
+
+
+def _x(n: int, dtype, offset: int, specials: bool, seed: int = 0, spread: float = 1.5) -> Guarded:
+    """x at ``offset`` elements past a 16-byte boundary; ``specials``: NaN, +-inf, +-0 and
+    +-1 (the scale the tests give) at fixed places. The bytes around x are 0x7e: huge
+    (float32, bfloat16) or NaN (float16), so a kernel that takes them for elements shows."""
+    gen = torch.Generator().manual_seed(seed * 1000003 + n)
+    v = torch.randn(n, generator=gen) * spread
+    if specials:
+        for i, s in enumerate([float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1.0, -1.0, 6.0]):
+            if 7 * i + 3 < n:
+                v[7 * i + 3] = s
+    x = Guarded(n, dtype, offset, fill=0x7E)
+    x.t.copy_(v.to(dtype))
+    return x
+
+
+def _same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """Bit for bit, except that NaN matches any NaN (the GPU narrows NaN to its canonical
+    pattern, torch on the CPU keeps the payload)."""
+    assert got.shape == want.shape and got.dtype == want.dtype, what
+    gn, wn = torch.isnan(got.float()), torch.isnan(want.float())
+    assert torch.equal(gn, wn), f"{what}: NaN at different places"
+    it = _INT[got.element_size()]
+    g, w = got[~gn].view(it), want[~wn].view(it)
+    bad = (g != w).nonzero().flatten()
+    assert bad.numel() == 0, (f"{what}: {bad.numel()} of {g.numel()} differ, first at {bad[:5].tolist()}: "
+                              f"{got[~gn][bad[:3]].tolist()} vs {want[~wn][bad[:3]].tolist()}")
+
+
+def _bitmaps(ref: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    nb = 4 * _words(n)
+    return ref[k * nb:(k + 1) * nb].view(torch.int32)
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_forward_with_a_given_scale(emu, dtype, n, offset):
+    x = _x(n, dtype, offset, specials=True)
+    s = torch.tensor(1.0)
+    for bits in BITS:
+        y, pw, hw = Guarded(n, dtype), Guarded(_words(n), torch.int32), Guarded(_words(n), torch.int32)
+        emu.fake_quant(x.t, y.t, bits, s, True, pw.t, hw.t)
+        ry, rb = R.fake_quant(x.t, bits, s, 2)
+        _same(y.t, ry, f"y, {bits} bits")
+        assert torch.equal(pw.t, _bitmaps(rb, n, 0)), f"pass bitmap, {bits} bits"
+        assert torch.equal(hw.t, _bitmaps(rb, n, 1)), f"hi bitmap, {bits} bits"
+        for b, name in ((y, "y"), (pw, "pass"), (hw, "hi")):
+            b.check(name)
+        # inference: no bitmaps asked for, the same values
+        y2 = Guarded(n, dtype)
+        emu.fake_quant(x.t, y2.t, bits, s, True)
+        _same(y2.t, ry, f"y without bitmaps, {bits} bits")
+        y2.check("y")
+
+
+@pytest.mark.parametrize("n", [33, 4099])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_forward_in_place(emu, dtype, n):
+    """y may be x itself on the vector and scalar paths (the adapter's in-place case)."""
+    x = _x(n, dtype, 0, specials=True)
+    want, rb = R.fake_quant(x.t.clone(), 4, torch.tensor(1.0), 2)
+    pw = Guarded(_words(n), torch.int32)
+    emu.fake_quant(x.t, x.t, 4, torch.tensor(1.0), True, pw.t, None)
+    _same(x.t, want, "y in place")
+    assert torch.equal(pw.t, _bitmaps(rb, n, 0))
+    x.check("x")
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_bad_given_scale_makes_every_output_nan(emu, bad):
+    n = 1000
+    x = _x(n, torch.float32, 0, specials=False)
+    y, pw, hw = Guarded(n, torch.float32), Guarded(_words(n), torch.int32), Guarded(_words(n), torch.int32)
+    emu.fake_quant(x.t, y.t, 4, torch.tensor(bad), True, pw.t, hw.t)
+    ry, rb = R.fake_quant(x.t, 4, torch.tensor(bad), 2)
+    assert torch.isnan(y.t).all()
+    _same(y.t, ry, "y")
+    assert torch.equal(pw.t, _bitmaps(rb, n, 0)) and torch.equal(hw.t, _bitmaps(rb, n, 1))
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("specials", [False, True], ids=["finite", "nan-inf"])
+def test_forward_with_the_dynamic_scale(emu, dtype, n, offset, specials):
+    """absmax (max|x| reduced in the last block) then the quantizer reading it on the device."""
+    x = _x(n, dtype, offset, specials)
+    ws = emu.workspace()
+    out = torch.full((), -1, dtype=torch.int32)
+    emu.absmax(x.t, out, ws)
+    want = x.t.float().abs().amax()
+    got = out.view(torch.float32)
+    assert (torch.isnan(want) and torch.isnan(got)) or got.item() == want.item()
+    assert int(ws[0]) == 0, "the last block resets the ticket"
+    for bits in (1, 4, 8, 16):
+        y, pw, hw = Guarded(n, dtype), Guarded(_words(n), torch.int32), Guarded(_words(n), torch.int32)
+        emu.fake_quant(x.t, y.t, bits, got, False, pw.t, hw.t)
+        ry, rb = R.fake_quant(x.t, bits, None, 2)
+        _same(y.t, ry, f"y, {bits} bits")
+        assert torch.equal(pw.t, _bitmaps(rb, n, 0)) and torch.equal(hw.t, _bitmaps(rb, n, 1))
+        y.check("y")
+
+
+@pytest.mark.parametrize("sms", [1, 3])
+def test_reductions_ignore_stale_slots_and_the_order_blocks_finish_in(emu, sms):
+    """The workspace is reused between launches: its slots hold old partials (here NaN bits,
+    above every |x| pattern for the max) that no launch may read, and the ticket (word 0) is
+    back at zero after each. Blocks finishing in another order give the same bits."""
+    emu.sm_count(sms)
+    n = 50_001
+    x = _x(n, torch.float32, 1, specials=False)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    _, rb = R.fake_quant(x.t, 4, torch.tensor(1.0), 2)
+    pw, hw = _bitmaps(rb, n, 0), _bitmaps(rb, n, 1)
+
+    def run(ws):
+        out, gs, scale = torch.empty((), dtype=torch.int32), torch.empty(()), torch.empty(())
+        gx, y, mask = torch.empty(n), torch.empty(n), torch.empty(_words(n), dtype=torch.int32)
+        emu.absmax(x.t, out, ws)
+        emu.fake_quant_backward(g, gx, pw, hw, ws, gs)
+        emu.relu6_fake_quant(x.t, y, 4, scale, mask, ws)
+        assert int(ws[0]) == 0, "a ticket left in the workspace"
+        return [out, gs, scale, y]
+
+    ws = emu.workspace()
+    want = run(ws)
+    assert want[0].view(torch.float32).item() == x.t.abs().max().item()
+    for seed in (0, 1, 2):
+        ws[1:] = 0x7FC00000
+        emu.block_order(seed)
+        got = run(ws)
+        for a, b, name in zip(got, want, ["max|x|", "dL/dS", "relu6 scale", "relu6 y"]):
+            assert torch.equal(a, b), f"{name} differs with stale slots, blocks in order {seed}"
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_relu6_fake_quant(emu, dtype, n, offset):
+    x = _x(n, dtype, offset, specials=False, spread=4.0)
+    for bits in (1, 2, 4, 8, 16):
+        y, mask = Guarded(n, dtype), Guarded(_words(n), torch.int32)
+        scale, ws = torch.full((), -1.0), emu.workspace()
+        emu.relu6_fake_quant(x.t, y.t, bits, scale, mask.t, ws)
+        ry, rm = R.relu6_fake_quant(x.t, bits)
+        _same(y.t, ry, f"y, {bits} bits")
+        assert torch.equal(mask.t, rm.view(torch.int32)), f"mask, {bits} bits"
+        assert scale.item() == x.t.float().clamp(0, 6).max().item()
+        y.check("y")
+        mask.check("mask")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_relu6_fake_quant_nan_and_edges(emu, dtype):
+    n = 300
+    x = _x(n, dtype, 0, specials=True, spread=4.0)
+    y, mask, scale, ws = torch.empty(n, dtype=dtype), torch.empty(_words(n), dtype=torch.int32), torch.empty(()), emu.workspace()
+    emu.relu6_fake_quant(x.t, y, 4, scale, mask, ws)
+    ry, rm = R.relu6_fake_quant(x.t, 4)
+    _same(y, ry, "y")
+    assert torch.equal(mask, rm.view(torch.int32))
+    assert torch.isnan(scale) and torch.isnan(y.float()).all()
+
+
+def _int_grads(n: int, dtype, offset: int) -> Guarded:
+    """Gradients in -8..8: every partial sum is exact in float32 whatever the order, so the
+    fused dL/dS must equal the exact sum."""
+    g = Guarded(n, dtype, offset)
+    g.t.copy_(torch.randint(-8, 9, (n,), generator=torch.Generator().manual_seed(n)).to(dtype))
+    return g
+
+
+@pytest.mark.parametrize("offset", OFFSETS)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_backward(emu, dtype, n, offset):
+    x = _x(n, torch.float32, 0, specials=False)
+    s = torch.tensor(1.0)
+    _, rb = R.fake_quant(x.t, 4, s, 2)
+    g = _int_grads(n, dtype, offset)
+    gx, gs, ws = Guarded(n, dtype), torch.full((), float("nan")), emu.workspace()
+    emu.fake_quant_backward(g.t, gx.t, _bitmaps(rb, n, 0), _bitmaps(rb, n, 1), ws, gs)
+    rgx, rgs = R.fake_quant_backward(g.t, rb, True)
+    _same(gx.t, rgx, "grad_x")
+    gx.check("grad_x")
+    xd, gd = x.t.double(), g.t.double()
+    exact = float(gd[xd > 1].sum() - gd[xd < -1].sum())
+    assert gs.item() == rgs.item() == exact
+    assert int(ws[0]) == 0
+    # Without hi (a given scale, ReLU6): no sum, and grad_scale gets its 0 from the kernel.
+    gx2, gs2 = Guarded(n, dtype), torch.full((), float("nan"))
+    emu.fake_quant_backward(g.t, gx2.t, _bitmaps(rb, n, 0), None, ws, gs2)
+    _same(gx2.t, rgx, "grad_x without hi")
+    assert gs2.item() == 0.0
+    # and with no grad_scale at all
+    gx3 = Guarded(n, dtype)
+    emu.fake_quant_backward(g.t, gx3.t, _bitmaps(rb, n, 0), None, None, None)
+    _same(gx3.t, rgx, "grad_x, no grad_scale")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_backward_in_place_and_float_gradients(emu, dtype):
+    """gx may be g itself (aligned); with arbitrary float gradients dL/dS is the reference's
+    up to the summation order, and the same bits on every call and block order."""
+    n = 20011
+    x = _x(n, torch.float32, 0, specials=False)
+    _, rb = R.fake_quant(x.t, 4, torch.tensor(1.0), 2)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(dtype)
+    rgx, rgs = R.fake_quant_backward(g, rb, True)
+    ws = emu.workspace()
+    sums = []
+    for seed in (0, 7, 8):
+        emu.block_order(seed)
+        gx, gs = g.clone(), torch.empty(())
+        emu.fake_quant_backward(gx, gx, _bitmaps(rb, n, 0), _bitmaps(rb, n, 1), ws, gs)
+        _same(gx, rgx, "grad_x in place")
+        sums.append(gs.item())
+    assert sums[0] == sums[1] == sums[2]
+    assert sums[0] == pytest.approx(rgs.item(), rel=1e-5, abs=1e-3)
+
+
+def test_errors_are_exceptions_with_the_reason(emu):
+    x, y, s = torch.ones(8), torch.empty(8), torch.tensor(1.0)
+    with pytest.raises(ValueError, match="unknown dtype code 5"):
+        emu.fake_quant(x, y, 4, s, True, dtype=5)
+    with pytest.raises(ValueError, match="bits must be in 1..8 or 16, got 9"):
+        emu.fake_quant(x, y, 9, s, True)
+    with pytest.raises(ValueError, match="current CUDA device is 0 but the tensors are on cuda:1"):
+        emu.fake_quant(x, y, 4, s, True, device=1)
+    # n == 0 launches nothing
+    y0 = Guarded(0, torch.float32)
+    emu.fake_quant(torch.empty(0), y0.t, 4, s, True, None, None)
+    y0.check("y")
+
+
+def test_the_emulator_reports_a_load_outside_the_buffers(emu):
+    """The load check can fail: a kernel told that x has more elements than its buffer."""
+    x, y, s = torch.ones(64), torch.empty(256), torch.tensor(1.0)
+    emu.lib.emu_clear_ranges()
+    emu.lib.emu_add_range(x.data_ptr(), 64 * 4)
+    emu.lib.emu_add_range(s.data_ptr(), 4)
+    rc = emu.lib.emu_fake_quant(x.data_ptr(), y.data_ptr(), 0, 256, 4, s.data_ptr(), 1, None, None, 0)
+    assert rc == 2 and b"outside every buffer" in emu.lib.emu_message()
+    buf = torch.zeros(4)
+    with pytest.raises(EmuError, match="misaligned load of 4 bytes"):
+        emu.lib.emu_clear_ranges()
+        emu._call("emu_fake_quant", [], x.data_ptr(), y.data_ptr(), 0, 64, 4, buf.data_ptr() + 2, 1, None, None, 0)
