@@ -9,9 +9,10 @@
 // - pack/unpack: 16 codes per lane, 512 codes = 16 words per tile; lanes 2j and 2j+1 share
 //   word j. Lane bytes <-> bit planes with two 8x8 bit-matrix transposes (transpose8x8):
 //   after it, byte b holds bit b of 8 consecutive codes, so a lane's 16-bit half of plane
-//   p's word is two bytes, and the two lanes of a word join their halves with one shuffle.
-//   Each plane word of a tile is then stored (pack) or loaded (unpack) by 16 lanes at 16
-//   consecutive addresses.
+//   p's word is two bytes. Pack stores two planes per full-warp store (lanes 0-15: plane
+//   p's 16 words of the tile, lanes 16-31: plane p+1's), each word built from the halves of
+//   its two lanes with shuffles; unpack loads each plane's word with 16 lanes at 16
+//   consecutive addresses (each word read by its two lanes).
 // - dequant_accumulate: 4 floats per lane (one float4 of acc), 128 elements = 4 words per
 //   tile; the 8 lanes of a word load it together (a broadcast) and take their 4-bit nibble
 //   of each plane; spread4 turns a nibble into one bit per byte, so the lane's 4 codes are
@@ -68,6 +69,12 @@ __host__ __device__ __forceinline__ uint64_t transpose8x8(uint64_t x) {
   return x;
 }
 
+// The lane's 16 bits of the plane holding bit b of each code: byte b of the transposed
+// codes 0..7 (lo) and 8..15 (hi).
+__host__ __device__ __forceinline__ uint32_t plane_half(uint64_t lo, uint64_t hi, int b) {
+  return (static_cast<uint32_t>(lo >> (8 * b)) & 0xffu) | (static_cast<uint32_t>(hi >> (8 * b)) & 0xffu) << 8;
+}
+
 // Bit i of a nibble to bit 0 of byte i (the multiplier's terms land on distinct bits, so
 // nothing carries).
 __host__ __device__ __forceinline__ uint32_t spread4(uint32_t nibble) { return (nibble * 0x00204081u) & 0x01010101u; }
@@ -122,13 +129,20 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     seen |= v.x | v.y | v.z | v.w;
     const uint64_t lo = transpose8x8(v.x | static_cast<uint64_t>(v.y) << 32);  // codes 0..7 of the lane
     const uint64_t hi = transpose8x8(v.z | static_cast<uint64_t>(v.w) << 32);  // codes 8..15
-    const int64_t word = t * (kCodeTile / 32) + (lane >> 1);
+    // Two planes per step: lane d < 16 stores plane p's word d of the tile, lane d >= 16
+    // plane p+1's word d - 16; both words are made of the halves of lanes 2j and 2j+1,
+    // j = d % 16, which each lane offers for both planes in one register (plane p's half
+    // low, p+1's high). One shuffle and one full-warp store per plane, no branch.
+    uint32_t* const out = planes + t * (kCodeTile / 32) + (lane & 15);
+    const int src = 2 * (lane & 15);
+    const bool upper = lane >= 16;
 #pragma unroll
-    for (int p = 0; p < BITS; ++p) {
-      const int sh = 8 * (BITS - 1 - p);  // byte b = BITS-1-p: bit b of each code
-      const uint32_t half = (static_cast<uint32_t>(lo >> sh) & 0xffu) | (static_cast<uint32_t>(hi >> sh) & 0xffu) << 8;
-      const uint32_t other = __shfl_xor_sync(kFullMask, half, 1);
-      if ((lane & 1) == 0) planes[p * words + word] = half | other << 16;
+    for (int p = 0; p < BITS; p += 2) {
+      const uint32_t both = plane_half(lo, hi, BITS - 1 - p) | (p + 1 < BITS ? plane_half(lo, hi, BITS - 2 - p) << 16 : 0u);
+      const uint32_t a = __shfl_sync(kFullMask, both, src);      // lane 2j: bits 0-15 of the word
+      const uint32_t b = __shfl_sync(kFullMask, both, src + 1);  // lane 2j+1: bits 16-31
+      const uint32_t w = upper ? (a >> 16 | (b & 0xffff0000u)) : ((a & 0xffffu) | b << 16);
+      if (p + 1 < BITS || !upper) out[(p + (upper ? 1 : 0)) * words] = w;
     }
   }
   for (int64_t w = ww.scalar_word0; w < words; w += ww.nwarps) {

@@ -104,6 +104,11 @@ inline T __shfl_xor_sync(unsigned mask, T v, int off) {
   return emu::shfl(v, (threadIdx.x & 31) ^ static_cast<unsigned>(off));
 }
 template <class T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane) {
+  emu::check_mask(mask, "__shfl_sync");
+  return emu::shfl(v, static_cast<unsigned>(src_lane));
+}
+template <class T>
 inline T __shfl_down_sync(unsigned mask, T v, unsigned delta) {
   emu::check_mask(mask, "__shfl_down_sync");
   const unsigned lane = threadIdx.x & 31, src = lane + delta;
