@@ -9,7 +9,9 @@
 * :func:`finish_in_last_program`: a grid-wide reduction finished in the same launch by the
   program that arrives last (a ticket taken with an atomic add), over one partial result per
   program kept in a workspace (:func:`fedmpq_kernels._device.workspace`), in a fixed order:
-  deterministic, no second launch, no host work.
+  deterministic, no second launch, no host work. A kernel whose last program does more than
+  store the result (the bit-plane step's g_s, the popcounts' planes) uses its pieces:
+  :func:`take_ticket`, :func:`is_last`, :func:`combine_slots`, :func:`release_workspace`.
 * :func:`absmax_kernel`: the max of the float32 bit patterns of |x| as int32 (for
   non-negative floats integer order is float order, and NaN patterns sort above +inf, so a
   NaN propagates), one launch; :func:`absmax` calls it, with no host synchronization.
@@ -59,7 +61,62 @@ def relu6(x):
 FINISH = 1024  # partial results the last program combines per step
 
 
-SUM_F32, MAX_I32, SUM_F64_DIV = 0, 1, 2  # finish_in_last_program's KIND
+SUM_F32, MAX_I32, SUM_F64_DIV, SUM_I64 = 0, 1, 2, 3  # finish_in_last_program's and combine_slots' KIND
+
+
+@triton.jit
+def take_ticket(ws_ptr):
+    """This program's ticket, taken after it stored its slots: 0 .. nprog - 1 in the order
+    the programs arrive. The one that gets ``nprog - 1`` (see :func:`is_last`) may read
+    every program's slots (acq_rel: they are visible to it), then calls
+    :func:`release_workspace`."""
+    tl.debug_barrier()  # every thread's slot stores before the ticket
+    return tl.atomic_add(ws_ptr, 1, sem="acq_rel")
+
+
+@triton.jit
+def is_last(ticket):
+    return ticket == tl.num_programs(0) - 1
+
+
+@triton.jit
+def release_workspace(ws_ptr):
+    """The last program, done with the slots: the ticket back to 0 for the next launch on
+    the stream."""
+    tl.atomic_xchg(ws_ptr, 0)
+
+
+@triton.jit
+def combine_slots(slot_ptr, nprog, stride, KIND: tl.constexpr, FINISH: tl.constexpr):
+    """The last program's combination of the programs' slots ``slot_ptr + stride * p``, in a
+    fixed order (lane j of a FINISH-wide vector takes programs j, j + FINISH, ... in turn,
+    then one tree reduction), so the result depends on the grid size only, never on which
+    program arrived last. KIND ``SUM_F32``: float32 sum of float32 bits; ``MAX_I32``: int32
+    max; ``SUM_F64_DIV``: float64 sum of float64 bits (the division is the caller's);
+    ``SUM_I64``: int64 sum of int32 values."""
+    if KIND == 1:
+        acc = tl.zeros((FINISH,), dtype=tl.int32)
+    elif KIND == 0:
+        acc = tl.zeros((FINISH,), dtype=tl.float32)
+    elif KIND == 2:
+        acc = tl.zeros((FINISH,), dtype=tl.float64)
+    else:
+        acc = tl.zeros((FINISH,), dtype=tl.int64)
+    for start in range(0, nprog, FINISH):
+        offs = start + tl.arange(0, FINISH)
+        v = tl.load(slot_ptr + offs * stride, mask=offs < nprog, other=0, cache_modifier=".cg")  # L2, not L1
+        if KIND == 1:
+            acc = tl.maximum(acc, v)
+        elif KIND == 0:
+            acc += v.to(tl.float32, bitcast=True)
+        elif KIND == 2:
+            acc += v.to(tl.float64, bitcast=True)
+        else:
+            acc += v.to(tl.int64)
+    if KIND == 1:
+        return tl.max(acc, axis=0)
+    else:
+        return tl.sum(acc, axis=0)
 
 
 @triton.jit
@@ -71,44 +128,22 @@ def finish_in_last_program(value, ws_ptr, slot_ptr, out_ptr, divisor, KIND: tl.c
 
     ``ws_ptr``: the int32 workspace, ``ws[0]`` a ticket (zero on entry, zero again on exit);
     ``slot_ptr``: the same memory as int32 (32-bit kinds) or int64 (``SUM_F64_DIV``), slot
-    ``1 + p`` holding program p's value (its bits). The last program combines the slots in a
-    fixed order (lane j of a FINISH-wide vector takes slots j, j + FINISH, ... in turn, then
-    one tree reduction), so the result depends on the grid size only, never on which
-    program arrived last."""
+    ``1 + p`` holding program p's value (its bits); combined by :func:`combine_slots`."""
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
     if KIND == 1:
         tl.store(slot_ptr + 1 + pid, value)
     elif KIND == 0:
         tl.store(slot_ptr + 1 + pid, value.to(tl.int32, bitcast=True))
     else:
         tl.store(slot_ptr + 1 + pid, value.to(tl.int64, bitcast=True))
-    tl.debug_barrier()  # the slot is written before the ticket (acq_rel: visible to the last program)
-    ticket = tl.atomic_add(ws_ptr, 1, sem="acq_rel")
-    if ticket == nprog - 1:
-        if KIND == 1:
-            acc = tl.zeros((FINISH,), dtype=tl.int32)
-        elif KIND == 0:
-            acc = tl.zeros((FINISH,), dtype=tl.float32)
-        else:
-            acc = tl.zeros((FINISH,), dtype=tl.float64)
-        for start in range(0, nprog, FINISH):
-            offs = start + tl.arange(0, FINISH)
-            v = tl.load(slot_ptr + 1 + offs, mask=offs < nprog, other=0, cache_modifier=".cg")  # L2, not L1
-            if KIND == 1:
-                acc = tl.maximum(acc, v)
-            elif KIND == 0:
-                acc += v.to(tl.float32, bitcast=True)
-            else:
-                acc += v.to(tl.float64, bitcast=True)
-        if KIND == 1:
-            tl.store(out_ptr, tl.max(acc, axis=0))
-        elif KIND == 0:
-            tl.store(out_ptr, tl.sum(acc, axis=0))
-        else:
+    if is_last(take_ticket(ws_ptr)):
+        total = combine_slots(slot_ptr + 1, tl.num_programs(0), 1, KIND=KIND, FINISH=FINISH)
+        if KIND == 2:
             # float64 '/' is IEEE division on NVIDIA (div.rn.f64); div_rn is float32 only
-            tl.store(out_ptr, (tl.sum(acc, axis=0) / tl.cast(divisor, tl.float64)).to(tl.float32))
-        tl.atomic_xchg(ws_ptr, 0)  # ready for the next launch on the stream
+            tl.store(out_ptr, (total / tl.cast(divisor, tl.float64)).to(tl.float32))
+        else:
+            tl.store(out_ptr, total)
+        release_workspace(ws_ptr)
 
 
 @triton.jit

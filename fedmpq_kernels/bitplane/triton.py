@@ -21,16 +21,19 @@ Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton` and ``pack.triton`
   correctly rounded on NVIDIA GPUs; torch's is). Rounding half to even: ``(t + 2^23) - 2^23``
   on ``|t| < 2^23`` (larger floats are integers already), the sign put back; exact, and
   unlike libdevice's ``rint`` it runs in the interpreter too.
-* The step, with no host synchronization:
+* The step, two launches with no host synchronization:
   1. ``_step_max_kernel``: d_ij recomputed from G, q, sigma, mom, gs, coef, s; one partial
      max of the bit patterns of |d| per program (non-negative floats order as int32, and
-     NaN patterns sort above +inf, so a NaN or inf d makes the maximum non-finite).
-  2. ``_step_finish_kernel`` (one program): the maximum of the partials, ``g_s = gmax / L``
-     into a fresh 0-dim tensor (the return value), the previous gs into a scratch word
-     (read by pass 2), and gs <- g_s when g_s is finite.
-  3. ``_step_update_kernel``: reads g_s from the device; not finite: does nothing (the step
+     NaN patterns sort above +inf, so a NaN or inf d makes the maximum non-finite). The
+     program that arrives last (``_triton_common.take_ticket``) takes the maximum of the
+     partials, stores ``g_s = gmax / L`` into a fresh 0-dim tensor (the return value), the
+     previous gs into a scratch word (read by pass 2), and gs <- g_s when g_s is finite.
+     (Until 2026-12-04 this was a second, one-program launch.)
+  2. ``_step_update_kernel``: reads g_s from the device; not finite: does nothing (the step
      is skipped); 0: writes zero momentum codes only; else steps 3-7 per element,
      recomputing d, and writes the codes, the sign words and the momentum codes.
+* plane_popcounts is one launch too: each program's per-plane counts to its slots, summed
+  per plane (int64) by the last program (before: a partials tensor and a torch ``sum``).
 * The generator: mix32 on uint32 tensors (multiplies wrap mod 2^32, shifts are logical).
   The key is passed as an int32 bit pattern, or (``KEY_IN_MEM``) loaded by the update
   kernel from a one-element int64 tensor on the device, its low 32 bits taken: never read
@@ -59,8 +62,8 @@ import triton.language as tl
 from .._buffers import words
 from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes
 from .._device import on_device
-from .._triton_common import (FINISH, INTERPRET, absmax, finish_in_last_program, load_bits,
-                              reduction_workspace, store_words)
+from .._triton_common import (FINISH, INTERPRET, MAX_I32, SUM_I64, absmax, combine_slots, finish_in_last_program,
+                              is_last, load_bits, reduction_workspace, release_workspace, store_words, take_ticket)
 
 Tensor = torch.Tensor
 
@@ -70,7 +73,6 @@ NUM_WARPS = 8
 # (elements per program, warps) by bit-width. (256, 4) was the fastest or within 7% of it of
 # six configurations at N = 2, 4, 6, 8 on an H200 (2^22 weights, CUDA-graph timing).
 STEP_CONFIG = {N: (256, 4) for N in range(MIN_BITS, MAX_BITS + 1)}
-FINISH_BLOCK = 1024  # partials reduced per iteration by the one-program finish kernel
 
 # dtypes the kernels load as they are (others are converted to float32 first, exactly; the
 # interpreter has no bfloat16)
@@ -205,7 +207,9 @@ def _dq_backward_kernel(grad_ptr, codes_ptr, sign_ptr, ws_ptr, slot_ptr, out_ptr
 
 # ---- popcounts -------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["n"])
-def _popcount_kernel(codes_ptr, part_ptr, n, BITS: tl.constexpr, BLOCK: tl.constexpr):
+def _popcount_kernel(codes_ptr, ws_ptr, out_ptr, n, BITS: tl.constexpr, BLOCK: tl.constexpr, FINISH: tl.constexpr):
+    """out[i] (int64) = the set bits of plane i: each program's BITS counts go to its slots
+    (ws[1 + pid * BITS + i]), the last program sums them plane by plane (one launch)."""
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
@@ -214,7 +218,11 @@ def _popcount_kernel(codes_ptr, part_ptr, n, BITS: tl.constexpr, BLOCK: tl.const
     else:
         c = tl.load(codes_ptr + offs, mask=offs < n, other=0).to(tl.int32)
     for i in tl.static_range(BITS):
-        tl.store(part_ptr + pid * BITS + i, tl.sum((c >> (BITS - 1 - i)) & 1, axis=0))
+        tl.store(ws_ptr + 1 + pid * BITS + i, tl.sum((c >> (BITS - 1 - i)) & 1, axis=0))
+    if is_last(take_ticket(ws_ptr)):
+        for i in tl.static_range(BITS):
+            tl.store(out_ptr + i, combine_slots(ws_ptr + 1 + i, tl.num_programs(0), BITS, KIND=SUM_I64, FINISH=FINISH))
+        release_workspace(ws_ptr)
 
 
 # ---- the optimizer step ------------------------------------------------------------------------
@@ -259,8 +267,8 @@ def _step_d(mom_ptr, coef_ptr, offs, mask, n, q, a, gsp, mu, I: tl.constexpr, N:
 
 
 @triton.jit
-def _step_max_tile(grad_ptr, codes_ptr, sign_ptr, mom_ptr, coef_ptr, part_ptr, pid, word, col, n, nwords,
-                   k, gsp, mu, N: tl.constexpr, MASKED: tl.constexpr):
+def _step_max_tile(grad_ptr, codes_ptr, sign_ptr, mom_ptr, coef_ptr, word, col, n, nwords, k, gsp, mu,
+                   N: tl.constexpr, MASKED: tl.constexpr):
     offs, mask, q, neg, a = _step_inputs(grad_ptr, codes_ptr, sign_ptr, word, col, n, nwords, k, MASKED=MASKED)
     mx = tl.zeros(offs.shape, dtype=tl.int32)
     for i in tl.static_range(N):
@@ -269,12 +277,16 @@ def _step_max_tile(grad_ptr, codes_ptr, sign_ptr, mom_ptr, coef_ptr, part_ptr, p
         mx = tl.maximum(mx, db)
     if MASKED:
         mx = tl.where(mask, mx, 0)
-    tl.store(part_ptr + pid, tl.max(tl.max(mx, axis=1), axis=0))
+    return tl.max(tl.max(mx, axis=1), axis=0)
 
 
 @triton.jit(do_not_specialize=["n", "nwords"])
-def _step_max_kernel(grad_ptr, codes_ptr, sign_ptr, mom_ptr, gs_ptr, coef_ptr, scale_ptr, part_ptr, n, nwords,
-                     L, mu, N: tl.constexpr, BLOCK: tl.constexpr):
+def _step_max_kernel(grad_ptr, codes_ptr, sign_ptr, mom_ptr, gs_ptr, coef_ptr, scale_ptr, ws_ptr, out_ptr, prev_ptr,
+                     n, nwords, L, lr, mu, N: tl.constexpr, BLOCK: tl.constexpr, FINISH: tl.constexpr):
+    """Pass 1: max |d| over the layer (each program's max to its slot, ws[1 + pid]); the
+    last program turns it into g_s = max / L (*out_ptr), keeps the previous gs for pass 2
+    (*prev_ptr) and stores the new one (*gs_ptr; a NaN or inf g_s keeps gs). Every program
+    has read gs before it took its ticket, so the last one may overwrite it."""
     ROWS: tl.constexpr = BLOCK // 32
     pid = tl.program_id(0)
     word = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -282,26 +294,20 @@ def _step_max_kernel(grad_ptr, codes_ptr, sign_ptr, mom_ptr, gs_ptr, coef_ptr, s
     k = tl.math.div_rn(tl.load(scale_ptr), L)
     gsp = tl.load(gs_ptr)
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _step_max_tile(grad_ptr, codes_ptr, sign_ptr, mom_ptr, coef_ptr, part_ptr, pid, word, col, n, nwords,
-                       k, gsp, mu, N=N, MASKED=False)
+        m = _step_max_tile(grad_ptr, codes_ptr, sign_ptr, mom_ptr, coef_ptr, word, col, n, nwords, k, gsp, mu, N=N,
+                           MASKED=False)
     else:
-        _step_max_tile(grad_ptr, codes_ptr, sign_ptr, mom_ptr, coef_ptr, part_ptr, pid, word, col, n, nwords,
-                       k, gsp, mu, N=N, MASKED=True)
-
-
-@triton.jit(do_not_specialize=["nparts"])
-def _step_finish_kernel(part_ptr, nparts, gs_ptr, out_ptr, prev_ptr, L, lr, BLOCK: tl.constexpr):
-    mx = tl.zeros((BLOCK,), dtype=tl.int32)
-    for start in range(0, nparts, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mx = tl.maximum(mx, tl.load(part_ptr + offs, mask=offs < nparts, other=0))
-    gmax = tl.max(mx, axis=0).to(tl.float32, bitcast=True)
-    g_s = tl.math.div_rn(gmax, L)
-    g_s = tl.where(g_s * lr == float("inf"), float("inf"), g_s)  # lr * g_s overflows: skipped
-    tl.store(out_ptr, g_s)
-    gsp = tl.load(gs_ptr)
-    tl.store(prev_ptr, gsp)  # pass 2 reads the previous gs from here
-    tl.store(gs_ptr, tl.where(g_s < float("inf"), g_s, gsp))  # g_s >= 0: NaN and inf keep gs
+        m = _step_max_tile(grad_ptr, codes_ptr, sign_ptr, mom_ptr, coef_ptr, word, col, n, nwords, k, gsp, mu, N=N,
+                           MASKED=True)
+    tl.store(ws_ptr + 1 + pid, m)
+    if is_last(take_ticket(ws_ptr)):
+        gmax = combine_slots(ws_ptr + 1, tl.num_programs(0), 1, KIND=MAX_I32, FINISH=FINISH)
+        g_s = tl.math.div_rn(gmax.to(tl.float32, bitcast=True), L)
+        g_s = tl.where(g_s * lr == float("inf"), float("inf"), g_s)  # lr * g_s overflows: skipped
+        tl.store(out_ptr, g_s)
+        tl.store(prev_ptr, gsp)  # pass 2 reads the previous gs from here
+        tl.store(gs_ptr, tl.where(g_s < float("inf"), g_s, gsp))  # g_s >= 0: NaN and inf keep gs
+        release_workspace(ws_ptr)
 
 
 @triton.jit
@@ -474,10 +480,11 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     if n == 0:
         return torch.zeros(bits, dtype=torch.int64, device=dev)
     grid = (triton.cdiv(n, BLOCK),)
-    part = torch.empty((grid[0], bits), dtype=torch.int32, device=dev)
+    out = torch.empty(bits, dtype=torch.int64, device=dev)
     with on_device(dev):
-        _popcount_kernel[grid](c, part, n, BITS=bits, BLOCK=BLOCK, num_warps=NUM_WARPS)
-    return part.sum(dim=0, dtype=torch.int64)
+        ws = reduction_workspace(dev, grid[0] * bits)
+        _popcount_kernel[grid](c, ws, out, n, BITS=bits, BLOCK=BLOCK, FINISH=FINISH, num_warps=NUM_WARPS)
+    return out
 
 
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
@@ -512,14 +519,13 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     sign32 = sw[:nbytes].view(torch.int32)
     step_block, step_warps = STEP_CONFIG[bits]
     grid = (triton.cdiv(n, step_block),)
-    part = torch.empty(grid[0], dtype=torch.int32, device=dev)
     g_s = torch.empty((), dtype=torch.float32, device=dev)
     prev = torch.empty(1, dtype=torch.float32, device=dev)
     with on_device(dev):
-        _step_max_kernel[grid](g, cw, sign32, mw, gsw, cf, sc, part, n, nbytes // 4, L, float(momentum),
-                               N=bits, BLOCK=step_block, num_warps=step_warps, enable_fp_fusion=False)
-        _step_finish_kernel[(1,)](part, grid[0], gsw, g_s, prev, L, float(lr), BLOCK=FINISH_BLOCK, num_warps=4,
-                                  enable_fp_fusion=False)
+        ws = reduction_workspace(dev, grid[0])
+        _step_max_kernel[grid](g, cw, sign32, mw, gsw, cf, sc, ws, g_s, prev, n, nbytes // 4, L, float(lr),
+                               float(momentum), N=bits, BLOCK=step_block, FINISH=FINISH, num_warps=step_warps,
+                               enable_fp_fusion=False)
         _step_update_kernel[grid](g, cw, sign32, mw, prev, cf, sc, g_s, n, nbytes // 4, L, float(lr),
                                   float(momentum), key32, key_ptr, N=bits, BLOCK=step_block, num_warps=step_warps,
                                   KEY_IN_MEM=key_tensor is not None, enable_fp_fusion=False)

@@ -1,6 +1,7 @@
 """The Triton kernels that finish their reduction in the last program (binarize's scale,
-dequantize_backward's dL/ds), with many programs: the interpreter takes small sizes only,
-so the blocks shrink to 64 elements and the finish step to 4 slots."""
+dequantize_backward's dL/ds, the popcounts' planes, the step's g_s), with many programs: the
+interpreter takes small sizes only, so the blocks shrink to 64 elements (the step's to 32)
+and the finish step to 4 slots."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from fedmpq_kernels.bitplane import reference as R
 
-from .helpers import bits_of, layer, weights
+from .helpers import bits_of, fresh_state, layer, reference_run, weights
 
 
 @pytest.mark.parametrize("numel", [64, 65, 256, 257, 4000])
@@ -34,3 +35,26 @@ def test_triton_last_program_reductions_with_many_programs(backend, monkeypatch,
         g = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
         torch.testing.assert_close(mod.dequantize_backward(g, q, s, bits), R.dequantize_backward(g, q, s, bits),
                                    rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("numel", [33, 64, 65, 257, 1000])
+def test_triton_popcounts_and_step_finish_in_the_last_program(backend, monkeypatch, numel):
+    """plane_popcounts (per-plane int64 sums of the programs' counts) and the step's g_s
+    (the max over the programs' maxima, then gs and the previous gs) against the reference
+    over several steps, with up to 32 step programs and 16 popcount programs."""
+    if backend.name != "triton" or backend.device != "cpu":
+        pytest.skip("the Triton interpreter case")
+    from fedmpq_kernels import _triton_common
+    mod = backend.module("bitplane")
+    monkeypatch.setattr(mod, "BLOCK", 64)
+    monkeypatch.setattr(mod, "STEP_CONFIG", {b: (32, 1) for b in range(1, 9)})
+    monkeypatch.setattr(mod, "FINISH", 4)
+    monkeypatch.setattr(_triton_common, "FINISH", 4)
+    for bits in (1, 3, 8):
+        (codes, sign, mom, gs), scale = fresh_state(numel, bits, "cpu")
+        for t, (grad, coef, key, want, want_gs) in enumerate(reference_run(numel, bits, 0.5, 0.9)):
+            assert torch.equal(mod.plane_popcounts(codes, bits), R.plane_popcounts(codes, bits)), f"step {t}"
+            got_gs = mod.bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, 0.5, 0.9, key)
+            assert torch.equal(bits_of(got_gs), bits_of(want_gs)), f"{bits} bits, step {t}: g_s"
+            for name, a, b in zip(("codes", "sign", "mom", "gs"), (codes, sign, mom, gs), want):
+                assert torch.equal(a, b), f"{bits} bits, step {t}: {name}"
