@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+import fedmpq_kernels as fk
+
 Tensor = torch.Tensor
 
 
@@ -106,5 +108,7 @@ class StepGraph:
         self.graph = graph
 
     def _captured_step(self) -> None:
-        """The step the graph holds: its batch is gathered from the data by ``self.idx``."""
-        self.step(self.x.index_select(0, self.idx), self.y.index_select(0, self.idx))
+        """The step the graph holds: its batch is gathered from the data by ``self.idx``. Its
+        reductions share one workspace (one zero fill in the graph, not one per call)."""
+        with fk.capture_workspace():
+            self.step(self.x.index_select(0, self.idx), self.y.index_select(0, self.idx))

@@ -19,6 +19,8 @@ Public API::
         (key: an int, or a one-element int64 tensor on the device, e.g. step_keys(...)[l])
     precision_reduction(codes, scale, bits, theta) -> (bits, codes, scale)
     MIN_BITS, MAX_BITS; check_bits(bits, what="bits", float_ok=False) -> int; bitmap_nbytes(n) -> int
+    capture_workspace()   (a context: inside a CUDA-graph capture, one reduction workspace
+        for every fedmpq kernel captured in it, instead of a zero fill per call)
 
 One package per op family (``fake_quant/``, ``pack/``, ``bitplane/``); backends per device are chosen by
 :mod:`fedmpq_kernels.registry`; ``python -m fedmpq_kernels.info`` prints what runs where
@@ -26,6 +28,7 @@ and why.
 """
 from . import registry
 from ._checks import ALLOWED_BITS, FLOAT_BITS, MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits
+from ._device import capture_workspace
 from .bitplane import (binarize, bitplane_step, dequantize, group_lasso, plane_popcounts, precision_reduction,
                        sink_like, step_key, step_keys, uniform)
 from .fake_quant import fake_quant, relu6_fake_quant
@@ -36,5 +39,5 @@ __version__ = "0.1.0"
 __all__ = [
     "fake_quant", "relu6_fake_quant", "binarize", "dequantize", "sink_like", "plane_popcounts", "group_lasso",
     "bitplane_step", "precision_reduction", "step_key", "step_keys", "uniform", "pack_codes", "check_packed", "unpack_codes", "dequant_accumulate", "dequant_accumulate_layers", "layer_coefs",
-    "registry", "use_backend", "__version__", "MIN_BITS", "MAX_BITS", "FLOAT_BITS", "ALLOWED_BITS", "check_bits", "bitmap_nbytes",
+    "registry", "use_backend", "capture_workspace", "__version__", "MIN_BITS", "MAX_BITS", "FLOAT_BITS", "ALLOWED_BITS", "check_bits", "bitmap_nbytes",
 ]
