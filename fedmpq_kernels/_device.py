@@ -3,7 +3,6 @@ per call (a client step makes about a hundred launches)."""
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Dict, Iterator, Tuple
 
 import torch
@@ -37,7 +36,10 @@ def raw_stream(device: torch.device) -> int:
 
 
 _WORKSPACES: Dict[Tuple[int, int], Tensor] = {}
-_CAPTURE = threading.local()  # .shared: {device index: workspace} inside capture_workspace()
+# (device index, capturing stream) -> {"ws": the capture's shared workspace or None, "depth": n}
+# while capture_workspace() is entered during that capture. Keyed by the stream, not the
+# thread: autograd runs a CUDA backward on its own device thread, on the forward's stream.
+_SHARED: Dict[Tuple[int, int], dict] = {}
 
 
 def _zeroed(words: int, device: torch.device) -> Tensor:
@@ -57,14 +59,14 @@ def workspace(device: torch.device, stream: int, words: int) -> Tensor:
     the graph replays. Call it under :func:`on_device` (the capture check looks at the
     current device)."""
     if torch._C._cuda_isCurrentStreamCapturing():
-        shared = getattr(_CAPTURE, "shared", None)
-        if shared is None:
+        entry = _SHARED.get((device.index, stream))
+        if entry is None:
             return torch.zeros(words + (words & 1), dtype=torch.int32, device=device)
-        ws = shared.get(device.index)
+        ws = entry["ws"]
         if ws is None or ws.numel() < words:
             # A larger one replaces it: the captured kernels that used the smaller one run
             # before any later user of its memory when the graph replays (capture order).
-            ws = shared[device.index] = _zeroed(words, device)
+            ws = entry["ws"] = _zeroed(words, device)
         return ws
     key = (device.index, stream)
     ws = _WORKSPACES.get(key)
@@ -75,17 +77,31 @@ def workspace(device: torch.device, stream: int, words: int) -> Tensor:
     return ws
 
 
+def _capturing_stream() -> Tuple[int, int]:
+    """(current CUDA device index, its current raw stream): the capture's stream."""
+    idx = torch._C._cuda_getDevice()
+    return idx, torch._C._cuda_getCurrentRawStream(idx)
+
+
 @contextlib.contextmanager
 def capture_workspace() -> Iterator[None]:
-    """Inside a CUDA-graph capture on one stream: every fedmpq reduction captured in the
-    block shares one workspace, made (and zero-filled) at the first that needs it, instead
-    of each call capturing its own zero fill (a graph node each: about 80 in a ResNet-20
-    step). Safe because the captured kernels replay in capture order on one stream and each
-    leaves the ticket at zero. Outside a capture it changes nothing; nested blocks each have
-    their own. This thread's captures only."""
-    prev = getattr(_CAPTURE, "shared", None)
-    _CAPTURE.shared = {}
+    """Enter it inside one CUDA-graph capture (``with torch.cuda.graph(g):``): every fedmpq
+    reduction captured in the block, backward passes included, shares one workspace, made
+    (and zero-filled) at the first that needs it, instead of each call capturing its own
+    zero fill (a graph node each: about 80 in a ResNet-20 step). Safe because the captured
+    kernels replay in capture order on the capture's stream, and each leaves the ticket at
+    zero. Outside a capture it does nothing. Wrap one capture only: the workspace belongs to
+    that graph."""
+    # (a CPU-only torch has no capture: its capture query raises)
+    if not (torch.cuda.is_available() and torch._C._cuda_isCurrentStreamCapturing()):
+        yield
+        return
+    key = _capturing_stream()
+    entry = _SHARED.setdefault(key, {"ws": None, "depth": 0})
+    entry["depth"] += 1
     try:
         yield
     finally:
-        _CAPTURE.shared = prev
+        entry["depth"] -= 1
+        if entry["depth"] == 0:
+            del _SHARED[key]
