@@ -9,6 +9,8 @@ counted once, with its side's sign, no program's or block's share lost or counte
 And the same call twice gives the same bits (a fixed order, no float atomics)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -185,9 +187,11 @@ def test_gpu_workspace_ticket_is_reset_and_stale_slots_are_never_read(backend):
         assert int(ws[0]) == 0, f"workspace {key}: ticket {int(ws[0])} left after the launches"
 
 
-def test_gpu_reductions_replay_from_a_cuda_graph(backend):
-    """Under CUDA-graph capture a call gets a captured workspace of its own: replays give the
-    eager results."""
+@pytest.mark.parametrize("shared", [False, True], ids=["per-call", "capture_workspace"])
+def test_gpu_reductions_replay_from_a_cuda_graph(backend, shared):
+    """Under CUDA-graph capture a call gets a captured workspace of its own, or, inside
+    fk.capture_workspace(), every call of the capture shares one: replays give the eager
+    results."""
     calls, want = _gpu_calls(backend)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -196,7 +200,8 @@ def test_gpu_reductions_replay_from_a_cuda_graph(backend):
         calls()
     stream.synchronize()
     with torch.cuda.graph(graph, stream=stream):
-        got = calls()
+        with fk.capture_workspace() if shared else contextlib.nullcontext():
+            got = calls()
     for i in range(3):
         graph.replay()
         torch.cuda.synchronize()
