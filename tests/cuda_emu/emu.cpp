@@ -206,6 +206,17 @@ void emu_add_range(const void* p, size_t bytes) {
 }
 long long emu_workspace_words(int device) { return fc::workspace_words(device); }
 
+// The 16-bit conversions of emu.h, for their test.
+void emu_to_half(const float* x, uint16_t* out, long long n) {
+  for (long long i = 0; i < n; ++i) out[i] = __half_as_ushort(__float2half_rn(x[i]));
+}
+void emu_from_half(const uint16_t* x, float* out, long long n) {
+  for (long long i = 0; i < n; ++i) out[i] = __half2float(__ushort_as_half(x[i]));
+}
+void emu_to_bfloat16(const float* x, uint16_t* out, long long n) {
+  for (long long i = 0; i < n; ++i) out[i] = __bfloat16_as_ushort(__float2bfloat16_rn(x[i]));
+}
+
 int emu_absmax(const void* x, int dtype, long long n, uint32_t* out_bits, unsigned* ws, int device) {
   return guard([&] { fc::absmax(x, dtype, n, out_bits, ws, device, 0); });
 }

@@ -160,7 +160,9 @@ inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
   return static_cast<unsigned>(((static_cast<uint64_t>(hi) << 32) | lo) >> (shift & 31));
 }
 
-// 16-bit floats. NaN narrows to the canonical NaN (0x7fff), as the GPU's cvt does.
+// 16-bit floats, converted as the GPU's cvt instructions do: round to nearest even, NaN to
+// the canonical NaN (0x7fff). In plain integer and float32 code, so that any C++17 compiler
+// builds it (tests/fedmpq_kernels/test_cuda_emu.py checks it against torch).
 struct __half {
   uint16_t x;
 };
@@ -170,16 +172,26 @@ struct __nv_bfloat16 {
 inline __half __ushort_as_half(unsigned short u) { return __half{u}; }
 inline unsigned short __half_as_ushort(__half h) { return h.x; }
 inline float __half2float(__half h) {
-  _Float16 f;
-  std::memcpy(&f, &h.x, 2);
-  return static_cast<float>(f);
+  const unsigned sign = static_cast<unsigned>(h.x & 0x8000u) << 16, e = (h.x >> 10) & 0x1fu, m = h.x & 0x3ffu;
+  if (e == 0) {  // zero or subnormal: m * 2^-24, exact
+    const float v = static_cast<float>(m) * (1.0f / 16777216.0f);
+    return sign ? -v : v;
+  }
+  if (e == 31) return __uint_as_float(sign | 0x7f800000u | (m << 13));  // inf, NaN
+  return __uint_as_float(sign | ((e + 112u) << 23) | (m << 13));
 }
 inline __half __float2half_rn(float v) {
-  if (std::isnan(v)) return __half{0x7fff};
-  const _Float16 f = static_cast<_Float16>(v);  // round to nearest even
-  uint16_t u;
-  std::memcpy(&u, &f, 2);
-  return __half{u};
+  const unsigned x = __float_as_uint(v), ax = x & 0x7fffffffu;
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  if (ax > 0x7f800000u) return __half{0x7fff};
+  if (ax >= 0x477ff000u) return __half{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520: inf
+  if (ax < 0x38800000u) {  // below 2^-14: a subnormal (or zero, or 2^-14 itself after rounding)
+    const float q = rintf(std::fabs(v) * 16777216.0f);  // |v| * 2^24 is exact; rintf: to even
+    return __half{static_cast<uint16_t>(sign | static_cast<unsigned>(q))};
+  }
+  unsigned r = ax - 0x38000000u;  // the exponent rebased from 127 to 15
+  r = (r + 0x0fffu + ((r >> 13) & 1u)) >> 13;  // to even; a carry moves the exponent up
+  return __half{static_cast<uint16_t>(sign | r)};
 }
 inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return __nv_bfloat16{u}; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.x; }
