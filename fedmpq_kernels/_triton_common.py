@@ -61,7 +61,7 @@ def relu6(x):
 FINISH = 1024  # partial results the last program combines per step
 
 
-SUM_F32, MAX_I32, SUM_F64_DIV, SUM_I64 = 0, 1, 2, 3  # finish_in_last_program's and combine_slots' KIND
+SUM_F32, MAX_I32, SUM_F64_DIV, SUM_I64 = 0, 1, 2, 3  # the KINDs below (a kernel passes the int: jit code reads no plain global)
 
 
 @triton.jit
