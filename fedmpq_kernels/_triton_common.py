@@ -61,7 +61,9 @@ def relu6(x):
 FINISH = 1024  # partial results the last program combines per step
 
 
-SUM_F32, MAX_I32, SUM_F64_DIV, SUM_I64 = 0, 1, 2, 3  # the KINDs below (a kernel passes the int: jit code reads no plain global)
+# The KINDs below. A kernel passes the int itself: jit code cannot read a plain global on a
+# GPU (the interpreter can; tests/triton_compile.py checks the GPU build).
+SUM_F32, MAX_I32, SUM_F64_DIV, SUM_I64 = 0, 1, 2, 3
 
 
 @triton.jit

@@ -138,7 +138,8 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     const bool upper = lane >= 16;
 #pragma unroll
     for (int p = 0; p < BITS; p += 2) {
-      const uint32_t both = plane_half(lo, hi, BITS - 1 - p) | (p + 1 < BITS ? plane_half(lo, hi, BITS - 2 - p) << 16 : 0u);
+      const uint32_t both =
+          plane_half(lo, hi, BITS - 1 - p) | (p + 1 < BITS ? plane_half(lo, hi, BITS - 2 - p) << 16 : 0u);
       const uint32_t a = __shfl_sync(kFullMask, both, src);      // lane 2j: bits 0-15 of the word
       const uint32_t b = __shfl_sync(kFullMask, both, src + 1);  // lane 2j+1: bits 16-31
       const uint32_t w = upper ? (a >> 16 | (b & 0xffff0000u)) : ((a & 0xffffu) | b << 16);

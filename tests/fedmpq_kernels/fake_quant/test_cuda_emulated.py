@@ -184,7 +184,8 @@ def test_relu6_fake_quant(emu, dtype, n, offset):
 def test_relu6_fake_quant_nan_and_edges(emu, dtype):
     n = 300
     x = _x(n, dtype, 0, specials=True, spread=4.0)
-    y, mask, scale, ws = torch.empty(n, dtype=dtype), torch.empty(_words(n), dtype=torch.int32), torch.empty(()), emu.workspace()
+    y, mask = torch.empty(n, dtype=dtype), torch.empty(_words(n), dtype=torch.int32)
+    scale, ws = torch.empty(()), emu.workspace()
     emu.relu6_fake_quant(x.t, y, 4, scale, mask, ws)
     ry, rm = R.relu6_fake_quant(x.t, 4)
     _same(y, ry, "y")
