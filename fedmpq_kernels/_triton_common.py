@@ -61,9 +61,9 @@ def relu6(x):
 FINISH = 1024  # partial results the last program combines per step
 
 
-# The KINDs below. A kernel passes the int itself: jit code cannot read a plain global on a
-# GPU (the interpreter can; tests/triton_compile.py checks the GPU build).
-SUM_F32, MAX_I32, SUM_F64_DIV, SUM_I64 = 0, 1, 2, 3
+# The KINDs below, as constexprs: jit code may read a global only when it is one (a plain int
+# runs in the interpreter but does not compile for a GPU; tests/triton_compile.py checks).
+SUM_F32, MAX_I32, SUM_F64_DIV, SUM_I64 = (tl.constexpr(k) for k in range(4))
 
 
 @triton.jit
@@ -163,7 +163,7 @@ def absmax_kernel(x_ptr, ws_ptr, out_ptr, n, BLOCK: tl.constexpr, FINISH: tl.con
     if RELU6:  # max of a = relu6(x) (>= +0, or NaN)
         x = relu6(x)
     ab = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF  # |x| bits; NaN sorts above +inf
-    finish_in_last_program(tl.max(ab, axis=0), ws_ptr, ws_ptr, out_ptr, 1.0, KIND=1, FINISH=FINISH)
+    finish_in_last_program(tl.max(ab, axis=0), ws_ptr, ws_ptr, out_ptr, 1.0, KIND=MAX_I32, FINISH=FINISH)
 
 
 def reduction_workspace(device: torch.device, nprog: int, wide: bool = False) -> Tensor:

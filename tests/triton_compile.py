@@ -78,6 +78,7 @@ class Compiler:
 
 def exercise() -> None:
     """Every adapter of every Triton family, every width and mode, on small CPU tensors."""
+    from fedmpq_kernels._checks import bitmap_nbytes
     from fedmpq_kernels.bitplane import triton as bt
     from fedmpq_kernels.fake_quant import triton as ft
     from fedmpq_kernels.pack import triton as pt
@@ -90,7 +91,7 @@ def exercise() -> None:
                 ft.fake_quant(x, bits, torch.tensor(1.0), mode)
                 ft.fake_quant(x, bits, None, mode)
             ft.relu6_fake_quant(x, bits)
-        bm = torch.zeros(2 * 4 * ((n + 31) // 32), dtype=torch.uint8)
+        bm = torch.zeros(2 * bitmap_nbytes(n), dtype=torch.uint8)
         ft.fake_quant_backward(x, bm, True)
         ft.fake_quant_backward(x, bm, False)
     for bits in range(1, 9):
@@ -99,7 +100,7 @@ def exercise() -> None:
         pt.unpack_codes(planes, bits, n)
         acc = torch.zeros(n)
         pt.dequant_accumulate(acc, planes, None, bits, 0.5)
-        pt.dequant_accumulate(acc, planes, torch.zeros(4 * ((n + 31) // 32), dtype=torch.uint8), bits, 0.5)
+        pt.dequant_accumulate(acc, planes, torch.zeros(bitmap_nbytes(n), dtype=torch.uint8), bits, 0.5)
     for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         w = torch.randn(n).to(dt)
         if dt != torch.float64:

@@ -62,8 +62,9 @@ import triton.language as tl
 from .._buffers import words
 from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes
 from .._device import on_device
-from .._triton_common import (FINISH, INTERPRET, absmax, combine_slots, finish_in_last_program,
-                              is_last, load_bits, reduction_workspace, release_workspace, store_words, take_ticket)
+from .._triton_common import (FINISH, INTERPRET, MAX_I32, SUM_F64_DIV, SUM_I64, absmax, combine_slots,
+                              finish_in_last_program, is_last, load_bits, reduction_workspace, release_workspace,
+                              store_words, take_ticket)
 
 Tensor = torch.Tensor
 
@@ -202,7 +203,7 @@ def _dq_backward_kernel(grad_ptr, codes_ptr, sign_ptr, ws_ptr, slot_ptr, out_ptr
         part = _dq_backward_tile(grad_ptr, codes_ptr, sign_ptr, word, col, n, nwords, MASKED=False)
     else:
         part = _dq_backward_tile(grad_ptr, codes_ptr, sign_ptr, word, col, n, nwords, MASKED=True)
-    finish_in_last_program(part, ws_ptr, slot_ptr, out_ptr, L, KIND=2, FINISH=FINISH)
+    finish_in_last_program(part, ws_ptr, slot_ptr, out_ptr, L, KIND=SUM_F64_DIV, FINISH=FINISH)
 
 
 # ---- popcounts -------------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def _popcount_kernel(codes_ptr, ws_ptr, out_ptr, n, BITS: tl.constexpr, BLOCK: t
         tl.store(ws_ptr + 1 + pid * BITS + i, tl.sum((c >> (BITS - 1 - i)) & 1, axis=0))
     if is_last(take_ticket(ws_ptr)):
         for i in tl.static_range(BITS):
-            total = combine_slots(ws_ptr + 1 + i, tl.num_programs(0), BITS, KIND=3, FINISH=FINISH)  # SUM_I64
+            total = combine_slots(ws_ptr + 1 + i, tl.num_programs(0), BITS, KIND=SUM_I64, FINISH=FINISH)
             tl.store(out_ptr + i, total)
         release_workspace(ws_ptr)
 
@@ -302,7 +303,7 @@ def _step_max_kernel(grad_ptr, codes_ptr, sign_ptr, mom_ptr, gs_ptr, coef_ptr, s
                            MASKED=True)
     tl.store(ws_ptr + 1 + pid, m)
     if is_last(take_ticket(ws_ptr)):
-        gmax = combine_slots(ws_ptr + 1, tl.num_programs(0), 1, KIND=1, FINISH=FINISH)  # MAX_I32
+        gmax = combine_slots(ws_ptr + 1, tl.num_programs(0), 1, KIND=MAX_I32, FINISH=FINISH)
         g_s = tl.math.div_rn(gmax.to(tl.float32, bitcast=True), L)
         g_s = tl.where(g_s * lr == float("inf"), float("inf"), g_s)  # lr * g_s overflows: skipped
         tl.store(out_ptr, g_s)

@@ -42,7 +42,7 @@ import triton.language as tl
 
 from .._checks import bitmap_arg, bitmap_nbytes
 from .._device import on_device
-from .._triton_common import (FINISH, INTERPRET, absmax, finish_in_last_program, load_bits,
+from .._triton_common import (FINISH, INTERPRET, SUM_F32, absmax, finish_in_last_program, load_bits,
                               reduction_workspace, relu6, store_words)
 
 Tensor = torch.Tensor
@@ -166,7 +166,7 @@ def _fq_backward_kernel(
         part = _fq_backward_tile(g_ptr, gx_ptr, pass_ptr, hi_ptr, word, col, n, nwords,
                                  SCALE_GRAD=SCALE_GRAD, MASKED=True)
     if SCALE_GRAD:  # dL/dS in this launch: the last program adds the programs' sums
-        finish_in_last_program(part, ws_ptr, ws_ptr, gs_ptr, 1.0, KIND=0, FINISH=FINISH)
+        finish_in_last_program(part, ws_ptr, ws_ptr, gs_ptr, 1.0, KIND=SUM_F32, FINISH=FINISH)
     elif pid == 0:  # dL/dS = 0, written here: no zero fill launched for it
         tl.store(gs_ptr, 0.0)
 

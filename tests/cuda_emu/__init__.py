@@ -22,6 +22,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from fedmpq_kernels._checks import bitmap_nbytes
+
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
 SOURCES = ["fake_quant.cu", "pack.cu"]
@@ -177,6 +179,11 @@ class Emu:
 
 def load() -> Emu:
     return Emu(build())
+
+
+def words(n: int) -> int:
+    """The uint32 words of a bitmap of n elements (the kernels' pass/hi/mask and plane words)."""
+    return bitmap_nbytes(n) // 4
 
 
 class Guarded:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fedmpq_kernels._checks import bitmap_nbytes
 from fedmpq_kernels.fake_quant import reference as R
-from tests.cuda_emu import EmuError, Guarded
+from tests.cuda_emu import EmuError, Guarded, words
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = ["f32", "f16", "bf16"]
@@ -22,10 +23,6 @@ SIZES = [1, 31, 33, 257, 1000, 4099, 20011]
 # Elements past a 16-byte boundary: 0 takes the vector path, 1 and 3 the shifted one (x[k:]).
 OFFSETS = [0, 1, 3]
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
-
-
-def _words(n: int) -> int:
-    return (n + 31) // 32
 
 
 def _x(n: int, dtype, offset: int, specials: bool, seed: int = 0, spread: float = 1.5) -> Guarded:
@@ -57,7 +54,7 @@ def _same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
 
 
 def _bitmaps(ref: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    nb = 4 * _words(n)
+    nb = bitmap_nbytes(n)
     return ref[k * nb:(k + 1) * nb].view(torch.int32)
 
 
@@ -68,7 +65,7 @@ def test_forward_with_a_given_scale(emu, dtype, n, offset):
     x = _x(n, dtype, offset, specials=True)
     s = torch.tensor(1.0)
     for bits in BITS:
-        y, pw, hw = Guarded(n, dtype), Guarded(_words(n), torch.int32), Guarded(_words(n), torch.int32)
+        y, pw, hw = Guarded(n, dtype), Guarded(words(n), torch.int32), Guarded(words(n), torch.int32)
         emu.fake_quant(x.t, y.t, bits, s, True, pw.t, hw.t)
         ry, rb = R.fake_quant(x.t, bits, s, 2)
         _same(y.t, ry, f"y, {bits} bits")
@@ -89,7 +86,7 @@ def test_forward_in_place(emu, dtype, n):
     """y may be x itself on the vector and scalar paths (the adapter's in-place case)."""
     x = _x(n, dtype, 0, specials=True)
     want, rb = R.fake_quant(x.t.clone(), 4, torch.tensor(1.0), 2)
-    pw = Guarded(_words(n), torch.int32)
+    pw = Guarded(words(n), torch.int32)
     emu.fake_quant(x.t, x.t, 4, torch.tensor(1.0), True, pw.t, None)
     _same(x.t, want, "y in place")
     assert torch.equal(pw.t, _bitmaps(rb, n, 0))
@@ -100,7 +97,7 @@ def test_forward_in_place(emu, dtype, n):
 def test_a_bad_given_scale_makes_every_output_nan(emu, bad):
     n = 1000
     x = _x(n, torch.float32, 0, specials=False)
-    y, pw, hw = Guarded(n, torch.float32), Guarded(_words(n), torch.int32), Guarded(_words(n), torch.int32)
+    y, pw, hw = Guarded(n, torch.float32), Guarded(words(n), torch.int32), Guarded(words(n), torch.int32)
     emu.fake_quant(x.t, y.t, 4, torch.tensor(bad), True, pw.t, hw.t)
     ry, rb = R.fake_quant(x.t, 4, torch.tensor(bad), 2)
     assert torch.isnan(y.t).all()
@@ -123,7 +120,7 @@ def test_forward_with_the_dynamic_scale(emu, dtype, n, offset, specials):
     assert (torch.isnan(want) and torch.isnan(got)) or got.item() == want.item()
     assert int(ws[0]) == 0, "the last block resets the ticket"
     for bits in (1, 4, 8, 16):
-        y, pw, hw = Guarded(n, dtype), Guarded(_words(n), torch.int32), Guarded(_words(n), torch.int32)
+        y, pw, hw = Guarded(n, dtype), Guarded(words(n), torch.int32), Guarded(words(n), torch.int32)
         emu.fake_quant(x.t, y.t, bits, got, False, pw.t, hw.t)
         ry, rb = R.fake_quant(x.t, bits, None, 2)
         _same(y.t, ry, f"y, {bits} bits")
@@ -145,7 +142,7 @@ def test_reductions_ignore_stale_slots_and_the_order_blocks_finish_in(emu, sms):
 
     def run(ws):
         out, gs, scale = torch.empty((), dtype=torch.int32), torch.empty(()), torch.empty(())
-        gx, y, mask = torch.empty(n), torch.empty(n), torch.empty(_words(n), dtype=torch.int32)
+        gx, y, mask = torch.empty(n), torch.empty(n), torch.empty(words(n), dtype=torch.int32)
         emu.absmax(x.t, out, ws)
         emu.fake_quant_backward(g, gx, pw, hw, ws, gs)
         emu.relu6_fake_quant(x.t, y, 4, scale, mask, ws)
@@ -169,7 +166,7 @@ def test_reductions_ignore_stale_slots_and_the_order_blocks_finish_in(emu, sms):
 def test_relu6_fake_quant(emu, dtype, n, offset):
     x = _x(n, dtype, offset, specials=False, spread=4.0)
     for bits in (1, 2, 4, 8, 16):
-        y, mask = Guarded(n, dtype), Guarded(_words(n), torch.int32)
+        y, mask = Guarded(n, dtype), Guarded(words(n), torch.int32)
         scale, ws = torch.full((), -1.0), emu.workspace()
         emu.relu6_fake_quant(x.t, y.t, bits, scale, mask.t, ws)
         ry, rm = R.relu6_fake_quant(x.t, bits)
@@ -184,7 +181,7 @@ def test_relu6_fake_quant(emu, dtype, n, offset):
 def test_relu6_fake_quant_nan_and_edges(emu, dtype):
     n = 300
     x = _x(n, dtype, 0, specials=True, spread=4.0)
-    y, mask = torch.empty(n, dtype=dtype), torch.empty(_words(n), dtype=torch.int32)
+    y, mask = torch.empty(n, dtype=dtype), torch.empty(words(n), dtype=torch.int32)
     scale, ws = torch.empty(()), emu.workspace()
     emu.relu6_fake_quant(x.t, y, 4, scale, mask, ws)
     ry, rm = R.relu6_fake_quant(x.t, 4)

@@ -10,17 +10,13 @@ import pytest
 import torch
 
 from fedmpq_kernels.pack import reference as P
-from tests.cuda_emu import Guarded
+from tests.cuda_emu import Guarded, words
 
 BITS = list(range(1, 9))
 # One SM holds 64 warps: 70000 codes take the tile loop's grid stride three times (512 codes
 # a tile), sizes around 512 and 32 cut a tile or a word short.
 SIZES = [1, 31, 32, 33, 511, 512, 513, 4099, 70001]
 OFFSETS = [0, 1, 5]  # bytes past a 16-byte boundary: 0 the vector path, else the scalar one
-
-
-def _words(n: int) -> int:
-    return (n + 31) // 32
 
 
 def _codes(n: int, bits: int, offset: int) -> Guarded:
@@ -35,7 +31,7 @@ def _codes(n: int, bits: int, offset: int) -> Guarded:
 def test_pack_codes(emu, n, offset):
     for bits in BITS:
         codes = _codes(n, bits, offset)
-        planes = Guarded(bits * _words(n), torch.int32)
+        planes = Guarded(bits * words(n), torch.int32)
         seen = torch.zeros(1, dtype=torch.int32)
         emu.pack_codes(codes.t, bits, planes.t, seen)
         assert torch.equal(planes.t.view(torch.uint8), P.pack_codes(codes.t, bits)), f"{bits} bits"
@@ -57,7 +53,7 @@ def test_pack_codes_reports_a_code_that_does_not_fit_wherever_it_is(emu, n, offs
             codes = _codes(n, bits, offset)
             codes.t[at] = 1 << bits
             seen = torch.tensor([0x100], dtype=torch.int32)  # an earlier call's OR: kept
-            emu.pack_codes(codes.t, bits, torch.empty(bits * _words(n), dtype=torch.int32), seen)
+            emu.pack_codes(codes.t, bits, torch.empty(bits * words(n), dtype=torch.int32), seen)
             assert int(seen) >> bits == 1 | (0x100 >> bits), f"{bits} bits, bad code at {at}: seen {int(seen):#x}"
 
 
