@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace fedmpq::cuda::detail {
 
@@ -30,6 +31,23 @@ inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaSt
 // Number of SMs of `device`, cached per device (grid sizes must be a deterministic
 // function of n and the device: the reductions' order, see workspace_words).
 int sm_count(int device);
+
+// Calls f(std::integral_constant<int, bits>{}), so that a kernel is instantiated per width;
+// std::invalid_argument for bits outside 1..8.
+template <class F>
+void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    default: throw std::invalid_argument("bits must be in 1..8, got " + std::to_string(bits));
+  }
+}
 
 }  // namespace fedmpq::cuda::detail
 

@@ -42,6 +42,7 @@
 
 #include "cuda/cuda_utils.cuh"
 #include "cuda/fake_quant.h"
+#include "cuda/reduce.cuh"
 
 namespace fedmpq::cuda {
 
@@ -211,65 +212,6 @@ __device__ __forceinline__ int64_t global_thread() {
 }
 __device__ __forceinline__ int64_t total_threads() { return static_cast<int64_t>(gridDim.x) * kBlock; }
 
-struct SumOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
-};
-struct MaxOp {
-  __device__ __forceinline__ uint32_t operator()(uint32_t a, uint32_t b) const { return umax(a, b); }
-};
-
-// The block's reduction of one value per thread, in a fixed order (xor shuffles within each
-// warp, then warp 0 over the warps' results): the result is valid in thread 0. Every thread
-// of the block must call it; it ends with the shared slots free for reuse after a barrier.
-template <class T, class Op>
-__device__ __forceinline__ T block_reduce(T v, T identity, Op op) {
-  __shared__ T warp_val[kWarps];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, off));
-  if (lane == 0) warp_val[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? warp_val[lane] : identity;
-#pragma unroll
-    for (int off = kWarps / 2; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(kFullMask, v, off));
-  }
-  return v;
-}
-
-// A grid-wide reduction finished by the last block to arrive, so no second launch and no
-// host work. The workspace `ws` is one ticket (ws[0], zero on entry) and then one slot per
-// block: block b stores its value (`v`, valid in thread 0) in slot b and takes a ticket; the
-// block holding ticket gridDim.x - 1 combines slots 0 .. gridDim.x - 1 in a fixed order
-// (thread t takes t, t + kBlock, ... in turn, then block_reduce) into *out and sets the
-// ticket back to 0 for the next launch on the stream (the workspace is reused). The result
-// depends on the grid size only, never on which block arrived last: deterministic. One
-// pointer for ticket and slots, and a call rather than inlined code (it runs once per block,
-// after the loops), keep the kernels within their 32 registers: no spill that the kernels
-// did not have before (ptxas -v, sm_80 and sm_90). Every thread of the block must call it.
-template <class T, class Op>
-__device__ __noinline__ void finish_in_last_block(T v, T identity, Op op, unsigned* __restrict__ ws,
-                                                     T* __restrict__ out) {
-  static_assert(sizeof(T) == sizeof(unsigned), "one 4-byte slot per block");
-  T* partials = reinterpret_cast<T*>(ws + 1);
-  __shared__ bool last;
-  if (threadIdx.x == 0) {
-    partials[blockIdx.x] = v;
-    __threadfence();  // the partial is visible device-wide before the ticket says so
-    last = atomicAdd(ws, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();  // every other block's partial is visible now (they fenced before their ticket)
-  T acc = identity;
-  for (unsigned i = threadIdx.x; i < gridDim.x; i += kBlock) acc = op(acc, __ldcg(partials + i));  // L2, not a stale L1
-  acc = block_reduce(acc, identity, op);
-  if (threadIdx.x == 0) {
-    *out = acc;
-    *ws = 0u;
-  }
-}
-
 // ---- kernels ------------------------------------------------------------------------
 
 // max over |x| bit patterns (kRelu6: over relu6(x)) into *out (finish_in_last_block; ws:
@@ -299,8 +241,8 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
   }
   for (int64_t i = tail + t0; i < n; i += nt) m = umax(m, key(E::to_float(x[i])));
 
-  m = block_reduce(m, 0u, MaxOp{});
-  finish_in_last_block(m, 0u, MaxOp{}, ws, out);
+  m = detail::block_reduce<kBlock>(m, 0u, detail::MaxOp{});
+  detail::finish_in_last_block<kBlock>(m, 0u, detail::MaxOp{}, ws, out);
 }
 
 // y = fake-quant(x); pass/hi bitmaps when non-null (warp-uniform branches).
@@ -436,8 +378,9 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
   }
 
   if (hi != nullptr) {  // uniform over the grid, so the barriers inside are safe
-    acc = block_reduce(acc, 0.0f, SumOp{});
-    finish_in_last_block(acc, 0.0f, SumOp{}, ws, grad_scale);  // every block writes its slot, even 0
+    acc = detail::block_reduce<kBlock>(acc, 0.0f, detail::SumOp{});
+    // every block writes its slot, even 0
+    detail::finish_in_last_block<kBlock>(acc, 0.0f, detail::SumOp{}, ws, grad_scale);
   } else if (grad_scale != nullptr && blockIdx.x == 0 && threadIdx.x == 0) {
     *grad_scale = 0.0f;  // no scale gradient: its 0 written here, not by a zero-fill launch
   }

@@ -250,27 +250,11 @@ unsigned grid_blocks(int64_t n, int64_t tile, bool vec, int device) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// Calls f(std::integral_constant<int, bits>{}), so that a kernel is instantiated per width.
-template <class F>
-void with_bits(int bits, F&& f) {
-  switch (bits) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: throw std::invalid_argument("bits must be in 1..8, got " + std::to_string(bits));
-  }
-}
-
 }  // namespace
 
 void pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, uint32_t* seen, int device,
                 uintptr_t stream) {
-  with_bits(bits, [&](auto b) {
+  detail::with_bits(bits, [&](auto b) {
     if (n <= 0) return;
     detail::require_current_device(device);
     const bool vec = aligned16(codes);
@@ -281,7 +265,7 @@ void pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, uin
 }
 
 void unpack_codes(const uint32_t* planes, int64_t n, int bits, uint8_t* codes, int device, uintptr_t stream) {
-  with_bits(bits, [&](auto b) {
+  detail::with_bits(bits, [&](auto b) {
     if (n <= 0) return;
     detail::require_current_device(device);
     const bool vec = aligned16(codes);
@@ -293,7 +277,7 @@ void unpack_codes(const uint32_t* planes, int64_t n, int bits, uint8_t* codes, i
 
 void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, const uint32_t* signs, int bits, float coef,
                         int device, uintptr_t stream) {
-  with_bits(bits, [&](auto b) {
+  detail::with_bits(bits, [&](auto b) {
     if (n <= 0) return;
     detail::require_current_device(device);
     const bool vec = aligned16(acc);

@@ -1,4 +1,4 @@
-"""The CUDA C++ kernels (csrc/cuda/fake_quant.cu, pack.cu) run on the CPU, so CI tests their
+"""The CUDA C++ kernels (csrc/cuda/fake_quant.cu, pack.cu, bitplane.cu) run on the CPU, so CI tests their
 logic against the reference without a GPU.
 
 :func:`load` compiles those files unchanged as host C++ against ``emu.h`` (the CUDA
@@ -26,7 +26,7 @@ from fedmpq_kernels._checks import bitmap_nbytes
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
-SOURCES = ["fake_quant.cu", "pack.cu"]
+SOURCES = ["fake_quant.cu", "pack.cu", "bitplane.cu"]
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 # kernel<...>   <<<config>>>(   ->   ::emu::launch(kernel<...>, config,
@@ -96,7 +96,7 @@ class EmuError(RuntimeError):
 
 
 class Emu:
-    """The launchers of csrc/cuda/fake_quant.h and pack.h on CPU tensors (the caller sizes
+    """The launchers of csrc/cuda/fake_quant.h, pack.h and bitplane.h on CPU tensors (the caller sizes
     and allocates every buffer, as the Python adapters do). ``buffers`` registers the
     tensors loads may read (each call registers its own inputs unless given ``ranges``)."""
 
@@ -107,8 +107,11 @@ class Emu:
         L.emu_message.restype = ctypes.c_char_p
         L.emu_workspace_words.restype = ll
         L.emu_workspace_words.argtypes = [i]
+        L.emu_bitplane_workspace_words.restype = ll
+        L.emu_bitplane_workspace_words.argtypes = [i]
         L.emu_set_sm_count.argtypes = [i]
         L.emu_set_block_order.argtypes = [ctypes.c_uint]
+        L.emu_set_warp_order.argtypes = [ctypes.c_uint]
         L.emu_add_range.argtypes = [vp, ctypes.c_size_t]
         sigs = {
             "emu_absmax": [vp, i, ll, vp, vp, i],
@@ -118,12 +121,17 @@ class Emu:
             "emu_pack_codes": [vp, ll, i, vp, vp, i],
             "emu_unpack_codes": [vp, ll, i, vp, i],
             "emu_dequant_accumulate": [vp, ll, vp, vp, i, f, i],
+            "emu_dequantize": [vp, vp, ll, i, vp, vp, i],
+            "emu_dequantize_backward": [vp, vp, vp, ll, i, vp, vp, i],
+            "emu_plane_popcounts": [vp, ll, i, vp, vp, i],
+            "emu_bitplane_step": [vp, vp, vp, vp, vp, vp, vp, ll, i, f, f, ctypes.c_uint, vp, vp, vp, i],
         }
         for name, argtypes in sigs.items():
             getattr(L, name).argtypes = argtypes
             getattr(L, name).restype = i
         self.sm_count(1)
         self.block_order(0)
+        self.warp_order(0)
 
     def sm_count(self, n: int) -> None:
         """The SM count the launchers size grids with (8 blocks of 256 threads per SM)."""
@@ -133,9 +141,20 @@ class Emu:
         """Run each grid's blocks in index order (0) or in an order shuffled with ``seed``."""
         self.lib.emu_set_block_order(seed)
 
+    def warp_order(self, seed: int) -> None:
+        """Run a block's warps in lockstep (0), or one at a time, each as far as it can go
+        (to a ``__syncthreads`` or its end), in an order shuffled with ``seed``: a warp that
+        overtakes the others shows a missing barrier."""
+        self.lib.emu_set_warp_order(seed)
+
     def workspace(self) -> torch.Tensor:
         """A zeroed reduction workspace: ``workspace_words`` int32 words."""
         return torch.zeros(int(self.lib.emu_workspace_words(0)), dtype=torch.int32)
+
+    def bitplane_workspace(self) -> torch.Tensor:
+        """A zeroed workspace for bitplane.h: ``bitplane_workspace_words`` int32 words, 8-byte
+        aligned (torch's allocations are)."""
+        return torch.zeros(int(self.lib.emu_bitplane_workspace_words(0)), dtype=torch.int32)
 
     def _call(self, name: str, reads: Iterable[Optional[torch.Tensor]], *args) -> None:
         self.lib.emu_clear_ranges()
@@ -175,6 +194,26 @@ class Emu:
     def dequant_accumulate(self, acc, planes, signs, bits, coef, device=0):
         self._call("emu_dequant_accumulate", [acc, planes, signs], _ptr(acc), acc.numel(), _ptr(planes), _ptr(signs),
                    bits, coef, device)
+
+    # bitplane.h
+    def dequantize(self, codes, sign, bits, scale, out, device=0):
+        self._call("emu_dequantize", [codes, sign, scale], _ptr(codes), _ptr(sign), codes.numel(), bits, _ptr(scale),
+                   _ptr(out), device)
+
+    def dequantize_backward(self, grad, codes, sign, bits, out, ws, device=0):
+        self._call("emu_dequantize_backward", [grad, codes, sign, ws], _ptr(grad), _ptr(codes), _ptr(sign),
+                   codes.numel(), bits, _ptr(out), _ptr(ws), device)
+
+    def plane_popcounts(self, codes, bits, out, ws, device=0):
+        self._call("emu_plane_popcounts", [codes, ws], _ptr(codes), codes.numel(), bits, _ptr(out), _ptr(ws), device)
+
+    def bitplane_step(self, codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key, key_tensor, out, ws,
+                      device=0):
+        """``out``: float32 (2,), receives g_s and the previous gs. lr and momentum are
+        rounded to float32 here, as the binding does."""
+        self._call("emu_bitplane_step", [codes, sign, mom, gs, grad, coef, scale, key_tensor, out, ws], _ptr(codes),
+                   _ptr(sign), _ptr(mom), _ptr(gs), _ptr(grad), _ptr(coef), _ptr(scale), codes.numel(), bits, lr,
+                   momentum, key, _ptr(key_tensor), _ptr(out), _ptr(ws), device)
 
 
 def load() -> Emu:

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/bitplane.h"
 #include "cuda/fake_quant.h"
 #include "cuda/pack.h"
 #include "emu.h"
@@ -36,6 +37,7 @@ std::string g_fiber_error;  // set by a fiber that failed; the scheduler throws 
 cudaError_t g_last_error = cudaSuccess;
 int g_sm_count = 1;
 unsigned g_block_seed = 0;  // 0: blocks in index order; else a shuffled order
+unsigned g_warp_seed = 0;   // 0: a block's warps in lockstep; else one at a time, shuffled
 struct Range {
   uintptr_t lo, hi;
 };
@@ -74,27 +76,50 @@ void run_block(unsigned nthreads) {
     makecontext(&f.ctx, trampoline, 0);
   }
   const unsigned nwarps = (nthreads + 31) / 32;
+  // A warp meeting point that lanes lo..hi-1 have reached: all of them (release it) or an
+  // error (some exited or wait at __syncthreads: the full mask would hang on a GPU).
+  const auto release_warp = [&](unsigned w) {
+    const unsigned lo = w * 32, hi = std::min(nthreads, lo + 32);
+    unsigned at = 0;
+    for (unsigned t = lo; t < hi; ++t) at += g_fibers[t].state == kWarp;
+    if (at == 0) return false;
+    if (at != hi - lo)
+      throw std::runtime_error("block " + std::to_string(blockIdx.x) + ", warp " + std::to_string(w) +
+                               ": a full-mask shuffle or ballot reached by " + std::to_string(at) + " of its " +
+                               std::to_string(hi - lo) + " lanes (the others exited or wait at __syncthreads)");
+    for (unsigned t = lo; t < hi; ++t) g_fibers[t].state = kRun;
+    return true;
+  };
+  const auto run_fiber = [&](unsigned t) {
+    g_cur = t;
+    threadIdx = uint3{t, 0, 0};
+    swapcontext(&g_sched, &g_fibers[t].ctx);
+    if (!g_fiber_error.empty()) throw std::runtime_error(g_fiber_error);
+  };
+  // Warps one at a time (g_warp_seed != 0): each runs as far as it can (to a __syncthreads
+  // or its end) before the next, in an order shuffled per block and per barrier phase, so a
+  // warp that overtakes the others shows a missing barrier (e.g. shared memory reused
+  // before another warp has read it).
+  std::vector<unsigned> worder(nwarps);
+  std::iota(worder.begin(), worder.end(), 0u);
+  std::mt19937 wrng(g_warp_seed ^ (blockIdx.x * 0x9E3779B9u));
   for (;;) {
-    for (unsigned t = 0; t < nthreads; ++t) {
-      if (g_fibers[t].state != kRun) continue;
-      g_cur = t;
-      threadIdx = uint3{t, 0, 0};
-      swapcontext(&g_sched, &g_fibers[t].ctx);
-      if (!g_fiber_error.empty()) throw std::runtime_error(g_fiber_error);
-    }
-    // Nobody can run: release a barrier every participant has reached.
     bool released = false;
-    for (unsigned w = 0; w < nwarps; ++w) {
-      const unsigned lo = w * 32, hi = std::min(nthreads, lo + 32);
-      unsigned at = 0;
-      for (unsigned t = lo; t < hi; ++t) at += g_fibers[t].state == kWarp;
-      if (at == 0) continue;
-      if (at != hi - lo)
-        throw std::runtime_error("block " + std::to_string(blockIdx.x) + ", warp " + std::to_string(w) +
-                                 ": a full-mask shuffle or ballot reached by " + std::to_string(at) + " of its " +
-                                 std::to_string(hi - lo) + " lanes (the others exited or wait at __syncthreads)");
-      for (unsigned t = lo; t < hi; ++t) g_fibers[t].state = kRun;
-      released = true;
+    if (g_warp_seed != 0) {
+      std::shuffle(worder.begin(), worder.end(), wrng);
+      for (unsigned w : worder) {
+        const unsigned lo = w * 32, hi = std::min(nthreads, lo + 32);
+        do {
+          for (unsigned t = lo; t < hi; ++t)
+            if (g_fibers[t].state == kRun) run_fiber(t);
+        } while (release_warp(w));
+      }
+    } else {
+      // Lockstep: every runnable thread in index order, then every warp meeting point that
+      // all its lanes reached.
+      for (unsigned t = 0; t < nthreads; ++t)
+        if (g_fibers[t].state == kRun) run_fiber(t);
+      for (unsigned w = 0; w < nwarps; ++w) released = release_warp(w) || released;
     }
     if (released) continue;
     unsigned at_block = 0, done = 0;
@@ -199,6 +224,7 @@ extern "C" {
 const char* emu_message() { return g_message.c_str(); }
 void emu_set_sm_count(int n) { g_sm_count = n > 0 ? n : 1; }
 void emu_set_block_order(unsigned seed) { g_block_seed = seed; }
+void emu_set_warp_order(unsigned seed) { g_warp_seed = seed; }
 void emu_clear_ranges() { g_ranges.clear(); }
 void emu_add_range(const void* p, size_t bytes) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
@@ -241,6 +267,26 @@ int emu_unpack_codes(const uint32_t* planes, long long n, int bits, uint8_t* cod
 int emu_dequant_accumulate(float* acc, long long n, const uint32_t* planes, const uint32_t* signs, int bits,
                            float coef, int device) {
   return guard([&] { fc::dequant_accumulate(acc, n, planes, signs, bits, coef, device, 0); });
+}
+long long emu_bitplane_workspace_words(int device) { return fc::bitplane_workspace_words(device); }
+int emu_dequantize(const uint8_t* codes, const uint32_t* sign, long long n, int bits, const float* scale, float* out,
+                   int device) {
+  return guard([&] { fc::dequantize(codes, sign, n, bits, scale, out, device, 0); });
+}
+int emu_dequantize_backward(const float* grad, const uint8_t* codes, const uint32_t* sign, long long n, int bits,
+                            float* out, unsigned* ws, int device) {
+  return guard([&] { fc::dequantize_backward(grad, codes, sign, n, bits, out, ws, device, 0); });
+}
+int emu_plane_popcounts(const uint8_t* codes, long long n, int bits, int64_t* out, unsigned* ws, int device) {
+  return guard([&] { fc::plane_popcounts(codes, n, bits, out, ws, device, 0); });
+}
+int emu_bitplane_step(uint8_t* codes, uint32_t* sign, uint8_t* mom, float* gs, const float* grad, const float* coef,
+                      const float* scale, long long n, int bits, float lr, float momentum, unsigned key,
+                      const int64_t* key_ptr, float* out, unsigned* ws, int device) {
+  return guard([&] {
+    fc::bitplane_step(codes, sign, mom, gs, grad, coef, scale, n, bits, lr, momentum, key, key_ptr, out, ws, device,
+                      0);
+  });
 }
 
 }  // extern "C"

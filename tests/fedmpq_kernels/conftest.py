@@ -136,9 +136,13 @@ def cuda_emu():
 
 @pytest.fixture
 def emu(cuda_emu):
-    """:func:`cuda_emu` with its defaults back for each test (one SM, blocks in order)."""
-    cuda_emu.sm_count(1)
-    cuda_emu.block_order(0)
+    """:func:`cuda_emu` with its defaults back for each test (one SM, blocks in order, warps
+    in lockstep)."""
+    def defaults():
+        cuda_emu.sm_count(1)
+        cuda_emu.block_order(0)
+        cuda_emu.warp_order(0)
+
+    defaults()
     yield cuda_emu
-    cuda_emu.sm_count(1)
-    cuda_emu.block_order(0)
+    defaults()

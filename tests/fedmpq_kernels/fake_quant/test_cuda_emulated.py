@@ -132,7 +132,8 @@ def test_forward_with_the_dynamic_scale(emu, dtype, n, offset, specials):
 def test_reductions_ignore_stale_slots_and_the_order_blocks_finish_in(emu, sms):
     """The workspace is reused between launches: its slots hold old partials (here NaN bits,
     above every |x| pattern for the max) that no launch may read, and the ticket (word 0) is
-    back at zero after each. Blocks finishing in another order give the same bits."""
+    back at zero after each. Blocks finishing in another order, and warps running one at a
+    time in any order (a missing barrier shows), give the same bits."""
     emu.sm_count(sms)
     n = 50_001
     x = _x(n, torch.float32, 1, specials=False)
@@ -155,9 +156,10 @@ def test_reductions_ignore_stale_slots_and_the_order_blocks_finish_in(emu, sms):
     for seed in (0, 1, 2):
         ws[1:] = 0x7FC00000
         emu.block_order(seed)
+        emu.warp_order(seed)
         got = run(ws)
         for a, b, name in zip(got, want, ["max|x|", "dL/dS", "relu6 scale", "relu6 y"]):
-            assert torch.equal(a, b), f"{name} differs with stale slots, blocks in order {seed}"
+            assert torch.equal(a, b), f"{name} differs with stale slots, blocks and warps in order {seed}"
 
 
 @pytest.mark.parametrize("offset", OFFSETS)

@@ -1,0 +1,402 @@
+// Bit-plane training, CUDA kernels: dequantize, its scale gradient, plane popcounts and the
+// fused optimizer step. Bit for bit as cpu/bitplane.cpp and the Triton backend
+// (fedmpq_kernels/bitplane/reference.py states the math and the float32 order of every
+// operation): every product and sum is rounded on its own (__fmul_rn, __fadd_rn, and the
+// module is built with --fmad=false), divisions are IEEE (__fdiv_rn), rounding is half to
+// even (rintf). The scale gradient sums in float64 in its own order (within 1e-6 relative
+// of the reference's, as the CPU and Triton kernels).
+//
+// Why these exist beside the Triton kernels: a launch through Triton's Python launcher
+// costs tens of microseconds of host time, a native launch a few, and a client step makes
+// about four of these per layer (docs/BENCHMARKS.md, the H200 profile of the client step).
+//
+// Layout of the work. The elementwise kernels give each thread one element in a grid-stride
+// loop (a warp reads 32 consecutive codes, writes 128 consecutive bytes of floats). The
+// step's update writes the sign words, so it gives each warp whole 32-element words: lane l
+// handles element 32w + l, and the word is one __ballot_sync stored by lane 0 (no atomics;
+// bits past n vote 0). All indexing is int64. Reductions (the scale gradient, the popcounts,
+// max |d|) finish in the last block to arrive (reduce.cuh): one launch each, deterministic.
+//
+// Verified: compiled for sm_80 and sm_90 (ptxas -v: no spills); tested on the host in CI under
+// tests/cuda_emu (bitplane/test_cuda_emulated.py: every width, tails, several grid-stride
+// trips, shuffled block orders, stale workspace slots, skipped and zero steps, device keys);
+// NOT yet run on a GPU: tools/gpu_check.sh runs their tests (backend case cuda).
+#include <cuda_runtime.h>
+
+#include <cfloat>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cuda/bitplane.h"
+#include "cuda/cuda_utils.cuh"
+#include "cuda/reduce.cuh"
+
+namespace fedmpq::cuda {
+
+namespace {
+
+constexpr int kBlock = 256;  // threads per block
+constexpr int kWarps = kBlock / 32;
+constexpr int kBlocksPerSm = 8;  // the grid cap (grids depend on n and the device only)
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kMaxBits = 8;
+
+__device__ __forceinline__ int64_t global_thread() {
+  return static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x;
+}
+__device__ __forceinline__ int64_t total_threads() { return static_cast<int64_t>(gridDim.x) * kBlock; }
+
+// Bit j % 32 of word j / 32 of a bitmap (1 = negative), read through the read-only cache.
+__device__ __forceinline__ uint32_t sign_bit(const uint32_t* __restrict__ sign, int64_t j) {
+  return (__ldg(sign + (j >> 5)) >> (j & 31)) & 1u;
+}
+
+// x with its sign bit flipped when neg is 1: exactly torch's -x, -0.0 included.
+__device__ __forceinline__ float negate_if(float x, uint32_t neg) { return __uint_as_float(__float_as_uint(x) ^ (neg << 31)); }
+
+// ---- dequantize and its backward ----------------------------------------------------
+
+__global__ void __launch_bounds__(kBlock) dequantize_kernel(const uint8_t* __restrict__ codes,
+                                                            const uint32_t* __restrict__ sign,
+                                                            const float* __restrict__ scale, float levels, int64_t n,
+                                                            float* __restrict__ out) {
+  const float k = __fdiv_rn(__ldg(scale), levels);  // s / L, as torch divides
+  for (int64_t j = global_thread(); j < n; j += total_threads())
+    out[j] = negate_if(__fmul_rn(static_cast<float>(__ldg(codes + j)), k), sign_bit(sign, j));
+}
+
+__global__ void __launch_bounds__(kBlock) dq_backward_kernel(const float* __restrict__ grad,
+                                                             const uint8_t* __restrict__ codes,
+                                                             const uint32_t* __restrict__ sign, int64_t n,
+                                                             double levels, unsigned* __restrict__ ws,
+                                                             float* __restrict__ out) {
+  double acc = 0.0;
+  for (int64_t j = global_thread(); j < n; j += total_threads()) {
+    const double v = static_cast<double>(__ldg(grad + j)) * static_cast<double>(__ldg(codes + j));  // exact
+    acc += sign_bit(sign, j) ? -v : v;
+  }
+  acc = detail::block_reduce<kBlock>(acc, 0.0, detail::SumOp{});
+  double* partials = detail::slots<double>(ws);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+  if (!detail::last_block(ws)) return;
+  double sum = 0.0;
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += kBlock) sum += __ldcg(partials + b);
+  sum = detail::block_reduce<kBlock>(sum, 0.0, detail::SumOp{});
+  if (threadIdx.x == 0) *out = static_cast<float>(sum / levels);  // IEEE division, then rounded to float32
+  detail::release_ticket(ws);
+}
+
+// ---- popcounts ----------------------------------------------------------------------
+
+// The slots: BITS uint64 per block (block b's count of plane i at b * BITS + i).
+template <int BITS>
+__global__ void __launch_bounds__(kBlock) popcount_kernel(const uint8_t* __restrict__ codes, int64_t n,
+                                                          unsigned* __restrict__ ws, int64_t* __restrict__ out) {
+  unsigned long long cnt[BITS];
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) cnt[i] = 0;
+  for (int64_t j = global_thread(); j < n; j += total_threads()) {
+    const unsigned c = __ldg(codes + j);
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) cnt[i] += (c >> (BITS - 1 - i)) & 1u;
+  }
+  unsigned long long* partials = detail::slots<unsigned long long>(ws);
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) {
+    const unsigned long long c = detail::block_reduce<kBlock>(cnt[i], 0ull, detail::SumOp{});
+    if (threadIdx.x == 0) partials[static_cast<int64_t>(blockIdx.x) * BITS + i] = c;
+    __syncthreads();  // block_reduce's shared slots are reused by the next plane
+  }
+  if (!detail::last_block(ws)) return;
+#pragma unroll
+  for (int i = 0; i < BITS; ++i) {
+    unsigned long long c = 0;
+    for (unsigned b = threadIdx.x; b < gridDim.x; b += kBlock) c += __ldcg(partials + static_cast<int64_t>(b) * BITS + i);
+    c = detail::block_reduce<kBlock>(c, 0ull, detail::SumOp{});
+    if (threadIdx.x == 0) out[i] = static_cast<int64_t>(c);
+    __syncthreads();
+  }
+  detail::release_ticket(ws);
+}
+
+// ---- the optimizer step -------------------------------------------------------------
+
+// The step's inputs and constants (kernel arguments: one copy per launch).
+struct StepArgs {
+  const float* grad;
+  uint8_t* codes;
+  uint32_t* sign;
+  uint8_t* mom;       // N * n, plane-major
+  const float* coef;  // N
+  const float* scale;
+  int64_t n;
+  float levels, lr, mu;
+};
+
+// One element's inputs: q, its sign bit and a = sigma * (G * k).
+struct Elem {
+  int q;
+  uint32_t neg;
+  float a;
+};
+
+// codes, sign and mom are written by the update kernel, so they are read with plain loads
+// there (the read-only cache is for data no thread of the kernel writes).
+template <bool kReadOnly, class T>
+__device__ __forceinline__ T load(const T* p) {
+  if constexpr (kReadOnly) {
+    return __ldg(p);
+  } else {
+    return *p;
+  }
+}
+
+template <bool kReadOnly>
+__device__ __forceinline__ Elem load_elem(const StepArgs& s, int64_t j, float k, uint32_t sign_word) {
+  Elem e;
+  e.q = load<kReadOnly>(s.codes + j);
+  e.neg = (sign_word >> (j & 31)) & 1u;
+  e.a = negate_if(__fmul_rn(__ldg(s.grad + j), k), e.neg);  // the reference's where(neg, -a, a)
+  return e;
+}
+
+// r of a momentum code (reference.decode_r): bit 7 the sign, bits 3..6 c (2^(c-1)), bits 0..1
+// the stochastic +-1.
+__device__ __forceinline__ int decode_r(unsigned code) {
+  const unsigned c = (code >> 3) & 15u;
+  const int mag = c > 0 ? 1 << (c - 1) : 0;
+  const int det = (code >> 7) & 1u ? -mag : mag;
+  const unsigned st = code & 3u;
+  return det + (st == 1 ? 1 : (st == 2 ? -1 : 0));
+}
+
+// d of plane I (step 1): (mu * (f32(r_prev) * gs_prev)) + (a * 2^(N-1-I) [+ c_I]).
+template <int N, int I, bool kReadOnly>
+__device__ __forceinline__ float plane_d(const StepArgs& s, const Elem& e, int64_t j, float gsp, float coef_i) {
+  constexpr int kShift = N - 1 - I;
+  const float m = __fmul_rn(static_cast<float>(decode_r(load<kReadOnly>(s.mom + I * s.n + j))), gsp);
+  float g = __fmul_rn(e.a, static_cast<float>(1 << kShift));
+  if ((e.q >> kShift) & 1) g = __fadd_rn(g, coef_i);
+  return __fadd_rn(__fmul_rn(s.mu, m), g);
+}
+
+template <int N>
+__device__ __forceinline__ void load_coef(const float* __restrict__ coef, float (&c)[kMaxBits]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) c[i] = __ldg(coef + i);
+}
+
+// Calls f(std::integral_constant<int, I>{}) for I = 0 .. N-1 in order (the planes, unrolled).
+template <int N, int I = 0, class F>
+__device__ __forceinline__ void for_planes(F&& f) {
+  if constexpr (I < N) {
+    f(std::integral_constant<int, I>{});
+    for_planes<N, I + 1>(f);
+  }
+}
+
+// Pass 1: max over the planes and elements of the |d| bit patterns (non-negative floats order
+// as integers, and NaN patterns sort above +inf, so a NaN or inf d makes it non-finite). The
+// last block turns it into g_s = max / L (out[0]; +inf when lr * g_s overflows float32),
+// keeps the previous gs for pass 2 (out[1]) and stores the new one in *gs (a NaN or inf g_s
+// keeps gs). Every block read gs before it took its ticket, so the last one may overwrite it.
+template <int N>
+__global__ void __launch_bounds__(kBlock) step_max_kernel(StepArgs s, float* gs, unsigned* __restrict__ ws,
+                                                          float* __restrict__ out) {
+  const float k = __fdiv_rn(__ldg(s.scale), s.levels);
+  const float gsp = *gs;  // a plain load: the last block writes gs
+  float coef[kMaxBits];
+  load_coef<N>(s.coef, coef);
+  uint32_t m = 0;
+  for (int64_t j = global_thread(); j < s.n; j += total_threads()) {
+    const Elem e = load_elem<true>(s, j, k, __ldg(s.sign + (j >> 5)));
+    for_planes<N>([&](auto I) {
+      const float d = plane_d<N, decltype(I)::value, true>(s, e, j, gsp, coef[decltype(I)::value]);
+      const uint32_t b = __float_as_uint(d) & 0x7fffffffu;
+      m = b > m ? b : m;
+    });
+  }
+  m = detail::block_reduce<kBlock>(m, 0u, detail::MaxOp{});
+  uint32_t* partials = detail::slots<uint32_t>(ws);
+  if (threadIdx.x == 0) partials[blockIdx.x] = m;
+  if (!detail::last_block(ws)) return;
+  uint32_t acc = 0;
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += kBlock) {
+    const uint32_t v = __ldcg(partials + b);
+    acc = v > acc ? v : acc;
+  }
+  acc = detail::block_reduce<kBlock>(acc, 0u, detail::MaxOp{});
+  if (threadIdx.x == 0) {
+    float g_s = __fdiv_rn(__uint_as_float(acc), s.levels);
+    if (__fmul_rn(g_s, s.lr) == INFINITY) g_s = INFINITY;  // lr * g_s overflows: skipped
+    out[0] = g_s;
+    out[1] = gsp;
+    *gs = g_s < INFINITY ? g_s : gsp;  // g_s >= 0 or NaN: NaN and inf keep gs
+  }
+  detail::release_ticket(ws);
+}
+
+// The counter-based generator's hash (reference.mix32_int).
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x21F0AAADu;
+  x ^= x >> 15;
+  x *= 0x735A2D97u;
+  x ^= x >> 15;
+  return x;
+}
+
+// Steps 3-7 for element j (valid: j < n), returning its new sign bit; writes its code and
+// its N momentum codes.
+template <int N>
+__device__ __forceinline__ uint32_t update_elem(const StepArgs& s, int64_t j, uint32_t sign_word, float k, float gsp,
+                                                float g_s, float step, uint32_t key, const float (&coef)[kMaxBits]) {
+  const Elem e = load_elem<false>(s, j, k, sign_word);
+  float p = 0.0f;
+  int R = 0;
+  bool pos0 = false;
+  for_planes<N>([&](auto Ic) {
+    constexpr int I = decltype(Ic)::value;
+    constexpr int kShift = N - 1 - I;
+    const float d = plane_d<N, I, false>(s, e, j, gsp, coef[I]);
+    // step 3: x = (|d| / g_s) * lr; e = round(log2 x) + (N-1-I) from the float's bits
+    const float x = __fmul_rn(__fdiv_rn(fabsf(d), g_s), s.lr);
+    const bool valid = x >= 0x1p-100f;
+    const uint32_t xb = __float_as_uint(x);
+    const int ex = static_cast<int>((xb >> 23) & 0xffu) - 127 + ((xb & 0x7fffffu) >= 0x3504f4u ? 1 : 0) + kShift;
+    const bool pos = d > 0.0f;
+    if (I == 0) pos0 = pos;  // the MSB plane's sign decides the stochastic LSB
+    const bool det_on = valid && ex >= 0 && ex <= N;
+    const int ec = ex < 0 ? 0 : (ex > 8 ? 8 : ex);
+    if (det_on) R += (pos ? 1 : -1) * (1 << (ec + kShift));
+    // 2^e for -100 <= e < 0 from its bit pattern; p summed in plane order
+    if (valid && ex < 0) p = __fadd_rn(p, __uint_as_float(static_cast<uint32_t>((ex < -126 ? -126 : ex) + 127) << 23));
+    unsigned code = det_on ? ((pos ? 0u : 1u) << 7) | (static_cast<unsigned>(ec + 1) << 3) : 0u;
+    if (I == N - 1) {
+      // step 4: the stochastic LSB, u_j from the counter-based generator
+      p = p < 1.0f ? p : 1.0f;
+      const uint32_t h = mix32(key ^ mix32(static_cast<uint32_t>(j) ^ 0x85EBCA6Bu));
+      const float u = __fmul_rn(static_cast<float>(h >> 8), 0x1p-24f);
+      if (u < p) {
+        R += pos0 ? 1 : -1;
+        code |= pos0 ? 1u : 2u;
+      }
+    }
+    s.mom[I * s.n + j] = static_cast<uint8_t>(code);
+  });
+  // steps 5-6: v = f32(q) - f32(R) * (lr * g_s), rounded half to even, sign fold, saturate
+  const float qn = rintf(__fsub_rn(static_cast<float>(e.q), __fmul_rn(static_cast<float>(R), step)));
+  const float qa = fminf(fabsf(qn), s.levels);
+  s.codes[j] = static_cast<uint8_t>(static_cast<int>(qa));
+  return e.neg ^ (qn < 0.0f ? 1u : 0u);
+}
+
+// Pass 2: reads g_s (out[0]) and the previous gs (out[1]) from pass 1. g_s not finite: does
+// nothing (skipped); 0: zero momentum codes only; else steps 3-7 per element. Warps own whole
+// sign words (the loop's trip count depends on the warp only, so every lane reaches the
+// ballot).
+template <int N>
+__global__ void __launch_bounds__(kBlock) step_update_kernel(StepArgs s, const float* __restrict__ out,
+                                                             uint32_t key, const int64_t* __restrict__ key_ptr) {
+  const float g_s = __ldg(out);
+  if (g_s == 0.0f) {  // every d is 0: momentum codes 0, codes and signs unchanged
+    for (int64_t j = global_thread(); j < s.n * N; j += total_threads()) s.mom[j] = 0;
+    return;
+  }
+  if (!(g_s > 0.0f && g_s < INFINITY)) return;  // NaN or inf: the step is skipped
+  const float k = __fdiv_rn(__ldg(s.scale), s.levels);
+  const float gsp = __ldg(out + 1);
+  const float step = __fmul_rn(s.lr, g_s);
+  if (key_ptr != nullptr) key = static_cast<uint32_t>(static_cast<uint64_t>(__ldg(key_ptr)) & 0xffffffffu);
+  float coef[kMaxBits];
+  load_coef<N>(s.coef, coef);
+  const int lane = threadIdx.x & 31;
+  const int64_t words = (s.n + 31) / 32;
+  for (int64_t w = global_thread() >> 5; w < words; w += total_threads() >> 5) {
+    const uint32_t sw = s.sign[w];  // read by every lane before lane 0 rewrites it (after the ballot)
+    const int64_t j = w * 32 + lane;
+    const uint32_t neg = j < s.n ? update_elem<N>(s, j, sw, k, gsp, g_s, step, key, coef) : 0u;
+    const uint32_t word = __ballot_sync(kFullMask, neg != 0u);
+    if (lane == 0) s.sign[w] = word;
+  }
+}
+
+// ---- host side ----------------------------------------------------------------------
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks for `threads` threads of work, capped at kBlocksPerSm per SM.
+unsigned grid_blocks(int64_t threads, int device) {
+  const int64_t cap = static_cast<int64_t>(detail::sm_count(device)) * kBlocksPerSm;
+  const int64_t b = ceil_div(threads, kBlock);
+  return static_cast<unsigned>(b < 1 ? 1 : (b > cap ? cap : b));
+}
+
+float levels_of(int bits) {
+  if (bits < 1 || bits > kMaxBits) throw std::invalid_argument("bits must be in 1..8, got " + std::to_string(bits));
+  return static_cast<float>((1u << bits) - 1u);
+}
+
+}  // namespace
+
+int64_t bitplane_workspace_words(int device) {
+  // the ticket and its pad (8-byte slots), then kMaxBits 8-byte slots per block of the largest grid
+  return 2 + 2 * static_cast<int64_t>(kMaxBits) * detail::sm_count(device) * kBlocksPerSm;
+}
+
+void dequantize(const uint8_t* codes, const uint32_t* sign, int64_t n, int bits, const float* scale, float* out,
+                int device, uintptr_t stream) {
+  const float levels = levels_of(bits);
+  if (n <= 0) return;
+  detail::require_current_device(device);
+  dequantize_kernel<<<grid_blocks(n, device), kBlock, 0, detail::as_stream(stream)>>>(codes, sign, scale, levels, n,
+                                                                                       out);
+  FEDMPQ_CUDA_CHECK_LAUNCH();
+}
+
+void dequantize_backward(const float* grad, const uint8_t* codes, const uint32_t* sign, int64_t n, int bits,
+                         float* out, unsigned* workspace, int device, uintptr_t stream) {
+  const float levels = levels_of(bits);
+  if (n <= 0) return;
+  detail::require_current_device(device);
+  // 4 elements per thread before the cap: the sum's order depends on n and the device only
+  dq_backward_kernel<<<grid_blocks(ceil_div(n, 4), device), kBlock, 0, detail::as_stream(stream)>>>(
+      grad, codes, sign, n, static_cast<double>(levels), workspace, out);
+  FEDMPQ_CUDA_CHECK_LAUNCH();
+}
+
+void plane_popcounts(const uint8_t* codes, int64_t n, int bits, int64_t* out, unsigned* workspace, int device,
+                     uintptr_t stream) {
+  detail::with_bits(bits, [&](auto b) {
+    if (n <= 0) return;
+    detail::require_current_device(device);
+    popcount_kernel<decltype(b)::value>
+        <<<grid_blocks(ceil_div(n, 4), device), kBlock, 0, detail::as_stream(stream)>>>(codes, n, workspace, out);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+  });
+}
+
+void bitplane_step(uint8_t* codes, uint32_t* sign, uint8_t* mom, float* gs, const float* grad, const float* coef,
+                   const float* scale, int64_t n, int bits, float lr, float momentum, uint32_t key,
+                   const int64_t* key_ptr, float* out, unsigned* workspace, int device, uintptr_t stream) {
+  const float levels = levels_of(bits);
+  if (n <= 0) return;
+  if (n >= (int64_t(1) << 32)) throw std::invalid_argument("a layer of 2^32 weights or more is not supported");
+  detail::require_current_device(device);
+  const cudaStream_t st = detail::as_stream(stream);
+  const StepArgs s{grad, codes, sign, mom, coef, scale, n, levels, lr, momentum};
+  // One warp per sign word for the update, and the same grid for the max (its order does not
+  // matter: a max is exact).
+  const unsigned blocks = grid_blocks(32 * ceil_div(n, 32), device);
+  detail::with_bits(bits, [&](auto b) {
+    constexpr int N = decltype(b)::value;
+    step_max_kernel<N><<<blocks, kBlock, 0, st>>>(s, gs, workspace, out);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+    step_update_kernel<N><<<blocks, kBlock, 0, st>>>(s, out, key, key_ptr);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace fedmpq::cuda

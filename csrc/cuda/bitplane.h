@@ -1,0 +1,48 @@
+// Bit-plane training, CUDA kernels: dequantize, its scale gradient, plane popcounts and the
+// fused optimizer step, with the storage and the float32 order of every operation of
+// cpu/bitplane.h (fedmpq_kernels/bitplane/reference.py states them in full). Every pointer is
+// a device pointer owned by the caller (the Python adapter allocates with torch); `stream` is
+// a cudaStream_t passed as an integer. Launchers are asynchronous and never synchronize the
+// device: scalars (the scale, g_s, the generator key) stay on the device. `device` must be
+// the current device (the adapter launches under torch.cuda.device(...)): a launcher never
+// switches devices and throws std::invalid_argument when it is not. codes, mom and the
+// float buffers may start anywhere their element type allows; sign words are 4-byte
+// aligned. n == 0 launches nothing.
+//
+// Reductions finish in the kernel's last block, in a workspace of bitplane_workspace_words
+// 4-byte words, 8-byte aligned (a ticket, then the blocks' slots; see workspace_words in
+// fake_quant.h: the same contract, and the same workspace may serve both families).
+#pragma once
+#include <cstdint>
+
+namespace fedmpq::cuda {
+
+// The 4-byte words a workspace for every launcher below needs on `device`.
+int64_t bitplane_workspace_words(int device);
+
+// out[j] = sigma_j * (q_j * (*scale / L)), float32, L = 2^bits - 1.
+void dequantize(const uint8_t* codes, const uint32_t* sign, int64_t n, int bits, const float* scale, float* out,
+                int device, uintptr_t stream);
+
+// *out = (sum_j sigma_j q_j grad_j, in float64) / L, rounded to float32: each block sums its
+// elements, the last block adds the blocks' sums in a fixed order (deterministic for a given
+// n and device).
+void dequantize_backward(const float* grad, const uint8_t* codes, const uint32_t* sign, int64_t n, int bits,
+                         float* out, unsigned* workspace, int device, uintptr_t stream);
+
+// out[i] (int64) = the codes with bit bits-1-i set, i = 0..bits-1; one launch.
+void plane_popcounts(const uint8_t* codes, int64_t n, int bits, int64_t* out, unsigned* workspace, int device,
+                     uintptr_t stream);
+
+// The fused step (reference.bitplane_step), in place on codes, sign, mom (bits * n,
+// plane-major) and *gs; grad[n] and coef[bits] float32, *scale float32. lr and momentum are
+// float32 as the reference rounds them. The generator key is *key_ptr's low 32 bits when
+// key_ptr is not null (an int64 on the device), else `key`. n < 2^32. Two launches: the max
+// of |d| finished in the last block, which writes out[0] = g_s (not finite: the step is
+// skipped; +inf also when lr * g_s overflows) and out[1] = the previous gs, and sets *gs;
+// then the update, which reads them there.
+void bitplane_step(uint8_t* codes, uint32_t* sign, uint8_t* mom, float* gs, const float* grad, const float* coef,
+                   const float* scale, int64_t n, int bits, float lr, float momentum, uint32_t key,
+                   const int64_t* key_ptr, float* out, unsigned* workspace, int device, uintptr_t stream);
+
+}  // namespace fedmpq::cuda
