@@ -1,6 +1,8 @@
 // Bit-plane training's bindings: _C.cpu.{binarize, dequantize, dequantize_backward,
-// plane_popcounts, bitplane_step}. Each re-checks every size and pointer it is given
-// (bindings/common.h) before a kernel runs, and releases the GIL around the kernel.
+// plane_popcounts, bitplane_step} and, when built with CUDA, _C.cuda.{bitplane_workspace_words,
+// dequantize, dequantize_backward, plane_popcounts, bitplane_step}. Each re-checks every size
+// and pointer it is given (bindings/common.h) before a kernel runs; the CPU ones release the
+// GIL around the kernel (the CUDA ones only queue launches).
 #include <pybind11/pybind11.h>
 
 #include <cmath>
@@ -10,6 +12,9 @@
 
 #include "bindings/common.h"
 #include "cpu/bitplane.h"
+#ifdef FEDMPQ_WITH_CUDA
+#include "cuda/bitplane.h"
+#endif
 
 namespace py = pybind11;
 
@@ -29,6 +34,45 @@ void check_disjoint(const char* a_name, uintptr_t a, int64_t a_bytes, const char
   if (a_bytes <= 0 || b_bytes <= 0) return;
   const uintptr_t ab = static_cast<uintptr_t>(a_bytes), bb = static_cast<uintptr_t>(b_bytes);  // < 2^60
   require(a + ab <= b || b + bb <= a, std::string(a_name) + " and " + std::string(b_name) + " overlap");
+}
+
+// The step's scalar arguments, as both backends take them.
+void check_step_scalars(double lr, double momentum) {
+  // An lr beyond float32 is the reference's float32 +inf: the kernel skips the step
+  require(std::isfinite(lr) && lr > 0.0, "lr must be finite and > 0");
+  require(momentum >= 0.0 && momentum < 1.0, "momentum must be in [0, 1)");
+}
+
+// The reference's float32 rounding of lr; a double at or beyond float32's largest value plus
+// half an ulp rounds to +inf (spelled out: that conversion is undefined in C++).
+float lr_f32(double lr) {
+  return lr >= 0x1.ffffffp127 ? std::numeric_limits<float>::infinity() : static_cast<float>(lr);
+}
+
+// The step's buffers (codes n, sign, mom bits * n, gs one float32, grad n float32, coef bits
+// float32), checked as the CPU kernel needs them: everything written (codes, sign, mom, gs)
+// is disjoint from everything else it reads element by element (grad) and from each other.
+void check_step_buffers(uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t mom,
+                        int64_t mom_len, uintptr_t gs, uintptr_t grad, uintptr_t coef, int64_t coef_len, int bits) {
+  check_elems("codes", codes, n, n, 1);
+  require(n < (int64_t(1) << 32), "a layer of 2^32 weights or more is not supported");
+  check_code_bits(bits);
+  check_sign(sign, sign_nbytes, n);
+  check_elems("mom", mom, int64_t(bits) * n, mom_len, 1);  // n < 2^32: no overflow
+  check_elems("gs", gs, 1, 1, 4);
+  check_elems("grad", grad, n, n, 4);
+  check_elems("coef", coef, bits, coef_len, 4);
+  const int64_t sb = 4 * bitmap_words(n), mb = int64_t(bits) * n;
+  check_disjoint("codes", codes, n, "sign", sign, sb);
+  check_disjoint("codes", codes, n, "mom", mom, mb);
+  check_disjoint("codes", codes, n, "gs", gs, 4);
+  check_disjoint("codes", codes, n, "grad", grad, 4 * n);
+  check_disjoint("sign", sign, sb, "mom", mom, mb);
+  check_disjoint("sign", sign, sb, "gs", gs, 4);
+  check_disjoint("sign", sign, sb, "grad", grad, 4 * n);
+  check_disjoint("mom", mom, mb, "gs", gs, 4);
+  check_disjoint("mom", mom, mb, "grad", grad, 4 * n);
+  check_disjoint("gs", gs, 4, "grad", grad, 4 * n);
 }
 }  // namespace
 
@@ -103,36 +147,11 @@ void bind_bitplane(py::module_& m) {
       [](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t mom, int64_t mom_len, uintptr_t gs,
          uintptr_t grad, uintptr_t coef, int64_t coef_len, double scale, int bits, double lr, double momentum,
          int64_t key, int nthreads) {
-        check_elems("codes", codes, n, n, 1);
-        require(n < (int64_t(1) << 32), "a layer of 2^32 weights or more is not supported");
-        check_code_bits(bits);
-        check_sign(sign, sign_nbytes, n);
-        check_elems("mom", mom, int64_t(bits) * n, mom_len, 1);  // n < 2^32: no overflow
-        check_elems("gs", gs, 1, 1, 4);
-        check_elems("grad", grad, n, n, 4);
-        check_elems("coef", coef, bits, coef_len, 4);
-        // An lr beyond float32 is the reference's float32 +inf: the kernel skips the step
-        require(std::isfinite(lr) && lr > 0.0, "lr must be finite and > 0");
-        require(momentum >= 0.0 && momentum < 1.0, "momentum must be in [0, 1)");
+        check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, bits);
+        check_step_scalars(lr, momentum);
         require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
-        // Everything written (codes, sign, mom, gs) is disjoint from everything else it reads
-        // element by element (grad) and from each other; scale, gs and coef are read first.
-        const int64_t sb = 4 * bitmap_words(n), mb = int64_t(bits) * n;
-        check_disjoint("codes", codes, n, "sign", sign, sb);
-        check_disjoint("codes", codes, n, "mom", mom, mb);
-        check_disjoint("codes", codes, n, "gs", gs, 4);
-        check_disjoint("codes", codes, n, "grad", grad, 4 * n);
-        check_disjoint("sign", sign, sb, "mom", mom, mb);
-        check_disjoint("sign", sign, sb, "gs", gs, 4);
-        check_disjoint("sign", sign, sb, "grad", grad, 4 * n);
-        check_disjoint("mom", mom, mb, "gs", gs, 4);
-        check_disjoint("mom", mom, mb, "grad", grad, 4 * n);
-        check_disjoint("gs", gs, 4, "grad", grad, 4 * n);
         const float s = static_cast<float>(scale);
-        // The reference's float32 roundings; a double at or beyond float32's largest value plus
-        // half an ulp rounds to +inf (spelled out: that conversion is undefined in C++)
-        const float lr32 = lr >= 0x1.ffffffp127 ? std::numeric_limits<float>::infinity() : static_cast<float>(lr);
-        const float mu32 = static_cast<float>(momentum);
+        const float lr32 = lr_f32(lr), mu32 = static_cast<float>(momentum);
         NoGil nogil;
         return fedmpq::cpu::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
                                           ptr<const float>(grad), ptr<const float>(coef), s, n, bits, lr32, mu32,
@@ -143,6 +162,97 @@ void bind_bitplane(py::module_& m) {
       py::arg("lr"), py::arg("momentum"), py::arg("key"), py::arg("nthreads"),
       "The fused bit-plane step, in place on codes, sign, mom (bits*n, plane-major) and gs (one float32); "
       "returns g_s (not finite: the step was skipped and nothing written).");
+
+#ifdef FEDMPQ_WITH_CUDA
+  // ---- CUDA: device pointers, launched on `stream` of `device` (which must be current) ----
+  py::module_ cuda = m.def_submodule("cuda");
+  // A reduction workspace (cuda/bitplane.h): at least bitplane_workspace_words(device) 4-byte
+  // words on the device, 8-byte aligned (8-byte slots).
+  auto check_workspace = [](uintptr_t ws, int64_t ws_words, int device) {
+    require(ws != 0 && ws % 8 == 0, "reduction workspace pointer is null or not 8-byte aligned");
+    require(ws_words >= fedmpq::cuda::bitplane_workspace_words(device), "reduction workspace is too small");
+  };
+  // One float32 on the device that a kernel reads or writes.
+  auto check_scalar = [](const char* name, uintptr_t p) {
+    require(p != 0 && p % 4 == 0, std::string(name) + " pointer is null or not 4-byte aligned");
+  };
+  cuda.def(
+      "bitplane_workspace_words", [](int device) { return fedmpq::cuda::bitplane_workspace_words(device); },
+      py::arg("device"), "4-byte words of a reduction workspace for the bit-plane kernels on `device`.");
+  cuda.def(
+      "dequantize",
+      [=](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t scale, int bits, uintptr_t out,
+          int64_t out_cap, int device, uintptr_t stream) {
+        check_elems("codes", codes, n, n, 1);
+        check_sign(sign, sign_nbytes, n);
+        check_code_bits(bits);
+        check_scalar("scale", scale);
+        check_elems("out", out, n, out_cap, 4);
+        check_disjoint("codes", codes, n, "out", out, 4 * n);
+        check_disjoint("sign", sign, 4 * bitmap_words(n), "out", out, 4 * n);
+        fedmpq::cuda::dequantize(ptr<const uint8_t>(codes), ptr<const uint32_t>(sign), n, bits, ptr<const float>(scale),
+                                 ptr<float>(out), device, stream);
+      },
+      py::arg("codes"), py::arg("n"), py::arg("sign"), py::arg("sign_nbytes"), py::arg("scale"), py::arg("bits"),
+      py::arg("out"), py::arg("out_cap"), py::arg("device"), py::arg("stream"),
+      "out[j] = sigma_j * (q_j * (*scale / (2^bits - 1))), float32; *scale is read on the device.");
+  cuda.def(
+      "dequantize_backward",
+      [=](uintptr_t grad, int64_t n, uintptr_t codes, uintptr_t sign, int64_t sign_nbytes, int bits, uintptr_t out,
+          uintptr_t ws, int64_t ws_words, int device, uintptr_t stream) {
+        check_elems("grad", grad, n, n, 4);
+        check_elems("codes", codes, n, n, 1);
+        check_sign(sign, sign_nbytes, n);
+        check_code_bits(bits);
+        check_scalar("out", out);
+        if (n > 0) check_workspace(ws, ws_words, device);
+        fedmpq::cuda::dequantize_backward(ptr<const float>(grad), ptr<const uint8_t>(codes), ptr<const uint32_t>(sign),
+                                          n, bits, ptr<float>(out), ptr<unsigned>(ws), device, stream);
+      },
+      py::arg("grad"), py::arg("n"), py::arg("codes"), py::arg("sign"), py::arg("sign_nbytes"), py::arg("bits"),
+      py::arg("out"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
+      "*out = (sum sigma_j q_j grad_j in float64) / (2^bits - 1) as float32, in one launch.");
+  cuda.def(
+      "plane_popcounts",
+      [=](uintptr_t codes, int64_t n, int bits, uintptr_t out, int64_t out_len, uintptr_t ws, int64_t ws_words,
+          int device, uintptr_t stream) {
+        check_elems("codes", codes, n, n, 1);
+        check_code_bits(bits);
+        check_elems("out", out, bits, out_len, 8);
+        if (n > 0) check_workspace(ws, ws_words, device);
+        fedmpq::cuda::plane_popcounts(ptr<const uint8_t>(codes), n, bits, ptr<int64_t>(out), ptr<unsigned>(ws), device,
+                                      stream);
+      },
+      py::arg("codes"), py::arg("n"), py::arg("bits"), py::arg("out"), py::arg("out_len"), py::arg("workspace"),
+      py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
+      "out[i] (int64) = number of codes with bit bits-1-i set, in one launch (n == 0: nothing is written).");
+  cuda.def(
+      "bitplane_step",
+      [=](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t mom, int64_t mom_len,
+          uintptr_t gs, uintptr_t grad, uintptr_t coef, int64_t coef_len, uintptr_t scale, int bits, double lr,
+          double momentum, int64_t key, uintptr_t key_ptr, uintptr_t out, uintptr_t ws, int64_t ws_words, int device,
+          uintptr_t stream) {
+        check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, bits);
+        check_step_scalars(lr, momentum);
+        require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
+        check_scalar("scale", scale);
+        require(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");  // null: the int key
+        require(out != 0 && out % 4 == 0, "out pointer (two float32) is null or not 4-byte aligned");
+        check_disjoint("out", out, 8, "gs", gs, 4);
+        if (n > 0) check_workspace(ws, ws_words, device);
+        fedmpq::cuda::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
+                                    ptr<const float>(grad), ptr<const float>(coef), ptr<const float>(scale), n, bits,
+                                    lr_f32(lr), static_cast<float>(momentum), static_cast<uint32_t>(key),
+                                    ptr<const int64_t>(key_ptr), ptr<float>(out), ptr<unsigned>(ws), device, stream);
+      },
+      py::arg("codes"), py::arg("n"), py::arg("sign"), py::arg("sign_nbytes"), py::arg("mom"), py::arg("mom_len"),
+      py::arg("gs"), py::arg("grad"), py::arg("coef"), py::arg("coef_len"), py::arg("scale"), py::arg("bits"),
+      py::arg("lr"), py::arg("momentum"), py::arg("key"), py::arg("key_ptr"), py::arg("out"), py::arg("workspace"),
+      py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
+      "The fused bit-plane step in place on codes, sign, mom and gs, two launches, no host synchronization: "
+      "out[0] = g_s (not finite: skipped), out[1] = the previous gs. key_ptr (an int64 on the device, its low 32 "
+      "bits) replaces key when not 0.");
+#endif
 }
 
 }  // namespace fedmpq::bindings

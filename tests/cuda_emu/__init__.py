@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Tuple
 
 import torch
 
@@ -157,10 +157,15 @@ class Emu:
         return torch.zeros(int(self.lib.emu_bitplane_workspace_words(0)), dtype=torch.int32)
 
     def _call(self, name: str, reads: Iterable[Optional[torch.Tensor]], *args) -> None:
+        self.call_raw(name, [(t.data_ptr(), t.numel() * t.element_size()) for t in reads if t is not None], *args)
+
+    def call_raw(self, name: str, ranges: Iterable[Tuple[int, int]], *args) -> None:
+        """Calls C entry ``name`` (emu.cpp) with ``args`` as they are (pointers as ints);
+        loads may read the (pointer, bytes) ``ranges``. ValueError for the launchers'
+        argument errors, EmuError for a kernel's."""
         self.lib.emu_clear_ranges()
-        for t in reads:
-            if t is not None:
-                self.lib.emu_add_range(t.data_ptr(), t.numel() * t.element_size())
+        for p, nbytes in ranges:
+            self.lib.emu_add_range(p, nbytes)
         rc = getattr(self.lib, name)(*args)
         if rc == 1:
             raise ValueError(self.lib.emu_message().decode())

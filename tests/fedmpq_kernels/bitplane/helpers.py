@@ -7,6 +7,7 @@ import functools
 import torch
 
 from fedmpq_kernels.bitplane import reference as R
+from fedmpq_kernels.pack.reference import pack_bitmap
 
 ALL_BITS = range(1, 9)
 SIZES = [0, 1, 7, 31, 33, 1000, 4097]
@@ -76,3 +77,25 @@ def step_args(**over) -> dict:
              scale=torch.tensor(1.0), bits=bits, lr=0.1, momentum=0.9, key=5)
     a.update(over)
     return a
+
+
+def random_codes_signs(n: int, bits: int, seed: int = 0):
+    """Random codes (zeros included) and a random sign bitmap, so that some zero codes carry
+    the sign bit (dequantize must give -0.0 there, as the reference)."""
+    g = torch.Generator().manual_seed(seed * 7919 + n * 13 + bits)
+    codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.int32).to(torch.uint8)
+    neg = torch.rand(n, generator=g) < 0.5
+    return codes, pack_bitmap(neg)
+
+
+def mid_round_state(n: int, bits: int, seed: int):
+    """A mid-round state: random codes and signs, random momentum codes of every kind, a
+    positive previous g_s."""
+    g = torch.Generator().manual_seed(seed)
+    codes, sign = random_codes_signs(n, bits, seed)
+    det = torch.randint(-1, 2, (bits, n), generator=g, dtype=torch.int32) * (
+        1 << torch.randint(0, bits + 1, (bits, n), generator=g, dtype=torch.int32))
+    stoch = torch.zeros_like(det)
+    stoch[bits - 1] = torch.randint(-1, 2, (n,), generator=g, dtype=torch.int32)
+    mom = R.encode_r(det, stoch)
+    return [codes, sign, mom, torch.tensor([0.0123])]

@@ -11,24 +11,15 @@ import pytest
 import torch
 
 from fedmpq_kernels.bitplane import reference as R
-from fedmpq_kernels.pack.reference import pack_bitmap
 from tests.cuda_emu import Guarded, words
 
-from .helpers import ALL_BITS, bits_of, reference_run, weights
+from .helpers import (ALL_BITS, assert_state_equal, bits_of, mid_round_state, random_codes_signs, reference_run,
+                      weights)
 
 # One SM (the emulator's default) is a grid of 8 blocks of 256 threads: 70001 elements take
 # the grid-stride loops several times, and 33 or 4097 cut a sign word short.
 SIZES = [1, 31, 32, 33, 1000, 4097, 70001]
 STEP_SIZES = [1, 33, 1000, 4097]
-
-
-def _codes_signs(n: int, bits: int, seed: int = 0):
-    """Random codes (zeros included) and a random sign bitmap, so that some zero codes carry
-    the sign bit (dequantize must give -0.0 there, as the reference)."""
-    g = torch.Generator().manual_seed(seed * 7919 + n * 13 + bits)
-    codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.int32).to(torch.uint8)
-    neg = torch.rand(n, generator=g) < 0.5
-    return codes, pack_bitmap(neg)
 
 
 def _stale(ws: torch.Tensor) -> torch.Tensor:
@@ -41,7 +32,7 @@ def _stale(ws: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("n", SIZES)
 def test_dequantize(emu, n):
     for bits in ALL_BITS:
-        codes, sign = _codes_signs(n, bits)
+        codes, sign = random_codes_signs(n, bits)
         scale = torch.tensor(0.7310585975646973)
         out = Guarded(n, torch.float32)
         emu.dequantize(codes, sign.view(torch.int32), bits, scale, out.t)
@@ -53,7 +44,7 @@ def test_dequantize(emu, n):
 @pytest.mark.parametrize("n", SIZES)
 def test_dequantize_backward(emu, n):
     for bits in ALL_BITS:
-        codes, sign = _codes_signs(n, bits, seed=1)
+        codes, sign = random_codes_signs(n, bits, seed=1)
         grad = torch.randn(n, generator=torch.Generator().manual_seed(n + bits))
         out = Guarded(1, torch.float32)
         ws = _stale(emu.bitplane_workspace())
@@ -67,7 +58,7 @@ def test_dequantize_backward(emu, n):
 def test_dequantize_backward_is_deterministic_whatever_the_block_order(emu):
     """The blocks' float64 sums are added in slot order by whichever block arrives last."""
     n, bits = 70001, 5
-    codes, sign = _codes_signs(n, bits, seed=2)
+    codes, sign = random_codes_signs(n, bits, seed=2)
     grad = torch.randn(n, generator=torch.Generator().manual_seed(3)) * torch.logspace(-6, 6, n)
     results = set()
     for seed in (0, 1, 2, 3):
@@ -84,7 +75,7 @@ def test_dequantize_backward_is_deterministic_whatever_the_block_order(emu):
 def test_plane_popcounts(emu, n, sms):
     emu.sm_count(sms)
     for bits in ALL_BITS:
-        codes, _ = _codes_signs(n, bits, seed=4)
+        codes, _ = random_codes_signs(n, bits, seed=4)
         out = Guarded(bits, torch.int64)
         ws = _stale(emu.bitplane_workspace())
         emu.block_order(bits)  # blocks and warps in a shuffled order, another per width
@@ -107,13 +98,6 @@ def _step(emu, state, scale, grad, coef, bits, lr, momentum, key, key_tensor=Non
     return out.t
 
 
-def _assert_state(got, want, where):
-    for name, a, b in zip(("codes", "sign", "mom", "gs"), got, want):
-        if a.dtype == torch.float32:
-            a, b = bits_of(a), bits_of(b)
-        assert torch.equal(a, b), f"{where}: {name} differs at {(a != b).nonzero()[:8].flatten().tolist()}"
-
-
 @pytest.mark.parametrize("lr, momentum", [(0.05, 0.9), (0.5, 0.9), (2.0, 0.0)])
 @pytest.mark.parametrize("n", STEP_SIZES)
 def test_step_follows_the_reference_trajectory(emu, n, lr, momentum):
@@ -130,22 +114,9 @@ def test_step_follows_the_reference_trajectory(emu, n, lr, momentum):
             where = f"n={n} bits={bits} lr={lr} step {t}"
             assert int(bits_of(out)[0]) == int(bits_of(want_gs)), f"{where}: g_s {float(out[0])} != {float(want_gs)}"
             assert int(bits_of(out)[1]) == int(bits_of(prev)[0]), f"{where}: out[1] is not the previous gs"
-            _assert_state(state, want, where)
+            assert_state_equal(state, want, where)
         if n >= 1000 and lr >= 0.5:  # the trajectory really moves
             assert int(state[2].count_nonzero()) > 0 and (state[0] != c0).any()
-
-
-def _random_state(n: int, bits: int, seed: int):
-    """A mid-round state: random codes and signs, random momentum codes of every kind, a
-    positive previous g_s."""
-    g = torch.Generator().manual_seed(seed)
-    codes, sign = _codes_signs(n, bits, seed)
-    det = torch.randint(-1, 2, (bits, n), generator=g, dtype=torch.int32) * (
-        1 << torch.randint(0, bits + 1, (bits, n), generator=g, dtype=torch.int32))
-    stoch = torch.zeros_like(det)
-    stoch[bits - 1] = torch.randint(-1, 2, (n,), generator=g, dtype=torch.int32)
-    mom = R.encode_r(det, stoch)
-    return [codes, sign, mom, torch.tensor([0.0123])]
 
 
 @pytest.mark.parametrize("sms, order", [(1, 0), (2, 5), (5, 9)])
@@ -157,7 +128,7 @@ def test_step_from_a_mid_round_state_any_grid_and_block_order(emu, sms, order):
     emu.warp_order(order)
     n = 70001
     for bits in (1, 4, 8):
-        state = _random_state(n, bits, seed=bits)
+        state = mid_round_state(n, bits, seed=bits)
         ref = [t.clone() for t in state]
         g = torch.Generator().manual_seed(bits)
         grad = torch.randn(n, generator=g) * 0.05
@@ -167,7 +138,7 @@ def test_step_from_a_mid_round_state_any_grid_and_block_order(emu, sms, order):
         want = R.bitplane_step(*ref, grad, coef, scale, bits, 0.3, 0.9, key)
         out = _step(emu, state, scale, grad, coef, bits, 0.3, 0.9, key)
         assert int(bits_of(out)[0]) == int(bits_of(want))
-        _assert_state(state, ref, f"{bits} bits, {sms} SMs, order {order}")
+        assert_state_equal(state, ref, f"{bits} bits, {sms} SMs, order {order}")
 
 
 def test_step_device_key_takes_the_low_32_bits(emu):
@@ -175,14 +146,14 @@ def test_step_device_key_takes_the_low_32_bits(emu):
     the update kernel."""
     n, bits = 4097, 3
     key = R.step_key(11, 2, 1)
-    base = _random_state(n, bits, seed=3)
+    base = mid_round_state(n, bits, seed=3)
     grad = torch.randn(n, generator=torch.Generator().manual_seed(5)) * 0.2
     coef, scale = torch.zeros(bits), torch.tensor(1.0)
     a = [t.clone() for t in base]
     _step(emu, a, scale, grad, coef, bits, 0.8, 0.5, key)
     b = [t.clone() for t in base]
     _step(emu, b, scale, grad, coef, bits, 0.8, 0.5, None, key_tensor=torch.tensor([key + (5 << 32)]))
-    _assert_state(b, a, "device key")
+    assert_state_equal(b, a, "device key")
     c = [t.clone() for t in base]
     _step(emu, c, scale, grad, coef, bits, 0.8, 0.5, key ^ 1)
     assert not torch.equal(c[0], a[0]) or not torch.equal(c[2], a[2]), "another key draws the same numbers"
@@ -191,32 +162,32 @@ def test_step_device_key_takes_the_low_32_bits(emu):
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_step_non_finite_is_skipped(emu, bad):
     n, bits = 1000, 4
-    state = _random_state(n, bits, seed=6)
+    state = mid_round_state(n, bits, seed=6)
     before = [t.clone() for t in state]
     grad = torch.randn(n)
     grad[517] = bad
     out = _step(emu, state, torch.tensor(0.5), grad, torch.zeros(bits), bits, 0.1, 0.9, 9)
     assert not torch.isfinite(out[0])
     assert int(bits_of(out)[1]) == int(bits_of(before[3])[0])
-    _assert_state(state, before, f"grad {bad}")
+    assert_state_equal(state, before, f"grad {bad}")
 
 
 def test_step_lr_overflow_is_skipped(emu):
     """g_s finite but lr * g_s past float32: status +inf, nothing written."""
     n, bits = 100, 2
-    state = _random_state(n, bits, seed=7)
+    state = mid_round_state(n, bits, seed=7)
     before = [t.clone() for t in state]
     grad = torch.full((n,), 1e30)
     out = _step(emu, state, torch.tensor(1e3), grad, torch.zeros(bits), bits, 1e20, 0.0, 9)
     assert float(out[0]) == float("inf")
-    _assert_state(state, before, "lr overflow")
+    assert_state_equal(state, before, "lr overflow")
 
 
 def test_step_zero_g_s_zeroes_momentum_only(emu):
     """Every d is 0 (no gradient, no coefficient, previous gs 0 under nonzero momentum
     codes): mom <- 0 and gs <- 0, codes and signs unchanged."""
     n, bits = 4097, 6
-    state = _random_state(n, bits, seed=8)
+    state = mid_round_state(n, bits, seed=8)
     state[3].zero_()
     codes, sign = state[0].clone(), state[1].clone()
     out = _step(emu, state, torch.tensor(0.5), torch.zeros(n), torch.zeros(bits), bits, 0.1, 0.9, 9)
@@ -229,7 +200,7 @@ def test_step_writes_nothing_outside_its_buffers(emu):
     """codes, the sign words and mom with canaries around them: the last, partial sign word
     gets zeros past n and the words after it are untouched."""
     n, bits = 1000 + 7, 3
-    base = _random_state(n, bits, seed=9)
+    base = mid_round_state(n, bits, seed=9)
     codes, sign, mom = Guarded(n, torch.uint8), Guarded(words(n), torch.int32), Guarded(bits * n, torch.uint8)
     codes.t.copy_(base[0])
     sign.t.copy_(base[1].view(torch.int32))
@@ -240,7 +211,7 @@ def test_step_writes_nothing_outside_its_buffers(emu):
     state = [codes.t, sign.t.view(torch.uint8), mom.t.view(bits, n), base[3]]
     out = _step(emu, state, torch.tensor(0.9), grad, torch.zeros(bits), bits, 0.7, 0.9, 17)
     assert int(bits_of(out)[0]) == int(bits_of(want))
-    _assert_state(state, ref, "guarded")
+    assert_state_equal(state, ref, "guarded")
     assert int(sign.t[-1]) >> (n % 32) == 0, "bits past n in the last sign word"
     for g, name in ((codes, "codes"), (sign, "sign"), (mom, "mom")):
         g.check(name)

@@ -1,0 +1,143 @@
+"""Bit-plane training, CUDA backend: adapters to the CUDA kernels in csrc/cuda/bitplane.cu,
+through ``fedmpq_kernels._C.cuda``. Contracts: :mod:`fedmpq_kernels.bitplane.reference`
+(same signatures, same results bit for bit; ``dequantize_backward`` sums in float64 in
+another order, within 1e-6 relative).
+
+Why beside the Triton backend: a native launch costs the host a few microseconds where
+Triton's Python launcher costs tens, and a client step makes about four of these calls per
+layer. ``binarize`` (once per layer and round) is not here: the registry takes it from the
+Triton backend, or the reference.
+
+Launches run inside :func:`fedmpq_kernels._device.on_device` on torch's current stream,
+never synchronize, and never read a device value on the host: the scale, g_s and a device
+key stay on the device, so a step can be captured in a CUDA graph. Reductions finish in the
+kernel's last block in the per-stream workspace of :func:`fedmpq_kernels._device.workspace`.
+Inputs of any strides or dtypes are made contiguous float32 first; a state tensor updated in
+place that the kernel cannot use as it is gets a working copy, written back after it.
+
+The kernels are compiled for sm_80/sm_90 and pass their tests on the host under
+tests/cuda_emu (CI), but have NOT yet run on a GPU: ``tools/gpu_check.sh`` runs the
+bit-plane tests with backend case ``cuda``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from .._buffers import words
+from .._checks import bitmap_nbytes
+from .._device import on_device, raw_stream, workspace
+from .._native import native
+
+Tensor = torch.Tensor
+_F32 = torch.float32
+_WS_WORDS: Dict[int, int] = {}  # device index -> bitplane_workspace_words (the SM count does not change)
+
+
+def _workspace(dev: torch.device, stream: int):
+    """(pointer, words) of the reduction workspace for ``stream`` (csrc/cuda/bitplane.h)."""
+    n = _WS_WORDS.get(dev.index)
+    if n is None:
+        n = _WS_WORDS[dev.index] = native.cuda.bitplane_workspace_words(dev.index)
+    return workspace(dev, stream, n).data_ptr(), n
+
+
+def _f32(t: Tensor) -> Tensor:
+    """t flattened as contiguous float32 (no copy when it already is)."""
+    t = t.reshape(-1)
+    if t.dtype is not _F32:
+        t = t.float()
+    return t.contiguous()
+
+
+def _scale(t: Tensor, dev: torch.device) -> Tensor:
+    """A one-element scale as a float32 on ``dev`` readable through its data pointer."""
+    if t.dtype is _F32 and t.is_contiguous() and t.device == dev:
+        return t
+    return t.detach().reshape(1).to(device=dev, dtype=_F32).contiguous()
+
+
+def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
+    dev = codes.device
+    c = codes.reshape(-1).contiguous()
+    n = c.numel()
+    out = torch.empty(n, dtype=_F32, device=dev)
+    if n == 0:
+        return out
+    nbytes = bitmap_nbytes(n)
+    sw = words(sign, nbytes)
+    s = _scale(scale, dev)
+    with on_device(dev):
+        native.cuda.dequantize(c.data_ptr(), n, sw.data_ptr(), sw.numel(), s.data_ptr(), bits, out.data_ptr(), n,
+                               dev.index, raw_stream(dev))
+    return out
+
+
+def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
+    dev = codes.device
+    c = codes.reshape(-1).contiguous()
+    n = c.numel()
+    g = _f32(grad)
+    if g.numel() != n:
+        raise ValueError(f"grad has {g.numel()} elements, codes {n}")
+    if n == 0:
+        return torch.zeros((), dtype=_F32, device=dev)
+    sw = words(sign, bitmap_nbytes(n))
+    out = torch.empty((), dtype=_F32, device=dev)  # written by the kernel's last block
+    with on_device(dev):
+        stream = raw_stream(dev)
+        ws, ws_words = _workspace(dev, stream)
+        native.cuda.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), bits,
+                                        out.data_ptr(), ws, ws_words, dev.index, stream)
+    return out
+
+
+def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
+    dev = codes.device
+    c = codes.reshape(-1).contiguous()
+    n = c.numel()
+    if n == 0:
+        return torch.zeros(bits, dtype=torch.int64, device=dev)
+    out = torch.empty(bits, dtype=torch.int64, device=dev)
+    with on_device(dev):
+        stream = raw_stream(dev)
+        ws, ws_words = _workspace(dev, stream)
+        native.cuda.plane_popcounts(c.data_ptr(), n, bits, out.data_ptr(), bits, ws, ws_words, dev.index, stream)
+    return out
+
+
+def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
+                  scale: Tensor, bits: int, lr: float, momentum: float, key: int,
+                  key_tensor: Optional[Tensor] = None) -> Tensor:
+    """``key_tensor`` (a one-element int64 tensor on codes' device): the update kernel loads
+    the key from it (no host read, capturable in a CUDA graph) and ``key`` is ignored."""
+    dev = codes.device
+    n = codes.numel()
+    if n == 0:  # the reference: max over nothing is 0, so g_s = 0 (mom is empty)
+        gs.zero_()
+        return torch.zeros((), dtype=_F32, device=dev)
+    # Working copies of the in-place state where the kernel cannot use it as it is.
+    c = codes.reshape(-1) if codes.is_contiguous() else codes.contiguous().reshape(-1)
+    sw = words(sign)
+    m = mom.reshape(-1) if mom.is_contiguous() else mom.contiguous().reshape(-1)  # the public function checks
+    g_state = words(gs)  # the one float32, read and written as a word
+    g = _f32(grad)
+    cf = _f32(coef)
+    sc = _scale(scale, dev)
+    if key_tensor is None:
+        key_ptr = 0
+    else:
+        key, key_ptr = 0, key_tensor.data_ptr()  # the element's address, whatever the strides
+    out = torch.empty(2, dtype=_F32, device=dev)  # g_s (returned), then the previous gs (pass 2's)
+    with on_device(dev):
+        stream = raw_stream(dev)
+        ws, ws_words = _workspace(dev, stream)
+        native.cuda.bitplane_step(c.data_ptr(), n, sw.data_ptr(), sw.numel(), m.data_ptr(), m.numel(),
+                                  g_state.data_ptr(), g.data_ptr(), cf.data_ptr(), cf.numel(),
+                                  sc.data_ptr(), bits, float(lr), float(momentum), int(key) & 0xFFFFFFFF,
+                                  key_ptr, out.data_ptr(), ws, ws_words, dev.index, stream)
+    for work, state in ((c, codes), (sw, sign), (m, mom), (g_state, gs)):
+        if work.data_ptr() != state.data_ptr():  # a working copy: write it back
+            state.copy_(work.view(state.shape))
+    return out[0]

@@ -1,0 +1,154 @@
+"""The CUDA backend's adapters (fedmpq_kernels/bitplane/cuda.py) without a GPU: CPU tensors,
+with the CUDA kernels compiled for the host (tests/cuda_emu) standing in for ``_C.cuda`` and
+a CPU tensor for the per-stream workspace. This checks what the adapters add to the kernels
+(argument order, working copies of strided or misaligned state and their write-back, dtype
+conversions, device keys, empty layers) against the reference; the kernels themselves are
+test_cuda_emulated.py's, the bindings' checks test_cuda_binding.py's."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fedmpq_kernels.bitplane import reference as R
+
+from .helpers import ALL_BITS, assert_state_equal, bits_of, mid_round_state, random_codes_signs, reference_run, weights
+
+
+class _EmulatedLaunchers:
+    """``_C.cuda``'s bit-plane functions, with the bindings' signatures, calling the emulated
+    launchers on host pointers (a CPU tensor's device index is None: device 0)."""
+
+    def __init__(self, emu):
+        self.emu = emu
+        self.calls = []
+
+    def bitplane_workspace_words(self, device):
+        return int(self.emu.lib.emu_bitplane_workspace_words(device or 0))
+
+    def dequantize(self, codes, n, sign, sign_nbytes, scale, bits, out, out_cap, device, stream):
+        self.calls.append("dequantize")
+        self.emu.call_raw("emu_dequantize", [(codes, n), (sign, sign_nbytes), (scale, 4)], codes, sign, n, bits, scale,
+                          out, device or 0)
+
+    def dequantize_backward(self, grad, n, codes, sign, sign_nbytes, bits, out, ws, ws_words, device, stream):
+        self.calls.append("dequantize_backward")
+        self.emu.call_raw("emu_dequantize_backward", [(grad, 4 * n), (codes, n), (sign, sign_nbytes), (ws, 4 * ws_words)],
+                          grad, codes, sign, n, bits, out, ws, device or 0)
+
+    def plane_popcounts(self, codes, n, bits, out, out_len, ws, ws_words, device, stream):
+        self.calls.append("plane_popcounts")
+        self.emu.call_raw("emu_plane_popcounts", [(codes, n), (ws, 4 * ws_words)], codes, n, bits, out, ws, device or 0)
+
+    def bitplane_step(self, codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, lr,
+                      momentum, key, key_ptr, out, ws, ws_words, device, stream):
+        self.calls.append("bitplane_step")
+        ranges = [(codes, n), (sign, sign_nbytes), (mom, mom_len), (gs, 4), (grad, 4 * n), (coef, 4 * coef_len),
+                  (scale, 4), (out, 8), (ws, 4 * ws_words)] + ([(key_ptr, 8)] if key_ptr else [])
+        self.emu.call_raw("emu_bitplane_step", ranges, codes, sign, mom, gs, grad, coef, scale, n, bits, lr, momentum,
+                          key, key_ptr or None, out, ws, device or 0)
+
+
+@pytest.fixture
+def bc(emu, monkeypatch):
+    """fedmpq_kernels.bitplane.cuda wired to the emulated kernels (``bc.native.cuda.calls``
+    lists the launcher calls)."""
+    from fedmpq_kernels.bitplane import cuda as bc
+
+    workspaces = {}
+    monkeypatch.setattr(bc, "native", SimpleNamespace(cuda=_EmulatedLaunchers(emu)))
+    monkeypatch.setattr(bc, "raw_stream", lambda dev: 0)
+    monkeypatch.setattr(bc, "workspace", lambda dev, stream, words: workspaces.setdefault(
+        words, torch.zeros(words, dtype=torch.int32)))
+    monkeypatch.setattr(bc, "_WS_WORDS", {})
+    return bc
+
+
+def _odd(t: torch.Tensor) -> torch.Tensor:
+    """A copy of the uint8 tensor t one byte past a 4-byte boundary (the adapters must copy
+    it to read words)."""
+    raw = torch.empty(t.numel() + 1, dtype=torch.uint8)
+    raw[1:].copy_(t.reshape(-1))
+    return raw[1:]
+
+
+def test_dequantize_and_popcounts_take_strided_and_misaligned_inputs(bc):
+    n = 1000
+    for bits in ALL_BITS:
+        codes, sign = random_codes_signs(n, bits, seed=bits)
+        strided = torch.zeros(2 * n, dtype=torch.uint8)[::2]
+        strided.copy_(codes)
+        scale = torch.tensor(0.3, dtype=torch.float64)  # converted to float32 by the adapter
+        got = bc.dequantize(strided, _odd(sign), scale, bits)
+        want = R.dequantize(codes, sign, scale.float(), bits)
+        assert torch.equal(bits_of(got), bits_of(want)), f"{bits} bits"
+        assert torch.equal(bc.plane_popcounts(strided, bits), R.plane_popcounts(codes, bits))
+    assert bc.native.cuda.calls.count("dequantize") == 8
+
+
+def test_dequantize_backward_takes_float64_and_strided_gradients(bc):
+    n, bits = 4097, 5
+    codes, sign = random_codes_signs(n, bits, seed=2)
+    g32 = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    g64 = torch.zeros(2 * n, dtype=torch.float64)[1::2]  # float32 values: the conversion is exact
+    g64.copy_(g32)
+    got = bc.dequantize_backward(g64, codes, _odd(sign), bits)
+    want = R.dequantize_backward(g32, codes, sign, bits)
+    assert got.shape == () and got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="grad has 3 elements, codes 4097"):
+        bc.dequantize_backward(torch.zeros(3), codes, sign, bits)
+
+
+def test_empty_layers_launch_nothing(bc):
+    e = torch.empty(0, dtype=torch.uint8)
+    assert bc.dequantize(e, e, torch.tensor(1.0), 3).shape == (0,)
+    assert float(bc.dequantize_backward(torch.empty(0), e, e, 3)) == 0.0
+    assert torch.equal(bc.plane_popcounts(e, 3), torch.zeros(3, dtype=torch.int64))
+    gs = torch.tensor([5.0])
+    g_s = bc.bitplane_step(e, e, torch.empty(3, 0, dtype=torch.uint8), gs, torch.empty(0), torch.zeros(3),
+                           torch.tensor(1.0), 3, 0.1, 0.9, 7)
+    assert float(g_s) == 0.0 and float(gs) == 0.0  # the reference: g_s = 0 zeroes gs
+    assert bc.native.cuda.calls == []
+
+
+@pytest.mark.parametrize("n", [33, 1000])
+def test_step_follows_the_reference_through_the_adapter(bc, n):
+    """Five steps: the state and g_s bit for bit; the returned g_s a 0-dim float32."""
+    for bits in (1, 3, 8):
+        traj = reference_run(n, bits, 0.5, 0.9)
+        codes, sign, scale = R.binarize(weights(n, bits), bits)
+        state = [codes, sign, torch.zeros(bits, n, dtype=torch.uint8), torch.zeros(1)]
+        for t, (grad, coef, key, want, want_gs) in enumerate(traj):
+            g_s = bc.bitplane_step(*state, grad, coef, scale, bits, 0.5, 0.9, key)
+            assert g_s.shape == () and g_s.dtype == torch.float32
+            assert int(bits_of(g_s)) == int(bits_of(want_gs)), f"bits={bits} step {t}"
+            assert_state_equal(state, want, f"n={n} bits={bits} step {t}")
+
+
+def test_step_writes_back_working_copies_and_reads_a_device_key(bc):
+    """Codes strided, the sign bitmap at an odd byte offset and longer than its words, gs a
+    strided view, a 0-dim key tensor with high bits set: the adapter copies what the kernel
+    cannot take, writes it back, and the key's low 32 bits give the int key's result."""
+    n, bits = 1000, 4
+    base = mid_round_state(n, bits, seed=11)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(2)) * 0.3
+    coef = torch.rand(bits, generator=torch.Generator().manual_seed(3)) * 1e-3
+    scale, key = torch.tensor(0.8), R.step_key(5, 9, 2)
+    ref = [t.clone() for t in base]
+    want_gs = R.bitplane_step(*ref, grad, coef, scale, bits, 0.4, 0.9, key)
+
+    codes = torch.zeros(2 * n, dtype=torch.uint8)[::2]
+    codes.copy_(base[0])
+    tail = torch.tensor([0xAB, 0xCD], dtype=torch.uint8)
+    sign = _odd(torch.cat([base[1], tail]))
+    mom = base[2].clone()
+    gs_buf = torch.tensor([base[3].item(), 42.0])
+    gs = gs_buf[:1]
+    g_s = bc.bitplane_step(codes, sign, mom, gs, grad.double(), coef, scale, bits, 0.4, 0.9,
+                           torch.tensor(key + (3 << 40)))
+    assert int(bits_of(g_s)) == int(bits_of(want_gs))
+    assert_state_equal([codes.contiguous(), sign[:-2].clone(), mom, gs.clone()], ref, "working copies")
+    assert torch.equal(sign[-2:], tail), "the bytes past the sign words changed"
+    assert float(gs_buf[1]) == 42.0

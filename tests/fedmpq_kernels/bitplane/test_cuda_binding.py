@@ -1,0 +1,104 @@
+"""The CUDA bit-plane bindings (csrc/bindings/bitplane.cpp, ``_C.cuda``) refuse inconsistent
+sizes and pointers with a ValueError naming the problem, before any launch: no GPU is needed,
+since every call below is refused first (the addresses are never dereferenced)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmpq_kernels._native import native
+
+needs_cuda_build = pytest.mark.skipif(native is None or not getattr(native, "with_cuda", False),
+                                      reason="fedmpq_kernels._C was built without CUDA")
+_P = 1 << 20  # fake device addresses, 8-byte aligned and far apart
+
+
+def _dq(**over):
+    a = dict(codes=_P, n=100, sign=2 * _P, sign_nbytes=16, scale=3 * _P, bits=4, out=4 * _P, out_cap=100, device=-1,
+             stream=0)
+    a.update(over)
+    return a
+
+
+def _dqb(**over):
+    a = dict(grad=_P, n=100, codes=2 * _P, sign=3 * _P, sign_nbytes=16, bits=4, out=4 * _P, workspace=5 * _P,
+             workspace_words=1 << 20, device=-1, stream=0)
+    a.update(over)
+    return a
+
+
+def _pc(**over):
+    a = dict(codes=_P, n=100, bits=4, out=2 * _P, out_len=4, workspace=3 * _P, workspace_words=1 << 20, device=-1,
+             stream=0)
+    a.update(over)
+    return a
+
+
+def _step(**over):
+    a = dict(codes=_P, n=100, sign=2 * _P, sign_nbytes=16, mom=3 * _P, mom_len=400, gs=4 * _P, grad=5 * _P,
+             coef=6 * _P, coef_len=4, scale=7 * _P, bits=4, lr=0.1, momentum=0.9, key=5, key_ptr=0, out=8 * _P,
+             workspace=9 * _P, workspace_words=1 << 20, device=-1, stream=0)
+    a.update(over)
+    return a
+
+
+CASES = [
+    ("dequantize", _dq, dict(n=-1), "negative element count"),
+    ("dequantize", _dq, dict(codes=0), "codes: null data pointer"),
+    ("dequantize", _dq, dict(sign_nbytes=12), "sign bitmap has 12 bytes, needs 16"),
+    ("dequantize", _dq, dict(sign=2 * _P + 2), "sign bitmap must be 4-byte aligned"),
+    ("dequantize", _dq, dict(bits=9), "bits must be in 1..8, got 9"),
+    ("dequantize", _dq, dict(scale=0), "scale pointer is null"),
+    ("dequantize", _dq, dict(out_cap=99), "out: buffer holds 99 elements, needs 100"),
+    ("dequantize", _dq, dict(out=4 * _P + 2), "out: data pointer is not 4-byte aligned"),
+    ("dequantize", _dq, dict(out=_P - 4), "codes and out overlap"),
+    ("dequantize_backward", _dqb, dict(grad=_P + 1), "grad: data pointer is not 4-byte aligned"),
+    ("dequantize_backward", _dqb, dict(bits=0), "bits must be in 1..8, got 0"),
+    ("dequantize_backward", _dqb, dict(out=0), "out pointer is null"),
+    ("dequantize_backward", _dqb, dict(workspace=0), "reduction workspace pointer is null"),
+    ("dequantize_backward", _dqb, dict(workspace=5 * _P + 4), "not 8-byte aligned"),
+    ("dequantize_backward", _dqb, dict(n=(1 << 56) + 1), "more than the"),
+    ("plane_popcounts", _pc, dict(out_len=3), "out: buffer holds 3 elements, needs 4"),
+    ("plane_popcounts", _pc, dict(out=2 * _P + 4), "out: data pointer is not 8-byte aligned"),
+    ("plane_popcounts", _pc, dict(workspace=0), "reduction workspace pointer is null"),
+    ("bitplane_step", _step, dict(n=1 << 32, sign_nbytes=1 << 31, mom_len=1 << 34), "2\\^32 weights"),
+    ("bitplane_step", _step, dict(mom_len=399), "mom: buffer holds 399 elements, needs 400"),
+    ("bitplane_step", _step, dict(coef_len=3), "coef: buffer holds 3 elements, needs 4"),
+    ("bitplane_step", _step, dict(gs=0), "gs: null data pointer"),
+    ("bitplane_step", _step, dict(lr=0.0), "lr must be finite and > 0"),
+    ("bitplane_step", _step, dict(lr=float("inf")), "lr must be finite and > 0"),
+    ("bitplane_step", _step, dict(momentum=1.0), "momentum must be in \\[0, 1\\)"),
+    ("bitplane_step", _step, dict(key=1 << 32), "key must be a uint32"),
+    ("bitplane_step", _step, dict(scale=7 * _P + 2), "scale pointer is null or not 4-byte aligned"),
+    ("bitplane_step", _step, dict(key_ptr=10 * _P + 4), "key pointer is not 8-byte aligned"),
+    ("bitplane_step", _step, dict(out=0), "out pointer"),
+    ("bitplane_step", _step, dict(out=4 * _P - 4), "out and gs overlap"),
+    ("bitplane_step", _step, dict(mom=_P + 50), "codes and mom overlap"),
+    ("bitplane_step", _step, dict(grad=3 * _P + 200), "mom and grad overlap"),
+    ("bitplane_step", _step, dict(workspace=0), "reduction workspace pointer is null"),
+]
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("fn, args, over, match", CASES, ids=[f"{c[0]}-{'-'.join(c[2])}" for c in CASES])
+def test_cuda_binding_rejects_inconsistent_arguments(fn, args, over, match):
+    with pytest.raises(ValueError, match=match):
+        getattr(native.cuda, fn)(**args(**over))
+
+
+@needs_cuda_build
+def test_cuda_bindings_launch_nothing_for_no_elements():
+    """n = 0: no workspace or device needed, nothing launched (no GPU touched)."""
+    assert native.cuda.dequantize(**_dq(n=0, out_cap=0)) is None
+    assert native.cuda.dequantize_backward(**_dqb(n=0, workspace=0, workspace_words=0)) is None
+    assert native.cuda.plane_popcounts(**_pc(n=0, workspace=0, workspace_words=0)) is None
+    assert native.cuda.bitplane_step(**_step(n=0, mom_len=0, workspace=0, workspace_words=0)) is None
+
+
+@needs_cuda_build
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error")
+def test_cuda_binding_without_a_gpu_raises_a_clear_error():
+    """Valid arguments on a machine without a GPU reach the CUDA runtime, whose error comes
+    back as a RuntimeError naming it (not a crash)."""
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        native.cuda.dequantize(**_dq(device=0))
