@@ -172,8 +172,7 @@ void step_update(const Step& c, const float* grad, uint8_t* codes, uint32_t* sig
     for (int64_t t = 0; t < cnt; ++t) {
       const float pt = p[t] < 1.0f ? p[t] : 1.0f;
       const uint32_t j = static_cast<uint32_t>(i0 + t);
-      const uint32_t h = mix32(c.key ^ mix32(j ^ 0x85EBCA6Bu));
-      const float u = static_cast<float>(h >> 8) * 0x1p-24f;
+      const float u = static_cast<float>(uniform_bits(c.key, j)) * 0x1p-24f;
       int st = 0;
       uint8_t stc = 0;
       if (u < pt) {

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/bitmap.h"
+#include "common/generator.h"
 
 namespace fedmpq::cpu {
 
@@ -70,15 +71,5 @@ uint32_t step_max_bits(const BitplaneStep& c, const float* grad, const uint8_t* 
 void step_update(const BitplaneStep& c, const float* grad, uint8_t* codes, uint32_t* sign, uint8_t* mom, int64_t b,
                  int64_t e);
 }  // namespace avx2
-
-// The counter-based generator's hash (reference.mix32_int).
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x21F0AAADu;
-  x ^= x >> 15;
-  x *= 0x735A2D97u;
-  x ^= x >> 15;
-  return x;
-}
 
 }  // namespace fedmpq::cpu

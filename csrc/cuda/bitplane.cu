@@ -29,6 +29,7 @@
 #include <string>
 #include <type_traits>
 
+#include "common/generator.h"
 #include "cuda/bitplane.h"
 #include "cuda/cuda_utils.cuh"
 #include "cuda/reduce.cuh"
@@ -38,7 +39,6 @@ namespace fedmpq::cuda {
 namespace {
 
 constexpr int kBlock = 256;  // threads per block
-constexpr int kWarps = kBlock / 32;
 constexpr int kBlocksPerSm = 8;  // the grid cap (grids depend on n and the device only)
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxBits = 8;
@@ -238,16 +238,6 @@ __global__ void __launch_bounds__(kBlock) step_max_kernel(StepArgs s, float* gs,
   detail::release_ticket(ws);
 }
 
-// The counter-based generator's hash (reference.mix32_int).
-__device__ __forceinline__ uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x21F0AAADu;
-  x ^= x >> 15;
-  x *= 0x735A2D97u;
-  x ^= x >> 15;
-  return x;
-}
-
 // Steps 3-7 for element j (valid: j < n), returning its new sign bit; writes its code and
 // its N momentum codes.
 template <int N>
@@ -277,8 +267,7 @@ __device__ __forceinline__ uint32_t update_elem(const StepArgs& s, int64_t j, ui
     if (I == N - 1) {
       // step 4: the stochastic LSB, u_j from the counter-based generator
       p = p < 1.0f ? p : 1.0f;
-      const uint32_t h = mix32(key ^ mix32(static_cast<uint32_t>(j) ^ 0x85EBCA6Bu));
-      const float u = __fmul_rn(static_cast<float>(h >> 8), 0x1p-24f);
+      const float u = __fmul_rn(static_cast<float>(uniform_bits(key, static_cast<uint32_t>(j))), 0x1p-24f);
       if (u < p) {
         R += pos0 ? 1 : -1;
         code |= pos0 ? 1u : 2u;

@@ -49,7 +49,6 @@ namespace fedmpq::cuda {
 namespace {
 
 constexpr int kBlock = 256;  // threads per block
-constexpr int kWarps = kBlock / 32;
 // 8 blocks of 256 threads = 2048 resident threads per SM on sm_80/sm_90 (the maximum):
 // at one 16-byte load in flight per thread that is 32 KiB per SM, enough to cover the
 // memory latency at full bandwidth. __launch_bounds__ holds the kernels to 32 registers

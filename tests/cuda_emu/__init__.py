@@ -43,7 +43,8 @@ def rewrite_launches(text: str) -> str:
 
 def _inputs() -> list[Path]:
     cuda = CSRC / "cuda"
-    return sorted([*cuda.glob("*.cu"), *cuda.glob("*.h"), *cuda.glob("*.cuh"), *HERE.glob("*.h"), *HERE.glob("*.cpp"),
+    return sorted([*cuda.glob("*.cu"), *cuda.glob("*.h"), *cuda.glob("*.cuh"), *(CSRC / "common").glob("*.h"),
+                   *HERE.glob("*.h"), *HERE.glob("*.cpp"),
                    *(HERE / "include").glob("*.h"), Path(__file__)])
 
 

@@ -146,7 +146,8 @@ def test_step_writes_back_working_copies_and_reads_a_device_key(bc):
     mom = base[2].clone()
     gs_buf = torch.tensor([base[3].item(), 42.0])
     gs = gs_buf[:1]
-    g_s = bc.bitplane_step(codes, sign, mom, gs, grad.double(), coef, scale, bits, 0.4, 0.9,
+    # as ops.bitplane_step calls it with a tensor key: the int key 0 and the tensor
+    g_s = bc.bitplane_step(codes, sign, mom, gs, grad.double(), coef, scale, bits, 0.4, 0.9, 0,
                            torch.tensor(key + (3 << 40)))
     assert int(bits_of(g_s)) == int(bits_of(want_gs))
     assert_state_equal([codes.contiguous(), sign[:-2].clone(), mom, gs.clone()], ref, "working copies")
