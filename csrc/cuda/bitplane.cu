@@ -54,7 +54,9 @@ __device__ __forceinline__ uint32_t sign_bit(const uint32_t* __restrict__ sign, 
 }
 
 // x with its sign bit flipped when neg is 1: exactly torch's -x, -0.0 included.
-__device__ __forceinline__ float negate_if(float x, uint32_t neg) { return __uint_as_float(__float_as_uint(x) ^ (neg << 31)); }
+__device__ __forceinline__ float negate_if(float x, uint32_t neg) {
+  return __uint_as_float(__float_as_uint(x) ^ (neg << 31));
+}
 
 // ---- dequantize and its backward ----------------------------------------------------
 
@@ -113,7 +115,8 @@ __global__ void __launch_bounds__(kBlock) popcount_kernel(const uint8_t* __restr
 #pragma unroll
   for (int i = 0; i < BITS; ++i) {
     unsigned long long c = 0;
-    for (unsigned b = threadIdx.x; b < gridDim.x; b += kBlock) c += __ldcg(partials + static_cast<int64_t>(b) * BITS + i);
+    for (unsigned b = threadIdx.x; b < gridDim.x; b += kBlock)
+      c += __ldcg(partials + static_cast<int64_t>(b) * BITS + i);
     c = detail::block_reduce<kBlock>(c, 0ull, detail::SumOp{});
     if (threadIdx.x == 0) out[i] = static_cast<int64_t>(c);
     __syncthreads();

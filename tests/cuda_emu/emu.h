@@ -4,12 +4,14 @@
 //
 // What it models: thread/block indices; warp shuffles and ballots as warp-wide meeting
 // points (all 32 lanes must arrive, as the full mask promises: a lane that exited or waits
-// elsewhere is reported, not hung); __syncthreads; __shared__ as one copy per block (blocks
-// run one after another); atomics; IEEE float32 math without contraction (built with
-// -ffp-contract=off, as the module is with --fmad=false); float16/bfloat16 conversions
-// rounding to nearest even. Loads through __ldg/__ldcg are checked against the buffers the
-// caller registered (emu_add_range): inside the 16-byte-aligned span of one buffer and
-// touching it, and aligned for their width. What it cannot model: memory ordering between
+// elsewhere is reported, not hung); __syncthreads; a block's warps in lockstep or one at a
+// time in a shuffled order, each as far as it can go (emu_set_warp_order: a missing
+// __syncthreads shows); __shared__ as one copy per block (blocks run one after another);
+// atomics; IEEE float32 math without contraction (built with -ffp-contract=off, as the
+// module is with --fmad=false); float16/bfloat16 conversions rounding to nearest even.
+// Loads through __ldg/__ldcg are checked against the buffers the caller registered
+// (emu_add_range): inside the 16-byte-aligned span of one buffer and touching it, and
+// aligned for their width. What it cannot model: memory ordering between
 // blocks (they never run at the same time), timing, and stores (the tests check canaries
 // around every output instead).
 #pragma once

@@ -34,8 +34,8 @@ class _EmulatedLaunchers:
 
     def dequantize_backward(self, grad, n, codes, sign, sign_nbytes, bits, out, ws, ws_words, device, stream):
         self.calls.append("dequantize_backward")
-        self.emu.call_raw("emu_dequantize_backward", [(grad, 4 * n), (codes, n), (sign, sign_nbytes), (ws, 4 * ws_words)],
-                          grad, codes, sign, n, bits, out, ws, device or 0)
+        ranges = [(grad, 4 * n), (codes, n), (sign, sign_nbytes), (ws, 4 * ws_words)]
+        self.emu.call_raw("emu_dequantize_backward", ranges, grad, codes, sign, n, bits, out, ws, device or 0)
 
     def plane_popcounts(self, codes, n, bits, out, out_len, ws, ws_words, device, stream):
         self.calls.append("plane_popcounts")
