@@ -2,8 +2,8 @@
 of tests/cuda_emu: dequantize, its scale gradient, the plane popcounts and the fused
 optimizer step against the reference, bit for bit (the scale gradient within 1e-6 relative:
 it sums in float64 in its own order), for every width, on sizes that cut a sign word short
-and take the grid-stride loops several times, with blocks in shuffled orders, stale
-workspace slots, loads checked against the buffers and canaries around every output. Speed,
+and take the grid-stride loops several times, with blocks and a block's warps in shuffled
+orders, stale workspace slots, loads checked against the buffers and canaries around every output. Speed,
 and the kernels on real hardware, are tools/gpu_check.sh's."""
 from __future__ import annotations
 
