@@ -1,8 +1,8 @@
 // Bit-plane training's bindings: _C.cpu.{binarize, dequantize, dequantize_backward,
-// plane_popcounts, bitplane_step} and, when built with CUDA, _C.cuda.{bitplane_workspace_words,
-// dequantize, dequantize_backward, plane_popcounts, bitplane_step}. Each re-checks every size
-// and pointer it is given (bindings/common.h) before a kernel runs; the CPU ones release the
-// GIL around the kernel (the CUDA ones only queue launches).
+// plane_popcounts, bitplane_step} and, when built with CUDA, the same in _C.cuda plus
+// bitplane_workspace_words. Each re-checks every size and pointer it is given
+// (bindings/common.h) before a kernel runs; the CPU ones release the GIL around the kernel
+// (the CUDA ones only queue launches).
 #include <pybind11/pybind11.h>
 
 #include <cmath>
@@ -179,6 +179,27 @@ void bind_bitplane(py::module_& m) {
   cuda.def(
       "bitplane_workspace_words", [](int device) { return fedmpq::cuda::bitplane_workspace_words(device); },
       py::arg("device"), "4-byte words of a reduction workspace for the bit-plane kernels on `device`.");
+  cuda.def(
+      "binarize",
+      [=](uintptr_t w, int64_t n, int bits, uintptr_t codes, int64_t codes_cap, uintptr_t sign, int64_t sign_nbytes,
+          uintptr_t scale, uintptr_t ws, int64_t ws_words, int device, uintptr_t stream) {
+        check_elems("w", w, n, n, 4);
+        check_elems("codes", codes, n, codes_cap, 1);
+        check_code_bits(bits);
+        check_sign(sign, sign_nbytes, n);
+        check_scalar("scale", scale);
+        check_disjoint("w", w, 4 * n, "codes", codes, n);
+        check_disjoint("w", w, 4 * n, "sign", sign, 4 * bitmap_words(n));
+        check_disjoint("codes", codes, n, "sign", sign, 4 * bitmap_words(n));
+        if (n > 0) check_workspace(ws, ws_words, device);
+        fedmpq::cuda::binarize(ptr<const float>(w), n, bits, ptr<uint8_t>(codes), ptr<uint32_t>(sign),
+                               ptr<float>(scale), ptr<unsigned>(ws), device, stream);
+      },
+      py::arg("w"), py::arg("n"), py::arg("bits"), py::arg("codes"), py::arg("codes_cap"), py::arg("sign"),
+      py::arg("sign_nbytes"), py::arg("scale"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"),
+      py::arg("stream"),
+      "n contiguous float32 -> codes (n bytes), the sign bitmap and *scale = max|w| (one float32 on the device): "
+      "two launches, no host synchronization.");
   cuda.def(
       "dequantize",
       [=](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t scale, int bits, uintptr_t out,

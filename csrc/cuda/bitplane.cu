@@ -1,5 +1,5 @@
-// Bit-plane training, CUDA kernels: dequantize, its scale gradient, plane popcounts and the
-// fused optimizer step. Bit for bit as cpu/bitplane.cpp and the Triton backend
+// Bit-plane training, CUDA kernels: binarize, dequantize, its scale gradient, plane popcounts
+// and the fused optimizer step. Bit for bit as cpu/bitplane.cpp and the Triton backend
 // (fedmpq_kernels/bitplane/reference.py states the math and the float32 order of every
 // operation): every product and sum is rounded on its own (__fmul_rn, __fadd_rn, and the
 // module is built with --fmad=false), divisions are IEEE (__fdiv_rn), rounding is half to
@@ -9,10 +9,11 @@
 // Why these exist beside the Triton kernels: a launch through Triton's Python launcher
 // costs tens of microseconds of host time, a native launch a few, and a client step makes
 // about four of these per layer (docs/BENCHMARKS.md, the H200 profile of the client step).
+// binarize (once per layer and round) is here too, so that CUDA training needs no Triton.
 //
 // Layout of the work. The elementwise kernels give each thread one element in a grid-stride
-// loop (a warp reads 32 consecutive codes, writes 128 consecutive bytes of floats). The
-// step's update writes the sign words, so it gives each warp whole 32-element words: lane l
+// loop (a warp reads 32 consecutive codes, writes 128 consecutive bytes of floats). binarize
+// and the step's update write the sign words, so they give each warp whole 32-element words: lane l
 // handles element 32w + l, and the word is one __ballot_sync stored by lane 0 (no atomics;
 // bits past n vote 0). All indexing is int64. Reductions (the scale gradient, the popcounts,
 // max |d|) finish in the last block to arrive (reduce.cuh): one launch each, deterministic.
@@ -32,6 +33,7 @@
 #include "common/generator.h"
 #include "cuda/bitplane.h"
 #include "cuda/cuda_utils.cuh"
+#include "cuda/fake_quant.h"  // absmax, for binarize
 #include "cuda/reduce.cuh"
 
 namespace fedmpq::cuda {
@@ -56,6 +58,31 @@ __device__ __forceinline__ uint32_t sign_bit(const uint32_t* __restrict__ sign, 
 // x with its sign bit flipped when neg is 1: exactly torch's -x, -0.0 included.
 __device__ __forceinline__ float negate_if(float x, uint32_t neg) {
   return __uint_as_float(__float_as_uint(x) ^ (neg << 31));
+}
+
+// ---- binarize -------------------------------------------------------------------------
+
+// codes and sign words of w, with s = *scale (max|w|, written by the absmax launch before).
+__global__ void __launch_bounds__(kBlock) binarize_kernel(const float* __restrict__ w, int64_t n, float levels,
+                                                          const float* __restrict__ scale,
+                                                          uint8_t* __restrict__ codes, uint32_t* __restrict__ sign) {
+  const float s = __ldg(scale);
+  const float inv = s > 0.0f ? __fdiv_rn(levels, s) : 0.0f;
+  const int lane = threadIdx.x & 31;
+  const int64_t words = (n + 31) / 32;
+  // Warps own whole sign words (the trip count depends on the warp only: every lane reaches
+  // the ballot); lanes past n vote 0.
+  for (int64_t wd = global_thread() >> 5; wd < words; wd += total_threads() >> 5) {
+    const int64_t j = wd * 32 + lane;
+    bool neg = false;
+    if (j < n) {
+      const float x = __ldg(w + j);
+      codes[j] = static_cast<uint8_t>(static_cast<int>(fminf(rintf(__fmul_rn(fabsf(x), inv)), levels)));
+      neg = !(x > 0.0f);
+    }
+    const uint32_t word = __ballot_sync(kFullMask, neg);
+    if (lane == 0) sign[wd] = word;
+  }
 }
 
 // ---- dequantize and its backward ----------------------------------------------------
@@ -334,8 +361,23 @@ float levels_of(int bits) {
 }  // namespace
 
 int64_t bitplane_workspace_words(int device) {
-  // the ticket and its pad (8-byte slots), then kMaxBits 8-byte slots per block of the largest grid
+  // The ticket and its pad (8-byte slots), then kMaxBits 8-byte slots per block of the largest
+  // grid: more than absmax's 1 + one 4-byte slot per block (binarize), whose grid is capped
+  // the same way.
   return 2 + 2 * static_cast<int64_t>(kMaxBits) * detail::sm_count(device) * kBlocksPerSm;
+}
+
+void binarize(const float* w, int64_t n, int bits, uint8_t* codes, uint32_t* sign, float* scale, unsigned* workspace,
+              int device, uintptr_t stream) {
+  const float levels = levels_of(bits);
+  if (n <= 0) return;
+  detail::require_current_device(device);
+  // max|w| as float32 bits into *scale (absmax's last block; its workspace is a prefix of
+  // this one), then the quantizer reads it there: same stream, no host synchronization.
+  absmax(w, kFloat32, n, reinterpret_cast<uint32_t*>(scale), workspace, device, stream);
+  binarize_kernel<<<grid_blocks(32 * ceil_div(n, 32), device), kBlock, 0, detail::as_stream(stream)>>>(
+      w, n, levels, scale, codes, sign);
+  FEDMPQ_CUDA_CHECK_LAUNCH();
 }
 
 void dequantize(const uint8_t* codes, const uint32_t* sign, int64_t n, int bits, const float* scale, float* out,

@@ -1,5 +1,5 @@
-// Bit-plane training, CUDA kernels: dequantize, its scale gradient, plane popcounts and the
-// fused optimizer step, with the storage and the float32 order of every operation of
+// Bit-plane training, CUDA kernels: binarize, dequantize, its scale gradient, plane popcounts
+// and the fused optimizer step, with the storage and the float32 order of every operation of
 // cpu/bitplane.h (fedmpq_kernels/bitplane/reference.py states them in full). Every pointer is
 // a device pointer owned by the caller (the Python adapter allocates with torch); `stream` is
 // a cudaStream_t passed as an integer. Launchers are asynchronous and never synchronize the
@@ -19,6 +19,13 @@ namespace fedmpq::cuda {
 
 // The 4-byte words a workspace for every launcher below needs on `device`.
 int64_t bitplane_workspace_words(int device);
+
+// w[0..n) float32 -> codes[n], sign words, *scale = max|w| (float32, NaN-propagating; the
+// caller refuses a non-finite w first): q = min(round_half_even(|w| * (L / s)), L) (s = 0:
+// q = 0), negative = !(w > 0). Two launches: fake_quant.h's absmax into *scale, then the
+// quantizer reading it there.
+void binarize(const float* w, int64_t n, int bits, uint8_t* codes, uint32_t* sign, float* scale, unsigned* workspace,
+              int device, uintptr_t stream);
 
 // out[j] = sigma_j * (q_j * (*scale / L)), float32, L = 2^bits - 1.
 void dequantize(const uint8_t* codes, const uint32_t* sign, int64_t n, int bits, const float* scale, float* out,

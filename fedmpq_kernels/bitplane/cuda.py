@@ -5,8 +5,7 @@ another order, within 1e-6 relative).
 
 Why beside the Triton backend: a native launch costs the host a few microseconds where
 Triton's Python launcher costs tens, and a client step makes about four of these calls per
-layer. ``binarize`` (once per layer and round) is not here: the registry takes it from the
-Triton backend, or the reference.
+layer; with ``binarize`` here too, training on CUDA needs no Triton.
 
 Launches run inside :func:`fedmpq_kernels._device.on_device` on torch's current stream,
 never synchronize, and never read a device value on the host: the scale, g_s and a device
@@ -21,7 +20,7 @@ bit-plane tests with backend case ``cuda``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -56,6 +55,24 @@ def _scale(t: Tensor, dev: torch.device) -> Tensor:
     if t.dtype is _F32 and t.is_contiguous() and t.device == dev:
         return t
     return t.detach().reshape(1).to(device=dev, dtype=_F32).contiguous()
+
+
+def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
+    dev = w.device
+    wf = _f32(w.detach())  # float16/bfloat16 widen exactly
+    n = wf.numel()
+    nbytes = bitmap_nbytes(n)
+    codes = torch.empty(n, dtype=torch.uint8, device=dev)
+    sign = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    if n == 0:
+        return codes, sign, torch.zeros((), dtype=_F32, device=dev)
+    scale = torch.empty((), dtype=_F32, device=dev)  # max|w|, written by the absmax launch
+    with on_device(dev):
+        stream = raw_stream(dev)
+        ws, ws_words = _workspace(dev, stream)
+        native.cuda.binarize(wf.data_ptr(), n, bits, codes.data_ptr(), n, sign.data_ptr(), nbytes, scale.data_ptr(),
+                             ws, ws_words, dev.index, stream)
+    return codes, sign, scale
 
 
 def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:

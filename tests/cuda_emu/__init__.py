@@ -122,6 +122,7 @@ class Emu:
             "emu_pack_codes": [vp, ll, i, vp, vp, i],
             "emu_unpack_codes": [vp, ll, i, vp, i],
             "emu_dequant_accumulate": [vp, ll, vp, vp, i, f, i],
+            "emu_binarize": [vp, ll, i, vp, vp, vp, vp, i],
             "emu_dequantize": [vp, vp, ll, i, vp, vp, i],
             "emu_dequantize_backward": [vp, vp, vp, ll, i, vp, vp, i],
             "emu_plane_popcounts": [vp, ll, i, vp, vp, i],
@@ -202,6 +203,11 @@ class Emu:
                    bits, coef, device)
 
     # bitplane.h
+    def binarize(self, w, bits, codes, sign, scale, ws, device=0):
+        """``scale``: float32, receives max|w| (the absmax launch writes its bits there)."""
+        self._call("emu_binarize", [w, ws, scale], _ptr(w), w.numel(), bits, _ptr(codes), _ptr(sign), _ptr(scale),
+                   _ptr(ws), device)
+
     def dequantize(self, codes, sign, bits, scale, out, device=0):
         self._call("emu_dequantize", [codes, sign, scale], _ptr(codes), _ptr(sign), codes.numel(), bits, _ptr(scale),
                    _ptr(out), device)

@@ -269,6 +269,10 @@ int emu_dequant_accumulate(float* acc, long long n, const uint32_t* planes, cons
   return guard([&] { fc::dequant_accumulate(acc, n, planes, signs, bits, coef, device, 0); });
 }
 long long emu_bitplane_workspace_words(int device) { return fc::bitplane_workspace_words(device); }
+int emu_binarize(const float* w, long long n, int bits, uint8_t* codes, uint32_t* sign, float* scale, unsigned* ws,
+                 int device) {
+  return guard([&] { fc::binarize(w, n, bits, codes, sign, scale, ws, device, 0); });
+}
 int emu_dequantize(const uint8_t* codes, const uint32_t* sign, long long n, int bits, const float* scale, float* out,
                    int device) {
   return guard([&] { fc::dequantize(codes, sign, n, bits, scale, out, device, 0); });

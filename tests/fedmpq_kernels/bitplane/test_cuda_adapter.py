@@ -27,6 +27,11 @@ class _EmulatedLaunchers:
     def bitplane_workspace_words(self, device):
         return int(self.emu.lib.emu_bitplane_workspace_words(device or 0))
 
+    def binarize(self, w, n, bits, codes, codes_cap, sign, sign_nbytes, scale, ws, ws_words, device, stream):
+        self.calls.append("binarize")
+        self.emu.call_raw("emu_binarize", [(w, 4 * n), (ws, 4 * ws_words), (scale, 4)], w, n, bits, codes, sign, scale,
+                          ws, device or 0)
+
     def dequantize(self, codes, n, sign, sign_nbytes, scale, bits, out, out_cap, device, stream):
         self.calls.append("dequantize")
         self.emu.call_raw("emu_dequantize", [(codes, n), (sign, sign_nbytes), (scale, 4)], codes, sign, n, bits, scale,
@@ -73,6 +78,21 @@ def _odd(t: torch.Tensor) -> torch.Tensor:
     return raw[1:]
 
 
+def test_binarize_takes_16_bit_and_strided_weights(bc):
+    """float16 and strided weights become contiguous float32 (exactly) before the kernels."""
+    n = 4097
+    w = weights(n, 2)
+    for x in (w.half(), w.bfloat16(), torch.stack([w, w], 1)[:, 0]):
+        for bits in (1, 4, 8):
+            got = bc.binarize(x, bits)
+            want = R.binarize(x.float(), bits)
+            for a, b, name in zip(got, want, ("codes", "sign", "scale")):
+                assert torch.equal(a, b), f"{x.dtype}, {bits} bits: {name}"
+            assert got[2].shape == () and got[2].dtype == torch.float32
+    codes, sign, scale = bc.binarize(torch.empty(0), 3)
+    assert codes.shape == (0,) and sign.shape == (0,) and float(scale) == 0.0
+
+
 def test_dequantize_and_popcounts_take_strided_and_misaligned_inputs(bc):
     n = 1000
     for bits in ALL_BITS:
@@ -103,6 +123,7 @@ def test_dequantize_backward_takes_float64_and_strided_gradients(bc):
 
 def test_empty_layers_launch_nothing(bc):
     e = torch.empty(0, dtype=torch.uint8)
+    assert bc.binarize(torch.empty(0, 3), 3)[0].shape == (0,)
     assert bc.dequantize(e, e, torch.tensor(1.0), 3).shape == (0,)
     assert float(bc.dequantize_backward(torch.empty(0), e, e, 3)) == 0.0
     assert torch.equal(bc.plane_popcounts(e, 3), torch.zeros(3, dtype=torch.int64))

@@ -13,6 +13,13 @@ needs_cuda_build = pytest.mark.skipif(native is None or not getattr(native, "wit
 _P = 1 << 20  # fake device addresses, 8-byte aligned and far apart
 
 
+def _bin(**over):
+    a = dict(w=_P, n=100, bits=4, codes=2 * _P, codes_cap=100, sign=3 * _P, sign_nbytes=16, scale=4 * _P,
+             workspace=5 * _P, workspace_words=1 << 20, device=-1, stream=0)
+    a.update(over)
+    return a
+
+
 def _dq(**over):
     a = dict(codes=_P, n=100, sign=2 * _P, sign_nbytes=16, scale=3 * _P, bits=4, out=4 * _P, out_cap=100, device=-1,
              stream=0)
@@ -43,6 +50,13 @@ def _step(**over):
 
 
 CASES = [
+    ("binarize", _bin, dict(w=_P + 2), "w: data pointer is not 4-byte aligned"),
+    ("binarize", _bin, dict(codes_cap=99), "codes: buffer holds 99 elements, needs 100"),
+    ("binarize", _bin, dict(bits=0), "bits must be in 1..8, got 0"),
+    ("binarize", _bin, dict(sign_nbytes=8), "sign bitmap has 8 bytes, needs 16"),
+    ("binarize", _bin, dict(scale=0), "scale pointer is null"),
+    ("binarize", _bin, dict(codes=_P + 8), "w and codes overlap"),
+    ("binarize", _bin, dict(workspace=5 * _P + 4), "not 8-byte aligned"),
     ("dequantize", _dq, dict(n=-1), "negative element count"),
     ("dequantize", _dq, dict(codes=0), "codes: null data pointer"),
     ("dequantize", _dq, dict(sign_nbytes=12), "sign bitmap has 12 bytes, needs 16"),
@@ -89,6 +103,7 @@ def test_cuda_binding_rejects_inconsistent_arguments(fn, args, over, match):
 @needs_cuda_build
 def test_cuda_bindings_launch_nothing_for_no_elements():
     """n = 0: no workspace or device needed, nothing launched (no GPU touched)."""
+    assert native.cuda.binarize(**_bin(n=0, codes_cap=0, workspace=0, workspace_words=0)) is None
     assert native.cuda.dequantize(**_dq(n=0, out_cap=0)) is None
     assert native.cuda.dequantize_backward(**_dqb(n=0, workspace=0, workspace_words=0)) is None
     assert native.cuda.plane_popcounts(**_pc(n=0, workspace=0, workspace_words=0)) is None

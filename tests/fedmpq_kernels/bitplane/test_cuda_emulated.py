@@ -1,5 +1,5 @@
 """The CUDA C++ bit-plane kernels (csrc/cuda/bitplane.cu) run on the CPU under the emulator
-of tests/cuda_emu: dequantize, its scale gradient, the plane popcounts and the fused
+of tests/cuda_emu: binarize, dequantize, its scale gradient, the plane popcounts and the fused
 optimizer step against the reference, bit for bit (the scale gradient within 1e-6 relative:
 it sums in float64 in its own order), for every width, on sizes that cut a sign word short
 and take the grid-stride loops several times, with blocks and a block's warps in shuffled
@@ -27,6 +27,29 @@ def _stale(ws: torch.Tensor) -> torch.Tensor:
     ws.fill_(0x7FC00000)
     ws[0] = 0
     return ws
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_binarize(emu, n):
+    """Codes, signs and the scale as the reference's, with zeros and -0.0 among the weights
+    (negative = not (w > 0), so both set the sign bit), and an all-zero layer (s = 0: q = 0)."""
+    # binarize's absmax launch uses the bit-plane workspace: it must hold absmax's slots
+    assert emu.bitplane_workspace().numel() >= emu.workspace().numel()
+    w = weights(n, 3)
+    w[::7] = 0.0
+    w[3::11] = -0.0
+    for bits in ALL_BITS:
+        for x in (w, torch.zeros(n)):
+            codes, sign = Guarded(n, torch.uint8), Guarded(words(n), torch.int32)
+            scale = Guarded(1, torch.float32)
+            emu.warp_order(bits)
+            emu.binarize(x, bits, codes.t, sign.t, scale.t, _stale(emu.bitplane_workspace()))
+            rc, rs, rscale = R.binarize(x, bits)
+            assert torch.equal(codes.t, rc), f"{bits} bits: codes"
+            assert torch.equal(sign.t.view(torch.uint8), rs), f"{bits} bits: sign"
+            assert int(bits_of(scale.t)) == int(bits_of(rscale)), f"{bits} bits: scale"
+            for g, name in ((codes, "codes"), (sign, "sign"), (scale, "scale")):
+                g.check(name)
 
 
 @pytest.mark.parametrize("n", SIZES)
@@ -225,6 +248,8 @@ def test_errors_and_empty_inputs(emu):
         emu.plane_popcounts(codes, 9, torch.empty(9, dtype=torch.int64), ws)
     with pytest.raises(ValueError, match="bits must be in 1..8, got 0"):
         emu.dequantize(codes, sign, 0, torch.tensor(1.0), torch.empty(40))
+    with pytest.raises(ValueError, match="bits must be in 1..8, got 9"):
+        emu.binarize(torch.zeros(40), 9, codes, sign, torch.empty(1), ws)
     with pytest.raises(ValueError, match="on cuda:2"):
         emu.dequantize_backward(torch.zeros(40), codes, sign, 3, torch.empty(1), ws, device=2)
     out = Guarded(0, torch.float32)

@@ -47,7 +47,9 @@ def test_pack_codes(emu, n, offset):
 def test_pack_codes_reports_a_code_that_does_not_fit_wherever_it_is(emu, n, offset):
     """One code >= 2**bits at the start, in each 4-byte word of a lane's 16 codes, in the
     tiles, in the last word: it shows in *seen, which the kernel ORs into (earlier calls'
-    bits stay)."""
+    bits stay). A block's warps run one at a time, in a shuffled order: the block's OR of
+    its warps' codes must wait for all of them (its barrier)."""
+    emu.warp_order(n + offset)
     for bits in (1, 3, 7):
         for at in sorted({a for a in (0, 5, 10, 15, 127, n // 2, n - 1) if a < n}):
             codes = _codes(n, bits, offset)
