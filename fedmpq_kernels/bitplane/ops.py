@@ -265,7 +265,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         key: the generator's key, :func:`step_key` (seed, step, layer): an int in
             0..2^32-1, or a one-element int64 tensor on ``codes``' device (0-dim or (1,),
             any strides: e.g. ``step_keys(seed, step, layers)[l]``) whose low 32 bits are
-            the key. Neither this function nor the Triton backend reads a tensor key's
+            the key. Neither this function nor the GPU backends read a tensor key's
             value on the host (a step with one can be captured in a CUDA graph and draws
             new numbers on every replay), so it is not range-checked: its value is taken
             mod 2^32. Same key, same result either way.
