@@ -105,13 +105,14 @@ esac
 rc=0
 # Flower's tests start Ray and Flower's own servers as subprocesses, which would inherit the
 # preloaded sanitizer runtime; the native code they reach is tested by the rest of the suite.
-# The CUDA emulator's tests (the adapter test's too) and the Triton compile check run no code
+# The CUDA emulator's tests (the adapter tests' too) and the Triton compile check run no code
 # of the sanitized module (the emulator is a separate, uninstrumented library, and ASan does
 # not follow its fibers' stacks; the compile check only compiles, in a subprocess that would
 # inherit the runtime).
 "$PY" -m pytest tests -q -p no:cacheprovider --capture=sys --ignore=tests/fedmpq/test_flower.py \
   --ignore=tests/fedmpq_kernels/fake_quant/test_cuda_emulated.py --ignore=tests/fedmpq_kernels/pack/test_cuda_emulated.py \
   --ignore=tests/fedmpq_kernels/bitplane/test_cuda_emulated.py --ignore=tests/fedmpq_kernels/bitplane/test_cuda_adapter.py \
+  --ignore=tests/fedmpq_kernels/fake_quant/test_cuda_adapter.py \
   --ignore=tests/fedmpq_kernels/test_cuda_emu.py --ignore=tests/fedmpq_kernels/test_triton_compiles.py \
   "$@" || rc=$?
 exit "$rc"

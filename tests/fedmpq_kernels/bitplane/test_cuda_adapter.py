@@ -6,53 +6,13 @@ conversions, device keys, empty layers) against the reference; the kernels thems
 test_cuda_emulated.py's, the bindings' checks test_cuda_binding.py's."""
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from fedmpq_kernels.bitplane import reference as R
+from tests.cuda_emu.launchers import wire
 
 from .helpers import ALL_BITS, assert_state_equal, bits_of, mid_round_state, random_codes_signs, reference_run, weights
-
-
-class _EmulatedLaunchers:
-    """``_C.cuda``'s bit-plane functions, with the bindings' signatures, calling the emulated
-    launchers on host pointers (a CPU tensor's device index is None: device 0)."""
-
-    def __init__(self, emu):
-        self.emu = emu
-        self.calls = []
-
-    def bitplane_workspace_words(self, device):
-        return int(self.emu.lib.emu_bitplane_workspace_words(device or 0))
-
-    def binarize(self, w, n, bits, codes, codes_cap, sign, sign_nbytes, scale, ws, ws_words, device, stream):
-        self.calls.append("binarize")
-        self.emu.call_raw("emu_binarize", [(w, 4 * n), (ws, 4 * ws_words), (scale, 4)], w, n, bits, codes, sign, scale,
-                          ws, device or 0)
-
-    def dequantize(self, codes, n, sign, sign_nbytes, scale, bits, out, out_cap, device, stream):
-        self.calls.append("dequantize")
-        self.emu.call_raw("emu_dequantize", [(codes, n), (sign, sign_nbytes), (scale, 4)], codes, sign, n, bits, scale,
-                          out, device or 0)
-
-    def dequantize_backward(self, grad, n, codes, sign, sign_nbytes, bits, out, ws, ws_words, device, stream):
-        self.calls.append("dequantize_backward")
-        ranges = [(grad, 4 * n), (codes, n), (sign, sign_nbytes), (ws, 4 * ws_words)]
-        self.emu.call_raw("emu_dequantize_backward", ranges, grad, codes, sign, n, bits, out, ws, device or 0)
-
-    def plane_popcounts(self, codes, n, bits, out, out_len, ws, ws_words, device, stream):
-        self.calls.append("plane_popcounts")
-        self.emu.call_raw("emu_plane_popcounts", [(codes, n), (ws, 4 * ws_words)], codes, n, bits, out, ws, device or 0)
-
-    def bitplane_step(self, codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, lr,
-                      momentum, key, key_ptr, out, ws, ws_words, device, stream):
-        self.calls.append("bitplane_step")
-        ranges = [(codes, n), (sign, sign_nbytes), (mom, mom_len), (gs, 4), (grad, 4 * n), (coef, 4 * coef_len),
-                  (scale, 4), (out, 8), (ws, 4 * ws_words)] + ([(key_ptr, 8)] if key_ptr else [])
-        self.emu.call_raw("emu_bitplane_step", ranges, codes, sign, mom, gs, grad, coef, scale, n, bits, lr, momentum,
-                          key, key_ptr or None, out, ws, device or 0)
 
 
 @pytest.fixture
@@ -61,12 +21,7 @@ def bc(emu, monkeypatch):
     lists the launcher calls)."""
     from fedmpq_kernels.bitplane import cuda as bc
 
-    workspaces = {}
-    monkeypatch.setattr(bc, "native", SimpleNamespace(cuda=_EmulatedLaunchers(emu)))
-    monkeypatch.setattr(bc, "raw_stream", lambda dev: 0)
-    monkeypatch.setattr(bc, "workspace", lambda dev, stream, words: workspaces.setdefault(
-        words, torch.zeros(words, dtype=torch.int32)))
-    monkeypatch.setattr(bc, "_WS_WORDS", {})
+    wire(bc, emu, monkeypatch)
     return bc
 
 
@@ -177,12 +132,13 @@ def test_step_writes_back_working_copies_and_reads_a_device_key(bc):
 
 
 @pytest.mark.parametrize("device_keys", [False, True], ids=["host-keys", "device-keys"])
-def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, monkeypatch, device_keys):
-    """The whole bit-plane path of a client step, the autograd of dequantize and the optimizer
-    included, with the bit-plane family routed to the CUDA adapters (their kernels emulated):
-    binarize at construction, then three steps of the same data give the CPU backend's codes,
-    signs and g_s bit for bit (only BitPlaneOptimizer steps: the scales stay, so the scale
-    gradients, summed in another order, are compared within 1e-6)."""
+def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, monkeypatch, device_keys):
+    """A client step's kernels, the autograd of dequantize and the activation quantizer and
+    the optimizer included, with the bit-plane and fake-quant families routed to the CUDA
+    adapters (their kernels emulated): binarize at construction, then three steps of the same
+    data give the CPU backend's codes, signs, momentum and g_s bit for bit (only
+    BitPlaneOptimizer steps: the scales stay, so the scale gradients, summed in another
+    order, are compared within 1e-6)."""
     import torch.nn.functional as F
 
     from fedmpq import nn as qn
@@ -208,17 +164,23 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, monkeyp
         return state, grads
 
     want, want_grads = train()
+    from fedmpq_kernels.fake_quant import cuda as fc
+
+    fq_calls = wire(fc, emu, monkeypatch)
     real_get = registry.get
+    adapters = {"bitplane": bc, "fake_quant": fc}
 
     def routed(family, op, device_type):
-        if family == "bitplane" and hasattr(bc, op):
-            return getattr(bc, op)
+        if family in adapters and hasattr(adapters[family], op):
+            return getattr(adapters[family], op)
         return real_get(family, op, device_type)
 
     monkeypatch.setattr(registry, "get", routed)
+    monkeypatch.setattr(registry, "_cache", {})  # get_many's entries come from the routed get
     got, got_grads = train()
     assert set(bc.native.cuda.calls) == {"binarize", "dequantize", "dequantize_backward", "plane_popcounts",
                                          "bitplane_step"}
+    assert set(fq_calls.calls) == {"relu6_fake_quant", "fake_quant_backward"}
     for l, (g, w) in enumerate(zip(got, want)):
         assert_state_equal(g, w, f"layer {l}")
     for step, (gs, ws) in enumerate(zip(got_grads, want_grads)):

@@ -14,15 +14,14 @@ from fedmpq_kernels._checks import bitmap_nbytes
 from fedmpq_kernels.fake_quant import reference as R
 from tests.cuda_emu import EmuError, Guarded, words
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DT_IDS = ["f32", "f16", "bf16"]
+from .helpers import DT_IDS, DTYPES, same_bits
+
 BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
 # With one SM a grid holds 64 warps: 20011 float32 elements take the vector loop's grid
 # stride twice, and leave a tail for the scalar words.
 SIZES = [1, 31, 33, 257, 1000, 4099, 20011]
 # Elements past a 16-byte boundary: 0 takes the vector path, 1 and 3 the shifted one (x[k:]).
 OFFSETS = [0, 1, 3]
-_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 
 
 def _x(n: int, dtype, offset: int, specials: bool, seed: int = 0, spread: float = 1.5) -> Guarded:
@@ -40,19 +39,6 @@ def _x(n: int, dtype, offset: int, specials: bool, seed: int = 0, spread: float 
     return x
 
 
-def _same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    """Bit for bit, except that NaN matches any NaN (the GPU narrows NaN to its canonical
-    pattern, torch on the CPU keeps the payload)."""
-    assert got.shape == want.shape and got.dtype == want.dtype, what
-    gn, wn = torch.isnan(got.float()), torch.isnan(want.float())
-    assert torch.equal(gn, wn), f"{what}: NaN at different places"
-    it = _INT[got.element_size()]
-    g, w = got[~gn].view(it), want[~wn].view(it)
-    bad = (g != w).nonzero().flatten()
-    assert bad.numel() == 0, (f"{what}: {bad.numel()} of {g.numel()} differ, first at {bad[:5].tolist()}: "
-                              f"{got[~gn][bad[:3]].tolist()} vs {want[~wn][bad[:3]].tolist()}")
-
-
 def _bitmaps(ref: torch.Tensor, n: int, k: int) -> torch.Tensor:
     nb = bitmap_nbytes(n)
     return ref[k * nb:(k + 1) * nb].view(torch.int32)
@@ -68,7 +54,7 @@ def test_forward_with_a_given_scale(emu, dtype, n, offset):
         y, pw, hw = Guarded(n, dtype), Guarded(words(n), torch.int32), Guarded(words(n), torch.int32)
         emu.fake_quant(x.t, y.t, bits, s, True, pw.t, hw.t)
         ry, rb = R.fake_quant(x.t, bits, s, 2)
-        _same(y.t, ry, f"y, {bits} bits")
+        same_bits(y.t, ry, f"y, {bits} bits")
         assert torch.equal(pw.t, _bitmaps(rb, n, 0)), f"pass bitmap, {bits} bits"
         assert torch.equal(hw.t, _bitmaps(rb, n, 1)), f"hi bitmap, {bits} bits"
         for b, name in ((y, "y"), (pw, "pass"), (hw, "hi")):
@@ -76,7 +62,7 @@ def test_forward_with_a_given_scale(emu, dtype, n, offset):
         # inference: no bitmaps asked for, the same values
         y2 = Guarded(n, dtype)
         emu.fake_quant(x.t, y2.t, bits, s, True)
-        _same(y2.t, ry, f"y without bitmaps, {bits} bits")
+        same_bits(y2.t, ry, f"y without bitmaps, {bits} bits")
         y2.check("y")
 
 
@@ -88,7 +74,7 @@ def test_forward_in_place(emu, dtype, n):
     want, rb = R.fake_quant(x.t.clone(), 4, torch.tensor(1.0), 2)
     pw = Guarded(words(n), torch.int32)
     emu.fake_quant(x.t, x.t, 4, torch.tensor(1.0), True, pw.t, None)
-    _same(x.t, want, "y in place")
+    same_bits(x.t, want, "y in place")
     assert torch.equal(pw.t, _bitmaps(rb, n, 0))
     x.check("x")
 
@@ -101,7 +87,7 @@ def test_a_bad_given_scale_makes_every_output_nan(emu, bad):
     emu.fake_quant(x.t, y.t, 4, torch.tensor(bad), True, pw.t, hw.t)
     ry, rb = R.fake_quant(x.t, 4, torch.tensor(bad), 2)
     assert torch.isnan(y.t).all()
-    _same(y.t, ry, "y")
+    same_bits(y.t, ry, "y")
     assert torch.equal(pw.t, _bitmaps(rb, n, 0)) and torch.equal(hw.t, _bitmaps(rb, n, 1))
 
 
@@ -123,7 +109,7 @@ def test_forward_with_the_dynamic_scale(emu, dtype, n, offset, specials):
         y, pw, hw = Guarded(n, dtype), Guarded(words(n), torch.int32), Guarded(words(n), torch.int32)
         emu.fake_quant(x.t, y.t, bits, got, False, pw.t, hw.t)
         ry, rb = R.fake_quant(x.t, bits, None, 2)
-        _same(y.t, ry, f"y, {bits} bits")
+        same_bits(y.t, ry, f"y, {bits} bits")
         assert torch.equal(pw.t, _bitmaps(rb, n, 0)) and torch.equal(hw.t, _bitmaps(rb, n, 1))
         y.check("y")
 
@@ -172,7 +158,7 @@ def test_relu6_fake_quant(emu, dtype, n, offset):
         scale, ws = torch.full((), -1.0), emu.workspace()
         emu.relu6_fake_quant(x.t, y.t, bits, scale, mask.t, ws)
         ry, rm = R.relu6_fake_quant(x.t, bits)
-        _same(y.t, ry, f"y, {bits} bits")
+        same_bits(y.t, ry, f"y, {bits} bits")
         assert torch.equal(mask.t, rm.view(torch.int32)), f"mask, {bits} bits"
         assert scale.item() == x.t.float().clamp(0, 6).max().item()
         y.check("y")
@@ -187,7 +173,7 @@ def test_relu6_fake_quant_nan_and_edges(emu, dtype):
     scale, ws = torch.empty(()), emu.workspace()
     emu.relu6_fake_quant(x.t, y, 4, scale, mask, ws)
     ry, rm = R.relu6_fake_quant(x.t, 4)
-    _same(y, ry, "y")
+    same_bits(y, ry, "y")
     assert torch.equal(mask, rm.view(torch.int32))
     assert torch.isnan(scale) and torch.isnan(y.float()).all()
 
@@ -211,7 +197,7 @@ def test_backward(emu, dtype, n, offset):
     gx, gs, ws = Guarded(n, dtype), torch.full((), float("nan")), emu.workspace()
     emu.fake_quant_backward(g.t, gx.t, _bitmaps(rb, n, 0), _bitmaps(rb, n, 1), ws, gs)
     rgx, rgs = R.fake_quant_backward(g.t, rb, True)
-    _same(gx.t, rgx, "grad_x")
+    same_bits(gx.t, rgx, "grad_x")
     gx.check("grad_x")
     xd, gd = x.t.double(), g.t.double()
     exact = float(gd[xd > 1].sum() - gd[xd < -1].sum())
@@ -220,12 +206,12 @@ def test_backward(emu, dtype, n, offset):
     # Without hi (a given scale, ReLU6): no sum, and grad_scale gets its 0 from the kernel.
     gx2, gs2 = Guarded(n, dtype), torch.full((), float("nan"))
     emu.fake_quant_backward(g.t, gx2.t, _bitmaps(rb, n, 0), None, ws, gs2)
-    _same(gx2.t, rgx, "grad_x without hi")
+    same_bits(gx2.t, rgx, "grad_x without hi")
     assert gs2.item() == 0.0
     # and with no grad_scale at all
     gx3 = Guarded(n, dtype)
     emu.fake_quant_backward(g.t, gx3.t, _bitmaps(rb, n, 0), None, None, None)
-    _same(gx3.t, rgx, "grad_x, no grad_scale")
+    same_bits(gx3.t, rgx, "grad_x, no grad_scale")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -243,7 +229,7 @@ def test_backward_in_place_and_float_gradients(emu, dtype):
         emu.block_order(seed)
         gx, gs = g.clone(), torch.empty(())
         emu.fake_quant_backward(gx, gx, _bitmaps(rb, n, 0), _bitmaps(rb, n, 1), ws, gs)
-        _same(gx, rgx, "grad_x in place")
+        same_bits(gx, rgx, "grad_x in place")
         sums.append(gs.item())
     assert sums[0] == sums[1] == sums[2]
     assert sums[0] == pytest.approx(rgs.item(), rel=1e-5, abs=1e-3)

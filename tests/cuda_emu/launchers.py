@@ -1,0 +1,93 @@
+"""``_C.cuda`` for the host: the CUDA bindings' functions, with their signatures, calling the
+emulated launchers (tests/cuda_emu) on host pointers, so that the Python adapters
+(``fedmpq_kernels/<family>/cuda.py``) run on CPU tensors without a GPU. :func:`wire` points
+an adapter module at it, with a CPU tensor for the per-stream workspace and stream 0. The
+bindings' own argument checks are not repeated here (test_cuda_binding.py tests them)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Dict
+
+import torch
+
+from . import Emu
+
+_ES = {0: 4, 1: 2, 2: 2}  # bytes per element of a dtype code (fake_quant.h)
+
+
+class EmulatedCuda:
+    """The functions of ``_C.cuda`` the adapters call; ``calls`` lists them in order. A CPU
+    tensor's device index is None: device 0 here."""
+
+    def __init__(self, emu: Emu):
+        self.emu = emu
+        self.calls = []
+
+    def _run(self, name, ranges, *args):
+        self.calls.append(name)
+        self.emu.call_raw(f"emu_{name}", [r for r in ranges if r[0]], *args)
+
+    # fake_quant.h
+    def workspace_words(self, device):
+        return int(self.emu.lib.emu_workspace_words(device or 0))
+
+    def absmax(self, x, dtype, n, out_bits, ws, ws_words, device, stream):
+        self._run("absmax", [(x, _ES[dtype] * n), (ws, 4 * ws_words)], x, dtype, n, out_bits, ws, device or 0)
+
+    def fake_quant(self, x, y, dtype, n, y_cap, bits, scale, scale_given, pass_, pass_nbytes, hi, hi_nbytes, device,
+                   stream):
+        self._run("fake_quant", [(x, _ES[dtype] * n), (scale, 4)], x, y, dtype, n, bits, scale, int(scale_given),
+                  pass_ or None, hi or None, device or 0)
+
+    def relu6_fake_quant(self, x, y, dtype, n, y_cap, bits, scale, mask, mask_nbytes, ws, ws_words, device, stream):
+        self._run("relu6_fake_quant", [(x, _ES[dtype] * n), (scale, 4), (ws, 4 * ws_words)], x, y, dtype, n, bits,
+                  scale, mask or None, ws, device or 0)
+
+    def fake_quant_backward(self, g, gx, dtype, n, gx_cap, pass_, pass_nbytes, hi, hi_nbytes, ws, ws_words, grad_scale,
+                            device, stream):
+        self._run("fake_quant_backward", [(g, _ES[dtype] * n), (pass_, pass_nbytes), (hi, hi_nbytes),
+                                          (ws, 4 * ws_words)],
+                  g, gx, dtype, n, pass_, hi or None, ws or None, grad_scale or None, device or 0)
+
+    # bitplane.h
+    def bitplane_workspace_words(self, device):
+        return int(self.emu.lib.emu_bitplane_workspace_words(device or 0))
+
+    def binarize(self, w, n, bits, codes, codes_cap, sign, sign_nbytes, scale, ws, ws_words, device, stream):
+        self._run("binarize", [(w, 4 * n), (ws, 4 * ws_words), (scale, 4)], w, n, bits, codes, sign, scale, ws,
+                  device or 0)
+
+    def dequantize(self, codes, n, sign, sign_nbytes, scale, bits, out, out_cap, device, stream):
+        self._run("dequantize", [(codes, n), (sign, sign_nbytes), (scale, 4)], codes, sign, n, bits, scale, out,
+                  device or 0)
+
+    def dequantize_backward(self, grad, n, codes, sign, sign_nbytes, bits, out, ws, ws_words, device, stream):
+        self._run("dequantize_backward", [(grad, 4 * n), (codes, n), (sign, sign_nbytes), (ws, 4 * ws_words)], grad,
+                  codes, sign, n, bits, out, ws, device or 0)
+
+    def plane_popcounts(self, codes, n, bits, out, out_len, ws, ws_words, device, stream):
+        self._run("plane_popcounts", [(codes, n), (ws, 4 * ws_words)], codes, n, bits, out, ws, device or 0)
+
+    def bitplane_step(self, codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, lr,
+                      momentum, key, key_ptr, out, ws, ws_words, device, stream):
+        ranges = [(codes, n), (sign, sign_nbytes), (mom, mom_len), (gs, 4), (grad, 4 * n), (coef, 4 * coef_len),
+                  (scale, 4), (out, 8), (ws, 4 * ws_words), (key_ptr, 8)]
+        self._run("bitplane_step", ranges, codes, sign, mom, gs, grad, coef, scale, n, bits, lr, momentum, key,
+                  key_ptr or None, out, ws, device or 0)
+
+
+def wire(module, emu: Emu, monkeypatch) -> EmulatedCuda:
+    """Points adapter module ``module`` (e.g. ``fedmpq_kernels.bitplane.cuda``) at an
+    :class:`EmulatedCuda` for the test (``monkeypatch``): its ``native.cuda``, its stream
+    (0), its workspaces (CPU tensors, one per size) and its device check (CPU tensors pass).
+    Returns the EmulatedCuda (its ``calls``)."""
+    cuda = EmulatedCuda(emu)
+    workspaces: Dict[int, torch.Tensor] = {}
+    monkeypatch.setattr(module, "native", SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(module, "raw_stream", lambda dev: 0)
+    monkeypatch.setattr(module, "workspace", lambda dev, stream, words: workspaces.setdefault(
+        words, torch.zeros(words, dtype=torch.int32)))
+    monkeypatch.setattr(module, "_WS_WORDS", {})
+    if hasattr(module, "_require_cuda"):
+        monkeypatch.setattr(module, "_require_cuda", lambda t, name: None)
+    return cuda
