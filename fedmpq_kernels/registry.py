@@ -7,9 +7,13 @@ where it has them, each defining one function per op, named as the op's schema.
 Defaults: CPU tensors -> ``cpu`` (C++), CUDA tensors -> ``cuda`` (CUDA C++) then
 ``triton``, any other device -> ``reference``; a backend that is not available is skipped,
 and :func:`explain` says why; one that a family does not have is skipped for that family.
-``FEDMPQ_BACKEND=reference|cpu|cuda|triton`` (read at import) or :func:`use_backend`
-override the choice on the devices that backend supports, for the families that have it;
-forcing an unavailable backend raises ``RuntimeError`` with the reason on first use.
+``FEDMPQ_BACKEND`` (read at import) or :func:`use_backend` override the choice on the
+devices that backend supports, for the families that have it: for every family
+(``FEDMPQ_BACKEND=triton``, ``use_backend("triton")``) or for one (``bitplane=triton``,
+``use_backend("triton", family="bitplane")``); comma-separated entries combine
+(``FEDMPQ_BACKEND=cuda,bitplane=triton``), and a family's own entry wins over the one for
+every family. Forcing an unavailable backend raises ``RuntimeError`` with the reason on
+first use; an unknown backend or family name raises ``ValueError``.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 FAMILIES = ("fake_quant", "pack", "bitplane")
 _DEFAULT_ORDER = {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "reference"]}
 
-_override: Optional[str] = None
+_override: Optional[str] = None  # forced for every family
+_family_override: Dict[str, str] = {}  # family -> backend forced for it (wins over _override)
 _cache: Dict[Tuple[str, str, str], Callable] = {}
 
 
@@ -33,6 +38,12 @@ def _check_name(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
     return name
+
+
+def _check_family(family: str) -> str:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown op family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return family
 
 
 def supports(name: str, device_type: str) -> bool:
@@ -118,13 +129,24 @@ def module(family: str, name: str):
     return importlib.import_module(f"fedmpq_kernels.{family}.{_check_name(name)}")
 
 
+def _forced(device_type: str, family: Optional[str]) -> Optional[str]:
+    """The backend an override forces for ``family`` on ``device_type``, or None: the
+    family's own override, else the one for every family, where it applies (a backend the
+    device cannot run or the family does not have is no override there)."""
+    for name in (_family_override.get(family) if family is not None else None, _override):
+        if name is not None and supports(name, device_type) and (family is None or has(family, name)):
+            return name
+    return None
+
+
 def backend_for(device_type: str, family: Optional[str] = None) -> str:
     """The backend name that runs ops on ``device_type`` now (of ``family``, when given)."""
-    if _override is not None and supports(_override, device_type) and (family is None or has(family, _override)):
-        ok, why = available(_override)
+    forced = _forced(device_type, family)
+    if forced is not None:
+        ok, why = available(forced)
         if not ok:
-            raise RuntimeError(f"fedmpq backend {_override!r} was requested but is not available: {why}")
-        return _override
+            raise RuntimeError(f"fedmpq backend {forced!r} was requested but is not available: {why}")
+        return forced
     for name in _DEFAULT_ORDER.get(device_type, ["reference"]):
         if (family is None or has(family, name)) and available(name)[0]:
             return name
@@ -163,32 +185,57 @@ def get_many(family: str, ops: Tuple[str, ...], device_type: str) -> Tuple[Calla
     return fns
 
 
-def set_backend(name: Optional[str]) -> None:
-    """Force backend ``name`` on the devices it supports (None restores the defaults)."""
+def set_backend(name: Optional[str], family: Optional[str] = None) -> None:
+    """Force backend ``name`` on the devices it supports, for every family or for ``family``
+    only (None restores the defaults of that scope)."""
     global _override
-    _override = None if name is None else _check_name(name)
+    if name is not None:
+        _check_name(name)
+    if family is None:
+        _override = name
+    elif name is None:
+        _family_override.pop(_check_family(family), None)
+    else:
+        _family_override[_check_family(family)] = name
     _cache.clear()
 
 
 @contextlib.contextmanager
-def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Context manager form of :func:`set_backend` (restores the previous choice)."""
-    prev = _override
-    set_backend(name)
+def use_backend(name: Optional[str], family: Optional[str] = None) -> Iterator[None]:
+    """Context manager form of :func:`set_backend` (restores the previous choice of that
+    scope)."""
+    prev = _override if family is None else _family_override.get(_check_family(family))
+    set_backend(name, family)
     try:
         yield
     finally:
-        set_backend(prev)
+        set_backend(prev, family)
+
+
+def set_backends_from(spec: str) -> None:
+    """Apply an override list as ``FEDMPQ_BACKEND`` takes it: comma-separated entries, each
+    ``backend`` (every family) or ``family=backend``. Raises ValueError naming a bad entry."""
+    for item in (part.strip() for part in spec.split(",")):
+        if not item:
+            continue
+        family, sep, name = item.rpartition("=")
+        try:
+            set_backend(name.strip(), family.strip() if sep else None)
+        except ValueError as exc:
+            raise ValueError(f"FEDMPQ_BACKEND entry {item!r}: {exc}") from None
 
 
 def explain() -> List[str]:
-    """One line per backend: available or why not."""
+    """One line per backend: available or why not; then the overrides in force, if any."""
     lines = []
     for name in BACKENDS:
         ok, why = available(name)
         lines.append(f"{name:9s} {'available' if ok else 'unavailable: ' + why}")
+    forced = ([_override] if _override else []) + [f"{f}={b}" for f, b in sorted(_family_override.items())]
+    if forced:
+        lines.append("forced    " + ",".join(forced) + " (FEDMPQ_BACKEND or use_backend)")
     return lines
 
 
 if os.environ.get("FEDMPQ_BACKEND"):
-    set_backend(os.environ["FEDMPQ_BACKEND"])
+    set_backends_from(os.environ["FEDMPQ_BACKEND"])

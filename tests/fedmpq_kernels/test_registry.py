@@ -20,8 +20,7 @@ def test_override_applies_only_where_supported():
     with registry.use_backend("reference"):
         assert registry.backend_for("cpu") == "reference"
     with registry.use_backend("cuda"):  # CUDA C++ cannot take CPU tensors: CPU keeps its default
-        assert registry.backend_for("cpu") == registry.backend_for("cpu")
-        assert registry.backend_for("cpu") != "cuda"
+        assert registry.backend_for("cpu") == ("cpu" if native is not None else "reference")
     assert registry.backend_for("cpu") == ("cpu" if native is not None else "reference")
 
 
@@ -63,6 +62,44 @@ def test_an_op_a_backend_lacks_falls_back_to_the_next_that_has_it(reference_only
         registry.get(fam, "nothing", "cpu")
 
 
+def test_a_family_override_applies_to_that_family_only_and_wins():
+    """use_backend(name, family=...) forces one family; it wins over an override for every
+    family, applies only where the backend runs (CPU tensors: not cuda), and each scope
+    restores its own previous choice."""
+    default = registry.backend_for("cpu", "fake_quant")
+    with registry.use_backend("reference", family="bitplane"):
+        assert registry.backend_for("cpu", "bitplane") == "reference"
+        assert registry.backend_for("cpu", "fake_quant") == default
+        assert registry.get("bitplane", "plane_popcounts", "cpu").__module__.endswith(".reference")
+        with registry.use_backend("cpu"):  # for every family: the family's own entry still wins
+            assert registry.backend_for("cpu", "bitplane") == "reference"
+            if native is not None:
+                assert registry.backend_for("cpu", "pack") == "cpu"
+        with registry.use_backend("cuda", family="bitplane"):  # not on CPU tensors: the defaults
+            assert registry.backend_for("cpu", "bitplane") == default
+        assert registry.backend_for("cpu", "bitplane") == "reference"
+        assert registry.explain()[-1].startswith("forced    bitplane=reference")
+    assert registry.backend_for("cpu", "bitplane") == default
+    assert not registry.explain()[-1].startswith("forced")
+
+
+def test_override_lists_and_their_errors():
+    try:
+        registry.set_backends_from(" reference , bitplane=cpu,")
+        assert registry.backend_for("cpu", "fake_quant") == "reference"
+        assert registry.backend_for("cpu", "bitplane") == ("cpu" if native is not None else "reference")
+    finally:
+        registry.set_backend(None)
+        registry.set_backend(None, family="bitplane")
+    with pytest.raises(ValueError, match="FEDMPQ_BACKEND entry 'bitplan=triton': unknown op family 'bitplan'"):
+        registry.set_backends_from("bitplan=triton")
+    with pytest.raises(ValueError, match="entry 'pack=fast': unknown backend 'fast'"):
+        registry.set_backends_from("pack=fast")
+    with pytest.raises(ValueError, match="unknown op family 'nope'"):
+        registry.use_backend("cpu", family="nope").__enter__()
+    assert registry.backend_for("cpu", "pack") == ("cpu" if native is not None else "reference")
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         registry.set_backend("fast")
@@ -79,6 +116,14 @@ def test_env_override_and_info_command():
     env = dict(os.environ, FEDMPQ_BACKEND="reference")
     out = subprocess.run([sys.executable, "-m", "fedmpq_kernels.info"], env=env, capture_output=True, text=True, check=True).stdout
     assert "fake_quant      cpu   -> reference" in out
+    env = dict(os.environ, FEDMPQ_BACKEND="bitplane=reference")
+    out = subprocess.run([sys.executable, "-m", "fedmpq_kernels.info"], env=env, capture_output=True, text=True, check=True).stdout
+    assert "bitplane_step   cpu   -> reference" in out and "forced    bitplane=reference" in out
+    if native is not None:
+        assert "fake_quant      cpu   -> cpu" in out
+    env = dict(os.environ, FEDMPQ_BACKEND="bitplane=fast")
+    res = subprocess.run([sys.executable, "-m", "fedmpq_kernels.info"], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "FEDMPQ_BACKEND entry 'bitplane=fast': unknown backend 'fast'" in res.stderr
     assert "torch          " + torch.__version__ in out
     out = subprocess.run([sys.executable, "-m", "fedmpq_kernels.info"], capture_output=True, text=True, check=True).stdout
     if native is not None:
