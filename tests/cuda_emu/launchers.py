@@ -49,6 +49,17 @@ class EmulatedCuda:
                                           (ws, 4 * ws_words)],
                   g, gx, dtype, n, pass_, hi or None, ws or None, grad_scale or None, device or 0)
 
+    # pack.h
+    def pack_codes(self, codes, n, bits, planes, planes_nbytes, seen, device, stream):
+        self._run("pack_codes", [(codes, n)], codes, n, bits, planes, seen, device or 0)
+
+    def unpack_codes(self, planes, planes_nbytes, n, bits, codes, codes_cap, device, stream):
+        self._run("unpack_codes", [(planes, planes_nbytes)], planes, n, bits, codes, device or 0)
+
+    def dequant_accumulate(self, acc, n, planes, planes_nbytes, signs, signs_nbytes, bits, coef, device, stream):
+        self._run("dequant_accumulate", [(acc, 4 * n), (planes, planes_nbytes), (signs, signs_nbytes)], acc, n, planes,
+                  signs or None, bits, coef, device or 0)
+
     # bitplane.h
     def bitplane_workspace_words(self, device):
         return int(self.emu.lib.emu_bitplane_workspace_words(device or 0))
@@ -83,11 +94,14 @@ def wire(module, emu: Emu, monkeypatch) -> EmulatedCuda:
     Returns the EmulatedCuda (its ``calls``)."""
     cuda = EmulatedCuda(emu)
     workspaces: Dict[int, torch.Tensor] = {}
-    monkeypatch.setattr(module, "native", SimpleNamespace(cuda=cuda))
-    monkeypatch.setattr(module, "raw_stream", lambda dev: 0)
-    monkeypatch.setattr(module, "workspace", lambda dev, stream, words: workspaces.setdefault(
-        words, torch.zeros(words, dtype=torch.int32)))
-    monkeypatch.setattr(module, "_WS_WORDS", {})
-    if hasattr(module, "_require_cuda"):
-        monkeypatch.setattr(module, "_require_cuda", lambda t, name: None)
+    stand_ins = {
+        "native": SimpleNamespace(cuda=cuda),
+        "raw_stream": lambda dev: 0,
+        "workspace": lambda dev, stream, words: workspaces.setdefault(words, torch.zeros(words, dtype=torch.int32)),
+        "_WS_WORDS": {},
+        "_require_cuda": lambda t, name: None,
+    }
+    for name, value in stand_ins.items():
+        if hasattr(module, name):  # what this module uses
+            monkeypatch.setattr(module, name, value)
     return cuda
