@@ -110,9 +110,7 @@ __global__ void __launch_bounds__(kBlock) dq_backward_kernel(const float* __rest
   double* partials = detail::slots<double>(ws);
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
   if (!detail::last_block(ws)) return;
-  double sum = 0.0;
-  for (unsigned b = threadIdx.x; b < gridDim.x; b += kBlock) sum += __ldcg(partials + b);
-  sum = detail::block_reduce<kBlock>(sum, 0.0, detail::SumOp{});
+  const double sum = detail::combine_slots<kBlock>(partials, 1, 0.0, detail::SumOp{});
   if (threadIdx.x == 0) *out = static_cast<float>(sum / levels);  // IEEE division, then rounded to float32
   detail::release_ticket(ws);
 }
@@ -141,10 +139,7 @@ __global__ void __launch_bounds__(kBlock) popcount_kernel(const uint8_t* __restr
   if (!detail::last_block(ws)) return;
 #pragma unroll
   for (int i = 0; i < BITS; ++i) {
-    unsigned long long c = 0;
-    for (unsigned b = threadIdx.x; b < gridDim.x; b += kBlock)
-      c += __ldcg(partials + static_cast<int64_t>(b) * BITS + i);
-    c = detail::block_reduce<kBlock>(c, 0ull, detail::SumOp{});
+    const unsigned long long c = detail::combine_slots<kBlock>(partials + i, BITS, 0ull, detail::SumOp{});
     if (threadIdx.x == 0) out[i] = static_cast<int64_t>(c);
     __syncthreads();
   }
@@ -252,12 +247,7 @@ __global__ void __launch_bounds__(kBlock) step_max_kernel(StepArgs s, float* gs,
   uint32_t* partials = detail::slots<uint32_t>(ws);
   if (threadIdx.x == 0) partials[blockIdx.x] = m;
   if (!detail::last_block(ws)) return;
-  uint32_t acc = 0;
-  for (unsigned b = threadIdx.x; b < gridDim.x; b += kBlock) {
-    const uint32_t v = __ldcg(partials + b);
-    acc = v > acc ? v : acc;
-  }
-  acc = detail::block_reduce<kBlock>(acc, 0u, detail::MaxOp{});
+  const uint32_t acc = detail::combine_slots<kBlock>(partials, 1, 0u, detail::MaxOp{});
   if (threadIdx.x == 0) {
     float g_s = __fdiv_rn(__uint_as_float(acc), s.levels);
     if (__fmul_rn(g_s, s.lr) == INFINITY) g_s = INFINITY;  // lr * g_s overflows: skipped
@@ -344,14 +334,8 @@ __global__ void __launch_bounds__(kBlock) step_update_kernel(StepArgs s, const f
 
 // ---- host side ----------------------------------------------------------------------
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Blocks for `threads` threads of work, capped at kBlocksPerSm per SM.
-unsigned grid_blocks(int64_t threads, int device) {
-  const int64_t cap = static_cast<int64_t>(detail::sm_count(device)) * kBlocksPerSm;
-  const int64_t b = ceil_div(threads, kBlock);
-  return static_cast<unsigned>(b < 1 ? 1 : (b > cap ? cap : b));
-}
+using detail::ceil_div;
+constexpr auto grid_blocks = detail::grid_blocks<kBlock, kBlocksPerSm>;
 
 float levels_of(int bits) {
   if (bits < 1 || bits > kMaxBits) throw std::invalid_argument("bits must be in 1..8, got " + std::to_string(bits));

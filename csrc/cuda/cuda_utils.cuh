@@ -32,6 +32,18 @@ inline cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaSt
 // function of n and the device: the reductions' order, see workspace_words).
 int sm_count(int device);
 
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Blocks of kBlock threads for `threads` threads of work, capped at kBlocksPerSm per SM (so
+// that a capped grid is resident at once) and at least 1. A function of the work and the
+// device only: the grid-wide reductions' order depends on the grid size.
+template <int kBlock, int kBlocksPerSm>
+unsigned grid_blocks(int64_t threads, int device) {
+  const int64_t cap = static_cast<int64_t>(sm_count(device)) * kBlocksPerSm;
+  const int64_t b = ceil_div(threads, kBlock);
+  return static_cast<unsigned>(b < 1 ? 1 : (b > cap ? cap : b));
+}
+
 // Calls f(std::integral_constant<int, bits>{}), so that a kernel is instantiated per width;
 // std::invalid_argument for bits outside 1..8.
 template <class F>

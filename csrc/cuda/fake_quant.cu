@@ -387,18 +387,12 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
 
 // ---- host side ----------------------------------------------------------------------
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using detail::ceil_div;
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // Grid for `threads` threads of work, capped so the whole grid is resident at once.
-inline unsigned grid_blocks(int64_t threads, int device) {
-  const int64_t cap = static_cast<int64_t>(detail::sm_count(device)) * kBlocksPerSm;
-  int64_t b = ceil_div(threads, kBlock);
-  if (b > cap) b = cap;
-  if (b < 1) b = 1;
-  return static_cast<unsigned>(b);
-}
+constexpr auto grid_blocks = detail::grid_blocks<kBlock, kBlocksPerSm>;
 
 // The read path for input `in`, and its shift (elements past a 16-byte boundary; 0 unless
 // kShifted). out_aligned: whether the output, written with 16-byte stores on the vector

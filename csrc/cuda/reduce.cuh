@@ -43,8 +43,8 @@ __device__ __forceinline__ T block_reduce(T v, T identity, Op op) {
 // in ws[0], zero on entry, then the blocks' slots. A block stores its slots, then calls
 // last_block: thread 0 fences (the slots are visible device-wide before the ticket says so)
 // and takes a ticket. It returns true in every thread of the block holding ticket
-// gridDim.x - 1, which may then read every block's slots (with __ldcg: L2, not a stale L1)
-// and must call release_ticket when done. Every thread of the block must call it.
+// gridDim.x - 1, which may then read every block's slots (combine_slots) and must call
+// release_ticket when done. Every thread of the block must call it.
 __device__ __forceinline__ bool last_block(unsigned* __restrict__ ws) {
   __shared__ bool last;
   if (threadIdx.x == 0) {
@@ -69,10 +69,20 @@ __device__ __forceinline__ T* slots(unsigned* ws) {
   return reinterpret_cast<T*>(ws + sizeof(T) / 4);
 }
 
+// In the last block (after last_block returned true): the combination of every block's slot,
+// slot[b * stride] for b = 0 .. gridDim.x - 1, in a fixed order (thread t takes t, t + kBlock,
+// ... in turn, then block_reduce), valid in thread 0. Read with __ldcg (L2, not a stale L1).
+// Every thread of the block must call it.
+template <int kBlock, class T, class Op>
+__device__ __forceinline__ T combine_slots(const T* slot, int64_t stride, T identity, Op op) {
+  T acc = identity;
+  for (unsigned b = threadIdx.x; b < gridDim.x; b += kBlock) acc = op(acc, __ldcg(slot + b * stride));
+  return block_reduce<kBlock>(acc, identity, op);
+}
+
 // The grid's reduction of one value per block (`v`, valid in thread 0), finished by the last
-// block: block b stores v in slot b; the last block combines slots 0 .. gridDim.x - 1 in a
-// fixed order (thread t takes t, t + kBlock, ... in turn, then block_reduce) into *out and
-// releases the ticket. The result depends on the grid size only, never on which block
+// block: block b stores v in slot b; the last block combines the slots (combine_slots) into
+// *out and releases the ticket. The result depends on the grid size only, never on which block
 // arrived last: deterministic. A call rather than inlined code (it runs once per block,
 // after the loops) keeps the fake-quant kernels within their 32 registers (ptxas -v, sm_80
 // and sm_90). Every thread of the block must call it.
@@ -82,9 +92,7 @@ __device__ __noinline__ void finish_in_last_block(T v, T identity, Op op, unsign
   T* partials = slots<T>(ws);
   if (threadIdx.x == 0) partials[blockIdx.x] = v;
   if (!last_block(ws)) return;
-  T acc = identity;
-  for (unsigned i = threadIdx.x; i < gridDim.x; i += kBlock) acc = op(acc, __ldcg(partials + i));
-  acc = block_reduce<kBlock>(acc, identity, op);
+  const T acc = combine_slots<kBlock>(partials, 1, identity, op);
   if (threadIdx.x == 0) *out = acc;
   release_ticket(ws);
 }
