@@ -16,7 +16,21 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
         tempfile.gettempdir(), f"fedmpq-tests-inductor-{_key.hexdigest()[:16]}")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _reduction_tickets_back_at_zero():
+    """After each test, every kept reduction workspace's ticket is zero again
+    (tests/tickets.py): the test that leaves one fails at teardown, naming the workspace."""
+    yield
+    from tests.tickets import tickets_left
+
+    left = tickets_left()
+    if left:
+        pytest.fail("a kernel left its reduction ticket set (the next launch on that stream would read "
+                    "unwritten slots): " + "; ".join(left), pytrace=False)

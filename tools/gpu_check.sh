@@ -141,22 +141,25 @@ run_step() {  # name, limit (s), command...
     failed=1
     [ "$rc" -eq 124 ] && counts="timed out after ${limit} s; ${counts}"
     say "| $name | **FAIL** (rc $rc) | ${counts:-see $name.txt} | $(( $(date +%s) - t0 )) |"
-    grep -E '^(FAILED|ERROR)' "$log" | head -n 15 | sed 's/^/    /' >> "$SUMMARY" || true
+    # whole lines (the test steps run with CI=true: pytest's short summary keeps the message)
+    grep -E '^(FAILED|ERROR)' "$log" | head -n 15 | cut -c1-600 | sed 's/^/    /' >> "$SUMMARY" || true
   fi
 }
 # pytest-xdist (in the device image) spreads each step over 8 workers: Triton's JIT
 # compiles, the slowest part on a fresh machine, then run in parallel.
 par=()
 $PY -c "import xdist" 2>/dev/null && par=(-n 8)
+# CI=true: pytest then writes each failure's message whole in the short summary (cut to 80
+# columns otherwise, as the first H200 recheck found) and does not shorten assertion diffs.
 backend_tests() {  # backend, limit (s)
-  run_step "tests-$1" "$2" env FEDMPQ_TEST_BACKENDS="$1" \
+  run_step "tests-$1" "$2" env CI=true FEDMPQ_TEST_BACKENDS="$1" \
     $PY -m pytest tests/fedmpq_kernels -q -p no:cacheprovider -rfE "${par[@]}"
 }
 backend_tests cuda 80  # 42 s on the H200 before the bit-plane family had CUDA kernels
 backend_tests triton-cuda 100
 # the client and the federation on CUDA (graph replay against eager, byte for byte; the
 # optimizer's batched coefficients against the CPU's)
-run_step tests-client-cuda 60 $PY -m pytest tests/fedmpq/test_client.py tests/fedmpq/test_simulate.py \
+run_step tests-client-cuda 60 env CI=true $PY -m pytest tests/fedmpq/test_client.py tests/fedmpq/test_simulate.py \
   tests/fedmpq/test_nn.py -k "cuda or gpu" -q -p no:cacheprovider -rfE
 
 # ---- 4. benchmarks (GPU rows only) -------------------------------------------------------

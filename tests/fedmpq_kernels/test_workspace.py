@@ -102,3 +102,94 @@ def test_two_captures_on_two_streams_do_not_share(capture):
             assert _device.workspace(CPU, 9, 10) is nine and _device.workspace(CPU, 7, 10) is seven
         assert set(_device._SHARED) == {(None, 7)}
     assert not _device._SHARED
+
+
+def test_a_ticket_left_set_is_named_and_cleared(capture):
+    """tests/tickets.py, which the suite runs after every test: a workspace whose ticket a
+    test left set is named and set back to zero; its slots are left as they are."""
+    from tests.tickets import tickets_left
+
+    assert tickets_left() == []
+    ws = _device.workspace(CPU, 7, 10)
+    ws[1] = 9
+    assert tickets_left() == []  # stale slots are allowed
+    ws[0] = 3
+    _device.workspace(CPU, 8, 10)
+    assert tickets_left() == ["workspace of (device None, stream 0x7): ticket 3"]
+    assert int(ws[0]) == 0 and int(ws[1]) == 9
+    assert tickets_left() == []
+
+
+# The Triton kernels on a workspace kept between calls, as on a GPU (the interpreter's own
+# reduction_workspace makes a fresh one per call): every family in turn, many programs (64-
+# element blocks, 32 for the step, 4 slots combined at a time), grids that grow and shrink
+# between calls, slots poisoned with NaN bits when the workspace is made. Each call must
+# give the reference's bits and leave the ticket at zero for the next one.
+_NAN = 0x7FC00000
+
+
+def test_triton_kernels_on_one_kept_workspace(backend, monkeypatch):
+    if backend.name != "triton" or backend.device != "cpu":
+        pytest.skip("the Triton interpreter case")
+    from fedmpq_kernels import _triton_common
+    from fedmpq_kernels.bitplane import reference as BR
+    from fedmpq_kernels.fake_quant import reference as FR
+
+    from .bitplane.helpers import bits_of, fresh_state, reference_run
+
+    kept = {}
+
+    def kept_workspace(device, nprog, wide=False):
+        words = 2 * (nprog + 1) if wide else nprog + 1
+        ws = kept.get("ws")
+        if ws is None or ws.numel() < words:
+            ws = kept["ws"] = torch.full((max(words, 256),), _NAN, dtype=torch.int32)
+            ws[0] = 0
+        assert int(ws[0]) == 0, "a ticket left by the call before"
+        return ws
+
+    fq, bp = backend.module("fake_quant"), backend.module("bitplane")
+    for mod in (_triton_common, fq, bp):
+        if hasattr(mod, "reduction_workspace"):
+            monkeypatch.setattr(mod, "reduction_workspace", kept_workspace)
+    for mod in (fq, bp):
+        monkeypatch.setattr(mod, "BLOCK", 64)
+        monkeypatch.setattr(mod, "FINISH", 4)
+    monkeypatch.setattr(_triton_common, "FINISH", 4)
+    monkeypatch.setattr(bp, "STEP_CONFIG", {b: (32, 1) for b in range(1, 9)})
+
+    def ticket_back(op):
+        assert int(kept["ws"][0]) == 0, f"{op} left the ticket at {int(kept['ws'][0])}"
+
+    for numel in (1000, 65, 1, 257):  # 16, 2, 1 and 5 programs of 64
+        gen = torch.Generator().manual_seed(numel)
+        x = torch.randn(numel, generator=gen) * 1.5
+        g = torch.randint(-8, 9, (numel,), generator=gen).float()  # exact sums in any order
+        assert torch.equal(fq.fake_quant(x, 3, None, 0)[0], FR.fake_quant(x, 3, None, 0)[0])
+        ticket_back("fake_quant (absmax)")
+        _, b = fq.fake_quant(x, 4, torch.tensor(1.0), 2)
+        gx, gs = fq.fake_quant_backward(g, b, True)
+        rgx, rgs = FR.fake_quant_backward(g, b, True)
+        assert torch.equal(gx, rgx) and gs.item() == rgs.item()
+        ticket_back("fake_quant_backward")
+        for got, want in zip(fq.relu6_fake_quant(x, 4), FR.relu6_fake_quant(x, 4)):
+            assert torch.equal(got, want)
+        ticket_back("relu6_fake_quant")
+        for bits in (1, 4, 8):
+            q, s, sc = bp.binarize(x, bits)
+            rq, rs, rsc = BR.binarize(x, bits)
+            assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(bits_of(sc), bits_of(rsc))
+            ticket_back("binarize")
+            assert torch.equal(bits_of(bp.dequantize_backward(g, q, s, bits)),
+                               bits_of(BR.dequantize_backward(g, q, s, bits)))
+            ticket_back("dequantize_backward")
+        bits = 3
+        (codes, sign, mom, gstate), scale = fresh_state(numel, bits, "cpu")
+        for t, (grad, coef, key, want, want_gs) in enumerate(reference_run(numel, bits, 0.5, 0.9)):
+            assert torch.equal(bp.plane_popcounts(codes, bits), BR.plane_popcounts(codes, bits))
+            ticket_back("plane_popcounts")
+            got_gs = bp.bitplane_step(codes, sign, mom, gstate, grad, coef, scale, bits, 0.5, 0.9, key)
+            ticket_back("bitplane_step")
+            assert torch.equal(bits_of(got_gs), bits_of(want_gs)), f"{bits} bits, step {t}: g_s"
+            for name, a, w in zip(("codes", "sign", "mom", "gs"), (codes, sign, mom, gstate), want):
+                assert torch.equal(a, w), f"{bits} bits, step {t}: {name}"
