@@ -13,8 +13,9 @@ def words(t: Tensor, n: Optional[int] = None) -> Tensor:
     aligned: copied only when they are not already. The kernels read bitmaps, planes and
     sign maps as uint32 words. A caller updating ``t`` in place through the result writes it
     back when the data pointers differ."""
-    t = t.reshape(-1)
-    if n is not None:
+    if t.dim() != 1:
+        t = t.reshape(-1)
+    if n is not None and n < t.numel():
         t = t[:n]
     if not t.is_contiguous() or t.data_ptr() % 4:
         t = t.clone(memory_format=torch.contiguous_format)  # fresh storage: aligned

@@ -53,6 +53,8 @@ def check_bits(bits, what: str = "bits", float_ok: bool = False) -> int:
 
     The one statement of the rule for every op, the wire and the layers. Raises
     ``TypeError`` (not an integer; bool refused) or ``ValueError`` naming ``what``."""
+    if type(bits) is int and not float_ok and MIN_BITS <= bits <= MAX_BITS:
+        return bits  # the common case, without the ABC isinstance below (about 0.3 µs)
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise TypeError(f"{what} must be an int, got {type(bits).__name__}")
     if float_ok:

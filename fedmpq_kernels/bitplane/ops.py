@@ -139,7 +139,8 @@ def _tensor(t, name: str, dtype=None, device=None) -> Tensor:
 
 def _key(key, hint: str = "") -> int:
     """A generator key (:func:`step_key`): an int in 0..2^32-1."""
-    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key <= 0xFFFFFFFF:
+    if not (type(key) is int or (not isinstance(key, bool) and isinstance(key, numbers.Integral))) \
+            or not 0 <= key <= 0xFFFFFFFF:
         raise ValueError(f"key must be a uint32{hint}, got {key!r}")
     return int(key)
 
@@ -294,7 +295,8 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         raise ValueError(f"coef must hold {bits} values (one per plane), got {coef.numel()}")
     _scale(scale, dev)
     for name, v in (("lr", lr), ("momentum", momentum)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        # type() first: an ABC isinstance costs about 0.3 µs
+        if not (type(v) is float or (not isinstance(v, bool) and isinstance(v, numbers.Real))) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
@@ -303,10 +305,14 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     key, key_t = _step_key(key, dev)
     if n >= 1 << 32:
         raise ValueError("a layer of 2^32 weights or more is not supported (the generator counts in 32 bits)")
-    grad = grad.reshape(-1)
+    if grad.dim() != 1:  # a reshape costs about 0.9 µs even when it changes nothing
+        grad = grad.reshape(-1)
     if grad.dtype != torch.float32:
         grad = grad.float()
-    coef = coef.reshape(-1).float()
+    if coef.dim() != 1:
+        coef = coef.reshape(-1)
+    if coef.dtype != torch.float32:
+        coef = coef.float()
     if _eager(codes) and (key_t is None or (type(key_t) in PLAIN and not _is_wrapped(key_t))):
         return _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, float(lr), float(momentum), key,
                                    key_t)
