@@ -42,9 +42,10 @@ def _workspace(dev: torch.device, stream: int):
     return workspace(dev, stream, n).data_ptr(), n
 
 
+# The kernels take a pointer and an element count, so inputs keep their shapes: a reshape
+# costs about 0.9 µs of host time each.
 def _f32(t: Tensor) -> Tensor:
-    """t flattened as contiguous float32 (no copy when it already is)."""
-    t = t.reshape(-1)
+    """t as contiguous float32, any shape (no copy when it already is)."""
     if t.dtype is not _F32:
         t = t.float()
     return t.contiguous()
@@ -77,7 +78,7 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
 
 def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
     dev = codes.device
-    c = codes.reshape(-1).contiguous()
+    c = codes.contiguous()
     n = c.numel()
     out = torch.empty(n, dtype=_F32, device=dev)
     if n == 0:
@@ -93,7 +94,7 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
     dev = codes.device
-    c = codes.reshape(-1).contiguous()
+    c = codes.contiguous()
     n = c.numel()
     g = _f32(grad)
     if g.numel() != n:
@@ -112,7 +113,7 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
 
 def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     dev = codes.device
-    c = codes.reshape(-1).contiguous()
+    c = codes.contiguous()
     n = c.numel()
     if n == 0:
         return torch.zeros(bits, dtype=torch.int64, device=dev)
@@ -135,9 +136,9 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         gs.zero_()
         return torch.zeros((), dtype=_F32, device=dev)
     # Working copies of the in-place state where the kernel cannot use it as it is.
-    c = codes.reshape(-1) if codes.is_contiguous() else codes.contiguous().reshape(-1)
+    c = codes.contiguous()
     sw = words(sign)
-    m = mom.reshape(-1) if mom.is_contiguous() else mom.contiguous().reshape(-1)  # the public function checks
+    m = mom.contiguous()  # (bits, n): the public function checks
     g_state = words(gs)  # the one float32, read and written as a word
     g = _f32(grad)
     cf = _f32(coef)
