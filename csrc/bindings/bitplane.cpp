@@ -1,14 +1,20 @@
 // Bit-plane training's bindings: _C.cpu.{binarize, dequantize, dequantize_backward,
-// plane_popcounts, bitplane_step} and, when built with CUDA, the same in _C.cuda plus
-// bitplane_workspace_words. Each re-checks every size and pointer it is given
+// plane_popcounts, bitplane_step, bitplane_steps} and, when built with CUDA, the same in
+// _C.cuda plus bitplane_workspace_words. bitplane_steps is bitplane_step over a list of
+// layers in one call (a model's optimizer step): every layer is checked before any kernel
+// runs, then the layers' kernels run in order. Each re-checks every size and pointer it is given
 // (bindings/common.h) before a kernel runs; the CPU ones release the GIL around the kernel
 // (the CUDA ones only queue launches).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <stdexcept>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "bindings/common.h"
 #include "cpu/bitplane.h"
@@ -74,6 +80,25 @@ void check_step_buffers(uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign
   check_disjoint("mom", mom, mb, "grad", grad, 4 * n);
   check_disjoint("gs", gs, 4, "grad", grad, 4 * n);
 }
+// Runs check(), naming layer l in what it throws.
+template <class F>
+void in_layer(size_t l, F&& check) {
+  try {
+    check();
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument("layer " + std::to_string(l) + ": " + e.what());
+  }
+}
+
+// One layer of bitplane_steps: codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef,
+// coef_len, scale (the CPU: its value; CUDA: a device pointer), bits, key (and on CUDA
+// key_ptr), as bitplane_step takes them.
+using CpuStepLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t,
+                                uintptr_t, int64_t, double, int, int64_t>;
+#ifdef FEDMPQ_WITH_CUDA
+using CudaStepLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t,
+                                 uintptr_t, int64_t, uintptr_t, int, int64_t, uintptr_t>;
+#endif
 }  // namespace
 
 void bind_bitplane(py::module_& m) {
@@ -162,6 +187,44 @@ void bind_bitplane(py::module_& m) {
       py::arg("lr"), py::arg("momentum"), py::arg("key"), py::arg("nthreads"),
       "The fused bit-plane step, in place on codes, sign, mom (bits*n, plane-major) and gs (one float32); "
       "returns g_s (not finite: the step was skipped and nothing written).");
+
+  cpu.def(
+      "bitplane_steps",
+      [](const std::vector<CpuStepLayer>& layers, double lr, double momentum, uintptr_t out, int64_t out_len,
+         int nthreads) {
+        check_step_scalars(lr, momentum);
+        const int64_t L = static_cast<int64_t>(layers.size());
+        check_elems("out", out, L, out_len, 4);
+        for (size_t l = 0; l < layers.size(); ++l) {
+          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key] =
+              layers[l];
+          in_layer(l, [&] {
+            check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, bits);
+            require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
+            // out is written after each layer: it must not be any layer's state or input
+            check_disjoint("out", out, 4 * L, "codes", codes, n);
+            check_disjoint("out", out, 4 * L, "sign", sign, 4 * bitmap_words(n));
+            check_disjoint("out", out, 4 * L, "mom", mom, int64_t(bits) * n);
+            check_disjoint("out", out, 4 * L, "gs", gs, 4);
+            check_disjoint("out", out, 4 * L, "grad", grad, 4 * n);
+            check_disjoint("out", out, 4 * L, "coef", coef, 4 * int64_t(bits));
+          });
+        }
+        const float lr32 = lr_f32(lr), mu32 = static_cast<float>(momentum);
+        NoGil nogil;
+        float* o = ptr<float>(out);
+        for (size_t l = 0; l < layers.size(); ++l) {
+          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key] =
+              layers[l];
+          o[l] = fedmpq::cpu::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
+                                            ptr<const float>(grad), ptr<const float>(coef), static_cast<float>(scale),
+                                            n, bits, lr32, mu32, static_cast<uint32_t>(key), nthreads);
+        }
+      },
+      py::arg("layers"), py::arg("lr"), py::arg("momentum"), py::arg("out"), py::arg("out_len"), py::arg("nthreads"),
+      "bitplane_step on each layer in order, one call: layers are tuples (codes, n, sign, sign_nbytes, mom, mom_len, "
+      "gs, grad, coef, coef_len, scale, bits, key); out[l] (float32) = layer l's g_s. Every layer is checked "
+      "before any is stepped.");
 
 #ifdef FEDMPQ_WITH_CUDA
   // ---- CUDA: device pointers, launched on `stream` of `device` (which must be current) ----
@@ -273,6 +336,42 @@ void bind_bitplane(py::module_& m) {
       "The fused bit-plane step in place on codes, sign, mom and gs, two launches, no host synchronization: "
       "out[0] = g_s (not finite: skipped), out[1] = the previous gs. key_ptr (an int64 on the device, its low 32 "
       "bits) replaces key when not 0.");
+  cuda.def(
+      "bitplane_steps",
+      [=](const std::vector<CudaStepLayer>& layers, double lr, double momentum, uintptr_t out, int64_t out_len,
+          uintptr_t ws, int64_t ws_words, int device, uintptr_t stream) {
+        check_step_scalars(lr, momentum);
+        const int64_t L = static_cast<int64_t>(layers.size());
+        check_elems("out", out, 2 * L, out_len, 4);
+        bool any = false;
+        for (size_t l = 0; l < layers.size(); ++l) {
+          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key,
+                       key_ptr] = layers[l];
+          in_layer(l, [&] {
+            check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, bits);
+            require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
+            check_scalar("scale", scale);
+            require(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");
+            check_disjoint("out", out, 8 * L, "gs", gs, 4);
+          });
+          any = any || n > 0;
+        }
+        if (any) check_workspace(ws, ws_words, device);
+        const float lr32 = lr_f32(lr), mu32 = static_cast<float>(momentum);
+        for (size_t l = 0; l < layers.size(); ++l) {  // launches on one stream: in order, one workspace
+          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key,
+                       key_ptr] = layers[l];
+          fedmpq::cuda::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
+                                      ptr<const float>(grad), ptr<const float>(coef), ptr<const float>(scale), n, bits,
+                                      lr32, mu32, static_cast<uint32_t>(key), ptr<const int64_t>(key_ptr),
+                                      ptr<float>(out) + 2 * l, ptr<unsigned>(ws), device, stream);
+        }
+      },
+      py::arg("layers"), py::arg("lr"), py::arg("momentum"), py::arg("out"), py::arg("out_len"), py::arg("workspace"),
+      py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
+      "bitplane_step on each layer in order, their launches queued by one call: layers are tuples (codes, n, sign, "
+      "sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key, key_ptr); out[2l], out[2l+1] = layer "
+      "l's g_s and previous gs. Every layer is checked before anything is launched.");
 #endif
 }
 

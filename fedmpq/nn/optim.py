@@ -45,7 +45,8 @@ def float_parameters(model: nn.Module) -> List[nn.Parameter]:
 
 
 class BitPlaneOptimizer:
-    """One fused step per bit-plane layer (:func:`fedmpq_kernels.bitplane_step`).
+    """One fused step per bit-plane layer (:func:`fedmpq_kernels.bitplane_step`), every layer in
+    one call (:func:`fedmpq_kernels.bitplane_steps`) when each has a gradient.
 
     The step of layer l uses G = ``layer.sink.grad`` from the last backward, the group-lasso
     coefficient ``lam / T * n_l * N_l / sqrt(eps + popcount_i)`` (T = the quantized weights
@@ -147,16 +148,29 @@ class BitPlaneOptimizer:
                 self.device_step = self.device_step.to(self.layers[0].codes.device)
             keys = fk.step_keys(self.seed, self.device_step, len(self.layers))
         coefs = self.all_coefficients()
-        for l, layer in enumerate(self.layers):
-            g = layer.sink.grad
-            if g is None:
-                continue
-            st = self._layer_state(l, layer)
-            key = keys[l] if keys is not None else fk.step_key(self.seed, self.steps, l)
-            statuses.append(fk.bitplane_step(layer.codes, layer.sign, st["mom"], st["gs"], g, coefs[l],
-                                             layer.scale.detach(), layer.bits, self.lr, self.momentum, key))
-        if statuses and host_reads_free(statuses[0].device):  # no sync on a GPU
-            self.skipped += sum(not math.isfinite(s.item()) for s in statuses)  # no torch op per layer
+        layers = self.layers
+        grads = [m.sink.grad for m in layers]
+        if all(g is not None for g in grads):
+            # every layer in one call (fk.bitplane_steps): the same steps, a fraction of the host cost
+            states = [self._layer_state(l, m) for l, m in enumerate(layers)]
+            if keys is None:
+                keys = [fk.step_key(self.seed, self.steps, l) for l in range(len(layers))]
+            g_s = fk.bitplane_steps([m.codes for m in layers], [m.sign for m in layers], [st["mom"] for st in states],
+                                    [st["gs"] for st in states], grads, coefs, [m.scale.detach() for m in layers],
+                                    [m.bits for m in layers], self.lr, self.momentum, keys)
+            if host_reads_free(g_s.device):  # no sync on a GPU (and a read a capture refuses: not tolist)
+                self.skipped += int((~torch.isfinite(g_s)).sum())
+        else:  # layers without a gradient (not in this backward) keep their state: one by one
+            for l, layer in enumerate(layers):
+                g = grads[l]
+                if g is None:
+                    continue
+                st = self._layer_state(l, layer)
+                key = keys[l] if keys is not None else fk.step_key(self.seed, self.steps, l)
+                statuses.append(fk.bitplane_step(layer.codes, layer.sign, st["mom"], st["gs"], g, coefs[l],
+                                                 layer.scale.detach(), layer.bits, self.lr, self.momentum, key))
+            if statuses and host_reads_free(statuses[0].device):  # no sync on a GPU
+                self.skipped += sum(not math.isfinite(s.item()) for s in statuses)  # no torch op per layer
         if self.device_keys:
             self.device_step.add_(1)
         self.steps += 1

@@ -101,3 +101,26 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         if work.data_ptr() != state.data_ptr():  # a working copy: write it back
             state.copy_(work.view(state.shape))
     return torch.scalar_tensor(r, dtype=torch.float32)  # cheaper than torch.tensor
+
+
+def bitplane_steps(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
+                   key_tensor: Optional[Tensor] = None) -> Tensor:
+    """bitplane_step on each layer, in order, through one native call (lists as the
+    reference's bitplane_steps takes them)."""
+    L = len(codes)
+    if key_tensor is not None:  # a CPU tensor: reading it is free
+        keys = [k & 0xFFFFFFFF for k in key_tensor.tolist()]
+    work, layers = [], []
+    for l in range(L):
+        c, sg, m, g_state = _bytes(codes[l]), words(sign[l]), _bytes(mom[l]), words(gs[l])
+        g, cf = _f32(grad[l]), _f32(coef[l])
+        work.append((c, sg, m, g_state, g, cf))
+        layers.append((c.data_ptr(), c.numel(), sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
+                       g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale[l]), bits[l], int(keys[l])))
+    out = torch.empty(L, dtype=torch.float32)
+    native.cpu.bitplane_steps(layers, float(lr), float(momentum), out.data_ptr(), L, torch.get_num_threads())
+    for l in range(L):
+        for w, state in zip(work[l], (codes[l], sign[l], mom[l], gs[l])):
+            if w is not state and w.data_ptr() != state.data_ptr():  # a working copy: write it back
+                state.copy_(w.view(state.shape))
+    return out

@@ -159,3 +159,39 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         if work.data_ptr() != state.data_ptr():  # a working copy: write it back
             state.copy_(work.view(state.shape))
     return out[0]
+
+
+def bitplane_steps(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
+                   key_tensor: Optional[Tensor] = None) -> Tensor:
+    """bitplane_step on each layer, in order: every layer's two launches queued by one
+    native call (lists as the reference's bitplane_steps takes them). ``key_tensor`` (int64,
+    one element per layer, on the device): layer l's kernel loads its key from element l."""
+    L = len(codes)
+    dev = codes[0].device
+    if key_tensor is not None:
+        kt, kt_step = key_tensor.data_ptr(), 8 * key_tensor.stride(0)
+    work, layers, empty = [], [], []
+    for l in range(L):
+        c, sw, m, g_state = codes[l].contiguous(), words(sign[l]), mom[l].contiguous(), words(gs[l])
+        g, cf, sc = _f32(grad[l]), _f32(coef[l]), _scale(scale[l], dev)
+        n = c.numel()
+        if n == 0:
+            empty.append(l)
+        key, key_ptr = (0, kt + l * kt_step) if key_tensor is not None else (int(keys[l]) & 0xFFFFFFFF, 0)
+        work.append((c, sw, m, g_state, g, cf, sc))
+        layers.append((c.data_ptr(), n, sw.data_ptr(), sw.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
+                       g.data_ptr(), cf.data_ptr(), cf.numel(), sc.data_ptr(), bits[l], key, key_ptr))
+    # (g_s, previous gs) per layer; an empty layer launches nothing, so its g_s is the 0 of a zero fill
+    out = (torch.zeros if empty else torch.empty)(2 * L, dtype=_F32, device=dev)
+    with on_device(dev):
+        stream = raw_stream(dev)
+        ws, ws_words = _workspace(dev, stream)
+        native.cuda.bitplane_steps(layers, float(lr), float(momentum), out.data_ptr(), 2 * L, ws, ws_words, dev.index,
+                                   stream)
+    for l in range(L):
+        for w, state in zip(work[l], (codes[l], sign[l], mom[l], gs[l])):
+            if w is not state and w.data_ptr() != state.data_ptr():  # a working copy: write it back
+                state.copy_(w.view(state.shape))
+    for l in empty:  # the reference: max over nothing is 0, so gs = 0
+        gs[l].zero_()
+    return out[0::2]

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Tuple, Union
+import sys
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -176,6 +177,49 @@ def _scale(scale, device) -> Tensor:
     return scale
 
 
+def _step_layer(codes, sign, mom, gs, grad, coef, scale, bits, dev) -> Tuple[int, Tensor, Tensor]:
+    """Checks one layer's arguments of :func:`bitplane_step` on ``dev``; returns (bits, grad
+    as float32, coef as float32 (bits,))."""
+    n, bits = _state(codes, sign, bits)
+    if codes.device != dev:
+        raise ValueError(f"codes is on {codes.device}, expected {dev}")
+    _tensor(mom, "mom", torch.uint8, dev)
+    if mom.numel() != bits * n or not mom.is_contiguous():
+        raise ValueError(f"mom must be a contiguous uint8 tensor of {bits}*{n} elements, got {tuple(mom.shape)}")
+    _tensor(gs, "gs", torch.float32, dev)
+    if gs.numel() != 1:
+        raise ValueError("gs must hold one float32")
+    _tensor(grad, "grad", device=dev)
+    if grad.numel() != n:
+        raise ValueError(f"grad has {grad.numel()} elements, codes {n}")
+    _tensor(coef, "coef", device=dev)
+    if coef.numel() != bits:
+        raise ValueError(f"coef must hold {bits} values (one per plane), got {coef.numel()}")
+    _scale(scale, dev)
+    if n >= 1 << 32:
+        raise ValueError("a layer of 2^32 weights or more is not supported (the generator counts in 32 bits)")
+    # grad keeps its shape (a layer's weight shape): every backend takes its n elements in
+    # order (a reshape costs about 0.9 µs); coef is indexed by plane, so it is made 1-D
+    if grad.dtype != torch.float32:
+        grad = grad.float()
+    if coef.dim() != 1:
+        coef = coef.reshape(-1)
+    if coef.dtype != torch.float32:
+        coef = coef.float()
+    return bits, grad, coef
+
+
+def _step_scalars(lr, momentum) -> None:
+    for name, v in (("lr", lr), ("momentum", momentum)):
+        # type() first: an ABC isinstance costs about 0.3 µs
+        if not (type(v) is float or (not isinstance(v, bool) and isinstance(v, numbers.Real))) or not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {v!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+
+
 # ---- public functions ----------------------------------------------------------------------
 def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Binarize a float weight into ``bits`` bits (ALGORITHM.md, "Local representation").
@@ -279,45 +323,96 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         TypeError / ValueError: bad arguments; a key tensor not int64 (TypeError), not on
         codes' device or not of one element (ValueError).
     """
-    n, bits = _state(codes, sign, bits)
     dev = codes.device
-    _tensor(mom, "mom", torch.uint8, dev)
-    if mom.numel() != bits * n or not mom.is_contiguous():
-        raise ValueError(f"mom must be a contiguous uint8 tensor of {bits}*{n} elements, got {tuple(mom.shape)}")
-    _tensor(gs, "gs", torch.float32, dev)
-    if gs.numel() != 1:
-        raise ValueError("gs must hold one float32")
-    _tensor(grad, "grad", device=dev)
-    if grad.numel() != n:
-        raise ValueError(f"grad has {grad.numel()} elements, codes {n}")
-    _tensor(coef, "coef", device=dev)
-    if coef.numel() != bits:
-        raise ValueError(f"coef must hold {bits} values (one per plane), got {coef.numel()}")
-    _scale(scale, dev)
-    for name, v in (("lr", lr), ("momentum", momentum)):
-        # type() first: an ABC isinstance costs about 0.3 µs
-        if not (type(v) is float or (not isinstance(v, bool) and isinstance(v, numbers.Real))) or not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    bits, grad, coef = _step_layer(codes, sign, mom, gs, grad, coef, scale, bits, dev)
+    _step_scalars(lr, momentum)
     key, key_t = _step_key(key, dev)
-    if n >= 1 << 32:
-        raise ValueError("a layer of 2^32 weights or more is not supported (the generator counts in 32 bits)")
-    if grad.dim() != 1:  # a reshape costs about 0.9 µs even when it changes nothing
-        grad = grad.reshape(-1)
-    if grad.dtype != torch.float32:
-        grad = grad.float()
-    if coef.dim() != 1:
-        coef = coef.reshape(-1)
-    if coef.dtype != torch.float32:
-        coef = coef.float()
     if _eager(codes) and (key_t is None or (type(key_t) in PLAIN and not _is_wrapped(key_t))):
         return _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, float(lr), float(momentum), key,
                                    key_t)
     return torch.ops.fedmpq.bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, float(lr), float(momentum),
                                           key, key_t)
+
+
+_STEPS_OF: dict = {}  # a backend's bitplane_step -> its module's bitplane_steps, or None
+
+
+def _steps_impl(single):
+    """The grouped step of the backend whose ``bitplane_step`` is ``single``, or None (that
+    backend steps layer by layer)."""
+    if single not in _STEPS_OF:
+        _STEPS_OF[single] = getattr(sys.modules[single.__module__], "bitplane_steps", None)
+    return _STEPS_OF[single]
+
+
+def bitplane_steps(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: Sequence[Tensor], gs: Sequence[Tensor],
+                   grad: Sequence[Tensor], coef: Sequence[Tensor], scale: Sequence[Tensor], bits: Sequence[int],
+                   lr: float, momentum: float, keys: Union[Sequence[int], Tensor]) -> Tensor:
+    """:func:`bitplane_step` on every layer l of the lists (``codes[l]``, ``sign[l]``, ...,
+    ``bits[l]``, ``keys[l]``), in order, in one call: the optimizer step of a whole model. The
+    same results, bit for bit, as the calls one by one, at a fraction of their host cost (one
+    native call; on a GPU the layers' launches are queued from C++). Every layer is checked
+    before any is stepped, so a bad argument changes nothing.
+
+    Args:
+        codes, sign, mom, gs, grad, coef, scale, bits: one entry per layer, as
+            :func:`bitplane_step` takes them; every tensor on one device.
+        lr, momentum: as :func:`bitplane_step`, for every layer.
+        keys: one key per layer: ints in 0..2^32-1, or an int64 tensor of one element per
+            layer on the layers' device (:func:`step_keys`; not read on the host, taken mod
+            2^32).
+
+    Returns:
+        float32 (L,) on the layers' device: each layer's g_s (not finite: that layer's step
+        was skipped and it is unchanged). (0,) on the CPU for no layers.
+
+    Raises:
+        TypeError / ValueError: as :func:`bitplane_step`, naming the layer; lists of
+        different lengths.
+    """
+    L = len(codes)
+    lists = {"sign": sign, "mom": mom, "gs": gs, "grad": grad, "coef": coef, "scale": scale, "bits": bits}
+    for name, v in lists.items():
+        if len(v) != L:
+            raise ValueError(f"{name} has {len(v)} entries, codes {L}")
+    _step_scalars(lr, momentum)
+    if L == 0:
+        return torch.empty(0, dtype=torch.float32)
+    _tensor(codes[0], "codes[0]")
+    dev = codes[0].device
+    key_t = None
+    if isinstance(keys, Tensor):
+        if keys.dtype != torch.int64:
+            raise TypeError(f"keys must be ints or an int64 tensor, got a tensor of {keys.dtype}")
+        if keys.device != dev:
+            raise ValueError(f"keys is on {keys.device}, expected {dev} (the layers' device)")
+        if keys.numel() != L:
+            raise ValueError(f"keys has {keys.numel()} elements, one per layer ({L}) needed")
+        key_t, ints = keys.reshape(-1), [0] * L
+    else:
+        if len(keys) != L:
+            raise ValueError(f"keys has {len(keys)} entries, codes {L}")
+        ints = [k if type(k) is int and 0 <= k <= 0xFFFFFFFF else _key(k, f" (layer {i})") for i, k in enumerate(keys)]
+    bits_l, grads, coefs = [0] * L, [None] * L, [None] * L
+    for i in range(L):
+        try:
+            bits_l[i], grads[i], coefs[i] = _step_layer(codes[i], sign[i], mom[i], gs[i], grad[i], coef[i], scale[i],
+                                                        bits[i], dev)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layer {i}: {e}") from None
+    lr, momentum = float(lr), float(momentum)
+    eager = _eager(codes[0]) and all(type(c) in PLAIN and not _is_wrapped(c) for c in codes) and (
+        key_t is None or (type(keys) in PLAIN and not _is_wrapped(keys)))
+    if eager:
+        single = _get("bitplane_step", codes[0])
+        many = _steps_impl(single)
+        if many is not None:
+            return many(codes, sign, mom, gs, grads, coefs, scale, bits_l, lr, momentum, ints, key_t)
+        return torch.stack([single(codes[i], sign[i], mom[i], gs[i], grads[i], coefs[i], scale[i], bits_l[i], lr,
+                                   momentum, ints[i], None if key_t is None else key_t[i]) for i in range(L)])
+    return torch.stack([torch.ops.fedmpq.bitplane_step(codes[i], sign[i], mom[i], gs[i], grads[i], coefs[i], scale[i],
+                                                       bits_l[i], lr, momentum, ints[i],
+                                                       None if key_t is None else key_t[i]) for i in range(L)])
 
 
 def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -> Tuple[int, Tensor, Tensor]:

@@ -279,6 +279,15 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     return g_s
 
 
+def bitplane_steps(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
+                   key_tensor: Optional[Tensor] = None) -> Tensor:
+    """:func:`bitplane_step` on each layer l of the lists, in order (key ``keys[l]``, or
+    ``key_tensor[l]`` when given): float32 (L,), each layer's g_s."""
+    return torch.stack([bitplane_step(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l], scale[l], bits[l], lr,
+                                      momentum, keys[l], None if key_tensor is None else key_tensor[l])
+                        for l in range(len(codes))])
+
+
 def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -> Tuple[int, Tensor, Tensor]:
     """ALGORITHM.md "Precision reduction" with threshold theta (percent): returns
     (new N, new codes uint8 (n,), new scale float32 0-dim); signs are unchanged.

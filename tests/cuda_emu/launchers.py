@@ -86,6 +86,17 @@ class EmulatedCuda:
         self._run("bitplane_step", ranges, codes, sign, mom, gs, grad, coef, scale, n, bits, lr, momentum, key,
                   key_ptr or None, out, ws, device or 0)
 
+    def bitplane_steps(self, layers, lr, momentum, out, out_len, ws, ws_words, device, stream):
+        """As the binding: every layer's launches in order, layer l's out at out + 8 l (the
+        binding's checks are test_cuda_binding.py's)."""
+        assert out_len >= 2 * len(layers)
+        self.calls.append("bitplane_steps")
+        for l, (codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key,
+                key_ptr) in enumerate(layers):
+            if n > 0:  # the native step launches nothing for an empty layer
+                self.bitplane_step(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits,
+                                   lr, momentum, key, key_ptr, out + 8 * l, ws, ws_words, device, stream)
+
 
 def wire(module, emu: Emu, monkeypatch) -> EmulatedCuda:
     """Points adapter module ``module`` (e.g. ``fedmpq_kernels.bitplane.cuda``) at an

@@ -207,14 +207,14 @@ def test_device_keys_draw_what_host_keys_draw(monkeypatch):
         assert torch.equal(ca, cb) and torch.equal(sa, sb)
     # and the keys handed to the kernel are step_key(seed, step, layer), step by step
     seen = []
-    real = qn.optim.fk.bitplane_step
+    real = qn.optim.fk.bitplane_steps
 
     def record(*args):
         assert isinstance(args[-1], torch.Tensor)  # from the device count, not the host's
-        seen.append(int(args[-1]))
+        seen.extend(args[-1].tolist())
         return real(*args)
 
-    monkeypatch.setattr(qn.optim.fk, "bitplane_step", record)
+    monkeypatch.setattr(qn.optim.fk, "bitplane_steps", record)
     for i in range(2):
         opt.zero_grad()
         F.cross_entropy(qm(x[i]), y[i]).backward()
@@ -370,3 +370,30 @@ def test_layer_weights_and_parameter_scales_take_the_eager_autograd_path():
     x = torch.randn(33, requires_grad=True)
     y = fk.fake_quant(x, 4, s, ste="clipped")
     assert type(y.grad_fn).__name__ == "_FakeQuantEagerBackward"
+
+
+def test_a_layer_without_a_gradient_keeps_its_state_and_the_others_step_as_alone():
+    """All layers with gradients step in one fk.bitplane_steps call; when one has none (not in
+    this backward), the optimizer goes layer by layer: that layer keeps codes, signs and
+    momentum, and every other layer's step is the one it takes when all step together."""
+    x, y = torch.randn(2, 8, 1, 8, 8), torch.randint(0, 10, (2, 8))
+    runs = []
+    for drop in (None, 1):
+        torch.manual_seed(0)
+        qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+        opt = qn.BitPlaneOptimizer(qm, lr=0.5, lam=1e-3, seed=5)
+        layers = [m for _, m in qn.bit_layers(qm)]
+        for i in range(2):
+            opt.zero_grad()
+            F.cross_entropy(qm(x[i]), y[i]).backward()
+            if drop is not None and i == 1:
+                kept = (layers[drop].codes.clone(), layers[drop].sign.clone(), opt.state[drop]["mom"].clone())
+                layers[drop].sink.grad = None
+            opt.step()
+        runs.append((qm, layers, opt))
+    (_, full, full_opt), (_, part, opt) = runs
+    assert torch.equal(part[1].codes, kept[0]) and torch.equal(part[1].sign, kept[1])
+    assert torch.equal(opt.state[1]["mom"], kept[2])
+    for l in (0, 2, 3):  # layer l's step does not depend on the others' (its own key and coefficients)
+        assert torch.equal(part[l].codes, full[l].codes) and torch.equal(part[l].sign, full[l].sign), f"layer {l}"
+    assert not torch.equal(full_opt.state[1]["mom"], kept[2])  # the dropped layer did step in the full run

@@ -131,6 +131,39 @@ def test_step_writes_back_working_copies_and_reads_a_device_key(bc):
     assert float(gs_buf[1]) == 42.0
 
 
+@pytest.mark.parametrize("device_keys", [False, True], ids=["int-keys", "device-keys"])
+def test_steps_of_many_layers_in_one_call(bc, device_keys):
+    """bitplane_steps: one launcher call for every layer (an empty one among them), layer l
+    reading its key from element l of a strided key tensor, a strided and a misaligned state
+    written back; each layer's state and g_s as the reference's step gives them."""
+    shapes = [(33, 3), (0, 2), (1000, 8), (64, 1)]
+    states, grads, coefs, scales, bits = [], [], [], [], []
+    gen = torch.Generator().manual_seed(4)
+    for l, (n, b) in enumerate(shapes):
+        codes, sign, scale = R.binarize(weights(n, b, seed=l), b)
+        states.append([codes, sign, torch.zeros(b, n, dtype=torch.uint8), torch.tensor([0.5])])
+        grads.append(torch.randn(n, generator=gen) * 0.3)
+        coefs.append(torch.rand(b, generator=gen) * 1e-3)
+        scales.append(scale)
+        bits.append(b)
+    keys = [R.step_key(3, 1, l) for l in range(len(shapes))]
+    ref = [[t.clone() for t in s] for s in states]
+    want = [R.bitplane_step(*ref[l], grads[l], coefs[l], scales[l], bits[l], 0.5, 0.9, keys[l]) for l in range(4)]
+    states[2][0] = torch.zeros(2 * 1000, dtype=torch.uint8)[::2].copy_(states[2][0])  # strided codes
+    states[0][1] = _odd(states[0][1])  # a misaligned sign bitmap
+    key_buf = torch.zeros(2 * len(keys), dtype=torch.int64)
+    key_buf[::2] = torch.tensor(keys) + (5 << 40)  # high bits set: the kernel takes the low 32
+    args = [[s[i] for s in states] for i in range(4)] + [grads, coefs, scales, bits, 0.5, 0.9]
+    if device_keys:
+        got = bc.bitplane_steps(*args, [0] * 4, key_buf[::2])
+    else:
+        got = bc.bitplane_steps(*args, keys)
+    assert bc.native.cuda.calls.count("bitplane_steps") == 1 and "bitplane_step" in bc.native.cuda.calls
+    assert got.shape == (4,) and torch.equal(bits_of(got), bits_of(torch.stack(want)))
+    for l in range(4):
+        assert_state_equal([t.contiguous() for t in states[l]], ref[l], f"layer {l}")
+
+
 @pytest.mark.parametrize("device_keys", [False, True], ids=["host-keys", "device-keys"])
 def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, monkeypatch, device_keys):
     """A client step's kernels, the autograd of dequantize and the activation quantizer and
@@ -178,8 +211,9 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
     monkeypatch.setattr(registry, "get", routed)
     monkeypatch.setattr(registry, "_cache", {})  # get_many's entries come from the routed get
     got, got_grads = train()
+    # the optimizer steps every layer through one bitplane_steps call (which launches each layer's step)
     assert set(bc.native.cuda.calls) == {"binarize", "dequantize", "dequantize_backward", "plane_popcounts",
-                                         "bitplane_step"}
+                                         "bitplane_steps", "bitplane_step"}
     assert set(fq_calls.calls) == {"relu6_fake_quant", "fake_quant_backward"}
     for l, (g, w) in enumerate(zip(got, want)):
         assert_state_equal(g, w, f"layer {l}")

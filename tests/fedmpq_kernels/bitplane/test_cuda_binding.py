@@ -117,3 +117,37 @@ def test_cuda_binding_without_a_gpu_raises_a_clear_error():
     back as a RuntimeError naming it (not a crash)."""
     with pytest.raises(RuntimeError, match="CUDA error"):
         native.cuda.dequantize(**_dq(device=0))
+
+
+def _layer(**over):
+    """One layer tuple of bitplane_steps, as _step's arguments (fake addresses)."""
+    a = _step(**over)
+    return tuple(a[k] for k in ("codes", "n", "sign", "sign_nbytes", "mom", "mom_len", "gs", "grad", "coef",
+                                "coef_len", "scale", "bits", "key", "key_ptr"))
+
+
+def _steps(layers, **over):
+    a = dict(layers=layers, lr=0.1, momentum=0.9, out=20 * _P, out_len=2 * len(layers), workspace=21 * _P,
+             workspace_words=1 << 20, device=-1, stream=0)
+    a.update(over)
+    return a
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("layers, over, match", [
+    ([_layer(), _layer(mom_len=399)], {}, "layer 1: mom"),
+    ([_layer(key=1 << 32)], {}, "layer 0: key must be a uint32"),
+    ([_layer(), _layer(), _layer(scale=7)], {}, "layer 2: scale pointer"),
+    ([_layer()], {"out_len": 1}, "out: buffer holds 1"),
+    ([_layer()], {"lr": 0.0}, "lr must be finite and > 0"),
+    ([_layer(), _layer(gs=20 * _P + 4)], {}, "layer 1: out and gs overlap"),
+], ids=["mom", "key", "scale", "out", "lr", "out-gs"])
+def test_cuda_steps_binding_names_the_bad_layer(layers, over, match):
+    with pytest.raises(ValueError, match=match):
+        native.cuda.bitplane_steps(**_steps(layers, **over))
+
+
+@needs_cuda_build
+def test_cuda_steps_binding_launches_nothing_for_empty_layers():
+    assert native.cuda.bitplane_steps(**_steps([])) is None
+    assert native.cuda.bitplane_steps(**_steps([_layer(n=0, mom_len=0)] * 2, workspace=0, workspace_words=0)) is None

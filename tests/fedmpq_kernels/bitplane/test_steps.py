@@ -1,0 +1,171 @@
+"""``fk.bitplane_steps``, the optimizer step of many layers in one call, on every backend
+against the reference's step taken layer by layer (the oracle): mixed widths 1..8, odd and
+empty layers, a skipped layer (NaN gradient) and a zero-gradient layer among the others,
+strided and misaligned state, int keys and device keys; and the refusals, which name the
+layer and leave every layer unchanged."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fedmpq_kernels as fk
+from fedmpq_kernels.bitplane import reference as R
+
+from .helpers import assert_state_equal, bits_of, kernels, layer
+
+# (n, bits): every width, odd sizes, an empty layer; the interpreter takes the small ones
+LAYERS = [(33, 3), (0, 2), (1000, 8), (1, 1), (64, 4), (257, 5), (7, 6), (4097, 7), (100, 2)]
+# a NaN in layer 4's gradient at step 1 (skipped); the last layer without gradient or
+# regularizer (g_s = 0: momentum zeroed, codes kept)
+NAN_LAYER, ZERO_LAYER = 4, -1
+
+
+def _model(dev, small: bool, seed: int = 0):
+    """Per layer [codes, sign, mom, gs], grads per step, coefs, scales, bits."""
+    shapes = [(n, b) for n, b in LAYERS if not small or n <= 1000]
+    gen = torch.Generator().manual_seed(seed)
+    states, coefs, scales, bits = [], [], [], []
+    for l, (n, b) in enumerate(shapes):
+        codes, sign, scale = layer(n, b, seed=seed + l)
+        states.append([codes, sign, torch.zeros(b, n, dtype=torch.uint8), torch.zeros(1)])
+        coefs.append(torch.rand(b, generator=gen) * 1e-3)
+        scales.append(scale)
+        bits.append(b)
+    coefs[ZERO_LAYER].zero_()
+    grads = []
+    for t in range(3):
+        g = [torch.randn(n, generator=gen) * 0.2 for n, _ in shapes]
+        if len(g) > NAN_LAYER and g[NAN_LAYER].numel():
+            g[NAN_LAYER][g[NAN_LAYER].numel() // 2] = float("nan") if t == 1 else g[NAN_LAYER][0]
+        g[ZERO_LAYER] = torch.zeros_like(g[ZERO_LAYER])
+        grads.append(g)
+    move = lambda ts: [t.to(dev) for t in ts]  # noqa: E731
+    return [move(s) for s in states], [move(g) for g in grads], move(coefs), move(scales), bits
+
+
+def _reference(states, grads, coefs, scales, bits, lr, momentum, keys):
+    """The oracle: the reference's step, layer by layer, on CPU copies."""
+    ref = [[t.cpu().clone() for t in s] for s in states]
+    out = []
+    for g, k in zip(grads, keys):
+        out.append(torch.stack([R.bitplane_step(*ref[l], g[l].cpu(), coefs[l].cpu(), scales[l].cpu(), bits[l], lr,
+                                                momentum, k[l]) for l in range(len(ref))]))
+    return ref, out
+
+
+@pytest.mark.parametrize("device_keys", [False, True], ids=["int-keys", "device-keys"])
+def test_steps_equal_the_layers_steps_one_by_one(backend, device_keys):
+    kernels(backend)
+    dev = backend.device
+    small = backend.max_numel is not None
+    states, grads, coefs, scales, bits = _model(dev, small)
+    L = len(states)
+    keys = [[R.step_key(7, t, l) for l in range(L)] for t in range(len(grads))]
+    ref, want = _reference(states, grads, coefs, scales, bits, 0.5, 0.9, keys)
+    step = torch.zeros((), dtype=torch.int64, device=dev)
+    with backend.active():
+        for t, g in enumerate(grads):
+            k = fk.step_keys(7, step, L) if device_keys else keys[t]
+            got = fk.bitplane_steps([s[0] for s in states], [s[1] for s in states], [s[2] for s in states],
+                                    [s[3] for s in states], g, coefs, scales, bits, 0.5, 0.9, k)
+            step += 1
+            assert got.shape == (L,) and got.dtype == torch.float32 and got.device.type == dev
+            assert torch.equal(bits_of(got), bits_of(want[t])), f"step {t}: g_s {got.tolist()} != {want[t].tolist()}"
+    for l in range(L):
+        assert_state_equal(states[l], [r.clone() for r in ref[l]], f"layer {l} ({LAYERS[l]})")
+    assert not torch.isfinite(want[1][NAN_LAYER]) and float(want[2][ZERO_LAYER]) == 0.0  # the cases are there
+
+
+def test_steps_take_strided_and_misaligned_state(backend):
+    """Layer 1's codes strided, its sign bitmap and gs misaligned views: the backend's working
+    copies are written back, and the other layers' buffers are untouched."""
+    kernels(backend)
+    dev = backend.device
+    states, grads, coefs, scales, bits = _model(dev, small=True, seed=3)
+    states, coefs, scales, bits = states[:3], coefs[:3], scales[:3], bits[:3]
+    g = grads[0][:3]
+    keys = [R.step_key(1, 0, l) for l in range(3)]
+    ref, want = _reference(states, [g], coefs, scales, bits, 0.7, 0.9, [keys])
+    codes, sign, mom, gs = states[0]
+    n = codes.numel()
+    cbuf = torch.zeros(n, 2, dtype=torch.uint8, device=dev)
+    cbuf[:, 0] = codes
+    sbuf = torch.zeros(sign.numel() + 1, dtype=torch.uint8, device=dev)
+    sbuf[1:] = sign
+    gbuf = torch.tensor([0.0, float(gs)], device=dev)
+    views = [cbuf[:, 0], sbuf[1:], mom, gbuf[1:]]
+    assert not views[0].is_contiguous() and views[1].data_ptr() % 4
+    all_states = [views] + states[1:]
+    with backend.active():
+        got = fk.bitplane_steps(*[[s[i] for s in all_states] for i in range(4)], g, coefs, scales, bits, 0.7, 0.9,
+                                keys)
+    assert torch.equal(bits_of(got), bits_of(want[0]))
+    for l in range(3):
+        assert_state_equal(all_states[l], ref[l], f"layer {l}")
+    assert not cbuf[:, 1].any() and int(sbuf[0]) == 0 and float(gbuf[0]) == 0.0
+
+
+def _args(dev):
+    states, grads, coefs, scales, bits = _model(dev, small=True)
+    lists = [[s[i] for s in states] for i in range(4)] + [grads[0], coefs, scales, bits]
+    return lists, [R.step_key(0, 0, l) for l in range(len(states))]
+
+
+@pytest.mark.parametrize("where, change, err, match", [
+    (2, lambda a: a[2].__setitem__(2, torch.zeros(3, dtype=torch.uint8)), ValueError, "layer 2: mom must be"),
+    (5, lambda a: a[4].__setitem__(5, a[4][5][:-1]), ValueError, "layer 5: grad has"),
+    (3, lambda a: a[7].__setitem__(3, 9), ValueError, "layer 3: bits must be in 1..8"),
+    (1, lambda a: a[6].__setitem__(1, torch.tensor(1.0, dtype=torch.float64)), TypeError, "layer 1: scale must be"),
+    (0, lambda a: a[1].__setitem__(0, a[1][0].float()), TypeError, "layer 0: sign must be torch.uint8"),
+    (4, lambda a: a[5].pop(), ValueError, "coef has 7 entries, codes 8"),
+], ids=["mom-size", "grad-size", "bits", "scale-dtype", "sign-dtype", "list-length"])
+def test_a_bad_layer_is_named_and_nothing_changes(where, change, err, match):
+    lists, keys = _args("cpu")
+    before = [[t.clone() for t in col] for col in lists[:4]]
+    change(lists)
+    with pytest.raises(err, match=match):
+        fk.bitplane_steps(*lists, 0.5, 0.9, keys)
+    for col, old in zip(lists[:4], before):
+        for a, b in zip(col, old):
+            if a.dtype == b.dtype and a.shape == b.shape:
+                assert torch.equal(a, b)
+
+
+def test_bad_keys_and_scalars_are_refused():
+    lists, keys = _args("cpu")
+    L = len(keys)
+    with pytest.raises(ValueError, match="keys has 7 entries, codes 8"):
+        fk.bitplane_steps(*lists, 0.5, 0.9, keys[:-1])
+    with pytest.raises(ValueError, match=r"key must be a uint32 \(layer 2\)"):
+        fk.bitplane_steps(*lists, 0.5, 0.9, keys[:2] + [-1] + keys[3:])
+    with pytest.raises(TypeError, match="int64 tensor"):
+        fk.bitplane_steps(*lists, 0.5, 0.9, torch.zeros(L, dtype=torch.int32))
+    with pytest.raises(ValueError, match="one per layer"):
+        fk.bitplane_steps(*lists, 0.5, 0.9, torch.zeros(L - 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        fk.bitplane_steps(*lists, 0.0, 0.9, keys)
+    with pytest.raises(ValueError, match="momentum must be in"):
+        fk.bitplane_steps(*lists, 0.5, 1.0, keys)
+    assert fk.bitplane_steps([], [], [], [], [], [], [], [], 0.5, 0.9, []).shape == (0,)
+
+
+def test_the_cpu_binding_names_the_bad_layer():
+    """The native entry re-checks every layer before stepping any (sizes it did not check)."""
+    from fedmpq_kernels._native import native
+    if native is None:
+        pytest.skip("native module not built")
+    n, bits = 64, 4
+    codes, sign, scale = layer(n, bits)
+    mom, gs, grad, coef = torch.zeros(bits * n, dtype=torch.uint8), torch.zeros(1), torch.randn(n), torch.zeros(bits)
+    good = (codes.data_ptr(), n, sign.data_ptr(), sign.numel(), mom.data_ptr(), mom.numel(), gs.data_ptr(),
+            grad.data_ptr(), coef.data_ptr(), bits, float(scale), bits, 5)
+    bad = good[:5] + (bits * n - 1,) + good[6:]  # mom one byte short
+    out = torch.empty(2)
+    before = codes.clone()
+    with pytest.raises(ValueError, match="layer 1: mom"):
+        native.cpu.bitplane_steps([good, bad], 0.5, 0.9, out.data_ptr(), 2, 1)
+    with pytest.raises(ValueError, match="out"):
+        native.cpu.bitplane_steps([good], 0.5, 0.9, out.data_ptr(), 0, 1)
+    with pytest.raises(ValueError, match="layer 0: out and grad overlap"):
+        native.cpu.bitplane_steps([good], 0.5, 0.9, grad.data_ptr(), 1, 1)
+    assert torch.equal(codes, before)
