@@ -69,27 +69,34 @@ def cases():
     }
 
 
+def time_interleaved(fns, rounds: int, batch: int, per_call=None):
+    """µs per call of each case of ``fns`` (name -> function): every round runs ``batch``
+    calls of each, in a shuffled order; ``per_call`` (name -> n) divides a case's time by n.
+    Returns ({name: [µs per round]}, load average at the start, at the end)."""
+    for f in fns.values():  # warm up
+        for _ in range(200):
+            f()
+    per_call = per_call or {}
+    times = {k: [] for k in fns}
+    items = list(fns.items())
+    load0 = os.getloadavg()
+    for _ in range(rounds):
+        random.shuffle(items)
+        for k, f in items:
+            t0 = time.perf_counter_ns()
+            for _ in range(batch):
+                f()
+            times[k].append((time.perf_counter_ns() - t0) / batch / per_call.get(k, 1) / 1e3)
+    return times, load0, os.getloadavg()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--batch", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    fns = cases()
-    for f in fns.values():  # warm up
-        for _ in range(200):
-            f()
-    times = {k: [] for k in fns}
-    items = list(fns.items())
-    load0 = os.getloadavg()
-    for _ in range(args.rounds):
-        random.shuffle(items)
-        for k, f in items:
-            t0 = time.perf_counter_ns()
-            for _ in range(args.batch):
-                f()
-            times[k].append((time.perf_counter_ns() - t0) / args.batch / 1e3)
-    load1 = os.getloadavg()
+    times, load0, load1 = time_interleaved(cases(), args.rounds, args.batch)
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     print(f"load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end; {args.rounds} rounds x "

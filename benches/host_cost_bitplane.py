@@ -18,12 +18,10 @@ Run: ``OMP_NUM_THREADS=1 python benches/host_cost_bitplane.py``.
 from __future__ import annotations
 
 import argparse
-import os
-import random
 import statistics
-import time
 
 import torch
+from host_cost import time_interleaved  # benches/, this script's folder
 
 import fedmpq_kernels as fk
 from fedmpq import nn as qn
@@ -90,22 +88,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    fns = cases()
-    for f in fns.values():  # warm up
-        for _ in range(200):
-            f()
-    times = {k: [] for k in fns}
-    items = list(fns.items())
-    load0 = os.getloadavg()
-    for _ in range(args.rounds):
-        random.shuffle(items)
-        for k, f in items:
-            t0 = time.perf_counter_ns()
-            for _ in range(args.batch):
-                f()
-            per = LAYERS if k == "optimizer step / layer" else 1
-            times[k].append((time.perf_counter_ns() - t0) / args.batch / per / 1e3)
-    load1 = os.getloadavg()
+    times, load0, load1 = time_interleaved(cases(), args.rounds, args.batch, {"optimizer step / layer": LAYERS})
     print(f"load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end; {args.rounds} rounds x "
           f"{args.batch} calls, 1 thread, torch {torch.__version__}; a {N_WEIGHTS}-weight {BITS}-bit layer")
     print()
