@@ -1,8 +1,8 @@
 // Bit-plane training's bindings: _C.cpu.{binarize, dequantize, dequantize_backward,
-// plane_popcounts, bitplane_step, bitplane_steps} and, when built with CUDA, the same in
-// _C.cuda plus bitplane_workspace_words. bitplane_steps is bitplane_step over a list of
-// layers in one call (a model's optimizer step): every layer is checked before any kernel
-// runs, then the layers' kernels run in order. Each re-checks every size and pointer it is given
+// plane_popcounts, plane_popcounts_layers, bitplane_step, bitplane_step_layers} and, when built
+// with CUDA, the same in _C.cuda plus bitplane_workspace_words. The *_layers entries are the
+// op over a list of layers in one call (a model's optimizer step): every layer is checked
+// before any kernel runs, then the layers' kernels run in order. Each re-checks every size and pointer it is given
 // (bindings/common.h) before a kernel runs; the CPU ones release the GIL around the kernel
 // (the CUDA ones only queue launches).
 #include <pybind11/pybind11.h>
@@ -90,9 +90,30 @@ void in_layer(size_t l, F&& check) {
   }
 }
 
-// One layer of bitplane_steps: codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef,
+// One layer of bitplane_step_layers: codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef,
 // coef_len, scale (the CPU: its value; CUDA: a device pointer), bits, key (and on CUDA
 // key_ptr), as bitplane_step takes them.
+// One layer of plane_popcounts_layers: codes, n, bits; its counts go to out[offset..offset+bits),
+// offset the bits of the layers before it. Returns the total (out's length needed).
+using PopcountLayer = std::tuple<uintptr_t, int64_t, int>;
+int64_t check_popcount_layers(const std::vector<PopcountLayer>& layers, uintptr_t out, int64_t out_len) {
+  int64_t total = 0;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const auto& [codes, n, bits] = layers[l];
+    in_layer(l, [&] {
+      check_elems("codes", codes, n, n, 1);
+      check_code_bits(bits);
+    });
+    total += bits;
+  }
+  check_elems("out", out, total, out_len, 8);
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const auto& [codes, n, bits] = layers[l];
+    in_layer(l, [&] { check_disjoint("out", out, 8 * total, "codes", codes, n); });
+  }
+  return total;
+}
+
 using CpuStepLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t,
                                 uintptr_t, int64_t, double, int, int64_t>;
 #ifdef FEDMPQ_WITH_CUDA
@@ -168,6 +189,20 @@ void bind_bitplane(py::module_& m) {
       "out[i] (int64) = number of codes with bit bits-1-i set.");
 
   cpu.def(
+      "plane_popcounts_layers",
+      [](const std::vector<PopcountLayer>& layers, uintptr_t out, int64_t out_len, int nthreads) {
+        check_popcount_layers(layers, out, out_len);
+        NoGil nogil;
+        int64_t* o = ptr<int64_t>(out);
+        for (const auto& [codes, n, bits] : layers) {
+          fedmpq::cpu::plane_popcounts(ptr<const uint8_t>(codes), n, bits, o, nthreads);
+          o += bits;
+        }
+      },
+      py::arg("layers"), py::arg("out"), py::arg("out_len"), py::arg("nthreads"),
+      "plane_popcounts of each layer (codes, n, bits), one call: the layers' counts back to back in out (int64).");
+
+  cpu.def(
       "bitplane_step",
       [](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t mom, int64_t mom_len, uintptr_t gs,
          uintptr_t grad, uintptr_t coef, int64_t coef_len, double scale, int bits, double lr, double momentum,
@@ -189,7 +224,7 @@ void bind_bitplane(py::module_& m) {
       "returns g_s (not finite: the step was skipped and nothing written).");
 
   cpu.def(
-      "bitplane_steps",
+      "bitplane_step_layers",
       [](const std::vector<CpuStepLayer>& layers, double lr, double momentum, uintptr_t out, int64_t out_len,
          int nthreads) {
         check_step_scalars(lr, momentum);
@@ -311,6 +346,24 @@ void bind_bitplane(py::module_& m) {
       py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
       "out[i] (int64) = number of codes with bit bits-1-i set, in one launch (n == 0: nothing is written).");
   cuda.def(
+      "plane_popcounts_layers",
+      [=](const std::vector<PopcountLayer>& layers, uintptr_t out, int64_t out_len, uintptr_t ws, int64_t ws_words,
+          int device, uintptr_t stream) {
+        check_popcount_layers(layers, out, out_len);
+        bool any = false;
+        for (const auto& [codes, n, bits] : layers) any = any || n > 0;
+        if (any) check_workspace(ws, ws_words, device);
+        int64_t* o = ptr<int64_t>(out);
+        for (const auto& [codes, n, bits] : layers) {  // one stream: in order, one workspace
+          fedmpq::cuda::plane_popcounts(ptr<const uint8_t>(codes), n, bits, o, ptr<unsigned>(ws), device, stream);
+          o += bits;
+        }
+      },
+      py::arg("layers"), py::arg("out"), py::arg("out_len"), py::arg("workspace"), py::arg("workspace_words"),
+      py::arg("device"), py::arg("stream"),
+      "plane_popcounts of each layer (codes, n, bits), launches queued by one call: the layers' counts back to back "
+      "in out (int64; an empty layer's are not written).");
+  cuda.def(
       "bitplane_step",
       [=](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t mom, int64_t mom_len,
           uintptr_t gs, uintptr_t grad, uintptr_t coef, int64_t coef_len, uintptr_t scale, int bits, double lr,
@@ -337,7 +390,7 @@ void bind_bitplane(py::module_& m) {
       "out[0] = g_s (not finite: skipped), out[1] = the previous gs. key_ptr (an int64 on the device, its low 32 "
       "bits) replaces key when not 0.");
   cuda.def(
-      "bitplane_steps",
+      "bitplane_step_layers",
       [=](const std::vector<CudaStepLayer>& layers, double lr, double momentum, uintptr_t out, int64_t out_len,
           uintptr_t ws, int64_t ws_words, int device, uintptr_t stream) {
         check_step_scalars(lr, momentum);

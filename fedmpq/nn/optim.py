@@ -46,7 +46,7 @@ def float_parameters(model: nn.Module) -> List[nn.Parameter]:
 
 class BitPlaneOptimizer:
     """One fused step per bit-plane layer (:func:`fedmpq_kernels.bitplane_step`), every layer in
-    one call (:func:`fedmpq_kernels.bitplane_steps`) when each has a gradient.
+    one call (:func:`fedmpq_kernels.bitplane_step_layers`) when each has a gradient.
 
     The step of layer l uses G = ``layer.sink.grad`` from the last backward, the group-lasso
     coefficient ``lam / T * n_l * N_l / sqrt(eps + popcount_i)`` (T = the quantized weights
@@ -135,7 +135,7 @@ class BitPlaneOptimizer:
         splits = [b for _, b in layout]
         if self.lam == 0:
             return list(self._weights[1].split(splits))
-        pc = torch.cat([fk.plane_popcounts(m.codes, m.bits) for m in layers])
+        pc = fk.plane_popcounts_layers([m.codes for m in layers], [m.bits for m in layers])
         c = (self._weights[1] / torch.sqrt(pc.to(torch.float64) + _EPS)).float() * (self.lam / self.total)
         return list(c.split(splits))
 
@@ -151,11 +151,11 @@ class BitPlaneOptimizer:
         layers = self.layers
         grads = [m.sink.grad for m in layers]
         if all(g is not None for g in grads):
-            # every layer in one call (fk.bitplane_steps): the same steps, a fraction of the host cost
+            # every layer in one call (fk.bitplane_step_layers): the same steps, a fraction of the host cost
             states = [self._layer_state(l, m) for l, m in enumerate(layers)]
             if keys is None:
                 keys = [fk.step_key(self.seed, self.steps, l) for l in range(len(layers))]
-            g_s = fk.bitplane_steps([m.codes for m in layers], [m.sign for m in layers], [st["mom"] for st in states],
+            g_s = fk.bitplane_step_layers([m.codes for m in layers], [m.sign for m in layers], [st["mom"] for st in states],
                                     [st["gs"] for st in states], grads, coefs, [m.scale.detach() for m in layers],
                                     [m.bits for m in layers], self.lr, self.momentum, keys)
             if host_reads_free(g_s.device):  # no sync on a GPU (and a read a capture refuses: not tolist)

@@ -81,6 +81,15 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     return out
 
 
+def plane_popcounts_layers(codes, bits) -> Tensor:
+    """plane_popcounts of each layer through one native call, concatenated."""
+    cs = [_bytes(c) for c in codes]
+    out = torch.empty(sum(bits), dtype=torch.int64)
+    native.cpu.plane_popcounts_layers([(c.data_ptr(), c.numel(), b) for c, b in zip(cs, bits)], out.data_ptr(),
+                                      out.numel(), torch.get_num_threads())
+    return out
+
+
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
                   scale: Tensor, bits: int, lr: float, momentum: float, key: int,
                   key_tensor: Optional[Tensor] = None) -> Tensor:
@@ -103,10 +112,10 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     return torch.scalar_tensor(r, dtype=torch.float32)  # cheaper than torch.tensor
 
 
-def bitplane_steps(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
+def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
                    key_tensor: Optional[Tensor] = None) -> Tensor:
     """bitplane_step on each layer, in order, through one native call (lists as the
-    reference's bitplane_steps takes them)."""
+    reference's bitplane_step_layers takes them)."""
     L = len(codes)
     if key_tensor is not None:  # a CPU tensor: reading it is free
         keys = [k & 0xFFFFFFFF for k in key_tensor.tolist()]
@@ -118,7 +127,7 @@ def bitplane_steps(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, mom
         layers.append((c.data_ptr(), c.numel(), sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
                        g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale[l]), bits[l], int(keys[l])))
     out = torch.empty(L, dtype=torch.float32)
-    native.cpu.bitplane_steps(layers, float(lr), float(momentum), out.data_ptr(), L, torch.get_num_threads())
+    native.cpu.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), L, torch.get_num_threads())
     for l in range(L):
         for w, state in zip(work[l], (codes[l], sign[l], mom[l], gs[l])):
             if w is not state and w.data_ptr() != state.data_ptr():  # a working copy: write it back

@@ -125,6 +125,21 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     return out
 
 
+def plane_popcounts_layers(codes, bits) -> Tensor:
+    """plane_popcounts of each layer, concatenated: every layer's launch queued by one native
+    call (an empty layer launches nothing: its counts are the zeros of a zero fill)."""
+    dev = codes[0].device
+    cs = [c.contiguous() for c in codes]
+    layers = [(c.data_ptr(), c.numel(), b) for c, b in zip(cs, bits)]
+    out = (torch.zeros if any(n == 0 for _, n, _ in layers) else torch.empty)(sum(bits), dtype=torch.int64,
+                                                                               device=dev)
+    with on_device(dev):
+        stream = raw_stream(dev)
+        ws, ws_words = _workspace(dev, stream)
+        native.cuda.plane_popcounts_layers(layers, out.data_ptr(), out.numel(), ws, ws_words, dev.index, stream)
+    return out
+
+
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
                   scale: Tensor, bits: int, lr: float, momentum: float, key: int,
                   key_tensor: Optional[Tensor] = None) -> Tensor:
@@ -161,10 +176,10 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     return out[0]
 
 
-def bitplane_steps(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
+def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
                    key_tensor: Optional[Tensor] = None) -> Tensor:
     """bitplane_step on each layer, in order: every layer's two launches queued by one
-    native call (lists as the reference's bitplane_steps takes them). ``key_tensor`` (int64,
+    native call (lists as the reference's bitplane_step_layers takes them). ``key_tensor`` (int64,
     one element per layer, on the device): layer l's kernel loads its key from element l."""
     L = len(codes)
     dev = codes[0].device
@@ -186,7 +201,7 @@ def bitplane_steps(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, mom
     with on_device(dev):
         stream = raw_stream(dev)
         ws, ws_words = _workspace(dev, stream)
-        native.cuda.bitplane_steps(layers, float(lr), float(momentum), out.data_ptr(), 2 * L, ws, ws_words, dev.index,
+        native.cuda.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), 2 * L, ws, ws_words, dev.index,
                                    stream)
     for l in range(L):
         for w, state in zip(work[l], (codes[l], sign[l], mom[l], gs[l])):

@@ -286,6 +286,33 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     return torch.ops.fedmpq.plane_popcounts(codes, bits)
 
 
+def plane_popcounts_layers(codes: Sequence[Tensor], bits: Sequence[int]) -> Tensor:
+    """:func:`plane_popcounts` of every layer l (``codes[l]``, ``bits[l]``) in one call,
+    concatenated: int64 (sum of bits,) on the layers' device (layer l's N counts after the
+    layers before it). One native call for all (on a GPU, their launches queued from C++).
+    (0,) on the CPU for no layers. Raises TypeError / ValueError naming the layer."""
+    if len(bits) != len(codes):
+        raise ValueError(f"bits has {len(bits)} entries, codes {len(codes)}")
+    if not len(codes):
+        return torch.zeros(0, dtype=torch.int64)
+    _tensor(codes[0], "codes[0]")
+    dev = codes[0].device
+    bits_l = [0] * len(codes)
+    for i, (c, b) in enumerate(zip(codes, bits)):
+        try:
+            _tensor(c, "codes", torch.uint8, dev)
+            bits_l[i] = check_bits(b)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layer {i}: {e}") from None
+    if _eager(codes[0]) and all(type(c) in PLAIN and not _is_wrapped(c) for c in codes):
+        single = _get("plane_popcounts", codes[0])
+        many = _layers_impl(single, "plane_popcounts_layers")
+        if many is not None:
+            return many(codes, bits_l)
+        return torch.cat([single(c, b) for c, b in zip(codes, bits_l)])
+    return torch.cat([torch.ops.fedmpq.plane_popcounts(c, b) for c, b in zip(codes, bits_l)])
+
+
 def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
     """The layer's group-lasso term and its per-plane gradient coefficient (ALGORITHM.md,
     "Local objective"): ``R_l = n*N * sum_i sqrt(eps + popcount_i)`` (float32 0-dim) and
@@ -334,18 +361,19 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
                                           key, key_t)
 
 
-_STEPS_OF: dict = {}  # a backend's bitplane_step -> its module's bitplane_steps, or None
+_LAYERS_OF: dict = {}  # (a backend's op, name) -> that backend module's op over many layers, or None
 
 
-def _steps_impl(single):
-    """The grouped step of the backend whose ``bitplane_step`` is ``single``, or None (that
-    backend steps layer by layer)."""
-    if single not in _STEPS_OF:
-        _STEPS_OF[single] = getattr(sys.modules[single.__module__], "bitplane_steps", None)
-    return _STEPS_OF[single]
+def _layers_impl(single, name: str = "bitplane_step_layers"):
+    """``name`` (an op over a list of layers) of the backend whose single-layer op is
+    ``single``, or None (that backend goes layer by layer)."""
+    key = (single, name)
+    if key not in _LAYERS_OF:
+        _LAYERS_OF[key] = getattr(sys.modules[single.__module__], name, None)
+    return _LAYERS_OF[key]
 
 
-def bitplane_steps(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: Sequence[Tensor], gs: Sequence[Tensor],
+def bitplane_step_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: Sequence[Tensor], gs: Sequence[Tensor],
                    grad: Sequence[Tensor], coef: Sequence[Tensor], scale: Sequence[Tensor], bits: Sequence[int],
                    lr: float, momentum: float, keys: Union[Sequence[int], Tensor]) -> Tensor:
     """:func:`bitplane_step` on every layer l of the lists (``codes[l]``, ``sign[l]``, ...,
@@ -405,7 +433,7 @@ def bitplane_steps(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: Sequenc
         key_t is None or (type(keys) in PLAIN and not _is_wrapped(keys)))
     if eager:
         single = _get("bitplane_step", codes[0])
-        many = _steps_impl(single)
+        many = _layers_impl(single)
         if many is not None:
             return many(codes, sign, mom, gs, grads, coefs, scale, bits_l, lr, momentum, ints, key_t)
         return torch.stack([single(codes[i], sign[i], mom[i], gs[i], grads[i], coefs[i], scale[i], bits_l[i], lr,

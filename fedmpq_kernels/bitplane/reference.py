@@ -187,6 +187,15 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     return ((c.unsqueeze(0) >> shifts.unsqueeze(1)) & 1).sum(dim=1)
 
 
+
+def plane_popcounts_layers(codes, bits) -> Tensor:
+    """:func:`plane_popcounts` of each layer l (``codes[l]``, ``bits[l]``), concatenated:
+    int64 (sum of bits,)."""
+    if not len(codes):
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.cat([plane_popcounts(c, b) for c, b in zip(codes, bits)])
+
+
 def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
     """The layer's term R_l = n*N * sum_i sqrt(eps + popcount_i) and d R_l / d B^(i)_j for a
     set bit, n*N / sqrt(eps + popcount_i): float32 0-dim and float32 (bits,). Pure torch on
@@ -279,7 +288,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     return g_s
 
 
-def bitplane_steps(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
+def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
                    key_tensor: Optional[Tensor] = None) -> Tensor:
     """:func:`bitplane_step` on each layer l of the lists, in order (key ``keys[l]``, or
     ``key_tensor[l]`` when given): float32 (L,), each layer's g_s."""

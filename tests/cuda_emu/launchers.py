@@ -79,6 +79,17 @@ class EmulatedCuda:
     def plane_popcounts(self, codes, n, bits, out, out_len, ws, ws_words, device, stream):
         self._run("plane_popcounts", [(codes, n), (ws, 4 * ws_words)], codes, n, bits, out, ws, device or 0)
 
+    def plane_popcounts_layers(self, layers, out, out_len, ws, ws_words, device, stream):
+        """As the binding: each non-empty layer's launch, its counts at out + 8 * (the bits
+        before it)."""
+        assert out_len >= sum(b for _, _, b in layers)
+        self.calls.append("plane_popcounts_layers")
+        off = 0
+        for codes, n, bits in layers:
+            if n > 0:
+                self.plane_popcounts(codes, n, bits, out + 8 * off, bits, ws, ws_words, device, stream)
+            off += bits
+
     def bitplane_step(self, codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, lr,
                       momentum, key, key_ptr, out, ws, ws_words, device, stream):
         ranges = [(codes, n), (sign, sign_nbytes), (mom, mom_len), (gs, 4), (grad, 4 * n), (coef, 4 * coef_len),
@@ -86,11 +97,11 @@ class EmulatedCuda:
         self._run("bitplane_step", ranges, codes, sign, mom, gs, grad, coef, scale, n, bits, lr, momentum, key,
                   key_ptr or None, out, ws, device or 0)
 
-    def bitplane_steps(self, layers, lr, momentum, out, out_len, ws, ws_words, device, stream):
+    def bitplane_step_layers(self, layers, lr, momentum, out, out_len, ws, ws_words, device, stream):
         """As the binding: every layer's launches in order, layer l's out at out + 8 l (the
         binding's checks are test_cuda_binding.py's)."""
         assert out_len >= 2 * len(layers)
-        self.calls.append("bitplane_steps")
+        self.calls.append("bitplane_step_layers")
         for l, (codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key,
                 key_ptr) in enumerate(layers):
             if n > 0:  # the native step launches nothing for an empty layer

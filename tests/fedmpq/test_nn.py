@@ -207,14 +207,14 @@ def test_device_keys_draw_what_host_keys_draw(monkeypatch):
         assert torch.equal(ca, cb) and torch.equal(sa, sb)
     # and the keys handed to the kernel are step_key(seed, step, layer), step by step
     seen = []
-    real = qn.optim.fk.bitplane_steps
+    real = qn.optim.fk.bitplane_step_layers
 
     def record(*args):
         assert isinstance(args[-1], torch.Tensor)  # from the device count, not the host's
         seen.extend(args[-1].tolist())
         return real(*args)
 
-    monkeypatch.setattr(qn.optim.fk, "bitplane_steps", record)
+    monkeypatch.setattr(qn.optim.fk, "bitplane_step_layers", record)
     for i in range(2):
         opt.zero_grad()
         F.cross_entropy(qm(x[i]), y[i]).backward()
@@ -373,7 +373,7 @@ def test_layer_weights_and_parameter_scales_take_the_eager_autograd_path():
 
 
 def test_a_layer_without_a_gradient_keeps_its_state_and_the_others_step_as_alone():
-    """All layers with gradients step in one fk.bitplane_steps call; when one has none (not in
+    """All layers with gradients step in one fk.bitplane_step_layers call; when one has none (not in
     this backward), the optimizer goes layer by layer: that layer keeps codes, signs and
     momentum, and every other layer's step is the one it takes when all step together."""
     x, y = torch.randn(2, 8, 1, 8, 8), torch.randint(0, 10, (2, 8))

@@ -131,9 +131,21 @@ def test_step_writes_back_working_copies_and_reads_a_device_key(bc):
     assert float(gs_buf[1]) == 42.0
 
 
+def test_popcounts_of_many_layers_in_one_call(bc):
+    """plane_popcounts_layers: one launcher call, an empty layer's counts zero, a strided
+    layer copied; the reference's counts back to back."""
+    gen = torch.Generator().manual_seed(6)
+    codes = [torch.randint(0, 1 << b, (n,), generator=gen, dtype=torch.uint8) for n, b in [(33, 3), (0, 2), (999, 8)]]
+    codes.append(torch.randint(0, 2, (128,), generator=gen, dtype=torch.uint8)[::2])
+    bits = [3, 2, 8, 1]
+    got = bc.plane_popcounts_layers(codes, bits)
+    assert bc.native.cuda.calls.count("plane_popcounts_layers") == 1
+    assert torch.equal(got, torch.cat([R.plane_popcounts(c, b) for c, b in zip(codes, bits)]))
+
+
 @pytest.mark.parametrize("device_keys", [False, True], ids=["int-keys", "device-keys"])
 def test_steps_of_many_layers_in_one_call(bc, device_keys):
-    """bitplane_steps: one launcher call for every layer (an empty one among them), layer l
+    """bitplane_step_layers: one launcher call for every layer (an empty one among them), layer l
     reading its key from element l of a strided key tensor, a strided and a misaligned state
     written back; each layer's state and g_s as the reference's step gives them."""
     shapes = [(33, 3), (0, 2), (1000, 8), (64, 1)]
@@ -155,10 +167,10 @@ def test_steps_of_many_layers_in_one_call(bc, device_keys):
     key_buf[::2] = torch.tensor(keys) + (5 << 40)  # high bits set: the kernel takes the low 32
     args = [[s[i] for s in states] for i in range(4)] + [grads, coefs, scales, bits, 0.5, 0.9]
     if device_keys:
-        got = bc.bitplane_steps(*args, [0] * 4, key_buf[::2])
+        got = bc.bitplane_step_layers(*args, [0] * 4, key_buf[::2])
     else:
-        got = bc.bitplane_steps(*args, keys)
-    assert bc.native.cuda.calls.count("bitplane_steps") == 1 and "bitplane_step" in bc.native.cuda.calls
+        got = bc.bitplane_step_layers(*args, keys)
+    assert bc.native.cuda.calls.count("bitplane_step_layers") == 1 and "bitplane_step" in bc.native.cuda.calls
     assert got.shape == (4,) and torch.equal(bits_of(got), bits_of(torch.stack(want)))
     for l in range(4):
         assert_state_equal([t.contiguous() for t in states[l]], ref[l], f"layer {l}")
@@ -211,9 +223,9 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
     monkeypatch.setattr(registry, "get", routed)
     monkeypatch.setattr(registry, "_cache", {})  # get_many's entries come from the routed get
     got, got_grads = train()
-    # the optimizer steps every layer through one bitplane_steps call (which launches each layer's step)
-    assert set(bc.native.cuda.calls) == {"binarize", "dequantize", "dequantize_backward", "plane_popcounts",
-                                         "bitplane_steps", "bitplane_step"}
+    # the optimizer counts and steps every layer through one call each (which launch each layer's kernels)
+    assert set(bc.native.cuda.calls) == {"binarize", "dequantize", "dequantize_backward", "plane_popcounts_layers",
+                                         "plane_popcounts", "bitplane_step_layers", "bitplane_step"}
     assert set(fq_calls.calls) == {"relu6_fake_quant", "fake_quant_backward"}
     for l, (g, w) in enumerate(zip(got, want)):
         assert_state_equal(g, w, f"layer {l}")

@@ -120,13 +120,13 @@ def test_cuda_binding_without_a_gpu_raises_a_clear_error():
 
 
 def _layer(**over):
-    """One layer tuple of bitplane_steps, as _step's arguments (fake addresses)."""
+    """One layer tuple of bitplane_step_layers, as _step's arguments (fake addresses)."""
     a = _step(**over)
     return tuple(a[k] for k in ("codes", "n", "sign", "sign_nbytes", "mom", "mom_len", "gs", "grad", "coef",
                                 "coef_len", "scale", "bits", "key", "key_ptr"))
 
 
-def _steps(layers, **over):
+def _step_layers_args(layers, **over):
     a = dict(layers=layers, lr=0.1, momentum=0.9, out=20 * _P, out_len=2 * len(layers), workspace=21 * _P,
              workspace_words=1 << 20, device=-1, stream=0)
     a.update(over)
@@ -142,12 +142,24 @@ def _steps(layers, **over):
     ([_layer()], {"lr": 0.0}, "lr must be finite and > 0"),
     ([_layer(), _layer(gs=20 * _P + 4)], {}, "layer 1: out and gs overlap"),
 ], ids=["mom", "key", "scale", "out", "lr", "out-gs"])
-def test_cuda_steps_binding_names_the_bad_layer(layers, over, match):
+def test_cuda_step_layers_binding_names_the_bad_layer(layers, over, match):
     with pytest.raises(ValueError, match=match):
-        native.cuda.bitplane_steps(**_steps(layers, **over))
+        native.cuda.bitplane_step_layers(**_step_layers_args(layers, **over))
 
 
 @needs_cuda_build
-def test_cuda_steps_binding_launches_nothing_for_empty_layers():
-    assert native.cuda.bitplane_steps(**_steps([])) is None
-    assert native.cuda.bitplane_steps(**_steps([_layer(n=0, mom_len=0)] * 2, workspace=0, workspace_words=0)) is None
+def test_cuda_step_layers_binding_launches_nothing_for_empty_layers():
+    assert native.cuda.bitplane_step_layers(**_step_layers_args([])) is None
+    empty = [_layer(n=0, mom_len=0)] * 2
+    assert native.cuda.bitplane_step_layers(**_step_layers_args(empty, workspace=0, workspace_words=0)) is None
+
+
+@needs_cuda_build
+def test_cuda_popcounts_binding_checks_every_layer():
+    with pytest.raises(ValueError, match="layer 1: bits must be in 1..8"):
+        native.cuda.plane_popcounts_layers([(_P, 8, 2), (2 * _P, 8, 0)], 3 * _P, 2, 4 * _P, 1 << 20, -1, 0)
+    with pytest.raises(ValueError, match="out: buffer holds 3"):
+        native.cuda.plane_popcounts_layers([(_P, 8, 2), (2 * _P, 8, 2)], 3 * _P, 3, 4 * _P, 1 << 20, -1, 0)
+    with pytest.raises(ValueError, match="layer 0: codes: null data pointer"):
+        native.cuda.plane_popcounts_layers([(0, 8, 2)], 3 * _P, 2, 4 * _P, 1 << 20, -1, 0)
+    assert native.cuda.plane_popcounts_layers([(0, 0, 2)], 3 * _P, 2, 0, 0, -1, 0) is None  # empty: no launch

@@ -1,8 +1,9 @@
-"""``fk.bitplane_steps``, the optimizer step of many layers in one call, on every backend
-against the reference's step taken layer by layer (the oracle): mixed widths 1..8, odd and
-empty layers, a skipped layer (NaN gradient) and a zero-gradient layer among the others,
-strided and misaligned state, int keys and device keys; and the refusals, which name the
-layer and leave every layer unchanged."""
+"""The ops over many layers in one call, on every backend against the reference's op taken
+layer by layer (the oracle). ``fk.bitplane_step_layers``, a model's optimizer step: mixed
+widths 1..8, odd and empty layers, a skipped layer (NaN gradient) and a zero-gradient layer
+among the others, strided and misaligned state, int keys and device keys; the refusals name
+the layer and leave every layer unchanged. ``fk.plane_popcounts_layers``: the layers' counts
+back to back, empty and strided layers among them."""
 from __future__ import annotations
 
 import pytest
@@ -66,7 +67,7 @@ def test_steps_equal_the_layers_steps_one_by_one(backend, device_keys):
     with backend.active():
         for t, g in enumerate(grads):
             k = fk.step_keys(7, step, L) if device_keys else keys[t]
-            got = fk.bitplane_steps([s[0] for s in states], [s[1] for s in states], [s[2] for s in states],
+            got = fk.bitplane_step_layers([s[0] for s in states], [s[1] for s in states], [s[2] for s in states],
                                     [s[3] for s in states], g, coefs, scales, bits, 0.5, 0.9, k)
             step += 1
             assert got.shape == (L,) and got.dtype == torch.float32 and got.device.type == dev
@@ -97,7 +98,7 @@ def test_steps_take_strided_and_misaligned_state(backend):
     assert not views[0].is_contiguous() and views[1].data_ptr() % 4
     all_states = [views] + states[1:]
     with backend.active():
-        got = fk.bitplane_steps(*[[s[i] for s in all_states] for i in range(4)], g, coefs, scales, bits, 0.7, 0.9,
+        got = fk.bitplane_step_layers(*[[s[i] for s in all_states] for i in range(4)], g, coefs, scales, bits, 0.7, 0.9,
                                 keys)
     assert torch.equal(bits_of(got), bits_of(want[0]))
     for l in range(3):
@@ -124,7 +125,7 @@ def test_a_bad_layer_is_named_and_nothing_changes(where, change, err, match):
     before = [[t.clone() for t in col] for col in lists[:4]]
     change(lists)
     with pytest.raises(err, match=match):
-        fk.bitplane_steps(*lists, 0.5, 0.9, keys)
+        fk.bitplane_step_layers(*lists, 0.5, 0.9, keys)
     for col, old in zip(lists[:4], before):
         for a, b in zip(col, old):
             if a.dtype == b.dtype and a.shape == b.shape:
@@ -135,18 +136,18 @@ def test_bad_keys_and_scalars_are_refused():
     lists, keys = _args("cpu")
     L = len(keys)
     with pytest.raises(ValueError, match="keys has 7 entries, codes 8"):
-        fk.bitplane_steps(*lists, 0.5, 0.9, keys[:-1])
+        fk.bitplane_step_layers(*lists, 0.5, 0.9, keys[:-1])
     with pytest.raises(ValueError, match=r"key must be a uint32 \(layer 2\)"):
-        fk.bitplane_steps(*lists, 0.5, 0.9, keys[:2] + [-1] + keys[3:])
+        fk.bitplane_step_layers(*lists, 0.5, 0.9, keys[:2] + [-1] + keys[3:])
     with pytest.raises(TypeError, match="int64 tensor"):
-        fk.bitplane_steps(*lists, 0.5, 0.9, torch.zeros(L, dtype=torch.int32))
+        fk.bitplane_step_layers(*lists, 0.5, 0.9, torch.zeros(L, dtype=torch.int32))
     with pytest.raises(ValueError, match="one per layer"):
-        fk.bitplane_steps(*lists, 0.5, 0.9, torch.zeros(L - 1, dtype=torch.int64))
+        fk.bitplane_step_layers(*lists, 0.5, 0.9, torch.zeros(L - 1, dtype=torch.int64))
     with pytest.raises(ValueError, match="lr must be > 0"):
-        fk.bitplane_steps(*lists, 0.0, 0.9, keys)
+        fk.bitplane_step_layers(*lists, 0.0, 0.9, keys)
     with pytest.raises(ValueError, match="momentum must be in"):
-        fk.bitplane_steps(*lists, 0.5, 1.0, keys)
-    assert fk.bitplane_steps([], [], [], [], [], [], [], [], 0.5, 0.9, []).shape == (0,)
+        fk.bitplane_step_layers(*lists, 0.5, 1.0, keys)
+    assert fk.bitplane_step_layers([], [], [], [], [], [], [], [], 0.5, 0.9, []).shape == (0,)
 
 
 def test_the_cpu_binding_names_the_bad_layer():
@@ -163,9 +164,51 @@ def test_the_cpu_binding_names_the_bad_layer():
     out = torch.empty(2)
     before = codes.clone()
     with pytest.raises(ValueError, match="layer 1: mom"):
-        native.cpu.bitplane_steps([good, bad], 0.5, 0.9, out.data_ptr(), 2, 1)
+        native.cpu.bitplane_step_layers([good, bad], 0.5, 0.9, out.data_ptr(), 2, 1)
     with pytest.raises(ValueError, match="out"):
-        native.cpu.bitplane_steps([good], 0.5, 0.9, out.data_ptr(), 0, 1)
+        native.cpu.bitplane_step_layers([good], 0.5, 0.9, out.data_ptr(), 0, 1)
     with pytest.raises(ValueError, match="layer 0: out and grad overlap"):
-        native.cpu.bitplane_steps([good], 0.5, 0.9, grad.data_ptr(), 1, 1)
+        native.cpu.bitplane_step_layers([good], 0.5, 0.9, grad.data_ptr(), 1, 1)
     assert torch.equal(codes, before)
+
+
+def test_popcounts_of_many_layers_are_each_layers_back_to_back(backend):
+    kernels(backend)
+    dev = backend.device
+    small = backend.max_numel is not None
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(n, b) for n, b in LAYERS if not small or n <= 1000]
+    codes = [torch.randint(0, 1 << b, (n,), generator=gen, dtype=torch.uint8).to(dev) for n, b in shapes]
+    wide = torch.zeros(2 * codes[2].numel(), dtype=torch.uint8, device=dev)
+    wide[::2] = codes[2]
+    codes[2] = wide[::2]  # strided
+    bits = [b for _, b in shapes]
+    want = torch.cat([R.plane_popcounts(c.cpu(), b) for c, b in zip(codes, bits)])
+    with backend.active():
+        got = fk.plane_popcounts_layers(codes, bits)
+    assert got.dtype == torch.int64 and got.device.type == dev and torch.equal(got.cpu(), want)
+
+
+def test_popcounts_of_many_layers_refuse_a_bad_layer():
+    codes = [torch.zeros(5, dtype=torch.uint8), torch.zeros(3, dtype=torch.int32)]
+    with pytest.raises(TypeError, match="layer 1: codes must be torch.uint8"):
+        fk.plane_popcounts_layers(codes, [2, 2])
+    with pytest.raises(ValueError, match="layer 0: bits must be in 1..8"):
+        fk.plane_popcounts_layers(codes[:1], [0])
+    with pytest.raises(ValueError, match="bits has 1 entries, codes 2"):
+        fk.plane_popcounts_layers(codes, [2])
+    assert fk.plane_popcounts_layers([], []).shape == (0,)
+
+
+def test_the_cpu_popcounts_binding_checks_every_layer():
+    from fedmpq_kernels._native import native
+    if native is None:
+        pytest.skip("native module not built")
+    c = torch.zeros(8, dtype=torch.uint8)
+    out = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(ValueError, match="layer 1: bits must be in 1..8"):
+        native.cpu.plane_popcounts_layers([(c.data_ptr(), 8, 2), (c.data_ptr(), 8, 9)], out.data_ptr(), 4, 1)
+    with pytest.raises(ValueError, match="out: buffer holds 3"):
+        native.cpu.plane_popcounts_layers([(c.data_ptr(), 8, 2), (c.data_ptr(), 8, 2)], out.data_ptr(), 3, 1)
+    with pytest.raises(ValueError, match="layer 0: out and codes overlap"):
+        native.cpu.plane_popcounts_layers([(out.data_ptr(), 8, 2)], out.data_ptr(), 4, 1)
