@@ -20,3 +20,11 @@ def words(t: Tensor, n: Optional[int] = None) -> Tensor:
     if not t.is_contiguous() or t.data_ptr() % 4:
         t = t.clone(memory_format=torch.contiguous_format)  # fresh storage: aligned
     return t
+
+
+def write_back(works, states) -> None:
+    """Copies each working buffer (``words`` or ``.contiguous()`` of a state tensor) back
+    into its state tensor where it is a copy rather than the state itself."""
+    for work, state in zip(works, states):
+        if work is not state and work.data_ptr() != state.data_ptr():
+            state.copy_(work.view(state.shape))

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._buffers import words
+from .._buffers import words, write_back
 from .._checks import bitmap_arg, bitmap_nbytes
 from .._native import native
 
@@ -106,9 +106,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     r = native.cpu.bitplane_step(c.data_ptr(), n, sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(),
                                  g_state.data_ptr(), g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale), bits,
                                  float(lr), float(momentum), int(key), torch.get_num_threads())
-    for work, state in ((c, codes), (sg, sign), (m, mom), (g_state, gs)):
-        if work.data_ptr() != state.data_ptr():  # a working copy: write it back
-            state.copy_(work.view(state.shape))
+    write_back((c, sg, m, g_state), (codes, sign, mom, gs))  # the working copies, if any
     return torch.scalar_tensor(r, dtype=torch.float32)  # cheaper than torch.tensor
 
 
@@ -129,7 +127,5 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
     out = torch.empty(L, dtype=torch.float32)
     native.cpu.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), L, torch.get_num_threads())
     for l in range(L):
-        for w, state in zip(work[l], (codes[l], sign[l], mom[l], gs[l])):
-            if w is not state and w.data_ptr() != state.data_ptr():  # a working copy: write it back
-                state.copy_(w.view(state.shape))
+        write_back(work[l], (codes[l], sign[l], mom[l], gs[l]))  # the working copies, if any
     return out

@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .._buffers import words
+from .._buffers import words, write_back
 from .._checks import bitmap_nbytes
 from .._device import on_device, raw_stream, workspace
 from .._native import native
@@ -170,9 +170,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
                                   g_state.data_ptr(), g.data_ptr(), cf.data_ptr(), cf.numel(),
                                   sc.data_ptr(), bits, float(lr), float(momentum), int(key) & 0xFFFFFFFF,
                                   key_ptr, out.data_ptr(), ws, ws_words, dev.index, stream)
-    for work, state in ((c, codes), (sw, sign), (m, mom), (g_state, gs)):
-        if work.data_ptr() != state.data_ptr():  # a working copy: write it back
-            state.copy_(work.view(state.shape))
+    write_back((c, sw, m, g_state), (codes, sign, mom, gs))  # the working copies, if any
     return out[0]
 
 
@@ -204,9 +202,7 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
         native.cuda.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), 2 * L, ws, ws_words, dev.index,
                                    stream)
     for l in range(L):
-        for w, state in zip(work[l], (codes[l], sign[l], mom[l], gs[l])):
-            if w is not state and w.data_ptr() != state.data_ptr():  # a working copy: write it back
-                state.copy_(w.view(state.shape))
+        write_back(work[l], (codes[l], sign[l], mom[l], gs[l]))  # the working copies, if any
     for l in empty:  # the reference: max over nothing is 0, so gs = 0
         gs[l].zero_()
     return out[0::2]
