@@ -80,6 +80,20 @@ void check_step_buffers(uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign
   check_disjoint("mom", mom, mb, "grad", grad, 4 * n);
   check_disjoint("gs", gs, 4, "grad", grad, 4 * n);
 }
+// The step's status output (out, out_bytes): written by the kernels, so apart from every
+// buffer of the layer, its scale and key included (0: none, the CPU's by-value scale).
+void check_out_apart(uintptr_t out, int64_t out_bytes, uintptr_t codes, int64_t n, uintptr_t sign, uintptr_t mom,
+                     int bits, uintptr_t gs, uintptr_t grad, uintptr_t coef, uintptr_t scale, uintptr_t key_ptr) {
+  check_disjoint("out", out, out_bytes, "codes", codes, n);
+  check_disjoint("out", out, out_bytes, "sign", sign, 4 * bitmap_words(n));
+  check_disjoint("out", out, out_bytes, "mom", mom, int64_t(bits) * n);
+  check_disjoint("out", out, out_bytes, "gs", gs, 4);
+  check_disjoint("out", out, out_bytes, "grad", grad, 4 * n);
+  check_disjoint("out", out, out_bytes, "coef", coef, 4 * int64_t(bits));
+  if (scale != 0) check_disjoint("out", out, out_bytes, "scale", scale, 4);
+  if (key_ptr != 0) check_disjoint("out", out, out_bytes, "key", key_ptr, 8);
+}
+
 // Runs check(), naming layer l in what it throws.
 template <class F>
 void in_layer(size_t l, F&& check) {
@@ -237,12 +251,7 @@ void bind_bitplane(py::module_& m) {
             check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, bits);
             require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
             // out is written after each layer: it must not be any layer's state or input
-            check_disjoint("out", out, 4 * L, "codes", codes, n);
-            check_disjoint("out", out, 4 * L, "sign", sign, 4 * bitmap_words(n));
-            check_disjoint("out", out, 4 * L, "mom", mom, int64_t(bits) * n);
-            check_disjoint("out", out, 4 * L, "gs", gs, 4);
-            check_disjoint("out", out, 4 * L, "grad", grad, 4 * n);
-            check_disjoint("out", out, 4 * L, "coef", coef, 4 * int64_t(bits));
+            check_out_apart(out, 4 * L, codes, n, sign, mom, bits, gs, grad, coef, 0, 0);
           });
         }
         const float lr32 = lr_f32(lr), mu32 = static_cast<float>(momentum);
@@ -353,16 +362,16 @@ void bind_bitplane(py::module_& m) {
         bool any = false;
         for (const auto& [codes, n, bits] : layers) any = any || n > 0;
         if (any) check_workspace(ws, ws_words, device);
-        int64_t* o = ptr<int64_t>(out);
-        for (const auto& [codes, n, bits] : layers) {  // one stream: in order, one workspace
-          fedmpq::cuda::plane_popcounts(ptr<const uint8_t>(codes), n, bits, o, ptr<unsigned>(ws), device, stream);
-          o += bits;
-        }
+        std::vector<fedmpq::cuda::PopcountLayer> table;
+        table.reserve(layers.size());
+        for (const auto& [codes, n, bits] : layers) table.push_back({ptr<const uint8_t>(codes), n, bits});
+        fedmpq::cuda::plane_popcounts_layers(table.data(), static_cast<int64_t>(table.size()), ptr<int64_t>(out),
+                                             ptr<unsigned>(ws), device, stream);
       },
       py::arg("layers"), py::arg("out"), py::arg("out_len"), py::arg("workspace"), py::arg("workspace_words"),
       py::arg("device"), py::arg("stream"),
-      "plane_popcounts of each layer (codes, n, bits), launches queued by one call: the layers' counts back to back "
-      "in out (int64; an empty layer's are not written).");
+      "plane_popcounts of each layer (codes, n, bits), one launch per group of up to 32 layers: the layers' counts "
+      "back to back in out (int64; an empty layer's are not written).");
   cuda.def(
       "bitplane_step",
       [=](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t mom, int64_t mom_len,
@@ -375,7 +384,7 @@ void bind_bitplane(py::module_& m) {
         check_scalar("scale", scale);
         require(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");  // null: the int key
         require(out != 0 && out % 4 == 0, "out pointer (two float32) is null or not 4-byte aligned");
-        check_disjoint("out", out, 8, "gs", gs, 4);
+        check_out_apart(out, 8, codes, n, sign, mom, bits, gs, grad, coef, scale, key_ptr);
         if (n > 0) check_workspace(ws, ws_words, device);
         fedmpq::cuda::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
                                     ptr<const float>(grad), ptr<const float>(coef), ptr<const float>(scale), n, bits,
@@ -405,26 +414,27 @@ void bind_bitplane(py::module_& m) {
             require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
             check_scalar("scale", scale);
             require(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");
-            check_disjoint("out", out, 8 * L, "gs", gs, 4);
+            check_out_apart(out, 8 * L, codes, n, sign, mom, bits, gs, grad, coef, scale, key_ptr);
           });
           any = any || n > 0;
         }
         if (any) check_workspace(ws, ws_words, device);
-        const float lr32 = lr_f32(lr), mu32 = static_cast<float>(momentum);
-        for (size_t l = 0; l < layers.size(); ++l) {  // launches on one stream: in order, one workspace
-          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key,
-                       key_ptr] = layers[l];
-          fedmpq::cuda::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
-                                      ptr<const float>(grad), ptr<const float>(coef), ptr<const float>(scale), n, bits,
-                                      lr32, mu32, static_cast<uint32_t>(key), ptr<const int64_t>(key_ptr),
-                                      ptr<float>(out) + 2 * l, ptr<unsigned>(ws), device, stream);
-        }
+        std::vector<fedmpq::cuda::StepLayer> table;
+        table.reserve(layers.size());
+        for (const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key,
+                          key_ptr] : layers)
+          table.push_back({ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
+                           ptr<const float>(grad), ptr<const float>(coef), ptr<const float>(scale), n, bits,
+                           static_cast<uint32_t>(key), ptr<const int64_t>(key_ptr)});
+        fedmpq::cuda::bitplane_step_layers(table.data(), L, lr_f32(lr), static_cast<float>(momentum), ptr<float>(out),
+                                           ptr<unsigned>(ws), device, stream);
       },
       py::arg("layers"), py::arg("lr"), py::arg("momentum"), py::arg("out"), py::arg("out_len"), py::arg("workspace"),
       py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
-      "bitplane_step on each layer in order, their launches queued by one call: layers are tuples (codes, n, sign, "
-      "sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key, key_ptr); out[2l], out[2l+1] = layer "
-      "l's g_s and previous gs. Every layer is checked before anything is launched.");
+      "bitplane_step on each layer in order, one call: layers are tuples (codes, n, sign, sign_nbytes, mom, mom_len, "
+      "gs, grad, coef, coef_len, scale, bits, key, key_ptr); out[2l], out[2l+1] = layer l's g_s and previous gs. "
+      "Every layer is checked before anything is launched; layers that share no memory go two launches per group of "
+      "up to 32.");
 #endif
 }
 

@@ -24,11 +24,13 @@
 // NOT yet run on a GPU: tools/gpu_check.sh runs their tests (backend case cuda).
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "common/generator.h"
 #include "cuda/bitplane.h"
@@ -117,25 +119,33 @@ __global__ void __launch_bounds__(kBlock) dq_backward_kernel(const float* __rest
 
 // ---- popcounts ----------------------------------------------------------------------
 
-// The slots: BITS uint64 per block (block b's count of plane i at b * BITS + i).
+// This thread's elements first, first + stride, ... of codes[0..n): the block's count of
+// each plane into slot[0..BITS) (thread 0 stores). Every thread of the block must call it.
 template <int BITS>
-__global__ void __launch_bounds__(kBlock) popcount_kernel(const uint8_t* __restrict__ codes, int64_t n,
-                                                          unsigned* __restrict__ ws, int64_t* __restrict__ out) {
+__device__ __forceinline__ void popcount_block(const uint8_t* __restrict__ codes, int64_t n, int64_t first,
+                                               int64_t stride, unsigned long long* slot) {
   unsigned long long cnt[BITS];
 #pragma unroll
   for (int i = 0; i < BITS; ++i) cnt[i] = 0;
-  for (int64_t j = global_thread(); j < n; j += total_threads()) {
+  for (int64_t j = first; j < n; j += stride) {
     const unsigned c = __ldg(codes + j);
 #pragma unroll
     for (int i = 0; i < BITS; ++i) cnt[i] += (c >> (BITS - 1 - i)) & 1u;
   }
-  unsigned long long* partials = detail::slots<unsigned long long>(ws);
 #pragma unroll
   for (int i = 0; i < BITS; ++i) {
     const unsigned long long c = detail::block_reduce<kBlock>(cnt[i], 0ull, detail::SumOp{});
-    if (threadIdx.x == 0) partials[static_cast<int64_t>(blockIdx.x) * BITS + i] = c;
+    if (threadIdx.x == 0) slot[i] = c;
     __syncthreads();  // block_reduce's shared slots are reused by the next plane
   }
+}
+
+// The slots: BITS uint64 per block (block b's count of plane i at b * BITS + i).
+template <int BITS>
+__global__ void __launch_bounds__(kBlock) popcount_kernel(const uint8_t* __restrict__ codes, int64_t n,
+                                                          unsigned* __restrict__ ws, int64_t* __restrict__ out) {
+  unsigned long long* partials = detail::slots<unsigned long long>(ws);
+  popcount_block<BITS>(codes, n, global_thread(), total_threads(), partials + static_cast<int64_t>(blockIdx.x) * BITS);
   if (!detail::last_block(ws)) return;
 #pragma unroll
   for (int i = 0; i < BITS; ++i) {
@@ -223,19 +233,15 @@ __device__ __forceinline__ void for_planes(F&& f) {
 }
 
 // Pass 1: max over the planes and elements of the |d| bit patterns (non-negative floats order
-// as integers, and NaN patterns sort above +inf, so a NaN or inf d makes it non-finite). The
-// last block turns it into g_s = max / L (out[0]; +inf when lr * g_s overflows float32),
-// keeps the previous gs for pass 2 (out[1]) and stores the new one in *gs (a NaN or inf g_s
-// keeps gs). Every block read gs before it took its ticket, so the last one may overwrite it.
+// as integers, and NaN patterns sort above +inf, so a NaN or inf d makes it non-finite), of
+// this thread's elements first, first + stride, ...; gsp is the previous gs.
 template <int N>
-__global__ void __launch_bounds__(kBlock) step_max_kernel(StepArgs s, float* gs, unsigned* __restrict__ ws,
-                                                          float* __restrict__ out) {
+__device__ __forceinline__ uint32_t step_max_part(const StepArgs& s, float gsp, int64_t first, int64_t stride) {
   const float k = __fdiv_rn(__ldg(s.scale), s.levels);
-  const float gsp = *gs;  // a plain load: the last block writes gs
   float coef[kMaxBits];
   load_coef<N>(s.coef, coef);
   uint32_t m = 0;
-  for (int64_t j = global_thread(); j < s.n; j += total_threads()) {
+  for (int64_t j = first; j < s.n; j += stride) {
     const Elem e = load_elem<true>(s, j, k, __ldg(s.sign + (j >> 5)));
     for_planes<N>([&](auto I) {
       const float d = plane_d<N, decltype(I)::value, true>(s, e, j, gsp, coef[decltype(I)::value]);
@@ -243,18 +249,33 @@ __global__ void __launch_bounds__(kBlock) step_max_kernel(StepArgs s, float* gs,
       m = b > m ? b : m;
     });
   }
+  return m;
+}
+
+// The end of pass 1 (one thread, in the last block): the max's bits `acc` -> g_s = max / L
+// (out[0]; +inf when lr * g_s overflows float32); keeps the previous gs for pass 2 (out[1])
+// and stores the new one in *gs (a NaN or inf g_s keeps gs). Every block read gs before it
+// took its ticket, so the last one may overwrite it.
+__device__ __forceinline__ void step_max_finish(const StepArgs& s, uint32_t acc, float* gs, float* out) {
+  const float gsp = *gs;
+  float g_s = __fdiv_rn(__uint_as_float(acc), s.levels);
+  if (__fmul_rn(g_s, s.lr) == INFINITY) g_s = INFINITY;  // lr * g_s overflows: skipped
+  out[0] = g_s;
+  out[1] = gsp;
+  *gs = g_s < INFINITY ? g_s : gsp;  // g_s >= 0 or NaN: NaN and inf keep gs
+}
+
+template <int N>
+__global__ void __launch_bounds__(kBlock) step_max_kernel(StepArgs s, float* gs, unsigned* __restrict__ ws,
+                                                          float* __restrict__ out) {
+  const float gsp = *gs;  // a plain load: the last block writes gs
+  uint32_t m = step_max_part<N>(s, gsp, global_thread(), total_threads());
   m = detail::block_reduce<kBlock>(m, 0u, detail::MaxOp{});
   uint32_t* partials = detail::slots<uint32_t>(ws);
   if (threadIdx.x == 0) partials[blockIdx.x] = m;
   if (!detail::last_block(ws)) return;
   const uint32_t acc = detail::combine_slots<kBlock>(partials, 1, 0u, detail::MaxOp{});
-  if (threadIdx.x == 0) {
-    float g_s = __fdiv_rn(__uint_as_float(acc), s.levels);
-    if (__fmul_rn(g_s, s.lr) == INFINITY) g_s = INFINITY;  // lr * g_s overflows: skipped
-    out[0] = g_s;
-    out[1] = gsp;
-    *gs = g_s < INFINITY ? g_s : gsp;  // g_s >= 0 or NaN: NaN and inf keep gs
-  }
+  if (threadIdx.x == 0) step_max_finish(s, acc, gs, out);
   detail::release_ticket(ws);
 }
 
@@ -302,16 +323,16 @@ __device__ __forceinline__ uint32_t update_elem(const StepArgs& s, int64_t j, ui
   return e.neg ^ (qn < 0.0f ? 1u : 0u);
 }
 
-// Pass 2: reads g_s (out[0]) and the previous gs (out[1]) from pass 1. g_s not finite: does
-// nothing (skipped); 0: zero momentum codes only; else steps 3-7 per element. Warps own whole
-// sign words (the loop's trip count depends on the warp only, so every lane reaches the
-// ballot).
+// Pass 2 over this thread's share (thread `first` of `threads`, a multiple of 32): reads g_s
+// (out[0]) and the previous gs (out[1]) from pass 1. g_s not finite: does nothing (skipped);
+// 0: zero momentum codes only; else steps 3-7 per element. Warps own whole sign words (the
+// loop's trip count depends on the warp only, so every lane reaches the ballot).
 template <int N>
-__global__ void __launch_bounds__(kBlock) step_update_kernel(StepArgs s, const float* __restrict__ out,
-                                                             uint32_t key, const int64_t* __restrict__ key_ptr) {
+__device__ __forceinline__ void step_update_part(const StepArgs& s, const float* __restrict__ out, uint32_t key,
+                                                 const int64_t* __restrict__ key_ptr, int64_t first, int64_t threads) {
   const float g_s = __ldg(out);
   if (g_s == 0.0f) {  // every d is 0: momentum codes 0, codes and signs unchanged
-    for (int64_t j = global_thread(); j < s.n * N; j += total_threads()) s.mom[j] = 0;
+    for (int64_t j = first; j < s.n * N; j += threads) s.mom[j] = 0;
     return;
   }
   if (!(g_s > 0.0f && g_s < INFINITY)) return;  // NaN or inf: the step is skipped
@@ -323,13 +344,154 @@ __global__ void __launch_bounds__(kBlock) step_update_kernel(StepArgs s, const f
   load_coef<N>(s.coef, coef);
   const int lane = threadIdx.x & 31;
   const int64_t words = (s.n + 31) / 32;
-  for (int64_t w = global_thread() >> 5; w < words; w += total_threads() >> 5) {
+  for (int64_t w = first >> 5; w < words; w += threads >> 5) {
     const uint32_t sw = s.sign[w];  // read by every lane before lane 0 rewrites it (after the ballot)
     const int64_t j = w * 32 + lane;
     const uint32_t neg = j < s.n ? update_elem<N>(s, j, sw, k, gsp, g_s, step, key, coef) : 0u;
     const uint32_t word = __ballot_sync(kFullMask, neg != 0u);
     if (lane == 0) s.sign[w] = word;
   }
+}
+
+template <int N>
+__global__ void __launch_bounds__(kBlock) step_update_kernel(StepArgs s, const float* __restrict__ out,
+                                                             uint32_t key, const int64_t* __restrict__ key_ptr) {
+  step_update_part<N>(s, out, key, key_ptr, global_thread(), total_threads());
+}
+
+// ---- many layers per launch ----------------------------------------------------------
+
+// A launch over a table of layers (a model's optimizer step): block b works for the layer i
+// with first[i] <= b < first[i + 1], as block b - first[i] of a grid of first[i + 1] -
+// first[i] blocks, the grid that layer's own launch would have (every layer has at least
+// one block). One ticket serves the whole grid; the last block concludes every layer's
+// reduction from that layer's slots, a warp per layer (or per layer and plane). The table
+// is a kernel argument (__grid_constant__: indexed in place, not copied per thread), so a
+// launch needs no host-to-device copy and a CUDA graph can capture it.
+constexpr int kTableLayers = 32;
+constexpr int kWarps = kBlock / 32;
+
+struct StepEntry {
+  StepArgs s;
+  float* gs;
+  float* out;  // (g_s, previous gs)
+  const int64_t* key_ptr;
+  uint32_t key;
+  int bits;
+};
+struct StepTable {
+  StepEntry layer[kTableLayers];
+  unsigned first[kTableLayers + 1];  // first[count]: the grid
+  int count;
+};
+struct PopEntry {
+  const uint8_t* codes;
+  int64_t n;
+  int64_t* out;
+  int bits;
+};
+struct PopTable {
+  PopEntry layer[kTableLayers];
+  unsigned first[kTableLayers + 1];
+  int count;
+};
+// Kernel arguments are limited to 4 KB before CUDA 12.1 and Volta.
+static_assert(sizeof(StepTable) + sizeof(void*) <= 4096 && sizeof(PopTable) + sizeof(void*) <= 4096,
+              "a layer table must fit the kernel argument space");
+
+// This block's layer: the last i with first[i] <= blockIdx.x (first is strictly increasing).
+template <class Table>
+__device__ __forceinline__ int layer_of(const Table& t) {
+  int lo = 0, hi = t.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (t.first[mid] <= blockIdx.x) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Calls f(std::integral_constant<int, bits>{}) for bits in 1..8 (the same for the whole block).
+template <class F>
+__device__ __forceinline__ void on_bits(int bits, F&& f) {
+  switch (bits) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;  // the host checked 1..8
+  }
+}
+
+// slot[b * stride] for b < count, combined by one warp (every lane of it must call it; the
+// result in every lane). For exact operations only (max, integer sums): the order is the
+// warp's own, not combine_slots'.
+template <class T, class Op>
+__device__ __forceinline__ T warp_combine(const T* slot, unsigned count, int64_t stride, T identity, Op op) {
+  T acc = identity;
+  for (unsigned b = threadIdx.x & 31; b < count; b += 32) acc = op(acc, __ldcg(slot + b * stride));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc = op(acc, __shfl_xor_sync(kFullMask, acc, off));
+  return acc;
+}
+
+__global__ void __launch_bounds__(kBlock) step_max_layers_kernel(const __grid_constant__ StepTable t,
+                                                                 unsigned* __restrict__ ws) {
+  const int l = layer_of(t);
+  const StepEntry& e = t.layer[l];
+  const unsigned b0 = t.first[l];
+  const int64_t first = static_cast<int64_t>(blockIdx.x - b0) * kBlock + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(t.first[l + 1] - b0) * kBlock;
+  const float gsp = *e.gs;  // a plain load: the last block writes gs
+  uint32_t m = 0;
+  on_bits(e.bits, [&](auto b) { m = step_max_part<decltype(b)::value>(e.s, gsp, first, stride); });
+  m = detail::block_reduce<kBlock>(m, 0u, detail::MaxOp{});
+  uint32_t* partials = detail::slots<uint32_t>(ws);
+  if (threadIdx.x == 0) partials[blockIdx.x] = m;
+  if (!detail::last_block(ws)) return;
+  for (int i = threadIdx.x >> 5; i < t.count; i += kWarps) {  // a warp per layer
+    const uint32_t acc = warp_combine(partials + t.first[i], t.first[i + 1] - t.first[i], 1, 0u, detail::MaxOp{});
+    if ((threadIdx.x & 31) == 0) step_max_finish(t.layer[i].s, acc, t.layer[i].gs, t.layer[i].out);
+  }
+  detail::release_ticket(ws);
+}
+
+__global__ void __launch_bounds__(kBlock) step_update_layers_kernel(const __grid_constant__ StepTable t) {
+  const int l = layer_of(t);
+  const StepEntry& e = t.layer[l];
+  const unsigned b0 = t.first[l];
+  const int64_t first = static_cast<int64_t>(blockIdx.x - b0) * kBlock + threadIdx.x;
+  const int64_t threads = static_cast<int64_t>(t.first[l + 1] - b0) * kBlock;
+  on_bits(e.bits,
+          [&](auto b) { step_update_part<decltype(b)::value>(e.s, e.out, e.key, e.key_ptr, first, threads); });
+}
+
+// The slots: kMaxBits uint64 per block (block b's count of plane i at b * kMaxBits + i).
+__global__ void __launch_bounds__(kBlock) popcount_layers_kernel(const __grid_constant__ PopTable t,
+                                                                 unsigned* __restrict__ ws) {
+  const int l = layer_of(t);
+  const PopEntry& e = t.layer[l];
+  const unsigned b0 = t.first[l];
+  const int64_t first = static_cast<int64_t>(blockIdx.x - b0) * kBlock + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(t.first[l + 1] - b0) * kBlock;
+  unsigned long long* partials = detail::slots<unsigned long long>(ws);
+  unsigned long long* slot = partials + static_cast<int64_t>(blockIdx.x) * kMaxBits;
+  on_bits(e.bits, [&](auto b) { popcount_block<decltype(b)::value>(e.codes, e.n, first, stride, slot); });
+  if (!detail::last_block(ws)) return;
+  for (int q = threadIdx.x >> 5; q < t.count * kMaxBits; q += kWarps) {  // a warp per layer and plane
+    const int i = q / kMaxBits, p = q % kMaxBits;
+    if (p >= t.layer[i].bits) continue;  // the same for the whole warp
+    const unsigned long long c = warp_combine(partials + static_cast<int64_t>(t.first[i]) * kMaxBits + p,
+                                              t.first[i + 1] - t.first[i], kMaxBits, 0ull, detail::SumOp{});
+    if ((threadIdx.x & 31) == 0) t.layer[i].out[p] = static_cast<int64_t>(c);
+  }
+  detail::release_ticket(ws);
 }
 
 // ---- host side ----------------------------------------------------------------------
@@ -340,6 +502,42 @@ constexpr auto grid_blocks = detail::grid_blocks<kBlock, kBlocksPerSm>;
 float levels_of(int bits) {
   if (bits < 1 || bits > kMaxBits) throw std::invalid_argument("bits must be in 1..8, got " + std::to_string(bits));
   return static_cast<float>((1u << bits) - 1u);
+}
+
+// True when no layer writes memory that another layer reads or writes: then the layers'
+// steps commute and may run grouped. Sorting the byte ranges keeps this O(R log R) for R
+// ranges (a model's layers touch disjoint buffers, so the inner loop rarely runs).
+bool layers_independent(const StepLayer* layers, int64_t count) {
+  struct Range {
+    uintptr_t lo, hi;
+    int64_t layer;
+    bool write;
+  };
+  std::vector<Range> r;
+  r.reserve(static_cast<size_t>(count) * 8);
+  auto add = [&](const void* p, int64_t bytes, int64_t l, bool write) {
+    if (p != nullptr && bytes > 0) {
+      const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+      r.push_back(Range{a, a + static_cast<uintptr_t>(bytes), l, write});
+    }
+  };
+  for (int64_t l = 0; l < count; ++l) {
+    const StepLayer& y = layers[l];
+    if (y.n <= 0) continue;  // launches nothing, touches nothing
+    add(y.codes, y.n, l, true);
+    add(y.sign, 4 * ceil_div(y.n, 32), l, true);
+    add(y.mom, y.bits * y.n, l, true);
+    add(y.gs, 4, l, true);
+    add(y.grad, 4 * y.n, l, false);
+    add(y.coef, 4 * int64_t(y.bits), l, false);
+    add(y.scale, 4, l, false);
+    add(y.key_ptr, 8, l, false);
+  }
+  std::sort(r.begin(), r.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
+  for (size_t i = 0; i < r.size(); ++i)
+    for (size_t j = i + 1; j < r.size() && r[j].lo < r[i].hi; ++j)
+      if (r[i].layer != r[j].layer && (r[i].write || r[j].write)) return false;
+  return true;
 }
 
 }  // namespace
@@ -415,6 +613,92 @@ void bitplane_step(uint8_t* codes, uint32_t* sign, uint8_t* mom, float* gs, cons
     step_update_kernel<N><<<blocks, kBlock, 0, st>>>(s, out, key, key_ptr);
     FEDMPQ_CUDA_CHECK_LAUNCH();
   });
+}
+
+void bitplane_step_layers(const StepLayer* layers, int64_t count, float lr, float momentum, float* out,
+                          unsigned* workspace, int device, uintptr_t stream) {
+  bool any = false;
+  for (int64_t l = 0; l < count; ++l) {  // every layer checked before anything launches
+    const StepLayer& y = layers[l];
+    levels_of(y.bits);
+    if (y.n >= (int64_t(1) << 32)) throw std::invalid_argument("a layer of 2^32 weights or more is not supported");
+    any = any || y.n > 0;
+  }
+  if (!any) return;
+  detail::require_current_device(device);
+  if (!layers_independent(layers, count)) {  // the layers' steps do not commute: in order
+    for (int64_t l = 0; l < count; ++l) {
+      const StepLayer& y = layers[l];
+      bitplane_step(y.codes, y.sign, y.mom, y.gs, y.grad, y.coef, y.scale, y.n, y.bits, lr, momentum, y.key,
+                    y.key_ptr, out + 2 * l, workspace, device, stream);
+    }
+    return;
+  }
+  const cudaStream_t st = detail::as_stream(stream);
+  const int64_t slots = bitplane_workspace_words(device) - 1;  // 4-byte slots after the ticket
+  StepTable t;
+  t.count = 0;
+  unsigned blocks = 0;
+  auto launch = [&] {
+    if (t.count == 0) return;
+    t.first[t.count] = blocks;
+    step_max_layers_kernel<<<blocks, kBlock, 0, st>>>(t, workspace);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+    step_update_layers_kernel<<<blocks, kBlock, 0, st>>>(t);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+    t.count = 0;
+    blocks = 0;
+  };
+  for (int64_t l = 0; l < count; ++l) {
+    const StepLayer& y = layers[l];
+    if (y.n <= 0) continue;
+    const unsigned nb = grid_blocks(32 * ceil_div(y.n, 32), device);  // the layer's own launch's grid
+    if (t.count == kTableLayers || blocks + nb > slots) launch();
+    t.layer[t.count] = StepEntry{StepArgs{y.grad, y.codes, y.sign, y.mom, y.coef, y.scale, y.n, levels_of(y.bits), lr,
+                                          momentum},
+                                 y.gs, out + 2 * l, y.key_ptr, y.key, y.bits};
+    t.first[t.count++] = blocks;
+    blocks += nb;
+  }
+  launch();
+}
+
+void plane_popcounts_layers(const PopcountLayer* layers, int64_t count, int64_t* out, unsigned* workspace, int device,
+                            uintptr_t stream) {
+  bool any = false;
+  for (int64_t l = 0; l < count; ++l) {
+    levels_of(layers[l].bits);
+    any = any || layers[l].n > 0;
+  }
+  if (!any) return;
+  detail::require_current_device(device);
+  const cudaStream_t st = detail::as_stream(stream);
+  // kMaxBits 8-byte slots per block after the ticket: room for one capped grid at least
+  const int64_t slots = (bitplane_workspace_words(device) - 2) / (2 * kMaxBits);
+  PopTable t;
+  t.count = 0;
+  unsigned blocks = 0;
+  auto launch = [&] {
+    if (t.count == 0) return;
+    t.first[t.count] = blocks;
+    popcount_layers_kernel<<<blocks, kBlock, 0, st>>>(t, workspace);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+    t.count = 0;
+    blocks = 0;
+  };
+  int64_t* o = out;
+  for (int64_t l = 0; l < count; ++l) {
+    const PopcountLayer& y = layers[l];
+    if (y.n > 0) {
+      const unsigned nb = grid_blocks(ceil_div(y.n, 4), device);  // as plane_popcounts
+      if (t.count == kTableLayers || blocks + nb > slots) launch();
+      t.layer[t.count] = PopEntry{y.codes, y.n, o, y.bits};
+      t.first[t.count++] = blocks;
+      blocks += nb;
+    }
+    o += y.bits;
+  }
+  launch();
 }
 
 }  // namespace fedmpq::cuda

@@ -52,4 +52,40 @@ void bitplane_step(uint8_t* codes, uint32_t* sign, uint8_t* mom, float* gs, cons
                    const float* scale, int64_t n, int bits, float lr, float momentum, uint32_t key,
                    const int64_t* key_ptr, float* out, unsigned* workspace, int device, uintptr_t stream);
 
+// One layer of the many-layer launchers below: bitplane_step's arguments for that layer.
+struct StepLayer {
+  uint8_t* codes;
+  uint32_t* sign;
+  uint8_t* mom;
+  float* gs;
+  const float* grad;
+  const float* coef;
+  const float* scale;
+  int64_t n;
+  int bits;
+  uint32_t key;
+  const int64_t* key_ptr;
+};
+
+// bitplane_step on layers[0..count) in order, layer l's (g_s, previous gs) in out[2l],
+// out[2l + 1]; empty layers launch nothing. When no layer writes memory another layer reads
+// or writes (a model's layers), the layers go in groups of up to 32 in two launches per
+// group (the max of every layer's |d|, then every layer's update): the same bits as layer
+// by layer, since each layer's steps touch its own buffers only. Otherwise layer by layer.
+void bitplane_step_layers(const StepLayer* layers, int64_t count, float lr, float momentum, float* out,
+                          unsigned* workspace, int device, uintptr_t stream);
+
+// One layer of plane_popcounts_layers: its codes, their count and width.
+struct PopcountLayer {
+  const uint8_t* codes;
+  int64_t n;
+  int bits;
+};
+
+// plane_popcounts of layers[0..count), the counts back to back in out (layer l's at the sum
+// of the widths before it; an empty layer's are not written): one launch per group of up to
+// 32 layers whose blocks' slots fit the workspace.
+void plane_popcounts_layers(const PopcountLayer* layers, int64_t count, int64_t* out, unsigned* workspace, int device,
+                            uintptr_t stream);
+
 }  // namespace fedmpq::cuda

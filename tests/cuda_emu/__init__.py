@@ -96,6 +96,20 @@ class EmuError(RuntimeError):
     pass
 
 
+_VP, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class StepLayer(ctypes.Structure):
+    """fedmpq::cuda::StepLayer (csrc/cuda/bitplane.h): one layer of bitplane_step_layers."""
+    _fields_ = [("codes", _VP), ("sign", _VP), ("mom", _VP), ("gs", _VP), ("grad", _VP), ("coef", _VP), ("scale", _VP),
+                ("n", _I64), ("bits", ctypes.c_int), ("key", ctypes.c_uint32), ("key_ptr", _VP)]
+
+
+class PopcountLayer(ctypes.Structure):
+    """fedmpq::cuda::PopcountLayer: one layer of plane_popcounts_layers."""
+    _fields_ = [("codes", _VP), ("n", _I64), ("bits", ctypes.c_int)]
+
+
 class Emu:
     """The launchers of csrc/cuda/fake_quant.h, pack.h and bitplane.h on CPU tensors (the caller sizes
     and allocates every buffer, as the Python adapters do). ``buffers`` registers the
@@ -111,6 +125,7 @@ class Emu:
         L.emu_bitplane_workspace_words.restype = ll
         L.emu_bitplane_workspace_words.argtypes = [i]
         L.emu_set_sm_count.argtypes = [i]
+        L.emu_launches.restype = ll
         L.emu_set_block_order.argtypes = [ctypes.c_uint]
         L.emu_set_warp_order.argtypes = [ctypes.c_uint]
         L.emu_add_range.argtypes = [vp, ctypes.c_size_t]
@@ -128,9 +143,15 @@ class Emu:
             "emu_plane_popcounts": [vp, ll, i, vp, vp, i],
             "emu_bitplane_step": [vp, vp, vp, vp, vp, vp, vp, ll, i, f, f, ctypes.c_uint, vp, vp, vp, i],
         }
+        sigs["emu_bitplane_step_layers"] = [vp, ll, f, f, vp, vp, i]
+        sigs["emu_plane_popcounts_layers"] = [vp, ll, vp, vp, i]
         for name, argtypes in sigs.items():
             getattr(L, name).argtypes = argtypes
             getattr(L, name).restype = i
+        for name, struct in (("emu_step_layer_size", StepLayer), ("emu_popcount_layer_size", PopcountLayer)):
+            getattr(L, name).restype = ctypes.c_size_t
+            if getattr(L, name)() != ctypes.sizeof(struct):
+                raise RuntimeError(f"{struct.__name__} in ctypes does not match csrc/cuda/bitplane.h")
         self.sm_count(1)
         self.block_order(0)
         self.warp_order(0)
@@ -138,6 +159,10 @@ class Emu:
     def sm_count(self, n: int) -> None:
         """The SM count the launchers size grids with (8 blocks of 256 threads per SM)."""
         self.lib.emu_set_sm_count(n)
+
+    def launches(self) -> int:
+        """Kernel launches run so far (a running count: compare before and after a call)."""
+        return int(self.lib.emu_launches())
 
     def block_order(self, seed: int) -> None:
         """Run each grid's blocks in index order (0) or in an order shuffled with ``seed``."""
@@ -226,6 +251,17 @@ class Emu:
         self._call("emu_bitplane_step", [codes, sign, mom, gs, grad, coef, scale, key_tensor, out, ws], _ptr(codes),
                    _ptr(sign), _ptr(mom), _ptr(gs), _ptr(grad), _ptr(coef), _ptr(scale), codes.numel(), bits, lr,
                    momentum, key, _ptr(key_tensor), _ptr(out), _ptr(ws), device)
+
+    def bitplane_step_layers_raw(self, layers, lr, momentum, out, ws, ranges, device=0):
+        """bitplane_step_layers on ``layers``, tuples of StepLayer's fields (pointers as ints);
+        ``out`` and ``ws`` pointers; loads may read ``ranges``."""
+        table = (StepLayer * max(len(layers), 1))(*[StepLayer(*y) for y in layers])
+        self.call_raw("emu_bitplane_step_layers", ranges, table, len(layers), lr, momentum, out, ws, device)
+
+    def plane_popcounts_layers_raw(self, layers, out, ws, ranges, device=0):
+        """plane_popcounts_layers on ``layers``, (codes pointer, n, bits) tuples."""
+        table = (PopcountLayer * max(len(layers), 1))(*[PopcountLayer(*y) for y in layers])
+        self.call_raw("emu_plane_popcounts_layers", ranges, table, len(layers), out, ws, device)
 
 
 def load() -> Emu:

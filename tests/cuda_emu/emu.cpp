@@ -37,6 +37,7 @@ std::string g_fiber_error;  // set by a fiber that failed; the scheduler throws 
 cudaError_t g_last_error = cudaSuccess;
 int g_sm_count = 1;
 unsigned g_block_seed = 0;  // 0: blocks in index order; else a shuffled order
+long long g_launches = 0;    // kernel launches run so far (what grouping saves shows here)
 unsigned g_warp_seed = 0;   // 0: a block's warps in lockstep; else one at a time, shuffled
 struct Range {
   uintptr_t lo, hi;
@@ -192,6 +193,7 @@ void run(unsigned grid, int block, const std::function<void()>& body) {
     g_last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  ++g_launches;
   g_body = &body;
   gridDim = uint3{grid, 1, 1};
   blockDim = uint3{static_cast<unsigned>(block), 1, 1};
@@ -224,6 +226,7 @@ extern "C" {
 const char* emu_message() { return g_message.c_str(); }
 void emu_set_sm_count(int n) { g_sm_count = n > 0 ? n : 1; }
 void emu_set_block_order(unsigned seed) { g_block_seed = seed; }
+long long emu_launches() { return g_launches; }
 void emu_set_warp_order(unsigned seed) { g_warp_seed = seed; }
 void emu_clear_ranges() { g_ranges.clear(); }
 void emu_add_range(const void* p, size_t bytes) {
@@ -291,6 +294,19 @@ int emu_bitplane_step(uint8_t* codes, uint32_t* sign, uint8_t* mom, float* gs, c
     fc::bitplane_step(codes, sign, mom, gs, grad, coef, scale, n, bits, lr, momentum, key, key_ptr, out, ws, device,
                       0);
   });
+}
+
+// The many-layer launchers take their layer tables as arrays of the structs of bitplane.h
+// (tests/cuda_emu/__init__.py mirrors them in ctypes and checks the sizes).
+size_t emu_step_layer_size() { return sizeof(fc::StepLayer); }
+size_t emu_popcount_layer_size() { return sizeof(fc::PopcountLayer); }
+int emu_bitplane_step_layers(const fc::StepLayer* layers, long long count, float lr, float momentum, float* out,
+                             unsigned* ws, int device) {
+  return guard([&] { fc::bitplane_step_layers(layers, count, lr, momentum, out, ws, device, 0); });
+}
+int emu_plane_popcounts_layers(const fc::PopcountLayer* layers, long long count, int64_t* out, unsigned* ws,
+                               int device) {
+  return guard([&] { fc::plane_popcounts_layers(layers, count, out, ws, device, 0); });
 }
 
 }  // extern "C"

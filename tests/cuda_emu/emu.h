@@ -49,6 +49,7 @@ extern uint3 threadIdx, blockIdx, gridDim, blockDim;
 #define __forceinline__ inline
 #define __noinline__
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __shared__ static  // one copy per block: blocks run one at a time
 
 typedef struct emu_stream* cudaStream_t;

@@ -80,15 +80,11 @@ class EmulatedCuda:
         self._run("plane_popcounts", [(codes, n), (ws, 4 * ws_words)], codes, n, bits, out, ws, device or 0)
 
     def plane_popcounts_layers(self, layers, out, out_len, ws, ws_words, device, stream):
-        """As the binding: each non-empty layer's launch, its counts at out + 8 * (the bits
-        before it)."""
+        """The native many-layer launcher (its launches over layer tables)."""
         assert out_len >= sum(b for _, _, b in layers)
         self.calls.append("plane_popcounts_layers")
-        off = 0
-        for codes, n, bits in layers:
-            if n > 0:
-                self.plane_popcounts(codes, n, bits, out + 8 * off, bits, ws, ws_words, device, stream)
-            off += bits
+        ranges = [(c, n) for c, n, _ in layers if c and n > 0] + [(ws, 4 * ws_words)]
+        self.emu.plane_popcounts_layers_raw(list(layers), out, ws, ranges, device or 0)
 
     def bitplane_step(self, codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, lr,
                       momentum, key, key_ptr, out, ws, ws_words, device, stream):
@@ -98,16 +94,16 @@ class EmulatedCuda:
                   key_ptr or None, out, ws, device or 0)
 
     def bitplane_step_layers(self, layers, lr, momentum, out, out_len, ws, ws_words, device, stream):
-        """As the binding: every layer's launches in order, layer l's out at out + 8 l (the
-        binding's checks are test_cuda_binding.py's)."""
+        """The native many-layer launcher (grouped launches, or layer by layer when layers
+        share memory); the binding's checks are test_cuda_binding.py's."""
         assert out_len >= 2 * len(layers)
         self.calls.append("bitplane_step_layers")
-        for l, (codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key,
-                key_ptr) in enumerate(layers):
-            if n > 0:  # the native step launches nothing for an empty layer
-                self.bitplane_step(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits,
-                                   lr, momentum, key, key_ptr, out + 8 * l, ws, ws_words, device, stream)
-
+        table, ranges = [], [(out, 8 * len(layers)), (ws, 4 * ws_words)]
+        for codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key, key_ptr in layers:
+            table.append((codes, sign, mom, gs, grad, coef, scale, n, bits, key, key_ptr or None))
+            ranges += [(codes, n), (sign, sign_nbytes), (mom, mom_len), (gs, 4), (grad, 4 * n), (coef, 4 * coef_len),
+                       (scale, 4), (key_ptr, 8)]
+        self.emu.bitplane_step_layers_raw(table, lr, momentum, out, ws, [r for r in ranges if r[0]], device or 0)
 
 def wire(module, emu: Emu, monkeypatch) -> EmulatedCuda:
     """Points adapter module ``module`` (e.g. ``fedmpq_kernels.bitplane.cuda``) at an

@@ -141,10 +141,28 @@ def _step_layers_args(layers, **over):
     ([_layer()], {"out_len": 1}, "out: buffer holds 1"),
     ([_layer()], {"lr": 0.0}, "lr must be finite and > 0"),
     ([_layer(), _layer(gs=20 * _P + 4)], {}, "layer 1: out and gs overlap"),
-], ids=["mom", "key", "scale", "out", "lr", "out-gs"])
+    ([_layer(), _layer(grad=20 * _P - 8)], {}, "layer 1: out and grad overlap"),
+    ([_layer(), _layer(codes=20 * _P + 8, n=8, mom_len=32, sign_nbytes=4)], {}, "layer 1: out and codes overlap"),
+    ([_layer(scale=20 * _P + 4)], {}, "layer 0: out and scale overlap"),
+    ([_layer(key_ptr=20 * _P)], {}, "layer 0: out and key overlap"),
+], ids=["mom", "key", "scale", "out", "lr", "out-gs", "out-grad", "out-codes", "out-scale", "out-key"])
 def test_cuda_step_layers_binding_names_the_bad_layer(layers, over, match):
     with pytest.raises(ValueError, match=match):
         native.cuda.bitplane_step_layers(**_step_layers_args(layers, **over))
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("over, match", [
+    (dict(out=_P + 16), "out and codes overlap"),
+    (dict(out=3 * _P + 396), "out and mom overlap"),
+    (dict(out=7 * _P - 4), "out and scale overlap"),
+    (dict(key_ptr=8 * _P + 4 - 4), "out and key overlap"),
+])
+def test_cuda_step_binding_keeps_out_apart_from_the_layer(over, match):
+    """out (g_s, the previous gs) is written by the last block while other blocks may still
+    read the layer: it may not overlap any of the layer's buffers."""
+    with pytest.raises(ValueError, match=match):
+        native.cuda.bitplane_step(**_step(**over))
 
 
 @needs_cuda_build

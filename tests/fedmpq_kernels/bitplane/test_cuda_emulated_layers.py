@@ -1,0 +1,195 @@
+"""The CUDA launchers over many layers (csrc/cuda/bitplane.cu: bitplane_step_layers and
+plane_popcounts_layers, a model's optimizer step) under the emulator of tests/cuda_emu:
+every layer's result bit for bit as the reference's layer by layer, with every width mixed
+in one launch, more layers than one table holds and more blocks than one workspace holds
+(so the launches split), empty, skipped and zero-g_s layers among the others, device and
+int keys, stale workspace slots, shuffled block and warp orders, canaries around every
+output; and the launch count, which is what grouping is for."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedmpq_kernels.bitplane import reference as R
+from tests.cuda_emu import Guarded
+
+from .helpers import assert_state_equal, bits_of, mid_round_state, random_codes_signs
+
+TABLE = 32  # layers per table (kTableLayers)
+BLOCK, BLOCKS_PER_SM = 256, 8
+
+
+def _stale(ws: torch.Tensor) -> torch.Tensor:
+    ws.fill_(0x7FC00000)
+    ws[0] = 0
+    return ws
+
+
+def _grid(threads: int, sms: int) -> int:
+    return max(1, min(-(-threads // BLOCK), sms * BLOCKS_PER_SM))
+
+
+def _groups(blocks, cap):
+    """Launch groups as bitplane.h states the rule: in order, up to TABLE layers and ``cap``
+    blocks each (empty layers take no place)."""
+    groups, count, used = 0, 0, 0
+    for b in blocks:
+        if b == 0:
+            continue
+        if count == 0 or count == TABLE or used + b > cap:
+            groups, count, used = groups + 1, 0, 0
+        count, used = count + 1, used + b
+    return groups
+
+
+def _layer(n, bits, seed, kind="normal", device_key=False):
+    g = torch.Generator().manual_seed(seed)
+    state = mid_round_state(n, bits, seed) if n else [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8),
+                                                       torch.empty(bits, 0, dtype=torch.uint8), torch.tensor([0.5])]
+    grad = torch.randn(n, generator=g) * 0.05
+    coef = torch.rand(bits, generator=g) * 1e-3
+    if kind == "nan" and n:
+        grad[n // 2] = float("nan")
+    if kind == "zero":  # every d is 0: g_s = 0, momentum codes zeroed
+        grad.zero_()
+        coef.zero_()
+        state[3].zero_()
+    key = R.step_key(5, 2, seed)
+    key_t = torch.tensor([key + (3 << 32)]) if device_key else None
+    return dict(state=state, grad=grad, coef=coef, scale=torch.tensor(0.4 + 0.01 * (seed % 7)), bits=bits, key=key,
+                key_t=key_t)
+
+
+def _run(emu, layers, lr, momentum, ws):
+    """The emulated launcher on ``layers`` in place; returns out (g_s, previous gs per layer)."""
+    out = Guarded(2 * len(layers), torch.float32)
+    table, reads = [], [out.t, ws]
+    for y in layers:
+        codes, sign, mom, gs = y["state"]
+        kt = y["key_t"]
+        table.append((codes.data_ptr(), sign.data_ptr(), mom.data_ptr(), gs.data_ptr(), y["grad"].data_ptr(),
+                      y["coef"].data_ptr(), y["scale"].data_ptr(), codes.numel(), y["bits"],
+                      0 if kt is not None else y["key"], kt.data_ptr() if kt is not None else None))
+        reads += [codes, sign, mom, gs, y["grad"], y["coef"], y["scale"], kt]
+    ranges = [(t.data_ptr(), t.numel() * t.element_size()) for t in reads if t is not None and t.numel()]
+    emu.bitplane_step_layers_raw(table, lr, momentum, out.t.data_ptr(), ws.data_ptr(), ranges)
+    out.check("out")
+    return out.t
+
+
+def _reference(layers, lr, momentum):
+    """Each layer stepped by the reference, in order, on copies: (states, g_s, previous gs)."""
+    states, g_s, prev = [], [], []
+    for y in layers:
+        st = [t.clone() for t in y["state"]]
+        prev.append(st[3].clone())
+        if y["grad"].numel() == 0:  # the launcher launches nothing; the adapter zeroes gs
+            g_s.append(None)
+        else:
+            g_s.append(R.bitplane_step(*st, y["grad"], y["coef"], y["scale"], y["bits"], lr, momentum, y["key"]))
+        states.append(st)
+    return states, g_s, prev
+
+
+@pytest.mark.parametrize("sms, order", [(1, 0), (1, 7), (3, 11)])
+def test_step_layers_equal_the_reference_layer_by_layer(emu, sms, order):
+    """41 layers of every width (two tables at least), big layers among them (so that one
+    workspace's slots do not hold every block), an empty, a skipped (NaN) and a zero-g_s
+    layer, half with device keys: every state, g_s and previous gs as the reference's, the
+    ticket back at 0, and the launches those of the groups the rule forms."""
+    emu.sm_count(sms)
+    emu.block_order(order)
+    emu.warp_order(order)
+    sizes = [1, 33, 1000, 4097, 257, 2048, 70001]
+    shapes = [(0 if l == 5 else sizes[l % len(sizes)], 1 + l % 8) for l in range(41)]
+    kinds = {9: "nan", 17: "zero"}
+    layers = [_layer(n, b, seed=l, kind=kinds.get(l, "normal"), device_key=l % 2 == 1) for l, (n, b) in
+              enumerate(shapes)]
+    want, want_gs, prev = _reference(layers, 0.3, 0.9)
+    ws = _stale(emu.bitplane_workspace())
+    before = emu.launches()
+    out = _run(emu, layers, 0.3, 0.9, ws)
+    blocks = [_grid(32 * -(-n // 32), sms) if n else 0 for n, _ in shapes]
+    groups = _groups(blocks, ws.numel() - 1)
+    assert groups >= 2 and emu.launches() - before == 2 * groups
+    assert int(ws[0]) == 0, "the ticket is not reset"
+    for l, y in enumerate(layers):
+        where = f"layer {l} (n={shapes[l][0]}, {shapes[l][1]} bits, {sms} SMs, order {order})"
+        assert_state_equal(y["state"], want[l], where)
+        if want_gs[l] is not None:
+            assert int(bits_of(out[2 * l])) == int(bits_of(want_gs[l])), where + ": g_s"
+            assert int(bits_of(out[2 * l + 1])) == int(bits_of(prev[l])), where + ": previous gs"
+    assert not torch.isfinite(out[18]) and float(out[34]) == 0.0  # the skipped and the zero layer
+
+
+def test_step_layers_sharing_memory_go_one_by_one(emu):
+    """The same layer twice, and a layer whose gradient is another's codes' memory: the steps
+    do not commute, so the launcher steps them in order, as the reference does (two
+    launches per layer)."""
+    a, b = _layer(1000, 4, seed=1), _layer(500, 3, seed=2)
+    layers = [a, b, a]
+    want, want_gs, _ = _reference([a, b], 0.3, 0.9)
+    want2 = [t.clone() for t in want[0]]
+    g2 = R.bitplane_step(*want2, a["grad"], a["coef"], a["scale"], 4, 0.3, 0.9, a["key"])
+    before = emu.launches()
+    out = _run(emu, layers, 0.3, 0.9, _stale(emu.bitplane_workspace()))
+    assert emu.launches() - before == 6
+    assert_state_equal(a["state"], want2, "layer a, stepped twice")
+    assert_state_equal(b["state"], want[1], "layer b")
+    assert int(bits_of(out[0])) == int(bits_of(want_gs[0])) and int(bits_of(out[4])) == int(bits_of(g2))
+
+    # a read of one layer in another's state: also in order
+    c = _layer(256, 2, seed=3)
+    d = _layer(64, 1, seed=4)
+    d["coef"] = c["state"][3]  # d's coefficient is c's gs, which c's step writes
+    ref_c = [t.clone() for t in c["state"]]
+    R.bitplane_step(*ref_c, c["grad"], c["coef"], c["scale"], 2, 0.3, 0.9, c["key"])
+    ref_d = [t.clone() for t in d["state"]]
+    before = emu.launches()
+    _run(emu, [c, d], 0.3, 0.9, _stale(emu.bitplane_workspace()))
+    R.bitplane_step(*ref_d, d["grad"], ref_c[3], d["scale"], 1, 0.3, 0.9, d["key"])  # c's new gs as d's coef
+    assert emu.launches() - before == 4
+    assert_state_equal(c["state"], ref_c, "layer c")
+    assert_state_equal(d["state"], ref_d, "layer d, after c")
+
+
+def test_step_layers_check_every_layer_before_launching(emu):
+    """A bad width in the last layer: ValueError, and the layers before it untouched."""
+    a, bad = _layer(100, 3, seed=1), _layer(100, 3, seed=2)
+    bad["bits"] = 9
+    before_a = [t.clone() for t in a["state"]]
+    n0 = emu.launches()
+    with pytest.raises(ValueError, match="bits must be in 1..8, got 9"):
+        _run(emu, [a, bad], 0.3, 0.9, emu.bitplane_workspace())
+    assert emu.launches() == n0
+    assert_state_equal(a["state"], before_a, "the good layer")
+    assert emu.launches() == n0
+
+
+@pytest.mark.parametrize("sms, order", [(1, 0), (2, 3)])
+def test_popcounts_layers_equal_the_reference(emu, sms, order):
+    """40 layers of every width, empty ones and big ones (more blocks than one workspace's
+    slots): the reference's counts back to back, an empty layer's left as they were, the
+    ticket back at 0, one launch per group."""
+    emu.sm_count(sms)
+    emu.block_order(order)
+    emu.warp_order(order)
+    sizes = [1, 31, 4097, 0, 999, 70001, 8192]
+    shapes = [(sizes[l % len(sizes)], 1 + (l * 3) % 8) for l in range(40)]
+    codes = [random_codes_signs(n, b, seed=l)[0] for l, (n, b) in enumerate(shapes)]
+    total = sum(b for _, b in shapes)
+    out = Guarded(total, torch.int64)
+    out.t.fill_(-7)
+    ws = _stale(emu.bitplane_workspace())
+    before = emu.launches()
+    table = [(c.data_ptr(), c.numel(), b) for c, (_, b) in zip(codes, shapes)]
+    ranges = [(c.data_ptr(), c.numel()) for c in codes if c.numel()] + [(ws.data_ptr(), 4 * ws.numel())]
+    emu.plane_popcounts_layers_raw(table, out.t.data_ptr(), ws.data_ptr(), ranges)
+    blocks = [_grid(-(-n // 4), sms) if n else 0 for n, _ in shapes]
+    groups = _groups(blocks, (ws.numel() - 2) // 16)
+    assert groups >= 2 and emu.launches() - before == groups
+    assert int(ws[0]) == 0, "the ticket is not reset"
+    want = torch.cat([R.plane_popcounts(c, b) if c.numel() else torch.full((b,), -7, dtype=torch.int64)
+                      for c, (_, b) in zip(codes, shapes)])
+    assert torch.equal(out.t, want)
+    out.check("out")
