@@ -12,6 +12,11 @@ Groups, per size (``--fedmpq-sizes``) and device; candidates ``fedmpq[<backend>]
   (4n) and the codes, sign and momentum codes, write them back: (4 + 2 (1 + 1/8 + N)) n.
 * ``dequantize`` fwd (4 bits): codes and sign bitmap to float32 weights, against copy_ of
   the float32 weight. Bytes: n + n/8 read, 4n written.
+* ``bitplane_step, ResNet-20's layers`` (4 bits, its 20 layers, 270k weights, one size): a
+  model's optimizer step in one call (``fk.bitplane_step_layers``: on CUDA, launches over
+  layer tables) against the same step layer by layer (``... per layer``), ``torch_sgd`` on
+  the float model's weights (the anchor) and ``copy_``. Small layers: what this shows is the
+  host and launch cost per layer, not bandwidth.
 """
 from __future__ import annotations
 
@@ -99,3 +104,36 @@ def bench_dequantize(benchmark, impl, device, numel):
         fn = lambda: fk.dequantize(codes, sign, scale, BITS, sink)  # noqa: E731
     _record(benchmark, "dequantize", numel, device, impl, int(5.125 * numel), "copy_")
     run_timed(benchmark, impl, fn, device, warmup=True)
+
+
+RESNET20 = [432] + [2304] * 6 + [4608] + [9216] * 5 + [18432] + [36864] * 5 + [640]  # its quantized layers
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["copy_", "torch_sgd"] + [f"{b} per layer" for b in BACKENDS] + BACKENDS)
+def bench_bitplane_model_step(benchmark, impl, device):
+    backend = impl.split(" ")[0]  # fedmpq[<backend>], or an anchor
+    skip_unless_runs(backend, device, "bitplane", "bitplane_step_layers")
+    total = sum(RESNET20)
+    layers = [_layer(n, device) for n in RESNET20]
+    if impl == "copy_":
+        src, out = randn(total, device=device), torch.empty(total, device=device)
+        fn = lambda: out.copy_(src)  # noqa: E731
+    elif impl == "torch_sgd":
+        ws = [torch.nn.Parameter(randn(n, device=device)) for n in RESNET20]
+        for w in ws:
+            w.grad = randn(w.numel(), device=device) * 1e-2
+        fn = torch.optim.SGD(ws, lr=0.1, momentum=0.9).step
+    else:
+        keys = list(range(len(RESNET20)))
+        if impl.endswith("per layer"):
+            def fn():
+                for (codes, sign, scale, mom, gs, grad, coef), k in zip(layers, keys):
+                    fk.bitplane_step(codes, sign, mom, gs, grad, coef, scale, BITS, 0.1, 0.9, k)
+        else:
+            cols = [list(c) for c in zip(*layers)]  # codes, sign, scale, mom, gs, grad, coef lists
+            fn = lambda: fk.bitplane_step_layers(cols[0], cols[1], cols[3], cols[4], cols[5], cols[6], cols[2],  # noqa: E731
+                                                 [BITS] * len(RESNET20), 0.1, 0.9, keys)
+    nbytes = int((4 + 2 * (1 + 1 / 8 + BITS)) * total)
+    _record(benchmark, "bitplane_step, ResNet-20's layers", total, device, impl, nbytes, "torch_sgd")
+    run_timed(benchmark, backend, fn, device, warmup=True)

@@ -28,3 +28,40 @@ def write_back(works, states) -> None:
     for work, state in zip(works, states):
         if work is not state and work.data_ptr() != state.data_ptr():
             state.copy_(work.view(state.shape))
+
+
+def _span(t: Tensor):
+    """(storage address, first byte, end byte) of t's elements: the whole stretch a strided
+    view spans, so an over-estimate of the bytes it touches; None when empty."""
+    if t.numel() == 0:
+        return None
+    es = t.element_size()
+    lo = t.storage_offset()
+    hi = lo + 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+    return t.untyped_storage().data_ptr(), lo * es, hi * es
+
+
+def copies_among_shared(works, layers) -> bool:
+    """True when a working buffer is a copy (``works[l][i]`` is not the memory of
+    ``layers[l][i]``) and two layers' tensors overlap in memory (conservatively, by span).
+    Then a many-layer call that steps copies and writes them back afterwards would not see
+    one layer's step in another's: the caller goes layer by layer instead. Cheap when
+    nothing was copied (a model's layers, contiguous): identity checks only."""
+    copied = False
+    for ws, ts in zip(works, layers):
+        for w, t in zip(ws, ts):
+            if w is not t and w.data_ptr() != t.data_ptr():
+                copied = True
+                break
+        if copied:
+            break
+    if not copied:
+        return False
+    spans = sorted((sp[0], sp[1], sp[2], l) for l, ts in enumerate(layers) for t in ts if (sp := _span(t)) is not None)
+    for i, (base, lo, hi, l) in enumerate(spans):
+        for base2, lo2, _, l2 in spans[i + 1:]:
+            if base2 != base or lo2 >= hi:
+                break
+            if l2 != l:
+                return True
+    return False

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .._buffers import words, write_back
+from .._buffers import copies_among_shared, words, write_back
 from .._checks import bitmap_arg, bitmap_nbytes
 from .._native import native
 
@@ -124,6 +124,9 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
         work.append((c, sg, m, g_state, g, cf))
         layers.append((c.data_ptr(), c.numel(), sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
                        g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale[l]), bits[l], int(keys[l])))
+    if copies_among_shared(work, [(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l]) for l in range(L)]):
+        return torch.stack([bitplane_step(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l], scale[l], bits[l], lr,
+                                          momentum, int(keys[l])) for l in range(L)])
     out = torch.empty(L, dtype=torch.float32)
     native.cpu.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), L, torch.get_num_threads())
     for l in range(L):

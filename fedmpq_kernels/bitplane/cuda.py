@@ -24,7 +24,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .._buffers import words, write_back
+from .._buffers import copies_among_shared, words, write_back
 from .._checks import bitmap_nbytes
 from .._device import on_device, raw_stream, workspace
 from .._native import native
@@ -126,8 +126,8 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
 
 
 def plane_popcounts_layers(codes, bits) -> Tensor:
-    """plane_popcounts of each layer, concatenated: every layer's launch queued by one native
-    call (an empty layer launches nothing: its counts are the zeros of a zero fill)."""
+    """plane_popcounts of each layer, concatenated: one native call, one launch per group of
+    up to 32 layers (an empty layer launches nothing: its counts are the zeros of a zero fill)."""
     dev = codes[0].device
     cs = [c.contiguous() for c in codes]
     layers = [(c.data_ptr(), c.numel(), b) for c, b in zip(cs, bits)]
@@ -176,9 +176,10 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
 
 def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
                    key_tensor: Optional[Tensor] = None) -> Tensor:
-    """bitplane_step on each layer, in order: every layer's two launches queued by one
-    native call (lists as the reference's bitplane_step_layers takes them). ``key_tensor`` (int64,
-    one element per layer, on the device): layer l's kernel loads its key from element l."""
+    """bitplane_step on each layer, in order (lists as the reference's bitplane_step_layers
+    takes them), one native call: two launches per group of up to 32 layers, or layer by
+    layer when layers share memory. ``key_tensor`` (int64, one element per layer, on the
+    device): layer l's kernel loads its key from element l."""
     L = len(codes)
     dev = codes[0].device
     if key_tensor is not None:
@@ -194,6 +195,10 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
         work.append((c, sw, m, g_state, g, cf, sc))
         layers.append((c.data_ptr(), n, sw.data_ptr(), sw.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
                        g.data_ptr(), cf.data_ptr(), cf.numel(), sc.data_ptr(), bits[l], key, key_ptr))
+    if copies_among_shared(work, [(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l], scale[l]) for l in range(L)]):
+        return torch.stack([bitplane_step(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l], scale[l], bits[l], lr,
+                                          momentum, keys[l], None if key_tensor is None else key_tensor[l])
+                            for l in range(L)])
     # (g_s, previous gs) per layer; an empty layer launches nothing, so its g_s is the 0 of a zero fill
     out = (torch.zeros if empty else torch.empty)(2 * L, dtype=_F32, device=dev)
     with on_device(dev):

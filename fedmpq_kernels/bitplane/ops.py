@@ -289,7 +289,7 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
 def plane_popcounts_layers(codes: Sequence[Tensor], bits: Sequence[int]) -> Tensor:
     """:func:`plane_popcounts` of every layer l (``codes[l]``, ``bits[l]``) in one call,
     concatenated: int64 (sum of bits,) on the layers' device (layer l's N counts after the
-    layers before it). One native call for all (on a GPU, their launches queued from C++).
+    layers before it). One native call for all (on CUDA, one launch per group of up to 32 layers).
     (0,) on the CPU for no layers. Raises TypeError / ValueError naming the layer."""
     if len(bits) != len(codes):
         raise ValueError(f"bits has {len(bits)} entries, codes {len(codes)}")
@@ -379,7 +379,7 @@ def bitplane_step_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: S
     """:func:`bitplane_step` on every layer l of the lists (``codes[l]``, ``sign[l]``, ...,
     ``bits[l]``, ``keys[l]``), in order, in one call: the optimizer step of a whole model. The
     same results, bit for bit, as the calls one by one, at a fraction of their host cost (one
-    native call; on a GPU the layers' launches are queued from C++). Every layer is checked
+    native call; on CUDA, two launches per group of up to 32 layers). Every layer is checked
     before any is stepped, so a bad argument changes nothing.
 
     Args:

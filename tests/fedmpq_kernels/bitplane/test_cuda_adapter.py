@@ -176,6 +176,31 @@ def test_steps_of_many_layers_in_one_call(bc, device_keys):
         assert_state_equal([t.contiguous() for t in states[l]], ref[l], f"layer {l}")
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_a_layer_listed_twice_is_stepped_twice(bc, emu, strided):
+    """The same state twice: contiguous, the native launcher sees the layers share memory and
+    steps them in order (four launches, not two); strided, the adapter's working copies
+    would hide the first step from the second, so it goes layer by layer itself."""
+    n, b = 257, 4
+    codes, sign, scale = R.binarize(weights(n, b, seed=5), b)
+    gen = torch.Generator().manual_seed(5)
+    grad, coef = torch.randn(n, generator=gen) * 0.2, torch.rand(b, generator=gen) * 1e-3
+    ref = [codes.clone(), sign.clone(), torch.zeros(b, n, dtype=torch.uint8), torch.zeros(1)]
+    keys = [R.step_key(2, 0, 0), R.step_key(2, 0, 1)]
+    want = torch.stack([R.bitplane_step(*ref, grad, coef, scale, b, 0.5, 0.9, k) for k in keys])
+    cbuf = torch.zeros(n, 2, dtype=torch.uint8)
+    cbuf[:, 0] = codes
+    st = [cbuf[:, 0] if strided else codes.clone(), sign.clone(), torch.zeros(b, n, dtype=torch.uint8),
+          torch.zeros(1)]
+    before = emu.launches()
+    got = bc.bitplane_step_layers(*[[t, t] for t in st], [grad, grad], [coef, coef], [scale, scale], [b, b], 0.5, 0.9,
+                                  keys)
+    assert torch.equal(bits_of(got), bits_of(want))
+    assert_state_equal([t.contiguous() for t in st], ref, "the layer, stepped twice")
+    assert emu.launches() - before == 4
+    assert bc.native.cuda.calls == (["bitplane_step"] * 2 if strided else ["bitplane_step_layers"])
+
+
 @pytest.mark.parametrize("device_keys", [False, True], ids=["host-keys", "device-keys"])
 def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, monkeypatch, device_keys):
     """A client step's kernels, the autograd of dequantize and the activation quantizer and

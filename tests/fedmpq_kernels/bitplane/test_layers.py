@@ -106,6 +106,32 @@ def test_steps_take_strided_and_misaligned_state(backend):
     assert not cbuf[:, 1].any() and int(sbuf[0]) == 0 and float(gbuf[0]) == 0.0
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_a_layer_listed_twice_is_stepped_twice(backend, strided):
+    """The same layer's state twice in the lists (its codes contiguous, or a strided view the
+    backend must copy): stepped twice in order, as the reference does, not twice from the
+    same state (a backend that groups the layers or steps working copies goes layer by layer
+    when layers share memory)."""
+    kernels(backend)
+    dev = backend.device
+    n, b = 257, 4
+    codes, sign, scale = layer(n, b, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    grad, coef = torch.randn(n, generator=gen) * 0.2, torch.rand(b, generator=gen) * 1e-3
+    ref = [codes.clone(), sign.clone(), torch.zeros(b, n, dtype=torch.uint8), torch.zeros(1)]
+    keys = [R.step_key(2, 0, 0), R.step_key(2, 0, 1)]
+    want = torch.stack([R.bitplane_step(*ref, grad, coef, scale, b, 0.5, 0.9, k) for k in keys])
+    cbuf = torch.zeros(n, 2, dtype=torch.uint8, device=dev)
+    cbuf[:, 0] = codes.to(dev)
+    c = cbuf[:, 0] if strided else codes.to(dev)
+    st = [c, sign.to(dev), torch.zeros(b, n, dtype=torch.uint8, device=dev), torch.zeros(1, device=dev)]
+    g, cf, sc = grad.to(dev), coef.to(dev), scale.to(dev)
+    with backend.active():
+        got = fk.bitplane_step_layers(*[[t, t] for t in st], [g, g], [cf, cf], [sc, sc], [b, b], 0.5, 0.9, keys)
+    assert torch.equal(bits_of(got), bits_of(want))
+    assert_state_equal(st, ref, "the layer, stepped twice")
+
+
 def _args(dev):
     states, grads, coefs, scales, bits = _model(dev, small=True)
     lists = [[s[i] for s in states] for i in range(4)] + [grads[0], coefs, scales, bits]
