@@ -17,11 +17,16 @@
 // handles element 32w + l, and the word is one __ballot_sync stored by lane 0 (no atomics;
 // bits past n vote 0). All indexing is int64. Reductions (the scale gradient, the popcounts,
 // max |d|) finish in the last block to arrive (reduce.cuh): one launch each, deterministic.
+// A model's step and popcounts go in launches over tables of layers (bitplane_step_layers,
+// plane_popcounts_layers; "many layers per launch" below): 3 launches for ResNet-20, not 60.
 //
-// Verified: compiled for sm_80 and sm_90 (ptxas -v: no spills); tested on the host in CI under
-// tests/cuda_emu (bitplane/test_cuda_emulated.py: every width, tails, several grid-stride
-// trips, shuffled block orders, stale workspace slots, skipped and zero steps, device keys);
-// NOT yet run on a GPU: tools/gpu_check.sh runs their tests (backend case cuda).
+// Verified: compiled for sm_80 and sm_90 (ptxas -v: no spills but 4 bytes in the 8-bit
+// single-layer update on sm_90, which the refactor into step_update_part brought; the
+// table kernels: none, 47-48 registers); tested on the host in CI under tests/cuda_emu
+// (bitplane/test_cuda_emulated.py and test_cuda_emulated_layers.py: every width, tails,
+// several grid-stride trips, shuffled block orders, stale workspace slots, skipped and zero
+// steps, device keys, mixed widths and split groups in the table launches); NOT yet run on a
+// GPU: tools/gpu_check.sh runs their tests (backend case cuda).
 #include <cuda_runtime.h>
 
 #include <algorithm>
