@@ -384,29 +384,33 @@ struct StepEntry {
   uint32_t key;
   int bits;
 };
-struct StepTable {
-  StepEntry layer[kTableLayers];
-  unsigned first[kTableLayers + 1];  // first[count]: the grid
-  int count;
-};
 struct PopEntry {
   const uint8_t* codes;
   int64_t n;
   int64_t* out;
   int bits;
 };
-struct PopTable {
-  PopEntry layer[kTableLayers];
-  unsigned first[kTableLayers + 1];
+template <class Entry>
+struct Table {
+  Entry layer[kTableLayers];
+  unsigned first[kTableLayers + 1];  // first[count]: the grid
   int count;
 };
+using StepTable = Table<StepEntry>;
+using PopTable = Table<PopEntry>;
 // Kernel arguments are limited to 4 KB before CUDA 12.1 and Volta.
 static_assert(sizeof(StepTable) + sizeof(void*) <= 4096 && sizeof(PopTable) + sizeof(void*) <= 4096,
               "a layer table must fit the kernel argument space");
 
-// This block's layer: the last i with first[i] <= blockIdx.x (first is strictly increasing).
+// This block's place in a table launch: its layer l (the last with first[l] <= blockIdx.x;
+// first is strictly increasing), this thread's index in that layer's grid and the grid's
+// thread count.
+struct Place {
+  int l;
+  int64_t first, threads;
+};
 template <class Table>
-__device__ __forceinline__ int layer_of(const Table& t) {
+__device__ __forceinline__ Place place_of(const Table& t) {
   int lo = 0, hi = t.count - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
@@ -416,22 +420,9 @@ __device__ __forceinline__ int layer_of(const Table& t) {
       hi = mid - 1;
     }
   }
-  return lo;
-}
-
-// Calls f(std::integral_constant<int, bits>{}) for bits in 1..8 (the same for the whole block).
-template <class F>
-__device__ __forceinline__ void on_bits(int bits, F&& f) {
-  switch (bits) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    default: f(std::integral_constant<int, 8>{}); break;  // the host checked 1..8
-  }
+  const unsigned b0 = t.first[lo];
+  return Place{lo, static_cast<int64_t>(blockIdx.x - b0) * kBlock + threadIdx.x,
+               static_cast<int64_t>(t.first[lo + 1] - b0) * kBlock};
 }
 
 // slot[b * stride] for b < count, combined by one warp (every lane of it must call it; the
@@ -448,14 +439,11 @@ __device__ __forceinline__ T warp_combine(const T* slot, unsigned count, int64_t
 
 __global__ void __launch_bounds__(kBlock) step_max_layers_kernel(const __grid_constant__ StepTable t,
                                                                  unsigned* __restrict__ ws) {
-  const int l = layer_of(t);
-  const StepEntry& e = t.layer[l];
-  const unsigned b0 = t.first[l];
-  const int64_t first = static_cast<int64_t>(blockIdx.x - b0) * kBlock + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(t.first[l + 1] - b0) * kBlock;
+  const Place p = place_of(t);
+  const StepEntry& e = t.layer[p.l];
   const float gsp = *e.gs;  // a plain load: the last block writes gs
   uint32_t m = 0;
-  on_bits(e.bits, [&](auto b) { m = step_max_part<decltype(b)::value>(e.s, gsp, first, stride); });
+  detail::dispatch_bits(e.bits, [&](auto b) { m = step_max_part<decltype(b)::value>(e.s, gsp, p.first, p.threads); });
   m = detail::block_reduce<kBlock>(m, 0u, detail::MaxOp{});
   uint32_t* partials = detail::slots<uint32_t>(ws);
   if (threadIdx.x == 0) partials[blockIdx.x] = m;
@@ -468,33 +456,27 @@ __global__ void __launch_bounds__(kBlock) step_max_layers_kernel(const __grid_co
 }
 
 __global__ void __launch_bounds__(kBlock) step_update_layers_kernel(const __grid_constant__ StepTable t) {
-  const int l = layer_of(t);
-  const StepEntry& e = t.layer[l];
-  const unsigned b0 = t.first[l];
-  const int64_t first = static_cast<int64_t>(blockIdx.x - b0) * kBlock + threadIdx.x;
-  const int64_t threads = static_cast<int64_t>(t.first[l + 1] - b0) * kBlock;
-  on_bits(e.bits,
-          [&](auto b) { step_update_part<decltype(b)::value>(e.s, e.out, e.key, e.key_ptr, first, threads); });
+  const Place p = place_of(t);
+  const StepEntry& e = t.layer[p.l];
+  detail::dispatch_bits(
+      e.bits, [&](auto b) { step_update_part<decltype(b)::value>(e.s, e.out, e.key, e.key_ptr, p.first, p.threads); });
 }
 
 // The slots: kMaxBits uint64 per block (block b's count of plane i at b * kMaxBits + i).
 __global__ void __launch_bounds__(kBlock) popcount_layers_kernel(const __grid_constant__ PopTable t,
                                                                  unsigned* __restrict__ ws) {
-  const int l = layer_of(t);
-  const PopEntry& e = t.layer[l];
-  const unsigned b0 = t.first[l];
-  const int64_t first = static_cast<int64_t>(blockIdx.x - b0) * kBlock + threadIdx.x;
-  const int64_t stride = static_cast<int64_t>(t.first[l + 1] - b0) * kBlock;
+  const Place p = place_of(t);
+  const PopEntry& e = t.layer[p.l];
   unsigned long long* partials = detail::slots<unsigned long long>(ws);
   unsigned long long* slot = partials + static_cast<int64_t>(blockIdx.x) * kMaxBits;
-  on_bits(e.bits, [&](auto b) { popcount_block<decltype(b)::value>(e.codes, e.n, first, stride, slot); });
+  detail::dispatch_bits(e.bits, [&](auto b) { popcount_block<decltype(b)::value>(e.codes, e.n, p.first, p.threads, slot); });
   if (!detail::last_block(ws)) return;
   for (int q = threadIdx.x >> 5; q < t.count * kMaxBits; q += kWarps) {  // a warp per layer and plane
-    const int i = q / kMaxBits, p = q % kMaxBits;
-    if (p >= t.layer[i].bits) continue;  // the same for the whole warp
-    const unsigned long long c = warp_combine(partials + static_cast<int64_t>(t.first[i]) * kMaxBits + p,
+    const int i = q / kMaxBits, plane = q % kMaxBits;
+    if (plane >= t.layer[i].bits) continue;  // the same for the whole warp
+    const unsigned long long c = warp_combine(partials + static_cast<int64_t>(t.first[i]) * kMaxBits + plane,
                                               t.first[i + 1] - t.first[i], kMaxBits, 0ull, detail::SumOp{});
-    if ((threadIdx.x & 31) == 0) t.layer[i].out[p] = static_cast<int64_t>(c);
+    if ((threadIdx.x & 31) == 0) t.layer[i].out[plane] = static_cast<int64_t>(c);
   }
   detail::release_ticket(ws);
 }
@@ -508,6 +490,34 @@ float levels_of(int bits) {
   if (bits < 1 || bits > kMaxBits) throw std::invalid_argument("bits must be in 1..8, got " + std::to_string(bits));
   return static_cast<float>((1u << bits) - 1u);
 }
+
+// Fills layer tables in order, each up to kTableLayers layers and `slots` blocks (the
+// workspace's room for their slots), and calls launch(table, blocks) for each full one and,
+// at finish(), the last.
+template <class Entry, class Launch>
+class TableGroups {
+ public:
+  TableGroups(int64_t slots, Launch launch) : slots_(slots), launch_(launch) { t_.count = 0; }
+  void add(const Entry& e, unsigned blocks) {
+    if (t_.count == kTableLayers || blocks_ + blocks > slots_) finish();
+    t_.layer[t_.count] = e;
+    t_.first[t_.count++] = blocks_;
+    blocks_ += blocks;
+  }
+  void finish() {
+    if (t_.count == 0) return;
+    t_.first[t_.count] = blocks_;
+    launch_(t_, blocks_);
+    t_.count = 0;
+    blocks_ = 0;
+  }
+
+ private:
+  Table<Entry> t_;
+  int64_t slots_;
+  unsigned blocks_ = 0;
+  Launch launch_;
+};
 
 // True when no layer writes memory that another layer reads or writes: then the layers'
 // steps commute and may run grouped. Sorting the byte ranges keeps this O(R log R) for R
@@ -640,32 +650,22 @@ void bitplane_step_layers(const StepLayer* layers, int64_t count, float lr, floa
     return;
   }
   const cudaStream_t st = detail::as_stream(stream);
-  const int64_t slots = bitplane_workspace_words(device) - 1;  // 4-byte slots after the ticket
-  StepTable t;
-  t.count = 0;
-  unsigned blocks = 0;
-  auto launch = [&] {
-    if (t.count == 0) return;
-    t.first[t.count] = blocks;
+  // 4-byte slots after the ticket: at least 16 full-size grids
+  auto launch = [&](const StepTable& t, unsigned blocks) {
     step_max_layers_kernel<<<blocks, kBlock, 0, st>>>(t, workspace);
     FEDMPQ_CUDA_CHECK_LAUNCH();
     step_update_layers_kernel<<<blocks, kBlock, 0, st>>>(t);
     FEDMPQ_CUDA_CHECK_LAUNCH();
-    t.count = 0;
-    blocks = 0;
   };
+  TableGroups<StepEntry, decltype(launch)> groups(bitplane_workspace_words(device) - 1, launch);
   for (int64_t l = 0; l < count; ++l) {
     const StepLayer& y = layers[l];
     if (y.n <= 0) continue;
-    const unsigned nb = grid_blocks(32 * ceil_div(y.n, 32), device);  // the layer's own launch's grid
-    if (t.count == kTableLayers || blocks + nb > slots) launch();
-    t.layer[t.count] = StepEntry{StepArgs{y.grad, y.codes, y.sign, y.mom, y.coef, y.scale, y.n, levels_of(y.bits), lr,
-                                          momentum},
-                                 y.gs, out + 2 * l, y.key_ptr, y.key, y.bits};
-    t.first[t.count++] = blocks;
-    blocks += nb;
+    const StepArgs s{y.grad, y.codes, y.sign, y.mom, y.coef, y.scale, y.n, levels_of(y.bits), lr, momentum};
+    // each layer gets the grid its own launch would have
+    groups.add(StepEntry{s, y.gs, out + 2 * l, y.key_ptr, y.key, y.bits}, grid_blocks(32 * ceil_div(y.n, 32), device));
   }
-  launch();
+  groups.finish();
 }
 
 void plane_popcounts_layers(const PopcountLayer* layers, int64_t count, int64_t* out, unsigned* workspace, int device,
@@ -678,32 +678,19 @@ void plane_popcounts_layers(const PopcountLayer* layers, int64_t count, int64_t*
   if (!any) return;
   detail::require_current_device(device);
   const cudaStream_t st = detail::as_stream(stream);
-  // kMaxBits 8-byte slots per block after the ticket: room for one capped grid at least
-  const int64_t slots = (bitplane_workspace_words(device) - 2) / (2 * kMaxBits);
-  PopTable t;
-  t.count = 0;
-  unsigned blocks = 0;
-  auto launch = [&] {
-    if (t.count == 0) return;
-    t.first[t.count] = blocks;
+  // kMaxBits 8-byte slots per block after the ticket: room for one full-size grid at least
+  auto launch = [&](const PopTable& t, unsigned blocks) {
     popcount_layers_kernel<<<blocks, kBlock, 0, st>>>(t, workspace);
     FEDMPQ_CUDA_CHECK_LAUNCH();
-    t.count = 0;
-    blocks = 0;
   };
+  TableGroups<PopEntry, decltype(launch)> groups((bitplane_workspace_words(device) - 2) / (2 * kMaxBits), launch);
   int64_t* o = out;
   for (int64_t l = 0; l < count; ++l) {
     const PopcountLayer& y = layers[l];
-    if (y.n > 0) {
-      const unsigned nb = grid_blocks(ceil_div(y.n, 4), device);  // as plane_popcounts
-      if (t.count == kTableLayers || blocks + nb > slots) launch();
-      t.layer[t.count] = PopEntry{y.codes, y.n, o, y.bits};
-      t.first[t.count++] = blocks;
-      blocks += nb;
-    }
+    if (y.n > 0) groups.add(PopEntry{y.codes, y.n, o, y.bits}, grid_blocks(ceil_div(y.n, 4), device));  // as plane_popcounts
     o += y.bits;
   }
-  launch();
+  groups.finish();
 }
 
 }  // namespace fedmpq::cuda

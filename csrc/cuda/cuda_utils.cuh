@@ -44,10 +44,14 @@ unsigned grid_blocks(int64_t threads, int device) {
   return static_cast<unsigned>(b < 1 ? 1 : (b > cap ? cap : b));
 }
 
-// Calls f(std::integral_constant<int, bits>{}), so that a kernel is instantiated per width;
-// std::invalid_argument for bits outside 1..8.
+// Calls f(std::integral_constant<int, bits>{}) for bits in 1..7, and for 8 otherwise (the
+// caller checked 1..8): on the host to pick a kernel per width, in a kernel to pick a
+// layer's code path (the same for the whole block).
+// (nv_exec_check_disable: each instantiation calls a host lambda from the host or a device
+// one from a kernel, never across; Thrust and CUTLASS mark such templates the same way.)
+#pragma nv_exec_check_disable
 template <class F>
-void with_bits(int bits, F&& f) {
+__host__ __device__ inline void dispatch_bits(int bits, F&& f) {
   switch (bits) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
@@ -56,9 +60,15 @@ void with_bits(int bits, F&& f) {
     case 5: f(std::integral_constant<int, 5>{}); break;
     case 6: f(std::integral_constant<int, 6>{}); break;
     case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    default: throw std::invalid_argument("bits must be in 1..8, got " + std::to_string(bits));
+    default: f(std::integral_constant<int, 8>{}); break;
   }
+}
+
+// dispatch_bits, with std::invalid_argument for bits outside 1..8.
+template <class F>
+void with_bits(int bits, F&& f) {
+  if (bits < 1 || bits > 8) throw std::invalid_argument("bits must be in 1..8, got " + std::to_string(bits));
+  dispatch_bits(bits, f);
 }
 
 }  // namespace fedmpq::cuda::detail
