@@ -20,8 +20,9 @@
 #    a federation on CUDA sends the CPU's payload layout);
 # 4. the GPU benchmarks: every kernel (fake-quant, packing, bit-plane training) at 2^24
 #    against device-to-device copy_ and the torch way, per call with a synchronization,
-#    20 calls per synchronization, and 20 calls replayed from one CUDA graph; the ResNet-20
-#    client step on CUDA (eager, replayed from a CUDA graph as cuda_graph does, and float
+#    20 calls per synchronization, and 20 calls replayed from one CUDA graph; ResNet-20's 20
+#    layers' bit-plane step in one call (launches over layer tables) against layer by layer;
+#    the ResNet-20 client step on CUDA (eager, replayed from a CUDA graph as cuda_graph does, and float
 #    and fedmpq-4bit at batch 32 under torch.compile) and its time split;
 # 5. a 2-round federation on the GPU: fedmpq simulate --device cuda --cuda-graph true --rounds 2;
 # 6. one round of the paper's CIFAR-10 setting (ResNet-20, 10 clients, 5 local epochs) on the
