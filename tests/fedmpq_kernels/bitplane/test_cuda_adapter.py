@@ -217,6 +217,8 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
     torch.manual_seed(3)
     x, y = torch.randn(3, 8, 1, 8, 8), torch.randint(0, 10, (3, 8))
 
+    step_launches = []  # the emulated kernel launches of each optimizer step
+
     def train():
         torch.manual_seed(0)
         qm = qn.small_cnn(quantized=True, bits=3, image_size=8)
@@ -228,7 +230,9 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
                 m.grad = None
             F.cross_entropy(qm(x[i]), y[i]).backward()
             grads.append([m.scale.grad.clone() for _, m in qn.bit_layers(qm)])
+            before = emu.launches()
             opt.step()
+            step_launches.append(emu.launches() - before)
         state = [(m.codes.clone(), m.sign.clone(), opt.state[l]["mom"].clone(), opt.state[l]["gs"].clone())
                  for l, (_, m) in enumerate(qn.bit_layers(qm))]
         return state, grads
@@ -247,7 +251,11 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
 
     monkeypatch.setattr(registry, "get", routed)
     monkeypatch.setattr(registry, "_cache", {})  # get_many's entries come from the routed get
+    del step_launches[:]
+    emu.sm_count(4)  # a workspace with room for every layer's popcount slots (one SM's holds 8 blocks)
     got, got_grads = train()
+    # the whole model's step: one popcount launch, then the step's two (one layer table)
+    assert step_launches == [3, 3, 3]
     # the optimizer counts and steps every layer through one call each (launches over layer tables)
     assert set(bc.native.cuda.calls) == {"binarize", "dequantize", "dequantize_backward", "plane_popcounts_layers",
                                          "bitplane_step_layers"}
