@@ -22,7 +22,7 @@
 //
 // Verified: compiled for sm_80 and sm_90 (ptxas -v: no spills but 4 bytes in the 8-bit
 // single-layer update on sm_90, which the refactor into step_update_part brought; the
-// table kernels: none, 47-48 registers); tested on the host in CI under tests/cuda_emu
+// table kernels: none, 38-48 registers); tested on the host in CI under tests/cuda_emu
 // (bitplane/test_cuda_emulated.py and test_cuda_emulated_layers.py: every width, tails,
 // several grid-stride trips, shuffled block orders, stale workspace slots, skipped and zero
 // steps, device keys, mixed widths and split groups in the table launches); NOT yet run on a
