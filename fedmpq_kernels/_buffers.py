@@ -22,11 +22,17 @@ def words(t: Tensor, n: Optional[int] = None) -> Tensor:
     return t
 
 
+def is_copy(work: Tensor, t: Tensor) -> bool:
+    """Whether the working buffer ``work`` made of ``t`` (``words``, ``.contiguous()``, a
+    conversion) is a copy rather than ``t``'s own memory."""
+    return work is not t and work.data_ptr() != t.data_ptr()
+
+
 def write_back(works, states) -> None:
     """Copies each working buffer (``words`` or ``.contiguous()`` of a state tensor) back
     into its state tensor where it is a copy rather than the state itself."""
     for work, state in zip(works, states):
-        if work is not state and work.data_ptr() != state.data_ptr():
+        if is_copy(work, state):
             state.copy_(work.view(state.shape))
 
 
@@ -47,15 +53,7 @@ def copies_among_shared(works, layers) -> bool:
     Then a many-layer call that steps copies and writes them back afterwards would not see
     one layer's step in another's: the caller goes layer by layer instead. Cheap when
     nothing was copied (a model's layers, contiguous): identity checks only."""
-    copied = False
-    for ws, ts in zip(works, layers):
-        for w, t in zip(ws, ts):
-            if w is not t and w.data_ptr() != t.data_ptr():
-                copied = True
-                break
-        if copied:
-            break
-    if not copied:
+    if not any(is_copy(w, t) for ws, ts in zip(works, layers) for w, t in zip(ws, ts)):
         return False
     spans = sorted((sp[0], sp[1], sp[2], l) for l, ts in enumerate(layers) for t in ts if (sp := _span(t)) is not None)
     for i, (base, lo, hi, l) in enumerate(spans):

@@ -104,9 +104,6 @@ void in_layer(size_t l, F&& check) {
   }
 }
 
-// One layer of bitplane_step_layers: codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef,
-// coef_len, scale (the CPU: its value; CUDA: a device pointer), bits, key (and on CUDA
-// key_ptr), as bitplane_step takes them.
 // One layer of plane_popcounts_layers: codes, n, bits; its counts go to out[offset..offset+bits),
 // offset the bits of the layers before it. Returns the total (out's length needed).
 using PopcountLayer = std::tuple<uintptr_t, int64_t, int>;
@@ -128,6 +125,9 @@ int64_t check_popcount_layers(const std::vector<PopcountLayer>& layers, uintptr_
   return total;
 }
 
+// One layer of bitplane_step_layers: codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef,
+// coef_len, scale (the CPU: its value; CUDA: a device pointer), bits, key (and on CUDA
+// key_ptr), as bitplane_step takes them.
 using CpuStepLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t,
                                 uintptr_t, int64_t, double, int, int64_t>;
 #ifdef FEDMPQ_WITH_CUDA

@@ -187,7 +187,6 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     return ((c.unsqueeze(0) >> shifts.unsqueeze(1)) & 1).sum(dim=1)
 
 
-
 def plane_popcounts_layers(codes, bits) -> Tensor:
     """:func:`plane_popcounts` of each layer l (``codes[l]``, ``bits[l]``), concatenated:
     int64 (sum of bits,)."""
