@@ -83,6 +83,7 @@ def make_step(impl: str, batch: int, device: str, mode: str = "eager"):
     else:
         bit_opt = qn.BitPlaneOptimizer(model, lr=0.1, momentum=0.9, lam=1e-3, seed=0, device_keys=mode == "graph")
         sgd = torch.optim.SGD(qn.float_parameters(model), lr=0.1, momentum=0.9)
+        qn.batch_weights(model)  # as the client trains (inert under torch.compile)
 
     run = torch.compile(model) if compiled else model
 

@@ -2,7 +2,9 @@
 activations): ``python benches/client_step_split.py [--batch 32] [--bits 4] [--device cpu]``.
 
 Each part is timed on its own, on the step's real shapes (medians of repeated runs):
-* weight dequantize: every bit-plane layer's ``dequantize`` forward and its backward;
+* weight dequantize: the bit-plane layers' weights, forward and backward, made as the
+  client makes them (``fedmpq.nn.batch_weights``: one ``dequantize_layers`` call; with
+  ``--per-layer-weights``, one ``dequantize`` per layer, in the step too);
 * activation quantizer: ``relu6_fake_quant`` forward + backward on every activation the
   model quantizes, minus a plain ReLU's forward + backward on the same tensors (what the
   float model pays anyway);
@@ -48,6 +50,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N whole steps (default: none)")
+    ap.add_argument("--per-layer-weights", action="store_true",
+                    help="one dequantize per layer instead of fedmpq.nn.batch_weights' one call for all")
     a = ap.parse_args()
     dev = a.device
     torch.manual_seed(0)
@@ -55,6 +59,8 @@ def main() -> None:
     y = torch.randint(0, 10, (a.batch,), device=dev)
     model = qn.resnet20(quantized=True, bits=a.bits).to(dev)
     bit_opt = qn.BitPlaneOptimizer(model, lr=0.1, lam=1e-3)
+    if not a.per_layer_weights:
+        qn.batch_weights(model)
     sgd = torch.optim.SGD(qn.float_parameters(model), lr=0.1, momentum=0.9)
     acts = []
     hooks = [m.register_forward_hook(lambda mod, inp, out: acts.append(inp[0].detach().clone()))
@@ -86,9 +92,14 @@ def main() -> None:
     grads = [torch.randn(m.weight_shape, device=dev) for m in layers]
 
     def dequant():
-        for m, g in zip(layers, grads):
-            w = fk.dequantize(m.codes, m.sign, m.scale, m.bits, m.sink)
-            w.backward(g)
+        if a.per_layer_weights:
+            for m, g in zip(layers, grads):
+                w = fk.dequantize(m.codes, m.sign, m.scale, m.bits, m.sink)
+                w.backward(g)
+        else:
+            ws = fk.dequantize_layers([m.codes for m in layers], [m.sign for m in layers], [m.scale for m in layers],
+                                      [m.bits for m in layers], [m.sink for m in layers])
+            torch.autograd.backward(ws, grads)
 
     acts_g = [a_.clone().requires_grad_() for a_ in acts]
     ones = [torch.ones_like(a_) for a_ in acts]
@@ -111,6 +122,7 @@ def main() -> None:
              ("activation quantizer (beyond ReLU)", t_act), ("weight dequantize (fwd + bwd)", t_dq),
              ("bit-plane optimizer + re-quantization", t_opt), ("SGD on the float parameters", t_sgd)]
     print(f"ResNet-20, batch {a.batch}, {a.bits}-bit weights, 4-bit activations, {dev}, "
+          f"weights {'per layer' if a.per_layer_weights else 'batched'}, "
           f"{torch.get_num_threads()} threads; medians of {a.reps}")
     print(f"| part | ms | share |\n|---|---|---|")
     for name, t in parts:

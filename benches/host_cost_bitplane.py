@@ -11,7 +11,12 @@ order), medians and minima over ``--rounds`` rounds, µs per call:
 * ``plane_popcounts``, ``dequantize`` (no gradient), ``dequantize fwd+bwd`` (the scale and
   the sink take gradients; ``.backward`` included), ``binarize``;
 * ``optimizer step / layer``: ``BitPlaneOptimizer.step()`` over 20 layers (popcounts,
-  coefficients, the step), divided by 20.
+  coefficients, the step), divided by 20;
+* ``weights fwd+bwd / layer``: the 20 layers' weights made and back-propagated (one
+  ``torch.autograd.backward`` over the 20), one ``dequantize`` per layer (``per layer``, as
+  a layer's forward does alone) or one ``dequantize_layers`` for all (``batched``, as under
+  ``fedmpq.nn.batch_weights``), divided by 20; ``weights, no grad / layer``: the same
+  forwards under ``torch.no_grad()`` (evaluation).
 
 Run: ``OMP_NUM_THREADS=1 python benches/host_cost_bitplane.py``.
 """
@@ -61,9 +66,27 @@ def cases():
     wc, ws = torch.empty(n, dtype=torch.uint8), torch.empty(sign.numel(), dtype=torch.uint8)
     opt = _optimizer()
     p["alive"] = (out_f, pc)  # the floor lambdas hold p, so the memory its pointers name stays
+    layers = opt.layers
+    gws = [torch.randn(m.weight_shape) for m in layers]
+    lists = ([m.codes for m in layers], [m.sign for m in layers], [m.scale for m in layers],
+             [m.bits for m in layers], [m.sink for m in layers])
 
     def opt_step():
         opt.step()
+
+    def weights_per_layer():
+        torch.autograd.backward([m.quantized_weight() for m in layers], gws)
+
+    def weights_batched():
+        torch.autograd.backward(fk.dequantize_layers(*lists), gws)
+
+    def weights_nograd_per_layer():
+        with torch.no_grad():
+            [m.quantized_weight() for m in layers]
+
+    def weights_nograd_batched():
+        with torch.no_grad():
+            fk.dequantize_layers(*lists)
 
     return {
         "bitplane_step": lambda: fk.bitplane_step(codes, sign, mom, gs, g, coef, scale, BITS, 0.1, 0.9, key),
@@ -79,6 +102,10 @@ def cases():
         "binarize": lambda: fk.binarize(w, BITS),
         "binarize floor": lambda: ncpu.binarize(p["w"], n, BITS, wc.data_ptr(), n, ws.data_ptr(), ws.numel(), 1),
         "optimizer step / layer": opt_step,
+        "weights fwd+bwd / layer, per layer": weights_per_layer,
+        "weights fwd+bwd / layer, batched": weights_batched,
+        "weights, no grad / layer, per layer": weights_nograd_per_layer,
+        "weights, no grad / layer, batched": weights_nograd_batched,
     }
 
 
@@ -88,7 +115,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=50)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    times, load0, load1 = time_interleaved(cases(), args.rounds, args.batch, {"optimizer step / layer": LAYERS})
+    cases_ = cases()
+    times, load0, load1 = time_interleaved(cases_, args.rounds, args.batch, {k: LAYERS for k in cases_ if "/ layer" in k})
     print(f"load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end; {args.rounds} rounds x "
           f"{args.batch} calls, 1 thread, torch {torch.__version__}; a {N_WEIGHTS}-weight {BITS}-bit layer")
     print()

@@ -9,6 +9,7 @@ and weight decay on a float model; download and upload are float32 ``Model`` pay
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -186,13 +187,16 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
 
     run = (lambda idx: step(x[idx], y[idx])) if not cfg.cuda_graph else StepGraph(step, x, y, cfg.batch_size)
     total = 0
-    for epoch in range(cfg.local_epochs):
-        loss_sum.zero_()
-        correct.zero_()
-        total = 0
-        for idx in _batches(len(y), cfg.batch_size, fk.step_key(cfg.seed, round_ * 1000 + epoch, client_id), x.device):
-            run(idx)
-            total += len(idx)
+    # every layer's weight in one call per forward, one autograd node (the same bits)
+    with (qn.batch_weights(model) if quantized else contextlib.nullcontext()):
+        for epoch in range(cfg.local_epochs):
+            loss_sum.zero_()
+            correct.zero_()
+            total = 0
+            for idx in _batches(len(y), cfg.batch_size, fk.step_key(cfg.seed, round_ * 1000 + epoch, client_id),
+                                x.device):
+                run(idx)
+                total += len(idx)
     loss_total, n_correct = float(loss_sum), int(correct)
     if not math.isfinite(loss_total):
         raise FloatingPointError("the local loss is not finite")

@@ -12,6 +12,7 @@ Public API::
     layer_coefs(scales, bits, weight=1.0) -> Tensor (float32 coefficients for the above)
     binarize(w, bits) -> (codes, sign, scale)                        # bitplane/
     dequantize(codes, sign, scale, bits, sink) -> Tensor (differentiable in scale and sink)
+    dequantize_layers(codes, sign, scale, bits, sink) -> [Tensor] (many layers, one autograd node)
     sink_like(shape, device=None) -> Tensor;  plane_popcounts(codes, bits) -> Tensor
     plane_popcounts_layers(codes, bits) -> Tensor (many layers' popcounts, concatenated, one call)
     group_lasso(popcounts, n, bits) -> (R, coef);  step_key(seed, step, layer) -> int;  uniform(key, n)
@@ -32,15 +33,15 @@ and why.
 from . import registry
 from ._checks import ALLOWED_BITS, FLOAT_BITS, MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits
 from ._device import capture_workspace
-from .bitplane import (binarize, bitplane_step, bitplane_step_layers, dequantize, group_lasso, plane_popcounts,
-                       plane_popcounts_layers, precision_reduction, sink_like, step_key, step_keys, uniform)
+from .bitplane import (binarize, bitplane_step, bitplane_step_layers, dequantize, dequantize_layers, group_lasso,
+                       plane_popcounts, plane_popcounts_layers, precision_reduction, sink_like, step_key, step_keys, uniform)
 from .fake_quant import fake_quant, relu6_fake_quant
 from .pack import check_packed, dequant_accumulate, dequant_accumulate_layers, layer_coefs, pack_codes, unpack_codes
 from .registry import use_backend
 
 __version__ = "0.1.0"
 __all__ = [
-    "fake_quant", "relu6_fake_quant", "binarize", "dequantize", "sink_like", "plane_popcounts", "plane_popcounts_layers", "group_lasso",
+    "fake_quant", "relu6_fake_quant", "binarize", "dequantize", "dequantize_layers", "sink_like", "plane_popcounts", "plane_popcounts_layers", "group_lasso",
     "bitplane_step", "bitplane_step_layers", "precision_reduction", "step_key", "step_keys", "uniform", "pack_codes", "check_packed", "unpack_codes", "dequant_accumulate", "dequant_accumulate_layers", "layer_coefs",
     "registry", "use_backend", "capture_workspace", "__version__", "MIN_BITS", "MAX_BITS", "FLOAT_BITS", "ALLOWED_BITS", "check_bits", "bitmap_nbytes",
 ]

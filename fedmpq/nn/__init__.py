@@ -3,12 +3,12 @@ activation quantizer, the CIFAR ResNets and a small CNN (float and quantized), t
 optimizer, and conversions to and from float state dicts. Built on ``fedmpq_kernels``' public
 API only."""
 from .convert import bit_assignment, float_state, load_float_state_dict, to_float_state_dict
-from .layers import ActQuant, BitConv2d, BitLinear, bit_layers
+from .layers import ActQuant, BatchedWeights, BitConv2d, BitLinear, batch_weights, bit_layers
 from .models import CifarResNet, SmallCNN, build, resnet20, resnet44, small_cnn
 from .optim import BitPlaneOptimizer, float_parameters, regularizer, state_bytes_per_weight
 
 __all__ = [
-    "ActQuant", "BitConv2d", "BitLinear", "bit_layers", "CifarResNet", "SmallCNN", "build", "resnet20", "resnet44",
+    "ActQuant", "BatchedWeights", "BitConv2d", "BitLinear", "batch_weights", "bit_layers", "CifarResNet", "SmallCNN", "build", "resnet20", "resnet44",
     "small_cnn", "BitPlaneOptimizer", "float_parameters", "regularizer", "state_bytes_per_weight", "bit_assignment", "float_state",
     "load_float_state_dict", "to_float_state_dict",
 ]

@@ -20,7 +20,7 @@ bit-plane tests with backend case ``cuda``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -109,6 +109,57 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
         native.cuda.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), bits,
                                         out.data_ptr(), ws, ws_words, dev.index, stream)
     return out
+
+
+def _empty_f32(shape, dev: torch.device) -> Tensor:
+    # ints as separate arguments: torch.empty parses a torch.Size about 1 µs slower
+    return torch.empty(*shape, dtype=_F32, device=dev) if len(shape) else torch.empty((), dtype=_F32, device=dev)
+
+
+def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
+    """dequantize of each layer, its weight made in ``shapes[l]``: one device guard and
+    stream lookup for all (a launch per layer)."""
+    dev = codes[0].device
+    out = []
+    with on_device(dev):
+        stream = raw_stream(dev)
+        for c, sg, sc, b, shape in zip(codes, sign, scale, bits, shapes):
+            c = c.contiguous()
+            n = c.numel()
+            w = _empty_f32(shape, dev)
+            out.append(w)
+            if n == 0:
+                continue
+            sw = words(sg, bitmap_nbytes(n))
+            s = _scale(sc, dev)
+            native.cuda.dequantize(c.data_ptr(), n, sw.data_ptr(), sw.numel(), s.data_ptr(), b, w.data_ptr(), n,
+                                   dev.index, stream)
+    return out
+
+
+def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
+    """dequantize_backward of each layer: float32 0-dim dL/ds each, views of one tensor
+    that the layers' kernels write (one allocation, one workspace lookup)."""
+    dev = codes[0].device
+    L = len(codes)
+    cs = [c.contiguous() for c in codes]
+    gs = [_f32(g) for g in grads]
+    for g, c in zip(gs, cs):
+        if g.numel() != c.numel():
+            raise ValueError(f"grad has {g.numel()} elements, codes {c.numel()}")
+    # an empty layer launches nothing, so its dL/ds must be a zero already there
+    out = (torch.zeros if any(c.numel() == 0 for c in cs) else torch.empty)(L, dtype=_F32, device=dev)
+    with on_device(dev):
+        stream = raw_stream(dev)
+        ws, ws_words = _workspace(dev, stream)
+        for i, (g, c, sg, b) in enumerate(zip(gs, cs, sign, bits)):
+            n = c.numel()
+            if n == 0:
+                continue
+            sw = words(sg, bitmap_nbytes(n))
+            native.cuda.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), b,
+                                            out.data_ptr() + 4 * i, ws, ws_words, dev.index, stream)
+    return list(out.unbind())
 
 
 def plane_popcounts(codes: Tensor, bits: int) -> Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import numbers
 import sys
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -125,6 +125,62 @@ class _DequantizeEager(torch.autograd.Function):
 
 
 _dq_apply = direct_apply(_DequantizeEager)  # without Function.apply's wrapper (see _library)
+
+
+# ---- dequantize over many layers: one autograd node for a model's weights ------------------
+def _dequantize_layers_impl(codes, sign, scale, bits, sink) -> list:
+    """Every layer's weight, in its sink's shape, through the backend's op over many layers
+    where it has one, else layer by layer."""
+    single = _get("dequantize", codes[0])
+    many = _layers_impl(single, "dequantize_layers")
+    if many is not None:
+        return many(codes, sign, scale, bits, [s.shape for s in sink])
+    return [single(c, sg, sc, b).view(sk.shape) for c, sg, sc, b, sk in zip(codes, sign, scale, bits, sink)]
+
+
+def _dequantize_backward_layers_impl(grads, codes, sign, bits) -> list:
+    """dL/ds of every layer whose grads entry is a tensor (None elsewhere)."""
+    live = [i for i, g in enumerate(grads) if g is not None]
+    out = [None] * len(grads)
+    if not live:
+        return out
+    single = _get("dequantize_backward", codes[0])
+    many = _layers_impl(single, "dequantize_backward_layers")
+    if many is not None:
+        got = many([grads[i] for i in live], [codes[i] for i in live], [sign[i] for i in live], [bits[i] for i in live])
+    else:
+        got = [single(grads[i].reshape(-1), codes[i], sign[i], bits[i]) for i in live]
+    for i, g in zip(live, got):
+        out[i] = g
+    return out
+
+
+class _DequantizeLayersEager(torch.autograd.Function):
+    """:func:`dequantize` of L layers as one autograd node (inputs: L, the widths, then the
+    codes, signs, scales and sinks of every layer): one Python forward and one backward for
+    a model's weights instead of one each per layer. Outputs that get no gradient stay None
+    in backward (no zero-filled gradients)."""
+
+    @staticmethod
+    def forward(ctx, L, bits, *t):
+        codes, sign, scale, sink = t[:L], t[L:2 * L], t[2 * L:3 * L], t[3 * L:]
+        ctx.set_materialize_grads(False)
+        ctx.L, ctx.bits = L, bits
+        ctx.save_for_backward(*codes, *sign)
+        return tuple(_dequantize_layers_impl(codes, sign, scale, bits, sink))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        L = ctx.L
+        saved = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        wanted = [g if need[2 + 2 * L + i] else None for i, g in enumerate(grads)]
+        gscale = _dequantize_backward_layers_impl(wanted, saved[:L], saved[L:], ctx.bits)
+        gsink = [g if need[2 + 3 * L + i] else None for i, g in enumerate(grads)]
+        return (None, None, *([None] * (2 * L)), *gscale, *gsink)
+
+
+_dql_apply = direct_apply(_DequantizeLayersEager)
 
 
 # ---- argument checks ---------------------------------------------------------------------
@@ -269,6 +325,64 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tens
             return _dq_apply(codes, sign, scale, bits, sink)
         return _dequantize_impl(codes, sign, scale, bits, sink)
     return torch.ops.fedmpq.dequantize(codes, sign, scale, bits, sink)
+
+
+def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Sequence[Tensor], bits: Sequence[int],
+                      sink: Sequence[Tensor]) -> List[Tensor]:
+    """:func:`dequantize` of every layer l (``codes[l]``, ``sign[l]``, ``scale[l]``,
+    ``bits[l]``, ``sink[l]``) in one call: a model's weights before its forward. The same
+    weights and gradients, bit for bit, as the calls one by one, with one autograd node for
+    all layers instead of one per layer (one Python forward and one backward), and one pass
+    through the backend's adapter (on CUDA: one device guard, stream and workspace lookup).
+    A weight that gets no gradient costs its layer's backward nothing.
+
+    Args:
+        codes, sign, scale, bits, sink: one entry per layer, as :func:`dequantize` takes
+            them; every tensor on one device.
+
+    Returns:
+        list of L float32 tensors, layer l's in ``sink[l]``'s shape, differentiable in
+        ``scale[l]`` and ``sink[l]`` as :func:`dequantize`'s.
+
+    Raises:
+        TypeError / ValueError: as :func:`dequantize`, naming the layer; lists of different
+        lengths; layers on different devices.
+    """
+    L = len(codes)
+    for name, v in (("sign", sign), ("scale", scale), ("bits", bits), ("sink", sink)):
+        if len(v) != L:
+            raise ValueError(f"{name} has {len(v)} entries, codes {L}")
+    if L == 0:
+        return []
+    _tensor(codes[0], "codes[0]")
+    dev = codes[0].device
+    bits_l = [0] * L
+    u8, f32 = torch.uint8, torch.float32
+    for i in range(L):
+        c, sg, sc, sk, b = codes[i], sign[i], scale[i], sink[i], bits[i]
+        # the usual case in one expression (half the time of the checks below, which name the problem)
+        if (type(b) is int and 0 < b <= 8 and type(c) in PLAIN and type(sg) in PLAIN and type(sc) in PLAIN
+                and type(sk) in PLAIN and c.dtype is u8 and sg.dtype is u8 and sc.dtype is f32 and c.device == dev
+                and sg.device == dev and sc.device == dev and sk.device == dev and sc.numel() == 1
+                and sk.numel() == c.numel() and sg.numel() >= bitmap_nbytes(c.numel())):
+            bits_l[i] = b
+            continue
+        try:
+            n, bits_l[i] = _state(codes[i], sign[i], bits[i])
+            if codes[i].device != dev:
+                raise ValueError(f"codes is on {codes[i].device}, expected {dev} (layer 0's device)")
+            _scale(scale[i], dev)
+            _tensor(sink[i], "sink", device=dev)
+            if sink[i].numel() != n:
+                raise ValueError(f"sink has {sink[i].numel()} elements, codes {n}")
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"layer {i}: {e}") from None
+    bits_t = tuple(bits_l)
+    if all(type(c) in PLAIN and not _is_wrapped(c) for ts in (codes, sign, scale, sink) for c in ts) and _eager(codes[0]):
+        if torch.is_grad_enabled() and any(t.requires_grad for ts in (scale, sink) for t in ts):
+            return list(_dql_apply(L, bits_t, *codes, *sign, *scale, *sink))
+        return _dequantize_layers_impl(codes, sign, scale, bits_t, sink)
+    return [torch.ops.fedmpq.dequantize(codes[i], sign[i], scale[i], bits_t[i], sink[i]) for i in range(L)]
 
 
 def sink_like(shape, device=None) -> Tensor:

@@ -57,7 +57,7 @@ there, for a step captured in a CUDA graph): the same key gives the same draws e
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -178,6 +178,16 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
     g = grad.reshape(-1).double() * codes.reshape(-1).double()
     g = torch.where(negative_mask(sign, n), -g, g)
     return (g.sum() / torch.tensor(float((1 << bits) - 1), dtype=torch.float64, device=g.device)).float()
+
+
+def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
+    """:func:`dequantize` of each layer l, in ``shapes[l]`` (the op over a model's layers)."""
+    return [dequantize(c, sg, sc, b).reshape(shape) for c, sg, sc, b, shape in zip(codes, sign, scale, bits, shapes)]
+
+
+def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
+    """:func:`dequantize_backward` of each layer l (``grads[l]`` of any shape)."""
+    return [dequantize_backward(g, c, sg, b) for g, c, sg, b in zip(grads, codes, sign, bits)]
 
 
 def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
