@@ -326,9 +326,12 @@ def test_regularizer_matches_the_definition():
 
 def test_compiled_forward_and_backward_match_eager():
     """A quantized model runs under torch.compile(fullgraph=True): the forward and the
-    compiled backward give eager's loss, G for every layer, and the scale gradients."""
+    compiled backward give eager's loss, G for every layer, and the scale gradients. The
+    model has batch_weights' hooks on, as the client's does: inert under compile (no graph
+    break), used eagerly."""
     torch.manual_seed(0)
     qm = qn.small_cnn(quantized=True, bits=[3, 4, 5, 6], image_size=8)
+    qn.batch_weights(qm)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
 
     def grads():
@@ -397,3 +400,121 @@ def test_a_layer_without_a_gradient_keeps_its_state_and_the_others_step_as_alone
     for l in (0, 2, 3):  # layer l's step does not depend on the others' (its own key and coefficients)
         assert torch.equal(part[l].codes, full[l].codes) and torch.equal(part[l].sign, full[l].sign), f"layer {l}"
     assert not torch.equal(full_opt.state[1]["mom"], kept[2])  # the dropped layer did step in the full run
+
+
+class _Spy:
+    """Counts the calls of fk.dequantize_layers and fk.dequantize (the layers' own path)."""
+
+    def __init__(self, monkeypatch):
+        self.many = self.one = 0
+        real_many, real_one = fk.dequantize_layers, fk.dequantize
+
+        def many(*a):
+            self.many += 1
+            return real_many(*a)
+
+        def one(*a):
+            self.one += 1
+            return real_one(*a)
+
+        monkeypatch.setattr(fk, "dequantize_layers", many)
+        monkeypatch.setattr(fk, "dequantize", one)
+
+
+def _train(model, x, y, steps: int = 3):
+    """``steps`` optimizer steps; the losses and the state after them (codes, signs, scales,
+    momentum, every float parameter)."""
+    opt = qn.BitPlaneOptimizer(model, lr=0.5, lam=1e-3, seed=5)
+    sgd = torch.optim.SGD(qn.float_parameters(model), lr=0.1, momentum=0.9)
+    losses = []
+    for i in range(steps):
+        loss = F.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        sgd.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sgd.step()
+        losses.append(loss.detach())
+    state = [t.detach().clone() for t in model.state_dict().values()] + [st["mom"].clone() for st in opt.state.values()]
+    return losses, state
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "resnet20"])
+def test_batch_weights_trains_as_weights_made_per_layer(monkeypatch, name):
+    """Under batch_weights every forward makes the weights in one dequantize_layers call and
+    no layer makes its own; three steps give the per-layer run's losses and state bit for
+    bit (codes, signs, scales, momentum, BatchNorm)."""
+    shape = (3, 2, 1, 8, 8) if name == "small_cnn" else (3, 2, 3, 32, 32)
+    kw = dict(image_size=8) if name == "small_cnn" else {}
+    torch.manual_seed(1)
+    x, y = torch.randn(*shape), torch.randint(0, 10, shape[:2])
+    runs = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        qm = qn.build(name, quantized=True, bits=4, **kw)
+        spy = _Spy(monkeypatch)
+        if batched:
+            qn.batch_weights(qm)
+        runs.append(_train(qm, x, y))
+        assert (spy.many, spy.one) == ((3, 0) if batched else (0, 3 * len(qn.bit_layers(qm))))
+    (l0, s0), (l1, s1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(l0, l1)), (l0, l1)
+    assert len(s0) == len(s1) and all(torch.equal(a, b) for a, b in zip(s0, s1))
+
+
+class _Twice(torch.nn.Module):
+    """A bit-plane layer used twice in one forward, one in another grad mode, one not at all,
+    and a forward that can raise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.unused = qn.BitLinear(6, 6, bits=3), qn.BitLinear(6, 4, bits=5), qn.BitLinear(2, 2)
+        self.fail = False
+
+    def forward(self, x):
+        x = self.a(torch.relu(self.a(x)))
+        if self.fail:
+            raise RuntimeError("boom")
+        with torch.enable_grad():
+            return self.b(x)
+
+
+def test_batch_weights_edge_cases(monkeypatch):
+    torch.manual_seed(0)
+    m = _Twice()
+    x = torch.randn(5, 6)
+
+    def grads():
+        out = m(x)
+        out.square().sum().backward()
+        g = [None if p.grad is None else p.grad.clone() for p in m.parameters()]
+        m.zero_grad(set_to_none=True)
+        return out.detach(), g
+
+    want_out, want = grads()
+    spy = _Spy(monkeypatch)
+    with qn.batch_weights(m):
+        got_out, got = grads()  # a: its weight from the hook, then its own; the unused one dropped
+        assert torch.equal(got_out, want_out)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, want))
+        assert spy.many == 1 and spy.one == 1
+        assert not any("_batched" in l.__dict__ for _, l in qn.bit_layers(m)), "a weight was left for the next forward"
+        # called under no_grad, b runs under enable_grad: it must not take the no-grad weight
+        with torch.no_grad():
+            out = m(x)
+        out.sum().backward()
+        assert m.b.sink.grad is not None and m.b.scale.grad is not None and spy.one == 3
+        m.zero_grad(set_to_none=True)
+        m.fail = True
+        with pytest.raises(RuntimeError, match="boom"):
+            m(x)
+        assert not any("_batched" in l.__dict__ for _, l in qn.bit_layers(m)), "a failed forward left a weight"
+        m.fail = False
+        many = spy.many
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        m(x)  # as under torch.compile: the layers make their own
+        assert spy.many == many
+        monkeypatch.undo()
+    spy = _Spy(monkeypatch)
+    m(x)  # removed: no hook left
+    assert spy.many == 0 and spy.one == 3

@@ -89,6 +89,46 @@ def test_empty_layers_launch_nothing(bc):
     assert bc.native.cuda.calls == []
 
 
+def test_dequantize_of_many_layers_in_one_pass(bc):
+    """dequantize_layers / dequantize_backward_layers: one launch per non-empty layer, each
+    weight made in its shape, a strided codes tensor and a misaligned bitmap copied, a float64
+    gradient converted; an empty layer's weight empty and its dL/ds zero (it launches
+    nothing, so its slot is zero-filled); dL/ds are 0-dim float32 views of one buffer."""
+    specs = [((5, 3, 3, 3), 3), ((0, 4), 2), ((40, 25), 8), ((), 1), ((7, 37), 5)]
+    codes, signs, scales, bits, shapes = [], [], [], [], []
+    for l, (shape, b) in enumerate(specs):
+        n = int(torch.Size(shape).numel())
+        q, sg = random_codes_signs(n, b, seed=l)
+        codes.append(q)
+        signs.append(sg)
+        scales.append(torch.tensor(0.25 + l, dtype=torch.float64 if l == 2 else torch.float32))
+        bits.append(b)
+        shapes.append(torch.Size(shape))
+    strided = torch.zeros(2 * codes[2].numel(), dtype=torch.uint8)[1::2]
+    strided.copy_(codes[2])
+    args_codes = [codes[0], codes[1], strided, codes[3], codes[4]]
+    args_signs = [signs[0], signs[1], signs[2], signs[3], _odd(signs[4])]
+    ws = bc.dequantize_layers(args_codes, args_signs, scales, bits, shapes)
+    assert bc.native.cuda.calls == ["dequantize"] * 4
+    for l, w in enumerate(ws):
+        assert w.shape == shapes[l] and w.dtype == torch.float32
+        want = R.dequantize(codes[l], signs[l], scales[l].float(), bits[l])
+        assert torch.equal(bits_of(w).reshape(-1), bits_of(want)), f"layer {l}"
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(shape, generator=gen) for shape in shapes]
+    grads[2] = grads[2].double()  # float32 values: the conversion is exact
+    out = bc.dequantize_backward_layers(grads, args_codes, args_signs, bits)
+    assert bc.native.cuda.calls.count("dequantize_backward") == 4
+    assert float(out[1]) == 0.0
+    for l, g in enumerate(out):
+        assert g.shape == () and g.dtype == torch.float32
+        torch.testing.assert_close(g, R.dequantize_backward(grads[l].float(), codes[l], signs[l], bits[l]), rtol=1e-6,
+                                   atol=0)
+    assert len({g.untyped_storage().data_ptr() for g in out}) == 1
+    with pytest.raises(ValueError, match="grad has 3 elements, codes 1000"):
+        bc.dequantize_backward_layers([grads[0], torch.zeros(3)], [codes[0], codes[2]], [signs[0], signs[2]], [3, 8])
+
+
 @pytest.mark.parametrize("n", [33, 1000])
 def test_step_follows_the_reference_through_the_adapter(bc, n):
     """Five steps: the state and g_s bit for bit; the returned g_s a 0-dim float32."""
@@ -202,13 +242,15 @@ def test_a_layer_listed_twice_is_stepped_twice(bc, emu, strided):
 
 
 @pytest.mark.parametrize("device_keys", [False, True], ids=["host-keys", "device-keys"])
-def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, monkeypatch, device_keys):
+@pytest.mark.parametrize("batched", [False, True], ids=["weights-per-layer", "batch_weights"])
+def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, monkeypatch, device_keys, batched):
     """A client step's kernels, the autograd of dequantize and the activation quantizer and
     the optimizer included, with the bit-plane and fake-quant families routed to the CUDA
     adapters (their kernels emulated): binarize at construction, then three steps of the same
     data give the CPU backend's codes, signs, momentum and g_s bit for bit (only
     BitPlaneOptimizer steps: the scales stay, so the scale gradients, summed in another
-    order, are compared within 1e-6)."""
+    order, are compared within 1e-6). ``batch_weights``: the weights made as the client makes
+    them (dequantize_layers, its adapters), against the CPU backend's per layer."""
     import torch.nn.functional as F
 
     from fedmpq import nn as qn
@@ -223,6 +265,8 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
         torch.manual_seed(0)
         qm = qn.small_cnn(quantized=True, bits=3, image_size=8)
         opt = qn.BitPlaneOptimizer(qm, lr=0.5, lam=1e-3, seed=7, device_keys=device_keys)
+        if routed_now and batched:
+            qn.batch_weights(qm)
         grads = []
         for i in range(3):
             opt.zero_grad()
@@ -237,7 +281,9 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
                  for l, (_, m) in enumerate(qn.bit_layers(qm))]
         return state, grads
 
+    routed_now = False
     want, want_grads = train()
+    routed_now = True
     from fedmpq_kernels.fake_quant import cuda as fc
 
     fq_calls = wire(fc, emu, monkeypatch)
@@ -251,6 +297,12 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
 
     monkeypatch.setattr(registry, "get", routed)
     monkeypatch.setattr(registry, "_cache", {})  # get_many's entries come from the routed get
+    from fedmpq_kernels.bitplane import ops
+
+    made = []  # dequantize_layers calls of the CUDA adapter
+    real_many = bc.dequantize_layers
+    monkeypatch.setattr(bc, "dequantize_layers", lambda *a: made.append(len(a[0])) or real_many(*a))
+    monkeypatch.setattr(ops, "_LAYERS_OF", {})  # its lookup of the adapters' many-layer ops is cached
     del step_launches[:]
     emu.sm_count(4)  # a workspace with room for every layer's popcount slots (one SM's holds 8 blocks)
     got, got_grads = train()
@@ -260,6 +312,7 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
     assert set(bc.native.cuda.calls) == {"binarize", "dequantize", "dequantize_backward", "plane_popcounts_layers",
                                          "bitplane_step_layers"}
     assert set(fq_calls.calls) == {"relu6_fake_quant", "fake_quant_backward"}
+    assert made == ([4] * 3 if batched else []), "the weights were not made as asked"
     for l, (g, w) in enumerate(zip(got, want)):
         assert_state_equal(g, w, f"layer {l}")
     for step, (gs, ws) in enumerate(zip(got_grads, want_grads)):

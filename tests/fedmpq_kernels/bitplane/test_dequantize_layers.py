@@ -1,0 +1,155 @@
+"""``fk.dequantize_layers``, a model's weights in one call and one autograd node, on every
+backend: the weights against the reference's ``dequantize`` layer by layer (the oracle), and
+the gradients against the same backend's ``dequantize`` called layer by layer (the same
+kernels: bit for bit) and the reference (the scale's float64 sum: within 1e-6). Mixed widths,
+odd and empty layers, strided codes and misaligned sign bitmaps, sinks of several shapes; an
+output without a gradient, a scale without one, gradients that accumulate; the refusals name
+the layer."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fedmpq_kernels as fk
+from fedmpq_kernels.bitplane import reference as R
+
+from .helpers import bits_of, kernels, layer
+
+# (weight shape, bits): every width, odd sizes, an empty layer, a 0-dim weight
+SHAPES = [((5, 3, 3, 3), 3), ((0, 4), 2), ((40, 25), 8), ((), 1), ((64,), 4), ((7, 37), 5), ((3, 1, 3, 3), 6),
+          ((33, 31), 7)]
+
+
+def _layers(dev, strided: bool = False, seed: int = 0):
+    """codes, sign, scale (leaves that take gradients), bits, sink of each layer, and the
+    reference's codes and signs (contiguous CPU copies). ``strided``: layer 0's codes a
+    strided view and its sign bitmap one byte off a word boundary."""
+    codes, sign, scale, bits, sink, ref = [], [], [], [], [], []
+    for l, (shape, b) in enumerate(SHAPES):
+        n = int(torch.Size(shape).numel())
+        q, s, sc = layer(n, b, seed=seed + l)
+        ref.append((q, s))
+        q, s = q.to(dev), s.to(dev)
+        if strided and l == 0:
+            buf = torch.zeros(n, 2, dtype=torch.uint8, device=dev)
+            buf[:, 1] = q
+            raw = torch.zeros(s.numel() + 1, dtype=torch.uint8, device=dev)
+            raw[1:] = s
+            q, s = buf[:, 1], raw[1:]
+            assert not q.is_contiguous() and s.data_ptr() % 4
+        codes.append(q)
+        sign.append(s)
+        scale.append(sc.to(dev).requires_grad_(True))
+        bits.append(b)
+        sink.append(fk.sink_like(shape, device=dev).requires_grad_(True))
+    return codes, sign, scale, bits, sink, ref
+
+
+def _grads(dev, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen).to(dev) for shape, _ in SHAPES]
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_weights_and_gradients_are_the_layers_one_by_one(backend, strided):
+    kernels(backend)
+    dev = backend.device
+    codes, sign, scale, bits, sink, ref = _layers(dev, strided)
+    G = _grads(dev)
+    skip = 3  # this layer's weight gets no gradient
+    with backend.active():
+        ws = fk.dequantize_layers(codes, sign, scale, bits, sink)
+        assert len(ws) == len(SHAPES)
+        for l, (w, (shape, b), (q, s)) in enumerate(zip(ws, SHAPES, ref)):
+            assert w.shape == shape and w.dtype == torch.float32 and w.device.type == dev
+            assert torch.equal(bits_of(w).reshape(-1), bits_of(R.dequantize(q, s, scale[l].detach().cpu(), b))), \
+                f"layer {l}"
+        torch.autograd.backward([w for l, w in enumerate(ws) if l != skip], [g for l, g in enumerate(G) if l != skip])
+        got = [(None if s.grad is None else s.grad.clone(), None if k.grad is None else k.grad.clone())
+               for s, k in zip(scale, sink)]
+        for t in scale + sink:
+            t.grad = None
+        one = [fk.dequantize(q, s, sc, b, k) for q, s, sc, b, k in zip(codes, sign, scale, bits, sink)]
+        torch.autograd.backward([w for l, w in enumerate(one) if l != skip], [g for l, g in enumerate(G) if l != skip])
+    for l, ((gs, gk), (q, s)) in enumerate(zip(got, ref)):
+        if l == skip:
+            assert gs is None and gk is None, "a weight without a gradient gave its layer one"
+            continue
+        assert gs.shape == () and gs.dtype == torch.float32
+        assert torch.equal(bits_of(gs), bits_of(scale[l].grad)), f"layer {l}: dL/ds {float(gs)} != {float(scale[l].grad)}"
+        torch.testing.assert_close(gs.cpu(), R.dequantize_backward(G[l].cpu(), q, s, SHAPES[l][1]), rtol=1e-6, atol=0)
+        assert torch.equal(gk, G[l]), f"layer {l}: the sink's gradient is not G"
+
+
+def test_gradients_accumulate_and_only_where_asked(backend):
+    """Two backward passes add up (each layer's dL/ds is its own tensor's value, though the
+    layers' share one buffer); a scale that takes no gradient gets none, its sink still does;
+    under no_grad the weights are plain tensors."""
+    kernels(backend)
+    dev = backend.device
+    codes, sign, scale, bits, sink, ref = _layers(dev)
+    scale[1].requires_grad_(False)
+    G = _grads(dev)
+    with backend.active():
+        for _ in range(2):
+            torch.autograd.backward(fk.dequantize_layers(codes, sign, scale, bits, sink), G)
+        with torch.no_grad():
+            plain = fk.dequantize_layers(codes, sign, scale, bits, sink)
+    assert all(w.grad_fn is None and not w.requires_grad for w in plain)
+    assert scale[1].grad is None and torch.equal(sink[1].grad, 2 * G[1])
+    for l in (0, 2, 4, 5):
+        once = R.dequantize_backward(G[l].cpu(), *ref[l], SHAPES[l][1])
+        torch.testing.assert_close(scale[l].grad.cpu(), 2 * once, rtol=1e-6, atol=0)
+        assert torch.equal(sink[l].grad, 2 * G[l])
+
+
+def test_traced_calls_take_the_registered_op_per_layer():
+    """Under a TorchDispatchMode (as under tracing) the call is fedmpq.dequantize per layer,
+    which the mode sees, with the same weights and gradients."""
+    codes, sign, scale, bits, sink, _ = _layers("cpu")
+    G = _grads("cpu")
+    want = fk.dequantize_layers(codes, sign, scale, bits, sink)
+    torch.autograd.backward(want, G)
+    want_g = [s.grad.clone() for s in scale]
+    for s in scale:
+        s.grad = None
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Log():
+        got = fk.dequantize_layers(codes, sign, scale, bits, sink)
+    torch.autograd.backward(got, G)
+    assert seen.count("fedmpq.dequantize.default") == len(SHAPES)
+    assert all(torch.equal(bits_of(a), bits_of(b)) for a, b in zip(got, want))
+    assert all(torch.equal(bits_of(a.grad), bits_of(b)) for a, b in zip(scale, want_g))
+
+
+def _args():
+    codes, sign, scale, bits, sink, _ = _layers("cpu")
+    return [codes, sign, scale, bits, sink]
+
+
+@pytest.mark.parametrize("change, err, match", [
+    (lambda a: a[0].__setitem__(2, a[0][2].int()), TypeError, "layer 2: codes must be torch.uint8"),
+    (lambda a: a[1].__setitem__(4, a[1][4][:-1]), ValueError, "layer 4: sign has 7 bytes, 8 needed for 64 weights"),
+    (lambda a: a[2].__setitem__(5, torch.tensor([1.0, 2.0])), TypeError, "layer 5: scale must be a one-element"),
+    (lambda a: a[3].__setitem__(6, 9), ValueError, "layer 6: bits must be in 1..8"),
+    (lambda a: a[3].__setitem__(1, True), TypeError, "layer 1: bits must be an int"),
+    (lambda a: a[4].__setitem__(7, fk.sink_like((3,))), ValueError, "layer 7: sink has 3 elements, codes 1023"),
+    (lambda a: a[2].__setitem__(0, torch.tensor(1.0, device="meta")), ValueError, "layer 0: scale is on meta"),
+    (lambda a: a[4].pop(), ValueError, "sink has 7 entries, codes 8"),
+], ids=["codes-dtype", "sign-short", "scale-shape", "bits-range", "bits-bool", "sink-size", "scale-device", "length"])
+def test_a_bad_layer_is_named(change, err, match):
+    a = _args()
+    change(a)
+    with pytest.raises(err, match=match):
+        fk.dequantize_layers(*a)
+
+
+def test_no_layers():
+    assert fk.dequantize_layers([], [], [], [], []) == []
