@@ -31,7 +31,8 @@
 # 7. the reference backend's tests on the GPU (reference-cuda), last: they passed on
 #    2026-12-04, so a run cut off by the call's limit loses them first.
 # The b32 time split ends with a torch.profiler table of 5 steps (launches, host time per op);
-# a last b32 split runs the bit-plane family on Triton (FEDMPQ_BACKEND=bitplane=triton).
+# a b32 split runs the bit-plane family on Triton (FEDMPQ_BACKEND=bitplane=triton), and a last one
+# makes the weights per layer (--per-layer-weights) as before batch_weights.
 # Steps 1-2 stop the script at the first failure; 3-7 always all run. It writes
 # $OUT/summary.md (pass/fail per step with the test counts, then the benchmark tables: what
 # docs/BENCHMARKS.md takes as is) and full logs beside it, and exits non-zero when any step
@@ -42,7 +43,7 @@
 # benchmarks 51, the client step 58, the split 19 and the federation 20 s. Since then came the
 # client's GPU tests, the graph benchmarks, one graphed CIFAR round (the eager round: 69 s) and
 # the CUDA bit-plane kernels (in tests-cuda and bench-kernels), so about 7-8 minutes are
-# expected. The limits (710 s, plus 90 s for the build) are
+# expected. The limits (720 s, plus 90 s for the build) are
 # ceilings, and the step least likely to find anything new comes last. Run with timeout_s
 # 600: the summary is written step by step, so a cut-off run still returns what it did. Test steps run on 8
 # pytest-xdist workers where the image has xdist (Triton's JIT compiles in parallel).
@@ -179,11 +180,14 @@ run_step client-step 110 $PY -m pytest benches/bench_client_step.py --benchmark-
 table "$OUT/bench_client_step.md" "no client-step table: see client-step.txt"
 # where a 4-bit client step's time goes on the GPU
 # (then the b32 split again with only the bit-plane family on Triton: the CUDA C++ bit-plane
-# kernels, new since the last GPU run, against the Triton ones in the same run)
-run_step split 50 sh -c "$PY benches/client_step_split.py --device cuda --batch 32 --reps 20 --profile 5 > $OUT/split.md && \
+# kernels, new since the last GPU run, against the Triton ones in the same run; and once more
+# with one dequantize per layer, against the client's batch_weights, new since it too)
+run_step split 60 sh -c "$PY benches/client_step_split.py --device cuda --batch 32 --reps 20 --profile 5 > $OUT/split.md && \
   $PY benches/client_step_split.py --device cuda --batch 128 --reps 20 >> $OUT/split.md && \
   printf '\n### batch 32, bit-plane family on Triton (FEDMPQ_BACKEND=bitplane=triton)\n\n' >> $OUT/split.md && \
-  FEDMPQ_BACKEND=bitplane=triton $PY benches/client_step_split.py --device cuda --batch 32 --reps 20 >> $OUT/split.md"
+  FEDMPQ_BACKEND=bitplane=triton $PY benches/client_step_split.py --device cuda --batch 32 --reps 20 >> $OUT/split.md && \
+  printf '\n### batch 32, one dequantize per layer (--per-layer-weights; the client uses batch_weights)\n\n' >> $OUT/split.md && \
+  $PY benches/client_step_split.py --device cuda --batch 32 --reps 20 --per-layer-weights >> $OUT/split.md"
 table "$OUT/split.md" "no time split: see split.txt"
 
 # ---- 5. a federation on the GPU ---------------------------------------------------------
