@@ -1,6 +1,7 @@
 // Bit-plane training's bindings: _C.cpu.{binarize, dequantize, dequantize_backward,
 // plane_popcounts, plane_popcounts_layers, bitplane_step, bitplane_step_layers} and, when built
-// with CUDA, the same in _C.cuda plus bitplane_workspace_words. The *_layers entries are the
+// with CUDA, the same in _C.cuda plus bitplane_workspace_words, dequantize_layers and
+// dequantize_backward_layers. The *_layers entries are the
 // op over a list of layers in one call (a model's optimizer step): every layer is checked
 // before any kernel runs, then the layers' kernels run in order. Each re-checks every size and pointer it is given
 // (bindings/common.h) before a kernel runs; the CPU ones release the GIL around the kernel
@@ -131,6 +132,10 @@ int64_t check_popcount_layers(const std::vector<PopcountLayer>& layers, uintptr_
 using CpuStepLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t,
                                 uintptr_t, int64_t, double, int, int64_t>;
 #ifdef FEDMPQ_WITH_CUDA
+// One layer of dequantize_layers: codes, n, sign, sign_nbytes, scale, bits, out, out_cap; of
+// dequantize_backward_layers: grad, n, codes, sign, sign_nbytes, bits, out.
+using CudaDequantLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int, uintptr_t, int64_t>;
+using CudaDequantGradLayer = std::tuple<uintptr_t, int64_t, uintptr_t, uintptr_t, int64_t, int, uintptr_t>;
 using CudaStepLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t,
                                  uintptr_t, int64_t, uintptr_t, int, int64_t, uintptr_t>;
 #endif
@@ -307,17 +312,31 @@ void bind_bitplane(py::module_& m) {
       py::arg("stream"),
       "n contiguous float32 -> codes (n bytes), the sign bitmap and *scale = max|w| (one float32 on the device): "
       "two launches, no host synchronization.");
+  // dequantize's and its backward's arguments, as the single-layer and the many-layer entries take them.
+  auto check_dequantize = [=](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t scale,
+                              int bits, uintptr_t out, int64_t out_cap) {
+    check_elems("codes", codes, n, n, 1);
+    check_sign(sign, sign_nbytes, n);
+    check_code_bits(bits);
+    check_scalar("scale", scale);
+    check_elems("out", out, n, out_cap, 4);
+    check_disjoint("codes", codes, n, "out", out, 4 * n);
+    check_disjoint("sign", sign, 4 * bitmap_words(n), "out", out, 4 * n);
+    check_disjoint("scale", scale, 4, "out", out, 4 * n);
+  };
+  auto check_dequantize_backward = [=](uintptr_t grad, int64_t n, uintptr_t codes, uintptr_t sign,
+                                       int64_t sign_nbytes, int bits, uintptr_t out) {
+    check_elems("grad", grad, n, n, 4);
+    check_elems("codes", codes, n, n, 1);
+    check_sign(sign, sign_nbytes, n);
+    check_code_bits(bits);
+    check_scalar("out", out);
+  };
   cuda.def(
       "dequantize",
       [=](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t scale, int bits, uintptr_t out,
           int64_t out_cap, int device, uintptr_t stream) {
-        check_elems("codes", codes, n, n, 1);
-        check_sign(sign, sign_nbytes, n);
-        check_code_bits(bits);
-        check_scalar("scale", scale);
-        check_elems("out", out, n, out_cap, 4);
-        check_disjoint("codes", codes, n, "out", out, 4 * n);
-        check_disjoint("sign", sign, 4 * bitmap_words(n), "out", out, 4 * n);
+        check_dequantize(codes, n, sign, sign_nbytes, scale, bits, out, out_cap);
         fedmpq::cuda::dequantize(ptr<const uint8_t>(codes), ptr<const uint32_t>(sign), n, bits, ptr<const float>(scale),
                                  ptr<float>(out), device, stream);
       },
@@ -328,11 +347,7 @@ void bind_bitplane(py::module_& m) {
       "dequantize_backward",
       [=](uintptr_t grad, int64_t n, uintptr_t codes, uintptr_t sign, int64_t sign_nbytes, int bits, uintptr_t out,
           uintptr_t ws, int64_t ws_words, int device, uintptr_t stream) {
-        check_elems("grad", grad, n, n, 4);
-        check_elems("codes", codes, n, n, 1);
-        check_sign(sign, sign_nbytes, n);
-        check_code_bits(bits);
-        check_scalar("out", out);
+        check_dequantize_backward(grad, n, codes, sign, sign_nbytes, bits, out);
         if (n > 0) check_workspace(ws, ws_words, device);
         fedmpq::cuda::dequantize_backward(ptr<const float>(grad), ptr<const uint8_t>(codes), ptr<const uint32_t>(sign),
                                           n, bits, ptr<float>(out), ptr<unsigned>(ws), device, stream);
@@ -340,6 +355,44 @@ void bind_bitplane(py::module_& m) {
       py::arg("grad"), py::arg("n"), py::arg("codes"), py::arg("sign"), py::arg("sign_nbytes"), py::arg("bits"),
       py::arg("out"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
       "*out = (sum sigma_j q_j grad_j in float64) / (2^bits - 1) as float32, in one launch.");
+  cuda.def(
+      "dequantize_layers",
+      [=](const std::vector<CudaDequantLayer>& layers, int device, uintptr_t stream) {
+        std::vector<fedmpq::cuda::DequantLayer> table;
+        table.reserve(layers.size());
+        for (size_t l = 0; l < layers.size(); ++l) {
+          const auto& [codes, n, sign, sign_nbytes, scale, bits, out, out_cap] = layers[l];
+          in_layer(l, [&] { check_dequantize(codes, n, sign, sign_nbytes, scale, bits, out, out_cap); });
+          table.push_back({ptr<const uint8_t>(codes), ptr<const uint32_t>(sign), ptr<const float>(scale),
+                           ptr<float>(out), n, bits});
+        }
+        fedmpq::cuda::dequantize_layers(table.data(), static_cast<int64_t>(table.size()), device, stream);
+      },
+      py::arg("layers"), py::arg("device"), py::arg("stream"),
+      "dequantize of each layer, tuples (codes, n, sign, sign_nbytes, scale, bits, out, out_cap), one launch per "
+      "group of up to 32 layers (layer by layer when an out overlaps another layer's buffers). Every layer is "
+      "checked before anything is launched.");
+  cuda.def(
+      "dequantize_backward_layers",
+      [=](const std::vector<CudaDequantGradLayer>& layers, uintptr_t ws, int64_t ws_words, int device,
+          uintptr_t stream) {
+        std::vector<fedmpq::cuda::DequantGradLayer> table;
+        table.reserve(layers.size());
+        bool any = false;
+        for (size_t l = 0; l < layers.size(); ++l) {
+          const auto& [grad, n, codes, sign, sign_nbytes, bits, out] = layers[l];
+          in_layer(l, [&] { check_dequantize_backward(grad, n, codes, sign, sign_nbytes, bits, out); });
+          table.push_back({ptr<const float>(grad), ptr<const uint8_t>(codes), ptr<const uint32_t>(sign),
+                           ptr<float>(out), n, bits});
+          any = any || n > 0;
+        }
+        if (any) check_workspace(ws, ws_words, device);
+        fedmpq::cuda::dequantize_backward_layers(table.data(), static_cast<int64_t>(table.size()), ptr<unsigned>(ws),
+                                                 device, stream);
+      },
+      py::arg("layers"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
+      "dequantize_backward of each layer, tuples (grad, n, codes, sign, sign_nbytes, bits, out), one launch per group "
+      "of up to 32 layers; every *out is the single-layer result bit for bit (an empty layer's is not written).");
   cuda.def(
       "plane_popcounts",
       [=](uintptr_t codes, int64_t n, int bits, uintptr_t out, int64_t out_len, uintptr_t ws, int64_t ws_words,

@@ -18,11 +18,12 @@
 // bits past n vote 0). All indexing is int64. Reductions (the scale gradient, the popcounts,
 // max |d|) finish in the last block to arrive (reduce.cuh): one launch each, deterministic.
 // A model's step and popcounts go in launches over tables of layers (bitplane_step_layers,
-// plane_popcounts_layers; "many layers per launch" below): 3 launches for ResNet-20, not 60.
+// plane_popcounts_layers; "many layers per launch" below): 3 launches for ResNet-20, not 60;
+// so do its weights (dequantize_layers, dequantize_backward_layers): 2 launches, not 40.
 //
 // Verified: compiled for sm_80 and sm_90 (ptxas -v: no spills but 4 bytes in the 8-bit
 // single-layer update on sm_90, which the refactor into step_update_part brought; the
-// table kernels: none, 38-48 registers); tested on the host in CI under tests/cuda_emu
+// table kernels: none, 26-48 registers); tested on the host in CI under tests/cuda_emu
 // (bitplane/test_cuda_emulated.py and test_cuda_emulated_layers.py: every width, tails,
 // several grid-stride trips, shuffled block orders, stale workspace slots, skipped and zero
 // steps, device keys, mixed widths and split groups in the table launches); NOT yet run on a
@@ -32,6 +33,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -94,13 +96,32 @@ __global__ void __launch_bounds__(kBlock) binarize_kernel(const float* __restric
 
 // ---- dequantize and its backward ----------------------------------------------------
 
+// This thread's elements first, first + stride, ... of the weight.
+__device__ __forceinline__ void dequantize_part(const uint8_t* __restrict__ codes, const uint32_t* __restrict__ sign,
+                                                const float* __restrict__ scale, float levels, int64_t n,
+                                                float* __restrict__ out, int64_t first, int64_t stride) {
+  const float k = __fdiv_rn(__ldg(scale), levels);  // s / L, as torch divides
+  for (int64_t j = first; j < n; j += stride)
+    out[j] = negate_if(__fmul_rn(static_cast<float>(__ldg(codes + j)), k), sign_bit(sign, j));
+}
+
 __global__ void __launch_bounds__(kBlock) dequantize_kernel(const uint8_t* __restrict__ codes,
                                                             const uint32_t* __restrict__ sign,
                                                             const float* __restrict__ scale, float levels, int64_t n,
                                                             float* __restrict__ out) {
-  const float k = __fdiv_rn(__ldg(scale), levels);  // s / L, as torch divides
-  for (int64_t j = global_thread(); j < n; j += total_threads())
-    out[j] = negate_if(__fmul_rn(static_cast<float>(__ldg(codes + j)), k), sign_bit(sign, j));
+  dequantize_part(codes, sign, scale, levels, n, out, global_thread(), total_threads());
+}
+
+// This thread's share (elements first, first + stride, ...) of sum sigma_j q_j grad_j, in float64.
+__device__ __forceinline__ double dq_backward_part(const float* __restrict__ grad, const uint8_t* __restrict__ codes,
+                                                   const uint32_t* __restrict__ sign, int64_t n, int64_t first,
+                                                   int64_t stride) {
+  double acc = 0.0;
+  for (int64_t j = first; j < n; j += stride) {
+    const double v = static_cast<double>(__ldg(grad + j)) * static_cast<double>(__ldg(codes + j));  // exact
+    acc += sign_bit(sign, j) ? -v : v;
+  }
+  return acc;
 }
 
 __global__ void __launch_bounds__(kBlock) dq_backward_kernel(const float* __restrict__ grad,
@@ -108,11 +129,7 @@ __global__ void __launch_bounds__(kBlock) dq_backward_kernel(const float* __rest
                                                              const uint32_t* __restrict__ sign, int64_t n,
                                                              double levels, unsigned* __restrict__ ws,
                                                              float* __restrict__ out) {
-  double acc = 0.0;
-  for (int64_t j = global_thread(); j < n; j += total_threads()) {
-    const double v = static_cast<double>(__ldg(grad + j)) * static_cast<double>(__ldg(codes + j));  // exact
-    acc += sign_bit(sign, j) ? -v : v;
-  }
+  double acc = dq_backward_part(grad, codes, sign, n, global_thread(), total_threads());
   acc = detail::block_reduce<kBlock>(acc, 0.0, detail::SumOp{});
   double* partials = detail::slots<double>(ws);
   if (threadIdx.x == 0) partials[blockIdx.x] = acc;
@@ -390,6 +407,22 @@ struct PopEntry {
   int64_t* out;
   int bits;
 };
+struct DqEntry {
+  const uint8_t* codes;
+  const uint32_t* sign;
+  const float* scale;
+  float* out;
+  int64_t n;
+  float levels;
+};
+struct DqGradEntry {
+  const float* grad;
+  const uint8_t* codes;
+  const uint32_t* sign;
+  float* out;
+  int64_t n;
+  double levels;
+};
 template <class Entry>
 struct Table {
   Entry layer[kTableLayers];
@@ -398,8 +431,11 @@ struct Table {
 };
 using StepTable = Table<StepEntry>;
 using PopTable = Table<PopEntry>;
+using DqTable = Table<DqEntry>;
+using DqGradTable = Table<DqGradEntry>;
 // Kernel arguments are limited to 4 KB before CUDA 12.1 and Volta.
-static_assert(sizeof(StepTable) + sizeof(void*) <= 4096 && sizeof(PopTable) + sizeof(void*) <= 4096,
+static_assert(sizeof(StepTable) + sizeof(void*) <= 4096 && sizeof(PopTable) + sizeof(void*) <= 4096 &&
+                  sizeof(DqTable) <= 4096 && sizeof(DqGradTable) + sizeof(void*) <= 4096,
               "a layer table must fit the kernel argument space");
 
 // This block's place in a table launch: its layer l (the last with first[l] <= blockIdx.x;
@@ -481,6 +517,33 @@ __global__ void __launch_bounds__(kBlock) popcount_layers_kernel(const __grid_co
   detail::release_ticket(ws);
 }
 
+__global__ void __launch_bounds__(kBlock) dequantize_layers_kernel(const __grid_constant__ DqTable t) {
+  const Place p = place_of(t);
+  const DqEntry& e = t.layer[p.l];
+  dequantize_part(e.codes, e.sign, e.scale, e.levels, e.n, e.out, p.first, p.threads);
+}
+
+// The slots: one double per block. The last block adds each layer's slots as that layer's
+// own launch would (combine_slots over its blocks, in order), so a layer's dL/ds is the
+// single-layer kernel's bit for bit.
+__global__ void __launch_bounds__(kBlock) dq_backward_layers_kernel(const __grid_constant__ DqGradTable t,
+                                                                    unsigned* __restrict__ ws) {
+  const Place p = place_of(t);
+  const DqGradEntry& e = t.layer[p.l];
+  double acc = dq_backward_part(e.grad, e.codes, e.sign, e.n, p.first, p.threads);
+  acc = detail::block_reduce<kBlock>(acc, 0.0, detail::SumOp{});
+  double* partials = detail::slots<double>(ws);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+  if (!detail::last_block(ws)) return;
+  for (int i = 0; i < t.count; ++i) {
+    __syncthreads();  // block_reduce's shared slots, reused layer after layer
+    const double sum =
+        detail::combine_slots<kBlock>(partials + t.first[i], t.first[i + 1] - t.first[i], 1, 0.0, detail::SumOp{});
+    if (threadIdx.x == 0) *t.layer[i].out = static_cast<float>(sum / t.layer[i].levels);
+  }
+  detail::release_ticket(ws);
+}
+
 // ---- host side ----------------------------------------------------------------------
 
 using detail::ceil_div;
@@ -519,40 +582,66 @@ class TableGroups {
   Launch launch_;
 };
 
-// True when no layer writes memory that another layer reads or writes: then the layers'
-// steps commute and may run grouped. Sorting the byte ranges keeps this O(R log R) for R
-// ranges (a model's layers touch disjoint buffers, so the inner loop rarely runs).
-bool layers_independent(const StepLayer* layers, int64_t count) {
+// The byte ranges the layers of a table launch touch: whether any layer writes memory that
+// another layer reads or writes. When none does, the layers' work commutes and may run
+// grouped. Sorting the ranges keeps this O(R log R) for R ranges (a model's layers touch
+// disjoint buffers, so the inner loop rarely runs).
+class Ranges {
+ public:
+  explicit Ranges(int64_t reserve) { r_.reserve(static_cast<size_t>(reserve)); }
+  void add(const void* p, int64_t bytes, int64_t layer, bool write) {
+    if (p != nullptr && bytes > 0) {
+      const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+      r_.push_back(Range{a, a + static_cast<uintptr_t>(bytes), layer, write});
+    }
+  }
+  bool independent() {
+    std::sort(r_.begin(), r_.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
+    for (size_t i = 0; i < r_.size(); ++i)
+      for (size_t j = i + 1; j < r_.size() && r_[j].lo < r_[i].hi; ++j)
+        if (r_[i].layer != r_[j].layer && (r_[i].write || r_[j].write)) return false;
+    return true;
+  }
+
+ private:
   struct Range {
     uintptr_t lo, hi;
     int64_t layer;
     bool write;
   };
-  std::vector<Range> r;
-  r.reserve(static_cast<size_t>(count) * 8);
-  auto add = [&](const void* p, int64_t bytes, int64_t l, bool write) {
-    if (p != nullptr && bytes > 0) {
-      const uintptr_t a = reinterpret_cast<uintptr_t>(p);
-      r.push_back(Range{a, a + static_cast<uintptr_t>(bytes), l, write});
-    }
-  };
+  std::vector<Range> r_;
+};
+
+bool layers_independent(const StepLayer* layers, int64_t count) {
+  Ranges r(count * 8);
   for (int64_t l = 0; l < count; ++l) {
     const StepLayer& y = layers[l];
     if (y.n <= 0) continue;  // launches nothing, touches nothing
-    add(y.codes, y.n, l, true);
-    add(y.sign, 4 * ceil_div(y.n, 32), l, true);
-    add(y.mom, y.bits * y.n, l, true);
-    add(y.gs, 4, l, true);
-    add(y.grad, 4 * y.n, l, false);
-    add(y.coef, 4 * int64_t(y.bits), l, false);
-    add(y.scale, 4, l, false);
-    add(y.key_ptr, 8, l, false);
+    r.add(y.codes, y.n, l, true);
+    r.add(y.sign, 4 * ceil_div(y.n, 32), l, true);
+    r.add(y.mom, y.bits * y.n, l, true);
+    r.add(y.gs, 4, l, true);
+    r.add(y.grad, 4 * y.n, l, false);
+    r.add(y.coef, 4 * int64_t(y.bits), l, false);
+    r.add(y.scale, 4, l, false);
+    r.add(y.key_ptr, 8, l, false);
   }
-  std::sort(r.begin(), r.end(), [](const Range& a, const Range& b) { return a.lo < b.lo; });
-  for (size_t i = 0; i < r.size(); ++i)
-    for (size_t j = i + 1; j < r.size() && r[j].lo < r[i].hi; ++j)
-      if (r[i].layer != r[j].layer && (r[i].write || r[j].write)) return false;
-  return true;
+  return r.independent();
+}
+
+// dequantize's blocks write a layer's weight while other blocks read the others' codes, signs
+// and scales: grouped only when no weight overlaps another layer's buffers.
+bool layers_independent(const DequantLayer* layers, int64_t count) {
+  Ranges r(count * 4);
+  for (int64_t l = 0; l < count; ++l) {
+    const DequantLayer& y = layers[l];
+    if (y.n <= 0) continue;
+    r.add(y.out, 4 * y.n, l, true);
+    r.add(y.codes, y.n, l, false);
+    r.add(y.sign, 4 * ceil_div(y.n, 32), l, false);
+    r.add(y.scale, 4, l, false);
+  }
+  return r.independent();
 }
 
 }  // namespace
@@ -689,6 +778,63 @@ void plane_popcounts_layers(const PopcountLayer* layers, int64_t count, int64_t*
     const PopcountLayer& y = layers[l];
     if (y.n > 0) groups.add(PopEntry{y.codes, y.n, o, y.bits}, grid_blocks(ceil_div(y.n, 4), device));  // as plane_popcounts
     o += y.bits;
+  }
+  groups.finish();
+}
+
+void dequantize_layers(const DequantLayer* layers, int64_t count, int device, uintptr_t stream) {
+  bool any = false;
+  for (int64_t l = 0; l < count; ++l) {  // every layer checked before anything launches
+    levels_of(layers[l].bits);
+    any = any || layers[l].n > 0;
+  }
+  if (!any) return;
+  detail::require_current_device(device);
+  if (!layers_independent(layers, count)) {  // a weight overlaps another layer's buffers: in order
+    for (int64_t l = 0; l < count; ++l) {
+      const DequantLayer& y = layers[l];
+      dequantize(y.codes, y.sign, y.n, y.bits, y.scale, y.out, device, stream);
+    }
+    return;
+  }
+  const cudaStream_t st = detail::as_stream(stream);
+  auto launch = [&](const DqTable& t, unsigned blocks) {
+    dequantize_layers_kernel<<<blocks, kBlock, 0, st>>>(t);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+  };
+  // no slots: only the table's size closes a group (the grid stays far below 2^32 blocks)
+  TableGroups<DqEntry, decltype(launch)> groups(std::numeric_limits<int64_t>::max(), launch);
+  for (int64_t l = 0; l < count; ++l) {
+    const DequantLayer& y = layers[l];
+    if (y.n > 0)
+      groups.add(DqEntry{y.codes, y.sign, y.scale, y.out, y.n, levels_of(y.bits)}, grid_blocks(y.n, device));  // as dequantize
+  }
+  groups.finish();
+}
+
+void dequantize_backward_layers(const DequantGradLayer* layers, int64_t count, unsigned* workspace, int device,
+                                uintptr_t stream) {
+  bool any = false;
+  for (int64_t l = 0; l < count; ++l) {
+    levels_of(layers[l].bits);
+    any = any || layers[l].n > 0;
+  }
+  if (!any) return;
+  detail::require_current_device(device);
+  const cudaStream_t st = detail::as_stream(stream);
+  // Every block reads its inputs before it takes its ticket and only the last block writes
+  // the outputs, so no order between the layers is observable: always grouped.
+  auto launch = [&](const DqGradTable& t, unsigned blocks) {
+    dq_backward_layers_kernel<<<blocks, kBlock, 0, st>>>(t, workspace);
+    FEDMPQ_CUDA_CHECK_LAUNCH();
+  };
+  // 8-byte slots after the ticket and its pad: at least 16 full-size grids
+  TableGroups<DqGradEntry, decltype(launch)> groups((bitplane_workspace_words(device) - 2) / 2, launch);
+  for (int64_t l = 0; l < count; ++l) {
+    const DequantGradLayer& y = layers[l];
+    if (y.n > 0)  // the grid of dequantize_backward
+      groups.add(DqGradEntry{y.grad, y.codes, y.sign, y.out, y.n, static_cast<double>(levels_of(y.bits))},
+                 grid_blocks(ceil_div(y.n, 4), device));
   }
   groups.finish();
 }

@@ -88,4 +88,37 @@ struct PopcountLayer {
 void plane_popcounts_layers(const PopcountLayer* layers, int64_t count, int64_t* out, unsigned* workspace, int device,
                             uintptr_t stream);
 
+// One layer of dequantize_layers: dequantize's arguments for that layer.
+struct DequantLayer {
+  const uint8_t* codes;
+  const uint32_t* sign;
+  const float* scale;
+  float* out;
+  int64_t n;
+  int bits;
+};
+
+// dequantize of layers[0..count) (a model's weights): one launch per group of up to 32
+// layers, each layer's blocks as its own launch would have them, so the same bits. When a
+// layer's out overlaps another layer's buffers, layer by layer in order instead. Empty
+// layers launch nothing; every width is checked before anything launches.
+void dequantize_layers(const DequantLayer* layers, int64_t count, int device, uintptr_t stream);
+
+// One layer of dequantize_backward_layers: dequantize_backward's arguments for that layer.
+struct DequantGradLayer {
+  const float* grad;
+  const uint8_t* codes;
+  const uint32_t* sign;
+  float* out;
+  int64_t n;
+  int bits;
+};
+
+// dequantize_backward of layers[0..count): one launch per group of up to 32 layers whose
+// blocks' 8-byte slots fit the workspace. Each layer's blocks and the order its last block
+// adds their sums are its own launch's, so every *out is the single-layer result bit for bit.
+// An empty layer's *out is not written.
+void dequantize_backward_layers(const DequantGradLayer* layers, int64_t count, unsigned* workspace, int device,
+                                uintptr_t stream);
+
 }  // namespace fedmpq::cuda

@@ -69,15 +69,22 @@ __device__ __forceinline__ T* slots(unsigned* ws) {
   return reinterpret_cast<T*>(ws + sizeof(T) / 4);
 }
 
-// In the last block (after last_block returned true): the combination of every block's slot,
-// slot[b * stride] for b = 0 .. gridDim.x - 1, in a fixed order (thread t takes t, t + kBlock,
-// ... in turn, then block_reduce), valid in thread 0. Read with __ldcg (L2, not a stale L1).
-// Every thread of the block must call it.
+// In the last block (after last_block returned true): the combination of `count` blocks'
+// slots, slot[b * stride] for b = 0 .. count - 1, in a fixed order (thread t takes t,
+// t + kBlock, ... in turn, then block_reduce), valid in thread 0. Read with __ldcg (L2, not a
+// stale L1). Every thread of the block must call it; a second call needs a barrier first
+// (block_reduce's shared slots).
+template <int kBlock, class T, class Op>
+__device__ __forceinline__ T combine_slots(const T* slot, unsigned count, int64_t stride, T identity, Op op) {
+  T acc = identity;
+  for (unsigned b = threadIdx.x; b < count; b += kBlock) acc = op(acc, __ldcg(slot + b * stride));
+  return block_reduce<kBlock>(acc, identity, op);
+}
+
+// combine_slots over every block of the grid.
 template <int kBlock, class T, class Op>
 __device__ __forceinline__ T combine_slots(const T* slot, int64_t stride, T identity, Op op) {
-  T acc = identity;
-  for (unsigned b = threadIdx.x; b < gridDim.x; b += kBlock) acc = op(acc, __ldcg(slot + b * stride));
-  return block_reduce<kBlock>(acc, identity, op);
+  return combine_slots<kBlock>(slot, gridDim.x, stride, identity, op);
 }
 
 // The grid's reduction of one value per block (`v`, valid in thread 0), finished by the last

@@ -7,6 +7,10 @@ Why beside the Triton backend: a native launch costs the host a few microseconds
 Triton's Python launcher costs tens, and a client step makes about four of these calls per
 layer; with ``binarize`` here too, training on CUDA needs no Triton.
 
+``dequantize_layers`` and ``dequantize_backward_layers`` (a model's weights, forward and
+backward) and the ``*_layers`` ops of the optimizer hand every layer to one native call,
+which launches over tables of up to 32 layers (csrc/cuda/bitplane.h).
+
 Launches run inside :func:`fedmpq_kernels._device.on_device` on torch's current stream,
 never synchronize, and never read a device value on the host: the scale, g_s and a device
 key stay on the device, so a step can be captured in a CUDA graph. Reductions finish in the
@@ -117,48 +121,54 @@ def _empty_f32(shape, dev: torch.device) -> Tensor:
 
 
 def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
-    """dequantize of each layer, its weight made in ``shapes[l]``: one device guard and
-    stream lookup for all (a launch per layer)."""
+    """dequantize of each layer, its weight made in ``shapes[l]``, in one native call: one
+    launch per group of up to 32 layers (launches over layer tables)."""
     dev = codes[0].device
-    out = []
-    with on_device(dev):
-        stream = raw_stream(dev)
-        for c, sg, sc, b, shape in zip(codes, sign, scale, bits, shapes):
-            c = c.contiguous()
-            n = c.numel()
-            w = _empty_f32(shape, dev)
-            out.append(w)
-            if n == 0:
-                continue
-            sw = words(sg, bitmap_nbytes(n))
-            s = _scale(sc, dev)
-            native.cuda.dequantize(c.data_ptr(), n, sw.data_ptr(), sw.numel(), s.data_ptr(), b, w.data_ptr(), n,
-                                   dev.index, stream)
+    out, layers, keep = [], [], []
+    for c, sg, sc, b, shape in zip(codes, sign, scale, bits, shapes):
+        c = c.contiguous()
+        n = c.numel()
+        w = _empty_f32(shape, dev)
+        out.append(w)
+        if n == 0:
+            continue
+        sw = words(sg, bitmap_nbytes(n))
+        s = _scale(sc, dev)
+        keep.append((c, sw, s))  # alive until the launches are queued (copies among them)
+        layers.append((c.data_ptr(), n, sw.data_ptr(), sw.numel(), s.data_ptr(), b, w.data_ptr(), n))
+    if layers:
+        with on_device(dev):
+            native.cuda.dequantize_layers(layers, dev.index, raw_stream(dev))
     return out
 
 
 def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
-    """dequantize_backward of each layer: float32 0-dim dL/ds each, views of one tensor
-    that the layers' kernels write (one allocation, one workspace lookup)."""
+    """dequantize_backward of each layer in one native call (one launch per group of up to 32
+    layers, each layer's dL/ds the single-layer kernel's bit for bit): float32 0-dim each,
+    views of one tensor."""
     dev = codes[0].device
     L = len(codes)
-    cs = [c.contiguous() for c in codes]
-    gs = [_f32(g) for g in grads]
-    for g, c in zip(gs, cs):
-        if g.numel() != c.numel():
-            raise ValueError(f"grad has {g.numel()} elements, codes {c.numel()}")
+    layers, keep = [], []  # layers: (layer index, the native tuple but its out)
+    for i, (g, c, sg, b) in enumerate(zip(grads, codes, sign, bits)):
+        c = c.contiguous()
+        n = c.numel()
+        g = _f32(g)
+        if g.numel() != n:
+            raise ValueError(f"grad has {g.numel()} elements, codes {n}")
+        if n == 0:
+            continue
+        sw = words(sg, bitmap_nbytes(n))
+        keep.append((g, c, sw))
+        layers.append((i, (g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), b)))
     # an empty layer launches nothing, so its dL/ds must be a zero already there
-    out = (torch.zeros if any(c.numel() == 0 for c in cs) else torch.empty)(L, dtype=_F32, device=dev)
-    with on_device(dev):
-        stream = raw_stream(dev)
-        ws, ws_words = _workspace(dev, stream)
-        for i, (g, c, sg, b) in enumerate(zip(gs, cs, sign, bits)):
-            n = c.numel()
-            if n == 0:
-                continue
-            sw = words(sg, bitmap_nbytes(n))
-            native.cuda.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), b,
-                                            out.data_ptr() + 4 * i, ws, ws_words, dev.index, stream)
+    out = (torch.zeros if len(layers) < L else torch.empty)(L, dtype=_F32, device=dev)
+    if layers:
+        base = out.data_ptr()
+        with on_device(dev):
+            stream = raw_stream(dev)
+            ws, ws_words = _workspace(dev, stream)
+            native.cuda.dequantize_backward_layers([y + (base + 4 * i,) for i, y in layers], ws, ws_words, dev.index,
+                                                   stream)
     return list(out.unbind())
 
 

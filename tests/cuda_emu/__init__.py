@@ -110,6 +110,16 @@ class PopcountLayer(ctypes.Structure):
     _fields_ = [("codes", _VP), ("n", _I64), ("bits", ctypes.c_int)]
 
 
+class DequantLayer(ctypes.Structure):
+    """fedmpq::cuda::DequantLayer: one layer of dequantize_layers."""
+    _fields_ = [("codes", _VP), ("sign", _VP), ("scale", _VP), ("out", _VP), ("n", _I64), ("bits", ctypes.c_int)]
+
+
+class DequantGradLayer(ctypes.Structure):
+    """fedmpq::cuda::DequantGradLayer: one layer of dequantize_backward_layers."""
+    _fields_ = [("grad", _VP), ("codes", _VP), ("sign", _VP), ("out", _VP), ("n", _I64), ("bits", ctypes.c_int)]
+
+
 class Emu:
     """The launchers of csrc/cuda/fake_quant.h, pack.h and bitplane.h on CPU tensors (the caller sizes
     and allocates every buffer, as the Python adapters do). ``buffers`` registers the
@@ -145,10 +155,13 @@ class Emu:
         }
         sigs["emu_bitplane_step_layers"] = [vp, ll, f, f, vp, vp, i]
         sigs["emu_plane_popcounts_layers"] = [vp, ll, vp, vp, i]
+        sigs["emu_dequantize_layers"] = [vp, ll, i]
+        sigs["emu_dequantize_backward_layers"] = [vp, ll, vp, i]
         for name, argtypes in sigs.items():
             getattr(L, name).argtypes = argtypes
             getattr(L, name).restype = i
-        for name, struct in (("emu_step_layer_size", StepLayer), ("emu_popcount_layer_size", PopcountLayer)):
+        for name, struct in (("emu_step_layer_size", StepLayer), ("emu_popcount_layer_size", PopcountLayer),
+                             ("emu_dequant_layer_size", DequantLayer), ("emu_dequant_grad_layer_size", DequantGradLayer)):
             getattr(L, name).restype = ctypes.c_size_t
             if getattr(L, name)() != ctypes.sizeof(struct):
                 raise RuntimeError(f"{struct.__name__} in ctypes does not match csrc/cuda/bitplane.h")
@@ -262,6 +275,16 @@ class Emu:
         """plane_popcounts_layers on ``layers``, (codes pointer, n, bits) tuples."""
         table = (PopcountLayer * max(len(layers), 1))(*[PopcountLayer(*y) for y in layers])
         self.call_raw("emu_plane_popcounts_layers", ranges, table, len(layers), out, ws, device)
+
+    def dequantize_layers_raw(self, layers, ranges, device=0):
+        """dequantize_layers on ``layers``, tuples of DequantLayer's fields (pointers as ints)."""
+        table = (DequantLayer * max(len(layers), 1))(*[DequantLayer(*y) for y in layers])
+        self.call_raw("emu_dequantize_layers", ranges, table, len(layers), device)
+
+    def dequantize_backward_layers_raw(self, layers, ws, ranges, device=0):
+        """dequantize_backward_layers on ``layers``, tuples of DequantGradLayer's fields."""
+        table = (DequantGradLayer * max(len(layers), 1))(*[DequantGradLayer(*y) for y in layers])
+        self.call_raw("emu_dequantize_backward_layers", ranges, table, len(layers), ws, device)
 
 
 def load() -> Emu:

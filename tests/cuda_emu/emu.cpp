@@ -308,5 +308,13 @@ int emu_plane_popcounts_layers(const fc::PopcountLayer* layers, long long count,
                                int device) {
   return guard([&] { fc::plane_popcounts_layers(layers, count, out, ws, device, 0); });
 }
+size_t emu_dequant_layer_size() { return sizeof(fc::DequantLayer); }
+size_t emu_dequant_grad_layer_size() { return sizeof(fc::DequantGradLayer); }
+int emu_dequantize_layers(const fc::DequantLayer* layers, long long count, int device) {
+  return guard([&] { fc::dequantize_layers(layers, count, device, 0); });
+}
+int emu_dequantize_backward_layers(const fc::DequantGradLayer* layers, long long count, unsigned* ws, int device) {
+  return guard([&] { fc::dequantize_backward_layers(layers, count, ws, device, 0); });
+}
 
 }  // extern "C"

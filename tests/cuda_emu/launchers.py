@@ -76,6 +76,24 @@ class EmulatedCuda:
         self._run("dequantize_backward", [(grad, 4 * n), (codes, n), (sign, sign_nbytes), (ws, 4 * ws_words)], grad,
                   codes, sign, n, bits, out, ws, device or 0)
 
+    def dequantize_layers(self, layers, device, stream):
+        """The native many-layer launcher (launches over layer tables)."""
+        self.calls.append("dequantize_layers")
+        table, ranges = [], []
+        for codes, n, sign, sign_nbytes, scale, bits, out, out_cap in layers:
+            table.append((codes, sign, scale, out, n, bits))
+            ranges += [(codes, n), (sign, sign_nbytes), (scale, 4)]
+        self.emu.dequantize_layers_raw(table, [r for r in ranges if r[0]], device or 0)
+
+    def dequantize_backward_layers(self, layers, ws, ws_words, device, stream):
+        """The native many-layer launcher (launches over layer tables)."""
+        self.calls.append("dequantize_backward_layers")
+        table, ranges = [], [(ws, 4 * ws_words)]
+        for grad, n, codes, sign, sign_nbytes, bits, out in layers:
+            table.append((grad, codes, sign, out, n, bits))
+            ranges += [(grad, 4 * n), (codes, n), (sign, sign_nbytes)]
+        self.emu.dequantize_backward_layers_raw(table, ws, [r for r in ranges if r[0]], device or 0)
+
     def plane_popcounts(self, codes, n, bits, out, out_len, ws, ws_words, device, stream):
         self._run("plane_popcounts", [(codes, n), (ws, 4 * ws_words)], codes, n, bits, out, ws, device or 0)
 

@@ -89,11 +89,12 @@ def test_empty_layers_launch_nothing(bc):
     assert bc.native.cuda.calls == []
 
 
-def test_dequantize_of_many_layers_in_one_pass(bc):
-    """dequantize_layers / dequantize_backward_layers: one launch per non-empty layer, each
-    weight made in its shape, a strided codes tensor and a misaligned bitmap copied, a float64
-    gradient converted; an empty layer's weight empty and its dL/ds zero (it launches
-    nothing, so its slot is zero-filled); dL/ds are 0-dim float32 views of one buffer."""
+def test_dequantize_of_many_layers_in_one_call(bc, emu):
+    """dequantize_layers / dequantize_backward_layers: one native call and one launch each
+    (one layer table), each weight made in its shape, a strided codes tensor and a misaligned
+    bitmap copied, a float64 gradient converted; an empty layer's weight empty and its dL/ds
+    zero (it is not in the table, so its slot is zero-filled); dL/ds are 0-dim float32 views
+    of one buffer, each the single-layer launcher's bits."""
     specs = [((5, 3, 3, 3), 3), ((0, 4), 2), ((40, 25), 8), ((), 1), ((7, 37), 5)]
     codes, signs, scales, bits, shapes = [], [], [], [], []
     for l, (shape, b) in enumerate(specs):
@@ -108,8 +109,9 @@ def test_dequantize_of_many_layers_in_one_pass(bc):
     strided.copy_(codes[2])
     args_codes = [codes[0], codes[1], strided, codes[3], codes[4]]
     args_signs = [signs[0], signs[1], signs[2], signs[3], _odd(signs[4])]
+    before = emu.launches()
     ws = bc.dequantize_layers(args_codes, args_signs, scales, bits, shapes)
-    assert bc.native.cuda.calls == ["dequantize"] * 4
+    assert bc.native.cuda.calls == ["dequantize_layers"] and emu.launches() - before == 1
     for l, w in enumerate(ws):
         assert w.shape == shapes[l] and w.dtype == torch.float32
         want = R.dequantize(codes[l], signs[l], scales[l].float(), bits[l])
@@ -117,11 +119,13 @@ def test_dequantize_of_many_layers_in_one_pass(bc):
     gen = torch.Generator().manual_seed(3)
     grads = [torch.randn(shape, generator=gen) for shape in shapes]
     grads[2] = grads[2].double()  # float32 values: the conversion is exact
+    before = emu.launches()
     out = bc.dequantize_backward_layers(grads, args_codes, args_signs, bits)
-    assert bc.native.cuda.calls.count("dequantize_backward") == 4
+    assert bc.native.cuda.calls[1:] == ["dequantize_backward_layers"] and emu.launches() - before == 1
     assert float(out[1]) == 0.0
     for l, g in enumerate(out):
         assert g.shape == () and g.dtype == torch.float32
+        assert torch.equal(bits_of(g), bits_of(bc.dequantize_backward(grads[l], codes[l], signs[l], bits[l])))
         torch.testing.assert_close(g, R.dequantize_backward(grads[l].float(), codes[l], signs[l], bits[l]), rtol=1e-6,
                                    atol=0)
     assert len({g.untyped_storage().data_ptr() for g in out}) == 1
@@ -309,8 +313,8 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
     # the whole model's step: one popcount launch, then the step's two (one layer table)
     assert step_launches == [3, 3, 3]
     # the optimizer counts and steps every layer through one call each (launches over layer tables)
-    assert set(bc.native.cuda.calls) == {"binarize", "dequantize", "dequantize_backward", "plane_popcounts_layers",
-                                         "bitplane_step_layers"}
+    weights = {"dequantize_layers", "dequantize_backward_layers"} if batched else {"dequantize", "dequantize_backward"}
+    assert set(bc.native.cuda.calls) == {"binarize", "plane_popcounts_layers", "bitplane_step_layers"} | weights
     assert set(fq_calls.calls) == {"relu6_fake_quant", "fake_quant_backward"}
     assert made == ([4] * 3 if batched else []), "the weights were not made as asked"
     for l, (g, w) in enumerate(zip(got, want)):

@@ -181,3 +181,49 @@ def test_cuda_popcounts_binding_checks_every_layer():
     with pytest.raises(ValueError, match="layer 0: codes: null data pointer"):
         native.cuda.plane_popcounts_layers([(0, 8, 2)], 3 * _P, 2, 4 * _P, 1 << 20, -1, 0)
     assert native.cuda.plane_popcounts_layers([(0, 0, 2)], 3 * _P, 2, 0, 0, -1, 0) is None  # empty: no launch
+
+
+def _dql(**over):
+    """One layer of dequantize_layers, as a tuple (codes, n, sign, sign_nbytes, scale, bits, out, out_cap)."""
+    a = _dq(**over)
+    return tuple(a[k] for k in ("codes", "n", "sign", "sign_nbytes", "scale", "bits", "out", "out_cap"))
+
+
+def _dqbl(**over):
+    """One layer of dequantize_backward_layers: (grad, n, codes, sign, sign_nbytes, bits, out)."""
+    a = _dqb(**over)
+    return tuple(a[k] for k in ("grad", "n", "codes", "sign", "sign_nbytes", "bits", "out"))
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("over, match", [
+    (dict(bits=9), "layer 1: bits must be in 1..8, got 9"),
+    (dict(sign_nbytes=8), "layer 1: sign bitmap has 8 bytes, needs 16"),
+    (dict(out_cap=99), "layer 1: out: buffer holds 99 elements, needs 100"),
+    (dict(out=_P + 64), "layer 1: codes and out overlap"),
+    (dict(scale=4 * _P + 8), "layer 1: scale and out overlap"),
+    (dict(scale=0), "layer 1: scale pointer is null"),
+], ids=["bits", "sign", "out-cap", "out-codes", "out-scale", "scale-null"])
+def test_cuda_dequantize_layers_binding_checks_every_layer(over, match):
+    """Every layer is checked as dequantize checks its arguments (its scale apart from its out
+    too), before anything is launched; the bad one is named."""
+    with pytest.raises(ValueError, match=match):
+        native.cuda.dequantize_layers([_dql(), _dql(**over)], -1, 0)
+    assert native.cuda.dequantize_layers([_dql(n=0, codes=0, sign=0, out=0, out_cap=0)], -1, 0) is None  # no launch
+    with pytest.raises(ValueError, match="scale and out overlap"):
+        native.cuda.dequantize(**_dq(scale=4 * _P + 8))
+
+
+@needs_cuda_build
+@pytest.mark.parametrize("over, match", [
+    (dict(bits=0), "layer 1: bits must be in 1..8, got 0"),
+    (dict(grad=_P + 2), "layer 1: grad: data pointer is not 4-byte aligned"),
+    (dict(sign_nbytes=12), "layer 1: sign bitmap has 12 bytes, needs 16"),
+    (dict(out=0), "layer 1: out pointer is null"),
+], ids=["bits", "grad-align", "sign", "out-null"])
+def test_cuda_dequantize_backward_layers_binding_checks_every_layer(over, match):
+    with pytest.raises(ValueError, match=match):
+        native.cuda.dequantize_backward_layers([_dqbl(), _dqbl(**over)], 5 * _P, 1 << 20, -1, 0)
+    with pytest.raises(ValueError, match="reduction workspace pointer is null"):
+        native.cuda.dequantize_backward_layers([_dqbl()], 0, 1 << 20, -1, 0)
+    assert native.cuda.dequantize_backward_layers([_dqbl(n=0, grad=0, codes=0, sign=0)], 0, 0, -1, 0) is None

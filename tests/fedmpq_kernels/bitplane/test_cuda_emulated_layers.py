@@ -1,5 +1,6 @@
 """The CUDA launchers over many layers (csrc/cuda/bitplane.cu: bitplane_step_layers and
-plane_popcounts_layers, a model's optimizer step) under the emulator of tests/cuda_emu:
+plane_popcounts_layers, a model's optimizer step; dequantize_layers and
+dequantize_backward_layers, its weights) under the emulator of tests/cuda_emu:
 every layer's result bit for bit as the reference's layer by layer, with every width mixed
 in one launch, more layers than one table holds and more blocks than one workspace holds
 (so the launches split), empty, skipped and zero-g_s layers among the others, device and
@@ -193,3 +194,114 @@ def test_popcounts_layers_equal_the_reference(emu, sms, order):
                       for c, (_, b) in zip(codes, shapes)])
     assert torch.equal(out.t, want)
     out.check("out")
+
+
+# ---- a model's weights: dequantize_layers and dequantize_backward_layers ----------------------
+SIZES = [1, 33, 1000, 4097, 257, 2048, 70001]
+
+
+def _weights(shapes):
+    """codes, sign, scale, bits of random layers."""
+    out = []
+    for l, (n, b) in enumerate(shapes):
+        codes, sign = random_codes_signs(n, b, seed=l)
+        out.append((codes, sign, torch.tensor(0.3 + 0.01 * l), b))
+    return out
+
+
+def _reads(*tensors):
+    return [(t.data_ptr(), t.numel() * t.element_size()) for t in tensors if t is not None and t.numel()]
+
+
+def _dequantize_layers(emu, layers, outs):
+    table = [(c.data_ptr(), s.data_ptr(), sc.data_ptr(), o.data_ptr(), c.numel(), b)
+             for (c, s, sc, b), o in zip(layers, outs)]
+    emu.dequantize_layers_raw(table, _reads(*[t for c, s, sc, _ in layers for t in (c, s, sc)]))
+
+
+@pytest.mark.parametrize("sms, order", [(1, 0), (1, 7), (3, 11)])
+def test_dequantize_layers_equal_the_reference(emu, sms, order):
+    """41 layers of every width, an empty one among them: every weight the reference's bit for
+    bit, nothing written outside it, one launch per table of 32 layers."""
+    emu.sm_count(sms)
+    emu.block_order(order)
+    emu.warp_order(order)
+    shapes = [(0 if l == 5 else SIZES[l % len(SIZES)], 1 + l % 8) for l in range(41)]
+    layers = _weights(shapes)
+    outs = [Guarded(n, torch.float32) for n, _ in shapes]
+    before = emu.launches()
+    _dequantize_layers(emu, layers, [o.t for o in outs])
+    assert emu.launches() - before == 2  # 40 non-empty layers: two tables
+    for l, ((c, s, sc, b), o) in enumerate(zip(layers, outs)):
+        assert torch.equal(bits_of(o.t), bits_of(R.dequantize(c, s, sc, b))), f"layer {l} ({shapes[l]})"
+        o.check(f"layer {l}'s weight")
+
+
+def test_dequantize_layers_whose_weight_another_reads_go_one_by_one(emu):
+    """Layer 1 reads its codes from layer 0's weight, which layer 0 writes: not grouped, so
+    layer 1 sees layer 0's weight as written (two launches), as calls in order would."""
+    (c0, s0, sc0, b0), (_, s1, sc1, _) = _weights([(1000, 4), (1000, 8)])
+    w0 = torch.empty(1000, dtype=torch.float32)
+    w1 = torch.empty(1000, dtype=torch.float32)
+    c1 = w0.view(torch.uint8)[:1000]
+    before = emu.launches()
+    table = [(c0.data_ptr(), s0.data_ptr(), sc0.data_ptr(), w0.data_ptr(), 1000, b0),
+             (c1.data_ptr(), s1.data_ptr(), sc1.data_ptr(), w1.data_ptr(), 1000, 8)]
+    emu.dequantize_layers_raw(table, _reads(c0, s0, sc0, s1, sc1, w0))
+    assert emu.launches() - before == 2
+    assert torch.equal(bits_of(w0), bits_of(R.dequantize(c0, s0, sc0, b0)))
+    assert torch.equal(bits_of(w1), bits_of(R.dequantize(c1.clone(), s1, sc1, 8)))
+
+
+@pytest.mark.parametrize("sms, order", [(1, 0), (5, 5)])
+def test_dequantize_backward_layers_are_the_single_launchers_bits(emu, sms, order):
+    """41 layers, big ones among them, so that their blocks' slots split the launches: every
+    dL/ds the single-layer launcher's bits (the same blocks and the same order of the last
+    block's sum) and the reference's within 1e-6, an empty layer's left as it was, stale
+    slots never read, the ticket back at 0, one launch per group. At 5 SMs a big layer has
+    40 blocks, so the last block's sum of its slots spans two warps (a missing barrier
+    between two layers' sums shows)."""
+    emu.sm_count(sms)
+    emu.block_order(order)
+    emu.warp_order(order)
+    shapes = [(0 if l == 12 else SIZES[(l * 3) % len(SIZES)], 1 + l % 8) for l in range(41)]
+    layers = _weights(shapes)
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(n, generator=gen) for n, _ in shapes]
+    out = Guarded(len(shapes), torch.float32)
+    out.t.fill_(-7.0)
+    ws = _stale(emu.bitplane_workspace())
+    table = [(g.data_ptr(), c.data_ptr(), s.data_ptr(), out.t.data_ptr() + 4 * l, c.numel(), b)
+             for l, (g, (c, s, _, b)) in enumerate(zip(grads, layers))]
+    before = emu.launches()
+    emu.dequantize_backward_layers_raw(table, ws.data_ptr(), _reads(ws, *grads, *[t for c, s, _, _ in layers
+                                                                                    for t in (c, s)]))
+    blocks = [_grid(-(-n // 4), sms) if n else 0 for n, _ in shapes]
+    groups = _groups(blocks, (ws.numel() - 2) // 2)
+    assert groups >= 2 and emu.launches() - before == groups
+    assert int(ws[0]) == 0, "the ticket is not reset"
+    out.check("out")
+    single = torch.empty(1)
+    for l, (g, (c, s, _, b)) in enumerate(zip(grads, layers)):
+        if not c.numel():
+            assert float(out.t[l]) == -7.0, "an empty layer's dL/ds was written"
+            continue
+        emu.dequantize_backward(g, c, s, b, single, _stale(emu.bitplane_workspace()))
+        assert int(bits_of(out.t[l])) == int(bits_of(single)), f"layer {l} ({shapes[l]}): {out.t[l]} != {single}"
+        torch.testing.assert_close(out.t[l], R.dequantize_backward(g, c, s, b), rtol=1e-6, atol=0)
+
+
+def test_weights_layers_check_every_layer_before_launching(emu):
+    """A bad width in the last layer: ValueError and no launch, forward and backward."""
+    (c, s, sc, b), = _weights([(100, 3)])
+    w, g, o = torch.empty(100), torch.randn(100), torch.empty(2)
+    ws = emu.bitplane_workspace()
+    n0 = emu.launches()
+    with pytest.raises(ValueError, match="bits must be in 1..8, got 0"):
+        emu.dequantize_layers_raw([(c.data_ptr(), s.data_ptr(), sc.data_ptr(), w.data_ptr(), 100, b),
+                                   (c.data_ptr(), s.data_ptr(), sc.data_ptr(), w.data_ptr(), 100, 0)], _reads(c, s, sc))
+    with pytest.raises(ValueError, match="bits must be in 1..8, got 9"):
+        emu.dequantize_backward_layers_raw([(g.data_ptr(), c.data_ptr(), s.data_ptr(), o.data_ptr(), 100, b),
+                                            (g.data_ptr(), c.data_ptr(), s.data_ptr(), o.data_ptr() + 4, 100, 9)],
+                                           ws.data_ptr(), _reads(g, c, s, ws))
+    assert emu.launches() == n0
