@@ -182,26 +182,16 @@ class BatchedWeights:
         self.remove()
 
 
-def batch_weights(model: nn.Module) -> BatchedWeights:
-    """Make every bit-plane layer's weight in one call at the start of each forward of
-    ``model`` (:func:`fedmpq_kernels.dequantize_layers`: one autograd node for all of them)
-    instead of one :func:`fedmpq_kernels.dequantize` per layer: the same weights and
-    gradients, bit for bit, at a fraction of the host cost (a ResNet-20 step makes 20 such
-    calls forward and 20 backward; on a GPU each is host time the kernels wait on).
+# The hooks are objects, not closures: a model with them pickles (torch.save(model)), and a
+# deepcopy of it gets hooks over its own layers (deepcopy maps the layer list with the model).
+class _MakeWeights:
+    """Forward pre-hook: every layer's weight in one dequantize_layers call, left with the layer."""
 
-    A forward pre-hook makes the weights, in the grad mode the forward is called in, and each
-    layer takes its own once; a forward hook drops any left unused, also when the forward
-    raises. A layer called again in the same forward, called in another grad mode, or not
-    among the model's layers when this was called, de-quantizes its weight itself. Not under
-    ``torch.compile`` (the compiled graph de-quantizes per layer as before), and not for
-    layers on several devices.
+    def __init__(self, layers):
+        self.layers = layers
 
-    Returns:
-        a :class:`BatchedWeights` (``.remove()``, or use it as a context manager).
-    """
-    layers = [m for _, m in bit_layers(model)]
-
-    def make(module, args):
+    def __call__(self, module, args) -> None:
+        layers = self.layers
         if not layers or torch.compiler.is_compiling():
             return
         dev = layers[0].codes.device
@@ -213,13 +203,42 @@ def batch_weights(model: nn.Module) -> BatchedWeights:
         for m, w in zip(layers, ws):
             m.__dict__["_batched"] = (w, mode)
 
-    def drop(module, args, out):
+
+class _DropWeights:
+    """Forward hook (also when the forward raised): drops the weights no layer took."""
+
+    def __init__(self, make: _MakeWeights):
+        self.make = make
+
+    def __call__(self, module, args, out) -> None:
         if torch.compiler.is_compiling():
             return
-        for m in layers:
+        for m in self.make.layers:
             m.__dict__.pop("_batched", None)
 
-    return BatchedWeights([model.register_forward_pre_hook(make), model.register_forward_hook(drop, always_call=True)])
+
+def batch_weights(model: nn.Module) -> BatchedWeights:
+    """Make every bit-plane layer's weight in one call at the start of each forward of
+    ``model`` (:func:`fedmpq_kernels.dequantize_layers`: one autograd node for all of them)
+    instead of one :func:`fedmpq_kernels.dequantize` per layer: the same weights and
+    gradients, bit for bit, at a fraction of the host cost (a ResNet-20 step makes 20 such
+    calls forward and 20 backward; on a GPU each is host time the kernels wait on, and on
+    CUDA the one call is one launch each way instead of 20).
+
+    A forward pre-hook makes the weights, in the grad mode the forward is called in, and each
+    layer takes its own once; a forward hook drops any left unused, also when the forward
+    raises. A layer called again in the same forward, called in another grad mode, or not
+    among the model's layers when this was called, de-quantizes its weight itself. Not under
+    ``torch.compile`` (the compiled graph de-quantizes per layer as before), and not for
+    layers on several devices. The model still pickles, and a deepcopy keeps the hooks, over
+    its own layers.
+
+    Returns:
+        a :class:`BatchedWeights` (``.remove()``, or use it as a context manager).
+    """
+    make = _MakeWeights([m for _, m in bit_layers(model)])
+    return BatchedWeights([model.register_forward_pre_hook(make),
+                           model.register_forward_hook(_DropWeights(make), always_call=True)])
 
 
 def bit_layers(model: nn.Module):

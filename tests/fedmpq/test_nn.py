@@ -518,3 +518,25 @@ def test_batch_weights_edge_cases(monkeypatch):
     spy = _Spy(monkeypatch)
     m(x)  # removed: no hook left
     assert spy.many == 0 and spy.one == 3
+
+
+def test_a_model_under_batch_weights_pickles_and_deep_copies(tmp_path):
+    """The hooks are plain objects: torch.save of the whole model works, and a deepcopy makes
+    its weights from its own layers (a copy trained apart from the original keeps apart)."""
+    import copy
+
+    torch.manual_seed(0)
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    qn.batch_weights(qm)
+    x = torch.randn(2, 1, 8, 8)
+    want = qm(x).detach()
+    torch.save(qm, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert torch.equal(loaded(x), want)
+    twin = copy.deepcopy(qm)
+    _, layer = qn.bit_layers(twin)[-1]  # the classifier (no BatchNorm after it)
+    with torch.no_grad():
+        layer.scale.mul_(2)  # the copy's weights change, the original's do not
+    assert not torch.equal(twin(x), want) and torch.equal(qm(x), want)
+    made = twin._forward_pre_hooks[next(iter(twin._forward_pre_hooks))]
+    assert made.layers[-1] is layer
