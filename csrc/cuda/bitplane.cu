@@ -407,22 +407,6 @@ struct PopEntry {
   int64_t* out;
   int bits;
 };
-struct DqEntry {
-  const uint8_t* codes;
-  const uint32_t* sign;
-  const float* scale;
-  float* out;
-  int64_t n;
-  float levels;
-};
-struct DqGradEntry {
-  const float* grad;
-  const uint8_t* codes;
-  const uint32_t* sign;
-  float* out;
-  int64_t n;
-  double levels;
-};
 template <class Entry>
 struct Table {
   Entry layer[kTableLayers];
@@ -431,8 +415,8 @@ struct Table {
 };
 using StepTable = Table<StepEntry>;
 using PopTable = Table<PopEntry>;
-using DqTable = Table<DqEntry>;
-using DqGradTable = Table<DqGradEntry>;
+using DqTable = Table<DequantLayer>;  // the launchers' own layer structs (cuda/bitplane.h)
+using DqGradTable = Table<DequantGradLayer>;
 // Kernel arguments are limited to 4 KB before CUDA 12.1 and Volta.
 static_assert(sizeof(StepTable) + sizeof(void*) <= 4096 && sizeof(PopTable) + sizeof(void*) <= 4096 &&
                   sizeof(DqTable) <= 4096 && sizeof(DqGradTable) + sizeof(void*) <= 4096,
@@ -519,8 +503,8 @@ __global__ void __launch_bounds__(kBlock) popcount_layers_kernel(const __grid_co
 
 __global__ void __launch_bounds__(kBlock) dequantize_layers_kernel(const __grid_constant__ DqTable t) {
   const Place p = place_of(t);
-  const DqEntry& e = t.layer[p.l];
-  dequantize_part(e.codes, e.sign, e.scale, e.levels, e.n, e.out, p.first, p.threads);
+  const DequantLayer& e = t.layer[p.l];
+  dequantize_part(e.codes, e.sign, e.scale, static_cast<float>((1u << e.bits) - 1u), e.n, e.out, p.first, p.threads);
 }
 
 // The slots: one double per block. The last block adds each layer's slots as that layer's
@@ -529,7 +513,7 @@ __global__ void __launch_bounds__(kBlock) dequantize_layers_kernel(const __grid_
 __global__ void __launch_bounds__(kBlock) dq_backward_layers_kernel(const __grid_constant__ DqGradTable t,
                                                                     unsigned* __restrict__ ws) {
   const Place p = place_of(t);
-  const DqGradEntry& e = t.layer[p.l];
+  const DequantGradLayer& e = t.layer[p.l];
   double acc = dq_backward_part(e.grad, e.codes, e.sign, e.n, p.first, p.threads);
   acc = detail::block_reduce<kBlock>(acc, 0.0, detail::SumOp{});
   double* partials = detail::slots<double>(ws);
@@ -539,7 +523,7 @@ __global__ void __launch_bounds__(kBlock) dq_backward_layers_kernel(const __grid
     __syncthreads();  // block_reduce's shared slots, reused layer after layer
     const double sum =
         detail::combine_slots<kBlock>(partials + t.first[i], t.first[i + 1] - t.first[i], 1, 0.0, detail::SumOp{});
-    if (threadIdx.x == 0) *t.layer[i].out = static_cast<float>(sum / t.layer[i].levels);
+    if (threadIdx.x == 0) *t.layer[i].out = static_cast<float>(sum / static_cast<double>((1u << t.layer[i].bits) - 1u));
   }
   detail::release_ticket(ws);
 }
@@ -611,6 +595,18 @@ class Ranges {
   };
   std::vector<Range> r_;
 };
+
+// Checks every layer's width (std::invalid_argument, before anything is launched); whether
+// any layer has work.
+template <class Layer>
+bool check_widths(const Layer* layers, int64_t count) {
+  bool any = false;
+  for (int64_t l = 0; l < count; ++l) {
+    levels_of(layers[l].bits);
+    any = any || layers[l].n > 0;
+  }
+  return any;
+}
 
 bool layers_independent(const StepLayer* layers, int64_t count) {
   Ranges r(count * 8);
@@ -759,12 +755,7 @@ void bitplane_step_layers(const StepLayer* layers, int64_t count, float lr, floa
 
 void plane_popcounts_layers(const PopcountLayer* layers, int64_t count, int64_t* out, unsigned* workspace, int device,
                             uintptr_t stream) {
-  bool any = false;
-  for (int64_t l = 0; l < count; ++l) {
-    levels_of(layers[l].bits);
-    any = any || layers[l].n > 0;
-  }
-  if (!any) return;
+  if (!check_widths(layers, count)) return;
   detail::require_current_device(device);
   const cudaStream_t st = detail::as_stream(stream);
   // kMaxBits 8-byte slots per block after the ticket: room for one full-size grid at least
@@ -783,12 +774,7 @@ void plane_popcounts_layers(const PopcountLayer* layers, int64_t count, int64_t*
 }
 
 void dequantize_layers(const DequantLayer* layers, int64_t count, int device, uintptr_t stream) {
-  bool any = false;
-  for (int64_t l = 0; l < count; ++l) {  // every layer checked before anything launches
-    levels_of(layers[l].bits);
-    any = any || layers[l].n > 0;
-  }
-  if (!any) return;
+  if (!check_widths(layers, count)) return;
   detail::require_current_device(device);
   if (!layers_independent(layers, count)) {  // a weight overlaps another layer's buffers: in order
     for (int64_t l = 0; l < count; ++l) {
@@ -803,23 +789,17 @@ void dequantize_layers(const DequantLayer* layers, int64_t count, int device, ui
     FEDMPQ_CUDA_CHECK_LAUNCH();
   };
   // no slots: only the table's size closes a group (the grid stays far below 2^32 blocks)
-  TableGroups<DqEntry, decltype(launch)> groups(std::numeric_limits<int64_t>::max(), launch);
+  TableGroups<DequantLayer, decltype(launch)> groups(std::numeric_limits<int64_t>::max(), launch);
   for (int64_t l = 0; l < count; ++l) {
     const DequantLayer& y = layers[l];
-    if (y.n > 0)
-      groups.add(DqEntry{y.codes, y.sign, y.scale, y.out, y.n, levels_of(y.bits)}, grid_blocks(y.n, device));  // as dequantize
+    if (y.n > 0) groups.add(y, grid_blocks(y.n, device));  // as dequantize
   }
   groups.finish();
 }
 
 void dequantize_backward_layers(const DequantGradLayer* layers, int64_t count, unsigned* workspace, int device,
                                 uintptr_t stream) {
-  bool any = false;
-  for (int64_t l = 0; l < count; ++l) {
-    levels_of(layers[l].bits);
-    any = any || layers[l].n > 0;
-  }
-  if (!any) return;
+  if (!check_widths(layers, count)) return;
   detail::require_current_device(device);
   const cudaStream_t st = detail::as_stream(stream);
   // Every block reads its inputs before it takes its ticket and only the last block writes
@@ -829,12 +809,10 @@ void dequantize_backward_layers(const DequantGradLayer* layers, int64_t count, u
     FEDMPQ_CUDA_CHECK_LAUNCH();
   };
   // 8-byte slots after the ticket and its pad: at least 16 full-size grids
-  TableGroups<DqGradEntry, decltype(launch)> groups((bitplane_workspace_words(device) - 2) / 2, launch);
+  TableGroups<DequantGradLayer, decltype(launch)> groups((bitplane_workspace_words(device) - 2) / 2, launch);
   for (int64_t l = 0; l < count; ++l) {
     const DequantGradLayer& y = layers[l];
-    if (y.n > 0)  // the grid of dequantize_backward
-      groups.add(DqGradEntry{y.grad, y.codes, y.sign, y.out, y.n, static_cast<double>(levels_of(y.bits))},
-                 grid_blocks(ceil_div(y.n, 4), device));
+    if (y.n > 0) groups.add(y, grid_blocks(ceil_div(y.n, 4), device));  // the grid of dequantize_backward
   }
   groups.finish();
 }

@@ -96,16 +96,22 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
     return out
 
 
-def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
-    dev = codes.device
+def _grad_args(grad: Tensor, codes: Tensor, sign: Tensor):
+    """One layer's dequantize_backward inputs as the kernels read them: (grad float32, codes,
+    sign words, n), contiguous."""
     c = codes.contiguous()
     n = c.numel()
     g = _f32(grad)
     if g.numel() != n:
         raise ValueError(f"grad has {g.numel()} elements, codes {n}")
+    return g, c, words(sign, bitmap_nbytes(n)), n
+
+
+def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
+    dev = codes.device
+    g, c, sw, n = _grad_args(grad, codes, sign)
     if n == 0:
         return torch.zeros((), dtype=_F32, device=dev)
-    sw = words(sign, bitmap_nbytes(n))
     out = torch.empty((), dtype=_F32, device=dev)  # written by the kernel's last block
     with on_device(dev):
         stream = raw_stream(dev)
@@ -150,14 +156,9 @@ def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
     L = len(codes)
     layers, keep = [], []  # layers: (layer index, the native tuple but its out)
     for i, (g, c, sg, b) in enumerate(zip(grads, codes, sign, bits)):
-        c = c.contiguous()
-        n = c.numel()
-        g = _f32(g)
-        if g.numel() != n:
-            raise ValueError(f"grad has {g.numel()} elements, codes {n}")
+        g, c, sw, n = _grad_args(g, c, sg)
         if n == 0:
             continue
-        sw = words(sg, bitmap_nbytes(n))
         keep.append((g, c, sw))
         layers.append((i, (g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), b)))
     # an empty layer launches nothing, so its dL/ds must be a zero already there
