@@ -231,11 +231,14 @@ def batch_weights(model: nn.Module) -> BatchedWeights:
     among the model's layers when this was called, de-quantizes its weight itself. Not under
     ``torch.compile`` (the compiled graph de-quantizes per layer as before), and not for
     layers on several devices. The model still pickles, and a deepcopy keeps the hooks, over
-    its own layers.
+    its own layers. On a model that has them already, it adds nothing and its handle removes
+    nothing (so a trainer may call it on a model its caller set up the same way).
 
     Returns:
         a :class:`BatchedWeights` (``.remove()``, or use it as a context manager).
     """
+    if any(isinstance(h, _MakeWeights) for h in model._forward_pre_hooks.values()):
+        return BatchedWeights([])  # already on (the caller's own): once is enough, and it stays
     make = _MakeWeights([m for _, m in bit_layers(model)])
     return BatchedWeights([model.register_forward_pre_hook(make),
                            model.register_forward_hook(_DropWeights(make), always_call=True)])

@@ -540,3 +540,23 @@ def test_a_model_under_batch_weights_pickles_and_deep_copies(tmp_path):
     assert not torch.equal(twin(x), want) and torch.equal(qm(x), want)
     made = twin._forward_pre_hooks[next(iter(twin._forward_pre_hooks))]
     assert made.layers[-1] is layer
+
+
+def test_batch_weights_twice_is_once(monkeypatch):
+    """A second batch_weights on the same model adds no second call per forward, and removing
+    its handle leaves the first one's hooks; a model without bit-plane layers is unchanged."""
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    first = qn.batch_weights(qm)
+    spy = _Spy(monkeypatch)
+    with qn.batch_weights(qm):
+        qm(torch.randn(2, 1, 8, 8))
+    assert spy.many == 1 and spy.one == 0
+    qm(torch.randn(2, 1, 8, 8))
+    assert spy.many == 2, "removing the second handle took the first one's hooks off"
+    first.remove()
+    qm(torch.randn(2, 1, 8, 8))
+    assert spy.many == 2 and spy.one == 4
+    fm = qn.small_cnn(image_size=8)
+    with qn.batch_weights(fm):
+        fm(torch.randn(2, 1, 8, 8))
+    assert spy.many == 2
