@@ -53,8 +53,9 @@
 # relu6_fake_quant; packing (pack_codes with its deferred range check, unpack_codes,
 # dequant_accumulate), every bit-width, aligned and sliced inputs, 2^23-element cases that
 # take several grid-stride trips, device/stream rules, CUDA-graph capture; bit-plane
-# training (binarize, dequantize and its backward, popcounts, the fused optimizer step:
-# Triton; the registry falls back per op where a backend has no kernel). Later families'
+# training (binarize, dequantize and its backward, popcounts, the fused optimizer step, and
+# on CUDA C++ their launches over layer tables: a model's weights and its step; the registry
+# falls back per op where a backend has no kernel). Later families'
 # tests (tests/fedmpq_kernels/<family>/) and benches (benches/bench_<family>.py) are picked up
 # by the same steps.
 set -euo pipefail
