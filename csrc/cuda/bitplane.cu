@@ -22,8 +22,10 @@
 // so do its weights (dequantize_layers, dequantize_backward_layers): 2 launches, not 40.
 //
 // Verified: compiled for sm_80 and sm_90 (ptxas -v: no spills but 4 bytes in the 8-bit
-// single-layer update on sm_90, which the refactor into step_update_part brought; the
-// table kernels: none, 26-48 registers); tested on the host in CI under tests/cuda_emu
+// single-layer update on sm_90, which the refactor into step_update_part brought: its SASS
+// stores one register before the loop and loads it once per 32-element trip, an L1 hit
+// beside the trip's 8 momentum-code loads and stores; the table kernels: none, 26-48
+// registers); tested on the host in CI under tests/cuda_emu
 // (bitplane/test_cuda_emulated.py and test_cuda_emulated_layers.py: every width, tails,
 // several grid-stride trips, shuffled block orders, stale workspace slots, skipped and zero
 // steps, device keys, mixed widths and split groups in the table launches); NOT yet run on a
