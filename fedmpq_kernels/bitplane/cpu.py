@@ -13,7 +13,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._buffers import copies_among_shared, words, write_back
+from .._buffers import copies_among_shared, empty_f32, words, write_back
 from .._checks import bitmap_arg, bitmap_nbytes
 from .._native import native
 
@@ -74,19 +74,6 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
     return torch.scalar_tensor(r, dtype=torch.float32)  # cheaper than torch.tensor
 
 
-def _aligned(t: Tensor) -> Tensor:
-    """A bitmap the public function checked (uint8, on the CPU, long enough), contiguous and
-    4-byte aligned: copied only when it is not already."""
-    if t.is_contiguous() and not t.data_ptr() % 4:
-        return t
-    return t.clone(memory_format=torch.contiguous_format)  # fresh storage: aligned
-
-
-def _empty_f32(shape) -> Tensor:
-    # ints as separate arguments: torch.empty parses a torch.Size about 1 µs slower
-    return torch.empty(*shape, dtype=torch.float32) if len(shape) else torch.empty((), dtype=torch.float32)
-
-
 def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
     """dequantize of each layer, its weight made in ``shapes[l]`` (the many-layer op's
     adapter: one pass here, no reshape per layer)."""
@@ -95,8 +82,8 @@ def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
     for c, sg, sc, b, shape in zip(codes, sign, scale, bits, shapes):
         c = _bytes(c)
         n = c.numel()
-        sw = _aligned(sg)
-        w = _empty_f32(shape)
+        sw = words(sg)  # the public function checked it: only made contiguous and aligned
+        w = empty_f32(shape)
         native.cpu.dequantize(c.data_ptr(), n, sw.data_ptr(), sw.numel(), _scalar(sc), b, w.data_ptr(), n, nt)
         out.append(w)
     return out
@@ -112,7 +99,7 @@ def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
         g = _f32(g)
         if g.numel() != n:
             raise ValueError(f"grad has {g.numel()} elements, codes {n}")
-        sw = _aligned(sg)
+        sw = words(sg)
         r.append(native.cpu.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), b, nt))
     return list(torch.tensor(r, dtype=torch.float32).unbind())  # one tensor: cheaper than one per layer
 

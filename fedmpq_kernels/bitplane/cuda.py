@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._buffers import copies_among_shared, words, write_back
+from .._buffers import copies_among_shared, empty_f32, words, write_back
 from .._checks import bitmap_nbytes
 from .._device import on_device, raw_stream, workspace
 from .._native import native
@@ -121,11 +121,6 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
     return out
 
 
-def _empty_f32(shape, dev: torch.device) -> Tensor:
-    # ints as separate arguments: torch.empty parses a torch.Size about 1 µs slower
-    return torch.empty(*shape, dtype=_F32, device=dev) if len(shape) else torch.empty((), dtype=_F32, device=dev)
-
-
 def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
     """dequantize of each layer, its weight made in ``shapes[l]``, in one native call: one
     launch per group of up to 32 layers (launches over layer tables)."""
@@ -134,7 +129,7 @@ def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
     for c, sg, sc, b, shape in zip(codes, sign, scale, bits, shapes):
         c = c.contiguous()
         n = c.numel()
-        w = _empty_f32(shape, dev)
+        w = empty_f32(shape, dev)
         out.append(w)
         if n == 0:
             continue
@@ -154,22 +149,21 @@ def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
     views of one tensor."""
     dev = codes[0].device
     L = len(codes)
-    layers, keep = [], []  # layers: (layer index, the native tuple but its out)
+    # an empty layer launches nothing, so its dL/ds must be a zero already there
+    out = (torch.zeros if any(c.numel() == 0 for c in codes) else torch.empty)(L, dtype=_F32, device=dev)
+    base = out.data_ptr()
+    layers, keep = [], []
     for i, (g, c, sg, b) in enumerate(zip(grads, codes, sign, bits)):
         g, c, sw, n = _grad_args(g, c, sg)
         if n == 0:
             continue
-        keep.append((g, c, sw))
-        layers.append((i, (g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), b)))
-    # an empty layer launches nothing, so its dL/ds must be a zero already there
-    out = (torch.zeros if len(layers) < L else torch.empty)(L, dtype=_F32, device=dev)
+        keep.append((g, c, sw))  # alive until the launches are queued (copies among them)
+        layers.append((g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), b, base + 4 * i))
     if layers:
-        base = out.data_ptr()
         with on_device(dev):
             stream = raw_stream(dev)
             ws, ws_words = _workspace(dev, stream)
-            native.cuda.dequantize_backward_layers([y + (base + 4 * i,) for i, y in layers], ws, ws_words, dev.index,
-                                                   stream)
+            native.cuda.dequantize_backward_layers(layers, ws, ws_words, dev.index, stream)
     return list(out.unbind())
 
 

@@ -358,15 +358,18 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
     dev = codes[0].device
     bits_l = [0] * L
     u8, f32 = torch.uint8, torch.float32
+    plain = True  # every tensor a plain one, none functorch-wrapped: the direct path may take them
     for i in range(L):
         c, sg, sc, sk, b = codes[i], sign[i], scale[i], sink[i], bits[i]
         # the usual case in one expression (half the time of the checks below, which name the problem)
         if (type(b) is int and 0 < b <= 8 and type(c) in PLAIN and type(sg) in PLAIN and type(sc) in PLAIN
                 and type(sk) in PLAIN and c.dtype is u8 and sg.dtype is u8 and sc.dtype is f32 and c.device == dev
                 and sg.device == dev and sc.device == dev and sk.device == dev and sc.numel() == 1
-                and sk.numel() == c.numel() and sg.numel() >= bitmap_nbytes(c.numel())):
+                and sk.numel() == c.numel() and sg.numel() >= bitmap_nbytes(c.numel()) and not _is_wrapped(c)
+                and not _is_wrapped(sg) and not _is_wrapped(sc) and not _is_wrapped(sk)):
             bits_l[i] = b
             continue
+        plain = False  # anything unusual takes the registered op, which handles every case
         try:
             n, bits_l[i] = _state(codes[i], sign[i], bits[i])
             if codes[i].device != dev:
@@ -378,7 +381,7 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
         except (TypeError, ValueError) as e:
             raise type(e)(f"layer {i}: {e}") from None
     bits_t = tuple(bits_l)
-    if all(type(c) in PLAIN and not _is_wrapped(c) for ts in (codes, sign, scale, sink) for c in ts) and _eager(codes[0]):
+    if plain and _eager(codes[0]):
         if torch.is_grad_enabled() and any(t.requires_grad for ts in (scale, sink) for t in ts):
             return list(_dql_apply(L, bits_t, *codes, *sign, *scale, *sink))
         return _dequantize_layers_impl(codes, sign, scale, bits_t, sink)
