@@ -88,7 +88,10 @@ __global__ void __launch_bounds__(kBlock) binarize_kernel(const float* __restric
     bool neg = false;
     if (j < n) {
       const float x = __ldg(w + j);
-      codes[j] = static_cast<uint8_t>(static_cast<int>(fminf(rintf(__fmul_rn(fabsf(x), inv)), levels)));
+      // min(q, L) -> uint8, a NaN to 0 as torch casts it: 0 * inf when L / s overflows (s below
+      // about L / FLT_MAX) is a NaN, and fminf(NaN, L) would be L (the CPU's form)
+      const float q = rintf(__fmul_rn(fabsf(x), inv));
+      codes[j] = q < levels ? static_cast<uint8_t>(q) : (q >= levels ? static_cast<uint8_t>(levels) : 0);
       neg = !(x > 0.0f);
     }
     const uint32_t word = __ballot_sync(kFullMask, neg);

@@ -72,6 +72,14 @@ def test_binarize_edge_values(backend):
             rq, rs, rsc = R.binarize(w.cpu(), bits)
             assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and float(sc) == 3.0
             assert int(q[4]) == (1 << bits) - 1 and int(q[3]) == (1 << bits) - 1
+        # s so small that L / s overflows to inf: a zero weight is 0 * inf = NaN before the
+        # clamp, and its code must still be 0 (CUDA's fminf(NaN, L) gave L)
+        tiny = torch.tensor([1e-38, 0.0, -1e-38, 5e-39, -0.0, 1e-45], device=dev)
+        for bits in (1, 2, 4, 8):
+            q, s, sc = fk.binarize(tiny, bits)
+            rq, rs, rsc = R.binarize(tiny.cpu(), bits)
+            assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(sc.cpu(), rsc), bits
+            assert int(q[1]) == 0 and int(q[4]) == 0 and int(q[0]) == (1 << bits) - 1, bits
         q, s, sc = fk.binarize(torch.zeros(40, device=dev), 3)  # s = 0: every code 0, all "negative"
         assert int(q.abs().sum()) == 0 and float(sc) == 0.0
         assert s.cpu().tolist() == [255] * 5 + [0] * 3

@@ -32,14 +32,16 @@ def _stale(ws: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("n", SIZES)
 def test_binarize(emu, n):
     """Codes, signs and the scale as the reference's, with zeros and -0.0 among the weights
-    (negative = not (w > 0), so both set the sign bit), and an all-zero layer (s = 0: q = 0)."""
+    (negative = not (w > 0), so both set the sign bit), an all-zero layer (s = 0: q = 0), and
+    a layer whose s is so small that L / s is inf (a zero's 0 * inf is NaN: code 0)."""
     # binarize's absmax launch uses the bit-plane workspace: it must hold absmax's slots
     assert emu.bitplane_workspace().numel() >= emu.workspace().numel()
     w = weights(n, 3)
     w[::7] = 0.0
     w[3::11] = -0.0
     for bits in ALL_BITS:
-        for x in (w, torch.zeros(n)):
+        tiny = w * 1e-40  # subnormal: L / s overflows to inf at every width
+        for x in (w, torch.zeros(n), tiny):
             codes, sign = Guarded(n, torch.uint8), Guarded(words(n), torch.int32)
             scale = Guarded(1, torch.float32)
             emu.warp_order(bits)
