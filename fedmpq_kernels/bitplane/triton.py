@@ -247,11 +247,18 @@ def _step_inputs(grad_ptr, codes_ptr, sign_ptr, word, col, n, nwords, k, MASKED:
 
 
 @triton.jit
+def _plane_offset(n, I):
+    """Where momentum plane I starts, ``I * n`` in int64: ``n`` comes in as int32 below 2^31,
+    and an int32 product wraps for (N - 1) * n >= 2^31 (a layer of 3.1e8 weights at 8 bits)."""
+    return n.to(tl.int64) * I
+
+
+@triton.jit
 def _step_d(mom_ptr, coef_ptr, offs, mask, n, q, a, gsp, mu, I: tl.constexpr, N: tl.constexpr,
             MASKED: tl.constexpr):
     """d of plane I (step 1): (mu * (f32(r_prev) * gs_prev)) + (a * 2^(N-1-I) [+ c_I])."""
     SH: tl.constexpr = N - 1 - I
-    mptr = mom_ptr + I * n + offs
+    mptr = mom_ptr + _plane_offset(n, I) + offs
     if MASKED:
         c = tl.load(mptr, mask=mask, other=0).to(tl.int32)
     else:
@@ -347,7 +354,7 @@ def _step_update_tile(grad_ptr, codes_ptr, sign_ptr, mom_ptr, coef_ptr, word, co
             R += stoch
             code = code | tl.where(hit, tl.where(pos0, 1, 2), 0)
         code = code.to(tl.uint8)
-        mptr = mom_ptr + i * n + offs
+        mptr = mom_ptr + _plane_offset(n, i) + offs
         if MASKED:
             tl.store(mptr, code, mask=mask)
         else:
@@ -368,9 +375,9 @@ def _step_zero_mom(mom_ptr, word, col, n, N: tl.constexpr, MASKED: tl.constexpr)
     z = tl.zeros(offs.shape, dtype=tl.uint8)
     for i in tl.static_range(N):
         if MASKED:
-            tl.store(mom_ptr + i * n + offs, z, mask=offs < n)
+            tl.store(mom_ptr + _plane_offset(n, i) + offs, z, mask=offs < n)
         else:
-            tl.store(mom_ptr + i * n + offs, z)
+            tl.store(mom_ptr + _plane_offset(n, i) + offs, z)
 
 
 @triton.jit(do_not_specialize=["n", "nwords", "key", "key_ptr"])

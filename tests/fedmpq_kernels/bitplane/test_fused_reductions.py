@@ -58,3 +58,17 @@ def test_triton_popcounts_and_step_finish_in_the_last_program(backend, monkeypat
             assert torch.equal(bits_of(got_gs), bits_of(want_gs)), f"{bits} bits, step {t}: g_s"
             for name, a, b in zip(("codes", "sign", "mom", "gs"), (codes, sign, mom, gs), want):
                 assert torch.equal(a, b), f"{bits} bits, step {t}: {name}"
+
+
+def test_triton_momentum_planes_start_at_int64_offsets(backend):
+    """Plane I of the momentum codes starts at I * n. n reaches a kernel as int32 below 2^31,
+    and an int32 product wrapped once (N - 1) * n >= 2^31 (8 bits: 3.1e8 weights), sending
+    planes 1..N-1 before ``mom``; the interpreter wraps as a GPU does. Too large to step here,
+    so the offset itself is checked, for int32 and int64 n."""
+    if backend.name != "triton" or backend.device != "cpu":
+        pytest.skip("the Triton interpreter case")
+    from ._triton_offsets import plane_offsets
+    for n in (1, (1 << 31) // 7 + 1, (1 << 30) + 5, (1 << 31) - 1, (1 << 31) + 3):
+        out = torch.zeros(8, dtype=torch.int64)
+        plane_offsets[(1,)](out, n, N=8)
+        assert out.tolist() == [i * n for i in range(8)], n
