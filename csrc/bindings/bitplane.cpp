@@ -392,7 +392,8 @@ void bind_bitplane(py::module_& m) {
       },
       py::arg("layers"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
       "dequantize_backward of each layer, tuples (grad, n, codes, sign, sign_nbytes, bits, out), one launch per group "
-      "of up to 32 layers; every *out is the single-layer result bit for bit (an empty layer's is not written).");
+      "of up to 32 layers (layer by layer when an out overlaps another layer's inputs); every *out is the "
+      "single-layer result bit for bit (an empty layer's is not written).");
   cuda.def(
       "plane_popcounts",
       [=](uintptr_t codes, int64_t n, int bits, uintptr_t out, int64_t out_len, uintptr_t ws, int64_t ws_words,

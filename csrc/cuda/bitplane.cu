@@ -645,6 +645,23 @@ bool layers_independent(const DequantLayer* layers, int64_t count) {
   return r.independent();
 }
 
+// dequantize_backward's last block writes every layer's dL/ds after all blocks have read
+// their inputs, so grouped, a later layer reads an input as it was before an earlier layer's
+// dL/ds landed in it, where calls in order read it after: grouped only when no dL/ds
+// overlaps another layer's inputs.
+bool layers_independent(const DequantGradLayer* layers, int64_t count) {
+  Ranges r(count * 4);
+  for (int64_t l = 0; l < count; ++l) {
+    const DequantGradLayer& y = layers[l];
+    if (y.n <= 0) continue;
+    r.add(y.out, 4, l, true);
+    r.add(y.grad, 4 * y.n, l, false);
+    r.add(y.codes, y.n, l, false);
+    r.add(y.sign, 4 * ceil_div(y.n, 32), l, false);
+  }
+  return r.independent();
+}
+
 }  // namespace
 
 int64_t bitplane_workspace_words(int device) {
@@ -806,9 +823,16 @@ void dequantize_backward_layers(const DequantGradLayer* layers, int64_t count, u
                                 uintptr_t stream) {
   if (!check_widths(layers, count)) return;
   detail::require_current_device(device);
+  if (!layers_independent(layers, count)) {  // a dL/ds lands in another layer's input: in order
+    for (int64_t l = 0; l < count; ++l) {
+      const DequantGradLayer& y = layers[l];
+      dequantize_backward(y.grad, y.codes, y.sign, y.n, y.bits, y.out, workspace, device, stream);
+    }
+    return;
+  }
   const cudaStream_t st = detail::as_stream(stream);
   // Every block reads its inputs before it takes its ticket and only the last block writes
-  // the outputs, so no order between the layers is observable: always grouped.
+  // the outputs, so with no dL/ds among the inputs, no order between the layers shows.
   auto launch = [&](const DqGradTable& t, unsigned blocks) {
     dq_backward_layers_kernel<<<blocks, kBlock, 0, st>>>(t, workspace);
     FEDMPQ_CUDA_CHECK_LAUNCH();

@@ -117,7 +117,8 @@ struct DequantGradLayer {
 // dequantize_backward of layers[0..count): one launch per group of up to 32 layers whose
 // blocks' 8-byte slots fit the workspace. Each layer's blocks and the order its last block
 // adds their sums are its own launch's, so every *out is the single-layer result bit for bit.
-// An empty layer's *out is not written.
+// When a layer's *out overlaps another layer's grad, codes or sign, layer by layer in order
+// instead. An empty layer's *out is not written.
 void dequantize_backward_layers(const DequantGradLayer* layers, int64_t count, unsigned* workspace, int device,
                                 uintptr_t stream);
 

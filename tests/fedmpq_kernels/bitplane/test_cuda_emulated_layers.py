@@ -291,6 +291,38 @@ def test_dequantize_backward_layers_are_the_single_launchers_bits(emu, sms, orde
         torch.testing.assert_close(out.t[l], R.dequantize_backward(g, c, s, b), rtol=1e-6, atol=0)
 
 
+def test_dequantize_backward_layers_whose_grad_another_writes_go_one_by_one(emu):
+    """Layer 0's dL/ds lands in layer 1's grad: grouped, layer 1 would read its grad before
+    the last block wrote it; in order (two launches), as calls one by one would, it reads it
+    after. Layers apart stay grouped (one launch)."""
+    (c0, s0, _, b0), (c1, s1, _, b1) = _weights([(1000, 4), (700, 8)])
+    gen = torch.Generator().manual_seed(3)
+    g0, g1 = torch.randn(1000, generator=gen), torch.randn(700, generator=gen)
+    out = torch.full((2,), -7.0)
+    ws = emu.bitplane_workspace()
+    reads = _reads(ws, g0, g1, c0, s0, c1, s1)
+    table = [(g0.data_ptr(), c0.data_ptr(), s0.data_ptr(), g1.data_ptr() + 4 * 5, 1000, b0),
+             (g1.data_ptr(), c1.data_ptr(), s1.data_ptr(), out.data_ptr(), 700, b1)]
+    before_g1 = g1.clone()
+    before = emu.launches()
+    emu.dequantize_backward_layers_raw(table, ws.data_ptr(), reads)
+    assert emu.launches() - before == 2
+    want0 = R.dequantize_backward(g0, c0, s0, b0)
+    assert int(bits_of(g1[5])) == int(bits_of(want0))  # layer 0's dL/ds, where its out pointed
+    want_g1 = before_g1.clone()
+    want_g1[5] = want0
+    assert torch.equal(g1, want_g1)
+    single = torch.empty(1)
+    emu.dequantize_backward(want_g1, c1, s1, b1, single, emu.bitplane_workspace())
+    assert int(bits_of(out[0])) == int(bits_of(single)), "layer 1 did not read layer 0's dL/ds"
+    # the same layers with their outs apart: one launch
+    table[0] = (g0.data_ptr(), c0.data_ptr(), s0.data_ptr(), out.data_ptr() + 4, 1000, b0)
+    before = emu.launches()
+    emu.dequantize_backward_layers_raw(table, ws.data_ptr(), reads)
+    assert emu.launches() - before == 1
+    assert int(bits_of(out[1])) == int(bits_of(want0))
+
+
 def test_weights_layers_check_every_layer_before_launching(emu):
     """A bad width in the last layer: ValueError and no launch, forward and backward."""
     (c, s, sc, b), = _weights([(100, 3)])
