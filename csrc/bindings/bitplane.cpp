@@ -56,9 +56,19 @@ float lr_f32(double lr) {
   return lr >= 0x1.ffffffp127 ? std::numeric_limits<float>::infinity() : static_cast<float>(lr);
 }
 
+// A buffer the step reads (coef; on CUDA also the scale and the key, read by every block of
+// both launches) apart from the four it writes.
+void check_written_apart(const char* name, uintptr_t p, int64_t bytes, uintptr_t codes, int64_t n, uintptr_t sign,
+                         uintptr_t mom, int bits, uintptr_t gs) {
+  check_disjoint(name, p, bytes, "codes", codes, n);
+  check_disjoint(name, p, bytes, "sign", sign, 4 * bitmap_words(n));
+  check_disjoint(name, p, bytes, "mom", mom, int64_t(bits) * n);
+  check_disjoint(name, p, bytes, "gs", gs, 4);
+}
+
 // The step's buffers (codes n, sign, mom bits * n, gs one float32, grad n float32, coef bits
 // float32), checked as the CPU kernel needs them: everything written (codes, sign, mom, gs)
-// is disjoint from everything else it reads element by element (grad) and from each other.
+// is disjoint from everything else it reads (grad, coef) and from each other.
 void check_step_buffers(uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t mom,
                         int64_t mom_len, uintptr_t gs, uintptr_t grad, uintptr_t coef, int64_t coef_len, int bits) {
   check_elems("codes", codes, n, n, 1);
@@ -80,6 +90,7 @@ void check_step_buffers(uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign
   check_disjoint("mom", mom, mb, "gs", gs, 4);
   check_disjoint("mom", mom, mb, "grad", grad, 4 * n);
   check_disjoint("gs", gs, 4, "grad", grad, 4 * n);
+  check_written_apart("coef", coef, 4 * int64_t(bits), codes, n, sign, mom, bits, gs);
 }
 // The step's status output (out, out_bytes): written by the kernels, so apart from every
 // buffer of the layer, its scale and key included (0: none, the CPU's by-value scale).
@@ -303,6 +314,10 @@ void bind_bitplane(py::module_& m) {
         check_disjoint("w", w, 4 * n, "codes", codes, n);
         check_disjoint("w", w, 4 * n, "sign", sign, 4 * bitmap_words(n));
         check_disjoint("codes", codes, n, "sign", sign, 4 * bitmap_words(n));
+        // *scale is written (max|w|) and then read by every block of the second launch
+        check_disjoint("scale", scale, 4, "w", w, 4 * n);
+        check_disjoint("scale", scale, 4, "codes", codes, n);
+        check_disjoint("scale", scale, 4, "sign", sign, 4 * bitmap_words(n));
         if (n > 0) check_workspace(ws, ws_words, device);
         fedmpq::cuda::binarize(ptr<const float>(w), n, bits, ptr<uint8_t>(codes), ptr<uint32_t>(sign),
                                ptr<float>(scale), ptr<unsigned>(ws), device, stream);
@@ -439,6 +454,8 @@ void bind_bitplane(py::module_& m) {
         require(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");  // null: the int key
         require(out != 0 && out % 4 == 0, "out pointer (two float32) is null or not 4-byte aligned");
         check_out_apart(out, 8, codes, n, sign, mom, bits, gs, grad, coef, scale, key_ptr);
+        check_written_apart("scale", scale, 4, codes, n, sign, mom, bits, gs);
+        if (key_ptr != 0) check_written_apart("key", key_ptr, 8, codes, n, sign, mom, bits, gs);
         if (n > 0) check_workspace(ws, ws_words, device);
         fedmpq::cuda::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
                                     ptr<const float>(grad), ptr<const float>(coef), ptr<const float>(scale), n, bits,
@@ -469,6 +486,8 @@ void bind_bitplane(py::module_& m) {
             check_scalar("scale", scale);
             require(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");
             check_out_apart(out, 8 * L, codes, n, sign, mom, bits, gs, grad, coef, scale, key_ptr);
+            check_written_apart("scale", scale, 4, codes, n, sign, mom, bits, gs);
+            if (key_ptr != 0) check_written_apart("key", key_ptr, 8, codes, n, sign, mom, bits, gs);
           });
           any = any || n > 0;
         }

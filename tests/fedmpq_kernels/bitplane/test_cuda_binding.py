@@ -56,6 +56,9 @@ CASES = [
     ("binarize", _bin, dict(sign_nbytes=8), "sign bitmap has 8 bytes, needs 16"),
     ("binarize", _bin, dict(scale=0), "scale pointer is null"),
     ("binarize", _bin, dict(codes=_P + 8), "w and codes overlap"),
+    ("binarize", _bin, dict(scale=_P + 396), "scale and w overlap"),
+    ("binarize", _bin, dict(scale=2 * _P + 96), "scale and codes overlap"),
+    ("binarize", _bin, dict(scale=3 * _P + 12), "scale and sign overlap"),
     ("binarize", _bin, dict(workspace=5 * _P + 4), "not 8-byte aligned"),
     ("dequantize", _dq, dict(n=-1), "negative element count"),
     ("dequantize", _dq, dict(codes=0), "codes: null data pointer"),
@@ -89,6 +92,11 @@ CASES = [
     ("bitplane_step", _step, dict(out=4 * _P - 4), "out and gs overlap"),
     ("bitplane_step", _step, dict(mom=_P + 50), "codes and mom overlap"),
     ("bitplane_step", _step, dict(grad=3 * _P + 200), "mom and grad overlap"),
+    # read by every block of both launches while the kernels write codes, sign, mom and gs
+    ("bitplane_step", _step, dict(coef=3 * _P + 8), "coef and mom overlap"),
+    ("bitplane_step", _step, dict(scale=4 * _P), "scale and gs overlap"),
+    ("bitplane_step", _step, dict(scale=_P + 96), "scale and codes overlap"),
+    ("bitplane_step", _step, dict(key_ptr=2 * _P + 8), "key and sign overlap"),
     ("bitplane_step", _step, dict(workspace=0), "reduction workspace pointer is null"),
 ]
 
@@ -145,7 +153,11 @@ def _step_layers_args(layers, **over):
     ([_layer(), _layer(codes=20 * _P + 8, n=8, mom_len=32, sign_nbytes=4)], {}, "layer 1: out and codes overlap"),
     ([_layer(scale=20 * _P + 4)], {}, "layer 0: out and scale overlap"),
     ([_layer(key_ptr=20 * _P)], {}, "layer 0: out and key overlap"),
-], ids=["mom", "key", "scale", "out", "lr", "out-gs", "out-grad", "out-codes", "out-scale", "out-key"])
+    ([_layer(), _layer(scale=4 * _P)], {}, "layer 1: scale and gs overlap"),
+    ([_layer(), _layer(key_ptr=3 * _P + 8)], {}, "layer 1: key and mom overlap"),
+    ([_layer(coef=_P + 4)], {}, "layer 0: coef and codes overlap"),
+], ids=["mom", "key", "scale", "out", "lr", "out-gs", "out-grad", "out-codes", "out-scale", "out-key", "scale-gs",
+        "key-mom", "coef-codes"])
 def test_cuda_step_layers_binding_names_the_bad_layer(layers, over, match):
     with pytest.raises(ValueError, match=match):
         native.cuda.bitplane_step_layers(**_step_layers_args(layers, **over))

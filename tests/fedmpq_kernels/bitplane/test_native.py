@@ -58,6 +58,11 @@ def test_native_step_rejects_overlapping_buffers():
         native.cpu.bitplane_step(**dict(a, mom=a["codes"] + 50))
     with pytest.raises(ValueError, match="gs and grad overlap"):
         native.cpu.bitplane_step(**dict(a, gs=a["grad"] + 8))
+    # coef is read for every element while mom is written: apart from everything written
+    with pytest.raises(ValueError, match="coef and mom overlap"):
+        native.cpu.bitplane_step(**dict(a, coef=a["mom"] + 8))
+    with pytest.raises(ValueError, match="coef and gs overlap"):
+        native.cpu.bitplane_step(**dict(a, coef=a["gs"] - 12))
     with pytest.raises(ValueError, match="sign and grad overlap"):
         native.cpu.bitplane_step(**dict(a, sign=a["grad"]))
 
