@@ -72,7 +72,9 @@ def workspace(device: torch.device, stream: int, words: int) -> Tensor:
     ws = _WORKSPACES.get(key)
     if ws is None or ws.numel() < words:
         # Freeing a smaller one is safe: the caching allocator hands its memory only to work
-        # queued after the kernels that used it on this stream.
+        # queued after the kernels that used it on this stream. A caller on another thread
+        # that looked the smaller one up but has not launched yet holds the tensor until it
+        # has (the adapters take the tensor, never only its pointer).
         ws = _WORKSPACES[key] = _zeroed(words, device)
     return ws
 

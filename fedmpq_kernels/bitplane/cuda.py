@@ -39,11 +39,12 @@ _WS_WORDS: Dict[int, int] = {}  # device index -> bitplane_workspace_words (the 
 
 
 def _workspace(dev: torch.device, stream: int):
-    """(pointer, words) of the reduction workspace for ``stream`` (csrc/cuda/bitplane.h)."""
+    """(tensor, words) of the reduction workspace for ``stream`` (csrc/cuda/bitplane.h); the
+    caller holds the tensor until its launch is queued (see fake_quant/cuda.py)."""
     n = _WS_WORDS.get(dev.index)
     if n is None:
         n = _WS_WORDS[dev.index] = native.cuda.bitplane_workspace_words(dev.index)
-    return workspace(dev, stream, n).data_ptr(), n
+    return workspace(dev, stream, n), n
 
 
 # The kernels take a pointer and an element count, so inputs keep their shapes: a reshape
@@ -76,7 +77,7 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
         stream = raw_stream(dev)
         ws, ws_words = _workspace(dev, stream)
         native.cuda.binarize(wf.data_ptr(), n, bits, codes.data_ptr(), n, sign.data_ptr(), nbytes, scale.data_ptr(),
-                             ws, ws_words, dev.index, stream)
+                             ws.data_ptr(), ws_words, dev.index, stream)
     return codes, sign, scale
 
 
@@ -117,7 +118,7 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
         stream = raw_stream(dev)
         ws, ws_words = _workspace(dev, stream)
         native.cuda.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), bits,
-                                        out.data_ptr(), ws, ws_words, dev.index, stream)
+                                        out.data_ptr(), ws.data_ptr(), ws_words, dev.index, stream)
     return out
 
 
@@ -163,7 +164,7 @@ def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
         with on_device(dev):
             stream = raw_stream(dev)
             ws, ws_words = _workspace(dev, stream)
-            native.cuda.dequantize_backward_layers(layers, ws, ws_words, dev.index, stream)
+            native.cuda.dequantize_backward_layers(layers, ws.data_ptr(), ws_words, dev.index, stream)
     return list(out.unbind())
 
 
@@ -177,7 +178,8 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     with on_device(dev):
         stream = raw_stream(dev)
         ws, ws_words = _workspace(dev, stream)
-        native.cuda.plane_popcounts(c.data_ptr(), n, bits, out.data_ptr(), bits, ws, ws_words, dev.index, stream)
+        native.cuda.plane_popcounts(c.data_ptr(), n, bits, out.data_ptr(), bits, ws.data_ptr(), ws_words, dev.index,
+                                    stream)
     return out
 
 
@@ -192,7 +194,8 @@ def plane_popcounts_layers(codes, bits) -> Tensor:
     with on_device(dev):
         stream = raw_stream(dev)
         ws, ws_words = _workspace(dev, stream)
-        native.cuda.plane_popcounts_layers(layers, out.data_ptr(), out.numel(), ws, ws_words, dev.index, stream)
+        native.cuda.plane_popcounts_layers(layers, out.data_ptr(), out.numel(), ws.data_ptr(), ws_words, dev.index,
+                                           stream)
     return out
 
 
@@ -225,7 +228,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         native.cuda.bitplane_step(c.data_ptr(), n, sw.data_ptr(), sw.numel(), m.data_ptr(), m.numel(),
                                   g_state.data_ptr(), g.data_ptr(), cf.data_ptr(), cf.numel(),
                                   sc.data_ptr(), bits, float(lr), float(momentum), int(key) & 0xFFFFFFFF,
-                                  key_ptr, out.data_ptr(), ws, ws_words, dev.index, stream)
+                                  key_ptr, out.data_ptr(), ws.data_ptr(), ws_words, dev.index, stream)
     write_back((c, sw, m, g_state), (codes, sign, mom, gs))  # the working copies, if any
     return out[0]
 
@@ -260,8 +263,8 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
     with on_device(dev):
         stream = raw_stream(dev)
         ws, ws_words = _workspace(dev, stream)
-        native.cuda.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), 2 * L, ws, ws_words, dev.index,
-                                   stream)
+        native.cuda.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), 2 * L, ws.data_ptr(),
+                                         ws_words, dev.index, stream)
     for l in range(L):
         write_back(work[l], (codes[l], sign[l], mom[l], gs[l]))  # the working copies, if any
     for l in empty:  # the reference: max over nothing is 0, so gs = 0

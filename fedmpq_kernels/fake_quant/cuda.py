@@ -61,12 +61,15 @@ def _no_bitmap(dev: torch.device) -> Tensor:
     return t
 
 
-def _workspace(dev: torch.device, stream: int) -> Tuple[int, int]:
-    """(pointer, words) of the reduction workspace for ``stream`` (csrc/cuda/fake_quant.h)."""
+def _workspace(dev: torch.device, stream: int) -> Tuple[Tensor, int]:
+    """(tensor, words) of the reduction workspace for ``stream`` (csrc/cuda/fake_quant.h).
+    The caller holds the tensor until its launch is queued: another thread on this stream
+    may replace it with a larger one, and the allocator would hand a freed one to work
+    queued before this launch."""
     words = _WS_WORDS.get(dev.index)
     if words is None:
         words = _WS_WORDS[dev.index] = native.cuda.workspace_words(dev.index)
-    return workspace(dev, stream, words).data_ptr(), words
+    return workspace(dev, stream, words), words
 
 
 def _elementwise(t: Tensor, name: str) -> Tuple[int, torch.device, Tensor, int, Tensor, int]:
@@ -114,7 +117,7 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
             s = torch.empty((), dtype=_F32, device=dev)
             s_ptr = s.data_ptr()
             ws, words = _workspace(dev, stream)
-            native.cuda.absmax(xc.data_ptr(), code, n, s_ptr, ws, words, dev.index, stream)
+            native.cuda.absmax(xc.data_ptr(), code, n, s_ptr, ws.data_ptr(), words, dev.index, stream)
             scale_given = False
         else:
             s = scale
@@ -163,12 +166,12 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
     gs = torch.empty((), dtype=_F32, device=dev)
     with on_device(dev):
         stream = raw_stream(dev)
-        ws, words = _workspace(dev, stream) if scale_grad else (0, 0)
+        ws, words = _workspace(dev, stream) if scale_grad else (None, 0)
         p = b.data_ptr()
         native.cuda.fake_quant_backward(
             g.data_ptr(), gx.data_ptr(), code, n, n, p, nb,
             p + nb if scale_grad else 0, nb if scale_grad else 0,
-            ws, words, gs.data_ptr(), dev.index, stream,
+            ws.data_ptr() if scale_grad else 0, words, gs.data_ptr(), dev.index, stream,
         )
     return gx, gs
 
@@ -196,5 +199,5 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
         s = torch.empty((), dtype=_F32, device=dev)  # S, its own tensor (see fake_quant)
         ws, words = _workspace(dev, stream)
         native.cuda.relu6_fake_quant(xc.data_ptr(), y.data_ptr(), code, n, n, bits, s.data_ptr(),
-                                     mask.data_ptr(), nb, ws, words, dev.index, stream)
+                                     mask.data_ptr(), nb, ws.data_ptr(), words, dev.index, stream)
     return y, mask

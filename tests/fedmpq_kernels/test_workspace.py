@@ -193,3 +193,71 @@ def test_triton_kernels_on_one_kept_workspace(backend, monkeypatch):
             assert torch.equal(bits_of(got_gs), bits_of(want_gs)), f"{bits} bits, step {t}: g_s"
             for name, a, w in zip(("codes", "sign", "mom", "gs"), (codes, sign, mom, gstate), want):
                 assert torch.equal(a, w), f"{bits} bits, step {t}: {name}"
+
+
+def test_the_cuda_adapters_hold_the_workspace_until_their_launch(emu, monkeypatch):
+    """Each CUDA adapter keeps the workspace tensor alive until its launch is queued. Another
+    thread on the same stream may replace the stream's workspace with a larger one between
+    this call's lookup and its launch; had the adapter kept only the pointer, the old one
+    would be freed and the allocator could hand its memory to work queued before the
+    launch. Modelled here by a workspace lookup whose tensor nobody else holds: every
+    launch must find the workspace it was given still alive."""
+    import types
+    import weakref
+
+    from fedmpq_kernels.bitplane import cuda as bc
+    from fedmpq_kernels.bitplane import reference as BR
+    from fedmpq_kernels.fake_quant import cuda as fc
+    from tests.cuda_emu.launchers import wire
+
+    given = []  # weak references to every workspace handed out
+
+    def replaced_workspace(dev, stream, words):
+        ws = torch.zeros(words + (words & 1), dtype=torch.int32)
+        given.append(weakref.ref(ws))
+        return ws
+
+    launches = []
+
+    class Checked:
+        """_C.cuda whose every launch first checks that each workspace handed out is alive."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            fn = getattr(self.inner, name)
+
+            def launch(*args, **kw):
+                if given:
+                    launches.append(name)
+                    assert all(r() is not None for r in given), f"{name}: its workspace was freed before the launch"
+                    given.clear()
+                return fn(*args, **kw)
+            return launch
+
+    for mod in (bc, fc):
+        cuda = wire(mod, emu, monkeypatch)
+        monkeypatch.setattr(mod, "native", types.SimpleNamespace(cuda=Checked(cuda)))
+        monkeypatch.setattr(mod, "workspace", replaced_workspace)
+
+    n, bits = 1000, 4
+    w = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    codes, sign, scale = bc.binarize(w, bits)
+    want = BR.binarize(w, bits)
+    assert torch.equal(codes, want[0]) and torch.equal(sign, want[1])
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    bc.dequantize_backward(g, codes, sign, bits)
+    bc.dequantize_backward_layers([g, g], [codes, codes], [sign, sign], [bits, bits])
+    bc.plane_popcounts(codes, bits)
+    bc.plane_popcounts_layers([codes, codes], [bits, bits])
+    state = [codes.clone(), sign.clone(), torch.zeros(bits, n, dtype=torch.uint8), torch.zeros(1)]
+    coef = torch.full((bits,), 1e-4)
+    bc.bitplane_step(*state, g, coef, scale, bits, 0.5, 0.9, 3)
+    bc.bitplane_step_layers([state[0]], [state[1]], [state[2]], [state[3]], [g], [coef], [scale], [bits], 0.5, 0.9, [4])
+    y, bm = fc.fake_quant(w, bits, None, 2)
+    fc.fake_quant_backward(w, bm, True)
+    fc.relu6_fake_quant(w, bits)
+    assert launches == ["binarize", "dequantize_backward", "dequantize_backward_layers", "plane_popcounts",
+                        "plane_popcounts_layers", "bitplane_step", "bitplane_step_layers", "absmax",
+                        "fake_quant_backward", "relu6_fake_quant"]
