@@ -125,3 +125,24 @@ def test_dequantize_autograd(backend, bits):
     sigma = torch.where(R.negative_mask(s, n), -1.0, 1.0).double()
     want = float((sigma * q.double() * G.double()).sum() / ((1 << bits) - 1))
     assert math.isclose(float(scale.grad), want, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_a_one_element_scale_of_any_shape_gets_its_gradient_in_its_shape(backend, shape):
+    """A scale of shape (1,) or (1, 1) (one element, as the checks allow) takes the same dL/ds
+    as a 0-dim one, in its own shape, through the public function and the registered op
+    alike (the kernels' dL/ds is 0-dim: autograd would refuse it for a (1,) leaf)."""
+    kernels(backend)
+    dev = backend.device
+    n, bits = 333, 3
+    q, s, sc = layer(n, bits)
+    G = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    want = R.dequantize_backward(G, q, s, bits)
+    with backend.active():
+        for call in (fk.dequantize, torch.ops.fedmpq.dequantize):
+            scale = sc.reshape(shape).clone().to(dev).requires_grad_(True)
+            w = call(q.to(dev), s.to(dev), scale, bits, fk.sink_like((n,), device=dev))
+            assert torch.equal(bits_of(w.cpu()), bits_of(R.dequantize(q, s, sc, bits)))
+            w.backward(G.to(dev))
+            assert scale.grad.shape == shape, call
+            torch.testing.assert_close(scale.grad.cpu().reshape(()), want, rtol=1e-6, atol=0)

@@ -153,3 +153,24 @@ def test_a_bad_layer_is_named(change, err, match):
 
 def test_no_layers():
     assert fk.dequantize_layers([], [], [], [], []) == []
+
+
+def test_one_element_scales_of_any_shape_get_their_gradients_in_their_shapes(backend):
+    """Scales of shape (1,) and (1, 1) beside 0-dim ones: the same weights and dL/ds as 0-dim
+    scales, each gradient in its scale's own shape; the caller's list is left as it was."""
+    kernels(backend)
+    dev = backend.device
+    codes, sign, scale, bits, sink, ref = _layers(dev)
+    shaped = [sc.detach().reshape((1,) if l % 3 == 1 else (1, 1) if l % 3 == 2 else ()).clone().requires_grad_(True)
+              for l, sc in enumerate(scale)]
+    given = list(shaped)
+    G = _grads(dev)
+    with backend.active():
+        torch.autograd.backward(fk.dequantize_layers(codes, sign, scale, bits, sink), G)
+        ws = fk.dequantize_layers(codes, sign, shaped, bits, sink)
+        torch.autograd.backward(ws, G)
+    assert all(a is b for a, b in zip(shaped, given))
+    for l, (w, (shape, b), (q, s)) in enumerate(zip(ws, SHAPES, ref)):
+        assert torch.equal(bits_of(w.detach()).reshape(-1), bits_of(R.dequantize(q, s, scale[l].detach().cpu(), b)))
+        assert shaped[l].grad.shape == shaped[l].shape, f"layer {l}"
+        assert torch.equal(bits_of(shaped[l].grad.reshape(())), bits_of(scale[l].grad)), f"layer {l}"
