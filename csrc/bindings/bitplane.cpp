@@ -256,7 +256,7 @@ void bind_bitplane(py::module_& m) {
   cpu.def(
       "bitplane_step_layers",
       [](const std::vector<CpuStepLayer>& layers, double lr, double momentum, uintptr_t out, int64_t out_len,
-         int nthreads) {
+         int nthreads, bool check_only) {
         check_step_scalars(lr, momentum);
         const int64_t L = static_cast<int64_t>(layers.size());
         check_elems("out", out, L, out_len, 4);
@@ -270,6 +270,7 @@ void bind_bitplane(py::module_& m) {
             check_out_apart(out, 4 * L, codes, n, sign, mom, bits, gs, grad, coef, 0, 0);
           });
         }
+        if (check_only) return;
         const float lr32 = lr_f32(lr), mu32 = static_cast<float>(momentum);
         NoGil nogil;
         float* o = ptr<float>(out);
@@ -282,9 +283,10 @@ void bind_bitplane(py::module_& m) {
         }
       },
       py::arg("layers"), py::arg("lr"), py::arg("momentum"), py::arg("out"), py::arg("out_len"), py::arg("nthreads"),
+      py::arg("check_only") = false,
       "bitplane_step on each layer in order, one call: layers are tuples (codes, n, sign, sign_nbytes, mom, mom_len, "
       "gs, grad, coef, coef_len, scale, bits, key); out[l] (float32) = layer l's g_s. Every layer is checked "
-      "before any is stepped.");
+      "before any is stepped; check_only: the checks alone (for a caller that then steps layer by layer).");
 
 #ifdef FEDMPQ_WITH_CUDA
   // ---- CUDA: device pointers, launched on `stream` of `device` (which must be current) ----
@@ -472,7 +474,7 @@ void bind_bitplane(py::module_& m) {
   cuda.def(
       "bitplane_step_layers",
       [=](const std::vector<CudaStepLayer>& layers, double lr, double momentum, uintptr_t out, int64_t out_len,
-          uintptr_t ws, int64_t ws_words, int device, uintptr_t stream) {
+          uintptr_t ws, int64_t ws_words, int device, uintptr_t stream, bool check_only) {
         check_step_scalars(lr, momentum);
         const int64_t L = static_cast<int64_t>(layers.size());
         check_elems("out", out, 2 * L, out_len, 4);
@@ -492,6 +494,7 @@ void bind_bitplane(py::module_& m) {
           any = any || n > 0;
         }
         if (any) check_workspace(ws, ws_words, device);
+        if (check_only) return;
         std::vector<fedmpq::cuda::StepLayer> table;
         table.reserve(layers.size());
         for (const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key,
@@ -503,11 +506,11 @@ void bind_bitplane(py::module_& m) {
                                            ptr<unsigned>(ws), device, stream);
       },
       py::arg("layers"), py::arg("lr"), py::arg("momentum"), py::arg("out"), py::arg("out_len"), py::arg("workspace"),
-      py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
+      py::arg("workspace_words"), py::arg("device"), py::arg("stream"), py::arg("check_only") = false,
       "bitplane_step on each layer in order, one call: layers are tuples (codes, n, sign, sign_nbytes, mom, mom_len, "
       "gs, grad, coef, coef_len, scale, bits, key, key_ptr); out[2l], out[2l+1] = layer l's g_s and previous gs. "
       "Every layer is checked before anything is launched; layers that share no memory go two launches per group of "
-      "up to 32.");
+      "up to 32. check_only: the checks alone, nothing launched (for a caller that then steps layer by layer).");
 #endif
 }
 

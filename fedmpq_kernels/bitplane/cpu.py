@@ -154,10 +154,12 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
         work.append((c, sg, m, g_state, g, cf))
         layers.append((c.data_ptr(), c.numel(), sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
                        g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale[l]), bits[l], int(keys[l])))
+    out = torch.empty(L, dtype=torch.float32)
     if copies_among_shared(work, [(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l]) for l in range(L)]):
+        # layer by layer; still every layer checked before any is stepped
+        native.cpu.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), L, 1, True)
         return torch.stack([bitplane_step(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l], scale[l], bits[l], lr,
                                           momentum, int(keys[l])) for l in range(L)])
-    out = torch.empty(L, dtype=torch.float32)
     native.cpu.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), L, torch.get_num_threads())
     for l in range(L):
         write_back(work[l], (codes[l], sign[l], mom[l], gs[l]))  # the working copies, if any

@@ -254,17 +254,21 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
         work.append((c, sw, m, g_state, g, cf, sc))
         layers.append((c.data_ptr(), n, sw.data_ptr(), sw.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
                        g.data_ptr(), cf.data_ptr(), cf.numel(), sc.data_ptr(), bits[l], key, key_ptr))
-    if copies_among_shared(work, [(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l], scale[l]) for l in range(L)]):
-        return torch.stack([bitplane_step(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l], scale[l], bits[l], lr,
-                                          momentum, keys[l], None if key_tensor is None else key_tensor[l])
-                            for l in range(L)])
     # (g_s, previous gs) per layer; an empty layer launches nothing, so its g_s is the 0 of a zero fill
     out = (torch.zeros if empty else torch.empty)(2 * L, dtype=_F32, device=dev)
+    # layer by layer when copies are stepped among shared memory; the native call then only
+    # checks every layer, so that none is stepped before a refusal
+    one_by_one = copies_among_shared(work, [(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l], scale[l])
+                                            for l in range(L)])
     with on_device(dev):
         stream = raw_stream(dev)
         ws, ws_words = _workspace(dev, stream)
         native.cuda.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), 2 * L, ws.data_ptr(),
-                                         ws_words, dev.index, stream)
+                                         ws_words, dev.index, stream, one_by_one)
+    if one_by_one:
+        return torch.stack([bitplane_step(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l], scale[l], bits[l], lr,
+                                          momentum, keys[l], None if key_tensor is None else key_tensor[l])
+                            for l in range(L)])
     for l in range(L):
         write_back(work[l], (codes[l], sign[l], mom[l], gs[l]))  # the working copies, if any
     for l in empty:  # the reference: max over nothing is 0, so gs = 0

@@ -111,10 +111,14 @@ class EmulatedCuda:
         self._run("bitplane_step", ranges, codes, sign, mom, gs, grad, coef, scale, n, bits, lr, momentum, key,
                   key_ptr or None, out, ws, device or 0)
 
-    def bitplane_step_layers(self, layers, lr, momentum, out, out_len, ws, ws_words, device, stream):
+    def bitplane_step_layers(self, layers, lr, momentum, out, out_len, ws, ws_words, device, stream, check_only=False):
         """The native many-layer launcher (grouped launches, or layer by layer when layers
-        share memory); the binding's checks are test_cuda_binding.py's."""
+        share memory); the binding's checks are test_cuda_binding.py's (``check_only``: those
+        checks alone, so nothing here)."""
         assert out_len >= 2 * len(layers)
+        if check_only:
+            self.calls.append("bitplane_step_layers (checks)")
+            return
         self.calls.append("bitplane_step_layers")
         table, ranges = [], [(out, 8 * len(layers)), (ws, 4 * ws_words)]
         for codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key, key_ptr in layers:

@@ -224,7 +224,8 @@ def test_steps_of_many_layers_in_one_call(bc, device_keys):
 def test_a_layer_listed_twice_is_stepped_twice(bc, emu, strided):
     """The same state twice: contiguous, the native launcher sees the layers share memory and
     steps them in order (four launches, not two); strided, the adapter's working copies
-    would hide the first step from the second, so it goes layer by layer itself."""
+    would hide the first step from the second, so it goes layer by layer itself, after the
+    native call has checked every layer (launching nothing)."""
     n, b = 257, 4
     codes, sign, scale = R.binarize(weights(n, b, seed=5), b)
     gen = torch.Generator().manual_seed(5)
@@ -242,7 +243,8 @@ def test_a_layer_listed_twice_is_stepped_twice(bc, emu, strided):
     assert torch.equal(bits_of(got), bits_of(want))
     assert_state_equal([t.contiguous() for t in st], ref, "the layer, stepped twice")
     assert emu.launches() - before == 4
-    assert bc.native.cuda.calls == (["bitplane_step"] * 2 if strided else ["bitplane_step_layers"])
+    assert bc.native.cuda.calls == (["bitplane_step_layers (checks)"] + ["bitplane_step"] * 2 if strided
+                                    else ["bitplane_step_layers"])
 
 
 @pytest.mark.parametrize("device_keys", [False, True], ids=["host-keys", "device-keys"])

@@ -158,9 +158,11 @@ def _step_layers_args(layers, **over):
     ([_layer(coef=_P + 4)], {}, "layer 0: coef and codes overlap"),
 ], ids=["mom", "key", "scale", "out", "lr", "out-gs", "out-grad", "out-codes", "out-scale", "out-key", "scale-gs",
         "key-mom", "coef-codes"])
-def test_cuda_step_layers_binding_names_the_bad_layer(layers, over, match):
+@pytest.mark.parametrize("check_only", [False, True], ids=["step", "check-only"])
+def test_cuda_step_layers_binding_names_the_bad_layer(layers, over, match, check_only):
+    """check_only (the adapter's checks before it steps layer by layer) refuses the same."""
     with pytest.raises(ValueError, match=match):
-        native.cuda.bitplane_step_layers(**_step_layers_args(layers, **over))
+        native.cuda.bitplane_step_layers(**_step_layers_args(layers, **over), check_only=check_only)
 
 
 @needs_cuda_build

@@ -195,7 +195,10 @@ def test_the_cpu_binding_names_the_bad_layer():
         native.cpu.bitplane_step_layers([good], 0.5, 0.9, out.data_ptr(), 0, 1)
     with pytest.raises(ValueError, match="layer 0: out and grad overlap"):
         native.cpu.bitplane_step_layers([good], 0.5, 0.9, grad.data_ptr(), 1, 1)
-    assert torch.equal(codes, before)
+    with pytest.raises(ValueError, match="layer 1: mom"):  # check_only checks the same
+        native.cpu.bitplane_step_layers([good, bad], 0.5, 0.9, out.data_ptr(), 2, 1, True)
+    assert native.cpu.bitplane_step_layers([good, good], 0.5, 0.9, out.data_ptr(), 2, 1, True) is None
+    assert torch.equal(codes, before)  # check_only stepped nothing
 
 
 def test_popcounts_of_many_layers_are_each_layers_back_to_back(backend):
@@ -238,3 +241,31 @@ def test_the_cpu_popcounts_binding_checks_every_layer():
         native.cpu.plane_popcounts_layers([(c.data_ptr(), 8, 2), (c.data_ptr(), 8, 2)], out.data_ptr(), 3, 1)
     with pytest.raises(ValueError, match="layer 0: out and codes overlap"):
         native.cpu.plane_popcounts_layers([(out.data_ptr(), 8, 2)], out.data_ptr(), 4, 1)
+
+
+def test_layers_stepped_one_by_one_are_all_checked_before_any_is_stepped():
+    """Layers that share memory, one of them a strided view (the CPU backend steps a working
+    copy of it): the call goes layer by layer, and still checks every layer before stepping
+    any. A layer only the native checks refuse (its coef inside its own mom) stops the call
+    with the layer named, the shared layer's state unchanged."""
+    n, b = 257, 4
+    codes, sign, scale = layer(n, b, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    grad, coef = torch.randn(n, generator=gen) * 0.2, torch.rand(b, generator=gen) * 1e-3
+    cbuf = torch.zeros(n, 2, dtype=torch.uint8)
+    cbuf[:, 0] = codes
+    st = [cbuf[:, 0], sign.clone(), torch.zeros(b, n, dtype=torch.uint8), torch.zeros(1)]
+    bad = [codes.clone(), sign.clone(), torch.zeros(b, n, dtype=torch.uint8), torch.zeros(1)]
+    bad_coef = bad[2].view(-1)[:4 * b].view(torch.float32)  # b zeros, inside the layer's own mom
+    before = [t.clone() for t in st]
+    lists = [[st[i], st[i], bad[i]] for i in range(4)]
+    with pytest.raises(ValueError, match="layer 2: coef and mom overlap"):
+        fk.bitplane_step_layers(*lists, [grad] * 3, [coef, coef, bad_coef], [scale] * 3, [b] * 3, 0.5, 0.9, [1, 2, 3])
+    for a, want, name in zip(st, before, ("codes", "sign", "mom", "gs")):
+        assert torch.equal(a, want), f"the shared layer's {name} was stepped before the refusal"
+    # the same lists without the bad layer: stepped twice, in order, as the reference does
+    ref = [codes.clone(), sign.clone(), torch.zeros(b, n, dtype=torch.uint8), torch.zeros(1)]
+    want = torch.stack([R.bitplane_step(*ref, grad, coef, scale, b, 0.5, 0.9, k) for k in (1, 2)])
+    got = fk.bitplane_step_layers(*[c[:2] for c in lists], [grad] * 2, [coef] * 2, [scale] * 2, [b] * 2, 0.5, 0.9, [1, 2])
+    assert torch.equal(bits_of(got), bits_of(want))
+    assert_state_equal(st, ref, "the shared layer, stepped twice")
