@@ -50,7 +50,8 @@ class StepGraph:
     Raises:
         ValueError: x or y is not on a CUDA device, or batch < 1.
         RuntimeError: the capture failed (an op in the step that cannot run in a graph); the
-            message names the cause and the way out (``cuda_graph false``).
+            message names the cause and the way out (``cuda_graph false``). The caller's
+            current device and streams are left as they were, so the process can go on.
     """
 
     def __init__(self, step: Callable[[Tensor, Tensor], None], x: Tensor, y: Tensor, batch: int, warmup: int = 2):
@@ -84,7 +85,7 @@ class StepGraph:
     # The CUDA mechanics are these three methods (tests/fedmpq/test_step_graph.py emulates
     # them on the CPU to check the step's graph safety without a GPU).
     def _open(self) -> None:
-        """Checks the data's device; makes the warm-up's side stream."""
+        """Checks the data's device; makes the side stream of the warm-up and the capture."""
         x, y = self.x, self.y
         if x.device.type != "cuda" or y.device != x.device:
             raise ValueError(f"a CUDA graph needs the data on one CUDA device, got x on {x.device}, y on {y.device}")
@@ -99,12 +100,22 @@ class StepGraph:
 
     def _capture(self) -> None:
         graph = torch.cuda.CUDAGraph()
-        try:  # torch.cuda.graph synchronizes the device on entry
-            with torch.cuda.graph(graph):
-                self._captured_step()
-        except RuntimeError as e:
-            raise RuntimeError(f"capturing the local step in a CUDA graph failed ({e}); run with cuda_graph "
-                               f"false (--cuda-graph false)") from e
+        dev = self.x.device
+        # On the data's device, on a stream of that device: torch.cuda.graph's own capture
+        # stream is made on the current device, and on cuda:N with another device current the
+        # step's kernels would go to cuda:N's stream, outside the capture. (The graph replays
+        # on the capture device's current stream.)
+        with torch.cuda.device(dev):  # also what torch.cuda.graph synchronizes on entry
+            prev = torch.cuda.current_stream(dev)
+            try:
+                with torch.cuda.graph(graph, stream=self._side):
+                    self._captured_step()
+            except RuntimeError as e:
+                raise RuntimeError(f"capturing the local step in a CUDA graph failed ({e}); run with cuda_graph "
+                                   f"false (--cuda-graph false)") from e
+            finally:
+                # torch puts the caller's stream back only after a capture that ended well
+                torch.cuda.set_stream(prev)
         self.graph = graph
 
     def _captured_step(self) -> None:

@@ -16,6 +16,7 @@ tests/fedmpq/test_client.py's CUDA test.
 from __future__ import annotations
 
 import functools
+import types
 
 import pytest
 import torch
@@ -260,3 +261,119 @@ def test_the_cpus_shortcuts_are_host_reads_a_capture_refuses(monkeypatch):
     cfg = client.TrainConfig(alg="fedmpq", local_epochs=2, batch_size=batch, cuda_graph=True, seed=1)  # captures in epoch 2
     with pytest.raises(CaptureError, match="reads a device value on the host|copies host data"):
         client.client_update(_download(build, "fedmpq"), x, y, build, cfg, 3, 1, 4.0)
+
+
+# ---- the capture's device and stream (torch.cuda's own graph context, on fake devices) ----
+
+class _FakeCuda:
+    """torch.cuda's current device and per-device current streams, for torch's real
+    ``torch.cuda.graph`` and stream contexts to run on (a CPU build has no CUDA). The fake
+    graph records where a capture began, and the step where its kernels would queue."""
+
+    class Stream:
+        def __init__(self, device=None, name="side"):
+            self.device = torch.device("cuda", device.index if isinstance(device, torch.device) else
+                                       _FakeCuda.now.current if device is None else device)
+            self.name = name
+
+        def __repr__(self):
+            return f"{self.name} stream of {self.device}"
+
+    now = None
+
+    def __init__(self, current: int, fail_capture: bool):
+        _FakeCuda.now = self
+        self.current, self.fail_capture = current, fail_capture
+        self.streams = {i: self.Stream(i, "default") for i in range(3)}
+        self.captured_on = self.synced = None
+
+    def device(self, d):
+        fake = self
+
+        class _Device:
+            def __enter__(self):
+                self.prev, fake.current = fake.current, (d.index if isinstance(d, torch.device) else d)
+
+            def __exit__(self, *exc):
+                fake.current = self.prev
+        return _Device()
+
+    def current_stream(self, device=None):
+        return self.streams[self.current if device is None else device.index]
+
+    def set_stream(self, s):
+        self.current = s.device.index  # as torch's: the stream's device becomes current
+        self.streams[s.device.index] = s
+
+    def synchronize(self, device=None):
+        self.synced = self.current
+
+    def graph_type(self):
+        fake = self
+
+        class CUDAGraph:
+            def capture_begin(self, *pool, **kw):
+                fake.captured_on = fake.current_stream()
+
+            def capture_end(self):
+                if fake.fail_capture:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+        return CUDAGraph
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    def make(current: int, fail_capture: bool = False) -> _FakeCuda:
+        fake = _FakeCuda(current, fail_capture)
+        for name in ("device", "current_stream", "set_stream", "synchronize"):
+            monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+        monkeypatch.setattr(torch.cuda, "Stream", _FakeCuda.Stream)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", fake.graph_type())
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(torch._C, "_host_emptyCache", lambda: None, raising=False)  # absent from CPU builds
+        monkeypatch.setattr(torch.cuda, "_get_device_index", lambda d, optional=False: fake.current)
+        monkeypatch.setattr(torch.cuda.graph, "default_capture_stream", None)
+        return fake
+    return make
+
+
+def _graph_on(index: int):
+    """A StepGraph of data on cuda:index (stand-ins: the fake devices hold no tensors) whose
+    step records the stream its kernels would queue on."""
+    data = types.SimpleNamespace(device=torch.device("cuda", index), index_select=lambda dim, idx: None)
+    queued = []
+    g = StepGraph.__new__(StepGraph)
+    g.step, g.x, g.y, g.idx = (lambda xb, yb: queued.append(torch.cuda.current_stream(data.device))), data, data, None
+    g.graph = None
+    g._open()
+    return g, queued
+
+
+@pytest.mark.parametrize("current, data", [(0, 0), (0, 1), (2, 1)])
+def test_the_step_is_captured_on_the_datas_device_whatever_device_is_current(fake_cuda, current, data):
+    """The capture begins on a stream of the data's device, the very stream the step's
+    kernels queue on (with torch.cuda.graph's own capture stream, made on the current device,
+    a step on cuda:1 queued its kernels outside the capture); the device synchronized on entry
+    is the data's; the caller's device and streams are as they were after it."""
+    fake = fake_cuda(current)
+    g, queued = _graph_on(data)
+    before = dict(fake.streams)
+    g._capture()
+    assert fake.captured_on is g._side and g._side.device.index == data
+    assert queued == [fake.captured_on]
+    assert fake.synced == data
+    assert (fake.current, fake.streams) == (current, before)
+
+
+@pytest.mark.parametrize("current, data", [(0, 0), (0, 1)])
+def test_a_failed_capture_leaves_the_callers_device_and_streams(fake_cuda, current, data):
+    """A capture that fails at its end (torch's context then leaves the capture stream
+    current) raises the way out (cuda_graph false) and puts the caller's streams back, so the
+    process can go on eagerly."""
+    fake = fake_cuda(current, fail_capture=True)
+    g, _ = _graph_on(data)
+    before = dict(fake.streams)
+    with pytest.raises(RuntimeError, match=r"CUDA graph failed \(operation not permitted.*--cuda-graph false"):
+        g._capture()
+    assert (fake.current, fake.streams) == (current, before)
+    assert g.graph is None  # the next batch would try again, and fail the same way
