@@ -35,7 +35,12 @@ def status_words(device: torch.device) -> Tensor:
             # A zero fill launched now would be captured, not run: the words would be garbage.
             raise RuntimeError(f"pack_codes on {device} needs one call outside CUDA-graph capture first "
                                "(it sets up the device's range-check words)")
-        st = _STATUS[device] = torch.zeros(MAX_BITS, dtype=torch.int32, device=device)
+        st = torch.zeros(MAX_BITS, dtype=torch.int32, device=device)
+        if device.type == "cuda":
+            # once per device: the fill runs on this stream, and a later pack_codes on another
+            # stream must not OR into the words before it is done
+            torch.cuda.synchronize(device)
+        _STATUS[device] = st
     return st
 
 
@@ -43,8 +48,9 @@ def check_packed(device: Union[None, str, torch.device] = None) -> None:
     """Raise for a code that did not fit in a GPU ``pack_codes`` call made since the last check.
 
     On a GPU ``pack_codes`` does not synchronize to check its codes: its kernel records
-    them on the device, and this reads the record (one synchronization: call it where the
-    caller synchronizes anyway, e.g. after copying the planes to the host) and clears it.
+    them on the device, and this reads the record (one synchronization of the device, so
+    calls on every stream count: call it where the caller synchronizes anyway, e.g. after
+    copying the planes to the host) and clears it.
     CPU calls are checked in the call itself and never need this.
 
     Args:
@@ -61,9 +67,14 @@ def check_packed(device: Union[None, str, torch.device] = None) -> None:
         st = _STATUS.get(dev)
         if st is None:
             continue
-        seen = st.tolist()  # the synchronization
+        if dev.type == "cuda":
+            # the whole device: pack_codes calls on other streams than the current one count too
+            torch.cuda.synchronize(dev)
+        seen = st.tolist()
         if any(seen):
             st.zero_()
+            if dev.type == "cuda":  # before any later pack_codes, whatever its stream
+                torch.cuda.synchronize(dev)
         bad += [f"{b} bits on {dev} (the bits of its codes OR-ed together are {seen[b - 1]:#x})"
                 for b in range(1, MAX_BITS + 1) if seen[b - 1] >> b]
     if bad:

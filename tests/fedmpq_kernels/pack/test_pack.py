@@ -230,6 +230,28 @@ def test_a_bad_code_on_a_gpu_is_reported_at_the_check_not_in_the_call(backend):
             fk.check_packed()  # every device
 
 
+def test_a_bad_code_packed_on_another_stream_is_reported(backend):
+    """check_packed synchronizes the whole device: a bad code packed on a side stream, with
+    a large kernel queued before it there, is reported from the default stream."""
+    if backend.device != "cuda":
+        pytest.skip("a CUDA device's streams")
+    dev = torch.device("cuda", torch.cuda.current_device())
+    bad = torch.tensor([0, 3, 5, 1] * 20, dtype=torch.uint8, device=dev)
+    big = torch.randn(1 << 24, device=dev)
+    with backend.active():
+        fk.pack_codes(bad[:4] * 0, 2)  # the status words exist before the side stream uses them
+        fk.check_packed(dev)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(8):
+                big.mul_(1.0)  # keeps the side stream busy past the check's call
+            fk.pack_codes(bad, 2, validate=False)
+        with pytest.raises(ValueError, match="does not fit in 2 bits"):
+            fk.check_packed(dev)
+        torch.cuda.current_stream(dev).wait_stream(side)
+
+
 def test_triton_runs_several_programs_in_the_interpreter(backend, monkeypatch):
     """The interpreter only takes sizes up to one 4096-element block: with a 64-element
     block the same sizes run many programs, full blocks unmasked and a masked last one."""
