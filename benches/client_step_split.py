@@ -124,7 +124,7 @@ def main() -> None:
     print(f"ResNet-20, batch {a.batch}, {a.bits}-bit weights, 4-bit activations, {dev}, "
           f"weights {'per layer' if a.per_layer_weights else 'batched'}, "
           f"{torch.get_num_threads()} threads; medians of {a.reps}")
-    print(f"| part | ms | share |\n|---|---|---|")
+    print("| part | ms | share |\n|---|---|---|")
     for name, t in parts:
         print(f"| {name} | {t:.2f} | {100 * t / whole:.0f} % |")
     print(f"| **whole step** | {whole:.2f} | 100 % |")
