@@ -99,11 +99,19 @@ def _cases():
     return cases
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device but takes no backend case; kept when "
+                                       "FEDMPQ_TEST_BACKENDS names cuda (tools/gpu_check.sh's CUDA step)")
+
+
 def pytest_collection_modifyitems(config, items):
-    """With FEDMPQ_TEST_BACKENDS set, only tests that run on a backend case are kept."""
+    """With FEDMPQ_TEST_BACKENDS set, only tests that run on a backend case are kept, and,
+    when it names cuda, the GPU tests that take none (marked ``gpu``)."""
     if not _ONLY:
         return
-    keep = [it for it in items if "backend" in getattr(it, "fixturenames", ())]
+    gpu = "cuda" in _ONLY
+    keep = [it for it in items if "backend" in getattr(it, "fixturenames", ())
+            or (gpu and it.get_closest_marker("gpu") is not None)]
     config.hook.pytest_deselected(items=[it for it in items if it not in keep])
     items[:] = keep
 

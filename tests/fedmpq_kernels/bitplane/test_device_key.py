@@ -91,8 +91,8 @@ def test_tensor_key_through_the_registered_op_with_opcheck(backend):
                                   (*[t.clone() for t in state], grad, coef, scale, bits, 0.5, 0.9, 0, kt))
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])])
 @pytest.mark.parametrize("seed", [0, 1, 1234, 2**31 + 5, 2**32 - 1, 2**40 + 3, -7])
 def test_step_keys_equal_step_key(device, seed):
     for s in (0, 1, 7, 999_999, 2**31, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 123, -1):

@@ -71,7 +71,12 @@ def test_steps_equal_the_layers_steps_one_by_one(backend, device_keys):
                                     [s[3] for s in states], g, coefs, scales, bits, 0.5, 0.9, k)
             step += 1
             assert got.shape == (L,) and got.dtype == torch.float32 and got.device.type == dev
-            assert torch.equal(bits_of(got), bits_of(want[t])), f"step {t}: g_s {got.tolist()} != {want[t].tolist()}"
+            # bit for bit, but a NaN g_s (the skipped layer) matches any NaN: a GPU gives its
+            # canonical NaN, the CPU reference keeps the gradient's
+            nan = torch.isnan(want[t])
+            assert torch.equal(torch.isnan(got.cpu()), nan), f"step {t}: NaN at different layers"
+            assert torch.equal(bits_of(got)[~nan], bits_of(want[t])[~nan]), \
+                f"step {t}: g_s {got.tolist()} != {want[t].tolist()}"
     for l in range(L):
         assert_state_equal(states[l], [r.clone() for r in ref[l]], f"layer {l} ({LAYERS[l]})")
     assert not torch.isfinite(want[1][NAN_LAYER]) and float(want[2][ZERO_LAYER]) == 0.0  # the cases are there

@@ -152,6 +152,7 @@ def test_contiguous_slices_at_every_offset(backend, numel, dtype):
             assert same(fk.relu6_fake_quant(x, 8), R.relu6_fake_quant(x.cpu(), 8)[0]), f"offset {off}"
 
 
+@pytest.mark.gpu
 def test_cuda_backend_runs_its_own_kernel():
     """On a GPU the default order gives relu6_fake_quant to the CUDA C++ backend's own
     function (no fallback to Triton); the cuda backend module defines it everywhere."""
@@ -282,6 +283,7 @@ def test_cuda_binding_launches_nothing_for_no_elements():
 
 
 @needs_cuda_build
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_binding_rejects_a_short_workspace_and_a_device_not_current():
     """The workspace's length is checked against the device's; a device that is not the
