@@ -99,7 +99,8 @@ def variant_label(variant: str) -> str:
 def run_variant(benchmark, impl: str, fn, device: str, variant: str) -> None:
     """Time ``fn`` in ``variant`` (see :func:`variant_label`) with ``impl``'s backend selected.
     The throughput and graph variants are CUDA-only and time CALLS calls per sample (scale
-    the group's bytes by CALLS); graph skips an op that cannot be captured, with the reason."""
+    the group's bytes by CALLS); graph skips an anchor's or the reference's op that cannot be
+    captured, with the reason, and fails a compiled backend's."""
     if variant == "latency":
         run_timed(benchmark, impl, fn, device)
         return
@@ -124,13 +125,18 @@ def run_variant(benchmark, impl: str, fn, device: str, variant: str) -> None:
                 torch.cuda.synchronize()
         else:
             graph = torch.cuda.CUDAGraph()
+            prev = torch.cuda.current_stream()
             try:
                 with torch.cuda.graph(graph):
                     many()
             except Exception as exc:  # a synchronizing or otherwise uncapturable op
                 # (benches draw inputs with randn() above: the CUDA generator is broken now)
+                torch.cuda.set_stream(prev)  # torch restores it only after a capture that ended well
                 torch.cuda.synchronize()
-                pytest.skip(f"{impl} cannot be captured in a CUDA graph: {type(exc).__name__}: {exc}")
+                why = f"{impl} cannot be captured in a CUDA graph: {type(exc).__name__}: {exc}"
+                if backend_of(impl) not in (None, "reference"):
+                    pytest.fail(why)  # the compiled backends' ops are meant to be capturable
+                pytest.skip(why)  # an anchor, or the pure-torch reference
 
             def run():
                 graph.replay()

@@ -111,8 +111,8 @@ class StepGraph:
                 with torch.cuda.graph(graph, stream=self._side):
                     self._captured_step()
             except RuntimeError as e:
-                raise RuntimeError(f"capturing the local step in a CUDA graph failed ({e}); run with cuda_graph "
-                                   f"false (--cuda-graph false)") from e
+                raise RuntimeError(f"capturing the local step in a CUDA graph failed ({_causes(e)}); run with "
+                                   f"cuda_graph false (--cuda-graph false)") from e
             finally:
                 # torch puts the caller's stream back only after a capture that ended well
                 torch.cuda.set_stream(prev)
@@ -123,3 +123,14 @@ class StepGraph:
         reductions share one workspace (one zero fill in the graph, not one per call)."""
         with fk.capture_workspace():
             self.step(self.x.index_select(0, self.idx), self.y.index_select(0, self.idx))
+
+
+def _causes(e: BaseException) -> str:
+    """The error and what it interrupted, first cause first: when the step raises inside
+    ``torch.cuda.graph``, its exit still ends the capture, and that error (capture
+    invalidated) replaces the one that names the op."""
+    chain = []
+    while e is not None and len(chain) < 4:
+        chain.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return "; then ".join(reversed(chain))

@@ -62,7 +62,7 @@ set -euo pipefail
 OUT=${OUT:-/tmp/fedmpq_gpu}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1  # (offline: no version check)
 PY=${PY:-python3}
 SUMMARY="$OUT/summary.md"
 failed=0
@@ -111,7 +111,7 @@ if ! timeout 90 $PY -m pip install -e . --no-build-isolation --no-deps -q > "$OU
   tail -30 "$OUT/build.txt"; say "FAIL build (log: build.txt)"; cat "$SUMMARY"; exit 1
 fi
 say "- build: $(( $(date +%s) - start )) s for sm_$FEDMPQ_CUDA_ARCHS"
-$PY -m fedmpq_kernels.info > "$OUT/info.txt" 2>&1
+$PY -m fedmpq_kernels.info > "$OUT/info.txt" 2>&1 || { say "FAIL build: fedmpq_kernels.info (info.txt)"; cat "$SUMMARY"; exit 1; }
 cat "$OUT/info.txt"
 $PY -c "
 from fedmpq_kernels._native import native, native_error
@@ -192,7 +192,9 @@ run_step split 60 sh -c "$PY benches/client_step_split.py --device cuda --batch 
 table "$OUT/split.md" "no time split: see split.txt"
 
 # ---- 5. a federation on the GPU ---------------------------------------------------------
-run_step federation 40 $PY -m fedmpq simulate --device cuda --cuda-graph true --rounds 2 -q --out "$OUT/fed"
+# (a failing client is left out and the run exits 0: the step fails unless every client reported)
+run_step federation 40 sh -c "$PY -m fedmpq simulate --device cuda --cuda-graph true --rounds 2 -q --out $OUT/fed && \
+  $PY tools/every_client_reported.py $OUT/fed/results.json"
 if [ -s "$OUT/fed/results.json" ]; then
   $PY - "$OUT/fed/results.json" >> "$DETAILS" 2>&1 <<'EOF2' || detail "(results.json unreadable)"
 import json, sys
@@ -212,7 +214,8 @@ fi
 # a first round costs what a later one does; a second would take a minute of the budget.
 run_step cifar-round 120 sh -c "$PY tools/synthetic_cifar.py /tmp/fedmpq_cifar > /dev/null && \
   $PY -m fedmpq simulate --config configs/cifar10_fedmpq_a0.1.json --data-dir /tmp/fedmpq_cifar \
-  --device cuda --cuda-graph true --rounds 1 -q --out $OUT/cifar"
+  --device cuda --cuda-graph true --rounds 1 -q --out $OUT/cifar && \
+  $PY tools/every_client_reported.py $OUT/cifar/results.json"
 if [ -s "$OUT/cifar/rounds.csv" ]; then
   $PY - "$OUT/cifar/rounds.csv" >> "$DETAILS" 2>&1 <<'EOF3' || detail "(cifar rounds.csv unreadable)"
 import csv, sys

@@ -373,7 +373,22 @@ def test_a_failed_capture_leaves_the_callers_device_and_streams(fake_cuda, curre
     fake = fake_cuda(current, fail_capture=True)
     g, _ = _graph_on(data)
     before = dict(fake.streams)
-    with pytest.raises(RuntimeError, match=r"CUDA graph failed \(operation not permitted.*--cuda-graph false"):
+    with pytest.raises(RuntimeError,
+                       match=r"CUDA graph failed \(RuntimeError: operation not permitted.*--cuda-graph false"):
         g._capture()
     assert (fake.current, fake.streams) == (current, before)
     assert g.graph is None  # the next batch would try again, and fail the same way
+
+
+def test_a_failed_capture_names_the_error_the_step_raised(fake_cuda):
+    """When an op of the step fails inside the capture, torch's exit ends the capture anyway,
+    and that error replaces the step's: the message names both, the op's first."""
+    fake_cuda(0, fail_capture=True)
+    g, _ = _graph_on(0)
+
+    def step(xb, yb):
+        raise RuntimeError("an op that cannot be captured")
+    g.step = step
+    with pytest.raises(RuntimeError, match=r"failed \(RuntimeError: an op that cannot be captured; then "
+                                           r"RuntimeError: operation not permitted"):
+        g._capture()
