@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import sys
 
+from fedmpq.federation import sample_clients
+
 
 def main(path: str) -> int:
     r = json.load(open(path))
     c = r["config"]
-    want = max(1, round(c["sampling_rate"] * c["n_clients"]))  # fedmpq.federation.sample_clients
     bad = []
     for x in r["rounds"]:
+        want = len(sample_clients(c, x["round"]))
         got = (len(x["reported"]), len(x.get("aggregated", x["reported"])))  # older runs lack "aggregated"
         if got != (want, want):
             bad.append(f"round {x['round']}: {got[0]} reported, {got[1]} aggregated of {want}")

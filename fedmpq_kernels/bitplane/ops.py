@@ -97,7 +97,7 @@ def _dq_setup_context(ctx, inputs, output):
 def _dq_grads(ctx, grad_w, backward):
     codes, sign = ctx.saved_tensors
     gscale = backward(grad_w.reshape(-1), codes, sign, ctx.bits) if ctx.needs_input_grad[2] else None
-    if gscale is not None and ctx.scale_shape:  # the op called with a (1,)-shaped scale: its own shape
+    if gscale is not None and ctx.scale_shape:  # a (1,)-shaped scale: dL/ds in its own shape, not 0-dim
         gscale = gscale.view(ctx.scale_shape)
     # The sink's gradient is G itself: the optimizer forms the per-plane gradients from it
     # in closed form (no N float plane-gradients are ever made).
@@ -319,8 +319,6 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tens
     """
     n, bits = _state(codes, sign, bits)
     _scale(scale, codes.device)
-    if scale.dim():  # e.g. (1,): the kernels' dL/ds is 0-dim; the view maps it back to scale's shape
-        scale = scale.reshape(())
     _tensor(sink, "sink", device=codes.device)
     if sink.numel() != n:
         raise ValueError(f"sink has {sink.numel()} elements, codes {n}")
@@ -364,13 +362,12 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
     bits_l = [0] * L
     u8, f32 = torch.uint8, torch.float32
     plain = True  # every tensor a plain one, none functorch-wrapped: the direct path may take them
-    given_scale = scale
     for i in range(L):
         c, sg, sc, sk, b = codes[i], sign[i], scale[i], sink[i], bits[i]
         # the usual case in one expression (half the time of the checks below, which name the problem)
         if (type(b) is int and 0 < b <= 8 and type(c) in PLAIN and type(sg) in PLAIN and type(sc) in PLAIN
                 and type(sk) in PLAIN and c.dtype is u8 and sg.dtype is u8 and sc.dtype is f32 and c.device == dev
-                and sg.device == dev and sc.device == dev and sk.device == dev and sc.dim() == 0
+                and sg.device == dev and sc.device == dev and sk.device == dev and sc.dim() == 0  # (1,): the op's path
                 and sk.numel() == c.numel() and sg.numel() >= bitmap_nbytes(c.numel()) and not _is_wrapped(c)
                 and not _is_wrapped(sg) and not _is_wrapped(sc) and not _is_wrapped(sk)):
             bits_l[i] = b
@@ -381,10 +378,6 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
             if codes[i].device != dev:
                 raise ValueError(f"codes is on {codes[i].device}, expected {dev} (layer 0's device)")
             _scale(scale[i], dev)
-            if scale[i].dim():  # as in dequantize: a 0-dim view, so dL/ds comes back in scale's shape
-                if scale is given_scale:
-                    scale = list(scale)  # the caller's list stays as it was
-                scale[i] = scale[i].reshape(())
             _tensor(sink[i], "sink", device=dev)
             if sink[i].numel() != n:
                 raise ValueError(f"sink has {sink[i].numel()} elements, codes {n}")
