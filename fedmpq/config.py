@@ -160,8 +160,12 @@ def resolve_device(c: Dict[str, Any]) -> torch.device:
     dev = torch.device(c["device"])
     if dev.type == "cuda":
         if not torch.cuda.is_available():
+            why = ""
+            if os.environ.get("CUDA_VISIBLE_DEVICES") == "":  # what Ray gives a worker that asked for no GPU
+                why = (" (CUDA_VISIBLE_DEVICES is empty here, which hides every GPU; in a Flower simulation give "
+                       "its clients num-gpus or set RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1)")
             raise ConfigError(f"device {c['device']} was asked for, but this torch ({torch.__version__}) sees no "
-                              "CUDA device; use --device cpu")
+                              f"CUDA device{why}; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ConfigError(f"device {c['device']} does not exist: {torch.cuda.device_count()} CUDA device(s)")
     return dev

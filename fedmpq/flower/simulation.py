@@ -3,6 +3,7 @@ this package on ``n_clients`` virtual SuperNodes (Ray), configured like ``fedmpq
 ``fedmpq flower`` on the command line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -42,6 +43,7 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, cpus: Optional[int] = No
     :class:`fedmpq.config.ConfigError` for a bad config before Flower starts."""
     c = check_config(cfg)
     cpus = check(c, cpus)
+    gpu = resolve_device(c).type == "cuda"
     threads = resolve_threads(c)
     from flwr.simulation import run_simulation
 
@@ -52,14 +54,41 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, cpus: Optional[int] = No
               # the first query starts the virtual nodes' workers (each imports torch): on a
               # loaded machine that takes as long as a round may, not the deployment's 120 s
               "node_timeout": float(round_timeout), "threads": threads}
-        run_simulation(server_app=server_app.make_app(rc), client_app=client_app.make_app(rc),
-                       num_supernodes=c["n_clients"],
-                       backend_config={"init_args": {"num_cpus": cpus, "num_gpus": 0},
-                                       "client_resources": {"num_cpus": threads, "num_gpus": 0.0}})
+        with _workers_see_this_process_gpus(gpu):
+            run_simulation(server_app=server_app.make_app(rc), client_app=client_app.make_app(rc),
+                           num_supernodes=c["n_clients"],
+                           backend_config={"init_args": {"num_cpus": cpus, "num_gpus": 0},
+                                           "client_resources": {"num_cpus": threads, "num_gpus": 0.0}})
         p = Path(outdir) / "results.json"
         if not p.is_file():
             raise RuntimeError("the Flower run wrote no results (see its log above)")
         return json.loads(p.read_text())
+
+
+# Read by each Ray worker (inherited from this process when Flower starts Ray here).
+_NOSET = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+@contextlib.contextmanager
+def _workers_see_this_process_gpus(gpu: bool):
+    """On a CUDA run, Ray's workers keep this process's CUDA_VISIBLE_DEVICES.
+
+    Ray sets CUDA_VISIBLE_DEVICES="" in a worker that asked for no GPU, so every ClientApp
+    would refuse ``--device cuda``; one that asked for GPUs sees only those Ray picked, as
+    cuda:0.., so ``cuda:N`` would name another card than in ``fedmpq simulate``. Clients are
+    scheduled by CPUs (``threads`` each) and share the card(s), as in ``fedmpq simulate``."""
+    if not gpu:
+        yield
+        return
+    before = os.environ.get(_NOSET)
+    os.environ[_NOSET] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_NOSET, None)
+        else:
+            os.environ[_NOSET] = before
 
 
 def _flat(key: str, v: Any) -> Any:

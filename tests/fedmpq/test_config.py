@@ -110,3 +110,20 @@ def test_cuda_graph_flag_reads_true_and_false(text, value):
     c = config.check_config(dict(SMALL, device="cuda", cuda_graph=value))  # checked, not resolved: no GPU needed
     assert c["cuda_graph"] is value and config.train_config(c).cuda_graph is value
     assert "cuda_graph" in config.EXECUTION_KEYS  # the same experiment with and without
+
+
+@pytest.mark.parametrize("visible, named", [("", True), (None, False), ("0", False)])
+def test_no_cuda_names_an_empty_cuda_visible_devices(visible, named, monkeypatch):
+    # An empty CUDA_VISIBLE_DEVICES (what Ray gives a worker that asked for no GPU) is why a
+    # GPU machine's ClientApp sees none: the refusal says so and how to undo it.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(config.ConfigError, match="sees no CUDA device") as e:
+        config.resolve_device(config.check_config({**SMALL, "device": "cuda"}))
+    assert ("CUDA_VISIBLE_DEVICES is empty" in str(e.value)) == named
+    assert "\n" not in str(e.value)

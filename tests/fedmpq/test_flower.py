@@ -211,6 +211,57 @@ def test_flower_simulation_gives_the_same_model_as_fedmpq_simulate(tmp_path):
     assert results.compare([str(tmp_path / "flower"), str(tmp_path / "sim")]).count("| fedmpq (digits) |") == 1
 
 
+def _ray_worker_sees():
+    """CUDA_VISIBLE_DEVICES in a Ray worker that asked for no GPU, as Flower's workers do."""
+    import ray
+
+    ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, logging_level="ERROR")
+    try:
+        @ray.remote(num_cpus=1, num_gpus=0)
+        def visible():
+            return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+        return ray.get(visible.remote(), timeout=120)
+    finally:
+        ray.shutdown()
+
+
+def test_a_cuda_runs_ray_workers_see_this_process_gpus(monkeypatch):
+    # Ray hides every GPU from a worker that asked for none, which every ClientApp of a
+    # `fedmpq flower --device cuda` run would then refuse; on a CUDA run its workers keep this
+    # process's view, so cuda:N names the same card as in `fedmpq simulate`. Checked with
+    # Ray itself (no GPU needed: the variable is what Ray hands its workers).
+    from fedmpq.flower import simulation
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.delenv(simulation._NOSET, raising=False)
+    with simulation._workers_see_this_process_gpus(False):
+        assert _ray_worker_sees() == ""  # Ray's default, which the CUDA run must undo
+    with simulation._workers_see_this_process_gpus(True):
+        assert _ray_worker_sees() == "0,1"
+    assert simulation._NOSET not in os.environ  # this process is left as it was
+
+
+@pytest.mark.parametrize("device, noset", [("cuda:1", "1"), ("cpu", None)])
+def test_fedmpq_flower_starts_ray_with_the_gpus_kept_only_on_a_cuda_run(monkeypatch, tmp_path, device, noset):
+    import flwr.simulation
+
+    from fedmpq.flower import simulation
+
+    monkeypatch.delenv(simulation._NOSET, raising=False)
+    monkeypatch.setattr(simulation, "resolve_device", lambda c: torch.device(c["device"]))  # no GPU here
+    seen = {}
+
+    def fake_run_simulation(server_app, client_app, num_supernodes, backend_config):
+        seen["env"] = os.environ.get(simulation._NOSET)
+        (tmp_path / "results.json").write_text(json.dumps({"rounds": []}))
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", fake_run_simulation)
+    simulation.run({**SMALL, "device": device}, out=str(tmp_path))
+    assert seen["env"] == noset
+    assert simulation._NOSET not in os.environ
+
+
 # --- a deployment on 127.0.0.1 ------------------------------------------------------------------
 
 def _wait(cond, timeout, what):
