@@ -8,6 +8,7 @@ import torch
 
 import fedmpq_kernels as fk
 from fedmpq_kernels.fake_quant import reference as R
+from tests.fedmpq_kernels.streams import late_copies
 
 ngpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
@@ -59,11 +60,12 @@ def test_current_device_and_stream_are_unchanged(backend):
         assert torch.cuda.current_device() == dev0
         assert torch.cuda.current_stream() == stream0
         _assert_results(got, want)
-        # On a side stream: the kernels run there (the results are ready after that
-        # stream's work), and it stays the current stream.
-        side.wait_stream(torch.cuda.current_stream())
+        # On a side stream: the kernels run there, and it stays the current stream. The
+        # input is written on the side stream behind a sleep, over NaNs, so a kernel on
+        # any other stream (idle) would read NaNs.
+        late, = late_copies(side, (x.cpu(), float("nan")))
         with torch.cuda.stream(side):
-            got, want = _every_op(x)
+            got, want = _every_op(late)
             assert torch.cuda.current_stream() == side
         side.synchronize()
         _assert_results(got, want)

@@ -10,6 +10,7 @@ import torch
 
 import fedmpq_kernels as fk
 from fedmpq_kernels.pack import reference as R
+from tests.fedmpq_kernels.streams import late_copies
 
 ngpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
 N = 70001  # whole tiles, a tail, more than one Triton program
@@ -20,16 +21,21 @@ def _kernel_backend(backend):
         pytest.skip("GPU kernel backends only")
 
 
-def _run_ops(device):
+def _run_ops(device, late=None):
     """pack, unpack and dequant_accumulate of fixed inputs on `device`: their results there,
-    and the reference's on the CPU."""
+    and the reference's on the CPU. With a stream `late`, the inputs are written on it behind
+    a sleep, over zeros and NaNs (see tests/fedmpq_kernels/streams.py)."""
     g = torch.Generator().manual_seed(3)
     codes = torch.randint(0, 32, (N,), generator=g, dtype=torch.int32).to(torch.uint8)
     signs = R.pack_codes(torch.randint(0, 2, (N,), generator=g, dtype=torch.int32).to(torch.uint8), 1)
     acc0 = torch.randn(N, generator=g)
-    planes = fk.pack_codes(codes.to(device), 5)
+    if late is None:
+        ins = codes.to(device), signs.to(device), acc0.to(device)
+    else:
+        ins = late_copies(late, (codes, 0), (signs, 0), (acc0, float("nan")))
+    planes = fk.pack_codes(ins[0], 5)
     back = fk.unpack_codes(planes, 5, N)
-    acc = fk.dequant_accumulate(acc0.to(device), planes, signs.to(device), 5, 0.75, 3.0)
+    acc = fk.dequant_accumulate(ins[2], planes, ins[1], 5, 0.75, 3.0)
     want_planes = R.pack_codes(codes, 5)
     want_acc = acc0.clone()
     R.dequant_accumulate(want_acc, want_planes, signs, 5, float(np.float32(3.0) * (np.float32(0.75) / np.float32(31))))
@@ -47,10 +53,12 @@ def test_current_device_and_stream_are_unchanged(backend):
     dev0, stream0 = torch.cuda.current_device(), torch.cuda.current_stream()
     with backend.active():
         # On the current stream, then on a side stream: the kernels run on the stream that is
-        # current (its work done, the results are ready), and it stays current.
+        # current, and it stays current. On the side stream the inputs are written there
+        # behind a sleep, so a kernel on any other stream (idle) would read the fill.
         for stream in (stream0, torch.cuda.Stream()):
+            late = None if stream == stream0 else stream
             with torch.cuda.stream(stream):
-                got, want = _run_ops("cuda")
+                got, want = _run_ops("cuda", late)
                 assert torch.cuda.current_stream() == stream
             stream.synchronize()
             _assert_equal(got, want)
