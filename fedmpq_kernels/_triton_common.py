@@ -104,7 +104,10 @@ def combine_slots(slot_ptr, nprog, stride, KIND: tl.constexpr, FINISH: tl.conste
         acc = tl.zeros((FINISH,), dtype=tl.float64)
     else:
         acc = tl.zeros((FINISH,), dtype=tl.int64)
-    for start in range(0, nprog, FINISH):
+    # A while, not range(0, nprog, FINISH): Triton 3.6's interpreter cannot take a program
+    # count as a range bound (its num_programs is a 1-element array, not a scalar).
+    start = 0
+    while start < nprog:
         offs = start + tl.arange(0, FINISH)
         v = tl.load(slot_ptr + offs * stride, mask=offs < nprog, other=0, cache_modifier=".cg")  # L2, not L1
         if KIND == 1:
@@ -115,6 +118,7 @@ def combine_slots(slot_ptr, nprog, stride, KIND: tl.constexpr, FINISH: tl.conste
             acc += v.to(tl.float64, bitcast=True)
         else:
             acc += v.to(tl.int64)
+        start += FINISH
     if KIND == 1:
         return tl.max(acc, axis=0)
     else:

@@ -21,6 +21,7 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import re
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -88,13 +89,30 @@ def _cuda_available() -> Tuple[bool, str]:
     return True, ""
 
 
+# The oldest Triton the kernels are tested with: 3.4 is the first whose interpreter runs them
+# (3.2 and 3.3 lack int1 there, 3.0 and 3.1 want constexpr aranges); pyproject's extra says the same.
+MIN_TRITON = (3, 4)
+
+
+def _release(version: str) -> Tuple[int, ...]:
+    """(major, minor) of a version string such as ``3.6.0`` or ``3.4.0+git1a2b``; () if unreadable."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return (int(m.group(1)), int(m.group(2))) if m else ()
+
+
 def _triton_available() -> Tuple[bool, str]:
     # Triton kernels run on a CUDA device, or in the interpreter with TRITON_INTERPRET=1
     # set before triton is imported.
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # ImportError, or a broken install
         return False, f"import triton failed: {type(exc).__name__}: {exc}"
+    version = str(getattr(triton, "__version__", "?"))
+    release = _release(version)
+    if not release or release < MIN_TRITON:
+        least = ".".join(map(str, MIN_TRITON))
+        return False, (f"triton {version} is older than {least}, the oldest these kernels are tested with "
+                       f"(pip install 'triton>={least}')")
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, ""
     try:

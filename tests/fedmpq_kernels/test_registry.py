@@ -131,3 +131,19 @@ def test_env_override_and_info_command():
         assert "fake_quant      cpu   -> cpu" in out
     else:
         assert "native module  NOT LOADED:" in out
+
+
+@pytest.mark.parametrize("version, ok", [("3.2.0", False), ("3.3.1", False), ("2.3.1", False), ("unknown", False),
+                                         ("3.4.0", True), ("3.6.0+git1a2b3c", True), ("3.10.0", True), ("4.0.0", True)])
+def test_triton_older_than_the_tested_floor_is_not_available(monkeypatch, version, ok):
+    # Triton 3.2/3.3's interpreter fails inside the kernels (no int1) and 3.0/3.1's wants
+    # constexpr aranges: an older Triton is refused with the reason, not picked to crash later.
+    import types
+
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=version))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    got, why = registry.available("triton")
+    assert got == ok
+    if not ok:
+        assert why == (f"triton {version} is older than 3.4, the oldest these kernels are tested with "
+                       "(pip install 'triton>=3.4')")
