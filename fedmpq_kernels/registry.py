@@ -94,10 +94,14 @@ def _cuda_available() -> Tuple[bool, str]:
 MIN_TRITON = (3, 4)
 
 
-def _release(version: str) -> Tuple[int, ...]:
-    """(major, minor) of a version string such as ``3.6.0`` or ``3.4.0+git1a2b``; () if unreadable."""
+def triton_too_old(version: str) -> str:
+    """Why Triton ``version`` (e.g. ``3.6.0``, ``3.4.0+git1a2b``) is not used, "" if it is new
+    enough (:data:`MIN_TRITON` or later)."""
     m = re.match(r"(\d+)\.(\d+)", version)
-    return (int(m.group(1)), int(m.group(2))) if m else ()
+    if m and (int(m.group(1)), int(m.group(2))) >= MIN_TRITON:
+        return ""
+    least = ".".join(map(str, MIN_TRITON))
+    return f"triton {version} is older than {least}, the oldest these kernels are tested with (pip install 'triton>={least}')"
 
 
 def _triton_available() -> Tuple[bool, str]:
@@ -107,12 +111,9 @@ def _triton_available() -> Tuple[bool, str]:
         import triton
     except Exception as exc:  # ImportError, or a broken install
         return False, f"import triton failed: {type(exc).__name__}: {exc}"
-    version = str(getattr(triton, "__version__", "?"))
-    release = _release(version)
-    if not release or release < MIN_TRITON:
-        least = ".".join(map(str, MIN_TRITON))
-        return False, (f"triton {version} is older than {least}, the oldest these kernels are tested with "
-                       f"(pip install 'triton>={least}')")
+    old = triton_too_old(str(getattr(triton, "__version__", "?")))
+    if old:
+        return False, old
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True, ""
     try:

@@ -4,6 +4,7 @@ backend cannot run here."""
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -64,9 +65,12 @@ def _triton_missing() -> str:
     """Why the Triton cases cannot run ("" when they can). Triton is an optional extra: a
     user who did not install it gets those cases skipped; CI sets FEDMPQ_REQUIRE_TRITON=1,
     so there a missing Triton fails instead."""
-    if os.environ.get("FEDMPQ_REQUIRE_TRITON") == "1" or importlib.util.find_spec("triton") is not None:
+    if os.environ.get("FEDMPQ_REQUIRE_TRITON") == "1":
         return ""
-    return "triton is not installed (pip install -e \".[triton]\"; FEDMPQ_REQUIRE_TRITON=1 makes this a failure)"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install -e \".[triton]\"; FEDMPQ_REQUIRE_TRITON=1 makes this a failure)"
+    old = registry.triton_too_old(importlib.metadata.version("triton"))
+    return f"{old}; FEDMPQ_REQUIRE_TRITON=1 makes this a failure" if old else ""
 
 
 def _cases():

@@ -62,6 +62,13 @@ def test_binarize_any_dtype_shape_and_strides(backend, dtype):
     assert torch.equal(rq, R.binarize(w.cpu().contiguous().reshape(-1), 5)[0])
 
 
+def _subnormals_kept() -> bool:
+    # torch.compile on the CPU in older torch (2.4) loads code built with -ffast-math, which
+    # flushes subnormals for the whole process: max|w| = 1e-38 then reads as 0 everywhere,
+    # the reference included, and the largest weight's code is 0.
+    return bool(torch.tensor(1e-38) * 1.0 > 0)
+
+
 def test_binarize_edge_values(backend):
     kernels(backend)
     dev = backend.device
@@ -79,7 +86,9 @@ def test_binarize_edge_values(backend):
             q, s, sc = fk.binarize(tiny, bits)
             rq, rs, rsc = R.binarize(tiny.cpu(), bits)
             assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(sc.cpu(), rsc), bits
-            assert int(q[1]) == 0 and int(q[4]) == 0 and int(q[0]) == (1 << bits) - 1, bits
+            assert int(q[1]) == 0 and int(q[4]) == 0, bits
+            if _subnormals_kept():
+                assert int(q[0]) == (1 << bits) - 1, bits
         q, s, sc = fk.binarize(torch.zeros(40, device=dev), 3)  # s = 0: every code 0, all "negative"
         assert int(q.abs().sum()) == 0 and float(sc) == 0.0
         assert s.cpu().tolist() == [255] * 5 + [0] * 3
