@@ -43,7 +43,6 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, cpus: Optional[int] = No
     :class:`fedmpq.config.ConfigError` for a bad config before Flower starts."""
     c = check_config(cfg)
     cpus = check(c, cpus)
-    gpu = resolve_device(c).type == "cuda"
     threads = resolve_threads(c)
     from flwr.simulation import run_simulation
 
@@ -54,7 +53,7 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, cpus: Optional[int] = No
               # the first query starts the virtual nodes' workers (each imports torch): on a
               # loaded machine that takes as long as a round may, not the deployment's 120 s
               "node_timeout": float(round_timeout), "threads": threads}
-        with _workers_see_this_process_gpus(gpu):
+        with _workers_see_this_process_gpus(resolve_device(c).type == "cuda"):
             run_simulation(server_app=server_app.make_app(rc), client_app=client_app.make_app(rc),
                            num_supernodes=c["n_clients"],
                            backend_config={"init_args": {"num_cpus": cpus, "num_gpus": 0},
