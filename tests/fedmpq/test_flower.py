@@ -62,6 +62,8 @@ def test_the_apps_pyproject_holds_simulates_defaults():
     import tomllib
 
     table = tomllib.loads((ROOT / "flower" / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    # every key written out, not filled in by check_config
+    assert {k.replace("-", "_") for k in table} == set(config_mod.DEFAULTS) | set(config.APP_DEFAULTS)
     c, app = config.from_run_config(table)
     assert c == config_mod.check_config({})
     assert app == config.APP_DEFAULTS
