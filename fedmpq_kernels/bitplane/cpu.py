@@ -132,6 +132,8 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     m = _bytes(mom)
     g_state = words(gs)  # the one float32, read and written as a word
     g = _f32(grad)
+    if g.numel() != n:  # the binding takes grad's pointer only: its n floats are checked here
+        raise ValueError(f"grad has {g.numel()} elements, codes {n}")
     cf = _f32(coef)
     r = native.cpu.bitplane_step(c.data_ptr(), n, sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(),
                                  g_state.data_ptr(), g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale), bits,
@@ -151,6 +153,8 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
     for l in range(L):
         c, sg, m, g_state = _bytes(codes[l]), words(sign[l]), _bytes(mom[l]), words(gs[l])
         g, cf = _f32(grad[l]), _f32(coef[l])
+        if g.numel() != c.numel():  # as in bitplane_step; before any layer is stepped
+            raise ValueError(f"layer {l}: grad has {g.numel()} elements, codes {c.numel()}")
         work.append((c, sg, m, g_state, g, cf))
         layers.append((c.data_ptr(), c.numel(), sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
                        g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale[l]), bits[l], int(keys[l])))

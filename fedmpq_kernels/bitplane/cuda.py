@@ -206,6 +206,8 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     the key from it (no host read, capturable in a CUDA graph) and ``key`` is ignored."""
     dev = codes.device
     n = codes.numel()
+    if grad.numel() != n:  # the binding takes grad's pointer only: its n floats are checked here
+        raise ValueError(f"grad has {grad.numel()} elements, codes {n}")
     if n == 0:  # the reference: max over nothing is 0, so g_s = 0 (mom is empty)
         gs.zero_()
         return torch.zeros((), dtype=_F32, device=dev)
@@ -248,6 +250,8 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
         c, sw, m, g_state = codes[l].contiguous(), words(sign[l]), mom[l].contiguous(), words(gs[l])
         g, cf, sc = _f32(grad[l]), _f32(coef[l]), _scale(scale[l], dev)
         n = c.numel()
+        if g.numel() != n:  # as in bitplane_step; before any layer is stepped
+            raise ValueError(f"layer {l}: grad has {g.numel()} elements, codes {n}")
         if n == 0:
             empty.append(l)
         key, key_ptr = (0, kt + l * kt_step) if key_tensor is not None else (int(keys[l]) & 0xFFFFFFFF, 0)

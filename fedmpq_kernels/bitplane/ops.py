@@ -54,9 +54,40 @@ def _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, lr, momen
     return _get("bitplane_step", codes)(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key, key_tensor)
 
 
-for _name, _fn in [("binarize", _binarize_impl), ("dequantize", _dequantize_impl),
-                   ("dequantize_backward", _dequantize_backward_impl), ("plane_popcounts", _plane_popcounts_impl),
-                   ("bitplane_step", _bitplane_step_impl)]:
+# The registered ops check their arguments with the public functions' checks (below): those
+# call the _impl functions directly, so these run only for a direct call of torch.ops.fedmpq.*
+# or a compiled graph, and no backend is handed a buffer shorter than the sizes it is told.
+def _binarize_op(w: Tensor, bits: int):
+    return _binarize_impl(w, _check_binarize(w, bits))
+
+
+def _dequantize_op(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tensor) -> Tensor:
+    return _dequantize_impl(codes, sign, scale, _check_dequantize(codes, sign, scale, bits, sink), sink)
+
+
+def _dequantize_backward_op(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
+    n, bits = _state(codes, sign, bits)
+    _tensor(grad, "grad", device=codes.device)
+    if grad.numel() != n:
+        raise ValueError(f"grad has {grad.numel()} elements, codes {n}")
+    return _dequantize_backward_impl(grad, codes, sign, bits)
+
+
+def _plane_popcounts_op(codes: Tensor, bits: int) -> Tensor:
+    _tensor(codes, "codes", torch.uint8)
+    return _plane_popcounts_impl(codes, check_bits(bits))
+
+
+def _bitplane_step_op(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key, key_tensor=None) -> Tensor:
+    bits, grad, coef = _step_layer(codes, sign, mom, gs, grad, coef, scale, bits, codes.device)
+    _step_scalars(lr, momentum)
+    key, key_tensor = _step_key(key if key_tensor is None else key_tensor, codes.device)
+    return _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key, key_tensor)
+
+
+for _name, _fn in [("binarize", _binarize_op), ("dequantize", _dequantize_op),
+                   ("dequantize_backward", _dequantize_backward_op), ("plane_popcounts", _plane_popcounts_op),
+                   ("bitplane_step", _bitplane_step_op)]:
     lib.impl(_name, _fn, "CompositeExplicitAutograd")
 
 
@@ -228,6 +259,24 @@ def _state(codes, sign, bits) -> Tuple[int, int]:
     return n, bits
 
 
+def _check_binarize(w, bits) -> int:
+    """Checks binarize's arguments (not w's values); returns bits."""
+    _tensor(w, "w")
+    if not w.is_floating_point():
+        raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
+    return check_bits(bits)
+
+
+def _check_dequantize(codes, sign, scale, bits, sink) -> int:
+    """Checks dequantize's arguments; returns bits."""
+    n, bits = _state(codes, sign, bits)
+    _scale(scale, codes.device)
+    _tensor(sink, "sink", device=codes.device)
+    if sink.numel() != n:
+        raise ValueError(f"sink has {sink.numel()} elements, codes {n}")
+    return bits
+
+
 def _scale(scale, device) -> Tensor:
     _tensor(scale, "scale", device=device)
     if scale.dtype != torch.float32 or scale.numel() != 1:
@@ -294,10 +343,7 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
     Raises:
         TypeError / ValueError: w not a float tensor, bits outside 1..8, w not finite.
     """
-    _tensor(w, "w")
-    if not w.is_floating_point():
-        raise TypeError(f"w must be a floating-point tensor, got {w.dtype}")
-    bits = check_bits(bits)
+    bits = _check_binarize(w, bits)
     if w.numel() and not bool(torch.isfinite(w).all()):
         raise ValueError("w holds NaN or inf: it cannot be binarized")
     if _eager(w):
@@ -317,11 +363,7 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tens
         scale: float32 one-element tensor of any shape (its gradient comes in that shape).
         bits: N, 1..8.  sink: float32, n elements.
     """
-    n, bits = _state(codes, sign, bits)
-    _scale(scale, codes.device)
-    _tensor(sink, "sink", device=codes.device)
-    if sink.numel() != n:
-        raise ValueError(f"sink has {sink.numel()} elements, codes {n}")
+    bits = _check_dequantize(codes, sign, scale, bits, sink)
     if (_eager(codes) and type(scale) in PLAIN and type(sink) in PLAIN and not _is_wrapped(scale)
             and not _is_wrapped(sink)):
         if torch.is_grad_enabled() and (scale.requires_grad or sink.requires_grad):

@@ -25,11 +25,30 @@ lib.define("fake_quant(Tensor x, int bits, Tensor? scale, int mode) -> (Tensor, 
 lib.define("fake_quant_backward(Tensor grad, Tensor bitmaps, bool scale_grad) -> (Tensor, Tensor)")
 
 
-def _fake_quant_impl(x: Tensor, bits: int, scale: Optional[Tensor], mode: int):
-    if scale is not None and scale.device.type == "cpu":
+# The registered ops' impls check their arguments themselves: the public functions call the
+# backends directly (their own checks, above each), so these run only for a direct call of
+# torch.ops.fedmpq.* or a compiled graph, and no backend is handed a width, mode or scale it
+# would misread.
+def _check_op_scale(scale: Optional[Tensor], x: Tensor, mode: int) -> None:
+    if mode not in (0, 1, 2):
+        raise ValueError(f"mode must be 0 (identity STE), 1 (clipped) or 2 (clipped, scale gradient), got {mode}")
+    if scale is None:  # a dynamic scale clips nothing: modes 1 and 2 give all-pass bitmaps
+        return
+    if not scale.is_floating_point() or scale.numel() != 1:
+        raise ValueError(f"scale must be a one-element floating-point tensor, got {scale.dtype} of shape "
+                         f"{tuple(scale.shape)}")
+    if scale.device != x.device:
+        raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
+    if scale.device.type == "cpu":
         # Free to read on the CPU; a device scale is checked by the kernels (NaN output)
         # so that no call synchronizes.
         check_scale_value(float(scale))
+
+
+def _fake_quant_impl(x: Tensor, bits: int, scale: Optional[Tensor], mode: int):
+    check_float_tensor(x)
+    check_bits(bits, float_ok=True)
+    _check_op_scale(scale, x, mode)
     y, bitmaps = registry.get("fake_quant", "fake_quant", x.device.type)(x, bits, scale, mode)
     if mode == 0:  # a backend may share one empty tensor for them; an op's outputs are fresh
         bitmaps = x.new_empty(0, dtype=torch.uint8)
@@ -37,6 +56,7 @@ def _fake_quant_impl(x: Tensor, bits: int, scale: Optional[Tensor], mode: int):
 
 
 def _fake_quant_backward_impl(grad: Tensor, bitmaps: Tensor, scale_grad: bool):
+    check_float_tensor(grad, "grad")  # the bitmaps: every backend takes them through bitmap_arg
     return registry.get("fake_quant", "fake_quant_backward", grad.device.type)(grad, bitmaps, scale_grad)
 
 
@@ -219,6 +239,8 @@ lib.define("relu6_fake_quant(Tensor x, int bits) -> (Tensor, Tensor)")
 
 
 def _relu6_fake_quant_impl(x: Tensor, bits: int):
+    check_float_tensor(x)
+    check_bits(bits, float_ok=True)
     return registry.get("fake_quant", "relu6_fake_quant", x.device.type)(x, bits)
 
 

@@ -41,10 +41,35 @@ def _dequant_accumulate_layers_impl(acc: Tensor, payload: Tensor, table: Tensor,
     registry.get("pack", "dequant_accumulate_layers", acc.device.type)(acc, payload, table, coefs)
 
 
-lib.impl("dequant_accumulate_layers", _dequant_accumulate_layers_impl, "CompositeExplicitAutograd")
-lib.impl("pack_codes", _pack_codes_impl, "CompositeExplicitAutograd")
-lib.impl("unpack_codes", _unpack_codes_impl, "CompositeExplicitAutograd")
-lib.impl("dequant_accumulate", _dequant_accumulate_impl, "CompositeExplicitAutograd")
+# The registered ops check their arguments with the public functions' checks (below): those
+# call the _impl functions directly, so these run only for a direct call of torch.ops.fedmpq.*
+# or a compiled graph, and no backend is handed a buffer shorter than the sizes it is told.
+def _pack_codes_op(codes: Tensor, bits: int) -> Tensor:
+    _check_u8(codes, "codes")
+    return _pack_codes_impl(codes, check_bits(bits))
+
+
+def _unpack_codes_op(planes: Tensor, bits: int, n: int) -> Tensor:
+    bits, n = _check_unpack(planes, bits, n)
+    return _unpack_codes_impl(planes, bits, n)
+
+
+def _dequant_accumulate_op(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bits: int, coef: float) -> None:
+    bits = _check_accumulate(acc, planes, signs, bits)
+    if not math.isfinite(coef):
+        raise ValueError(f"coef must be finite, got {coef}")
+    _dequant_accumulate_impl(acc, planes, signs, bits, coef)
+
+
+def _dequant_accumulate_layers_op(acc: Tensor, payload: Tensor, table: Tensor, coefs: Tensor) -> None:
+    _check_layers(acc, payload, table, coefs)
+    _dequant_accumulate_layers_impl(acc, payload, table.contiguous(), coefs.contiguous())
+
+
+lib.impl("dequant_accumulate_layers", _dequant_accumulate_layers_op, "CompositeExplicitAutograd")
+lib.impl("pack_codes", _pack_codes_op, "CompositeExplicitAutograd")
+lib.impl("unpack_codes", _unpack_codes_op, "CompositeExplicitAutograd")
+lib.impl("dequant_accumulate", _dequant_accumulate_op, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("fedmpq::pack_codes")
@@ -132,14 +157,20 @@ def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:
     Raises:
         TypeError / ValueError: planes not uint8 or too short, bits outside 1..8, n < 0.
     """
+    bits, n = _check_unpack(planes, bits, n)
+    if _eager(planes):
+        return _unpack_codes_impl(planes, bits, n)
+    return torch.ops.fedmpq.unpack_codes(planes, bits, n)
+
+
+def _check_unpack(planes, bits, n) -> tuple:
+    """Checks unpack_codes' arguments; returns (bits, n) as ints."""
     bits = check_bits(bits)
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
     _check_u8(planes, "planes")
     _check_planes(planes, bits, int(n), planes.device)
-    if _eager(planes):
-        return _unpack_codes_impl(planes, bits, int(n))
-    return torch.ops.fedmpq.unpack_codes(planes, bits, int(n))
+    return bits, int(n)
 
 
 def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bits: int, scale: float,
@@ -161,12 +192,7 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     Raises:
         TypeError / ValueError naming the bad argument.
     """
-    _check_acc(acc)
-    bits = check_bits(bits)
-    n = acc.numel()
-    _check_planes(planes, bits, n, acc.device)
-    if signs is not None:
-        _check_planes(signs, 1, n, acc.device, "signs")
+    bits = _check_accumulate(acc, planes, signs, bits)
     scale, weight = float(scale), float(weight)
     if not (math.isfinite(scale) and scale >= 0):
         raise ValueError(f"scale must be finite and >= 0, got {scale}")
@@ -181,6 +207,17 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     else:
         torch.ops.fedmpq.dequant_accumulate(acc, planes, signs, bits, coef)
     return acc
+
+
+def _check_accumulate(acc, planes, signs, bits) -> int:
+    """Checks dequant_accumulate's tensors and width; returns bits."""
+    _check_acc(acc)
+    bits = check_bits(bits)
+    n = acc.numel()
+    _check_planes(planes, bits, n, acc.device)
+    if signs is not None:
+        _check_planes(signs, 1, n, acc.device, "signs")
+    return bits
 
 
 def layer_coefs(scales, bits, weight: float = 1.0) -> Tensor:
@@ -213,6 +250,18 @@ def dequant_accumulate_layers(acc: Tensor, payload: Tensor, table: Tensor, coefs
     Raises:
         TypeError / ValueError naming the bad argument or table row.
     """
+    _check_layers(acc, payload, table, coefs)
+    table, coefs = table.contiguous(), coefs.contiguous()
+    if _eager(acc):
+        _dequant_accumulate_layers_impl(acc, payload, table, coefs)
+    else:
+        torch.ops.fedmpq.dequant_accumulate_layers(acc, payload, table, coefs)
+    return acc
+
+
+def _check_layers(acc, payload, table, coefs) -> None:
+    """Checks dequant_accumulate_layers' tensors. Its rows are checked by the backend: the
+    C++ binding itself, the others with :func:`check_layer_table`."""
     _check_acc(acc)
     _check_u8(payload, "payload")
     if payload.device != acc.device or not payload.is_contiguous() or payload.dim() != 1 or payload.data_ptr() % 4:
@@ -223,13 +272,6 @@ def dequant_accumulate_layers(acc: Tensor, payload: Tensor, table: Tensor, coefs
         raise TypeError("coefs must be a float32 tensor of shape (nrows,)")
     if table.device.type != "cpu" or coefs.device.type != "cpu":
         raise ValueError("table and coefs must be CPU tensors (they describe the work)")
-    # Rows are checked by the backend: the C++ binding itself, the others with check_layer_table.
-    table, coefs = table.contiguous(), coefs.contiguous()
-    if _eager(acc):
-        _dequant_accumulate_layers_impl(acc, payload, table, coefs)
-    else:
-        torch.ops.fedmpq.dequant_accumulate_layers(acc, payload, table, coefs)
-    return acc
 
 
 def check_layer_table(t: np.ndarray, coefs: np.ndarray, acc_n: int, payload_n: int) -> None:

@@ -136,6 +136,18 @@ def test_dequantize_autograd(backend, bits):
     assert math.isclose(float(scale.grad), want, rel_tol=1e-6)
 
 
+def test_dequantize_backward_refuses_a_grad_of_another_size(backend):
+    """The registered op called with a grad shorter or longer than codes: refused on every
+    backend (the kernels read n floats of grad), never read past its end."""
+    kernels(backend)
+    dev = backend.device
+    q, s, _ = layer(40, 3)
+    with backend.active():
+        for m in (5, 41):
+            with pytest.raises(ValueError, match=f"grad has {m} elements, codes 40"):
+                torch.ops.fedmpq.dequantize_backward(torch.ones(m, device=dev), q.to(dev), s.to(dev), 3)
+
+
 @pytest.mark.parametrize("shape", [(1,), (1, 1)])
 def test_a_one_element_scale_of_any_shape_gets_its_gradient_in_its_shape(backend, shape):
     """A scale of shape (1,) or (1, 1) (one element, as the checks allow) takes the same dL/ds

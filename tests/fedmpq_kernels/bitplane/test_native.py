@@ -68,6 +68,20 @@ def test_native_step_rejects_overlapping_buffers():
 
 
 @needs_native
+def test_native_step_refuses_every_pair_of_overlapping_buffers():
+    """Each of the step's buffers placed at the start of another it fits in (so nothing is
+    read past an allocation): every pair is refused. Only grad and coef, both only read,
+    may share memory."""
+    a, keep = _native_step()
+    size = {k: t.numel() * t.element_size() for k, t in keep.items()}
+    for x in size:
+        for y in size:
+            if x != y and size[x] <= size[y] and {x, y} != {"grad", "coef"}:
+                with pytest.raises(ValueError, match="overlap"):
+                    native.cpu.bitplane_step(**dict(a, **{x: a[y]}))
+
+
+@needs_native
 def test_native_other_ops_reject_inconsistent_arguments():
     n = 100
     w, codes, sign, out = torch.zeros(n), torch.zeros(n, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8), torch.zeros(n)

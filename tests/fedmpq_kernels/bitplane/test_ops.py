@@ -104,3 +104,53 @@ def test_public_errors_leave_the_state_untouched():
     with pytest.raises(ValueError):
         fk.bitplane_step(**a)
     assert int(a["codes"].min()) == 3 and int(a["mom"].count_nonzero()) == 0
+
+
+def _op_step(dev, **kw):
+    a = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in _step_args().items()}
+    a.update(kw)
+    return torch.ops.fedmpq.bitplane_step(a["codes"], a["sign"], a["mom"], a["gs"], a["grad"], a["coef"], a["scale"],
+                                          a["bits"], a["lr"], a["momentum"], a["key"])
+
+
+def _u8(n, d):
+    return torch.zeros(n, dtype=torch.uint8, device=d)
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda d: torch.ops.fedmpq.binarize(torch.randn(40, device=d), 0), ValueError, "bits must be in 1..8"),
+        (lambda d: torch.ops.fedmpq.binarize(_u8(40, d), 3), TypeError, "w must be a floating-point"),
+        (lambda d: torch.ops.fedmpq.dequantize(_u8(40, d), _u8(4, d), torch.tensor(1.0, device=d), 3,
+                                               torch.empty(40, device=d)), ValueError, "sign has 4 bytes, 8 needed"),
+        (lambda d: torch.ops.fedmpq.dequantize(_u8(40, d), _u8(8, d), torch.tensor(1.0, device=d), 3,
+                                               torch.empty(41, device=d)), ValueError, "sink has 41 elements, codes 40"),
+        (lambda d: torch.ops.fedmpq.dequantize(_u8(40, d), _u8(8, d), torch.tensor(1.0, device=d), 9,
+                                               torch.empty(40, device=d)), ValueError, "bits must be in 1..8"),
+        (lambda d: torch.ops.fedmpq.dequantize_backward(torch.ones(5, device=d), _u8(40, d), _u8(8, d), 3),
+         ValueError, "grad has 5 elements, codes 40"),
+        (lambda d: torch.ops.fedmpq.dequantize_backward(torch.ones(1, device=d), _u8(40, d), _u8(8, d), 3),
+         ValueError, "grad has 1 elements, codes 40"),  # the reference would broadcast it
+        (lambda d: torch.ops.fedmpq.dequantize_backward(torch.ones(40, device=d), _u8(40, d), _u8(4, d), 3),
+         ValueError, "sign has 4 bytes"),
+        (lambda d: torch.ops.fedmpq.plane_popcounts(_u8(40, d), 9), ValueError, "bits must be in 1..8"),
+        (lambda d: torch.ops.fedmpq.plane_popcounts(_u8(40, d), 0), ValueError, "bits must be in 1..8"),
+        (lambda d: _op_step(d, grad=torch.zeros(5, device=d)), ValueError, "grad has 5 elements, codes 40"),
+        (lambda d: _op_step(d, mom=_u8(10, d)), ValueError, "mom must be a contiguous uint8 tensor of 3\\*40"),
+        (lambda d: _op_step(d, coef=torch.zeros(1, device=d)), ValueError, "coef must hold 3 values"),
+        (lambda d: _op_step(d, sign=_u8(1, d)), ValueError, "sign has 1 bytes"),
+        (lambda d: _op_step(d, bits=9), ValueError, "bits must be in 1..8"),
+        (lambda d: _op_step(d, lr=float("nan")), ValueError, "lr must be a finite number"),
+        (lambda d: _op_step(d, momentum=1.0), ValueError, r"momentum must be in \[0, 1\)"),
+        (lambda d: _op_step(d, key=-1), ValueError, "key must be a uint32"),
+    ],
+)
+def test_registered_ops_called_directly_refuse_bad_arguments(backend, call, exc, match):
+    """torch.ops.fedmpq.* called directly (not through the public functions) checks its
+    arguments on every backend before a kernel sees them: before, the Triton and reference
+    backends took a short grad, mom or sign (a short mom crashed the Triton interpreter) and
+    a width out of range, and the CPU step read past a short grad."""
+    kernels(backend)
+    with backend.active(), pytest.raises(exc, match=match):
+        call(backend.device)

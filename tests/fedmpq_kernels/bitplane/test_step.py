@@ -136,6 +136,22 @@ def test_step_lr_overflow_is_skipped(backend, lr, grad_scale):
     assert_state_equal(state, ref_state, "lr overflow vs reference")
 
 
+@pytest.mark.parametrize("lr", [3.4028234663852886e38, 3.40282355e38], ids=["float32_max", "rounds_down_to_it"])
+def test_step_lr_at_the_float32_limit_is_taken(backend, lr):
+    """lr at float32's largest value, or a double below that plus half an ulp (it rounds to
+    it): the float32 lr is finite, and with g_s < 1 so is lr * g_s, so the step runs (as the
+    reference's: status g_s, the state written), unlike test_step_lr_overflow_is_skipped's."""
+    kernels(backend)
+    n, bits = 300, 4
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, backend.device)
+    mom.fill_(0x18)
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(6)) * 0.1
+    (state, got), (ref_state, want) = _one_step(backend, [codes, sign, mom, gs], scale, grad, torch.zeros(bits), bits,
+                                                lr, 0.9, 3)
+    assert 0.0 < float(want) < 1.0 and torch.equal(bits_of(got), bits_of(want))
+    assert_state_equal(state, ref_state, f"lr {lr!r}")
+
+
 def test_step_keeps_the_tail_of_a_longer_sign_buffer(backend):
     """sign may hold more bytes than n needs: those are left alone (the bits past n in the
     last word needed are rewritten as zeros, as the packed bitmap has them)."""

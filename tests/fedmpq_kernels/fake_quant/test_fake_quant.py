@@ -143,6 +143,22 @@ def test_nan_and_inf(backend):
         exact(s.grad, torch.tensor(8.0 - 4.0 - 16.0, device=backend.device))
 
 
+def test_nan_and_inf_in_whole_vector_words(backend):
+    """test_nan_and_inf's values tiled to 72 elements, so that the vector loops over whole
+    32-element words see them (6 elements reach only the scalar tail): NaN stays NaN under a
+    given scale, infinities clip, and the backward's bitmaps agree."""
+    dev = backend.device
+    x = torch.tensor([1.0, float("nan"), -2.0, float("inf"), float("-inf"), 0.25] * 12, device=dev)
+    with backend.active():
+        exact(fk.fake_quant(x, 2, 1.5), torch.tensor([1.0, float("nan"), -1.5, 1.5, -1.5, 0.0] * 12, device=dev))
+        xr = x.clone().requires_grad_(True)
+        s = torch.tensor(1.5, device=dev, requires_grad=True)
+        gy = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0, 32.0] * 12, device=dev)
+        fk.fake_quant(xr, 2, s, ste="clipped").backward(gy)
+        exact(xr.grad, torch.tensor([1.0, 2.0, 0.0, 0.0, 0.0, 32.0] * 12, device=dev))
+        exact(s.grad, torch.tensor(12 * (8.0 - 4.0 - 16.0), device=dev))
+
+
 def _check_against_reference(backend, x, s, g):
     """Every forward mode and the backward of ``backend`` against the reference, bit for bit."""
     for mode in (0, 1, 2):

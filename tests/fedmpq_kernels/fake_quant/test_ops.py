@@ -135,3 +135,27 @@ def test_bad_input_raises_a_clear_error(kwargs, exc, match):
     args.update(kwargs)
     with pytest.raises(exc, match=match):
         fk.fake_quant(args["x"], args["bits"], args["scale"], ste=args["ste"])
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda x, d: torch.ops.fedmpq.fake_quant(x, 9, None, 0), ValueError, "bits must be one of"),
+        (lambda x, d: torch.ops.fedmpq.fake_quant(x, 4, torch.tensor(1.0, device=d), 5), ValueError, "mode must be 0"),
+        (lambda x, d: torch.ops.fedmpq.fake_quant(x, 4, torch.ones(2, device=d), 1), ValueError, "one-element"),
+        (lambda x, d: torch.ops.fedmpq.fake_quant(x, 4, torch.tensor(1, device=d), 1), ValueError, "floating-point"),
+        (lambda x, d: torch.ops.fedmpq.fake_quant(x.double(), 4, None, 0), TypeError, "float64"),
+        (lambda x, d: torch.ops.fedmpq.fake_quant_backward(x.int(), torch.zeros(8, dtype=torch.uint8, device=d), False),
+         TypeError, "grad must be float32"),
+        (lambda x, d: torch.ops.fedmpq.fake_quant_backward(x, torch.zeros(4, dtype=torch.uint8, device=d), True),
+         ValueError, "bitmaps has 4 bytes, 16 needed"),
+        (lambda x, d: torch.ops.fedmpq.relu6_fake_quant(x, 9), ValueError, "bits must be one of"),
+        (lambda x, d: torch.ops.fedmpq.relu6_fake_quant(x.double(), 4), TypeError, "float64"),
+    ],
+)
+def test_registered_ops_called_directly_refuse_bad_arguments(backend, call, exc, match):
+    """torch.ops.fedmpq.* called directly checks its arguments on every backend: before, the
+    Triton and reference backends quantized at 9 bits and took mode 5."""
+    x = torch.randn(40, device=backend.device)
+    with backend.active(), pytest.raises(exc, match=match):
+        call(x, backend.device)

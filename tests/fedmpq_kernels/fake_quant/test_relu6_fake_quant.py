@@ -90,6 +90,20 @@ def test_nan_propagates(backend):
     assert not (mask.cpu()[500 // 8] >> (500 % 8)) & 1  # NaN is not in (0, 6)
 
 
+def test_infinities_clip_to_six_and_zero(backend):
+    """+inf is ReLU6's 6 (S stays 6, not inf), -inf its 0; neither is in the mask. 72
+    elements: whole 32-element words and a scalar tail. S = 6, L = 3: 3 -> 1.5 -> 2 -> 4,
+    1 -> 0.5 -> 0 (half to even)."""
+    kernel(backend)
+    x = torch.tensor([float("inf"), float("-inf"), 3.0, 1.0] * 18)
+    want_y, want_mask = R.relu6_fake_quant(x, 2)
+    assert want_y.tolist() == [6.0, 0.0, 4.0, 0.0] * 18
+    with backend.active():
+        y, mask = torch.ops.fedmpq.relu6_fake_quant(x.to(backend.device), 2)
+    assert same(y, want_y) and torch.equal(mask.cpu(), want_mask)
+    assert mask.cpu().tolist() == [0xCC] * 9 + [0] * 3
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_positive_input_gives_zeros(backend, dtype):
     kernel(backend)

@@ -94,6 +94,24 @@ def test_fused_scale_gradient_is_deterministic(backend, numel):
         assert mod.fake_quant_backward(g, b, True)[1].item() == first
 
 
+def test_cpu_scale_gradient_is_not_held_in_float32_partial_sums(backend):
+    """x all clipped high, g = 2^24 once, then ones: a float32 running sum would lose every
+    1 added to 2^24 (the CPU kernel's float32 lanes are flushed to float64 every 32 words);
+    the result must be the exact sum, as the reference gives it."""
+    if backend.name not in ("cpu", "reference"):
+        pytest.skip("the float64 reduction is the CPU kernel's (GPU kernels sum in their own order)")
+    n = 2048
+    g = torch.ones(n)
+    g[0:1024:8] = 0.0  # the first 32 words' share of lane 0 is 2^24 alone: exact in float32
+    g[0] = 2.0**24
+    x = torch.full((n,), 10.0)
+    mod = backend.module("fake_quant")
+    _, b = mod.fake_quant(x, 4, torch.tensor(1.0), 2)
+    _, gs = mod.fake_quant_backward(g, b, True)
+    want = 2.0**24 + n - 128  # even, below 2^25: a float32
+    assert gs.item() == want == R.fake_quant_backward(g, b, True)[1].item()
+
+
 def test_triton_last_program_reduces_many_programs(backend, monkeypatch):
     """The interpreter takes small sizes only: with 64-element programs and a 4-slot finish
     step the same sizes run up to 63 programs, so the last program's loop takes several

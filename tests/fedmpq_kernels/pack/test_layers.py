@@ -86,6 +86,17 @@ def test_bad_table_rows_raise(backend, row, match):
     assert not acc.any()
 
 
+def test_a_row_whose_sign_map_runs_past_the_payload_raises(backend):
+    """Planes that fit exactly at the payload's end, the sign map after them does not: the
+    row is refused (on the CPU by the C++ binding's own check), never read past the end."""
+    dev = backend.device
+    payload = torch.zeros(64, dtype=torch.uint8, device=dev)
+    acc = torch.zeros(100, device=dev)
+    with backend.active(), pytest.raises(ValueError, match="out of the payload|is invalid"):
+        fk.dequant_accumulate_layers(acc, payload, torch.tensor([[0, 10, 2, 56]]), torch.ones(1))  # 8 + 4 bytes at 56
+    assert not acc.any()
+
+
 def test_overlapping_rows_and_bad_coefs_raise(backend):
     dev = backend.device
     payload = torch.zeros(64, dtype=torch.uint8, device=dev)

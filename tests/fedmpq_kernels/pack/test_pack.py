@@ -144,6 +144,39 @@ def test_bad_input_raises_a_clear_error(backend, call, exc, match):
         call(backend.device)
 
 
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda d: torch.ops.fedmpq.pack_codes(torch.zeros(3, dtype=torch.uint8, device=d), 0), ValueError,
+         "bits must be in 1..8"),
+        (lambda d: torch.ops.fedmpq.pack_codes(torch.zeros(3, dtype=torch.int32, device=d), 2), TypeError,
+         "codes must be uint8"),
+        (lambda d: torch.ops.fedmpq.unpack_codes(torch.zeros(10, dtype=torch.uint8, device=d), 4, 100), ValueError,
+         "planes has 10 bytes, 64 needed"),
+        (lambda d: torch.ops.fedmpq.unpack_codes(torch.zeros(64, dtype=torch.uint8, device=d), 4, -5), ValueError,
+         "n must be an int >= 0"),
+        (lambda d: torch.ops.fedmpq.dequant_accumulate(torch.zeros(100, device=d), torch.zeros(10, dtype=torch.uint8, device=d),
+                                                       None, 4, 1.0), ValueError, "planes has 10 bytes, 64 needed"),
+        (lambda d: torch.ops.fedmpq.dequant_accumulate(torch.zeros(100, device=d), torch.zeros(64, dtype=torch.uint8, device=d),
+                                                       torch.zeros(2, dtype=torch.uint8, device=d), 4, 1.0),
+         ValueError, "signs has 2 bytes"),
+        (lambda d: torch.ops.fedmpq.dequant_accumulate(torch.zeros(100, device=d), torch.zeros(64, dtype=torch.uint8, device=d),
+                                                       None, 9, 1.0), ValueError, "bits must be in 1..8"),
+        (lambda d: torch.ops.fedmpq.dequant_accumulate(torch.zeros(100, device=d), torch.zeros(64, dtype=torch.uint8, device=d),
+                                                       None, 4, float("inf")), ValueError, "coef must be finite"),
+        (lambda d: torch.ops.fedmpq.dequant_accumulate_layers(torch.zeros(100, device=d), torch.zeros(64, dtype=torch.uint8, device=d),
+                                                              torch.zeros(1, 3, dtype=torch.int64), torch.ones(1)),
+         TypeError, "table must be an int64 tensor of shape"),
+    ],
+)
+def test_registered_ops_called_directly_refuse_bad_arguments(backend, call, exc, match):
+    """torch.ops.fedmpq.* called directly checks its arguments on every backend before a
+    kernel sees them: before, Triton packed at 0 bits, and Triton and the reference failed
+    on short planes with torch's reshape or view errors."""
+    with backend.active(), pytest.raises(exc, match=match):
+        call(backend.device)
+
+
 def test_ops_are_registered_and_pass_opcheck():
     codes = codes_for(77, 5, "cpu")
     planes = torch.ops.fedmpq.pack_codes(codes, 5)
