@@ -144,22 +144,34 @@ class Aggregator:
         self._kept: List[List[Tensor]] = []  # robust rules: each upload's values, per accumulator
         self._total = 0.0
 
-    def add(self, data, client_id: Optional[int] = None, round_: Optional[int] = None) -> ClientStats:
+    def add(self, data, client_id: Optional[int] = None, round_: Optional[int] = None,
+            budget: Optional[float] = None, num_samples: Optional[int] = None) -> ClientStats:
         """Check one upload's bytes whole, then add it. Returns its statistics.
 
         ``client_id``/``round_``: when given, the upload must say it is that client's upload
         of that round (a client that claims to be another is refused before anything is added).
+        ``budget``/``num_samples``: when given, the upload must state that budget (as the
+        wire stores it, in float32) and that sample count: a server that knows its clients
+        holds them to it, so that no upload can change the weights it is aggregated and
+        reassigned with.
 
         Raises:
-            fedmpq.wire.WireFormatError: the bytes do not decode, claim another client or
-                round, do not match the model's layout (or the first upload's), or hold a
-                float value that is not finite (nothing is added then).
+            fedmpq.wire.WireFormatError: the bytes do not decode, claim another client,
+                round, budget or sample count, do not match the model's layout (or the first
+                upload's), or hold a float value that is not finite (nothing is added then).
         """
         p = wire.parse(data, wire.KIND_UPLOAD, self._known)
-        meta_client, num_samples, rnd, budget = p.meta
+        meta_client, meta_samples, rnd, meta_budget = p.meta
         if (client_id is not None and meta_client != client_id) or (round_ is not None and rnd != round_):
             raise wire.WireFormatError(f"the upload says it is client {meta_client}'s of round {rnd}, "
                                        f"expected client {client_id}'s of round {round_}")
+        if budget is not None and meta_budget != float(np.float32(budget)):  # NaN never equals
+            raise wire.WireFormatError(f"the upload of client {meta_client} states budget {meta_budget}, "
+                                       f"the server has {budget}")
+        if num_samples is not None and meta_samples != num_samples:
+            raise wire.WireFormatError(f"the upload of client {meta_client} states {meta_samples} samples, "
+                                       f"the server has {num_samples}")
+        num_samples, budget = meta_samples, meta_budget
         client_id = meta_client
         w = 1.0 if self.weighting == "mean" else float(num_samples)
         if w <= 0:

@@ -131,6 +131,8 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     budgets = c["budgets"]
     if isinstance(budgets, numbers.Real) and not isinstance(budgets, bool):
         budgets = [budgets] * c["n_clients"]
+    elif isinstance(budgets, list) and len(budgets) == 1:  # --budgets 4: one for all
+        budgets = budgets * c["n_clients"]
     if not isinstance(budgets, list) or len(budgets) != c["n_clients"]:
         raise ConfigError(f"budgets must list one budget per client ({c['n_clients']}), got {budgets!r}")
     for b in budgets:

@@ -4,6 +4,7 @@ the streaming aggregation of uploads is :mod:`fedmpq.aggregate`."""
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from typing import Dict, List, Mapping, Sequence, Tuple
 
@@ -33,10 +34,15 @@ class Server:
             ``trimmed_mean`` are unweighted).
 
     A faulty client cannot stop a round: an upload that does not decode, claims another
-    client or round, does not hold exactly the model's entries and shapes (the layout comes
-    from this server's model, not from the first upload), or carries a value that is not
-    finite is left out with a logged reason, and the others are aggregated. A round with no
-    valid upload keeps the model and the bit-widths.
+    client or round, states another budget or sample count than the server has for that
+    client, does not hold exactly the model's entries and shapes (the layout comes from this
+    server's model, not from the first upload), or carries a value that is not finite is left
+    out with a logged reason, and the others are aggregated. A round with no valid upload
+    keeps the model and the bit-widths.
+
+    Raises:
+        ValueError: an unknown algorithm, weighting or rule, or a client of ``budgets``
+            without a sample count of at least 1 in ``num_samples``.
     """
 
     def __init__(self, alg: str, build, budgets: Mapping[int, float], num_samples: Mapping[int, int], seed: int = 0,
@@ -46,8 +52,15 @@ class Server:
         agg_mod.Aggregator(weighting, rule)  # refuses a bad weighting or rule now, not in round 1
         self.alg, self.build, self.weighting, self.rule = alg, build, weighting, rule
         self.device = torch.device(device)
-        self.budgets = {int(k): (8 if alg == "fp8" else v) for k, v in budgets.items()}
-        self.num_samples = dict(num_samples)
+        # What each client's upload states (its own beta_k, also under fp8), and what the
+        # server assigns with (fp8: 8 for everyone).
+        self.client_budgets = {int(k): v for k, v in budgets.items()}
+        self.budgets = {k: (8 if alg == "fp8" else v) for k, v in self.client_budgets.items()}
+        self.num_samples = {int(k): v for k, v in num_samples.items()}
+        for k in self.budgets:
+            d = self.num_samples.get(k)
+            if isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 1:
+                raise ValueError(f"num_samples[{k}] must be an integer >= 1, got {d!r}")
         torch.manual_seed(seed)
         self.global_state = {k: v.detach().clone() for k, v in build(quantized=False).state_dict().items()}
         qm = build(quantized=True, bits=1)
@@ -92,6 +105,8 @@ class Server:
             states = []
             for k, data in uploads.items():
                 try:
+                    if k not in self.budgets:
+                        raise wire.WireFormatError("the server has no such client")
                     m = wire.decode_model(data)
                     self._check_model(m)
                 except (wire.WireFormatError, ValueError) as e:
@@ -108,7 +123,11 @@ class Server:
         agg = agg_mod.Aggregator(self.weighting, self.rule, expected=self.layout)
         for k, data in uploads.items():
             try:
-                agg.add(data, client_id=k, round_=round_)  # checked whole before anything is added
+                if k not in self.budgets:
+                    raise wire.WireFormatError("the server has no such client")
+                # checked whole (its budget and sample count too) before anything is added
+                agg.add(data, client_id=k, round_=round_, budget=self.client_budgets[k],
+                        num_samples=self.num_samples[k])
             except (wire.WireFormatError, ValueError) as e:
                 log.warning("round %d: the upload of client %d is left out: %s", round_, k, e)
         if agg.count == 0:
@@ -116,6 +135,8 @@ class Server:
             report["seconds"] = time.perf_counter() - t0
             return report
         result = agg.result()
+        if self.alg == "fedmpq":  # before the model changes: a round is applied whole or not at all
+            assignments = next_assignments(agg.stats, self.budgets, self.layer_sizes)
         self.global_state = {k: result[k].to(v.dtype) for k, v in self.global_state.items()}
         names = list(self.layer_sizes)
         sizes = list(self.layer_sizes.values())
@@ -129,7 +150,7 @@ class Server:
             report["mean_bits"][st.client_id] = mean_bits(b)
         report["reported"] = [st.client_id for st in agg.stats]
         if self.alg == "fedmpq":
-            self.assignments = next_assignments(agg.stats, self.budgets, self.layer_sizes)
+            self.assignments = assignments
         report["assigned_mean_bits"] = {k: mean_bits(b) for k, b in sorted(self.assignments.items())}
         report["seconds"] = time.perf_counter() - t0
         return report

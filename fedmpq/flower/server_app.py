@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+import fedmpq_kernels as fk
+
 from .. import data as data_mod
 from .. import federation
 from .config import from_run_config
@@ -52,12 +54,20 @@ def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -
         if rep.has_error():
             log.warning("node %d could not say which client it is: %s", nid, rep.error.reason)
             continue
-        rec = rep.content["info"]
-        k = int(rec["client"])
+        try:
+            rec = rep.content["info"]
+            k, b, d = rec["client"], float(rec["budget"]), rec["num_samples"]
+            if isinstance(k, bool) or not isinstance(k, int) or isinstance(d, bool) or not isinstance(d, int):
+                raise TypeError(f"client {k!r} and num_samples {d!r} must be integers")
+            if not (0 <= k < n_clients and fk.MIN_BITS <= b <= fk.MAX_BITS and d >= 1):
+                raise ValueError(f"client {k} must be in 0..{n_clients - 1}, budget {b} in "
+                                 f"{fk.MIN_BITS}..{fk.MAX_BITS} and num_samples {d} >= 1")
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("node %d said which client it is in a reply that is left out: %s", nid, e)
+            continue
         if k in node_of:
             raise RuntimeError(f"nodes {node_of[k]} and {nid} both say they are client {k} (partition-id)")
-        b = float(rec["budget"])
-        node_of[k], budgets[k], samples[k] = nid, int(b) if b.is_integer() else b, int(rec["num_samples"])
+        node_of[k], budgets[k], samples[k] = nid, int(b) if b.is_integer() else b, d
     missing = sorted(set(range(n_clients)) - set(node_of))
     if missing:
         raise RuntimeError(f"no node is client {missing[0]} (of 0..{n_clients - 1}); {len(node_of)} of "

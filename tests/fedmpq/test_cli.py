@@ -141,3 +141,16 @@ def test_a_run_stopped_by_a_check_says_one_line_and_no_results_folder(tmp_path, 
         assert msg in captured.err and captured.err.count("\n") == 1, (argv, captured.err)
         assert "results in" not in captured.err + captured.out, argv
     assert not (tmp_path / "runs").exists()  # no dated folder was made for the stopped runs
+
+
+def test_resume_accepts_as_many_rounds_as_are_done_but_not_fewer(tmp_path):
+    """A resumed run may keep ``rounds`` equal to the rounds already done (nothing left to
+    run) or raise it; only fewer is refused."""
+    from fedmpq import config
+    from fedmpq.federation import resumable
+
+    c = config.check_config(dict(SMALL, rounds=2))
+    resumable(c, dict(c), 2, tmp_path / "checkpoint.pt")  # rounds == done: accepted
+    resumable(c, dict(c, rounds=5), 2, tmp_path / "checkpoint.pt")
+    with pytest.raises(config.ConfigError, match="already holds 2 rounds"):
+        resumable(c, dict(c, rounds=1), 2, tmp_path / "checkpoint.pt")

@@ -20,6 +20,10 @@ SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_e
     (dict(scale_lr="adam"), "scale_lr must be one of"),
     (dict(momentum="0.9"), "momentum must be a number in \\[0, 1\\)"),
     (dict(sampling_rate="1"), "sampling_rate must be a number in \\(0, 1\\]"),
+    (dict(sampling_rate=0), "sampling_rate must be a number in \\(0, 1\\]"),
+    (dict(sampling_rate=1.5), "sampling_rate must be a number in \\(0, 1\\]"),
+    (dict(momentum=1), "momentum must be a number in \\[0, 1\\)"),
+    (dict(lr=0), "lr must be a finite number > 0"),
     (dict(seed=-5), "seed must be an integer >= 0"),
     (dict(seed=1.5), "seed must be an integer >= 0"),
     (dict(alpha=float("inf")), "alpha must be a finite number > 0"),
@@ -127,3 +131,13 @@ def test_no_cuda_names_an_empty_cuda_visible_devices(visible, named, monkeypatch
         config.resolve_device(config.check_config({**SMALL, "device": "cuda"}))
     assert ("CUDA_VISIBLE_DEVICES is empty" in str(e.value)) == named
     assert "\n" not in str(e.value)
+
+
+def test_one_budget_for_all_clients():
+    """A single number as budgets is every client's budget (one list entry per client)."""
+    assert config.check_config(dict(SMALL, budgets=4))["budgets"] == [4, 4, 4]
+    assert config.check_config(dict(SMALL, budgets=2.5))["budgets"] == [2.5, 2.5, 2.5]
+    # the flag's and Flower's form: "4" parses to [4], which is one for all as well
+    assert config.check_config(dict(SMALL, budgets=config.parse_budgets("4")))["budgets"] == [4, 4, 4]
+    with pytest.raises(config.ConfigError, match="one budget per client"):
+        config.check_config(dict(SMALL, budgets=[2, 4]))

@@ -193,6 +193,27 @@ def test_nodes_that_do_not_cover_the_clients_are_refused(monkeypatch):
         server_app.wait_for_nodes(grid_of([0, 1]), 3, timeout=0.2, poll=0.05)
 
 
+def test_a_node_that_says_which_client_it_is_in_a_bad_reply_is_left_out(monkeypatch, caplog):
+    """A malformed info reply (no field, a budget out of 1..8, no samples, a client out of
+    range, a float client id) leaves that node unidentified with the reason logged: the
+    server stops at "no node is client k" instead of failing on the reply or starting with
+    a client it cannot weight."""
+    monkeypatch.setattr(server_app, "Message", _Msg)
+    caplog.set_level(logging.WARNING, logger="fedmpq")
+    good = {"client": 0, "budget": 4.0, "num_samples": 10}
+    for bad, why in [({"client": 1}, "budget"), (dict(good, client=1, budget=9.0), "budget 9.0 in 1..8"),
+                     (dict(good, client=1, budget="x"), "could not convert"),
+                     (dict(good, client=1, num_samples=0), "num_samples 0 >= 1"),
+                     (dict(good, client=7), "client 7 must be in 0..1"),
+                     (dict(good, client=1.0), "must be integers")]:
+        info = {100: good, 101: bad}
+        grid = _Grid([100, 101], lambda m: _Reply(m.metadata.dst_node_id, content={"info": info[m.metadata.dst_node_id]}))
+        caplog.clear()
+        with pytest.raises(RuntimeError, match="no node is client 1"):
+            server_app.identify_nodes(grid, [100, 101], 2, 5)
+        assert "node 101 said which client it is in a reply that is left out" in caplog.text and why in caplog.text, bad
+
+
 # --- Flower's in-process simulation against fedmpq simulate --------------------------------------
 
 def test_flower_simulation_gives_the_same_model_as_fedmpq_simulate(tmp_path):

@@ -25,11 +25,13 @@ def _server(alg="fedmpq", rule="mean"):
 
 
 def _honest(srv, k, r=1, bump=0.0):
-    """Client k's upload of round r: the global model nudged by ``bump``, at its budget."""
+    """Client k's upload of round r: the global model nudged by ``bump``, at its budget (it
+    states its own budget and sample count, as a client does)."""
     g = srv.global_state
     layers = {n: wire.QuantizedTensor.from_float(g[n] + bump * (k + 1), int(srv.budgets[k])) for n in srv.layer_sizes}
     floats = {n: (v + bump * (k + 1) if v.is_floating_point() else v) for n, v in g.items() if n not in srv.layer_sizes}
-    return wire.encode_upload(wire.Upload(k, r, 100 + k, float(srv.budgets[k]), layers, {n: 0 for n in layers}, floats))
+    return wire.encode_upload(wire.Upload(k, r, 100 + k, float(srv.client_budgets[k]), layers, {n: 0 for n in layers},
+                                          floats))
 
 
 def _faulty(srv, how, k=0, r=1):
@@ -53,34 +55,65 @@ def _faulty(srv, how, k=0, r=1):
     elif how in ("nan float", "inf float"):
         n = next(k_ for k_ in f if f[k_].is_floating_point())
         f[n][0] = float("nan") if how == "nan float" else float("inf")
-    return wire.encode_upload(wire.Upload(k, r, 100, 4.0, q, {n: 0 for n in q}, f))
+    # Otherwise the sample count and budget the server has for client k: each fault alone.
+    samples = {"other samples": 5000, "no samples": 0}.get(how, 100 + k)
+    budget = 3.0 if how == "other budget" else float(srv.client_budgets[k])
+    return wire.encode_upload(wire.Upload(k, r, samples, budget, q, {n: 0 for n in q}, f))
 
 
-def _with_scale(data: bytes, value: float) -> bytes:
-    """The upload with its first layer's scale replaced (checksum resealed): a NaN/inf scale."""
+def _resealed(b: bytearray) -> bytes:
+    """The bytes with their checksum recomputed (docs/FORMAT.md: over all but its own field)."""
     import struct
     import zlib
 
-    p = wire.parse(data, wire.KIND_UPLOAD)
-    b = bytearray(data)
-    off = p.offset[p.dtype == wire.DT_QUANTIZED].min() - 8 * int((p.dtype == wire.DT_QUANTIZED).sum()) + 4
-    struct.pack_into("<f", b, int(off), value)
     crc = zlib.crc32(bytes(b[32:]), zlib.crc32(bytes(b[20:32]), zlib.crc32(bytes(b[:16]))))
     struct.pack_into("<I", b, 16, crc)
     return bytes(b)
 
 
-FAULTS = ["empty", "one layer", "partial", "extra", "wrong shape", "float as quantized", "nan float", "inf float",
-          "nan scale", "inf scale"]
+def _with_budget(data: bytes, value: float) -> bytes:
+    """The upload with its stated budget replaced (the encoder refuses a NaN one): the
+    float32 after client_id, num_samples and round in the metadata at byte 32."""
+    import struct
+
+    b = bytearray(data)
+    struct.pack_into("<f", b, 32 + 8 + 8 + 4, value)
+    return _resealed(b)
+
+
+def _with_scale(data: bytes, value: float) -> bytes:
+    """The upload with its first layer's scale replaced (checksum resealed): a NaN/inf scale."""
+    import struct
+
+    p = wire.parse(data, wire.KIND_UPLOAD)
+    b = bytearray(data)
+    off = p.offset[p.dtype == wire.DT_QUANTIZED].min() - 8 * int((p.dtype == wire.DT_QUANTIZED).sum()) + 4
+    struct.pack_into("<f", b, int(off), value)
+    return _resealed(b)
+
+
+# each with the words its logged reason must hold
+FAULTS = {"empty": "does not match the model", "one layer": "does not match the model",
+          "partial": "does not match the model", "extra": "does not match the model",
+          "wrong shape": "does not match the model", "float as quantized": "does not match the model",
+          "nan float": "holds NaN or inf", "inf float": "holds NaN or inf", "nan scale": "scale", "inf scale": "scale",
+          # a client cannot change the weights it is aggregated and reassigned with (which once
+          # stopped the round: the bit reassignment refused the budget after the model had changed)
+          "other budget": "states budget 3.0, the server has", "nan budget": "states budget nan",
+          "other samples": "states 5000 samples, the server has", "no samples": "states 0 samples"}
 
 
 def _bad(srv, how, k):
     if how.endswith("scale"):
         return _with_scale(_honest(srv, k), float("nan") if how == "nan scale" else float("inf"))
+    if how == "nan budget":
+        data = _with_budget(_honest(srv, k), float("nan"))
+        assert wire.parse(data, wire.KIND_UPLOAD).meta[3] != wire.parse(data, wire.KIND_UPLOAD).meta[3]  # NaN
+        return data
     return _faulty(srv, how, k)
 
 
-@pytest.mark.parametrize("how", FAULTS)
+@pytest.mark.parametrize("how", list(FAULTS))
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_a_faulty_upload_is_left_out_and_the_honest_ones_aggregated(how, where, caplog):
     ref = _server()
@@ -95,12 +128,31 @@ def test_a_faulty_upload_is_left_out_and_the_honest_ones_aggregated(how, where, 
     with caplog.at_level(logging.WARNING, logger="fedmpq"):
         report = srv.aggregate(1, uploads)
     assert sorted(report["reported"]) == honest
-    assert f"the upload of client {faulty_k} is left out" in caplog.text
+    assert f"the upload of client {faulty_k} is left out" in caplog.text and FAULTS[how] in caplog.text
     for name, v in srv.global_state.items():
         assert torch.isfinite(v.double()).all(), name
     if honest == [1, 2, 3]:
         for name, v in ref.global_state.items():
             assert torch.equal(srv.global_state[name], v), name
+
+
+@pytest.mark.parametrize("alg", ["fedmpq", "aqfl", "fp8"])
+def test_every_algorithm_takes_the_uploads_that_state_the_clients_own_budget(alg):
+    """Clients state their own budget beta_k in every algorithm (fp8 trains at 8 bits but
+    is still client k's): the server takes them all."""
+    srv = _server(alg)
+    assert srv.aggregate(1, {k: _honest(srv, k) for k in range(4)})["reported"] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("samples, match", [({0: 100, 1: 101, 2: 102}, r"num_samples\[3\] must be an integer >= 1, got None"),
+                                            ({0: 100, 1: 101, 2: 102, 3: 0}, r"num_samples\[3\] .* got 0"),
+                                            ({0: 100, 1: 101, 2: 102, 3: 2.5}, r"num_samples\[3\] .* got 2.5")])
+def test_a_server_needs_a_sample_count_for_every_client(samples, match):
+    from fedmpq import data
+
+    with pytest.raises(ValueError, match=match):
+        Server("fedmpq", config.model_builder(SMALL, data.load("digits")), budgets=dict(enumerate(SMALL["budgets"])),
+               num_samples=samples)
 
 
 def test_a_round_with_no_valid_upload_keeps_the_model_and_bits(caplog):
@@ -190,3 +242,84 @@ def test_each_download_holds_the_model_at_its_clients_bit_widths():
     # clients 0 and 3 have the same widths: the same layers
     d0, d3 = wire.decode_download(downloads[0]), wire.decode_download(downloads[3])
     assert all(torch.equal(d0.layers[n].planes, d3.layers[n].planes) for n in srv.layer_sizes)
+
+
+def _server_with(alg, weighting, num_samples):
+    from fedmpq import data
+
+    ds = data.load("digits")
+    n = len(num_samples)
+    return Server(alg, config.model_builder(SMALL, ds), budgets={k: SMALL["budgets"][k] for k in range(n)},
+                  num_samples=num_samples, seed=0, weighting=weighting)
+
+
+def _shifted(g, shift, batches=None):
+    """The state ``g`` with every float entry moved by ``shift`` (int entries = ``batches``)."""
+    return {n: (v + shift if v.is_floating_point() else torch.full_like(v, v.item() if batches is None else batches))
+            for n, v in g.items()}
+
+
+def test_a_sample_weighted_server_weights_each_upload_by_its_samples():
+    """weighting="samples" reaches the server's aggregation: two uploads holding the model
+    moved by 0 and by 1, of 1 and 3 samples, average to the model moved by 3/4 (the
+    unweighted mean would give 1/2)."""
+    srv = _server_with("fedmpq", "samples", {0: 1, 1: 3})
+    g = {n: v.clone() for n, v in srv.global_state.items()}
+    ups = {}
+    for k, (shift, samples) in enumerate([(0.0, 1), (1.0, 3)]):
+        s = _shifted(g, shift)
+        layers = {n: wire.QuantizedTensor.from_float(s[n], 2) for n in srv.layer_sizes}
+        floats = {n: v for n, v in s.items() if n not in srv.layer_sizes}
+        ups[k] = wire.encode_upload(wire.Upload(k, 1, samples, float(srv.budgets[k]), layers, {n: 0 for n in layers},
+                                                floats))
+    srv.aggregate(1, ups)
+    for n, v in g.items():
+        if n in srv.layer_sizes:  # the de-quantized uploads, weighted 1:3
+            d = [wire.decode_upload(ups[k]).layers[n].dequantize().double() for k in (0, 1)]
+            torch.testing.assert_close(srv.global_state[n].double(), (d[0] + 3 * d[1]) / 4, rtol=1e-5, atol=1e-6)
+        elif v.is_floating_point():
+            torch.testing.assert_close(srv.global_state[n], v + 0.75, rtol=0, atol=1e-5)
+
+
+def test_a_sample_weighted_fp_server_weights_each_model_by_its_clients_samples():
+    """fp with weighting="samples": each float model counts by its client's |D_k| (1 and 3
+    here): the model moved by 0 and by 1 averages to the model moved by 3/4."""
+    srv = _server_with("fp", "samples", {0: 1, 1: 3})
+    g = {n: v.clone() for n, v in srv.global_state.items()}
+    srv.aggregate(1, {k: wire.encode_model(wire.Model(1, _shifted(g, shift))) for k, shift in ((0, 0.0), (1, 1.0))})
+    for n, v in g.items():
+        if v.is_floating_point():
+            torch.testing.assert_close(srv.global_state[n], v + 0.75, rtol=0, atol=1e-5)
+
+
+def test_fp_rounds_the_mean_of_integer_entries_to_the_nearest():
+    """fp: an integer entry (BatchNorm's num_batches_tracked) averages to the nearest
+    integer: 0, 1 and 1 give 2/3 -> 1 (not 0, as truncation would)."""
+    srv = _server_with("fp", "mean", {0: 10, 1: 10, 2: 10})
+    g = srv.global_state
+    srv.aggregate(1, {k: wire.encode_model(wire.Model(1, _shifted(g, 0.0, batches=b))) for k, b in enumerate([0, 1, 1])})
+    ints = [n for n, v in g.items() if not v.is_floating_point()]
+    assert ints and all(srv.global_state[n].dtype == torch.int64 and int(srv.global_state[n]) == 1 for n in ints)
+
+
+@pytest.mark.parametrize("how", ["broadcastable shape", "wrong shape", "int as float"])
+def test_a_float_model_with_another_shape_or_kind_is_left_out_under_fp(how, caplog):
+    """fp: an upload whose entry has another shape (even one that would broadcast) or is
+    float where the model's is an integer is left out; the others are averaged alone."""
+    ref = _server("fp")
+    good = {k: wire.encode_model(wire.Model(1, _shifted(ref.global_state, 0.1 * k))) for k in (1, 2)}
+    ref.aggregate(1, dict(good))
+    srv = _server("fp")
+    t = {n: v.clone() for n, v in srv.global_state.items()}
+    name = next(n for n, v in t.items() if v.is_floating_point() and v.dim() == 1)
+    if how == "broadcastable shape":
+        t[name] = torch.zeros(1)
+    elif how == "wrong shape":
+        t[name] = torch.zeros(t[name].numel() + 1)
+    else:
+        n_int = next(n for n, v in t.items() if not v.is_floating_point())
+        t[n_int] = t[n_int].float()
+    report = srv.aggregate(1, {0: wire.encode_model(wire.Model(1, t)), **good})
+    assert report["reported"] == [1, 2] and "client 0 is left out" in caplog.text
+    for n, v in ref.global_state.items():
+        assert srv.global_state[n].shape == v.shape and torch.equal(srv.global_state[n], v), n

@@ -154,3 +154,22 @@ def test_a_federation_on_cuda_sends_payloads_of_the_cpu_layout(alg, tmp_path):
     for key in ("bytes_up", "bytes_down", "reported", "aggregated"):
         assert gpu["rounds"][0][key] == cpu["rounds"][0][key], key
     assert abs(gpu["rounds"][0]["accuracy"] - cpu["rounds"][0]["accuracy"]) < 0.1
+
+
+def test_client_sampling_takes_the_rate_of_the_clients_anew_each_round():
+    """sample_clients: round(rate * n_clients) distinct clients (at least one), sorted, the
+    same for the same seed and round, and drawn anew each round (not one fixed subset)."""
+    from fedmpq import config
+    from fedmpq.federation import sample_clients
+
+    c = config.check_config(dict(SMALL, n_clients=10, budgets=4, sampling_rate=0.3))
+    draws = [sample_clients(c, r) for r in range(1, 21)]
+    for d in draws:
+        assert len(d) == 3 and len(set(d)) == 3 and d == sorted(d) and all(0 <= k < 10 for k in d)
+    assert draws == [sample_clients(c, r) for r in range(1, 21)]  # reproducible
+    assert len({tuple(d) for d in draws}) > 1  # a new draw each round
+    assert len({k for d in draws for k in d}) > 3  # over the rounds, more clients than one draw's
+    assert sample_clients(dict(c, sampling_rate=1.0), 5) == list(range(10))
+    # a rate that rounds to no client still samples one
+    tiny = config.check_config(dict(SMALL, n_clients=10, budgets=4, sampling_rate=0.01))
+    assert all(len(sample_clients(tiny, r)) == 1 for r in range(1, 6))

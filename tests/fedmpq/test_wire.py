@@ -405,3 +405,30 @@ def test_pack_reference_agrees_with_numpy_packbits():
                 want = np.packbits((codes >> (bits - 1 - p)) & 1, bitorder="little")
                 assert planes[p * nb:p * nb + want.size].tolist() == want.tolist()
                 assert not planes[p * nb + want.size:(p + 1) * nb].any()
+
+
+def test_decoding_refuses_an_upload_budget_outside_0_32(upload):
+    """decode_upload checks the budget it reads (in (0, 32], finite), not only the encoder:
+    a resealed payload whose budget field says 0, a negative value, 33, NaN or inf is refused."""
+    data = wire.encode_upload(upload)
+    at = wire._HEADER.size + 8 + 8 + 4  # client_id, num_samples, round, then the float32 budget
+    assert struct.unpack_from("<f", data, at)[0] == upload.budget
+    for bad in (0.0, -2.0, 33.0, float("nan"), float("inf")):
+        b = bytearray(data)
+        struct.pack_into("<f", b, at, bad)
+        expect_error(reseal(bytes(b)), "budget")
+    ok = bytearray(data)
+    struct.pack_into("<f", ok, at, 32.0)  # the upper bound itself is allowed
+    assert wire.decode_upload(reseal(bytes(ok))).budget == 32.0
+
+
+def test_encoding_refuses_a_layer_scale_that_is_negative_or_not_finite(upload):
+    """The encoder checks every quantized layer's scale (finite, >= 0) even for a
+    QuantizedTensor made directly, so it never writes a payload the decoder would refuse."""
+    name, q = next(iter(upload.layers.items()))
+    for bad in (-1.0, float("nan"), float("inf")):
+        layers = dict(upload.layers, **{name: wire.QuantizedTensor(q.shape, q.bits, bad, q.planes, q.signs)})
+        with pytest.raises(ValueError, match="scale must be finite and >= 0"):
+            wire.encode_upload(wire.Upload(0, 0, 1, 4.0, layers, {}, {}))
+        with pytest.raises(ValueError, match="scale must be finite and >= 0"):
+            wire.encode_download(wire.Download(0, 0, layers, {}))
