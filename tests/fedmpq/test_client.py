@@ -146,3 +146,136 @@ def test_a_step_graph_needs_the_data_on_a_cuda_device():
     x, y = _data(8)
     with pytest.raises(ValueError, match="needs the data on one CUDA device"):
         client.StepGraph(lambda xb, yb: None, x, y, 4)
+
+
+def _spy_optimizers(monkeypatch):
+    """Record what train_local builds: the bit-plane optimizer's settings, SGD's parameter
+    groups, and the order of their steps."""
+    seen = {"bit": [], "sgd": [], "steps": []}
+
+    class BitSpy(qn.BitPlaneOptimizer):
+        def __init__(self, model, **kw):
+            super().__init__(model, **kw)
+            seen["bit"].append(kw)
+
+        def step(self):
+            seen["steps"].append("bit")
+            super().step()
+
+    class SGDSpy(torch.optim.SGD):
+        def __init__(self, params, **kw):
+            super().__init__(params, **kw)
+            seen["sgd"].append(self)
+
+        def step(self, *a, **kw):
+            seen["steps"].append("sgd")
+            return super().step(*a, **kw)
+
+    monkeypatch.setattr(qn, "BitPlaneOptimizer", BitSpy)
+    monkeypatch.setattr(torch.optim, "SGD", SGDSpy)
+    return seen
+
+
+def test_the_configs_settings_reach_the_optimizers(monkeypatch):
+    """ALGORITHM.md, "Bit-plane optimizer": the planes take lr, momentum and lambda from the
+    config, each step before SGD moves the scales; the float parameters (scales included)
+    take SGD with momentum and no weight decay. fp (FedAvg) takes SGD with the weight decay.
+    The draws are seeded apart for every (round, client)."""
+    seen = _spy_optimizers(monkeypatch)
+    x, y = _data(64)
+    cfg = client.TrainConfig(lr=0.05, momentum=0.5, lam=3e-3, weight_decay=1e-3, batch_size=32, seed=7)
+    seeds = []
+    for round_, cid in ((1, 0), (1, 1), (2, 0)):
+        torch.manual_seed(0)
+        model = BUILD(quantized=True, bits=3)
+        seen["bit"].clear(), seen["sgd"].clear(), seen["steps"].clear()
+        client.train_local(model, x, y, cfg, cid, round_, quantized=True)
+        (kw,), (sgd,) = seen["bit"], seen["sgd"]
+        assert (kw["lr"], kw["momentum"], kw["lam"]) == (0.05, 0.5, 3e-3)
+        seeds.append(kw["seed"])
+        assert seen["steps"] == ["bit", "sgd"] * 2  # two batches; planes first, then SGD
+        params = [p for g in sgd.param_groups for p in g["params"]]
+        assert {id(p) for p in params} == {id(p) for p in qn.float_parameters(model)}
+        assert {id(m.scale) for _, m in qn.bit_layers(model)} <= {id(p) for p in params}
+        assert all(g["weight_decay"] == 0 and g["momentum"] == 0.5 for g in sgd.param_groups)
+    assert len(set(seeds)) == 3
+    fm = BUILD(quantized=False)
+    seen["sgd"].clear()
+    client.train_local(fm, x, y, cfg, 0, 1, quantized=False)
+    (sgd,) = seen["sgd"]
+    assert all(g["weight_decay"] == 1e-3 and g["momentum"] == 0.5 and g["lr"] == 0.05 for g in sgd.param_groups)
+    assert sum(len(g["params"]) for g in sgd.param_groups) == len(list(fm.parameters()))
+
+
+def test_every_epoch_and_round_draws_its_own_shuffle(monkeypatch):
+    """Local training reshuffles the samples every epoch, round and client: each epoch's
+    batches cover the samples once, in an order of its own."""
+    orders = []
+    real = client._batches
+
+    def recording(*a, **kw):
+        batches = list(real(*a, **kw))
+        orders.append(torch.cat(batches).tolist())
+        return iter(batches)
+
+    monkeypatch.setattr(client, "_batches", recording)
+    x, y = _data(64)
+    cfg = client.TrainConfig(alg="aqfl", local_epochs=3, batch_size=16)
+    for round_, cid in ((1, 0), (2, 0), (1, 1)):
+        client.train_local(BUILD(quantized=True, bits=2), x, y, cfg, cid, round_, quantized=True)
+    assert len(orders) == 9
+    assert all(sorted(o) == list(range(64)) for o in orders)
+    assert len({tuple(o) for o in orders}) == 9
+
+
+def test_reported_accuracy_and_loss_are_the_last_epochs():
+    """train_local reports the last epoch's accuracy and sample-weighted mean loss, computed
+    here from the outputs of that epoch's forwards (every label 0)."""
+    x, _ = _data(64)
+    y = torch.zeros(64, dtype=torch.int64)
+    torch.manual_seed(0)
+    model = BUILD(quantized=True, bits=4)
+    outs = []
+    model.register_forward_hook(lambda m, a, out: outs.append(out.detach().clone()))
+    cfg = client.TrainConfig(local_epochs=2, batch_size=32, lr=0.1)
+    acc, loss, _ = client.train_local(model, x, y, cfg, 0, 1, quantized=True)
+    assert len(outs) == 4
+    last = torch.cat(outs[2:])
+    want_loss = sum(float(torch.nn.functional.cross_entropy(o, torch.zeros(len(o), dtype=torch.int64))) * len(o)
+                    for o in outs[2:]) / 64
+    first = torch.cat(outs[:2])
+    assert float(torch.nn.functional.cross_entropy(first, torch.zeros(64, dtype=torch.int64))) != pytest.approx(want_loss)
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    assert acc == pytest.approx(float((last.argmax(1) == 0).double().mean()))
+
+
+def test_a_negative_scale_uploads_as_a_positive_scale_with_flipped_signs():
+    """SGD may take a scale below 0: the upload carries |s| and every sign flipped, so it
+    de-quantizes to the layer's weight s*sigma*q/L; the sign bitmap's bits past n stay 0 (the
+    wire layout). conv1 has 144 weights: its last bitmap word is half padding."""
+    torch.manual_seed(0)
+    model = BUILD(quantized=True, bits=3)
+    _, layer = qn.bit_layers(model)[0]
+    with torch.no_grad():
+        layer.scale.fill_(-0.7)
+    want = layer.float_weight()
+    up = wire.decode_upload(wire.encode_upload(client.make_upload(model, 0, 1, 10, 3.0, {})))
+    q = up.layers["conv1.weight"]
+    assert q.scale == pytest.approx(0.7)
+    import numpy as np
+    bits = np.unpackbits(q.signs.numpy(), bitorder="little")
+    assert not bits[layer.numel:].any()
+    neg = torch.from_numpy(bits[:layer.numel].astype(bool))
+    codes = layer.codes.to(torch.float32)
+    got = torch.where(neg, -1.0, 1.0) * q.scale * codes / 7
+    torch.testing.assert_close(got.reshape(want.shape), want)
+
+
+def test_precision_reduction_uses_the_configs_threshold():
+    """theta = 100 %: every plane is below it, so every layer is pruned to 1 bit and reports
+    Delta = assigned - 1."""
+    dl, layers = _download([4, 2, 6, 3])
+    x, y = _data(64)
+    up = wire.decode_upload(client.client_update(dl, x, y, BUILD, client.TrainConfig(threshold=100.0), 3, 1, 4.0).upload)
+    for k, q in up.layers.items():
+        assert q.bits == 1 and up.deltas[k] == layers[k].bits - 1, k

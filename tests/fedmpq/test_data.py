@@ -480,3 +480,30 @@ def test_one_client_gets_everything():
     for alpha in (None, 0.1):
         (only,) = data.partition(y, 1, alpha, seed=0)
         assert torch.equal(only, torch.arange(len(y)))
+
+
+def test_a_first_draw_that_meets_min_size_exactly_is_kept():
+    """The Dirichlet draw is repeated only while some client has fewer than min_size samples:
+    a draw whose smallest client holds exactly min_size is the partition (min_size=0 returns
+    the first draw; asking for its smallest size gives that same draw)."""
+    y = _labels()
+    first = data.partition(y, 10, 0.5, seed=2, min_size=0)
+    smallest = min(len(p) for p in first)
+    assert smallest > 0
+    again = data.partition(y, 10, 0.5, seed=2, min_size=smallest)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_each_class_is_shuffled_before_it_is_cut():
+    """A client's share of a class is a random subset of that class's samples, not a run of
+    them in index order (the class's samples are shuffled, then cut)."""
+    y = _labels()
+    parts = data.partition(y, 5, 0.5, seed=0)
+    runs = []
+    for c in range(10):
+        of_c = np.flatnonzero(y.numpy() == c)
+        for p in parts:
+            pos = np.flatnonzero(np.isin(of_c, p.numpy()))
+            if len(pos) >= 3:
+                runs.append(pos[-1] - pos[0] + 1 == len(pos))
+    assert len(runs) >= 10 and not all(runs)

@@ -334,3 +334,38 @@ def test_fedmpq_flower_refuses_a_bad_config_before_flower_starts(capsys, tmp_pat
     assert cli.main(["flower", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)]) == 2
     assert "fashion-mnist" in capsys.readouterr().err
     assert cli.main(["flower", "--cpus", "0"]) == 2
+
+
+def test_the_transport_returns_the_asked_clients_in_order_and_sums_their_quant_seconds(monkeypatch):
+    """Replies arrive in any order and a node may answer what it was not asked this round: the
+    uploads and accuracies come back in client order, from the asked clients only, and the
+    quantization seconds are summed over them."""
+    monkeypatch.setattr(server_app, "Message", _Msg)
+    node_of = {0: 100, 1: 101, 2: 102}
+
+    def reply(nid, k):
+        return _Reply(nid, content={"fedmpq": {"upload": bytes([k]), "client": k},
+                                    "metrics": {"train_accuracy": k / 10, "quant_seconds": 0.25 * (k + 1)}})
+
+    class Shuffled(_Grid):
+        def send_and_receive(self, msgs, timeout=None):
+            self.sent = list(msgs)
+            return [reply(m.metadata.dst_node_id, m.content["fedmpq"]["client"]) for m in reversed(self.sent)] + [
+                reply(101, 1)]  # client 1 was not sampled this round
+
+    train = server_app.grid_transport(Shuffled([100, 101, 102], None), node_of, timeout=7)
+    uploads, acc, quant = train(2, {2: b"d2", 0: b"d0"})
+    assert list(uploads.items()) == [(0, b"\x00"), (2, b"\x02")]
+    assert acc == [0.0, 0.2] and quant == pytest.approx(0.25 + 0.75)
+
+
+def test_the_server_starts_once_enough_nodes_are_up_and_keeps_whole_budgets_whole(monkeypatch):
+    """wait_for_nodes returns as soon as n nodes are connected (exactly n is enough); a budget
+    reported as 4.0 is the integer 4, as the run's own budgets are, and 3.5 stays 3.5."""
+    monkeypatch.setattr(server_app, "Message", _Msg)
+    grid = _Grid([102, 100, 101], lambda m: _Reply(m.metadata.dst_node_id, content={"info": {
+        "client": m.metadata.dst_node_id - 100, "budget": 3.5 if m.metadata.dst_node_id == 101 else 4.0,
+        "num_samples": 10}}))
+    assert server_app.wait_for_nodes(grid, 3, timeout=5, poll=0.01) == [100, 101, 102]
+    _, budgets, _ = server_app.identify_nodes(grid, [100, 101, 102], 3, 5)
+    assert budgets == {0: 4, 1: 3.5, 2: 4} and type(budgets[0]) is int and type(budgets[1]) is float

@@ -560,3 +560,46 @@ def test_batch_weights_twice_is_once(monkeypatch):
     with qn.batch_weights(fm):
         fm(torch.randn(2, 1, 8, 8))
     assert spy.many == 2
+
+
+def test_the_resnet_stem_is_a_plain_relu():
+    """ALGORITHM.md, "Activations": the stem (first conv, BN, ReLU) is a plain ReLU, not
+    clipped at 6 like the blocks' ReLU6: with a BatchNorm shift of 10 the first block sees
+    relu(bn1(conv1(x))), values above 6 included."""
+    torch.manual_seed(0)
+    qm = qn.resnet20(quantized=True, bits=4).eval()
+    with torch.no_grad():
+        qm.bn1.bias.fill_(10.0)
+    seen = []
+    qm.layer1.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    x = torch.randn(2, 3, 32, 32)
+    qm(x)
+    want = F.relu(qm.bn1(qm.conv1(x))).detach()
+    assert float(want.max()) > 8
+    assert torch.equal(seen[0], want)
+
+
+def test_per_layer_bit_widths_load_into_their_own_layers():
+    """load_float_state_dict binarizes layer l with bits[l], in layer order."""
+    torch.manual_seed(0)
+    sd = qn.small_cnn(image_size=8).state_dict()
+    bits = [8, 1, 5, 3]
+    qm = qn.load_float_state_dict(qn.small_cnn(quantized=True, bits=4, image_size=8), sd, bits)
+    assert qn.bit_assignment(qm) == bits
+    for (name, m), b in zip(qn.bit_layers(qm), bits):
+        codes, sign, scale = fk.binarize(sd[f"{name}.weight"], b)
+        assert torch.equal(m.codes, codes) and torch.equal(m.sign, sign) and float(m.scale.detach()) == float(scale), name
+
+
+@pytest.mark.parametrize("bits", [1, 3, 7])
+def test_load_packed_refuses_a_code_past_the_width(bits):
+    """A code must be < 2^N: 2^N - 1 loads, 2^N is refused."""
+    layer = qn.BitLinear(4, 2, bits=bits)
+    sign = torch.zeros(fk.bitmap_nbytes(8), dtype=torch.uint8)
+    codes = torch.zeros(8, dtype=torch.uint8)
+    codes[3] = (1 << bits) - 1
+    layer.load_packed(codes, sign, 0.5, bits)
+    assert int(layer.codes[3]) == (1 << bits) - 1
+    codes[3] = 1 << bits
+    with pytest.raises(ValueError, match="code is >="):
+        layer.load_packed(codes, sign, 0.5, bits)

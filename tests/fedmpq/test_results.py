@@ -110,3 +110,41 @@ def test_compare_refuses_what_is_not_a_results_file(tmp_path):
     (tmp_path / "x" / "results.json").write_text("{half")
     with pytest.raises(config.ConfigError, match="is not a readable results file"):
         results.compare([str(tmp_path / "x")])
+
+
+def test_compare_takes_the_rounds_every_seed_has_and_the_true_median(tmp_path):
+    """A seed that ran longer is cut to the rounds the others have (its 4th round counts
+    nowhere); s/round is the median of the rounds' seconds, the mean of the two middle ones
+    for an even count: 1, 2, 3, 4, 10, 20 -> 3.5."""
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.2, 0.3, 0.9],
+                   extra=[dict(seconds=s) for s in (1.0, 2.0, 10.0, 99.0)])
+    a1 = _fake_run(tmp_path / "a1", "fedmpq", 1, [0.2, 0.4, 0.5], extra=[dict(seconds=s) for s in (3.0, 4.0, 20.0)])
+    cells = results.compare([a0, a1], last=1).splitlines()[2].split(" | ")
+    assert cells[2] == "3"
+    assert cells[3] == "0.4000 (0.3000..0.5000)"  # round 3 of both seeds
+    assert cells[8] == "0.5000"  # best over those rounds
+    assert cells[9] == "3.5"
+
+
+def test_rounds_csv_holds_every_rounds_fields(tmp_path):
+    """rounds.csv: one row per round with its accuracy (both evaluations), training accuracy,
+    bytes and seconds; a field the round lacks is empty."""
+    import csv
+
+    rounds = [dict(round=1, accuracy=0.5, accuracy_train_mode=0.25, train_accuracy=0.75, bytes_up=10, bytes_down=20,
+                   float32_bytes=300, seconds=1.5, quant_seconds=0.5),
+              dict(round=2, accuracy=0.625, bytes_up=11)]
+    results.write_results({"config": config.check_config(dict(SMALL)), "rounds": rounds}, tmp_path)
+    rows = list(csv.DictReader((tmp_path / "rounds.csv").open()))
+    assert len(rows) == 2
+    assert {k: float(v) for k, v in rows[0].items()} == {k: float(v) for k, v in rounds[0].items()}
+    assert rows[1]["accuracy"] == "0.625" and rows[1]["bytes_up"] == "11"
+    assert rows[1]["accuracy_train_mode"] == "" and rows[1]["seconds"] == ""
+
+
+def test_bits_table_reads_the_last_round(tmp_path):
+    """The bits table shows the uploads of the run's last round, not an earlier one."""
+    ex = [dict(bits={"0": [8, 8], "1": [8, 8]}, mean_bits={"0": 8.0, "1": 8.0}),
+          dict(bits={"0": [2, 4], "1": [2, 2]}, mean_bits={"0": 3.0, "1": 2.0})]
+    a = _fake_run(tmp_path / "a", "fedmpq", 0, [0.5, 0.6], extra=ex, budgets=[2, 2], n_clients=2)
+    assert results.bits_table([a]).splitlines()[2:] == ["| fedmpq (digits) | 2 | 2 | 2.50 (2.00..3.00) | 2 3 |"]
