@@ -10,6 +10,7 @@ import torch
 
 import fedmpq_kernels as fk
 from fedmpq_kernels.bitplane import reference as R
+from fedmpq_kernels.pack.reference import pack_bitmap
 
 from .helpers import ALL_BITS, BIG, SIZES, bits_of, kernels, layer, weights
 
@@ -167,3 +168,33 @@ def test_a_one_element_scale_of_any_shape_gets_its_gradient_in_its_shape(backend
             w.backward(G.to(dev))
             assert scale.grad.shape == shape, call
             torch.testing.assert_close(scale.grad.cpu().reshape(()), want, rtol=1e-6, atol=0)
+
+
+def test_dequantize_backward_sums_in_float64_across_programs(backend, monkeypatch):
+    """dL/ds = (sum sigma q G in float64) / L: no partial sum is held in float32. One block
+    holds q G = 2^24 and 1 (2^24 + 1: not a float32), a later one -2^24 (a set sign bit), so
+    the exact sum is 1 and the result float32(1 / 7); a float32 sum per block (or per slot of
+    the last program's finish) gives 0. The Triton interpreter's blocks shrink to 64
+    elements so that the two land in different programs."""
+    bp = kernels(backend)
+    dev = backend.device
+    if backend.name == "triton" and backend.device == "cpu":
+        from fedmpq_kernels import _triton_common
+        monkeypatch.setattr(bp, "BLOCK", 64)
+        monkeypatch.setattr(bp, "FINISH", 4)
+        monkeypatch.setattr(_triton_common, "FINISH", 4)
+    n, bits = 300, 3
+    q = torch.zeros(n, dtype=torch.uint8)
+    q[[0, 1, 200]] = torch.tensor([1, 1, 1], dtype=torch.uint8)
+    g = torch.zeros(n)
+    g[[0, 1, 200]] = torch.tensor([2.0**24, 1.0, 2.0**24])
+    neg = torch.zeros(n, dtype=torch.bool)
+    neg[200] = True
+    s = pack_bitmap(neg)
+    want = R.dequantize_backward(g, q, s, bits)
+    assert float(want) == float(torch.tensor(1.0 / 7.0, dtype=torch.float32))
+    with backend.active():
+        got = bp.dequantize_backward(g.to(dev), q.to(dev), s.to(dev), bits)
+        assert torch.equal(bits_of(got), bits_of(want)), f"{float(got)} != 1/7"
+        got = torch.ops.fedmpq.dequantize_backward(g.to(dev), q.to(dev), s.to(dev), bits)
+        assert torch.equal(bits_of(got), bits_of(want)), f"{float(got)} != 1/7 (registered op)"

@@ -198,3 +198,22 @@ def test_device_key_step_replays_in_a_cuda_graph(backend):
                   _run(fk.bitplane_step, state, scale, grad, coef, bits, fk.step_key(seed, s, 2)), f"replay at step {s}")
             moms.append(work[2].clone())
         assert not torch.equal(moms[0], moms[1])  # new numbers on each replay
+
+
+def test_int_keys_at_the_int32_boundary(backend):
+    """An int key reaches the kernels as its low 32 bits' int32 bit pattern: 2^31 (the first
+    pattern that is negative) and 2^31 - 1 draw the same numbers as the reference's and as
+    the same key in a tensor (also with 2^32 added there: its low 32 bits are used). K_HIGH and 0xFFFFFFFF do not reach 2^31
+    itself, where a ``> 2^31`` for ``>= 2^31`` passes an int64 the kernel must not get."""
+    kernels(backend)
+    dev = backend.device
+    n, bits = 1007, 2
+    state, scale, grad, coef = _state(n, bits, dev)
+    for k in (2**31, 2**31 - 1):
+        ref = [t.cpu().clone() for t in state]
+        want = R.bitplane_step(*ref, grad.cpu(), coef.cpu(), scale.cpu(), bits, 0.5, 0.9, k)
+        with backend.active():
+            _same(_run(fk.bitplane_step, state, scale, grad, coef, bits, k), (ref, want), f"key {k:#x}")
+            for kt in (k, k + 2**32):
+                _same(_run(fk.bitplane_step, state, scale, grad, coef, bits, torch.tensor(kt, device=dev)), (ref, want),
+                      f"key {kt:#x} as a tensor")

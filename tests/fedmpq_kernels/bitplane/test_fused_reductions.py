@@ -72,3 +72,50 @@ def test_triton_momentum_planes_start_at_int64_offsets(backend):
         out = torch.zeros(8, dtype=torch.int64)
         plane_offsets[(1,)](out, n, N=8)
         assert out.tolist() == [i * n for i in range(8)], n
+
+
+def test_triton_reductions_leave_the_ticket_at_zero_in_a_kept_workspace(backend, monkeypatch):
+    """On a GPU every launch on a stream gets the same workspace, so each kernel that finishes
+    in its last program must set the ticket (word 0) back to 0: else the next launch's
+    "last" program is one that arrives early and reads slots not yet written. The
+    interpreter makes a fresh workspace per call, which hides that; here every launch gets one
+    kept buffer, as on a GPU (its stale slots from the launch before included), and the
+    ticket is checked after every call: absmax (binarize's scale), dequantize_backward, the
+    popcounts and the step's g_s, each with many programs."""
+    if backend.name != "triton" or backend.device != "cpu":
+        pytest.skip("the Triton interpreter case")
+    from fedmpq_kernels import _triton_common
+    mod = backend.module("bitplane")
+    monkeypatch.setattr(mod, "BLOCK", 64)
+    monkeypatch.setattr(mod, "STEP_CONFIG", {b: (32, 1) for b in range(1, 9)})
+    monkeypatch.setattr(mod, "FINISH", 4)
+    monkeypatch.setattr(_triton_common, "FINISH", 4)
+    kept = torch.zeros(1 << 12, dtype=torch.int32)
+
+    def the_kept_one(device, nprog, wide=False):
+        words = 2 * (nprog + 1) if wide else nprog + 1
+        assert int(kept[0]) == 0, "a launch left the ticket set"
+        return kept[:words]
+
+    monkeypatch.setattr(_triton_common, "reduction_workspace", the_kept_one)
+    monkeypatch.setattr(mod, "reduction_workspace", the_kept_one)
+    numel, bits = 257, 3
+    w = weights(numel, bits)
+    g = torch.randint(-50, 51, (numel,), generator=torch.Generator().manual_seed(1)).float()
+    for _ in range(2):  # the second round reads the workspace the first one left
+        q, s, sc = mod.binarize(w, bits)
+        assert int(kept[0]) == 0, "binarize (absmax)"
+        rq, rs, rsc = R.binarize(w, bits)
+        assert torch.equal(q, rq) and torch.equal(s, rs) and torch.equal(bits_of(sc), bits_of(rsc))
+        got = mod.dequantize_backward(g, q, s, bits)
+        assert int(kept[0]) == 0, "dequantize_backward"
+        assert torch.equal(bits_of(got), bits_of(R.dequantize_backward(g, q, s, bits)))
+        assert torch.equal(mod.plane_popcounts(q, bits), R.plane_popcounts(q, bits))
+        assert int(kept[0]) == 0, "plane_popcounts"
+    (codes, sign, mom, gs), scale = fresh_state(numel, bits, "cpu")
+    for t, (grad, coef, key, want, want_gs) in enumerate(reference_run(numel, bits, 0.5, 0.9, 2)):
+        got_gs = mod.bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, 0.5, 0.9, key)
+        assert int(kept[0]) == 0, f"bitplane_step {t}"
+        assert torch.equal(bits_of(got_gs), bits_of(want_gs)), f"step {t}: g_s"
+        for name, a, b in zip(("codes", "sign", "mom", "gs"), (codes, sign, mom, gs), want):
+            assert torch.equal(a, b), f"step {t}: {name}"

@@ -316,3 +316,24 @@ def test_step_stochastic_part_follows_the_generator(backend, lr_exp):
     assert abs(float(hit.float().mean()) - p) < 4 * math.sqrt(p * (1 - p) / n)
     # v = 0 - 1 * (p * 1): rounds to -0 for p <= 1/2, so no flip and no code change
     assert int(codes.count_nonzero()) == 0 and int(sign.count_nonzero()) == 0
+
+
+def test_step_clears_stray_sign_bits_past_n(backend):
+    """The step rewrites the sign words of its n bits as the packed bitmap has them: bits set
+    past n in the last word (a reused buffer) come back as zeros, as the reference's
+    pack_bitmap writes them, and the bytes past the words n needs are left alone. The last
+    (masked) block does it, with one block and with several."""
+    kernels(backend)
+    dev = backend.device
+    for n, bits in ((40, 3), (300, 2)):
+        (codes, sign, mom, gs), scale = fresh_state(n, bits, dev)
+        nb = fk.bitmap_nbytes(n)
+        long_sign = torch.full((nb + 4,), 0xA5, dtype=torch.uint8, device=dev)
+        long_sign[:nb] = sign
+        words = long_sign[:nb].view(torch.int32)
+        words[-1] |= -1 << (n % 32)  # every padding bit of the last word set
+        (state, got), (ref_state, want) = _one_step(backend, [codes, long_sign, mom, gs], scale, torch.randn(n) * 0.5,
+                                                    torch.zeros(bits), bits, 1.0, 0.9, 4)
+        assert_state_equal(state, ref_state, f"stray sign bits, n={n}")
+        assert int(long_sign[:nb].view(torch.int32)[-1].cpu()) >> (n % 32) == 0, "padding bits left set"
+        assert long_sign.cpu()[nb:].tolist() == [0xA5] * 4

@@ -235,3 +235,67 @@ def test_backward_takes_bitmaps_by_one_rule(backend):
             gx, gs = mod.fake_quant_backward(g, odd, True)
             exact(gx, rgx)
             torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-5, atol=1e-4)
+
+
+def test_the_sign_bit_of_y_is_the_sign_bit_of_x(backend):
+    """y = copysign(m, x) on the bit patterns: -0.0 gives -0.0 and a NaN keeps its sign, under
+    a given scale and the dynamic one (a NaN makes that scale NaN: every y is NaN, each with
+    its x's sign). exact() cannot see these (assert_close takes -0.0 == +0.0, and any NaN
+    matches any NaN), so the sign bits are compared themselves. 72 elements: whole 32-element
+    words as well as a partial one."""
+    dev = backend.device
+    vals = [-0.0, 0.0, -1e-9, 1e-9, float("nan"), float("nan"), -1.0, 1.0, float("-inf"), -0.2, 0.2, -5.0] * 6
+    x = torch.tensor(vals, dtype=torch.float32)
+    x[5::12] = torch.tensor([-1], dtype=torch.int32).view(torch.float32)  # -NaN (all bits set)
+    assert torch.signbit(x[5]) and torch.isnan(x[5])
+    x = x.to(dev)
+    mod = backend.module("fake_quant")
+    with backend.active():
+        for scale in (torch.tensor(1.5, device=dev), None):
+            for y in (mod.fake_quant(x, 2, scale, 0)[0], fk.fake_quant(x, 2, scale)):
+                ry = R.fake_quant_values(x, 2, scale)
+                exact(y, ry)
+                assert torch.equal(torch.signbit(ry).cpu(), torch.signbit(x).cpu())  # the rule, in the reference
+                assert torch.equal(torch.signbit(y).cpu(), torch.signbit(x).cpu()), \
+                    f"scale {scale}: sign bits differ at {(torch.signbit(y) != torch.signbit(x)).nonzero().flatten().tolist()}"
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_bad_given_scale_makes_every_output_nan(backend, bad):
+    """A given scale that is not finite and > 0, handed to the kernels (a device scale is
+    never read on the host; the public op refuses a bad CPU one): every y is NaN, as the
+    reference's, the bitmaps its bitmaps (the kernels' CHECK_SCALE; a scale of 0 used as is
+    would give zeros)."""
+    if backend.name == "cpu":
+        pytest.skip("the CPU kernels take scales the op has checked (finite and > 0)")
+    n = 100
+    x = make_input(n, "contiguous", backend.device)
+    s = torch.tensor(bad, device=backend.device)
+    with backend.active():
+        for mode in (0, 1, 2):
+            y, b = backend.module("fake_quant").fake_quant(x, 4, s, mode)
+            ry, rb = R.fake_quant(x, 4, s, mode)
+            assert torch.isnan(y).all() and torch.isnan(ry).all(), f"mode {mode}"
+            assert torch.equal(b.cpu(), rb.cpu()), f"bitmaps differ (mode {mode})"
+
+
+@pytest.mark.parametrize("sdtype", [torch.float64, torch.float16])
+def test_a_scale_of_another_float_dtype_is_used_as_its_float32_value(backend, sdtype):
+    """The registered op takes a one-element scale of any floating dtype: the kernels use its
+    float32 value (the reference's ``scale.float()``), never compute in the scale's dtype.
+    0.1 is not a float32: float64 arithmetic on it gives other values."""
+    x = make_input(1000, "contiguous", backend.device)
+    g = make_input(1000, "contiguous", backend.device, seed=4)
+    s = torch.tensor(0.1 + 2.0**-40 if sdtype == torch.float64 else 0.1, dtype=sdtype, device=backend.device)
+    with backend.active():
+        for mode in (0, 1, 2):
+            y, b = torch.ops.fedmpq.fake_quant(x, 3, s, mode)
+            ry, rb = R.fake_quant(x, 3, s, mode)
+            assert y.dtype == torch.float32
+            exact(y, ry)
+            assert torch.equal(b.cpu(), rb.cpu()), f"bitmaps differ (mode {mode})"
+            if mode == 2:
+                gx, gs = torch.ops.fedmpq.fake_quant_backward(g, b, True)
+                rgx, rgs = R.fake_quant_backward(g, rb, True)
+                exact(gx, rgx)
+                torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-5, atol=1e-4)

@@ -321,3 +321,30 @@ def test_gpu_a_code_that_does_not_fit_is_found_in_any_block(backend, where):
             with pytest.raises(ValueError, match="does not fit in 5 bits" + said):
                 fk.pack_codes(c, 5)
                 fk.check_packed(c.device)
+
+
+@pytest.mark.parametrize("bits", [1, 4])
+def test_dequant_accumulate_ignores_the_padding_bits_of_the_planes(backend, bits):
+    """Only the n bits of each plane (and of signs) are codes: bits set past n in the last
+    word (planes packed elsewhere, or a reused buffer) change nothing, and the elements of the
+    buffer past acc's n (here -0.0, which even an added 0 would turn into +0.0) are never
+    written. Checked on a slice, with the last block masked."""
+    dev = backend.device
+    n = 45  # two words per plane, 19 padding bits in the second
+    codes = codes_for(n, bits, dev, seed=3)
+    planes = R.pack_codes(codes.cpu(), bits).view(torch.int32).clone()
+    signs = R.pack_codes(codes_for(n, 1, dev, seed=4).cpu(), 1).view(torch.int32).clone()
+    want_planes, want_signs = planes.clone().view(torch.uint8), signs.clone().view(torch.uint8)
+    planes[1::2] |= torch.tensor(-1 << (n - 32), dtype=torch.int32)  # every plane's padding bits set
+    signs[1] |= torch.tensor(-1 << (n - 32), dtype=torch.int32)
+    planes, signs = planes.view(torch.uint8).to(dev), signs.view(torch.uint8).to(dev)
+    buf0 = torch.randn(n + 8, generator=torch.Generator().manual_seed(2))
+    buf0[n + 1:] = -0.0
+    want = buf0.clone()
+    R.dequant_accumulate(want[1:n + 1], want_planes, want_signs, bits, coef_of(0.5, 2.0, bits))
+    with backend.active():
+        buf = buf0.to(dev)
+        fk.dequant_accumulate(buf[1:n + 1], planes, signs, bits, 0.5, 2.0)
+        assert torch.equal(buf.cpu(), want)
+        assert torch.signbit(buf[n + 1:]).all(), "an element past acc was written"
+        assert torch.equal(fk.unpack_codes(planes, bits, n), codes)
