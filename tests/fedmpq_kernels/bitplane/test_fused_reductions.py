@@ -37,6 +37,18 @@ def test_triton_last_program_reductions_with_many_programs(backend, monkeypatch,
                                    rtol=1e-6, atol=0)
 
 
+def _many_programs(backend, monkeypatch):
+    """The Triton bit-plane module with 64-element blocks, 32-element step blocks and a
+    4-slot finish step: many programs at the interpreter's small sizes."""
+    from fedmpq_kernels import _triton_common
+    mod = backend.module("bitplane")
+    monkeypatch.setattr(mod, "BLOCK", 64)
+    monkeypatch.setattr(mod, "STEP_CONFIG", {b: (32, 1) for b in range(1, 9)})
+    monkeypatch.setattr(mod, "FINISH", 4)
+    monkeypatch.setattr(_triton_common, "FINISH", 4)
+    return mod
+
+
 @pytest.mark.parametrize("numel", [33, 64, 65, 257, 1000])
 def test_triton_popcounts_and_step_finish_in_the_last_program(backend, monkeypatch, numel):
     """plane_popcounts (per-plane int64 sums of the programs' counts) and the step's g_s
@@ -44,12 +56,7 @@ def test_triton_popcounts_and_step_finish_in_the_last_program(backend, monkeypat
     over several steps, with up to 32 step programs and 16 popcount programs."""
     if backend.name != "triton" or backend.device != "cpu":
         pytest.skip("the Triton interpreter case")
-    from fedmpq_kernels import _triton_common
-    mod = backend.module("bitplane")
-    monkeypatch.setattr(mod, "BLOCK", 64)
-    monkeypatch.setattr(mod, "STEP_CONFIG", {b: (32, 1) for b in range(1, 9)})
-    monkeypatch.setattr(mod, "FINISH", 4)
-    monkeypatch.setattr(_triton_common, "FINISH", 4)
+    mod = _many_programs(backend, monkeypatch)
     for bits in (1, 3, 8):
         (codes, sign, mom, gs), scale = fresh_state(numel, bits, "cpu")
         for t, (grad, coef, key, want, want_gs) in enumerate(reference_run(numel, bits, 0.5, 0.9)):
@@ -84,12 +91,7 @@ def test_triton_reductions_leave_the_ticket_at_zero_in_a_kept_workspace(backend,
     popcounts and the step's g_s, each with many programs."""
     if backend.name != "triton" or backend.device != "cpu":
         pytest.skip("the Triton interpreter case")
-    from fedmpq_kernels import _triton_common
-    mod = backend.module("bitplane")
-    monkeypatch.setattr(mod, "BLOCK", 64)
-    monkeypatch.setattr(mod, "STEP_CONFIG", {b: (32, 1) for b in range(1, 9)})
-    monkeypatch.setattr(mod, "FINISH", 4)
-    monkeypatch.setattr(_triton_common, "FINISH", 4)
+    mod = _many_programs(backend, monkeypatch)
     kept = torch.zeros(1 << 12, dtype=torch.int32)
 
     def the_kept_one(device, nprog, wide=False):
@@ -97,6 +99,7 @@ def test_triton_reductions_leave_the_ticket_at_zero_in_a_kept_workspace(backend,
         assert int(kept[0]) == 0, "a launch left the ticket set"
         return kept[:words]
 
+    from fedmpq_kernels import _triton_common
     monkeypatch.setattr(_triton_common, "reduction_workspace", the_kept_one)
     monkeypatch.setattr(mod, "reduction_workspace", the_kept_one)
     numel, bits = 257, 3
