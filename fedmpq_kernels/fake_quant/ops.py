@@ -26,7 +26,7 @@ lib.define("fake_quant_backward(Tensor grad, Tensor bitmaps, bool scale_grad) ->
 
 
 # The registered ops' impls check their arguments themselves: the public functions call the
-# backends directly (their own checks, above each), so these run only for a direct call of
+# backends directly (after their own checks, below), so these run only for a direct call of
 # torch.ops.fedmpq.* or a compiled graph, and no backend is handed a width, mode or scale it
 # would misread.
 def _check_op_scale(scale: Optional[Tensor], x: Tensor, mode: int) -> None:
