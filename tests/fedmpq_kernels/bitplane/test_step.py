@@ -276,23 +276,26 @@ def test_step_hand_computed(backend):
     ],
 )
 def test_step_power_of_two_rule(backend, lr_bits, code):
-    """With N = 1, one element, no momentum: d = a, g_s = |a|, so x = lr exactly and the
-    update's exponent is round(log2 lr), exactly at the float32 neighbours of sqrt(2) * 2^k."""
+    """With N = 1, no momentum and one gradient everywhere: d = a, g_s = |a|, so x = lr
+    exactly and the update's exponent is round(log2 lr), exactly at the float32 neighbours of
+    sqrt(2) * 2^k. One element (the scalar path) and 67 (the vector loop and its tail)."""
     kernels(backend)
     dev = backend.device
     lr = float(np.array(lr_bits, dtype=np.uint32).view(np.float32))
     key = R.step_key(0, 0, 0)
-    for q0 in (0, 1):
-        state = [torch.tensor([q0], dtype=torch.uint8, device=dev), torch.zeros(4, dtype=torch.uint8, device=dev),
-                 torch.zeros(1, 1, dtype=torch.uint8, device=dev), torch.zeros(1, device=dev)]
-        (state, got), (ref_state, want) = _one_step(backend, state, torch.tensor(1.0), torch.tensor([0.75]),
-                                                    torch.zeros(1), 1, lr, 0.5, key)
-        assert_state_equal(state, ref_state, f"lr {lr!r}")
-        m = int(state[2].reshape(-1)[0])
-        if code is None:
-            assert m in (0, 1) and (m == 1) == bool(R.uniform(key, 1)[0] < 0.5)
-        else:
-            assert m == code
+    for n in (1, 67):
+        for q0 in (0, 1):
+            state = [torch.full((n,), q0, dtype=torch.uint8, device=dev),
+                     torch.zeros(fk.bitmap_nbytes(n), dtype=torch.uint8, device=dev),
+                     torch.zeros(1, n, dtype=torch.uint8, device=dev), torch.zeros(1, device=dev)]
+            (state, got), (ref_state, want) = _one_step(backend, state, torch.tensor(1.0), torch.full((n,), 0.75),
+                                                        torch.zeros(1), 1, lr, 0.5, key)
+            assert_state_equal(state, ref_state, f"lr {lr!r}, {n} elements")
+            m = state[2].reshape(-1).cpu()
+            if code is None:
+                assert torch.equal(m == 1, R.uniform(key, n).cpu() < 0.5) and bool((m <= 1).all())
+            else:
+                assert m.tolist() == [code] * n, f"{n} elements"
 
 
 @pytest.mark.parametrize("lr_exp", [-1, -3])

@@ -239,6 +239,18 @@ def test_a_code_that_does_not_fit_is_found_anywhere(backend, where):
         fk.check_packed()  # nothing left over
 
 
+def test_a_code_that_does_not_fit_is_found_in_every_byte_of_a_word(backend):
+    """The range check ORs whole 32-code words (a CPU vector: 8 lanes of 4 bytes): a bad code
+    at each of the 32 positions of a word, not only where a single random case falls."""
+    codes = torch.zeros(96, dtype=torch.uint8, device=backend.device)
+    with backend.active():
+        for j in range(32, 64):
+            codes.zero_()
+            codes[j] = 8
+            with pytest.raises(ValueError, match="does not fit in 3 bits"):
+                fk.pack_codes(codes, 3, validate=True)
+
+
 def test_a_bad_code_on_a_gpu_is_reported_at_the_check_not_in_the_call(backend):
     """The GPU kernels (and Triton's, in the interpreter with validate=False) record the
     codes on the device instead of reading them back: pack_codes returns, check_packed
