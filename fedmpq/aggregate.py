@@ -22,6 +22,7 @@ import torch
 import fedmpq_kernels as fk
 
 from . import wire
+from .allocation import same_budget
 
 Tensor = torch.Tensor
 WEIGHTINGS = ("mean", "samples")
@@ -165,7 +166,7 @@ class Aggregator:
         if (client_id is not None and meta_client != client_id) or (round_ is not None and rnd != round_):
             raise wire.WireFormatError(f"the upload says it is client {meta_client}'s of round {rnd}, "
                                        f"expected client {client_id}'s of round {round_}")
-        if budget is not None and meta_budget != float(np.float32(budget)):  # NaN never equals
+        if budget is not None and not same_budget(meta_budget, budget):
             raise wire.WireFormatError(f"the upload of client {meta_client} states budget {meta_budget}, "
                                        f"the server has {budget}")
         if num_samples is not None and meta_samples != num_samples:

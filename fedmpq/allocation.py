@@ -290,7 +290,7 @@ def next_assignments(stats: Union[Iterable, Mapping], budgets: Mapping[int, floa
             raise ValueError(f"client {k!r} reported twice")
         if k not in budgets:
             raise ValueError(f"client {k!r} reported but has no budget")
-        if st.budget != budgets[k] and st.budget != _float32(budgets[k]):
+        if not same_budget(st.budget, budgets[k]):
             raise ValueError(f"client {k!r} uploaded budget {st.budget}, the server has {budgets[k]}")
         for what, m in (("bits", st.bits), ("deltas", st.deltas)):
             if set(m) != set(names):
@@ -302,6 +302,12 @@ def next_assignments(stats: Union[Iterable, Mapping], budgets: Mapping[int, floa
     weights = _raw_weights(samples, budgets)  # exact; round_statistics normalizes
     b_bar, _, priority = round_statistics(bits, deltas, weights, sizes)
     return {k: allocate_bits(b_bar, priority, sizes, beta) for k, beta in budgets.items()}
+
+
+def same_budget(stated: float, budget) -> bool:
+    """Whether ``stated`` (an upload's budget) is ``budget``: equal, or equal after rounding
+    to float32 as the wire stores it (NaN is never the same)."""
+    return stated == budget or stated == _float32(budget)
 
 
 def _float32(v) -> float:
