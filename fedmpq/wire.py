@@ -36,7 +36,7 @@ Tensor = torch.Tensor
 MAGIC = b"FMPQ"
 VERSION = 1
 KIND_UPLOAD, KIND_DOWNLOAD, KIND_MODEL = 1, 2, 3
-_KIND_NAMES = {KIND_UPLOAD: "upload", KIND_DOWNLOAD: "download", KIND_MODEL: "model"}
+_KIND_NAMES = {KIND_UPLOAD: "an upload", KIND_DOWNLOAD: "a download", KIND_MODEL: "a model"}
 
 # Entry dtypes (the "dtype" byte of an index record).
 DT_QUANTIZED, DT_FLOAT32, DT_FLOAT16, DT_INT64 = 1, 2, 3, 4
@@ -404,7 +404,7 @@ def parse(data, want_kind: int, known: Optional[Parsed] = None) -> Parsed:
     if version != VERSION:
         _fail(f"unsupported format version {version} (this build reads version {VERSION})")
     if kind != want_kind:
-        _fail(f"payload is a {_KIND_NAMES.get(kind, f'kind {kind}')}, expected a {_KIND_NAMES[want_kind]}")
+        _fail(f"payload is {_KIND_NAMES.get(kind, f'of kind {kind}')}, expected {_KIND_NAMES[want_kind]}")
     if flags != 0:
         _fail(f"unknown flags {flags:#x}")
     if total != size:

@@ -214,6 +214,51 @@ def test_a_node_that_says_which_client_it_is_in_a_bad_reply_is_left_out(monkeypa
         assert "node 101 said which client it is in a reply that is left out" in caplog.text and why in caplog.text, bad
 
 
+# --- the ClientApp's handlers, called as Flower calls them -------------------------------------
+
+def test_a_node_answers_for_its_own_client_and_refuses_another_clients_download(monkeypatch):
+    """A node says which client it is (its partition, budget, samples) and trains only the
+    downloads addressed to that client. Under ``fp`` the download is the same float model for
+    everyone and names no client, so the message's client is the only thing that tells a
+    misrouted download: node 0 refuses client 1's, node 1 trains it and answers as client 1;
+    a message without download bytes is refused by name."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmpq import server as server_mod, wire
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # what a running app sets; Message reads them
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    run = dict(SMALL, alg="fp")
+    app = client_app.make_app({k.replace("_", "-"): ",".join(map(str, v)) if k == "budgets" else v
+                               for k, v in run.items()})
+    c = config_mod.check_config(run)
+    ds, parts = config_mod.load_data(c)
+    server = server_mod.Server("fp", config_mod.model_builder(c, ds), dict(enumerate(c["budgets"])),
+                               {k: len(p) for k, p in enumerate(parts)})
+    download = server.downloads(1, [1])[1]
+
+    def node(k):
+        return Context(run_id=1, node_id=10 + k, node_config={"partition-id": k, "num-partitions": 3},
+                       state=RecordDict(), run_config={})
+
+    def call(k, message_type, content):
+        return app(Message(RecordDict(content), dst_node_id=10 + k, message_type=message_type), node(k))
+
+    info = call(0, "query.info", {}).content["info"]
+    assert (info["client"], info["budget"], info["num_samples"]) == (0, 2.0, len(parts[0]))
+    train = {"fedmpq": ConfigRecord({"download": download, "round": 1, "client": 1})}
+    with pytest.raises(ValueError, match="a download for client 1 reached the node of client 0"):
+        call(0, "train", train)
+    reply = call(1, "train", train).content["fedmpq"]
+    assert reply["client"] == 1
+    trained = wire.decode_model(reply["upload"])  # fp: a float model, trained from the download's
+    assert trained.round == 1 and trained.tensors.keys() == server.global_state.keys()
+    assert any(not torch.equal(trained.tensors[k], v) for k, v in server.global_state.items())
+    with pytest.raises(ValueError, match="the train message carries no download bytes"):
+        call(1, "train", {"fedmpq": ConfigRecord({"download": "not bytes", "round": 1, "client": 1})})
+
+
 # --- Flower's in-process simulation against fedmpq simulate --------------------------------------
 
 def test_flower_simulation_gives_the_same_model_as_fedmpq_simulate(tmp_path):

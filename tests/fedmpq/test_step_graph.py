@@ -152,6 +152,23 @@ def test_the_emulator_refuses_host_reads_and_host_data_in_a_capture():
     _run(1, host_reads=True, host_data=True)  # eager steps may do either
 
 
+
+def test_a_step_graph_refuses_an_empty_batch_and_data_off_cuda():
+    """A batch size below 1 would capture a step on no samples, and data on the CPU (or x and
+    y on different devices) cannot be captured: both are refused when the graph is made; a
+    batch of 1 is the smallest one replayed."""
+    x, y = torch.arange(4.0).view(4, 1), torch.zeros(4, dtype=torch.int64)
+    state = {"w": torch.zeros(1), "n": torch.zeros((), dtype=torch.int64)}
+    for batch in (0, -1):
+        with pytest.raises(ValueError, match=rf"batch must be >= 1, got {batch}"):
+            EmulatedStepGraph(_counter_step(state), x, y, batch=batch)
+    g = EmulatedStepGraph(_counter_step(state), x, y, batch=1, warmup=0)
+    for i in range(3):
+        g(torch.tensor([i]))
+    assert (g.eager, g.replays, int(state["n"])) == (0, 3, 3)
+    with pytest.raises(ValueError, match=r"one CUDA device, got x on cpu, y on cpu"):
+        StepGraph(_counter_step(state), x, y, batch=2)
+
 # ---- the client's local step ----
 
 # (builder, input shape, samples, batch size: 3 batches, the last one taking in the remainder)

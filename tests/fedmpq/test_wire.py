@@ -171,12 +171,13 @@ def test_header_fields_are_checked(upload):
     data = wire.encode_upload(upload)
     expect_error(b"XXXX" + data[4:], "not a fedmpq payload")
     expect_error(reseal(data[:4] + struct.pack("<H", 2) + data[6:]), "unsupported format version 2")
-    expect_error(reseal(data[:6] + b"\x02" + data[7:]), "is a download, expected a upload")
+    expect_error(reseal(data[:6] + b"\x02" + data[7:]), "is a download, expected an upload")
+    expect_error(reseal(data[:6] + b"\x09" + data[7:]), "is of kind 9, expected an upload")
     expect_error(reseal(data[:7] + b"\x01" + data[8:]), "unknown flags")
     flipped = bytearray(data)
     flipped[len(data) // 2] ^= 0x10
     expect_error(bytes(flipped), "checksum mismatch")
-    with pytest.raises(wire.WireFormatError, match="is a upload, expected a model"):
+    with pytest.raises(wire.WireFormatError, match="is an upload, expected a model"):
         wire.decode_model(data)
     with pytest.raises(wire.WireFormatError, match="must be bytes"):
         wire.decode_upload("FMPQ")
