@@ -237,6 +237,27 @@ def test_step_takes_strided_grad_and_strided_misaligned_state(backend):
     assert int(sbuf[0]) == 0 and float(gbuf[0]) == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["f64", "f16"])
+def test_the_backends_own_step_takes_a_grad_of_another_float_dtype(backend, dtype):
+    """Each backend's step adapter, called as the registered op calls it (after its checks),
+    takes a float64 or float16 grad as that grad in float32, as the public function does: a
+    kernel reading a float64 grad's bytes as float32 would step on garbage."""
+    mod = kernels(backend)
+    dev = backend.device
+    n, bits = 300, 3
+    grad = (torch.randn(n, generator=torch.Generator().manual_seed(2)) * 0.1).to(dtype)
+    coef = torch.rand(bits, generator=torch.Generator().manual_seed(3)) * 0.01
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, dev)
+    ref = [t.cpu().clone() for t in (codes, sign, mom, gs)]
+    key = R.step_key(4, 1, 0)
+    want = R.bitplane_step(*ref, grad.float(), coef, scale.cpu(), bits, 0.7, 0.9, key)
+    with backend.active():
+        got = mod.bitplane_step(codes, sign, mom, gs, grad.to(dev), coef.to(dev), scale, bits, 0.7, 0.9, key)
+    assert torch.equal(bits_of(got), bits_of(want))
+    assert_state_equal((codes, sign, mom, gs), ref, f"grad {dtype}")
+    assert (codes.cpu() != layer(n, bits)[0]).any()  # the step moved codes: the grad was read
+
+
 def test_step_hand_computed(backend):
     """n = 1, N = 4, q = 1 positive, s = 1.5 (k = 0.1), G = 10 (a = 1), no momentum state,
     lr = 1/15. d = (8, 4, 2, 1), g_s = 8/15, x = d / g_s * lr = (1, 1/2, 1/4, 1/8) (to a few
