@@ -66,18 +66,28 @@ void check_written_apart(const char* name, uintptr_t p, int64_t bytes, uintptr_t
   check_disjoint(name, p, bytes, "gs", gs, 4);
 }
 
-// The step's buffers (codes n, sign, mom bits * n, gs one float32, grad n float32, coef bits
-// float32), checked as the CPU kernel needs them: everything written (codes, sign, mom, gs)
-// is disjoint from everything else it reads (grad, coef) and from each other.
+// Two inputs of one layer hold the same number of elements: the second buffer's own length,
+// not the first's count taken on trust.
+void check_same_count(const char* a, int64_t a_len, const char* b, int64_t b_len) {
+  require(a_len == b_len, std::string(a) + " has " + std::to_string(a_len) + " elements, " + b + " " +
+                              std::to_string(b_len));
+}
+
+// The step's buffers (codes n, sign, mom bits * n, gs one float32, grad n float32 (grad_len,
+// checked), coef bits float32), checked as the CPU kernel needs them: everything written
+// (codes, sign, mom, gs) is disjoint from everything else it reads (grad, coef) and from each
+// other.
 void check_step_buffers(uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t mom,
-                        int64_t mom_len, uintptr_t gs, uintptr_t grad, uintptr_t coef, int64_t coef_len, int bits) {
+                        int64_t mom_len, uintptr_t gs, uintptr_t grad, int64_t grad_len, uintptr_t coef,
+                        int64_t coef_len, int bits) {
   check_elems("codes", codes, n, n, 1);
   require(n < (int64_t(1) << 32), "a layer of 2^32 weights or more is not supported");
   check_code_bits(bits);
   check_sign(sign, sign_nbytes, n);
   check_elems("mom", mom, int64_t(bits) * n, mom_len, 1);  // n < 2^32: no overflow
   check_elems("gs", gs, 1, 1, 4);
-  check_elems("grad", grad, n, n, 4);
+  check_same_count("grad", grad_len, "codes", n);
+  check_elems("grad", grad, n, grad_len, 4);
   check_elems("coef", coef, bits, coef_len, 4);
   const int64_t sb = 4 * bitmap_words(n), mb = int64_t(bits) * n;
   check_disjoint("codes", codes, n, "sign", sign, sb);
@@ -137,18 +147,18 @@ int64_t check_popcount_layers(const std::vector<PopcountLayer>& layers, uintptr_
   return total;
 }
 
-// One layer of bitplane_step_layers: codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef,
-// coef_len, scale (the CPU: its value; CUDA: a device pointer), bits, key (and on CUDA
+// One layer of bitplane_step_layers: codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len,
+// coef, coef_len, scale (the CPU: its value; CUDA: a device pointer), bits, key (and on CUDA
 // key_ptr), as bitplane_step takes them.
 using CpuStepLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t,
-                                uintptr_t, int64_t, double, int, int64_t>;
+                                int64_t, uintptr_t, int64_t, double, int, int64_t>;
 #ifdef FEDMPQ_WITH_CUDA
 // One layer of dequantize_layers: codes, n, sign, sign_nbytes, scale, bits, out, out_cap; of
-// dequantize_backward_layers: grad, n, codes, sign, sign_nbytes, bits, out.
+// dequantize_backward_layers: grad, n, codes, codes_len, sign, sign_nbytes, bits, out.
 using CudaDequantLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int, uintptr_t, int64_t>;
-using CudaDequantGradLayer = std::tuple<uintptr_t, int64_t, uintptr_t, uintptr_t, int64_t, int, uintptr_t>;
+using CudaDequantGradLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, int, uintptr_t>;
 using CudaStepLayer = std::tuple<uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, uintptr_t,
-                                 uintptr_t, int64_t, uintptr_t, int, int64_t, uintptr_t>;
+                                 int64_t, uintptr_t, int64_t, uintptr_t, int, int64_t, uintptr_t>;
 #endif
 }  // namespace
 
@@ -194,17 +204,19 @@ void bind_bitplane(py::module_& m) {
 
   cpu.def(
       "dequantize_backward",
-      [](uintptr_t grad, int64_t n, uintptr_t codes, uintptr_t sign, int64_t sign_nbytes, int bits, int nthreads) {
+      [](uintptr_t grad, int64_t n, uintptr_t codes, int64_t codes_len, uintptr_t sign, int64_t sign_nbytes, int bits,
+         int nthreads) {
         check_elems("grad", grad, n, n, 4);
-        check_elems("codes", codes, n, n, 1);
+        check_same_count("grad", n, "codes", codes_len);
+        check_elems("codes", codes, n, codes_len, 1);
         check_sign(sign, sign_nbytes, n);
         check_code_bits(bits);
         NoGil nogil;
         return fedmpq::cpu::dequantize_backward(ptr<const float>(grad), ptr<const uint8_t>(codes),
                                                 ptr<const uint32_t>(sign), n, bits, nthreads);
       },
-      py::arg("grad"), py::arg("n"), py::arg("codes"), py::arg("sign"), py::arg("sign_nbytes"), py::arg("bits"),
-      py::arg("nthreads"), "The scale gradient: (sum sigma_j q_j grad_j in float64) / (2^bits - 1), as float32.");
+      py::arg("grad"), py::arg("n"), py::arg("codes"), py::arg("codes_len"), py::arg("sign"), py::arg("sign_nbytes"),
+      py::arg("bits"), py::arg("nthreads"), "The scale gradient: (sum sigma_j q_j grad_j in float64) / (2^bits - 1), as float32.");
 
   cpu.def(
       "plane_popcounts",
@@ -235,9 +247,9 @@ void bind_bitplane(py::module_& m) {
   cpu.def(
       "bitplane_step",
       [](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t mom, int64_t mom_len, uintptr_t gs,
-         uintptr_t grad, uintptr_t coef, int64_t coef_len, double scale, int bits, double lr, double momentum,
-         int64_t key, int nthreads) {
-        check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, bits);
+         uintptr_t grad, int64_t grad_len, uintptr_t coef, int64_t coef_len, double scale, int bits, double lr,
+         double momentum, int64_t key, int nthreads) {
+        check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, bits);
         check_step_scalars(lr, momentum);
         require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
         const float s = static_cast<float>(scale);
@@ -248,8 +260,8 @@ void bind_bitplane(py::module_& m) {
                                           static_cast<uint32_t>(key), nthreads);
       },
       py::arg("codes"), py::arg("n"), py::arg("sign"), py::arg("sign_nbytes"), py::arg("mom"), py::arg("mom_len"),
-      py::arg("gs"), py::arg("grad"), py::arg("coef"), py::arg("coef_len"), py::arg("scale"), py::arg("bits"),
-      py::arg("lr"), py::arg("momentum"), py::arg("key"), py::arg("nthreads"),
+      py::arg("gs"), py::arg("grad"), py::arg("grad_len"), py::arg("coef"), py::arg("coef_len"), py::arg("scale"),
+      py::arg("bits"), py::arg("lr"), py::arg("momentum"), py::arg("key"), py::arg("nthreads"),
       "The fused bit-plane step, in place on codes, sign, mom (bits*n, plane-major) and gs (one float32); "
       "returns g_s (not finite: the step was skipped and nothing written).");
 
@@ -261,10 +273,10 @@ void bind_bitplane(py::module_& m) {
         const int64_t L = static_cast<int64_t>(layers.size());
         check_elems("out", out, L, out_len, 4);
         for (size_t l = 0; l < layers.size(); ++l) {
-          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key] =
-              layers[l];
+          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, scale, bits,
+                       key] = layers[l];
           in_layer(l, [&] {
-            check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, bits);
+            check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, bits);
             require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
             // out is written after each layer: it must not be any layer's state or input
             check_out_apart(out, 4 * L, codes, n, sign, mom, bits, gs, grad, coef, 0, 0);
@@ -275,8 +287,8 @@ void bind_bitplane(py::module_& m) {
         NoGil nogil;
         float* o = ptr<float>(out);
         for (size_t l = 0; l < layers.size(); ++l) {
-          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key] =
-              layers[l];
+          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, scale, bits,
+                       key] = layers[l];
           o[l] = fedmpq::cpu::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
                                             ptr<const float>(grad), ptr<const float>(coef), static_cast<float>(scale),
                                             n, bits, lr32, mu32, static_cast<uint32_t>(key), nthreads);
@@ -285,7 +297,7 @@ void bind_bitplane(py::module_& m) {
       py::arg("layers"), py::arg("lr"), py::arg("momentum"), py::arg("out"), py::arg("out_len"), py::arg("nthreads"),
       py::arg("check_only") = false,
       "bitplane_step on each layer in order, one call: layers are tuples (codes, n, sign, sign_nbytes, mom, mom_len, "
-      "gs, grad, coef, coef_len, scale, bits, key); out[l] (float32) = layer l's g_s. Every layer is checked "
+      "gs, grad, grad_len, coef, coef_len, scale, bits, key); out[l] (float32) = layer l's g_s. Every layer is checked "
       "before any is stepped; check_only: the checks alone (for a caller that then steps layer by layer).");
 
 #ifdef FEDMPQ_WITH_CUDA
@@ -341,10 +353,11 @@ void bind_bitplane(py::module_& m) {
     check_disjoint("sign", sign, 4 * bitmap_words(n), "out", out, 4 * n);
     check_disjoint("scale", scale, 4, "out", out, 4 * n);
   };
-  auto check_dequantize_backward = [=](uintptr_t grad, int64_t n, uintptr_t codes, uintptr_t sign,
+  auto check_dequantize_backward = [=](uintptr_t grad, int64_t n, uintptr_t codes, int64_t codes_len, uintptr_t sign,
                                        int64_t sign_nbytes, int bits, uintptr_t out) {
     check_elems("grad", grad, n, n, 4);
-    check_elems("codes", codes, n, n, 1);
+    check_same_count("grad", n, "codes", codes_len);
+    check_elems("codes", codes, n, codes_len, 1);
     check_sign(sign, sign_nbytes, n);
     check_code_bits(bits);
     check_scalar("out", out);
@@ -362,15 +375,15 @@ void bind_bitplane(py::module_& m) {
       "out[j] = sigma_j * (q_j * (*scale / (2^bits - 1))), float32; *scale is read on the device.");
   cuda.def(
       "dequantize_backward",
-      [=](uintptr_t grad, int64_t n, uintptr_t codes, uintptr_t sign, int64_t sign_nbytes, int bits, uintptr_t out,
-          uintptr_t ws, int64_t ws_words, int device, uintptr_t stream) {
-        check_dequantize_backward(grad, n, codes, sign, sign_nbytes, bits, out);
+      [=](uintptr_t grad, int64_t n, uintptr_t codes, int64_t codes_len, uintptr_t sign, int64_t sign_nbytes, int bits,
+          uintptr_t out, uintptr_t ws, int64_t ws_words, int device, uintptr_t stream) {
+        check_dequantize_backward(grad, n, codes, codes_len, sign, sign_nbytes, bits, out);
         if (n > 0) check_workspace(ws, ws_words, device);
         fedmpq::cuda::dequantize_backward(ptr<const float>(grad), ptr<const uint8_t>(codes), ptr<const uint32_t>(sign),
                                           n, bits, ptr<float>(out), ptr<unsigned>(ws), device, stream);
       },
-      py::arg("grad"), py::arg("n"), py::arg("codes"), py::arg("sign"), py::arg("sign_nbytes"), py::arg("bits"),
-      py::arg("out"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
+      py::arg("grad"), py::arg("n"), py::arg("codes"), py::arg("codes_len"), py::arg("sign"), py::arg("sign_nbytes"),
+      py::arg("bits"), py::arg("out"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
       "*out = (sum sigma_j q_j grad_j in float64) / (2^bits - 1) as float32, in one launch.");
   cuda.def(
       "dequantize_layers",
@@ -397,8 +410,8 @@ void bind_bitplane(py::module_& m) {
         table.reserve(layers.size());
         bool any = false;
         for (size_t l = 0; l < layers.size(); ++l) {
-          const auto& [grad, n, codes, sign, sign_nbytes, bits, out] = layers[l];
-          in_layer(l, [&] { check_dequantize_backward(grad, n, codes, sign, sign_nbytes, bits, out); });
+          const auto& [grad, n, codes, codes_len, sign, sign_nbytes, bits, out] = layers[l];
+          in_layer(l, [&] { check_dequantize_backward(grad, n, codes, codes_len, sign, sign_nbytes, bits, out); });
           table.push_back({ptr<const float>(grad), ptr<const uint8_t>(codes), ptr<const uint32_t>(sign),
                            ptr<float>(out), n, bits});
           any = any || n > 0;
@@ -408,7 +421,7 @@ void bind_bitplane(py::module_& m) {
                                                  device, stream);
       },
       py::arg("layers"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
-      "dequantize_backward of each layer, tuples (grad, n, codes, sign, sign_nbytes, bits, out), one launch per group "
+      "dequantize_backward of each layer, tuples (grad, n, codes, codes_len, sign, sign_nbytes, bits, out), one launch per group "
       "of up to 32 layers (layer by layer when an out overlaps another layer's inputs); every *out is the "
       "single-layer result bit for bit (an empty layer's is not written).");
   cuda.def(
@@ -446,10 +459,10 @@ void bind_bitplane(py::module_& m) {
   cuda.def(
       "bitplane_step",
       [=](uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign_nbytes, uintptr_t mom, int64_t mom_len,
-          uintptr_t gs, uintptr_t grad, uintptr_t coef, int64_t coef_len, uintptr_t scale, int bits, double lr,
-          double momentum, int64_t key, uintptr_t key_ptr, uintptr_t out, uintptr_t ws, int64_t ws_words, int device,
-          uintptr_t stream) {
-        check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, bits);
+          uintptr_t gs, uintptr_t grad, int64_t grad_len, uintptr_t coef, int64_t coef_len, uintptr_t scale, int bits,
+          double lr, double momentum, int64_t key, uintptr_t key_ptr, uintptr_t out, uintptr_t ws, int64_t ws_words,
+          int device, uintptr_t stream) {
+        check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, bits);
         check_step_scalars(lr, momentum);
         require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
         check_scalar("scale", scale);
@@ -465,8 +478,8 @@ void bind_bitplane(py::module_& m) {
                                     ptr<const int64_t>(key_ptr), ptr<float>(out), ptr<unsigned>(ws), device, stream);
       },
       py::arg("codes"), py::arg("n"), py::arg("sign"), py::arg("sign_nbytes"), py::arg("mom"), py::arg("mom_len"),
-      py::arg("gs"), py::arg("grad"), py::arg("coef"), py::arg("coef_len"), py::arg("scale"), py::arg("bits"),
-      py::arg("lr"), py::arg("momentum"), py::arg("key"), py::arg("key_ptr"), py::arg("out"), py::arg("workspace"),
+      py::arg("gs"), py::arg("grad"), py::arg("grad_len"), py::arg("coef"), py::arg("coef_len"), py::arg("scale"),
+      py::arg("bits"), py::arg("lr"), py::arg("momentum"), py::arg("key"), py::arg("key_ptr"), py::arg("out"), py::arg("workspace"),
       py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
       "The fused bit-plane step in place on codes, sign, mom and gs, two launches, no host synchronization: "
       "out[0] = g_s (not finite: skipped), out[1] = the previous gs. key_ptr (an int64 on the device, its low 32 "
@@ -480,10 +493,10 @@ void bind_bitplane(py::module_& m) {
         check_elems("out", out, 2 * L, out_len, 4);
         bool any = false;
         for (size_t l = 0; l < layers.size(); ++l) {
-          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key,
+          const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, scale, bits, key,
                        key_ptr] = layers[l];
           in_layer(l, [&] {
-            check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, bits);
+            check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, bits);
             require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
             check_scalar("scale", scale);
             require(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");
@@ -497,8 +510,8 @@ void bind_bitplane(py::module_& m) {
         if (check_only) return;
         std::vector<fedmpq::cuda::StepLayer> table;
         table.reserve(layers.size());
-        for (const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key,
-                          key_ptr] : layers)
+        for (const auto& [codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, scale, bits,
+                          key, key_ptr] : layers)
           table.push_back({ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
                            ptr<const float>(grad), ptr<const float>(coef), ptr<const float>(scale), n, bits,
                            static_cast<uint32_t>(key), ptr<const int64_t>(key_ptr)});
@@ -508,7 +521,7 @@ void bind_bitplane(py::module_& m) {
       py::arg("layers"), py::arg("lr"), py::arg("momentum"), py::arg("out"), py::arg("out_len"), py::arg("workspace"),
       py::arg("workspace_words"), py::arg("device"), py::arg("stream"), py::arg("check_only") = false,
       "bitplane_step on each layer in order, one call: layers are tuples (codes, n, sign, sign_nbytes, mom, mom_len, "
-      "gs, grad, coef, coef_len, scale, bits, key, key_ptr); out[2l], out[2l+1] = layer l's g_s and previous gs. "
+      "gs, grad, grad_len, coef, coef_len, scale, bits, key, key_ptr); out[2l], out[2l+1] = layer l's g_s and previous gs. "
       "Every layer is checked before anything is launched; layers that share no memory go two launches per group of "
       "up to 32. check_only: the checks alone, nothing launched (for a caller that then steps layer by layer).");
 #endif

@@ -65,11 +65,9 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
 def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
     c = _bytes(codes)
     n = c.numel()
-    g = _f32(grad)
-    if g.numel() != n:
-        raise ValueError(f"grad has {g.numel()} elements, codes {n}")
+    g = _f32(grad)  # the binding refuses a grad of another length than codes
     sg = bitmap_arg(sign, n, _CPU, "sign")
-    r = native.cpu.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sg.data_ptr(), sg.numel(), bits,
+    r = native.cpu.dequantize_backward(g.data_ptr(), g.numel(), c.data_ptr(), n, sg.data_ptr(), sg.numel(), bits,
                                        torch.get_num_threads())
     return torch.scalar_tensor(r, dtype=torch.float32)  # cheaper than torch.tensor
 
@@ -96,11 +94,10 @@ def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
     for g, c, sg, b in zip(grads, codes, sign, bits):
         c = _bytes(c)
         n = c.numel()
-        g = _f32(g)
-        if g.numel() != n:
-            raise ValueError(f"grad has {g.numel()} elements, codes {n}")
+        g = _f32(g)  # the binding refuses a grad of another length than codes
         sw = words(sg)
-        r.append(native.cpu.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), b, nt))
+        r.append(native.cpu.dequantize_backward(g.data_ptr(), g.numel(), c.data_ptr(), n, sw.data_ptr(), sw.numel(), b,
+                                                nt))
     return list(torch.tensor(r, dtype=torch.float32).unbind())  # one tensor: cheaper than one per layer
 
 
@@ -132,12 +129,10 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     m = _bytes(mom)
     g_state = words(gs)  # the one float32, read and written as a word
     g = _f32(grad)
-    if g.numel() != n:  # the binding takes grad's pointer only: its n floats are checked here
-        raise ValueError(f"grad has {g.numel()} elements, codes {n}")
     cf = _f32(coef)
     r = native.cpu.bitplane_step(c.data_ptr(), n, sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(),
-                                 g_state.data_ptr(), g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale), bits,
-                                 float(lr), float(momentum), int(key), torch.get_num_threads())
+                                 g_state.data_ptr(), g.data_ptr(), g.numel(), cf.data_ptr(), cf.numel(), _scalar(scale),
+                                 bits, float(lr), float(momentum), int(key), torch.get_num_threads())
     write_back((c, sg, m, g_state), (codes, sign, mom, gs))  # the working copies, if any
     return torch.scalar_tensor(r, dtype=torch.float32)  # cheaper than torch.tensor
 
@@ -153,11 +148,9 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
     for l in range(L):
         c, sg, m, g_state = _bytes(codes[l]), words(sign[l]), _bytes(mom[l]), words(gs[l])
         g, cf = _f32(grad[l]), _f32(coef[l])
-        if g.numel() != c.numel():  # as in bitplane_step; before any layer is stepped
-            raise ValueError(f"layer {l}: grad has {g.numel()} elements, codes {c.numel()}")
         work.append((c, sg, m, g_state, g, cf))
         layers.append((c.data_ptr(), c.numel(), sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
-                       g.data_ptr(), cf.data_ptr(), cf.numel(), _scalar(scale[l]), bits[l], int(keys[l])))
+                       g.data_ptr(), g.numel(), cf.data_ptr(), cf.numel(), _scalar(scale[l]), bits[l], int(keys[l])))
     out = torch.empty(L, dtype=torch.float32)
     if copies_among_shared(work, [(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l]) for l in range(L)]):
         # layer by layer; still every layer checked before any is stepped

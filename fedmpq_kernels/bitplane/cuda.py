@@ -99,13 +99,10 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
 
 def _grad_args(grad: Tensor, codes: Tensor, sign: Tensor):
     """One layer's dequantize_backward inputs as the kernels read them: (grad float32, codes,
-    sign words, n), contiguous."""
+    sign words, n), contiguous; n is grad's count (the binding refuses codes of another)."""
     c = codes.contiguous()
-    n = c.numel()
     g = _f32(grad)
-    if g.numel() != n:
-        raise ValueError(f"grad has {g.numel()} elements, codes {n}")
-    return g, c, words(sign, bitmap_nbytes(n)), n
+    return g, c, words(sign, bitmap_nbytes(c.numel())), g.numel()
 
 
 def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
@@ -117,7 +114,7 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
     with on_device(dev):
         stream = raw_stream(dev)
         ws, ws_words = _workspace(dev, stream)
-        native.cuda.dequantize_backward(g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), bits,
+        native.cuda.dequantize_backward(g.data_ptr(), n, c.data_ptr(), c.numel(), sw.data_ptr(), sw.numel(), bits,
                                         out.data_ptr(), ws.data_ptr(), ws_words, dev.index, stream)
     return out
 
@@ -159,7 +156,7 @@ def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
         if n == 0:
             continue
         keep.append((g, c, sw))  # alive until the launches are queued (copies among them)
-        layers.append((g.data_ptr(), n, c.data_ptr(), sw.data_ptr(), sw.numel(), b, base + 4 * i))
+        layers.append((g.data_ptr(), n, c.data_ptr(), c.numel(), sw.data_ptr(), sw.numel(), b, base + 4 * i))
     if layers:
         with on_device(dev):
             stream = raw_stream(dev)
@@ -206,8 +203,6 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     the key from it (no host read, capturable in a CUDA graph) and ``key`` is ignored."""
     dev = codes.device
     n = codes.numel()
-    if grad.numel() != n:  # the binding takes grad's pointer only: its n floats are checked here
-        raise ValueError(f"grad has {grad.numel()} elements, codes {n}")
     if n == 0:  # the reference: max over nothing is 0, so g_s = 0 (mom is empty)
         gs.zero_()
         return torch.zeros((), dtype=_F32, device=dev)
@@ -228,7 +223,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         stream = raw_stream(dev)
         ws, ws_words = _workspace(dev, stream)
         native.cuda.bitplane_step(c.data_ptr(), n, sw.data_ptr(), sw.numel(), m.data_ptr(), m.numel(),
-                                  g_state.data_ptr(), g.data_ptr(), cf.data_ptr(), cf.numel(),
+                                  g_state.data_ptr(), g.data_ptr(), g.numel(), cf.data_ptr(), cf.numel(),
                                   sc.data_ptr(), bits, float(lr), float(momentum), int(key) & 0xFFFFFFFF,
                                   key_ptr, out.data_ptr(), ws.data_ptr(), ws_words, dev.index, stream)
     write_back((c, sw, m, g_state), (codes, sign, mom, gs))  # the working copies, if any
@@ -250,14 +245,12 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
         c, sw, m, g_state = codes[l].contiguous(), words(sign[l]), mom[l].contiguous(), words(gs[l])
         g, cf, sc = _f32(grad[l]), _f32(coef[l]), _scale(scale[l], dev)
         n = c.numel()
-        if g.numel() != n:  # as in bitplane_step; before any layer is stepped
-            raise ValueError(f"layer {l}: grad has {g.numel()} elements, codes {n}")
         if n == 0:
             empty.append(l)
         key, key_ptr = (0, kt + l * kt_step) if key_tensor is not None else (int(keys[l]) & 0xFFFFFFFF, 0)
         work.append((c, sw, m, g_state, g, cf, sc))
         layers.append((c.data_ptr(), n, sw.data_ptr(), sw.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
-                       g.data_ptr(), cf.data_ptr(), cf.numel(), sc.data_ptr(), bits[l], key, key_ptr))
+                       g.data_ptr(), g.numel(), cf.data_ptr(), cf.numel(), sc.data_ptr(), bits[l], key, key_ptr))
     # (g_s, previous gs) per layer; an empty layer launches nothing, so its g_s is the 0 of a zero fill
     out = (torch.zeros if empty else torch.empty)(2 * L, dtype=_F32, device=dev)
     # layer by layer when copies are stepped among shared memory; the native call then only

@@ -2,7 +2,11 @@
 emulated launchers (tests/cuda_emu) on host pointers, so that the Python adapters
 (``fedmpq_kernels/<family>/cuda.py``) run on CPU tensors without a GPU. :func:`wire` points
 an adapter module at it, with a CPU tensor for the per-stream workspace and stream 0. The
-bindings' own argument checks are not repeated here (test_cuda_binding.py tests them)."""
+bindings' own argument checks are not repeated here (test_cuda_binding.py tests them), but
+for one: that a layer's grad and codes hold the same count, which stands for the adapters'
+refusal of a grad of another length (they pass both lengths and leave the check to the
+binding). Every range handed to the emulator is a buffer's own length, so a kernel that read
+past one would be caught."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -13,6 +17,13 @@ import torch
 from . import Emu
 
 _ES = {0: 4, 1: 2, 2: 2}  # bytes per element of a dtype code (fake_quant.h)
+
+
+def _same_count(grad_len: int, codes_len: int, layer=None) -> None:
+    """The bindings' check_same_count("grad", ..., "codes", ...) (csrc/bindings/bitplane.cpp)."""
+    if grad_len != codes_len:
+        where = "" if layer is None else f"layer {layer}: "
+        raise ValueError(f"{where}grad has {grad_len} elements, codes {codes_len}")
 
 
 class EmulatedCuda:
@@ -72,9 +83,11 @@ class EmulatedCuda:
         self._run("dequantize", [(codes, n), (sign, sign_nbytes), (scale, 4)], codes, sign, n, bits, scale, out,
                   device or 0)
 
-    def dequantize_backward(self, grad, n, codes, sign, sign_nbytes, bits, out, ws, ws_words, device, stream):
-        self._run("dequantize_backward", [(grad, 4 * n), (codes, n), (sign, sign_nbytes), (ws, 4 * ws_words)], grad,
-                  codes, sign, n, bits, out, ws, device or 0)
+    def dequantize_backward(self, grad, n, codes, codes_len, sign, sign_nbytes, bits, out, ws, ws_words, device,
+                            stream):
+        _same_count(n, codes_len)
+        ranges = [(grad, 4 * n), (codes, codes_len), (sign, sign_nbytes), (ws, 4 * ws_words)]
+        self._run("dequantize_backward", ranges, grad, codes, sign, n, bits, out, ws, device or 0)
 
     def dequantize_layers(self, layers, device, stream):
         """The native many-layer launcher (launches over layer tables)."""
@@ -89,9 +102,10 @@ class EmulatedCuda:
         """The native many-layer launcher (launches over layer tables)."""
         self.calls.append("dequantize_backward_layers")
         table, ranges = [], [(ws, 4 * ws_words)]
-        for grad, n, codes, sign, sign_nbytes, bits, out in layers:
+        for l, (grad, n, codes, codes_len, sign, sign_nbytes, bits, out) in enumerate(layers):
+            _same_count(n, codes_len, l)
             table.append((grad, codes, sign, out, n, bits))
-            ranges += [(grad, 4 * n), (codes, n), (sign, sign_nbytes)]
+            ranges += [(grad, 4 * n), (codes, codes_len), (sign, sign_nbytes)]
         self.emu.dequantize_backward_layers_raw(table, ws, [r for r in ranges if r[0]], device or 0)
 
     def plane_popcounts(self, codes, n, bits, out, out_len, ws, ws_words, device, stream):
@@ -104,10 +118,11 @@ class EmulatedCuda:
         ranges = [(c, n) for c, n, _ in layers if c and n > 0] + [(ws, 4 * ws_words)]
         self.emu.plane_popcounts_layers_raw(list(layers), out, ws, ranges, device or 0)
 
-    def bitplane_step(self, codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, lr,
-                      momentum, key, key_ptr, out, ws, ws_words, device, stream):
-        ranges = [(codes, n), (sign, sign_nbytes), (mom, mom_len), (gs, 4), (grad, 4 * n), (coef, 4 * coef_len),
-                  (scale, 4), (out, 8), (ws, 4 * ws_words), (key_ptr, 8)]
+    def bitplane_step(self, codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, scale, bits,
+                      lr, momentum, key, key_ptr, out, ws, ws_words, device, stream):
+        _same_count(grad_len, n)
+        ranges = [(codes, n), (sign, sign_nbytes), (mom, mom_len), (gs, 4), (grad, 4 * grad_len),
+                  (coef, 4 * coef_len), (scale, 4), (out, 8), (ws, 4 * ws_words), (key_ptr, 8)]
         self._run("bitplane_step", ranges, codes, sign, mom, gs, grad, coef, scale, n, bits, lr, momentum, key,
                   key_ptr or None, out, ws, device or 0)
 
@@ -116,15 +131,18 @@ class EmulatedCuda:
         share memory); the binding's checks are test_cuda_binding.py's (``check_only``: those
         checks alone, so nothing here)."""
         assert out_len >= 2 * len(layers)
+        for l, layer in enumerate(layers):
+            _same_count(layer[8], layer[1], l)  # grad_len, n
         if check_only:
             self.calls.append("bitplane_step_layers (checks)")
             return
         self.calls.append("bitplane_step_layers")
         table, ranges = [], [(out, 8 * len(layers)), (ws, 4 * ws_words)]
-        for codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, coef, coef_len, scale, bits, key, key_ptr in layers:
+        for codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, scale, bits, key, \
+                key_ptr in layers:
             table.append((codes, sign, mom, gs, grad, coef, scale, n, bits, key, key_ptr or None))
-            ranges += [(codes, n), (sign, sign_nbytes), (mom, mom_len), (gs, 4), (grad, 4 * n), (coef, 4 * coef_len),
-                       (scale, 4), (key_ptr, 8)]
+            ranges += [(codes, n), (sign, sign_nbytes), (mom, mom_len), (gs, 4), (grad, 4 * grad_len),
+                       (coef, 4 * coef_len), (scale, 4), (key_ptr, 8)]
         self.emu.bitplane_step_layers_raw(table, lr, momentum, out, ws, [r for r in ranges if r[0]], device or 0)
 
 def wire(module, emu: Emu, monkeypatch) -> EmulatedCuda:

@@ -28,7 +28,7 @@ def _dq(**over):
 
 
 def _dqb(**over):
-    a = dict(grad=_P, n=100, codes=2 * _P, sign=3 * _P, sign_nbytes=16, bits=4, out=4 * _P, workspace=5 * _P,
+    a = dict(grad=_P, n=100, codes=2 * _P, codes_len=100, sign=3 * _P, sign_nbytes=16, bits=4, out=4 * _P, workspace=5 * _P,
              workspace_words=1 << 20, device=-1, stream=0)
     a.update(over)
     return a
@@ -43,7 +43,7 @@ def _pc(**over):
 
 def _step(**over):
     a = dict(codes=_P, n=100, sign=2 * _P, sign_nbytes=16, mom=3 * _P, mom_len=400, gs=4 * _P, grad=5 * _P,
-             coef=6 * _P, coef_len=4, scale=7 * _P, bits=4, lr=0.1, momentum=0.9, key=5, key_ptr=0, out=8 * _P,
+             grad_len=100, coef=6 * _P, coef_len=4, scale=7 * _P, bits=4, lr=0.1, momentum=0.9, key=5, key_ptr=0, out=8 * _P,
              workspace=9 * _P, workspace_words=1 << 20, device=-1, stream=0)
     a.update(over)
     return a
@@ -75,12 +75,17 @@ CASES = [
     ("dequantize_backward", _dqb, dict(workspace=0), "reduction workspace pointer is null"),
     ("dequantize_backward", _dqb, dict(workspace=5 * _P + 4), "not 8-byte aligned"),
     ("dequantize_backward", _dqb, dict(n=(1 << 56) + 1), "more than the"),
+    # codes' own length against grad's count (a shorter codes would be read past its end)
+    ("dequantize_backward", _dqb, dict(codes_len=99), "grad has 100 elements, codes 99"),
+    ("dequantize_backward", _dqb, dict(codes_len=101), "grad has 100 elements, codes 101"),
     ("plane_popcounts", _pc, dict(out_len=3), "out: buffer holds 3 elements, needs 4"),
     ("plane_popcounts", _pc, dict(out=2 * _P + 4), "out: data pointer is not 8-byte aligned"),
     ("plane_popcounts", _pc, dict(workspace=0), "reduction workspace pointer is null"),
     ("bitplane_step", _step, dict(n=1 << 32, sign_nbytes=1 << 31, mom_len=1 << 34), "2\\^32 weights"),
     ("bitplane_step", _step, dict(mom_len=399), "mom: buffer holds 399 elements, needs 400"),
     ("bitplane_step", _step, dict(coef_len=3), "coef: buffer holds 3 elements, needs 4"),
+    ("bitplane_step", _step, dict(grad_len=99), "grad has 99 elements, codes 100"),
+    ("bitplane_step", _step, dict(grad_len=101), "grad has 101 elements, codes 100"),
     ("bitplane_step", _step, dict(gs=0), "gs: null data pointer"),
     ("bitplane_step", _step, dict(lr=0.0), "lr must be finite and > 0"),
     ("bitplane_step", _step, dict(lr=float("inf")), "lr must be finite and > 0"),
@@ -113,9 +118,9 @@ def test_cuda_bindings_launch_nothing_for_no_elements():
     """n = 0: no workspace or device needed, nothing launched (no GPU touched)."""
     assert native.cuda.binarize(**_bin(n=0, codes_cap=0, workspace=0, workspace_words=0)) is None
     assert native.cuda.dequantize(**_dq(n=0, out_cap=0)) is None
-    assert native.cuda.dequantize_backward(**_dqb(n=0, workspace=0, workspace_words=0)) is None
+    assert native.cuda.dequantize_backward(**_dqb(n=0, codes_len=0, workspace=0, workspace_words=0)) is None
     assert native.cuda.plane_popcounts(**_pc(n=0, workspace=0, workspace_words=0)) is None
-    assert native.cuda.bitplane_step(**_step(n=0, mom_len=0, workspace=0, workspace_words=0)) is None
+    assert native.cuda.bitplane_step(**_step(n=0, grad_len=0, mom_len=0, workspace=0, workspace_words=0)) is None
 
 
 @needs_cuda_build
@@ -130,8 +135,8 @@ def test_cuda_binding_without_a_gpu_raises_a_clear_error():
 def _layer(**over):
     """One layer tuple of bitplane_step_layers, as _step's arguments (fake addresses)."""
     a = _step(**over)
-    return tuple(a[k] for k in ("codes", "n", "sign", "sign_nbytes", "mom", "mom_len", "gs", "grad", "coef",
-                                "coef_len", "scale", "bits", "key", "key_ptr"))
+    return tuple(a[k] for k in ("codes", "n", "sign", "sign_nbytes", "mom", "mom_len", "gs", "grad", "grad_len",
+                                "coef", "coef_len", "scale", "bits", "key", "key_ptr"))
 
 
 def _step_layers_args(layers, **over):
@@ -144,19 +149,20 @@ def _step_layers_args(layers, **over):
 @needs_cuda_build
 @pytest.mark.parametrize("layers, over, match", [
     ([_layer(), _layer(mom_len=399)], {}, "layer 1: mom"),
+    ([_layer(), _layer(grad_len=99)], {}, "layer 1: grad has 99 elements, codes 100"),
     ([_layer(key=1 << 32)], {}, "layer 0: key must be a uint32"),
     ([_layer(), _layer(), _layer(scale=7)], {}, "layer 2: scale pointer"),
     ([_layer()], {"out_len": 1}, "out: buffer holds 1"),
     ([_layer()], {"lr": 0.0}, "lr must be finite and > 0"),
     ([_layer(), _layer(gs=20 * _P + 4)], {}, "layer 1: out and gs overlap"),
     ([_layer(), _layer(grad=20 * _P - 8)], {}, "layer 1: out and grad overlap"),
-    ([_layer(), _layer(codes=20 * _P + 8, n=8, mom_len=32, sign_nbytes=4)], {}, "layer 1: out and codes overlap"),
+    ([_layer(), _layer(codes=20 * _P + 8, n=8, grad_len=8, mom_len=32, sign_nbytes=4)], {}, "layer 1: out and codes overlap"),
     ([_layer(scale=20 * _P + 4)], {}, "layer 0: out and scale overlap"),
     ([_layer(key_ptr=20 * _P)], {}, "layer 0: out and key overlap"),
     ([_layer(), _layer(scale=4 * _P)], {}, "layer 1: scale and gs overlap"),
     ([_layer(), _layer(key_ptr=3 * _P + 8)], {}, "layer 1: key and mom overlap"),
     ([_layer(coef=_P + 4)], {}, "layer 0: coef and codes overlap"),
-], ids=["mom", "key", "scale", "out", "lr", "out-gs", "out-grad", "out-codes", "out-scale", "out-key", "scale-gs",
+], ids=["mom", "grad-len", "key", "scale", "out", "lr", "out-gs", "out-grad", "out-codes", "out-scale", "out-key", "scale-gs",
         "key-mom", "coef-codes"])
 @pytest.mark.parametrize("check_only", [False, True], ids=["step", "check-only"])
 def test_cuda_step_layers_binding_names_the_bad_layer(layers, over, match, check_only):
@@ -182,7 +188,7 @@ def test_cuda_step_binding_keeps_out_apart_from_the_layer(over, match):
 @needs_cuda_build
 def test_cuda_step_layers_binding_launches_nothing_for_empty_layers():
     assert native.cuda.bitplane_step_layers(**_step_layers_args([])) is None
-    empty = [_layer(n=0, mom_len=0)] * 2
+    empty = [_layer(n=0, grad_len=0, mom_len=0)] * 2
     assert native.cuda.bitplane_step_layers(**_step_layers_args(empty, workspace=0, workspace_words=0)) is None
 
 
@@ -204,9 +210,9 @@ def _dql(**over):
 
 
 def _dqbl(**over):
-    """One layer of dequantize_backward_layers: (grad, n, codes, sign, sign_nbytes, bits, out)."""
+    """One layer of dequantize_backward_layers: (grad, n, codes, codes_len, sign, sign_nbytes, bits, out)."""
     a = _dqb(**over)
-    return tuple(a[k] for k in ("grad", "n", "codes", "sign", "sign_nbytes", "bits", "out"))
+    return tuple(a[k] for k in ("grad", "n", "codes", "codes_len", "sign", "sign_nbytes", "bits", "out"))
 
 
 @needs_cuda_build
@@ -234,10 +240,12 @@ def test_cuda_dequantize_layers_binding_checks_every_layer(over, match):
     (dict(grad=_P + 2), "layer 1: grad: data pointer is not 4-byte aligned"),
     (dict(sign_nbytes=12), "layer 1: sign bitmap has 12 bytes, needs 16"),
     (dict(out=0), "layer 1: out pointer is null"),
-], ids=["bits", "grad-align", "sign", "out-null"])
+    (dict(codes_len=99), "layer 1: grad has 100 elements, codes 99"),
+], ids=["bits", "grad-align", "sign", "out-null", "codes-len"])
 def test_cuda_dequantize_backward_layers_binding_checks_every_layer(over, match):
     with pytest.raises(ValueError, match=match):
         native.cuda.dequantize_backward_layers([_dqbl(), _dqbl(**over)], 5 * _P, 1 << 20, -1, 0)
     with pytest.raises(ValueError, match="reduction workspace pointer is null"):
         native.cuda.dequantize_backward_layers([_dqbl()], 0, 1 << 20, -1, 0)
-    assert native.cuda.dequantize_backward_layers([_dqbl(n=0, grad=0, codes=0, sign=0)], 0, 0, -1, 0) is None
+    empty = _dqbl(n=0, grad=0, codes=0, codes_len=0, sign=0)
+    assert native.cuda.dequantize_backward_layers([empty], 0, 0, -1, 0) is None

@@ -190,8 +190,9 @@ def test_the_cpu_binding_names_the_bad_layer():
     codes, sign, scale = layer(n, bits)
     mom, gs, grad, coef = torch.zeros(bits * n, dtype=torch.uint8), torch.zeros(1), torch.randn(n), torch.zeros(bits)
     good = (codes.data_ptr(), n, sign.data_ptr(), sign.numel(), mom.data_ptr(), mom.numel(), gs.data_ptr(),
-            grad.data_ptr(), coef.data_ptr(), bits, float(scale), bits, 5)
+            grad.data_ptr(), n, coef.data_ptr(), bits, float(scale), bits, 5)
     bad = good[:5] + (bits * n - 1,) + good[6:]  # mom one byte short
+    short_grad = good[:8] + (n - 1,) + good[9:]
     out = torch.empty(2)
     before = codes.clone()
     with pytest.raises(ValueError, match="layer 1: mom"):
@@ -200,6 +201,8 @@ def test_the_cpu_binding_names_the_bad_layer():
         native.cpu.bitplane_step_layers([good], 0.5, 0.9, out.data_ptr(), 0, 1)
     with pytest.raises(ValueError, match="layer 0: out and grad overlap"):
         native.cpu.bitplane_step_layers([good], 0.5, 0.9, grad.data_ptr(), 1, 1)
+    with pytest.raises(ValueError, match=f"layer 1: grad has {n - 1} elements, codes {n}"):
+        native.cpu.bitplane_step_layers([good, short_grad], 0.5, 0.9, out.data_ptr(), 2, 1)
     with pytest.raises(ValueError, match="layer 1: mom"):  # check_only checks the same
         native.cpu.bitplane_step_layers([good, bad], 0.5, 0.9, out.data_ptr(), 2, 1, True)
     assert native.cpu.bitplane_step_layers([good, good], 0.5, 0.9, out.data_ptr(), 2, 1, True) is None

@@ -19,8 +19,8 @@ def _native_step():
     keep = dict(codes=torch.zeros(n, dtype=torch.uint8), sign=torch.zeros(16, dtype=torch.uint8),
                 mom=torch.zeros(bits * n, dtype=torch.uint8), gs=torch.zeros(1), grad=torch.zeros(n), coef=torch.zeros(bits))
     a = dict(codes=keep["codes"].data_ptr(), n=n, sign=keep["sign"].data_ptr(), sign_nbytes=16, mom=keep["mom"].data_ptr(),
-             mom_len=bits * n, gs=keep["gs"].data_ptr(), grad=keep["grad"].data_ptr(), coef=keep["coef"].data_ptr(),
-             coef_len=bits, scale=1.0, bits=bits, lr=0.1, momentum=0.5, key=1, nthreads=2)
+             mom_len=bits * n, gs=keep["gs"].data_ptr(), grad=keep["grad"].data_ptr(), grad_len=n,
+             coef=keep["coef"].data_ptr(), coef_len=bits, scale=1.0, bits=bits, lr=0.1, momentum=0.5, key=1, nthreads=2)
     return a, keep
 
 
@@ -31,6 +31,9 @@ def _native_step():
         (dict(sign_nbytes=12), "sign bitmap has 12 bytes, needs 16"),
         (dict(mom_len=399), "mom: buffer holds 399 elements, needs 400"),
         (dict(coef_len=3), "coef: buffer holds 3 elements, needs 4"),
+        # grad's own length, not codes' count taken on trust: shorter would be read past its end
+        (dict(grad_len=99), "grad has 99 elements, codes 100"),
+        (dict(grad_len=101), "grad has 101 elements, codes 100"),
         (dict(bits=9), "bits must be in 1..8"),
         (dict(bits=0), "bits must be in 1..8"),
         (dict(n=-1), "negative element count"),
@@ -97,7 +100,10 @@ def test_native_other_ops_reject_inconsistent_arguments():
     with pytest.raises(ValueError, match="out: buffer holds 50 elements"):
         native.cpu.dequantize(codes.data_ptr(), n, sign.data_ptr(), 16, 1.0, 4, out.data_ptr(), 50, 1)
     with pytest.raises(ValueError, match="4-byte aligned"):
-        native.cpu.dequantize_backward(w.data_ptr() + 2, n - 1, codes.data_ptr(), sign.data_ptr(), 16, 4, 1)
+        native.cpu.dequantize_backward(w.data_ptr() + 2, n - 1, codes.data_ptr(), n - 1, sign.data_ptr(), 16, 4, 1)
+    for short in (n - 1, n + 1):  # codes' own length, checked against grad's count
+        with pytest.raises(ValueError, match=f"grad has {n} elements, codes {short}"):
+            native.cpu.dequantize_backward(w.data_ptr(), n, codes.data_ptr(), short, sign.data_ptr(), 16, 4, 1)
     with pytest.raises(ValueError, match="out: buffer holds 4 elements, needs 8"):
         native.cpu.plane_popcounts(codes.data_ptr(), n, 8, pc.data_ptr(), 4, 1)
     with pytest.raises(ValueError, match="bits must be in 1..8"):
@@ -126,8 +132,8 @@ def _threads_agree():
         coef = torch.full((bits,), 1e-3)
         for t in range(2):
             g = native.cpu.bitplane_step(codes.data_ptr(), n, sign.data_ptr(), sign.numel(), mom.data_ptr(), mom.numel(),
-                                         gs.data_ptr(), grad.data_ptr(), coef.data_ptr(), bits, float(scale), bits, 0.5,
-                                         0.9, R.step_key(0, t, 0), nt)
+                                         gs.data_ptr(), grad.data_ptr(), n, coef.data_ptr(), bits, float(scale), bits,
+                                         0.5, 0.9, R.step_key(0, t, 0), nt)
         results.append((codes, sign, mom, gs, g))
     for r in results[1:]:
         for a, b in zip(r[:4], results[0][:4]):
