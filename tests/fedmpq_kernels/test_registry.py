@@ -147,3 +147,35 @@ def test_triton_older_than_the_tested_floor_is_not_available(monkeypatch, versio
     if not ok:
         assert why == (f"triton {version} is older than 3.4, the oldest these kernels are tested with "
                        "(pip install 'triton>=3.4')")
+
+
+def test_an_ops_fallback_skips_a_backend_that_is_not_available(reference_only_family, tmp_path, monkeypatch):
+    """CUDA tensors go to the CUDA C++ backend first, then Triton, then the reference; an op
+    the chosen backend lacks comes from the next one in that order that is available and has
+    it: with Triton not installed, an op cuda.py lacks comes from the reference, never from
+    a triton.py that cannot run (simulated: availability is the registry's to report)."""
+    (tmp_path / "refonly" / "reference.py").write_text("def twice(x):\n    return 2 * x\n\ndef thrice(x):\n    return 3 * x\n")
+    (tmp_path / "refonly" / "cuda.py").write_text("def twice(x):\n    return ('cuda', 2 * x)\n")
+    (tmp_path / "refonly" / "triton.py").write_text("def thrice(x):\n    return ('triton', 3 * x)\n")
+    fam = reference_only_family
+    monkeypatch.setattr(registry, "available", lambda name: (name != "triton", "" if name != "triton" else "not here"))
+    assert registry.backend_for("cuda", fam) == "cuda"
+    assert registry.get(fam, "twice", "cuda")(3) == ("cuda", 6)
+    assert registry.get(fam, "thrice", "cuda")(3) == 9
+    monkeypatch.setattr(registry, "_cache", {})
+    monkeypatch.setattr(registry, "available", lambda name: (True, ""))  # Triton there: it is next in order
+    assert registry.backend_for("cuda", fam) == "cuda"  # CUDA C++ first, Triton after it
+    assert registry.get(fam, "twice", "cuda")(3) == ("cuda", 6)
+    assert registry.get(fam, "thrice", "cuda")(3) == ("triton", 9)
+
+
+def test_triton_runs_cpu_tensors_only_in_its_interpreter(monkeypatch):
+    """Triton kernels take CPU tensors only under TRITON_INTERPRET=1 (the CI path): without
+    it, forcing triton leaves CPU tensors on their default backend (the test session sets the
+    variable on a machine without a GPU, so it is removed here)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not registry.supports("triton", "cpu") and registry.supports("triton", "cuda")
+    with registry.use_backend("triton"):
+        assert registry.backend_for("cpu", "fake_quant") == ("cpu" if native is not None else "reference")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert registry.supports("triton", "cpu")

@@ -104,6 +104,23 @@ def test_gradients_accumulate_and_only_where_asked(backend):
         assert torch.equal(sink[l].grad, 2 * G[l])
 
 
+def test_a_sink_that_takes_no_gradient_leaves_its_scale_one(backend):
+    """The converse of the test above: each layer's scale gradient follows that scale's own
+    requires_grad, not its sink's (a frozen sink, e.g. a layer evaluated with its weight
+    fixed while its scale is learned, still gets dL/ds; the sink gets no .grad)."""
+    kernels(backend)
+    dev = backend.device
+    codes, sign, scale, bits, sink, ref = _layers(dev)
+    sink[2] = fk.sink_like(SHAPES[2][0], device=dev)  # no gradient
+    G = _grads(dev)
+    with backend.active():
+        torch.autograd.backward(fk.dequantize_layers(codes, sign, scale, bits, sink), G)
+    assert sink[2].grad is None
+    for l in (0, 2, 5):
+        torch.testing.assert_close(scale[l].grad.cpu(), R.dequantize_backward(G[l].cpu(), *ref[l], SHAPES[l][1]),
+                                   rtol=1e-6, atol=0)
+    assert torch.equal(sink[0].grad, G[0])
+
 def test_traced_calls_take_the_registered_op_per_layer():
     """Under a TorchDispatchMode (as under tracing) the call is fedmpq.dequantize per layer,
     which the mode sees, with the same weights and gradients."""
@@ -139,11 +156,15 @@ def _args():
     (lambda a: a[1].__setitem__(4, a[1][4][:-1]), ValueError, "layer 4: sign has 7 bytes, 8 needed for 64 weights"),
     (lambda a: a[2].__setitem__(5, torch.tensor([1.0, 2.0])), TypeError, "layer 5: scale must be a one-element"),
     (lambda a: a[3].__setitem__(6, 9), ValueError, "layer 6: bits must be in 1..8"),
+    # 0 too: the one-expression check of the usual case must hold the lower bound as well (the
+    # reference backend dequantized at 0 bits into inf and NaN)
+    (lambda a: a[3].__setitem__(3, 0), ValueError, "layer 3: bits must be in 1..8"),
     (lambda a: a[3].__setitem__(1, True), TypeError, "layer 1: bits must be an int"),
     (lambda a: a[4].__setitem__(7, fk.sink_like((3,))), ValueError, "layer 7: sink has 3 elements, codes 1023"),
     (lambda a: a[2].__setitem__(0, torch.tensor(1.0, device="meta")), ValueError, "layer 0: scale is on meta"),
     (lambda a: a[4].pop(), ValueError, "sink has 7 entries, codes 8"),
-], ids=["codes-dtype", "sign-short", "scale-shape", "bits-range", "bits-bool", "sink-size", "scale-device", "length"])
+], ids=["codes-dtype", "sign-short", "scale-shape", "bits-range", "bits-zero", "bits-bool", "sink-size", "scale-device",
+        "length"])
 def test_a_bad_layer_is_named(change, err, match):
     a = _args()
     change(a)

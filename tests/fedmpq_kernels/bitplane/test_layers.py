@@ -277,3 +277,16 @@ def test_layers_stepped_one_by_one_are_all_checked_before_any_is_stepped():
     got = fk.bitplane_step_layers(*[c[:2] for c in lists], [grad] * 2, [coef] * 2, [scale] * 2, [b] * 2, 0.5, 0.9, [1, 2])
     assert torch.equal(bits_of(got), bits_of(want))
     assert_state_equal(st, ref, "the shared layer, stepped twice")
+
+
+def test_a_keys_tensor_on_another_device_is_refused_and_nothing_changes():
+    """A keys tensor must be on the layers' device (it is read there, never on the host):
+    one elsewhere (here meta next to CPU layers) is refused by name before any layer is
+    stepped, not handed to a backend that fails half-way (it copied out of the meta tensor)."""
+    lists, keys = _args("cpu")
+    before = [[t.clone() for t in col] for col in lists[:4]]
+    with pytest.raises(ValueError, match="keys is on meta, expected cpu"):
+        fk.bitplane_step_layers(*lists, 0.5, 0.9, torch.tensor(keys, device="meta"))
+    for col, old in zip(lists[:4], before):
+        for a, b in zip(col, old):
+            assert torch.equal(a, b)

@@ -154,3 +154,21 @@ def test_registered_ops_called_directly_refuse_bad_arguments(backend, call, exc,
     kernels(backend)
     with backend.active(), pytest.raises(exc, match=match):
         call(backend.device)
+
+
+@pytest.mark.parametrize("codes, theta, match", [
+    ([1, 8], 10.0, r"a code is >= 2\^3"),  # 2^N itself does not fit in N = 3 bits
+    ([1, 200], 10.0, r"a code is >= 2\^3"),
+    ([1, 3], float("nan"), "theta must be a finite number >= 0"),
+    ([1, 3], float("inf"), "theta must be a finite number >= 0"),  # would drop every plane it can
+    ([1, 3], -1.0, "theta must be a finite number >= 0"),
+    ([1, 3], True, "theta must be a finite number >= 0"),
+])
+def test_precision_reduction_refuses_codes_that_do_not_fit_and_a_bad_theta(codes, theta, match):
+    """precision_reduction counts set bits of the N planes: a code of 2^N or more has bits
+    above them (it would be silently cut), and theta is a finite percentage (NaN compared
+    false everywhere and kept every plane; inf dropped planes that are set)."""
+    with pytest.raises(ValueError, match=match):
+        fk.precision_reduction(torch.tensor(codes, dtype=torch.uint8), torch.tensor(1.0), 3, theta)
+    n, c, s = fk.precision_reduction(torch.tensor([1, 7], dtype=torch.uint8), torch.tensor(1.0), 3, 10.0)
+    assert (n, c.tolist()) == (3, [1, 7])  # 2^N - 1 fits; both planes' bits above theta: nothing dropped

@@ -89,3 +89,34 @@ def test_empty_inputs_launch_nothing(fc):
 def test_a_bad_scale_shape_is_refused(fc):
     with pytest.raises(ValueError, match="scale must hold one value, got shape \\(2,\\)"):
         fc.fake_quant(torch.randn(8), 4, torch.ones(2), 1)
+    # no value at all is as wrong as two (not a reshape error)
+    with pytest.raises(ValueError, match="scale must hold one value, got shape \\(0,\\)"):
+        fc.fake_quant(torch.randn(8), 4, torch.ones(0), 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_backward_without_scale_grad_reads_only_the_pass_bitmap(fc, dtype):
+    """Without scale_grad the backward needs no hi bitmap: a mode-1 forward's bitmaps, and
+    relu6_fake_quant's mask (ops.py's ReLU6 backward passes it alone), are the whole input."""
+    n = 100
+    x, g = _input(n, dtype, "contiguous"), _input(n, dtype, "slice")
+    _, pass_only = fc.fake_quant(x, 4, torch.tensor(1.0), 1)
+    _, mask = fc.relu6_fake_quant(x, 4)
+    for bm in (pass_only, mask):
+        assert bm.numel() == 4 * ((n + 31) // 32)
+        gx, gs = fc.fake_quant_backward(g, bm, False)
+        rgx, _ = R.fake_quant_backward(g, bm, False)
+        same_bits(gx, rgx, "grad_x")
+        assert float(gs) == 0.0
+
+
+def test_a_dynamic_scale_of_zero_is_not_refused(fc):
+    """The dynamic S (absmax's, on the device) goes to the quantizer as computed, not as a
+    given scale: for an all-zero x it is 0, and y is x's zeros, not the NaN a given 0 makes."""
+    x = torch.zeros(100)
+    x[::2] = -0.0
+    y, bm = fc.fake_quant(x, 4, None, 2)
+    ry, rb = R.fake_quant(x, 4, None, 2)
+    same_bits(y, x, "y")
+    same_bits(y, ry, "y")
+    assert torch.equal(bm, rb)

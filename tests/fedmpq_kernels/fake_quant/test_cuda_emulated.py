@@ -12,7 +12,7 @@ import torch
 
 from fedmpq_kernels._checks import bitmap_nbytes
 from fedmpq_kernels.fake_quant import reference as R
-from tests.cuda_emu import EmuError, Guarded, words
+from tests.cuda_emu import DTYPE_CODES, EmuError, Guarded, words
 
 from .helpers import DT_IDS, DTYPES, same_bits
 
@@ -261,3 +261,119 @@ def test_the_emulator_reports_a_load_outside_the_buffers(emu):
     with pytest.raises(EmuError, match="misaligned load of 4 bytes"):
         emu.lib.emu_clear_ranges()
         emu._call("emu_fake_quant", [], x.data_ptr(), y.data_ptr(), 0, 64, 4, buf.data_ptr() + 2, 1, None, None, 0)
+
+
+def test_the_largest_finite_given_scale_is_valid(emu):
+    """A given scale turns the outputs into NaN only when it is not finite and > 0: FLT_MAX
+    itself is a valid scale (L / S and S / L are finite), so nothing is NaN."""
+    fmax = torch.finfo(torch.float32).max
+    x = torch.tensor([fmax, -fmax, float("inf"), float("-inf"), 1e38, -3e37, 1.0, 0.0, -0.0] * 5)
+    n, s = x.numel(), torch.tensor(fmax)
+    for bits in (1, 4, 16):
+        y, pw, hw = torch.empty(n), torch.empty(words(n), dtype=torch.int32), torch.empty(words(n), dtype=torch.int32)
+        emu.fake_quant(x, y, bits, s, True, pw, hw)
+        ry, rb = R.fake_quant(x, bits, s, 2)
+        assert not torch.isnan(y).any(), f"{bits} bits: FLT_MAX taken for a bad scale"
+        same_bits(y, ry, f"y, {bits} bits")
+        assert torch.equal(pw, _bitmaps(rb, n, 0)) and torch.equal(hw, _bitmaps(rb, n, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_a_dynamic_scale_of_zero_gives_zeros(emu, dtype):
+    """max|x| = 0 (x all +-0): inv is 0, not L / 0, so y is x's zeros with their signs, not
+    NaN; the dynamic S is used as it is (only a given S <= 0 makes NaN)."""
+    n = 300
+    x = torch.zeros(n, dtype=dtype)
+    x[::3] = -0.0
+    out, ws = torch.full((), -1, dtype=torch.int32), emu.workspace()
+    emu.absmax(x, out, ws)
+    assert int(out) == 0
+    y, pw, hw = Guarded(n, dtype), Guarded(words(n), torch.int32), Guarded(words(n), torch.int32)
+    emu.fake_quant(x, y.t, 4, out.view(torch.float32), False, pw.t, hw.t)
+    same_bits(y.t, x, "y")  # the zeros, -0 kept
+    ry, rb = R.fake_quant(x, 4, None, 2)
+    same_bits(y.t, ry, "y")
+    assert torch.equal(pw.t, _bitmaps(rb, n, 0)) and torch.equal(hw.t, _bitmaps(rb, n, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_relu6_fake_quant_gives_plus_zero_at_and_below_zero(emu, dtype):
+    """relu6 maps v <= 0, -0 included, to +0, so y there is +0 (bits 0). When all of x is
+    <= 0, S = max relu6(x) = 0 is the dynamic scale, not a refused given one: y is all +0,
+    not NaN."""
+    n = 300
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
+    x[::5] = -0.0
+    for v in (x, -x.abs()):  # some positives (S > 0); none (S = 0)
+        y, mask = torch.empty(n, dtype=dtype), torch.empty(words(n), dtype=torch.int32)
+        scale, ws = torch.empty(()), emu.workspace()
+        emu.relu6_fake_quant(v, y, 4, scale, mask, ws)
+        ry, rm = R.relu6_fake_quant(v, 4)
+        same_bits(y, ry, "y")
+        assert torch.equal(mask, rm.view(torch.int32))
+        below = ~(v > 0)
+        assert (y[below].view(torch.int16 if dtype != torch.float32 else torch.int32) == 0).all(), "not +0"
+    assert scale.item() == 0.0  # the last x: S = 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_absmax_of_a_slice_sees_the_elements_at_both_ends(emu, dtype):
+    """On a slice (the shifted path: x's aligned vectors less the `shift` elements before x,
+    then one element at a time from the end of the last whole vector) every element counts:
+    a large value planted at each of the first and last 2V places in turn is the max."""
+    V = 16 // torch.empty((), dtype=dtype).element_size()
+    n = 100
+    base = torch.rand(n, generator=torch.Generator().manual_seed(2)).to(dtype)  # |x| < 1
+    for offset in sorted({1, V // 2, V - 1}):
+        x = Guarded(n, dtype, offset)
+        for at in [*range(2 * V), *range(n - 2 * V, n)]:
+            x.t.copy_(base)
+            x.t[at] = -5.0
+            out = torch.empty((), dtype=torch.int32)
+            emu.absmax(x.t, out, emu.workspace())
+            assert out.view(torch.float32).item() == 5.0, f"offset {offset}: the max at {at} was missed"
+
+
+def test_pointers_not_element_aligned_take_the_scalar_path(emu):
+    """An input that is not even element-aligned (never a torch tensor; a raw pointer) is
+    read one element at a time: the values are those of its bytes, and no vector load is
+    misaligned."""
+    n = 300
+    for dtype, off in ((torch.float16, 1), (torch.bfloat16, 3), (torch.float32, 2)):
+        es = torch.empty((), dtype=dtype).element_size()
+        raw = torch.zeros(n * es + 32, dtype=torch.uint8)
+        src = (torch.randn(n, generator=torch.Generator().manual_seed(off)) * 2).to(dtype)
+        raw[off:off + n * es] = src.view(torch.uint8)
+        p = raw.data_ptr() + off
+        ranges = [(raw.data_ptr(), raw.numel())]
+        code = DTYPE_CODES[dtype]
+        out, ws = torch.empty((), dtype=torch.int32), emu.workspace()
+        emu.call_raw("emu_absmax", ranges + [(ws.data_ptr(), 4 * ws.numel())], p, code, n, out.data_ptr(),
+                     ws.data_ptr(), 0)
+        assert out.view(torch.float32).item() == src.float().abs().max().item()
+        s = torch.tensor(1.0)
+        y = torch.empty(n, dtype=dtype)
+        emu.call_raw("emu_fake_quant", ranges + [(s.data_ptr(), 4)], p, y.data_ptr(), code, n, 4, s.data_ptr(), 1,
+                     None, None, 0)
+        same_bits(y, R.fake_quant(src, 4, s, 0)[0], f"y, {dtype}")
+
+
+def test_argument_errors_come_first_and_empty_inputs_launch_nothing(emu):
+    """Bad arguments are refused even for n == 0 (the dtype code 3, one past bfloat16; bits
+    0, 9, 15 and 17); n == 0 then returns before any launch, writing nothing."""
+    x, y, s = torch.ones(8), torch.empty(8), torch.tensor(1.0)
+    for bits in (0, 9, 15, 17):
+        with pytest.raises(ValueError, match=f"bits must be in 1..8 or 16, got {bits}"):
+            emu.fake_quant(x, y, bits, s, True)
+    e = torch.empty(0)
+    with pytest.raises(ValueError, match="unknown dtype code 3"):
+        emu.fake_quant(e, e, 4, s, True, dtype=3)
+    before = emu.launches()
+    out, ws = torch.full((), -7, dtype=torch.int32), emu.workspace()
+    emu.absmax(e, out, ws)
+    emu.fake_quant(e, e, 4, s, True, torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int32))
+    emu.relu6_fake_quant(e, e, 4, s, torch.empty(0, dtype=torch.int32), ws)
+    gs = torch.full((), float("nan"))
+    emu.fake_quant_backward(e, e, torch.empty(0, dtype=torch.int32), None, ws, gs)
+    assert emu.launches() == before, "an empty input launched a kernel"
+    assert int(out) == -7 and s.item() == 1.0 and torch.isnan(gs) and not ws.any()

@@ -237,6 +237,25 @@ def test_backward_takes_bitmaps_by_one_rule(backend):
             torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-5, atol=1e-4)
 
 
+def test_backward_refuses_bitmaps_one_byte_short_or_on_another_device(backend):
+    """The length rule at its edge: one byte less than the bitmaps read is refused on every
+    backend (the CPU kernels would read the missing byte past the end); and bitmaps on
+    another device than grad are refused by name (here meta: the CPU kernels read its null
+    pointer as an absent bitmap, the reference failed inside torch)."""
+    n = 1000
+    x = make_input(n, "contiguous", backend.device)
+    g = make_input(n, "contiguous", backend.device, seed=9)
+    mod = backend.module("fake_quant")
+    with backend.active():
+        _, b = mod.fake_quant(x, 3, given_scale(x), 2)
+        with pytest.raises(ValueError, match="bitmaps has 255 bytes, 256 needed for 2 bitmaps of 1000 elements"):
+            mod.fake_quant_backward(g, b[:255], True)
+        with pytest.raises(ValueError, match="bitmaps has 127 bytes, 128 needed for 1000 elements"):
+            mod.fake_quant_backward(g, b[:127], False)
+        for scale_grad in (False, True):
+            with pytest.raises(ValueError, match="bitmaps is on meta but grad is on"):
+                mod.fake_quant_backward(g, b.to("meta"), scale_grad)
+
 def test_the_sign_bit_of_y_is_the_sign_bit_of_x(backend):
     """y = copysign(m, x) on the bit patterns: -0.0 gives -0.0 and a NaN keeps its sign, under
     a given scale and the dynamic one (a NaN makes that scale NaN: every y is NaN, each with

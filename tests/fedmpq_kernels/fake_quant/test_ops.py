@@ -2,6 +2,7 @@
 breaks, and the errors bad input gets."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,6 +124,7 @@ def test_identity_ste_gives_scale_no_gradient():
         (dict(scale=torch.tensor(float("nan"))), ValueError, "finite and > 0"),
         (dict(scale=torch.tensor(float("inf"))), ValueError, "finite and > 0"),
         (dict(scale=torch.tensor([1.0, 2.0])), ValueError, "one value"),
+        (dict(scale=torch.tensor([])), ValueError, "one value"),  # none is not one either
         (dict(scale=torch.tensor(1)), TypeError, "floating-point"),
         (dict(scale=torch.tensor(1.0, device="meta")), ValueError, "on meta but x is on cpu"),
         (dict(scale="1.0"), TypeError, "scale must be None, a float"),
@@ -142,7 +144,10 @@ def test_bad_input_raises_a_clear_error(kwargs, exc, match):
     [
         (lambda x, d: torch.ops.fedmpq.fake_quant(x, 9, None, 0), ValueError, "bits must be one of"),
         (lambda x, d: torch.ops.fedmpq.fake_quant(x, 4, torch.tensor(1.0, device=d), 5), ValueError, "mode must be 0"),
+        # a negative mode too: the reference backend took -1 as 1, the fake kernel a negative size
+        (lambda x, d: torch.ops.fedmpq.fake_quant(x, 4, torch.tensor(1.0, device=d), -1), ValueError, "mode must be 0"),
         (lambda x, d: torch.ops.fedmpq.fake_quant(x, 4, torch.ones(2, device=d), 1), ValueError, "one-element"),
+        (lambda x, d: torch.ops.fedmpq.fake_quant(x, 4, torch.ones(0, device=d), 1), ValueError, "one-element"),
         (lambda x, d: torch.ops.fedmpq.fake_quant(x, 4, torch.tensor(1, device=d), 1), ValueError, "floating-point"),
         (lambda x, d: torch.ops.fedmpq.fake_quant(x.double(), 4, None, 0), TypeError, "float64"),
         (lambda x, d: torch.ops.fedmpq.fake_quant_backward(x.int(), torch.zeros(8, dtype=torch.uint8, device=d), False),
@@ -159,3 +164,145 @@ def test_registered_ops_called_directly_refuse_bad_arguments(backend, call, exc,
     x = torch.randn(40, device=backend.device)
     with backend.active(), pytest.raises(exc, match=match):
         call(x, backend.device)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_registered_op_refuses_a_bad_cpu_scale_value(backend, bad):
+    """A CPU scale is free to read, so the registered op refuses one that is not finite and
+    > 0 on every backend, as the public function does (only a device scale, never read on the
+    host, turns into NaN outputs): the reference and Triton backends would quietly give NaN."""
+    if backend.device != "cpu":
+        pytest.skip("a device scale is not read on the host (NaN outputs instead)")
+    x = torch.randn(40)
+    with backend.active():
+        for mode in (0, 1, 2):
+            with pytest.raises(ValueError, match="scale must be finite and > 0"):
+                torch.ops.fedmpq.fake_quant(x, 4, torch.tensor(bad), mode)
+
+
+def test_registered_op_mode_0_bitmaps_are_a_fresh_tensor(backend):
+    """Mode 0 has no bitmaps, but the op's (empty) bitmaps output is still the caller's own
+    tensor: a backend may share one empty tensor between calls, and a caller who resized
+    that output would otherwise change what every later call returns (and break the fake
+    kernel's 0-byte promise)."""
+    x = torch.randn(40, device=backend.device)
+    with backend.active():
+        _, b1 = torch.ops.fedmpq.fake_quant(x, 4, None, 0)
+        assert b1.dtype == torch.uint8 and b1.numel() == 0
+        b1.resize_(8).fill_(255)  # the caller's to change
+        _, b2 = torch.ops.fedmpq.fake_quant(x, 4, torch.tensor(1.0, device=backend.device), 0)
+    assert b2.numel() == 0 and b2.untyped_storage().data_ptr() != b1.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("shape", [(1,), (1, 1)])
+def test_scale_gradient_comes_in_a_float32_scale_tensors_own_shape(shape):
+    """A one-element float32 scale that is not 0-dim is reshaped for the kernels, and its
+    gradient comes back in its own shape (autograd refuses a 0-dim gradient for a (1,)
+    tensor). The float64 case above takes the conversion path; this one only the reshape."""
+    x = torch.tensor([3.0, -3.0, 0.1], requires_grad=True)
+    s = torch.full(shape, 2.0, requires_grad=True)
+    fk.fake_quant(x, 4, s, ste="clipped").backward(torch.tensor([1.0, 10.0, 100.0]))
+    assert s.grad.shape == shape and s.grad.dtype == torch.float32
+    assert s.grad.flatten().item() == 1.0 - 10.0  # +g where x > S, -g where x < -S
+    assert torch.equal(x.grad, torch.tensor([0.0, 0.0, 100.0]))
+
+
+def test_opcheck_half_precision(backend):
+    """float16 in and out of both ops: y and grad_x keep the input's dtype while dL/dS is
+    float32 whatever grad's dtype (the kernels sum in float32 or wider), and the fake kernels
+    must say so for torch.compile to trace a half-precision model."""
+    x = torch.randn(3, 37, device=backend.device).half()
+    s = torch.tensor(0.8, device=backend.device)
+    with backend.active():
+        torch.library.opcheck(torch.ops.fedmpq.fake_quant.default, (x.requires_grad_(True), 4, s, 1))
+        _, b = torch.ops.fedmpq.fake_quant(x.detach(), 4, s, 2)
+        g = torch.randn(3, 37, device=backend.device).half()
+        torch.library.opcheck(torch.ops.fedmpq.fake_quant_backward.default, (g, b, True))
+        gx, gs = torch.ops.fedmpq.fake_quant_backward(g, b, True)
+    assert gx.dtype == torch.float16 and gs.dtype == torch.float32 and gs.shape == ()
+
+
+def test_registered_op_refuses_a_scale_on_another_device():
+    """The registered op's own device check: x and scale on different devices reach one
+    device's kernel (a CUDA scale with CPU x goes to the CUDA kernel), which must refuse them
+    rather than hand a backend a scale it cannot read. Without a second real device, the
+    CPU kernel is called the way the dispatcher would call it, with a meta scale (a plain
+    call with a meta argument goes to the fake kernel instead)."""
+    op = torch.ops.fedmpq.fake_quant.default
+    cpu_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    x = torch.randn(10)
+    y, _ = op.redispatch(cpu_key, x, 4, torch.tensor(1.0), 1)  # the same route, same device: runs
+    torch.testing.assert_close(y, R.fake_quant_values(x, 4, torch.tensor(1.0)), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="scale is on meta but x is on cpu"):
+        op.redispatch(cpu_key, x, 4, torch.tensor(1.0, device="meta"), 1)
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("kind", ["f32", "f64", "shape-1"])
+def test_public_function_refuses_a_bad_cpu_scale_on_every_backend(backend, bad, kind):
+    """fake_quant reads a CPU scale tensor and refuses one that is not finite and > 0 itself,
+    on every backend and on both of its paths (a 0-dim float32 scale takes the fast one,
+    another dtype or shape the general one): only the CPU kernels check it again, so the
+    reference and Triton backends would return NaN."""
+    if backend.device != "cpu":
+        pytest.skip("a device scale is not read on the host (NaN outputs instead)")
+    s = {"f32": torch.tensor(bad), "f64": torch.tensor(bad, dtype=torch.float64), "shape-1": torch.tensor([bad])}[kind]
+    x = torch.randn(40, requires_grad=True)
+    with backend.active():
+        for ste in ("identity", "clipped"):
+            with pytest.raises(ValueError, match="scale must be finite and > 0"):
+                fk.fake_quant(x, 4, s, ste=ste)
+            with torch.no_grad(), pytest.raises(ValueError, match="scale must be finite and > 0"):
+                fk.fake_quant(x, 4, s, ste=ste)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_a_python_float_scale_is_used_as_its_float32_value(dtype):
+    """A Python float scale is the float32 of that number whatever x's dtype, as a float32
+    scale tensor is (the math is float32): 0.1 rounded to float16 or bfloat16 first is
+    another scale, and other outputs."""
+    x = (torch.randn(300, generator=torch.Generator().manual_seed(3)) * 0.2).to(dtype)
+    want = R.fake_quant_values(x, 4, torch.tensor(0.1)).to(dtype)
+    torch.testing.assert_close(fk.fake_quant(x, 4, 0.1), want, rtol=0, atol=0)
+    torch.testing.assert_close(fk.fake_quant(x, 4, torch.tensor(0.1)), want, rtol=0, atol=0)
+
+
+def test_a_scale_that_alone_requires_grad_gets_its_gradient():
+    """x a constant (an input batch), the scale learned: the output is still differentiable
+    and the scale gets PACT's gradient (the gradient is needed when x *or* the scale needs
+    one)."""
+    x = torch.tensor([3.0, -3.0, 0.1, 4.0])
+    s = torch.tensor(2.0, requires_grad=True)
+    y = fk.fake_quant(x, 4, s, ste="clipped")
+    assert y.requires_grad
+    y.backward(torch.tensor([1.0, 10.0, 100.0, 1000.0]))
+    assert s.grad.item() == 1.0 - 10.0 + 1000.0
+
+
+def test_clipped_with_a_dynamic_scale_is_the_identity_ste_on_the_general_path():
+    """A dynamic scale clips nothing, so ste='clipped' without a scale is the identity STE;
+    the general path (here taken because bits is a numpy integer, not an int) must say so
+    as the fast path does, not ask a missing scale whether it requires grad."""
+    x = (torch.randn(50) * 3).requires_grad_(True)
+    g = torch.randn(50)
+    y = fk.fake_quant(x, np.int64(4), None, ste="clipped")
+    torch.testing.assert_close(y.detach(), R.fake_quant_values(x.detach(), 4, None), rtol=0, atol=0)
+    y.backward(g)
+    assert torch.equal(x.grad, g)
+
+
+@pytest.mark.parametrize("scale", [0.5, "f64", "shape-1"])
+def test_identity_ste_on_the_general_path_passes_the_gradient(scale):
+    """The general path (a Python float scale, or a scale tensor not 0-dim float32) with the
+    identity STE: dL/dx = dL/dy, the scale gets no gradient, and the backward needs no
+    bitmaps (none are kept in mode 0)."""
+    s = {"f64": torch.tensor(0.5, dtype=torch.float64, requires_grad=True),
+         "shape-1": torch.tensor([0.5], requires_grad=True)}.get(scale, scale)
+    x = (torch.randn(60) * 2).requires_grad_(True)
+    g = torch.randn(60)
+    y = fk.fake_quant(x, 3, s)
+    torch.testing.assert_close(y.detach(), R.fake_quant_values(x.detach(), 3, torch.tensor(0.5)), rtol=0, atol=0)
+    y.backward(g)
+    assert torch.equal(x.grad, g)
+    if isinstance(s, torch.Tensor):
+        assert s.grad is None

@@ -71,3 +71,14 @@ def test_dequant_accumulate(pc, n, signed):
         pc.dequant_accumulate(acc, _odd(planes), None if signs is None else _odd(signs), bits, coef)
         assert torch.equal(acc.view(torch.int32), want.view(torch.int32)), f"{bits} bits"
     assert pc.native.cuda.calls.count("dequant_accumulate") == 3
+
+
+def test_check_packed_without_a_device_checks_every_device(pc):
+    """check_packed() (no device) reads the status words of every device pack_codes ran on,
+    here the CPU's, and clears them."""
+    codes = _codes(100, 2)
+    codes[3] = 4
+    pc.pack_codes(codes, 2)
+    with pytest.raises(ValueError, match="2 bits on cpu"):
+        _common.check_packed()
+    _common.check_packed()

@@ -102,3 +102,33 @@ def test_errors_and_empty_inputs(emu):
     emu.pack_codes(torch.empty(0, dtype=torch.uint8), 4, out.t, seen)  # n == 0: nothing launched
     out.check("planes")
     assert int(seen) == 0
+
+
+@pytest.mark.parametrize("offset", [0, 1])
+def test_pack_codes_reports_a_bad_code_in_every_warp_of_a_block(emu, offset):
+    """The block's OR of its warps' codes takes all 8 warps: with one tile (aligned) or one
+    scalar word (a slice) per warp, a code >= 2**bits in warp k's share alone shows in
+    *seen, for every k."""
+    per_warp = 512 if offset == 0 else 32
+    n = 8 * per_warp  # one block of 8 warps, one share each
+    for k in range(8):
+        codes = _codes(n, 2, offset)
+        codes.t[k * per_warp + 7] = 4
+        seen = torch.zeros(1, dtype=torch.int32)
+        emu.pack_codes(codes.t, 2, torch.empty(2 * words(n), dtype=torch.int32), seen)
+        assert int(seen) >> 2 == 1, f"a bad code in warp {k}'s share: seen {int(seen):#x}"
+
+
+def test_bits_outside_1_to_8_are_refused(emu):
+    """Every packing launcher refuses bits 0 and 9 (the kernels exist for 1..8 only) before
+    looking at n, so an empty input is refused too."""
+    codes, acc = torch.zeros(40, dtype=torch.uint8), torch.zeros(40)
+    planes, seen = torch.zeros(100, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    for bits in (0, 9):
+        for n in (40, 0):
+            with pytest.raises(ValueError, match=f"bits must be in 1..8, got {bits}"):
+                emu.pack_codes(codes[:n], bits, planes, seen)
+            with pytest.raises(ValueError, match=f"bits must be in 1..8, got {bits}"):
+                emu.unpack_codes(planes, n, bits, codes)
+            with pytest.raises(ValueError, match=f"bits must be in 1..8, got {bits}"):
+                emu.dequant_accumulate(acc[:n], planes, None, bits, 1.0)

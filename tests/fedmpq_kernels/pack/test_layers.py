@@ -115,6 +115,52 @@ def test_overlapping_rows_and_bad_coefs_raise(backend):
                                      torch.ones(0))
 
 
+
+def test_rows_overlapping_by_one_element_raise_and_touching_rows_do_not(backend):
+    """Rows' accumulator ranges must be disjoint: one element shared ([10, 30) and [29, 34))
+    is an overlap on every backend (the reference and Triton check the table in numpy, the
+    CPU in its binding); a row starting where the last one ends is fine."""
+    dev = backend.device
+    payload = torch.zeros(64, dtype=torch.uint8, device=dev)
+    acc = torch.zeros(100, device=dev)
+    with backend.active():
+        with pytest.raises(ValueError, match="overlapping|is invalid"):
+            fk.dequant_accumulate_layers(acc, payload, torch.tensor([[10, 20, 1, 8], [29, 5, 1, 16]]), torch.ones(2))
+        fk.dequant_accumulate_layers(acc, payload, torch.tensor([[10, 20, 1, 8], [30, 5, 1, 16]]), torch.ones(2))
+    assert not acc.any()  # zero planes add zeros
+
+
+def test_a_strided_table_and_coefs_are_read_by_their_values(backend):
+    """The table and coefs may be any strided CPU tensors (a transposed table, every other
+    coef): the rows are their values, as for contiguous copies."""
+    dev = backend.device
+    payload, table, acc_n, _, _ = make_payload([40, 77], [3, 5], dev)
+    coefs = fk.layer_coefs([0.5, 2.0], [3, 5])
+    t_strided = table.t().contiguous().t()
+    c_strided = torch.stack([coefs, torch.full_like(coefs, 9.0)], dim=1)[:, 0]
+    assert not t_strided.is_contiguous() and not c_strided.is_contiguous()
+    with backend.active():
+        want = fk.dequant_accumulate_layers(torch.zeros(acc_n, device=dev), payload, table, coefs)
+        got = fk.dequant_accumulate_layers(torch.zeros(acc_n, device=dev), payload, t_strided, c_strided)
+    assert want.any()
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("which", ["table", "coefs"])
+def test_a_table_or_coefs_off_the_cpu_raise(backend, which):
+    """The table and coefs describe the work and are read on the host: CPU tensors only,
+    refused by name elsewhere (here a meta tensor: the backends failed on it with numpy's or
+    a null-pointer error)."""
+    dev = backend.device
+    payload = torch.zeros(64, dtype=torch.uint8, device=dev)
+    table, coefs = torch.tensor([[0, 10, 1, 8]]), torch.ones(1)
+    if which == "table":
+        table = table.to("meta")
+    else:
+        coefs = coefs.to("meta")
+    with backend.active(), pytest.raises(ValueError, match="table and coefs must be CPU tensors"):
+        fk.dequant_accumulate_layers(torch.zeros(100, device=dev), payload, table, coefs)
+
 @pytest.mark.skipif(native is None, reason="native module not built")
 @settings(max_examples=FUZZ, deadline=None, suppress_health_check=list(HealthCheck), derandomize=FUZZ <= 300)
 @given(st.data())

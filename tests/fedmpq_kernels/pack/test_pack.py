@@ -129,6 +129,12 @@ def test_dequant_accumulate_takes_any_shape_of_acc(backend):
          ValueError, "planes has 4 bytes, 8 needed"),
         (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d),
                                          torch.zeros(2, dtype=torch.uint8, device=d), 1, 1.0), ValueError, "signs has 2 bytes"),
+        # planes or signs on another device than acc: named, never handed to a kernel (the CPU
+        # kernels read a meta sign map's null pointer as 'all positive')
+        (lambda d: fk.dequant_accumulate(torch.zeros(40, device=d), torch.zeros(8, dtype=torch.uint8, device="meta"), None, 1, 1.0),
+         ValueError, "planes is on meta"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(40, device=d), torch.zeros(8, dtype=torch.uint8, device=d),
+                                         torch.zeros(8, dtype=torch.uint8, device="meta"), 1, 1.0), ValueError, "signs is on meta"),
         (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, float("nan")),
          ValueError, "scale must be finite"),
         (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, -1.0),
