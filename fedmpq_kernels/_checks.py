@@ -65,6 +65,16 @@ def check_bits(bits, what: str = "bits", float_ok: bool = False) -> int:
     return int(bits)
 
 
+def check_same_device(device: torch.device, what: str, **tensors) -> None:
+    """Each tensor given (None skipped) is on ``device``, ``what``'s. The fake kernels run it
+    too: the dispatcher sends a call that mixes meta tensors with real ones to the fake
+    kernel, which would otherwise return an uninitialized result (or do nothing) where the
+    real op refuses the mix."""
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {what} is on {device}")
+
+
 def check_float_tensor(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import registry
-from .._checks import bitmap_nbytes, check_bits
+from .._checks import bitmap_nbytes, check_bits, check_same_device
 from .._library import PLAIN, _eager, _is_wrapped, direct_apply, lib
 from . import reference as _ref
 
@@ -100,11 +100,13 @@ def _binarize_fake(w, bits):
 
 @torch.library.register_fake("fedmpq::dequantize")
 def _dequantize_fake(codes, sign, scale, bits, sink):
+    check_same_device(codes.device, "codes", sign=sign, scale=scale, sink=sink)
     return sink.new_empty(sink.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("fedmpq::dequantize_backward")
 def _dequantize_backward_fake(grad, codes, sign, bits):
+    check_same_device(codes.device, "codes", grad=grad, sign=sign)
     return grad.new_empty((), dtype=torch.float32)
 
 
@@ -115,6 +117,8 @@ def _plane_popcounts_fake(codes, bits):
 
 @torch.library.register_fake("fedmpq::bitplane_step")
 def _bitplane_step_fake(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, key, key_tensor=None):
+    check_same_device(codes.device, "codes", sign=sign, mom=mom, gs=gs, grad=grad, coef=coef, scale=scale,
+                      key_tensor=key_tensor)
     return grad.new_empty((), dtype=torch.float32)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .. import registry
 from .._checks import (ALLOWED_BITS, FLOAT_DTYPES, bitmap_nbytes, check_bits, check_float_tensor,
-                       check_scale_value, check_ste)
+                       check_same_device, check_scale_value, check_ste)
 from .._library import PLAIN, _dispatch_modes, _eager, _functorch_active, _is_wrapped, direct_apply, lib
 
 Tensor = torch.Tensor
@@ -37,8 +37,7 @@ def _check_op_scale(scale: Optional[Tensor], x: Tensor, mode: int) -> None:
     if not scale.is_floating_point() or scale.numel() != 1:
         raise ValueError(f"scale must be a one-element floating-point tensor, got {scale.dtype} of shape "
                          f"{tuple(scale.shape)}")
-    if scale.device != x.device:
-        raise ValueError(f"scale is on {scale.device} but x is on {x.device}")
+    check_same_device(x.device, "x", scale=scale)
     if scale.device.type == "cpu":
         # Free to read on the CPU; a device scale is checked by the kernels (NaN output)
         # so that no call synchronizes.
@@ -66,11 +65,13 @@ lib.impl("fake_quant_backward", _fake_quant_backward_impl, "CompositeExplicitAut
 
 @torch.library.register_fake("fedmpq::fake_quant")
 def _fake_quant_fake(x, bits, scale, mode):
+    check_same_device(x.device, "x", scale=scale)
     return x.new_empty(x.shape), x.new_empty((bitmap_nbytes(x.numel()) * mode,), dtype=torch.uint8)
 
 
 @torch.library.register_fake("fedmpq::fake_quant_backward")
 def _fake_quant_backward_fake(grad, bitmaps, scale_grad):
+    check_same_device(grad.device, "grad", bitmaps=bitmaps)
     return grad.new_empty(grad.shape), grad.new_empty((), dtype=torch.float32)
 
 

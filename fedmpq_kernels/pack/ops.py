@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import registry
-from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits
+from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits, check_same_device
 from .._library import _eager, lib
 from ._common import check_packed, pending_check
 
@@ -84,11 +84,14 @@ def _unpack_codes_fake(planes, bits, n):
 
 @torch.library.register_fake("fedmpq::dequant_accumulate")
 def _dequant_accumulate_fake(acc, planes, signs, bits, coef):
+    check_same_device(acc.device, "acc", planes=planes, signs=signs)
     return None
 
 
 @torch.library.register_fake("fedmpq::dequant_accumulate_layers")
 def _dequant_accumulate_layers_fake(acc, payload, table, coefs):
+    check_same_device(acc.device, "acc", payload=payload)
+    _check_table_devices(table, coefs)
     return None
 
 
@@ -270,6 +273,10 @@ def _check_layers(acc, payload, table, coefs) -> None:
         raise TypeError("table must be an int64 tensor of shape (nrows, 4)")
     if not isinstance(coefs, Tensor) or coefs.dtype != torch.float32 or coefs.shape != (table.shape[0],):
         raise TypeError("coefs must be a float32 tensor of shape (nrows,)")
+    _check_table_devices(table, coefs)
+
+
+def _check_table_devices(table, coefs) -> None:
     if table.device.type != "cpu" or coefs.device.type != "cpu":
         raise ValueError("table and coefs must be CPU tensors (they describe the work)")
 

@@ -83,3 +83,43 @@ def test_a_dispatch_mode_sees_every_fedmpq_op_and_changes_no_result(case):
     assert sorted(set(fedmpq_ops)) == sorted(expected), mode.ops
     for a, b in zip(plain, seen, strict=True):
         assert torch.equal(a, b)
+
+
+def _u8(n):
+    return torch.zeros(n, dtype=torch.uint8)
+
+
+# Every op with more than one tensor argument: its arguments (CPU), and which of them is put
+# on meta. The cases are valid calls, so only the meta argument can be refused.
+_MIXED = [
+    ("fake_quant", lambda: [torch.ones(40), 4, torch.tensor(1.0), 1], 2, "scale is on meta but x is on cpu"),
+    ("fake_quant_backward", lambda: [torch.ones(40), _u8(8), True], 1, "bitmaps is on meta but grad is on cpu"),
+    ("dequant_accumulate", lambda: [torch.zeros(40), _u8(8), _u8(8), 1, 1.0], 1, "planes is on meta but acc"),
+    ("dequant_accumulate", lambda: [torch.zeros(40), _u8(8), _u8(8), 1, 1.0], 2, "signs is on meta but acc"),
+    ("dequant_accumulate_layers", lambda: [torch.zeros(40), _u8(16), torch.tensor([[0, 40, 1, 0]]), torch.ones(1)],
+     1, "payload is on meta but acc"),
+    ("dequant_accumulate_layers", lambda: [torch.zeros(40), _u8(16), torch.tensor([[0, 40, 1, 0]]), torch.ones(1)],
+     2, "table and coefs must be CPU tensors"),
+    ("dequantize", lambda: [_u8(40), _u8(8), torch.tensor(1.0), 3, torch.zeros(40)], 4, "sink is on meta but codes"),
+    ("dequantize_backward", lambda: [torch.ones(40), _u8(40), _u8(8), 3], 0, "grad is on meta but codes is on cpu"),
+    ("bitplane_step", lambda: [_u8(40), _u8(8), _u8(120), torch.zeros(1), torch.ones(40), torch.zeros(3),
+                               torch.tensor(1.0), 3, 0.1, 0.9, 1, torch.zeros(1, dtype=torch.int64)],
+     11, "key_tensor is on meta but codes"),
+    ("bitplane_step", lambda: [_u8(40), _u8(8), _u8(120), torch.zeros(1), torch.ones(40), torch.zeros(3),
+                               torch.tensor(1.0), 3, 0.1, 0.9, 1, None], 4, "grad is on meta but codes"),
+]
+
+
+@pytest.mark.parametrize("name, make, meta, match", _MIXED, ids=[f"{c[0]}-{c[2]}" for c in _MIXED])
+def test_a_direct_call_mixing_meta_and_cpu_tensors_is_refused(name, make, meta, match):
+    """The dispatcher sends a call with any meta tensor to the op's fake kernel, even when the
+    others are CPU tensors: the fake kernel must refuse the mix as the real op and torch's own
+    ops do, not return an uninitialized tensor (fake_quant) or do nothing at all
+    (dequant_accumulate). All on meta, the fake kernel still gives the shapes."""
+    op = getattr(torch.ops.fedmpq, name)
+    args = make()
+    args[meta] = args[meta].to("meta")
+    with pytest.raises(ValueError, match=match):
+        op(*args)
+    host = {2, 3} if name == "dequant_accumulate_layers" else set()  # its table and coefs stay on the CPU
+    op(*[a.to("meta") if isinstance(a, torch.Tensor) and i not in host else a for i, a in enumerate(make())])
