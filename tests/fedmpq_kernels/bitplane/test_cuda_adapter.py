@@ -89,6 +89,48 @@ def test_empty_layers_launch_nothing(bc):
     assert bc.native.cuda.calls == []
 
 
+def test_step_checks_the_gradient_length_before_stepping(bc):
+    """The adapter hands the binding grad's own length, which the binding (the launchers'
+    stand-in of its check here) holds to codes': a gradient of another length is a
+    ValueError before anything is launched, and no layer is stepped (the many-layer call
+    checks every layer first)."""
+    n, bits = 40, 3
+    state = mid_round_state(n, bits, seed=1)
+    before = [t.clone() for t in state]
+    coef, scale = torch.zeros(bits), torch.tensor(1.0)
+    with pytest.raises(ValueError, match="grad has 39 elements, codes 40"):
+        bc.bitplane_step(*state, torch.ones(n - 1), coef, scale, bits, 0.5, 0.9, 7)
+    with pytest.raises(ValueError, match="layer 1: grad has 41 elements, codes 40"):
+        bc.bitplane_step_layers(*[[t, t.clone()] for t in state], [torch.ones(n), torch.ones(n + 1)], [coef, coef],
+                                [scale, scale], [bits, bits], 0.5, 0.9, [7, 8])
+    assert_state_equal(state, before, "after the refusals")
+    assert bc.native.cuda.calls == []
+
+
+def test_empty_layers_outputs_never_read_uninitialized_memory(bc, monkeypatch):
+    """An empty layer launches nothing, so its dL/ds and its popcounts must be zeros the
+    adapter wrote: with every torch.empty poisoned (NaN, 0x5A bytes), as memory from the
+    caching allocator may be, the many-layer calls still give 0 there."""
+    real_empty = torch.empty
+
+    def poisoned(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan") if t.is_floating_point() else 0x5A)
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    gen = torch.Generator().manual_seed(8)
+    codes = [torch.randint(0, 8, (n,), generator=gen, dtype=torch.uint8) for n in (33, 0, 70)]
+    signs = [random_codes_signs(c.numel(), 3, seed=l)[1] for l, c in enumerate(codes)]
+    grads = [torch.randn(c.numel(), generator=gen) for c in codes]
+    got = bc.dequantize_backward_layers(grads, codes, signs, [3, 3, 3])
+    assert float(got[1]) == 0.0
+    for l in (0, 2):
+        torch.testing.assert_close(got[l], R.dequantize_backward(grads[l], codes[l], signs[l], 3), rtol=1e-6, atol=0)
+    counts = bc.plane_popcounts_layers(codes, [3, 2, 3])
+    assert torch.equal(counts, torch.cat([R.plane_popcounts(codes[0], 3), torch.zeros(2, dtype=torch.int64),
+                                          R.plane_popcounts(codes[2], 3)]))
+
+
 def test_dequantize_of_many_layers_in_one_call(bc, emu):
     """dequantize_layers / dequantize_backward_layers: one native call and one launch each
     (one layer table), each weight made in its shape, a strided codes tensor and a misaligned

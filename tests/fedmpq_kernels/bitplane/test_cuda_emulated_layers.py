@@ -123,6 +123,27 @@ def test_step_layers_equal_the_reference_layer_by_layer(emu, sms, order):
     assert not torch.isfinite(out[18]) and float(out[34]) == 0.0  # the skipped and the zero layer
 
 
+def test_layers_conclude_more_slots_than_a_warp(emu):
+    """5 SMs: a 70001-weight layer has 40 blocks (slots), more than the lanes of the warp
+    that concludes it in the last block: the max of |d| (largest in block 35's first
+    elements) and the plane counts must take every slot."""
+    emu.sm_count(5)
+    layers = [_layer(70001, 3, seed=1), _layer(1000, 8, seed=2), _layer(70001, 6, seed=3)]
+    for y in (layers[0], layers[2]):
+        y["grad"][35 * BLOCK + 5] = 1.0  # block 35's: the layer's max |d|
+    want, want_gs, _ = _reference(layers, 0.3, 0.9)
+    out = _run(emu, layers, 0.3, 0.9, _stale(emu.bitplane_workspace()))
+    for l, y in enumerate(layers):
+        assert_state_equal(y["state"], want[l], f"layer {l}")
+        assert int(bits_of(out[2 * l])) == int(bits_of(want_gs[l])), f"layer {l}: g_s"
+    codes = [y["state"][0] for y in layers]
+    counts = torch.empty(17, dtype=torch.int64)
+    ws = _stale(emu.bitplane_workspace())
+    emu.plane_popcounts_layers_raw([(c.data_ptr(), c.numel(), y["bits"]) for c, y in zip(codes, layers)],
+                                   counts.data_ptr(), ws.data_ptr(), _reads(ws, *codes))
+    assert torch.equal(counts, torch.cat([R.plane_popcounts(c, y["bits"]) for c, y in zip(codes, layers)]))
+
+
 def test_step_layers_sharing_memory_go_one_by_one(emu):
     """The same layer twice, and a layer whose gradient is another's codes' memory: the steps
     do not commute, so the launcher steps them in order, as the reference does (two
@@ -152,6 +173,38 @@ def test_step_layers_sharing_memory_go_one_by_one(emu):
     assert emu.launches() - before == 4
     assert_state_equal(c["state"], ref_c, "layer c")
     assert_state_equal(d["state"], ref_d, "layer d, after c")
+
+
+def _sharing_far_end(where):
+    """Layer a (1000 weights, 4 bits) and layer b (24 weights, 8 bits: any byte is a code)
+    that share memory only past the start of one of a's buffers: b's codes in a's last 24
+    sign bytes or in its last momentum plane, or b's gs as a's last coefficient."""
+    a, b = _layer(1000, 4, seed=1), _layer(24, 8, seed=2)
+    if where == "sign":
+        b["state"][0] = a["state"][1][-24:]
+    elif where == "mom":
+        b["state"][0] = a["state"][2][-1, :24]
+    else:
+        buf = torch.cat([a["coef"][:3], b["state"][3]])
+        a["coef"], b["state"][3] = buf, buf[3:]
+    return a, b
+
+
+@pytest.mark.parametrize("where", ["sign", "mom", "coef"])
+def test_step_layers_sharing_the_far_end_of_a_buffer_go_one_by_one(emu, where):
+    """The launcher must see every byte of a layer's buffers (4 bytes a sign word, bits * n
+    momentum codes, 4 bytes a coefficient) to find layers that share memory: these go in
+    order (two launches each), with the reference's result stepping them in order on the
+    same shared memory."""
+    ra, rb = _sharing_far_end(where)
+    for y in (ra, rb):
+        R.bitplane_step(*y["state"], y["grad"], y["coef"], y["scale"], y["bits"], 0.3, 0.9, y["key"])
+    a, b = _sharing_far_end(where)
+    before = emu.launches()
+    _run(emu, [a, b], 0.3, 0.9, _stale(emu.bitplane_workspace()))
+    assert emu.launches() - before == 4
+    assert_state_equal(a["state"], ra["state"], f"layer a ({where})")
+    assert_state_equal(b["state"], rb["state"], f"layer b ({where})")
 
 
 def test_step_layers_check_every_layer_before_launching(emu):
@@ -237,17 +290,21 @@ def test_dequantize_layers_equal_the_reference(emu, sms, order):
         o.check(f"layer {l}'s weight")
 
 
-def test_dequantize_layers_whose_weight_another_reads_go_one_by_one(emu):
+@pytest.mark.parametrize("at", [0, 3000, 3999])
+def test_dequantize_layers_whose_weight_another_reads_go_one_by_one(emu, at):
     """Layer 1 reads its codes from layer 0's weight, which layer 0 writes: not grouped, so
-    layer 1 sees layer 0's weight as written (two launches), as calls in order would."""
+    layer 1 sees layer 0's weight as written (two launches), as calls in order would. The
+    codes start at byte ``at`` of the 4000-byte weight: the launcher must count 4 bytes a
+    weight, and one shared byte (at 3999) is an overlap."""
     (c0, s0, sc0, b0), (_, s1, sc1, _) = _weights([(1000, 4), (1000, 8)])
-    w0 = torch.empty(1000, dtype=torch.float32)
+    buf = torch.zeros(2000, dtype=torch.float32)
+    w0 = buf[:1000]
     w1 = torch.empty(1000, dtype=torch.float32)
-    c1 = w0.view(torch.uint8)[:1000]
+    c1 = buf.view(torch.uint8)[at:at + 1000]
     before = emu.launches()
     table = [(c0.data_ptr(), s0.data_ptr(), sc0.data_ptr(), w0.data_ptr(), 1000, b0),
              (c1.data_ptr(), s1.data_ptr(), sc1.data_ptr(), w1.data_ptr(), 1000, 8)]
-    emu.dequantize_layers_raw(table, _reads(c0, s0, sc0, s1, sc1, w0))
+    emu.dequantize_layers_raw(table, _reads(c0, s0, sc0, s1, sc1, buf))
     assert emu.launches() - before == 2
     assert torch.equal(bits_of(w0), bits_of(R.dequantize(c0, s0, sc0, b0)))
     assert torch.equal(bits_of(w1), bits_of(R.dequantize(c1.clone(), s1, sc1, 8)))
@@ -291,6 +348,41 @@ def test_dequantize_backward_layers_are_the_single_launchers_bits(emu, sms, orde
         torch.testing.assert_close(out.t[l], R.dequantize_backward(g, c, s, b), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("sms", [1, 5])
+def test_dequantize_backward_layers_keep_the_single_launchers_order(emu, sms):
+    """Terms of +-2^40 that cancel exactly among small ones: the float64 sum then depends on
+    the order it is added in (a rounding near 2^40 loses about 2^-13, far above the float32
+    ulp of the small terms' sum), so only the same blocks, each summing the same elements, and
+    the same order of the last block's sum give the single-layer launcher's bits, which
+    bitplane.h promises every layer."""
+    emu.sm_count(sms)
+    shapes = [(1000, 3), (4097, 5), (70001, 8)]
+    layers = _weights(shapes)
+    gen = torch.Generator().manual_seed(12)
+    grads = []
+    for codes, sign, _, _ in layers:
+        n = codes.numel()
+        big = torch.arange(0, n - n % 6, 3)  # an even count: the +-2^40 terms sum to 0
+        codes[big] = 1
+        sigma = 1.0 - 2.0 * R.negative_mask(sign, n)[big].float()
+        g = torch.randn(n, generator=gen)
+        g[big] = 2.0 ** 40 * sigma * (1.0 - 2.0 * (torch.arange(big.numel()) % 2).float())
+        grads.append(g)
+    out = torch.full((len(shapes),), -7.0)
+    ws = _stale(emu.bitplane_workspace())
+    table = [(g.data_ptr(), c.data_ptr(), s.data_ptr(), out.data_ptr() + 4 * l, c.numel(), b)
+             for l, (g, (c, s, _, b)) in enumerate(zip(grads, layers))]
+    emu.dequantize_backward_layers_raw(table, ws.data_ptr(), _reads(ws, *grads, *[t for c, s, _, _ in layers
+                                                                                    for t in (c, s)]))
+    single = torch.empty(1)
+    other_order = 0
+    for l, (g, (c, s, _, b)) in enumerate(zip(grads, layers)):
+        emu.dequantize_backward(g, c, s, b, single, _stale(emu.bitplane_workspace()))
+        assert int(bits_of(out[l])) == int(bits_of(single)), f"layer {l} ({shapes[l]}): {out[l]} != {single}"
+        other_order += int(bits_of(single)) != int(bits_of(R.dequantize_backward(g, c, s, b)))
+    assert other_order > 0, "the sums do not depend on the order: the test shows nothing"
+
+
 def test_dequantize_backward_layers_whose_grad_another_writes_go_one_by_one(emu):
     """Layer 0's dL/ds lands in layer 1's grad: grouped, layer 1 would read its grad before
     the last block wrote it; in order (two launches), as calls one by one would, it reads it
@@ -321,6 +413,30 @@ def test_dequantize_backward_layers_whose_grad_another_writes_go_one_by_one(emu)
     emu.dequantize_backward_layers_raw(table, ws.data_ptr(), reads)
     assert emu.launches() - before == 1
     assert int(bits_of(out[1])) == int(bits_of(want0))
+
+
+@pytest.mark.parametrize("into", ["codes", "sign"])
+def test_dequantize_backward_layers_whose_codes_or_sign_another_writes_go_one_by_one(emu, into):
+    """Layer 0's dL/ds lands in the last whole word of layer 1's codes or sign bitmap: in
+    order (two launches), layer 1 reads those bytes as layer 0 wrote them, as calls one by
+    one would (grouped, it would read them before the last block wrote them)."""
+    (c0, s0, _, b0), (c1, s1, _, b1) = _weights([(1000, 4), (700, 8)])  # 8 bits: any byte is a code
+    gen = torch.Generator().manual_seed(4)
+    g0, g1 = torch.randn(1000, generator=gen), torch.randn(700, generator=gen)
+    target = c1 if into == "codes" else s1
+    at = target.numel() // 4 * 4 - 4
+    out = torch.full((1,), -7.0)
+    ws = emu.bitplane_workspace()
+    table = [(g0.data_ptr(), c0.data_ptr(), s0.data_ptr(), target.data_ptr() + at, 1000, b0),
+             (g1.data_ptr(), c1.data_ptr(), s1.data_ptr(), out.data_ptr(), 700, b1)]
+    before = emu.launches()
+    emu.dequantize_backward_layers_raw(table, ws.data_ptr(), _reads(ws, g0, g1, c0, s0, c1, s1))
+    assert emu.launches() - before == 2
+    want0 = R.dequantize_backward(g0, c0, s0, b0)
+    assert int(target[at:at + 4].view(torch.int32)) == int(bits_of(want0))
+    single = torch.empty(1)
+    emu.dequantize_backward(g1, c1, s1, b1, single, emu.bitplane_workspace())  # on layer 0's bytes
+    assert int(bits_of(out)) == int(bits_of(single)), "layer 1 did not read layer 0's dL/ds"
 
 
 def test_weights_layers_check_every_layer_before_launching(emu):
