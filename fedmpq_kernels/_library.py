@@ -27,8 +27,9 @@ def _eager(x: torch.Tensor) -> bool:
     (anything traced, fake or a subclass must take the registered ``torch.ops.fedmpq`` op),
     no functorch transform around it or left over in it (vmap takes the registered op, through
     torch's per-sample fallback; torch.func.grad and jvp refuse it, as they refuse any op whose
-    autograd is torch.library's on torch 2.13), and no TorchDispatchMode in force (a mode sees every op as ``fedmpq.<name>``,
-    as it would see an aten op, not the native kernels' work unseen)."""
+    autograd is torch.library's on torch 2.13), and no TorchDispatchMode in force (a mode sees
+    every op as ``fedmpq.<name>``, as it would see an aten op, not the native kernels' work
+    unseen)."""
     # is_compiling first: dynamo cannot trace the dispatch-mode count
     return (type(x) in PLAIN and not torch.compiler.is_compiling() and not _dispatch_modes()
             and not _functorch_active() and not _is_wrapped(x))

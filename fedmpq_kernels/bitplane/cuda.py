@@ -108,7 +108,7 @@ def _grad_args(grad: Tensor, codes: Tensor, sign: Tensor):
 def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
     dev = codes.device
     g, c, sw, n = _grad_args(grad, codes, sign)
-    if n == 0:
+    if n == 0 and c.numel() == 0:  # a count mismatch goes on to the binding, which refuses it
         return torch.zeros((), dtype=_F32, device=dev)
     out = torch.empty((), dtype=_F32, device=dev)  # written by the kernel's last block
     with on_device(dev):
@@ -153,7 +153,7 @@ def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
     layers, keep = [], []
     for i, (g, c, sg, b) in enumerate(zip(grads, codes, sign, bits)):
         g, c, sw, n = _grad_args(g, c, sg)
-        if n == 0:
+        if n == 0 and c.numel() == 0:
             continue
         keep.append((g, c, sw))  # alive until the launches are queued (copies among them)
         layers.append((g.data_ptr(), n, c.data_ptr(), c.numel(), sw.data_ptr(), sw.numel(), b, base + 4 * i))
@@ -203,7 +203,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     the key from it (no host read, capturable in a CUDA graph) and ``key`` is ignored."""
     dev = codes.device
     n = codes.numel()
-    if n == 0:  # the reference: max over nothing is 0, so g_s = 0 (mom is empty)
+    if n == 0 and grad.numel() == 0:  # the reference: max over nothing is 0, so g_s = 0 (mom is empty)
         gs.zero_()
         return torch.zeros((), dtype=_F32, device=dev)
     # Working copies of the in-place state where the kernel cannot use it as it is.

@@ -105,6 +105,14 @@ def test_step_checks_the_gradient_length_before_stepping(bc):
                                 [scale, scale], [bits, bits], 0.5, 0.9, [7, 8])
     assert_state_equal(state, before, "after the refusals")
     assert bc.native.cuda.calls == []
+    # an empty layer launches nothing, but a gradient for it is still refused, not ignored
+    empty = mid_round_state(0, bits, seed=1)
+    with pytest.raises(ValueError, match="grad has 1 elements, codes 0"):
+        bc.bitplane_step(*empty, torch.ones(1), coef, scale, bits, 0.5, 0.9, 7)
+    with pytest.raises(ValueError, match="grad has 0 elements, codes 40"):
+        bc.dequantize_backward(torch.ones(0), state[0], state[1], bits)
+    with pytest.raises(ValueError, match="layer 1: grad has 0 elements, codes 40"):
+        bc.dequantize_backward_layers([torch.ones(n), torch.ones(0)], [state[0]] * 2, [state[1]] * 2, [bits] * 2)
 
 
 def test_empty_layers_outputs_never_read_uninitialized_memory(bc, monkeypatch):
