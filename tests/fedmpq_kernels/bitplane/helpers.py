@@ -99,3 +99,93 @@ def mid_round_state(n: int, bits: int, seed: int):
     stoch[bits - 1] = torch.randint(-1, 2, (n,), generator=g, dtype=torch.int32)
     mom = R.encode_r(det, stoch)
     return [codes, sign, mom, torch.tensor([0.0123])]
+
+
+def _f32(pattern: int) -> float:
+    return torch.tensor([pattern], dtype=torch.int32).view(torch.float32).item()
+
+
+class EdgeStep:
+    """One hand-set step at an edge of the step's rule (ALGORITHM.md, steps 3-4) that random
+    trajectories never reach: its state (codes given, positive signs, no momentum, gs 0), its
+    arguments, the g_s it must return, and ``check(state)``, an oracle worked out by hand for
+    the state after it (on top of the reference's state, which every test also compares)."""
+
+    def __init__(self, name, codes, grad, coef, scale, bits, lr, momentum, key, g_s, check):
+        self.name, self.codes, self.grad, self.coef, self.g_s = name, codes, grad, coef, g_s
+        self.scale, self.bits, self.lr, self.momentum, self.key, self.check = scale, bits, lr, momentum, key, check
+
+    def state(self):
+        """(codes, sign, mom, gs), fresh CPU tensors."""
+        n = self.codes.numel()
+        return [self.codes.clone(), torch.zeros(4 * ((n + 31) // 32), dtype=torch.uint8),
+                torch.zeros(self.bits, n, dtype=torch.uint8), torch.zeros(1)]
+
+    def args(self):
+        """The step's arguments after the state: grad, coef, scale, bits, lr, momentum, key."""
+        return self.grad, self.coef, torch.tensor(self.scale), self.bits, self.lr, self.momentum, self.key
+
+
+def _pow2_edge(name, key, xs, want_mom):
+    """A 1-bit layer of zero codes, scale 1, lr 1, no momentum: d = grad and g_s = max|d| = 1
+    (grad[0]), so x = |grad_j| and each hand-set element's power-of-two step is known."""
+    n = 256
+    grad = torch.zeros(n)
+    grad[0] = 1.0
+    for j, x in xs.items():
+        grad[j] = x
+
+    def check(state):
+        assert {j: int(state[2][0, j]) for j in want_mom} == want_mom
+    return EdgeStep(name, torch.zeros(n, dtype=torch.uint8), grad, torch.zeros(1), 1.0, 1, 1.0, 0.0, key, 1.0, check)
+
+
+def _msb_d_zero():
+    """The stochastic LSB steps +1 only when the MSB plane's d > 0: here d is 0 on the MSB
+    plane (no gradient, its bit clear) and c_1 > 0 on the LSB plane (p = 1/2, g_s = 2^-10,
+    x_1 = 3 * lr = 3/8), so each hit is -1 (momentum code 2)."""
+    n, key = 256, 77
+
+    def check(state):
+        hit = R.uniform(key, n) < 0.5
+        assert 0 < int(hit.sum()) < n
+        assert torch.equal(state[2][1], torch.where(hit, 2, 0).to(torch.uint8))
+        assert int(state[2][0].count_nonzero()) == 0
+    return EdgeStep("msb-d-zero", torch.ones(n, dtype=torch.uint8), torch.zeros(n),
+                    torch.tensor([0.0, 3 * 2.0 ** -10]), 1.0, 2, 0.125, 0.9, key, 2.0 ** -10, check)
+
+
+def _half_to_even():
+    """v = q - R * step exactly half-way between integers rounds to even, and -0.5 to -0.0,
+    which keeps the sign (flip only when qn < 0). 3 bits, scale 7 (k = 1), lr 1/4, no
+    momentum: grad 1.75 at element 0 gives g_s = 1; grad 1 elsewhere gives x = 1, 1/2, 1/4 on
+    the planes, R = 16 + 2 (p = 1/4 on the LSB) and v = q - 4.5 where the draw misses."""
+    n, key = 512, 12345
+    codes = torch.arange(n, dtype=torch.int32).remainder(8).to(torch.uint8)
+    grad = torch.ones(n)
+    grad[0] = 1.75
+
+    def check(state):
+        miss = R.uniform(key, n) >= 0.25
+        miss[0] = False
+        # q - 4.5 for q = 0..7 rounds (half to even) to -4 -4 -2 -2 -0 0 2 2
+        want_codes = torch.tensor([4, 4, 2, 2, 0, 0, 2, 2], dtype=torch.uint8)[codes.long()]
+        assert torch.equal(state[0][miss], want_codes[miss])
+        assert torch.equal(R.negative_mask(state[1], n)[miss], (codes < 4)[miss])
+    return EdgeStep("half-to-even", codes, grad, torch.zeros(3), 7.0, 3, 0.25, 0.0, key, 1.0, check)
+
+
+# Keys 56011 and 164390 draw u_182 = 0 and u_61 = 1/2 exactly (found by search; the test
+# asserts it, see EDGE_DRAWS).
+EDGE_DRAWS = {(56011, 182): 0.0, (164390, 61): 0.5}
+EDGE_STEPS = [
+    # round(log2 x) from the float's bits: the float just below sqrt(2)/2 rounds down to 2^-1
+    # (no deterministic step; p = 1/2 > u_1 = 0.23: stochastic +1, code 1), the float just
+    # above it up to 2^0 (deterministic +1: code 1 << 3)
+    _pow2_edge("sqrt2", 56011, {1: _f32(0x3F3504F3), 2: _f32(0x3F3504F4)}, {1: 1, 2: 8}),
+    _pow2_edge("u-equals-p", 164390, {61: 0.5}, {61: 0}),  # p = 1/2 and u = 1/2: u < p is strict
+    _pow2_edge("x-at-tiny", 56011, {182: 2.0 ** -100}, {182: 1}),  # x = 2^-100 counts: p > u = 0
+    _pow2_edge("x-zero", 56011, {182: 0.0}, {182: 0}),  # x = 0 does not: p = 0, no step though u = 0
+    _msb_d_zero(),
+    _half_to_even(),
+]

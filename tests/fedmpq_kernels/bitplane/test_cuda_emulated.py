@@ -13,8 +13,8 @@ import torch
 from fedmpq_kernels.bitplane import reference as R
 from tests.cuda_emu import Guarded, words
 
-from .helpers import (ALL_BITS, assert_state_equal, bits_of, mid_round_state, random_codes_signs, reference_run,
-                      weights)
+from .helpers import (ALL_BITS, EDGE_DRAWS, EDGE_STEPS, assert_state_equal, bits_of, mid_round_state,
+                      random_codes_signs, reference_run, weights)
 
 # One SM (the emulator's default) is a grid of 8 blocks of 256 threads: 70001 elements take
 # the grid-stride loops several times, and 33 or 4097 cut a sign word short.
@@ -258,84 +258,22 @@ def test_step_writes_nothing_outside_its_buffers(emu):
         g.check(name)
 
 
-# A 1-bit layer of zero codes and positive signs, scale 1, lr 1, no momentum: d = grad and
-# g_s = max|d| = 1 (grad[0]), so x = |grad_j| and each element's power-of-two step is set by hand.
-# Keys 56011 and 164390 draw u_182 = 0 and u_61 = 1/2 exactly (asserted below).
-def _f32(bits: int) -> float:
-    return torch.tensor([bits], dtype=torch.int32).view(torch.float32).item()
-
-
-@pytest.mark.parametrize("key, xs, want_mom", [
-    # round(log2 x) from the float's bits: the float just below sqrt(2)/2 rounds down to
-    # 2^-1 (no deterministic step; p = 1/2 > u_1 = 0.23: stochastic +1, code 1), the float
-    # just above it up to 2^0 (deterministic +1: code 1 << 3)
-    (56011, {1: _f32(0x3F3504F3), 2: _f32(0x3F3504F4)}, {1: 1, 2: 8}),
-    (164390, {61: 0.5}, {61: 0}),  # p = 1/2 and u = 1/2: u < p is strict, no step
-    (56011, {182: 2.0 ** -100}, {182: 1}),  # x = 2^-100 is valid: p = 2^-100 > u = 0, step +1
-    (56011, {182: 0.0}, {182: 0}),  # x = 0 is not: p = 0, no step though u = 0
-], ids=["sqrt2", "u-equals-p", "x-at-tiny", "x-zero"])
-def test_step_edges_of_the_power_of_two_rule_and_the_draw(emu, key, xs, want_mom):
-    """The boundaries of step 3-4 the random trajectories never reach: the log2 rounding at
-    sqrt(2), x >= 2^-100 (TINY) to count, and u < p strictly; the state as the reference's
-    and each hand-set element's momentum code as worked out above."""
-    n = 256
-    u = R.uniform(key, n)
-    assert float(u[182 if key == 56011 else 61]) == (0.0 if key == 56011 else 0.5)
-    grad = torch.zeros(n)
-    grad[0] = 1.0
-    for j, x in xs.items():
-        grad[j] = x
-    state = [torch.zeros(n, dtype=torch.uint8), torch.zeros(words(n), dtype=torch.int32).view(torch.uint8),
-             torch.zeros(1, n, dtype=torch.uint8), torch.zeros(1)]
+@pytest.mark.parametrize("case", EDGE_STEPS, ids=[c.name for c in EDGE_STEPS])
+def test_step_edge_cases(emu, case):
+    """The boundaries of steps 3-4 the random trajectories never reach (helpers.EDGE_STEPS:
+    the log2 rounding at sqrt(2), x >= 2^-100 to count, u < p strictly, the MSB plane's
+    d = 0, requantization half to even): the state and g_s as the reference's, and the
+    hand-worked oracle of each case."""
+    for (key, j), u in EDGE_DRAWS.items():
+        assert float(R.uniform(key, 256)[j]) == u
+    state = case.state()
     ref = [t.clone() for t in state]
-    want = R.bitplane_step(*ref, grad, torch.zeros(1), torch.tensor(1.0), 1, 1.0, 0.0, key)
-    out = _step(emu, state, torch.tensor(1.0), grad, torch.zeros(1), 1, 1.0, 0.0, key)
-    assert float(want) == 1.0 and int(bits_of(out)[0]) == int(bits_of(want))
-    assert_state_equal(state, ref, f"key {key}, x {xs}")
-    assert {j: int(state[2][0, j]) for j in want_mom} == want_mom
-
-
-def test_step_msb_plane_d_zero_steps_down(emu):
-    """The stochastic LSB steps +1 only when the MSB plane's d > 0: here d is 0 on the MSB
-    plane (no gradient, its bit clear) and c_1 > 0 on the LSB plane (p = 1/2), so each hit
-    is -1 (momentum code 2)."""
-    n, bits, key = 256, 2, 77
-    state = [torch.ones(n, dtype=torch.uint8), torch.zeros(words(n), dtype=torch.int32).view(torch.uint8),
-             torch.zeros(bits, n, dtype=torch.uint8), torch.zeros(1)]
-    grad, coef = torch.zeros(n), torch.tensor([0.0, 3 * 2.0 ** -10])  # g_s = 2^-10, x_1 = 3 * lr = 3/8
-    ref = [t.clone() for t in state]
-    want = R.bitplane_step(*ref, grad, coef, torch.tensor(1.0), bits, 0.125, 0.9, key)
-    out = _step(emu, state, torch.tensor(1.0), grad, coef, bits, 0.125, 0.9, key)
-    assert int(bits_of(out)[0]) == int(bits_of(want))
-    assert_state_equal(state, ref, "d = 0 on the MSB plane")
-    hit = R.uniform(key, n) < 0.5
-    assert 0 < int(hit.sum()) < n
-    assert torch.equal(state[2][1], torch.where(hit, 2, 0).to(torch.uint8)) and int(state[2][0].count_nonzero()) == 0
-
-
-def test_step_requantizes_half_to_even(emu):
-    """v = q - R * step exactly half-way between integers rounds to even, and -0.5 to -0.0,
-    which keeps the sign (flip only when qn < 0). 3 bits, scale 7 (k = 1), lr 1/4, no
-    momentum: grad 1.75 at element 0 gives g_s = 1; grad 1 elsewhere gives x = 1, 1/2, 1/4 on
-    the planes, R = 16 + 2 (p = 1/4 on the LSB) and v = q - 4.5 where the draw misses."""
-    n, bits, key = 512, 3, 12345
-    codes = torch.arange(n, dtype=torch.int32).remainder(8).to(torch.uint8)
-    state = [codes.clone(), torch.zeros(words(n), dtype=torch.int32).view(torch.uint8),
-             torch.zeros(bits, n, dtype=torch.uint8), torch.zeros(1)]
-    grad = torch.ones(n)
-    grad[0] = 1.75
-    ref = [t.clone() for t in state]
-    want = R.bitplane_step(*ref, grad, torch.zeros(bits), torch.tensor(7.0), bits, 0.25, 0.0, key)
-    out = _step(emu, state, torch.tensor(7.0), grad, torch.zeros(bits), bits, 0.25, 0.0, key)
-    assert float(want) == 1.0 and int(bits_of(out)[0]) == int(bits_of(want))
-    assert_state_equal(state, ref, "ties")
-    miss = R.uniform(key, n) >= 0.25
-    miss[0] = False
-    # q - 4.5 for q = 0..7 rounds (half to even) to -4 -4 -2 -2 -0 0 2 2
-    want_codes = torch.tensor([4, 4, 2, 2, 0, 0, 2, 2], dtype=torch.uint8)[codes.long()]
-    assert torch.equal(state[0][miss], want_codes[miss])
-    neg = R.negative_mask(state[1], n)
-    assert torch.equal(neg[miss], (codes < 4)[miss])
+    grad, coef, scale, bits, lr, momentum, key = case.args()
+    want = R.bitplane_step(*ref, grad, coef, scale, bits, lr, momentum, key)
+    out = _step(emu, state, scale, grad, coef, bits, lr, momentum, key)
+    assert float(want) == case.g_s and int(bits_of(out)[0]) == int(bits_of(want))
+    assert_state_equal(state, ref, case.name)
+    case.check(state)
 
 
 def test_errors_and_empty_inputs(emu):

@@ -14,8 +14,8 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels.bitplane import reference as R
 
-from .helpers import (ALL_BITS, BIG, SIZES, STEPS, assert_state_equal, bits_of, fresh_state, kernels, layer,
-                      reference_run)
+from .helpers import (ALL_BITS, BIG, EDGE_DRAWS, EDGE_STEPS, SIZES, STEPS, assert_state_equal, bits_of, fresh_state,
+                      kernels, layer, reference_run)
 
 
 def _replay(backend, n, bits, lr, momentum, steps=STEPS):
@@ -256,6 +256,27 @@ def test_the_backends_own_step_takes_a_grad_of_another_float_dtype(backend, dtyp
     assert torch.equal(bits_of(got), bits_of(want))
     assert_state_equal((codes, sign, mom, gs), ref, f"grad {dtype}")
     assert (codes.cpu() != layer(n, bits)[0]).any()  # the step moved codes: the grad was read
+
+
+@pytest.mark.parametrize("case", EDGE_STEPS, ids=[c.name for c in EDGE_STEPS])
+def test_step_edge_cases(backend, case):
+    """The boundaries of steps 3-4 the random trajectories never reach (helpers.EDGE_STEPS:
+    the log2 rounding at sqrt(2), x >= 2^-100 to count, a draw exactly equal to p, the MSB
+    plane's d = 0, requantization half to even), on every backend: the state and g_s as the
+    reference's, and the hand-worked oracle of each case."""
+    kernels(backend)
+    dev = backend.device
+    for (key, j), u in EDGE_DRAWS.items():
+        assert float(R.uniform(key, 256)[j]) == u
+    ref = case.state()
+    grad, coef, scale, bits, lr, momentum, key = case.args()
+    want = R.bitplane_step(*ref, grad, coef, scale, bits, lr, momentum, key)
+    state = [t.to(dev) for t in case.state()]
+    with backend.active():
+        got = fk.bitplane_step(*state, grad.to(dev), coef.to(dev), scale.to(dev), bits, lr, momentum, key)
+    assert float(want) == case.g_s and torch.equal(bits_of(got), bits_of(want))
+    assert_state_equal(state, ref, case.name)
+    case.check([t.cpu() for t in state])
 
 
 def test_step_hand_computed(backend):
