@@ -216,7 +216,8 @@ void bind_bitplane(py::module_& m) {
                                                 ptr<const uint32_t>(sign), n, bits, nthreads);
       },
       py::arg("grad"), py::arg("n"), py::arg("codes"), py::arg("codes_len"), py::arg("sign"), py::arg("sign_nbytes"),
-      py::arg("bits"), py::arg("nthreads"), "The scale gradient: (sum sigma_j q_j grad_j in float64) / (2^bits - 1), as float32.");
+      py::arg("bits"), py::arg("nthreads"),
+      "The scale gradient: (sum sigma_j q_j grad_j in float64) / (2^bits - 1), as float32.");
 
   cpu.def(
       "plane_popcounts",
@@ -383,7 +384,8 @@ void bind_bitplane(py::module_& m) {
                                           n, bits, ptr<float>(out), ptr<unsigned>(ws), device, stream);
       },
       py::arg("grad"), py::arg("n"), py::arg("codes"), py::arg("codes_len"), py::arg("sign"), py::arg("sign_nbytes"),
-      py::arg("bits"), py::arg("out"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
+      py::arg("bits"), py::arg("out"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"),
+      py::arg("stream"),
       "*out = (sum sigma_j q_j grad_j in float64) / (2^bits - 1) as float32, in one launch.");
   cuda.def(
       "dequantize_layers",
@@ -421,9 +423,9 @@ void bind_bitplane(py::module_& m) {
                                                  device, stream);
       },
       py::arg("layers"), py::arg("workspace"), py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
-      "dequantize_backward of each layer, tuples (grad, n, codes, codes_len, sign, sign_nbytes, bits, out), one launch per group "
-      "of up to 32 layers (layer by layer when an out overlaps another layer's inputs); every *out is the "
-      "single-layer result bit for bit (an empty layer's is not written).");
+      "dequantize_backward of each layer, tuples (grad, n, codes, codes_len, sign, sign_nbytes, bits, out), one "
+      "launch per group of up to 32 layers (layer by layer when an out overlaps another layer's inputs); every *out "
+      "is the single-layer result bit for bit (an empty layer's is not written).");
   cuda.def(
       "plane_popcounts",
       [=](uintptr_t codes, int64_t n, int bits, uintptr_t out, int64_t out_len, uintptr_t ws, int64_t ws_words,
@@ -479,8 +481,8 @@ void bind_bitplane(py::module_& m) {
       },
       py::arg("codes"), py::arg("n"), py::arg("sign"), py::arg("sign_nbytes"), py::arg("mom"), py::arg("mom_len"),
       py::arg("gs"), py::arg("grad"), py::arg("grad_len"), py::arg("coef"), py::arg("coef_len"), py::arg("scale"),
-      py::arg("bits"), py::arg("lr"), py::arg("momentum"), py::arg("key"), py::arg("key_ptr"), py::arg("out"), py::arg("workspace"),
-      py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
+      py::arg("bits"), py::arg("lr"), py::arg("momentum"), py::arg("key"), py::arg("key_ptr"), py::arg("out"),
+      py::arg("workspace"), py::arg("workspace_words"), py::arg("device"), py::arg("stream"),
       "The fused bit-plane step in place on codes, sign, mom and gs, two launches, no host synchronization: "
       "out[0] = g_s (not finite: skipped), out[1] = the previous gs. key_ptr (an int64 on the device, its low 32 "
       "bits) replaces key when not 0.");
@@ -521,9 +523,10 @@ void bind_bitplane(py::module_& m) {
       py::arg("layers"), py::arg("lr"), py::arg("momentum"), py::arg("out"), py::arg("out_len"), py::arg("workspace"),
       py::arg("workspace_words"), py::arg("device"), py::arg("stream"), py::arg("check_only") = false,
       "bitplane_step on each layer in order, one call: layers are tuples (codes, n, sign, sign_nbytes, mom, mom_len, "
-      "gs, grad, grad_len, coef, coef_len, scale, bits, key, key_ptr); out[2l], out[2l+1] = layer l's g_s and previous gs. "
-      "Every layer is checked before anything is launched; layers that share no memory go two launches per group of "
-      "up to 32. check_only: the checks alone, nothing launched (for a caller that then steps layer by layer).");
+      "gs, grad, grad_len, coef, coef_len, scale, bits, key, key_ptr); out[2l], out[2l+1] = layer l's g_s and "
+      "previous gs. Every layer is checked before anything is launched; layers that share no memory go two launches "
+      "per group of up to 32. check_only: the checks alone, nothing launched (for a caller that then steps layer by "
+      "layer).");
 #endif
 }
 

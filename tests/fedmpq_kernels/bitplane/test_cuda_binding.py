@@ -28,8 +28,8 @@ def _dq(**over):
 
 
 def _dqb(**over):
-    a = dict(grad=_P, n=100, codes=2 * _P, codes_len=100, sign=3 * _P, sign_nbytes=16, bits=4, out=4 * _P, workspace=5 * _P,
-             workspace_words=1 << 20, device=-1, stream=0)
+    a = dict(grad=_P, n=100, codes=2 * _P, codes_len=100, sign=3 * _P, sign_nbytes=16, bits=4, out=4 * _P,
+             workspace=5 * _P, workspace_words=1 << 20, device=-1, stream=0)
     a.update(over)
     return a
 
@@ -43,8 +43,8 @@ def _pc(**over):
 
 def _step(**over):
     a = dict(codes=_P, n=100, sign=2 * _P, sign_nbytes=16, mom=3 * _P, mom_len=400, gs=4 * _P, grad=5 * _P,
-             grad_len=100, coef=6 * _P, coef_len=4, scale=7 * _P, bits=4, lr=0.1, momentum=0.9, key=5, key_ptr=0, out=8 * _P,
-             workspace=9 * _P, workspace_words=1 << 20, device=-1, stream=0)
+             grad_len=100, coef=6 * _P, coef_len=4, scale=7 * _P, bits=4, lr=0.1, momentum=0.9, key=5, key_ptr=0,
+             out=8 * _P, workspace=9 * _P, workspace_words=1 << 20, device=-1, stream=0)
     a.update(over)
     return a
 
@@ -156,14 +156,15 @@ def _step_layers_args(layers, **over):
     ([_layer()], {"lr": 0.0}, "lr must be finite and > 0"),
     ([_layer(), _layer(gs=20 * _P + 4)], {}, "layer 1: out and gs overlap"),
     ([_layer(), _layer(grad=20 * _P - 8)], {}, "layer 1: out and grad overlap"),
-    ([_layer(), _layer(codes=20 * _P + 8, n=8, grad_len=8, mom_len=32, sign_nbytes=4)], {}, "layer 1: out and codes overlap"),
+    ([_layer(), _layer(codes=20 * _P + 8, n=8, grad_len=8, mom_len=32, sign_nbytes=4)], {},
+     "layer 1: out and codes overlap"),
     ([_layer(scale=20 * _P + 4)], {}, "layer 0: out and scale overlap"),
     ([_layer(key_ptr=20 * _P)], {}, "layer 0: out and key overlap"),
     ([_layer(), _layer(scale=4 * _P)], {}, "layer 1: scale and gs overlap"),
     ([_layer(), _layer(key_ptr=3 * _P + 8)], {}, "layer 1: key and mom overlap"),
     ([_layer(coef=_P + 4)], {}, "layer 0: coef and codes overlap"),
-], ids=["mom", "grad-len", "key", "scale", "out", "lr", "out-gs", "out-grad", "out-codes", "out-scale", "out-key", "scale-gs",
-        "key-mom", "coef-codes"])
+], ids=["mom", "grad-len", "key", "scale", "out", "lr", "out-gs", "out-grad", "out-codes", "out-scale", "out-key",
+        "scale-gs", "key-mom", "coef-codes"])
 @pytest.mark.parametrize("check_only", [False, True], ids=["step", "check-only"])
 def test_cuda_step_layers_binding_names_the_bad_layer(layers, over, match, check_only):
     """check_only (the adapter's checks before it steps layer by layer) refuses the same."""
