@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Optional, Tuple
@@ -28,6 +29,13 @@ HERE = Path(__file__).resolve().parent
 CSRC = HERE.parents[1] / "csrc"
 SOURCES = ["fake_quant.cu", "pack.cu", "bitplane.cu"]
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+# A misaligned vector access (a float4 or uint4 at an address not a multiple of 16) faults on a
+# GPU but not on the host: the emulator is built with UBSan's alignment check, whose report
+# (to stderr: its runtime reads options only from the process's initial environment)
+# Emu.call_raw catches and raises. Not under the sanitizer run's preloaded ASan, whose runtime
+# the standalone UBSan one would clash with.
+ALIGNMENT_CHECK = "libasan" not in os.environ.get("LD_PRELOAD", "")
 
 # kernel<...>   <<<config>>>(   ->   ::emu::launch(kernel<...>, config,
 _LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^;{}]*?>)?)\s*<<<(.*?)>>>\s*\(", re.S)
@@ -51,7 +59,7 @@ def _inputs() -> list[Path]:
 def build(verbose: bool = False) -> Path:
     """Compile the emulated kernels (once per source state) and return the library's path.
     Raises RuntimeError with the compiler's output when the build fails."""
-    key = hashlib.sha256()
+    key = hashlib.sha256(b"-fsanitize=alignment" if ALIGNMENT_CHECK else b"")
     for f in _inputs():
         key.update(f.name.encode())
         key.update(f.read_bytes())
@@ -72,8 +80,8 @@ def build(verbose: bool = False) -> Path:
         tmp_lib = work / lib.name
         # -ffp-contract=off: no fused multiply-add, as the module's --fmad=false.
         cmd = [cxx, "-std=c++17", "-O1", "-g0", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
-               "-Wno-unknown-pragmas", f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}", *srcs, str(HERE / "emu.cpp"),
-               "-o", str(tmp_lib)]
+               "-Wno-unknown-pragmas", *(["-fsanitize=alignment"] if ALIGNMENT_CHECK else []),
+               f"-I{HERE / 'include'}", f"-I{HERE}", f"-I{CSRC}", *srcs, str(HERE / "emu.cpp"), "-o", str(tmp_lib)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError("building the CUDA emulator failed:\n" + " ".join(cmd) + "\n" + res.stderr[-6000:])
@@ -127,6 +135,7 @@ class Emu:
 
     def __init__(self, path: Path):
         self.lib = ctypes.CDLL(str(path))
+        self._stderr = tempfile.TemporaryFile() if ALIGNMENT_CHECK else None  # each call's stderr
         L = self.lib
         vp, i, ll, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong, ctypes.c_float
         L.emu_message.restype = ctypes.c_char_p
@@ -206,11 +215,39 @@ class Emu:
         self.lib.emu_clear_ranges()
         for p, nbytes in ranges:
             self.lib.emu_add_range(p, nbytes)
-        rc = getattr(self.lib, name)(*args)
+        fn = getattr(self.lib, name)
+        if self._stderr is None:
+            rc = fn(*args)
+        else:
+            rc = self._watched(fn, args)
         if rc == 1:
             raise ValueError(self.lib.emu_message().decode())
         if rc != 0:
             raise EmuError(self.lib.emu_message().decode())
+
+    def _watched(self, fn, args) -> int:
+        """``fn(*args)`` with file descriptor 2 sent to a temporary file; EmuError if UBSan
+        reported a misaligned access in it (each source location once per process), any other
+        output passed on to stderr."""
+        err = self._stderr
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            rc = fn(*args)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        if err.tell():
+            err.seek(0)
+            text = err.read().decode(errors="replace")
+            err.seek(0)
+            err.truncate()
+            if "runtime error:" in text:
+                line = next(ln for ln in text.splitlines() if "runtime error:" in ln)
+                raise EmuError(f"a misaligned access, which faults on a GPU: {line.split('runtime error: ', 1)[1]}")
+            sys.stderr.write(text)
+        return rc
 
     # fake_quant.h
     def absmax(self, x, out_bits, ws, device=0):

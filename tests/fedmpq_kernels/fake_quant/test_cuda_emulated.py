@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from fedmpq_kernels._checks import bitmap_nbytes
+from fedmpq_kernels._native import native
 from fedmpq_kernels.fake_quant import reference as R
-from tests.cuda_emu import DTYPE_CODES, EmuError, Guarded, words
+from tests.cuda_emu import EmuError, Guarded, words
 
 from .helpers import DT_IDS, DTYPES, same_bits
 
@@ -334,28 +335,26 @@ def test_absmax_of_a_slice_sees_the_elements_at_both_ends(emu, dtype):
             assert out.view(torch.float32).item() == 5.0, f"offset {offset}: the max at {at} was missed"
 
 
-def test_pointers_not_element_aligned_take_the_scalar_path(emu):
-    """An input that is not even element-aligned (never a torch tensor; a raw pointer) is
-    read one element at a time: the values are those of its bytes, and no vector load is
-    misaligned."""
-    n = 300
-    for dtype, off in ((torch.float16, 1), (torch.bfloat16, 3), (torch.float32, 2)):
-        es = torch.empty((), dtype=dtype).element_size()
-        raw = torch.zeros(n * es + 32, dtype=torch.uint8)
-        src = (torch.randn(n, generator=torch.Generator().manual_seed(off)) * 2).to(dtype)
-        raw[off:off + n * es] = src.view(torch.uint8)
-        p = raw.data_ptr() + off
-        ranges = [(raw.data_ptr(), raw.numel())]
-        code = DTYPE_CODES[dtype]
-        out, ws = torch.empty((), dtype=torch.int32), emu.workspace()
-        emu.call_raw("emu_absmax", ranges + [(ws.data_ptr(), 4 * ws.numel())], p, code, n, out.data_ptr(),
-                     ws.data_ptr(), 0)
-        assert out.view(torch.float32).item() == src.float().abs().max().item()
-        s = torch.tensor(1.0)
-        y = torch.empty(n, dtype=dtype)
-        emu.call_raw("emu_fake_quant", ranges + [(s.data_ptr(), 4)], p, y.data_ptr(), code, n, 4, s.data_ptr(), 1,
-                     None, None, 0)
-        same_bits(y, R.fake_quant(src, 4, s, 0)[0], f"y, {dtype}")
+@pytest.mark.skipif(native is None or not getattr(native, "with_cuda", False),
+                    reason="fedmpq_kernels._C was built without CUDA")
+@pytest.mark.parametrize("dtype, off", [(1, 1), (2, 3), (0, 2)], ids=["f16+1", "bf16+3", "f32+2"])
+def test_pointers_not_element_aligned_never_reach_the_kernels(dtype, off):
+    """An input that is not even element-aligned (never a torch tensor; a raw pointer) would
+    fault on a GPU whatever path read it (the emulator's alignment check says so too), so the
+    CUDA bindings refuse it before any launch, for every op that reads one: the launchers'
+    scalar fallback for such pointers is never reached."""
+    p = (1 << 20) + off  # a fake device address: refused before it is dereferenced
+    es = {0: 4, 1: 2, 2: 2}[dtype]
+    with pytest.raises(ValueError, match=f"x: data pointer is not {es}-byte aligned"):
+        native.cuda.absmax(x=p, dtype=dtype, n=100, out_bits=2 << 20, workspace=3 << 20, workspace_words=1 << 20,
+                           device=-1, stream=0)
+    with pytest.raises(ValueError, match=f"x: data pointer is not {es}-byte aligned"):
+        native.cuda.fake_quant(x=p, y=2 << 20, dtype=dtype, n=100, y_cap=100, bits=4, scale=3 << 20, scale_given=True,
+                               pass_bits=0, pass_nbytes=0, hi_bits=0, hi_nbytes=0, device=-1, stream=0)
+    with pytest.raises(ValueError, match=f"grad: data pointer is not {es}-byte aligned"):
+        native.cuda.fake_quant_backward(grad=p, grad_x=2 << 20, dtype=dtype, n=100, gx_cap=100, pass_bits=3 << 20,
+                                        pass_nbytes=16, hi_bits=0, hi_nbytes=0, workspace=4 << 20,
+                                        workspace_words=1 << 20, grad_scale=0, device=-1, stream=0)
 
 
 def test_argument_errors_come_first_and_empty_inputs_launch_nothing(emu):
