@@ -11,9 +11,11 @@
 // module is with --fmad=false); float16/bfloat16 conversions rounding to nearest even.
 // Loads through __ldg/__ldcg are checked against the buffers the caller registered
 // (emu_add_range): inside the 16-byte-aligned span of one buffer and touching it, and
-// aligned for their width. What it cannot model: memory ordering between
-// blocks (they never run at the same time), timing, and stores (the tests check canaries
-// around every output instead).
+// aligned for their width. Every other access, stores included, is checked for alignment by
+// UBSan (tests/cuda_emu/__init__.py builds with -fsanitize=alignment: a float4 at an 8-byte
+// boundary faults on a GPU). What it cannot model: memory ordering between blocks (they
+// never run at the same time), timing, and stores' bounds (the tests check canaries around
+// every output instead).
 #pragma once
 // Every standard header the kernels include, before the CUDA keywords become macros.
 #include <math.h>
