@@ -226,13 +226,12 @@ def test_a_node_answers_for_its_own_client_and_refuses_another_clients_download(
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedmpq import server as server_mod, wire
+    from fedmpq.flower import simulation
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # what a running app sets; Message reads them
         monkeypatch.setattr(TaskIdentity, attr, 1)
-    run = dict(SMALL, alg="fp")
-    app = client_app.make_app({k.replace("_", "-"): ",".join(map(str, v)) if k == "budgets" else v
-                               for k, v in run.items()})
-    c = config_mod.check_config(run)
+    c = config_mod.check_config(dict(SMALL, alg="fp"))
+    app = client_app.make_app({k: simulation._flat(k, v) for k, v in c.items()})  # as simulation.run hands it over
     ds, parts = config_mod.load_data(c)
     server = server_mod.Server("fp", config_mod.model_builder(c, ds), dict(enumerate(c["budgets"])),
                                {k: len(p) for k, p in enumerate(parts)})

@@ -118,7 +118,7 @@ class EdgeStep:
     def state(self):
         """(codes, sign, mom, gs), fresh CPU tensors."""
         n = self.codes.numel()
-        return [self.codes.clone(), torch.zeros(4 * ((n + 31) // 32), dtype=torch.uint8),
+        return [self.codes.clone(), torch.zeros(R.bitmap_nbytes(n), dtype=torch.uint8),
                 torch.zeros(self.bits, n, dtype=torch.uint8), torch.zeros(1)]
 
     def args(self):
