@@ -44,7 +44,7 @@ void bind_fake_quant(py::module_& m) {
         check_bits(bits);
         check_bitmap("pass", pass, pass_nbytes, n, false);
         check_bitmap("hi", hi, hi_nbytes, n, false);
-        if (!dynamic) require(scale > 0.0 && scale < 3.4028234663852886e38, "scale must be finite and > 0");
+        if (!dynamic) require(scale > 0.0 && scale <= 3.4028234663852886e38, "scale must be finite and > 0");  // FLT_MAX is finite
         float s = static_cast<float>(scale);
         {
           NoGil nogil;

@@ -51,7 +51,7 @@ void check_dequant(uintptr_t acc, int64_t n, uintptr_t planes, int64_t planes_nb
   check_code_bits(bits);
   check_planes("planes", planes, planes_nbytes, n, bits);
   check_bitmap("signs", signs, signs_nbytes, n, false);
-  require(coef == coef && coef > -3.4028234663852886e38 && coef < 3.4028234663852886e38,
+  require(coef == coef && coef >= -3.4028234663852886e38 && coef <= 3.4028234663852886e38,  // ±FLT_MAX are finite
           "coef must be a finite float32 value");
 }
 }  // namespace

@@ -18,6 +18,7 @@ from .._library import _eager, lib
 from ._common import check_packed, pending_check
 
 Tensor = torch.Tensor
+_FLT_MAX = float(np.finfo(np.float32).max)
 
 lib.define("pack_codes(Tensor codes, int bits) -> Tensor")
 lib.define("unpack_codes(Tensor planes, int bits, int n) -> Tensor")
@@ -56,8 +57,8 @@ def _unpack_codes_op(planes: Tensor, bits: int, n: int) -> Tensor:
 
 def _dequant_accumulate_op(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bits: int, coef: float) -> None:
     bits = _check_accumulate(acc, planes, signs, bits)
-    if not math.isfinite(coef):
-        raise ValueError(f"coef must be finite, got {coef}")
+    if not (math.isfinite(coef) and abs(coef) <= _FLT_MAX):  # the kernels compute in float32
+        raise ValueError(f"coef must be a finite float32 value, got {coef}")
     _dequant_accumulate_impl(acc, planes, signs, bits, coef)
 
 

@@ -279,6 +279,40 @@ def test_the_sign_bit_of_y_is_the_sign_bit_of_x(backend):
                     f"scale {scale}: sign bits differ at {(torch.signbit(y) != torch.signbit(x)).nonzero().flatten().tolist()}"
 
 
+def test_an_all_zero_input_gives_zeros_under_the_dynamic_scale(backend):
+    """max|x| = 0 makes S = 0: y is x's zeros, signs kept (not the NaN that L / S would
+    give), and every element passes. Only the dynamic-scale reduction sees this case: a
+    reduction that starts above 0 turns S into a denormal. 77 elements: whole 32-element words
+    and a tail."""
+    dev = backend.device
+    x = torch.zeros(77)
+    x[1::3] = -0.0
+    x = x.to(dev)
+    mod = backend.module("fake_quant")
+    with backend.active():
+        for mode in (0, 1, 2):
+            y, b = mod.fake_quant(x, 4, None, mode)
+            ry, rb = R.fake_quant(x, 4, None, mode)
+            assert torch.equal(y.cpu().view(torch.int32), ry.cpu().view(torch.int32)), f"mode {mode}"
+            assert torch.equal(b.cpu(), rb.cpu()), f"bitmaps differ (mode {mode})"
+        assert torch.equal(torch.signbit(fk.fake_quant(x, 4)).cpu(), torch.signbit(x).cpu())
+        assert not fk.fake_quant(x, 4).any()
+
+
+def test_the_largest_finite_float32_is_a_valid_given_scale(backend):
+    """A given scale must be finite and > 0: float32's largest value is, on every backend
+    (the CPU binding refused it as not finite), with the reference's outputs."""
+    x = make_input(100, "contiguous", backend.device)
+    s = torch.tensor(torch.finfo(torch.float32).max, device=backend.device)
+    with backend.active():
+        for mode in (0, 1, 2):
+            y, b = backend.module("fake_quant").fake_quant(x, 4, s, mode)
+            ry, rb = R.fake_quant(x, 4, s, mode)
+            exact(y, ry)
+            assert torch.equal(b.cpu(), rb.cpu()), f"bitmaps differ (mode {mode})"
+        exact(fk.fake_quant(x, 4, s), ry)
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan")])
 def test_a_bad_given_scale_makes_every_output_nan(backend, bad):
     """A given scale that is not finite and > 0, handed to the kernels (a device scale is

@@ -1,5 +1,6 @@
 """The native boundary re-checks every size it is given: a wrong size from Python is a
 ValueError, never an out-of-bounds access."""
+import os
 import subprocess
 import sys
 
@@ -33,6 +34,7 @@ def _args(**over):
         (dict(x=0), "null data pointer"),
         (dict(scale=0.0), "scale must be finite and > 0"),
         (dict(scale=float("inf")), "scale must be finite and > 0"),
+        (dict(scale=3.5e38), "scale must be finite and > 0"),  # finite as a double, inf as the kernels' float32
     ],
 )
 def test_forward_rejects_inconsistent_sizes(over, match):
@@ -96,6 +98,39 @@ def test_streaming_store_path_matches_reference(isa):
         native.set_cpu_isa(prev)
 
 
+def test_streamed_outputs_16_bytes_past_a_32_byte_boundary():
+    """Outputs of >= 8 MiB take non-temporal 32-byte stores, which fault on an address that
+    is not 32-byte aligned; the kernels stream only to an aligned output. Here every output
+    starts 16 bytes past a 32-byte boundary (aligned for 16-byte vectors, not for these):
+    forward, ReLU6 and backward give the reference's results (a kernel that streamed there
+    would crash the process)."""
+    from fedmpq_kernels.fake_quant import reference as R
+
+    if not native.avx2_available():
+        pytest.skip("no AVX2: no streaming stores")
+    prev = native.cpu_isa()
+    native.set_cpu_isa("avx2")
+    try:
+        n = (8 << 20) // 4 + 77
+        x = torch.randn(n, generator=torch.Generator().manual_seed(2)) * 2
+        g = torch.randn(n, generator=torch.Generator().manual_seed(3))
+        buf = torch.empty(n + 8)
+        out = buf[4:4 + n]  # torch's CPU allocations are 64-byte aligned
+        assert out.data_ptr() % 32 == 16
+        ry, rb = R.fake_quant(x, 4, torch.tensor(1.5), 2)
+        b = torch.empty_like(rb)
+        nb = b.numel() // 2
+        native.cpu.fake_quant(x.data_ptr(), n, out.data_ptr(), n, 4, 1.5, False, b.data_ptr(), nb,
+                              b.data_ptr() + nb, nb, 1)
+        assert torch.equal(out, ry) and torch.equal(b, rb)
+        native.cpu.fake_quant_backward(g.data_ptr(), n, out.data_ptr(), n, b.data_ptr(), nb, 0, 0, 1)
+        assert torch.equal(out, R.fake_quant_backward(g, rb, False)[0])
+        native.cpu.relu6_fake_quant(x.data_ptr(), n, out.data_ptr(), n, 4, 0, 0, 1)
+        assert torch.equal(out, R.relu6_fake_quant(x, 4)[0])
+    finally:
+        native.set_cpu_isa(prev)
+
+
 def test_huge_thread_counts_are_capped():
     """libgomp exits the whole process when it cannot create the threads asked for: the
     native side caps every request at the cores available (in a subprocess, so that a
@@ -110,6 +145,8 @@ def test_huge_thread_counts_are_capped():
         "torch.get_num_threads = lambda: 2**31 - 1  # torch itself crashes at set_num_threads(10**5)\n"
         "import fedmpq_kernels as fk\n"
         "assert torch.equal(fk.fake_quant(x, 3), R.fake_quant_values(x, 3, None))\n"
+        "t = native.threading()\n"
+        "assert t['workers'] < t['max_threads'], t  # the caller and at most max_threads - 1 workers\n"
         "print('ok')\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -208,3 +245,39 @@ def test_backward_in_place_gives_the_same_result(isa, n):
             native.cpu.fake_quant(big[1:].data_ptr(), n, big.data_ptr(), n, 3, 1.0, False, 0, 0, 0, 0, 1)
     finally:
         native.set_cpu_isa(prev)
+
+
+def test_the_isa_can_be_forced_from_the_environment():
+    """FEDMPQ_CPU_ISA=portable (read when the module loads) forces the portable path; any
+    other value leaves the best one. The module is loaded by path in a fresh interpreter
+    (it does not link torch: no torch import, well under a second)."""
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('fedmpq_kernels._C', {native.__file__!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(m.cpu_isa())\n"
+    )
+    best = "avx2" if native.avx2_available() else "portable"
+    for value, want in (("portable", "portable"), ("avx2", best), ("", best)):
+        env = dict(os.environ, FEDMPQ_CPU_ISA=value)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0 and r.stdout.strip() == want, (value, r.stdout, r.stderr[-2000:])
+
+
+def test_input_and_output_back_to_back_are_not_an_overlap():
+    """y starting where x ends (or x where y ends) shares no element with it: accepted, with
+    the reference's result; one element less apart is the partial overlap that is refused."""
+    from fedmpq_kernels.fake_quant import reference as R
+
+    n = 100
+    src = torch.randn(n, generator=torch.Generator().manual_seed(3)) * 2
+    want = R.fake_quant_values(src, 4, torch.tensor(1.0))
+    for x_first in (True, False):
+        buf = torch.empty(2 * n + 1)
+        x, y = (buf[:n], buf[n:2 * n]) if x_first else (buf[n:2 * n], buf[:n])
+        x.copy_(src)
+        native.cpu.fake_quant(x.data_ptr(), n, y.data_ptr(), n, 4, 1.0, False, 0, 0, 0, 0, 1)
+        assert torch.equal(y, want), f"x first: {x_first}"
+        x2, y2 = (buf[:n], buf[n - 1:2 * n - 1]) if x_first else (buf[n - 1:2 * n - 1], buf[:n])
+        with pytest.raises(ValueError, match="overlap without being the same buffer"):
+            native.cpu.fake_quant(x2.data_ptr(), n, y2.data_ptr(), n, 4, 1.0, False, 0, 0, 0, 0, 1)

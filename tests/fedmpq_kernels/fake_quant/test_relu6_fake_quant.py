@@ -104,6 +104,21 @@ def test_infinities_clip_to_six_and_zero(backend):
     assert mask.cpu().tolist() == [0xCC] * 9 + [0] * 3
 
 
+def test_a_scale_below_six_is_found_at_every_position(backend):
+    """S = max relu6(x) when no x reaches 6 (the other tests' inputs hold a 6, so their S is
+    6 whatever the reduction does): the maximum at each of the 32 positions of a whole word
+    (every lane of a vector reduction) and at the end of the tail."""
+    kernel(backend)
+    base = torch.linspace(-2.0, 2.0, 77)
+    with backend.active():
+        for j in list(range(32, 64)) + [76]:
+            x = base.clone()
+            x[j] = 3.5
+            want_y, want_mask = R.relu6_fake_quant(x, 3)
+            y, mask = torch.ops.fedmpq.relu6_fake_quant(x.to(backend.device), 3)
+            assert same(y, want_y) and torch.equal(mask.cpu(), want_mask), f"max at {j}"
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_positive_input_gives_zeros(backend, dtype):
     kernel(backend)

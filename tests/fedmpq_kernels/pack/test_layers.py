@@ -97,6 +97,22 @@ def test_a_row_whose_sign_map_runs_past_the_payload_raises(backend):
     assert not acc.any()
 
 
+def test_a_row_may_end_exactly_at_the_end_of_acc_and_of_the_payload(backend):
+    """The bounds are inclusive: a row whose elements end at acc's last one and whose sign
+    map ends at the payload's last byte is valid (2-bit planes of 10 codes: 8 bytes, then 4
+    of signs, at 52 of 64), the same as one dequant_accumulate."""
+    dev = backend.device
+    payload = torch.randint(0, 256, (64,), generator=torch.Generator().manual_seed(5), dtype=torch.int32)
+    payload = payload.to(torch.uint8).to(dev)
+    with backend.active():
+        got = fk.dequant_accumulate_layers(torch.zeros(100, device=dev), payload, torch.tensor([[90, 10, 2, 52]]),
+                                           fk.layer_coefs([0.5], [2]))
+        want = torch.zeros(100, device=dev)
+        fk.dequant_accumulate(want[90:], payload[52:60], payload[60:64], 2, 0.5)
+    assert want[90:].any()
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=0, atol=0)
+
+
 def test_overlapping_rows_and_bad_coefs_raise(backend):
     dev = backend.device
     payload = torch.zeros(64, dtype=torch.uint8, device=dev)
@@ -152,6 +168,33 @@ def test_a_table_or_coefs_off_the_cpu_raise(backend, which):
         coefs = coefs.to("meta")
     with backend.active(), pytest.raises(ValueError, match="table and coefs must be CPU tensors"):
         fk.dequant_accumulate_layers(torch.zeros(100, device=dev), payload, table, coefs)
+
+@pytest.mark.skipif(native is None, reason="native module not built")
+@pytest.mark.parametrize(
+    "over, match",
+    [
+        (dict(table_nbytes=31), "table holds 31 bytes, fewer than 1 rows"),
+        (dict(coefs_len=0), "coefs holds 0 values, fewer than the rows"),
+        (dict(table=4), "table: null or not 8-byte aligned"),
+        (dict(coefs=2), "coefs: null or not 4-byte aligned"),
+        (dict(payload=1), "payload must be 4-byte aligned"),
+    ],
+)
+def test_native_binding_refuses_short_or_misaligned_buffers(over, match):
+    """The binding's own checks of the buffers it is handed (the table's int64 rows need 8-byte
+    alignment, coefs and payload 4), each at its edge: one byte or one value short, or an
+    address off by half the alignment. Every case fails before the table is read."""
+    payload, acc = torch.zeros(64, dtype=torch.uint8), torch.zeros(100)
+    table, coefs = torch.tensor([[0, 10, 2, 8]]), torch.ones(1)
+    a = dict(acc=acc.data_ptr(), acc_n=100, payload=payload.data_ptr(), payload_nbytes=64, table=table.data_ptr(),
+             nrows=1, table_nbytes=32, coefs=coefs.data_ptr(), coefs_len=1, nthreads=1)
+    native.cpu.dequant_accumulate_layers(**a)  # the baseline is valid
+    for k in ("table", "coefs", "payload"):
+        if k in over:
+            over = {**over, k: a[k] + over[k]}
+    with pytest.raises(ValueError, match=match):
+        native.cpu.dequant_accumulate_layers(**{**a, **over})
+
 
 @pytest.mark.skipif(native is None, reason="native module not built")
 @settings(max_examples=FUZZ, deadline=None, suppress_health_check=list(HealthCheck), derandomize=FUZZ <= 300)

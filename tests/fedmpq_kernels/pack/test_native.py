@@ -47,6 +47,7 @@ def _module(device: str):
 CASES = [
     ("pack_codes", dict(n=-1), "codes: negative element count"),
     ("pack_codes", dict(n=2**62), "any kernel accepts"),
+    ("pack_codes", dict(n=2**56, bits=0), "bits must be in 1..8"),  # 2^56 is the bound itself: the next check refuses
     ("pack_codes", dict(codes=0), "codes: null data pointer"),
     ("pack_codes", dict(bits=0), "bits must be in 1..8"),
     ("pack_codes", dict(bits=9), "bits must be in 1..8"),

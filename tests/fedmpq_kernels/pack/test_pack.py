@@ -98,6 +98,23 @@ def test_dequant_accumulate_matches_reference_bit_for_bit(backend, bits, numel):
             torch.testing.assert_close(acc.cpu(), acc0.cpu() + weight * w, rtol=1e-5, atol=1e-5)
 
 
+def test_dequant_accumulate_takes_the_largest_finite_float32_coef(backend):
+    """±FLT_MAX is a finite float32 coef on every backend (the CPU and CUDA bindings refused
+    it as not finite), with the reference's sums: codes 0 and 1 keep them finite, larger
+    ones overflow to ±inf in float32 as the reference does."""
+    dev = backend.device
+    codes, neg = codes_for(77, 2, dev), codes_for(77, 1, dev, seed=1)
+    planes, signs = R.pack_codes(codes.cpu(), 2).to(dev), R.pack_codes(neg.cpu(), 1).to(dev)
+    fmax = float(np.finfo(np.float32).max)
+    with backend.active():
+        for coef in (fmax, -fmax):
+            acc = torch.zeros(77, device=dev)
+            torch.ops.fedmpq.dequant_accumulate(acc, planes, signs, 2, coef)
+            want = torch.zeros(77)
+            R.dequant_accumulate(want, planes.cpu(), signs.cpu(), 2, coef)
+            assert torch.equal(acc.cpu(), want), f"coef {coef}"
+
+
 def test_dequant_accumulate_takes_any_shape_of_acc(backend):
     with backend.active():
         acc = torch.zeros(3, 5, 7, device=backend.device)
@@ -169,7 +186,9 @@ def test_bad_input_raises_a_clear_error(backend, call, exc, match):
         (lambda d: torch.ops.fedmpq.dequant_accumulate(torch.zeros(100, device=d), torch.zeros(64, dtype=torch.uint8, device=d),
                                                        None, 9, 1.0), ValueError, "bits must be in 1..8"),
         (lambda d: torch.ops.fedmpq.dequant_accumulate(torch.zeros(100, device=d), torch.zeros(64, dtype=torch.uint8, device=d),
-                                                       None, 4, float("inf")), ValueError, "coef must be finite"),
+                                                       None, 4, float("inf")), ValueError, "coef must be a finite float32 value"),
+        (lambda d: torch.ops.fedmpq.dequant_accumulate(torch.zeros(100, device=d), torch.zeros(64, dtype=torch.uint8, device=d),
+                                                       None, 4, 1e300), ValueError, "coef must be a finite float32 value"),
         (lambda d: torch.ops.fedmpq.dequant_accumulate_layers(torch.zeros(100, device=d), torch.zeros(64, dtype=torch.uint8, device=d),
                                                               torch.zeros(1, 3, dtype=torch.int64), torch.ones(1)),
          TypeError, "table must be an int64 tensor of shape"),
@@ -243,6 +262,18 @@ def test_a_code_that_does_not_fit_is_found_anywhere(backend, where):
             fk.check_packed(codes.device)  # a GPU reports it here, where the caller synchronizes
         assert torch.equal(fk.pack_codes(codes, 4).cpu(), R.pack_codes(codes.cpu(), 4))
         fk.check_packed()  # nothing left over
+
+
+@pytest.mark.parametrize("where", [0, 1 << 15, (1 << 16) + 36])
+def test_a_code_that_does_not_fit_is_found_in_every_chunk(backend, where):
+    """Past 2^15 codes the CPU kernels check the codes in chunks of 2^15 (the thread pool's
+    tasks, also on one thread) and OR the chunks' results: a bad code in the first, a middle
+    or the last chunk is reported, not only one in the chunk combined last."""
+    backend.skip_if_too_big((1 << 16) + 37)
+    codes = torch.zeros((1 << 16) + 37, dtype=torch.uint8, device=backend.device)
+    codes[where] = 8
+    with backend.active(), pytest.raises(ValueError, match="does not fit in 3 bits"):
+        fk.pack_codes(codes, 3, validate=True)
 
 
 def test_a_code_that_does_not_fit_is_found_in_every_byte_of_a_word(backend):
