@@ -105,3 +105,69 @@ def test_uploads_listing_tensors_in_another_order_are_added_by_name():
             assert torch.equal(got[name], want.round().long())
         else:
             torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_robust_rule_is_unweighted_only():
+    for rule in ("median", "trimmed_mean"):
+        with pytest.raises(ValueError, match=f"the {rule} rule is unweighted"):
+            aggregate.Aggregator("samples", rule)
+        aggregate.Aggregator("mean", rule)  # unweighted: fine
+
+
+def test_a_float16_entry_holding_nan_is_refused():
+    """Every float entry is checked finite, float16 ones too (int64 ones cannot be NaN)."""
+    agg = aggregate.Aggregator()
+    bad = make_upload(seed=1)
+    assert bad.floats["half.weight"].dtype == torch.float16
+    bad.floats["half.weight"][1, 2] = float("nan")
+    with pytest.raises(wire.WireFormatError, match="half.weight holds NaN or inf"):
+        agg.add(wire.encode_upload(bad))
+    agg.add(wire.encode_upload(make_upload(seed=0)))
+    with pytest.raises(wire.WireFormatError, match="half.weight holds NaN or inf"):
+        agg.add(wire.encode_upload(bad))
+    assert agg.count == 1
+
+
+def test_integer_entries_average_exactly_beyond_float32():
+    """int64 entries (num_batches_tracked) are summed in float64: 2^40 + 1 and 2^40 + 3 average
+    to 2^40 + 2 exactly (float32 has 24 bits: it would give 2^40)."""
+    agg = aggregate.Aggregator()
+    for seed, count in ((0, 2**40 + 1), (1, 2**40 + 3)):
+        u = make_upload(seed=seed)
+        u.floats["bn1.num_batches_tracked"] = torch.tensor(count, dtype=torch.int64)
+        agg.add(wire.encode_upload(u))
+    got = agg.result()["bn1.num_batches_tracked"]
+    assert got.dtype == torch.int64 and int(got) == 2**40 + 2
+
+
+def test_the_expected_layout_sets_the_order_even_when_the_first_upload_differs():
+    """With the model's layout given, the aggregate comes out in the model's order (not the
+    first upload's) and every entry is the mean of its own tensors."""
+    ups = []
+    for seed in (0, 1):
+        u = make_upload(seed=seed)
+        del u.floats["half.weight"]  # a model's float entries are float32 or int64
+        ups.append(u)
+    state = dense(ups[0])
+    state["bn1.num_batches_tracked"] = ups[0].floats["bn1.num_batches_tracked"]
+    model = aggregate.model_layout(state, list(ups[0].layers))
+    first = ups[0]
+    first.layers = dict(reversed(list(first.layers.items())))
+    first.floats = dict(reversed(list(first.floats.items())))
+    agg = aggregate.Aggregator(expected=model)
+    for u in ups:
+        agg.add(wire.encode_upload(u))
+    got = agg.result()
+    assert list(got) == model.names
+    da, db = dense(ups[0]), dense(ups[1])
+    for name in da:
+        want = (da[name] + db[name]) / 2
+        if got[name].dtype == torch.int64:
+            assert torch.equal(got[name], want.round().long())
+        else:
+            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_model_layout_refuses_quantized_names_the_state_lacks():
+    with pytest.raises(ValueError, match=r"quantized entries not in the state: \['fc.weight'\]"):
+        aggregate.model_layout({"conv.weight": torch.zeros(2, 3)}, ["conv.weight", "fc.weight"])

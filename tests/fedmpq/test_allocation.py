@@ -173,6 +173,12 @@ def test_client_weights_over_the_reporters():
     w = allocation.client_weights({0: 100, 1: 300, 2: 500}, {0: 2, 1: 6, 2: 8})
     assert w == pytest.approx({0: 1 / 30, 1: 0.3, 2: 2 / 3})
     assert w[2] == 2 / 3 and w[1] == 0.3  # each weight rounded once from the exact ratio
+    # budget 2.3 (its float64 value, exactly): 1 * 2.3 / (2.3 + 2 * 4) rounded once is
+    # 0.2233009708737864; dividing the two rounded floats gives 0.22330097087378636.
+    w = allocation.client_weights({0: 1, 1: 2}, {0: 2.3, 1: 4})
+    exact = {0: Fraction(2.3) / (Fraction(2.3) + 8), 1: 8 / (Fraction(2.3) + 8)}
+    assert w == {k: float(v) for k, v in exact.items()} and w[0] == 0.2233009708737864
+    assert float(Fraction(2.3)) / float(Fraction(2.3) + 8) != w[0]  # the twice-rounded value
 
 
 @pytest.mark.parametrize("samples, budgets, match", [
@@ -226,6 +232,22 @@ def test_round_statistics_priority_ties_are_exact():
     # (3/4)*1 and (1/4)*3 would also agree here, but n*delta/S is one rounding in general.
     b_bar, delta_bar, prio = allocation.round_statistics({0: [4, 4]}, {0: [0, 2]}, {0: 1.0}, [3, 1])
     assert delta_bar == [1, 3] and prio[0] == prio[1] == 0.75
+    # n = [1, 5], delta_bar = [5, 1]: p = 5/6 for both. (1/6)*5 = 0.8333333333333333 but
+    # (5/6)*1 = 0.8333333333333334: computed as w_l * delta_bar the tie would be broken.
+    b_bar, delta_bar, prio = allocation.round_statistics({0: [4, 4]}, {0: [4, 0]}, {0: 1.0}, [1, 5])
+    assert delta_bar == [5, 1] and prio[0] == prio[1] == 5 / 6
+    assert (1 / 6) * 5 != (5 / 6) * 1
+
+
+def test_round_statistics_takes_fraction_weights_exactly():
+    """Weights given as fractions are used as they are, not as floats: raw weights 1/3 and
+    1/5 (omega = 5/8, 3/8) with N = 1 and 5 give exactly 2.5 -> 2 (half to even); as floats
+    (0.333..., 0.2000...01) the sum is just above 2.5 and would round to 3."""
+    b_bar, _, _ = allocation.round_statistics({0: [1], 1: [5]}, {0: [0], 1: [0]},
+                                              {0: Fraction(1, 3), 1: Fraction(1, 5)}, [7])
+    assert b_bar == [2]
+    w = [Fraction(float(Fraction(1, 3))), Fraction(float(Fraction(1, 5)))]
+    assert round((w[0] * 1 + w[1] * 5) / sum(w)) == 3  # what float weights would give
 
 
 @pytest.mark.parametrize("bits, deltas, weights, match", [
@@ -290,6 +312,24 @@ def test_next_assignments_float32_budget_from_the_wire():
     assert allocation.next_assignments(stats, {0: 2.3}, LAYERS) == {0: [4, 3, 3, 1]}
 
 
+def test_next_assignments_weights_with_the_servers_budgets():
+    """omega_k uses the budget the server holds for client k, not the float32 the upload states.
+    Budgets 2.3 and 3 * 2.3 (= 6.8999999999999995 exactly) with 3 and 1 samples: raw weights
+    3 * 2.3 and 6.8999999999999995 are equal, so layer 0's N = 2 and 1 average to exactly 1.5
+    -> b_bar 2. With the float32 budgets (3 * 2.29999995 < 6.9000001) the sum is below 1.5
+    -> 1. Then delta_bar = [3, 1], priorities [1.5, 0.5]; client 0 (target 4.6) grows
+    layer 1 from b_bar [2, 2] -> [2, 3] (from [1, 2] it would be [1, 4])."""
+    import struct
+    f32 = lambda v: struct.unpack("<f", struct.pack("<f", v))[0]  # noqa: E731
+    b0, b1 = 2.3, 3 * 2.3
+    assert Fraction(b1) == 3 * Fraction(b0) and 3 * f32(b0) < f32(b1)
+    names = {"a.weight": 1, "b.weight": 1}
+    stats = [ClientStats(0, 1, 3, f32(b0), {"a.weight": 2, "b.weight": 2}, {"a.weight": 2, "b.weight": 0}),
+             ClientStats(1, 1, 1, f32(b1), {"a.weight": 1, "b.weight": 2}, {"a.weight": 2, "b.weight": 0})]
+    got = allocation.next_assignments(stats, {0: b0, 1: b1}, names)
+    assert got[0] == [2, 3]
+
+
 @pytest.mark.parametrize("stats, budgets, match", [
     ([], {0: 2}, "no client reported this round"),
     ([_stats(0, 10, 2, BITS[0], DELTAS[0])] * 2, {0: 2}, "client 0 reported twice"),
@@ -297,6 +337,10 @@ def test_next_assignments_float32_budget_from_the_wire():
     ([_stats(0, 10, 2, BITS[0], DELTAS[0])], {0: 4}, "client 0 uploaded budget 2.0, the server has 4"),
     ([ClientStats(0, 1, 10, 2.0, {"x": 2}, {"x": 0})], {0: 2}, "bits name other layers"),
     ([ClientStats(0, 1, 10, 2.0, dict(zip(NAMES, BITS[0])), {"x": 0})], {0: 2}, "deltas name other layers"),
+    ([ClientStats(0, 1, 10, 2.0, {**dict(zip(NAMES, BITS[0])), "x": 2}, dict(zip(NAMES, DELTAS[0])))], {0: 2},
+     r"bits name other layers than layer_sizes: \['x'\]"),
+    ([ClientStats(0, 1, 10, 2.0, dict(zip(NAMES, BITS[0])), {**dict(zip(NAMES, DELTAS[0])), "x": 0})], {0: 2},
+     r"deltas name other layers than layer_sizes: \['x'\]"),
     ([_stats(0, 10, 2, [2, 3, 1, 0], DELTAS[0])], {0: 2}, r"bits\[0\]\[3\] = 0 is outside 1..8"),
     ([_stats(0, 10, 2, BITS[0], DELTAS[0])], {0: 2, 1: 9}, r"budget must be in \[1, 8\]"),
 ])

@@ -279,3 +279,50 @@ def test_precision_reduction_uses_the_configs_threshold():
     up = wire.decode_upload(client.client_update(dl, x, y, BUILD, client.TrainConfig(threshold=100.0), 3, 1, 4.0).upload)
     for k, q in up.layers.items():
         assert q.bits == 1 and up.deltas[k] == layers[k].bits - 1, k
+
+
+def test_a_download_for_another_round_is_refused():
+    dl, _ = _download([4, 4, 4, 4], client_id=3, round_=2)
+    x, y = _data(64)
+    with pytest.raises(ValueError, match="is for client 3 round 2, not 3 round 1"):
+        client.client_update(dl, x, y, BUILD, client.TrainConfig(), 3, 1, 4.0)
+
+
+def test_load_download_refuses_a_download_of_another_model():
+    """Every quantized layer and every float entry of the model, in its shape, and nothing else."""
+    dl, _ = _download([4, 2, 6, 3])
+    model = BUILD(quantized=True, bits=1)
+    d = wire.decode_download(dl)
+    client.load_download(model, d)  # the right one loads
+    assert [m.bits for _, m in qn.bit_layers(model)] == [4, 2, 6, 3]
+    name = next(iter(d.floats))
+    cases = [
+        (dict(floats={k: v for k, v in d.floats.items() if k != name}), f"the download lacks \\['{name}'\\]"),
+        (dict(floats={**d.floats, "bogus.bias": torch.zeros(2)}), "entries the model lacks: \\['bogus.bias'\\]"),
+        (dict(layers={**d.layers, "bogus.weight": next(iter(d.layers.values()))}),
+         "quantized entries the model lacks: \\['bogus.weight'\\]"),
+    ]
+    first, q = next(iter(d.layers.items()))
+    t = q.shape[::-1] if q.shape[::-1] != q.shape else (q.numel,)
+    cases.append((dict(layers={**d.layers, first: wire.QuantizedTensor(t, q.bits, q.scale, q.planes, q.signs)}),
+                  f"{first} has shape"))  # the same number of weights in another shape
+    for change, match in cases:
+        bad = wire.Download(d.client_id, d.round, change.get("layers", d.layers), change.get("floats", d.floats))
+        with pytest.raises(ValueError, match=match):
+            client.load_download(BUILD(quantized=True, bits=1), bad)
+
+
+def test_a_loss_that_is_not_finite_stops_local_training():
+    x, y = _data(32)
+    x[3] = float("nan")
+    with pytest.raises(FloatingPointError, match="not finite"):
+        client.train_local(BUILD(quantized=True, bits=2), x, y, client.TrainConfig(alg="aqfl"), 0, 1, quantized=True)
+
+
+def test_fp_uploads_float32():
+    torch.manual_seed(0)
+    sd = BUILD(quantized=False).state_dict()
+    x, y = _data(64)
+    r = client.client_update(wire.encode_model(wire.Model(1, sd)), x, y, BUILD, client.TrainConfig(alg="fp"), 0, 1, 32.0)
+    m = wire.decode_model(r.upload)
+    assert {k: v.dtype for k, v in m.tensors.items()} == {k: v.dtype for k, v in sd.items()}

@@ -141,3 +141,58 @@ def test_one_budget_for_all_clients():
     assert config.check_config(dict(SMALL, budgets=config.parse_budgets("4")))["budgets"] == [4, 4, 4]
     with pytest.raises(config.ConfigError, match="one budget per client"):
         config.check_config(dict(SMALL, budgets=[2, 4]))
+
+
+def test_budgets_from_1_to_8_inclusive_and_no_bools():
+    assert config.check_config(dict(SMALL, budgets=[1, 4.5, 8]))["budgets"] == [1, 4.5, 8]
+    for bad in ([0.99, 4, 8], [True, 4, 8]):
+        with pytest.raises(config.ConfigError, match="every budget must be in 1..8"):
+            config.check_config(dict(SMALL, budgets=bad))
+
+
+@pytest.mark.parametrize("key", ["lambda", "threshold", "weight_decay"])
+def test_zero_is_a_valid_lambda_threshold_and_weight_decay(key):
+    """lambda = 0: no regularizer; threshold = 0: prune only empty planes; weight decay 0."""
+    assert config.check_config(dict(SMALL, **{key: 0}))[key] == 0
+    with pytest.raises(config.ConfigError, match=f"{key} must be a finite number >= 0"):
+        config.check_config(dict(SMALL, **{key: -0.1}))
+
+
+def test_momentum_zero_is_valid_and_negative_is_not():
+    assert config.check_config(dict(SMALL, momentum=0))["momentum"] == 0
+    with pytest.raises(config.ConfigError, match=r"momentum must be a number in \[0, 1\)"):
+        config.check_config(dict(SMALL, momentum=-0.1))
+
+
+@pytest.mark.parametrize("bad, msg", [
+    (dict(seed=2**63), "seed must be an integer >= 0"),
+    (dict(device="cpux"), "device must be cpu, cuda or cuda:N"),
+    (dict(device="cuda:0x"), "device must be cpu, cuda or cuda:N"),
+    (dict(data_dir=5), "data_dir must be a folder path"),
+])
+def test_more_bad_values_are_refused(bad, msg):
+    with pytest.raises(config.ConfigError, match=msg):
+        config.check_config(dict(SMALL, **bad))
+
+
+def test_alpha_none_is_an_iid_split_not_the_default():
+    assert config.check_config(dict(SMALL, alpha=None))["alpha"] is None
+    assert config.check_config({k: v for k, v in SMALL.items() if k != "alpha"})["alpha"] == 0.5
+
+
+def test_the_defaults_are_the_papers():
+    """ALGORITHM.md: lambda 1e-3, theta 2.0 %, momentum 0.9, 4-bit activations on clients, the
+    authors' unweighted mean, budgets [2,2,4,4,4,6,6,6,8,8] over 10 clients."""
+    d = config.DEFAULTS
+    assert (d["lambda"], d["threshold"], d["momentum"], d["act_bits"], d["aggregation"]) == (1e-3, 2.0, 0.9, 4, "mean")
+    assert d["budgets"] == [2, 2, 4, 4, 4, 6, 6, 6, 8, 8] and d["n_clients"] == 10
+    t = config.train_config(config.check_config({}))
+    assert (t.lam, t.threshold, t.momentum) == (1e-3, 2.0, 0.9)
+
+
+def test_train_config_takes_every_key_from_its_own_config_key():
+    c = config.check_config(dict(SMALL, alg="aqfl", lr=0.05, momentum=0.5, weight_decay=1e-3, threshold=7.0,
+                                 local_epochs=3, batch_size=16, seed=4, scale_lr="sgd", **{"lambda": 3e-3}))
+    t = config.train_config(c)
+    assert (t.alg, t.lr, t.momentum, t.weight_decay, t.lam, t.threshold) == ("aqfl", 0.05, 0.5, 1e-3, 3e-3, 7.0)
+    assert (t.local_epochs, t.batch_size, t.seed, t.scale_lr, t.device, t.cuda_graph) == (3, 16, 4, "sgd", "cpu", False)

@@ -507,3 +507,46 @@ def test_each_class_is_shuffled_before_it_is_cut():
             if len(pos) >= 3:
                 runs.append(pos[-1] - pos[0] + 1 == len(pos))
     assert len(runs) >= 10 and not all(runs)
+
+
+def test_a_client_at_its_even_share_takes_no_more():
+    """Dirichlet draws with a tiny alpha fall on one client. Two classes of 10 over 2 clients
+    (share 10): the first class fills one client to its share, so the second goes to the other,
+    whichever client its draw favours. Classes of 3 and 4 (share 3.5): a client holding 3 is
+    still below its share and may take the 4 as well."""
+    y = np.array([0] * 10 + [1] * 10)
+    for seed in range(8):
+        assert sorted(len(p) for p in data.partition(y, 2, 1e-3, seed=seed, min_size=0)) == [10, 10]
+    y = np.array([0] * 3 + [1] * 4)
+    sizes = [sorted(len(p) for p in data.partition(y, 2, 1e-3, seed=seed, min_size=0)) for seed in range(8)]
+    assert [0, 7] in sizes and [3, 4] in sizes
+
+
+def test_max_tries_must_be_at_least_one():
+    y = _labels(per_class=2, classes=10)  # 20 samples
+    with pytest.raises(ValueError, match="max_tries must be an integer >= 1"):
+        data.partition(y, 2, 0.5, seed=0, max_tries=0)
+
+
+def test_a_subset_of_the_whole_training_set_is_allowed():
+    ds = data.load("digits")
+    n = len(ds.train_y)
+    assert torch.equal(data.subset(ds, n).train_y, ds.train_y)
+    with pytest.raises(ValueError, match="train_samples must be an integer in 1.."):
+        data.subset(ds, n + 1)
+
+
+def test_a_constant_channel_standardizes_to_zero_not_nan():
+    train = np.stack([np.full((2, 2), 5.0), np.arange(4.0).reshape(2, 2)])[None].repeat(3, axis=0)  # (3, 2, 2, 2)
+    tx, vx, mean, std = data._standardize(train, train[:1], 1.0)
+    assert std[0] == 1.0 and mean[0] == 5.0
+    assert torch.isfinite(tx).all() and not tx[:, 0].any()
+
+
+def test_digits_holds_out_round_of_a_fifth_of_every_class():
+    """round(0.2 * n_c) per class (half to even), not int(): 178 -> 36, 183 -> 37, 174 -> 35."""
+    from sklearn.datasets import load_digits
+
+    ds = data.load("digits")
+    per_class = np.bincount(load_digits().target, minlength=10)
+    assert torch.bincount(ds.test_y, minlength=10).tolist() == [round(0.2 * c) for c in per_class]

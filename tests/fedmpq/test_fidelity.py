@@ -537,3 +537,39 @@ def test_precision_reduction_final_rescale_in_float32():
     want = float((torch.tensor(0.1) * 7.0) / torch.tensor(15.0))
     assert n == 3 and s == want
     assert _reduce_float_planes([1, 2, 3, 4, 5, 6, 7, 7], 4, 0.1)[2] == want
+
+
+def test_float_planes_a_layer_without_a_gradient_keeps_its_planes():
+    """As ours: a layer that took no part in the backward is not stepped (nor its regularizer
+    gradient added); the others are."""
+    torch.manual_seed(0)
+    twin = FloatPlaneModel.from_quantized(small_cnn(quantized=True, bits=3, image_size=8))
+    opt = FloatPlaneOptimizer(twin, lr=0.5, lam=1e-3)
+    F.cross_entropy(twin(torch.randn(4, 1, 8, 8)), torch.randint(0, 10, (4,))).backward()
+    layers = twin.layers()
+    layers[1].planes.grad = None
+    before = layers[1].planes.detach().clone()
+    opt.step()
+    assert torch.equal(layers[1].planes.detach(), before) and 1 not in opt.buffers
+    assert 0 in opt.buffers and 2 in opt.buffers
+
+
+def test_float_planes_skip_a_step_whose_lr_times_g_s_overflows():
+    """N = 1 (L = 1): G = 3e38 gives g_s = 3e38 (finite) but lr * g_s = inf: the step is skipped
+    and the planes kept, as fedmpq_kernels.bitplane_step does."""
+    layer = BitLinear(2, 1, bias=False, bits=1)
+    layer.load_codes(torch.tensor([1, 0], dtype=torch.uint8), torch.zeros(2, dtype=torch.bool), 1.0, 1)
+    twin = FloatPlaneModel.from_quantized(torch.nn.Sequential(layer))
+    opt = FloatPlaneOptimizer(twin, lr=10.0, momentum=0.0, lam=0.0)
+    (b,) = twin.layers()
+    before = b.planes.detach().clone()
+    b.planes.grad = torch.full_like(b.planes, 3e38)
+    opt.step()
+    assert opt.skipped == 1 and torch.equal(b.planes.detach(), before)
+
+
+def test_float_planes_precision_reduction_of_an_empty_layer_keeps_it():
+    """A layer of 0 weights keeps its width and scale (as fedmpq_kernels.precision_reduction)."""
+    twin = FloatPlaneModel.from_quantized(torch.nn.Sequential(BitLinear(0, 2, bias=False, bits=3)))
+    assert twin.precision_reduction(2.0) == [3]
+    assert fk.precision_reduction(torch.zeros(0, dtype=torch.uint8), torch.tensor(2.0), 3, 2.0)[0] == 3

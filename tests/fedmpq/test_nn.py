@@ -603,3 +603,79 @@ def test_load_packed_refuses_a_code_past_the_width(bits):
     codes[3] = 1 << bits
     with pytest.raises(ValueError, match="code is >="):
         layer.load_packed(codes, sign, 0.5, bits)
+
+
+def test_optimizer_settings_at_their_bounds():
+    """check_settings: momentum in [0, 1) (0 allowed, below 0 not), lambda >= 0 (0 allowed)."""
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    qn.BitPlaneOptimizer(qm, lr=0.1, momentum=0.0, lam=0.0)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)"):
+        qn.BitPlaneOptimizer(qm, lr=0.1, momentum=-0.1)
+
+
+def test_every_skipped_layer_step_is_counted():
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    opt = qn.BitPlaneOptimizer(qm, lr=0.1)
+    F.cross_entropy(qm(torch.randn(4, 1, 8, 8)), torch.randint(0, 10, (4,))).backward()
+    layers = qn.bit_layers(qm)
+    layers[1][1].sink.grad.view(-1)[0] = float("nan")
+    layers[3][1].sink.grad.view(-1)[5] = float("inf")
+    opt.step()
+    assert opt.skipped == 2
+
+
+def test_state_bytes_count_every_kept_byte():
+    """Per layer: the codes (n), the sign bitmap, the scale and the sink's one float; the
+    optimizer: N_l bytes per weight of momentum codes and g_s (4 bytes)."""
+    qm = qn.small_cnn(quantized=True, bits=[2, 3, 4, 5], image_size=8)
+    opt = qn.BitPlaneOptimizer(qm, lr=0.1)
+    F.cross_entropy(qm(torch.randn(4, 1, 8, 8)), torch.randint(0, 10, (4,))).backward()
+    opt.step()
+    layers = [m for _, m in qn.bit_layers(qm)]
+    assert [m.state_bytes() for m in layers] == [m.numel + fk.bitmap_nbytes(m.numel) + 8 for m in layers]
+    assert opt.state_bytes() == sum(m.bits * m.numel + 4 for m in layers)
+    n = sum(m.numel for m in layers)
+    assert qn.state_bytes_per_weight(qm, opt) == sum(m.numel + fk.bitmap_nbytes(m.numel) + 8 + m.bits * m.numel + 4
+                                                     for m in layers) / n
+
+
+def test_a_layer_that_changes_width_gets_a_fresh_momentum_buffer():
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    opt = qn.BitPlaneOptimizer(qm, lr=0.1)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    F.cross_entropy(qm(x), y).backward()
+    opt.step()
+    layer = qn.bit_layers(qm)[2][1]
+    assert opt.state[2]["mom"].shape == (4, layer.numel)
+    layer.load_float(torch.randn(layer.weight_shape), 6)
+    opt.zero_grad()
+    F.cross_entropy(qm(x), y).backward()
+    opt.step()
+    assert opt.state[2]["mom"].shape == (6, layer.numel) and opt.skipped == 0
+    assert int(layer.codes.max()) < 64
+
+
+def test_load_float_refuses_another_shape_of_the_same_size():
+    layer = qn.BitLinear(6, 4, bits=3)
+    with pytest.raises(ValueError, match=r"weight of shape \(6, 4\) does not fit a layer of shape \(4, 6\)"):
+        layer.load_float(torch.randn(6, 4), 3)
+
+
+def test_load_packed_takes_a_uint8_sign_bitmap_only():
+    layer = qn.BitLinear(4, 2, bits=3)
+    codes = torch.zeros(8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="expected a uint8 sign bitmap of 4 bytes, got torch.int8 of 4"):
+        layer.load_packed(codes, torch.zeros(4, dtype=torch.int8), 0.5, 3)
+
+
+def test_load_codes_needs_one_sign_per_weight():
+    layer = qn.BitLinear(4, 2, bits=3)  # 8 weights: a 4-byte bitmap, as 5 signs would pack to
+    with pytest.raises(ValueError, match="expected 8 signs, got 5"):
+        layer.load_codes(torch.zeros(8, dtype=torch.uint8), torch.zeros(5, dtype=torch.bool), 0.5, 3)
+
+
+def test_float_models_use_a_plain_relu():
+    """ActQuant(None) (the float models, the fp baseline) is a plain ReLU: no clip at 6."""
+    x = torch.tensor([-1.0, 3.0, 7.5])
+    assert qn.ActQuant(None)(x).tolist() == [0.0, 3.0, 7.5]
+    assert qn.ActQuant(16)(x).tolist() == pytest.approx([0.0, 3.0, 6.0], abs=1e-3)

@@ -52,6 +52,9 @@ def _faulty(srv, how, k=0, r=1):
     elif how == "float as quantized":
         n = next(k_ for k_ in f if f[k_].is_floating_point())
         q[n] = wire.QuantizedTensor.from_float(f.pop(n), 4)
+    elif how == "empty dim":  # (C,) sent as (C, 0): the same dims but one more of them (and no values)
+        n = next(k_ for k_ in f if f[k_].is_floating_point() and f[k_].dim() == 1)
+        f[n] = torch.zeros(*f[n].shape, 0)
     elif how in ("nan float", "inf float"):
         n = next(k_ for k_ in f if f[k_].is_floating_point())
         f[n][0] = float("nan") if how == "nan float" else float("inf")
@@ -96,6 +99,7 @@ def _with_scale(data: bytes, value: float) -> bytes:
 FAULTS = {"empty": "does not match the model", "one layer": "does not match the model",
           "partial": "does not match the model", "extra": "does not match the model",
           "wrong shape": "does not match the model", "float as quantized": "does not match the model",
+          "empty dim": "does not match the model",
           "nan float": "holds NaN or inf", "inf float": "holds NaN or inf", "nan scale": "scale", "inf scale": "scale",
           # a client cannot change the weights it is aggregated and reassigned with (which once
           # stopped the round: the bit reassignment refused the budget after the model had changed)
@@ -189,7 +193,7 @@ def test_a_faulty_float_model_is_left_out_under_fp(how, caplog):
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
-@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 8, 10])
 def test_robust_rules_match_their_statement(rule, k):
     x = torch.randn(k, 37, dtype=torch.float64)
     a = x.numpy()
@@ -199,6 +203,12 @@ def test_robust_rules_match_their_statement(rule, k):
         cut = max(int(0.2 * k), 1 if k >= 3 else 0)
         want = np.sort(a, axis=0)[cut:k - cut].mean(axis=0)
     assert np.allclose(aggregate.robust(x, rule).numpy(), want, rtol=0, atol=1e-12)
+
+
+def test_trim_count_is_flowers_int_of_a_fifth_but_one_from_three_on():
+    # int(0.2 k): 0 0 0 0 1 1 1 1 1 2 for k = 1..10 (Flower's FedTrimmedAvg, truncated: k = 8
+    # cuts int(1.6) = 1, not round(1.6) = 2); at least one from k = 3 on.
+    assert [aggregate.trim_count(k) for k in range(1, 11)] == [0, 0, 1, 1, 1, 1, 1, 1, 1, 2]
 
 
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
@@ -323,3 +333,56 @@ def test_a_float_model_with_another_shape_or_kind_is_left_out_under_fp(how, capl
     assert report["reported"] == [1, 2] and "client 0 is left out" in caplog.text
     for n, v in ref.global_state.items():
         assert srv.global_state[n].shape == v.shape and torch.equal(srv.global_state[n], v), n
+
+
+@pytest.mark.parametrize("alg", ["fedmpq", "fp"])
+def test_an_upload_from_a_client_the_server_does_not_know_is_left_out(alg, caplog):
+    srv = _server(alg)
+    if alg == "fp":
+        ups = {k: wire.encode_model(wire.Model(1, _shifted(srv.global_state, 0.1 * k))) for k in (1, 2)}
+        ups[9] = wire.encode_model(wire.Model(1, _shifted(srv.global_state, 100.0)))
+    else:
+        ups = {k: _honest(srv, k, bump=0.01) for k in (1, 2)}
+        ups[9] = _honest(srv, 3, bump=0.01)
+    with caplog.at_level(logging.WARNING, logger="fedmpq"):
+        report = srv.aggregate(1, ups)
+    assert report["reported"] == [1, 2] and "client 9 is left out: the server has no such client" in caplog.text
+
+
+def test_the_server_evaluates_in_eval_mode_with_16_bit_activations():
+    """ALGORITHM.md: the global model as a float model with ReLU6 and 16-bit activations (fp:
+    plain ReLU), BatchNorm in eval mode (its aggregated statistics); accuracy over every sample."""
+    from fedmpq import data
+    from fedmpq import nn as qn
+
+    ds = data.load("digits")
+    for alg, bits in (("fedmpq", 16), ("fp", None)):
+        srv = _server(alg)
+        acts = [m.bits for m in srv._eval_model().modules() if isinstance(m, qn.ActQuant)]
+        assert acts and all(b == bits for b in acts)
+    srv = _server()
+    x, y = ds.test_x[:101], ds.test_y[:101]
+    model = srv._eval_model().eval()
+    with torch.no_grad():
+        want = int((model(x).argmax(1) == y).sum()) / 101
+    assert srv.evaluate(x, y, batch_size=40) == want
+    # train mode over a seeded order; the last batch of 1 (train-mode BatchNorm needs two) is
+    # left out: the accuracy is the first batch's alone
+    x, y = ds.test_x[:129], ds.test_y[:129]
+    idx = torch.randperm(129, generator=torch.Generator().manual_seed(0))[:128]
+    model = srv._eval_model().train()
+    with torch.no_grad():
+        first = float((model(x[idx]).argmax(1) == y[idx]).float().mean())
+    assert srv.evaluate_train_mode(x, y, batch_size=128) == first
+
+
+def test_the_reported_mean_bits_are_weighted_by_layer_size():
+    srv = _server()
+    report = srv.aggregate(1, {k: _honest(srv, k, bump=0.01) for k in range(4)})
+    sizes = list(srv.layer_sizes.values())
+    assert len(set(sizes)) > 1
+    for k, bits in srv.assignments.items():
+        assert report["assigned_mean_bits"][k] == sum(n * b for n, b in zip(sizes, bits)) / sum(sizes)
+    assert any(len(set(b)) > 1 for b in srv.assignments.values())  # where the weighting matters
+    for k, bits in report["bits"].items():
+        assert report["mean_bits"][k] == sum(n * b for n, b in zip(sizes, bits)) / sum(sizes)

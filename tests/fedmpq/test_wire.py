@@ -197,10 +197,10 @@ def test_huge_claims_are_rejected_before_allocating(upload):
     def large_dims(index, n):  # 2^40 elements: small enough for exact counts, still too many
         rec = np.frombuffer(index, dtype=wire._RECORD, count=n).copy()
         rec[0]["ndim"] = 2
-        rec[0]["dims"][:2] = [2**20, 2**20]
+        rec[0]["dims"][:] = [2**20, 2**20] + [0] * 6
         index[: rec.nbytes] = rec.tobytes()
 
-    expect_error(with_index(data, huge_dims), "needs .* bytes of data, only")
+    expect_error(with_index(data, large_dims), "needs .* bytes of data, only")
 
     b = bytearray(data)
     struct.pack_into("<I", b, 20, 2**32 - 1)  # entries
@@ -433,3 +433,153 @@ def test_encoding_refuses_a_layer_scale_that_is_negative_or_not_finite(upload):
             wire.encode_upload(wire.Upload(0, 0, 1, 4.0, layers, {}, {}))
         with pytest.raises(ValueError, match="scale must be finite and >= 0"):
             wire.encode_download(wire.Download(0, 0, layers, {}))
+
+
+# ---- the boundaries of every documented rule (docs/FORMAT.md) ----------------------------------
+def _header_field(data: bytes, at: int, fmt: str, value) -> bytes:
+    b = bytearray(data)
+    struct.pack_into(fmt, b, at, value)
+    return reseal(bytes(b))
+
+
+def test_metadata_sits_at_the_documented_offsets(upload):
+    """Upload <QQIf, download <QI4x, model <I4x, each right after the 32-byte header."""
+    up = wire.encode_upload(wire.Upload(2**40 + 3, 7, 2**33 + 5, 2.5, upload.layers, upload.deltas, upload.floats))
+    assert struct.unpack_from("<QQIf", up, 32) == (2**40 + 3, 2**33 + 5, 7, 2.5)
+    down = wire.encode_download(wire.Download(2**40 + 3, 7, upload.layers, upload.floats))
+    assert struct.unpack_from("<QI4s", down, 32) == (2**40 + 3, 7, b"\0" * 4)
+    model = wire.encode_model(wire.Model(7, upload.floats))
+    assert struct.unpack_from("<I4s", model, 32) == (7, b"\0" * 4)
+
+
+def test_an_index_length_field_that_lies_is_refused_also_for_a_known_layout():
+    """ilen must be exactly what the index inflates to; a server that knows the layout (the
+    same compressed index bytes) still holds the header's ilen to it."""
+    a = wire.encode_upload(make_upload(seed=0))
+    b = wire.encode_upload(make_upload(seed=0, bits={n: 8 for n in make_upload().layers}))
+    known = wire.parse(a, wire.KIND_UPLOAD)
+    ilen = wire._HEADER.unpack_from(b)[8]
+    forged = _header_field(b, 28, "<I", ilen + 1)
+    expect_error(forged, f"index decompresses to {ilen} bytes, header says {ilen + 1}")
+    with pytest.raises(wire.WireFormatError, match="header says"):
+        wire.parse(forged, wire.KIND_UPLOAD, known)
+
+
+def test_bytes_after_the_compressed_index_are_refused(upload):
+    """The index is one complete zlib stream: bytes after its end (inside zlen) are refused."""
+    data = wire.encode_upload(upload)
+    magic, ver, kind, flags, _, _, n, zlen, ilen = wire._HEADER.unpack_from(data)
+    start = 32 + wire._META[kind].size
+    z = data[start:start + zlen] + b"\0" * 4
+    rest = data[start + wire._align4(zlen):]
+    head = wire._HEADER.pack(magic, ver, kind, flags, 0, 0, n, len(z), ilen)
+    expect_error(reseal(head + data[32:start] + z + b"\0" * (wire._align4(len(z)) - len(z)) + rest),
+                 "not one complete compressed block")
+
+
+def test_name_lengths_1_to_1024(upload):
+    """A name of 1024 bytes travels; 1025 is refused by the encoder and by the decoder, and an
+    empty one by the decoder (its bytes given to the next name, so the lengths still add up)."""
+    floats = {"x" * 1024: torch.ones(2), "y": torch.zeros(1)}
+    back = wire.decode_model(wire.encode_model(wire.Model(1, floats)))
+    assert list(back.tensors) == list(floats)
+    with pytest.raises(ValueError, match="longer than 1024 bytes"):
+        wire.encode_model(wire.Model(1, {"x" * 1025: torch.ones(2)}))
+    data = wire.encode_upload(upload)
+
+    def lengths(first, second):
+        def m(index, n):
+            lens = np.frombuffer(index, dtype="<u2", count=n, offset=n * 36).copy()
+            total = int(lens[0]) + int(lens[1])
+            lens[0], lens[1] = first(total), total - first(total)
+            index[n * 36:n * 38] = lens.tobytes()
+        return m
+
+    expect_error(with_index(data, lengths(lambda t: 0, None)), r"entry 0 \(''\): empty or too long name")
+    names = {"a" * 1024: torch.ones(1), "b": torch.ones(1)}
+    big = wire.encode_upload(wire.Upload(0, 0, 1, 4.0, {}, {}, names))
+    expect_error(with_index(big, lengths(lambda t: 1025, None)), "entry 0 .*: empty or too long name")
+
+
+def test_dtype_codes_1_to_4(upload):
+    data = wire.encode_upload(upload)
+
+    def dtype(value):
+        def m(index, n):
+            rec = np.frombuffer(index, dtype=wire._RECORD, count=n).copy()
+            rec[n - 1]["dtype"] = value
+            index[: rec.nbytes] = rec.tobytes()
+        return m
+
+    expect_error(with_index(data, dtype(5)), "unknown dtype code 5")
+
+
+def test_eight_dimensions_travel_nine_do_not():
+    t = torch.arange(16, dtype=torch.float32).reshape(1, 2, 1, 2, 1, 1, 2, 2)
+    q = wire.QuantizedTensor.from_float(t - 7.5, 3)
+    back = wire.decode_upload(wire.encode_upload(wire.Upload(0, 0, 1, 4.0, {"q": q}, {}, {"t": t})))
+    assert torch.equal(back.floats["t"], t) and back.layers["q"].shape == t.shape
+    assert torch.equal(back.layers["q"].dequantize(), q.dequantize())
+    with pytest.raises(ValueError, match="at most 8 dimensions"):
+        wire.encode_model(wire.Model(0, {"t": t.reshape(1, 1, 2, 1, 2, 1, 1, 2, 2)}))
+
+
+def test_unused_dimensions_must_be_zero(upload):
+    data = wire.encode_upload(upload)
+
+    def m(index, n):
+        rec = np.frombuffer(index, dtype=wire._RECORD, count=n).copy()
+        rec[0]["dims"][rec[0]["ndim"]] = 3  # past ndim: must be 0
+        index[: rec.nbytes] = rec.tobytes()
+
+    expect_error(with_index(data, m), "entry 0 .*: nonzero unused dimensions")
+
+
+def test_a_model_payload_holds_no_quantized_entries():
+    data = wire.encode_model(wire.Model(1, {"a": torch.ones(3), "b": torch.ones(2)}))
+
+    def m(index, n):
+        rec = np.frombuffer(index, dtype=wire._RECORD, count=n).copy()
+        rec[1]["dtype"] = wire.DT_QUANTIZED
+        index[: rec.nbytes] = rec.tobytes()
+
+    with pytest.raises(wire.WireFormatError, match="entry 1 .*: a model payload holds no quantized layers"):
+        wire.decode_model(with_index(data, m))
+
+
+def test_a_zero_scale_layer_travels():
+    """s = 0 (an all-zero layer, as binarizing zeros gives) is a valid scale: >= 0, not > 0."""
+    zero = wire.QuantizedTensor.from_float(torch.zeros(2, 5), 3)
+    made = wire.QuantizedTensor.from_codes(torch.ones(4, dtype=torch.uint8), torch.zeros(4, dtype=torch.bool), 2, 0.0)
+    assert zero.scale == 0.0 and made.scale == 0.0
+    back = wire.decode_upload(wire.encode_upload(wire.Upload(0, 0, 1, 4.0, {"z": zero, "m": made}, {}, {})))
+    assert back.layers["z"].scale == 0.0 and back.layers["m"].scale == 0.0
+    assert not back.layers["z"].dequantize().any() and not back.layers["m"].dequantize().any()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("client_id", 2**64, "client_id must be an integer in 0..2\\^64-1"),
+    ("num_samples", 2**64, "num_samples must be an integer in 0..2\\^64-1"),
+    ("round", 2**32, "round must be an integer in 0..2\\^32-1"),
+    ("budget", 0.0, r"budget must be in \(0, 32\]"),
+    ("budget", 32.5, r"budget must be in \(0, 32\]"),
+])
+def test_encoding_refuses_metadata_outside_its_field(upload, field, value, match):
+    kw = dict(client_id=0, round=0, num_samples=1, budget=4.0)
+    kw[field] = value
+    with pytest.raises(ValueError, match=match):
+        wire.encode_upload(wire.Upload(layers=upload.layers, deltas={}, floats={}, **kw))
+    kw[field] = {"client_id": 2**64 - 1, "num_samples": 2**64 - 1, "round": 2**32 - 1, "budget": 32.0}[field]
+    wire.decode_upload(wire.encode_upload(wire.Upload(layers=upload.layers, deltas={}, floats={}, **kw)))  # the limit
+
+
+def test_encoding_refuses_bad_deltas_dims_and_dtypes(upload):
+    name = next(iter(upload.layers))
+    with pytest.raises(ValueError, match="delta must be in 0..7, got -1"):
+        wire.encode_upload(wire.Upload(0, 0, 1, 4.0, upload.layers, {name: -1}, {}))
+    with pytest.raises(ValueError, match=r"deltas for layers that are not uploaded: \['nope'\]"):
+        wire.encode_upload(wire.Upload(0, 0, 1, 4.0, upload.layers, {"nope": 1}, {}))
+    with pytest.raises(ValueError, match="every dimension must be in 0..2\\^32-1"):
+        wire.encode_model(wire.Model(0, {"t": torch.zeros(0, 2**32)}))
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float16"):
+        wire.encode_model(wire.Model(0, {"t": torch.zeros(2)}), dtype=torch.float64)
