@@ -101,6 +101,16 @@ def mid_round_state(n: int, bits: int, seed: int):
     return [codes, sign, mom, torch.tensor([0.0123])]
 
 
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A float32 CPU copy of t whose data pointer is not 4-byte aligned (torch.frombuffer at
+    an odd offset: the rare tensor the CPU adapters must copy before a kernel reads it)."""
+    buf = bytearray(4 * t.numel() + 4)
+    out = torch.frombuffer(buf, dtype=torch.float32, offset=1, count=t.numel())
+    out.copy_(t.reshape(-1))
+    assert out.data_ptr() % 4 != 0
+    return out
+
+
 def _f32(pattern: int) -> float:
     return torch.tensor([pattern], dtype=torch.int32).view(torch.float32).item()
 
@@ -175,6 +185,24 @@ def _half_to_even():
     return EdgeStep("half-to-even", codes, grad, torch.zeros(3), 7.0, 3, 0.25, 0.0, key, 1.0, check)
 
 
+def _step_product():
+    """v = q - R * (lr * g_s): lr * g_s is rounded first, then R times it. 2 bits, scale 3
+    (k = 1), no momentum, one gradient G everywhere: d = (2G, G), g_s = 2G/3, x = (3 lr,
+    3 lr / 2) ~ (1.5, 0.75) -> r = (+4, +1), R = 9 (p = 0). At this G and lr,
+    9 * float32(lr * g_s) rounds to 1.5 exactly and v = q - 1.5 goes half to even; in the
+    other order, (9 * lr) * g_s, it is 1.4999999 and every code comes out otherwise."""
+    n = 67  # the vector loop and a tail
+    codes = torch.arange(n, dtype=torch.int32).remainder(4).to(torch.uint8)
+
+    def check(state):
+        # q - 1.5 for q = 0..3: -1.5 -0.5 0.5 1.5 -> -2 -0 0 2
+        assert torch.equal(state[0], torch.tensor([2, 0, 0, 2], dtype=torch.uint8)[codes.long()])
+        assert torch.equal(R.negative_mask(state[1], n), codes == 0)
+        assert state[2][:, 0].tolist() == [(2 + 1) << 3, (0 + 1) << 3]
+    return EdgeStep("step-product", codes, torch.full((n,), 0.49988991022109985), torch.zeros(2), 3.0, 2,
+                    0.5001101493835449, 0.0, 1, 0.3332599401473999, check)
+
+
 # Keys 56011 and 164390 draw u_182 = 0 and u_61 = 1/2 exactly (found by search; the test
 # asserts it, see EDGE_DRAWS).
 EDGE_DRAWS = {(56011, 182): 0.0, (164390, 61): 0.5}
@@ -188,4 +216,5 @@ EDGE_STEPS = [
     _pow2_edge("x-zero", 56011, {182: 0.0}, {182: 0}),  # x = 0 does not: p = 0, no step though u = 0
     _msb_d_zero(),
     _half_to_even(),
+    _step_product(),
 ]

@@ -12,7 +12,7 @@ import fedmpq_kernels as fk
 from fedmpq_kernels.bitplane import reference as R
 from fedmpq_kernels.pack.reference import pack_bitmap
 
-from .helpers import ALL_BITS, BIG, SIZES, bits_of, kernels, layer, weights
+from .helpers import ALL_BITS, BIG, SIZES, bits_of, kernels, layer, misaligned, weights
 
 
 # ---- binarize, dequantize, popcounts -----------------------------------------------------
@@ -117,6 +117,23 @@ def test_dequantize_strided_codes_and_misaligned_sign(backend):
         assert torch.equal(fk.plane_popcounts(qs, bits).cpu(), R.plane_popcounts(q, bits))
 
 
+def test_misaligned_float_inputs(backend):
+    """A float32 weight or gradient whose data pointer is not 4-byte aligned is taken as
+    any other (the CPU adapter copies it; the native checks refuse a misaligned pointer)."""
+    kernels(backend)
+    if backend.device != "cpu":
+        pytest.skip("host memory only")
+    n, bits = 1000, 6
+    w = weights(n, bits)
+    q, s, sc = R.binarize(w, bits)
+    g = misaligned(torch.randn(n, generator=torch.Generator().manual_seed(1)))
+    with backend.active():
+        got = fk.binarize(misaligned(w), bits)
+        assert all(torch.equal(a, b) for a, b in zip(got, (q, s, sc)))
+        gsc = torch.ops.fedmpq.dequantize_backward(g, q, s, bits)
+    torch.testing.assert_close(gsc, R.dequantize_backward(g, q, s, bits), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("bits", [1, 3, 8])
 def test_dequantize_autograd(backend, bits):
     """dL/ds = sum sigma q G / L, and the sink receives G itself, through the public function."""
@@ -135,6 +152,22 @@ def test_dequantize_autograd(backend, bits):
     sigma = torch.where(R.negative_mask(s, n), -1.0, 1.0).double()
     want = float((sigma * q.double() * G.double()).sum() / ((1 << bits) - 1))
     assert math.isclose(float(scale.grad), want, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["f64", "f16"])
+def test_dequantize_backward_takes_a_grad_of_another_float_dtype(backend, dtype):
+    """The registered op hands a float64 or float16 grad to the backend as it is: each takes
+    it as that grad in float32 (a kernel reading float64 bytes as float32 sums garbage).
+    The values are float16's, so every dtype holds them exactly."""
+    kernels(backend)
+    dev = backend.device
+    n, bits = 300, 5
+    q, s, _ = layer(n, bits)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(4)).half().float()
+    want = R.dequantize_backward(g, q, s, bits)
+    with backend.active():
+        got = torch.ops.fedmpq.dequantize_backward(g.to(dtype).to(dev), q.to(dev), s.to(dev), bits)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=0)
 
 
 def test_dequantize_backward_refuses_a_grad_of_another_size(backend):
@@ -198,3 +231,31 @@ def test_dequantize_backward_sums_in_float64_across_programs(backend, monkeypatc
         assert torch.equal(bits_of(got), bits_of(want)), f"{float(got)} != 1/7"
         got = torch.ops.fedmpq.dequantize_backward(g.to(dev), q.to(dev), s.to(dev), bits)
         assert torch.equal(bits_of(got), bits_of(want)), f"{float(got)} != 1/7 (registered op)"
+
+
+@pytest.mark.parametrize("n, at, want", [
+    # 2^24 + 1 in one vector lane (elements 0 and 8), -2^24 in another: the lanes' sum is 1
+    (300, {0: 2.0**24, 8: 1.0, 1: -2.0**24}, 1.0 / 7.0),
+    # 2^24 + 1 in the first task of 2^15 elements, -2^24 in the second: the tasks' sum is 1
+    (40000, {0: 2.0**24, 1: 1.0, 39999: -2.0**24}, 1.0 / 7.0),
+    # the exact sum 2^24 + 3 is no float32: one rounding of sum / L (2396745.5), not two (2396745.75)
+    (300, {0: 2.0**24, 200: 3.0}, (2.0**24 + 3.0) / 7.0),
+], ids=["lanes", "tasks", "one-rounding"])
+def test_dequantize_backward_rounds_the_exact_sum_once(backend, n, at, want):
+    """dL/ds is float32(S / L) of the exact float64 sum S: no partial sum (a vector lane's, a
+    thread task's) is rounded to float32, nor S before the division. Codes 1, 3 bits, the
+    gradients' signs on the weights'."""
+    bp = kernels(backend)
+    dev = backend.device
+    backend.skip_if_too_big(n)
+    q = torch.zeros(n, dtype=torch.uint8)
+    g = torch.zeros(n)
+    neg = torch.zeros(n, dtype=torch.bool)
+    for j, v in at.items():
+        q[j], g[j], neg[j] = 1, abs(v), v < 0
+    s = pack_bitmap(neg)
+    want = torch.tensor(want, dtype=torch.float32)
+    assert torch.equal(bits_of(R.dequantize_backward(g, q, s, 3)), bits_of(want))
+    with backend.active():
+        got = bp.dequantize_backward(g.to(dev), q.to(dev), s.to(dev), 3)
+    assert torch.equal(bits_of(got), bits_of(want)), f"{float(got)} != {float(want)}"

@@ -82,6 +82,24 @@ def test_steps_equal_the_layers_steps_one_by_one(backend, device_keys):
     assert not torch.isfinite(want[1][NAN_LAYER]) and float(want[2][ZERO_LAYER]) == 0.0  # the cases are there
 
 
+def test_a_keys_tensor_gives_its_low_32_bits(backend):
+    """A keys tensor's entries count modulo 2^32 (as one key tensor's does): keys beyond
+    uint32 or negative step the layers as their low 32 bits given as ints."""
+    kernels(backend)
+    dev = backend.device
+    states, grads, coefs, scales, bits = _model(dev, small=True, seed=4)
+    states, coefs, scales, bits = states[:3], coefs[:3], scales[:3], bits[:3]
+    keys = [R.step_key(3, 0, l) for l in range(3)]
+    ref, want = _reference(states, [grads[0][:3]], coefs, scales, bits, 0.5, 0.9, [keys])
+    wide = torch.tensor([keys[0] + 5 * 2**32, keys[1] - 2**32, keys[2] + 2**40], dtype=torch.int64, device=dev)
+    with backend.active():
+        got = fk.bitplane_step_layers(*[[s[i] for s in states] for i in range(4)], grads[0][:3], coefs, scales, bits,
+                                      0.5, 0.9, wide)
+    assert torch.equal(bits_of(got), bits_of(want[0]))
+    for l in range(3):
+        assert_state_equal(states[l], ref[l], f"layer {l}")
+
+
 def test_steps_take_strided_and_misaligned_state(backend):
     """Layer 1's codes strided, its sign bitmap and gs misaligned views: the backend's working
     copies are written back, and the other layers' buffers are untouched."""
@@ -201,8 +219,17 @@ def test_the_cpu_binding_names_the_bad_layer():
         native.cpu.bitplane_step_layers([good], 0.5, 0.9, out.data_ptr(), 0, 1)
     with pytest.raises(ValueError, match="layer 0: out and grad overlap"):
         native.cpu.bitplane_step_layers([good], 0.5, 0.9, grad.data_ptr(), 1, 1)
+    # all of out is apart from every layer: here its second entry is layer 1's first gradient
+    buf = torch.zeros(n + 1)
+    buf[1:] = grad
+    shifted = good[:7] + (buf[1:].data_ptr(),) + good[8:]
+    with pytest.raises(ValueError, match="layer 1: out and grad overlap"):
+        native.cpu.bitplane_step_layers([good, shifted], 0.5, 0.9, buf.data_ptr(), 2, 1)
     with pytest.raises(ValueError, match=f"layer 1: grad has {n - 1} elements, codes {n}"):
         native.cpu.bitplane_step_layers([good, short_grad], 0.5, 0.9, out.data_ptr(), 2, 1)
+    for key in (-1, 2**32):
+        with pytest.raises(ValueError, match="layer 1: key must be a uint32"):
+            native.cpu.bitplane_step_layers([good, good[:13] + (key,)], 0.5, 0.9, out.data_ptr(), 2, 1)
     with pytest.raises(ValueError, match="layer 1: mom"):  # check_only checks the same
         native.cpu.bitplane_step_layers([good, bad], 0.5, 0.9, out.data_ptr(), 2, 1, True)
     assert native.cpu.bitplane_step_layers([good, good], 0.5, 0.9, out.data_ptr(), 2, 1, True) is None
@@ -249,6 +276,9 @@ def test_the_cpu_popcounts_binding_checks_every_layer():
         native.cpu.plane_popcounts_layers([(c.data_ptr(), 8, 2), (c.data_ptr(), 8, 2)], out.data_ptr(), 3, 1)
     with pytest.raises(ValueError, match="layer 0: out and codes overlap"):
         native.cpu.plane_popcounts_layers([(out.data_ptr(), 8, 2)], out.data_ptr(), 4, 1)
+    # all of out (4 counts), not only its first: layer 1's codes are its second count's bytes
+    with pytest.raises(ValueError, match="layer 1: out and codes overlap"):
+        native.cpu.plane_popcounts_layers([(c.data_ptr(), 8, 2), (out.data_ptr() + 8, 8, 2)], out.data_ptr(), 4, 1)
 
 
 def test_layers_stepped_one_by_one_are_all_checked_before_any_is_stepped():

@@ -44,6 +44,7 @@ def _native_step():
         (dict(lr=0.0), "lr must be finite and > 0"),
         (dict(lr=float("inf")), "lr must be finite and > 0"),
         (dict(momentum=1.0), r"momentum must be in \[0, 1\)"),
+        (dict(momentum=-0.1), r"momentum must be in \[0, 1\)"),
         (dict(n=2**32, mom_len=2**34), "2\\^32 weights"),
     ],
 )
@@ -68,6 +69,27 @@ def test_native_step_rejects_overlapping_buffers():
         native.cpu.bitplane_step(**dict(a, coef=a["gs"] - 12))
     with pytest.raises(ValueError, match="sign and grad overlap"):
         native.cpu.bitplane_step(**dict(a, sign=a["grad"]))
+
+
+@needs_native
+@pytest.mark.parametrize("name", ["gs", "grad", "coef"])
+def test_native_step_refuses_misaligned_float_buffers(name):
+    """The float32 buffers the step reads or writes must be 4-byte aligned, like the sign
+    words (a misaligned float load is undefined behaviour)."""
+    a, keep = _native_step()
+    with pytest.raises(ValueError, match=f"{name}: data pointer is not 4-byte aligned"):
+        native.cpu.bitplane_step(**dict(a, **{name: a[name] + 2}))
+
+
+@needs_native
+def test_native_step_empty_buffers_never_overlap():
+    """An empty layer's buffers hold no bytes, so they clash with nothing, even where their
+    pointers fall inside another buffer (an empty view into a shared allocation): the step
+    runs (g_s = 0) instead of refusing an overlap."""
+    a, keep = _native_step()
+    inside = keep["coef"].data_ptr() + 4
+    e = dict(a, n=0, codes=inside, sign=inside, sign_nbytes=0, mom=inside, mom_len=0, grad=inside, grad_len=0)
+    assert native.cpu.bitplane_step(**e) == 0.0
 
 
 @needs_native
@@ -108,6 +130,16 @@ def test_native_other_ops_reject_inconsistent_arguments():
         native.cpu.plane_popcounts(codes.data_ptr(), n, 8, pc.data_ptr(), 4, 1)
     with pytest.raises(ValueError, match="bits must be in 1..8"):
         native.cpu.plane_popcounts(codes.data_ptr(), n, 9, pc.data_ptr(), 9, 1)
+    with pytest.raises(ValueError, match="sign bitmap has 8 bytes, needs 16"):
+        native.cpu.dequantize_backward(w.data_ptr(), n, codes.data_ptr(), n, sign.data_ptr(), 8, 4, 1)
+    # what a kernel writes must not overlap what it reads or writes besides
+    with pytest.raises(ValueError, match="w and codes overlap"):
+        native.cpu.binarize(w.data_ptr(), n, 4, w.data_ptr() + 8, n, sign.data_ptr(), 16, 1)
+    big = torch.zeros(128, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="codes and sign overlap"):
+        native.cpu.binarize(w.data_ptr(), n, 4, big.data_ptr(), n, big.data_ptr() + 96, 16, 1)
+    with pytest.raises(ValueError, match="codes and out overlap"):
+        native.cpu.dequantize(out.data_ptr() + 4, n, sign.data_ptr(), 16, 1.0, 4, out.data_ptr(), n, 1)
 
 
 @needs_native

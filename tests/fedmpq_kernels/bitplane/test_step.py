@@ -15,7 +15,7 @@ import fedmpq_kernels as fk
 from fedmpq_kernels.bitplane import reference as R
 
 from .helpers import (ALL_BITS, BIG, EDGE_DRAWS, EDGE_STEPS, SIZES, STEPS, assert_state_equal, bits_of, fresh_state,
-                      kernels, layer, reference_run)
+                      kernels, layer, misaligned, reference_run)
 
 
 def _replay(backend, n, bits, lr, momentum, steps=STEPS):
@@ -237,6 +237,25 @@ def test_step_takes_strided_grad_and_strided_misaligned_state(backend):
     assert int(sbuf[0]) == 0 and float(gbuf[0]) == 0.0
 
 
+def test_step_takes_misaligned_float_tensors(backend):
+    """grad, coef and the gs state whose data pointers are not 4-byte aligned: stepped as
+    the reference steps them (the CPU adapter steps aligned copies, and writes gs back)."""
+    kernels(backend)
+    if backend.device != "cpu":
+        pytest.skip("host memory only")
+    n, bits = 1000, 5
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, "cpu")
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(5)) * 0.1
+    coef = torch.rand(bits, generator=torch.Generator().manual_seed(6)) * 0.01
+    ref = [t.clone() for t in (codes, sign, mom, gs)]
+    want = R.bitplane_step(*ref, grad, coef, scale, bits, 0.7, 0.9, 3)
+    gs = misaligned(gs)
+    with backend.active():
+        got = fk.bitplane_step(codes, sign, mom, gs, misaligned(grad), misaligned(coef), scale, bits, 0.7, 0.9, 3)
+    assert torch.equal(bits_of(got), bits_of(want)) and float(gs) > 0
+    assert_state_equal((codes, sign, mom, gs), ref, "misaligned grad, coef and gs")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16], ids=["f64", "f16"])
 def test_the_backends_own_step_takes_a_grad_of_another_float_dtype(backend, dtype):
     """Each backend's step adapter, called as the registered op calls it (after its checks),
@@ -382,3 +401,23 @@ def test_step_clears_stray_sign_bits_past_n(backend):
         assert_state_equal(state, ref_state, f"stray sign bits, n={n}")
         assert int(long_sign[:nb].view(torch.int32)[-1].cpu()) >> (n % 32) == 0, "padding bits left set"
         assert long_sign.cpu()[nb:].tolist() == [0xA5] * 4
+
+
+def test_step_takes_buffers_back_to_back_in_one_allocation(backend):
+    """Buffers that touch without overlapping are apart: codes then mom in one byte buffer,
+    grad, gs and coef in one float buffer (one ends where the next begins). The step runs
+    on them as on separate tensors."""
+    kernels(backend)
+    dev = backend.device
+    n, bits = 40, 3
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, "cpu")
+    grad, coef = torch.randn(n, generator=torch.Generator().manual_seed(3)) * 0.5, torch.full((bits,), 1e-3)
+    ref = [t.clone() for t in (codes, sign, mom, gs)]
+    want = R.bitplane_step(*ref, grad, coef, scale, bits, 1.0, 0.9, 4)
+    u8 = torch.cat([codes, mom.reshape(-1)]).to(dev)
+    f32 = torch.cat([grad, gs, coef]).to(dev)
+    state = [u8[:n], sign.to(dev), u8[n:].view(bits, n), f32[n:n + 1]]
+    with backend.active():
+        got = fk.bitplane_step(*state, f32[:n], f32[n + 1:], scale.to(dev), bits, 1.0, 0.9, 4)
+    assert torch.equal(bits_of(got), bits_of(want))
+    assert_state_equal(state, ref, "back to back")
