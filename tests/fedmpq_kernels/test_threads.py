@@ -220,3 +220,43 @@ def test_interpreter_exit_with_a_kernel_running():
     for _ in range(3):  # the exit lands at a different point of the loop each time
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert r.returncode == 0 and r.stdout.strip() == "exiting", (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.parametrize("env, want", [("250", "blocking after a 250 us spin"),
+                                       ("5000000", "blocking after a 1000 us spin"),
+                                       ("-7", "blocking")])
+def test_the_worker_spin_comes_from_the_environment_and_is_bounded(env, want):
+    """FEDMPQ_POOL_SPIN_US sets an idle worker's spin, clamped to 0..1000 us (never an
+    open-ended spin), as reported before the pool exists and after a threaded call (in a
+    subprocess: the pool reads it once)."""
+    n = 9 * GRAIN + 3
+    code = (
+        "import torch\n"
+        "from fedmpq_kernels._native import native\n"
+        "before = native.threading()['wait']\n"
+        f"x = torch.randn({n}); y = torch.empty_like(x)\n"
+        f"native.cpu.fake_quant(x.data_ptr(), {n}, y.data_ptr(), {n}, 4, 0.0, True, 0, 0, 0, 0, 2)\n"
+        "print(before); print(native.threading()['wait'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, FEDMPQ_POOL_SPIN_US=env))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines() == [want, want]
+
+
+@pytest.mark.skipif(native is not None and native.threading()["max_threads"] < 2,
+                    reason="one core: no call uses the pool")
+def test_a_call_of_one_task_stays_on_the_calling_thread():
+    """Never more threads than tasks: one layer of one 64K-element chunk (two grains, so two
+    threads are allowed) runs on the caller and posts no job; two such layers use the pool."""
+    n = 1 << 16
+    codes = torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(3), dtype=torch.int32).to(torch.uint8)
+    layer = torch.cat([fk.pack_codes(codes, 3), fk.pack_codes(codes & 1, 1)])
+    coefs = torch.tensor([0.5, 0.25])
+    with num_threads(2), registry.use_backend("cpu"):
+        for rows, pooled in (([[0, n, 3, 0]], False), ([[0, n, 3, 0], [n, n, 3, layer.numel()]], True)):
+            payload = torch.cat([layer] * len(rows))
+            acc = torch.zeros(len(rows) * n)
+            jobs = native.threading()["jobs"]
+            fk.dequant_accumulate_layers(acc, payload, torch.tensor(rows), coefs[:len(rows)])
+            assert (native.threading()["jobs"] > jobs) == pooled, rows
