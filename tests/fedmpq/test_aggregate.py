@@ -18,6 +18,17 @@ def dense(u: wire.Upload):
     return out
 
 
+def _assert_mean_of(got, a, b):
+    """got is the mean of uploads a and b, entry by entry (int64 entries rounded)."""
+    da, db = dense(a), dense(b)
+    for name in da:
+        want = (da[name] + db[name]) / 2
+        if got[name].dtype == torch.int64:
+            assert torch.equal(got[name], want.round().long())
+        else:
+            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("weighting", ["mean", "samples"])
 def test_mean_of_uploads(weighting):
     ups = [make_upload(seed=s, client_id=s, num_samples=10 + 7 * s) for s in range(5)]
@@ -98,13 +109,7 @@ def test_uploads_listing_tensors_in_another_order_are_added_by_name():
     got = agg.result()
     first = wire.decode_upload(wire.encode_upload(a))
     assert list(got) == list(first.layers) + list(first.floats)  # the first upload's order
-    da, db = dense(a), dense(b)
-    for name in da:
-        want = (da[name] + db[name]) / 2
-        if got[name].dtype == torch.int64:
-            assert torch.equal(got[name], want.round().long())
-        else:
-            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
+    _assert_mean_of(got, a, b)
 
 
 def test_a_robust_rule_is_unweighted_only():
@@ -159,13 +164,7 @@ def test_the_expected_layout_sets_the_order_even_when_the_first_upload_differs()
         agg.add(wire.encode_upload(u))
     got = agg.result()
     assert list(got) == model.names
-    da, db = dense(ups[0]), dense(ups[1])
-    for name in da:
-        want = (da[name] + db[name]) / 2
-        if got[name].dtype == torch.int64:
-            assert torch.equal(got[name], want.round().long())
-        else:
-            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
+    _assert_mean_of(got, ups[0], ups[1])
 
 
 def test_model_layout_refuses_quantized_names_the_state_lacks():
