@@ -101,16 +101,6 @@ def mid_round_state(n: int, bits: int, seed: int):
     return [codes, sign, mom, torch.tensor([0.0123])]
 
 
-def misaligned(t: torch.Tensor) -> torch.Tensor:
-    """A float32 CPU copy of t whose data pointer is not 4-byte aligned (torch.frombuffer at
-    an odd offset: the rare tensor the CPU adapters must copy before a kernel reads it)."""
-    buf = bytearray(4 * t.numel() + 4)
-    out = torch.frombuffer(buf, dtype=torch.float32, offset=1, count=t.numel())
-    out.copy_(t.reshape(-1))
-    assert out.data_ptr() % 4 != 0
-    return out
-
-
 def _f32(pattern: int) -> float:
     return torch.tensor([pattern], dtype=torch.int32).view(torch.float32).item()
 

@@ -12,7 +12,9 @@ import fedmpq_kernels as fk
 from fedmpq_kernels.bitplane import reference as R
 from fedmpq_kernels.pack.reference import pack_bitmap
 
-from .helpers import ALL_BITS, BIG, SIZES, bits_of, kernels, layer, misaligned, weights
+from tests.fedmpq_kernels.misaligned import misaligned
+
+from .helpers import ALL_BITS, BIG, SIZES, bits_of, kernels, layer, weights
 
 
 # ---- binarize, dequantize, popcounts -----------------------------------------------------

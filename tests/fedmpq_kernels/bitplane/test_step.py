@@ -14,8 +14,10 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels.bitplane import reference as R
 
+from tests.fedmpq_kernels.misaligned import misaligned
+
 from .helpers import (ALL_BITS, BIG, EDGE_DRAWS, EDGE_STEPS, SIZES, STEPS, assert_state_equal, bits_of, fresh_state,
-                      kernels, layer, misaligned, reference_run)
+                      kernels, layer, reference_run)
 
 
 def _replay(backend, n, bits, lr, momentum, steps=STEPS):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fedmpq_kernels._native import native, native_error
+from tests.fedmpq_kernels.misaligned import misaligned
 
 pytestmark = pytest.mark.skipif(native is None, reason=f"native module not built: {native_error}")
 
@@ -154,11 +155,7 @@ def test_huge_thread_counts_are_capped():
 
 
 def _misaligned(n: int, seed: int = 0) -> torch.Tensor:
-    buf = bytearray(4 * n + 4)
-    t = torch.frombuffer(buf, dtype=torch.float32, offset=1, count=n)
-    t.copy_(torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 2)
-    assert t.data_ptr() % 4 != 0
-    return t
+    return misaligned(torch.randn(n, generator=torch.Generator().manual_seed(seed)) * 2)
 
 
 def test_misaligned_float_pointers_are_rejected():

@@ -169,6 +169,7 @@ def test_a_table_or_coefs_off_the_cpu_raise(backend, which):
     with backend.active(), pytest.raises(ValueError, match="table and coefs must be CPU tensors"):
         fk.dequant_accumulate_layers(torch.zeros(100, device=dev), payload, table, coefs)
 
+
 @pytest.mark.skipif(native is None, reason="native module not built")
 @pytest.mark.parametrize(
     "over, match",
