@@ -17,7 +17,8 @@
 #    fail instead of skip), so one failing backend does not hide the others: every family,
 #    the bit-plane training kernels included (tests/fedmpq_kernels/<family>/); then the
 #    client's GPU tests (a round replayed from a CUDA graph uploads the eager round's bytes;
-#    a federation on CUDA sends the CPU's payload layout);
+#    a federation on CUDA sends the CPU's payload layout; two rounds on the cuda and
+#    triton-cuda backends are the reference backend's run on the GPU, byte for byte);
 # 4. the GPU benchmarks: every kernel (fake-quant, packing, bit-plane training) at 2^24
 #    against device-to-device copy_ and the torch way, per call with a synchronization,
 #    20 calls per synchronization, and 20 calls replayed from one CUDA graph; ResNet-20's 20
@@ -43,7 +44,7 @@
 # benchmarks 51, the client step 58, the split 19 and the federation 20 s. Since then came the
 # client's GPU tests, the graph benchmarks, one graphed CIFAR round (the eager round: 69 s) and
 # the CUDA bit-plane kernels (in tests-cuda and bench-kernels), so about 7-8 minutes are
-# expected. The limits (760 s, plus 90 s for the build) are
+# expected. The limits (790 s, plus 90 s for the build) are
 # ceilings, and the step least likely to find anything new comes last. Run with timeout_s
 # 600: the summary is written step by step, so a cut-off run still returns what it did. Test steps run on 8
 # pytest-xdist workers where the image has xdist (Triton's JIT compiles in parallel).
@@ -161,9 +162,10 @@ backend_tests() {  # backend, limit (s)
 backend_tests cuda 120  # 42 s on the H200 before the bit-plane family had CUDA kernels (a timeout loses the step's summary)
 backend_tests triton-cuda 100
 # the client and the federation on CUDA (graph replay against eager, byte for byte; the
-# optimizer's batched coefficients against the CPU's)
-run_step tests-client-cuda 60 env CI=true $PY -m pytest tests/fedmpq/test_client.py tests/fedmpq/test_simulate.py \
-  tests/fedmpq/test_nn.py -k "cuda or gpu" -q -p no:cacheprovider -rfE
+# optimizer's batched coefficients against the CPU's; two rounds on the cuda and triton-cuda
+# backends against the reference backend on the GPU, byte for byte)
+run_step tests-client-cuda 90 env CI=true $PY -m pytest tests/fedmpq/test_client.py tests/fedmpq/test_simulate.py \
+  tests/fedmpq/test_nn.py tests/fedmpq/test_backends.py -k "cuda or gpu" -q -p no:cacheprovider -rfE
 
 # ---- 4. benchmarks (GPU rows only) -------------------------------------------------------
 # GPU rows of the compiled backends and the anchors (the pure-torch reference is not timed):

@@ -56,3 +56,12 @@ def _own_trainer_registry(tmp_path_factory, monkeypatch):
     the cores with the runs registered on the machine (fedmpq.trainers), so a study running
     beside the tests would change the threads, and the results, that tests compare."""
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path_factory.mktemp("runtime")))
+
+
+# The kernel tests' backend matrix and CUDA emulator, for the federation run on each backend
+# (test_backends.py).
+from tests.fedmpq_kernels import conftest as _kernels  # noqa: E402
+
+backend = _kernels.backend
+cuda_emu = _kernels.cuda_emu
+emu = _kernels.emu
