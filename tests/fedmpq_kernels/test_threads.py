@@ -20,6 +20,7 @@ import torch
 
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
+from fedmpq_kernels._checks import bitmap_nbytes
 from fedmpq_kernels._native import native
 
 pytestmark = pytest.mark.skipif(native is None or not registry.available("cpu")[0],
@@ -260,3 +261,26 @@ def test_a_call_of_one_task_stays_on_the_calling_thread():
             jobs = native.threading()["jobs"]
             fk.dequant_accumulate_layers(acc, payload, torch.tensor(rows), coefs[:len(rows)])
             assert (native.threading()["jobs"] > jobs) == pooled, rows
+
+
+@pytest.mark.skipif(native is not None and native.threading()["max_threads"] < 2,
+                    reason="one core: no call uses the pool")
+def test_the_scale_gradients_add_task_partials_in_task_order():
+    """The float64 partials of the pool's tasks are added in task order, as one thread adds
+    them. Three tasks whose partials are 2^53, 1 and -2^53: in order, 2^53 + 1 rounds to 2^53
+    (ties to even) and the sum is 0; backwards it would be 1. Both scale gradients, dL/ds of
+    dequantize and dL/dS of fake_quant (its clipped-high elements add dL/dy each)."""
+    n = 3 * GRAIN
+    gy = torch.zeros(n)
+    gy[0], gy[GRAIN], gy[2 * GRAIN] = 2.0 ** 53, 1.0, -2.0 ** 53
+    codes = torch.ones(n, dtype=torch.uint8)
+    sign = torch.zeros(bitmap_nbytes(n), dtype=torch.uint8)  # all positive
+    x = torch.zeros(n)
+    x[0] = x[GRAIN] = x[2 * GRAIN] = 10.0  # above S = 2: clipped high
+    for nt in (1, 2):
+        with num_threads(nt), registry.use_backend("cpu"):
+            s = torch.tensor(1.0, requires_grad=True)
+            fk.dequantize(codes, sign, s, 1, fk.sink_like((n,))).backward(gy)  # 1 bit: dL/ds = sum of dL/dW
+            big_s = torch.tensor(2.0, requires_grad=True)
+            fk.fake_quant(x, 3, big_s, ste="clipped").backward(gy)
+        assert (s.grad.item(), big_s.grad.item()) == (0.0, 0.0), f"{nt} threads"
