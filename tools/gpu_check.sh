@@ -165,7 +165,7 @@ backend_tests triton-cuda 100
 # optimizer's batched coefficients against the CPU's; two rounds on the cuda and triton-cuda
 # backends against the reference backend on the GPU, byte for byte)
 run_step tests-client-cuda 90 env CI=true $PY -m pytest tests/fedmpq/test_client.py tests/fedmpq/test_simulate.py \
-  tests/fedmpq/test_nn.py tests/fedmpq/test_backends.py -k "cuda or gpu" -q -p no:cacheprovider -rfE
+  tests/fedmpq/test_nn.py tests/fedmpq/test_backends.py -k "(cuda or gpu) and not emulated" -q -p no:cacheprovider -rfE
 
 # ---- 4. benchmarks (GPU rows only) -------------------------------------------------------
 # GPU rows of the compiled backends and the anchors (the pure-torch reference is not timed):

@@ -244,9 +244,9 @@ def test_dequantize_backward_sums_in_float64_across_programs(backend, monkeypatc
     (300, {0: 2.0**24, 200: 3.0}, (2.0**24 + 3.0) / 7.0),
 ], ids=["lanes", "tasks", "one-rounding"])
 def test_dequantize_backward_rounds_the_exact_sum_once(backend, n, at, want):
-    """dL/ds is float32(S / L) of the exact float64 sum S: no partial sum (a vector lane's, a
-    thread task's) is rounded to float32, nor S before the division. Codes 1, 3 bits, the
-    gradients' signs on the weights'."""
+    """dL/ds is float32(S / L) of the float64 sum S (exact for these values): no partial sum
+    (a vector lane's, a thread task's) is rounded to float32, nor S before the division.
+    Codes 1, 3 bits, the gradients' signs on the weights'."""
     bp = kernels(backend)
     dev = backend.device
     backend.skip_if_too_big(n)
