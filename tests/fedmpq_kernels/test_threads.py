@@ -265,6 +265,26 @@ def test_a_call_of_one_task_stays_on_the_calling_thread():
 
 @pytest.mark.skipif(native is not None and native.threading()["max_threads"] < 2,
                     reason="one core: no call uses the pool")
+def test_a_call_below_two_grains_stays_on_the_calling_thread():
+    """A thread takes at least a grain of work (threads_for): 2 * GRAIN - 1 elements are two
+    tasks but one thread's worth, so two allowed threads still run on the caller and post no
+    job; 2 * GRAIN elements use the pool. Each op: fake_quant (its absmax, then the forward),
+    relu6_fake_quant and pack_codes."""
+    def ops(n):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3
+        codes = torch.randint(0, 8, (n,), generator=torch.Generator().manual_seed(1), dtype=torch.int32).to(torch.uint8)
+        return [lambda: fk.fake_quant(x, 4), lambda: fk.relu6_fake_quant(x, 4), lambda: fk.pack_codes(codes, 3)]
+
+    with num_threads(2), registry.use_backend("cpu"):
+        for n, pooled in ((2 * GRAIN - 1, False), (2 * GRAIN, True)):
+            for k, op in enumerate(ops(n)):
+                jobs = native.threading()["jobs"]
+                op()
+                assert (native.threading()["jobs"] > jobs) == pooled, (n, k)
+
+
+@pytest.mark.skipif(native is not None and native.threading()["max_threads"] < 2,
+                    reason="one core: no call uses the pool")
 def test_the_scale_gradients_add_task_partials_in_task_order():
     """The float64 partials of the pool's tasks are added in task order, as one thread adds
     them. Three tasks whose partials are 2^53, 1 and -2^53: in order, 2^53 + 1 rounds to 2^53

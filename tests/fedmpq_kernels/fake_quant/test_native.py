@@ -32,6 +32,7 @@ def _args(**over):
         (dict(n=-1, y_cap=-1), "negative element count"),
         (dict(bits=9), "bits must be in 1..8 or 16"),
         (dict(bits=0), "bits must be in 1..8 or 16"),
+        (dict(bits=17), "bits must be in 1..8 or 16, got 17"),  # 16 is the one width above 8
         (dict(x=0), "null data pointer"),
         (dict(scale=0.0), "scale must be finite and > 0"),
         (dict(scale=float("inf")), "scale must be finite and > 0"),
@@ -52,6 +53,27 @@ def test_backward_requires_the_pass_bitmap():
     p = torch.empty(4, dtype=torch.uint8)
     with pytest.raises(ValueError, match="needs 8"):
         native.cpu.fake_quant_backward(g.data_ptr(), 40, gx.data_ptr(), 40, p.data_ptr(), 4, 0, 0, 1)
+
+
+@pytest.mark.parametrize("hi_nbytes, offset, match", [(15, 0, "hi bitmap has 15 bytes, needs 16"),
+                                                        (16, 2, "hi bitmap must be 4-byte aligned")])
+def test_the_hi_bitmap_is_checked_like_the_pass_bitmap(hi_nbytes, offset, match):
+    """The optional hi bitmap (written by the forward, read by the backward) is re-checked
+    like pass: one byte short of the 16 that 100 elements need, or 2 bytes off its 4-byte
+    alignment, is refused by both, with y and grad_x left as they were (the buffer is 20
+    bytes, so a kernel that ran anyway would stay inside it)."""
+    n = 100
+    x, g = torch.randn(n), torch.randn(n)
+    p = torch.zeros(16, dtype=torch.uint8)
+    h = torch.zeros(20, dtype=torch.uint8)
+    y, gx = torch.zeros(n), torch.zeros(n)
+    with pytest.raises(ValueError, match=match):
+        native.cpu.fake_quant(x.data_ptr(), n, y.data_ptr(), n, 4, 1.0, False, p.data_ptr(), 16,
+                              h.data_ptr() + offset, hi_nbytes, 1)
+    with pytest.raises(ValueError, match=match):
+        native.cpu.fake_quant_backward(g.data_ptr(), n, gx.data_ptr(), n, p.data_ptr(), 16,
+                                       h.data_ptr() + offset, hi_nbytes, 1)
+    assert not y.any() and not gx.any() and not h.any()
 
 
 def test_isa_override_rejects_unknown_names():

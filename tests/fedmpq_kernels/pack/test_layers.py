@@ -72,6 +72,7 @@ def test_layer_coefs_are_the_float32_products():
         ([95, 10, 2, 8], "accumulator range|is invalid"),
         ([0, 10, 2, 6], "misaligned|is invalid"),
         ([0, 10, 2, 2**40], "out of the payload|is invalid"),
+        ([0, 10, 2, -4], "out of the payload|is invalid"),  # aligned, and its 12 bytes would end inside
         ([0, 10**9, 2, 8], "accumulator range|out of the payload|is invalid"),
         ([0, -5, 2, 8], "negative element count|is invalid"),
         ([0, 2**62, 2, 8], "any kernel accepts|is invalid"),
