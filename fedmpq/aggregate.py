@@ -12,7 +12,6 @@ layer, its samples and budget) come out of the same pass.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -179,9 +178,11 @@ class Aggregator:
             raise wire.WireFormatError(f"upload of client {client_id} reports {num_samples} samples: it cannot be weighted by them")
         if self._lay is None:
             if self.expected is not None:
-                order = self._order(self.expected, p, client_id)  # raises when it is not the model
-                if order is not None:  # lay the accumulators out in the model's order
-                    p = _reordered(p, order)
+                self._order(self.expected, p, client_id)  # raises when it is not the model
+            # The accumulators follow the first upload's own order (result() gives the model's):
+            # later uploads of that layout then take the fast path, one add per float run,
+            # where the model's order (quantized weights between the BatchNorm entries) would
+            # split the floats into a run per layer and send every upload down the per-entry path.
             lay = _layout(p)
         else:
             lay = self._lay
@@ -290,20 +291,18 @@ class Aggregator:
             fmeans = [acc / self._total for acc in self._facc]
         else:
             q, *fmeans = [robust(torch.stack(vals), self.rule) for vals in zip(*self._kept)]
+        numel = self._known.numel.tolist()  # the first upload's rows: the accumulators' order
         out = {}
         for row, off in zip(lay.quant.tolist(), lay.qoff.tolist()):
-            shape = _shape(lay, row)
-            n = int(np.prod(shape, dtype=np.int64))
-            out[lay.names[row]] = q[off:off + n].reshape(shape)
+            out[lay.names[row]] = q[off:off + numel[row]].reshape(_shape(lay, row))
         for (a, b, dt), mean in zip(lay.segments, fmeans):
+            if dt == wire.DT_INT64:
+                mean = mean.round().to(torch.int64)  # once per run, not per entry
             at = 0
             for row in range(a, b):
-                shape = _shape(lay, row)
-                n = int(np.prod(shape, dtype=np.int64))
-                t = mean[at:at + n].reshape(shape)
-                out[lay.names[row]] = t.round().to(torch.int64) if dt == wire.DT_INT64 else t
-                at += n
-        return {nm: out[nm] for nm in lay.names}
+                out[lay.names[row]] = mean[at:at + numel[row]].reshape(_shape(lay, row))
+                at += numel[row]
+        return {nm: out[nm] for nm in (self.expected.names if self.expected is not None else lay.names)}
 
 
 def robust(x: Tensor, rule: str) -> Tensor:
@@ -321,13 +320,6 @@ def trim_count(k: int) -> int:
     """Values the trimmed mean cuts at each end of k: ``int(TRIM * k)`` as Flower's
     FedTrimmedAvg, but at least one from 3 values on (Flower's rule trims nothing below 5)."""
     return max(int(TRIM * k), 1 if k >= 3 else 0)
-
-
-def _reordered(p: wire.Parsed, order: np.ndarray) -> wire.Parsed:
-    """``p``'s columns in the model's order (the payload bytes stay as they are)."""
-    cols = {f: getattr(p, f)[order] for f in ("dtype", "bits", "delta", "scale", "dims", "ndim", "numel", "offset",
-                                               "nbytes")}
-    return dataclasses.replace(p, names=[p.names[i] for i in order], same_layout=False, zindex=b"", **cols)
 
 
 def _shape(lay: _Layout, row: int) -> Tuple[int, ...]:

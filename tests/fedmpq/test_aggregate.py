@@ -167,6 +167,39 @@ def test_the_expected_layout_sets_the_order_even_when_the_first_upload_differs()
     _assert_mean_of(got, ups[0], ups[1])
 
 
+def test_uploads_in_the_encoders_order_add_one_float_run_at_a_time(monkeypatch):
+    """The server's case: the model's layout interleaves quantized weights and float entries
+    (a layer, then its BatchNorm), the uploads list the quantized ones first. The aggregate
+    still comes out in the model's order, and every upload reads its floats a run of one
+    dtype at a time (here float32 and int64: two reads), not entry by entry."""
+    ups = []
+    for seed in range(3):
+        u = make_upload(seed=seed)
+        del u.floats["half.weight"]  # a model's float entries are float32 or int64
+        ups.append(u)
+    flat = dense(ups[0])
+    flat["bn1.num_batches_tracked"] = ups[0].floats["bn1.num_batches_tracked"]
+    quant, floats = list(ups[0].layers), [n for n in flat if n not in ups[0].layers]
+    order = [quant[0]] + floats[:5] + quant[1:3] + floats[5:] + quant[3:]  # interleaved
+    model = aggregate.model_layout({n: flat[n] for n in order}, quant)
+    reads = []
+    real = aggregate.Aggregator._floats
+    monkeypatch.setattr(aggregate.Aggregator, "_floats", staticmethod(lambda *a: reads.append(a[2:]) or real(*a)))
+    agg = aggregate.Aggregator(expected=model)
+    for u in ups:
+        agg.add(wire.encode_upload(u))
+    assert len(reads) == 2 * len(ups), reads
+    got = agg.result()
+    assert list(got) == order
+    da, db, dc = (dense(u) for u in ups)
+    for name in da:
+        want = (da[name] + db[name] + dc[name]) / 3
+        if got[name].dtype == torch.int64:
+            assert torch.equal(got[name], want.round().long())
+        else:
+            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_model_layout_refuses_quantized_names_the_state_lacks():
     with pytest.raises(ValueError, match=r"quantized entries not in the state: \['fc.weight'\]"):
         aggregate.model_layout({"conv.weight": torch.zeros(2, 3)}, ["conv.weight", "fc.weight"])
