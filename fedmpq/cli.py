@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from . import data as data_mod
 from . import simulate
 from .config import (DEFAULTS, HELP, ConfigError, check_config, load_config_file, parse_alpha, parse_bool,
-                     parse_budgets, parse_optional_int)
+                     parse_budgets, parse_optional_int, parse_optional_path)
 from .federation import prepare_out, read_checkpoint
 from .progress import log_through_bars
 from .results import bits_table, compare
@@ -46,11 +46,12 @@ def _default_text(v: Any) -> str:
     return str(v)
 
 
-def _config_flags(p: argparse.ArgumentParser) -> None:
+def _config_flags(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys (flags override it)")
     p.add_argument("--out", metavar="DIR", help="results folder: results.json, rounds.csv, plots, checkpoint.pt "
                                                 "(default: runs/<date>-<time>)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no per-round lines")
+    if quiet:  # fedmpq flower has no bars, and its round lines come from the ServerApp
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no per-round lines")
     for k, v in DEFAULTS.items():
         flag = "--" + k.replace("_", "-")
         if k == "budgets":
@@ -60,7 +61,7 @@ def _config_flags(p: argparse.ArgumentParser) -> None:
         elif k in ("train_samples", "threads"):
             parse = parse_optional_int(k)
         elif k == "data_dir":
-            parse = str
+            parse = parse_optional_path
         elif isinstance(v, bool):
             parse = parse_bool(k)
         else:
@@ -102,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     fl = sub.add_parser("flower", help="run the same federation through Flower's simulation engine "
                                        "(needs the flower extra)",
                         description="Run the federation on Flower's simulation engine (Ray); the same keys.")
-    _config_flags(fl)
+    _config_flags(fl, quiet=False)
     fl.add_argument("--cpus", type=_flag_type("cpus", int), default=None, metavar="N",
                     help="CPUs Ray may use; cpus // threads clients train at once (default: the cores this "
                          "process may use)")
@@ -114,7 +115,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cmp_.add_argument("--last", type=int, default=5, metavar="N",
                       help="average the accuracy over this many last rounds (default: 5)")
     cmp_.add_argument("--bits", action="store_true",
-                      help="also print the bits per layer each budget's clients trained with in the last round")
+                      help="also print the bits per layer each budget's clients uploaded in the last round "
+                           "(after their precision reduction)")
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:  # --help (0) or a bad flag (2, already said in one line)
@@ -123,6 +125,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.cmd == "simulate" and args.resume and args.out and Path(args.out) != Path(args.resume):
         print(f"fedmpq: --resume {args.resume} continues the run in that folder; leave out --out "
               f"(or give the same folder)", file=sys.stderr)
+        return 2
+    if args.cmd == "simulate" and args.resume and args.config:
+        print(f"fedmpq: --resume {args.resume} continues the run with its saved config; leave out --config "
+              f"(give what may change as flags: rounds, device, cuda-graph, threads, data-dir)", file=sys.stderr)
         return 2
     try:
         if args.cmd == "compare":

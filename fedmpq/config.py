@@ -69,8 +69,9 @@ HELP: Dict[str, str] = {
     "device": "where clients train and the server evaluates: cpu, cuda or cuda:N",
     "cuda_graph": "true: replay each client's local step from a CUDA graph captured per round (device cuda only; "
                   "a batch of another size runs eagerly); false: every step eagerly",
-    "threads": "threads of one training process; none: the cores this process may use divided among "
-               "the clients that train at the same time",
+    "threads": "threads of one training process; none: fedmpq simulate takes the cores this process may use "
+               "divided among the fedmpq simulate runs training on this machine (counted every round), "
+               "fedmpq flower and a SuperNode give each client all of them",
 }
 assert set(HELP) == set(DEFAULTS)
 
@@ -104,6 +105,11 @@ def _integer(c: Dict[str, Any], key: str, lo: int, what: str, optional: bool = F
     c[key] = int(v)
 
 
+# The words a key whose value may be none takes for it, in a config file as on the command line.
+_NONE_WORDS = {"alpha": ("iid", "none", "null", ""), "train_samples": ("none", "null", "auto", ""),
+               "threads": ("none", "null", "auto", ""), "data_dir": ("none", "null", "")}
+
+
 def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Complete ``cfg`` with :data:`DEFAULTS` and check every key; raises :class:`ConfigError`
     (one line naming the key and what it may be)."""
@@ -114,6 +120,9 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"unknown config key {unknown[0]!r} (known: {', '.join(DEFAULTS)})")
     c = dict(DEFAULTS)
     c.update({k: v for k, v in cfg.items() if v is not None or k in ("alpha", "train_samples", "threads")})
+    for key, words in _NONE_WORDS.items():  # a config file's "iid" or "none", as the flags take them
+        if isinstance(c[key], str) and c[key].strip().lower() in words:
+            c[key] = None
     for key, choices in (("alg", ALGS), ("dataset", data_mod.DATASETS), ("model", qn.models.MODELS),
                          ("scale_lr", client_mod.SCALE_LR_RULES), ("aggregation", agg_mod.RULES),
                          ("classifier", CLASSIFIERS)):
@@ -262,12 +271,17 @@ def parse_budgets(text: str) -> List[Any]:
 def parse_alpha(text: str) -> Optional[float]:
     """``"iid"``/``"none"`` (or empty) -> None (no Dirichlet split), else the number; raises
     :class:`ConfigError`."""
-    if text.strip().lower() in ("iid", "none", "null", ""):
+    if text.strip().lower() in _NONE_WORDS["alpha"]:
         return None
     try:
         return float(text)
     except ValueError:
         raise ConfigError(f"alpha must be a number or iid, got {text!r}") from None
+
+
+def parse_optional_path(text: str) -> Optional[str]:
+    """A folder, or ``none`` (-> None), as the other keys whose default is none take it."""
+    return None if text.strip().lower() in _NONE_WORDS["data_dir"] else text
 
 
 def parse_bool(key: str):
@@ -285,7 +299,7 @@ def parse_bool(key: str):
 def parse_optional_int(key: str):
     """A flag parser for an integer key that may be ``none`` (-> None)."""
     def parse(text: str) -> Optional[int]:
-        if text.strip().lower() in ("none", "null", "auto", ""):
+        if text.strip().lower() in _NONE_WORDS[key]:
             return None
         try:
             return int(text)

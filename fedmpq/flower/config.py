@@ -1,8 +1,8 @@
 """The Flower app's configuration: Flower's run config (``[tool.flwr.app.config]``,
 ``flwr run --run-config``) holds the same keys as ``fedmpq simulate``, with ``-`` or ``_``,
 plus the app's own keys below. Flower's values are scalars only, so ``budgets`` is a
-comma-separated string (``"2,2,4,4,4,6,6,6,8,8"``), ``alpha`` may be ``"iid"`` and an empty
-``data_dir`` means the dataset's default location."""
+comma-separated string (``"2,2,4,4,4,6,6,6,8,8"``), ``alpha`` may be ``"iid"`` and an empty (or
+``"none"``) ``data_dir`` means the dataset's default location."""
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Tuple
@@ -20,8 +20,8 @@ def _value(key: str, v: Any) -> Any:
         return config_mod.parse_budgets(v)
     if key == "alpha" and isinstance(v, str):
         return config_mod.parse_alpha(v)
-    if key == "data_dir" and v == "":
-        return None
+    if key == "data_dir" and isinstance(v, str):
+        return config_mod.parse_optional_path(v)
     if key == "cuda_graph" and isinstance(v, str):
         return config_mod.parse_bool(key)(v)
     if key in ("train_samples", "threads") and isinstance(v, str):

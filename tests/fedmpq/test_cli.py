@@ -51,6 +51,11 @@ def test_resume_extends_a_finished_run_and_refuses_other_changes(tmp_path, capsy
     assert "leave out --out" in capsys.readouterr().err and not (tmp_path / "other").exists()
     assert cli.main(["simulate", "-q", "--resume", str(run), "--rounds", "1"]) == 2
     assert "already holds 2 rounds" in capsys.readouterr().err
+    changed = tmp_path / "changed.json"  # a config file cannot change a resumed run either
+    changed.write_text(json.dumps({"alg": "aqfl", "rounds": 3}))
+    assert cli.main(["simulate", "-q", "--resume", str(run), "--config", str(changed)]) == 2
+    assert "leave out --config" in capsys.readouterr().err
+    assert len(json.loads((run / "results.json").read_text())["rounds"]) == 2
     assert cli.main(["simulate", "-q", "--resume", str(run), "--rounds", "3", "--threads", "1"]) == 0
     whole = tmp_path / "whole"
     assert cli.main(["simulate", "-q", "--out", str(whole), "--threads", "1"] + _args(dict(SMALL, rounds=3))) == 0
@@ -154,3 +159,24 @@ def test_resume_accepts_as_many_rounds_as_are_done_but_not_fewer(tmp_path):
     resumable(c, dict(c, rounds=5), 2, tmp_path / "checkpoint.pt")
     with pytest.raises(config.ConfigError, match="already holds 2 rounds"):
         resumable(c, dict(c, rounds=1), 2, tmp_path / "checkpoint.pt")
+
+
+def test_a_config_file_takes_the_words_the_flags_take_for_none(tmp_path):
+    """alpha "iid", train_samples, threads and data_dir "none" (any case) in a config file, as
+    on the command line: an iid split, the whole training set, the default threads, the
+    dataset's default location; --data-dir none too."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(dict(SMALL, rounds=1, alpha="iid", train_samples="none", threads="None",
+                                   data_dir="none")))
+    assert cli.main(["simulate", "--config", str(cfg), "-q", "--out", str(tmp_path / "o")]) == 0
+    saved = json.loads((tmp_path / "o" / "results.json").read_text())["config"]
+    assert (saved["alpha"], saved["train_samples"], saved["threads"], saved["data_dir"]) == (None, None, None, None)
+    assert cli.main(["simulate", "-q", "--out", str(tmp_path / "p"), "--data-dir", "none"] +
+                    _args(dict(SMALL, rounds=1))) == 0
+    assert json.loads((tmp_path / "p" / "results.json").read_text())["config"]["data_dir"] is None
+
+
+def test_fedmpq_flower_has_no_quiet_flag(capsys):
+    """Its round lines come from the ServerApp and it draws no bars: a -q would do nothing."""
+    assert cli.main(["flower", "-q"]) == 2
+    assert "unrecognized arguments: -q" in capsys.readouterr().err
