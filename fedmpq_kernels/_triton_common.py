@@ -32,6 +32,13 @@ Tensor = torch.Tensor
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# What every launch passes, so that the kernels compute what torch computes, bit for bit: no
+# multiply-add contracted into an FMA. (Subnormals are kept without an option: the division
+# the kernels use, ``div_rn``, compiles to ``div.rn.f32``, no ``.ftz``, with Triton 3.6 and
+# 3.9; tests/triton_compile.py fails on any ``.ftz`` instruction in a kernel's PTX.)
+LAUNCH = {"enable_fp_fusion": False}
+
+
 @triton.jit
 def load_bits(ptr, word, col, nwords, MASKED: tl.constexpr):
     """[ROWS, 32] int32 0/1: bit ``col`` of bitmap word ``word`` (0 past ``nwords`` when MASKED)."""
@@ -189,6 +196,5 @@ def absmax(x: Tensor, n: int, block: int, num_warps: int, relu6: bool = False) -
     grid = (triton.cdiv(n, block),)
     out = torch.empty((), dtype=torch.int32, device=x.device)
     ws = reduction_workspace(x.device, grid[0])
-    absmax_kernel[grid](x, ws, out, n, BLOCK=block, FINISH=FINISH, RELU6=relu6, num_warps=num_warps,
-                        enable_fp_fusion=False)
+    absmax_kernel[grid](x, ws, out, n, BLOCK=block, FINISH=FINISH, RELU6=relu6, num_warps=num_warps, **LAUNCH)
     return out.view(torch.float32)

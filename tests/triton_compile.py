@@ -7,7 +7,9 @@ interpreter reads and the GPU build rejects. Here each backend adapter runs on s
 tensors with ``JITFunction.run`` replaced: instead of launching, it builds the kernel's
 signature from the arguments it got (tensor dtypes, ints, floats, constexpr values, the
 launch options) and compiles it with ``triton.compile`` for ``GPUTarget("cuda", arch, 32)``,
-through PTX and ptxas. Every kernel and specialization the adapters reach is compiled once.
+through PTX and ptxas, and fails a kernel whose PTX has a flushing (``.ftz``) instruction:
+the kernels keep subnormals as torch does. Every kernel and specialization the adapters reach
+is compiled once.
 Prints one line per compile and ends with ``compiled N, failed M``; exits 1 if any failed.
 Must run without ``TRITON_INTERPRET`` (it refuses to start otherwise).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -66,7 +69,12 @@ class Compiler:
             return None
         what = f"{fn.fn.__module__.split('.', 1)[1]}.{fn.fn.__name__} {consts} {opts}"
         try:
-            triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=self.target, options=opts)
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=self.target, options=opts)
+            # the kernels must keep subnormals, as torch does: a flushing instruction (a
+            # libdevice routine under nvvm-reflect-ftz, say) would give zeros on a GPU only
+            ftz = sorted(set(re.findall(r"\b[a-z0-9]+(?:\.[a-z0-9]+)*\.ftz\b[.a-z0-9]*", k.asm["ptx"])))
+            if ftz:
+                raise RuntimeError(f"its PTX flushes subnormals to zero: {ftz[:4]}")
             self.done[key] = True
             print("ok  ", what)
         except Exception as e:  # noqa: BLE001 -- every failure is reported, then the run fails

@@ -16,7 +16,8 @@ Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton` and ``pack.triton`
   path (vectorizable); only the last block is masked. ``n``, ``nwords`` and the generator
   key (its value, or its pointer's alignment) are not specialized: one compile per
   bit-width and kind of key.
-* Every launch has ``enable_fp_fusion=False`` (no multiply-add contracted into an FMA);
+* Every launch passes ``_triton_common.LAUNCH`` (``enable_fp_fusion=False``: no multiply-add
+  contracted into an FMA);
   ``s / L``, ``L / s`` and ``|d| / g_s`` use ``div_rn`` (Triton's plain fp32 ``/`` is not
   correctly rounded on NVIDIA GPUs; torch's is). Rounding half to even: ``(t + 2^23) - 2^23``
   on ``|t| < 2^23`` (larger floats are integers already), the sign put back; exact, and
@@ -62,7 +63,7 @@ import triton.language as tl
 from .._buffers import words
 from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes
 from .._device import on_device
-from .._triton_common import (FINISH, INTERPRET, MAX_I32, SUM_F64_DIV, SUM_I64, absmax, combine_slots,
+from .._triton_common import (FINISH, INTERPRET, LAUNCH, MAX_I32, SUM_F64_DIV, SUM_I64, absmax, combine_slots,
                               finish_in_last_program, is_last, load_bits, reduction_workspace, release_workspace,
                               store_words, take_ticket)
 
@@ -440,7 +441,7 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
     with on_device(dev):
         s = absmax(wf, n, BLOCK, NUM_WARPS)
         _binarize_kernel[grid](wf, s, codes, sign.view(torch.int32), n, nbytes // 4, _L(bits), BLOCK=BLOCK,
-                               num_warps=NUM_WARPS, enable_fp_fusion=False)
+                               num_warps=NUM_WARPS, **LAUNCH)
     return codes, sign, s
 
 
@@ -456,7 +457,7 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
     with on_device(dev):
         _dequantize_kernel[(triton.cdiv(n, BLOCK),)](c, sw.view(torch.int32), _scalar(scale), out, n, nbytes // 4,
                                                      _L(bits), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                                                     enable_fp_fusion=False)
+                                                     **LAUNCH)
     return out
 
 
@@ -478,7 +479,7 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
         ws = reduction_workspace(dev, grid[0], wide=True)
         _dq_backward_kernel[grid](g, c, sw.view(torch.int32), ws, ws.view(torch.int64), out, n, nbytes // 4,
                                   float(_L(bits)), BLOCK=BLOCK, FINISH=FINISH, num_warps=NUM_WARPS,
-                                  enable_fp_fusion=False)
+                                  **LAUNCH)
     return out
 
 
@@ -492,7 +493,7 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     out = torch.empty(bits, dtype=torch.int64, device=dev)
     with on_device(dev):
         ws = reduction_workspace(dev, grid[0] * bits)
-        _popcount_kernel[grid](c, ws, out, n, BITS=bits, BLOCK=BLOCK, FINISH=FINISH, num_warps=NUM_WARPS)
+        _popcount_kernel[grid](c, ws, out, n, BITS=bits, BLOCK=BLOCK, FINISH=FINISH, num_warps=NUM_WARPS, **LAUNCH)
     return out
 
 
@@ -534,10 +535,10 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         ws = reduction_workspace(dev, grid[0])
         _step_max_kernel[grid](g, cw, sign32, mw, gsw, cf, sc, ws, g_s, prev, n, nbytes // 4, L, float(lr),
                                float(momentum), N=bits, BLOCK=step_block, FINISH=FINISH, num_warps=step_warps,
-                               enable_fp_fusion=False)
+                               **LAUNCH)
         _step_update_kernel[grid](g, cw, sign32, mw, prev, cf, sc, g_s, n, nbytes // 4, L, float(lr),
                                   float(momentum), key32, key_ptr, N=bits, BLOCK=step_block, num_warps=step_warps,
-                                  KEY_IN_MEM=key_tensor is not None, enable_fp_fusion=False)
+                                  KEY_IN_MEM=key_tensor is not None, **LAUNCH)
     if cw is not codes:
         codes.copy_(cw.reshape(codes.shape))
     if sign_copied:

@@ -18,8 +18,9 @@ Design
 * Dynamic scale: :func:`fedmpq_kernels._triton_common.absmax` (the maximum of the bit
   patterns of |x|, reduced on the device in one launch; a NaN propagates).
 * Rounding: half-to-even via ``(t + 2**23) - 2**23`` (0 <= t < 2**23 here, NaN/inf pass
-  through). Every kernel is launched with ``enable_fp_fusion=False`` so that no add is
-  fused with the preceding multiply into an FMA (which would change the rounding).
+  through). Every kernel is launched with ``_triton_common.LAUNCH`` (``enable_fp_fusion=False``)
+  so that no add is fused with the preceding multiply into an FMA (which would change the
+  rounding).
   ``L / S`` and ``S / L`` use ``div_rn`` (Triton's plain fp32 ``/`` is not correctly
   rounded on NVIDIA GPUs; torch's is).
 * copysign is done on the bit patterns, so -0.0 and the sign of NaN follow x.
@@ -42,7 +43,7 @@ import triton.language as tl
 
 from .._checks import bitmap_arg, bitmap_nbytes
 from .._device import on_device
-from .._triton_common import (FINISH, INTERPRET, SUM_F32, absmax, finish_in_last_program, load_bits,
+from .._triton_common import (FINISH, INTERPRET, LAUNCH, SUM_F32, absmax, finish_in_last_program, load_bits,
                               reduction_workspace, relu6, store_words)
 
 Tensor = torch.Tensor
@@ -196,7 +197,7 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
         hw = words[nwords:] if mode >= 2 else y
         _fq_forward_kernel[grid](
             xc, y, s, pw, hw, n, nwords, float((1 << bits) - 1),
-            CHECK_SCALE=check, MODE=mode, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            CHECK_SCALE=check, MODE=mode, BLOCK=BLOCK, num_warps=NUM_WARPS, **LAUNCH,
         )
     return y, bitmaps
 
@@ -223,7 +224,7 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
         ws = reduction_workspace(dev, grid[0]) if scale_grad else gs
         _fq_backward_kernel[grid](
             gc, gx, pw, hw, ws, gs, n, nwords,
-            SCALE_GRAD=bool(scale_grad), BLOCK=BLOCK, FINISH=FINISH, num_warps=NUM_WARPS, enable_fp_fusion=False,
+            SCALE_GRAD=bool(scale_grad), BLOCK=BLOCK, FINISH=FINISH, num_warps=NUM_WARPS, **LAUNCH,
         )
     return gx, gs
 
@@ -249,7 +250,7 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
             s = absmax(xc, n, BLOCK, NUM_WARPS, relu6=True)
             _fq_forward_kernel[grid](
                 xc, y, s, mask.view(torch.int32), y, n, mask.numel() // 4, float((1 << bits) - 1),
-                CHECK_SCALE=False, MODE=1, BLOCK=BLOCK, RELU6=True, num_warps=NUM_WARPS, enable_fp_fusion=False,
+                CHECK_SCALE=False, MODE=1, BLOCK=BLOCK, RELU6=True, num_warps=NUM_WARPS, **LAUNCH,
             )
     if y.dtype != out_dtype:
         y = y.to(out_dtype)

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from .._checks import MAX_BITS
+from .._checks import MAX_BITS, bitmap_nbytes
 
 Tensor = torch.Tensor
 
@@ -99,3 +99,20 @@ def pending_check(validate: Optional[bool], device: torch.device) -> bool:
     """Whether pack_codes reads its status now: asked to (``validate``), or by default where
     reading is free (CPU tensors: the Triton interpreter)."""
     return bool(validate) if validate is not None else device.type == "cpu"
+
+
+def dequant_accumulate_rows(single, acc: Tensor, payload: Tensor, table: Tensor, coefs: Tensor) -> None:
+    """``dequant_accumulate_layers`` for a GPU backend without a table kernel: the table's
+    rules checked whole first, then the backend's own ``single`` (its dequant_accumulate) once
+    per row. ``table`` and ``coefs`` are CPU tensors, so nothing is read from the device (the
+    reference's loop makes a device tensor of every coefficient: a wait per row on a GPU). The
+    loop is written again here, not shared with reference.py, which stays the oracle."""
+    from .ops import check_layer_table  # the op's rules (ops imports this module)
+
+    t, c = table.numpy(), coefs.numpy()
+    check_layer_table(t, c, acc.numel(), payload.numel())
+    flat = acc.view(-1)
+    for (acc_off, n, bits, data_off), coef in zip(t.tolist(), c.tolist()):
+        nb = bitmap_nbytes(n)
+        single(flat[acc_off:acc_off + n], payload[data_off:data_off + bits * nb],
+               payload[data_off + bits * nb:data_off + (bits + 1) * nb], bits, coef)

@@ -23,7 +23,7 @@ from .._buffers import words
 from .._checks import bitmap_nbytes
 from .._device import on_device, raw_stream
 from .._native import native
-from ._common import status_word_ptr
+from ._common import dequant_accumulate_rows, status_word_ptr
 
 Tensor = torch.Tensor
 
@@ -65,3 +65,7 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
                                        s.data_ptr() if s is not None else 0, s.numel() if s is not None else 0,
                                        bits, coef, dev.index, raw_stream(dev))
 
+
+def dequant_accumulate_layers(acc: Tensor, payload: Tensor, table: Tensor, coefs: Tensor) -> None:
+    """One dequant_accumulate per table row (no table kernel here; no device read)."""
+    dequant_accumulate_rows(dequant_accumulate, acc, payload, table, coefs)

@@ -16,7 +16,8 @@ Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton`)
   the bit-width with one ``atomic_or`` (:func:`fedmpq_kernels.pack._common.status_words`),
   read at a sync point the caller chooses (:func:`fedmpq_kernels.check_packed`).
 * dequant_accumulate: ``v = coef * float(q)``, then ``acc + (neg ? -v : v)``, launched with
-  ``enable_fp_fusion=False`` so that the add is not fused with the multiply into an FMA.
+  ``_triton_common.LAUNCH`` (``enable_fp_fusion=False``: the add is not fused with the
+  multiply into an FMA).
 * Launches run under :func:`fedmpq_kernels._device.on_device` (Triton launches on the
   current device and its current stream). Fixed block size, no autotune (it needs a GPU
   at the first call; these are memory-bound streaming kernels). ``n`` and ``nwords`` are
@@ -37,8 +38,8 @@ import triton.language as tl
 from .._buffers import words
 from .._checks import bitmap_nbytes
 from .._device import on_device
-from .._triton_common import load_bits, store_words
-from ._common import status_words
+from .._triton_common import LAUNCH, load_bits, store_words
+from ._common import dequant_accumulate_rows, status_words
 
 Tensor = torch.Tensor
 
@@ -108,7 +109,10 @@ def _dequant_tile(acc_ptr, planes_ptr, signs_ptr, word, col, n, nwords, coef, BI
     offs = word[:, None] * 32 + col[None, :]
     v = coef * _codes_tile(planes_ptr, word, col, nwords, BITS=BITS, ROWS=ROWS, MASKED=MASKED).to(tl.float32)
     if HAS_SIGNS:
-        v = tl.where(load_bits(signs_ptr, word, col, nwords, MASKED=MASKED) != 0, -v, v)
+        # negate on the bit pattern: exactly -v, -0.0 included, which a select of -v and v
+        # need not keep once the compiler rewrites it (bitplane's dequantize met that on a GPU)
+        sb = load_bits(signs_ptr, word, col, nwords, MASKED=MASKED)
+        v = (v.to(tl.int32, bitcast=True) ^ (sb << 31)).to(tl.float32, bitcast=True)
     if MASKED:
         mask = offs < n
         tl.store(acc_ptr + offs, tl.load(acc_ptr + offs, mask=mask, other=0.0) + v, mask=mask)
@@ -142,7 +146,7 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     grid = (triton.cdiv(n, BLOCK),)
     with on_device(dev):
         _pack_kernel[grid](c, planes.view(torch.int32), status_words(dev), n, nbytes // 4, BITS=bits, BLOCK=BLOCK,
-                           num_warps=NUM_WARPS, enable_fp_fusion=False)
+                           num_warps=NUM_WARPS, **LAUNCH)
     return planes
 
 
@@ -155,7 +159,7 @@ def unpack_codes(planes: Tensor, bits: int, n: int) -> Tensor:
     p = words(planes, bits * nbytes).view(torch.int32)
     with on_device(dev):
         _unpack_kernel[(triton.cdiv(n, BLOCK),)](p, codes, n, nbytes // 4, BITS=bits, BLOCK=BLOCK,
-                                                 num_warps=NUM_WARPS, enable_fp_fusion=False)
+                                                 num_warps=NUM_WARPS, **LAUNCH)
     return codes
 
 
@@ -170,4 +174,9 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     with on_device(dev):
         _dequant_kernel[(triton.cdiv(n, BLOCK),)](acc, p, s, n, nbytes // 4, coef, BITS=bits,
                                                   HAS_SIGNS=signs is not None, BLOCK=BLOCK,
-                                                  num_warps=NUM_WARPS, enable_fp_fusion=False)
+                                                  num_warps=NUM_WARPS, **LAUNCH)
+
+
+def dequant_accumulate_layers(acc: Tensor, payload: Tensor, table: Tensor, coefs: Tensor) -> None:
+    """One dequant_accumulate per table row (no table kernel here; no device read)."""
+    dequant_accumulate_rows(dequant_accumulate, acc, payload, table, coefs)

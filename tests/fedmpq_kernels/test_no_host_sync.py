@@ -88,8 +88,17 @@ def _calls(dev: str):
     def unpack():
         fk.unpack_codes(planes, BITS[0], N)
 
+    # an upload's quantized layers: planes then sign map, back to back, and their table
+    payload = torch.cat([torch.cat([fk.pack_codes(c, b), s]) for c, s, b in zip(codes, sign, BITS)])
+    sizes = [(b + 1) * fk.bitmap_nbytes(c.numel()) for c, b in zip(codes, BITS)]
+    table = torch.tensor([[sum(c.numel() for c in codes[:i]), c.numel(), b, sum(sizes[:i])]
+                          for i, (c, b) in enumerate(zip(codes, BITS))], dtype=torch.int64)
+    coefs_l = fk.layer_coefs([0.5, 1.0, 2.0], BITS, 1.0)
+    acc_l = torch.zeros(sum(c.numel() for c in codes), device=dev)
+
     def accumulate():
         fk.dequant_accumulate(acc, planes, sign[0], BITS[0], 0.75, 0.5)
+        fk.dequant_accumulate_layers(acc_l, payload, table, coefs_l)  # the server's call, an upload at a time
 
     return [(f.__name__, f) for f in (fq_given, fq_learnable, fq_dynamic, relu6, weights_and_backward, popcounts,
                                        optimizer_step, pack, unpack, accumulate)]

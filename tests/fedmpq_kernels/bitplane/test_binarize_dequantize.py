@@ -13,8 +13,9 @@ from fedmpq_kernels.bitplane import reference as R
 from fedmpq_kernels.pack.reference import pack_bitmap
 
 from tests.fedmpq_kernels.misaligned import misaligned
+from tests.fedmpq_kernels.subnormals import subnormals_kept
 
-from .helpers import ALL_BITS, BIG, SIZES, bits_of, kernels, layer, weights
+from .helpers import ALL_BITS, BIG, SIZES, bits_of, kernels, layer, random_codes_signs, weights
 
 
 # ---- binarize, dequantize, popcounts -----------------------------------------------------
@@ -65,13 +66,6 @@ def test_binarize_any_dtype_shape_and_strides(backend, dtype):
     assert torch.equal(rq, R.binarize(w.cpu().contiguous().reshape(-1), 5)[0])
 
 
-def _subnormals_kept() -> bool:
-    # torch.compile on the CPU in older torch (2.4) loads code built with -ffast-math, which
-    # flushes subnormals for the whole process: max|w| = 1e-38 then reads as 0 everywhere,
-    # the reference included, and the largest weight's code is 0.
-    return bool(torch.tensor(1e-38) * 1.0 > 0)
-
-
 def test_binarize_edge_values(backend):
     kernels(backend)
     dev = backend.device
@@ -90,7 +84,7 @@ def test_binarize_edge_values(backend):
             rq, rs, rsc = R.binarize(tiny.cpu(), bits)
             assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(sc.cpu(), rsc), bits
             assert int(q[1]) == 0 and int(q[4]) == 0, bits
-            if _subnormals_kept():
+            if subnormals_kept():
                 assert int(q[0]) == (1 << bits) - 1, bits
         q, s, sc = fk.binarize(torch.zeros(40, device=dev), 3)  # s = 0: every code 0, all "negative"
         assert int(q.abs().sum()) == 0 and float(sc) == 0.0
@@ -261,3 +255,21 @@ def test_dequantize_backward_rounds_the_exact_sum_once(backend, n, at, want):
     with backend.active():
         got = bp.dequantize_backward(g.to(dev), q.to(dev), s.to(dev), 3)
     assert torch.equal(bits_of(got), bits_of(want)), f"{float(got)} != {float(want)}"
+
+
+@pytest.mark.skipif(not subnormals_kept(), reason="this process flushes subnormals to zero")
+def test_a_subnormal_weight_step_is_kept(backend):
+    """s / L below 2^-126 (s = 1e-36 at 8 bits, 1e-37 at 4): every weight is a subnormal-step
+    multiple q * s / L, as the reference gives it (a GPU kernel that flushed subnormals
+    would give zeros)."""
+    kernels(backend)
+    dev = backend.device
+    for bits, s in ((8, 1e-36), (4, 1e-37)):
+        q, sg = random_codes_signs(1000, bits, seed=bits)
+        sc = torch.tensor(s)
+        assert float(sc) / ((1 << bits) - 1) < 2.0 ** -126
+        want = R.dequantize(q, sg, sc, bits)
+        assert (want != 0).any()
+        with backend.active():
+            got = fk.dequantize(q.to(dev), sg.to(dev), sc.to(dev), bits, fk.sink_like((1000,), device=dev))
+        assert torch.equal(bits_of(got), bits_of(want)), bits

@@ -15,6 +15,7 @@ import fedmpq_kernels as fk
 from fedmpq_kernels.bitplane import reference as R
 
 from tests.fedmpq_kernels.misaligned import misaligned
+from tests.fedmpq_kernels.subnormals import subnormals_kept
 
 from .helpers import (ALL_BITS, BIG, EDGE_DRAWS, EDGE_STEPS, SIZES, STEPS, assert_state_equal, bits_of, fresh_state,
                       kernels, layer, reference_run)
@@ -423,3 +424,22 @@ def test_step_takes_buffers_back_to_back_in_one_allocation(backend):
         got = fk.bitplane_step(*state, f32[:n], f32[n + 1:], scale.to(dev), bits, 1.0, 0.9, 4)
     assert torch.equal(bits_of(got), bits_of(want))
     assert_state_equal(state, ref, "back to back")
+
+
+@pytest.mark.skipif(not subnormals_kept(), reason="this process flushes subnormals to zero")
+def test_a_subnormal_g_s_is_kept(backend):
+    """Gradients near 1e-36 make g_s = max|d| / L subnormal: the step and its state are the
+    reference's (a GPU kernel that flushed it to 0 would take the no-update branch)."""
+    kernels(backend)
+    dev = backend.device
+    n, bits = 300, 8
+    ref, _ = fresh_state(n, bits, "cpu", seed=11)  # the first step of a round: d = the gradient's
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(3)) * 1e-36
+    coef, scale = torch.zeros(bits), torch.tensor(1.0)
+    state = [t.clone().to(dev) for t in ref]
+    want = R.bitplane_step(*ref, grad, coef, scale, bits, 1.0, 0.9, 77)
+    assert 0.0 < float(want) < 2.0 ** -126  # g_s itself is subnormal
+    with backend.active():
+        got = fk.bitplane_step(*state, grad.to(dev), coef.to(dev), scale.to(dev), bits, 1.0, 0.9, 77)
+    assert torch.equal(bits_of(got), bits_of(want))
+    assert_state_equal(state, ref, "subnormal g_s")

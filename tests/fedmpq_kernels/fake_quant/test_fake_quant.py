@@ -9,6 +9,8 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels.fake_quant import reference as R
 
+from tests.fedmpq_kernels.subnormals import subnormals_kept
+
 from .helpers import GPU_SIZES, SLICE_SIZES, slice_offsets
 
 ALL_BITS = [1, 2, 3, 4, 5, 6, 7, 8, 16]
@@ -352,3 +354,25 @@ def test_a_scale_of_another_float_dtype_is_used_as_its_float32_value(backend, sd
                 rgx, rgs = R.fake_quant_backward(g, rb, True)
                 exact(gx, rgx)
                 torch.testing.assert_close(gs.cpu(), rgs.cpu(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not subnormals_kept(), reason="this process flushes subnormals to zero")
+def test_a_subnormal_step_is_kept(backend):
+    """S / L below 2^-126 (S = 1e-36 at 8 bits: a step of 3.9e-39): y keeps the subnormal
+    multiples of the step, as the reference does, for a given and a dynamic scale and for
+    relu6. (A GPU kernel that flushed subnormals, a division with .ftz, would give zeros;
+    the interpreter and the host emulator never flush, so the GPU run decides.)"""
+    dev = backend.device
+    base = torch.tensor([1.0, 0.5, -1.0, 0.0, 0.3, -0.2, 0.07, 1.0, -0.4] * 5)
+    for bits, S in ((8, 1e-36), (4, 1e-37), (16, 4e-34)):  # L / S finite, S / L subnormal
+        s = torch.tensor(S)
+        x = base * s  # max |x| = S: the dynamic scale is S too
+        assert float(s) / ((1 << bits) - 1) < 2.0 ** -126
+        cases = [("given", lambda t: fk.fake_quant(t, bits, s.to(dev)), R.fake_quant(x, bits, s, 0)[0]),
+                 ("dynamic", lambda t: fk.fake_quant(t, bits), R.fake_quant(x, bits, None, 0)[0]),
+                 ("relu6", lambda t: fk.relu6_fake_quant(t, bits), R.relu6_fake_quant(x, bits)[0])]
+        for what, call, want in cases:
+            assert (want != 0).any() and torch.isfinite(want).all(), what  # the oracle keeps them
+            with backend.active():
+                got = call(x.to(dev))
+            assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32)), f"{what}, {bits} bits"

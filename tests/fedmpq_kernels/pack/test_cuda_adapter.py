@@ -82,3 +82,25 @@ def test_check_packed_without_a_device_checks_every_device(pc):
     with pytest.raises(ValueError, match="2 bits on cpu"):
         _common.check_packed()
     _common.check_packed()
+
+
+def test_dequant_accumulate_layers_is_one_kernel_per_row(pc):
+    """The CUDA backend has no table kernel: one dequant_accumulate launch per row (the empty
+    layer launches nothing), the table checked whole first, the reference's bits."""
+    from tests.fedmpq_kernels.pack.test_layers import make_payload
+
+    sizes, bits = [0, 1, 33, 4099], [2, 8, 3, 5]
+    payload, table, acc_n, _, _ = make_payload(sizes, bits, "cpu", seed=6)
+    coefs = torch.tensor([0.5, 0.25, 0.125, 3.0])
+    acc0 = torch.randn(acc_n, generator=torch.Generator().manual_seed(2))
+    want = acc0.clone()
+    P.dequant_accumulate_layers(want, payload, table, coefs)
+    got = acc0.clone()
+    pc.dequant_accumulate_layers(got, payload, table, coefs)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert pc.native.cuda.calls.count("dequant_accumulate") == 3
+    bad = table.clone()
+    bad[3, 3] += 2  # misaligned data offset: refused before any launch
+    with pytest.raises(ValueError, match="table row 3"):
+        pc.dequant_accumulate_layers(acc0.clone(), payload, bad, coefs)
+    assert pc.native.cuda.calls.count("dequant_accumulate") == 3

@@ -115,6 +115,25 @@ def test_dequant_accumulate_takes_the_largest_finite_float32_coef(backend):
             assert torch.equal(acc.cpu(), want), f"coef {coef}"
 
 
+def test_a_zero_code_keeps_the_sign_of_zero(backend):
+    """acc = -0.0 everywhere, zero codes: a negative one adds -0.0 and keeps -0.0, a positive
+    one adds +0.0 and gives +0.0, as the reference (the sign is put on by negation, which
+    must stay exact for zeros too)."""
+    dev = backend.device
+    n, bits = 100, 3
+    codes = torch.zeros(n, dtype=torch.uint8)
+    codes[::5] = 3
+    neg = torch.arange(n) % 2 == 1
+    planes, signs = R.pack_codes(codes, bits), R.pack_bitmap(neg)
+    want = torch.full((n,), -0.0)
+    R.dequant_accumulate(want, planes, signs, bits, float(fk.layer_coefs([0.75], [bits], 1.0)[0]))
+    assert torch.equal(torch.signbit(want), neg)  # every result carries its weight's sign
+    with backend.active():
+        got = torch.full((n,), -0.0, device=dev)
+        fk.dequant_accumulate(got, planes.to(dev), signs.to(dev), bits, 0.75, 1.0)
+    assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32))
+
+
 def test_dequant_accumulate_takes_any_shape_of_acc(backend):
     with backend.active():
         acc = torch.zeros(3, 5, 7, device=backend.device)
