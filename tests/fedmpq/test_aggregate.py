@@ -18,11 +18,11 @@ def dense(u: wire.Upload):
     return out
 
 
-def _assert_mean_of(got, a, b):
-    """got is the mean of uploads a and b, entry by entry (int64 entries rounded)."""
-    da, db = dense(a), dense(b)
-    for name in da:
-        want = (da[name] + db[name]) / 2
+def _assert_mean_of(got, *ups):
+    """got is the mean of the uploads, entry by entry (int64 entries rounded)."""
+    ds = [dense(u) for u in ups]
+    for name in ds[0]:
+        want = sum(d[name] for d in ds) / len(ds)
         if got[name].dtype == torch.int64:
             assert torch.equal(got[name], want.round().long())
         else:
@@ -191,13 +191,7 @@ def test_uploads_in_the_encoders_order_add_one_float_run_at_a_time(monkeypatch):
     assert len(reads) == 2 * len(ups), reads
     got = agg.result()
     assert list(got) == order
-    da, db, dc = (dense(u) for u in ups)
-    for name in da:
-        want = (da[name] + db[name] + dc[name]) / 3
-        if got[name].dtype == torch.int64:
-            assert torch.equal(got[name], want.round().long())
-        else:
-            torch.testing.assert_close(got[name].double(), want, rtol=1e-5, atol=1e-6)
+    _assert_mean_of(got, *ups)
 
 
 def test_model_layout_refuses_quantized_names_the_state_lacks():

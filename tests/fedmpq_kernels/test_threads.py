@@ -41,6 +41,17 @@ def num_threads(n: int):
         torch.set_num_threads(prev)
 
 
+needs_the_pool = pytest.mark.skipif(native is not None and native.threading()["max_threads"] < 2,
+                                    reason="one core: no call uses the pool")
+
+
+def posts_a_job(call) -> bool:
+    """Whether ``call()`` handed work to the pool (its job count grew)."""
+    jobs = native.threading()["jobs"]
+    call()
+    return native.threading()["jobs"] > jobs
+
+
 def run_ops(n: int, seed: int) -> dict:
     """Every CPU kernel family once on n elements: outputs, gradients (the float sums of the
     scale gradients are the reductions a thread split could reorder) and a bit-plane step."""
@@ -245,8 +256,7 @@ def test_the_worker_spin_comes_from_the_environment_and_is_bounded(env, want):
     assert r.stdout.splitlines() == [want, want]
 
 
-@pytest.mark.skipif(native is not None and native.threading()["max_threads"] < 2,
-                    reason="one core: no call uses the pool")
+@needs_the_pool
 def test_a_call_of_one_task_stays_on_the_calling_thread():
     """Never more threads than tasks: one layer of one 64K-element chunk (two grains, so two
     threads are allowed) runs on the caller and posts no job; two such layers use the pool."""
@@ -258,13 +268,11 @@ def test_a_call_of_one_task_stays_on_the_calling_thread():
         for rows, pooled in (([[0, n, 3, 0]], False), ([[0, n, 3, 0], [n, n, 3, layer.numel()]], True)):
             payload = torch.cat([layer] * len(rows))
             acc = torch.zeros(len(rows) * n)
-            jobs = native.threading()["jobs"]
-            fk.dequant_accumulate_layers(acc, payload, torch.tensor(rows), coefs[:len(rows)])
-            assert (native.threading()["jobs"] > jobs) == pooled, rows
+            table, cf = torch.tensor(rows), coefs[:len(rows)]
+            assert posts_a_job(lambda: fk.dequant_accumulate_layers(acc, payload, table, cf)) == pooled, rows
 
 
-@pytest.mark.skipif(native is not None and native.threading()["max_threads"] < 2,
-                    reason="one core: no call uses the pool")
+@needs_the_pool
 def test_a_call_below_two_grains_stays_on_the_calling_thread():
     """A thread takes at least a grain of work (threads_for): 2 * GRAIN - 1 elements are two
     tasks but one thread's worth, so two allowed threads still run on the caller and post no
@@ -278,13 +286,10 @@ def test_a_call_below_two_grains_stays_on_the_calling_thread():
     with num_threads(2), registry.use_backend("cpu"):
         for n, pooled in ((2 * GRAIN - 1, False), (2 * GRAIN, True)):
             for k, op in enumerate(ops(n)):
-                jobs = native.threading()["jobs"]
-                op()
-                assert (native.threading()["jobs"] > jobs) == pooled, (n, k)
+                assert posts_a_job(op) == pooled, (n, k)
 
 
-@pytest.mark.skipif(native is not None and native.threading()["max_threads"] < 2,
-                    reason="one core: no call uses the pool")
+@needs_the_pool
 def test_the_scale_gradients_add_task_partials_in_task_order():
     """The float64 partials of the pool's tasks are added in task order, as one thread adds
     them. Three tasks whose partials are 2^53, 1 and -2^53: in order, 2^53 + 1 rounds to 2^53
