@@ -9,12 +9,20 @@ from typing import Any, Dict, List, Optional
 from .config import EXECUTION_KEYS, ConfigError, with_defaults
 
 
-def write_results(results: Dict[str, Any], outdir: Path) -> None:
-    """results.json, rounds.csv and (with matplotlib) the plots."""
+def write_results(results: Dict[str, Any], outdir: Path, plots: bool = True) -> None:
+    """results.json and rounds.csv; with ``plots``, the plots too (:func:`write_plots`)."""
     (outdir / "results.json").write_text(json.dumps(results, indent=1))
     cols = ["round", "accuracy", "accuracy_train_mode", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "seconds", "quant_seconds"]
     lines = [",".join(cols)] + [",".join("" if r.get(k) is None else str(r[k]) for k in cols) for r in results["rounds"]]
     (outdir / "rounds.csv").write_text("\n".join(lines) + "\n")
+    if plots:
+        write_plots(results, outdir)
+
+
+def write_plots(results: Dict[str, Any], outdir: Path) -> None:
+    """accuracy.png and bits.png (mean bits per client over rounds); nothing without
+    matplotlib. About 0.15 s on 2 CPU cores, whatever the rounds: :func:`fedmpq.federation.federate`
+    paces it (:class:`fedmpq.federation.PlotPacer`)."""
     try:
         import matplotlib
 

@@ -1,0 +1,129 @@
+"""The round loop's pacing of the plots (fedmpq/federation.py's PlotPacer): drawn in at most a
+share of the run's time, after the first and the last round, and after an interrupted run
+showing every round results.json holds."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fedmpq import client as client_mod
+from fedmpq import federation, simulate
+from fedmpq import server as server_mod
+
+SMALL = dict(dataset="digits", n_clients=2, budgets=[2, 4], rounds=4, local_epochs=1, batch_size=64, alpha=0.5)
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def recorder(monkeypatch, clock=None, cost=0.0):
+    """Replaces the plots with a record of how many rounds each drawing saw (each drawing
+    takes ``cost`` seconds of ``clock``)."""
+    drawn = []
+
+    def write_plots(results, outdir):
+        drawn.append(len(results["rounds"]))
+        if clock is not None:
+            clock.t += cost
+    monkeypatch.setattr(federation, "write_plots", write_plots)
+    return drawn
+
+
+def test_plots_take_at_most_their_share_of_the_time(monkeypatch, tmp_path):
+    clock = FakeClock()
+    drawn = recorder(monkeypatch, clock, cost=1.0)
+    results = {"rounds": []}
+    pacer = federation.PlotPacer(results, tmp_path, share=0.1, clock=clock)
+    for r in range(1, 31):  # 3-second rounds, a 1-second drawing: 10 s between drawings
+        clock.t += 3.0
+        results["rounds"].append({"round": r})
+        pacer.round_done(last=r == 30)
+    # round 1 ends at 3 s, its drawing at 4 s: the next is due at 14 s, after round 5 (16 s)
+    assert drawn[:3] == [1, 5, 9]
+    assert drawn[-1] == 30 and not pacer.stale
+    assert all(b - a == 4 for a, b in zip(drawn, drawn[1:-1]))  # 4 rounds + a drawing = 13 s >= 10
+    assert (len(drawn) - 1) * 1.0 <= 0.1 * clock.t  # the share (the last round's drawing aside)
+    pacer.flush()
+    assert drawn[-1] == 30 and len(drawn) == len(set(drawn))  # nothing stale: no drawing more
+
+
+def test_slow_rounds_are_drawn_every_round(monkeypatch, tmp_path):
+    clock = FakeClock()
+    drawn = recorder(monkeypatch, clock, cost=0.15)
+    results = {"rounds": []}
+    pacer = federation.PlotPacer(results, tmp_path, clock=clock)
+    for r in range(1, 6):
+        clock.t += 60.0  # a ResNet-20 round
+        results["rounds"].append({"round": r})
+        pacer.round_done(last=False)
+    assert drawn == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("share", [0.0, -0.1, 1.5])
+def test_a_share_out_of_range_is_refused(share, tmp_path):
+    with pytest.raises(ValueError, match="share"):
+        federation.PlotPacer({"rounds": []}, tmp_path, share=share)
+
+
+def test_a_run_draws_its_first_and_last_round(monkeypatch, tmp_path):
+    drawn = recorder(monkeypatch)
+    monkeypatch.setattr(federation.PlotPacer, "SHARE", 1e-12)  # after the first, nothing is due
+    simulate.run(dict(SMALL), out=str(tmp_path), progress=False)
+    assert drawn == [1, 4]
+    assert len(json.loads((tmp_path / "results.json").read_text())["rounds"]) == 4
+
+
+def test_an_interrupted_run_leaves_plots_of_every_round_it_recorded(monkeypatch, tmp_path):
+    """Ctrl-C during the third round's training: results.json holds two rounds, and so do the
+    plots, though the second round's drawing was not due."""
+    drawn = recorder(monkeypatch)
+    monkeypatch.setattr(federation.PlotPacer, "SHARE", 1e-12)
+    real, calls = client_mod.client_update, []
+
+    def update(*a, **kw):
+        calls.append(1)
+        if len(calls) > 2 * 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(client_mod, "client_update", update)
+    with pytest.raises(KeyboardInterrupt):
+        simulate.run(dict(SMALL, sampling_rate=1.0), out=str(tmp_path), progress=False)
+    assert len(json.loads((tmp_path / "results.json").read_text())["rounds"]) == 2
+    assert drawn == [1, 2]
+
+
+def test_a_server_error_leaves_plots_of_every_round_it_recorded(monkeypatch, tmp_path):
+    drawn = recorder(monkeypatch)
+    monkeypatch.setattr(federation.PlotPacer, "SHARE", 1e-12)
+    real = server_mod.Server.aggregate
+
+    def aggregate(self, r, uploads):
+        if r == 4:
+            raise RuntimeError("out of memory")
+        return real(self, r, uploads)
+    monkeypatch.setattr(server_mod.Server, "aggregate", aggregate)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        simulate.run(dict(SMALL), out=str(tmp_path), progress=False)
+    assert len(json.loads((tmp_path / "results.json").read_text())["rounds"]) == 3
+    assert drawn == [1, 3]
+
+
+def test_a_failing_drawing_does_not_hide_the_error_that_stopped_the_run(monkeypatch, tmp_path, caplog):
+    def write_plots(results, outdir):
+        if len(results["rounds"]) > 1:
+            raise OSError("disk full")
+    monkeypatch.setattr(federation, "write_plots", write_plots)
+    results = {"rounds": [{"round": 1}]}
+    pacer = federation.PlotPacer(results, tmp_path, share=1e-12)
+    pacer.round_done(last=False)
+    results["rounds"].append({"round": 2})
+    pacer.round_done(last=False)  # not due
+    assert pacer.stale
+    pacer.flush()  # logs, does not raise
+    assert "could not be drawn" in caplog.text and "disk full" in caplog.text
