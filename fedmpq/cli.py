@@ -14,7 +14,7 @@ from . import data as data_mod
 from . import simulate
 from .config import (DEFAULTS, HELP, ConfigError, check_config, load_config_file, parse_alpha, parse_bool,
                      parse_budgets, parse_optional_int, parse_optional_path)
-from .federation import prepare_out, read_checkpoint
+from .federation import claim_new_folder, prepare_out, read_checkpoint, release_folder
 from .progress import log_through_bars
 from .results import bits_table, compare
 
@@ -82,8 +82,12 @@ def _flag_config(args: argparse.Namespace) -> Dict[str, Any]:
     return cfg
 
 
-def _default_out() -> str:
-    return time.strftime("runs/%Y%m%d-%H%M%S")
+def _default_out(made: List[Path]) -> str:
+    """runs/<date>-<time> (with -2, -3, ... where a run started in the same second has it),
+    made now; the folders made go to ``made``, for main to remove if the run stops early."""
+    name, folders = claim_new_folder(time.strftime("runs/%Y%m%d-%H%M%S"))
+    made += folders
+    return name
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -130,6 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fedmpq: --resume {args.resume} continues the run with its saved config; leave out --config "
               f"(give what may change as flags: rounds, device, cuda-graph, threads, data-dir)", file=sys.stderr)
         return 2
+    made: List[Path] = []  # a dated results folder made for this run
     try:
         if args.cmd == "compare":
             print(compare(args.dirs, args.plot, args.last))
@@ -143,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             except ImportError as e:
                 raise ConfigError(f"fedmpq flower needs Flower: pip install -e \".[flower]\" ({e})") from None
             cfg = check_config(_flag_config(args))
-            out = args.out or _default_out()
+            out = args.out or _default_out(made)
             flower_sim.check(cfg, args.cpus)  # a missing dataset or CUDA stops here, not in Flower
             prepare_out(out)  # and a results folder that cannot be written
             print(f"fedmpq: results in {out}", file=sys.stderr)
@@ -155,7 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 out = args.resume
             else:
                 cfg = _flag_config(args)
-                out = args.out or _default_out()
+                out = args.out or _default_out(made)
             cfg = check_config(cfg)
             ready = None
             if not args.quiet:
@@ -172,6 +177,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, data_mod.MissingDatasetError) as e:
         print(f"fedmpq: {e}", file=sys.stderr)
         return 2
+    finally:
+        release_folder(made)  # only while empty: a run stopped before its first round leaves nothing
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ round, and the plots as often as :class:`PlotPacer` lets them.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -126,12 +127,19 @@ def resumable(saved: Dict[str, Any], c: Dict[str, Any], done: int, where: Path) 
                           f"(give rounds >= {done} to extend it)")
 
 
-def prepare_out(out: Optional[str]) -> Optional[Path]:
+def prepare_out(out: Optional[str], resume: bool = False) -> Optional[Path]:
     """Create the results folder (and its parents) before any training; :class:`ConfigError`
-    when it is a file, lies under a file, or cannot be created or written."""
+    when it is a file, lies under a file, or cannot be created or written, and, unless
+    ``resume``, when it already holds a run (its ``results.json`` or ``checkpoint.pt``): a
+    new run would overwrite it."""
     if not out:
         return None
     outdir = Path(out)
+    if not resume:
+        held = [f for f in ("results.json", "checkpoint.pt") if (outdir / f).is_file()]
+        if held:
+            raise ConfigError(f"--out {out} already holds a run ({' and '.join(held)}); give another --out, "
+                              f"continue it with fedmpq simulate --resume {out}, or remove it first")
     try:
         outdir.mkdir(parents=True, exist_ok=True)
         probe = outdir / ".fedmpq-write-test"
@@ -144,6 +152,42 @@ def prepare_out(out: Optional[str]) -> Optional[Path]:
     except OSError as e:
         raise ConfigError(f"--out {out} cannot be created or written: {e.strerror or e}") from None
     return outdir
+
+
+def claim_new_folder(base: str) -> Tuple[str, List[Path]]:
+    """A results folder no other run has: ``base``, else ``base-2``, ``base-3``, ... Made
+    here, and ``mkdir`` is atomic, so runs started in the same second (``runs/<date>-<time>``,
+    several runs side by side on one machine) never share one. Returns its name and the
+    folders made for it, parents first (:func:`release_folder` removes them while empty).
+    :class:`ConfigError` when it cannot be made."""
+    made: List[Path] = []
+    parent = Path(base).parent
+    try:
+        missing = [p for p in [parent, *parent.parents] if not p.exists()]
+        parent.mkdir(parents=True, exist_ok=True)
+        made += reversed(missing)
+        for k in itertools.count(1):
+            name = base if k == 1 else f"{base}-{k}"
+            try:
+                Path(name).mkdir()
+            except FileExistsError:
+                continue
+            made.append(Path(name))
+            return name, made
+    except OSError as e:
+        release_folder(made)
+        raise ConfigError(f"the results folder {base} cannot be made: {e.strerror or e} (give --out DIR)") from None
+    raise AssertionError("unreachable")
+
+
+def release_folder(made: List[Path]) -> None:
+    """Removes the folders :func:`claim_new_folder` made, last first, where they are still
+    empty (a run that stopped before writing anything leaves nothing behind)."""
+    for p in reversed(made):
+        try:
+            p.rmdir()  # only ever removes an empty folder
+        except OSError:
+            return
 
 
 def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int], budgets: Dict[int, float],
@@ -160,7 +204,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
     says there where the results go. Used by :func:`fedmpq.simulate.run` (in-process) and by
     the Flower app."""
     device = resolve_device(c)
-    outdir = prepare_out(out)
+    outdir = prepare_out(out, resume=resume)
     state = None
     if resume and outdir is not None and (outdir / "checkpoint.pt").exists():
         state = read_checkpoint(outdir / "checkpoint.pt")

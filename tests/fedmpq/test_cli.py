@@ -41,6 +41,41 @@ def test_bare_runs_write_to_a_dated_folder_and_say_where(tmp_path, monkeypatch, 
     assert f"results in {where}" in captured.err and f"results in {where}" in captured.out
 
 
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch, capsys):
+    """Two bare runs side by side (a shared machine) must not write over each other: the
+    second of a second gets runs/<date>-<time>-2."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "runs/20261206-120000")
+    for seed in (1, 2):
+        assert cli.main(_args(dict(SMALL, rounds=1, seed=seed)) + ["-q"]) == 0
+    assert "results in runs/20261206-120000-2" in capsys.readouterr().out
+    runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert runs == ["20261206-120000", "20261206-120000-2"]
+    seeds = [json.loads((tmp_path / "runs" / r / "results.json").read_text())["config"]["seed"] for r in runs]
+    assert seeds == [1, 2]
+
+
+def test_an_out_folder_holding_a_run_is_not_written_over(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    capsys.readouterr()
+    for argv in (["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1, seed=5)),
+                 ["simulate", "--out", str(out)] + _args(dict(SMALL, rounds=2))):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert "already holds a run (results.json and checkpoint.pt)" in err and f"--resume {out}" in err, err
+        assert err.count("\n") == 1
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # nothing written over
+    (out / "checkpoint.pt").unlink()  # results.json alone is a run too
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 2
+    assert "already holds a run (results.json)" in capsys.readouterr().err
+    assert cli.main(["simulate", "-q", "--resume", str(tmp_path / "run")]) == 2  # no checkpoint: nothing to resume
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main(["simulate", "-q", "--out", str(empty)] + _args(dict(SMALL, rounds=1))) == 0  # an empty folder is fine
+
+
 def test_resume_extends_a_finished_run_and_refuses_other_changes(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["simulate", "-q", "--out", str(run)] + _args(dict(SMALL, rounds=2))) == 0

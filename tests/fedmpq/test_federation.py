@@ -1,9 +1,10 @@
 """The round loop's pacing of the plots (fedmpq/federation.py's PlotPacer): drawn in at most a
 share of the run's time, after the first and the last round, and after an interrupted run
-showing every round results.json holds."""
+showing every round results.json holds. The results folders: one of its own for every run."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -127,3 +128,35 @@ def test_a_failing_drawing_does_not_hide_the_error_that_stopped_the_run(monkeypa
     assert pacer.stale
     pacer.flush()  # logs, does not raise
     assert "could not be drawn" in caplog.text and "disk full" in caplog.text
+
+
+def test_runs_claiming_a_folder_at_once_each_get_their_own(tmp_path):
+    base = str(tmp_path / "runs" / "20261206-120000")
+    got, start = [], threading.Barrier(8)
+
+    def claim():
+        start.wait()
+        got.append(federation.claim_new_folder(base)[0])
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted([base] + [f"{base}-{k}" for k in range(2, 9)])
+
+
+def test_a_claimed_folder_is_released_only_while_empty(tmp_path):
+    name, made = federation.claim_new_folder(str(tmp_path / "a" / "b" / "run"))
+    assert made == [tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "run"]
+    federation.release_folder(made)
+    assert not (tmp_path / "a").exists()  # everything it made, nothing more
+    name, made = federation.claim_new_folder(str(tmp_path / "a" / "run"))
+    (tmp_path / "a" / "run" / "results.json").write_text("{}")
+    federation.release_folder(made)
+    assert (tmp_path / "a" / "run" / "results.json").is_file()
+
+
+def test_a_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(federation.ConfigError, match="cannot be made.*give --out"):
+        federation.claim_new_folder(str(tmp_path / "file" / "run"))
