@@ -23,6 +23,11 @@ import itertools
 import json
 import logging
 import os
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: no folder lock
+    fcntl = None  # type: ignore[assignment]
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -33,7 +38,7 @@ from . import data as data_mod
 from . import server as server_mod
 from .config import EXECUTION_KEYS, ConfigError, model_builder, resolve_device, with_defaults
 from .progress import progress as _progress
-from .results import write_plots, write_results
+from .results import replace_whole, write_plots, write_results
 
 log = logging.getLogger("fedmpq")
 
@@ -136,10 +141,7 @@ def prepare_out(out: Optional[str], resume: bool = False) -> Optional[Path]:
         return None
     outdir = Path(out)
     if not resume:
-        held = [f for f in ("results.json", "checkpoint.pt") if (outdir / f).is_file()]
-        if held:
-            raise ConfigError(f"--out {out} already holds a run ({' and '.join(held)}); give another --out, "
-                              f"continue it with fedmpq simulate --resume {out}, or remove it first")
+        refuse_a_held_folder(outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
         probe = outdir / ".fedmpq-write-test"
@@ -152,6 +154,57 @@ def prepare_out(out: Optional[str], resume: bool = False) -> Optional[Path]:
     except OSError as e:
         raise ConfigError(f"--out {out} cannot be created or written: {e.strerror or e}") from None
     return outdir
+
+
+def refuse_a_held_folder(outdir: Path) -> None:
+    """:class:`ConfigError` when ``outdir`` holds a run (``results.json`` or
+    ``checkpoint.pt``), which a new run would overwrite."""
+    held = [f for f in ("results.json", "checkpoint.pt") if (outdir / f).is_file()]
+    if held:
+        raise ConfigError(f"--out {outdir} already holds a run ({' and '.join(held)}); give another --out, "
+                          f"continue it with fedmpq simulate --resume {outdir}, or remove it first")
+
+
+LOCK_NAME = ".fedmpq.lock"
+
+
+class FolderLock:
+    """The results folder held by one run at a time: an exclusive ``flock`` on
+    ``outdir/.fedmpq.lock`` from before the checkpoint is read until the run ends. Two runs
+    given the same ``--out`` side by side (or the same ``--resume``) would otherwise both
+    pass the checks before either wrote, and write over each other; the second is refused
+    at once. The kernel drops the lock with the process, even on SIGKILL, so a killed run
+    never leaves a stale lock (the file stays: removing it would race with the next run's
+    lock). ``outdir`` None, or a system without ``fcntl``: nothing to hold."""
+
+    def __init__(self, outdir: Optional[Path]):
+        self._file = None
+        if outdir is None or fcntl is None:
+            return
+        f = open(outdir / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held
+            f.seek(0)
+            holder = f.read().strip()
+            f.close()
+            raise ConfigError(f"--out {outdir} is being written by another fedmpq run right now"
+                              f"{f' (process {holder})' if holder.isdigit() else ''}; give another --out") from None
+        except OSError as e:  # a file system without locks (some network mounts): run unguarded
+            f.close()
+            log.warning("%s cannot be locked (%s): nothing stops another run from writing there too",
+                        outdir, e.strerror or e)
+            return
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None
 
 
 def claim_new_folder(base: str) -> Tuple[str, List[Path]]:
@@ -182,9 +235,12 @@ def claim_new_folder(base: str) -> Tuple[str, List[Path]]:
 
 def release_folder(made: List[Path]) -> None:
     """Removes the folders :func:`claim_new_folder` made, last first, where they are still
-    empty (a run that stopped before writing anything leaves nothing behind)."""
+    empty but for the run's lock file (a run that stopped before writing anything leaves
+    nothing behind)."""
     for p in reversed(made):
         try:
+            if [f.name for f in p.iterdir()] == [LOCK_NAME]:
+                (p / LOCK_NAME).unlink()  # the folder was made for this run alone: no other holder
             p.rmdir()  # only ever removes an empty folder
         except OSError:
             return
@@ -205,61 +261,67 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
     the Flower app."""
     device = resolve_device(c)
     outdir = prepare_out(out, resume=resume)
-    state = None
-    if resume and outdir is not None and (outdir / "checkpoint.pt").exists():
-        state = read_checkpoint(outdir / "checkpoint.pt")
-        resumable(state["config"], c, len(json.loads(state["rounds"])), outdir / "checkpoint.pt")
-    if ready is not None:
-        ready()
-    torch.manual_seed(c["seed"])  # the global model's initialization
-    build = model_builder(c, ds)
-    srv = server_mod.Server(c["alg"], build, budgets=budgets, num_samples=num_samples, seed=c["seed"],
-                            rule=c["aggregation"], device=device)
-    results: Dict[str, Any] = {"config": c, "threads": threads() if callable(threads) else threads, "rounds": []}
-    start = 1
-    if state is not None:
-        srv.load_state(state["server"])
-        results["rounds"] = json.loads(state["rounds"])
-        start = len(results["rounds"]) + 1
-    test_x, test_y = ds.test_x.to(device), ds.test_y.to(device)  # once, not per round
-    rounds = range(start, c["rounds"] + 1)
-    bar = _progress(rounds, progress, "rounds")
-    plots = PlotPacer(results, outdir) if outdir is not None else None
+    lock = FolderLock(outdir)
     try:
-        for r in bar:
-            t0 = time.perf_counter()
-            sampled = sample_clients(c, r)
-            td = time.perf_counter()
-            downloads = srv.downloads(r, sampled)  # binarize + encode
-            td = time.perf_counter() - td
-            uploads, train_acc, quant = transport(r, downloads)
-            used = threads() if callable(threads) else threads
-            uploads = dict(sorted(uploads.items()))  # aggregate in client order, whatever order replies came in
-            report = srv.aggregate(r, uploads)
-            acc = srv.evaluate(test_x, test_y)
-            row = dict(round=r, accuracy=acc, accuracy_train_mode=srv.evaluate_train_mode(test_x, test_y, seed=r),
-                       train_accuracy=(sum(train_acc) / len(train_acc)) if train_acc else None,
-                       bytes_up=sum(len(u) for u in uploads.values()), bytes_down=sum(len(d) for d in downloads.values()),
-                       float32_bytes=srv.float32_bytes() * (len(uploads) + len(downloads)),
-                       bits={str(k): v for k, v in report["bits"].items()},
-                       mean_bits={str(k): v for k, v in report["mean_bits"].items()},
-                       assigned_mean_bits={str(k): v for k, v in report.get("assigned_mean_bits", {}).items()},
-                       reported=sorted(uploads), aggregated=sorted(report["reported"]), threads=used,
-                       seconds=time.perf_counter() - t0, quant_seconds=quant + report["seconds"] + td)
-            results["rounds"].append(row)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(acc=f"{acc:.3f}")
-            log.info("round %d: accuracy %.4f, up %d B, down %d B, %.1f s", r, acc, row["bytes_up"], row["bytes_down"],
-                     row["seconds"])
-            if outdir is not None:
-                tmp = outdir / "checkpoint.pt.tmp"
-                torch.save({"config": json.loads(json.dumps(c)), "server": srv.state(),
-                            "rounds": json.dumps(results["rounds"])}, tmp)
-                os.replace(tmp, outdir / "checkpoint.pt")  # atomic: a kill never leaves half a checkpoint
-                write_results(results, outdir, plots=False)
-                plots.round_done(last=r == c["rounds"])
-    except BaseException:
-        if plots is not None:
-            plots.flush()  # the plots show every round results.json holds
-        raise
-    return results
+        if outdir is not None and not resume:
+            refuse_a_held_folder(outdir)  # again, held: a run that ended since the first check
+        state = None
+        if resume and outdir is not None and (outdir / "checkpoint.pt").exists():
+            state = read_checkpoint(outdir / "checkpoint.pt")
+            resumable(state["config"], c, len(json.loads(state["rounds"])), outdir / "checkpoint.pt")
+        if ready is not None:
+            ready()
+        torch.manual_seed(c["seed"])  # the global model's initialization
+        build = model_builder(c, ds)
+        srv = server_mod.Server(c["alg"], build, budgets=budgets, num_samples=num_samples, seed=c["seed"],
+                                rule=c["aggregation"], device=device)
+        results: Dict[str, Any] = {"config": c, "threads": threads() if callable(threads) else threads, "rounds": []}
+        start = 1
+        if state is not None:
+            srv.load_state(state["server"])
+            results["rounds"] = json.loads(state["rounds"])
+            start = len(results["rounds"]) + 1
+        test_x, test_y = ds.test_x.to(device), ds.test_y.to(device)  # once, not per round
+        rounds = range(start, c["rounds"] + 1)
+        bar = _progress(rounds, progress, "rounds")
+        plots = PlotPacer(results, outdir) if outdir is not None else None
+        try:
+            for r in bar:
+                t0 = time.perf_counter()
+                sampled = sample_clients(c, r)
+                td = time.perf_counter()
+                downloads = srv.downloads(r, sampled)  # binarize + encode
+                td = time.perf_counter() - td
+                uploads, train_acc, quant = transport(r, downloads)
+                used = threads() if callable(threads) else threads
+                uploads = dict(sorted(uploads.items()))  # aggregate in client order, whatever order replies came in
+                report = srv.aggregate(r, uploads)
+                acc = srv.evaluate(test_x, test_y)
+                row = dict(round=r, accuracy=acc, accuracy_train_mode=srv.evaluate_train_mode(test_x, test_y, seed=r),
+                           train_accuracy=(sum(train_acc) / len(train_acc)) if train_acc else None,
+                           bytes_up=sum(len(u) for u in uploads.values()),
+                           bytes_down=sum(len(d) for d in downloads.values()),
+                           float32_bytes=srv.float32_bytes() * (len(uploads) + len(downloads)),
+                           bits={str(k): v for k, v in report["bits"].items()},
+                           mean_bits={str(k): v for k, v in report["mean_bits"].items()},
+                           assigned_mean_bits={str(k): v for k, v in report.get("assigned_mean_bits", {}).items()},
+                           reported=sorted(uploads), aggregated=sorted(report["reported"]), threads=used,
+                           seconds=time.perf_counter() - t0, quant_seconds=quant + report["seconds"] + td)
+                results["rounds"].append(row)
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(acc=f"{acc:.3f}")
+                log.info("round %d: accuracy %.4f, up %d B, down %d B, %.1f s", r, acc, row["bytes_up"],
+                         row["bytes_down"], row["seconds"])
+                if outdir is not None:
+                    ckpt = {"config": json.loads(json.dumps(c)), "server": srv.state(),
+                            "rounds": json.dumps(results["rounds"])}
+                    replace_whole(outdir / "checkpoint.pt", lambda p: torch.save(ckpt, p))  # never half a checkpoint
+                    write_results(results, outdir, plots=False)
+                    plots.round_done(last=r == c["rounds"])
+        except BaseException:
+            if plots is not None:
+                plots.flush()  # the plots show every round results.json holds
+            raise
+        return results
+    finally:
+        lock.release()

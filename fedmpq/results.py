@@ -3,18 +3,30 @@ several runs (``fedmpq compare``). The results dict is :mod:`fedmpq.federation`'
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from .config import EXECUTION_KEYS, ConfigError, with_defaults
 
 
+def replace_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)``, then ``tmp`` renamed to ``path`` (``os.replace``, atomic): a kill or an
+    error mid-write leaves the last whole file, never half of one. Every file of a run's
+    folder is written this way."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def write_results(results: Dict[str, Any], outdir: Path, plots: bool = True) -> None:
-    """results.json and rounds.csv; with ``plots``, the plots too (:func:`write_plots`)."""
-    (outdir / "results.json").write_text(json.dumps(results, indent=1))
-    cols = ["round", "accuracy", "accuracy_train_mode", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes", "seconds", "quant_seconds"]
+    """results.json and rounds.csv, each replaced whole; with ``plots``, the plots too
+    (:func:`write_plots`)."""
+    replace_whole(outdir / "results.json", lambda p: p.write_text(json.dumps(results, indent=1)))
+    cols = ["round", "accuracy", "accuracy_train_mode", "train_accuracy", "bytes_up", "bytes_down", "float32_bytes",
+            "seconds", "quant_seconds"]
     lines = [",".join(cols)] + [",".join("" if r.get(k) is None else str(r[k]) for k in cols) for r in results["rounds"]]
-    (outdir / "rounds.csv").write_text("\n".join(lines) + "\n")
+    replace_whole(outdir / "rounds.csv", lambda p: p.write_text("\n".join(lines) + "\n"))
     if plots:
         write_plots(results, outdir)
 
@@ -39,7 +51,7 @@ def write_plots(results: Dict[str, Any], outdir: Path) -> None:
     ax.set_ylabel("global test accuracy")
     ax.set_title(f"{results['config']['alg']} on {results['config']['dataset']}")
     fig.tight_layout()
-    fig.savefig(outdir / "accuracy.png", dpi=120)
+    replace_whole(outdir / "accuracy.png", lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
     clients = sorted({k for r in rs for k in r.get("mean_bits", {})}, key=int)
     if clients:
@@ -56,7 +68,7 @@ def write_plots(results: Dict[str, Any], outdir: Path) -> None:
         if len(clients) <= 12:
             ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
-        fig.savefig(outdir / "bits.png", dpi=120)
+        replace_whole(outdir / "bits.png", lambda p: fig.savefig(p, dpi=120, format="png"))
         plt.close(fig)
 
 

@@ -4,10 +4,14 @@ showing every round results.json holds. The results folders: one of its own for 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import threading
 
 import pytest
 
+from fedmpq import cli
 from fedmpq import client as client_mod
 from fedmpq import federation, simulate
 from fedmpq import server as server_mod
@@ -160,3 +164,59 @@ def test_a_folder_that_cannot_be_made_is_one_clear_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(federation.ConfigError, match="cannot be made.*give --out"):
         federation.claim_new_folder(str(tmp_path / "file" / "run"))
+
+
+def _hold_the_lock(folder):
+    """Another process holding ``folder``'s run lock, as a running fedmpq run does."""
+    code = ("import sys, time; from pathlib import Path; from fedmpq.federation import FolderLock; "
+            "lock = FolderLock(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_folder_another_run_is_writing_is_refused_until_it_ends(tmp_path, capsys):
+    """Two runs given the same --out side by side: both would pass the checks before either
+    wrote; the one that comes second is refused at once, naming the holder; once the holder
+    is killed (SIGKILL: the kernel drops the lock), the folder is free again."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = _hold_the_lock(out)
+    try:
+        argv = ["simulate", "-q", "--out", str(out), "--dataset", "digits", "--n-clients", "2", "--budgets", "2,4",
+                "--rounds", "1", "--local-epochs", "1"]
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"is being written by another fedmpq run right now (process {holder.pid})" in err
+        assert err.count("\n") == 1 and not (out / "results.json").exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert cli.main(argv) == 0  # no stale lock
+    holder = _hold_the_lock(out)  # a resume while the folder is held: refused too
+    try:
+        assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "2"]) == 2
+        assert "being written by another fedmpq run" in capsys.readouterr().err
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "2"]) == 0
+    assert len(json.loads((out / "results.json").read_text())["rounds"]) == 2
+
+
+def test_a_run_releases_its_folder_when_it_ends_or_fails(monkeypatch, tmp_path):
+    simulate.run(dict(SMALL, rounds=1), out=str(tmp_path / "a"), progress=False)
+    federation.FolderLock(tmp_path / "a").release()  # free again
+    monkeypatch.setattr(server_mod.Server, "aggregate", lambda self, r, u: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        simulate.run(dict(SMALL, rounds=1), out=str(tmp_path / "b"), progress=False)
+    federation.FolderLock(tmp_path / "b").release()
+
+
+def test_a_file_system_without_locks_runs_unguarded_with_a_warning(monkeypatch, tmp_path, caplog):
+    def no_locks(fd, op):
+        raise OSError(37, "No locks available")
+    monkeypatch.setattr(federation.fcntl, "flock", no_locks)
+    lock = federation.FolderLock(tmp_path)
+    lock.release()
+    assert "cannot be locked (No locks available)" in caplog.text

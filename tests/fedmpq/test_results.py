@@ -148,3 +148,21 @@ def test_bits_table_reads_the_last_round(tmp_path):
           dict(bits={"0": [2, 4], "1": [2, 2]}, mean_bits={"0": 3.0, "1": 2.0})]
     a = _fake_run(tmp_path / "a", "fedmpq", 0, [0.5, 0.6], extra=ex, budgets=[2, 2], n_clients=2)
     assert results.bits_table([a]).splitlines()[2:] == ["| fedmpq (digits) | 2 | 2 | 2.50 (2.00..3.00) | 2 3 |"]
+
+
+def test_a_write_cut_off_leaves_the_last_whole_file(tmp_path):
+    """Every file of a run's folder is replaced whole: a write that stops halfway (a kill, a
+    full disk) leaves the previous file as it was, and a finished one leaves no temporary."""
+    res = {"config": config.check_config(dict(SMALL)), "rounds": [dict(round=1, accuracy=0.5)]}
+    results.write_results(res, tmp_path, plots=False)
+    before = (tmp_path / "results.json").read_bytes()
+
+    def half(p):
+        p.write_text('{"config": ')
+        raise OSError("No space left on device")
+    with pytest.raises(OSError):
+        results.replace_whole(tmp_path / "results.json", half)
+    assert (tmp_path / "results.json").read_bytes() == before
+    results.write_results(dict(res, rounds=res["rounds"] * 2), tmp_path, plots=False)
+    assert len(json.loads((tmp_path / "results.json").read_text())["rounds"]) == 2
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # the next write took the cut-off one's place
