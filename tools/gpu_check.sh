@@ -83,6 +83,7 @@ table() {  # file, what to say when it is missing (nothing when STEPS left its s
 }
 : > "$SUMMARY"
 : > "$DETAILS"
+rm -rf "$OUT/fed" "$OUT/cifar"  # this script's run folders: fedmpq refuses to write over a run
 say "# fedmpq GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)${STEPS:+, steps: $STEPS}"
 say ""
 
