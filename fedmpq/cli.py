@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -90,6 +93,35 @@ def _default_out(made: List[Path]) -> str:
     return name
 
 
+class Stopped(BaseException):
+    """SIGTERM (what a job scheduler or ``kill`` sends) raised as an exception, so that a run
+    stops the way Ctrl-C stops it: the plots brought up to date, a folder made for nothing
+    removed, one line saying how to continue. Not an ``Exception``: nothing that leaves a
+    failing client out of its round catches it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def _stopped_line(signum: int, out: Optional[str], resumable: bool) -> str:
+    """What a run stopped by a signal says: where its rounds are and how to go on."""
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    try:
+        res = json.loads((Path(out) / "results.json").read_text()) if out else None
+        done, total = len(res["rounds"]), res["config"]["rounds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        done = total = 0
+    if not done:
+        return f"fedmpq: stopped by {name} before the first round ended"
+    line = f"fedmpq: stopped by {name} after {done} of {total} rounds; the results so far are in {out}"
+    return line + (f"; continue with: fedmpq simulate --resume {out}" if resumable else "")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """The ``fedmpq`` command; returns its exit status (2: a bad flag, config or dataset)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -135,6 +167,10 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"(give what may change as flags: rounds, device, cuda-graph, threads, data-dir)", file=sys.stderr)
         return 2
     made: List[Path] = []  # a dated results folder made for this run
+    out: Optional[str] = None
+    sigterm = None
+    if args.cmd != "compare" and threading.current_thread() is threading.main_thread():
+        sigterm = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         if args.cmd == "compare":
             print(compare(args.dirs, args.plot, args.last))
@@ -177,7 +213,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ConfigError, data_mod.MissingDatasetError) as e:
         print(f"fedmpq: {e}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Stopped) as e:  # no traceback of whatever was running
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(_stopped_line(signum, out, resumable=args.cmd == "simulate"), file=sys.stderr)
+        return 128 + signum  # the shell's status for a process a signal stopped
     finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         release_folder(made)  # only while empty: a run stopped before its first round leaves nothing
 
 

@@ -91,13 +91,14 @@ class PlotPacer:
         self.next_at, self.stale = t1 + (t1 - t0) / self.share, False
 
     def flush(self) -> None:
-        """Draws the rounds not drawn yet; a failure is logged, not raised (it runs while
-        another exception leaves the round loop)."""
+        """Draws the rounds not drawn yet; a failure is logged (at INFO: the stop may have
+        cut a drawing, or matplotlib's import, short), not raised: it runs while another
+        exception leaves the round loop, which it must not hide."""
         if self.stale:
             try:
                 self.draw()
-            except Exception as e:  # never hide the error that stopped the run
-                log.warning("the plots could not be drawn: %s: %s", type(e).__name__, e)
+            except Exception as e:
+                log.info("the plots could not be brought up to date: %s: %s", type(e).__name__, e)
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:

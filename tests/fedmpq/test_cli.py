@@ -215,3 +215,65 @@ def test_fedmpq_flower_has_no_quiet_flag(capsys):
     """Its round lines come from the ServerApp and it draws no bars: a -q would do nothing."""
     assert cli.main(["flower", "-q"]) == 2
     assert "unrecognized arguments: -q" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stopped_run_says_where_its_rounds_are_and_how_to_go_on(stop, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (or SIGTERM, as a scheduler sends) in the third round: one line, no traceback,
+    the shell's status for the signal, and --resume finishes the run."""
+    import signal
+
+    from fedmpq import client as client_mod
+    real, calls = client_mod.client_update, []
+
+    def update(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2 * 3 + 1:
+            raise KeyboardInterrupt if stop == "ctrl-c" else cli.Stopped(signal.SIGTERM)
+        return real(*a, **kw)
+    monkeypatch.setattr(client_mod, "client_update", update)
+    out = tmp_path / "run"
+    argv = ["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=4, sampling_rate=1.0))
+    assert cli.main(argv) == (130 if stop == "ctrl-c" else 143)
+    err = capsys.readouterr().err
+    name = "Ctrl-C" if stop == "ctrl-c" else "SIGTERM"
+    assert err == (f"fedmpq: stopped by {name} after 2 of 4 rounds; the results so far are in {out}; "
+                   f"continue with: fedmpq simulate --resume {out}\n")
+    monkeypatch.setattr(client_mod, "client_update", real)
+    assert cli.main(["simulate", "-q", "--resume", str(out)]) == 0
+    assert len(json.loads((out / "results.json").read_text())["rounds"]) == 4
+
+
+def test_a_run_stopped_before_its_first_round_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    from fedmpq import client as client_mod
+
+    def update(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(client_mod, "client_update", update)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(_args(dict(SMALL, rounds=2)) + ["-q"]) == 130
+    assert capsys.readouterr().err == "fedmpq: stopped by Ctrl-C before the first round ended\n"
+    assert not (tmp_path / "runs").exists()  # the dated folder (and its lock file) went with it
+
+
+def test_sigterm_stops_a_real_run_like_ctrl_c(tmp_path):
+    """The handler is installed: a real SIGTERM to a running fedmpq after its first round."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "fedmpq", "simulate", "-q", "--out", str(out)]
+                         + _args(dict(SMALL, rounds=200)), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "bits.png").exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        err = p.communicate(timeout=120)[1]
+    finally:
+        p.kill()
+    assert p.returncode == 143, err
+    assert err.startswith("fedmpq: stopped by SIGTERM after ") and "of 200 rounds" in err and "Traceback" not in err
+    assert err.count("\n") == 1
