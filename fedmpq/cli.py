@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -122,6 +123,11 @@ def _stopped_line(signum: int, out: Optional[str], resumable: bool) -> str:
     return line + (f"; continue with: fedmpq simulate --resume {out}" if resumable else "")
 
 
+def _threads_left() -> List[threading.Thread]:
+    """Threads other than this one that would keep the process alive after main returns."""
+    return [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """The ``fedmpq`` command; returns its exit status (2: a bad flag, config or dataset)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -216,6 +222,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (KeyboardInterrupt, Stopped) as e:  # no traceback of whatever was running
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
         print(_stopped_line(signum, out, resumable=args.cmd == "simulate"), file=sys.stderr)
+        if args.cmd == "flower" and _threads_left():
+            # Flower's ServerApp thread is not a daemon and waits out the round's timeout
+            # (600 s) for replies that will not come: the process would hang that long.
+            # Its checkpoint and results are whole (replace_whole); the kernel drops its lock.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(128 + signum)
         return 128 + signum  # the shell's status for a process a signal stopped
     finally:
         if sigterm is not None:

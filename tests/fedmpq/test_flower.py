@@ -413,3 +413,36 @@ def test_the_server_starts_once_enough_nodes_are_up_and_keeps_whole_budgets_whol
     assert server_app.wait_for_nodes(grid, 3, timeout=5, poll=0.01) == [100, 101, 102]
     _, budgets, _ = server_app.identify_nodes(grid, [100, 101, 102], 3, 5)
     assert budgets == {0: 4, 1: 3.5, 2: 4} and type(budgets[0]) is int and type(budgets[1]) is float
+
+
+@pytest.mark.parametrize("sig", ["SIGINT"])
+def test_fedmpq_flower_stops_at_once_on_ctrl_c(sig, tmp_path):
+    """Flower's ServerApp thread (not a daemon) would wait out the round's 600 s timeout
+    for replies that never come after Ctrl-C: the command leaves at once instead, with its
+    one line and the signal's status, the rounds done kept. (SIGTERM is Ray's under
+    ``fedmpq flower``: its driver's C++ handler replaces ours and aborts the process.)"""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "fedmpq", "flower", "--out", str(out), "--rounds", "200",
+                          "--n-clients", "3", "--budgets", "2,4,8", "--local-epochs", "1", "--cpus", "2"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "bits.png").exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        assert p.poll() is None, "the run ended before it could be stopped"
+        p.send_signal(getattr(signal, sig))
+        stopped = time.monotonic()
+        err = p.communicate(timeout=60)[1]
+    finally:
+        p.kill()
+    assert time.monotonic() - stopped < 60  # not the round timeout
+    assert p.returncode == 128 + getattr(signal, sig), err[-2000:]
+    last = err.strip().splitlines()[-1]
+    name = "Ctrl-C" if sig == "SIGINT" else "SIGTERM"
+    assert last.startswith(f"fedmpq: stopped by {name} after ") and f"of 200 rounds; the results so far are in {out}" in last
+    done = len(json.loads((out / "results.json").read_text())["rounds"])
+    assert f"after {done} of 200" in last or f"after {done - 1} of 200" in last  # a round may end on the way out
