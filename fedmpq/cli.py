@@ -109,18 +109,32 @@ def _raise_stopped(signum, frame):
     raise Stopped(signum)
 
 
-def _stopped_line(signum: int, out: Optional[str], resumable: bool) -> str:
-    """What a run stopped by a signal says: where its rounds are and how to go on."""
+def _stopped_line(signum: int, out: Optional[str], total: Optional[int], resumable: bool) -> str:
+    """What a run stopped by a signal says: where its rounds are and how to go on. ``total``:
+    the rounds the stopped run was to reach (a resume may have raised the saved ones)."""
     name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
     try:
         res = json.loads((Path(out) / "results.json").read_text()) if out else None
-        done, total = len(res["rounds"]), res["config"]["rounds"]
+        done, saved = len(res["rounds"]), res["config"]["rounds"]
     except (OSError, ValueError, KeyError, TypeError):
-        done = total = 0
+        done = saved = 0
     if not done:
         return f"fedmpq: stopped by {name} before the first round ended"
+    total = saved if total is None else total
     line = f"fedmpq: stopped by {name} after {done} of {total} rounds; the results so far are in {out}"
-    return line + (f"; continue with: fedmpq simulate --resume {out}" if resumable else "")
+    if resumable:  # the checkpoint holds the config results.json does: its rounds unless raised
+        line += f"; continue with: fedmpq simulate --resume {out}" + (f" --rounds {total}" if total != saved else "")
+    return line
+
+
+def _die_by(signum: int) -> None:
+    """Ends this process by ``signum`` itself (its default action), so that a shell loop or
+    a scheduler sees a process the signal stopped and stops too (an exit status of 130
+    does not stop a bash loop); also ends threads that would keep it alive."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _threads_left() -> List[threading.Thread]:
@@ -129,7 +143,10 @@ def _threads_left() -> List[threading.Thread]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """The ``fedmpq`` command; returns its exit status (2: a bad flag, config or dataset)."""
+    """The ``fedmpq`` command; returns its exit status (2: a bad flag, config or dataset).
+    A run stopped by Ctrl-C or SIGTERM says one line, then, as the command (``argv`` None),
+    ends the process by that signal; called with ``argv``, it returns 128 + the signal."""
+    argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("simulate", "compare", "flower", "-h", "--help"):
         argv = ["simulate"] + argv  # `fedmpq` alone runs the built-in default federation
@@ -174,6 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     made: List[Path] = []  # a dated results folder made for this run
     out: Optional[str] = None
+    cfg: Optional[Dict[str, Any]] = None
     sigterm = None
     if args.cmd != "compare" and threading.current_thread() is threading.main_thread():
         sigterm = signal.signal(signal.SIGTERM, _raise_stopped)
@@ -220,16 +238,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fedmpq: {e}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Stopped) as e:  # no traceback of whatever was running
+        if args.cmd == "compare":
+            raise
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
-        print(_stopped_line(signum, out, resumable=args.cmd == "simulate"), file=sys.stderr)
-        if args.cmd == "flower" and _threads_left():
-            # Flower's ServerApp thread is not a daemon and waits out the round's timeout
-            # (600 s) for replies that will not come: the process would hang that long.
-            # Its checkpoint and results are whole (replace_whole); the kernel drops its lock.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(128 + signum)
-        return 128 + signum  # the shell's status for a process a signal stopped
+        total = cfg.get("rounds") if isinstance(cfg, dict) else None
+        print(_stopped_line(signum, out, total, resumable=args.cmd == "simulate"), file=sys.stderr)
+        if argv_given is None or (args.cmd == "flower" and _threads_left()):
+            # The command dies by the signal (see _die_by). Flower's ServerApp thread is not a
+            # daemon and would wait out the round's timeout (600 s) for replies that will not
+            # come; the files it wrote are whole (replace_whole), the kernel drops its lock,
+            # and the folder is not released under it (no finally runs).
+            _die_by(signum)
+        return 128 + signum  # in-process: the shell's status for a process the signal stopped
     finally:
         if sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)

@@ -19,7 +19,6 @@ round, and the plots as often as :class:`PlotPacer` lets them.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -58,14 +57,15 @@ def sample_clients(c: Dict[str, Any], round_: int) -> List[int]:
 class PlotPacer:
     """Draws a run's plots (:func:`fedmpq.results.write_plots`) in at most ``share`` of its
     wall time. A drawing costs about 0.15 s on 2 cores and a round of the default digits run
-    0.8 s, so drawing after every round had made that run 16 % slower; a ResNet-20 round
+    0.8 s, so drawing after every round took 12 % of that run's time; a ResNet-20 round
     takes a minute, and its plots are still drawn after every round.
 
     Draws after the first round, after the last, after any round that ends at least
     ``cost / share`` seconds after the last drawing ended (``cost``: that drawing's time), and
     from :meth:`flush` when the round loop is left early (an error, Ctrl-C), so the plots on
-    disk always end up showing every round ``results.json`` holds. ``clock``: seconds, for
-    tests; ``share``: :attr:`SHARE` unless given."""
+    disk always end up showing every round ``results.json`` holds, and only those (a round
+    counts once :meth:`round_done` says it is written). ``clock``: seconds, for tests;
+    ``share``: :attr:`SHARE` unless given."""
 
     SHARE = 0.05
 
@@ -77,16 +77,18 @@ class PlotPacer:
         self.results, self.outdir, self.share, self.clock = results, outdir, share, clock
         self.next_at: Optional[float] = None  # None: nothing drawn yet
         self.stale = False
+        self.written = len(results["rounds"])  # the rounds results.json holds
 
     def round_done(self, last: bool) -> None:
-        """A round was added to the results; ``last``: the run's final round."""
-        self.stale = True
+        """The results' rounds, the last one added included, are written (results.json);
+        ``last``: the run's final round."""
+        self.written, self.stale = len(self.results["rounds"]), True
         if last or self.next_at is None or self.clock() >= self.next_at:
             self.draw()
 
     def draw(self) -> None:
         t0 = self.clock()
-        write_plots(self.results, self.outdir)
+        write_plots(dict(self.results, rounds=self.results["rounds"][:self.written]), self.outdir)
         t1 = self.clock()
         self.next_at, self.stale = t1 + (t1 - t0) / self.share, False
 
@@ -216,22 +218,26 @@ def claim_new_folder(base: str) -> Tuple[str, List[Path]]:
     :class:`ConfigError` when it cannot be made."""
     made: List[Path] = []
     parent = Path(base).parent
+    k = 1
     try:
-        missing = [p for p in [parent, *parent.parents] if not p.exists()]
-        parent.mkdir(parents=True, exist_ok=True)
-        made += reversed(missing)
-        for k in itertools.count(1):
+        for _ in range(1000):
+            missing = [p for p in [parent, *parent.parents] if not p.exists()]
+            parent.mkdir(parents=True, exist_ok=True)
+            made += [p for p in reversed(missing) if p not in made]
             name = base if k == 1 else f"{base}-{k}"
             try:
                 Path(name).mkdir()
             except FileExistsError:
+                k += 1
+                continue
+            except FileNotFoundError:  # a stopped run's release_folder took the empty parent just now
                 continue
             made.append(Path(name))
             return name, made
+        raise OSError(f"no free name after {k} tries")
     except OSError as e:
         release_folder(made)
         raise ConfigError(f"the results folder {base} cannot be made: {e.strerror or e} (give --out DIR)") from None
-    raise AssertionError("unreachable")
 
 
 def release_folder(made: List[Path]) -> None:

@@ -83,7 +83,6 @@ table() {  # file, what to say when it is missing (nothing when STEPS left its s
 }
 : > "$SUMMARY"
 : > "$DETAILS"
-rm -rf "$OUT/fed" "$OUT/cifar"  # this script's run folders: fedmpq refuses to write over a run
 say "# fedmpq GPU check, $(date -u +%Y-%m-%dT%H:%MZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)${STEPS:+, steps: $STEPS}"
 say ""
 
@@ -195,8 +194,9 @@ run_step split 60 sh -c "$PY benches/client_step_split.py --device cuda --batch 
 table "$OUT/split.md" "no time split: see split.txt"
 
 # ---- 5. a federation on the GPU ---------------------------------------------------------
+# (each run step first removes its own folder of an earlier call: fedmpq refuses to write over a run)
 # (a failing client is left out and the run exits 0: the step fails unless every client reported)
-run_step federation 40 sh -c "$PY -m fedmpq simulate --device cuda --cuda-graph true --rounds 2 -q --out $OUT/fed && \
+run_step federation 40 sh -c "rm -rf $OUT/fed && $PY -m fedmpq simulate --device cuda --cuda-graph true --rounds 2 -q --out $OUT/fed && \
   $PY tools/every_client_reported.py $OUT/fed/results.json"
 if [ -s "$OUT/fed/results.json" ]; then
   $PY - "$OUT/fed/results.json" >> "$DETAILS" 2>&1 <<'EOF2' || detail "(results.json unreadable)"
@@ -215,7 +215,7 @@ fi
 # so the same steps per round). One round: every client captures its own graph in every
 # round, and the Triton kernels were compiled (and cached on disk) by the steps before, so
 # a first round costs what a later one does; a second would take a minute of the budget.
-run_step cifar-round 120 sh -c "$PY tools/synthetic_cifar.py /tmp/fedmpq_cifar > /dev/null && \
+run_step cifar-round 120 sh -c "rm -rf $OUT/cifar && $PY tools/synthetic_cifar.py /tmp/fedmpq_cifar > /dev/null && \
   $PY -m fedmpq simulate --config configs/cifar10_fedmpq_a0.1.json --data-dir /tmp/fedmpq_cifar \
   --device cuda --cuda-graph true --rounds 1 -q --out $OUT/cifar && \
   $PY tools/every_client_reported.py $OUT/cifar/results.json"

@@ -139,6 +139,7 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
     def main(grid: Grid, context: Context) -> None:
         _log_to_stderr()
         c, opts = from_run_config({**dict(context.run_config), **dict(run_config or {})})
+        federation.prepare_out(opts["out"] or None)  # a folder holding a run: refused before the nodes are waited for
         ds = data_mod.load(c["dataset"], c["data_dir"])  # the server's held-out test set
         ids = wait_for_nodes(grid, c["n_clients"], opts["node_timeout"])
         node_of, budgets, samples = identify_nodes(grid, ids, c["n_clients"], opts["node_timeout"])

@@ -256,24 +256,93 @@ def test_a_run_stopped_before_its_first_round_leaves_no_folder(tmp_path, monkeyp
     assert not (tmp_path / "runs").exists()  # the dated folder (and its lock file) went with it
 
 
-def test_sigterm_stops_a_real_run_like_ctrl_c(tmp_path):
-    """The handler is installed: a real SIGTERM to a running fedmpq after its first round."""
+def _started(out, p, timeout=120):
+    """Waits until the run in ``out`` has written and drawn its first round."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (out / "bits.png").exists() and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before it could be stopped"
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_the_command_dies_by_the_signal_that_stopped_it(sig, tmp_path):
+    """A real signal to a running fedmpq after its first round: the handler is installed,
+    one line, no traceback, and the process ends by that signal (what shells and
+    schedulers look for), not with an exit status."""
     import signal
     import subprocess
     import sys
-    import time
 
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "fedmpq", "simulate", "-q", "--out", str(out)]
                          + _args(dict(SMALL, rounds=200)), stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (out / "bits.png").exists() and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.05)
-        p.send_signal(signal.SIGTERM)
+        _started(out, p)
+        p.send_signal(getattr(signal, sig))
         err = p.communicate(timeout=120)[1]
     finally:
         p.kill()
-    assert p.returncode == 143, err
-    assert err.startswith("fedmpq: stopped by SIGTERM after ") and "of 200 rounds" in err and "Traceback" not in err
-    assert err.count("\n") == 1
+    assert p.returncode == -getattr(signal, sig), err
+    name = "Ctrl-C" if sig == "SIGINT" else "SIGTERM"
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"fedmpq: stopped by {name} after ") and "of 200 rounds" in last, err
+    assert "Traceback" not in err
+
+
+def test_ctrl_c_stops_a_shell_loop_of_runs(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the whole process group) during the first of three
+    runs in a bash loop ends the loop, as it would for any program: bash goes on after a
+    child that merely exited 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    argv = " ".join(_args(dict(SMALL, rounds=200)))
+    script = (f'for s in 1 2 3; do "{sys.executable}" -m fedmpq simulate -q --out "{tmp_path}/run$s" '
+              f'--seed $s {argv}; echo "run $s ended"; done')
+    p = subprocess.Popen(["bash", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         start_new_session=True)
+    try:
+        _started(tmp_path / "run1", p)
+        os.killpg(p.pid, signal.SIGINT)
+        out = p.communicate(timeout=120)[0]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert "run 2" not in out and not (tmp_path / "run2").exists(), out
+    assert p.returncode in (130, -signal.SIGINT)
+
+
+def test_the_sigterm_handler_is_put_back(tmp_path):
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["simulate", "-q", "--out", str(tmp_path / "r")] + _args(dict(SMALL, rounds=1))) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_ctrl_c_in_compare_is_not_a_stopped_run(tmp_path, monkeypatch):
+    def compare(*a):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "compare", compare)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["compare", str(tmp_path)])
+
+
+def test_a_stopped_extension_says_how_many_rounds_to_resume_to(tmp_path, monkeypatch, capsys):
+    """--resume --rounds 3 of a 1-round run, stopped in round 2: the checkpoint still says 1
+    round, so the advice carries --rounds 3."""
+    from fedmpq import client as client_mod
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 0
+    capsys.readouterr()
+
+    def update(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(client_mod, "client_update", update)
+    assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "3"]) == 130
+    assert capsys.readouterr().err == (f"fedmpq: stopped by Ctrl-C after 1 of 3 rounds; the results so far are in "
+                                       f"{out}; continue with: fedmpq simulate --resume {out} --rounds 3\n")

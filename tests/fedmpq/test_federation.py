@@ -222,3 +222,39 @@ def test_a_file_system_without_locks_runs_unguarded_with_a_warning(monkeypatch, 
     lock = federation.FolderLock(tmp_path)
     lock.release()
     assert "cannot be locked (No locks available)" in caplog.text
+
+
+def test_the_plots_never_show_a_round_results_json_lacks(monkeypatch, tmp_path):
+    """The third round's results.json cannot be written (a full disk): the error stops the
+    run, and the plots drawn on the way out show the two rounds results.json holds."""
+    drawn = recorder(monkeypatch)
+    monkeypatch.setattr(federation.PlotPacer, "SHARE", 1e-12)
+    real = federation.write_results
+
+    def write_results(results, outdir, plots=True):
+        if len(results["rounds"]) == 3:
+            raise OSError(28, "No space left on device")
+        real(results, outdir, plots)
+    monkeypatch.setattr(federation, "write_results", write_results)
+    with pytest.raises(OSError, match="No space"):
+        simulate.run(dict(SMALL), out=str(tmp_path), progress=False)
+    assert len(json.loads((tmp_path / "results.json").read_text())["rounds"]) == 2
+    assert drawn == [1, 2]
+
+
+def test_a_claim_survives_another_run_removing_the_empty_parent(monkeypatch, tmp_path):
+    """Another run that stopped early removes the empty runs/ folder it made between this
+    claim's two mkdirs: the claim makes it again instead of failing."""
+    import pathlib
+
+    real, raced = pathlib.Path.mkdir, []
+
+    def mkdir(self, *a, **kw):
+        if self.name == "20261206-120000" and not raced:
+            raced.append(1)
+            self.parent.rmdir()  # the other run's release_folder, just now
+        return real(self, *a, **kw)
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    name, made = federation.claim_new_folder(str(tmp_path / "runs" / "20261206-120000"))
+    assert raced and name.endswith("runs/20261206-120000") and (tmp_path / "runs" / "20261206-120000").is_dir()
+    assert made == [tmp_path / "runs", tmp_path / "runs" / "20261206-120000"]

@@ -440,9 +440,25 @@ def test_fedmpq_flower_stops_at_once_on_ctrl_c(sig, tmp_path):
     finally:
         p.kill()
     assert time.monotonic() - stopped < 60  # not the round timeout
-    assert p.returncode == 128 + getattr(signal, sig), err[-2000:]
+    assert p.returncode == -getattr(signal, sig), err[-2000:]  # died by it, as the command does
     last = err.strip().splitlines()[-1]
     name = "Ctrl-C" if sig == "SIGINT" else "SIGTERM"
     assert last.startswith(f"fedmpq: stopped by {name} after ") and f"of 200 rounds; the results so far are in {out}" in last
     done = len(json.loads((out / "results.json").read_text())["rounds"])
     assert f"after {done} of 200" in last or f"after {done - 1} of 200" in last  # a round may end on the way out
+
+
+def test_the_server_app_refuses_an_out_holding_a_run_before_waiting_for_nodes(tmp_path):
+    """A second `flwr run` with the same out: refused at once (the grid is never asked for
+    nodes), not after the nodes connected and the data loaded."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    app = server_app.make_app({"out": str(out), "n-clients": 3, "budgets": "2,4,8"})
+
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the grid was used ({name}) before the folder was checked")
+    with pytest.raises(config_mod.ConfigError, match="already holds a run"):
+        app._main(Untouchable(), SimpleNamespace(run_config={}))
+    assert (out / "results.json").read_text() == "{}"
