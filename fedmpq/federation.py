@@ -87,6 +87,7 @@ class PlotPacer:
             self.draw()
 
     def draw(self) -> None:
+        """Draws the written rounds now, and sets when the next drawing is due."""
         t0 = self.clock()
         write_plots(dict(self.results, rounds=self.results["rounds"][:self.written]), self.outdir)
         t1 = self.clock()
@@ -184,7 +185,10 @@ class FolderLock:
         self._file = None
         if outdir is None or fcntl is None:
             return
-        f = open(outdir / LOCK_NAME, "a+")
+        try:
+            f = open(outdir / LOCK_NAME, "a+")
+        except OSError as e:  # e.g. a folder of that name
+            raise ConfigError(f"--out {outdir}: its lock file {LOCK_NAME} cannot be opened: {e.strerror or e}") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # held

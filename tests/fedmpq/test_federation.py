@@ -258,3 +258,9 @@ def test_a_claim_survives_another_run_removing_the_empty_parent(monkeypatch, tmp
     name, made = federation.claim_new_folder(str(tmp_path / "runs" / "20261206-120000"))
     assert raced and name.endswith("runs/20261206-120000") and (tmp_path / "runs" / "20261206-120000").is_dir()
     assert made == [tmp_path / "runs", tmp_path / "runs" / "20261206-120000"]
+
+
+def test_a_lock_file_that_cannot_be_opened_is_one_clear_error(tmp_path):
+    (tmp_path / federation.LOCK_NAME).mkdir()
+    with pytest.raises(federation.ConfigError, match="lock file .fedmpq.lock cannot be opened"):
+        federation.FolderLock(tmp_path)
