@@ -243,11 +243,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
         total = cfg.get("rounds") if isinstance(cfg, dict) else None
         print(_stopped_line(signum, out, total, resumable=args.cmd == "simulate"), file=sys.stderr)
-        if argv_given is None or (args.cmd == "flower" and _threads_left()):
-            # The command dies by the signal (see _die_by). Flower's ServerApp thread is not a
-            # daemon and would wait out the round's timeout (600 s) for replies that will not
-            # come; the files it wrote are whole (replace_whole), the kernel drops its lock,
-            # and the folder is not released under it (no finally runs).
+        left = _threads_left()
+        if ((argv_given is None or (args.cmd == "flower" and left))
+                and threading.current_thread() is threading.main_thread()):
+            # The command dies by the signal (see _die_by); so does a process whose other
+            # threads would keep it alive: Flower's ServerApp thread is not a daemon and would
+            # wait out the round's timeout (600 s) for replies that will not come. The files
+            # it wrote are whole (replace_whole) and the kernel drops its lock; its folder is
+            # not released under it (no finally runs), a lone run's is.
+            if not left:
+                release_folder(made)
             _die_by(signum)
         return 128 + signum  # in-process: the shell's status for a process the signal stopped
     finally:

@@ -346,3 +346,24 @@ def test_a_stopped_extension_says_how_many_rounds_to_resume_to(tmp_path, monkeyp
     assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "3"]) == 130
     assert capsys.readouterr().err == (f"fedmpq: stopped by Ctrl-C after 1 of 3 rounds; the results so far are in "
                                        f"{out}; continue with: fedmpq simulate --resume {out} --rounds 3\n")
+
+
+def test_the_command_stopped_before_its_first_round_leaves_no_folder(tmp_path):
+    """The command dies by the signal without running main's cleanup; the dated folder it
+    made (holding only its lock file) is removed before."""
+    import signal
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "fedmpq", "simulate"] + _args(dict(SMALL, rounds=3, local_epochs=200)),
+                         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "fedmpq: results in runs/" in p.stderr.readline()  # said once training starts
+        p.send_signal(signal.SIGINT)
+        err = p.stderr.read()
+        p.wait(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == -signal.SIGINT, err
+    assert err.strip().splitlines()[-1] == "fedmpq: stopped by Ctrl-C before the first round ended", err
+    assert not (tmp_path / "runs").exists()
