@@ -294,6 +294,10 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
             start = len(results["rounds"]) + 1
         test_x, test_y = ds.test_x.to(device), ds.test_y.to(device)  # once, not per round
         rounds = range(start, c["rounds"] + 1)
+        if state is not None and outdir is not None and not rounds:
+            # Nothing left to run: the files still say what the checkpoint holds (a kill
+            # between the checkpoint and results.json of the last round left one round out).
+            write_results(results, outdir)
         bar = _progress(rounds, progress, "rounds")
         plots = PlotPacer(results, outdir) if outdir is not None else None
         try:

@@ -367,3 +367,17 @@ def test_the_command_stopped_before_its_first_round_leaves_no_folder(tmp_path):
     assert p.returncode == -signal.SIGINT, err
     assert err.strip().splitlines()[-1] == "fedmpq: stopped by Ctrl-C before the first round ended", err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_resume_with_nothing_left_brings_the_results_to_the_checkpoint(tmp_path, capsys):
+    """Killed between the last round's checkpoint and its results.json: the checkpoint holds
+    every round, results.json one fewer. --resume has no round left to run, and still leaves
+    results.json (and rounds.csv) holding every round."""
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=2))) == 0
+    full = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(dict(full, rounds=full["rounds"][:1])))
+    (out / "rounds.csv").write_text("round\n1\n")
+    assert cli.main(["simulate", "-q", "--resume", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["rounds"] == full["rounds"]
+    assert (out / "rounds.csv").read_text().count("\n") == 3
