@@ -160,10 +160,10 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
     if quantized:
         bit_opt = qn.BitPlaneOptimizer(model, lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam,
                                        seed=fk.step_key(cfg.seed, round_, client_id), device_keys=cfg.cuda_graph)
-        sgd = torch.optim.SGD(scale_param_groups(model, cfg.lr, cfg.scale_lr), lr=cfg.lr, momentum=cfg.momentum)
+        sgd = qn.FloatSGD(scale_param_groups(model, cfg.lr, cfg.scale_lr), lr=cfg.lr, momentum=cfg.momentum)
     else:
         bit_opt = None
-        sgd = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        sgd = qn.FloatSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # on the device, summed in float64 as Python floats would be: no sync per batch
     loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
@@ -175,7 +175,7 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
         loss = F.cross_entropy(out, yb)
         if bit_opt is not None:
             bit_opt.zero_grad()
-        sgd.zero_grad(set_to_none=True)
+        sgd.zero_grad()
         loss.backward()
         if bit_opt is not None:
             t = time.perf_counter()

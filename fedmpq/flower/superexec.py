@@ -58,7 +58,6 @@ class ForkExecutor(SubprocessExecutor):
 
 def warm_up() -> None:
     """Import what every ClientApp needs, once, before any fork."""
-    import sklearn.datasets  # noqa: F401  (the digits loader)
     import torch  # noqa: F401
 
     import fedmpq.flower.client_app  # noqa: F401  (fedmpq, its kernels, Flower's app API)

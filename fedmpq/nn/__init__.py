@@ -5,10 +5,10 @@ API only."""
 from .convert import bit_assignment, float_state, load_float_state_dict, to_float_state_dict
 from .layers import ActQuant, BatchedWeights, BitConv2d, BitLinear, batch_weights, bit_layers
 from .models import CifarResNet, SmallCNN, build, resnet20, resnet44, small_cnn
-from .optim import BitPlaneOptimizer, float_parameters, regularizer, state_bytes_per_weight
+from .optim import BitPlaneOptimizer, FloatSGD, float_parameters, regularizer, state_bytes_per_weight
 
 __all__ = [
     "ActQuant", "BatchedWeights", "BitConv2d", "BitLinear", "batch_weights", "bit_layers", "CifarResNet", "SmallCNN", "build", "resnet20", "resnet44",
-    "small_cnn", "BitPlaneOptimizer", "float_parameters", "regularizer", "state_bytes_per_weight", "bit_assignment", "float_state",
+    "small_cnn", "BitPlaneOptimizer", "FloatSGD", "float_parameters", "regularizer", "state_bytes_per_weight", "bit_assignment", "float_state",
     "load_float_state_dict", "to_float_state_dict",
 ]

@@ -162,17 +162,17 @@ def _spy_optimizers(monkeypatch):
             seen["steps"].append("bit")
             super().step()
 
-    class SGDSpy(torch.optim.SGD):
+    class SGDSpy(qn.FloatSGD):
         def __init__(self, params, **kw):
             super().__init__(params, **kw)
             seen["sgd"].append(self)
 
-        def step(self, *a, **kw):
+        def step(self):
             seen["steps"].append("sgd")
-            return super().step(*a, **kw)
+            return super().step()
 
     monkeypatch.setattr(qn, "BitPlaneOptimizer", BitSpy)
-    monkeypatch.setattr(torch.optim, "SGD", SGDSpy)
+    monkeypatch.setattr(qn, "FloatSGD", SGDSpy)
     return seen
 
 
@@ -194,17 +194,17 @@ def test_the_configs_settings_reach_the_optimizers(monkeypatch):
         assert (kw["lr"], kw["momentum"], kw["lam"]) == (0.05, 0.5, 3e-3)
         seeds.append(kw["seed"])
         assert seen["steps"] == ["bit", "sgd"] * 2  # two batches; planes first, then SGD
-        params = [p for g in sgd.param_groups for p in g["params"]]
+        params = [p for g in sgd.groups for p in g["params"]]
         assert {id(p) for p in params} == {id(p) for p in qn.float_parameters(model)}
         assert {id(m.scale) for _, m in qn.bit_layers(model)} <= {id(p) for p in params}
-        assert all(g["weight_decay"] == 0 and g["momentum"] == 0.5 for g in sgd.param_groups)
+        assert sgd.weight_decay == 0 and sgd.momentum == 0.5
     assert len(set(seeds)) == 3
     fm = BUILD(quantized=False)
     seen["sgd"].clear()
     client.train_local(fm, x, y, cfg, 0, 1, quantized=False)
     (sgd,) = seen["sgd"]
-    assert all(g["weight_decay"] == 1e-3 and g["momentum"] == 0.5 and g["lr"] == 0.05 for g in sgd.param_groups)
-    assert sum(len(g["params"]) for g in sgd.param_groups) == len(list(fm.parameters()))
+    assert sgd.weight_decay == 1e-3 and sgd.momentum == 0.5 and all(g["lr"] == 0.05 for g in sgd.groups)
+    assert sum(len(g["params"]) for g in sgd.groups) == len(list(fm.parameters()))
 
 
 def test_every_epoch_and_round_draws_its_own_shuffle(monkeypatch):

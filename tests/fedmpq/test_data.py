@@ -550,3 +550,34 @@ def test_digits_holds_out_round_of_a_fifth_of_every_class():
     ds = data.load("digits")
     per_class = np.bincount(load_digits().target, minlength=10)
     assert torch.bincount(ds.test_y, minlength=10).tolist() == [round(0.2 * c) for c in per_class]
+
+
+def test_digits_are_scikit_learns_without_importing_it(monkeypatch):
+    """The digits read from scikit-learn's bundled file are load_digits()'s, value for value;
+    where the file is not found, load_digits itself is used."""
+    from sklearn.datasets import load_digits
+
+    ref = load_digits()
+    images, y = data._digits_arrays()
+    assert images.dtype == np.float64 and y.dtype == np.int64
+    assert np.array_equal(images, ref.images) and np.array_equal(y, ref.target)
+
+    import importlib.util
+    from types import SimpleNamespace
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: SimpleNamespace(origin="/nonexistent/__init__.py"))
+    images2, y2 = data._digits_arrays()
+    assert np.array_equal(images2, ref.images) and np.array_equal(y2, ref.target)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(data.MissingDatasetError, match="pip install scikit-learn"):
+        data._digits_arrays()
+
+
+def test_loading_digits_does_not_import_scikit_learn():
+    """sklearn.datasets brings scipy in (80 MB and 0.4 s in every training process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fedmpq import data; ds = data.load('digits'); "
+            "print(len(ds.train_y) + len(ds.test_y), 'sklearn' in sys.modules, 'scipy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["1797", "False", "False"], out.stderr[-2000:]
