@@ -136,15 +136,15 @@ def resumable(saved: Dict[str, Any], c: Dict[str, Any], done: int, where: Path) 
                           f"(give rounds >= {done} to extend it)")
 
 
-def prepare_out(out: Optional[str], resume: bool = False) -> Optional[Path]:
+def prepare_out(out: Optional[str], refuse_held: bool = True) -> Optional[Path]:
     """Create the results folder (and its parents) before any training; :class:`ConfigError`
-    when it is a file, lies under a file, or cannot be created or written, and, unless
-    ``resume``, when it already holds a run (its ``results.json`` or ``checkpoint.pt``): a
-    new run would overwrite it."""
+    when it is a file, lies under a file, or cannot be created or written, and, with
+    ``refuse_held``, when it already holds a run (:func:`refuse_a_held_folder`; federate
+    checks that itself, under the folder's lock)."""
     if not out:
         return None
     outdir = Path(out)
-    if not resume:
+    if refuse_held:
         refuse_a_held_folder(outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -271,11 +271,11 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
     says there where the results go. Used by :func:`fedmpq.simulate.run` (in-process) and by
     the Flower app."""
     device = resolve_device(c)
-    outdir = prepare_out(out, resume=resume)
+    outdir = prepare_out(out, refuse_held=False)
     lock = FolderLock(outdir)
     try:
         if outdir is not None and not resume:
-            refuse_a_held_folder(outdir)  # again, held: a run that ended since the first check
+            refuse_a_held_folder(outdir)  # under the lock: a run that ended just now counts too
         state = None
         if resume and outdir is not None and (outdir / "checkpoint.pt").exists():
             state = read_checkpoint(outdir / "checkpoint.pt")

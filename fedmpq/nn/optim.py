@@ -85,10 +85,11 @@ class FloatSGD:
             if not params:
                 continue
             bufs = [self.buffers.get(id(p)) for p in params]
+            fresh = self.momentum and any(b is None for b in bufs)
             sgd_fn(params, [p.grad for p in params], bufs, weight_decay=self.weight_decay, momentum=self.momentum,
                    lr=g["lr"], dampening=0.0, nesterov=False, maximize=False)
-            if self.momentum:
-                for p, b in zip(params, bufs):  # the first step made them
+            if fresh:  # sgd_fn made them (in bufs); later steps update them in place
+                for p, b in zip(params, bufs):
                     self.buffers[id(p)] = b
 
 
