@@ -112,7 +112,7 @@ def test_many_python_threads_at_once():
     cases = [(n, seed) for n in SIZES for seed in (1, 2)]
     with num_threads(1):
         want = {c: run_ops(*c) for c in cases}
-    jobs_before = native.threading()["jobs"]
+    jobs_before, busy_before = native.threading()["jobs"], native.threading()["busy_serial"]
     errors = []
     start = threading.Barrier(6)
 
@@ -137,6 +137,9 @@ def test_many_python_threads_at_once():
     assert errors == []
     if native.threading()["max_threads"] >= 2:
         assert native.threading()["jobs"] > jobs_before, "the pool never ran a job"
+        # Six threads over hundreds of pool-sized calls overlap: some call found the pool busy
+        # and ran alone (with no such rule, two callers would share one job slot).
+        assert native.threading()["busy_serial"] > busy_before, "no call ever found the pool busy"
 
 
 def _wait_or_kill(pid: int, timeout: float) -> int | None:
