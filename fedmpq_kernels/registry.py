@@ -86,7 +86,39 @@ def _cuda_available() -> Tuple[bool, str]:
             f"(is the NVIDIA driver older than the CUDA toolkit the module was built with? "
             f"compiled for sm {native.cuda_archs()})"
         )
-    return True, ""
+    problem = arch_problem(native.cuda_archs(), [torch.cuda.get_device_capability(i) for i in range(torch_count)])
+    return (False, problem) if problem else (True, "")
+
+
+def arch_problem(archs: str, capabilities: List[Tuple[int, int]]) -> str:
+    """Why kernels compiled for ``archs`` (CMake's list as the module reports it, e.g.
+    ``"80,90"`` or ``"90a-real"``) cannot run on every device of ``capabilities`` ((major,
+    minor) each), "" if they can. A plain ``NN`` entry holds machine code for sm_NN and PTX
+    that the driver compiles for any newer device; ``-real`` only the first, ``-virtual`` only
+    the second; an ``a`` suffix runs on that exact version only, ``f`` on its major version's
+    later minors. Entries it does
+    not know (``native``, ``all``) are taken to run anywhere."""
+    entries = []
+    for entry in archs.replace(";", ",").split(","):
+        m = re.fullmatch(r"(\d+)(\d)([af]?)(-real|-virtual)?", entry.strip())
+        if m is None:
+            return ""  # not a list of numbers: trust it
+        entries.append(((int(m.group(1)), int(m.group(2))), m.group(3), m.group(4) or ""))
+    for dev, cap in enumerate(capabilities):
+        cap = tuple(cap)
+        ok = False
+        for arch, suffix, kind in entries:
+            if suffix:  # arch-specific code: "a" that exact device, "f" its family
+                ok |= arch == cap if suffix == "a" else arch[0] == cap[0] and arch[1] <= cap[1]
+                continue
+            sass = kind != "-virtual" and arch[0] == cap[0] and arch[1] <= cap[1]
+            ptx = kind != "-real" and arch <= cap
+            ok |= sass or ptx
+        if not ok:
+            return (f"fedmpq_kernels._C's CUDA kernels were compiled for sm {archs}, which cannot run on "
+                    f"CUDA device {dev} (sm_{cap[0]}{cap[1]}); rebuild with FEDMPQ_CUDA_ARCHS including "
+                    f"{cap[0]}{cap[1]} (pip install -e . with FEDMPQ_CUDA_ARCHS=\"{cap[0]}{cap[1]};80;90\")")
+    return ""
 
 
 # The oldest Triton the kernels are tested with: 3.4 is the first whose interpreter runs them

@@ -179,3 +179,46 @@ def test_triton_runs_cpu_tensors_only_in_its_interpreter(monkeypatch):
         assert registry.backend_for("cpu", "fake_quant") == ("cpu" if native is not None else "reference")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert registry.supports("triton", "cpu")
+
+
+@pytest.mark.parametrize("archs, caps, bad", [
+    ("80,90", [(9, 0)], None), ("80,90", [(8, 6)], None), ("80,90", [(8, 9), (9, 0)], None),
+    ("80,90", [(10, 0)], None), ("80,90", [(12, 0)], None),  # PTX: the driver compiles it for newer devices
+    ("80,90", [(7, 5)], 0), ("80,90", [(9, 0), (7, 0)], 1),  # a T4, a V100 beside an H100
+    ("75,80,90", [(7, 5)], None),
+    ("80-real,90-real", [(8, 6)], None), ("80-real,90-real", [(10, 0)], 0),  # machine code only
+    ("80-virtual", [(8, 0)], None), ("90-virtual", [(8, 9)], 0),
+    ("90a-real", [(9, 0)], None), ("90a", [(10, 0)], 0), ("100f", [(10, 3)], None), ("100f", [(12, 0)], 0),
+    ("native", [(7, 5)], None), ("80;90", [(8, 0)], None), ("80,90", [], None),
+])
+def test_which_devices_the_compiled_architectures_run_on(archs, caps, bad):
+    why = registry.arch_problem(archs, caps)
+    if bad is None:
+        assert why == ""
+    else:
+        major, minor = caps[bad]
+        assert why.startswith(f"fedmpq_kernels._C's CUDA kernels were compiled for sm {archs}, which cannot run on "
+                              f"CUDA device {bad} (sm_{major}{minor}); rebuild with FEDMPQ_CUDA_ARCHS including "
+                              f"{major}{minor}")
+
+
+def test_cuda_kernels_that_cannot_run_on_the_device_leave_cuda_tensors_to_triton(monkeypatch):
+    """A module built for sm 80/90 on a T4 (sm_75): the CUDA backend is unavailable with the
+    reason, and CUDA tensors go to Triton, not to kernels that fail with "no kernel image"."""
+    import types
+
+    from fedmpq_kernels import _native
+
+    stub = types.SimpleNamespace(with_cuda=True, cuda_device_count=lambda: 1, cuda_archs=lambda: "80,90")
+    monkeypatch.setattr(_native, "native", stub)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (7, 5))
+    monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__="3.6.0"))
+    monkeypatch.setattr(registry, "_cache", {})
+    ok, why = registry.available("cuda")
+    assert not ok and "cannot run on CUDA device 0 (sm_75)" in why
+    assert registry.backend_for("cuda", "fake_quant") == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
+    assert registry.available("cuda") == (True, "")
+    assert registry.backend_for("cuda", "fake_quant") == "cuda"
