@@ -108,6 +108,8 @@ class Server:
                     if k not in self.budgets:
                         raise wire.WireFormatError("the server has no such client")
                     m = wire.decode_model(data)
+                    if m.round != round_:  # a model payload names no client, but its round
+                        raise wire.WireFormatError(f"the model says it is of round {m.round}, expected round {round_}")
                     self._check_model(m)
                 except (wire.WireFormatError, ValueError) as e:
                     log.warning("round %d: the upload of client %d is left out: %s", round_, k, e)

@@ -192,6 +192,20 @@ def test_a_faulty_float_model_is_left_out_under_fp(how, caplog):
     assert report["reported"] == [1, 2] and "client 0 is left out" in caplog.text
 
 
+def test_a_float_model_of_another_round_is_left_out_under_fp(caplog):
+    """A float model names no client, but it names its round: an old round's model (a late
+    or replayed reply) is left out as a quantized upload of another round is."""
+    srv = _server("fp")
+    good = {k: wire.encode_model(wire.Model(2, srv.global_state)) for k in (1, 2)}
+    old = {n: (v + 1 if v.is_floating_point() else v) for n, v in srv.global_state.items()}
+    before = {n: v.clone() for n, v in srv.global_state.items()}
+    with caplog.at_level(logging.WARNING, logger="fedmpq"):
+        report = srv.aggregate(2, {0: wire.encode_model(wire.Model(1, old)), **good})
+    assert report["reported"] == [1, 2]
+    assert "client 0 is left out: the model says it is of round 1, expected round 2" in caplog.text
+    assert all(torch.equal(srv.global_state[n], v) for n, v in before.items())
+
+
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 8, 10])
 def test_robust_rules_match_their_statement(rule, k):
