@@ -30,6 +30,9 @@ WEIGHTINGS = ("mean", "samples")
 # every upload's de-quantized values until the round ends.
 RULES = ("mean", "median", "trimmed_mean")
 TRIM = 0.2
+# The most the uploads' largest magnitudes (times their weights) may add up to in a round: half
+# of float32's range, a margin for the coefficients' rounding, so no sum the rules take overflows.
+SUM_LIMIT = 2.0 ** 127
 
 
 @dataclass(frozen=True)
@@ -124,8 +127,10 @@ class Aggregator:
             first upload fixes the layout the later ones are held to.
 
     Every upload is checked whole before anything of it is added: format, checksum, the
-    client and round it claims, the layout, and that its float tensors are finite (a scale
-    that is not finite never decodes). A refused upload leaves the aggregate as it was.
+    client and round it claims, the layout, that its float tensors are finite (a scale
+    that is not finite never decodes), and that its largest magnitude (times its weight) keeps
+    the round's under :data:`SUM_LIMIT`, so no float32 sum overflows. A refused upload leaves
+    the aggregate as it was.
     """
 
     def __init__(self, weighting: str = "mean", rule: str = "mean", expected: Optional[ModelLayout] = None) -> None:
@@ -143,6 +148,7 @@ class Aggregator:
         self._facc: List[Tensor] = []
         self._kept: List[List[Tensor]] = []  # robust rules: each upload's values, per accumulator
         self._total = 0.0
+        self._bound = 0.0  # sum of w * max |value| over the uploads added: bounds every sum
 
     def add(self, data, client_id: Optional[int] = None, round_: Optional[int] = None,
             budget: Optional[float] = None, num_samples: Optional[int] = None) -> ClientStats:
@@ -193,6 +199,7 @@ class Aggregator:
         # Float runs, checked finite before anything is added (one add each later, or per
         # entry when this upload orders them differently).
         floats = []
+        peak = 0.0  # the upload's largest magnitude: a quantized value is at most its scale
         for a, b, dt in lay.segments:
             if order is None:
                 chunks = [self._floats(buf, p, a, b, dt)]
@@ -203,7 +210,15 @@ class Aggregator:
                 bad = next(lay.names[r] for r in range(a, b)
                            if not bool(torch.isfinite(self._floats(buf, p, *self._row(order, r), dt)).all()))
                 raise wire.WireFormatError(f"upload of client {client_id}: {bad} holds NaN or inf")
+            if dt != wire.DT_INT64 and f.numel():
+                peak = max(peak, float(f.abs().max()))
             floats.append(f)
+        rows = lay.quant if order is None else order[lay.quant]
+        if len(rows):
+            peak = max(peak, float(p.scale[rows].max()))
+        if self._bound + w * peak > SUM_LIMIT:  # finite values whose sum would overflow to inf
+            raise wire.WireFormatError(f"upload of client {client_id}: values up to {peak:.3g} (weight {w:g}) "
+                                       f"would overflow the round's float32 sums")
         if self._lay is None:
             self._lay, self._known = lay, p
             self._qacc = torch.zeros(int(p.numel[lay.quant].sum()), dtype=torch.float32)
@@ -211,7 +226,6 @@ class Aggregator:
                 torch.zeros(int(p.numel[a:b].sum()), dtype=torch.float64 if dt == wire.DT_INT64 else torch.float32)
                 for a, b, dt in lay.segments
             ]
-        rows = lay.quant if order is None else order[lay.quant]
         # Quantized layers: one call, straight from the packed planes.
         table = lay.table  # acc offsets and sizes are the layout's; bits and offsets this upload's
         table[:, 2] = p.bits[rows]
@@ -226,6 +240,7 @@ class Aggregator:
             fk.dequant_accumulate_layers(q, buf, torch.from_numpy(table), coefs)
             self._kept.append([q] + [f.to(acc.dtype) for f, acc in zip(floats, self._facc)])
         self._total += w
+        self._bound += w * peak
         names = [lay.names[i] for i in lay.quant]
         st = ClientStats(client_id, rnd, num_samples, float(budget), dict(zip(names, p.bits[rows].tolist())),
                          dict(zip(names, p.delta[rows].tolist())))

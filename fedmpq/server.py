@@ -36,8 +36,8 @@ class Server:
     A faulty client cannot stop a round: an upload that does not decode, claims another
     client or round, states another budget or sample count than the server has for that
     client, does not hold exactly the model's entries and shapes (the layout comes from this
-    server's model, not from the first upload), or carries a value that is not finite is left
-    out with a logged reason, and the others are aggregated. A round with no valid upload
+    server's model, not from the first upload), or carries a value that is not finite (or so
+    large that the round's float32 sums would overflow) is left out with a logged reason, and the others are aggregated. A round with no valid upload
     keeps the model and the bit-widths.
 
     Raises:

@@ -206,6 +206,43 @@ def test_a_float_model_of_another_round_is_left_out_under_fp(caplog):
     assert all(torch.equal(srv.global_state[n], v) for n, v in before.items())
 
 
+def _huge(srv, k, value, carrier):
+    """Client k's honest upload with one finite but huge value: a layer's scale, or a float."""
+    if carrier == "scale":
+        return _with_scale(_honest(srv, k), value)
+    g = srv.global_state
+    layers = {n: wire.QuantizedTensor.from_float(g[n], int(srv.budgets[k])) for n in srv.layer_sizes}
+    floats = {n: v.clone() for n, v in g.items() if n not in srv.layer_sizes}
+    next(v for v in floats.values() if v.is_floating_point())[0] = value
+    return wire.encode_upload(wire.Upload(k, 1, 100 + k, float(srv.client_budgets[k]), layers, {n: 0 for n in layers},
+                                          floats))
+
+
+@pytest.mark.parametrize("carrier", ["scale", "float"])
+@pytest.mark.parametrize("rule", ["mean", "trimmed_mean"])
+def test_finite_values_whose_sum_overflows_are_left_out_and_the_next_round_goes_on(carrier, rule, caplog):
+    """Each value is finite (the wire takes it), but two of them add up past float32's range
+    (in the mean's sums, or in the mean of the values the trimmed mean keeps): the model went
+    inf, and the next round's downloads raised (a non-finite weight cannot be binarized). The
+    uploads that would overflow the sums are left out with their reason."""
+    srv = _server(rule=rule)
+    if rule == "mean":
+        ups = {0: _huge(srv, 0, 1e38, carrier), 1: _huge(srv, 1, 3e38, carrier), 2: _honest(srv, 2),
+               3: _honest(srv, 3)}
+        kept = [0, 2, 3]
+    else:  # three of four far off: the two middle values are 1e38 and 2.5e38
+        ups = {0: _huge(srv, 0, 1e38, carrier), 1: _huge(srv, 1, 2.5e38, carrier), 2: _huge(srv, 2, 3e38, carrier),
+               3: _honest(srv, 3)}
+        kept = [0, 3]
+    with caplog.at_level(logging.WARNING, logger="fedmpq"):
+        report = srv.aggregate(1, ups)
+    assert report["reported"] == kept
+    assert "the upload of client 1 is left out" in caplog.text and "would overflow" in caplog.text
+    for name, v in srv.global_state.items():
+        assert torch.isfinite(v.double()).all(), name
+    assert sorted(srv.downloads(2, [0, 1, 2, 3])) == [0, 1, 2, 3]
+
+
 @pytest.mark.parametrize("rule", ["median", "trimmed_mean"])
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6, 8, 10])
 def test_robust_rules_match_their_statement(rule, k):
