@@ -14,6 +14,7 @@ does not decode is left out by the server's aggregation. The run goes on with th
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -105,6 +106,8 @@ def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float) -> feder
                 if not isinstance(up, bytes):
                     raise TypeError("upload is not bytes")
                 acc, qs = float(m["train_accuracy"]), float(m["quant_seconds"])
+                if not (0 <= acc <= 1 and 0 <= qs < math.inf):  # NaN fails too: it would be the round's
+                    raise ValueError(f"train_accuracy {acc} outside 0..1 or quant_seconds {qs} not finite >= 0")
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("round %d: client %d replied without an upload and is left out: %s", r, k, e)
                 continue

@@ -403,6 +403,31 @@ def test_the_transport_returns_the_asked_clients_in_order_and_sums_their_quant_s
     assert acc == [0.0, 0.2] and quant == pytest.approx(0.25 + 0.75)
 
 
+@pytest.mark.parametrize("metrics", [{"train_accuracy": float("nan"), "quant_seconds": 0.5},
+                                     {"train_accuracy": 7.0, "quant_seconds": 0.5},
+                                     {"train_accuracy": 0.5, "quant_seconds": float("inf")},
+                                     {"train_accuracy": 0.5, "quant_seconds": -1.0}])
+def test_a_reply_with_impossible_metrics_is_left_out(monkeypatch, caplog, metrics):
+    """A NaN or out-of-range train accuracy, or quantization seconds that are not finite and
+    >= 0, would become the round's mean train accuracy and quant_seconds (NaN, which is not
+    even JSON, in results.json): that reply is left out, with its reason, like one without
+    metrics."""
+    monkeypatch.setattr(server_app, "Message", _Msg)
+    caplog.set_level(logging.WARNING, logger="fedmpq")
+    node_of = {0: 100, 1: 101}
+
+    def answer(m):
+        k = m.content["fedmpq"]["client"]
+        good = {"train_accuracy": 0.25, "quant_seconds": 0.5}
+        return _Reply(m.metadata.dst_node_id, content={"fedmpq": {"upload": bytes([k]), "client": k},
+                                                       "metrics": metrics if k == 1 else good})
+
+    train = server_app.grid_transport(_Grid([100, 101], answer), node_of, timeout=7)
+    uploads, acc, quant = train(1, {0: b"d0", 1: b"d1"})
+    assert uploads == {0: b"\x00"} and acc == [0.25] and quant == 0.5
+    assert "client 1 replied without an upload and is left out" in caplog.text
+
+
 def test_the_server_starts_once_enough_nodes_are_up_and_keeps_whole_budgets_whole(monkeypatch):
     """wait_for_nodes returns as soon as n nodes are connected (exactly n is enough); a budget
     reported as 4.0 is the integer 4, as the run's own budgets are, and 3.5 stays 3.5."""
