@@ -50,9 +50,12 @@ def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -
     exactly once (naming the gap or the duplicate)."""
     msgs = [Message(RecordDict({}), dst_node_id=nid, message_type=MessageType.QUERY + ".info") for nid in ids]
     node_of, budgets, samples = {}, {}, {}
-    for rep in grid.send_and_receive(msgs, timeout=timeout):
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    node_of_msg = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}  # see grid_transport
+    for rep in replies:
         nid = rep.metadata.src_node_id
         if rep.has_error():
+            nid = node_of_msg.get(rep.metadata.reply_to_message_id, nid)
             log.warning("node %d could not say which client it is: %s", nid, rep.error.reason)
             continue
         try:
@@ -92,8 +95,14 @@ def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float) -> feder
             msgs.append(Message(content, dst_node_id=node_of[k], message_type=MessageType.TRAIN, group_id=str(r)))
         asked = {client_of[m.metadata.dst_node_id] for m in msgs}
         uploads, acc_of, quant, answered = {}, {}, 0.0, set()
-        for rep in grid.send_and_receive(msgs, timeout=timeout):
+        replies = list(grid.send_and_receive(msgs, timeout=timeout))
+        # The SuperLink answers itself, from its own node id, for a node that went offline or a
+        # reply that expired: such an error names our message (ids are set when pushed).
+        client_of_msg = {m.metadata.message_id: client_of[m.metadata.dst_node_id] for m in msgs}
+        for rep in replies:
             k = client_of.get(rep.metadata.src_node_id)
+            if k is None and rep.has_error():
+                k = client_of_msg.get(rep.metadata.reply_to_message_id)
             if k is None or k not in asked:
                 continue
             answered.add(k)

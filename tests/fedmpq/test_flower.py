@@ -107,7 +107,8 @@ class _Msg:
     """Stands in for flwr's Message (which needs a running app to be built)."""
 
     def __init__(self, content, dst_node_id, message_type, group_id=None):
-        self.content, self.metadata = content, SimpleNamespace(dst_node_id=dst_node_id, src_node_id=dst_node_id)
+        self.content, self.metadata = content, SimpleNamespace(dst_node_id=dst_node_id, src_node_id=dst_node_id,
+                                                               message_id=f"msg-{id(self)}")
         self.message_type = message_type
 
     def has_error(self):
@@ -115,8 +116,8 @@ class _Msg:
 
 
 class _Reply:
-    def __init__(self, src, content=None, error=None):
-        self.metadata = SimpleNamespace(src_node_id=src)
+    def __init__(self, src, content=None, error=None, reply_to=None):
+        self.metadata = SimpleNamespace(src_node_id=src, reply_to_message_id=reply_to)
         self._content, self._error = content, error
 
     @property
@@ -173,6 +174,37 @@ def test_the_transport_leaves_out_failing_silent_malformed_and_offline_nodes(mon
     assert "client 2 did not reply within 7 s" in log
     assert "client 3 replied without an upload" in log
     assert "the node of client 4 is offline" in log
+
+
+def test_an_error_the_superlink_sends_for_an_offline_node_names_its_client(monkeypatch, caplog):
+    """When a node goes offline (or its reply expires) the SuperLink answers its message
+    itself, from its own node id (flwr's create_message_error_unavailable_res_message): the
+    client is left out with that reason, not as one that "did not reply within" the timeout."""
+    monkeypatch.setattr(server_app, "Message", _Msg)
+    caplog.set_level(logging.WARNING, logger="fedmpq")
+    node_of = {0: 100, 1: 101}
+
+    def answer(m):
+        nid, k = m.metadata.dst_node_id, m.content["fedmpq"]["client"]
+        if nid == 101:
+            return _Reply(1, error=SimpleNamespace(code=3, reason="the node is unavailable"),
+                          reply_to=m.metadata.message_id)
+        return _Reply(nid, content={"fedmpq": {"upload": bytes([k]), "client": k},
+                                    "metrics": {"train_accuracy": 0.5, "quant_seconds": 0.25}})
+
+    train = server_app.grid_transport(_Grid([100, 101], answer), node_of, timeout=7)
+    uploads, _, _ = train(2, {0: b"d0", 1: b"d1"})
+    assert uploads == {0: b"\x00"}
+    assert "client 1 failed and is left out: the node is unavailable" in caplog.text
+    assert "did not reply" not in caplog.text
+    # the same when the nodes are asked which client they are: the node is named, not the SuperLink
+    caplog.clear()
+    info = {"info": {"client": 0, "budget": 4.0, "num_samples": 10}}
+    grid = _Grid([100, 101], lambda m: _Reply(100, content=info) if m.metadata.dst_node_id == 100 else _Reply(
+        1, error=SimpleNamespace(code=3, reason="the node is unavailable"), reply_to=m.metadata.message_id))
+    with pytest.raises(RuntimeError, match="no node is client 1"):
+        server_app.identify_nodes(grid, [100, 101], 2, 5)
+    assert "node 101 could not say which client it is: the node is unavailable" in caplog.text
 
 
 def test_nodes_that_do_not_cover_the_clients_are_refused(monkeypatch):
@@ -369,7 +401,8 @@ def test_a_deployment_finishes_when_a_supernode_dies_mid_run(tmp_path):
         assert rounds[0]["reported"] == [0, 1, 2]
         assert rounds[-1]["reported"] == [0, 1]  # the run finished with the others
         assert all(0.0 <= r["accuracy"] <= 1.0 for r in rounds)
-        assert "client 2 did not reply" in fed.logs()
+        # silent until round-timeout, or answered for by the SuperLink once it sees the node gone
+        assert "client 2 did not reply" in fed.logs() or "client 2 failed and is left out" in fed.logs()
 
 
 def test_fedmpq_flower_refuses_a_bad_config_before_flower_starts(capsys, tmp_path):
