@@ -417,6 +417,8 @@ def parse(data, want_kind: int, known: Optional[Parsed] = None) -> Parsed:
         _fail("truncated: no room for the metadata")
     meta = meta_s.unpack_from(data, pos)
     pos += meta_s.size
+    if kind != KIND_UPLOAD and data[pos - 4:pos] != b"\0\0\0\0":  # struct's 4x skips them unread
+        _fail("the metadata's 4 padding bytes are not zero")
     if n > MAX_ENTRIES:
         _fail(f"{n} entries exceed the limit of {MAX_ENTRIES}")
     if zlen > size - pos:
@@ -427,6 +429,8 @@ def parse(data, want_kind: int, known: Optional[Parsed] = None) -> Parsed:
     pos += _align4(zlen)
     if pos > size:
         _fail("truncated after the index")
+    if data[pos - (_align4(zlen) - zlen):pos].strip(b"\0"):
+        _fail("the index's padding bytes are not zero")
     if (known is not None and zindex == known.zindex and n == len(known.names)
             and ilen == len(known.names_blob) + n * (_RECORD.itemsize + 2)):
         # The same index bytes as a payload checked before: the same names, dtypes, shapes.

@@ -452,6 +452,32 @@ def test_metadata_sits_at_the_documented_offsets(upload):
     assert struct.unpack_from("<I4s", model, 32) == (7, b"\0" * 4)
 
 
+def test_padding_that_is_not_zero_is_refused(upload):
+    """docs/FORMAT.md: a download's and a model's metadata end in 4 zero bytes, and the
+    compressed index is padded with zero bytes; a payload with anything else there is refused."""
+    down = wire.encode_download(wire.Download(3, 7, upload.layers, upload.floats))
+    with pytest.raises(wire.WireFormatError, match="metadata's 4 padding bytes are not zero"):
+        wire.decode_download(_header_field(down, 32 + 12, "<I", 1))
+    model = wire.encode_model(wire.Model(7, upload.floats))
+    with pytest.raises(wire.WireFormatError, match="metadata's 4 padding bytes are not zero"):
+        wire.decode_model(_header_field(model, 32 + 4, "<I", 0xDEADBEEF))
+    padded = 0
+    for data, kind in ((wire.encode_upload(upload), wire.KIND_UPLOAD), (down, wire.KIND_DOWNLOAD),
+                       (model, wire.KIND_MODEL), (wire.encode_model(wire.Model(7, {"w": torch.ones(1)})), wire.KIND_MODEL),
+                       (wire.encode_model(wire.Model(7, {"wx": torch.ones(1)})), wire.KIND_MODEL)):
+        meta = 56 if kind == wire.KIND_UPLOAD else 48 if kind == wire.KIND_DOWNLOAD else 40
+        zlen = wire._HEADER.unpack_from(data)[7]
+        if zlen % 4 == 0:
+            continue
+        padded += 1
+        known = wire.parse(data, kind)
+        forged = _header_field(data, meta + zlen, "<B", 0x55)
+        for k in (None, known):
+            with pytest.raises(wire.WireFormatError, match="index's padding bytes are not zero"):
+                wire.parse(forged, kind, k)
+    assert padded
+
+
 def test_an_index_length_field_that_lies_is_refused_also_for_a_known_layout():
     """ilen must be exactly what the index inflates to; a server that knows the layout (the
     same compressed index bytes) still holds the header's ilen to it."""
