@@ -13,7 +13,7 @@ layer, its samples and budget) come out of the same pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -151,7 +151,8 @@ class Aggregator:
         self._bound = 0.0  # sum of w * max |value| over the uploads added: bounds every sum
 
     def add(self, data, client_id: Optional[int] = None, round_: Optional[int] = None,
-            budget: Optional[float] = None, num_samples: Optional[int] = None) -> ClientStats:
+            budget: Optional[float] = None, num_samples: Optional[int] = None,
+            assigned: Optional[Mapping[str, int]] = None, may_prune: bool = True) -> ClientStats:
         """Check one upload's bytes whole, then add it. Returns its statistics.
 
         ``client_id``/``round_``: when given, the upload must say it is that client's upload
@@ -160,11 +161,16 @@ class Aggregator:
         wire stores it, in float32) and that sample count: a server that knows its clients
         holds them to it, so that no upload can change the weights it is aggregated and
         reassigned with.
+        ``assigned``: when given (quantized layer name -> the bit-width the client was sent),
+        every layer's N + Delta must equal it (Delta: the bits pruned, ALGORITHM.md), and with
+        ``may_prune`` False (AQFL, FP8: nothing is pruned) Delta must be 0: no upload claims more
+        bits than it was given, or prunings it could not have made.
 
         Raises:
             fedmpq.wire.WireFormatError: the bytes do not decode, claim another client,
-                round, budget or sample count, do not match the model's layout (or the first
-                upload's), or hold a float value that is not finite (nothing is added then).
+                round, budget, sample count or bit-widths, do not match the model's layout (or
+                the first upload's), or hold a float value that is not finite (nothing is added
+                then).
         """
         p = wire.parse(data, wire.KIND_UPLOAD, self._known)
         meta_client, meta_samples, rnd, meta_budget = p.meta
@@ -214,6 +220,8 @@ class Aggregator:
                 peak = max(peak, float(f.abs().max()))
             floats.append(f)
         rows = lay.quant if order is None else order[lay.quant]
+        if assigned is not None:
+            self._check_bits(p, lay, rows, assigned, may_prune, client_id)
         if len(rows):
             peak = max(peak, float(p.scale[rows].max()))
         if self._bound + w * peak > SUM_LIMIT:  # finite values whose sum would overflow to inf
@@ -246,6 +254,16 @@ class Aggregator:
                          dict(zip(names, p.delta[rows].tolist())))
         self.stats.append(st)
         return st
+
+    @staticmethod
+    def _check_bits(p, lay, rows, assigned: Mapping[str, int], may_prune: bool, client_id) -> None:
+        bits, delta = p.bits[rows], p.delta[rows]
+        for i, name in enumerate(lay.names[j] for j in lay.quant):
+            n, d, a = int(bits[i]), int(delta[i]), assigned[name]
+            if n + d != a or (d and not may_prune):
+                why = "pruned bits" if n + d == a else f"N + Delta = {n + d}"
+                raise wire.WireFormatError(f"upload of client {client_id}: {name} has N {n} and Delta {d} ({why}), "
+                                           f"but it was sent {a} bits")
 
     @staticmethod
     def _row(order: Optional[np.ndarray], r: int) -> Tuple[int, int]:

@@ -36,7 +36,8 @@ class Server:
     A faulty client cannot stop a round: an upload that does not decode, claims another
     client or round, states another budget or sample count than the server has for that
     client, does not hold exactly the model's entries and shapes (the layout comes from this
-    server's model, not from the first upload), or carries a value that is not finite (or so
+    server's model, not from the first upload), states bit-widths other than those it was sent
+    (N + Delta per layer; Delta 0 but under fedmpq), or carries a value that is not finite (or so
     large that the round's float32 sums would overflow) is left out with a logged reason, and the others are aggregated. A round with no valid upload
     keeps the model and the bit-widths.
 
@@ -129,7 +130,8 @@ class Server:
                     raise wire.WireFormatError("the server has no such client")
                 # checked whole (its budget and sample count too) before anything is added
                 agg.add(data, client_id=k, round_=round_, budget=self.client_budgets[k],
-                        num_samples=self.num_samples[k])
+                        num_samples=self.num_samples[k], assigned=dict(zip(self.layer_sizes, self.assignments[k])),
+                        may_prune=self.alg == "fedmpq")
             except (wire.WireFormatError, ValueError) as e:
                 log.warning("round %d: the upload of client %d is left out: %s", round_, k, e)
         if agg.count == 0:

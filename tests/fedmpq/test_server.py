@@ -104,10 +104,25 @@ FAULTS = {"empty": "does not match the model", "one layer": "does not match the 
           # a client cannot change the weights it is aggregated and reassigned with (which once
           # stopped the round: the bit reassignment refused the budget after the model had changed)
           "other budget": "states budget 3.0, the server has", "nan budget": "states budget nan",
-          "other samples": "states 5000 samples, the server has", "no samples": "states 0 samples"}
+          "other samples": "states 5000 samples, the server has", "no samples": "states 0 samples",
+          # N + Delta must be the bits it was sent: no upload claims more bits than its budget gave
+          "more bits": "(N + Delta = ", "fewer bits, no Delta": "(N + Delta = "}
+
+
+def _pruned(srv, k, extra, delta):
+    """Client k's upload with every layer at its assigned bits + ``extra`` and Delta ``delta``."""
+    g = srv.global_state
+    layers = {n: wire.QuantizedTensor.from_float(g[n], b + extra) for n, b in zip(srv.layer_sizes, srv.assignments[k])}
+    floats = {n: v for n, v in g.items() if n not in srv.layer_sizes}
+    return wire.encode_upload(wire.Upload(k, 1, 100 + k, float(srv.client_budgets[k]), layers,
+                                          {n: delta for n in layers}, floats))
 
 
 def _bad(srv, how, k):
+    if how == "more bits":  # 8-bit clients cannot go above: 7 bits claimed as 7 + 2
+        return _pruned(srv, k, 1, 0) if srv.budgets[k] < 8 else _pruned(srv, k, -1, 2)
+    if how == "fewer bits, no Delta":
+        return _pruned(srv, k, -1, 0)
     if how.endswith("scale"):
         return _with_scale(_honest(srv, k), float("nan") if how == "nan scale" else float("inf"))
     if how == "nan budget":
@@ -146,6 +161,20 @@ def test_every_algorithm_takes_the_uploads_that_state_the_clients_own_budget(alg
     is still client k's): the server takes them all."""
     srv = _server(alg)
     assert srv.aggregate(1, {k: _honest(srv, k) for k in range(4)})["reported"] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("alg", ["fedmpq", "aqfl", "fp8"])
+def test_only_fedmpq_clients_may_prune_bits(alg, caplog):
+    """N + Delta = the bits sent, Delta > 0 (planes the group lasso emptied): a FedMPQ upload;
+    AQFL and FP8 clients prune nothing, so the same upload is left out there."""
+    srv = _server(alg)
+    uploads = {k: _pruned(srv, k, -1, 1) for k in range(4)}
+    report = srv.aggregate(1, uploads)
+    if alg == "fedmpq":
+        assert report["reported"] == [0, 1, 2, 3]
+        assert report["bits"][0] == [b - 1 for b in _server(alg).assignments[0]]
+    else:
+        assert report["reported"] == [] and "(pruned bits), but it was sent" in caplog.text
 
 
 @pytest.mark.parametrize("samples, match", [({0: 100, 1: 101, 2: 102}, r"num_samples\[3\] must be an integer >= 1, got None"),
@@ -329,7 +358,7 @@ def test_a_sample_weighted_server_weights_each_upload_by_its_samples():
     ups = {}
     for k, (shift, samples) in enumerate([(0.0, 1), (1.0, 3)]):
         s = _shifted(g, shift)
-        layers = {n: wire.QuantizedTensor.from_float(s[n], 2) for n in srv.layer_sizes}
+        layers = {n: wire.QuantizedTensor.from_float(s[n], b) for n, b in zip(srv.layer_sizes, srv.assignments[k])}
         floats = {n: v for n, v in s.items() if n not in srv.layer_sizes}
         ups[k] = wire.encode_upload(wire.Upload(k, 1, samples, float(srv.budgets[k]), layers, {n: 0 for n in layers},
                                                 floats))
