@@ -82,16 +82,11 @@ class LocalFederation:
                                        f"{self.startup_timeout:g} s")
                 time.sleep(0.2)
             self.nodes = []
+            self._execs: List[Optional[subprocess.Popen]] = []
             for i in range(self.n_nodes):
-                port = free_port()
-                self.nodes.append(self.spawn(
-                    ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
-                     "--max-wait-time", "120", "--isolation", "process" if self.warm else "subprocess",
-                     "--node-config", f"partition-id={i} num-partitions={self.n_nodes} threads={self.threads}"],
-                    f"supernode{i}"))
-                if self.warm:  # the node's ClientApps fork from a process that imported everything once
-                    self.spawn([sys.executable, "-m", "fedmpq.flower.superexec", "--insecure",
-                                "--runtime-api-address", f"127.0.0.1:{port}"], f"superexec{i}")
+                self.nodes.append(None)
+                self._execs.append(None)
+                self.start_node(i)
             (self.home / "config.toml").write_text(
                 f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
                 f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
@@ -104,11 +99,25 @@ class LocalFederation:
         """``flwr run APP_DIR <connection> --run-config RUN_CONFIG --stream`` as a process."""
         return self.spawn(["flwr", "run", str(app_dir), self.connection, "--run-config", run_config, "--stream"], name)
 
+    def start_node(self, i: int, name: Optional[str] = None) -> None:
+        """Start SuperNode ``i`` (client ``i``; Flower gives it a new node id each time) and,
+        when warm, its SuperExec."""
+        port = free_port()
+        name = name or f"supernode{i}"
+        self.nodes[i] = self.spawn(
+            ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
+             "--max-wait-time", "120", "--isolation", "process" if self.warm else "subprocess",
+             "--node-config", f"partition-id={i} num-partitions={self.n_nodes} threads={self.threads}"], name)
+        if self.warm:  # the node's ClientApps fork from a process that imported everything once
+            self._execs[i] = self.spawn([sys.executable, "-m", "fedmpq.flower.superexec", "--insecure",
+                                         "--runtime-api-address", f"127.0.0.1:{port}"], name.replace("supernode", "superexec"))
+
     def kill_node(self, i: int) -> None:
         """SIGKILL SuperNode ``i`` and everything it started (its warm SuperExec too)."""
-        os.killpg(self.nodes[i].pid, signal.SIGKILL)
-        if self.warm:
-            os.killpg(self.procs[self.procs.index(self.nodes[i]) + 1].pid, signal.SIGKILL)
+        for p in (self.nodes[i], self._execs[i]):
+            if p is not None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
 
     def logs(self) -> str:
         """Every process's output so far (empty without ``log_dir``)."""

@@ -9,14 +9,16 @@ needs a different payload per client and its own aggregation, so the loop talks 
 
 A node that is offline, raises, does not answer within ``round-timeout`` seconds, or
 replies without an upload is left out of that round with a logged reason; an upload that
-does not decode is left out by the server's aggregation. The run goes on with the rest.
+does not decode is left out by the server's aggregation. The run goes on with the rest. A
+SuperNode that comes back (restarted, under a new node id) takes its client up again from
+the next round on.
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -43,15 +45,13 @@ def wait_for_nodes(grid: Grid, n: int, timeout: float, poll: float = 0.5) -> Lis
         time.sleep(poll)
 
 
-def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -> Tuple[Dict[int, int], Dict[int, float],
-                                                                                        Dict[int, int]]:
-    """Ask every node which client it is: ({client: node id}, {client: budget}, {client:
-    samples}). Raises ``RuntimeError`` when the nodes do not cover clients 0..n_clients-1
-    exactly once (naming the gap or the duplicate)."""
+def _ask_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -> List[Tuple[int, int, Any, int]]:
+    """Ask nodes ``ids`` which client they are: (node id, client, budget, samples) of every
+    valid answer, in reply order; a node that fails or answers badly is logged and left out."""
     msgs = [Message(RecordDict({}), dst_node_id=nid, message_type=MessageType.QUERY + ".info") for nid in ids]
-    node_of, budgets, samples = {}, {}, {}
     replies = list(grid.send_and_receive(msgs, timeout=timeout))
     node_of_msg = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}  # see grid_transport
+    found = []
     for rep in replies:
         nid = rep.metadata.src_node_id
         if rep.has_error():
@@ -69,9 +69,20 @@ def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -
         except (KeyError, TypeError, ValueError) as e:
             log.warning("node %d said which client it is in a reply that is left out: %s", nid, e)
             continue
+        found.append((nid, k, int(b) if b.is_integer() else b, d))
+    return found
+
+
+def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -> Tuple[Dict[int, int], Dict[int, float],
+                                                                                        Dict[int, int]]:
+    """Ask every node which client it is: ({client: node id}, {client: budget}, {client:
+    samples}). Raises ``RuntimeError`` when the nodes do not cover clients 0..n_clients-1
+    exactly once (naming the gap or the duplicate)."""
+    node_of, budgets, samples = {}, {}, {}
+    for nid, k, b, d in _ask_nodes(grid, ids, n_clients, timeout):
         if k in node_of:
             raise RuntimeError(f"nodes {node_of[k]} and {nid} both say they are client {k} (partition-id)")
-        node_of[k], budgets[k], samples[k] = nid, int(b) if b.is_integer() else b, d
+        node_of[k], budgets[k], samples[k] = nid, b, d
     missing = sorted(set(range(n_clients)) - set(node_of))
     if missing:
         raise RuntimeError(f"no node is client {missing[0]} (of 0..{n_clients - 1}); {len(node_of)} of "
@@ -79,13 +90,40 @@ def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -
     return node_of, budgets, samples
 
 
-def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float) -> federation.Transport:
+def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float,
+                   clients: Optional[Mapping[int, Tuple[Any, int]]] = None,
+                   ask_timeout: float = 120.0, asked: Sequence[int] = ()) -> federation.Transport:
     """A :data:`fedmpq.federation.Transport` over Flower: one train message per sampled client
-    to its node, the replies' upload bytes back."""
+    to its node, the replies' upload bytes back.
+
+    ``clients`` ({client: (budget, samples)}, as the nodes first said): when given, a node that
+    connects later (a SuperNode restarted, which Flower gives a new node id) is asked which
+    client it is, within ``ask_timeout`` seconds, before the round's messages go out; one that
+    is a known client with the same budget and samples takes that client over from its old
+    node. A node is asked once (``asked``: the nodes asked before the run)."""
+    node_of = dict(node_of)
     client_of = {nid: k for k, nid in node_of.items()}
+    asked_nodes = set(client_of) | set(asked)
+
+    def rejoin(r: int, online: set) -> None:
+        new = sorted(online - asked_nodes)
+        if not new or clients is None:
+            return
+        asked_nodes.update(new)
+        for nid, k, b, d in _ask_nodes(grid, new, len(clients), ask_timeout):
+            if k not in clients or (b, d) != tuple(clients[k]):
+                log.warning("round %d: node %d says it is client %d with budget %s and %d samples, but the run has "
+                            "%s; not used", r, nid, k, b, d, clients.get(k, "no such client"))
+                continue
+            old = node_of[k]
+            log.warning("round %d: client %d is on node %d now (was node %d%s)", r, k, nid, old,
+                        ", still listed" if old in online else "")
+            client_of.pop(old, None)
+            node_of[k], client_of[nid] = nid, k
 
     def train(r: int, downloads: Dict[int, bytes]):
         online = set(grid.get_node_ids())
+        rejoin(r, online)
         msgs = []
         for k, blob in sorted(downloads.items()):
             if node_of[k] not in online:
@@ -156,7 +194,10 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
         ids = wait_for_nodes(grid, c["n_clients"], opts["node_timeout"])
         node_of, budgets, samples = identify_nodes(grid, ids, c["n_clients"], opts["node_timeout"])
         c = dict(c, budgets=[budgets[k] for k in range(c["n_clients"])])  # the nodes' own budgets
-        res = federation.federate(c, ds, samples, budgets, grid_transport(grid, node_of, opts["round_timeout"]),
+        transport = grid_transport(grid, node_of, opts["round_timeout"],
+                                   clients={k: (budgets[k], samples[k]) for k in node_of}, ask_timeout=opts["node_timeout"],
+                                   asked=ids)
+        res = federation.federate(c, ds, samples, budgets, transport,
                                 out=opts["out"] or None, progress=False,
                                 threads=c["threads"])  # the run's; a node's own node config may differ
         last = res["rounds"][-1] if res["rounds"] else None
