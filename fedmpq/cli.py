@@ -42,6 +42,14 @@ def _flag_type(key: str, parse):
     return typed
 
 
+def _path(text: str) -> str:
+    """A file or folder flag: an empty one (``--resume "$DIR"`` with DIR unset) is refused,
+    not taken for the flag left out (which would start a new default run)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path is not allowed")
+    return text
+
+
 def _default_text(v: Any) -> str:
     if v is None:
         return "none"
@@ -51,8 +59,8 @@ def _default_text(v: Any) -> str:
 
 
 def _config_flags(p: argparse.ArgumentParser, quiet: bool = True) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of config keys (flags override it)")
-    p.add_argument("--out", metavar="DIR", help="results folder: results.json, rounds.csv, plots, checkpoint.pt "
+    p.add_argument("--config", metavar="FILE", type=_path, help="YAML or JSON file of config keys (flags override it)")
+    p.add_argument("--out", metavar="DIR", type=_path, help="results folder: results.json, rounds.csv, plots, checkpoint.pt "
                                                 "(default: runs/<date>-<time>)")
     if quiet:  # fedmpq flower has no bars, and its round lines come from the ServerApp
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no per-round lines")
@@ -156,7 +164,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sim = sub.add_parser("simulate", help="run a federation in one process",
                          description="Run a federation in one process; every config key is also a flag.")
     _config_flags(sim)
-    sim.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint; flags may "
+    sim.add_argument("--resume", metavar="DIR", type=_path, help="continue the run in DIR from its last checkpoint; flags may "
                                                      "raise rounds (to extend it), device, cuda-graph, threads and "
                                                      "data-dir")
     fl = sub.add_parser("flower", help="run the same federation through Flower's simulation engine "
@@ -168,8 +176,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "process may use)")
     cmp_ = sub.add_parser("compare", help="compare the results of several runs",
                           description="Compare runs: runs that differ only in the seed form one group.")
-    cmp_.add_argument("dirs", nargs="+", metavar="DIR", help="run folders holding results.json")
-    cmp_.add_argument("--plot", metavar="PNG", help="write the accuracy curves (mean and min..max over seeds) "
+    cmp_.add_argument("dirs", nargs="+", metavar="DIR", type=_path, help="run folders holding results.json")
+    cmp_.add_argument("--plot", metavar="PNG", type=_path, help="write the accuracy curves (mean and min..max over seeds) "
                                                     "to this PNG (needs matplotlib)")
     cmp_.add_argument("--last", type=int, default=5, metavar="N",
                       help="average the accuracy over this many last rounds (default: 5)")

@@ -381,3 +381,14 @@ def test_a_resume_with_nothing_left_brings_the_results_to_the_checkpoint(tmp_pat
     assert cli.main(["simulate", "-q", "--resume", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["rounds"] == full["rounds"]
     assert (out / "rounds.csv").read_text().count("\n") == 3
+
+
+@pytest.mark.parametrize("argv", [["simulate", "--resume", ""], ["simulate", "--config", ""],
+                                  ["simulate", "--out", ""], ["compare", ""], ["compare", "x", "--plot", ""]])
+def test_an_empty_path_is_refused_not_taken_for_no_flag(argv, tmp_path, monkeypatch, capsys):
+    # `--resume "$DIR"` with DIR unset started a new default run of 30 rounds
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv + ["-q"] * (argv[0] == "simulate")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "empty path" in err, err
+    assert not (tmp_path / "runs").exists()
