@@ -194,8 +194,12 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
         ax.set_ylabel("global test accuracy")
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(out, dpi=120)
-        plt.close(fig)
+        try:
+            fig.savefig(out, dpi=120)
+        except (OSError, ValueError) as e:  # a missing folder, an extension matplotlib has no format for
+            raise ConfigError(f"--plot {out} cannot be written: {e.strerror if isinstance(e, OSError) else e}") from None
+        finally:
+            plt.close(fig)
     return table
 
 

@@ -166,3 +166,13 @@ def test_a_write_cut_off_leaves_the_last_whole_file(tmp_path):
     results.write_results(dict(res, rounds=res["rounds"] * 2), tmp_path, plots=False)
     assert len(json.loads((tmp_path / "results.json").read_text())["rounds"]) == 2
     assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]  # the next write took the cut-off one's place
+
+
+@pytest.mark.parametrize("plot,msg", [("missing/cmp.png", "No such file or directory"),
+                                      ("cmp.xyz", "Format 'xyz' is not supported")])
+def test_a_plot_that_cannot_be_written_gets_one_line(plot, msg, tmp_path, capsys):
+    optional("matplotlib", "plots")
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
+    assert cli.main(["compare", a0, "--plot", str(tmp_path / plot)]) == 2  # was a traceback
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"fedmpq: --plot {tmp_path / plot} cannot be written") and msg in err
