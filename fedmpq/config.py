@@ -236,8 +236,15 @@ def load_config_file(path: str) -> Dict[str, Any]:
             import yaml
         except ImportError:
             raise ConfigError("a YAML config needs PyYAML (pip install pyyaml); or use JSON") from None
+
+        class Loader(yaml.SafeLoader):  # YAML 1.1 reads 1e-3 (no dot) as a string: read it as YAML 1.2 does
+            pass
+
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                                     list("-+0123456789."))
         try:
-            cfg = yaml.safe_load(text)
+            cfg = yaml.load(text, Loader=Loader)
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""

@@ -196,3 +196,13 @@ def test_train_config_takes_every_key_from_its_own_config_key():
     t = config.train_config(c)
     assert (t.alg, t.lr, t.momentum, t.weight_decay, t.lam, t.threshold) == ("aqfl", 0.05, 0.5, 1e-3, 3e-3, 7.0)
     assert (t.local_epochs, t.batch_size, t.seed, t.scale_lr, t.device, t.cuda_graph) == (3, 16, 4, "sgd", "cpu", False)
+
+
+def test_a_yaml_config_reads_exponents_without_a_dot_as_numbers(tmp_path):
+    # PyYAML's YAML 1.1 took lambda: 1e-3 (the default's own spelling) for a string, and the run was refused
+    optional("yaml", "plots")
+    f = tmp_path / "c.yaml"
+    f.write_text("lambda: 1e-3\nweight_decay: 5E-4\nlr: 1.0e-1\nthreshold: 2\nalg: fedmpq\n")
+    cfg = config.load_config_file(str(f))
+    assert cfg == {"lambda": 1e-3, "weight_decay": 5e-4, "lr": 0.1, "threshold": 2, "alg": "fedmpq"}
+    assert config.check_config(cfg)["lambda"] == 1e-3
