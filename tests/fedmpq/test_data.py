@@ -138,6 +138,11 @@ def test_idx_reader_rejects_bad_files(tmp_path):
     g.write_bytes(gzip.compress(_idx_bytes(np.arange(4, dtype=np.uint8)))[:-6])
     with pytest.raises(ValueError, match="cannot read"):
         data.read_idx(g)
+    z = bytearray(gzip.compress(_idx_bytes(np.arange(4000, dtype=np.uint8) * 7)))
+    z[12:20] = b"\xff" * 8  # the deflate stream itself corrupted: zlib.error, not BadGzipFile
+    g.write_bytes(bytes(z))
+    with pytest.raises(ValueError, match="cannot read"):
+        data.read_idx(g)
     # 2^31 x 2^31 x 4 wraps to 0 in int64: the header must not pass the size check
     p.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 1 << 31, 1 << 31, 4))
     with pytest.raises(ValueError, match=f"{p}: IDX header says .*the file holds 0"):
