@@ -207,7 +207,7 @@ def load_data(c: Dict[str, Any]) -> Tuple[data_mod.Dataset, List[torch.Tensor]]:
         ds = data_mod.load(c["dataset"], c["data_dir"])
     except data_mod.MissingDatasetError:
         raise
-    except (ValueError, OSError) as e:  # files that are there but are not the dataset
+    except (ValueError, OSError, data_mod.UnsafePickleError) as e:  # files that are there but are not the dataset
         raise ConfigError(f"dataset {c['dataset']}: {e}") from None
     try:
         ds = data_mod.subset(ds, c["train_samples"])

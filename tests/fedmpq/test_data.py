@@ -332,12 +332,19 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, protocol):
         data.restricted_load(p)
 
 
-def test_malicious_batch_in_a_dataset_folder(tmp_path):
+def test_malicious_batch_in_a_dataset_folder(tmp_path, capsys):
     marker = tmp_path / "pwned"
     folder, _, _ = _write_cifar(tmp_path, "cifar10", "2")
     (folder / "data_batch_3").write_bytes(pickle.dumps(_Evil(marker)))
     with pytest.raises(data.UnsafePickleError, match="data_batch_3"):
         data.load("cifar10", tmp_path)
+    from fedmpq import cli  # the command says it in one line (it was a traceback)
+
+    assert cli.main(["simulate", "-q", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                     "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fedmpq: dataset cifar10: ") and "data_batch_3" in err, err
+    assert "refused to load global" in err and not marker.exists() and not (tmp_path / "o").exists()
     assert not marker.exists()
 
 
