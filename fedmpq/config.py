@@ -36,6 +36,9 @@ DEFAULTS: Dict[str, Any] = dict(
 EXECUTION_KEYS = ("device", "cuda_graph", "threads", "data_dir")
 ALGS = client_mod.ALGORITHMS
 CLASSIFIERS = ("quantized", "float")
+# No dataset can be split among more (at most 60000 training samples, 10 per client); the bound
+# stops a typo's n_clients before budgets are expanded to that many (minutes, or out of memory).
+MAX_CLIENTS = 100_000
 
 # One line per key for --help and the docs: what it is and what it may be (the default is
 # added from DEFAULTS).
@@ -45,7 +48,7 @@ HELP: Dict[str, str] = {
     "data_dir": "folder of the dataset's files (none: the dataset's default location)",
     "model": f"model: {', '.join(qn.models.MODELS)}",
     "alpha": "Dirichlet concentration of the non-iid split, a number > 0, or iid",
-    "n_clients": "number of clients, an integer >= 1",
+    "n_clients": f"number of clients, an integer in 1..{MAX_CLIENTS}",
     "budgets": "average-bit budget per client, comma-separated numbers in 1..8 (one per client, or one for all)",
     "rounds": "federation rounds, an integer >= 1",
     "local_epochs": "local epochs per round, an integer >= 1",
@@ -96,11 +99,11 @@ def _number(c: Dict[str, Any], key: str, lo: float, hi: float = math.inf, lo_ope
         raise ConfigError(f"{key} must be {what}, got {v!r}")
 
 
-def _integer(c: Dict[str, Any], key: str, lo: int, what: str, optional: bool = False) -> None:
+def _integer(c: Dict[str, Any], key: str, lo: int, what: str, optional: bool = False, hi: int = (1 << 63) - 1) -> None:
     v = c[key]
     if optional and v is None:
         return
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or v >= 1 << 63:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo or v > hi:
         raise ConfigError(f"{key} must be {what}, got {v!r}")
     c[key] = int(v)
 
@@ -130,7 +133,8 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {c[key]!r}")
     if c["data_dir"] is not None and not isinstance(c["data_dir"], str):
         raise ConfigError(f"data_dir must be a folder path (a string), got {c['data_dir']!r}")
-    for key in ("n_clients", "rounds", "local_epochs", "batch_size"):
+    _integer(c, "n_clients", 1, f"an integer in 1..{MAX_CLIENTS}", hi=MAX_CLIENTS)
+    for key in ("rounds", "local_epochs", "batch_size"):
         _integer(c, key, 1, "an integer >= 1")
     _integer(c, "seed", 0, "an integer >= 0")
     _integer(c, "train_samples", 1, "an integer >= 1, or null for the whole training set", optional=True)

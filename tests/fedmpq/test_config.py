@@ -16,6 +16,7 @@ SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_e
     (dict(alpha=0.0), "alpha must be a finite number > 0"),
     (dict(alg="sgd"), "alg must be one of"),
     (dict(rounds=0), "rounds must be an integer >= 1"),
+    (dict(n_clients=10 ** 10, budgets=4), "n_clients must be an integer in 1..100000"),  # was out of memory
     (dict(dataset="mnist"), "dataset must be one of"),
     (dict(scale_lr="adam"), "scale_lr must be one of"),
     (dict(momentum="0.9"), "momentum must be a number in \\[0, 1\\)"),
