@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional
 
 from . import data as data_mod
 from . import simulate
-from .config import (DEFAULTS, HELP, ConfigError, check_config, load_config_file, parse_alpha, parse_bool,
+from .config import (DEFAULTS, HELP, ConfigError, check_config, default_text, load_config_file, parse_alpha, parse_bool,
                      parse_budgets, parse_optional_int, parse_optional_path)
 from .federation import claim_new_folder, prepare_out, read_checkpoint, release_folder
 from .progress import log_through_bars
@@ -50,14 +50,6 @@ def _path(text: str) -> str:
     return text
 
 
-def _default_text(v: Any) -> str:
-    if v is None:
-        return "none"
-    if isinstance(v, list):
-        return ",".join(map(str, v))
-    return str(v)
-
-
 def _config_flags(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     p.add_argument("--config", metavar="FILE", type=_path, help="YAML or JSON file of config keys (flags override it)")
     p.add_argument("--out", metavar="DIR", type=_path, help="results folder: results.json, rounds.csv, plots, checkpoint.pt "
@@ -80,7 +72,7 @@ def _config_flags(p: argparse.ArgumentParser, quiet: bool = True) -> None:
             parse = type(v)
         # absent flags are not in args at all (default=SUPPRESS): a config file's value stays
         p.add_argument(flag, dest=k, default=argparse.SUPPRESS, type=_flag_type(k, parse), metavar=k.upper(),
-                       help=f"{HELP[k]} (default: {_default_text(v)})")
+                       help=f"{HELP[k]} (default: {default_text(v)})")
 
 
 def _flags(args: argparse.Namespace) -> Dict[str, Any]:

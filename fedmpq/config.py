@@ -113,6 +113,13 @@ _NONE_WORDS = {"alpha": ("iid", "none", "null", ""), "train_samples": ("none", "
                "threads": ("none", "null", "auto", ""), "data_dir": ("none", "null", "")}
 
 
+def default_text(v: Any) -> str:
+    """A default as --help and the errors show it."""
+    if v is None:
+        return "none"
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
 def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """Complete ``cfg`` with :data:`DEFAULTS` and check every key; raises :class:`ConfigError`
     (one line naming the key and what it may be)."""
@@ -121,8 +128,11 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     unknown = sorted(set(cfg) - set(DEFAULTS), key=str)
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r} (known: {', '.join(DEFAULTS)})")
+    for k, v in cfg.items():  # null is none, as the flags take it: only for the keys that may be none
+        if v is None and k not in _NONE_WORDS:
+            raise ConfigError(f"{k} must not be null (leave the key out for its default, {default_text(DEFAULTS[k])})")
     c = dict(DEFAULTS)
-    c.update({k: v for k, v in cfg.items() if v is not None or k in ("alpha", "train_samples", "threads")})
+    c.update(cfg)
     for key, words in _NONE_WORDS.items():  # a config file's "iid" or "none", as the flags take them
         if isinstance(c[key], str) and c[key].strip().lower() in words:
             c[key] = None

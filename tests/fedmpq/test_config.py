@@ -80,6 +80,8 @@ def test_a_bad_flag_gets_one_line_naming_it(flag, value, names, capsys, tmp_path
     ("momentum.json", b'{"momentum": "0.9"}', "momentum must be a number"),
     ("alpha.json", b'{"alpha": true}', "alpha must be a finite number > 0"),
     ("seed.json", b'{"seed": -5}', "seed must be an integer >= 0"),
+    ("null.json", b'{"lr": null}', "lr must not be null (leave the key out for its default, 0.1)"),  # ran with 0.1
+    ("blank.yaml", b"rounds: 2\nbudgets:\n", "budgets must not be null"),
 ])
 def test_a_bad_config_file_gets_one_line_naming_it(name, content, msg, tmp_path, capsys):
     if name.endswith(".yaml"):
