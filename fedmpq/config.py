@@ -152,6 +152,8 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if c["alpha"] is not None:
         _number(c, "alpha", 0, lo_open=True, what="a finite number > 0 (or iid/null for an iid split)")
     budgets = c["budgets"]
+    if isinstance(budgets, str):  # "2,4,8", as --budgets and Flower's run config take it
+        budgets = parse_budgets(budgets)
     if isinstance(budgets, numbers.Real) and not isinstance(budgets, bool):
         budgets = [budgets] * c["n_clients"]
     elif isinstance(budgets, list) and len(budgets) == 1:  # --budgets 4: one for all

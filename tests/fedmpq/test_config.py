@@ -209,3 +209,14 @@ def test_a_yaml_config_reads_exponents_without_a_dot_as_numbers(tmp_path):
     cfg = config.load_config_file(str(f))
     assert cfg == {"lambda": 1e-3, "weight_decay": 5e-4, "lr": 0.1, "threshold": 2, "alg": "fedmpq"}
     assert config.check_config(cfg)["lambda"] == 1e-3
+
+
+@pytest.mark.parametrize("text,budgets", [("2,4,8", [2, 4, 8]), ("4", [4, 4, 4]), (" 2, 2.5 ,8", [2, 2.5, 8])])
+def test_a_config_file_takes_budgets_as_the_flag_does(text, budgets):
+    # a file's "budgets": "2,4,8" was refused as 'budgets must list one budget per client (3)'
+    assert config.check_config(dict(SMALL, budgets=text))["budgets"] == budgets
+
+
+def test_budgets_text_that_is_not_numbers_is_named():
+    with pytest.raises(config.ConfigError, match="budgets must be comma-separated numbers, got '2,x,8'"):
+        config.check_config(dict(SMALL, budgets="2,x,8"))
