@@ -172,6 +172,7 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     _number(c, "sampling_rate", 0, 1, lo_open=True, what="a number in (0, 1]")
     if isinstance(c["act_bits"], bool) or c["act_bits"] not in fk.ALLOWED_BITS:
         raise ConfigError(f"act_bits must be {fk.MIN_BITS}..{fk.MAX_BITS} or {fk.FLOAT_BITS}, got {c['act_bits']!r}")
+    c["act_bits"] = int(c["act_bits"])  # a file's 4.0: recorded as 4, one group with 4 in fedmpq compare
     if not isinstance(c["device"], str) or not re.fullmatch(r"cpu|cuda(:\d+)?", c["device"]):
         raise ConfigError(f"device must be cpu, cuda or cuda:N, got {c['device']!r}")
     if not isinstance(c["cuda_graph"], bool):

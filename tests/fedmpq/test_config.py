@@ -220,3 +220,11 @@ def test_a_config_file_takes_budgets_as_the_flag_does(text, budgets):
 def test_budgets_text_that_is_not_numbers_is_named():
     with pytest.raises(config.ConfigError, match="budgets must be comma-separated numbers, got '2,x,8'"):
         config.check_config(dict(SMALL, budgets="2,x,8"))
+
+
+def test_a_whole_float_act_bits_is_recorded_as_an_integer(tmp_path):
+    # a file's act_bits 4.0 was kept as 4.0: fedmpq compare showed it apart from the same run at 4
+    c = config.check_config(dict(SMALL, act_bits=4.0))
+    assert c["act_bits"] == 4 and type(c["act_bits"]) is int
+    with pytest.raises(config.ConfigError, match="act_bits must be 1..8 or 16"):
+        config.check_config(dict(SMALL, act_bits=4.5))
