@@ -181,7 +181,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SystemExit as e:  # --help (0) or a bad flag (2, already said in one line)
         return int(e.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if args.cmd == "simulate" and args.resume and args.out and Path(args.out) != Path(args.resume):
+    if args.cmd == "simulate" and args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         print(f"fedmpq: --resume {args.resume} continues the run in that folder; leave out --out "
               f"(or give the same folder)", file=sys.stderr)
         return 2

@@ -392,3 +392,11 @@ def test_an_empty_path_is_refused_not_taken_for_no_flag(argv, tmp_path, monkeypa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "empty path" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_resume_takes_its_own_folder_as_out_however_it_is_spelled(tmp_path, monkeypatch, capsys):
+    # --resume run --out /abs/run was refused as another folder ("leave out --out")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["simulate", "-q", "--out", "run"] + _args(dict(SMALL, rounds=1))) == 0
+    assert cli.main(["simulate", "-q", "--resume", "run", "--out", str(tmp_path / "run"), "--rounds", "2"]) == 0
+    assert len(json.loads((tmp_path / "run" / "results.json").read_text())["rounds"]) == 2
