@@ -39,6 +39,7 @@ CLASSIFIERS = ("quantized", "float")
 # No dataset can be split among more (at most 60000 training samples, 10 per client); the bound
 # stops a typo's n_clients before budgets are expanded to that many (minutes, or out of memory).
 MAX_CLIENTS = 100_000
+MAX_THREADS = 4096
 
 # One line per key for --help and the docs: what it is and what it may be (the default is
 # added from DEFAULTS).
@@ -148,7 +149,8 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         _integer(c, key, 1, "an integer >= 1")
     _integer(c, "seed", 0, "an integer >= 0")
     _integer(c, "train_samples", 1, "an integer >= 1, or null for the whole training set", optional=True)
-    _integer(c, "threads", 1, "an integer >= 1, or null for the default", optional=True)
+    # torch.set_num_threads takes a C int; no machine has more cores than this
+    _integer(c, "threads", 1, f"an integer in 1..{MAX_THREADS}, or null for the default", optional=True, hi=MAX_THREADS)
     if c["alpha"] is not None:
         _number(c, "alpha", 0, lo_open=True, what="a finite number > 0 (or iid/null for an iid split)")
     budgets = c["budgets"]

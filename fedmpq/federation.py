@@ -277,7 +277,9 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
         if outdir is not None and not resume:
             refuse_a_held_folder(outdir)  # under the lock: a run that ended just now counts too
         state = None
-        if resume and outdir is not None and (outdir / "checkpoint.pt").exists():
+        if resume and outdir is None:
+            raise ConfigError("resume needs the results folder of the run to continue (out)")
+        if resume:  # no checkpoint there is an error, not a fresh run over that folder's results
             state = read_checkpoint(outdir / "checkpoint.pt")
             resumable(state["config"], c, len(json.loads(state["rounds"])), outdir / "checkpoint.pt")
         if ready is not None:

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from fedmpq import cli, simulate
+from fedmpq import cli, config, simulate
 
 SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_epochs=1, batch_size=64, alpha=0.5)
 
@@ -159,7 +159,6 @@ def test_a_federation_on_cuda_sends_payloads_of_the_cpu_layout(alg, tmp_path):
 def test_client_sampling_takes_the_rate_of_the_clients_anew_each_round():
     """sample_clients: round(rate * n_clients) distinct clients (at least one), sorted, the
     same for the same seed and round, and drawn anew each round (not one fixed subset)."""
-    from fedmpq import config
     from fedmpq.federation import sample_clients
 
     c = config.check_config(dict(SMALL, n_clients=10, budgets=4, sampling_rate=0.3))
@@ -173,3 +172,16 @@ def test_client_sampling_takes_the_rate_of_the_clients_anew_each_round():
     # a rate that rounds to no client still samples one
     tiny = config.check_config(dict(SMALL, n_clients=10, budgets=4, sampling_rate=0.01))
     assert all(len(sample_clients(tiny, r)) == 1 for r in range(1, 6))
+
+
+def test_resume_without_a_checkpoint_is_refused_and_the_folder_kept(tmp_path):
+    """simulate.run(..., resume=True) on a folder without checkpoint.pt started a fresh run over
+    its results.json; the command line checked first, the Python API did not."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text('{"rounds": [1]}')
+    with pytest.raises(config.ConfigError, match="nothing to resume: .*checkpoint.pt does not exist"):
+        simulate.run(dict(SMALL, rounds=1), out=str(out), resume=True, progress=False)
+    assert (out / "results.json").read_text() == '{"rounds": [1]}'
+    with pytest.raises(config.ConfigError, match="resume needs the results folder"):
+        simulate.run(dict(SMALL, rounds=1), resume=True, progress=False)
