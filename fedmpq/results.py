@@ -3,11 +3,14 @@ several runs (``fedmpq compare``). The results dict is :mod:`fedmpq.federation`'
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 from .config import EXECUTION_KEYS, ConfigError, with_defaults
+
+log = logging.getLogger("fedmpq")
 
 
 def replace_whole(path: Path, write: Callable[[Path], None]) -> None:
@@ -103,7 +106,8 @@ def _median(xs: List[float]) -> float:
 
 
 def _load(dirs: List[str]) -> Dict[str, List[Any]]:
-    """results.json of each folder, grouped by setting (runs that differ only in the seed)."""
+    """results.json of each folder, grouped by setting (runs that differ only in the seed); a
+    run of a setting and seed already loaded is left out, with a warning."""
     groups: Dict[str, List[Any]] = {}
     for d in dirs:
         p = Path(d) / "results.json"
@@ -118,7 +122,12 @@ def _load(dirs: List[str]) -> Dict[str, List[Any]]:
         if not res.get("rounds"):
             raise ConfigError(f"{p} has no rounds")
         res["config"] = with_defaults(res["config"])  # runs from before a key group with its default
-        groups.setdefault(_group_key(res["config"]), []).append((d, res))
+        runs = groups.setdefault(_group_key(res["config"]), [])
+        twin = next((e for e, r in runs if r["config"].get("seed") == res["config"].get("seed")), None)
+        if twin is not None:  # a rerun (or the folder given twice) is not another seed
+            log.warning("%s is the same setting and seed as %s: left out of the comparison", d, twin)
+            continue
+        runs.append((d, res))
     return groups
 
 

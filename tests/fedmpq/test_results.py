@@ -41,6 +41,20 @@ def test_compare_groups_seeds_and_reports_mean_and_spread(tmp_path, capsys):
         results.compare([a0], last=0)
 
 
+def test_compare_counts_a_setting_and_seed_once(tmp_path, caplog):
+    """The same folder twice, or a rerun of a setting and seed, would be counted as another
+    seed (seeds "0,0", a narrower band): left out with a warning naming both."""
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
+    again = _fake_run(tmp_path / "again", "fedmpq", 0, [0.3, 0.9])
+    a1 = _fake_run(tmp_path / "a1", "fedmpq", 1, [0.2, 0.7])
+    caplog.set_level("WARNING", logger="fedmpq")
+    rows = [r for r in results.compare([a0, again, a1, a0], last=1).splitlines() if r.startswith("| fedmpq")]
+    assert rows == ["| fedmpq (digits) | 0,1 | 2 | 0.6000 (0.5000..0.7000) | 0.6000 (0.5000..0.7000) | +0.4500 | - | - "
+                    "| 0.7000 | - | - | 200 | - |"]
+    assert f"{again} is the same setting and seed as {a0}: left out" in caplog.text
+    assert caplog.text.count(f"{a0} is the same setting and seed as {a0}") == 1
+
+
 def test_compare_reports_train_mode_cost_and_bytes(tmp_path):
     ex = [dict(accuracy_train_mode=t, seconds=s, quant_seconds=q, bytes_down=50, float32_bytes=600)
           for t, s, q in [(0.2, 10.0, 1.0), (0.3, 30.0, 2.0), (0.5, 20.0, 3.0)]]
