@@ -166,7 +166,8 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         if (isinstance(b, bool) or not isinstance(b, numbers.Real) or not math.isfinite(b)
                 or not fk.MIN_BITS <= b <= fk.MAX_BITS):
             raise ConfigError(f"every budget must be in {fk.MIN_BITS}..{fk.MAX_BITS}, got {b!r}")
-    c["budgets"] = list(budgets)
+    # 4.0 (a file's, or "4.0") is recorded as 4: one setting with 4 in fedmpq compare
+    c["budgets"] = [int(b) if float(b).is_integer() else float(b) for b in budgets]
     for key in ("lambda", "threshold", "weight_decay"):
         _number(c, key, 0, what="a finite number >= 0")
     _number(c, "lr", 0, lo_open=True, what="a finite number > 0")

@@ -229,3 +229,11 @@ def test_a_whole_float_act_bits_is_recorded_as_an_integer(tmp_path):
     assert c["act_bits"] == 4 and type(c["act_bits"]) is int
     with pytest.raises(config.ConfigError, match="act_bits must be 1..8 or 16"):
         config.check_config(dict(SMALL, act_bits=4.5))
+
+
+def test_whole_float_budgets_are_recorded_as_integers():
+    # budgets 4.0 and 4 are one setting (fedmpq compare groups by the recorded config)
+    for given in ([2.0, 4.0, 8], "2.0,4,8.0", [2, 4, 8]):
+        c = config.check_config(dict(SMALL, budgets=given))
+        assert c["budgets"] == [2, 4, 8] and all(type(b) is int for b in c["budgets"])
+    assert config.check_config(dict(SMALL, budgets=[2.5, 4, 8.0]))["budgets"] == [2.5, 4, 8]
