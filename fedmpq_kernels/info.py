@@ -45,6 +45,19 @@ def report() -> List[str]:
         ref = registry.module(family, "reference")
         for dev in ("cpu", "cuda"):
             for op in ops:
+                single = op[:-len("_layers")] if op.endswith("_layers") else ""
+                if hasattr(ref, op) and not hasattr(torch.ops.fedmpq, op) and hasattr(torch.ops.fedmpq, single):
+                    # many layers in one call, on the backend of the one-layer op: with that
+                    # backend's own many-layer function where it has one, else layer by layer
+                    try:
+                        fn = registry.get(family, single, dev)
+                        name = fn.__module__.rsplit(".", 1)[-1]
+                        if not hasattr(sys.modules[fn.__module__], op):
+                            name += f" (layer by layer, {single})"
+                    except RuntimeError as e:
+                        name = f"ERROR: {e}"
+                    lines.append(f"  {op:15s} {dev:5s} -> {name}")
+                    continue
                 if not hasattr(ref, op) or not hasattr(torch.ops.fedmpq, op):
                     if dev == "cpu":
                         lines.append(f"  {op:15s} any   -> no kernel (Python and torch ops)")

@@ -119,6 +119,7 @@ def test_env_override_and_info_command():
     env = dict(os.environ, FEDMPQ_BACKEND="bitplane=reference")
     out = subprocess.run([sys.executable, "-m", "fedmpq_kernels.info"], env=env, capture_output=True, text=True, check=True).stdout
     assert "bitplane_step   cpu   -> reference" in out and "forced    bitplane=reference" in out
+    assert "bitplane_step_layers cpu   -> reference" in out  # the many-layer ops follow their one-layer op
     if native is not None:
         assert "fake_quant      cpu   -> cpu" in out
     env = dict(os.environ, FEDMPQ_BACKEND="bitplane=fast")
@@ -129,6 +130,8 @@ def test_env_override_and_info_command():
     if native is not None:
         assert "native module  loaded from" in out and f"isa={native.cpu_isa()}" in out
         assert "fake_quant      cpu   -> cpu" in out
+        for op in ("dequantize_layers", "plane_popcounts_layers", "bitplane_step_layers"):  # not "no kernel"
+            assert f"  {op:15s} cpu   -> cpu\n" in out
     else:
         assert "native module  NOT LOADED:" in out
 
