@@ -22,9 +22,12 @@ Public API::
     bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, keys) -> g_s (L,)
         (bitplane_step over lists of layers in one call; keys: ints, or step_keys(...))
     precision_reduction(codes, scale, bits, theta) -> (bits, codes, scale)
-    MIN_BITS, MAX_BITS; check_bits(bits, what="bits", float_ok=False) -> int; bitmap_nbytes(n) -> int
+    MIN_BITS, MAX_BITS, FLOAT_BITS, ALLOWED_BITS; check_bits(bits, what="bits", float_ok=False) -> int;
+        bitmap_nbytes(n) -> int
     capture_workspace()   (a context: inside a CUDA-graph capture, one reduction workspace
         for every fedmpq kernel captured in it, instead of a zero fill per call)
+    use_backend(name, family=None)   (a context: force a backend, for every family or one;
+        FEDMPQ_BACKEND does it for the whole process)
 
 One package per op family (``fake_quant/``, ``pack/``, ``bitplane/``); backends per device are chosen by
 :mod:`fedmpq_kernels.registry`; ``python -m fedmpq_kernels.info`` prints what runs where
