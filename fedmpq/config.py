@@ -118,6 +118,8 @@ def default_text(v: Any) -> str:
     """A default as --help and the errors show it."""
     if v is None:
         return "none"
+    if isinstance(v, bool):  # as the flags and files write it
+        return "true" if v else "false"
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
