@@ -123,11 +123,12 @@ def bench_aggregate(benchmark, impl, k, payloads):
         rule = impl[len("fedmpq_"):] or "mean"
         # as the server does it: every upload held to the model's layout
         layout = aggregate.model_layout({n: t for n, t in states[0].items()}, ups[0].layers)
+        assigned = {n: BITS for n in ups[0].layers}  # and to the bit-widths it was sent
 
         def fn():
             agg = aggregate.Aggregator(rule=rule, expected=layout)
             for d in datas:
-                agg.add(d)
+                agg.add(d, assigned=assigned, may_prune=True)
             return agg.result()
     elif impl == "float_sum":
         def fn():

@@ -12,7 +12,8 @@ layer, its samples and budget) come out of the same pass.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -61,6 +62,7 @@ class _Layout:
     qoff: np.ndarray  # their offsets in the quantized accumulator
     segments: List[Tuple[int, int, int]]  # (first row, last row + 1, dtype) of float runs
     table: np.ndarray  # int64 (quantized layers, 4): the dequant_accumulate_layers rows, reused
+    qnames: List[str] = field(default_factory=list)  # names of the quantized entries, in order
 
 
 @dataclass
@@ -212,12 +214,13 @@ class Aggregator:
             else:
                 chunks = [self._floats(buf, p, int(r), int(r) + 1, dt) for r in order[a:b]]
             f = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-            if dt != wire.DT_INT64 and not bool(torch.isfinite(f).all()):
-                bad = next(lay.names[r] for r in range(a, b)
-                           if not bool(torch.isfinite(self._floats(buf, p, *self._row(order, r), dt)).all()))
-                raise wire.WireFormatError(f"upload of client {client_id}: {bad} holds NaN or inf")
             if dt != wire.DT_INT64 and f.numel():
-                peak = max(peak, float(f.abs().max()))
+                m = float(f.abs().max())  # NaN or inf when the run holds one: one pass for both checks
+                if not m < math.inf:
+                    bad = next(lay.names[r] for r in range(a, b)
+                               if not bool(torch.isfinite(self._floats(buf, p, *self._row(order, r), dt)).all()))
+                    raise wire.WireFormatError(f"upload of client {client_id}: {bad} holds NaN or inf")
+                peak = max(peak, m)
             floats.append(f)
         rows = lay.quant if order is None else order[lay.quant]
         if assigned is not None:
@@ -257,13 +260,17 @@ class Aggregator:
 
     @staticmethod
     def _check_bits(p, lay, rows, assigned: Mapping[str, int], may_prune: bool, client_id) -> None:
-        bits, delta = p.bits[rows], p.delta[rows]
-        for i, name in enumerate(lay.names[j] for j in lay.quant):
-            n, d, a = int(bits[i]), int(delta[i]), assigned[name]
-            if n + d != a or (d and not may_prune):
-                why = "pruned bits" if n + d == a else f"N + Delta = {n + d}"
-                raise wire.WireFormatError(f"upload of client {client_id}: {name} has N {n} and Delta {d} ({why}), "
-                                           f"but it was sent {a} bits")
+        if not lay.qnames:
+            lay.qnames = [lay.names[j] for j in lay.quant]
+        bits, delta = p.bits[rows].tolist(), p.delta[rows].tolist()  # lists: ~20 layers, no numpy ops
+        want = [assigned[n] for n in lay.qnames]
+        if [n + d for n, d in zip(bits, delta)] == want and (may_prune or not any(delta)):
+            return
+        i = next(i for i, (n, d, a) in enumerate(zip(bits, delta, want)) if n + d != a or (d and not may_prune))
+        n, d, a = bits[i], delta[i], want[i]
+        why = "pruned bits" if n + d == a else f"N + Delta = {n + d}"
+        raise wire.WireFormatError(f"upload of client {client_id}: {lay.qnames[i]} has N {n} and Delta {d} ({why}), "
+                                   f"but it was sent {a} bits")
 
     @staticmethod
     def _row(order: Optional[np.ndarray], r: int) -> Tuple[int, int]:
