@@ -107,6 +107,26 @@ class _BitWeight(nn.Module):
             self.sink = nn.Parameter(fk.sink_like(self.weight_shape, self.sink.device))
         return self
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The sink holds no value (zero strides: copying into it raises), so a state dict's
+        # sink is only checked for its shape, never copied.
+        sink = state_dict.pop(prefix + "sink", None)
+        if sink is None:
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        if tuple(sink.shape) != self.weight_shape:
+            error_msgs.append(f"size mismatch for {prefix}sink: copying a param with shape {tuple(sink.shape)} "
+                              f"from checkpoint, the shape in current model is {self.weight_shape}.")
+        params = self._parameters  # kept in its order (parameters() feeds the optimizers)
+        self.__dict__["_parameters"] = {k: v for k, v in params.items() if k != "sink"}
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                          unexpected_keys, error_msgs)
+        finally:
+            params.update(self.__dict__["_parameters"])  # what assign=True put there
+            self.__dict__["_parameters"] = params
+
 
 class BitConv2d(_BitWeight):
     """A conv2d whose weight is a bit-plane weight of ``bits`` bits (no bias: BatchNorm follows)."""

@@ -729,3 +729,23 @@ def test_a_training_process_never_imports_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_a_quantized_models_state_dict_loads_back(tmp_path):
+    """load_state_dict of the model's own state_dict, strict and with assign, also through
+    torch.save / torch.load(weights_only=True): the zero-stride sink is not copied into."""
+    torch.manual_seed(0)
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8).eval()
+    names = [n for n, _ in qm.named_parameters()]
+    x = torch.randn(2, 1, 8, 8)
+    torch.save(qm.state_dict(), tmp_path / "sd.pt")
+    for assign in (False, True):
+        other = qn.small_cnn(quantized=True, bits=4, image_size=8).eval()
+        other.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True), assign=assign)
+        assert torch.equal(other(x), qm(x))
+        assert [n for n, _ in other.named_parameters()] == names
+        assert all(s == 0 for _, m in qn.bit_layers(other) for s in m.sink.stride())
+    bad = qm.state_dict()
+    bad["conv1.sink"] = torch.zeros(3)
+    with pytest.raises(RuntimeError, match="size mismatch for conv1.sink"):
+        other.load_state_dict(bad)
