@@ -11,7 +11,7 @@ from torch import nn
 from .layers import bit_layers
 
 Tensor = torch.Tensor
-_OWN = ("codes", "sign", "scale", "sink")
+_OWN = ("codes", "sign", "scale", "sink", "_extra_state")  # _extra_state: the bit-width
 
 
 def bit_assignment(model: nn.Module) -> List[int]:
@@ -21,7 +21,8 @@ def bit_assignment(model: nn.Module) -> List[int]:
 
 def float_state(model: nn.Module) -> Dict[str, Tensor]:
     """The state entries that stay float (BatchNorm, shortcuts, biases, a BitLinear's bias
-    included): all but the bit-plane layers' own ``codes``, ``sign``, ``scale`` and ``sink``."""
+    included): all but the bit-plane layers' own ``codes``, ``sign``, ``scale``, ``sink`` and
+    ``_extra_state`` (the bit-width)."""
     own = {n for n, _ in bit_layers(model)}
     return {k: v for k, v in model.state_dict().items()
             if not (k.rpartition(".")[0] in own and k.rpartition(".")[2] in _OWN)}

@@ -107,6 +107,17 @@ class _BitWeight(nn.Module):
             self.sink = nn.Parameter(fk.sink_like(self.weight_shape, self.sink.device))
         return self
 
+    # The bit-width travels in the state dict (``<layer>._extra_state``, an int64 0-dim tensor,
+    # as code that treats every entry as a tensor expects): without it, codes of another width
+    # load into a layer of the same shape without a size mismatch and give wrong weights.
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(self.bits, dtype=torch.int64)
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, Tensor) and state.numel() == 1 and not (state.is_floating_point() or state.is_complex()):
+            state = state.item()
+        self.bits = fk.check_bits(state, "the state dict's bit-width")
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # The sink holds no value (zero strides: copying into it raises), so a state dict's

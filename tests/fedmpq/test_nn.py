@@ -749,3 +749,21 @@ def test_a_quantized_models_state_dict_loads_back(tmp_path):
     bad["conv1.sink"] = torch.zeros(3)
     with pytest.raises(RuntimeError, match="size mismatch for conv1.sink"):
         other.load_state_dict(bad)
+
+
+def test_the_state_dict_carries_each_layers_bit_width(tmp_path):
+    """A state dict saved at one set of widths loads into a model built at others with the
+    saved widths (the codes alone fit any wider layer and would give other weights)."""
+    torch.manual_seed(0)
+    qm = qn.small_cnn(quantized=True, bits=[2, 3, 4, 5], image_size=8).eval()
+    torch.save(qm.state_dict(), tmp_path / "sd.pt")
+    other = qn.small_cnn(quantized=True, bits=8, image_size=8).eval()
+    other.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    assert qn.bit_assignment(other) == [2, 3, 4, 5]
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(other(x), qm(x))
+    assert not any(k.endswith("_extra_state") for k in list(qn.float_state(qm)) + list(qn.to_float_state_dict(qm)))
+    bad = qm.state_dict()
+    bad["conv1._extra_state"] = torch.tensor(9)
+    with pytest.raises(ValueError, match="bit-width must be in 1..8, got 9"):
+        other.load_state_dict(bad)
