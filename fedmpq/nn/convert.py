@@ -8,7 +8,7 @@ from typing import Dict, List, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from .layers import bit_layers
+from .layers import bit_layers, check_width, is_width_list as _is_list
 
 Tensor = torch.Tensor
 _OWN = ("codes", "sign", "scale", "sink", "_extra_state")  # _extra_state: the bit-width
@@ -49,9 +49,9 @@ def load_float_state_dict(model: nn.Module, state: Mapping[str, Tensor], bits: U
     order). Every key must be used and every entry present (``ValueError`` names the first
     problem). Returns ``model``."""
     layers = bit_layers(model)
-    if isinstance(bits, int):
-        bits = [bits] * len(layers)
-    bits = list(bits)
+    if not _is_list(bits):
+        bits = [check_width(bits)] * len(layers)
+    bits = [check_width(b, f"bits[{i}]") for i, b in enumerate(bits)]  # int() truncated 4.5 to 4
     if len(bits) != len(layers):
         raise ValueError(f"{len(bits)} bit-widths for {len(layers)} quantized layers")
     own = float_state(model)
@@ -61,7 +61,7 @@ def load_float_state_dict(model: nn.Module, state: Mapping[str, Tensor], bits: U
         key = f"{name}.weight"
         if key not in state:
             raise ValueError(f"the state dict has no {key!r}")
-        layer.load_float(state[key].float(), int(b))
+        layer.load_float(state[key].float(), b)
         used.add(key)
     for key in own:
         if key not in state:

@@ -10,6 +10,7 @@ planes, no float plane-gradients.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence
 
 import torch
@@ -19,6 +20,22 @@ from torch import nn
 import fedmpq_kernels as fk
 
 Tensor = torch.Tensor
+
+
+def check_width(bits, what: str = "bits") -> int:
+    """A bit-width argument (an int, a NumPy integer or an integer 0-dim tensor) as an int in
+    1..8; :func:`fedmpq_kernels.check_bits` raises naming ``what`` (never truncates 4.5 to 4)."""
+    if not isinstance(bits, (bool, int)) and hasattr(bits, "__index__"):
+        try:
+            bits = operator.index(bits)
+        except TypeError:
+            pass  # a float tensor: check_bits names its type
+    return fk.check_bits(bits, what)
+
+
+def is_width_list(bits) -> bool:
+    """Whether ``bits`` is one width per layer (a list, tuple, array or 1-D tensor)."""
+    return hasattr(bits, "__len__") and not (isinstance(bits, Tensor) and bits.dim() == 0)
 
 
 class _BitWeight(nn.Module):

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ActQuant, BitConv2d, BitLinear
+from .layers import ActQuant, BitConv2d, BitLinear, check_width, is_width_list as _is_list
 
 Bits = Union[int, Sequence[int]]
 
@@ -36,12 +36,12 @@ class _Factory:
         self.count = 0
 
     def _next_bits(self) -> int:
-        if isinstance(self.bits, int):
-            b = self.bits
+        if not _is_list(self.bits):
+            b = check_width(self.bits)
         else:
             if self.count >= len(self.bits):
                 raise ValueError(f"{len(self.bits)} bit-widths given, the model has more quantized layers")
-            b = int(self.bits[self.count])
+            b = check_width(self.bits[self.count], f"bits[{self.count}]")  # int() truncated 4.5 to 4
         self.count += 1
         return b
 
@@ -62,7 +62,7 @@ class _Factory:
         return ActQuant(self.act_bits)
 
     def done(self) -> None:
-        if not isinstance(self.bits, int) and self.quantized and self.count != len(self.bits):
+        if _is_list(self.bits) and self.quantized and self.count != len(self.bits):
             raise ValueError(f"{len(self.bits)} bit-widths given for {self.count} quantized layers")
 
 

@@ -2,6 +2,7 @@
 behaviour on a real (small) problem, torch.compile, and clear errors."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -767,3 +768,20 @@ def test_the_state_dict_carries_each_layers_bit_width(tmp_path):
     bad["conv1._extra_state"] = torch.tensor(9)
     with pytest.raises(ValueError, match="bit-width must be in 1..8, got 9"):
         other.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("bad", [4.5, 2.7, True])
+def test_a_bit_width_that_is_not_an_integer_is_refused_not_truncated(bad):
+    with pytest.raises(TypeError, match=r"bits\[1\] must be an int"):
+        qn.small_cnn(quantized=True, bits=[4, bad, 4, 4], image_size=8)
+    with pytest.raises(TypeError, match="bits must be an int"):
+        qn.small_cnn(quantized=True, bits=bad, image_size=8)
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    state = qn.to_float_state_dict(qm)
+    with pytest.raises(TypeError, match=r"bits\[1\] must be an int"):
+        qn.load_float_state_dict(qm, state, [4, bad, 4, 4])
+    with pytest.raises(TypeError, match="bits must be an int"):
+        qn.load_float_state_dict(qm, state, bad)
+    # integers of NumPy and torch still count
+    assert qn.bit_assignment(qn.small_cnn(quantized=True, bits=np.int64(3), image_size=8)) == [3] * 4
+    assert qn.bit_assignment(qn.load_float_state_dict(qm, state, torch.tensor([2, 3, 4, 5]))) == [2, 3, 4, 5]
