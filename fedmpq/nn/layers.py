@@ -183,7 +183,7 @@ class BitLinear(_BitWeight):
         self.in_features, self.out_features = in_features, out_features
         self._init_weight((out_features, in_features), bits)
         if bias:
-            bound = 1 / math.sqrt(in_features)
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0.0  # as nn.Linear
             self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
         else:
             self.register_parameter("bias", None)

@@ -785,3 +785,10 @@ def test_a_bit_width_that_is_not_an_integer_is_refused_not_truncated(bad):
     # integers of NumPy and torch still count
     assert qn.bit_assignment(qn.small_cnn(quantized=True, bits=np.int64(3), image_size=8)) == [3] * 4
     assert qn.bit_assignment(qn.load_float_state_dict(qm, state, torch.tensor([2, 3, 4, 5]))) == [2, 3, 4, 5]
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_a_layer_with_no_inputs_is_made_as_nn_linear_makes_one():
+    layer = qn.BitLinear(0, 3, bits=4)
+    out = layer(torch.randn(2, 0))
+    assert out.shape == (2, 3) and torch.equal(out, layer.bias.detach().expand(2, 3))
