@@ -57,7 +57,9 @@ class FloatSGD:
 
     Args:
         groups: an iterable of parameters, or of dicts ``{"params": [...], "lr": x}`` (as
-            ``torch.optim.SGD`` takes them; a group without ``lr`` takes ``lr``).
+            ``torch.optim.SGD`` takes them; a group without ``lr``, ``momentum`` or
+            ``weight_decay`` takes the argument's; ``ValueError`` for ``dampening``,
+            ``nesterov`` or ``maximize`` other than their defaults).
         lr, momentum, weight_decay: as ``torch.optim.SGD`` (dampening 0, no Nesterov).
     Momentum buffers are made at a parameter's first step with a gradient and kept while
     this object lives (one round, as the client builds it anew each round); a parameter
@@ -68,7 +70,15 @@ class FloatSGD:
         groups = list(groups)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
-        self.groups = [{"params": list(g["params"]), "lr": float(g.get("lr", lr))} for g in groups]
+        for g in groups:  # what torch.optim.SGD would do and this does not: refused, not ignored
+            for key, default in (("dampening", 0), ("nesterov", False), ("maximize", False)):
+                if g.get(key, default) != default:
+                    raise ValueError(f"FloatSGD has no {key} (a group asks for {key}={g[key]!r})")
+        self.groups = [{"params": list(g["params"]), "lr": float(g.get("lr", lr)),
+                        "momentum": float(g.get("momentum", momentum)),
+                        "weight_decay": float(g.get("weight_decay", weight_decay))} for g in groups]
+        for g in self.groups:  # a group's lr is taken as torch.optim.SGD takes it
+            check_settings(lr, g["momentum"], g["weight_decay"], "weight_decay")
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.buffers: Dict[int, torch.Tensor] = {}  # id(param) -> momentum buffer
 
@@ -85,8 +95,8 @@ class FloatSGD:
             if not params:
                 continue
             bufs = [self.buffers.get(id(p)) for p in params]
-            fresh = self.momentum and any(b is None for b in bufs)
-            sgd_fn(params, [p.grad for p in params], bufs, weight_decay=self.weight_decay, momentum=self.momentum,
+            fresh = g["momentum"] and any(b is None for b in bufs)
+            sgd_fn(params, [p.grad for p in params], bufs, weight_decay=g["weight_decay"], momentum=g["momentum"],
                    lr=g["lr"], dampening=0.0, nesterov=False, maximize=False)
             if fresh:  # sgd_fn made them (in bufs); later steps update them in place
                 for p, b in zip(params, bufs):

@@ -792,3 +792,28 @@ def test_a_layer_with_no_inputs_is_made_as_nn_linear_makes_one():
     layer = qn.BitLinear(0, 3, bits=4)
     out = layer(torch.randn(2, 0))
     assert out.shape == (2, 3) and torch.equal(out, layer.bias.detach().expand(2, 3))
+
+
+def test_float_sgd_takes_each_groups_momentum_and_weight_decay_as_torch_sgd():
+    """Per-group momentum and weight_decay (no decay on BatchNorm, say) are applied as
+    torch.optim.SGD applies them, bit for bit; options it lacks are refused, not ignored."""
+    g = torch.Generator().manual_seed(0)
+    mine = [torch.randn(4, generator=g).requires_grad_() for _ in range(3)]
+    theirs = [p.detach().clone().requires_grad_() for p in mine]
+
+    def groups(ps):
+        return [{"params": ps[:1], "weight_decay": 0.0}, {"params": ps[1:2], "momentum": 0.0, "lr": 0.2},
+                {"params": ps[2:]}]
+    opt = qn.FloatSGD(groups(mine), lr=0.1, momentum=0.9, weight_decay=0.05)
+    ref = torch.optim.SGD(groups(theirs), lr=0.1, momentum=0.9, weight_decay=0.05)
+    for _ in range(3):
+        for a, b in zip(mine, theirs):
+            a.grad = torch.randn(4, generator=g)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+        assert all(torch.equal(a, b) for a, b in zip(mine, theirs))
+    with pytest.raises(ValueError, match="nesterov"):
+        qn.FloatSGD([{"params": mine, "nesterov": True}], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="momentum"):
+        qn.FloatSGD([{"params": mine, "momentum": 1.5}], lr=0.1)
