@@ -47,6 +47,13 @@ def float_parameters(model: nn.Module) -> List[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in sinks]
 
 
+def _zero(p: torch.Tensor, set_to_none: bool) -> None:
+    if set_to_none or p.grad is None:
+        p.grad = None
+    else:
+        p.grad.detach_().zero_()
+
+
 class FloatSGD:
     """SGD with momentum for the float parameters: ``torch.optim.SGD``'s arithmetic, bit for
     bit (its own functional :func:`torch.optim.sgd.sgd`, with the same per-device choice of
@@ -82,11 +89,11 @@ class FloatSGD:
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.buffers: Dict[int, torch.Tensor] = {}  # id(param) -> momentum buffer
 
-    def zero_grad(self) -> None:
-        """Every parameter's gradient to None (``set_to_none=True``)."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Every parameter's gradient to None (or to zeros in place), as ``torch.optim.SGD``."""
         for g in self.groups:
             for p in g["params"]:
-                p.grad = None
+                _zero(p, set_to_none)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -234,9 +241,11 @@ class BitPlaneOptimizer:
             self.device_step.add_(1)
         self.steps += 1
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Every layer's G (``sink.grad``) to None, or to zeros in place (then every layer
+        steps, on its regularizer term alone where the backward did not reach it)."""
         for layer in self.layers:
-            layer.sink.grad = None
+            _zero(layer.sink, set_to_none)
 
     def state_bytes(self) -> int:
         """Bytes this optimizer keeps between steps."""

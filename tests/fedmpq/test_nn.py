@@ -817,3 +817,17 @@ def test_float_sgd_takes_each_groups_momentum_and_weight_decay_as_torch_sgd():
         qn.FloatSGD([{"params": mine, "nesterov": True}], lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match="momentum"):
         qn.FloatSGD([{"params": mine, "momentum": 1.5}], lr=0.1)
+
+
+def test_zero_grad_takes_set_to_none_as_torch_optimizers():
+    torch.manual_seed(0)
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    bit_opt = qn.BitPlaneOptimizer(qm, lr=0.1)
+    sgd = qn.FloatSGD(qn.float_parameters(qm), lr=0.1)
+    qm(torch.randn(2, 1, 8, 8)).sum().backward()
+    bit_opt.zero_grad(set_to_none=False)
+    sgd.zero_grad(set_to_none=False)
+    assert all(p.grad is not None and not p.grad.any() for p in qm.parameters())
+    bit_opt.zero_grad(set_to_none=True)
+    sgd.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in qm.parameters())
