@@ -22,15 +22,16 @@ import fedmpq_kernels as fk
 Tensor = torch.Tensor
 
 
-def check_width(bits, what: str = "bits") -> int:
+def check_width(bits, what: str = "bits", float_ok: bool = False) -> int:
     """A bit-width argument (an int, a NumPy integer or an integer 0-dim tensor) as an int in
-    1..8; :func:`fedmpq_kernels.check_bits` raises naming ``what`` (never truncates 4.5 to 4)."""
+    1..8 (or 16 with ``float_ok``); :func:`fedmpq_kernels.check_bits` raises naming ``what``
+    (never truncates 4.5 to 4)."""
     if not isinstance(bits, (bool, int)) and hasattr(bits, "__index__"):
         try:
             bits = operator.index(bits)
         except TypeError:
             pass  # a float tensor: check_bits names its type
-    return fk.check_bits(bits, what)
+    return fk.check_bits(bits, what, float_ok)
 
 
 def is_width_list(bits) -> bool:
@@ -201,7 +202,7 @@ class ActQuant(nn.Module):
 
     def __init__(self, bits: Optional[int] = 4):
         super().__init__()
-        self.bits = None if bits is None else int(bits)
+        self.bits = None if bits is None else check_width(bits, "bits", float_ok=True)  # int() truncated 4.5
 
     def forward(self, x: Tensor) -> Tensor:
         if self.bits is None:

@@ -831,3 +831,12 @@ def test_zero_grad_takes_set_to_none_as_torch_optimizers():
     bit_opt.zero_grad(set_to_none=True)
     sgd.zero_grad(set_to_none=True)
     assert all(p.grad is None for p in qm.parameters())
+
+
+@pytest.mark.parametrize("bad", [4.5, True, "4"])
+def test_an_activation_width_that_is_not_an_integer_is_refused_not_truncated(bad):
+    with pytest.raises(TypeError, match="bits must be an int"):
+        qn.ActQuant(bad)
+    with pytest.raises(TypeError, match="bits must be an int"):
+        qn.small_cnn(quantized=True, bits=4, image_size=8, act_bits=bad)
+    assert qn.ActQuant(np.int64(16)).bits == 16 and qn.ActQuant(None).bits is None
