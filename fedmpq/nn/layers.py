@@ -121,8 +121,12 @@ class _BitWeight(nn.Module):
         # Module.to()/cuda() copy parameters with the preserve-format rule, which would turn
         # the zero-stride sink into n floats: make it again on the new device.
         super()._apply(fn, recurse)
-        if self.sink.numel() and any(s != 0 for s in self.sink.stride()):
-            self.sink = nn.Parameter(fk.sink_like(self.weight_shape, self.sink.device))
+        old = self.sink
+        if old.numel() and any(s != 0 for s in old.stride()):
+            # as the moved parameter was: frozen or not, with its gradient (float32, as the sink)
+            self.sink = nn.Parameter(fk.sink_like(self.weight_shape, old.device), requires_grad=old.requires_grad)
+            if old.grad is not None:
+                self.sink.grad = old.grad.float()
         return self
 
     # The bit-width travels in the state dict (``<layer>._extra_state``, an int64 0-dim tensor,

@@ -840,3 +840,20 @@ def test_an_activation_width_that_is_not_an_integer_is_refused_not_truncated(bad
     with pytest.raises(TypeError, match="bits must be an int"):
         qn.small_cnn(quantized=True, bits=4, image_size=8, act_bits=bad)
     assert qn.ActQuant(np.int64(16)).bits == 16 and qn.ActQuant(None).bits is None
+
+
+def test_a_frozen_layer_stays_frozen_and_a_gradient_stays_when_the_model_is_moved():
+    """Module.to() copies the sink (here channels_last; a move to a GPU alike) and the layer
+    makes it again: as it was, not requires_grad=True (the frozen layer would train again)."""
+    torch.manual_seed(0)
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    qm.conv1.requires_grad_(False)
+    qm(torch.randn(2, 1, 8, 8)).sum().backward()
+    g = qm.conv2.sink.grad.clone()
+    qm.to(memory_format=torch.channels_last)
+    assert not qm.conv1.sink.requires_grad and qm.conv2.sink.requires_grad
+    assert all(s == 0 for s in qm.conv1.sink.stride())
+    assert torch.equal(qm.conv2.sink.grad, g)
+    qm.zero_grad()
+    qm(torch.randn(2, 1, 8, 8)).sum().backward()
+    assert qm.conv1.sink.grad is None and qm.conv2.sink.grad is not None
