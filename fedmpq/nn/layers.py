@@ -92,6 +92,8 @@ class _BitWeight(nn.Module):
                              f"of {sign.numel()}")
         if codes.numel() and int(codes.max()) >= (1 << bits):
             raise ValueError(f"a code is >= 2^{bits}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {float(scale)}")  # as binarize refuses NaN weights
         self.codes.copy_(codes)
         self.sign.copy_(sign.reshape(-1))
         self.scale.fill_(float(scale))

@@ -857,3 +857,13 @@ def test_a_frozen_layer_stays_frozen_and_a_gradient_stays_when_the_model_is_move
     qm.zero_grad()
     qm(torch.randn(2, 1, 8, 8)).sum().backward()
     assert qm.conv1.sink.grad is None and qm.conv2.sink.grad is not None
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_load_codes_refuses_a_scale_that_is_not_finite(scale):
+    layer = qn.BitLinear(3, 2, bits=4)
+    before = _codes(torch.nn.Sequential(layer))
+    with pytest.raises(ValueError, match="scale must be finite"):
+        layer.load_codes(torch.ones(6, dtype=torch.uint8), torch.zeros(6, dtype=torch.bool), scale, 4)
+    after = _codes(torch.nn.Sequential(layer))
+    assert all(torch.equal(a, b) for x, y in zip(before, after) for a, b in zip(x[:3], y[:3]))
