@@ -64,12 +64,32 @@ void step_update(const BitplaneStep& c, const float* grad, uint8_t* codes, uint3
                  int64_t e);
 }  // namespace portable
 namespace avx2 {
+#if defined(FEDMPQ_HAVE_X86)
 void dequantize(const uint8_t* codes, const uint32_t* sign, float k, float* out, int64_t b, int64_t e);
 double dequantize_backward(const float* grad, const uint8_t* codes, const uint32_t* sign, int64_t b, int64_t e);
 uint32_t step_max_bits(const BitplaneStep& c, const float* grad, const uint8_t* codes, const uint32_t* sign,
                        const uint8_t* mom, int64_t b, int64_t e);
 void step_update(const BitplaneStep& c, const float* grad, uint8_t* codes, uint32_t* sign, uint8_t* mom, int64_t b,
                  int64_t e);
+#else
+// Without an x86 build (aarch64, say) use_avx2() is false, but the dispatch sites still name
+// these: they forward to the portable code instead of leaving undefined symbols that stop
+// the module from loading.
+inline void dequantize(const uint8_t* codes, const uint32_t* sign, float k, float* out, int64_t b, int64_t e) {
+  portable::dequantize(codes, sign, k, out, b, e);
+}
+inline double dequantize_backward(const float* grad, const uint8_t* codes, const uint32_t* sign, int64_t b, int64_t e) {
+  return portable::dequantize_backward(grad, codes, sign, b, e);
+}
+inline uint32_t step_max_bits(const BitplaneStep& c, const float* grad, const uint8_t* codes, const uint32_t* sign,
+                              const uint8_t* mom, int64_t b, int64_t e) {
+  return portable::step_max_bits(c, grad, codes, sign, mom, b, e);
+}
+inline void step_update(const BitplaneStep& c, const float* grad, uint8_t* codes, uint32_t* sign, uint8_t* mom,
+                        int64_t b, int64_t e) {
+  portable::step_update(c, grad, codes, sign, mom, b, e);
+}
+#endif
 }  // namespace avx2
 
 }  // namespace fedmpq::cpu

@@ -51,12 +51,33 @@ uint32_t relu6_max_bits(const float* x, int64_t n);
 void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask);
 }  // namespace portable
 namespace avx2 {
+#if defined(FEDMPQ_HAVE_X86)
 // stream: use non-temporal stores for the float output (when it is 32-byte aligned).
 uint32_t absmax_bits(const float* x, int64_t n);
 void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi, bool stream);
 double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi, bool stream);
 uint32_t relu6_max_bits(const float* x, int64_t n);
 void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask, bool stream);
+#else
+// Without an x86 build (aarch64, say) use_avx2() is false, but the dispatch sites still name
+// these: they forward to the portable code instead of leaving undefined symbols that stop
+// the module from loading.
+inline uint32_t absmax_bits(const float* x, int64_t n) {
+  return portable::absmax_bits(x, n);
+}
+inline void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi, bool /*stream*/) {
+  portable::fq_fwd(x, y, n, c, pass, hi);
+}
+inline double fq_bwd(const float* g, float* gx, int64_t n, const uint32_t* pass, const uint32_t* hi, bool /*stream*/) {
+  return portable::fq_bwd(g, gx, n, pass, hi);
+}
+inline uint32_t relu6_max_bits(const float* x, int64_t n) {
+  return portable::relu6_max_bits(x, n);
+}
+inline void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask, bool /*stream*/) {
+  portable::r6_fwd(x, y, n, c, mask);
+}
+#endif
 }  // namespace avx2
 
 }  // namespace fedmpq::cpu

@@ -45,10 +45,26 @@ void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t w
                         int bits, float coef);
 }  // namespace portable
 namespace avx2 {
+#if defined(FEDMPQ_HAVE_X86)
 uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words);
 void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes);
 void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
                         int bits, float coef);
+#else
+// Without an x86 build (aarch64, say) use_avx2() is false, but the dispatch sites still name
+// these: they forward to the portable code instead of leaving undefined symbols that stop
+// the module from loading.
+inline uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words) {
+  return portable::pack_codes(codes, n, bits, planes, words);
+}
+inline void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes) {
+  portable::unpack_codes(planes, words, n, bits, codes);
+}
+inline void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
+                               int bits, float coef) {
+  portable::dequant_accumulate(acc, n, planes, words, signs, bits, coef);
+}
+#endif
 }  // namespace avx2
 
 }  // namespace fedmpq::cpu
