@@ -166,12 +166,16 @@ class _BitWeight(nn.Module):
 class BitConv2d(_BitWeight):
     """A conv2d whose weight is a bit-plane weight of ``bits`` bits (no bias: BatchNorm follows)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
-                 bits: int = 8):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bits: int = 8):
+        """kernel_size: an int or (height, width), as ``nn.Conv2d``; stride and padding as
+        ``F.conv2d`` takes them (an int or a pair)."""
         super().__init__()
+        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if len(ks) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+            raise ValueError(f"kernel_size must be an int >= 1 or a pair of them, got {kernel_size!r}")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
-        self._init_weight((out_channels, in_channels, kernel_size, kernel_size), bits)
+        self._init_weight((out_channels, in_channels, *ks), bits)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self.quantized_weight(), None, self.stride, self.padding)

@@ -794,6 +794,20 @@ def test_a_layer_with_no_inputs_is_made_as_nn_linear_makes_one():
     assert out.shape == (2, 3) and torch.equal(out, layer.bias.detach().expand(2, 3))
 
 
+def test_a_conv_takes_kernel_sizes_as_nn_conv2d_does():
+    """(height, width) kernels, pair strides and paddings, as nn.Conv2d: the output is conv2d
+    of the de-quantized weight (a tuple kernel_size failed in int() before)."""
+    layer = qn.BitConv2d(3, 4, (1, 3), stride=(2, 1), padding=(0, 1), bits=4)
+    x = torch.randn(2, 3, 5, 6)
+    w = layer.quantized_weight().detach()
+    assert w.shape == (4, 3, 1, 3)
+    assert torch.equal(layer(x), F.conv2d(x, w, None, (2, 1), (0, 1)))
+    assert qn.BitConv2d(3, 4, 3).weight_shape == (4, 3, 3, 3)
+    for bad in ((3, 3, 3), (0, 3), (2.5, 3), True):
+        with pytest.raises(ValueError, match="kernel_size must be an int >= 1 or a pair"):
+            qn.BitConv2d(3, 4, bad)
+
+
 def test_float_sgd_takes_each_groups_momentum_and_weight_decay_as_torch_sgd():
     """Per-group momentum and weight_decay (no decay on BatchNorm, say) are applied as
     torch.optim.SGD applies them, bit for bit; options it lacks are refused, not ignored."""
