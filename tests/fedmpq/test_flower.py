@@ -77,7 +77,7 @@ def test_the_apps_pyproject_holds_simulates_defaults():
     ({"partition-id": 1, "num-partitions": 4}, "num-partitions=4, the run has n_clients=3"),
     ({"partition-id": 3, "num-partitions": 3}, "partition-id 3 is outside 0..2"),
     ({"partition-id": 0, "budget": 9}, "budget must be in 1..8"),
-    ({"partition-id": 0, "threads": 0}, "threads must be an integer >= 1"),
+    ({"partition-id": 0, "threads": 0}, "threads must be an integer in 1..4096"),
     ({"partition-id": 0, "device": "gpu"}, "device must be cpu, cuda or cuda:N"),
     ({"partition-id": 0, "cuda-graph": "perhaps"}, "cuda_graph must be true or false"),
     ({"partition-id": 0, "cuda-graph": "true"}, "cuda_graph needs a CUDA device"),
