@@ -105,7 +105,7 @@ def _median(xs: List[float]) -> float:
     return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
 
 
-def _load(dirs: List[str]) -> Dict[str, List[Any]]:
+def _load(dirs: List[str], warn: bool = True) -> Dict[str, List[Any]]:
     """results.json of each folder, grouped by setting (runs that differ only in the seed); a
     run of a setting and seed already loaded is left out, with a warning."""
     groups: Dict[str, List[Any]] = {}
@@ -125,7 +125,8 @@ def _load(dirs: List[str]) -> Dict[str, List[Any]]:
         runs = groups.setdefault(_group_key(res["config"]), [])
         twin = next((e for e, r in runs if r["config"].get("seed") == res["config"].get("seed")), None)
         if twin is not None:  # a rerun (or the folder given twice) is not another seed
-            log.warning("%s is the same setting and seed as %s: left out of the comparison", d, twin)
+            if warn:
+                log.warning("%s is the same setting and seed as %s: left out of the comparison", d, twin)
             continue
         runs.append((d, res))
     return groups
@@ -212,14 +213,15 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
     return table
 
 
-def bits_table(dirs: List[str]) -> str:
+def bits_table(dirs: List[str], warn: bool = True) -> str:
     """The bit-widths clients trained with in their last round, per budget: a Markdown table,
     one row per setting and budget, with the size-weighted mean bits per weight (mean over the
     clients of that budget and the seeds, and min..max) and each layer's bits in model order
     (the mean over those clients, to one decimal where they differ). These are the bits of the
     uploads of the last round: the server's reassignment from the round before, less what
-    precision reduction dropped. Runs without per-client bits (``fp``) are left out."""
-    groups = _load(dirs)
+    precision reduction dropped. Runs without per-client bits (``fp``) are left out, and so is a
+    second run of a setting and seed (with a warning, unless ``warn`` is False)."""
+    groups = _load(dirs, warn)
     labels = _labels([runs[0][1]["config"] for runs in groups.values()])
     rows = []
     for runs, label in zip(groups.values(), labels):

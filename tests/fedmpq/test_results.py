@@ -53,6 +53,8 @@ def test_compare_counts_a_setting_and_seed_once(tmp_path, caplog):
                     "| 0.7000 | - | - | 200 | - |"]
     assert f"{again} is the same setting and seed as {a0}: left out" in caplog.text
     assert caplog.text.count(f"{a0} is the same setting and seed as {a0}") == 1
+    caplog.clear()
+    assert results.bits_table([a0, again], warn=False) and caplog.text == ""  # compare said it already
 
 
 def test_compare_reports_train_mode_cost_and_bytes(tmp_path):
