@@ -13,7 +13,7 @@ layer, its samples and budget) come out of the same pass.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
@@ -62,7 +62,7 @@ class _Layout:
     qoff: np.ndarray  # their offsets in the quantized accumulator
     segments: List[Tuple[int, int, int]]  # (first row, last row + 1, dtype) of float runs
     table: np.ndarray  # int64 (quantized layers, 4): the dequant_accumulate_layers rows, reused
-    qnames: List[str] = field(default_factory=list)  # names of the quantized entries, in order
+    qnames: List[str]  # names of the quantized entries, in order
 
 
 @dataclass
@@ -114,7 +114,9 @@ def _layout(p: wire.Parsed) -> _Layout:
         i = j
     table = np.zeros((len(quant), 4), dtype=np.int64)
     table[:, 0], table[:, 1] = qoff, p.numel[quant]
-    return _Layout(list(p.names), p.dtype.copy(), p.dims.copy(), p.ndim.copy(), quant, qoff, segments, table)
+    names = list(p.names)
+    return _Layout(names, p.dtype.copy(), p.dims.copy(), p.ndim.copy(), quant, qoff, segments, table,
+                   [names[j] for j in quant])
 
 
 class Aggregator:
@@ -223,10 +225,12 @@ class Aggregator:
                 peak = max(peak, m)
             floats.append(f)
         rows = lay.quant if order is None else order[lay.quant]
+        qbits, qscale = p.bits[rows], p.scale[rows]  # this upload's, in the layout's order
+        bits, delta = qbits.tolist(), p.delta[rows].tolist()  # lists: ~20 layers, no numpy ops
         if assigned is not None:
-            self._check_bits(p, lay, rows, assigned, may_prune, client_id)
+            self._check_bits(lay.qnames, bits, delta, assigned, may_prune, client_id)
         if len(rows):
-            peak = max(peak, float(p.scale[rows].max()))
+            peak = max(peak, float(qscale.max()))
         if self._bound + w * peak > SUM_LIMIT:  # finite values whose sum would overflow to inf
             raise wire.WireFormatError(f"upload of client {client_id}: values up to {peak:.3g} (weight {w:g}) "
                                        f"would overflow the round's float32 sums")
@@ -239,9 +243,9 @@ class Aggregator:
             ]
         # Quantized layers: one call, straight from the packed planes.
         table = lay.table  # acc offsets and sizes are the layout's; bits and offsets this upload's
-        table[:, 2] = p.bits[rows]
+        table[:, 2] = qbits
         table[:, 3] = p.offset[rows]
-        coefs = fk.layer_coefs(p.scale[rows], p.bits[rows], w)
+        coefs = fk.layer_coefs(qscale, qbits, w)
         if self.rule == "mean":
             fk.dequant_accumulate_layers(self._qacc, buf, torch.from_numpy(table), coefs)
             for f, acc in zip(floats, self._facc):
@@ -252,24 +256,21 @@ class Aggregator:
             self._kept.append([q] + [f.to(acc.dtype) for f, acc in zip(floats, self._facc)])
         self._total += w
         self._bound += w * peak
-        names = [lay.names[i] for i in lay.quant]
-        st = ClientStats(client_id, rnd, num_samples, float(budget), dict(zip(names, p.bits[rows].tolist())),
-                         dict(zip(names, p.delta[rows].tolist())))
+        st = ClientStats(client_id, rnd, num_samples, float(budget), dict(zip(lay.qnames, bits)),
+                         dict(zip(lay.qnames, delta)))
         self.stats.append(st)
         return st
 
     @staticmethod
-    def _check_bits(p, lay, rows, assigned: Mapping[str, int], may_prune: bool, client_id) -> None:
-        if not lay.qnames:
-            lay.qnames = [lay.names[j] for j in lay.quant]
-        bits, delta = p.bits[rows].tolist(), p.delta[rows].tolist()  # lists: ~20 layers, no numpy ops
-        want = [assigned[n] for n in lay.qnames]
+    def _check_bits(qnames: List[str], bits: List[int], delta: List[int], assigned: Mapping[str, int],
+                    may_prune: bool, client_id) -> None:
+        want = [assigned[n] for n in qnames]
         if [n + d for n, d in zip(bits, delta)] == want and (may_prune or not any(delta)):
             return
         i = next(i for i, (n, d, a) in enumerate(zip(bits, delta, want)) if n + d != a or (d and not may_prune))
         n, d, a = bits[i], delta[i], want[i]
         why = "pruned bits" if n + d == a else f"N + Delta = {n + d}"
-        raise wire.WireFormatError(f"upload of client {client_id}: {lay.qnames[i]} has N {n} and Delta {d} ({why}), "
+        raise wire.WireFormatError(f"upload of client {client_id}: {qnames[i]} has N {n} and Delta {d} ({why}), "
                                    f"but it was sent {a} bits")
 
     @staticmethod
