@@ -29,7 +29,7 @@ namespace fedmpq::bindings {
 
 namespace {
 void check_code_bits(int bits) {
-  require(bits >= 1 && bits <= 8, "bits must be in 1..8, got " + std::to_string(bits));
+  FEDMPQ_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8, got " + std::to_string(bits));
 }
 
 // A sign bitmap of n elements: required (when n > 0), 4-byte aligned, long enough.
@@ -40,14 +40,14 @@ void check_disjoint(const char* a_name, uintptr_t a, int64_t a_bytes, const char
                     int64_t b_bytes) {
   if (a_bytes <= 0 || b_bytes <= 0) return;
   const uintptr_t ab = static_cast<uintptr_t>(a_bytes), bb = static_cast<uintptr_t>(b_bytes);  // < 2^60
-  require(a + ab <= b || b + bb <= a, std::string(a_name) + " and " + std::string(b_name) + " overlap");
+  FEDMPQ_CHECK(a + ab <= b || b + bb <= a, std::string(a_name) + " and " + std::string(b_name) + " overlap");
 }
 
 // The step's scalar arguments, as both backends take them.
 void check_step_scalars(double lr, double momentum) {
   // An lr beyond float32 is the reference's float32 +inf: the kernel skips the step
-  require(std::isfinite(lr) && lr > 0.0, "lr must be finite and > 0");
-  require(momentum >= 0.0 && momentum < 1.0, "momentum must be in [0, 1)");
+  FEDMPQ_CHECK(std::isfinite(lr) && lr > 0.0, "lr must be finite and > 0");
+  FEDMPQ_CHECK(momentum >= 0.0 && momentum < 1.0, "momentum must be in [0, 1)");
 }
 
 // The reference's float32 rounding of lr; a double at or beyond float32's largest value plus
@@ -69,7 +69,7 @@ void check_written_apart(const char* name, uintptr_t p, int64_t bytes, uintptr_t
 // Two inputs of one layer hold the same number of elements: the second buffer's own length,
 // not the first's count taken on trust.
 void check_same_count(const char* a, int64_t a_len, const char* b, int64_t b_len) {
-  require(a_len == b_len, std::string(a) + " has " + std::to_string(a_len) + " elements, " + b + " " +
+  FEDMPQ_CHECK(a_len == b_len, std::string(a) + " has " + std::to_string(a_len) + " elements, " + b + " " +
                               std::to_string(b_len));
 }
 
@@ -81,7 +81,7 @@ void check_step_buffers(uintptr_t codes, int64_t n, uintptr_t sign, int64_t sign
                         int64_t mom_len, uintptr_t gs, uintptr_t grad, int64_t grad_len, uintptr_t coef,
                         int64_t coef_len, int bits) {
   check_elems("codes", codes, n, n, 1);
-  require(n < (int64_t(1) << 32), "a layer of 2^32 weights or more is not supported");
+  FEDMPQ_CHECK(n < (int64_t(1) << 32), "a layer of 2^32 weights or more is not supported");
   check_code_bits(bits);
   check_sign(sign, sign_nbytes, n);
   check_elems("mom", mom, int64_t(bits) * n, mom_len, 1);  // n < 2^32: no overflow
@@ -252,7 +252,7 @@ void bind_bitplane(py::module_& m) {
          double momentum, int64_t key, int nthreads) {
         check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, bits);
         check_step_scalars(lr, momentum);
-        require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
+        FEDMPQ_CHECK(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
         const float s = static_cast<float>(scale);
         const float lr32 = lr_f32(lr), mu32 = static_cast<float>(momentum);
         NoGil nogil;
@@ -278,7 +278,7 @@ void bind_bitplane(py::module_& m) {
                        key] = layers[l];
           in_layer(l, [&] {
             check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, bits);
-            require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
+            FEDMPQ_CHECK(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
             // out is written after each layer: it must not be any layer's state or input
             check_out_apart(out, 4 * L, codes, n, sign, mom, bits, gs, grad, coef, 0, 0);
           });
@@ -307,12 +307,12 @@ void bind_bitplane(py::module_& m) {
   // A reduction workspace (cuda/bitplane.h): at least bitplane_workspace_words(device) 4-byte
   // words on the device, 8-byte aligned (8-byte slots).
   auto check_workspace = [](uintptr_t ws, int64_t ws_words, int device) {
-    require(ws != 0 && ws % 8 == 0, "reduction workspace pointer is null or not 8-byte aligned");
-    require(ws_words >= fedmpq::cuda::bitplane_workspace_words(device), "reduction workspace is too small");
+    FEDMPQ_CHECK(ws != 0 && ws % 8 == 0, "reduction workspace pointer is null or not 8-byte aligned");
+    FEDMPQ_CHECK(ws_words >= fedmpq::cuda::bitplane_workspace_words(device), "reduction workspace is too small");
   };
   // One float32 on the device that a kernel reads or writes.
   auto check_scalar = [](const char* name, uintptr_t p) {
-    require(p != 0 && p % 4 == 0, std::string(name) + " pointer is null or not 4-byte aligned");
+    FEDMPQ_CHECK(p != 0 && p % 4 == 0, std::string(name) + " pointer is null or not 4-byte aligned");
   };
   cuda.def(
       "bitplane_workspace_words", [](int device) { return fedmpq::cuda::bitplane_workspace_words(device); },
@@ -466,10 +466,10 @@ void bind_bitplane(py::module_& m) {
           int device, uintptr_t stream) {
         check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, bits);
         check_step_scalars(lr, momentum);
-        require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
+        FEDMPQ_CHECK(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
         check_scalar("scale", scale);
-        require(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");  // null: the int key
-        require(out != 0 && out % 4 == 0, "out pointer (two float32) is null or not 4-byte aligned");
+        FEDMPQ_CHECK(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");  // null: the int key
+        FEDMPQ_CHECK(out != 0 && out % 4 == 0, "out pointer (two float32) is null or not 4-byte aligned");
         check_out_apart(out, 8, codes, n, sign, mom, bits, gs, grad, coef, scale, key_ptr);
         check_written_apart("scale", scale, 4, codes, n, sign, mom, bits, gs);
         if (key_ptr != 0) check_written_apart("key", key_ptr, 8, codes, n, sign, mom, bits, gs);
@@ -499,9 +499,9 @@ void bind_bitplane(py::module_& m) {
                        key_ptr] = layers[l];
           in_layer(l, [&] {
             check_step_buffers(codes, n, sign, sign_nbytes, mom, mom_len, gs, grad, grad_len, coef, coef_len, bits);
-            require(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
+            FEDMPQ_CHECK(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
             check_scalar("scale", scale);
-            require(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");
+            FEDMPQ_CHECK(key_ptr % 8 == 0, "key pointer is not 8-byte aligned");
             check_out_apart(out, 8 * L, codes, n, sign, mom, bits, gs, grad, coef, scale, key_ptr);
             check_written_apart("scale", scale, 4, codes, n, sign, mom, bits, gs);
             if (key_ptr != 0) check_written_apart("key", key_ptr, 8, codes, n, sign, mom, bits, gs);

@@ -18,7 +18,7 @@ namespace fedmpq::bindings {
 
 namespace {
 void check_bits(int bits) {
-  require((bits >= 1 && bits <= 8) || bits == 16, "bits must be in 1..8 or 16, got " + std::to_string(bits));
+  FEDMPQ_CHECK((bits >= 1 && bits <= 8) || bits == 16, "bits must be in 1..8 or 16, got " + std::to_string(bits));
 }
 }  // namespace
 
@@ -44,7 +44,7 @@ void bind_fake_quant(py::module_& m) {
         check_bits(bits);
         check_bitmap("pass", pass, pass_nbytes, n, false);
         check_bitmap("hi", hi, hi_nbytes, n, false);
-        if (!dynamic) require(scale > 0.0 && scale <= 3.4028234663852886e38, "scale must be finite and > 0");  // FLT_MAX is finite
+        if (!dynamic) FEDMPQ_CHECK(scale > 0.0 && scale <= 3.4028234663852886e38, "scale must be finite and > 0");  // FLT_MAX is finite
         float s = static_cast<float>(scale);
         {
           NoGil nogil;
@@ -105,8 +105,8 @@ void bind_fake_quant(py::module_& m) {
   // A reduction workspace (cuda/fake_quant.h): at least workspace_words(device) 4-byte words
   // on the device, checked for null, alignment and length.
   auto check_workspace = [](uintptr_t ws, int64_t ws_words, int device) {
-    require(ws != 0 && ws % 4 == 0, "reduction workspace pointer is null or not 4-byte aligned");
-    require(ws_words >= fedmpq::cuda::workspace_words(device), "reduction workspace is too small");
+    FEDMPQ_CHECK(ws != 0 && ws % 4 == 0, "reduction workspace pointer is null or not 4-byte aligned");
+    FEDMPQ_CHECK(ws_words >= fedmpq::cuda::workspace_words(device), "reduction workspace is too small");
   };
   // A forward's input x and output y (n elements of the dtype each, y_cap for y: the same
   // buffer or disjoint), its bits and its scale pointer (4-byte aligned, not null).
@@ -116,7 +116,7 @@ void bind_fake_quant(py::module_& m) {
     check_elems("y", y, n, y_cap, es);
     check_no_partial_overlap("x", x, "y", y, n, es);
     check_bits(bits);
-    require(scale != 0 && scale % 4 == 0, "scale pointer is null or not 4-byte aligned");
+    FEDMPQ_CHECK(scale != 0 && scale % 4 == 0, "scale pointer is null or not 4-byte aligned");
   };
   cuda.def(
       "workspace_words",
@@ -127,7 +127,7 @@ void bind_fake_quant(py::module_& m) {
       [=](uintptr_t x, int dtype, int64_t n, uintptr_t out_bits, uintptr_t ws, int64_t ws_words, int device,
           uintptr_t stream) {
         check_elems("x", x, n, n, dtype_size(dtype));
-        require(out_bits != 0 && out_bits % 4 == 0, "absmax output is null or not 4-byte aligned");
+        FEDMPQ_CHECK(out_bits != 0 && out_bits % 4 == 0, "absmax output is null or not 4-byte aligned");
         if (n > 0) check_workspace(ws, ws_words, device);
         fedmpq::cuda::absmax(ptr<const void>(x), dtype, n, ptr<uint32_t>(out_bits), ptr<unsigned>(ws), device, stream);
       },
@@ -176,9 +176,9 @@ void bind_fake_quant(py::module_& m) {
         check_bitmap("hi", hi, hi_nbytes, n, false);
         if (hi != 0 && n > 0) {
           check_workspace(ws, ws_words, device);
-          require(grad_scale != 0, "grad_scale pointer is null");
+          FEDMPQ_CHECK(grad_scale != 0, "grad_scale pointer is null");
         }
-        require(grad_scale % 4 == 0, "grad_scale pointer is not 4-byte aligned");  // written (0) even without hi
+        FEDMPQ_CHECK(grad_scale % 4 == 0, "grad_scale pointer is not 4-byte aligned");  // written (0) even without hi
         fedmpq::cuda::fake_quant_backward(ptr<const void>(g), ptr<void>(gx), dtype, n, ptr<const uint32_t>(pass),
                                           ptr<const uint32_t>(hi), ptr<unsigned>(ws), ptr<float>(grad_scale), device,
                                           stream);

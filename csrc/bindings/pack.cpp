@@ -19,17 +19,17 @@ namespace fedmpq::bindings {
 
 namespace {
 void check_code_bits(int bits) {
-  require(bits >= 1 && bits <= 8, "bits must be in 1..8, got " + std::to_string(bits));
+  FEDMPQ_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8, got " + std::to_string(bits));
 }
 
 // `bits` bit planes of n elements: 4-byte aligned, nbytes >= bits * 4 * words(n).
 void check_planes(const char* what, uintptr_t p, int64_t nbytes, int64_t n, int bits) {
   const int64_t need = int64_t(bits) * 4 * bitmap_words(n);  // n <= kMaxElems: no overflow
-  require(nbytes >= need, std::string(what) + " have " + std::to_string(nbytes) + " bytes, need " +
+  FEDMPQ_CHECK(nbytes >= need, std::string(what) + " have " + std::to_string(nbytes) + " bytes, need " +
                               std::to_string(need) + " for " + std::to_string(n) + " codes of " +
                               std::to_string(bits) + " bits");
-  require(n == 0 || p != 0, std::string(what) + ": null data pointer");
-  require(p % 4 == 0, std::string(what) + " must be 4-byte aligned");
+  FEDMPQ_CHECK(n == 0 || p != 0, std::string(what) + ": null data pointer");
+  FEDMPQ_CHECK(p % 4 == 0, std::string(what) + " must be 4-byte aligned");
 }
 
 // The arguments of each op, checked in this order on every device.
@@ -51,7 +51,7 @@ void check_dequant(uintptr_t acc, int64_t n, uintptr_t planes, int64_t planes_nb
   check_code_bits(bits);
   check_planes("planes", planes, planes_nbytes, n, bits);
   check_bitmap("signs", signs, signs_nbytes, n, false);
-  require(coef == coef && coef >= -3.4028234663852886e38 && coef <= 3.4028234663852886e38,  // ±FLT_MAX are finite
+  FEDMPQ_CHECK(coef == coef && coef >= -3.4028234663852886e38 && coef <= 3.4028234663852886e38,  // ±FLT_MAX are finite
           "coef must be a finite float32 value");
 }
 }  // namespace
@@ -102,30 +102,31 @@ void bind_pack(py::module_& m) {
          int64_t table_nbytes, uintptr_t coefs, int64_t coefs_len, int nthreads) {
         check_elems("acc", acc, acc_n, acc_n, 4);
         check_count("payload", payload_nbytes);
-        require(payload_nbytes == 0 || payload != 0, "payload: null data pointer");
-        require(payload % 4 == 0, "payload must be 4-byte aligned");
+        FEDMPQ_CHECK(payload_nbytes == 0 || payload != 0, "payload: null data pointer");
+        FEDMPQ_CHECK(payload % 4 == 0, "payload must be 4-byte aligned");
         check_count("rows", nrows);
-        require(nrows == 0 || (table != 0 && table % 8 == 0), "table: null or not 8-byte aligned");
-        require(table_nbytes >= 0 && table_nbytes / int64_t(sizeof(fedmpq::cpu::LayerRow)) >= nrows,
+        FEDMPQ_CHECK(nrows == 0 || (table != 0 && table % 8 == 0), "table: null or not 8-byte aligned");
+        FEDMPQ_CHECK(table_nbytes >= 0 && table_nbytes / int64_t(sizeof(fedmpq::cpu::LayerRow)) >= nrows,
                 "table holds " + std::to_string(table_nbytes) + " bytes, fewer than " + std::to_string(nrows) + " rows");
-        require(nrows == 0 || (coefs != 0 && coefs % 4 == 0), "coefs: null or not 4-byte aligned");
-        require(coefs_len >= nrows, "coefs holds " + std::to_string(coefs_len) + " values, fewer than the rows");
+        FEDMPQ_CHECK(nrows == 0 || (coefs != 0 && coefs % 4 == 0), "coefs: null or not 4-byte aligned");
+        FEDMPQ_CHECK(coefs_len >= nrows, "coefs holds " + std::to_string(coefs_len) + " values, fewer than the rows");
         const auto* rows = ptr<const fedmpq::cpu::LayerRow>(table);
         const auto* cf = ptr<const float>(coefs);
         int64_t prev_end = 0;
         for (int64_t r = 0; r < nrows; ++r) {  // every row, before any kernel runs
           const auto& L = rows[r];
-          const std::string at = "row " + std::to_string(r) + ": ";
-          check_count((at + "n").c_str(), L.n);
-          require(L.bits >= 1 && L.bits <= 8, at + "bits must be in 1..8, got " + std::to_string(L.bits));
-          require(L.acc_off >= prev_end && L.acc_off <= acc_n && L.n <= acc_n - L.acc_off,
-                  at + "accumulator range out of bounds, overlapping or not ascending");
+          // The row's name, built only for a message (a loop over every layer of an upload).
+          auto at = [r] { return "row " + std::to_string(r) + ": "; };
+          if (L.n < 0 || L.n > fedmpq::kMaxElems) check_count((at() + "n").c_str(), L.n);
+          FEDMPQ_CHECK(L.bits >= 1 && L.bits <= 8, at() + "bits must be in 1..8, got " + std::to_string(L.bits));
+          FEDMPQ_CHECK(L.acc_off >= prev_end && L.acc_off <= acc_n && L.n <= acc_n - L.acc_off,
+                  at() + "accumulator range out of bounds, overlapping or not ascending");
           prev_end = L.acc_off + L.n;
           const int64_t need = (L.bits + 1) * 4 * bitmap_words(L.n);  // n <= kMaxElems: no overflow
-          require(L.data_off >= 0 && L.data_off % 4 == 0 && L.data_off <= payload_nbytes &&
+          FEDMPQ_CHECK(L.data_off >= 0 && L.data_off % 4 == 0 && L.data_off <= payload_nbytes &&
                       need <= payload_nbytes - L.data_off,
-                  at + "planes and sign map out of the payload or misaligned");
-          require(cf[r] == cf[r] && cf[r] - cf[r] == 0.0f, at + "coef must be finite");
+                  at() + "planes and sign map out of the payload or misaligned");
+          FEDMPQ_CHECK(cf[r] == cf[r] && cf[r] - cf[r] == 0.0f, at() + "coef must be finite");
         }
         NoGil nogil;
         fedmpq::cpu::dequant_accumulate_layers(ptr<float>(acc), ptr<const uint8_t>(payload), rows, nrows, cf,
@@ -144,7 +145,7 @@ void bind_pack(py::module_& m) {
       [](uintptr_t codes, int64_t n, int bits, uintptr_t planes, int64_t planes_nbytes, uintptr_t seen, int device,
          uintptr_t stream) {
         check_pack(codes, n, bits, planes, planes_nbytes);
-        require(seen != 0 && seen % 4 == 0, "seen pointer is null or not 4-byte aligned");
+        FEDMPQ_CHECK(seen != 0 && seen % 4 == 0, "seen pointer is null or not 4-byte aligned");
         fedmpq::cuda::pack_codes(ptr<const uint8_t>(codes), n, bits, ptr<uint32_t>(planes), ptr<uint32_t>(seen),
                                  device, stream);
       },
