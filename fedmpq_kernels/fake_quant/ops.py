@@ -114,19 +114,21 @@ class _FakeQuantEager(torch.autograd.Function):
     def forward(ctx, x, scale, bits, mode, fwd, bwd):
         y, bitmaps = fwd(x, bits, scale, mode)
         ctx.bwd = bwd  # None for the identity STE (mode 0)
-        if mode:
-            ctx.scale_grad = mode == 2
+        if bwd is not None:
             ctx.save_for_backward(bitmaps)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         # One output, so grad_y is always a tensor (nothing to materialize).
-        if ctx.bwd is None:  # identity STE: the incoming gradient, unchanged
+        bwd = ctx.bwd
+        if bwd is None:  # identity STE: the incoming gradient, unchanged
             return grad_y, None, None, None, None, None
-        (bitmaps,) = ctx.saved_tensors
-        grad_x, grad_scale = ctx.bwd(grad_y, bitmaps, ctx.scale_grad)
-        return grad_x, (grad_scale if ctx.scale_grad else None), None, None, None, None
+        # Mode 2 (the scale's gradient and the hi bitmap) was chosen because the scale
+        # requires grad, which autograd recorded: no attribute of our own to set and read.
+        scale_grad = ctx.needs_input_grad[1]
+        grad_x, grad_scale = bwd(grad_y, ctx.saved_tensors[0], scale_grad)
+        return grad_x, (grad_scale if scale_grad else None), None, None, None, None
 
 
 _fq_apply = direct_apply(_FakeQuantEager)
