@@ -225,8 +225,15 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
     s = _scale_tensor(scale, x)
     grad = torch.is_grad_enabled() and (x.requires_grad or (s is not None and s.requires_grad))
     mode = 0
-    if grad and ste == "clipped" and s is not None:
-        mode = 2 if s.requires_grad else 1
+    if ste == "clipped" and s is not None and torch.is_grad_enabled():
+        if not _is_compiling() and (_functorch_active() or _is_wrapped(x) or _is_wrapped(s)):
+            # A functorch wrapper (vmap's batched tensor) reports requires_grad False even
+            # when the tensor it wraps requires grad, for autograd outside the transform:
+            # keep both bitmaps, or the clipped STE would silently become the identity
+            # (is_compiling first: dynamo cannot trace the two checks).
+            mode = 2
+        elif grad:
+            mode = 2 if s.requires_grad else 1
     if _eager(x) and (s is None or not _is_wrapped(s)):
         fwd, bwd = registry.get_many("fake_quant", _FQ_OPS, x.device.type)
         if s is not None and s.is_cpu:

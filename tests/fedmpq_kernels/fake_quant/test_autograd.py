@@ -72,3 +72,30 @@ def test_only_the_float_output_used():
     want = 3 * ((x.detach() > 0.5).sum() - (x.detach() < -0.5).sum()).float()
     assert s.grad.item() == want.item()
 
+
+
+@pytest.mark.filterwarnings("ignore:.*batching rule")
+@pytest.mark.parametrize("batched_scale", [False, True])
+def test_clipped_ste_under_vmap_with_autograd_outside(batched_scale):
+    """vmap's batched tensors report requires_grad False for a tensor that requires grad
+    outside the transform: the clipped STE became the identity and the scale got no gradient."""
+    torch.manual_seed(0)
+    xb = torch.randn(3, 50) * 2
+    sb = torch.tensor([0.5, 1.0, 2.0]) if batched_scale else torch.tensor(1.0)
+    g = torch.randn(3, 50)
+    x, s = xb.clone().requires_grad_(True), sb.clone().requires_grad_(True)
+    if batched_scale:
+        y = torch.func.vmap(lambda t, u: fk.fake_quant(t, 3, u, ste="clipped"))(x, s)
+    else:
+        y = torch.func.vmap(lambda t: fk.fake_quant(t, 3, s, ste="clipped"))(x)
+    gx, gs = torch.autograd.grad(y, [x, s], g)
+    x2, s2 = xb.clone().requires_grad_(True), sb.clone().requires_grad_(True)
+    rows = [R.fake_quant_autograd(x2[i], 3, s2[i] if batched_scale else s2, "clipped") for i in range(3)]
+    gx2, gs2 = torch.autograd.grad(torch.stack(rows), [x2, s2], g)
+    torch.testing.assert_close(y, torch.stack(rows), rtol=0, atol=0)
+    torch.testing.assert_close(gx, gx2, rtol=0, atol=0)
+    torch.testing.assert_close(gs, gs2)
+    # a float scale, and no gradient wanted at all: the same values
+    y = torch.func.vmap(lambda t: fk.fake_quant(t, 3, 1.0, ste="clipped"))(x)
+    assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.where(xb.abs() <= 1, g, torch.zeros_like(g)))
+    assert torch.equal(torch.func.vmap(lambda t: fk.fake_quant(t, 3, 1.0, ste="clipped"))(xb), y.detach())
