@@ -14,6 +14,7 @@ from .. import registry
 from .._checks import (ALLOWED_BITS, FLOAT_DTYPES, bitmap_nbytes, check_bits, check_float_tensor,
                        check_same_device, check_scale_value, check_ste)
 from .._library import PLAIN, _dispatch_modes, _eager, _functorch_active, _is_wrapped, direct_apply, lib
+from . import reference as _ref
 
 Tensor = torch.Tensor
 
@@ -91,6 +92,8 @@ def _fq_grads(ctx, grad_y, backward):
     if grad_y is None or ctx.mode == 0:  # identity STE: the incoming gradient, unchanged
         return grad_y, None, None, None
     (bitmaps,) = ctx.saved_tensors
+    if grad_y.requires_grad:  # create_graph: a backward differentiable in grad_y (see _FakeQuantEager)
+        backward = _ref.fake_quant_backward
     grad_x, grad_scale = backward(grad_y, bitmaps, ctx.scale_grad)
     return grad_x, None, (grad_scale if ctx.scale_grad else None), None
 
@@ -127,6 +130,10 @@ class _FakeQuantEager(torch.autograd.Function):
         # Mode 2 (the scale's gradient and the hi bitmap) was chosen because the scale
         # requires grad, which autograd recorded: no attribute of our own to set and read.
         scale_grad = ctx.needs_input_grad[1]
+        if grad_y.requires_grad:
+            # create_graph (a gradient penalty, second-order methods): the kernels' outputs
+            # carry no graph, so the pure-torch rule, differentiable in grad_y, runs instead.
+            bwd = _ref.fake_quant_backward
         grad_x, grad_scale = bwd(grad_y, ctx.saved_tensors[0], scale_grad)
         return grad_x, (grad_scale if scale_grad else None), None, None, None, None
 
@@ -271,6 +278,8 @@ def _r6_backward(ctx, grad_y, _grad_mask):
     if grad_y is None:
         return None, None
     (mask,) = ctx.saved_tensors
+    if grad_y.requires_grad:  # create_graph: differentiable in grad_y (see _FakeQuantEager)
+        return _ref.fake_quant_backward(grad_y, mask, False)[0], None
     return torch.ops.fedmpq.fake_quant_backward(grad_y, mask, False)[0], None
 
 
@@ -293,7 +302,8 @@ class _Relu6FakeQuantEager(torch.autograd.Function):
         if grad_y is None:
             return None, None, None, None
         (mask,) = ctx.saved_tensors
-        return ctx.bwd(grad_y, mask, False)[0], None, None, None
+        bwd = _ref.fake_quant_backward if grad_y.requires_grad else ctx.bwd  # create_graph: see _FakeQuantEager
+        return bwd(grad_y, mask, False)[0], None, None, None
 
 
 _r6_apply = direct_apply(_Relu6FakeQuantEager)

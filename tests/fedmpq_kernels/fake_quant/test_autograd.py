@@ -99,3 +99,36 @@ def test_clipped_ste_under_vmap_with_autograd_outside(batched_scale):
     y = torch.func.vmap(lambda t: fk.fake_quant(t, 3, 1.0, ste="clipped"))(x)
     assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.where(xb.abs() <= 1, g, torch.zeros_like(g)))
     assert torch.equal(torch.func.vmap(lambda t: fk.fake_quant(t, 3, 1.0, ste="clipped"))(xb), y.detach())
+
+
+def _through(path, x, s):
+    if path == "eager":
+        return fk.fake_quant(x, 3, s, ste="clipped"), fk.relu6_fake_quant(x * 3, 4)
+    return torch.ops.fedmpq.fake_quant(x, 3, s, 2)[0], torch.ops.fedmpq.relu6_fake_quant(x * 3, 4)[0]
+
+
+@pytest.mark.parametrize("path", ["eager", "registered"])
+def test_create_graph_gives_a_backward_differentiable_in_the_incoming_gradient(path):
+    """With create_graph (a gradient penalty, second-order methods) the native backward's
+    outputs had no graph: the gradient of a penalty on dL/dx missed every path through the
+    clipped STE's and relu6's backward (an error when it was the only one; the registered
+    op only warned "silently incorrect")."""
+    torch.manual_seed(0)
+    x0, v0, u0 = torch.randn(200) * 2, torch.randn(200), torch.randn(200)
+
+    def penalty_grads(fq, r6):
+        x, s = x0.clone().requires_grad_(True), torch.tensor(1.1, requires_grad=True)
+        v, u = v0.clone().requires_grad_(True), u0.clone().requires_grad_(True)
+        y, z = fq(x, s), r6(x)
+        loss = (v * y).sum() + (u * z).sum()
+        gx, gs = torch.autograd.grad(loss, [x, s], create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum() + gs.pow(2), [v, u])
+
+    got = penalty_grads(lambda x, s: _through(path, x, s)[0], lambda x: _through(path, x, None)[1])
+    def relu6_oracle(x):  # relu6_fake_quant(3x)'s rule: d/dx = 3 [0 < 3x < 6]
+        m = ((x * 3 > 0) & (x * 3 < 6)).float()
+        return x * 3 * m - (x * 3 * m).detach()  # its value does not matter here, its graph does
+
+    want = penalty_grads(lambda x, s: R.fake_quant_autograd(x, 3, s, "clipped"), relu6_oracle)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
