@@ -131,6 +131,10 @@ def _dq_setup_context(ctx, inputs, output):
 
 def _dq_grads(ctx, grad_w, backward):
     codes, sign = ctx.saved_tensors
+    if grad_w.requires_grad:
+        # create_graph (a gradient penalty, second-order methods): the kernels' dL/ds carries
+        # no graph, so the pure-torch rule, differentiable in grad_w, runs instead.
+        backward = _ref.dequantize_backward
     gscale = backward(grad_w.reshape(-1), codes, sign, ctx.bits) if ctx.needs_input_grad[2] else None
     if gscale is not None and ctx.scale_shape:  # a (1,)-shaped scale: dL/ds in its own shape, not 0-dim
         gscale = gscale.view(ctx.scale_shape)
@@ -212,7 +216,11 @@ class _DequantizeLayersEager(torch.autograd.Function):
         saved = ctx.saved_tensors
         need = ctx.needs_input_grad
         wanted = [g if need[2 + 2 * L + i] else None for i, g in enumerate(grads)]
-        gscale = _dequantize_backward_layers_impl(wanted, saved[:L], saved[L:], ctx.bits)
+        if torch.is_grad_enabled():  # create_graph: differentiable in the grads (see _dq_grads)
+            gscale = [None if g is None else _ref.dequantize_backward(g, c, sg, b)
+                      for g, c, sg, b in zip(wanted, saved[:L], saved[L:], ctx.bits)]
+        else:
+            gscale = _dequantize_backward_layers_impl(wanted, saved[:L], saved[L:], ctx.bits)
         gsink = [g if need[2 + 3 * L + i] else None for i, g in enumerate(grads)]
         return (None, None, *([None] * (2 * L)), *gscale, *gsink)
 

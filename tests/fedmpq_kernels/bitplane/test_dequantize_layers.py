@@ -195,3 +195,25 @@ def test_one_element_scales_of_any_shape_get_their_gradients_in_their_shapes(bac
         assert torch.equal(bits_of(w.detach()).reshape(-1), bits_of(R.dequantize(q, s, scale[l].detach().cpu(), b)))
         assert shaped[l].grad.shape == shaped[l].shape, f"layer {l}"
         assert torch.equal(bits_of(shaped[l].grad.reshape(())), bits_of(scale[l].grad)), f"layer {l}"
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["dequantize", "dequantize_layers"])
+def test_create_graph_gives_a_scale_gradient_differentiable_in_the_incoming_gradient(many):
+    """With create_graph the native dL/ds had no graph: a penalty on it raised "does not
+    require grad", or silently lost this path when another one existed."""
+    codes, sign, scale, bits, sink, ref = _layers(torch.device("cpu"))
+    vs = [g.requires_grad_(True) for g in _grads(torch.device("cpu"))]
+    if many:
+        ws = fk.dequantize_layers(codes, sign, scale, bits, sink)
+    else:
+        ws = [fk.dequantize(*a) for a in zip(codes, sign, scale, bits, sink)]
+    gs = torch.autograd.grad(sum((v * w).sum() for v, w in zip(vs, ws)), scale, create_graph=True)
+    got = torch.autograd.grad(sum(g.pow(2) for g in gs), vs)
+    s2 = [sc.detach().clone().requires_grad_(True) for sc in scale]
+    ws2 = [R.dequantize(q, s, sc, b).reshape(w.shape) for (q, s), sc, b, w in zip(ref, s2, bits, ws)]
+    gs2 = torch.autograd.grad(sum((v * w).sum() for v, w in zip(vs, ws2)), s2, create_graph=True)
+    want = torch.autograd.grad(sum(g.pow(2) for g in gs2), vs)
+    for a, b in zip(gs, gs2):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
