@@ -9,6 +9,7 @@ planes, no float plane-gradients.
 """
 from __future__ import annotations
 
+import copy
 import math
 import operator
 from typing import Optional, Sequence
@@ -130,6 +131,19 @@ class _BitWeight(nn.Module):
             if old.grad is not None:
                 self.sink.grad = old.grad.float()
         return self
+
+    def __deepcopy__(self, memo):
+        # Parameter.__deepcopy__ clones with the preserve-format rule, which would turn the
+        # zero-stride sink into n floats (state_bytes() would still count 4): the copy gets a
+        # sink made as the layer makes it (frozen or not, with a copy of its gradient), then
+        # the rest is copied as Module's default deepcopy does.
+        sink = self._parameters.get("sink")
+        if sink is not None and id(sink) not in memo:
+            twin = nn.Parameter(fk.sink_like(self.weight_shape, sink.device), requires_grad=sink.requires_grad)
+            memo[id(sink)] = twin
+            if sink.grad is not None:
+                twin.grad = copy.deepcopy(sink.grad, memo)
+        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
 
     # The bit-width travels in the state dict (``<layer>._extra_state``, an int64 0-dim tensor,
     # as code that treats every entry as a tensor expects): without it, codes of another width

@@ -155,6 +155,29 @@ def test_sink_stays_one_float_after_moving_the_model():
         assert all(s == 0 for s in m.sink.stride())
 
 
+def test_sink_stays_one_float_after_a_deepcopy():
+    """copy.deepcopy cloned the zero-stride sink into n floats per layer (state_bytes still
+    counted 4); the copy's sink is made again, frozen or not, with its gradient, and an
+    optimizer copied with the model holds the copy's layers."""
+    import copy
+
+    torch.manual_seed(0)
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    qm.conv1.requires_grad_(False)
+    x = torch.randn(2, 1, 8, 8)
+    qm(x).sum().backward()
+    opt = qn.BitPlaneOptimizer(qm, lr=0.1)
+    twin, twin_opt = copy.deepcopy((qm, opt))
+    for (_, m), (_, t) in zip(qn.bit_layers(qm), qn.bit_layers(twin)):
+        assert all(s == 0 for s in t.sink.stride()) and t.sink.untyped_storage().nbytes() == 4
+        assert t.sink is not m.sink and t.sink.requires_grad == m.sink.requires_grad
+        assert (t.sink.grad is None) == (m.sink.grad is None)
+        if m.sink.grad is not None:
+            assert torch.equal(t.sink.grad, m.sink.grad) and t.sink.grad is not m.sink.grad
+    assert all(a is b for a, (_, b) in zip(twin_opt.layers, qn.bit_layers(twin)))
+    assert torch.equal(twin(x), qm(x))
+
+
 def test_a_quantized_model_learns_digits():
     """Ten epochs of 4-bit training (cross-entropy + group lasso, the bit-plane optimizer and
     SGD for the float parameters) on scikit-learn's digits: the loss falls and held-out
