@@ -490,8 +490,22 @@ def plane_popcounts_layers(codes: Sequence[Tensor], bits: Sequence[int]) -> Tens
 def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
     """The layer's group-lasso term and its per-plane gradient coefficient (ALGORITHM.md,
     "Local objective"): ``R_l = n*N * sum_i sqrt(eps + popcount_i)`` (float32 0-dim) and
-    ``n*N / sqrt(eps + popcount_i)`` (float32 (bits,)), the derivative of R_l in a set bit."""
-    return _ref.group_lasso(popcounts, n, check_bits(bits))
+    ``n*N / sqrt(eps + popcount_i)`` (float32 (bits,)), the derivative of R_l in a set bit.
+
+    Args:
+        popcounts: the layer's :func:`plane_popcounts`, ``bits`` values.  n: its weights,
+            an int >= 0.  bits: N, 1..8.
+
+    Raises:
+        TypeError / ValueError: popcounts not a tensor of ``bits`` values, n not an int >= 0.
+    """
+    bits = check_bits(bits)
+    _tensor(popcounts, "popcounts")
+    if popcounts.numel() != bits:
+        raise ValueError(f"popcounts must hold {bits} values (one per plane), got shape {tuple(popcounts.shape)}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    return _ref.group_lasso(popcounts, int(n), bits)
 
 
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,

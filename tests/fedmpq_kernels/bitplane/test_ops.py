@@ -172,3 +172,18 @@ def test_precision_reduction_refuses_codes_that_do_not_fit_and_a_bad_theta(codes
         fk.precision_reduction(torch.tensor(codes, dtype=torch.uint8), torch.tensor(1.0), 3, theta)
     n, c, s = fk.precision_reduction(torch.tensor([1, 7], dtype=torch.uint8), torch.tensor(1.0), 3, 10.0)
     assert (n, c.tolist()) == (3, [1, 7])  # 2^N - 1 fits; both planes' bits above theta: nothing dropped
+
+
+def test_group_lasso_refuses_popcounts_of_another_width_and_a_bad_n():
+    """popcounts of 4 planes with bits=3 gave a (4,) coefficient and a wrong R, and a
+    negative n a negative R, silently."""
+    pc = torch.tensor([3, 1, 4, 1])
+    R, c = fk.group_lasso(pc, 10, 4)
+    assert R.shape == () and c.shape == (4,)
+    with pytest.raises(ValueError, match="popcounts must hold 3 values"):
+        fk.group_lasso(pc, 10, 3)
+    for n in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="n must be an int >= 0"):
+            fk.group_lasso(pc, n, 4)
+    with pytest.raises(TypeError, match="popcounts must be a torch.Tensor"):
+        fk.group_lasso([3, 1, 4, 1], 10, 4)
