@@ -136,14 +136,17 @@ class _BitWeight(nn.Module):
         # Parameter.__deepcopy__ clones with the preserve-format rule, which would turn the
         # zero-stride sink into n floats (state_bytes() would still count 4): the copy gets a
         # sink made as the layer makes it (frozen or not, with a copy of its gradient), then
-        # the rest is copied as Module's default deepcopy does.
+        # the rest of the layer (its __dict__) is deep-copied through the memo, as by default.
         sink = self._parameters.get("sink")
         if sink is not None and id(sink) not in memo:
             twin = nn.Parameter(fk.sink_like(self.weight_shape, sink.device), requires_grad=sink.requires_grad)
             memo[id(sink)] = twin
             if sink.grad is not None:
                 twin.grad = copy.deepcopy(sink.grad, memo)
-        return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
 
     # The bit-width travels in the state dict (``<layer>._extra_state``, an int64 0-dim tensor,
     # as code that treats every entry as a tensor expects): without it, codes of another width

@@ -503,8 +503,10 @@ def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
     _tensor(popcounts, "popcounts")
     if popcounts.numel() != bits:
         raise ValueError(f"popcounts must hold {bits} values (one per plane), got shape {tuple(popcounts.shape)}")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be an int >= 0, got {type(n).__name__}")
+    if n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n}")
     return _ref.group_lasso(popcounts, int(n), bits)
 
 

@@ -182,8 +182,10 @@ def test_group_lasso_refuses_popcounts_of_another_width_and_a_bad_n():
     assert R.shape == () and c.shape == (4,)
     with pytest.raises(ValueError, match="popcounts must hold 3 values"):
         fk.group_lasso(pc, 10, 3)
-    for n in (-1, 2.5, True):
-        with pytest.raises(ValueError, match="n must be an int >= 0"):
+    with pytest.raises(ValueError, match="n must be an int >= 0, got -1"):
+        fk.group_lasso(pc, -1, 4)
+    for n in (2.5, True):
+        with pytest.raises(TypeError, match="n must be an int >= 0, got"):
             fk.group_lasso(pc, n, 4)
     with pytest.raises(TypeError, match="popcounts must be a torch.Tensor"):
         fk.group_lasso([3, 1, 4, 1], 10, 4)
