@@ -35,14 +35,6 @@ void check_code_bits(int bits) {
 // A sign bitmap of n elements: required (when n > 0), 4-byte aligned, long enough.
 void check_sign(uintptr_t sign, int64_t nbytes, int64_t n) { check_bitmap("sign", sign, nbytes, n, n > 0); }
 
-// Two buffers written or read by one kernel call: disjoint (empty ones never clash).
-void check_disjoint(const char* a_name, uintptr_t a, int64_t a_bytes, const char* b_name, uintptr_t b,
-                    int64_t b_bytes) {
-  if (a_bytes <= 0 || b_bytes <= 0) return;
-  const uintptr_t ab = static_cast<uintptr_t>(a_bytes), bb = static_cast<uintptr_t>(b_bytes);  // < 2^60
-  FEDMPQ_CHECK(a + ab <= b || b + bb <= a, std::string(a_name) + " and " + std::string(b_name) + " overlap");
-}
-
 // The step's scalar arguments, as both backends take them.
 void check_step_scalars(double lr, double momentum) {
   // An lr beyond float32 is the reference's float32 +inf: the kernel skips the step

@@ -83,6 +83,14 @@ inline void check_no_partial_overlap(const char* in, uintptr_t a, const char* ou
           std::string(in) + " and " + std::string(out) + " overlap without being the same buffer");
 }
 
+// Two buffers written or read by one kernel call: disjoint (empty ones never clash).
+inline void check_disjoint(const char* a_name, uintptr_t a, int64_t a_bytes, const char* b_name, uintptr_t b,
+                           int64_t b_bytes) {
+  if (a_bytes <= 0 || b_bytes <= 0) return;
+  const uintptr_t ab = static_cast<uintptr_t>(a_bytes), bb = static_cast<uintptr_t>(b_bytes);  // < 2^60
+  FEDMPQ_CHECK(a + ab <= b || b + bb <= a, std::string(a_name) + " and " + std::string(b_name) + " overlap");
+}
+
 // Bytes per element of a CUDA dtype code (0 float32, 1 float16, 2 bfloat16).
 inline int64_t dtype_size(int dtype) {
   FEDMPQ_CHECK(dtype >= 0 && dtype <= 2, "unknown dtype code " + std::to_string(dtype));

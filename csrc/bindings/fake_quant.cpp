@@ -20,6 +20,21 @@ namespace {
 void check_bits(int bits) {
   FEDMPQ_CHECK((bits >= 1 && bits <= 8) || bits == 16, "bits must be in 1..8 or 16, got " + std::to_string(bits));
 }
+
+// A bitmap of n elements (null: none) apart from a buffer of n elements of es bytes, one of
+// the two written by the kernel while it reads or writes the other.
+void check_bitmap_apart(const char* name, uintptr_t p, int64_t n, const char* buf_name, uintptr_t buf, int64_t es) {
+  if (p != 0) check_disjoint(name, p, 4 * bitmap_words(n), buf_name, buf, n * es);  // n <= kMaxElems
+}
+
+// The forward's bitmaps, written with y: apart from x, y and each other.
+void check_forward_bitmaps(uintptr_t x, uintptr_t y, int64_t n, int64_t es, uintptr_t pass, uintptr_t hi) {
+  check_bitmap_apart("pass", pass, n, "x", x, es);
+  check_bitmap_apart("pass", pass, n, "y", y, es);
+  check_bitmap_apart("hi", hi, n, "x", x, es);
+  check_bitmap_apart("hi", hi, n, "y", y, es);
+  if (pass != 0 && hi != 0) check_disjoint("pass", pass, 4 * bitmap_words(n), "hi", hi, 4 * bitmap_words(n));
+}
 }  // namespace
 
 void bind_fake_quant(py::module_& m) {
@@ -44,6 +59,7 @@ void bind_fake_quant(py::module_& m) {
         check_bits(bits);
         check_bitmap("pass", pass, pass_nbytes, n, false);
         check_bitmap("hi", hi, hi_nbytes, n, false);
+        check_forward_bitmaps(x, y, n, 4, pass, hi);
         if (!dynamic) FEDMPQ_CHECK(scale > 0.0 && scale <= 3.4028234663852886e38, "scale must be finite and > 0");  // FLT_MAX is finite
         float s = static_cast<float>(scale);
         {
@@ -68,6 +84,8 @@ void bind_fake_quant(py::module_& m) {
         check_no_partial_overlap("x", x, "y", y, n, 4);
         check_bits(bits);
         check_bitmap("mask", mask, mask_nbytes, n, false);
+        check_bitmap_apart("mask", mask, n, "x", x, 4);
+        check_bitmap_apart("mask", mask, n, "y", y, 4);
         float s;
         {
           NoGil nogil;
@@ -91,6 +109,8 @@ void bind_fake_quant(py::module_& m) {
         check_no_partial_overlap("grad", g, "grad_x", gx, n, 4);
         check_bitmap("pass", pass, pass_nbytes, n, n > 0);
         check_bitmap("hi", hi, hi_nbytes, n, false);
+        check_bitmap_apart("pass", pass, n, "grad_x", gx, 4);
+        check_bitmap_apart("hi", hi, n, "grad_x", gx, 4);
         NoGil nogil;
         return fedmpq::cpu::fake_quant_backward(ptr<const float>(g), ptr<float>(gx), n, ptr<const uint32_t>(pass),
                                                 ptr<const uint32_t>(hi), nthreads);
@@ -140,6 +160,7 @@ void bind_fake_quant(py::module_& m) {
         check_forward(x, y, dtype, n, y_cap, bits, scale);
         check_bitmap("pass", pass, pass_nbytes, n, false);
         check_bitmap("hi", hi, hi_nbytes, n, false);
+        check_forward_bitmaps(x, y, n, dtype_size(dtype), pass, hi);
         fedmpq::cuda::fake_quant(ptr<const void>(x), ptr<void>(y), dtype, n, bits, ptr<const float>(scale),
                                  scale_given, ptr<uint32_t>(pass), ptr<uint32_t>(hi), device, stream);
       },
@@ -154,6 +175,8 @@ void bind_fake_quant(py::module_& m) {
           int64_t mask_nbytes, uintptr_t ws, int64_t ws_words, int device, uintptr_t stream) {
         check_forward(x, y, dtype, n, y_cap, bits, scale);
         check_bitmap("mask", mask, mask_nbytes, n, false);
+        check_bitmap_apart("mask", mask, n, "x", x, dtype_size(dtype));
+        check_bitmap_apart("mask", mask, n, "y", y, dtype_size(dtype));
         if (n > 0) check_workspace(ws, ws_words, device);
         fedmpq::cuda::relu6_fake_quant(ptr<const void>(x), ptr<void>(y), dtype, n, bits, ptr<float>(scale),
                                        ptr<uint32_t>(mask), ptr<unsigned>(ws), device, stream);
@@ -174,6 +197,8 @@ void bind_fake_quant(py::module_& m) {
         check_no_partial_overlap("grad", g, "grad_x", gx, n, es);
         check_bitmap("pass", pass, pass_nbytes, n, n > 0);
         check_bitmap("hi", hi, hi_nbytes, n, false);
+        check_bitmap_apart("pass", pass, n, "grad_x", gx, es);
+        check_bitmap_apart("hi", hi, n, "grad_x", gx, es);
         if (hi != 0 && n > 0) {
           check_workspace(ws, ws_words, device);
           FEDMPQ_CHECK(grad_scale != 0, "grad_scale pointer is null");

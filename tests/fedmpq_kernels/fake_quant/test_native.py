@@ -300,3 +300,37 @@ def test_input_and_output_back_to_back_are_not_an_overlap():
         x2, y2 = (buf[:n], buf[n - 1:2 * n - 1]) if x_first else (buf[n - 1:2 * n - 1], buf[:n])
         with pytest.raises(ValueError, match="overlap without being the same buffer"):
             native.cpu.fake_quant(x2.data_ptr(), n, y2.data_ptr(), n, 4, 1.0, False, 0, 0, 0, 0, 1)
+
+
+def test_bitmaps_overlapping_the_floats_are_refused():
+    """The bitmaps are written with y (forward) or read while grad_x is written (backward): one
+    that shares bytes with x, y or grad_x, or pass and hi sharing theirs, would make the kernel
+    read what it already wrote (a y, bitmap or grad_x other than the reference's, no error).
+    Each is refused, with every output left as it was."""
+    n, nb = 100, 16
+    x, g = torch.randn(n), torch.randn(n)
+    y, gx = torch.zeros(n), torch.zeros(n)
+    b = torch.zeros(2 * nb, dtype=torch.uint8)
+    p, h = b.data_ptr(), b.data_ptr() + nb
+    xp, yp, gp, gxp = x.data_ptr(), y.data_ptr(), g.data_ptr(), gx.data_ptr()
+    fwd = dict(x=xp, n=n, y=yp, y_cap=n, bits=4, scale=1.0, dynamic=False, pass_bits=p, pass_nbytes=nb,
+               hi_bits=h, hi_nbytes=nb, nthreads=1)
+    for over, match in [(dict(pass_bits=yp + 4 * 96), "pass and y overlap"), (dict(hi_bits=yp), "hi and y overlap"),
+                        (dict(pass_bits=xp), "pass and x overlap"), (dict(hi_bits=xp + 4 * 90), "hi and x overlap"),
+                        (dict(hi_bits=p), "pass and hi overlap"), (dict(hi_bits=p + 4), "pass and hi overlap")]:
+        with pytest.raises(ValueError, match=match):
+            native.cpu.fake_quant(**{**fwd, **over})
+        with pytest.raises(ValueError, match=match):
+            native.cpu.fake_quant(**{**fwd, **over, "dynamic": True})
+    for mask, match in [(yp, "mask and y overlap"), (xp + 4 * 97, "mask and x overlap")]:
+        with pytest.raises(ValueError, match=match):
+            native.cpu.relu6_fake_quant(xp, n, yp, n, 4, mask, nb, 1)
+    buf = torch.zeros(n)
+    for args, match in [((buf.data_ptr(), nb, 0, 0), "pass and grad_x overlap"),
+                        ((p, nb, buf.data_ptr() + 4 * 96, nb), "hi and grad_x overlap")]:
+        with pytest.raises(ValueError, match=match):
+            native.cpu.fake_quant_backward(gp, n, buf.data_ptr(), n, *args, 1)
+    assert not y.any() and not gx.any() and not b.any() and not buf.any()
+    # x and y in place, the bitmaps apart (and back to back): accepted
+    native.cpu.fake_quant(xp, n, xp, n, 4, 1.0, False, p, nb, h, nb, 1)
+    native.cpu.fake_quant_backward(gp, n, gp, n, p, nb, h, nb, 1)
