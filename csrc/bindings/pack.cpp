@@ -33,16 +33,19 @@ void check_planes(const char* what, uintptr_t p, int64_t nbytes, int64_t n, int 
 }
 
 // The arguments of each op, checked in this order on every device.
+// The output apart from the inputs: the kernels would read what they already wrote.
 void check_pack(uintptr_t codes, int64_t n, int bits, uintptr_t planes, int64_t planes_nbytes) {
   check_elems("codes", codes, n, n, 1);
   check_code_bits(bits);
   check_planes("planes", planes, planes_nbytes, n, bits);
+  check_disjoint("codes", codes, n, "planes", planes, int64_t(bits) * 4 * bitmap_words(n));
 }
 
 void check_unpack(uintptr_t planes, int64_t planes_nbytes, int64_t n, int bits, uintptr_t codes, int64_t codes_cap) {
   check_elems("codes", codes, n, codes_cap, 1);
   check_code_bits(bits);
   check_planes("planes", planes, planes_nbytes, n, bits);
+  check_disjoint("codes", codes, n, "planes", planes, int64_t(bits) * 4 * bitmap_words(n));
 }
 
 void check_dequant(uintptr_t acc, int64_t n, uintptr_t planes, int64_t planes_nbytes, uintptr_t signs,
@@ -51,6 +54,8 @@ void check_dequant(uintptr_t acc, int64_t n, uintptr_t planes, int64_t planes_nb
   check_code_bits(bits);
   check_planes("planes", planes, planes_nbytes, n, bits);
   check_bitmap("signs", signs, signs_nbytes, n, false);
+  check_disjoint("acc", acc, 4 * n, "planes", planes, int64_t(bits) * 4 * bitmap_words(n));
+  if (signs != 0) check_disjoint("acc", acc, 4 * n, "signs", signs, 4 * bitmap_words(n));
   FEDMPQ_CHECK(coef == coef && coef >= -3.4028234663852886e38 && coef <= 3.4028234663852886e38,  // ±FLT_MAX are finite
           "coef must be a finite float32 value");
 }

@@ -90,3 +90,30 @@ def test_cpu_kernels_accept_the_valid_arguments_the_refusals_start_from():
     """The baseline of the cases above is valid (each case breaks exactly one argument)."""
     for op in ("pack_codes", "unpack_codes", "dequant_accumulate"):
         getattr(native.cpu, op)(**_args(op, "cpu"))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_an_output_overlapping_an_input_is_refused(device):
+    """pack_codes writes the planes, unpack_codes the codes, dequant_accumulate acc: sharing
+    bytes with what the same call reads, the kernel would read what it already wrote (planes,
+    codes or acc other than the reference's, no error). Each is refused before anything is
+    written; back to back is not an overlap."""
+    m = _module(device)
+    buf = torch.zeros(512, dtype=torch.uint8)
+    base = _ptr(buf)
+    cases = [
+        ("pack_codes", dict(codes=base, planes=base + 52), "codes and planes overlap"),
+        ("pack_codes", dict(codes=base + 47, planes=base), "codes and planes overlap"),
+        ("unpack_codes", dict(codes=base, planes=base + 96), "codes and planes overlap"),
+        ("dequant_accumulate", dict(acc=base, planes=base + 396), "acc and planes overlap"),
+        ("dequant_accumulate", dict(acc=base + 100, planes=base, signs=base + 96), "acc and signs overlap"),
+    ]
+    for op, over, match in cases:
+        with pytest.raises(ValueError, match=match):
+            getattr(m, op)(**_args(op, device, **over))
+    assert not buf.any()
+    if device == "cpu":  # back to back: accepted
+        native.cpu.pack_codes(**_args("pack_codes", "cpu", codes=base, planes=base + 100))
+        native.cpu.unpack_codes(**_args("unpack_codes", "cpu", codes=base + 48, planes=base))
+        native.cpu.dequant_accumulate(**_args("dequant_accumulate", "cpu", acc=base, planes=base + 400,
+                                              signs=base + 448))
