@@ -115,6 +115,10 @@ void bind_pack(py::module_& m) {
                 "table holds " + std::to_string(table_nbytes) + " bytes, fewer than " + std::to_string(nrows) + " rows");
         FEDMPQ_CHECK(nrows == 0 || (coefs != 0 && coefs % 4 == 0), "coefs: null or not 4-byte aligned");
         FEDMPQ_CHECK(coefs_len >= nrows, "coefs holds " + std::to_string(coefs_len) + " values, fewer than the rows");
+        // acc is written while the kernel reads the others (the table's rows again, after these checks)
+        check_disjoint("acc", acc, 4 * acc_n, "payload", payload, payload_nbytes);
+        check_disjoint("acc", acc, 4 * acc_n, "table", table, int64_t(sizeof(fedmpq::cpu::LayerRow)) * nrows);
+        check_disjoint("acc", acc, 4 * acc_n, "coefs", coefs, 4 * nrows);
         const auto* rows = ptr<const fedmpq::cpu::LayerRow>(table);
         const auto* cf = ptr<const float>(coefs);
         int64_t prev_end = 0;

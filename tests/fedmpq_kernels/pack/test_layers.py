@@ -5,6 +5,8 @@ an out-of-bounds access: tools/sanitize.sh runs this under ASan/UBSan)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -213,6 +215,46 @@ def test_native_binding_refuses_short_or_misaligned_buffers(over, match):
             over = {**over, k: a[k] + over[k]}
     with pytest.raises(ValueError, match=match):
         native.cpu.dequant_accumulate_layers(**{**a, **over})
+
+
+@pytest.mark.skipif(native is None, reason="native module not built")
+def test_native_binding_refuses_an_acc_over_its_inputs():
+    """acc is written while the kernel reads the payload, the coefs and the table's rows (again,
+    after the binding checked them): an acc sharing bytes with any of them made the kernel read
+    what it wrote. A table inside acc turned row 1's checked acc_off into a float's bits once
+    row 0 had added into them, and row 1 then wrote ~4 GiB past acc: a segfault (so that case
+    runs in a subprocess). Each is refused before anything is written; back to back is not an
+    overlap."""
+    code = (
+        "import torch\n"
+        "from fedmpq_kernels._native import native\n"
+        "acc = torch.zeros(256)\n"
+        "payload = torch.full((72,), 255, dtype=torch.uint8); payload[32:36] = 0; payload[68:72] = 0\n"
+        "rows = acc[104:120].view(torch.int64)  # the table inside acc, row 0 adding over row 1\n"
+        "rows.copy_(torch.tensor([96, 32, 8, 0, 160, 32, 8, 36]))\n"
+        "coefs = torch.ones(2)\n"
+        "try:\n"
+        "    native.cpu.dequant_accumulate_layers(acc.data_ptr(), 256, payload.data_ptr(), 72, rows.data_ptr(), 2, 64,\n"
+        "                                         coefs.data_ptr(), 2, 1)\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "acc and table overlap", (r.returncode, r.stdout, r.stderr[-2000:])
+
+    acc, payload = torch.zeros(256), torch.full((72,), 255, dtype=torch.uint8)
+    table, coefs = torch.tensor([[0, 32, 8, 0]]), torch.ones(1)
+    a = dict(acc=acc.data_ptr(), acc_n=256, payload=payload.data_ptr(), payload_nbytes=72, table=table.data_ptr(),
+             nrows=1, table_nbytes=32, coefs=coefs.data_ptr(), coefs_len=1, nthreads=1)
+    for over, match in [(dict(coefs=acc.data_ptr() + 4 * 255), "acc and coefs overlap"),
+                        (dict(payload=acc.data_ptr() + 4 * 200), "acc and payload overlap"),
+                        (dict(table=acc.data_ptr() + 4 * 250), "acc and table overlap")]:
+        with pytest.raises(ValueError, match=match):
+            native.cpu.dequant_accumulate_layers(**{**a, **over})
+    assert not acc.any()
+    acc[248:].view(torch.int64).copy_(table.view(-1))  # acc ends where the table starts
+    native.cpu.dequant_accumulate_layers(**{**a, "acc_n": 248, "table": acc.data_ptr() + 4 * 248})
+    assert acc[:32].any() and not acc[32:248].any() and torch.equal(acc[248:].view(torch.int64), table.view(-1))
 
 
 @pytest.mark.skipif(native is None, reason="native module not built")
