@@ -60,7 +60,10 @@ void bind_fake_quant(py::module_& m) {
         check_bitmap("pass", pass, pass_nbytes, n, false);
         check_bitmap("hi", hi, hi_nbytes, n, false);
         check_forward_bitmaps(x, y, n, 4, pass, hi);
-        if (!dynamic) FEDMPQ_CHECK(scale > 0.0 && scale <= 3.4028234663852886e38, "scale must be finite and > 0");  // FLT_MAX is finite
+        // FLT_MAX is finite; a double below half the least float32 is 0 as the kernels' float32
+        if (!dynamic)
+          FEDMPQ_CHECK(scale > 0.0 && scale <= 3.4028234663852886e38 && static_cast<float>(scale) > 0.0f,
+                       "scale must be finite and > 0");
         float s = static_cast<float>(scale);
         {
           NoGil nogil;

@@ -37,12 +37,25 @@ def _args(**over):
         (dict(scale=0.0), "scale must be finite and > 0"),
         (dict(scale=float("inf")), "scale must be finite and > 0"),
         (dict(scale=3.5e38), "scale must be finite and > 0"),  # finite as a double, inf as the kernels' float32
+        (dict(scale=1e-50), "scale must be finite and > 0"),  # > 0 as a double, 0 as the kernels' float32
+        (dict(scale=2.0**-150), "scale must be finite and > 0"),  # half the least float32: rounds to 0 (even)
     ],
 )
 def test_forward_rejects_inconsistent_sizes(over, match):
     a, keep = _args(**over)
     with pytest.raises(ValueError, match=match):
         native.cpu.fake_quant(**a)
+
+
+def test_the_least_float32_scale_is_accepted():
+    """2^-149 (the least float32, and any double that rounds to it) is a scale > 0: run with
+    the reference's result (NaN there: L / S overflows), not refused."""
+    from fedmpq_kernels.fake_quant import reference as R
+
+    for scale in (2.0**-149, 0.75 * 2.0**-149):
+        a, (x, y, p) = _args(scale=scale, nthreads=1)
+        assert native.cpu.fake_quant(**a) == 2.0**-149
+        assert torch.equal(y.isnan(), R.fake_quant_values(x, 4, torch.tensor(2.0**-149)).isnan())
 
 
 def test_backward_requires_the_pass_bitmap():
