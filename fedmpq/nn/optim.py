@@ -139,6 +139,8 @@ class BitPlaneOptimizer:
             raise ValueError("the model has no bit-plane layers (is it quantized?)")
         self.lr, self.momentum, self.lam, self.seed = float(lr), float(momentum), float(lam), int(seed)
         self.total = sum(m.numel for m in self.layers)
+        if self.total == 0:  # T = 0: lam * R / T is undefined (lam / T raised ZeroDivisionError at the first step)
+            raise ValueError("the model's bit-plane layers hold no weights (T = 0): nothing to optimize")
         self.steps = 0
         self.device_keys = bool(device_keys)
         # int64 0-dim on the layers' device, advanced in place by every step (device_keys)
@@ -258,7 +260,7 @@ def regularizer(model: nn.Module) -> torch.Tensor:
     layers = [m for _, m in bit_layers(model)]
     total = sum(m.numel for m in layers)
     r = sum(fk.group_lasso(fk.plane_popcounts(m.codes, m.bits), m.numel, m.bits)[0] for m in layers)
-    return r / total if layers else torch.zeros(())
+    return r / total if total else torch.zeros(())  # no quantized weight: R = 0 (not 0 / 0 = NaN)
 
 
 def state_bytes_per_weight(model: nn.Module, optimizer: BitPlaneOptimizer) -> float:

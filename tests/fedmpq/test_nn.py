@@ -337,6 +337,18 @@ def test_optimizer_rejects_bad_settings():
         qn.BitPlaneOptimizer(qn.small_cnn(image_size=8), lr=0.1)
 
 
+def test_optimizer_refuses_layers_without_weights():
+    """T = sum n_l = 0 (every bit-plane layer holds 0 weights): the group lasso's lam * R / T is
+    undefined. The optimizer says so when built (it raised ZeroDivisionError at the first step),
+    and the reported R / T is 0, not NaN."""
+    qm = torch.nn.Sequential(qn.BitLinear(0, 3, bits=4))
+    with pytest.raises(ValueError, match="no weights"):
+        qn.BitPlaneOptimizer(qm, lr=0.1)
+    assert float(qn.regularizer(qm)) == 0.0
+    mixed = torch.nn.Sequential(qn.BitLinear(0, 3, bits=4), qn.BitLinear(3, 2, bits=4))
+    qn.BitPlaneOptimizer(mixed, lr=0.1).step()  # T > 0: a layer of 0 weights among others is fine
+
+
 def test_regularizer_matches_the_definition():
     qm = qn.small_cnn(quantized=True, bits=[2, 3, 4, 5], image_size=8)
     total, r = 0, 0.0
