@@ -146,7 +146,9 @@ def scale_param_groups(model: torch.nn.Module, lr: float, rule: str = "lsq") -> 
     scales = {id(layer.scale) for _, layer in layers}
     rest = [p for p in qn.float_parameters(model) if id(p) not in scales]
     return [{"params": rest, "lr": lr}] + [
-        {"params": [layer.scale], "lr": lr / math.sqrt(layer.numel * (2 ** layer.bits - 1))} for _, layer in layers]
+        # max(1, .): a layer of 0 weights (its scale's gradient is always 0) took lr / sqrt(0)
+        {"params": [layer.scale], "lr": lr / math.sqrt(max(1, layer.numel * (2 ** layer.bits - 1)))}
+        for _, layer in layers]
 
 
 def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, client_id: int, round_: int,

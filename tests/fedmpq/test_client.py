@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -102,6 +103,17 @@ def test_scale_learning_rates_follow_the_rule():
     assert [g["lr"] for g in client.scale_param_groups(model, 0.1, "sgd")] == [0.1]
     with pytest.raises(ValueError, match="scale_lr must be one of"):
         client.scale_param_groups(model, 0.1, "adam")
+
+
+def test_scale_learning_rates_of_a_layer_without_weights():
+    """A bit-plane layer of 0 weights among others: its scale gets no gradient (dL/ds sums over
+    no weights), so any rate does; lr / sqrt(n (2^N - 1)) raised ZeroDivisionError there, and
+    a local step with such a model never ran."""
+    model = torch.nn.Sequential(qn.BitLinear(0, 3, bits=4), qn.BitLinear(3, 2, bits=4))
+    groups = client.scale_param_groups(model, 0.1, "lsq")
+    lrs = [g["lr"] for g in groups for p in g["params"] if p is model[1].scale]
+    assert lrs == [pytest.approx(0.1 / (3 * 2 * 15) ** 0.5)]
+    assert all(math.isfinite(g["lr"]) for g in groups)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
