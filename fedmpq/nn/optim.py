@@ -32,13 +32,13 @@ def host_reads_free(device: torch.device) -> bool:
 
 def check_settings(lr: float, momentum: float, lam: float, lam_name: str = "lambda") -> None:
     """An optimizer's settings: lr > 0, momentum in [0, 1), ``lam`` (lambda, or what
-    ``lam_name`` says: FloatSGD's weight_decay) >= 0."""
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    ``lam_name`` says: FloatSGD's weight_decay) >= 0; lr and lam finite."""
+    if not 0 < lr < math.inf:
+        raise ValueError(f"lr must be a finite number > 0, got {lr}")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-    if not lam >= 0:
-        raise ValueError(f"{lam_name} must be >= 0, got {lam}")
+    if not 0 <= lam < math.inf:  # lambda = inf made every coefficient inf: each step skipped, silently
+        raise ValueError(f"{lam_name} must be a finite number >= 0, got {lam}")
 
 
 def float_parameters(model: nn.Module) -> List[nn.Parameter]:

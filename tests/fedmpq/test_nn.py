@@ -649,6 +649,17 @@ def test_optimizer_settings_at_their_bounds():
         qn.BitPlaneOptimizer(qm, lr=0.1, momentum=-0.1)
 
 
+@pytest.mark.parametrize("kw, name", [(dict(lam=float("inf")), "lambda"), (dict(lr=float("inf")), "lr")])
+def test_optimizer_refuses_infinite_settings(kw, name):
+    """lambda = inf made every group-lasso coefficient inf, so g_s was inf and every layer's step
+    was skipped (codes never moved, no error); lr = inf was refused only at the first step. Both
+    are refused when the optimizer is built, as NaN is."""
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    kw = dict(dict(lr=0.1), **kw)
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        qn.BitPlaneOptimizer(qm, **kw)
+
+
 def test_every_skipped_layer_step_is_counted():
     qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
     opt = qn.BitPlaneOptimizer(qm, lr=0.1)
