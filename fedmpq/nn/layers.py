@@ -52,7 +52,8 @@ class _BitWeight(nn.Module):
         self.scale = nn.Parameter(torch.zeros((), dtype=torch.float32))
         self.sink = nn.Parameter(fk.sink_like(self.weight_shape))
         w = torch.empty(self.weight_shape)
-        nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # torch's default init of the float layer
+        if n:  # torch warns that initializing a zero-element tensor is a no-op
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))  # torch's default init of the float layer
         self.load_float(w, bits)
 
     @property
