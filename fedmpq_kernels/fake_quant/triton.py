@@ -175,6 +175,11 @@ def _fq_backward_kernel(
 def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor]:
     """y (x's shape and dtype, contiguous) and the bitmaps (uint8, ``mode`` bitmaps back to
     back: the pass bitmap, then the hi bitmap; empty for mode 0)."""
+    if INTERPRET and x.dtype == torch.bfloat16:
+        # The interpreter has no bfloat16 (its float32 -> bfloat16 store truncates, not
+        # rounds): computed as float32 there (the same values), y converted back.
+        y, bitmaps = fake_quant(x.float(), bits, scale, mode)
+        return y.to(torch.bfloat16), bitmaps
     xc = x.contiguous()
     n = xc.numel()
     dev = x.device
