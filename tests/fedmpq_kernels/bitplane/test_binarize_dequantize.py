@@ -273,3 +273,41 @@ def test_a_subnormal_weight_step_is_kept(backend):
         with backend.active():
             got = fk.dequantize(q.to(dev), sg.to(dev), sc.to(dev), bits, fk.sink_like((1000,), device=dev))
         assert torch.equal(bits_of(got), bits_of(want)), bits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("kind", ["transposed", "step3", "expanded", "contiguous"])
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_views_and_sizes_across_program_blocks(backend, bits, kind, dtype):
+    """w and the incoming gradient as a transposed matrix, a slice with step 3, an expanded
+    column (stride 0), each past the Triton kernels' 4096-element program, and contiguous
+    8199 (two whole programs and a tail; sizes the interpreter runs in about a second):
+    binarize, dequantize forward and backward through autograd, and popcounts against the
+    reference, bit for bit."""
+    bp = kernels(backend)
+    dev = backend.device
+    g = torch.Generator().manual_seed(len(kind) + bits)
+    if kind == "transposed":
+        w, gw = torch.randn(33, 125, generator=g).t(), torch.randn(33, 125, generator=g).t()
+    elif kind == "step3":
+        w, gw = torch.randn(3 * 4097, generator=g)[::3], torch.randn(3 * 4097, generator=g)[::3]
+    elif kind == "expanded":
+        w, gw = torch.randn(33, 1, generator=g).expand(33, 125), torch.randn(33, 1, generator=g).expand(33, 125)
+    else:
+        w, gw = torch.randn(8199, generator=g), torch.randn(8199, generator=g)
+    w, gw = w.to(dtype), gw.to(dtype)
+    rq, rs, rsc = R.binarize(w, bits)
+    want = R.dequantize(rq, rs, rsc, bits).view(w.shape)
+    with backend.active():
+        q, s, sc = fk.binarize(w.to(dev), bits)
+        assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(bits_of(sc), bits_of(rsc))
+        scr = sc.clone().requires_grad_(True)
+        sink = fk.sink_like(w.shape, device=dev).requires_grad_(True)
+        got = fk.dequantize(q, s, scr, bits, sink)
+        got.backward(gw.to(dev))
+        assert torch.equal(bits_of(got.detach()), bits_of(want))
+        torch.testing.assert_close(scr.grad.cpu(), R.dequantize_backward(gw, rq, rs, bits), rtol=1e-6, atol=0)
+        torch.testing.assert_close(bp.dequantize_backward(gw.to(dev), q, s, bits).cpu(),
+                                   R.dequantize_backward(gw, rq, rs, bits), rtol=1e-6, atol=0)
+        assert torch.equal(sink.grad.cpu(), gw)
+        assert torch.equal(fk.plane_popcounts(q, bits).cpu(), R.plane_popcounts(rq, bits))

@@ -169,11 +169,11 @@ def test_nan_and_inf_in_whole_vector_words(backend):
         exact(s.grad, torch.tensor(12 * (8.0 - 4.0 - 16.0), device=dev))
 
 
-def _check_against_reference(backend, x, s, g):
+def _check_against_reference(backend, x, s, g, bits=5):
     """Every forward mode and the backward of ``backend`` against the reference, bit for bit."""
     for mode in (0, 1, 2):
-        y, b = backend.module("fake_quant").fake_quant(x, 5, s, mode)
-        ry, rb = R.fake_quant(x, 5, s, mode)
+        y, b = backend.module("fake_quant").fake_quant(x, bits, s, mode)
+        ry, rb = R.fake_quant(x, bits, s, mode)
         exact(y, ry)
         assert torch.equal(b.cpu(), rb.cpu()), f"bitmaps differ (mode {mode})"
         if mode:
@@ -384,3 +384,46 @@ def test_a_subnormal_step_is_kept(backend):
             with backend.active():
                 got = call(x.to(dev))
             assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32)), f"{what}, {bits} bits"
+
+
+def _view(kind: str, dtype, device):
+    """Non-contiguous and block-crossing inputs: a transposed matrix, a slice with step 3, an
+    expanded column (stride 0) of 4125 / 4097 elements (one element past the Triton kernels'
+    4096-element program), and contiguous 8199 (two whole programs and a tail). Sizes the
+    Triton interpreter runs in about a second: no skip_if_too_big."""
+    g = torch.Generator().manual_seed(len(kind))
+    if kind == "transposed":
+        x = (torch.randn(33, 125, generator=g) * 2).t()
+    elif kind == "step3":
+        x = (torch.randn(3 * 4097, generator=g) * 2)[::3]
+    elif kind == "expanded":
+        x = (torch.randn(33, 1, generator=g) * 2).expand(33, 125)
+    else:
+        x = torch.randn(8199, generator=g) * 2
+    assert kind == "contiguous" or not x.is_contiguous()
+    return x.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("kind", ["transposed", "step3", "expanded", "contiguous"])
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_views_and_sizes_across_program_blocks_match_reference(backend, kind, dtype, bits):
+    """Every mode of the backend's kernels and the public op's clipped STE with a learnable
+    scale, against the reference: values and bitmaps bit for bit, dL/dx exactly, dL/dS as the
+    reference backward's float32 sum."""
+    x = _view(kind, dtype, backend.device)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(device=backend.device, dtype=dtype)
+    s = given_scale(x)
+    with backend.active():
+        _check_against_reference(backend, x, None, g, bits)
+        _check_against_reference(backend, x, s, g, bits)
+        xr = x.detach().clone().requires_grad_(True)
+        sr = s.detach().clone().requires_grad_(True)
+        y = fk.fake_quant(xr, bits, sr, ste="clipped")
+        y.backward(g)
+    ry, rb = R.fake_quant(x, bits, s, 2)
+    exact(y.detach(), ry)
+    rgx, rgs = R.fake_quant_backward(g, rb, True)
+    exact(xr.grad, rgx)
+    assert rgs.abs().item() > 0, "the input must clip on some element"
+    torch.testing.assert_close(sr.grad.cpu(), rgs.cpu(), rtol=1e-5, atol=1e-5)

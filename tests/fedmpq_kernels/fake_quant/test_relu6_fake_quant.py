@@ -332,3 +332,34 @@ def test_cuda_binding_rejects_a_short_workspace_and_a_device_not_current():
     with pytest.raises(ValueError, match=f"current CUDA device is .* but the tensors are on cuda:{other}"):
         native.cuda.relu6_fake_quant(x.data_ptr(), y.data_ptr(), 0, 64, 64, 4, s.data_ptr(), m.data_ptr(), 8,
                                      ws.data_ptr(), words, other, torch.cuda.current_stream().cuda_stream)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["transposed", "step3", "expanded", "contiguous"])
+@pytest.mark.parametrize("bits", BITS)
+def test_views_and_sizes_across_program_blocks(backend, kind, bits, dtype):
+    """A transposed matrix, a slice with step 3, an expanded column (stride 0), each one
+    element or more past the Triton kernels' 4096-element program, and contiguous 8199 (two
+    whole programs and a tail; sizes the interpreter runs in about a second): y and the mask
+    bit for bit, and the gradient through the public op, against the reference."""
+    kernel(backend)
+    dev = backend.device
+    g = torch.Generator().manual_seed(len(kind))
+    if kind == "transposed":
+        x0 = (torch.randn(33, 125, generator=g) * 4 + 1).t()
+    elif kind == "step3":
+        x0 = (torch.randn(3 * 4097, generator=g) * 4 + 1)[::3]
+    elif kind == "expanded":
+        x0 = (torch.randn(33, 1, generator=g) * 4 + 1).expand(33, 125)
+    else:
+        x0 = torch.randn(8199, generator=g) * 4 + 1
+    x0 = x0.to(dtype)
+    gy = torch.randn(x0.shape, generator=g).to(dtype)
+    want_y, want_mask = R.relu6_fake_quant(x0, bits)
+    with backend.active():
+        y, mask = torch.ops.fedmpq.relu6_fake_quant(x0.to(dev), bits)
+        x = x0.to(dev).requires_grad_(True)
+        y2 = fk.relu6_fake_quant(x, bits)
+        y2.backward(gy.to(dev))
+    assert same(y, want_y) and same(y2.detach(), want_y) and torch.equal(mask.cpu(), want_mask)
+    assert same(x.grad, torch.where((x0 > 0) & (x0 < 6), gy, torch.zeros_like(gy)))

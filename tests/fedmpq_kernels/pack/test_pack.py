@@ -416,3 +416,39 @@ def test_dequant_accumulate_ignores_the_padding_bits_of_the_planes(backend, bits
         assert torch.equal(buf.cpu(), want)
         assert torch.signbit(buf[n + 1:]).all(), "an element past acc was written"
         assert torch.equal(fk.unpack_codes(planes, bits, n), codes)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("kind", ["transposed", "step3", "expanded", "contiguous"])
+def test_views_and_sizes_across_program_blocks(backend, bits, kind):
+    """Codes as a transposed matrix, a slice with step 3, an expanded column (stride 0), each
+    past the Triton kernels' 4096-element program, and contiguous 8199 (two whole programs
+    and a tail; sizes the interpreter runs in about a second): pack, unpack and
+    dequant_accumulate against the reference, bit for bit."""
+    dev = backend.device
+    if kind == "transposed":
+        codes = codes_for(33 * 125, bits, dev).view(33, 125).t()
+    elif kind == "step3":
+        codes = codes_for(3 * 4097, bits, dev)[::3]
+    elif kind == "expanded":
+        codes = codes_for(33, bits, dev).view(33, 1).expand(33, 125)
+    else:
+        codes = codes_for(8199, bits, dev)
+    assert kind == "contiguous" or not codes.is_contiguous()
+    n = codes.numel()
+    flat = codes.cpu().reshape(-1)
+    neg = codes_for(n, 1, dev, seed=1)
+    want_planes = R.pack_codes(flat, bits)
+    signs = R.pack_codes(neg.cpu(), 1).to(dev)
+    acc0 = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    with backend.active():
+        planes = fk.pack_codes(codes, bits)
+        assert torch.equal(planes.cpu(), want_planes)
+        assert torch.equal(fk.unpack_codes(planes, bits, n).cpu(), flat)
+        for sg in (signs, None):
+            acc = acc0.clone().to(dev)
+            fk.dequant_accumulate(acc, planes, sg, bits, 0.37, 3.0)
+            want = acc0.clone()
+            coef = float(np.float32(3.0) * (np.float32(0.37) / np.float32((1 << bits) - 1)))
+            R.dequant_accumulate(want, want_planes, None if sg is None else sg.cpu(), bits, coef)
+            assert torch.equal(acc.cpu().view(torch.int32), want.view(torch.int32))
