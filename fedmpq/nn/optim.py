@@ -74,9 +74,24 @@ class FloatSGD:
 
     def __init__(self, groups, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
         check_settings(lr, momentum, weight_decay, "weight_decay")
+        if isinstance(groups, torch.Tensor):  # list() would take its rows: views that never get a .grad
+            raise TypeError("params must be an iterable of tensors or of dicts, got a tensor (give [tensor])")
         groups = list(groups)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
+        # a group's params may be one tensor, as torch.optim.SGD takes it (not its rows)
+        groups = [dict(g, params=[g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"]))
+                  for g in groups]
+        seen = set()
+        for g in groups:
+            for p in g["params"]:
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"FloatSGD optimizes tensors, a group holds a {type(p).__name__}")
+                if not p.is_leaf:  # its .grad is never set: it would never step
+                    raise ValueError("FloatSGD cannot optimize a non-leaf tensor")
+                if id(p) in seen:  # it would take two steps per step
+                    raise ValueError("a parameter appears more than once in FloatSGD's groups")
+                seen.add(id(p))
         for g in groups:  # what torch.optim.SGD would do and this does not: refused, not ignored
             for key, default in (("dampening", 0), ("nesterov", False), ("maximize", False)):
                 if g.get(key, default) != default:

@@ -882,6 +882,29 @@ def test_float_sgd_takes_each_groups_momentum_and_weight_decay_as_torch_sgd():
         qn.FloatSGD([{"params": mine, "momentum": 1.5}], lr=0.1)
 
 
+def test_float_sgd_takes_its_params_as_torch_sgd_and_refuses_what_would_never_step():
+    """A group's params given as one tensor trained as torch.optim.SGD trains it (FloatSGD took
+    its rows, views whose .grad is never set, and silently never stepped); a bare tensor, a
+    non-leaf tensor and a parameter listed twice (two steps per step) are refused."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.randn(3, 4, generator=g).requires_grad_()
+    q = p.detach().clone().requires_grad_()
+    opt = qn.FloatSGD([{"params": p}], lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD([{"params": q}], lr=0.1, momentum=0.9)
+    for _ in range(3):
+        p.grad = torch.randn(3, 4, generator=g)
+        q.grad = p.grad.clone()
+        opt.step()
+        ref.step()
+    assert torch.equal(p, q)
+    with pytest.raises(TypeError, match="got a tensor"):
+        qn.FloatSGD(p, lr=0.1)
+    with pytest.raises(ValueError, match="non-leaf"):
+        qn.FloatSGD([p * 2], lr=0.1)
+    with pytest.raises(ValueError, match="more than once"):
+        qn.FloatSGD([{"params": [p]}, {"params": [p], "lr": 0.2}], lr=0.1)
+
+
 def test_zero_grad_takes_set_to_none_as_torch_optimizers():
     torch.manual_seed(0)
     qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
