@@ -117,6 +117,12 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     if not (isinstance(state, dict) and {"config", "server", "rounds"} <= set(state)
             and isinstance(state["config"], dict)):
         raise ConfigError(f"{path} is not a fedmpq checkpoint (it lacks config, server or rounds)")
+    try:
+        rounds = json.loads(state["rounds"])
+    except (TypeError, ValueError):
+        rounds = None
+    if not isinstance(rounds, list):  # json.loads raised mid-resume
+        raise ConfigError(f"{path} is not a fedmpq checkpoint (its rounds are not a JSON list)")
     return state
 
 
@@ -282,8 +288,6 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
         if resume:  # no checkpoint there is an error, not a fresh run over that folder's results
             state = read_checkpoint(outdir / "checkpoint.pt")
             resumable(state["config"], c, len(json.loads(state["rounds"])), outdir / "checkpoint.pt")
-        if ready is not None:
-            ready()
         torch.manual_seed(c["seed"])  # the global model's initialization
         build = model_builder(c, ds)
         srv = server_mod.Server(c["alg"], build, budgets=budgets, num_samples=num_samples, seed=c["seed"],
@@ -291,9 +295,14 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
         results: Dict[str, Any] = {"config": c, "threads": threads() if callable(threads) else threads, "rounds": []}
         start = 1
         if state is not None:
-            srv.load_state(state["server"])
+            try:
+                srv.load_state(state["server"])
+            except ValueError as e:  # another model or clients (an older version's, edited): not a traceback mid-round
+                raise ConfigError(f"{outdir / 'checkpoint.pt'} does not fit this run: {e}") from None
             results["rounds"] = json.loads(state["rounds"])
             start = len(results["rounds"]) + 1
+        if ready is not None:  # every check passed, the checkpoint's state too
+            ready()
         test_x, test_y = ds.test_x.to(device), ds.test_y.to(device)  # once, not per round
         rounds = range(start, c["rounds"] + 1)
         if state is not None and outdir is not None and not rounds:

@@ -232,5 +232,31 @@ class Server:
         return {"global_state": self.global_state, "assignments": {str(k): v for k, v in self.assignments.items()}}
 
     def load_state(self, s: Mapping[str, object]) -> None:
-        self.global_state = dict(s["global_state"])
-        self.assignments = {int(k): list(v) for k, v in dict(s["assignments"]).items()}
+        """Take a checkpoint's :meth:`state`; ``ValueError`` naming the first entry that does not
+        fit this server's model and clients (nothing is taken then)."""
+        if not isinstance(s, Mapping) or not isinstance(s.get("global_state"), Mapping) \
+                or not isinstance(s.get("assignments"), Mapping):
+            raise ValueError("the server state lacks global_state or assignments")
+        glob = dict(s["global_state"])
+        if set(glob) != set(self.global_state):
+            raise ValueError(f"the global model's entries differ from this run's model: missing "
+                             f"{sorted(set(self.global_state) - set(glob))[:3]}, unexpected "
+                             f"{sorted(set(glob) - set(self.global_state))[:3]}")
+        for name, ref in self.global_state.items():
+            t = glob[name]
+            if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
+                what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: expected {ref.dtype} {tuple(ref.shape)}, got {what}")
+        try:
+            assignments = {int(k): [int(b) for b in v] for k, v in dict(s["assignments"]).items()}
+        except (TypeError, ValueError):
+            raise ValueError("the bit assignments are not lists of integers per client") from None
+        if set(assignments) != set(self.assignments):
+            raise ValueError(f"the bit assignments are for clients {sorted(assignments)[:5]}, this run has "
+                             f"{sorted(self.assignments)[:5]}")
+        n_layers = len(self.layer_sizes)
+        for k, v in assignments.items():
+            if len(v) != n_layers or not all(1 <= b <= 8 for b in v):
+                raise ValueError(f"client {k}'s bit assignment {v[:8]} is not {n_layers} widths in 1..8")
+        self.global_state = glob
+        self.assignments = assignments

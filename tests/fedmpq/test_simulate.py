@@ -185,3 +185,35 @@ def test_resume_without_a_checkpoint_is_refused_and_the_folder_kept(tmp_path):
     assert (out / "results.json").read_text() == '{"rounds": [1]}'
     with pytest.raises(config.ConfigError, match="resume needs the results folder"):
         simulate.run(dict(SMALL, rounds=1), resume=True, progress=False)
+
+
+def test_a_checkpoint_whose_state_does_not_fit_the_run_is_refused_before_training(tmp_path):
+    """A checkpoint whose server state lacks an entry, holds another shape or assigns other
+    clients or widths (an older version's model, an edited file) went into the round loop: a
+    KeyError or torch's size mismatch traceback after every client of a round had failed; rounds
+    that are not JSON were a JSONDecodeError. Each is a ConfigError naming the file and what does
+    not fit, before any training, and the run's files are kept."""
+    out = tmp_path / "run"
+    c = dict(SMALL, alg="aqfl", rounds=1)
+    simulate.run(c, out=str(out), progress=False)
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    results = (out / "results.json").read_bytes()
+    first = next(iter(good["server"]["global_state"]))
+
+    def edited(edit):
+        ck = torch.load(out / "checkpoint.pt", weights_only=True)
+        edit(ck)
+        return ck
+    cases = [(lambda ck: ck["server"]["global_state"].pop(first), f"missing \\['{first}'\\]"),
+             (lambda ck: ck["server"]["global_state"].__setitem__(first, torch.zeros(2)), f"{first}: expected"),
+             (lambda ck: ck.__setitem__("server", {}), "lacks global_state or assignments"),
+             (lambda ck: ck["server"].__setitem__("assignments", {"0": [2]}), "assignments are for clients"),
+             (lambda ck: ck["server"]["assignments"].__setitem__("0", [9] * 99), "widths in 1..8"),
+             (lambda ck: ck.__setitem__("rounds", "[1, "), "rounds are not a JSON list")]
+    for edit, msg in cases:
+        torch.save(edited(edit), out / "checkpoint.pt")
+        with pytest.raises(config.ConfigError, match=msg):
+            simulate.run(dict(c, rounds=2), out=str(out), resume=True, progress=False)
+        assert (out / "results.json").read_bytes() == results
+        torch.save(good, out / "checkpoint.pt")
+    assert len(simulate.run(dict(c, rounds=2), out=str(out), resume=True, progress=False)["rounds"]) == 2
