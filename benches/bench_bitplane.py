@@ -6,6 +6,8 @@ Groups, per size (``--fedmpq-sizes``) and device; candidates ``fedmpq[<backend>]
   float model's ReLU forward + backward, the anchor: the target is about its cost),
   ``relu6+fake_quant`` (``F.relu6`` then ``fedmpq_kernels.fake_quant``, unfused) and
   ``copy_``. Bytes: 16 per element (read x, write y; read the gradient, write grad_x).
+  ``copy_`` rows count their own 8 bytes per element (read + write of a float32) in every
+  group here, so "% of copy_ GB/s" compares with the bandwidth copy_ really reached.
 * ``bitplane_step`` (4 bits, a layer of n weights): the fused optimizer step against
   ``torch_sgd`` (``torch.optim.SGD`` with momentum on n float32 weights, what a float client
   pays per step, the anchor) and ``copy_``. Bytes: what the step must move at least: read G
@@ -56,7 +58,8 @@ def bench_relu6_fake_quant(benchmark, impl, device, numel):
         fn = lambda: fk.fake_quant(F.relu6(x), BITS).backward(g)  # noqa: E731
     else:
         fn = lambda: fk.relu6_fake_quant(x, BITS).backward(g)  # noqa: E731
-    _record(benchmark, "relu6_fake_quant fwd+bwd", numel, device, impl, 16 * numel, "torch_relu")
+    _record(benchmark, "relu6_fake_quant fwd+bwd", numel, device, impl, 8 * numel if impl == "copy_" else 16 * numel,
+            "torch_relu")
     run_timed(benchmark, impl, fn, device, warmup=True)
 
 
@@ -85,7 +88,7 @@ def bench_bitplane_step(benchmark, impl, device, numel):
         fn = opt.step
     else:
         fn = lambda: fk.bitplane_step(codes, sign, mom, gs, grad, coef, scale, BITS, 0.1, 0.9, 12345)  # noqa: E731
-    nbytes = int((4 + 2 * (1 + 1 / 8 + BITS)) * numel)
+    nbytes = 8 * numel if impl == "copy_" else int((4 + 2 * (1 + 1 / 8 + BITS)) * numel)
     _record(benchmark, "bitplane_step", numel, device, impl, nbytes, "torch_sgd")
     run_timed(benchmark, impl, fn, device, warmup=True)
 
@@ -102,7 +105,7 @@ def bench_dequantize(benchmark, impl, device, numel):
         fn = lambda: out.copy_(src)  # noqa: E731
     else:
         fn = lambda: fk.dequantize(codes, sign, scale, BITS, sink)  # noqa: E731
-    _record(benchmark, "dequantize", numel, device, impl, int(5.125 * numel), "copy_")
+    _record(benchmark, "dequantize", numel, device, impl, 8 * numel if impl == "copy_" else int(5.125 * numel), "copy_")
     run_timed(benchmark, impl, fn, device, warmup=True)
 
 
@@ -134,6 +137,6 @@ def bench_bitplane_model_step(benchmark, impl, device):
             cols = [list(c) for c in zip(*layers)]  # codes, sign, scale, mom, gs, grad, coef lists
             fn = lambda: fk.bitplane_step_layers(cols[0], cols[1], cols[3], cols[4], cols[5], cols[6], cols[2],  # noqa: E731
                                                  [BITS] * len(RESNET20), 0.1, 0.9, keys)
-    nbytes = int((4 + 2 * (1 + 1 / 8 + BITS)) * total)
+    nbytes = 8 * total if impl == "copy_" else int((4 + 2 * (1 + 1 / 8 + BITS)) * total)
     _record(benchmark, "bitplane_step, ResNet-20's layers", total, device, impl, nbytes, "torch_sgd")
     run_timed(benchmark, backend, fn, device, warmup=True)
