@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import randn, run_timed, skip_unless_runs
+from conftest import backend_of, randn, run_timed, skip_unless_runs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BITS = 4
@@ -52,12 +52,23 @@ def bench_relu6_fake_quant(benchmark, impl, device, numel):
     if impl == "copy_":
         out = torch.empty(numel, device=device)
         fn = lambda: out.copy_(g)  # noqa: E731
-    elif impl == "torch_relu":
-        fn = lambda: F.relu(x).backward(g)  # noqa: E731
-    elif impl == "relu6+fake_quant":
-        fn = lambda: fk.fake_quant(F.relu6(x), BITS).backward(g)  # noqa: E731
     else:
-        fn = lambda: fk.relu6_fake_quant(x, BITS).backward(g)  # noqa: E731
+        if impl == "torch_relu":
+            fwd = lambda: F.relu(x)  # noqa: E731
+        elif impl == "relu6+fake_quant":
+            fwd = lambda: fk.fake_quant(F.relu6(x), BITS)  # noqa: E731
+        else:
+            fwd = lambda: fk.relu6_fake_quant(x, BITS)  # noqa: E731
+
+        def fn():
+            fwd().backward(g)
+            x.grad = None  # else every later call adds grad_x into x.grad (12 more bytes per element)
+
+        with registry.use_backend(backend_of(impl)):
+            fwd().backward(g)  # smoke check, untimed: the gradient of the op the case names
+        keep = (x.detach() > 0) if impl == "torch_relu" else (x.detach() > 0) & (x.detach() < 6)
+        torch.testing.assert_close(x.grad, torch.where(keep, g, torch.zeros_like(g)), rtol=0, atol=0)
+        x.grad = None
     _record(benchmark, "relu6_fake_quant fwd+bwd", numel, device, impl, 8 * numel if impl == "copy_" else 16 * numel,
             "torch_relu")
     run_timed(benchmark, impl, fn, device, warmup=True)
