@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import backend_of, randn, run_timed, skip_unless_runs
+from conftest import randn, run_timed, selected, skip_unless_runs
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BITS = 4
@@ -64,7 +64,7 @@ def bench_relu6_fake_quant(benchmark, impl, device, numel):
             fwd().backward(g)
             x.grad = None  # else every later call adds grad_x into x.grad (12 more bytes per element)
 
-        with registry.use_backend(backend_of(impl)):
+        with selected(impl, device):
             fwd().backward(g)  # smoke check, untimed: the gradient of the op the case names
         keep = (x.detach() > 0) if impl == "torch_relu" else (x.detach() > 0) & (x.detach() < 6)
         torch.testing.assert_close(x.grad, torch.where(keep, g, torch.zeros_like(g)), rtol=0, atol=0)

@@ -10,8 +10,9 @@ each reaches (GB/s counted over the bytes each must move), printed, and with
 """
 from __future__ import annotations
 
+import contextlib
 import platform
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -70,6 +71,24 @@ def skip_unless_runs(impl: str, device: str, family: str, op: Optional[str] = No
         pytest.skip(f"{name} unavailable: {why}")
 
 
+@contextlib.contextmanager
+def selected(impl: str, device: str) -> Iterator[None]:
+    """``impl``'s backend in force for every op family (the registry's defaults for an
+    anchor), whatever ``FEDMPQ_BACKEND`` says: its per-family entries (``bitplane=triton``)
+    win over ``use_backend(name)`` alone, so a ``fedmpq[cpu]`` row would time another
+    backend. Checks (untimed) that every family having the backend resolves to it."""
+    name = backend_of(impl)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(registry.use_backend(name))
+        for family in registry.FAMILIES:
+            has = name is not None and registry.has(family, name)
+            stack.enter_context(registry.use_backend(name if has else None, family=family))
+            if has and registry.supports(name, device):
+                got = registry.backend_for(device, family)
+                assert got == name, f"{impl} would run {family} on the {got!r} backend"
+        yield
+
+
 def run_timed(benchmark, impl: str, fn, device: str, warmup: bool = False) -> None:
     """Time ``fn`` (then a device synchronization) with ``impl``'s backend selected once,
     outside the timed calls (selection is not free); ``warmup`` runs it once untimed first."""
@@ -78,7 +97,7 @@ def run_timed(benchmark, impl: str, fn, device: str, warmup: bool = False) -> No
         sync(device)
         return r
 
-    with registry.use_backend(backend_of(impl)):
+    with selected(impl, device):
         if warmup:
             run()
         benchmark(run)
@@ -106,7 +125,7 @@ def run_variant(benchmark, impl: str, fn, device: str, variant: str) -> None:
         return
     if device != "cuda":
         pytest.skip(f"the {variant} variant is for CUDA")
-    with registry.use_backend(backend_of(impl)):
+    with selected(impl, device):
         def many():
             for _ in range(CALLS):
                 fn()
