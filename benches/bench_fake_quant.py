@@ -104,7 +104,8 @@ def bench_forward(benchmark, impl, scaled, sliced, device, variant, numel):
     elif impl == "torch_fq":
         fn = lambda: torch.fake_quantize_per_tensor_affine(x, sf / 7.5, 0, -7, 7)  # noqa: E731
     elif impl == "eager_composite":
-        fn = lambda: _composite(x, scale, clipped=True)  # noqa: E731
+        # no clamp for a dynamic S = max|x| (it clips nothing; fedmpq's kernel does not clamp there)
+        fn = lambda: _composite(x, scale, clipped=scaled)  # noqa: E731
     else:
         fn = lambda: fk.fake_quant(x, BITS, scale)  # noqa: E731
 
