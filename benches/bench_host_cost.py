@@ -39,10 +39,15 @@ def bench_host_cost(benchmark, op, impl):
         x, g = torch.randn(1, requires_grad=True), torch.ones(1)
         if impl == "torch_fq_learnable":
             st, zp = torch.tensor([0.5], requires_grad=True), torch.tensor([0.0])
-            fn = lambda: torch._fake_quantize_learnable_per_tensor_affine(x, st, zp, -7, 7, 1.0).backward(g)  # noqa: E731
+            fwd, leaves = lambda: torch._fake_quantize_learnable_per_tensor_affine(x, st, zp, -7, 7, 1.0), (x, st)  # noqa: E731
         else:
             s = torch.tensor(0.5, requires_grad=True)
-            fn = lambda: fk.fake_quant(x, 4, s, ste="clipped").backward(g)  # noqa: E731
+            fwd, leaves = lambda: fk.fake_quant(x, 4, s, ste="clipped"), (x, s)  # noqa: E731
+
+        def fn():
+            fwd().backward(g)
+            for t in leaves:  # no AccumulateGrad add into a kept .grad on the next call
+                t.grad = None
     anchor = "torch_fq_learnable" if op == "forward+backward" else "torch_fq"
     benchmark.group = f"host-cost {op} 1 cpu"
     benchmark.extra_info.update(group_key=(f"host-cost {op}", 1, "1 element", "cpu"), name=impl, bytes=8,

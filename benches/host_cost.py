@@ -60,10 +60,26 @@ def cases():
             return gx, torch.scalar_tensor(r, dtype=f32)
 
     bound = direct_apply(Bound)
+
+    # Each forward+backward leaves its leaves' .grad as None, as a training step's
+    # zero_grad(set_to_none=True) does: otherwise every call after the first also runs
+    # AccumulateGrad's in-place add into x.grad and the scale's .grad.
+    def fedmpq_fb():
+        fk.fake_quant(x, 4, s, ste="clipped").backward(g)
+        x.grad = s.grad = None
+
+    def torch_fb():
+        torch._fake_quantize_learnable_per_tensor_affine(x, st, zp, -7, 7, 1.0).backward(g)
+        x.grad = st.grad = None
+
+    def bound_fb():
+        bound(x, s).backward(g)
+        x.grad = s.grad = None
+
     return {
-        "fwd+bwd fedmpq": lambda: fk.fake_quant(x, 4, s, ste="clipped").backward(g),
-        "fwd+bwd torch learnable": lambda: torch._fake_quantize_learnable_per_tensor_affine(x, st, zp, -7, 7, 1.0).backward(g),
-        "fwd+bwd bound": lambda: bound(x, s).backward(g),
+        "fwd+bwd fedmpq": fedmpq_fb,
+        "fwd+bwd torch learnable": torch_fb,
+        "fwd+bwd bound": bound_fb,
         "forward fedmpq": lambda: fk.fake_quant(xi, 4, si),
         "forward torch": lambda: torch.fake_quantize_per_tensor_affine(xi, 0.5, 0, -7, 7),
     }

@@ -74,11 +74,31 @@ def cases():
     def opt_step():
         opt.step()
 
+    # The forward+backward cases leave no .grad behind to accumulate into on the next call (a
+    # step's zero_grad sets them to None); the layers' G, which opt_step reads, is put back.
+    g0 = [m.sink.grad for m in layers]
+
+    def no_grads():
+        for m in layers:
+            m.sink.grad = m.scale.grad = None
+
+    def restore_g():
+        for m, g_ in zip(layers, g0):
+            m.sink.grad, m.scale.grad = g_, None
+
     def weights_per_layer():
+        no_grads()
         torch.autograd.backward([m.quantized_weight() for m in layers], gws)
+        restore_g()
 
     def weights_batched():
+        no_grads()
         torch.autograd.backward(fk.dequantize_layers(*lists), gws)
+        restore_g()
+
+    def dequantize_fwd_bwd():
+        fk.dequantize(codes, sign, sc, BITS, sink).backward(gw)
+        sc.grad = sink.grad = None
 
     def weights_nograd_per_layer():
         with torch.no_grad():
@@ -96,7 +116,7 @@ def cases():
         "plane_popcounts floor": lambda: ncpu.plane_popcounts(p["c"], n, BITS, p["pc"], BITS, 1),
         "dequantize": lambda: fk.dequantize(codes, sign, scale, BITS, sink.detach()),
         "dequantize floor": lambda: ncpu.dequantize(p["c"], n, p["s"], p["sb"], sv, BITS, p["o"], n, 1),
-        "dequantize fwd+bwd": lambda: fk.dequantize(codes, sign, sc, BITS, sink).backward(gw),
+        "dequantize fwd+bwd": dequantize_fwd_bwd,
         "dequantize fwd+bwd floor": lambda: (ncpu.dequantize(p["c"], n, p["s"], p["sb"], sv, BITS, p["o"], n, 1),
                                              ncpu.dequantize_backward(p["g"], n, p["c"], n, p["s"], p["sb"], BITS, 1)),
         "binarize": lambda: fk.binarize(w, BITS),
