@@ -21,7 +21,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import CALLS, VARIANTS, backend_of, run_timed, run_variant, skip_unless_runs, variant_label
+from conftest import CALLS, VARIANTS, backend_of, run_timed, run_variant, selected, skip_unless_runs, variant_label
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BITS = [1, 4, 8]
@@ -135,12 +135,17 @@ def bench_dequant_accumulate(benchmark, impl, device, numel):
         fn = lambda: acc.copy_(src)  # noqa: E731
     elif impl == "torch_dequant_add":
         # what torch code does with a decoded layer: codes and signs to float, scale, add
-        sign = 1.0 - 2.0 * neg.float()
-
+        # (the signs' conversion timed too, as the kernel decodes its sign map in the call)
         def fn():
-            return acc.add_(codes.float() * sign, alpha=0.37 / 15)
+            return acc.add_(codes.float() * (1.0 - 2.0 * neg.float()), alpha=0.37 / 15)
     else:
         fn = lambda: fk.dequant_accumulate(acc, planes, signs, bits, 0.37, 1.0)  # noqa: E731
+    if impl != "copy_":  # smoke check, untimed: each case adds the same layer
+        with selected(impl, device):
+            fn()
+        expect = codes.float() * (1.0 - 2.0 * neg.float()) * (0.37 / 15)
+        torch.testing.assert_close(acc, expect, rtol=1e-6, atol=1e-7)
+        acc.zero_()
     # read and write the accumulator, read the planes and the sign map
     moved = 8 * numel if impl == "copy_" else 8 * numel + numel * (bits + 1) // 8
     _record(benchmark, "dequant_accumulate", numel, bits, device, impl, moved, anchor="torch_dequant_add")
