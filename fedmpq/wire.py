@@ -63,6 +63,7 @@ MAX_DIMS = 8
 MAX_NAME_BYTES = 1024
 MAX_ENTRIES = 1 << 20
 MAX_INDEX_BYTES = 64 << 20  # uncompressed index: far above any model's, far below harm
+MAX_SHAPE_SPAN = 1 << 48  # product of a shape's nonzero dims: an empty (0, 2^32-1, 2^32-1) has no tensor
 
 
 if sys.byteorder != "little":  # tensors and bitmap words are read in place, in host order
@@ -498,6 +499,13 @@ def parse(data, want_kind: int, known: Optional[Parsed] = None) -> Parsed:
     if huge.any():
         i = int(np.argmax(huge))
         _fail(f"{where(i)}: needs about {approx[i]:.3g} elements' worth of bytes of data, only {size - pos} remain")
+    # An entry with a zero dimension holds no elements, but torch and numpy still make its
+    # strides (products of the other dimensions): they must fit in int64 with room to spare.
+    wide = np.maximum(used, 1).astype(np.float64).prod(axis=1) > MAX_SHAPE_SPAN
+    if wide.any():
+        i = int(np.argmax(wide))
+        _fail(f"{where(i)}: shape {tuple(dims[i][:ndim[i]].tolist())} is too large to represent "
+              f"(its nonzero dimensions multiply to more than 2^48)")
     numel = used.astype(np.int64).prod(axis=1)
     return _with_params(kind, want_kind, meta, names, dt, dims, ndim, numel, pos, data, blob, zindex)
 

@@ -609,3 +609,30 @@ def test_encoding_refuses_bad_deltas_dims_and_dtypes(upload):
         wire.encode_model(wire.Model(0, {"t": torch.zeros(0, 2**32)}))
     with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.float16"):
         wire.encode_model(wire.Model(0, {"t": torch.zeros(2)}), dtype=torch.float64)
+
+
+def test_an_empty_entry_whose_other_dimensions_overflow_is_refused(upload):
+    """(0, 2^32-1, 2^32-1) holds no elements and no bytes, but no tensor has that shape (its
+    strides overflow int64): a WireFormatError, not torch's RuntimeError out of decode_* (the
+    fp server decodes client models with decode_model) or out of Aggregator.result()."""
+    def wide(i, dims):
+        def m(index, n):
+            rec = np.frombuffer(index, dtype=wire._RECORD, count=n).copy()
+            rec[i]["ndim"] = len(dims)
+            rec[i]["dims"][:] = list(dims) + [0] * (8 - len(dims))
+            index[: rec.nbytes] = rec.tobytes()
+        return m
+
+    up = wire.encode_upload(make_upload())
+    empty = list(make_upload().layers).index("empty.weight")
+    for dims in [(0, 2**32 - 1, 2**32 - 1), (2**32 - 1, 0, 2**32 - 1, 2**32 - 1), (0, 2**25, 2**24)]:
+        bad = with_index(up, wide(empty, dims))
+        expect_error(bad, "too large to represent")
+        with pytest.raises(wire.WireFormatError, match="too large to represent"):
+            aggregate.Aggregator().add(bad)
+    model = wire.encode_model(wire.Model(1, {"w": torch.zeros(0, 3), "b": torch.ones(2)}))
+    with pytest.raises(wire.WireFormatError, match="too large to represent"):
+        wire.decode_model(with_index(model, wide(0, (0, 2**32 - 1, 2**32 - 1))))
+    # an empty entry whose other dimensions are large but representable still travels
+    ok = wire.decode_model(with_index(model, wide(0, (0, 2**24, 2**24))))
+    assert ok.tensors["w"].shape == (0, 2**24, 2**24)
