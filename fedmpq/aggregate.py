@@ -178,6 +178,8 @@ class Aggregator:
         """
         p = wire.parse(data, wire.KIND_UPLOAD, self._known)
         meta_client, meta_samples, rnd, meta_budget = p.meta
+        if not (math.isfinite(meta_budget) and 0 < meta_budget <= 32):  # FORMAT.md; as decode_upload
+            raise wire.WireFormatError(f"the upload of client {meta_client} states budget {meta_budget}, outside (0, 32]")
         if (client_id is not None and meta_client != client_id) or (round_ is not None and rnd != round_):
             raise wire.WireFormatError(f"the upload says it is client {meta_client}'s of round {rnd}, "
                                        f"expected client {client_id}'s of round {round_}")

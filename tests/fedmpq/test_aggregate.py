@@ -197,3 +197,21 @@ def test_uploads_in_the_encoders_order_add_one_float_run_at_a_time(monkeypatch):
 def test_model_layout_refuses_quantized_names_the_state_lacks():
     with pytest.raises(ValueError, match=r"quantized entries not in the state: \['fc.weight'\]"):
         aggregate.model_layout({"conv.weight": torch.zeros(2, 3)}, ["conv.weight", "fc.weight"])
+
+
+@pytest.mark.parametrize("stated", [float("nan"), float("inf"), 0.0, -1.0, 64.0])
+def test_an_upload_stating_a_budget_outside_0_32_is_refused(stated):
+    """The budget field is f32 in (0, 32] (FORMAT.md): decode_upload refuses others, and so
+    does an aggregator that is not given the budget to compare with (it took them into its
+    statistics)."""
+    import struct
+
+    b = bytearray(wire.encode_upload(make_upload(seed=3)))
+    struct.pack_into("<f", b, 52, stated)
+    struct.pack_into("<I", b, 16, wire._crc(bytes(b[:32]), memoryview(bytes(b))[32:]))
+    with pytest.raises(wire.WireFormatError, match=r"outside \(0, 32\]"):
+        wire.decode_upload(bytes(b))
+    agg = aggregate.Aggregator()
+    with pytest.raises(wire.WireFormatError, match=r"outside \(0, 32\]"):
+        agg.add(bytes(b))
+    assert agg.count == 0
