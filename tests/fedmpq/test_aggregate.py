@@ -215,3 +215,28 @@ def test_an_upload_stating_a_budget_outside_0_32_is_refused(stated):
     with pytest.raises(wire.WireFormatError, match=r"outside \(0, 32\]"):
         agg.add(bytes(b))
     assert agg.count == 0
+
+
+@pytest.mark.parametrize("rule", ["mean", "median"])
+def test_int64_entries_near_the_ends_of_int64_do_not_wrap(rule):
+    """A valid upload's num_batches_tracked of 2^63 - 1 averages to 2^63 in float64; it gave
+    -2^63 (the conversion wrapped), one client flipping the global entry's sign."""
+    hi, lo = make_upload(seed=1), make_upload(seed=2)
+    hi.floats["bn1.num_batches_tracked"] = torch.tensor(2**63 - 1)
+    lo.floats["bn1.num_batches_tracked"] = torch.tensor(-2**63)
+    for ups, want in (([hi], 2**63 - 1024), ([hi, hi], 2**63 - 1024), ([lo], -2**63)):
+        agg = aggregate.Aggregator(rule=rule)
+        for u in ups:
+            agg.add(wire.encode_upload(u))
+        assert int(agg.result()["bn1.num_batches_tracked"]) == want
+
+
+def test_the_fp_server_averages_int64_entries_near_2_63_without_wrapping():
+    from test_server import _server
+
+    srv = _server("fp")
+    name = next(k for k, v in srv.global_state.items() if v.dtype == torch.int64)
+    state = {k: v.clone() for k, v in srv.global_state.items()}
+    state[name] = torch.tensor(2**63 - 1)
+    srv.aggregate(1, {0: wire.encode_model(wire.Model(1, state))})
+    assert int(srv.global_state[name]) == 2**63 - 1024
