@@ -34,7 +34,7 @@ TRIM = 0.2
 # The most the uploads' largest magnitudes (times their weights) may add up to in a round: half
 # of float32's range, a margin for the coefficients' rounding, so no sum the rules take overflows.
 SUM_LIMIT = 2.0 ** 127
-_INT64_MAX_F64 = float(2 ** 63 - 1024)  # the largest float64 below 2^63
+INT64_MAX_F64 = float(2 ** 63 - 1024)  # the largest float64 below 2^63
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,7 @@ class Aggregator:
             if dt == wire.DT_INT64:
                 # once per run, not per entry; clamped: a mean of values near 2^63 - 1 rounds to 2^63
                 # in float64, which does not convert (it became -2^63)
-                mean = mean.round().clamp_(-2.0 ** 63, _INT64_MAX_F64).to(torch.int64)
+                mean = mean.round().clamp_(-2.0 ** 63, INT64_MAX_F64).to(torch.int64)
             at = 0
             for row in range(a, b):
                 out[lay.names[row]] = mean[at:at + numel[row]].reshape(_shape(lay, row))
