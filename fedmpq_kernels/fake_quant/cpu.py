@@ -41,18 +41,21 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant`. x: CPU float tensor,
     any strides; scale: None or 0-dim CPU tensor (already checked finite and > 0).
     Mode 0's bitmaps are :data:`NO_BITMAP` (shared, empty); mode 2's two are one allocation."""
-    xc = x if x.dtype is _F32 and x.is_contiguous() and not x.data_ptr() & 3 else _f32(x)
+    xc = _f32(x)
     n = xc.numel()
     y = torch.empty_like(xc)  # contiguous float32 of x's shape (empty_like: the cheapest allocation call)
     if mode:
-        nb = 4 * ((n + 31) >> 5)  # bitmap_nbytes, inline: this runs ~100 times a client step
+        nb = bitmap_nbytes(n)
         b = torch.empty(nb * mode, dtype=_U8)  # pass, then (mode 2) hi
         p = b.data_ptr()
-        h, hb = (p + nb, nb) if mode == 2 else (0, 0)
     else:
-        nb, b, p, h, hb = 0, NO_BITMAP, 0, 0, 0
-    _fake_quant(xc.data_ptr(), n, y.data_ptr(), n, bits, 0.0 if scale is None else scale.item(), scale is None,
-                p, nb, h, hb, torch.get_num_threads())
+        nb, b, p = 0, NO_BITMAP, 0
+    _fake_quant(
+        xc.data_ptr(), n, y.data_ptr(), n, bits,
+        0.0 if scale is None else scale.item(), scale is None,
+        p, nb, p + nb if mode == 2 else 0, nb if mode == 2 else 0,
+        torch.get_num_threads(),
+    )
     if x.dtype is not _F32:
         y = y.to(x.dtype)
     return y, b
@@ -61,10 +64,10 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
 def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant_backward`. grad: CPU
     float tensor; the bitmaps as :func:`fedmpq_kernels._checks.bitmap_arg` takes them."""
-    g = grad if grad.dtype is _F32 and grad.is_contiguous() and not grad.data_ptr() & 3 else _f32(grad)
+    g = _f32(grad)
     n = g.numel()
     gx = torch.empty_like(g)
-    nb = 4 * ((n + 31) >> 5)  # bitmap_nbytes
+    nb = bitmap_nbytes(n)
     # The forward's own bitmaps pass this test inline; anything else gets bitmap_arg's full
     # checks (and a copy if strided or misaligned) with its errors.
     b = bitmaps
@@ -72,8 +75,11 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
             and b.is_contiguous() and not b.data_ptr() & 3):
         b = bitmap_arg(bitmaps, n, _CPU, "bitmaps", 2 if scale_grad else 1)
     p = b.data_ptr() if n else 0
-    h, hb = (p + nb, nb) if scale_grad and n else (0, nb if scale_grad else 0)
-    gs = _fake_quant_backward(g.data_ptr(), n, gx.data_ptr(), n, p, nb, h, hb, torch.get_num_threads())
+    gs = _fake_quant_backward(
+        g.data_ptr(), n, gx.data_ptr(), n, p, nb,
+        p + nb if scale_grad and n else 0, nb if scale_grad else 0,
+        torch.get_num_threads(),
+    )
     if grad.dtype is not _F32:
         gx = gx.to(grad.dtype)
     # The kernel's dL/dS, already reduced (in float64: one rounding to float32 here).
