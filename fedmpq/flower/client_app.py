@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
@@ -40,16 +41,27 @@ def _data(key: str):
     return config_mod.load_data(json.loads(key))
 
 
+def _whole(node_config: Mapping[str, Any], key: str) -> int:
+    # An integer, or its digits as a string (Flower's legacy simulation passes "0"); 1.5 or
+    # true would otherwise pass int() as another client.
+    v = node_config[key]
+    if isinstance(v, str) and re.fullmatch(r"\s*-?\d+\s*", v):
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"the node config's {key} must be an integer, got {v!r}")
+    return v
+
+
 def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int, float, Dict[str, Any]]:
     """(client id, budget, the node's config) of a node from its node config; raises
-    ``ValueError`` naming the problem (missing or out-of-range partition-id, num-partitions
+    ``ValueError`` naming the problem (missing, non-integer or out-of-range partition-id, num-partitions
     other than n_clients, a budget outside 1..8, a bad device, cuda-graph or threads). The node
     config's ``device``, ``cuda-graph`` and ``threads`` (this machine's) override the run's."""
     if "partition-id" not in node_config:
         raise ValueError("the node config has no partition-id (flower-supernode --node-config "
                          "\"partition-id=0 num-partitions=N\")")
-    k = int(node_config["partition-id"])
-    n = int(node_config.get("num-partitions", c["n_clients"]))
+    k = _whole(node_config, "partition-id")
+    n = _whole(node_config, "num-partitions") if "num-partitions" in node_config else c["n_clients"]
     if n != c["n_clients"]:
         raise ValueError(f"the node config says num-partitions={n}, the run has n_clients={c['n_clients']}")
     if not 0 <= k < n:

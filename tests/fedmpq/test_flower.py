@@ -77,6 +77,12 @@ def test_the_apps_pyproject_holds_simulates_defaults():
     ({"partition-id": 1, "num-partitions": 4}, "num-partitions=4, the run has n_clients=3"),
     ({"partition-id": 3, "num-partitions": 3}, "partition-id 3 is outside 0..2"),
     ({"partition-id": 0, "budget": 9}, "budget must be in 1..8"),
+    ({"partition-id": "1", "num-partitions": "3"}, (1, 4)),  # digits as a string, as Flower's legacy proxy gives them
+    ({"partition-id": 1.5}, "partition-id must be an integer, got 1.5"),  # not client 1
+    ({"partition-id": True}, "partition-id must be an integer, got True"),
+    ({"partition-id": -0.5}, "partition-id must be an integer, got -0.5"),  # not client 0
+    ({"partition-id": "abc"}, "partition-id must be an integer, got 'abc'"),
+    ({"partition-id": 0, "num-partitions": 3.9}, "num-partitions must be an integer, got 3.9"),
     ({"partition-id": 0, "threads": 0}, "threads must be an integer in 1..4096"),
     ({"partition-id": 0, "device": "gpu"}, "device must be cpu, cuda or cuda:N"),
     ({"partition-id": 0, "cuda-graph": "perhaps"}, "cuda_graph must be true or false"),
