@@ -30,14 +30,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fedmpq: {message} (see {self.prog} --help)\n")
 
 
-def _flag_type(key: str, parse):
+def _flag_type(key: str, parse, what: Optional[str] = None):
     """A flag parser whose error names the flag and what it may be (argparse would name the
-    parsing function instead)."""
+    parsing function instead); ``what``: for a flag that is no config key (HELP's text else)."""
+    what = HELP[key] if what is None else what
+
     def typed(text: str):
         try:
             return parse(text)
         except (ConfigError, ValueError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; {key}: {HELP[key]}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not allowed; {key}: {what}") from None
     typed.__name__ = key
     return typed
 
@@ -163,7 +165,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                        "(needs the flower extra)",
                         description="Run the federation on Flower's simulation engine (Ray); the same keys.")
     _config_flags(fl, quiet=False)
-    fl.add_argument("--cpus", type=_flag_type("cpus", int), default=None, metavar="N",
+    fl.add_argument("--cpus", type=_flag_type("cpus", int, "CPUs Ray may use, an integer >= 1"), default=None,
+                    metavar="N",
                     help="CPUs Ray may use; cpus // threads clients train at once (default: the cores this "
                          "process may use)")
     cmp_ = sub.add_parser("compare", help="compare the results of several runs",

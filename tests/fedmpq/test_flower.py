@@ -461,6 +461,10 @@ def test_fedmpq_flower_refuses_a_bad_config_before_flower_starts(capsys, tmp_pat
     assert cli.main(["flower", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path)]) == 2
     assert "fashion-mnist" in capsys.readouterr().err
     assert cli.main(["flower", "--cpus", "0"]) == 2
+    capsys.readouterr()
+    assert cli.main(["flower", "--cpus", "abc"]) == 2  # one line, not a KeyError from the flag's help text
+    assert capsys.readouterr().err.strip() == ("fedmpq: argument --cpus: 'abc' is not allowed; cpus: CPUs Ray may "
+                                               "use, an integer >= 1 (see fedmpq flower --help)")
 
 
 def test_the_transport_returns_the_asked_clients_in_order_and_sums_their_quant_seconds(monkeypatch):
