@@ -143,9 +143,10 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
     run is shorter than 2·``last`` rounds); the best round; the median seconds per round and
     the share of it spent on quantization work (``quant_seconds``); bytes uploaded per run and
     how many times fewer bytes both ways take than float32 (``-`` where a run did not record
-    it). With ``out`` and matplotlib, writes the accuracy curves to that PNG: each group's mean
-    over seeds with its min..max band.
-    Raises :class:`ConfigError` for a folder without ``results.json`` or a run with no rounds."""
+    it). With ``out``, writes the accuracy curves to that PNG: each group's mean over seeds with
+    its min..max band.
+    Raises :class:`ConfigError` for a folder without ``results.json`` or a run with no rounds,
+    and for an ``out`` without matplotlib or that cannot be written."""
     if last < 1:
         raise ConfigError(f"last must be >= 1, got {last}")
     groups = _load(dirs)
@@ -191,8 +192,8 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
-        except ImportError:
-            return table
+        except ImportError:  # not a table alone and status 0: the asked-for plot would be missing unsaid
+            raise ConfigError(f"--plot {out} needs matplotlib: pip install -e \".[plots]\"") from None
         fig, ax = plt.subplots(figsize=(6, 3.8))
         for label, accs in curves:
             xs = list(range(1, len(accs[0]) + 1))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -192,3 +193,14 @@ def test_a_plot_that_cannot_be_written_gets_one_line(plot, msg, tmp_path, capsys
     assert cli.main(["compare", a0, "--plot", str(tmp_path / plot)]) == 2  # was a traceback
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith(f"fedmpq: --plot {tmp_path / plot} cannot be written") and msg in err
+
+
+def test_a_plot_without_matplotlib_is_refused_not_skipped(tmp_path, capsys, monkeypatch):
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
+    for name in ("matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, name, None)  # import matplotlib raises ImportError
+    plot = tmp_path / "cmp.png"
+    assert cli.main(["compare", a0, "--plot", str(plot)]) == 2  # was status 0, the table, and no plot
+    err = capsys.readouterr().err.strip()
+    assert err == f'fedmpq: --plot {plot} needs matplotlib: pip install -e ".[plots]"'
+    assert not plot.exists()
