@@ -206,7 +206,9 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
         ax.legend(fontsize=8)
         fig.tight_layout()
         try:
-            fig.savefig(out, dpi=120)
+            # the file named, as named: without a suffix matplotlib would write out + ".png" instead,
+            # unsaid (--plot runs/ became runs/.png)
+            fig.savefig(out, dpi=120, format=None if Path(out).suffix else "png")
         except (OSError, ValueError) as e:  # a missing folder, an extension matplotlib has no format for
             raise ConfigError(f"--plot {out} cannot be written: {e.strerror if isinstance(e, OSError) else e}") from None
         finally:

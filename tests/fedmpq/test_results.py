@@ -186,13 +186,24 @@ def test_a_write_cut_off_leaves_the_last_whole_file(tmp_path):
 
 
 @pytest.mark.parametrize("plot,msg", [("missing/cmp.png", "No such file or directory"),
-                                      ("cmp.xyz", "Format 'xyz' is not supported")])
+                                      ("cmp.xyz", "Format 'xyz' is not supported"),
+                                      ("a0", "Is a directory"), ("a0/", "Is a directory")])
 def test_a_plot_that_cannot_be_written_gets_one_line(plot, msg, tmp_path, capsys):
     optional("matplotlib", "plots")
     a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
-    assert cli.main(["compare", a0, "--plot", str(tmp_path / plot)]) == 2  # was a traceback
+    path = f"{tmp_path}/{plot}"  # as typed: a0/ keeps its slash
+    assert cli.main(["compare", a0, "--plot", path]) == 2  # was a traceback
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"fedmpq: --plot {tmp_path / plot} cannot be written") and msg in err
+    assert err.count("\n") == 0 and err.startswith(f"fedmpq: --plot {path} cannot be written") and msg in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a0", "results.json"]  # nothing else written (a0/.png was)
+
+
+def test_a_plot_is_written_where_named_whatever_its_suffix(tmp_path):
+    optional("matplotlib", "plots")
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
+    assert cli.main(["compare", a0, "--plot", str(tmp_path / "curves")]) == 0
+    assert (tmp_path / "curves").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # was curves.png
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_a_plot_without_matplotlib_is_refused_not_skipped(tmp_path, capsys, monkeypatch):
