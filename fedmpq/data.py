@@ -286,6 +286,8 @@ def _load_fashion_mnist(data_dir: Optional[PathLike]) -> Dataset:
                              "are not (N, 28, 28) and (N,)")
         if y.size and int(y.max()) >= 10:
             raise ValueError(f"Fashion-MNIST in {folder}: {what} label {int(y.max())} is not in 0..9")
+    if not len(test_y):  # every round's accuracy would be 0.0 (of no images), unsaid
+        raise ValueError(f"Fashion-MNIST in {folder}: the t10k files hold no images (nothing to test on)")
     return _make("fashion-mnist", train_x[:, None], train_y, test_x[:, None], test_y, 10, 255.0)
 
 
@@ -428,6 +430,8 @@ def _load_cifar(key: str, data_dir: Optional[PathLike]) -> Dataset:
     test_x = np.concatenate([p[0] for p in parts["test"]])
     test_y = np.concatenate([p[1] for p in parts["test"]])
     del parts
+    if not len(test_y):  # every round's accuracy would be 0.0 (of no images), unsaid
+        raise ValueError(f"{spec['title']} in {folder}: {', '.join(spec['test'])} holds no images (nothing to test on)")
     return _make(key, train_x, train_y, test_x, test_y, spec["classes"], 255.0)
 
 

@@ -272,6 +272,25 @@ def test_cifar_from_synthetic_batches(tmp_path, name, dialect):
         assert torch.equal(back, torch.from_numpy(want_test_x))
 
 
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10", "cifar100"])
+def test_an_empty_test_set_stops_the_command_with_one_line(tmp_path, capsys, name):
+    from fedmpq import cli
+
+    if name == "fashion-mnist":
+        _write_fashion(tmp_path, gz=False, n_test=0)
+    else:
+        folder, _, _ = _write_cifar(tmp_path, name, "2")
+        label_key = "labels" if name == "cifar10" else "fine_labels"
+        test = folder / ("test_batch" if name == "cifar10" else "test")
+        _dump(_batch(0, label_key, 10, np.random.default_rng(0)), test, "2")
+    # was a run whose every round reported accuracy 0.0000 (of no images)
+    assert cli.main(["simulate", "-q", "--dataset", name, "--data-dir", str(tmp_path), "--n-clients", "1",
+                     "--budgets", "4", "--rounds", "1", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hold" in err and "no images" in err and str(tmp_path) in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_cifar_reader_rejects_malformed_batches(tmp_path):
     rng = np.random.default_rng(0)
     p = tmp_path / "b"
