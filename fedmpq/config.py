@@ -40,6 +40,10 @@ CLASSIFIERS = ("quantized", "float")
 # stops a typo's n_clients before budgets are expanded to that many (minutes, or out of memory).
 MAX_CLIENTS = 100_000
 MAX_THREADS = 4096
+# The clients' generator keys take the seed mod 2^32 (fk.step_key), and a round's sampling seed,
+# seed * 1000003 + round, must fit torch's 64-bit seed: a larger seed stopped the first round
+# with a traceback.
+MAX_SEED = 2**32 - 1
 
 # One line per key for --help and the docs: what it is and what it may be (the default is
 # added from DEFAULTS).
@@ -65,7 +69,7 @@ HELP: Dict[str, str] = {
                 "(lsq: lr/sqrt(n(2^N-1)) per layer; sgd: lr, the authors')",
     "classifier": f"the quantized clients' classifier: {', '.join(CLASSIFIERS)} (quantized: bit planes, the paper's; "
                   "float: a float layer trained by SGD and sent as float32, against its saturation)",
-    "seed": "seed of the split, the model's initialization, sampling and training, an integer >= 0",
+    "seed": f"seed of the split, the model's initialization, sampling and training, an integer in 0..{MAX_SEED}",
     "train_samples": "use a fixed subset of this many training samples (the same for every algorithm and seed); "
                      "none: the whole training set",
     "aggregation": f"server aggregation rule: {', '.join(agg_mod.RULES)} (coordinate-wise; median and "
@@ -149,7 +153,7 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     _integer(c, "n_clients", 1, f"an integer in 1..{MAX_CLIENTS}", hi=MAX_CLIENTS)
     for key in ("rounds", "local_epochs", "batch_size"):
         _integer(c, key, 1, "an integer >= 1")
-    _integer(c, "seed", 0, "an integer >= 0")
+    _integer(c, "seed", 0, f"an integer >= 0, at most {MAX_SEED}", hi=MAX_SEED)
     _integer(c, "train_samples", 1, "an integer >= 1, or null for the whole training set", optional=True)
     # torch.set_num_threads takes a C int; no machine has more cores than this
     _integer(c, "threads", 1, f"an integer in 1..{MAX_THREADS}, or null for the default", optional=True, hi=MAX_THREADS)

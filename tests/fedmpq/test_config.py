@@ -170,6 +170,7 @@ def test_momentum_zero_is_valid_and_negative_is_not():
 
 @pytest.mark.parametrize("bad, msg", [
     (dict(seed=2**63), "seed must be an integer >= 0"),
+    (dict(seed=2**32), "seed must be an integer >= 0, at most 4294967295"),
     (dict(device="cpux"), "device must be cpu, cuda or cuda:N"),
     (dict(device="cuda:0x"), "device must be cpu, cuda or cuda:N"),
     (dict(data_dir=5), "data_dir must be a folder path"),
@@ -237,3 +238,16 @@ def test_whole_float_budgets_are_recorded_as_integers():
         c = config.check_config(dict(SMALL, budgets=given))
         assert c["budgets"] == [2, 4, 8] and all(type(b) is int for b in c["budgets"])
     assert config.check_config(dict(SMALL, budgets=[2.5, 4, 8.0]))["budgets"] == [2.5, 4, 8]
+
+
+def test_the_largest_seed_runs_and_a_larger_one_stops_before_training(tmp_path, capsys):
+    from fedmpq import cli, federation
+
+    c = config.check_config(dict(SMALL, seed=config.MAX_SEED, sampling_rate=0.5))
+    assert len(federation.sample_clients(c, 10**6)) == 2  # its sampling seed fits torch's
+    out = tmp_path / "o"
+    # 2^63 - 1 passed the check, then the first round's sampling ended in a traceback (exit 1)
+    assert cli.main(["simulate", "-q", "--seed", str(2**63 - 1), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fedmpq: seed must be an integer >= 0, at most {config.MAX_SEED}, got {2**63 - 1}\n"
+    assert not out.exists()
