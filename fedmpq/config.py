@@ -102,6 +102,7 @@ def _number(c: Dict[str, Any], key: str, lo: float, hi: float = math.inf, lo_ope
     ok = ok and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
     if not ok:
         raise ConfigError(f"{key} must be {what}, got {v!r}")
+    c[key] = float(v)  # a file's 1 is recorded as the flag's 1.0: one setting in fedmpq compare
 
 
 def _integer(c: Dict[str, Any], key: str, lo: int, what: str, optional: bool = False, hi: int = (1 << 63) - 1) -> None:

@@ -1,6 +1,8 @@
 """The configuration's checks: a bad key or value stops before training, with one line."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fedmpq import cli, config
@@ -251,3 +253,17 @@ def test_the_largest_seed_runs_and_a_larger_one_stops_before_training(tmp_path, 
     err = capsys.readouterr().err
     assert err == f"fedmpq: seed must be an integer >= 0, at most {config.MAX_SEED}, got {2**63 - 1}\n"
     assert not out.exists()
+
+
+def test_whole_number_float_keys_are_recorded_as_floats(tmp_path):
+    # a file's "sampling_rate": 1 and the default (or the flag's) 1.0 are one setting: fedmpq
+    # compare groups by the recorded config, and showed them as two (sampling_rate=1 and =1.0)
+    from fedmpq import results
+
+    keys = dict(alpha=1, sampling_rate=1, lr=1, momentum=0, threshold=2, weight_decay=0, **{"lambda": 0})
+    (tmp_path / "c.json").write_text(json.dumps(keys))
+    c = config.check_config(config.load_config_file(str(tmp_path / "c.json")))
+    assert all(type(c[k]) is float and c[k] == v for k, v in keys.items())
+    same = config.check_config({k: float(v) for k, v in keys.items()})
+    assert results._group_key(c) == results._group_key(same)
+    assert results._group_key(config.check_config(dict(sampling_rate=1))) == results._group_key(config.check_config({}))
