@@ -166,13 +166,22 @@ def prepare_out(out: Optional[str], refuse_held: bool = True) -> Optional[Path]:
     return outdir
 
 
+# What a run writes into its folder besides results.json and checkpoint.pt (results.py)
+RUN_FILES = ("rounds.csv", "accuracy.png", "bits.png")
+
+
 def refuse_a_held_folder(outdir: Path) -> None:
     """:class:`ConfigError` when ``outdir`` holds a run (``results.json`` or
-    ``checkpoint.pt``), which a new run would overwrite."""
+    ``checkpoint.pt``), or any other file a run writes there (``rounds.csv``, the plots: a
+    user's own file of that name), which a new run would overwrite."""
     held = [f for f in ("results.json", "checkpoint.pt") if (outdir / f).is_file()]
     if held:
         raise ConfigError(f"--out {outdir} already holds a run ({' and '.join(held)}); give another --out, "
                           f"continue it with fedmpq simulate --resume {outdir}, or remove it first")
+    other = [f for f in RUN_FILES if (outdir / f).exists()]
+    if other:
+        raise ConfigError(f"--out {outdir} already holds {' and '.join(other)}, which a run writes there; "
+                          f"give another --out or move {'them' if len(other) > 1 else 'it'} first")
 
 
 LOCK_NAME = ".fedmpq.lock"

@@ -76,6 +76,24 @@ def test_an_out_folder_holding_a_run_is_not_written_over(tmp_path, capsys):
     assert cli.main(["simulate", "-q", "--out", str(empty)] + _args(dict(SMALL, rounds=1))) == 0  # an empty folder is fine
 
 
+def test_an_out_folder_holding_a_file_a_run_writes_is_not_written_over(tmp_path, capsys):
+    """A user's own rounds.csv or plot in the folder (no results.json, no checkpoint.pt) was
+    overwritten by the run's; other files are left alone and do not stop a run."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "rounds.csv").write_text("my own table\n")
+    (out / "accuracy.png").write_bytes(b"my plot")
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 2
+    err = capsys.readouterr().err
+    assert "already holds rounds.csv and accuracy.png, which a run writes there" in err and err.count("\n") == 1, err
+    assert (out / "rounds.csv").read_text() == "my own table\n" and (out / "accuracy.png").read_bytes() == b"my plot"
+    (out / "rounds.csv").unlink()
+    (out / "accuracy.png").unlink()
+    (out / "notes.txt").write_text("kept")
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 0
+    assert (out / "notes.txt").read_text() == "kept" and (out / "results.json").is_file()
+
+
 def test_resume_extends_a_finished_run_and_refuses_other_changes(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["simulate", "-q", "--out", str(run)] + _args(dict(SMALL, rounds=2))) == 0
