@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -33,6 +34,7 @@ from .. import client as client_mod
 from .. import config as config_mod
 from .config import from_run_config
 
+log = logging.getLogger("fedmpq")
 
 
 @functools.lru_cache(maxsize=2)
@@ -52,6 +54,12 @@ def _whole(node_config: Mapping[str, Any], key: str) -> int:
     return v
 
 
+# The node-config keys this ClientApp reads. Others are left alone (one SuperNode's node config
+# may serve other apps too), but said once each: a typo (budjet=2) would silently take the run's.
+NODE_KEYS = frozenset({"partition-id", "num-partitions", "budget", "device", "threads", "cuda-graph", "cuda_graph"})
+_said_unknown: set = set()
+
+
 def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int, float, Dict[str, Any]]:
     """(client id, budget, the node's config) of a node from its node config; raises
     ``ValueError`` naming the problem (missing, non-integer or out-of-range partition-id, num-partitions
@@ -60,6 +68,11 @@ def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int,
     if "partition-id" not in node_config:
         raise ValueError("the node config has no partition-id (flower-supernode --node-config "
                          "\"partition-id=0 num-partitions=N\")")
+    unknown = sorted(set(node_config) - NODE_KEYS - _said_unknown)
+    if unknown:
+        _said_unknown.update(unknown)
+        log.warning("the node config's %s %s not read by fedmpq (it reads %s)", ", ".join(unknown),
+                    "is" if len(unknown) == 1 else "are", ", ".join(sorted(NODE_KEYS - {"cuda_graph"})))
     k = _whole(node_config, "partition-id")
     n = _whole(node_config, "num-partitions") if "num-partitions" in node_config else c["n_clients"]
     if n != c["n_clients"]:

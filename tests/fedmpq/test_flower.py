@@ -99,6 +99,21 @@ def test_a_node_config_names_its_client_and_budget(node, expect):
         assert (k, budget) == expect and own == c
 
 
+def test_a_node_config_key_fedmpq_does_not_read_is_said_once(caplog, monkeypatch):
+    """A typo (budjet=2) silently took the run's budget: such keys are left alone (a SuperNode's
+    node config may serve other apps) but said, once per key."""
+    monkeypatch.setattr(client_app, "_said_unknown", set())
+    c = config_mod.check_config(SMALL)
+    with caplog.at_level(logging.WARNING, logger="fedmpq"):
+        for _ in range(2):
+            k, budget, _ = client_app.node_client({"partition-id": 1, "budjet": 2, "other-app": "x"}, c)
+        client_app.node_client({"partition-id": 0, "budget": 4}, c)
+    assert (k, budget) == (1, c["budgets"][1])
+    said = [r.getMessage() for r in caplog.records if r.name == "fedmpq"]
+    assert len(said) == 1 and said[0].startswith("the node config's budjet, other-app are not read by fedmpq"), said
+    assert "budget" in said[0] and "partition-id" in said[0]
+
+
 def test_a_node_config_sets_its_own_threads():
     c = config_mod.check_config(SMALL)
     _, _, own = client_app.node_client({"partition-id": 0, "threads": "2", "device": "cpu"}, c)
