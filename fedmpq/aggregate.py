@@ -34,7 +34,14 @@ TRIM = 0.2
 # The most the uploads' largest magnitudes (times their weights) may add up to in a round: half
 # of float32's range, a margin for the coefficients' rounding, so no sum the rules take overflows.
 SUM_LIMIT = 2.0 ** 127
-INT64_MAX_F64 = float(2 ** 63 - 1024)  # the largest float64 below 2^63
+_INT64_MAX_F64 = float(2 ** 63 - 1024)  # the largest float64 below 2^63
+
+
+def int_mean(mean: Tensor, dtype: torch.dtype = torch.int64) -> Tensor:
+    """A float64 mean of integer entries (``num_batches_tracked``) back as ``dtype``: rounded,
+    and clamped below 2^63 (a mean of values near 2^63 - 1 rounds to 2^63 in float64, which
+    does not convert: it became -2^63)."""
+    return mean.round().clamp_(-2.0 ** 63, _INT64_MAX_F64).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -341,9 +348,7 @@ class Aggregator:
             out[lay.names[row]] = q[off:off + numel[row]].reshape(_shape(lay, row))
         for (a, b, dt), mean in zip(lay.segments, fmeans):
             if dt == wire.DT_INT64:
-                # once per run, not per entry; clamped: a mean of values near 2^63 - 1 rounds to 2^63
-                # in float64, which does not convert (it became -2^63)
-                mean = mean.round().clamp_(-2.0 ** 63, INT64_MAX_F64).to(torch.int64)
+                mean = int_mean(mean)  # once per run, not per entry
             at = 0
             for row in range(a, b):
                 out[lay.names[row]] = mean[at:at + numel[row]].reshape(_shape(lay, row))

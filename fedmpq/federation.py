@@ -291,12 +291,13 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
     try:
         if outdir is not None and not resume:
             refuse_a_held_folder(outdir)  # under the lock: a run that ended just now counts too
-        state = None
+        state, done = None, []
         if resume and outdir is None:
             raise ConfigError("resume needs the results folder of the run to continue (out)")
         if resume:  # no checkpoint there is an error, not a fresh run over that folder's results
             state = read_checkpoint(outdir / "checkpoint.pt")
-            resumable(state["config"], c, len(json.loads(state["rounds"])), outdir / "checkpoint.pt")
+            done = json.loads(state["rounds"])  # a list: read_checkpoint checked it
+            resumable(state["config"], c, len(done), outdir / "checkpoint.pt")
         torch.manual_seed(c["seed"])  # the global model's initialization
         build = model_builder(c, ds)
         srv = server_mod.Server(c["alg"], build, budgets=budgets, num_samples=num_samples, seed=c["seed"],
@@ -308,8 +309,8 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
                 srv.load_state(state["server"])
             except ValueError as e:  # another model or clients (an older version's, edited): not a traceback mid-round
                 raise ConfigError(f"{outdir / 'checkpoint.pt'} does not fit this run: {e}") from None
-            results["rounds"] = json.loads(state["rounds"])
-            start = len(results["rounds"]) + 1
+            results["rounds"] = done
+            start = len(done) + 1
         if ready is not None:  # every check passed, the checkpoint's state too
             ready()
         test_x, test_y = ds.test_x.to(device), ds.test_y.to(device)  # once, not per round

@@ -184,8 +184,7 @@ class Server:
                 acc = sum(s[name].double() * w for (_, s), w in zip(states, wts)) / sum(wts)
             else:
                 acc = agg_mod.robust(torch.stack([s[name].double() for _, s in states]), self.rule)
-            new[name] = (acc.round().clamp_(-2.0 ** 63, agg_mod.INT64_MAX_F64).to(ref.dtype)  # no int64 wrap
-                         if not ref.is_floating_point() else acc.to(ref.dtype))
+            new[name] = acc.to(ref.dtype) if ref.is_floating_point() else agg_mod.int_mean(acc, ref.dtype)
         return new
 
     def evaluate(self, x, y, batch_size: int = 1000) -> float:

@@ -22,14 +22,16 @@ void check_code_bits(int bits) {
   FEDMPQ_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8, got " + std::to_string(bits));
 }
 
-// `bits` bit planes of n elements: 4-byte aligned, nbytes >= bits * 4 * words(n).
-void check_planes(const char* what, uintptr_t p, int64_t nbytes, int64_t n, int bits) {
+// `bits` bit planes of n elements: 4-byte aligned, nbytes >= bits * 4 * words(n). Returns
+// that byte count (the planes' extent, for the overlap checks).
+int64_t check_planes(const char* what, uintptr_t p, int64_t nbytes, int64_t n, int bits) {
   const int64_t need = int64_t(bits) * 4 * bitmap_words(n);  // n <= kMaxElems: no overflow
   FEDMPQ_CHECK(nbytes >= need, std::string(what) + " have " + std::to_string(nbytes) + " bytes, need " +
                               std::to_string(need) + " for " + std::to_string(n) + " codes of " +
                               std::to_string(bits) + " bits");
   FEDMPQ_CHECK(n == 0 || p != 0, std::string(what) + ": null data pointer");
   FEDMPQ_CHECK(p % 4 == 0, std::string(what) + " must be 4-byte aligned");
+  return need;
 }
 
 // The arguments of each op, checked in this order on every device.
@@ -37,24 +39,22 @@ void check_planes(const char* what, uintptr_t p, int64_t nbytes, int64_t n, int 
 void check_pack(uintptr_t codes, int64_t n, int bits, uintptr_t planes, int64_t planes_nbytes) {
   check_elems("codes", codes, n, n, 1);
   check_code_bits(bits);
-  check_planes("planes", planes, planes_nbytes, n, bits);
-  check_disjoint("codes", codes, n, "planes", planes, int64_t(bits) * 4 * bitmap_words(n));
+  check_disjoint("codes", codes, n, "planes", planes, check_planes("planes", planes, planes_nbytes, n, bits));
 }
 
 void check_unpack(uintptr_t planes, int64_t planes_nbytes, int64_t n, int bits, uintptr_t codes, int64_t codes_cap) {
   check_elems("codes", codes, n, codes_cap, 1);
   check_code_bits(bits);
-  check_planes("planes", planes, planes_nbytes, n, bits);
-  check_disjoint("codes", codes, n, "planes", planes, int64_t(bits) * 4 * bitmap_words(n));
+  check_disjoint("codes", codes, n, "planes", planes, check_planes("planes", planes, planes_nbytes, n, bits));
 }
 
 void check_dequant(uintptr_t acc, int64_t n, uintptr_t planes, int64_t planes_nbytes, uintptr_t signs,
                    int64_t signs_nbytes, int bits, double coef) {
   check_elems("acc", acc, n, n, 4);
   check_code_bits(bits);
-  check_planes("planes", planes, planes_nbytes, n, bits);
+  const int64_t planes_extent = check_planes("planes", planes, planes_nbytes, n, bits);
   check_bitmap("signs", signs, signs_nbytes, n, false);
-  check_disjoint("acc", acc, 4 * n, "planes", planes, int64_t(bits) * 4 * bitmap_words(n));
+  check_disjoint("acc", acc, 4 * n, "planes", planes, planes_extent);
   if (signs != 0) check_disjoint("acc", acc, 4 * n, "signs", signs, 4 * bitmap_words(n));
   FEDMPQ_CHECK(coef == coef && coef >= -3.4028234663852886e38 && coef <= 3.4028234663852886e38,  // ±FLT_MAX are finite
           "coef must be a finite float32 value");

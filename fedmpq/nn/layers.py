@@ -127,11 +127,17 @@ class _BitWeight(nn.Module):
         super()._apply(fn, recurse)
         old = self.sink
         if old.numel() and any(s != 0 for s in old.stride()):
-            # as the moved parameter was: frozen or not, with its gradient (float32, as the sink)
-            self.sink = nn.Parameter(fk.sink_like(self.weight_shape, old.device), requires_grad=old.requires_grad)
-            if old.grad is not None:
-                self.sink.grad = old.grad.float()
+            # frozen or not, with its gradient (in float32, the sink's dtype)
+            self.sink = self._sink_as(old, None if old.grad is None else old.grad.float())
         return self
+
+    def _sink_as(self, old: nn.Parameter, grad: Optional[Tensor]) -> nn.Parameter:
+        """A sink made as the layer makes one, on ``old``'s device and frozen or not as ``old``
+        is, with ``grad`` as its gradient: what a copy or a move of ``old`` keeps."""
+        sink = nn.Parameter(fk.sink_like(self.weight_shape, old.device), requires_grad=old.requires_grad)
+        if grad is not None:
+            sink.grad = grad
+        return sink
 
     def __deepcopy__(self, memo):
         # Parameter.__deepcopy__ clones with the preserve-format rule, which would turn the
@@ -140,10 +146,7 @@ class _BitWeight(nn.Module):
         # the rest of the layer (its __dict__) is deep-copied through the memo, as by default.
         sink = self._parameters.get("sink")
         if sink is not None and id(sink) not in memo:
-            twin = nn.Parameter(fk.sink_like(self.weight_shape, sink.device), requires_grad=sink.requires_grad)
-            memo[id(sink)] = twin
-            if sink.grad is not None:
-                twin.grad = copy.deepcopy(sink.grad, memo)
+            memo[id(sink)] = self._sink_as(sink, None if sink.grad is None else copy.deepcopy(sink.grad, memo))
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})

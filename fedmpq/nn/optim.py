@@ -79,12 +79,12 @@ class FloatSGD:
         groups = list(groups)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
-        # a group's params may be one tensor, as torch.optim.SGD takes it (not its rows)
-        groups = [dict(g, params=[g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"]))
-                  for g in groups]
+        self.groups: List[dict] = []
         seen = set()
         for g in groups:
-            for p in g["params"]:
+            # a group's params may be one tensor, as torch.optim.SGD takes it (not its rows)
+            params = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+            for p in params:
                 if not isinstance(p, torch.Tensor):
                     raise TypeError(f"FloatSGD optimizes tensors, a group holds a {type(p).__name__}")
                 if not p.is_leaf:  # its .grad is never set: it would never step
@@ -92,15 +92,13 @@ class FloatSGD:
                 if id(p) in seen:  # it would take two steps per step
                     raise ValueError("a parameter appears more than once in FloatSGD's groups")
                 seen.add(id(p))
-        for g in groups:  # what torch.optim.SGD would do and this does not: refused, not ignored
             for key, default in (("dampening", 0), ("nesterov", False), ("maximize", False)):
-                if g.get(key, default) != default:
+                if g.get(key, default) != default:  # what torch.optim.SGD would do and this does not: refused
                     raise ValueError(f"FloatSGD has no {key} (a group asks for {key}={g[key]!r})")
-        self.groups = [{"params": list(g["params"]), "lr": float(g.get("lr", lr)),
-                        "momentum": float(g.get("momentum", momentum)),
-                        "weight_decay": float(g.get("weight_decay", weight_decay))} for g in groups]
-        for g in self.groups:  # a group's lr is taken as torch.optim.SGD takes it
-            check_settings(lr, g["momentum"], g["weight_decay"], "weight_decay")
+            group = {"params": params, "lr": float(g.get("lr", lr)), "momentum": float(g.get("momentum", momentum)),
+                     "weight_decay": float(g.get("weight_decay", weight_decay))}
+            check_settings(lr, group["momentum"], group["weight_decay"], "weight_decay")  # its lr: as torch takes it
+            self.groups.append(group)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.buffers: Dict[int, torch.Tensor] = {}  # id(param) -> momentum buffer
 
