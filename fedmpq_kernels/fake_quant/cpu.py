@@ -4,7 +4,8 @@ csrc/cpu/fake_quant* (their own thread pool + AVX2), through ``fedmpq_kernels._C
 The kernels work on contiguous, 4-byte-aligned float32; other float dtypes are converted
 here and the result converted back, and the rare misaligned float32 tensor (one made by
 ``torch.frombuffer`` at an odd offset) is copied first. Thread count follows
-``torch.get_num_threads()`` (capped by the native side at the cores available).
+``torch.get_num_threads()`` (capped by the native side at the cores available); a call small
+enough to run on one thread anyway does not ask (:data:`_SERIAL`).
 """
 from __future__ import annotations
 
@@ -41,7 +42,13 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant`. x: CPU float tensor,
     any strides; scale: None or 0-dim CPU tensor (already checked finite and > 0).
     Mode 0's bitmaps are :data:`NO_BITMAP` (shared, empty); mode 2's two are one allocation."""
-    xc = _f32(x)
+    # The common input (contiguous, 4-byte-aligned float32) in the fewest tensor calls (each
+    # is ~0.1 µs of a 1-element call): its data pointer read once, its dtype once.
+    if x.dtype is _F32 and x.is_contiguous() and not (px := x.data_ptr()) & 3:
+        xc = x
+    else:
+        xc = _f32(x)
+        px = xc.data_ptr()
     n = xc.numel()
     y = torch.empty_like(xc)  # contiguous float32 of x's shape (empty_like: the cheapest allocation call)
     if mode:
@@ -51,12 +58,12 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
     else:
         nb, b, p = 0, NO_BITMAP, 0
     _fake_quant(
-        xc.data_ptr(), n, y.data_ptr(), n, bits,
+        px, n, y.data_ptr(), n, bits,
         0.0 if scale is None else scale.item(), scale is None,
         p, nb, p + nb if mode == 2 else 0, nb if mode == 2 else 0,
-        torch.get_num_threads(),
+        torch.get_num_threads() if n > _SERIAL else 1,
     )
-    if x.dtype is not _F32:
+    if xc is not x and x.dtype is not _F32:
         y = y.to(x.dtype)
     return y, b
 
@@ -64,7 +71,11 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
 def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant_backward`. grad: CPU
     float tensor; the bitmaps as :func:`fedmpq_kernels._checks.bitmap_arg` takes them."""
-    g = _f32(grad)
+    if grad.dtype is _F32 and grad.is_contiguous() and not (pg := grad.data_ptr()) & 3:
+        g = grad  # the common case in the fewest tensor calls (see fake_quant)
+    else:
+        g = _f32(grad)
+        pg = g.data_ptr()
     n = g.numel()
     gx = torch.empty_like(g)
     nb = bitmap_nbytes(n)
@@ -72,15 +83,17 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
     # checks (and a copy if strided or misaligned) with its errors.
     b = bitmaps
     if not (type(b) is Tensor and b.dtype is _U8 and b.is_cpu and b.numel() >= (nb + nb if scale_grad else nb)
-            and b.is_contiguous() and not b.data_ptr() & 3):
+            and b.is_contiguous() and not (p := b.data_ptr()) & 3):
         b = bitmap_arg(bitmaps, n, _CPU, "bitmaps", 2 if scale_grad else 1)
-    p = b.data_ptr() if n else 0
+        p = b.data_ptr()
+    if not n:
+        p = 0
     gs = _fake_quant_backward(
-        g.data_ptr(), n, gx.data_ptr(), n, p, nb,
+        pg, n, gx.data_ptr(), n, p, nb,
         p + nb if scale_grad and n else 0, nb if scale_grad else 0,
-        torch.get_num_threads(),
+        torch.get_num_threads() if n > _SERIAL else 1,
     )
-    if grad.dtype is not _F32:
+    if g is not grad and grad.dtype is not _F32:
         gx = gx.to(grad.dtype)
     # The kernel's dL/dS, already reduced (in float64: one rounding to float32 here).
     return gx, torch.scalar_tensor(gs, dtype=_F32)
@@ -94,12 +107,16 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     y = torch.empty_like(xc)
     mask = torch.empty(bitmap_nbytes(n), dtype=_U8)
     native.cpu.relu6_fake_quant(xc.data_ptr(), n, y.data_ptr(), n, bits, mask.data_ptr(), mask.numel(),
-                                torch.get_num_threads())
+                                torch.get_num_threads() if n > _SERIAL else 1)
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
     return y, mask
 
 
+# Up to this many elements the kernels run on the calling thread whatever count they are
+# given (csrc/cpu/parallel.h: one task of kGrain elements), so a small call does not ask
+# torch for its count (~0.1 µs of a 1-element call).
+_SERIAL = native.threading()["grain"] if native is not None else 0
 # The bound native functions, looked up once (attribute lookups on every call add up).
 _fake_quant = native.cpu.fake_quant if native is not None else None
 _fake_quant_backward = native.cpu.fake_quant_backward if native is not None else None
