@@ -33,6 +33,7 @@ _DEFAULT_ORDER = {"cpu": ["cpu", "reference"], "cuda": ["cuda", "triton", "refer
 _override: Optional[str] = None  # forced for every family
 _family_override: Dict[str, str] = {}  # family -> backend forced for it (wins over _override)
 _cache: Dict[Tuple[str, str, str], Callable] = {}
+_derived: List[dict] = []  # the dicts derived_cache() handed out, emptied with _cache
 
 
 def _check_name(name: str) -> str:
@@ -236,6 +237,16 @@ def get_many(family: str, ops: Tuple[str, ...], device_type: str) -> Tuple[Calla
     return fns
 
 
+def derived_cache() -> dict:
+    """A dict in which a hot path keeps what it builds from the functions :func:`get` hands
+    out, per device type (an autograd.Function over an op's forward and backward, say): one
+    subscript per call instead of a call of :func:`get_many`. Emptied whenever the backends
+    change (:func:`set_backend`, :func:`use_backend`)."""
+    d: dict = {}
+    _derived.append(d)
+    return d
+
+
 def set_backend(name: Optional[str], family: Optional[str] = None) -> None:
     """Force backend ``name`` on the devices it supports, for every family or for ``family``
     only (None restores the defaults of that scope)."""
@@ -249,6 +260,8 @@ def set_backend(name: Optional[str], family: Optional[str] = None) -> None:
     else:
         _family_override[_check_family(family)] = name
     _cache.clear()
+    for d in _derived:
+        d.clear()
 
 
 @contextlib.contextmanager

@@ -139,16 +139,14 @@ def _eager_function(fwd, bwd, mode: int):
     return direct_apply(_FakeQuantEager)
 
 
-# The backend's (fwd, bwd) as registry.get_many hands them out -> (fwd, the eager
-# Function's apply in mode 0, 1, 2): one dict lookup per call after the first.
-_EAGER: dict = {}
+# device type -> (the backend's forward, the eager Function's apply in mode 0, 1, 2): one
+# dict lookup per call after the first.
+_EAGER = registry.derived_cache()
 
 
-def _eager_for(fns):
-    e = _EAGER.get(fns)
-    if e is None:
-        fwd, bwd = fns
-        e = _EAGER[fns] = (fwd, *(_eager_function(fwd, bwd, m) for m in (0, 1, 2)))
+def _eager_for(device_type: str):
+    fwd, bwd = registry.get_many("fake_quant", _FQ_OPS, device_type)
+    e = _EAGER[device_type] = (fwd, *(_eager_function(fwd, bwd, m) for m in (0, 1, 2)))
     return e
 
 
@@ -231,8 +229,8 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
         else:
             s = False  # not the common case
         if s is not False:
-            fns = registry.get_many("fake_quant", _FQ_OPS, "cpu" if on_cpu else x.device.type)
-            e = _EAGER.get(fns) or _eager_for(fns)
+            dt = "cpu" if on_cpu else x.device.type
+            e = _EAGER.get(dt) or _eager_for(dt)
             if not ((s_grad or x.requires_grad) and _grad_enabled()):
                 return e[0](x, bits, s, 0)[0]
             if ste == "identity" or s is None:
@@ -255,7 +253,7 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
         elif grad:
             mode = 2 if s.requires_grad else 1
     if _eager(x) and (s is None or not _is_wrapped(s)):
-        e = _eager_for(registry.get_many("fake_quant", _FQ_OPS, x.device.type))
+        e = _EAGER.get(x.device.type) or _eager_for(x.device.type)
         if s is not None and s.is_cpu:
             check_scale_value(s.item())
         if not grad:
@@ -320,7 +318,7 @@ def _relu6_eager_function(fwd, bwd):
 
 
 _R6_OPS = ("relu6_fake_quant", "fake_quant_backward")
-_R6_EAGER: dict = {}  # as _EAGER: the backend's (fwd, bwd) -> (fwd, the eager Function's apply)
+_R6_EAGER = registry.derived_cache()  # as _EAGER: device type -> (fwd, the eager Function's apply)
 
 
 def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
@@ -343,10 +341,11 @@ def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
     if type(bits) is not int or bits not in _BITS_OK:
         bits = check_bits(bits, float_ok=True)
     if _eager(x):
-        fns = registry.get_many("fake_quant", _R6_OPS, "cpu" if x.is_cpu else x.device.type)
-        e = _R6_EAGER.get(fns)
+        dt = "cpu" if x.is_cpu else x.device.type
+        e = _R6_EAGER.get(dt)
         if e is None:
-            e = _R6_EAGER[fns] = (fns[0], _relu6_eager_function(*fns))
+            fns = registry.get_many("fake_quant", _R6_OPS, dt)
+            e = _R6_EAGER[dt] = (fns[0], _relu6_eager_function(*fns))
         if x.requires_grad and _grad_enabled():
             return e[1](x, bits)
         return e[0](x, bits)[0]

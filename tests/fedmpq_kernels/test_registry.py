@@ -225,3 +225,30 @@ def test_cuda_kernels_that_cannot_run_on_the_device_leave_cuda_tensors_to_triton
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (9, 0))
     assert registry.available("cuda") == (True, "")
     assert registry.backend_for("cuda", "fake_quant") == "cuda"
+
+
+def test_the_eager_paths_caches_follow_every_backend_change(monkeypatch):
+    """fake_quant and relu6_fake_quant keep their backend's functions per device type after
+    the first call (registry.derived_cache): a backend forced later, and the default again
+    after it, must still be the one that runs."""
+    from fedmpq_kernels.fake_quant import reference
+
+    ran = []
+    for op in ("fake_quant", "relu6_fake_quant", "fake_quant_backward"):
+        real = getattr(reference, op)
+        monkeypatch.setattr(reference, op, lambda *a, _op=op, _real=real: ran.append(_op) or _real(*a))
+    x = torch.randn(37, requires_grad=True)
+    s = torch.tensor(0.5, requires_grad=True)
+
+    def calls():
+        (fedmpq_kernels.fake_quant(x, 4, s, ste="clipped").sum() + fedmpq_kernels.relu6_fake_quant(x, 3).sum()).backward()
+        fedmpq_kernels.fake_quant(x.detach(), 4, s.detach())
+
+    calls()  # the default backend, now cached
+    assert ran == []
+    with registry.use_backend("reference"):
+        calls()
+    assert sorted(ran) == ["fake_quant", "fake_quant", "fake_quant_backward", "fake_quant_backward", "relu6_fake_quant"]
+    del ran[:]
+    calls()
+    assert ran == []

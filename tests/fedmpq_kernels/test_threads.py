@@ -292,6 +292,35 @@ def test_a_call_below_two_grains_stays_on_the_calling_thread():
                 assert posts_a_job(op) == pooled, (n, k)
 
 
+def test_a_call_of_at_most_a_grain_does_not_ask_torch_for_its_thread_count(monkeypatch):
+    """fake_quant's CPU adapters hand 1 thread to a call of at most GRAIN elements (the
+    kernels run it on the calling thread whatever the count) without asking torch, and
+    torch's count to a larger one; the results are the reference's either way."""
+    from fedmpq_kernels.fake_quant import reference as R
+
+    asked = []
+    real = torch.get_num_threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: asked.append(1) or real())
+    with registry.use_backend("cpu"):
+        for n, asks in ((1, 0), (GRAIN, 0), (GRAIN + 1, 1)):
+            x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).requires_grad_()
+            s = torch.tensor(2.0, requires_grad=True)
+            g = torch.randn(n, generator=torch.Generator().manual_seed(n + 1))
+            for op in (lambda: fk.fake_quant(x, 4, s, ste="clipped"), lambda: fk.relu6_fake_quant(x, 4)):
+                del asked[:]
+                y = op()
+                assert len(asked) == asks, n
+                y.backward(g)
+                assert len(asked) == 2 * asks, n
+        xr, sr = x.detach().clone().requires_grad_(), s.detach().clone().requires_grad_()
+        y = fk.fake_quant(x, 4, s, ste="clipped")
+        x.grad = s.grad = None
+        y.backward(g)
+        R.fake_quant_autograd(xr, 4, sr, "clipped").backward(g)
+        assert torch.equal(y, R.fake_quant_autograd(xr, 4, sr, "clipped")) and torch.equal(x.grad, xr.grad)
+        torch.testing.assert_close(s.grad, sr.grad, rtol=1e-5, atol=1e-5 * g.abs().sum().item() ** 0.5)  # summation order
+
+
 @needs_the_pool
 def test_the_scale_gradients_add_task_partials_in_task_order():
     """The float64 partials of the pool's tasks are added in task order, as one thread adds

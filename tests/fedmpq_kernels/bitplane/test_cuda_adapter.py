@@ -353,6 +353,10 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
 
     monkeypatch.setattr(registry, "get", routed)
     monkeypatch.setattr(registry, "_cache", {})  # get_many's entries come from the routed get
+    from fedmpq_kernels.fake_quant import ops as fq_ops
+
+    for cache in ("_EAGER", "_R6_EAGER"):  # fake_quant's per-device caches of get_many's answers
+        monkeypatch.setattr(fq_ops, cache, {})
     from fedmpq_kernels.bitplane import ops
 
     made = []  # dequantize_layers calls of the CUDA adapter

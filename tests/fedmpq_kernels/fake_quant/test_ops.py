@@ -63,6 +63,7 @@ def test_torch_compile_has_no_graph_break(compile_backend):
 
 def test_no_grad_keeps_no_bitmaps(monkeypatch):
     from fedmpq_kernels import registry
+    from fedmpq_kernels.fake_quant import ops as fq_ops
 
     seen = []
     orig_get_many = registry.get_many
@@ -78,6 +79,7 @@ def test_no_grad_keeps_no_bitmaps(monkeypatch):
         return (spy, *rest)
 
     monkeypatch.setattr(registry, "get_many", get_many)
+    monkeypatch.setattr(fq_ops, "_EAGER", {})  # its per-device cache of what get_many handed out
     x = torch.randn(64, requires_grad=True)
     with torch.no_grad():
         fk.fake_quant(x, 4, 1.0, ste="clipped")
@@ -306,3 +308,25 @@ def test_identity_ste_on_the_general_path_passes_the_gradient(scale):
     assert torch.equal(x.grad, g)
     if isinstance(s, torch.Tensor):
         assert s.grad is None
+
+
+def test_the_scale_gradient_is_float32_under_another_default_dtype(backend):
+    """Every backend's backward returns dL/dS as a 0-dim float32 tensor whatever
+    torch's default dtype (the CPU adapter skips the dtype argument only where the default
+    gives float32), and the public path hands a float32 scale a float32 gradient."""
+    mod = backend.module("fake_quant")
+    x = torch.tensor([3.0, -3.0, 0.5], device=backend.device)
+    s = torch.tensor(2.0, device=backend.device)
+    _, b = mod.fake_quant(x, 4, s, 2)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        _, gs = mod.fake_quant_backward(torch.tensor([1.0, 10.0, 100.0], dtype=torch.float32, device=backend.device),
+                                        b, True)
+        sp = torch.tensor(2.0, dtype=torch.float32, device=backend.device, requires_grad=True)
+        fk.fake_quant(x, 4, sp, ste="clipped").backward(torch.tensor([1.0, 10.0, 100.0], dtype=torch.float32,
+                                                                       device=backend.device))
+    finally:
+        torch.set_default_dtype(prev)
+    assert gs.dtype == torch.float32 and gs.shape == () and gs.item() == 1.0 - 10.0
+    assert sp.grad.dtype == torch.float32 and sp.grad.item() == 1.0 - 10.0
