@@ -14,13 +14,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import data as data_mod
-from . import simulate
-from .config import (DEFAULTS, HELP, ConfigError, check_config, default_text, load_config_file, parse_alpha, parse_bool,
-                     parse_budgets, parse_optional_int, parse_optional_path)
-from .federation import claim_new_folder, prepare_out, read_checkpoint, release_folder
-from .progress import log_through_bars
-from .results import bits_table, compare
+# Only the standard library at import time: the rest of fedmpq brings torch in (about 2 s), and
+# the console script imports this module before it calls main, whose handler alone turns a
+# Ctrl-C into one line. main imports the rest under that handler.
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,6 +29,8 @@ class _Parser(argparse.ArgumentParser):
 def _flag_type(key: str, parse, what: Optional[str] = None):
     """A flag parser whose error names the flag and what it may be (argparse would name the
     parsing function instead); ``what``: for a flag that is no config key (HELP's text else)."""
+    from .config import HELP, ConfigError
+
     what = HELP[key] if what is None else what
 
     def typed(text: str):
@@ -53,6 +51,9 @@ def _path(text: str) -> str:
 
 
 def _config_flags(p: argparse.ArgumentParser, quiet: bool = True) -> None:
+    from .config import (DEFAULTS, HELP, default_text, parse_alpha, parse_bool, parse_budgets, parse_optional_int,
+                         parse_optional_path)
+
     p.add_argument("--config", metavar="FILE", type=_path, help="YAML or JSON file of config keys (flags override it)")
     p.add_argument("--out", metavar="DIR", type=_path, help="results folder: results.json, rounds.csv, plots, checkpoint.pt "
                                                 "(default: runs/<date>-<time>)")
@@ -79,10 +80,14 @@ def _config_flags(p: argparse.ArgumentParser, quiet: bool = True) -> None:
 
 def _flags(args: argparse.Namespace) -> Dict[str, Any]:
     """The config keys given as flags (absent flags are not in ``args``)."""
+    from .config import DEFAULTS
+
     return {k: getattr(args, k) for k in DEFAULTS if hasattr(args, k)}
 
 
 def _flag_config(args: argparse.Namespace) -> Dict[str, Any]:
+    from .config import load_config_file
+
     cfg: Dict[str, Any] = load_config_file(args.config) if getattr(args, "config", None) else {}
     cfg.update(_flags(args))
     return cfg
@@ -91,6 +96,8 @@ def _flag_config(args: argparse.Namespace) -> Dict[str, Any]:
 def _default_out(made: List[Path]) -> str:
     """runs/<date>-<time> (with -2, -3, ... where a run started in the same second has it),
     made now; the folders made go to ``made``, for main to remove if the run stops early."""
+    from .federation import claim_new_folder
+
     name, folders = claim_new_folder(time.strftime("runs/%Y%m%d-%H%M%S"))
     made += folders
     return name
@@ -144,14 +151,8 @@ def _threads_left() -> List[threading.Thread]:
     return [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon and t.is_alive()]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    """The ``fedmpq`` command; returns its exit status (2: a bad flag, config or dataset).
-    A run stopped by Ctrl-C or SIGTERM says one line, then, as the command (``argv`` None),
-    ends the process by that signal; called with ``argv``, it returns 128 + the signal."""
-    argv_given = argv
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("simulate", "compare", "flower", "-h", "--help"):
-        argv = ["simulate"] + argv  # `fedmpq` alone runs the built-in default federation
+def _parser() -> _Parser:
+    """The command's flags (building them imports the config keys, and with them torch)."""
     ap = _Parser(prog="fedmpq", description="FedMPQ: mixed-precision quantized federated learning. "
                                             "`fedmpq` alone runs `fedmpq simulate` on its built-in default.")
     sub = ap.add_subparsers(dest="cmd", parser_class=_Parser)
@@ -179,75 +180,103 @@ def main(argv: Optional[List[str]] = None) -> int:
     cmp_.add_argument("--bits", action="store_true",
                       help="also print the bits per layer each budget's clients uploaded in the last round "
                            "(after their precision reduction)")
-    try:
-        args = ap.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a bad flag (2, already said in one line)
-        return int(e.code or 0)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if args.cmd == "simulate" and args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
-        print(f"fedmpq: --resume {args.resume} continues the run in that folder; leave out --out "
-              f"(or give the same folder)", file=sys.stderr)
-        return 2
-    if args.cmd == "simulate" and args.resume and args.config:
-        print(f"fedmpq: --resume {args.resume} continues the run with its saved config; leave out --config "
-              f"(give what may change as flags: rounds, device, cuda-graph, threads, data-dir)", file=sys.stderr)
-        return 2
+    return ap
+
+
+def _release(made: List[Path]) -> None:
+    if made:  # only claim_new_folder makes them, so federation is imported already
+        from .federation import release_folder
+        release_folder(made)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """The ``fedmpq`` command; returns its exit status (2: a bad flag, config or dataset).
+    A run stopped by Ctrl-C or SIGTERM says one line, then, as the command (``argv`` None),
+    ends the process by that signal; called with ``argv``, it returns 128 + the signal. That
+    holds from main's first line on, the imports of torch and the flags' parsing included."""
+    argv_given = argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("simulate", "compare", "flower", "-h", "--help"):
+        argv = ["simulate"] + argv  # `fedmpq` alone runs the built-in default federation
+    cmd = argv[0]  # known before the flags are parsed: a Ctrl-C may come first
     made: List[Path] = []  # a dated results folder made for this run
     out: Optional[str] = None
     cfg: Optional[Dict[str, Any]] = None
     sigterm = None
-    if args.cmd != "compare" and threading.current_thread() is threading.main_thread():
+    if cmd != "compare" and threading.current_thread() is threading.main_thread():
         sigterm = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
-        if args.cmd == "compare":
-            print(compare(args.dirs, args.plot, args.last))
-            if args.bits:
-                print()
-                print(bits_table(args.dirs, warn=False))  # compare said which runs it left out
-            return 0
-        if args.cmd == "flower":
-            try:
-                from .flower import simulation as flower_sim
-            except ImportError as e:
-                raise ConfigError(f"fedmpq flower needs Flower: pip install -e \".[flower]\" ({e})") from None
-            cfg = check_config(_flag_config(args))
-            out = args.out or _default_out(made)
-            flower_sim.check(cfg, args.cpus)  # a missing dataset or CUDA stops here, not in Flower
-            prepare_out(out)  # and a results folder that cannot be written
-            print(f"fedmpq: results in {out}", file=sys.stderr)
-            res = flower_sim.run(cfg, out=out, cpus=args.cpus)
-        else:
-            if args.resume:
-                saved = read_checkpoint(Path(args.resume) / "checkpoint.pt")["config"]
-                cfg = {**saved, **_flags(args)}
-                out = args.resume
-            else:
-                cfg = _flag_config(args)
-                out = args.out or _default_out(made)
-            cfg = check_config(cfg)
-            ready = None
-            if not args.quiet:
-                logging.getLogger("fedmpq").setLevel(logging.INFO)
-                log_through_bars(logging.getLogger("fedmpq"))
+        # Here, under the handler below, not at the top of the module (see there)
+        from . import data as data_mod
+        from . import simulate
+        from .config import ConfigError, check_config
+        from .federation import prepare_out, read_checkpoint
+        from .progress import log_through_bars
+        from .results import bits_table, compare
 
-                def ready():  # said once nothing can stop the run before training (one line if it is stopped)
-                    print(f"fedmpq: results in {out}", file=sys.stderr)
-            res = simulate.run(cfg, out=out, resume=bool(args.resume), progress=not args.quiet, ready=ready)
-        last = res["rounds"][-1] if res["rounds"] else None
-        if last:
-            print(f"final accuracy {last['accuracy']:.4f} after {last['round']} rounds; results in {out}")
-        return 0
-    except (ConfigError, data_mod.MissingDatasetError) as e:
-        print(f"fedmpq: {e}", file=sys.stderr)
-        return 2
+        try:
+            args = _parser().parse_args(argv)
+        except SystemExit as e:  # --help (0) or a bad flag (2, already said in one line)
+            return int(e.code or 0)
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        if cmd == "simulate" and args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            print(f"fedmpq: --resume {args.resume} continues the run in that folder; leave out --out "
+                  f"(or give the same folder)", file=sys.stderr)
+            return 2
+        if cmd == "simulate" and args.resume and args.config:
+            print(f"fedmpq: --resume {args.resume} continues the run with its saved config; leave out --config "
+                  f"(give what may change as flags: rounds, device, cuda-graph, threads, data-dir)", file=sys.stderr)
+            return 2
+        try:
+            if cmd == "compare":
+                print(compare(args.dirs, args.plot, args.last))
+                if args.bits:
+                    print()
+                    print(bits_table(args.dirs, warn=False))  # compare said which runs it left out
+                return 0
+            if cmd == "flower":
+                try:
+                    from .flower import simulation as flower_sim
+                except ImportError as e:
+                    raise ConfigError(f"fedmpq flower needs Flower: pip install -e \".[flower]\" ({e})") from None
+                cfg = check_config(_flag_config(args))
+                out = args.out or _default_out(made)
+                flower_sim.check(cfg, args.cpus)  # a missing dataset or CUDA stops here, not in Flower
+                prepare_out(out)  # and a results folder that cannot be written
+                print(f"fedmpq: results in {out}", file=sys.stderr)
+                res = flower_sim.run(cfg, out=out, cpus=args.cpus)
+            else:
+                if args.resume:
+                    saved = read_checkpoint(Path(args.resume) / "checkpoint.pt")["config"]
+                    cfg = {**saved, **_flags(args)}
+                    out = args.resume
+                else:
+                    cfg = _flag_config(args)
+                    out = args.out or _default_out(made)
+                cfg = check_config(cfg)
+                ready = None
+                if not args.quiet:
+                    logging.getLogger("fedmpq").setLevel(logging.INFO)
+                    log_through_bars(logging.getLogger("fedmpq"))
+
+                    def ready():  # said once nothing can stop the run before training (one line if it is stopped)
+                        print(f"fedmpq: results in {out}", file=sys.stderr)
+                res = simulate.run(cfg, out=out, resume=bool(args.resume), progress=not args.quiet, ready=ready)
+            last = res["rounds"][-1] if res["rounds"] else None
+            if last:
+                print(f"final accuracy {last['accuracy']:.4f} after {last['round']} rounds; results in {out}")
+            return 0
+        except (ConfigError, data_mod.MissingDatasetError) as e:
+            print(f"fedmpq: {e}", file=sys.stderr)
+            return 2
     except (KeyboardInterrupt, Stopped) as e:  # no traceback of whatever was running
-        if args.cmd == "compare":
+        if cmd == "compare":
             raise
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
         total = cfg.get("rounds") if isinstance(cfg, dict) else None
-        print(_stopped_line(signum, out, total, resumable=args.cmd == "simulate"), file=sys.stderr)
+        print(_stopped_line(signum, out, total, resumable=cmd == "simulate"), file=sys.stderr)
         left = _threads_left()
-        if ((argv_given is None or (args.cmd == "flower" and left))
+        if ((argv_given is None or (cmd == "flower" and left))
                 and threading.current_thread() is threading.main_thread()):
             # The command dies by the signal (see _die_by); so does a process whose other
             # threads would keep it alive: Flower's ServerApp thread is not a daemon and would
@@ -255,14 +284,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             # it wrote are whole (replace_whole) and the kernel drops its lock; its folder is
             # not released under it (no finally runs), a lone run's is.
             if not left:
-                release_folder(made)
+                _release(made)
             _die_by(signum)
         return 128 + signum  # in-process: the shell's status for a process the signal stopped
     finally:
         if sigterm is not None:
             signal.signal(signal.SIGTERM, sigterm)
-        release_folder(made)  # only while empty: a run stopped before its first round leaves nothing
-
+        _release(made)  # only while empty: a run stopped before its first round leaves nothing
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -334,6 +334,60 @@ def test_ctrl_c_stops_a_shell_loop_of_runs(tmp_path):
     assert p.returncode in (130, -signal.SIGINT)
 
 
+# A child that runs the command as its console script (or python -m) does, with a real signal
+# sent to itself the moment `module` starts to import.
+_SIGNAL_AT_IMPORT = """
+import os, signal, sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.{sig})
+        return None
+
+sys.meta_path.insert(0, Interrupt())
+sys.argv[0] = "fedmpq"
+{entry}
+"""
+_ENTRIES = {"script": "from fedmpq.cli import main\nsys.exit(main())",  # what pip's fedmpq script runs
+            "python -m": "import runpy\nrunpy.run_module('fedmpq', run_name='__main__', alter_sys=True)"}
+
+
+@pytest.mark.parametrize("entry,module,sig", [("script", "torch", "SIGINT"), ("python -m", "torch", "SIGINT"),
+                                              ("script", "fedmpq.config", "SIGINT"), ("script", "torch", "SIGTERM")])
+def test_a_signal_while_the_command_starts_is_one_line_too(entry, module, sig, tmp_path):
+    """Ctrl-C in the first seconds, while torch and fedmpq are imported (before the flags are
+    even parsed): the one line of any stopped run, no traceback, and the process ends by the
+    signal. It printed a traceback of the import: the console script imports fedmpq.cli before
+    it calls main."""
+    import signal
+    import subprocess
+    import sys
+
+    code = _SIGNAL_AT_IMPORT.format(module=module, sig=sig, entry=_ENTRIES[entry])
+    p = subprocess.run([sys.executable, "-c", code, "simulate", "-q", "--out", str(tmp_path / "run")]
+                       + _args(dict(SMALL, rounds=1)), capture_output=True, text=True, timeout=300)
+    name = "Ctrl-C" if sig == "SIGINT" else "SIGTERM"
+    assert p.stderr == f"fedmpq: stopped by {name} before the first round ended\n", p.stderr
+    assert p.returncode == -getattr(signal, sig)
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_while_the_flags_are_built_returns_130_in_process(monkeypatch, capsys):
+    """cli.main(argv) in-process: a Ctrl-C before the flags are parsed returns 130 with the
+    same line, as one during the run does."""
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_config_flags", interrupted)
+    try:
+        status = cli.main(["simulate", "-q"])
+    except KeyboardInterrupt:  # raised on, it would end the whole pytest session
+        pytest.fail("the Ctrl-C came out of main")
+    assert status == 130
+    assert capsys.readouterr().err == "fedmpq: stopped by Ctrl-C before the first round ended\n"
+
+
 def test_the_sigterm_handler_is_put_back(tmp_path):
     import signal
 
@@ -343,9 +397,11 @@ def test_the_sigterm_handler_is_put_back(tmp_path):
 
 
 def test_ctrl_c_in_compare_is_not_a_stopped_run(tmp_path, monkeypatch):
+    from fedmpq import results
+
     def compare(*a):
         raise KeyboardInterrupt
-    monkeypatch.setattr(cli, "compare", compare)
+    monkeypatch.setattr(results, "compare", compare)
     with pytest.raises(KeyboardInterrupt):
         cli.main(["compare", str(tmp_path)])
 
