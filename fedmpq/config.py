@@ -236,12 +236,33 @@ def load_data(c: Dict[str, Any]) -> Tuple[data_mod.Dataset, List[torch.Tensor]]:
         raise
     except (ValueError, OSError, data_mod.UnsafePickleError) as e:  # files that are there but are not the dataset
         raise ConfigError(f"dataset {c['dataset']}: {e}") from None
+    whole = ds.num_train
     try:
         ds = data_mod.subset(ds, c["train_samples"])
         parts = data_mod.partition(ds.train_y, c["n_clients"], c["alpha"], c["seed"])
+    except data_mod.PartitionError as e:
+        raise ConfigError(_split_advice(c, e, whole)) from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return ds, parts
+
+
+def _split_advice(c: Dict[str, Any], e: data_mod.PartitionError, whole: int) -> str:
+    """A split that cannot be made, said in the keys that can change it (partition's own
+    message names its min_size, which is no config key)."""
+    if c["train_samples"] is None:
+        samples, more = f"the {e.n} {c['dataset']} training samples", ""
+    else:
+        samples = f"the {e.n} training samples (train_samples={c['train_samples']})"
+        more = ", or raise train_samples (--train-samples)" if c["train_samples"] < whole else ""
+    if not e.draws:
+        return (f"n_clients={c['n_clients']} clients of at least {e.min_size} samples each need "
+                f"{c['n_clients'] * e.min_size}, more than {samples}: lower n_clients (--n-clients){more}")
+    tried = (f"each of the first {e.draws} draws left {e.short} or more clients with fewer, so more draws would not "
+             "help" if e.hopeless else f"none of {e.draws} draws did; in the best, the smallest client had {e.best}")
+    return (f"alpha={c['alpha']:g} with n_clients={c['n_clients']}: no Dirichlet split of {samples} gives every client "
+            f"at least {e.min_size} samples ({tried}): raise alpha (--alpha; iid splits evenly) or lower n_clients "
+            f"(--n-clients){more}")
 
 
 def load_config_file(path: str) -> Dict[str, Any]:

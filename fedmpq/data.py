@@ -24,8 +24,10 @@ Dirichlet(alpha) over labels: for every class, proportions over the clients are 
 Dirichlet(alpha) and that class's (shuffled) samples are cut accordingly; like the authors
 (after Li et al.'s NIID-bench), a client that already holds its even share N/K takes no more
 samples, and the whole draw is repeated until every client has at least ``min_size``
-samples. Seeded with ``numpy.random.default_rng(seed)``, so the same arguments give the same
-partition on every platform.
+samples (:class:`PartitionError` after ``max_tries`` draws, or after the first
+:data:`HOPELESS_AFTER` when each left many clients short). Seeded with
+``numpy.random.default_rng(seed)``, so the same arguments give the same partition on every
+platform.
 """
 from __future__ import annotations
 
@@ -76,6 +78,20 @@ class MissingDatasetError(FileNotFoundError):
 class UnsafePickleError(pickle.UnpicklingError):
     """A pickle asked for a global that a CIFAR batch never needs (anything but numpy's array
     reconstruction); nothing of it was run."""
+
+
+class PartitionError(ValueError):
+    """No partition gives every client ``min_size`` samples: fewer samples than
+    ``n_clients * min_size`` (``draws`` 0), or no Dirichlet draw did. The numbers are
+    attributes, for a caller that gives the advice in its own terms (its config keys)."""
+
+    def __init__(self, message: str, n: int, n_clients: int, alpha: Optional[float], min_size: int,
+                 draws: int = 0, best: int = -1, short: int = 0, hopeless: bool = False):
+        super().__init__(message)
+        self.n, self.n_clients, self.alpha, self.min_size = n, n_clients, alpha, min_size
+        # draws made; the most the smallest client got, and the fewest clients left short, in any
+        # of them; hopeless: stopped before max_tries (HOPELESS_AFTER)
+        self.draws, self.best, self.short, self.hopeless = draws, best, short, hopeless
 
 
 @dataclass
@@ -439,6 +455,18 @@ def _load_cifar(key: str, data_dir: Optional[PathLike]) -> Dataset:
 # Partitions
 
 
+# A Dirichlet split stops after HOPELESS_AFTER draws when each of them left at least
+# HOPELESS_SHORT clients below min_size: the draws are independent, and that many short in
+# every one puts success out of reach. Measured on about 1600 configurations (the digits,
+# skewed and uniform synthetic labels of 2 to 100 classes, 10 to 600 clients, alpha 0.01 to
+# 100; 1000 draws each): none whose first 20 draws each left 12 or more short succeeded, and
+# in a grid of 490 of them no draw of a configuration that ever succeeded left more than 14
+# short. The splits it stops are over hundreds or thousands of clients, whose 1000 draws took
+# seconds to minutes (10 minutes for 5000 clients of CIFAR-100's size). A split that succeeds
+# is the same draw as without the stop.
+HOPELESS_AFTER = 20
+HOPELESS_SHORT = 20
+
 SUBSET_SEED = 20240617  # train_samples: one fixed subset, whatever the run's seed or algorithm
 
 
@@ -466,8 +494,10 @@ def partition(labels: Union[Tensor, np.ndarray, Sequence[int]], n_clients: int, 
     by at most one. Otherwise Dirichlet(``alpha``) over the clients for every class (smaller
     alpha, more skew), a client holding its even share ``N / n_clients`` taking no more, the
     whole draw repeated (up to ``max_tries`` times) until every client has at least
-    ``min_size`` samples. ``ValueError`` for bad arguments, for ``min_size * n_clients > N``
-    and when no draw satisfies ``min_size``.
+    ``min_size`` samples; it stops after :data:`HOPELESS_AFTER` draws when every one of them
+    left at least :data:`HOPELESS_SHORT` clients short. ``ValueError`` for bad arguments,
+    :class:`PartitionError` (a ``ValueError``) for ``min_size * n_clients > N`` and when no
+    draw satisfies ``min_size``.
     """
     if isinstance(labels, Tensor):
         y = labels.detach().cpu().numpy()
@@ -493,8 +523,8 @@ def partition(labels: Union[Tensor, np.ndarray, Sequence[int]], n_clients: int, 
         raise ValueError(f"max_tries must be an integer >= 1, got {max_tries!r}")
     n = int(y.size)
     if min_size * n_clients > n:
-        raise ValueError(f"cannot give each of {n_clients} clients at least min_size={min_size} samples: "
-                         f"there are only {n}")
+        raise PartitionError(f"cannot give each of {n_clients} clients at least min_size={min_size} samples: "
+                             f"there are only {n}", n, n_clients, alpha, min_size)
     rng = np.random.default_rng(seed)
 
     if alpha is None:
@@ -504,10 +534,12 @@ def partition(labels: Union[Tensor, np.ndarray, Sequence[int]], n_clients: int, 
     by_class = [np.flatnonzero(y == c) for c in np.unique(y)]
     share = n / n_clients
     concentration = np.full(n_clients, a)
-    best = -1
-    for _ in range(int(max_tries)):
-        pieces: List[List[np.ndarray]] = [[] for _ in range(n_clients)]
+    best, fewest_short = -1, n_clients
+    for tries in range(1, int(max_tries) + 1):
+        # A draw only counts samples; the parts are cut from the one kept. Cutting every draw
+        # (np.split into n_clients pieces per class) took 50 ms a draw for 5000 clients.
         sizes = np.zeros(n_clients, np.int64)
+        draw = []
         for idx in by_class:
             idx = rng.permutation(idx)
             p = rng.dirichlet(concentration)
@@ -517,15 +549,32 @@ def partition(labels: Union[Tensor, np.ndarray, Sequence[int]], n_clients: int, 
             if not np.isfinite(total) or total <= 0:  # the draw fell on full clients only
                 p, total = open_.astype(np.float64), float(open_.sum())
             cuts = np.clip(np.floor(np.cumsum(p / total)[:-1] * len(idx)), 0, len(idx)).astype(np.int64)
-            for j, chunk in enumerate(np.split(idx, cuts)):
-                if chunk.size:
-                    pieces[j].append(chunk)
-                    sizes[j] += chunk.size
+            counts = np.diff(cuts, prepend=0, append=len(idx))  # cuts never decrease: the chunks' sizes
+            sizes += counts
+            draw.append((idx, counts))
         smallest = int(sizes.min())
         if smallest >= min_size:
-            return [torch.from_numpy(np.sort(np.concatenate(c)).astype(np.int64) if c else np.zeros(0, np.int64))
-                    for c in pieces]
+            return _cut(draw, n, n_clients)
         best = max(best, smallest)
-    raise ValueError(f"no Dirichlet(alpha={alpha}) partition of {n} samples over {n_clients} clients gave every "
-                     f"client min_size={min_size} samples in {max_tries} draws (the best gave {best}): "
-                     "raise alpha, or lower min_size or n_clients")
+        fewest_short = min(fewest_short, int((sizes < min_size).sum()))
+        if tries == HOPELESS_AFTER and fewest_short >= HOPELESS_SHORT and tries < max_tries:
+            raise PartitionError(
+                f"no Dirichlet(alpha={alpha}) partition of {n} samples over {n_clients} clients will give every client "
+                f"min_size={min_size} samples: each of the first {tries} draws left {fewest_short} or more clients "
+                f"short (the best gave {best}), too many for more draws to help: raise alpha, or lower min_size or "
+                "n_clients", n, n_clients, alpha, min_size, tries, best, fewest_short, hopeless=True)
+    raise PartitionError(f"no Dirichlet(alpha={alpha}) partition of {n} samples over {n_clients} clients gave every "
+                         f"client min_size={min_size} samples in {max_tries} draws (the best gave {best}): "
+                         "raise alpha, or lower min_size or n_clients", n, n_clients, alpha, min_size, max_tries, best,
+                         fewest_short)
+
+
+def _cut(draw: List[Tuple[np.ndarray, np.ndarray]], n: int, n_clients: int) -> List[Tensor]:
+    """The parts of a draw: for every class, its shuffled samples and how many of them, in
+    order, each client takes. Each part sorted."""
+    owner = np.empty(n, np.int64)
+    for idx, counts in draw:
+        owner[idx] = np.repeat(np.arange(n_clients), counts)
+    order = np.argsort(owner, kind="stable")  # by client, each client's samples in index order
+    ends = np.cumsum(np.bincount(owner, minlength=n_clients))[:-1]
+    return [torch.from_numpy(part.astype(np.int64)) for part in np.split(order, ends)]  # copies: no shared storage

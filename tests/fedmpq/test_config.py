@@ -267,3 +267,27 @@ def test_whole_number_float_keys_are_recorded_as_floats(tmp_path):
     same = config.check_config({k: float(v) for k, v in keys.items()})
     assert results._group_key(c) == results._group_key(same)
     assert results._group_key(config.check_config(dict(sampling_rate=1))) == results._group_key(config.check_config({}))
+
+
+@pytest.mark.parametrize("keys,says", [
+    # every class on a client or two: 70-odd of 100 clients get nothing, in draw after draw
+    (dict(alpha=0.01, n_clients=100), "each of the first 20 draws left"),
+    # more clients than 10 samples each allow
+    (dict(alpha=0.5, n_clients=200), "n_clients=200 clients of at least 10 samples each need 2000"),
+    # a subset of the training set: raising it is advice too
+    (dict(alpha=0.01, n_clients=30, train_samples=500), "none of 1000 draws did"),
+])
+def test_a_split_that_cannot_be_made_names_the_keys_that_change_it(keys, says, tmp_path, capsys):
+    """It named min_size, which no config key or flag sets ("raise alpha, or lower min_size
+    or n_clients"), after a minute of silent draws where the clients were thousands."""
+    c = config.check_config(dict(SMALL, budgets=4, **keys))
+    with pytest.raises(config.ConfigError, match=says) as e:
+        config.load_data(c)
+    msg = str(e.value)
+    assert "min_size" not in msg and "--n-clients" in msg
+    assert ("--alpha" in msg) == ("alpha" in keys and keys["n_clients"] * 10 <= 1438)
+    assert ("--train-samples" in msg) == ("train_samples" in keys)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in keys.items()]
+    assert cli.main(["simulate", "-q", "--budgets", "4", "--out", str(tmp_path / "o")] + args) == 2
+    assert capsys.readouterr().err == f"fedmpq: {msg}\n"
+    assert not (tmp_path / "o").exists()

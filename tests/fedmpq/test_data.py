@@ -486,6 +486,40 @@ def test_dirichlet_impossible_min_size_is_a_clear_error():
         data.partition(y, 10, 0.001, seed=0, min_size=10, max_tries=50)
 
 
+def test_a_hopeless_dirichlet_split_stops_after_its_first_draws():
+    """100 clients and alpha 0.01 on the digits: each class falls on one client or two, and
+    every draw leaves some 70 clients short. It drew all 1000 times before saying so (a minute,
+    silent, with thousands of clients); it stops after HOPELESS_AFTER draws."""
+    y = data.load("digits").train_y
+    with pytest.raises(data.PartitionError, match=r"each of the first 20 draws left \d+ or more clients short") as e:
+        data.partition(y, 100, 0.01, seed=0)
+    assert e.value.hopeless and e.value.draws == data.HOPELESS_AFTER == 20
+    assert e.value.short >= data.HOPELESS_SHORT and e.value.best < 10
+    # draws that leave fewer clients short go on to max_tries: another seed may yet succeed
+    with pytest.raises(data.PartitionError, match="in 100 draws") as e:
+        data.partition(y, 20, 0.01, seed=0, max_tries=100)
+    assert not e.value.hopeless and e.value.draws == 100 and 0 < e.value.short < data.HOPELESS_SHORT
+
+
+# Digests of the digits' Dirichlet splits made before the early stop and the draws that only
+# count (numpy 2, its Generator): a reproduced or resumed run must give its clients the same
+# samples. (30, 0.1) and (50, 0.3) succeed only in draws 40 and 46, after draws that left
+# clients short; (10, None) is iid.
+@pytest.mark.parametrize("k,alpha,seed,digest", [
+    (10, 0.5, 0, "eac9283deac0134c"), (10, 0.1, 3, "5f596ace50f525b2"), (30, 0.1, 0, "599bff73a59edfa1"),
+    (50, 0.3, 0, "51c019eb4a3fce3c"), (10, None, 0, "010fc83130782109"),
+])
+def test_digits_partitions_are_the_ones_they_were(k, alpha, seed, digest):
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in data.partition(data.load("digits").train_y, k, alpha, seed):
+        assert p.dtype == torch.int64 and p.is_contiguous()
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p.numpy().tobytes())
+    assert h.hexdigest()[:16] == digest
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(alpha=0.0), "alpha must be a positive"),
     (dict(alpha=-1.0), "alpha must be a positive"),
