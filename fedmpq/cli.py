@@ -292,5 +292,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             signal.signal(signal.SIGTERM, sigterm)
         _release(made)  # only while empty: a run stopped before its first round leaves nothing
 
+
 if __name__ == "__main__":
     sys.exit(main())
