@@ -12,6 +12,11 @@ Groups:
   ``fedmpq_median`` / ``fedmpq_trimmed_mean``: the robust rules (every upload de-quantized
   and kept, then a coordinate-wise sort), against the streamed mean.
   uploads/s = K / median.
+
+Every implementation of a group records the same ``bytes``: the float32 model's (K of them for
+``aggregate``), not what each reads or writes (a 4-bit upload is about an eighth of that). The
+GB/s column of these groups is therefore models per second in float32 bytes, comparable
+within a group; the payloads' own sizes are in ``payload_bytes``.
 """
 from __future__ import annotations
 
