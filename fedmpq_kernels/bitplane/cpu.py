@@ -5,7 +5,12 @@
 The kernels take contiguous buffers, float32 and bitmaps 4-byte aligned: inputs of any
 strides, dtypes or alignment are copied here first; a state tensor updated in place
 (codes, sign, gs) that is not usable as it is gets a working copy, written back after the
-kernel. Thread count follows ``torch.get_num_threads()`` (capped natively at the cores).
+kernel. Thread count follows ``torch.get_num_threads()`` (capped natively at the cores); a
+call small enough to run on the calling thread anyway does not ask (:data:`_SERIAL`).
+
+Every tensor attribute or method read from Python costs ~0.1 µs, as much as a 32-weight
+kernel: the adapters read each once, take the common case (contiguous, aligned, of the
+kernel's dtype) in the fewest reads, and reuse the data pointer its alignment test read.
 """
 from __future__ import annotations
 
@@ -14,17 +19,26 @@ from typing import List, Optional, Tuple
 import torch
 
 from .._buffers import copies_among_shared, empty_f32, words, write_back
-from .._checks import bitmap_arg, bitmap_nbytes
+from .._checks import bitmap_arg
 from .._native import native
 
 Tensor = torch.Tensor
 _CPU = torch.device("cpu")
+_F32, _U8, _I64 = torch.float32, torch.uint8, torch.int64
+_default_dtype = torch.get_default_dtype
+# Up to this many elements (element-planes for a step: its work grows with bits and its
+# thread count comes from n * bits) the kernels run on the calling thread whatever count they
+# are given (csrc/cpu/cpu_features.cpp threads_for: one thread below two grains; parallel.h),
+# so a small call does not ask torch for its count (~0.1 µs of a 32-weight call).
+_SERIAL = native.threading()["grain"] if native is not None else 0
 
 
 # The kernels take a pointer and an element count, so inputs keep their shapes: a reshape
 # costs about 0.9 µs, and a step call made nine of them.
 def _f32(t: Tensor) -> Tensor:
     """t as contiguous, 4-byte-aligned float32, any shape (no copy when it already is)."""
+    if t.dtype is _F32 and t.is_contiguous() and not t.data_ptr() & 3:
+        return t  # the common case, in the fewest calls
     if t.dtype != torch.float32:
         t = t.float()
     t = t.contiguous()
@@ -38,38 +52,66 @@ def _bytes(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _scalar(t: Tensor) -> float:
-    return float(t)  # any one-element tensor
+def _f32_scalar(v: float) -> Tensor:
+    """A float32 0-dim tensor of v (cheaper than torch.tensor); without a dtype argument
+    (~0.2 µs) where the default dtype gives float32 anyway."""
+    return torch.scalar_tensor(v) if _default_dtype() is _F32 else torch.scalar_tensor(v, dtype=_F32)
+
+
+def _sign(sign: Tensor, n: int) -> Tuple[Tensor, int, int]:
+    """(the sign bitmap as bitmap_arg hands it out, its data pointer, its bytes): the usual
+    one (a plain contiguous, aligned uint8 CPU tensor, long enough) in five reads, anything
+    else through bitmap_arg (its copy, its errors)."""
+    if (type(sign) is Tensor and sign.dtype is _U8 and sign.is_cpu and (nb := sign.numel()) >= 4 * ((n + 31) >> 5)
+            and sign.is_contiguous() and not (p := sign.data_ptr()) & 3):
+        return sign, p, nb
+    sg = bitmap_arg(sign, n, _CPU, "sign")
+    return sg, sg.data_ptr(), sg.numel()
 
 
 def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
-    x = _f32(w.detach())
+    x = w.detach()
+    if x.dtype is _F32 and x.is_contiguous() and not (px := x.data_ptr()) & 3:
+        pass  # the common case in the fewest reads (see _f32)
+    else:
+        x = _f32(x)
+        px = x.data_ptr()
     n = x.numel()
-    codes = torch.empty(n, dtype=torch.uint8)
-    sign = torch.empty(bitmap_nbytes(n), dtype=torch.uint8)
-    s = native.cpu.binarize(x.data_ptr(), n, bits, codes.data_ptr(), n, sign.data_ptr(), sign.numel(),
-                            torch.get_num_threads())
-    return codes, sign, torch.scalar_tensor(s, dtype=torch.float32)
+    nb = 4 * ((n + 31) >> 5)  # bitmap_nbytes
+    codes = torch.empty(n, dtype=_U8)
+    sign = torch.empty(nb, dtype=_U8)
+    s = native.cpu.binarize(px, n, bits, codes.data_ptr(), n, sign.data_ptr(), nb,
+                            torch.get_num_threads() if n > _SERIAL else 1)
+    return codes, sign, _f32_scalar(s)
+
+
+def _empty_f32(n: int) -> Tensor:
+    return torch.empty(n) if _default_dtype() is _F32 else torch.empty(n, dtype=_F32)  # a dtype argument: ~0.2 µs
 
 
 def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
     c = _bytes(codes)
     n = c.numel()
-    sg = bitmap_arg(sign, n, _CPU, "sign")
-    out = torch.empty(n, dtype=torch.float32)
-    native.cpu.dequantize(c.data_ptr(), n, sg.data_ptr(), sg.numel(), _scalar(scale), bits, out.data_ptr(), n,
-                          torch.get_num_threads())
+    _, ps, nb = _sign(sign, n)
+    out = _empty_f32(n)
+    native.cpu.dequantize(c.data_ptr(), n, ps, nb, scale.item(), bits, out.data_ptr(), n,
+                          torch.get_num_threads() if n > _SERIAL else 1)
     return out
 
 
 def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
     c = _bytes(codes)
     n = c.numel()
-    g = _f32(grad)  # the binding refuses a grad of another length than codes
-    sg = bitmap_arg(sign, n, _CPU, "sign")
-    r = native.cpu.dequantize_backward(g.data_ptr(), g.numel(), c.data_ptr(), n, sg.data_ptr(), sg.numel(), bits,
-                                       torch.get_num_threads())
-    return torch.scalar_tensor(r, dtype=torch.float32)  # cheaper than torch.tensor
+    if grad.dtype is _F32 and grad.is_contiguous() and not (pg := grad.data_ptr()) & 3:
+        g = grad  # the common case in the fewest reads
+    else:
+        g = _f32(grad)
+        pg = g.data_ptr()
+    ng = g.numel()  # the binding refuses a grad of another length than codes
+    _, ps, nb = _sign(sign, n)
+    r = native.cpu.dequantize_backward(pg, ng, c.data_ptr(), n, ps, nb, bits,
+                                       torch.get_num_threads() if n > _SERIAL else 1)
+    return _f32_scalar(r)
 
 
 def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
@@ -80,9 +122,9 @@ def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
     for c, sg, sc, b, shape in zip(codes, sign, scale, bits, shapes):
         c = _bytes(c)
         n = c.numel()
-        sw = words(sg)  # the public function checked it: only made contiguous and aligned
+        sw, psw = _words(sg)  # the public function checked it: only made contiguous and aligned
         w = empty_f32(shape)
-        native.cpu.dequantize(c.data_ptr(), n, sw.data_ptr(), sw.numel(), _scalar(sc), b, w.data_ptr(), n, nt)
+        native.cpu.dequantize(c.data_ptr(), n, psw, sw.numel(), sc.item(), b, w.data_ptr(), n, nt)
         out.append(w)
     return out
 
@@ -95,46 +137,57 @@ def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
         c = _bytes(c)
         n = c.numel()
         g = _f32(g)  # the binding refuses a grad of another length than codes
-        sw = words(sg)
-        r.append(native.cpu.dequantize_backward(g.data_ptr(), g.numel(), c.data_ptr(), n, sw.data_ptr(), sw.numel(), b,
-                                                nt))
+        sw, psw = _words(sg)
+        r.append(native.cpu.dequantize_backward(g.data_ptr(), g.numel(), c.data_ptr(), n, psw, sw.numel(), b, nt))
     return list(torch.tensor(r, dtype=torch.float32).unbind())  # one tensor: cheaper than one per layer
 
 
 def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     c = _bytes(codes)
-    out = torch.empty(bits, dtype=torch.int64)
-    native.cpu.plane_popcounts(c.data_ptr(), c.numel(), bits, out.data_ptr(), bits, torch.get_num_threads())
+    n = c.numel()
+    out = torch.empty(bits, dtype=_I64)
+    native.cpu.plane_popcounts(c.data_ptr(), n, bits, out.data_ptr(), bits,
+                               torch.get_num_threads() if n > _SERIAL else 1)
     return out
 
 
 def plane_popcounts_layers(codes, bits) -> Tensor:
     """plane_popcounts of each layer through one native call, concatenated."""
-    cs = [_bytes(c) for c in codes]
-    out = torch.empty(sum(bits), dtype=torch.int64)
-    native.cpu.plane_popcounts_layers([(c.data_ptr(), c.numel(), b) for c, b in zip(cs, bits)], out.data_ptr(),
-                                      out.numel(), torch.get_num_threads())
+    cs = [_bytes(c) for c in codes]  # kept alive over the call (a copy of a strided one)
+    layers = [(c.data_ptr(), c.numel(), b) for c, b in zip(cs, bits)]
+    total = sum(bits)
+    out = torch.empty(total, dtype=_I64)
+    native.cpu.plane_popcounts_layers(layers, out.data_ptr(), total, torch.get_num_threads())
     return out
 
 
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
                   scale: Tensor, bits: int, lr: float, momentum: float, key: int,
                   key_tensor: Optional[Tensor] = None) -> Tensor:
-    n = codes.numel()
     if key_tensor is not None:  # a CPU tensor: reading it is free
         key = int(key_tensor) & 0xFFFFFFFF
     # Working copies of the in-place state where the kernel cannot use it as it is.
     c = _bytes(codes)
-    sg = words(sign)
+    n = c.numel()
+    sg, psg = _words(sign)
     m = _bytes(mom)
-    g_state = words(gs)  # the one float32, read and written as a word
+    g_state, pgs = _words(gs)  # the one float32, read and written as a word
     g = _f32(grad)
     cf = _f32(coef)
-    r = native.cpu.bitplane_step(c.data_ptr(), n, sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(),
-                                 g_state.data_ptr(), g.data_ptr(), g.numel(), cf.data_ptr(), cf.numel(), _scalar(scale),
-                                 bits, float(lr), float(momentum), int(key), torch.get_num_threads())
+    r = native.cpu.bitplane_step(c.data_ptr(), n, psg, sg.numel(), m.data_ptr(), m.numel(),
+                                 pgs, g.data_ptr(), g.numel(), cf.data_ptr(), cf.numel(), scale.item(),
+                                 bits, float(lr), float(momentum), int(key),
+                                 torch.get_num_threads() if n * bits > _SERIAL else 1)
     write_back((c, sg, m, g_state), (codes, sign, mom, gs))  # the working copies, if any
-    return torch.scalar_tensor(r, dtype=torch.float32)  # cheaper than torch.tensor
+    return _f32_scalar(r)
+
+
+def _words(t: Tensor) -> Tuple[Tensor, int]:
+    """(:func:`words` (t), its data pointer): a 1-D contiguous aligned t in three reads."""
+    if t.dim() == 1 and t.is_contiguous() and not (p := t.data_ptr()) & 3:
+        return t, p
+    w = words(t)
+    return w, w.data_ptr()
 
 
 def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,
@@ -146,18 +199,19 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
         keys = [k & 0xFFFFFFFF for k in key_tensor.tolist()]
     work, layers = [], []
     for l in range(L):
-        c, sg, m, g_state = _bytes(codes[l]), words(sign[l]), _bytes(mom[l]), words(gs[l])
+        c, (sg, psg), m, (g_state, pgs) = _bytes(codes[l]), _words(sign[l]), _bytes(mom[l]), _words(gs[l])
         g, cf = _f32(grad[l]), _f32(coef[l])
         work.append((c, sg, m, g_state, g, cf))
-        layers.append((c.data_ptr(), c.numel(), sg.data_ptr(), sg.numel(), m.data_ptr(), m.numel(), g_state.data_ptr(),
-                       g.data_ptr(), g.numel(), cf.data_ptr(), cf.numel(), _scalar(scale[l]), bits[l], int(keys[l])))
-    out = torch.empty(L, dtype=torch.float32)
+        layers.append((c.data_ptr(), c.numel(), psg, sg.numel(), m.data_ptr(), m.numel(), pgs, g.data_ptr(), g.numel(),
+                       cf.data_ptr(), cf.numel(), scale[l].item(), bits[l], int(keys[l])))
+    out = _empty_f32(L)
     if copies_among_shared(work, [(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l]) for l in range(L)]):
         # layer by layer; still every layer checked before any is stepped
         native.cpu.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), L, 1, True)
         return torch.stack([bitplane_step(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l], scale[l], bits[l], lr,
                                           momentum, int(keys[l])) for l in range(L)])
-    native.cpu.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), L, torch.get_num_threads())
+    native.cpu.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), L,
+                                    torch.get_num_threads())  # once a call: not worth a test per layer
     for l in range(L):
         write_back(work[l], (codes[l], sign[l], mom[l], gs[l]))  # the working copies, if any
     return out
