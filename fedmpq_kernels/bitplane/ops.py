@@ -13,7 +13,7 @@ import torch
 
 from .. import registry
 from .._checks import bitmap_nbytes, check_bits, check_same_device
-from .._library import PLAIN, _eager, _is_wrapped, direct_apply, lib
+from .._library import PLAIN, _dispatch_modes, _eager, _functorch_active, _is_wrapped, direct_apply, lib
 from . import reference as _ref
 
 Tensor = torch.Tensor
@@ -31,7 +31,23 @@ lib.define(
 
 
 def _get(op: str, t: Tensor):
-    return registry.get("bitplane", op, t.device.type)
+    # is_cpu first: t.device.type makes a device object and a str (~0.4 µs)
+    return registry.get("bitplane", op, "cpu" if t.is_cpu else t.device.type)
+
+
+_U8, _F32 = torch.uint8, torch.float32
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+_isfinite = math.isfinite
+# op -> the CPU backend's function, the public functions' fast paths' lookup (one dict
+# subscript instead of a registry.get call); emptied with every backend change.
+_CPU_FN = registry.derived_cache()
+_FLOATS = frozenset((torch.float32, torch.float16, torch.bfloat16))
+
+
+def _cpu_fn(op: str):
+    fn = _CPU_FN[op] = registry.get("bitplane", op, "cpu")
+    return fn
 
 
 def _binarize_impl(w: Tensor, bits: int):
@@ -166,6 +182,45 @@ class _DequantizeEager(torch.autograd.Function):
 
 
 _dq_apply = direct_apply(_DequantizeEager)  # without Function.apply's wrapper (see _library)
+
+
+def _dequantize_function(fwd, bwd, bits: int):
+    """The same autograd rule, for the public function's fast path (plain eager CPU tensors,
+    a 0-dim scale), at the least host cost: ``apply(codes, sign, scale, sink) -> w`` of a
+    Function over one backend's forward ``fwd`` and backward ``bwd`` at width ``bits``,
+    all three closed over (no ctx attribute, one argument fewer; the scale's gradient is
+    0-dim, no shape to keep)."""
+
+    class _DequantizeEager(torch.autograd.Function):  # the general one's name: the same node to a reader
+        @staticmethod
+        def forward(ctx, codes, sign, scale, sink):
+            ctx.save_for_backward(codes, sign)
+            w = fwd(codes, sign, scale, bits)  # (n,): a 1-D sink's shape already (a view costs ~1.5 µs)
+            shape = sink.shape
+            return w if len(shape) == 1 else w.view(shape)
+
+        @staticmethod
+        def backward(ctx, grad_w):
+            need = ctx.needs_input_grad
+            gscale = None
+            if need[2]:
+                codes, sign = ctx.saved_tensors
+                # create_graph: the pure-torch rule, differentiable in grad_w (see _dq_grads)
+                run = _ref.dequantize_backward if grad_w.requires_grad else bwd
+                gscale = run(grad_w if grad_w.dim() == 1 else grad_w.reshape(-1), codes, sign, bits)
+            return None, None, gscale, (grad_w if need[3] else None)
+
+    return direct_apply(_DequantizeEager)
+
+
+# bits -> (the CPU backend's dequantize, the fast path's Function's apply at that width)
+_DQ_CPU = registry.derived_cache()
+
+
+def _dq_cpu(bits: int):
+    fwd = registry.get("bitplane", "dequantize", "cpu")
+    e = _DQ_CPU[bits] = (fwd, _dequantize_function(fwd, registry.get("bitplane", "dequantize_backward", "cpu"), bits))
+    return e
 
 
 # ---- dequantize over many layers: one autograd node for a model's weights ------------------
@@ -355,6 +410,15 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
     Raises:
         TypeError / ValueError: w not a float tensor, bits outside 1..8, w not finite.
     """
+    if (type(w) in PLAIN and type(bits) is int and 0 < bits <= 8 and w.is_cpu and w.dtype in _FLOATS
+            and not _is_compiling() and not _dispatch_modes() and not _functorch_active() and not _is_wrapped(w)):
+        # The usual call: every backend's scale is max|w| with NaN propagated (NaN or inf
+        # exactly when w holds one), so that read (free on the CPU) stands for torch.isfinite's
+        # three ops; the results are fresh tensors, dropped on error.
+        r = (_CPU_FN.get("binarize") or _cpu_fn("binarize"))(w, bits)
+        if not _isfinite(r[2].item()):
+            raise ValueError("w holds NaN or inf: it cannot be binarized")
+        return r
     bits = _check_binarize(w, bits)
     if w.numel() and not bool(torch.isfinite(w).all()):
         raise ValueError("w holds NaN or inf: it cannot be binarized")
@@ -375,6 +439,21 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tens
         scale: float32 one-element tensor of any shape (its gradient comes in that shape).
         bits: N, 1..8.  sink: float32, n elements.
     """
+    # The usual call (plain eager CPU tensors, a 0-dim scale) with its checks in their cheapest
+    # form, every tensor attribute read once (~0.1 µs each); anything else takes the general
+    # path, with the checks that name the problem.
+    if (type(bits) is int and 0 < bits <= 8 and type(codes) in PLAIN and type(sign) in PLAIN and type(scale) in PLAIN
+            and type(sink) in PLAIN and codes.dtype is _U8 and sign.dtype is _U8 and scale.dtype is _F32
+            and codes.is_cpu and sign.is_cpu and scale.is_cpu and sink.is_cpu and scale.dim() == 0
+            and sink.numel() == (n := codes.numel()) and sign.numel() >= 4 * ((n + 31) >> 5)
+            and not _is_compiling() and not _dispatch_modes() and not _functorch_active()
+            and not _is_wrapped(codes) and not _is_wrapped(scale) and not _is_wrapped(sink)):
+        e = _DQ_CPU.get(bits) or _dq_cpu(bits)
+        if (scale.requires_grad or sink.requires_grad) and _grad_enabled():
+            return e[1](codes, sign, scale, sink)
+        w = e[0](codes, sign, scale, bits)
+        shape = sink.shape
+        return w if len(shape) == 1 else w.view(shape)  # (n,) already: a view costs ~1.5 µs
     bits = _check_dequantize(codes, sign, scale, bits, sink)
     if (_eager(codes) and type(scale) in PLAIN and type(sink) in PLAIN and not _is_wrapped(scale)
             and not _is_wrapped(sink)):
@@ -453,6 +532,9 @@ def sink_like(shape, device=None) -> Tensor:
 
 def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     """Set bits of each plane, int64 (bits,), plane 0 = MSB."""
+    if (type(codes) in PLAIN and type(bits) is int and 0 < bits <= 8 and codes.dtype is _U8 and codes.is_cpu
+            and not _is_compiling() and not _dispatch_modes() and not _functorch_active() and not _is_wrapped(codes)):
+        return (_CPU_FN.get("plane_popcounts") or _cpu_fn("plane_popcounts"))(codes, bits)  # the usual call
     _tensor(codes, "codes", torch.uint8)
     bits = check_bits(bits)
     if _eager(codes):
@@ -540,6 +622,22 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         TypeError / ValueError: bad arguments; a key tensor not int64 (TypeError), not on
         codes' device or not of one element (ValueError).
     """
+    # The usual call (plain eager CPU tensors of the kernel's dtypes, an int key, float lr and
+    # momentum) with _step_layer's checks in their cheapest form, every tensor attribute read
+    # once; anything else takes the general path, with the checks that name the problem.
+    if (type(bits) is int and 0 < bits <= 8 and type(key) is int and 0 <= key <= 0xFFFFFFFF and type(lr) is float
+            and type(momentum) is float and 0.0 < lr < math.inf and 0.0 <= momentum < 1.0  # _step_scalars
+            and type(codes) in PLAIN and type(sign) in PLAIN and type(mom) in PLAIN and type(gs) in PLAIN
+            and type(grad) in PLAIN and type(coef) in PLAIN and type(scale) in PLAIN
+            and codes.dtype is _U8 and sign.dtype is _U8 and mom.dtype is _U8 and gs.dtype is _F32
+            and grad.dtype is _F32 and coef.dtype is _F32 and scale.dtype is _F32
+            and codes.is_cpu and sign.is_cpu and mom.is_cpu and gs.is_cpu and grad.is_cpu and coef.is_cpu
+            and scale.is_cpu and (n := codes.numel()) < 1 << 32 and sign.numel() >= 4 * ((n + 31) >> 5)
+            and mom.numel() == bits * n and mom.is_contiguous() and gs.numel() == 1 and grad.numel() == n
+            and coef.dim() == 1 and coef.numel() == bits and scale.numel() == 1
+            and not _is_compiling() and not _dispatch_modes() and not _functorch_active() and not _is_wrapped(codes)):
+        return (_CPU_FN.get("bitplane_step") or _cpu_fn("bitplane_step"))(codes, sign, mom, gs, grad, coef, scale,
+                                                                           bits, lr, momentum, key, None)
     dev = codes.device
     bits, grad, coef = _step_layer(codes, sign, mom, gs, grad, coef, scale, bits, dev)
     _step_scalars(lr, momentum)

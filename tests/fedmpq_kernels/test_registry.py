@@ -252,3 +252,35 @@ def test_the_eager_paths_caches_follow_every_backend_change(monkeypatch):
     del ran[:]
     calls()
     assert ran == []
+
+
+def test_the_bitplane_fast_paths_caches_follow_every_backend_change(monkeypatch):
+    """binarize, dequantize (with and without gradients), plane_popcounts and bitplane_step
+    keep the CPU backend's functions after the first call (registry.derived_cache): a backend
+    forced later, and the default again after it, must still be the one that runs."""
+    from fedmpq_kernels.bitplane import reference
+
+    ran = []
+    for op in ("binarize", "dequantize", "dequantize_backward", "plane_popcounts", "bitplane_step"):
+        real = getattr(reference, op)
+        monkeypatch.setattr(reference, op, lambda *a, _op=op, _real=real: ran.append(_op) or _real(*a))
+    codes, sign, scale = fedmpq_kernels.binarize(torch.randn(37), 3)
+    mom, gs = torch.zeros(3, 37, dtype=torch.uint8), torch.zeros(1)
+
+    def calls():
+        fedmpq_kernels.binarize(torch.randn(37), 3)
+        sc, sink = scale.clone().requires_grad_(), fedmpq_kernels.sink_like((37,)).requires_grad_()
+        fedmpq_kernels.dequantize(codes, sign, sc, 3, sink).sum().backward()
+        fedmpq_kernels.dequantize(codes, sign, scale, 3, sink.detach())
+        fedmpq_kernels.plane_popcounts(codes, 3)
+        fedmpq_kernels.bitplane_step(codes, sign, mom, gs, torch.randn(37), torch.zeros(3), scale, 3, 0.1, 0.9, 5)
+
+    calls()  # the default backend, now cached
+    assert ran == []
+    with registry.use_backend("reference"):
+        calls()
+    assert sorted(ran) == sorted(["binarize", "dequantize", "dequantize_backward", "dequantize", "plane_popcounts",
+                                  "bitplane_step"])
+    del ran[:]
+    calls()
+    assert ran == []

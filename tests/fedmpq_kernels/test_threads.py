@@ -341,3 +341,36 @@ def test_the_scale_gradients_add_task_partials_in_task_order():
             big_s = torch.tensor(2.0, requires_grad=True)
             fk.fake_quant(x, 3, big_s, ste="clipped").backward(gy)
         assert (s.grad.item(), big_s.grad.item()) == (0.0, 0.0), f"{nt} threads"
+
+
+def test_a_bitplane_call_of_at_most_a_grain_does_not_ask_torch_for_its_thread_count(monkeypatch):
+    """The bit-plane CPU adapters hand 1 thread to a call of at most GRAIN elements (GRAIN
+    element-planes for a step, whose thread count comes from n * bits) without asking torch,
+    and torch's count to a larger one; the results are the same either way."""
+    asked = []
+    real = torch.get_num_threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: asked.append(1) or real())
+    bits = 4
+    with registry.use_backend("cpu"):
+        for n, asks in ((1, 0), (GRAIN // bits, 0), (GRAIN // bits + 1, 1), (GRAIN + 1, 1)):
+            gen = torch.Generator().manual_seed(n)
+            w = torch.randn(n, generator=gen)
+            del asked[:]
+            codes, sign, scale = fk.binarize(w, bits)
+            assert len(asked) == (n > GRAIN), n
+            sc, sink = scale.clone().requires_grad_(), fk.sink_like((n,)).requires_grad_()
+            del asked[:]
+            fk.dequantize(codes, sign, sc, bits, sink).backward(torch.randn(n, generator=gen))
+            assert len(asked) == 2 * (n > GRAIN), n
+            del asked[:]
+            fk.plane_popcounts(codes, bits)
+            assert len(asked) == (n > GRAIN), n
+            state = [codes.clone(), sign.clone(), torch.zeros(bits, n, dtype=torch.uint8), torch.zeros(1)]
+            g, coef = torch.randn(n, generator=gen), torch.full((bits,), 1e-3)
+            del asked[:]
+            got = fk.bitplane_step(*state, g, coef, scale, bits, 0.1, 0.9, 7)
+            assert len(asked) == asks, n
+            want = [codes.clone(), sign.clone(), torch.zeros(bits, n, dtype=torch.uint8), torch.zeros(1)]
+            with registry.use_backend("reference"):
+                ref = fk.bitplane_step(*want, g, coef, scale, bits, 0.1, 0.9, 7)
+            assert torch.equal(got, ref) and all(torch.equal(a, b) for a, b in zip(state, want)), n

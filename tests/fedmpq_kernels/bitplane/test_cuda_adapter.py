@@ -363,6 +363,8 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
     real_many = bc.dequantize_layers
     monkeypatch.setattr(bc, "dequantize_layers", lambda *a: made.append(len(a[0])) or real_many(*a))
     monkeypatch.setattr(ops, "_LAYERS_OF", {})  # its lookup of the adapters' many-layer ops is cached
+    for cache in ("_CPU_FN", "_DQ_CPU"):  # the fast paths' caches of the CPU backend's functions
+        monkeypatch.setattr(ops, cache, {})
     del step_launches[:]
     emu.sm_count(4)  # a workspace with room for every layer's popcount slots (one SM's holds 8 blocks)
     got, got_grads = train()
