@@ -267,7 +267,9 @@ def set_backend(name: Optional[str], family: Optional[str] = None) -> None:
 @contextlib.contextmanager
 def use_backend(name: Optional[str], family: Optional[str] = None) -> Iterator[None]:
     """Context manager form of :func:`set_backend` (restores the previous choice of that
-    scope)."""
+    scope). The choice is process-wide: every thread sees it. Enter it around the threads
+    that should run under it, not in each of them: threads that enter and leave it at once
+    each restore what they found, and the last to leave may restore another's choice."""
     prev = _override if family is None else _family_override.get(_check_family(family))
     set_backend(name, family)
     try:
