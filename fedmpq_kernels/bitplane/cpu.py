@@ -18,14 +18,13 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._buffers import copies_among_shared, empty_f32, words, write_back
+from .._buffers import copies_among_shared, empty_f32, f32_scalar, words, write_back
 from .._checks import bitmap_arg
 from .._native import native
 
 Tensor = torch.Tensor
 _CPU = torch.device("cpu")
 _F32, _U8, _I64 = torch.float32, torch.uint8, torch.int64
-_default_dtype = torch.get_default_dtype
 # Up to this many elements (element-planes for a step: its work grows with bits and its
 # thread count comes from n * bits) the kernels run on the calling thread whatever count they
 # are given (csrc/cpu/cpu_features.cpp threads_for: one thread below two grains; parallel.h),
@@ -52,12 +51,6 @@ def _bytes(t: Tensor) -> Tensor:
     return t.contiguous()
 
 
-def _f32_scalar(v: float) -> Tensor:
-    """A float32 0-dim tensor of v (cheaper than torch.tensor); without a dtype argument
-    (~0.2 µs) where the default dtype gives float32 anyway."""
-    return torch.scalar_tensor(v) if _default_dtype() is _F32 else torch.scalar_tensor(v, dtype=_F32)
-
-
 def _sign(sign: Tensor, n: int) -> Tuple[Tensor, int, int]:
     """(the sign bitmap as bitmap_arg hands it out, its data pointer, its bytes): the usual
     one (a plain contiguous, aligned uint8 CPU tensor, long enough) in five reads, anything
@@ -82,18 +75,14 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
     sign = torch.empty(nb, dtype=_U8)
     s = native.cpu.binarize(px, n, bits, codes.data_ptr(), n, sign.data_ptr(), nb,
                             torch.get_num_threads() if n > _SERIAL else 1)
-    return codes, sign, _f32_scalar(s)
-
-
-def _empty_f32(n: int) -> Tensor:
-    return torch.empty(n) if _default_dtype() is _F32 else torch.empty(n, dtype=_F32)  # a dtype argument: ~0.2 µs
+    return codes, sign, f32_scalar(s)
 
 
 def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
     c = _bytes(codes)
     n = c.numel()
     _, ps, nb = _sign(sign, n)
-    out = _empty_f32(n)
+    out = empty_f32((n,))
     native.cpu.dequantize(c.data_ptr(), n, ps, nb, scale.item(), bits, out.data_ptr(), n,
                           torch.get_num_threads() if n > _SERIAL else 1)
     return out
@@ -111,7 +100,7 @@ def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) ->
     _, ps, nb = _sign(sign, n)
     r = native.cpu.dequantize_backward(pg, ng, c.data_ptr(), n, ps, nb, bits,
                                        torch.get_num_threads() if n > _SERIAL else 1)
-    return _f32_scalar(r)
+    return f32_scalar(r)
 
 
 def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
@@ -179,7 +168,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
                                  bits, float(lr), float(momentum), int(key),
                                  torch.get_num_threads() if n * bits > _SERIAL else 1)
     write_back((c, sg, m, g_state), (codes, sign, mom, gs))  # the working copies, if any
-    return _f32_scalar(r)
+    return f32_scalar(r)
 
 
 def _words(t: Tensor) -> Tuple[Tensor, int]:
@@ -204,7 +193,7 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
         work.append((c, sg, m, g_state, g, cf))
         layers.append((c.data_ptr(), c.numel(), psg, sg.numel(), m.data_ptr(), m.numel(), pgs, g.data_ptr(), g.numel(),
                        cf.data_ptr(), cf.numel(), scale[l].item(), bits[l], int(keys[l])))
-    out = _empty_f32(L)
+    out = empty_f32((L,))
     if copies_among_shared(work, [(codes[l], sign[l], mom[l], gs[l], grad[l], coef[l]) for l in range(L)]):
         # layer by layer; still every layer checked before any is stepped
         native.cpu.bitplane_step_layers(layers, float(lr), float(momentum), out.data_ptr(), L, 1, True)

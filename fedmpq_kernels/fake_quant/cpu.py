@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._buffers import f32_scalar
 from .._checks import bitmap_arg, bitmap_nbytes
 from .._native import native
 
@@ -21,7 +22,6 @@ _CPU = torch.device("cpu")
 
 
 _F32, _U8 = torch.float32, torch.uint8
-_default_dtype = torch.get_default_dtype
 # mode 0's bitmaps: one shared zero-size tensor (nothing is ever written to it), so the
 # inference path allocates only y; the registered op hands out fresh ones (ops.py).
 NO_BITMAP = torch.empty(0, dtype=_U8)
@@ -96,9 +96,8 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
     )
     if g is not grad and grad.dtype is not _F32:
         gx = gx.to(grad.dtype)
-    # The kernel's dL/dS, already reduced (in float64: one rounding to float32 here); a dtype
-    # argument costs ~0.2 µs of a 1-element call where the default dtype gives float32 anyway.
-    return gx, (torch.scalar_tensor(gs) if _default_dtype() is _F32 else torch.scalar_tensor(gs, dtype=_F32))
+    # The kernel's dL/dS, already reduced (in float64: one rounding to float32 here).
+    return gx, f32_scalar(gs)
 
 
 def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:

@@ -321,6 +321,12 @@ _R6_OPS = ("relu6_fake_quant", "fake_quant_backward")
 _R6_EAGER = registry.derived_cache()  # as _EAGER: device type -> (fwd, the eager Function's apply)
 
 
+def _r6_for(device_type: str):
+    fwd, bwd = registry.get_many("fake_quant", _R6_OPS, device_type)
+    e = _R6_EAGER[device_type] = (fwd, _relu6_eager_function(fwd, bwd))
+    return e
+
+
 def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
     """ReLU6 then FedMPQ's dynamic-scale activation quantizer, in one pass each way.
 
@@ -342,10 +348,7 @@ def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
         bits = check_bits(bits, float_ok=True)
     if _eager(x):
         dt = "cpu" if x.is_cpu else x.device.type
-        e = _R6_EAGER.get(dt)
-        if e is None:
-            fns = registry.get_many("fake_quant", _R6_OPS, dt)
-            e = _R6_EAGER[dt] = (fns[0], _relu6_eager_function(*fns))
+        e = _R6_EAGER.get(dt) or _r6_for(dt)
         if x.requires_grad and _grad_enabled():
             return e[1](x, bits)
         return e[0](x, bits)[0]
