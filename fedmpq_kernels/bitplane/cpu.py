@@ -20,6 +20,7 @@ import torch
 
 from .._buffers import copies_among_shared, empty_f32, f32_scalar, words, write_back
 from .._checks import bitmap_arg
+from .._library import PLAIN as _PLAIN, _is_wrapped
 from .._native import native
 
 Tensor = torch.Tensor
@@ -177,6 +178,40 @@ def _words(t: Tensor) -> Tuple[Tensor, int]:
         return t, p
     w = words(t)
     return w, w.data_ptr()
+
+
+def bitplane_step_layers_usual(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float,
+                               keys) -> Optional[Tensor]:
+    """bitplane_step_layers of the usual call (an optimizer's step over a model), its checks
+    and its stepping in one pass over the layers, every tensor attribute read once: g_s float32
+    (L,), or None, nothing stepped, when a layer is not usual. Usual: every tensor a plain
+    contiguous CPU tensor of the kernel's dtype (uint8 codes, sign, mom; float32 gs, grad,
+    coef, scale), sign, gs, grad and coef 4-byte aligned, of the sizes bitplane_step takes
+    (_step_layer's checks; codes not functorch-wrapped); bits an int in 1..8 and key an int
+    in 0..2^32-1 per layer. The caller has checked lr and momentum (floats, in range) and that
+    the lists have one length; on None its general path checks every layer and names what is
+    wrong. The native call checks every size again before it steps any layer."""
+    layers = []
+    for c, sg, m, g_s, g, cf, sc, b, k in zip(codes, sign, mom, gs, grad, coef, scale, bits, keys):
+        if not (type(b) is int and 0 < b <= 8 and type(k) is int and 0 <= k <= 0xFFFFFFFF
+                and type(c) in _PLAIN and type(sg) in _PLAIN and type(m) in _PLAIN and type(g_s) in _PLAIN
+                and type(g) in _PLAIN and type(cf) in _PLAIN and type(sc) in _PLAIN
+                and c.dtype is _U8 and sg.dtype is _U8 and m.dtype is _U8 and g_s.dtype is _F32 and g.dtype is _F32
+                and cf.dtype is _F32 and sc.dtype is _F32
+                and c.is_cpu and sg.is_cpu and m.is_cpu and g_s.is_cpu and g.is_cpu and cf.is_cpu and sc.is_cpu
+                and c.is_contiguous() and sg.is_contiguous() and m.is_contiguous() and g_s.is_contiguous()
+                and g.is_contiguous() and cf.is_contiguous()
+                and (n := c.numel()) < 1 << 32 and (nsg := sg.numel()) >= 4 * ((n + 31) >> 5)
+                and m.numel() == b * n and g_s.numel() == 1 and g.numel() == n and cf.numel() == b
+                and sc.numel() == 1 and not _is_wrapped(c)
+                and not ((psg := sg.data_ptr()) | (pgs := g_s.data_ptr()) | (pg := g.data_ptr())
+                         | (pcf := cf.data_ptr())) & 3):
+            return None
+        layers.append((c.data_ptr(), n, psg, nsg, m.data_ptr(), b * n, pgs, pg, n, pcf, b, sc.item(), b, k))
+    L = len(layers)
+    out = empty_f32((L,))
+    native.cpu.bitplane_step_layers(layers, lr, momentum, out.data_ptr(), L, torch.get_num_threads())
+    return out
 
 
 def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: float, momentum: float, keys,

@@ -82,6 +82,44 @@ def test_steps_equal_the_layers_steps_one_by_one(backend, device_keys):
     assert not torch.isfinite(want[1][NAN_LAYER]) and float(want[2][ZERO_LAYER]) == 0.0  # the cases are there
 
 
+@pytest.mark.parametrize("unusual", [None, "strided-grad", "float64-grad", "numpy-key", "int-lr"])
+def test_the_usual_call_takes_one_pass_and_any_other_the_checked_path(monkeypatch, unusual):
+    """An optimizer's step on the CPU (plain contiguous tensors, Parameter scales, int keys in
+    a tuple, float lr and momentum) is checked and stepped by the CPU backend in one pass,
+    without the general per-layer checks; one layer it does not take (or an int lr) sends the
+    whole call through those checks and the general adapter. The same steps either way, bit
+    for bit the reference's."""
+    import numpy as np
+
+    from fedmpq_kernels.bitplane import ops
+
+    states, grads, coefs, scales, bits = _model("cpu", small=True, seed=6)
+    L = len(states)
+    keys = [R.step_key(9, 0, l) for l in range(L)]
+    ref, want = _reference(states, [grads[0]], coefs, scales, bits, 0.5, 0.9, [keys])
+    grad, coef, key_arg, lr = list(grads[0]), list(coefs), tuple(keys), 0.5
+    if unusual == "strided-grad":
+        grad[2] = torch.stack([grad[2], grad[2]], 1)[:, 0]
+    elif unusual == "float64-grad":
+        grad[3] = grad[3].double()
+    elif unusual == "numpy-key":
+        key_arg = keys[:1] + [np.uint32(keys[1])] + keys[2:]
+    elif unusual == "int-lr":
+        lr = 1  # not a float
+        ref, want = _reference(states, [grads[0]], coefs, scales, bits, 1.0, 0.9, [keys])
+    checked = []
+    real = ops._step_layer
+    monkeypatch.setattr(ops, "_step_layer", lambda *a: checked.append(1) or real(*a))
+    params = [torch.nn.Parameter(s.clone()) for s in scales]
+    got = fk.bitplane_step_layers([s[0] for s in states], [s[1] for s in states], [s[2] for s in states],
+                                  [s[3] for s in states], grad, coef, params, bits, lr, 0.9, key_arg)
+    assert len(checked) == (0 if unusual is None else L), "the usual call took the general path, or another did not"
+    nan = torch.isnan(want[0])
+    assert torch.equal(torch.isnan(got), nan) and torch.equal(bits_of(got)[~nan], bits_of(want[0])[~nan])
+    for l in range(L):
+        assert_state_equal(states[l], ref[l], f"layer {l}")
+
+
 def test_a_keys_tensor_gives_its_low_32_bits(backend):
     """A keys tensor's entries count modulo 2^32 (as one key tensor's does): keys beyond
     uint32 or negative step the layers as their low 32 bits given as ints."""
