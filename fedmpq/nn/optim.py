@@ -7,6 +7,7 @@ BatchNorm, shortcuts, biases) through :func:`float_parameters`.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Dict, List
 
 import numpy as np
@@ -20,6 +21,7 @@ import fedmpq_kernels as fk
 from .layers import bit_layers
 
 _EPS = 1e-8  # the group lasso's epsilon (ALGORITHM.md, "Local objective")
+_device_of = operator.attrgetter("device")
 
 
 def host_reads_free(device: torch.device) -> bool:
@@ -160,7 +162,9 @@ class BitPlaneOptimizer:
         self.device_step = torch.zeros((), dtype=torch.int64, device=self.layers[0].codes.device) if device_keys else None
         self.skipped = 0  # layer steps skipped for a non-finite gradient or scale
         self.state: Dict[int, dict] = {}
-        self._weights = None  # (key, float64 n_l*N_l per plane, or lam == 0's zeros) of all_coefficients
+        # (key, float64 n_l*N_l per plane or lam == 0's zeros, the widths) of _coefficients
+        self._weights = None
+        self._state_layout = None  # the layout (_layout) self.state was last checked against
 
     def _layer_state(self, l: int, layer) -> dict:
         st = self.state.get(l)
@@ -194,62 +198,91 @@ class BitPlaneOptimizer:
         while the layers' sizes, widths and device stay), not in every step: a step replayed
         from a CUDA graph may copy nothing from the host.
 
-        On the CPU too: a layer's N values in Python floats cost less than a handful of torch
-        ops, but the batched way's few ops for the whole model cost less than the layers'
-        Python (20 layers of 32 weights: 173 µs against 264; ResNet-20: 460 against 551).
-        ``batched`` False goes layer by layer (:meth:`coefficients`), as do layers on several
-        devices."""
-        layers = self.layers
-        dev = layers[0].codes.device
-        if not batched or any(m.codes.device != dev for m in layers):
-            return [self.coefficients(m) for m in layers]
-        layout = tuple((m.numel, m.bits) for m in layers)
-        key = (layout, dev, self.lam == 0)
+        On the CPU too, with NumPy for the formula (a few µs where torch's six ops on a small
+        tensor cost ~20): a layer's N values in Python floats cost less than a handful of
+        torch ops, but the batched way's few ops for the whole model cost less than the layers'
+        Python. ``batched`` False goes layer by layer (:meth:`coefficients`), as do layers on
+        several devices."""
+        codes, bits = [m.plane_state()[0] for m in self.layers], [m.bits for m in self.layers]
+        return self._coefficients(codes, bits, self._layout(codes, bits), batched)
+
+    def _layout(self, codes, bits):
+        """(sizes, widths, device) of the layers whose codes and widths are given; the device
+        None when they are on several."""
+        devs = set(map(_device_of, codes))
+        return tuple(map(torch.Tensor.numel, codes)), tuple(bits), (devs.pop() if len(devs) == 1 else None)
+
+    def _coefficients(self, codes, bits, layout, batched: bool = True) -> List[torch.Tensor]:
+        """:meth:`all_coefficients` of the layers' ``codes`` and ``bits`` of ``layout``
+        (:meth:`_layout`; the step reads them once)."""
+        dev = layout[2]
+        if not batched or dev is None:
+            return [self.coefficients(m) for m in self.layers]
+        key = (layout, self.lam == 0)
         if self._weights is None or self._weights[0] != key:
-            planes = sum(b for _, b in layout)
+            sizes, widths = layout[0], layout[1]
             if self.lam == 0:  # no regularizer: zeros, made once (the kernels only read them)
-                vec = torch.zeros(planes, dtype=torch.float32, device=dev)
+                vec = torch.zeros(sum(widths), dtype=torch.float32, device=dev)
             else:
-                vec = torch.tensor([float(n * b) for n, b in layout for _ in range(b)], dtype=torch.float64,
-                                   device=dev)
-            self._weights = (key, vec)
-        splits = [b for _, b in layout]
+                vec = torch.tensor([float(n * b) for n, b in zip(sizes, widths) for _ in range(b)],
+                                   dtype=torch.float64, device=dev)
+            self._weights = (key, vec, list(widths))
+        _, vec, splits = self._weights
         if self.lam == 0:
-            return list(self._weights[1].split(splits))
-        pc = fk.plane_popcounts_layers([m.codes for m in layers], [m.bits for m in layers])
-        c = (self._weights[1] / torch.sqrt(pc.to(torch.float64) + _EPS)).float() * (self.lam / self.total)
+            return list(vec.split(splits))
+        pc = fk.plane_popcounts_layers(codes, bits)
+        if host_reads_free(dev):
+            # the formula in NumPy on the same memory, bit for bit torch's (IEEE sqrt, division
+            # and rounding to float32, then a float32 product)
+            c = torch.from_numpy((vec.numpy() / np.sqrt(pc.numpy() + _EPS)).astype(np.float32)
+                                 * np.float32(self.lam / self.total))
+        else:
+            c = (vec / torch.sqrt(pc.to(torch.float64) + _EPS)).float() * (self.lam / self.total)
         return list(c.split(splits))
+
+    def _states(self, layout) -> List[dict]:
+        """Every layer's state dict (``self.state[l]``), made where missing or no longer of its
+        layer's size, width or device: checked layer by layer only when ``layout`` (see
+        :meth:`_layout`) changed since the last step."""
+        states = list(map(self.state.get, range(len(self.layers))))
+        if layout != self._state_layout or layout[2] is None or None in states:
+            states = [self._layer_state(l, m) for l, m in enumerate(self.layers)]
+            self._state_layout = layout
+        return states
 
     @torch.no_grad()
     def step(self) -> None:
-        statuses = []
         keys = None
-        if self.device_keys:
-            if self.device_step.device != self.layers[0].codes.device:  # the model moved
-                self.device_step = self.device_step.to(self.layers[0].codes.device)
-            keys = fk.step_keys(self.seed, self.device_step, len(self.layers))
-        coefs = self.all_coefficients()
         layers = self.layers
-        grads = [m.sink.grad for m in layers]
+        if self.device_keys:
+            if self.device_step.device != layers[0].codes.device:  # the model moved
+                self.device_step = self.device_step.to(layers[0].codes.device)
+            keys = fk.step_keys(self.seed, self.device_step, len(layers))
+        # every layer's tensors read once (scale: the parameter itself, its value read under no_grad)
+        codes, sign, scale, sink = zip(*[m.plane_state() for m in layers])
+        bits = [m.bits for m in layers]
+        layout = self._layout(codes, bits)
+        coefs = self._coefficients(codes, bits, layout)
+        grads = [s.grad for s in sink]
         if all(g is not None for g in grads):
             # every layer in one call (fk.bitplane_step_layers): the same steps, a fraction of the host cost
-            states = [self._layer_state(l, m) for l, m in enumerate(layers)]
+            states = self._states(layout)
             if keys is None:
                 keys = [fk.step_key(self.seed, self.steps, l) for l in range(len(layers))]
-            g_s = fk.bitplane_step_layers([m.codes for m in layers], [m.sign for m in layers], [st["mom"] for st in states],
-                                    [st["gs"] for st in states], grads, coefs, [m.scale.detach() for m in layers],
-                                    [m.bits for m in layers], self.lr, self.momentum, keys)
+            g_s = fk.bitplane_step_layers(codes, sign, [st["mom"] for st in states], [st["gs"] for st in states],
+                                          grads, coefs, scale, bits, self.lr, self.momentum, keys)
             if host_reads_free(g_s.device):  # no sync on a GPU (and a read a capture refuses: not tolist)
-                self.skipped += int((~torch.isfinite(g_s)).sum())
+                self.skipped += len(layers) - sum(map(math.isfinite, g_s.tolist()))
         else:  # layers without a gradient (not in this backward) keep their state: one by one
+            statuses = []
             for l, layer in enumerate(layers):
                 g = grads[l]
                 if g is None:
                     continue
                 st = self._layer_state(l, layer)
                 key = keys[l] if keys is not None else fk.step_key(self.seed, self.steps, l)
-                statuses.append(fk.bitplane_step(layer.codes, layer.sign, st["mom"], st["gs"], g, coefs[l],
-                                                 layer.scale.detach(), layer.bits, self.lr, self.momentum, key))
+                statuses.append(fk.bitplane_step(codes[l], sign[l], st["mom"], st["gs"], g, coefs[l], scale[l],
+                                                 bits[l], self.lr, self.momentum, key))
             if statuses and host_reads_free(statuses[0].device):  # no sync on a GPU
                 self.skipped += sum(not math.isfinite(s.item()) for s in statuses)  # no torch op per layer
         if self.device_keys:

@@ -141,6 +141,24 @@ def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
     return out
 
 
+def plane_popcounts_layers_usual(codes, bits) -> Optional[Tensor]:
+    """plane_popcounts_layers of the usual call (an optimizer's coefficients), checked and
+    counted in one pass over the layers: int64 (sum of bits,), or None when a layer's codes
+    are not a plain contiguous uint8 CPU tensor (not functorch-wrapped) or its width not an
+    int in 1..8 (the caller's general path checks it and names what is wrong). The caller
+    has checked that the lists have one length."""
+    layers = []
+    for c, b in zip(codes, bits):
+        if not (type(b) is int and 0 < b <= 8 and type(c) in _PLAIN and c.dtype is _U8 and c.is_cpu
+                and c.is_contiguous() and not _is_wrapped(c)):
+            return None
+        layers.append((c.data_ptr(), c.numel(), b))
+    total = sum(bits)
+    out = torch.empty(total, dtype=_I64)
+    native.cpu.plane_popcounts_layers(layers, out.data_ptr(), total, torch.get_num_threads())
+    return out
+
+
 def plane_popcounts_layers(codes, bits) -> Tensor:
     """plane_popcounts of each layer through one native call, concatenated."""
     cs = [_bytes(c) for c in codes]  # kept alive over the call (a copy of a strided one)

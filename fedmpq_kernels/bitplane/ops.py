@@ -50,6 +50,13 @@ def _cpu_fn(op: str):
     return fn
 
 
+def _cpu_usual(name: str, op: str):
+    """The CPU backend's one-pass function ``name`` for the usual call of a many-layer op (in
+    the module of its ``op``; False where that backend has none), kept in :data:`_CPU_FN`."""
+    fn = _CPU_FN[name] = _layers_impl(_cpu_fn(op), name) or False
+    return fn
+
+
 def _binarize_impl(w: Tensor, bits: int):
     return _get("binarize", w)(w, bits)
 
@@ -551,6 +558,17 @@ def plane_popcounts_layers(codes: Sequence[Tensor], bits: Sequence[int]) -> Tens
         raise ValueError(f"bits has {len(bits)} entries, codes {len(codes)}")
     if not len(codes):
         return torch.zeros(0, dtype=torch.int64)
+    # the usual call (plain CPU tensors) checked and counted by the CPU backend in one pass;
+    # anything it does not take goes on to the checks that name the problem
+    if type(c0 := codes[0]) in PLAIN and c0.is_cpu and not _is_compiling() and not _dispatch_modes() \
+            and not _functorch_active():
+        usual = _CPU_FN.get("plane_popcounts_layers_usual")
+        if usual is None:
+            usual = _cpu_usual("plane_popcounts_layers_usual", "plane_popcounts")
+        if usual:
+            out = usual(codes, bits)
+            if out is not None:
+                return out
     _tensor(codes[0], "codes[0]")
     dev = codes[0].device
     bits_l = [0] * len(codes)
@@ -697,8 +715,7 @@ def bitplane_step_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: S
             and not _is_compiling() and not _dispatch_modes() and not _functorch_active()):
         usual = _CPU_FN.get("bitplane_step_layers_usual")
         if usual is None:
-            usual = _CPU_FN["bitplane_step_layers_usual"] = _layers_impl(_cpu_fn("bitplane_step"),
-                                                                         "bitplane_step_layers_usual") or False
+            usual = _cpu_usual("bitplane_step_layers_usual", "bitplane_step")
         if usual:
             out = usual(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, keys)
             if out is not None:

@@ -57,6 +57,7 @@ there, for a step captured in a CUDA graph): the same key gives the same draws e
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -86,9 +87,18 @@ def mix32_int(x: int) -> int:
 
 def step_key(seed: int, step: int, layer: int) -> int:
     """The generator's key for one layer's step: a uint32 as a Python int."""
-    k = mix32_int((seed & M32) ^ 0x9E3779B9)
-    k = mix32_int(k ^ (step & M32))
+    if type(seed) is int and type(step) is int:
+        k = _step_prefix(seed, step)
+    else:
+        k = mix32_int(mix32_int((seed & M32) ^ 0x9E3779B9) ^ (step & M32))
     return mix32_int(k ^ (layer & M32))
+
+
+@functools.lru_cache(maxsize=16)
+def _step_prefix(seed: int, step: int) -> int:
+    # the key's (seed, step) part, shared by every layer of a step: an optimizer asks for
+    # all its layers' keys in a row, and two of the three mixes are then a cache lookup
+    return mix32_int(mix32_int((seed & M32) ^ 0x9E3779B9) ^ (step & M32))
 
 
 def step_keys(seed: int, step: Tensor, layers: int) -> Tensor:

@@ -293,7 +293,7 @@ def test_steps_with_batched_coefficients_train_as_per_layer_ones(monkeypatch):
     for batched in (False, True):
         qm, _ = _mixed_resnet()
         opt = qn.BitPlaneOptimizer(qm, lr=0.5, lam=1e-2, seed=3)
-        monkeypatch.setattr(opt, "all_coefficients", lambda b=batched, f=opt.all_coefficients: f(batched=b))
+        monkeypatch.setattr(opt, "_coefficients", lambda c, b, lay, bt=batched, f=opt._coefficients: f(c, b, lay, bt))
         for i in range(3):
             opt.zero_grad()
             F.cross_entropy(qm(x[i]), y[i]).backward()
@@ -301,6 +301,40 @@ def test_steps_with_batched_coefficients_train_as_per_layer_ones(monkeypatch):
         runs.append(_codes(qm))
     for (ca, sa, *_), (cb, sb, *_) in zip(*runs):
         assert torch.equal(ca, cb) and torch.equal(sa, sb)
+
+
+def test_the_step_follows_a_changed_width_and_a_cleared_state():
+    """The optimizer keeps its layers' state dicts between steps without checking each one
+    again: a layer whose width changed gets a momentum buffer of its new size, and a cleared
+    ``state`` starts again from zeros, as a new optimizer at the same step count does."""
+    import copy
+
+    torch.manual_seed(2)
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    opt = qn.BitPlaneOptimizer(qm, lr=0.5, lam=1e-2, seed=1)
+
+    def train(model, o):
+        o.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        o.step()
+
+    train(qm, opt)
+    layer = qn.bit_layers(qm)[1][1]
+    layer.load_float(layer.float_weight(), 6)
+    train(qm, opt)
+    assert opt.state[1]["mom"].shape == (6, layer.numel) and opt.state[0]["mom"].shape[0] == 4
+    twin = copy.deepcopy(qm)
+    fresh = qn.BitPlaneOptimizer(twin, lr=0.5, lam=1e-2, seed=1)
+    fresh.steps = opt.steps
+    opt.state.clear()
+    train(qm, opt)
+    train(twin, fresh)
+    assert len(opt.state) == len(opt.layers)
+    for (ca, sa, *_), (cb, sb, *_) in zip(_codes(qm), _codes(twin)):
+        assert torch.equal(ca, cb) and torch.equal(sa, sb)
+    for l in opt.state:
+        assert torch.equal(opt.state[l]["mom"], fresh.state[l]["mom"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

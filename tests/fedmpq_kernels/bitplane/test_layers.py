@@ -291,6 +291,33 @@ def test_popcounts_of_many_layers_are_each_layers_back_to_back(backend):
     assert got.dtype == torch.int64 and got.device.type == dev and torch.equal(got.cpu(), want)
 
 
+@pytest.mark.parametrize("unusual", [None, "strided", "numpy-width", "parameter"])
+def test_popcounts_of_the_usual_call_take_one_pass_and_any_other_the_checked_path(monkeypatch, unusual):
+    """Plain contiguous CPU codes and int widths are checked and counted by the CPU backend in
+    one pass; one layer it does not take sends the call through the general checks. The
+    same counts either way, the reference's."""
+    import numpy as np
+
+    from fedmpq_kernels.bitplane import ops
+
+    gen = torch.Generator().manual_seed(12)
+    codes = [torch.randint(0, 1 << b, (n,), generator=gen, dtype=torch.uint8) for n, b in LAYERS]
+    bits = [b for _, b in LAYERS]
+    want = torch.cat([R.plane_popcounts(c, b) for c, b in zip(codes, bits)])
+    if unusual == "strided":
+        codes[2] = torch.stack([codes[2], codes[2]], 1)[:, 0]
+    elif unusual == "numpy-width":
+        bits[5] = np.int64(bits[5])
+    elif unusual == "parameter":  # a plain type too: the one pass takes it
+        codes[4] = torch.nn.Parameter(codes[4], requires_grad=False)
+    checked = []
+    real = ops._tensor
+    monkeypatch.setattr(ops, "_tensor", lambda *a, **k: checked.append(1) or real(*a, **k))
+    got = fk.plane_popcounts_layers(codes, bits)
+    assert bool(checked) == (unusual in ("strided", "numpy-width")), "the wrong path counted"
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+
+
 def test_popcounts_of_many_layers_refuse_a_bad_layer():
     codes = [torch.zeros(5, dtype=torch.uint8), torch.zeros(3, dtype=torch.int32)]
     with pytest.raises(TypeError, match="layer 1: codes must be torch.uint8"):

@@ -70,6 +70,13 @@ def test_generator_hand_computed_and_statistics():
         for j in range(i + 1, 8):
             assert (streams[i] != streams[j]).float().mean() > 0.99
     assert R.step_key(1, 2, 3) == R.step_key(1 + 2**32, 2, 3)  # each taken mod 2^32
+    # the (seed, step) part is cached for ints: every combination, revisited after others
+    # pushed it out, and NumPy ints (not cached), give the formula's key
+    combos = [(s, t, l) for s in (0, 5, 2**40 + 3) for t in (0, 1, 2**32 - 1, 2**33 + 9) for l in (0, 19, 2**32 + 2)]
+    for s, t, l in combos + combos[::-1]:
+        want = mix32(mix32(mix32(s ^ 0x9E3779B9) ^ t) ^ l)
+        assert R.step_key(s, t, l) == want and R.step_key(np.int64(s % 2**40), np.uint32(t % 2**32), l) == \
+            mix32(mix32(mix32((s % 2**40) ^ 0x9E3779B9) ^ (t % 2**32)) ^ l)
 
 
 def test_reference_step_hands_out_the_pre_clamp_value():
