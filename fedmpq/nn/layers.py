@@ -21,6 +21,7 @@ from torch import nn
 import fedmpq_kernels as fk
 
 Tensor = torch.Tensor
+_device_of = operator.attrgetter("device")
 
 
 def check_width(bits, what: str = "bits", float_ok: bool = False) -> int:
@@ -281,11 +282,10 @@ class _MakeWeights:
         layers = self.layers
         if not layers or torch.compiler.is_compiling():
             return
-        dev = layers[0].codes.device
-        if any(m.codes.device != dev for m in layers):
+        codes, sign, scale, sink = zip(*[m.plane_state() for m in layers])  # read once (see plane_state)
+        if len(set(map(_device_of, codes))) != 1:
             return
-        ws = fk.dequantize_layers([m.codes for m in layers], [m.sign for m in layers], [m.scale for m in layers],
-                                  [m.bits for m in layers], [m.sink for m in layers])
+        ws = fk.dequantize_layers(codes, sign, scale, [m.bits for m in layers], sink)
         mode = torch.is_grad_enabled()
         for m, w in zip(layers, ws):
             m.__dict__["_batched"] = (w, mode)

@@ -119,16 +119,50 @@ def dequantize_layers(codes, sign, scale, bits, shapes) -> List[Tensor]:
     return out
 
 
+def dequantize_layers_usual(codes, sign, scale, bits, sink) -> Optional[List[Tensor]]:
+    """dequantize_layers of the usual call (a model's weights before its forward), checked and
+    made in one pass over the layers, every tensor attribute read once: layer l's float32
+    weight in ``sink[l]``'s shape, or None when a layer is not usual (the caller's general
+    path then checks it and names what is wrong). Usual: plain CPU tensors, codes and sign
+    uint8 and contiguous, the sign bitmap 4-byte aligned and long enough, a 0-dim float32
+    scale, a sink of the codes' count, none functorch-wrapped; bits an int in 1..8. The caller
+    has checked that the lists have one length."""
+    nt = torch.get_num_threads()
+    out = []
+    for c, sg, sc, b, sk in zip(codes, sign, scale, bits, sink):
+        if not (type(b) is int and 0 < b <= 8 and type(c) in _PLAIN and type(sg) in _PLAIN and type(sc) in _PLAIN
+                and type(sk) in _PLAIN and c.dtype is _U8 and sg.dtype is _U8 and sc.dtype is _F32
+                and c.is_cpu and sg.is_cpu and sc.is_cpu and sk.is_cpu and sc.dim() == 0
+                and c.is_contiguous() and sg.is_contiguous() and sk.numel() == (n := c.numel())
+                and (nsg := sg.numel()) >= 4 * ((n + 31) >> 5) and not (psg := sg.data_ptr()) & 3
+                and not _is_wrapped(c) and not _is_wrapped(sg) and not _is_wrapped(sc) and not _is_wrapped(sk)):
+            return None
+        w = empty_f32(sk.shape)
+        native.cpu.dequantize(c.data_ptr(), n, psg, nsg, sc.item(), b, w.data_ptr(), n, nt)
+        out.append(w)
+    return out
+
+
 def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
     """dequantize_backward of each layer: float32 0-dim dL/ds each (views of one tensor)."""
     nt = torch.get_num_threads()
     r = []
     for g, c, sg, b in zip(grads, codes, sign, bits):
-        c = _bytes(c)
-        n = c.numel()
-        g = _f32(g)  # the binding refuses a grad of another length than codes
-        sw, psw = _words(sg)
-        r.append(native.cpu.dequantize_backward(g.data_ptr(), g.numel(), c.data_ptr(), n, psw, sw.numel(), b, nt))
+        # the usual layer (as dequantize_layers_usual took it, a contiguous float32 gradient)
+        # in the fewest reads, any other through the helpers' copies
+        if c.is_contiguous() and sg.is_contiguous() and not (psw := sg.data_ptr()) & 3:
+            nsw = sg.numel()
+        else:
+            c = _bytes(c)
+            sw, psw = _words(sg)
+            nsw = sw.numel()
+        if g.dtype is _F32 and g.is_contiguous() and not (pg := g.data_ptr()) & 3:
+            ng = g.numel()
+        else:
+            g = _f32(g)
+            pg, ng = g.data_ptr(), g.numel()
+        # the binding refuses a grad of another length than codes
+        r.append(native.cpu.dequantize_backward(pg, ng, c.data_ptr(), c.numel(), psw, nsw, b, nt))
     return list(torch.tensor(r, dtype=torch.float32).unbind())  # one tensor: cheaper than one per layer
 
 

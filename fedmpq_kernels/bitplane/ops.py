@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -37,6 +38,7 @@ def _get(op: str, t: Tensor):
 
 _U8, _F32 = torch.uint8, torch.float32
 _grad_enabled = torch.is_grad_enabled
+_requires_grad = operator.attrgetter("requires_grad")
 _is_compiling = torch.compiler.is_compiling
 _isfinite = math.isfinite
 # op -> the CPU backend's function, the public functions' fast paths' lookup (one dict
@@ -259,32 +261,35 @@ def _dequantize_backward_layers_impl(grads, codes, sign, bits) -> list:
 
 
 class _DequantizeLayersEager(torch.autograd.Function):
-    """:func:`dequantize` of L layers as one autograd node (inputs: L, the widths, then the
-    codes, signs, scales and sinks of every layer): one Python forward and one backward for
-    a model's weights instead of one each per layer. Outputs that get no gradient stay None
-    in backward (no zero-filled gradients)."""
+    """:func:`dequantize` of L layers as one autograd node (inputs: L, the widths, the weights
+    when already made (a list, not an input: the CPU's one-pass check makes them) or None,
+    then the codes, signs, scales and sinks of every layer): one Python forward and one
+    backward for a model's weights instead of one each per layer. Outputs that get no
+    gradient stay None in backward (no zero-filled gradients)."""
 
     @staticmethod
-    def forward(ctx, L, bits, *t):
-        codes, sign, scale, sink = t[:L], t[L:2 * L], t[2 * L:3 * L], t[3 * L:]
+    def forward(ctx, L, bits, made, *t):
+        codes, sign = t[:L], t[L:2 * L]
         ctx.set_materialize_grads(False)
         ctx.L, ctx.bits = L, bits
         ctx.save_for_backward(*codes, *sign)
-        return tuple(_dequantize_layers_impl(codes, sign, scale, bits, sink))
+        if made is not None:
+            return tuple(made)
+        return tuple(_dequantize_layers_impl(codes, sign, t[2 * L:3 * L], bits, t[3 * L:]))
 
     @staticmethod
     def backward(ctx, *grads):
         L = ctx.L
         saved = ctx.saved_tensors
         need = ctx.needs_input_grad
-        wanted = [g if need[2 + 2 * L + i] else None for i, g in enumerate(grads)]
+        wanted = [g if need[3 + 2 * L + i] else None for i, g in enumerate(grads)]
         if torch.is_grad_enabled():  # create_graph: differentiable in the grads (see _dq_grads)
             gscale = [None if g is None else _ref.dequantize_backward(g, c, sg, b)
                       for g, c, sg, b in zip(wanted, saved[:L], saved[L:], ctx.bits)]
         else:
             gscale = _dequantize_backward_layers_impl(wanted, saved[:L], saved[L:], ctx.bits)
-        gsink = [g if need[2 + 3 * L + i] else None for i, g in enumerate(grads)]
-        return (None, None, *([None] * (2 * L)), *gscale, *gsink)
+        gsink = [g if need[3 + 3 * L + i] else None for i, g in enumerate(grads)]
+        return (None, None, None, *([None] * (2 * L)), *gscale, *gsink)
 
 
 _dql_apply = direct_apply(_DequantizeLayersEager)
@@ -492,6 +497,20 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
         lengths; layers on different devices.
     """
     L = len(codes)
+    # The usual call (plain CPU tensors: a model's weights before its forward) checked and
+    # made by the CPU backend in one pass, then one autograd node over them where a gradient
+    # is wanted; anything it does not take goes on to the checks that name the problem.
+    if (L and L == len(sign) == len(scale) == len(bits) == len(sink) and type(c0 := codes[0]) in PLAIN and c0.is_cpu
+            and not _is_compiling() and not _dispatch_modes() and not _functorch_active()):
+        usual = _CPU_FN.get("dequantize_layers_usual")
+        if usual is None:
+            usual = _cpu_usual("dequantize_layers_usual", "dequantize")
+        if usual:
+            ws = usual(codes, sign, scale, bits, sink)
+            if ws is not None:
+                if _grad_enabled() and (any(map(_requires_grad, scale)) or any(map(_requires_grad, sink))):
+                    return list(_dql_apply(L, tuple(bits), ws, *codes, *sign, *scale, *sink))
+                return ws
     for name, v in (("sign", sign), ("scale", scale), ("bits", bits), ("sink", sink)):
         if len(v) != L:
             raise ValueError(f"{name} has {len(v)} entries, codes {L}")
@@ -526,7 +545,7 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
     bits_t = tuple(bits_l)
     if plain and _eager(codes[0]):
         if torch.is_grad_enabled() and any(t.requires_grad for ts in (scale, sink) for t in ts):
-            return list(_dql_apply(L, bits_t, *codes, *sign, *scale, *sink))
+            return list(_dql_apply(L, bits_t, None, *codes, *sign, *scale, *sink))
         return _dequantize_layers_impl(codes, sign, scale, bits_t, sink)
     return [torch.ops.fedmpq.dequantize(codes[i], sign[i], scale[i], bits_t[i], sink[i]) for i in range(L)]
 

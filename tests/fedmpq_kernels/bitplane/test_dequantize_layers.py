@@ -82,6 +82,42 @@ def test_weights_and_gradients_are_the_layers_one_by_one(backend, strided):
         assert torch.equal(gk, G[l]), f"layer {l}: the sink's gradient is not G"
 
 
+@pytest.mark.parametrize("unusual", [None, "strided", "numpy-width", "one-element-scale", "no-grad"])
+def test_the_usual_call_takes_one_pass_and_any_other_the_checked_path(monkeypatch, unusual):
+    """A model's weights on the CPU (plain tensors, int widths, 0-dim scales) are checked and
+    made by the CPU backend in one pass, then get one autograd node; one layer that pass does
+    not take sends the call through the general checks. The same weights and gradients
+    either way: the reference's. Under no_grad the one pass's weights are plain tensors."""
+    import numpy as np
+
+    from fedmpq_kernels.bitplane import ops
+
+    codes, sign, scale, bits, sink, ref = _layers("cpu", strided=unusual == "strided")
+    if unusual == "numpy-width":
+        bits[2] = np.int64(bits[2])
+    elif unusual == "one-element-scale":
+        scale[4] = scale[4].detach().reshape(1).requires_grad_(True)
+    G = _grads("cpu")
+    checked = []
+    real = ops._tensor
+    monkeypatch.setattr(ops, "_tensor", lambda *a, **k: checked.append(1) or real(*a, **k))
+    if unusual == "no-grad":
+        with torch.no_grad():
+            ws = fk.dequantize_layers(codes, sign, scale, bits, sink)
+        assert all(w.grad_fn is None and not w.requires_grad for w in ws)
+    else:
+        ws = fk.dequantize_layers(codes, sign, scale, bits, sink)
+        torch.autograd.backward(ws, G)
+    assert bool(checked) == (unusual in ("strided", "numpy-width", "one-element-scale")), "the wrong path made them"
+    for l, (w, (shape, b), (q, sg)) in enumerate(zip(ws, SHAPES, ref)):
+        assert w.shape == shape and torch.equal(bits_of(w).reshape(-1), bits_of(R.dequantize(q, sg, scale[l].detach(),
+                                                                                             int(b))))
+        if unusual != "no-grad":
+            torch.testing.assert_close(scale[l].grad.reshape(()), R.dequantize_backward(G[l], q, sg, int(b)),
+                                       rtol=1e-6, atol=0)
+            assert torch.equal(sink[l].grad, G[l])
+
+
 def test_gradients_accumulate_and_only_where_asked(backend):
     """Two backward passes add up (each layer's dL/ds is its own tensor's value, though the
     layers' share one buffer); a scale that takes no gradient gets none, its sink still does;
