@@ -67,7 +67,8 @@ class FloatSGD:
     Args:
         groups: an iterable of parameters, or of dicts ``{"params": [...], "lr": x}`` (as
             ``torch.optim.SGD`` takes them; a group without ``lr``, ``momentum`` or
-            ``weight_decay`` takes the argument's; ``ValueError`` for ``dampening``,
+            ``weight_decay`` takes the argument's, a group's own are checked as the
+            arguments are, ``ValueError`` naming the group; ``ValueError`` for ``dampening``,
             ``nesterov`` or ``maximize`` other than their defaults).
         lr, momentum, weight_decay: as ``torch.optim.SGD`` (dampening 0, no Nesterov).
     Momentum buffers are made at a parameter's first step with a gradient and kept while
@@ -78,12 +79,19 @@ class FloatSGD:
         check_settings(lr, momentum, weight_decay, "weight_decay")
         if isinstance(groups, torch.Tensor):  # list() would take its rows: views that never get a .grad
             raise TypeError("params must be an iterable of tensors or of dicts, got a tensor (give [tensor])")
+        if isinstance(groups, dict):  # list() would take its keys: "a group holds a str"
+            raise TypeError("params must be an iterable of tensors or of dicts, got a dict (give [dict])")
         groups = list(groups)
         if groups and not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         self.groups: List[dict] = []
         seen = set()
-        for g in groups:
+        for i, g in enumerate(groups):
+            if not isinstance(g, dict):  # g["params"] raised an IndexError on a tensor
+                raise TypeError(f"param group {i} must be a dict, got a {type(g).__name__} (give every group as a "
+                                "dict, or only tensors)")
+            if "params" not in g:  # a bare KeyError else
+                raise ValueError(f"param group {i} has no 'params'")
             # a group's params may be one tensor, as torch.optim.SGD takes it (not its rows)
             params = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
             for p in params:
@@ -97,9 +105,16 @@ class FloatSGD:
             for key, default in (("dampening", 0), ("nesterov", False), ("maximize", False)):
                 if g.get(key, default) != default:  # what torch.optim.SGD would do and this does not: refused
                     raise ValueError(f"FloatSGD has no {key} (a group asks for {key}={g[key]!r})")
-            group = {"params": params, "lr": float(g.get("lr", lr)), "momentum": float(g.get("momentum", momentum)),
-                     "weight_decay": float(g.get("weight_decay", weight_decay))}
-            check_settings(lr, group["momentum"], group["weight_decay"], "weight_decay")  # its lr: as torch takes it
+            group = {"params": params}
+            for key, default in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+                try:
+                    group[key] = float(g.get(key, default))
+                except (TypeError, ValueError):
+                    raise ValueError(f"param group {i}: {key} must be a number, got {g[key]!r}") from None
+            try:  # the constructor's rules: a group's lr of -1, NaN or inf trained wrong, unsaid
+                check_settings(group["lr"], group["momentum"], group["weight_decay"], "weight_decay")
+            except ValueError as e:
+                raise ValueError(f"param group {i}: {e}") from None
             self.groups.append(group)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.buffers: Dict[int, torch.Tensor] = {}  # id(param) -> momentum buffer

@@ -798,6 +798,33 @@ def test_float_sgd_refuses_bad_settings(bad):
         qn.FloatSGD([torch.zeros(1, requires_grad=True)], **bad)
 
 
+@pytest.mark.parametrize("key,value,rule", [
+    ("lr", -0.1, "lr must be a finite number > 0"), ("lr", float("nan"), "lr must be a finite number > 0"),
+    ("lr", float("inf"), "lr must be a finite number > 0"), ("lr", 0.0, "lr must be a finite number > 0"),
+    ("momentum", 1.0, r"momentum must be in \[0, 1\)"), ("momentum", float("nan"), r"momentum must be in \[0, 1\)"),
+    ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0"),
+    ("lr", None, "lr must be a number, got None"), ("momentum", "fast", "momentum must be a number, got 'fast'")])
+def test_float_sgd_checks_each_groups_own_settings_as_its_arguments(key, value, rule):
+    """A group's own lr was taken unchecked (lr -0.1, NaN or inf trained wrong, unsaid) and a
+    bad momentum or weight_decay was refused without saying which group: each is refused by
+    the arguments' rules, naming the group and the key."""
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=f"^param group 1: {rule}"):
+        qn.FloatSGD([{"params": [a]}, {"params": [b], key: value}], lr=0.1, momentum=0.9)
+
+
+def test_float_sgd_refuses_groups_it_cannot_read_in_one_line():
+    """A bare dict was taken for its keys ("a group holds a str"), a group without params was a
+    KeyError and a tensor after a dict group an IndexError."""
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"got a dict \(give \[dict\]\)"):
+        qn.FloatSGD({"params": [a]}, lr=0.1)
+    with pytest.raises(ValueError, match="param group 1 has no 'params'"):
+        qn.FloatSGD([{"params": [a]}, {"lr": 0.2}], lr=0.1)
+    with pytest.raises(TypeError, match="param group 1 must be a dict, got a Tensor"):
+        qn.FloatSGD([{"params": [a]}, b], lr=0.1)
+
+
 def test_a_training_process_never_imports_dynamo():
     """A federation round in a fresh process trains without torch._dynamo (torch.optim's
     Optimizer imports it on first use: 145 MB and 0.7 s per process), for both the quantized
