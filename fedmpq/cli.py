@@ -118,10 +118,14 @@ def _raise_stopped(signum, frame):
     raise Stopped(signum)
 
 
+def _signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
 def _stopped_line(signum: int, out: Optional[str], total: Optional[int], resumable: bool) -> str:
     """What a run stopped by a signal says: where its rounds are and how to go on. ``total``:
     the rounds the stopped run was to reach (a resume may have raised the saved ones)."""
-    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    name = _signal_name(signum)
     try:
         res = json.loads((Path(out) / "results.json").read_text()) if out else None
         done, saved = len(res["rounds"]), res["config"]["rounds"]
@@ -191,9 +195,10 @@ def _release(made: List[Path]) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """The ``fedmpq`` command; returns its exit status (2: a bad flag, config or dataset).
-    A run stopped by Ctrl-C or SIGTERM says one line, then, as the command (``argv`` None),
-    ends the process by that signal; called with ``argv``, it returns 128 + the signal. That
-    holds from main's first line on, the imports of torch and the flags' parsing included."""
+    A run (or ``compare``) stopped by Ctrl-C or SIGTERM says one line, then, as the command
+    (``argv`` None), ends the process by that signal; called with ``argv``, it returns 128 +
+    the signal. That holds from main's first line on, the imports of torch and the flags'
+    parsing included."""
     argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("simulate", "compare", "flower", "-h", "--help"):
@@ -203,7 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out: Optional[str] = None
     cfg: Optional[Dict[str, Any]] = None
     sigterm = None
-    if cmd != "compare" and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
         sigterm = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         # Here, under the handler below, not at the top of the module (see there)
@@ -270,11 +275,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"fedmpq: {e}", file=sys.stderr)
             return 2
     except (KeyboardInterrupt, Stopped) as e:  # no traceback of whatever was running
-        if cmd == "compare":
-            raise
         signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
-        total = cfg.get("rounds") if isinstance(cfg, dict) else None
-        print(_stopped_line(signum, out, total, resumable=cmd == "simulate"), file=sys.stderr)
+        if cmd == "compare":  # no run and no rounds; a table already printed stays (_die_by flushes it)
+            print(f"fedmpq: compare stopped by {_signal_name(signum)}", file=sys.stderr)
+        else:
+            total = cfg.get("rounds") if isinstance(cfg, dict) else None
+            print(_stopped_line(signum, out, total, resumable=cmd == "simulate"), file=sys.stderr)
         left = _threads_left()
         if ((argv_given is None or (cmd == "flower" and left))
                 and threading.current_thread() is threading.main_thread()):

@@ -396,14 +396,52 @@ def test_the_sigterm_handler_is_put_back(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_ctrl_c_in_compare_is_not_a_stopped_run(tmp_path, monkeypatch):
+def _fake_run(path, seed=0):
+    from fedmpq import config
+
+    path.mkdir()
+    cfg = config.check_config(dict(SMALL, seed=seed))
+    rounds = [dict(round=1, accuracy=0.5, bits={"0": [8, 2, 2]}, mean_bits={"0": 2.1})]
+    (path / "results.json").write_text(json.dumps({"config": cfg, "rounds": rounds}))
+    return str(path)
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_a_stopped_compare_says_one_line_and_keeps_the_table_it_printed(stop, tmp_path, monkeypatch, capsys):
+    """Ctrl-C in fedmpq compare raised on (a traceback) and SIGTERM killed it unsaid: both
+    say one line and return simulate's status; with --bits, the comparison printed before
+    the stop stays printed."""
+    import signal
+
     from fedmpq import results
 
-    def compare(*a):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(results, "compare", compare)
-    with pytest.raises(KeyboardInterrupt):
-        cli.main(["compare", str(tmp_path)])
+    run = _fake_run(tmp_path / "a")
+
+    def stopped(*a, **kw):
+        raise KeyboardInterrupt if stop == "ctrl-c" else cli.Stopped(signal.SIGTERM)
+    monkeypatch.setattr(results, "bits_table", stopped)
+    try:
+        status = cli.main(["compare", run, "--bits"])
+    except KeyboardInterrupt:  # raised on, it would end the whole pytest session
+        pytest.fail("the Ctrl-C came out of main")
+    assert status == (130 if stop == "ctrl-c" else 143)
+    captured = capsys.readouterr()
+    assert captured.err == f"fedmpq: compare stopped by {'Ctrl-C' if stop == 'ctrl-c' else 'SIGTERM'}\n"
+    assert captured.out.startswith("| runs | seeds | rounds | final accuracy") and "| 0.5000 |" in captured.out
+
+
+def test_the_compare_command_dies_by_the_signal_with_one_line(tmp_path):
+    """A real SIGINT to `fedmpq compare` as it starts (torch's import): one line, no
+    traceback, and the process ends by the signal, as fedmpq simulate does."""
+    import signal
+    import subprocess
+    import sys
+
+    run = _fake_run(tmp_path / "a")
+    code = _SIGNAL_AT_IMPORT.format(module="torch", sig="SIGINT", entry=_ENTRIES["script"])
+    p = subprocess.run([sys.executable, "-c", code, "compare", run], capture_output=True, text=True, timeout=300)
+    assert p.stderr == "fedmpq: compare stopped by Ctrl-C\n", p.stderr
+    assert p.returncode == -signal.SIGINT
 
 
 def test_a_stopped_extension_says_how_many_rounds_to_resume_to(tmp_path, monkeypatch, capsys):
