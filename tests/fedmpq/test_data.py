@@ -494,11 +494,45 @@ def test_a_hopeless_dirichlet_split_stops_after_its_first_draws():
     with pytest.raises(data.PartitionError, match=r"each of the first 20 draws left \d+ or more clients short") as e:
         data.partition(y, 100, 0.01, seed=0)
     assert e.value.hopeless and e.value.draws == data.HOPELESS_AFTER == 20
-    assert e.value.short >= data.HOPELESS_SHORT and e.value.best < 10
+    assert e.value.short >= 60 and e.value.best < 10  # the fewest short in a draw: 68
     # draws that leave fewer clients short go on to max_tries: another seed may yet succeed
     with pytest.raises(data.PartitionError, match="in 100 draws") as e:
         data.partition(y, 20, 0.01, seed=0, max_tries=100)
-    assert not e.value.hopeless and e.value.draws == 100 and 0 < e.value.short < data.HOPELESS_SHORT
+    assert not e.value.hopeless and e.value.draws == 100 and 0 < e.value.short < data.HOPELESS_SHORT_MEAN
+
+
+def _cifar100_sized_labels():
+    return np.repeat(np.arange(100), 500)  # 50,000 samples, 500 of each of 100 classes
+
+
+def test_a_large_hopeless_split_whose_draws_leave_a_few_short_stops_early_too():
+    """3000 clients of CIFAR-100's size, alpha 0.3, min_size 10: every draw leaves 10 to 32
+    clients short (18 on average), never none. The stop asked for 20 or more short in each of
+    the first 20 draws, so it drew all 1000 times (19 s) before the error; on average 17 or
+    more in the first 20 stops it there, with the same message."""
+    with pytest.raises(data.PartitionError, match=r"each of the first 20 draws left 10 or more clients short "
+                                                  r"\(the best gave 7\), too many for more draws to help") as e:
+        data.partition(_cifar100_sized_labels(), 3000, 0.3, seed=0, min_size=10)
+    assert e.value.hopeless and e.value.draws == data.HOPELESS_AFTER and e.value.short == 10
+
+
+# Digests of large Dirichlet splits made before the stop looked at the mean number short
+# (50,000 labels; numpy 2): each succeeds after draws that left clients short, and must still
+# give the same parts. (3000, 1.0) succeeds in draw 104, (2000, 0.05) in 17, (1000, 0.05) in
+# 7, the skewed 10-class (1000, 1.0, min_size 20) in 7.
+@pytest.mark.parametrize("labels,k,alpha,seed,min_size,digest", [
+    ("c100", 3000, 1.0, 0, 5, "91d501e235affc38"), ("c100", 2000, 0.05, 0, 5, "ac9e90c35ad3040b"),
+    ("c100", 1000, 0.05, 0, 10, "c8ce8748212c96c1"), ("c10", 1000, 1.0, 0, 20, "5eddd25d93eec81a"),
+])
+def test_large_dirichlet_splits_are_the_ones_they_were(labels, k, alpha, seed, min_size, digest):
+    import hashlib
+
+    y = _cifar100_sized_labels() if labels == "c100" else np.random.default_rng(7).integers(0, 10, 50000)
+    h = hashlib.sha256()
+    for p in data.partition(y, k, alpha, seed, min_size=min_size):
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p.numpy().tobytes())
+    assert h.hexdigest()[:16] == digest
 
 
 # Digests of the digits' Dirichlet splits made before the early stop and the draws that only
