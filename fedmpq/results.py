@@ -205,14 +205,22 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
         ax.set_ylabel("global test accuracy")
         ax.legend(fontsize=8)
         fig.tight_layout()
+        path = Path(out)
+        tmp = path.with_name(path.name + ".tmp")
         try:
-            # the file named, as named: without a suffix matplotlib would write out + ".png" instead,
-            # unsaid (--plot runs/ became runs/.png)
-            fig.savefig(out, dpi=120, format=None if Path(out).suffix else "png")
+            # the file named, as named (without a suffix matplotlib would write out + ".png" instead,
+            # unsaid: --plot runs/ became runs/.png), and whole: written beside it, then renamed
+            # over it, so a kill mid-write leaves the plot that was there, not half a PNG
+            fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png")
+            os.replace(tmp, path)
         except (OSError, ValueError) as e:  # a missing folder, an extension matplotlib has no format for
             raise ConfigError(f"--plot {out} cannot be written: {e.strerror if isinstance(e, OSError) else e}") from None
         finally:
             plt.close(fig)
+            try:
+                tmp.unlink(missing_ok=True)  # what a failed write or rename left
+            except OSError:
+                pass
     return table
 
 

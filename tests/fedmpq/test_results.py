@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -204,6 +205,28 @@ def test_a_plot_is_written_where_named_whatever_its_suffix(tmp_path):
     assert cli.main(["compare", a0, "--plot", str(tmp_path / "curves")]) == 0
     assert (tmp_path / "curves").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # was curves.png
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_a_plot_is_replaced_whole(tmp_path, monkeypatch):
+    """The plot is written beside its name and renamed over it: a write that stops half-way
+    (a kill, a full disk) leaves the plot that was there, and no temporary file."""
+    optional("matplotlib", "plots")
+    import matplotlib.figure
+
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
+    plot = tmp_path / "cmp.png"
+    assert cli.main(["compare", a0, "--plot", str(plot)]) == 0
+    good = plot.read_bytes()
+    assert good[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def half(fig, fname, **kw):
+        Path(fname).write_bytes(good[:100])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half)
+    assert cli.main(["compare", a0, "--plot", str(plot)]) == 2
+    assert plot.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a0", "cmp.png"]
 
 
 def test_a_plot_without_matplotlib_is_refused_not_skipped(tmp_path, capsys, monkeypatch):
