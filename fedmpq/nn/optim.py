@@ -7,6 +7,7 @@ BatchNorm, shortcuts, biases) through :func:`float_parameters`.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Dict, List
 
@@ -34,7 +35,14 @@ def host_reads_free(device: torch.device) -> bool:
 
 def check_settings(lr: float, momentum: float, lam: float, lam_name: str = "lambda") -> None:
     """An optimizer's settings: lr > 0, momentum in [0, 1), ``lam`` (lambda, or what
-    ``lam_name`` says: FloatSGD's weight_decay) >= 0; lr and lam finite."""
+    ``lam_name`` says: FloatSGD's weight_decay) >= 0; lr and lam finite. Each a real number
+    (a Python or NumPy one, or a one-element tensor), not a bool: ``TypeError`` else, where
+    the comparisons below raised torch's or Python's own message ("'<' not supported
+    between instances of 'int' and 'str'")."""
+    for name, v in (("lr", lr), ("momentum", momentum), (lam_name, lam)):
+        if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
+                                                                      and not v.is_complex())):
+            raise TypeError(f"{name} must be a number, got {v!r}")
     if not 0 < lr < math.inf:
         raise ValueError(f"lr must be a finite number > 0, got {lr}")
     if not 0 <= momentum < 1:

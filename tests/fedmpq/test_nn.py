@@ -798,6 +798,24 @@ def test_float_sgd_refuses_bad_settings(bad):
         qn.FloatSGD([torch.zeros(1, requires_grad=True)], **bad)
 
 
+@pytest.mark.parametrize("key,value", [("lr", "0.1"), ("lr", None), ("momentum", True), ("lam", 1j),
+                                       ("lr", torch.ones(2))])
+def test_optimizers_refuse_settings_that_are_not_numbers_by_name(key, value):
+    """A setting that is not a real number was compared as one: "'<' not supported between
+    instances of 'int' and 'str'" from deep inside, or a bool taken for 1. Both optimizers
+    name it; NumPy numbers and one-element tensors are numbers."""
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    args = dict(lr=0.1, momentum=0.9, lam=1e-3)
+    args[key] = value
+    with pytest.raises(TypeError, match=f"^{key if key != 'lam' else 'lambda'} must be a number, got"):
+        qn.BitPlaneOptimizer(qm, **args)
+    if key != "lam":
+        with pytest.raises(TypeError, match=f"^{key} must be a number, got"):
+            qn.FloatSGD(qn.float_parameters(qm), **{k: v for k, v in args.items() if k != "lam"})
+    ok = qn.BitPlaneOptimizer(qm, lr=np.float32(0.1), momentum=torch.tensor(0.9), lam=np.float64(1e-3))
+    assert (ok.lr, ok.lam) == (float(np.float32(0.1)), 1e-3) and ok.momentum == float(torch.tensor(0.9))
+
+
 @pytest.mark.parametrize("key,value,rule", [
     ("lr", -0.1, "lr must be a finite number > 0"), ("lr", float("nan"), "lr must be a finite number > 0"),
     ("lr", float("inf"), "lr must be a finite number > 0"), ("lr", 0.0, "lr must be a finite number > 0"),
