@@ -8,6 +8,7 @@ import math
 import numbers
 import operator
 import sys
+from collections.abc import Mapping
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -57,6 +58,23 @@ def _cpu_usual(name: str, op: str):
     the module of its ``op``; False where that backend has none), kept in :data:`_CPU_FN`."""
     fn = _CPU_FN[name] = _layers_impl(_cpu_fn(op), name) or False
     return fn
+
+
+_SEQS = (list, tuple)  # the many-layer ops' fast paths take these lists; anything else goes through _layer_count
+
+
+def _layer_count(codes, **lists) -> int:
+    """L, the layers of a many-layer op's ``codes`` and ``lists`` (one entry per layer each):
+    TypeError naming one that is not a sequence (``len()`` said "object of type 'NoneType'
+    has no len()"), ValueError naming one of another length than codes."""
+    for name, v in (("codes", codes), *lists.items()):
+        if isinstance(v, (str, bytes, Mapping)) or not (hasattr(v, "__len__") and hasattr(v, "__getitem__")):
+            raise TypeError(f"{name} must be a list or tuple, one entry per layer, got {type(v).__name__}")
+    L = len(codes)
+    for name, v in lists.items():
+        if len(v) != L:
+            raise ValueError(f"{name} has {len(v)} entries, codes {L}")
+    return L
 
 
 def _binarize_impl(w: Tensor, bits: int):
@@ -496,11 +514,12 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
         TypeError / ValueError: as :func:`dequantize`, naming the layer; lists of different
         lengths; layers on different devices.
     """
-    L = len(codes)
     # The usual call (plain CPU tensors: a model's weights before its forward) checked and
     # made by the CPU backend in one pass, then one autograd node over them where a gradient
     # is wanted; anything it does not take goes on to the checks that name the problem.
-    if (L and L == len(sign) == len(scale) == len(bits) == len(sink) and type(c0 := codes[0]) in PLAIN and c0.is_cpu
+    if (type(codes) in _SEQS and type(sign) in _SEQS and type(scale) in _SEQS and type(bits) in _SEQS
+            and type(sink) in _SEQS and (L := len(codes)) and L == len(sign) == len(scale) == len(bits) == len(sink)
+            and type(c0 := codes[0]) in PLAIN and c0.is_cpu
             and not _is_compiling() and not _dispatch_modes() and not _functorch_active()):
         usual = _CPU_FN.get("dequantize_layers_usual")
         if usual is None:
@@ -511,9 +530,7 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
                 if _grad_enabled() and (any(map(_requires_grad, scale)) or any(map(_requires_grad, sink))):
                     return list(_dql_apply(L, tuple(bits), ws, *codes, *sign, *scale, *sink))
                 return ws
-    for name, v in (("sign", sign), ("scale", scale), ("bits", bits), ("sink", sink)):
-        if len(v) != L:
-            raise ValueError(f"{name} has {len(v)} entries, codes {L}")
+    L = _layer_count(codes, sign=sign, scale=scale, bits=bits, sink=sink)
     if L == 0:
         return []
     _tensor(codes[0], "codes[0]")
@@ -573,9 +590,7 @@ def plane_popcounts_layers(codes: Sequence[Tensor], bits: Sequence[int]) -> Tens
     concatenated: int64 (sum of bits,) on the layers' device (layer l's N counts after the
     layers before it). One native call for all (on CUDA, one launch per group of up to 32 layers).
     (0,) on the CPU for no layers. Raises TypeError / ValueError naming the layer."""
-    if len(bits) != len(codes):
-        raise ValueError(f"bits has {len(bits)} entries, codes {len(codes)}")
-    if not len(codes):
+    if not _layer_count(codes, bits=bits):
         return torch.zeros(0, dtype=torch.int64)
     # the usual call (plain CPU tensors) checked and counted by the CPU backend in one pass;
     # anything it does not take goes on to the checks that name the problem
@@ -723,14 +738,15 @@ def bitplane_step_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: S
         TypeError / ValueError: as :func:`bitplane_step`, naming the layer; lists of
         different lengths.
     """
-    L = len(codes)
     # The usual call (an optimizer's step: plain CPU tensors, int keys, float lr and momentum)
     # checked and stepped by the CPU backend in one pass over the layers (~40 attribute reads a
     # layer, against _step_layer's ~100 and the adapter's own); anything it does not take
     # goes on below, to the checks that name the problem.
     if (type(lr) is float and type(momentum) is float and 0.0 < lr < math.inf and 0.0 <= momentum < 1.0
-            and type(keys) in (list, tuple) and L and L == len(sign) == len(mom) == len(gs) == len(grad) == len(coef)
-            == len(scale) == len(bits) == len(keys) and type(c0 := codes[0]) in PLAIN and c0.is_cpu
+            and type(codes) in _SEQS and type(sign) in _SEQS and type(mom) in _SEQS and type(gs) in _SEQS
+            and type(grad) in _SEQS and type(coef) in _SEQS and type(scale) in _SEQS and type(bits) in _SEQS
+            and type(keys) in _SEQS and (L := len(codes)) and L == len(sign) == len(mom) == len(gs) == len(grad)
+            == len(coef) == len(scale) == len(bits) == len(keys) and type(c0 := codes[0]) in PLAIN and c0.is_cpu
             and not _is_compiling() and not _dispatch_modes() and not _functorch_active()):
         usual = _CPU_FN.get("bitplane_step_layers_usual")
         if usual is None:
@@ -739,10 +755,8 @@ def bitplane_step_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: S
             out = usual(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, keys)
             if out is not None:
                 return out
-    lists = {"sign": sign, "mom": mom, "gs": gs, "grad": grad, "coef": coef, "scale": scale, "bits": bits}
-    for name, v in lists.items():
-        if len(v) != L:
-            raise ValueError(f"{name} has {len(v)} entries, codes {L}")
+    L = _layer_count(codes, sign=sign, mom=mom, gs=gs, grad=grad, coef=coef, scale=scale, bits=bits,
+                     **({} if isinstance(keys, Tensor) else {"keys": keys}))
     _step_scalars(lr, momentum)
     if L == 0:
         return torch.empty(0, dtype=torch.float32)
@@ -757,9 +771,7 @@ def bitplane_step_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: S
         if keys.numel() != L:
             raise ValueError(f"keys has {keys.numel()} elements, one per layer ({L}) needed")
         key_t, ints = keys.reshape(-1), [0] * L
-    else:
-        if len(keys) != L:
-            raise ValueError(f"keys has {len(keys)} entries, codes {L}")
+    else:  # _layer_count checked its length
         ints = [k if type(k) is int and 0 <= k <= 0xFFFFFFFF else _key(k, f" (layer {i})") for i, k in enumerate(keys)]
     bits_l, grads, coefs = [0] * L, [None] * L, [None] * L
     for i in range(L):

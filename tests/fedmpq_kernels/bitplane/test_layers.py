@@ -237,6 +237,34 @@ def test_bad_keys_and_scalars_are_refused():
     assert fk.bitplane_step_layers([], [], [], [], [], [], [], [], 0.5, 0.9, []).shape == (0,)
 
 
+@pytest.mark.parametrize("op", ["bitplane_step_layers", "dequantize_layers", "plane_popcounts_layers"])
+def test_a_list_argument_that_is_not_a_sequence_is_named(op):
+    """One tensor, None or a number where a list of one entry per layer belongs was
+    "object of type 'NoneType' has no len()" from inside the op: each is named. Tuples,
+    lists and NumPy arrays are sequences."""
+    import numpy as np
+
+    lists, keys = _args("cpu")
+    codes, sign, mom, gs, grad, coef, scale, bits = lists
+    sinks = [fk.sink_like((c.numel(),)) for c in codes]
+    args = {"bitplane_step_layers": dict(codes=codes, sign=sign, mom=mom, gs=gs, grad=grad, coef=coef, scale=scale,
+                                         bits=bits, lr=0.5, momentum=0.9, keys=keys),
+            "dequantize_layers": dict(codes=codes, sign=sign, scale=scale, bits=bits, sink=sinks),
+            "plane_popcounts_layers": dict(codes=codes, bits=bits)}[op]
+    names = [k for k in args if k not in ("lr", "momentum")]
+    for name in names:
+        for bad in (None, 4, 0.5, "codes", {0: codes[0]}):
+            with pytest.raises(TypeError, match=f"^{name} must be a list or tuple, one entry per layer, got "
+                                                f"{type(bad).__name__}$"):
+                getattr(fk, op)(**dict(args, **{name: bad}))
+    if op != "bitplane_step_layers":  # (a step changes its state: compared in the tests above)
+        # tuples and a NumPy array of widths are sequences: the lists' results
+        flat = lambda r: torch.cat([w.reshape(-1) for w in r]) if isinstance(r, list) else r  # noqa: E731
+        want = flat(getattr(fk, op)(**args))
+        got = flat(getattr(fk, op)(**dict({k: tuple(v) for k, v in args.items()}, bits=np.array(bits))))
+        assert torch.equal(got, want)
+
+
 def test_the_cpu_binding_names_the_bad_layer():
     """The native entry re-checks every layer before stepping any (sizes it did not check)."""
     from fedmpq_kernels._native import native
