@@ -324,6 +324,16 @@ def _tensor(t, name: str, dtype=None, device=None) -> Tensor:
     return t
 
 
+def _count(v, name: str) -> int:
+    """An element count: an int (or NumPy integer) >= 0, not a bool; TypeError / ValueError
+    naming ``name`` (int() truncated 2.7 to 2, and a negative one failed inside torch)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 0, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {v}")
+    return int(v)
+
+
 def _key(key, hint: str = "") -> int:
     """A generator key (:func:`step_key`): an int in 0..2^32-1."""
     if not (type(key) is int or (not isinstance(key, bool) and isinstance(key, numbers.Integral))) \
@@ -568,9 +578,19 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
 
 
 def sink_like(shape, device=None) -> Tensor:
-    """A float32 tensor of ``shape`` that stores one number (zero strides): the gradient
-    sink of a bit-plane layer (see :func:`dequantize`)."""
-    return torch.zeros((), dtype=torch.float32, device=device).expand(tuple(shape))
+    """A float32 tensor of ``shape`` (a sequence of ints >= 0, e.g. a torch.Size) that stores
+    one number (zero strides): the gradient sink of a bit-plane layer (see :func:`dequantize`).
+    Raises TypeError / ValueError for another shape (torch said "numel: integer
+    multiplication overflow" for a negative size)."""
+    if isinstance(shape, (Tensor, str, bytes)) or not hasattr(shape, "__iter__"):
+        raise TypeError(f"shape must be a sequence of ints >= 0, got {type(shape).__name__}")
+    dims = tuple(shape)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"shape must be a sequence of ints >= 0, got {dims!r}")
+        if d < 0:
+            raise ValueError(f"shape must be a sequence of ints >= 0, got {dims!r}")
+    return torch.zeros((), dtype=torch.float32, device=device).expand(tuple(map(int, dims)))
 
 
 def plane_popcounts(codes: Tensor, bits: int) -> Tensor:
@@ -637,11 +657,7 @@ def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
     _tensor(popcounts, "popcounts")
     if popcounts.numel() != bits:
         raise ValueError(f"popcounts must hold {bits} values (one per plane), got shape {tuple(popcounts.shape)}")
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise TypeError(f"n must be an int >= 0, got {type(n).__name__}")
-    if n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n}")
-    return _ref.group_lasso(popcounts, int(n), bits)
+    return _ref.group_lasso(popcounts, _count(n, "n"), bits)
 
 
 def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Tensor, coef: Tensor,
@@ -690,7 +706,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
             and not _is_compiling() and not _dispatch_modes() and not _functorch_active() and not _is_wrapped(codes)):
         return (_CPU_FN.get("bitplane_step") or _cpu_fn("bitplane_step"))(codes, sign, mom, gs, grad, coef, scale,
                                                                            bits, lr, momentum, key, None)
-    dev = codes.device
+    dev = _tensor(codes, "codes").device  # (an AttributeError from .device else)
     bits, grad, coef = _step_layer(codes, sign, mom, gs, grad, coef, scale, bits, dev)
     _step_scalars(lr, momentum)
     key, key_t = _step_key(key, dev)
@@ -833,4 +849,4 @@ def step_keys(seed: int, step: Tensor, layers: int) -> Tensor:
 def uniform(key: int, n: int, device=None) -> Tensor:
     """The generator's draws u_j in [0, 1) for elements 0..n-1 under ``key``
     (:func:`step_key`): float32 (n,), the numbers :func:`bitplane_step` compares with p_j."""
-    return _ref.uniform(_key(key), int(n), device)
+    return _ref.uniform(_key(key), _count(n, "n"), device)

@@ -92,11 +92,31 @@ def test_opcheck(backend):
         (lambda: fk.bitplane_step(**_step_args(key=2**32)), ValueError, "key must be a uint32"),
         (lambda: fk.bitplane_step(**_step_args(key=1.0)), ValueError, "key must be a uint32"),
         (lambda: fk.bitplane_step(**_step_args(key=True)), ValueError, "key must be a uint32"),
+        # an AttributeError ('NoneType' object has no attribute 'device'), int() truncating
+        # 2.7 or failing inside torch, torch's "numel: integer multiplication overflow"
+        (lambda: fk.bitplane_step(**_step_args(codes=None)), TypeError, "codes must be a torch.Tensor, got NoneType"),
+        (lambda: fk.uniform(1, 2.7), TypeError, "n must be an int >= 0, got float"),
+        (lambda: fk.uniform(1, -5), ValueError, "n must be an int >= 0, got -5"),
+        (lambda: fk.uniform(1, None), TypeError, "n must be an int >= 0, got NoneType"),
+        (lambda: fk.sink_like((-1, 3)), ValueError, r"shape must be a sequence of ints >= 0, got \(-1, 3\)"),
+        (lambda: fk.sink_like((2.5,)), TypeError, r"shape must be a sequence of ints >= 0, got \(2.5,\)"),
+        (lambda: fk.sink_like(7), TypeError, "shape must be a sequence of ints >= 0, got int"),
+        (lambda: fk.sink_like(None), TypeError, "shape must be a sequence of ints >= 0, got NoneType"),
     ],
 )
 def test_public_functions_raise_clear_errors(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_sink_like_and_uniform_take_sizes_of_any_integer_kind():
+    """torch.Size, NumPy integers, a list, () and zero sizes are sizes."""
+    import numpy as np
+
+    for shape in (torch.Size([3, 4]), [np.int64(3), 4], (), (0, 5)):
+        t = fk.sink_like(shape)
+        assert t.shape == tuple(int(d) for d in shape) and t.dtype == torch.float32 and set(t.stride()) <= {0}
+    assert torch.equal(fk.uniform(7, np.int32(5)), fk.uniform(7, 5)) and fk.uniform(7, 0).shape == (0,)
 
 
 def test_public_errors_leave_the_state_untouched():
