@@ -36,6 +36,18 @@ def check_width(bits, what: str = "bits", float_ok: bool = False) -> int:
     return fk.check_bits(bits, what, float_ok)
 
 
+def _size(v, name: str, low: int = 0) -> int:
+    """A layer's size argument (features, channels, a kernel side): an int (or NumPy integer)
+    >= ``low``, not a bool; TypeError / ValueError naming it, where torch said "zeros():
+    argument 'size' ... must be tuple of ints" or "Dimension size must be non-negative"."""
+    if isinstance(v, bool) or not hasattr(v, "__index__"):
+        raise TypeError(f"{name} must be an int >= {low}, got {type(v).__name__}")
+    v = operator.index(v)
+    if v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v}")
+    return v
+
+
 def is_width_list(bits) -> bool:
     """Whether ``bits`` is one width per layer (a list, tuple, array or 1-D tensor)."""
     return hasattr(bits, "__len__") and not (isinstance(bits, Tensor) and bits.dim() == 0)
@@ -199,9 +211,15 @@ class BitConv2d(_BitWeight):
         """kernel_size: an int or (height, width), as ``nn.Conv2d``; stride and padding as
         ``F.conv2d`` takes them (an int or a pair)."""
         super().__init__()
-        ks = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        if len(ks) != 2 or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks):
+        in_channels, out_channels = _size(in_channels, "in_channels"), _size(out_channels, "out_channels")
+        if hasattr(kernel_size, "__index__") and not isinstance(kernel_size, bool):  # an int, a NumPy integer
+            kernel_size = operator.index(kernel_size)
+            ks = (kernel_size, kernel_size)
+        else:
+            ks = tuple(kernel_size) if isinstance(kernel_size, (tuple, list)) else ()
+        if len(ks) != 2 or not all(hasattr(k, "__index__") and not isinstance(k, bool) and k >= 1 for k in ks):
             raise ValueError(f"kernel_size must be an int >= 1 or a pair of them, got {kernel_size!r}")
+        ks = tuple(map(operator.index, ks))
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self._init_weight((out_channels, in_channels, *ks), bits)
@@ -220,6 +238,7 @@ class BitLinear(_BitWeight):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 8):
         super().__init__()
+        in_features, out_features = _size(in_features, "in_features"), _size(out_features, "out_features")
         self.in_features, self.out_features = in_features, out_features
         self._init_weight((out_features, in_features), bits)
         if bias:

@@ -936,6 +936,26 @@ def test_a_conv_takes_kernel_sizes_as_nn_conv2d_does():
             qn.BitConv2d(3, 4, bad)
 
 
+def test_layer_sizes_are_named_and_numpy_integers_are_sizes():
+    """None, 3.5, True or a negative size reached torch as "zeros(): argument 'size' must be
+    tuple of ints" or "Dimension size must be non-negative", and a NumPy kernel size was
+    "'numpy.int64' object is not iterable": each is named; NumPy integers are sizes, 0 too."""
+    for make, names in ((lambda a, b: qn.BitLinear(a, b, bits=4), ("in_features", "out_features")),
+                        (lambda a, b: qn.BitConv2d(a, b, 3, bits=4), ("in_channels", "out_channels"))):
+        for i, name in enumerate(names):
+            for bad, err in ((None, TypeError), (3.5, TypeError), (True, TypeError), ("4", TypeError),
+                             (-1, ValueError)):
+                args = [3, 4]
+                args[i] = bad
+                with pytest.raises(err, match=f"^{name} must be an int >= 0, got"):
+                    make(*args)
+    assert qn.BitLinear(np.int64(3), np.int32(2), bits=4).weight_shape == (2, 3)
+    assert qn.BitLinear(0, 2, bits=4).weight_shape == (2, 0)
+    conv = qn.BitConv2d(np.int64(3), 4, np.int64(3), bits=4)
+    assert conv.weight_shape == (4, 3, 3, 3) and type(conv.in_channels) is int
+    assert qn.BitConv2d(3, 4, (np.int64(1), 3), bits=4).weight_shape == (4, 3, 1, 3)
+
+
 def test_float_sgd_takes_each_groups_momentum_and_weight_decay_as_torch_sgd():
     """Per-group momentum and weight_decay (no decay on BatchNorm, say) are applied as
     torch.optim.SGD applies them, bit for bit; options it lacks are refused, not ignored."""
