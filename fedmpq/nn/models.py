@@ -32,7 +32,8 @@ class _Factory:
         self.quantized = quantized
         self.float_classifier = float_classifier
         self.bits = bits
-        self.act_bits = act_bits
+        # named here: ActQuant's own check says "bits"
+        self.act_bits = None if act_bits is None else check_width(act_bits, "act_bits", float_ok=True)
         self.count = 0
 
     def _next_bits(self) -> int:
@@ -91,8 +92,8 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, quantized: bool = False,
                  bits: Bits = 8, act_bits: Optional[int] = None, float_classifier: bool = False):
         super().__init__()
-        if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"depth must be 6k + 2 >= 8, got {depth}")
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6k + 2 >= 8, got {depth!r}")
         _check_arch(num_classes, in_channels)
         if quantized and act_bits is None:
             act_bits = 4
@@ -132,6 +133,9 @@ class SmallCNN(nn.Module):
                  bits: Bits = 8, act_bits: Optional[int] = None, float_classifier: bool = False):
         super().__init__()
         _check_arch(num_classes, in_channels)
+        if isinstance(image_size, bool) or not isinstance(image_size, int):  # '<' not supported ... else
+            raise TypeError(f"image_size must be an int, a multiple of 4 (two 2x2 poolings), got "
+                            f"{type(image_size).__name__}")
         if image_size < 4 or image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4 (two 2x2 poolings), got {image_size}")
         if quantized and act_bits is None:

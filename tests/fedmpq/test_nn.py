@@ -956,6 +956,26 @@ def test_layer_sizes_are_named_and_numpy_integers_are_sizes():
     assert qn.BitConv2d(3, 4, (np.int64(1), 3), bits=4).weight_shape == (4, 3, 1, 3)
 
 
+def test_model_arguments_are_named():
+    """act_bits was refused as "bits" (ActQuant's own name), a non-int image_size or depth as
+    "'<' not supported between instances of 'NoneType' and 'int'"."""
+    for build in (qn.resnet20, qn.small_cnn):
+        for bad, err in (("x", TypeError), (3.5, TypeError), (0, ValueError), (True, TypeError)):
+            with pytest.raises(err, match="^act_bits must be"):
+                build(quantized=True, act_bits=bad)
+    for bad in (None, "28", 28.0):
+        with pytest.raises(TypeError, match="^image_size must be an int, a multiple of 4"):
+            qn.small_cnn(image_size=bad)
+    with pytest.raises(ValueError, match="^image_size must be a multiple of 4"):
+        qn.small_cnn(image_size=30)
+    from fedmpq.nn.models import CifarResNet
+
+    for bad in (None, 20.0, 21, True):
+        with pytest.raises(ValueError, match="^depth must be 6k \\+ 2 >= 8, got"):
+            CifarResNet(depth=bad)
+    assert qn.small_cnn(quantized=True, act_bits=np.int64(16), image_size=8).act1.bits == 16
+
+
 def test_float_sgd_takes_each_groups_momentum_and_weight_decay_as_torch_sgd():
     """Per-group momentum and weight_decay (no decay on BatchNorm, say) are applied as
     torch.optim.SGD applies them, bit for bit; options it lacks are refused, not ignored."""
