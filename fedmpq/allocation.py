@@ -59,6 +59,24 @@ def _real(v, what: str) -> Fraction:
     return Fraction(f)
 
 
+def _seq(v, what: str) -> list:
+    """A sequence argument as a list; ValueError naming it for anything else (a number was
+    "'int' object is not iterable"; a str or a mapping would be read as its characters or
+    keys). ValueError, as for every bad value here: the server refuses a faulty client's
+    report on it."""
+    if isinstance(v, (str, bytes, Mapping)) or not hasattr(v, "__iter__"):
+        raise ValueError(f"{what} must be a sequence, got {type(v).__name__}")
+    return list(v)
+
+
+def _map(v, what: str) -> Mapping:
+    """A mapping argument (client -> value); ValueError naming it for anything else (a list
+    was "'list' object has no attribute 'items'")."""
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{what} must be a mapping (client -> value), got {type(v).__name__}")
+    return v
+
+
 def _budget(v, what: str = "budget") -> Fraction:
     b = _real(v, what)
     if not MIN_BITS <= b <= MAX_BITS:
@@ -67,7 +85,7 @@ def _budget(v, what: str = "budget") -> Fraction:
 
 
 def _sizes(layer_sizes: Sequence[int]) -> List[int]:
-    sizes = [_int(n, f"layer_sizes[{i}]") for i, n in enumerate(layer_sizes)]
+    sizes = [_int(n, f"layer_sizes[{i}]") for i, n in enumerate(_seq(layer_sizes, "layer_sizes"))]
     if not sizes:
         raise ValueError("layer_sizes is empty: there must be at least one quantized layer")
     bad = [i for i, n in enumerate(sizes) if n <= 0]
@@ -77,7 +95,7 @@ def _sizes(layer_sizes: Sequence[int]) -> List[int]:
 
 
 def _bits_list(bits: Sequence[int], n: int, what: str, lo: int = MIN_BITS, hi: int = MAX_BITS) -> List[int]:
-    out = [_int(b, f"{what}[{i}]") for i, b in enumerate(bits)]
+    out = [_int(b, f"{what}[{i}]") for i, b in enumerate(_seq(bits, what))]
     if len(out) != n:
         raise ValueError(f"{what} has {len(out)} entries, layer_sizes has {n}")
     bad = [i for i, b in enumerate(out) if not lo <= b <= hi]
@@ -127,7 +145,7 @@ def allocate_bits(avg_bits: Sequence[int], priority: Sequence[float], layer_size
     sizes = _sizes(layer_sizes)
     n = len(sizes)
     bits = _bits_list(avg_bits, n, "avg_bits")
-    prio = list(priority)
+    prio = _seq(priority, "priority")
     if len(prio) != n:
         raise ValueError(f"priority has {len(prio)} entries, layer_sizes has {n}")
     for i, p in enumerate(prio):
@@ -156,7 +174,8 @@ def allocate_bits(avg_bits: Sequence[int], priority: Sequence[float], layer_size
 def _raw_weights(num_samples: Mapping[int, int], budgets: Mapping[int, float]) -> Dict[int, Fraction]:
     """|D_k| beta_k, exact, for every client in num_samples."""
     out = {}
-    for k, d in num_samples.items():
+    _map(budgets, "budgets")
+    for k, d in _map(num_samples, "num_samples").items():
         d = _int(d, f"num_samples[{k!r}]")
         if d < 0:
             raise ValueError(f"num_samples[{k!r}] must be >= 0, got {d}")
@@ -223,6 +242,7 @@ def round_statistics(bits: Mapping[int, Sequence[int]], deltas: Mapping[int, Seq
     """
     sizes = _sizes(layer_sizes)
     n = len(sizes)
+    bits, deltas, weights = _map(bits, "bits"), _map(deltas, "deltas"), _map(weights, "weights")
     if not bits:
         raise ValueError("no client reported: there are no statistics to compute")
     if set(bits) != set(deltas):
@@ -278,7 +298,8 @@ def next_assignments(stats: Union[Iterable, Mapping], budgets: Mapping[int, floa
     """
     if isinstance(stats, Mapping):
         stats = stats.values()
-    stats = list(stats)
+    stats = _seq(stats, "stats")
+    budgets, layer_sizes = _map(budgets, "budgets"), _map(layer_sizes, "layer_sizes")
     if not stats:
         raise ValueError("no client reported this round: keep the previous assignments")
     names = list(layer_sizes)

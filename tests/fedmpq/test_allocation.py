@@ -375,3 +375,24 @@ def test_initial_assignment():
 def test_initial_assignment_invalid(args, match):
     with pytest.raises(ValueError, match=match):
         allocation.initial_assignment(*args)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: allocation.allocate_bits([4, 4], [1.0, 2.0], 7, 4.0), "layer_sizes must be a sequence, got int"),
+    (lambda: allocation.allocate_bits([4, 4], 0.5, [10, 20], 4.0), "priority must be a sequence, got float"),
+    (lambda: allocation.allocate_bits(None, [1.0, 2.0], [10, 20], 4.0), "avg_bits must be a sequence, got NoneType"),
+    (lambda: allocation.allocate_bits("44", [1.0, 2.0], [10, 20], 4.0), "avg_bits must be a sequence, got str"),
+    (lambda: allocation.initial_assignment(4.5, 2, 3.5), "layer_sizes must be a sequence, got float"),
+    (lambda: allocation.client_weights([10, 20], {0: 4.0}), r"num_samples must be a mapping \(client -> value\), got list"),
+    (lambda: allocation.client_weights({0: 10}, None), "budgets must be a mapping"),
+    (lambda: allocation.round_statistics([[4]], {0: [0]}, {0: 1.0}, [10]), "bits must be a mapping"),
+    (lambda: allocation.round_statistics({0: [4]}, {0: [0]}, [1.0], [10]), "weights must be a mapping"),
+    (lambda: allocation.next_assignments([], [4.0], {"a": 10}), "budgets must be a mapping"),
+    (lambda: allocation.next_assignments(5, {0: 4.0}, {"a": 10}), "stats must be a sequence, got int"),
+])
+def test_arguments_of_the_wrong_kind_are_named_as_value_errors(call, match):
+    """A number where a list belongs was "'int' object is not iterable", a list where a
+    mapping belongs "'list' object has no attribute 'items'": each is named, as a ValueError
+    (the server refuses a faulty client's report on ValueError)."""
+    with pytest.raises(ValueError, match=match):
+        call()
