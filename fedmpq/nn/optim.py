@@ -316,7 +316,7 @@ class BitPlaneOptimizer:
         """Every layer's G (``sink.grad``) to None, or to zeros in place (then every layer
         steps, on its regularizer term alone where the backward did not reach it)."""
         for layer in self.layers:
-            _zero(layer.sink, set_to_none)
+            _zero(layer.plane_state()[3], set_to_none)  # the sink without nn.Module's lookup (see plane_state)
 
     def state_bytes(self) -> int:
         """Bytes this optimizer keeps between steps."""
