@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Dict, List
 
 import numpy as np
@@ -19,10 +18,9 @@ from torch.optim.sgd import sgd as sgd_fn  # the functional API: no torch._dynam
 
 import fedmpq_kernels as fk
 
-from .layers import bit_layers
+from .layers import _device_of, bit_layers
 
 _EPS = 1e-8  # the group lasso's epsilon (ALGORITHM.md, "Local objective")
-_device_of = operator.attrgetter("device")
 
 
 def host_reads_free(device: torch.device) -> bool:

@@ -47,6 +47,15 @@ def _f32(t: Tensor) -> Tensor:
     return t
 
 
+def _f32p(t: Tensor) -> Tuple[Tensor, int]:
+    """(:func:`_f32` (t), its data pointer): the common case in three reads, the pointer its
+    alignment test read."""
+    if t.dtype is _F32 and t.is_contiguous() and not (p := t.data_ptr()) & 3:
+        return t, p
+    t = _f32(t)
+    return t, t.data_ptr()
+
+
 def _bytes(t: Tensor) -> Tensor:
     """A uint8 tensor contiguous, any shape (no copy when it already is)."""
     return t.contiguous()
@@ -64,12 +73,7 @@ def _sign(sign: Tensor, n: int) -> Tuple[Tensor, int, int]:
 
 
 def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
-    x = w.detach()
-    if x.dtype is _F32 and x.is_contiguous() and not (px := x.data_ptr()) & 3:
-        pass  # the common case in the fewest reads (see _f32)
-    else:
-        x = _f32(x)
-        px = x.data_ptr()
+    x, px = _f32p(w.detach())
     n = x.numel()
     nb = 4 * ((n + 31) >> 5)  # bitmap_nbytes
     codes = torch.empty(n, dtype=_U8)
@@ -92,11 +96,7 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int) -> Tensor:
 def dequantize_backward(grad: Tensor, codes: Tensor, sign: Tensor, bits: int) -> Tensor:
     c = _bytes(codes)
     n = c.numel()
-    if grad.dtype is _F32 and grad.is_contiguous() and not (pg := grad.data_ptr()) & 3:
-        g = grad  # the common case in the fewest reads
-    else:
-        g = _f32(grad)
-        pg = g.data_ptr()
+    g, pg = _f32p(grad)
     ng = g.numel()  # the binding refuses a grad of another length than codes
     _, ps, nb = _sign(sign, n)
     r = native.cpu.dequantize_backward(pg, ng, c.data_ptr(), n, ps, nb, bits,
@@ -148,21 +148,10 @@ def dequantize_backward_layers(grads, codes, sign, bits) -> List[Tensor]:
     nt = torch.get_num_threads()
     r = []
     for g, c, sg, b in zip(grads, codes, sign, bits):
-        # the usual layer (as dequantize_layers_usual took it, a contiguous float32 gradient)
-        # in the fewest reads, any other through the helpers' copies
-        if c.is_contiguous() and sg.is_contiguous() and not (psw := sg.data_ptr()) & 3:
-            nsw = sg.numel()
-        else:
-            c = _bytes(c)
-            sw, psw = _words(sg)
-            nsw = sw.numel()
-        if g.dtype is _F32 and g.is_contiguous() and not (pg := g.data_ptr()) & 3:
-            ng = g.numel()
-        else:
-            g = _f32(g)
-            pg, ng = g.data_ptr(), g.numel()
-        # the binding refuses a grad of another length than codes
-        r.append(native.cpu.dequantize_backward(pg, ng, c.data_ptr(), c.numel(), psw, nsw, b, nt))
+        c = _bytes(c)
+        sw, psw = _words(sg)
+        g, pg = _f32p(g)  # the binding refuses a grad of another length than codes
+        r.append(native.cpu.dequantize_backward(pg, g.numel(), c.data_ptr(), c.numel(), psw, sw.numel(), b, nt))
     return list(torch.tensor(r, dtype=torch.float32).unbind())  # one tensor: cheaper than one per layer
 
 
@@ -187,17 +176,17 @@ def plane_popcounts_layers_usual(codes, bits) -> Optional[Tensor]:
                 and c.is_contiguous() and not _is_wrapped(c)):
             return None
         layers.append((c.data_ptr(), c.numel(), b))
-    total = sum(bits)
-    out = torch.empty(total, dtype=_I64)
-    native.cpu.plane_popcounts_layers(layers, out.data_ptr(), total, torch.get_num_threads())
-    return out
+    return _popcounts_of(layers, sum(bits))
 
 
 def plane_popcounts_layers(codes, bits) -> Tensor:
     """plane_popcounts of each layer through one native call, concatenated."""
     cs = [_bytes(c) for c in codes]  # kept alive over the call (a copy of a strided one)
-    layers = [(c.data_ptr(), c.numel(), b) for c, b in zip(cs, bits)]
-    total = sum(bits)
+    return _popcounts_of([(c.data_ptr(), c.numel(), b) for c, b in zip(cs, bits)], sum(bits))
+
+
+def _popcounts_of(layers, total: int) -> Tensor:
+    """The native many-layer popcount of ``layers`` ((codes pointer, n, bits) each), int64 (total,)."""
     out = torch.empty(total, dtype=_I64)
     native.cpu.plane_popcounts_layers(layers, out.data_ptr(), total, torch.get_num_threads())
     return out

@@ -56,7 +56,9 @@ def _cpu_fn(op: str):
 def _cpu_usual(name: str, op: str):
     """The CPU backend's one-pass function ``name`` for the usual call of a many-layer op (in
     the module of its ``op``; False where that backend has none), kept in :data:`_CPU_FN`."""
-    fn = _CPU_FN[name] = _layers_impl(_cpu_fn(op), name) or False
+    fn = _CPU_FN.get(name)
+    if fn is None:
+        fn = _CPU_FN[name] = _layers_impl(_cpu_fn(op), name) or False
     return fn
 
 
@@ -531,9 +533,7 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
             and type(sink) in _SEQS and (L := len(codes)) and L == len(sign) == len(scale) == len(bits) == len(sink)
             and type(c0 := codes[0]) in PLAIN and c0.is_cpu
             and not _is_compiling() and not _dispatch_modes() and not _functorch_active()):
-        usual = _CPU_FN.get("dequantize_layers_usual")
-        if usual is None:
-            usual = _cpu_usual("dequantize_layers_usual", "dequantize")
+        usual = _cpu_usual("dequantize_layers_usual", "dequantize")
         if usual:
             ws = usual(codes, sign, scale, bits, sink)
             if ws is not None:
@@ -616,9 +616,7 @@ def plane_popcounts_layers(codes: Sequence[Tensor], bits: Sequence[int]) -> Tens
     # anything it does not take goes on to the checks that name the problem
     if type(c0 := codes[0]) in PLAIN and c0.is_cpu and not _is_compiling() and not _dispatch_modes() \
             and not _functorch_active():
-        usual = _CPU_FN.get("plane_popcounts_layers_usual")
-        if usual is None:
-            usual = _cpu_usual("plane_popcounts_layers_usual", "plane_popcounts")
+        usual = _cpu_usual("plane_popcounts_layers_usual", "plane_popcounts")
         if usual:
             out = usual(codes, bits)
             if out is not None:
@@ -764,9 +762,7 @@ def bitplane_step_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: S
             and type(keys) in _SEQS and (L := len(codes)) and L == len(sign) == len(mom) == len(gs) == len(grad)
             == len(coef) == len(scale) == len(bits) == len(keys) and type(c0 := codes[0]) in PLAIN and c0.is_cpu
             and not _is_compiling() and not _dispatch_modes() and not _functorch_active()):
-        usual = _CPU_FN.get("bitplane_step_layers_usual")
-        if usual is None:
-            usual = _cpu_usual("bitplane_step_layers_usual", "bitplane_step")
+        usual = _cpu_usual("bitplane_step_layers_usual", "bitplane_step")
         if usual:
             out = usual(codes, sign, mom, gs, grad, coef, scale, bits, lr, momentum, keys)
             if out is not None:
