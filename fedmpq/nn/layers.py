@@ -185,6 +185,10 @@ class _BitWeight(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        why = self._codes_misfit(state_dict, prefix)
+        if why is not None:  # the layer is left as it was, as torch leaves a size-mismatched entry
+            error_msgs.append(why)
+            return
         # The sink holds no value (zero strides: copying into it raises), so a state dict's
         # sink is only checked for its shape, never copied.
         sink = state_dict.pop(prefix + "sink", None)
@@ -202,6 +206,29 @@ class _BitWeight(nn.Module):
         finally:
             params.update(self.__dict__["_parameters"])  # what assign=True put there
             self.__dict__["_parameters"] = params
+
+    def _codes_misfit(self, state_dict, prefix: str) -> Optional[str]:
+        """Why the state dict's codes cannot be this layer's, or None. torch's copy would
+        convert codes of another dtype (3.7 -> 3, 300 -> 44), and codes of a wider layer
+        (a state dict without ``_extra_state``, loaded with strict=False, or an edited one)
+        would give weights beyond the scale: both load without an error and train wrong."""
+        codes = state_dict.get(prefix + "codes")
+        if not isinstance(codes, Tensor) or codes.numel() != self.numel or not codes.numel():
+            return None  # nothing to check here: missing, or torch's size mismatch names it
+        if codes.dtype != torch.uint8:
+            return f"{prefix}codes must be uint8 codes, got {codes.dtype}"
+        bits, whose = self.bits, "the layer's bit-width"
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, Tensor) and extra.numel() == 1 and not (extra.is_floating_point() or extra.is_complex()):
+            extra = extra.item()
+        if extra is not None:
+            if isinstance(extra, bool) or not isinstance(extra, int) or not 1 <= extra <= fk.MAX_BITS:
+                return None  # set_extra_state refuses it, naming the problem
+            bits, whose = extra, "the state dict's bit-width"
+        top = int(codes.max())
+        if top >= 1 << bits:
+            return f"{prefix}codes do not fit in {bits} bits ({whose}): a code is {top}, codes must be < {1 << bits}"
+        return None
 
 
 class BitConv2d(_BitWeight):

@@ -897,6 +897,35 @@ def test_the_state_dict_carries_each_layers_bit_width(tmp_path):
         other.load_state_dict(bad)
 
 
+def test_codes_that_do_not_fit_the_width_are_refused_and_the_layer_left_as_it_was():
+    """Codes of an 8-bit model loaded without their widths (strict=False) into a 4-bit one,
+    a state dict whose width was edited down, and codes of another dtype (torch's copy would
+    convert them): each layer concerned is named and left untouched, none loads wrong."""
+    torch.manual_seed(0)
+    sd = qn.small_cnn(quantized=True, bits=8, image_size=8).state_dict()
+    assert int(sd["conv1.codes"].max()) >= 16
+    other = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(RuntimeError) as e:
+        other.load_state_dict({k: v for k, v in sd.items() if not k.endswith("_extra_state")}, strict=False)
+    for layer in ("conv1", "conv2", "conv3", "linear"):
+        assert f"{layer}.codes do not fit in 4 bits (the layer's bit-width): a code is" in str(e.value)
+    after = other.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert qn.bit_assignment(other) == [4] * 4
+    edited = dict(sd, **{"conv2._extra_state": torch.tensor(3)})
+    with pytest.raises(RuntimeError, match=r"conv2.codes do not fit in 3 bits \(the state dict's bit-width\): "
+                                           r"a code is \d+, codes must be < 8") as e:
+        other.load_state_dict(edited)
+    assert "conv1" not in str(e.value)
+    assert torch.equal(other.conv2.codes, before["conv2.codes"]) and other.conv2.bits == 4
+    for dtype in (torch.float32, torch.int64):
+        with pytest.raises(RuntimeError, match=f"conv3.codes must be uint8 codes, got {dtype}"):
+            other.load_state_dict(dict(sd, **{"conv3.codes": sd["conv3.codes"].to(dtype)}))
+    other.load_state_dict(sd)  # the whole state dict, widths included, still loads
+    assert qn.bit_assignment(other) == [8] * 4 and torch.equal(other.conv2.codes, sd["conv2.codes"])
+
+
 @pytest.mark.parametrize("bad", [4.5, 2.7, True])
 def test_a_bit_width_that_is_not_an_integer_is_refused_not_truncated(bad):
     with pytest.raises(TypeError, match=r"bits\[1\] must be an int"):
