@@ -208,10 +208,13 @@ class _BitWeight(nn.Module):
             self.__dict__["_parameters"] = params
 
     def _codes_misfit(self, state_dict, prefix: str) -> Optional[str]:
-        """Why the state dict's codes cannot be this layer's, or None. torch's copy would
-        convert codes of another dtype (3.7 -> 3, 300 -> 44), and codes of a wider layer
-        (a state dict without ``_extra_state``, loaded with strict=False, or an edited one)
-        would give weights beyond the scale: both load without an error and train wrong."""
+        """Why the state dict's codes or sign cannot be this layer's, or None. torch's copy
+        would convert codes or bitmap bytes of another dtype (3.7 -> 3, 300 -> 44), and codes
+        of a wider layer (a state dict without ``_extra_state``, loaded with strict=False, or
+        an edited one) would give weights beyond the scale: both loaded with no error."""
+        sign = state_dict.get(prefix + "sign")
+        if isinstance(sign, Tensor) and sign.numel() == self.sign.numel() and sign.dtype != torch.uint8:
+            return f"{prefix}sign must be a uint8 bitmap, got {sign.dtype}"
         codes = state_dict.get(prefix + "codes")
         if not isinstance(codes, Tensor) or codes.numel() != self.numel or not codes.numel():
             return None  # nothing to check here: missing, or torch's size mismatch names it

@@ -922,6 +922,8 @@ def test_codes_that_do_not_fit_the_width_are_refused_and_the_layer_left_as_it_wa
     for dtype in (torch.float32, torch.int64):
         with pytest.raises(RuntimeError, match=f"conv3.codes must be uint8 codes, got {dtype}"):
             other.load_state_dict(dict(sd, **{"conv3.codes": sd["conv3.codes"].to(dtype)}))
+    with pytest.raises(RuntimeError, match="linear.sign must be a uint8 bitmap, got torch.int32"):
+        other.load_state_dict(dict(sd, **{"linear.sign": sd["linear.sign"].int()}))
     other.load_state_dict(sd)  # the whole state dict, widths included, still loads
     assert qn.bit_assignment(other) == [8] * 4 and torch.equal(other.conv2.codes, sd["conv2.codes"])
 
