@@ -246,11 +246,7 @@ def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., 
     deltas = {}
     for (name, layer), a in zip(qn.bit_layers(model), assigned):
         if cfg.alg == "fedmpq":
-            bits, codes, scale = fk.precision_reduction(layer.codes, layer.scale.detach(), layer.bits, cfg.threshold)
-            with torch.no_grad():
-                layer.codes.copy_(codes)
-                layer.scale.copy_(scale)
-            layer.bits = bits
+            layer.reduce_precision(cfg.threshold)
         deltas[f"{name}.weight"] = a - layer.bits
     up = wire.encode_upload(make_upload(model, client_id, round_, len(y), budget, deltas))
     return LocalResult(up, acc, loss, time.perf_counter() - t0, q0 + time.perf_counter() - t1)

@@ -59,7 +59,7 @@ class _BitWeight(nn.Module):
     def _init_weight(self, shape: Sequence[int], bits: int) -> None:
         n = math.prod(shape)
         self.weight_shape = tuple(int(s) for s in shape)
-        self.bits = fk.check_bits(bits)
+        self._bits = fk.check_bits(bits)
         self.register_buffer("codes", torch.zeros(n, dtype=torch.uint8))
         self.register_buffer("sign", torch.zeros(fk.bitmap_nbytes(n), dtype=torch.uint8))
         self.scale = nn.Parameter(torch.zeros((), dtype=torch.float32))
@@ -72,6 +72,20 @@ class _BitWeight(nn.Module):
     @property
     def numel(self) -> int:
         return self.codes.numel()
+
+    @property
+    def bits(self) -> int:
+        """N, the layer's bit-width (1..8). Set only with the codes and scale it belongs to
+        (``load_float``, ``load_packed``, ``load_codes``, ``reduce_precision``, a state
+        dict): alone it would re-read every code at another width (W = s q / (2^N - 1))."""
+        return self._bits
+
+    @bits.setter
+    def bits(self, value) -> None:
+        # before, `layer.bits = 2` on an 8-bit layer gave weights up to 85x its scale, unsaid
+        raise AttributeError(f"{type(self).__name__}.bits is set with the layer's codes and scale, not alone (the "
+                             "weights would change): load_float(w, bits) re-binarizes a float weight, "
+                             "reduce_precision(theta) drops planes, load_packed / load_codes set all three")
 
     def plane_state(self):
         """(codes, sign, scale, sink): the layer's state tensors, read from the module's own
@@ -90,7 +104,7 @@ class _BitWeight(nn.Module):
         self.codes.copy_(codes)
         self.sign.copy_(sign)
         self.scale.copy_(scale)
-        self.bits = bits
+        self._bits = bits
 
     @torch.no_grad()
     def load_codes(self, codes: Tensor, negative: Tensor, scale: float, bits: int) -> None:
@@ -119,7 +133,18 @@ class _BitWeight(nn.Module):
         self.codes.copy_(codes)
         self.sign.copy_(sign.reshape(-1))
         self.scale.fill_(float(scale))
-        self.bits = bits
+        self._bits = bits
+
+    @torch.no_grad()
+    def reduce_precision(self, theta: float) -> int:
+        """FedMPQ's precision reduction after local training (ALGORITHM.md,
+        :func:`fedmpq_kernels.precision_reduction`), threshold ``theta`` in percent, in place:
+        the layer's codes, scale and bit-width. Returns the new bit-width."""
+        bits, codes, scale = fk.precision_reduction(self.codes, self.scale.detach(), self._bits, theta)
+        self.codes.copy_(codes)
+        self.scale.copy_(scale)
+        self._bits = bits
+        return bits
 
     def quantized_weight(self) -> Tensor:
         """The effective weight ``s * sigma * q / (2^N - 1)`` (float32, the layer's shape),
@@ -181,7 +206,12 @@ class _BitWeight(nn.Module):
     def set_extra_state(self, state) -> None:
         if isinstance(state, Tensor) and state.numel() == 1 and not (state.is_floating_point() or state.is_complex()):
             state = state.item()
-        self.bits = fk.check_bits(state, "the state dict's bit-width")
+        bits = fk.check_bits(state, "the state dict's bit-width")
+        codes = self.codes  # a load's codes are copied before this runs (and checked before that)
+        if bits < self._bits and codes.numel() and (top := int(codes.max())) >= 1 << bits:
+            raise ValueError(f"the state dict's bit-width {bits} does not fit the layer's codes: a code is {top}, "
+                             f"codes must be < {1 << bits}")
+        self._bits = bits
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

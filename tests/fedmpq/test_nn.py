@@ -928,6 +928,37 @@ def test_codes_that_do_not_fit_the_width_are_refused_and_the_layer_left_as_it_wa
     assert qn.bit_assignment(other) == [8] * 4 and torch.equal(other.conv2.codes, sd["conv2.codes"])
 
 
+def test_a_layers_width_is_not_set_alone_and_reduce_precision_sets_all_three():
+    """`layer.bits = 2` on an 8-bit layer re-read every code at 2 bits (weights up to 85x the
+    scale): refused, naming the ways that set codes, scale and width together. reduce_precision
+    is fk.precision_reduction applied in place, the layer's weights W = s q / (2^N - 1) of its
+    result; set_extra_state refuses a width its codes do not fit."""
+    torch.manual_seed(0)
+    layer = qn.BitLinear(7, 5, bits=8)
+    codes, scale = layer.codes.clone(), layer.scale.detach().clone()
+    with pytest.raises(AttributeError, match=r"BitLinear.bits is set with the layer's codes and scale, not alone.*"
+                                             r"reduce_precision\(theta\)"):
+        layer.bits = 2
+    assert layer.bits == 8 and torch.equal(layer.codes, codes)
+    with torch.no_grad():  # every code at 0..3 or 64: plane 1 (64) is the only sparse one above the low two
+        layer.codes.copy_(torch.tensor([64 if i == 0 else i % 4 for i in range(35)], dtype=torch.uint8))
+    codes = layer.codes.clone()
+    want = fk.precision_reduction(codes, scale, 8, 5.0)
+    assert want[0] < 8  # the case reduces
+    assert layer.reduce_precision(5.0) == want[0] == layer.bits
+    assert torch.equal(layer.codes, want[1]) and torch.equal(layer.scale.detach(), want[2])
+    w = fk.dequantize(want[1], layer.sign, want[2], want[0], fk.sink_like((5, 7)))
+    assert torch.equal(layer.float_weight(), w)
+    wide = qn.BitLinear(7, 5, bits=8)
+    with pytest.raises(ValueError, match=r"the state dict's bit-width 2 does not fit the layer's codes: a code is "
+                                         r"\d+, codes must be < 4"):
+        wide.set_extra_state(torch.tensor(2))
+    assert wide.bits == 8
+    narrow = qn.BitLinear(7, 5, bits=2)
+    narrow.set_extra_state(np.int64(6))  # wider always fits
+    assert narrow.bits == 6
+
+
 @pytest.mark.parametrize("bad", [4.5, 2.7, True])
 def test_a_bit_width_that_is_not_an_integer_is_refused_not_truncated(bad):
     with pytest.raises(TypeError, match=r"bits\[1\] must be an int"):
