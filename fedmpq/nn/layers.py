@@ -184,6 +184,13 @@ class _BitWeight(nn.Module):
             sink.grad = grad
         return sink
 
+    def __setstate__(self, state) -> None:
+        # a layer pickled whole before the width became read-only kept it as "bits"
+        if "bits" in state and "_bits" not in state:
+            state = dict(state)
+            state["_bits"] = state.pop("bits")
+        super().__setstate__(state)
+
     def __deepcopy__(self, memo):
         # Parameter.__deepcopy__ clones with the preserve-format rule, which would turn the
         # zero-stride sink into n floats (state_bytes() would still count 4): the copy gets a

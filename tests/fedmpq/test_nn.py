@@ -959,6 +959,23 @@ def test_a_layers_width_is_not_set_alone_and_reduce_precision_sets_all_three():
     assert narrow.bits == 6
 
 
+def test_a_layer_pickled_whole_before_the_width_was_read_only_still_loads(tmp_path):
+    """Such a layer's __dict__ held the width as "bits", which the read-only property now
+    shadows: unpickling it (torch.save of a whole model) moves it to where the property reads."""
+    torch.manual_seed(0)
+    model = qn.small_cnn(quantized=True, bits=[2, 3, 4, 5], image_size=8).eval()
+    for _, layer in qn.bit_layers(model):
+        layer.__dict__["bits"] = layer.__dict__.pop("_bits")  # the old layout
+    torch.save(model, tmp_path / "model.pt")
+    back = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert qn.bit_assignment(back) == [2, 3, 4, 5]
+    assert all("bits" not in layer.__dict__ for _, layer in qn.bit_layers(back))
+    for _, layer in qn.bit_layers(model):
+        layer.__dict__["_bits"] = layer.__dict__.pop("bits")
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(back(x), model(x))
+
+
 @pytest.mark.parametrize("bad", [4.5, 2.7, True])
 def test_a_bit_width_that_is_not_an_integer_is_refused_not_truncated(bad):
     with pytest.raises(TypeError, match=r"bits\[1\] must be an int"):
