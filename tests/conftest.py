@@ -2,6 +2,7 @@
 must be set before anything imports triton."""
 import hashlib
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,13 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         _key.update(_f.read_bytes())
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
         tempfile.gettempdir(), f"fedmpq-tests-inductor-{_key.hexdigest()[:16]}")
+
+# Started in the background of a script (`pytest &`, CI's sanitizer run) or under nohup, this
+# process has SIGINT ignored, and every process it starts inherits that: the Ctrl-C tests'
+# children would never see their signal (a fedmpq run then went on to its last round). Their
+# parent gets the handler a terminal's pytest has; a child starts with the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
