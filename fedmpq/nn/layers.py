@@ -371,7 +371,7 @@ class _MakeWeights:
         codes, sign, scale, sink = zip(*[m.plane_state() for m in layers])  # read once (see plane_state)
         if len(set(map(_device_of, codes))) != 1:
             return
-        ws = fk.dequantize_layers(codes, sign, scale, [m.bits for m in layers], sink)
+        ws = fk.dequantize_layers(codes, sign, scale, [m._bits for m in layers], sink)
         mode = torch.is_grad_enabled()
         for m, w in zip(layers, ws):
             m.__dict__["_batched"] = (w, mode)
