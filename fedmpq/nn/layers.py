@@ -120,14 +120,21 @@ class _BitWeight(nn.Module):
         carries it (``fedmpq_kernels.bitmap_nbytes(n)`` uint8 bytes, bit set = negative): the
         bitmap is this layer's own layout, so it is copied, not unpacked and packed again."""
         bits = fk.check_bits(bits)
-        codes = codes.reshape(-1).to(device=self.codes.device, dtype=torch.uint8)
+        if not isinstance(codes, Tensor) or codes.is_floating_point() or codes.is_complex():
+            # the uint8 conversion truncated 3.7 to 3
+            raise TypeError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+        codes = codes.reshape(-1)
         if codes.numel() != self.numel:
             raise ValueError(f"expected {self.numel} codes, got {codes.numel()}")
         if sign.dtype != torch.uint8 or sign.numel() != self.sign.numel():
             raise ValueError(f"expected a uint8 sign bitmap of {self.sign.numel()} bytes, got {sign.dtype} "
                              f"of {sign.numel()}")
+        # checked before the uint8 conversion, which wrapped 300 to 44 and -1 to 255
         if codes.numel() and int(codes.max()) >= (1 << bits):
             raise ValueError(f"a code is >= 2^{bits}")
+        if codes.numel() and codes.dtype != torch.uint8 and int(codes.min()) < 0:
+            raise ValueError(f"a code is negative ({int(codes.min())})")
+        codes = codes.to(device=self.codes.device, dtype=torch.uint8)
         if not math.isfinite(float(scale)):
             raise ValueError(f"scale must be finite, got {float(scale)}")  # as binarize refuses NaN weights
         self.codes.copy_(codes)

@@ -677,6 +677,29 @@ def test_load_packed_refuses_a_code_past_the_width(bits):
         layer.load_packed(codes, sign, 0.5, bits)
 
 
+def test_load_packed_checks_codes_of_other_dtypes_before_converting_them():
+    """The uint8 conversion wrapped an int64 300 to 44 and -1 to 255, and truncated a float
+    3.7 to 3: the first two passed the range check taken after it, and loaded. Integer codes
+    in range of any dtype still load (bool too), with the same result as uint8 ones."""
+    layer = qn.BitLinear(4, 2, bits=8)
+    sign = torch.zeros(fk.bitmap_nbytes(8), dtype=torch.uint8)
+    before = layer.codes.clone()
+    with pytest.raises(ValueError, match=r"a code is >= 2\^8"):
+        layer.load_packed(torch.tensor([300, 1, 2, 3, 4, 5, 6, 7]), sign, 0.5, 8)
+    with pytest.raises(ValueError, match=r"a code is negative \(-1\)"):
+        layer.load_packed(torch.tensor([-1, 1, 2, 3, 4, 5, 6, 7], dtype=torch.int16), sign, 0.5, 8)
+    for bad in (torch.tensor([3.7] * 8), torch.ones(8, dtype=torch.complex64)):
+        with pytest.raises(TypeError, match=f"codes must be an integer tensor, got {bad.dtype}"):
+            layer.load_packed(bad, sign, 0.5, 8)
+    with pytest.raises(TypeError, match="codes must be an integer tensor, got list"):
+        layer.load_packed([1] * 8, sign, 0.5, 8)
+    assert torch.equal(layer.codes, before) and layer.bits == 8
+    layer.load_packed(torch.arange(8, dtype=torch.int64).view(2, 4) * 36, sign, 0.5, 8)
+    assert torch.equal(layer.codes, torch.arange(8, dtype=torch.uint8) * 36)
+    layer.load_packed(torch.tensor([True, False] * 4), sign, 0.5, 1)
+    assert torch.equal(layer.codes, torch.tensor([1, 0] * 4, dtype=torch.uint8)) and layer.bits == 1
+
+
 def test_optimizer_settings_at_their_bounds():
     """check_settings: momentum in [0, 1) (0 allowed, below 0 not), lambda >= 0 (0 allowed)."""
     qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
