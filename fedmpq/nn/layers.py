@@ -98,6 +98,8 @@ class _BitWeight(nn.Module):
     def load_float(self, w: Tensor, bits: int) -> None:
         """Binarize a float weight of this layer's shape into ``bits`` bits (1..8)."""
         bits = fk.check_bits(bits)
+        if not isinstance(w, Tensor):  # a NumPy array was "has no attribute 'to'"
+            raise TypeError(f"w must be a tensor, got {type(w).__name__}")
         if tuple(w.shape) != self.weight_shape:
             raise ValueError(f"weight of shape {tuple(w.shape)} does not fit a layer of shape {self.weight_shape}")
         codes, sign, scale = fk.binarize(w.to(self.codes.device), bits)
@@ -108,9 +110,16 @@ class _BitWeight(nn.Module):
 
     @torch.no_grad()
     def load_codes(self, codes: Tensor, negative: Tensor, scale: float, bits: int) -> None:
-        """Set the state directly: codes (n values < 2^bits), negative (bool, n), scale."""
+        """Set the state directly: codes (n values < 2^bits), negative (bool, n; or integer
+        0/1), scale."""
+        if not isinstance(negative, Tensor) or negative.is_floating_point() or negative.is_complex():
+            # the uint8 conversion took a float mask's 0.5 as "not negative"
+            raise TypeError(f"negative must be a bool mask, got {getattr(negative, 'dtype', type(negative).__name__)}")
         if negative.numel() != self.numel:
             raise ValueError(f"expected {self.numel} signs, got {negative.numel()}")
+        if negative.dtype != torch.bool and negative.numel() and not (0 <= int(negative.min()) and
+                                                                      int(negative.max()) <= 1):
+            raise ValueError("negative must be a bool mask (or hold 0 and 1 only)")
         self.load_packed(codes, fk.pack_codes(negative.reshape(-1).to(device=self.codes.device, dtype=torch.uint8), 1),
                          scale, bits)
 
@@ -126,6 +135,8 @@ class _BitWeight(nn.Module):
         codes = codes.reshape(-1)
         if codes.numel() != self.numel:
             raise ValueError(f"expected {self.numel} codes, got {codes.numel()}")
+        if not isinstance(sign, Tensor):
+            raise TypeError(f"sign must be a uint8 tensor, got {type(sign).__name__}")
         if sign.dtype != torch.uint8 or sign.numel() != self.sign.numel():
             raise ValueError(f"expected a uint8 sign bitmap of {self.sign.numel()} bytes, got {sign.dtype} "
                              f"of {sign.numel()}")
@@ -135,11 +146,15 @@ class _BitWeight(nn.Module):
         if codes.numel() and codes.dtype != torch.uint8 and int(codes.min()) < 0:
             raise ValueError(f"a code is negative ({int(codes.min())})")
         codes = codes.to(device=self.codes.device, dtype=torch.uint8)
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"scale must be finite, got {float(scale)}")  # as binarize refuses NaN weights
+        try:
+            scale = float(scale)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several elements
+            raise TypeError(f"scale must be a number or a one-element tensor, got {scale!r}"[:200]) from None
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")  # as binarize refuses NaN weights
         self.codes.copy_(codes)
         self.sign.copy_(sign.reshape(-1))
-        self.scale.fill_(float(scale))
+        self.scale.fill_(scale)
         self._bits = bits
 
     @torch.no_grad()

@@ -780,6 +780,35 @@ def test_load_codes_needs_one_sign_per_weight():
         layer.load_codes(torch.zeros(8, dtype=torch.uint8), torch.zeros(5, dtype=torch.bool), 0.5, 3)
 
 
+def test_the_load_methods_name_what_is_wrong_before_changing_anything():
+    """A float sign mask's 0.5 was taken as "not negative" and a mask of 2 was pack_codes'
+    "a code does not fit in 1 bits"; a NumPy weight, a list bitmap and a str scale were
+    AttributeErrors or float()'s message. Each is named now, the layer as it was; a 0/1
+    integer mask and a one-element scale tensor still load."""
+    layer = qn.BitLinear(4, 2, bits=3)
+    state = [t.clone() for t in layer.plane_state()[:3]]
+    codes, sign = torch.arange(8, dtype=torch.uint8) % 8, torch.zeros(4, dtype=torch.uint8)
+    cases = [
+        (lambda: layer.load_float(np.ones((2, 4), dtype=np.float32), 3), TypeError, "w must be a tensor, got ndarray"),
+        (lambda: layer.load_codes(codes, torch.full((8,), 0.5), 0.5, 3), TypeError,
+         "negative must be a bool mask, got torch.float32"),
+        (lambda: layer.load_codes(codes, torch.full((8,), 2), 0.5, 3), ValueError,
+         r"negative must be a bool mask \(or hold 0 and 1 only\)"),
+        (lambda: layer.load_packed(codes, [0, 0, 0, 0], 0.5, 3), TypeError, "sign must be a uint8 tensor, got list"),
+        (lambda: layer.load_packed(codes, sign, "x", 3), TypeError,
+         "scale must be a number or a one-element tensor, got 'x'"),
+        (lambda: layer.load_packed(codes, sign, torch.ones(3), 3), TypeError,
+         "scale must be a number or a one-element tensor"),
+    ]
+    for call, kind, msg in cases:
+        with pytest.raises(kind, match=msg):
+            call()
+        assert all(torch.equal(a, b) for a, b in zip(layer.plane_state()[:3], state)) and layer.bits == 3
+    layer.load_codes(codes, torch.tensor([1, 0] * 4), torch.tensor([0.25]), 3)
+    assert layer.sign.tolist() == [0b01010101, 0, 0, 0] and float(layer.scale.detach()) == 0.25
+    assert torch.equal(layer.codes, codes)
+
+
 def test_float_models_use_a_plain_relu():
     """ActQuant(None) (the float models, the fp baseline) is a plain ReLU: no clip at 6."""
     x = torch.tensor([-1.0, 3.0, 7.5])
