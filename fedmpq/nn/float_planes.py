@@ -264,6 +264,8 @@ class FloatPlaneLinear(_FloatPlaneWeight):
 
 def float_plane_layers(model: nn.Module):
     """(name, layer) of every float-plane layer, in module order (the layer index l)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _FloatPlaneWeight)]
 
 

@@ -432,6 +432,7 @@ def batch_weights(model: nn.Module) -> BatchedWeights:
     Returns:
         a :class:`BatchedWeights` (``.remove()``, or use it as a context manager).
     """
+    _check_module(model)
     if any(isinstance(h, _MakeWeights) for h in model._forward_pre_hooks.values()):
         return BatchedWeights([])  # already on (the caller's own): once is enough, and it stays
     make = _MakeWeights([m for _, m in bit_layers(model)])
@@ -441,6 +442,14 @@ def batch_weights(model: nn.Module) -> BatchedWeights:
 
 def bit_layers(model: nn.Module):
     """(name, layer) of every bit-plane layer of ``model``, in module order (the layer
-    index l of ALGORITHM.md)."""
+    index l of ALGORITHM.md). ``TypeError`` for a ``model`` that is not a module."""
+    _check_module(model)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _BitWeight)]
+
+
+def _check_module(model) -> None:
+    """A model argument is an ``nn.Module`` (anything else was "'NoneType' object has no
+    attribute 'named_modules'", from every function that takes a model)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 

@@ -1203,3 +1203,16 @@ def test_load_codes_refuses_a_scale_that_is_not_finite(scale):
         layer.load_codes(torch.ones(6, dtype=torch.uint8), torch.zeros(6, dtype=torch.bool), scale, 4)
     after = _codes(torch.nn.Sequential(layer))
     assert all(torch.equal(a, b) for x, y in zip(before, after) for a, b in zip(x[:3], y[:3]))
+
+
+@pytest.mark.parametrize("bad", [None, "model", 3, [torch.nn.Linear(2, 2)]])
+def test_every_function_that_takes_a_model_names_one_that_is_not(bad):
+    """Each was "'NoneType' object has no attribute 'named_modules'" (or '_forward_pre_hooks')."""
+    from fedmpq.nn import float_planes as fp
+
+    calls = [qn.bit_layers, lambda m: qn.BitPlaneOptimizer(m, lr=0.1), qn.batch_weights, qn.float_parameters,
+             qn.regularizer, qn.bit_assignment, qn.to_float_state_dict, qn.float_state,
+             lambda m: qn.load_float_state_dict(m, {}, 4), fp.float_plane_layers, fp.float_parameters]
+    for call in calls:
+        with pytest.raises(TypeError, match=f"model must be a torch.nn.Module, got {type(bad).__name__}$"):
+            call(bad)
