@@ -47,29 +47,33 @@ def load_float_state_dict(model: nn.Module, state: Mapping[str, Tensor], bits: U
     """Load a float state dict into a quantized model, binarizing every bit-plane layer's
     ``<layer>.weight`` with its bit-width from ``bits`` (one int, or one per layer in layer
     order). Every key must be used and every entry present (``ValueError`` names the first
-    problem). Returns ``model``."""
+    problem, before any layer is loaded; ``TypeError`` for a ``state`` that is not a mapping
+    of tensors). Returns ``model``."""
     layers = bit_layers(model)
+    if not isinstance(state, Mapping):  # None was "argument of type 'NoneType' is not iterable"
+        raise TypeError(f"state must be a mapping of names to tensors, got {type(state).__name__}")
     if not _is_list(bits):
         bits = [check_width(bits)] * len(layers)
     bits = [check_width(b, f"bits[{i}]") for i, b in enumerate(bits)]  # int() truncated 4.5 to 4
     if len(bits) != len(layers):
         raise ValueError(f"{len(bits)} bit-widths for {len(layers)} quantized layers")
-    own = float_state(model)
-    rest: Dict[str, Tensor] = {}
-    used = set()
-    for (name, layer), b in zip(layers, bits):
-        key = f"{name}.weight"
+    weights = [f"{name}.weight" for name, _ in layers]
+    own = list(float_state(model))
+    # every key checked before any layer is binarized: a missing one used to leave the layers
+    # before it loaded
+    for key in weights + own:
         if key not in state:
             raise ValueError(f"the state dict has no {key!r}")
-        layer.load_float(state[key].float(), b)
-        used.add(key)
-    for key in own:
-        if key not in state:
-            raise ValueError(f"the state dict has no {key!r}")
-        rest[key] = state[key]
-        used.add(key)
-    extra = sorted(set(state) - used)
+        if not isinstance(state[key], Tensor):  # a NumPy array was "has no attribute 'float'"
+            raise TypeError(f"the state dict's {key!r} must be a tensor, got {type(state[key]).__name__}")
+    for key, (_, layer) in zip(weights, layers):
+        if tuple(state[key].shape) != layer.weight_shape:
+            raise ValueError(f"the state dict's {key!r} has shape {tuple(state[key].shape)}, the layer "
+                             f"{layer.weight_shape}")
+    extra = sorted(set(state) - set(weights) - set(own))
     if extra:
         raise ValueError(f"unexpected keys in the state dict: {extra[:5]}")
-    model.load_state_dict(rest, strict=False)
+    for key, (_, layer), b in zip(weights, layers, bits):
+        layer.load_float(state[key].float(), b)
+    model.load_state_dict({key: state[key] for key in own}, strict=False)
     return model

@@ -159,7 +159,8 @@ class BitPlaneOptimizer:
     Args:
         model: a quantized model (its bit-plane layers are found by :func:`bit_layers`).
         lr: eta > 0.  momentum: mu in [0, 1).  lam: lambda >= 0 (0: no regularizer).
-        seed: the generator's seed; the key of each draw is (seed, step, layer, element).
+        seed: the generator's seed, an int (taken mod 2^32); the key of each draw is (seed,
+            step, layer, element).
         device_keys: keep the step count on the layers' device and derive the layers' keys
             there (:func:`fedmpq_kernels.step_keys`), so that a step captured in a CUDA
             graph draws new numbers on every replay; the same draws as with host keys.
@@ -170,6 +171,8 @@ class BitPlaneOptimizer:
     def __init__(self, model: nn.Module, lr: float, momentum: float = 0.9, lam: float = 1e-3, seed: int = 0,
                  device_keys: bool = False):
         check_settings(lr, momentum, lam)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):  # int() took 1.5 as seed 1
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.layers = [m for _, m in bit_layers(model)]
         if not self.layers:
             raise ValueError("the model has no bit-plane layers (is it quantized?)")

@@ -1216,3 +1216,38 @@ def test_every_function_that_takes_a_model_names_one_that_is_not(bad):
     for call in calls:
         with pytest.raises(TypeError, match=f"model must be a torch.nn.Module, got {type(bad).__name__}$"):
             call(bad)
+
+
+def test_the_optimizers_seed_is_an_int():
+    """int() took a seed of 1.5 as 1 (the same draws as seed 1, unsaid); NumPy ints still count."""
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    for bad in (1.5, "1", True, None):
+        with pytest.raises(TypeError, match=f"seed must be an int, got {type(bad).__name__}"):
+            qn.BitPlaneOptimizer(qm, lr=0.1, seed=bad)
+    assert qn.BitPlaneOptimizer(qm, lr=0.1, seed=np.int64(7)).seed == 7
+
+
+def test_load_float_state_dict_checks_the_whole_state_before_loading_a_layer():
+    """A state dict missing a later entry left the layers before it binarized at the new
+    widths; None, a NumPy entry and a wrong shape were torch's or Python's messages."""
+    torch.manual_seed(0)
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    state = qn.to_float_state_dict(qn.small_cnn(quantized=True, bits=8, image_size=8))
+    before = {k: v.clone() for k, v in qm.state_dict().items()}
+    bad_states = [
+        (None, TypeError, "state must be a mapping of names to tensors, got NoneType"),
+        ({k: v for k, v in state.items() if k != "linear.weight"}, ValueError, "the state dict has no 'linear.weight'"),
+        ({k: v for k, v in state.items() if k != "bn3.bias"}, ValueError, "the state dict has no 'bn3.bias'"),
+        (dict(state, **{"conv3.weight": state["conv3.weight"].numpy()}), TypeError,
+         "the state dict's 'conv3.weight' must be a tensor, got ndarray"),
+        (dict(state, **{"conv2.weight": state["conv2.weight"][:1]}), ValueError,
+         r"the state dict's 'conv2.weight' has shape \(1, "),
+        (dict(state, extra=torch.zeros(1)), ValueError, r"unexpected keys in the state dict: \['extra'\]"),
+    ]
+    for bad, kind, msg in bad_states:
+        with pytest.raises(kind, match=msg):
+            qn.load_float_state_dict(qm, bad, [2, 3, 5, 6])
+        after = qm.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before.items()) and qn.bit_assignment(qm) == [4] * 4
+    qn.load_float_state_dict(qm, state, [2, 3, 5, 6])
+    assert qn.bit_assignment(qm) == [2, 3, 5, 6]
