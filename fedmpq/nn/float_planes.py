@@ -92,7 +92,7 @@ from torch import nn
 
 import fedmpq_kernels as fk
 
-from .layers import BitConv2d, BitLinear, bit_layers
+from .layers import BitConv2d, BitLinear, _check_module, bit_layers
 from .optim import check_settings
 
 Tensor = torch.Tensor
@@ -264,8 +264,7 @@ class FloatPlaneLinear(_FloatPlaneWeight):
 
 def float_plane_layers(model: nn.Module):
     """(name, layer) of every float-plane layer, in module order (the layer index l)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_module(model)
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _FloatPlaneWeight)]
 
 

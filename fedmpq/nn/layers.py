@@ -233,9 +233,7 @@ class _BitWeight(nn.Module):
         return torch.tensor(self.bits, dtype=torch.int64)
 
     def set_extra_state(self, state) -> None:
-        if isinstance(state, Tensor) and state.numel() == 1 and not (state.is_floating_point() or state.is_complex()):
-            state = state.item()
-        bits = fk.check_bits(state, "the state dict's bit-width")
+        bits = fk.check_bits(_width_of(state), "the state dict's bit-width")
         codes = self.codes  # a load's codes are copied before this runs (and checked before that)
         if bits < self._bits and codes.numel() and (top := int(codes.max())) >= 1 << bits:
             raise ValueError(f"the state dict's bit-width {bits} does not fit the layer's codes: a code is {top}, "
@@ -280,9 +278,7 @@ class _BitWeight(nn.Module):
         if codes.dtype != torch.uint8:
             return f"{prefix}codes must be uint8 codes, got {codes.dtype}"
         bits, whose = self.bits, "the layer's bit-width"
-        extra = state_dict.get(prefix + "_extra_state")
-        if isinstance(extra, Tensor) and extra.numel() == 1 and not (extra.is_floating_point() or extra.is_complex()):
-            extra = extra.item()
+        extra = _width_of(state_dict.get(prefix + "_extra_state"))
         if extra is not None:
             if isinstance(extra, bool) or not isinstance(extra, int) or not 1 <= extra <= fk.MAX_BITS:
                 return None  # set_extra_state refuses it, naming the problem
@@ -291,6 +287,14 @@ class _BitWeight(nn.Module):
         if top >= 1 << bits:
             return f"{prefix}codes do not fit in {bits} bits ({whose}): a code is {top}, codes must be < {1 << bits}"
         return None
+
+
+def _width_of(state):
+    """A state dict's ``_extra_state`` as the width it holds: an integer one-element tensor as
+    its int, anything else as it is (for check_bits to name)."""
+    if isinstance(state, Tensor) and state.numel() == 1 and not (state.is_floating_point() or state.is_complex()):
+        return state.item()
+    return state
 
 
 class BitConv2d(_BitWeight):
