@@ -246,6 +246,17 @@ def _tensor_bytes(t: Tensor, dt: int) -> bytes:
     return t.detach().to(device="cpu", dtype=TORCH_DTYPES[dt]).contiguous().numpy().tobytes()
 
 
+def _fields(obj, cls, *names: str) -> None:
+    """An encoder's argument is its payload class, and its fields ``names`` are mappings (a
+    None or a list was an AttributeError on ``.items`` or ``.deltas``)."""
+    if not isinstance(obj, cls):
+        raise TypeError(f"expected a wire.{cls.__name__}, got {type(obj).__name__}")
+    for name in names:
+        v = getattr(obj, name)
+        if not isinstance(v, Mapping):
+            raise TypeError(f"{cls.__name__}.{name} must be a mapping of names, got {type(v).__name__}")
+
+
 def _float_entries(floats: Mapping[str, Tensor], cast: Optional[torch.dtype] = None):
     out = []
     for name, t in floats.items():
@@ -270,7 +281,10 @@ def _quant_entries(layers: Mapping[str, QuantizedTensor], deltas: Mapping[str, i
         fk.check_bits(q.bits, f"{name}: bits")
         if not (math.isfinite(q.scale) and q.scale >= 0):
             raise ValueError(f"{name}: scale must be finite and >= 0, got {q.scale}")
-        delta = int(deltas.get(name, 0))
+        delta = deltas.get(name, 0)
+        if isinstance(delta, bool) or not isinstance(delta, (int, np.integer)):  # int() took 2.7 as 2
+            raise TypeError(f"{name}: delta must be an int, got {type(delta).__name__}")
+        delta = int(delta)
         if not 0 <= delta <= 7:
             raise ValueError(f"{name}: delta must be in 0..7, got {delta}")
         nb = fk.bitmap_nbytes(q.numel)
@@ -290,6 +304,7 @@ def _check_overlap(a: Iterable[str], b: Iterable[str]) -> None:
 
 def encode_upload(u: Upload) -> bytes:
     """The upload as bytes (docs/FORMAT.md)."""
+    _fields(u, Upload, "layers", "deltas", "floats")
     if set(u.deltas) - set(u.layers):
         raise ValueError(f"deltas for layers that are not uploaded: {sorted(set(u.deltas) - set(u.layers))[:5]}")
     _check_overlap(u.layers, u.floats)
@@ -303,6 +318,7 @@ def encode_upload(u: Upload) -> bytes:
 
 def encode_download(d: Download) -> bytes:
     """The download as bytes: quantized layers at the client's assignment, float tensors."""
+    _fields(d, Download, "layers", "floats")
     _check_overlap(d.layers, d.floats)
     meta = _META[KIND_DOWNLOAD].pack(_u64(d.client_id, "client_id"), _u32(d.round, "round"))
     return _encode(KIND_DOWNLOAD, meta, _quant_entries(d.layers, {}) + _float_entries(d.floats))
@@ -312,6 +328,7 @@ def encode_model(m: Model, dtype: torch.dtype = torch.float32) -> bytes:
     """Every tensor of a model; floating tensors travel as ``dtype`` (float32 or float16)."""
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
+    _fields(m, Model, "tensors")
     meta = _META[KIND_MODEL].pack(_u32(m.round, "round"))
     return _encode(KIND_MODEL, meta, _float_entries(m.tensors, cast=dtype))
 

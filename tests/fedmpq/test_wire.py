@@ -599,6 +599,29 @@ def test_encoding_refuses_metadata_outside_its_field(upload, field, value, match
     wire.decode_upload(wire.encode_upload(wire.Upload(layers=upload.layers, deltas={}, floats={}, **kw)))  # the limit
 
 
+def test_the_encoders_name_a_payload_or_field_of_the_wrong_kind(upload):
+    """encode_upload(None) and an Upload whose layers were a list were AttributeErrors on
+    .deltas or .items; a delta of 2.7 was taken as 2. A NumPy integer delta still counts."""
+    name = next(iter(upload.layers))
+    for call, msg in [
+        (lambda: wire.encode_upload(None), "expected a wire.Upload, got NoneType"),
+        (lambda: wire.encode_upload(wire.Download(0, 1, {}, {})), "expected a wire.Upload, got Download"),
+        (lambda: wire.encode_upload(wire.Upload(0, 0, 1, 4.0, list(upload.layers.values()), {}, {})),
+         "Upload.layers must be a mapping of names, got list"),
+        (lambda: wire.encode_upload(wire.Upload(0, 0, 1, 4.0, upload.layers, None, {})),
+         "Upload.deltas must be a mapping of names, got NoneType"),
+        (lambda: wire.encode_upload(wire.Upload(0, 0, 1, 4.0, upload.layers, {name: 2.7}, {})),
+         f"{name}: delta must be an int, got float"),
+        (lambda: wire.encode_download(wire.Download(0, 1, {}, [torch.zeros(1)])),
+         "Download.floats must be a mapping of names, got list"),
+        (lambda: wire.encode_model(wire.Model(0, None)), "Model.tensors must be a mapping of names, got NoneType"),
+    ]:
+        with pytest.raises(TypeError, match=msg):
+            call()
+    got = wire.decode_upload(wire.encode_upload(wire.Upload(0, 0, 1, 4.0, upload.layers, {name: np.int64(3)}, {})))
+    assert got.deltas[name] == 3
+
+
 def test_encoding_refuses_bad_deltas_dims_and_dtypes(upload):
     name = next(iter(upload.layers))
     with pytest.raises(ValueError, match="delta must be in 0..7, got -1"):
