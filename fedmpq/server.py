@@ -13,7 +13,7 @@ import torch
 from . import aggregate as agg_mod
 from . import nn as qn
 from . import wire
-from .allocation import initial_assignment, next_assignments
+from .allocation import _budget, initial_assignment, next_assignments
 
 log = logging.getLogger("fedmpq")
 
@@ -42,8 +42,10 @@ class Server:
     keeps the model and the bit-widths.
 
     Raises:
-        ValueError: an unknown algorithm, weighting or rule, or a client of ``budgets``
-            without a sample count of at least 1 in ``num_samples``.
+        ValueError: an unknown algorithm, weighting or rule; ``budgets`` or ``num_samples``
+            not a mapping of client ids (ints >= 0); a budget that is not a finite number in
+            [1, 8]; or a client of ``budgets`` without a sample count of at least 1 in
+            ``num_samples``.
     """
 
     def __init__(self, alg: str, build, budgets: Mapping[int, float], num_samples: Mapping[int, int], seed: int = 0,
@@ -55,6 +57,17 @@ class Server:
         self.device = torch.device(device)
         # What each client's upload states (its own beta_k, also under fp8), and what the
         # server assigns with (fp8: 8 for everyone).
+        # all checked here, whatever the algorithm: under fp8 a NaN budget left every upload out
+        # (its stated budget never equal), a list was "has no attribute 'items'", int() took a
+        # client id of 1.5 as 1
+        for what, m in (("budgets", budgets), ("num_samples", num_samples)):
+            if not isinstance(m, Mapping):
+                raise ValueError(f"{what} must be a mapping (client id -> value), got {type(m).__name__}")
+            for k in m:
+                if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+                    raise ValueError(f"{what}: a client id must be an int >= 0, got {k!r}")
+        for k, v in budgets.items():
+            _budget(v, f"budgets[{k}]")
         self.client_budgets = {int(k): v for k, v in budgets.items()}
         self.budgets = {k: (8 if alg == "fp8" else v) for k, v in self.client_budgets.items()}
         self.num_samples = {int(k): v for k, v in num_samples.items()}

@@ -310,6 +310,32 @@ def test_a_bad_rule_is_refused_when_the_server_is_made():
         _server(rule="max")
 
 
+@pytest.mark.parametrize("alg", ["fedmpq", "fp8", "fp"])
+def test_budgets_and_sample_counts_are_checked_when_the_server_is_made(alg):
+    """Under fp8 and fp no budget was checked: a NaN one made under fp8 left every upload of
+    that client out (its stated budget never equal to NaN). A list was "has no attribute
+    'items'", and int() took a client id of 1.5 as client 1. NumPy keys and values count."""
+    from fedmpq import nn as qn
+
+    def build(quantized, bits=8, act_bits=None):
+        return qn.small_cnn(quantized=quantized, bits=bits, image_size=8)
+
+    for budgets, num_samples, msg in [
+        ({0: float("nan")}, {0: 10}, r"budgets\[0\] must be finite, got nan"),
+        ({0: 9}, {0: 10}, r"budgets\[0\] must be in \[1, 8\], got 9"),
+        ({0: "4"}, {0: 10}, r"budgets\[0\] must be a real number, got '4'"),
+        ([4], {0: 10}, r"budgets must be a mapping \(client id -> value\), got list"),
+        ({0: 4}, None, r"num_samples must be a mapping \(client id -> value\), got NoneType"),
+        ({1.5: 4}, {1.5: 10}, "budgets: a client id must be an int >= 0, got 1.5"),
+        ({-1: 4}, {-1: 10}, "budgets: a client id must be an int >= 0, got -1"),
+        ({0: 4}, {"a": 10}, "num_samples: a client id must be an int >= 0, got 'a'"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            Server(alg, build, budgets, num_samples)
+    srv = Server(alg, build, {np.int64(0): np.float32(4.5), 1: 2}, {np.int64(0): np.int64(10), 1: 3})
+    assert srv.client_budgets == {0: 4.5, 1: 2} and srv.num_samples == {0: 10, 1: 3}
+
+
 def test_each_download_holds_the_model_at_its_clients_bit_widths():
     """Clients that share a layer's bit-width share its binarization (the server makes it
     once): every download still decodes to the global model binarized at that client's own
