@@ -176,12 +176,12 @@ class _BitWeight(nn.Module):
             made = self.__dict__.pop("_batched", None)  # (weight, grad mode it was made in)
             if made is not None and made[1] == torch.is_grad_enabled():
                 return made[0]
-        return fk.dequantize(self.codes, self.sign, self.scale, self.bits, self.sink)
+        return fk.dequantize(self.codes, self.sign, self.scale, self._bits, self.sink)  # the field, as optim
 
     @torch.no_grad()
     def float_weight(self) -> Tensor:
         """The de-quantized weight, a plain float32 tensor of the layer's shape."""
-        return fk.dequantize(self.codes, self.sign, self.scale.detach(), self.bits,
+        return fk.dequantize(self.codes, self.sign, self.scale.detach(), self._bits,
                              fk.sink_like(self.weight_shape, self.codes.device)).clone()
 
     def state_bytes(self) -> int:
