@@ -11,6 +11,7 @@ State-dict names of the float form are those of :func:`fedmpq.layouts.cifar_resn
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch.nn.functional as F
@@ -92,9 +93,10 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 20, num_classes: int = 10, in_channels: int = 3, quantized: bool = False,
                  bits: Bits = 8, act_bits: Optional[int] = None, float_classifier: bool = False):
         super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        if not _is_int(depth) or depth < 8 or (depth - 2) % 6:
             raise ValueError(f"depth must be 6k + 2 >= 8, got {depth!r}")
-        _check_arch(num_classes, in_channels)
+        depth = int(depth)
+        num_classes, in_channels = _check_arch(num_classes, in_channels, quantized)
         if quantized and act_bits is None:
             act_bits = 4
         f = _Factory(quantized, bits, act_bits, float_classifier)
@@ -132,10 +134,11 @@ class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, quantized: bool = False,
                  bits: Bits = 8, act_bits: Optional[int] = None, float_classifier: bool = False):
         super().__init__()
-        _check_arch(num_classes, in_channels)
-        if isinstance(image_size, bool) or not isinstance(image_size, int):  # '<' not supported ... else
+        num_classes, in_channels = _check_arch(num_classes, in_channels, quantized)
+        if not _is_int(image_size):  # '<' not supported ... else
             raise TypeError(f"image_size must be an int, a multiple of 4 (two 2x2 poolings), got "
                             f"{type(image_size).__name__}")
+        image_size = int(image_size)
         if image_size < 4 or image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4 (two 2x2 poolings), got {image_size}")
         if quantized and act_bits is None:
@@ -160,11 +163,21 @@ class SmallCNN(nn.Module):
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def _check_arch(num_classes: int, in_channels: int) -> None:
-    if not isinstance(num_classes, int) or num_classes < 2:
+def _is_int(value) -> bool:
+    """Any integer, NumPy's too (a sweep's np.arange gives them), never a bool."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+def _check_arch(num_classes: int, in_channels: int, quantized: bool):
+    """The checked ``(num_classes, in_channels)`` as Python ints; ``quantized`` a bool (a
+    string such as "no" was taken as true)."""
+    if not isinstance(quantized, bool):
+        raise TypeError(f"quantized must be a bool, got {type(quantized).__name__}")
+    if not _is_int(num_classes) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
-    if not isinstance(in_channels, int) or in_channels < 1:
+    if not _is_int(in_channels) or in_channels < 1:
         raise ValueError(f"in_channels must be an int >= 1, got {in_channels!r}")
+    return int(num_classes), int(in_channels)
 
 
 def resnet20(**kw) -> CifarResNet:

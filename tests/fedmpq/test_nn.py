@@ -1107,6 +1107,26 @@ def test_model_arguments_are_named():
     assert qn.small_cnn(quantized=True, act_bits=np.int64(16), image_size=8).act1.bits == 16
 
 
+def test_models_take_numpy_ints_and_refuse_a_non_bool_quantized():
+    """A sweep's np.arange gives NumPy ints: depth, num_classes, in_channels and image_size
+    take them (depth was refused as not 6k + 2) and the model holds Python ints; a quantized
+    flag that is not a bool ("no" was true: a bit-plane model) is named."""
+    from fedmpq.nn.models import CifarResNet
+
+    m = CifarResNet(depth=np.int64(8), num_classes=np.int32(3), in_channels=np.int64(1))
+    assert len(m.layer1) == 1 and m.linear.out_features == 3 and m.conv1.in_channels == 1
+    m = qn.small_cnn(num_classes=np.int64(4), in_channels=np.int64(2), image_size=np.int64(8), quantized=True)
+    assert m.linear.weight_shape == (4, 64) and m.conv1.weight_shape == (16, 2, 3, 3)
+    assert m(torch.zeros(1, 2, 8, 8)).shape == (1, 4)
+    for bad in (1, "no", None, np.bool_(True)):
+        for build in (qn.resnet20, qn.small_cnn):
+            with pytest.raises(TypeError, match="^quantized must be a bool, got"):
+                build(quantized=bad)
+    for kw in ({"num_classes": True}, {"in_channels": True}, {"num_classes": 3.0}, {"in_channels": np.float64(1)}):
+        with pytest.raises(ValueError, match="^(num_classes|in_channels) must be an int"):
+            qn.small_cnn(**kw)
+
+
 def test_float_sgd_takes_each_groups_momentum_and_weight_decay_as_torch_sgd():
     """Per-group momentum and weight_decay (no decay on BatchNorm, say) are applied as
     torch.optim.SGD applies them, bit for bit; options it lacks are refused, not ignored."""
