@@ -75,7 +75,8 @@ class FloatSGD:
             ``torch.optim.SGD`` takes them; a group without ``lr``, ``momentum`` or
             ``weight_decay`` takes the argument's, a group's own are checked as the
             arguments are, ``ValueError`` naming the group; ``ValueError`` for ``dampening``,
-            ``nesterov`` or ``maximize`` other than their defaults).
+            ``nesterov`` or ``maximize`` other than their defaults; ``ValueError`` for no
+            parameters, and for a bit-plane layer's sink: give :func:`float_parameters`).
         lr, momentum, weight_decay: as ``torch.optim.SGD`` (dampening 0, no Nesterov).
     Momentum buffers are made at a parameter's first step with a gradient and kept while
     this object lives (one round, as the client builds it anew each round); a parameter
@@ -88,7 +89,9 @@ class FloatSGD:
         if isinstance(groups, dict):  # list() would take its keys: "a group holds a str"
             raise TypeError("params must be an iterable of tensors or of dicts, got a dict (give [dict])")
         groups = list(groups)
-        if groups and not isinstance(groups[0], dict):
+        if not groups:  # as torch.optim.SGD: a step that trains nothing is a mistake, not a choice
+            raise ValueError("FloatSGD got an empty parameter list")
+        if not isinstance(groups[0], dict):
             groups = [{"params": groups}]
         self.groups: List[dict] = []
         seen = set()
@@ -105,6 +108,10 @@ class FloatSGD:
                     raise TypeError(f"FloatSGD optimizes tensors, a group holds a {type(p).__name__}")
                 if not p.is_leaf:  # its .grad is never set: it would never step
                     raise ValueError("FloatSGD cannot optimize a non-leaf tensor")
+                if any(st == 0 and sz > 1 for st, sz in zip(p.stride(), p.shape)):  # step() failed in torch
+                    raise ValueError("FloatSGD cannot update a parameter whose elements share memory (zero strides: "
+                                     "a bit-plane layer's sink, which BitPlaneOptimizer reads): give "
+                                     "fedmpq.nn.float_parameters(model), not model.parameters()")
                 if id(p) in seen:  # it would take two steps per step
                     raise ValueError("a parameter appears more than once in FloatSGD's groups")
                 seen.add(id(p))
@@ -124,6 +131,19 @@ class FloatSGD:
             self.groups.append(group)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.buffers: Dict[int, torch.Tensor] = {}  # id(param) -> momentum buffer
+
+    # A copy's parameters have new ids: a deepcopy or pickle (of the model with this optimizer)
+    # carries the buffers by position in the groups and keys them by the copies' ids again.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        where = {id(p): (i, j) for i, g in enumerate(self.groups) for j, p in enumerate(g["params"])}
+        state["buffers"] = {where[k]: b for k, b in self.buffers.items() if k in where}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        groups = state["groups"]
+        state["buffers"] = {id(groups[i]["params"][j]): b for (i, j), b in state["buffers"].items()}
+        self.__dict__.update(state)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Every parameter's gradient to None (or to zeros in place), as ``torch.optim.SGD``."""

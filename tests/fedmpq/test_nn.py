@@ -1175,6 +1175,46 @@ def test_float_sgd_takes_its_params_as_torch_sgd_and_refuses_what_would_never_st
         qn.FloatSGD([{"params": [p]}, {"params": [p], "lr": 0.2}], lr=0.1)
 
 
+@pytest.mark.parametrize("copy_with", ["deepcopy", "pickle"])
+def test_float_sgd_keeps_its_momentum_through_a_copy_of_model_and_optimizer(copy_with):
+    """Buffers were keyed by id(param): a deepcopy or pickle of (model, optimizer) held the old
+    ids and started the copy's momentum from zero. Two steps, a copy, two more steps: the
+    same parameters as four steps of torch.optim.SGD."""
+    import copy
+    import pickle
+
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    twin = copy.deepcopy(model)
+    opt = qn.FloatSGD([{"params": [model.weight]}, {"params": [model.bias], "lr": 0.2}], lr=0.1, momentum=0.9)
+    ref = torch.optim.SGD([{"params": [twin.weight]}, {"params": [twin.bias], "lr": 0.2}], lr=0.1, momentum=0.9)
+    grads = [(torch.randn(2, 3, generator=g), torch.randn(2, generator=g)) for _ in range(4)]
+
+    def steps(m, o, gs):
+        for gw, gb in gs:
+            m.weight.grad, m.bias.grad = gw.clone(), gb.clone()
+            o.step()
+    steps(model, opt, grads[:2])
+    model, opt = copy.deepcopy((model, opt)) if copy_with == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    steps(model, opt, grads[2:])
+    steps(twin, ref, grads)
+    assert torch.equal(model.weight, twin.weight) and torch.equal(model.bias, twin.bias)
+    assert len(opt.buffers) == 2
+
+
+def test_float_sgd_refuses_an_empty_list_and_a_bit_plane_sink():
+    """FloatSGD([]) stepped nothing, silently (torch.optim.SGD refuses it); a quantized model's
+    model.parameters() took in the sinks, and step() failed with torch's "more than one
+    element of the written-to tensor refers to a single memory location"."""
+    with pytest.raises(ValueError, match="^FloatSGD got an empty parameter list"):
+        qn.FloatSGD([], lr=0.1)
+    qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    with pytest.raises(ValueError, match="zero strides: a bit-plane layer's sink.*float_parameters"):
+        qn.FloatSGD(qm.parameters(), lr=0.1)
+    qn.FloatSGD(qn.float_parameters(qm), lr=0.1)
+    qn.FloatSGD([torch.zeros(3).as_strided((1, 3), (0, 1)).requires_grad_()], lr=0.1)  # a size-1 dim's stride is free
+
+
 def test_zero_grad_takes_set_to_none_as_torch_optimizers():
     torch.manual_seed(0)
     qm = qn.small_cnn(quantized=True, bits=4, image_size=8)
