@@ -20,6 +20,7 @@ within a group; the payloads' own sizes are in ``payload_bytes``.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -39,6 +40,9 @@ def _upload(seed: int, bits: int = BITS) -> wire.Upload:
         layers[name] = wire.QuantizedTensor.from_float(w, bits)
     floats = {n: (torch.tensor(100, dtype=torch.int64) if n.endswith("num_batches_tracked") else torch.randn(s, generator=g))
               for n, s in fshapes.items()}
+    for n, t in floats.items():
+        if n.endswith("running_var"):
+            t.abs_()  # a variance: the server refuses a negative one
     return wire.Upload(seed, 1, 500, float(bits), layers, {n: 0 for n in layers}, floats)
 
 
@@ -122,7 +126,9 @@ def bench_decode(benchmark, impl, payloads):
                                   "decode_dequantize_sum"])
 def bench_aggregate(benchmark, impl, k, payloads):
     ups, datas, states = payloads
-    datas = [datas[i % len(datas)] for i in range(k)]
+    # k clients: an aggregate takes one upload per client
+    datas = [datas[i] if i < len(datas) else wire.encode_upload(dataclasses.replace(ups[i % len(ups)], client_id=i))
+             for i in range(k)]
     states = [states[i % len(states)] for i in range(k)]
     if impl.startswith("fedmpq"):
         rule = impl[len("fedmpq_"):] or "mean"

@@ -71,6 +71,20 @@ class _Layout:
     segments: List[Tuple[int, int, int]]  # (first row, last row + 1, dtype) of float runs
     table: np.ndarray  # int64 (quantized layers, 4): the dequant_accumulate_layers rows, reused
     qnames: List[str]  # names of the quantized entries, in order
+    # the float32 entries that cannot be negative (NONNEGATIVE): their rows, and for each of
+    # their elements its row's index among them and its place in the row
+    nonneg_rows: np.ndarray
+    nonneg_of: np.ndarray
+    nonneg_at: np.ndarray
+
+
+# Entries no client can hold negative (torch's BatchNorm name): one client's negative running
+# variance averaged in gave the global model NaN outputs.
+NONNEGATIVE = ("running_var",)
+
+
+def _nonnegative(name: str) -> bool:
+    return name.rpartition(".")[2] in NONNEGATIVE
 
 
 @dataclass
@@ -123,8 +137,13 @@ def _layout(p: wire.Parsed) -> _Layout:
     table = np.zeros((len(quant), 4), dtype=np.int64)
     table[:, 0], table[:, 1] = qoff, p.numel[quant]
     names = list(p.names)
+    nonneg = np.array([r for r, nm in enumerate(names) if p.dtype[r] == wire.DT_FLOAT32 and _nonnegative(nm)],
+                      dtype=np.int64)
+    counts = p.numel[nonneg]
+    of = np.repeat(np.arange(len(nonneg)), counts)
+    at = np.arange(len(of)) - np.repeat(np.cumsum(counts) - counts, counts)
     return _Layout(names, p.dtype.copy(), p.dims.copy(), p.ndim.copy(), quant, qoff, segments, table,
-                   [names[j] for j in quant])
+                   [names[j] for j in quant], nonneg, of, at)
 
 
 class Aggregator:
@@ -139,8 +158,9 @@ class Aggregator:
             first upload fixes the layout the later ones are held to.
 
     Every upload is checked whole before anything of it is added: format, checksum, the
-    client and round it claims, the layout, that its float tensors are finite (a scale
-    that is not finite never decodes), and that its largest magnitude (times its weight) keeps
+    client and round it claims (and that it is that client's first), the layout, that its
+    float tensors are finite (a scale that is not finite never decodes) and its BatchNorm
+    running variances not negative, and that its largest magnitude (times its weight) keeps
     the round's under :data:`SUM_LIMIT`, so no float32 sum overflows. A refused upload leaves
     the aggregate as it was.
     """
@@ -154,6 +174,7 @@ class Aggregator:
             raise ValueError(f"the {rule} rule is unweighted: use weighting='mean'")
         self.weighting, self.rule, self.expected = weighting, rule, expected
         self.stats: List[ClientStats] = []
+        self._clients: set = set()  # the clients whose uploads were added
         self._lay: Optional[_Layout] = None
         self._known: Optional[wire.Parsed] = None  # the first upload: later ones parse faster against it
         self._qacc: Optional[Tensor] = None
@@ -199,6 +220,8 @@ class Aggregator:
                                        f"the server has {num_samples}")
         num_samples, budget = meta_samples, meta_budget
         client_id = meta_client
+        if client_id in self._clients:  # counted twice, it outweighed the others
+            raise wire.WireFormatError(f"upload of client {client_id}: this aggregate already holds one of that client")
         w = 1.0 if self.weighting == "mean" else float(num_samples)
         if w <= 0:
             raise wire.WireFormatError(f"upload of client {client_id} reports {num_samples} samples: it cannot be weighted by them")
@@ -234,6 +257,14 @@ class Aggregator:
                     raise wire.WireFormatError(f"upload of client {client_id}: {bad} holds NaN or inf")
                 peak = max(peak, m)
             floats.append(f)
+        if len(lay.nonneg_of):  # every element of them in one gather from the payload's bytes
+            rows = lay.nonneg_rows if order is None else order[lay.nonneg_rows]
+            values = np.frombuffer(p.data, np.float32, len(p.data) // 4)[(p.offset[rows] // 4)[lay.nonneg_of]
+                                                                          + lay.nonneg_at]
+            neg = np.flatnonzero(values < 0)
+            if len(neg):
+                raise wire.WireFormatError(f"upload of client {client_id}: {lay.names[lay.nonneg_rows[lay.nonneg_of[neg[0]]]]} "
+                                           "holds a negative value")
         rows = lay.quant if order is None else order[lay.quant]
         qbits, qscale = p.bits[rows], p.scale[rows]  # this upload's, in the layout's order
         bits, delta = qbits.tolist(), p.delta[rows].tolist()  # lists: ~20 layers, no numpy ops
@@ -269,6 +300,7 @@ class Aggregator:
         st = ClientStats(client_id, rnd, num_samples, float(budget), dict(zip(lay.qnames, bits)),
                          dict(zip(lay.qnames, delta)))
         self.stats.append(st)
+        self._clients.add(client_id)
         return st
 
     @staticmethod

@@ -34,11 +34,15 @@ FLOATS = {
 }
 
 
-def make_upload(seed: int = 0, bits=None, client_id: int = 3, num_samples: int = 120) -> wire.Upload:
+def make_upload(seed: int = 0, bits=None, client_id=None, num_samples: int = 120) -> wire.Upload:
+    """An upload of the SHAPES/FLOATS model; client 3 + seed unless given (an aggregate takes
+    one upload per client)."""
+    client_id = 3 + seed if client_id is None else client_id
     gen = torch.Generator().manual_seed(seed)
     bits = bits or {name: 1 + (i + seed) % 8 for i, name in enumerate(SHAPES)}
     layers = {name: make_layer(shape, bits[name], gen) for name, shape in SHAPES.items()}
     floats = {name: torch.randn(shape, generator=gen) for name, shape in FLOATS.items()}
+    floats["bn1.running_var"].abs_()  # a variance: the server refuses a negative one
     floats["bn1.num_batches_tracked"] = torch.tensor(17 + seed, dtype=torch.int64)
     floats["half.weight"] = torch.randn(3, 5, generator=gen).half()
     deltas = {name: (i * 3 + seed) % 8 for i, name in enumerate(SHAPES)}

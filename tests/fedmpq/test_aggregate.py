@@ -88,6 +88,31 @@ def test_bad_uploads_are_refused_and_leave_the_sum_unchanged():
         assert torch.equal(t, before[n])
 
 
+@pytest.mark.parametrize("rule", ["mean", "median"])
+@pytest.mark.parametrize("reorder", [False, True])
+def test_a_negative_running_variance_or_a_second_upload_of_a_client_is_refused(rule, reorder):
+    """One client's negative BatchNorm running variance was averaged in (the global model then
+    gave NaN outputs); the same client's upload added twice counted twice. Both are refused
+    whole, in the first upload's order or another (reorder), and the sum stays as it was."""
+    agg = aggregate.Aggregator(rule=rule)
+    agg.add(wire.encode_upload(make_upload(seed=0)))
+    before = {n: t.clone() for n, t in agg.result().items()}
+    bad = make_upload(seed=1)
+    bad.floats["bn1.running_var"][2] = -1e-3
+    if reorder:
+        bad.floats = dict(reversed(list(bad.floats.items())))
+    with pytest.raises(wire.WireFormatError, match="^upload of client 4: bn1.running_var holds a negative value"):
+        agg.add(wire.encode_upload(bad))
+    with pytest.raises(wire.WireFormatError, match="^upload of client 3: this aggregate already holds one"):
+        agg.add(wire.encode_upload(make_upload(seed=0)))
+    assert agg.count == 1 and [s.client_id for s in agg.stats] == [0 + 3]
+    for n, t in agg.result().items():
+        assert torch.equal(t, before[n])
+    bad.floats["bn1.running_var"][2] = 0.0  # a variance of 0 is a variance
+    agg.add(wire.encode_upload(bad))
+    assert agg.count == 2
+
+
 def test_errors():
     with pytest.raises(ValueError, match="weighting"):
         aggregate.Aggregator("median")
@@ -221,10 +246,11 @@ def test_an_upload_stating_a_budget_outside_0_32_is_refused(stated):
 def test_int64_entries_near_the_ends_of_int64_do_not_wrap(rule):
     """A valid upload's num_batches_tracked of 2^63 - 1 averages to 2^63 in float64; it gave
     -2^63 (the conversion wrapped), one client flipping the global entry's sign."""
-    hi, lo = make_upload(seed=1), make_upload(seed=2)
-    hi.floats["bn1.num_batches_tracked"] = torch.tensor(2**63 - 1)
+    hi, hi2, lo = make_upload(seed=1), make_upload(seed=1, client_id=9), make_upload(seed=2)  # hi2: hi's twin
+    for u in (hi, hi2):
+        u.floats["bn1.num_batches_tracked"] = torch.tensor(2**63 - 1)
     lo.floats["bn1.num_batches_tracked"] = torch.tensor(-2**63)
-    for ups, want in (([hi], 2**63 - 1024), ([hi, hi], 2**63 - 1024), ([lo], -2**63)):
+    for ups, want in (([hi], 2**63 - 1024), ([hi, hi2], 2**63 - 1024), ([lo], -2**63)):
         agg = aggregate.Aggregator(rule=rule)
         for u in ups:
             agg.add(wire.encode_upload(u))
