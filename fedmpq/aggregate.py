@@ -83,7 +83,8 @@ class _Layout:
 NONNEGATIVE = ("running_var",)
 
 
-def _nonnegative(name: str) -> bool:
+def is_nonnegative(name: str) -> bool:
+    """Whether a state entry of this name can never be negative (:data:`NONNEGATIVE`)."""
     return name.rpartition(".")[2] in NONNEGATIVE
 
 
@@ -137,7 +138,7 @@ def _layout(p: wire.Parsed) -> _Layout:
     table = np.zeros((len(quant), 4), dtype=np.int64)
     table[:, 0], table[:, 1] = qoff, p.numel[quant]
     names = list(p.names)
-    nonneg = np.array([r for r, nm in enumerate(names) if p.dtype[r] == wire.DT_FLOAT32 and _nonnegative(nm)],
+    nonneg = np.array([r for r, nm in enumerate(names) if p.dtype[r] == wire.DT_FLOAT32 and is_nonnegative(nm)],
                       dtype=np.int64)
     counts = p.numel[nonneg]
     of = np.repeat(np.arange(len(nonneg)), counts)

@@ -87,7 +87,9 @@ class Server:
 
     def downloads(self, round_: int, clients: Sequence[int]) -> Dict[int, bytes]:
         """Each client's download: the global model, its quantized layers binarized at the
-        client's bit-widths (a float32 ``Model`` for ``fp``)."""
+        client's bit-widths (a float32 ``Model`` for ``fp``). ValueError for a client the
+        server does not have (it was a bare KeyError)."""
+        clients = _known(clients, self.budgets)
         if self.alg == "fp":
             data = wire.encode_model(wire.Model(round_, self.global_state))
             return {k: data for k in clients}
@@ -112,7 +114,10 @@ class Server:
         is kept (and said so). Returns ``{"bits": {client: [N per layer]}, "mean_bits":
         {client: size-weighted mean}, "assigned_mean_bits": {client: size-weighted mean of the
         bit-widths it gets next round}, "reported": [...], "seconds": quantization work}``
-        (``assigned_mean_bits`` is absent for ``fp`` and when nobody reported)."""
+        (``assigned_mean_bits`` is absent for ``fp`` and when nobody reported). TypeError
+        when ``uploads`` is not a mapping."""
+        if not isinstance(uploads, Mapping):  # "'list' object has no attribute 'items'"
+            raise TypeError(f"uploads must be a mapping (client id -> upload bytes), got {type(uploads).__name__}")
         t0 = time.perf_counter()
         report: Dict[str, object] = {"bits": {}, "mean_bits": {}, "reported": [], "seconds": 0.0}
         if self.alg == "fp":
@@ -126,7 +131,7 @@ class Server:
                         raise wire.WireFormatError(f"the model says it is of round {m.round}, expected round {round_}")
                     self._check_model(m)
                 except (wire.WireFormatError, ValueError) as e:
-                    log.warning("round %d: the upload of client %d is left out: %s", round_, k, e)
+                    log.warning("round %d: the upload of client %r is left out: %s", round_, k, e)
                     continue
                 states.append((k, m.tensors))
             if not states:
@@ -145,8 +150,8 @@ class Server:
                 agg.add(data, client_id=k, round_=round_, budget=self.client_budgets[k],
                         num_samples=self.num_samples[k], assigned=dict(zip(self.layer_sizes, self.assignments[k])),
                         may_prune=self.alg == "fedmpq")
-            except (wire.WireFormatError, ValueError) as e:
-                log.warning("round %d: the upload of client %d is left out: %s", round_, k, e)
+            except (wire.WireFormatError, ValueError) as e:  # %r: a key of another type is logged, not an error
+                log.warning("round %d: the upload of client %r is left out: %s", round_, k, e)
         if agg.count == 0:
             log.warning("round %d: no client reported; the global model and bit-widths are unchanged", round_)
             report["seconds"] = time.perf_counter() - t0
@@ -187,6 +192,8 @@ class Server:
                                            f"{tuple(t.shape)}")
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise wire.WireFormatError(f"{name} holds NaN or inf")
+            if agg_mod.is_nonnegative(name) and t.numel() and float(t.min()) < 0:  # as the Aggregator
+                raise wire.WireFormatError(f"{name} holds a negative value")
 
     def _combine_models(self, states) -> Dict[str, torch.Tensor]:
         """The aggregation rule over float models ``[(client, state)]``, in float64."""
@@ -273,3 +280,17 @@ class Server:
                 raise ValueError(f"client {k}'s bit assignment {v[:8]} is not {n_layers} widths in 1..8")
         self.global_state = glob
         self.assignments = assignments
+
+
+def _known(clients, known: Mapping[int, object]) -> List[int]:
+    """``clients`` as a list, every one a key of ``known``: ValueError naming one that is not
+    (a bare KeyError else), TypeError for a str or a non-iterable."""
+    if isinstance(clients, (str, bytes)) or not hasattr(clients, "__iter__"):
+        raise TypeError(f"clients must be a sequence of client ids, got {type(clients).__name__}")
+    clients = list(clients)
+    for k in clients:
+        if isinstance(k, bool) or k not in known:
+            ids = sorted(known)
+            raise ValueError(f"client {k!r} is not one of the server's {len(ids)} clients "
+                             f"({', '.join(map(str, ids[:8]))}{', ...' if len(ids) > 8 else ''})")
+    return clients

@@ -55,6 +55,8 @@ def _faulty(srv, how, k=0, r=1):
     elif how == "empty dim":  # (C,) sent as (C, 0): the same dims but one more of them (and no values)
         n = next(k_ for k_ in f if f[k_].is_floating_point() and f[k_].dim() == 1)
         f[n] = torch.zeros(*f[n].shape, 0)
+    elif how == "negative running var":
+        f["bn1.running_var"][1] = -0.5
     elif how in ("nan float", "inf float"):
         n = next(k_ for k_ in f if f[k_].is_floating_point())
         f[n][0] = float("nan") if how == "nan float" else float("inf")
@@ -101,6 +103,8 @@ FAULTS = {"empty": "does not match the model", "one layer": "does not match the 
           "wrong shape": "does not match the model", "float as quantized": "does not match the model",
           "empty dim": "does not match the model",
           "nan float": "holds NaN or inf", "inf float": "holds NaN or inf", "nan scale": "scale", "inf scale": "scale",
+          # averaged in, it gave the global model NaN outputs
+          "negative running var": "bn1.running_var holds a negative value",
           # a client cannot change the weights it is aggregated and reassigned with (which once
           # stopped the round: the bit reassignment refused the budget after the model had changed)
           "other budget": "states budget 3.0, the server has", "nan budget": "states budget nan",
@@ -204,7 +208,7 @@ def test_an_upload_claiming_another_client_or_round_is_left_out(caplog):
     assert "client 1's of round 2, expected client 0's" in caplog.text
 
 
-@pytest.mark.parametrize("how", ["empty", "partial", "nan float", "extra"])
+@pytest.mark.parametrize("how", ["empty", "partial", "nan float", "extra", "negative running var"])
 def test_a_faulty_float_model_is_left_out_under_fp(how, caplog):
     srv = _server("fp")
     good = {k: wire.encode_model(wire.Model(1, srv.global_state)) for k in (1, 2)}
@@ -215,10 +219,31 @@ def test_a_faulty_float_model_is_left_out_under_fp(how, caplog):
         t.pop(next(iter(t)))
     elif how == "extra":
         t["bogus"] = torch.ones(2)
+    elif how == "negative running var":
+        t["bn1.running_var"][0] = -1.0
     else:
         next(v for v in t.values() if v.is_floating_point())[0] = float("nan")
     report = srv.aggregate(1, {0: wire.encode_model(wire.Model(1, t)), **good})
     assert report["reported"] == [1, 2] and "client 0 is left out" in caplog.text
+
+
+def test_bad_arguments_to_the_servers_rounds_are_named(caplog):
+    """downloads() for a client the server lacks was a bare KeyError, aggregate() of a list
+    "'list' object has no attribute 'items'", and a key that is not an int lost its logged
+    reason ("--- Logging error ---": %d of a str)."""
+    srv = _server()
+    with pytest.raises(ValueError, match=r"^client 7 is not one of the server's 4 clients \(0, 1, 2, 3\)"):
+        srv.downloads(1, [0, 7])
+    with pytest.raises(TypeError, match="^clients must be a sequence of client ids, got int"):
+        srv.downloads(1, 3)
+    assert sorted(srv.downloads(1, (1, 2))) == [1, 2]
+    for bad in ([_honest(srv, 0)], None):
+        with pytest.raises(TypeError, match=r"^uploads must be a mapping \(client id -> upload bytes\), got"):
+            srv.aggregate(1, bad)
+    with caplog.at_level(logging.WARNING, logger="fedmpq"):
+        report = srv.aggregate(1, {"0": _honest(srv, 0), 1: _honest(srv, 1)})
+    assert report["reported"] == [1]
+    assert "the upload of client '0' is left out: the server has no such client" in caplog.text
 
 
 def test_a_float_model_of_another_round_is_left_out_under_fp(caplog):
