@@ -40,3 +40,29 @@ def direct_apply(fn_cls):
     binds default arguments and looks for functorch transforms and dead wrappers on every
     call (1-2 µs). Only for calls :func:`_eager` admitted (its checks are those)."""
     return torch._C._FunctionBase.__dict__["apply"].__get__(None, fn_cls)
+
+
+# An op that writes into a tensor must tell autograd, as torch's own in-place ops do: a graph
+# that saved the tensor (dequantize saves the codes and signs for its backward) then refuses
+# to run backward on the overwritten values instead of giving a wrong gradient.
+# torch._C._increment_version takes a sequence of tensors (a lone tensor would be iterated
+# over its elements); ~45 ns a tensor. Inference tensors have no counter and are left alone.
+bump_versions = torch._C._increment_version
+
+
+def register_inplace(name: str, mutated: tuple) -> None:
+    """Register ``fedmpq::name``'s ADInplaceOrView kernel: bump the version of the arguments
+    ``mutated`` (their names in the schema) and go on to the backend, as
+    ``torch.library.custom_op`` does for the ops it defines with mutated arguments. This
+    serves ``torch.ops.fedmpq.name`` called directly and compiled graphs; the public
+    functions' direct paths bump the versions themselves."""
+    op = getattr(torch.ops.fedmpq, name).default
+    names = [a.name for a in op._schema.arguments]
+    where = [(names.index(m), m) for m in mutated]
+    after = torch._C._after_ADInplaceOrView_keyset
+
+    def impl(keyset, *args, **kwargs):
+        bump_versions([args[i] if i < len(args) else kwargs[m] for i, m in where])
+        return op.redispatch(keyset & after, *args, **kwargs)
+
+    lib.impl(name, impl, "ADInplaceOrView", with_keyset=True)

@@ -14,7 +14,7 @@ import torch
 
 from .. import registry
 from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits, check_same_device
-from .._library import _eager, lib
+from .._library import _eager, bump_versions, lib, register_inplace
 from ._common import check_packed, pending_check
 
 Tensor = torch.Tensor
@@ -71,6 +71,8 @@ lib.impl("dequant_accumulate_layers", _dequant_accumulate_layers_op, "CompositeE
 lib.impl("pack_codes", _pack_codes_op, "CompositeExplicitAutograd")
 lib.impl("unpack_codes", _unpack_codes_op, "CompositeExplicitAutograd")
 lib.impl("dequant_accumulate", _dequant_accumulate_op, "CompositeExplicitAutograd")
+register_inplace("dequant_accumulate", ("acc",))
+register_inplace("dequant_accumulate_layers", ("acc",))
 
 
 @torch.library.register_fake("fedmpq::pack_codes")
@@ -108,6 +110,9 @@ def _check_acc(acc) -> None:
         raise TypeError(f"acc must be a float32 tensor, got {getattr(acc, 'dtype', type(acc).__name__)}")
     if not acc.is_contiguous():
         raise ValueError("acc must be contiguous (it is updated in place)")
+    if acc.requires_grad and torch.is_grad_enabled():  # torch refuses in-place on a leaf; no gradient flows here
+        raise ValueError("acc requires grad: the accumulation is not differentiable; accumulate into acc.detach() "
+                         "or under torch.no_grad()")
 
 
 def _check_planes(planes, bits: int, n: int, device: torch.device, name: str = "planes") -> None:
@@ -184,7 +189,9 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     float32 order is in :mod:`fedmpq_kernels.pack.reference`).
 
     Args:
-        acc: contiguous float32 tensor of n elements (any shape), updated in place.
+        acc: contiguous float32 tensor of n elements (any shape), updated in place (its
+            autograd version bumped, as torch's in-place ops do); not one that requires
+            grad while grad mode is on (the accumulation is not differentiable).
         planes: uint8, ``bits * 4 * ceil(n / 32)`` bytes or more, acc's device.
         signs: uint8 sign map of n elements (bit set = negative), or None (all positive).
         bits: 1..8.
@@ -208,6 +215,7 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
     coef = float(np.float32(weight) * (np.float32(scale) / np.float32(levels)))
     if _eager(acc):
         _dequant_accumulate_impl(acc, planes, signs, bits, coef)
+        bump_versions((acc,))  # as the registered op's ADInplaceOrView kernel
     else:
         torch.ops.fedmpq.dequant_accumulate(acc, planes, signs, bits, coef)
     return acc
@@ -258,6 +266,7 @@ def dequant_accumulate_layers(acc: Tensor, payload: Tensor, table: Tensor, coefs
     table, coefs = table.contiguous(), coefs.contiguous()
     if _eager(acc):
         _dequant_accumulate_layers_impl(acc, payload, table, coefs)
+        bump_versions((acc,))
     else:
         torch.ops.fedmpq.dequant_accumulate_layers(acc, payload, table, coefs)
     return acc
