@@ -104,7 +104,17 @@ def _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, lr, momen
 # call the _impl functions directly, so these run only for a direct call of torch.ops.fedmpq.*
 # or a compiled graph, and no backend is handed a buffer shorter than the sizes it is told.
 def _binarize_op(w: Tensor, bits: int):
-    return _binarize_impl(w, _check_binarize(w, bits))
+    r = _binarize_impl(w, _check_binarize(w, bits))
+    _check_binarized(r[2])  # a compiled graph's call too: it runs here, on real tensors
+    return r
+
+
+def _check_binarized(scale: Tensor) -> None:
+    """binarize's scale, max|w| in float32 with NaN propagated on every backend, is finite
+    exactly when w is, as float32: one host read (torch.isfinite(w).all() was three ops on w
+    and passed a float64 value beyond float32's range, binarized with an inf scale)."""
+    if not _isfinite(scale.item()):
+        raise ValueError("w holds NaN or inf (or a value beyond float32's range): it cannot be binarized")
 
 
 def _dequantize_op(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tensor) -> Tensor:
@@ -455,7 +465,8 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
         :meth:`fedmpq.wire.QuantizedTensor.from_float`.
 
     Raises:
-        TypeError / ValueError: w not a float tensor, bits outside 1..8, w not finite.
+        TypeError / ValueError: w not a float tensor, bits outside 1..8, w not finite as
+        float32 (NaN, inf, or a float64 value beyond float32's range).
     """
     if (type(w) in PLAIN and type(bits) is int and 0 < bits <= 8 and w.is_cpu and w.dtype in _FLOATS
             and not _is_compiling() and not _dispatch_modes() and not _functorch_active() and not _is_wrapped(w)):
@@ -463,14 +474,15 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
         # exactly when w holds one), so that read (free on the CPU) stands for torch.isfinite's
         # three ops; the results are fresh tensors, dropped on error.
         r = (_CPU_FN.get("binarize") or _cpu_fn("binarize"))(w, bits)
-        if not _isfinite(r[2].item()):
-            raise ValueError("w holds NaN or inf: it cannot be binarized")
+        _check_binarized(r[2])
         return r
     bits = _check_binarize(w, bits)
-    if w.numel() and not bool(torch.isfinite(w).all()):
-        raise ValueError("w holds NaN or inf: it cannot be binarized")
     if _eager(w):
-        return _binarize_impl(w, bits)
+        r = _binarize_impl(w, bits)
+        _check_binarized(r[2])
+        return r
+    # the registered op checks the scale when it runs: traced here (torch.compile), a host
+    # read of w's values could not be (a data-dependent branch broke fullgraph=True)
     return torch.ops.fedmpq.binarize(w, bits)
 
 

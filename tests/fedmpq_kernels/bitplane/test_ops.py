@@ -54,6 +54,11 @@ def test_opcheck(backend):
         (lambda: fk.binarize([1.0], 4), TypeError, "must be a torch.Tensor"),
         (lambda: fk.binarize(torch.tensor([1.0, float("nan")]), 4), ValueError, "NaN or inf"),
         (lambda: fk.binarize(torch.tensor([float("inf")]), 4), ValueError, "NaN or inf"),
+        # finite in float64, inf in float32: it was binarized with an inf scale
+        (lambda: fk.binarize(torch.tensor([1e50, 1.0], dtype=torch.float64), 4), ValueError,
+         "beyond float32's range"),
+        (lambda: torch.ops.fedmpq.binarize(torch.tensor([1.0, float("nan")]), 4), ValueError, "NaN or inf"),
+        (lambda: torch.ops.fedmpq.binarize(torch.tensor([1e50], dtype=torch.float64), 4), ValueError, "NaN or inf"),
         (lambda: fk.dequantize(torch.zeros(5, dtype=torch.int32), torch.zeros(4, dtype=torch.uint8), torch.tensor(1.0), 3,
                                fk.sink_like((5,))), TypeError, "codes must be torch.uint8"),
         (lambda: fk.dequantize(torch.zeros(33, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8), torch.tensor(1.0), 3,
@@ -209,3 +214,15 @@ def test_group_lasso_refuses_popcounts_of_another_width_and_a_bad_n():
             fk.group_lasso(pc, n, 4)
     with pytest.raises(TypeError, match="popcounts must be a torch.Tensor"):
         fk.group_lasso([3, 1, 4, 1], 10, 4)
+
+
+def test_binarize_compiles_with_fullgraph_and_its_op_still_refuses_nan():
+    """The public function's host read of w's values was a data-dependent branch: torch.compile
+    with fullgraph=True stopped on it. The registered op checks the scale when it runs."""
+    torch._dynamo.reset()
+    cf = torch.compile(lambda w: fk.binarize(w * 2, 4), fullgraph=True, backend="aot_eager")
+    w = torch.tensor([0.25, -0.5, 0.125, 0.0, -0.0625])
+    for got, want in zip(cf(w), fk.binarize(w * 2, 4)):
+        assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        cf(torch.tensor([0.25, float("nan"), 0.125, 0.0, 1.0]))
