@@ -44,17 +44,23 @@ MAX_THREADS = 4096
 # seed * 1000003 + round, must fit torch's 64-bit seed: a larger seed stopped the first round
 # with a traceback.
 MAX_SEED = 2**32 - 1
+# torch keeps a device index in 8 bits: cuda:9999 became cuda:15 and cuda:200 cuda:-56, unsaid
+MAX_CUDA_INDEX = 127
+# The datasets that read files from data_dir (digits ships with scikit-learn: it reads no folder)
+DATA_DIR_DATASETS = tuple(d for d in data_mod.DATASETS if d != "digits")
 
 # One line per key for --help and the docs: what it is and what it may be (the default is
 # added from DEFAULTS).
 HELP: Dict[str, str] = {
     "alg": f"algorithm: {', '.join(ALGS)} (fp = float FedAvg; fp8 = every layer at 8 bits)",
     "dataset": f"dataset: {', '.join(data_mod.DATASETS)}",
-    "data_dir": "folder of the dataset's files (none: the dataset's default location)",
+    "data_dir": f"folder of the dataset's files, for {', '.join(DATA_DIR_DATASETS)} (digits reads none); "
+                "none: the dataset's default location",
     "model": f"model: {', '.join(qn.models.MODELS)}",
     "alpha": "Dirichlet concentration of the non-iid split, a number > 0, or iid",
     "n_clients": f"number of clients, an integer in 1..{MAX_CLIENTS}",
-    "budgets": "average-bit budget per client, comma-separated numbers in 1..8 (one per client, or one for all)",
+    "budgets": "average-bit budget per client, comma-separated numbers in 1..8 (one per client, or one for all; "
+               "spaces only beside a comma)",
     "rounds": "federation rounds, an integer >= 1",
     "local_epochs": "local epochs per round, an integer >= 1",
     "batch_size": "local batch size, an integer >= 1",
@@ -74,7 +80,7 @@ HELP: Dict[str, str] = {
                      "none: the whole training set",
     "aggregation": f"server aggregation rule: {', '.join(agg_mod.RULES)} (coordinate-wise; median and "
                    f"trimmed_mean resist outlying clients)",
-    "device": "where clients train and the server evaluates: cpu, cuda or cuda:N",
+    "device": f"where clients train and the server evaluates: cpu, cuda or cuda:N (N in 0..{MAX_CUDA_INDEX})",
     "cuda_graph": "true: replay each client's local step from a CUDA graph captured per round (device cuda only; "
                   "a batch of another size runs eagerly); false: every step eagerly",
     "threads": "threads of one training process; none: fedmpq simulate takes the cores this process may use "
@@ -115,7 +121,9 @@ def _integer(c: Dict[str, Any], key: str, lo: int, what: str, optional: bool = F
 
 
 # The words a key whose value may be none takes for it, in a config file as on the command line.
-_NONE_WORDS = {"alpha": ("iid", "none", "null", ""), "train_samples": ("none", "null", "auto", ""),
+# alpha has no empty word: none is an iid split, not the default Dirichlet(0.5), so an empty
+# --alpha "$A" (A unset) must not quietly run another experiment.
+_NONE_WORDS = {"alpha": ("iid", "none", "null"), "train_samples": ("none", "null", "auto", ""),
                "threads": ("none", "null", "auto", ""), "data_dir": ("none", "null", "")}
 
 
@@ -151,6 +159,11 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {c[key]!r}")
     if c["data_dir"] is not None and not isinstance(c["data_dir"], str):
         raise ConfigError(f"data_dir must be a folder path (a string), got {c['data_dir']!r}")
+    if c["data_dir"] is not None and c["dataset"] not in DATA_DIR_DATASETS:
+        # it would be accepted, recorded and ignored: a typo'd folder or a forgotten --dataset unsaid
+        raise ConfigError(f"data_dir is read only for {', '.join(DATA_DIR_DATASETS)}; dataset {c['dataset']} "
+                          f"ships with scikit-learn and reads no folder, got data_dir {c['data_dir']!r} "
+                          f"(leave it out, or give none)")
     _integer(c, "n_clients", 1, f"an integer in 1..{MAX_CLIENTS}", hi=MAX_CLIENTS)
     for key in ("rounds", "local_epochs", "batch_size"):
         _integer(c, key, 1, "an integer >= 1")
@@ -183,8 +196,12 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     if isinstance(c["act_bits"], bool) or c["act_bits"] not in fk.ALLOWED_BITS:
         raise ConfigError(f"act_bits must be {fk.MIN_BITS}..{fk.MAX_BITS} or {fk.FLOAT_BITS}, got {c['act_bits']!r}")
     c["act_bits"] = int(c["act_bits"])  # a file's 4.0: recorded as 4, one group with 4 in fedmpq compare
-    if not isinstance(c["device"], str) or not re.fullmatch(r"cpu|cuda(:\d+)?", c["device"]):
-        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {c['device']!r}")
+    # ASCII digits, no leading zero, an index torch can hold: torch refused cuda:007 and cuda:٣
+    # with a traceback, and wrapped cuda:9999 round to another device
+    m = re.fullmatch(r"cpu|cuda(?::(0|[1-9][0-9]{0,2}))?", c["device"]) if isinstance(c["device"], str) else None
+    if m is None or (m.group(1) is not None and int(m.group(1)) > MAX_CUDA_INDEX):
+        raise ConfigError(f"device must be cpu, cuda or cuda:N (N in 0..{MAX_CUDA_INDEX}, no leading zero), "
+                          f"got {c['device']!r}")
     if not isinstance(c["cuda_graph"], bool):
         raise ConfigError(f"cuda_graph must be true or false, got {c['cuda_graph']!r}")
     if c["cuda_graph"] and not c["device"].startswith("cuda"):
@@ -195,7 +212,10 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
 def resolve_device(c: Dict[str, Any]) -> torch.device:
     """The torch device of a checked config; :class:`ConfigError` when it does not exist here
     (before any training)."""
-    dev = torch.device(c["device"])
+    try:
+        dev = torch.device(c["device"])
+    except RuntimeError as e:  # what check_config let through and this torch still refuses: one line
+        raise ConfigError(f"device must be cpu, cuda or cuda:N, got {c['device']!r} ({e})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = ""
@@ -265,9 +285,25 @@ def _split_advice(c: Dict[str, Any], e: data_mod.PartitionError, whole: int) -> 
             f"(--n-clients){more}")
 
 
+CONFIG_SUFFIXES = {".yaml": "yaml", ".yml": "yaml", ".json": "json", "": "json"}
+
+
+def _refuse_duplicates(path: str, pairs) -> Dict[str, Any]:
+    """A JSON object's pairs as a dict; a key given twice is refused (json keeps the last one
+    unsaid: rounds 1 then rounds 2 ran 2 rounds)."""
+    out: Dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ConfigError(f"config file {path}: key {k!r} given twice")
+        out[k] = v
+    return out
+
+
 def load_config_file(path: str) -> Dict[str, Any]:
-    """A YAML (``.yaml``/``.yml``, needs PyYAML) or JSON config file as a dict; a file that
-    is missing, not a file, unreadable or not a mapping raises :class:`ConfigError` naming it."""
+    """A YAML (``.yaml``/``.yml``, any case, needs PyYAML) or JSON (``.json``, or no suffix:
+    ``--config <(...)``) config file as a dict; a file with another suffix, or that is missing,
+    not a file, unreadable, not a mapping or gives a key twice raises :class:`ConfigError`
+    naming it."""
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"config file {path} is a directory")
@@ -279,15 +315,36 @@ def load_config_file(path: str) -> Dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
-    if p.suffix in (".yaml", ".yml"):
+    kind = CONFIG_SUFFIXES.get(p.suffix.lower())
+    if kind is None:  # a .toml or .txt was read as JSON, and its error spoke of JSON syntax
+        raise ConfigError(f"config file {path}: config files must be YAML (.yaml/.yml) or JSON (.json), "
+                          f"got suffix {p.suffix!r}")
+    if kind == "yaml":
         try:
             import yaml
         except ImportError:
             raise ConfigError("a YAML config needs PyYAML (pip install pyyaml); or use JSON") from None
 
-        class Loader(yaml.SafeLoader):  # YAML 1.1 reads 1e-3 (no dot) as a string: read it as YAML 1.2 does
-            pass
+        class Loader(yaml.SafeLoader):  # a key given twice refused; 1e-3 read as a number (below)
+            def construct_mapping(self, node, deep=False):
+                # PyYAML keeps the last of a key given twice, unsaid; a merge (<<) may still be overridden
+                if isinstance(node, yaml.MappingNode):
+                    seen = set()
+                    for key_node, _ in node.value:
+                        if key_node.tag == "tag:yaml.org,2002:merge":
+                            continue
+                        key = self.construct_object(key_node, deep=True)
+                        try:
+                            again = key in seen
+                            seen.add(key)
+                        except TypeError:  # an unhashable key: SafeLoader's own error says so
+                            continue
+                        if again:
+                            raise ConfigError(f"config file {path}: key {key!r} given twice "
+                                              f"(line {key_node.start_mark.line + 1})")
+                return super().construct_mapping(node, deep)
 
+        # YAML 1.1 reads 1e-3 (no dot) as a string: read it as YAML 1.2 does
         Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                                      re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
                                      list("-+0123456789."))
@@ -299,20 +356,28 @@ def load_config_file(path: str) -> Dict[str, Any]:
             raise ConfigError(f"config file {path} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     else:
         try:
-            cfg = json.loads(text)
+            cfg = json.loads(text, object_pairs_hook=lambda pairs: _refuse_duplicates(path, pairs))
         except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+            # a file without a suffix is read as JSON: say so, in case it holds YAML
+            unsuffixed = "" if p.suffix else "; a config file without a suffix is read as JSON (YAML needs .yaml/.yml)"
+            raise ConfigError(f"config file {path} is not valid JSON (line {e.lineno}, column {e.colno}: "
+                              f"{e.msg}){unsuffixed}") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"config file {path} must hold a mapping of config keys, got {type(cfg).__name__}")
     return cfg
 
 
 def parse_budgets(text: str) -> List[Any]:
-    """``"2,4,8"`` -> ``[2, 4, 8]`` (``"2.5"`` stays a float); raises :class:`ConfigError`."""
+    """``"2,4,8"`` -> ``[2, 4, 8]`` (``"2.5"`` stays a float; spaces beside a comma are
+    dropped); raises :class:`ConfigError`."""
     out = []
-    for b in text.replace(" ", "").split(","):
+    for b in text.split(","):
+        b = b.strip()
         if not b:
             continue
+        if any(ch.isspace() for ch in b):  # "2.5 4" was read as 2.54: a comma is the only separator
+            raise ConfigError(f"budgets must be comma-separated numbers, got {text!r}: {b!r} holds a space "
+                              f"(separate budgets with commas)")
         try:
             v = float(b) if any(ch in b for ch in ".eEn") else int(b)
         except ValueError:
@@ -324,8 +389,8 @@ def parse_budgets(text: str) -> List[Any]:
 
 
 def parse_alpha(text: str) -> Optional[float]:
-    """``"iid"``/``"none"`` (or empty) -> None (no Dirichlet split), else the number; raises
-    :class:`ConfigError`."""
+    """``"iid"``/``"none"`` -> None (no Dirichlet split), else the number; raises
+    :class:`ConfigError` (an empty text too: it is no word for iid)."""
     if text.strip().lower() in _NONE_WORDS["alpha"]:
         return None
     try:

@@ -292,3 +292,145 @@ def test_a_split_that_cannot_be_made_names_the_keys_that_change_it(keys, says, t
     assert cli.main(["simulate", "-q", "--budgets", "4", "--out", str(tmp_path / "o")] + args) == 2
     assert capsys.readouterr().err == f"fedmpq: {msg}\n"
     assert not (tmp_path / "o").exists()
+
+
+# Flags of a run that ends in seconds, should a refusal below regress into a run
+TINY = ["--rounds", "1", "--local-epochs", "1", "--train-samples", "100", "--threads", "1"]
+
+
+@pytest.mark.parametrize("text", ["2.5 4", "4 4", "2,4 8"])
+def test_budgets_with_a_space_inside_a_number_are_refused(text, tmp_path, capsys):
+    # "2.5 4" ran as the single budget 2.54 (and "4 4" was refused as 44, a value nobody typed)
+    with pytest.raises(config.ConfigError, match="budgets must be comma-separated numbers, got .* holds a space"):
+        config.parse_budgets(text)
+    with pytest.raises(config.ConfigError, match="holds a space"):  # a config file's string too
+        config.check_config(dict(SMALL, n_clients=2, budgets=text))
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--n-clients", "2", "--budgets", text, "--out", str(out)] + TINY) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and repr(text) in err and "comma-separated" in err, err
+    assert not out.exists()
+    assert config.parse_budgets(" 2 , 4,\t8 ") == [2, 4, 8]  # spaces beside a comma stay allowed
+
+
+def test_an_empty_alpha_is_refused_not_taken_for_iid(tmp_path, capsys):
+    # --alpha "$A" with A unset ran an iid split, another experiment than the default Dirichlet(0.5)
+    for text in ("", "  "):
+        with pytest.raises(config.ConfigError, match="alpha must be a number or iid"):
+            config.parse_alpha(text)
+        with pytest.raises(config.ConfigError, match="alpha must be a finite number > 0"):
+            config.check_config(dict(SMALL, alpha=text))  # a config file's "alpha": ""
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--alpha", "", "--out", str(out), "--n-clients", "3", "--budgets", "4"] + TINY) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "alpha" in err and not out.exists(), err
+    for word in ("iid", "None", "null"):  # the explicit words still mean iid
+        assert config.parse_alpha(word) is None and config.check_config(dict(SMALL, alpha=word))["alpha"] is None
+
+
+@pytest.mark.parametrize("device", ["cuda:007", "cuda:00", "cuda:99999999999999999999", "cuda:\u0663", "cuda:128",
+                                    "cuda:9999"])
+def test_a_device_torch_would_refuse_or_wrap_is_refused_in_one_line(device, tmp_path, capsys):
+    # torch raised "Invalid device string" (a traceback from resolve_device), or kept the index in
+    # 8 bits (cuda:9999 became cuda:15)
+    with pytest.raises(config.ConfigError, match="device must be cpu, cuda or cuda:N"):
+        config.check_config(dict(SMALL, device=device))
+    assert config.check_config(dict(SMALL, device="cuda:127"))["device"] == "cuda:127"
+    assert config.check_config(dict(SMALL, device="cuda:10"))["device"] == "cuda:10"
+    for cmd in ("simulate", "flower"):
+        if cmd == "flower":
+            optional("flwr", "flower")  # fedmpq flower without Flower stops before the config
+        assert cli.main([cmd, "--device", device, "--n-clients", "3", "--budgets", "4", "--out",
+                         str(tmp_path / cmd)] + TINY) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "device must be cpu, cuda or cuda:N" in err and repr(device) in err, (cmd, err)
+        assert not (tmp_path / cmd).exists()
+
+
+def test_resolve_device_turns_what_torch_refuses_into_one_line():
+    # what slips past check_config (a config not checked by it) is still not a traceback
+    with pytest.raises(config.ConfigError, match="device must be cpu, cuda or cuda:N, got 'cuda:007'"):
+        config.resolve_device(dict(device="cuda:007"))
+
+
+@pytest.mark.parametrize("name", ["c.YAML", "c.Yml", "c.yml"])
+def test_a_yaml_suffix_in_any_case_is_read_as_yaml(name, tmp_path):
+    optional("yaml", "plots")
+    f = tmp_path / name
+    f.write_text("rounds: 1\nn_clients: 2\n")
+    assert config.load_config_file(str(f)) == {"rounds": 1, "n_clients": 2}  # was "not valid JSON"
+    j = tmp_path / "c.JSON"
+    j.write_text('{"rounds": 1}')
+    assert config.load_config_file(str(j)) == {"rounds": 1}
+
+
+@pytest.mark.parametrize("name", ["c.toml", "c.txt", "c.cfg"])
+def test_a_config_file_of_another_suffix_is_refused_by_its_suffix(name, tmp_path, capsys):
+    f = tmp_path / name
+    f.write_text("rounds = 1\n")
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "--config", str(f), "--out", str(out)] + TINY) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"fedmpq: config file {f}: config files must be YAML (.yaml/.yml) or JSON (.json), "
+                   f"got suffix {f.suffix!r}"), err
+    assert not out.exists()
+
+
+def test_a_config_file_without_a_suffix_is_read_as_json_and_says_so(tmp_path):
+    f = tmp_path / "settings"  # also what --config <(...) gives: /dev/fd/63
+    f.write_text('{"rounds": 1}')
+    assert config.load_config_file(str(f)) == {"rounds": 1}
+    f.write_text("rounds: 1\n")
+    with pytest.raises(config.ConfigError, match="is not valid JSON .*without a suffix is read as JSON"):
+        config.load_config_file(str(f))
+
+
+@pytest.mark.parametrize("name,content,line", [
+    ("dup.json", '{"n_clients": 2, "rounds": 1, "rounds": 2}', ""),
+    ("nested.json", '{"budgets": [4], "rounds": 1, "extra": {"a": 1, "a": 2}}', ""),
+    ("dup.yaml", "rounds: 1\nn_clients: 2\nrounds: 2\n", " (line 3)"),
+])
+def test_a_key_given_twice_in_a_config_file_is_refused_by_name(name, content, line, tmp_path, capsys):
+    # json and PyYAML kept the last one unsaid: rounds 1 then rounds 2 ran 2 rounds
+    if name.endswith(".yaml"):
+        optional("yaml", "plots")
+    f = tmp_path / name
+    f.write_text(content)
+    key = "a" if name == "nested.json" else "rounds"
+    with pytest.raises(config.ConfigError) as e:
+        config.load_config_file(str(f))
+    assert str(e.value) == f"config file {f}: key {key!r} given twice{line}"
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "--config", str(f), "--out", str(out)] + TINY) == 2
+    assert capsys.readouterr().err.strip() == f"fedmpq: config file {f}: key {key!r} given twice{line}"
+    assert not out.exists()
+
+
+def test_a_yaml_merge_key_may_still_be_overridden(tmp_path):
+    optional("yaml", "plots")
+    f = tmp_path / "m.yaml"
+    f.write_text("base: &b {a: 1, c: 3}\nx:\n  <<: *b\n  a: 2\n")
+    assert config.load_config_file(str(f)) == {"base": {"a": 1, "c": 3}, "x": {"a": 2, "c": 3}}
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_a_data_dir_for_digits_is_refused_not_ignored(where, tmp_path, capsys):
+    # digits ships with scikit-learn: --data-dir /typo was accepted, recorded and ignored
+    with pytest.raises(config.ConfigError, match="data_dir is read only for fashion-mnist, cifar10, cifar100; "
+                                                 "dataset digits ships with scikit-learn"):
+        config.check_config(dict(SMALL, data_dir="/nonexistent/typo"))
+    out = tmp_path / "run"
+    argv = ["simulate", "-q", "--out", str(out), "--n-clients", "3", "--budgets", "4"] + TINY
+    if where == "flag":
+        argv += ["--data-dir", "/nonexistent/typo"]
+    else:
+        f = tmp_path / "c.json"
+        f.write_text(json.dumps({"data_dir": "/nonexistent/typo"}))
+        argv += ["--config", str(f)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'/nonexistent/typo'" in err and "digits" in err, err
+    assert not out.exists()
+    for none in (None, "", "none"):  # no folder given is fine (Flower's data-dir = "")
+        assert config.check_config(dict(SMALL, data_dir=none))["data_dir"] is None
+    assert config.check_config(dict(SMALL, dataset="cifar10", data_dir="/d"))["data_dir"] == "/d"
