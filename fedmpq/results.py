@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -105,14 +107,60 @@ def _median(xs: List[float]) -> float:
     return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
 
 
+# The per-round fields compare reads as numbers (accuracy is required; the others may be
+# missing or null in a run that did not record them)
+_ROUND_NUMBERS = ("accuracy", "accuracy_train_mode", "seconds", "quant_seconds", "bytes_up", "bytes_down",
+                  "float32_bytes")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _shape_problem(res: Dict[str, Any]) -> Optional[str]:
+    """What in a results dict compare and bits_table cannot read, or None. Checked whole
+    before anything is printed: a wrong field was a traceback, after the table for --bits."""
+    rounds = res["rounds"]
+    if not isinstance(rounds, list):
+        return f"rounds must be a list, got {type(rounds).__name__}"
+    for i, r in enumerate(rounds):
+        if not isinstance(r, dict):
+            return f"round {i + 1} must be a mapping of fields, got {type(r).__name__}"
+        for key in _ROUND_NUMBERS:
+            if key == "accuracy" and key not in r:
+                return f"round {i + 1} has no accuracy"
+            v = r.get(key)
+            if (v is not None or key == "accuracy") and not _is_number(v):
+                return f"round {i + 1}'s {key} is {v!r}, not a number"
+        for key in ("bits", "mean_bits"):
+            per_client = r.get(key, {})
+            if not isinstance(per_client, dict):
+                return f"round {i + 1}'s {key} must be a mapping of clients, got {type(per_client).__name__}"
+            for client, v in per_client.items():
+                if not (client.isascii() and client.isdigit()):
+                    return f"round {i + 1}'s {key} has client {client!r}, not a client number"
+                if key == "bits" and not (isinstance(v, list) and all(map(_is_number, v))):
+                    return f"round {i + 1}'s bits of client {client} are {v!r}, not a list of numbers"
+                if key == "mean_bits" and v is not None and not _is_number(v):
+                    return f"round {i + 1}'s mean_bits of client {client} is {v!r}, not a number"
+    budgets = res["config"].get("budgets")
+    if budgets is not None and not (isinstance(budgets, list) and all(map(_is_number, budgets))):
+        return f"config budgets is {budgets!r}, not a list of numbers"
+    return None
+
+
 def _load(dirs: List[str], warn: bool = True) -> Dict[str, List[Any]]:
     """results.json of each folder, grouped by setting (runs that differ only in the seed); a
-    run of a setting and seed already loaded is left out, with a warning."""
+    run of a setting and seed already loaded is left out, with a warning. Every file is
+    checked whole first: :class:`ConfigError` ("... is not a fedmpq results file: ...")."""
     groups: Dict[str, List[Any]] = {}
     for d in dirs:
+        if Path(d).is_file():  # was "d/results.json does not exist"
+            raise ConfigError(f"{d} is a file, not a run folder: give the folder holding results.json "
+                              f"({Path(d).parent})")
         p = Path(d) / "results.json"
         if not p.is_file():
-            raise ConfigError(f"{p} does not exist")
+            raise ConfigError(f"{p} is not a file" if p.exists() else f"{p} does not exist")
         try:
             res = json.loads(p.read_text())
         except (ValueError, OSError) as e:
@@ -121,6 +169,9 @@ def _load(dirs: List[str], warn: bool = True) -> Dict[str, List[Any]]:
             raise ConfigError(f"{p} is not a fedmpq results file (no config)")
         if not res.get("rounds"):
             raise ConfigError(f"{p} has no rounds")
+        problem = _shape_problem(res)
+        if problem is not None:
+            raise ConfigError(f"{p} is not a fedmpq results file: {problem}")
         res["config"] = with_defaults(res["config"])  # runs from before a key group with its default
         runs = groups.setdefault(_group_key(res["config"]), [])
         twin = next((e for e, r in runs if r["config"].get("seed") == res["config"].get("seed")), None)
@@ -144,11 +195,15 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
     the share of it spent on quantization work (``quant_seconds``); bytes uploaded per run and
     how many times fewer bytes both ways take than float32 (``-`` where a run did not record
     it). With ``out``, writes the accuracy curves to that PNG: each group's mean over seeds with
-    its min..max band.
-    Raises :class:`ConfigError` for a folder without ``results.json`` or a run with no rounds,
-    and for an ``out`` without matplotlib or that cannot be written."""
+    its min..max band; never over an existing file. The header names the rounds averaged:
+    ``min(last, rounds)`` where a group has fewer than ``last``.
+    Raises :class:`ConfigError` for a folder without ``results.json``, a run with no rounds or
+    a results file of the wrong shape, and for an ``out`` that exists, needs matplotlib, or
+    cannot be written."""
     if last < 1:
         raise ConfigError(f"last must be >= 1, got {last}")
+    if out:
+        _refuse_an_existing_plot(out)  # before the table: nothing printed, nothing written
     groups = _load(dirs)
 
     def stat(xs: List[float]) -> str:
@@ -158,7 +213,7 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
         cols = [[r.get(key) for r in res["rounds"][:n]] for _, res in runs]
         return None if any(v is None for c in cols for v in c) else cols
 
-    rows, curves = [], []
+    rows, curves, averaged = [], [], set()
     labels = _labels([runs[0][1]["config"] for runs in groups.values()])
     for runs, label in zip(groups.values(), labels):
         n = min(len(res["rounds"]) for _, res in runs)  # rounds every seed has
@@ -166,6 +221,7 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
         if accs is None:
             raise ConfigError(f"{runs[0][0]}: a round without an accuracy")
         k = min(last, n)
+        averaged.add(k)
         cells = [label, ",".join(str(res["config"]["seed"]) for _, res in runs), str(n),
                  stat([a[-1] for a in accs]), stat([sum(a[-k:]) / k for a in accs])]
         cells.append(f"{sum(sum(a[-k:]) / k - sum(a[-2 * k:-k]) / k for a in accs) / len(accs):+.4f}"
@@ -183,8 +239,10 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
         cells.append(f"{sum(map(sum, f32)) / both:.1f}x" if f32 and both else "-")
         rows.append("| " + " | ".join(cells) + " |")
         curves.append((label, accs))
-    table = (f"| runs | seeds | rounds | final accuracy | mean of last {last} | trend | final, train mode | "
-             f"mean of last {last}, train mode | best | s/round | quant share | bytes up per run | "
+    # the rounds actually averaged: a run shorter than --last is averaged over all of its rounds
+    mean = f"mean of last {averaged.pop()}" if len(averaged) == 1 else f"mean of last min({last}, rounds)"
+    table = (f"| runs | seeds | rounds | final accuracy | {mean} | trend | final, train mode | "
+             f"{mean}, train mode | best | s/round | quant share | bytes up per run | "
              "float32 / bytes |\n|" + "---|" * 13 + "\n" + "\n".join(rows))
     if out:
         try:
@@ -210,9 +268,12 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
         try:
             # the file named, as named (without a suffix matplotlib would write out + ".png" instead,
             # unsaid: --plot runs/ became runs/.png), and whole: written beside it, then renamed
-            # over it, so a kill mid-write leaves the plot that was there, not half a PNG
+            # to its name, so a kill mid-write leaves no half PNG
             fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png")
+            _refuse_an_existing_plot(out)  # again: one may have appeared while the runs were read
             os.replace(tmp, path)
+        except ConfigError:
+            raise
         except (OSError, ValueError) as e:  # a missing folder, an extension matplotlib has no format for
             raise ConfigError(f"--plot {out} cannot be written: {e.strerror if isinstance(e, OSError) else e}") from None
         finally:
@@ -222,6 +283,16 @@ def compare(dirs: List[str], out: Optional[str] = None, last: int = 5) -> str:
             except OSError:
                 pass
     return table
+
+
+def _refuse_an_existing_plot(out: str) -> None:
+    """--plot never writes over a file: a run's own accuracy.png or bits.png (``--plot
+    run/accuracy.png``) was replaced by the comparison, unsaid. A folder falls through to the
+    write's own "Is a directory"."""
+    path = Path(out)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise ConfigError(f"--plot {out} already exists; fedmpq compare does not write over a file: "
+                          f"give another path or remove it first")
 
 
 def bits_table(dirs: List[str], warn: bool = True) -> str:

@@ -207,26 +207,128 @@ def test_a_plot_is_written_where_named_whatever_its_suffix(tmp_path):
     assert not (tmp_path / "curves.png").exists()
 
 
-def test_a_plot_is_replaced_whole(tmp_path, monkeypatch):
-    """The plot is written beside its name and renamed over it: a write that stops half-way
-    (a kill, a full disk) leaves the plot that was there, and no temporary file."""
+def test_a_plot_is_written_whole(tmp_path, monkeypatch):
+    """The plot is written beside its name and renamed to it: a write that stops half-way
+    (a kill, a full disk) leaves no half PNG under its name, and no temporary file. (It was
+    renamed over an existing plot; an existing file is now refused: see below.)"""
     optional("matplotlib", "plots")
     import matplotlib.figure
 
     a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
     plot = tmp_path / "cmp.png"
-    assert cli.main(["compare", a0, "--plot", str(plot)]) == 0
-    good = plot.read_bytes()
-    assert good[:8] == b"\x89PNG\r\n\x1a\n"
+    real_savefig = matplotlib.figure.Figure.savefig
 
     def half(fig, fname, **kw):
-        Path(fname).write_bytes(good[:100])
+        Path(fname).write_bytes(b"\x89PNG\r\n\x1a\n half")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half)
     assert cli.main(["compare", a0, "--plot", str(plot)]) == 2
-    assert plot.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a0"]
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real_savefig)
+    assert cli.main(["compare", a0, "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a0", "cmp.png"]
+
+
+@pytest.mark.parametrize("target", ["a0/accuracy.png", "cmp.png"])
+def test_a_plot_never_writes_over_an_existing_file(target, tmp_path, capsys):
+    # --plot run/accuracy.png replaced the run's own plot with the comparison, unsaid
+    optional("matplotlib", "plots")
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
+    plot = tmp_path / target
+    plot.write_bytes(b"a run's own plot")
+    assert cli.main(["compare", a0, "--plot", str(plot)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # refused before the table
+    assert captured.err.strip() == (f"fedmpq: --plot {plot} already exists; fedmpq compare does not write over a "
+                                    f"file: give another path or remove it first"), captured.err
+    assert plot.read_bytes() == b"a run's own plot"
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def _edit_run(path, edit):
+    res = json.loads((path / "results.json").read_text())
+    edit(res)
+    (path / "results.json").write_text(json.dumps(res))
+    return str(path)
+
+
+def _set(keys, value):
+    """An edit of a results dict setting res[keys[0]][keys[1]]... to value."""
+    def edit(res):
+        d = res
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,what", [
+    (_set(["rounds"], "abc"), "rounds must be a list, got str"),
+    (_set(["rounds"], {"a": 1}), "rounds must be a list, got dict"),
+    (_set(["rounds"], [1, 2]), "round 1 must be a mapping of fields, got int"),
+    (_set(["rounds", 1, "accuracy"], "0.5"), "round 2's accuracy is '0.5', not a number"),
+    (_set(["rounds", 0, "accuracy"], True), "round 1's accuracy is True, not a number"),
+    (lambda res: res["rounds"][0].pop("accuracy"), "round 1 has no accuracy"),
+    (_set(["rounds", 0, "accuracy_train_mode"], "x"), "round 1's accuracy_train_mode is 'x', not a number"),
+    (_set(["rounds", 0, "seconds"], "x"), "round 1's seconds is 'x', not a number"),
+    (_set(["rounds", 1, "bits"], [8, 8]), "round 2's bits must be a mapping of clients, got list"),
+    (_set(["rounds", 1, "bits"], {"a": [8, 8]}), "round 2's bits has client 'a', not a client number"),
+    (_set(["rounds", 1, "bits"], {"0": "8,8"}), "round 2's bits of client 0 are '8,8', not a list of numbers"),
+    (_set(["rounds", 1, "mean_bits"], {"0": "x"}), "round 2's mean_bits of client 0 is 'x', not a number"),
+    (_set(["config", "budgets"], "4,4"), "config budgets is '4,4', not a list of numbers"),
+])
+@pytest.mark.parametrize("bits", [False, True])
+def test_compare_refuses_a_results_file_of_the_wrong_shape_before_printing(edit, what, bits, tmp_path, capsys):
+    # each was a traceback (AttributeError, TypeError, ValueError), --bits' after the table had printed
+    ex = [dict(bits={"0": [8, 8], "1": [8, 8]}, mean_bits={"0": 8.0, "1": 8.0})] * 2
+    a = _edit_run(Path(_fake_run(tmp_path / "a", "fedmpq", 0, [0.5, 0.6], extra=ex, budgets=[2, 2], n_clients=2)),
+                  edit)
+    assert cli.main(["compare", a] + ["--bits"] * bits) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"fedmpq: {a}/results.json is not a fedmpq results file: {what}\n"
+
+
+def test_compare_reads_the_runs_fedmpq_simulate_and_flower_write(tmp_path):
+    """The shape check takes what fedmpq writes: bits and mean_bits per client, null fields,
+    float byte counts, no bits at all (fp)."""
+    ex = [dict(bits={"0": [8, 2], "1": [4, 4]}, mean_bits={"0": 3.1, "1": 4.0}, assigned_mean_bits={"0": 2.0},
+               accuracy_train_mode=None, seconds=1.5, quant_seconds=0.5, reported=[0, 1], aggregated=[0, 1],
+               threads=1)]
+    a = _fake_run(tmp_path / "a", "fedmpq", 0, [0.5], up=10.0, extra=ex, budgets=[2, 4], n_clients=2)
+    f = _fake_run(tmp_path / "f", "fp", 0, [0.5], extra=[dict(bits={}, mean_bits={})], budgets=[2, 4], n_clients=2)
+    assert len(results.compare([a, f]).splitlines()) == 4
+    assert results.bits_table([a, f]).splitlines()[2:] == ["| fedmpq (digits) | 2 | 1 | 3.10 | 8 2 |",
+                                                          "| fedmpq (digits) | 4 | 1 | 4.00 | 4 4 |"]
+
+
+def test_compare_given_a_results_file_names_its_folder(tmp_path, capsys):
+    # was "a0/results.json/results.json does not exist"
+    a0 = _fake_run(tmp_path / "a0", "fedmpq", 0, [0.1, 0.5])
+    given = f"{a0}/results.json"
+    assert cli.main(["compare", given]) == 2
+    assert capsys.readouterr().err.strip() == (f"fedmpq: {given} is a file, not a run folder: give the folder "
+                                               f"holding results.json ({a0})")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").mkdir()
+    with pytest.raises(config.ConfigError, match=f"{tmp_path}/b/results.json is not a file"):
+        results.compare([str(tmp_path / "b")])
+
+
+def test_compare_header_names_the_rounds_it_averaged(tmp_path):
+    # a 1-round run's header said "mean of last 5", its value the mean of 1 round
+    short = _fake_run(tmp_path / "short", "fedmpq", 0, [0.2])
+    long = _fake_run(tmp_path / "long", "aqfl", 0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6])
+    header = results.compare([short]).splitlines()[0]
+    assert "| mean of last 1 |" in header and "| mean of last 1, train mode |" in header
+    assert "last 5" not in header
+    header = results.compare([long]).splitlines()[0]
+    assert "| mean of last 5 |" in header and "| mean of last 5, train mode |" in header
+    header = results.compare([short, long]).splitlines()[0]  # groups of different lengths
+    assert "| mean of last min(5, rounds) |" in header and "| mean of last min(5, rounds), train mode |" in header
+    assert "| mean of last 3 |" in results.compare([long], last=3).splitlines()[0]
 
 
 def test_a_plot_without_matplotlib_is_refused_not_skipped(tmp_path, capsys, monkeypatch):
