@@ -54,7 +54,8 @@ def _config_flags(p: argparse.ArgumentParser, quiet: bool = True) -> None:
     from .config import (DEFAULTS, HELP, default_text, parse_alpha, parse_bool, parse_budgets, parse_optional_int,
                          parse_optional_path)
 
-    p.add_argument("--config", metavar="FILE", type=_path, help="YAML or JSON file of config keys (flags override it)")
+    p.add_argument("--config", metavar="FILE", type=_path, help="YAML (.yaml/.yml) or JSON (.json) file of config keys "
+                                                             "(flags override it)")
     p.add_argument("--out", metavar="DIR", type=_path, help="results folder: results.json, rounds.csv, plots, checkpoint.pt "
                                                 "(default: runs/<date>-<time>)")
     if quiet:  # fedmpq flower has no bars, and its round lines come from the ServerApp
@@ -164,7 +165,9 @@ def _parser() -> _Parser:
                          description="Run a federation in one process; every config key is also a flag.")
     _config_flags(sim)
     sim.add_argument("--resume", metavar="DIR", type=_path, help="continue the run in DIR from its last checkpoint; flags may "
-                                                     "raise rounds (to extend it), device, cuda-graph, threads and "
+                                                     "change rounds (raise it to extend the run, or lower it to end "
+                                                     "sooner, not below the rounds done; the run's config then "
+                                                     "records the new rounds), device, cuda-graph, threads and "
                                                      "data-dir")
     fl = sub.add_parser("flower", help="run the same federation through Flower's simulation engine "
                                        "(needs the flower extra)",
@@ -178,9 +181,11 @@ def _parser() -> _Parser:
                           description="Compare runs: runs that differ only in the seed form one group.")
     cmp_.add_argument("dirs", nargs="+", metavar="DIR", type=_path, help="run folders holding results.json")
     cmp_.add_argument("--plot", metavar="PNG", type=_path, help="write the accuracy curves (mean and min..max over seeds) "
-                                                    "to this PNG (needs matplotlib)")
+                                                    "to this PNG, a new file: an existing one is refused, not "
+                                                    "written over (needs matplotlib)")
     cmp_.add_argument("--last", type=int, default=5, metavar="N",
-                      help="average the accuracy over this many last rounds (default: 5)")
+                      help="average the accuracy over this many last rounds, or all of a run's rounds where it has "
+                           "fewer (default: 5)")
     cmp_.add_argument("--bits", action="store_true",
                       help="also print the bits per layer each budget's clients uploaded in the last round "
                            "(after their precision reduction)")

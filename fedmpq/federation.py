@@ -170,10 +170,24 @@ def prepare_out(out: Optional[str], refuse_held: bool = True) -> Optional[Path]:
 RUN_FILES = ("rounds.csv", "accuracy.png", "bits.png")
 
 
+def refuse_what_blocks_a_run_file(outdir: Path) -> None:
+    """:class:`ConfigError` when something that is not a file (a folder) sits where a run
+    writes one of its files or their temporaries (``results.json``, ``checkpoint.pt.tmp``,
+    ...): the first round trained, then its rename failed with a traceback."""
+    for f in ("results.json", "checkpoint.pt", *RUN_FILES):
+        for name in (f, f + ".tmp"):
+            p = outdir / name
+            if p.exists() and not p.is_file():
+                raise ConfigError(f"--out {outdir} holds {name}, which is not a file, where a run writes its "
+                                  f"{f}; give another --out or move it first")
+
+
 def refuse_a_held_folder(outdir: Path) -> None:
     """:class:`ConfigError` when ``outdir`` holds a run (``results.json`` or
     ``checkpoint.pt``), or any other file a run writes there (``rounds.csv``, the plots: a
-    user's own file of that name), which a new run would overwrite."""
+    user's own file of that name), which a new run would overwrite, or a folder where a run
+    writes a file (:func:`refuse_what_blocks_a_run_file`)."""
+    refuse_what_blocks_a_run_file(outdir)
     held = [f for f in ("results.json", "checkpoint.pt") if (outdir / f).is_file()]
     if held:
         raise ConfigError(f"--out {outdir} already holds a run ({' and '.join(held)}); give another --out, "
@@ -296,6 +310,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
             raise ConfigError("resume needs the results folder of the run to continue (out)")
         if resume:  # no checkpoint there is an error, not a fresh run over that folder's results
             state = read_checkpoint(outdir / "checkpoint.pt")
+            refuse_what_blocks_a_run_file(outdir)  # a resumed run writes the same files
             done = json.loads(state["rounds"])  # a list: read_checkpoint checked it
             resumable(state["config"], c, len(done), outdir / "checkpoint.pt")
         torch.manual_seed(c["seed"])  # the global model's initialization

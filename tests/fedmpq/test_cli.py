@@ -512,3 +512,66 @@ def test_resume_takes_its_own_folder_as_out_however_it_is_spelled(tmp_path, monk
     assert cli.main(["simulate", "-q", "--out", "run"] + _args(dict(SMALL, rounds=1))) == 0
     assert cli.main(["simulate", "-q", "--resume", "run", "--out", str(tmp_path / "run"), "--rounds", "2"]) == 0
     assert len(json.loads((tmp_path / "run" / "results.json").read_text())["rounds"]) == 2
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pt", "results.json", "rounds.csv.tmp", "checkpoint.pt.tmp", "bits.png"])
+def test_a_folder_where_a_run_writes_a_file_is_refused_before_training(name, tmp_path, monkeypatch, capsys):
+    # a folder checkpoint.pt/ passed the "holds a run" check (is_file), round 1 trained, then the
+    # rename onto it failed with IsADirectoryError and left checkpoint.pt.tmp behind
+    from fedmpq import client as client_mod
+
+    def update(*a, **kw):
+        raise AssertionError("trained before the folder was refused")
+    out = tmp_path / "run"
+    (out / name).mkdir(parents=True)
+    monkeypatch.setattr(client_mod, "client_update", update)
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out} holds {name}, which is not a file" in err, err
+    assert sorted(p.name for p in out.iterdir()) == sorted([name, ".fedmpq.lock"])
+
+
+def test_a_resumed_run_refuses_a_folder_where_it_writes_a_file(tmp_path, monkeypatch, capsys):
+    from fedmpq import client as client_mod
+
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 0
+    (out / "results.json.tmp").mkdir()
+    capsys.readouterr()
+
+    def update(*a, **kw):
+        raise AssertionError("trained before the folder was refused")
+    monkeypatch.setattr(client_mod, "client_update", update)
+    assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out} holds results.json.tmp, which is not a file" in err, err
+    assert len(json.loads((out / "results.json").read_text())["rounds"]) == 1
+
+
+def test_resume_may_lower_the_rounds_to_no_fewer_than_are_done(tmp_path, capsys):
+    """--resume's help said flags may "raise rounds"; a stopped 3-round run resumed with
+    --rounds 2 ends at 2, its config saying 2 (documented now, not refused)."""
+    import torch
+
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # as if a 3-round run stopped after 1
+    state["config"]["rounds"] = 3
+    torch.save(state, out / "checkpoint.pt")
+    assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "2"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["rounds"] == 2 and [r["round"] for r in res["rounds"]] == [1, 2]
+    capsys.readouterr()
+    assert cli.main(["simulate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "flags may change rounds (raise it to extend the run, or lower it to end sooner, not below the rounds done" \
+        in text, text
+
+
+def test_the_readme_documents_the_flags_of_each_command(capsys):
+    """compare --last and simulate -q/--quiet were in --help only."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for flag in ("--last", "--plot", "--bits", "-q", "--quiet", "--resume", "--config", "--out", "--cpus"):
+        assert f"{flag} " in readme or f"`{flag}`" in readme, flag
