@@ -192,6 +192,12 @@ class _BitWeight(nn.Module):
         # Module.to()/cuda() copy parameters with the preserve-format rule, which would turn
         # the zero-stride sink into n floats: make it again on the new device.
         super()._apply(fn, recurse)
+        scale = self.scale
+        if scale.dtype != torch.float32:  # .half(), .double(): the kernels take a float32 scale (every
+            # forward and step raised after one); the weight is cast to the input's dtype instead
+            scale.data = scale.data.float()
+            if scale.grad is not None:
+                scale.grad = scale.grad.float()
         old = self.sink
         if old.numel() and any(s != 0 for s in old.stride()):
             # frozen or not, with its gradient (in float32, the sink's dtype)
@@ -273,6 +279,12 @@ class _BitWeight(nn.Module):
         if isinstance(sign, Tensor) and sign.numel() == self.sign.numel() and sign.dtype != torch.uint8:
             return f"{prefix}sign must be a uint8 bitmap, got {sign.dtype}"
         codes = state_dict.get(prefix + "codes")
+        if codes is None and prefix + "_extra_state" in state_dict:
+            # a width without codes (strict=False) re-read the layer's own codes at it: other weights
+            extra = _width_of(state_dict[prefix + "_extra_state"])
+            if type(extra) is int and 1 <= extra <= fk.MAX_BITS and extra != self._bits:
+                return (f"{prefix}_extra_state sets the width to {extra} bits without {prefix}codes: the layer's "
+                        f"{self._bits}-bit codes would be read at {extra} bits (load both, or neither)")
         if not isinstance(codes, Tensor) or codes.numel() != self.numel or not codes.numel():
             return None  # nothing to check here: missing, or torch's size mismatch names it
         if codes.dtype != torch.uint8:
@@ -318,7 +330,10 @@ class BitConv2d(_BitWeight):
         self._init_weight((out_channels, in_channels, *ks), bits)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.quantized_weight(), None, self.stride, self.padding)
+        w = self.quantized_weight()
+        if w.dtype is not x.dtype:  # a model in half or double (.half()): the float32 weight in x's dtype
+            w = w.to(x.dtype)
+        return F.conv2d(x, w, None, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -341,7 +356,10 @@ class BitLinear(_BitWeight):
             self.register_parameter("bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.quantized_weight(), self.bias)
+        w = self.quantized_weight()
+        if w.dtype is not x.dtype:
+            w = w.to(x.dtype)
+        return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, bits={self.bits}"

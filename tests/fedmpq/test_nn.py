@@ -980,6 +980,46 @@ def test_codes_that_do_not_fit_the_width_are_refused_and_the_layer_left_as_it_wa
     assert qn.bit_assignment(other) == [8] * 4 and torch.equal(other.conv2.codes, sd["conv2.codes"])
 
 
+def test_a_width_loaded_without_its_codes_is_refused():
+    """A state dict holding a layer's width but not its codes, loaded with strict=False, re-read
+    the layer's 4-bit codes at 8 bits (weights at 1/17 of theirs), no error. Refused by name,
+    the layer left as it was; the same width without codes still loads."""
+    torch.manual_seed(0)
+    layer = qn.BitConv2d(2, 3, 3, bits=4)
+    w = layer.float_weight()
+    with pytest.raises(RuntimeError, match=r"_extra_state sets the width to 8 bits without codes: the layer's 4-bit "
+                                           r"codes would be read at 8 bits"):
+        layer.load_state_dict({"_extra_state": torch.tensor(8)}, strict=False)
+    assert layer.bits == 4 and torch.equal(layer.float_weight(), w)
+    layer.load_state_dict({"_extra_state": torch.tensor(4), "scale": torch.tensor(2.0)}, strict=False)
+    assert layer.bits == 4 and layer.scale.item() == 2.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_quantized_model_in_half_precision_runs_and_trains(dtype):
+    """model.half() turned the bit-plane layers' scales into float16, and every later forward
+    and step raised "scale must be a one-element float32 tensor". The scale stays float32 (the
+    kernels' dtype) and the weight is cast to the input's dtype: the outputs are the float32
+    model's, to the half dtype's precision, and both optimizers step."""
+    torch.manual_seed(0)
+    m = qn.small_cnn(quantized=True, bits=4, image_size=8)
+    x = torch.randn(3, 1, 8, 8)
+    want = m(x)
+    m.to(dtype)
+    assert all(l.scale.dtype == torch.float32 for _, l in qn.bit_layers(m)) and m.bn1.weight.dtype == dtype
+    y = m(x.to(dtype))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), want, rtol=0.1, atol=0.1)
+    y.float().square().sum().backward()
+    assert m.conv1.scale.grad.dtype == torch.float32 and m.conv1.sink.grad is not None
+    codes = m.conv2.codes.clone()
+    qn.BitPlaneOptimizer(m, lr=10.0).step()
+    qn.FloatSGD(qn.float_parameters(m), lr=0.1).step()
+    assert not torch.equal(m.conv2.codes, codes)
+    m.float()
+    assert m(x).dtype == torch.float32
+
+
 def test_a_layers_width_is_not_set_alone_and_reduce_precision_sets_all_three():
     """`layer.bits = 2` on an 8-bit layer re-read every code at 2 bits (weights up to 85x the
     scale): refused, naming the ways that set codes, scale and width together. reduce_precision
