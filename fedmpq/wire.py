@@ -111,8 +111,8 @@ class QuantizedTensor:
         if not isinstance(negative, Tensor) or negative.shape != codes.shape:
             raise ValueError("negative must be a tensor of the codes' shape")
         scale = float(scale)
-        if not (math.isfinite(scale) and scale >= 0):
-            raise ValueError(f"scale must be finite and >= 0, got {scale}")
+        if not (math.isfinite(_as_f32(scale)) and scale >= 0):
+            raise ValueError(f"scale must be finite and >= 0 in float32, got {scale}")
         codes = codes.detach().cpu()
         return QuantizedTensor(
             tuple(codes.shape), int(bits), scale,
@@ -273,14 +273,22 @@ def _float_entries(floats: Mapping[str, Tensor], cast: Optional[torch.dtype] = N
     return sorted(out, key=lambda e: {DT_FLOAT32: 0, DT_FLOAT16: 1, DT_INT64: 2}[e[1]])
 
 
+def _as_f32(x: float) -> float:
+    """``x`` as float32 stores it (inf beyond its range, 0 below its smallest subnormal): the
+    encoder checks what the decoder will read (a scale of 1e39 or a budget of 1e-46 encoded,
+    with a NumPy warning, into a payload the decoder refused)."""
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.float32(x))
+
+
 def _quant_entries(layers: Mapping[str, QuantizedTensor], deltas: Mapping[str, int]):
     out = []
     for name, q in layers.items():
         if not isinstance(q, QuantizedTensor):
             raise TypeError(f"{name}: expected a QuantizedTensor, got {type(q).__name__}")
         fk.check_bits(q.bits, f"{name}: bits")
-        if not (math.isfinite(q.scale) and q.scale >= 0):
-            raise ValueError(f"{name}: scale must be finite and >= 0, got {q.scale}")
+        if not (math.isfinite(_as_f32(q.scale)) and q.scale >= 0):  # it travels in float32
+            raise ValueError(f"{name}: scale must be finite and >= 0 in float32, got {q.scale}")
         delta = deltas.get(name, 0)
         if isinstance(delta, bool) or not isinstance(delta, (int, np.integer)):  # int() took 2.7 as 2
             raise TypeError(f"{name}: delta must be an int, got {type(delta).__name__}")
@@ -309,8 +317,8 @@ def encode_upload(u: Upload) -> bytes:
         raise ValueError(f"deltas for layers that are not uploaded: {sorted(set(u.deltas) - set(u.layers))[:5]}")
     _check_overlap(u.layers, u.floats)
     budget = float(u.budget)
-    if not (math.isfinite(budget) and 0 < budget <= 32):
-        raise ValueError(f"budget must be in (0, 32], got {budget}")
+    if not (math.isfinite(budget) and 0 < _as_f32(budget) <= 32):  # as the decoder reads it back
+        raise ValueError(f"budget must be in (0, 32] in float32, got {budget}")
     meta = _META[KIND_UPLOAD].pack(_u64(u.client_id, "client_id"), _u64(u.num_samples, "num_samples"),
                                    _u32(u.round, "round"), budget)
     return _encode(KIND_UPLOAD, meta, _quant_entries(u.layers, u.deltas) + _float_entries(u.floats))

@@ -427,12 +427,16 @@ def test_encoding_refuses_a_layer_scale_that_is_negative_or_not_finite(upload):
     """The encoder checks every quantized layer's scale (finite, >= 0) even for a
     QuantizedTensor made directly, so it never writes a payload the decoder would refuse."""
     name, q = next(iter(upload.layers.items()))
-    for bad in (-1.0, float("nan"), float("inf")):
+    for bad in (-1.0, float("nan"), float("inf"), 1e39):  # 1e39: finite, but inf in the float32 it travels in
         layers = dict(upload.layers, **{name: wire.QuantizedTensor(q.shape, q.bits, bad, q.planes, q.signs)})
         with pytest.raises(ValueError, match="scale must be finite and >= 0"):
             wire.encode_upload(wire.Upload(0, 0, 1, 4.0, layers, {}, {}))
         with pytest.raises(ValueError, match="scale must be finite and >= 0"):
             wire.encode_download(wire.Download(0, 0, layers, {}))
+        if bad >= 0:
+            with pytest.raises(ValueError, match="scale must be finite and >= 0 in float32"):
+                wire.QuantizedTensor.from_codes(torch.zeros(3, dtype=torch.uint8), torch.zeros(3, dtype=torch.bool), 2,
+                                                bad)
 
 
 # ---- the boundaries of every documented rule (docs/FORMAT.md) ----------------------------------
@@ -589,6 +593,7 @@ def test_a_zero_scale_layer_travels():
     ("round", 2**32, "round must be an integer in 0..2\\^32-1"),
     ("budget", 0.0, r"budget must be in \(0, 32\]"),
     ("budget", 32.5, r"budget must be in \(0, 32\]"),
+    ("budget", 1e-46, r"budget must be in \(0, 32\] in float32, got 1e-46"),  # 0 in float32: the decoder refused it
 ])
 def test_encoding_refuses_metadata_outside_its_field(upload, field, value, match):
     kw = dict(client_id=0, round=0, num_samples=1, budget=4.0)
