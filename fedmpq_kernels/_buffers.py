@@ -80,3 +80,33 @@ def copies_among_shared(works, layers) -> bool:
             if l2 != l:
                 return True
     return False
+
+
+def refuse_aliased_state(written, read=()) -> None:
+    """ValueError naming two of ``written`` (``(name, tensor)`` pairs a kernel writes), or one
+    of them and one of ``read``, whose memory overlaps (conservatively, by span). For calls
+    where an adapter makes working copies (a strided or misaligned state tensor): the native
+    and GPU overlap checks then see the copies, and the write-back of one state tensor wrote
+    into another (codes, a strided view of mom's storage, was stepped and copied over mom)."""
+    spans = [(name, _span(t)) for name, t in (*written, *read)]
+    for i in range(len(written)):
+        a_name, a = spans[i]
+        if a is None:
+            continue
+        for b_name, b in spans[i + 1:]:
+            if b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]:
+                raise ValueError(f"{a_name} and {b_name} overlap in memory: a step writes {a_name}")
+
+
+_STEP_WRITTEN, _STEP_READ = ("codes", "sign", "mom", "gs"), ("grad", "coef")
+
+
+def refuse_aliased_step_copies(works, tensors) -> None:
+    """For a bitplane_step adapter, after it made its working buffers ``works`` of
+    ``tensors`` (codes, sign, mom, gs, grad, coef): where one is a copy, the tensors
+    themselves must not overlap (:func:`refuse_aliased_state`). No copy costs an identity
+    test a tensor (a data pointer where the buffer is a view)."""
+    for w, t in zip(works, tensors):
+        if w is not t and w.data_ptr() != t.data_ptr():
+            refuse_aliased_state(tuple(zip(_STEP_WRITTEN, tensors[:4])), tuple(zip(_STEP_READ, tensors[4:])))
+            return

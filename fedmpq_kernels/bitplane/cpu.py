@@ -18,7 +18,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._buffers import copies_among_shared, empty_f32, f32_scalar, words, write_back
+from .._buffers import (copies_among_shared, empty_f32, f32_scalar, refuse_aliased_state, refuse_aliased_step_copies,
+                        words, write_back)
 from .._checks import bitmap_arg
 from .._library import PLAIN as _PLAIN, _is_wrapped
 from .._native import native
@@ -205,6 +206,10 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     g_state, pgs = _words(gs)  # the one float32, read and written as a word
     g = _f32(grad)
     cf = _f32(coef)
+    if c is not codes or sg is not sign or m is not mom or g_state is not gs or g is not grad or cf is not coef:
+        # the native overlap check sees the copies: check the tensors
+        refuse_aliased_state((("codes", codes), ("sign", sign), ("mom", mom), ("gs", gs)),
+                             (("grad", grad), ("coef", coef)))
     r = native.cpu.bitplane_step(c.data_ptr(), n, psg, sg.numel(), m.data_ptr(), m.numel(),
                                  pgs, g.data_ptr(), g.numel(), cf.data_ptr(), cf.numel(), scale.item(),
                                  bits, float(lr), float(momentum), int(key),
@@ -266,6 +271,10 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
     for l in range(L):
         c, (sg, psg), m, (g_state, pgs) = _bytes(codes[l]), _words(sign[l]), _bytes(mom[l]), _words(gs[l])
         g, cf = _f32(grad[l]), _f32(coef[l])
+        try:
+            refuse_aliased_step_copies((c, sg, m, g_state, g, cf), (codes[l], sign[l], mom[l], gs[l], grad[l], coef[l]))
+        except ValueError as e:
+            raise ValueError(f"layer {l}: {e}") from None
         work.append((c, sg, m, g_state, g, cf))
         layers.append((c.data_ptr(), c.numel(), psg, sg.numel(), m.data_ptr(), m.numel(), pgs, g.data_ptr(), g.numel(),
                        cf.data_ptr(), cf.numel(), scale[l].item(), bits[l], int(keys[l])))

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .._buffers import copies_among_shared, empty_f32, words, write_back
+from .._buffers import copies_among_shared, empty_f32, refuse_aliased_step_copies, words, write_back
 from .._checks import bitmap_nbytes
 from .._device import on_device, raw_stream, workspace
 from .._native import native
@@ -213,6 +213,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     g_state = words(gs)  # the one float32, read and written as a word
     g = _f32(grad)
     cf = _f32(coef)
+    refuse_aliased_step_copies((c, sw, m, g_state, g, cf), (codes, sign, mom, gs, grad, coef))
     sc = _scale(scale, dev)
     if key_tensor is None:
         key_ptr = 0
@@ -244,6 +245,10 @@ def bitplane_step_layers(codes, sign, mom, gs, grad, coef, scale, bits, lr: floa
     for l in range(L):
         c, sw, m, g_state = codes[l].contiguous(), words(sign[l]), mom[l].contiguous(), words(gs[l])
         g, cf, sc = _f32(grad[l]), _f32(coef[l]), _scale(scale[l], dev)
+        try:
+            refuse_aliased_step_copies((c, sw, m, g_state, g, cf), (codes[l], sign[l], mom[l], gs[l], grad[l], coef[l]))
+        except ValueError as e:
+            raise ValueError(f"layer {l}: {e}") from None
         n = c.numel()
         if n == 0:
             empty.append(l)

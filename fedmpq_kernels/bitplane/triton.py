@@ -60,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._buffers import words
+from .._buffers import refuse_aliased_step_copies, words
 from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes
 from .._device import on_device
 from .._triton_common import (FINISH, INTERPRET, LAUNCH, MAX_I32, SUM_F64_DIV, SUM_I64, absmax, combine_slots,
@@ -518,6 +518,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         g = g.float()
     g = g.contiguous()
     cf = coef.reshape(-1).to(torch.float32).contiguous()
+    refuse_aliased_step_copies((cw, sw, mw, gsw, g, cf), (codes, sign, mom, gs, grad, coef))
     sc = _scalar(scale)
     L = _L(bits)
     if key_tensor is None:

@@ -380,3 +380,19 @@ def test_a_quantized_model_trains_through_the_adapters_as_on_the_cpu(bc, emu, mo
     for step, (gs, ws) in enumerate(zip(got_grads, want_grads)):
         for l, (a, b) in enumerate(zip(gs, ws)):
             assert torch.allclose(a, b, rtol=1e-6, atol=1e-12), f"step {step}, layer {l}: dL/ds {a} != {b}"
+
+
+def test_step_refuses_state_that_overlaps_behind_its_working_copies(bc):
+    """Codes strided over mom's storage: the adapter's copies hid the overlap from the
+    binding's checks, and the write-back put codes over mom. Refused, nothing launched."""
+    n, bits = 64, 3
+    store = torch.randint(0, 8, (3 * bits * n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    mom, codes = store[: bits * n].view(bits, n), store[::3][:n]
+    args = (codes, torch.zeros(8, dtype=torch.uint8), mom, torch.zeros(1), torch.randn(n), torch.zeros(bits),
+            torch.tensor(1.0))
+    before = store.clone()
+    with pytest.raises(ValueError, match="^codes and mom overlap in memory"):
+        bc.bitplane_step(*args, bits, 0.5, 0.9, 3)
+    with pytest.raises(ValueError, match="^layer 0: codes and mom overlap in memory"):
+        bc.bitplane_step_layers(*[[a] for a in args], [bits], 0.5, 0.9, [3])
+    assert torch.equal(store, before) and not bc.native.cuda.calls

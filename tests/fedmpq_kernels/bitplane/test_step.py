@@ -443,3 +443,52 @@ def test_a_subnormal_g_s_is_kept(backend):
         got = fk.bitplane_step(*state, grad.to(dev), coef.to(dev), scale.to(dev), bits, 1.0, 0.9, 77)
     assert torch.equal(bits_of(got), bits_of(want))
     assert_state_equal(state, ref, "subnormal g_s")
+
+
+@pytest.mark.parametrize("alias", ["codes_in_mom", "sign_in_codes", "gs_in_grad"])
+@pytest.mark.parametrize("call", ["single", "layers"])
+def test_a_step_refuses_state_that_overlaps_through_a_strided_view(backend, alias, call):
+    """A strided or misaligned state tensor is stepped in a working copy, which the native
+    overlap checks see instead of the tensor: codes viewing mom's storage were stepped and
+    their copy written back over mom, with no error. Refused by name, nothing written."""
+    kernels(backend)
+    dev = backend.device
+    n, bits = 40, 3
+    g = torch.Generator().manual_seed(0)
+    store = torch.randint(0, 8, (4 * bits * n,), dtype=torch.uint8, generator=g).to(dev)
+    codes = torch.randint(0, 8, (n,), dtype=torch.uint8, generator=g).to(dev)
+    sign, mom = torch.zeros(8, dtype=torch.uint8, device=dev), torch.zeros(bits, n, dtype=torch.uint8, device=dev)
+    gs, grad = torch.zeros(1, device=dev), torch.randn(n, generator=g).to(dev)
+    if alias == "codes_in_mom":
+        mom, codes = store[: bits * n].view(bits, n), store[::3][:n]
+    elif alias == "sign_in_codes":
+        codes, sign = store[1: n + 1], store[2: 2 + 16][::2]
+    else:
+        grad = torch.randn(2 * n + 1, generator=g).to(dev)[1::2]
+        gs = grad[3:4]
+    args = (codes, sign, mom, gs, grad, torch.zeros(bits, device=dev), torch.tensor(1.0, device=dev), bits, 0.5, 0.9)
+    before = [t.clone() for t in (codes, sign, mom, gs, grad)]
+    with backend.active(), pytest.raises(ValueError, match="overlap in memory"):
+        if call == "single":
+            fk.bitplane_step(*args, 7)
+        else:
+            fk.bitplane_step_layers(*[[a] for a in args[:8]], 0.5, 0.9, [7])
+    assert all(torch.equal(t, b) for t, b in zip((codes, sign, mom, gs, grad), before))
+
+
+def test_a_strided_state_of_its_own_storage_steps_as_the_contiguous_one(backend):
+    """The overlap check refuses only memory that is shared: strided codes and signs of
+    their own storage step as contiguous ones do."""
+    kernels(backend)
+    dev = backend.device
+    n, bits = 40, 3
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 8, (2 * n,), dtype=torch.uint8, generator=g).to(dev)[::2]
+    sign = torch.randint(0, 256, (16,), dtype=torch.uint8, generator=g).to(dev)[1::2]
+    state = [codes, sign, torch.zeros(bits, n, dtype=torch.uint8, device=dev), torch.zeros(1, device=dev)]
+    twin = [t.contiguous().clone() for t in state]
+    rest = (torch.randn(n, generator=g).to(dev), torch.full((bits,), 1e-3, device=dev), torch.tensor(1.0, device=dev),
+            bits, 0.5, 0.9, 7)
+    with backend.active():
+        assert torch.equal(fk.bitplane_step(*state, *rest), fk.bitplane_step(*twin, *rest))
+    assert all(torch.equal(a, b) for a, b in zip(state, twin))
