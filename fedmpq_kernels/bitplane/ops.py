@@ -426,6 +426,9 @@ def _step_layer(codes, sign, mom, gs, grad, coef, scale, bits, dev) -> Tuple[int
     _tensor(coef, "coef", device=dev)
     if coef.numel() != bits:
         raise ValueError(f"coef must hold {bits} values (one per plane), got {coef.numel()}")
+    if not (grad.is_floating_point() and coef.is_floating_point()):  # .float() took ints, bools, complex's real part
+        name, t = ("grad", grad) if not grad.is_floating_point() else ("coef", coef)
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
     _scale(scale, dev)
     if n >= 1 << 32:
         raise ValueError("a layer of 2^32 weights or more is not supported (the generator counts in 32 bits)")
@@ -607,6 +610,8 @@ def sink_like(shape, device=None) -> Tensor:
             raise TypeError(f"shape must be a sequence of ints >= 0, got {dims!r}")
         if d < 0:
             raise ValueError(f"shape must be a sequence of ints >= 0, got {dims!r}")
+    if math.prod(map(int, dims)) >= 1 << 63:  # torch said "numel: integer multiplication overflow"
+        raise ValueError(f"shape {dims!r} holds 2^63 elements or more")
     return torch.zeros((), dtype=torch.float32, device=device).expand(tuple(map(int, dims)))
 
 
@@ -842,9 +847,12 @@ def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -
     _scale(scale, codes.device)
     if isinstance(theta, bool) or not isinstance(theta, numbers.Real) or not math.isfinite(theta) or theta < 0:
         raise ValueError(f"theta must be a finite number >= 0 (percent), got {theta!r}")
+    s = float(scale.detach().reshape(()))  # once a round: a host read is nothing here (codes' max is one too)
+    if not math.isfinite(s):  # the reduced scale came out NaN, unsaid (a negative one is a trained scale:
+        raise ValueError(f"scale must be finite, got {s}")  # its sign folds into the signs on the wire)
     if codes.numel() and int(codes.max()) >= (1 << bits):
         raise ValueError(f"a code is >= 2^{bits}")
-    return _ref.precision_reduction(codes, scale, bits, float(theta))
+    return _ref.precision_reduction(codes.reshape(-1), scale, bits, float(theta))  # (n,) whatever codes' shape
 
 
 step_key = _ref.step_key

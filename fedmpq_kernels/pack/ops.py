@@ -204,6 +204,9 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
         TypeError / ValueError naming the bad argument.
     """
     bits = _check_accumulate(acc, planes, signs, bits)
+    for name, v in (("scale", scale), ("weight", weight)):  # float() took "1.0"
+        if isinstance(v, (str, bytes, bool)) or not isinstance(v, (numbers.Real, Tensor)):
+            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     scale, weight = float(scale), float(weight)
     if not (math.isfinite(scale) and scale >= 0):
         raise ValueError(f"scale must be finite and >= 0, got {scale}")
@@ -234,9 +237,16 @@ def _check_accumulate(acc, planes, signs, bits) -> int:
 
 def layer_coefs(scales, bits, weight: float = 1.0) -> Tensor:
     """float32 ``weight * scale / (2**bits - 1)`` per layer, in the float32 order of
-    :func:`dequant_accumulate` (for :func:`dequant_accumulate_layers`)."""
+    :func:`dequant_accumulate` (for :func:`dequant_accumulate_layers`). ValueError for bits
+    that are not integers in 1..8 (one per scale, or one for all)."""
     s = np.asarray(scales, dtype=np.float32)
-    levels = np.float32(2.0) ** np.asarray(bits, dtype=np.float32) - np.float32(1.0)
+    b = np.asarray(bits)
+    if (b.dtype.kind not in "iu" or b.shape not in (s.shape, ())
+            or (b.size and not (b.min() >= MIN_BITS and b.max() <= MAX_BITS))):
+        # 0 bits gave a division by zero's inf coefficient, 40 one that was silently 0
+        raise ValueError(f"bits must be integers in {MIN_BITS}..{MAX_BITS}, one per scale or one for all, "
+                         f"got {bits!r}"[:300])
+    levels = np.float32(2.0) ** b.astype(np.float32) - np.float32(1.0)
     with np.errstate(over="ignore", invalid="ignore"):
         c = np.float32(weight) * (s / levels)
     return torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))

@@ -107,6 +107,10 @@ def test_opcheck(backend):
         (lambda: fk.sink_like((2.5,)), TypeError, r"shape must be a sequence of ints >= 0, got \(2.5,\)"),
         (lambda: fk.sink_like(7), TypeError, "shape must be a sequence of ints >= 0, got int"),
         (lambda: fk.sink_like(None), TypeError, "shape must be a sequence of ints >= 0, got NoneType"),
+        (lambda: fk.sink_like((2**40, 2**40)), ValueError, r"holds 2\^63 elements or more"),
+        # precision reduction of a NaN scale gave a NaN scale, unsaid
+        (lambda: fk.precision_reduction(torch.ones(3, dtype=torch.uint8), torch.tensor(float("nan")), 4, 5.0),
+         ValueError, "scale must be finite, got nan"),
     ],
 )
 def test_public_functions_raise_clear_errors(call, exc, match):
@@ -226,3 +230,27 @@ def test_binarize_compiles_with_fullgraph_and_its_op_still_refuses_nan():
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="NaN or inf"):
         cf(torch.tensor([0.25, float("nan"), 0.125, 0.0, 1.0]))
+
+
+@pytest.mark.parametrize("bad", [torch.int64, torch.bool, torch.complex64])
+def test_a_step_refuses_a_grad_or_coef_that_is_not_floating_point(bad):
+    """.float() took ints and bools as gradients and a complex one's real part (a warning)."""
+    n, bits = 5, 2
+    state = [torch.zeros(n, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8), torch.zeros(bits, n, dtype=torch.uint8),
+             torch.zeros(1)]
+    with pytest.raises(TypeError, match=f"^grad must be a floating-point tensor, got {bad}"):
+        fk.bitplane_step(*state, torch.ones(n, dtype=bad), torch.zeros(bits), torch.tensor(1.0), bits, 0.5, 0.9, 1)
+    with pytest.raises(TypeError, match=f"^coef must be a floating-point tensor, got {bad}"):
+        fk.bitplane_step(*state, torch.ones(n), torch.zeros(bits, dtype=bad), torch.tensor(1.0), bits, 0.5, 0.9, 1)
+
+
+def test_precision_reduction_returns_codes_of_n_whatever_their_shape_and_takes_a_negative_scale():
+    """Codes (0, 3) came back (0, 3), not (n,) as documented. A trained scale may be negative
+    (the wire folds its sign into the signs): reduced as the reference reduces a positive one."""
+    assert fk.precision_reduction(torch.zeros(0, 3, dtype=torch.uint8), torch.tensor(1.0), 4, 5.0)[1].shape == (0,)
+    codes = torch.tensor([[1, 3], [2, 0]], dtype=torch.uint8)
+    got = fk.precision_reduction(codes, torch.tensor(1.0), 4, 5.0)
+    assert got[1].shape == (4,) and torch.equal(got[1], R.precision_reduction(codes.reshape(-1), torch.tensor(1.0), 4, 5.0)[1])
+    n, c, s = fk.precision_reduction(codes, torch.tensor(-2.0), 4, 5.0)
+    n2, c2, s2 = fk.precision_reduction(codes, torch.tensor(2.0), 4, 5.0)
+    assert n == n2 and torch.equal(c, c2) and float(s) == -float(s2)

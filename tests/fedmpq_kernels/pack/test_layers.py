@@ -286,3 +286,12 @@ def test_native_binding_fuzzed(data):
         assert torch.equal(acc, before)  # refused before any kernel ran
         return
     assert torch.equal(acc[acc_n:], before[acc_n:])  # nothing written past the declared end
+
+
+@pytest.mark.parametrize("bits", [[0, 3], [3, 40], [3, -1], [1.5, 2], [3]])
+def test_layer_coefs_refuses_widths_outside_1_to_8(bits):
+    """0 bits gave an inf coefficient (a division by 2^0 - 1), 40 a coefficient of 0: both
+    silently; a float width was taken as it was."""
+    with pytest.raises(ValueError, match="^bits must be integers in 1..8, one per scale or one for all"):
+        fk.layer_coefs([0.5, 1.0], bits)
+    assert fk.layer_coefs([0.5, 1.0], 3).tolist() == fk.layer_coefs([0.5, 1.0], [3, 3]).tolist()

@@ -179,6 +179,10 @@ def test_dequant_accumulate_takes_any_shape_of_acc(backend):
          ValueError, "weight must be finite"),
         (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 3e38, 1e10),
          ValueError, "overflows float32"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, "1.0"),
+         TypeError, "scale must be a number, got str"),  # float() took it
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 1.0, True),
+         TypeError, "weight must be a number, got bool"),
     ],
 )
 def test_bad_input_raises_a_clear_error(backend, call, exc, match):
