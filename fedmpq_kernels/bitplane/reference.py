@@ -58,6 +58,7 @@ there, for a step captured in a CUDA graph): the same key gives the same draws e
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import List, Optional, Tuple
 
 import torch
@@ -87,12 +88,16 @@ def mix32_int(x: int) -> int:
 
 
 def step_key(seed: int, step: int, layer: int) -> int:
-    """The generator's key for one layer's step: a uint32 as a Python int."""
-    if type(seed) is int and type(step) is int:
-        k = _step_prefix(seed, step)
-    else:
-        k = mix32_int(mix32_int((seed & M32) ^ 0x9E3779B9) ^ (step & M32))
-    return mix32_int(k ^ (layer & M32))
+    """The generator's key for one layer's step: a uint32 as a Python int. Each argument an
+    int (any integer, taken mod 2^32); TypeError naming one that is not (a float was a bare
+    TypeError from the mixing, a tensor gave a tensor)."""
+    if type(seed) is int and type(step) is int and type(layer) is int:  # an optimizer's call
+        return mix32_int(_step_prefix(seed, step) ^ (layer & M32))
+    for name, v in (("seed", seed), ("step", step), ("layer", layer)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    seed, step, layer = int(seed), int(step), int(layer)
+    return mix32_int(mix32_int(mix32_int((seed & M32) ^ 0x9E3779B9) ^ (step & M32)) ^ (layer & M32))
 
 
 @functools.lru_cache(maxsize=16)

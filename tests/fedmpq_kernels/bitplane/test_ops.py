@@ -2,6 +2,7 @@
 and the errors the public functions give bad input (leaving the state untouched)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -108,6 +109,10 @@ def test_opcheck(backend):
         (lambda: fk.sink_like(7), TypeError, "shape must be a sequence of ints >= 0, got int"),
         (lambda: fk.sink_like(None), TypeError, "shape must be a sequence of ints >= 0, got NoneType"),
         (lambda: fk.sink_like((2**40, 2**40)), ValueError, r"holds 2\^63 elements or more"),
+        # a float was "unsupported operand type(s) for &", a tensor seed gave a tensor key
+        (lambda: fk.step_key(1.5, 2, 3), TypeError, "^seed must be an int, got float"),
+        (lambda: fk.step_key(torch.tensor(1), 2, 3), TypeError, "^seed must be an int, got Tensor"),
+        (lambda: fk.step_key(1, 2, None), TypeError, "^layer must be an int, got NoneType"),
         # precision reduction of a NaN scale gave a NaN scale, unsaid
         (lambda: fk.precision_reduction(torch.ones(3, dtype=torch.uint8), torch.tensor(float("nan")), 4, 5.0),
          ValueError, "scale must be finite, got nan"),
@@ -254,3 +259,9 @@ def test_precision_reduction_returns_codes_of_n_whatever_their_shape_and_takes_a
     n, c, s = fk.precision_reduction(codes, torch.tensor(-2.0), 4, 5.0)
     n2, c2, s2 = fk.precision_reduction(codes, torch.tensor(2.0), 4, 5.0)
     assert n == n2 and torch.equal(c, c2) and float(s) == -float(s2)
+
+
+def test_step_key_takes_integers_of_any_kind_mod_2_32():
+    want = fk.step_key(7, 2**32 + 5, 3)
+    assert want == fk.step_key(np.int64(7), np.uint16(5), np.int8(3)) == fk.step_key(7 - 2**32, 5, 3)
+    assert type(fk.step_key(np.int64(7), 5, 3)) is int
