@@ -19,19 +19,28 @@ def bit_assignment(model: nn.Module) -> List[int]:
     return [m.bits for _, m in bit_layers(model)]
 
 
+def _every_name(model: nn.Module) -> Dict[str, nn.Module]:
+    """Every name of every bit-plane layer, a layer shared by two attributes (tied) under
+    both, as ``state_dict()`` lists its entries (bit_layers names it once)."""
+    bit_layers(model)  # checks model
+    own = {id(m) for _, m in bit_layers(model)}
+    return {n: m for n, m in model.named_modules(remove_duplicate=False) if id(m) in own}
+
+
 def float_state(model: nn.Module) -> Dict[str, Tensor]:
     """The state entries that stay float (BatchNorm, shortcuts, biases, a BitLinear's bias
     included): all but the bit-plane layers' own ``codes``, ``sign``, ``scale``, ``sink`` and
-    ``_extra_state`` (the bit-width)."""
-    own = {n for n, _ in bit_layers(model)}
+    ``_extra_state`` (the bit-width), under every name a tied layer has."""
+    own = _every_name(model)
     return {k: v for k, v in model.state_dict().items()
             if not (k.rpartition(".")[0] in own and k.rpartition(".")[2] in _OWN)}
 
 
 def to_float_state_dict(model: nn.Module) -> Dict[str, Tensor]:
     """The quantized model as the float model's state dict: ``<layer>.weight`` de-quantized
-    (float32) for each bit-plane layer, every other entry (BatchNorm, shortcuts, biases) as is."""
-    layers = dict(bit_layers(model))
+    (float32) for each bit-plane layer (under each of a tied layer's names, as a float model's
+    state dict lists a tied weight), every other entry (BatchNorm, shortcuts, biases) as is."""
+    layers = _every_name(model)
     out: Dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
@@ -58,22 +67,30 @@ def load_float_state_dict(model: nn.Module, state: Mapping[str, Tensor], bits: U
     if len(bits) != len(layers):
         raise ValueError(f"{len(bits)} bit-widths for {len(layers)} quantized layers")
     weights = [f"{name}.weight" for name, _ in layers]
+    # a tied layer's other names: its weight there is the same layer's (as torch loads a tied
+    # parameter, the entry listed last is the one it holds)
+    first = {id(layer): i for i, (_, layer) in reversed(list(enumerate(layers)))}
+    aliases = [(f"{n}.weight", first[id(m)]) for n, m in _every_name(model).items() if f"{n}.weight" not in weights]
     own = list(float_state(model))
     # every key checked before any layer is binarized: a missing one used to leave the layers
     # before it loaded
-    for key in weights + own:
+    for key in weights + [k for k, _ in aliases] + own:
         if key not in state:
             raise ValueError(f"the state dict has no {key!r}")
         if not isinstance(state[key], Tensor):  # a NumPy array was "has no attribute 'float'"
             raise TypeError(f"the state dict's {key!r} must be a tensor, got {type(state[key]).__name__}")
-    for key, (_, layer) in zip(weights, layers):
+    for key, (_, layer) in [*zip(weights, layers), *((k, layers[i]) for k, i in aliases)]:
         if tuple(state[key].shape) != layer.weight_shape:
             raise ValueError(f"the state dict's {key!r} has shape {tuple(state[key].shape)}, the layer "
                              f"{layer.weight_shape}")
-    extra = sorted(set(state) - set(weights) - set(own))
+    extra = sorted(set(state) - set(weights) - {k for k, _ in aliases} - set(own))
     if extra:
         raise ValueError(f"unexpected keys in the state dict: {extra[:5]}")
+    src = dict(zip(weights, weights))
+    for key, i in aliases:  # the name listed last in the state dict wins, as in torch
+        if list(state).index(key) > list(state).index(src[weights[i]]):
+            src[weights[i]] = key
     for key, (_, layer), b in zip(weights, layers, bits):
-        layer.load_float(state[key].float(), b)
+        layer.load_float(state[src[key]].float(), b)
     model.load_state_dict({key: state[key] for key in own}, strict=False)
     return model

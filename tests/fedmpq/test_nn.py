@@ -980,6 +980,37 @@ def test_codes_that_do_not_fit_the_width_are_refused_and_the_layer_left_as_it_wa
     assert qn.bit_assignment(other) == [8] * 4 and torch.equal(other.conv2.codes, sd["conv2.codes"])
 
 
+def test_the_float_conversions_take_a_layer_tied_under_two_names():
+    """A bit-plane layer shared by two attributes (self.b = self.a): to_float_state_dict
+    leaked the alias's codes, sign, scale, sink and width as float entries, and
+    load_float_state_dict then loaded the alias's old 4-bit codes over the 2-bit binarization.
+    Now the alias is a float model's tied weight: listed under both names, loaded once."""
+    from torch import nn
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = qn.BitLinear(5, 5, bits=4)
+            self.b = self.a
+            self.bn = nn.BatchNorm1d(5)
+
+    torch.manual_seed(0)
+    m = Tied()
+    fs = qn.to_float_state_dict(m)
+    assert sorted(fs) == ["a.bias", "a.weight", "b.bias", "b.weight", "bn.bias", "bn.num_batches_tracked",
+                          "bn.running_mean", "bn.running_var", "bn.weight"]
+    assert torch.equal(fs["a.weight"], fs["b.weight"]) and torch.equal(fs["a.weight"], m.a.float_weight())
+    assert not any(k.rpartition(".")[2] in ("codes", "sign", "scale", "sink") for k in qn.float_state(m))
+    other = Tied()
+    qn.load_float_state_dict(other, fs, 2)
+    assert qn.bit_assignment(other) == [2]
+    want = qn.BitLinear(5, 5, bits=2)
+    want.load_float(fs["a.weight"], 2)
+    assert torch.equal(other.a.codes, want.codes) and torch.equal(other.a.scale, want.scale)
+    with pytest.raises(ValueError, match="the state dict has no 'b.weight'"):
+        qn.load_float_state_dict(Tied(), {k: v for k, v in fs.items() if k != "b.weight"}, 2)
+
+
 def test_a_width_loaded_without_its_codes_is_refused():
     """A state dict holding a layer's width but not its codes, loaded with strict=False, re-read
     the layer's 4-bit codes at 8 bits (weights at 1/17 of theirs), no error. Refused by name,
