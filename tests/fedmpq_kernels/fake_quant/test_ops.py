@@ -182,6 +182,18 @@ def test_registered_op_refuses_a_bad_cpu_scale_value(backend, bad):
                 torch.ops.fedmpq.fake_quant(x, 4, torch.tensor(bad), mode)
 
 
+@pytest.mark.parametrize("bad", [1e39, 1e-50, 2.0 ** -150])
+def test_a_python_scale_float32_cannot_hold_is_named(bad):
+    """A Python float scale, finite and > 0 as a double but not as float32: 1e39 was torch's
+    RuntimeError ("value cannot be converted to type float without overflow"), 1e-50 a scale of
+    0 in the kernels. Float32's own extremes are scales."""
+    x = torch.randn(40)
+    with pytest.raises(ValueError, match=r"^scale must be finite and > 0 in float32, got"):
+        fk.fake_quant(x, 4, bad)
+    for ok in (torch.finfo(torch.float32).max, 2.0 ** -149):
+        assert fk.fake_quant(x, 4, ok).shape == (40,)
+
+
 def test_registered_op_mode_0_bitmaps_are_a_fresh_tensor(backend):
     """Mode 0 has no bitmaps, but the op's (empty) bitmaps output is still the caller's own
     tensor: a backend may share one empty tensor between calls, and a caller who resized
