@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -206,7 +207,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     parsing included."""
     argv_given = argv
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("simulate", "compare", "flower", "-h", "--help"):
+    commands = ("simulate", "compare", "flower")
+    if argv and argv[0] not in commands and not argv[0].startswith("-"):
+        # simulate takes no positional argument: a first word is a command, mistyped ("fedmpq
+        # compar c1" said "unrecognized arguments: compar c1", as if simulate had been meant)
+        near = difflib.get_close_matches(argv[0], commands, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else " (did you mean --help?)" if argv[0] == "help" else ""
+        print(f"fedmpq: unknown command {argv[0]!r}{hint}; the commands are {', '.join(commands)}, and "
+              "`fedmpq` alone or with flags runs simulate", file=sys.stderr)
+        return 2
+    if not argv or argv[0] not in (*commands, "-h", "--help"):
         argv = ["simulate"] + argv  # `fedmpq` alone runs the built-in default federation
     cmd = argv[0]  # known before the flags are parsed: a Ctrl-C may come first
     made: List[Path] = []  # a dated results folder made for this run

@@ -575,3 +575,15 @@ def test_the_readme_documents_the_flags_of_each_command(capsys):
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     for flag in ("--last", "--plot", "--bits", "-q", "--quiet", "--resume", "--config", "--out", "--cpus"):
         assert f"{flag} " in readme or f"`{flag}`" in readme, flag
+
+
+@pytest.mark.parametrize("argv, hint", [(["compar", "c1"], "did you mean compare?"), (["simulat", "--rounds", "1"],
+                                         "did you mean simulate?"), (["help"], "did you mean --help?"), (["x"], "")])
+def test_a_mistyped_command_is_named_not_taken_for_simulate_flags(argv, hint, capsys, tmp_path, monkeypatch):
+    """simulate takes no positional argument, so a first word is a command: `fedmpq compar c1`
+    said "unrecognized arguments: compar c1", as if a simulate run had been meant. Nothing runs."""
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fedmpq: unknown command {argv[0]!r}") and hint in err and err.count("\n") == 1
+    assert "the commands are simulate, compare, flower" in err and not any(tmp_path.iterdir())
