@@ -98,15 +98,17 @@ def refuse_aliased_state(written, read=()) -> None:
                 raise ValueError(f"{a_name} and {b_name} overlap in memory: a step writes {a_name}")
 
 
-_STEP_WRITTEN, _STEP_READ = ("codes", "sign", "mom", "gs"), ("grad", "coef")
+def refuse_aliased_step(codes, sign, mom, gs, grad, coef) -> None:
+    """:func:`refuse_aliased_state` of bitplane_step's arguments: it writes the first four."""
+    refuse_aliased_state((("codes", codes), ("sign", sign), ("mom", mom), ("gs", gs)), (("grad", grad), ("coef", coef)))
 
 
 def refuse_aliased_step_copies(works, tensors) -> None:
     """For a bitplane_step adapter, after it made its working buffers ``works`` of
     ``tensors`` (codes, sign, mom, gs, grad, coef): where one is a copy, the tensors
-    themselves must not overlap (:func:`refuse_aliased_state`). No copy costs an identity
+    themselves must not overlap (:func:`refuse_aliased_step`). No copy costs an identity
     test a tensor (a data pointer where the buffer is a view)."""
     for w, t in zip(works, tensors):
         if w is not t and w.data_ptr() != t.data_ptr():
-            refuse_aliased_state(tuple(zip(_STEP_WRITTEN, tensors[:4])), tuple(zip(_STEP_READ, tensors[4:])))
+            refuse_aliased_step(*tensors)
             return

@@ -1,7 +1,6 @@
 """Argument checks shared by every op and backend (pure Python, traceable by dynamo)."""
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch

@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._buffers import (copies_among_shared, empty_f32, f32_scalar, refuse_aliased_state, refuse_aliased_step_copies,
+from .._buffers import (copies_among_shared, empty_f32, f32_scalar, refuse_aliased_step, refuse_aliased_step_copies,
                         words, write_back)
 from .._checks import bitmap_arg
 from .._library import PLAIN as _PLAIN, _is_wrapped
@@ -207,9 +207,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     g = _f32(grad)
     cf = _f32(coef)
     if c is not codes or sg is not sign or m is not mom or g_state is not gs or g is not grad or cf is not coef:
-        # the native overlap check sees the copies: check the tensors
-        refuse_aliased_state((("codes", codes), ("sign", sign), ("mom", mom), ("gs", gs)),
-                             (("grad", grad), ("coef", coef)))
+        refuse_aliased_step(codes, sign, mom, gs, grad, coef)  # the native overlap check sees the copies
     r = native.cpu.bitplane_step(c.data_ptr(), n, psg, sg.numel(), m.data_ptr(), m.numel(),
                                  pgs, g.data_ptr(), g.numel(), cf.data_ptr(), cf.numel(), scale.item(),
                                  bits, float(lr), float(momentum), int(key),

@@ -63,7 +63,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .._buffers import refuse_aliased_state
+from .._buffers import refuse_aliased_step
 from .._checks import bitmap_nbytes
 from ..pack.reference import pack_bitmap, unpack_bitmap
 
@@ -243,7 +243,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     skipped): the authors' unclamped value, for tools/unclamped_upload.py."""
     # as every backend refuses it: written state that shares memory (a view of another's
     # storage) would be overwritten by whichever write comes last
-    refuse_aliased_state((("codes", codes), ("sign", sign), ("mom", mom), ("gs", gs)), (("grad", grad), ("coef", coef)))
+    refuse_aliased_step(codes, sign, mom, gs, grad, coef)
     n = codes.numel()
     if key_tensor is not None:
         key = int(key_tensor.reshape(())) & M32
