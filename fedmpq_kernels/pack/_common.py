@@ -98,7 +98,11 @@ def status_word_ptr(device: torch.device, bits: int) -> int:
 def pending_check(validate: Optional[bool], device: torch.device) -> bool:
     """Whether pack_codes reads its status now: asked to (``validate``), or by default where
     reading is free (CPU tensors: the Triton interpreter)."""
-    return bool(validate) if validate is not None else device.type == "cpu"
+    if validate is None:
+        return device.type == "cpu"
+    if type(validate) is not bool:  # bool() took validate="no" as True
+        raise TypeError(f"validate must be True, False or None, got {validate!r}")
+    return validate
 
 
 def dequant_accumulate_rows(single, acc: Tensor, payload: Tensor, table: Tensor, coefs: Tensor) -> None:

@@ -149,6 +149,8 @@ def test_dequant_accumulate_takes_any_shape_of_acc(backend):
          "does not fit in 2 bits"),
         (lambda d: fk.pack_codes(torch.tensor([255, 0], dtype=torch.uint8, device=d), 7, validate=True), ValueError,
          "does not fit in 7 bits"),
+        (lambda d: fk.pack_codes(torch.tensor([1], dtype=torch.uint8, device=d), 2, validate="no"), TypeError,
+         "validate must be True, False or None, got 'no'"),  # bool() took "no" as True
         (lambda d: fk.pack_codes(torch.tensor([1], dtype=torch.int32, device=d), 2), TypeError, "codes must be uint8"),
         (lambda d: fk.pack_codes([1, 2], 2), TypeError, "must be a torch.Tensor"),
         (lambda d: fk.pack_codes(torch.zeros(3, dtype=torch.uint8, device=d), 0), ValueError, "bits must be in 1..8"),
