@@ -100,6 +100,10 @@ def test_scale_learning_rates_follow_the_rule():
         assert by_param[id(layer.scale)] == pytest.approx(0.1 / math.sqrt(layer.numel * (2 ** layer.bits - 1)))
     scales = {id(layer.scale) for layer in layers}
     assert all(lr == 0.1 for pid, lr in by_param.items() if pid not in scales)
+    # one group per rate: layers of one size and width share one (a group is a call of SGD)
+    resnet = qn.resnet20(quantized=True, bits=4)
+    lrs = [g["lr"] for g in client.scale_param_groups(resnet, 0.1, "lsq")]
+    assert len(lrs) == len(set(lrs)) == 1 + 7
     assert [g["lr"] for g in client.scale_param_groups(model, 0.1, "sgd")] == [0.1]
     with pytest.raises(ValueError, match="scale_lr must be one of"):
         client.scale_param_groups(model, 0.1, "adam")
