@@ -283,6 +283,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                         print(f"fedmpq: results in {out}", file=sys.stderr)
                 res = simulate.run(cfg, out=out, resume=bool(args.resume), progress=not args.quiet, ready=ready)
             last = res["rounds"][-1] if res["rounds"] else None
+            if last and not any(row.get("aggregated") for row in res["rounds"]):
+                # every client failed or was left out in every round: the model is the initial one,
+                # and a run that trained nothing is not a success (the rounds' warnings say why)
+                print(f"fedmpq: no client's upload was aggregated in any of the {len(res['rounds'])} rounds: the "
+                      f"global model is untrained (the warnings above say why); results in {out}", file=sys.stderr)
+                return 1
             if last:
                 print(f"final accuracy {last['accuracy']:.4f} after {last['round']} rounds; results in {out}")
             return 0

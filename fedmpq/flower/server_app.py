@@ -201,7 +201,10 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
                                 out=opts["out"] or None, progress=False,
                                 threads=c["threads"])  # the run's; a node's own node config may differ
         last = res["rounds"][-1] if res["rounds"] else None
-        if last:
+        if last and not any(row.get("aggregated") for row in res["rounds"]):
+            log.error("no client's upload was aggregated in any of the %d rounds: the global model is untrained "
+                      "(the rounds' warnings say why)", len(res["rounds"]))
+        elif last:
             log.info("final accuracy %.4f after %d rounds%s", last["accuracy"], last["round"],
                      f"; results in {opts['out']}" if opts["out"] else "")
 

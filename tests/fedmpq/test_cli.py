@@ -587,3 +587,30 @@ def test_a_mistyped_command_is_named_not_taken_for_simulate_flags(argv, hint, ca
     err = capsys.readouterr().err
     assert err.startswith(f"fedmpq: unknown command {argv[0]!r}") and hint in err and err.count("\n") == 1
     assert "the commands are simulate, compare, flower" in err and not any(tmp_path.iterdir())
+
+
+def test_a_run_in_which_no_client_was_ever_aggregated_exits_1_with_one_line(tmp_path, monkeypatch, capsys):
+    """Every client failing in every round (a node's device missing, say) ended with "final
+    accuracy 0.10" and status 0: an untrained model reported as a result. One line and status 1
+    now; the results are written; a run where some round aggregated ends as before."""
+    from fedmpq import client as client_mod
+    real = client_mod.client_update
+
+    def broken(*a, **k):
+        raise RuntimeError("network down")
+    monkeypatch.setattr(client_mod, "client_update", broken)
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=2))) == 1
+    captured = capsys.readouterr()
+    assert "final accuracy" not in captured.out
+    assert captured.err.splitlines()[-1] == (f"fedmpq: no client's upload was aggregated in any of the 2 rounds: the "
+                                             f"global model is untrained (the warnings above say why); results in {out}")
+    assert [r["aggregated"] for r in json.loads((out / "results.json").read_text())["rounds"]] == [[], []]
+    calls = []
+
+    def first_round_only(*a, **k):
+        calls.append(1)
+        return real(*a, **k) if len(calls) <= 3 else broken()
+    monkeypatch.setattr(client_mod, "client_update", first_round_only)
+    assert cli.main(["simulate", "-q", "--out", str(tmp_path / "some")] + _args(dict(SMALL, rounds=2))) == 0
+    assert "final accuracy" in capsys.readouterr().out
