@@ -83,6 +83,9 @@ def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int,
     if (isinstance(budget, bool) or not isinstance(budget, (int, float))
             or not fk.MIN_BITS <= budget <= fk.MAX_BITS):
         raise ValueError(f"the node's budget must be in {fk.MIN_BITS}..{fk.MAX_BITS}, got {budget!r}")
+    if "cuda-graph" in node_config and "cuda_graph" in node_config:  # one of them was silently taken
+        raise ValueError(f"the node config gives cuda-graph={node_config['cuda-graph']!r} and "
+                         f"cuda_graph={node_config['cuda_graph']!r}: give one")
     own = {key.replace("-", "_"): node_config[key] for key in ("device", "threads", "cuda-graph", "cuda_graph")
            if key in node_config}
     if isinstance(own.get("threads"), str):
@@ -101,6 +104,15 @@ def _setup(context: Context, overrides: Optional[Mapping[str, Any]]):
     return c, k, budget, ds, parts[k]
 
 
+def node_info(context: Context, run_config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The ``info`` reply's record: ``{"client", "budget", "num_samples"}`` of this node. A
+    device the node cannot use raises here, at the run's start, naming it: it passed, and
+    then every train message of the run failed on it."""
+    c, k, budget, _, idx = _setup(context, run_config)
+    config_mod.resolve_device(c)
+    return {"client": k, "budget": float(budget), "num_samples": int(len(idx))}
+
+
 def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ClientApp:
     """A ClientApp for the run config's federation; ``run_config`` entries override Flower's."""
     app = ClientApp()
@@ -108,9 +120,7 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ClientApp:
     @app.query("info")
     def info(msg: Message, context: Context) -> Message:
         """Tell the server which client this node is, its budget and its number of samples."""
-        c, k, budget, _, idx = _setup(context, run_config)
-        return Message(RecordDict({"info": ConfigRecord({"client": k, "budget": float(budget),
-                                                          "num_samples": int(len(idx))})}), reply_to=msg)
+        return Message(RecordDict({"info": ConfigRecord(node_info(context, run_config))}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

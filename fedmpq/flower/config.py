@@ -1,6 +1,8 @@
 """The Flower app's configuration: Flower's run config (``[tool.flwr.app.config]``,
-``flwr run --run-config``) holds the same keys as ``fedmpq simulate``, with ``-`` or ``_``,
-plus the app's own keys below. Flower's values are scalars only, so ``budgets`` is a
+``flwr run --run-config``) holds the same keys as ``fedmpq simulate``, plus the app's own keys
+below. The app reads a key with ``-`` or ``_``; ``flwr run --run-config`` takes only the
+spelling of flower/pyproject.toml (``n-clients=3``: the SuperLink refuses a key the app's
+config does not list). Flower's values are scalars only, so ``budgets`` is a
 comma-separated string (``"2,2,4,4,4,6,6,6,8,8"``), ``alpha`` may be ``"iid"`` and an empty (or
 ``"none"``) ``data_dir`` means the dataset's default location."""
 from __future__ import annotations

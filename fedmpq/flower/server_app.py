@@ -85,8 +85,9 @@ def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -
         node_of[k], budgets[k], samples[k] = nid, b, d
     missing = sorted(set(range(n_clients)) - set(node_of))
     if missing:
-        raise RuntimeError(f"no node is client {missing[0]} (of 0..{n_clients - 1}); {len(node_of)} of "
-                           f"{n_clients} nodes identified themselves within {timeout:g} s (node-timeout)")
+        raise RuntimeError(f"no node is client {missing[0]} (of 0..{n_clients - 1}); {len(node_of)} of the "
+                           f"{len(ids)} nodes asked identified themselves as clients within node-timeout {timeout:g} s "
+                           "(a node that failed to answer is named above)")
     return node_of, budgets, samples
 
 

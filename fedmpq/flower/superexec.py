@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import traceback
 
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec import run_superexec as _run_superexec
@@ -50,6 +51,8 @@ class ForkExecutor(SubprocessExecutor):
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
+        except BaseException:  # said, not swallowed: the child exited 1 with nothing on stderr
+            traceback.print_exc()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()

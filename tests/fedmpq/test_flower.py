@@ -87,6 +87,8 @@ def test_the_apps_pyproject_holds_simulates_defaults():
     ({"partition-id": 0, "device": "gpu"}, "device must be cpu, cuda or cuda:N"),
     ({"partition-id": 0, "cuda-graph": "perhaps"}, "cuda_graph must be true or false"),
     ({"partition-id": 0, "cuda-graph": "true"}, "cuda_graph needs a CUDA device"),
+    # one of the two was taken, silently
+    ({"partition-id": 0, "cuda-graph": "false", "cuda_graph": True}, "gives cuda-graph='false' and cuda_graph=True: give one"),
 ])
 def test_a_node_config_names_its_client_and_budget(node, expect):
     """...and its own device and threads, which override the run's."""
@@ -112,6 +114,17 @@ def test_a_node_config_key_fedmpq_does_not_read_is_said_once(caplog, monkeypatch
     said = [r.getMessage() for r in caplog.records if r.name == "fedmpq"]
     assert len(said) == 1 and said[0].startswith("the node config's budjet, other-app are not read by fedmpq"), said
     assert "budget" in said[0] and "partition-id" in said[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_node_whose_device_is_missing_says_so_when_asked_who_it_is():
+    """A node config's device=cuda on a machine without one answered the server's info query,
+    then failed every train message of the run: it fails the query now, naming the device."""
+    ctx = SimpleNamespace(run_config={}, node_config={"partition-id": 0, "num-partitions": 3, "device": "cuda"})
+    with pytest.raises(config_mod.ConfigError, match="device cuda was asked for"):
+        client_app.node_info(ctx, SMALL)
+    ctx.node_config["device"] = "cpu"
+    assert client_app.node_info(ctx, SMALL)["client"] == 0
 
 
 def test_a_node_config_sets_its_own_threads():
@@ -589,3 +602,31 @@ def test_the_server_app_refuses_an_out_holding_a_run_before_waiting_for_nodes(tm
     with pytest.raises(config_mod.ConfigError, match="already holds a run"):
         app._main(Untouchable(), SimpleNamespace(run_config={}))
     assert (out / "results.json").read_text() == "{}"
+
+
+def test_the_warm_superexec_says_why_a_clientapp_failed(tmp_path):
+    """The forked ClientApp child swallowed every error but SystemExit: it exited 1 with
+    nothing on stderr, so a node's failure could not be told. The traceback is printed now."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import os\n"
+        "from types import SimpleNamespace\n"
+        "import flwr.supernode.runtime.run_clientapp as rc\n"
+        "from flwr.supercore.constant import TaskType\n"
+        "from fedmpq.flower import superexec\n"
+        "def boom(**kw):\n"
+        "    raise RuntimeError('the ClientApp failed: THE REASON')\n"
+        "rc.run_clientapp = boom\n"
+        "spec = SimpleNamespace(task_type=TaskType.CLIENT_APP, runtime_dependency_install=False, suppress_output=False,\n"
+        "                       runtime_api_address='127.0.0.1:1', token='t', insecure=True, root_certificates_path=None,\n"
+        "                       parent_pid=os.getpid())\n"
+        "superexec.ForkExecutor().launch(spec)\n"
+        "_, status = os.wait()\n"
+        "print('child exit', os.waitstatus_to_exitcode(status))\n")
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_HOME=str(tmp_path / "flwr"))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert "child exit 1" in done.stdout
+    assert "RuntimeError: the ClientApp failed: THE REASON" in done.stderr
