@@ -1,4 +1,5 @@
-"""Packing, Triton backend: pack_codes, unpack_codes, dequant_accumulate, bit for bit as
+"""Packing, Triton backend: pack_codes, unpack_codes, dequant_accumulate (and its many-layer
+form, dequant_accumulate_layers), bit for bit as
 :mod:`fedmpq_kernels.pack.reference` (the layout and the float32 order are stated there).
 
 Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton`)
@@ -24,8 +25,10 @@ Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton`)
   not specialized (the full/masked split does not need their divisibility): one compile
   per bit-width, not one per size class.
 
-Verified in the Triton interpreter (``TRITON_INTERPRET=1``, the test suite); not yet run on
-a GPU (``tools/gpu_check.sh`` does).
+Verified in the Triton interpreter (``TRITON_INTERPRET=1``, the test suite) and on an H200
+(2026-11-28 and 2026-12-04: the reference's bytes; docs/BENCHMARKS.md). The changes since
+(2026-12-06: dequant_accumulate's sign on the bit pattern, dequant_accumulate_layers) have not
+yet run on a GPU (``tools/gpu_check.sh`` runs them).
 """
 from __future__ import annotations
 
