@@ -43,6 +43,14 @@ def _flag_type(key: str, parse, what: Optional[str] = None):
     return typed
 
 
+def _seconds(text: str) -> float:
+    """A duration flag: a finite number of seconds > 0."""
+    v = float(text)
+    if not 0 < v < float("inf"):
+        raise ValueError(text)
+    return v
+
+
 def _path(text: str) -> str:
     """A file or folder flag: an empty one (``--resume "$DIR"`` with DIR unset) is refused,
     not taken for the flag left out (which would start a new default run)."""
@@ -178,6 +186,10 @@ def _parser() -> _Parser:
                     metavar="N",
                     help="CPUs Ray may use; cpus // threads clients train at once (default: the cores this "
                          "process may use)")
+    fl.add_argument("--round-timeout", type=_flag_type("round_timeout", _seconds, "seconds, a number > 0"),
+                    default=600.0, metavar="S",
+                    help="seconds a round's replies may take; a client that has not answered by then is left "
+                         "out of the round (default: 600; long rounds, ResNet-20 on a CPU, need more)")
     cmp_ = sub.add_parser("compare", help="compare the results of several runs",
                           description="Compare runs: runs that differ only in the seed form one group.")
     cmp_.add_argument("dirs", nargs="+", metavar="DIR", type=_path, help="run folders holding results.json")
@@ -264,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 flower_sim.check(cfg, args.cpus)  # a missing dataset or CUDA stops here, not in Flower
                 prepare_out(out)  # and a results folder that cannot be written
                 print(f"fedmpq: results in {out}", file=sys.stderr)
-                res = flower_sim.run(cfg, out=out, cpus=args.cpus)
+                res = flower_sim.run(cfg, out=out, cpus=args.cpus, round_timeout=args.round_timeout)
             else:
                 if args.resume:
                     saved = read_checkpoint(Path(args.resume) / "checkpoint.pt")["config"]

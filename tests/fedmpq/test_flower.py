@@ -495,6 +495,27 @@ def test_fedmpq_flower_refuses_a_bad_config_before_flower_starts(capsys, tmp_pat
                                                "use, an integer >= 1 (see fedmpq flower --help)")
 
 
+def test_fedmpq_flower_takes_a_round_timeout(capsys, tmp_path, monkeypatch):
+    """The round timeout was fixed at 600 s: ten ResNet-20 clients training one after another on
+    a CPU outlast it, and were left out of every round. --round-timeout reaches the run."""
+    from fedmpq.flower import simulation
+
+    seen = {}
+
+    def fake_run(cfg, out=None, cpus=None, round_timeout=600.0):
+        seen["round_timeout"] = round_timeout
+        return {"rounds": [{"round": 1, "accuracy": 0.5, "aggregated": [0]}]}
+    monkeypatch.setattr(simulation, "run", fake_run)
+    assert cli.main(["flower", "--round-timeout", "3600", "--out", str(tmp_path / "a")]) == 0
+    assert seen["round_timeout"] == 3600.0
+    assert cli.main(["flower", "--out", str(tmp_path / "b")]) == 0 and seen["round_timeout"] == 600.0
+    capsys.readouterr()
+    for bad in ("0", "-5", "nan", "inf", "x"):
+        assert cli.main(["flower", "--round-timeout", bad]) == 2
+        assert capsys.readouterr().err.strip() == (f"fedmpq: argument --round-timeout: {bad!r} is not allowed; "
+                                                   "round_timeout: seconds, a number > 0 (see fedmpq flower --help)")
+
+
 def test_the_transport_returns_the_asked_clients_in_order_and_sums_their_quant_seconds(monkeypatch):
     """Replies arrive in any order and a node may answer what it was not asked this round: the
     uploads and accuracies come back in client order, from the asked clients only, and the
