@@ -268,6 +268,12 @@ def read_idx(path: PathLike) -> np.ndarray:
     return np.frombuffer(data, np.uint8, count, head).reshape(dims)
 
 
+def _incomplete(folder: Path, missing: Sequence[str]) -> str:
+    """The first sentence of a missing-dataset error for a folder that holds some of the files:
+    "not found" alone sent users looking for a folder they had."""
+    return f"{folder.absolute()} holds only part of the dataset: {', '.join(missing)} missing. "
+
+
 def _find_file(folder: Path, stem: str) -> Optional[Path]:
     for name in (stem, stem + ".gz"):
         p = folder / name
@@ -283,13 +289,16 @@ def _candidates(data_dir: Optional[PathLike], default: str, subdirs: Sequence[st
 
 def _load_fashion_mnist(data_dir: Optional[PathLike]) -> Dataset:
     tried = _candidates(data_dir, FASHION_MNIST_DIR, ("fashion-mnist", "FashionMNIST/raw"))
+    partial = ""
     for folder in tried:
         files = [_find_file(folder, stem) for stem in FASHION_MNIST_FILES]
         if all(files):
             break
+        if any(files) and not partial:  # a folder with some of them: say which are missing
+            partial = _incomplete(folder, [s + "[.gz]" for s, f in zip(FASHION_MNIST_FILES, files) if f is None])
     else:
         raise MissingDatasetError(
-            "Fashion-MNIST not found: looked for "
+            partial + "Fashion-MNIST not found: looked for "
             + ", ".join(s + "[.gz]" for s in FASHION_MNIST_FILES)
             + " in " + ", ".join(str(p.absolute()) for p in tried)
             + ". Get it with `apt-get install dataset-fashion-mnist` (Debian/Ubuntu; it installs them in "
@@ -428,14 +437,18 @@ def _load_cifar(key: str, data_dir: Optional[PathLike]) -> Dataset:
     spec = _CIFAR[key]
     tried = _candidates(data_dir, CIFAR_DIR, (spec["folder"],))
     needed = spec["train"] + spec["test"]
+    partial = ""
     for folder in tried:
-        if all((folder / f).is_file() for f in needed):
+        missing = [f for f in needed if not (folder / f).is_file()]
+        if not missing:
             break
+        if len(missing) < len(needed) and not partial:  # a folder with some of them: say which are missing
+            partial = _incomplete(folder, missing)
     else:
         archives = [p / spec["archive"] for p in tried if (p / spec["archive"]).is_file()]
         hint = (f" Found {archives[0]}: extract it there (tar xzf {archives[0].name})." if archives else "")
         raise MissingDatasetError(
-            f"{spec['title']} not found: looked for {', '.join(needed)} in "
+            partial + f"{spec['title']} not found: looked for {', '.join(needed)} in "
             + ", ".join(str(p.absolute()) for p in tried) + "." + hint
             + f" Download the \"python version\" ({spec['archive']}) from {CIFAR_URL}, extract it "
             + f"(it makes {spec['folder']}/) and pass that folder or its parent as data_dir.")

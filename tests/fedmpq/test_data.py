@@ -187,6 +187,11 @@ def test_missing_fashion_mnist_names_the_paths(tmp_path):
     os.remove(tmp_path / "partial" / "t10k-labels-idx1-ubyte.gz")
     with pytest.raises(data.MissingDatasetError, match="t10k-labels-idx1-ubyte"):
         data.load("fashion-mnist", tmp_path / "partial")
+    # ...and the folder holding the other three is named with the one missing (it said only
+    # "not found: looked for" the four)
+    with pytest.raises(data.MissingDatasetError, match=r"^\S*partial holds only part of the dataset: "
+                                                          r"t10k-labels-idx1-ubyte\[\.gz\] missing\. "):
+        data.load("fashion-mnist", tmp_path / "partial")
 
 
 # ---- CIFAR
@@ -396,6 +401,17 @@ def test_missing_cifar_names_the_paths(tmp_path, name, folder, files):
     (where / archive).write_bytes(b"")
     with pytest.raises(data.MissingDatasetError, match=f"extract it there \\(tar xzf {archive}\\)"):
         data.load(name, where)
+
+
+@pytest.mark.parametrize("name, drop", [("cifar10", "data_batch_5"), ("cifar100", "test")])
+def test_a_cifar_folder_missing_one_file_names_it(tmp_path, name, drop):
+    """A folder holding all but one batch said "not found: looked for" every file, as if the
+    folder were wrong; it names the folder and the file missing now."""
+    folder = _write_cifar(tmp_path, name, "4")[0]
+    (folder / drop).unlink()
+    with pytest.raises(data.MissingDatasetError) as e:
+        data.load(name, tmp_path)
+    assert str(e.value).startswith(f"{folder.absolute()} holds only part of the dataset: {drop} missing. ")
 
 
 def test_missing_cifar_by_default_looks_in_data(tmp_path, monkeypatch):
