@@ -532,6 +532,11 @@ def partition(labels: Union[Tensor, np.ndarray, Sequence[int]], n_clients: int, 
     if isinstance(n_clients, bool) or not isinstance(n_clients, (int, np.integer)) or n_clients < 1:
         raise ValueError(f"n_clients must be an integer >= 1, got {n_clients!r}")
     n_clients = int(n_clients)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        # None drew an unseeded (unrepeatable) split, silently; a float or -1 was numpy's error
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    if isinstance(alpha, bool):  # float(True) is 1.0
+        raise ValueError(f"alpha must be a positive number or None (iid), got {alpha!r}")
     if alpha is not None:
         try:
             a = float(alpha)

@@ -582,6 +582,11 @@ def test_digits_partitions_are_the_ones_they_were(k, alpha, seed, digest):
     (dict(min_size=-1), "min_size must be an integer >= 0"),
     (dict(labels=torch.zeros(4, 5, dtype=torch.int64)), "one-dimensional"),
     (dict(labels=torch.rand(20)), "must be integers"),
+    (dict(alpha=True), "alpha must be a positive"),  # float(True) was alpha 1.0
+    (dict(seed=None), "seed must be an integer >= 0, got None"),  # an unseeded split, unrepeatable
+    (dict(seed=1.5), "seed must be an integer >= 0, got 1.5"),
+    (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+    (dict(seed=True), "seed must be an integer >= 0, got True"),
 ])
 def test_partition_rejects_bad_arguments(kwargs, match):
     args = dict(labels=_labels(10), n_clients=4, alpha=0.5, seed=0)
