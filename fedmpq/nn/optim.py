@@ -151,6 +151,50 @@ class FloatSGD:
             for p in g["params"]:
                 _zero(p, set_to_none)
 
+    def state_dict(self) -> dict:
+        """The optimizer's state, as ``torch.optim`` gives it: ``{"param_groups": [{"lr",
+        "momentum", "weight_decay", "params": [indices]}], "state": {index: {"momentum_buffer":
+        tensor}}}``, parameters by their index in the groups' order (the tensors are this
+        optimizer's own: ``torch.save`` copies them)."""
+        groups, state, i = [], {}, 0
+        for gi, g in enumerate(self.groups):
+            ids = list(range(i, i + len(g["params"])))
+            groups.append({"lr": g["lr"], "momentum": g["momentum"], "weight_decay": g["weight_decay"], "params": ids})
+            for j, p in enumerate(g["params"]):
+                buf = self.buffers.get(id(p))
+                if buf is not None:
+                    state[ids[j]] = {"momentum_buffer": buf}
+            i += len(ids)
+        return {"param_groups": groups, "state": state}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from :meth:`state_dict` of an optimizer over parameters of the same groups,
+        counts and shapes: the groups' lr, momentum and weight_decay and the momentum buffers
+        (copied, to each parameter's device and dtype). ``ValueError`` naming what does not
+        fit; nothing changes then."""
+        if not isinstance(state_dict, dict) or not {"param_groups", "state"} <= set(state_dict):
+            raise ValueError("state_dict must be a FloatSGD.state_dict() (param_groups and state)")
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.groups) or any(len(a["params"]) != len(g["params"]) for a, g in zip(saved, self.groups)):
+            raise ValueError(f"the state dict has groups of {[len(a['params']) for a in saved]} parameters, this "
+                             f"optimizer {[len(g['params']) for g in self.groups]}")
+        index = {i: p for a, g in zip(saved, self.groups) for i, p in zip(a["params"], g["params"])}
+        buffers = {}
+        for i, st in state_dict["state"].items():
+            p, buf = index.get(i), st.get("momentum_buffer") if isinstance(st, dict) else None
+            if p is None or not isinstance(buf, torch.Tensor) or buf.shape != p.shape:
+                raise ValueError(f"the state dict's parameter {i} does not fit this optimizer's "
+                                 f"({tuple(p.shape) if p is not None else 'no such parameter'})")
+            buffers[id(p)] = buf.detach().to(device=p.device, dtype=p.dtype, copy=True)
+        for i, (a, g) in enumerate(zip(saved, self.groups)):
+            try:
+                check_settings(a["lr"], a["momentum"], a["weight_decay"], "weight_decay")
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"the state dict's param group {i}: {e}") from None
+        for a, g in zip(saved, self.groups):
+            g.update(lr=float(a["lr"]), momentum=float(a["momentum"]), weight_decay=float(a["weight_decay"]))
+        self.buffers = buffers
+
     @torch.no_grad()
     def step(self) -> None:
         for g in self.groups:
@@ -343,6 +387,46 @@ class BitPlaneOptimizer:
     def state_bytes(self) -> int:
         """Bytes this optimizer keeps between steps."""
         return sum(st["mom"].numel() + 4 for st in self.state.values())
+
+    def state_dict(self) -> dict:
+        """The optimizer's state: its settings, the step count (which keys the draws), and each
+        layer's ``mom`` (uint8 (N_l, n_l)) and ``gs`` (float32 (1,)) by layer index. With the
+        model's own state dict it resumes a round mid-way: the same steps as without a stop."""
+        return {"lr": self.lr, "momentum": self.momentum, "lam": self.lam, "seed": self.seed, "steps": self.steps,
+                "skipped": self.skipped, "device_step": self.device_step,
+                "state": {l: {"mom": st["mom"], "gs": st["gs"]} for l, st in self.state.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Resume from :meth:`state_dict` of an optimizer over a model of the same layers (load
+        the model's state dict first: each ``mom`` must fit its layer's width and size now).
+        ``ValueError`` naming what does not fit; nothing changes then."""
+        keys = {"lr", "momentum", "lam", "seed", "steps", "skipped", "state"}
+        if not isinstance(state_dict, dict) or not keys <= set(state_dict):
+            raise ValueError(f"state_dict must be a BitPlaneOptimizer.state_dict() ({', '.join(sorted(keys))})")
+        check_settings(state_dict["lr"], state_dict["momentum"], state_dict["lam"])
+        for key in ("seed", "steps", "skipped"):
+            v = state_dict[key]
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or (key != "seed" and v < 0):
+                raise ValueError(f"the state dict's {key} must be an integer{' >= 0' if key != 'seed' else ''}, "
+                                 f"got {v!r}")
+        state = {}
+        for l, st in state_dict["state"].items():
+            if not (isinstance(l, int) and 0 <= l < len(self.layers)):
+                raise ValueError(f"the state dict has state for layer {l!r}; the model has {len(self.layers)}")
+            layer = self.layers[l]
+            mom, gs = (st.get("mom"), st.get("gs")) if isinstance(st, dict) else (None, None)
+            if not (isinstance(mom, torch.Tensor) and mom.dtype == torch.uint8 and mom.shape == (layer._bits, layer.numel)
+                    and isinstance(gs, torch.Tensor) and gs.dtype == torch.float32 and gs.numel() == 1):
+                raise ValueError(f"the state dict's layer {l} state does not fit the layer ({layer._bits} bits, "
+                                 f"{layer.numel} weights: mom uint8 ({layer._bits}, {layer.numel}), gs float32 (1,))")
+            dev = layer.codes.device
+            state[l] = {"mom": mom.to(dev, copy=True), "gs": gs.reshape(1).to(dev, copy=True)}
+        self.lr, self.momentum, self.lam = float(state_dict["lr"]), float(state_dict["momentum"]), float(state_dict["lam"])
+        self.seed, self.steps, self.skipped = int(state_dict["seed"]), int(state_dict["steps"]), int(state_dict["skipped"])
+        if self.device_keys:
+            step = state_dict.get("device_step")
+            self.device_step.fill_(int(step) if isinstance(step, torch.Tensor) else self.steps)
+        self.state, self._state_layout, self._weights = state, None, None
 
 
 def regularizer(model: nn.Module) -> torch.Tensor:

@@ -1382,3 +1382,55 @@ def test_load_float_state_dict_checks_the_whole_state_before_loading_a_layer():
         assert all(torch.equal(after[k], v) for k, v in before.items()) and qn.bit_assignment(qm) == [4] * 4
     qn.load_float_state_dict(qm, state, [2, 3, 5, 6])
     assert qn.bit_assignment(qm) == [2, 3, 5, 6]
+
+
+def test_both_optimizers_resume_a_round_from_their_state_dicts(tmp_path):
+    """Neither optimizer had state_dict(): a round stopped mid-way could not go on as it would
+    have. Two steps, torch.save of the model's and both optimizers' state dicts, a new model and
+    new optimizers loaded from them (weights_only), two more steps: the same codes, signs,
+    scales and float parameters, bit for bit, as four steps without a stop."""
+    from fedmpq.client import scale_param_groups
+
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(4, 1, 8, 8, generator=g) for _ in range(4)]
+    ys = [torch.randint(0, 10, (4,), generator=g) for _ in range(4)]
+
+    def make():
+        torch.manual_seed(1)
+        m = qn.small_cnn(quantized=True, bits=[2, 4, 6, 8], image_size=8)
+        return m, qn.BitPlaneOptimizer(m, lr=2.0, momentum=0.9, lam=1e-2, seed=7), \
+            qn.FloatSGD(scale_param_groups(m, 0.1), lr=0.1, momentum=0.9)
+
+    def steps(m, bit, sgd, batches):
+        for x, y in batches:
+            bit.zero_grad()
+            sgd.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            bit.step()
+            sgd.step()
+
+    whole = make()
+    steps(*whole, zip(xs, ys))
+    first = make()
+    steps(*first, list(zip(xs, ys))[:2])
+    torch.save({"model": first[0].state_dict(), "bit": first[1].state_dict(), "sgd": first[2].state_dict()},
+               tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = make()
+    resumed[0].load_state_dict(saved["model"])
+    resumed[1].load_state_dict(saved["bit"])
+    resumed[2].load_state_dict(saved["sgd"])
+    steps(*resumed, list(zip(xs, ys))[2:])
+    assert resumed[1].steps == whole[1].steps == 4
+    for (k, a), b in zip(whole[0].state_dict().items(), resumed[0].state_dict().values()):
+        assert torch.equal(a, b), k
+    # what does not fit is named, and nothing changes
+    other = qn.BitPlaneOptimizer(qn.small_cnn(quantized=True, bits=4, image_size=8), lr=2.0)
+    with pytest.raises(ValueError, match="layer 0 state does not fit the layer"):
+        other.load_state_dict(saved["bit"])
+    assert other.steps == 0 and not other.state
+    sgd = qn.FloatSGD(qn.float_parameters(resumed[0]), lr=0.1)
+    with pytest.raises(ValueError, match="groups of"):
+        sgd.load_state_dict(saved["sgd"])
+    with pytest.raises(ValueError, match="must be a BitPlaneOptimizer.state_dict"):
+        other.load_state_dict({"lr": 1.0})
