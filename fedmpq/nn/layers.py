@@ -60,6 +60,7 @@ class _BitWeight(nn.Module):
         n = math.prod(shape)
         self.weight_shape = tuple(int(s) for s in shape)
         self._bits = fk.check_bits(bits)
+        self._dtype = None  # the dtype a .half() or .to(dtype) set: the weight is made in it (None: float32)
         self.register_buffer("codes", torch.zeros(n, dtype=torch.uint8))
         self.register_buffer("sign", torch.zeros(fk.bitmap_nbytes(n), dtype=torch.uint8))
         self.scale = nn.Parameter(torch.zeros((), dtype=torch.float32))
@@ -194,10 +195,14 @@ class _BitWeight(nn.Module):
         super()._apply(fn, recurse)
         scale = self.scale
         if scale.dtype != torch.float32:  # .half(), .double(): the kernels take a float32 scale (every
-            # forward and step raised after one); the weight is cast to the input's dtype instead
+            # forward and step raised after one); the weight is made in that dtype instead, as an
+            # nn.Linear's would be (.float() takes it back)
+            self._dtype = scale.dtype
             scale.data = scale.data.float()
             if scale.grad is not None:
                 scale.grad = scale.grad.float()
+        elif fn(torch.zeros((), dtype=torch.float16)).dtype == torch.float32:  # .float(), .to(torch.float32)
+            self._dtype = None
         old = self.sink
         if old.numel() and any(s != 0 for s in old.stride()):
             # frozen or not, with its gradient (in float32, the sink's dtype)
@@ -217,6 +222,8 @@ class _BitWeight(nn.Module):
         if "bits" in state and "_bits" not in state:
             state = dict(state)
             state["_bits"] = state.pop("bits")
+        if "_dtype" not in state:  # pickled before a layer had one
+            state = dict(state, _dtype=None)
         super().__setstate__(state)
 
     def __deepcopy__(self, memo):
@@ -331,8 +338,8 @@ class BitConv2d(_BitWeight):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.quantized_weight()
-        if w.dtype is not x.dtype:  # a model in half or double (.half()): the float32 weight in x's dtype
-            w = w.to(x.dtype)
+        if self._dtype is not None:  # a model in half (.half()): the weight in its dtype
+            w = w.to(self._dtype)
         return F.conv2d(x, w, None, self.stride, self.padding)
 
     def extra_repr(self) -> str:
@@ -357,8 +364,8 @@ class BitLinear(_BitWeight):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.quantized_weight()
-        if w.dtype is not x.dtype:
-            w = w.to(x.dtype)
+        if self._dtype is not None:
+            w = w.to(self._dtype)
         return F.linear(x, w, self.bias)
 
     def extra_repr(self) -> str:
