@@ -28,6 +28,7 @@ try:
 except ImportError:  # not on Windows: no folder lock
     fcntl = None  # type: ignore[assignment]
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -110,7 +111,9 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"nothing to resume: {path} does not exist")
     try:
-        state = torch.load(path, weights_only=True)
+        with warnings.catch_warnings():  # torch's warning about a pickle it refuses: the error below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, weights_only=True)
     except Exception as e:  # truncated, random bytes, another pickle: all one answer
         kind = "truncated or corrupted" if isinstance(e, (OSError, EOFError, RuntimeError)) else "not readable"
         raise ConfigError(f"{path} is not a fedmpq checkpoint ({kind}: {type(e).__name__})") from None
@@ -123,7 +126,43 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
         rounds = None
     if not isinstance(rounds, list):  # json.loads raised mid-resume
         raise ConfigError(f"{path} is not a fedmpq checkpoint (its rounds are not a JSON list)")
+    # Each row a round's record, numbered 1..n: an edited row was a traceback mid-resume, after
+    # results.json had been written over with it; n the rounds the model has had (since
+    # 2026-12-06; older checkpoints lack it)
+    for i, row in enumerate(rounds):
+        if not (isinstance(row, dict) and row.get("round") == i + 1 and not isinstance(row.get("round"), bool)
+                and isinstance(row.get("accuracy"), (int, float)) and not isinstance(row.get("accuracy"), bool)):
+            raise ConfigError(f"{path} is not a fedmpq checkpoint (its row {i + 1} is not round {i + 1}'s record)")
+    done = state.get("round", len(rounds))
+    if isinstance(done, bool) or not isinstance(done, int) or done != len(rounds):
+        raise ConfigError(f"{path} is not a fedmpq checkpoint (its model has had {done!r} rounds, its rows "
+                          f"record {len(rounds)})")
     return state
+
+
+def same_run(state: Dict[str, Any], outdir: Path) -> None:
+    """Refuse a checkpoint that is not the one of the run whose results.json is in ``outdir``
+    (another run's, or an older one of this run, copied there): it replaced that results.json
+    with its own, silently. The checkpoint is written before results.json, so it may be one
+    round ahead; the configs may differ only in the keys a resume may change. No results.json
+    (a kill before the first round's): nothing to compare."""
+    p = outdir / "results.json"
+    try:
+        res = json.loads(p.read_text())
+        rows, cfg = res["rounds"], res["config"]
+        mine = [(r["round"], r["accuracy"]) for r in rows]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # not there or not readable: the checkpoint alone says what was run
+    theirs = [(r["round"], r["accuracy"]) for r in json.loads(state["rounds"])]
+    free = set(EXECUTION_KEYS) | {"rounds"}
+    a, b = with_defaults(state["config"]), with_defaults(cfg) if isinstance(cfg, dict) else {}
+    differ = sorted(k for k in set(a) | set(b) if k not in free and a.get(k) != b.get(k))
+    if differ or theirs[:len(mine)] != mine or len(theirs) - len(mine) not in (0, 1):
+        what = (f"its {differ[0]} is {a.get(differ[0])!r}, results.json's {b.get(differ[0])!r}" if differ else
+                f"it holds {len(theirs)} rounds, results.json {len(mine)}" if theirs[:len(mine)] == mine or
+                len(theirs) < len(mine) else "its rounds' accuracies are not results.json's")
+        raise ConfigError(f"{outdir / 'checkpoint.pt'} is not the checkpoint of the run in {p}: {what} (another "
+                          "run's, or an older one, copied there?); resuming would write over that run's results")
 
 
 def resumable(saved: Dict[str, Any], c: Dict[str, Any], done: int, where: Path) -> None:
@@ -215,8 +254,10 @@ class FolderLock:
         if outdir is None or fcntl is None:
             return
         try:
-            f = open(outdir / LOCK_NAME, "a+")
-        except OSError as e:  # e.g. a folder of that name
+            # not through a symbolic link: the run's pid was written into the file it pointed to
+            f = os.fdopen(os.open(outdir / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644),
+                          "a+")
+        except OSError as e:  # e.g. a folder of that name, or a symbolic link
             raise ConfigError(f"--out {outdir}: its lock file {LOCK_NAME} cannot be opened: {e.strerror or e}") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -224,8 +265,9 @@ class FolderLock:
             f.seek(0)
             holder = f.read().strip()
             f.close()
-            raise ConfigError(f"--out {outdir} is being written by another fedmpq run right now"
-                              f"{f' (process {holder})' if holder.isdigit() else ''}; give another --out") from None
+            raise ConfigError(f"{outdir} is being written by another fedmpq run right now"
+                              f"{f' (process {holder})' if holder.isdigit() else ''}; give another --out, or "
+                              "resume it once that run has ended") from None
         except OSError as e:  # a file system without locks (some network mounts): run unguarded
             f.close()
             log.warning("%s cannot be locked (%s): nothing stops another run from writing there too",
@@ -310,6 +352,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
             raise ConfigError("resume needs the results folder of the run to continue (out)")
         if resume:  # no checkpoint there is an error, not a fresh run over that folder's results
             state = read_checkpoint(outdir / "checkpoint.pt")
+            same_run(state, outdir)
             refuse_what_blocks_a_run_file(outdir)  # a resumed run writes the same files
             done = json.loads(state["rounds"])  # a list: read_checkpoint checked it
             resumable(state["config"], c, len(done), outdir / "checkpoint.pt")
@@ -332,7 +375,11 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
         rounds = range(start, c["rounds"] + 1)
         if state is not None and outdir is not None and not rounds:
             # Nothing left to run: the files still say what the checkpoint holds (a kill
-            # between the checkpoint and results.json of the last round left one round out).
+            # between the checkpoint and results.json of the last round left one round out),
+            # and the checkpoint the config they say (--rounds lowered to end the run sooner: a
+            # later plain --resume ran on to the old number)
+            if state["config"] != c:
+                replace_whole(outdir / "checkpoint.pt", lambda p: torch.save({**state, "config": json.loads(json.dumps(c))}, p))
             write_results(results, outdir)
         bar = _progress(rounds, progress, "rounds")
         plots = PlotPacer(results, outdir) if outdir is not None else None
@@ -365,7 +412,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
                          row["bytes_down"], row["seconds"])
                 if outdir is not None:
                     ckpt = {"config": json.loads(json.dumps(c)), "server": srv.state(),
-                            "rounds": json.dumps(results["rounds"])}
+                            "rounds": json.dumps(results["rounds"]), "round": r}
                     replace_whole(outdir / "checkpoint.pt", lambda p: torch.save(ckpt, p))  # never half a checkpoint
                     write_results(results, outdir, plots=False)
                     plots.round_done(last=r == c["rounds"])

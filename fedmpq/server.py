@@ -267,10 +267,20 @@ class Server:
             if not isinstance(t, torch.Tensor) or t.shape != ref.shape or t.dtype != ref.dtype:
                 what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name}: expected {ref.dtype} {tuple(ref.shape)}, got {what}")
-        try:
-            assignments = {int(k): [int(b) for b in v] for k, v in dict(s["assignments"]).items()}
-        except (TypeError, ValueError):
-            raise ValueError("the bit assignments are not lists of integers per client") from None
+            # the checks an upload gets: NaN stopped the next round's binarization with a
+            # traceback, inf or a negative variance left every upload out of every round
+            if t.is_floating_point() and t.numel():
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{name} holds NaN or inf")
+                if agg_mod.is_nonnegative(name) and float(t.min()) < 0:
+                    raise ValueError(f"{name} holds a negative value")
+        assignments = {}
+        for k, v in dict(s["assignments"]).items():
+            # lists of ints: "4444" was read as [4, 4, 4, 4], 4.7 as 4 and True as 1
+            if (not (isinstance(k, str) and k.isascii() and k.isdigit()) or not isinstance(v, (list, tuple))
+                    or any(isinstance(b, bool) or not isinstance(b, numbers.Integral) for b in v)):
+                raise ValueError("the bit assignments are not lists of integers per client")
+            assignments[int(k)] = [int(b) for b in v]
         if set(assignments) != set(self.assignments):
             raise ValueError(f"the bit assignments are for clients {sorted(assignments)[:5]}, this run has "
                              f"{sorted(self.assignments)[:5]}")

@@ -209,7 +209,26 @@ def test_a_checkpoint_whose_state_does_not_fit_the_run_is_refused_before_trainin
              (lambda ck: ck.__setitem__("server", {}), "lacks global_state or assignments"),
              (lambda ck: ck["server"].__setitem__("assignments", {"0": [2]}), "assignments are for clients"),
              (lambda ck: ck["server"]["assignments"].__setitem__("0", [9] * 99), "widths in 1..8"),
-             (lambda ck: ck.__setitem__("rounds", "[1, "), "rounds are not a JSON list")]
+             (lambda ck: ck.__setitem__("rounds", "[1, "), "rounds are not a JSON list"),
+             # edited rows were a traceback mid-resume after results.json was written over with them
+             (lambda ck: ck.__setitem__("rounds", "[1]"), "its row 1 is not round 1's record"),
+             (lambda ck: ck.__setitem__("rounds", json.dumps([{"round": 1}])), "row 1 is not round 1's record"),
+             (lambda ck: ck.__setitem__("rounds", json.dumps([dict(json.loads(ck["rounds"])[0], round=10)])),
+              "row 1 is not round 1's record"),
+             # rows of fewer rounds than the model has had (a row dropped): it went on silently
+             (lambda ck: ck.__setitem__("round", 2), "its model has had 2 rounds, its rows record 1"),
+             # NaN stopped the next round's binarization with a traceback; inf or a negative
+             # variance left every upload out of every round, and the run ended "successfully"
+             (lambda ck: ck["server"]["global_state"][first].view(-1).__setitem__(0, float("nan")),
+              f"{first} holds NaN or inf"),
+             (lambda ck: ck["server"]["global_state"]["bn1.running_var"].__setitem__(0, -1.0),
+              "bn1.running_var holds a negative value"),
+             # "4444" was read as [4, 4, 4, 4], 4.7 as 4 and True as 1
+             (lambda ck: ck["server"]["assignments"].__setitem__("0", "4444"), "not lists of integers"),
+             (lambda ck: ck["server"]["assignments"].__setitem__(
+                 "0", [4.7] + ck["server"]["assignments"]["0"][1:]), "not lists of integers"),
+             (lambda ck: ck["server"]["assignments"].__setitem__(
+                 "0", [True] + ck["server"]["assignments"]["0"][1:]), "not lists of integers")]
     for edit, msg in cases:
         torch.save(edited(edit), out / "checkpoint.pt")
         with pytest.raises(config.ConfigError, match=msg):
@@ -217,3 +236,54 @@ def test_a_checkpoint_whose_state_does_not_fit_the_run_is_refused_before_trainin
         assert (out / "results.json").read_bytes() == results
         torch.save(good, out / "checkpoint.pt")
     assert len(simulate.run(dict(c, rounds=2), out=str(out), resume=True, progress=False)["rounds"]) == 2
+
+
+def test_a_checkpoint_of_another_run_or_an_older_one_is_refused(tmp_path, capsys):
+    """Another run's checkpoint (seed 7), or this run's of fewer rounds, copied into a run's
+    folder: --resume took it and wrote its results over that run's results.json, exit 0. It
+    is refused now, one line, the folder's files kept; a checkpoint one round ahead of
+    results.json (a kill between the two) still resumes."""
+    from test_cli import _args
+
+    base, other, four = tmp_path / "base", tmp_path / "other", tmp_path / "four"
+    flags = _args(dict(SMALL, rounds=2))
+    assert cli.main(["simulate", "-q", "--out", str(base)] + flags) == 0
+    assert cli.main(["simulate", "-q", "--out", str(other), "--seed", "7"] + flags) == 0
+    assert cli.main(["simulate", "-q", "--out", str(four)] + _args(dict(SMALL, rounds=4))) == 0
+    capsys.readouterr()
+    for folder, ckpt, why in ((base, other / "checkpoint.pt", "its seed is 7, results.json's 0"),
+                              (four, base / "checkpoint.pt", "it holds 2 rounds, results.json 4")):
+        kept = {f: (folder / f).read_bytes() for f in ("results.json", "rounds.csv")}
+        own = (folder / "checkpoint.pt").read_bytes()
+        (folder / "checkpoint.pt").write_bytes(ckpt.read_bytes())
+        assert cli.main(["simulate", "-q", "--resume", str(folder), "--rounds", "5"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is not the checkpoint of the run in {folder / 'results.json'}: {why}" in err
+        assert all((folder / f).read_bytes() == b for f, b in kept.items())
+        (folder / "checkpoint.pt").write_bytes(own)
+    assert cli.main(["simulate", "-q", "--resume", str(base), "--rounds", "3"]) == 0
+
+
+def test_ending_a_run_sooner_is_recorded_in_its_checkpoint_and_the_lock_follows_no_link(tmp_path, capsys):
+    """--resume --rounds 1 on a run stopped after 1 of 4 rounds rewrote results.json's rounds
+    but not the checkpoint's, and a later plain --resume ran on to 4. The lock file, a
+    symbolic link, had the run's pid written into the file it pointed to."""
+    from test_cli import _args
+
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # as if a 4-round run stopped after 1
+    state["config"]["rounds"] = 4
+    torch.save(state, out / "checkpoint.pt")
+    assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "1"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["rounds"] == 1
+    assert cli.main(["simulate", "-q", "--resume", str(out)]) == 0
+    assert len(json.loads((out / "results.json").read_text())["rounds"]) == 1
+    victim = tmp_path / "precious.txt"
+    victim.write_text("precious data")
+    (out / ".fedmpq.lock").unlink()
+    (out / ".fedmpq.lock").symlink_to(victim)
+    capsys.readouterr()
+    assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "2"]) == 2
+    assert "its lock file .fedmpq.lock cannot be opened" in capsys.readouterr().err
+    assert victim.read_text() == "precious data"
