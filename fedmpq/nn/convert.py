@@ -22,8 +22,7 @@ def bit_assignment(model: nn.Module) -> List[int]:
 def _every_name(model: nn.Module) -> Dict[str, nn.Module]:
     """Every name of every bit-plane layer, a layer shared by two attributes (tied) under
     both, as ``state_dict()`` lists its entries (bit_layers names it once)."""
-    bit_layers(model)  # checks model
-    own = {id(m) for _, m in bit_layers(model)}
+    own = {id(m) for _, m in bit_layers(model)}  # (bit_layers checks model)
     return {n: m for n, m in model.named_modules(remove_duplicate=False) if id(m) in own}
 
 
