@@ -204,9 +204,10 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
         TypeError / ValueError naming the bad argument.
     """
     bits = _check_accumulate(acc, planes, signs, bits)
-    for name, v in (("scale", scale), ("weight", weight)):  # float() took "1.0"
-        if isinstance(v, (str, bytes, bool)) or not isinstance(v, (numbers.Real, Tensor)):
-            raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    if type(scale) is not float or type(weight) is not float:  # the usual call: two floats, two type tests
+        for name, v in (("scale", scale), ("weight", weight)):  # float() took "1.0"
+            if isinstance(v, (str, bytes, bool)) or not isinstance(v, (numbers.Real, Tensor)):
+                raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     scale, weight = float(scale), float(weight)
     if not (math.isfinite(scale) and scale >= 0):
         raise ValueError(f"scale must be finite and >= 0, got {scale}")
