@@ -556,16 +556,22 @@ def test_a_resumed_run_refuses_a_folder_where_it_writes_a_file(tmp_path, monkeyp
     assert len(json.loads((out / "results.json").read_text())["rounds"]) == 1
 
 
+def stopped_after_one(out, total: int) -> None:
+    """A 1-round run in ``out`` whose checkpoint says ``total`` rounds: as if a run of
+    ``total`` rounds had been stopped after its first."""
+    import torch
+
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["config"]["rounds"] = total
+    torch.save(state, out / "checkpoint.pt")
+
+
 def test_resume_may_lower_the_rounds_to_no_fewer_than_are_done(tmp_path, capsys):
     """--resume's help said flags may "raise rounds"; a stopped 3-round run resumed with
     --rounds 2 ends at 2, its config saying 2 (documented now, not refused)."""
-    import torch
-
     out = tmp_path / "run"
-    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 0
-    state = torch.load(out / "checkpoint.pt", weights_only=True)  # as if a 3-round run stopped after 1
-    state["config"]["rounds"] = 3
-    torch.save(state, out / "checkpoint.pt")
+    stopped_after_one(out, 3)
     assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "2"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["rounds"] == 2 and [r["round"] for r in res["rounds"]] == [1, 2]

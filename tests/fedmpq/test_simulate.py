@@ -268,13 +268,10 @@ def test_ending_a_run_sooner_is_recorded_in_its_checkpoint_and_the_lock_follows_
     """--resume --rounds 1 on a run stopped after 1 of 4 rounds rewrote results.json's rounds
     but not the checkpoint's, and a later plain --resume ran on to 4. The lock file, a
     symbolic link, had the run's pid written into the file it pointed to."""
-    from test_cli import _args
+    from test_cli import stopped_after_one
 
     out = tmp_path / "run"
-    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=1))) == 0
-    state = torch.load(out / "checkpoint.pt", weights_only=True)  # as if a 4-round run stopped after 1
-    state["config"]["rounds"] = 4
-    torch.save(state, out / "checkpoint.pt")
+    stopped_after_one(out, 4)
     assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "1"]) == 0
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["rounds"] == 1
     assert cli.main(["simulate", "-q", "--resume", str(out)]) == 0
