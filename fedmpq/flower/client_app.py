@@ -32,7 +32,7 @@ import fedmpq_kernels as fk
 
 from .. import client as client_mod
 from .. import config as config_mod
-from .config import from_run_config
+from .config import from_run_config, normalized
 
 log = logging.getLogger("fedmpq")
 
@@ -96,7 +96,7 @@ def node_client(node_config: Mapping[str, Any], c: Dict[str, Any]) -> Tuple[int,
 
 
 def _setup(context: Context, overrides: Optional[Mapping[str, Any]]):
-    c, _ = from_run_config({**dict(context.run_config), **dict(overrides or {})})
+    c, _ = from_run_config({**normalized(context.run_config), **normalized(overrides or {})})
     k, budget, c = node_client(context.node_config, c)
     # The data depend on every key but how the node runs (data_dir stays: it says where they come from).
     how = set(config_mod.EXECUTION_KEYS) - {"data_dir"}

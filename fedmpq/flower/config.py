@@ -31,11 +31,26 @@ def _value(key: str, v: Any) -> Any:
     return v
 
 
+def normalized(run_config: Mapping[str, Any]) -> Dict[str, Any]:
+    """One source's run config with every key spelled with ``_``; ``ConfigError`` for a key
+    given in both spellings with different values (``n-clients=3`` and ``n_clients=4``: the
+    last was taken, silently). Sources are normalized apart, then merged: a later source
+    (``fedmpq flower``'s own keys) overrides an earlier one (the app's pyproject) by name."""
+    out: Dict[str, Any] = {}
+    for k, v in dict(run_config).items():
+        key = k.replace("-", "_")
+        if key in out and out[key] != v:
+            raise ConfigError(f"the run config gives {key.replace('_', '-')} twice ({k}={v!r} and another "
+                              f"spelling ={out[key]!r}): give one")
+        out[key] = v
+    return out
+
+
 def from_run_config(run_config: Mapping[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(the federation's checked config, the app's settings) from a Flower run config.
 
     Raises :class:`fedmpq.config.ConfigError` naming the first bad or unknown key."""
-    raw = {k.replace("-", "_"): v for k, v in dict(run_config).items()}
+    raw = normalized(run_config)
     app = dict(APP_DEFAULTS)
     for k in APP_DEFAULTS:
         if k in raw:

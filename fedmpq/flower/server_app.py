@@ -27,7 +27,7 @@ import fedmpq_kernels as fk
 
 from .. import data as data_mod
 from .. import federation
-from .config import from_run_config
+from .config import from_run_config, normalized
 
 log = logging.getLogger("fedmpq")
 
@@ -189,7 +189,7 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         _log_to_stderr()
-        c, opts = from_run_config({**dict(context.run_config), **dict(run_config or {})})
+        c, opts = from_run_config({**normalized(context.run_config), **normalized(run_config or {})})
         federation.prepare_out(opts["out"] or None)  # a folder holding a run: refused before the nodes are waited for
         ds = data_mod.load(c["dataset"], c["data_dir"])  # the server's held-out test set
         ids = wait_for_nodes(grid, c["n_clients"], opts["node_timeout"])

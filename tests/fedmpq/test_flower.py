@@ -38,6 +38,14 @@ def _flower_env(tmp_path, monkeypatch):
 
 # --- configuration -------------------------------------------------------------------------
 
+def test_a_later_source_overrides_a_key_in_either_spelling():
+    """pyproject's n-clients, fedmpq flower's n_clients: the later source wins by name (each
+    source is checked for a key given twice on its own); the same value twice is no conflict."""
+    merged = {**config.normalized({"n-clients": 3, "budgets": "4"}), **config.normalized({"n_clients": 4})}
+    assert config.from_run_config(merged)[0]["n_clients"] == 4
+    assert config.from_run_config({"n-clients": 3, "n_clients": 3, "budgets": "4"})[0]["n_clients"] == 3
+
+
 def test_run_config_takes_simulate_keys_flower_style():
     c, app = config.from_run_config({"n-clients": 3, "budgets": "2, 4,8", "alpha": "iid", "data-dir": "",
                                      "round-timeout": 5, "out": "/tmp/x"})
@@ -52,6 +60,8 @@ def test_run_config_takes_simulate_keys_flower_style():
     ({"round-timeout": 0}, "round-timeout must be a number of seconds > 0"),
     ({"node-timeout": "soon"}, "node-timeout must be a number of seconds > 0"),
     ({"out": 3}, "out must be a folder path"),
+    # one of the two spellings was taken, silently
+    ({"n-clients": 3, "n_clients": 4}, r"gives n-clients twice \(n_clients=4 and another spelling =3\): give one"),
 ])
 def test_bad_run_configs_are_refused_by_name(bad, msg):
     with pytest.raises(config_mod.ConfigError, match=msg):
