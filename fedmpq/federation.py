@@ -379,7 +379,8 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
             # and the checkpoint the config they say (--rounds lowered to end the run sooner: a
             # later plain --resume ran on to the old number)
             if state["config"] != c:
-                replace_whole(outdir / "checkpoint.pt", lambda p: torch.save({**state, "config": json.loads(json.dumps(c))}, p))
+                replace_whole(outdir / "checkpoint.pt",
+                              lambda p: torch.save({**state, "config": json.loads(json.dumps(c))}, p), durable=True)
             write_results(results, outdir)
         bar = _progress(rounds, progress, "rounds")
         plots = PlotPacer(results, outdir) if outdir is not None else None
@@ -413,7 +414,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
                 if outdir is not None:
                     ckpt = {"config": json.loads(json.dumps(c)), "server": srv.state(),
                             "rounds": json.dumps(results["rounds"]), "round": r}
-                    replace_whole(outdir / "checkpoint.pt", lambda p: torch.save(ckpt, p))  # never half a checkpoint
+                    replace_whole(outdir / "checkpoint.pt", lambda p: torch.save(ckpt, p), durable=True)  # never half a checkpoint
                     write_results(results, outdir, plots=False)
                     plots.round_done(last=r == c["rounds"])
         except BaseException:

@@ -15,13 +15,30 @@ from .config import EXECUTION_KEYS, ConfigError, with_defaults
 log = logging.getLogger("fedmpq")
 
 
-def replace_whole(path: Path, write: Callable[[Path], None]) -> None:
+def replace_whole(path: Path, write: Callable[[Path], None], durable: bool = False) -> None:
     """``write(tmp)``, then ``tmp`` renamed to ``path`` (``os.replace``, atomic): a kill or an
     error mid-write leaves the last whole file, never half of one. Every file of a run's
-    folder is written this way."""
+    folder is written this way. ``durable``: the data reach the disk before the rename, and
+    the rename before the return (``fsync`` of the file and its folder), so a power loss too
+    leaves the last whole file, not an empty one (the checkpoint: the other files are made
+    again from it on ``--resume``; ~0.2 ms a round here)."""
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    if durable:
+        _fsync(tmp)
     os.replace(tmp, path)
+    if durable:
+        _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a folder some file systems do not sync (or a system without it): the rename stands
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_results(results: Dict[str, Any], outdir: Path, plots: bool = True) -> None:

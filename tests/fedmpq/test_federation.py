@@ -264,3 +264,23 @@ def test_a_lock_file_that_cannot_be_opened_is_one_clear_error(tmp_path):
     (tmp_path / federation.LOCK_NAME).mkdir()
     with pytest.raises(federation.ConfigError, match="lock file .fedmpq.lock cannot be opened"):
         federation.FolderLock(tmp_path)
+
+
+def test_a_checkpoint_reaches_the_disk_before_it_replaces_the_last(tmp_path, monkeypatch):
+    """A process kill never left half a checkpoint, but a power loss could leave an empty one
+    (renamed before its data were on disk): each round's checkpoint is synced, then renamed,
+    then its folder synced; the other files, made again from it on --resume, are not."""
+    import os as os_mod
+
+    from fedmpq import simulate
+
+    synced = []
+    real = os_mod.fsync
+
+    def fsync(fd):
+        synced.append(os_mod.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(os_mod, "fsync", fsync)
+    out = tmp_path / "run"
+    simulate.run(dict(SMALL, rounds=2), out=str(out), progress=False)
+    assert synced == [str(out / "checkpoint.pt.tmp"), str(out)] * 2
