@@ -144,6 +144,8 @@ def _stopped_line(signum: int, out: Optional[str], total: Optional[int], resumab
     if not done:
         return f"fedmpq: stopped by {name} before the first round ended"
     total = saved if total is None else total
+    if done >= total:  # the signal came after the last round was written: nothing to go on with
+        return f"fedmpq: stopped by {name} after its last round ({done} of {total}): the run is whole; results in {out}"
     line = f"fedmpq: stopped by {name} after {done} of {total} rounds; the results so far are in {out}"
     if resumable:  # the checkpoint holds the config results.json does: its rounds unless raised
         line += f"; continue with: fedmpq simulate --resume {out}" + (f" --rounds {total}" if total != saved else "")

@@ -628,3 +628,15 @@ def test_a_run_in_which_no_client_was_ever_aggregated_exits_1_with_one_line(tmp_
     monkeypatch.setattr(client_mod, "client_update", first_round_only)
     assert cli.main(["simulate", "-q", "--out", str(tmp_path / "some")] + _args(dict(SMALL, rounds=2))) == 0
     assert "final accuracy" in capsys.readouterr().out
+
+
+def test_a_signal_after_the_last_round_says_the_run_is_whole(tmp_path):
+    """Ctrl-C just after the last round was written said "stopped after 4 of 4 rounds; continue
+    with: fedmpq simulate --resume": there is nothing to continue. It says the run is whole."""
+    import signal
+
+    out = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(out)] + _args(dict(SMALL, rounds=2))) == 0
+    line = cli._stopped_line(signal.SIGINT, str(out), 2, resumable=True)
+    assert line == f"fedmpq: stopped by Ctrl-C after its last round (2 of 2): the run is whole; results in {out}"
+    assert "--resume" in cli._stopped_line(signal.SIGINT, str(out), 3, resumable=True)  # an extension stopped early
