@@ -193,7 +193,9 @@ def prepare_out(out: Optional[str], refuse_held: bool = True) -> Optional[Path]:
         refuse_a_held_folder(outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
-        probe = outdir / ".fedmpq-write-test"
+        # this process's own name: two runs started at once each probe their own (one's unlink
+        # made the other's fail as "cannot be created or written")
+        probe = outdir / f".fedmpq-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except FileExistsError:
