@@ -132,18 +132,23 @@ class FloatSGD:
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.buffers: Dict[int, torch.Tensor] = {}  # id(param) -> momentum buffer
 
+    def _params(self) -> List[torch.Tensor]:
+        """Every parameter, in the groups' order: its index there is its position in
+        :meth:`state_dict` and in a copy."""
+        return [p for g in self.groups for p in g["params"]]
+
     # A copy's parameters have new ids: a deepcopy or pickle (of the model with this optimizer)
     # carries the buffers by position in the groups and keys them by the copies' ids again.
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        where = {id(p): (i, j) for i, g in enumerate(self.groups) for j, p in enumerate(g["params"])}
+        where = {id(p): i for i, p in enumerate(self._params())}
         state["buffers"] = {where[k]: b for k, b in self.buffers.items() if k in where}
         return state
 
     def __setstate__(self, state: dict) -> None:
-        groups = state["groups"]
-        state["buffers"] = {id(groups[i]["params"][j]): b for (i, j), b in state["buffers"].items()}
         self.__dict__.update(state)
+        params = self._params()
+        self.buffers = {id(params[i]): b for i, b in state["buffers"].items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Every parameter's gradient to None (or to zeros in place), as ``torch.optim.SGD``."""
@@ -156,15 +161,13 @@ class FloatSGD:
         "momentum", "weight_decay", "params": [indices]}], "state": {index: {"momentum_buffer":
         tensor}}}``, parameters by their index in the groups' order (the tensors are this
         optimizer's own: ``torch.save`` copies them)."""
-        groups, state, i = [], {}, 0
-        for gi, g in enumerate(self.groups):
-            ids = list(range(i, i + len(g["params"])))
-            groups.append({"lr": g["lr"], "momentum": g["momentum"], "weight_decay": g["weight_decay"], "params": ids})
-            for j, p in enumerate(g["params"]):
-                buf = self.buffers.get(id(p))
-                if buf is not None:
-                    state[ids[j]] = {"momentum_buffer": buf}
-            i += len(ids)
+        groups, i = [], 0
+        for g in self.groups:
+            groups.append({"lr": g["lr"], "momentum": g["momentum"], "weight_decay": g["weight_decay"],
+                           "params": list(range(i, i + len(g["params"])))})
+            i += len(g["params"])
+        state = {i: {"momentum_buffer": self.buffers[id(p)]} for i, p in enumerate(self._params())
+                 if id(p) in self.buffers}
         return {"param_groups": groups, "state": state}
 
     def load_state_dict(self, state_dict: dict) -> None:
