@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import numbers
 import time
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -190,10 +190,9 @@ class Server:
             if t.shape != ref.shape or t.is_floating_point() != ref.is_floating_point():
                 raise wire.WireFormatError(f"{name}: expected {ref.dtype} {tuple(ref.shape)}, got {t.dtype} "
                                            f"{tuple(t.shape)}")
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise wire.WireFormatError(f"{name} holds NaN or inf")
-            if agg_mod.is_nonnegative(name) and t.numel() and float(t.min()) < 0:  # as the Aggregator
-                raise wire.WireFormatError(f"{name} holds a negative value")
+            why = _bad_values(name, t)
+            if why:
+                raise wire.WireFormatError(why)
 
     def _combine_models(self, states) -> Dict[str, torch.Tensor]:
         """The aggregation rule over float models ``[(client, state)]``, in float64."""
@@ -269,11 +268,9 @@ class Server:
                 raise ValueError(f"{name}: expected {ref.dtype} {tuple(ref.shape)}, got {what}")
             # the checks an upload gets: NaN stopped the next round's binarization with a
             # traceback, inf or a negative variance left every upload out of every round
-            if t.is_floating_point() and t.numel():
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{name} holds NaN or inf")
-                if agg_mod.is_nonnegative(name) and float(t.min()) < 0:
-                    raise ValueError(f"{name} holds a negative value")
+            why = _bad_values(name, t)
+            if why:
+                raise ValueError(why)
         assignments = {}
         for k, v in dict(s["assignments"]).items():
             # lists of ints: "4444" was read as [4, 4, 4, 4], 4.7 as 4 and True as 1
@@ -290,6 +287,18 @@ class Server:
                 raise ValueError(f"client {k}'s bit assignment {v[:8]} is not {n_layers} widths in 1..8")
         self.global_state = glob
         self.assignments = assignments
+
+
+def _bad_values(name: str, t: torch.Tensor) -> Optional[str]:
+    """Why a float model's entry cannot be aggregated or resumed (NaN or inf; a negative value
+    where there can be none, as the Aggregator refuses in an upload), or None."""
+    if not t.is_floating_point() or not t.numel():
+        return None
+    if not bool(torch.isfinite(t).all()):
+        return f"{name} holds NaN or inf"
+    if agg_mod.is_nonnegative(name) and float(t.min()) < 0:
+        return f"{name} holds a negative value"
+    return None
 
 
 def _known(clients, known: Mapping[int, object]) -> List[int]:
