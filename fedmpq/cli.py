@@ -244,7 +244,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import data as data_mod
         from . import simulate
         from .config import ConfigError, check_config
-        from .federation import prepare_out, read_checkpoint
+        from .federation import prepare_out, read_checkpoint, trained_nothing
         from .progress import log_through_bars
         from .results import bits_table, compare
 
@@ -297,7 +297,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         print(f"fedmpq: results in {out}", file=sys.stderr)
                 res = simulate.run(cfg, out=out, resume=bool(args.resume), progress=not args.quiet, ready=ready)
             last = res["rounds"][-1] if res["rounds"] else None
-            if last and not any(row.get("aggregated") for row in res["rounds"]):
+            if trained_nothing(res):
                 # every client failed or was left out in every round: the model is the initial one,
                 # and a run that trained nothing is not a success (the rounds' warnings say why)
                 print(f"fedmpq: no client's upload was aggregated in any of the {len(res['rounds'])} rounds: the "

@@ -140,6 +140,12 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     return state
 
 
+def trained_nothing(results: Dict[str, Any]) -> bool:
+    """Whether a run's rounds aggregated no upload at all (every client failed or was left out
+    in every round): its model is the initial one, not a result."""
+    return bool(results["rounds"]) and not any(row.get("aggregated") for row in results["rounds"])
+
+
 def same_run(state: Dict[str, Any], outdir: Path) -> None:
     """Refuse a checkpoint that is not the one of the run whose results.json is in ``outdir``
     (another run's, or an older one of this run, copied there): it replaced that results.json

@@ -202,7 +202,7 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
                                 out=opts["out"] or None, progress=False,
                                 threads=c["threads"])  # the run's; a node's own node config may differ
         last = res["rounds"][-1] if res["rounds"] else None
-        if last and not any(row.get("aggregated") for row in res["rounds"]):
+        if federation.trained_nothing(res):
             log.error("no client's upload was aggregated in any of the %d rounds: the global model is untrained "
                       "(the rounds' warnings say why)", len(res["rounds"]))
         elif last:
