@@ -82,25 +82,25 @@ def copies_among_shared(works, layers) -> bool:
     return False
 
 
-def refuse_aliased_state(written, read=()) -> None:
-    """ValueError naming two of ``written`` (``(name, tensor)`` pairs a kernel writes), or one
-    of them and one of ``read``, whose memory overlaps (conservatively, by span). For calls
-    where an adapter makes working copies (a strided or misaligned state tensor): the native
-    and GPU overlap checks then see the copies, and the write-back of one state tensor wrote
-    into another (codes, a strided view of mom's storage, was stepped and copied over mom)."""
-    spans = [(name, _span(t)) for name, t in (*written, *read)]
-    for i in range(len(written)):
-        a_name, a = spans[i]
-        if a is None:
-            continue
-        for b_name, b in spans[i + 1:]:
-            if b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]:
-                raise ValueError(f"{a_name} and {b_name} overlap in memory: a step writes {a_name}")
+_STEP_NAMES = ("codes", "sign", "mom", "gs", "grad", "coef")  # bitplane_step writes the first four
 
 
 def refuse_aliased_step(codes, sign, mom, gs, grad, coef) -> None:
-    """:func:`refuse_aliased_state` of bitplane_step's arguments: it writes the first four."""
-    refuse_aliased_state((("codes", codes), ("sign", sign), ("mom", mom), ("gs", gs)), (("grad", grad), ("coef", coef)))
+    """ValueError naming two of bitplane_step's state tensors, or one of them and grad or
+    coef, whose memory overlaps (conservatively, by span). For calls where an adapter makes
+    working copies (a strided or misaligned state tensor): the native and GPU overlap checks
+    then see the copies, and the write-back of one state tensor wrote into another (codes, a
+    strided view of mom's storage, was stepped and copied over mom)."""
+    spans = [_span(t) for t in (codes, sign, mom, gs, grad, coef)]
+    for i in range(4):
+        a = spans[i]
+        if a is None:
+            continue
+        for j in range(i + 1, len(spans)):
+            b = spans[j]
+            if b is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]:
+                raise ValueError(f"{_STEP_NAMES[i]} and {_STEP_NAMES[j]} overlap in memory: a step writes "
+                                 f"{_STEP_NAMES[i]}")
 
 
 def refuse_aliased_step_copies(works, tensors) -> None:
