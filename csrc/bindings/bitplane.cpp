@@ -35,17 +35,13 @@ void check_code_bits(int bits) {
 // A sign bitmap of n elements: required (when n > 0), 4-byte aligned, long enough.
 void check_sign(uintptr_t sign, int64_t nbytes, int64_t n) { check_bitmap("sign", sign, nbytes, n, n > 0); }
 
-// The step's scalar arguments, as both backends take them.
+// The step's scalar arguments, as both backends take them: checked as the kernels use them,
+// in float32 (an lr at or below 2^-150 would be 0, a momentum at or above 1 - 2^-25 exactly 1).
 void check_step_scalars(double lr, double momentum) {
   // An lr beyond float32 is the reference's float32 +inf: the kernel skips the step
-  FEDMPQ_CHECK(std::isfinite(lr) && lr > 0.0, "lr must be finite and > 0");
-  FEDMPQ_CHECK(momentum >= 0.0 && momentum < 1.0, "momentum must be in [0, 1)");
-}
-
-// The reference's float32 rounding of lr; a double at or beyond float32's largest value plus
-// half an ulp rounds to +inf (spelled out: that conversion is undefined in C++).
-float lr_f32(double lr) {
-  return lr >= 0x1.ffffffp127 ? std::numeric_limits<float>::infinity() : static_cast<float>(lr);
+  FEDMPQ_CHECK(std::isfinite(lr) && lr > 0x1p-150, "lr must be finite and > 0 (above 2^-150: float32 rounds less to 0)");
+  FEDMPQ_CHECK(momentum >= 0.0 && momentum < 1.0 - 0x1p-25,
+               "momentum must be in [0, 1) (below 1 - 2^-25: float32 rounds more to 1)");
 }
 
 // A buffer the step reads (coef; on CUDA also the scale and the key, read by every block of
@@ -246,7 +242,7 @@ void bind_bitplane(py::module_& m) {
         check_step_scalars(lr, momentum);
         FEDMPQ_CHECK(key >= 0 && key <= int64_t(0xFFFFFFFF), "key must be a uint32");
         const float s = static_cast<float>(scale);
-        const float lr32 = lr_f32(lr), mu32 = static_cast<float>(momentum);
+        const float lr32 = f32_round(lr), mu32 = static_cast<float>(momentum);
         NoGil nogil;
         return fedmpq::cpu::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
                                           ptr<const float>(grad), ptr<const float>(coef), s, n, bits, lr32, mu32,
@@ -276,7 +272,7 @@ void bind_bitplane(py::module_& m) {
           });
         }
         if (check_only) return;
-        const float lr32 = lr_f32(lr), mu32 = static_cast<float>(momentum);
+        const float lr32 = f32_round(lr), mu32 = static_cast<float>(momentum);
         NoGil nogil;
         float* o = ptr<float>(out);
         for (size_t l = 0; l < layers.size(); ++l) {
@@ -468,7 +464,7 @@ void bind_bitplane(py::module_& m) {
         if (n > 0) check_workspace(ws, ws_words, device);
         fedmpq::cuda::bitplane_step(ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
                                     ptr<const float>(grad), ptr<const float>(coef), ptr<const float>(scale), n, bits,
-                                    lr_f32(lr), static_cast<float>(momentum), static_cast<uint32_t>(key),
+                                    f32_round(lr), static_cast<float>(momentum), static_cast<uint32_t>(key),
                                     ptr<const int64_t>(key_ptr), ptr<float>(out), ptr<unsigned>(ws), device, stream);
       },
       py::arg("codes"), py::arg("n"), py::arg("sign"), py::arg("sign_nbytes"), py::arg("mom"), py::arg("mom_len"),
@@ -509,7 +505,7 @@ void bind_bitplane(py::module_& m) {
           table.push_back({ptr<uint8_t>(codes), ptr<uint32_t>(sign), ptr<uint8_t>(mom), ptr<float>(gs),
                            ptr<const float>(grad), ptr<const float>(coef), ptr<const float>(scale), n, bits,
                            static_cast<uint32_t>(key), ptr<const int64_t>(key_ptr)});
-        fedmpq::cuda::bitplane_step_layers(table.data(), L, lr_f32(lr), static_cast<float>(momentum), ptr<float>(out),
+        fedmpq::cuda::bitplane_step_layers(table.data(), L, f32_round(lr), static_cast<float>(momentum), ptr<float>(out),
                                            ptr<unsigned>(ws), device, stream);
       },
       py::arg("layers"), py::arg("lr"), py::arg("momentum"), py::arg("out"), py::arg("out_len"), py::arg("workspace"),

@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -89,6 +90,14 @@ inline void check_disjoint(const char* a_name, uintptr_t a, int64_t a_bytes, con
   if (a_bytes <= 0 || b_bytes <= 0) return;
   const uintptr_t ab = static_cast<uintptr_t>(a_bytes), bb = static_cast<uintptr_t>(b_bytes);  // < 2^60
   FEDMPQ_CHECK(a + ab <= b || b + bb <= a, std::string(a_name) + " and " + std::string(b_name) + " overlap");
+}
+
+// A double rounded to float32 as torch rounds it: to nearest, and at or beyond float32's
+// largest value plus half an ulp to +-inf (spelled out: that conversion is undefined in C++).
+inline float f32_round(double v) {
+  if (v >= 0x1.ffffffp127) return std::numeric_limits<float>::infinity();
+  if (v <= -0x1.ffffffp127) return -std::numeric_limits<float>::infinity();
+  return static_cast<float>(v);
 }
 
 // Bytes per element of a CUDA dtype code (0 float32, 1 float16, 2 bfloat16).

@@ -115,12 +115,14 @@ void bind_fake_quant(py::module_& m) {
         check_bitmap_apart("pass", pass, n, "grad_x", gx, 4);
         check_bitmap_apart("hi", hi, n, "grad_x", gx, 4);
         NoGil nogil;
-        return fedmpq::cpu::fake_quant_backward(ptr<const float>(g), ptr<float>(gx), n, ptr<const uint32_t>(pass),
-                                                ptr<const uint32_t>(hi), nthreads);
+        // The float64 sum rounded once to float32 here (a sum past float32's range is +-inf,
+        // as on every other backend, not an error in the caller's conversion).
+        return static_cast<double>(f32_round(fedmpq::cpu::fake_quant_backward(
+            ptr<const float>(g), ptr<float>(gx), n, ptr<const uint32_t>(pass), ptr<const uint32_t>(hi), nthreads)));
       },
       py::arg("grad"), py::arg("n"), py::arg("grad_x"), py::arg("gx_cap"), py::arg("pass_bits"),
       py::arg("pass_nbytes"), py::arg("hi_bits"), py::arg("hi_nbytes"), py::arg("nthreads"),
-      "Clipped-STE backward; returns the scale gradient (0 when hi_bits is null).");
+      "Clipped-STE backward; returns the scale gradient, a float32 value (0 when hi_bits is null).");
 
 #ifdef FEDMPQ_WITH_CUDA
   // ---- CUDA: float32, float16, bfloat16 (dtype codes of cuda/fake_quant.h) ----

@@ -443,15 +443,22 @@ def _step_layer(codes, sign, mom, gs, grad, coef, scale, bits, dev) -> Tuple[int
     return bits, grad, coef
 
 
+# Every backend steps with float32(lr) and float32(momentum): an lr at or below 2^-150 is 0
+# there (the step would move no code yet erase the momentum), a momentum at or above
+# 1 - 2^-25 exactly 1 (no decay). The checks hold the float32 values to the stated ranges.
+_LR_MIN = 2.0 ** -150
+_MOMENTUM_MAX = 1.0 - 2.0 ** -25
+
+
 def _step_scalars(lr, momentum) -> None:
     for name, v in (("lr", lr), ("momentum", momentum)):
         # type() first: an ABC isinstance costs about 0.3 µs
         if not (type(v) is float or (not isinstance(v, bool) and isinstance(v, numbers.Real))) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if not lr > _LR_MIN:
+        raise ValueError(f"lr must be > 0 (above 2**-150, which float32 rounds to 0), got {lr}")
+    if not 0 <= momentum < _MOMENTUM_MAX:
+        raise ValueError(f"momentum must be in [0, 1) (below 1 - 2**-25, which float32 rounds to 1), got {momentum}")
 
 
 # ---- public functions ----------------------------------------------------------------------
@@ -695,7 +702,8 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
         coef: float32 (bits,), the regularizer's coefficient per plane for a set bit
             (``lambda / T * n*N / sqrt(eps + popcount_i)``; zeros for none).
         scale: float32 one-element tensor, s.  bits: N.  lr, momentum: finite floats,
-            lr > 0, 0 <= momentum < 1.
+            lr > 0, 0 <= momentum < 1, as float32 values (the kernels' precision): lr above
+            2**-150, momentum below 1 - 2**-25.
         key: the generator's key, :func:`step_key` (seed, step, layer): an int in
             0..2^32-1, or a one-element int64 tensor on ``codes``' device (0-dim or (1,),
             any strides: e.g. ``step_keys(seed, step, layers)[l]``) whose low 32 bits are
@@ -716,7 +724,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     # momentum) with _step_layer's checks in their cheapest form, every tensor attribute read
     # once; anything else takes the general path, with the checks that name the problem.
     if (type(bits) is int and 0 < bits <= 8 and type(key) is int and 0 <= key <= 0xFFFFFFFF and type(lr) is float
-            and type(momentum) is float and 0.0 < lr < math.inf and 0.0 <= momentum < 1.0  # _step_scalars
+            and type(momentum) is float and _LR_MIN < lr < math.inf and 0.0 <= momentum < _MOMENTUM_MAX  # _step_scalars
             and type(codes) in PLAIN and type(sign) in PLAIN and type(mom) in PLAIN and type(gs) in PLAIN
             and type(grad) in PLAIN and type(coef) in PLAIN and type(scale) in PLAIN
             and codes.dtype is _U8 and sign.dtype is _U8 and mom.dtype is _U8 and gs.dtype is _F32
@@ -783,7 +791,7 @@ def bitplane_step_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: S
     # checked and stepped by the CPU backend in one pass over the layers (~40 attribute reads a
     # layer, against _step_layer's ~100 and the adapter's own); anything it does not take
     # goes on below, to the checks that name the problem.
-    if (type(lr) is float and type(momentum) is float and 0.0 < lr < math.inf and 0.0 <= momentum < 1.0
+    if (type(lr) is float and type(momentum) is float and _LR_MIN < lr < math.inf and 0.0 <= momentum < _MOMENTUM_MAX
             and type(codes) in _SEQS and type(sign) in _SEQS and type(mom) in _SEQS and type(gs) in _SEQS
             and type(grad) in _SEQS and type(coef) in _SEQS and type(scale) in _SEQS and type(bits) in _SEQS
             and type(keys) in _SEQS and (L := len(codes)) and L == len(sign) == len(mom) == len(gs) == len(grad)

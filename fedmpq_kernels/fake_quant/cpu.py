@@ -96,7 +96,7 @@ def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tupl
     )
     if g is not grad and grad.dtype is not _F32:
         gx = gx.to(grad.dtype)
-    # The kernel's dL/dS, already reduced (in float64: one rounding to float32 here).
+    # The kernel's dL/dS, reduced in float64 and rounded once to float32 by the binding.
     return gx, f32_scalar(gs)
 
 

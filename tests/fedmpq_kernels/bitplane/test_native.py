@@ -45,6 +45,8 @@ def _native_step():
         (dict(lr=float("inf")), "lr must be finite and > 0"),
         (dict(momentum=1.0), r"momentum must be in \[0, 1\)"),
         (dict(momentum=-0.1), r"momentum must be in \[0, 1\)"),
+        (dict(lr=2.0**-150), "lr must be finite and > 0"),  # float32 0
+        (dict(momentum=1 - 2.0**-25), r"momentum must be in \[0, 1\)"),  # float32 1
         (dict(n=2**32, mom_len=2**34), "2\\^32 weights"),
     ],
 )

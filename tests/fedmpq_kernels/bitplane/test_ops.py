@@ -94,6 +94,12 @@ def test_opcheck(backend):
         (lambda: fk.bitplane_step(**_step_args(lr=float("inf"))), ValueError, "lr must be a finite number"),
         (lambda: fk.bitplane_step(**_step_args(momentum=1.0)), ValueError, r"momentum must be in \[0, 1\)"),
         (lambda: fk.bitplane_step(**_step_args(momentum=-0.1)), ValueError, r"momentum must be in \[0, 1\)"),
+        # as float32 (what every backend steps with) 0 and 1: the step moved no code yet
+        # erased the momentum, or kept the momentum undecayed
+        (lambda: fk.bitplane_step(**_step_args(lr=1e-46)), ValueError, r"lr must be > 0 \(above 2\*\*-150"),
+        (lambda: fk.bitplane_step(**_step_args(lr=2.0**-150)), ValueError, "lr must be > 0"),
+        (lambda: fk.bitplane_step(**_step_args(momentum=0.99999999)), ValueError, r"momentum must be in \[0, 1\) \(below"),
+        (lambda: fk.bitplane_step(**_step_args(momentum=1 - 2.0**-25)), ValueError, r"momentum must be in \[0, 1\)"),
         (lambda: fk.bitplane_step(**_step_args(key=-1)), ValueError, "key must be a uint32"),
         (lambda: fk.bitplane_step(**_step_args(key=2**32)), ValueError, "key must be a uint32"),
         (lambda: fk.bitplane_step(**_step_args(key=1.0)), ValueError, "key must be a uint32"),
@@ -265,3 +271,17 @@ def test_step_key_takes_integers_of_any_kind_mod_2_32():
     want = fk.step_key(7, 2**32 + 5, 3)
     assert want == fk.step_key(np.int64(7), np.uint16(5), np.int8(3)) == fk.step_key(7 - 2**32, 5, 3)
     assert type(fk.step_key(np.int64(7), 5, 3)) is int
+
+
+def test_step_takes_the_float32_edges_of_lr_and_momentum():
+    """The smallest lr float32 keeps (2**-149) and the largest momentum below 1 float32 has
+    (1 - 2**-24) are accepted by the single-layer step and the layers' step, on their usual
+    (fast) paths and through the general one (a NumPy float); just beyond them is refused
+    (test_op_checks' cases)."""
+    import numpy as np
+    for lr, momentum in ((2.0**-149, 0.0), (0.1, 1 - 2.0**-24), (np.float64(2.0**-149), np.float64(1 - 2.0**-24))):
+        a = _step_args(lr=lr, momentum=momentum)
+        assert fk.bitplane_step(**a).shape == ()
+        out = fk.bitplane_step_layers([a["codes"]], [a["sign"]], [a["mom"]], [a["gs"]], [a["grad"]], [a["coef"]],
+                                      [a["scale"]], [a["bits"]], lr, momentum, [5])
+        assert out.shape == (1,)

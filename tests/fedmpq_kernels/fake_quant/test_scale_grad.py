@@ -224,3 +224,25 @@ def test_gpu_reductions_replay_from_a_cuda_graph(backend, shared):
         graph.replay()
         torch.cuda.synchronize()
         _same(got, want, f"replay {i + 1}")
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["pos", "neg"])
+def test_a_scale_gradient_past_float32s_range_is_inf_not_an_error(backend, sign):
+    """Two clipped-high elements whose finite gradients (3e38 each) sum past float32's range:
+    dL/dS is +-inf on every backend, as the reference's float32 sum gives it (the CPU binding
+    rounded its float64 sum in the caller's conversion, which raised "value cannot be
+    converted to type float without overflow"); grad_x is the zeros of two clipped elements.
+    An AMP-style loop skips a step on such a gradient: it must not stop training."""
+    x = torch.tensor([10.0, 10.0], device=backend.device)
+    g = torch.full((2,), sign * 3e38, device=backend.device)
+    mod = backend.module("fake_quant")
+    _, b = mod.fake_quant(x, 4, torch.tensor(1.0, device=backend.device), 2)
+    gx, gs = mod.fake_quant_backward(g, b, True)
+    rgs = R.fake_quant_backward(g, b, True)[1]
+    assert gs.item() == rgs.item() == sign * float("inf")
+    assert torch.equal(gx.cpu(), torch.zeros(2))
+    with backend.active():
+        xr = x.clone().requires_grad_(True)
+        sr = torch.tensor(1.0, device=backend.device, requires_grad=True)
+        fk.fake_quant(xr, 4, sr, ste="clipped").backward(g)
+    assert sr.grad.item() == sign * float("inf")
