@@ -89,12 +89,12 @@ def check_ste(ste) -> str:
 
 # The doubles float32 rounds to a finite value > 0: above 2^-150 (half the smallest subnormal;
 # the tie rounds to 0) and below FLT_MAX + half its ulp (the tie rounds to inf).
-_F32_POSITIVE_FROM = 2.0 ** -150
-_F32_INF_FROM = 3.4028235677973366e38
+F32_POSITIVE_FROM = 2.0 ** -150
+F32_INF_FROM = 3.4028235677973366e38
 
 
 def check_scale_value(value: float) -> None:
     """A given scale must be a finite number > 0 as the kernels' float32 holds it (1e39 was
     torch's RuntimeError from making the float32 tensor, 1e-50 a scale of 0)."""
-    if not _F32_POSITIVE_FROM < value < _F32_INF_FROM:  # False for NaN too
+    if not F32_POSITIVE_FROM < value < F32_INF_FROM:  # False for NaN too
         raise ValueError(f"scale must be finite and > 0 in float32, got {value}")

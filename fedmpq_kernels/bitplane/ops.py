@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import registry
-from .._checks import bitmap_nbytes, check_bits, check_same_device
+from .._checks import F32_POSITIVE_FROM, bitmap_nbytes, check_bits, check_same_device
 from .._library import (PLAIN, _dispatch_modes, _eager, _functorch_active, _is_wrapped, bump_versions, direct_apply, lib,
                         register_inplace)
 from . import reference as _ref
@@ -446,7 +446,7 @@ def _step_layer(codes, sign, mom, gs, grad, coef, scale, bits, dev) -> Tuple[int
 # Every backend steps with float32(lr) and float32(momentum): an lr at or below 2^-150 is 0
 # there (the step would move no code yet erase the momentum), a momentum at or above
 # 1 - 2^-25 exactly 1 (no decay). The checks hold the float32 values to the stated ranges.
-_LR_MIN = 2.0 ** -150
+_LR_MIN = F32_POSITIVE_FROM
 _MOMENTUM_MAX = 1.0 - 2.0 ** -25
 
 

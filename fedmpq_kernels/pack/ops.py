@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import registry
-from .._checks import MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits, check_same_device
+from .._checks import F32_INF_FROM, MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits, check_same_device
 from .._library import _eager, bump_versions, lib, register_inplace
 from ._common import check_packed, pending_check
 
@@ -195,7 +195,8 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
         planes: uint8, ``bits * 4 * ceil(n / 32)`` bytes or more, acc's device.
         signs: uint8 sign map of n elements (bit set = negative), or None (all positive).
         bits: 1..8.
-        scale: finite, >= 0.  weight: finite.
+        scale: finite, >= 0.  weight: finite. Both as float32 values, and so their
+            product ``weight * (scale / (2**bits - 1))``.
 
     Returns:
         acc.
@@ -209,14 +210,18 @@ def dequant_accumulate(acc: Tensor, planes: Tensor, signs: Optional[Tensor], bit
             if isinstance(v, (str, bytes, bool)) or not isinstance(v, (numbers.Real, Tensor)):
                 raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     scale, weight = float(scale), float(weight)
-    if not (math.isfinite(scale) and scale >= 0):
-        raise ValueError(f"scale must be finite and >= 0, got {scale}")
-    if not math.isfinite(weight):
-        raise ValueError(f"weight must be finite, got {weight}")
-    levels = (1 << bits) - 1
-    if abs(weight) * scale / levels > 3.0e38:  # before the float32 product, which would overflow
+    # Each is taken to float32 before the product (the reference's order): checked there, as
+    # a double beyond float32's range would be inf, and inf * 0 NaN, in the accumulator.
+    if not 0 <= scale < F32_INF_FROM:  # False for NaN too
+        raise ValueError(f"scale must be finite and >= 0 in float32, got {scale}")
+    if not abs(weight) < F32_INF_FROM:
+        raise ValueError(f"weight must be finite in float32, got {weight}")
+    k = np.float32(scale) / np.float32((1 << bits) - 1)
+    w = np.float32(weight)
+    # float32 * float32 is exact in a double: the float32 product is inf exactly when this is
+    if not abs(float(w) * float(k)) < F32_INF_FROM:
         raise ValueError(f"weight * scale overflows float32 ({weight} * {scale})")
-    coef = float(np.float32(weight) * (np.float32(scale) / np.float32(levels)))
+    coef = float(w * k)
     if _eager(acc):
         _dequant_accumulate_impl(acc, planes, signs, bits, coef)
         bump_versions((acc,))  # as the registered op's ADInplaceOrView kernel

@@ -181,6 +181,14 @@ def test_dequant_accumulate_takes_any_shape_of_acc(backend):
          ValueError, "weight must be finite"),
         (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 3e38, 1e10),
          ValueError, "overflows float32"),
+        # finite doubles beyond float32: inf (and inf * 0 = NaN) in the accumulator on the
+        # reference and Triton, an error about an internal "coef" on the CPU
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 1e39, 1e-5),
+         ValueError, "scale must be finite and >= 0 in float32, got 1e"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 0.0, 1e300),
+         ValueError, "weight must be finite in float32, got 1e"),
+        (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 3.4e38, 1.5),
+         ValueError, "overflows float32"),
         (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, "1.0"),
          TypeError, "scale must be a number, got str"),  # float() took it
         (lambda d: fk.dequant_accumulate(torch.zeros(4, device=d), torch.zeros(4, dtype=torch.uint8, device=d), None, 1, 1.0, True),
@@ -458,3 +466,23 @@ def test_views_and_sizes_across_program_blocks(backend, bits, kind):
             coef = float(np.float32(3.0) * (np.float32(0.37) / np.float32((1 << bits) - 1)))
             R.dequant_accumulate(want, want_planes, None if sg is None else sg.cpu(), bits, coef)
             assert torch.equal(acc.cpu().view(torch.int32), want.view(torch.int32))
+
+
+def test_accumulate_takes_every_float32_scale_and_weight(backend):
+    """At float32's edges: a 1-bit scale of 3.2e38 (its coefficient finite; refused by a
+    conservative 3.0e38 bound before), a weight of 1e-50 (float32 0: adds zeros), a scale of
+    1e-50 with a weight of 1e30 (float32 0 * 1e30 = 0, never inf * 0): every backend adds
+    the reference's float32 ``weight * (scale / L) * sigma * q``."""
+    d = backend.device
+    n = 40
+    codes = torch.arange(n, dtype=torch.uint8) % 2
+    neg = torch.arange(n) % 3 == 0
+    planes = fk.pack_codes(codes.to(d), 1)
+    signs = fk.pack_codes(neg.to(torch.uint8).to(d), 1)
+    for scale, weight, want in ((3.2e38, 1.0, 3.2e38), (1.0, 1e-50, 0.0), (1e-50, 1e30, 0.0)):
+        acc = torch.ones(n, device=d)
+        with backend.active():
+            fk.dequant_accumulate(acc, planes, signs, 1, scale, weight)
+        exp = torch.ones(n) + torch.where(neg, -1.0, 1.0) * codes.float() * torch.tensor(want, dtype=torch.float32)
+        assert torch.isfinite(acc).all(), (scale, weight)
+        assert torch.equal(acc.cpu(), exp), (scale, weight)
