@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import registry
-from .._checks import F32_POSITIVE_FROM, bitmap_nbytes, check_bits, check_same_device
+from .._checks import F32_INF_FROM, F32_POSITIVE_FROM, bitmap_nbytes, check_bits, check_same_device
 from .._library import (PLAIN, _dispatch_modes, _eager, _functorch_active, _is_wrapped, bump_versions, direct_apply, lib,
                         register_inplace)
 from . import reference as _ref
@@ -104,17 +104,33 @@ def _bitplane_step_impl(codes, sign, mom, gs, grad, coef, scale, bits, lr, momen
 # call the _impl functions directly, so these run only for a direct call of torch.ops.fedmpq.*
 # or a compiled graph, and no backend is handed a buffer shorter than the sizes it is told.
 def _binarize_op(w: Tensor, bits: int):
-    r = _binarize_impl(w, _check_binarize(w, bits))
-    _check_binarized(r[2])  # a compiled graph's call too: it runs here, on real tensors
-    return r
+    bits = _check_binarize(w, bits)
+    # a compiled graph's call too: it runs here, on real tensors
+    return _binarized(_binarize_impl(w, bits), w, bits, _binarize_impl)
 
 
-def _check_binarized(scale: Tensor) -> None:
-    """binarize's scale, max|w| in float32 with NaN propagated on every backend, is finite
-    exactly when w is, as float32: one host read (torch.isfinite(w).all() was three ops on w
-    and passed a float64 value beyond float32's range, binarized with an inf scale)."""
-    if not _isfinite(scale.item()):
+# Below this max|w|, L / max|w| may overflow float32 (at 8 bits; fewer bits, lower bounds).
+_LIFT_BELOW = 255 / F32_INF_FROM
+_LIFT = 2.0 ** 64
+
+
+def _binarized(r, w: Tensor, bits: int, run):
+    """binarize's results ``r`` of ``w``, checked, and made again where w is too small for the
+    kernels' float32 order; ``run(w, bits)`` is the backend function that made them.
+
+    The scale, max|w| in float32 with NaN propagated on every backend, is finite exactly when
+    w is, as float32: one host read (torch.isfinite(w).all() was three ops on w and passed a
+    float64 value beyond float32's range, binarized with an inf scale). Where L / max|w|
+    overflows float32 (max|w| below about 7.5e-37 at 8 bits), every nonzero weight would get
+    the top code: the codes and signs are those of w * 2^64 instead (a power of two: the same
+    quotients |w| / max|w| exactly, in float32's normal range), the scale w's own."""
+    v = r[2].item()
+    if not _isfinite(v):
         raise ValueError("w holds NaN or inf (or a value beyond float32's range): it cannot be binarized")
+    if 0.0 < v < _LIFT_BELOW and ((1 << bits) - 1) / v >= F32_INF_FROM:
+        codes, sign, _ = run(w.detach().float() * _LIFT, bits)
+        return codes, sign, r[2]
+    return r
 
 
 def _dequantize_op(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tensor) -> Tensor:
@@ -472,7 +488,10 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
     Returns:
         (codes uint8 (n,), sign bitmap uint8 (4*ceil(n/32),) with bit set = negative, scale
         float32 0-dim = max|w|), on w's device. Bit for bit
-        :meth:`fedmpq.wire.QuantizedTensor.from_float`.
+        :meth:`fedmpq.wire.QuantizedTensor.from_float`. A w whose max|w| is so small that
+        ``(2^N - 1) / max|w|`` overflows float32 (below about 7.5e-37 at 8 bits) gets the
+        codes of ``w * 2^64`` (the same ratios to max|w|), not every nonzero weight the top
+        code.
 
     Raises:
         TypeError / ValueError: w not a float tensor, bits outside 1..8, w not finite as
@@ -483,14 +502,11 @@ def binarize(w: Tensor, bits: int) -> Tuple[Tensor, Tensor, Tensor]:
         # The usual call: every backend's scale is max|w| with NaN propagated (NaN or inf
         # exactly when w holds one), so that read (free on the CPU) stands for torch.isfinite's
         # three ops; the results are fresh tensors, dropped on error.
-        r = (_CPU_FN.get("binarize") or _cpu_fn("binarize"))(w, bits)
-        _check_binarized(r[2])
-        return r
+        run = _CPU_FN.get("binarize") or _cpu_fn("binarize")
+        return _binarized(run(w, bits), w, bits, run)
     bits = _check_binarize(w, bits)
     if _eager(w):
-        r = _binarize_impl(w, bits)
-        _check_binarized(r[2])
-        return r
+        return _binarized(_binarize_impl(w, bits), w, bits, _binarize_impl)
     # the registered op checks the scale when it runs: traced here (torch.compile), a host
     # read of w's values could not be (a data-dependent branch broke fullgraph=True)
     return torch.ops.fedmpq.binarize(w, bits)

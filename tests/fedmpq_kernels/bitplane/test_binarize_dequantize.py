@@ -76,11 +76,13 @@ def test_binarize_edge_values(backend):
             rq, rs, rsc = R.binarize(w.cpu(), bits)
             assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and float(sc) == 3.0
             assert int(q[4]) == (1 << bits) - 1 and int(q[3]) == (1 << bits) - 1
-        # s so small that L / s overflows to inf: a zero weight is 0 * inf = NaN before the
-        # clamp, and its code must still be 0 (CUDA's fminf(NaN, L) gave L)
+        # s so small that L / s overflows to inf, in the backend's own function (the public
+        # one lifts such a w first: test_binarize_lifts_a_tiny_w): a zero weight is
+        # 0 * inf = NaN before the clamp, and its code must still be 0 (CUDA's fminf(NaN, L)
+        # gave L)
         tiny = torch.tensor([1e-38, 0.0, -1e-38, 5e-39, -0.0, 1e-45], device=dev)
         for bits in (1, 2, 4, 8):
-            q, s, sc = fk.binarize(tiny, bits)
+            q, s, sc = kernels(backend).binarize(tiny, bits)
             rq, rs, rsc = R.binarize(tiny.cpu(), bits)
             assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(sc.cpu(), rsc), bits
             assert int(q[1]) == 0 and int(q[4]) == 0, bits
@@ -89,6 +91,28 @@ def test_binarize_edge_values(backend):
         q, s, sc = fk.binarize(torch.zeros(40, device=dev), 3)  # s = 0: every code 0, all "negative"
         assert int(q.abs().sum()) == 0 and float(sc) == 0.0
         assert s.cpu().tolist() == [255] * 5 + [0] * 3
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_binarize_lifts_a_tiny_w(backend, bits):
+    """A w whose max|w| is so small that L / max|w| overflows float32 (here 1000 * 2^-140,
+    about 7e-40: at every width): in the kernels' order every nonzero weight got the top code,
+    a layer de-quantized to +-max|w| everywhere. The public function (and the registered op)
+    gives the codes of w * 2^64, the same ratios to max|w| in float32's normal range: so the
+    codes and signs of k * 2^-140 are exactly those of k, the scale max|w| itself."""
+    if not subnormals_kept():
+        pytest.skip("subnormals are flushed to zero here")
+    kernels(backend)
+    k = torch.randint(-1000, 1001, (37,), generator=torch.Generator().manual_seed(bits)).float()
+    k[3], k[5], k[7] = 1000.0, 0.0, -0.0
+    w = k * 2.0**-140  # exact: every k * 2^-140 is a multiple of float32's smallest subnormal
+    rq, rs, _ = R.binarize(k, bits)
+    with backend.active():
+        for q, s, sc in (fk.binarize(w.to(backend.device), bits),
+                         torch.ops.fedmpq.binarize(w.to(backend.device), bits)):
+            assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs)
+            assert float(sc) == 1000.0 * 2.0**-140
+    assert not torch.equal(R.binarize(w, bits)[0], rq)  # the kernels' own order: what the lift changes
 
 
 def test_dequantize_strided_codes_and_misaligned_sign(backend):
