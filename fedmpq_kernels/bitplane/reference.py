@@ -58,6 +58,7 @@ there, for a step captured in a CUDA graph): the same key gives the same draws e
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import List, Optional, Tuple
 
@@ -332,7 +333,9 @@ def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -
     f_i = 100 * popcount_i / n. MSB side, top plane down, while N > 1: f = 0 drops the
     plane, 0 < f < theta drops it saturating q <- min(q, 2^(N-1) - 1), f >= theta stops
     (recounted after every drop). LSB side, bottom up, while N > 1: f <= theta drops it
-    (q <- q >> 1, s <- 2s), else stop. Finally s <- (s * (2^N - 1)) / (2^N0 - 1)."""
+    (q <- q >> 1, s <- 2s), else stop. Finally s <- (s * (2^N - 1)) / (2^N0 - 1), in float32;
+    where that order overflows (s above ~1.3e36 at 8 bits) the same value in float64, rounded
+    to float32 (never above s)."""
     n = codes.numel()
     q = codes.reshape(-1).to(torch.int32)
     s = scale.reshape(()).float().clone()
@@ -352,12 +355,18 @@ def precision_reduction(codes: Tensor, scale: Tensor, bits: int, theta: float) -
             N -= 1
         else:
             break
+    k = 0  # LSB planes dropped
     while N > 1:
         if frac(0) <= theta:
             q = q >> 1
             s = s * 2
             N -= 1
+            k += 1
         else:
             break
-    s = (s * float((1 << N) - 1)) / torch.tensor(float((1 << N0) - 1), dtype=torch.float32, device=s.device)
-    return N, q.to(torch.uint8), s
+    out = (s * float((1 << N) - 1)) / torch.tensor(float((1 << N0) - 1), dtype=torch.float32, device=s.device)
+    if not math.isfinite(float(out)) and math.isfinite(s0 := float(scale)):
+        # s * 2^k * (2^N - 1) passed float32's range on the way (a scale above ~1.3e36 at 8
+        # bits), though the result is at most s (2^k (2^N - 1) <= 2^N0 - 1): in float64 then
+        out = torch.tensor(s0 * 2.0**k * ((1 << N) - 1) / ((1 << N0) - 1), dtype=torch.float32, device=s.device)
+    return N, q.to(torch.uint8), out

@@ -267,6 +267,24 @@ def test_precision_reduction_returns_codes_of_n_whatever_their_shape_and_takes_a
     assert n == n2 and torch.equal(c, c2) and float(s) == -float(s2)
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_precision_reduction_keeps_a_huge_scale_finite(sign):
+    """The float32 order s * 2^k * (2^N - 1) / (2^N0 - 1) passed float32's range for a scale
+    above ~1.3e36 at 8 bits: an inf scale from a finite state, nothing dropped or the LSB
+    dropped. The result is at most |s|: float64 then, rounded to float32; a scale the float32
+    order keeps finite keeps its bits."""
+    full = torch.tensor([255, 1, 3, 7], dtype=torch.uint8)  # every plane set somewhere: nothing dropped
+    for s in (2e36, 1e38, 3.4e38):
+        n, c, out = fk.precision_reduction(full, torch.tensor(sign * s), 8, 0.0)
+        assert n == 8 and torch.equal(c, full) and float(out) == float(torch.tensor(sign * s))
+    even = torch.tensor([14, 2, 4, 6], dtype=torch.uint8)  # the LSB plane empty: dropped, s doubled
+    n, c, out = fk.precision_reduction(even, torch.tensor(sign * 2e38), 4, 0.0)
+    assert n == 3 and c.tolist() == [7, 1, 2, 3]
+    assert float(out) == float(torch.tensor(sign * 2e38 * 2 * 7 / 15))
+    n, c, out = fk.precision_reduction(even, torch.tensor(sign * 1e30), 4, 0.0)  # finite in float32: its order
+    assert float(out) == float((torch.tensor(sign * 1e30) * 2 * 7.0) / torch.tensor(15.0))
+
+
 def test_step_key_takes_integers_of_any_kind_mod_2_32():
     want = fk.step_key(7, 2**32 + 5, 3)
     assert want == fk.step_key(np.int64(7), np.uint16(5), np.int8(3)) == fk.step_key(7 - 2**32, 5, 3)
