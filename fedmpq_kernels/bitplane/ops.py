@@ -364,6 +364,8 @@ def _count(v, name: str) -> int:
         raise TypeError(f"{name} must be an int >= 0, got {type(v).__name__}")
     if v < 0:
         raise ValueError(f"{name} must be an int >= 0, got {v}")
+    if v >= 1 << 63:  # torch's counts are int64 (10**400 was a bare OverflowError later)
+        raise ValueError(f"{name} must be below 2**63, got {v}")
     return int(v)
 
 
@@ -690,16 +692,22 @@ def group_lasso(popcounts: Tensor, n: int, bits: int) -> Tuple[Tensor, Tensor]:
     ``n*N / sqrt(eps + popcount_i)`` (float32 (bits,)), the derivative of R_l in a set bit.
 
     Args:
-        popcounts: the layer's :func:`plane_popcounts`, ``bits`` values.  n: its weights,
-            an int >= 0.  bits: N, 1..8.
+        popcounts: the layer's :func:`plane_popcounts`, an integer tensor of shape
+            ``(bits,)``.  n: its weights, an int >= 0.  bits: N, 1..8.
 
     Raises:
-        TypeError / ValueError: popcounts not a tensor of ``bits`` values, n not an int >= 0.
+        TypeError / ValueError: popcounts not a 1-D integer tensor of ``bits`` values, n
+            not an int in 0..2**63-1. The counts' values are not read (a GPU sync): a
+            negative one gives NaN.
     """
     bits = check_bits(bits)
     _tensor(popcounts, "popcounts")
-    if popcounts.numel() != bits:
-        raise ValueError(f"popcounts must hold {bits} values (one per plane), got shape {tuple(popcounts.shape)}")
+    dt = popcounts.dtype
+    if dt.is_floating_point or dt.is_complex or dt is torch.bool:  # counts: NaN or inf coefficients else
+        raise TypeError(f"popcounts must be an integer tensor (plane_popcounts' int64), got {dt}")
+    if popcounts.dim() != 1 or popcounts.shape[0] != bits:
+        raise ValueError(f"popcounts must hold {bits} values (one per plane) in one dimension, got shape "
+                         f"{tuple(popcounts.shape)}")
     return _ref.group_lasso(popcounts, _count(n, "n"), bits)
 
 

@@ -229,6 +229,19 @@ def test_group_lasso_refuses_popcounts_of_another_width_and_a_bad_n():
             fk.group_lasso(pc, n, 4)
     with pytest.raises(TypeError, match="popcounts must be a torch.Tensor"):
         fk.group_lasso([3, 1, 4, 1], 10, 4)
+    # counts only: float ones took NaN and inf (a NaN coefficient skips every later step of
+    # the layer), a bool True counted 1; a (2, 2) tensor gave (2, 2) coefficients; a huge n
+    # was a bare OverflowError
+    for bad in (torch.tensor([3.0, float("nan")]), torch.tensor([3.0, 1.0]), torch.tensor([1 + 0j, 2 + 0j]),
+                torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="popcounts must be an integer tensor"):
+            fk.group_lasso(bad, 10, 2)
+    with pytest.raises(ValueError, match=r"popcounts must hold 4 values \(one per plane\) in one dimension"):
+        fk.group_lasso(pc.reshape(2, 2), 10, 4)
+    with pytest.raises(ValueError, match="n must be below 2\\*\\*63"):
+        fk.group_lasso(pc, 10**400, 4)
+    for dt in (torch.int32, torch.uint8, torch.int16):  # any integer dtype: the same result
+        assert torch.equal(fk.group_lasso(pc.to(dt), 10, 4)[1], c)
 
 
 def test_binarize_compiles_with_fullgraph_and_its_op_still_refuses_nan():
