@@ -133,13 +133,15 @@ void bind_fake_quant(py::module_& m) {
     FEDMPQ_CHECK(ws != 0 && ws % 4 == 0, "reduction workspace pointer is null or not 4-byte aligned");
     FEDMPQ_CHECK(ws_words >= fedmpq::cuda::workspace_words(device), "reduction workspace is too small");
   };
-  // A forward's input x and output y (n elements of the dtype each, y_cap for y: the same
-  // buffer or disjoint), its bits and its scale pointer (4-byte aligned, not null).
+  // A forward's input x and output y (n elements of the dtype each, y_cap for y: disjoint),
+  // its bits and its scale pointer (4-byte aligned, not null). Not in place, unlike on the
+  // CPU: the kernels read x through the read-only data cache (__ldg, ld.global.nc), which
+  // PTX allows only for memory no thread writes during the kernel.
   auto check_forward = [](uintptr_t x, uintptr_t y, int dtype, int64_t n, int64_t y_cap, int bits, uintptr_t scale) {
     const int64_t es = dtype_size(dtype);
     check_elems("x", x, n, n, es);
     check_elems("y", y, n, y_cap, es);
-    check_no_partial_overlap("x", x, "y", y, n, es);
+    check_disjoint("x", x, n * es, "y", y, n * es);
     check_bits(bits);
     FEDMPQ_CHECK(scale != 0 && scale % 4 == 0, "scale pointer is null or not 4-byte aligned");
   };
@@ -199,7 +201,7 @@ void bind_fake_quant(py::module_& m) {
         const int64_t es = dtype_size(dtype);
         check_elems("grad", g, n, n, es);
         check_elems("grad_x", gx, n, gx_cap, es);
-        check_no_partial_overlap("grad", g, "grad_x", gx, n, es);
+        check_disjoint("grad", g, n * es, "grad_x", gx, n * es);  // not in place: as check_forward
         check_bitmap("pass", pass, pass_nbytes, n, n > 0);
         check_bitmap("hi", hi, hi_nbytes, n, false);
         check_bitmap_apart("pass", pass, n, "grad_x", gx, es);

@@ -247,8 +247,8 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
 // y = fake-quant(x); pass/hi bitmaps when non-null (warp-uniform branches).
 // kRelu6: y = fake-quant(relu6(x)) and `pass` gets ReLU6's mask 0 < x < 6 (see relu6); `hi`
 // is not written (its code is not compiled in).
-// y must be 16-byte aligned unless kPath is kScalar; x as load_elems takes it. y may be x
-// itself (in place) on the kVector and kScalar paths, as in fq_bwd_kernel.
+// y must be 16-byte aligned unless kPath is kScalar; x as load_elems takes it. y and x are
+// disjoint (x is read through __ldg: see fake_quant.h).
 template <class E, Path kPath, bool kRelu6>
 __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     fq_fwd_kernel(const typename E::Raw* x, typename E::Raw* y, int64_t n,
@@ -318,10 +318,8 @@ __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
 // the sum over clipped elements of (hi ? g : -g), in float32: each block sums its elements
 // (in a fixed order), and finish_in_last_block adds the blocks' sums (ws: the workspace) in
 // the same launch. Without hi, a non-null grad_scale gets 0 from block 0.
-// gx must be 16-byte aligned unless kPath is kScalar; g as load_elems takes it. gx may be
-// g itself only on the kVector and kScalar paths (each element is read before it is
-// written, by the same thread); kShifted reads a neighbour's elements, and never sees
-// g == gx because gx is aligned and g is not.
+// gx must be 16-byte aligned unless kPath is kScalar; g as load_elems takes it. gx and g
+// are disjoint (g is read through __ldg: see fake_quant.h).
 template <class E, Path kPath>
 __global__ void __launch_bounds__(kBlock, kBlocksPerSm)
     fq_bwd_kernel(const typename E::Raw* g, typename E::Raw* gx, int64_t n, const uint32_t* __restrict__ pass,

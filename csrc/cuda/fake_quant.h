@@ -5,8 +5,10 @@
 // (the adapter launches under torch.cuda.device(...)): a launcher never switches devices,
 // which would change torch's current device too, and throws std::invalid_argument when
 // it is not. Inputs may start at any element offset (a slice x[k:]); outputs y/gx are
-// fastest 16-byte aligned (fresh torch allocations are). An output may be its input (in
-// place) but must not overlap it otherwise.
+// fastest 16-byte aligned (fresh torch allocations are). An output must not overlap its
+// input, not even as the same buffer: the kernels read inputs through the read-only data
+// cache (__ldg), which PTX allows only for memory no thread writes during the kernel (the
+// bindings refuse it; the CPU kernels do run in place).
 #pragma once
 #include <cstdint>
 
