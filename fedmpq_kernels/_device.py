@@ -53,7 +53,10 @@ def workspace(device: torch.device, stream: int, words: int) -> Tensor:
     such kernel resets its ticket, word 0, and writes a slot before it reads it, so the slots'
     stale values are never read). One per (device, stream), kept between calls: launches
     on one stream run in order, so they can share it, and no zero fill is launched per call.
-    Under CUDA-graph capture, one made in the capture: per call (its zero fill is captured
+    Keyed by the raw stream handle: torch's own streams are pooled and never destroyed; a
+    stream the user destroys (a ``torch.cuda.ExternalStream`` over a freed handle) while its
+    kernels still run could pass its workspace to a new stream given the same handle, so
+    synchronize such a stream before freeing it. Under CUDA-graph capture, one made in the capture: per call (its zero fill is captured
     with the kernels), or, inside :func:`capture_workspace`, one for the whole capture. So a
     graph never shares a workspace with eager work, which may run on another stream while
     the graph replays. Call it under :func:`on_device` (the capture check looks at the
