@@ -128,14 +128,25 @@ class _Unrunnable:
 
 
 @pytest.fixture(params=_cases())
-def backend(request) -> Backend:
+def backend(request):
+    """The case's Backend. A CPU case's instruction set is forced for the whole test, not
+    only inside ``active()``: a test that calls ``backend.module(...)``'s functions directly
+    ran the cpu-portable case on AVX2 (whatever was current) and could not fail there."""
     b = request.param
     if isinstance(b, _Unrunnable):
         pytest.fail(f"FEDMPQ_TEST_BACKENDS asks for {b.case}, which cannot run here: {b.why}")
     ok, why = registry.available(b.name)
     if not ok:
         pytest.fail(f"backend {b.name} should run here but is unavailable: {why}")
-    return b
+    if not b.isa:
+        yield b
+        return
+    prev = native.cpu_isa()
+    native.set_cpu_isa(b.isa)
+    try:
+        yield b
+    finally:
+        native.set_cpu_isa(prev)
 
 
 @pytest.fixture(scope="session")

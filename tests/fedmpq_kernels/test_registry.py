@@ -284,3 +284,14 @@ def test_the_bitplane_fast_paths_caches_follow_every_backend_change(monkeypatch)
     del ran[:]
     calls()
     assert ran == []
+
+
+def test_the_backend_case_pins_its_isa_for_the_whole_test(backend):
+    """A CPU case's kernels run on its own instruction set outside ``backend.active()`` too
+    (a direct call of ``backend.module(...)``'s functions ran cpu-portable on AVX2)."""
+    if backend.isa is None:
+        pytest.skip("no instruction set of its own")
+    assert native.cpu_isa() == backend.isa
+    with backend.active():
+        assert native.cpu_isa() == backend.isa
+    assert native.cpu_isa() == backend.isa

@@ -274,7 +274,10 @@ def test_precision_reduction_returns_codes_of_n_whatever_their_shape_and_takes_a
     assert fk.precision_reduction(torch.zeros(0, 3, dtype=torch.uint8), torch.tensor(1.0), 4, 5.0)[1].shape == (0,)
     codes = torch.tensor([[1, 3], [2, 0]], dtype=torch.uint8)
     got = fk.precision_reduction(codes, torch.tensor(1.0), 4, 5.0)
-    assert got[1].shape == (4,) and torch.equal(got[1], R.precision_reduction(codes.reshape(-1), torch.tensor(1.0), 4, 5.0)[1])
+    # by hand: planes 3 and 2 are empty (dropped), plane 1 holds 2 of 4 codes (50 % >= 5 %:
+    # kept), plane 0 too; the codes stay, the scale becomes 1 * 3 / 15
+    assert got[0] == 2 and got[1].tolist() == [1, 3, 2, 0]
+    assert float(got[2]) == float(torch.tensor(3.0) / torch.tensor(15.0))
     n, c, s = fk.precision_reduction(codes, torch.tensor(-2.0), 4, 5.0)
     n2, c2, s2 = fk.precision_reduction(codes, torch.tensor(2.0), 4, 5.0)
     assert n == n2 and torch.equal(c, c2) and float(s) == -float(s2)

@@ -30,7 +30,8 @@ def _replay(backend, n, bits, lr, momentum, steps=STEPS):
         for t, (grad, coef, key, want, want_gs) in enumerate(traj):
             pc = fk.plane_popcounts(codes, bits)
             c = fk.group_lasso(pc, n, bits)[1].cpu() * 1e-4
-            assert torch.equal(c, coef), f"step {t}: the group-lasso coefficients differ"
+            # group_lasso is the reference's own (pure torch): this checks the popcounts
+            assert torch.equal(c, coef), f"step {t}: the plane popcounts' group-lasso coefficients differ"
             got_gs = fk.bitplane_step(codes, sign, mom, gs, grad.to(dev), coef.to(dev), scale, bits, lr, momentum, key)
             assert got_gs.dtype == torch.float32 and got_gs.shape == ()
             assert torch.equal(bits_of(got_gs), bits_of(want_gs)), f"step {t}: g_s {float(got_gs)} != {float(want_gs)}"
@@ -492,3 +493,32 @@ def test_a_strided_state_of_its_own_storage_steps_as_the_contiguous_one(backend)
     with backend.active():
         assert torch.equal(fk.bitplane_step(*state, *rest), fk.bitplane_step(*twin, *rest))
     assert all(torch.equal(a, b) for a, b in zip(state, twin))
+
+
+@pytest.mark.parametrize("bits", [1, 5, 8])
+def test_bfloat16_gradients_into_the_backends_step_and_scale_gradient(backend, bits):
+    """A bfloat16 G (an autocast model's) into each backend's own dequantize_backward and
+    bitplane_step, and the registered op: the reference's results on G in float32 (bfloat16
+    widens exactly), bit for bit for the step, to float rounding for dL/ds. No test gave
+    either a bfloat16 gradient before (float16 and float64 only; the Triton interpreter's
+    adapter widens it first, a GPU's Triton kernel loads it)."""
+    n = 1000
+    dev = backend.device
+    q, s, sc = layer(n, bits)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(3)).bfloat16()
+    mod = backend.module("bitplane")
+    want = R.dequantize_backward(g.float(), q, s, bits)
+    with backend.active():
+        got = mod.dequantize_backward(g.to(dev), q.to(dev), s.to(dev), bits)
+        got_op = torch.ops.fedmpq.dequantize_backward(g.to(dev), q.to(dev), s.to(dev), bits)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got_op.cpu(), want, rtol=1e-6, atol=0)
+    (codes, sign, mom, gs), scale = fresh_state(n, bits, dev)
+    ref = [t.clone().cpu() for t in (codes, sign, mom, gs)]
+    coef = torch.full((bits,), 1e-3)
+    gg = (g.float() * 0.1).bfloat16()
+    want_gs = R.bitplane_step(*ref, gg.float(), coef, scale.cpu(), bits, 0.7, 0.9, 5)
+    with backend.active():
+        got_gs = mod.bitplane_step(codes, sign, mom, gs, gg.to(dev), coef.to(dev), scale, bits, 0.7, 0.9, 5)
+    assert torch.equal(bits_of(got_gs), bits_of(want_gs))
+    assert_state_equal((codes, sign, mom, gs), ref, "bfloat16 grad")

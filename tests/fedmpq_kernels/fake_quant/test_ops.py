@@ -336,8 +336,9 @@ def test_the_scale_gradient_is_float32_under_another_default_dtype(backend):
         _, gs = mod.fake_quant_backward(torch.tensor([1.0, 10.0, 100.0], dtype=torch.float32, device=backend.device),
                                         b, True)
         sp = torch.tensor(2.0, dtype=torch.float32, device=backend.device, requires_grad=True)
-        fk.fake_quant(x, 4, sp, ste="clipped").backward(torch.tensor([1.0, 10.0, 100.0], dtype=torch.float32,
-                                                                       device=backend.device))
+        with backend.active():  # the public path on this backend, not the device's default one
+            fk.fake_quant(x, 4, sp, ste="clipped").backward(torch.tensor([1.0, 10.0, 100.0], dtype=torch.float32,
+                                                                           device=backend.device))
     finally:
         torch.set_default_dtype(prev)
     assert gs.dtype == torch.float32 and gs.shape == () and gs.item() == 1.0 - 10.0

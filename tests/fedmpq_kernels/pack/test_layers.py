@@ -76,6 +76,28 @@ def test_small_layers_equal_the_reference_on_every_backend(backend):
     assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32))
 
 
+@pytest.mark.parametrize("big", [False, True], ids=["small", "multi-chunk"])
+def test_every_width_against_the_reference(backend, big):
+    """Every width 1..8 in one table (6 and 7 were in none), small rows and rows past 64K
+    elements (the CPU splits those into chunks at every width, not only 2), against the
+    reference bit for bit; and an empty table leaves acc as it was."""
+    sizes = [(1 << 16) + 70 + 33 * b if big else 33 * b + 7 for b in range(1, 9)]
+    backend.skip_if_too_big(max(sizes))
+    bits = list(range(1, 9))
+    dev = backend.device
+    payload, table, acc_n, _, _ = make_payload(sizes, bits, dev, seed=int(big))
+    coefs = fk.layer_coefs([0.1 * b for b in bits], bits, 3.0)
+    acc0 = torch.randn(acc_n, generator=torch.Generator().manual_seed(1))
+    want = acc0.clone()
+    P.dequant_accumulate_layers(want, payload.cpu(), table, coefs)
+    with backend.active():
+        got = fk.dequant_accumulate_layers(acc0.clone().to(dev), payload, table, coefs)
+        empty = fk.dequant_accumulate_layers(acc0.clone().to(dev), payload, torch.zeros(0, 4, dtype=torch.int64),
+                                             torch.zeros(0))
+    assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32))
+    assert torch.equal(empty.cpu().view(torch.int32), acc0.view(torch.int32))
+
+
 def test_layer_coefs_are_the_float32_products():
     c = fk.layer_coefs([0.3, 2.0], [4, 1], 7.0)
     assert c.dtype == torch.float32

@@ -486,3 +486,31 @@ def test_accumulate_takes_every_float32_scale_and_weight(backend):
         exp = torch.ones(n) + torch.where(neg, -1.0, 1.0) * codes.float() * torch.tensor(want, dtype=torch.float32)
         assert torch.isfinite(acc).all(), (scale, weight)
         assert torch.equal(acc.cpu(), exp), (scale, weight)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("n", [1, 33, 1023])
+def test_accumulate_from_planes_and_signs_at_odd_byte_offsets_or_strided(backend, bits, n):
+    """Planes and signs sliced out of a payload at odd byte offsets (the copy the backends
+    make of unaligned bytes), and strided planes, every width: the reference's sums, bit for
+    bit (only unpack_codes and the CUDA adapter took such planes before)."""
+    g = torch.Generator().manual_seed(n * 9 + bits)
+    codes = torch.randint(0, 1 << bits, (n,), generator=g, dtype=torch.int32).to(torch.uint8)
+    neg = torch.randint(0, 2, (n,), generator=g, dtype=torch.int32).to(torch.uint8)
+    planes, signs = R.pack_codes(codes, bits), R.pack_codes(neg, 1)
+
+    def at_offset(t, k):
+        raw = torch.zeros(t.numel() + k, dtype=torch.uint8)
+        raw[k:] = t
+        return raw[k:].to(backend.device)
+
+    acc0 = torch.randn(n, generator=g)
+    want = acc0.clone()
+    R.dequant_accumulate(want, planes, signs, bits, float(np.float32(2.0) * (np.float32(0.3) / np.float32((1 << bits) - 1))))
+    cases = [(at_offset(planes, k), at_offset(signs, (k + 2) % 4 or 3)) for k in (1, 2, 3)]
+    cases.append((torch.stack([planes, planes], 1)[:, 0].to(backend.device), signs.to(backend.device)))
+    for p, sg in cases:
+        acc = acc0.clone().to(backend.device)
+        with backend.active():
+            fk.dequant_accumulate(acc, p, sg, bits, 0.3, 2.0)
+        assert torch.equal(acc.cpu().view(torch.int32), want.view(torch.int32)), (p.storage_offset(), p.stride())
