@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "bindings/common.h"
 #include "cpu/pack.h"
@@ -115,12 +116,16 @@ void bind_pack(py::module_& m) {
                 "table holds " + std::to_string(table_nbytes) + " bytes, fewer than " + std::to_string(nrows) + " rows");
         FEDMPQ_CHECK(nrows == 0 || (coefs != 0 && coefs % 4 == 0), "coefs: null or not 4-byte aligned");
         FEDMPQ_CHECK(coefs_len >= nrows, "coefs holds " + std::to_string(coefs_len) + " values, fewer than the rows");
-        // acc is written while the kernel reads the others (the table's rows again, after these checks)
+        // acc is written while the kernel reads the payload
         check_disjoint("acc", acc, 4 * acc_n, "payload", payload, payload_nbytes);
         check_disjoint("acc", acc, 4 * acc_n, "table", table, int64_t(sizeof(fedmpq::cpu::LayerRow)) * nrows);
         check_disjoint("acc", acc, 4 * acc_n, "coefs", coefs, 4 * nrows);
-        const auto* rows = ptr<const fedmpq::cpu::LayerRow>(table);
-        const auto* cf = ptr<const float>(coefs);
+        // The rows and coefs are copied, then checked, and the kernel is handed the checked
+        // copies: it runs without the GIL, so another thread could rewrite the caller's table
+        // between a check of it and a second read (a row's offsets, written through: SIGSEGV).
+        const auto* table_rows = ptr<const fedmpq::cpu::LayerRow>(table);
+        const std::vector<fedmpq::cpu::LayerRow> rows(table_rows, table_rows + nrows);
+        const std::vector<float> cf(ptr<const float>(coefs), ptr<const float>(coefs) + nrows);
         int64_t prev_end = 0;
         for (int64_t r = 0; r < nrows; ++r) {  // every row, before any kernel runs
           const auto& L = rows[r];
@@ -138,8 +143,8 @@ void bind_pack(py::module_& m) {
           FEDMPQ_CHECK(cf[r] == cf[r] && cf[r] - cf[r] == 0.0f, at() + "coef must be finite");
         }
         NoGil nogil;
-        fedmpq::cpu::dequant_accumulate_layers(ptr<float>(acc), ptr<const uint8_t>(payload), rows, nrows, cf,
-                                               nthreads);
+        fedmpq::cpu::dequant_accumulate_layers(ptr<float>(acc), ptr<const uint8_t>(payload), rows.data(), nrows,
+                                               cf.data(), nthreads);
       },
       py::arg("acc"), py::arg("acc_n"), py::arg("payload"), py::arg("payload_nbytes"), py::arg("table"),
       py::arg("nrows"), py::arg("table_nbytes"), py::arg("coefs"), py::arg("coefs_len"), py::arg("nthreads"),

@@ -113,7 +113,7 @@ def dequant_accumulate_rows(single, acc: Tensor, payload: Tensor, table: Tensor,
     loop is written again here, not shared with reference.py, which stays the oracle."""
     from .ops import check_layer_table  # the op's rules (ops imports this module)
 
-    t, c = table.numpy(), coefs.numpy()
+    t, c = table.numpy().copy(), coefs.numpy().copy()  # copies: checked is what is used, whatever other threads write
     check_layer_table(t, c, acc.numel(), payload.numel())
     flat = acc.view(-1)
     for (acc_off, n, bits, data_off), coef in zip(t.tolist(), c.tolist()):

@@ -317,3 +317,45 @@ def test_layer_coefs_refuses_widths_outside_1_to_8(bits):
     with pytest.raises(ValueError, match="^bits must be integers in 1..8, one per scale or one for all"):
         fk.layer_coefs([0.5, 1.0], bits)
     assert fk.layer_coefs([0.5, 1.0], 3).tolist() == fk.layer_coefs([0.5, 1.0], [3, 3]).tolist()
+
+
+_REWRITTEN_TABLE = r'''
+import threading, torch, fedmpq_kernels as fk
+torch.set_num_threads(2)
+L, n, bits = 64, 1 << 12, 4
+codes = torch.randint(0, 16, (n,), dtype=torch.uint8)
+_, sign, _ = fk.binarize(torch.randn(n), bits)
+blob = torch.cat([fk.pack_codes(codes, bits), sign])
+payload = blob.repeat(L)
+table = torch.tensor([(l * n, n, bits, l * blob.numel()) for l in range(L)], dtype=torch.int64)
+acc = torch.zeros(L * n)
+good = int(table[L - 1, 0])
+stop = threading.Event()
+def rewrite():
+    while not stop.is_set():
+        table[L - 1, 0] = 1 << 40  # the last row's accumulator offset, far outside acc
+        table[L - 1, 0] = good
+t = threading.Thread(target=rewrite, daemon=True)
+t.start()
+outcomes = {"ok": 0, "refused": 0}
+for _ in range(2000):
+    try:
+        fk.dequant_accumulate_layers(acc, payload, table, torch.full((L,), 0.01))
+        outcomes["ok"] += 1
+    except ValueError:
+        outcomes["refused"] += 1
+stop.set()
+print(outcomes)
+'''
+
+
+def test_a_table_rewritten_by_another_thread_during_the_call_is_refused_or_used_whole():
+    """The CPU binding checked the table's rows, released the GIL, and its kernel read the
+    caller's rows again: a row another thread rewrote in between (an offset far outside acc)
+    was written through (SIGSEGV in every run). It checks and uses a copy: each
+    call is refused (the bad row seen) or runs on the rows it checked. In a child process,
+    so that a crash fails this test instead of ending the run."""
+    r = subprocess.run([sys.executable, "-c", _REWRITTEN_TABLE], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "'ok'" in r.stdout and "'refused'" in r.stdout, r.stdout
