@@ -3,6 +3,7 @@ pack_codes' range check on a device: the per-device status words the kernels OR 
 read only at a sync point the caller chooses (:func:`check_packed`)."""
 from __future__ import annotations
 
+import threading
 from typing import Dict, Optional, Union
 
 import torch
@@ -23,25 +24,55 @@ def check_seen(seen: int, bits: int) -> None:
 # One int32 word per bit-width b = 1..8 (word b - 1) per device: every GPU (and Triton
 # interpreter) pack_codes call ORs its codes into the word of its bit-width, with atomics, so
 # the call reads nothing back and never synchronizes. A word with a bit at or above b means
-# some code did not fit since the last check.
+# some code did not fit since the last check. Device-wide: every thread's calls count.
 _STATUS: Dict[torch.device, Tensor] = {}
+_STATUS_LOCK = threading.Lock()  # two threads' first calls on a device make one set of words
+# A call that checks its codes itself (pack_codes' validate) gets words of its own, made when
+# its backend asks for them (a native CPU call never does): another thread's codes, or its
+# check, then neither raise in it nor clear its record.
+_CALL = threading.local()
 
 
 def status_words(device: torch.device) -> Tensor:
-    """The status words of ``device`` (int32 (8,), zero-filled at the first call there)."""
+    """The status words of ``device`` (int32 (8,), zero-filled at the first call there), or,
+    inside a checking call (:func:`own_words_begin`), that call's own."""
+    if getattr(_CALL, "checking", False):
+        own = _CALL.own = torch.zeros(MAX_BITS, dtype=torch.int32, device=device)
+        return own
     st = _STATUS.get(device)
     if st is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # A zero fill launched now would be captured, not run: the words would be garbage.
             raise RuntimeError(f"pack_codes on {device} needs one call outside CUDA-graph capture first "
                                "(it sets up the device's range-check words)")
-        st = torch.zeros(MAX_BITS, dtype=torch.int32, device=device)
-        if device.type == "cuda":
-            # once per device: the fill runs on this stream, and a later pack_codes on another
-            # stream must not OR into the words before it is done
-            torch.cuda.synchronize(device)
-        _STATUS[device] = st
+        with _STATUS_LOCK:
+            st = _STATUS.get(device)
+            if st is None:
+                st = torch.zeros(MAX_BITS, dtype=torch.int32, device=device)
+                if device.type == "cuda":
+                    # once per device: the fill runs on this stream, and a later pack_codes on
+                    # another stream must not OR into the words before it is done
+                    torch.cuda.synchronize(device)
+                _STATUS[device] = st
     return st
+
+
+def own_words_begin() -> None:
+    """The calling thread's next :func:`status_words` are a call's own (pack_codes with its
+    check in the call), until :func:`own_words_end`."""
+    _CALL.checking, _CALL.own = True, None
+
+
+def own_words_end(bits: int, device: torch.device, read: bool = True) -> None:
+    """Ends what :func:`own_words_begin` began, and (``read``) raises where the call's own
+    words say a code did not fit (reading them synchronizes a GPU: the check the caller asked
+    for)."""
+    own, _CALL.checking, _CALL.own = _CALL.own, False, None
+    if read and own is not None:
+        seen = own.tolist()[bits - 1]
+        if seen >> bits:
+            raise ValueError(f"a code does not fit in {bits} bits on {device} (the bits of its codes OR-ed together "
+                             f"are {seen:#x}): codes must be < 2**bits, and the planes of this call are meaningless")
 
 
 def check_packed(device: Union[None, str, torch.device] = None) -> None:
@@ -50,7 +81,10 @@ def check_packed(device: Union[None, str, torch.device] = None) -> None:
     On a GPU ``pack_codes`` does not synchronize to check its codes: its kernel records
     them on the device, and this reads the record (one synchronization of the device, so
     calls on every stream count: call it where the caller synchronizes anyway, e.g. after
-    copying the planes to the host) and clears it.
+    copying the planes to the host) and clears it. The record is the device's, so every
+    thread's calls count (a call with ``validate=True`` checks its own codes instead); a
+    code recorded by a kernel still running on another stream while this reads and clears
+    the record may be missed.
     CPU calls are checked in the call itself and never need this.
 
     Args:

@@ -15,7 +15,7 @@ import torch
 from .. import registry
 from .._checks import F32_INF_FROM, MAX_BITS, MIN_BITS, bitmap_nbytes, check_bits, check_same_device
 from .._library import _eager, bump_versions, lib, register_inplace
-from ._common import check_packed, pending_check
+from ._common import own_words_begin, own_words_end, pending_check
 
 Tensor = torch.Tensor
 _FLT_MAX = float(np.finfo(np.float32).max)
@@ -150,12 +150,15 @@ def pack_codes(codes: Tensor, bits: int, *, validate: Optional[bool] = None) -> 
     """
     _check_u8(codes, "codes")
     bits = check_bits(bits)
-    if _eager(codes):
-        planes = _pack_codes_impl(codes, bits)
-    else:
-        planes = torch.ops.fedmpq.pack_codes(codes, bits)
-    if pending_check(validate, codes.device):
-        check_packed(codes.device)
+    if not pending_check(validate, codes.device):
+        return _pack_codes_impl(codes, bits) if _eager(codes) else torch.ops.fedmpq.pack_codes(codes, bits)
+    own_words_begin()  # a backend that records codes on the device records this call's apart
+    try:
+        planes = _pack_codes_impl(codes, bits) if _eager(codes) else torch.ops.fedmpq.pack_codes(codes, bits)
+    except BaseException:
+        own_words_end(bits, codes.device, read=False)
+        raise
+    own_words_end(bits, codes.device)
     return planes
 
 

@@ -345,6 +345,29 @@ def test_a_bad_code_on_a_gpu_is_reported_at_the_check_not_in_the_call(backend):
             fk.check_packed()  # every device
 
 
+def test_a_checked_call_reports_its_own_codes_only(backend):
+    """pack_codes(validate=True) read and cleared the device's shared record: another call's
+    (another thread's) bad codes raised in a call with valid ones and were then lost to
+    check_packed, and a checked call's own bad codes could be cleared by another's check
+    first (returned without an error). A checked call now records into words of its own:
+    a valid call passes whatever the device's record holds, which check_packed still
+    reports, and a bad call raises whatever was recorded before it."""
+    dev = backend.device
+    bad = torch.tensor([0, 3, 5, 1] * 20, dtype=torch.uint8, device=dev)  # 5 needs 3 bits
+    good = torch.tensor([0, 3, 2, 1] * 20, dtype=torch.uint8, device=dev)
+    with backend.active():
+        if backend.name in ("cpu", "reference"):
+            pytest.skip("checked in the call itself: no record on the device")
+        fk.check_packed(dev)  # start clean
+        fk.pack_codes(bad, 2, validate=False)  # recorded on the device, not raised
+        assert torch.equal(fk.pack_codes(good, 2, validate=True).cpu(), R.pack_codes(good.cpu(), 2))
+        with pytest.raises(ValueError, match="does not fit in 2 bits"):
+            fk.pack_codes(bad, 2, validate=True)
+        with pytest.raises(ValueError, match="does not fit in 2 bits"):  # the deferred one, still there
+            fk.check_packed(dev)
+        fk.check_packed(dev)
+
+
 def test_a_bad_code_packed_on_another_stream_is_reported(backend):
     """check_packed synchronizes the whole device: a bad code packed on a side stream, with
     a large kernel queued before it there, is reported from the default stream."""
