@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import os
 import re
+import threading
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -34,6 +35,11 @@ _override: Optional[str] = None  # forced for every family
 _family_override: Dict[str, str] = {}  # family -> backend forced for it (wins over _override)
 _cache: Dict[Tuple[str, str, str], Callable] = {}
 _derived: List[dict] = []  # the dicts derived_cache() handed out, emptied with _cache
+# Bumped by every backend change, under _lock with the caches' clearing: a cache entry is
+# stored only if no change came between its lookup and its store (a lookup in flight on
+# another thread when a change cleared the caches stored the old backend back, for good).
+_generation = 0
+_lock = threading.Lock()
 
 
 def _check_name(name: str) -> str:
@@ -213,17 +219,23 @@ def get(family: str, op: str, device_type: str) -> Callable:
     key = (family, op, device_type)
     fn = _cache.get(key)
     if fn is None:
-        first = backend_for(device_type, family)
-        order = _DEFAULT_ORDER.get(device_type, ["reference"])
-        names = [first] + [b for b in order[order.index(first) + 1 if first in order else len(order):]] + ["reference"]
-        for name in names:
-            if has(family, name) and (name == first or available(name)[0]):
-                fn = getattr(module(family, name), op, None)
-                if fn is not None:
-                    break
-        if fn is None:
-            raise AttributeError(f"op {op!r} of family {family!r} has no implementation, not even in reference.py")
-        _cache[key] = fn
+        fn = remember(_cache, key, lambda: _resolve(family, op, device_type))
+    return fn
+
+
+def _resolve(family: str, op: str, device_type: str) -> Callable:
+    """:func:`get`'s lookup, uncached."""
+    fn = None
+    first = backend_for(device_type, family)
+    order = _DEFAULT_ORDER.get(device_type, ["reference"])
+    names = [first] + [b for b in order[order.index(first) + 1 if first in order else len(order):]] + ["reference"]
+    for name in names:
+        if has(family, name) and (name == first or available(name)[0]):
+            fn = getattr(module(family, name), op, None)
+            if fn is not None:
+                break
+    if fn is None:
+        raise AttributeError(f"op {op!r} of family {family!r} has no implementation, not even in reference.py")
     return fn
 
 
@@ -233,7 +245,7 @@ def get_many(family: str, ops: Tuple[str, ...], device_type: str) -> Tuple[Calla
     key = (family, ops, device_type)
     fns = _cache.get(key)
     if fns is None:
-        fns = _cache[key] = tuple(get(family, op, device_type) for op in ops)
+        fns = remember(_cache, key, lambda: tuple(_resolve(family, op, device_type) for op in ops))
     return fns
 
 
@@ -241,27 +253,45 @@ def derived_cache() -> dict:
     """A dict in which a hot path keeps what it builds from the functions :func:`get` hands
     out, per device type (an autograd.Function over an op's forward and backward, say): one
     subscript per call instead of a call of :func:`get_many`. Emptied whenever the backends
-    change (:func:`set_backend`, :func:`use_backend`)."""
+    change (:func:`set_backend`, :func:`use_backend`); fill it with :func:`remember`."""
     d: dict = {}
     _derived.append(d)
     return d
 
 
+def remember(d: dict, key, make: Callable[[], object]):
+    """``d[key] = make()`` for a cache of what the backends choose (``_cache``, a
+    :func:`derived_cache`), and that value: made again while a backend change comes between
+    the making and the store (another thread's :func:`set_backend`), so that what is stored,
+    and returned, is of one choice of backends, never one a change has already undone."""
+    while True:
+        gen = _generation
+        value = make()
+        with _lock:
+            if gen == _generation:
+                d[key] = value
+                return value
+
+
 def set_backend(name: Optional[str], family: Optional[str] = None) -> None:
     """Force backend ``name`` on the devices it supports, for every family or for ``family``
     only (None restores the defaults of that scope)."""
-    global _override
+    global _override, _generation
     if name is not None:
         _check_name(name)
-    if family is None:
-        _override = name
-    elif name is None:
-        _family_override.pop(_check_family(family), None)
-    else:
-        _family_override[_check_family(family)] = name
-    _cache.clear()
-    for d in _derived:
-        d.clear()
+    if family is not None:
+        family = _check_family(family)
+    with _lock:
+        if family is None:
+            _override = name
+        elif name is None:
+            _family_override.pop(family, None)
+        else:
+            _family_override[family] = name
+        _generation += 1
+        _cache.clear()
+        for d in _derived:
+            d.clear()
 
 
 @contextlib.contextmanager

@@ -50,8 +50,7 @@ _FLOATS = frozenset((torch.float32, torch.float16, torch.bfloat16))
 
 
 def _cpu_fn(op: str):
-    fn = _CPU_FN[op] = registry.get("bitplane", op, "cpu")
-    return fn
+    return registry.remember(_CPU_FN, op, lambda: registry.get("bitplane", op, "cpu"))
 
 
 def _cpu_usual(name: str, op: str):
@@ -59,7 +58,7 @@ def _cpu_usual(name: str, op: str):
     the module of its ``op``; False where that backend has none), kept in :data:`_CPU_FN`."""
     fn = _CPU_FN.get(name)
     if fn is None:
-        fn = _CPU_FN[name] = _layers_impl(_cpu_fn(op), name) or False
+        fn = registry.remember(_CPU_FN, name, lambda: _layers_impl(registry.get("bitplane", op, "cpu"), name) or False)
     return fn
 
 
@@ -278,9 +277,11 @@ _DQ_CPU = registry.derived_cache()
 
 
 def _dq_cpu(bits: int):
-    fwd = registry.get("bitplane", "dequantize", "cpu")
-    e = _DQ_CPU[bits] = (fwd, _dequantize_function(fwd, registry.get("bitplane", "dequantize_backward", "cpu"), bits))
-    return e
+    def make():
+        fwd, bwd = registry.get_many("bitplane", ("dequantize", "dequantize_backward"), "cpu")  # one choice for both
+        return fwd, _dequantize_function(fwd, bwd, bits)
+
+    return registry.remember(_DQ_CPU, bits, make)
 
 
 # ---- dequantize over many layers: one autograd node for a model's weights ------------------

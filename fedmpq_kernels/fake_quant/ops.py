@@ -145,9 +145,11 @@ _EAGER = registry.derived_cache()
 
 
 def _eager_for(device_type: str):
-    fwd, bwd = registry.get_many("fake_quant", _FQ_OPS, device_type)
-    e = _EAGER[device_type] = (fwd, *(_eager_function(fwd, bwd, m) for m in (0, 1, 2)))
-    return e
+    def make():
+        fwd, bwd = registry.get_many("fake_quant", _FQ_OPS, device_type)
+        return (fwd, *(_eager_function(fwd, bwd, m) for m in (0, 1, 2)))
+
+    return registry.remember(_EAGER, device_type, make)
 
 
 _FQ_OPS = ("fake_quant", "fake_quant_backward")
@@ -326,9 +328,11 @@ _R6_EAGER = registry.derived_cache()  # as _EAGER: device type -> (fwd, the eage
 
 
 def _r6_for(device_type: str):
-    fwd, bwd = registry.get_many("fake_quant", _R6_OPS, device_type)
-    e = _R6_EAGER[device_type] = (fwd, _relu6_eager_function(fwd, bwd))
-    return e
+    def make():
+        fwd, bwd = registry.get_many("fake_quant", _R6_OPS, device_type)
+        return fwd, _relu6_eager_function(fwd, bwd)
+
+    return registry.remember(_R6_EAGER, device_type, make)
 
 
 def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:

@@ -295,3 +295,40 @@ def test_the_backend_case_pins_its_isa_for_the_whole_test(backend):
     with backend.active():
         assert native.cpu_isa() == backend.isa
     assert native.cpu_isa() == backend.isa
+
+
+def test_a_lookup_in_flight_during_a_backend_change_does_not_store_the_old_choice(monkeypatch):
+    """A thread's first call looked its backend up inside a ``use_backend("reference")``
+    block and stored it after the block had ended and emptied the caches: every later call
+    in the process ran the reference (a thread audit: 333 of 2,000 blocks). An entry is now
+    stored only if no backend change came between its lookup and its store (else it is
+    looked up again): after the block, fake_quant runs the CPU backend again."""
+    import threading
+
+    import fedmpq_kernels as fk
+    from fedmpq_kernels.fake_quant import ops as fq_ops
+
+    if native is None:
+        pytest.skip("needs the CPU backend")
+    x = torch.randn(8)
+    reached, release = threading.Event(), threading.Event()
+    real = registry.backend_for
+    worker = threading.Thread(target=lambda: fk.fake_quant(x, 4))
+
+    def paused(device_type, family=None):
+        name = real(device_type, family)
+        if threading.current_thread() is worker and not release.is_set():
+            reached.set()  # looked up under the block's choice; stored only after it ends
+            release.wait(30)
+        return name
+
+    monkeypatch.setattr(registry, "backend_for", paused)
+    registry.set_backend(None)  # empty caches: the worker's call looks its backend up
+    with registry.use_backend("reference"):
+        worker.start()
+        assert reached.wait(30)
+    release.set()
+    worker.join(30)
+    assert not worker.is_alive()
+    assert fq_ops._EAGER["cpu"][0].__module__ == "fedmpq_kernels.fake_quant.cpu"
+    assert registry.get("fake_quant", "fake_quant", "cpu").__module__ == "fedmpq_kernels.fake_quant.cpu"
