@@ -5,6 +5,7 @@ sampled clients one after another. Configuration: :mod:`fedmpq.config`."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -16,6 +17,9 @@ from .trainers import Registry
 from .progress import progress as _progress
 
 log = logging.getLogger("fedmpq")
+# One run at a time per process: a run seeds torch's global generator and sets torch's
+# thread count, both process-wide, so two runs on two threads changed each other's results.
+_RUNNING = threading.Lock()
 
 
 def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, progress: bool = True,
@@ -27,7 +31,23 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
 
     One client trains at a time, with the config's ``threads`` as torch's thread count for
     the run (restored afterwards); without it, the cores this process may use divided among
-    the fedmpq runs training on this machine now (:mod:`fedmpq.trainers`), counted every round."""
+    the fedmpq runs training on this machine now (:mod:`fedmpq.trainers`), counted every round.
+
+    One run per process at a time: a second, from another thread while one runs, raises
+    RuntimeError (a run seeds torch's global generator and sets torch's thread count, which
+    are the process's: two runs side by side each got results other than its own config's).
+    Run federations side by side in separate processes."""
+    if not _RUNNING.acquire(blocking=False):
+        raise RuntimeError("fedmpq.simulate.run is already running in this process (another thread): a run "
+                           "seeds torch's global generator and sets its thread count, which two runs would share; "
+                           "run federations side by side in separate processes")
+    try:
+        return _run(cfg, out, resume, progress, ready)
+    finally:
+        _RUNNING.release()
+
+
+def _run(cfg, out, resume, progress, ready) -> Dict[str, Any]:
     c = check_config(cfg)
     resolve_device(c)  # no CUDA here: one line before the data loads
     ds, parts = load_data(c)  # MissingDatasetError before any training

@@ -82,6 +82,38 @@ def test_the_same_seed_gives_the_same_run():
     assert a["rounds"][0]["bits"] == b["rounds"][0]["bits"]
 
 
+def test_a_second_run_in_the_same_process_at_once_is_refused(monkeypatch):
+    """Two runs on two threads of one process each got results other than their own config's
+    (a run seeds torch's global generator and sets torch's thread count: process-wide). A
+    second run while one is going raises, naming the way out; one after the other is fine
+    (the lock is released on the way out, on error too)."""
+    import threading
+
+    inside, leave = threading.Event(), threading.Event()
+    real = simulate.federate
+
+    def held(*a, **k):
+        inside.set()
+        leave.wait(30)
+        return real(*a, **k)
+
+    monkeypatch.setattr(simulate, "federate", held)
+    first = threading.Thread(target=lambda: simulate.run(dict(SMALL, rounds=1), progress=False))
+    first.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(RuntimeError, match="already running in this process .* separate processes"):
+            simulate.run(dict(SMALL, rounds=1), progress=False)
+    finally:
+        leave.set()
+        first.join(120)
+    assert not first.is_alive()
+    with pytest.raises(config.ConfigError):
+        simulate.run(dict(SMALL, rounds=0), progress=False)  # refused by its config: the lock is released
+    monkeypatch.setattr(simulate, "federate", real)
+    assert simulate.run(dict(SMALL, rounds=1), progress=False)["rounds"]
+
+
 def test_a_failing_or_malformed_client_is_left_out(monkeypatch, caplog):
     from fedmpq import client as client_mod
 
