@@ -48,19 +48,19 @@ def _zeroed(words: int, device: torch.device) -> Tensor:
 
 
 def workspace(device: torch.device, stream: int, words: int) -> Tensor:
-    """A zero-filled int32 tensor of at least ``words`` elements on ``device`` for kernels
-    that finish a reduction in their last block (a ticket and one slot per block; every
-    such kernel resets its ticket, word 0, and writes a slot before it reads it, so the slots'
-    stale values are never read). One per (device, stream), kept between calls: launches
-    on one stream run in order, so they can share it, and no zero fill is launched per call.
-    Keyed by the raw stream handle: torch's own streams are pooled and never destroyed; a
-    stream the user destroys (a ``torch.cuda.ExternalStream`` over a freed handle) while its
-    kernels still run could pass its workspace to a new stream given the same handle, so
-    synchronize such a stream before freeing it. Under CUDA-graph capture, one made in the capture: per call (its zero fill is captured
-    with the kernels), or, inside :func:`capture_workspace`, one for the whole capture. So a
-    graph never shares a workspace with eager work, which may run on another stream while
-    the graph replays. Call it under :func:`on_device` (the capture check looks at the
-    current device)."""
+    """A zero-filled int32 tensor of at least ``words`` elements on ``device`` for kernels that
+    finish a reduction in their last block (a ticket and one slot per block; every such kernel
+    resets its ticket, word 0, and writes a slot before it reads it, so the slots' stale values
+    are never read). One per (device, stream), kept between calls: launches on one stream run in
+    order, so they can share it, and no zero fill is launched per call. Keyed by the raw stream
+    handle: torch's own streams are pooled and never destroyed; a stream the user destroys (a
+    ``torch.cuda.ExternalStream`` over a freed handle) while its kernels still run could pass
+    its workspace to a new stream given the same handle, so synchronize such a stream before
+    freeing it. Under CUDA-graph capture, one made in the capture: per call (its zero fill is
+    captured with the kernels), or, inside :func:`capture_workspace`, one for the whole capture.
+    So a graph never shares a workspace with eager work, which may run on another stream while
+    the graph replays. Call it under :func:`on_device` (the capture check looks at the current
+    device)."""
     if torch._C._cuda_isCurrentStreamCapturing():
         entry = _SHARED.get((device.index, stream))
         if entry is None:

@@ -464,8 +464,8 @@ def _step_layer(codes, sign, mom, gs, grad, coef, scale, bits, dev) -> Tuple[int
 
 # Every backend steps with float32(lr) and float32(momentum): an lr at or below 2^-150 is 0
 # there (the step would move no code yet erase the momentum), a momentum at or above
-# 1 - 2^-25 exactly 1 (no decay). The checks hold the float32 values to the stated ranges.
-_LR_MIN = F32_POSITIVE_FROM
+# 1 - 2^-25 exactly 1 (no decay). The checks hold the float32 values to the stated ranges
+# (lr above F32_POSITIVE_FROM).
 _MOMENTUM_MAX = 1.0 - 2.0 ** -25
 
 
@@ -474,7 +474,7 @@ def _step_scalars(lr, momentum) -> None:
         # type() first: an ABC isinstance costs about 0.3 µs
         if not (type(v) is float or (not isinstance(v, bool) and isinstance(v, numbers.Real))) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if not lr > _LR_MIN:
+    if not lr > F32_POSITIVE_FROM:
         raise ValueError(f"lr must be > 0 (above 2**-150, which float32 rounds to 0), got {lr}")
     if not 0 <= momentum < _MOMENTUM_MAX:
         raise ValueError(f"momentum must be in [0, 1) (below 1 - 2**-25, which float32 rounds to 1), got {momentum}")
@@ -749,7 +749,8 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     # momentum) with _step_layer's checks in their cheapest form, every tensor attribute read
     # once; anything else takes the general path, with the checks that name the problem.
     if (type(bits) is int and 0 < bits <= 8 and type(key) is int and 0 <= key <= 0xFFFFFFFF and type(lr) is float
-            and type(momentum) is float and _LR_MIN < lr < math.inf and 0.0 <= momentum < _MOMENTUM_MAX  # _step_scalars
+            and type(momentum) is float and F32_POSITIVE_FROM < lr < math.inf
+            and 0.0 <= momentum < _MOMENTUM_MAX  # _step_scalars
             and type(codes) in PLAIN and type(sign) in PLAIN and type(mom) in PLAIN and type(gs) in PLAIN
             and type(grad) in PLAIN and type(coef) in PLAIN and type(scale) in PLAIN
             and codes.dtype is _U8 and sign.dtype is _U8 and mom.dtype is _U8 and gs.dtype is _F32
@@ -816,7 +817,8 @@ def bitplane_step_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: S
     # checked and stepped by the CPU backend in one pass over the layers (~40 attribute reads a
     # layer, against _step_layer's ~100 and the adapter's own); anything it does not take
     # goes on below, to the checks that name the problem.
-    if (type(lr) is float and type(momentum) is float and _LR_MIN < lr < math.inf and 0.0 <= momentum < _MOMENTUM_MAX
+    if (type(lr) is float and type(momentum) is float and F32_POSITIVE_FROM < lr < math.inf
+            and 0.0 <= momentum < _MOMENTUM_MAX
             and type(codes) in _SEQS and type(sign) in _SEQS and type(mom) in _SEQS and type(gs) in _SEQS
             and type(grad) in _SEQS and type(coef) in _SEQS and type(scale) in _SEQS and type(bits) in _SEQS
             and type(keys) in _SEQS and (L := len(codes)) and L == len(sign) == len(mom) == len(gs) == len(grad)
