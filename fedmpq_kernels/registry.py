@@ -245,7 +245,7 @@ def get_many(family: str, ops: Tuple[str, ...], device_type: str) -> Tuple[Calla
     key = (family, ops, device_type)
     fns = _cache.get(key)
     if fns is None:
-        fns = remember(_cache, key, lambda: tuple(_resolve(family, op, device_type) for op in ops))
+        fns = remember(_cache, key, lambda: tuple(get(family, op, device_type) for op in ops))
     return fns
 
 
