@@ -37,7 +37,9 @@ def status_words(device: torch.device) -> Tensor:
     """The status words of ``device`` (int32 (8,), zero-filled at the first call there), or,
     inside a checking call (:func:`own_words_begin`), that call's own."""
     if getattr(_CALL, "checking", False):
-        own = _CALL.own = torch.zeros(MAX_BITS, dtype=torch.int32, device=device)
+        own = _CALL.own
+        if own is None:  # one set per call, however many launches ask
+            own = _CALL.own = torch.zeros(MAX_BITS, dtype=torch.int32, device=device)
         return own
     st = _STATUS.get(device)
     if st is None:

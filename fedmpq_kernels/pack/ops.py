@@ -150,11 +150,12 @@ def pack_codes(codes: Tensor, bits: int, *, validate: Optional[bool] = None) -> 
     """
     _check_u8(codes, "codes")
     bits = check_bits(bits)
+    run = _pack_codes_impl if _eager(codes) else torch.ops.fedmpq.pack_codes
     if not pending_check(validate, codes.device):
-        return _pack_codes_impl(codes, bits) if _eager(codes) else torch.ops.fedmpq.pack_codes(codes, bits)
+        return run(codes, bits)
     own_words_begin()  # a backend that records codes on the device records this call's apart
     try:
-        planes = _pack_codes_impl(codes, bits) if _eager(codes) else torch.ops.fedmpq.pack_codes(codes, bits)
+        planes = run(codes, bits)
     except BaseException:
         own_words_end(bits, codes.device, read=False)
         raise
