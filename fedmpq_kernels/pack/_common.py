@@ -65,16 +65,13 @@ def own_words_begin() -> None:
     _CALL.checking, _CALL.own = True, None
 
 
-def own_words_end(bits: int, device: torch.device, read: bool = True) -> None:
+def own_words_end(bits: int, read: bool = True) -> None:
     """Ends what :func:`own_words_begin` began, and (``read``) raises where the call's own
     words say a code did not fit (reading them synchronizes a GPU: the check the caller asked
     for)."""
     own, _CALL.checking, _CALL.own = _CALL.own, False, None
     if read and own is not None:
-        seen = own.tolist()[bits - 1]
-        if seen >> bits:
-            raise ValueError(f"a code does not fit in {bits} bits on {device} (the bits of its codes OR-ed together "
-                             f"are {seen:#x}): codes must be < 2**bits, and the planes of this call are meaningless")
+        check_seen(own.tolist()[bits - 1], bits)
 
 
 def check_packed(device: Union[None, str, torch.device] = None) -> None:

@@ -157,9 +157,9 @@ def pack_codes(codes: Tensor, bits: int, *, validate: Optional[bool] = None) -> 
     try:
         planes = run(codes, bits)
     except BaseException:
-        own_words_end(bits, codes.device, read=False)
+        own_words_end(bits, read=False)
         raise
-    own_words_end(bits, codes.device)
+    own_words_end(bits)
     return planes
 
 
