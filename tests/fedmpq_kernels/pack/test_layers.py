@@ -345,6 +345,7 @@ for _ in range(2000):
     except ValueError:
         outcomes["refused"] += 1
 stop.set()
+t.join()  # not at exit: a daemon thread still in torch then aborts the interpreter's teardown
 print(outcomes)
 '''
 
