@@ -77,6 +77,21 @@ inline void plane_d(const Step& c, int i, const float* a, const int* q, const ui
 
 namespace portable {
 
+void binarize(const float* w, float inv, float L, uint8_t* codes, uint32_t* sign, int64_t b, int64_t e) {
+  for (int64_t i0 = b; i0 < e; i0 += 32) {
+    const int64_t cnt = chunk_len(i0, e);
+    uint32_t sw = 0;
+    for (int64_t t = 0; t < cnt; ++t) {
+      const float v = w[i0 + t];
+      const float qf = std::nearbyint(std::fabs(v) * inv);
+      // min(q, L) -> uint8; a NaN (w not finite: the public function refuses it) gives 0, as torch casts it
+      codes[i0 + t] = qf < L ? static_cast<uint8_t>(qf) : (qf >= L ? static_cast<uint8_t>(L) : 0);
+      sw |= static_cast<uint32_t>(!(v > 0.0f)) << t;
+    }
+    sign[i0 / 32] = sw;
+  }
+}
+
 void dequantize(const uint8_t* codes, const uint32_t* sign, float k, float* out, int64_t b, int64_t e) {
   for (int64_t i0 = b; i0 < e; i0 += 32) {
     const int64_t cnt = chunk_len(i0, e);
@@ -200,19 +215,12 @@ float binarize(const float* w, int64_t n, int bits, uint8_t* codes, uint32_t* si
   const float s = absmax(w, n, nthreads);
   const float L = levels_f(bits);
   const float inv = s > 0.0f ? L / s : 0.0f;
+  const bool v = use_avx2();
   parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {
-    for (int64_t i0 = b; i0 < e; i0 += 32) {
-      const int64_t cnt = chunk_len(i0, e);
-      uint32_t sw = 0;
-      for (int64_t t = 0; t < cnt; ++t) {
-        const float v = w[i0 + t];
-        float qf = std::nearbyint(std::fabs(v) * inv);
-        // min(q, L) -> uint8; a NaN (w not finite: the public function refuses it) gives 0, as torch casts it
-        codes[i0 + t] = qf < L ? static_cast<uint8_t>(qf) : (qf >= L ? static_cast<uint8_t>(L) : 0);
-        sw |= static_cast<uint32_t>(!(v > 0.0f)) << t;
-      }
-      sign[i0 / 32] = sw;
-    }
+    if (v)
+      avx2::binarize(w, inv, L, codes, sign, b, e);
+    else
+      portable::binarize(w, inv, L, codes, sign, b, e);
   });
   return s;
 }
@@ -242,24 +250,49 @@ float dequantize_backward(const float* grad, const uint8_t* codes, const uint32_
   return static_cast<float>(sum / static_cast<double>((1u << bits) - 1u));
 }
 
+namespace {
+
+using Counts = std::array<int64_t, 8>;
+
+// Set bits k < bits of codes[b, e), in c[k]. Eight codes a 64-bit word: bit k of every code
+// is added into its own byte lane of lane[k] (3 ops per plane per 8 codes, against 8 shifts,
+// masks and adds per code), and a lane, which holds at most 255, is folded into the totals
+// every 255 words.
+Counts count_bits(const uint8_t* codes, int64_t b, int64_t e, int bits) {
+  constexpr uint64_t kOnes = 0x0101010101010101ull;
+  constexpr uint64_t kEvenBytes = 0x00FF00FF00FF00FFull;
+  Counts c{};
+  int64_t j = b;
+  while (e - j >= 8) {
+    uint64_t lane[8] = {};
+    const int64_t words = std::min<int64_t>((e - j) / 8, 255);
+    for (int64_t w = 0; w < words; ++w, j += 8) {
+      uint64_t v;
+      std::memcpy(&v, codes + j, 8);
+      for (int k = 0; k < bits; ++k) lane[k] += (v >> k) & kOnes;
+    }
+    for (int k = 0; k < bits; ++k) {
+      // bytes to four 16-bit sums (<= 510 each), then their total (<= 2040) in the top 16 bits
+      const uint64_t pairs = (lane[k] & kEvenBytes) + ((lane[k] >> 8) & kEvenBytes);
+      c[k] += static_cast<int64_t>((pairs * 0x0001000100010001ull) >> 48);
+    }
+  }
+  for (; j < e; ++j)
+    for (int k = 0; k < bits; ++k) c[k] += (codes[j] >> k) & 1u;
+  return c;
+}
+
+}  // namespace
+
 void plane_popcounts(const uint8_t* codes, int64_t n, int bits, int64_t* out, int nthreads) {
-  using Counts = std::array<int64_t, 8>;
   Counts zero{};
   const Counts total = parallel_reduce_words<Counts>(
-      n, threads_for(nthreads, n), zero,
-      [&](int64_t b, int64_t e) {
-        Counts c{};
-        for (int64_t j = b; j < e; ++j) {
-          const uint32_t v = codes[j];
-          for (int k = 0; k < 8; ++k) c[k] += (v >> k) & 1u;  // c[k]: bit k
-        }
-        return c;
-      },
+      n, threads_for(nthreads, n), zero, [&](int64_t b, int64_t e) { return count_bits(codes, b, e, bits); },
       [](Counts x, const Counts& y) {
         for (int k = 0; k < 8; ++k) x[k] += y[k];
         return x;
       });
-  for (int i = 0; i < bits; ++i) out[i] = total[bits - 1 - i];
+  for (int i = 0; i < bits; ++i) out[i] = total[bits - 1 - i];  // out[0]: the MSB plane, bit bits-1
 }
 
 float bitplane_step(uint8_t* codes, uint32_t* sign, uint8_t* mom, float* gs, const float* grad, const float* coef,

@@ -54,8 +54,10 @@ struct BitplaneStep {
 // On the elements [b, e) of the layer (b a multiple of 32, so whole sign words; the
 // pointers are the layer's, not the chunk's). Pass 1: the max of the |d_ij| bit patterns
 // (NaN patterns sort above inf: a NaN anywhere gives a NaN pattern). Pass 2: steps 3-7.
-// dequantize and its backward on the elements [b, e) (b a multiple of 32; the layer's pointers).
+// binarize (inv = L / max|w|), dequantize and its backward on the elements [b, e) (b a
+// multiple of 32; the layer's pointers).
 namespace portable {
+void binarize(const float* w, float inv, float L, uint8_t* codes, uint32_t* sign, int64_t b, int64_t e);
 void dequantize(const uint8_t* codes, const uint32_t* sign, float k, float* out, int64_t b, int64_t e);
 double dequantize_backward(const float* grad, const uint8_t* codes, const uint32_t* sign, int64_t b, int64_t e);
 uint32_t step_max_bits(const BitplaneStep& c, const float* grad, const uint8_t* codes, const uint32_t* sign,
@@ -65,6 +67,7 @@ void step_update(const BitplaneStep& c, const float* grad, uint8_t* codes, uint3
 }  // namespace portable
 namespace avx2 {
 #if defined(FEDMPQ_HAVE_X86)
+void binarize(const float* w, float inv, float L, uint8_t* codes, uint32_t* sign, int64_t b, int64_t e);
 void dequantize(const uint8_t* codes, const uint32_t* sign, float k, float* out, int64_t b, int64_t e);
 double dequantize_backward(const float* grad, const uint8_t* codes, const uint32_t* sign, int64_t b, int64_t e);
 uint32_t step_max_bits(const BitplaneStep& c, const float* grad, const uint8_t* codes, const uint32_t* sign,
@@ -75,6 +78,9 @@ void step_update(const BitplaneStep& c, const float* grad, uint8_t* codes, uint3
 // Without an x86 build (aarch64, say) use_avx2() is false, but the dispatch sites still name
 // these: they forward to the portable code instead of leaving undefined symbols that stop
 // the module from loading.
+inline void binarize(const float* w, float inv, float L, uint8_t* codes, uint32_t* sign, int64_t b, int64_t e) {
+  portable::binarize(w, inv, L, codes, sign, b, e);
+}
 inline void dequantize(const uint8_t* codes, const uint32_t* sign, float k, float* out, int64_t b, int64_t e) {
   portable::dequantize(codes, sign, k, out, b, e);
 }

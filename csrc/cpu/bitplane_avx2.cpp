@@ -87,6 +87,28 @@ inline __m256 plane_d8(const Consts& k, __m256 a, __m256i q, int sh, float ci, c
 
 }  // namespace
 
+void binarize(const float* w, float inv, float L, uint8_t* codes, uint32_t* sign, int64_t b, int64_t e) {
+  const __m256 iv = _mm256_set1_ps(inv), Lv = _mm256_set1_ps(L), zero = _mm256_setzero_ps();
+  const __m256 signmask = _mm256_set1_ps(-0.0f);
+  const int64_t full_end = b + (e - b) / 32 * 32;
+  for (int64_t i0 = b; i0 < full_end; i0 += 32) {
+    uint32_t sw = 0;
+    for (int g = 0; g < 4; ++g) {
+      const int64_t j = i0 + 8 * g;
+      const __m256 v = _mm256_loadu_ps(w + j);
+      const __m256 q = _mm256_round_ps(_mm256_mul_ps(_mm256_andnot_ps(signmask, v), iv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      // min(L, q): q where q <= L, and q where q is NaN (minps returns its second operand
+      // then), which the conversion turns into 0x80000000, a 0 code as the portable kernel's
+      store_u8x8(codes + j, _mm256_cvttps_epi32(_mm256_min_ps(Lv, q)));
+      const uint32_t pos = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)));
+      sw |= (~pos & 0xFFu) << (8 * g);  // set where !(v > 0), as the portable kernel
+    }
+    sign[i0 / 32] = sw;
+  }
+  if (full_end < e) portable::binarize(w, inv, L, codes, sign, full_end, e);
+}
+
 void dequantize(const uint8_t* codes, const uint32_t* sign, float k, float* out, int64_t b, int64_t e) {
   const __m256 kv = _mm256_set1_ps(k);
   const __m256 signmask = _mm256_set1_ps(-0.0f);

@@ -67,30 +67,49 @@ def test_binarize_any_dtype_shape_and_strides(backend, dtype):
 
 
 def test_binarize_edge_values(backend):
+    """Zeros of both signs, ties and the top code, in a partial word and repeated over whole
+    32-element words (the CPU's AVX2 kernel takes whole words, the portable code the rest)."""
     kernels(backend)
     dev = backend.device
-    w = torch.tensor([0.0, -0.0, 1e-30, -3.0, 3.0, 1.5, -1.4999999], device=dev)
+    edge = torch.tensor([0.0, -0.0, 1e-30, -3.0, 3.0, 1.5, -1.4999999], device=dev)
     with backend.active():
-        for bits in (1, 4, 8):
-            q, s, sc = fk.binarize(w, bits)
-            rq, rs, rsc = R.binarize(w.cpu(), bits)
-            assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and float(sc) == 3.0
-            assert int(q[4]) == (1 << bits) - 1 and int(q[3]) == (1 << bits) - 1
+        for w in (edge, edge.repeat(10)):
+            for bits in (1, 4, 8):
+                q, s, sc = fk.binarize(w, bits)
+                rq, rs, rsc = R.binarize(w.cpu(), bits)
+                assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and float(sc) == 3.0
+                assert int(q[4]) == (1 << bits) - 1 and int(q[3]) == (1 << bits) - 1
         # s so small that L / s overflows to inf, in the backend's own function (the public
         # one lifts such a w first: test_binarize_lifts_a_tiny_w): a zero weight is
         # 0 * inf = NaN before the clamp, and its code must still be 0 (CUDA's fminf(NaN, L)
         # gave L)
         tiny = torch.tensor([1e-38, 0.0, -1e-38, 5e-39, -0.0, 1e-45], device=dev)
-        for bits in (1, 2, 4, 8):
-            q, s, sc = kernels(backend).binarize(tiny, bits)
-            rq, rs, rsc = R.binarize(tiny.cpu(), bits)
-            assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(sc.cpu(), rsc), bits
-            assert int(q[1]) == 0 and int(q[4]) == 0, bits
-            if subnormals_kept():
-                assert int(q[0]) == (1 << bits) - 1, bits
+        for t in (tiny, tiny.repeat(11)):
+            for bits in (1, 2, 4, 8):
+                q, s, sc = kernels(backend).binarize(t, bits)
+                rq, rs, rsc = R.binarize(t.cpu(), bits)
+                assert torch.equal(q.cpu(), rq) and torch.equal(s.cpu(), rs) and torch.equal(sc.cpu(), rsc), bits
+                assert int(q[1]) == 0 and int(q[4]) == 0 and int(q[-5]) == 0, bits
+                if subnormals_kept():
+                    assert int(q[0]) == (1 << bits) - 1, bits
         q, s, sc = fk.binarize(torch.zeros(40, device=dev), 3)  # s = 0: every code 0, all "negative"
         assert int(q.abs().sum()) == 0 and float(sc) == 0.0
         assert s.cpu().tolist() == [255] * 5 + [0] * 3
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_plane_popcounts_of_all_ones_and_all_zeros(backend, bits):
+    """Every bit set in every code, over more than 255 words of 8 codes (the CPU counts each
+    8-code word's bits in byte lanes, folded into its totals every 255 words: one word more
+    and a lane would wrap to 0) and a tail: each plane's count is n; all zeros, 0."""
+    kernels(backend)
+    n = 255 * 8 * 3 + 8 + 13
+    with backend.active():
+        for fill, want in (((1 << bits) - 1, n), (0, 0)):
+            codes = torch.full((n,), fill, dtype=torch.uint8, device=backend.device)
+            assert fk.plane_popcounts(codes, bits).cpu().tolist() == [want] * bits
+            assert fk.plane_popcounts_layers([codes, codes[:255 * 8]], [bits, bits]).cpu().tolist() == \
+                [want] * bits + [want and 255 * 8] * bits
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
