@@ -12,8 +12,9 @@ Groups ``client-step-b32`` and ``client-step-b128``; ids end in:
   (fedmpq.nn.float_planes), the slow reference.
 
 ``compile`` ids (CUDA only, groups ``client-step-b32 compiled`` / ``-b128 compiled``): the
-same steps with the model under ``torch.compile`` (default mode; fedmpq's ops are
-torch.library ops, so the graph has no breaks), against the compiled float model; the
+same steps with the model under ``torch.compile(fullgraph=True)`` (default mode; fedmpq's
+ops are torch.library ops, so the graph has no breaks, and a break would raise, not time a
+partly eager step), against the compiled float model; the
 bit-plane optimizer and SGD run eagerly in both. The first call compiles (untimed).
 
 ``graph`` ids (CUDA only, groups ``client-step-b32 graph`` / ``-b128 graph``): the whole
@@ -63,7 +64,7 @@ def make_step(impl: str, batch: int, device: str, mode: str = "eager"):
     if impl == "float":
         model = qn.resnet20().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        run = torch.compile(model) if compiled else model
+        run = torch.compile(model, fullgraph=True) if compiled else model
 
         def fn(xb, yb):
             loss = F.cross_entropy(run(xb), yb)
@@ -85,7 +86,7 @@ def make_step(impl: str, batch: int, device: str, mode: str = "eager"):
         sgd = torch.optim.SGD(qn.float_parameters(model), lr=0.1, momentum=0.9)
         qn.batch_weights(model)  # as the client trains (inert under torch.compile)
 
-    run = torch.compile(model) if compiled else model
+    run = torch.compile(model, fullgraph=True) if compiled else model
 
     def fn(xb, yb):
         loss = F.cross_entropy(run(xb), yb)

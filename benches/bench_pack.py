@@ -5,12 +5,16 @@ Anchors: ``copy_`` (a uint8 copy of the codes into a preallocated tensor: the ta
 4-bit pack and unpack within 3.5x of it), ``numpy_packbits`` (the same plane layout with
 numpy: one ``packbits`` / ``unpackbits`` per plane) and ``torch_shift_or`` (torch's usual
 dense packing, ``8 / b`` codes per byte with shifts and ORs, b in 1, 2, 4, 8: a different
-layout, the torch way a user would write). Bytes moved: the codes (n) plus the planes
-(n * b / 8); copy_ moves 2n.
+layout, the torch way a user would write), at every width. Bytes moved: the codes (n) plus
+the planes (n * b / 8); copy_ moves 2n. Each candidate is checked once, untimed: its planes
+unpack to the codes.
 
 ``dequant_accumulate`` group: the server's fused de-quantize-and-accumulate of one 4-bit
-layer, against the torch way (unpack to float, multiply, add) and against ``copy_`` of the
-float32 accumulator.
+layer, against the torch way from decoded codes (codes and signs, one byte each, to float,
+multiply, add: it skips the bit-plane unpack the kernel does, so it is the stricter anchor)
+and against ``acc.add_`` (an in-place pass over the float32 accumulator, the floor: the op
+reads and writes the accumulator in place, which costs less than a copy_ from another
+tensor).
 """
 from __future__ import annotations
 
@@ -33,8 +37,6 @@ def _skip(impl: str, device: str, bits: int):
         skip_unless_runs(impl, device, "pack")
     elif impl == "numpy_packbits" and device != "cpu":
         pytest.skip("numpy runs on the CPU")
-    elif bits != 4 and impl != "copy_":
-        pytest.skip("anchors at 4 bits only")
 
 
 def _record(benchmark, op, numel, bits, device, impl, nbytes, anchor="torch_shift_or", variant="latency"):
@@ -115,13 +117,17 @@ def bench_pack_unpack(benchmark, op, impl, bits, device, variant, numel):
         fn = lambda: out.copy_(codes)  # noqa: E731
     else:
         fn = (_pack_fn if op == "pack" else _unpack_fn)(impl, codes, bits)
+    if backend_of(impl) is not None:  # untimed: the round trip gives the codes back
+        with selected(impl, device):
+            back = fk.unpack_codes(fk.pack_codes(codes, bits), bits, numel) if op == "pack" else fn()
+        assert torch.equal(back, codes), f"{impl}: {op} at {bits} bits does not give the codes back"
     _record(benchmark, op, numel, bits, device, impl, 2 * numel if impl == "copy_" else numel + numel * bits // 8,
             variant=variant)
     run_variant(benchmark, impl, fn, device, variant)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["copy_", "torch_dequant_add"] + [f"fedmpq[{b}]" for b in registry.BACKENDS])
+@pytest.mark.parametrize("impl", ["acc.add_", "torch_dequant_add"] + [f"fedmpq[{b}]" for b in registry.BACKENDS])
 def bench_dequant_accumulate(benchmark, impl, device, numel):
     bits = 4
     if impl.startswith("fedmpq["):
@@ -130,9 +136,8 @@ def bench_dequant_accumulate(benchmark, impl, device, numel):
     neg = _codes(numel, 1, device)
     planes, signs = fk.pack_codes(codes, bits), fk.pack_codes(neg, 1)
     acc = torch.zeros(numel, device=device)
-    if impl == "copy_":
-        src = torch.ones(numel, device=device)
-        fn = lambda: acc.copy_(src)  # noqa: E731
+    if impl == "acc.add_":
+        fn = lambda: acc.add_(1.0)  # noqa: E731
     elif impl == "torch_dequant_add":
         # what torch code does with a decoded layer: codes and signs to float, scale, add
         # (the signs' conversion timed too, as the kernel decodes its sign map in the call)
@@ -140,13 +145,14 @@ def bench_dequant_accumulate(benchmark, impl, device, numel):
             return acc.add_(codes.float() * (1.0 - 2.0 * neg.float()), alpha=0.37 / 15)
     else:
         fn = lambda: fk.dequant_accumulate(acc, planes, signs, bits, 0.37, 1.0)  # noqa: E731
-    if impl != "copy_":  # smoke check, untimed: each case adds the same layer
+    if impl != "acc.add_":  # smoke check, untimed: each case adds the same layer
         with selected(impl, device):
             fn()
         expect = codes.float() * (1.0 - 2.0 * neg.float()) * (0.37 / 15)
         torch.testing.assert_close(acc, expect, rtol=1e-6, atol=1e-7)
         acc.zero_()
     # read and write the accumulator, read the planes and the sign map
-    moved = 8 * numel if impl == "copy_" else 8 * numel + numel * (bits + 1) // 8
+    moved = 8 * numel if impl == "acc.add_" else 8 * numel + numel * (bits + 1) // 8
     _record(benchmark, "dequant_accumulate", numel, bits, device, impl, moved, anchor="torch_dequant_add")
+    benchmark.extra_info["floor"] = "acc.add_"
     run_timed(benchmark, impl, fn, device)

@@ -100,6 +100,8 @@ def main() -> None:
             ws = fk.dequantize_layers([m.codes for m in layers], [m.sign for m in layers], [m.scale for m in layers],
                                       [m.bits for m in layers], [m.sink for m in layers])
             torch.autograd.backward(ws, grads)
+        for m in layers:  # as the step's zero_grad: no AccumulateGrad add into a kept .grad next time
+            m.sink.grad = m.scale.grad = None
 
     acts_g = [a_.clone().requires_grad_() for a_ in acts]
     ones = [torch.ones_like(a_) for a_ in acts]
@@ -107,10 +109,12 @@ def main() -> None:
     def act_quant():
         for t, g in zip(acts_g, ones):
             fk.relu6_fake_quant(t, 4).backward(g)
+            t.grad = None
 
     def relu():
         for t, g in zip(acts_g, ones):
             F.relu(t).backward(g)
+            t.grad = None
 
     # the optimizer needs the last backward's G: make one, then time the steps on it
     F.cross_entropy(model(x), y).backward()

@@ -1,17 +1,21 @@
-"""Benchmark plumbing: sizes, devices, and the ratio table printed at the end.
+"""Benchmark plumbing: sizes, devices, warm-up, and the ratio table printed at the end.
 
 Every benchmark stores ``extra_info`` with its group key (op, size, variant, device), its
-implementation name and the bytes it must move at least; ``torch_anchor`` names the group's
-"torch way" to compare with (default ``torch_fq``: torch's own fake-quant). At the end of
-the session the medians are turned into ratios against the anchors measured in the same
-run (``copy_`` and the torch way) and the share of copy_'s bandwidth
-each reaches (GB/s counted over the bytes each must move), printed, and with
-``--fedmpq-md PATH`` written as a Markdown table (docs/BENCHMARKS.md quotes it).
+implementation name and the bytes it must move at least (0 where bytes mean nothing: host
+cost, a training step); ``torch_anchor`` names the group's "torch way" to compare with
+(default ``torch_fq``: torch's own fake-quant) and ``floor`` its physical-floor row (default
+``copy_``). At the end of the session the medians are turned into ratios against the rows
+measured in the same run: the floor, ``clone`` (the same bytes into a fresh output, page
+faults included: the floor of an op that allocates its output) where the group has it, and
+the torch anchor; and the share of the floor's bandwidth each reaches (GB/s counted over the
+bytes each must move). Printed, and with ``--fedmpq-md PATH`` written as a Markdown table
+(docs/BENCHMARKS.md quotes it).
 """
 from __future__ import annotations
 
 import contextlib
 import platform
+import time
 from typing import Iterator, Optional
 
 import pytest
@@ -89,17 +93,33 @@ def selected(impl: str, device: str) -> Iterator[None]:
         yield
 
 
-def run_timed(benchmark, impl: str, fn, device: str, warmup: bool = False) -> None:
+WARMUP_CALLS = 2  # untimed calls per case before timing, at least,
+WARMUP_S = 0.05  # and until this many seconds have passed
+
+
+def warm_up(run) -> None:
+    """Call ``run`` untimed WARMUP_CALLS times, then until WARMUP_S have passed (at most 1000
+    calls). pytest-benchmark sizes its rounds from the first timed call and has no warm-up
+    by default: a cold first call (torch's learnable fake-quant's first forward+backward in
+    a process takes ~0.3 s, against ~35 us warm) left an anchor 5 rounds, all still warming
+    up, and its ratio in the table reversed."""
+    start = time.perf_counter()
+    for i in range(1000):
+        run()
+        if i + 1 >= WARMUP_CALLS and time.perf_counter() - start >= WARMUP_S:
+            break
+
+
+def run_timed(benchmark, impl: str, fn, device: str) -> None:
     """Time ``fn`` (then a device synchronization) with ``impl``'s backend selected once,
-    outside the timed calls (selection is not free); ``warmup`` runs it once untimed first."""
+    outside the timed calls (selection is not free), after an untimed :func:`warm_up`."""
     def run():
         r = fn()
         sync(device)
         return r
 
     with selected(impl, device):
-        if warmup:
-            run()
+        warm_up(run)
         benchmark(run)
 
 
@@ -178,6 +198,11 @@ def machine() -> str:
 
 
 def _rows(benchmarks):
+    """Per group: each row's median against the group's floor (``extra_info["floor"]``, default
+    ``copy_``: the same bytes through a preallocated output, or in place where the op works in
+    place), against ``clone`` where the group has one (the same bytes into a fresh output, with
+    its page faults: the floor of an op that allocates its output) and against the group's torch
+    anchor (``extra_info["torch_anchor"]``, default ``torch_fq``)."""
     by_group = {}
     for b in benchmarks:
         info = b.extra_info
@@ -187,32 +212,40 @@ def _rows(benchmarks):
     rows = []
     for key in sorted(by_group, key=lambda k: (k[0], k[3], k[1], k[2])):
         entries = by_group[key]
-        copy = next(((i, t) for n, i, t in entries if n == "copy_"), None)
-        copy_t = copy[1] if copy else None
-        copy_gbs = copy[0]["bytes"] / copy[1] / 1e9 if copy else None
-        # The group's "torch way" (torch's fake-quant, torch.save, a torch sum...), named by
-        # the benchmarks in extra_info["torch_anchor"].
+        floor_name = next((i["floor"] for n, i, t in entries if i.get("floor")), "copy_")
+        floor = next(((i, t) for n, i, t in entries if n == floor_name), None)
+        floor_t = floor[1] if floor else None
+        floor_gbs = floor[0]["bytes"] / floor[1] / 1e9 if floor and floor[0]["bytes"] else None
+        clone_t = next((t for n, i, t in entries if n == "clone"), None)
         anchor = next((i.get("torch_anchor") for n, i, t in entries if i.get("torch_anchor")), "torch_fq")
         torch_t = next((t for n, i, t in entries if n == anchor), None)
         for name, info, t in sorted(entries, key=lambda e: e[2]):
+            gbs = info["bytes"] / t / 1e9 if info["bytes"] else None  # None: bytes mean nothing here
             rows.append(dict(
                 op=key[0], size=_size_id(key[1]), scale=key[2], device=key[3], name=name,
-                median_ms=t * 1e3, gbs=info["bytes"] / t / 1e9,
-                x_copy=(t / copy_t) if copy_t else None,
-                pct_copy_bw=(100 * info["bytes"] / t / 1e9 / copy_gbs) if copy_gbs else None,
-                speedup_vs_torch=(torch_t / t) if torch_t else None,
+                median_ms=t * 1e3, gbs=gbs,
+                x_floor=(t / floor_t) if floor_t else None,
+                pct_floor_bw=(100 * gbs / floor_gbs) if floor_gbs and gbs is not None else None,
+                x_clone=(t / clone_t) if clone_t else None,
+                speedup_vs_torch=(torch_t / t) if torch_t else None, anchor=name == anchor,
+                floor=floor_name if floor else None,
             ))
     return rows
 
 
 def _fmt(rows):
-    head = "| op | size | variant | device | implementation | median ms | GB/s | % of copy_ GB/s | × copy_ | speed-up vs torch's way |"
-    out = [head, "|" + "---|" * 10]
+    head = ("| op | size | variant | device | implementation | median ms | GB/s | % of floor's GB/s | × floor "
+            "| × clone | speed-up vs the torch anchor |")
+    out = [head, "|" + "---|" * 11]
+
+    def num(v, f):
+        return f.format(v) if v is not None else "–"
+
     for r in rows:
-        xc = f"{r['x_copy']:.2f}" if r["x_copy"] is not None else "–"
-        bw = f"{r['pct_copy_bw']:.0f} %" if r["pct_copy_bw"] is not None else "–"
-        sp = f"{r['speedup_vs_torch']:.1f}×" if r["speedup_vs_torch"] is not None else "–"
-        out.append(f"| {r['op']} | {r['size']} | {r['scale']} | {r['device']} | {r['name']} | {r['median_ms']:.3f} | {r['gbs']:.1f} | {bw} | {xc} | {sp} |")
+        name = r["name"] + (" (anchor)" if r["anchor"] else "") + (" (floor)" if r["name"] == r["floor"] else "")
+        out.append(f"| {r['op']} | {r['size']} | {r['scale']} | {r['device']} | {name} | {r['median_ms']:.4g} "
+                   f"| {num(r['gbs'], '{:.1f}')} | {num(r['pct_floor_bw'], '{:.0f} %')} | {num(r['x_floor'], '{:.2f}')} "
+                   f"| {num(r['x_clone'], '{:.2f}')} | {num(r['speedup_vs_torch'], '{:.2f}×')} |")
     return out
 
 

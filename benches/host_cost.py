@@ -35,7 +35,8 @@ def cases():
     x = torch.randn(1, requires_grad=True)
     g = torch.ones(1)
     s = torch.tensor(0.5, requires_grad=True)
-    st = torch.tensor([0.5], requires_grad=True)
+    # torch's grid for fedmpq's 4-bit scale 0.5 (sign-magnitude, L = 15): step 0.5/15, -15..15
+    st = torch.tensor([0.5 / 15], requires_grad=True)
     zp = torch.tensor([0.0])
     xi, si = torch.randn(1), torch.tensor(0.5)
     nf, nb = native.cpu.fake_quant, native.cpu.fake_quant_backward
@@ -69,7 +70,7 @@ def cases():
         x.grad = s.grad = None
 
     def torch_fb():
-        torch._fake_quantize_learnable_per_tensor_affine(x, st, zp, -7, 7, 1.0).backward(g)
+        torch._fake_quantize_learnable_per_tensor_affine(x, st, zp, -15, 15, 1.0).backward(g)
         x.grad = st.grad = None
 
     def bound_fb():
@@ -81,7 +82,7 @@ def cases():
         "fwd+bwd torch learnable": torch_fb,
         "fwd+bwd bound": bound_fb,
         "forward fedmpq": lambda: fk.fake_quant(xi, 4, si),
-        "forward torch": lambda: torch.fake_quantize_per_tensor_affine(xi, 0.5, 0, -7, 7),
+        "forward torch": lambda: torch.fake_quantize_per_tensor_affine(xi, 0.5 / 15, 0, -15, 15),
     }
 
 

@@ -18,7 +18,8 @@
 #    bit-plane training: tests/fedmpq_kernels/<family>/), FEDMPQ_TEST_BACKENDS making a
 #    backend that cannot run fail instead of skip;
 # 4. federation: `fedmpq simulate --device cuda --rounds 2` (eager), every client reporting;
-# 5. bench-kernels: every kernel at 2^24 against device-to-device copy_ and the torch way,
+# 5. bench-kernels: every kernel at 2^24 against device-to-device copy_, a fresh output
+#    (clone) and its torch anchor, each checked against the reference first,
 #    per call with a synchronization, 20 calls per synchronization, and 20 calls replayed
 #    from one CUDA graph; ResNet-20's 20 layers' bit-plane step in one call;
 # 6. client-step: the ResNet-20 client step on CUDA (float, fedmpq 2/4/8-bit, b32 and b128,
@@ -50,9 +51,9 @@
 # is cut to what is left, and a step with under 20 s left is not run ("not run (budget)").
 # A step that runs out of time gets SIGINT (pytest then prints its counts and failures), then
 # SIGKILL 15 s later. Expected on an H200 (2026-12-04 timings scaled by the suites' growth
-# since): build 20-45 s, tests-cuda ~70, federation ~25, bench-kernels ~65, client-step ~85,
+# since): build 20-45 s, tests-cuda ~70, federation ~25, bench-kernels ~80, client-step ~85,
 # tests-triton-cuda ~85, federation-graph ~30, cifar-round 50-90, tests-client-cuda ~45,
-# split ~45, tests-reference-cuda ~55: about 600 s in all, so the default budget reaches
+# split ~45, tests-reference-cuda ~55: about 615 s in all, so the default budget reaches
 # about cifar-round and a second call (STEPS="tests-client-cuda split tests-reference-cuda",
 # the Triton JIT's cache kept on a warm machine) does the rest. Run with timeout_s 600.
 # Test steps run on 8 pytest-xdist workers where the image has xdist (Triton's JIT compiles
@@ -226,7 +227,7 @@ run_step federation 60 sh -c "rm -rf $W/fed && $PY -m fedmpq simulate --device c
 federation_detail "$W/fed" "federation on cuda (fedmpq simulate --device cuda --rounds 2)"
 
 # 5. the kernels' GPU rows, compiled backends and anchors (the pure-torch reference is not timed)
-run_step bench-kernels 100 $PY -m pytest benches/bench_fake_quant.py benches/bench_pack.py benches/bench_bitplane.py \
+run_step bench-kernels 120 $PY -m pytest benches/bench_fake_quant.py benches/bench_pack.py benches/bench_bitplane.py \
   --benchmark-only -q -p no:cacheprovider -k "cuda and not reference" \
   --fedmpq-sizes=16777216 --benchmark-max-time=0.1 --benchmark-min-rounds=5 \
   --benchmark-warmup=on --fedmpq-md "$W/bench_gpu.md"
