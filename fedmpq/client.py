@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -156,10 +156,11 @@ def scale_param_groups(model: torch.nn.Module, lr: float, rule: str = "lsq") -> 
 
 
 def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, client_id: int, round_: int,
-                quantized: bool) -> Tuple[float, float, float]:
+                quantized: bool, on_epoch: Optional[Callable[[], Any]] = None) -> Tuple[float, float, float]:
     """``cfg.local_epochs`` epochs of local training; returns (train accuracy, mean loss) of
     the last epoch and the seconds spent in the bit-plane optimizer. Batches and draws are
-    seeded by (seed, round, client). With ``cfg.cuda_graph`` the steps of the batch size
+    seeded by (seed, round, client). ``on_epoch`` is called before every epoch after the
+    first (a ClientApp counts the processes training beside it again there). With ``cfg.cuda_graph`` the steps of the batch size
     replay one CUDA graph (:class:`fedmpq.step_graph.StepGraph`); the optimizer's seconds
     then count its eager steps only (a replayed step's share is not timed apart)."""
     model.train()
@@ -196,6 +197,8 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
     # every layer's weight in one call per forward, one autograd node (the same bits)
     with (qn.batch_weights(model) if quantized else contextlib.nullcontext()):
         for epoch in range(cfg.local_epochs):
+            if epoch and on_epoch is not None:
+                on_epoch()
             loss_sum.zero_()
             correct.zero_()
             total = 0
@@ -210,7 +213,8 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
 
 
 def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., torch.nn.Module], cfg: TrainConfig,
-                  client_id: int, round_: int, budget: float) -> LocalResult:
+                  client_id: int, round_: int, budget: float,
+                  on_epoch: Optional[Callable[[], Any]] = None) -> LocalResult:
     """One round of one client: decode the download, train, (fedmpq) prune, encode.
 
     Args:
@@ -218,6 +222,7 @@ def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., 
         x, y: the client's training data, float32 (N, C, H, W) and int64 (N,).
         builder: makes the model: ``builder(quantized=..., bits=[...])``.
         cfg: :class:`TrainConfig`.  budget: β_k (reported in the upload).
+        on_epoch: called before every local epoch after the first (:func:`train_local`).
 
     Returns:
         :class:`LocalResult` with the upload payload (``Upload``; ``Model`` for ``fp``).
@@ -233,7 +238,7 @@ def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., 
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in m.tensors.items()})
         model.to(dev)
         q0 = time.perf_counter() - t0
-        acc, loss, _ = train_local(model, x, y, cfg, client_id, round_, quantized=False)
+        acc, loss, _ = train_local(model, x, y, cfg, client_id, round_, quantized=False, on_epoch=on_epoch)
         t1 = time.perf_counter()
         up = wire.encode_model(wire.Model(round_, {k: v.detach() for k, v in model.state_dict().items()}))
         return LocalResult(up, acc, loss, time.perf_counter() - t0, q0 + time.perf_counter() - t1)
@@ -245,7 +250,7 @@ def client_update(download: bytes, x: Tensor, y: Tensor, builder: Callable[..., 
     model.to(dev)
     assigned = [layer.bits for _, layer in qn.bit_layers(model)]
     q0 = time.perf_counter() - t0
-    acc, loss, opt_s = train_local(model, x, y, cfg, client_id, round_, quantized=True)
+    acc, loss, opt_s = train_local(model, x, y, cfg, client_id, round_, quantized=True, on_epoch=on_epoch)
     t1 = time.perf_counter() - opt_s
     deltas = {}
     for (name, layer), a in zip(qn.bit_layers(model), assigned):

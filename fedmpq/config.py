@@ -83,9 +83,9 @@ HELP: Dict[str, str] = {
     "device": f"where clients train and the server evaluates: cpu, cuda or cuda:N (N in 0..{MAX_CUDA_INDEX})",
     "cuda_graph": "true: replay each client's local step from a CUDA graph captured per round (device cuda only; "
                   "a batch of another size runs eagerly); false: every step eagerly",
-    "threads": "threads of one training process; none: fedmpq simulate takes the cores this process may use "
-               "divided among the fedmpq simulate runs training on this machine (counted every round), "
-               "fedmpq flower and a SuperNode give each client all of them",
+    "threads": "threads of one training process; none: fedmpq simulate and a SuperNode's client take the cores "
+               "this process may use divided among the fedmpq processes training on this machine (counted every "
+               "round, and on a SuperNode every local epoch); fedmpq flower gives each client all of them",
 }
 assert set(HELP) == set(DEFAULTS)
 

@@ -8,13 +8,11 @@ import logging
 import threading
 from typing import Any, Callable, Dict, Optional
 
-import torch
-
 from . import client as client_mod
-from .config import check_config, load_data, model_builder, resolve_device, resolve_threads, train_config
+from .config import available_cores, check_config, load_data, model_builder, resolve_device, train_config
 from .federation import federate
-from .trainers import Registry
 from .progress import progress as _progress
+from .trainers import share_cores
 
 log = logging.getLogger("fedmpq")
 # One run at a time per process: a run seeds torch's global generator and sets torch's
@@ -53,14 +51,11 @@ def _run(cfg, out, resume, progress, ready) -> Dict[str, Any]:
     ds, parts = load_data(c)  # MissingDatasetError before any training
     build = model_builder(c, ds)
     tcfg = train_config(c)
-    registry = Registry()
 
-    def threads_now() -> int:
-        # the setting, else this process's cores shared with the runs training beside it now
-        return resolve_threads(c, parallel=1 if c["threads"] is not None else registry.count())
+    trained_with = []  # the thread count the last round's clients trained with: what it records
 
     def local(r: int, downloads: Dict[int, bytes]):
-        torch.set_num_threads(threads_now())
+        trained_with[:] = [threads_now()]  # counted again every round
         uploads, train_acc, quant = {}, [], 0.0
         for k in _progress(sorted(downloads), progress, f"round {r} clients", leave=False):
             idx = parts[k]
@@ -75,11 +70,8 @@ def _run(cfg, out, resume, progress, ready) -> Dict[str, Any]:
             quant += res.quant_seconds
         return uploads, train_acc, quant
 
-    before = torch.get_num_threads()
-    try:
-        with registry:
-            torch.set_num_threads(threads_now())
-            return federate(c, ds, {k: len(p) for k, p in enumerate(parts)}, dict(enumerate(c["budgets"])), local,
-                            out=out, resume=resume, progress=progress, threads=threads_now, ready=ready)
-    finally:
-        torch.set_num_threads(before)
+    # the setting, else this process's cores shared with the runs training beside it now
+    with share_cores(c["threads"], available_cores) as threads_now:
+        return federate(c, ds, {k: len(p) for k, p in enumerate(parts)}, dict(enumerate(c["budgets"])), local,
+                        out=out, resume=resume, progress=progress, ready=ready,
+                        threads=lambda: trained_with[0] if trained_with else threads_now())

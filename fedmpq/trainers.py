@@ -7,13 +7,16 @@ slow down many times over: their parallel regions wait on threads the others hav
 descheduled (docs/BENCHMARKS.md)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import stat
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
+
+import torch
 
 log = logging.getLogger("fedmpq")
 
@@ -161,3 +164,28 @@ class Registry:
                 self.mine.unlink(missing_ok=True)
             except OSError:  # the run is over either way; the next count() drops it once dead
                 pass
+
+
+@contextlib.contextmanager
+def share_cores(threads: Optional[int], cores: Callable[[], int]) -> Iterator[Callable[[], int]]:
+    """torch's thread count for one training process while inside, restored on exit:
+    ``threads`` when set; else ``cores()`` (the cores this process may use) divided among
+    the fedmpq processes training on this machine, this one registered (:class:`Registry`)
+    while inside. Yields a function that counts again, sets the count and returns it: call it
+    between epochs, since processes that start training together (the SuperNodes of a round)
+    each count only those registered before it at the start."""
+    before = torch.get_num_threads()
+    reg = Registry() if threads is None else None
+
+    def now() -> int:
+        n = threads if reg is None else max(1, cores() // reg.count())
+        if n != torch.get_num_threads():
+            torch.set_num_threads(n)
+        return n
+
+    try:
+        with (reg if reg is not None else contextlib.nullcontext()):
+            now()
+            yield now
+    finally:
+        torch.set_num_threads(before)

@@ -6,8 +6,10 @@ seeded Dirichlet/iid split of the dataset, the same split ``fedmpq simulate`` ma
 ``num-partitions`` (must equal the run's ``n_clients``); ``budget`` (optional) overrides the
 run's ``budgets[partition-id]``; ``device``, ``cuda-graph`` and ``threads`` (optional) are this
 machine's: where the node trains, whether its steps replay from a CUDA graph, and with how
-many threads (several SuperNodes on one machine should share its cores: threads = cores /
-nodes). Flower's simulation sets the first two itself; a SuperNode gets them with
+many threads (without it, the cores the node's process may use divided among the fedmpq
+processes training on this machine, SuperNodes and ``fedmpq simulate`` runs, counted at the
+start of every local epoch: :func:`fedmpq.trainers.share_cores`). Flower's simulation sets
+the first two itself; a SuperNode gets them with
 ``--node-config "partition-id=0 num-partitions=3 budget=4 threads=1"``.
 
 Messages (record names are the protocol):
@@ -24,7 +26,6 @@ import logging
 import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -32,6 +33,7 @@ import fedmpq_kernels as fk
 
 from .. import client as client_mod
 from .. import config as config_mod
+from ..trainers import share_cores
 from .config import from_run_config, normalized
 
 log = logging.getLogger("fedmpq")
@@ -127,15 +129,19 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ClientApp:
         """One round of this client: download bytes in, upload bytes out."""
         c, k, budget, ds, idx = _setup(context, run_config)
         config_mod.resolve_device(c)
-        torch.set_num_threads(config_mod.resolve_threads(c))  # this process trains one client at a time
         rec = msg.content["fedmpq"]
         if int(rec["client"]) != k:
             raise ValueError(f"a download for client {rec['client']} reached the node of client {k}")
         download = rec["download"]
         if not isinstance(download, bytes):
             raise ValueError("the train message carries no download bytes")
-        res = client_mod.client_update(download, ds.train_x[idx], ds.train_y[idx], config_mod.model_builder(c, ds),
-                                       config_mod.train_config(c), k, int(rec["round"]), budget)
+        # this process trains one client at a time: the node's threads, else this machine's cores
+        # shared with the fedmpq processes training beside it (other SuperNodes, runs), counted
+        # again every epoch
+        with share_cores(c["threads"], config_mod.available_cores) as threads_now:
+            res = client_mod.client_update(download, ds.train_x[idx], ds.train_y[idx], config_mod.model_builder(c, ds),
+                                           config_mod.train_config(c), k, int(rec["round"]), budget,
+                                           on_epoch=threads_now)
         return Message(RecordDict({
             "fedmpq": ConfigRecord({"upload": res.upload, "client": k}),
             "metrics": MetricRecord({"train_accuracy": res.train_accuracy, "train_loss": res.train_loss,

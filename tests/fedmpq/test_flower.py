@@ -374,6 +374,66 @@ def test_a_node_answers_for_its_own_client_and_refuses_another_clients_download(
         call(1, "train", {"fedmpq": ConfigRecord({"download": "not bytes", "round": 1, "client": 1})})
 
 
+def test_a_node_without_threads_shares_the_cores_with_the_trainers_beside_it_every_epoch(monkeypatch, tmp_path):
+    """SuperNodes side by side, none given ``threads``: each trains on the cores divided among
+    the fedmpq processes training on the machine (registered in fedmpq.trainers' folder),
+    counted again before every local epoch (nodes that start together see each other only
+    from then); its entry is there while it trains, and torch's count is restored after. A
+    node's own ``threads`` is used as it is, without registering."""
+    import subprocess
+    import sys
+
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedmpq import client as client_mod, server as server_mod
+    from fedmpq.flower import simulation
+
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    monkeypatch.setattr("fedmpq.trainers._folder", lambda: tmp_path)
+    monkeypatch.setattr(config_mod, "available_cores", lambda: 12)
+    c = config_mod.check_config(dict(SMALL, local_epochs=2))
+    app = client_app.make_app({k: simulation._flat(k, v) for k, v in c.items()})
+    ds, parts = config_mod.load_data(c)
+    server = server_mod.Server("fedmpq", config_mod.model_builder(c, ds), dict(enumerate(c["budgets"])),
+                               {k: len(p) for k, p in enumerate(parts)})
+    train = {"fedmpq": ConfigRecord({"download": server.downloads(1, [0])[0], "round": 1, "client": 0})}
+    sleepers, seen = [], []
+    real_batches = client_mod._batches
+
+    def sleeper():
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        sleepers.append(p)
+        (tmp_path / str(p.pid)).write_text("")  # an entry without a start time: counted while alive
+        return p
+
+    def batches(*a, **k):  # each epoch's start: the threads it trains with, and one trainer more
+        seen.append((torch.get_num_threads(), (tmp_path / str(os.getpid())).exists()))
+        sleeper()
+        return real_batches(*a, **k)
+
+    monkeypatch.setattr(client_mod, "_batches", batches)
+    before = torch.get_num_threads()
+    try:
+        sleeper(), sleeper()
+        for node_config, want in (({}, [(4, True), (3, True)]), ({"threads": 2}, [(2, False), (2, False)])):
+            seen.clear()
+            ctx = Context(run_id=1, node_id=10, node_config={"partition-id": 0, "num-partitions": 3, **node_config},
+                          state=RecordDict(), run_config={})
+            assert app(Message(RecordDict(train), dst_node_id=10, message_type="train"), ctx).content["fedmpq"]
+            assert seen == want  # 12 cores / (2 others + this one), then / (3 others + this one)
+            assert torch.get_num_threads() == before and not (tmp_path / str(os.getpid())).exists()
+            for p in sleepers[2:]:  # the ones the epochs added (waited for: a zombie's pid is alive)
+                p.kill()
+                p.wait()
+            del sleepers[2:]
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+
+
 # --- Flower's in-process simulation against fedmpq simulate --------------------------------------
 
 def test_flower_simulation_gives_the_same_model_as_fedmpq_simulate(tmp_path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fedmpq import config, simulate
 from fedmpq.trainers import Registry
@@ -45,6 +46,40 @@ def test_default_threads_share_the_cores_with_runs_beside_it(tmp_path, monkeypat
         assert res["threads"] == want and res["rounds"][0]["threads"] == want
         res = simulate.run(dict(small, threads=3), progress=False)  # a setting is a setting
         assert res["rounds"][0]["threads"] == 3
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
+
+
+def test_a_round_records_the_threads_its_clients_trained_with(tmp_path, monkeypatch):
+    """A run that starts beside the training mid-round changes the count only from the next
+    round on, and the round's record is the count its clients trained with (it was the count
+    after the round: 3 here, for a round trained on 4 threads)."""
+    from fedmpq import client as client_mod
+
+    monkeypatch.setattr("fedmpq.trainers._folder", lambda: tmp_path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))  # 12 cores to share
+    others = []
+
+    def sleeper():
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        others.append(p)
+        (tmp_path / str(p.pid)).touch()
+
+    real_batches, seen = client_mod._batches, []
+
+    def batches(*a, **k):  # a client's epoch: one run more starts beside it
+        seen.append(torch.get_num_threads())
+        sleeper()
+        return real_batches(*a, **k)
+
+    monkeypatch.setattr(client_mod, "_batches", batches)
+    try:
+        sleeper(), sleeper()
+        res = simulate.run(dict(n_clients=1, budgets=[4], rounds=2, local_epochs=1, batch_size=64), progress=False)
+        assert seen == [4, 3]  # 12 cores / (2 + 1) runs, then / (3 + 1)
+        assert res["threads"] == 4 and [r["threads"] for r in res["rounds"]] == [4, 3]
     finally:
         for p in others:
             p.kill()
