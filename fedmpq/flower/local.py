@@ -40,7 +40,9 @@ class LocalFederation:
         startup_timeout: seconds the SuperLink may take to answer its health check.
         warm: each SuperNode with ``--isolation process`` and a warm SuperExec
             (:mod:`fedmpq.flower.superexec`) instead of a fresh ClientApp process per message.
-        threads: each node's ``threads`` (node config); default: this machine's cores / n_nodes.
+        threads: each node's ``threads`` (node config); default: this machine's cores / n_nodes;
+            0: none in the node config, so each node's client shares the cores with the fedmpq
+            processes training beside it (:func:`fedmpq.trainers.share_cores`).
     """
 
     def __init__(self, n_nodes: int, home: Path, log_dir: Optional[Path] = None,
@@ -107,7 +109,8 @@ class LocalFederation:
         self.nodes[i] = self.spawn(
             ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
              "--max-wait-time", "120", "--isolation", "process" if self.warm else "subprocess",
-             "--node-config", f"partition-id={i} num-partitions={self.n_nodes} threads={self.threads}"], name)
+             "--node-config", f"partition-id={i} num-partitions={self.n_nodes}"
+             + (f" threads={self.threads}" if self.threads else "")], name)
         if self.warm:  # the node's ClientApps fork from a process that imported everything once
             self._execs[i] = self.spawn([sys.executable, "-m", "fedmpq.flower.superexec", "--insecure",
                                          "--runtime-api-address", f"127.0.0.1:{port}"], name.replace("supernode", "superexec"))

@@ -522,6 +522,21 @@ def _rounds(out: Path) -> list:
         return []
 
 
+def test_a_local_deployments_node_config_gives_the_threads_asked_or_none(tmp_path, monkeypatch):
+    """LocalFederation gives each SuperNode ``threads`` in its node config: the cores split
+    evenly by default, the count asked, or (0) none, so each node's client shares the cores
+    with the trainers beside it."""
+    from fedmpq.flower import local
+
+    monkeypatch.setattr(local, "available_cores", lambda: 8)
+    for threads, want in ((None, " threads=2"), (3, " threads=3"), (0, "")):
+        fed = local.LocalFederation(4, home=tmp_path, warm=False, threads=threads)
+        fed.nodes, cmds = [None] * 4, []
+        monkeypatch.setattr(fed, "spawn", lambda cmd, name: cmds.append(cmd))
+        fed.start_node(1)
+        assert cmds[0][cmds[0].index("--node-config") + 1] == "partition-id=1 num-partitions=4" + want
+
+
 @pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's command-line tools are missing")
 def test_a_deployment_goes_on_when_a_supernode_dies_and_takes_it_back_when_it_returns(tmp_path):
     from fedmpq.flower.local import LocalFederation
