@@ -6,7 +6,7 @@ reference included), each checked once, untimed, against the reference's output.
 ``clone`` (the op's outputs as fresh tensors: ``x.clone()``, and the incoming gradient's for
 a clipped backward; the page faults of a fresh output included, as every candidate and
 anchor pays them). Anchors, on fedmpq's grid (4 bits sign-magnitude: L = 15, levels
--15..15 of S/15; both give fedmpq's values): ``torch_fq``
+-15..15 of S/15, fedmpq's levels): ``torch_fq``
 (``torch.fake_quantize_per_tensor_affine``: a float scale, so no scale gradient; for the
 dynamic scale, ``max|x| / 15`` as a tensor first, the way torch code would write it),
 ``torch_fq_learnable`` (``torch._fake_quantize_learnable_per_tensor_affine``: a scale
@@ -55,7 +55,7 @@ def _skip_unless_runs(impl: str, device: str, scaled: bool):
 
 
 def _torch_fq(x, scale):
-    """torch's fake-quant on fedmpq's grid: the same values as ``fk.fake_quant(x, 4, scale)``."""
+    """torch's fake-quant on fedmpq's grid: the levels of ``fk.fake_quant(x, 4, scale)``."""
     if scale is None:  # dynamic: max|x| / L as a tensor, torch's tensor-qparams form
         s = (x.detach().abs().amax() / L).reshape(1)
         return torch.fake_quantize_per_tensor_affine(x, s, torch.zeros(1, dtype=torch.int32, device=x.device), -L, L)

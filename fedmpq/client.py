@@ -160,9 +160,10 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
     """``cfg.local_epochs`` epochs of local training; returns (train accuracy, mean loss) of
     the last epoch and the seconds spent in the bit-plane optimizer. Batches and draws are
     seeded by (seed, round, client). ``on_epoch`` is called before every epoch after the
-    first (a ClientApp counts the processes training beside it again there). With ``cfg.cuda_graph`` the steps of the batch size
-    replay one CUDA graph (:class:`fedmpq.step_graph.StepGraph`); the optimizer's seconds
-    then count its eager steps only (a replayed step's share is not timed apart)."""
+    first (a ClientApp counts the processes training beside it again there). With
+    ``cfg.cuda_graph`` the steps of the batch size replay one CUDA graph
+    (:class:`fedmpq.step_graph.StepGraph`); the optimizer's seconds then count its eager
+    steps only (a replayed step's share is not timed apart)."""
     model.train()
     if quantized:
         bit_opt = qn.BitPlaneOptimizer(model, lr=cfg.lr, momentum=cfg.momentum, lam=cfg.lam,

@@ -237,12 +237,14 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def resolve_threads(c: Dict[str, Any], parallel: int = 1) -> int:
-    """Threads for one training process: the config's ``threads``, else the cores this
-    process may use divided among the ``parallel`` clients that train at the same time."""
+def resolve_threads(c: Dict[str, Any]) -> int:
+    """Threads for one training process that takes a fixed share (each of ``fedmpq flower``'s
+    clients: Ray trains ``cpus // threads`` of them at once): the config's ``threads``, else
+    the cores this process may use. ``fedmpq simulate`` and a SuperNode's client, without the
+    setting, count the trainers beside them instead (:func:`fedmpq.trainers.share_cores`)."""
     if c["threads"] is not None:
         return c["threads"]
-    return max(1, available_cores() // max(1, parallel))
+    return available_cores()
 
 
 def load_data(c: Dict[str, Any]) -> Tuple[data_mod.Dataset, List[torch.Tensor]]:

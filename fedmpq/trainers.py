@@ -1,8 +1,9 @@
 """Federations that train on this machine at the same time, so each can take its share of
-the cores: every ``fedmpq simulate`` registers itself (a file named by its pid, holding its
-start time where Linux's /proc gives it, in a folder of this user's) while it runs, and with
-no ``threads`` setting gives torch ``cores // (live registered runs)`` threads, counted again
-every round (a run that ends hands its cores back). Several processes each taking every core
+the cores: every ``fedmpq simulate`` (while it runs) and every SuperNode's client (while it
+trains) registers itself (a file named by its pid, holding its start time where Linux's
+/proc gives it, in a folder of this user's), and with no ``threads`` setting gives torch
+``cores // (live registered trainers)`` threads, counted again every round (a client: every
+local epoch; a trainer that ends hands its cores back; :func:`share_cores`). Several processes each taking every core
 slow down many times over: their parallel regions wait on threads the others have
 descheduled (docs/BENCHMARKS.md)."""
 from __future__ import annotations
