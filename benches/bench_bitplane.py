@@ -56,7 +56,6 @@ def _record(benchmark, op, numel, device, impl, nbytes, anchor):
     benchmark.group = f"{op} {numel} {device}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def _torch_relu6_fq(x):
     """torch's ReLU6 then its fake-quant with the dynamic scale max / 15 on 0..15: the values
     and gradient of ``fk.relu6_fake_quant(x, 4)``."""

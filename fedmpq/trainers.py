@@ -171,22 +171,22 @@ class Registry:
 def share_cores(threads: Optional[int], cores: Callable[[], int]) -> Iterator[Callable[[], int]]:
     """torch's thread count for one training process while inside, restored on exit:
     ``threads`` when set; else ``cores()`` (the cores this process may use) divided among
-    the fedmpq processes training on this machine, this one registered (:class:`Registry`)
-    while inside. Yields a function that counts again, sets the count and returns it: call it
-    between epochs, since processes that start training together (the SuperNodes of a round)
-    each count only those registered before it at the start."""
+    the fedmpq processes training on this machine. Registered (:class:`Registry`) while
+    inside either way, so the runs beside it count it. Yields a function that counts again,
+    sets the count and returns it: call it between epochs, since processes that start
+    training together (the SuperNodes of a round) each count only those registered before
+    it at the start."""
     before = torch.get_num_threads()
-    reg = Registry() if threads is None else None
 
-    def now() -> int:
-        n = threads if reg is None else max(1, cores() // reg.count())
-        if n != torch.get_num_threads():
-            torch.set_num_threads(n)
-        return n
+    with Registry() as reg:
+        def now() -> int:
+            n = threads if threads is not None else max(1, cores() // reg.count())
+            if n != torch.get_num_threads():
+                torch.set_num_threads(n)
+            return n
 
-    try:
-        with (reg if reg is not None else contextlib.nullcontext()):
+        try:
             now()
             yield now
-    finally:
-        torch.set_num_threads(before)
+        finally:
+            torch.set_num_threads(before)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -54,6 +55,7 @@ def main() -> None:
     if not (out / "results.json").exists():
         sys.exit(f"the run wrote no results: see the logs in {work / 'logs'}")
     rounds = [r["seconds"] for r in json.loads((out / "results.json").read_text())["rounds"]]
+    shutil.rmtree(work, ignore_errors=True)  # kept, with its logs, only when the run failed
     print(f"{args.nodes} SuperNodes, threads {args.threads or 'none given (shared)'}: median round "
           f"{statistics.median(rounds):.2f} s; rounds {', '.join(f'{t:.2f}' for t in rounds)}")
 

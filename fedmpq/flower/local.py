@@ -50,7 +50,10 @@ class LocalFederation:
                  warm: bool = True, threads: Optional[int] = None):
         self.n_nodes, self.home, self.log_dir, self.connection = n_nodes, Path(home), log_dir, connection
         self.startup_timeout, self.warm = startup_timeout, warm
-        # the nodes share this machine's cores: each trains with its share (node config)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise ValueError(f"threads must be an integer >= 0 (0: none in the node config), got {threads!r}")
+        # the nodes share this machine's cores: each trains with its share (node config; 0: the
+        # nodes count the trainers beside them instead)
         self.threads = threads if threads is not None else max(1, available_cores() // n_nodes)
         self.env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                     "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **(env or {})}

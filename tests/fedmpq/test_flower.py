@@ -379,7 +379,8 @@ def test_a_node_without_threads_shares_the_cores_with_the_trainers_beside_it_eve
     the fedmpq processes training on the machine (registered in fedmpq.trainers' folder),
     counted again before every local epoch (nodes that start together see each other only
     from then); its entry is there while it trains, and torch's count is restored after. A
-    node's own ``threads`` is used as it is, without registering."""
+    node's own ``threads`` is used as it is, registered all the same (the trainers beside it
+    count it)."""
     import subprocess
     import sys
 
@@ -417,7 +418,7 @@ def test_a_node_without_threads_shares_the_cores_with_the_trainers_beside_it_eve
     before = torch.get_num_threads()
     try:
         sleeper(), sleeper()
-        for node_config, want in (({}, [(4, True), (3, True)]), ({"threads": 2}, [(2, False), (2, False)])):
+        for node_config, want in (({}, [(4, True), (3, True)]), ({"threads": 2}, [(2, True), (2, True)])):
             seen.clear()
             ctx = Context(run_id=1, node_id=10, node_config={"partition-id": 0, "num-partitions": 3, **node_config},
                           state=RecordDict(), run_config={})
@@ -535,6 +536,8 @@ def test_a_local_deployments_node_config_gives_the_threads_asked_or_none(tmp_pat
         monkeypatch.setattr(fed, "spawn", lambda cmd, name: cmds.append(cmd))
         fed.start_node(1)
         assert cmds[0][cmds[0].index("--node-config") + 1] == "partition-id=1 num-partitions=4" + want
+    with pytest.raises(ValueError, match="threads must be an integer >= 0"):
+        local.LocalFederation(4, home=tmp_path, threads=-1)
 
 
 @pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's command-line tools are missing")

@@ -44,8 +44,19 @@ def test_default_threads_share_the_cores_with_runs_beside_it(tmp_path, monkeypat
         res = simulate.run(small, progress=False)
         want = max(1, config.available_cores() // 4)
         assert res["threads"] == want and res["rounds"][0]["threads"] == want
-        res = simulate.run(dict(small, threads=3), progress=False)  # a setting is a setting
-        assert res["rounds"][0]["threads"] == 3
+        # a setting is a setting, and the run is registered all the same: the runs beside it count it
+        from fedmpq import client as client_mod
+
+        real_batches, registered = client_mod._batches, []
+
+        def batches(*a, **k):
+            registered.append((tmp_path / str(os.getpid())).exists())
+            return real_batches(*a, **k)
+
+        monkeypatch.setattr(client_mod, "_batches", batches)
+        res = simulate.run(dict(small, threads=3), progress=False)
+        assert res["rounds"][0]["threads"] == 3 and registered == [True] * 3
+        assert not (tmp_path / str(os.getpid())).exists()
     finally:
         for p in others:
             p.kill()
@@ -62,10 +73,9 @@ def test_a_round_records_the_threads_its_clients_trained_with(tmp_path, monkeypa
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)))  # 12 cores to share
     others = []
 
-    def sleeper():
-        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-        others.append(p)
-        (tmp_path / str(p.pid)).touch()
+    def sleeper():  # a run beside this one: a live process, registered
+        others.append(_sleeper())
+        (tmp_path / str(others[-1].pid)).touch()
 
     real_batches, seen = client_mod._batches, []
 
