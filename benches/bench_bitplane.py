@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import randn, run_timed, selected, skip_unless_runs
+from conftest import randn, run_timed, selected, skip_unless_runs, torch_fq_dynamic
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 BITS = 4
@@ -59,9 +59,7 @@ def _record(benchmark, op, numel, device, impl, nbytes, anchor):
 def _torch_relu6_fq(x):
     """torch's ReLU6 then its fake-quant with the dynamic scale max / 15 on 0..15: the values
     and gradient of ``fk.relu6_fake_quant(x, 4)``."""
-    a = F.relu6(x)
-    s = (a.detach().amax() / L).reshape(1)
-    return torch.fake_quantize_per_tensor_affine(a, s, torch.zeros(1, dtype=torch.int32, device=x.device), 0, L)
+    return torch_fq_dynamic(F.relu6(x), BITS, signed=False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -39,7 +39,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels import registry
 
-from conftest import CALLS, VARIANTS, randn, run_variant, selected, skip_unless_runs, variant_label
+from conftest import CALLS, VARIANTS, randn, run_variant, selected, skip_unless_runs, torch_fq_dynamic, variant_label
 
 BITS = 4
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -56,9 +56,8 @@ def _skip_unless_runs(impl: str, device: str, scaled: bool):
 
 def _torch_fq(x, scale):
     """torch's fake-quant on fedmpq's grid: the levels of ``fk.fake_quant(x, 4, scale)``."""
-    if scale is None:  # dynamic: max|x| / L as a tensor, torch's tensor-qparams form
-        s = (x.detach().abs().amax() / L).reshape(1)
-        return torch.fake_quantize_per_tensor_affine(x, s, torch.zeros(1, dtype=torch.int32, device=x.device), -L, L)
+    if scale is None:
+        return torch_fq_dynamic(x, BITS)
     return torch.fake_quantize_per_tensor_affine(x, SCALE / L, 0, -L, L)
 
 

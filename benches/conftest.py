@@ -55,6 +55,16 @@ def randn(*shape: int, device: str) -> torch.Tensor:
     return torch.randn(*shape).to(device)
 
 
+def torch_fq_dynamic(x: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
+    """torch's fake-quant of ``x`` with fedmpq's dynamic scale, the way torch code would write
+    it: ``max|x| / L`` as a tensor (torch's tensor-qparams form), levels -L..L (``signed``) or
+    0..L, L = 2^bits - 1: fedmpq's grid. The scale is not differentiated (as fedmpq's)."""
+    L = 2**bits - 1
+    s = (x.detach().abs().amax() / L).reshape(1)
+    zero = torch.zeros(1, dtype=torch.int32, device=x.device)
+    return torch.fake_quantize_per_tensor_affine(x, s, zero, -L if signed else 0, L)
+
+
 def backend_of(impl: str) -> Optional[str]:
     """The registry backend of a candidate named ``fedmpq[<backend>]``; None for an anchor."""
     return impl[7:-1] if impl.startswith("fedmpq[") else None

@@ -9,7 +9,7 @@ import threading
 from typing import Any, Callable, Dict, Optional
 
 from . import client as client_mod
-from .config import available_cores, check_config, load_data, model_builder, resolve_device, train_config
+from .config import check_config, load_data, model_builder, resolve_device, train_config
 from .federation import federate
 from .progress import progress as _progress
 from .trainers import share_cores
@@ -71,7 +71,7 @@ def _run(cfg, out, resume, progress, ready) -> Dict[str, Any]:
         return uploads, train_acc, quant
 
     # the setting, else this process's cores shared with the runs training beside it now
-    with share_cores(c["threads"], available_cores) as threads_now:
+    with share_cores(c["threads"]) as threads_now:
         return federate(c, ds, {k: len(p) for k, p in enumerate(parts)}, dict(enumerate(c["budgets"])), local,
                         out=out, resume=resume, progress=progress, ready=ready,
                         threads=lambda: trained_with[0] if trained_with else threads_now())

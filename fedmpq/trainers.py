@@ -3,9 +3,9 @@ the cores: every ``fedmpq simulate`` (while it runs) and every SuperNode's clien
 trains) registers itself (a file named by its pid, holding its start time where Linux's
 /proc gives it, in a folder of this user's), and with no ``threads`` setting gives torch
 ``cores // (live registered trainers)`` threads, counted again every round (a client: every
-local epoch; a trainer that ends hands its cores back; :func:`share_cores`). Several processes each taking every core
-slow down many times over: their parallel regions wait on threads the others have
-descheduled (docs/BENCHMARKS.md)."""
+local epoch; a trainer that ends hands its cores back; :func:`share_cores`). Several
+processes each taking every core slow down many times over: their parallel regions wait on
+threads the others have descheduled (docs/BENCHMARKS.md)."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+
+from . import config
 
 log = logging.getLogger("fedmpq")
 
@@ -168,9 +170,9 @@ class Registry:
 
 
 @contextlib.contextmanager
-def share_cores(threads: Optional[int], cores: Callable[[], int]) -> Iterator[Callable[[], int]]:
+def share_cores(threads: Optional[int]) -> Iterator[Callable[[], int]]:
     """torch's thread count for one training process while inside, restored on exit:
-    ``threads`` when set; else ``cores()`` (the cores this process may use) divided among
+    ``threads`` when set; else the cores this process may use (its CPU affinity) divided among
     the fedmpq processes training on this machine. Registered (:class:`Registry`) while
     inside either way, so the runs beside it count it. Yields a function that counts again,
     sets the count and returns it: call it between epochs, since processes that start
@@ -180,7 +182,7 @@ def share_cores(threads: Optional[int], cores: Callable[[], int]) -> Iterator[Ca
 
     with Registry() as reg:
         def now() -> int:
-            n = threads if threads is not None else max(1, cores() // reg.count())
+            n = threads if threads is not None else max(1, config.available_cores() // reg.count())
             if n != torch.get_num_threads():
                 torch.set_num_threads(n)
             return n

@@ -138,7 +138,7 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ClientApp:
         # this process trains one client at a time: the node's threads, else this machine's cores
         # shared with the fedmpq processes training beside it (other SuperNodes, runs), counted
         # again every epoch
-        with share_cores(c["threads"], config_mod.available_cores) as threads_now:
+        with share_cores(c["threads"]) as threads_now:
             res = client_mod.client_update(download, ds.train_x[idx], ds.train_y[idx], config_mod.model_builder(c, ds),
                                            config_mod.train_config(c), k, int(rec["round"]), budget,
                                            on_epoch=threads_now)
