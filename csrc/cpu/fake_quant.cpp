@@ -36,9 +36,8 @@ void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uin
       const float v = x[i0 + k];
       float a = std::fabs(v);
       a = std::isnan(a) ? a : (a < c.scale ? a : c.scale);  // NaN propagates, like torch.minimum
-      const float t = a * c.inv;
-      const float q = std::nearbyint(t);  // default rounding mode: half to even
-      y[i0 + k] = std::copysign(q * c.step, v);
+      const float q = std::nearbyint(a * c.up * c.inv);  // default rounding mode: half to even
+      y[i0 + k] = std::copysign(q * c.step * c.down, v);
       const bool h = v > c.scale, l = v < -c.scale;
       pw |= static_cast<uint32_t>(!(h || l)) << k;
       hw |= static_cast<uint32_t>(h) << k;
@@ -97,8 +96,8 @@ void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask) {
       const float r = v > 0.0f ? (v < 6.0f ? v : 6.0f) : (std::isnan(v) ? v : 0.0f);
       float a = std::fabs(r);
       a = std::isnan(a) ? a : (a < c.scale ? a : c.scale);  // NaN propagates, like torch.minimum
-      const float q = std::nearbyint(a * c.inv);            // default rounding mode: half to even
-      y[i0 + k] = std::copysign(q * c.step, r);
+      const float q = std::nearbyint(a * c.up * c.inv);     // default rounding mode: half to even
+      y[i0 + k] = std::copysign(q * c.step * c.down, r);
       mw |= static_cast<uint32_t>(v > 0.0f && v < 6.0f) << k;
     }
     if (mask) mask[w] = mw;
@@ -123,10 +122,14 @@ float max_of_bits(const float* x, int64_t n, int nthreads, Avx2 avx2_fn, Portabl
   return s;
 }
 
-// inv = L / S (0 when S = 0) and step = S / L, each a float32 division (the reference's order).
+// inv = L / Su (0 when Su = 0) and step = Su / L, each a float32 division (the reference's
+// order), on Su = S * 2^100 when S < 2^-100 (fake_quant.h: L / S would overflow).
 FqConsts fq_consts(int bits, float scale) {
   const float L = static_cast<float>((1u << bits) - 1u);
-  return FqConsts{scale, scale > 0.0f ? L / scale : 0.0f, scale / L};
+  const bool tiny = scale < 0x1p-100f;  // false for NaN
+  const float up = tiny ? 0x1p100f : 1.0f, down = tiny ? 0x1p-100f : 1.0f;
+  const float su = scale * up;  // exact: a power of two, and S * 2^100 < 1
+  return FqConsts{scale, su > 0.0f ? L / su : 0.0f, su / L, up, down};
 }
 }  // namespace
 

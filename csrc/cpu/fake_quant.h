@@ -1,7 +1,10 @@
 // Fake-quant (FedMPQ's sign-magnitude symmetric quantizer), CPU kernels.
 //
-//   y = copysign(round(min(|x|, S) * inv) * step, x),  inv = S > 0 ? L / S : 0,  step = S / L
-//   L = 2^bits - 1, rounding half to even, every product rounded to float32 on its own.
+//   y = copysign(round(min(|x|, S) * u * inv) * step * d, x),  inv = S*u > 0 ? L / (S*u) : 0,
+//   step = S*u / L,  L = 2^bits - 1, rounding half to even, every product rounded to float32
+//   on its own, left to right. u = 2^100 and d = 2^-100 when S < 2^-100 (else both 1, exact
+//   no-ops): below that L / S overflows float32 (S < L / FLT_MAX) and S / L goes subnormal,
+//   so the grid is computed on S * 2^100 and scaled back (reference.py states it in full).
 //
 // Bitmaps are little-endian uint32 words, bit i of word w = element 32*w + i; bits past
 // n are zero. pass = !(x > S) && !(x < -S) (so NaN passes); hi = x > S.
@@ -41,7 +44,7 @@ constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 // ---- serial chunk kernels, one per ISA (chunk starts at a multiple of 32 elements) ----
 struct FqConsts {
-  float scale, inv, step;
+  float scale, inv, step, up, down;  // up, down: u and d above (1 unless S < 2^-100)
 };
 namespace portable {
 uint32_t absmax_bits(const float* x, int64_t n);

@@ -154,7 +154,7 @@ __device__ __forceinline__ Vec16<E> load_elems(const typename E::Raw* xa, int64_
 
 // ---- the math -----------------------------------------------------------------------
 struct FqParams {
-  float s, inv, step;
+  float s, inv, step, up, down;  // up, down: 2^100, 2^-100 when S < 2^-100, else 1 (cpu/fake_quant.h)
 };
 
 // S from the device (never read on the host: that would synchronize). A given scale that
@@ -165,16 +165,20 @@ __device__ __forceinline__ FqParams load_params(const float* scale, bool scale_g
   if (scale_given && !(s > 0.0f && s <= FLT_MAX)) s = __int_as_float(0x7fc00000);
   FqParams c;
   c.s = s;
-  c.inv = s > 0.0f ? __fdiv_rn(levels, s) : 0.0f;
-  c.step = __fdiv_rn(s, levels);
+  const bool tiny = s < 0x1p-100f;  // L / S would overflow: the grid is taken on S * 2^100
+  c.up = tiny ? 0x1p100f : 1.0f;
+  c.down = tiny ? 0x1p-100f : 1.0f;
+  const float su = __fmul_rn(s, c.up);  // exact
+  c.inv = su > 0.0f ? __fdiv_rn(levels, su) : 0.0f;
+  c.step = __fdiv_rn(su, levels);
   return c;
 }
 
 __device__ __forceinline__ float fq_value(float v, const FqParams& c) {
   float a = fabsf(v);
   a = isnan(a) ? a : (a < c.s ? a : c.s);  // torch.minimum: a NaN on either side propagates
-  const float q = rintf(__fmul_rn(a, c.inv));  // round half to even
-  return copysignf(__fmul_rn(q, c.step), v);
+  const float q = rintf(__fmul_rn(__fmul_rn(a, c.up), c.inv));  // round half to even
+  return copysignf(__fmul_rn(__fmul_rn(q, c.step), c.down), v);
 }
 
 // pass = !(v > S) && !(v < -S), written as !(|v| > S): the same for every v and S

@@ -192,8 +192,9 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
             65504, under a given scale above it, narrows to +-inf); empty tensors work; NaN
             propagates (a NaN anywhere makes a dynamic S, hence every output, NaN). At the
             edges of float32's range the float32 order shows: S = FLT_MAX gives +-inf at
-            5, 7 and 16 bits (S / L rounds up), and S below L / FLT_MAX (1e-37 at 8 bits)
-            inf or NaN (L / S overflows), on every backend alike.
+            5, 7 and 16 bits (S / L rounds up), on every backend alike. An S below 2^-100
+            (however small: down to 2^-149) keeps its grid: it is computed on S * 2^100 and
+            scaled back (``L / S`` itself would overflow float32 below about 4e-38).
         bits: 1..8, or 16 for float-like evaluation.
         scale: None (dynamic), a Python float > 0, or a one-element floating tensor on
             x's device (finite, > 0; a CUDA scale is not read on the host, which would

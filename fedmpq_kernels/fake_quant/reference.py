@@ -7,10 +7,18 @@ follow it, so every backend agrees bit for bit)::
 
     L    = 2**bits - 1
     S    = max|x|            (dynamic)   or the given scale
-    inv  = L / S if S > 0 else 0         (float32 division)
-    step = S / L
+    u, d = 2**100, 2**-100 if S < 2**-100 else 1, 1
+    Su   = S * u                         (exact)
+    inv  = L / Su if Su > 0 else 0       (float32 division)
+    step = Su / L
     a    = minimum(|x|, S)               (the clamp to [-S, S]; NaN propagates)
-    y    = copysign(round_half_even(a * inv) * step, x)
+    y    = copysign(round_half_even((a * u) * inv) * step * d, x)
+
+u and d are 1 (exact no-ops) for every S from 2**-100 up: the grid is then the plain
+``round(a * L / S) * S / L``. Below it ``L / S`` would overflow float32 (S < L / FLT_MAX,
+about 4e-38 at 4 bits) and ``S / L`` go subnormal, which made every output inf or NaN; on
+``S * 2**100`` (exact: a power of two) the grid keeps its levels, and ``* d`` scales the
+values back, rounding only where they are subnormal.
 
 Bitmaps (clipped STE): one bit per element of the flattened (C-order) input, in the layout
 stated in :mod:`fedmpq_kernels.pack.reference` (4 * ceil(n / 32) bytes, bits past n zero).
@@ -46,12 +54,16 @@ def _effective_scale(xf: Tensor, scale: Optional[Tensor]) -> Tensor:
 def _quantize(xf: Tensor, bits: int, s: Tensor) -> Tensor:
     L = float(levels(bits))
     Lt = torch.full_like(s, L)
-    inv = torch.where(s > 0, Lt / s, torch.zeros_like(s))
+    tiny = s < 2.0 ** -100  # L / s would overflow (see the module docstring)
+    u = torch.where(tiny, torch.full_like(s, 2.0 ** 100), torch.ones_like(s))
+    d = torch.where(tiny, torch.full_like(s, 2.0 ** -100), torch.ones_like(s))
+    su = s * u
+    inv = torch.where(su > 0, Lt / su, torch.zeros_like(s))
     # Tensor / tensor, never tensor / Python number: on CUDA torch turns ``t / c`` into
     # ``t * (1 / c)``, one ulp off the kernels' true division (seen on an H200).
-    step = s / Lt
-    a = torch.minimum(xf.abs(), s)
-    return torch.copysign(torch.round(a * inv) * step, xf)
+    step = su / Lt
+    a = torch.minimum(xf.abs(), s) * u
+    return torch.copysign(torch.round(a * inv) * step * d, xf)
 
 
 def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor]:

@@ -55,7 +55,7 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step,
+def _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step, up, down,
                      MODE: tl.constexpr, MASKED: tl.constexpr, RELU6: tl.constexpr):
     offs = word[:, None] * 32 + col[None, :]  # [ROWS, 32] element index
     if MASKED:
@@ -72,9 +72,9 @@ def _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, in
     # minimum(|x|, S) with a NaN |x| kept (explicit: tl.minimum's NaN rule differs on GPU);
     # a NaN S gives inv = 0 and step = NaN, so y is NaN anyway.
     a = tl.where(ax > S, S, ax)
-    t = a * inv
+    t = (a * up) * inv  # up, down: 1 unless S < 2**-100 (reference.py)
     q = (t + 8388608.0) - 8388608.0  # round half to even, 0 <= t < 2**23 (no FMA: fusion off)
-    m = q * step
+    m = (q * step) * down
     yb = m.to(tl.int32, bitcast=True) | (xb ^ axb)  # copysign(m, x): m >= 0 or NaN
     y = yb.to(tl.float32, bitcast=True).to(y_ptr.dtype.element_ty)
     if MASKED:
@@ -110,14 +110,18 @@ def _fq_forward_kernel(
     S = tl.load(scale_ptr)
     if CHECK_SCALE:  # a given scale must be finite and > 0, else NaN (no host check)
         S = tl.where((S > 0.0) & (S < float("inf")), S, float("nan"))
-    inv = tl.where(S > 0.0, tl.math.div_rn(L, S), 0.0)  # div_rn: IEEE division like torch
-    step = tl.math.div_rn(S, L)
+    tiny = S < 7.888609052210118e-31  # 2**-100: L / S would overflow, so the grid is taken on S * 2**100
+    up = tl.where(tiny, 1.2676506002282294e+30, 1.0)  # 2**100
+    down = tl.where(tiny, 7.888609052210118e-31, 1.0)  # 2**-100
+    su = S * up  # exact
+    inv = tl.where(su > 0.0, tl.math.div_rn(L, su), 0.0)  # div_rn: IEEE division like torch
+    step = tl.math.div_rn(su, L)
 
     if (pid.to(tl.int64) + 1) * BLOCK <= n:
-        _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step,
+        _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step, up, down,
                          MODE=MODE, MASKED=False, RELU6=RELU6)
     else:
-        _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step,
+        _fq_forward_tile(x_ptr, y_ptr, pass_ptr, hi_ptr, word, col, n, nwords, S, inv, step, up, down,
                          MODE=MODE, MASKED=True, RELU6=RELU6)
 
 

@@ -266,6 +266,34 @@ def test_the_largest_finite_given_scale_is_valid(emu):
         assert torch.equal(pw, _bitmaps(rb, n, 0)) and torch.equal(hw, _bitmaps(rb, n, 1))
 
 
+@pytest.mark.parametrize("S", [2.0**-149, 1e-42, 1e-38, 3e-35, 0.75 * 2.0**-100, 2.0**-100])
+def test_a_scale_too_small_for_l_over_s_keeps_its_grid(emu, S):
+    """Below 2^-100 load_params takes the grid on S * 2^100 and fq_value scales it back:
+    finite values, the reference's bits, for a given scale, the dynamic one (absmax on the
+    device) and relu6, at every width (L / S overflowed float32 below L / FLT_MAX: all inf).
+    x is float32 (16-bit floats hold no such values). 301 elements: the vector path and a
+    tail."""
+    n = 301
+    x = _x(n, torch.float32, 0, specials=False)
+    x.t.mul_(S / float(x.t.abs().amax()))  # max|x| = S, or its float32 rounding
+    s = torch.tensor(S)
+    out, ws = torch.full((), -1, dtype=torch.int32), emu.workspace()
+    emu.absmax(x.t, out, ws)
+    for bits in BITS:
+        for given, scale in ((True, s), (False, out.view(torch.float32))):
+            y, pw, hw = Guarded(n, torch.float32), Guarded(words(n), torch.int32), Guarded(words(n), torch.int32)
+            emu.fake_quant(x.t, y.t, bits, scale, given, pw.t, hw.t)
+            ry, rb = R.fake_quant(x.t, bits, s if given else None, 2)
+            assert torch.isfinite(ry).all()
+            same_bits(y.t, ry, f"y, {bits} bits, {'given' if given else 'dynamic'}")
+            assert torch.equal(pw.t, _bitmaps(rb, n, 0)) and torch.equal(hw.t, _bitmaps(rb, n, 1))
+        y, mask, r6 = Guarded(n, torch.float32), Guarded(words(n), torch.int32), torch.empty(())
+        emu.relu6_fake_quant(x.t, y.t, bits, r6, mask.t, emu.workspace())
+        ry, rm = R.relu6_fake_quant(x.t, bits)
+        assert torch.isfinite(ry).all()
+        same_bits(y.t, ry, f"relu6 y, {bits} bits")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 def test_a_dynamic_scale_of_zero_gives_zeros(emu, dtype):
     """max|x| = 0 (x all +-0): inv is 0, not L / 0, so y is x's zeros with their signs, not

@@ -368,11 +368,13 @@ def test_a_scale_of_another_float_dtype_is_used_as_its_float32_value(backend, sd
 def test_a_subnormal_step_is_kept(backend):
     """S / L below 2^-126 (S = 1e-36 at 8 bits: a step of 3.9e-39): y keeps the subnormal
     multiples of the step, as the reference does, for a given and a dynamic scale and for
-    relu6. (A GPU kernel that flushed subnormals, a division with .ftz, would give zeros;
-    the interpreter and the host emulator never flush, so the GPU run decides.)"""
+    relu6 (these S are below 2^-100, so the grid is taken on S * 2^100 and its values scaled
+    back into the subnormals). (A GPU kernel that flushed subnormals, a multiplication or
+    division with .ftz, would give zeros; the interpreter and the host emulator never flush,
+    so the GPU run decides.)"""
     dev = backend.device
     base = torch.tensor([1.0, 0.5, -1.0, 0.0, 0.3, -0.2, 0.07, 1.0, -0.4] * 5)
-    for bits, S in ((8, 1e-36), (4, 1e-37), (16, 4e-34)):  # L / S finite, S / L subnormal
+    for bits, S in ((8, 1e-36), (4, 1e-37), (16, 4e-34)):  # S / L subnormal
         s = torch.tensor(S)
         x = base * s  # max |x| = S: the dynamic scale is S too
         assert float(s) / ((1 << bits) - 1) < 2.0 ** -126
@@ -384,6 +386,77 @@ def test_a_subnormal_step_is_kept(backend):
             with backend.active():
                 got = call(x.to(dev))
             assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32)), f"{what}, {bits} bits"
+
+
+# S from the least float32 up to 2^-100, where the plain grid takes over: L / S overflowed
+# float32 below L / FLT_MAX (4.4e-38 at 4 bits, 7.5e-37 at 8, 1.9e-34 at 16 bits).
+TINY_SCALES = [2.0**-149, 5 * 2.0**-149, 1e-42, 1e-40, 2.0**-126, 1e-37, 3e-35, 0.75 * 2.0**-100, 2.0**-100]
+TINY_BASE = [1.0, -0.83, 0.5, -0.31, 0.07, 0.0, -0.0, 0.012, 0.61, -1.0, 0.27, 0.94, -0.455]
+
+
+def _grid_error(y: torch.Tensor, x: torch.Tensor, S: float, bits: int) -> float:
+    """The largest distance, in units of the least float32 (2^-149) or of float32's rounding
+    of the value (2^-23 relative), whichever is larger, from y to the grid value
+    ``round(min(|x|, S) * L / S) * S / L * sign(x)`` in float64 arithmetic, an oracle
+    independent of the float32 order; elements whose ``|x| * L / S`` lies within 1e-3 of a
+    rounding tie are left out (float32 may round them either way)."""
+    L = float((1 << bits) - 1)
+    xd = x.double()
+    t = torch.minimum(xd.abs(), torch.tensor(S, dtype=torch.float64)) * L / S
+    keep = ((t - t.floor()) - 0.5).abs() > 1e-3
+    want = torch.copysign(torch.round(t) * S / L, xd)
+    unit = torch.maximum(want.abs() * 2.0**-23, torch.full_like(want, 2.0**-149))
+    return float(((y.double() - want).abs() / unit)[keep].max())
+
+
+@pytest.mark.skipif(not subnormals_kept(), reason="this process flushes subnormals to zero")
+def test_a_scale_too_small_for_l_over_s_keeps_its_grid(backend):
+    """S below L / FLT_MAX made L / S overflow float32: every output was +-inf (or NaN at the
+    least S), on every backend and for a dynamic scale too, so a tensor of tiny values (a
+    layer whose weights decayed, activations gone subnormal) became inf. Now, for a given
+    scale, the dynamic scale and relu6, at every width: finite, the reference's bits, and
+    within one float32 rounding of the float64 grid (at S = 2^-149 the grid is finer than
+    float32 itself, so the values are 0 or the least float32)."""
+    dev = backend.device
+    base = torch.tensor(TINY_BASE + [2.5, -3.0])  # 2.5 and -3 clip under the given scale
+    for S in TINY_SCALES:
+        s = torch.tensor(S)
+        x = base * s
+        xr = x.clamp(min=0)
+        for bits in ALL_BITS:
+            cases = [("given", lambda t: fk.fake_quant(t, bits, s.to(dev)), R.fake_quant(x, bits, s, 0)[0], float(s)),
+                     ("dynamic", lambda t: fk.fake_quant(t, bits), R.fake_quant(x, bits, None, 0)[0],
+                      float(x.abs().amax())),
+                     ("relu6", lambda t: fk.relu6_fake_quant(t, bits), R.relu6_fake_quant(x, bits)[0],
+                      float(xr.amax()))]
+            for what, call, want, scale in cases:
+                where = f"{what}, S = {S:g}, {bits} bits"
+                assert torch.isfinite(want).all(), where
+                assert _grid_error(want, xr if what == "relu6" else x, scale, bits) <= 1.0, where
+                with backend.active():
+                    got = call(x.to(dev))
+                assert torch.equal(got.cpu().view(torch.int32), want.view(torch.int32)), where
+
+
+def test_the_tiny_scale_grid_is_the_plain_grid_scaled(backend):
+    """Below 2^-100 the grid is computed on S * 2^100 and scaled back; where no value is
+    subnormal that is exactly the plain grid of x * 2^100 under S * 2^100, scaled by 2^-100
+    (every step a power-of-two scaling, exact): a check of the rule, by a route that never
+    takes it, on every backend. 1e-31 at 4 bits: the smallest nonzero output, S / 15 * 0.07's
+    level, is normal."""
+    dev = backend.device
+    up = 2.0**100
+    x = torch.tensor(TINY_BASE + [2.5, -3.0]) * 1e-31
+    s = torch.tensor(1e-31)
+    assert float(s) < 2.0**-100
+    with backend.active():
+        y = fk.fake_quant(x.to(dev), 4, s.to(dev)).cpu()
+        y_dyn = fk.fake_quant(x.to(dev), 4).cpu()
+    plain = fk.fake_quant(x * up, 4, s * up) / up
+    plain_dyn = fk.fake_quant(x * up, 4) / up
+    assert (y[y != 0].abs() >= 2.0**-126).all()
+    assert torch.equal(y.view(torch.int32), plain.view(torch.int32))
+    assert torch.equal(y_dyn.view(torch.int32), plain_dyn.view(torch.int32))
 
 
 def _view(kind: str, dtype, device):
