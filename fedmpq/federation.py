@@ -29,6 +29,7 @@ except ImportError:  # not on Windows: no folder lock
     fcntl = None  # type: ignore[assignment]
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -105,11 +106,28 @@ class PlotPacer:
                 log.info("the plots could not be brought up to date: %s: %s", type(e).__name__, e)
 
 
+def damaged_record(path: Path) -> Optional[str]:
+    """The first record of a ``torch.save`` file (a zip) whose bytes fail their CRC-32, or
+    None (none does, or it is no zip: ``torch.load`` then says so). torch.save writes a
+    CRC-32 per record and torch.load never checks them: a bit flipped in a tensor's bytes (on
+    disk, in a copy) loaded as a silently different weight."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip()
+    except (zipfile.BadZipFile, EOFError, ValueError):  # no zip (truncated, random bytes): torch.load's turn
+        return None
+
+
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """A checkpoint written by :func:`federate`; :class:`ConfigError` naming the file when it
-    is missing, truncated or not one (never torch's advice to unpickle it unsafely)."""
+    is missing, truncated, damaged (a record failing its CRC-32) or not one (never torch's
+    advice to unpickle it unsafely)."""
     if not path.is_file():
         raise ConfigError(f"nothing to resume: {path} does not exist")
+    bad = damaged_record(path)
+    if bad is not None:
+        raise ConfigError(f"{path} is damaged: its record {bad} fails its CRC-32 check (changed on disk or in a "
+                          "copy); resume from a good copy of the run's folder")
     try:
         with warnings.catch_warnings():  # torch's warning about a pickle it refuses: the error below says it
             warnings.simplefilter("ignore")

@@ -142,6 +142,30 @@ def test_a_bad_checkpoint_is_named_without_unsafe_advice(content, msg, tmp_path,
     assert "weights_only" not in err and "Traceback" not in err
 
 
+def test_a_checkpoint_with_a_flipped_bit_is_refused_not_resumed(tmp_path, capsys):
+    """torch.load never checks the CRC-32 that torch.save writes per record: one bit flipped
+    in a weight's bytes loaded as another weight, and the run resumed from it. The resume now
+    stops with one line naming the file and the record; the run's files are left as they
+    were."""
+    import zipfile
+
+    run = tmp_path / "run"
+    assert cli.main(["simulate", "-q", "--out", str(run)] + _args(dict(SMALL, rounds=1))) == 0
+    ck = run / "checkpoint.pt"
+    data = bytearray(ck.read_bytes())
+    with zipfile.ZipFile(ck) as z:  # the largest tensor record: a weight's bytes
+        rec = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        body = z.read(rec)
+    at = bytes(data).find(body) + len(body) // 2
+    data[at] ^= 0x04
+    ck.write_bytes(bytes(data))
+    results = (run / "results.json").read_bytes()
+    assert cli.main(["simulate", "-q", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert str(ck) in err and "is damaged" in err and rec.filename in err and err.count("\n") == 1, err
+    assert ck.read_bytes() == bytes(data) and (run / "results.json").read_bytes() == results
+
+
 def test_a_bad_out_folder_stops_before_training(tmp_path, capsys):
     afile = tmp_path / "file"
     afile.write_text("x")
