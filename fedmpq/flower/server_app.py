@@ -73,20 +73,35 @@ def _ask_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -> Li
     return found
 
 
-def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float) -> Tuple[Dict[int, int], Dict[int, float],
-                                                                                        Dict[int, int]]:
+def identify_nodes(grid: Grid, ids: List[int], n_clients: int, timeout: float, poll: float = 0.5,
+                   asked: Optional[set] = None) -> Tuple[Dict[int, int], Dict[int, float], Dict[int, int]]:
     """Ask every node which client it is: ({client: node id}, {client: budget}, {client:
-    samples}). Raises ``RuntimeError`` when the nodes do not cover clients 0..n_clients-1
-    exactly once (naming the gap or the duplicate)."""
+    samples}). Nodes ``ids`` first; while a client is missing, a node that connects later
+    (a SuperNode started late, or restarted under a new node id while its old id is still
+    listed) is asked too, until ``timeout`` seconds have passed. Every node asked is added to
+    ``asked`` when given, and none is asked twice. Raises ``RuntimeError`` when the nodes do
+    not cover clients 0..n_clients-1 exactly once (naming the gap or the duplicate)."""
+    deadline = time.monotonic() + timeout
     node_of, budgets, samples = {}, {}, {}
-    for nid, k, b, d in _ask_nodes(grid, ids, n_clients, timeout):
-        if k in node_of:
-            raise RuntimeError(f"nodes {node_of[k]} and {nid} both say they are client {k} (partition-id)")
-        node_of[k], budgets[k], samples[k] = nid, b, d
-    missing = sorted(set(range(n_clients)) - set(node_of))
+    seen = set()
+    new = list(ids)
+    while True:
+        seen.update(new)
+        if new:
+            for nid, k, b, d in _ask_nodes(grid, new, n_clients, max(deadline - time.monotonic(), poll)):
+                if k in node_of:
+                    raise RuntimeError(f"nodes {node_of[k]} and {nid} both say they are client {k} (partition-id)")
+                node_of[k], budgets[k], samples[k] = nid, b, d
+        missing = sorted(set(range(n_clients)) - set(node_of))
+        if not missing or time.monotonic() >= deadline:
+            break
+        time.sleep(poll)
+        new = sorted(set(grid.get_node_ids()) - seen)
+    if asked is not None:
+        asked.update(seen)
     if missing:
         raise RuntimeError(f"no node is client {missing[0]} (of 0..{n_clients - 1}); {len(node_of)} of the "
-                           f"{len(ids)} nodes asked identified themselves as clients within node-timeout {timeout:g} s "
+                           f"{len(seen)} nodes asked identified themselves as clients within node-timeout {timeout:g} s "
                            "(a node that failed to answer is named above)")
     return node_of, budgets, samples
 
@@ -193,11 +208,12 @@ def make_app(run_config: Optional[Mapping[str, Any]] = None) -> ServerApp:
         federation.prepare_out(opts["out"] or None)  # a folder holding a run: refused before the nodes are waited for
         ds = data_mod.load(c["dataset"], c["data_dir"])  # the server's held-out test set
         ids = wait_for_nodes(grid, c["n_clients"], opts["node_timeout"])
-        node_of, budgets, samples = identify_nodes(grid, ids, c["n_clients"], opts["node_timeout"])
+        asked: set = set()
+        node_of, budgets, samples = identify_nodes(grid, ids, c["n_clients"], opts["node_timeout"], asked=asked)
         c = dict(c, budgets=[budgets[k] for k in range(c["n_clients"])])  # the nodes' own budgets
         transport = grid_transport(grid, node_of, opts["round_timeout"],
                                    clients={k: (budgets[k], samples[k]) for k in node_of}, ask_timeout=opts["node_timeout"],
-                                   asked=ids)
+                                   asked=sorted(asked))
         res = federation.federate(c, ds, samples, budgets, transport,
                                 out=opts["out"] or None, progress=False,
                                 threads=c["threads"])  # the run's; a node's own node config may differ

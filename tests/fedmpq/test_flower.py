@@ -287,7 +287,7 @@ def test_an_error_the_superlink_sends_for_an_offline_node_names_its_client(monke
     grid = _Grid([100, 101], lambda m: _Reply(100, content=info) if m.metadata.dst_node_id == 100 else _Reply(
         1, error=SimpleNamespace(code=3, reason="the node is unavailable"), reply_to=m.metadata.message_id))
     with pytest.raises(RuntimeError, match="no node is client 1"):
-        server_app.identify_nodes(grid, [100, 101], 2, 5)
+        server_app.identify_nodes(grid, [100, 101], 2, 0.2, poll=0.05)
     assert "node 101 could not say which client it is: the node is unavailable" in caplog.text
 
 
@@ -304,7 +304,7 @@ def test_nodes_that_do_not_cover_the_clients_are_refused(monkeypatch):
     with pytest.raises(RuntimeError, match="both say they are client 0"):
         server_app.identify_nodes(grid_of([0, 0, 1]), [100, 101, 102], 3, 5)
     with pytest.raises(RuntimeError, match="no node is client 2"):
-        server_app.identify_nodes(grid_of([0, 1]), [100, 101], 3, 5)
+        server_app.identify_nodes(grid_of([0, 1]), [100, 101], 3, 0.2, poll=0.05)
     with pytest.raises(TimeoutError, match="only 2 of the 3 nodes"):
         server_app.wait_for_nodes(grid_of([0, 1]), 3, timeout=0.2, poll=0.05)
 
@@ -326,8 +326,45 @@ def test_a_node_that_says_which_client_it_is_in_a_bad_reply_is_left_out(monkeypa
         grid = _Grid([100, 101], lambda m: _Reply(m.metadata.dst_node_id, content={"info": info[m.metadata.dst_node_id]}))
         caplog.clear()
         with pytest.raises(RuntimeError, match="no node is client 1"):
-            server_app.identify_nodes(grid, [100, 101], 2, 5)
+            server_app.identify_nodes(grid, [100, 101], 2, 0.2, poll=0.05)
         assert "node 101 said which client it is in a reply that is left out" in caplog.text and why in caplog.text, bad
+
+
+def test_a_node_that_connects_while_the_clients_are_identified_is_asked_too(monkeypatch, caplog):
+    """The nodes listed when enough had connected are asked first; one of them may be a
+    SuperNode's old id, still listed after a restart, that never answers, while the restarted
+    node (a new id) connects a moment later. It was never asked, and the run stopped with "no
+    node is client 1". Now nodes that connect later are asked while a client is missing, within
+    node-timeout, each once; every node asked is reported so the rounds do not ask it again."""
+    monkeypatch.setattr(server_app, "Message", _Msg)
+    caplog.set_level(logging.WARNING, logger="fedmpq")
+    who = {100: 0, 102: 1}
+    calls = []
+
+    def answer(m):
+        nid = m.metadata.dst_node_id
+        calls.append(nid)
+        if nid == 101:  # the stale id: the SuperLink answers for it
+            return _Reply(1, error=SimpleNamespace(code=3, reason="the node is unavailable"), reply_to=m.metadata.message_id)
+        return _Reply(nid, content={"info": {"client": who[nid], "budget": 4.0, "num_samples": 10}})
+
+    class Late(_Grid):
+        polls = 0
+
+        def get_node_ids(self):  # node 102 connects at the second look
+            self.polls += 1
+            return [100, 101, 102] if self.polls >= 2 else [100, 101]
+
+    asked = set()
+    node_of, budgets, _ = server_app.identify_nodes(Late([100, 101], answer), [100, 101], 2, 5, poll=0.01, asked=asked)
+    assert node_of == {0: 100, 1: 102} and budgets == {0: 4, 1: 4}
+    assert sorted(calls) == [100, 101, 102] and asked == {100, 101, 102}  # each asked once
+    assert "node 101 could not say which client it is" in caplog.text
+    # a client still missing at node-timeout: the same error as before, naming how many were asked
+    calls.clear()
+    with pytest.raises(RuntimeError, match=r"no node is client 1 .*1 of the 2 nodes asked"):
+        server_app.identify_nodes(_Grid([100, 101], answer), [100, 101], 2, 0.2, poll=0.05)
+    assert sorted(calls) == [100, 101]
 
 
 # --- the ClientApp's handlers, called as Flower calls them -------------------------------------
