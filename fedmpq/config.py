@@ -64,8 +64,8 @@ HELP: Dict[str, str] = {
     "rounds": "federation rounds, an integer >= 1",
     "local_epochs": "local epochs per round, an integer >= 1",
     "batch_size": "local batch size, an integer >= 1",
-    "lr": "learning rate, a number > 0",
-    "momentum": "SGD and bit-plane momentum, in [0, 1)",
+    "lr": "learning rate, a number > 0 that float32 holds (1.4e-45 to 3.4e38)",
+    "momentum": "SGD and bit-plane momentum, in [0, 1) (below 1 - 2**-25, which float32 rounds to 1)",
     "weight_decay": "weight decay of fp's SGD, a number >= 0 (the bit-plane optimizer has none)",
     "lambda": "group-lasso weight on the bit planes, a number >= 0",
     "threshold": "precision reduction threshold theta in percent, a number >= 0",
@@ -190,8 +190,11 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
     c["budgets"] = [int(b) if float(b).is_integer() else float(b) for b in budgets]
     for key in ("lambda", "threshold", "weight_decay"):
         _number(c, key, 0, what="a finite number >= 0")
-    _number(c, "lr", 0, lo_open=True, what="a finite number > 0")
-    _number(c, "momentum", 0, 1, hi_open=True, what="a number in [0, 1)")
+    # the bit-plane kernels step in float32: an lr it holds as 0 or inf, a momentum it holds as
+    # 1, were refused by them at the first step (training stopped mid-run), not here
+    _number(c, "lr", qn.optim.F32_LEAST, qn.optim.F32_MAX, what="a finite number > 0 that float32 holds (1.4e-45 to 3.4e38)")
+    _number(c, "momentum", 0, qn.optim.MOMENTUM_MAX, hi_open=True,
+            what="a number in [0, 1) (below 1 - 2**-25, which float32 rounds to 1)")
     _number(c, "sampling_rate", 0, 1, lo_open=True, what="a number in (0, 1]")
     if isinstance(c["act_bits"], bool) or c["act_bits"] not in fk.ALLOWED_BITS:
         raise ConfigError(f"act_bits must be {fk.MIN_BITS}..{fk.MAX_BITS} or {fk.FLOAT_BITS}, got {c['act_bits']!r}")

@@ -3,8 +3,9 @@
 // (fedmpq_kernels/bitplane/reference.py states the math and the float32 order of every
 // operation): every product and sum is rounded on its own (__fmul_rn, __fadd_rn, and the
 // module is built with --fmad=false), divisions are IEEE (__fdiv_rn), rounding is half to
-// even (rintf). The scale gradient sums in float64 in its own order (within 1e-6 relative
-// of the reference's, as the CPU and Triton kernels).
+// even (rintf). The scale gradient sums in float64 in its own order, as the CPU and Triton
+// kernels: within n * 2^-53 of sum |sigma q G| of the reference's (1e-6 relative where the
+// terms do not cancel; under cancellation, 2^60 - 2^60 + small terms, the orders differ).
 //
 // Why these exist beside the Triton kernels: a launch through Triton's Python launcher
 // costs tens of microseconds of host time, a native launch a few, and a client step makes

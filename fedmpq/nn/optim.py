@@ -31,6 +31,10 @@ def host_reads_free(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+F32_LEAST, F32_MAX = 2.0 ** -149, 3.4028234663852886e38  # float32's least positive and largest values
+MOMENTUM_MAX = 1.0 - 2.0 ** -25  # the least double that float32 rounds to 1
+
+
 def check_settings(lr: float, momentum: float, lam: float, lam_name: str = "lambda") -> None:
     """An optimizer's settings: lr > 0, momentum in [0, 1), ``lam`` (lambda, or what
     ``lam_name`` says: FloatSGD's weight_decay) >= 0; lr and lam finite. Each a real number
@@ -41,10 +45,11 @@ def check_settings(lr: float, momentum: float, lam: float, lam_name: str = "lamb
         if isinstance(v, bool) or not (isinstance(v, numbers.Real) or (isinstance(v, torch.Tensor) and v.numel() == 1
                                                                       and not v.is_complex())):
             raise TypeError(f"{name} must be a number, got {v!r}")
-    if not 0 < lr < math.inf:
-        raise ValueError(f"lr must be a finite number > 0, got {lr}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    # in float32 (the kernels' steps): lr neither 0 nor inf, momentum not 1
+    if not F32_LEAST <= lr <= F32_MAX:
+        raise ValueError(f"lr must be a finite number > 0 that float32 holds (1.4e-45 to 3.4e38), got {lr}")
+    if not 0 <= momentum < MOMENTUM_MAX:
+        raise ValueError(f"momentum must be in [0, 1) (below 1 - 2**-25, which float32 rounds to 1), got {momentum}")
     if not 0 <= lam < math.inf:  # lambda = inf made every coefficient inf: each step skipped, silently
         raise ValueError(f"{lam_name} must be a finite number >= 0, got {lam}")
 

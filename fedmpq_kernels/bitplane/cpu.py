@@ -126,14 +126,14 @@ def dequantize_layers_usual(codes, sign, scale, bits, sink) -> Optional[List[Ten
     weight in ``sink[l]``'s shape, or None when a layer is not usual (the caller's general
     path then checks it and names what is wrong). Usual: plain CPU tensors, codes and sign
     uint8 and contiguous, the sign bitmap 4-byte aligned and long enough, a 0-dim float32
-    scale, a sink of the codes' count, none functorch-wrapped; bits an int in 1..8. The caller
+    scale, a float32 sink of the codes' count, none functorch-wrapped; bits an int in 1..8. The caller
     has checked that the lists have one length."""
     nt = torch.get_num_threads()
     out = []
     for c, sg, sc, b, sk in zip(codes, sign, scale, bits, sink):
         if not (type(b) is int and 0 < b <= 8 and type(c) in _PLAIN and type(sg) in _PLAIN and type(sc) in _PLAIN
                 and type(sk) in _PLAIN and c.dtype is _U8 and sg.dtype is _U8 and sc.dtype is _F32
-                and c.is_cpu and sg.is_cpu and sc.is_cpu and sk.is_cpu and sc.dim() == 0
+                and sk.dtype is _F32 and c.is_cpu and sg.is_cpu and sc.is_cpu and sk.is_cpu and sc.dim() == 0
                 and c.is_contiguous() and sg.is_contiguous() and sk.numel() == (n := c.numel())
                 and (nsg := sg.numel()) >= 4 * ((n + 31) >> 5) and not (psg := sg.data_ptr()) & 3
                 and not _is_wrapped(c) and not _is_wrapped(sg) and not _is_wrapped(sc) and not _is_wrapped(sk)):

@@ -1,7 +1,8 @@
 """Bit-plane training, CUDA backend: adapters to the CUDA kernels in csrc/cuda/bitplane.cu,
 through ``fedmpq_kernels._C.cuda``. Contracts: :mod:`fedmpq_kernels.bitplane.reference`
 (same signatures, same results bit for bit; ``dequantize_backward`` sums in float64 in
-another order, within 1e-6 relative).
+another order: within n * 2^-53 of sum |sigma q G| of the reference's, 1e-6 relative where
+the terms do not cancel).
 
 Why beside the Triton backend: a native launch costs the host a few microseconds where
 Triton's Python launcher costs tens, and a client step makes about four of these calls per

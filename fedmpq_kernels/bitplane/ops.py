@@ -414,10 +414,16 @@ def _check_dequantize(codes, sign, scale, bits, sink) -> int:
     """Checks dequantize's arguments; returns bits."""
     n, bits = _state(codes, sign, bits)
     _scale(scale, codes.device)
-    _tensor(sink, "sink", device=codes.device)
+    _sink(sink, n, codes.device)
+    return bits
+
+
+def _sink(sink, n: int, device) -> None:
+    _tensor(sink, "sink", device=device)
+    if sink.dtype != torch.float32:  # autograd would round G, sink.grad, to the sink's dtype
+        raise TypeError(f"sink must be float32 (its gradient is the weight's gradient G), got {sink.dtype}")
     if sink.numel() != n:
         raise ValueError(f"sink has {sink.numel()} elements, codes {n}")
-    return bits
 
 
 def _scale(scale, device) -> Tensor:
@@ -464,8 +470,8 @@ def _step_layer(codes, sign, mom, gs, grad, coef, scale, bits, dev) -> Tuple[int
 
 # Every backend steps with float32(lr) and float32(momentum): an lr at or below 2^-150 is 0
 # there (the step would move no code yet erase the momentum), a momentum at or above
-# 1 - 2^-25 exactly 1 (no decay). The checks hold the float32 values to the stated ranges
-# (lr above F32_POSITIVE_FROM).
+# 1 - 2^-25 exactly 1 (no decay), an lr from F32_INF_FROM up inf (every step skipped). The
+# checks hold the float32 values to the stated ranges (F32_POSITIVE_FROM < lr < F32_INF_FROM).
 _MOMENTUM_MAX = 1.0 - 2.0 ** -25
 
 
@@ -474,8 +480,9 @@ def _step_scalars(lr, momentum) -> None:
         # type() first: an ABC isinstance costs about 0.3 µs
         if not (type(v) is float or (not isinstance(v, bool) and isinstance(v, numbers.Real))) or not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {v!r}")
-    if not lr > F32_POSITIVE_FROM:
-        raise ValueError(f"lr must be > 0 (above 2**-150, which float32 rounds to 0), got {lr}")
+    if not F32_POSITIVE_FROM < lr < F32_INF_FROM:
+        raise ValueError(f"lr must be > 0 (above 2**-150, which float32 rounds to 0) and below "
+                         f"3.4028235677973366e38 (which it rounds to inf), got {lr}")
     if not 0 <= momentum < _MOMENTUM_MAX:
         raise ValueError(f"momentum must be in [0, 1) (below 1 - 2**-25, which float32 rounds to 1), got {momentum}")
 
@@ -532,7 +539,7 @@ def dequantize(codes: Tensor, sign: Tensor, scale: Tensor, bits: int, sink: Tens
     # path, with the checks that name the problem.
     if (type(bits) is int and 0 < bits <= 8 and type(codes) in PLAIN and type(sign) in PLAIN and type(scale) in PLAIN
             and type(sink) in PLAIN and codes.dtype is _U8 and sign.dtype is _U8 and scale.dtype is _F32
-            and codes.is_cpu and sign.is_cpu and scale.is_cpu and sink.is_cpu and scale.dim() == 0
+            and sink.dtype is _F32 and codes.is_cpu and sign.is_cpu and scale.is_cpu and sink.is_cpu and scale.dim() == 0
             and sink.numel() == (n := codes.numel()) and sign.numel() >= 4 * ((n + 31) >> 5)
             and not _is_compiling() and not _dispatch_modes() and not _functorch_active()
             and not _is_wrapped(codes) and not _is_wrapped(scale) and not _is_wrapped(sink)):
@@ -598,7 +605,8 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
         c, sg, sc, sk, b = codes[i], sign[i], scale[i], sink[i], bits[i]
         # the usual case in one expression (half the time of the checks below, which name the problem)
         if (type(b) is int and 0 < b <= 8 and type(c) in PLAIN and type(sg) in PLAIN and type(sc) in PLAIN
-                and type(sk) in PLAIN and c.dtype is u8 and sg.dtype is u8 and sc.dtype is f32 and c.device == dev
+                and type(sk) in PLAIN and c.dtype is u8 and sg.dtype is u8 and sc.dtype is f32 and sk.dtype is f32
+                and c.device == dev
                 and sg.device == dev and sc.device == dev and sk.device == dev and sc.dim() == 0  # (1,): the op's path
                 and sk.numel() == c.numel() and sg.numel() >= bitmap_nbytes(c.numel()) and not _is_wrapped(c)
                 and not _is_wrapped(sg) and not _is_wrapped(sc) and not _is_wrapped(sk)):
@@ -610,9 +618,7 @@ def dequantize_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], scale: Se
             if codes[i].device != dev:
                 raise ValueError(f"codes is on {codes[i].device}, expected {dev} (layer 0's device)")
             _scale(scale[i], dev)
-            _tensor(sink[i], "sink", device=dev)
-            if sink[i].numel() != n:
-                raise ValueError(f"sink has {sink[i].numel()} elements, codes {n}")
+            _sink(sink[i], n, dev)
         except (TypeError, ValueError) as e:
             raise type(e)(f"layer {i}: {e}") from None
     bits_t = tuple(bits_l)
@@ -749,7 +755,7 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
     # momentum) with _step_layer's checks in their cheapest form, every tensor attribute read
     # once; anything else takes the general path, with the checks that name the problem.
     if (type(bits) is int and 0 < bits <= 8 and type(key) is int and 0 <= key <= 0xFFFFFFFF and type(lr) is float
-            and type(momentum) is float and F32_POSITIVE_FROM < lr < math.inf
+            and type(momentum) is float and F32_POSITIVE_FROM < lr < F32_INF_FROM
             and 0.0 <= momentum < _MOMENTUM_MAX  # _step_scalars
             and type(codes) in PLAIN and type(sign) in PLAIN and type(mom) in PLAIN and type(gs) in PLAIN
             and type(grad) in PLAIN and type(coef) in PLAIN and type(scale) in PLAIN
@@ -817,7 +823,7 @@ def bitplane_step_layers(codes: Sequence[Tensor], sign: Sequence[Tensor], mom: S
     # checked and stepped by the CPU backend in one pass over the layers (~40 attribute reads a
     # layer, against _step_layer's ~100 and the adapter's own); anything it does not take
     # goes on below, to the checks that name the problem.
-    if (type(lr) is float and type(momentum) is float and F32_POSITIVE_FROM < lr < math.inf
+    if (type(lr) is float and type(momentum) is float and F32_POSITIVE_FROM < lr < F32_INF_FROM
             and 0.0 <= momentum < _MOMENTUM_MAX
             and type(codes) in _SEQS and type(sign) in _SEQS and type(mom) in _SEQS and type(gs) in _SEQS
             and type(grad) in _SEQS and type(coef) in _SEQS and type(scale) in _SEQS and type(bits) in _SEQS

@@ -1,8 +1,9 @@
 """Bit-plane training, Triton backend: binarize, dequantize, dequantize_backward,
 plane_popcounts and the fused optimizer step, bit for bit as
 :mod:`fedmpq_kernels.bitplane.reference` (the storage, the math and the float32 order of
-every step are stated there; ``dequantize_backward`` sums in float64 in another order,
-within 1e-6 relative).
+every step are stated there; ``dequantize_backward`` sums in float64 in another order:
+within n * 2^-53 of sum |sigma q G| of the reference's, so 1e-6 relative where the terms do
+not cancel, and no closer to the result itself where they do).
 
 Design (the tricks of :mod:`fedmpq_kernels.fake_quant.triton` and ``pack.triton``)
 --------------------------------------------------------------------------------

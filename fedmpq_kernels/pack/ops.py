@@ -247,9 +247,17 @@ def _check_accumulate(acc, planes, signs, bits) -> int:
 
 def layer_coefs(scales, bits, weight: float = 1.0) -> Tensor:
     """float32 ``weight * scale / (2**bits - 1)`` per layer, in the float32 order of
-    :func:`dequant_accumulate` (for :func:`dequant_accumulate_layers`). ValueError for bits
-    that are not integers in 1..8 (one per scale, or one for all)."""
-    s = np.asarray(scales, dtype=np.float32)
+    :func:`dequant_accumulate` (for :func:`dequant_accumulate_layers`). ValueError, as
+    :func:`dequant_accumulate`'s, for bits that are not integers in 1..8 (one per scale, or
+    one for all), a scale not finite and >= 0 in float32, a weight not finite in float32."""
+    with np.errstate(over="ignore"):  # a double beyond float32's range becomes inf: refused below
+        s = np.asarray(scales, dtype=np.float32)
+    bad = ~(np.isfinite(s) & (s >= 0))  # NaN fails both
+    if bad.any():
+        raise ValueError(f"scale must be finite and >= 0 in float32, got {s[bad].flat[0]} "
+                         f"(scale {int(np.flatnonzero(bad)[0])})")
+    if not abs(float(weight)) < F32_INF_FROM:
+        raise ValueError(f"weight must be finite in float32, got {weight}")
     b = np.asarray(bits)
     if (b.dtype.kind not in "iu" or b.shape not in (s.shape, ())
             or (b.size and not (b.min() >= MIN_BITS and b.max() <= MAX_BITS))):
@@ -319,7 +327,9 @@ def check_layer_table(t: np.ndarray, coefs: np.ndarray, acc_n: int, payload_n: i
     ends = acc_off + n
     need = (bits + 1) * bitmap_nbytes(n)  # planes + sign map
     bad = (
-        (n < 0) | (n > 1 << 56) | (bits < MIN_BITS) | (bits > MAX_BITS) | (acc_off < 0) | (ends > acc_n)
+        # n > acc_n - acc_off, not ends > acc_n: acc_off + n can pass 2^63 and wrap (the C++ binding's form)
+        (n < 0) | (n > 1 << 56) | (bits < MIN_BITS) | (bits > MAX_BITS) | (acc_off < 0) | (acc_off > acc_n)
+        | (n > acc_n - acc_off)
         | (data_off < 0) | (data_off % 4 != 0) | (data_off > payload_n) | (need > payload_n - data_off)
         | ~np.isfinite(coefs)
     )

@@ -27,6 +27,10 @@ SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_e
     (dict(sampling_rate=1.5), "sampling_rate must be a number in \\(0, 1\\]"),
     (dict(momentum=1), "momentum must be a number in \\[0, 1\\)"),
     (dict(lr=0), "lr must be a finite number > 0"),
+    # float32 holds them as inf, 0 and 1: the bit-plane kernels refused them at the first step
+    (dict(lr=1e39), "lr must be a finite number > 0 that float32 holds"),
+    (dict(lr=1e-46), "lr must be a finite number > 0 that float32 holds"),
+    (dict(momentum=0.99999999), r"momentum must be a number in \[0, 1\) \(below 1 - 2\*\*-25"),
     (dict(seed=-5), "seed must be an integer >= 0"),
     (dict(seed=1.5), "seed must be an integer >= 0"),
     (dict(alpha=float("inf")), "alpha must be a finite number > 0"),

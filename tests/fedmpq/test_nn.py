@@ -871,6 +871,8 @@ def test_optimizers_refuse_settings_that_are_not_numbers_by_name(key, value):
 @pytest.mark.parametrize("key,value,rule", [
     ("lr", -0.1, "lr must be a finite number > 0"), ("lr", float("nan"), "lr must be a finite number > 0"),
     ("lr", float("inf"), "lr must be a finite number > 0"), ("lr", 0.0, "lr must be a finite number > 0"),
+    ("lr", 1e39, "lr must be a finite number > 0 that float32 holds"),  # inf in float32
+    ("momentum", 0.99999999, r"momentum must be in \[0, 1\) \(below 1 - 2\*\*-25"),  # 1 in float32
     ("momentum", 1.0, r"momentum must be in \[0, 1\)"), ("momentum", float("nan"), r"momentum must be in \[0, 1\)"),
     ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0"),
     ("lr", None, "lr must be a number, got None"), ("momentum", "fast", "momentum must be a number, got 'fast'")])

@@ -197,9 +197,10 @@ def _args():
     (lambda a: a[3].__setitem__(3, 0), ValueError, "layer 3: bits must be in 1..8"),
     (lambda a: a[3].__setitem__(1, True), TypeError, "layer 1: bits must be an int"),
     (lambda a: a[4].__setitem__(7, fk.sink_like((3,))), ValueError, "layer 7: sink has 3 elements, codes 1023"),
+    (lambda a: a[4].__setitem__(2, a[4][2].half()), TypeError, "layer 2: sink must be float32"),
     (lambda a: a[2].__setitem__(0, torch.tensor(1.0, device="meta")), ValueError, "layer 0: scale is on meta"),
     (lambda a: a[4].pop(), ValueError, "sink has 7 entries, codes 8"),
-], ids=["codes-dtype", "sign-short", "scale-shape", "bits-range", "bits-zero", "bits-bool", "sink-size", "scale-device",
+], ids=["codes-dtype", "sign-short", "scale-shape", "bits-range", "bits-zero", "bits-bool", "sink-size", "sink-dtype", "scale-device",
         "length"])
 def test_a_bad_layer_is_named(change, err, match):
     a = _args()

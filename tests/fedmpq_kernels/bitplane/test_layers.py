@@ -232,6 +232,8 @@ def test_bad_keys_and_scalars_are_refused():
         fk.bitplane_step_layers(*lists, 0.5, 0.9, torch.zeros(L - 1, dtype=torch.int64))
     with pytest.raises(ValueError, match="lr must be > 0"):
         fk.bitplane_step_layers(*lists, 0.0, 0.9, keys)
+    with pytest.raises(ValueError, match="and below 3.4028235677973366e38"):  # inf as float32
+        fk.bitplane_step_layers(*lists, 3.5e38, 0.9, keys)
     with pytest.raises(ValueError, match="momentum must be in"):
         fk.bitplane_step_layers(*lists, 0.5, 1.0, keys)
     assert fk.bitplane_step_layers([], [], [], [], [], [], [], [], 0.5, 0.9, []).shape == (0,)

@@ -72,6 +72,11 @@ def test_opcheck(backend):
                                fk.sink_like((5,))), TypeError, "scale must be a one-element"),
         (lambda: fk.dequantize(torch.zeros(5, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8), torch.tensor(1.0), 3,
                                fk.sink_like((6,))), ValueError, "sink has 6 elements, codes 5"),
+        # G comes back in the sink's dtype: float16 made 1e-8 a 0 and 1e5 an inf (the step skipped)
+        (lambda: fk.dequantize(torch.zeros(5, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8), torch.tensor(1.0), 3,
+                               fk.sink_like((5,)).half()), TypeError, "sink must be float32 .*got torch.float16"),
+        (lambda: fk.dequantize(torch.zeros(5, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8), torch.tensor(1.0), 3,
+                               torch.zeros(5, dtype=torch.bfloat16, requires_grad=True)), TypeError, "sink must be float32"),
         (lambda: fk.dequantize(torch.zeros(5, dtype=torch.uint8), torch.zeros(4, dtype=torch.uint8), torch.tensor(1.0), 9,
                                fk.sink_like((5,))), ValueError, "bits must be in 1..8"),
         (lambda: fk.plane_popcounts(torch.zeros(5, dtype=torch.uint8), 0), ValueError, "bits must be in 1..8"),
@@ -98,6 +103,9 @@ def test_opcheck(backend):
         # erased the momentum, or kept the momentum undecayed
         (lambda: fk.bitplane_step(**_step_args(lr=1e-46)), ValueError, r"lr must be > 0 \(above 2\*\*-150"),
         (lambda: fk.bitplane_step(**_step_args(lr=2.0**-150)), ValueError, "lr must be > 0"),
+        # finite as a double, inf as float32: every step was skipped, silently (g_s = inf)
+        (lambda: fk.bitplane_step(**_step_args(lr=3.5e38)), ValueError, r"and below 3.4028235677973366e38"),
+        (lambda: fk.bitplane_step(**_step_args(lr=1e300)), ValueError, r"and below 3.4028235677973366e38"),
         (lambda: fk.bitplane_step(**_step_args(momentum=0.99999999)), ValueError, r"momentum must be in \[0, 1\) \(below"),
         (lambda: fk.bitplane_step(**_step_args(momentum=1 - 2.0**-25)), ValueError, r"momentum must be in \[0, 1\)"),
         (lambda: fk.bitplane_step(**_step_args(key=-1)), ValueError, "key must be a uint32"),

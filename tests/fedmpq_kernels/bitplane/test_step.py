@@ -124,7 +124,9 @@ def test_step_non_finite_is_skipped(backend, bad):
 @pytest.mark.parametrize("lr, grad_scale", [(1e39, 0.1), (1e10, 1e30)], ids=["lr_beyond_float32", "lr_times_gs_overflows"])
 def test_step_lr_overflow_is_skipped(backend, lr, grad_scale):
     """g_s finite but lr * g_s overflowing float32 (lr itself beyond float32 included): the
-    step is skipped too, status +inf."""
+    step is skipped too, status +inf. An lr beyond float32 is refused by the public function
+    and the op (it would skip every step): the backend's kernel, called as the op calls it,
+    still skips rather than write an inf step into the state."""
     kernels(backend)
     dev = backend.device
     n, bits = 300, 4
@@ -133,8 +135,17 @@ def test_step_lr_overflow_is_skipped(backend, lr, grad_scale):
     gs.fill_(0.5)
     before = [t.clone() for t in (codes, sign, mom, gs)]
     grad = torch.randn(n, generator=torch.Generator().manual_seed(6)) * grad_scale
-    (state, got), (ref_state, want) = _one_step(backend, [codes, sign, mom, gs], scale, grad, torch.zeros(bits), bits,
-                                                lr, 0.9, 3)
+    if lr < 3.4028235677973366e38:
+        (state, got), (ref_state, want) = _one_step(backend, [codes, sign, mom, gs], scale, grad, torch.zeros(bits), bits,
+                                                    lr, 0.9, 3)
+    else:
+        with pytest.raises(ValueError, match="and below 3.4028235677973366e38"):
+            _one_step(backend, [codes, sign, mom, gs], scale, grad, torch.zeros(bits), bits, lr, 0.9, 3)
+        state, ref_state = [codes, sign, mom, gs], [t.detach().cpu().clone() for t in (codes, sign, mom, gs)]
+        want = R.bitplane_step(*ref_state, grad, torch.zeros(bits), scale.cpu(), bits, lr, 0.9, 3)
+        with backend.active():
+            got = backend.op("bitplane", "bitplane_step")(codes, sign, mom, gs, grad.to(dev), torch.zeros(bits, device=dev),
+                                                          scale, bits, lr, 0.9, 3, None)
     assert float(got) == float("inf") and float(want) == float("inf")
     assert_state_equal(state, [t.cpu() for t in before], "lr overflow")
     assert_state_equal(state, ref_state, "lr overflow vs reference")

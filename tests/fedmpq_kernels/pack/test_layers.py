@@ -117,6 +117,9 @@ def test_layer_coefs_are_the_float32_products():
         ([0, 10**9, 2, 8], "accumulator range|out of the payload|is invalid"),
         ([0, -5, 2, 8], "negative element count|is invalid"),
         ([0, 2**62, 2, 8], "any kernel accepts|is invalid"),
+        # acc_off + n passes 2^63: it wrapped to a negative end in the Python backends' check, so
+        # the reference, Triton and CUDA took the row and added nothing (the CPU binding refused it)
+        ([2**63 - 10, 20, 2, 8], "accumulator range|is invalid"),
     ],
 )
 def test_bad_table_rows_raise(backend, row, match):
@@ -308,6 +311,23 @@ def test_native_binding_fuzzed(data):
         assert torch.equal(acc, before)  # refused before any kernel ran
         return
     assert torch.equal(acc[acc_n:], before[acc_n:])  # nothing written past the declared end
+
+
+@pytest.mark.parametrize("scales, weight, match", [
+    ([0.5, -1.0], 1.0, r"scale must be finite and >= 0 in float32, got -1.0 \(scale 1\)"),
+    ([float("nan"), 1.0], 1.0, "scale must be finite and >= 0 in float32, got nan"),
+    ([0.5, 1e39], 1.0, "scale must be finite and >= 0 in float32, got inf"),  # a double beyond float32
+    ([0.5, 1.0], 1e39, "weight must be finite in float32, got 1e"),
+])
+def test_layer_coefs_refuses_what_dequant_accumulate_refuses(scales, weight, match):
+    """dequant_accumulate refused a negative, NaN or out-of-range scale and weight; the
+    coefficients for its many-layer form took them (a negative scale made a negative
+    coefficient, NaN a coefficient the table check names only as 'finite coef')."""
+    with pytest.raises(ValueError, match=match):
+        fk.layer_coefs(scales, [3, 3], weight)
+    # a negative weight stays allowed, as dequant_accumulate's
+    want = float(torch.tensor(-2.0) * (torch.tensor(0.5) / torch.tensor(7.0)))
+    assert fk.layer_coefs([0.0, 0.5], [3, 3], -2.0).tolist() == [0.0, want]
 
 
 @pytest.mark.parametrize("bits", [[0, 3], [3, 40], [3, -1], [1.5, 2], [3]])
