@@ -744,8 +744,9 @@ def bitplane_step(codes: Tensor, sign: Tensor, mom: Tensor, gs: Tensor, grad: Te
             mod 2^32. Same key, same result either way.
 
     Returns:
-        float32 0-dim: this step's g_s. Not finite when grad or scale held NaN/inf: the
-        step was skipped and nothing changed (never corrupted codes).
+        float32 0-dim: this step's g_s. Not finite when grad or scale held NaN/inf, or
+        finite values whose float32 products overflow (a gradient near 3e38, lr * g_s
+        beyond float32): the step was skipped and nothing changed (never corrupted codes).
 
     Raises:
         TypeError / ValueError: bad arguments; a key tensor not int64 (TypeError), not on
