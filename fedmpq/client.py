@@ -10,6 +10,7 @@ and weight decay on a float model; download and upload are float32 ``Model`` pay
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import fedmpq_kernels as fk
 from . import nn as qn
 from . import wire
 from .step_graph import StepGraph
+
+log = logging.getLogger("fedmpq")
 
 Tensor = torch.Tensor
 ALGORITHMS = ("fedmpq", "aqfl", "fp8", "fp")
@@ -210,6 +213,12 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
     loss_total, n_correct = float(loss_sum), int(correct)
     if not math.isfinite(loss_total):
         raise FloatingPointError("the local loss is not finite")
+    if bit_opt is not None and bit_opt.skipped:  # counted on the CPU only (a GPU's would need a sync)
+        # a step skipped leaves the layer as it was: said, or a run with lambda or lr too large
+        # for float32 trained nothing and looked like one that did
+        log.warning("round %d: client %d skipped %d of its %d bit-plane layer steps (a gradient, scale or group-lasso "
+                    "coefficient not finite in float32: lambda or lr too large?)", round_, client_id,
+                    bit_opt.skipped, bit_opt.steps * len(bit_opt.layers))
     return n_correct / max(total, 1), loss_total / max(total, 1), opt_seconds
 
 

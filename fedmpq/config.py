@@ -66,9 +66,9 @@ HELP: Dict[str, str] = {
     "batch_size": "local batch size, an integer >= 1",
     "lr": "learning rate, a number > 0 that float32 holds (1.4e-45 to 3.4e38)",
     "momentum": "SGD and bit-plane momentum, in [0, 1) (below 1 - 2**-25, which float32 rounds to 1)",
-    "weight_decay": "weight decay of fp's SGD, a number >= 0 (the bit-plane optimizer has none)",
-    "lambda": "group-lasso weight on the bit planes, a number >= 0",
-    "threshold": "precision reduction threshold theta in percent, a number >= 0",
+    "weight_decay": "weight decay of fp's SGD, a number >= 0, at most 3.4e38 (the bit-plane optimizer has none)",
+    "lambda": "group-lasso weight on the bit planes, a number >= 0 (at most 3.4e38)",
+    "threshold": "precision reduction threshold theta in percent, in [0, 100)",
     "sampling_rate": "fraction of clients sampled per round, in (0, 1]",
     "act_bits": "activation bits on the clients: 1..8 or 16",
     "scale_lr": f"scale learning-rate rule: {', '.join(client_mod.SCALE_LR_RULES)} "
@@ -188,8 +188,10 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
             raise ConfigError(f"every budget must be in {fk.MIN_BITS}..{fk.MAX_BITS}, got {b!r}")
     # 4.0 (a file's, or "4.0") is recorded as 4: one setting with 4 in fedmpq compare
     c["budgets"] = [int(b) if float(b).is_integer() else float(b) for b in budgets]
-    for key in ("lambda", "threshold", "weight_decay"):
-        _number(c, key, 0, what="a finite number >= 0")
+    for key in ("lambda", "weight_decay"):  # used in float32: beyond its range inf (steps skipped, or torch refusing)
+        _number(c, key, 0, qn.optim.F32_MAX, what="a finite number >= 0 that float32 holds (at most 3.4e38)")
+    # a percent: from 100 up every plane is at or below it, so every layer was pruned to 1 bit, silently
+    _number(c, "threshold", 0, 100, hi_open=True, what="a percent in [0, 100)")
     # the bit-plane kernels step in float32: an lr it holds as 0 or inf, a momentum it holds as
     # 1, were refused by them at the first step (training stopped mid-run), not here
     _number(c, "lr", qn.optim.F32_LEAST, qn.optim.F32_MAX, what="a finite number > 0 that float32 holds (1.4e-45 to 3.4e38)")
@@ -375,11 +377,13 @@ def load_config_file(path: str) -> Dict[str, Any]:
 def parse_budgets(text: str) -> List[Any]:
     """``"2,4,8"`` -> ``[2, 4, 8]`` (``"2.5"`` stays a float; spaces beside a comma are
     dropped); raises :class:`ConfigError`."""
+    if not text.strip():
+        raise ConfigError("budgets must be comma-separated numbers, got an empty string")
     out = []
     for b in text.split(","):
         b = b.strip()
-        if not b:
-            continue
+        if not b:  # "4,,8" was read as 4,8: a budget left out, unsaid
+            raise ConfigError(f"budgets must be comma-separated numbers, got {text!r}: an empty place between commas")
         if any(ch.isspace() for ch in b):  # "2.5 4" was read as 2.54: a comma is the only separator
             raise ConfigError(f"budgets must be comma-separated numbers, got {text!r}: {b!r} holds a space "
                               f"(separate budgets with commas)")

@@ -50,8 +50,8 @@ def check_settings(lr: float, momentum: float, lam: float, lam_name: str = "lamb
         raise ValueError(f"lr must be a finite number > 0 that float32 holds (1.4e-45 to 3.4e38), got {lr}")
     if not 0 <= momentum < MOMENTUM_MAX:
         raise ValueError(f"momentum must be in [0, 1) (below 1 - 2**-25, which float32 rounds to 1), got {momentum}")
-    if not 0 <= lam < math.inf:  # lambda = inf made every coefficient inf: each step skipped, silently
-        raise ValueError(f"{lam_name} must be a finite number >= 0, got {lam}")
+    if not 0 <= lam <= F32_MAX:  # lambda = inf (float32's too) made every coefficient inf: each step skipped, silently
+        raise ValueError(f"{lam_name} must be a finite number >= 0 that float32 holds (at most 3.4e38), got {lam}")
 
 
 def float_parameters(model: nn.Module) -> List[nn.Parameter]:

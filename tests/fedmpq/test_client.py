@@ -342,3 +342,25 @@ def test_fp_uploads_float32():
     r = client.client_update(wire.encode_model(wire.Model(1, sd)), x, y, BUILD, client.TrainConfig(alg="fp"), 0, 1, 32.0)
     m = wire.decode_model(r.upload)
     assert {k: v.dtype for k, v in m.tensors.items()} == {k: v.dtype for k, v in sd.items()}
+
+
+def test_skipped_bit_plane_steps_are_said(caplog):
+    """A layer step whose gradient, scale or coefficient is not finite in float32 is skipped
+    (the layer kept as it was); the optimizer counted them and nobody read the count, so a run
+    whose lr or lambda was too large trained less, or nothing, and looked like one that did.
+    lr 1e20 takes some scales past float32 within two epochs; at 0.1 nothing is skipped."""
+    import logging
+
+    x, y = _data(64)
+    caplog.set_level(logging.WARNING, logger="fedmpq")
+    for lr, said in ((0.1, False), (1e20, True)):
+        caplog.clear()
+        torch.manual_seed(0)
+        cfg = client.TrainConfig(lr=lr, local_epochs=2, batch_size=16, scale_lr="sgd")
+        client.train_local(BUILD(quantized=True, bits=4), x, y, cfg, 5, 3, quantized=True)
+        msgs = [r.getMessage() for r in caplog.records if "bit-plane layer steps" in r.getMessage()]
+        assert bool(msgs) == said, (lr, msgs)
+    import re
+    m = re.fullmatch(r"round 3: client 5 skipped (\d+) of its (\d+) bit-plane layer steps .*lambda or lr too large\?\)",
+                     msgs[0])
+    assert m and 0 < int(m.group(1)) <= int(m.group(2)) == 8 * 4, msgs  # 8 batches x 4 layers

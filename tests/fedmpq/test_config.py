@@ -164,8 +164,24 @@ def test_budgets_from_1_to_8_inclusive_and_no_bools():
 def test_zero_is_a_valid_lambda_threshold_and_weight_decay(key):
     """lambda = 0: no regularizer; threshold = 0: prune only empty planes; weight decay 0."""
     assert config.check_config(dict(SMALL, **{key: 0}))[key] == 0
-    with pytest.raises(config.ConfigError, match=f"{key} must be a finite number >= 0"):
+    rule = "a percent in \\[0, 100\\)" if key == "threshold" else "a finite number >= 0"
+    with pytest.raises(config.ConfigError, match=f"{key} must be {rule}"):
         config.check_config(dict(SMALL, **{key: -0.1}))
+
+
+@pytest.mark.parametrize("key, bad, rule", [
+    # float32 holds them as inf: every bit-plane step skipped silently (lambda), torch's refusal
+    # in every client naming no key (weight_decay)
+    ("lambda", 1e39, "a finite number >= 0 that float32 holds"),
+    ("weight_decay", 1e39, "a finite number >= 0 that float32 holds"),
+    # from 100 % up every plane is at or below the threshold: every layer pruned to 1 bit, unsaid
+    ("threshold", 100, r"a percent in \[0, 100\)"),
+    ("threshold", 1e300, r"a percent in \[0, 100\)"),
+])
+def test_values_that_trained_nothing_silently_are_refused(key, bad, rule):
+    with pytest.raises(config.ConfigError, match=f"{key} must be {rule}"):
+        config.check_config(dict(SMALL, **{key: bad}))
+    assert config.check_config(dict(SMALL, **{key: 99.5 if key == "threshold" else 3.4e38}))[key] > 0
 
 
 def test_momentum_zero_is_valid_and_negative_is_not():
@@ -315,6 +331,14 @@ def test_budgets_with_a_space_inside_a_number_are_refused(text, tmp_path, capsys
     assert err.count("\n") == 0 and repr(text) in err and "comma-separated" in err, err
     assert not out.exists()
     assert config.parse_budgets(" 2 , 4,\t8 ") == [2, 4, 8]  # spaces beside a comma stay allowed
+
+
+@pytest.mark.parametrize("text", ["4,,8", "4,8,", ",4", " , "])
+def test_an_empty_place_in_the_budgets_is_refused(text):
+    """"4,,8" was read as 4,8: a budget left out (n_clients 2 then ran with budgets the
+    user had not typed)."""
+    with pytest.raises(config.ConfigError, match="an empty place between commas"):
+        config.parse_budgets(text)
 
 
 def test_an_empty_alpha_is_refused_not_taken_for_iid(tmp_path, capsys):

@@ -875,6 +875,7 @@ def test_optimizers_refuse_settings_that_are_not_numbers_by_name(key, value):
     ("momentum", 0.99999999, r"momentum must be in \[0, 1\) \(below 1 - 2\*\*-25"),  # 1 in float32
     ("momentum", 1.0, r"momentum must be in \[0, 1\)"), ("momentum", float("nan"), r"momentum must be in \[0, 1\)"),
     ("weight_decay", float("inf"), "weight_decay must be a finite number >= 0"),
+    ("weight_decay", 1e39, "weight_decay must be a finite number >= 0 that float32 holds"),  # inf in float32
     ("lr", None, "lr must be a number, got None"), ("momentum", "fast", "momentum must be a number, got 'fast'")])
 def test_float_sgd_checks_each_groups_own_settings_as_its_arguments(key, value, rule):
     """A group's own lr was taken unchecked (lr -0.1, NaN or inf trained wrong, unsaid) and a
