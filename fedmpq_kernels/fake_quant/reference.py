@@ -7,7 +7,7 @@ follow it, so every backend agrees bit for bit)::
 
     L    = 2**bits - 1
     S    = max|x|            (dynamic)   or the given scale
-    u, d = 2**100, 2**-100 if S < 2**-100 else 1, 1
+    u, d = (2**100, 2**-100) if S < 2**-100 else (1, 1)
     Su   = S * u                         (exact)
     inv  = L / Su if Su > 0 else 0       (float32 division)
     step = Su / L
