@@ -12,7 +12,8 @@ the clients whose uploads arrived, ``aggregated``: those of them the server aggr
 rest were refused, with a logged reason); ``bits``/``mean_bits``: what each aggregated client
 uploaded (after its precision reduction); ``assigned_mean_bits``: the mean bit-width each
 client is given for the next round (after reassignment; empty for ``fp``);
-``quant_seconds``: the round's quantization work (binarize and encode the downloads,
+``train_accuracy``: the mean last-epoch train accuracy of the aggregated clients (None when
+none was); ``quant_seconds``: the round's quantization work (binarize and encode the downloads,
 decode, the bit-plane optimizer, precision reduction and encode on the clients,
 aggregation). :func:`fedmpq.results.write_results` writes them with ``rounds.csv`` after every
 round, and the plots as often as :class:`PlotPacer` lets them.
@@ -44,9 +45,16 @@ from .results import replace_whole, write_plots, write_results
 log = logging.getLogger("fedmpq")
 
 # A transport trains the sampled clients of one round: (round, {client: download bytes}) ->
-# ({client: upload bytes}, [train accuracy per reporter], client-side quantization seconds).
+# ({client: upload bytes}, {client: its train accuracy}, client-side quantization seconds).
 # A client that fails is left out of the uploads (the transport logs why).
-Transport = Callable[[int, Dict[int, bytes]], Tuple[Dict[int, bytes], List[float], float]]
+Transport = Callable[[int, Dict[int, bytes]], Tuple[Dict[int, bytes], Dict[int, float], float]]
+
+
+def _mean_of(values: Dict[int, float], clients) -> Optional[float]:
+    """The mean of ``values`` over ``clients`` (a round's aggregated clients: a client whose
+    upload the server left out trained a model the round did not use), or None for none."""
+    got = [values[k] for k in clients if k in values]
+    return sum(got) / len(got) if got else None
 
 
 def sample_clients(c: Dict[str, Any], round_: int) -> List[int]:
@@ -423,7 +431,7 @@ def federate(c: Dict[str, Any], ds: data_mod.Dataset, num_samples: Dict[int, int
                 report = srv.aggregate(r, uploads)
                 acc = srv.evaluate(test_x, test_y)
                 row = dict(round=r, accuracy=acc, accuracy_train_mode=srv.evaluate_train_mode(test_x, test_y, seed=r),
-                           train_accuracy=(sum(train_acc) / len(train_acc)) if train_acc else None,
+                           train_accuracy=_mean_of(train_acc, report["reported"]),
                            bytes_up=sum(len(u) for u in uploads.values()),
                            bytes_down=sum(len(d) for d in downloads.values()),
                            float32_bytes=srv.float32_bytes() * (len(uploads) + len(downloads)),

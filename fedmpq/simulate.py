@@ -56,7 +56,7 @@ def _run(cfg, out, resume, progress, ready) -> Dict[str, Any]:
 
     def local(r: int, downloads: Dict[int, bytes]):
         trained_with[:] = [threads_now()]  # counted again every round
-        uploads, train_acc, quant = {}, [], 0.0
+        uploads, train_acc, quant = {}, {}, 0.0
         for k in _progress(sorted(downloads), progress, f"round {r} clients", leave=False):
             idx = parts[k]
             try:
@@ -66,7 +66,7 @@ def _run(cfg, out, resume, progress, ready) -> Dict[str, Any]:
                 log.warning("round %d: client %d failed and is left out: %s", r, k, e)
                 continue
             uploads[k] = res.upload
-            train_acc.append(res.train_accuracy)
+            train_acc[k] = res.train_accuracy
             quant += res.quant_seconds
         return uploads, train_acc, quant
 

@@ -180,7 +180,7 @@ def grid_transport(grid: Grid, node_of: Dict[int, int], timeout: float,
         for k in sorted(asked - answered):
             log.warning("round %d: client %d did not reply within %g s and is left out", r, k, timeout)
         # in client order: replies arrive in any order, and float sums depend on it
-        return dict(sorted(uploads.items())), [acc_of[k] for k in sorted(acc_of)], quant
+        return dict(sorted(uploads.items())), dict(sorted(acc_of.items())), quant
 
     return train
 

@@ -210,7 +210,7 @@ def test_the_transport_leaves_out_failing_silent_malformed_and_offline_nodes(mon
     caplog.set_level(logging.WARNING, logger="fedmpq")
     train = server_app.grid_transport(grid, node_of, timeout=7)
     uploads, acc, quant = train(3, {k: bytes([k]) for k in range(5)})
-    assert uploads == {0: b"UP\x00"} and acc == [0.5] and quant == 0.25
+    assert uploads == {0: b"UP\x00"} and acc == {0: 0.5} and quant == 0.25
     assert sorted(m.metadata.dst_node_id for m in grid.sent) == [100, 101, 102, 103]
     assert all(m.content["fedmpq"]["round"] == 3 for m in grid.sent)
     log = caplog.text
@@ -661,7 +661,7 @@ def test_the_transport_returns_the_asked_clients_in_order_and_sums_their_quant_s
     train = server_app.grid_transport(Shuffled([100, 101, 102], None), node_of, timeout=7)
     uploads, acc, quant = train(2, {2: b"d2", 0: b"d0"})
     assert list(uploads.items()) == [(0, b"\x00"), (2, b"\x02")]
-    assert acc == [0.0, 0.2] and quant == pytest.approx(0.25 + 0.75)
+    assert acc == {0: 0.0, 2: 0.2} and quant == pytest.approx(0.25 + 0.75)
 
 
 @pytest.mark.parametrize("metrics", [{"train_accuracy": float("nan"), "quant_seconds": 0.5},
@@ -685,7 +685,7 @@ def test_a_reply_with_impossible_metrics_is_left_out(monkeypatch, caplog, metric
 
     train = server_app.grid_transport(_Grid([100, 101], answer), node_of, timeout=7)
     uploads, acc, quant = train(1, {0: b"d0", 1: b"d1"})
-    assert uploads == {0: b"\x00"} and acc == [0.25] and quant == 0.5
+    assert uploads == {0: b"\x00"} and acc == {0: 0.25} and quant == 0.5
     assert "client 1 replied without an upload and is left out" in caplog.text
 
 

@@ -119,19 +119,26 @@ def test_a_failing_or_malformed_client_is_left_out(monkeypatch, caplog):
 
     real = client_mod.client_update
 
+    accs = {}
+
     def flaky(download, x, y, build, cfg, k, r, budget):
         if k == 1:
             raise RuntimeError("out of memory")
         res = real(download, x, y, build, cfg, k, r, budget)
+        accs[k] = res.train_accuracy
         if k == 2:
             res.upload = res.upload[:-5]  # a truncated payload
+            res.train_accuracy = 1.0  # what it says of itself counts for nothing either
         return res
 
     monkeypatch.setattr(client_mod, "client_update", flaky)
     res = simulate.run(dict(SMALL, rounds=1), progress=False)
-    assert res["rounds"][0]["reported"] == [0, 2]  # 1 failed; 2 sent bytes that do not decode
-    assert set(res["rounds"][0]["bits"]) == {"0"}
+    row = res["rounds"][0]
+    assert row["reported"] == [0, 2] and row["aggregated"] == [0]  # 1 failed; 2 sent bytes that do not decode
+    assert set(row["bits"]) == {"0"}
     assert "client 1 failed" in caplog.text and "client 2 is left out" in caplog.text
+    # the round's train accuracy is the aggregated clients' (client 2's model was not used)
+    assert row["train_accuracy"] == accs[0] != 1.0
 
 
 def test_a_round_nobody_reports_keeps_the_model(monkeypatch, caplog):
