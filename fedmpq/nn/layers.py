@@ -204,7 +204,8 @@ class _BitWeight(nn.Module):
         elif fn(torch.zeros((), dtype=torch.float16)).dtype == torch.float32:  # .float(), .to(torch.float32)
             self._dtype = None
         old = self.sink
-        if old.numel() and any(s != 0 for s in old.stride()):
+        # a sink of 0 or 1 elements keeps its zero strides under .half(), but not its float32 dtype
+        if old.dtype != torch.float32 or (old.numel() and any(s != 0 for s in old.stride())):
             # frozen or not, with its gradient (in float32, the sink's dtype)
             self.sink = self._sink_as(old, None if old.grad is None else old.grad.float())
         return self

@@ -1052,6 +1052,12 @@ def test_a_quantized_model_in_half_precision_runs_and_trains(dtype):
     assert not torch.equal(m.conv2.codes, codes)
     m.float()
     assert m(x).dtype == torch.float32
+    # a one-weight layer: its sink keeps its zero strides under .half() but not its float32
+    # dtype, which dequantize refuses (G would come back rounded to the half dtype)
+    one = qn.BitLinear(1, 1).to(dtype)
+    assert one.sink.dtype == torch.float32
+    one(torch.ones(2, 1, dtype=dtype)).float().sum().backward()
+    assert one.sink.grad.dtype == torch.float32
 
 
 def test_a_layers_width_is_not_set_alone_and_reduce_precision_sets_all_three():
