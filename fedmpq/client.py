@@ -216,9 +216,9 @@ def train_local(model: torch.nn.Module, x: Tensor, y: Tensor, cfg: TrainConfig, 
     if bit_opt is not None and bit_opt.skipped:  # counted on the CPU only (a GPU's would need a sync)
         # a step skipped leaves the layer as it was: said, or a run with lambda or lr too large
         # for float32 trained nothing and looked like one that did
-        log.warning("round %d: client %d skipped %d of its %d bit-plane layer steps (a gradient, scale or group-lasso "
-                    "coefficient not finite in float32: lambda or lr too large?)", round_, client_id,
-                    bit_opt.skipped, bit_opt.steps * len(bit_opt.layers))
+        log.warning("round %d: client %d skipped %d bit-plane layer steps of %d steps x %d layers (a gradient, scale "
+                    "or group-lasso coefficient not finite in float32: lambda or lr too large?)", round_, client_id,
+                    bit_opt.skipped, bit_opt.steps, len(bit_opt.layers))
     return n_correct / max(total, 1), loss_total / max(total, 1), opt_seconds
 
 

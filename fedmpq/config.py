@@ -383,7 +383,7 @@ def parse_budgets(text: str) -> List[Any]:
     for b in text.split(","):
         b = b.strip()
         if not b:  # "4,,8" was read as 4,8: a budget left out, unsaid
-            raise ConfigError(f"budgets must be comma-separated numbers, got {text!r}: an empty place between commas")
+            raise ConfigError(f"budgets must be comma-separated numbers, got {text!r}: an empty place in the list")
         if any(ch.isspace() for ch in b):  # "2.5 4" was read as 2.54: a comma is the only separator
             raise ConfigError(f"budgets must be comma-separated numbers, got {text!r}: {b!r} holds a space "
                               f"(separate budgets with commas)")

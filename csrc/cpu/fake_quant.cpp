@@ -27,7 +27,17 @@ uint32_t absmax_bits(const float* x, int64_t n) {
   return m;
 }
 
-void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi) {
+// The quantized value of a = min(|x|, S) >= 0 (NaN kept), without its sign. kTiny: S < 2^-100,
+// the grid taken on S * 2^100 (fake_quant.h); otherwise up and down are 1 and left out.
+template <bool kTiny>
+static inline float quant1(float a, const FqConsts& c) {
+  if constexpr (kTiny) a *= c.up;
+  const float q = std::nearbyint(a * c.inv);  // default rounding mode: half to even
+  return kTiny ? q * c.step * c.down : q * c.step;
+}
+
+template <bool kTiny>
+static void fq_fwd_impl(const float* x, float* y, int64_t n, const FqConsts& c, uint32_t* pass, uint32_t* hi) {
   for (int64_t w = 0; w * 32 < n; ++w) {
     const int64_t i0 = w * 32;
     const int64_t cnt = n - i0 < 32 ? n - i0 : 32;
@@ -36,8 +46,7 @@ void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uin
       const float v = x[i0 + k];
       float a = std::fabs(v);
       a = std::isnan(a) ? a : (a < c.scale ? a : c.scale);  // NaN propagates, like torch.minimum
-      const float q = std::nearbyint(a * c.up * c.inv);  // default rounding mode: half to even
-      y[i0 + k] = std::copysign(q * c.step * c.down, v);
+      y[i0 + k] = std::copysign(quant1<kTiny>(a, c), v);
       const bool h = v > c.scale, l = v < -c.scale;
       pw |= static_cast<uint32_t>(!(h || l)) << k;
       hw |= static_cast<uint32_t>(h) << k;
@@ -86,7 +95,8 @@ uint32_t relu6_max_bits(const float* x, int64_t n) {
   return m;
 }
 
-void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask) {
+template <bool kTiny>
+static void r6_fwd_impl(const float* x, float* y, int64_t n, const FqConsts& c, uint32_t* mask) {
   for (int64_t w = 0; w * 32 < n; ++w) {
     const int64_t i0 = w * 32;
     const int64_t cnt = n - i0 < 32 ? n - i0 : 32;
@@ -96,12 +106,19 @@ void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask) {
       const float r = v > 0.0f ? (v < 6.0f ? v : 6.0f) : (std::isnan(v) ? v : 0.0f);
       float a = std::fabs(r);
       a = std::isnan(a) ? a : (a < c.scale ? a : c.scale);  // NaN propagates, like torch.minimum
-      const float q = std::nearbyint(a * c.up * c.inv);     // default rounding mode: half to even
-      y[i0 + k] = std::copysign(q * c.step * c.down, r);
+      y[i0 + k] = std::copysign(quant1<kTiny>(a, c), r);
       mw |= static_cast<uint32_t>(v > 0.0f && v < 6.0f) << k;
     }
     if (mask) mask[w] = mw;
   }
+}
+
+void fq_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* pass, uint32_t* hi) {
+  c.up != 1.0f ? fq_fwd_impl<true>(x, y, n, c, pass, hi) : fq_fwd_impl<false>(x, y, n, c, pass, hi);
+}
+
+void r6_fwd(const float* x, float* y, int64_t n, FqConsts c, uint32_t* mask) {
+  c.up != 1.0f ? r6_fwd_impl<true>(x, y, n, c, mask) : r6_fwd_impl<false>(x, y, n, c, mask);
 }
 
 }  // namespace portable

@@ -21,8 +21,8 @@ Design
   through). Every kernel is launched with ``_triton_common.LAUNCH`` (``enable_fp_fusion=False``)
   so that no add is fused with the preceding multiply into an FMA (which would change the
   rounding).
-  ``L / S`` and ``S / L`` use ``div_rn`` (Triton's plain fp32 ``/`` is not correctly
-  rounded on NVIDIA GPUs; torch's is).
+  ``L / S`` and ``S / L`` (on ``S * 2**100`` when S < 2**-100, see the reference) use
+  ``div_rn`` (Triton's plain fp32 ``/`` is not correctly rounded on NVIDIA GPUs; torch's is).
 * copysign is done on the bit patterns, so -0.0 and the sign of NaN follow x.
 * Backward: ``grad_scale`` in the same launch: one float32 sum per program, added by the
   program that finishes last in a fixed order

@@ -267,6 +267,10 @@ def layer_coefs(scales, bits, weight: float = 1.0) -> Tensor:
     levels = np.float32(2.0) ** b.astype(np.float32) - np.float32(1.0)
     with np.errstate(over="ignore", invalid="ignore"):
         c = np.float32(weight) * (s / levels)
+    if not np.isfinite(c).all():  # dequant_accumulate's refusal of the same product
+        j = int(np.flatnonzero(~np.isfinite(c))[0]) if c.ndim else 0
+        raise ValueError(f"weight * scale overflows float32 ({weight} * {float(s.flat[j] if s.ndim else s)}, "
+                         f"scale {j})")
     return torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))
 
 

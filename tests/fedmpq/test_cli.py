@@ -156,7 +156,9 @@ def test_a_checkpoint_with_a_flipped_bit_is_refused_not_resumed(tmp_path, capsys
     with zipfile.ZipFile(ck) as z:  # the largest tensor record: a weight's bytes
         rec = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
         body = z.read(rec)
-    at = bytes(data).find(body) + len(body) // 2
+    at = bytes(data).find(body)
+    assert at >= 0
+    at += len(body) // 2
     data[at] ^= 0x04
     ck.write_bytes(bytes(data))
     results = (run / "results.json").read_bytes()

@@ -337,7 +337,7 @@ def test_budgets_with_a_space_inside_a_number_are_refused(text, tmp_path, capsys
 def test_an_empty_place_in_the_budgets_is_refused(text):
     """"4,,8" was read as 4,8: a budget left out (n_clients 2 then ran with budgets the
     user had not typed)."""
-    with pytest.raises(config.ConfigError, match="an empty place between commas"):
+    with pytest.raises(config.ConfigError, match="an empty place in the list"):
         config.parse_budgets(text)
 
 

@@ -365,7 +365,7 @@ def test_a_scale_of_another_float_dtype_is_used_as_its_float32_value(backend, sd
 
 
 @pytest.mark.skipif(not subnormals_kept(), reason="this process flushes subnormals to zero")
-def test_a_subnormal_step_is_kept(backend):
+def test_subnormal_outputs_are_kept(backend):
     """S / L below 2^-126 (S = 1e-36 at 8 bits: a step of 3.9e-39): y keeps the subnormal
     multiples of the step, as the reference does, for a given and a dynamic scale and for
     relu6 (these S are below 2^-100, so the grid is taken on S * 2^100 and its values scaled

@@ -318,6 +318,7 @@ def test_native_binding_fuzzed(data):
     ([float("nan"), 1.0], 1.0, "scale must be finite and >= 0 in float32, got nan"),
     ([0.5, 1e39], 1.0, "scale must be finite and >= 0 in float32, got inf"),  # a double beyond float32
     ([0.5, 1.0], 1e39, "weight must be finite in float32, got 1e"),
+    ([0.5, 3e38], 100.0, r"weight \* scale overflows float32 \(100.0 \* 3.*, scale 1\)"),  # 3e38 / 7 * 100
 ])
 def test_layer_coefs_refuses_what_dequant_accumulate_refuses(scales, weight, match):
     """dequant_accumulate refused a negative, NaN or out-of-range scale and weight; the
