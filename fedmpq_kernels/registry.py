@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import os
 import re
+import sys
 import threading
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -247,6 +248,19 @@ def get_many(family: str, ops: Tuple[str, ...], device_type: str) -> Tuple[Calla
     if fns is None:
         fns = remember(_cache, key, lambda: tuple(get(family, op, device_type) for op in ops))
     return fns
+
+
+def companions(fns: Tuple[Callable, ...], names: Tuple[str, ...]) -> Optional[Tuple[Callable, ...]]:
+    """The functions ``names`` of the one backend module that defined every function of
+    ``fns`` (results of :func:`get`), or None when ``fns`` come from more than one module or
+    that module lacks one of ``names``: a backend's own forms of its ops for one caller (the
+    CPU backend's kept-bitmap forms for fake-quant's eager autograd path)."""
+    mods = {fn.__module__ for fn in fns}
+    if len(mods) != 1:
+        return None
+    mod = sys.modules[mods.pop()]
+    found = tuple(getattr(mod, name, None) for name in names)
+    return None if None in found else found
 
 
 def derived_cache() -> dict:

@@ -1,5 +1,5 @@
-// Fake-quant's bindings: _C.cpu.{absmax, fake_quant, relu6_fake_quant, fake_quant_backward} and, when built
-// with CUDA, _C.cuda.{workspace_words, absmax, fake_quant, relu6_fake_quant, fake_quant_backward}.
+// Fake-quant's bindings: _C.cpu.{absmax, fake_quant, relu6_fake_quant, fake_quant_backward}, their kept-bitmap
+// forms _C.cpu.{fake_quant_kept, relu6_fake_quant_kept, fake_quant_backward_kept}, and, when built with CUDA, _C.cuda.{workspace_words, absmax, fake_quant, relu6_fake_quant, fake_quant_backward}.
 // Each re-checks every size and pointer it is given (bindings/common.h).
 #include <pybind11/pybind11.h>
 
@@ -35,6 +35,57 @@ void check_forward_bitmaps(uintptr_t x, uintptr_t y, int64_t n, int64_t es, uint
   check_bitmap_apart("hi", hi, n, "y", y, es);
   if (pass != 0 && hi != 0) check_disjoint("pass", pass, 4 * bitmap_words(n), "hi", hi, 4 * bitmap_words(n));
 }
+
+// The kept forms' bitmaps: a bytearray the eager autograd path keeps on its node
+// (fedmpq_kernels/fake_quant/cpu.py), made here uninitialized (the kernels write every word,
+// the bits past n as zeros): `maps` bitmaps of n elements back to back, pass then hi.
+// A uint8 tensor made, saved and freed for them cost ~2.3 us of a 1-element forward+backward.
+py::bytearray new_kept(int64_t n, int maps, uint32_t** pass, uint32_t** hi) {
+  const int64_t nb = 4 * bitmap_words(n);  // n checked by check_elems
+  py::bytearray kept(nullptr, nb * maps);
+  auto* p = reinterpret_cast<uint32_t*>(PyByteArray_AS_STRING(kept.ptr()));
+  // never fails: CPython's allocators give 16-byte alignment
+  FEDMPQ_CHECK(reinterpret_cast<uintptr_t>(p) % 4 == 0, "bitmap bytearray is not 4-byte aligned");
+  *pass = n > 0 ? p : nullptr;
+  *hi = n > 0 && maps == 2 ? p + nb / 4 : nullptr;
+  return kept;
+}
+
+// A kept bytearray handed back for a backward: exported for the call (a resize from another
+// thread while the kernel reads it without the GIL raises BufferError there instead), its
+// length and alignment checked against n and the bitmaps asked for.
+class KeptView {
+ public:
+  KeptView(const py::object& kept, int64_t n, int maps) {
+    if (!PyByteArray_CheckExact(kept.ptr()))
+      throw py::type_error(std::string("kept bitmaps must be a bytearray, got ") + Py_TYPE(kept.ptr())->tp_name);
+    if (PyObject_GetBuffer(kept.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+    const int64_t nb = 4 * bitmap_words(n), len = view_.len;
+    const bool aligned = reinterpret_cast<uintptr_t>(view_.buf) % 4 == 0;
+    if (len < nb * maps || !aligned) {
+      PyBuffer_Release(&view_);
+      FEDMPQ_CHECK(false, "kept bitmaps hold " + std::to_string(len) + " bytes" + (aligned ? "" : ", not 4-byte aligned") +
+                              ", need " + std::to_string(nb * maps) + " for " + std::to_string(n) + " elements");
+    }
+    auto* p = static_cast<const uint32_t*>(view_.buf);
+    pass_ = n > 0 ? p : nullptr;
+    hi_ = n > 0 && maps == 2 ? p + nb / 4 : nullptr;
+    bytes_ = n > 0 ? nb * maps : 0;
+  }
+  ~KeptView() { PyBuffer_Release(&view_); }
+  KeptView(const KeptView&) = delete;
+  KeptView& operator=(const KeptView&) = delete;
+  const uint32_t* pass() const { return pass_; }
+  const uint32_t* hi() const { return hi_; }
+  uintptr_t addr() const { return reinterpret_cast<uintptr_t>(pass_); }
+  int64_t bytes() const { return bytes_; }  // the bytes the kernel reads
+
+ private:
+  Py_buffer view_{};
+  const uint32_t* pass_ = nullptr;
+  const uint32_t* hi_ = nullptr;
+  int64_t bytes_ = 0;
+};
 }  // namespace
 
 void bind_fake_quant(py::module_& m) {
@@ -123,6 +174,69 @@ void bind_fake_quant(py::module_& m) {
       py::arg("grad"), py::arg("n"), py::arg("grad_x"), py::arg("gx_cap"), py::arg("pass_bits"),
       py::arg("pass_nbytes"), py::arg("hi_bits"), py::arg("hi_nbytes"), py::arg("nthreads"),
       "Clipped-STE backward; returns the scale gradient, a float32 value (0 when hi_bits is null).");
+
+  // ---- the kept forms: the same kernels, the bitmaps in a bytearray (new_kept) ----
+  cpu.def(
+      "fake_quant_kept",
+      [](uintptr_t x, int64_t n, uintptr_t y, int64_t y_cap, int bits, double scale, int maps, int nthreads) {
+        check_elems("x", x, n, n, 4);
+        check_elems("y", y, n, y_cap, 4);
+        check_no_partial_overlap("x", x, "y", y, n, 4);
+        check_bits(bits);
+        FEDMPQ_CHECK(maps == 1 || maps == 2, "maps must be 1 (pass) or 2 (pass and hi), got " + std::to_string(maps));
+        FEDMPQ_CHECK(scale > 0.0 && scale <= 3.4028234663852886e38 && static_cast<float>(scale) > 0.0f,
+                     "scale must be finite and > 0");  // as fake_quant's given scale
+        uint32_t *pass, *hi;
+        py::bytearray kept = new_kept(n, maps, &pass, &hi);  // fresh: apart from x and y
+        {
+          NoGil nogil;
+          fedmpq::cpu::fake_quant(ptr<const float>(x), ptr<float>(y), n, bits, static_cast<float>(scale), pass, hi,
+                                  nthreads);
+        }
+        return kept;
+      },
+      py::arg("x"), py::arg("n"), py::arg("y"), py::arg("y_cap"), py::arg("bits"), py::arg("scale"),
+      py::arg("maps"), py::arg("nthreads"),
+      "Fake-quant forward with a given scale on n contiguous float32; returns the pass (and, maps = 2, hi) "
+      "bitmaps in a new bytearray.");
+
+  cpu.def(
+      "relu6_fake_quant_kept",
+      [](uintptr_t x, int64_t n, uintptr_t y, int64_t y_cap, int bits, int nthreads) {
+        check_elems("x", x, n, n, 4);
+        check_elems("y", y, n, y_cap, 4);
+        check_no_partial_overlap("x", x, "y", y, n, 4);
+        check_bits(bits);
+        uint32_t *mask, *unused;
+        py::bytearray kept = new_kept(n, 1, &mask, &unused);
+        {
+          NoGil nogil;
+          const float s = fedmpq::cpu::relu6_max(ptr<const float>(x), n, nthreads);
+          fedmpq::cpu::relu6_fake_quant(ptr<const float>(x), ptr<float>(y), n, bits, s, mask, nthreads);
+        }
+        return kept;
+      },
+      py::arg("x"), py::arg("n"), py::arg("y"), py::arg("y_cap"), py::arg("bits"), py::arg("nthreads"),
+      "relu6_fake_quant on n contiguous float32; returns the mask bitmap (0 < x < 6) in a new bytearray.");
+
+  cpu.def(
+      "fake_quant_backward_kept",
+      [](uintptr_t g, int64_t n, uintptr_t gx, int64_t gx_cap, const py::object& kept, bool scale_grad,
+         int nthreads) {
+        check_elems("grad", g, n, n, 4);
+        check_elems("grad_x", gx, n, gx_cap, 4);
+        check_no_partial_overlap("grad", g, "grad_x", gx, n, 4);
+        KeptView maps(kept, n, scale_grad ? 2 : 1);
+        // torch.frombuffer can make a tensor of a bytearray's memory
+        check_disjoint("kept bitmaps", maps.addr(), maps.bytes(), "grad_x", gx, n * 4);
+        NoGil nogil;
+        return static_cast<double>(f32_round(fedmpq::cpu::fake_quant_backward(
+            ptr<const float>(g), ptr<float>(gx), n, maps.pass(), maps.hi(), nthreads)));
+      },
+      py::arg("grad"), py::arg("n"), py::arg("grad_x"), py::arg("gx_cap"), py::arg("kept"), py::arg("scale_grad"),
+      py::arg("nthreads"),
+      "Clipped-STE backward reading a kept forward's bytearray (pass, then hi when scale_grad); returns the scale "
+      "gradient, a float32 value (0 without scale_grad).");
 
 #ifdef FEDMPQ_WITH_CUDA
   // ---- CUDA: float32, float16, bfloat16 (dtype codes of cuda/fake_quant.h) ----

@@ -114,6 +114,66 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     return y, mask
 
 
+# ---- the kept forms, for the eager autograd path only (ops.py, _eager_function) ----
+# The bitmaps a forward makes for its own backward stay inside the autograd node, so their
+# container is this backend's choice: a bytearray made by the binding, kept on the node's
+# ctx, not a uint8 tensor saved for backward (its allocation, saving and freeing cost ~2.3 µs
+# of a 1-element forward+backward; a bytearray's ~0.1). Kept until the graph is freed, not
+# released at backward as a saved tensor is: one bit per element (two with a scale
+# gradient), 1/32 of the output's bytes.
+
+def fake_quant_kept(x: Tensor, bits: int, scale: Tensor, mode: int) -> Tuple[Tensor, bytearray]:
+    """:func:`fake_quant` with a given scale in mode 1 or 2: y, and the bitmaps (pass, then
+    hi in mode 2; ``bitmap_nbytes(n)`` bytes each) in a new bytearray."""
+    if x.dtype is _F32 and x.is_contiguous() and not (px := x.data_ptr()) & 3:
+        xc = x  # the common case in the fewest tensor calls (see fake_quant)
+    else:
+        xc = _f32(x)
+        px = xc.data_ptr()
+    n = xc.numel()
+    y = torch.empty_like(xc)
+    kept = _fake_quant_kept(px, n, y.data_ptr(), n, bits, scale.item(), mode,
+                            torch.get_num_threads() if n > _SERIAL else 1)
+    if xc is not x and x.dtype is not _F32:
+        y = y.to(x.dtype)
+    return y, kept
+
+
+def relu6_fake_quant_kept(x: Tensor, bits: int) -> Tuple[Tensor, bytearray]:
+    """:func:`relu6_fake_quant`, the mask in a new bytearray."""
+    xc = _f32(x)
+    n = xc.numel()
+    y = torch.empty_like(xc)
+    kept = _relu6_fake_quant_kept(xc.data_ptr(), n, y.data_ptr(), n, bits,
+                                  torch.get_num_threads() if n > _SERIAL else 1)
+    if x.dtype is not _F32:
+        y = y.to(x.dtype)
+    return y, kept
+
+
+def fake_quant_backward_kept(grad: Tensor, kept: bytearray, scale_grad: bool) -> Tuple[Tensor, Tensor]:
+    """:func:`fake_quant_backward` reading a kept forward's bytearray (the binding checks its
+    length against grad's elements)."""
+    if grad.dtype is _F32 and grad.is_contiguous() and not (pg := grad.data_ptr()) & 3:
+        g = grad
+    else:
+        g = _f32(grad)
+        pg = g.data_ptr()
+    n = g.numel()
+    gx = torch.empty_like(g)
+    gs = _fake_quant_backward_kept(pg, n, gx.data_ptr(), n, kept, scale_grad,
+                                   torch.get_num_threads() if n > _SERIAL else 1)
+    if g is not grad and grad.dtype is not _F32:
+        gx = gx.to(grad.dtype)
+    return gx, f32_scalar(gs)
+
+
+def kept_tensor(kept: bytearray) -> Tensor:
+    """A kept bytearray's bytes as a uint8 tensor sharing its memory (the bitmaps argument of
+    the other backends' ``fake_quant_backward``)."""
+    return torch.frombuffer(kept, dtype=_U8) if len(kept) else torch.empty(0, dtype=_U8)
+
+
 # Up to this many elements the kernels run on the calling thread whatever count they are
 # given (csrc/cpu/parallel.h: one task of kGrain elements), so a small call does not ask
 # torch for its count (~0.1 µs of a 1-element call).
@@ -121,3 +181,6 @@ _SERIAL = native.threading()["grain"] if native is not None else 0
 # The bound native functions, looked up once (attribute lookups on every call add up).
 _fake_quant = native.cpu.fake_quant if native is not None else None
 _fake_quant_backward = native.cpu.fake_quant_backward if native is not None else None
+_fake_quant_kept = native.cpu.fake_quant_kept if native is not None else None
+_relu6_fake_quant_kept = native.cpu.relu6_fake_quant_kept if native is not None else None
+_fake_quant_backward_kept = native.cpu.fake_quant_backward_kept if native is not None else None

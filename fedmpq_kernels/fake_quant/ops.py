@@ -105,7 +105,7 @@ def _fq_backward(ctx, grad_y, _grad_bitmaps):
 torch.library.register_autograd("fedmpq::fake_quant", _fq_backward, setup_context=_fq_setup_context, lib=lib)
 
 
-def _eager_function(fwd, bwd, mode: int):
+def _eager_function(fwd, bwd, mode: int, as_tensor=None):
     """The same autograd rule as the registered op, for plain eager tensors, at the least
     host cost per call (a client step makes ~100 calls): ``apply(x, scale, bits) -> y`` of an
     autograd.Function over one backend's forward ``fwd`` and backward ``bwd`` in ``mode``.
@@ -113,16 +113,23 @@ def _eager_function(fwd, bwd, mode: int):
     stay inside, so autograd has no uint8 outputs to materialize zero gradients for); the
     backend functions and the mode are closed over, not passed and kept per call (two
     arguments and a ctx attribute fewer: about 1 µs of a 1-element forward+backward).
+    ``as_tensor`` given: ``fwd``/``bwd`` are a backend's kept forms (cpu.py), whose bitmaps
+    are not a tensor but an object kept on ctx, and ``as_tensor`` makes a uint8 tensor of it
+    for the reference rule; else the bitmaps are a uint8 tensor saved for backward.
     Anything traced (torch.compile, fake or subclass tensors, functorch) goes through
     ``torch.ops.fedmpq``."""
     scale_grad = mode == 2  # chosen because the scale requires grad
+    on_ctx = as_tensor is not None
 
     class _FakeQuantEager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, scale, bits):
             y, bitmaps = fwd(x, bits, scale, mode)
             if mode:
-                ctx.save_for_backward(bitmaps)
+                if on_ctx:
+                    ctx.kept = bitmaps
+                else:
+                    ctx.save_for_backward(bitmaps)
             return y
 
         @staticmethod
@@ -130,10 +137,14 @@ def _eager_function(fwd, bwd, mode: int):
             # One output, so grad_y is always a tensor (nothing to materialize).
             if not mode:  # identity STE: the incoming gradient, unchanged
                 return grad_y, None, None
-            # create_graph (a gradient penalty, second-order methods): the kernels' outputs
-            # carry no graph, so the pure-torch rule, differentiable in grad_y, runs instead.
-            run = _ref.fake_quant_backward if grad_y.requires_grad else bwd
-            grad_x, grad_scale = run(grad_y, ctx.saved_tensors[0], scale_grad)
+            bitmaps = ctx.kept if on_ctx else ctx.saved_tensors[0]
+            if grad_y.requires_grad:
+                # create_graph (a gradient penalty, second-order methods): the kernels' outputs
+                # carry no graph, so the pure-torch rule, differentiable in grad_y, runs instead.
+                grad_x, grad_scale = _ref.fake_quant_backward(grad_y, as_tensor(bitmaps) if on_ctx else bitmaps,
+                                                              scale_grad)
+            else:
+                grad_x, grad_scale = bwd(grad_y, bitmaps, scale_grad)
             return grad_x, (grad_scale if scale_grad else None), None
 
     return direct_apply(_FakeQuantEager)
@@ -142,12 +153,18 @@ def _eager_function(fwd, bwd, mode: int):
 # device type -> (the backend's forward, the eager Function's apply in mode 0, 1, 2): one
 # dict lookup per call after the first.
 _EAGER = registry.derived_cache()
+# A backend's kept forms (registry.companions): modes 1 and 2 (a given scale) and ReLU6.
+_FQ_KEPT = ("fake_quant_kept", "fake_quant_backward_kept", "kept_tensor")
+_R6_KEPT = ("relu6_fake_quant_kept", "fake_quant_backward_kept", "kept_tensor")
 
 
 def _eager_for(device_type: str):
     def make():
-        fwd, bwd = registry.get_many("fake_quant", _FQ_OPS, device_type)
-        return (fwd, *(_eager_function(fwd, bwd, m) for m in (0, 1, 2)))
+        fns = fwd, bwd = registry.get_many("fake_quant", _FQ_OPS, device_type)
+        kept = registry.companions(fns, _FQ_KEPT)
+        clipped = [_eager_function(fwd, bwd, m) if kept is None else _eager_function(*kept[:2], m, kept[2])
+                   for m in (1, 2)]
+        return (fwd, _eager_function(fwd, bwd, 0), *clipped)
 
     return registry.remember(_EAGER, device_type, make)
 
@@ -304,22 +321,28 @@ def _r6_backward(ctx, grad_y, _grad_mask):
 torch.library.register_autograd("fedmpq::relu6_fake_quant", _r6_backward, setup_context=_r6_setup_context, lib=lib)
 
 
-def _relu6_eager_function(fwd, bwd):
+def _relu6_eager_function(fwd, bwd, as_tensor=None):
     """The registered op's autograd rule for plain eager tensors, ``apply(x, bits) -> y``
-    (see :func:`_eager_function`): one output, the mask kept inside, the backend's functions
-    closed over."""
+    (see :func:`_eager_function`, ``as_tensor`` included): one output, the mask kept inside,
+    the backend's functions closed over."""
+    on_ctx = as_tensor is not None
 
     class _Relu6FakeQuantEager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, bits):
             y, mask = fwd(x, bits)
-            ctx.save_for_backward(mask)
+            if on_ctx:
+                ctx.kept = mask
+            else:
+                ctx.save_for_backward(mask)
             return y
 
         @staticmethod
         def backward(ctx, grad_y):
-            run = _ref.fake_quant_backward if grad_y.requires_grad else bwd  # create_graph: see _eager_function
-            return run(grad_y, ctx.saved_tensors[0], False)[0], None
+            mask = ctx.kept if on_ctx else ctx.saved_tensors[0]
+            if grad_y.requires_grad:  # create_graph: see _eager_function
+                return _ref.fake_quant_backward(grad_y, as_tensor(mask) if on_ctx else mask, False)[0], None
+            return bwd(grad_y, mask, False)[0], None
 
     return direct_apply(_Relu6FakeQuantEager)
 
@@ -330,8 +353,9 @@ _R6_EAGER = registry.derived_cache()  # as _EAGER: device type -> (fwd, the eage
 
 def _r6_for(device_type: str):
     def make():
-        fwd, bwd = registry.get_many("fake_quant", _R6_OPS, device_type)
-        return fwd, _relu6_eager_function(fwd, bwd)
+        fns = fwd, bwd = registry.get_many("fake_quant", _R6_OPS, device_type)
+        kept = registry.companions(fns, _R6_KEPT)
+        return fwd, (_relu6_eager_function(fwd, bwd) if kept is None else _relu6_eager_function(*kept))
 
     return registry.remember(_R6_EAGER, device_type, make)
 

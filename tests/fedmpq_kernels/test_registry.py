@@ -332,3 +332,16 @@ def test_a_lookup_in_flight_during_a_backend_change_does_not_store_the_old_choic
     assert not worker.is_alive()
     assert fq_ops._EAGER["cpu"][0].__module__ == "fedmpq_kernels.fake_quant.cpu"
     assert registry.get("fake_quant", "fake_quant", "cpu").__module__ == "fedmpq_kernels.fake_quant.cpu"
+
+
+def test_companions_come_from_the_one_module_of_the_functions_given():
+    """registry.companions: a backend's own forms of its ops, from the module that defined
+    every function given; None when they come from two modules or it lacks one."""
+    from fedmpq_kernels.fake_quant import cpu, reference
+
+    names = ("fake_quant_kept", "fake_quant_backward_kept", "kept_tensor")
+    assert registry.companions((cpu.fake_quant, cpu.fake_quant_backward), names) == (
+        cpu.fake_quant_kept, cpu.fake_quant_backward_kept, cpu.kept_tensor)
+    assert registry.companions((cpu.fake_quant, reference.fake_quant_backward), names) is None
+    assert registry.companions((reference.fake_quant, reference.fake_quant_backward), names) is None
+    assert registry.companions((cpu.fake_quant,), ("fake_quant_kept", "no_such_form")) is None

@@ -132,3 +132,58 @@ def test_create_graph_gives_a_backward_differentiable_in_the_incoming_gradient(p
     want = penalty_grads(lambda x, s: R.fake_quant_autograd(x, 3, s, "clipped"), relu6_oracle)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend_name", ["cpu", "reference"])
+def test_the_eager_paths_bitmaps_and_a_retained_graph(backend_name):
+    """The eager path on the CPU backend keeps the forward's bitmaps on the autograd node as
+    the bytearray its kept forms make (no uint8 tensor allocated, saved and freed per call),
+    holding the reference's bitmaps; a backend without kept forms saves them as a uint8
+    tensor. Either way a retained graph's second backward gives the first one's gradients,
+    and the gradients are the reference's."""
+    from fedmpq_kernels import registry
+    from fedmpq_kernels._native import native
+
+    if backend_name == "cpu" and native is None:
+        pytest.skip("native module not built")
+    torch.manual_seed(5)
+    x0, g = torch.randn(77) * 2, torch.randn(77)
+    with registry.use_backend(backend_name):
+        x, s = x0.clone().requires_grad_(True), torch.tensor(1.1, requires_grad=True)
+        y, z = fk.fake_quant(x, 4, s, ste="clipped"), fk.relu6_fake_quant(x * 3, 4)
+        for out, want in ((y, R.fake_quant(x0, 4, torch.tensor(1.1), 2)[1]),
+                          (z, R.relu6_fake_quant(x0 * 3, 4)[1])):
+            if backend_name == "cpu":
+                assert out.grad_fn.saved_tensors == () and type(out.grad_fn.kept) is bytearray
+                assert bytes(out.grad_fn.kept) == bytes(want.tolist())
+            else:
+                (saved,) = out.grad_fn.saved_tensors
+                assert torch.equal(saved, want)
+        loss = (g * y).sum() + (g * z).sum()
+        first = torch.autograd.grad(loss, [x, s], retain_graph=True)
+        second = torch.autograd.grad(loss, [x, s])
+    x2, s2 = x0.clone().requires_grad_(True), torch.tensor(1.1, requires_grad=True)
+    want_x, want_s = torch.autograd.grad((g * R.fake_quant_autograd(x2, 4, s2, "clipped")).sum(), [x2, s2])
+    want_x = want_x + g * 3 * ((x0 * 3 > 0) & (x0 * 3 < 6))  # relu6_fake_quant(3x)'s rule
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(first[0], want_x, rtol=0, atol=0)
+    torch.testing.assert_close(first[1], want_s)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_plain_gradients(use_reentrant):
+    """torch.utils.checkpoint recomputes the forward at backward (the non-reentrant form under
+    saved-tensor hooks, which do not see the CPU path's kept bitmaps): the gradients are those
+    of the plain graph, bit for bit."""
+    torch.manual_seed(0)
+    x, s, g = torch.randn(500, requires_grad=True), torch.tensor(1.0, requires_grad=True), torch.randn(500)
+
+    def f(x, s):
+        return fk.relu6_fake_quant(fk.fake_quant(x * 2, 4, s, ste="clipped") * 3, 3)
+
+    torch.utils.checkpoint.checkpoint(f, x, s, use_reentrant=use_reentrant).backward(g)
+    got = (x.grad.clone(), s.grad.clone())
+    x.grad = s.grad = None
+    f(x, s).backward(g)
+    assert torch.equal(got[0], x.grad) and torch.equal(got[1], s.grad)

@@ -348,3 +348,78 @@ def test_bitmaps_overlapping_the_floats_are_refused():
     # x and y in place, the bitmaps apart (and back to back): accepted
     native.cpu.fake_quant(xp, n, xp, n, 4, 1.0, False, p, nb, h, nb, 1)
     native.cpu.fake_quant_backward(gp, n, gp, n, p, nb, h, nb, 1)
+
+
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_the_kept_forms_match_the_tensor_forms(isa):
+    """fake_quant_kept, relu6_fake_quant_kept and fake_quant_backward_kept (the eager autograd
+    path's forms, their bitmaps in a bytearray the binding makes uninitialized) give the
+    tensor forms' y, bitmaps to the byte (the bits past n zero), grad_x and dL/dS, on sizes
+    around a word's 32 elements and at every width."""
+    if isa == "avx2" and not native.avx2_available():
+        pytest.skip("no AVX2 on this CPU")
+    prev = native.cpu_isa()
+    native.set_cpu_isa(isa)
+    try:
+        gen = torch.Generator().manual_seed(11)
+        for n in (0, 1, 31, 32, 33, 100, 1000):
+            x, g = torch.randn(n, generator=gen) * 2, torch.randn(n, generator=gen)
+            nb = 4 * ((n + 31) // 32)
+            for bits in (1, 2, 3, 4, 5, 6, 7, 8, 16):
+                for maps in (1, 2):
+                    y, y2, gx, gx2 = torch.empty(n), torch.empty(n), torch.empty(n), torch.empty(n)
+                    b = torch.empty(2 * nb, dtype=torch.uint8)
+                    p = b.data_ptr()
+                    native.cpu.fake_quant(x.data_ptr(), n, y.data_ptr(), n, bits, 1.1, False, p, nb,
+                                          p + nb if maps == 2 else 0, nb if maps == 2 else 0, 2)
+                    kept = native.cpu.fake_quant_kept(x.data_ptr(), n, y2.data_ptr(), n, bits, 1.1, maps, 2)
+                    assert type(kept) is bytearray and bytes(kept) == bytes(b[:nb * maps].tolist()), (n, bits, maps)
+                    assert torch.equal(y2, y)
+                    want = native.cpu.fake_quant_backward(g.data_ptr(), n, gx.data_ptr(), n, p if n else 0, nb,
+                                                          p + nb if maps == 2 and n else 0, nb if maps == 2 else 0, 2)
+                    got = native.cpu.fake_quant_backward_kept(g.data_ptr(), n, gx2.data_ptr(), n, kept, maps == 2, 2)
+                    assert got == want and torch.equal(gx2, gx), (n, bits, maps)
+                y, y2 = torch.empty(n), torch.empty(n)
+                m = torch.empty(nb, dtype=torch.uint8)
+                native.cpu.relu6_fake_quant(x.data_ptr(), n, y.data_ptr(), n, bits, m.data_ptr(), nb, 2)
+                kept = native.cpu.relu6_fake_quant_kept(x.data_ptr(), n, y2.data_ptr(), n, bits, 2)
+                assert bytes(kept) == bytes(m.tolist()) and torch.equal(y2, y), (n, bits)
+    finally:
+        native.set_cpu_isa(prev)
+
+
+def test_the_kept_forms_check_what_they_are_given():
+    """Each kept form re-checks its sizes as the tensor forms do, and the backward its
+    bytearray: another type is a TypeError; one too short for the elements and bitmaps
+    asked for, or one whose memory grad_x shares (torch.frombuffer), a ValueError; with
+    grad_x left as it was."""
+    n = 100
+    x, g = torch.randn(n), torch.randn(n)
+    y, gx = torch.zeros(n), torch.zeros(n)
+    fwd = native.cpu.fake_quant_kept
+    for over, match in [(dict(maps=0), "maps must be 1 .* got 0"), (dict(maps=3), "maps must be 1 .* got 3"),
+                        (dict(scale=0.0), "scale must be finite and > 0"), (dict(scale=1e-50), "scale must be"),
+                        (dict(bits=9), "bits must be in 1..8 or 16"), (dict(y_cap=99), "holds 99 elements"),
+                        (dict(n=-1, y_cap=-1), "negative element count"), (dict(x=0), "null data pointer")]:
+        a = dict(x=x.data_ptr(), n=n, y=y.data_ptr(), y_cap=n, bits=4, scale=1.0, maps=2, nthreads=1)
+        with pytest.raises(ValueError, match=match):
+            fwd(**{**a, **over})
+    with pytest.raises(ValueError, match="holds 99 elements"):
+        native.cpu.relu6_fake_quant_kept(x.data_ptr(), n, y.data_ptr(), 99, 4, 1)
+    assert not y.any()
+    kept = fwd(x.data_ptr(), n, y.data_ptr(), n, 4, 1.0, 1, 1)  # pass only: 16 bytes
+    bwd = native.cpu.fake_quant_backward_kept
+    for bad in (bytes(kept), torch.zeros(16, dtype=torch.uint8), memoryview(kept), None):
+        with pytest.raises(TypeError, match="kept bitmaps must be a bytearray"):
+            bwd(g.data_ptr(), n, gx.data_ptr(), n, bad, False, 1)
+    with pytest.raises(ValueError, match="kept bitmaps hold 16 bytes, need 32 for 100 elements"):
+        bwd(g.data_ptr(), n, gx.data_ptr(), n, kept, True, 1)  # hi asked for, not kept
+    g129, gx129 = torch.randn(129), torch.zeros(129)  # bound: a temporary's memory is freed before the call
+    with pytest.raises(ValueError, match="hold 16 bytes, need 20 for 129 elements"):
+        bwd(g129.data_ptr(), 129, gx129.data_ptr(), 129, kept, False, 1)
+    shared = bytearray(4 * n + 16)
+    gx_over = torch.frombuffer(shared, dtype=torch.float32, count=n, offset=12)  # 4 bytes on the 16 read
+    with pytest.raises(ValueError, match="kept bitmaps and grad_x overlap"):
+        bwd(g.data_ptr(), n, gx_over.data_ptr(), n, shared, False, 1)
+    assert not gx.any() and not gx_over.any() and not gx129.any()
+    assert bwd(g.data_ptr(), 0, 0, 0, bytearray(), True, 1) == 0.0  # no elements: no bitmaps needed
