@@ -1,5 +1,6 @@
 // Fake-quant's bindings: _C.cpu.{absmax, fake_quant, relu6_fake_quant, fake_quant_backward}, their kept-bitmap
-// forms _C.cpu.{fake_quant_kept, relu6_fake_quant_kept, fake_quant_backward_kept}, and, when built with CUDA, _C.cuda.{workspace_words, absmax, fake_quant, relu6_fake_quant, fake_quant_backward}.
+// forms _C.cpu.{fake_quant_kept, relu6_fake_quant_kept, fake_quant_backward_kept}, and, when built with CUDA,
+// _C.cuda.{workspace_words, absmax, fake_quant, relu6_fake_quant, fake_quant_backward}.
 // Each re-checks every size and pointer it is given (bindings/common.h).
 #include <pybind11/pybind11.h>
 
@@ -53,7 +54,8 @@ py::bytearray new_kept(int64_t n, int maps, uint32_t** pass, uint32_t** hi) {
 
 // A kept bytearray handed back for a backward: exported for the call (a resize from another
 // thread while the kernel reads it without the GIL raises BufferError there instead), its
-// length and alignment checked against n and the bitmaps asked for.
+// length and alignment checked against n and the bitmaps asked for. Made and destroyed
+// holding the GIL.
 class KeptView {
  public:
   KeptView(const py::object& kept, int64_t n, int maps) {
@@ -226,7 +228,7 @@ void bind_fake_quant(py::module_& m) {
         check_elems("grad", g, n, n, 4);
         check_elems("grad_x", gx, n, gx_cap, 4);
         check_no_partial_overlap("grad", g, "grad_x", gx, n, 4);
-        KeptView maps(kept, n, scale_grad ? 2 : 1);
+        KeptView maps(kept, n, scale_grad ? 2 : 1);  // before nogil: its release needs the GIL back
         // torch.frombuffer can make a tensor of a bytearray's memory
         check_disjoint("kept bitmaps", maps.addr(), maps.bytes(), "grad_x", gx, n * 4);
         NoGil nogil;
