@@ -151,6 +151,16 @@ def relu6_fake_quant_kept(x: Tensor, bits: int) -> Tuple[Tensor, bytearray]:
     return y, kept
 
 
+def relu6_fake_quant_values(x: Tensor, bits: int) -> Tensor:
+    """:func:`relu6_fake_quant`'s y alone, no mask made or written (a forward without
+    gradient: evaluation, inference)."""
+    xc = _f32(x)
+    n = xc.numel()
+    y = torch.empty_like(xc)
+    _relu6_fake_quant(xc.data_ptr(), n, y.data_ptr(), n, bits, 0, 0, torch.get_num_threads() if n > _SERIAL else 1)
+    return y if x.dtype is _F32 else y.to(x.dtype)
+
+
 def fake_quant_backward_kept(grad: Tensor, kept: bytearray, scale_grad: bool) -> Tuple[Tensor, Tensor]:
     """:func:`fake_quant_backward` reading a kept forward's bytearray (the binding checks its
     length against grad's elements)."""
@@ -181,6 +191,7 @@ _SERIAL = native.threading()["grain"] if native is not None else 0
 # The bound native functions, looked up once (attribute lookups on every call add up).
 _fake_quant = native.cpu.fake_quant if native is not None else None
 _fake_quant_backward = native.cpu.fake_quant_backward if native is not None else None
+_relu6_fake_quant = native.cpu.relu6_fake_quant if native is not None else None
 _fake_quant_kept = native.cpu.fake_quant_kept if native is not None else None
 _relu6_fake_quant_kept = native.cpu.relu6_fake_quant_kept if native is not None else None
 _fake_quant_backward_kept = native.cpu.fake_quant_backward_kept if native is not None else None
