@@ -13,7 +13,8 @@ switch devices), so an op on ``cuda:1`` never changes what ``device="cuda"`` mea
 
 Ops: ``fake_quant``, ``fake_quant_backward`` and ``relu6_fake_quant`` (the same absmax and
 forward kernels instantiated with ReLU6, as the Triton backend's ``RELU6`` flag; one native
-call, two launches). ``relu6_fake_quant``'s kernels are compiled for sm_80/sm_90 and pass
+call, two launches), and ``relu6_fake_quant_values`` (its y alone, no mask: the public
+function's form without gradient). ``relu6_fake_quant``'s kernels are compiled for sm_80/sm_90 and pass
 their tests on the host under tests/cuda_emu (CI), but have NOT yet run on a GPU:
 ``tools/gpu_check.sh`` runs their tests
 (tests/fedmpq_kernels/fake_quant/test_relu6_fake_quant.py, backend case ``cuda``).
@@ -190,10 +191,28 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
         (the max of relu6(x) writing S on the device, then the quantizer reading it there);
         no host synchronization.
     """
+    return _relu6(x, bits, True)
+
+
+def relu6_fake_quant_values(x: Tensor, bits: int) -> Tensor:
+    """:func:`relu6_fake_quant`'s y alone, no mask made or written (a forward without
+    gradient: evaluation, inference)."""
+    return _relu6(x, bits, False)[0]
+
+
+def _relu6(x: Tensor, bits: int, with_mask: bool) -> Tuple[Tensor, Optional[Tensor]]:
     code, dev, xc, n, y, nb = _elementwise(x, "x")
-    mask = torch.empty(nb, dtype=_U8, device=dev)
+    mask = torch.empty(nb, dtype=_U8, device=dev) if with_mask else None
     if n == 0:
         return y, mask
+    with on_device(dev):
+        stream = raw_stream(dev)
+        s = torch.empty((), dtype=_F32, device=dev)  # S, its own tensor (see fake_quant)
+        ws, words = _workspace(dev, stream)
+        native.cuda.relu6_fake_quant(xc.data_ptr(), y.data_ptr(), code, n, n, bits, s.data_ptr(),
+                                     mask.data_ptr() if with_mask else 0, nb if with_mask else 0,
+                                     ws.data_ptr(), words, dev.index, stream)
+    return y, mask
     with on_device(dev):
         stream = raw_stream(dev)
         s = torch.empty((), dtype=_F32, device=dev)  # S, its own tensor (see fake_quant)

@@ -155,7 +155,8 @@ def _eager_function(fwd, bwd, mode: int, as_tensor=None):
 _EAGER = registry.derived_cache()
 # A backend's kept forms (registry.companions): modes 1 and 2 (a given scale) and ReLU6.
 _FQ_KEPT = ("fake_quant_kept", "fake_quant_backward_kept", "kept_tensor")
-_R6_KEPT = ("relu6_fake_quant_kept", "fake_quant_backward_kept", "kept_tensor", "relu6_fake_quant_values")
+_R6_KEPT = ("relu6_fake_quant_kept", "fake_quant_backward_kept", "kept_tensor")
+_R6_VALUES = ("relu6_fake_quant_values",)  # y alone, no mask written: a backend's form for no gradient
 
 
 def _eager_for(device_type: str):
@@ -355,11 +356,9 @@ _R6_EAGER = registry.derived_cache()
 def _r6_for(device_type: str):
     def make():
         fns = fwd, bwd = registry.get_many("fake_quant", _R6_OPS, device_type)
-        kept = registry.companions(fns, _R6_KEPT)
-        if kept is None:
-            return (lambda x, bits: fwd(x, bits)[0]), _relu6_eager_function(fwd, bwd)
-        # the CPU's values form writes no mask: ~12 % of a 2^19-element forward
-        return kept[3], _relu6_eager_function(*kept[:3])
+        kept, values = registry.companions(fns, _R6_KEPT), registry.companions(fns, _R6_VALUES)
+        return ((lambda x, bits: fwd(x, bits)[0]) if values is None else values[0],
+                _relu6_eager_function(fwd, bwd) if kept is None else _relu6_eager_function(*kept))
 
     return registry.remember(_R6_EAGER, device_type, make)
 

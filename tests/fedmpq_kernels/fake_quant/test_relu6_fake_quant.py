@@ -146,6 +146,26 @@ def test_empty_and_strided(backend):
     assert same(y, want_y) and torch.equal(mask.cpu(), want_mask)
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_values_form_without_a_mask(backend, dtype):
+    """A backend's ``relu6_fake_quant_values`` (y alone, no mask written: the public function
+    without gradient takes it) against the reference, bit for bit: every width, odd and empty
+    sizes, a strided input, a 2-D shape."""
+    fn = getattr(backend.module("fake_quant"), "relu6_fake_quant_values", None)
+    if fn is None:
+        pytest.skip(f"{backend.name} has no values form")
+    dev = backend.device
+    with backend.active():
+        for numel in SIZES[:-1]:
+            x = inputs(numel, dtype, seed=4)
+            for bits in BITS:
+                y = fn(x.to(dev), bits)
+                assert y.dtype == dtype and y.shape == x.shape and same(y, R.relu6_fake_quant(x, bits)[0]), (numel, bits)
+                assert same(fk.relu6_fake_quant(x.to(dev), bits), y)
+        x = inputs(2 * 301, dtype, seed=6).view(301, 2)
+        assert same(fn(x.to(dev).t(), 3), R.relu6_fake_quant(x.t(), 3)[0])
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradient_is_relu6_mask(backend, dtype):
     kernel(backend)
