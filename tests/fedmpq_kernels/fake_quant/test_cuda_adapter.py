@@ -72,7 +72,8 @@ def test_relu6_fake_quant(fc, n, dtype, kind):
         ry, rm = R.relu6_fake_quant(x, bits)
         same_bits(y, ry, f"y, {bits} bits")
         assert torch.equal(mask, rm), f"mask, {bits} bits"
-    assert fc.native.cuda.calls.count("relu6_fake_quant") == 3
+        same_bits(fc.relu6_fake_quant_values(x, bits), ry, f"values form, {bits} bits")  # no mask
+    assert fc.native.cuda.calls.count("relu6_fake_quant") == 6
 
 
 def test_empty_inputs_launch_nothing(fc):
@@ -81,6 +82,7 @@ def test_empty_inputs_launch_nothing(fc):
     assert y.shape == (0,) and bm.shape == (0,)
     y, mask = fc.relu6_fake_quant(e, 4)
     assert y.shape == (0,) and mask.shape == (0,)
+    assert fc.relu6_fake_quant_values(e, 4).shape == (0,)
     gx, gs = fc.fake_quant_backward(e, torch.empty(0, dtype=torch.uint8), True)
     assert gx.shape == (0,) and float(gs) == 0.0
     assert fc.native.cuda.calls == []
