@@ -31,7 +31,8 @@ Design
 * ``relu6_fake_quant`` reuses both forward kernels with the ``RELU6`` flag: each maps x to
   ``a = relu6(x)`` right after the load (the partial maxima of a give S; a >= +0 or NaN,
   so the clamp and the copysign change nothing) and the forward writes the mask
-  ``0 < x < 6`` as its pass bitmap (MODE 1).
+  ``0 < x < 6`` as its pass bitmap (MODE 1; ``relu6_fake_quant_values``, y alone for a
+  forward without gradient, MODE 0).
 """
 from __future__ import annotations
 
@@ -244,6 +245,16 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     :func:`fedmpq_kernels.fake_quant.reference.relu6_fake_quant`. Two passes: the maximum
     of ``a = relu6(x)`` (:func:`fedmpq_kernels._triton_common.absmax` with ``relu6``), then the
     forward kernel quantizing ``a`` with that scale (``RELU6``, ``MODE`` 1: the mask)."""
+    return _relu6(x, bits, True)
+
+
+def relu6_fake_quant_values(x: Tensor, bits: int) -> Tensor:
+    """:func:`relu6_fake_quant`'s y alone, no mask made or written (``MODE`` 0: a forward
+    without gradient)."""
+    return _relu6(x, bits, False)[0]
+
+
+def _relu6(x: Tensor, bits: int, with_mask: bool) -> Tuple[Tensor, Optional[Tensor]]:
     out_dtype = x.dtype
     # The interpreter has no bfloat16: computed as float32 there (the same values), y converted back.
     if x.dtype == torch.bfloat16 and INTERPRET:
@@ -252,14 +263,15 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
     n = xc.numel()
     dev = x.device
     y = torch.empty_like(xc)
-    mask = torch.empty(bitmap_nbytes(n), dtype=torch.uint8, device=dev)
+    mask = torch.empty(bitmap_nbytes(n), dtype=torch.uint8, device=dev) if with_mask else None
     if n:
         grid = (triton.cdiv(n, BLOCK),)
         with on_device(dev):
             s = absmax(xc, n, BLOCK, NUM_WARPS, relu6=True)
             _fq_forward_kernel[grid](
-                xc, y, s, mask.view(torch.int32), y, n, mask.numel() // 4, float((1 << bits) - 1),
-                CHECK_SCALE=False, MODE=1, BLOCK=BLOCK, RELU6=True, num_warps=NUM_WARPS, **LAUNCH,
+                xc, y, s, y if mask is None else mask.view(torch.int32), y, n, 0 if mask is None else mask.numel() // 4,
+                float((1 << bits) - 1), CHECK_SCALE=False, MODE=int(with_mask), BLOCK=BLOCK, RELU6=True,
+                num_warps=NUM_WARPS, **LAUNCH,
             )
     if y.dtype != out_dtype:
         y = y.to(out_dtype)
