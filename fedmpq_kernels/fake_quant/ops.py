@@ -356,7 +356,7 @@ _R6_EAGER = registry.derived_cache()
 def _r6_for(device_type: str):
     def make():
         fns = fwd, bwd = registry.get_many("fake_quant", _R6_OPS, device_type)
-        kept, values = registry.companions(fns, _R6_KEPT), registry.companions(fns, _R6_VALUES)
+        kept, values = registry.companions(fns, _R6_KEPT), registry.companions((fwd,), _R6_VALUES)
         return ((lambda x, bits: fwd(x, bits)[0]) if values is None else values[0],
                 _relu6_eager_function(fwd, bwd) if kept is None else _relu6_eager_function(*kept))
 
