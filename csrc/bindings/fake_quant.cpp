@@ -66,8 +66,9 @@ class KeptView {
     const bool aligned = reinterpret_cast<uintptr_t>(view_.buf) % 4 == 0;
     if (len < nb * maps || !aligned) {
       PyBuffer_Release(&view_);
-      FEDMPQ_CHECK(false, "kept bitmaps hold " + std::to_string(len) + " bytes" + (aligned ? "" : ", not 4-byte aligned") +
-                              ", need " + std::to_string(nb * maps) + " for " + std::to_string(n) + " elements");
+      FEDMPQ_CHECK(false, "kept bitmaps hold " + std::to_string(len) + " bytes" +
+                              (aligned ? "" : ", not 4-byte aligned") + ", need " + std::to_string(nb * maps) +
+                              " for " + std::to_string(n) + " elements");
     }
     auto* p = static_cast<const uint32_t*>(view_.buf);
     pass_ = n > 0 ? p : nullptr;

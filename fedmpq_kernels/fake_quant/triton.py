@@ -268,10 +268,10 @@ def _relu6(x: Tensor, bits: int, with_mask: bool) -> Tuple[Tensor, Optional[Tens
         grid = (triton.cdiv(n, BLOCK),)
         with on_device(dev):
             s = absmax(xc, n, BLOCK, NUM_WARPS, relu6=True)
+            pw = y if mask is None else mask.view(torch.int32)  # MODE 0 writes no bitmap: y stands in
             _fq_forward_kernel[grid](
-                xc, y, s, y if mask is None else mask.view(torch.int32), y, n, 0 if mask is None else mask.numel() // 4,
-                float((1 << bits) - 1), CHECK_SCALE=False, MODE=int(with_mask), BLOCK=BLOCK, RELU6=True,
-                num_warps=NUM_WARPS, **LAUNCH,
+                xc, y, s, pw, y, n, 0 if mask is None else mask.numel() // 4, float((1 << bits) - 1),
+                CHECK_SCALE=False, MODE=int(with_mask), BLOCK=BLOCK, RELU6=True, num_warps=NUM_WARPS, **LAUNCH,
             )
     if y.dtype != out_dtype:
         y = y.to(out_dtype)
