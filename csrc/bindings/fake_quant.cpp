@@ -43,7 +43,11 @@ void check_forward_bitmaps(uintptr_t x, uintptr_t y, int64_t n, int64_t es, uint
 // A uint8 tensor made, saved and freed for them cost ~2.3 us of a 1-element forward+backward.
 py::bytearray new_kept(int64_t n, int maps, uint32_t** pass, uint32_t** hi) {
   const int64_t nb = 4 * bitmap_words(n);  // n checked by check_elems
-  py::bytearray kept(nullptr, nb * maps);
+  // MemoryError, as Python raises it, where pybind11's constructor would throw a RuntimeError
+  // with the MemoryError still pending
+  PyObject* made = PyByteArray_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(nb * maps));
+  if (made == nullptr) throw py::error_already_set();
+  auto kept = py::reinterpret_steal<py::bytearray>(made);
   auto* p = reinterpret_cast<uint32_t*>(PyByteArray_AS_STRING(kept.ptr()));
   // never fails: CPython's allocators give 16-byte alignment
   FEDMPQ_CHECK(reinterpret_cast<uintptr_t>(p) % 4 == 0, "bitmap bytearray is not 4-byte aligned");

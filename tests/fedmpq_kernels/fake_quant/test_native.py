@@ -423,3 +423,31 @@ def test_the_kept_forms_check_what_they_are_given():
         bwd(g.data_ptr(), n, gx_over.data_ptr(), n, shared, False, 1)
     assert not gx.any() and not gx_over.any() and not gx129.any()
     assert bwd(g.data_ptr(), 0, 0, 0, bytearray(), True, 1) == 0.0  # no elements: no bitmaps needed
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS: Linux")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="sanitizer build: ASan's shadow memory alone is past any address-space cap; "
+                           "tested in the normal build")
+def test_kept_bitmaps_that_cannot_be_allocated_are_a_memory_error():
+    """A kept form whose bytearray cannot be allocated raises MemoryError before any kernel
+    runs (pybind11's bytearray constructor raised a RuntimeError with the MemoryError still
+    pending). In a child whose address space is capped at 16 GiB, in place (x is y) so that
+    only the allocation can refuse 2^42 elements' bitmaps."""
+    code = (
+        "import resource, torch\n"
+        "from fedmpq_kernels._native import native\n"
+        "x = torch.randn(1)\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (16 << 30, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+        "n, p = 1 << 42, x.data_ptr()\n"
+        "for call in (lambda: native.cpu.fake_quant_kept(p, n, p, n, 4, 1.0, 2, 1),\n"
+        "             lambda: native.cpu.relu6_fake_quant_kept(p, n, p, n, 4, 1)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except MemoryError:\n"
+        "        print('MemoryError')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # (CPython 3.11 may print "SystemError: deallocated bytearray object has exported buffers"
+    # from the failed allocation's own clean-up: its uninitialized export count, not ours.)
+    assert r.returncode == 0 and r.stdout.split() == ["MemoryError", "MemoryError"], (r.stdout, r.stderr[-2000:])
