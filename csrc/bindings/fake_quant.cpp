@@ -22,6 +22,21 @@ void check_bits(int bits) {
   FEDMPQ_CHECK((bits >= 1 && bits <= 8) || bits == 16, "bits must be in 1..8 or 16, got " + std::to_string(bits));
 }
 
+// A CPU call's float32 input and output of n elements (the output holding cap): each checked,
+// and the same buffer (in place) or disjoint.
+void check_f32_io(const char* in_name, uintptr_t in, const char* out_name, uintptr_t out, int64_t n, int64_t cap) {
+  check_elems(in_name, in, n, n, 4);
+  check_elems(out_name, out, n, cap, 4);
+  check_no_partial_overlap(in_name, in, out_name, out, n, 4);
+}
+
+// A given scale, as the kernels' float32 will hold it: FLT_MAX is finite; a double below half
+// the least float32 is 0 there.
+void check_given_scale(double scale) {
+  FEDMPQ_CHECK(scale > 0.0 && scale <= 3.4028234663852886e38 && static_cast<float>(scale) > 0.0f,
+               "scale must be finite and > 0");
+}
+
 // A bitmap of n elements (null: none) apart from a buffer of n elements of es bytes, one of
 // the two written by the kernel while it reads or writes the other.
 void check_bitmap_apart(const char* name, uintptr_t p, int64_t n, const char* buf_name, uintptr_t buf, int64_t es) {
@@ -111,17 +126,12 @@ void bind_fake_quant(py::module_& m) {
       "fake_quant",
       [](uintptr_t x, int64_t n, uintptr_t y, int64_t y_cap, int bits, double scale, bool dynamic,
          uintptr_t pass, int64_t pass_nbytes, uintptr_t hi, int64_t hi_nbytes, int nthreads) {
-        check_elems("x", x, n, n, 4);
-        check_elems("y", y, n, y_cap, 4);
-        check_no_partial_overlap("x", x, "y", y, n, 4);
+        check_f32_io("x", x, "y", y, n, y_cap);
         check_bits(bits);
         check_bitmap("pass", pass, pass_nbytes, n, false);
         check_bitmap("hi", hi, hi_nbytes, n, false);
         check_forward_bitmaps(x, y, n, 4, pass, hi);
-        // FLT_MAX is finite; a double below half the least float32 is 0 as the kernels' float32
-        if (!dynamic)
-          FEDMPQ_CHECK(scale > 0.0 && scale <= 3.4028234663852886e38 && static_cast<float>(scale) > 0.0f,
-                       "scale must be finite and > 0");
+        if (!dynamic) check_given_scale(scale);
         float s = static_cast<float>(scale);
         {
           NoGil nogil;
@@ -140,9 +150,7 @@ void bind_fake_quant(py::module_& m) {
       "relu6_fake_quant",
       [](uintptr_t x, int64_t n, uintptr_t y, int64_t y_cap, int bits, uintptr_t mask, int64_t mask_nbytes,
          int nthreads) {
-        check_elems("x", x, n, n, 4);
-        check_elems("y", y, n, y_cap, 4);
-        check_no_partial_overlap("x", x, "y", y, n, 4);
+        check_f32_io("x", x, "y", y, n, y_cap);
         check_bits(bits);
         check_bitmap("mask", mask, mask_nbytes, n, false);
         check_bitmap_apart("mask", mask, n, "x", x, 4);
@@ -165,9 +173,7 @@ void bind_fake_quant(py::module_& m) {
       "fake_quant_backward",
       [](uintptr_t g, int64_t n, uintptr_t gx, int64_t gx_cap, uintptr_t pass, int64_t pass_nbytes, uintptr_t hi,
          int64_t hi_nbytes, int nthreads) {
-        check_elems("grad", g, n, n, 4);
-        check_elems("grad_x", gx, n, gx_cap, 4);
-        check_no_partial_overlap("grad", g, "grad_x", gx, n, 4);
+        check_f32_io("grad", g, "grad_x", gx, n, gx_cap);
         check_bitmap("pass", pass, pass_nbytes, n, n > 0);
         check_bitmap("hi", hi, hi_nbytes, n, false);
         check_bitmap_apart("pass", pass, n, "grad_x", gx, 4);
@@ -186,13 +192,10 @@ void bind_fake_quant(py::module_& m) {
   cpu.def(
       "fake_quant_kept",
       [](uintptr_t x, int64_t n, uintptr_t y, int64_t y_cap, int bits, double scale, int maps, int nthreads) {
-        check_elems("x", x, n, n, 4);
-        check_elems("y", y, n, y_cap, 4);
-        check_no_partial_overlap("x", x, "y", y, n, 4);
+        check_f32_io("x", x, "y", y, n, y_cap);
         check_bits(bits);
         FEDMPQ_CHECK(maps == 1 || maps == 2, "maps must be 1 (pass) or 2 (pass and hi), got " + std::to_string(maps));
-        FEDMPQ_CHECK(scale > 0.0 && scale <= 3.4028234663852886e38 && static_cast<float>(scale) > 0.0f,
-                     "scale must be finite and > 0");  // as fake_quant's given scale
+        check_given_scale(scale);
         uint32_t *pass, *hi;
         py::bytearray kept = new_kept(n, maps, &pass, &hi);  // fresh: apart from x and y
         {
@@ -210,9 +213,7 @@ void bind_fake_quant(py::module_& m) {
   cpu.def(
       "relu6_fake_quant_kept",
       [](uintptr_t x, int64_t n, uintptr_t y, int64_t y_cap, int bits, int nthreads) {
-        check_elems("x", x, n, n, 4);
-        check_elems("y", y, n, y_cap, 4);
-        check_no_partial_overlap("x", x, "y", y, n, 4);
+        check_f32_io("x", x, "y", y, n, y_cap);
         check_bits(bits);
         uint32_t *mask, *unused;
         py::bytearray kept = new_kept(n, 1, &mask, &unused);
@@ -230,9 +231,7 @@ void bind_fake_quant(py::module_& m) {
       "fake_quant_backward_kept",
       [](uintptr_t g, int64_t n, uintptr_t gx, int64_t gx_cap, const py::object& kept, bool scale_grad,
          int nthreads) {
-        check_elems("grad", g, n, n, 4);
-        check_elems("grad_x", gx, n, gx_cap, 4);
-        check_no_partial_overlap("grad", g, "grad_x", gx, n, 4);
+        check_f32_io("grad", g, "grad_x", gx, n, gx_cap);
         KeptView maps(kept, n, scale_grad ? 2 : 1);  // before nogil: its release needs the GIL back
         // torch.frombuffer can make a tensor of a bytearray's memory
         check_disjoint("kept bitmaps", maps.addr(), maps.bytes(), "grad_x", gx, n * 4);

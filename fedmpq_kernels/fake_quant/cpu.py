@@ -39,17 +39,21 @@ def _f32(t: Tensor) -> Tensor:
     return t
 
 
+def _f32_ptr(t: Tensor) -> Tuple[Tensor, int]:
+    """(t as :func:`_f32` gives it, its data pointer): the common input (contiguous,
+    4-byte-aligned float32) in the fewest tensor calls (each is ~0.1 µs of a 1-element call),
+    its data pointer read once, its dtype once."""
+    if t.dtype is _F32 and t.is_contiguous() and not (p := t.data_ptr()) & 3:
+        return t, p
+    t = _f32(t)
+    return t, t.data_ptr()
+
+
 def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tuple[Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant`. x: CPU float tensor,
     any strides; scale: None or 0-dim CPU tensor (already checked finite and > 0).
     Mode 0's bitmaps are :data:`NO_BITMAP` (shared, empty); mode 2's two are one allocation."""
-    # The common input (contiguous, 4-byte-aligned float32) in the fewest tensor calls (each
-    # is ~0.1 µs of a 1-element call): its data pointer read once, its dtype once.
-    if x.dtype is _F32 and x.is_contiguous() and not (px := x.data_ptr()) & 3:
-        xc = x
-    else:
-        xc = _f32(x)
-        px = xc.data_ptr()
+    xc, px = _f32_ptr(x)
     n = xc.numel()
     y = torch.empty_like(xc)  # contiguous float32 of x's shape (empty_like: the cheapest allocation call)
     if mode:
@@ -72,11 +76,7 @@ def fake_quant(x: Tensor, bits: int, scale: Optional[Tensor], mode: int) -> Tupl
 def fake_quant_backward(grad: Tensor, bitmaps: Tensor, scale_grad: bool) -> Tuple[Tensor, Tensor]:
     """See :func:`fedmpq_kernels.fake_quant.reference.fake_quant_backward`. grad: CPU
     float tensor; the bitmaps as :func:`fedmpq_kernels._checks.bitmap_arg` takes them."""
-    if grad.dtype is _F32 and grad.is_contiguous() and not (pg := grad.data_ptr()) & 3:
-        g = grad  # the common case in the fewest tensor calls (see fake_quant)
-    else:
-        g = _f32(grad)
-        pg = g.data_ptr()
+    g, pg = _f32_ptr(grad)
     n = g.numel()
     gx = torch.empty_like(g)
     nb = bitmap_nbytes(n)
@@ -125,11 +125,7 @@ def relu6_fake_quant(x: Tensor, bits: int) -> Tuple[Tensor, Tensor]:
 def fake_quant_kept(x: Tensor, bits: int, scale: Tensor, mode: int) -> Tuple[Tensor, bytearray]:
     """:func:`fake_quant` with a given scale in mode 1 or 2: y, and the bitmaps (pass, then
     hi in mode 2; ``bitmap_nbytes(n)`` bytes each) in a new bytearray."""
-    if x.dtype is _F32 and x.is_contiguous() and not (px := x.data_ptr()) & 3:
-        xc = x  # the common case in the fewest tensor calls (see fake_quant)
-    else:
-        xc = _f32(x)
-        px = xc.data_ptr()
+    xc, px = _f32_ptr(x)
     n = xc.numel()
     y = torch.empty_like(xc)
     kept = _fake_quant_kept(px, n, y.data_ptr(), n, bits, scale.item(), mode,
@@ -164,11 +160,7 @@ def relu6_fake_quant_values(x: Tensor, bits: int) -> Tensor:
 def fake_quant_backward_kept(grad: Tensor, kept: bytearray, scale_grad: bool) -> Tuple[Tensor, Tensor]:
     """:func:`fake_quant_backward` reading a kept forward's bytearray (the binding checks its
     length against grad's elements)."""
-    if grad.dtype is _F32 and grad.is_contiguous() and not (pg := grad.data_ptr()) & 3:
-        g = grad
-    else:
-        g = _f32(grad)
-        pg = g.data_ptr()
+    g, pg = _f32_ptr(grad)
     n = g.numel()
     gx = torch.empty_like(g)
     gs = _fake_quant_backward_kept(pg, n, gx.data_ptr(), n, kept, scale_grad,
