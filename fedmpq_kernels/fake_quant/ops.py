@@ -105,6 +105,41 @@ def _fq_backward(ctx, grad_y, _grad_bitmaps):
 torch.library.register_autograd("fedmpq::fake_quant", _fq_backward, setup_context=_fq_setup_context, lib=lib)
 
 
+# ---- channels-last tensors: computed in their memory order, returned in their layout -----
+# A 4-d channels_last (5-d channels_last_3d) tensor that is not also contiguous is, permuted to
+# (N, H, W, C), a contiguous view: the backends, which read and write in memory order, take it
+# without the copy .contiguous() would make, and the output permuted back has x's layout (a
+# conv net run channels-last stays so, as it does through torch's own elementwise ops). The
+# bitmaps are then in that memory order, so the backward permutes its gradient the same way.
+# Only the eager paths do this: the registered ops keep their contiguous outputs (their fake
+# impls say so to torch.compile).
+_CL, _CL3 = torch.channels_last, torch.channels_last_3d
+_TO_LAST = (None, None, None, None, (0, 2, 3, 1), (0, 2, 3, 4, 1))
+_FROM_LAST = (None, None, None, None, (0, 3, 1, 2), (0, 4, 1, 2, 3))
+
+
+def _channels_last(x: Tensor) -> int:
+    """x's dimension count (4 or 5) when x is channels-last and not contiguous, else 0. Called
+    once ``x.is_contiguous()`` is False: a contiguous tensor costs one check."""
+    d = x.dim()
+    if d == 4:
+        return 4 if x.is_contiguous(memory_format=_CL) else 0
+    if d == 5:
+        return 5 if x.is_contiguous(memory_format=_CL3) else 0
+    return 0
+
+
+def _last(t: Tensor, d: int) -> Tensor:
+    """t (d-dim, x's shape) as the (N, ..., C) view whose logical order is x's memory order."""
+    return t.permute(_TO_LAST[d])
+
+
+def _back(t: Tensor, d: int) -> Tensor:
+    """A result computed on :func:`_last`'s view, in x's shape and layout. Detached: a tensor
+    of its own to autograd, not a view (an in-place op on the output stays allowed)."""
+    return t.permute(_FROM_LAST[d]).detach()
+
+
 def _eager_function(fwd, bwd, mode: int, as_tensor=None):
     """The same autograd rule as the registered op, for plain eager tensors, at the least
     host cost per call (a client step makes ~100 calls): ``apply(x, scale, bits) -> y`` of an
@@ -124,13 +159,15 @@ def _eager_function(fwd, bwd, mode: int, as_tensor=None):
     class _FakeQuantEager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, scale, bits):
-            y, bitmaps = fwd(x, bits, scale, mode)
+            d = 0 if x.is_contiguous() else _channels_last(x)
+            y, bitmaps = fwd(_last(x, d) if d else x, bits, scale, mode)
             if mode:
+                ctx.last = d  # the bitmaps' order: x's memory order
                 if on_ctx:
                     ctx.kept = bitmaps
                 else:
                     ctx.save_for_backward(bitmaps)
-            return y
+            return _back(y, d) if d else y
 
         @staticmethod
         def backward(ctx, grad_y):
@@ -138,13 +175,16 @@ def _eager_function(fwd, bwd, mode: int, as_tensor=None):
             if not mode:  # identity STE: the incoming gradient, unchanged
                 return grad_y, None, None
             bitmaps = ctx.kept if on_ctx else ctx.saved_tensors[0]
+            d = ctx.last
+            g = _last(grad_y, d) if d else grad_y  # in the bitmaps' order
             if grad_y.requires_grad:
                 # create_graph (a gradient penalty, second-order methods): the kernels' outputs
                 # carry no graph, so the pure-torch rule, differentiable in grad_y, runs instead.
-                grad_x, grad_scale = _ref.fake_quant_backward(grad_y, as_tensor(bitmaps) if on_ctx else bitmaps,
-                                                              scale_grad)
+                grad_x, grad_scale = _ref.fake_quant_backward(g, as_tensor(bitmaps) if on_ctx else bitmaps, scale_grad)
             else:
-                grad_x, grad_scale = bwd(grad_y, bitmaps, scale_grad)
+                grad_x, grad_scale = bwd(g, bitmaps, scale_grad)
+            if d:  # back to x's shape (a plain permute: under create_graph it stays differentiable)
+                grad_x = grad_x.permute(_FROM_LAST[d])
             return grad_x, (grad_scale if scale_grad else None), None
 
     return direct_apply(_FakeQuantEager)
@@ -176,6 +216,13 @@ _FLOAT_SET = frozenset(FLOAT_DTYPES)
 _F32 = torch.float32
 _grad_enabled = torch.is_grad_enabled
 _is_compiling = torch.compiler.is_compiling
+
+
+def _fq_values(fwd, x: Tensor, bits: int, s: Optional[Tensor]) -> Tensor:
+    """The backend forward ``fwd``'s y alone (no bitmaps: mode 0), in x's layout."""
+    if x.is_contiguous() or not (d := _channels_last(x)):
+        return fwd(x, bits, s, 0)[0]
+    return _back(fwd(_last(x, d), bits, s, 0)[0], d)
 
 
 def _scale_tensor(scale, x: Tensor) -> Optional[Tensor]:
@@ -228,7 +275,9 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
             nothing is clipped and ``"clipped"`` equals ``"identity"``.
 
     Returns:
-        Tensor of x's shape and dtype (contiguous).
+        Tensor of x's shape and dtype: channels-last when x is (4-d channels_last, 5-d
+        channels_last_3d; computed in x's memory order, no copy), else contiguous. (The
+        registered op, ``torch.ops.fedmpq.*``, always gives a contiguous one.)
 
     Raises:
         TypeError: x not a float tensor, bits not an int, scale of a wrong type.
@@ -257,7 +306,7 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
             dt = "cpu" if on_cpu else x.device.type
             e = _EAGER.get(dt) or _eager_for(dt)
             if not ((s_grad or x.requires_grad) and _grad_enabled()):
-                return e[0](x, bits, s, 0)[0]
+                return _fq_values(e[0], x, bits, s)
             if ste == "identity" or s is None:
                 return e[1](x, s, bits)
             return e[3 if s_grad else 2](x, s, bits)
@@ -282,7 +331,7 @@ def fake_quant(x: Tensor, bits: int, scale: Union[None, float, Tensor] = None, *
         if s is not None and s.is_cpu:
             check_scale_value(s.item())
         if not grad:
-            return e[0](x, bits, s, 0)[0]
+            return _fq_values(e[0], x, bits, s)
         return e[1 + mode](x, s, bits)
     return torch.ops.fedmpq.fake_quant(x, bits, s, mode)[0]
 
@@ -331,19 +380,24 @@ def _relu6_eager_function(fwd, bwd, as_tensor=None):
     class _Relu6FakeQuantEager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, bits):
-            y, mask = fwd(x, bits)
+            d = ctx.last = 0 if x.is_contiguous() else _channels_last(x)  # see _eager_function
+            y, mask = fwd(_last(x, d) if d else x, bits)
             if on_ctx:
                 ctx.kept = mask
             else:
                 ctx.save_for_backward(mask)
-            return y
+            return _back(y, d) if d else y
 
         @staticmethod
         def backward(ctx, grad_y):
             mask = ctx.kept if on_ctx else ctx.saved_tensors[0]
+            d = ctx.last
+            g = _last(grad_y, d) if d else grad_y
             if grad_y.requires_grad:  # create_graph: see _eager_function
-                return _ref.fake_quant_backward(grad_y, as_tensor(mask) if on_ctx else mask, False)[0], None
-            return bwd(grad_y, mask, False)[0], None
+                grad_x = _ref.fake_quant_backward(g, as_tensor(mask) if on_ctx else mask, False)[0]
+            else:
+                grad_x = bwd(g, mask, False)[0]
+            return (grad_x.permute(_FROM_LAST[d]) if d else grad_x), None
 
     return direct_apply(_Relu6FakeQuantEager)
 
@@ -376,7 +430,9 @@ def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
         bits: 1..8, or 16 (float in all but name, the server's evaluation).
 
     Returns:
-        Tensor of x's shape and dtype (contiguous).
+        Tensor of x's shape and dtype: channels-last when x is (4-d channels_last, 5-d
+        channels_last_3d; computed in x's memory order, no copy), else contiguous. (The
+        registered op, ``torch.ops.fedmpq.*``, always gives a contiguous one.)
     """
     if type(x) is not Tensor or x.dtype not in FLOAT_DTYPES:
         check_float_tensor(x)
@@ -387,5 +443,7 @@ def relu6_fake_quant(x: Tensor, bits: int = 4) -> Tensor:
         e = _R6_EAGER.get(dt) or _r6_for(dt)
         if x.requires_grad and _grad_enabled():
             return e[1](x, bits)
-        return e[0](x, bits)
+        if x.is_contiguous() or not (d := _channels_last(x)):
+            return e[0](x, bits)
+        return _back(e[0](_last(x, d), bits), d)  # in x's layout, as the Function's output
     return torch.ops.fedmpq.relu6_fake_quant(x, bits)[0]
