@@ -10,6 +10,8 @@ Groups ``client-step-b32`` and ``client-step-b128``; ids end in:
   state kept between steps per quantized weight (codes, sign bitmap, scale, optimizer).
 * ``float-planes-4bit``: the pure-torch float-plane implementation of the authors' method
   (fedmpq.nn.float_planes), the slow reference.
+* ``float-cl`` / ``fedmpq-4bit-cl``: the float and 4-bit models with ``channels_last=True``
+  (the federation's ``memory_format``), against the same contiguous float anchor.
 
 ``compile`` ids (CUDA only, groups ``client-step-b32 compiled`` / ``-b128 compiled``): the
 same steps with the model under ``torch.compile(fullgraph=True)`` (default mode; fedmpq's
@@ -40,7 +42,7 @@ from conftest import randn, sync
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IMPLS = ["float", "fedmpq-2bit", "fedmpq-4bit", "fedmpq-8bit", "float-planes-4bit"]
-CASES = [(b, d, i, "eager") for b in (32, 128) for d in DEVICES for i in IMPLS]
+CASES = [(b, d, i, "eager") for b in (32, 128) for d in DEVICES for i in IMPLS + ["float-cl", "fedmpq-4bit-cl"]]
 # torch.compile and CUDA graphs on the GPU (the float-plane reference is not a candidate there)
 CASES += [(b, "cuda", i, m) for m in ("compile", "graph") for b in (32, 128) for i in IMPLS[:4] if "cuda" in DEVICES]
 
@@ -58,11 +60,13 @@ def make_step(impl: str, batch: int, device: str, mode: str = "eager"):
     ``torch.compile``; ``graph``, the whole step replayed from a CUDA graph after two eager
     warm-up steps and the capture, which the caller's first calls make)."""
     compiled = mode == "compile"
+    cl = impl.endswith("-cl")  # channels-last activations
+    impl = impl[:-3] if cl else impl
     torch.manual_seed(0)
     x = randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,)).to(device)  # drawn on the CPU, as randn (conftest)
     if impl == "float":
-        model = qn.resnet20().to(device)
+        model = qn.resnet20(channels_last=cl).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         run = torch.compile(model, fullgraph=True) if compiled else model
 
@@ -74,7 +78,7 @@ def make_step(impl: str, batch: int, device: str, mode: str = "eager"):
 
         return (_graphed(fn, x, y) if mode == "graph" else lambda: fn(x, y)), 4.0 * 2  # a weight, its momentum
     bits = int(impl.split("-")[-1][:-3])
-    model = qn.resnet20(quantized=True, bits=bits).to(device)
+    model = qn.resnet20(quantized=True, bits=bits, channels_last=cl).to(device)
     if impl.startswith("float-planes"):
         from fedmpq.nn import float_planes
 

@@ -243,7 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Here, under the handler below, not at the top of the module (see there)
         from . import data as data_mod
         from . import simulate
-        from .config import ConfigError, check_config
+        from .config import ConfigError, check_config, with_defaults
         from .federation import prepare_out, read_checkpoint, trained_nothing
         from .progress import log_through_bars
         from .results import bits_table, compare
@@ -259,7 +259,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         if cmd == "simulate" and args.resume and args.config:
             print(f"fedmpq: --resume {args.resume} continues the run with its saved config; leave out --config "
-                  f"(give what may change as flags: rounds, device, cuda-graph, threads, data-dir)", file=sys.stderr)
+                  f"(give what may change as flags: rounds, device, cuda-graph, threads, data-dir, memory-format)", file=sys.stderr)
             return 2
         try:
             if cmd == "compare":
@@ -282,7 +282,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             else:
                 if args.resume:
                     saved = read_checkpoint(Path(args.resume) / "checkpoint.pt")["config"]
-                    cfg = {**saved, **_flags(args)}
+                    # a key added since takes the value the run had (with_defaults), not a new default
+                    cfg = {**with_defaults(saved), **_flags(args)}
                     out = args.resume
                 else:
                     cfg = _flag_config(args)

@@ -30,12 +30,20 @@ DEFAULTS: Dict[str, Any] = dict(
     budgets=PAPER_BUDGETS, rounds=30, local_epochs=5, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
     **{"lambda": 1e-3}, threshold=2.0, sampling_rate=1.0, act_bits=4, scale_lr="lsq", classifier="quantized",
     seed=0, train_samples=None, aggregation="mean", device="cpu", cuda_graph=False, threads=None,
+    memory_format="auto",
 )
 # Keys that only say where or how fast a run executes: a resumed run may change them, and
 # runs that differ only in them are the same experiment.
-EXECUTION_KEYS = ("device", "cuda_graph", "threads", "data_dir")
+EXECUTION_KEYS = ("device", "cuda_graph", "threads", "data_dir", "memory_format")
+# Keys added after runs were saved whose default for new runs differs from what those runs did:
+# with_defaults gives a saved config the value it ran with.
+BEFORE_THE_KEY: Dict[str, Any] = {"memory_format": "contiguous"}
 ALGS = client_mod.ALGORITHMS
 CLASSIFIERS = ("quantized", "float")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+# memory_format auto: channels-last on the CPU from this image size up (measured on 8x8 digits,
+# slower, and 28x28 / 32x32, faster: docs/BENCHMARKS.md)
+CHANNELS_LAST_MIN_SIZE = 16
 # No dataset can be split among more (at most 60000 training samples, 10 per client); the bound
 # stops a typo's n_clients before budgets are expanded to that many (minutes, or out of memory).
 MAX_CLIENTS = 100_000
@@ -86,15 +94,19 @@ HELP: Dict[str, str] = {
     "threads": "threads of one training process; none: fedmpq simulate and a SuperNode's client take the cores "
                "this process may use divided among the fedmpq processes training on this machine (counted every "
                "round, and on a SuperNode every local epoch); fedmpq flower gives each client all of them",
+    "memory_format": f"layout of the models' activations: {', '.join(MEMORY_FORMATS)} (auto: channels_last on the "
+                     f"CPU for images of {CHANNELS_LAST_MIN_SIZE}x{CHANNELS_LAST_MIN_SIZE} and larger, where a "
+                     "ResNet-20 step is 13-23 percent faster so; contiguous for the 8x8 digits, whose steps it slows, "
+                     "and on CUDA, where it has not been timed)",
 }
 assert set(HELP) == set(DEFAULTS)
 
 
 def with_defaults(saved: Dict[str, Any]) -> Dict[str, Any]:
     """A config saved by an earlier version (results.json, checkpoint.pt) with :data:`DEFAULTS`
-    for the keys it lacks: a key is only ever added with a default that keeps the behaviour
-    from before it, so the saved run is the one these values describe."""
-    return {**DEFAULTS, **saved}
+    for the keys it lacks, or the value of :data:`BEFORE_THE_KEY` where the default for new
+    runs is not what the run did: the saved run is the one these values describe."""
+    return {**DEFAULTS, **BEFORE_THE_KEY, **saved}
 
 
 class ConfigError(ValueError):
@@ -154,7 +166,7 @@ def check_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
             c[key] = None
     for key, choices in (("alg", ALGS), ("dataset", data_mod.DATASETS), ("model", qn.models.MODELS),
                          ("scale_lr", client_mod.SCALE_LR_RULES), ("aggregation", agg_mod.RULES),
-                         ("classifier", CLASSIFIERS)):
+                         ("classifier", CLASSIFIERS), ("memory_format", MEMORY_FORMATS)):
         if not isinstance(c[key], str) or c[key] not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {c[key]!r}")
     if c["data_dir"] is not None and not isinstance(c["data_dir"], str):
@@ -437,9 +449,18 @@ def parse_optional_int(key: str):
     return parse
 
 
+def channels_last(c: Dict[str, Any], image_size: int) -> bool:
+    """Whether a checked config's models run channels-last on images of ``image_size``
+    (``memory_format``; auto: on the CPU, from :data:`CHANNELS_LAST_MIN_SIZE` up)."""
+    mf = c["memory_format"]
+    return mf == "channels_last" or (mf == "auto" and not c["device"].startswith("cuda")
+                                     and image_size >= CHANNELS_LAST_MIN_SIZE)
+
+
 def model_builder(c: Dict[str, Any], ds: data_mod.Dataset) -> Callable[..., Any]:
-    """``build(quantized, bits=8, act_bits=None)`` for the config's model on ``ds``'s inputs."""
-    kw = dict(num_classes=ds.num_classes, in_channels=ds.in_channels)
+    """``build(quantized, bits=8, act_bits=None)`` for the config's model on ``ds``'s inputs
+    (channels-last as :func:`channels_last` says)."""
+    kw = dict(num_classes=ds.num_classes, in_channels=ds.in_channels, channels_last=channels_last(c, ds.image_size))
     if c["model"] == "small_cnn":
         kw["image_size"] = ds.image_size
 

@@ -23,7 +23,8 @@
 #    per call with a synchronization, 20 calls per synchronization, and 20 calls replayed
 #    from one CUDA graph; ResNet-20's 20 layers' bit-plane step in one call;
 # 6. client-step: the ResNet-20 client step on CUDA (float, fedmpq 2/4/8-bit, b32 and b128,
-#    eager and replayed from a CUDA graph; float and 4-bit at b32 under torch.compile);
+#    eager and replayed from a CUDA graph; float and 4-bit at b32 under torch.compile; float
+#    and 4-bit channels-last, eager: whether memory_format auto should pick it on CUDA too);
 # 7. tests-triton-cuda: the same kernel tests on the Triton backend;
 # 8. federation-graph: the 2-round federation again with --cuda-graph true (never yet run on
 #    a GPU: step 4 is the evidence that a plain CUDA federation works if capture does not);
@@ -233,8 +234,8 @@ run_step bench-kernels 120 $PY -m pytest benches/bench_fake_quant.py benches/ben
   --benchmark-warmup=on --fedmpq-md "$W/bench_gpu.md"
 table "$W/bench_gpu.md" "no kernel benchmark table: see bench-kernels.txt"
 
-# 6. the client step (ResNet-20, b32 and b128) on the GPU: eager, replayed from a CUDA graph,
-# and under torch.compile for float and fedmpq-4bit at b32 (each compile takes tens of
+# 6. the client step (ResNet-20, b32 and b128) on the GPU: eager (also channels-last), replayed
+# from a CUDA graph, and under torch.compile for float and fedmpq-4bit at b32 (each compile takes tens of
 # seconds: the other compiled cases of benches/bench_client_step.py run outside this budget)
 run_step client-step 120 $PY -m pytest benches/bench_client_step.py --benchmark-only -q -p no:cacheprovider \
   -k "cuda and (not compile or (b32 and (float- or 4bit)))" --fedmpq-md "$W/bench_client_step.md"

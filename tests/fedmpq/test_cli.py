@@ -666,3 +666,30 @@ def test_a_signal_after_the_last_round_says_the_run_is_whole(tmp_path):
     line = cli._stopped_line(signal.SIGINT, str(out), 2, resumable=True)
     assert line == f"fedmpq: stopped by Ctrl-C after its last round (2 of 2): the run is whole; results in {out}"
     assert "--resume" in cli._stopped_line(signal.SIGINT, str(out), 3, resumable=True)  # an extension stopped early
+
+
+def test_a_run_saved_before_memory_format_resumes_as_it_ran(tmp_path):
+    """A checkpoint whose config has no memory_format (written before the key) resumes
+    contiguous, as it ran, and ends with the uninterrupted contiguous run's model; a flag may
+    still change it (an execution key)."""
+    import torch
+
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    assert cli.main(["simulate", "-q", "--out", str(run), "--memory-format", "contiguous"]
+                    + _args(dict(SMALL, rounds=1))) == 0
+    ck = run / "checkpoint.pt"
+    state = torch.load(ck, weights_only=True)
+    del state["config"]["memory_format"]  # as an older version wrote it
+    torch.save(state, ck)
+    res = json.loads((run / "results.json").read_text())
+    del res["config"]["memory_format"]
+    (run / "results.json").write_text(json.dumps(res))
+    assert cli.main(["simulate", "-q", "--resume", str(run), "--rounds", "2"]) == 0
+    assert cli.main(["simulate", "-q", "--out", str(whole), "--memory-format", "contiguous"]
+                    + _args(dict(SMALL, rounds=2))) == 0
+    a = json.loads((run / "results.json").read_text())
+    b = json.loads((whole / "results.json").read_text())
+    assert a["config"]["memory_format"] == "contiguous"
+    assert [r["accuracy"] for r in a["rounds"]] == [r["accuracy"] for r in b["rounds"]]
+    assert cli.main(["simulate", "-q", "--resume", str(run), "--rounds", "3", "--memory-format", "auto"]) == 0
+    assert json.loads((run / "results.json").read_text())["config"]["memory_format"] == "auto"

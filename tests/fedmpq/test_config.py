@@ -126,6 +126,42 @@ def test_cuda_graph_flag_reads_true_and_false(text, value):
     assert "cuda_graph" in config.EXECUTION_KEYS  # the same experiment with and without
 
 
+@pytest.mark.parametrize("fmt,device,size,want", [
+    ("auto", "cpu", 32, True), ("auto", "cpu", 28, True), ("auto", "cpu", 16, True), ("auto", "cpu", 8, False),
+    ("auto", "cuda", 32, False), ("auto", "cuda:1", 32, False), ("channels_last", "cuda", 8, True),
+    ("contiguous", "cpu", 32, False)])
+def test_memory_format_picks_the_models_layout(fmt, device, size, want):
+    """auto: channels-last on the CPU from 16x16 images up (the 8x8 digits' steps are slower
+    so), contiguous on CUDA; the model builder gives the models that layout."""
+    from fedmpq.data import load
+
+    c = config.check_config(dict(SMALL, memory_format=fmt, device=device))  # checked, not resolved: no GPU needed
+    assert config.channels_last(c, size) is want
+    digits = load("digits")
+    build = config.model_builder(c, digits)
+    assert build(quantized=True, bits=4).channels_last is config.channels_last(c, digits.image_size)
+    assert build(quantized=False).channels_last is config.channels_last(c, digits.image_size)
+    assert "memory_format" in config.EXECUTION_KEYS  # how fast, not what: the same experiment
+    ns = cli._Parser()
+    cli._config_flags(ns)
+    assert ns.parse_args(["--memory-format", fmt]).memory_format == fmt
+
+
+@pytest.mark.parametrize("bad", ["channels-last", "NHWC", "", True, None])
+def test_memory_format_refuses_what_it_does_not_know(bad):
+    with pytest.raises(config.ConfigError, match="memory_format"):
+        config.check_config(dict(SMALL, memory_format=bad))
+
+
+def test_a_config_saved_before_memory_format_ran_contiguous():
+    """A run saved before the key existed ran contiguous: with_defaults gives it that, not the
+    new runs' auto."""
+    assert config.DEFAULTS["memory_format"] == "auto"
+    saved = {k: v for k, v in config.check_config(dict(SMALL)).items() if k != "memory_format"}
+    assert config.with_defaults(saved)["memory_format"] == "contiguous"
+    assert config.with_defaults(dict(saved, memory_format="auto"))["memory_format"] == "auto"
+
+
 @pytest.mark.parametrize("visible, named", [("", True), (None, False), ("0", False)])
 def test_no_cuda_names_an_empty_cuda_visible_devices(visible, named, monkeypatch):
     # An empty CUDA_VISIBLE_DEVICES (what Ray gives a worker that asked for no GPU) is why a

@@ -1443,3 +1443,72 @@ def test_both_optimizers_resume_a_round_from_their_state_dicts(tmp_path):
         sgd.load_state_dict(saved["sgd"])
     with pytest.raises(ValueError, match="must be a BitPlaneOptimizer.state_dict"):
         other.load_state_dict({"lr": 1.0})
+
+
+def _build_pair(name, in_channels, **kw):
+    """(the model, the same model built channels_last=True with its state dict)."""
+    extra = dict(image_size=8) if name == "small_cnn" else {}
+    torch.manual_seed(0)
+    a = qn.build(name, in_channels=in_channels, **extra, **kw)
+    b = qn.build(name, in_channels=in_channels, channels_last=True, **extra, **kw)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("name,in_channels", [("resnet20", 3), ("resnet20", 1), ("small_cnn", 1)])
+def test_a_channels_last_float_model_computes_the_same_in_that_layout(name, in_channels):
+    """The activations are channels-last, the 1-channel input's model's too; the outputs and
+    every parameter's gradient are the contiguous model's up to the convolutions' own order
+    of sums; the parameters keep their layout and the state dict its keys."""
+    size = 8 if name == "small_cnn" else 32
+    a, b = _build_pair(name, in_channels)
+    seen = []
+    for m in b.modules():
+        if isinstance(m, qn.ActQuant):
+            m.register_forward_hook(lambda mod, i, out: seen.append(
+                out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
+    x = torch.randn(3, in_channels, size, size)
+    ya, yb = a(x), b(x)
+    assert seen and all(seen), seen
+    torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert pb.stride() == pa.stride(), n
+        torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-3, atol=1e-3 * float(pa.grad.abs().max()), msg=n)
+    assert list(a.state_dict()) == list(b.state_dict())
+
+
+@pytest.mark.parametrize("name,in_channels", [("resnet20", 3), ("resnet20", 1), ("small_cnn", 1)])
+def test_a_channels_last_quantized_model_trains_a_step(name, in_channels):
+    """4-bit weights and activations: the activations run channels-last and a whole client
+    step runs (every gradient finite, no bit-plane layer step skipped). Neither outputs nor
+    gradients are compared with the contiguous model's: BatchNorm's batch statistics sum in
+    another order in this layout, and a last-ulp difference on a rounding boundary flips a
+    4-bit activation level (0.4 at S = 6), which the next layers carry on. The quantizer
+    itself is compared bit for bit, both ways, in
+    tests/fedmpq_kernels/fake_quant/test_channels_last.py."""
+    size = 8 if name == "small_cnn" else 32
+    a, b = _build_pair(name, in_channels, quantized=True, bits=4)
+    seen = []
+    for m in b.modules():
+        if isinstance(m, qn.ActQuant):
+            m.register_forward_hook(lambda mod, i, out: seen.append(
+                out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()))
+    opt = qn.BitPlaneOptimizer(b, lr=0.1, lam=1e-3)
+    x, y = torch.randn(8, in_channels, size, size), torch.randint(0, 10, (8,))
+    with qn.batch_weights(b):
+        out = b(x)
+        F.cross_entropy(out, y).backward()
+    assert seen and all(seen), seen
+    assert torch.isfinite(out).all() and out.shape == a(x).shape
+    assert all(torch.isfinite(p.grad).all() for p in b.parameters() if p.grad is not None)
+    opt.step()
+    assert opt.steps == 1 and opt.skipped == 0
+
+
+def test_channels_last_must_be_a_bool():
+    for name in ("resnet20", "small_cnn"):
+        with pytest.raises(TypeError, match="channels_last must be a bool"):
+            qn.build(name, channels_last="yes")
