@@ -396,13 +396,15 @@ def test_regularizer_matches_the_definition():
     assert float(qn.regularizer(qm)) == pytest.approx(r / total, rel=1e-6)
 
 
-def test_compiled_forward_and_backward_match_eager():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_compiled_forward_and_backward_match_eager(channels_last):
     """A quantized model runs under torch.compile(fullgraph=True): the forward and the
     compiled backward give eager's loss, G for every layer, and the scale gradients. The
     model has batch_weights' hooks on, as the client's does: inert under compile (no graph
-    break), used eagerly."""
+    break), used eagerly. Channels-last too (the registered ops, contiguous, under compile;
+    the eager path keeps the layout)."""
     torch.manual_seed(0)
-    qm = qn.small_cnn(quantized=True, bits=[3, 4, 5, 6], image_size=8)
+    qm = qn.small_cnn(quantized=True, bits=[3, 4, 5, 6], image_size=8, channels_last=channels_last)
     qn.batch_weights(qm)
     x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
 
