@@ -126,7 +126,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
-        if self.channels_last:
+        if self.channels_last and x.dim() == 4:  # (a 3-d input: the layout names no 3-d form)
             x = x.to(memory_format=torch.channels_last)  # no copy when it already is
         out = F.relu(self.bn1(self.conv1(x)))  # the stem: plain ReLU, not quantized
         out = self.layer3(self.layer2(self.layer1(out)))
@@ -170,7 +170,7 @@ class SmallCNN(nn.Module):
         f.done()
 
     def forward(self, x):
-        if self.channels_last:
+        if self.channels_last and x.dim() == 4:
             x = x.to(memory_format=torch.channels_last)
         out = F.max_pool2d(self.act1(self.bn1(self.conv1(x))), 2)
         out = F.max_pool2d(self.act2(self.bn2(self.conv2(out))), 2)

@@ -1514,3 +1514,9 @@ def test_channels_last_must_be_a_bool():
     for name in ("resnet20", "small_cnn"):
         with pytest.raises(TypeError, match="channels_last must be a bool"):
             qn.build(name, channels_last="yes")
+
+
+def test_a_channels_last_model_refuses_a_3d_input_as_the_contiguous_one_does():
+    for cl in (False, True):
+        with pytest.raises(ValueError, match="expected 4D input"):
+            qn.resnet20(channels_last=cl)(torch.randn(3, 32, 32))
