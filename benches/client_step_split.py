@@ -1,5 +1,6 @@
 """Where one quantized client step's time goes (ResNet-20, 3x32x32, N bits, 4-bit
-activations): ``python benches/client_step_split.py [--batch 32] [--bits 4] [--device cpu]``.
+activations): ``python benches/client_step_split.py [--batch 32] [--bits 4] [--device cpu]
+[--channels-last]``.
 
 Each part is timed on its own, on the step's real shapes (medians of repeated runs):
 * weight dequantize: the bit-plane layers' weights, forward and backward, made as the
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="profile N whole steps (default: none)")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="both models' activations channels-last (fedmpq.nn's channels_last, memory_format)")
     ap.add_argument("--per-layer-weights", action="store_true",
                     help="one dequantize per layer instead of fedmpq.nn.batch_weights' one call for all")
     a = ap.parse_args()
@@ -57,7 +60,7 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(a.batch, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (a.batch,), device=dev)
-    model = qn.resnet20(quantized=True, bits=a.bits).to(dev)
+    model = qn.resnet20(quantized=True, bits=a.bits, channels_last=a.channels_last).to(dev)
     bit_opt = qn.BitPlaneOptimizer(model, lr=0.1, lam=1e-3)
     if not a.per_layer_weights:
         qn.batch_weights(model)
@@ -78,7 +81,7 @@ def main() -> None:
     for h in hooks:
         h.remove()
     whole = median_ms(step, a.reps, dev)
-    float_model = qn.resnet20().to(dev)
+    float_model = qn.resnet20(channels_last=a.channels_last).to(dev)
     fopt = torch.optim.SGD(float_model.parameters(), lr=0.1, momentum=0.9)
 
     def float_step():
@@ -127,6 +130,7 @@ def main() -> None:
              ("bit-plane optimizer + re-quantization", t_opt), ("SGD on the float parameters", t_sgd)]
     print(f"ResNet-20, batch {a.batch}, {a.bits}-bit weights, 4-bit activations, {dev}, "
           f"weights {'per layer' if a.per_layer_weights else 'batched'}, "
+          f"{'channels-last' if a.channels_last else 'contiguous'} activations, "
           f"{torch.get_num_threads()} threads; medians of {a.reps}")
     print("| part | ms | share |\n|---|---|---|")
     for name, t in parts:
