@@ -259,7 +259,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         if cmd == "simulate" and args.resume and args.config:
             print(f"fedmpq: --resume {args.resume} continues the run with its saved config; leave out --config "
-                  f"(give what may change as flags: rounds, device, cuda-graph, threads, data-dir, memory-format)", file=sys.stderr)
+                  f"(give what may change as flags: rounds, device, cuda-graph, threads, data-dir, memory-format)",
+                  file=sys.stderr)
             return 2
         try:
             if cmd == "compare":

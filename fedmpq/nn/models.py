@@ -12,8 +12,8 @@ State-dict names of the float form are those of :func:`fedmpq.layouts.cifar_resn
 ``channels_last=True`` runs a model's activations channels-last (its forward converts the
 input; convolutions, BatchNorm and the activation quantizer keep that layout): ResNet-20's
 training step on the CPU is 13-23 % faster so, the small CNN's on 28x28 images 14 %, on 8x8
-ones 15 % slower (docs/BENCHMARKS.md). The parameters and the
-state dict are the same either way.
+ones 15 % slower (docs/BENCHMARKS.md). The parameters and the state dict are the same either
+way.
 """
 from __future__ import annotations
 
@@ -126,9 +126,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
-        if self.channels_last and x.dim() == 4:  # (a 3-d input: the layout names no 3-d form)
-            x = x.to(memory_format=torch.channels_last)  # no copy when it already is
-        out = F.relu(self.bn1(self.conv1(x)))  # the stem: plain ReLU, not quantized
+        out = F.relu(self.bn1(self.conv1(_input(self, x))))  # the stem: plain ReLU, not quantized
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
@@ -170,9 +168,7 @@ class SmallCNN(nn.Module):
         f.done()
 
     def forward(self, x):
-        if self.channels_last and x.dim() == 4:
-            x = x.to(memory_format=torch.channels_last)
-        out = F.max_pool2d(self.act1(self.bn1(self.conv1(x))), 2)
+        out = F.max_pool2d(self.act1(self.bn1(self.conv1(_input(self, x)))), 2)
         out = F.max_pool2d(self.act2(self.bn2(self.conv2(out))), 2)
         out = self.act3(self.bn3(self.conv3(out)))
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
@@ -181,6 +177,12 @@ class SmallCNN(nn.Module):
 def _is_int(value) -> bool:
     """Any integer, NumPy's too (a sweep's np.arange gives them), never a bool."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral)
+
+
+def _input(model: nn.Module, x):
+    """x as ``model`` computes on it: channels-last when the model is (no copy when x already
+    is; a 3-d input as it is, the layout naming no 3-d form)."""
+    return x.to(memory_format=torch.channels_last) if model.channels_last and x.dim() == 4 else x
 
 
 def _check_channels_last(channels_last: bool) -> bool:
