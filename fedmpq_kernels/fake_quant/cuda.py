@@ -213,10 +213,3 @@ def _relu6(x: Tensor, bits: int, with_mask: bool) -> Tuple[Tensor, Optional[Tens
                                      mask.data_ptr() if with_mask else 0, nb if with_mask else 0,
                                      ws.data_ptr(), words, dev.index, stream)
     return y, mask
-    with on_device(dev):
-        stream = raw_stream(dev)
-        s = torch.empty((), dtype=_F32, device=dev)  # S, its own tensor (see fake_quant)
-        ws, words = _workspace(dev, stream)
-        native.cuda.relu6_fake_quant(xc.data_ptr(), y.data_ptr(), code, n, n, bits, s.data_ptr(),
-                                     mask.data_ptr(), nb, ws.data_ptr(), words, dev.index, stream)
-    return y, mask
