@@ -178,8 +178,8 @@ def _parser() -> _Parser:
     sim.add_argument("--resume", metavar="DIR", type=_path, help="continue the run in DIR from its last checkpoint; flags may "
                                                      "change rounds (raise it to extend the run, or lower it to end "
                                                      "sooner, not below the rounds done; the run's config then "
-                                                     "records the new rounds), device, cuda-graph, threads and "
-                                                     "data-dir")
+                                                     "records the new rounds), device, cuda-graph, threads, "
+                                                     "data-dir and memory-format")
     fl = sub.add_parser("flower", help="run the same federation through Flower's simulation engine "
                                        "(needs the flower extra)",
                         description="Run the federation on Flower's simulation engine (Ray); the same keys.")

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from . import client as client_mod
-from .config import check_config, load_data, model_builder, resolve_device, train_config
-from .federation import federate
+from .config import DEFAULTS, check_config, load_data, model_builder, resolve_device, train_config, with_defaults
+from .federation import federate, read_checkpoint
 from .progress import progress as _progress
 from .trainers import share_cores
 
@@ -23,7 +24,9 @@ _RUNNING = threading.Lock()
 def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, progress: bool = True,
         ready: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """Run the federation ``cfg`` in this process; returns the results dict (and writes it
-    with checkpoints to ``out``). ``resume``: continue from ``out``'s checkpoint. ``ready``:
+    with checkpoints to ``out``). ``resume``: continue from ``out``'s checkpoint; the keys
+    ``cfg`` leaves out take the run's own values (a key added since the run was saved, the
+    value it ran with), as ``fedmpq simulate --resume`` does. ``ready``:
     called once every check has passed (config, device, data, results folder, checkpoint),
     before any training.
 
@@ -46,6 +49,9 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
 
 
 def _run(cfg, out, resume, progress, ready) -> Dict[str, Any]:
+    if resume and out is not None and not set(DEFAULTS) <= set(cfg):
+        # not the defaults of today: memory_format's was contiguous before the key existed
+        cfg = {**with_defaults(read_checkpoint(Path(out) / "checkpoint.pt")["config"]), **cfg}
     c = check_config(cfg)
     resolve_device(c)  # no CUDA here: one line before the data loads
     ds, parts = load_data(c)  # MissingDatasetError before any training

@@ -323,3 +323,29 @@ def test_ending_a_run_sooner_is_recorded_in_its_checkpoint_and_the_lock_follows_
     assert cli.main(["simulate", "-q", "--resume", str(out), "--rounds", "2"]) == 2
     assert "its lock file .fedmpq.lock cannot be opened" in capsys.readouterr().err
     assert victim.read_text() == "precious data"
+
+
+def test_the_api_resumes_a_run_with_the_keys_its_config_leaves_out_as_the_run_had_them(tmp_path):
+    """simulate.run(cfg, out, resume=True) filled the keys ``cfg`` left out with today's
+    defaults, not the run's: a run saved before memory_format existed (it ran contiguous)
+    resumed as ``auto`` (channels-last on the CPU from 16x16 up), recorded so, while
+    ``fedmpq simulate --resume`` resumed it contiguous. Both now complete a resumed config
+    from the checkpoint's, and a config of the changed keys alone resumes the run."""
+    out = tmp_path / "run"
+    simulate.run(dict(SMALL, rounds=1, lr=0.05, memory_format="contiguous"), out=str(out), progress=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    del state["config"]["memory_format"]  # as an older version wrote it
+    torch.save(state, out / "checkpoint.pt")
+    res = json.loads((out / "results.json").read_text())
+    del res["config"]["memory_format"]
+    (out / "results.json").write_text(json.dumps(res))
+    got = simulate.run(dict(SMALL, rounds=2, lr=0.05), out=str(out), resume=True, progress=False)
+    assert got["config"]["memory_format"] == "contiguous" and len(got["rounds"]) == 2
+    got = simulate.run({"rounds": 3}, out=str(out), resume=True, progress=False)  # lr, the split: the run's
+    assert got["config"]["lr"] == 0.05 and got["config"]["memory_format"] == "contiguous"
+    assert len(got["rounds"]) == 3
+    # a key the config gives still wins, and one that may not change is still refused
+    got = simulate.run({"rounds": 3, "memory_format": "auto"}, out=str(out), resume=True, progress=False)
+    assert got["config"]["memory_format"] == "auto"
+    with pytest.raises(config.ConfigError, match="lr=0.1"):
+        simulate.run({"rounds": 4, "lr": 0.1}, out=str(out), resume=True, progress=False)
