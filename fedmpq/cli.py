@@ -245,6 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import simulate
         from .config import ConfigError, check_config, with_defaults
         from .federation import prepare_out, read_checkpoint, trained_nothing
+        from .heap import keep_freed_memory
         from .progress import log_through_bars
         from .results import bits_table, compare
 
@@ -263,6 +264,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                   file=sys.stderr)
             return 2
         try:
+            if cmd != "compare":
+                keep_freed_memory()  # a round's tensors reuse the heap, not fresh pages (fedmpq.heap)
             if cmd == "compare":
                 print(compare(args.dirs, args.plot, args.last))
                 if args.bits:

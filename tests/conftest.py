@@ -17,6 +17,11 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
         tempfile.gettempdir(), f"fedmpq-tests-inductor-{_key.hexdigest()[:16]}")
 
+# The fedmpq command keeps freed memory in the heap (fedmpq.heap), process-wide: in-process CLI
+# tests would switch this process's allocator at whichever test ran first, and pass it on to
+# every process started after. glibc's own here; tests/fedmpq/test_heap.py tests the setting.
+os.environ.setdefault("FEDMPQ_MALLOC", "system")
+
 # Started in the background of a script (`pytest &`, CI's sanitizer run) or under nohup, this
 # process has SIGINT ignored, and every process it starts inherits that: the Ctrl-C tests'
 # children would never see their signal (a fedmpq run then went on to its last round). Their

@@ -1,0 +1,96 @@
+"""fedmpq.heap: a training process keeps freed memory in its heap, so a tensor allocated again
+finds its pages mapped (no fresh page faults); the user's own allocator settings stand."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from fedmpq import cli, heap
+from fedmpq.config import ConfigError
+
+glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's allocator only")
+
+# Faults of a 64 MiB float tensor (16,384 pages of 4 KiB) allocated again after others of its
+# size were freed (a few: an aligned block asks for a little more than one freed block of
+# the same size, and the heap grows once more before it has room to reuse)
+FAULTS = """
+import resource, sys, torch
+from fedmpq import heap
+applied = heap.keep_freed_memory() if sys.argv[1] == "keep" else None
+for _ in range(3):
+    torch.empty(1 << 24).fill_(1.0)  # allocated, written and freed
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(1 << 24).fill_(2.0)
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+def _faults(mode: str, **env):
+    e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != heap.ENV}
+    e.pop("GLIBC_TUNABLES", None)
+    e.update(env)
+    out = subprocess.run([sys.executable, "-c", FAULTS, mode], env=e, capture_output=True, text=True, check=True)
+    applied, faults = out.stdout.split()
+    return applied, int(faults)
+
+
+@glibc
+def test_freed_memory_is_reused_not_faulted_in_again():
+    assert _faults("keep")[0] == "True"
+    assert _faults("keep")[1] < 1000
+    assert _faults("none")[1] > 16000  # glibc's own: the block went back to the kernel
+    # the user's choice stands: FEDMPQ_MALLOC=system, or their own glibc setting
+    assert _faults("keep", FEDMPQ_MALLOC="system") == ("False", pytest.approx(16384, rel=0.05))
+    assert _faults("keep", MALLOC_MMAP_THRESHOLD_="65536")[0] == "False"
+    assert _faults("keep", GLIBC_TUNABLES="glibc.malloc.tcache_count=0")[0] == "False"
+
+
+@glibc
+def _clean(monkeypatch):
+    """No allocator setting in the environment, and the ones set here gone after the test."""
+    for k in {k for k in os.environ if k.startswith("MALLOC_")} | {"GLIBC_TUNABLES", heap.ENV, *heap.CHILD_ENV}:
+        monkeypatch.setenv(k, "")  # recorded, so the test's own settings are undone too
+        monkeypatch.delenv(k)
+
+
+def test_the_processes_it_starts_inherit_it(monkeypatch):
+    _clean(monkeypatch)
+    monkeypatch.setattr(heap, "_applied", False)
+    assert heap.keep_freed_memory() is True
+    assert {k: os.environ[k] for k in heap.CHILD_ENV} == heap.CHILD_ENV
+    assert heap.keep_freed_memory() is True  # once per process
+    child = "import os; print(os.environ['MALLOC_MMAP_MAX_'], os.environ['MALLOC_TRIM_THRESHOLD_'])"
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", str(256 << 20)]
+
+
+def test_another_libc_or_a_bad_setting(monkeypatch):
+    monkeypatch.setattr(heap, "_applied", False)
+    _clean(monkeypatch)
+    monkeypatch.setenv(heap.ENV, "fast")
+    with pytest.raises(ConfigError, match="FEDMPQ_MALLOC='fast': it takes keep .* or system"):
+        heap.keep_freed_memory()
+    monkeypatch.setenv(heap.ENV, "keep")
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("", ""))  # musl, macOS: nothing to set
+    assert heap.keep_freed_memory() is False
+    assert not any(k in os.environ for k in heap.CHILD_ENV)
+
+
+@pytest.mark.parametrize("argv,called", [(["simulate", "--rounds", "0"], True), (["flower", "--rounds", "0"], True),
+                                         (["compare", "nowhere"], False)])
+def test_the_command_applies_it_where_it_trains(monkeypatch, argv, called):
+    seen = []
+    monkeypatch.setattr(heap, "keep_freed_memory", lambda: seen.append(1))
+    cli.main(argv)  # each stops at its first check (rounds 0; no such folder), after the heap's
+    assert bool(seen) is called
+
+
+def test_a_bad_setting_is_one_line_from_the_command(monkeypatch, capsys):
+    monkeypatch.setattr(heap, "_applied", False)
+    monkeypatch.setenv(heap.ENV, "fast")
+    assert cli.main(["simulate", "--rounds", "1"]) == 2
+    assert capsys.readouterr().err.startswith("fedmpq: FEDMPQ_MALLOC='fast'")
