@@ -31,13 +31,13 @@ def keep_freed_memory() -> bool:
     as ``MALLOC_MMAP_MAX_`` and ``MALLOC_TRIM_THRESHOLD_`` in the environment its children
     inherit. Returns whether it applied (False where the C library is not glibc, where
     ``FEDMPQ_MALLOC=system``, or where the environment already sets a ``glibc.malloc``
-    tunable or a ``MALLOC_..._`` variable: the user's choice stands). Once per process; later
-    calls return the first one's answer. Raises :class:`ConfigError` for another
+    tunable or a ``MALLOC_..._`` variable: the user's choice stands). Once applied, a later
+    call returns True and sets nothing again. Raises :class:`ConfigError` for another
     ``FEDMPQ_MALLOC`` value."""
     global _applied
     if _applied:
         return True
-    choice = os.environ.get(ENV, "keep")
+    choice = os.environ.get(ENV) or "keep"  # set but empty: unset
     if choice not in ("keep", "system"):
         raise ConfigError(f"{ENV}={choice!r}: it takes keep (freed memory kept in the heap for the next step, "
                           "the default) or system (glibc's own behaviour)")
