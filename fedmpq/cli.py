@@ -243,8 +243,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         # Here, under the handler below, not at the top of the module (see there)
         from . import data as data_mod
         from . import simulate
-        from .config import ConfigError, check_config, with_defaults
-        from .federation import prepare_out, read_checkpoint, trained_nothing
+        from .config import ConfigError, check_config
+        from .federation import prepare_out, resumed_config, trained_nothing
         from .heap import keep_freed_memory
         from .progress import log_through_bars
         from .results import bits_table, compare
@@ -264,14 +264,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                   file=sys.stderr)
             return 2
         try:
-            if cmd != "compare":
-                keep_freed_memory()  # a round's tensors reuse the heap, not fresh pages (fedmpq.heap)
             if cmd == "compare":
                 print(compare(args.dirs, args.plot, args.last))
                 if args.bits:
                     print()
                     print(bits_table(args.dirs, warn=False))  # compare said which runs it left out
                 return 0
+            keep_freed_memory()  # a round's tensors reuse the heap, not fresh pages (fedmpq.heap)
             if cmd == "flower":
                 try:
                     from .flower import simulation as flower_sim
@@ -285,9 +284,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 res = flower_sim.run(cfg, out=out, cpus=args.cpus, round_timeout=args.round_timeout)
             else:
                 if args.resume:
-                    saved = read_checkpoint(Path(args.resume) / "checkpoint.pt")["config"]
-                    # a key added since takes the value the run had (with_defaults), not a new default
-                    cfg = {**with_defaults(saved), **_flags(args)}
+                    cfg = resumed_config(args.resume, _flags(args))  # the run's own values, flags over them
                     out = args.resume
                 else:
                     cfg = _flag_config(args)

@@ -126,6 +126,13 @@ def damaged_record(path: Path) -> Optional[str]:
         return None
 
 
+def resumed_config(out, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """``cfg`` completed for resuming the run in folder ``out``: the keys it leaves out take
+    the checkpoint's values, and a key added since the run was saved the value it ran with
+    (:func:`fedmpq.config.with_defaults`), not today's default."""
+    return {**with_defaults(read_checkpoint(Path(out) / "checkpoint.pt")["config"]), **cfg}
+
+
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """A checkpoint written by :func:`federate`; :class:`ConfigError` naming the file when it
     is missing, truncated, damaged (a record failing its CRC-32) or not one (never torch's

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 from . import client as client_mod
-from .config import DEFAULTS, check_config, load_data, model_builder, resolve_device, train_config, with_defaults
-from .federation import federate, read_checkpoint
+from .config import DEFAULTS, check_config, load_data, model_builder, resolve_device, train_config
+from .federation import federate, resumed_config
 from .progress import progress as _progress
 from .trainers import share_cores
 
@@ -50,8 +49,7 @@ def run(cfg: Dict[str, Any], out: Optional[str] = None, resume: bool = False, pr
 
 def _run(cfg, out, resume, progress, ready) -> Dict[str, Any]:
     if resume and out is not None and not set(DEFAULTS) <= set(cfg):
-        # not the defaults of today: memory_format's was contiguous before the key existed
-        cfg = {**with_defaults(read_checkpoint(Path(out) / "checkpoint.pt")["config"]), **cfg}
+        cfg = resumed_config(out, cfg)  # not today's defaults (memory_format's was contiguous)
     c = check_config(cfg)
     resolve_device(c)  # no CUDA here: one line before the data loads
     ds, parts = load_data(c)  # MissingDatasetError before any training
