@@ -17,15 +17,14 @@ from fedmpq.config import ConfigError
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc" or bool(os.environ.get("LD_PRELOAD")),
                            reason="glibc's own allocator only")
 
-# Faults of a 64 MiB float tensor (16,384 pages of 4 KiB) allocated again after others of its
-# size were freed (a few: an aligned block asks for a little more than one freed block of
-# the same size, and the heap grows once more before it has room to reuse)
+# Faults of a 64 MiB float tensor (16,384 pages of 4 KiB) allocated after a larger one was
+# freed (larger: an aligned block asks for a little more than its size, so a freed block of
+# exactly its size may not hold it, and the heap grows instead)
 FAULTS = """
 import resource, sys, torch
 from fedmpq import heap
 applied = heap.keep_freed_memory() if sys.argv[1] == "keep" else None
-for _ in range(3):
-    torch.empty(1 << 24).fill_(1.0)  # allocated, written and freed
+torch.empty(9 << 21).fill_(1.0)  # 72 MiB allocated, written and freed
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 torch.empty(1 << 24).fill_(2.0)
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
@@ -49,6 +48,8 @@ def test_freed_memory_is_reused_not_faulted_in_again():
     # the user's choice stands: FEDMPQ_MALLOC=system, or their own glibc setting
     assert _faults("keep", FEDMPQ_MALLOC="system") == ("False", pytest.approx(16384, rel=0.05))
     assert _faults("keep", MALLOC_MMAP_THRESHOLD_="65536")[0] == "False"
+    assert _faults("keep", MALLOC_ARENA_MAX="2")[0] == "False"  # glibc's name without the underscore
+    assert _faults("keep", MALLOC_CONF="narenas:2")[0] == "True"  # jemalloc's, not glibc's
     assert _faults("keep", GLIBC_TUNABLES="glibc.malloc.tcache_count=0")[0] == "False"
 
 
@@ -59,16 +60,22 @@ def _clean(monkeypatch):
         monkeypatch.delenv(k)
 
 
+INHERIT = """
+import os, subprocess, sys
+from fedmpq import heap
+print(heap.keep_freed_memory(), heap.keep_freed_memory())  # the second: applied already
+child = "import os; print(os.environ['MALLOC_MMAP_MAX_'], os.environ['MALLOC_TRIM_THRESHOLD_'])"
+print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout)
+"""
+
+
 @glibc
-def test_the_processes_it_starts_inherit_it(monkeypatch):
-    _clean(monkeypatch)
-    monkeypatch.setattr(heap, "_applied", False)
-    assert heap.keep_freed_memory() is True
-    assert {k: os.environ[k] for k in heap.CHILD_ENV} == heap.CHILD_ENV
-    assert heap.keep_freed_memory() is True  # once per process
-    child = "import os; print(os.environ['MALLOC_MMAP_MAX_'], os.environ['MALLOC_TRIM_THRESHOLD_'])"
-    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["0", str(256 << 20)]
+def test_the_processes_it_starts_inherit_it():
+    # in a child: mallopt cannot be undone, and this process keeps glibc's own (conftest)
+    e = {k: v for k, v in os.environ.items() if k not in heap.USERS_ENV and k != heap.ENV}
+    e.pop("GLIBC_TUNABLES", None)
+    out = subprocess.run([sys.executable, "-c", INHERIT], env=e, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "True", "0", str(256 << 20)]
 
 
 def test_another_libc_or_a_bad_setting(monkeypatch):
@@ -96,4 +103,27 @@ def test_a_bad_setting_is_one_line_from_the_command(monkeypatch, capsys):
     monkeypatch.setattr(heap, "_applied", False)
     monkeypatch.setenv(heap.ENV, "fast")
     assert cli.main(["simulate", "--rounds", "1"]) == 2
-    assert capsys.readouterr().err.startswith("fedmpq: FEDMPQ_MALLOC='fast'")
+    err = capsys.readouterr().err
+    assert err.startswith("fedmpq: FEDMPQ_MALLOC='fast'") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("answers,calls", [((0,), [(-4, 0)]),  # ASan's: nothing set
+                                           ((1, 0), [(-4, 0), (-1, 256 << 20), (-4, 65536)])])  # not half set
+def test_a_refused_setting_leaves_glibc_as_it_was(monkeypatch, answers, calls):
+    import ctypes
+
+    seen, it = [], iter(answers)
+
+    class Libc:
+        class mallopt:  # noqa: N801 (ctypes' function: argtypes, restype, call)
+            def __new__(cls, cmd, value):
+                seen.append((cmd, value))
+                return next(it, 1)
+
+    monkeypatch.setattr(heap, "_applied", False)
+    _clean(monkeypatch)
+    monkeypatch.setattr(platform, "libc_ver", lambda *a, **k: ("glibc", "2.36"))
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc)
+    assert heap.keep_freed_memory() is False
+    assert seen == calls
+    assert not any(k in os.environ for k in heap.CHILD_ENV)
