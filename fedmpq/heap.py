@@ -35,9 +35,9 @@ def keep_freed_memory() -> bool:
     as ``MALLOC_MMAP_MAX_`` and ``MALLOC_TRIM_THRESHOLD_`` in the environment its children
     inherit. Returns whether it applied (False where the C library is not glibc, where
     ``FEDMPQ_MALLOC=system``, or where the environment already sets a ``glibc.malloc``
-    tunable or one of glibc's ``MALLOC_*`` variables: the user's choice stands). Once applied, a later
-    call returns True and sets nothing again. Raises :class:`ConfigError` for another
-    ``FEDMPQ_MALLOC`` value."""
+    tunable or one of glibc's ``MALLOC_*`` variables: the user's choice stands). Once
+    applied, a later call returns True and sets nothing again. Raises :class:`ConfigError`
+    for another ``FEDMPQ_MALLOC`` value."""
     global _applied
     if _applied:
         return True

@@ -31,12 +31,17 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 """
 
 
-def _faults(mode: str, **env):
-    e = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != heap.ENV}
-    e.pop("GLIBC_TUNABLES", None)
+def _child(script: str, *args: str, **env) -> str:
+    """``script``'s output, run in a child with no allocator setting in its environment but ``env``."""
+    e = {k: v for k, v in os.environ.items()
+         if not k.startswith("MALLOC_") and k not in (heap.ENV, "GLIBC_TUNABLES")}
     e.update(env)
-    out = subprocess.run([sys.executable, "-c", FAULTS, mode], env=e, capture_output=True, text=True, check=True)
-    applied, faults = out.stdout.split()
+    return subprocess.run([sys.executable, "-c", script, *args], env=e, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _faults(mode: str, **env):
+    applied, faults = _child(FAULTS, mode, **env).split()
     return applied, int(faults)
 
 
@@ -72,9 +77,7 @@ print(subprocess.run([sys.executable, "-c", child], capture_output=True, text=Tr
 @glibc
 def test_the_processes_it_starts_inherit_it():
     # in a child: mallopt cannot be undone, and this process keeps glibc's own (conftest)
-    e = {k: v for k, v in os.environ.items() if k not in heap.USERS_ENV and k != heap.ENV}
-    e.pop("GLIBC_TUNABLES", None)
-    out = subprocess.run([sys.executable, "-c", INHERIT], env=e, capture_output=True, text=True, check=True).stdout
+    out = _child(INHERIT)
     assert out.split() == ["True", "True", "0", str(256 << 20)]
 
 
