@@ -28,6 +28,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", [] { return std::string(fedmpq::cpu::isa_name(fedmpq::cpu::active_isa())); });
   m.def("set_cpu_isa", &fedmpq::cpu::set_isa, py::arg("name"));
   m.def("avx2_available", &fedmpq::cpu::avx2_available);
+  m.def("gfni_available", &fedmpq::cpu::gfni_available);
   m.def("cpu_features", &fedmpq::cpu::cpu_features);
   // How the CPU kernels run in parallel (fedmpq_kernels.info prints it): the module's own
   // blocking pool, no OpenMP (csrc/cpu/thread_pool.h says why).

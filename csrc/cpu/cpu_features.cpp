@@ -20,11 +20,22 @@ bool avx2_available() {
 #endif
 }
 
+bool gfni_available() {
+#if defined(FEDMPQ_HAVE_X86) && (defined(__GNUC__) || defined(__clang__))
+  static const bool ok = avx2_available() && __builtin_cpu_supports("gfni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
 namespace {
 Isa best_isa() {
-  // FEDMPQ_CPU_ISA=portable forces the portable path (e.g. to compare the two).
+  // FEDMPQ_CPU_ISA=portable or avx2 caps the kernels at that level (e.g. to compare them).
   const char* env = std::getenv("FEDMPQ_CPU_ISA");
-  if (env && std::string(env) == "portable") return Isa::Portable;
+  const std::string cap = env ? env : "";
+  if (cap == "portable") return Isa::Portable;
+  if (gfni_available() && cap != "avx2") return Isa::Gfni;
   return avx2_available() ? Isa::Avx2 : Isa::Portable;
 }
 std::atomic<int> g_isa{static_cast<int>(best_isa())};
@@ -38,22 +49,25 @@ void set_isa(const std::string& name) {
   } else if (name == "avx2") {
     if (!avx2_available()) throw std::invalid_argument("set_cpu_isa: AVX2/FMA is not available on this CPU or build");
     g_isa = static_cast<int>(Isa::Avx2);
+  } else if (name == "gfni") {
+    if (!gfni_available()) throw std::invalid_argument("set_cpu_isa: AVX2/FMA with GFNI is not available on this CPU or build");
+    g_isa = static_cast<int>(Isa::Gfni);
   } else {
-    throw std::invalid_argument("set_cpu_isa: unknown ISA '" + name + "' (expected 'portable' or 'avx2')");
+    throw std::invalid_argument("set_cpu_isa: unknown ISA '" + name + "' (expected 'portable', 'avx2' or 'gfni')");
   }
 }
 
-const char* isa_name(Isa isa) { return isa == Isa::Avx2 ? "avx2" : "portable"; }
+const char* isa_name(Isa isa) { return isa == Isa::Gfni ? "gfni" : isa == Isa::Avx2 ? "avx2" : "portable"; }
 
 std::string cpu_features() {
   std::string s;
 #if defined(FEDMPQ_HAVE_X86) && (defined(__GNUC__) || defined(__clang__))
-  const char* names[] = {"sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw"};
+  const char* names[] = {"sse4.2", "avx", "avx2", "fma", "f16c", "gfni", "avx512f", "avx512bw"};
   bool have[] = {(bool)__builtin_cpu_supports("sse4.2"), (bool)__builtin_cpu_supports("avx"),
                  (bool)__builtin_cpu_supports("avx2"),   (bool)__builtin_cpu_supports("fma"),
-                 (bool)__builtin_cpu_supports("f16c"),   (bool)__builtin_cpu_supports("avx512f"),
-                 (bool)__builtin_cpu_supports("avx512bw")};
-  for (int i = 0; i < 7; ++i)
+                 (bool)__builtin_cpu_supports("f16c"),   (bool)__builtin_cpu_supports("gfni"),
+                 (bool)__builtin_cpu_supports("avx512f"), (bool)__builtin_cpu_supports("avx512bw")};
+  for (int i = 0; i < 8; ++i)
     if (have[i]) s += (s.empty() ? "" : ",") + std::string(names[i]);
 #endif
   return s.empty() ? "none detected" : s;

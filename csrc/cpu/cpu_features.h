@@ -7,16 +7,27 @@
 
 namespace fedmpq::cpu {
 
-enum class Isa : int { Portable = 0, Avx2 = 1 };
+// Ordered: each level runs everything the one below it does. Gfni is AVX2 + GFNI (only the
+// packing kernels have GFNI paths; every other kernel takes its AVX2 path there).
+enum class Isa : int { Portable = 0, Avx2 = 1, Gfni = 2 };
 
 // What this CPU and this build can run.
 bool avx2_available();
+bool gfni_available();  // AVX2 + FMA + GFNI
 // The ISA the kernels use now (the best available unless overridden).
 Isa active_isa();
 // Whether the kernels take their AVX2 path now (false on builds without x86 kernels).
 inline bool use_avx2() {
 #if defined(FEDMPQ_HAVE_X86)
-  return active_isa() == Isa::Avx2;
+  return active_isa() >= Isa::Avx2;
+#else
+  return false;
+#endif
+}
+// Whether the packing kernels take their GFNI path now.
+inline bool use_gfni() {
+#if defined(FEDMPQ_HAVE_X86)
+  return active_isa() == Isa::Gfni;
 #else
   return false;
 #endif

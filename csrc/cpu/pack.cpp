@@ -54,39 +54,62 @@ void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t w
 }  // namespace portable
 
 
+namespace {
+// The chunk kernels' instruction set for `bits`, read once per call (before any thread starts).
+enum class Path { Portable, Avx2, Gfni };
+Path path_for(int bits) {
+  if (use_gfni() && bits >= gfni::kGfniMinBits) return Path::Gfni;
+  return use_avx2() ? Path::Avx2 : Path::Portable;
+}
+
+uint32_t pack_chunk(Path v, const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words) {
+  switch (v) {
+    case Path::Gfni: return gfni::pack_codes(codes, n, bits, planes, words);
+    case Path::Avx2: return avx2::pack_codes(codes, n, bits, planes, words);
+    default: return portable::pack_codes(codes, n, bits, planes, words);
+  }
+}
+
+void unpack_chunk(Path v, const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes) {
+  switch (v) {
+    case Path::Gfni: return gfni::unpack_codes(planes, words, n, bits, codes);
+    case Path::Avx2: return avx2::unpack_codes(planes, words, n, bits, codes);
+    default: return portable::unpack_codes(planes, words, n, bits, codes);
+  }
+}
+
+void dequant_chunk(Path v, float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
+                   int bits, float coef) {
+  switch (v) {
+    case Path::Gfni: return gfni::dequant_accumulate(acc, n, planes, words, signs, bits, coef);
+    case Path::Avx2: return avx2::dequant_accumulate(acc, n, planes, words, signs, bits, coef);
+    default: return portable::dequant_accumulate(acc, n, planes, words, signs, bits, coef);
+  }
+}
+}  // namespace
+
 uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int nthreads) {
-  const bool v = use_avx2();
+  const Path v = path_for(bits);
   const int64_t words = bitmap_words(n);
   return parallel_reduce_words<uint32_t>(
       n, threads_for(nthreads, n), 0u,
-      [&](int64_t b, int64_t e) {
-        return v ? avx2::pack_codes(codes + b, e - b, bits, planes + b / 32, words)
-                 : portable::pack_codes(codes + b, e - b, bits, planes + b / 32, words);
-      },
+      [&](int64_t b, int64_t e) { return pack_chunk(v, codes + b, e - b, bits, planes + b / 32, words); },
       [](uint32_t a, uint32_t b) { return a | b; });
 }
 
 void unpack_codes(const uint32_t* planes, int64_t n, int bits, uint8_t* codes, int nthreads) {
-  const bool v = use_avx2();
+  const Path v = path_for(bits);
   const int64_t words = bitmap_words(n);
-  parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {
-    if (v)
-      avx2::unpack_codes(planes + b / 32, words, e - b, bits, codes + b);
-    else
-      portable::unpack_codes(planes + b / 32, words, e - b, bits, codes + b);
-  });
+  parallel_for_words(n, threads_for(nthreads, n),
+                     [&](int64_t b, int64_t e) { unpack_chunk(v, planes + b / 32, words, e - b, bits, codes + b); });
 }
 
 void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, const uint32_t* signs, int bits,
                         float coef, int nthreads) {
-  const bool v = use_avx2();
+  const Path v = path_for(bits);
   const int64_t words = bitmap_words(n);
   parallel_for_words(n, threads_for(nthreads, n), [&](int64_t b, int64_t e) {
-    const uint32_t* s = signs ? signs + b / 32 : nullptr;
-    if (v)
-      avx2::dequant_accumulate(acc + b, e - b, planes + b / 32, words, s, bits, coef);
-    else
-      portable::dequant_accumulate(acc + b, e - b, planes + b / 32, words, s, bits, coef);
+    dequant_chunk(v, acc + b, e - b, planes + b / 32, words, signs ? signs + b / 32 : nullptr, bits, coef);
   });
 }
 
@@ -104,7 +127,7 @@ void dequant_accumulate_layers(float* acc, const uint8_t* payload, const LayerRo
     for (int64_t b = 0; b < rows[r].n; b += kChunk) chunks.push_back({r, b, b + kChunk < rows[r].n ? b + kChunk : rows[r].n});
     total += rows[r].n;
   }
-  const bool v = use_avx2();
+  const bool gfni = use_gfni(), avx2 = use_avx2();  // once: the path of each row follows from its width
   auto run = [&](const Chunk& c) {
     const LayerRow& L = rows[c.row];
     const int64_t words = bitmap_words(L.n);
@@ -112,10 +135,9 @@ void dequant_accumulate_layers(float* acc, const uint8_t* payload, const LayerRo
     const uint32_t* signs = planes + L.bits * words;
     float* a = acc + L.acc_off + c.begin;
     const int64_t w0 = c.begin / 32, cnt = c.end - c.begin;
-    if (v)
-      avx2::dequant_accumulate(a, cnt, planes + w0, words, signs + w0, static_cast<int>(L.bits), coefs[c.row]);
-    else
-      portable::dequant_accumulate(a, cnt, planes + w0, words, signs + w0, static_cast<int>(L.bits), coefs[c.row]);
+    const int bits = static_cast<int>(L.bits);
+    const Path v = gfni && bits >= gfni::kGfniMinBits ? Path::Gfni : avx2 ? Path::Avx2 : Path::Portable;
+    dequant_chunk(v, a, cnt, planes + w0, words, signs + w0, bits, coefs[c.row]);
   };
   auto task = [&](int64_t i) { run(chunks[static_cast<size_t>(i)]); };
   run_tasks(static_cast<int64_t>(chunks.size()), threads_for(nthreads, total), task);

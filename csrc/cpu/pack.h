@@ -66,5 +66,29 @@ inline void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, in
 }
 #endif
 }  // namespace avx2
+// AVX2 + GFNI: 128 codes at a time through the 8x8 bit-matrix transpose of
+// gf2p8affineqb (pack_avx2.cpp, functions compiled for that target); the rest of a chunk
+// goes to avx2::. Used for widths of kGfniMinBits and up, where it beats one movemask per
+// plane per 32 codes.
+namespace gfni {
+constexpr int kGfniMinBits = 3;
+#if defined(FEDMPQ_HAVE_X86)
+uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words);
+void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes);
+void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
+                        int bits, float coef);
+#else
+inline uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words) {
+  return avx2::pack_codes(codes, n, bits, planes, words);
+}
+inline void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes) {
+  avx2::unpack_codes(planes, words, n, bits, codes);
+}
+inline void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
+                               int bits, float coef) {
+  avx2::dequant_accumulate(acc, n, planes, words, signs, bits, coef);
+}
+#endif
+}  // namespace gfni
 
 }  // namespace fedmpq::cpu

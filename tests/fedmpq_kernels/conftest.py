@@ -74,13 +74,17 @@ def _triton_missing() -> str:
     return f"{old}; FEDMPQ_REQUIRE_TRITON=1 makes this a failure" if old else ""
 
 
-def _cases():
+def _cases(gfni: bool = False):
+    """The backend cases; ``gfni`` adds cpu-gfni, for the packing family only: the other
+    families have no GFNI kernels (that level runs their AVX2 ones, which cpu-avx2 covers)."""
     cuda = torch.cuda.is_available()
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     avx2 = native is not None and native.avx2_available()
     no_triton = _triton_missing()
     table = [
         (Backend("reference", "cpu"), "reference-cpu", False, ""),
+        (Backend("cpu", "cpu", "gfni"), "cpu-gfni", native is None or not native.gfni_available(),
+         "no AVX2/FMA with GFNI on this CPU or no native module"),
         (Backend("cpu", "cpu", "avx2"), "cpu-avx2", not avx2, "no AVX2/FMA on this CPU or no native module"),
         (Backend("cpu", "cpu", "portable"), "cpu-portable", native is None, "native module not built"),
         (Backend("triton", "cpu", max_numel=4096), "triton-interpreter", not interp or bool(no_triton),
@@ -95,7 +99,7 @@ def _cases():
         raise pytest.UsageError(f"FEDMPQ_TEST_BACKENDS names unknown cases {sorted(unknown)}")
     cases = []
     for b, cid, skip, why in table:
-        if _ONLY and cid not in _ONLY:
+        if (_ONLY and cid not in _ONLY) or (cid == "cpu-gfni" and not gfni):
             continue
         if _ONLY and skip:  # asked for by name: a case that cannot run is a failure
             cases.append(pytest.param(_Unrunnable(cid, why), id=cid))
@@ -132,7 +136,11 @@ def backend(request):
     """The case's Backend. A CPU case's instruction set is forced for the whole test, not
     only inside ``active()``: a test that calls ``backend.module(...)``'s functions directly
     ran the cpu-portable case on AVX2 (whatever was current) and could not fail there."""
-    b = request.param
+    yield from enter_case(request.param)
+
+
+def enter_case(b):
+    """The body of the ``backend`` fixture (pack/conftest.py's adds the cpu-gfni case)."""
     if isinstance(b, _Unrunnable):
         pytest.fail(f"FEDMPQ_TEST_BACKENDS asks for {b.case}, which cannot run here: {b.why}")
     ok, why = registry.available(b.name)

@@ -91,8 +91,24 @@ def test_the_hi_bitmap_is_checked_like_the_pass_bitmap(hi_nbytes, offset, match)
 
 
 def test_isa_override_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown ISA"):
+    with pytest.raises(ValueError, match="unknown ISA 'avx9000' \\(expected 'portable', 'avx2' or 'gfni'\\)"):
         native.set_cpu_isa("avx9000")
+
+
+def test_isa_levels_are_ordered():
+    """Each level is refused exactly where the CPU lacks it (the default is the best: above)."""
+    prev = native.cpu_isa()
+    try:
+        for isa, ok in (("portable", True), ("avx2", native.avx2_available()), ("gfni", native.gfni_available())):
+            if ok:
+                native.set_cpu_isa(isa)
+                assert native.cpu_isa() == isa
+            else:
+                with pytest.raises(ValueError, match="not available on this CPU"):
+                    native.set_cpu_isa(isa)
+        assert not native.gfni_available() or native.avx2_available()  # GFNI only with AVX2
+    finally:
+        native.set_cpu_isa(prev)
 
 
 def test_threaded_and_serial_results_agree():
@@ -281,17 +297,18 @@ def test_backward_in_place_gives_the_same_result(isa, n):
 
 
 def test_the_isa_can_be_forced_from_the_environment():
-    """FEDMPQ_CPU_ISA=portable (read when the module loads) forces the portable path; any
-    other value leaves the best one. The module is loaded by path in a fresh interpreter
-    (it does not link torch: no torch import, well under a second)."""
+    """FEDMPQ_CPU_ISA=portable or avx2 (read when the module loads) caps the kernels at that
+    level; any other value leaves the best one. The module is loaded by path in a fresh
+    interpreter (it does not link torch: no torch import, well under a second)."""
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('fedmpq_kernels._C', {native.__file__!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "print(m.cpu_isa())\n"
     )
-    best = "avx2" if native.avx2_available() else "portable"
-    for value, want in (("portable", "portable"), ("avx2", best), ("", best)):
+    avx2 = "avx2" if native.avx2_available() else "portable"
+    best = "gfni" if native.gfni_available() else avx2
+    for value, want in (("portable", "portable"), ("avx2", avx2), ("gfni", best), ("", best)):
         env = dict(os.environ, FEDMPQ_CPU_ISA=value)
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
         assert r.returncode == 0 and r.stdout.strip() == want, (value, r.stdout, r.stderr[-2000:])

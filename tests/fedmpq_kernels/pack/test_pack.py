@@ -11,7 +11,7 @@ import fedmpq_kernels as fk
 from fedmpq_kernels.pack import reference as R
 
 ALL_BITS = range(1, 9)
-SIZES = [0, 1, 7, 31, 32, 33, 1023, (1 << 20) + 3]
+SIZES = [0, 1, 7, 31, 32, 33, 128, 1023, (1 << 20) + 3]
 
 
 def codes_for(n: int, bits: int, device, seed: int = 0) -> torch.Tensor:
