@@ -3,19 +3,39 @@ uploads computed with plain torch (unweighted and sample-weighted), its statisti
 its refusal of bad uploads (which leave the sum untouched)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from fedmpq import aggregate, wire
+from fedmpq_kernels.pack import reference as R
 
 from conftest import make_upload
 
 
+def _codes_signs(q: wire.QuantizedTensor):
+    """A layer's codes (float64) and signs (+-1) from its planes by the pure-torch reference:
+    not QuantizedTensor.dequantize, which runs the aggregator's own native kernel."""
+    codes = R.unpack_codes(q.planes, q.bits, q.numel).double().reshape(q.shape)
+    return codes, torch.where(R.unpack_bitmap(q.signs, q.numel).reshape(q.shape), -1.0, 1.0).double()
+
+
 def dense(u: wire.Upload):
-    """The upload as a float state dict: the oracle's input."""
-    out = {n: q.dequantize().double() for n, q in u.layers.items()}
+    """The upload as a float64 state dict, ``scale * sigma * q / (2**bits - 1)``: the oracle's input."""
+    out = {}
+    for n, q in u.layers.items():
+        codes, sigma = _codes_signs(q)
+        out[n] = q.scale * sigma * codes / (2 ** q.bits - 1)
     out.update({n: t.double() for n, t in u.floats.items()})
     return out
+
+
+def dense_f32(q: wire.QuantizedTensor) -> torch.Tensor:
+    """The layer in float32 as the format rounds it: coef = scale / (2**bits - 1) rounded to
+    float32, then each coef * q rounded, then the sign (fedmpq_kernels.dequant_accumulate)."""
+    codes, sigma = _codes_signs(q)
+    coef = np.float32(np.float32(q.scale) / np.float32(2 ** q.bits - 1))
+    return (sigma.float() * (torch.tensor(coef, dtype=torch.float32) * codes.float())).reshape(q.shape)
 
 
 def _assert_mean_of(got, *ups):
@@ -54,7 +74,7 @@ def test_one_upload_is_reproduced_exactly():
     agg.add(wire.encode_upload(u))
     got = agg.result()
     for n, q in u.layers.items():
-        assert torch.equal(got[n], q.dequantize())
+        assert torch.equal(got[n], dense_f32(q)), n
     for n, t in u.floats.items():
         assert torch.equal(got[n], t.float() if t.is_floating_point() else t)
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import fedmpq_kernels as fk
 from fedmpq import client, wire
 from fedmpq import nn as qn
 
@@ -295,6 +296,32 @@ def test_precision_reduction_uses_the_configs_threshold():
     up = wire.decode_upload(client.client_update(dl, x, y, BUILD, client.TrainConfig(threshold=100.0), 3, 1, 4.0).upload)
     for k, q in up.layers.items():
         assert q.bits == 1 and up.deltas[k] == layers[k].bits - 1, k
+
+
+@pytest.mark.parametrize("theta", [2.0, 60.0, 90.0])
+def test_each_layer_is_reduced_with_the_configs_threshold(theta, monkeypatch):
+    """Every layer's upload has the bits, codes and scale that fk.precision_reduction gives
+    its trained codes at the config's theta (here 2 % keeps every plane, 60 % drops one of each
+    layer, 90 % more: 4/2/6/3 bits -> 1/1/3/1)."""
+    from fedmpq.nn import layers as qlayers
+    seen = []
+    real = qlayers._BitWeight.reduce_precision
+
+    def spy(self, t):
+        seen.append((self.codes.detach().clone(), self.scale.detach().clone(), self.bits, t))
+        return real(self, t)
+
+    monkeypatch.setattr(qlayers._BitWeight, "reduce_precision", spy)
+    dl, layers = _download([4, 2, 6, 3])
+    x, y = _data(64)
+    up = wire.decode_upload(client.client_update(dl, x, y, BUILD, client.TrainConfig(threshold=theta), 3, 1, 4.0).upload)
+    assert len(seen) == len(up.layers)
+    for (k, q), (codes, scale, bits, t) in zip(up.layers.items(), seen):
+        assert t == theta and bits == layers[k].bits, k
+        want_bits, want_codes, want_scale = fk.precision_reduction(codes, scale, bits, theta)
+        assert q.bits == want_bits and up.deltas[k] == bits - want_bits, k
+        assert torch.equal(q.codes(), want_codes.reshape(q.shape).to(torch.uint8)), k
+        assert q.scale == pytest.approx(float(want_scale), rel=1e-6), k
 
 
 def test_a_download_for_another_round_is_refused():

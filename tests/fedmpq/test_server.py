@@ -139,11 +139,11 @@ def _bad(srv, how, k):
 @pytest.mark.parametrize("how", list(FAULTS))
 @pytest.mark.parametrize("where", ["first", "last"])
 def test_a_faulty_upload_is_left_out_and_the_honest_ones_aggregated(how, where, caplog):
-    ref = _server()
-    ref.aggregate(1, {k: _honest(ref, k, bump=0.01) for k in (1, 2, 3)})  # the round without the faulty client
-    srv = _server()
     faulty_k = 0 if where == "first" else 3
-    honest = [k for k in range(4) if k != faulty_k][:3]
+    honest = [k for k in range(4) if k != faulty_k]
+    ref = _server()
+    ref.aggregate(1, {k: _honest(ref, k, bump=0.01) for k in honest})  # the round without the faulty client
+    srv = _server()
     uploads = {k: _honest(srv, k, bump=0.01) for k in honest}
     uploads[faulty_k] = _bad(srv, how, faulty_k)
     if where == "first":
@@ -152,11 +152,8 @@ def test_a_faulty_upload_is_left_out_and_the_honest_ones_aggregated(how, where, 
         report = srv.aggregate(1, uploads)
     assert sorted(report["reported"]) == honest
     assert f"the upload of client {faulty_k} is left out" in caplog.text and FAULTS[how] in caplog.text
-    for name, v in srv.global_state.items():
-        assert torch.isfinite(v.double()).all(), name
-    if honest == [1, 2, 3]:
-        for name, v in ref.global_state.items():
-            assert torch.equal(srv.global_state[name], v), name
+    for name, v in ref.global_state.items():
+        assert torch.equal(srv.global_state[name], v), name
 
 
 @pytest.mark.parametrize("alg", ["fedmpq", "aqfl", "fp8"])
