@@ -193,7 +193,9 @@ def _parser() -> _Parser:
                     help="seconds a round's replies may take; a client that has not answered by then is left "
                          "out of the round (default: 600; long rounds, ResNet-20 on a CPU, need more)")
     cmp_ = sub.add_parser("compare", help="compare the results of several runs",
-                          description="Compare runs: runs that differ only in the seed form one group.")
+                          description="Compare runs: runs that differ only in the seed, or in where and how they "
+                                      "ran (device, cuda-graph, threads, data-dir, memory-format), form one "
+                                      "group; of two runs that also share the seed, the second is left out.")
     cmp_.add_argument("dirs", nargs="+", metavar="DIR", type=_path, help="run folders holding results.json")
     cmp_.add_argument("--plot", metavar="PNG", type=_path, help="write the accuracy curves (mean and min..max over seeds) "
                                                     "to this PNG, a new file: an existing one is refused, not "

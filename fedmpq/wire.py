@@ -9,7 +9,8 @@ Three payloads, each ``encode_*(...) -> bytes`` and ``decode_*(data) -> ...``:
 * **Download** (server -> client): the client's layers already binarized at the bit-width
   it trains with next (:meth:`QuantizedTensor.from_float`), the float tensors, round and
   client id; the assignment is each layer's ``bits``.
-* **Model**: every tensor of a model in float32 (or float16), for evaluation and baselines.
+* **Model**: every tensor of a model, floating ones in float32 (or float16), int64 buffers as
+  int64, for evaluation and baselines.
 
 The byte layout is documented byte by byte in ``docs/FORMAT.md``; the bit layout of planes
 and sign maps in :mod:`fedmpq_kernels.pack.reference`. Decoding trusts nothing: every
