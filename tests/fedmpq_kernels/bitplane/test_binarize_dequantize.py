@@ -134,10 +134,13 @@ def test_binarize_lifts_a_tiny_w(backend, bits):
     assert not torch.equal(R.binarize(w, bits)[0], rq)  # the kernels' own order: what the lift changes
 
 
-def test_dequantize_strided_codes_and_misaligned_sign(backend):
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_dequantize_strided_codes_and_misaligned_sign(backend, bits):
+    """dequantize (and its scale gradient) and plane_popcounts on strided codes with a
+    misaligned sign map, at every width 1..8."""
     kernels(backend)
     dev = backend.device
-    n, bits = 1000, 6
+    n = 1000
     q, s, sc = layer(n, bits)
     wide = torch.zeros(n, 2, dtype=torch.uint8)
     wide[:, 1] = q

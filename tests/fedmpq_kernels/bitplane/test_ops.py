@@ -11,7 +11,7 @@ from fedmpq_kernels import registry
 from fedmpq_kernels._native import native
 from fedmpq_kernels.bitplane import reference as R
 
-from .helpers import kernels, step_args as _step_args
+from .helpers import assert_state_equal, kernels, mid_round_state, step_args as _step_args
 
 OPS = ("binarize", "dequantize", "dequantize_backward", "plane_popcounts", "bitplane_step")
 
@@ -148,10 +148,25 @@ def test_sink_like_and_uniform_take_sizes_of_any_integer_kind():
 
 
 def test_public_errors_leave_the_state_untouched():
-    a = _step_args(codes=torch.full((40,), 3, dtype=torch.uint8), momentum=1.5)
-    with pytest.raises(ValueError):
+    """A refused momentum runs no step: a state a step with the same arguments would change
+    (non-zero gradient and coefficients on a mid-round state: codes, signs, momentum codes
+    and gs all set) is left bit for bit as it was."""
+    n, bits = 40, 3
+    codes, sign, mom, gs = mid_round_state(n, bits, seed=3)
+    codes = torch.full((n,), 3, dtype=torch.uint8)  # as before: every code 3
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    coef = torch.tensor([1e-3, 2e-3, 3e-3])
+    a = _step_args(codes=codes, sign=sign, mom=mom, gs=gs, grad=grad, coef=coef, lr=1.0, momentum=1.5)
+    before = [t.clone() for t in (codes, sign, mom, gs)]
+    # the same step with a valid momentum changes every part of the state (so the check below
+    # could see a step that ran before the refusal)
+    ran = [t.clone() for t in before]
+    R.bitplane_step(*ran, grad, coef, a["scale"], bits, a["lr"], 0.9, a["key"])
+    assert all(not torch.equal(x, y) for x, y in zip(ran, before))
+    with pytest.raises(ValueError, match=r"^momentum must be in \[0, 1\)"):
         fk.bitplane_step(**a)
-    assert int(a["codes"].min()) == 3 and int(a["mom"].count_nonzero()) == 0
+    assert_state_equal((a["codes"], a["sign"], a["mom"], a["gs"]), before, "after the refused momentum")
+    assert int(a["codes"].min()) == 3
 
 
 def _op_step(dev, **kw):

@@ -222,10 +222,12 @@ def test_step_saturates_at_the_top_code(backend):
         assert int(codes.max()) == L and int((codes.cpu() == L).sum()) >= n // 2
 
 
-def test_step_takes_strided_grad_and_strided_misaligned_state(backend):
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_step_takes_strided_grad_and_strided_misaligned_state(backend, bits):
+    """One step on a strided gradient and strided/misaligned state, at every width 1..8."""
     kernels(backend)
     dev = backend.device
-    n, bits = 1000, 5
+    n = 1000
     (codes, sign, mom, gs), scale = fresh_state(n, bits, dev)
     grad_wide = (torch.randn(n, 3, generator=torch.Generator().manual_seed(5)) * 0.1).to(dev)
     grad = grad_wide[:, 2]

@@ -1,16 +1,18 @@
 """Channels-last inputs through the public functions, on every backend: ``relu6_fake_quant``
 and ``fake_quant`` compute a 4-d channels_last (5-d channels_last_3d) tensor in its memory
 order, without the copy ``.contiguous()`` would make, and return their output in its layout.
-Checked against the reference on the same values laid out contiguously, bit for bit: the
-outputs, the gradients (arriving channels-last, contiguous, or under create_graph), the
-forward without gradient; the outputs are tensors of their own to autograd (an in-place op
-on them is allowed) and the registered ops keep their contiguous outputs."""
+Checked on the same values laid out contiguously, bit for bit, through the same backend and
+against the pure-torch reference (fedmpq_kernels.fake_quant.reference): the outputs, the
+gradients (arriving channels-last, contiguous, or under create_graph), the forward without
+gradient; the outputs are tensors of their own to autograd (an in-place op on them is
+allowed) and the registered ops keep their contiguous outputs."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fedmpq_kernels as fk
+from fedmpq_kernels.fake_quant import reference as R
 
 from .helpers import same_bits
 
@@ -54,10 +56,14 @@ def test_relu6_fake_quant(backend, shape):
                 y, yr = fk.relu6_fake_quant(x, bits), fk.relu6_fake_quant(xr, bits)
                 _check_layout(y, x, fmt)
                 same_bits(y, yr, f"y, {bits} bits, {dtype}")
+                ry, rmask = R.relu6_fake_quant(xr.detach().cpu(), bits)
+                same_bits(y.detach().cpu(), ry, f"y against the reference, {bits} bits, {dtype}")
                 for g in (gy, gy.contiguous(memory_format=fmt)):  # the gradient in either layout
                     gx, = torch.autograd.grad(y, x, g, retain_graph=True)
                     gxr, = torch.autograd.grad(yr, xr, g, retain_graph=True)
                     same_bits(gx, gxr, f"grad, {bits} bits, {dtype}")
+                    same_bits(gx.cpu(), R.fake_quant_backward(g.cpu().contiguous(), rmask, False)[0],
+                              f"grad against the reference, {bits} bits, {dtype}")
                 with torch.no_grad():
                     y0 = fk.relu6_fake_quant(x, bits)
                 _check_layout(y0, x, fmt)
@@ -91,9 +97,18 @@ def test_fake_quant_every_mode(backend, shape):
                 with torch.no_grad():
                     y0 = fk.fake_quant(x, 3, scale)
             same_bits(x.grad, xr.grad, f"grad, scale {scale}, {ste}")
+            # the reference: its values, and its autograd rule's gradients (its y adds x - x, which
+            # makes a -0.0 +0.0: the values come from fake_quant_values)
+            xo = xr.detach().cpu().clone().requires_grad_()
+            so = None if scale is None else torch.tensor(scale, requires_grad=True)
+            R.fake_quant_autograd(xo, 3, so, ste=ste).backward(gy.cpu())
+            ry = R.fake_quant_values(xo.detach(), 3, None if so is None else so.detach())
+            same_bits(y.detach().cpu(), ry, f"y against the reference, scale {scale}, {ste}")
+            same_bits(x.grad.cpu(), xo.grad, f"grad against the reference, scale {scale}, {ste}")
             if scale is not None and ste == "clipped":
                 # summed in memory order against logical order: the same terms, float64
                 assert float(s.grad) == pytest.approx(float(sr.grad), rel=1e-6, abs=1e-6)
+                assert float(s.grad) == pytest.approx(float(so.grad), rel=1e-6, abs=1e-6)
                 assert float(sr.grad) != 0.0  # the case clips something
             _check_layout(y0, x, fmt)
             same_bits(y0, yr, f"no-grad y, scale {scale}")
@@ -145,6 +160,10 @@ def test_other_strides_still_give_contiguous_outputs(backend):
         y = fk.relu6_fake_quant(x, 4)
         with torch.no_grad():
             z = fk.fake_quant(x, 4)
+        # the same backend on the values made contiguous
+        same_bits(y, fk.relu6_fake_quant(x.contiguous(), 4), "transposed relu6")
+        same_bits(z, fk.fake_quant(x.contiguous(), 4), "transposed fake_quant")
     assert y.is_contiguous() and z.is_contiguous()
-    same_bits(y, fk.relu6_fake_quant(x.contiguous(), 4), "transposed relu6")
-    same_bits(z, fk.fake_quant(x.contiguous(), 4), "transposed fake_quant")
+    # and the reference (the oracle was the default backend's, computed outside active())
+    same_bits(y.cpu(), R.relu6_fake_quant(x.cpu(), 4)[0], "transposed relu6 against the reference")
+    same_bits(z.cpu(), R.fake_quant_values(x.cpu(), 4, None), "transposed fake_quant against the reference")

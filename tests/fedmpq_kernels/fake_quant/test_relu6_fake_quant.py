@@ -131,17 +131,19 @@ def test_non_positive_input_gives_zeros(backend, dtype):
     assert int(mask.count_nonzero()) == 0
 
 
-def test_empty_and_strided(backend):
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_empty_and_strided(backend, bits):
+    """An empty input, and a transposed (strided) one at every width 1..8."""
     kernel(backend)
     dev = backend.device
     with backend.active():
-        e = fk.relu6_fake_quant(torch.empty(0, 5, device=dev), 4)
+        e = fk.relu6_fake_quant(torch.empty(0, 5, device=dev), bits)
         assert e.shape == (0, 5)
         x = (torch.randn(33, 70, generator=torch.Generator().manual_seed(1)) * 4).to(dev)
         xt = x.t()
         assert not xt.is_contiguous()
-        y, mask = torch.ops.fedmpq.relu6_fake_quant(xt, 3)
-    want_y, want_mask = R.relu6_fake_quant(xt.cpu(), 3)
+        y, mask = torch.ops.fedmpq.relu6_fake_quant(xt, bits)
+    want_y, want_mask = R.relu6_fake_quant(xt.cpu(), bits)
     assert y.shape == (70, 33) and y.is_contiguous()
     assert same(y, want_y) and torch.equal(mask.cpu(), want_mask)
 
@@ -164,7 +166,8 @@ def test_the_values_form_without_a_mask(backend, dtype):
                 assert y.dtype == dtype and y.shape == x.shape and same(y, R.relu6_fake_quant(x, bits)[0]), (numel, bits)
                 assert same(fk.relu6_fake_quant(x.to(dev), bits), y)
         x = inputs(2 * 301, dtype, seed=6).view(301, 2)
-        assert same(fn(x.to(dev).t(), 3), R.relu6_fake_quant(x.t(), 3)[0])
+        for bits in range(1, 9):  # the strided input at every width
+            assert same(fn(x.to(dev).t(), bits), R.relu6_fake_quant(x.t(), bits)[0]), bits
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_gradient_is_relu6_mask(backend, dtype):

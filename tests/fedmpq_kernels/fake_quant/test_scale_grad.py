@@ -17,15 +17,19 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels.fake_quant import reference as R
 
+from .helpers import GPU_SIZES
+
 SIZES = [1, 31, 33, 1000, 4096, 4099, (1 << 20) + 3]
 
 
 def _inputs(numel: int, device, dtype=torch.float32, seed: int = 0):
     """x with both sides clipping at S = 1, and integer gradients in -8..8 (exact sums up to
-    2^24 / 8 elements)."""
+    2^24 / 8 elements), in -1..1 beyond that (exact sums up to 2^24 elements: the GPU sizes)."""
     gen = torch.Generator().manual_seed(seed + numel)
     x = (torch.randn(numel, generator=gen) * 1.5).to(device=device, dtype=dtype)
-    g = torch.randint(-8, 9, (numel,), generator=gen).to(device=device, dtype=dtype)
+    gmax = 8 if numel <= (1 << 21) else 1
+    assert numel * gmax <= 1 << 24, "a partial sum could pass 2^24: not exact in float32"
+    g = torch.randint(-gmax, gmax + 1, (numel,), generator=gen).to(device=device, dtype=dtype)
     return x, torch.tensor(1.0, device=device), g
 
 
@@ -35,9 +39,14 @@ def _exact_scale_grad(x, s, g) -> float:
     return float(gf[xf > sv].sum() - gf[xf < -sv].sum())
 
 
-@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("numel", SIZES + GPU_SIZES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
 def test_fused_scale_gradient_equals_reference_bit_for_bit(backend, numel, dtype):
+    """GPU_SIZES on the GPU backend cases only: at 2^20+3 a 132-SM GPU's grid covers the
+    tensor in one pass, so only there do the grid-stride loops' later passes and the last
+    block's reduction of them meet an exact check (off the GPU they would add CPU time alone)."""
+    if numel in GPU_SIZES and backend.device != "cuda":
+        pytest.skip("sizes for GPU grid-stride loops: GPU backend cases only")
     backend.skip_if_too_big(numel)
     x, s, g = _inputs(numel, backend.device, dtype)
     mod = backend.module("fake_quant")

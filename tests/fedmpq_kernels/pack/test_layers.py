@@ -104,6 +104,14 @@ def test_layer_coefs_are_the_float32_products():
     assert c.tolist() == [float(np.float32(7.0) * (np.float32(0.3) / np.float32(15))), 14.0]
 
 
+def _nonzero_payload(nbytes: int, device) -> torch.Tensor:
+    """Seeded random bytes, none zero: any row a backend applied before (or instead of)
+    refusing its table would change acc (a payload of zeros adds zeros, which the
+    'nothing written' checks below could not tell from nothing)."""
+    b = torch.randint(1, 256, (nbytes,), generator=torch.Generator().manual_seed(11), dtype=torch.int32)
+    return b.to(torch.uint8).to(device)
+
+
 @pytest.mark.parametrize(
     "row, match",
     [
@@ -124,7 +132,7 @@ def test_layer_coefs_are_the_float32_products():
 )
 def test_bad_table_rows_raise(backend, row, match):
     dev = backend.device
-    payload = torch.zeros(64, dtype=torch.uint8, device=dev)
+    payload = _nonzero_payload(64, dev)
     acc = torch.zeros(100, device=dev)
     with backend.active(), pytest.raises(ValueError, match=match):
         fk.dequant_accumulate_layers(acc, payload, torch.tensor([row]), torch.ones(1))
@@ -135,7 +143,7 @@ def test_a_row_whose_sign_map_runs_past_the_payload_raises(backend):
     """Planes that fit exactly at the payload's end, the sign map after them does not: the
     row is refused (on the CPU by the C++ binding's own check), never read past the end."""
     dev = backend.device
-    payload = torch.zeros(64, dtype=torch.uint8, device=dev)
+    payload = _nonzero_payload(64, dev)  # planes that, applied before the refusal, would show in acc
     acc = torch.zeros(100, device=dev)
     with backend.active(), pytest.raises(ValueError, match="out of the payload|is invalid"):
         fk.dequant_accumulate_layers(acc, payload, torch.tensor([[0, 10, 2, 56]]), torch.ones(1))  # 8 + 4 bytes at 56
@@ -160,20 +168,27 @@ def test_a_row_may_end_exactly_at_the_end_of_acc_and_of_the_payload(backend):
 
 def test_overlapping_rows_and_bad_coefs_raise(backend):
     dev = backend.device
-    payload = torch.zeros(64, dtype=torch.uint8, device=dev)
+    # non-zero bytes: row 0 of each refused table is valid, and had it been added before
+    # row 1 was refused, acc would show it
+    payload = _nonzero_payload(64, dev)
     acc = torch.zeros(100, device=dev)
     with backend.active():
         with pytest.raises(ValueError, match="overlapping|is invalid"):
             fk.dequant_accumulate_layers(acc, payload, torch.tensor([[10, 20, 1, 8], [25, 5, 1, 16]]), torch.ones(2))
         # one shared element ([10, 30) and [29, 34)) is an overlap on every backend (the
         # reference and Triton check the table in numpy, the CPU in its binding); a row that
-        # starts where the last one ends is fine, and zero planes add zeros
+        # starts where the last one ends is fine, and adds what the reference adds
         with pytest.raises(ValueError, match="overlapping|is invalid"):
             fk.dequant_accumulate_layers(acc, payload, torch.tensor([[10, 20, 1, 8], [29, 5, 1, 16]]), torch.ones(2))
-        fk.dequant_accumulate_layers(acc, payload, torch.tensor([[10, 20, 1, 8], [30, 5, 1, 16]]), torch.ones(2))
         assert not acc.any()
+        fk.dequant_accumulate_layers(acc, payload, torch.tensor([[10, 20, 1, 8], [30, 5, 1, 16]]), torch.ones(2))
+        want = torch.zeros(100)
+        P.dequant_accumulate_layers(want, payload.cpu(), torch.tensor([[10, 20, 1, 8], [30, 5, 1, 16]]), torch.ones(2))
+        assert want[10:35].any() and not want[:10].any() and not want[35:].any()
+        assert torch.equal(acc.cpu().view(torch.int32), want.view(torch.int32))
         with pytest.raises(ValueError, match="coef must be finite|is invalid"):
             fk.dequant_accumulate_layers(acc, payload, torch.tensor([[0, 20, 1, 8]]), torch.tensor([float("inf")]))
+        assert torch.equal(acc.cpu().view(torch.int32), want.view(torch.int32))  # refused: nothing added
     with pytest.raises(TypeError, match="table must be an int64"):
         fk.dequant_accumulate_layers(acc, payload, torch.zeros(1, 3, dtype=torch.int64), torch.ones(1))
     with pytest.raises(TypeError, match="coefs must be a float32"):
@@ -340,15 +355,23 @@ def test_layer_coefs_refuses_widths_outside_1_to_8(bits):
     assert fk.layer_coefs([0.5, 1.0], 3).tolist() == fk.layer_coefs([0.5, 1.0], [3, 3]).tolist()
 
 
-_REWRITTEN_TABLE = r'''
+_REWRITTEN_TABLE = r"""
 import threading, torch, fedmpq_kernels as fk
+from fedmpq_kernels.pack import reference as P
 torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
 L, n, bits = 64, 1 << 12, 4
-codes = torch.randint(0, 16, (n,), dtype=torch.uint8)
-_, sign, _ = fk.binarize(torch.randn(n), bits)
+codes = torch.randint(0, 16, (n,), generator=g, dtype=torch.int32).to(torch.uint8)
+_, sign, _ = fk.binarize(torch.randn(n, generator=g), bits)
 blob = torch.cat([fk.pack_codes(codes, bits), sign])
 payload = blob.repeat(L)
 table = torch.tensor([(l * n, n, bits, l * blob.numel()) for l in range(L)], dtype=torch.int64)
+coefs = torch.full((L,), 0.01)
+# what one accepted call adds to a zero acc: the reference on the rows as checked (good ones)
+want = torch.zeros(L * n)
+P.dequant_accumulate_layers(want, payload, table.clone(), coefs)
+assert want.any()
+want = want.view(torch.int32)
 acc = torch.zeros(L * n)
 good = int(table[L - 1, 0])
 stop = threading.Event()
@@ -358,26 +381,59 @@ def rewrite():
         table[L - 1, 0] = good
 t = threading.Thread(target=rewrite, daemon=True)
 t.start()
+# first: the first accepted call left acc as the reference's one call (the refused calls
+# before it wrote nothing); total: acc after the loop, as the reference's rows added once per
+# accepted call (float32 adds of the same values in the same order: the same bits), so every
+# accepted call added what it must and no refused call wrote. acc is checked after the loop,
+# not after each call: each extra torch op in the loop is another GIL hand-off to the rewriter
 outcomes = {"ok": 0, "refused": 0}
-for _ in range(2000):
+calls, first = 0, None
+while calls < 2000 or (outcomes["ok"] == 0 and calls < 20000):  # on until one call is accepted
+    calls += 1
     try:
-        fk.dequant_accumulate_layers(acc, payload, table, torch.full((L,), 0.01))
-        outcomes["ok"] += 1
+        fk.dequant_accumulate_layers(acc, payload, table, coefs)
     except ValueError:
         outcomes["refused"] += 1
+    else:
+        outcomes["ok"] += 1
+        if first is None:
+            first = torch.equal(acc.view(torch.int32), want)
 stop.set()
 t.join()  # not at exit: a daemon thread still in torch then aborts the interpreter's teardown
+total = torch.zeros(L * n)
+for _ in range(outcomes["ok"]):
+    total.add_(want.view(torch.float32))
+outcomes["first"] = bool(first)
+outcomes["total"] = torch.equal(acc.view(torch.int32), total.view(torch.int32))
 print(outcomes)
-'''
+"""
+
+
+def _check_rewritten_table_outcomes(stdout: str) -> dict:
+    """The child's last line, {'ok': .., 'refused': .., 'first': .., 'total': ..}: at least
+    one call accepted (a binding that refused every call ran nothing), the first accepted
+    call's acc the reference's for the good rows, and acc at the end the reference's rows
+    added once per accepted call (none added something else, no refused call wrote)."""
+    import ast
+
+    o = ast.literal_eval(stdout.strip().splitlines()[-1])
+    assert set(o) == {"ok", "refused", "first", "total"}, o
+    assert o["ok"] >= 1, f"no call was accepted: {o}"
+    assert o["ok"] + o["refused"] >= 2000, o
+    assert o["first"], f"the first accepted call's acc is not the reference's: {o}"
+    assert o["total"], f"acc is not the reference's rows added once per accepted call: {o}"
+    return o
 
 
 def test_a_table_rewritten_by_another_thread_during_the_call_is_refused_or_used_whole():
     """The CPU binding checked the table's rows, released the GIL, and its kernel read the
     caller's rows again: a row another thread rewrote in between (an offset far outside acc)
     was written through (SIGSEGV in every run). It checks and uses a copy: each
-    call is refused (the bad row seen) or runs on the rows it checked. In a child process,
-    so that a crash fails this test instead of ending the run."""
+    call is refused (the bad row seen) or runs on the rows it checked, adding exactly what the
+    reference adds for them. In a child process, so that a crash fails this test instead of
+    ending the run."""
     r = subprocess.run([sys.executable, "-c", _REWRITTEN_TABLE], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="2"))
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     assert "'ok'" in r.stdout and "'refused'" in r.stdout, r.stdout
+    _check_rewritten_table_outcomes(r.stdout)
