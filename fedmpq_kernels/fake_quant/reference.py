@@ -139,6 +139,9 @@ def fake_quant_autograd(x: Tensor, bits: int, scale=None, ste: str = "identity")
     yq = fake_quant_values(x.detach(), bits, None if s is None else s.detach()).to(x.dtype)
     if ste == "identity" or s is None:
         return yq + (x - x.detach())
-    s0 = s.reshape(()).to(x.dtype)
-    xc = torch.where(x > s0, s0, torch.where(x < -s0, -s0, x))
+    # Clipped where x > s in float32, as the kernels compare a half-precision x: not against s
+    # rounded to x's dtype (bfloat16 rounds 1.006 up to 1.0078125, which x = 1.0078125 is not above).
+    s0, xf = s.reshape(()), x.float()
+    hi, lo = xf > s0.float(), xf < -s0.float()
+    xc = torch.where(hi, s0.to(x.dtype), torch.where(lo, -s0.to(x.dtype), x))
     return yq + (xc - xc.detach())

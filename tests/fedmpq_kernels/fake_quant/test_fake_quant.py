@@ -128,6 +128,27 @@ def test_half_precision_is_computed_in_float32(backend, dtype):
             exact(xr.grad, passed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_clips_against_the_float32_scale(backend, dtype):
+    """A learnable scale s = 1.0077125 that x's dtype rounds up to x = 1.0078125 (both float16
+    and bfloat16 hold it): x > s in float32, so x is clipped and passes its gradient to s, on
+    every backend and in the autograd oracle (which compared x with s rounded to x's dtype,
+    itself, and let it through)."""
+    top, s_val = 1.0078125, 1.0078125 - 1e-4
+    assert float(torch.tensor(s_val, dtype=dtype)) == top  # the scale rounds up to x
+    x0 = torch.tensor([top, 0.5, -top, -3.0, 1.0], dtype=dtype)
+    want_gx = torch.tensor([0.0, 1.0, 0.0, 0.0, 1.0], dtype=dtype)
+    for fn in ("kernel", "oracle"):
+        x = x0.to(backend.device).clone().requires_grad_(True)
+        s = torch.tensor(s_val, device=backend.device, requires_grad=True)
+        with backend.active():
+            y = (fk.fake_quant(x, 3, s, ste="clipped") if fn == "kernel"
+                 else R.fake_quant_autograd(x, 3, s, ste="clipped"))
+        y.backward(torch.ones_like(y))
+        exact(x.grad.cpu(), want_gx)
+        assert float(s.grad) == 1.0 - 1.0 - 1.0, fn  # +1 above s, -1 below -s (twice)
+
+
 def test_empty_and_multidimensional_shapes(backend):
     with backend.active():
         for shape in [(0,), (3, 0, 2), (2, 3, 5), (1,)]:
