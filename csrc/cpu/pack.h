@@ -38,32 +38,25 @@ void dequant_accumulate_layers(float* acc, const uint8_t* payload, const LayerRo
 
 // ---- serial chunk kernels, per ISA (a chunk starts at a multiple of 32 elements;
 // `words` is the plane stride in words, planes/signs already point at the chunk's first word) ----
+// The three chunk kernels, declared once per ISA namespace below (the same signatures in each).
+#define FEDMPQ_PACK_CHUNK_KERNELS                                                                  \
+  uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words); \
+  void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes);   \
+  void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs, int bits, \
+                          float coef);
 namespace portable {
-uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words);
-void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes);
-void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
-                        int bits, float coef);
+FEDMPQ_PACK_CHUNK_KERNELS
 }  // namespace portable
 namespace avx2 {
 #if defined(FEDMPQ_HAVE_X86)
-uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words);
-void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes);
-void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
-                        int bits, float coef);
+FEDMPQ_PACK_CHUNK_KERNELS
 #else
 // Without an x86 build (aarch64, say) use_avx2() is false, but the dispatch sites still name
 // these: they forward to the portable code instead of leaving undefined symbols that stop
 // the module from loading.
-inline uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words) {
-  return portable::pack_codes(codes, n, bits, planes, words);
-}
-inline void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes) {
-  portable::unpack_codes(planes, words, n, bits, codes);
-}
-inline void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
-                               int bits, float coef) {
-  portable::dequant_accumulate(acc, n, planes, words, signs, bits, coef);
-}
+using portable::dequant_accumulate;
+using portable::pack_codes;
+using portable::unpack_codes;
 #endif
 }  // namespace avx2
 // AVX2 + GFNI: 128 codes at a time through the 8x8 bit-matrix transpose of
@@ -74,22 +67,13 @@ inline void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, in
 namespace gfni {
 constexpr int kGfniMinBits = 2;
 #if defined(FEDMPQ_HAVE_X86)
-uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words);
-void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes);
-void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
-                        int bits, float coef);
+FEDMPQ_PACK_CHUNK_KERNELS
 #else
-inline uint32_t pack_codes(const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words) {
-  return avx2::pack_codes(codes, n, bits, planes, words);
-}
-inline void unpack_codes(const uint32_t* planes, int64_t words, int64_t n, int bits, uint8_t* codes) {
-  avx2::unpack_codes(planes, words, n, bits, codes);
-}
-inline void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t words, const uint32_t* signs,
-                               int bits, float coef) {
-  avx2::dequant_accumulate(acc, n, planes, words, signs, bits, coef);
-}
+using avx2::dequant_accumulate;  // (the portable code, as above)
+using avx2::pack_codes;
+using avx2::unpack_codes;
 #endif
 }  // namespace gfni
+#undef FEDMPQ_PACK_CHUNK_KERNELS
 
 }  // namespace fedmpq::cpu
