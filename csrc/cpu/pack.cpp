@@ -57,10 +57,10 @@ void dequant_accumulate(float* acc, int64_t n, const uint32_t* planes, int64_t w
 namespace {
 // The chunk kernels' instruction set for `bits`, read once per call (before any thread starts).
 enum class Path { Portable, Avx2, Gfni };
-Path path_for(int bits) {
-  if (use_gfni() && bits >= gfni::kGfniMinBits) return Path::Gfni;
-  return use_avx2() ? Path::Avx2 : Path::Portable;
+Path path_for(int bits, bool gfni, bool avx2) {
+  return gfni && bits >= gfni::kGfniMinBits ? Path::Gfni : avx2 ? Path::Avx2 : Path::Portable;
 }
+Path path_for(int bits) { return path_for(bits, use_gfni(), use_avx2()); }
 
 uint32_t pack_chunk(Path v, const uint8_t* codes, int64_t n, int bits, uint32_t* planes, int64_t words) {
   switch (v) {
@@ -136,8 +136,7 @@ void dequant_accumulate_layers(float* acc, const uint8_t* payload, const LayerRo
     float* a = acc + L.acc_off + c.begin;
     const int64_t w0 = c.begin / 32, cnt = c.end - c.begin;
     const int bits = static_cast<int>(L.bits);
-    const Path v = gfni && bits >= gfni::kGfniMinBits ? Path::Gfni : avx2 ? Path::Avx2 : Path::Portable;
-    dequant_chunk(v, a, cnt, planes + w0, words, signs + w0, bits, coefs[c.row]);
+    dequant_chunk(path_for(bits, gfni, avx2), a, cnt, planes + w0, words, signs + w0, bits, coefs[c.row]);
   };
   auto task = [&](int64_t i) { run(chunks[static_cast<size_t>(i)]); };
   run_tasks(static_cast<int64_t>(chunks.size()), threads_for(nthreads, total), task);
