@@ -119,10 +119,12 @@ def main() -> None:
             F.relu(t).backward(g)
             t.grad = None
 
-    # the optimizer needs the last backward's G: make one, then time the steps on it
-    F.cross_entropy(model(x), y).backward()
     t_dq = median_ms(dequant, a.reps, dev)
     t_act = median_ms(act_quant, a.reps, dev) - median_ms(relu, a.reps, dev)
+    # the optimizers need the last backward's G (dequant() above clears the layers' .grad, as
+    # a step's zero_grad does): make one after it, then time the steps on it
+    F.cross_entropy(model(x), y).backward()
+    assert all(m.sink.grad is not None and m.scale.grad is not None for m in layers)
     t_opt = median_ms(bit_opt.step, a.reps, dev)
     t_sgd = median_ms(sgd.step, a.reps, dev)
     parts = [("model compute (the rest)", whole - t_dq - t_act - t_opt - t_sgd),

@@ -117,6 +117,8 @@ def _syncs_raise():
 def test_no_call_waits_for_the_device(backend):
     if backend.device == "cpu":
         pytest.skip("a CPU call has no device to wait for (test_calls_are_valid_on_the_cpu runs the calls)")
+    if backend.name == "reference":
+        pytest.skip("the pure-torch reference reads values on the host by design (keys, g_s checks)")
     with backend.active():
         calls = _calls(backend.device)
         for _, f in calls:  # warm-up: JIT, workspaces, status words
