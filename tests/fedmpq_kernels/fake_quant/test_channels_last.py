@@ -79,7 +79,7 @@ def test_relu6_fake_quant(backend, shape):
 def test_fake_quant_every_mode(backend, shape):
     backend.op("fake_quant", "fake_quant")
     dev = backend.device
-    gy = (torch.randn(shape) * 3).to(dev)
+    gy = (torch.randn(shape, generator=torch.Generator().manual_seed(2)) * 3).to(dev)
     for scale in (None, 2.0):
         for ste in ("identity", "clipped"):
             x, xr, fmt = _pair(shape, torch.float32, seed=1)
@@ -108,11 +108,13 @@ def test_fake_quant_every_mode(backend, shape):
             if scale is not None and ste == "clipped":
                 # summed in memory order against logical order: the same terms, float64
                 assert float(s.grad) == pytest.approx(float(sr.grad), rel=1e-6, abs=1e-6)
-                # and the oracle's rule (+g where x > s, -g where x < -s) summed in float64: its
-                # autograd sums in float32, in an order of its own
-                xd, gd, sd = xo.detach().double(), gy.cpu().double(), float(so.detach())
-                want_gs = float(gd[xd > sd].sum() - gd[xd < -sd].sum())
-                assert float(s.grad) == pytest.approx(want_gs, rel=1e-6, abs=1e-6)
+                # and the oracle's rule (+g where x > s, -g where x < -s) summed in float64, as
+                # the kernels sum it (the reference backend's autograd sums in float32, in an
+                # order of its own: 1.5e-6 off in one CI run)
+                if backend.name != "reference":
+                    xd, gd, sd = xo.detach().double(), gy.cpu().double(), float(so.detach())
+                    want_gs = float(gd[xd > sd].sum() - gd[xd < -sd].sum())
+                    assert float(s.grad) == pytest.approx(want_gs, rel=1e-6, abs=1e-6)
                 assert float(sr.grad) != 0.0  # the case clips something
             _check_layout(y0, x, fmt)
             same_bits(y0, yr, f"no-grad y, scale {scale}")
