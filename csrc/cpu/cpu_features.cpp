@@ -1,6 +1,9 @@
 #include "cpu/cpu_features.h"
 
 #include <sched.h>
+#if defined(FEDMPQ_HAVE_X86) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#endif
 
 #include <atomic>
 #include <cstdlib>
@@ -20,13 +23,22 @@ bool avx2_available() {
 #endif
 }
 
-bool gfni_available() {
+namespace {
+// GFNI from CPUID itself (leaf 7, ECX bit 8): __builtin_cpu_supports knows "gfni" only from
+// GCC 11 on. Its VEX forms also need the OS to save YMM state, which avx2_available checks.
+bool cpu_has_gfni() {
 #if defined(FEDMPQ_HAVE_X86) && (defined(__GNUC__) || defined(__clang__))
-  static const bool ok = avx2_available() && __builtin_cpu_supports("gfni");
-  return ok;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && ((c >> 8) & 1u);
 #else
   return false;
 #endif
+}
+}  // namespace
+
+bool gfni_available() {
+  static const bool ok = avx2_available() && cpu_has_gfni();
+  return ok;
 }
 
 namespace {
@@ -65,7 +77,7 @@ std::string cpu_features() {
   const char* names[] = {"sse4.2", "avx", "avx2", "fma", "f16c", "gfni", "avx512f", "avx512bw"};
   bool have[] = {(bool)__builtin_cpu_supports("sse4.2"), (bool)__builtin_cpu_supports("avx"),
                  (bool)__builtin_cpu_supports("avx2"),   (bool)__builtin_cpu_supports("fma"),
-                 (bool)__builtin_cpu_supports("f16c"),   (bool)__builtin_cpu_supports("gfni"),
+                 (bool)__builtin_cpu_supports("f16c"),   cpu_has_gfni(),
                  (bool)__builtin_cpu_supports("avx512f"), (bool)__builtin_cpu_supports("avx512bw")};
   for (int i = 0; i < 8; ++i)
     if (have[i]) s += (s.empty() ? "" : ",") + std::string(names[i]);
