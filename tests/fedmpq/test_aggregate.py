@@ -31,11 +31,12 @@ def dense(u: wire.Upload):
 
 
 def dense_f32(q: wire.QuantizedTensor) -> torch.Tensor:
-    """The layer in float32 as the format rounds it: coef = scale / (2**bits - 1) rounded to
-    float32, then each coef * q rounded, then the sign (fedmpq_kernels.dequant_accumulate)."""
-    codes, sigma = _codes_signs(q)
-    coef = np.float32(np.float32(q.scale) / np.float32(2 ** q.bits - 1))
-    return (sigma.float() * (torch.tensor(coef, dtype=torch.float32) * codes.float())).reshape(q.shape)
+    """The layer in float32 as the format rounds it, by the pure-torch reference's
+    dequant_accumulate: coef = scale / (2**bits - 1) rounded to float32, then each coef * q
+    rounded, then the sign."""
+    out = torch.zeros(q.numel)
+    R.dequant_accumulate(out, q.planes, q.signs, q.bits, float(np.float32(np.float32(q.scale) / np.float32(2 ** q.bits - 1))))
+    return out.reshape(q.shape)
 
 
 def _assert_mean_of(got, *ups):

@@ -39,3 +39,10 @@ def same_bits(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
     bad = (g != w).nonzero().flatten()
     assert bad.numel() == 0, (f"{what}: {bad.numel()} of {g.numel()} differ, first at {bad[:5].tolist()}: "
                               f"{got[~gn][bad[:3]].tolist()} vs {want[~wn][bad[:3]].tolist()}")
+
+
+def exact_scale_grad(x, s, g) -> float:
+    """The clipped STE's dL/ds (+g where x > s, -g where x < -s) summed in float64."""
+    xf, gf = x.double().cpu(), g.double().cpu()
+    sv = float(s)
+    return float(gf[xf > sv].sum() - gf[xf < -sv].sum())

@@ -14,7 +14,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels.fake_quant import reference as R
 
-from .helpers import same_bits
+from .helpers import exact_scale_grad, same_bits
 
 FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 # odd sizes: 2*3*5*7 = 210 elements (6 whole 32-element words and a tail), 1 element, empty
@@ -112,8 +112,7 @@ def test_fake_quant_every_mode(backend, shape):
                 # the kernels sum it (the reference backend's autograd sums in float32, in an
                 # order of its own: 1.5e-6 off in one CI run)
                 if backend.name != "reference":
-                    xd, gd, sd = xo.detach().double(), gy.cpu().double(), float(so.detach())
-                    want_gs = float(gd[xd > sd].sum() - gd[xd < -sd].sum())
+                    want_gs = exact_scale_grad(xo.detach(), so.detach(), gy)
                     assert float(s.grad) == pytest.approx(want_gs, rel=1e-6, abs=1e-6)
                 assert float(sr.grad) != 0.0  # the case clips something
             _check_layout(y0, x, fmt)

@@ -17,7 +17,7 @@ import torch
 import fedmpq_kernels as fk
 from fedmpq_kernels.fake_quant import reference as R
 
-from .helpers import GPU_SIZES
+from .helpers import GPU_SIZES, exact_scale_grad
 
 SIZES = [1, 31, 33, 1000, 4096, 4099, (1 << 20) + 3]
 
@@ -31,12 +31,6 @@ def _inputs(numel: int, device, dtype=torch.float32, seed: int = 0):
     assert numel * gmax <= 1 << 24, "a partial sum could pass 2^24: not exact in float32"
     g = torch.randint(-gmax, gmax + 1, (numel,), generator=gen).to(device=device, dtype=dtype)
     return x, torch.tensor(1.0, device=device), g
-
-
-def _exact_scale_grad(x, s, g) -> float:
-    xf, gf = x.double().cpu(), g.double().cpu()
-    sv = float(s)
-    return float(gf[xf > sv].sum() - gf[xf < -sv].sum())
 
 
 @pytest.mark.parametrize("numel", SIZES + GPU_SIZES)
@@ -55,7 +49,7 @@ def test_fused_scale_gradient_equals_reference_bit_for_bit(backend, numel, dtype
     rgx, rgs = R.fake_quant_backward(g, b, True)
     assert torch.equal(gx.cpu(), rgx.cpu())
     assert gs.dtype == torch.float32 and gs.shape == ()
-    assert gs.item() == rgs.item() == _exact_scale_grad(x, s, g)
+    assert gs.item() == rgs.item() == exact_scale_grad(x, s, g)
     # and through the public op and autograd
     with backend.active():
         xr, sr = x.clone().requires_grad_(True), s.clone().requires_grad_(True)
@@ -137,7 +131,7 @@ def test_triton_last_program_reduces_many_programs(backend, monkeypatch):
         _, b = mod.fake_quant(x, 4, s, 2)
         assert torch.equal(b, R.fake_quant(x, 4, s, 2)[1])
         gx, gs = mod.fake_quant_backward(g, b, True)
-        assert gs.item() == _exact_scale_grad(x, s, g)
+        assert gs.item() == exact_scale_grad(x, s, g)
         assert torch.equal(gx, R.fake_quant_backward(g, b, True)[0])
         # dynamic scale: S = max|x| from absmax's last program
         y = mod.fake_quant(x, 3, None, 0)[0]
@@ -171,7 +165,7 @@ def test_triton_last_program_never_reads_a_stale_slot(backend, monkeypatch):
         _, b = mod.fake_quant(x, 4, s, 2)
         gx, gs = mod.fake_quant_backward(g, b, True)
         assert torch.equal(gx, R.fake_quant_backward(g, b, True)[0])
-        assert gs.item() == _exact_scale_grad(x, s, g)
+        assert gs.item() == exact_scale_grad(x, s, g)
 
 
 def _gpu_calls(backend):
