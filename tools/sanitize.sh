@@ -110,8 +110,8 @@ rc=0
 # of the sanitized module (the emulator is a separate, uninstrumented library, and ASan does
 # not follow its fibers' stacks; the compile check only compiles, in a subprocess that would
 # inherit the runtime). Neither do the Triton interpreter's cases (no fedmpq_kernels/*/triton.py
-# calls the native module), nor the compiled step on fake CUDA tensors (test_compile_on_cuda.py:
-# fake tensors, no kernel runs).
+# calls the native module), nor the tests on tests/fake_cuda's stand-in CUDA device (fake
+# tensors, or the emulator's kernels, in subprocesses).
 "$PY" -m pytest tests -q -p no:cacheprovider --capture=sys -k "not triton-interpreter" \
   --ignore=tests/fedmpq/test_flower.py \
   --ignore=tests/fedmpq_kernels/fake_quant/test_cuda_emulated.py --ignore=tests/fedmpq_kernels/pack/test_cuda_emulated.py \
@@ -119,6 +119,6 @@ rc=0
   --ignore=tests/fedmpq_kernels/bitplane/test_cuda_emulated_layers.py \
   --ignore=tests/fedmpq_kernels/fake_quant/test_cuda_adapter.py --ignore=tests/fedmpq_kernels/pack/test_cuda_adapter.py \
   --ignore=tests/fedmpq_kernels/test_cuda_emu.py --ignore=tests/fedmpq_kernels/test_triton_compiles.py \
-  --ignore=tests/fedmpq/test_compile_on_cuda.py \
+  --ignore=tests/fedmpq/test_compile_on_cuda.py --ignore=tests/fedmpq/test_host_cuda.py \
   "$@" || rc=$?
 exit "$rc"

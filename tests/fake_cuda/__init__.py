@@ -1,16 +1,22 @@
-"""A CUDA device for a CPU-only torch, for tracing only: FakeTensorMode's CUDA tensors, which
-hold no memory, made to go through autograd and ``torch.compile``'s tracing.
+"""A stand-in CUDA device for a CPU-only torch (fake_cuda.cpp), in two forms:
 
-A CPU build of torch makes fake CUDA tensors, but autograd stops on them (no CUDA device
-guard, no CUDA hooks). ``fake_cuda.cpp`` registers c10's own ``FakeGuardImpl`` as CUDA's guard
-and CUDA hooks that report CUDA present. That lets the device-dependent Python of a CUDA run
-(the trace of a compiled model on CUDA, the optimizers' CUDA paths) be traced with no GPU, every
-op answered by its fake (meta) implementation. Nothing runs on a device; an op without a fake
-implementation raises.
+- *Fake CUDA tensors for tracing.* A CPU build makes FakeTensorMode's CUDA tensors, but
+  autograd stops on them (no CUDA device guard, no CUDA hooks). The library registers c10's
+  own ``FakeGuardImpl`` as CUDA's guard and CUDA hooks that report CUDA present, so the
+  device-dependent Python of a CUDA step traces, every op answered by its fake (meta)
+  implementation (trace_step.py, test_compile_on_cuda.py).
+- *Host CUDA for running.* Tensors labelled ``cuda:0`` whose memory is host memory: every
+  aten op runs the CPU's kernel on a CPU alias of the same memory (a fallback for the CUDA
+  dispatch key; views, in-place and out= ops keep their aliasing), and a CUDA tensor beside a
+  CPU tensor of more than 0 dimensions is refused as on a GPU. :mod:`.host` points torch.cuda's
+  Python at it (one device, streams and events that order nothing), and
+  :func:`emulated_kernels` gives the CUDA backend's adapters the CUDA kernels compiled for the
+  host (tests/cuda_emu). It has no CUDA graphs, no concurrency and other convolution
+  algorithms than the CPU's (test_host_cuda.py, federation.py, run_pytest.py).
 
 The library must be loaded before torch is imported (torch asks for its CUDA hooks once), and
-only in a process of its own, whose torch then claims CUDA: :func:`build` here, and the child
-process loads it first thing (``trace_step.py``)."""
+only in a process of its own, whose torch then claims CUDA: :func:`build` here, :func:`load`
+first thing in the child process."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +27,42 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+
+
+def load(lib: str) -> None:
+    """In a fresh process, before anything imports torch: load ``lib`` (:func:`build`'s), then
+    torch, and point torch.cuda's Python at host CUDA (host.py)."""
+    import ctypes
+    import sys
+
+    if "torch" in sys.modules:
+        raise RuntimeError("tests.fake_cuda.load: torch is already imported (its CUDA hooks are looked up once)")
+    ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+    from . import host
+
+    host.install()
+
+
+def emulated_kernels() -> list:
+    """Host CUDA's kernels: every CUDA adapter (``fedmpq_kernels/<family>/cuda.py``) given the
+    CUDA kernels compiled for the host (tests/cuda_emu) as its ``_C.cuda``, the rest of it
+    (device checks, streams, workspaces on the device) as on a GPU; the cuda backend made
+    available. Returns the :class:`~tests.cuda_emu.launchers.EmulatedCuda` objects (their
+    ``calls``)."""
+    import importlib
+    from types import SimpleNamespace
+
+    from fedmpq_kernels import registry
+    from tests import cuda_emu
+    from tests.cuda_emu.launchers import EmulatedCuda
+
+    emu = cuda_emu.load()
+    launched = []
+    for fam in registry.FAMILIES:
+        launched.append(EmulatedCuda(emu))
+        importlib.import_module(f"fedmpq_kernels.{fam}.cuda").native = SimpleNamespace(cuda=launched[-1])
+    registry._AVAILABLE["cuda"] = lambda: (True, "")
+    return launched
 
 
 def build() -> Path:
