@@ -120,6 +120,8 @@ def install() -> None:
     }
     for name, fn in patches.items():
         setattr(c, name, fn)
+    # the CPU's generator draws for host CUDA (fake_cuda.cpp's hooks): its state is the device's
+    c.default_generators = (torch.default_generator,)
     # the bindings fedmpq_kernels._device calls, which a CPU-only torch._C lacks
     for name, fn in {"_cuda_getDevice": lambda: 0, "_cuda_getCurrentRawStream": lambda idx: (_one_device(idx), 0)[1],
                      "_cuda_isCurrentStreamCapturing": lambda: False}.items():
