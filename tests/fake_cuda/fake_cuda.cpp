@@ -6,8 +6,8 @@
 // - Host CUDA: tensors labelled cuda:0 whose memory is host memory, every aten op run by the
 //   CPU's kernel on a CPU alias of the same memory (a boxed fallback for the CUDA dispatch
 //   key). Views and in-place ops keep their aliasing; outputs come back labelled cuda:0.
-//   A CUDA tensor beside a CPU tensor of more than 0 dimensions is refused as a GPU refuses it
-//   (but for the copies and indexing that take both), so device mix-ups still fail here.
+//   A CPU tensor beside a CUDA one is refused as a GPU refuses it (but in a copy, as an index,
+//   or as a 0-dim scalar that is only read), so device mix-ups still fail here.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/detail/CUDAHooksInterface.h>
@@ -67,8 +67,11 @@ c10::Storage cpu_alias(const c10::Storage& s) {
 }
 
 at::Tensor with_storage(c10::Storage st, c10::DispatchKey key, const at::Tensor& like) {
+  TORCH_CHECK(!like._is_zerotensor(), "host CUDA has no zero tensors (they hold no storage)");
   auto impl = c10::make_intrusive<c10::TensorImpl>(std::move(st), c10::DispatchKeySet(key), like.dtype());
   impl->set_sizes_and_strides(like.sizes(), like.strides(), like.storage_offset());
+  impl->_set_conj(like.is_conj());  // lazily conjugated or negated views stay so
+  impl->_set_neg(like.is_neg());
   return at::Tensor(std::move(impl));
 }
 
@@ -94,9 +97,14 @@ struct Call {
 
   // tensor arguments and their aliases, whose metadata a kernel may change (out=, set_)
   std::vector<std::pair<at::Tensor, at::Tensor>> args;
+  std::vector<c10::TensorImpl*> cpu_args;  // CPU tensor arguments (returned as themselves)
 
   at::Tensor in(const at::Tensor& t) {
-    if (!t.defined() || t.device().type() != c10::DeviceType::CUDA) return t;
+    if (!t.defined()) return t;
+    if (t.device().type() != c10::DeviceType::CUDA) {
+      cpu_args.push_back(t.unsafeGetTensorImpl());
+      return t;
+    }
     at::Tensor a = with_storage(alias_of(t.storage()), c10::DispatchKey::CPU, t);
     args.emplace_back(t, a);
     return a;
@@ -108,13 +116,13 @@ struct Call {
     for (auto& kv : to_cpu) {
       c10::StorageImpl* cuda = kv.first;
       c10::StorageImpl* cpu = kv.second.unsafeGetStorageImpl();
-      if (cpu->data() != cuda->data() || cpu->nbytes() != cuda->nbytes()) {
+      if (cpu->data() != cuda->data()) {  // the kernel allocated: its memory goes to the CUDA storage
         c10::DataPtr dp = cpu->set_data_ptr(c10::DataPtr(nullptr, c10::Device(c10::kCPU)));
         dp.unsafe_set_device(kCuda);
         cuda->set_data_ptr_noswap(std::move(dp));
-        cuda->set_nbytes(cpu->nbytes());
         cpu->set_data_ptr_noswap(c10::DataPtr(const_cast<void*>(cuda->data()), c10::Device(c10::kCPU)));
       }
+      if (cpu->nbytes() != cuda->nbytes()) cuda->set_nbytes(cpu->nbytes());
     }
     for (auto& [t, a] : args) {
       auto* impl = t.unsafeGetTensorImpl();
@@ -143,45 +151,61 @@ struct Call {
     if (!t.defined() || t.device().type() != c10::DeviceType::CPU) return t;
     for (auto& [cuda, alias] : args)  // an argument returned (in-place, out=): itself
       if (alias.unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) return cuda;
+    for (c10::TensorImpl* a : cpu_args)  // a CPU argument returned (copy_ into the host): itself
+      if (a == t.unsafeGetTensorImpl()) return t;
     return with_storage(label(t.storage()), c10::DispatchKey::CUDA, t);
   }
 };
 
-bool mixes_allowed(const std::string& name) {
-  static const char* ok[] = {"aten::copy_", "aten::_copy_from", "aten::_copy_from_and_resize", "aten::index",
-                             "aten::index_put_", "aten::_index_put_impl_", "aten::_to_copy", "aten::set_"};
-  for (const char* o : ok)
-    if (name == o) return true;
-  return false;
+// Which CPU tensor arguments a GPU takes beside CUDA ones: any in a copy; an index tensor
+// (indexing and index_put_ move them); else only a 0-dim one that is read (a CPU scalar), not
+// written (in place or out=).
+bool cpu_arg_allowed(const std::string& op, std::size_t arg, bool written, const at::Tensor& t) {
+  if (op == "aten::copy_" || op == "aten::_copy_from" || op == "aten::_copy_from_and_resize") return true;
+  if ((op == "aten::index" || op == "aten::index_put_" || op == "aten::index_put" ||
+       op == "aten::_index_put_impl_") && arg == 1)
+    return true;
+  return !written && t.dim() == 0;
 }
 
-void check_devices(const c10::OperatorHandle& op, const std::vector<at::Tensor>& ts) {
-  bool cuda = false, cpu = false;
-  for (const auto& t : ts) {
-    if (!t.defined()) continue;
-    if (t.device().type() == c10::DeviceType::CUDA) cuda = true;
-    else if (t.device().type() == c10::DeviceType::CPU && t.dim() > 0) cpu = true;
-  }
-  TORCH_CHECK(!(cuda && cpu) || mixes_allowed(op.schema().name()),
-              "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu! "
-              "(host CUDA, in ", op.schema().name(), ")");
+struct Seen {  // a tensor argument: its position in the schema and whether the op writes it
+  at::Tensor t;
+  std::size_t arg;
+  bool written;
+};
+
+void check_devices(const c10::OperatorHandle& op, const std::vector<Seen>& seen, bool cpu_storage) {
+  const std::string& name = op.schema().name();
+  bool cuda = false;
+  for (const auto& s : seen)
+    if (s.t.defined() && s.t.device().type() == c10::DeviceType::CUDA) cuda = true;
+  if (!cuda) return;
+  bool mixed = cpu_storage;
+  for (const auto& s : seen)
+    if (s.t.defined() && s.t.device().type() == c10::DeviceType::CPU && !cpu_arg_allowed(name, s.arg, s.written, s.t))
+      mixed = true;
+  TORCH_CHECK(!mixed, "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu! "
+              "(host CUDA, in ", name, ")");
 }
 
 void host_cuda_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const auto& schema = op.schema();
   const std::size_t nargs = schema.arguments().size();
-  std::vector<at::Tensor> seen;
+  std::vector<Seen> seen;
+  bool cpu_storage = false;
   Call call;
   for (std::size_t i = 0; i < nargs; ++i) {
     c10::IValue& v = (*stack)[stack->size() - nargs + i];
+    const c10::AliasInfo* info = schema.arguments()[i].alias_info();
+    const bool written = info != nullptr && info->isWrite();
     if (v.isTensor()) {
-      seen.push_back(v.toTensor());
+      seen.push_back({v.toTensor(), i, written});
       v = call.in(v.toTensor());
     } else if (v.isTensorList()) {
       auto list = v.toTensorList();
       c10::List<at::Tensor> mapped;
       for (const at::Tensor& t : list) {
-        seen.push_back(t);
+        seen.push_back({t, i, written});
         mapped.push_back(call.in(t));
       }
       v = mapped;
@@ -189,18 +213,21 @@ void host_cuda_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack)
       auto list = v.toOptionalTensorList();
       c10::List<std::optional<at::Tensor>> mapped;
       for (std::optional<at::Tensor> t : list) {
-        if (t.has_value()) seen.push_back(*t);
+        if (t.has_value()) seen.push_back({*t, i, written});
         mapped.push_back(t.has_value() ? std::optional<at::Tensor>(call.in(*t)) : std::nullopt);
       }
       v = mapped;
     } else if (v.isDevice() && v.toDevice().type() == c10::DeviceType::CUDA) {
       TORCH_CHECK(v.toDevice().index() <= 0, "host CUDA has one device (cuda:0), asked for ", v.toDevice());
       v = c10::IValue(c10::Device(c10::kCPU));
-    } else if (v.isStorage() && v.toStorage().device_type() == c10::DeviceType::CUDA) {
-      v = c10::IValue(call.alias_of(v.toStorage()));
+    } else if (v.isStorage()) {
+      if (v.toStorage().device_type() == c10::DeviceType::CUDA)
+        v = c10::IValue(call.alias_of(v.toStorage()));
+      else
+        cpu_storage = true;  // host memory given to a CUDA tensor (set_): a GPU refuses it
     }
   }
-  check_devices(op, seen);
+  check_devices(op, seen, cpu_storage);
   try {
     op.redispatchBoxed(c10::DispatchKeySet(c10::DispatchKey::CPU), stack);
   } catch (c10::Error& e) {
@@ -221,21 +248,31 @@ void host_cuda_fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack)
   }
 }
 
-// resize_ grows a CUDA storage through its own allocator (the CPU alias cannot be resized).
+// resize_ as torch's (resize_impl_cpu_): the same sizes keep the strides; otherwise contiguous,
+// the storage grown through its own allocator (the CPU alias cannot own CUDA memory).
 const at::Tensor& host_cuda_resize_(const at::Tensor& self, c10::SymIntArrayRef size,
                                     std::optional<c10::MemoryFormat> fmt) {
   std::vector<int64_t> sizes;
-  for (const auto& s : size) sizes.push_back(s.expect_int());
+  for (const auto& s : size) {
+    sizes.push_back(s.expect_int());
+    TORCH_CHECK(sizes.back() >= 0, "Trying to create tensor with negative dimension ", sizes.back());
+  }
   auto* impl = self.unsafeGetTensorImpl();
-  impl->set_sizes_contiguous(sizes);
-  if (fmt.has_value() && *fmt != c10::MemoryFormat::Preserve) impl->empty_tensor_restride(*fmt);
-  const int64_t need = impl->numel() == 0 ? 0 : (self.storage_offset() + impl->numel()) * self.itemsize();
-  c10::StorageImpl* st = self.storage().unsafeGetStorageImpl();
-  if (need > static_cast<int64_t>(st->nbytes())) {
-    c10::DataPtr fresh = host_cuda_allocator.allocate(need);
-    if (st->nbytes()) std::memcpy(fresh.get(), st->data(), st->nbytes());
-    st->set_data_ptr_noswap(std::move(fresh));
-    st->set_nbytes(need);
+  if (self.sizes() != c10::IntArrayRef(sizes)) {
+    impl->set_sizes_contiguous(sizes);
+    const int64_t need = impl->numel() == 0 ? 0 : (self.storage_offset() + impl->numel()) * self.itemsize();
+    c10::StorageImpl* st = self.storage().unsafeGetStorageImpl();
+    if (need > static_cast<int64_t>(st->nbytes())) {
+      TORCH_CHECK(st->resizable(), "Trying to resize storage that is not resizable");
+      c10::DataPtr fresh = host_cuda_allocator.allocate(need);
+      if (st->nbytes()) std::memcpy(fresh.get(), st->data(), st->nbytes());
+      st->set_data_ptr_noswap(std::move(fresh));
+      st->set_nbytes(need);
+    }
+  }
+  if (fmt.has_value()) {
+    TORCH_CHECK(*fmt != c10::MemoryFormat::Preserve, "Unsupported memory format", *fmt);
+    impl->empty_tensor_restride(*fmt);
   }
   return self;
 }

@@ -13,8 +13,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests import fake_cuda  # noqa: E402
 
 fake_cuda.load(sys.argv[1])
-fake_cuda.emulated_kernels()
+launched = fake_cuda.emulated_kernels()
 
 import pytest  # noqa: E402
 
-sys.exit(pytest.main(["-p", "no:cacheprovider", *sys.argv[2:]]))
+rc = pytest.main(["-p", "no:cacheprovider", *sys.argv[2:]])
+# the last line: the CUDA kernels the tests launched (the caller checks that the CUDA path ran)
+print("host CUDA launched:", " ".join(sorted({c for cuda in launched for c in cuda.calls})))
+sys.exit(rc)

@@ -1,6 +1,6 @@
 """Child process of tests/fedmpq/test_compile_on_cuda.py: ``python trace_step.py LIB CASE``.
 
-Loads the fake CUDA device (``LIB``, see __init__.py) before torch, then runs two training
+Loads the stand-in CUDA device (``LIB``, see __init__.py) before torch, then runs two training
 steps of a quantized ResNet-20 on fake CUDA tensors as ``benches/bench_client_step.py``'s
 ``compile`` cases make them: the model under ``torch.compile(fullgraph=True)`` (AOT autograd,
 eager kernels: the trace, forward and backward, is what is checked; inductor's CUDA code

@@ -11,7 +11,6 @@ Inductor's CUDA code generation needs a GPU and is not run."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,8 @@ import pytest
 from tests import fake_cuda
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not fake_cuda.cpu_only_torch(),
+                                reason="torch is built with CUDA: the stand-in device is for CPU-only builds")
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,9 @@ def fake_cuda_lib() -> Path:
 
 
 def _trace(lib: Path, case: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, str(ROOT / "tests" / "fake_cuda" / "trace_step.py"), str(lib),
-                          json.dumps(case)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+                          json.dumps(case)], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env=fake_cuda.child_env())
     assert res.returncode == 0, res.stderr[-4000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 

@@ -312,16 +312,28 @@ def test_teacher_forced_training_and_precision_reduction_match_float_planes(bits
 def test_independent_trajectories_agree_for_a_few_steps(bits):
     """Each model its own forward and backward (the float-plane forward and autograd path the
     benchmarks time): codes, signs and updates agree over the first steps (a wrong plane
-    gradient or forward would change most of them). Scales are not compared: the authors'
-    float32 scale gradient drifts from ours (module docstring)."""
+    gradient or forward would change most of them at the first step). Scales are not compared:
+    the authors' float32 scale gradient drifts from ours (module docstring).
+
+    Checked up to the first step at which a code parts: from there the two trajectories are
+    free to diverge, as any two float computations of one chaotic run are (a code on a decision
+    boundary goes one way in one and the other way in the other, and its change reaches every
+    later gradient). On an AVX2-only CPU at N = 8, torch's float G parts one code of 23,824 at
+    step 1, 268 at step 2 and 2,359 at step 3; on AVX-512 none parted in three steps. That
+    boundary decisions alone part the codes is held by the teacher-forced test below."""
     res = _train(bits, False, 3)
     print(f"\nN={bits}: independent, of {res['total']} weights differing codes/signs {res['codes']}, "
           f"parted (codes or r) {res['parted']}")
+    first_parted = next((t for t, c in enumerate(res["codes"]) if c), len(res["codes"]) - 1)
     # Most codes and updates agree: a wrong plane gradient or forward would part most of
     # them. Float differences in G alone part a few percent of the updates r by step 3 at
     # some N (2 % at N = 6 with the four-layer CNN), while the codes stay together.
-    assert max(res["codes"]) < 10 * ALLOWANCE * res["total"]
-    assert max(res["parted"]) < 0.05 * res["total"]
+    # At the first step the models start equal: no more than ALLOWANCE of the codes part (a
+    # gradient 1.5x too large parts 48-2,600 of them at N = 5-8).
+    assert res["codes"][0] < ALLOWANCE * res["total"]
+    for t in range(first_parted + 1):
+        assert res["codes"][t] < 10 * ALLOWANCE * res["total"], t
+        assert res["parted"][t] < 0.05 * res["total"], t
 
 
 def test_float_planes_train_resnet20():

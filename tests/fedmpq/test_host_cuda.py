@@ -8,14 +8,14 @@ CUDA kernels compiled for the host. In a child process (torch takes the device w
 imported), this runs:
 - test_backends.py's two-round federation on ``cuda`` through the CUDA backend against the
   reference backend on ``cuda``, byte for byte, and the float algorithm on ``cuda``;
-- the tests that skip without a CUDA device (but those of CUDA graphs, which host CUDA does
-  not have).
+- the tests that skip without a CUDA device (those that host CUDA can run: not CUDA graphs,
+  not the real ``_C.cuda`` bindings);
+- host CUDA's own semantics against the CPU (tests/fake_cuda/host_semantics.py).
 Host CUDA convolves with the CPU's fallback algorithms, so its runs are not the CPU's bit for
 bit; the oracle is the reference backend on the same device, as on a GPU."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -26,6 +26,8 @@ import pytest
 from tests import fake_cuda
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.skipif(not fake_cuda.cpu_only_torch(),
+                                reason="torch is built with CUDA: the stand-in device is for CPU-only builds")
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +36,8 @@ def lib() -> Path:
 
 
 def _child(args, timeout=600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
-    env.pop("FEDMPQ_TEST_BACKENDS", None)
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=env)
+                          cwd=ROOT, env=fake_cuda.child_env())
 
 
 def test_a_federation_on_cuda_through_the_cuda_backend_is_the_reference_run(lib, tmp_path):
@@ -52,18 +51,52 @@ def test_a_federation_on_cuda_through_the_cuda_backend_is_the_reference_run(lib,
     assert {"relu6_fake_quant", "fake_quant_backward", "dequantize_layers", "dequantize_backward_layers",
             "bitplane_step_layers", "plane_popcounts_layers"} <= set(r["launched"]), r["launched"]
     # the float algorithm: each round's one client reported and was aggregated, its model each way
+    assert len(r["fp_rounds"]) == 2
     for rnd in r["fp_rounds"]:
         assert rnd["reported"] == rnd["aggregated"] and len(rnd["reported"]) == 1
         assert rnd["bytes_up"] == rnd["bytes_down"] > 0
 
 
-# The tests that skip without a CUDA device, but those of CUDA graphs.
-CUDA_ONLY = ["tests/fedmpq/test_simulate.py::test_a_federation_on_cuda_sends_payloads_of_the_cpu_layout",
-             "tests/fedmpq/test_nn.py::test_all_coefficients_on_a_gpu_are_the_cpus"]
+def _pytest_on_host_cuda(lib, *args) -> tuple:
+    """pytest ``args`` on host CUDA: (passed count, the kernels the CUDA backend launched)."""
+    res = _child([ROOT / "tests" / "fake_cuda" / "run_pytest.py", lib, "-q", "-rs", "-p", "no:randomly", *args])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    m = re.search(r"(\d+) passed", res.stdout)
+    assert m and "skipped" not in res.stdout and "failed" not in res.stdout, res.stdout[-2000:]
+    last = res.stdout.strip().splitlines()[-1]
+    assert last.startswith("host CUDA launched:"), last
+    return int(m.group(1)), set(last.split(":", 1)[1].split())
+
+
+def test_host_cuda_aliases_refuses_and_resizes_as_a_gpu(lib):
+    """Host CUDA itself (tests/fake_cuda/host_semantics.py): views and in-place ops alias,
+    out= and resize_ grow the device's storage, a CPU tensor beside a CUDA one is refused as on
+    a GPU (written 0-dim ones, storages given with set_, too) and what a GPU takes from the
+    host is taken."""
+    passed, _ = _pytest_on_host_cuda(lib, "tests/fake_cuda/host_semantics.py")
+    assert passed == 16
+
+
+# The tests that skip without a CUDA device, and why some of them cannot run on host CUDA.
+CUDA_ONLY = {"tests/fedmpq/test_simulate.py::test_a_federation_on_cuda_sends_payloads_of_the_cpu_layout": 2,
+             "tests/fedmpq/test_nn.py::test_all_coefficients_on_a_gpu_are_the_cpus": 1}
+NOT_ON_HOST_CUDA = {
+    "test_cuda_binding_rejects_a_short_workspace_and_a_device_not_current": "calls the real _C.cuda binding",
+    "test_a_round_replayed_from_a_cuda_graph_uploads_the_eager_rounds_bytes": "host CUDA has no CUDA graphs",
+}
+
+
+def test_every_test_that_needs_a_cuda_device_is_run_here_or_said_why_not():
+    found = set()
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"skipif\(not torch\.cuda\.is_available\(\).*?\ndef (\w+)", text, re.S):
+            found.add(m.group(1))
+    assert found == {k.split("::")[1] for k in CUDA_ONLY} | set(NOT_ON_HOST_CUDA)
 
 
 def test_the_tests_that_need_a_cuda_device_pass_on_host_cuda(lib):
-    res = _child([ROOT / "tests" / "fake_cuda" / "run_pytest.py", lib, "-q", "-rs", *CUDA_ONLY])
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    m = re.search(r"(\d+) passed", res.stdout)
-    assert m and int(m.group(1)) == 3 and "skipped" not in res.stdout, res.stdout[-2000:]
+    passed, launched = _pytest_on_host_cuda(lib, *CUDA_ONLY)
+    assert passed == sum(CUDA_ONLY.values())
+    # the fedmpq federation on cuda ran the CUDA backend's kernels
+    assert {"relu6_fake_quant", "dequantize_layers", "bitplane_step_layers"} <= launched, launched
