@@ -107,7 +107,7 @@ def _start_time(pid: int) -> int:
 
 
 def test_a_foreign_or_corrupt_entry_is_ignored_and_never_stops_the_run(tmp_path, monkeypatch):
-    other, garbled = _sleeper(), _sleeper()
+    other, garbled, piped = _sleeper(), _sleeper(), _sleeper()
     try:
         (tmp_path / str(other.pid)).touch()  # an older version's entry: counted while its pid lives
         (tmp_path / str(garbled.pid)).write_bytes(b"\x00\xffnot a start time")
@@ -115,7 +115,9 @@ def test_a_foreign_or_corrupt_entry_is_ignored_and_never_stops_the_run(tmp_path,
         (tmp_path / "4000000" / "x").touch()
         (tmp_path / "99999999999999999999").touch()  # no pid_t: os.kill would overflow
         (tmp_path / "2147483648").touch()
-        os.mkfifo(tmp_path / str(os.getppid()))  # a FIFO named like a live pid: must not block the round
+        # a FIFO named like a live pid: must not block the round (a child of this test, not the
+        # parent process: under a shell that exited, that is init, pid 1, the link's name below)
+        os.mkfifo(tmp_path / str(piped.pid))
         (tmp_path / "target").write_text("")
         os.symlink(tmp_path / "target", tmp_path / "1")  # the code writes no links
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
@@ -137,7 +139,7 @@ def test_a_foreign_or_corrupt_entry_is_ignored_and_never_stops_the_run(tmp_path,
         assert (tmp_path / "4000000").is_dir() and (tmp_path / dead).exists()
         assert (tmp_path / "target").read_text() == ""
     finally:
-        for p in (other, garbled):
+        for p in (other, garbled, piped):
             p.kill()
             p.wait()
 
