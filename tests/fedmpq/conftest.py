@@ -69,3 +69,14 @@ from tests.fedmpq_kernels import conftest as _kernels  # noqa: E402
 backend = _kernels.backend
 cuda_emu = _kernels.cuda_emu
 emu = _kernels.emu
+
+
+@pytest.fixture(scope="session")
+def fake_cuda_lib():
+    """tests/fake_cuda's stand-in CUDA device, built once (its tests' children load it); the
+    tests that take it skip on a CUDA build of torch, which the stand-in is not for."""
+    from tests import fake_cuda
+
+    if not fake_cuda.cpu_only_torch():
+        pytest.skip("torch is built with CUDA: the stand-in device is for CPU-only builds")
+    return fake_cuda.build()

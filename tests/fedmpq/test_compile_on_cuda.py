@@ -20,13 +20,6 @@ import pytest
 from tests import fake_cuda
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not fake_cuda.cpu_only_torch(),
-                                reason="torch is built with CUDA: the stand-in device is for CPU-only builds")
-
-
-@pytest.fixture(scope="module")
-def fake_cuda_lib() -> Path:
-    return fake_cuda.build()
 
 
 def _trace(lib: Path, case: dict) -> dict:

@@ -21,18 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests import fake_cuda
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(not fake_cuda.cpu_only_torch(),
-                                reason="torch is built with CUDA: the stand-in device is for CPU-only builds")
-
-
-@pytest.fixture(scope="module")
-def lib() -> Path:
-    return fake_cuda.build()
 
 
 def _child(args, timeout=600) -> subprocess.CompletedProcess:
@@ -40,8 +31,8 @@ def _child(args, timeout=600) -> subprocess.CompletedProcess:
                           cwd=ROOT, env=fake_cuda.child_env())
 
 
-def test_a_federation_on_cuda_through_the_cuda_backend_is_the_reference_run(lib, tmp_path):
-    res = _child([ROOT / "tests" / "fake_cuda" / "federation.py", lib, tmp_path])
+def test_a_federation_on_cuda_through_the_cuda_backend_is_the_reference_run(fake_cuda_lib, tmp_path):
+    res = _child([ROOT / "tests" / "fake_cuda" / "federation.py", fake_cuda_lib, tmp_path])
     assert res.returncode == 0, res.stderr[-4000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["cuda_available"]
@@ -68,12 +59,12 @@ def _pytest_on_host_cuda(lib, *args) -> tuple:
     return int(m.group(1)), set(last.split(":", 1)[1].split())
 
 
-def test_host_cuda_aliases_refuses_and_resizes_as_a_gpu(lib):
+def test_host_cuda_aliases_refuses_and_resizes_as_a_gpu(fake_cuda_lib):
     """Host CUDA itself (tests/fake_cuda/host_semantics.py): views and in-place ops alias,
     out= and resize_ grow the device's storage, a CPU tensor beside a CUDA one is refused as on
     a GPU (written 0-dim ones, storages given with set_, too) and what a GPU takes from the
     host is taken."""
-    passed, _ = _pytest_on_host_cuda(lib, "tests/fake_cuda/host_semantics.py")
+    passed, _ = _pytest_on_host_cuda(fake_cuda_lib, "tests/fake_cuda/host_semantics.py")
     assert passed == 16
 
 
@@ -95,8 +86,8 @@ def test_every_test_that_needs_a_cuda_device_is_run_here_or_said_why_not():
     assert found == {k.split("::")[1] for k in CUDA_ONLY} | set(NOT_ON_HOST_CUDA)
 
 
-def test_the_tests_that_need_a_cuda_device_pass_on_host_cuda(lib):
-    passed, launched = _pytest_on_host_cuda(lib, *CUDA_ONLY)
+def test_the_tests_that_need_a_cuda_device_pass_on_host_cuda(fake_cuda_lib):
+    passed, launched = _pytest_on_host_cuda(fake_cuda_lib, *CUDA_ONLY)
     assert passed == sum(CUDA_ONLY.values())
     # the fedmpq federation on cuda ran the CUDA backend's kernels
     assert {"relu6_fake_quant", "dequantize_layers", "bitplane_step_layers"} <= launched, launched
