@@ -47,3 +47,28 @@ def _reduction_tickets_back_at_zero():
     if left:
         pytest.fail("a kernel left its reduction ticket set (the next launch on that stream would read "
                     "unwritten slots): " + "; ".join(left), pytrace=False)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "early(*keys): the test takes the outcome of these tests/early.py jobs, "
+                                       "started beside the suite once collection ends")
+
+
+def pytest_collection_finish(session):
+    """The early jobs of the tests collected start now, in the tests' order (tests/early.py)."""
+    if session.config.option.collectonly:
+        return
+    from tests import early
+
+    try:  # the tests that skip or xfail(run=False) by their marks take no job
+        from _pytest.skipping import evaluate_skip_marks
+    except ImportError:  # pytest's own module moved: start every marked test's jobs
+        evaluate_skip_marks = lambda item: None  # noqa: E731
+    early.start(k for item in session.items if item.get_closest_marker("early") and not evaluate_skip_marks(item)
+                for mark in item.iter_markers("early") for k in mark.args)
+
+
+def pytest_sessionfinish(session):
+    from tests import early
+
+    early.stop()

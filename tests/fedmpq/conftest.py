@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fedmpq import wire
+from tests import early
 
 
 def make_layer(shape, bits: int, gen: torch.Generator, scale: float | None = None) -> wire.QuantizedTensor:
@@ -71,12 +72,18 @@ cuda_emu = _kernels.cuda_emu
 emu = _kernels.emu
 
 
-@pytest.fixture(scope="session")
-def fake_cuda_lib():
-    """tests/fake_cuda's stand-in CUDA device, built once (its tests' children load it); the
-    tests that take it skip on a CUDA build of torch, which the stand-in is not for."""
+@early.job("fake_cuda")
+def _build_fake_cuda():
     from tests import fake_cuda
 
     if not fake_cuda.cpu_only_torch():
         pytest.skip("torch is built with CUDA: the stand-in device is for CPU-only builds")
     return fake_cuda.build()
+
+
+@pytest.fixture(scope="session")
+def fake_cuda_lib():
+    """tests/fake_cuda's stand-in CUDA device, built once (its tests' children load it); the
+    tests that take it skip on a CUDA build of torch, which the stand-in is not for. Built
+    beside the suite (tests/early.py) when a test collected is marked ``early("fake_cuda")``."""
+    return early.result("fake_cuda")

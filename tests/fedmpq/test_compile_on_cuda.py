@@ -10,6 +10,7 @@ CUDA paths (no values: fake tensors hold none; the kernels' arithmetic is tested
 Inductor's CUDA code generation needs a GPU and is not run."""
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -17,27 +18,36 @@ from pathlib import Path
 
 import pytest
 
-from tests import fake_cuda
+from tests import early, fake_cuda
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _trace(lib: Path, case: dict) -> dict:
-    res = subprocess.run([sys.executable, str(ROOT / "tests" / "fake_cuda" / "trace_step.py"), str(lib),
-                          json.dumps(case)], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         env=fake_cuda.child_env())
-    assert res.returncode == 0, res.stderr[-4000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.parametrize("case", [
-    {"bits": 4, "channels_last": False, "device_keys": False},
+CASES = {
+    "4bit": {"bits": 4, "channels_last": False, "device_keys": False},
     # every width in one model, channels-last activations, the step keys on the device (the
     # CUDA-graph case's optimizer)
-    {"bits": "mixed", "channels_last": True, "device_keys": True},
-], ids=["4bit", "mixed-channels_last-device_keys"])
-def test_quantized_resnet20_step_compiles_whole_on_cuda(fake_cuda_lib, case):
-    r = _trace(fake_cuda_lib, case)
+    "mixed-channels_last-device_keys": {"bits": "mixed", "channels_last": True, "device_keys": True},
+}
+
+
+def _trace(case: dict) -> subprocess.CompletedProcess:
+    lib = early.result("fake_cuda")
+    return early.run([sys.executable, str(ROOT / "tests" / "fake_cuda" / "trace_step.py"), str(lib), json.dumps(case)],
+                     timeout=300, cwd=ROOT, env=fake_cuda.child_env())
+
+
+for _id, _case in CASES.items():  # the traces run beside the suite (tests/early.py)
+    early.job(f"compile_on_cuda:{_id}")(functools.partial(_trace, _case))
+
+
+@pytest.mark.parametrize("case_id", [pytest.param(i, id=i, marks=pytest.mark.early("fake_cuda", f"compile_on_cuda:{i}"))
+                                     for i in CASES])
+def test_quantized_resnet20_step_compiles_whole_on_cuda(fake_cuda_lib, case_id):
+    case = CASES[case_id]
+    res = early.result(f"compile_on_cuda:{case_id}")
+    assert res.returncode == 0, res.stderr[-4000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
     # one graph, no break (fullgraph=True raises on one: counted too), fedmpq's ops inside it
     assert r["graphs"] == 1 and r["graph_breaks"] == 0
     assert {"fedmpq.dequantize", "fedmpq.relu6_fake_quant"} <= set(r["fedmpq_ops"])

@@ -11,6 +11,7 @@ import pytest
 
 from fedmpq import cli, heap
 from fedmpq.config import ConfigError
+from tests import early
 
 # glibc's own allocator: not another C library, and none preloaded (the sanitizer run's ASan
 # answers mallopt with 0, so the setting is not made there)
@@ -36,16 +37,34 @@ def _child(script: str, *args: str, **env) -> str:
     e = {k: v for k, v in os.environ.items()
          if not k.startswith("MALLOC_") and k not in (heap.ENV, "GLIBC_TUNABLES")}
     e.update(env)
-    return subprocess.run([sys.executable, "-c", script, *args], env=e, capture_output=True, text=True,
-                          check=True).stdout
+    res = early.run([sys.executable, "-c", script, *args], env=e, timeout=300)
+    if res.returncode != 0:
+        raise subprocess.CalledProcessError(res.returncode, res.args, res.stdout, res.stderr)
+    return res.stdout
+
+
+# (mode, environment) of each count test_freed_memory_is_reused_not_faulted_in_again takes
+FAULT_CASES = [("keep", {}), ("none", {}), ("keep", {"FEDMPQ_MALLOC": "system"}),
+               ("keep", {"MALLOC_MMAP_THRESHOLD_": "65536"}), ("keep", {"MALLOC_ARENA_MAX": "2"}),
+               ("keep", {"MALLOC_CONF": "narenas:2"}), ("keep", {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"})]
+
+
+@early.job("heap:faults")
+def _all_faults() -> dict:
+    """(applied, page faults) per FAULT_CASES entry, each in a child, beside the suite (tests/early.py)."""
+    counts = {}
+    for mode, env in FAULT_CASES:
+        applied, faults = _child(FAULTS, mode, **env).split()
+        counts[mode, tuple(env.items())] = applied, int(faults)
+    return counts
 
 
 def _faults(mode: str, **env):
-    applied, faults = _child(FAULTS, mode, **env).split()
-    return applied, int(faults)
+    return early.result("heap:faults")[mode, tuple(env.items())]
 
 
 @glibc
+@pytest.mark.early("heap:faults")
 def test_freed_memory_is_reused_not_faulted_in_again():
     assert _faults("keep")[0] == "True"
     assert _faults("keep")[1] < 1000

@@ -15,24 +15,37 @@ Host CUDA convolves with the CPU's fallback algorithms, so its runs are not the 
 bit; the oracle is the reference backend on the same device, as on a GPU."""
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-from tests import fake_cuda
+import pytest
+
+from tests import early, fake_cuda
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _child(args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env=fake_cuda.child_env())
+def _child(*args, timeout=600) -> subprocess.CompletedProcess:
+    """A child on the stand-in device (its library the first argument), run beside the suite
+    (tests/early.py)."""
+    return early.run([sys.executable, *map(str, args[:1]), str(early.result("fake_cuda")), *map(str, args[1:])],
+                     timeout=timeout, cwd=ROOT, env=fake_cuda.child_env())
 
 
-def test_a_federation_on_cuda_through_the_cuda_backend_is_the_reference_run(fake_cuda_lib, tmp_path):
-    res = _child([ROOT / "tests" / "fake_cuda" / "federation.py", fake_cuda_lib, tmp_path])
+@early.job("host_cuda:federation")
+def _federation():
+    with tempfile.TemporaryDirectory(prefix="fedmpq-host-cuda-") as out:
+        return _child(ROOT / "tests" / "fake_cuda" / "federation.py", out)
+
+
+@pytest.mark.early("fake_cuda", "host_cuda:federation")
+def test_a_federation_on_cuda_through_the_cuda_backend_is_the_reference_run(fake_cuda_lib):
+    res = early.result("host_cuda:federation")
     assert res.returncode == 0, res.stderr[-4000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
     assert r["cuda_available"]
@@ -48,9 +61,13 @@ def test_a_federation_on_cuda_through_the_cuda_backend_is_the_reference_run(fake
         assert rnd["bytes_up"] == rnd["bytes_down"] > 0
 
 
-def _pytest_on_host_cuda(lib, *args) -> tuple:
-    """pytest ``args`` on host CUDA: (passed count, the kernels the CUDA backend launched)."""
-    res = _child([ROOT / "tests" / "fake_cuda" / "run_pytest.py", lib, "-q", "-rs", "-p", "no:randomly", *args])
+def _run_pytest(*args) -> subprocess.CompletedProcess:
+    return _child(ROOT / "tests" / "fake_cuda" / "run_pytest.py", "-q", "-rs", "-p", "no:randomly", *args)
+
+
+def _pytest_on_host_cuda(key: str) -> tuple:
+    """Job ``key``'s pytest on host CUDA: (passed count, the kernels the CUDA backend launched)."""
+    res = early.result(key)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     m = re.search(r"(\d+) passed", res.stdout)
     assert m and "skipped" not in res.stdout and "failed" not in res.stdout, res.stdout[-2000:]
@@ -59,12 +76,16 @@ def _pytest_on_host_cuda(lib, *args) -> tuple:
     return int(m.group(1)), set(last.split(":", 1)[1].split())
 
 
+early.job("host_cuda:semantics")(functools.partial(_run_pytest, "tests/fake_cuda/host_semantics.py"))
+
+
+@pytest.mark.early("fake_cuda", "host_cuda:semantics")
 def test_host_cuda_aliases_refuses_and_resizes_as_a_gpu(fake_cuda_lib):
     """Host CUDA itself (tests/fake_cuda/host_semantics.py): views and in-place ops alias,
     out= and resize_ grow the device's storage, a CPU tensor beside a CUDA one is refused as on
     a GPU (written 0-dim ones, storages given with set_, too) and what a GPU takes from the
     host is taken."""
-    passed, _ = _pytest_on_host_cuda(fake_cuda_lib, "tests/fake_cuda/host_semantics.py")
+    passed, _ = _pytest_on_host_cuda("host_cuda:semantics")
     assert passed == 16
 
 
@@ -86,8 +107,12 @@ def test_every_test_that_needs_a_cuda_device_is_run_here_or_said_why_not():
     assert found == {k.split("::")[1] for k in CUDA_ONLY} | set(NOT_ON_HOST_CUDA)
 
 
+early.job("host_cuda:cuda_only")(functools.partial(_run_pytest, *CUDA_ONLY))
+
+
+@pytest.mark.early("fake_cuda", "host_cuda:cuda_only")
 def test_the_tests_that_need_a_cuda_device_pass_on_host_cuda(fake_cuda_lib):
-    passed, launched = _pytest_on_host_cuda(fake_cuda_lib, *CUDA_ONLY)
+    passed, launched = _pytest_on_host_cuda("host_cuda:cuda_only")
     assert passed == sum(CUDA_ONLY.values())
     # the fedmpq federation on cuda ran the CUDA backend's kernels
     assert {"relu6_fake_quant", "dequantize_layers", "bitplane_step_layers"} <= launched, launched

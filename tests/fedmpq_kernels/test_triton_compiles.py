@@ -3,29 +3,35 @@ LLVM, PTX and ptxas), without a GPU. The interpreter, which runs the Triton test
 executes a kernel's Python and lets through what the compiler refuses (a plain global read
 inside jit code slipped through it once); tests/triton_compile.py runs the adapters with the
 launch replaced by a compile. It needs a process without TRITON_INTERPRET, so it runs in
-its own (about 45 s with a cold Triton cache)."""
+its own (about 45 s with a cold Triton cache), beside the suite (tests/early.py)."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import early
 
 from .conftest import _triton_missing
 
 SCRIPT = Path(__file__).resolve().parents[1] / "triton_compile.py"
 
 
-def test_every_triton_kernel_compiles_for_sm90():
+@early.job("triton_compile")
+def _compile():
     why = _triton_missing()
     if why:
         pytest.skip(why)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the kernels set it per launch; this silences a warning
-    res = subprocess.run([sys.executable, str(SCRIPT), "--arch", "90"], capture_output=True, text=True, env=env,
-                         timeout=900)
+    return early.run([sys.executable, str(SCRIPT), "--arch", "90"], env=env, timeout=900)
+
+
+@pytest.mark.early("triton_compile")  # beside the suite (tests/early.py)
+def test_every_triton_kernel_compiles_for_sm90():
+    res = early.result("triton_compile")
     out = res.stdout + res.stderr
     assert res.returncode == 0, "kernels that do not compile for sm_90:\n" + "\n".join(
         line for line in out.splitlines() if not line.startswith("ok "))[-6000:]
