@@ -49,6 +49,12 @@ class Backend:
             if self.isa:
                 native.set_cpu_isa(prev_isa)
 
+    @property
+    def interpreted(self) -> bool:
+        """Whether this case runs in the Triton interpreter (about 25 ms a launch, 0.1-1 s a
+        call at a thousand elements): tests thin out their repeated cases there."""
+        return self.name == "triton" and self.device == "cpu"
+
     def skip_if_too_big(self, numel: int) -> None:
         if self.max_numel is not None and numel > self.max_numel:
             pytest.skip(f"{self.name} on {self.device} runs in the Triton interpreter: sizes <= {self.max_numel} only")

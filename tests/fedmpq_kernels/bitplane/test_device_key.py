@@ -55,6 +55,10 @@ def _same(a, b, where):
 @pytest.mark.parametrize("numel", [0, 1, 33, 1007])
 def test_tensor_key_matches_int_key(backend, numel, bits):
     kernels(backend)
+    if backend.interpreted and numel >= 1000 and bits not in (1, 8):
+        # 28 steps of four programs each, 5 s a width: the narrowest and widest take the many
+        # programs' case there, every width the one program's
+        pytest.skip("the Triton interpreter takes 1,007 weights at 1 and 8 bits")
     dev = backend.device
     state, scale, grad, coef = _state(numel, bits, dev)
     with backend.active():

@@ -9,7 +9,7 @@ import torch
 
 from fedmpq_kernels.bitplane import reference as R
 
-from .helpers import bits_of, fresh_state, layer, reference_run, weights
+from .helpers import STEPS, bits_of, fresh_state, layer, reference_run, weights
 
 
 @pytest.mark.parametrize("numel", [64, 65, 256, 257, 4000])
@@ -57,9 +57,11 @@ def test_triton_popcounts_and_step_finish_in_the_last_program(backend, monkeypat
     if backend.name != "triton" or backend.device != "cpu":
         pytest.skip("the Triton interpreter case")
     mod = _many_programs(backend, monkeypatch)
+    # at 1,000 weights two steps (the second with momentum): the other three took 14 s more
+    steps = 2 if numel >= 1000 else STEPS
     for bits in (1, 3, 8):
         (codes, sign, mom, gs), scale = fresh_state(numel, bits, "cpu")
-        for t, (grad, coef, key, want, want_gs) in enumerate(reference_run(numel, bits, 0.5, 0.9)):
+        for t, (grad, coef, key, want, want_gs) in enumerate(reference_run(numel, bits, 0.5, 0.9)[:steps]):
             assert torch.equal(mod.plane_popcounts(codes, bits), R.plane_popcounts(codes, bits)), f"step {t}"
             got_gs = mod.bitplane_step(codes, sign, mom, gs, grad, coef, scale, bits, 0.5, 0.9, key)
             assert torch.equal(bits_of(got_gs), bits_of(want_gs)), f"{bits} bits, step {t}: g_s"

@@ -44,6 +44,10 @@ def _replay(backend, n, bits, lr, momentum, steps=STEPS):
 @pytest.mark.parametrize("numel", SIZES)
 def test_steps_match_reference_bit_for_bit(backend, numel, bits, lr, momentum):
     backend.skip_if_too_big(numel)
+    if backend.interpreted and numel < 1000 and (lr, momentum) != (0.5, 0.9):
+        # one kernel for every lr and momentum (a GPU's lanes take every tl.where's both ways):
+        # below 1,000 weights, where the trajectories hardly move, one pair at every width
+        pytest.skip("the Triton interpreter takes lr 0.5, momentum 0.9 below 1,000 weights")
     traj = _replay(backend, numel, bits, lr, momentum)
     if numel >= 1000 and lr >= 0.5:  # the trajectory really moves: codes, signs and momentum change
         c0, s0, _ = layer(numel, bits)
