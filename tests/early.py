@@ -10,6 +10,11 @@ takes its job's outcome with :func:`result`, which waits for it, or runs it ther
 when it was not started (a job another job needs, a test run without the hook). A job that
 raised (``pytest.skip`` included) raises the same in every test that takes it.
 
+:func:`in_child` does the same for a whole test that spends its time waiting (a Flower
+deployment's round timeout) or compiling (inductor's first build): the test runs in a pytest
+child started early, and in the suite it takes that child's outcome (passed, failed with the
+child's report, or skipped).
+
     @early.job("mymodule:child")
     def _child():
         return early.run([sys.executable, "child.py"], timeout=300)
@@ -20,10 +25,20 @@ raised (``pytest.skip`` included) raises the same in every test that takes it.
 """
 from __future__ import annotations
 
+import functools
+import os
 import subprocess
 import sys
+import tempfile
 import threading
+import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Callable, Dict, Iterable, List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = "FEDMPQ_TEST_EARLY_CHILD"  # set in in_child's pytest child: the test runs there, for real
 
 _jobs: Dict[str, Callable[[], object]] = {}
 _owner: Dict[str, str] = {}  # key -> the module that registered it
@@ -130,3 +145,43 @@ def stop() -> None:
         _stopped = True
         for p in _live:
             p.kill()
+
+
+def in_child(test):
+    """Decorator (innermost, on the ``def``): the test runs, every parametrization at once, in
+    a pytest child that an ``early`` job starts when collection ends; in the suite it passes,
+    fails with the child's report or skips with the child's reason. In that child (``CHILD``
+    set) the test is left as it is."""
+    if os.environ.get(CHILD) == "1":
+        return test
+    path = Path(sys.modules[test.__module__].__file__).resolve().relative_to(ROOT).as_posix()
+    key = f"child:{path}::{test.__name__}"
+
+    @job(key)
+    def _child():
+        with tempfile.TemporaryDirectory(prefix="fedmpq-early-") as tmp:
+            xml = Path(tmp) / "junit.xml"
+            res = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+                       f"{path}::{test.__name__}"], timeout=900, cwd=ROOT, env={**os.environ, CHILD: "1"})
+            cases = {}
+            if xml.exists():
+                for case in ET.parse(xml).iter("testcase"):
+                    bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+                    skip = case.find("skipped")
+                    cases[case.get("name")] = (("failed", bad.text or bad.get("message", "")) if bad is not None else
+                                               ("skipped", skip.get("message", "")) if skip is not None else ("passed", ""))
+            return res, cases
+
+    @functools.wraps(test)
+    def from_child(*args, **kwargs):
+        name = os.environ["PYTEST_CURRENT_TEST"].rsplit(" ", 1)[0].split("::")[-1]
+        res, cases = result(key)
+        outcome, text = cases.get(name, (None, ""))
+        if outcome == "skipped":
+            pytest.skip(f"in its child process: {text}")
+        if outcome != "passed":
+            pytest.fail(f"{name}, run in a child process (tests/early.py), "
+                        + (f"failed:\n{text}" if outcome else f"did not report (exit status {res.returncode}):\n"
+                           + (res.stdout + res.stderr)[-6000:]), pytrace=False)
+
+    return pytest.mark.early(key)(from_child)

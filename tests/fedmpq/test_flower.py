@@ -24,6 +24,7 @@ except ImportError:
 
 from fedmpq import cli, config as config_mod, results, simulate  # noqa: E402
 from fedmpq.flower import client_app, config, server_app  # noqa: E402
+from tests import early  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(dataset="digits", n_clients=3, budgets=[2, 4, 8], rounds=2, local_epochs=1, batch_size=64, alpha=0.5)
@@ -578,6 +579,7 @@ def test_a_local_deployments_node_config_gives_the_threads_asked_or_none(tmp_pat
 
 
 @pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="Flower's command-line tools are missing")
+@early.in_child  # beside the suite: most of its 80 s is round 2's wait for the dead node
 def test_a_deployment_goes_on_when_a_supernode_dies_and_takes_it_back_when_it_returns(tmp_path):
     from fedmpq.flower.local import LocalFederation
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import fedmpq_kernels as fk
 from fedmpq import layouts
 from fedmpq import nn as qn
+from tests import early
 
 
 def _codes(model):
@@ -397,6 +398,7 @@ def test_regularizer_matches_the_definition():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@early.in_child  # beside the suite: inductor's first build takes 20-30 s
 def test_compiled_forward_and_backward_match_eager(channels_last):
     """A quantized model runs under torch.compile(fullgraph=True): the forward and the
     compiled backward give eager's loss, G for every layer, and the scale gradients. The
