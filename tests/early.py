@@ -151,7 +151,8 @@ def in_child(test):
     """Decorator (innermost, on the ``def``): the test runs, every parametrization at once, in
     a pytest child that an ``early`` job starts when collection ends; in the suite it passes,
     fails with the child's report or skips with the child's reason. In that child (``CHILD``
-    set) the test is left as it is."""
+    set) the test is left as it is; the child has one OpenMP thread, so that it and the suite
+    beside it do not spin for each other's cores (a test that needs more sets its own)."""
     if os.environ.get(CHILD) == "1":
         return test
     path = Path(sys.modules[test.__module__].__file__).resolve().relative_to(ROOT).as_posix()
@@ -162,7 +163,7 @@ def in_child(test):
         with tempfile.TemporaryDirectory(prefix="fedmpq-early-") as tmp:
             xml = Path(tmp) / "junit.xml"
             res = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                       f"{path}::{test.__name__}"], timeout=900, cwd=ROOT, env={**os.environ, CHILD: "1"})
+                       f"{path}::{test.__name__}"], timeout=900, cwd=ROOT, env={**os.environ, CHILD: "1", "OMP_NUM_THREADS": "1"})
             cases = {}
             if xml.exists():
                 for case in ET.parse(xml).iter("testcase"):

@@ -18,9 +18,11 @@
 # Environment: PY (python, default "python"), CXX (must be the GCC that CMake builds with,
 # default c++), FEDMPQ_SANITIZE_KEEP=1 keeps the copy (the reports' file:line point into it),
 # ASAN_OPTIONS / UBSAN_OPTIONS (appended to, so they override the defaults below).
-# The Triton-interpreter cases are left out (-k "not triton-interpreter"): the interpreter is
-# numpy and Python and reaches no native code, and it is a third of the plain suite's time. A -k
-# of your own replaces that one (pytest keeps the last -k).
+# The Triton-interpreter and reference backend cases are left out (-k "not triton-interpreter
+# and not reference-cpu"): the interpreter is numpy and Python, the reference pure torch, and
+# neither reaches the native module (the interpreter is a third of the plain suite's time, the
+# reference cases 47 s of this run's 375). A -k of your own replaces that one (pytest keeps
+# the last -k).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -116,7 +118,7 @@ rc=0
 # module only through whole runs, which test_backends (a federation on every backend) and
 # the client's, server's and layers' tests take here; test_data and test_trainers reach none.
 # They took 110 s of this run's 375 s of tests (2026-12-07, 2-core AMD EPYC).
-"$PY" -m pytest tests -q -p no:cacheprovider --capture=sys -k "not triton-interpreter" \
+"$PY" -m pytest tests -q -p no:cacheprovider --capture=sys -k "not triton-interpreter and not reference-cpu" \
   --ignore=tests/fedmpq/test_flower.py \
   --ignore=tests/fedmpq/test_cli.py --ignore=tests/fedmpq/test_simulate.py --ignore=tests/fedmpq/test_federation.py \
   --ignore=tests/fedmpq/test_data.py --ignore=tests/fedmpq/test_trainers.py \
