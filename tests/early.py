@@ -42,18 +42,6 @@ CHILD = "FEDMPQ_TEST_EARLY_CHILD"  # set in in_child's pytest child: the test ru
 
 _jobs: Dict[str, Callable[[], object]] = {}
 _owner: Dict[str, str] = {}  # key -> the module that registered it
-_state: Dict[str, "_Outcome"] = {}
-_lock = threading.Lock()
-_live: List[subprocess.Popen] = []
-_stopped = False
-
-
-class _Outcome:
-    def __init__(self):
-        self.claimed = False
-        self.done = threading.Event()
-        self.value: object = None
-        self.error: BaseException | None = None
 
 
 def job(key: str):
@@ -68,83 +56,103 @@ def job(key: str):
     return register
 
 
-def run(args, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
-    """``subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)``,
-    with the process known to :func:`stop` while it runs."""
-    with _lock:
-        if _stopped:
-            raise RuntimeError("the test session has ended")
-        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-        _live.append(p)
-    try:
-        out, err = p.communicate(timeout=timeout)
-    except BaseException:
-        p.kill()
-        p.communicate()
-        raise
-    finally:
-        with _lock:
-            _live.remove(p)
-    return subprocess.CompletedProcess(args, p.returncode, out, err)
+class _Outcome:
+    def __init__(self):
+        self.claimed = False
+        self.done = threading.Event()
+        self.value: object = None
+        self.error: BaseException | None = None
 
 
-def _claim(key: str) -> "_Outcome | None":
-    """The key's outcome, claimed for the caller to run (None: someone else runs or ran it)."""
-    with _lock:
-        out = _state.setdefault(key, _Outcome())
-        if out.claimed:
-            return None
-        out.claimed = True
-        return out
+class Runner:
+    """The registered jobs' outcomes and the children running, for one session (the module's
+    functions are those of its one ``RUNNER``; tests/test_early.py makes its own)."""
 
+    def __init__(self):
+        self._state: Dict[str, _Outcome] = {}
+        self._lock = threading.Lock()
+        self._live: List[subprocess.Popen] = []
+        self._stopped = False
 
-def _execute(key: str, out: _Outcome) -> None:
-    try:
-        if key not in _jobs:
-            raise KeyError(f"no early job {key!r} (tests/early.py: register it with @early.job)")
-        out.value = _jobs[key]()
-    except BaseException as e:  # noqa: BLE001 -- handed to the test that takes the result
-        out.error = e
-    finally:
-        out.done.set()
-
-
-def start(keys: Iterable[str]) -> None:
-    """Runs the jobs ``keys`` in this order, one at a time, on a daemon thread."""
-    keys = list(dict.fromkeys(keys))
-    if not keys:
-        return
-
-    def work():
-        for key in keys:
-            if _stopped:
-                return
-            out = _claim(key)
-            if out is not None:
-                _execute(key, out)
-
-    threading.Thread(target=work, name="tests.early", daemon=True).start()
-
-
-def result(key: str):
-    """Job ``key``'s return value (raises what it raised), run here if nobody has begun it."""
-    out = _claim(key)
-    if out is not None:
-        _execute(key, out)
-    out = _state[key]
-    out.done.wait()
-    if out.error is not None:
-        raise out.error
-    return out.value
-
-
-def stop() -> None:
-    """At the session's end: no job starts any more, and the children running are killed."""
-    global _stopped
-    with _lock:
-        _stopped = True
-        for p in _live:
+    def run(self, args, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+        """``subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)``,
+        with the process known to :meth:`stop` while it runs."""
+        with self._lock:
+            if self._stopped:
+                raise RuntimeError("the test session has ended")
+            p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+            self._live.append(p)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except BaseException:
             p.kill()
+            p.communicate()
+            raise
+        finally:
+            with self._lock:
+                self._live.remove(p)
+        return subprocess.CompletedProcess(args, p.returncode, out, err)
+
+    def _claim(self, key: str) -> "_Outcome | None":
+        """The key's outcome, claimed for the caller to run (None: someone else runs or ran it)."""
+        with self._lock:
+            out = self._state.setdefault(key, _Outcome())
+            if out.claimed:
+                return None
+            out.claimed = True
+            return out
+
+    @staticmethod
+    def _execute(key: str, out: _Outcome) -> None:
+        try:
+            if key not in _jobs:
+                raise KeyError(f"no early job {key!r} (tests/early.py: register it with @early.job)")
+            out.value = _jobs[key]()
+        except BaseException as e:  # noqa: BLE001 -- handed to the test that takes the result
+            out.error = e
+        finally:
+            out.done.set()
+
+    def start(self, keys: Iterable[str]) -> "threading.Thread | None":
+        """Runs the jobs ``keys`` in this order, one at a time, on a daemon thread (returned;
+        None when there are none)."""
+        keys = list(dict.fromkeys(keys))
+        if not keys:
+            return None
+
+        def work():
+            for key in keys:
+                if self._stopped:
+                    return
+                out = self._claim(key)
+                if out is not None:
+                    self._execute(key, out)
+
+        thread = threading.Thread(target=work, name="tests.early", daemon=True)
+        thread.start()
+        return thread
+
+    def result(self, key: str):
+        """Job ``key``'s return value (raises what it raised), run here if nobody has begun it."""
+        out = self._claim(key)
+        if out is not None:
+            self._execute(key, out)
+        out = self._state[key]
+        out.done.wait()
+        if out.error is not None:
+            raise out.error
+        return out.value
+
+    def stop(self) -> None:
+        """At the session's end: no job starts any more, and the children running are killed."""
+        with self._lock:
+            self._stopped = True
+            for p in self._live:
+                p.kill()
+
+
+RUNNER = Runner()
+run, start, result, stop = RUNNER.run, RUNNER.start, RUNNER.result, RUNNER.stop
 
 
 def in_child(test):
