@@ -8,7 +8,9 @@ with the marker ``@pytest.mark.early("key", ...)``; once collection ends (tests/
 one thread runs the jobs of the tests collected, in their order, one at a time, and the test
 takes its job's outcome with :func:`result`, which waits for it, or runs it there and then
 when it was not started (a job another job needs, a test run without the hook). A job that
-raised (``pytest.skip`` included) raises the same in every test that takes it.
+raised (``pytest.skip`` included) raises the same in every test that takes it. The children
+get the environment as collection left it (:func:`environ`), not the one of whichever test
+runs in the main thread meanwhile.
 
 :func:`in_child` does the same for a whole test that spends its time waiting (a Flower
 deployment's round timeout) or compiling (inductor's first build): the test runs in a pytest
@@ -73,10 +75,20 @@ class Runner:
         self._lock = threading.Lock()
         self._live: List[subprocess.Popen] = []
         self._stopped = False
+        self._environ: Dict[str, str] | None = None
+
+    def environ(self) -> Dict[str, str]:
+        """A copy of the environment as :meth:`start` first found it (before any test ran), or
+        as it is now before that. A job runs while some test runs in the main thread, and
+        os.environ is the process's: a test's monkeypatched variables (its own trainer
+        registry's folder, say) must not reach the job's children."""
+        return dict(os.environ if self._environ is None else self._environ)
 
     def run(self, args, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
         """``subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)``,
-        with the process known to :meth:`stop` while it runs."""
+        with the process known to :meth:`stop` while it runs; ``env`` defaults to
+        :meth:`environ`, not to the environment of the test running at the time."""
+        kwargs.setdefault("env", self.environ())
         with self._lock:
             if self._stopped:
                 raise RuntimeError("the test session has ended")
@@ -116,6 +128,8 @@ class Runner:
     def start(self, keys: Iterable[str]) -> "threading.Thread | None":
         """Runs the jobs ``keys`` in this order, one at a time, on a daemon thread (returned;
         None when there are none)."""
+        if self._environ is None:
+            self._environ = dict(os.environ)
         keys = list(dict.fromkeys(keys))
         if not keys:
             return None
@@ -152,7 +166,7 @@ class Runner:
 
 
 RUNNER = Runner()
-run, start, result, stop = RUNNER.run, RUNNER.start, RUNNER.result, RUNNER.stop
+run, start, result, stop, environ = RUNNER.run, RUNNER.start, RUNNER.result, RUNNER.stop, RUNNER.environ
 
 
 def in_child(test):
@@ -171,7 +185,7 @@ def in_child(test):
         with tempfile.TemporaryDirectory(prefix="fedmpq-early-") as tmp:
             xml = Path(tmp) / "junit.xml"
             res = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                       f"{path}::{test.__name__}"], timeout=900, cwd=ROOT, env={**os.environ, CHILD: "1", "OMP_NUM_THREADS": "1"})
+                       f"{path}::{test.__name__}"], timeout=900, cwd=ROOT, env={**environ(), CHILD: "1", "OMP_NUM_THREADS": "1"})
             cases = {}
             if xml.exists():
                 for case in ET.parse(xml).iter("testcase"):

@@ -102,3 +102,24 @@ def test_the_sessions_end_kills_the_children_still_running():
         runner.run([sys.executable, "-c", "pass"], timeout=10)
     thread.join(30)
     assert not thread.is_alive() and "test_early:after" not in runner._state  # not begun after the stop
+
+
+def test_a_jobs_children_get_the_environment_of_the_sessions_start_not_a_running_tests(monkeypatch):
+    """os.environ is the process's: a job started while a test had set a variable (the trainer
+    registry's folder of tests/fedmpq, say) passed it to its children, and a federation child
+    on the stand-in device registered as a trainer beside test_flower's runs, which then
+    trained with half the threads."""
+    runner, go = early.Runner(), threading.Event()
+
+    @early.job("test_early:env")
+    def _env():
+        go.wait(30)
+        return runner.run([sys.executable, "-c", "import os; print(os.environ.get('FEDMPQ_EARLY_PROBE'))"],
+                          timeout=60).stdout.strip()
+
+    monkeypatch.delenv("FEDMPQ_EARLY_PROBE", raising=False)
+    runner.start(["test_early:env"])
+    monkeypatch.setenv("FEDMPQ_EARLY_PROBE", "a test's own")  # a test's setting, after the start
+    go.set()
+    assert runner.result("test_early:env") == "None"
+    assert runner.environ().get("FEDMPQ_EARLY_PROBE") is None

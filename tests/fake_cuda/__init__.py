@@ -28,17 +28,19 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Mapping, Optional
 
 HERE = Path(__file__).resolve().parent
 
 
-def child_env() -> dict:
-    """The environment of a child process on the stand-in device: the repository on its path,
-    one thread, and none of the parent's choices (a backend forced, the Triton interpreter that
-    tests/conftest.py sets where torch has no CUDA, pytest options)."""
+def child_env(base: Optional[Mapping[str, str]] = None) -> dict:
+    """The environment of a child process on the stand-in device: ``base`` (default
+    os.environ) with the repository on its path, one thread, and none of the parent's choices
+    (a backend forced, the Triton interpreter that tests/conftest.py sets where torch has no
+    CUDA, pytest options)."""
+    base = os.environ if base is None else base
     root = str(HERE.parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1")
+    env = dict(base, PYTHONPATH=os.pathsep.join(filter(None, [root, base.get("PYTHONPATH")])), OMP_NUM_THREADS="1")
     for key in ("FEDMPQ_TEST_BACKENDS", "FEDMPQ_BACKEND", "TRITON_INTERPRET", "PYTEST_ADDOPTS"):
         env.pop(key, None)
     return env

@@ -34,7 +34,7 @@ CASES = {
 def _trace(case: dict) -> subprocess.CompletedProcess:
     lib = early.result("fake_cuda")
     return early.run([sys.executable, str(ROOT / "tests" / "fake_cuda" / "trace_step.py"), str(lib), json.dumps(case)],
-                     timeout=300, cwd=ROOT, env=fake_cuda.child_env())
+                     timeout=300, cwd=ROOT, env=fake_cuda.child_env(early.environ()))
 
 
 for _id, _case in CASES.items():  # the traces run beside the suite (tests/early.py)

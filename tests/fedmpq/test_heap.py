@@ -32,9 +32,10 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
 """
 
 
-def _child(script: str, *args: str, **env) -> str:
-    """``script``'s output, run in a child with no allocator setting in its environment but ``env``."""
-    e = {k: v for k, v in os.environ.items()
+def _child(script: str, *args: str, base=None, **env) -> str:
+    """``script``'s output, run in a child with no allocator setting in its environment but
+    ``env``; the rest is ``base``'s (default os.environ)."""
+    e = {k: v for k, v in (os.environ if base is None else base).items()
          if not k.startswith("MALLOC_") and k not in (heap.ENV, "GLIBC_TUNABLES")}
     e.update(env)
     res = early.run([sys.executable, "-c", script, *args], env=e, timeout=300)
@@ -54,7 +55,7 @@ def _all_faults() -> dict:
     """(applied, page faults) per FAULT_CASES entry, each in a child, beside the suite (tests/early.py)."""
     counts = {}
     for mode, env in FAULT_CASES:
-        applied, faults = _child(FAULTS, mode, **env).split()
+        applied, faults = _child(FAULTS, mode, base=early.environ(), **env).split()
         counts[mode, tuple(env.items())] = applied, int(faults)
     return counts
 

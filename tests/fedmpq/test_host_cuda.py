@@ -34,7 +34,7 @@ def _child(*args, timeout=600) -> subprocess.CompletedProcess:
     """A child on the stand-in device (its library the first argument), run beside the suite
     (tests/early.py)."""
     return early.run([sys.executable, *map(str, args[:1]), str(early.result("fake_cuda")), *map(str, args[1:])],
-                     timeout=timeout, cwd=ROOT, env=fake_cuda.child_env())
+                     timeout=timeout, cwd=ROOT, env=fake_cuda.child_env(early.environ()))
 
 
 @early.job("host_cuda:federation")

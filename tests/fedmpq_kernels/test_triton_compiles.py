@@ -6,7 +6,6 @@ launch replaced by a compile. It needs a process without TRITON_INTERPRET, so it
 its own (about 45 s with a cold Triton cache), beside the suite (tests/early.py)."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def _compile():
     why = _triton_missing()
     if why:
         pytest.skip(why)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in early.environ().items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the kernels set it per launch; this silences a warning
     return early.run([sys.executable, str(SCRIPT), "--arch", "90"], env=env, timeout=900)
 
