@@ -14,7 +14,7 @@ from .helpers import STEPS, bits_of, fresh_state, layer, reference_run, weights
 
 @pytest.mark.parametrize("numel", [64, 65, 256, 257, 4000])
 def test_triton_last_program_reductions_with_many_programs(backend, monkeypatch, numel):
-    if backend.name != "triton" or backend.device != "cpu":
+    if not backend.interpreted:
         pytest.skip("the Triton interpreter case")
     from fedmpq_kernels import _triton_common
     mod = backend.module("bitplane")
@@ -54,7 +54,7 @@ def test_triton_popcounts_and_step_finish_in_the_last_program(backend, monkeypat
     """plane_popcounts (per-plane int64 sums of the programs' counts) and the step's g_s
     (the max over the programs' maxima, then gs and the previous gs) against the reference
     over several steps, with up to 32 step programs and 16 popcount programs."""
-    if backend.name != "triton" or backend.device != "cpu":
+    if not backend.interpreted:
         pytest.skip("the Triton interpreter case")
     mod = _many_programs(backend, monkeypatch)
     # at 1,000 weights two steps (the second with momentum): the other three took 14 s more
@@ -74,7 +74,7 @@ def test_triton_momentum_planes_start_at_int64_offsets(backend):
     and an int32 product wrapped once (N - 1) * n >= 2^31 (8 bits: 3.1e8 weights), sending
     planes 1..N-1 before ``mom``; the interpreter wraps as a GPU does. Too large to step here,
     so the offset itself is checked, for int32 and int64 n."""
-    if backend.name != "triton" or backend.device != "cpu":
+    if not backend.interpreted:
         pytest.skip("the Triton interpreter case")
     from ._triton_offsets import plane_offsets
     for n in (1, (1 << 31) // 7 + 1, (1 << 30) + 5, (1 << 31) - 1, (1 << 31) + 3):
@@ -91,7 +91,7 @@ def test_triton_reductions_leave_the_ticket_at_zero_in_a_kept_workspace(backend,
     kept buffer, as on a GPU (its stale slots from the launch before included), and the
     ticket is checked after every call: absmax (binarize's scale), dequantize_backward, the
     popcounts and the step's g_s, each with many programs."""
-    if backend.name != "triton" or backend.device != "cpu":
+    if not backend.interpreted:
         pytest.skip("the Triton interpreter case")
     mod = _many_programs(backend, monkeypatch)
     kept = torch.zeros(1 << 12, dtype=torch.int32)

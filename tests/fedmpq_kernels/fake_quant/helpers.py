@@ -22,7 +22,7 @@ def slice_offsets(backend, numel: int, dtype: torch.dtype):
     if numel in GPU_SIZES and backend.device != "cuda":
         pytest.skip("sizes for GPU grid-stride loops")
     backend.skip_if_too_big(numel)
-    if backend.name == "triton" and backend.device == "cpu" and dtype == torch.bfloat16:
+    if backend.interpreted and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bfloat16")
     vec = 16 // torch.empty((), dtype=dtype).element_size()
     return vec, (range(vec) if numel <= 4099 or backend.device == "cuda" else (0, 1, vec - 1))

@@ -31,7 +31,7 @@ def _pair(shape, dtype, seed=0):
 
 
 def _dtypes(backend):
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if backend.name != "triton" or backend.device != "cpu"
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if not backend.interpreted
                                              else [])  # the Triton interpreter has no bfloat16
 
 

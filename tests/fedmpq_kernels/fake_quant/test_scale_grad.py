@@ -119,7 +119,7 @@ def test_triton_last_program_reduces_many_programs(backend, monkeypatch):
     """The interpreter takes small sizes only: with 64-element programs and a 4-slot finish
     step the same sizes run up to 63 programs, so the last program's loop takes several
     steps, over full and partial slot vectors; the dynamic scale's max takes the same path."""
-    if backend.name != "triton" or backend.device != "cpu":
+    if not backend.interpreted:
         pytest.skip("the Triton interpreter case")
     from fedmpq_kernels import _triton_common
     mod = backend.module("fake_quant")
@@ -145,7 +145,7 @@ def test_triton_last_program_never_reads_a_stale_slot(backend, monkeypatch):
     partials; the interpreter makes a fresh one per call. Here every call gets one whose
     slots are poisoned with NaN bits (the ticket zero, as the kernels leave it): the last
     program must read only slots written in the same launch, so results are unchanged."""
-    if backend.name != "triton" or backend.device != "cpu":
+    if not backend.interpreted:
         pytest.skip("the Triton interpreter case")
     from fedmpq_kernels import _triton_common
     mod = backend.module("fake_quant")

@@ -393,7 +393,7 @@ def test_a_bad_code_packed_on_another_stream_is_reported(backend):
 def test_triton_runs_several_programs_in_the_interpreter(backend, monkeypatch):
     """The interpreter only takes sizes up to one 4096-element block: with a 64-element
     block the same sizes run many programs, full blocks unmasked and a masked last one."""
-    if backend.name != "triton" or backend.device != "cpu":
+    if not backend.interpreted:
         pytest.skip("the Triton interpreter case")
     monkeypatch.setattr(backend.module("pack"), "BLOCK", 64)
     for n in (64, 65, 200, 1000):
