@@ -185,14 +185,18 @@ def in_child(test):
         with tempfile.TemporaryDirectory(prefix="fedmpq-early-") as tmp:
             xml = Path(tmp) / "junit.xml"
             res = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
-                       f"{path}::{test.__name__}"], timeout=900, cwd=ROOT, env={**environ(), CHILD: "1", "OMP_NUM_THREADS": "1"})
-            cases = {}
-            if xml.exists():
-                for case in ET.parse(xml).iter("testcase"):
-                    bad = case.find("failure") if case.find("failure") is not None else case.find("error")
-                    skip = case.find("skipped")
-                    cases[case.get("name")] = (("failed", bad.text or bad.get("message", "")) if bad is not None else
-                                               ("skipped", skip.get("message", "")) if skip is not None else ("passed", ""))
+                       f"{path}::{test.__name__}"], timeout=900, cwd=ROOT,
+                      env={**environ(), CHILD: "1", "OMP_NUM_THREADS": "1"})
+            cases = {}  # test name (with its parametrization) -> (outcome, the report's text)
+            for case in ET.parse(xml).iter("testcase") if xml.exists() else ():
+                bad = next((e for e in case if e.tag in ("failure", "error")), None)
+                skip = case.find("skipped")
+                if bad is not None:
+                    cases[case.get("name")] = ("failed", bad.text or bad.get("message", ""))
+                elif skip is not None:
+                    cases[case.get("name")] = ("skipped", skip.get("message", ""))
+                else:
+                    cases[case.get("name")] = ("passed", "")
             return res, cases
 
     @functools.wraps(test)
