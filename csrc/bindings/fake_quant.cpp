@@ -64,8 +64,10 @@ py::bytearray new_kept(int64_t n, int maps, uint32_t** pass, uint32_t** hi) {
   if (made == nullptr) throw py::error_already_set();
   auto kept = py::reinterpret_steal<py::bytearray>(made);
   auto* p = reinterpret_cast<uint32_t*>(PyByteArray_AS_STRING(kept.ptr()));
-  // never fails: CPython's allocators give 16-byte alignment
-  FEDMPQ_CHECK(reinterpret_cast<uintptr_t>(p) % 4 == 0, "bitmap bytearray is not 4-byte aligned");
+  // never fails: CPython's allocators give 16-byte alignment. An empty bytearray has no
+  // allocation (its pointer is a static empty string, at any address on Python 3.13) and no
+  // word is read from it.
+  FEDMPQ_CHECK(nb == 0 || reinterpret_cast<uintptr_t>(p) % 4 == 0, "bitmap bytearray is not 4-byte aligned");
   *pass = n > 0 ? p : nullptr;
   *hi = n > 0 && maps == 2 ? p + nb / 4 : nullptr;
   return kept;
@@ -82,7 +84,8 @@ class KeptView {
       throw py::type_error(std::string("kept bitmaps must be a bytearray, got ") + Py_TYPE(kept.ptr())->tp_name);
     if (PyObject_GetBuffer(kept.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
     const int64_t nb = 4 * bitmap_words(n), len = view_.len;
-    const bool aligned = reinterpret_cast<uintptr_t>(view_.buf) % 4 == 0;
+    // no words are read for no elements: an empty bytearray's pointer may be unaligned (Python 3.13)
+    const bool aligned = nb == 0 || reinterpret_cast<uintptr_t>(view_.buf) % 4 == 0;
     if (len < nb * maps || !aligned) {
       PyBuffer_Release(&view_);
       FEDMPQ_CHECK(false, "kept bitmaps hold " + std::to_string(len) + " bytes" +

@@ -7,6 +7,8 @@ Notation in the comments: n = layer sizes (S = sum n), b = bit-widths, cur = sum
 target = beta * S; avg = cur / S."""
 from __future__ import annotations
 
+import functools
+import operator
 import random
 from fractions import Fraction
 
@@ -16,6 +18,12 @@ from fedmpq import allocation
 from fedmpq.aggregate import ClientStats
 
 SIZES4 = [10, 20, 30, 40]  # S = 100, w = [0.1, 0.2, 0.3, 0.4]
+
+
+def float_sum(xs):
+    """Left-to-right float addition, the sum an inexact implementation makes (a loop of
+    ``+=``; Python's ``sum`` of floats did this before 3.12, and compensates from 3.12 on)."""
+    return functools.reduce(operator.add, xs, 0.0)
 
 
 # ---- allocate_bits: hand-computed -------------------------------------------------------
@@ -83,11 +91,11 @@ def test_budget_already_met_changes_nothing():
 def test_exact_comparison_where_a_float_sum_is_off():
     # n = [1,1,1], b = [8,6,7]: avg is exactly 7, but (1/3)*8 + (1/3)*6 + (1/3)*7 in floats
     # is 6.999999999999999 < 7, which would grow a bit. Exactly: the budget is met.
-    assert sum((1 / 3) * b for b in [8, 6, 7]) < 7  # the float trap this guards against
+    assert float_sum((1 / 3) * b for b in [8, 6, 7]) < 7  # the float trap this guards against
     assert allocation.allocate_bits([8, 6, 7], [0.1, 0.2, 0.3], [1, 1, 1], 7) == [8, 6, 7]
     # n = [7,6,2], b = [8,4,5]: cur 90, S 15, avg exactly 6; the float sum is 6.000000000000001
     # > 6, which would prune a bit (and then grow another back elsewhere).
-    assert sum((n / 15) * b for n, b in zip([7, 6, 2], [8, 4, 5])) > 6
+    assert float_sum((n / 15) * b for n, b in zip([7, 6, 2], [8, 4, 5])) > 6
     assert allocation.allocate_bits([8, 4, 5], [0.3, 0.2, 0.1], [7, 6, 2], 6) == [8, 4, 5]
 
 
@@ -221,7 +229,7 @@ def test_round_statistics_exact_half_where_the_float_sum_is_below():
     # Raw weights 3, 2, 1 (omega = 1/2, 1/3, 1/6), one layer, N = [1, 2, 2]:
     # 1/2 + 2/3 + 1/3 = 3/2 exactly -> round to even: 2. The float sum is
     # 1.4999999999999998, which rounds to 1.
-    assert sum((r / 6) * n for r, n in zip([3, 2, 1], [1, 2, 2])) < 1.5
+    assert float_sum((r / 6) * n for r, n in zip([3, 2, 1], [1, 2, 2])) < 1.5
     b_bar, delta_bar, prio = allocation.round_statistics({0: [1], 1: [2], 2: [2]}, {0: [0], 1: [0], 2: [0]},
                                                      {0: 3, 1: 2, 2: 1}, [5])
     assert (b_bar, delta_bar, prio) == ([2], [1], [1.0])

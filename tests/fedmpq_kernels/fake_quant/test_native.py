@@ -440,6 +440,14 @@ def test_the_kept_forms_check_what_they_are_given():
         bwd(g.data_ptr(), n, gx_over.data_ptr(), n, shared, False, 1)
     assert not gx.any() and not gx_over.any() and not gx129.any()
     assert bwd(g.data_ptr(), 0, 0, 0, bytearray(), True, 1) == 0.0  # no elements: no bitmaps needed
+    shifted = bytearray(33)
+    del shifted[:1]  # bytearray drops a head in place: its 32 bytes start 1 byte past the allocation's
+    with pytest.raises(ValueError, match="kept bitmaps hold 32 bytes, not 4-byte aligned, need 32 for 100 elements"):
+        bwd(g.data_ptr(), n, gx.data_ptr(), n, shifted, True, 1)
+    assert not gx.any()
+    # no elements read no word, wherever the bytes lie: Python 3.13's empty bytearray points
+    # at a static empty string at an odd address
+    assert bwd(g.data_ptr(), 0, 0, 0, shifted, True, 1) == 0.0
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS: Linux")
