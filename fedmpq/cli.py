@@ -277,6 +277,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 try:
                     from .flower import simulation as flower_sim
                 except ImportError as e:
+                    v = sys.version_info
+                    if v < (3, 11):  # no flwr release that the flower extra takes (>= 1.42) installs there
+                        raise ConfigError(f"fedmpq flower needs Flower 1.42 or newer, which needs Python 3.11 or "
+                                          f"newer; this is Python {v[0]}.{v[1]} (fedmpq simulate runs the same "
+                                          f"federation in one process) ({e})") from None
                     raise ConfigError(f"fedmpq flower needs Flower: pip install -e \".[flower]\" ({e})") from None
                 cfg = check_config(_flag_config(args))
                 out = args.out or _default_out(made)

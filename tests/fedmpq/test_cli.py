@@ -269,6 +269,24 @@ def test_fedmpq_flower_has_no_quiet_flag(capsys):
     assert "unrecognized arguments: -q" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("python", [(3, 10, 13), (3, 11, 7)])
+def test_fedmpq_flower_without_flower_says_what_to_install_or_which_python(python, tmp_path, monkeypatch, capsys):
+    """Without flwr: the extra to install, or on Python 3.10 (where no flwr >= 1.42 installs)
+    that Flower needs 3.11 and simulate runs without it; nothing is written."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "fedmpq.flower.simulation", None)  # its import raises ImportError
+    monkeypatch.setattr(sys, "version_info", python)
+    assert cli.main(["flower", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    if python < (3, 11):
+        assert "needs Flower 1.42 or newer, which needs Python 3.11 or newer; this is Python 3.10" in err
+        assert "fedmpq simulate runs the same federation" in err and "pip install" not in err
+    else:
+        assert 'fedmpq flower needs Flower: pip install -e ".[flower]"' in err and "Python 3.11" not in err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
 def test_a_stopped_run_says_where_its_rounds_are_and_how_to_go_on(stop, tmp_path, monkeypatch, capsys):
     """Ctrl-C (or SIGTERM, as a scheduler sends) in the third round: one line, no traceback,
