@@ -35,7 +35,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # What every launch passes, so that the kernels compute what torch computes, bit for bit: no
 # multiply-add contracted into an FMA. (Subnormals are kept without an option: the division
 # the kernels use, ``div_rn``, compiles to ``div.rn.f32``, no ``.ftz``, with Triton 3.6 and
-# 3.9; tests/triton_compile.py fails on any ``.ftz`` instruction in a kernel's PTX.)
+# 3.9, not with 3.4 and 3.5, which registry.MIN_TRITON refuses; tests/triton_compile.py fails
+# on any ``.ftz`` instruction in a kernel's PTX.)
 LAUNCH = {"enable_fp_fusion": False}
 
 
